@@ -1,0 +1,74 @@
+"""``lepton compile MODEL.onnx --target NAME|PATH.toml``: the main job."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..compiler import CompileOptions, compile_model
+from ..console import emit_json, note, settings, stdout, warn
+from ..pipeline import StepRecord
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _progress(name: str, phase: str, record: StepRecord | None) -> None:
+    if phase == "start":
+        note(f"[cyan]→[/cyan] {name} …")
+        return
+    assert record is not None
+    check = record.check
+    verdict = {True: "[green]outputs match[/green]", False: "[red]mismatch[/red]", None: "check skipped"}.get(check.get("ok"), "lossy")
+    note(f"[green]✓[/green] {name:<16} {record.seconds:6.2f}s  nodes {record.before.nodes}→{record.after.nodes}  "
+         f"size {_fmt_bytes(record.before.size_bytes)}→{_fmt_bytes(record.after.size_bytes)}  {verdict}")
+
+
+def compile_command(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to compile.")],
+    target: Annotated[str, typer.Option("--target", "-t", help="Builtin target name, 'auto', or a path to a target .toml.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default: beside the model).")] = None,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration samples: .npz keyed by input name.")] = None,
+    eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Evaluation samples (.npz, optional 'labels').")] = None,
+    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Bind dynamic dims: NAME=1,3,224,224 (repeatable).")] = None,
+    max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Quality gate and tuning budget, in percentage points.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for random check inputs and sampling.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON result document on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+) -> None:
+    """Compile MODEL for a target: run its pass pipeline and write the bundle and its report."""
+    settings.quiet = quiet or json_out
+    settings.json_mode = json_out
+    options = CompileOptions(model=model, target=target, output_dir=output, calib=calib, eval=eval_data,
+                             input_shapes=input_shape or [], max_accuracy_drop=max_accuracy_drop, seed=seed)
+    note(f"compiling [bold]{model}[/bold] for target [bold]{target}[/bold]")
+    result = compile_model(options, progress=_progress, on_warning=warn)
+    summary = result.report["summary"]
+    if json_out:
+        emit_json({"bundle": str(result.bundle_dir), "model": str(result.model_path), "target": result.target.name,
+                   "summary": summary, "warnings": result.report["warnings"]})
+        return
+    table = Table(title=f"{model.name} → {result.target.name}", show_header=True)
+    for col in ("", "source", "compiled"):
+        table.add_column(col)
+    src, out = result.report["source"], result.report["compiled"]
+    table.add_row("nodes", str(src["nodes"]), str(out["nodes"]))
+    table.add_row("params", f"{src['params']:,}", f"{out['params']:,}")
+    table.add_row("MACs", f"{src['macs']:,}" if src["macs"] is not None else "?", f"{out['macs']:,}" if out["macs"] is not None else "?")
+    table.add_row("size", _fmt_bytes(src["size_bytes"]), _fmt_bytes(out["size_bytes"]))
+    if not quiet:
+        stdout.print(table)
+    stdout.print(f"bundle: {result.bundle_dir}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compile")(compile_command)

@@ -1,0 +1,127 @@
+"""``compile``'s core, without the terminal: load, normalise, run the pipeline, write the output.
+
+The CLI command (``commands/compile.py``) only parses options and renders progress.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+
+from .data import SampleSet, load_samples
+from .errors import BadInputError
+from .model_io import load_model, upgrade_opset
+from .pipeline import PassContext, ProgressFn, StepRecord, run_pipeline, serialize
+from .report import build_report
+from .shapes import bind_input_shapes, graph_inputs, parse_input_shapes
+from .stats import collect_stats
+from .targets import Target, load_target
+
+
+@dataclass
+class CompileOptions:
+    model: Path
+    target: str
+    output_dir: Path | None = None
+    calib: Path | None = None
+    eval: Path | None = None
+    input_shapes: list[str] = field(default_factory=list)
+    max_accuracy_drop: float | None = None
+    seed: int = 0
+
+
+@dataclass
+class CompileResult:
+    bundle_dir: Path
+    model_path: Path
+    report: dict[str, Any]
+    steps: list[StepRecord]
+    target: Target
+
+
+def bundle_name(model_path: Path, target: Target) -> str:
+    return f"{model_path.stem}.{target.name}.lepton"
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """Fail before any work when the output folder cannot be written (nothing half-written later)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise BadInputError(f"output {output_dir} exists and is not a folder", "pass a folder with -o")
+    probe_dir = output_dir if output_dir.exists() else next((p for p in output_dir.parents if p.exists()), Path("."))
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise BadInputError(f"output folder {output_dir} is not writable", "choose a writable folder with -o")
+
+
+def _bind_shapes(model: onnx.ModelProto, options: CompileOptions, calib: SampleSet | None) -> tuple[onnx.ModelProto, dict[str, list[int]], str | None]:
+    shapes = parse_input_shapes(options.input_shapes)
+    source = "--input-shape"
+    if not shapes and calib is not None:
+        dynamic = {sig.name for sig in graph_inputs(model) if not sig.is_static}
+        shapes = {name: shape for name, shape in calib.shapes().items() if name in dynamic}
+        source = "calibration data"
+    if not shapes:
+        return model, {}, None
+    bound = bind_input_shapes(model, shapes)
+    return bound, shapes, f"bound input shapes from {source}: " + ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
+
+
+def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None,
+                  on_warning: Callable[[str], None] | None = None) -> CompileResult:
+    target = load_target(options.target)
+    output_dir = options.output_dir or options.model.parent
+    _check_output_dir(output_dir)
+    loaded = load_model(options.model)
+    normalisation: list[str] = []
+    model, note = upgrade_opset(loaded.model, target.runtime.opset_min, target.runtime.opset_max)
+    if note:
+        normalisation.append(note)
+    calib = load_samples(options.calib, model, role="--calib") if options.calib else None
+    evaluation = load_samples(options.eval, model, role="--eval") if options.eval else None
+    model, shapes, note = _bind_shapes(model, options, calib)
+    if note:
+        normalisation.append(note)
+
+    ctx = PassContext(target=target, calib=calib, eval=evaluation, seed=options.seed,
+                      max_accuracy_drop=options.max_accuracy_drop, input_shapes=shapes, on_warning=on_warning)
+    try:
+        source_stats = collect_stats(model)
+        compiled, steps = run_pipeline(model, ctx, progress)
+        compiled.producer_name = "lepton"
+        model_bytes = serialize(compiled)
+        report = build_report(
+            model_name=options.model.name, source_sha256=loaded.sha256,
+            target={"name": target.name, "sha256": target.sha256, "source": target.source},
+            source=source_stats, compiled=collect_stats(compiled), steps=steps,
+            normalisation=normalisation, warnings=ctx.warnings,
+        )
+        bundle_dir = output_dir / bundle_name(options.model, target)
+        _write_output(bundle_dir, model_bytes, report)
+    finally:
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
+    return CompileResult(bundle_dir, bundle_dir / "model.onnx", report, steps, target)
+
+
+def _write_output(bundle_dir: Path, model_bytes: bytes, report: dict[str, Any]) -> None:
+    """Plain (unsigned, unencrypted) output folder, written atomically: temp folder, then rename."""
+    bundle_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.", dir=bundle_dir.parent))
+    try:
+        (staging / "model.onnx").write_bytes(model_bytes)
+        (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str), encoding="utf-8")
+        if bundle_dir.exists():
+            old = bundle_dir.with_name(f".{bundle_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(bundle_dir, old)
+            os.replace(staging, bundle_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, bundle_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,51 @@
+"""ONNX Runtime helpers shared by the pipeline checks, quantization, benchmarks and ``run``."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .shapes import TensorSig, graph_inputs
+
+OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def make_session(model: onnx.ModelProto | bytes, *, opt_level: str = "disable", threads: int = 1,
+                 providers: Iterable[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
+    """An inference session from an in-memory model with fixed, recorded settings (deterministic by default)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPT_LEVELS[opt_level]
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    blob = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(blob, sess_options=options, providers=list(providers))
+
+
+def random_feed(inputs: list[TensorSig], rng: np.random.Generator, dims: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
+    """A reproducible random feed; dims must be static (or given in ``dims``)."""
+    feed = {}
+    for sig in inputs:
+        shape = (dims or {}).get(sig.name) or [d if isinstance(d, int) else 1 for d in sig.dims]
+        if np.issubdtype(sig.dtype, np.floating):
+            feed[sig.name] = rng.uniform(-1.0, 1.0, size=shape).astype(sig.dtype)
+        elif sig.dtype == np.bool_:
+            feed[sig.name] = rng.integers(0, 2, size=shape).astype(np.bool_)
+        else:
+            feed[sig.name] = rng.integers(0, 8, size=shape).astype(sig.dtype)
+    return feed
+
+
+def run_feeds(session: ort.InferenceSession, feeds: Iterable[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    return [session.run(None, feed) for feed in feeds]
+
+
+def model_inputs(model: onnx.ModelProto) -> list[TensorSig]:
+    return graph_inputs(model)

@@ -1,0 +1,205 @@
+"""The pass pipeline: runs a target's ordered passes and instruments every one of them.
+
+Passes only transform. The pipeline times each pass, records node/op/parameter/size counts
+before and after, runs ``onnx.checker`` on every result, and for a pass declared exact or
+within a tolerance compares outputs before and after on given or random inputs (as onnxsim's
+``check_n`` does), failing with a message that names the pass.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from .data import SampleSet
+from .errors import InternalError, LeptonError
+from .ort import make_session, random_feed, run_feeds
+from .params import to_table
+from .pass_registry import Exactness, PassResult, get_pass
+from .shapes import graph_inputs, require_static, unbound_dims
+from .stats import ModelStats, collect_stats
+from .targets import Target
+
+log = logging.getLogger("lepton")
+log.addHandler(logging.NullHandler())  # the CLI shows warnings itself; a log file is opt-in
+log.propagate = False
+
+CHECK_SAMPLES = 3  # feeds per lossless-pass comparison
+
+
+@dataclass
+class PassContext:
+    """What the whole run shares: target, data, host facts, seed, budgets, warnings, a work folder."""
+
+    target: Target
+    calib: SampleSet | None = None
+    eval: SampleSet | None = None
+    host: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    max_accuracy_drop: float | None = None  # percentage points; None: the target's budget
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lepton-")))
+    warnings: list[str] = field(default_factory=list)
+    on_warning: Callable[[str], None] | None = None
+    current_pass: str = ""
+
+    def warn(self, message: str) -> None:
+        text = f"{self.current_pass}: {message}" if self.current_pass else message
+        self.warnings.append(text)
+        log.warning(text)
+        if self.on_warning:
+            self.on_warning(text)
+
+    @property
+    def accuracy_budget(self) -> float:
+        return self.max_accuracy_drop if self.max_accuracy_drop is not None else self.target.budgets.max_accuracy_drop_pct
+
+    def require_static_shapes(self, model: onnx.ModelProto) -> None:
+        require_static(model, f"pass {self.current_pass!r}" if self.current_pass else "this step")
+
+    def sample_feeds(self, model: onnx.ModelProto, count: int) -> list[dict[str, np.ndarray]]:
+        """Real samples when calibration or eval data exist, else seeded random inputs."""
+        for data in (self.calib, self.eval):
+            if data is not None and len(data):
+                return list(data.feeds(count))
+        rng = np.random.default_rng(self.seed)
+        return [random_feed(graph_inputs(model), rng) for _ in range(count)]
+
+
+@dataclass
+class StepRecord:
+    name: str
+    params: dict[str, Any]
+    why: str
+    seconds: float
+    before: ModelStats
+    after: ModelStats
+    summary: dict[str, Any]
+    check: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "params": self.params, "why": self.why, "seconds": round(self.seconds, 4),
+            "before": self.before.to_dict(), "after": self.after.to_dict(), "summary": self.summary, "check": self.check,
+        }
+
+
+def compare_outputs(before: onnx.ModelProto, after: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+                    exactness: Exactness) -> dict[str, Any]:
+    """Run both models under identical ONNX Runtime settings and compare every output."""
+    ref = run_feeds(make_session(before), feeds)
+    new_session = make_session(after)
+    # A pass may change the input layout (e.g. NCHW → NHWC); it records how in the model metadata.
+    new_feeds = [adapt_feed(after, feed) for feed in feeds]
+    got = run_feeds(new_session, new_feeds)
+    names = [o.name for o in before.graph.output]
+    worst_abs, worst_name, ok = 0.0, "", True
+    for ref_outputs, got_outputs in zip(ref, got):
+        for name, expected, actual in zip(names, ref_outputs, got_outputs):
+            actual = restore_output(after, name, actual)
+            if expected.shape != actual.shape:
+                return {"kind": exactness.kind, "ok": False, "detail": f"output {name!r} shape {actual.shape} != {expected.shape}"}
+            if exactness.kind == "exact":
+                same = np.array_equal(expected, actual, equal_nan=True)
+            else:
+                same = np.allclose(actual, expected, rtol=exactness.rtol, atol=exactness.atol, equal_nan=True)
+            if expected.size and np.issubdtype(expected.dtype, np.number):
+                err = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
+                if err > worst_abs:
+                    worst_abs, worst_name = err, name
+            ok = ok and bool(same)
+    return {"kind": exactness.kind, "ok": ok, "samples": len(feeds), "max_abs_error": worst_abs,
+            "worst_output": worst_name, "rtol": exactness.rtol, "atol": exactness.atol}
+
+
+# Layout metadata written by passes that change I/O layout: "lepton.io_layout.<tensor>" = "NHWC".
+LAYOUT_KEY = "lepton.io_layout."
+
+
+def _layout(model: onnx.ModelProto, name: str) -> str | None:
+    for prop in model.metadata_props:
+        if prop.key == LAYOUT_KEY + name:
+            return prop.value
+    return None
+
+
+def adapt_feed(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Convert an NCHW feed to the layout the compiled model declares for each input."""
+    out = {}
+    for name, value in feed.items():
+        out[name] = np.ascontiguousarray(value.transpose(0, 2, 3, 1)) if _layout(model, name) == "NHWC" and value.ndim == 4 else value
+    return out
+
+
+def restore_output(model: onnx.ModelProto, name: str, value: np.ndarray) -> np.ndarray:
+    """Convert an output the compiled model returns in NHWC back to NCHW for comparison."""
+    return np.ascontiguousarray(value.transpose(0, 3, 1, 2)) if _layout(model, name) == "NHWC" and value.ndim == 4 else value
+
+
+def check_model(model: onnx.ModelProto, pass_name: str) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise InternalError(f"pass {pass_name!r} produced an invalid model: {str(exc).strip().splitlines()[0][:300]}") from None
+
+
+ProgressFn = Callable[[str, str, StepRecord | None], None]  # (pass name, phase "start"/"done", record)
+
+
+def run_pipeline(model: onnx.ModelProto, ctx: PassContext, progress: ProgressFn | None = None) -> tuple[onnx.ModelProto, list[StepRecord]]:
+    """Run every enabled pass of ``ctx.target`` in order; return the final model and the step records."""
+    records: list[StepRecord] = []
+    current = model
+    for step in ctx.target.passes:
+        if not step.enabled:
+            continue
+        spec = get_pass(step.name)
+        ctx.current_pass = step.name
+        if progress:
+            progress(step.name, "start", None)
+        if spec.needs_static_shapes:
+            ctx.require_static_shapes(current)
+        before_stats = collect_stats(current)
+        started = time.perf_counter()
+        try:
+            result = spec.fn(current, ctx, step.params)
+        except LeptonError:
+            raise
+        except Exception as exc:  # a pass bug: name the pass, keep the traceback for --debug
+            raise InternalError(f"pass {step.name!r} failed: {exc.__class__.__name__}: {exc}") from exc
+        seconds = time.perf_counter() - started
+        if not isinstance(result, PassResult):
+            raise InternalError(f"pass {step.name!r} returned {type(result).__name__}, not PassResult")
+        check_model(result.model, step.name)
+        check: dict[str, Any] = {"kind": spec.exactness.kind}
+        if spec.exactness.kind != "lossy":
+            if unbound_dims(current):
+                check = {"kind": spec.exactness.kind, "ok": None, "skipped": "dynamic input dims unbound; pass --input-shape to check"}
+                ctx.warn("output comparison skipped: input dims unbound (pass --input-shape or --calib to enable it)")
+            else:
+                feeds = ctx.sample_feeds(current, CHECK_SAMPLES)
+                check = compare_outputs(current, result.model, feeds, spec.exactness)
+                if not check["ok"]:
+                    raise InternalError(
+                        f"pass {step.name!r} changed the model's outputs beyond its declared {spec.exactness.kind} tolerance "
+                        f"({check.get('detail') or 'max abs error %.3g on %s' % (check['max_abs_error'], check['worst_output'])})"
+                    )
+        record = StepRecord(step.name, to_table(step.params), step.why, seconds, before_stats,
+                            collect_stats(result.model), result.summary, check)
+        records.append(record)
+        current = result.model
+        if progress:
+            progress(step.name, "done", record)
+    ctx.current_pass = ""
+    return current, records
+
+
+def serialize(model: onnx.ModelProto) -> bytes:
+    """Deterministic bytes: same inputs, byte-identical compiled model."""
+    return model.SerializeToString(deterministic=True)

@@ -1,0 +1,253 @@
+"""Target profiles: load ``targets/<name>.toml`` (or a user's file), resolve ``extends``,
+validate every key into typed dataclasses, and instantiate each pass's parameters.
+
+Errors are exit-2 ``BadInputError``s naming the key path, e.g. ``passes[1] (quantize).scheme``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import BadInputError
+from .params import ParamValueError, from_table, json_ready, to_table
+from .pass_registry import get_pass
+
+BUILTIN_TARGETS = ("cpu-avx", "cuda", "tpu", "fpga", "edge-arm", "mobile")
+_MAX_EXTENDS_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Facts the cost model needs; each number carries a source comment in the TOML."""
+
+    peak_int8_tops: float
+    peak_fp16_tflops: float
+    peak_fp32_tflops: float
+    memory_bandwidth_gbps: float
+    memory_mb: float  # RAM, or on-chip memory for accelerators that have only that for weights
+    preferred_layout: Literal["NCHW", "NHWC"]
+    channel_alignment: int
+    on_chip_memory_kb: float = 0.0
+    isa: list[str] = field(default_factory=list)  # e.g. avx512_vnni, neon, dotprod, i8mm
+    cores: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("peak_int8_tops", "peak_fp16_tflops", "peak_fp32_tflops", "memory_bandwidth_gbps", "memory_mb"):
+            if getattr(self, name) <= 0:
+                raise ParamValueError(name, f"must be > 0, got {getattr(self, name)}")
+        if self.channel_alignment < 1:
+            raise ParamValueError("channel_alignment", f"must be >= 1, got {self.channel_alignment}")
+        if self.cores < 1:
+            raise ParamValueError("cores", f"must be >= 1, got {self.cores}")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    execution_providers: list[str]  # ONNX Runtime EPs in preference order
+    opset_min: int
+    opset_max: int
+    supported_ops: list[str] = field(default_factory=list)  # empty: every ONNX op
+    deployment_runtime: Literal["onnxruntime", "portable"] = "onnxruntime"
+
+    def __post_init__(self) -> None:
+        if not self.execution_providers:
+            raise ParamValueError("execution_providers", "must name at least one execution provider")
+        if not 7 <= self.opset_min <= self.opset_max:
+            raise ParamValueError("opset_min", f"need 7 <= opset_min <= opset_max, got {self.opset_min}..{self.opset_max}")
+
+
+@dataclass(frozen=True)
+class Budgets:
+    max_model_size_mb: float | None = None
+    max_activation_memory_mb: float | None = None
+    max_accuracy_drop_pct: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_accuracy_drop_pct <= 100:
+            raise ParamValueError("max_accuracy_drop_pct", f"must be within 0..100, got {self.max_accuracy_drop_pct}")
+        for name in ("max_model_size_mb", "max_activation_memory_mb"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ParamValueError(name, f"must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class PassStep:
+    name: str
+    params: Any  # the pass's own params dataclass instance
+    why: str = ""
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    hardware: Hardware
+    runtime: Runtime
+    budgets: Budgets
+    passes: list[PassStep]
+    source: str  # builtin name or file path
+    resolved: dict[str, Any]  # the merged TOML after extends, as validated
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the resolved target (canonical JSON), recorded in every bundle manifest."""
+        blob = json.dumps(self.resolved, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "source": self.source,
+            "sha256": self.sha256,
+            "hardware": to_table(self.hardware),
+            "runtime": to_table(self.runtime),
+            "budgets": to_table(self.budgets),
+            "passes": [
+                {"name": s.name, "enabled": s.enabled, "why": s.why, "params": to_table(s.params)} for s in self.passes
+            ],
+        }
+
+
+_TOP_KEYS = {"name", "description", "extends", "hardware", "runtime", "budgets", "passes", "pass_params"}
+_STEP_KEYS = {"name", "why", "enabled"}
+
+
+def _builtin_text(name: str) -> str | None:
+    try:
+        return resources.files("lepton_cli.builtin_targets").joinpath(f"{name}.toml").read_text(encoding="utf-8")
+    except (FileNotFoundError, ModuleNotFoundError):
+        return None
+
+
+def builtin_names() -> list[str]:
+    files = resources.files("lepton_cli.builtin_targets")
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".toml"))
+
+
+def _parse(text: str, origin: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInputError(f"{origin}: not valid TOML: {exc}", "fix the TOML syntax at the position shown") from None
+
+
+def _read_raw(spec: str) -> tuple[dict[str, Any], str]:
+    """Return (raw table, origin) for a builtin name or a path to a .toml file."""
+    looks_like_path = spec.endswith(".toml") or "/" in spec or "\\" in spec
+    if not looks_like_path:
+        text = _builtin_text(spec)
+        if text is None:
+            raise BadInputError(
+                f"unknown target {spec!r}",
+                f"use one of {', '.join(builtin_names())}, 'auto', or a path to your own .toml",
+            )
+        return _parse(text, f"target {spec}"), spec
+    path = Path(spec)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInputError(f"target file {spec} does not exist", "check the path, or use a builtin target name") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"cannot read target file {spec}: {exc.__class__.__name__}", "pass a readable UTF-8 .toml file") from None
+    return _parse(text, str(path)), str(path)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge tables; arrays (``passes``) are replaced whole."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _resolve(spec: str, depth: int = 0) -> tuple[dict[str, Any], str]:
+    if depth > _MAX_EXTENDS_DEPTH:
+        raise BadInputError(f"target {spec}: 'extends' chain is deeper than {_MAX_EXTENDS_DEPTH}", "remove the cycle in 'extends'")
+    raw, origin = _read_raw(spec)
+    if not isinstance(raw, dict):
+        raise BadInputError(f"{origin}: top level must be a table", "see README 'Target files'")
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise BadInputError(f"{origin}: unknown key {unknown[0]!r}", f"valid top-level keys: {', '.join(sorted(_TOP_KEYS))}")
+    parent_name = raw.get("extends")
+    if parent_name is None:
+        return raw, origin
+    if not isinstance(parent_name, str):
+        raise BadInputError(f"{origin}: extends must be a string", 'e.g. extends = "edge-arm"')
+    if parent_name.endswith(".toml") and not Path(parent_name).is_absolute() and origin.endswith(".toml"):
+        parent_name = str(Path(origin).parent / parent_name)
+    parent, _ = _resolve(parent_name, depth + 1)
+    child = {k: v for k, v in raw.items() if k != "extends"}
+    merged = _merge({k: v for k, v in parent.items() if k != "name"}, child)
+    merged.setdefault("name", Path(origin).stem if origin.endswith(".toml") else origin)
+    return merged, origin
+
+
+def _step(raw: Any, index: int, overrides: dict[str, Any]) -> PassStep:
+    path = f"passes[{index}]"
+    if not isinstance(raw, dict):
+        raise BadInputError(f"{path} must be a table", "write each pass as [[passes]] with name = \"...\"")
+    name = raw.get("name")
+    if not isinstance(name, str):
+        raise BadInputError(f"{path}.name is missing or not a string", 'add name = "fuse" (see `lepton targets show`)')
+    spec = get_pass(name, f"{path}.name")
+    path = f"passes[{index}] ({name})"
+    why = raw.get("why", "")
+    enabled = raw.get("enabled", True)
+    if not isinstance(why, str):
+        raise BadInputError(f"{path}.why must be a string", "quote the text")
+    if not isinstance(enabled, bool):
+        raise BadInputError(f"{path}.enabled must be a boolean", "write true or false")
+    table = {k: v for k, v in raw.items() if k not in _STEP_KEYS}
+    table.update(overrides.get(name, {}))
+    return PassStep(name=name, params=from_table(spec.params_cls, table, path), why=why, enabled=enabled)
+
+
+def load_target(spec: str) -> Target:
+    """Load, resolve and validate a target by builtin name or path; exit-2 errors name the key path."""
+    raw, origin = _resolve(spec)
+    for key in ("description", "hardware", "runtime", "passes"):
+        if key not in raw:
+            raise BadInputError(f"{origin}: missing key {key!r}", "see README 'Target files' or `lepton targets show cpu-avx`")
+    description = raw["description"]
+    if not isinstance(description, str):
+        raise BadInputError(f"{origin}: description must be a string", "quote the text")
+    hardware = from_table(Hardware, raw["hardware"], "hardware")
+    runtime = from_table(Runtime, raw["runtime"], "runtime")
+    budgets = from_table(Budgets, raw.get("budgets", {}), "budgets")
+    overrides = raw.get("pass_params", {})
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise BadInputError("pass_params must be a table of tables", "write [pass_params.quantize] then keys")
+    passes_raw = raw["passes"]
+    if not isinstance(passes_raw, list) or not passes_raw:
+        raise BadInputError(f"{origin}: passes must be a non-empty array of tables", "write each pass as [[passes]]")
+    steps = [_step(r, i, overrides) for i, r in enumerate(passes_raw)]
+    for name in overrides:
+        if name not in {s.name for s in steps}:
+            raise BadInputError(f"pass_params.{name}: no pass of that name in this target's pipeline",
+                                f"the pipeline has: {', '.join(s.name for s in steps)}")
+    target = Target(
+        name=str(raw.get("name", origin)),
+        description=description,
+        hardware=hardware,
+        runtime=runtime,
+        budgets=budgets,
+        passes=steps,
+        source=origin,
+        resolved={},
+    )
+    # The resolved form is the validated dataclasses, so defaults are part of the hash.
+    object.__setattr__(target, "resolved", json_ready(target.to_dict() | {"source": None, "sha256": None}))
+    return target
