@@ -50,12 +50,20 @@ def bundle_name(model_path: Path, target: Target) -> str:
 
 
 def _check_output_dir(output_dir: Path) -> None:
-    """Fail before any work when the output folder cannot be written (nothing half-written later)."""
+    """Fail before any work when the output folder cannot be written (nothing half-written later).
+
+    Probes by creating and removing a file: ``os.access`` says yes to root even on read-only mounts.
+    """
     if output_dir.exists() and not output_dir.is_dir():
         raise BadInputError(f"output {output_dir} exists and is not a folder", "pass a folder with -o")
     probe_dir = output_dir if output_dir.exists() else next((p for p in output_dir.parents if p.exists()), Path("."))
-    if not os.access(probe_dir, os.W_OK | os.X_OK):
-        raise BadInputError(f"output folder {output_dir} is not writable", "choose a writable folder with -o")
+    try:
+        if not probe_dir.is_dir():
+            raise OSError("not a folder")
+        with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".lepton-probe-"):
+            pass
+    except OSError:
+        raise BadInputError(f"output folder {output_dir} is not writable", "choose a writable folder with -o") from None
 
 
 def _bind_shapes(model: onnx.ModelProto, options: CompileOptions, calib: SampleSet | None) -> tuple[onnx.ModelProto, dict[str, list[int]], str | None]:

@@ -1,0 +1,62 @@
+"""Shared test fixtures: real-model locations and an in-process CLI runner."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ONNX_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
+LIGHT_DIR = ONNX_DATA / "light"
+LIGHT_MODELS = sorted(LIGHT_DIR.glob("*.onnx"))
+DIGITS = REPO / "examples" / "digits"
+
+
+def _rapidocr_models() -> Path | None:
+    # find_spec does not import the package (its __init__ needs cv2, which we do not install).
+    import importlib.util
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "models"
+
+
+OCR_DIR = _rapidocr_models()
+OCR_DET = OCR_DIR / "ch_PP-OCRv4_det_infer.onnx" if OCR_DIR else None
+OCR_REC = OCR_DIR / "ch_PP-OCRv4_rec_infer.onnx" if OCR_DIR else None
+needs_ocr = pytest.mark.skipif(OCR_DIR is None, reason="rapidocr-onnxruntime (PP-OCRv4 models) not installed; `make test` installs it")
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch, tmp_path):
+    """Run ``lepton ARGS`` in-process; returns exit code and captured output. Keys live in tmp."""
+    from lepton_cli import console
+    from lepton_cli.cli import main
+
+    monkeypatch.setenv("LEPTON_HOME", str(tmp_path / "lepton-home"))
+    monkeypatch.setenv("NO_COLOR", "1")
+
+    def run(*args: str | os.PathLike) -> CliResult:
+        console.settings.quiet = False
+        console.settings.json_mode = False
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err)
+
+    return run

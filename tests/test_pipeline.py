@@ -1,0 +1,121 @@
+"""The pipeline instruments passes: timing, stats, checker, output comparison, determinism."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from conftest import DIGITS
+from lepton_cli.compiler import CompileOptions, compile_model
+from lepton_cli.errors import InternalError
+from lepton_cli.pass_registry import PassResult, register_pass, tolerance
+from lepton_cli.pipeline import PassContext, run_pipeline
+from lepton_cli.targets import PassStep, load_target
+
+
+@dataclass(frozen=True)
+class _Scale:
+    factor: float = 1.001
+
+
+@register_pass("test_perturb", params=_Scale, description="test only: scales the first initializer",
+               exactness=tolerance(rtol=1e-4, atol=1e-5))
+def _perturb(model, ctx, params):
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    first = changed.graph.initializer[0]
+    first.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(first) * params.factor, first.name))
+    return PassResult(changed, {"scaled": first.name})
+
+
+@register_pass("test_invalid", params=_Scale, description="test only: emits an invalid graph",
+               exactness=tolerance(rtol=1e-4, atol=1e-5))
+def _invalid(model, ctx, params):
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    broken.graph.node[0].input[0] = "does_not_exist"
+    return PassResult(broken, {})
+
+
+def _target_with(*steps: PassStep):
+    base = load_target("cpu-avx")
+    object.__setattr__(base, "passes", list(steps))
+    return base
+
+
+def _digits():
+    from lepton_cli.model_io import load_model
+
+    return load_model(DIGITS / "digits_cnn.onnx").model
+
+
+def test_a_pass_that_changes_outputs_is_caught_and_named():
+    ctx = PassContext(target=_target_with(PassStep("test_perturb", _Scale(1.05))))
+    with pytest.raises(InternalError, match="pass 'test_perturb' changed the model's outputs"):
+        run_pipeline(_digits(), ctx)
+
+
+def test_within_tolerance_passes_and_is_recorded():
+    ctx = PassContext(target=_target_with(PassStep("test_perturb", _Scale(1.0 + 1e-9))))
+    model, records = run_pipeline(_digits(), ctx)
+    (record,) = records
+    assert record.check["ok"] is True and record.check["samples"] == 3
+    assert record.seconds >= 0 and record.before.nodes == record.after.nodes
+    assert record.summary == {"scaled": _digits().graph.initializer[0].name}
+
+
+def test_invalid_graph_is_caught_by_checker():
+    ctx = PassContext(target=_target_with(PassStep("test_invalid", _Scale())))
+    with pytest.raises(InternalError, match="pass 'test_invalid' produced an invalid model"):
+        run_pipeline(_digits(), ctx)
+
+
+def test_fuse_reports_stats_before_and_after():
+    target = load_target("cpu-avx")
+    object.__setattr__(target, "passes", [s for s in target.passes if s.name == "fuse"])
+    model, records = run_pipeline(_digits(), PassContext(target=target))
+    (record,) = records
+    assert record.before.ops.get("BatchNormalization") == 2
+    assert record.after.nodes < record.before.nodes
+    assert record.check["ok"] is True
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("target", ["cpu-avx", "edge-arm"])
+def test_compile_is_deterministic(tmp_path, target):
+    def once(out):
+        options = CompileOptions(model=DIGITS / "digits_cnn.onnx", target=target, output_dir=out,
+                                 calib=DIGITS / "calib.npz")
+        return compile_model(options).model_path
+
+    first, second = once(tmp_path / "a"), once(tmp_path / "b")
+    assert _sha(first) == _sha(second)
+
+
+def test_opset_upgrade_and_shape_binding_are_reported(tmp_path):
+    from conftest import LIGHT_DIR
+
+    options = CompileOptions(model=LIGHT_DIR / "light_squeezenet.onnx", target="cpu-avx", output_dir=tmp_path)
+    result = compile_model(options)
+    assert any("opset 9 → 13" in n for n in result.report["normalisation"])
+    compiled = onnx.load(result.model_path)
+    assert next(o.version for o in compiled.opset_import if o.domain == "") >= 13
+
+
+def test_random_check_inputs_are_seeded():
+    from lepton_cli.ort import random_feed
+    from lepton_cli.shapes import graph_inputs
+
+    inputs = graph_inputs(helper.make_model(helper.make_graph(
+        [], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])])))
+    a = random_feed(inputs, np.random.default_rng(7))["x"]
+    b = random_feed(inputs, np.random.default_rng(7))["x"]
+    assert np.array_equal(a, b)
