@@ -1,0 +1,134 @@
+"""Accuracy of a compiled model against its source: a task metric with labels, output agreement always.
+
+With labels the metric is top-1 accuracy of the first output (``[N, classes]``). Without labels it
+is *agreement* with the source model's outputs on the same samples, as a percentage:
+- class-like outputs (``[N, C]``, ``[N, T, C]`` sequences such as CTC logits, ``[N, C, H, W]`` maps
+  with C > 1): the share of positions whose arg-max class is unchanged;
+- continuous outputs (e.g. a ``[N, 1, H, W]`` probability map): the share of elements within
+  ``CONTINUOUS_TOLERANCE`` of the reference output's value range.
+The drop is in percentage points (source value − compiled value), which is what
+``--max-accuracy-drop`` and the targets' ``max_accuracy_drop_pct`` budget bound.
+
+Both models run in ONNX Runtime with full graph optimisation, as deployed, so quantized QDQ graphs
+are measured with the integer kernels ORT fuses them into, not as simulated float.
+Libraries checked: ONNX Runtime's quantization tools compare tensors (``qdq_loss_debug``) but have
+no model-level metric over a data set; nothing in onnx/onnxruntime does this.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .data import SampleSet
+from .errors import BadInputError
+from .ort import make_session
+from .pipeline import adapt_feed, restore_output
+
+CONTINUOUS_TOLERANCE = 0.02  # of the reference output's range (max − min)
+SNR_CAP_DB = 300.0  # identical outputs: infinite SNR, capped so the report stays valid JSON
+
+
+@dataclass
+class AccuracyScore:
+    metric: str  # "top1" (labels given) or "agreement"
+    source_value: float  # percent
+    value: float  # percent
+    drop_pct: float  # percentage points; > 0 means the candidate is worse
+    agreement: dict[str, float]  # cosine, snr_db, max_abs, top1_agreement (worst over outputs)
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _class_axis(shape: tuple[int, ...]) -> int | None:
+    """The axis that holds classes, or None for a continuous output."""
+    if len(shape) in (2, 3) and shape[-1] > 1:
+        return len(shape) - 1
+    if len(shape) == 4 and shape[1] > 1:
+        return 1
+    return None
+
+
+def compare_arrays(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Cosine, SNR (dB), max abs error and arg-max agreement of one output."""
+    ref = reference.astype(np.float64).ravel()
+    got = candidate.astype(np.float64).ravel()
+    noise = float(np.sum((ref - got) ** 2))
+    signal = float(np.sum(ref ** 2))
+    denom = float(np.linalg.norm(ref) * np.linalg.norm(got))
+    cosine = float(np.dot(ref, got) / denom) if denom else (1.0 if noise == 0 else 0.0)
+    snr = SNR_CAP_DB if noise == 0 else (10 * math.log10(signal / noise) if signal else -SNR_CAP_DB)
+    result = {"cosine": cosine, "snr_db": min(snr, SNR_CAP_DB), "max_abs": float(np.max(np.abs(ref - got))) if ref.size else 0.0}
+    axis = _class_axis(reference.shape)
+    if axis is not None:
+        result["top1_agreement"] = float(np.mean(np.argmax(reference, axis=axis) == np.argmax(candidate, axis=axis)))
+    return result
+
+
+def _agreement_pct(reference: np.ndarray, candidate: np.ndarray) -> float:
+    axis = _class_axis(reference.shape)
+    if axis is not None:
+        return 100.0 * float(np.mean(np.argmax(reference, axis=axis) == np.argmax(candidate, axis=axis)))
+    ref = reference.astype(np.float64)
+    span = float(ref.max() - ref.min()) if ref.size else 0.0
+    tol = CONTINUOUS_TOLERANCE * span if span > 0 else 1e-6
+    return 100.0 * float(np.mean(np.abs(ref - candidate.astype(np.float64)) <= tol))
+
+
+def _run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], threads: int) -> list[np.ndarray]:
+    """All outputs of ``model`` over ``feeds``, concatenated on axis 0, in the source model's layout."""
+    session = make_session(model, opt_level="all", threads=threads)
+    names = [o.name for o in session.get_outputs()]
+    per_output: list[list[np.ndarray]] = [[] for _ in names]
+    for feed in feeds:
+        for index, value in enumerate(session.run(None, adapt_feed(model, feed))):
+            per_output[index].append(restore_output(model, names[index], np.asarray(value)))
+    return [np.concatenate(chunks, axis=0) if chunks and chunks[0].ndim else np.stack(chunks) for chunks in per_output]
+
+
+def _top1(outputs: np.ndarray, labels: np.ndarray) -> float:
+    if outputs.ndim != 2:
+        raise BadInputError(f"labels were given but the model's first output has shape {list(outputs.shape)}, not [N, classes]",
+                            "drop the labels array to measure agreement with the source model instead")
+    flat = labels.reshape(-1)
+    if len(flat) != len(outputs):
+        raise BadInputError(f"{len(flat)} labels for {len(outputs)} model outputs", "give one label per sample")
+    return 100.0 * float(np.mean(np.argmax(outputs, axis=1) == flat))
+
+
+class Evaluator:
+    """Scores candidate models against the source on fixed samples; the source runs once."""
+
+    def __init__(self, source_model: onnx.ModelProto, samples: SampleSet, labels: np.ndarray | None = None,
+                 *, limit: int | None = None, threads: int = 1) -> None:
+        self.feeds = list(samples.feeds(limit))
+        if not self.feeds:
+            raise BadInputError("the evaluation set is empty", "give at least one sample")
+        self.threads = threads
+        self.labels = labels[: len(self.feeds)] if labels is not None and limit is not None and not any(samples.batched.values()) else labels
+        self.reference = _run(source_model, self.feeds, threads)
+        self.metric = "top1" if self.labels is not None else "agreement"
+        self.source_value = _top1(self.reference[0], self.labels) if self.labels is not None else 100.0
+
+    def score(self, candidate: onnx.ModelProto) -> AccuracyScore:
+        outputs = _run(candidate, self.feeds, self.threads)
+        if len(outputs) != len(self.reference):
+            raise BadInputError(f"the candidate has {len(outputs)} outputs, the source {len(self.reference)}",
+                                "keep the model's outputs unchanged")
+        value = _top1(outputs[0], self.labels) if self.labels is not None else _agreement_pct(self.reference[0], outputs[0])
+        per_output = [compare_arrays(ref, got) for ref, got in zip(self.reference, outputs)]
+        agreement = {
+            "cosine": min(p["cosine"] for p in per_output),
+            "snr_db": min(p["snr_db"] for p in per_output),
+            "max_abs": max(p["max_abs"] for p in per_output),
+        }
+        top1s = [p["top1_agreement"] for p in per_output if "top1_agreement" in p]
+        if top1s:
+            agreement["top1_agreement"] = min(top1s)
+        return AccuracyScore(self.metric, round(self.source_value, 4), round(value, 4),
+                             round(self.source_value - value, 4), agreement, len(self.feeds))

@@ -1,0 +1,83 @@
+"""accuracy.Evaluator: top-1 with labels, agreement without, on the trained digits model."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from lepton_cli.accuracy import Evaluator, compare_arrays
+from lepton_cli.data import load_samples
+from lepton_cli.errors import BadInputError
+
+from conftest import DIGITS
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model = onnx.load(DIGITS / "digits_cnn.onnx")
+    return model, load_samples(DIGITS / "eval.npz", model, role="--eval")
+
+
+def _perturbed(model: onnx.ModelProto, scale: float) -> onnx.ModelProto:
+    noisy = onnx.ModelProto()
+    noisy.CopyFrom(model)
+    rng = np.random.default_rng(0)
+    for init in noisy.graph.initializer:
+        weights = numpy_helper.to_array(init)
+        if weights.dtype == np.float32 and weights.size > 100:
+            init.CopyFrom(numpy_helper.from_array((weights + rng.normal(0, scale * weights.std(), weights.shape)).astype(np.float32), init.name))
+    return noisy
+
+
+def test_top1_with_labels_matches_a_direct_count(digits):
+    model, samples = digits
+    score = Evaluator(model, samples, samples.labels).score(model)
+    assert score.metric == "top1" and score.samples == len(samples)
+    # the example's README states 98.49% top-1 on eval.npz
+    assert score.source_value == score.value == pytest.approx(98.4887, abs=1e-3)
+    assert score.drop_pct == 0 and score.agreement["snr_db"] == 300.0
+
+
+def test_perturbed_weights_lose_accuracy_and_agreement(digits):
+    model, samples = digits
+    noisy = _perturbed(model, 0.3)
+    top1 = Evaluator(model, samples, samples.labels).score(noisy)
+    agreement = Evaluator(model, samples).score(noisy)
+    assert top1.drop_pct > 1 and agreement.metric == "agreement" and agreement.drop_pct > 1
+    assert agreement.value == pytest.approx(100 * agreement.agreement["top1_agreement"])
+    assert 0 < agreement.agreement["cosine"] < 0.999 and agreement.agreement["max_abs"] > 0
+
+
+def test_nhwc_candidate_is_compared_in_the_source_layout(digits):
+    """A candidate declaring NHWC input gets transposed feeds (pipeline.adapt_feed)."""
+    model, samples = digits
+    nhwc = onnx.ModelProto()
+    nhwc.CopyFrom(model)
+    name = nhwc.graph.input[0].name
+    transposed = name + "_nchw"
+    for node in nhwc.graph.node:
+        node.input[:] = [transposed if i == name else i for i in node.input]
+    nhwc.graph.node.insert(0, onnx.helper.make_node("Transpose", [name], [transposed], perm=[0, 3, 1, 2]))
+    nhwc.graph.input[0].CopyFrom(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["N", 8, 8, 1]))
+    onnx.helper.set_model_props(nhwc, {"lepton.io_layout." + name: "NHWC"})
+    score = Evaluator(model, samples, samples.labels).score(nhwc)
+    assert score.drop_pct == 0 and score.agreement["max_abs"] < 1e-4
+
+
+def test_continuous_outputs_use_a_range_tolerance():
+    ref = np.linspace(0, 1, 1000, dtype=np.float32).reshape(1, 1, 10, 100)
+    close = ref + 0.01
+    far = ref + 0.05
+    from lepton_cli.accuracy import _agreement_pct
+
+    assert _agreement_pct(ref, close) == 100.0 and _agreement_pct(ref, far) == 0.0
+    assert "top1_agreement" not in compare_arrays(ref, close)
+
+
+def test_labels_on_a_non_classifier_output_is_a_clear_error(digits):
+    model, samples = digits
+    with pytest.raises(BadInputError, match="not \\[N, classes\\]"):
+        from lepton_cli.accuracy import _top1
+
+        _top1(np.zeros((4, 3, 5)), np.zeros(4))
