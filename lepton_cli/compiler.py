@@ -15,7 +15,8 @@ from typing import Any, Callable
 import onnx
 
 from .data import SampleSet, load_samples
-from .errors import BadInputError
+from .accuracy import Evaluator
+from .errors import BadInputError, QualityGateError
 from .model_io import load_model, upgrade_opset
 from .pipeline import PassContext, ProgressFn, StepRecord, run_pipeline, serialize
 from .report import build_report
@@ -101,18 +102,42 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
         source_stats = collect_stats(model)
         compiled, steps = run_pipeline(model, ctx, progress)
         compiled.producer_name = "lepton"
+        accuracy = measure_accuracy(model, compiled, ctx)
         model_bytes = serialize(compiled)
         report = build_report(
             model_name=options.model.name, source_sha256=loaded.sha256,
             target={"name": target.name, "sha256": target.sha256, "source": target.source},
             source=source_stats, compiled=collect_stats(compiled), steps=steps,
-            normalisation=normalisation, warnings=ctx.warnings,
+            normalisation=normalisation, warnings=ctx.warnings, extra={"accuracy": accuracy},
         )
+        check_accuracy_budget(accuracy, ctx.accuracy_budget)
         bundle_dir = output_dir / bundle_name(options.model, target)
         _write_output(bundle_dir, model_bytes, report)
     finally:
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
     return CompileResult(bundle_dir, bundle_dir / "model.onnx", report, steps, target)
+
+
+ACCURACY_SAMPLE_LIMIT = 1000  # enough for a 0.1-point resolution; bounds compile time on big sets
+
+
+def measure_accuracy(source: onnx.ModelProto, compiled: onnx.ModelProto, ctx: PassContext) -> dict[str, Any]:
+    """Compiled vs source on --eval (else --calib) data: the metric with labels, output agreement always."""
+    samples, name = (ctx.eval, "--eval") if ctx.eval is not None else (ctx.calib, "--calib")
+    if samples is None:
+        return {"measured": False, "reason": "no --eval or --calib data: accuracy not measured"}
+    score = Evaluator(source, samples, samples.labels, limit=ACCURACY_SAMPLE_LIMIT).score(compiled)
+    return {"measured": True, "data": name, "budget_pct": ctx.accuracy_budget, **score.to_dict()}
+
+
+def check_accuracy_budget(accuracy: dict[str, Any], budget_pct: float) -> None:
+    """The accuracy quality gate (exit 3): the compiled model may lose at most ``budget_pct`` points."""
+    if accuracy.get("measured") and accuracy["drop_pct"] > budget_pct:
+        raise QualityGateError(
+            f"accuracy dropped {accuracy['drop_pct']:.2f} points ({accuracy['metric']} {accuracy['source_value']:.2f}% → "
+            f"{accuracy['value']:.2f}% on {accuracy['data']} data), over the budget of {budget_pct:g}",
+            "raise --max-accuracy-drop, give representative --calib data, or disable the lossy passes in a target file",
+        )
 
 
 def _write_output(bundle_dir: Path, model_bytes: bytes, report: dict[str, Any]) -> None:

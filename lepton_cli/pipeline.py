@@ -191,8 +191,11 @@ def run_pipeline(model: onnx.ModelProto, ctx: PassContext, progress: ProgressFn 
             ctx.require_static_shapes(current)
         before_stats = collect_stats(current)
         started = time.perf_counter()
+        # Passes may edit the proto in place; the pipeline keeps `current` intact for the before/after check.
+        working = onnx.ModelProto()
+        working.CopyFrom(current)
         try:
-            result = spec.fn(current, ctx, step.params)
+            result = spec.fn(working, ctx, step.params)
         except LeptonError:
             raise
         except Exception as exc:  # a pass bug: name the pass, keep the traceback for --debug

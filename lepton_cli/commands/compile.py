@@ -55,7 +55,7 @@ def compile_command(
     summary = result.report["summary"]
     if json_out:
         emit_json({"bundle": str(result.bundle_dir), "model": str(result.model_path), "target": result.target.name,
-                   "summary": summary, "warnings": result.report["warnings"]})
+                   "summary": summary, "accuracy": result.report.get("accuracy"), "warnings": result.report["warnings"]})
         return
     table = Table(title=f"{model.name} → {result.target.name}", show_header=True)
     for col in ("", "source", "compiled"):
@@ -65,6 +65,10 @@ def compile_command(
     table.add_row("params", f"{src['params']:,}", f"{out['params']:,}")
     table.add_row("MACs", f"{src['macs']:,}" if src["macs"] is not None else "?", f"{out['macs']:,}" if out["macs"] is not None else "?")
     table.add_row("size", _fmt_bytes(src["size_bytes"]), _fmt_bytes(out["size_bytes"]))
+    accuracy = result.report.get("accuracy") or {}
+    if accuracy.get("measured"):
+        table.add_row(f"{accuracy['metric']} ({accuracy['data']})", f"{accuracy['source_value']:.2f}%",
+                      f"{accuracy['value']:.2f}% (drop {accuracy['drop_pct']:.2f}, budget {accuracy['budget_pct']:g})")
     if not quiet:
         stdout.print(table)
     stdout.print(f"bundle: {result.bundle_dir}")
