@@ -1,34 +1,285 @@
-"""fuse: exact graph simplification — constant folding and onnxsim's fusions.
+"""fuse: exact graph simplification — constant folding, BatchNorm/bias folding, no-op and dead-node
+elimination, LayerNormalization/Gelu fusion, and (ONNX Runtime targets only) ORT's offline graph.
 
-Library checked: onnxsim (``onnxsim.simplify``) already folds constants, removes dead nodes and
-Identity/Dropout, and fuses Conv+BN/Add; this pass wraps it with typed parameters.
+Library checked first: onnxsim (0.8, with its onnxoptimizer fork) already does, by default,
+constant folding, Conv+BatchNormalization folding, Add-bias folding into a bias-less Conv,
+MatMul+Add → Gemm, Identity/Dropout/no-op elimination, consecutive Transpose and Reshape merging,
+common-subexpression and dead-node elimination, and fuses the textbook LayerNormalization (when
+the model's opset is exactly 17: its matcher reads ReduceMean's ``axes`` attribute, an input from
+opset 18) and Gelu (opset >= 20). We therefore only write by hand what it leaves:
+
+* an Add of a per-channel constant after a Conv that already has a bias (e.g. after BN folding),
+  and an Add of a constant after a Gemm (folded into C);
+* the opset bump that lets the LayerNormalization / Gelu fusions fire when the target's
+  ``runtime.opset_max`` allows it (onnxsim's ``target_opset_version``), kept only when it fused;
+* ONNX Runtime's offline-optimised graph (``SessionOptions.optimized_model_filepath`` at
+  ``ORT_ENABLE_EXTENDED`` on the CPU EP) for targets whose deployment runtime is onnxruntime.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
+from lepton_cli.errors import BadInputError
+from lepton_cli.params import ParamValueError
 from lepton_cli.pass_registry import PassResult, register_pass, tolerance
+
+LAYER_NORM_OPSET = 17  # LayerNormalization joined the default domain at opset 17
+GELU_OPSET = 20  # Gelu at opset 20
 
 
 @dataclass(frozen=True)
 class FuseParams:
     fold_constants: bool = True  # onnxsim constant folding (ConstantOfShape weights in the light zoo)
+    # Constants larger than this stay unfolded (vgg19's light-zoo ConstantOfShape fc6 weight would
+    # become a 411 MB initializer; the runtime builds it as cheaply from its shape).
+    fold_limit_mb: float = 64.0
+    fuse_norms: bool = True  # LayerNormalization / Gelu fusion, bumping the opset within runtime.opset_max
+    # ONNX Runtime's offline-optimised graph (contrib fused ops). Only for deployment_runtime = "onnxruntime".
+    ort_offline: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fold_limit_mb <= 0:
+            raise ParamValueError("fold_limit_mb", f"must be > 0, got {self.fold_limit_mb}")
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _ops(model: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def _simplify(model: onnx.ModelProto, params: FuseParams, opset: int | None = None) -> onnx.ModelProto:
+    import onnxsim
+
+    simplified, _ = onnxsim.simplify(
+        model, check_n=0, skip_constant_folding=not params.fold_constants,
+        tensor_size_threshold=f"{int(params.fold_limit_mb * 1024 * 1024)}B",
+        target_opset_version=opset,
+    )
+    return simplified
+
+
+def _norm_candidates(ops: Counter) -> tuple[bool, bool]:
+    """(LayerNormalization decomposition likely present, Gelu decomposition likely present)."""
+    return (ops["ReduceMean"] >= 2 and ops["Sqrt"] >= 1, ops["Erf"] >= 1)
+
+
+def _with_opset_for_norms(original: onnx.ModelProto, simplified: onnx.ModelProto, params: FuseParams,
+                          opset_max: int, notes: list[str]) -> onnx.ModelProto:
+    """Re-simplify at the opset the norm fusions need, keeping the result only if it fused more."""
+    current = _opset(simplified)
+    want_ln, want_gelu = _norm_candidates(_ops(simplified))
+    best = simplified
+    if want_ln and current < LAYER_NORM_OPSET <= opset_max:
+        try:
+            trial = _simplify(original, params, LAYER_NORM_OPSET)
+        except Exception as exc:  # the version converter has gaps; keep the model's opset
+            notes.append(f"opset {LAYER_NORM_OPSET} for LayerNormalization not reachable: {str(exc).splitlines()[0][:120]}")
+        else:
+            if _ops(trial)["LayerNormalization"] > _ops(best)["LayerNormalization"]:
+                best = trial
+                notes.append(f"opset {current} → {LAYER_NORM_OPSET} to fuse LayerNormalization")
+    if want_gelu and _opset(best) < GELU_OPSET <= opset_max:
+        try:
+            trial = _simplify(best, params, GELU_OPSET)
+        except Exception as exc:
+            notes.append(f"opset {GELU_OPSET} for Gelu not reachable: {str(exc).splitlines()[0][:120]}")
+        else:
+            if _ops(trial)["Gelu"] > _ops(best)["Gelu"]:
+                notes.append(f"opset {_opset(best)} → {GELU_OPSET} to fuse Gelu")
+                best = trial
+    return best
+
+
+# ---- hand-written folds onnxsim leaves -----------------------------------------------------
+
+class _Graph:
+    """Just enough use-def bookkeeping over a GraphProto for the local folds below."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.inits = {t.name: t for t in graph.initializer}
+        self.outputs = {o.name for o in graph.output}
+        self.uses: Counter = Counter(i for n in graph.node for i in n.input if i)
+        for node in graph.node:  # names read inside subgraphs count as uses too
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    self.uses.update(i for n in sub.node for i in n.input if i)
+
+    def const(self, name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
+
+    def set_const(self, name: str, value: np.ndarray) -> str:
+        new = f"{name}__fused"
+        while new in self.inits:
+            new += "_"
+        tensor = numpy_helper.from_array(value, new)
+        self.graph.initializer.append(tensor)
+        self.inits[new] = tensor
+        return new
+
+    def sole_use(self, tensor: str) -> bool:
+        return self.uses[tensor] == 1 and tensor not in self.outputs
+
+
+def _add_operands(node: onnx.NodeProto, g: _Graph, produced: str) -> np.ndarray | None:
+    """The constant operand of Add(produced, const) or Add(const, produced)."""
+    if node.op_type != "Add" or len(node.input) != 2:
+        return None
+    other = node.input[1] if node.input[0] == produced else node.input[0]
+    if produced not in node.input or other == produced:
+        return None
+    return g.const(other)
+
+
+def _fold_conv_add(conv: onnx.NodeProto, add: onnx.NodeProto, g: _Graph) -> bool:
+    weight = g.const(conv.input[1]) if len(conv.input) > 1 else None
+    extra = _add_operands(add, g, conv.output[0])
+    if weight is None or extra is None or extra.dtype != weight.dtype:
+        return False
+    rank = weight.ndim  # the conv output has the weight's rank: [N, Co, spatial...]
+    if extra.ndim > rank:
+        return False
+    full = extra.reshape((1,) * (rank - extra.ndim) + extra.shape)
+    channels = weight.shape[0]
+    if any(d != 1 for axis, d in enumerate(full.shape) if axis != 1) or full.shape[1] not in (1, channels):
+        return False
+    bias = g.const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else np.zeros(channels, weight.dtype)
+    if bias is None:
+        return False
+    new_bias = (bias + np.broadcast_to(full.reshape(-1), (channels,))).astype(weight.dtype)
+    name = g.set_const(conv.input[2] if len(conv.input) > 2 and conv.input[2] else conv.output[0] + "_bias", new_bias)
+    while len(conv.input) < 3:
+        conv.input.append("")
+    conv.input[2] = name
+    return True
+
+
+def _fold_gemm_add(gemm: onnx.NodeProto, add: onnx.NodeProto, g: _Graph) -> bool:
+    b = g.const(gemm.input[1])
+    extra = _add_operands(add, g, gemm.output[0])
+    if b is None or extra is None or extra.dtype != b.dtype or b.ndim != 2:
+        return False
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gemm.attribute}
+    n = b.shape[0] if attrs.get("transB", 0) else b.shape[1]
+    # Only a row vector / scalar: anything else could change Y's shape or need M.
+    if extra.ndim > 2 or (extra.ndim == 2 and extra.shape[0] != 1) or (extra.ndim >= 1 and extra.shape[-1] not in (1, n)):
+        return False
+    beta = float(attrs.get("beta", 1.0))
+    c = g.const(gemm.input[2]) if len(gemm.input) > 2 and gemm.input[2] else None
+    if len(gemm.input) > 2 and gemm.input[2] and c is None:
+        return False
+    if c is not None and (c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1)):
+        return False
+    base = np.zeros((n,), b.dtype) if c is None else (np.asarray(beta, b.dtype) * c if beta != 1.0 else c)
+    new_c = np.broadcast_to(base.reshape(-1) if base.ndim else base, (n,)) + np.broadcast_to(extra.reshape(-1) if extra.ndim else extra, (n,))
+    name = g.set_const(gemm.input[2] if c is not None else gemm.output[0] + "_C", new_c.astype(b.dtype))
+    while len(gemm.input) < 3:
+        gemm.input.append("")
+    gemm.input[2] = name
+    for attr in list(gemm.attribute):
+        if attr.name == "beta":
+            gemm.attribute.remove(attr)
+    return True
+
+
+def fold_bias_adds(model: onnx.ModelProto) -> int:
+    """Fold ``Add(const)`` after a biased Conv / a Gemm into the bias / C. Returns folds done."""
+    g = _Graph(model.graph)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    folded, removed = 0, []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or not g.sole_use(node.output[0]):
+            continue
+        (add,) = consumers.get(node.output[0], [None])[:1] or [None]
+        if add is None or add.op_type != "Add":
+            continue
+        fold = _fold_conv_add if node.op_type == "Conv" else _fold_gemm_add
+        if fold(node, add, g):
+            node.output[0] = add.output[0]  # the fused node now produces what the Add produced
+            removed.append(add)
+            folded += 1
+    for add in removed:
+        model.graph.node.remove(add)
+    if folded:
+        _drop_unused_initializers(model)
+    return folded
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                used.update(i for n in sub.node for i in n.input)
+    dropped = {t.name for t in model.graph.initializer if t.name not in used}
+    if dropped:  # old-IR models list initializers as graph inputs too: drop both
+        keep = [t for t in model.graph.initializer if t.name not in dropped]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        inputs = [i for i in model.graph.input if i.name not in dropped]
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)
+
+
+# ---- ONNX Runtime offline graph ---------------------------------------------------------------
+
+def ort_offline_graph(model: onnx.ModelProto, work_dir: Path) -> onnx.ModelProto:
+    """ONNX Runtime's own offline optimisation (extended level, CPU EP), read back as a model."""
+    import onnxruntime as ort
+
+    path = Path(work_dir) / "fuse.ort_offline.onnx"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(path)
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
+    return onnx.load(str(path))
 
 
 @register_pass(
     "fuse",
     params=FuseParams,
-    description="Constant folding, BatchNorm/bias folding, dead-node and no-op elimination (exact up to rounding).",
+    description="Constant folding, BatchNorm/bias folding, no-op/dead-node elimination, LayerNorm/Gelu fusion "
+                "(exact up to rounding); optionally ONNX Runtime's offline-optimised graph.",
     exactness=tolerance(rtol=1e-4, atol=1e-5),
 )
 def fuse(model: onnx.ModelProto, ctx, params: FuseParams) -> PassResult:
-    import onnxsim
-
-    skipped = [] if params.fold_constants else ["constant_folding"]
-    simplified, ok = onnxsim.simplify(model, check_n=0, skip_constant_folding=not params.fold_constants,
-                                      skipped_optimizers=None)
-    if not ok:  # check_n=0 never fails this check; keep the original to stay safe if it ever does
-        return PassResult(model, {"applied": False})
-    return PassResult(simplified, {"applied": True, "skipped": skipped})
+    runtime = ctx.target.runtime
+    if params.ort_offline and runtime.deployment_runtime != "onnxruntime":
+        raise BadInputError(
+            f"fuse.ort_offline = true on target {ctx.target.name!r}, whose deployment runtime is "
+            f"{runtime.deployment_runtime!r}: ORT's fused ops are not standard ONNX",
+            "set ort_offline = false, or use a target with deployment_runtime = \"onnxruntime\"",
+        )
+    before_ops = _ops(model)
+    notes: list[str] = []
+    result = _simplify(model, params)
+    if params.fuse_norms:
+        result = _with_opset_for_norms(model, result, params, runtime.opset_max, notes)
+    bias_folds = fold_bias_adds(result)
+    if params.ort_offline:
+        result = ort_offline_graph(result, ctx.work_dir)
+        notes.append("ONNX Runtime offline graph (ORT_ENABLE_EXTENDED, CPU EP)")
+    after_ops = _ops(result)
+    removed = {op: before_ops[op] - after_ops[op] for op in before_ops if before_ops[op] > after_ops[op]}
+    added = {op: after_ops[op] - before_ops[op] for op in after_ops if after_ops[op] > before_ops[op]}
+    summary = {
+        "nodes_before": sum(before_ops.values()), "nodes_after": sum(after_ops.values()),
+        "removed_ops": dict(sorted(removed.items())), "added_ops": dict(sorted(added.items())),
+        "bias_adds_folded": bias_folds, "opset": _opset(result), "ort_offline": params.ort_offline,
+    }
+    if notes:
+        summary["notes"] = notes
+    return PassResult(result, summary)
