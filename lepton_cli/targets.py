@@ -6,8 +6,10 @@ Errors are exit-2 ``BadInputError``s naming the key path, e.g. ``passes[1] (quan
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -86,6 +88,40 @@ class PassStep:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One model the bundle carries (e.g. int8 main model, fp32 fallback): the target's pipeline with
+    some passes skipped or re-parameterised, and what the device needs to run it (runtime_select)."""
+
+    name: str
+    precision: str
+    why: str
+    skip: list[str]
+    requires_isa: list[str]  # all needed on the device; "a|b" = either
+    requires_providers: list[str]  # ORT EPs; "a|b" = either
+    pass_params: dict[str, Any]  # per-pass overrides as written (validated into ``passes``)
+    passes: list[PassStep]  # the pipeline this variant runs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "precision": self.precision, "why": self.why, "skip": self.skip,
+                "requires_isa": self.requires_isa, "requires_providers": self.requires_providers,
+                "pass_params": json_ready(self.pass_params)}
+
+
+@dataclass(frozen=True)
+class _VariantFields:
+    name: str
+    precision: Literal["fp32", "fp16", "int8", "mixed"]
+    why: str = ""
+    skip: list[str] = field(default_factory=list)
+    requires_isa: list[str] = field(default_factory=list)
+    requires_providers: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", self.name):
+            raise ParamValueError("name", f"{self.name!r} must be lower-case letters, digits, '-' or '_' (it names a file)")
+
+
+@dataclass(frozen=True)
 class Target:
     name: str
     description: str
@@ -95,6 +131,11 @@ class Target:
     passes: list[PassStep]
     source: str  # builtin name or file path
     resolved: dict[str, Any]  # the merged TOML after extends, as validated
+    variants: list[Variant] = field(default_factory=list)  # empty: one model, the whole pipeline
+
+    def for_variant(self, variant: Variant) -> "Target":
+        """This target with the variant's pipeline, for ``run_pipeline``."""
+        return dataclasses.replace(self, passes=variant.passes)
 
     @property
     def sha256(self) -> str:
@@ -114,10 +155,10 @@ class Target:
             "passes": [
                 {"name": s.name, "enabled": s.enabled, "why": s.why, "params": to_table(s.params)} for s in self.passes
             ],
-        }
+        } | ({"variants": [v.to_dict() for v in self.variants]} if self.variants else {})
 
 
-_TOP_KEYS = {"name", "description", "extends", "hardware", "runtime", "budgets", "passes", "pass_params"}
+_TOP_KEYS = {"name", "description", "extends", "hardware", "runtime", "budgets", "passes", "pass_params", "variants"}
 _STEP_KEYS = {"name", "why", "enabled"}
 
 
@@ -215,6 +256,46 @@ def _step(raw: Any, index: int, overrides: dict[str, Any]) -> PassStep:
     return PassStep(name=name, params=from_table(spec.params_cls, table, path), why=why, enabled=enabled)
 
 
+def _variants(raw: Any, passes_raw: list[Any], overrides: dict[str, Any], steps: list[PassStep]) -> list[Variant]:
+    """Validate ``[[variants]]``: names unique, ``skip`` and ``pass_params`` naming passes of this pipeline."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(v, dict) for v in raw):
+        raise BadInputError("variants must be an array of tables", 'write each as [[variants]] with name = "int8"')
+    pipeline = [s.name for s in steps]
+    variants: list[Variant] = []
+    for index, entry in enumerate(raw):
+        path = f"variants[{index}]"
+        fields = from_table(_VariantFields, {k: v for k, v in entry.items() if k != "pass_params"}, path)
+        path = f"variants[{index}] ({fields.name})"
+        if fields.name in {v.name for v in variants}:
+            raise BadInputError(f"{path}.name: {fields.name!r} is declared twice", "give each variant its own name")
+        for i, name in enumerate(fields.skip):
+            if name not in pipeline:
+                raise BadInputError(f"{path}.skip[{i}]: no pass {name!r} in this target's pipeline",
+                                    f"the pipeline has: {', '.join(pipeline)}")
+        own = entry.get("pass_params", {})
+        if not isinstance(own, dict) or not all(isinstance(v, dict) for v in own.values()):
+            raise BadInputError(f"{path}.pass_params must be a table of tables", f"write [variants.pass_params.{pipeline[-1]}] then keys")
+        for name in own:
+            if name not in pipeline or name in fields.skip:
+                raise BadInputError(f"{path}.pass_params.{name}: no pass of that name runs in this variant",
+                                    f"it runs: {', '.join(p for p in pipeline if p not in fields.skip)}")
+        merged = {name: {**overrides.get(name, {}), **own.get(name, {})} for name in set(overrides) | set(own)}
+        passes = []
+        for i, step_raw in enumerate(passes_raw):
+            if steps[i].name in fields.skip:
+                continue
+            try:
+                passes.append(_step(step_raw, i, merged) if steps[i].name in own else steps[i])
+            except BadInputError as exc:
+                raise BadInputError(f"{path}.pass_params: {exc.message}", exc.fix) from None
+        variants.append(Variant(name=fields.name, precision=fields.precision, why=fields.why, skip=list(fields.skip),
+                                requires_isa=list(fields.requires_isa), requires_providers=list(fields.requires_providers),
+                                pass_params=copy.deepcopy(own), passes=passes))
+    return variants
+
+
 def load_target(spec: str) -> Target:
     """Load, resolve and validate a target by builtin name or path; exit-2 errors name the key path."""
     raw, origin = _resolve(spec)
@@ -238,6 +319,7 @@ def load_target(spec: str) -> Target:
         if name not in {s.name for s in steps}:
             raise BadInputError(f"pass_params.{name}: no pass of that name in this target's pipeline",
                                 f"the pipeline has: {', '.join(s.name for s in steps)}")
+    variants = _variants(raw.get("variants"), passes_raw, overrides, steps)
     target = Target(
         name=str(raw.get("name", origin)),
         description=description,
@@ -247,6 +329,7 @@ def load_target(spec: str) -> Target:
         passes=steps,
         source=origin,
         resolved={},
+        variants=variants,
     )
     # The resolved form is the validated dataclasses, so defaults are part of the hash.
     object.__setattr__(target, "resolved", json_ready(target.to_dict() | {"source": None, "sha256": None}))
