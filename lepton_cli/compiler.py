@@ -23,6 +23,9 @@ from .report import build_report
 from .shapes import bind_input_shapes, graph_inputs, parse_input_shapes
 from .stats import collect_stats
 from .targets import Target, load_target
+from .hostinfo import HostInfo, detect_host
+from .target_choice import TargetSuggestion, suggest_target
+from .variants import compile_extra_variants, manifest_variants, serialize_all, variant_path
 
 
 @dataclass
@@ -44,6 +47,7 @@ class CompileResult:
     report: dict[str, Any]
     steps: list[StepRecord]
     target: Target
+    manifest_fields: dict[str, Any] = field(default_factory=dict)  # variants and EPs, for the bundle manifest
 
 
 def bundle_name(model_path: Path, target: Target) -> str:
@@ -80,9 +84,25 @@ def _bind_shapes(model: onnx.ModelProto, options: CompileOptions, calib: SampleS
     return bound, shapes, f"bound input shapes from {source}: " + ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
 
 
+def resolve_target(spec: str, host: HostInfo) -> tuple[Target, TargetSuggestion | None]:
+    """``--target auto`` picks a builtin for ``host`` (target_choice); anything else loads as given."""
+    if spec != "auto":
+        return load_target(spec), None
+    choice = suggest_target(host)
+    if choice.name is None:
+        raise BadInputError(f"--target auto: {choice.summary()}", "name a target with --target (see `lepton targets`)")
+    return load_target(choice.name), choice
+
+
 def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None,
-                  on_warning: Callable[[str], None] | None = None) -> CompileResult:
-    target = load_target(options.target)
+                  on_warning: Callable[[str], None] | None = None,
+                  on_note: Callable[[str], None] | None = None) -> CompileResult:
+    host = detect_host()
+    target, choice = resolve_target(options.target, host)
+    if choice is not None and on_note:
+        on_note(f"--target auto chose [bold]{choice.name}[/bold]: {'; '.join(choice.reasons)}")
+        for caveat in choice.warnings:
+            on_note(f"  note: {caveat}")
     output_dir = options.output_dir or options.model.parent
     _check_output_dir(output_dir)
     loaded = load_model(options.model)
@@ -96,26 +116,43 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
     if note:
         normalisation.append(note)
 
-    ctx = PassContext(target=target, calib=calib, eval=evaluation, seed=options.seed,
-                      max_accuracy_drop=options.max_accuracy_drop, input_shapes=shapes, on_warning=on_warning)
+    # The first [[variants]] entry (if any) is the main model.onnx; the others are compiled after it.
+    primary = target.variants[0] if target.variants else None
+    ctx = PassContext(target=target.for_variant(primary) if primary else target, calib=calib, eval=evaluation,
+                      seed=options.seed, max_accuracy_drop=options.max_accuracy_drop, input_shapes=shapes,
+                      on_warning=on_warning, host=host.pass_context())
     try:
         source_stats = collect_stats(model)
         compiled, steps = run_pipeline(model, ctx, progress)
         compiled.producer_name = "lepton"
         accuracy = measure_accuracy(model, compiled, ctx)
         model_bytes = serialize(compiled)
+        others = compile_extra_variants(model, ctx, target, progress, on_warning, measure_accuracy)
+        manifest_fields = {
+            "execution_providers": list(target.runtime.execution_providers),
+            "variants": manifest_variants(target, [(primary, variant_path(0, primary), compiled)]
+                                          + [(b.variant, b.path, b.model) for b in others]),
+        }
+        extra: dict[str, Any] = {"accuracy": accuracy, "variants": manifest_fields["variants"]}
+        if others:
+            extra["variant_builds"] = [b.report() for b in others]
+        if choice is not None:
+            extra["target_choice"] = choice.to_dict() | {"host": host.pass_context()}
         report = build_report(
             model_name=options.model.name, source_sha256=loaded.sha256,
             target={"name": target.name, "sha256": target.sha256, "source": target.source},
             source=source_stats, compiled=collect_stats(compiled), steps=steps,
-            normalisation=normalisation, warnings=ctx.warnings, extra={"accuracy": accuracy},
+            normalisation=normalisation, warnings=ctx.warnings + [f"variant {b.variant.name}: {w}" for b in others for w in b.warnings],
+            extra=extra,
         )
         check_accuracy_budget(accuracy, ctx.accuracy_budget)
+        for built in others:  # every model the bundle ships must meet the budget, not only the main one
+            check_accuracy_budget(built.accuracy, ctx.accuracy_budget)
         bundle_dir = output_dir / bundle_name(options.model, target)
-        _write_output(bundle_dir, model_bytes, report)
+        _write_output(bundle_dir, {"model.onnx": model_bytes, **serialize_all(others)}, report)
     finally:
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
-    return CompileResult(bundle_dir, bundle_dir / "model.onnx", report, steps, target)
+    return CompileResult(bundle_dir, bundle_dir / "model.onnx", report, steps, target, manifest_fields)
 
 
 ACCURACY_SAMPLE_LIMIT = 1000  # enough for a 0.1-point resolution; bounds compile time on big sets
@@ -140,12 +177,14 @@ def check_accuracy_budget(accuracy: dict[str, Any], budget_pct: float) -> None:
         )
 
 
-def _write_output(bundle_dir: Path, model_bytes: bytes, report: dict[str, Any]) -> None:
+def _write_output(bundle_dir: Path, models: dict[str, bytes], report: dict[str, Any]) -> None:
     """Plain (unsigned, unencrypted) output folder, written atomically: temp folder, then rename."""
     bundle_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.", dir=bundle_dir.parent))
     try:
-        (staging / "model.onnx").write_bytes(model_bytes)
+        for rel, blob in models.items():  # "model.onnx" and any "variants/<name>.onnx"
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            (staging / rel).write_bytes(blob)
         (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str), encoding="utf-8")
         if bundle_dir.exists():
             old = bundle_dir.with_name(f".{bundle_dir.name}.old")

@@ -57,3 +57,33 @@ def test_isa_gap_against_the_reference_part():
 def test_unknown_architecture_has_no_target():
     suggestion = suggest_target(host(arch="riscv64", isa=()))
     assert suggestion.name is None and "riscv64" in suggestion.summary()
+
+
+def test_compile_target_auto_uses_the_detected_host(run_cli, tmp_path):
+    import json
+
+    from conftest import DIGITS
+    from lepton_cli.hostinfo import detect_host
+
+    expected = suggest_target(detect_host())
+    result = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", "auto", "-o", tmp_path, "--json")
+    if expected.name is None:
+        assert result.code == 2 and "--target auto" in result.stderr
+        return
+    assert result.code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["target"] == expected.name and doc["bundle"].endswith(f".{expected.name}.lepton")
+    report = json.loads((tmp_path / f"digits_cnn.{expected.name}.lepton" / "report.json").read_text())
+    assert report["target_choice"]["target"] == expected.name and report["target_choice"]["reasons"] == expected.reasons
+    human = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", "auto", "-o", tmp_path / "h")
+    assert f"--target auto chose {expected.name}" in human.stderr
+
+
+def test_target_auto_on_unknown_arch_is_exit_2(monkeypatch):
+    from lepton_cli import compiler
+    from lepton_cli.errors import BadInputError
+
+    with pytest.raises(BadInputError) as err:
+        compiler.resolve_target("auto", host(arch="riscv64", isa=()))
+    assert "riscv64" in err.value.message
+    assert compiler.resolve_target("edge-arm", host())[1] is None

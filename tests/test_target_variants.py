@@ -56,7 +56,7 @@ skip = ["fuse"]
     ('[[variants]]\nname = "a"\nprecision = "fp32"\ncolour = 1\n', "variants[0].colour"),
     ('[[variants]]\nname = "a"\nprecision = "fp32"\nskip = ["quantise"]\n', "variants[0] (a).skip[0]"),
     ('[[variants]]\nname = "a"\nprecision = "fp32"\n[[variants]]\nname = "a"\nprecision = "fp16"\n', "variants[1] (a).name"),
-    ('[[variants]]\nname = "a"\nprecision = "fp32"\n[variants.pass_params.prune]\nx = 1\n', "variants[0] (a).pass_params.prune"),
+    ('[[variants]]\nname = "a"\nprecision = "fp32"\n[variants.pass_params.nonexistent]\nx = 1\n', "variants[0] (a).pass_params.nonexistent"),
     ('[[variants]]\nname = "a"\nprecision = "fp32"\nskip = ["fuse"]\n[variants.pass_params.fuse]\nfold_constants = false\n',
      "variants[0] (a).pass_params.fuse"),
     ('[[variants]]\nname = "a"\nprecision = "fp32"\n[variants.pass_params.fuse]\nfold_constants = 3\n',
@@ -76,3 +76,67 @@ def test_builtin_variants_validate():
     for name in BUILTIN_TARGETS:
         for variant in load_target(name).variants:
             assert variant.passes and variant.why, f"{name}: variant {variant.name} needs passes and a why"
+
+
+def test_compile_writes_every_variant_and_runtime_picks_by_host(tmp_path, monkeypatch):
+    """A real compile with two variants: both models are written, described for the manifest, and the device choice
+    follows the simulated host's ISA."""
+    import json
+
+    import numpy as np
+
+    from conftest import DIGITS
+    from lepton_cli.compiler import CompileOptions, compile_model
+    from lepton_cli.hostinfo import HostInfo
+    from lepton_cli.runtime_select import select_session
+
+    target = write(tmp_path, '''
+[[variants]]
+name = "fast"
+precision = "fp32"
+why = "fused graph; pretend it needs VNNI to exercise the choice"
+requires_isa = ["avx512_vnni|avx_vnni"]
+
+[[variants]]
+name = "plain"
+precision = "fp32"
+why = "unfused fallback"
+skip = ["fuse"]
+''')
+    from lepton_cli import compiler
+
+    written = {}
+    real_write = compiler._write_output
+
+    def capture(*args, **kwargs):  # the models handed to the bundle writer, in plaintext
+        written.update(args[1])
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(compiler, "_write_output", capture)
+    result = compile_model(CompileOptions(model=DIGITS / "digits_cnn.onnx", target=target, output_dir=tmp_path / "out",
+                                          eval=DIGITS / "eval.npz"))
+    assert set(written) == {"model.onnx", "variants/plain.onnx"}
+    files = {p.relative_to(result.bundle_dir).as_posix() for p in result.bundle_dir.rglob("*") if p.is_file()}
+    assert any(f.startswith("variants/plain.onnx") for f in files), files  # plain, or .enc once bundles encrypt
+    meta = result.manifest_fields["variants"]
+    assert [(v["name"], v["path"]) for v in meta] == [("fast", "model.onnx"), ("plain", "variants/plain.onnx")]
+    assert all(v["peak_memory_mb"] > 0 for v in meta)
+    report = result.report
+    assert report["variants"] == meta and report["variant_builds"][0]["accuracy"]["measured"]
+    assert "fuse" not in [s["name"] for s in report["variant_builds"][0]["pipeline"]]
+    models = dict(written)
+    assert models["model.onnx"] != models["variants/plain.onnx"]  # the skipped fuse pass made a difference
+
+    def host(isa):
+        return HostInfo(arch="x86_64", system="linux", cpu_model="sim", cores_physical=1, cores_logical=1, isa=isa,
+                        memory_total_mb=4096, memory_available_mb=2048, providers=("CPUExecutionProvider",))
+
+    with_vnni = select_session(models, result.manifest_fields, host=host(("avx2", "avx512_vnni")))
+    without = select_session(models, result.manifest_fields, host=host(("avx2",)))
+    assert (with_vnni.variant.name, without.variant.name) == ("fast", "plain")
+    x = np.load(DIGITS / "eval.npz")
+    feed_name = with_vnni.session.get_inputs()[0].name
+    sample = x[feed_name][:1]
+    a = with_vnni.session.run(None, {feed_name: sample})[0]
+    b = without.session.run(None, {feed_name: sample})[0]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # both variants compute the same function

@@ -51,7 +51,7 @@ def compile_command(
     options = CompileOptions(model=model, target=target, output_dir=output, calib=calib, eval=eval_data,
                              input_shapes=input_shape or [], max_accuracy_drop=max_accuracy_drop, seed=seed)
     note(f"compiling [bold]{model}[/bold] for target [bold]{target}[/bold]")
-    result = compile_model(options, progress=_progress, on_warning=warn)
+    result = compile_model(options, progress=_progress, on_warning=warn, on_note=note)
     summary = result.report["summary"]
     if json_out:
         emit_json({"bundle": str(result.bundle_dir), "model": str(result.model_path), "target": result.target.name,

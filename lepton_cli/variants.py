@@ -1,0 +1,123 @@
+"""Compile a target's extra ``[[variants]]`` and describe every variant for the bundle manifest.
+
+The compiler runs the first variant (or the whole pipeline when a target declares none) as
+``model.onnx``; this module runs each further variant through the same ``run_pipeline`` with
+its own pass list, giving ``variants/<name>.onnx``, its step records, accuracy and warnings.
+``manifest_variants`` lists them all, in the target's preference order, with what
+``runtime_select`` needs on the device.
+
+Estimates: when ``lepton_cli.costmodel`` is present its ``estimate`` gives latency and peak
+memory; without it, peak memory is the weights' size (``stats.collect_stats().param_bytes``,
+activations not counted) and latency is unknown — the manifest says which.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import onnx
+
+from .pipeline import PassContext, ProgressFn, StepRecord, run_pipeline, serialize
+from .stats import collect_stats
+from .targets import Target, Variant
+
+PRIMARY_PATH = "model.onnx"
+
+
+def variant_path(index: int, variant: Variant | None) -> str:
+    return PRIMARY_PATH if index == 0 or variant is None else f"variants/{variant.name}.onnx"
+
+
+@dataclass
+class BuiltVariant:
+    variant: Variant
+    path: str
+    model: onnx.ModelProto
+    steps: list[StepRecord]
+    accuracy: dict[str, Any]
+    warnings: list[str]
+
+    def report(self) -> dict[str, Any]:
+        return {"name": self.variant.name, "path": self.path, "precision": self.variant.precision,
+                "pipeline": [s.to_dict() for s in self.steps], "compiled": collect_stats(self.model).to_dict(),
+                "accuracy": self.accuracy, "warnings": self.warnings}
+
+
+def compile_extra_variants(model: onnx.ModelProto, ctx: PassContext, target: Target, progress: ProgressFn | None,
+                           on_warning: Callable[[str], None] | None,
+                           measure: Callable[[onnx.ModelProto, onnx.ModelProto, PassContext], dict[str, Any]]) -> list[BuiltVariant]:
+    """Run variants[1:] of ``target`` on ``model`` (the normalised source); ``ctx`` supplies data, host and budgets."""
+    built = []
+    for index, variant in enumerate(target.variants[1:], start=1):
+        def warn(message: str, _name: str = variant.name) -> None:
+            if on_warning:
+                on_warning(f"variant {_name}: {message}")
+
+        def step_progress(name: str, phase: str, record: StepRecord | None, _name: str = variant.name) -> None:
+            if progress:
+                progress(f"{_name}/{name}", phase, record)
+
+        vctx = PassContext(target=target.for_variant(variant), calib=ctx.calib, eval=ctx.eval, host=ctx.host,
+                           seed=ctx.seed, max_accuracy_drop=ctx.max_accuracy_drop, input_shapes=ctx.input_shapes,
+                           on_warning=warn)
+        try:
+            compiled, steps = run_pipeline(model, vctx, step_progress)
+            compiled.producer_name = "lepton"
+            accuracy = measure(model, compiled, vctx)
+        finally:
+            shutil.rmtree(vctx.work_dir, ignore_errors=True)
+        built.append(BuiltVariant(variant, variant_path(index, variant), compiled, steps, accuracy, list(vctx.warnings)))
+    return built
+
+
+def estimate(model: onnx.ModelProto, target: Target) -> dict[str, Any]:
+    """Latency and peak memory of one compiled variant on the target: the cost model's if present, else weights' size."""
+    try:
+        from . import costmodel  # issue 7; optional until it lands
+    except ImportError:
+        costmodel = None
+    if costmodel is not None and hasattr(costmodel, "estimate"):
+        try:
+            est = costmodel.estimate(model, target)
+            latency = getattr(est, "latency_ms", None)
+            peak = getattr(est, "peak_memory_mb", None)
+            if latency is not None or peak is not None:
+                return {"est_latency_ms": latency, "peak_memory_mb": peak, "estimate_source": "costmodel"}
+        except Exception:  # a cost-model gap must not fail the compile; fall back to the plain size below
+            pass
+    weights_mb = collect_stats(model, with_macs=False).param_bytes / 2**20
+    return {"est_latency_ms": None, "peak_memory_mb": round(weights_mb, 3),
+            "estimate_source": "weights only (stats.param_bytes); no cost model: activations not counted, latency unknown"}
+
+
+_INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+             "DynamicQuantizeLinear", "MatMulNBits"}
+
+
+def infer_precision(model: onnx.ModelProto) -> str:
+    """int8 when the graph quantizes, fp16 when its weights are half, else fp32 (for targets without [[variants]])."""
+    if any(n.op_type in _INT8_OPS for n in model.graph.node):
+        return "int8"
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def manifest_variants(target: Target, models: list[tuple[Variant | None, str, onnx.ModelProto]]) -> list[dict[str, Any]]:
+    """``manifest_fields["variants"]``: one entry per (variant, bundle path, compiled model), preference order."""
+    entries = []
+    for variant, path, model in models:
+        entries.append({
+            "name": variant.name if variant else "default",
+            "path": path,
+            "precision": variant.precision if variant else infer_precision(model),
+            "requires_isa": list(variant.requires_isa) if variant else [],
+            "requires_providers": list(variant.requires_providers) if variant else [],
+            **estimate(model, target),
+        })
+    return entries
+
+
+def serialize_all(built: list[BuiltVariant]) -> dict[str, bytes]:
+    return {b.path: serialize(b.model) for b in built}
