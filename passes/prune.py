@@ -61,6 +61,7 @@ class PruneParams:
     importance: Literal["l1", "l2"] = "l2"
     min_params: int = 2048  # smaller layers are left alone: little to gain, often sensitive (first conv)
     remove_dead: bool = True  # also remove exactly-dead channels in the lossy modes
+    refine: bool = True  # after the threshold search, raise single layers one step while the whole still fits
     nm_out_multiple: int = 8  # 2:4 qualifies only out % 8 == 0 and in % 16 == 0 (apex ASP, fp16 spMMA)
     nm_in_multiple: int = 16
     without_data: Literal["dead", "apply", "skip"] = "dead"  # lossy mode but no --calib/--eval data
@@ -202,9 +203,10 @@ class Unit:
 
 
 def search(units: list[Unit], build: Callable[[dict[str, float]], onnx.ModelProto], evaluator: Evaluator,
-           allowed: float) -> tuple[dict[str, float], dict[str, Any]]:
+           allowed: float, refine: bool = True) -> tuple[dict[str, float], dict[str, Any]]:
     """Per-layer sensitivity, then the largest ratios whose drops fit a threshold, halving it until
-    the combination's measured drop is within ``allowed`` points."""
+    the combination's measured drop is within ``allowed`` points; then (``refine``) raise single
+    layers one ratio step while the combination still fits."""
     sensitivity: dict[str, dict[float, float]] = {}
     for unit in units:
         sensitivity[unit.key] = {}
@@ -237,12 +239,31 @@ def search(units: list[Unit], build: Callable[[dict[str, float]], onnx.ModelProt
         chosen = {}
     if combined is not None and chosen and combined.drop_pct > allowed:
         chosen = {}
+    refined: list[dict[str, Any]] = []
+    if refine and combined is not None:
+        # Greedy: one step up for each layer whose next ratio fit the budget alone, least sensitive first,
+        # kept when the whole combination still fits (one measurement per layer at most).
+        steps = []
+        for unit in units:
+            higher = [(d, lv) for lv, d in sensitivity[unit.key].items() if lv > chosen.get(unit.key, 0.0) and d <= allowed]
+            if higher:
+                d, lv = min(higher, key=lambda item: item[1])
+                steps.append((d, unit.key, lv))
+        for d, key, level in sorted(steps):
+            trial = dict(chosen) | {key: level}
+            score = evaluator.score(build(trial))
+            if score.drop_pct <= allowed:
+                chosen, combined = trial, score
+                refined.append({"layer": key, "ratio": level, "combined_drop": score.drop_pct})
     return chosen, {"sensitivity": {k: {str(lv): d for lv, d in v.items()} for k, v in sensitivity.items()},
-                    "rounds": rounds, "final_threshold": threshold, "combined": combined.to_dict() if combined and chosen else None}
+                    "rounds": rounds, "final_threshold": threshold, "refined": refined,
+                    "combined": combined.to_dict() if combined is not None and chosen else None}
 
 
 def _why(unit: Unit, sens: dict[float, float], chosen: float | None, threshold: float) -> str:
     tried = ", ".join(f"{lv:g}→{d:+.2f}" for lv, d in sens.items())
+    if chosen and sens.get(chosen, math.inf) > threshold:
+        return f"raised to {chosen:g} by the greedy step: the combination still fit the budget (ratio→drop alone: {tried})"
     if chosen:
         return f"largest ratio whose drop alone fits {threshold:.3g} pts (ratio→drop: {tried})"
     return f"every ratio over {threshold:.3g} pts alone (ratio→drop: {tried})" if sens else "not measured"
@@ -415,7 +436,7 @@ def _choose(units: list[Unit], build: Callable[[dict[str, float]], onnx.ModelPro
         chosen = {u.key: max(u.levels) for u in units}
         return chosen, {"note": "search disabled: each layer's cap applied without measuring" if not params.search
                         else "no data: each layer's cap applied without measuring (without_data = 'apply')"}
-    return search(units, build, evaluator, allowed)
+    return search(units, build, evaluator, allowed, params.refine)
 
 
 def _prune_weights(model: onnx.ModelProto, ctx: Any, params: PruneParams, nm: bool,

@@ -287,7 +287,7 @@ def test_2_4_pattern_on_every_pruned_ppocr_det_tensor():
 def test_2_4_within_budget_digits_search():
     model, calib, evaluation = _digits()
     result = PRUNE.fn(model, _ctx("cuda", calib=calib, budget=4.0), _params(mode="2:4", min_params=0, max_samples=200))
-    _check_all_2_4(model, result)
+    assert _check_all_2_4(model, result) >= 1
     allowed = result.summary["budget_pct"]
     assert result.summary["accuracy"]["drop_pct"] <= allowed
     for row in result.summary["weights"]["layers"]:
