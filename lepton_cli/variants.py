@@ -6,9 +6,10 @@ its own pass list, giving ``variants/<name>.onnx``, its step records, accuracy a
 ``manifest_variants`` lists them all, in the target's preference order, with what
 ``runtime_select`` needs on the device.
 
-Estimates: when ``lepton_cli.costmodel`` is present its ``estimate`` gives latency and peak
-memory; without it, peak memory is the weights' size (``stats.collect_stats().param_bytes``,
-activations not counted) and latency is unknown — the manifest says which.
+Estimates: ``lepton_cli.costmodel.estimate`` (issue 7) gives the roofline latency on the target's
+hardware and peak memory = weights + its greedy activation arena; if the cost model is missing or
+fails on a graph, peak memory is the weights' size (``stats.collect_stats().param_bytes``,
+activations not counted) and latency is unknown — ``estimate_source`` says which.
 """
 from __future__ import annotations
 
@@ -74,21 +75,24 @@ def compile_extra_variants(model: onnx.ModelProto, ctx: PassContext, target: Tar
 def estimate(model: onnx.ModelProto, target: Target) -> dict[str, Any]:
     """Latency and peak memory of one compiled variant on the target: the cost model's if present, else weights' size."""
     try:
-        from . import costmodel  # issue 7; optional until it lands
+        from . import costmodel  # issue 7
     except ImportError:
         costmodel = None
-    if costmodel is not None and hasattr(costmodel, "estimate"):
+    if costmodel is not None:
         try:
-            est = costmodel.estimate(model, target)
-            latency = getattr(est, "latency_ms", None)
-            peak = getattr(est, "peak_memory_mb", None)
-            if latency is not None or peak is not None:
-                return {"est_latency_ms": latency, "peak_memory_mb": peak, "estimate_source": "costmodel"}
-        except Exception:  # a cost-model gap must not fail the compile; fall back to the plain size below
-            pass
+            doc = costmodel.estimate(model, target.hardware)
+            arena = (doc.get("peak_activation_bytes") or {}).get("greedy_arena") or 0
+            peak_mb = (doc.get("weights_bytes", 0) + arena) / 2**20
+            return {"est_latency_ms": round(doc["latency_ms"], 4), "peak_memory_mb": round(peak_mb, 3),
+                    "estimate_source": "costmodel (weights + greedy activation arena)"
+                                       + ("" if doc.get("complete") else "; incomplete: some tensor sizes unknown")}
+        except Exception as exc:  # a cost-model gap must not fail the compile; fall back to the plain size below
+            fallback = f"cost model failed ({exc.__class__.__name__}); "
+    else:
+        fallback = "no cost model; "
     weights_mb = collect_stats(model, with_macs=False).param_bytes / 2**20
     return {"est_latency_ms": None, "peak_memory_mb": round(weights_mb, 3),
-            "estimate_source": "weights only (stats.param_bytes); no cost model: activations not counted, latency unknown"}
+            "estimate_source": fallback + "weights only (stats.param_bytes): activations not counted, latency unknown"}
 
 
 _INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",

@@ -140,3 +140,36 @@ skip = ["fuse"]
     a = with_vnni.session.run(None, {feed_name: sample})[0]
     b = without.session.run(None, {feed_name: sample})[0]
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # both variants compute the same function
+
+
+def test_estimates_with_and_without_the_cost_model(monkeypatch):
+    import sys
+
+    import onnx
+
+    from conftest import DIGITS
+    from lepton_cli.shapes import bind_input_shapes
+    from lepton_cli.stats import collect_stats
+    from lepton_cli.variants import estimate, infer_precision
+
+    model = onnx.load(DIGITS / "digits_cnn.onnx")
+    name = model.graph.input[0].name
+    dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    model = bind_input_shapes(model, {name: dims})
+    target = load_target("cpu-avx")
+    weights_mb = collect_stats(model, with_macs=False).param_bytes / 2**20
+    try:
+        import lepton_cli.costmodel  # noqa: F401  (issue 7; may not be installed in this checkout yet)
+        with_cm = estimate(model, target)
+        assert with_cm["estimate_source"].startswith("costmodel") and with_cm["est_latency_ms"] > 0
+        assert with_cm["peak_memory_mb"] > weights_mb * 0.99  # weights plus activations
+    except ImportError:
+        pass
+    import lepton_cli
+
+    monkeypatch.setitem(sys.modules, "lepton_cli.costmodel", None)  # import now raises ImportError
+    monkeypatch.delattr(lepton_cli, "costmodel", raising=False)
+    plain = estimate(model, target)
+    assert plain["est_latency_ms"] is None and plain["peak_memory_mb"] == round(weights_mb, 3)
+    assert "no cost model" in plain["estimate_source"]
+    assert infer_precision(model) == "fp32"
