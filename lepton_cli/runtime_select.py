@@ -156,7 +156,7 @@ def default_session_factory(model: bytes, providers: list[str], threads: int) ->
 
 
 def _open_variant(blob: bytes, variant: VariantSpec, providers: list[str], threads: int,
-                  factory: SessionFactory, record: Callable[[str], None]) -> tuple[Any, list[str]] | None:
+                  factory: SessionFactory, record: Callable[[str], None], strict: bool = True) -> tuple[Any, list[str]] | None:
     """A session for one variant, dropping accelerator EPs one at a time while creation fails."""
     attempt = list(providers)
     while True:
@@ -176,7 +176,9 @@ def _open_variant(blob: bytes, variant: VariantSpec, providers: list[str], threa
             if p not in used:
                 record(f"variant {variant.name}: {p} did not initialise (onnxruntime fell back silently)")
         unmet = [r for r in variant.requires_providers if not _any_available(r, used)]
-        if unmet:
+        if unmet and not strict:
+            record(f"warning: variant {variant.name} forced although it needs {', '.join(unmet)}; running on {', '.join(used)}")
+        elif unmet:
             record(f"variant {variant.name}: passed over, it needs {', '.join(unmet)} and the session runs on {', '.join(used)}")
             return None
         return session, used
@@ -184,11 +186,13 @@ def _open_variant(blob: bytes, variant: VariantSpec, providers: list[str], threa
 
 def select_session(models: Mapping[str, bytes], manifest: Mapping[str, Any], *, host: HostInfo | None = None,
                    preferred_providers: Sequence[str] | None = None, threads: int | None = None,
-                   session_factory: SessionFactory = default_session_factory) -> Selection:
+                   only: str | None = None, session_factory: SessionFactory = default_session_factory) -> Selection:
     """Choose and open the best variant of a bundle for this device (see the module docstring).
 
     ``models`` maps bundle paths to decrypted model bytes; ``preferred_providers`` defaults to the
-    manifest's ``execution_providers`` (the target's runtime order), else CPU only.
+    manifest's ``execution_providers`` (the target's runtime order), else CPU only. ``only`` (a
+    variant name or path, e.g. ``lepton run --variant``) forces one variant: its unmet
+    requirements are logged as warnings instead of skipping it.
     """
     host = host or detect_host()
     entries: list[str] = []
@@ -201,6 +205,12 @@ def select_session(models: Mapping[str, bytes], manifest: Mapping[str, Any], *, 
     n_threads, why = choose_threads(host, threads)
     record(why)
     variants = manifest_variants(manifest)
+    if only is not None:
+        forced = [v for v in variants if only in (v.name, v.path)]
+        if not forced:
+            raise BadInputError(f"the bundle has no variant {only!r}",
+                                f"choose one of: {', '.join(f'{v.name} ({v.path})' for v in variants)}")
+        variants = forced
     candidates: list[tuple[VariantSpec, list[str]]] = []
     memory_only: list[tuple[VariantSpec, list[str]]] = []
     reported_skips: set[str] = set()
@@ -209,16 +219,20 @@ def select_session(models: Mapping[str, bytes], manifest: Mapping[str, Any], *, 
             record(f"variant {variant.name}: {variant.path} is not in the bundle; skipped")
             continue
         reason = check_requirements(variant, host)
-        if reason:
+        if reason and only is None:
             record(f"variant {variant.name} ({variant.precision}): skipped, {reason}")
             continue
+        if reason:
+            record(f"warning: variant {variant.name} forced although it {reason}")
         providers, skipped = provider_order(preferred, host, variant)
         for note in skipped:
             if note not in reported_skips:
                 reported_skips.add(note)
                 record(note)
         reason = check_memory(variant, host, providers)
-        if reason:
+        if reason and only is not None:
+            record(f"warning: variant {variant.name} forced although it {reason}")
+        elif reason:
             record(f"variant {variant.name} ({variant.precision}): skipped, {reason}")
             memory_only.append((variant, providers))
             continue
@@ -229,7 +243,8 @@ def select_session(models: Mapping[str, bytes], manifest: Mapping[str, Any], *, 
         record(f"no variant fits the memory estimate; trying the smallest, {memory_only[0][0].name}, anyway")
         candidates = memory_only[:1]
     for variant, providers in candidates:
-        opened = _open_variant(models[variant.path], variant, providers, n_threads, session_factory, record)
+        opened = _open_variant(models[variant.path], variant, providers, n_threads, session_factory, record,
+                               strict=only is None)
         if opened is not None:
             session, used = opened
             record(f"chose variant {variant.name} ({variant.precision}) on {', '.join(used)}")

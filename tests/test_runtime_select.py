@@ -175,3 +175,17 @@ def test_threads_reach_the_session():
 def test_manifest_without_variants_has_default():
     assert [v.path for v in manifest_variants({})] == ["model.onnx"]
     assert manifest_variants(manifest(INT8))[0].requires_isa == ("avx2", "avx512_vnni|avx_vnni")
+
+
+def test_forced_variant_runs_despite_requirements_with_warnings():
+    selection = select_session(MODELS, manifest(INT8, FP32), host=host(isa=("avx2",), available=5.0), only="int8")
+    assert selection.variant.name == "int8"
+    assert any(e.startswith("warning: variant int8 forced although it needs ISA") for e in selection.log)
+    assert any("forced although it needs ~10 MB" in e for e in selection.log)
+    by_path = select_session(MODELS, manifest(INT8, FP32), host=host(), only="variants/fp32.onnx")
+    assert by_path.variant.name == "fp32"
+    gpu_less = select_session(MODELS, manifest(FP16, FP32), host=host(), only="fp16")
+    assert gpu_less.variant.name == "fp16" and gpu_less.providers == [CPU_EP]
+    with pytest.raises(BadInputError) as err:
+        select_session(MODELS, manifest(INT8, FP32), host=host(), only="int4")
+    assert "int8 (model.onnx)" in err.value.fix
