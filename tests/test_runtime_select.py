@@ -189,3 +189,29 @@ def test_forced_variant_runs_despite_requirements_with_warnings():
     with pytest.raises(BadInputError) as err:
         select_session(MODELS, manifest(INT8, FP32), host=host(), only="int4")
     assert "int8 (model.onnx)" in err.value.fix
+
+
+def test_real_bundle_variants_chosen_on_this_host(tmp_path, monkeypatch):
+    """Compile a two-variant target into a signed, encrypted bundle, open it, and let this real host choose."""
+    bundle = pytest.importorskip("lepton_cli.bundle")  # issue 6; skip in a checkout without it
+    from pathlib import Path
+
+    from lepton_cli.compiler import CompileOptions, compile_model
+    from lepton_cli.hostinfo import detect_host
+    from lepton_cli.keys import dev_keys
+
+    monkeypatch.setenv("LEPTON_HOME", str(tmp_path / "home"))
+    target = tmp_path / "t.toml"
+    target.write_text('extends = "cpu-avx"\ndescription = "two variants"\n'
+                      '[[variants]]\nname = "vnni"\nprecision = "fp32"\nrequires_isa = ["avx512_vnni|avx_vnni"]\n'
+                      '[[variants]]\nname = "plain"\nprecision = "fp32"\nskip = ["fuse"]\n')
+    result = compile_model(CompileOptions(model=DIGITS / "digits_cnn.onnx", target=str(target), output_dir=tmp_path / "out"))
+    keys, _ = dev_keys(create=False)
+    opened = bundle.open_bundle(result.bundle_dir, key=str(keys.path("encryption", "private")),
+                                trust=str(keys.path("signing", "public")), state_path=Path(tmp_path / "state.json"))
+    assert set(opened.models) == {"model.onnx", "variants/plain.onnx"}
+    selection = select_session(opened.models, opened.manifest)
+    host = detect_host()
+    expected = "vnni" if host.has_isa("avx512_vnni|avx_vnni") else "plain"
+    assert selection.variant.name == expected, selection.log
+    assert selection.threads == host.usable_cores
