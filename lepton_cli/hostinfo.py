@@ -134,6 +134,40 @@ def _run_nvidia_smi() -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
+def _sysctl(name: str) -> str | None:
+    exe = shutil.which("sysctl")
+    if exe is None:
+        return None
+    try:
+        done = subprocess.run([exe, "-n", name], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
+
+
+# macOS has no /proc: sysctl names for the same facts (Apple silicon hw.optional.arm.*; Intel Macs hw.optional.*).
+_DARWIN_ISA = {
+    "hw.optional.neon": "neon", "hw.optional.arm.FEAT_DotProd": "dotprod", "hw.optional.arm.FEAT_I8MM": "i8mm",
+    "hw.optional.arm.FEAT_FP16": "fp16", "hw.optional.arm.FEAT_BF16": "bf16", "hw.optional.arm.FEAT_SME": "sme",
+    "hw.optional.avx2_0": "avx2", "hw.optional.fma": "fma", "hw.optional.avx512f": "avx512f",
+    "hw.optional.avx512vnni": "avx512_vnni",
+}
+
+
+def parse_darwin(sysctl: Callable[[str], str | None]) -> tuple[CpuFacts, float | None]:
+    """CPU facts and total RAM (MiB) from sysctl on macOS."""
+    isa = sorted({ours for name, ours in _DARWIN_ISA.items() if sysctl(name) == "1"})
+
+    def number(name: str) -> int | None:
+        value = sysctl(name)
+        return int(value) if value and value.isdigit() else None
+
+    memsize = number("hw.memsize")
+    facts = CpuFacts(sysctl("machdep.cpu.brand_string") or "unknown Apple CPU", number("hw.physicalcpu"),
+                     number("hw.logicalcpu"), tuple(isa))
+    return facts, (memsize / 2**20 if memsize else None)
+
+
 def _system() -> str:
     # CPython's Android builds report platform.system() == "Linux" before 3.13; sys.getandroidapilevel exists there only.
     return "android" if hasattr(sys, "getandroidapilevel") else platform.system()
@@ -165,6 +199,7 @@ class HostSources:
     proc_self_cgroup: Callable[[], str | None] = lambda: _read("/proc/self/cgroup")
     nvidia_smi: Callable[[], str | None] = _run_nvidia_smi
     ort: Callable[[], tuple[list[str], list[GpuInfo], str]] = _ort_facts
+    sysctl: Callable[[str], str | None] = _sysctl
 
 
 def normalise_arch(machine: str) -> str:
@@ -339,16 +374,19 @@ def detect_host(sources: HostSources | None = None) -> HostInfo:
     arch = normalise_arch(src.machine)
     notes: list[str] = []
     cpuinfo = src.cpuinfo()
+    darwin_total = None
     if cpuinfo:
         cpu = parse_cpuinfo(cpuinfo, arch)
+    elif src.system.lower() == "darwin":
+        cpu, darwin_total = parse_darwin(src.sysctl)
     else:
         cpu = CpuFacts(platform.processor() or f"unknown {arch} CPU", None, None, ())
         notes.append("/proc/cpuinfo not readable: ISA flags unknown")
     logical = cpu.logical or src.logical_cpus() or 1
     physical = cpu.physical or logical
     meminfo = src.meminfo()
-    total, available = parse_meminfo(meminfo) if meminfo else (None, None)
-    if meminfo is None:
+    total, available = parse_meminfo(meminfo) if meminfo else (darwin_total, None)
+    if meminfo is None and darwin_total is None:
         notes.append("/proc/meminfo not readable: memory unknown")
     self_cgroup = src.proc_self_cgroup()
     limit, used = parse_cgroup_memory(src.cgroup_root, self_cgroup)

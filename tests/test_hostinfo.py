@@ -176,3 +176,16 @@ def test_detect_command_json(run_cli):
     assert doc["suggestion"]["reasons"]
     text = run_cli("detect")
     assert text.code == 0 and "suggested target" in text.stdout
+
+
+def test_macos_apple_silicon_from_sysctl(tmp_path):
+    values = {"machdep.cpu.brand_string": "Apple M2 Pro", "hw.physicalcpu": "10", "hw.logicalcpu": "10",
+              "hw.memsize": str(16 * 2**30), "hw.optional.neon": "1", "hw.optional.arm.FEAT_DotProd": "1",
+              "hw.optional.arm.FEAT_I8MM": "0", "hw.optional.arm.FEAT_FP16": "1", "hw.optional.arm.FEAT_BF16": "1"}
+    sources = simulated(tmp_path, machine="arm64", system="Darwin", cpuinfo=None, mem_kb=None,
+                        providers=("CoreMLExecutionProvider", "CPUExecutionProvider"))
+    sources.sysctl = values.get
+    host = detect_host(sources)
+    assert (host.arch, host.system, host.cpu_model) == ("aarch64", "darwin", "Apple M2 Pro")
+    assert host.isa == ("bf16", "dotprod", "fp16", "neon") and host.cores_physical == 10
+    assert host.memory_total_mb == 16384 and not host.notes
