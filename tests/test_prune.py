@@ -428,3 +428,26 @@ def test_ppocr_det_channel_search_within_budget(tmp_path):
     assert result.summary["accuracy"]["drop_pct"] <= result.summary["budget_pct"]
     # held-out images: allow the rest of the budget for the difference between sample sets
     assert Evaluator(model, held_out).score(result.model).drop_pct <= 2.0
+
+
+# ---- in the pipeline, with each target's own parameters -----------------------------------------
+
+@pytest.mark.parametrize("target, mode", [("edge-arm", "channel"), ("cuda", "2:4"), ("cpu-avx", "dead")])
+def test_target_prune_step_in_pipeline(target, mode):
+    import dataclasses
+
+    from lepton_cli.pipeline import run_pipeline
+
+    model, calib, evaluation = _digits()
+    profile = load_target(target)
+    step = next(s for s in profile.passes if s.name == "prune")
+    assert step.params.mode == mode and step.why
+    ctx = PassContext(target=dataclasses.replace(profile, passes=[step]), calib=calib, eval=evaluation, max_accuracy_drop=4.0)
+    compiled, records = run_pipeline(model, ctx)
+    (record,) = records
+    assert record.summary["mode"] == mode
+    if mode != "dead":
+        assert record.summary["data"].startswith("--calib")
+        assert record.summary["accuracy"]["drop_pct"] <= record.summary["budget_pct"] == 4.0 * step.params.budget_share
+    score = Evaluator(model, evaluation, evaluation.labels).score(compiled)
+    assert score.drop_pct <= 4.0
