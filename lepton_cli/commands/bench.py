@@ -1,0 +1,220 @@
+"""``lepton bench MODEL|BUNDLE [--against MODEL|BUNDLE]``: host latency (interleaved), cost model, budgets, gates.
+
+The measuring is in ``measure``, the estimate in ``costmodel``, the Markdown/HTML in ``report_render``;
+this command only gathers the models and data, shows progress and applies the gates.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import onnx
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .. import __version__, costmodel, measure
+from ..console import emit_json, note, settings, stderr, stdout, warn
+from ..data import load_samples
+from ..errors import BadInputError, QualityGateError
+from ..model_io import load_model
+from ..report import apply_gates
+from ..report_render import append_step_summary, render_html, render_markdown
+from ..shapes import bind_input_shapes, graph_inputs, parse_input_shapes, unbound_dims
+from ..targets import Target, load_target
+
+BENCH_FORMAT = "lepton-bench/1"
+
+
+@dataclass
+class Subject:
+    label: str
+    path: Path
+    kind: str  # "model" or "bundle"
+    model: onnx.ModelProto
+    size_bytes: int
+    target: str | None = None  # a bundle's target
+
+
+def _is_bundle(path: Path) -> bool:
+    return (path.is_dir() and (path / "manifest.json").is_file()) or path.suffix in (".lepton", ".zip") and path.is_file()
+
+
+def _load_subject(path: Path, key: str | None, trust: str | None) -> Subject:
+    if not path.exists():
+        raise BadInputError(f"{path} does not exist", "pass an .onnx model or a .lepton bundle")
+    if not _is_bundle(path):
+        loaded = load_model(path)
+        return Subject(path.name, path, "model", loaded.model, loaded.file_size)
+    from ..bundle import open_bundle
+    from ._bundle_keys import key_spec, trust_spec  # option, then LEPTON_* variable, then the dev key set (said so)
+
+    # record=False: measuring a bundle is not deploying it, so the device's rollback state stays as it was.
+    opened = open_bundle(path, key=key_spec(key), trust=trust_spec(trust), record=False)
+    blob = opened.models.get("model.onnx") or next(iter(opened.models.values()), None)
+    if blob is None:
+        raise BadInputError(f"bundle {path} holds no model", "compile it again")
+    return Subject(path.name, path, "bundle", onnx.load_from_string(blob), len(blob),
+                   (opened.manifest.get("target") or {}).get("name"))
+
+
+def _bind(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    own = {i.name for i in model.graph.input}
+    wanted = {k: v for k, v in shapes.items() if k in own}
+    return bind_input_shapes(model, wanted) if wanted else model
+
+
+def _progress_bar(total_runs: int, seconds: float) -> tuple[Progress | None, Any]:
+    if settings.quiet:
+        return None, None
+    progress = Progress(TextColumn("measuring"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} rounds"),
+                        TimeElapsedColumn(), console=stderr, transient=True)
+    task = progress.add_task("bench", total=total_runs)
+
+    def update(rounds: int, elapsed: float) -> None:
+        # Whichever stop rule is nearer decides how full the bar is.
+        progress.update(task, completed=max(rounds, total_runs * min(1.0, elapsed / seconds)))
+    return progress, update
+
+
+def run_bench(subjects: list[Subject], *, target: Target | None, rule: measure.StopRule, threads: int | None,
+              calib: Path | None, eval_data: Path | None, input_shapes: list[str], seed: int = 0,
+              progress: Any = None) -> dict[str, Any]:
+    """The bench document: host latency of every subject (first = base of the ratios), cost model, budgets."""
+    shapes = parse_input_shapes(input_shapes)
+    base_model = subjects[0].model
+    data_path, role = (eval_data, "--eval") if eval_data else (calib, "--calib")
+    samples = load_samples(data_path, base_model, role=role) if data_path else None
+    if samples is not None and not shapes:
+        dynamic = {sig.name for sig in graph_inputs(base_model) if not sig.is_static}
+        shapes = {name: dims for name, dims in samples.shapes().items() if name in dynamic}
+    for sig in graph_inputs(base_model):
+        # A free batch dim alone is common (exporters mark it dynamic); measure a batch of one, said in the output.
+        if sig.name not in shapes and not sig.is_static and all(isinstance(d, int) for d in sig.dims[1:]):
+            shapes[sig.name] = [1, *sig.dims[1:]]
+            note(f"input {sig.name}: dynamic batch dim measured at 1 (use --input-shape to choose)")
+    models = [_bind(s.model, shapes) for s in subjects]
+    for s, m in zip(subjects, models):
+        if unbound_dims(m):
+            raise BadInputError(f"{s.label} has dynamic input dims {', '.join(unbound_dims(m))}: the measurement needs fixed sizes",
+                                "pass --input-shape NAME=1,3,640,640 (your real sizes) or --calib/--eval data")
+    feeds = measure.make_feeds(models[0], samples, role, seed=seed, dims=shapes or None)
+    latency, warnings = measure.latency_section(
+        {s.label: m for s, m in zip(subjects, models)}, feeds, rule,
+        preferred_providers=target.runtime.execution_providers if target else ("CPUExecutionProvider",),
+        target_name=target.name if target else None, threads=threads, seed=seed, progress=progress)
+    doc: dict[str, Any] = {
+        "format": BENCH_FORMAT,
+        "tool": {"name": "lepton", "version": __version__},
+        "subjects": [{"label": s.label, "path": str(s.path), "kind": s.kind, "size_bytes": s.size_bytes,
+                      **({"target": s.target} if s.target else {})} for s in subjects],
+        "target": target.name if target else None,
+        "host_latency": latency,
+    }
+    if target is not None:
+        doc["cost_model"] = costmodel.cost_model_section(target, {s.label: m for s, m in zip(subjects, models)})
+        last = subjects[-1]
+        doc["budgets"] = costmodel.budgets_section(target, last.size_bytes, doc["cost_model"]["models"][last.label], last.label)
+    doc["warnings"] = warnings
+    return doc
+
+
+def _print_table(doc: dict[str, Any]) -> None:
+    lat = doc["host_latency"]
+    settings_ = lat["settings"]
+    table = Table(title=f"host latency ({', '.join(settings_['providers'])}, {settings_['threads']} threads, input: {lat['input']['source']})")
+    for col in ("model", "runs", "p50 ms", "p90 ms", "p99 ms", "mean ms", "throughput/s", "p50 ratio (95% CI)"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for label, m in lat["models"].items():
+        r = lat["ratios"].get(label)
+        ratio = f"{r['ratio']:.3f} ({r['ci_low']:.3f}–{r['ci_high']:.3f})" if r else "base"
+        table.add_row(label, str(m["runs"]), f"{m['p50_ms']:.3f}", f"{m['p90_ms']:.3f}", f"{m['p99_ms']:.3f}",
+                      f"{m['mean_ms']:.3f}", f"{m['throughput_per_s']:.1f}", ratio)
+    stdout.print(table)
+    cost = doc.get("cost_model")
+    if cost:
+        est = Table(title=f"cost model: {cost['target']}")
+        for col in ("model", "est. latency ms", "memory-bound share", "peak act. (lower bound)", "arena (greedy)"):
+            est.add_column(col, justify="left" if col == "model" else "right")
+        for label, e in cost["models"].items():
+            peak = e["peak_activation_bytes"]
+            est.add_row(label, f"{e['latency_ms']:.3f}", f"{e['memory_bound_share']:.0%}",
+                        f"{peak['liveness_lower_bound'] / 2**20:.2f} MB", f"{peak['greedy_arena'] / 2**20:.2f} MB")
+        stdout.print(est)
+    for check in (doc.get("budgets") or {}).get("checks", []):
+        mark = "[green]ok[/green]" if check["ok"] else "[red]over[/red]"
+        stdout.print(f"budget {check['name']}: {check['value']:.2f} / {check['limit']:g} {check['unit']} {mark}")
+
+
+def bench_command(
+    model: Annotated[Path, typer.Argument(help="The model (.onnx) or bundle (.lepton folder or archive) to measure.")],
+    against: Annotated[Optional[Path], typer.Option("--against", help="Baseline model or bundle: ratios are MODEL / AGAINST.")] = None,
+    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Target name or .toml: its execution providers, cost model and budgets.")] = None,
+    runs: Annotated[int, typer.Option("--runs", help="Stop after this many interleaved rounds (one run per model each).")] = 200,
+    seconds: Annotated[float, typer.Option("--seconds", help="...or after this many seconds of measuring (at least 5 rounds).")] = 10.0,
+    warmup: Annotated[int, typer.Option("--warmup", help="Unrecorded runs per model before measuring.")] = 3,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="ONNX Runtime intra-op threads (default: physical cores).")] = None,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Real input samples (.npz keyed by input name).")] = None,
+    eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Real input samples (.npz), preferred over --calib.")] = None,
+    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Bind dynamic dims: NAME=1,3,224,224 (repeatable).")] = None,
+    key: Annotated[Optional[str], typer.Option("--key", help="Decryption private key for bundles (or LEPTON_DECRYPTION_KEY).")] = None,
+    trust: Annotated[Optional[str], typer.Option("--trust", help="Publisher's signing public key for bundles (or LEPTON_TRUST).")] = None,
+    max_latency_ratio: Annotated[Optional[float], typer.Option("--max-latency-ratio", help="Gate: exit 3 when MODEL's p50 / AGAINST's p50 exceeds this.")] = None,
+    enforce_budgets: Annotated[bool, typer.Option("--enforce-budgets", help="Gate: exit 3 when MODEL misses the target's size or memory budgets.")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write report.json, report.md and report.html to this folder.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for random inputs and the bootstrap.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (with raw samples) on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")] = False,
+) -> None:
+    """Measure MODEL's latency on this host (interleaved with --against), estimate it on the target, check budgets."""
+    settings.quiet = quiet or json_out
+    settings.json_mode = json_out
+    if runs < 1 or seconds <= 0 or warmup < 0:
+        raise BadInputError("--runs must be >= 1, --seconds > 0 and --warmup >= 0", "pass positive limits")
+    if max_latency_ratio is not None and against is None:
+        raise BadInputError("--max-latency-ratio needs --against: it bounds MODEL's p50 over AGAINST's", "add --against BASELINE")
+    if max_latency_ratio is not None and max_latency_ratio <= 0:
+        raise BadInputError(f"--max-latency-ratio must be > 0, got {max_latency_ratio:g}", "pass e.g. 1.05")
+    subjects = [_load_subject(p, key, trust) for p in ([against] if against else []) + [model]]
+    if len(subjects) == 2 and subjects[0].label == subjects[1].label:
+        subjects[0].label += " (against)"
+    target_name = target or next((s.target for s in subjects if s.target), None)
+    tgt = load_target(target_name) if target_name else None
+    if tgt is None:
+        note("no --target: measuring on the CPU execution provider, no cost model or budgets")
+    rule = measure.StopRule(runs=runs, seconds=seconds, warmup=warmup)
+    bar, update = _progress_bar(runs, seconds)
+    if bar:
+        bar.start()
+    try:
+        doc = run_bench(subjects, target=tgt, rule=rule, threads=threads, calib=calib, eval_data=eval_data,
+                        input_shapes=input_shape or [], seed=seed, progress=update)
+    finally:
+        if bar:
+            bar.stop()
+    note(f"measured on {doc['host_latency']['settings']['providers'][0]} with {doc['host_latency']['settings']['threads_why']}")
+    for w in doc["warnings"]:
+        warn(w)
+    gate_error: QualityGateError | None = None
+    try:
+        apply_gates(doc, max_latency_ratio=max_latency_ratio, enforce_budgets=enforce_budgets)  # exit 3 after the output
+    except QualityGateError as exc:
+        gate_error = exc
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "report.json").write_text(json.dumps(doc, indent=2, sort_keys=True, default=str), encoding="utf-8")
+        (output / "report.md").write_text(render_markdown(doc), encoding="utf-8")
+        (output / "report.html").write_text(render_html(doc), encoding="utf-8")
+    append_step_summary(doc)
+    if json_out:
+        emit_json(doc)
+    else:
+        _print_table(doc)
+    if gate_error is not None:
+        raise gate_error
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench_command)
