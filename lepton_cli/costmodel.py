@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper
 
 from .shapes import bind_input_shapes
 from .stats import _shape_map, node_macs
@@ -144,10 +144,25 @@ def _size(name: str, shapes: dict[str, list[int | None]], types: dict[str, int])
 
 def infer(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shapes and dtypes of every tensor (with data propagation, so computed Reshape targets resolve)."""
+    fresh = onnx.ModelProto()
+    fresh.CopyFrom(model)
+    # Declared output dims ('N', 'T') would stay symbolic even where inference knows them: let inference fill them.
+    for out in fresh.graph.output:
+        if any(not d.HasField("dim_value") for d in out.type.tensor_type.shape.dim):
+            out.type.tensor_type.ClearField("shape")
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        return onnx.shape_inference.infer_shapes(fresh, strict_mode=False, data_prop=True)
     except Exception:  # exotic graphs: keep what the exporter recorded; unknown sizes are reported
         return model
+
+
+_SHAPE_DTYPES = {TensorProto.INT64, TensorProto.INT32}
+
+
+def _shape_arithmetic(name: str, shapes: dict[str, list[int | None]], types: dict[str, int]) -> bool:
+    """An integer vector or scalar (Shape → Gather → Concat chains): a few bytes, whose length
+    shape inference sometimes cannot tell; leaving it out changes nothing measurable."""
+    return types.get(name) in _SHAPE_DTYPES and len(shapes.get(name) or []) <= 1
 
 
 def node_costs(model: onnx.ModelProto, hw: Hardware, eff: Efficiency = Efficiency()) -> tuple[list[NodeCost], list[str]]:
@@ -175,7 +190,8 @@ def node_costs(model: onnx.ModelProto, hw: Hardware, eff: Efficiency = Efficienc
                 if size is None:
                     if tensor in node.output and len(node.output) > 1 and tensor != node.output[0]:
                         continue  # optional outputs (Dropout mask, ...) that nothing reads
-                    unknown.append(tensor)
+                    if not _shape_arithmetic(tensor, shapes, types):
+                        unknown.append(tensor)
                     continue
                 moved += size
         # MAC kernels count 2 ops per MAC; other compute (activations, pooling) is 1 op per output element,
@@ -232,7 +248,7 @@ def activation_buffers(model: onnx.ModelProto) -> tuple[list[Buffer], list[str]]
     for name, start in first.items():
         size = _size(name, shapes, types)
         if size is None:
-            if name in last:
+            if name in last and not _shape_arithmetic(name, shapes, types):
                 unknown.append(name)
             continue
         buffers.append(Buffer(name, size, start, last.get(name, start)))

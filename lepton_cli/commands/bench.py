@@ -182,6 +182,8 @@ def bench_command(
         subjects[0].label += " (against)"
     target_name = target or next((s.target for s in subjects if s.target), None)
     tgt = load_target(target_name) if target_name else None
+    if enforce_budgets and tgt is None:
+        raise BadInputError("--enforce-budgets needs a target: its budgets are what is enforced", "pass --target NAME")
     if tgt is None:
         note("no --target: measuring on the CPU execution provider, no cost model or budgets")
     rule = measure.StopRule(runs=runs, seconds=seconds, warmup=warmup)
