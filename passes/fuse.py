@@ -233,6 +233,27 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
         model.graph.input.extend(inputs)
 
 
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Turn main-graph ``Constant(value=tensor)`` nodes into initializers (same bytes), so that weight
+    folds and layout passes see Conv/Gemm weights as constants. onnxsim's result keeps them as nodes."""
+    graph = model.graph
+    moved, keep = 0, []
+    for node in graph.node:
+        attr = node.attribute[0] if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1 else None
+        if attr is not None and attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attr.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            moved += 1
+        else:
+            keep.append(node)
+    if moved:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return moved
+
+
 # ---- ONNX Runtime offline graph ---------------------------------------------------------------
 
 def ort_offline_graph(model: onnx.ModelProto, work_dir: Path) -> onnx.ModelProto:
@@ -268,6 +289,7 @@ def fuse(model: onnx.ModelProto, ctx, params: FuseParams) -> PassResult:
     result = _simplify(model, params)
     if params.fuse_norms:
         result = _with_opset_for_norms(model, result, params, runtime.opset_max, notes)
+    constants_to_initializers(result)
     bias_folds = fold_bias_adds(result)
     if params.ort_offline:
         result = ort_offline_graph(result, ctx.work_dir)
