@@ -245,8 +245,8 @@ def svg_histogram(series: dict[str, list[float]], *, unit: str = "ms", width: in
     if not values:
         return ""
     ordered = sorted(values)
-    # The axis spans up to the 99th percentile: one stray 10x run would squash every other bar into one.
-    lo, hi = ordered[0], ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    # The axis spans up to the 95th percentile: a few stray 10x runs would squash every other bar into one.
+    lo, hi = ordered[0], ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
     clipped = sum(v > hi for v in values)
     if hi <= lo:
         hi = lo + max(abs(lo) * 0.01, 1e-6)

@@ -1,0 +1,158 @@
+"""report.md / report.html from a real compile report; step summary; baseline gate; a headless Chromium screenshot."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from conftest import DIGITS
+from lepton_cli import report_render
+from lepton_cli.report import apply_gates, baseline_checks
+from lepton_cli.errors import QualityGateError
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """One real compile of the digits demo (with calibration data), shared by the tests below."""
+    from lepton_cli.compiler import CompileOptions, compile_model
+
+    tmp = tmp_path_factory.mktemp("render")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LEPTON_HOME", str(tmp / "home"))
+        mp.setenv("GITHUB_STEP_SUMMARY", str(tmp / "summary.md"))
+        result = compile_model(CompileOptions(model=DIGITS / "digits_cnn.onnx", target="cpu-avx", output_dir=tmp,
+                                              calib=DIGITS / "calib.npz", eval=DIGITS / "eval.npz", bench_seconds=0.3))
+    return result, tmp
+
+
+def test_compile_report_has_the_issue_7_sections(compiled):
+    result, _ = compiled
+    report = result.report
+    lat = report["host_latency"]
+    assert set(lat["models"]) == {"source", "compiled"} and "compiled" in lat["ratios"]
+    assert lat["input"]["source"].startswith("--eval")
+    assert set(report["cost_model"]["models"]) == {"source", "compiled"}
+    assert report["budgets"]["model"] == "compiled" and report["budgets"]["checks"]
+    for key in ("source", "compiled", "summary", "pipeline", "warnings", "accuracy"):  # the existing keys stay
+        assert key in report
+
+
+def test_markdown_has_every_section_and_fits_a_step_summary(compiled):
+    result, tmp = compiled
+    md = report_render.render_markdown(result.report)
+    for heading in ("### Model", "### Accuracy", "### Host latency", "### Cost model", "### Budgets", "### Pipeline"):
+        assert heading in md
+    assert "<" not in md.replace("<details>", "")  # plain Markdown: no HTML a step summary would strip
+    assert "| compiled |" in md and "p50 ratio [95% CI]" in md
+    assert (tmp / "summary.md").read_text(encoding="utf-8").strip() == md.strip()  # compile appended it
+    assert len(md) < 64 * 1024  # GitHub's step summary limit is 1 MiB per step; stay tiny
+
+
+def test_bundle_carries_rendered_reports(compiled):
+    result, _ = compiled
+    assert (result.bundle_dir / "report.md").read_text(encoding="utf-8") == report_render.render_markdown(result.report)
+    assert (result.bundle_dir / "report.html").read_text(encoding="utf-8") == report_render.render_html(result.report)
+
+
+class _Collector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.urls += [v for k, v in attrs if k in ("src", "href") and v]
+
+
+def test_html_is_self_contained_with_plots(compiled):
+    result, _ = compiled
+    page = report_render.render_html(result.report)
+    parsed = _Collector()
+    parsed.feed(page)
+    assert "script" not in parsed.tags and "link" not in parsed.tags and not parsed.urls  # nothing fetched
+    assert parsed.tags.count("svg") >= 3  # latency distribution, waterfalls, op-time bars
+    assert page.count("<rect") > 10
+
+
+def test_layer_errors_rendered_when_a_pass_reports_them():
+    report = {"format": "lepton-report/1", "model": {"name": "m.onnx"}, "target": {"name": "t"},
+              "pipeline": [{"name": "quantize", "seconds": 1.0, "before": {"size_bytes": 100}, "after": {"size_bytes": 30},
+                            "summary": {"per_layer_error": [{"name": "conv1", "snr_db": 31.5}, {"name": "fc <b>", "snr_db": 12.0}]},
+                            "check": {"kind": "lossy"}}]}
+    assert report_render.layer_errors(report) == ("snr_db", [("conv1", 31.5), ("fc <b>", 12.0)])
+    page = report_render.render_html(report)
+    assert "Per-layer quantization error" in page and "fc &lt;b&gt;" in page and "fc <b>" not in page
+    assert "| fc <b> | 12.0000 |" in report_render.render_markdown(report)
+    assert report_render.layer_errors({"pipeline": [{"summary": {"x": 1}}]}) is None
+
+
+def test_step_summary_only_when_set(tmp_path):
+    report = {"format": "lepton-report/1", "warnings": ["a | b"]}
+    assert report_render.append_step_summary(report, environ={}) is None
+    target = tmp_path / "s.md"
+    report_render.append_step_summary(report, environ={"GITHUB_STEP_SUMMARY": str(target)})
+    report_render.append_step_summary(report, environ={"GITHUB_STEP_SUMMARY": str(target)})
+    text = target.read_text(encoding="utf-8")
+    assert text.count("## Lepton report") == 2 and "a \\| b" in text
+
+
+def test_baseline_gate(compiled):
+    result, _ = compiled
+    report = copy.deepcopy(result.report)
+    same = baseline_checks(report, result.report)
+    assert same and all(c["ok"] for c in same)
+    better_baseline = copy.deepcopy(result.report)
+    better_baseline["compiled"]["size_bytes"] = report["compiled"]["size_bytes"] // 2
+    better_baseline["cost_model"]["models"]["compiled"]["latency_ms"] /= 2
+    with pytest.raises(QualityGateError) as err:
+        apply_gates(report, baseline=better_baseline)
+    assert "compiled size" in err.value.message and "estimated latency" in err.value.message
+    assert any(g["gate"] == "baseline" and not g["ok"] for g in report["gates"])
+
+
+def test_compile_baseline_cli_exit_codes(run_cli, compiled, tmp_path):
+    result, _ = compiled
+    baseline = tmp_path / "baseline.json"
+    doc = copy.deepcopy(result.report)
+    doc["compiled"]["size_bytes"] = 10  # a stored report the new compile cannot match
+    baseline.write_text(json.dumps(doc), encoding="utf-8")
+    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", "cpu-avx", "-o", tmp_path, "--no-bench",
+                  "--baseline", baseline)
+    assert res.code == 3 and "baseline" in res.stderr
+    assert not list(tmp_path.glob("*.lepton"))  # nothing written when a gate fails
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json", encoding="utf-8")
+    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", "cpu-avx", "-o", tmp_path, "--no-bench", "--baseline", bad)
+    assert res.code == 2
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium not installed (apt-get install chromium)")
+def test_html_screenshot_in_headless_chromium(compiled, tmp_path):
+    from PIL import Image
+
+    result, _ = compiled
+    page = tmp_path / "report.html"
+    page.write_text(report_render.render_html(result.report), encoding="utf-8")
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--window-size=1100,2400", f"--screenshot={shot}", page.as_uri()],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert shot.exists(), proc.stderr[-2000:]
+    import numpy as np
+
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1100, 2400)
+    pixels = np.asarray(image).reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) > 50  # text, tables and plots, not a blank page
+    # the plots were drawn: solid blue of the waterfall's result bars (the histogram's bars are translucent)
+    blue = [int(report_render.PALETTE[0][i:i + 2], 16) for i in (1, 3, 5)]
+    assert int((pixels == blue).all(axis=1).sum()) > 200
+    shutil.copy(shot, Path("/tmp/lepton-report-screenshot.png")) if Path("/tmp").is_dir() else None
