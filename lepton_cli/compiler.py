@@ -23,6 +23,7 @@ from .report import build_report
 from .shapes import bind_input_shapes, graph_inputs, parse_input_shapes
 from .stats import collect_stats
 from .targets import Target, load_target
+from .bundle.output import CompileKeys, resolve_compile_keys, write_compile_output
 from .hostinfo import HostInfo, detect_host
 from .target_choice import TargetSuggestion, suggest_target
 from .variants import compile_extra_variants, manifest_variants, serialize_all, variant_path
@@ -38,6 +39,11 @@ class CompileOptions:
     input_shapes: list[str] = field(default_factory=list)
     max_accuracy_drop: float | None = None
     seed: int = 0
+    sign_key: str | None = None  # path or PEM text; else $LEPTON_SIGNING_KEY, else the dev key set
+    recipients: list[str] = field(default_factory=list)  # encryption public keys; else $LEPTON_RECIPIENT / dev set
+    bundle_version: int = 0  # monotonic: devices refuse a lower version than they have seen
+    expires: str | None = None  # ISO 8601; devices refuse the bundle after it
+    archive: bool = False  # also write <bundle>.zip, readable in place
 
 
 @dataclass
@@ -48,6 +54,8 @@ class CompileResult:
     steps: list[StepRecord]
     target: Target
     manifest_fields: dict[str, Any] = field(default_factory=dict)  # variants and EPs, for the bundle manifest
+    model_bytes: bytes = b""  # the compiled model in plaintext (the bundle holds it encrypted)
+    archive: Path | None = None
 
 
 def bundle_name(model_path: Path, target: Target) -> str:
@@ -105,6 +113,7 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
             on_note(f"  note: {caveat}")
     output_dir = options.output_dir or options.model.parent
     _check_output_dir(output_dir)
+    keys = resolve_compile_keys(options.sign_key, options.recipients, options.bundle_version, options.expires, on_note)
     loaded = load_model(options.model)
     normalisation: list[str] = []
     model, note = upgrade_opset(loaded.model, target.runtime.opset_min, target.runtime.opset_max)
@@ -149,10 +158,10 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
         for built in others:  # every model the bundle ships must meet the budget, not only the main one
             check_accuracy_budget(built.accuracy, ctx.accuracy_budget)
         bundle_dir = output_dir / bundle_name(options.model, target)
-        _write_output(bundle_dir, {"model.onnx": model_bytes, **serialize_all(others)}, report)
+        archive = _write_output(bundle_dir, {"model.onnx": model_bytes, **serialize_all(others)}, report, keys, options, manifest_fields)
     finally:
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
-    return CompileResult(bundle_dir, bundle_dir / "model.onnx", report, steps, target, manifest_fields)
+    return CompileResult(bundle_dir, bundle_dir / "model.onnx.enc", report, steps, target, manifest_fields, model_bytes, archive)
 
 
 ACCURACY_SAMPLE_LIMIT = 1000  # enough for a 0.1-point resolution; bounds compile time on big sets
@@ -177,23 +186,8 @@ def check_accuracy_budget(accuracy: dict[str, Any], budget_pct: float) -> None:
         )
 
 
-def _write_output(bundle_dir: Path, models: dict[str, bytes], report: dict[str, Any]) -> None:
-    """Plain (unsigned, unencrypted) output folder, written atomically: temp folder, then rename."""
-    bundle_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.", dir=bundle_dir.parent))
-    try:
-        for rel, blob in models.items():  # "model.onnx" and any "variants/<name>.onnx"
-            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            (staging / rel).write_bytes(blob)
-        (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str), encoding="utf-8")
-        if bundle_dir.exists():
-            old = bundle_dir.with_name(f".{bundle_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(bundle_dir, old)
-            os.replace(staging, bundle_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, bundle_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+def _write_output(bundle_dir: Path, models: dict[str, bytes], report: dict[str, Any], keys: CompileKeys,
+                  options: CompileOptions, manifest_fields: dict[str, Any]) -> Path | None:
+    """The signed, encrypted bundle (lepton_cli/bundle), written atomically; returns the archive path if any."""
+    return write_compile_output(bundle_dir, models, report, keys, version=options.bundle_version, expires=options.expires,
+                                archive=options.archive, extra_fields=manifest_fields)

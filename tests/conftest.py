@@ -31,6 +31,14 @@ OCR_REC = OCR_DIR / "ch_PP-OCRv4_rec_infer.onnx" if OCR_DIR else None
 needs_ocr = pytest.mark.skipif(OCR_DIR is None, reason="rapidocr-onnxruntime (PP-OCRv4 models) not installed; `make test` installs it")
 
 
+@pytest.fixture(autouse=True)
+def _lepton_home(monkeypatch, tmp_path_factory):
+    """Every test's key set and rollback state live in a temporary LEPTON_HOME, never the user's config folder."""
+    monkeypatch.setenv("LEPTON_HOME", str(tmp_path_factory.mktemp("lepton-home")))
+    for name in ("LEPTON_SIGNING_KEY", "LEPTON_RECIPIENT", "LEPTON_DECRYPTION_KEY", "LEPTON_TRUST"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @dataclass
 class CliResult:
     code: int

@@ -93,10 +93,10 @@ def test_compile_is_deterministic(tmp_path, target):
     def once(out):
         options = CompileOptions(model=DIGITS / "digits_cnn.onnx", target=target, output_dir=out,
                                  calib=DIGITS / "calib.npz")
-        return compile_model(options).model_path
+        return compile_model(options).model_bytes  # plaintext; the bundle's copy is encrypted afresh each time
 
     first, second = once(tmp_path / "a"), once(tmp_path / "b")
-    assert _sha(first) == _sha(second)
+    assert hashlib.sha256(first).hexdigest() == hashlib.sha256(second).hexdigest()
 
 
 def test_opset_upgrade_and_shape_binding_are_reported(tmp_path):
@@ -105,7 +105,7 @@ def test_opset_upgrade_and_shape_binding_are_reported(tmp_path):
     options = CompileOptions(model=LIGHT_DIR / "light_squeezenet.onnx", target="cpu-avx", output_dir=tmp_path)
     result = compile_model(options)
     assert any("opset 9 → 13" in n for n in result.report["normalisation"])
-    compiled = onnx.load(result.model_path)
+    compiled = onnx.load_from_string(result.model_bytes)
     assert next(o.version for o in compiled.opset_import if o.domain == "") >= 13
 
 

@@ -42,6 +42,11 @@ def compile_command(
     input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Bind dynamic dims: NAME=1,3,224,224 (repeatable).")] = None,
     max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Quality gate and tuning budget, in percentage points.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for random check inputs and sampling.")] = 0,
+    sign_key: Annotated[Optional[str], typer.Option("--sign-key", help="Signing private key (PEM path); else $LEPTON_SIGNING_KEY, else the dev key set.")] = None,
+    recipient: Annotated[Optional[list[str]], typer.Option("--recipient", help="Encryption public key of a device (PEM path, repeatable); else $LEPTON_RECIPIENT, else the dev key set.")] = None,
+    bundle_version: Annotated[int, typer.Option("--bundle-version", help="Monotonic bundle version: devices refuse lower versions than they have seen.")] = 0,
+    expires: Annotated[Optional[str], typer.Option("--expires", help="Devices refuse the bundle after this ISO 8601 date/time (e.g. 2027-01-31).")] = None,
+    archive: Annotated[bool, typer.Option("--archive", help="Also write the bundle as one uncompressed .zip file, read in place.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON result document on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ) -> None:
@@ -49,12 +54,14 @@ def compile_command(
     settings.quiet = quiet or json_out
     settings.json_mode = json_out
     options = CompileOptions(model=model, target=target, output_dir=output, calib=calib, eval=eval_data,
-                             input_shapes=input_shape or [], max_accuracy_drop=max_accuracy_drop, seed=seed)
+                             input_shapes=input_shape or [], max_accuracy_drop=max_accuracy_drop, seed=seed,
+                             sign_key=sign_key, recipients=recipient or [], bundle_version=bundle_version, expires=expires,
+                             archive=archive)
     note(f"compiling [bold]{model}[/bold] for target [bold]{target}[/bold]")
     result = compile_model(options, progress=_progress, on_warning=warn, on_note=note)
     summary = result.report["summary"]
     if json_out:
-        emit_json({"bundle": str(result.bundle_dir), "model": str(result.model_path), "target": result.target.name,
+        emit_json({"bundle": str(result.bundle_dir), "model": str(result.model_path), "target": result.target.name, "archive": str(result.archive) if result.archive else None,
                    "summary": summary, "accuracy": result.report.get("accuracy"), "warnings": result.report["warnings"]})
         return
     table = Table(title=f"{model.name} → {result.target.name}", show_header=True)
@@ -71,7 +78,7 @@ def compile_command(
                       f"{accuracy['value']:.2f}% (drop {accuracy['drop_pct']:.2f}, budget {accuracy['budget_pct']:g})")
     if not quiet:
         stdout.print(table)
-    stdout.print(f"bundle: {result.bundle_dir}")
+    stdout.print(f"bundle: {result.bundle_dir}" + (f"  (archive {result.archive})" if result.archive else ""))
 
 
 def register(app: typer.Typer) -> None:

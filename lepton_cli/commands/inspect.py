@@ -13,10 +13,13 @@ from ..stats import collect_stats
 
 
 def inspect_command(
-    path: Annotated[Path, typer.Argument(help="An .onnx model (bundles: see `lepton verify`).")],
+    path: Annotated[Path, typer.Argument(help="An .onnx model, or a bundle (.lepton folder or .zip): its manifest, unverified.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Show a model's op histogram, parameters, MACs, inputs and outputs with shapes, opset and size."""
+    if _is_bundle(path):
+        _inspect_bundle(path, json_out)
+        return
     loaded = load_model(path)
     stats = collect_stats(loaded.model)
     doc = {"path": str(path), "sha256": loaded.sha256, "file_size": loaded.file_size, **stats.to_dict()}
@@ -39,6 +42,50 @@ def inspect_command(
     for op, count in stats.ops.items():
         ops.add_row(op, str(count))
     stdout.print(ops)
+
+
+def _is_bundle(path: Path) -> bool:
+    return path.is_dir() or path.name.endswith(".lepton.zip")
+
+
+def _inspect_bundle(path: Path, json_out: bool) -> None:
+    """A bundle's manifest, without keys: NOT verified (say so); the model itself stays encrypted."""
+    from ..bundle import read_manifest_unverified
+
+    manifest = read_manifest_unverified(path)
+    if json_out:
+        emit_json({"path": str(path), "verified": False, "manifest": manifest})
+        return
+    stdout.print(f"[bold]{path}[/bold]  (manifest shown unverified: run `lepton verify` before trusting it)")
+    for label, value in (("format", f"{manifest.get('format')} v{manifest.get('format_version')}"),
+                         ("model", (manifest.get("model") or {}).get("name")), ("target", (manifest.get("target") or {}).get("name")),
+                         ("version", manifest.get("version")), ("expires", manifest.get("expires") or "never"),
+                         ("created", manifest.get("created")), ("signer", manifest.get("signer")),
+                         ("recipients", ", ".join(str(r.get("key_id")) for r in (manifest.get("encryption") or {}).get("recipients", []) if isinstance(r, dict)))):
+        stdout.print(f"{label:<11}{value}")
+    files = Table(title="files")
+    for col in ("path", "role", "size", "encrypted", "sha256"):
+        files.add_column(col)
+    for entry in manifest.get("files") or []:
+        if isinstance(entry, dict):
+            files.add_row(str(entry.get("path")), str(entry.get("role")), f"{entry.get('size', 0):,}", str(entry.get("encrypted")), str(entry.get("sha256", ""))[:16] + "…")
+    stdout.print(files)
+    io = Table(title="inputs and outputs (source layout / compiled)")
+    for col in ("kind", "name", "dtype", "source shape", "compiled shape"):
+        io.add_column(col)
+    sigs = manifest.get("io") or {}
+    for kind in ("inputs", "outputs"):
+        compiled = {s.get("name"): s for s in ((sigs.get("compiled") or {}).get(kind) or [])}
+        for sig in (sigs.get("source") or {}).get(kind) or []:
+            io.add_row(kind[:-1], str(sig.get("name")), str(sig.get("dtype")), str(sig.get("shape")), str((compiled.get(sig.get("name")) or {}).get("shape")))
+    stdout.print(io)
+    steps = Table(title="pipeline")
+    for col in ("pass", "seconds"):
+        steps.add_column(col)
+    for step in manifest.get("pipeline") or []:
+        if isinstance(step, dict):
+            steps.add_row(str(step.get("name")), f"{step.get('seconds', 0):.2f}" if isinstance(step.get("seconds"), (int, float)) else "?")
+    stdout.print(steps)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,145 @@
+"""Bundle encryption: one random content key, Cobblestone per file, HPKE key wrap per recipient.
+
+Checked first, and used as is (nothing hand-rolled): cryptography's ``cobblestone`` (C2SP
+chunked encryption, AES-256-GCM; each chunk authenticated, the last chunk flagged so truncation
+and appending are detected at ``finalize()``) and ``hazmat.primitives.hpke`` (RFC 9180 base
+mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM; an all-zero X25519 share is refused
+by the library).
+
+Binding: the Cobblestone context is ``FORMAT/VERSION \\0 bundle_id \\0 path``, and the HPKE
+``info`` is ``FORMAT/VERSION key-wrap \\0 bundle_id \\0 recipient key id``: a file moved to
+another path or another bundle, or a wrapped key copied to another bundle, does not decrypt.
+
+Plaintext: ``decrypt_stream`` writes into one buffer and hands it out only after
+``finalize()`` and the ciphertext's sha256 both passed; on any failure the buffer is zeroed.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+from typing import BinaryIO, Iterable
+
+from cryptography.cobblestone import Cobblestone256Decryptor, Cobblestone256Encryptor
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hpke
+
+from ..keys import EncryptionPrivateKey, EncryptionPublicKey, key_id
+from .manifest import FORMAT, FORMAT_VERSION, fail
+
+SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+BLOCK = 1 << 20  # streaming block: bounded memory, large enough to keep AES-GCM at full speed
+_SLACK = 4096  # update_into wants room for one more chunk than it writes
+
+
+def new_content_key() -> bytes:
+    return Cobblestone256Encryptor.generate_key()
+
+
+def file_context(bundle_id: str, path: str) -> bytes:
+    return f"{FORMAT}/{FORMAT_VERSION}\0{bundle_id}\0{path}".encode()
+
+
+def _wrap_info(bundle_id: str, recipient_id: str) -> bytes:
+    return f"{FORMAT}/{FORMAT_VERSION} key-wrap\0{bundle_id}\0{recipient_id}".encode()
+
+
+def wrap_key(content_key: bytes, recipients: Iterable[EncryptionPublicKey], bundle_id: str) -> list[dict[str, str]]:
+    """One HPKE-sealed copy of the content key per recipient, labelled with the recipient's key id."""
+    out = []
+    for public in recipients:
+        rid = key_id(public)
+        sealed = SUITE.encrypt(content_key, public, info=_wrap_info(bundle_id, rid))
+        out.append({"key_id": rid, "wrapped_key": base64.b64encode(sealed).decode()})
+    return out
+
+
+def unwrap_key(entries: list[dict[str, str]], private: EncryptionPrivateKey, bundle_id: str) -> bytes:
+    """The content key, from the entry addressed to ``private`` (fails closed: exit 4)."""
+    rid = key_id(private)
+    mine = [e for e in entries if e.get("key_id") == rid]
+    if not mine:
+        raise fail(f"the bundle is not encrypted to your key {rid} (recipients: {', '.join(e.get('key_id', '?') for e in entries)[:300]})",
+                   "pass the matching --key, or recompile with --recipient YOUR-encryption-public.pem")
+    try:
+        sealed = base64.b64decode(mine[0]["wrapped_key"], validate=True)
+        key = SUITE.decrypt(sealed, private, info=_wrap_info(bundle_id, rid))
+    except (binascii.Error, InvalidTag, ValueError):
+        raise fail("the wrapped content key for your key does not decrypt (tampered or bound to another bundle)") from None
+    if len(key) != 32:
+        raise fail("the wrapped content key has the wrong length")
+    return key
+
+
+def encrypt_bytes(content_key: bytes, context: bytes, data: bytes | memoryview) -> bytes:
+    """Encrypt ``data`` in blocks into one preallocated buffer (no growing copies)."""
+    view = memoryview(data)
+    out = bytearray(len(view) + len(view) // 4096 + 2 * BLOCK + _SLACK)
+    enc = Cobblestone256Encryptor(content_key, context)
+    pos = 0
+    for start in range(0, len(view), BLOCK):
+        pos += enc.update_into(view[start:start + BLOCK], memoryview(out)[pos:])
+    tail = enc.finalize()
+    out[pos:pos + len(tail)] = tail
+    del out[pos + len(tail):]
+    return bytes(out)
+
+
+def hash_stream(stream: BinaryIO, expected_size: int) -> tuple[str, int]:
+    digest, total = hashlib.sha256(), 0
+    while block := stream.read(BLOCK):
+        total += len(block)
+        if total > expected_size:
+            break  # longer than signed: stop reading, the caller reports the mismatch
+        digest.update(block)
+    return digest.hexdigest(), total
+
+
+def decrypt_stream(stream: BinaryIO, *, content_key: bytes, context: bytes, cipher_size: int, cipher_sha256: str,
+                   plain_size: int, path: str) -> bytes:
+    """Hash and decrypt in one pass; return the plaintext only if both the hash and the AEAD check pass.
+
+    The plaintext is written into a ``BytesIO`` buffer sized once, and returned with
+    ``getvalue()``, which CPython hands over without a copy: peak memory is one model.
+    """
+    buffer = io.BytesIO()
+    buffer.seek(plain_size + BLOCK + _SLACK - 1)
+    buffer.write(b"\0")
+    view = buffer.getbuffer()
+    digest, total, pos, ok, auth_failed = hashlib.sha256(), 0, 0, False, False
+    try:
+        dec = Cobblestone256Decryptor(content_key, context)
+        while block := stream.read(BLOCK):
+            total += len(block)
+            if total > cipher_size:
+                raise fail(f"{path}: longer than the signed size ({cipher_size} bytes): trailing data")
+            digest.update(block)
+            if not auth_failed:
+                try:
+                    pos += dec.update_into(block, view[pos:])
+                except InvalidTag:
+                    auth_failed = True  # keep hashing: a modified file is reported as such
+        if total != cipher_size or digest.hexdigest() != cipher_sha256:
+            raise fail(f"{path}: content does not match the signed sha256 (modified or truncated)")
+        try:
+            if auth_failed:
+                raise InvalidTag()
+            tail = dec.finalize()
+        except InvalidTag:
+            raise fail(f"{path}: decryption failed authentication (wrong key, context or tampered data)") from None
+        view[pos:pos + len(tail)] = tail
+        pos += len(tail)
+        if pos != plain_size:
+            raise fail(f"{path}: decrypted size {pos} differs from the signed plain size {plain_size}")
+        ok = True
+    except InvalidTag:
+        raise fail(f"{path}: decryption failed authentication (wrong key, context or tampered data)") from None
+    except ValueError as exc:  # update_into on malformed input
+        raise fail(f"{path}: malformed ciphertext ({exc})") from None
+    finally:
+        if not ok:
+            view[:] = bytes(len(view))  # unauthenticated plaintext never outlives the failure
+        view.release()
+    buffer.truncate(plain_size)
+    return buffer.getvalue()

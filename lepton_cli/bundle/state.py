@@ -1,0 +1,56 @@
+"""Rollback protection: the device remembers the highest bundle version it accepted per model.
+
+The state is a small JSON file (``<config>/bundle-state.json``, or ``--state``): key
+``<signing key id>/<model>/<target>`` → highest version. A bundle below it is refused (exit 4);
+equal is allowed (re-running the same release). Written atomically (temp file, then rename).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import BadInputError
+from ..keys import config_dir
+from .manifest import fail
+
+STATE_FILE = "bundle-state.json"
+
+
+def default_state_path() -> Path:
+    return config_dir() / STATE_FILE
+
+
+def state_key(signer_id: str, manifest: dict) -> str:
+    return f"{signer_id}/{manifest['model']['name']}/{manifest['target']['name']}"
+
+
+def _load(path: Path) -> dict[str, int]:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise BadInputError(f"rollback state file {path} is unreadable or corrupt",
+                            "restore it from a backup, or pass another --state (a fresh file forgets the versions seen)") from None
+    if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
+        raise BadInputError(f"rollback state file {path} has an unexpected structure", "restore it, or pass another --state")
+    return data
+
+
+def check(path: Path, key: str, version: int) -> None:
+    seen = _load(path).get(key)
+    if seen is not None and version < seen:
+        raise fail(f"rollback: bundle version {version} is lower than version {seen} already accepted on this device",
+                   "deploy the newer bundle; a publisher ships fixes with a higher --bundle-version")
+
+
+def record(path: Path, key: str, version: int) -> None:
+    state = _load(path)
+    if state.get(key, -1) >= version:
+        return
+    state[key] = version
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)

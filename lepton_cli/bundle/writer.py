@@ -1,0 +1,110 @@
+"""Writing a bundle: encrypt the models, sign every file, and make the folder appear atomically.
+
+The folder is built in a hidden temporary folder beside the destination and renamed into place,
+so a compile killed at any moment (SIGKILL included) leaves either the old bundle or the new
+one, never a partial one. The plaintext model is never written to disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from .. import __version__
+from ..errors import BadInputError
+from ..keys import EncryptionPublicKey, SigningPrivateKey, key_id
+from . import crypto, signing
+from .manifest import ENCRYPTION_SCHEME, FORMAT, FORMAT_VERSION, MANIFEST, SIGNATURE, check_path, parse_expires
+
+ENCRYPTED_SUFFIX = ".enc"
+
+
+def _entry(path: str, data: bytes, role: str, **extra: Any) -> dict[str, Any]:
+    return {"path": path, "role": role, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), **extra}
+
+
+def check_bundle_options(version: int, expires: str | None) -> None:
+    """Validate --bundle-version / --expires before any work (exit 2)."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0 or version >= 2**63:
+        raise BadInputError(f"--bundle-version {version!r} is not a non-negative integer", "pass e.g. --bundle-version 3")
+    if expires is not None:
+        try:
+            parse_expires(expires)
+        except ValueError as exc:
+            raise BadInputError(f"--expires: {exc}", "pass an ISO 8601 date or time with zone, e.g. 2027-01-31 or 2027-01-31T12:00:00Z") from None
+
+
+def build(dest_dir: Path, *, models: dict[str, bytes], plain_files: dict[str, bytes], manifest_fields: dict[str, Any],
+          signing_key: SigningPrivateKey, recipients: Sequence[EncryptionPublicKey], version: int,
+          expires: str | None) -> dict[str, bytes]:
+    """The bundle's files (path → bytes), without touching the disk."""
+    check_bundle_options(version, expires)
+    if not recipients:
+        raise BadInputError("no recipient for the bundle's encryption", "pass --recipient PUBKEY.pem")
+    bundle_id = secrets.token_hex(16)
+    content_key = crypto.new_content_key()
+    files: dict[str, bytes] = {}
+    table = []
+    for plain_path, data in sorted(models.items()):
+        path = check_path(plain_path + ENCRYPTED_SUFFIX, "bundle writer")
+        files[path] = crypto.encrypt_bytes(content_key, crypto.file_context(bundle_id, path), data)
+        table.append(_entry(path, files[path], "model", encrypted=True, plain_path=plain_path, plain_size=len(data)))
+    for path, data in sorted(plain_files.items()):
+        check_path(path, "bundle writer")
+        files[path] = data
+        table.append(_entry(path, data, "report" if path.startswith("report.") else "data", encrypted=False))
+    reserved = {"format", "format_version", "bundle_id", "version", "expires", "encryption", "files"}
+    clash = reserved & set(manifest_fields)
+    if clash:
+        raise ValueError(f"manifest_fields may not set {sorted(clash)}")
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "bundle_id": bundle_id,
+        "version": version, "expires": expires,
+        "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "tool": {"name": "lepton", "version": __version__},
+        **manifest_fields,
+        "signer": key_id(signing_key),
+        "encryption": {"scheme": ENCRYPTION_SCHEME, "recipients": crypto.wrap_key(content_key, recipients, bundle_id)},
+        "files": table,
+    }
+    files[MANIFEST] = (json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n").encode()
+    digests = {path: hashlib.sha256(data).hexdigest() for path, data in files.items()}
+    files[SIGNATURE] = signing.sign(dest_dir.name, digests, signing_key)
+    return files
+
+
+def write_bundle(dest_dir: Path, *, models: dict[str, bytes], plain_files: dict[str, bytes], manifest_fields: dict[str, Any],
+                 signing_key: SigningPrivateKey, recipients: Sequence[EncryptionPublicKey], version: int = 0,
+                 expires: str | None = None) -> Path:
+    """Encrypt ``models`` (bundle path → plaintext) to ``recipients``, sign everything, write ``dest_dir`` atomically."""
+    dest_dir = Path(dest_dir)
+    files = build(dest_dir, models=models, plain_files=plain_files, manifest_fields=manifest_fields,
+                  signing_key=signing_key, recipients=recipients, version=version, expires=expires)
+    dest_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.", dir=dest_dir.parent))
+    try:
+        for path, data in files.items():
+            target = staging / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())  # durable before the rename makes it visible
+        os.chmod(staging, 0o755)
+        if dest_dir.exists():
+            old = dest_dir.with_name(f".{dest_dir.name}.old-{os.getpid()}")
+            os.replace(dest_dir, old)
+            os.replace(staging, dest_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, dest_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest_dir

@@ -1,0 +1,37 @@
+"""``lepton verify BUNDLE --trust PUBKEY.pem``: signature and integrity of every file; needs no secret."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..bundle import verify_bundle
+from ..console import emit_json, settings, stdout
+from ._bundle_keys import trust_spec
+
+
+def verify_command(
+    bundle: Annotated[Path, typer.Argument(help="A <model>.<target>.lepton folder or its .zip archive.")],
+    trust: Annotated[Optional[str], typer.Option("--trust", help="The publisher's signing public key (PEM); else $LEPTON_TRUST, else the local dev key.")] = None,
+    state: Annotated[Optional[Path], typer.Option("--state", help="Rollback state file (default: bundle-state.json in the Lepton config folder).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Check the bundle's signature, every file's sha256, format version, expiry and rollback state (exit 4 on failure)."""
+    settings.json_mode = json_out
+    settings.quiet = json_out
+    manifest = verify_bundle(bundle, trust=trust_spec(trust), state_path=state)
+    doc = {"bundle": str(bundle), "verified": True, "signer": manifest.get("signer"), "bundle_id": manifest["bundle_id"],
+           "version": manifest["version"], "expires": manifest.get("expires"), "model": manifest["model"]["name"],
+           "target": manifest["target"]["name"], "files": [{k: e[k] for k in ("path", "role", "size", "sha256")} for e in manifest["files"]],
+           "recipients": [r["key_id"] for r in manifest["encryption"]["recipients"]]}
+    if json_out:
+        emit_json(doc)
+        return
+    stdout.print(f"[green]verified[/green] {bundle}: {doc['model']} for {doc['target']}, version {doc['version']}"
+                 f"{', expires ' + doc['expires'] if doc['expires'] else ''}, signed by {doc['signer']}, "
+                 f"{len(doc['files'])} files, encrypted to {len(doc['recipients'])} recipient(s)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("verify")(verify_command)
