@@ -399,7 +399,7 @@ def _concat(b: _Builder, node: onnx.NodeProto) -> bool:
     L = b.a.layouts
     rank = b.rank(node.output[0])
     axis = _attr(node, "axis", 0)
-    if rank is None or (axis % rank) != 1 or not any(i in L for i in node.input):
+    if not rank or (axis % rank) != 1 or not any(i in L for i in node.input):
         return False
     segs: list[Seg] = []
     for name in node.input:

@@ -451,3 +451,68 @@ def test_target_prune_step_in_pipeline(target, mode):
         assert record.summary["accuracy"]["drop_pct"] <= record.summary["budget_pct"] == 4.0 * step.params.budget_share
     score = Evaluator(model, evaluation, evaluation.labels).score(compiled)
     assert score.drop_pct <= 4.0
+
+
+# ---- surgery on real graphs: removing channels == zeroing what their consumers read ------------
+
+def _zero_consumer_reads(model: onnx.ModelProto, a: cg.ChannelAnalysis, keep: dict[int, np.ndarray]) -> onnx.ModelProto:
+    """The unpruned model with every removed channel's contribution cut at its consumers (weights zeroed)."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    inits = {t.name: t for t in result.graph.initializer}
+    for c in a.consumers:
+        w = numpy_helper.to_array(inits[c.weight]).copy()
+        gone = np.setdiff1d(np.arange(w.shape[c.in_axis]), a.positions(c.input, keep))
+        np.moveaxis(w, c.in_axis, 0)[gone] = 0.0
+        own = f"{c.weight}__masked{c.node}"  # a copy per consumer: onnxsim shares identical constants
+        result.graph.initializer.append(numpy_helper.from_array(w, own))
+        result.graph.node[c.node].input[1] = own
+    return result
+
+
+def _surgery_matches_masking(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> cg.ChannelAnalysis:
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    cg.constants_to_initializers(model)
+    a = cg.analyze(model)
+    assert a.prunable()
+    rng = np.random.default_rng(0)
+    keep = {g: np.sort(rng.choice(a.sizes[g], max(1, a.sizes[g] // 2), replace=False)) for g in a.prunable()}
+    pruned = cg.apply_keep(model, a, keep)
+    masked = _zero_consumer_reads(model, a, keep)
+    macs_before, macs_after = collect_stats(model).macs, collect_stats(pruned).macs
+    assert macs_after is None or macs_after < macs_before
+    for want, got in zip(_run(masked, feed), _run(pruned, feed, "all")):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+    return a
+
+
+@needs_ocr
+@pytest.mark.parametrize("name, shape, groups", [("ch_PP-OCRv4_det_infer.onnx", [1, 3, 64, 96], 30),
+                                                  ("ch_ppocr_mobile_v2.0_cls_infer.onnx", [1, 3, 48, 192], 5)])
+def test_surgery_on_ppocr_graphs_matches_masking(name, shape, groups):
+    model = onnx.load(OCR_DET.parent / name)  # raw: weights in Constant nodes, BN unfolded in places, dynamic dims
+    x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    a = _surgery_matches_masking(model, {"x": x})
+    assert len(a.prunable()) >= groups  # det: residual, SE (GAP→Conv→Conv→Mul), depthwise and FPN Resize/Concat groups
+
+
+@needs_ocr
+@pytest.mark.slow
+def test_surgery_on_ppocr_rec_matches_masking():
+    model = onnx.load(OCR_DET.parent / "ch_PP-OCRv4_rec_infer.onnx")
+    x = np.random.default_rng(1).normal(size=(1, 3, 48, 160)).astype(np.float32)
+    _surgery_matches_masking(model, {"x": x})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["squeezenet", "resnet50", "inception_v2", "densenet121"])
+def test_surgery_on_light_zoo_graphs_matches_masking(name):
+    import onnxsim
+
+    from conftest import LIGHT_DIR
+
+    model, _ = upgrade_opset(onnx.load(LIGHT_DIR / f"light_{name}.onnx"), 13, 19)
+    model, _ = onnxsim.simplify(model, check_n=0, tensor_size_threshold="64MB")  # fuse: weights become initializers
+    inp = next(i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+    shape = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
+    _surgery_matches_masking(model, {inp.name: np.random.default_rng(1).normal(size=shape).astype(np.float32)})
