@@ -19,7 +19,9 @@ from .accuracy import Evaluator
 from .errors import BadInputError, QualityGateError
 from .model_io import load_model, upgrade_opset
 from .pipeline import PassContext, ProgressFn, StepRecord, run_pipeline, serialize
-from .report import build_report
+from .measure import compile_sections
+from .report import apply_gates, build_report, load_baseline
+from .report_render import append_step_summary
 from .shapes import bind_input_shapes, graph_inputs, parse_input_shapes
 from .stats import collect_stats
 from .targets import Target, load_target
@@ -44,6 +46,12 @@ class CompileOptions:
     bundle_version: int = 0  # monotonic: devices refuse a lower version than they have seen
     expires: str | None = None  # ISO 8601; devices refuse the bundle after it
     archive: bool = False  # also write <bundle>.zip, readable in place
+    bench: bool = True  # short, time-capped host measurement of source vs compiled (issue 7)
+    bench_seconds: float = 1.5
+    max_latency_ratio: float | None = None  # gate: compiled p50 / source p50
+    baseline: Path | None = None  # gate: a stored report.json this compile must not be worse than
+    baseline_tolerance_pct: float = 5.0
+    enforce_budgets: bool = False  # gate: the target's size and memory budgets
 
 
 @dataclass
@@ -147,14 +155,23 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
             extra["variant_builds"] = [b.report() for b in others]
         if choice is not None:
             extra["target_choice"] = choice.to_dict() | {"host": host.pass_context()}
+        # Host latency (source vs compiled), the target's cost model and budgets: measure.compile_sections.
+        perf, perf_warnings = compile_sections(model, compiled, target, evaluation or calib, "--eval" if evaluation else "--calib",
+                                               bench=options.bench, seconds=options.bench_seconds, seed=options.seed, host=host)
+        for text in perf_warnings:
+            ctx.warn(text)
         report = build_report(
             model_name=options.model.name, source_sha256=loaded.sha256,
             target={"name": target.name, "sha256": target.sha256, "source": target.source},
             source=source_stats, compiled=collect_stats(compiled), steps=steps,
             normalisation=normalisation, warnings=ctx.warnings + [f"variant {b.variant.name}: {w}" for b in others for w in b.warnings],
-            extra=extra,
+            extra=extra, **perf,
         )
+        append_step_summary(report)  # $GITHUB_STEP_SUMMARY, when set, before any gate can stop the compile
         check_accuracy_budget(accuracy, ctx.accuracy_budget)
+        apply_gates(report, max_latency_ratio=options.max_latency_ratio, enforce_budgets=options.enforce_budgets,
+                    baseline=load_baseline(options.baseline) if options.baseline else None,
+                    baseline_tolerance_pct=options.baseline_tolerance_pct)
         for built in others:  # every model the bundle ships must meet the budget, not only the main one
             check_accuracy_budget(built.accuracy, ctx.accuracy_budget)
         bundle_dir = output_dir / bundle_name(options.model, target)

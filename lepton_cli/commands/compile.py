@@ -47,6 +47,12 @@ def compile_command(
     bundle_version: Annotated[int, typer.Option("--bundle-version", help="Monotonic bundle version: devices refuse lower versions than they have seen.")] = 0,
     expires: Annotated[Optional[str], typer.Option("--expires", help="Devices refuse the bundle after this ISO 8601 date/time (e.g. 2027-01-31).")] = None,
     archive: Annotated[bool, typer.Option("--archive", help="Also write the bundle as one uncompressed .zip file, read in place.")] = False,
+    no_bench: Annotated[bool, typer.Option("--no-bench", help="Skip the short host latency measurement (source vs compiled).")] = False,
+    bench_seconds: Annotated[float, typer.Option("--bench-seconds", help="Time cap of that measurement (`lepton bench` measures longer).")] = 1.5,
+    max_latency_ratio: Annotated[Optional[float], typer.Option("--max-latency-ratio", help="Gate: exit 3 when compiled p50 / source p50 exceeds this.")] = None,
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="Gate: exit 3 when worse than this earlier report.json (size, accuracy, latency).")] = None,
+    baseline_tolerance: Annotated[float, typer.Option("--baseline-tolerance", help="Tolerance for --baseline, percent (accuracy: points).")] = 5.0,
+    enforce_budgets: Annotated[bool, typer.Option("--enforce-budgets", help="Gate: exit 3 when the target's size or memory budget is missed.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON result document on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ) -> None:
@@ -56,7 +62,8 @@ def compile_command(
     options = CompileOptions(model=model, target=target, output_dir=output, calib=calib, eval=eval_data,
                              input_shapes=input_shape or [], max_accuracy_drop=max_accuracy_drop, seed=seed,
                              sign_key=sign_key, recipients=recipient or [], bundle_version=bundle_version, expires=expires,
-                             archive=archive)
+                             archive=archive, bench=not no_bench, bench_seconds=bench_seconds, max_latency_ratio=max_latency_ratio,
+                             baseline=baseline, baseline_tolerance_pct=baseline_tolerance, enforce_budgets=enforce_budgets)
     note(f"compiling [bold]{model}[/bold] for target [bold]{target}[/bold]")
     result = compile_model(options, progress=_progress, on_warning=warn, on_note=note)
     summary = result.report["summary"]
@@ -76,6 +83,14 @@ def compile_command(
     if accuracy.get("measured"):
         table.add_row(f"{accuracy['metric']} ({accuracy['data']})", f"{accuracy['source_value']:.2f}%",
                       f"{accuracy['value']:.2f}% (drop {accuracy['drop_pct']:.2f}, budget {accuracy['budget_pct']:g})")
+    latency = result.report.get("host_latency") or {}
+    if latency.get("models"):  # issue 7: short host measurement and the target's cost model
+        lat, ratio = latency["models"], latency["ratios"].get("compiled") or {}
+        table.add_row(f"host p50 ({latency['settings']['providers'][0]})", f"{lat['source']['p50_ms']:.3f} ms",
+                      f"{lat['compiled']['p50_ms']:.3f} ms (x{ratio.get('ratio', 0):.3f}, 95% CI {ratio.get('ci_low', 0):.3f}-{ratio.get('ci_high', 0):.3f})")
+    estimates = (result.report.get("cost_model") or {}).get("models") or {}
+    if "latency_ms" in estimates.get("compiled", {}) and "latency_ms" in estimates.get("source", {}):
+        table.add_row(f"est. latency on {result.target.name}", f"{estimates['source']['latency_ms']:.3f} ms", f"{estimates['compiled']['latency_ms']:.3f} ms")
     if not quiet:
         stdout.print(table)
     stdout.print(f"bundle: {result.bundle_dir}" + (f"  (archive {result.archive})" if result.archive else ""))
