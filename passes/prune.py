@@ -26,6 +26,7 @@ tools none; Intel Neural Compressor and Olive prune PyTorch modules only (INC's 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -62,6 +63,7 @@ class PruneParams:
     min_params: int = 2048  # smaller layers are left alone: little to gain, often sensitive (first conv)
     remove_dead: bool = True  # also remove exactly-dead channels in the lossy modes
     refine: bool = True  # after the threshold search, raise single layers one step while the whole still fits
+    time_limit_s: float = 300.0  # search time; layers not measured by then stay unpruned (reported, warned)
     nm_out_multiple: int = 8  # 2:4 qualifies only out % 8 == 0 and in % 16 == 0 (apex ASP, fp16 spMMA)
     nm_in_multiple: int = 16
     without_data: Literal["dead", "apply", "skip"] = "dead"  # lossy mode but no --calib/--eval data
@@ -74,6 +76,8 @@ class PruneParams:
                 raise ParamValueError("max_ratio", f"{op} = {r} must be in [0, 1)")
         if not 0 < self.budget_share <= 1:
             raise ParamValueError("budget_share", f"must be in (0, 1], got {self.budget_share}")
+        if self.time_limit_s <= 0:
+            raise ParamValueError("time_limit_s", f"must be > 0, got {self.time_limit_s}")
         if self.max_samples < 1:
             raise ParamValueError("max_samples", "must be >= 1")
         if self.min_channels < 1:
@@ -203,12 +207,17 @@ class Unit:
 
 
 def search(units: list[Unit], build: Callable[[dict[str, float]], onnx.ModelProto], evaluator: Evaluator,
-           allowed: float, refine: bool = True) -> tuple[dict[str, float], dict[str, Any]]:
+           allowed: float, refine: bool = True, time_limit_s: float = math.inf) -> tuple[dict[str, float], dict[str, Any]]:
     """Per-layer sensitivity, then the largest ratios whose drops fit a threshold, halving it until
     the combination's measured drop is within ``allowed`` points; then (``refine``) raise single
     layers one ratio step while the combination still fits."""
+    deadline = time.perf_counter() + time_limit_s
     sensitivity: dict[str, dict[float, float]] = {}
+    unmeasured = []
     for unit in units:
+        if time.perf_counter() > deadline:
+            unmeasured.append(unit.key)
+            continue
         sensitivity[unit.key] = {}
         for level in unit.levels:
             drop = evaluator.score(build({unit.key: level})).drop_pct
@@ -219,7 +228,7 @@ def search(units: list[Unit], build: Callable[[dict[str, float]], onnx.ModelProt
     for _ in range(THRESHOLD_ROUNDS):
         chosen = {}
         for unit in units:
-            fits = [lv for lv, d in sensitivity[unit.key].items() if d <= threshold]
+            fits = [lv for lv, d in sensitivity.get(unit.key, {}).items() if d <= threshold]
             if fits:
                 chosen[unit.key] = max(fits)
         if not chosen:
@@ -245,18 +254,20 @@ def search(units: list[Unit], build: Callable[[dict[str, float]], onnx.ModelProt
         # kept when the whole combination still fits (one measurement per layer at most).
         steps = []
         for unit in units:
-            higher = [(d, lv) for lv, d in sensitivity[unit.key].items() if lv > chosen.get(unit.key, 0.0) and d <= allowed]
+            higher = [(d, lv) for lv, d in sensitivity.get(unit.key, {}).items() if lv > chosen.get(unit.key, 0.0) and d <= allowed]
             if higher:
                 d, lv = min(higher, key=lambda item: item[1])
                 steps.append((d, unit.key, lv))
         for d, key, level in sorted(steps):
+            if time.perf_counter() > deadline:
+                break
             trial = dict(chosen) | {key: level}
             score = evaluator.score(build(trial))
             if score.drop_pct <= allowed:
                 chosen, combined = trial, score
                 refined.append({"layer": key, "ratio": level, "combined_drop": score.drop_pct})
     return chosen, {"sensitivity": {k: {str(lv): d for lv, d in v.items()} for k, v in sensitivity.items()},
-                    "rounds": rounds, "final_threshold": threshold, "refined": refined,
+                    "rounds": rounds, "final_threshold": threshold, "refined": refined, "unmeasured": unmeasured,
                     "combined": combined.to_dict() if combined is not None and chosen else None}
 
 
@@ -266,7 +277,7 @@ def _why(unit: Unit, sens: dict[float, float], chosen: float | None, threshold: 
         return f"raised to {chosen:g} by the greedy step: the combination still fit the budget (ratio→drop alone: {tried})"
     if chosen:
         return f"largest ratio whose drop alone fits {threshold:.3g} pts (ratio→drop: {tried})"
-    return f"every ratio over {threshold:.3g} pts alone (ratio→drop: {tried})" if sens else "not measured"
+    return f"every ratio over {threshold:.3g} pts alone (ratio→drop: {tried})" if sens else "not measured (search time limit)"
 
 
 # ---- the pass -----------------------------------------------------------------------------
@@ -403,7 +414,7 @@ def _prune_channels(model: onnx.ModelProto, ctx: Any, params: PruneParams, lossy
         def build(choice: dict[str, float]) -> onnx.ModelProto:
             return cg.apply_keep(model, a, keep_for(choice))
 
-        chosen, info = _choose(units, build, evaluator, allowed, params)
+        chosen, info = _choose(units, build, evaluator, allowed, params, ctx)
         keep = keep_for(chosen)
         summary["search"] = info
         summary["decisions"] = [
@@ -429,14 +440,18 @@ def _group_cap(model: onnx.ModelProto, a: cg.ChannelAnalysis, g: int, params: Pr
 
 
 def _choose(units: list[Unit], build: Callable[[dict[str, float]], onnx.ModelProto], evaluator: Evaluator | None,
-            allowed: float, params: PruneParams) -> tuple[dict[str, float], dict[str, Any]]:
+            allowed: float, params: PruneParams, ctx: Any) -> tuple[dict[str, float], dict[str, Any]]:
     if not units:
         return {}, {"note": "no layer qualifies"}
     if not params.search or evaluator is None:
         chosen = {u.key: max(u.levels) for u in units}
         return chosen, {"note": "search disabled: each layer's cap applied without measuring" if not params.search
                         else "no data: each layer's cap applied without measuring (without_data = 'apply')"}
-    return search(units, build, evaluator, allowed, params.refine)
+    chosen, info = search(units, build, evaluator, allowed, params.refine, params.time_limit_s)
+    if info["unmeasured"]:
+        ctx.warn(f"search time limit ({params.time_limit_s:g} s) reached: {len(info['unmeasured'])} of {len(units)} layers "
+                 "not measured and left unpruned; raise time_limit_s or lower max_samples")
+    return chosen, info
 
 
 def _prune_weights(model: onnx.ModelProto, ctx: Any, params: PruneParams, nm: bool,
@@ -448,7 +463,7 @@ def _prune_weights(model: onnx.ModelProto, ctx: Any, params: PruneParams, nm: bo
         levels = [0.5] if nm else sorted({r for r in params.ratios if r <= params.max_ratio.get(layer.op, max(params.ratios))})
         if levels:
             units.append(Unit(layer.name, layer.op, levels))
-    chosen, info = _choose(units, lambda c: apply_weights(model, by_key, c, nm), evaluator, allowed, params)
+    chosen, info = _choose(units, lambda c: apply_weights(model, by_key, c, nm), evaluator, allowed, params, ctx)
     result = apply_weights(model, by_key, chosen, nm)
     inits_b = {t.name: t for t in model.graph.initializer}
     inits_a = {t.name: t for t in result.graph.initializer}

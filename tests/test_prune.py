@@ -516,3 +516,13 @@ def test_surgery_on_light_zoo_graphs_matches_masking(name):
     inp = next(i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
     shape = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
     _surgery_matches_masking(model, {inp.name: np.random.default_rng(1).normal(size=shape).astype(np.float32)})
+
+
+def test_search_time_limit_leaves_layers_unpruned_and_warns():
+    model, calib, _ = _digits()
+    ctx = _ctx(calib=calib, budget=6.0)
+    result = PRUNE.fn(model, ctx, _params(mode="channel", min_params=128, time_limit_s=1e-9))
+    assert result.summary["channels"]["search"]["unmeasured"]
+    assert all(d["ratio"] == 0 and "time limit" in d["why"] for d in result.summary["channels"]["decisions"])
+    assert any("time limit" in w for w in ctx.warnings)
+    assert result.model is model
