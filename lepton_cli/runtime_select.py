@@ -201,7 +201,8 @@ def select_session(models: Mapping[str, bytes], manifest: Mapping[str, Any], *, 
         entries.append(message)
         log.info(message)
 
-    preferred = list(preferred_providers or manifest.get("execution_providers") or [CPU_EP])
+    preferred = list(preferred_providers or manifest.get("execution_providers")
+                     or (manifest.get("target") or {}).get("execution_providers") or [CPU_EP])
     n_threads, why = choose_threads(host, threads)
     record(why)
     variants = manifest_variants(manifest)

@@ -191,7 +191,7 @@ def test_forced_variant_runs_despite_requirements_with_warnings():
     assert "int8 (model.onnx)" in err.value.fix
 
 
-def test_real_bundle_variants_chosen_on_this_host(tmp_path, monkeypatch):
+def test_real_bundle_variants_chosen_on_this_host(tmp_path, monkeypatch, run_cli):
     """Compile a two-variant target into a signed, encrypted bundle, open it, and let this real host choose."""
     bundle = pytest.importorskip("lepton_cli.bundle")  # issue 6; skip in a checkout without it
     from pathlib import Path
@@ -215,3 +215,13 @@ def test_real_bundle_variants_chosen_on_this_host(tmp_path, monkeypatch):
     expected = "vnni" if host.has_isa("avx512_vnni|avx_vnni") else "plain"
     assert selection.variant.name == expected, selection.log
     assert selection.threads == host.usable_cores
+    # The same choice through load_bundle (its _plan_session calls runtime_select) and `lepton run`.
+    loaded = bundle.load_bundle(result.bundle_dir, key=str(keys.path("encryption", "private")),
+                                trust=str(keys.path("signing", "public")), state_path=tmp_path / "state.json")
+    assert loaded.selection.variant.name == expected and loaded.model_path == loaded.selection.variant.path
+    forced = bundle.load_bundle(result.bundle_dir, key=str(keys.path("encryption", "private")),
+                                trust=str(keys.path("signing", "public")), state_path=tmp_path / "state.json", variant="vnni")
+    assert forced.model_path == "model.onnx"
+    ran = run_cli("run", result.bundle_dir, "--inputs", DIGITS / "eval.npz", "--state", tmp_path / "state.json")
+    assert ran.code == 0, ran.stderr
+    assert f"chose variant {expected}" in ran.stderr and "threads" in ran.stderr

@@ -12,29 +12,24 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import BadInputError
 from ..pipeline import LAYOUT_KEY
+from ..runtime_select import Selection, select_session
 from .reader import OpenedBundle, open_bundle
 
 DEFAULT_MODEL = "model.onnx"
 
 
-def _plan_session(opened: OpenedBundle, providers: Sequence[str] | None, variant: str | None = None) -> tuple[str, list[str]]:
-    """Which model path to load and with which execution providers (preference order)."""
-    path = variant or DEFAULT_MODEL
-    if path not in opened.models:
-        raise BadInputError(f"the bundle has no model {path!r}", f"choose one of: {', '.join(sorted(opened.models))}")
-    available = set(ort.get_available_providers())
-    wanted = list(providers) if providers else list(opened.manifest.get("target", {}).get("execution_providers") or [])
-    chosen = [p for p in wanted if p in available]
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
-    return path, chosen
+def _plan_session(opened: OpenedBundle, providers: Sequence[str] | None, variant: str | None = None,
+                  threads: int = 0) -> Selection:
+    """Variant, execution providers and threads for this device, and the opened session (``runtime_select``, issue 8)."""
+    return select_session(opened.models, opened.manifest, preferred_providers=providers, threads=threads or None, only=variant)
 
 
 class BundleSession:
     """An ``InferenceSession`` that takes and returns the source model's layout (NCHW) even when
     the compiled model's I/O is NHWC (``lepton.io_layout.*`` metadata); everything else delegates."""
+
+    selection: Selection | None = None  # set by load_bundle: the variant/EP/thread choice and its log
 
     def __init__(self, session: ort.InferenceSession, manifest: dict[str, Any], model_path: str):
         self.session = session
@@ -68,15 +63,10 @@ def load_bundle(path: str | Path, key: Any = None, trust: Any = None, providers:
 
     key = key if key is not None else os.environ.get(ENV["decrypt"])
     trust = trust if trust is not None else os.environ.get(ENV["trust"])
-    opened = open_bundle(path, key=key, trust=trust, state_path=state_path,
-                         models=[variant or DEFAULT_MODEL])
-    model_path, chosen = _plan_session(opened, providers, variant)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(opened.models.pop(model_path), sess_options=options, providers=chosen)
-    except Exception as exc:  # ORT raises its own types; a signed model that will not load is the publisher's problem
-        raise BadInputError(f"ONNX Runtime cannot load {model_path} from the bundle: {str(exc).splitlines()[0][:200]}",
-                            "check that this ONNX Runtime supports the bundle's target (ops, opset)") from None
-    return BundleSession(session, opened.manifest, model_path)
+    # Every variant is decrypted (in memory): which one runs is decided on the device, by _plan_session.
+    opened = open_bundle(path, key=key, trust=trust, state_path=state_path)
+    selection = _plan_session(opened, providers, variant, threads)
+    opened.models.clear()  # the session holds its own copy; drop the plaintext of every variant
+    bundle_session = BundleSession(selection.session, opened.manifest, selection.variant.path)
+    bundle_session.selection = selection  # what was chosen and why (``lepton run`` prints selection.log)
+    return bundle_session

@@ -67,7 +67,7 @@ def run_command(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the outputs to this .npz.")] = None,
     state: Annotated[Optional[Path], typer.Option("--state", help="Rollback state file (default: bundle-state.json in the Lepton config folder).")] = None,
     provider: Annotated[Optional[list[str]], typer.Option("--provider", help="ONNX Runtime execution provider to prefer (repeatable; default: the target's).")] = None,
-    variant: Annotated[Optional[str], typer.Option("--variant", help="Model path inside the bundle (default: model.onnx).")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", help="Variant name or model path inside the bundle (default: the best one this device can run).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Verify and decrypt the bundle in memory, run it on the inputs, write the outputs (exit 4 if verification fails)."""
@@ -81,6 +81,8 @@ def run_command(
         raise BadInputError(f"--inputs {inputs} does not exist or is not a file", "pass an .npz keyed by input name")
     session = load_bundle(bundle, key=key_spec(key), trust=trust_spec(trust), providers=provider, variant=variant, state_path=state)
     note(f"verified and decrypted {session.model_path} in memory; running on {', '.join(session.get_providers())}")
+    for line in session.selection.log:  # variant / provider / thread choices and every fallback, with reasons
+        note(f"  {line}")
     out_names = [o.name for o in session.get_outputs()]
     labels = None
     if inputs is not None:
@@ -102,6 +104,7 @@ def run_command(
             raise BadInputError(f"cannot write {output}: {exc}", "choose a writable -o path") from None
     doc: dict[str, Any] = {"bundle": str(bundle), "model": session.model_path, "samples": count,
                            "providers": session.get_providers(), "output": str(output) if output else None,
+                           "selection": session.selection.to_dict(),
                            "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in results.items()}}
     first = results[out_names[0]]
     if labels is not None and first.ndim == 2 and len(first) == len(labels):
