@@ -286,9 +286,16 @@ def fuse(model: onnx.ModelProto, ctx, params: FuseParams) -> PassResult:
         )
     before_ops = _ops(model)
     notes: list[str] = []
-    result = _simplify(model, params)
-    if params.fuse_norms:
-        result = _with_opset_for_norms(model, result, params, runtime.opset_max, notes)
+    try:
+        result = _simplify(model, params)
+    except Exception as exc:  # onnxsim's C++ core rejects some graphs (e.g. ops newer than its schemas)
+        ctx.warn(f"onnxsim could not simplify this model ({str(exc).splitlines()[0][:160]}); only Lepton's own folds ran")
+        result = onnx.ModelProto()
+        result.CopyFrom(model)
+        notes.append("onnxsim skipped: " + str(exc).splitlines()[0][:160])
+    else:
+        if params.fuse_norms:
+            result = _with_opset_for_norms(model, result, params, runtime.opset_max, notes)
     constants_to_initializers(result)
     bias_folds = fold_bias_adds(result)
     if params.ort_offline:
