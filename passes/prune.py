@@ -384,8 +384,7 @@ def _prune_channels(model: onnx.ModelProto, ctx: Any, params: PruneParams, lossy
     base_keep = _dead_keep(a, dead, align)
     summary: dict[str, Any] = {
         "groups": len(a.groups()), "prunable_groups": len(a.prunable()), "channel_alignment": align,
-        "dead_channels": {_group_name(model, a, g): int(len(model_keep_removed))
-                          for g, model_keep_removed in ((g, np.setdiff1d(np.arange(a.sizes[g]), k)) for g, k in base_keep.items())},
+        "dead_channels": {_group_name(model, a, g): a.sizes[g] - len(k) for g, k in base_keep.items()},
     }
     keep = dict(base_keep)
     if lossy:
@@ -417,13 +416,13 @@ def _prune_channels(model: onnx.ModelProto, ctx: Any, params: PruneParams, lossy
         chosen, info = _choose(units, build, evaluator, allowed, params, ctx)
         keep = keep_for(chosen)
         summary["search"] = info
-        summary["decisions"] = [
-            {"group": _group_name(model, a, int(u.key)), "channels": [a.sizes[int(u.key)], int(len(keep.get(int(u.key), range(a.sizes[int(u.key)]))))],
-             "ratio": chosen.get(u.key, 0.0),
-             "why": _why(u, info.get("sensitivity", {}).get(u.key, {}) and {float(k): v for k, v in info["sensitivity"][u.key].items()},
-                         chosen.get(u.key), info.get("final_threshold", allowed)) if params.search else "search disabled: cap applied"}
-            for u in units
-        ]
+        summary["decisions"] = []
+        for u in units:
+            g = int(u.key)
+            sens = {float(k): v for k, v in info.get("sensitivity", {}).get(u.key, {}).items()}
+            why = _why(u, sens, chosen.get(u.key), info.get("final_threshold", allowed)) if "sensitivity" in info else info["note"]
+            summary["decisions"].append({"group": _group_name(model, a, g), "ratio": chosen.get(u.key, 0.0),
+                                         "channels": [a.sizes[g], int(len(keep.get(g, range(a.sizes[g]))))], "why": why})
     result = cg.apply_keep(model, a, keep) if keep else model
     return result, summary
 
