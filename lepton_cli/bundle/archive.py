@@ -75,7 +75,10 @@ class FolderSource(BundleSource):
     def open(self, path: str) -> BinaryIO:
         full = self.root / path
         # O_NOFOLLOW: a file swapped for a link after listing is refused, not followed.
-        fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as exc:
+            raise fail(f"{path}: cannot be opened ({exc.strerror}); replaced after listing?") from None
         return os.fdopen(fd, "rb", buffering=0)
 
 

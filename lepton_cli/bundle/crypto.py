@@ -19,6 +19,8 @@ import base64
 import binascii
 import hashlib
 import io
+import queue
+import threading
 from typing import BinaryIO, Iterable
 
 from cryptography.cobblestone import Cobblestone256Decryptor, Cobblestone256Encryptor
@@ -72,18 +74,33 @@ def unwrap_key(entries: list[dict[str, str]], private: EncryptionPrivateKey, bun
     return key
 
 
-def encrypt_bytes(content_key: bytes, context: bytes, data: bytes | memoryview) -> bytes:
-    """Encrypt ``data`` in blocks into one preallocated buffer (no growing copies)."""
+def encrypt_bytes(content_key: bytes, context: bytes, data: bytes | memoryview) -> tuple[bytes, str]:
+    """Encrypt ``data`` block by block into one buffer sized once; returns (ciphertext, its sha256).
+
+    The hash is taken of each block just written, while it is still in cache, and the buffer is
+    handed over by ``BytesIO.getvalue()`` without a copy.
+    """
     view = memoryview(data)
-    out = bytearray(len(view) + len(view) // 4096 + 2 * BLOCK + _SLACK)
+    out = io.BytesIO()
+    out.seek(len(view) + len(view) // 4096 + 2 * BLOCK + _SLACK - 1)
+    out.write(b"\0")
+    buf = out.getbuffer()
+    digest = hashlib.sha256()
     enc = Cobblestone256Encryptor(content_key, context)
     pos = 0
-    for start in range(0, len(view), BLOCK):
-        pos += enc.update_into(view[start:start + BLOCK], memoryview(out)[pos:])
-    tail = enc.finalize()
-    out[pos:pos + len(tail)] = tail
-    del out[pos + len(tail):]
-    return bytes(out)
+    try:
+        for start in range(0, len(view), BLOCK):
+            wrote = enc.update_into(view[start:start + BLOCK], buf[pos:])
+            digest.update(buf[pos:pos + wrote])
+            pos += wrote
+        tail = enc.finalize()
+        buf[pos:pos + len(tail)] = tail
+        digest.update(tail)
+        pos += len(tail)
+    finally:
+        buf.release()
+    out.truncate(pos)
+    return out.getvalue(), digest.hexdigest()
 
 
 def hash_stream(stream: BinaryIO, expected_size: int) -> tuple[str, int]:
@@ -94,6 +111,59 @@ def hash_stream(stream: BinaryIO, expected_size: int) -> tuple[str, int]:
             break  # longer than signed: stop reading, the caller reports the mismatch
         digest.update(block)
     return digest.hexdigest(), total
+
+
+class _HashingReader:
+    """Reads and hashes blocks in a helper thread, one queue slot ahead of the decryptor.
+
+    File reads and ``hashlib`` release the GIL, so on two cores the hash costs no wall time
+    beside the decryption (verify + decrypt is then bounded by the slower of the two, not their
+    sum). Memory: at most ``depth`` blocks in flight.
+    """
+
+    def __init__(self, stream: BinaryIO, limit: int, depth: int = 4):
+        self.digest = hashlib.sha256()
+        self.total = 0
+        self.too_long = False
+        self._stream, self._limit = stream, limit
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lepton-bundle-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                block = self._stream.read(BLOCK)
+                if not block:
+                    break
+                self.total += len(block)
+                if self.total > self._limit:
+                    self.too_long = True
+                    break
+                self.digest.update(block)
+                self._queue.put(block)
+            self._queue.put(None)
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._queue.put(exc)
+
+    def __iter__(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
 
 
 def decrypt_stream(stream: BinaryIO, *, content_key: bytes, context: bytes, cipher_size: int, cipher_sha256: str,
@@ -107,27 +177,23 @@ def decrypt_stream(stream: BinaryIO, *, content_key: bytes, context: bytes, ciph
     buffer.seek(plain_size + BLOCK + _SLACK - 1)
     buffer.write(b"\0")
     view = buffer.getbuffer()
-    digest, total, pos, ok, auth_failed = hashlib.sha256(), 0, 0, False, False
+    pos, ok, auth_failed = 0, False, False
+    reader = _HashingReader(stream, cipher_size)
     try:
         dec = Cobblestone256Decryptor(content_key, context)
-        while block := stream.read(BLOCK):
-            total += len(block)
-            if total > cipher_size:
-                raise fail(f"{path}: longer than the signed size ({cipher_size} bytes): trailing data")
-            digest.update(block)
+        for block in reader:
             if not auth_failed:
                 try:
                     pos += dec.update_into(block, view[pos:])
                 except InvalidTag:
                     auth_failed = True  # keep hashing: a modified file is reported as such
-        if total != cipher_size or digest.hexdigest() != cipher_sha256:
+        if reader.too_long:
+            raise fail(f"{path}: longer than the signed size ({cipher_size} bytes): trailing data")
+        if reader.total != cipher_size or reader.digest.hexdigest() != cipher_sha256:
             raise fail(f"{path}: content does not match the signed sha256 (modified or truncated)")
-        try:
-            if auth_failed:
-                raise InvalidTag()
-            tail = dec.finalize()
-        except InvalidTag:
-            raise fail(f"{path}: decryption failed authentication (wrong key, context or tampered data)") from None
+        if auth_failed:
+            raise InvalidTag()
+        tail = dec.finalize()
         view[pos:pos + len(tail)] = tail
         pos += len(tail)
         if pos != plain_size:
@@ -138,6 +204,7 @@ def decrypt_stream(stream: BinaryIO, *, content_key: bytes, context: bytes, ciph
     except ValueError as exc:  # update_into on malformed input
         raise fail(f"{path}: malformed ciphertext ({exc})") from None
     finally:
+        reader.close()
         if not ok:
             view[:] = bytes(len(view))  # unauthenticated plaintext never outlives the failure
         view.release()

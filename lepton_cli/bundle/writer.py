@@ -25,8 +25,8 @@ from .manifest import ENCRYPTION_SCHEME, FORMAT, FORMAT_VERSION, MANIFEST, SIGNA
 ENCRYPTED_SUFFIX = ".enc"
 
 
-def _entry(path: str, data: bytes, role: str, **extra: Any) -> dict[str, Any]:
-    return {"path": path, "role": role, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), **extra}
+def _entry(path: str, data: bytes, role: str, digest: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"path": path, "role": role, "size": len(data), "sha256": digest or hashlib.sha256(data).hexdigest(), **extra}
 
 
 def check_bundle_options(version: int, expires: str | None) -> None:
@@ -53,8 +53,8 @@ def build(dest_dir: Path, *, models: dict[str, bytes], plain_files: dict[str, by
     table = []
     for plain_path, data in sorted(models.items()):
         path = check_path(plain_path + ENCRYPTED_SUFFIX, "bundle writer")
-        files[path] = crypto.encrypt_bytes(content_key, crypto.file_context(bundle_id, path), data)
-        table.append(_entry(path, files[path], "model", encrypted=True, plain_path=plain_path, plain_size=len(data)))
+        files[path], digest = crypto.encrypt_bytes(content_key, crypto.file_context(bundle_id, path), data)
+        table.append(_entry(path, files[path], "model", digest, encrypted=True, plain_path=plain_path, plain_size=len(data)))
     for path, data in sorted(plain_files.items()):
         check_path(path, "bundle writer")
         files[path] = data
@@ -74,7 +74,8 @@ def build(dest_dir: Path, *, models: dict[str, bytes], plain_files: dict[str, by
         "files": table,
     }
     files[MANIFEST] = (json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n").encode()
-    digests = {path: hashlib.sha256(data).hexdigest() for path, data in files.items()}
+    digests = {entry["path"]: entry["sha256"] for entry in table}  # each file hashed once
+    digests[MANIFEST] = hashlib.sha256(files[MANIFEST]).hexdigest()
     files[SIGNATURE] = signing.sign(dest_dir.name, digests, signing_key)
     return files
 
