@@ -16,7 +16,7 @@ from lepton_cli.targets import Budgets, Hardware, load_target
 
 HW = Hardware(peak_int8_tops=4.0, peak_fp16_tflops=2.0, peak_fp32_tflops=1.0, memory_bandwidth_gbps=100.0, memory_mb=1024,
               preferred_layout="NCHW", channel_alignment=1, cores=4)
-IDEAL = Efficiency(compute=1.0, grouped_compute=1.0, memory=1.0, node_overhead_us=0.0)
+IDEAL = Efficiency(compute=1.0, grouped_compute=1.0, memory=1.0, cache_bandwidth=1.0, node_overhead_us=0.0)
 
 
 def _matmul(m: int, k: int, n: int) -> onnx.ModelProto:
