@@ -179,3 +179,27 @@ def test_bench_cli_bad_usage_exits_2(run_cli, args, needle):
 def test_bench_missing_file_exits_2(run_cli, tmp_path):
     res = run_cli("bench", tmp_path / "nope.onnx")
     assert res.code == 2 and "does not exist" in res.stderr
+
+
+def test_bench_a_bundle_against_its_source(run_cli, tmp_path):
+    """A compiled bundle is opened (dev keys in the test's LEPTON_HOME), its target's cost model applies."""
+    done = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", "cpu-avx", "-o", tmp_path, "--no-bench", "--json")
+    assert done.code == 0, done.stderr
+    bundle = json.loads(done.stdout)["bundle"]
+    res = run_cli("bench", bundle, "--against", DIGITS / "digits_cnn.onnx", "--runs", "3", "--warmup", "0", "--threads", "1",
+                  "--calib", DIGITS / "calib.npz", "--json")
+    assert res.code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    kinds = {s["label"]: s["kind"] for s in doc["subjects"]}
+    assert sorted(kinds.values()) == ["bundle", "model"] and doc["target"] == "cpu-avx"
+    assert doc["host_latency"]["base"] == "digits_cnn.onnx" and set(doc["cost_model"]["models"]) == set(kinds)
+
+
+def test_bench_dynamic_dims_without_shapes_exit_2(run_cli, tmp_path):
+    model = onnx.load(DIGITS / "digits_cnn.onnx")
+    for dim in model.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_param = "side"  # free spatial dims: random inputs cannot guess them
+    path = tmp_path / "dynamic.onnx"
+    onnx.save(model, path)
+    res = run_cli("bench", path, "--runs", "2")
+    assert res.code == 2 and "--input-shape" in res.stderr

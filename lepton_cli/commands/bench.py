@@ -22,7 +22,7 @@ from ..errors import BadInputError, QualityGateError
 from ..model_io import load_model
 from ..report import apply_gates
 from ..report_render import append_step_summary, render_html, render_markdown
-from ..shapes import bind_input_shapes, graph_inputs, parse_input_shapes, unbound_dims
+from ..shapes import bind_input_shapes, graph_inputs, parse_input_shapes, require_static
 from ..targets import Target, load_target
 
 BENCH_FORMAT = "lepton-bench/1"
@@ -97,9 +97,7 @@ def run_bench(subjects: list[Subject], *, target: Target | None, rule: measure.S
             note(f"input {sig.name}: dynamic batch dim measured at 1 (use --input-shape to choose)")
     models = [_bind(s.model, shapes) for s in subjects]
     for s, m in zip(subjects, models):
-        if unbound_dims(m):
-            raise BadInputError(f"{s.label} has dynamic input dims {', '.join(unbound_dims(m))}: the measurement needs fixed sizes",
-                                "pass --input-shape NAME=1,3,640,640 (your real sizes) or --calib/--eval data")
+        require_static(m, f"measuring {s.label}")  # exit 2 naming each free dim and an --input-shape to bind it
     feeds = measure.make_feeds(models[0], samples, role, seed=seed, dims=shapes or None)
     latency, warnings = measure.latency_section(
         {s.label: m for s, m in zip(subjects, models)}, feeds, rule,
