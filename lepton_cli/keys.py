@@ -107,7 +107,7 @@ def generate_keys(folder: Path, *, overwrite: bool = False) -> KeySet:
     folder = Path(folder)
     existing = [folder / name for name in KEY_FILES.values() if (folder / name).exists()]
     if existing and not overwrite:
-        raise BadInputError(f"{existing[0]} already exists", "choose another --dir, or move the old keys away first")
+        raise BadInputError(f"{existing[0]} already exists", "choose another --dir, or pass --force to replace the keys (bundles made for the old ones stop opening)")
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:

@@ -114,6 +114,13 @@ def empty_signature(c: Ctx) -> list:
     return c.run()
 
 
+def signature_extra_field(c: Ctx) -> list:  # the signed content is intact; model.sig itself was edited
+    doc = json.loads((c.bundle / "model.sig").read_text())
+    doc["dsseEnvelope"]["signatures"][0]["keyid"] = "attacker"
+    (c.bundle / "model.sig").write_text(json.dumps(doc))
+    return c.run()
+
+
 def untrusted_signer(c: Ctx) -> list:
     resign(c.bundle, c.other)  # a valid signature, by a key the device does not trust
     return c.run()
@@ -245,6 +252,7 @@ CASES: list[tuple[str, Callable[[Ctx], list], int, str]] = [
     ("renamed file", renamed, 4, "report2.json"),
     ("removed signature", _missing("model.sig"), 4, "unsigned"),
     ("empty signature", empty_signature, 4, "model.sig is empty"),
+    ("edited model.sig, signed content intact", signature_extra_field, 4, "keyid"),
     ("signed by an untrusted key", untrusted_signer, 4, "another key"),
     ("verified with the wrong trusted key", untrusted_trust, 4, "another key"),
     ("signing key used as recipient", signing_key_as_recipient, 2, "encryption key is needed"),

@@ -103,7 +103,8 @@ def validate(doc: Any) -> dict[str, Any]:
     _require(isinstance(doc.get("target"), dict) and isinstance(doc["target"].get("name"), str), "target.name missing")
     files = doc.get("files")
     _require(isinstance(files, list) and files, "files must be a non-empty list")
-    seen = set()
+    seen: set[str] = set()
+    plain_paths: set[str] = set()
     for index, entry in enumerate(files):
         where = f"manifest.json files[{index}]"
         _require(isinstance(entry, dict), f"files[{index}] is not an object")
@@ -115,7 +116,9 @@ def validate(doc: Any) -> dict[str, Any]:
         _require(isinstance(entry.get("sha256"), str) and _HEX64.fullmatch(entry["sha256"]) is not None, f"files[{index}]: sha256 must be 64 hex digits")
         _require(isinstance(entry.get("encrypted"), bool), f"files[{index}]: encrypted must be true or false")
         if entry["encrypted"]:
-            check_path(entry.get("plain_path"), where)
+            plain = check_path(entry.get("plain_path"), where)
+            _require(plain not in plain_paths, f"files[{index}]: plain_path {plain!r} appears twice")
+            plain_paths.add(plain)
             _require(_is_int(entry.get("plain_size")) and 0 <= entry["plain_size"] <= entry["size"], f"files[{index}]: plain_size invalid")
     enc = doc.get("encryption")
     _require(isinstance(enc, dict), "encryption header missing")

@@ -9,8 +9,9 @@ hint = sha256 of the PEM public key) and ``verifying.py`` (its ``verify key`` co
 resource digests). We write the same JSON without depending on that package (it pulls in
 sigstore, pydantic, pyOpenSSL); an optional test runs the real ``model_signing verify key``.
 
-Our verifier is stricter than theirs: exactly one signature, the hint must match the trusted
-key when present, strict base64, and it returns the resource table for the reader to check
+Our verifier is stricter than theirs: exactly the structure we write (so any edit of model.sig
+fails, not only edits of what it signs), one signature, the key hint must match the trusted key,
+canonical base64, and it returns the resource table for the reader to check
 against the files actually present (extra files fail, dotfiles included).
 """
 from __future__ import annotations
@@ -86,9 +87,19 @@ def _b64(value: object, what: str) -> bytes:
     if not isinstance(value, str):
         raise fail(f"model.sig: {what} is not a base64 string")
     try:
-        return base64.b64decode(value, validate=True)
+        raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise fail(f"model.sig: {what} is not valid base64") from None
+    if base64.b64encode(raw).decode() != value:  # non-canonical padding bits: a modified file
+        raise fail(f"model.sig: {what} is not canonical base64 (modified)")
+    return raw
+
+
+def _exact_keys(obj: object, keys: set[str], what: str) -> dict:
+    """model.sig is written only by us: any other structure is a modified file."""
+    if not isinstance(obj, dict) or set(obj) != keys:
+        raise fail(f"model.sig: unexpected structure in {what} (modified, or not written by Lepton)")
+    return obj
 
 
 def verify(sig_bytes: bytes, trusted: SigningPublicKey) -> dict[str, str]:
@@ -96,19 +107,22 @@ def verify(sig_bytes: bytes, trusted: SigningPublicKey) -> dict[str, str]:
     doc = parse_json(sig_bytes, "model.sig")
     if not isinstance(doc, dict) or doc.get("mediaType") != BUNDLE_MEDIA_TYPE:
         raise fail("model.sig is not a Sigstore bundle v0.3 (wrong or missing mediaType)")
-    material = doc.get("verificationMaterial")
-    envelope = doc.get("dsseEnvelope")
-    if not isinstance(material, dict) or not isinstance(envelope, dict):
-        raise fail("model.sig lacks verificationMaterial or dsseEnvelope")
-    hint = material["publicKey"].get("hint") if isinstance(material.get("publicKey"), dict) else None
-    if hint is not None and hint != key_hint(trusted):
+    _exact_keys(doc, {"mediaType", "verificationMaterial", "dsseEnvelope"}, "the bundle")
+    material = _exact_keys(doc["verificationMaterial"], {"publicKey", "tlogEntries"}, "verificationMaterial")
+    envelope = _exact_keys(doc["dsseEnvelope"], {"payload", "payloadType", "signatures"}, "dsseEnvelope")
+    hint = _exact_keys(material["publicKey"], {"hint"}, "publicKey")["hint"]
+    if material["tlogEntries"] != []:
+        raise fail("model.sig: unexpected transparency-log entries (modified, or not written by Lepton)")
+    if hint != key_hint(trusted):
         raise fail(f"model.sig was made by another key than the trusted one ({key_id(trusted)})",
                    "pass the publisher's signing public key with --trust, or do not use this bundle")
     if envelope.get("payloadType") != PAYLOAD_TYPE:
         raise fail("model.sig: DSSE payloadType is not in-toto JSON")
     signatures = envelope.get("signatures")
-    if not isinstance(signatures, list) or len(signatures) != 1 or not isinstance(signatures[0], dict):
+    if not isinstance(signatures, list) or len(signatures) != 1:
         raise fail("model.sig must hold exactly one signature")
+    if _exact_keys(signatures[0], {"sig", "keyid"}, "the signature")["keyid"] != "":
+        raise fail("model.sig: unexpected keyid (modified, or not written by Lepton)")
     payload = _b64(envelope.get("payload"), "payload")
     signature = _b64(signatures[0].get("sig"), "signature")
     try:
