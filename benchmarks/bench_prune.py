@@ -184,6 +184,10 @@ def print_table(rows: list[dict]) -> None:
         drops = f"{r['search_drop'] if r['search_drop'] is not None else '-'}/{held if held is not None else '-'}"
         print(f"{r['case']:<22} {r['target']:<9} {str(r['mode']):<9} {_fmt(r['params']):<32} {_fmt(r['macs']):<40} {drops:<18} "
               f"{'ok' if r['ort_ok'] else 'FAIL':<4} {r['seconds']:>6}")
+        if r["reported_params"] and r["reported_params"][0] != r["reported_params"][1]:
+            same = (r["params"][0] - r["params"][1] == r["reported_params"][0] - r["reported_params"][1]
+                    and r["macs"] == r["reported_macs"])
+            print(f"    the pass's report matches the model (params removed, MACs before/after): {same}")
         if r.get("pattern_ok") is not None:
             print(f"    2:4 pattern verified on {r['pruned_layers_2_4_or_sparse']} tensors: {r['pattern_ok']}")
         if r["sparse_bytes"] and r["sparse_bytes"][0]:
