@@ -8,6 +8,7 @@ common-subexpression and dead-node elimination, and fuses the textbook LayerNorm
 the model's opset is exactly 17: its matcher reads ReduceMean's ``axes`` attribute, an input from
 opset 18) and Gelu (opset >= 20). We therefore only write by hand what it leaves:
 
+* inference Dropouts that declare an (unread) mask output, which onnxsim keeps;
 * an Add of a per-channel constant after a Conv that already has a bias (e.g. after BN folding),
   and an Add of a constant after a Gemm (folded into C);
 * the opset bump that lets the LayerNormalization / Gelu fusions fire when the target's
@@ -217,6 +218,52 @@ def fold_bias_adds(model: onnx.ModelProto) -> int:
     return folded
 
 
+def remove_inference_dropouts(model: onnx.ModelProto) -> int:
+    """Drop inference-mode Dropouts whose mask output nobody reads.
+
+    onnxsim's ``eliminate_nop_dropout`` keeps a Dropout that declares its mask output (the light
+    zoo's, after the opset-9 → 13 upgrade), even when nothing reads the mask.
+    """
+    graph = model.graph
+    g = _Graph(graph)
+    removed = 0
+    for node in list(graph.node):
+        if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx"):
+            continue
+        training = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if training is not None and (g.const(training) is None or bool(g.const(training))):
+            continue
+        if len(node.output) > 1 and node.output[1] and g.uses[node.output[1]] + (node.output[1] in g.outputs) > 0:
+            continue
+        out, source = node.output[0], node.input[0]
+        if out in g.outputs or _read_in_subgraph(graph, out):
+            identity = helper_identity(source, out, node.name)
+            graph.node.insert(list(graph.node).index(node), identity)
+        else:
+            for other in graph.node:
+                for k, name in enumerate(other.input):
+                    if name == out:
+                        other.input[k] = source
+        graph.node.remove(node)
+        removed += 1
+    if removed:
+        _drop_unused_initializers(model)
+    return removed
+
+
+def helper_identity(source: str, out: str, name: str) -> onnx.NodeProto:
+    return onnx.helper.make_node("Identity", [source], [out], name=name)
+
+
+def _read_in_subgraph(graph: onnx.GraphProto, name: str) -> bool:
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                if any(name in n.input for n in sub.node) or _read_in_subgraph(sub, name):
+                    return True
+    return False
+
+
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     for node in model.graph.node:
@@ -251,7 +298,18 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     if moved:
         del graph.node[:]
         graph.node.extend(keep)
+        list_initializers_as_inputs(model)
     return moved
+
+
+def list_initializers_as_inputs(model: onnx.ModelProto) -> None:
+    """IR < 4 requires every initializer to be a graph input too (old pytorch exports are IR 3)."""
+    if model.ir_version >= 4:
+        return
+    listed = {i.name for i in model.graph.input}
+    for tensor in model.graph.initializer:
+        if tensor.name not in listed:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
 
 
 # ---- ONNX Runtime offline graph ---------------------------------------------------------------
@@ -297,7 +355,9 @@ def fuse(model: onnx.ModelProto, ctx, params: FuseParams) -> PassResult:
         if params.fuse_norms:
             result = _with_opset_for_norms(model, result, params, runtime.opset_max, notes)
     constants_to_initializers(result)
+    dropouts = remove_inference_dropouts(result)
     bias_folds = fold_bias_adds(result)
+    list_initializers_as_inputs(result)
     if params.ort_offline:
         result = ort_offline_graph(result, ctx.work_dir)
         notes.append("ONNX Runtime offline graph (ORT_ENABLE_EXTENDED, CPU EP)")
@@ -307,7 +367,7 @@ def fuse(model: onnx.ModelProto, ctx, params: FuseParams) -> PassResult:
     summary = {
         "nodes_before": sum(before_ops.values()), "nodes_after": sum(after_ops.values()),
         "removed_ops": dict(sorted(removed.items())), "added_ops": dict(sorted(added.items())),
-        "bias_adds_folded": bias_folds, "opset": _opset(result), "ort_offline": params.ort_offline,
+        "bias_adds_folded": bias_folds, "dropouts_removed": dropouts, "opset": _opset(result), "ort_offline": params.ort_offline,
     }
     if notes:
         summary["notes"] = notes

@@ -40,7 +40,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from lepton_cli.params import ParamValueError
-from lepton_cli.passes.fuse import constants_to_initializers
+from lepton_cli.passes.fuse import constants_to_initializers, list_initializers_as_inputs
 from lepton_cli.pass_registry import PassResult, register_pass, tolerance
 
 LAYOUT_KEY = "lepton.io_layout."  # same key as lepton_cli.pipeline.LAYOUT_KEY
@@ -262,6 +262,15 @@ class _Transposer:
             composed = tuple(p1[i] for i in p2)
             source = t1.input[0]
             if composed == tuple(range(len(composed))):
+                producer = self.producer.get(source)
+                only_path = (len(self.consumers.get(source, [])) == 1 and len(self.consumers.get(t1.output[0], [])) == 1
+                             and source not in self.protected and t1.output[0] not in self.protected)
+                if t2.output[0] in self.protected and producer is not None and only_path:
+                    # x → P → T1 → T2 → graph output: P writes the graph output itself
+                    producer.output[list(producer.output).index(source)] = t2.output[0]
+                    self.g.node.remove(t2)
+                    self.g.node.remove(t1)
+                    return True
                 if t2.output[0] in self.protected:
                     t2.op_type = "Identity"
                     del t2.attribute[:]
@@ -489,7 +498,8 @@ class _Padder:
             scattered[tuple(index)] = w
             w = scattered
             self.stats["input_channels_padded"] += 1
-        target = _aligned(cout, self.align)
+        # A conv that writes a graph output keeps its channel count: padding would be sliced off at once.
+        target = cout if node.output[0] in self.protected else _aligned(cout, self.align)
         cmap = None
         if target > cout:
             pad = [(0, 0)] * w.ndim
@@ -650,4 +660,5 @@ def layout_transform(model: onnx.ModelProto, ctx, params: LayoutParams) -> PassR
         summary["padding"] = pad_channels(result, align)
     if params.io_layout == "NHWC":
         summary["io"] = channels_last_io(result)
+    list_initializers_as_inputs(result)
     return PassResult(result, summary)

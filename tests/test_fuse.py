@@ -1,0 +1,178 @@
+"""fuse: the graph changes the way the targets need (BN gone, weights folded, LayerNorm/Gelu fused,
+bias Adds folded), outputs stay within the declared tolerance, and the ORT-offline option is
+refused on portable targets."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import DIGITS, LIGHT_DIR, OCR_REC, needs_ocr
+from lepton_cli.errors import BadInputError
+from lepton_cli.model_io import load_model, upgrade_opset
+from lepton_cli.ort import make_session, random_feed
+from lepton_cli.pass_registry import get_pass
+from lepton_cli.pipeline import PassContext
+from lepton_cli.shapes import bind_input_shapes, graph_inputs
+from lepton_cli.targets import load_target
+
+from lepton_cli.passes.fuse import FuseParams  # noqa: E402  (installed from passes/)
+
+
+def _fuse(model: onnx.ModelProto, target: str = "cpu-avx", tmp_path=None, **params) -> tuple[onnx.ModelProto, dict]:
+    ctx = PassContext(target=load_target(target), **({"work_dir": tmp_path} if tmp_path else {}))
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    result = get_pass("fuse").fn(copy, ctx, FuseParams(**params))
+    onnx.checker.check_model(result.model)
+    return result.model, result.summary
+
+
+def _ops(model: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def _assert_same(before: onnx.ModelProto, after: onnx.ModelProto, dims=None, rtol=1e-4, atol=1e-5) -> None:
+    feed = random_feed(graph_inputs(before), np.random.default_rng(0), dims)
+    want = make_session(before).run(None, feed)
+    have = make_session(after).run(None, feed)
+    for w, h in zip(want, have):
+        np.testing.assert_allclose(h, w, rtol=rtol, atol=atol)
+
+
+def _real(path, target="cpu-avx", shapes=None) -> onnx.ModelProto:
+    t = load_target(target)
+    model, _ = upgrade_opset(load_model(path).model, t.runtime.opset_min, t.runtime.opset_max)
+    return bind_input_shapes(model, shapes) if shapes else model
+
+
+def test_digits_batchnorm_folded_into_conv():
+    model = _real(DIGITS / "digits_cnn.onnx")
+    assert _ops(model)["BatchNormalization"] > 0
+    fused, summary = _fuse(model, "edge-arm")
+    assert _ops(fused)["BatchNormalization"] == 0
+    assert summary["removed_ops"]["BatchNormalization"] == _ops(model)["BatchNormalization"]
+    _assert_same(model, fused)
+
+
+def test_squeezenet_constant_weights_and_dropout_folded():
+    model = _real(LIGHT_DIR / "light_squeezenet.onnx")
+    fused, summary = _fuse(model, "fpga")
+    ops = _ops(fused)
+    assert ops["ConstantOfShape"] == 0 and ops["Dropout"] == 0 and ops["Identity"] == 0
+    assert ops["Conv"] == _ops(model)["Conv"]  # every conv kept, weights now initializers
+    assert summary["nodes_after"] < summary["nodes_before"]
+    _assert_same(model, fused)
+
+
+def test_densenet_bn_as_mul_add_folds_into_conv_bias():
+    """densenet's BN after the conv is Mul+Add: onnxsim folds the Mul; we fold the Add into the bias."""
+    model = _real(LIGHT_DIR / "light_densenet121.onnx")
+    fused, summary = _fuse(model)
+    assert summary["bias_adds_folded"] > 0
+    conv_outputs = {n.output[0] for n in fused.graph.node if n.op_type == "Conv"}
+    inits = {t.name for t in fused.graph.initializer}
+    # no Add of a constant directly after a Conv is left
+    assert not [n for n in fused.graph.node if n.op_type == "Add" and n.input[0] in conv_outputs and n.input[1] in inits]
+    _assert_same(model, fused)
+
+
+def test_fold_limit_keeps_huge_constants_unfolded():
+    model = _real(LIGHT_DIR / "light_bvlc_alexnet.onnx")
+    small, _ = _fuse(model, fold_limit_mb=1.0)
+    assert _ops(small)["ConstantOfShape"] > 0  # the big FC weights stay cheap to store
+    assert small.ByteSize() < 20e6
+
+
+def _graph(nodes, inits, opset, inputs, out_rank):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [f"d{i}" for i in range(out_rank)])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_conv_with_bias_then_add_and_gemm_then_add_fold():
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "cb"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("Gemm", ["f", "gw"], ["g"], transB=1),
+             helper.make_node("Add", ["gb", "g"], ["y"])]
+    inits = {"w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32),
+             "cb": rng.normal(size=(1, 4, 1, 1)).astype(np.float32), "gw": rng.normal(size=(5, 4 * 8 * 8)).astype(np.float32),
+             "gb": rng.normal(size=(5,)).astype(np.float32)}
+    model = _graph(nodes, inits, 13, [("x", [2, 3, 8, 8])], 2)
+    fused, summary = _fuse(model)
+    assert _ops(fused)["Add"] == 0 and summary["bias_adds_folded"] == 2
+    _assert_same(model, fused)
+
+
+def _layer_norm_nodes(axes_as_input: bool):
+    def mean(src, dst):
+        if axes_as_input:
+            return helper.make_node("ReduceMean", [src, "axes"], [dst])
+        return helper.make_node("ReduceMean", [src], [dst], axes=[-1])
+    return [mean("x", "m"), helper.make_node("Sub", ["x", "m"], ["d"]), helper.make_node("Pow", ["d", "two"], ["d2"]),
+            mean("d2", "v"), helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["s"]),
+            helper.make_node("Div", ["d", "s"], ["n"]), helper.make_node("Mul", ["n", "g"], ["ng"]),
+            helper.make_node("Add", ["ng", "b"], ["y"])]
+
+
+def test_layer_norm_fused_by_raising_opset_within_the_target():
+    rng = np.random.default_rng(2)
+    inits = {"two": np.array(2, np.float32), "eps": np.array(1e-5, np.float32),
+             "g": rng.normal(size=16).astype(np.float32), "b": rng.normal(size=16).astype(np.float32)}
+    model = _graph(_layer_norm_nodes(False), inits, 13, [("x", [2, 7, 16])], 3)
+    fused, summary = _fuse(model, "edge-arm")  # opset_max 19 allows LayerNormalization (17)
+    assert _ops(fused)["LayerNormalization"] == 1 and summary["opset"] == 17
+    _assert_same(model, fused)
+    not_fused, _ = _fuse(model, "edge-arm", fuse_norms=False)
+    assert _ops(not_fused)["LayerNormalization"] == 0
+
+
+def test_gelu_fused_only_where_the_target_has_opset_20():
+    half = {"sq2": np.array(np.sqrt(2), np.float32), "one": np.array(1, np.float32), "half": np.array(0.5, np.float32)}
+    nodes = [helper.make_node("Div", ["x", "sq2"], ["a"]), helper.make_node("Erf", ["a"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["f"]), helper.make_node("Mul", ["x", "f"], ["p"]),
+             helper.make_node("Mul", ["p", "half"], ["y"])]
+    model = _graph(nodes, half, 13, [("x", [2, 7, 16])], 3)
+    on_cpu, summary = _fuse(model, "cpu-avx")  # opset_max 21
+    assert _ops(on_cpu)["Gelu"] == 1 and summary["opset"] == 20
+    _assert_same(model, on_cpu)
+    on_tpu, _ = _fuse(model, "tpu")  # opset_max 17: no Gelu op there
+    assert _ops(on_tpu)["Gelu"] == 0 and _ops(on_tpu)["Erf"] == 1
+
+
+@needs_ocr
+def test_ppocr_rec_layer_norms_fused_on_edge_arm():
+    model = _real(OCR_REC, "edge-arm", {"x": [1, 3, 48, 320]})
+    fused, summary = _fuse(model, "edge-arm")
+    assert _ops(fused)["LayerNormalization"] == 5
+    assert _ops(fused)["BatchNormalization"] == 0 and _ops(fused)["Constant"] == 0
+    _assert_same(model, fused)
+
+
+def test_ort_offline_refused_on_portable_targets():
+    model = _real(DIGITS / "digits_cnn.onnx")
+    with pytest.raises(BadInputError, match="ort_offline"):
+        _fuse(model, "fpga", ort_offline=True)
+
+
+def test_ort_offline_emits_ort_fused_graph_on_cpu_avx(tmp_path):
+    model = _real(DIGITS / "digits_cnn.onnx")
+    fused, summary = _fuse(model, "cpu-avx", tmp_path, ort_offline=True)
+    assert summary["ort_offline"] is True
+    assert any(n.domain == "com.microsoft" for n in fused.graph.node)  # e.g. FusedConv (Conv+Relu)
+    _assert_same(model, fused)
+
+
+def test_fuse_params_validated_from_toml():
+    from lepton_cli.params import from_table
+
+    with pytest.raises(BadInputError, match="fold_limit_mb"):
+        from_table(FuseParams, {"fold_limit_mb": 0}, "passes[0] (fuse)")
+    with pytest.raises(BadInputError, match="ort_offlin"):
+        from_table(FuseParams, {"ort_offlin": True}, "passes[0] (fuse)")
