@@ -19,6 +19,9 @@ from typing import BinaryIO
 from .manifest import fail
 
 ARCHIVE_SUFFIX = ".zip"
+_EPOCH = (1980, 1, 1, 0, 0, 0)
+_FILE_ATTR = (stat.S_IFREG | 0o644) << 16
+_DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01
 _MAX_ENTRIES = 4096
 
 
@@ -117,6 +120,45 @@ class ZipSource(BundleSource):
                 self.close()
                 raise fail(f"archive entry {info.filename!r} {problem}")
             self._sizes[info.filename] = info.file_size
+        try:
+            self._check_layout(infos)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_layout(self, infos: list[zipfile.ZipInfo]) -> None:
+        """Exactly the layout ``write_archive`` produces: members back to back from offset 0, the
+        central directory right after them, fixed metadata, local headers equal to the central ones.
+        Zip metadata is not signed, so an edit there must fail too."""
+        offset = 0
+        for info in sorted(infos, key=lambda i: i.header_offset):
+            if (info.date_time != _EPOCH or info.external_attr != _FILE_ATTR or info.extra or info.comment
+                    or info.flag_bits & ~0x800 or info.header_offset != offset or info.internal_attr or info.volume
+                    or (info.create_system, info.create_version, info.extract_version) != (3, 20, 20)):
+                raise fail(f"archive entry {info.filename!r} has unexpected metadata (modified, or not written by Lepton)")
+            self._handle.seek(offset)
+            header = self._handle.read(30)
+            if len(header) != 30:
+                raise fail("archive truncated")
+            (magic, version, system, flags, method, mtime, mdate, crc, csize, usize, nlen, elen) = struct.unpack("<4s2B4HL2L2H", header)
+            name = self._handle.read(nlen)
+            expected_name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+            if (magic != b"PK\x03\x04" or (version, system) != (20, 0) or flags != info.flag_bits or method != info.compress_type or crc != info.CRC
+                    or csize != info.compress_size or usize != info.file_size or elen != 0 or name != expected_name
+                    or (mtime, mdate) != (0, _DOS_DATE)):
+                raise fail(f"archive entry {info.filename!r}: local header differs from the directory (modified)")
+            offset += 30 + nlen + info.compress_size
+        # The central directory and end record, rebuilt from the members as write_archive writes
+        # them (APPNOTE 4.3.12 / 4.3.16; no zip64, extra fields or comments), must match byte for byte.
+        directory = b"".join(
+            struct.pack("<4s4B4HL2L5H2L", b"PK\x01\x02", 20, 3, 20, 0, info.flag_bits, 0, 0, _DOS_DATE, info.CRC,
+                        info.compress_size, info.file_size, len(info.orig_filename.encode()), 0, 0, 0, 0, _FILE_ATTR,
+                        info.header_offset) + info.orig_filename.encode()
+            for info in infos)
+        directory += struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(infos), len(infos), len(directory), offset, 0)
+        self._handle.seek(offset)
+        if self._handle.read(len(directory) + 1) != directory:
+            raise fail("archive directory differs from its members (modified, or not written by Lepton)")
 
     def _check_framing(self, path: Path) -> None:
         size = os.fstat(self._handle.fileno()).st_size
@@ -187,8 +229,8 @@ def write_archive(bundle_dir: Path, dest: Path) -> Path:
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
             for file in sorted(p for p in bundle_dir.rglob("*") if p.is_file()):
-                info = zipfile.ZipInfo(file.relative_to(bundle_dir).as_posix(), date_time=(1980, 1, 1, 0, 0, 0))
-                info.external_attr = (stat.S_IFREG | 0o644) << 16
+                info = zipfile.ZipInfo(file.relative_to(bundle_dir).as_posix(), date_time=_EPOCH)
+                info.external_attr = _FILE_ATTR
                 with file.open("rb") as src, zf.open(info, "w", force_zip64=file.stat().st_size > 2**31) as out:
                     while block := src.read(1 << 20):
                         out.write(block)
