@@ -20,6 +20,7 @@ scipy is not a dependency, and the percentile bootstrap here is a few lines of n
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -132,11 +133,19 @@ def bootstrap_p50_ratio(base: Sequence[float], candidate: Sequence[float], *, re
     idx_b = idx_a if paired else rng.integers(0, b.size, size=(resamples, b.size))
     ratios = np.median(b[idx_b], axis=1) / np.median(a[idx_a], axis=1)
     tail = (1 - confidence) / 2 * 100
-    return {
+    doc = {
         "ratio": float(np.median(b) / np.median(a)),
         "ci_low": float(np.percentile(ratios, tail)), "ci_high": float(np.percentile(ratios, 100 - tail)),
         "confidence": confidence, "resamples": resamples, "paired": paired,
     }
+    if paired:
+        # The median of per-round ratios: each round's A and B ran back to back, so load that changes
+        # between rounds cancels; a second view of the same question, reported beside the p50 ratio.
+        per_round = b / a
+        boot = np.median(per_round[idx_a], axis=1)
+        doc["paired_median_ratio"] = float(np.median(per_round))
+        doc["paired_ci"] = [float(np.percentile(boot, tail)), float(np.percentile(boot, 100 - tail))]
+    return doc
 
 
 # -- feeds and sessions ----------------------------------------------------------------------------
@@ -230,6 +239,13 @@ def host_latency(candidates: list[Candidate], rule: StopRule, *, threads: int, p
     }
 
 
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # not on every platform
+        return None
+
+
 def latency_section(models: dict[str, onnx.ModelProto], feeds: Feeds, rule: StopRule, *,
                     preferred_providers: Sequence[str] = ("CPUExecutionProvider",), target_name: str | None = None,
                     threads: int | None = None, host: HostInfo | None = None, seed: int = 0,
@@ -250,8 +266,15 @@ def latency_section(models: dict[str, onnx.ModelProto], feeds: Feeds, rule: Stop
     if feeds.warning:
         warnings.append(feeds.warning)
     candidates = [Candidate(label, model, feeds.feeds) for label, model in models.items()]
+    load_before = _load_average()
     section = host_latency(candidates, rule, threads=threads_n, providers=providers, batch=feeds.batch, progress=progress, seed=seed)
+    load = max(x for x in (load_before, _load_average(), 0.0) if x is not None)
     section["settings"]["threads_why"] = threads_why
+    section["settings"]["load_average"] = round(load, 2)
+    if load > host.cores_logical:
+        # Seen on a shared 2-core host at load 5-7: 2-thread ratios moved 0.82-0.96 between runs, 1-thread ones within 4%.
+        warnings.append(f"the host was busy while measuring (load average {load:.1f} on {host.cores_logical} cores): "
+                        "ratios can move between runs; measure on a quiet machine, or with --threads 1 to be less exposed")
     section["input"] = {"source": feeds.source, "distinct_feeds": len(feeds.feeds), "batch": feeds.batch}
     section["host"] = {"cpu": host.cpu_model, "cores_physical": host.cores_physical, "isa": list(host.isa),
                        "onnxruntime": host.ort_version}

@@ -152,7 +152,7 @@ def _pipeline_table(report: dict[str, Any]) -> Table | None:
     return ["pass", "seconds", "nodes", "size", "MACs", "check"], rows
 
 
-_ERROR_KEYS = ("snr_db", "sqnr_db", "error", "rel_error", "mse", "max_abs", "cosine")
+_ERROR_KEYS = ("local_nsr", "nsr", "snr_db", "sqnr_db", "error", "rel_error", "mse", "max_abs", "cosine")  # quantize: local_nsr
 _NAME_KEYS = ("name", "layer", "tensor", "node")
 
 

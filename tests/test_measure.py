@@ -90,6 +90,18 @@ def test_bootstrap_exact_ratio_gives_degenerate_interval():
     assert r["ci_low"] == pytest.approx(2.0) and r["ci_high"] == pytest.approx(2.0)
 
 
+def test_paired_median_ratio_cancels_load_shared_by_a_round():
+    rng = np.random.default_rng(0)
+    load = rng.uniform(1.0, 3.0, 80)  # a neighbour's load, changing from round to round, hits A and B alike
+    a = 1.0 * load * rng.uniform(0.99, 1.01, 80)
+    b = 1.5 * load * rng.uniform(0.99, 1.01, 80)
+    r = measure.bootstrap_p50_ratio(a, b)
+    assert r["paired_median_ratio"] == pytest.approx(1.5, rel=0.01)
+    low, high = r["paired_ci"]
+    assert high - low < 0.03 < r["ci_high"] - r["ci_low"]  # far tighter than the ratio of medians' interval
+    assert "paired_median_ratio" not in measure.bootstrap_p50_ratio(a, b[:-1])  # unpaired: not defined
+
+
 def test_bootstrap_interval_covers_true_ratio_and_narrows_with_more_samples():
     rng = np.random.default_rng(1)
     widths = []

@@ -92,6 +92,9 @@ def test_layer_errors_rendered_when_a_pass_reports_them():
     assert "Per-layer quantization error" in page and "fc &lt;b&gt;" in page and "fc <b>" not in page
     assert "| fc <b> | 12.0000 |" in report_render.render_markdown(report)
     assert report_render.layer_errors({"pipeline": [{"summary": {"x": 1}}]}) is None
+    # the quantize pass's own shape (passes/quantize.py: worst_layers of node / local_nsr)
+    quantize = {"pipeline": [{"summary": {"worst_layers": [{"node": "Conv_3", "local_nsr": 0.012}]}}]}
+    assert report_render.layer_errors(quantize) == ("local_nsr", [("Conv_3", 0.012)])
 
 
 def test_step_summary_only_when_set(tmp_path):
