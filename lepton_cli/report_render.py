@@ -207,6 +207,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         out += [f"### {name}", "", _md_table(table), ""]
         if name == "Host latency":
             out += [f"_{_md_escape(_latency_settings(report))}_", ""]
+        if name == "Budgets" and report["budgets"].get("skipped"):
+            out += [f"_not checked: {_md_escape('; '.join(report['budgets']['skipped']))}_", ""]
         if name == "Cost model":
             cost = report["cost_model"]
             out += [f"_target {cost.get('target')}: {_md_escape(cost.get('method', ''))}_", ""]
@@ -416,7 +418,8 @@ def render_html(report: dict[str, Any]) -> str:
                 cost_extra.append("<p class='note'>Estimated time by op type (last model)</p>")
                 cost_extra.append(svg_hbars([(op, float(ms)) for op, ms in by_op], unit="ms"))
     section("Cost model", _cost_table(report), cost_extra)
-    section("Budgets", _budget_table(report, ("ok", "OVER")))
+    skipped = (report.get("budgets") or {}).get("skipped") or []
+    section("Budgets", _budget_table(report, ("ok", "OVER")), [f"<p class='note'>not checked: {_e(x)}</p>" for x in skipped])
     section("Gates", _gates(report, ("pass", "FAIL")))
     errors = layer_errors(report)
     if errors:

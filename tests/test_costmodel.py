@@ -149,6 +149,13 @@ def test_budget_checks():
     assert by["weights + activations vs device memory"]["value"] == pytest.approx(13)
 
 
+def test_budgets_skip_memory_when_shapes_are_unknown():
+    target = load_target("cpu-avx")
+    est = costmodel.estimate(onnx.load(DIGITS / "digits_cnn.onnx"), target.hardware)  # free batch dim
+    doc = costmodel.budgets_section(target, 1000, est, "m")
+    assert [c["name"] for c in doc["checks"]] == ["model size"] and "activation memory" in doc["skipped"][0]
+
+
 def test_enforce_budgets_exits_3_on_a_tight_target(run_cli, tmp_path):
     toml = tmp_path / "tiny.toml"
     toml.write_text('extends = "cpu-avx"\nname = "tiny"\n[budgets]\nmax_model_size_mb = 0.01\n', encoding="utf-8")

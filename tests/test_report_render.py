@@ -159,3 +159,19 @@ def test_html_screenshot_in_headless_chromium(compiled, tmp_path):
     blue = [int(report_render.PALETTE[0][i:i + 2], 16) for i in (1, 3, 5)]
     assert int((pixels == blue).all(axis=1).sum()) > 200
     shutil.copy(shot, Path("/tmp/lepton-report-screenshot.png")) if Path("/tmp").is_dir() else None
+
+
+def test_compile_latency_and_budget_gates_exit_3(run_cli, tmp_path):
+    # Any measured ratio is far above 1e-6, so this gate fails whatever the machine's speed.
+    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", "cpu-avx", "-o", tmp_path, "--calib", DIGITS / "calib.npz",
+                  "--bench-seconds", "0.1", "--max-latency-ratio", "0.000001")
+    assert res.code == 3 and "max-latency-ratio" in res.stderr
+    tiny = tmp_path / "tiny.toml"
+    tiny.write_text('extends = "cpu-avx"\nname = "tiny"\n[budgets]\nmax_model_size_mb = 0.01\n', encoding="utf-8")
+    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", tiny, "-o", tmp_path, "--no-bench", "--enforce-budgets")
+    assert res.code == 3 and "model size" in res.stderr
+    assert not list(tmp_path.glob("*.lepton"))
+    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", tiny, "-o", tmp_path, "--no-bench")  # not enforced: written
+    assert res.code == 0, res.stderr
+    report = json.loads(next(tmp_path.glob("*.lepton")).joinpath("report.json").read_text(encoding="utf-8"))
+    assert report["budgets"]["ok"] is False and report["host_latency"] == {"measured": False, "reason": "--no-bench"}
