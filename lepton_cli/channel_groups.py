@@ -254,9 +254,9 @@ def analyze(model: onnx.ModelProto) -> ChannelAnalysis:
             handled = _binary(b, index, node)
         elif op == "Concat":
             handled = _concat(b, node)
-        elif op == "Flatten":
+        elif op in ("Flatten", "Reshape"):
             shape = b.shapes.get(node.input[0])
-            if node.input[0] in L and _attr(node, "axis", 1) == 1 and shape and len(shape) >= 2 and all(d for d in shape[2:]):
+            if node.input[0] in L and _flattens_to_2d(b, node, shape) and shape and len(shape) >= 2 and all(d for d in shape[2:]):
                 inner = int(np.prod(shape[2:])) if len(shape) > 2 else 1
                 L[node.output[0]] = [Seg(s.group, s.count, s.repeat * inner) for s in L[node.input[0]]]
                 handled = True
@@ -271,6 +271,16 @@ def analyze(model: onnx.ModelProto) -> ChannelAnalysis:
     a.pinned = {a.find(g) for g in a.pinned}
     _dead_values(b)
     return a
+
+
+def _flattens_to_2d(b: _Builder, node: onnx.NodeProto, shape: list[int | None] | None) -> bool:
+    """Flatten(axis=1), or Reshape to [0 or N, -1] (PyTorch's x.view(N, -1)): [N, C, ...] → [N, C*...]."""
+    if node.op_type == "Flatten":
+        return _attr(node, "axis", 1) == 1
+    target = b.const(node.input[1]) if len(node.input) > 1 else None
+    if target is None or target.size != 2 or int(target[1]) != -1 or not shape:
+        return False
+    return int(target[0]) == 0 or (shape[0] is not None and int(target[0]) == shape[0])
 
 
 def _conv(b: _Builder, index: int, node: onnx.NodeProto) -> bool:
@@ -472,7 +482,7 @@ def _dead_values(b: _Builder) -> None:
             elif op in ("Relu",):
                 val = np.maximum(xv, np.float32(0))
                 val[np.isnan(xv)] = np.nan
-            elif op in ("Identity", "Dropout", "Cast", "Flatten"):
+            elif op in ("Identity", "Dropout", "Cast", "Flatten", "Reshape"):
                 val = xv.copy()
             elif op == "Neg":
                 val = -xv
@@ -497,7 +507,7 @@ def _dead_values(b: _Builder) -> None:
             if op in BINARY:
                 val = _binary_values(b, node, width)
             V[out] = val.astype(np.float32)
-            if op == "Flatten":
+            if op in ("Flatten", "Reshape"):
                 V[out] = xv.copy() if xv is not None else val
 
 

@@ -526,3 +526,17 @@ def test_search_time_limit_leaves_layers_unpruned_and_warns():
     assert all(d["ratio"] == 0 and "time limit" in d["why"] for d in result.summary["channels"]["decisions"])
     assert any("time limit" in w for w in ctx.warnings)
     assert result.model is model
+
+
+def test_reshape_to_batch_minus_one_is_flatten():
+    """PyTorch's x.view(N, -1) before a Linear exports as Reshape(x, [0, -1]): the Gemm's K is sliced in H*W blocks."""
+    model = _structured_model()
+    flatten = next(n for n in model.graph.node if n.op_type == "Flatten")
+    flatten.op_type, flatten.input[:] = "Reshape", ["p4", "flat_shape"]
+    del flatten.attribute[:]
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0, -1], np.int64), "flat_shape"))
+    _make_dead(model, "w4", "b4", [0, 7, 8])
+    pruned = PRUNE.fn(model, _ctx(), _params(mode="dead", align_channels=False)).model
+    assert _weight_of(pruned, "fc").shape[0] == 9 * 16
+    x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    assert np.array_equal(_run(model, {"x": x})[0], _run(pruned, {"x": x})[0])
