@@ -68,6 +68,24 @@ def text_images(n: int, seed: int, size: int = 320) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
+def text_lines(n: int, seed: int) -> np.ndarray:
+    """Synthetic 48x192 text-line crops, half of them upside down, normalised as PP-OCR's cls expects."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    words = ["Lepton 2024", "TOTAL 38.50", "hello world", "Receipt #42", "QTY 3 x 4.99", "ONNX model"]
+    out = []
+    for i in range(n):
+        img = Image.new("RGB", (192, 48), tuple(int(v) for v in rng.integers(170, 256, 3)))
+        ImageDraw.Draw(img).text((int(rng.integers(0, 20)), int(rng.integers(2, 12))), str(rng.choice(words)),
+                                 fill=tuple(int(v) for v in rng.integers(0, 90, 3)),
+                                 font=ImageFont.load_default(size=int(rng.integers(20, 30))))
+        if i % 2:
+            img = img.rotate(180)
+        out.append(((np.asarray(img, np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1))
+    return np.stack(out).astype(np.float32)
+
+
 def run_case(label: str, model: onnx.ModelProto, target: str, table: dict, search: SampleSet | None,
              held_out: SampleSet | None, budget: float) -> dict:
     profile = load_target(target)
@@ -163,7 +181,12 @@ def det_cases(budget: float, samples: int) -> list[dict]:
     model = simplify(onnx.load(path), {"x": [1, 3, 320, 320]})
     search = SampleSet(path, {"x": text_images(samples, seed=1)}, None, {"x": False})
     held = SampleSet(path, {"x": text_images(samples, seed=2)}, None, {"x": False})
+    cls_path = path.parent / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
+    cls = simplify(onnx.load(cls_path), {"x": [1, 3, 48, 192]})
+    cls_search = SampleSet(cls_path, {"x": text_lines(64, seed=1)}, None, {"x": False})
+    cls_held = SampleSet(cls_path, {"x": text_lines(64, seed=2)}, None, {"x": False})
     return [
+        run_case("ppocr_cls_mobile_v2", cls, "mobile", {"mode": "channel", "min_params": 512}, cls_search, cls_held, budget),
         run_case("ppocrv4_det", model, "edge-arm", {"mode": "channel", "ratios": [0.125, 0.25, 0.5], "max_samples": samples}, search, held, budget),
         run_case("ppocrv4_det", model, "fpga", {"mode": "channel", "ratios": [0.125, 0.25, 0.5], "min_channels": 16, "max_samples": samples}, search, held, budget),
         run_case("ppocrv4_det", model, "cuda", {"mode": "2:4", "max_samples": samples}, search, held, budget),
