@@ -380,6 +380,8 @@ def _prune_channels(model: onnx.ModelProto, ctx: Any, params: PruneParams, lossy
                     evaluator: Evaluator | None, allowed: float) -> tuple[onnx.ModelProto, dict[str, Any]]:
     a = cg.analyze(model)
     align = _align(params, ctx)
+    if params.mode == "2:4":  # dead-channel removal must not cost a layer its 2:4 qualification (in % 16)
+        align = math.lcm(align, params.nm_in_multiple, params.nm_out_multiple)
     dead = cg.dead_channels(a) if (params.remove_dead or not lossy) else {}
     base_keep = _dead_keep(a, dead, align)
     summary: dict[str, Any] = {
@@ -525,8 +527,9 @@ def prune(model: onnx.ModelProto, ctx: Any, params: PruneParams) -> PassResult:
     if evaluator is not None:
         final = evaluator.score(result)
         summary["accuracy"] = final.to_dict()
-    changed = result is not working and summary["totals"]["params"][0] != summary["totals"]["params"][1] or \
-        (mode in ("magnitude", "2:4") and summary["weights"]["pruned_layers"])
+    shrunk = summary["totals"]["params"][0] != summary["totals"]["params"][1]
+    sparsified = mode in ("magnitude", "2:4") and summary["weights"]["pruned_layers"] > 0
+    changed = result is not working and (shrunk or sparsified)
     if not changed:
         return PassResult(model, summary | {"applied": "nothing to prune"})
     return PassResult(result, summary)

@@ -540,3 +540,11 @@ def test_reshape_to_batch_minus_one_is_flatten():
     assert _weight_of(pruned, "fc").shape[0] == 9 * 16
     x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(np.float32)
     assert np.array_equal(_run(model, {"x": x})[0], _run(pruned, {"x": x})[0])
+
+
+def test_2_4_mode_removes_dead_channels_only_in_multiples_of_16():
+    model, calib, _ = _digits()
+    _kill_digits_channels(model)  # 4 dead conv2 channels: 32 → 28 would cost fc1 (K 448) and conv2 their 2:4 shape
+    result = PRUNE.fn(model, _ctx("cuda", calib=calib), _params(mode="2:4", search=False, min_params=0))
+    assert _weight_of(result.model, "conv2").shape[0] == 32
+    assert _check_all_2_4(model, result) == 2
