@@ -32,9 +32,9 @@ import onnxruntime as ort
 from .data import SampleSet
 from .hostinfo import HostInfo, detect_host
 from .ort import OPT_LEVELS, random_feed
-from .pipeline import adapt_feed
+from .pipeline import LAYOUT_KEY, adapt_feed
 from .runtime_select import choose_threads, provider_order
-from .shapes import graph_inputs
+from .shapes import bind_input_shapes, graph_inputs
 
 BOOTSTRAP_RESAMPLES = 2000
 # compile's own measurement: short and time-capped (``lepton bench`` is the place for a long one)
@@ -185,6 +185,36 @@ class Candidate:
     feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
+def _io_layout(model: onnx.ModelProto, name: str) -> str | None:
+    return next((p.value for p in model.metadata_props if p.key == LAYOUT_KEY + name), None)
+
+
+def fit_feed(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A feed for ``model``: as is when it already has the model's static input shapes (e.g. random inputs
+    made from this model's own signature), else converted from NCHW as ``pipeline.adapt_feed`` does."""
+    sigs = {sig.name: sig for sig in graph_inputs(model)}
+    if all(name in sigs and sigs[name].is_static and tuple(value.shape) == tuple(sigs[name].dims) for name, value in feed.items()):
+        return feed
+    return adapt_feed(model, feed)
+
+
+def bind_like(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """Bind ``model``'s free input dims from ``shapes`` given in the source's (NCHW) terms.
+
+    A compiled model may take NHWC (layout metadata) or padded channels: its own static dims win,
+    the given sizes fill only what it leaves free.
+    """
+    wanted = {}
+    for sig in graph_inputs(model):
+        if sig.is_static or sig.name not in shapes:
+            continue
+        dims = list(shapes[sig.name])
+        if _io_layout(model, sig.name) == "NHWC" and len(dims) == 4:
+            dims = [dims[0], dims[2], dims[3], dims[1]]
+        wanted[sig.name] = [d if isinstance(d, int) else given for d, given in zip(sig.dims, dims)]
+    return bind_input_shapes(model, wanted) if wanted else model
+
+
 def _session(model: onnx.ModelProto, threads: int, providers: list[str]) -> ort.InferenceSession:
     """``ort.make_session``'s settings (full optimisation, as deployed) with intra-op spinning off.
 
@@ -212,7 +242,7 @@ def host_latency(candidates: list[Candidate], rule: StopRule, *, threads: int, p
     sessions = {}
     for cand in candidates:
         session = _session(cand.model, threads, providers)
-        feeds = [adapt_feed(cand.model, f) for f in cand.feeds]
+        feeds = [fit_feed(cand.model, f) for f in cand.feeds]
         sessions[cand.label] = (session, feeds)
 
     def runner(session: Any, feeds: list[dict[str, np.ndarray]]) -> Runner:
@@ -288,7 +318,6 @@ def compile_sections(source: onnx.ModelProto, compiled: onnx.ModelProto, target:
     ``budgets`` sections, and warnings. A free batch dim is measured at 1; other unbound dims skip the
     measurement (said in the section) rather than guess sizes the model may not accept."""
     from . import costmodel
-    from .shapes import bind_input_shapes
 
     warnings: list[str] = []
     batch_one = {sig.name: [1, *sig.dims[1:]] for sig in graph_inputs(source)
@@ -296,9 +325,7 @@ def compile_sections(source: onnx.ModelProto, compiled: onnx.ModelProto, target:
     unbound = [sig.name for sig in graph_inputs(source) if not sig.is_static and sig.name not in batch_one]
 
     def bind(model: onnx.ModelProto) -> onnx.ModelProto:
-        own = {i.name for i in model.graph.input}
-        dims = {k: v for k, v in batch_one.items() if k in own}
-        return bind_input_shapes(model, dims) if dims else model
+        return bind_like(model, batch_one)
 
     sections: dict[str, Any] = {}
     if unbound and samples is None:

@@ -215,3 +215,30 @@ def test_bench_dynamic_dims_without_shapes_exit_2(run_cli, tmp_path):
     onnx.save(model, path)
     res = run_cli("bench", path, "--runs", "2")
     assert res.code == 2 and "--input-shape" in res.stderr
+
+
+def test_bench_an_nhwc_bundle_alone_and_against_its_source(run_cli, tmp_path):
+    """edge-arm compiles to NHWC input: random feeds follow the bundle's own layout, source data is converted."""
+    done = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", "edge-arm", "-o", tmp_path, "--no-bench", "--json",
+                   "--calib", DIGITS / "calib.npz")
+    assert done.code == 0, done.stderr
+    bundle = json.loads(done.stdout)["bundle"]
+    alone = run_cli("bench", bundle, "--runs", "2", "--warmup", "0", "--threads", "1", "--json")
+    assert alone.code == 0, alone.stderr
+    pair = run_cli("bench", bundle, "--against", DIGITS / "digits_cnn.onnx", "--runs", "2", "--warmup", "0", "--threads", "1",
+                   "--calib", DIGITS / "calib.npz", "--json")
+    assert pair.code == 0, pair.stderr
+    assert json.loads(pair.stdout)["target"] == "edge-arm"
+
+
+def test_bind_like_follows_layout_and_keeps_static_dims():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "H", "W", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "H", "W", 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(model, {"lepton.io_layout.x": "NHWC"})
+    bound = measure.bind_like(model, {"x": [1, 3, 32, 48]})  # NCHW terms, 3 channels; the model pads to 8
+    dims = [d.dim_value for d in bound.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 32, 48, 8]

@@ -22,7 +22,7 @@ from ..errors import BadInputError, QualityGateError
 from ..model_io import load_model
 from ..report import apply_gates
 from ..report_render import append_step_summary, render_html, render_markdown
-from ..shapes import bind_input_shapes, graph_inputs, parse_input_shapes, require_static
+from ..shapes import graph_inputs, parse_input_shapes, require_static
 from ..targets import Target, load_target
 
 BENCH_FORMAT = "lepton-bench/1"
@@ -60,12 +60,6 @@ def _load_subject(path: Path, key: str | None, trust: str | None) -> Subject:
                    (opened.manifest.get("target") or {}).get("name"))
 
 
-def _bind(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
-    own = {i.name for i in model.graph.input}
-    wanted = {k: v for k, v in shapes.items() if k in own}
-    return bind_input_shapes(model, wanted) if wanted else model
-
-
 def _progress_bar(total_runs: int, seconds: float) -> tuple[Progress | None, Any]:
     if settings.quiet:
         return None, None
@@ -95,7 +89,7 @@ def run_bench(subjects: list[Subject], *, target: Target | None, rule: measure.S
         if sig.name not in shapes and not sig.is_static and all(isinstance(d, int) for d in sig.dims[1:]):
             shapes[sig.name] = [1, *sig.dims[1:]]
             note(f"input {sig.name}: dynamic batch dim measured at 1 (use --input-shape to choose)")
-    models = [_bind(s.model, shapes) for s in subjects]
+    models = [measure.bind_like(s.model, shapes) for s in subjects]
     for s, m in zip(subjects, models):
         require_static(m, f"measuring {s.label}")  # exit 2 naming each free dim and an --input-shape to bind it
     feeds = measure.make_feeds(models[0], samples, role, seed=seed, dims=shapes or None)
