@@ -83,7 +83,11 @@ def _reason(exc: BaseException) -> str:
     for marker in ("NOT_IMPLEMENTED", "INVALID_GRAPH", "INVALID_ARGUMENT", "FAIL", "RUNTIME_EXCEPTION", "NO_SUCHFILE"):
         if marker in text:
             return marker
-    return exc.__class__.__name__
+    import re
+
+    # group like messages: drop names and numbers, keep the gist
+    gist = re.sub(r"'[^']*'|\"[^\"]*\"|\d+", "_", text)[:90]
+    return f"{exc.__class__.__name__}: {gist}"
 
 
 # ---- case sources ------------------------------------------------------------------------------
