@@ -198,6 +198,28 @@ def fit_feed(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, n
     return adapt_feed(model, feed)
 
 
+def source_layout_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A weightless model with ``model``'s inputs in the source's NCHW layout: what sample data
+    (always in the source's layout, as for ``compile --calib``) is validated against."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        copy = onnx.ValueInfoProto()
+        copy.CopyFrom(value)
+        dims = copy.type.tensor_type.shape.dim
+        if _io_layout(model, value.name) == "NHWC" and len(dims) == 4:
+            order = [dims[i] for i in (0, 3, 1, 2)]
+            saved = [onnx.TensorShapeProto.Dimension() for _ in order]
+            for target, dim in zip(saved, order):
+                target.CopyFrom(dim)
+            del dims[:]
+            dims.extend(saved)
+        inputs.append(copy)
+    return onnx.helper.make_model(onnx.helper.make_graph([], "inputs", inputs, []))
+
+
 def bind_like(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
     """Bind ``model``'s free input dims from ``shapes`` given in the source's (NCHW) terms.
 

@@ -225,6 +225,8 @@ def test_bench_an_nhwc_bundle_alone_and_against_its_source(run_cli, tmp_path):
     bundle = json.loads(done.stdout)["bundle"]
     alone = run_cli("bench", bundle, "--runs", "2", "--warmup", "0", "--threads", "1", "--json")
     assert alone.code == 0, alone.stderr
+    with_data = run_cli("bench", bundle, "--runs", "2", "--warmup", "0", "--threads", "1", "--calib", DIGITS / "calib.npz")
+    assert with_data.code == 0, with_data.stderr  # NCHW data, as for compile, fed to the NHWC bundle
     pair = run_cli("bench", bundle, "--against", DIGITS / "digits_cnn.onnx", "--runs", "2", "--warmup", "0", "--threads", "1",
                    "--calib", DIGITS / "calib.npz", "--json")
     assert pair.code == 0, pair.stderr

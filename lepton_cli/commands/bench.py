@@ -80,11 +80,12 @@ def run_bench(subjects: list[Subject], *, target: Target | None, rule: measure.S
     shapes = parse_input_shapes(input_shapes)
     base_model = subjects[0].model
     data_path, role = (eval_data, "--eval") if eval_data else (calib, "--calib")
-    samples = load_samples(data_path, base_model, role=role) if data_path else None
+    view = measure.source_layout_view(base_model)  # shapes below are in the source's (NCHW) terms, as the data is
+    samples = load_samples(data_path, view, role=role) if data_path else None
     if samples is not None and not shapes:
-        dynamic = {sig.name for sig in graph_inputs(base_model) if not sig.is_static}
+        dynamic = {sig.name for sig in graph_inputs(view) if not sig.is_static}
         shapes = {name: dims for name, dims in samples.shapes().items() if name in dynamic}
-    for sig in graph_inputs(base_model):
+    for sig in graph_inputs(view):
         # A free batch dim alone is common (exporters mark it dynamic); measure a batch of one, said in the output.
         if sig.name not in shapes and not sig.is_static and all(isinstance(d, int) for d in sig.dims[1:]):
             shapes[sig.name] = [1, *sig.dims[1:]]
