@@ -117,10 +117,11 @@ def compile_share(repeats: int, work: Path) -> list[dict]:
 
     from lepton_cli import compiler
     from lepton_cli.compiler import CompileOptions, compile_model
+    from lepton_cli.errors import LeptonError
 
     os.environ["LEPTON_HOME"] = str(work / "home")
     light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
-    cases = [("digits_cnn", REPO / "examples" / "digits" / "digits_cnn.onnx", "edge-arm", []),
+    cases = [("digits_cnn", REPO / "examples" / "digits" / "digits_cnn.onnx", "cpu-avx", []),
              ("light_squeezenet", light / "light_squeezenet.onnx", "cpu-avx", []),
              ("light_vgg19", light / "light_vgg19.onnx", "cpu-avx", [])]
     real = compiler._write_output
@@ -144,11 +145,16 @@ def compile_share(repeats: int, work: Path) -> list[dict]:
                 start = time.perf_counter()
                 result = compile_model(CompileOptions(model=path, target=target, output_dir=work / "out", input_shapes=shapes))
                 total = time.perf_counter() - start
+            except LeptonError as exc:  # another stage failing is not this benchmark's subject
+                print(f"skipped {name} → {target}: {exc.one_line()}")
+                break
             finally:
                 compiler._write_output = real
             shares.append(spent["s"] / total)
             totals.append(total)
             steps.append(spent["s"])
+        if not totals:
+            continue
         rows.append({"model": name, "target": target, "compiled_mb": round(len(result.model_bytes) / 1e6, 2),
                      "compile_s": statistics.median(totals), "bundle_step_s": statistics.median(steps),
                      "bundle_share_pct": 100 * statistics.median(shares)})
