@@ -244,3 +244,10 @@ def test_bind_like_follows_layout_and_keeps_static_dims():
     bound = measure.bind_like(model, {"x": [1, 3, 32, 48]})  # NCHW terms, 3 channels; the model pads to 8
     dims = [d.dim_value for d in bound.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 32, 48, 8]
+
+
+def test_bootstrap_on_many_samples_is_chunked():
+    rng = np.random.default_rng(2)
+    a = rng.lognormal(0, 0.1, 50_000)
+    r = measure.bootstrap_p50_ratio(a, a * 1.25, resamples=200)  # 200 x 50k indices would be 80 MB at once
+    assert r["ratio"] == pytest.approx(1.25) and r["paired_ci"] == pytest.approx([1.25, 1.25])
