@@ -88,12 +88,19 @@ def _accuracy_table(report: dict[str, Any]) -> Table | None:
     return ["metric", "source", "compiled", "drop (points)"], rows
 
 
+def _latency_models(lat: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Models with the base of the ratios first (report.json is written with sorted keys)."""
+    models = lat.get("models") or {}
+    base = lat.get("base")
+    return sorted(models.items(), key=lambda kv: kv[0] != base)
+
+
 def _latency_table(report: dict[str, Any]) -> Table | None:
     lat = report.get("host_latency")
     if not lat or not lat.get("models"):
         return None
     rows = []
-    for label, m in lat["models"].items():
+    for label, m in _latency_models(lat):
         r = (lat.get("ratios") or {}).get(label)
         ratio = f"{r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r else "base"
         rows.append([label, _num(m.get("runs")), _num(m.get("p50_ms")), _num(m.get("p90_ms")), _num(m.get("p99_ms")),
@@ -253,7 +260,9 @@ def svg_histogram(series: dict[str, list[float]], *, unit: str = "ms", width: in
     if hi <= lo:
         hi = lo + max(abs(lo) * 0.01, 1e-6)
     step = (hi - lo) / bins
-    left, bottom, top, right = 50, 30, 10, 10
+    left, bottom, right = 50, 30, 10
+    top = 10 + 14 * (len(series) + (1 if clipped else 0))  # the legend sits above the bars, never on them
+    height += top
     plot_w, plot_h = width - left - right, height - top - bottom
     counts = {}
     for label, vs in series.items():
@@ -276,10 +285,10 @@ def svg_histogram(series: dict[str, list[float]], *, unit: str = "ms", width: in
         p50 = sorted(series[label])[len(series[label]) // 2]
         x = left + (p50 - lo) / (hi - lo) * plot_w
         parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="{color}" stroke-width="2" stroke-dasharray="4 2"/>')
-        parts.append(f'<text x="{left + plot_w - 4}" y="{top + 14 + 14 * i}" text-anchor="end" fill="{color}" font-size="12">'
+        parts.append(f'<text x="{left + plot_w - 4}" y="{14 + 14 * i}" text-anchor="end" fill="{color}" font-size="12">'
                      f'{_e(label)} (p50 {p50:.3f} {unit})</text>')
     if clipped:
-        parts.append(f'<text x="{left + plot_w - 4}" y="{top + plot_h - 6}" text-anchor="end" font-size="10">'
+        parts.append(f'<text x="{left + plot_w - 4}" y="{14 + 14 * len(series)}" text-anchor="end" font-size="10">'
                      f'{clipped} runs above {hi:.3f} {unit} counted in the last bin</text>')
     for frac in (0, 0.5, 1):
         x = left + frac * plot_w
@@ -404,7 +413,7 @@ def render_html(report: dict[str, Any]) -> str:
     section("Model", _summary_table(report))
     section("Accuracy", _accuracy_table(report))
     lat = report.get("host_latency") or {}
-    samples = {label: m["samples_ms"] for label, m in (lat.get("models") or {}).items() if m.get("samples_ms")}
+    samples = {label: m["samples_ms"] for label, m in _latency_models(lat) if m.get("samples_ms")}
     section("Host latency", _latency_table(report),
             [f"<p class='note'>{_e(_latency_settings(report))}</p>"] + ([svg_histogram(samples)] if samples else []))
     cost = report.get("cost_model") or {}
