@@ -39,8 +39,8 @@ PASS_THROUGH = {
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
 }
 BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu"}
-# Channel values that stay exactly known through an op (dead-channel analysis), computed in float32.
-_EXACT_UNARY = {"Relu", "Identity", "Dropout", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Cast", "Neg", "Abs"}
+# Dead-channel analysis: piecewise-linear ops (ReLU, Clip, HardSigmoid, ...) are evaluated exactly in
+# float32 in ``_dead_values``; these map an exact 0 to an exact 0 and anything else to "unknown".
 _ZERO_PRESERVING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
                     "Tanh", "Softsign", "Erf", "Gelu", "Elu", "Selu", "Celu", "Sqrt", "Sin", "Resize", "Upsample"}
 
