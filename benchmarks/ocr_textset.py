@@ -1,0 +1,113 @@
+"""A labelled text-line set for PP-OCRv4 rec, rendered with Pillow and the DejaVu fonts.
+
+Lines are random words, numbers and punctuation in Latin script (DejaVu has no CJK glyphs; the
+rec model's character table covers ASCII). Calibration and evaluation sets use different seeds,
+different word pools and different fonts, so the eval set is not the calibration set.
+Preprocessing follows rapidocr's ``TextRecognizer.resize_norm_img``: keep aspect ratio at height
+48, at most ``width`` wide, scale to [-1, 1], zero-pad on the right. Decoding is CTC greedy over
+the model's ``character`` metadata with rapidocr's table layout (blank first, space last).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
+CALIB_FONTS = ["DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf"]
+EVAL_FONTS = ["DejaVuSans-Bold.ttf", "DejaVuSansCondensed.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSans-Oblique.ttf",
+              "DejaVuSansMono-Bold.ttf"]
+CALIB_WORDS = ("invoice total amount paid date order number customer account balance due street city "
+               "model serial weight price tax item quantity phone email office north south").split()
+EVAL_WORDS = ("receipt subtotal cash change card visa store manager shipping address postal code river "
+              "garden window coffee ticket station platform gate flight seat hotel room").split()
+PUNCT = list(".,:-/#%()")
+
+
+def _text(rng: np.random.Generator, words: list[str]) -> str:
+    parts = []
+    for _ in range(rng.integers(1, 4)):
+        kind = rng.random()
+        if kind < 0.55:
+            w = str(rng.choice(words))
+            parts.append(w.upper() if rng.random() < 0.2 else w.capitalize() if rng.random() < 0.4 else w)
+        elif kind < 0.85:
+            parts.append(str(rng.integers(0, 100000)) + (str(rng.choice(PUNCT)) if rng.random() < 0.4 else ""))
+        else:
+            parts.append(f"{rng.integers(1, 31):02d}/{rng.integers(1, 13):02d}/{rng.integers(1990, 2030)}")
+    return " ".join(parts)[:24]
+
+
+def render_line(text: str, font_path: Path, rng: np.random.Generator) -> Image.Image:
+    size = int(rng.integers(22, 34))
+    font = ImageFont.truetype(str(font_path), size)
+    left, top, right, bottom = font.getbbox(text)
+    pad_x, pad_y = int(rng.integers(2, 10)), int(rng.integers(2, 8))
+    bg = int(rng.integers(170, 256))
+    fg = int(rng.integers(0, 90))
+    img = Image.new("RGB", (right - left + 2 * pad_x, bottom - top + 2 * pad_y), (bg, bg - int(rng.integers(0, 15)), bg))
+    ImageDraw.Draw(img).text((pad_x - left, pad_y - top), text, font=font, fill=(fg, fg, fg + int(rng.integers(0, 40))))
+    if rng.random() < 0.3:
+        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 0.9))))
+    return img
+
+
+def preprocess(img: Image.Image, height: int = 48, width: int = 320) -> np.ndarray:
+    """rapidocr's resize_norm_img: [3, H, W] float32 in [-1, 1], zero padded on the right."""
+    w, h = img.size
+    resized_w = min(width, int(math.ceil(height * w / h)))
+    arr = np.asarray(img.resize((resized_w, height), Image.BILINEAR), dtype=np.float32).transpose(2, 0, 1) / 255.0
+    arr = (arr - 0.5) / 0.5
+    out = np.zeros((3, height, width), dtype=np.float32)
+    out[:, :, :resized_w] = arr
+    return out
+
+
+def make_set(count: int, seed: int, role: str, width: int = 320) -> tuple[np.ndarray, list[str]]:
+    """(images [count, 3, 48, width], texts) for role "calib" or "eval"."""
+    rng = np.random.default_rng(seed)
+    fonts = CALIB_FONTS if role == "calib" else EVAL_FONTS
+    words = CALIB_WORDS if role == "calib" else EVAL_WORDS
+    images, texts = [], []
+    for _ in range(count):
+        text = _text(rng, words)
+        images.append(preprocess(render_line(text, FONT_DIR / str(rng.choice(fonts)), rng), width=width))
+        texts.append(text)
+    return np.stack(images), texts
+
+
+def charset(model: onnx.ModelProto) -> list[str]:
+    table = next(p.value for p in model.metadata_props if p.key == "character").split("\n")
+    return ["<blank>"] + table + [" "]
+
+
+def ctc_greedy(probs: np.ndarray, chars: list[str]) -> list[str]:
+    """[N, T, C] → strings: arg-max per step, collapse repeats, drop blanks (index 0)."""
+    out = []
+    for seq in probs.argmax(axis=-1):
+        text, prev = [], -1
+        for idx in seq:
+            if idx != prev and idx != 0:
+                text.append(chars[idx] if idx < len(chars) else "")
+            prev = idx
+        out.append("".join(text).strip())
+    return out
+
+
+def edit_distance(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def char_accuracy(predicted: list[str], truth: list[str]) -> float:
+    """100 × (1 − total edit distance / total characters)."""
+    errors = sum(edit_distance(p, t) for p, t in zip(predicted, truth))
+    return 100.0 * max(0.0, 1.0 - errors / max(1, sum(len(t) for t in truth)))

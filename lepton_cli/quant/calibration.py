@@ -1,0 +1,106 @@
+"""Streamed, memory-bounded calibration over a ``SampleSet`` with ONNX Runtime's calibrators.
+
+Library checked: ``onnxruntime.quantization.calibrate`` has the MinMax, Percentile and Entropy
+calibrators we use as they are; what it lacks we add here:
+- streaming: its histogram calibrators keep every intermediate output of everything the reader
+  yields before building histograms, so we hand them the data in chunks of ``chunk`` samples
+  (strided collection; histograms merge across chunks); min/max merges its running range at the
+  end of every ``collect_data`` call, so it too holds one chunk at most. (Its own
+  ``CalibMaxIntermediateOutputs`` is not used: in ORT 1.32 ``MinMaxCalibrater.collect_data`` clears
+  the buffered outputs when that limit is reached *without* merging them, silently dropping data);
+- working entropy bins: its defaults (``num_bins = num_quantized_bins = 128``) leave the KL search
+  a single candidate threshold, the full range, which makes entropy identical to min/max; we use
+  ``num_bins`` ≫ ``num_quantized_bins`` (TensorRT uses 2048/128; we default to 512/128: the KL
+  search is a Python loop over candidate thresholds, 2048 bins cost ~1 s per tensor on this host);
+- feeds adapted to the model's I/O layout metadata (NHWC after ``layout_transform``);
+- its histogram code prints to stdout, which must stay clean for ``--json``: redirected to stderr.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
+from onnxruntime.quantization.calibrate import TensorsData, create_calibrator
+
+from lepton_cli.data import SampleSet
+from lepton_cli.pipeline import adapt_feed
+
+METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+           "entropy": CalibrationMethod.Entropy}
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    method: str = "minmax"
+    chunk: int = 16  # samples whose activations are held at once (memory bound)
+    max_samples: int = 256
+    percentile: float = 99.999
+    histogram_bins: int = 2048  # percentile histogram resolution (cheap: one cumulative sum per tensor)
+    entropy_bins: int = 512  # KL search: (entropy_bins/2 - entropy_quantized_bins/2) candidate thresholds per tensor
+    entropy_quantized_bins: int = 128  # KL target bins (int8 has 256 levels, half a side = 128)
+
+
+class SampleSetReader(CalibrationDataReader):
+    """ORT calibration reader over a slice of a SampleSet, feeds adapted to the model's layout."""
+
+    def __init__(self, model: onnx.ModelProto, samples: SampleSet, start: int, stop: int):
+        self.model, self.samples, self.start, self.stop = model, samples, start, stop
+        self._it: Iterator[int] = iter(range(start, stop))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        index = next(self._it, None)
+        return None if index is None else adapt_feed(self.model, self.samples.feed(index))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = iter(range(self.start + start_index, min(self.start + end_index, self.stop)))
+
+
+@contextlib.contextmanager
+def quiet_ort() -> Iterator[None]:
+    """ORT's quantization tools print progress to stdout and log advice as warnings: keep stdout clean."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(sys.stderr if sys.stderr.isatty() else open("/dev/null", "w")):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def calibrate(model: onnx.ModelProto, samples: SampleSet, settings: CalibrationSettings,
+              progress: Callable[[int, int], None] | None = None, op_types: list[str] | None = None) -> TensorsData:
+    """Activation ranges of the inputs/outputs of ``op_types`` nodes (all: every node), chunk by chunk."""
+    method = METHODS[settings.method]
+    extra: dict[str, object] = {}
+    if settings.method == "minmax":
+        pass
+    elif settings.method == "percentile":
+        extra |= {"num_bins": settings.histogram_bins, "percentile": settings.percentile}
+    else:
+        extra |= {"num_bins": settings.entropy_bins, "num_quantized_bins": settings.entropy_quantized_bins}
+    total = min(len(samples), settings.max_samples)
+    with tempfile.TemporaryDirectory(prefix="lepton-calib-") as tmp, quiet_ort():
+        path = Path(tmp) / "model.onnx"
+        onnx.save_model(model, path, save_as_external_data=model.ByteSize() > 1_800_000_000)
+        calibrator = create_calibrator(path, list(op_types or []), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=method, extra_options=extra)
+        for start in range(0, total, settings.chunk):
+            stop = min(start + settings.chunk, total)
+            calibrator.collect_data(SampleSetReader(model, samples, start, stop))
+            if progress:
+                progress(stop, total)
+        ranges = calibrator.compute_data()
+        del calibrator
+    return ranges

@@ -1,0 +1,249 @@
+"""Accuracy-aware tuning: per-layer sensitivity, float-kept layers, calibration methods, the fastest that fits.
+
+The search, bounded so that it costs O(methods × log2(max_float_layers)) quantize-and-score rounds:
+1. for each calibration method (in the target's order): quantize everything and score it;
+2. if it misses the budget, measure per-layer sensitivity the cheap way round: in the fully
+   quantized model, bypass one node's input Q/DQ at a time (no re-quantization) and measure how
+   much the output noise-to-signal ratio falls on a few held-out samples; with more than
+   ``max_candidates`` quantized nodes, preselect by the error each adds locally (one run of the
+   float and the quantized model). Then keep the top k in float (re-quantized with ORT's
+   ``nodes_to_exclude``) for k = 1, 2, 4, ... until the budget holds, and bisect down between the
+   last failing and the first passing k (fewer float layers = faster);
+3. among the candidates that meet the budget, keep the fastest (interleaved host latency); a
+   fully quantized pass stops the search early, nothing can beat it.
+
+Libraries checked: ONNX Runtime's ``qdq_loss_debug`` pairs float and QDQ tensors too, but only
+reports them (no ranking, no search) and needs models saved to disk twice; Intel Neural
+Compressor / Olive run similar "fallback the worst ops" loops but are not dependencies here.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from lepton_cli.accuracy import AccuracyScore, Evaluator
+from lepton_cli.measure import Candidate, StopRule, host_latency
+from lepton_cli.ort import make_session
+from lepton_cli.pipeline import adapt_feed
+
+Build = Callable[[str, list[str]], onnx.ModelProto]  # (method, float-kept node names) -> candidate model
+
+
+@dataclass
+class Trial:
+    method: str
+    float_nodes: list[str]
+    drop_pct: float
+    value: float
+    meets_budget: bool
+    latency_ms: float | None = None
+    agreement: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["float_kept"] = len(self.float_nodes)
+        return out
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` that also returns the float tensors ``names`` (those it has)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(inferred.graph.value_info) + list(inferred.graph.input)
+             + list(inferred.graph.output)}
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    have = {o.name for o in model.graph.output}
+    produced = {o for node in model.graph.node for o in node.output} | {i.name for i in model.graph.input}
+    keep = [n for n in dict.fromkeys(names) if types.get(n) in floats and n not in have and n in produced]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.graph.output.extend(helper.make_tensor_value_info(n, types[n], None) for n in keep)
+    return copy, keep
+
+
+def _tensors(model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    extended, keep = _with_outputs(model, names)
+    session = make_session(extended)  # unoptimised: every named tensor still exists
+    wanted = [n for n in keep]
+    out = []
+    for feed in feeds:
+        values = session.run(wanted, adapt_feed(model, feed))
+        out.append({n: v.astype(np.float64) for n, v in zip(wanted, values)})
+    return out
+
+
+def local_errors(float_model: onnx.ModelProto, quantized: onnx.ModelProto, candidates: list[str],
+                 feeds: list[dict[str, np.ndarray]]) -> list[tuple[str, float]]:
+    """Candidate nodes ranked by the noise each adds: NSR(output) − max NSR(inputs), worst first."""
+    nodes = {n.name: n for n in float_model.graph.node if n.name in set(candidates)}
+    inits = {i.name for i in float_model.graph.initializer}
+    names = sorted({t for n in nodes.values() for t in [*n.input, *n.output] if t and t not in inits})
+    ref = _tensors(float_model, names, feeds)
+    got = _tensors(quantized, names, feeds)
+    noise: dict[str, float] = {}
+    signal: dict[str, float] = {}
+    for r, g in zip(ref, got):
+        for name in set(r) & set(g):
+            if r[name].shape == g[name].shape:
+                noise[name] = noise.get(name, 0.0) + float(np.sum((r[name] - g[name]) ** 2))
+                signal[name] = signal.get(name, 0.0) + float(np.sum(r[name] ** 2))
+
+    def nsr(name: str) -> float | None:
+        return noise[name] / max(signal[name], 1e-30) if name in noise else None
+
+    ranked = []
+    for name, node in nodes.items():
+        outs = [v for v in (nsr(t) for t in node.output) if v is not None]
+        if not outs:
+            continue
+        ins = [v for v in (nsr(t) for t in node.input if t not in inits) if v is not None]
+        ranked.append((name, max(outs) - (max(ins) if ins else 0.0)))
+    ranked.sort(key=lambda item: -item[1])
+    return ranked
+
+
+def quantized_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of compute nodes that read a DequantizeLinear output (they run quantized)."""
+    dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in model.graph.node
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_outputs for i in n.input)]
+
+
+@dataclass
+class SearchResult:
+    best: onnx.ModelProto | None
+    best_trial: Trial | None
+    trials: list[Trial]
+    sensitivity: list[tuple[str, float]]
+
+
+def search(build: Build, methods: list[str], evaluator: Evaluator, budget: float, float_model: onnx.ModelProto,
+           sensitivity_feeds: list[dict[str, np.ndarray]], *, max_float: int, latency_feeds: list[dict[str, np.ndarray]],
+           candidates: Callable[[onnx.ModelProto], list[str]] | None = None, max_candidates: int = 64, threads: int = 1,
+           note: Callable[[str], None] | None = None) -> SearchResult:
+    """Try methods and float-kept layer counts; return the fastest candidate within ``budget`` points."""
+    trials: list[Trial] = []
+    passing: list[tuple[Trial, onnx.ModelProto]] = []
+    sensitivity: list[tuple[str, float]] = []
+
+    def attempt(method: str, keep: list[str]) -> tuple[Trial, onnx.ModelProto]:
+        model = build(method, keep)
+        score: AccuracyScore = evaluator.score(model)
+        trial = Trial(method, list(keep), score.drop_pct, score.value, score.drop_pct <= budget, agreement=score.agreement)
+        trials.append(trial)
+        if note:
+            note(f"  {method:<10} float-kept {len(keep):3d}: {score.metric} drop {score.drop_pct:.2f} "
+                 f"({'within' if trial.meets_budget else 'over'} {budget:g})")
+        if trial.meets_budget:
+            passing.append((trial, model))
+        return trial, model
+
+    for method in methods:
+        first, model = attempt(method, [])
+        if first.meets_budget:
+            break  # everything quantized fits: no float-kept variant can be faster
+        pool = (candidates or quantized_nodes)(model)
+        if len(pool) > max_candidates:  # bound the per-layer runs: preselect by the one-run local error
+            pool = [name for name, _ in local_errors(float_model, model, pool, sensitivity_feeds)[:max_candidates]]
+        ranking = float_gains(float_model, model, pool, sensitivity_feeds)
+        if not sensitivity:
+            sensitivity = ranking
+        order = [name for name, _ in ranking]
+        limit = min(max_float, len(order))
+        low, high, k = 0, None, 1  # low: largest failing k; high: smallest passing k
+        while k <= limit:
+            if attempt(method, order[:k])[0].meets_budget:
+                high = k
+                break
+            low = k
+            k = k * 2 if k * 2 <= limit or k == limit else limit
+        if high is None:
+            continue
+        while high - low > 1:  # bisect: fewer float layers run faster
+            mid = (low + high) // 2
+            if attempt(method, order[:mid])[0].meets_budget:
+                high = mid
+            else:
+                low = mid
+    if not passing:
+        return SearchResult(None, None, trials, sensitivity)
+    # Per method, only its fewest-float passing candidate is a contender for speed.
+    contenders: dict[str, tuple[Trial, onnx.ModelProto]] = {}
+    for trial, model in passing:
+        if trial.method not in contenders or len(trial.float_nodes) < len(contenders[trial.method][0].float_nodes):
+            contenders[trial.method] = (trial, model)
+    chosen = list(contenders.values())
+    if len(chosen) > 1:
+        timing = host_latency([Candidate(f"{t.method}/{len(t.float_nodes)}", m, latency_feeds) for t, m in chosen],
+                              StopRule(runs=30, seconds=3.0, min_runs=5, warmup=2), threads=threads,
+                              providers=["CPUExecutionProvider"], keep_samples=False)
+        for trial, _ in chosen:
+            trial.latency_ms = timing["models"][f"{trial.method}/{len(trial.float_nodes)}"]["p50_ms"]
+        # Fastest; differences under 3% are noise on a shared host, there the more accurate wins.
+        fastest = min(t.latency_ms for t, _ in chosen)
+        near = [(t, m) for t, m in chosen if t.latency_ms <= fastest * 1.03]
+        best_trial, best = min(near, key=lambda tm: tm[0].drop_pct)
+    else:
+        best_trial, best = chosen[0]
+    return SearchResult(best, best_trial, trials, sensitivity)
+
+
+def keep_float(quantized: onnx.ModelProto, float_model: onnx.ModelProto, node_name: str) -> onnx.ModelProto:
+    """``quantized`` with node ``node_name`` reading float inputs again (its input Q/DQ bypassed).
+
+    A cheap stand-in for re-quantizing with ``nodes_to_exclude=[node]``: no calibration, no
+    quantizer run, just the edge rewiring, so every candidate's effect can be measured.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(quantized)
+    producer = {o: n for n in copy.graph.node for o in n.output}
+    float_node = next((n for n in float_model.graph.node if n.name == node_name), None)
+    float_inits = {i.name: i for i in float_model.graph.initializer}
+    have_inits = {i.name for i in copy.graph.initializer}
+    for node in copy.graph.node:
+        if node.name != node_name:
+            continue
+        for index, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producer.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[index] = q.input[0]
+            elif float_node is not None and index < len(float_node.input) and float_node.input[index] in float_inits:
+                original = float_node.input[index]
+                # ORT may name a weight's DequantizeLinear output after the float weight: rename the copy.
+                fresh = original + "_float" if original in producer else original
+                if fresh not in have_inits:
+                    tensor = onnx.TensorProto()
+                    tensor.CopyFrom(float_inits[original])
+                    tensor.name = fresh
+                    copy.graph.initializer.append(tensor)
+                    have_inits.add(fresh)
+                node.input[index] = fresh
+    return copy
+
+
+def output_nsr(reference: list[list[np.ndarray]], model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> float:
+    """Noise-to-signal ratio of all outputs of ``model`` vs reference outputs, summed over feeds."""
+    session = make_session(model, opt_level="all")
+    noise = signal = 0.0
+    for ref, feed in zip(reference, feeds):
+        for r, g in zip(ref, session.run(None, adapt_feed(model, feed))):
+            r64 = r.astype(np.float64)
+            noise += float(np.sum((r64 - g.astype(np.float64)) ** 2))
+            signal += float(np.sum(r64 ** 2))
+    return noise / max(signal, 1e-30)
+
+
+def float_gains(float_model: onnx.ModelProto, quantized: onnx.ModelProto, candidates: list[str],
+                feeds: list[dict[str, np.ndarray]]) -> list[tuple[str, float]]:
+    """Candidates ranked by how much keeping each alone in float lowers the output error, best first."""
+    reference = [make_session(float_model, opt_level="all").run(None, adapt_feed(float_model, f)) for f in feeds]
+    base = output_nsr(reference, quantized, feeds)
+    gains = [(name, base - output_nsr(reference, keep_float(quantized, float_model, name), feeds)) for name in candidates]
+    gains.sort(key=lambda item: -item[1])
+    return gains

@@ -1,0 +1,277 @@
+"""quantize: per-target int8/fp16 schemes, streamed calibration, accuracy-aware tuning within the budget.
+
+Schemes (``QuantizeParams.scheme``; each target's TOML says which and why):
+* ``int8``: static QDQ int8 through ONNX Runtime's ``quantize_static`` after its pre-processing;
+  activation/weight types, per-channel weights, symmetric ranges, ``reduce_range`` (``auto``: on for
+  an x86 target without VNNI) and power-of-two scales (DPU) are parameters;
+* ``fp16``: fp16 compute and weights, fp32 graph I/O, ops that overflow kept in fp32;
+* ``int8_weight_only``: int8 weights with DequantizeLinear, float compute (size, not speed);
+* ``int8_dynamic``: dynamic int8 MatMul/Gemm/LSTM (transformers, RNNs); ``int4_weight_only``:
+  4-bit MatMulNBits blocks (MatMul with constant weights only).
+Calibration (``lepton_cli.quant.calibration``) is streamed chunk by chunk over --calib and the
+tuning (``lepton_cli.quant.tuning``) keeps the most harmful layers in float and tries the
+calibration methods until the accuracy budget holds, keeping the fastest model that meets it;
+nothing meets it: exit 3 with every candidate tried. Without --calib a static-int8 target falls
+back to ``without_calib`` (weight-only or dynamic int8, warned) or fails with exit 2.
+
+Libraries checked: ONNX Runtime's quantization tools (used for all the arithmetic); see the
+modules in ``lepton_cli/quant/`` for what each adds and why.
+"""
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import onnx
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from lepton_cli import console
+from lepton_cli.accuracy import Evaluator
+from lepton_cli.errors import BadInputError, QualityGateError
+from lepton_cli.params import ParamValueError
+from lepton_cli.pass_registry import LOSSY, PassResult, register_pass
+from lepton_cli.quant import schemes
+from lepton_cli.quant.calibration import CalibrationSettings, calibrate
+from lepton_cli.quant.tuning import Trial, local_errors, quantized_nodes, search
+
+Method = Literal["minmax", "percentile", "entropy"]
+VNNI = ("avx512_vnni", "avx_vnni", "avxvnni")
+X86 = ("avx2", "avx512f", "sse4_2", "avx")
+SENSITIVITY_SAMPLES = 8
+LATENCY_SAMPLES = 4
+
+
+@dataclass(frozen=True)
+class QuantizeParams:
+    scheme: Literal["int8", "fp16", "int8_weight_only", "int8_dynamic", "int4_weight_only"] = "int8"
+    activation_type: Literal["u8", "s8"] = "u8"
+    weight_type: Literal["s8", "u8"] = "s8"
+    per_channel: bool = True
+    reduce_range: Literal["auto", "on", "off"] = "auto"  # auto: on for x86 targets without VNNI
+    activation_symmetric: bool = False
+    weight_symmetric: bool = True
+    power_of_two_scales: bool = False  # symmetric per-tensor int8 with 2^k scales (DPU fix-point)
+    op_types: list[str] = field(default_factory=list)  # empty: every op ORT quantizes
+    methods: list[Method] = field(default_factory=lambda: ["minmax", "percentile", "entropy"])  # tried in order
+    percentile: float = 99.999
+    histogram_bins: int = 2048
+    entropy_bins: int = 512
+    calib_chunk: int = 16  # samples whose activations are held in memory at once
+    max_calib_samples: int = 256
+    tune: bool = True  # False: quantize with methods[0], everything, no search
+    max_float_layers: int = 32  # most layers the search may keep in float
+    max_eval_samples: int = 200
+    holdout_fraction: float = 0.25  # of --calib, scored for agreement when there is no --eval
+    budget_share: float = 1.0  # share of the accuracy budget this pass may spend (earlier lossy passes spend the rest)
+    without_calib: Literal["weight_only", "dynamic", "fail"] = "weight_only"
+    fp16_block_ops: list[str] = field(default_factory=lambda: list(schemes.FP16_BLOCK_DEFAULT))
+    int4_block_size: int = 32
+    preprocess: bool = True  # ORT's quant_pre_process (shape inference + basic optimisation) before int8
+    warn_float_ops: bool = False  # integer-only hardware: warn about every op left in float
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ParamValueError("methods", "give at least one calibration method")
+        if not 90.0 < self.percentile <= 100.0:
+            raise ParamValueError("percentile", f"must be in (90, 100], got {self.percentile}")
+        if self.entropy_bins < 256 or self.histogram_bins < 256:
+            raise ParamValueError("entropy_bins", "histograms need >= 256 bins (with 128 every entropy threshold is the full range)")
+        for name in ("calib_chunk", "max_calib_samples", "max_eval_samples", "int4_block_size"):
+            if getattr(self, name) < 1:
+                raise ParamValueError(name, "must be >= 1")
+        if self.max_float_layers < 0:
+            raise ParamValueError("max_float_layers", "must be >= 0")
+        if not 0 < self.holdout_fraction < 1:
+            raise ParamValueError("holdout_fraction", "must be in (0, 1)")
+        if not 0 < self.budget_share <= 1:
+            raise ParamValueError("budget_share", "must be in (0, 1]")
+        if self.int4_block_size & (self.int4_block_size - 1) or self.int4_block_size < 16:
+            raise ParamValueError("int4_block_size", "must be a power of two >= 16")
+
+
+def _reduce_range(params: QuantizeParams, target_isa: list[str], host_isa: list[str]) -> tuple[bool, str]:
+    """(reduce_range, why). u8·s8 pairs summed in int16 by VPMADDUBSW saturate without VNNI; 7-bit weights avoid it."""
+    if params.reduce_range != "auto":
+        return params.reduce_range == "on", "set in the target"
+    if params.activation_type != "u8":
+        return False, "signed activations: no u8·s8 int16 saturation"
+    if any(i in X86 for i in target_isa) and not any(i in VNNI for i in target_isa):
+        return True, "x86 target without VNNI"
+    if any(i in X86 for i in host_isa) and not any(i in VNNI for i in host_isa) and any(i in X86 for i in target_isa):
+        return True, ("the build host lacks VNNI: the accuracy measured here (and the quality gate) would include "
+                      "int16 saturation the target does not have, so weights use 7 bits here too")
+    return False, "target has VNNI"
+
+
+def _int8_scheme(params: QuantizeParams, reduce_range: bool) -> schemes.Int8Scheme:
+    pow2 = params.power_of_two_scales
+    return schemes.Int8Scheme(
+        activation_type="s8" if pow2 else params.activation_type, weight_type="s8" if pow2 else params.weight_type,
+        per_channel=params.per_channel and not pow2, reduce_range=reduce_range,
+        activation_symmetric=params.activation_symmetric or pow2, weight_symmetric=params.weight_symmetric or pow2,
+        power_of_two=pow2, op_types=tuple(params.op_types))
+
+
+def _float_ops(model: onnx.ModelProto, supported: list[str]) -> list[dict[str, str]]:
+    """Compute nodes that do not run in integer arithmetic (or not on the target at all)."""
+    dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = set(quantized_nodes(model))
+    out = []
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if supported and node.op_type not in supported:
+            out.append({"node": node.name, "op": node.op_type, "why": "op not supported by the target (runs on the host)"})
+        elif node.name not in quantized and not all(i in dq_out or not i for i in node.input[:1]):
+            out.append({"node": node.name, "op": node.op_type, "why": "float (not quantized)"})
+    return out
+
+
+def _isa_warning(ctx: Any) -> None:
+    target_isa = set(ctx.target.hardware.isa)
+    host_isa = set(ctx.host.get("isa") or [])
+    missing = sorted(target_isa - host_isa)
+    if host_isa and missing:
+        ctx.warn(f"the build host ({ctx.host.get('arch') or platform.machine()}) lacks {', '.join(missing)} of target "
+                 f"{ctx.target.name!r}: candidate latencies measured here rank int8 kernels as this host runs them")
+
+
+class _CalibProgress:
+    """A progress bar on stderr while calibration data streams through the model (silent with --quiet)."""
+
+    def __init__(self, label: str):
+        self.progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), console=console.stderr,
+                                 transient=True, disable=console.settings.quiet)
+        self.task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task("calib", total=total)
+        self.progress.update(self.task, completed=done)
+        if done >= total:
+            self.progress.stop()
+
+
+def _fallback(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassResult:
+    if params.without_calib == "fail":
+        raise BadInputError(f"target {ctx.target.name!r} needs static int8 quantization and no --calib data was given",
+                            "pass --calib samples.npz (or an image folder with --preprocess); this target forbids a weight-only fallback")
+    if params.without_calib == "dynamic":
+        result = schemes.dynamic_int8(model, ctx.work_dir, params.per_channel)
+        what = "dynamic int8 (MatMul/Gemm weights int8, activations quantized at run time)"
+    else:
+        result, _ = schemes.weight_only_int8(model)
+        what = "int8 weight-only (weights int8, compute float)"
+    ctx.warn(f"no --calib data: static int8 needs calibration, fell back to {what}; pass --calib for full int8")
+    return PassResult(result, {"scheme": params.without_calib, "fallback": True, "fallback_reason": "no --calib data",
+                               "int8_weights": _int8_initializers(result)})
+
+
+def _int8_initializers(model: onnx.ModelProto) -> int:
+    return sum(1 for i in model.graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+               and len(i.dims) >= 2)  # weights; zero points are scalars or vectors
+
+
+def _evaluation(model: onnx.ModelProto, ctx: Any, params: QuantizeParams):
+    """(calibration samples, evaluator or None, what the evaluator scores)."""
+    calib = ctx.calib
+    if ctx.eval is not None and len(ctx.eval):
+        return calib, Evaluator(model, ctx.eval, ctx.eval.labels, limit=params.max_eval_samples), "--eval"
+    if calib is not None and len(calib) >= 8:
+        kept, held = calib.split(params.holdout_fraction, ctx.seed)
+        return kept, Evaluator(model, held, None, limit=params.max_eval_samples), f"held-out {len(held)} of --calib (agreement)"
+    if calib is not None:
+        ctx.warn(f"only {len(calib)} calibration samples and no --eval: scoring agreement on the calibration samples themselves")
+        return calib, Evaluator(model, calib, None, limit=params.max_eval_samples), "--calib (agreement, not held out)"
+    return None, None, "none"
+
+
+def _tried_line(trials: list[Trial]) -> str:
+    return "; ".join(f"{t.method}+{len(t.float_nodes)} float: drop {t.drop_pct:.2f}" for t in trials)
+
+
+@register_pass("quantize", params=QuantizeParams, exactness=LOSSY,
+               description="int8/fp16 per target scheme; streamed calibration; keeps sensitive layers in float to meet the accuracy budget")
+def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassResult:
+    schemes.name_nodes(model)
+    if params.scheme == "int8_weight_only":
+        result, names = schemes.weight_only_int8(model)
+        return PassResult(result, {"scheme": params.scheme, "int8_weights": len(names)})
+    if params.scheme == "int8_dynamic":
+        result = schemes.dynamic_int8(model, ctx.work_dir, params.per_channel)
+        return PassResult(result, {"scheme": params.scheme, "int8_weights": _int8_initializers(result)})
+    if params.scheme == "int4_weight_only":
+        result, count = schemes.int4_weight_only(model, params.int4_block_size)
+        return PassResult(result, {"scheme": params.scheme, "matmul_nbits": count})
+    if params.scheme == "int8" and ctx.calib is None:
+        return _fallback(model, ctx, params)
+
+    budget = ctx.accuracy_budget * params.budget_share
+    calib, evaluator, scored_on = _evaluation(model, ctx, params)
+    summary: dict[str, Any] = {"scheme": params.scheme, "budget_pct": round(budget, 4), "scored_on": scored_on}
+
+    if params.scheme == "fp16":
+        candidates = [n.name for n in model.graph.node if n.op_type not in params.fp16_block_ops]
+
+        def build(method: str, keep: list[str]) -> onnx.ModelProto:
+            return schemes.to_fp16(model, params.fp16_block_ops, keep)
+        methods = ["fp16"]
+        base = model
+    else:
+        _isa_warning(ctx)
+        reduce_range, rr_why = _reduce_range(params, list(ctx.target.hardware.isa), list(ctx.host.get("isa") or []))
+        if reduce_range and rr_why.startswith("the build host"):
+            ctx.warn("reduce_range on: " + rr_why)
+        scheme = _int8_scheme(params, reduce_range)
+        base = schemes.preprocess(model, ctx.work_dir, optimize=params.preprocess)
+        summary |= {"activation_type": scheme.activation_type, "weight_type": scheme.weight_type,
+                    "per_channel": scheme.per_channel, "reduce_range": reduce_range, "reduce_range_why": rr_why,
+                    "activation_symmetric": scheme.activation_symmetric, "power_of_two_scales": scheme.power_of_two,
+                    "calibration_samples": min(len(calib), params.max_calib_samples)}
+        ranges: dict[str, Any] = {}
+        # Only the tensors around the ops being quantized need ranges (histograms of every tensor are slow).
+        calib_ops = list(params.op_types) or None
+
+        def build(method: str, keep: list[str]) -> onnx.ModelProto:
+            if method not in ranges:
+                settings = CalibrationSettings(method=method, chunk=params.calib_chunk, max_samples=params.max_calib_samples,
+                                               percentile=params.percentile, histogram_bins=params.histogram_bins,
+                                               entropy_bins=params.entropy_bins)
+                data = calibrate(base, calib, settings, _CalibProgress(f"calibrating ({method})"), calib_ops)
+                ranges[method] = schemes.save_ranges(data, ctx.work_dir / f"ranges-{method}.json")
+            return schemes.quantize_int8(base, ranges[method], method, scheme, keep, ctx.work_dir)
+        methods = list(dict.fromkeys(params.methods))
+        candidates = None
+
+    if evaluator is None or not params.tune:
+        result = build(methods[0], [])
+        summary |= {"method": methods[0], "tuned": False}
+    else:
+        feeds = evaluator.feeds
+        if candidates is not None:  # fp16: every unblocked node may be kept in float
+            def pick(m: onnx.ModelProto) -> list[str]:
+                return candidates
+        else:
+            pick = quantized_nodes
+        found = search(build, methods, evaluator, budget, base, feeds[:SENSITIVITY_SAMPLES], max_float=params.max_float_layers,
+                       latency_feeds=feeds[:LATENCY_SAMPLES], candidates=pick, note=console.note)
+        summary |= {"tried": [t.to_dict() for t in found.trials],
+                    "worst_layers": [{"node": n, "local_nsr": round(v, 6)} for n, v in found.sensitivity[:10]]}
+        if found.best is None:
+            raise QualityGateError(
+                f"quantize: no candidate met the accuracy budget of {budget:g} points ({scored_on}); tried: {_tried_line(found.trials)}",
+                "raise --max-accuracy-drop or max_float_layers, give more representative --calib data, or use scheme = \"fp16\"")
+        result = found.best
+        assert found.best_trial is not None
+        summary |= {"method": found.best_trial.method, "tuned": True, "float_kept": found.best_trial.float_nodes,
+                    "drop_pct": found.best_trial.drop_pct, "value": found.best_trial.value}
+    float_ops = _float_ops(result, list(ctx.target.runtime.supported_ops)) if params.scheme == "int8" else []
+    if float_ops:
+        summary["float_ops"] = float_ops
+        if params.warn_float_ops:
+            ctx.warn(f"{len(float_ops)} ops left in float would run on the host: "
+                     + ", ".join(sorted({f['op'] for f in float_ops})))
+    summary["int8_weights"] = _int8_initializers(result)
+    return PassResult(result, summary)
