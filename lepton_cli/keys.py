@@ -136,6 +136,10 @@ def dev_keys(*, create: bool) -> tuple[KeySet | None, bool]:
     return generate_keys(folder, overwrite=True), True
 
 
+def _an(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
 def _read_spec(spec: str, origin: str) -> bytes:
     """A key argument is a path, or the PEM text itself (CI secrets in environment variables)."""
     if "-----BEGIN" in spec:
@@ -173,7 +177,7 @@ def load_key(spec: str, purpose: Purpose, kind: Literal["private", "public"], *,
         raise BadInputError(f"{origin} is a {type(key).__name__}, not a Lepton {purpose} key",
                             "use keys made by `lepton keys generate` (ECDSA P-256 signing, X25519 encryption)")
     if actual != purpose:
-        raise BadInputError(f"{origin} is a {actual} key, but a {purpose} key is needed here",
+        raise BadInputError(f"{origin} is {_an(actual)} key, but {_an(purpose)} key is needed here",
                             f"pass the {purpose} key (file {KEY_FILES[(purpose, kind)]} of a key set)")
     if isinstance(key, (SigningPrivateKey, SigningPublicKey)) and key.curve.name != "secp256r1":
         raise BadInputError(f"{origin} is an EC key on {key.curve.name}; Lepton signs with P-256", "use `lepton keys generate`")

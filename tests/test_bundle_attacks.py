@@ -134,6 +134,10 @@ def signing_key_as_recipient(c: Ctx) -> list:
     return ["compile", DIGITS / "digits_cnn.onnx", "-t", "cpu-avx", "-o", c.tmp / "o", "--recipient", c.keys.sign_pub]
 
 
+def encryption_key_as_signing_key(c: Ctx) -> list:
+    return ["compile", DIGITS / "digits_cnn.onnx", "-t", "cpu-avx", "-o", c.tmp / "o", "--sign-key", c.keys.enc_priv]
+
+
 def encryption_key_as_trust(c: Ctx) -> list:
     return c.run(trust=c.keys.enc_pub)
 
@@ -203,6 +207,12 @@ def changed_context(c: Ctx) -> list:  # a different bundle id: the Cobblestone c
     return c.run()
 
 
+def moved_path_resigned(c: Ctx) -> list:  # same bundle, same key: only the Cobblestone context (path) differs
+    os.rename(c.bundle / "model.onnx.enc", c.bundle / "other.onnx.enc")
+    edit_manifest(c.bundle, c.keys, lambda d: [e.update(path="other.onnx.enc") for e in d["files"] if e["path"] == "model.onnx.enc"])
+    return c.run()
+
+
 def symlinked_file(c: Ctx) -> list:
     target = c.tmp / "elsewhere.json"
     shutil.move(c.bundle / "report.json", target)
@@ -256,6 +266,7 @@ CASES: list[tuple[str, Callable[[Ctx], list], int, str]] = [
     ("signed by an untrusted key", untrusted_signer, 4, "another key"),
     ("verified with the wrong trusted key", untrusted_trust, 4, "another key"),
     ("signing key used as recipient", signing_key_as_recipient, 2, "encryption key is needed"),
+    ("encryption key used as signing key", encryption_key_as_signing_key, 2, "signing key is needed"),
     ("encryption key used as trust", encryption_key_as_trust, 2, "signing key is needed"),
     ("signing key used to decrypt", signing_key_as_decryption_key, 2, "encryption key is needed"),
     ("unknown format version, re-signed", unknown_format_version, 4, "unknown bundle format version 2"),
@@ -272,6 +283,7 @@ CASES: list[tuple[str, Callable[[Ctx], list], int, str]] = [
     ("all-zero X25519 share, re-signed", zero_x25519_share, 4, "does not decrypt"),
     ("wrapped key from another bundle, re-signed", wrapped_key_from_other_bundle, 4, "does not decrypt"),
     ("changed context (bundle id), re-signed", changed_context, 4, "does not decrypt"),
+    ("file moved to another path, re-signed", moved_path_resigned, 4, "decryption failed"),
     ("symlink in place of a file", symlinked_file, 4, "not a regular file"),
     ("archive with trailing data", archive_trailing, 4, "after the archive"),
     ("archive with a duplicate entry", archive_duplicate_entry, 4, "appears twice"),
@@ -303,6 +315,9 @@ def test_attack_fails_closed(name, attack, code, needle, tmp_path, run_cli, two_
     assert result.code == code, (name, result.code, result.stderr)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], (name, result.stderr)
+    if os.environ.get("LEPTON_ATTACK_LOG"):  # the table's results, for the closing note
+        with open(os.environ["LEPTON_ATTACK_LOG"], "a", encoding="utf-8") as log:
+            log.write(f"| {name} | {result.code} | {errors[0].split(' (fix:')[0].removeprefix('error: ')} |\n")
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "out.npz").exists()
     assert _files_holding_plaintext(tmp_path) == [], name
@@ -310,5 +325,5 @@ def test_attack_fails_closed(name, attack, code, needle, tmp_path, run_cli, two_
         verify = run_cli("verify", args[1], "--trust", args[args.index("--trust") + 1], "--state", tmp_path / "state.json")
         if name not in {"no matching recipient", "all-zero X25519 share, re-signed", "wrapped key from another bundle, re-signed",
                         "changed context (bundle id), re-signed", "truncated at a chunk boundary, re-signed",
-                        "model swapped from another bundle, re-signed"}:  # these need the secret key to detect
+                        "model swapped from another bundle, re-signed", "file moved to another path, re-signed"}:  # need the secret key
             assert verify.code == 4, (name, verify.stderr)

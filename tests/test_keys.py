@@ -44,7 +44,7 @@ def test_wrong_purpose_is_a_usage_error_naming_both_purposes(tmp_path, purpose, 
     generate_keys(tmp_path)
     with pytest.raises(BadInputError) as info:
         load_key(str(tmp_path / wrong_file), purpose, kind, origin="--x")
-    assert f"a {purpose} key is needed" in info.value.message
+    assert f"{purpose} key is needed" in info.value.message and "is a" in info.value.message
 
 
 def test_garbage_and_missing_key_files(tmp_path):
