@@ -237,7 +237,7 @@ def remove_inference_dropouts(model: onnx.ModelProto) -> int:
             continue
         out, source = node.output[0], node.input[0]
         if out in g.outputs or _read_in_subgraph(graph, out):
-            identity = helper_identity(source, out, node.name)
+            identity = _identity(source, out, node.name)
             graph.node.insert(list(graph.node).index(node), identity)
         else:
             for other in graph.node:
@@ -251,7 +251,7 @@ def remove_inference_dropouts(model: onnx.ModelProto) -> int:
     return removed
 
 
-def helper_identity(source: str, out: str, name: str) -> onnx.NodeProto:
+def _identity(source: str, out: str, name: str) -> onnx.NodeProto:
     return onnx.helper.make_node("Identity", [source], [out], name=name)
 
 

@@ -176,3 +176,12 @@ def test_fuse_params_validated_from_toml():
         from_table(FuseParams, {"fold_limit_mb": 0}, "passes[0] (fuse)")
     with pytest.raises(BadInputError, match="ort_offlin"):
         from_table(FuseParams, {"ort_offlin": True}, "passes[0] (fuse)")
+
+
+def test_ort_offline_on_a_portable_user_target_is_exit_2(run_cli, tmp_path):
+    target = tmp_path / "my-fpga.toml"
+    target.write_text('extends = "fpga"\n[pass_params.fuse]\nort_offline = true\n', encoding="utf-8")
+    result = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", target, "-o", tmp_path / "out")
+    assert result.code == 2, result.stderr
+    assert "ort_offline" in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written
