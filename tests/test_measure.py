@@ -198,6 +198,8 @@ def test_bench_a_bundle_against_its_source(run_cli, tmp_path):
     done = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", "cpu-avx", "-o", tmp_path, "--no-bench", "--json")
     assert done.code == 0, done.stderr
     bundle = json.loads(done.stdout)["bundle"]
+    perf = json.loads(done.stdout)["performance"]  # compile --json: latency/estimate/budgets in a few keys
+    assert perf["host_p50_ms"] is None and perf["budgets_ok"] is True and perf["estimated_latency_ms"] > 0
     res = run_cli("bench", bundle, "--against", DIGITS / "digits_cnn.onnx", "--runs", "3", "--warmup", "0", "--threads", "1",
                   "--calib", DIGITS / "calib.npz", "--json")
     assert res.code == 0, res.stderr

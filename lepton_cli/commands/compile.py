@@ -33,6 +33,21 @@ def _progress(name: str, phase: str, record: StepRecord | None) -> None:
          f"size {_fmt_bytes(record.before.size_bytes)}→{_fmt_bytes(record.after.size_bytes)}  {verdict}")
 
 
+def _performance_summary(report: dict) -> dict:
+    """The compile's latency, estimate and budget verdict in a few keys for CI scripts (full detail: report.json)."""
+    lat = report.get("host_latency") or {}
+    ratio = (lat.get("ratios") or {}).get("compiled") or {}
+    models = lat.get("models") or {}
+    est = ((report.get("cost_model") or {}).get("models") or {}).get("compiled") or {}
+    return {
+        "host_p50_ms": {k: round(v["p50_ms"], 4) for k, v in models.items()} or None,
+        "host_p50_ratio": ratio.get("ratio"), "host_p50_ratio_ci95": [ratio["ci_low"], ratio["ci_high"]] if ratio else None,
+        "estimated_latency_ms": est.get("latency_ms"),
+        "peak_activation_bytes": (est.get("peak_activation_bytes") or {}).get("greedy_arena"),
+        "budgets_ok": (report.get("budgets") or {}).get("ok"),
+    }
+
+
 def compile_command(
     model: Annotated[Path, typer.Argument(help="The ONNX model to compile.")],
     target: Annotated[str, typer.Option("--target", "-t", help="Builtin target name, 'auto', or a path to a target .toml.")],
@@ -69,7 +84,8 @@ def compile_command(
     summary = result.report["summary"]
     if json_out:
         emit_json({"bundle": str(result.bundle_dir), "model": str(result.model_path), "target": result.target.name, "archive": str(result.archive) if result.archive else None,
-                   "summary": summary, "accuracy": result.report.get("accuracy"), "warnings": result.report["warnings"]})
+                   "summary": summary, "accuracy": result.report.get("accuracy"), "warnings": result.report["warnings"],
+                   "performance": _performance_summary(result.report)})
         return
     table = Table(title=f"{model.name} → {result.target.name}", show_header=True)
     for col in ("", "source", "compiled"):
