@@ -147,8 +147,8 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
         others = compile_extra_variants(model, ctx, target, progress, on_warning, measure_accuracy)
         manifest_fields = {
             "execution_providers": list(target.runtime.execution_providers),
-            "variants": manifest_variants(target, [(primary, variant_path(0, primary), compiled)]
-                                          + [(b.variant, b.path, b.model) for b in others]),
+            "variants": manifest_variants(target, [(primary, variant_path(0, primary), compiled, steps)]
+                                          + [(b.variant, b.path, b.model, b.steps) for b in others]),
         }
         extra: dict[str, Any] = {"accuracy": accuracy, "variants": manifest_fields["variants"]}
         if others:

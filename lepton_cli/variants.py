@@ -108,16 +108,36 @@ def infer_precision(model: onnx.ModelProto) -> str:
     return "fp32"
 
 
-def manifest_variants(target: Target, models: list[tuple[Variant | None, str, onnx.ModelProto]]) -> list[dict[str, Any]]:
-    """``manifest_fields["variants"]``: one entry per (variant, bundle path, compiled model), preference order."""
+VNNI_ISA = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def effective_isa(requires: list[str], steps: list[StepRecord]) -> tuple[list[str], str | None]:
+    """A VNNI requirement widened to AVX2 when this variant's quantize step ran with ``reduce_range``.
+
+    Why: on AVX2 without VNNI, VPMADDUBSW sums u8·s8 pairs in int16 and saturates at full 8-bit range;
+    7-bit weights (reduce_range, which the quantize pass turns on when the target or build host lacks
+    VNNI) cannot saturate, so that model is as correct on AVX2 as on VNNI. Returns (requires, why or None).
+    """
+    if not any(s.name == "quantize" and s.summary.get("reduce_range") for s in steps):
+        return list(requires), None
+    widened = [r + "|avx2" if set(r.split("|")) & set(VNNI_ISA) and "avx2" not in r.split("|") else r for r in requires]
+    if widened == list(requires):
+        return widened, None
+    return widened, "quantize ran with reduce_range (7-bit weights): AVX2 without VNNI cannot saturate, so AVX2 suffices"
+
+
+def manifest_variants(target: Target, models: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """``manifest_fields["variants"]``: one entry per (variant, bundle path, compiled model[, step records]), preference order."""
     entries = []
-    for variant, path, model in models:
+    for variant, path, model, *rest in models:
+        requires_isa, why = effective_isa(list(variant.requires_isa) if variant else [], rest[0] if rest else [])
         entries.append({
             "name": variant.name if variant else "default",
             "path": path,
             "precision": variant.precision if variant else infer_precision(model),
-            "requires_isa": list(variant.requires_isa) if variant else [],
+            "requires_isa": requires_isa,
             "requires_providers": list(variant.requires_providers) if variant else [],
+            **({"requires_isa_why": why} if why else {}),
             **estimate(model, target),
         })
     return entries

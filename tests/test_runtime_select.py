@@ -203,8 +203,8 @@ def test_real_bundle_variants_chosen_on_this_host(tmp_path, monkeypatch, run_cli
     monkeypatch.setenv("LEPTON_HOME", str(tmp_path / "home"))
     target = tmp_path / "t.toml"
     target.write_text('extends = "cpu-avx"\ndescription = "two variants"\n'
-                      '[[variants]]\nname = "vnni"\nprecision = "fp32"\nrequires_isa = ["avx512_vnni|avx_vnni"]\n'
-                      '[[variants]]\nname = "plain"\nprecision = "fp32"\nskip = ["fuse"]\n')
+                      '[[variants]]\nname = "vnni"\nprecision = "fp32"\nrequires_isa = ["avx512_vnni|avx_vnni"]\nskip = ["quantize"]\n'
+                      '[[variants]]\nname = "plain"\nprecision = "fp32"\nskip = ["fuse", "quantize"]\n')
     result = compile_model(CompileOptions(model=DIGITS / "digits_cnn.onnx", target=str(target), output_dir=tmp_path / "out"))
     keys, _ = dev_keys(create=False)
     opened = bundle.open_bundle(result.bundle_dir, key=str(keys.path("encryption", "private")),

@@ -97,12 +97,13 @@ name = "fast"
 precision = "fp32"
 why = "fused graph; pretend it needs VNNI to exercise the choice"
 requires_isa = ["avx512_vnni|avx_vnni"]
+skip = ["quantize"]            # fp32 both: this test is about the variant mechanics
 
 [[variants]]
 name = "plain"
 precision = "fp32"
 why = "unfused fallback"
-skip = ["fuse"]
+skip = ["fuse", "quantize"]
 ''')
     from lepton_cli import compiler
 
@@ -174,3 +175,16 @@ def test_estimates_with_and_without_the_cost_model(monkeypatch):
     assert plain["est_latency_ms"] is None and plain["peak_memory_mb"] == round(weights_mb, 3)
     assert "no cost model" in plain["estimate_source"]
     assert infer_precision(model) == "fp32"
+
+
+def test_vnni_requirement_widens_when_quantize_used_reduce_range():
+    from types import SimpleNamespace
+
+    from lepton_cli.variants import effective_isa
+
+    reduced = [SimpleNamespace(name="fuse", summary={}), SimpleNamespace(name="quantize", summary={"reduce_range": True})]
+    full = [SimpleNamespace(name="quantize", summary={"reduce_range": False})]
+    wanted = ["avx512_vnni|avx_vnni|amx_int8"]
+    assert effective_isa(wanted, reduced)[0] == ["avx512_vnni|avx_vnni|amx_int8|avx2"]
+    assert effective_isa(wanted, full) == (wanted, None)
+    assert effective_isa(["neon"], reduced) == (["neon"], None)  # nothing VNNI-related to widen
