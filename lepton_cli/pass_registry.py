@@ -46,6 +46,9 @@ class PassResult:
 
     model: onnx.ModelProto
     summary: dict[str, Any] = field(default_factory=dict)
+    # A lossy pass whose run this time was exact (e.g. prune removing only dead channels) says so,
+    # and the pipeline checks it like any exact pass; None: the exactness the pass registered.
+    exactness: Exactness | None = None
 
 
 PassFn = Callable[[onnx.ModelProto, "PassContext", Any], PassResult]

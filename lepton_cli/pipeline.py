@@ -204,12 +204,13 @@ def run_pipeline(model: onnx.ModelProto, ctx: PassContext, progress: ProgressFn 
         if not isinstance(result, PassResult):
             raise InternalError(f"pass {step.name!r} returned {type(result).__name__}, not PassResult")
         check_model(result.model, step.name)
-        check: dict[str, Any] = {"kind": spec.exactness.kind}
-        if spec.exactness.kind != "lossy":
-            check = _check_step(current, result.model, ctx, spec.exactness)
+        exactness = result.exactness or spec.exactness
+        check: dict[str, Any] = {"kind": exactness.kind}
+        if exactness.kind != "lossy":
+            check = _check_step(current, result.model, ctx, exactness)
             if check.get("ok") is False:
                 raise InternalError(
-                    f"pass {step.name!r} changed the model's outputs beyond its declared {spec.exactness.kind} tolerance "
+                    f"pass {step.name!r} changed the model's outputs beyond its declared {exactness.kind} tolerance "
                     f"({check.get('detail') or 'max abs error %.3g on %s' % (check['max_abs_error'], check['worst_output'])})"
                 )
         record = StepRecord(step.name, to_table(step.params), step.why, seconds, before_stats,
