@@ -37,6 +37,7 @@ class CompileOptions:
     target: str
     output_dir: Path | None = None
     calib: Path | None = None
+    preprocess: str | None = None  # settings for an image-folder --calib/--eval (lepton_cli/preprocess.py)
     eval: Path | None = None
     input_shapes: list[str] = field(default_factory=list)
     max_accuracy_drop: float | None = None
@@ -87,6 +88,17 @@ def _check_output_dir(output_dir: Path) -> None:
         raise BadInputError(f"output folder {output_dir} is not writable", "choose a writable folder with -o") from None
 
 
+def _samples(path: Path | None, model: onnx.ModelProto, role: str, preprocess: str | None) -> SampleSet | None:
+    """An .npz sample set, or a folder of images read with the --preprocess settings."""
+    if path is None:
+        return None
+    if path.is_dir():
+        from .preprocess import load_image_folder
+
+        return load_image_folder(path, model, preprocess, role=role)
+    return load_samples(path, model, role=role)
+
+
 def _bind_shapes(model: onnx.ModelProto, options: CompileOptions, calib: SampleSet | None) -> tuple[onnx.ModelProto, dict[str, list[int]], str | None]:
     shapes = parse_input_shapes(options.input_shapes)
     source = "--input-shape"
@@ -127,8 +139,8 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
     model, note = upgrade_opset(loaded.model, target.runtime.opset_min, target.runtime.opset_max)
     if note:
         normalisation.append(note)
-    calib = load_samples(options.calib, model, role="--calib") if options.calib else None
-    evaluation = load_samples(options.eval, model, role="--eval") if options.eval else None
+    calib = _samples(options.calib, model, "--calib", options.preprocess)
+    evaluation = _samples(options.eval, model, "--eval", options.preprocess)
     model, shapes, note = _bind_shapes(model, options, calib)
     if note:
         normalisation.append(note)

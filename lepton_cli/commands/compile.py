@@ -52,7 +52,8 @@ def compile_command(
     model: Annotated[Path, typer.Argument(help="The ONNX model to compile.")],
     target: Annotated[str, typer.Option("--target", "-t", help="Builtin target name, 'auto', or a path to a target .toml.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default: beside the model).")] = None,
-    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration samples: .npz keyed by input name.")] = None,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration samples: .npz keyed by input name, or a folder of images (see --preprocess).")] = None,
+    preprocess: Annotated[Optional[str], typer.Option("--preprocess", help="For an image folder: size=HxW,scale=1/255,mean=a:b:c,std=a:b:c,order=RGB|BGR,layout=NCHW|NHWC.")] = None,
     eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Evaluation samples (.npz, optional 'labels').")] = None,
     input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Bind dynamic dims: NAME=1,3,224,224 (repeatable).")] = None,
     max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Quality gate and tuning budget, in percentage points.")] = None,
@@ -74,7 +75,7 @@ def compile_command(
     """Compile MODEL for a target: run its pass pipeline and write the bundle and its report."""
     settings.quiet = quiet or json_out
     settings.json_mode = json_out
-    options = CompileOptions(model=model, target=target, output_dir=output, calib=calib, eval=eval_data,
+    options = CompileOptions(model=model, target=target, output_dir=output, calib=calib, preprocess=preprocess, eval=eval_data,
                              input_shapes=input_shape or [], max_accuracy_drop=max_accuracy_drop, seed=seed,
                              sign_key=sign_key, recipients=recipient or [], bundle_version=bundle_version, expires=expires,
                              archive=archive, bench=not no_bench, bench_seconds=bench_seconds, max_latency_ratio=max_latency_ratio,
