@@ -114,7 +114,7 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> int 
     return 0
 
 
-def model_macs(model: onnx.ModelProto) -> int | None:
+def _total_macs(model: onnx.ModelProto) -> int | None:
     shapes = _shape_map(model)
     total = 0
     for node in model.graph.node:
@@ -123,6 +123,23 @@ def model_macs(model: onnx.ModelProto) -> int | None:
             return None
         total += macs
     return total
+
+
+def model_macs(model: onnx.ModelProto) -> int | None:
+    """MACs of one run; a symbolic batch dim (axis 0 of an input) counts as 1, i.e. MACs per sample."""
+    total = _total_macs(model)
+    if total is not None:
+        return total
+    batched = onnx.ModelProto()
+    batched.CopyFrom(model)
+    bound = False
+    for value in batched.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
+            dims[0].Clear()
+            dims[0].dim_value = 1
+            bound = True
+    return _total_macs(batched) if bound else None
 
 
 def collect_stats(model: onnx.ModelProto, *, with_macs: bool = True) -> ModelStats:
