@@ -231,7 +231,10 @@ def _resolve(spec: str, depth: int = 0) -> tuple[dict[str, Any], str]:
         parent_name = str(Path(origin).parent / parent_name)
     parent, _ = _resolve(parent_name, depth + 1)
     child = {k: v for k, v in raw.items() if k != "extends"}
-    merged = _merge({k: v for k, v in parent.items() if k != "name"}, child)
+    # Inherited variants describe the parent's pipeline: a child that replaces the passes drops them
+    # unless it declares its own (otherwise a variant could skip a pass that no longer exists).
+    dropped = {"name", "variants"} if "passes" in child else {"name"}
+    merged = _merge({k: v for k, v in parent.items() if k not in dropped}, child)
     merged.setdefault("name", Path(origin).stem if origin.endswith(".toml") else origin)
     return merged, origin
 
