@@ -250,3 +250,35 @@ def test_sigkill_at_any_moment_leaves_no_partial_bundle(tmp_path):
         if dest.exists():  # either absent or complete and valid, never partial
             verify_bundle(dest, trust=str(tmp_path / "keys" / "signing-public.pem"), state_path=tmp_path / "s.json")
         shutil.rmtree(tmp_path / "keys", ignore_errors=True)
+
+
+def test_sigkill_during_a_real_compile_leaves_old_or_new_bundle(tmp_path):
+    """`lepton compile` killed at moments spread over its run: the previous bundle stays, or the new one
+    replaced it whole; never a partial or missing bundle."""
+    env = {**os.environ, "LEPTON_HOME": str(tmp_path / "home"), "NO_COLOR": "1"}
+    out = tmp_path / "out"
+    bundle = out / "digits_cnn.cpu-avx.lepton"
+    args = [sys.executable, "-m", "lepton_cli", "compile", str(DIGITS_MODEL), "-t", "cpu-avx", "-o", str(out), "--quiet"]
+    start = time.perf_counter()
+    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    duration = time.perf_counter() - start
+    for fraction in (0.5, 0.8, 0.9, 0.95, 0.99):
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(duration * fraction)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        verify_bundle(bundle, trust=str(tmp_path / "home" / "keys" / "signing-public.pem"), state_path=tmp_path / "s.json")
+        assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == [bundle.name]
+
+
+def test_run_with_single_npy_inputs(run_cli, tmp_path, keys):
+    bundle = make_bundle(tmp_path / "m.lepton", keys)
+    x = np.load(DIGITS / "eval.npz")["image"][:4]
+    np.save(tmp_path / "x.npy", x)
+    result = run_cli("run", bundle, "--key", keys.enc_priv, "--trust", keys.sign_pub, "--state", tmp_path / "s.json",
+                     "--input", f"image={tmp_path / 'x.npy'}", "-o", tmp_path / "y.npz")
+    assert result.code == 0, result.stderr
+    assert np.load(tmp_path / "y.npz")["logits"].shape == (4, 10)
+    wrong = run_cli("run", bundle, "--key", keys.enc_priv, "--trust", keys.sign_pub, "--state", tmp_path / "s.json",
+                    "--input", f"pixels={tmp_path / 'x.npy'}")
+    assert wrong.code == 2 and "names no input" in wrong.stderr

@@ -1,8 +1,8 @@
 """Writing a bundle: encrypt the models, sign every file, and make the folder appear atomically.
 
-The folder is built in a hidden temporary folder beside the destination and renamed into place,
-so a compile killed at any moment (SIGKILL included) leaves either the old bundle or the new
-one, never a partial one. The plaintext model is never written to disk.
+The folder is built in a hidden temporary folder beside the destination and renamed into place
+(swapped with an existing bundle by ``renameat2(RENAME_EXCHANGE)`` on Linux), so a compile killed
+at any moment (SIGKILL included) leaves either the old bundle or the new one, never a partial one. The plaintext model is never written to disk.
 """
 from __future__ import annotations
 
@@ -81,6 +81,18 @@ def build(dest_dir: Path, *, models: dict[str, bytes], plain_files: dict[str, by
     return files
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def write_bundle(dest_dir: Path, *, models: dict[str, bytes], plain_files: dict[str, bytes], manifest_fields: dict[str, Any],
                  signing_key: SigningPrivateKey, recipients: Sequence[EncryptionPublicKey], version: int = 0,
                  expires: str | None = None) -> Path:
@@ -100,10 +112,13 @@ def write_bundle(dest_dir: Path, *, models: dict[str, bytes], plain_files: dict[
                 os.fsync(handle.fileno())  # durable before the rename makes it visible
         os.chmod(staging, 0o755)
         if dest_dir.exists():
-            old = dest_dir.with_name(f".{dest_dir.name}.old-{os.getpid()}")
-            os.replace(dest_dir, old)
-            os.replace(staging, dest_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            if _exchange(staging, dest_dir):  # one atomic step: the old bundle or the new one, always
+                shutil.rmtree(staging, ignore_errors=True)  # now holds the old bundle
+            else:  # no renameat2: two renames, with a moment where the folder is absent (never partial)
+                old = dest_dir.with_name(f".{dest_dir.name}.old-{os.getpid()}")
+                os.replace(dest_dir, old)
+                os.replace(staging, dest_dir)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, dest_dir)
     except BaseException:
