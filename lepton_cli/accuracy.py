@@ -66,14 +66,16 @@ def compare_arrays(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
     result = {"cosine": cosine, "snr_db": min(snr, SNR_CAP_DB), "max_abs": float(np.max(np.abs(ref - got))) if ref.size else 0.0}
     axis = _class_axis(reference.shape)
     if axis is not None:
-        result["top1_agreement"] = float(np.mean(np.argmax(reference, axis=axis) == np.argmax(candidate, axis=axis)))
+        result["top1_agreement"] = _agreement_pct(reference, candidate) / 100.0
     return result
 
 
 def _agreement_pct(reference: np.ndarray, candidate: np.ndarray) -> float:
     axis = _class_axis(reference.shape)
     if axis is not None:
-        return 100.0 * float(np.mean(np.argmax(reference, axis=axis) == np.argmax(candidate, axis=axis)))
+        # a non-finite score (fp16 overflow, say) never agrees, even where arg-max happens to match
+        finite = np.all(np.isfinite(candidate), axis=axis)
+        return 100.0 * float(np.mean((np.argmax(reference, axis=axis) == np.argmax(candidate, axis=axis)) & finite))
     ref = reference.astype(np.float64)
     span = float(ref.max() - ref.min()) if ref.size else 0.0
     tol = CONTINUOUS_TOLERANCE * span if span > 0 else 1e-6
@@ -98,7 +100,7 @@ def _top1(outputs: np.ndarray, labels: np.ndarray) -> float:
     flat = labels.reshape(-1)
     if len(flat) != len(outputs):
         raise BadInputError(f"{len(flat)} labels for {len(outputs)} model outputs", "give one label per sample")
-    return 100.0 * float(np.mean(np.argmax(outputs, axis=1) == flat))
+    return 100.0 * float(np.mean((np.argmax(outputs, axis=1) == flat) & np.all(np.isfinite(outputs), axis=1)))
 
 
 class Evaluator:

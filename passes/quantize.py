@@ -30,6 +30,7 @@ from lepton_cli import console
 from lepton_cli.accuracy import Evaluator
 from lepton_cli.errors import BadInputError, QualityGateError
 from lepton_cli.params import ParamValueError
+from lepton_cli.pipeline import adapt_feed
 from lepton_cli.pass_registry import LOSSY, PassResult, register_pass
 from lepton_cli.quant import schemes
 from lepton_cli.quant.calibration import CalibrationSettings, calibrate
@@ -213,10 +214,18 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
     summary: dict[str, Any] = {"scheme": params.scheme, "budget_pct": round(budget, 4), "scored_on": scored_on}
 
     if params.scheme == "fp16":
-        candidates = [n.name for n in model.graph.node if n.op_type not in params.fp16_block_ops]
+        # Activations beyond fp16's range (seen on the calibration/eval data, else random inputs) stay fp32.
+        probe_feeds = ctx.sample_feeds(model, 4)
+        if ctx.calib is not None or ctx.eval is not None:  # data is in the source layout (NCHW)
+            probe_feeds = [adapt_feed(model, feed) for feed in probe_feeds]
+        overflow = schemes.fp16_overflow_nodes(model, probe_feeds)
+        if overflow:
+            ctx.warn(f"{len(overflow)} node(s) produce values beyond fp16's range and stay fp32")
+            summary["fp16_overflow_kept"] = overflow
+        candidates = [n.name for n in model.graph.node if n.op_type not in params.fp16_block_ops and n.name not in overflow]
 
         def build(method: str, keep: list[str]) -> onnx.ModelProto:
-            return schemes.to_fp16(model, params.fp16_block_ops, keep)
+            return schemes.to_fp16(model, params.fp16_block_ops, sorted(set(keep) | set(overflow)))
         methods = ["fp16"]
         base = model
     else:

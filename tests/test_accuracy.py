@@ -81,3 +81,13 @@ def test_labels_on_a_non_classifier_output_is_a_clear_error(digits):
         from lepton_cli.accuracy import _top1
 
         _top1(np.zeros((4, 3, 5)), np.zeros(4))
+
+
+def test_non_finite_outputs_never_agree():
+    from lepton_cli.accuracy import _agreement_pct, _top1
+
+    ref = np.eye(4, dtype=np.float32)
+    broken = ref.copy()
+    broken[:2] = np.nan  # arg-max of a NaN row is 0, which would "agree" with row 0
+    assert _agreement_pct(ref, broken) == 50.0
+    assert _top1(broken, np.arange(4)) == 50.0

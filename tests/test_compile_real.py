@@ -52,10 +52,30 @@ def _compile_and_compare(model_path, target, tmp_path, input_shapes=()):
 FAST_LIGHT = [p for p in LIGHT_MODELS if p.stem in ("light_squeezenet", "light_shufflenet")]
 
 
+# light_squeezenet's synthetic constant weights drive activations to ~6e9, far beyond fp16's 65504:
+# its fp16 model (cuda, mobile) returns NaN even with the overflowing nodes kept fp32 (fp16 Conv
+# accumulation). With a real budget the accuracy gate refuses it (exit 3); here the gate is off.
+FP16_OVERFLOW = {("light_squeezenet", "cuda"), ("light_squeezenet", "mobile")}
+
+
 @pytest.mark.parametrize("target", BUILTIN_TARGETS)
 @pytest.mark.parametrize("model_path", FAST_LIGHT, ids=lambda p: p.stem)
 def test_light_models_fast(model_path, target, tmp_path):
+    if (model_path.stem, target) in FP16_OVERFLOW:
+        pytest.xfail("synthetic weights overflow fp16 (activations ~6e9); see FP16_OVERFLOW")
     _compile_and_compare(model_path, target, tmp_path)
+
+
+def test_fp16_overflow_is_refused_by_the_accuracy_gate(tmp_path):
+    """The same compile with a real budget: NaN outputs never "agree", so quantize (and the final gate) refuse it: exit 3."""
+    from lepton_cli.errors import QualityGateError
+
+    model_path = next(p for p in LIGHT_MODELS if p.stem == "light_squeezenet")
+    calib = tmp_path / "calib.npz"
+    _random_calib(onnx.load(model_path), {}, calib)
+    with pytest.raises(QualityGateError, match="accuracy budget"):
+        compile_model(CompileOptions(model=model_path, target="cuda", output_dir=tmp_path, calib=calib))
+    assert not list(tmp_path.glob("*.lepton"))
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ from onnxruntime.quantization.calibrate import TensorsData, load_tensors_data, s
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from lepton_cli.quant.calibration import METHODS, quiet_ort
+from lepton_cli.graph_order import sort_topologically
 
 QTYPES = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -148,6 +149,42 @@ FP16_BLOCK_DEFAULT = ("Exp", "Pow", "ReduceSum", "ReduceMean", "ReduceSumSquare"
                       "CumSum", "Softmax", "LayerNormalization", "Range")
 
 
+FP16_MAX = 65504.0
+FP16_HEADROOM = 0.5  # keep a node in fp32 when its observed output reaches half of fp16's range
+
+
+def fp16_overflow_nodes(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[str]:
+    """Nodes whose float outputs on ``feeds`` leave fp16's range (or are already non-finite).
+
+    The converter's op block list cannot know activation magnitudes; the data can. Such nodes stay
+    fp32 so the fp16 model does not return inf/NaN.
+    """
+    from lepton_cli.ort import make_session
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in probe.graph.output}
+    float_types = {onnx.TensorProto.FLOAT}
+    inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False)
+    typed = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.output]}
+    names = [out for node in probe.graph.node for out in node.output
+             if out and out not in outputs and typed.get(out) in float_types]
+    probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names)
+    session = make_session(probe)
+    order = [o.name for o in session.get_outputs()]
+    peak: dict[str, float] = {}
+    for feed in feeds:
+        for name, value in zip(order, session.run(None, feed)):
+            value = np.asarray(value)
+            if value.size and np.issubdtype(value.dtype, np.floating):
+                finite = np.isfinite(value).all()
+                peak[name] = max(peak.get(name, 0.0), float(np.max(np.abs(value))) if finite else math.inf)
+    limit = FP16_MAX * FP16_HEADROOM
+    # A consumer of a large tensor would cast it to fp16 at its input: it stays fp32 as well.
+    return [node.name for node in model.graph.node
+            if any(peak.get(name, 0.0) > limit for name in [*node.output, *node.input])]
+
+
 def to_fp16(model: onnx.ModelProto, block_ops: list[str], keep_nodes: list[str]) -> onnx.ModelProto:
     """fp16 compute and weights with fp32 graph inputs/outputs (Casts at the edges)."""
     from onnxruntime.transformers import float16
@@ -156,6 +193,8 @@ def to_fp16(model: onnx.ModelProto, block_ops: list[str], keep_nodes: list[str])
         converted = float16.convert_float_to_float16(
             model, keep_io_types=True, op_block_list=sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(block_ops)),
             node_block_list=list(keep_nodes) or None)
+    # The converter appends the graph-input Casts after their consumers: restore topological order.
+    sort_topologically(converted.graph)
     return _copy_metadata(model, converted)
 
 

@@ -1,0 +1,53 @@
+"""Topological order of a graph's nodes, keeping the existing order wherever it is already valid.
+
+Needed after tools that append nodes out of order (ONNX Runtime's ``float16`` converter puts the
+graph-input Casts after their consumers with ``keep_io_types``). Libraries checked: onnx has no
+sorter; onnxsim sorts only as a side effect of a full simplify; onnx-ir has one but is not a
+dependency. Subgraphs (If/Loop bodies) see outer names, so they count as inputs of their node.
+"""
+from __future__ import annotations
+
+import heapq
+
+import onnx
+
+
+def _node_inputs(node: onnx.NodeProto) -> set[str]:
+    names = {name for name in node.input if name}
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for graph in graphs:
+            local = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+            for inner in graph.node:
+                names |= _node_inputs(inner) - local
+    return names
+
+
+def sort_topologically(graph: onnx.GraphProto) -> bool:
+    """Reorder ``graph.node`` in place (stable Kahn's algorithm); return whether anything moved."""
+    nodes = list(graph.node)
+    producer = {out: index for index, node in enumerate(nodes) for out in node.output if out}
+    deps = [{producer[name] for name in _node_inputs(node) if name in producer and producer[name] != index}
+            for index, node in enumerate(nodes)]
+    users: list[list[int]] = [[] for _ in nodes]
+    for index, needed in enumerate(deps):
+        for dep in needed:
+            users[dep].append(index)
+    waiting = [len(d) for d in deps]
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for user in users[index]:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, user)
+    if len(order) != len(nodes):
+        raise ValueError("the graph has a cycle")
+    if order == list(range(len(nodes))):
+        return False
+    graph.ClearField("node")
+    graph.node.extend(nodes[i] for i in order)
+    return True
