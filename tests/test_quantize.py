@@ -233,22 +233,41 @@ def test_bad_params_are_rejected():
 
 @pytest.mark.slow
 @needs_ocr
-def test_ppocr_rec_cpu_avx_within_half_a_point(tmp_path):
+def test_ppocr_rec_cpu_avx_keeps_character_accuracy(tmp_path):
+    """PP-OCRv4 rec on rendered text lines: the budget is in per-timestep arg-max agreement (the
+    Evaluator's metric without labels), which is much stricter than character accuracy: 2.5
+    agreement points kept character accuracy within 0.5 points in benchmarks/bench_quantize_ocr.py."""
     import sys
 
     sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
     import ocr_textset as textset
     from lepton_cli.model_io import upgrade_opset
+    from lepton_cli.ort import make_session
     from lepton_cli.shapes import bind_input_shapes
 
     model, _ = upgrade_opset(onnx.load(OCR_REC), 13, 21)
     model = bind_input_shapes(model, {"x": [1, 3, 48, 320]})
     calib_x, _ = textset.make_set(64, 1, "calib")
-    eval_x, _ = textset.make_set(100, 2, "eval")
+    tune_x, _ = textset.make_set(64, 2, "eval")
+    test_x, test_texts = textset.make_set(100, 3, "eval")
     np.savez(tmp_path / "calib.npz", x=calib_x)
-    np.savez(tmp_path / "eval.npz", x=eval_x)
+    np.savez(tmp_path / "eval.npz", x=tune_x)
     calib = load_samples(tmp_path / "calib.npz", model)
     evaluation = load_samples(tmp_path / "eval.npz", model, role="--eval")
-    result, _ = _run("cpu-avx", model, calib, evaluation, budget=0.5)
-    assert Evaluator(model, evaluation, None).score(result.model).drop_pct <= 0.5
-    assert _weight_dq(result.model)
+    result, _ = _run("cpu-avx", model, calib, evaluation, budget=2.5)
+    assert result.summary["drop_pct"] <= 2.5 and _weight_dq(result.model)
+    chars = textset.charset(model)
+
+    def accuracy(m):
+        session = make_session(m, opt_level="all")
+        probs = np.concatenate([session.run(None, {"x": test_x[i:i + 1]})[0] for i in range(len(test_x))])
+        return textset.char_accuracy(textset.ctc_greedy(probs, chars), test_texts)
+    assert accuracy(model) - accuracy(result.model) <= 0.5
+    assert result.model.ByteSize() <= 0.4 * model.ByteSize()
+
+
+def test_without_eval_a_held_out_part_of_calib_scores_agreement(digits):
+    model, calib, _ = digits
+    result, _ = _run("edge-arm", model, calib, None, budget=1.0)
+    assert result.summary["scored_on"].startswith("held-out 50 of --calib")
+    assert result.summary["calibration_samples"] == 150  # the held-out quarter is not calibrated on
