@@ -111,3 +111,37 @@ def char_accuracy(predicted: list[str], truth: list[str]) -> float:
     """100 × (1 − total edit distance / total characters)."""
     errors = sum(edit_distance(p, t) for p, t in zip(predicted, truth))
     return 100.0 * max(0.0, 1.0 - errors / max(1, sum(len(t) for t in truth)))
+
+
+def render_page(rng: np.random.Generator, fonts: list[str], words: list[str], size: int = 640) -> Image.Image:
+    """A page of 6-14 text lines at random positions and sizes (for PP-OCRv4 det)."""
+    bg = int(rng.integers(200, 256))
+    img = Image.new("RGB", (size, size), (bg, bg, bg - int(rng.integers(0, 20))))
+    draw = ImageDraw.Draw(img)
+    y = int(rng.integers(5, 40))
+    while y < size - 40:
+        font = ImageFont.truetype(str(FONT_DIR / str(rng.choice(fonts))), int(rng.integers(16, 40)))
+        fg = int(rng.integers(0, 80))
+        draw.text((int(rng.integers(5, size // 3)), y), _text(rng, words), font=font, fill=(fg, fg, fg))
+        y += int(rng.integers(35, 80))
+    return img
+
+
+def make_pages(count: int, seed: int, role: str, size: int = 640) -> np.ndarray:
+    """[count, 3, size, size] float32, PP-OCR det normalisation (ImageNet mean/std on [0, 1] RGB)."""
+    rng = np.random.default_rng(seed)
+    fonts = CALIB_FONTS if role == "calib" else EVAL_FONTS
+    words = CALIB_WORDS if role == "calib" else EVAL_WORDS
+    mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+    std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+    pages = [(np.asarray(render_page(rng, fonts, words, size), np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
+             for _ in range(count)]
+    return np.stack(pages).astype(np.float32)
+
+
+def pixel_f1(reference: np.ndarray, candidate: np.ndarray, threshold: float = 0.3) -> float:
+    """F1 of the thresholded probability maps (DBNet's binarisation threshold 0.3), candidate vs reference."""
+    ref, got = reference > threshold, candidate > threshold
+    tp = float(np.sum(ref & got))
+    denom = float(np.sum(ref) + np.sum(got))
+    return 1.0 if denom == 0 else 2 * tp / denom
