@@ -277,7 +277,7 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
         found = search(build, methods, evaluator, budget, base, feeds[:SENSITIVITY_SAMPLES], max_float=params.max_float_layers,
                        latency_feeds=feeds[:LATENCY_SAMPLES], candidates=pick, note=console.note)
         summary |= {"tried": [t.to_dict() for t in found.trials],
-                    "worst_layers": [{"node": n, "local_nsr": round(v, 6)} for n, v in found.sensitivity[:10]]}
+                    "worst_layers": [{"node": n, "output_nsr_gain_if_float": round(v, 6)} for n, v in found.sensitivity[:10]]}
         if found.best is None:
             raise QualityGateError(
                 f"quantize: no candidate met the accuracy budget of {budget:g} points ({scored_on}); tried: {_tried_line(found.trials)}",
