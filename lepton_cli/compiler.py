@@ -15,7 +15,7 @@ from typing import Any, Callable
 import onnx
 
 from .data import SampleSet, load_samples
-from .accuracy import Evaluator
+from .accuracy import Evaluator, label_free
 from .errors import BadInputError, QualityGateError
 from .model_io import load_model, upgrade_opset
 from .pipeline import PassContext, ProgressFn, StepRecord, run_pipeline, serialize
@@ -41,6 +41,7 @@ class CompileOptions:
     eval: Path | None = None
     input_shapes: list[str] = field(default_factory=list)
     max_accuracy_drop: float | None = None
+    eval_metric: str = "auto"  # auto | top1 | agreement | ctc (lepton_cli/accuracy.py)
     seed: int = 0
     sign_key: str | None = None  # path or PEM text; else $LEPTON_SIGNING_KEY, else the dev key set
     recipients: list[str] = field(default_factory=list)  # encryption public keys; else $LEPTON_RECIPIENT / dev set
@@ -148,7 +149,7 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
     # The first [[variants]] entry (if any) is the main model.onnx; the others are compiled after it.
     primary = target.variants[0] if target.variants else None
     ctx = PassContext(target=target.for_variant(primary) if primary else target, calib=calib, eval=evaluation,
-                      seed=options.seed, max_accuracy_drop=options.max_accuracy_drop, input_shapes=shapes,
+                      seed=options.seed, max_accuracy_drop=options.max_accuracy_drop, input_shapes=shapes, eval_metric=options.eval_metric,
                       on_warning=on_warning, host=host.pass_context())
     try:
         source_stats = collect_stats(model)
@@ -201,7 +202,8 @@ def measure_accuracy(source: onnx.ModelProto, compiled: onnx.ModelProto, ctx: Pa
     samples, name = (ctx.eval, "--eval") if ctx.eval is not None else (ctx.calib, "--calib")
     if samples is None:
         return {"measured": False, "reason": "no --eval or --calib data: accuracy not measured"}
-    score = Evaluator(source, samples, samples.labels, limit=ACCURACY_SAMPLE_LIMIT).score(compiled)
+    metric = ctx.eval_metric if samples.labels is not None else label_free(ctx.eval_metric)
+    score = Evaluator(source, samples, samples.labels, limit=ACCURACY_SAMPLE_LIMIT, metric=metric).score(compiled)
     return {"measured": True, "data": name, "budget_pct": ctx.accuracy_budget, **score.to_dict()}
 
 

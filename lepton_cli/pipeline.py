@@ -43,6 +43,7 @@ class PassContext:
     host: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     max_accuracy_drop: float | None = None  # percentage points; None: the target's budget
+    eval_metric: str = "auto"  # lepton_cli.accuracy.METRICS
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lepton-")))
     warnings: list[str] = field(default_factory=list)

@@ -35,7 +35,7 @@ import onnx
 from onnx import numpy_helper
 
 from lepton_cli import channel_groups as cg
-from lepton_cli.accuracy import Evaluator
+from lepton_cli.accuracy import Evaluator, label_free
 from lepton_cli.params import ParamValueError
 from lepton_cli.pass_registry import LOSSY, PassResult, register_pass, tolerance
 from lepton_cli.shapes import bind_input_shapes, graph_inputs
@@ -285,10 +285,11 @@ def _why(unit: Unit, sens: dict[float, float], chosen: float | None, threshold: 
 def _evaluator(model: onnx.ModelProto, ctx: Any, params: PruneParams) -> tuple[Evaluator | None, str]:
     """Agreement on --calib (data the final gate does not score) first; else --eval with its labels."""
     if ctx.calib is not None and len(ctx.calib):
-        return Evaluator(model, ctx.calib, None, limit=params.max_samples), "--calib (agreement with the unpruned model)"
+        return Evaluator(model, ctx.calib, None, limit=params.max_samples, metric=label_free(ctx.eval_metric)), "--calib (agreement with the unpruned model)"
     if ctx.eval is not None and len(ctx.eval):
         labels = ctx.eval.labels
-        return Evaluator(model, ctx.eval, labels, limit=params.max_samples), f"--eval ({'top-1' if labels is not None else 'agreement'})"
+        return Evaluator(model, ctx.eval, labels, limit=params.max_samples,
+                         metric=ctx.eval_metric if labels is not None else label_free(ctx.eval_metric)), f"--eval ({'top-1' if labels is not None else 'agreement'})"
     return None, ""
 
 

@@ -27,7 +27,7 @@ import onnx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from lepton_cli import console
-from lepton_cli.accuracy import Evaluator
+from lepton_cli.accuracy import Evaluator, label_free
 from lepton_cli.errors import BadInputError, QualityGateError
 from lepton_cli.params import ParamValueError
 from lepton_cli.pipeline import adapt_feed
@@ -184,13 +184,14 @@ def _evaluation(model: onnx.ModelProto, ctx: Any, params: QuantizeParams):
     """(calibration samples, evaluator or None, what the evaluator scores)."""
     calib = ctx.calib
     if ctx.eval is not None and len(ctx.eval):
-        return calib, Evaluator(model, ctx.eval, ctx.eval.labels, limit=params.max_eval_samples), "--eval"
+        return calib, Evaluator(model, ctx.eval, ctx.eval.labels, limit=params.max_eval_samples,
+                                      metric=ctx.eval_metric if ctx.eval.labels is not None else label_free(ctx.eval_metric)), "--eval"
     if calib is not None and len(calib) >= 8:
         kept, held = calib.split(params.holdout_fraction, ctx.seed)
-        return kept, Evaluator(model, held, None, limit=params.max_eval_samples), f"held-out {len(held)} of --calib (agreement)"
+        return kept, Evaluator(model, held, None, limit=params.max_eval_samples, metric=label_free(ctx.eval_metric)), f"held-out {len(held)} of --calib (agreement)"
     if calib is not None:
         ctx.warn(f"only {len(calib)} calibration samples and no --eval: scoring agreement on the calibration samples themselves")
-        return calib, Evaluator(model, calib, None, limit=params.max_eval_samples), "--calib (agreement, not held out)"
+        return calib, Evaluator(model, calib, None, limit=params.max_eval_samples, metric=label_free(ctx.eval_metric)), "--calib (agreement, not held out)"
     return None, None, "none"
 
 

@@ -1,12 +1,14 @@
 """accuracy.Evaluator: top-1 with labels, agreement without, on the trained digits model."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
-from lepton_cli.accuracy import Evaluator, compare_arrays
+from lepton_cli.accuracy import Evaluator, compare_arrays, ctc_agreement_pct, ctc_greedy_decode, edit_distance
 from lepton_cli.data import load_samples
 from lepton_cli.errors import BadInputError
 
@@ -91,3 +93,53 @@ def test_non_finite_outputs_never_agree():
     broken[:2] = np.nan  # arg-max of a NaN row is 0, which would "agree" with row 0
     assert _agreement_pct(ref, broken) == 50.0
     assert _top1(broken, np.arange(4)) == 50.0
+
+
+def _ctc_scores(paths: list[list[int]], classes: int = 6) -> np.ndarray:
+    """One-hot [N, T, C] scores whose per-step arg-max is ``paths``."""
+    scores = np.zeros((len(paths), len(paths[0]), classes), dtype=np.float32)
+    for n, path in enumerate(paths):
+        scores[n, np.arange(len(path)), path] = 1.0
+    return scores
+
+
+def test_ctc_greedy_decode_collapses_repeats_and_drops_blanks():
+    assert ctc_greedy_decode(_ctc_scores([[0, 3, 3, 0, 3, 5, 5, 0]])) == [[3, 3, 5]]
+    assert edit_distance([1, 2, 3], [1, 3]) == 1 and edit_distance([], [4, 4]) == 2 and edit_distance([1, 2], [2, 1]) == 2
+
+
+def test_ctc_agreement_is_character_accuracy_not_timestep_agreement():
+    reference = _ctc_scores([[0, 1, 1, 0, 2, 0], [3, 0, 4, 4, 0, 0]])
+    shifted = _ctc_scores([[1, 1, 0, 0, 2, 2], [3, 3, 4, 0, 0, 0]])  # same text, other alignment
+    assert ctc_agreement_pct(reference, shifted) == 100.0
+    assert compare_arrays(reference, shifted)["top1_agreement"] < 0.7
+    wrong = _ctc_scores([[0, 1, 1, 0, 5, 0], [3, 0, 4, 4, 0, 0]])  # one of four characters substituted
+    assert ctc_agreement_pct(reference, wrong) == pytest.approx(75.0)
+    overflow = reference.copy()
+    overflow[0, 1, 1] = np.inf
+    assert ctc_agreement_pct(reference, overflow) < 100.0
+
+
+def _ctc_model(character: bool) -> onnx.ModelProto:
+    """x [N, T, C] → Softmax: the shape of a CTC recogniser's head."""
+    h = onnx.helper
+    graph = h.make_graph([h.make_node("Softmax", ["x"], ["probs"], axis=-1)], "ctc",
+                         [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 6, 5])],
+                         [h.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["N", 6, 5])])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    if character:
+        h.set_model_props(model, {"character": "a\nb\nc\nd"})
+    return model
+
+
+def test_evaluator_picks_ctc_agreement_from_metadata_or_when_asked():
+    from lepton_cli.data import SampleSet
+
+    samples = SampleSet(Path("ctc.npz"), {"x": np.random.default_rng(0).normal(size=(4, 6, 5)).astype(np.float32)}, None, {"x": False})
+    assert Evaluator(_ctc_model(True), samples).metric == "ctc_agreement"
+    assert Evaluator(_ctc_model(False), samples).metric == "agreement"
+    assert Evaluator(_ctc_model(False), samples, metric="ctc").metric == "ctc_agreement"
+    with pytest.raises(BadInputError, match="needs labels"):
+        Evaluator(_ctc_model(False), samples, metric="top1")
+    with pytest.raises(BadInputError, match="unknown evaluation metric"):
+        Evaluator(_ctc_model(False), samples, metric="bleu")

@@ -189,13 +189,14 @@ def decrypt_stream(stream: BinaryIO, *, content_key: bytes, context: bytes, ciph
                    plain_size: int, path: str) -> bytes:
     """Hash and decrypt in one pass; return the plaintext only if both the hash and the AEAD check pass.
 
-    The plaintext is written into a ``BytesIO`` buffer sized once, and returned with
-    ``getvalue()``, which CPython hands over without a copy: peak memory is one model.
+    Each block is decrypted into a small reused buffer and appended to a ``BytesIO``, whose
+    ``getvalue()`` CPython hands over without a copy: peak memory is one model. Growing the buffer
+    as blocks arrive (rather than sizing it up front, which zero-fills every page before the first
+    block is read) lets the kernel's page faults for the plaintext overlap the reading thread.
     """
     buffer = io.BytesIO()
-    buffer.seek(plain_size + BLOCK + _SLACK - 1)
-    buffer.write(b"\0")
-    view = buffer.getbuffer()
+    scratch = bytearray(2 * BLOCK + _SLACK)  # update_into wants room for one more chunk than it writes
+    scratch_view = memoryview(scratch)
     pos, ok, auth_failed = 0, False, False
     reader = _HashingReader(stream, cipher_size)
     try:
@@ -203,7 +204,9 @@ def decrypt_stream(stream: BinaryIO, *, content_key: bytes, context: bytes, ciph
         for block in reader:
             if not auth_failed:
                 try:
-                    pos += dec.update_into(block, view[pos:])
+                    written = dec.update_into(block, scratch_view)
+                    buffer.write(scratch_view[:written])
+                    pos += written
                 except InvalidTag:
                     auth_failed = True  # keep hashing: a modified file is reported as such
         if reader.too_long:
@@ -213,7 +216,7 @@ def decrypt_stream(stream: BinaryIO, *, content_key: bytes, context: bytes, ciph
         if auth_failed:
             raise InvalidTag()
         tail = dec.finalize()
-        view[pos:pos + len(tail)] = tail
+        buffer.write(tail)
         pos += len(tail)
         if pos != plain_size:
             raise fail(f"{path}: decrypted size {pos} differs from the signed plain size {plain_size}")
@@ -224,8 +227,18 @@ def decrypt_stream(stream: BinaryIO, *, content_key: bytes, context: bytes, ciph
         raise fail(f"{path}: malformed ciphertext ({exc})") from None
     finally:
         reader.close()
-        if not ok:
-            view[:] = bytes(len(view))  # unauthenticated plaintext never outlives the failure
-        view.release()
-    buffer.truncate(plain_size)
+        if not ok:  # unauthenticated plaintext never outlives the failure
+            _wipe(scratch_view)
+            view = buffer.getbuffer()
+            _wipe(view)
+            view.release()
+        scratch_view.release()
     return buffer.getvalue()
+
+
+def _wipe(view: memoryview) -> None:
+    """Zero a buffer in place, a block at a time (no second buffer of its size)."""
+    zeros = bytes(min(BLOCK, len(view)))
+    for start in range(0, len(view), BLOCK):
+        end = min(start + BLOCK, len(view))
+        view[start:end] = zeros[:end - start]
