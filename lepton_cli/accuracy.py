@@ -14,7 +14,12 @@ The drop is in percentage points (source value − compiled value), which is wha
 ``--max-accuracy-drop`` and the targets' ``max_accuracy_drop_pct`` budget bound.
 
 Both models run in ONNX Runtime with full graph optimisation, as deployed, so quantized QDQ graphs
-are measured with the integer kernels ORT fuses them into, not as simulated float.
+are measured with the integer kernels ORT fuses them into, not as simulated float — except where this
+host's integer kernels differ from the target's (``scoring_opt_level``): an x86 build host without
+VNNI sums 8-bit products pairwise in int16 (VPMADDUBSW) and saturates, which VNNI, Arm (SDOT, SMLAL)
+and integer accelerators, accumulating in int32, never do. There the
+QDQ graph runs unfused (``basic``: weights' DequantizeLinear folded, activations quantized and
+dequantized in float), which is the exact integer result up to fp32 rounding.
 Libraries checked: ONNX Runtime's quantization tools compare tensors (``qdq_loss_debug``) but have
 no model-level metric over a data set; nothing in onnx/onnxruntime does this.
 """
@@ -32,6 +37,9 @@ from .errors import BadInputError
 from .ort import make_session
 from .pipeline import adapt_feed, restore_output
 
+VNNI_ISA = ("avx512_vnni", "avx_vnni", "avxvnni", "amx_int8")  # u8·s8 dot products into int32: no saturation
+X86_ISA = ("avx2", "avx512f", "sse4_2", "avx")
+EXACT_INTEGER = "basic"  # ORT level that leaves QDQ pairs unfused
 METRICS = ("auto", "top1", "agreement", "ctc")  # --eval-metric choices
 CTC_BLANK = 0  # the blank class: PaddleOCR's and PyTorch CTCLoss's default
 CTC_METADATA_KEYS = ("lepton.decoding", "character")  # "lepton.decoding" = "ctc"; PaddleOCR rec models carry "character"
@@ -89,6 +97,14 @@ def _agreement_pct(reference: np.ndarray, candidate: np.ndarray) -> float:
     return 100.0 * float(np.mean(np.abs(ref - candidate.astype(np.float64)) <= tol))
 
 
+def scoring_opt_level(target_isa: list[str], host_isa: list[str]) -> str:
+    """ORT optimisation level to score candidates with: ``basic`` (exact integer arithmetic, see the module
+    doc) when this host is an x86 CPU without VNNI and the target is not one; else ``all`` (as deployed)."""
+    def saturates(isa: list[str]) -> bool:
+        return any(i in X86_ISA for i in isa) and not any(i in VNNI_ISA for i in isa)
+    return EXACT_INTEGER if saturates(host_isa) and not saturates(target_isa) else "all"
+
+
 def label_free(metric: str) -> str:
     """The metric to use on data without labels (held-out calibration samples) when ``metric`` was asked for."""
     return "auto" if metric == "top1" else metric
@@ -138,9 +154,9 @@ def ctc_agreement_pct(reference: np.ndarray, candidate: np.ndarray) -> float:
     return 100.0 * max(0.0, 1.0 - errors / length)
 
 
-def _run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], threads: int) -> list[np.ndarray]:
+def _run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], threads: int, opt_level: str = "all") -> list[np.ndarray]:
     """All outputs of ``model`` over ``feeds``, concatenated on axis 0, in the source model's layout."""
-    session = make_session(model, opt_level="all", threads=threads)
+    session = make_session(model, opt_level=opt_level, threads=threads)
     names = [o.name for o in session.get_outputs()]
     per_output: list[list[np.ndarray]] = [[] for _ in names]
     for feed in feeds:
@@ -163,15 +179,16 @@ class Evaluator:
     """Scores candidate models against the source on fixed samples; the source runs once."""
 
     def __init__(self, source_model: onnx.ModelProto, samples: SampleSet, labels: np.ndarray | None = None,
-                 *, limit: int | None = None, threads: int = 1, metric: str = "auto") -> None:
+                 *, limit: int | None = None, threads: int = 1, metric: str = "auto", opt_level: str = "all") -> None:
         if metric not in METRICS:
             raise BadInputError(f"unknown evaluation metric {metric!r}", f"use one of: {', '.join(METRICS)}")
         self.feeds = list(samples.feeds(limit))
         if not self.feeds:
             raise BadInputError("the evaluation set is empty", "give at least one sample")
         self.threads = threads
+        self.opt_level = opt_level
         self.labels = labels[: len(self.feeds)] if labels is not None and limit is not None and not any(samples.batched.values()) else labels
-        self.reference = _run(source_model, self.feeds, threads)
+        self.reference = _run(source_model, self.feeds, threads, opt_level)
         if metric == "top1" and self.labels is None:
             raise BadInputError("--eval-metric top1 needs labels, and the evaluation data has none",
                                 "add a 'labels' array to the .npz, or use --eval-metric agreement")
@@ -187,7 +204,7 @@ class Evaluator:
         self.source_value = _top1(self.reference[0], self.labels) if self.labels is not None else 100.0
 
     def score(self, candidate: onnx.ModelProto) -> AccuracyScore:
-        outputs = _run(candidate, self.feeds, self.threads)
+        outputs = _run(candidate, self.feeds, self.threads, self.opt_level)
         if len(outputs) != len(self.reference):
             raise BadInputError(f"the candidate has {len(outputs)} outputs, the source {len(self.reference)}",
                                 "keep the model's outputs unchanged")

@@ -203,8 +203,11 @@ def measure_accuracy(source: onnx.ModelProto, compiled: onnx.ModelProto, ctx: Pa
     if samples is None:
         return {"measured": False, "reason": "no --eval or --calib data: accuracy not measured"}
     metric = ctx.eval_metric if samples.labels is not None else label_free(ctx.eval_metric)
-    score = Evaluator(source, samples, samples.labels, limit=ACCURACY_SAMPLE_LIMIT, metric=metric).score(compiled)
-    return {"measured": True, "data": name, "budget_pct": ctx.accuracy_budget, **score.to_dict()}
+    opt_level = ctx.scoring_opt_level
+    score = Evaluator(source, samples, samples.labels, limit=ACCURACY_SAMPLE_LIMIT, metric=metric, opt_level=opt_level).score(compiled)
+    arithmetic = ("exact integer (QDQ unfused): the target has VNNI, this build host does not" if opt_level != "all"
+                  else "as deployed (ORT, all optimisations)")
+    return {"measured": True, "data": name, "budget_pct": ctx.accuracy_budget, "arithmetic": arithmetic, **score.to_dict()}
 
 
 def check_accuracy_budget(accuracy: dict[str, Any], budget_pct: float) -> None:

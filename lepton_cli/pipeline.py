@@ -58,6 +58,12 @@ class PassContext:
             self.on_warning(text)
 
     @property
+    def scoring_opt_level(self) -> str:
+        """ORT level accuracy is scored at (lepton_cli.accuracy.scoring_opt_level)."""
+        from .accuracy import scoring_opt_level  # accuracy imports this module
+        return scoring_opt_level(list(self.target.hardware.isa), list(self.host.get("isa") or []))
+
+    @property
     def accuracy_budget(self) -> float:
         return self.max_accuracy_drop if self.max_accuracy_drop is not None else self.target.budgets.max_accuracy_drop_pct
 

@@ -285,11 +285,11 @@ def _why(unit: Unit, sens: dict[float, float], chosen: float | None, threshold: 
 def _evaluator(model: onnx.ModelProto, ctx: Any, params: PruneParams) -> tuple[Evaluator | None, str]:
     """Agreement on --calib (data the final gate does not score) first; else --eval with its labels."""
     if ctx.calib is not None and len(ctx.calib):
-        return Evaluator(model, ctx.calib, None, limit=params.max_samples, metric=label_free(ctx.eval_metric)), "--calib (agreement with the unpruned model)"
+        return Evaluator(model, ctx.calib, None, limit=params.max_samples, metric=label_free(ctx.eval_metric), opt_level=ctx.scoring_opt_level), "--calib (agreement with the unpruned model)"
     if ctx.eval is not None and len(ctx.eval):
         labels = ctx.eval.labels
         return Evaluator(model, ctx.eval, labels, limit=params.max_samples,
-                         metric=ctx.eval_metric if labels is not None else label_free(ctx.eval_metric)), f"--eval ({'top-1' if labels is not None else 'agreement'})"
+                         metric=ctx.eval_metric if labels is not None else label_free(ctx.eval_metric), opt_level=ctx.scoring_opt_level), f"--eval ({'top-1' if labels is not None else 'agreement'})"
     return None, ""
 
 

@@ -20,14 +20,14 @@ modules in ``lepton_cli/quant/`` for what each adds and why.
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import onnx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from lepton_cli import console
-from lepton_cli.accuracy import Evaluator, label_free
+from lepton_cli.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, Evaluator, label_free, scoring_opt_level
 from lepton_cli.errors import BadInputError, QualityGateError
 from lepton_cli.params import ParamValueError
 from lepton_cli.pipeline import adapt_feed
@@ -37,15 +37,14 @@ from lepton_cli.quant.calibration import CalibrationSettings, calibrate
 from lepton_cli.quant.tuning import Trial, local_errors, quantized_nodes, search
 
 Method = Literal["minmax", "percentile", "entropy"]
-VNNI = ("avx512_vnni", "avx_vnni", "avxvnni")
-X86 = ("avx2", "avx512f", "sse4_2", "avx")
 SENSITIVITY_SAMPLES = 8
-# The target has VNNI but this host does not: what is measured here (and compile's gate) includes the
-# int16 saturation of AVX2's u8·s8 kernels, which 7-bit weights avoid at a precision cost. Which costs
-# less is model-dependent (measured: PP-OCRv4 rec agreement drop 4.9 full range vs 3.7 reduced; det
-# pixel F1 0.958 full vs 0.944 reduced), so the search tries both, full range first.
-HOST_WITHOUT_VNNI = "the build host lacks VNNI: candidates tried with full-range and with 7-bit (reduce_range) weights"
-RR_SUFFIX = "+reduce_range"
+# The target has VNNI but this host does not: this host's AVX2 kernels would saturate u8·s8 sums that
+# VNNI does not, so candidates are scored unfused (exact integer arithmetic, accuracy.scoring_opt_level)
+# and weights keep their full 8-bit range. (Scoring with the host's kernels instead, as an earlier
+# version did, measured PP-OCRv4 rec agreement drop 4.9 full range vs 3.7 with 7-bit weights: the
+# saturation of a kernel the target does not run, not the model's int8 error.)
+HOST_WITHOUT_VNNI = ("target has VNNI, this build host does not: full-range weights, accuracy scored with exact "
+                     "integer arithmetic (QDQ unfused), not this host's saturating AVX2 kernels")
 LATENCY_SAMPLES = 4
 
 
@@ -103,9 +102,9 @@ def _reduce_range(params: QuantizeParams, target_isa: list[str], host_isa: list[
         return params.reduce_range == "on", "set in the target"
     if params.activation_type != "u8":
         return False, "signed activations: no u8·s8 int16 saturation"
-    if any(i in X86 for i in target_isa) and not any(i in VNNI for i in target_isa):
+    if any(i in X86_ISA for i in target_isa) and not any(i in VNNI_ISA for i in target_isa):
         return True, "x86 target without VNNI"
-    if any(i in X86 for i in host_isa) and not any(i in VNNI for i in host_isa) and any(i in X86 for i in target_isa):
+    if scoring_opt_level(target_isa, host_isa) == EXACT_INTEGER:
         return False, HOST_WITHOUT_VNNI
     return False, "target has VNNI"
 
@@ -185,13 +184,13 @@ def _evaluation(model: onnx.ModelProto, ctx: Any, params: QuantizeParams):
     calib = ctx.calib
     if ctx.eval is not None and len(ctx.eval):
         return calib, Evaluator(model, ctx.eval, ctx.eval.labels, limit=params.max_eval_samples,
-                                      metric=ctx.eval_metric if ctx.eval.labels is not None else label_free(ctx.eval_metric)), "--eval"
+                                      metric=ctx.eval_metric if ctx.eval.labels is not None else label_free(ctx.eval_metric), opt_level=ctx.scoring_opt_level), "--eval"
     if calib is not None and len(calib) >= 8:
         kept, held = calib.split(params.holdout_fraction, ctx.seed)
-        return kept, Evaluator(model, held, None, limit=params.max_eval_samples, metric=label_free(ctx.eval_metric)), f"held-out {len(held)} of --calib (agreement)"
+        return kept, Evaluator(model, held, None, limit=params.max_eval_samples, metric=label_free(ctx.eval_metric), opt_level=ctx.scoring_opt_level), f"held-out {len(held)} of --calib (agreement)"
     if calib is not None:
         ctx.warn(f"only {len(calib)} calibration samples and no --eval: scoring agreement on the calibration samples themselves")
-        return calib, Evaluator(model, calib, None, limit=params.max_eval_samples, metric=label_free(ctx.eval_metric)), "--calib (agreement, not held out)"
+        return calib, Evaluator(model, calib, None, limit=params.max_eval_samples, metric=label_free(ctx.eval_metric), opt_level=ctx.scoring_opt_level), "--calib (agreement, not held out)"
     return None, None, "none"
 
 
@@ -237,9 +236,8 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
     else:
         _isa_warning(ctx)
         reduce_range, rr_why = _reduce_range(params, list(ctx.target.hardware.isa), list(ctx.host.get("isa") or []))
-        try_both = rr_why == HOST_WITHOUT_VNNI
-        if try_both:
-            ctx.warn(rr_why + " (AVX2 kernels saturate u8·s8 sums that VNNI does not)")
+        if rr_why == HOST_WITHOUT_VNNI:
+            ctx.warn(rr_why + "; int8 latency measured on this host says little about the target")
         scheme = _int8_scheme(params, reduce_range)
         base = schemes.preprocess(model, ctx.work_dir, optimize=params.preprocess)
         summary |= {"activation_type": scheme.activation_type, "weight_type": scheme.weight_type,
@@ -250,19 +248,15 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
         # Only the tensors around the ops being quantized need ranges (histograms of every tensor are slow).
         calib_ops = list(params.op_types) or None
 
-        def build(label: str, keep: list[str]) -> onnx.ModelProto:
-            method = label.removesuffix(RR_SUFFIX)
-            variant = replace(scheme, reduce_range=True) if label.endswith(RR_SUFFIX) else scheme
+        def build(method: str, keep: list[str]) -> onnx.ModelProto:
             if method not in ranges:
                 settings = CalibrationSettings(method=method, chunk=params.calib_chunk, max_samples=params.max_calib_samples,
                                                percentile=params.percentile, histogram_bins=params.histogram_bins,
                                                entropy_bins=params.entropy_bins)
                 data = calibrate(base, calib, settings, _CalibProgress(f"calibrating ({method})"), calib_ops)
                 ranges[method] = schemes.save_ranges(data, ctx.work_dir / f"ranges-{method}.json")
-            return schemes.quantize_int8(base, ranges[method], method, variant, keep, ctx.work_dir)
+            return schemes.quantize_int8(base, ranges[method], method, scheme, keep, ctx.work_dir)
         methods = list(dict.fromkeys(params.methods))
-        if try_both:
-            methods += [m + RR_SUFFIX for m in methods]
         candidates = None
 
     if evaluator is None or not params.tune:
@@ -285,10 +279,7 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
                 "raise --max-accuracy-drop or max_float_layers, give more representative --calib data, or use scheme = \"fp16\"")
         result = found.best
         assert found.best_trial is not None
-        chosen = found.best_trial.method
-        if params.scheme == "int8":
-            summary["reduce_range"] = summary["reduce_range"] or chosen.endswith(RR_SUFFIX)
-        summary |= {"method": chosen.removesuffix(RR_SUFFIX), "tuned": True, "float_kept": found.best_trial.float_nodes,
+        summary |= {"method": found.best_trial.method, "tuned": True, "float_kept": found.best_trial.float_nodes,
                     "drop_pct": found.best_trial.drop_pct, "value": found.best_trial.value}
     float_ops = _float_ops(result, list(ctx.target.runtime.supported_ops)) if params.scheme == "int8" else []
     if float_ops:

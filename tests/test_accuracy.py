@@ -8,7 +8,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from lepton_cli.accuracy import Evaluator, compare_arrays, ctc_agreement_pct, ctc_greedy_decode, edit_distance
+from lepton_cli.accuracy import (Evaluator, compare_arrays, ctc_agreement_pct, ctc_greedy_decode, edit_distance,
+                                 scoring_opt_level)
 from lepton_cli.data import load_samples
 from lepton_cli.errors import BadInputError
 
@@ -143,3 +144,12 @@ def test_evaluator_picks_ctc_agreement_from_metadata_or_when_asked():
         Evaluator(_ctc_model(False), samples, metric="top1")
     with pytest.raises(BadInputError, match="unknown evaluation metric"):
         Evaluator(_ctc_model(False), samples, metric="bleu")
+
+
+def test_int8_is_scored_exactly_only_where_the_host_kernels_differ_from_the_target():
+    vnni_target = ["avx2", "fma", "avx512f", "avx512_vnni"]
+    assert scoring_opt_level(vnni_target, ["avx2", "fma"]) == "basic"  # AVX2 host: VPMADDUBSW saturates
+    assert scoring_opt_level(vnni_target, ["avx2", "avx_vnni"]) == "all"
+    assert scoring_opt_level(["avx2", "fma"], ["avx2", "fma"]) == "all"  # target without VNNI: as deployed
+    assert scoring_opt_level(["neon", "dotprod"], ["avx2"]) == "basic"  # Arm accumulates 8-bit products in int32
+    assert scoring_opt_level(vnni_target, ["neon", "dotprod"]) == "all"  # not an x86 host: its kernels are not AVX2

@@ -148,7 +148,7 @@ def search(build: Build, methods: list[str], evaluator: Evaluator, budget: float
         pool = (candidates or quantized_nodes)(model)
         if len(pool) > max_candidates:  # bound the per-layer runs: preselect by the one-run local error
             pool = [name for name, _ in local_errors(float_model, model, pool, sensitivity_feeds)[:max_candidates]]
-        ranking = float_gains(float_model, model, pool, sensitivity_feeds)
+        ranking = float_gains(float_model, model, pool, sensitivity_feeds, evaluator.opt_level)
         if not sensitivity:
             sensitivity = ranking
         order = [name for name, _ in ranking]
@@ -227,9 +227,10 @@ def keep_float(quantized: onnx.ModelProto, float_model: onnx.ModelProto, node_na
     return copy
 
 
-def output_nsr(reference: list[list[np.ndarray]], model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> float:
+def output_nsr(reference: list[list[np.ndarray]], model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+               opt_level: str = "all") -> float:
     """Noise-to-signal ratio of all outputs of ``model`` vs reference outputs, summed over feeds."""
-    session = make_session(model, opt_level="all")
+    session = make_session(model, opt_level=opt_level)
     noise = signal = 0.0
     for ref, feed in zip(reference, feeds):
         for r, g in zip(ref, session.run(None, adapt_feed(model, feed))):
@@ -240,10 +241,10 @@ def output_nsr(reference: list[list[np.ndarray]], model: onnx.ModelProto, feeds:
 
 
 def float_gains(float_model: onnx.ModelProto, quantized: onnx.ModelProto, candidates: list[str],
-                feeds: list[dict[str, np.ndarray]]) -> list[tuple[str, float]]:
+                feeds: list[dict[str, np.ndarray]], opt_level: str = "all") -> list[tuple[str, float]]:
     """Candidates ranked by how much keeping each alone in float lowers the output error, best first."""
-    reference = [make_session(float_model, opt_level="all").run(None, adapt_feed(float_model, f)) for f in feeds]
-    base = output_nsr(reference, quantized, feeds)
-    gains = [(name, base - output_nsr(reference, keep_float(quantized, float_model, name), feeds)) for name in candidates]
+    reference = [make_session(float_model, opt_level=opt_level).run(None, adapt_feed(float_model, f)) for f in feeds]
+    base = output_nsr(reference, quantized, feeds, opt_level)
+    gains = [(name, base - output_nsr(reference, keep_float(quantized, float_model, name), feeds, opt_level)) for name in candidates]
     gains.sort(key=lambda item: -item[1])
     return gains
