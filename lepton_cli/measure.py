@@ -201,7 +201,8 @@ def fit_feed(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, n
     """A feed for ``model``: as is when it already has the model's static input shapes (e.g. random inputs
     made from this model's own signature), else converted from NCHW as ``pipeline.adapt_feed`` does."""
     sigs = {sig.name: sig for sig in graph_inputs(model)}
-    if all(name in sigs and sigs[name].is_static and tuple(value.shape) == tuple(sigs[name].dims) for name, value in feed.items()):
+    if all(name in sigs and sigs[name].is_static and tuple(value.shape) == tuple(sigs[name].dims) and value.dtype == sigs[name].dtype
+           for name, value in feed.items()):
         return feed
     return adapt_feed(model, feed)
 

@@ -22,6 +22,7 @@ from .errors import InternalError, LeptonError
 from .ort import make_session, random_feed, run_feeds
 from .params import to_table
 from .pass_registry import Exactness, PassResult, get_pass
+from .quant.integer_io import dequantize_array, io_quant, quantize_array
 from .shapes import graph_inputs, require_static, unbound_dims
 from .stats import ModelStats, collect_stats
 from .targets import Target
@@ -137,15 +138,22 @@ def _layout(model: onnx.ModelProto, name: str) -> str | None:
 
 
 def adapt_feed(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Convert an NCHW feed to the layout the compiled model declares for each input."""
+    """Convert an NCHW float feed to what the compiled model declares for each input: its layout
+    (``lepton.io_layout.*``), then integer quantization (``lepton.io_quant.*``, quant/integer_io.py)."""
     out = {}
     for name, value in feed.items():
-        out[name] = np.ascontiguousarray(value.transpose(0, 2, 3, 1)) if _layout(model, name) == "NHWC" and value.ndim == 4 else value
+        if _layout(model, name) == "NHWC" and value.ndim == 4:
+            value = np.ascontiguousarray(value.transpose(0, 2, 3, 1))
+        quant = io_quant(model, name)
+        out[name] = quantize_array(value, quant) if quant and np.issubdtype(value.dtype, np.floating) else value
     return out
 
 
 def restore_output(model: onnx.ModelProto, name: str, value: np.ndarray) -> np.ndarray:
-    """Convert an output the compiled model returns in NHWC back to NCHW for comparison."""
+    """Convert an output of the compiled model back to the source's form (float, NCHW) for comparison."""
+    quant = io_quant(model, name)
+    if quant and np.issubdtype(value.dtype, np.integer):
+        value = dequantize_array(value, quant)
     return np.ascontiguousarray(value.transpose(0, 3, 1, 2)) if _layout(model, name) == "NHWC" and value.ndim == 4 else value
 
 

@@ -34,6 +34,7 @@ from lepton_cli.pipeline import adapt_feed
 from lepton_cli.pass_registry import LOSSY, PassResult, register_pass
 from lepton_cli.quant import schemes
 from lepton_cli.quant.calibration import CalibrationSettings, calibrate
+from lepton_cli.quant.integer_io import make_integer_io
 from lepton_cli.quant.tuning import Trial, local_errors, quantized_nodes, search
 
 Method = Literal["minmax", "percentile", "entropy"]
@@ -75,6 +76,7 @@ class QuantizeParams:
     int4_block_size: int = 32
     preprocess: bool = True  # ORT's quant_pre_process (shape inference + basic optimisation) before int8
     warn_float_ops: bool = False  # integer-only hardware: warn about every op left in float
+    integer_io: bool = False  # int8: integer graph inputs/outputs, scale and zero point in metadata (quant/integer_io.py)
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -90,6 +92,8 @@ class QuantizeParams:
             raise ParamValueError("max_float_layers", "must be >= 0")
         if not 0 < self.holdout_fraction < 1:
             raise ParamValueError("holdout_fraction", "must be in (0, 1)")
+        if self.integer_io and self.scheme != "int8":
+            raise ParamValueError("integer_io", "needs scheme = \"int8\" (static quantization gives inputs and outputs a scale)")
         if not 0 < self.budget_share <= 1:
             raise ParamValueError("budget_share", "must be in (0, 1]")
         if self.int4_block_size & (self.int4_block_size - 1) or self.int4_block_size < 16:
@@ -237,7 +241,7 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
         _isa_warning(ctx)
         reduce_range, rr_why = _reduce_range(params, list(ctx.target.hardware.isa), list(ctx.host.get("isa") or []))
         if rr_why == HOST_WITHOUT_VNNI:
-            ctx.warn(rr_why + "; int8 latency measured on this host says little about the target")
+            ctx.warn(rr_why)
         scheme = _int8_scheme(params, reduce_range)
         base = schemes.preprocess(model, ctx.work_dir, optimize=params.preprocess)
         summary |= {"activation_type": scheme.activation_type, "weight_type": scheme.weight_type,
@@ -287,5 +291,10 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
         if params.warn_float_ops:
             ctx.warn(f"{len(float_ops)} ops left in float would run on the host: "
                      + ", ".join(sorted({f['op'] for f in float_ops})))
+    if params.integer_io:
+        result, converted, kept = make_integer_io(result)
+        summary["integer_io"] = converted
+        for reason in kept:
+            ctx.warn(f"integer_io: {reason}; it stays float")
     summary["int8_weights"] = _int8_initializers(result)
     return PassResult(result, summary)

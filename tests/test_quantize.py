@@ -276,3 +276,61 @@ def test_without_eval_a_held_out_part_of_calib_scores_agreement(digits):
     result, _ = _run("edge-arm", model, calib, None, budget=1.0)
     assert result.summary["scored_on"].startswith("held-out 50 of --calib")
     assert result.summary["calibration_samples"] == 150  # the held-out quarter is not calibrated on
+
+
+def test_tpu_integer_io_option_gives_int8_inputs_and_outputs(digits):
+    """integer_io: the graph takes and returns int8 (no float at the chip's edge), scales in metadata."""
+    from lepton_cli.pipeline import adapt_feed, restore_output
+    from lepton_cli.quant.integer_io import dequantize_array, io_quant, quantize_array
+
+    model, calib, evaluation = digits
+    result, ctx = _run("tpu", model, calib, evaluation, integer_io=True)
+    q = result.model
+    name, out = q.graph.input[0].name, q.graph.output[0].name
+    assert q.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT8
+    assert q.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.INT8
+    assert set(result.summary["integer_io"]) == {name, out}
+    quant = io_quant(q, name)
+    assert quant["dtype"] == "int8" and quant["scale"] > 0
+    assert not any(n.op_type == "QuantizeLinear" and name in n.input for n in q.graph.node)
+    onnx.checker.check_model(q)
+    # a float frame goes in quantized, the int8 logits come back dequantized: same top-1 as the QDQ model
+    feed = next(iter(evaluation.feeds(1)))
+    adapted = adapt_feed(q, feed)
+    assert adapted[name].dtype == np.int8
+    x = feed[name]
+    assert np.max(np.abs(dequantize_array(quantize_array(x, quant), quant) - x)) <= quant["scale"] / 2 + 1e-6
+    assert _top1_drop(model, q, evaluation, ctx.scoring_opt_level) <= 1.0
+    plain, _ = _run("tpu", model, calib, evaluation)
+    from lepton_cli.ort import make_session
+    got = restore_output(q, out, make_session(q).run(None, adapted)[0])
+    want = make_session(plain.model).run(None, feed)[0]
+    assert got.dtype == np.float32 and np.argmax(got) == np.argmax(want)
+
+
+def test_integer_io_needs_int8():
+    with pytest.raises(Exception, match="integer_io"):
+        _params("cuda", integer_io=True)
+
+
+@needs_ocr
+def test_tpu_integer_io_on_ppocr_det_end_to_end(run_cli, tmp_path):
+    """A real model through the whole tpu pipeline (NHWC, padded channels, full int8) with integer I/O."""
+    from conftest import OCR_DET
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.normal(0, 1, (4, 3, 160, 160)).astype(np.float32))
+    toml = tmp_path / "tpu-int-io.toml"
+    toml.write_text('extends = "tpu"\nname = "tpu-int-io"\n[pass_params.quantize]\ninteger_io = true\n', encoding="utf-8")
+    result = run_cli("compile", OCR_DET, "--target", toml, "--input-shape", "x=1,3,160,160", "--calib", tmp_path / "calib.npz",
+                     "--max-accuracy-drop", "100", "--no-bench", "--json", "-o", tmp_path / "out")
+    assert result.code == 0, result.output
+    import json
+    report = json.loads(result.stdout)
+    steps = {s["name"]: s for s in report["report"]["pipeline"]} if "report" in report else None
+    bundle = next((tmp_path / "out").glob("*.lepton"))
+    full = json.loads((bundle / "report.json").read_text())
+    quant = next(s for s in full["pipeline"] if s["name"] == "quantize")
+    assert "x" in quant["summary"]["integer_io"], quant["summary"].get("integer_io")
+    assert full["compiled"]["inputs"][0]["dtype"] == "int8"
+    del steps
