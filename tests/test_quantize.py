@@ -334,3 +334,22 @@ def test_tpu_integer_io_on_ppocr_det_end_to_end(run_cli, tmp_path):
     assert "x" in quant["summary"]["integer_io"], quant["summary"].get("integer_io")
     assert full["compiled"]["inputs"][0]["dtype"] == "int8"
     del steps
+
+
+def test_integer_io_bundle_runs_on_float_samples_via_cli(run_cli, tmp_path):
+    """compile (tpu + integer_io) → run: the bundle session quantizes float samples and dequantizes the logits."""
+    import json
+
+    toml = tmp_path / "tpu-int-io.toml"
+    toml.write_text('extends = "tpu"\nname = "tpu-int-io"\n[pass_params.quantize]\ninteger_io = true\n', encoding="utf-8")
+    built = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", toml, "--calib", DIGITS / "calib.npz",
+                    "--eval", DIGITS / "eval.npz", "--no-bench", "-o", tmp_path / "out")
+    assert built.code == 0, built.output
+    bundle = next((tmp_path / "out").glob("*.lepton"))
+    report = json.loads((bundle / "report.json").read_text())
+    assert report["compiled"]["inputs"][0]["dtype"] == "int8"
+    ran = run_cli("run", bundle, "--inputs", DIGITS / "eval.npz", "--json", "-o", tmp_path / "logits.npz")
+    assert ran.code == 0, ran.output
+    doc = json.loads(ran.stdout)
+    assert doc["outputs"][next(iter(doc["outputs"]))]["dtype"] == "float32"
+    assert doc["top1_accuracy_pct"] > 95

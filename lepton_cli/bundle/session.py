@@ -6,6 +6,7 @@ The session is built from bytes in memory; nothing decrypted touches the disk.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..pipeline import LAYOUT_KEY
+from ..quant.integer_io import IO_QUANT_KEY, dequantize_array, quantize_array
 from ..runtime_select import Selection, select_session
 from .reader import OpenedBundle, open_bundle
 
@@ -26,8 +28,10 @@ def _plan_session(opened: OpenedBundle, providers: Sequence[str] | None, variant
 
 
 class BundleSession:
-    """An ``InferenceSession`` that takes and returns the source model's layout (NCHW) even when
-    the compiled model's I/O is NHWC (``lepton.io_layout.*`` metadata); everything else delegates."""
+    """An ``InferenceSession`` that takes and returns the source model's layout (NCHW) and float
+    values even when the compiled model's I/O is NHWC (``lepton.io_layout.*`` metadata) or integer
+    (``lepton.io_quant.*``: float feeds are quantized, integer outputs dequantized; integer feeds pass
+    as they are). ``.session`` is the raw ONNX Runtime session; everything else delegates."""
 
     selection: Selection | None = None  # set by load_bundle: the variant/EP/thread choice and its log
 
@@ -37,12 +41,21 @@ class BundleSession:
         self.model_path = model_path
         meta = session.get_modelmeta().custom_metadata_map
         self.layouts = {key[len(LAYOUT_KEY):]: value for key, value in meta.items() if key.startswith(LAYOUT_KEY)}
+        self.quant = {key[len(IO_QUANT_KEY):]: json.loads(value) for key, value in meta.items() if key.startswith(IO_QUANT_KEY)}
 
     def adapt(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {name: np.ascontiguousarray(value.transpose(0, 2, 3, 1)) if self.layouts.get(name) == "NHWC" and value.ndim == 4 else value
-                for name, value in feed.items()}
+        out = {}
+        for name, value in feed.items():
+            if self.layouts.get(name) == "NHWC" and value.ndim == 4:
+                value = np.ascontiguousarray(value.transpose(0, 2, 3, 1))
+            if name in self.quant and np.issubdtype(value.dtype, np.floating):
+                value = quantize_array(value, self.quant[name])
+            out[name] = value
+        return out
 
     def restore(self, name: str, value: np.ndarray) -> np.ndarray:
+        if name in self.quant and np.issubdtype(value.dtype, np.integer):
+            value = dequantize_array(value, self.quant[name])
         return np.ascontiguousarray(value.transpose(0, 3, 1, 2)) if self.layouts.get(name) == "NHWC" and value.ndim == 4 else value
 
     def run(self, output_names: list[str] | None, feed: dict[str, np.ndarray], run_options: Any = None) -> list[np.ndarray]:
