@@ -116,7 +116,7 @@ def compare_outputs(before: onnx.ModelProto, after: onnx.ModelProto, feeds: list
             if exactness.kind == "exact":
                 same = np.array_equal(expected, actual, equal_nan=True)
             else:
-                same = np.allclose(actual, expected, rtol=exactness.rtol, atol=exactness.atol, equal_nan=True)
+                same = _within_scaled_tolerance(expected, actual, exactness.rtol, exactness.atol)
             if expected.size and np.issubdtype(expected.dtype, np.number):
                 err = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
                 if err > worst_abs:
@@ -124,6 +124,28 @@ def compare_outputs(before: onnx.ModelProto, after: onnx.ModelProto, feeds: list
             ok = ok and bool(same)
     return {"kind": exactness.kind, "ok": ok, "samples": len(feeds), "max_abs_error": worst_abs,
             "worst_output": worst_name, "rtol": exactness.rtol, "atol": exactness.atol}
+
+
+def _within_scaled_tolerance(expected: np.ndarray, actual: np.ndarray, rtol: float, atol: float) -> bool:
+    """|actual − expected| ≤ atol + rtol · max|expected| everywhere (NaN where NaN).
+
+    rtol scales with the output's magnitude, not each element's: reassociated float sums (a folded
+    BatchNorm, a reordered GEMM) err by a fraction of the values summed, so a near-zero element of a
+    large-valued map (a background pixel of PP-OCRv4 det's probability map at 640x640 on real text:
+    5e-5 after fuse) may differ by more than rtol of itself. np.allclose's per-element rtol rejected that.
+    """
+    if not np.issubdtype(expected.dtype, np.number) or expected.size == 0:
+        return bool(np.array_equal(expected, actual))
+    ref = expected.astype(np.float64)
+    got = actual.astype(np.float64)
+    nan = np.isnan(ref)
+    if not np.array_equal(nan, np.isnan(got)):
+        return False
+    finite = np.isfinite(ref) & np.isfinite(got)
+    if not np.array_equal(ref[~finite & ~nan], got[~finite & ~nan]):  # infinities must match exactly
+        return False
+    scale = float(np.max(np.abs(ref[finite]))) if finite.any() else 0.0
+    return bool(np.all(np.abs(got[finite] - ref[finite]) <= atol + rtol * scale))
 
 
 # Layout metadata written by passes that change I/O layout: "lepton.io_layout.<tensor>" = "NHWC".

@@ -119,3 +119,16 @@ def test_random_check_inputs_are_seeded():
     a = random_feed(inputs, np.random.default_rng(7))["x"]
     b = random_feed(inputs, np.random.default_rng(7))["x"]
     assert np.array_equal(a, b)
+
+
+def test_tolerance_scales_with_the_output_not_each_element():
+    from lepton_cli.pipeline import _within_scaled_tolerance
+
+    ref = np.array([1.0, 0.5, 1e-6], dtype=np.float32)
+    # float reassociation: 5e-5 off on a near-zero element of a map whose values reach 1 (fuse on det)
+    assert _within_scaled_tolerance(ref, ref + np.array([0, 0, 5e-5], np.float32), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(ref + np.array([0, 0, 5e-5], np.float32), ref, rtol=1e-4, atol=1e-5)
+    assert not _within_scaled_tolerance(ref, ref + np.array([0, 1e-3, 0], np.float32), rtol=1e-4, atol=1e-5)
+    assert not _within_scaled_tolerance(ref, np.array([1.0, np.nan, 1e-6], np.float32), rtol=1e-4, atol=1e-5)
+    assert not _within_scaled_tolerance(np.array([np.inf, 1.0]), np.array([1e30, 1.0]), rtol=1e-4, atol=1e-5)
+    assert _within_scaled_tolerance(np.array([np.nan, 1.0]), np.array([np.nan, 1.0]), rtol=0, atol=0)
