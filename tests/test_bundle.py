@@ -282,3 +282,22 @@ def test_run_with_single_npy_inputs(run_cli, tmp_path, keys):
     wrong = run_cli("run", bundle, "--key", keys.enc_priv, "--trust", keys.sign_pub, "--state", tmp_path / "s.json",
                     "--input", f"pixels={tmp_path / 'x.npy'}")
     assert wrong.code == 2 and "names no input" in wrong.stderr
+
+
+def _record_many(args):
+    from lepton_cli.bundle import state
+
+    path, worker = args
+    for i in range(25):
+        state.record(Path(path), f"signer/model-{worker}-{i}/cpu-avx", i + 1)
+
+
+def test_rollback_state_keeps_every_concurrent_update(tmp_path):
+    """Several `lepton run` processes on one device: no recorded version is lost (the state file is locked)."""
+    import json
+    from concurrent.futures import ProcessPoolExecutor
+
+    path = tmp_path / "state.json"
+    with ProcessPoolExecutor(max_workers=6) as pool:
+        list(pool.map(_record_many, [(str(path), w) for w in range(6)]))
+    assert len(json.loads(path.read_text())) == 6 * 25

@@ -2,13 +2,22 @@
 
 The state is a small JSON file (``<config>/bundle-state.json``, or ``--state``): key
 ``<signing key id>/<model>/<target>`` → highest version. A bundle below it is refused (exit 4);
-equal is allowed (re-running the same release). Written atomically (temp file, then rename).
+equal is allowed (re-running the same release). Written atomically (temp file, fsync, rename) under
+an exclusive lock (``flock`` on ``<state>.lock``), so two ``lepton run`` processes on one device
+cannot lose each other's update. Windows has no ``fcntl``: there the write stays atomic but unlocked.
 """
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 from ..errors import BadInputError
 from ..keys import config_dir
@@ -45,12 +54,29 @@ def check(path: Path, key: str, version: int) -> None:
                    "deploy the newer bundle; a publisher ships fixes with a higher --bundle-version")
 
 
-def record(path: Path, key: str, version: int) -> None:
-    state = _load(path)
-    if state.get(key, -1) >= version:
-        return
-    state[key] = version
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    if fcntl is None:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def record(path: Path, key: str, version: int) -> None:
+    with _locked(path):  # read, compare and replace as one step
+        state = _load(path)
+        if state.get(key, -1) >= version:
+            return
+        state[key] = version
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(state, indent=2, sort_keys=True))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
