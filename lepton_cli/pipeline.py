@@ -45,6 +45,7 @@ class PassContext:
     seed: int = 0
     max_accuracy_drop: float | None = None  # percentage points; None: the target's budget
     eval_metric: str = "auto"  # lepton_cli.accuracy.METRICS
+    accuracy_carry: float = 0.0  # budget points an earlier lossy pass was allowed but did not spend
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lepton-")))
     warnings: list[str] = field(default_factory=list)
@@ -67,6 +68,15 @@ class PassContext:
     @property
     def accuracy_budget(self) -> float:
         return self.max_accuracy_drop if self.max_accuracy_drop is not None else self.target.budgets.max_accuracy_drop_pct
+
+    def lossy_budget(self, share: float) -> float:
+        """Points a lossy pass may spend: its share of the budget plus what earlier passes left unspent."""
+        return min(self.accuracy_budget, self.accuracy_budget * share + self.accuracy_carry)
+
+    def spent(self, allowed: float, drop_pct: float) -> None:
+        """A lossy pass measured its drop: the rest of what it was allowed carries over to the next one
+        (edge-arm's channel pruning often finds nothing worth its half; int8 then gets the whole budget)."""
+        self.accuracy_carry = max(0.0, allowed - max(0.0, drop_pct))
 
     def require_static_shapes(self, model: onnx.ModelProto) -> None:
         require_static(model, f"pass {self.current_pass!r}" if self.current_pass else "this step")

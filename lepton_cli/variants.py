@@ -61,7 +61,7 @@ def compile_extra_variants(model: onnx.ModelProto, ctx: PassContext, target: Tar
 
         vctx = PassContext(target=target.for_variant(variant), calib=ctx.calib, eval=ctx.eval, host=ctx.host,
                            seed=ctx.seed, max_accuracy_drop=ctx.max_accuracy_drop, input_shapes=ctx.input_shapes,
-                           on_warning=warn)
+                           eval_metric=ctx.eval_metric, on_warning=warn)
         try:
             compiled, steps = run_pipeline(model, vctx, step_progress)
             compiled.producer_name = "lepton"

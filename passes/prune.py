@@ -502,7 +502,7 @@ def prune(model: onnx.ModelProto, ctx: Any, params: PruneParams) -> PassResult:
     cg.constants_to_initializers(working)
     mode, lossy = params.mode, params.mode != "dead"
     evaluator, data = (None, "")
-    allowed = ctx.accuracy_budget * params.budget_share
+    allowed = ctx.lossy_budget(params.budget_share)
     if lossy:
         evaluator, data = _evaluator(working, ctx, params) if params.search else (None, "")
         if evaluator is None and params.search:
@@ -525,12 +525,15 @@ def prune(model: onnx.ModelProto, ctx: Any, params: PruneParams) -> PassResult:
     rows = _channel_table(working, result, ctx)
     summary["layers"] = [r for r in rows if r["out_channels"][0] != r["out_channels"][1] or r["in_channels"][0] != r["in_channels"][1]]
     summary["totals"] = _totals(rows)
+    final = None
     if evaluator is not None:
         final = evaluator.score(result)
         summary["accuracy"] = final.to_dict()
     shrunk = summary["totals"]["params"][0] != summary["totals"]["params"][1]
     sparsified = mode in ("magnitude", "2:4") and summary["weights"]["pruned_layers"] > 0
     changed = result is not working and (shrunk or sparsified)
+    if lossy or mode == "dead":  # dead-channel removal is exact: it spends nothing
+        ctx.spent(allowed, final.drop_pct if final is not None and changed else 0.0)
     # Dead-channel removal is exact in real arithmetic; a shorter reduction may round differently
     # in ORT's blocked GEMM (a few ulp), hence a tight tolerance rather than bit-identity.
     dead_only = tolerance(rtol=1e-4, atol=1e-5) if mode == "dead" else None

@@ -218,7 +218,7 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
     if params.scheme == "int8" and ctx.calib is None:
         return _fallback(model, ctx, params)
 
-    budget = ctx.accuracy_budget * params.budget_share
+    budget = ctx.lossy_budget(params.budget_share)
     calib, evaluator, scored_on = _evaluation(model, ctx, params)
     summary: dict[str, Any] = {"scheme": params.scheme, "budget_pct": round(budget, 4), "scored_on": scored_on}
 

@@ -132,3 +132,17 @@ def test_tolerance_scales_with_the_output_not_each_element():
     assert not _within_scaled_tolerance(ref, np.array([1.0, np.nan, 1e-6], np.float32), rtol=1e-4, atol=1e-5)
     assert not _within_scaled_tolerance(np.array([np.inf, 1.0]), np.array([1e30, 1.0]), rtol=1e-4, atol=1e-5)
     assert _within_scaled_tolerance(np.array([np.nan, 1.0]), np.array([np.nan, 1.0]), rtol=0, atol=0)
+
+
+def test_unspent_accuracy_budget_carries_to_the_next_lossy_pass():
+    from lepton_cli.pipeline import PassContext
+    from lepton_cli.targets import load_target
+
+    ctx = PassContext(target=load_target("edge-arm"), max_accuracy_drop=1.0)
+    assert ctx.lossy_budget(0.5) == 0.5
+    ctx.spent(0.5, 0.1)  # channel pruning used 0.1 of its half
+    assert ctx.lossy_budget(0.5) == pytest.approx(0.9)
+    ctx.spent(0.5, 0.7)  # a pass over its allowance leaves nothing to carry
+    assert ctx.lossy_budget(0.5) == 0.5
+    ctx.spent(0.9, 0.0)
+    assert ctx.lossy_budget(0.5) == 1.0  # never more than the whole budget

@@ -1,0 +1,207 @@
+"""PP-OCRv4 compiled by `lepton compile` for cpu-avx, edge-arm and cuda, measured where it would run.
+
+Two steps, so the measuring can happen on another machine (a VNNI CPU, a GPU) that has only
+onnxruntime, onnx, numpy and Pillow:
+
+    .venv/bin/python benchmarks/bench_deployed.py prepare DIR [--targets cpu-avx,edge-arm,cuda]
+    python3 benchmarks/bench_deployed.py measure DIR --provider CPUExecutionProvider [--threads 1]
+
+``prepare`` renders the data (benchmarks/ocr_textset.py: calibration seed 1, tuning seed 2, test
+seed 3 with its own lines), runs the real compile (CLI options: ``--calib``, ``--eval``,
+``--input-shape``, ``--max-accuracy-drop``; rec's budget is scored as agreement with the fp32
+model's CTC decode, no labels), opens each bundle with the development keys and writes the
+plaintext models of every variant beside the source and the test set.
+
+``measure`` loads each (source, compiled) pair in ONNX Runtime with all optimisations and the
+given provider and thread count, checks accuracy on the test set (rec: character accuracy against
+the rendered text; det: pixel F1 of the 0.3-thresholded map against the source's) and times them
+in interleaved rounds (A/B alternating, so drift hits both). Prints a table and writes
+``DIR/measure-<provider>.json`` (and ``$OUT`` when that is set).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import ocr_textset as textset  # noqa: E402
+
+CASES = {  # name: (model file, input shape, test-set kind, calib count, tune count, budget points)
+    "det": ("ch_PP-OCRv4_det_infer.onnx", [1, 3, 640, 640], "pages", 32, 8, 1.0),
+    "rec": ("ch_PP-OCRv4_rec_infer.onnx", [1, 3, 48, 320], "lines", 64, 64, 0.5),
+}
+
+
+def _ocr_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if not spec or not spec.origin:
+        sys.exit("rapidocr_onnxruntime is not installed (pip install --no-deps rapidocr-onnxruntime==1.4.4)")
+    return Path(spec.origin).parent / "models"
+
+
+def _data(kind: str, count: int, seed: int, role: str) -> tuple[np.ndarray, list[str]]:
+    if kind == "pages":
+        return textset.make_pages(count, seed, role), []
+    return textset.make_set(count, seed, role)
+
+
+def prepare(out: Path, targets: list[str], cases: list[str]) -> None:
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("LEPTON_HOME", tempfile.mkdtemp(prefix="lepton-home-"))
+    from lepton_cli.bundle import open_bundle
+    from lepton_cli.compiler import CompileOptions, compile_model
+    from lepton_cli.errors import LeptonError
+    from lepton_cli.keys import dev_keys
+
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-deployed-"))
+    earlier = out / "prepare.json"  # runs for other cases/targets add to it
+    summary: dict = json.loads(earlier.read_text()) if earlier.exists() else {"host": platform.node(), "cases": {}}
+    for case in cases:
+        filename, shape, kind, n_calib, n_tune, budget = CASES[case]
+        source = _ocr_dir() / filename
+        folder = out / case
+        folder.mkdir(exist_ok=True)
+        onnx.save_model(onnx.load(source), folder / "source.onnx")
+        for role, count, seed, textset_role in (("calib", n_calib, 1, "calib"), ("tune", n_tune, 2, "eval")):
+            np.savez(work / f"{case}-{role}.npz", x=_data(kind, count, seed, textset_role)[0])
+        if not (folder / "test.npz").exists():
+            test, texts = _data(kind, 8 if kind == "pages" else 200, 3, "eval")
+            np.savez_compressed(folder / "test.npz", x=test, texts=np.array(texts, dtype=object) if texts else np.array([]))
+        for target in targets:
+            options = CompileOptions(model=source, target=target, output_dir=work / target, calib=work / f"{case}-calib.npz",
+                                     eval=work / f"{case}-tune.npz", input_shapes=[f"x={','.join(map(str, shape))}"],
+                                     max_accuracy_drop=budget, bench=False)
+            started = time.perf_counter()
+            try:
+                result = compile_model(options, on_note=lambda _m: None, on_warning=lambda m: print(f"  warning: {m}"))
+            except LeptonError as exc:
+                print(f"{case} → {target}: exit {exc.exit_code}: {exc.one_line()}")
+                summary["cases"][f"{case}/{target}"] = {"exit": exc.exit_code, "message": exc.one_line()}
+                continue
+            seconds = time.perf_counter() - started
+            keys, _ = dev_keys(create=False)
+            opened = open_bundle(result.bundle_dir, key=str(keys.path("encryption", "private")),
+                                 trust=str(keys.path("signing", "public")), state_path=work / "state.json", record=False)
+            files = {}
+            for path, blob in opened.models.items():
+                name = f"{target}-{Path(path).stem}.onnx" if path != "model.onnx" else f"{target}.onnx"
+                (folder / name).write_bytes(blob)
+                files[path] = name
+            report = result.report
+            summary["cases"][f"{case}/{target}"] = {
+                "exit": 0, "compile_seconds": round(seconds, 1), "files": files, "accuracy": report.get("accuracy"),
+                "variants": [{k: v.get(k) for k in ("name", "path", "precision", "requires_isa", "requires_providers")}
+                             for v in opened.manifest.get("variants", [])],
+                "quantize": next((s.get("summary") for s in report.get("pipeline", []) if s.get("name") == "quantize"), None),
+            }
+            acc = report.get("accuracy") or {}
+            print(f"{case} → {target}: exit 0 in {seconds:.0f} s, {acc.get('metric')} drop {acc.get('drop_pct')} "
+                  f"({acc.get('arithmetic', '')}); files {sorted(files.values())}")
+    (out / "prepare.json").write_text(json.dumps(summary, indent=2, default=str))
+
+
+def _session(path: Path, provider: str, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options, providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])))
+
+
+def _outputs(session, images: np.ndarray) -> np.ndarray:
+    return np.concatenate([session.run(None, {"x": images[i:i + 1]})[0] for i in range(len(images))])
+
+
+def _interleaved(sessions: dict[str, object], feed: dict, rounds: int, per_round: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for s in sessions.values():
+        for _ in range(3):
+            s.run(None, feed)  # warm-up: allocator growth, cuDNN algorithm search
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                s.run(None, feed)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def measure(folder: Path, provider: str, threads: int, rounds: int) -> dict:
+    import onnxruntime as ort
+
+    rows = []
+    for case_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        data = np.load(case_dir / "test.npz", allow_pickle=True)
+        images, texts = data["x"], [str(t) for t in data["texts"]]
+        source = case_dir / "source.onnx"
+        compiled = sorted(p for p in case_dir.glob("*.onnx") if p.name != "source.onnx")
+        # a variant that names another provider (cuda's fp16 on a CPU run) is still measured, and says so
+        sessions = {"source": _session(source, provider, threads), **{p.stem: _session(p, provider, threads) for p in compiled}}
+        outputs = {name: _outputs(s, images) for name, s in sessions.items()}
+        if texts:
+            chars = textset.charset(onnx.load(source, load_external_data=False))
+            quality = {n: textset.char_accuracy(textset.ctc_greedy(o, chars), texts) for n, o in outputs.items()}
+            metric = "char_acc"
+        else:
+            quality = {n: float(np.mean([textset.pixel_f1(outputs["source"][i], o[i]) for i in range(len(o))])) for n, o in outputs.items()}
+            metric = "pixel_f1_vs_source"
+        times = _interleaved(sessions, {"x": images[:1]}, rounds, 5)
+        base = float(np.median(times["source"]))
+        for name, s in sessions.items():
+            p50 = float(np.median(times[name]))
+            rows.append({"case": case_dir.name, "model": name, "provider_used": s.get_providers()[0], metric: round(quality[name], 4),
+                         "p50_ms": round(p50, 3), "latency_ratio": round(p50 / base, 3), "runs": len(times[name]),
+                         "size_mb": round((case_dir / f"{name}.onnx").stat().st_size / 1e6, 3)})
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    result = {"provider": provider, "threads": threads, "ort": ort.__version__, "cpu": cpu,
+              "vnni": [f for f in flags if "vnni" in f], "rows": rows}
+    print(f"\n{provider}, ORT {ort.__version__}, {threads} thread(s), CPU {cpu}, VNNI flags {result['vnni'] or 'none'}")
+    print(f"{'case':<5}{'model':<18}{'EP used':<24}{'quality':>9}{'p50 ms':>10}{'ratio':>8}{'MB':>8}")
+    for r in rows:
+        q = r.get("char_acc", r.get("pixel_f1_vs_source"))
+        print(f"{r['case']:<5}{r['model']:<18}{r['provider_used']:<24}{q:>9.4f}{r['p50_ms']:>10.3f}{r['latency_ratio']:>8.3f}{r['size_mb']:>8.2f}")
+    name = f"measure-{provider}-t{threads}.json"
+    (folder / name).write_text(json.dumps(result, indent=2))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], name).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="step", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--targets", default="cpu-avx,edge-arm,cuda")
+    p.add_argument("--cases", default="det,rec")
+    m = sub.add_parser("measure")
+    m.add_argument("dir", type=Path)
+    m.add_argument("--provider", default="CPUExecutionProvider")
+    m.add_argument("--threads", type=int, default=1)
+    m.add_argument("--rounds", type=int, default=10)
+    args = ap.parse_args()
+    if args.step == "prepare":
+        prepare(args.dir, args.targets.split(","), args.cases.split(","))
+    else:
+        measure(args.dir, args.provider, args.threads, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
