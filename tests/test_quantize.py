@@ -5,6 +5,7 @@ PP-OCRv4 rec within a 0.5-point budget is the slow case."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -353,3 +354,33 @@ def test_integer_io_bundle_runs_on_float_samples_via_cli(run_cli, tmp_path):
     doc = json.loads(ran.stdout)
     assert doc["outputs"][next(iter(doc["outputs"]))]["dtype"] == "float32"
     assert doc["top1_accuracy_pct"] > 95
+
+
+@needs_ocr
+def test_cuda_int8_trt_example_follows_tensorrt_rules(run_cli, tmp_path):
+    """examples/targets/cuda-int8-trt.toml on PP-OCRv4 det: zero points 0, per-channel weights,
+    per-tensor activations, and both inputs of every quantized residual Add come through Q/DQ."""
+    from conftest import OCR_DET
+    from lepton_cli.bundle import open_bundle
+    from lepton_cli.keys import dev_keys
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.normal(0, 1, (4, 3, 96, 96)).astype(np.float32))
+    toml = Path(__file__).resolve().parent.parent / "examples" / "targets" / "cuda-int8-trt.toml"
+    built = run_cli("compile", OCR_DET, "--target", toml, "--input-shape", "x=1,3,96,96", "--calib", tmp_path / "calib.npz",
+                    "--max-accuracy-drop", "100", "--no-bench", "-o", tmp_path / "out")
+    assert built.code == 0, built.output
+    keys, _ = dev_keys(create=False)
+    opened = open_bundle(next((tmp_path / "out").glob("*.lepton")), key=str(keys.path("encryption", "private")),
+                         trust=str(keys.path("signing", "public")), state_path=tmp_path / "state.json")
+    assert [(v["name"], v["precision"]) for v in opened.manifest["variants"]] == [("int8", "int8"), ("fp32", "fp32")]
+    q = onnx.ModelProto.FromString(opened.models["model.onnx"])
+    inits = _inits(q)
+    zero_points = [inits[n.input[2]] for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                   and len(n.input) > 2 and n.input[2] in inits]
+    assert zero_points and all(not zp.any() for zp in zero_points)
+    assert any(scale.size > 1 for _, _, scale in _weight_dq(q)), "weights are not per-channel"
+    assert all(inits[n.input[1]].size == 1 for n in _q_nodes(q)), "activations are not per-tensor"
+    producers = {o: n for n in q.graph.node for o in n.output}
+    adds = [n for n in q.graph.node if n.op_type == "Add" and not any(i in inits for i in n.input)]
+    assert adds and all(producers[i].op_type == "DequantizeLinear" for n in adds for i in n.input)
