@@ -70,31 +70,11 @@ def _class_axis(shape: tuple[int, ...]) -> int | None:
 
 
 def compare_arrays(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    """Cosine, SNR (dB), max abs error and arg-max agreement of one output."""
-    ref = reference.astype(np.float64).ravel()
-    got = candidate.astype(np.float64).ravel()
-    noise = float(np.sum((ref - got) ** 2))
-    signal = float(np.sum(ref ** 2))
-    denom = float(np.linalg.norm(ref) * np.linalg.norm(got))
-    cosine = float(np.dot(ref, got) / denom) if denom else (1.0 if noise == 0 else 0.0)
-    snr = SNR_CAP_DB if noise == 0 else (10 * math.log10(signal / noise) if signal else -SNR_CAP_DB)
-    result = {"cosine": cosine, "snr_db": min(snr, SNR_CAP_DB), "max_abs": float(np.max(np.abs(ref - got))) if ref.size else 0.0}
-    axis = _class_axis(reference.shape)
-    if axis is not None:
-        result["top1_agreement"] = _agreement_pct(reference, candidate) / 100.0
-    return result
-
-
-def _agreement_pct(reference: np.ndarray, candidate: np.ndarray) -> float:
-    axis = _class_axis(reference.shape)
-    if axis is not None:
-        # a non-finite score (fp16 overflow, say) never agrees, even where arg-max happens to match
-        finite = np.all(np.isfinite(candidate), axis=axis)
-        return 100.0 * float(np.mean((np.argmax(reference, axis=axis) == np.argmax(candidate, axis=axis)) & finite))
-    ref = reference.astype(np.float64)
-    span = float(ref.max() - ref.min()) if ref.size else 0.0
-    tol = CONTINUOUS_TOLERANCE * span if span > 0 else 1e-6
-    return 100.0 * float(np.mean(np.abs(ref - candidate.astype(np.float64)) <= tol))
+    """Cosine, SNR (dB), max abs error and arg-max agreement (class-like outputs) of one output."""
+    span = float(np.ptp(reference)) if reference.size else 0.0
+    tally = _Tally(span)
+    tally.add(reference, candidate)
+    return tally.summary(_class_axis(reference.shape) is not None)
 
 
 def scoring_opt_level(target_isa: list[str], host_isa: list[str]) -> str:
@@ -146,7 +126,10 @@ def ctc_agreement_pct(reference: np.ndarray, candidate: np.ndarray) -> float:
     if reference.ndim != 3:
         raise BadInputError(f"CTC agreement needs a [N, T, classes] output, the model's first output has shape {list(reference.shape)}",
                             "use --eval-metric agreement for this model")
-    truth, got = ctc_greedy_decode(reference), ctc_greedy_decode(candidate)
+    return _ctc_pct(ctc_greedy_decode(reference), ctc_greedy_decode(candidate))
+
+
+def _ctc_pct(truth: list[list[int]], got: list[list[int]]) -> float:
     errors = sum(edit_distance(t, g) for t, g in zip(truth, got))
     length = sum(len(t) for t in truth)
     if length == 0:
@@ -154,67 +137,137 @@ def ctc_agreement_pct(reference: np.ndarray, candidate: np.ndarray) -> float:
     return 100.0 * max(0.0, 1.0 - errors / length)
 
 
-def _run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], threads: int, opt_level: str = "all") -> list[np.ndarray]:
-    """All outputs of ``model`` over ``feeds``, concatenated on axis 0, in the source model's layout."""
-    session = make_session(model, opt_level=opt_level, threads=threads)
-    names = [o.name for o in session.get_outputs()]
-    per_output: list[list[np.ndarray]] = [[] for _ in names]
-    for feed in feeds:
-        for index, value in enumerate(session.run(None, adapt_feed(model, feed))):
-            per_output[index].append(restore_output(model, names[index], np.asarray(value)))
-    return [np.concatenate(chunks, axis=0) if chunks and chunks[0].ndim else np.stack(chunks) for chunks in per_output]
+class _Tally:
+    """Sums over samples for one output, so a candidate is scored one sample at a time (memory: one sample)."""
 
+    def __init__(self, span: float):
+        self.tol = CONTINUOUS_TOLERANCE * span if span > 0 else 1e-6
+        self.dot = self.ref_sq = self.got_sq = self.noise = 0.0
+        self.max_abs = 0.0
+        self.agree = self.positions = 0
 
-def _top1(outputs: np.ndarray, labels: np.ndarray) -> float:
-    if outputs.ndim != 2:
-        raise BadInputError(f"labels were given but the model's first output has shape {list(outputs.shape)}, not [N, classes]",
-                            "drop the labels array to measure agreement with the source model instead")
-    flat = labels.reshape(-1)
-    if len(flat) != len(outputs):
-        raise BadInputError(f"{len(flat)} labels for {len(outputs)} model outputs", "give one label per sample")
-    return 100.0 * float(np.mean((np.argmax(outputs, axis=1) == flat) & np.all(np.isfinite(outputs), axis=1)))
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        ref, got = reference.astype(np.float64), candidate.astype(np.float64)
+        self.dot += float(np.sum(ref * got))
+        self.ref_sq += float(np.sum(ref * ref))
+        self.got_sq += float(np.sum(got * got))
+        self.noise += float(np.sum((ref - got) ** 2))
+        if ref.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(ref - got))))
+        axis = _class_axis(reference.shape)
+        if axis is not None:
+            finite = np.all(np.isfinite(candidate), axis=axis)
+            same = (np.argmax(reference, axis=axis) == np.argmax(candidate, axis=axis)) & finite
+            self.agree += int(np.sum(same))
+            self.positions += same.size
+        else:
+            self.agree += int(np.sum(np.abs(ref - got) <= self.tol))
+            self.positions += ref.size
+
+    def summary(self, class_like: bool) -> dict[str, float]:
+        denom = math.sqrt(self.ref_sq * self.got_sq)
+        cosine = self.dot / denom if denom else (1.0 if self.noise == 0 else 0.0)
+        snr = SNR_CAP_DB if self.noise == 0 else (10 * math.log10(self.ref_sq / self.noise) if self.ref_sq else -SNR_CAP_DB)
+        result = {"cosine": cosine, "snr_db": min(snr, SNR_CAP_DB), "max_abs": self.max_abs}
+        if class_like:
+            result["top1_agreement"] = self.agree / max(1, self.positions)
+        return result
+
+    @property
+    def agreement_pct(self) -> float:
+        return 100.0 * self.agree / max(1, self.positions)
 
 
 class Evaluator:
-    """Scores candidate models against the source on fixed samples; the source runs once."""
+    """Scores candidate models against the source on fixed samples; the source runs once.
+
+    Samples are read again for every candidate (an image folder decodes one at a time) and
+    candidates are scored sample by sample: memory holds the source's outputs, not the inputs
+    (PP-OCRv4 det at 640x640 on 256 images: 1.3 GB of inputs never held at once).
+    """
 
     def __init__(self, source_model: onnx.ModelProto, samples: SampleSet, labels: np.ndarray | None = None,
                  *, limit: int | None = None, threads: int = 1, metric: str = "auto", opt_level: str = "all") -> None:
         if metric not in METRICS:
             raise BadInputError(f"unknown evaluation metric {metric!r}", f"use one of: {', '.join(METRICS)}")
-        self.feeds = list(samples.feeds(limit))
-        if not self.feeds:
+        self.samples, self.limit = samples, limit
+        self.count = len(samples) if limit is None else min(limit, len(samples))
+        if not self.count:
             raise BadInputError("the evaluation set is empty", "give at least one sample")
         self.threads = threads
         self.opt_level = opt_level
-        self.labels = labels[: len(self.feeds)] if labels is not None and limit is not None and not any(samples.batched.values()) else labels
-        self.reference = _run(source_model, self.feeds, threads, opt_level)
+        self.labels = labels[: self.count] if labels is not None and limit is not None and not any(samples.batched.values()) else labels
+        self.reference = list(self._outputs(source_model))  # per sample, per output, source layout
         if metric == "top1" and self.labels is None:
             raise BadInputError("--eval-metric top1 needs labels, and the evaluation data has none",
                                 "add a 'labels' array to the .npz, or use --eval-metric agreement")
         if metric in ("agreement", "ctc"):
             self.labels = None  # an explicit agreement metric ignores labels
+        first = self.reference[0][0]
         if self.labels is not None:
             self.metric = "top1"
-        elif metric == "ctc" or (metric == "auto" and self.reference[0].ndim == 3 and is_ctc_model(source_model)):
+            self._check_labels(first)
+        elif metric == "ctc" or (metric == "auto" and first.ndim == 3 and is_ctc_model(source_model)):
             self.metric = "ctc_agreement"
-            ctc_agreement_pct(self.reference[0], self.reference[0])  # shape check up front
+            ctc_agreement_pct(first, first)  # shape check up front
+            self.ref_decoded = [seq for outs in self.reference for seq in ctc_greedy_decode(outs[0])]
         else:
             self.metric = "agreement"
-        self.source_value = _top1(self.reference[0], self.labels) if self.labels is not None else 100.0
+        outputs = len(self.reference[0])
+        self.spans = []
+        for j in range(outputs):  # the continuous tolerance is a share of the reference's whole range
+            lows = [float(np.min(outs[j])) for outs in self.reference if outs[j].size]
+            highs = [float(np.max(outs[j])) for outs in self.reference if outs[j].size]
+            self.spans.append(max(highs) - min(lows) if lows else 0.0)
+        self.source_value = self._top1_pct([outs[0] for outs in self.reference]) if self.labels is not None else 100.0
+
+    def first_feeds(self, count: int) -> list[dict[str, np.ndarray]]:
+        """The first ``count`` samples (sensitivity and latency probes)."""
+        return list(self.samples.feeds(min(count, self.count)))
+
+    def _outputs(self, model: onnx.ModelProto):
+        """Per sample: every output of ``model``, in the source model's layout."""
+        session = make_session(model, opt_level=self.opt_level, threads=self.threads)
+        names = [o.name for o in session.get_outputs()]
+        for feed in self.samples.feeds(self.limit):
+            yield [restore_output(model, names[i], np.asarray(v)) for i, v in enumerate(session.run(None, adapt_feed(model, feed)))]
+
+    def _check_labels(self, first: np.ndarray) -> None:
+        if first.ndim != 2:
+            raise BadInputError(f"labels were given but the model's first output has shape {list(first.shape)}, not [N, classes]",
+                                "drop the labels array to measure agreement with the source model instead")
+        rows = sum(len(outs[0]) for outs in self.reference)
+        if len(self.labels.reshape(-1)) != rows:
+            raise BadInputError(f"{len(self.labels.reshape(-1))} labels for {rows} model outputs", "give one label per sample")
+
+    def _top1_pct(self, firsts: list[np.ndarray]) -> float:
+        flat, correct, offset = self.labels.reshape(-1), 0, 0
+        for out in firsts:
+            correct += int(np.sum((np.argmax(out, axis=1) == flat[offset:offset + len(out)]) & np.all(np.isfinite(out), axis=1)))
+            offset += len(out)
+        return 100.0 * correct / max(1, offset)
 
     def score(self, candidate: onnx.ModelProto) -> AccuracyScore:
-        outputs = _run(candidate, self.feeds, self.threads, self.opt_level)
-        if len(outputs) != len(self.reference):
-            raise BadInputError(f"the candidate has {len(outputs)} outputs, the source {len(self.reference)}",
-                                "keep the model's outputs unchanged")
+        tallies = [_Tally(span) for span in self.spans]
+        firsts: list[np.ndarray] = []
+        decoded: list[list[int]] = []
+        for ref_outs, outs in zip(self.reference, self._outputs(candidate)):
+            if len(outs) != len(ref_outs):
+                raise BadInputError(f"the candidate has {len(outs)} outputs, the source {len(ref_outs)}",
+                                    "keep the model's outputs unchanged")
+            for tally, ref, got in zip(tallies, ref_outs, outs):
+                tally.add(ref, got)
+            if self.metric == "top1":
+                firsts.append(outs[0])
+            elif self.metric == "ctc_agreement":
+                decoded.extend(ctc_greedy_decode(outs[0]))
         if self.metric == "top1":
-            value = _top1(outputs[0], self.labels)
+            value = self._top1_pct(firsts)
         elif self.metric == "ctc_agreement":
-            value = ctc_agreement_pct(self.reference[0], outputs[0])
+            value = _ctc_pct(self.ref_decoded, decoded)
         else:
-            value = _agreement_pct(self.reference[0], outputs[0])
-        per_output = [compare_arrays(ref, got) for ref, got in zip(self.reference, outputs)]
+            value = tallies[0].agreement_pct
+        per_output = [t.summary(_class_axis(ref.shape) is not None) for t, ref in zip(tallies, self.reference[0])]
         agreement = {
             "cosine": min(p["cosine"] for p in per_output),
             "snr_db": min(p["snr_db"] for p in per_output),
@@ -224,4 +277,4 @@ class Evaluator:
         if top1s:
             agreement["top1_agreement"] = min(top1s)
         return AccuracyScore(self.metric, round(self.source_value, 4), round(value, 4),
-                             round(self.source_value - value, 4), agreement, len(self.feeds))
+                             round(self.source_value - value, 4), agreement, self.count)

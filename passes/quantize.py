@@ -267,7 +267,7 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
         result = build(methods[0], [])
         summary |= {"method": methods[0], "tuned": False}
     else:
-        feeds = evaluator.feeds
+        feeds = evaluator.first_feeds(max(SENSITIVITY_SAMPLES, LATENCY_SAMPLES))
         if candidates is not None:  # fp16: every unblocked node may be kept in float
             def pick(m: onnx.ModelProto) -> list[str]:
                 return candidates

@@ -68,32 +68,45 @@ def test_nhwc_candidate_is_compared_in_the_source_layout(digits):
     assert score.drop_pct == 0 and score.agreement["max_abs"] < 1e-4
 
 
+def _agreement(ref: np.ndarray, got: np.ndarray) -> float:
+    from lepton_cli.accuracy import _Tally
+
+    tally = _Tally(float(np.ptp(ref)))
+    tally.add(ref, got)
+    return tally.agreement_pct
+
+
 def test_continuous_outputs_use_a_range_tolerance():
     ref = np.linspace(0, 1, 1000, dtype=np.float32).reshape(1, 1, 10, 100)
     close = ref + 0.01
     far = ref + 0.05
-    from lepton_cli.accuracy import _agreement_pct
-
-    assert _agreement_pct(ref, close) == 100.0 and _agreement_pct(ref, far) == 0.0
+    assert _agreement(ref, close) == 100.0 and _agreement(ref, far) == 0.0
     assert "top1_agreement" not in compare_arrays(ref, close)
 
 
-def test_labels_on_a_non_classifier_output_is_a_clear_error(digits):
-    model, samples = digits
+def test_labels_on_a_non_classifier_output_is_a_clear_error():
+    from lepton_cli.data import SampleSet
+
+    samples = SampleSet(Path("ctc.npz"), {"x": np.zeros((4, 6, 5), np.float32)}, np.zeros(4, np.int64), {"x": False})
     with pytest.raises(BadInputError, match="not \\[N, classes\\]"):
-        from lepton_cli.accuracy import _top1
-
-        _top1(np.zeros((4, 3, 5)), np.zeros(4))
+        Evaluator(_ctc_model(False), samples, samples.labels)
 
 
-def test_non_finite_outputs_never_agree():
-    from lepton_cli.accuracy import _agreement_pct, _top1
-
+def test_non_finite_outputs_never_agree(digits):
     ref = np.eye(4, dtype=np.float32)
     broken = ref.copy()
     broken[:2] = np.nan  # arg-max of a NaN row is 0, which would "agree" with row 0
-    assert _agreement_pct(ref, broken) == 50.0
-    assert _top1(broken, np.arange(4)) == 50.0
+    assert _agreement(ref, broken) == 50.0
+    # top-1 with labels: a model whose logits are NaN scores 0, even where arg-max lands on the label
+    model, samples = digits
+    nan_model = onnx.ModelProto()
+    nan_model.CopyFrom(model)
+    out = nan_model.graph.output[0].name
+    for node in nan_model.graph.node:
+        node.output[:] = [out + "_raw" if o == out else o for o in node.output]
+    nan_model.graph.node.append(onnx.helper.make_node("Mul", [out + "_raw", "nan_scale"], [out]))
+    nan_model.graph.initializer.append(numpy_helper.from_array(np.array(np.nan, np.float32), "nan_scale"))
+    assert Evaluator(model, samples, samples.labels).score(nan_model).value == 0.0
 
 
 def _ctc_scores(paths: list[list[int]], classes: int = 6) -> np.ndarray:
