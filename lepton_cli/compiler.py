@@ -205,8 +205,8 @@ def measure_accuracy(source: onnx.ModelProto, compiled: onnx.ModelProto, ctx: Pa
     metric = ctx.eval_metric if samples.labels is not None else label_free(ctx.eval_metric)
     opt_level = ctx.scoring_opt_level
     score = Evaluator(source, samples, samples.labels, limit=ACCURACY_SAMPLE_LIMIT, metric=metric, opt_level=opt_level).score(compiled)
-    arithmetic = ("exact integer (QDQ unfused): the target has VNNI, this build host does not" if opt_level != "all"
-                  else "as deployed (ORT, all optimisations)")
+    arithmetic = ("exact integer (QDQ unfused): this x86 host's int8 kernels saturate (no VNNI), the target's do not"
+                  if opt_level != "all" else "as deployed (ORT, all optimisations)")
     return {"measured": True, "data": name, "budget_pct": ctx.accuracy_budget, "arithmetic": arithmetic, **score.to_dict()}
 
 
