@@ -145,6 +145,9 @@ def _interleaved(sessions: dict[str, object], feed: dict, rounds: int, per_round
 def measure(folder: Path, provider: str, threads: int, rounds: int) -> dict:
     import onnxruntime as ort
 
+    if provider != "CPUExecutionProvider" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* pip packages when they are not on the loader path
+
     rows = []
     for case_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         data = np.load(case_dir / "test.npz", allow_pickle=True)
