@@ -31,7 +31,7 @@ import onnxruntime as ort
 
 from .data import SampleSet
 from .hostinfo import HostInfo, detect_host
-from .ort import OPT_LEVELS, random_feed
+from .ort import OPT_LEVELS, new_session, random_feed
 from .pipeline import LAYOUT_KEY, adapt_feed
 from .runtime_select import choose_threads, provider_order
 from .shapes import bind_input_shapes, graph_inputs
@@ -259,7 +259,7 @@ def _session(model: onnx.ModelProto, threads: int, providers: list[str]) -> ort.
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
+    return new_session(model.SerializeToString(), options, list(providers))
 
 
 def host_latency(candidates: list[Candidate], rule: StopRule, *, threads: int, providers: Iterable[str],

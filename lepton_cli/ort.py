@@ -1,7 +1,9 @@
 """ONNX Runtime helpers shared by the pipeline checks, quantization, benchmarks and ``run``."""
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+import sys
+from typing import Any, Iterable
 
 import numpy as np
 import onnx
@@ -26,7 +28,15 @@ def make_session(model: onnx.ModelProto | bytes, *, opt_level: str = "disable", 
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     blob = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(blob, sess_options=options, providers=list(providers))
+    return new_session(blob, options, list(providers))
+
+
+def new_session(blob: bytes, options: ort.SessionOptions, providers: list[Any]) -> ort.InferenceSession:
+    """``InferenceSession`` whose Python-level notices go to stderr: when an execution provider fails to
+    initialise (TensorRT libraries missing beside onnxruntime-gpu, seen on an H100 host) ORT *prints*
+    "EP Error ... Falling back" to stdout, which would corrupt a ``--json`` document there."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return ort.InferenceSession(blob, sess_options=options, providers=providers)
 
 
 def random_feed(inputs: list[TensorSig], rng: np.random.Generator, dims: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:

@@ -146,3 +146,19 @@ def test_unspent_accuracy_budget_carries_to_the_next_lossy_pass():
     assert ctx.lossy_budget(0.5) == 0.5
     ctx.spent(0.9, 0.0)
     assert ctx.lossy_budget(0.5) == 1.0  # never more than the whole budget
+
+
+def test_onnxruntime_notices_never_reach_stdout(monkeypatch, capsys):
+    """ORT prints its EP fallback notice to stdout; sessions are made with stdout sent to stderr (--json stays clean)."""
+    import onnxruntime
+
+    from lepton_cli import ort as lepton_ort
+
+    class Noisy:
+        def __init__(self, *args, **kwargs):
+            print("*************** EP Error ***************")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Noisy)
+    lepton_ort.new_session(b"", onnxruntime.SessionOptions(), ["CPUExecutionProvider"])
+    captured = capsys.readouterr()
+    assert captured.out == "" and "EP Error" in captured.err
