@@ -188,6 +188,9 @@ def measure(folder: Path, provider: str, threads: int, rounds: int) -> dict:
 
 
 def main() -> None:
+    if len(sys.argv) == 1:  # `make bench` runs every script bare: this one needs a step and a folder
+        print("skipped: bench_deployed.py needs `prepare DIR` here, then `measure DIR` on the machine to measure (see its docstring)")
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="step", required=True)
     p = sub.add_parser("prepare")

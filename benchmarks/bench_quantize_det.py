@@ -69,7 +69,8 @@ def main() -> None:
         return
     seconds = time.perf_counter() - started
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux: peak of the whole process
-    ref_s, q_s = make_session(model, opt_level="all"), make_session(result.model, opt_level="all")
+    # F1 as the target computes it: unfused (exact integer) where this host's int8 kernels saturate (accuracy.scoring_opt_level)
+    ref_s, q_s = make_session(model, opt_level="all"), make_session(result.model, opt_level=ctx.scoring_opt_level)
     f1 = [textset.pixel_f1(ref_s.run(None, {"x": test[i:i + 1]})[0], q_s.run(None, {"x": test[i:i + 1]})[0]) for i in range(len(test))]
     feeds = [{"x": test[i:i + 1]} for i in range(min(4, len(test)))]
     timing = host_latency([Candidate("fp32", model, feeds), Candidate("lepton", result.model, feeds)],
