@@ -10,7 +10,7 @@ Schemes (``QuantizeParams.scheme``; each target's TOML says which and why):
   4-bit MatMulNBits blocks (MatMul with constant weights only).
 Calibration (``lepton_cli.quant.calibration``) is streamed chunk by chunk over --calib and the
 tuning (``lepton_cli.quant.tuning``) keeps the most harmful layers in float and tries the
-calibration methods until the accuracy budget holds, keeping the fastest model that meets it;
+calibration methods until the accuracy budget holds, keeping the most-int8 model that meets it;
 nothing meets it: exit 3 with every candidate tried. Without --calib a static-int8 target falls
 back to ``without_calib`` (weight-only or dynamic int8, warned) or fails with exit 2.
 
@@ -46,7 +46,6 @@ SENSITIVITY_SAMPLES = 8
 # saturation of a kernel the target does not run, not the model's int8 error.)
 HOST_WITHOUT_VNNI = ("target has VNNI, this build host does not: full-range weights, accuracy scored with exact "
                      "integer arithmetic (QDQ unfused), not this host's saturating AVX2 kernels")
-LATENCY_SAMPLES = 4
 
 
 @dataclass(frozen=True)
@@ -267,14 +266,14 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
         result = build(methods[0], [])
         summary |= {"method": methods[0], "tuned": False}
     else:
-        feeds = evaluator.first_feeds(max(SENSITIVITY_SAMPLES, LATENCY_SAMPLES))
+        feeds = evaluator.first_feeds(SENSITIVITY_SAMPLES)
         if candidates is not None:  # fp16: every unblocked node may be kept in float
             def pick(m: onnx.ModelProto) -> list[str]:
                 return candidates
         else:
             pick = quantized_nodes
         found = search(build, methods, evaluator, budget, base, feeds[:SENSITIVITY_SAMPLES], max_float=params.max_float_layers,
-                       latency_feeds=feeds[:LATENCY_SAMPLES], candidates=pick, note=console.note)
+                       candidates=pick, note=console.note)
         summary |= {"tried": [t.to_dict() for t in found.trials],
                     "worst_layers": [{"node": n, "output_nsr_gain_if_float": round(v, 6)} for n, v in found.sensitivity[:10]]}
         if found.best is None:

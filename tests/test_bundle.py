@@ -115,7 +115,8 @@ def test_archive_is_read_in_place(tmp_path, keys):
     before = sorted(os.listdir(tmp_path))
     opened = open_bundle(archive, key=keys.enc_priv, trust=keys.sign_pub, state_path=tmp_path / "s.json")
     assert opened.models["model.onnx"] == MODEL_BYTES
-    assert sorted(os.listdir(tmp_path)) == before + (["s.json"] if "s.json" not in before else [])
+    # only the rollback state (and its lock file) is written: nothing is extracted
+    assert sorted(os.listdir(tmp_path)) == sorted(set(before) | {"s.json", "s.json.lock"})
 
 
 def test_load_bundle_runs_like_the_source(tmp_path, keys):

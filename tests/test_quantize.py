@@ -384,3 +384,21 @@ def test_cuda_int8_trt_example_follows_tensorrt_rules(run_cli, tmp_path):
     producers = {o: n for n in q.graph.node for o in n.output}
     adds = [n for n in q.graph.node if n.op_type == "Add" and not any(i in inits for i in n.input)]
     assert adds and all(producers[i].op_type == "DequantizeLinear" for n in adds for i in n.input)
+
+
+def test_histogram_calibration_memory_stays_bounded_when_ranges_grow():
+    """ORT's histogram merge adds bins of the old width when a later chunk is wider: re-binned to 4x bins."""
+    from lepton_cli.quant.calibration import _cap_histograms
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    collector = HistogramCollector(method="entropy", symmetric=False, num_bins=512, num_quantized_bins=128,
+                                   percentile=99.999, scenario="same")
+    rng = np.random.default_rng(0)
+    collector.collect({"t": [rng.normal(0, 1e-3, 1000).astype(np.float32)]})
+    collector.collect({"t": [rng.normal(0, 10.0, 1000).astype(np.float32)]})
+    widened = len(collector.histogram_dict["t"][0])
+    assert widened > 100_000  # what ORT does on its own
+    calibrator = type("C", (), {"collector": collector})()
+    _cap_histograms(calibrator, CalibrationSettings(method="entropy"))
+    hist, edges, *_ = collector.histogram_dict["t"]
+    assert len(hist) == 4 * 512 and hist.sum() == 2000 and edges[0] == -edges[-1]

@@ -1,4 +1,4 @@
-"""Accuracy-aware tuning: per-layer sensitivity, float-kept layers, calibration methods, the fastest that fits.
+"""Accuracy-aware tuning: per-layer sensitivity, float-kept layers, calibration methods, the most-int8 model that fits.
 
 The search, bounded so that it costs O(methods × log2(max_float_layers)) quantize-and-score rounds:
 1. for each calibration method (in the target's order): quantize everything and score it;
@@ -9,8 +9,9 @@ The search, bounded so that it costs O(methods × log2(max_float_layers)) quanti
    float and the quantized model). Then keep the top k in float (re-quantized with ORT's
    ``nodes_to_exclude``) for k = 1, 2, 4, ... until the budget holds, and bisect down between the
    last failing and the first passing k (fewer float layers = faster);
-3. among the candidates that meet the budget, keep the fastest (interleaved host latency); a
-   fully quantized pass stops the search early, nothing can beat it.
+3. among the candidates that meet the budget, keep the one with the fewest float-kept nodes (then
+   the smaller drop): deterministic, and the build host's latency says little about the target's;
+   a fully quantized pass stops the search early, nothing can beat it.
 
 Libraries checked: ONNX Runtime's ``qdq_loss_debug`` pairs float and QDQ tensors too, but only
 reports them (no ranking, no search) and needs models saved to disk twice; Intel Neural
@@ -26,7 +27,6 @@ import onnx
 from onnx import helper
 
 from lepton_cli.accuracy import AccuracyScore, Evaluator
-from lepton_cli.measure import Candidate, StopRule, host_latency
 from lepton_cli.ort import make_session
 from lepton_cli.pipeline import adapt_feed
 
@@ -121,10 +121,10 @@ class SearchResult:
 
 
 def search(build: Build, methods: list[str], evaluator: Evaluator, budget: float, float_model: onnx.ModelProto,
-           sensitivity_feeds: list[dict[str, np.ndarray]], *, max_float: int, latency_feeds: list[dict[str, np.ndarray]],
-           candidates: Callable[[onnx.ModelProto], list[str]] | None = None, max_candidates: int = 64, threads: int = 1,
+           sensitivity_feeds: list[dict[str, np.ndarray]], *, max_float: int,
+           candidates: Callable[[onnx.ModelProto], list[str]] | None = None, max_candidates: int = 64,
            note: Callable[[str], None] | None = None) -> SearchResult:
-    """Try methods and float-kept layer counts; return the fastest candidate within ``budget`` points."""
+    """Try methods and float-kept layer counts; return the most-quantized candidate within ``budget`` points."""
     trials: list[Trial] = []
     passing: list[tuple[Trial, onnx.ModelProto]] = []
     sensitivity: list[tuple[str, float]] = []
@@ -170,24 +170,11 @@ def search(build: Build, methods: list[str], evaluator: Evaluator, budget: float
                 low = mid
     if not passing:
         return SearchResult(None, None, trials, sensitivity)
-    # Per method, only its fewest-float passing candidate is a contender for speed.
-    contenders: dict[str, tuple[Trial, onnx.ModelProto]] = {}
-    for trial, model in passing:
-        if trial.method not in contenders or len(trial.float_nodes) < len(contenders[trial.method][0].float_nodes):
-            contenders[trial.method] = (trial, model)
-    chosen = list(contenders.values())
-    if len(chosen) > 1:
-        timing = host_latency([Candidate(f"{t.method}/{len(t.float_nodes)}", m, latency_feeds) for t, m in chosen],
-                              StopRule(runs=30, seconds=3.0, min_runs=5, warmup=2), threads=threads,
-                              providers=["CPUExecutionProvider"], keep_samples=False)
-        for trial, _ in chosen:
-            trial.latency_ms = timing["models"][f"{trial.method}/{len(trial.float_nodes)}"]["p50_ms"]
-        # Fastest; differences under 3% are noise on a shared host, there the more accurate wins.
-        fastest = min(t.latency_ms for t, _ in chosen)
-        near = [(t, m) for t, m in chosen if t.latency_ms <= fastest * 1.03]
-        best_trial, best = min(near, key=lambda tm: tm[0].drop_pct)
-    else:
-        best_trial, best = chosen[0]
+    # Deterministic (same inputs, same bytes): fewest float-kept nodes (more int8 runs faster on the
+    # target, whose speed this build host cannot measure), then the smaller drop, then method order.
+    # Host latency used to break ties here, and its noise made two identical compiles differ.
+    order_of = {m: i for i, m in enumerate(methods)}
+    best_trial, best = min(passing, key=lambda tm: (len(tm[0].float_nodes), tm[0].drop_pct, order_of.get(tm[0].method, 0)))
     return SearchResult(best, best_trial, trials, sensitivity)
 
 
