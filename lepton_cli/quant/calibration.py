@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
 from onnxruntime.quantization.calibrate import TensorsData, create_calibrator
 
@@ -80,6 +81,23 @@ def quiet_ort() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _lean_session(calibrator: Any) -> None:
+    """Re-open the calibrator's augmented model so tensors are freed as soon as their min/max is taken.
+
+    ORT's calibrators add a reduction (or an output) per tensor; with the default arena, memory
+    pattern and execution order the whole forward pass stays resident: PP-OCRv4 det at 640x640 peaked
+    at 1.47 GB (the plain model: 180 MB). Priority-based order without arena/pattern: 146 MB.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ORT's calibrators do
+    options.enable_mem_pattern = False
+    options.enable_cpu_mem_arena = False
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    options.log_severity_level = 3
+    calibrator.infer_session = ort.InferenceSession(str(calibrator.augmented_model_path), sess_options=options,
+                                                    providers=["CPUExecutionProvider"])
+
+
 def _chunk_size(calibrator: Any, model: onnx.ModelProto, samples: SampleSet, settings: CalibrationSettings) -> int:
     """Samples per ``collect_data`` call: ``settings.chunk``, fewer when one sample's calibration outputs are
     large (histogram methods return whole tensors: PP-OCRv4 det at 640x640, ~90 MB a sample)."""
@@ -125,6 +143,7 @@ def calibrate(model: onnx.ModelProto, samples: SampleSet, settings: CalibrationS
         onnx.save_model(model, path, save_as_external_data=model.ByteSize() > 1_800_000_000)
         calibrator = create_calibrator(path, list(op_types or []), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=method, extra_options=extra)
+        _lean_session(calibrator)
         chunk = _chunk_size(calibrator, model, samples, settings)
         for start in range(0, total, chunk):
             stop = min(start + chunk, total)
