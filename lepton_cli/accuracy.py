@@ -98,14 +98,13 @@ def is_ctc_model(model: onnx.ModelProto) -> bool:
 
 def ctc_greedy_decode(scores: np.ndarray, blank: int = CTC_BLANK) -> list[list[int]]:
     """Best-path decode of ``[N, T, C]`` scores: arg-max per step, repeats collapsed, blanks dropped."""
-    best = np.argmax(scores, axis=-1)
-    finite = np.all(np.isfinite(scores), axis=-1)
+    # a non-finite step decodes to -1 before repeats collapse: it matches nothing, so overflow never agrees
+    best = np.where(np.all(np.isfinite(scores), axis=-1), np.argmax(scores, axis=-1), -1)
     decoded = []
-    for steps, ok in zip(best, finite):
+    for steps in best:
         keep = np.ones(len(steps), dtype=bool)
         keep[1:] = steps[1:] != steps[:-1]
-        # a non-finite step decodes to -1, which matches nothing: overflow never agrees
-        decoded.append([int(c) if good else -1 for c, good, k in zip(steps, ok, keep) if k and (c != blank or not good)])
+        decoded.append([int(c) for c, k in zip(steps, keep) if k and c != blank])
     return decoded
 
 
@@ -147,6 +146,9 @@ class _Tally:
         self.agree = self.positions = 0
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        if reference.shape != candidate.shape:
+            raise BadInputError(f"the candidate's output has shape {list(candidate.shape)}, the source's {list(reference.shape)}",
+                                "keep the model's output shapes unchanged")
         ref, got = reference.astype(np.float64), candidate.astype(np.float64)
         self.dot += float(np.sum(ref * got))
         self.ref_sq += float(np.sum(ref * ref))
@@ -196,7 +198,7 @@ class Evaluator:
             raise BadInputError("the evaluation set is empty", "give at least one sample")
         self.threads = threads
         self.opt_level = opt_level
-        self.labels = labels[: self.count] if labels is not None and limit is not None and not any(samples.batched.values()) else labels
+        self.labels = labels[: self.count] if labels is not None and limit is not None else labels  # per sample (or batch)
         self.reference = list(self._outputs(source_model))  # per sample, per output, source layout
         if metric == "top1" and self.labels is None:
             raise BadInputError("--eval-metric top1 needs labels, and the evaluation data has none",

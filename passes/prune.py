@@ -532,8 +532,12 @@ def prune(model: onnx.ModelProto, ctx: Any, params: PruneParams) -> PassResult:
     shrunk = summary["totals"]["params"][0] != summary["totals"]["params"][1]
     sparsified = mode in ("magnitude", "2:4") and summary["weights"]["pruned_layers"] > 0
     changed = result is not working and (shrunk or sparsified)
-    if lossy or mode == "dead":  # dead-channel removal is exact: it spends nothing
-        ctx.spent(allowed, final.drop_pct if final is not None and changed else 0.0)
+    if not lossy or not changed:  # exact dead-channel removal, or nothing pruned: the whole share carries over
+        ctx.spent(allowed, 0.0)
+    elif final is not None:
+        ctx.spent(allowed, final.drop_pct)
+    else:  # lossy but unmeasured (no search): assume it spent its share
+        ctx.spent(allowed, allowed)
     # Dead-channel removal is exact in real arithmetic; a shorter reduction may round differently
     # in ORT's blocked GEMM (a few ulp), hence a tight tolerance rather than bit-identity.
     dead_only = tolerance(rtol=1e-4, atol=1e-5) if mode == "dead" else None

@@ -44,8 +44,8 @@ SENSITIVITY_SAMPLES = 8
 # and weights keep their full 8-bit range. (Scoring with the host's kernels instead, as an earlier
 # version did, measured PP-OCRv4 rec agreement drop 4.9 full range vs 3.7 with 7-bit weights: the
 # saturation of a kernel the target does not run, not the model's int8 error.)
-HOST_WITHOUT_VNNI = ("target has VNNI, this build host does not: full-range weights, accuracy scored with exact "
-                     "integer arithmetic (QDQ unfused), not this host's saturating AVX2 kernels")
+HOST_WITHOUT_VNNI = ("this build host's int8 kernels saturate (x86 without VNNI), the target's do not: full-range "
+                     "weights, accuracy scored with exact integer arithmetic (QDQ unfused)")
 
 
 @dataclass(frozen=True)

@@ -162,3 +162,17 @@ def test_onnxruntime_notices_never_reach_stdout(monkeypatch, capsys):
     lepton_ort.new_session(b"", onnxruntime.SessionOptions(), ["CPUExecutionProvider"])
     captured = capsys.readouterr()
     assert captured.out == "" and "EP Error" in captured.err
+
+
+def test_tolerance_scale_is_per_channel_for_maps():
+    from lepton_cli.pipeline import _within_scaled_tolerance
+
+    ref = np.zeros((1, 2, 4), np.float32)
+    ref[0, 0] = 640.0  # box coordinates
+    ref[0, 1] = 0.5  # scores
+    drifted = ref.copy()
+    drifted[0, 1, 0] += 0.01  # a score off by 2%: within 1e-4 of 640, not of 0.5
+    assert not _within_scaled_tolerance(ref, drifted, rtol=1e-4, atol=1e-5)
+    drifted = ref.copy()
+    drifted[0, 0, 0] += 0.01
+    assert _within_scaled_tolerance(ref, drifted, rtol=1e-4, atol=1e-5)

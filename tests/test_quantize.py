@@ -387,18 +387,26 @@ def test_cuda_int8_trt_example_follows_tensorrt_rules(run_cli, tmp_path):
 
 
 def test_histogram_calibration_memory_stays_bounded_when_ranges_grow():
-    """ORT's histogram merge adds bins of the old width when a later chunk is wider: re-binned to 4x bins."""
-    from lepton_cli.quant.calibration import _cap_histograms
+    """ORT's histogram merge adds bins of the old width when a later chunk is wider (a near-zero first
+    chunk then a wide one: >100k bins at once); the bounded collector re-bins before ORT merges."""
+    from lepton_cli.quant.calibration import _bound_histograms
     from onnxruntime.quantization.calibrate import HistogramCollector
 
-    collector = HistogramCollector(method="entropy", symmetric=False, num_bins=512, num_quantized_bins=128,
-                                   percentile=99.999, scenario="same")
     rng = np.random.default_rng(0)
-    collector.collect({"t": [rng.normal(0, 1e-3, 1000).astype(np.float32)]})
-    collector.collect({"t": [rng.normal(0, 10.0, 1000).astype(np.float32)]})
-    widened = len(collector.histogram_dict["t"][0])
-    assert widened > 100_000  # what ORT does on its own
-    calibrator = type("C", (), {"collector": collector})()
-    _cap_histograms(calibrator, CalibrationSettings(method="entropy"))
-    hist, edges, *_ = collector.histogram_dict["t"]
-    assert len(hist) == 4 * 512 and hist.sum() == 2000 and edges[0] == -edges[-1]
+    narrow, wide = rng.normal(0, 1e-3, 1000).astype(np.float32), rng.normal(0, 10.0, 1000).astype(np.float32)
+    for method, symmetric, bins in (("entropy", False, 512), ("percentile", True, 2048)):
+        def fresh():
+            return HistogramCollector(method=method, symmetric=symmetric, num_bins=bins, num_quantized_bins=128,
+                                      percentile=99.999, scenario="same")
+        unbounded = fresh()
+        unbounded.collect({"t": [narrow]})
+        unbounded.collect({"t": [wide]})
+        assert len(unbounded.histogram_dict["t"][0]) > 100_000, method  # what ORT does on its own
+        collector = fresh()
+        collector.collect({"t": [narrow]})
+        _bound_histograms(type("C", (), {"collector": collector})(), CalibrationSettings(method=method))
+        collector.collect({"t": [wide]})
+        collector.collect({"t": [wide * 3]})
+        hist, edges, *_ = collector.histogram_dict["t"]
+        assert len(hist) <= 4 * bins and hist.sum() == 3000, method
+        assert edges[-1] >= np.abs(wide * 3).max() * 0.999, method

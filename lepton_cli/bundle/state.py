@@ -80,3 +80,9 @@ def record(path: Path, key: str, version: int) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):  # the rename itself survives a crash only once the folder is synced
+            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

@@ -106,24 +106,52 @@ def _chunk_size(calibrator: Any, model: onnx.ModelProto, samples: SampleSet, set
     return max(1, min(settings.chunk, settings.chunk_memory_mb * 2**20 // per_sample))
 
 
-def _cap_histograms(calibrator: Any, settings: CalibrationSettings) -> None:
-    """Re-bin histograms that ORT's merge has widened beyond 4x their bins.
+def _rebinned(hist: np.ndarray, edges: np.ndarray, low: float, high: float, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """``hist`` moved onto ``bins`` uniform bins over [low, high], each count by its bin's centre."""
+    centres = (edges[:-1].astype(np.float64) + edges[1:]) / 2
+    new_hist, new_edges = np.histogram(centres, bins=bins, range=(low, high), weights=hist)
+    return new_hist.astype(hist.dtype), new_edges.astype(edges.dtype)
 
-    ``HistogramCollector.merge_histogram`` keeps the bin width and adds bins when a later chunk has a
-    wider range, so a tensor whose first samples were near zero grows to millions of bins (PP-OCRv4
-    det on 256 pages: 12 GB). Counts move to the bins of a uniform ``4 x bins`` grid over the same
-    symmetric range, by bin centre: a resolution the percentile and KL searches still resolve.
+
+def _bound_histograms(calibrator: Any, settings: CalibrationSettings) -> None:
+    """Keep ORT's histograms at most ``4 x bins`` wide whatever the later chunks' ranges.
+
+    ``HistogramCollector`` keeps the bin width and adds bins when a chunk is wider than the histogram
+    so far (``merge_histogram``; ``np.arange`` in ``collect_absolute_value``): a tensor whose first
+    samples were near zero grows to millions of bins in one merge (PP-OCRv4 det, 256 pages: 12 GB).
+    Before ORT merges a wider chunk, the histogram is moved onto a coarser grid that already covers
+    the chunk's range, so ORT's merge adds no bins. Counts move by bin centre, a resolution the
+    percentile and KL searches still resolve.
     """
     collector = getattr(calibrator, "collector", None)
-    if collector is None:
+    if collector is None or getattr(collector, "_lepton_bounded", False):
         return
     limit = 4 * (settings.histogram_bins if settings.method == "percentile" else settings.entropy_bins)
-    for name, (hist, edges, *rest) in list(collector.histogram_dict.items()):  # rest: min, max[, threshold]
-        if len(hist) <= limit:
-            continue
-        centres = (edges[:-1] + edges[1:]) / 2
-        new_hist, new_edges = np.histogram(centres, bins=limit, range=(float(edges[0]), float(edges[-1])), weights=hist)
-        collector.histogram_dict[name] = (new_hist.astype(hist.dtype), new_edges.astype(edges.dtype), *rest)
+    original = collector.collect
+
+    def collect(name_to_arr: dict[str, Any]) -> Any:
+        for name, arrays in name_to_arr.items():
+            entry = collector.histogram_dict.get(name)
+            values = [np.asarray(a) for a in (arrays if isinstance(arrays, list) else [arrays]) if np.asarray(a).size]
+            if entry is None or not values:
+                continue
+            amax = max(float(np.nanmax(np.abs(v))) for v in values)
+            hist, edges, *rest = entry
+            width = float(edges[1] - edges[0])
+            if edges[0] < 0:  # collect_value: symmetric (-threshold, threshold)
+                if amax <= float(edges[-1]) or len(hist) + 2 * ((amax - float(edges[-1])) // width + 1) <= limit:
+                    continue
+                new_hist, new_edges = _rebinned(hist, edges, -amax, amax, limit // 2)
+                rest[2] = np.array(amax, dtype=edges.dtype)  # (min, max, threshold)
+            else:  # collect_absolute_value: [min |x|, max |x|]
+                if amax <= float(edges[-1]) or len(hist) + (amax - float(edges[-1])) // width + 1 <= limit:
+                    continue
+                new_hist, new_edges = _rebinned(hist, edges, float(edges[0]), amax, limit // 2)
+            collector.histogram_dict[name] = (new_hist, new_edges, *rest)
+        return original(name_to_arr)
+
+    collector.collect = collect
+    collector._lepton_bounded = True
 
 
 def calibrate(model: onnx.ModelProto, samples: SampleSet, settings: CalibrationSettings,
@@ -148,7 +176,7 @@ def calibrate(model: onnx.ModelProto, samples: SampleSet, settings: CalibrationS
         for start in range(0, total, chunk):
             stop = min(start + chunk, total)
             calibrator.collect_data(SampleSetReader(model, samples, start, stop))
-            _cap_histograms(calibrator, settings)
+            _bound_histograms(calibrator, settings)  # the collector exists after the first chunk
             if progress:
                 progress(stop, total)
         ranges = calibrator.compute_data()

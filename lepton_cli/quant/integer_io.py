@@ -85,7 +85,8 @@ def make_integer_io(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, 
         if value.name in inits:
             continue
         tensor, users = value.name, consumers.get(value.name, [])
-        while len(users) == 1 and users[0].op_type in _MOVES and users[0].input[0] == tensor and tensor not in output_names:
+        while (len(users) == 1 and users[0].op_type in _MOVES and users[0].input[0] == tensor and tensor not in output_names
+               and users[0].output[0] not in output_names):
             tensor = users[0].output[0]  # quantize before the move: same values, fewer bytes
             users = consumers.get(tensor, [])
         if len(users) != 1 or users[0].op_type != "QuantizeLinear" or users[0].output[0] in output_names:
@@ -107,6 +108,10 @@ def make_integer_io(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, 
         dq = producers.get(value.name)
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] in {i.name for i in graph.input} or dq.input[0] in inits:
             kept.append(f"output {value.name!r}: not made by a DequantizeLinear of a computed tensor")
+            continue
+        if consumers.get(value.name) or consumers.get(dq.input[0], []) != [dq]:
+            # read inside the graph too, or its integer tensor feeds other nodes/outputs: renaming would retype them
+            kept.append(f"output {value.name!r}: also read inside the graph (it must stay float there)")
             continue
         params = _per_tensor(dq, inits)
         if params is None:
