@@ -33,6 +33,7 @@ from .manifest import FORMAT, FORMAT_VERSION, fail
 SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 BLOCK = 1 << 20  # streaming block: bounded memory, large enough to keep AES-GCM at full speed
 _SLACK = 4096  # update_into wants room for one more chunk than it writes
+_PRESIZE = 33 << 20  # above glibc's largest mmap threshold (32 MiB): growth beyond it is mremap, not copy
 
 
 def new_content_key() -> bytes:
@@ -191,10 +192,18 @@ def decrypt_stream(stream: BinaryIO, *, content_key: bytes, context: bytes, ciph
 
     Each block is decrypted into a small reused buffer and appended to a ``BytesIO``, whose
     ``getvalue()`` CPython hands over without a copy: peak memory is one model. Growing the buffer
-    as blocks arrive (rather than sizing it up front, which zero-fills every page before the first
-    block is read) lets the kernel's page faults for the plaintext overlap the reading thread.
+    as blocks arrive (rather than sizing all of it up front, which zero-fills every page before the
+    first block is read) lets the kernel's page faults for the plaintext overlap the reading thread.
     """
     buffer = io.BytesIO()
+    # Sized up front to min(plaintext, 33 MiB): glibc's realloc copies (and frees a copy of the plaintext)
+    # only below its mmap threshold, at most 32 MiB; above it the buffer grows by mremap, moving pages,
+    # leaving no copy behind. So a failure's wipe reaches every byte that was decrypted.
+    presize = min(plain_size, _PRESIZE)
+    if presize:
+        buffer.seek(presize - 1)
+        buffer.write(b"\0")
+        buffer.seek(0)
     scratch = bytearray(2 * BLOCK + _SLACK)  # update_into wants room for one more chunk than it writes
     scratch_view = memoryview(scratch)
     pos, ok, auth_failed = 0, False, False
@@ -218,6 +227,7 @@ def decrypt_stream(stream: BinaryIO, *, content_key: bytes, context: bytes, ciph
         tail = dec.finalize()
         buffer.write(tail)
         pos += len(tail)
+        buffer.truncate(pos)  # a pre-sized buffer longer than what was decrypted
         if pos != plain_size:
             raise fail(f"{path}: decrypted size {pos} differs from the signed plain size {plain_size}")
         ok = True
