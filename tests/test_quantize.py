@@ -240,9 +240,9 @@ def test_bad_params_are_rejected():
 @pytest.mark.slow
 @needs_ocr
 def test_ppocr_rec_cpu_avx_keeps_character_accuracy(tmp_path):
-    """PP-OCRv4 rec on rendered text lines: the budget is in per-timestep arg-max agreement (the
-    Evaluator's metric without labels), which is much stricter than character accuracy: 2.5
-    agreement points kept character accuracy within 0.5 points in benchmarks/bench_quantize_ocr.py."""
+    """PP-OCRv4 rec on rendered text lines, issue 4's bar: with a 0.5-point budget and no labels (the
+    model's `character` metadata makes the budget CTC-decoded character agreement), character
+    accuracy on held-out lines drops at most 0.5 points, scored as the VNNI target computes."""
     import sys
 
     sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
@@ -260,16 +260,16 @@ def test_ppocr_rec_cpu_avx_keeps_character_accuracy(tmp_path):
     np.savez(tmp_path / "eval.npz", x=tune_x)
     calib = load_samples(tmp_path / "calib.npz", model)
     evaluation = load_samples(tmp_path / "eval.npz", model, role="--eval")
-    result, _ = _run("cpu-avx", model, calib, evaluation, budget=2.5)
-    assert result.summary["drop_pct"] <= 2.5 and _weight_dq(result.model)
+    result, ctx = _run("cpu-avx", model, calib, evaluation, budget=0.5)
+    assert result.summary["drop_pct"] <= 0.5 and _weight_dq(result.model)
     chars = textset.charset(model)
 
-    def accuracy(m):
-        session = make_session(m, opt_level="all")
+    def accuracy(m, level="all"):
+        session = make_session(m, opt_level=level)
         probs = np.concatenate([session.run(None, {"x": test_x[i:i + 1]})[0] for i in range(len(test_x))])
         return textset.char_accuracy(textset.ctc_greedy(probs, chars), test_texts)
-    assert accuracy(model) - accuracy(result.model) <= 0.5
-    assert result.model.ByteSize() <= 0.4 * model.ByteSize()
+    assert accuracy(model) - accuracy(result.model, ctx.scoring_opt_level) <= 0.5
+    assert result.model.ByteSize() <= 0.30 * model.ByteSize()
 
 
 def test_without_eval_a_held_out_part_of_calib_scores_agreement(digits):
