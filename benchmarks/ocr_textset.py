@@ -10,11 +10,15 @@ the model's ``character`` metadata with rapidocr's table layout (blank first, sp
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lepton_cli.accuracy import edit_distance  # noqa: E402  (works on strings as on token lists)
 
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 CALIB_FONTS = ["DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf"]
@@ -95,16 +99,6 @@ def ctc_greedy(probs: np.ndarray, chars: list[str]) -> list[str]:
             prev = idx
         out.append("".join(text).strip())
     return out
-
-
-def edit_distance(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 def char_accuracy(predicted: list[str], truth: list[str]) -> float:
