@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import onnx
 
+from .accuracy import VNNI_ISA
 from .pipeline import PassContext, ProgressFn, StepRecord, run_pipeline, serialize
 from .stats import collect_stats
 from .targets import Target, Variant
@@ -108,7 +109,6 @@ def infer_precision(model: onnx.ModelProto) -> str:
     return "fp32"
 
 
-VNNI_ISA = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 def effective_isa(requires: list[str], steps: list[StepRecord]) -> tuple[list[str], str | None]:
