@@ -6,8 +6,8 @@ The search, bounded so that it costs O(methods × log2(max_float_layers)) quanti
    quantized model, bypass one node's input Q/DQ at a time (no re-quantization) and measure how
    much the output noise-to-signal ratio falls on a few held-out samples; with more than
    ``max_candidates`` quantized nodes, preselect by the error each adds locally (one run of the
-   float and the quantized model). Then keep the top k in float (re-quantized with ORT's
-   ``nodes_to_exclude``) for k = 1, 2, 4, ... until the budget holds, and bisect down between the
+   float and the quantized model). Then keep the top k in float (their input Q/DQ bypassed, as
+   measured: ``keep_float_nodes``) for k = 1, 2, 4, ... until the budget holds, and bisect down between the
    last failing and the first passing k (fewer float layers = faster);
 3. among the candidates that meet the budget, keep the one with the fewest float-kept nodes (then
    the smaller drop): deterministic, and the build host's latency says little about the target's;
@@ -176,6 +176,28 @@ def search(build: Build, methods: list[str], evaluator: Evaluator, budget: float
     order_of = {m: i for i, m in enumerate(methods)}
     best_trial, best = min(passing, key=lambda tm: (len(tm[0].float_nodes), tm[0].drop_pct, order_of.get(tm[0].method, 0)))
     return SearchResult(best, best_trial, trials, sensitivity)
+
+
+def keep_float_nodes(quantized: onnx.ModelProto, float_model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """``quantized`` with every node in ``names`` reading float inputs, and the Q/DQ nodes and int8
+    weights that nothing reads any more removed."""
+    model = onnx.ModelProto()
+    model.CopyFrom(quantized)  # the caller caches ``quantized``
+    for name in names:
+        model = keep_float(model, float_model, name)
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:  # drop nodes whose outputs nobody reads (bypassed Q/DQ chains), then their initializers
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return model
 
 
 def keep_float(quantized: onnx.ModelProto, float_model: onnx.ModelProto, node_name: str) -> onnx.ModelProto:
