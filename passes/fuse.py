@@ -29,6 +29,8 @@ from onnx import numpy_helper
 from lepton_cli.errors import BadInputError
 from lepton_cli.params import ParamValueError
 from lepton_cli.pass_registry import PassResult, register_pass, tolerance
+from lepton_cli.passes.fuse_activation import fold_scalar_affine, fuse_hard_swish
+from lepton_cli.passes.graph_edit import GraphIndex, drop_unused_initializers, read_in_subgraph
 
 LAYER_NORM_OPSET = 17  # LayerNormalization joined the default domain at opset 17
 GELU_OPSET = 20  # Gelu at opset 20
@@ -41,6 +43,8 @@ class FuseParams:
     # become a 411 MB initializer; the runtime builds it as cheaply from its shape).
     fold_limit_mb: float = 64.0
     fuse_norms: bool = True  # LayerNormalization / Gelu fusion, bumping the opset within runtime.opset_max
+    # Decomposed hard-swish -> HardSigmoid + Mul, scalar affine blocks folded into Convs (fuse_activation.py)
+    fuse_activations: bool = True
     # ONNX Runtime's offline-optimised graph (contrib fused ops). Only for deployment_runtime = "onnxruntime".
     ort_offline: bool = False
 
@@ -102,36 +106,7 @@ def _with_opset_for_norms(original: onnx.ModelProto, simplified: onnx.ModelProto
 
 # ---- hand-written folds onnxsim leaves -----------------------------------------------------
 
-class _Graph:
-    """Just enough use-def bookkeeping over a GraphProto for the local folds below."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.graph = graph
-        self.inits = {t.name: t for t in graph.initializer}
-        self.outputs = {o.name for o in graph.output}
-        self.uses: Counter = Counter(i for n in graph.node for i in n.input if i)
-        for node in graph.node:  # names read inside subgraphs count as uses too
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                    self.uses.update(i for n in sub.node for i in n.input if i)
-
-    def const(self, name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
-
-    def set_const(self, name: str, value: np.ndarray) -> str:
-        new = f"{name}__fused"
-        while new in self.inits:
-            new += "_"
-        tensor = numpy_helper.from_array(value, new)
-        self.graph.initializer.append(tensor)
-        self.inits[new] = tensor
-        return new
-
-    def sole_use(self, tensor: str) -> bool:
-        return self.uses[tensor] == 1 and tensor not in self.outputs
-
-
-def _add_operands(node: onnx.NodeProto, g: _Graph, produced: str) -> np.ndarray | None:
+def _add_operands(node: onnx.NodeProto, g: GraphIndex, produced: str) -> np.ndarray | None:
     """The constant operand of Add(produced, const) or Add(const, produced)."""
     if node.op_type != "Add" or len(node.input) != 2:
         return None
@@ -141,7 +116,7 @@ def _add_operands(node: onnx.NodeProto, g: _Graph, produced: str) -> np.ndarray 
     return g.const(other)
 
 
-def _fold_conv_add(conv: onnx.NodeProto, add: onnx.NodeProto, g: _Graph) -> bool:
+def _fold_conv_add(conv: onnx.NodeProto, add: onnx.NodeProto, g: GraphIndex) -> bool:
     weight = g.const(conv.input[1]) if len(conv.input) > 1 else None
     extra = _add_operands(add, g, conv.output[0])
     if weight is None or extra is None or extra.dtype != weight.dtype:
@@ -164,7 +139,7 @@ def _fold_conv_add(conv: onnx.NodeProto, add: onnx.NodeProto, g: _Graph) -> bool
     return True
 
 
-def _fold_gemm_add(gemm: onnx.NodeProto, add: onnx.NodeProto, g: _Graph) -> bool:
+def _fold_gemm_add(gemm: onnx.NodeProto, add: onnx.NodeProto, g: GraphIndex) -> bool:
     b = g.const(gemm.input[1])
     extra = _add_operands(add, g, gemm.output[0])
     if b is None or extra is None or extra.dtype != b.dtype or b.ndim != 2:
@@ -194,7 +169,7 @@ def _fold_gemm_add(gemm: onnx.NodeProto, add: onnx.NodeProto, g: _Graph) -> bool
 
 def fold_bias_adds(model: onnx.ModelProto) -> int:
     """Fold ``Add(const)`` after a biased Conv / a Gemm into the bias / C. Returns folds done."""
-    g = _Graph(model.graph)
+    g = GraphIndex(model.graph)
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -214,7 +189,7 @@ def fold_bias_adds(model: onnx.ModelProto) -> int:
     for add in removed:
         model.graph.node.remove(add)
     if folded:
-        _drop_unused_initializers(model)
+        drop_unused_initializers(model)
     return folded
 
 
@@ -225,7 +200,7 @@ def remove_inference_dropouts(model: onnx.ModelProto) -> int:
     zoo's, after the opset-9 → 13 upgrade), even when nothing reads the mask.
     """
     graph = model.graph
-    g = _Graph(graph)
+    g = GraphIndex(graph)
     removed = 0
     for node in list(graph.node):
         if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx"):
@@ -236,7 +211,7 @@ def remove_inference_dropouts(model: onnx.ModelProto) -> int:
         if len(node.output) > 1 and node.output[1] and g.uses[node.output[1]] + (node.output[1] in g.outputs) > 0:
             continue
         out, source = node.output[0], node.input[0]
-        if out in g.outputs or _read_in_subgraph(graph, out):
+        if out in g.outputs or read_in_subgraph(graph, out):
             identity = _identity(source, out, node.name)
             graph.node.insert(list(graph.node).index(node), identity)
         else:
@@ -247,37 +222,12 @@ def remove_inference_dropouts(model: onnx.ModelProto) -> int:
         graph.node.remove(node)
         removed += 1
     if removed:
-        _drop_unused_initializers(model)
+        drop_unused_initializers(model)
     return removed
 
 
 def _identity(source: str, out: str, name: str) -> onnx.NodeProto:
     return onnx.helper.make_node("Identity", [source], [out], name=name)
-
-
-def _read_in_subgraph(graph: onnx.GraphProto, name: str) -> bool:
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                if any(name in n.input for n in sub.node) or _read_in_subgraph(sub, name):
-                    return True
-    return False
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    for node in model.graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                used.update(i for n in sub.node for i in n.input)
-    dropped = {t.name for t in model.graph.initializer if t.name not in used}
-    if dropped:  # old-IR models list initializers as graph inputs too: drop both
-        keep = [t for t in model.graph.initializer if t.name not in dropped]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
-        inputs = [i for i in model.graph.input if i.name not in dropped]
-        del model.graph.input[:]
-        model.graph.input.extend(inputs)
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> int:
@@ -357,6 +307,8 @@ def fuse(model: onnx.ModelProto, ctx, params: FuseParams) -> PassResult:
     constants_to_initializers(result)
     dropouts = remove_inference_dropouts(result)
     bias_folds = fold_bias_adds(result)
+    hard_swish = fuse_hard_swish(result) if params.fuse_activations else 0
+    affine_folds = fold_scalar_affine(result) if params.fuse_activations else 0
     list_initializers_as_inputs(result)
     if params.ort_offline:
         result = ort_offline_graph(result, ctx.work_dir)
@@ -367,7 +319,8 @@ def fuse(model: onnx.ModelProto, ctx, params: FuseParams) -> PassResult:
     summary = {
         "nodes_before": sum(before_ops.values()), "nodes_after": sum(after_ops.values()),
         "removed_ops": dict(sorted(removed.items())), "added_ops": dict(sorted(added.items())),
-        "bias_adds_folded": bias_folds, "dropouts_removed": dropouts, "opset": _opset(result), "ort_offline": params.ort_offline,
+        "bias_adds_folded": bias_folds, "hard_swish_fused": hard_swish, "scalar_affine_folded": affine_folds,
+        "dropouts_removed": dropouts, "opset": _opset(result), "ort_offline": params.ort_offline,
     }
     if notes:
         summary["notes"] = notes

@@ -41,6 +41,7 @@ from onnx import helper, numpy_helper
 
 from lepton_cli.params import ParamValueError
 from lepton_cli.passes.fuse import constants_to_initializers, list_initializers_as_inputs
+from lepton_cli.passes.graph_edit import drop_unused_initializers, subgraph_names
 from lepton_cli.pass_registry import PassResult, register_pass, tolerance
 
 LAYOUT_KEY = "lepton.io_layout."  # same key as lepton_cli.pipeline.LAYOUT_KEY
@@ -59,17 +60,6 @@ class LayoutParams:
 
 
 # ---- small graph helpers ------------------------------------------------------------------------
-
-def _subgraph_names(graph: onnx.GraphProto) -> set[str]:
-    """Names read inside subgraphs (If/Loop/Scan bodies): tensors we must not rename or re-layout."""
-    names: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                names.update(i for n in sub.node for i in n.input)
-                names |= _subgraph_names(sub)
-    return names
-
 
 class _Names:
     def __init__(self, model: onnx.ModelProto):
@@ -117,19 +107,6 @@ def _permute_dims(vi: onnx.ValueInfoProto, perm: tuple[int, ...]) -> None:
     vi.type.tensor_type.shape.dim.extend(dims)
 
 
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    g = model.graph
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output} | _subgraph_names(g)
-    keep = [t for t in g.initializer if t.name in used]
-    dropped = {t.name for t in g.initializer} - {t.name for t in keep}
-    if dropped:
-        del g.initializer[:]
-        g.initializer.extend(keep)
-        inputs = [i for i in g.input if i.name not in dropped]
-        del g.input[:]
-        g.input.extend(inputs)
-
-
 # ---- channels-last I/O ----------------------------------------------------------------------------
 
 ELEMENTWISE_UNARY = frozenset({
@@ -151,7 +128,7 @@ class _Transposer:
         self.model = model
         self.g = model.graph
         self.names = names
-        self.protected = {o.name for o in self.g.output} | _subgraph_names(self.g)
+        self.protected = {o.name for o in self.g.output} | subgraph_names(self.g)
 
     def _index(self):
         self.producer = {o: n for n in self.g.node for o in n.output}
@@ -295,7 +272,7 @@ class _Transposer:
             self._index()
             if not (self._compose() or self._push_down() or self._pull_up()):
                 break
-        _drop_unused_initializers(self.model)
+        drop_unused_initializers(self.model)
 
 
 def channels_last_io(model: onnx.ModelProto) -> dict:
@@ -303,7 +280,7 @@ def channels_last_io(model: onnx.ModelProto) -> dict:
     g = model.graph
     names = _Names(model)
     inits = {t.name for t in g.initializer}
-    in_subgraphs = _subgraph_names(g)
+    in_subgraphs = subgraph_names(g)
     transposes_before = sum(n.op_type == "Transpose" for n in g.node)
     changed_in, changed_out, head, tail = [], [], [], []
     outputs = {o.name for o in g.output}
@@ -388,7 +365,7 @@ class _Padder:
         self.restored: dict[str, str] = {}
         self.out: list[onnx.NodeProto] = []
         self.outputs = {o.name for o in self.g.output}
-        self.protected = self.outputs | _subgraph_names(self.g)
+        self.protected = self.outputs | subgraph_names(self.g)
         self.opset = _opset(model)
         self.stats = Counter()
         self.channels = self._static_channels()
@@ -618,7 +595,7 @@ class _Padder:
         kept = [v for v in self.g.value_info if v.name not in stale]
         del self.g.value_info[:]
         self.g.value_info.extend(kept)
-        _drop_unused_initializers(self.model)
+        drop_unused_initializers(self.model)
 
 
 def _conv_alignment(model: onnx.ModelProto, align: int) -> dict:

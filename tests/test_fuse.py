@@ -185,3 +185,77 @@ def test_ort_offline_on_a_portable_user_target_is_exit_2(run_cli, tmp_path):
     assert result.code == 2, result.stderr
     assert "ort_offline" in result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written
+
+
+def _hard_swish_block(pad: int) -> onnx.ModelProto:
+    """Conv -> x*Clip(x+3,0,6)/6 -> *s + b (PP-LCNetV3's learnable affine) -> Conv(pad), as Paddle exports it."""
+    rng = np.random.default_rng(1)
+    c = lambda name, value: numpy_helper.from_array(np.asarray(value, np.float32), name)  # noqa: E731
+    inits = [c("w1", rng.standard_normal((8, 3, 3, 3)) * 0.5), c("b1", rng.standard_normal(8)),
+             c("three", 3.0), c("zero", 0.0), c("six", 6.0), c("s", 0.63), c("b", -0.55),
+             c("w2", rng.standard_normal((4, 8, 3 if pad else 1, 3 if pad else 1)) * 0.3), c("b2", rng.standard_normal(4))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c", "three"], ["a"]),
+        helper.make_node("Clip", ["a", "zero", "six"], ["k"]),
+        helper.make_node("Mul", ["c", "k"], ["m"]),
+        helper.make_node("Div", ["m", "six"], ["h"]),
+        helper.make_node("Mul", ["h", "s"], ["hs"]),
+        helper.make_node("Add", ["hs", "b"], ["hb"]),
+        helper.make_node("Conv", ["hb", "w2", "b2"], ["y"], pads=[pad] * 4),
+    ]
+    graph = helper.make_graph(nodes, "hswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16 if pad else 14, 16 if pad else 14])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("pad", [0, 1])
+def test_hard_swish_and_scalar_affine_fold(pad):
+    model = _hard_swish_block(pad)
+    fused, summary = _fuse(model)
+    ops = _ops(fused)
+    assert summary["hard_swish_fused"] == 1 and ops["Clip"] == 0 and ops["Div"] == 0
+    assert ops["HardSigmoid"] == 1 and ops["Mul"] == 1  # the affine scale went into the next Conv's weights
+    # the affine shift folds into the next Conv's bias only when that Conv has no zero border
+    assert ops["Add"] == (0 if pad == 0 else 1)
+    assert summary["scalar_affine_folded"] == (2 if pad == 0 else 1)
+    _assert_same(model, fused)
+    unfused, summary = _fuse(model, fuse_activations=False)
+    assert _ops(unfused)["Clip"] == 1 and summary["hard_swish_fused"] == 0
+
+
+@pytest.mark.parametrize("conv_output_read_elsewhere", [False, True])
+def test_scale_before_a_non_conv_goes_into_the_hard_swish_input_conv(conv_output_read_elsewhere):
+    model = _hard_swish_block(1)
+    graph = model.graph
+    graph.node.remove(graph.node[-1])  # the scaled map now feeds a residual Add, not a Conv
+    graph.node.extend([helper.make_node("Add", ["hb", "c" if conv_output_read_elsewhere else "hb"], ["y"])])
+    graph.output[0].type.tensor_type.shape.dim[1].dim_value = 8
+    fused, summary = _fuse(model)
+    hsig = next(n for n in fused.graph.node if n.op_type == "HardSigmoid")
+    alpha = helper.get_attribute_value(next(a for a in hsig.attribute if a.name == "alpha"))
+    if conv_output_read_elsewhere:  # scaling the Conv would change what the Add reads: left alone
+        assert _ops(fused)["Mul"] == 2 and summary["scalar_affine_folded"] == 0 and alpha == pytest.approx(1 / 6)
+    else:  # x*hsig(x)*s == x'*hsig'(x') with x' = s*x from the scaled Conv and alpha' = alpha/s
+        assert _ops(fused)["Mul"] == 1 and summary["scalar_affine_folded"] == 1 and alpha == pytest.approx(1 / 6 / 0.63)
+    _assert_same(model, fused)
+
+
+@needs_ocr
+@pytest.mark.parametrize("which", ["det", "rec"])
+def test_ppocr_hard_swish_and_affine_blocks_fold(which):
+    from conftest import OCR_DET
+    from lepton_cli.pass_registry import tolerance
+    from lepton_cli.pipeline import compare_outputs
+
+    path, shape = (OCR_DET, [1, 3, 160, 160]) if which == "det" else (OCR_REC, [1, 3, 48, 320])
+    model = _real(path, "cpu-avx", {"x": shape})
+    fused, summary = _fuse(model)
+    before, after = _ops(_fuse(model, fuse_activations=False)[0]), _ops(fused)
+    # every decomposed hard-swish (Add 3, Clip 0..6, Mul, Div 6) became HardSigmoid + Mul
+    assert summary["hard_swish_fused"] == before["Clip"] - after["Clip"] > 0 and after["Div"] < before["Div"]
+    assert summary["scalar_affine_folded"] > 0
+    assert sum(after.values()) < sum(before.values()) - 3 * summary["hard_swish_fused"]
+    feeds = [random_feed(graph_inputs(model), np.random.default_rng(k)) for k in range(2)]
+    check = compare_outputs(model, fused, feeds, tolerance(rtol=1e-4, atol=1e-5))
+    assert check["ok"], check

@@ -11,8 +11,8 @@ from onnx import helper, numpy_helper
 
 from conftest import DIGITS
 from lepton_cli.compiler import CompileOptions, compile_model
-from lepton_cli.errors import InternalError
-from lepton_cli.pass_registry import PassResult, register_pass, tolerance
+from lepton_cli.errors import InternalError, QualityGateError
+from lepton_cli.pass_registry import LOSSY, PassResult, register_pass, tolerance
 from lepton_cli.pipeline import PassContext, run_pipeline
 from lepton_cli.targets import PassStep, load_target
 
@@ -39,6 +39,27 @@ def _invalid(model, ctx, params):
     broken.CopyFrom(model)
     broken.graph.node[0].input[0] = "does_not_exist"
     return PassResult(broken, {})
+
+
+@dataclass(frozen=True)
+class _Spend:
+    points: float = 0.0  # what this fake lossy pass costs
+    budget_share: float = 0.5
+
+
+@register_pass("test_lossy_spend", params=_Spend, description="test only: spends budget points", exactness=LOSSY)
+def _lossy_spend(model, ctx, params):
+    allowed = ctx.lossy_budget(params.budget_share)
+    ctx.spent(allowed, params.points)
+    return PassResult(model, {"allowed": allowed, "spent": params.points})
+
+
+@register_pass("test_lossy_need", params=_Spend, description="test only: fails unless allowed its points", exactness=LOSSY)
+def _lossy_need(model, ctx, params):
+    allowed = ctx.lossy_budget(params.budget_share)
+    if params.points > allowed:
+        raise QualityGateError(f"needs {params.points} points, allowed {allowed:g}; tried: x", "raise it")
+    return PassResult(model, {"allowed": allowed})
 
 
 def _target_with(*steps: PassStep):
@@ -176,3 +197,29 @@ def test_tolerance_scale_is_per_channel_for_maps():
     drifted = ref.copy()
     drifted[0, 0, 0] += 0.01
     assert _within_scaled_tolerance(ref, drifted, rtol=1e-4, atol=1e-5)
+
+
+def test_a_lossy_pass_that_cannot_meet_its_budget_gets_the_share_an_earlier_one_spent():
+    # pruning spends 0.2 of its 0.5; int8 needs 0.6 and gets 0.5 + 0.3 carried = 0.8 -> fine, no retry
+    ctx = PassContext(target=_target_with(PassStep("test_lossy_spend", _Spend(0.2)), PassStep("test_lossy_need", _Spend(0.6))),
+                      max_accuracy_drop=1.0)
+    _, records = run_pipeline(_digits(), ctx)
+    assert records[1].summary["allowed"] == pytest.approx(0.8) and not ctx.warnings
+    # int8 needs 0.9: with pruning's 0.2 spent only 0.8 is left -> compiled again without pruning
+    ctx = PassContext(target=_target_with(PassStep("test_lossy_spend", _Spend(0.2)), PassStep("test_lossy_need", _Spend(0.9))),
+                      max_accuracy_drop=1.0)
+    _, records = run_pipeline(_digits(), ctx)
+    assert records[0].summary["applied"] == "none" and records[0].check["kind"] == "skipped"
+    assert records[1].summary["allowed"] == pytest.approx(1.0)
+    assert len(ctx.warnings) == 1 and "compiled again without test_lossy_spend" in ctx.warnings[0]
+    # needs more than the whole budget: exit 3 after the retry, with the pass's own message
+    ctx = PassContext(target=_target_with(PassStep("test_lossy_spend", _Spend(0.2)), PassStep("test_lossy_need", _Spend(1.5))),
+                      max_accuracy_drop=1.0)
+    with pytest.raises(QualityGateError, match="needs 1.5 points, allowed 1"):
+        run_pipeline(_digits(), ctx)
+    # an earlier pass that spent nothing gives no reason to retry
+    ctx = PassContext(target=_target_with(PassStep("test_lossy_spend", _Spend(0.0)), PassStep("test_lossy_need", _Spend(1.5))),
+                      max_accuracy_drop=1.0)
+    with pytest.raises(QualityGateError):
+        run_pipeline(_digits(), ctx)
+    assert not ctx.yielded

@@ -410,3 +410,23 @@ def test_histogram_calibration_memory_stays_bounded_when_ranges_grow():
         hist, edges, *_ = collector.histogram_dict["t"]
         assert len(hist) <= 4 * bins and hist.sum() == 3000, method
         assert edges[-1] >= np.abs(wide * 3).max() * 0.999, method
+
+
+def test_keeping_every_node_float_gives_back_the_float_model(digits, tmp_path):
+    """ORT's quantizer drops a Relu/Clip whose output is quantized (the Q clamps) and renames the producer's
+    output after it: bypassing that Q/DQ for a float-kept node must put the activation back."""
+    from lepton_cli.ort import make_session
+    from lepton_cli.quant.tuning import keep_float_nodes
+
+    model, calib, evaluation = digits
+    base = schemes.preprocess(model, tmp_path)
+    ranges = schemes.save_ranges(calibrate(base, calib, CalibrationSettings(method="minmax")), tmp_path / "r.json")
+    every_op = schemes.Int8Scheme(activation_type="u8", weight_type="s8", per_channel=True, op_types=())
+    quantized = schemes.quantize_int8(base, ranges, "minmax", every_op, [], tmp_path)
+    relus = _ops(base).count("Relu")
+    assert relus and _ops(quantized).count("Relu") < relus  # the quantizer removed some
+    restored = keep_float_nodes(quantized, base, [n.name for n in base.graph.node])
+    assert "QuantizeLinear" not in _ops(restored) and _ops(restored).count("Relu") == relus
+    feed = next(iter(evaluation.feeds(1)))
+    want = make_session(base).run(None, feed)[0]
+    np.testing.assert_allclose(make_session(restored, opt_level="basic").run(None, feed)[0], want, rtol=1e-4, atol=1e-4)
