@@ -20,8 +20,8 @@ modules in ``lepton_cli/quant/`` for what each adds and why.
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Literal
 
 import onnx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -59,6 +59,9 @@ class QuantizeParams:
     weight_symmetric: bool = True
     power_of_two_scales: bool = False  # symmetric per-tensor int8 with 2^k scales (DPU fix-point)
     op_types: list[str] = field(default_factory=list)  # empty: every op ORT quantizes
+    # Tried before op_types when set (empty: every op ORT quantizes): kept when the search finds a candidate
+    # within the budget (more int8, fewer Q/DQ transitions: faster), else the search runs again with op_types.
+    fast_op_types: list[str] | None = None
     methods: list[Method] = field(default_factory=lambda: ["minmax", "percentile", "entropy"])  # tried in order
     percentile: float = 99.999
     histogram_bins: int = 2048
@@ -67,6 +70,7 @@ class QuantizeParams:
     max_calib_samples: int = 256
     tune: bool = True  # False: quantize with methods[0], everything, no search
     max_float_layers: int = 32  # most layers the search may keep in float
+    float_kept_weights: Literal["int8", "float"] = "float"  # int8: float-kept layers compute in float on int8-stored weights
     max_eval_samples: int = 1000  # as many as compile's accuracy gate scores, so the search decides what the gate will see
     holdout_fraction: float = 0.25  # of --calib, scored for agreement when there is no --eval
     budget_share: float = 1.0  # share of the accuracy budget this pass may spend (earlier lossy passes spend the rest)
@@ -142,7 +146,8 @@ def _isa_warning(ctx: Any) -> None:
     missing = sorted(target_isa - host_isa)
     if host_isa and missing:
         ctx.warn(f"the build host ({ctx.host.get('arch') or platform.machine()}) lacks {', '.join(missing)} of target "
-                 f"{ctx.target.name!r}: candidate latencies measured here rank int8 kernels as this host runs them")
+                 f"{ctx.target.name!r}: latencies measured here are this host's int8 kernels, not the target's "
+                 "(the search does not use them; the report's benchmark does)")
 
 
 class _CalibProgress:
@@ -198,7 +203,37 @@ def _evaluation(model: onnx.ModelProto, ctx: Any, params: QuantizeParams):
 
 
 def _tried_line(trials: list[Trial]) -> str:
-    return "; ".join(f"{t.method}+{len(t.float_nodes)} float: drop {t.drop_pct:.2f}" for t in trials)
+    tiers = len({tuple(t.op_types or ()) for t in trials})
+
+    def label(t: Trial) -> str:  # which op types only when several were tried
+        return t.method if tiers < 2 or t.op_types is None else f"{t.method}[{','.join(t.op_types) or 'all ops'}]"
+    return "; ".join(f"{label(t)}+{len(t.float_nodes)} float: drop {t.drop_pct:.2f}" for t in trials)
+
+
+def _int8_builder(base: onnx.ModelProto, calib: Any, params: QuantizeParams, scheme: schemes.Int8Scheme,
+                  work_dir: Any, tag: str) -> Callable[[str, list[str]], onnx.ModelProto]:
+    """(method, float-kept nodes) -> candidate, for one set of op types; calibration and the fully
+    quantized model are computed once per method."""
+    ranges: dict[str, Any] = {}
+    full: dict[str, onnx.ModelProto] = {}
+    # Only the tensors around the ops being quantized need ranges (histograms of every tensor are slow).
+    calib_ops = list(scheme.op_types) or None
+
+    def build(method: str, keep: list[str]) -> onnx.ModelProto:
+        if method not in ranges:
+            settings = CalibrationSettings(method=method, chunk=params.calib_chunk, max_samples=params.max_calib_samples,
+                                           percentile=params.percentile, histogram_bins=params.histogram_bins,
+                                           entropy_bins=params.entropy_bins)
+            data = calibrate(base, calib, settings, _CalibProgress(f"calibrating ({method})"), calib_ops)
+            ranges[method] = schemes.save_ranges(data, work_dir / f"ranges-{tag}-{method}.json")
+        if method not in full:
+            full[method] = schemes.quantize_int8(base, ranges[method], method, scheme, [], work_dir)
+        # Float-kept nodes are bypassed in the fully quantized model, exactly as the sensitivity search
+        # measured them. Re-quantizing with ORT's nodes_to_exclude instead changed neighbouring Q/DQ and
+        # was not monotonic (PP-OCRv4 rec, S8S8, CTC drop for k = 1..16 kept: 0.92, 0.92, 1.03, 1.15,
+        # 1.61; bypassed: 0.80, 0.92, 0.92, 0.80, 0.69).
+        return keep_float_nodes(full[method], base, keep, params.float_kept_weights == "float")
+    return build
 
 
 @register_pass("quantize", params=QuantizeParams, exactness=LOSSY,
@@ -234,6 +269,7 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
 
         def build(method: str, keep: list[str]) -> onnx.ModelProto:
             return schemes.to_fp16(model, params.fp16_block_ops, sorted(set(keep) | set(overflow)))
+        builds, tiers = [build], [[]]
         methods = ["fp16"]
         base = model
     else:
@@ -247,31 +283,17 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
                     "per_channel": scheme.per_channel, "reduce_range": reduce_range, "reduce_range_why": rr_why,
                     "activation_symmetric": scheme.activation_symmetric, "power_of_two_scales": scheme.power_of_two,
                     "calibration_samples": min(len(calib), params.max_calib_samples)}
-        ranges: dict[str, Any] = {}
-        # Only the tensors around the ops being quantized need ranges (histograms of every tensor are slow).
-        calib_ops = list(params.op_types) or None
-
-        def build(method: str, keep: list[str]) -> onnx.ModelProto:
-            if method not in ranges:
-                settings = CalibrationSettings(method=method, chunk=params.calib_chunk, max_samples=params.max_calib_samples,
-                                               percentile=params.percentile, histogram_bins=params.histogram_bins,
-                                               entropy_bins=params.entropy_bins)
-                data = calibrate(base, calib, settings, _CalibProgress(f"calibrating ({method})"), calib_ops)
-                ranges[method] = schemes.save_ranges(data, ctx.work_dir / f"ranges-{method}.json")
-            if method not in full:
-                full[method] = schemes.quantize_int8(base, ranges[method], method, scheme, [], ctx.work_dir)
-            # Float-kept nodes are bypassed in the fully quantized model, exactly as the sensitivity search
-            # measured them. Re-quantizing with ORT's nodes_to_exclude instead changed neighbouring Q/DQ and
-            # was not monotonic (PP-OCRv4 rec, S8S8, CTC drop for k = 1..16 kept: 0.92, 0.92, 1.03, 1.15,
-            # 1.61; bypassed: 0.80, 0.92, 0.92, 0.80, 0.69).
-            return keep_float_nodes(full[method], base, keep)
-        full: dict[str, onnx.ModelProto] = {}
+        tiers = ([list(params.fast_op_types)] if params.fast_op_types is not None else []) + [list(params.op_types)]
+        builds = [_int8_builder(base, calib, params, replace(scheme, op_types=tuple(ops)), ctx.work_dir, f"t{i}")
+                  for i, ops in enumerate(tiers)]
         methods = list(dict.fromkeys(params.methods))
         candidates = None
 
     if evaluator is None or not params.tune:
-        result = build(methods[0], [])
+        result = builds[-1](methods[0], [])
         summary |= {"method": methods[0], "tuned": False}
+        if params.scheme == "int8":
+            summary["op_types"] = tiers[-1]
     else:
         feeds = evaluator.first_feeds(SENSITIVITY_SAMPLES)
         if candidates is not None:  # fp16: every unblocked node may be kept in float
@@ -279,18 +301,30 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
                 return candidates
         else:
             pick = quantized_nodes
-        found = search(build, methods, evaluator, budget, base, feeds[:SENSITIVITY_SAMPLES], max_float=params.max_float_layers,
-                       candidates=pick, note=console.note)
-        summary |= {"tried": [t.to_dict() for t in found.trials],
+        trials: list[Trial] = []
+        for tier, build in enumerate(builds):
+            if len(builds) > 1:
+                console.note(f"  op types: {', '.join(tiers[tier]) or 'every op ONNX Runtime quantizes'}"
+                             + (" (fast_op_types, tried first)" if tier < len(builds) - 1 else ""))
+            found = search(build, methods, evaluator, budget, base, feeds[:SENSITIVITY_SAMPLES], max_float=params.max_float_layers,
+                           candidates=pick, note=console.note, float_weights=params.float_kept_weights == "float")
+            for trial in found.trials:
+                trial.op_types = tiers[tier] if params.scheme == "int8" else None
+            trials += found.trials
+            if found.best is not None:
+                break
+        summary |= {"tried": [t.to_dict() for t in trials],
                     "worst_layers": [{"node": n, "output_nsr_gain_if_float": round(v, 6)} for n, v in found.sensitivity[:10]]}
         if found.best is None:
             raise QualityGateError(
-                f"quantize: no candidate met the accuracy budget of {budget:g} points ({scored_on}); tried: {_tried_line(found.trials)}",
+                f"quantize: no candidate met the accuracy budget of {budget:g} points ({scored_on}); tried: {_tried_line(trials)}",
                 "raise --max-accuracy-drop or max_float_layers, give more representative --calib data, or use scheme = \"fp16\"")
         result = found.best
         assert found.best_trial is not None
         summary |= {"method": found.best_trial.method, "tuned": True, "float_kept": found.best_trial.float_nodes,
                     "drop_pct": found.best_trial.drop_pct, "value": found.best_trial.value}
+        if params.scheme == "int8":
+            summary["op_types"] = found.best_trial.op_types
     float_ops = _float_ops(result, list(ctx.target.runtime.supported_ops)) if params.scheme == "int8" else []
     if float_ops:
         summary["float_ops"] = float_ops

@@ -155,7 +155,7 @@ def test_evaluator_picks_ctc_agreement_from_metadata_or_when_asked():
     assert Evaluator(_ctc_model(False), samples, metric="ctc").metric == "ctc_agreement"
     with pytest.raises(BadInputError, match="needs labels"):
         Evaluator(_ctc_model(False), samples, metric="top1")
-    with pytest.raises(BadInputError, match="unknown evaluation metric"):
+    with pytest.raises(BadInputError, match="is not a metric"):
         Evaluator(_ctc_model(False), samples, metric="bleu")
 
 
@@ -166,3 +166,58 @@ def test_int8_is_scored_exactly_only_where_the_host_kernels_differ_from_the_targ
     assert scoring_opt_level(["avx2", "fma"], ["avx2", "fma"]) == "all"  # target without VNNI: as deployed
     assert scoring_opt_level(["neon", "dotprod"], ["avx2"]) == "basic"  # Arm accumulates 8-bit products in int32
     assert scoring_opt_level(vnni_target, ["neon", "dotprod"]) == "all"  # not an x86 host: its kernels are not AVX2
+
+
+def test_mask_f1_scores_the_thresholded_map_not_pixel_values():
+    from lepton_cli.accuracy import _Tally
+
+    ref = np.zeros((1, 1, 10, 10), np.float32)
+    ref[0, 0, 2:6, 2:6] = 0.9  # a 16-pixel "text" region
+    shifted = ref * 0.5 + 0.2  # every value moved by 0.2-0.35: no pixel within 2% of the range
+    tally = _Tally(float(np.ptp(ref)), 0.3)
+    tally.add(ref, shifted)
+    assert tally.agreement_pct == 0.0 and tally.mask_f1_pct == 100.0  # same mask at 0.3
+    grown = ref.copy()
+    grown[0, 0, 6, 2:6] = 0.9  # 4 false positives
+    lost = ref.copy()
+    lost[0, 0, 2, 2:6] = 0.0  # 4 false negatives
+    for got, want in ((grown, 2 * 16 / (2 * 16 + 4)), (lost, 2 * 12 / (2 * 12 + 4))):
+        tally = _Tally(1.0, 0.3)
+        tally.add(ref, got)
+        assert tally.mask_f1_pct == pytest.approx(100 * want)
+    empty = _Tally(1.0, 0.3)
+    empty.add(np.zeros_like(ref), np.zeros_like(ref))
+    assert empty.mask_f1_pct == 100.0
+
+
+def test_mask_f1_metric_on_a_map_model_and_bad_metric_names(tmp_path):
+    from lepton_cli.accuracy import parse_metric
+    from lepton_cli.data import SampleSet
+
+    def sigmoid_model(scale: float) -> onnx.ModelProto:
+        node = [onnx.helper.make_node("Mul", ["x", "k"], ["z"]), onnx.helper.make_node("Sigmoid", ["z"], ["y"])]
+        graph = onnx.helper.make_graph(node, "map", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1, 8, 8])],
+                                       [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1, 8, 8])],
+                                       [numpy_helper.from_array(np.array(scale, np.float32), "k")])
+        return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+
+    x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    samples = SampleSet(Path("maps.npz"), {"x": x}, None, {"x": False})
+    source = sigmoid_model(1.0)
+    sharper = sigmoid_model(3.0)  # same sign everywhere: the same mask at 0.5, other values
+    score = Evaluator(source, samples, metric="mask-f1").score(sharper)
+    assert score.metric == "mask_f1@0.5" and score.drop_pct == 0.0
+    assert Evaluator(source, samples).score(sharper).drop_pct > 10  # value agreement sees the difference
+    at_03 = Evaluator(source, samples, metric="mask-f1@0.3").score(sharper)
+    assert at_03.metric == "mask_f1@0.3" and at_03.drop_pct > 0  # sigmoid(x)>0.3 and sigmoid(3x)>0.3 differ
+    assert parse_metric("mask-f1@0.3") == ("mask-f1", 0.3) and parse_metric("ctc") == ("ctc", None)
+    for bad in ("mask-f1@x", "ctc@0.3", "f1", "mask-f1@nan"):
+        with pytest.raises(BadInputError):
+            parse_metric(bad)
+
+
+def test_compile_rejects_a_bad_eval_metric_with_exit_2(run_cli, tmp_path):
+    result = run_cli("compile", str(DIGITS / "digits_cnn.onnx"), "--target", "cpu-avx", "--eval-metric", "mask-f1@high",
+                     "--output", str(tmp_path / "out"))
+    assert result.code == 2 and "threshold" in result.stderr and "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "out").exists()

@@ -193,7 +193,8 @@ def test_impossible_budget_exits_3_with_what_was_tried(digits):
     with pytest.raises(QualityGateError) as info:
         _run("cpu-avx", model, calib, evaluation, budget=-5.0)
     assert info.value.exit_code == 3
-    assert "minmax+0 float" in info.value.message and "percentile" in info.value.message
+    assert "minmax+0 float" in info.value.message or "minmax[all ops]+0 float" in info.value.message
+    assert "percentile" in info.value.message
 
 
 def test_compile_cli_impossible_budget_exit_3(run_cli, tmp_path):
@@ -430,3 +431,19 @@ def test_keeping_every_node_float_gives_back_the_float_model(digits, tmp_path):
     feed = next(iter(evaluation.feeds(1)))
     want = make_session(base).run(None, feed)[0]
     np.testing.assert_allclose(make_session(restored, opt_level="basic").run(None, feed)[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_op_types_are_tried_first_and_op_types_after(digits):
+    model, calib, evaluation = digits
+    result, _ = _run("cpu-avx", model, calib, evaluation, budget=1.0, fast_op_types=[])
+    assert result.summary["op_types"] == [] and result.summary["tried"][0]["op_types"] == []
+    quantized_ops = {n.op_type for n in result.model.graph.node
+                     if any(i.endswith("DequantizeLinear_Output") for i in n.input)}
+    assert "MaxPool" in quantized_ops  # every op ORT quantizes, not only Conv/MatMul/Gemm
+    conv_only, _ = _run("cpu-avx", model, calib, evaluation, budget=1.0, fast_op_types=None)
+    assert conv_only.summary["op_types"] == ["Conv", "MatMul", "Gemm"]
+    # neither set meets an impossible budget: both were searched, fast first, and the message says so
+    with pytest.raises(QualityGateError) as info:
+        _run("cpu-avx", model, calib, evaluation, budget=-5.0, fast_op_types=[], max_float_layers=1)
+    message = info.value.message
+    assert message.index("minmax[all ops]+0 float") < message.index("minmax[Conv,MatMul,Gemm]+0 float")
