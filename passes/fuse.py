@@ -307,7 +307,9 @@ def fuse(model: onnx.ModelProto, ctx, params: FuseParams) -> PassResult:
     constants_to_initializers(result)
     dropouts = remove_inference_dropouts(result)
     bias_folds = fold_bias_adds(result)
-    hard_swish = fuse_hard_swish(result) if params.fuse_activations else 0
+    # HardSigmoid only where the target runs it (tpu's and fpga's op lists do not name it)
+    hard_sigmoid_ok = not runtime.supported_ops or "HardSigmoid" in runtime.supported_ops
+    hard_swish = fuse_hard_swish(result) if params.fuse_activations and hard_sigmoid_ok else 0
     affine_folds = fold_scalar_affine(result) if params.fuse_activations else 0
     list_initializers_as_inputs(result)
     if params.ort_offline:

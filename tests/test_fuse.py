@@ -259,3 +259,8 @@ def test_ppocr_hard_swish_and_affine_blocks_fold(which):
     feeds = [random_feed(graph_inputs(model), np.random.default_rng(k)) for k in range(2)]
     check = compare_outputs(model, fused, feeds, tolerance(rtol=1e-4, atol=1e-5))
     assert check["ok"], check
+
+
+def test_hard_swish_is_left_alone_where_the_target_lacks_hard_sigmoid():
+    fused, summary = _fuse(_hard_swish_block(0), "tpu")  # tpu's supported_ops has no HardSigmoid
+    assert summary["hard_swish_fused"] == 0 and _ops(fused)["HardSigmoid"] == 0 and _ops(fused)["Clip"] == 1

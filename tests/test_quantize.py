@@ -447,3 +447,24 @@ def test_fast_op_types_are_tried_first_and_op_types_after(digits):
         _run("cpu-avx", model, calib, evaluation, budget=-5.0, fast_op_types=[], max_float_layers=1)
     message = info.value.message
     assert message.index("minmax[all ops]+0 float") < message.index("minmax[Conv,MatMul,Gemm]+0 float")
+
+
+def test_float_kept_layers_can_keep_int8_stored_weights(digits, tmp_path):
+    from lepton_cli.quant.tuning import keep_float_nodes
+
+    model, calib, evaluation = digits
+    base = schemes.preprocess(model, tmp_path)
+    ranges = schemes.save_ranges(calibrate(base, calib, CalibrationSettings(method="minmax")), tmp_path / "r.json")
+    scheme = schemes.Int8Scheme(activation_type="u8", weight_type="s8", per_channel=True, op_types=("Conv", "Gemm"))
+    quantized = schemes.quantize_int8(base, ranges, "minmax", scheme, [], tmp_path)
+    gemms = [n.name for n in base.graph.node if n.op_type == "Gemm"]
+    float_weights = keep_float_nodes(quantized, base, gemms)
+    int8_weights = keep_float_nodes(quantized, base, gemms, float_weights=False)
+    assert int8_weights.ByteSize() < 0.5 * float_weights.ByteSize()  # the fc layers dominate the digits CNN
+    gemm_inputs = {i for n in int8_weights.graph.node if n.op_type == "Gemm" for i in n.input}
+    producers = {o: n.op_type for n in int8_weights.graph.node for o in n.output}
+    assert sum(producers.get(i) == "DequantizeLinear" for i in gemm_inputs) >= len(gemms)  # weights still dequantized
+    activations = {n.input[0] for n in int8_weights.graph.node if n.op_type == "Gemm"}
+    assert not any(producers.get(i) == "DequantizeLinear" for i in activations)  # but activations are float
+    res, _ = _run("cpu-avx", model, calib, evaluation, budget=1.0, float_kept_weights="int8")
+    assert res.summary["drop_pct"] <= 1.0
