@@ -336,5 +336,10 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
         summary["integer_io"] = converted
         for reason in kept:
             ctx.warn(f"integer_io: {reason}; it stays float")
+    if params.scheme == "int8" and len(result.graph.value_info):
+        # ORT's quant_pre_process annotated every intermediate tensor's shape; runtimes infer them again
+        # at load. PP-OCRv4 det int8: 19.5 KB of 1.43 MB (the difference between 0.301x and 0.297x fp32).
+        summary["shape_annotations_dropped"] = len(result.graph.value_info)
+        del result.graph.value_info[:]
     summary["int8_weights"] = _int8_initializers(result)
     return PassResult(result, summary)
