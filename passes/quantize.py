@@ -283,7 +283,8 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
                     "per_channel": scheme.per_channel, "reduce_range": reduce_range, "reduce_range_why": rr_why,
                     "activation_symmetric": scheme.activation_symmetric, "power_of_two_scales": scheme.power_of_two,
                     "calibration_samples": min(len(calib), params.max_calib_samples)}
-        tiers = ([list(params.fast_op_types)] if params.fast_op_types is not None else []) + [list(params.op_types)]
+        fast = params.fast_op_types
+        tiers = ([list(fast)] if fast is not None and sorted(fast) != sorted(params.op_types) else []) + [list(params.op_types)]
         builds = [_int8_builder(base, calib, params, replace(scheme, op_types=tuple(ops)), ctx.work_dir, f"t{i}")
                   for i, ops in enumerate(tiers)]
         methods = list(dict.fromkeys(params.methods))
