@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .graph_edit import drop_unused_initializers, subgraph_names
 from .stats import _shape_map  # the shapes collect_stats uses for MACs; reused rather than re-inferred
 
 # Ops that map each channel to itself, elementwise, with no constant operand to slice.
@@ -163,16 +164,6 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     return default
 
 
-def _subgraph_names(graph: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    for node in graph.node:
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                names.update(i for n in sub.node for i in n.input)
-                names |= _subgraph_names(sub)
-    return names
-
-
 class _Builder:
     def __init__(self, model: onnx.ModelProto):
         self.model = model
@@ -265,7 +256,7 @@ def analyze(model: onnx.ModelProto) -> ChannelAnalysis:
                 b.pin(name)
     for out in b.graph.output:
         b.pin(out.name)
-    for name in _subgraph_names(b.graph):
+    for name in subgraph_names(b.graph):
         b.pin(name)
     # Re-root pinned flags after all unions.
     a.pinned = {a.find(g) for g in a.pinned}
@@ -655,9 +646,6 @@ def apply_keep(model: onnx.ModelProto, a: ChannelAnalysis, keep: dict[int, np.nd
             graph.initializer.append(numpy_helper.from_array(sizes, new_name))
             node.input[3] = new_name
     # Drop initializers nothing reads any more, and stale shapes of the resized tensors.
-    used = {i for n in graph.node for i in n.input} | _subgraph_names(graph) | {o.name for o in graph.output}
-    live = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(live)
+    drop_unused_initializers(result)
     del graph.value_info[:]
     return result

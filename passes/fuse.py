@@ -30,7 +30,7 @@ from lepton_cli.errors import BadInputError
 from lepton_cli.params import ParamValueError
 from lepton_cli.pass_registry import PassResult, register_pass, tolerance
 from lepton_cli.passes.fuse_activation import fold_scalar_affine, fuse_hard_swish
-from lepton_cli.passes.graph_edit import GraphIndex, drop_unused_initializers, read_in_subgraph
+from lepton_cli.graph_edit import GraphIndex, drop_unused_initializers, subgraph_names
 
 LAYER_NORM_OPSET = 17  # LayerNormalization joined the default domain at opset 17
 GELU_OPSET = 20  # Gelu at opset 20
@@ -211,7 +211,7 @@ def remove_inference_dropouts(model: onnx.ModelProto) -> int:
         if len(node.output) > 1 and node.output[1] and g.uses[node.output[1]] + (node.output[1] in g.outputs) > 0:
             continue
         out, source = node.output[0], node.input[0]
-        if out in g.outputs or read_in_subgraph(graph, out):
+        if out in g.outputs or out in subgraph_names(graph):
             identity = _identity(source, out, node.name)
             graph.node.insert(list(graph.node).index(node), identity)
         else:

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lepton_cli.passes.graph_edit import GraphIndex, drop_unused_initializers
+from lepton_cli.graph_edit import GraphIndex, drop_unused_initializers
 
 HARD_SIGMOID_ALPHA, HARD_SIGMOID_BETA = 1.0 / 6.0, 0.5
 

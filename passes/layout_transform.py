@@ -41,7 +41,7 @@ from onnx import helper, numpy_helper
 
 from lepton_cli.params import ParamValueError
 from lepton_cli.passes.fuse import constants_to_initializers, list_initializers_as_inputs
-from lepton_cli.passes.graph_edit import drop_unused_initializers, subgraph_names
+from lepton_cli.graph_edit import drop_unused_initializers, subgraph_names
 from lepton_cli.pass_registry import PassResult, register_pass, tolerance
 
 LAYOUT_KEY = "lepton.io_layout."  # same key as lepton_cli.pipeline.LAYOUT_KEY

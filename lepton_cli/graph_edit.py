@@ -1,4 +1,4 @@
-"""Use-def bookkeeping and clean-up shared by the graph-rewriting passes (fuse, fuse_activation, layout_transform)."""
+"""Use-def bookkeeping and clean-up shared by the graph rewrites (fuse, fuse_activation, layout_transform, channel_groups)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -35,16 +35,6 @@ class GraphIndex:
 
     def sole_use(self, tensor: str) -> bool:
         return self.uses[tensor] == 1 and tensor not in self.outputs
-
-
-def read_in_subgraph(graph: onnx.GraphProto, name: str) -> bool:
-    """Whether ``name`` is read inside any subgraph of ``graph``."""
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                if any(name in n.input for n in sub.node) or read_in_subgraph(sub, name):
-                    return True
-    return False
 
 
 def subgraph_names(graph: onnx.GraphProto) -> set[str]:
