@@ -18,7 +18,7 @@ import onnx
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lepton_cli.accuracy import edit_distance  # noqa: E402  (works on strings as on token lists)
+from lepton_cli.accuracy import ctc_characters, ctc_greedy_decode, ctc_text, edit_distance  # noqa: E402
 
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 CALIB_FONTS = ["DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf"]
@@ -84,21 +84,13 @@ def make_set(count: int, seed: int, role: str, width: int = 320) -> tuple[np.nda
 
 
 def charset(model: onnx.ModelProto) -> list[str]:
-    table = next(p.value for p in model.metadata_props if p.key == "character").split("\n")
-    return ["<blank>"] + table + [" "]
+    """Class index -> character (PaddleOCR's table; lepton_cli.accuracy.ctc_characters)."""
+    return ctc_characters(model) or []
 
 
 def ctc_greedy(probs: np.ndarray, chars: list[str]) -> list[str]:
-    """[N, T, C] → strings: arg-max per step, collapse repeats, drop blanks (index 0)."""
-    out = []
-    for seq in probs.argmax(axis=-1):
-        text, prev = [], -1
-        for idx in seq:
-            if idx != prev and idx != 0:
-                text.append(chars[idx] if idx < len(chars) else "")
-            prev = idx
-        out.append("".join(text).strip())
-    return out
+    """[N, T, C] -> strings: arg-max per step, collapse repeats, drop blanks (the compile's own decode)."""
+    return ctc_text(ctc_greedy_decode(probs), chars)
 
 
 def char_accuracy(predicted: list[str], truth: list[str]) -> float:

@@ -1,7 +1,10 @@
 """Accuracy of a compiled model against its source: a task metric with labels, output agreement always.
 
-With labels the metric is top-1 accuracy of the first output (``[N, classes]``). Without labels it
-is *agreement* with the source model's outputs on the same samples, as a percentage:
+With labels the metric is top-1 accuracy of the first output (``[N, classes]``) or, for a CTC model
+given text labels (a string array), *character accuracy* against them: 100 × (1 − edit distance of
+the greedy CTC decode, mapped through the model's ``character`` table, / label length), what OCR
+users report. Without labels it is *agreement* with the source model's outputs on the same samples,
+as a percentage:
 - CTC sequence outputs (``[N, T, C]`` of a model that declares CTC decoding, see ``is_ctc_model``, or
   with ``metric="ctc"``): character accuracy of the candidate's greedy CTC decode against the source's
   (100 × (1 − total edit distance / total source length)). Per-timestep arg-max is far stricter than
@@ -55,7 +58,7 @@ SNR_CAP_DB = 300.0  # identical outputs: infinite SNR, capped so the report stay
 
 @dataclass
 class AccuracyScore:
-    metric: str  # "top1" (labels given), "agreement", "ctc_agreement" or "mask_f1@T"
+    metric: str  # "top1" or "ctc_accuracy" (labels given), "agreement", "ctc_agreement" or "mask_f1@T"
     source_value: float  # percent
     value: float  # percent
     drop_pct: float  # percentage points; > 0 means the candidate is worse
@@ -131,6 +134,18 @@ def ctc_greedy_decode(scores: np.ndarray, blank: int = CTC_BLANK) -> list[list[i
     return decoded
 
 
+def ctc_characters(model: onnx.ModelProto) -> list[str] | None:
+    """Class index -> character for a model with PaddleOCR's ``character`` metadata (one per line):
+    0 is the blank, then the table, then the space PaddleOCR appends (``use_space_char``)."""
+    table = next((p.value for p in model.metadata_props if p.key == "character"), None)
+    return None if table is None else ["", *table.split("\n"), " "]
+
+
+def ctc_text(decoded: list[list[int]], characters: list[str]) -> list[str]:
+    """Decoded class indices as text (indices past the table decode to nothing), ends stripped as PaddleOCR does."""
+    return ["".join(characters[c] if 0 <= c < len(characters) else "" for c in seq).strip() for seq in decoded]
+
+
 def edit_distance(a: list[int], b: list[int]) -> int:
     """Levenshtein distance. Hand-written: no edit-distance library is a dependency (rapidfuzz and
     python-Levenshtein checked; neither is installed), and sequences here are tens of symbols."""
@@ -151,7 +166,7 @@ def ctc_agreement_pct(reference: np.ndarray, candidate: np.ndarray) -> float:
     return _ctc_pct(ctc_greedy_decode(reference), ctc_greedy_decode(candidate))
 
 
-def _ctc_pct(truth: list[list[int]], got: list[list[int]]) -> float:
+def _ctc_pct(truth: list, got: list) -> float:
     errors = sum(edit_distance(t, g) for t, g in zip(truth, got))
     length = sum(len(t) for t in truth)
     if length == 0:
@@ -237,10 +252,17 @@ class Evaluator:
         if metric == "top1" and self.labels is None:
             raise BadInputError("--eval-metric top1 needs labels, and the evaluation data has none",
                                 "add a 'labels' array to the .npz, or use --eval-metric agreement")
-        if metric in ("agreement", "ctc", "mask-f1"):
+        text_labels = self.labels is not None and self.labels.dtype.kind in ("U", "S")
+        if metric == "top1" and text_labels:
+            raise BadInputError("--eval-metric top1 needs class labels (integers); these labels are text",
+                                "use --eval-metric auto or ctc for a text recogniser")
+        if metric in ("agreement", "mask-f1") or (metric == "ctc" and not text_labels):
             self.labels = None  # an explicit agreement metric ignores labels
         first = self.reference[0][0]
-        if self.labels is not None:
+        if self.labels is not None and text_labels:
+            self.metric = "ctc_accuracy"
+            self._check_text_labels(source_model, first)
+        elif self.labels is not None:
             self.metric = "top1"
             self._check_labels(first)
         elif metric == "ctc" or (metric == "auto" and first.ndim == 3 and is_ctc_model(source_model)):
@@ -257,7 +279,10 @@ class Evaluator:
             lows = [float(np.min(outs[j])) for outs in self.reference if outs[j].size]
             highs = [float(np.max(outs[j])) for outs in self.reference if outs[j].size]
             self.spans.append(max(highs) - min(lows) if lows else 0.0)
-        self.source_value = self._top1_pct([outs[0] for outs in self.reference]) if self.labels is not None else 100.0
+        if self.metric == "ctc_accuracy":
+            self.source_value = _ctc_pct(self.truth, self._texts([outs[0] for outs in self.reference]))
+        else:
+            self.source_value = self._top1_pct([outs[0] for outs in self.reference]) if self.labels is not None else 100.0
 
     def first_feeds(self, count: int) -> list[dict[str, np.ndarray]]:
         """The first ``count`` samples (sensitivity and latency probes)."""
@@ -278,6 +303,21 @@ class Evaluator:
         if len(self.labels.reshape(-1)) != rows:
             raise BadInputError(f"{len(self.labels.reshape(-1))} labels for {rows} model outputs", "give one label per sample")
 
+    def _check_text_labels(self, model: onnx.ModelProto, first: np.ndarray) -> None:
+        self.characters = ctc_characters(model)
+        if first.ndim != 3 or self.characters is None:
+            raise BadInputError("text labels need a CTC model: a [N, T, classes] first output and the character table in "
+                                "the model's metadata 'character' (one per line, class 1 first)",
+                                "add the table to the model's metadata, or drop the labels to measure agreement with the source")
+        rows = sum(len(outs[0]) for outs in self.reference)
+        flat = self.labels.reshape(-1)
+        if len(flat) != rows:
+            raise BadInputError(f"{len(flat)} text labels for {rows} recognised lines", "give one label per sample")
+        self.truth = [list(str(t).strip()) for t in flat]
+
+    def _texts(self, firsts: list[np.ndarray]) -> list[list[str]]:
+        return [list(text) for out in firsts for text in ctc_text(ctc_greedy_decode(out), self.characters)]
+
     def _top1_pct(self, firsts: list[np.ndarray]) -> float:
         flat, correct, offset = self.labels.reshape(-1), 0, 0
         for out in firsts:
@@ -295,12 +335,14 @@ class Evaluator:
                                     "keep the model's outputs unchanged")
             for tally, ref, got in zip(tallies, ref_outs, outs):
                 tally.add(ref, got)
-            if self.metric == "top1":
+            if self.metric in ("top1", "ctc_accuracy"):
                 firsts.append(outs[0])
             elif self.metric == "ctc_agreement":
                 decoded.extend(ctc_greedy_decode(outs[0]))
         if self.metric == "top1":
             value = self._top1_pct(firsts)
+        elif self.metric == "ctc_accuracy":
+            value = _ctc_pct(self.truth, self._texts(firsts))
         elif self.metric == "ctc_agreement":
             value = _ctc_pct(self.ref_decoded, decoded)
         elif self.mask_threshold is not None:

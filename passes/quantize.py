@@ -37,7 +37,7 @@ from lepton_cli.quant.calibration import CalibrationSettings, calibrate
 from lepton_cli.quant.integer_io import make_integer_io
 from lepton_cli.quant.tuning import Trial, keep_float_nodes, local_errors, quantized_nodes, search
 
-Method = Literal["minmax", "percentile", "entropy"]
+Method = Literal["minmax", "percentile", "entropy", "mse"]
 SENSITIVITY_SAMPLES = 8
 # The target has VNNI but this host does not: this host's AVX2 kernels would saturate u8·s8 sums that
 # VNNI does not, so candidates are scored unfused (exact integer arithmetic, accuracy.scoring_opt_level)

@@ -13,7 +13,7 @@ from lepton_cli.accuracy import (Evaluator, compare_arrays, ctc_agreement_pct, c
 from lepton_cli.data import load_samples
 from lepton_cli.errors import BadInputError
 
-from conftest import DIGITS
+from conftest import DIGITS, needs_ocr
 
 
 @pytest.fixture(scope="module")
@@ -134,12 +134,12 @@ def test_ctc_agreement_is_character_accuracy_not_timestep_agreement():
     assert ctc_agreement_pct(reference, overflow) < 100.0
 
 
-def _ctc_model(character: bool) -> onnx.ModelProto:
+def _ctc_model(character: bool, classes: int = 5) -> onnx.ModelProto:
     """x [N, T, C] → Softmax: the shape of a CTC recogniser's head."""
     h = onnx.helper
     graph = h.make_graph([h.make_node("Softmax", ["x"], ["probs"], axis=-1)], "ctc",
-                         [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 6, 5])],
-                         [h.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["N", 6, 5])])
+                         [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 6, classes])],
+                         [h.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["N", 6, classes])])
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
     if character:
         h.set_model_props(model, {"character": "a\nb\nc\nd"})
@@ -221,3 +221,54 @@ def test_compile_rejects_a_bad_eval_metric_with_exit_2(run_cli, tmp_path):
                      "--output", str(tmp_path / "out"))
     assert result.code == 2 and "threshold" in result.stderr and "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_text_labels_score_character_accuracy_of_a_ctc_model(tmp_path):
+    from lepton_cli.data import SampleSet
+
+    # classes: 0 blank, 1..4 = a b c d, 5 = the space PaddleOCR appends
+    source_paths = [[1, 1, 0, 2, 0, 0], [3, 0, 4, 5, 1, 0]]  # "ab", "cd a"
+    x = np.log(_ctc_scores(source_paths) + 1e-6).astype(np.float32)  # the model is a Softmax: feed log-probs
+    labels = np.array(["ab", "cd b"])  # the source misreads one character of the second line
+    samples = SampleSet(Path("ctc.npz"), {"x": x}, labels, {"x": False})
+    evaluator = Evaluator(_ctc_model(True, 6), samples, samples.labels)
+    assert evaluator.metric == "ctc_accuracy"
+    assert evaluator.source_value == pytest.approx(100 * (1 - 1 / 6))  # 1 edit over 6 label characters
+    fixed = _ctc_model(True, 6)  # a "compiled" model that happens to read "b": better than the source, drop < 0
+    bias = np.zeros((6, 6), np.float32)
+    bias[4, 1], bias[4, 2] = -50.0, 50.0
+    fixed.graph.node.insert(0, onnx.helper.make_node("Add", ["x", "bias"], ["x_biased"]))
+    fixed.graph.node[1].input[0] = "x_biased"
+    fixed.graph.initializer.append(numpy_helper.from_array(bias, "bias"))
+    score = evaluator.score(fixed)
+    assert score.value == 100.0 and score.drop_pct < 0
+    # text labels need a CTC model with a character table, and one label per line
+    with pytest.raises(BadInputError, match="character table"):
+        Evaluator(_ctc_model(False, 6), samples, samples.labels)
+    with pytest.raises(BadInputError, match="3 text labels for 2"):
+        Evaluator(_ctc_model(True, 6), samples, np.array(["ab", "cd", "x"]))
+    with pytest.raises(BadInputError, match="class labels"):
+        Evaluator(_ctc_model(True, 6), samples, samples.labels, metric="top1")
+    assert Evaluator(_ctc_model(True, 6), samples, samples.labels, metric="agreement").metric == "agreement"
+
+
+@needs_ocr
+def test_ppocr_rec_text_labels_give_the_benchmark_character_accuracy(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
+    import ocr_textset as textset
+    from conftest import OCR_REC
+    from lepton_cli.ort import make_session
+    from lepton_cli.shapes import bind_input_shapes
+
+    model = bind_input_shapes(onnx.load(OCR_REC), {"x": [1, 3, 48, 320]})
+    images, texts = textset.make_set(12, 3, "eval")
+    np.savez(tmp_path / "eval.npz", x=images, labels=np.array(texts))
+    samples = load_samples(tmp_path / "eval.npz", model, role="--eval")
+    evaluator = Evaluator(model, samples, samples.labels)
+    session = make_session(model)
+    probs = np.concatenate([session.run(None, {"x": images[i:i + 1]})[0] for i in range(len(images))])
+    assert evaluator.metric == "ctc_accuracy"
+    assert evaluator.source_value == pytest.approx(textset.char_accuracy(textset.ctc_greedy(probs, textset.charset(model)), texts))
+    assert 90 < evaluator.source_value <= 100

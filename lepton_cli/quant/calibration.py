@@ -12,6 +12,8 @@ calibrators we use as they are; what it lacks we add here:
   a single candidate threshold, the full range, which makes entropy identical to min/max; we use
   ``num_bins`` ≫ ``num_quantized_bins`` (TensorRT uses 2048/128; we default to 512/128: the KL
   search is a Python loop over candidate thresholds, 2048 bins cost ~1 s per tensor on this host);
+- an ``mse`` method: ORT's histograms, and per tensor the range with the least expected int8 error
+  (``mse_ranges.py``) instead of one percentile for every tensor;
 - feeds adapted to the model's I/O layout metadata (NHWC after ``layout_transform``);
 - its histogram code prints to stdout, which must stay clean for ``--json``: redirected to stderr.
 """
@@ -33,9 +35,11 @@ from onnxruntime.quantization.calibrate import TensorsData, create_calibrator
 
 from lepton_cli.data import SampleSet
 from lepton_cli.pipeline import adapt_feed
+from lepton_cli.quant.mse_ranges import mse_tensors_data
 
 METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-           "entropy": CalibrationMethod.Entropy}
+           "entropy": CalibrationMethod.Entropy,
+           "mse": CalibrationMethod.Percentile}  # ORT's signed-value histograms; the range is ours (mse_ranges.py)
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,7 @@ def _bound_histograms(calibrator: Any, settings: CalibrationSettings) -> None:
     collector = getattr(calibrator, "collector", None)
     if collector is None or getattr(collector, "_lepton_bounded", False):
         return
-    limit = 4 * (settings.histogram_bins if settings.method == "percentile" else settings.entropy_bins)
+    limit = 4 * (settings.histogram_bins if settings.method in ("percentile", "mse") else settings.entropy_bins)
     original = collector.collect
 
     def collect(name_to_arr: dict[str, Any]) -> Any:
@@ -161,7 +165,7 @@ def calibrate(model: onnx.ModelProto, samples: SampleSet, settings: CalibrationS
     extra: dict[str, object] = {}
     if settings.method == "minmax":
         pass
-    elif settings.method == "percentile":
+    elif settings.method in ("percentile", "mse"):
         extra |= {"num_bins": settings.histogram_bins, "percentile": settings.percentile}
     else:
         extra |= {"num_bins": settings.entropy_bins, "num_quantized_bins": settings.entropy_quantized_bins}
@@ -179,6 +183,9 @@ def calibrate(model: onnx.ModelProto, samples: SampleSet, settings: CalibrationS
             _bound_histograms(calibrator, settings)  # the collector exists after the first chunk
             if progress:
                 progress(stop, total)
-        ranges = calibrator.compute_data()
+        if settings.method == "mse":
+            ranges = mse_tensors_data(calibrator.collector.histogram_dict)
+        else:
+            ranges = calibrator.compute_data()
         del calibrator
     return ranges

@@ -1,0 +1,52 @@
+"""MSE calibration: per tensor, the int8 range that minimises the expected quantization error.
+
+Library checked: ONNX Runtime's calibrators offer MinMax, Percentile (one fixed percentile for every
+tensor), Entropy (KL) and Distribution, not this. NVIDIA's pytorch-quantization has it
+(``HistogramCalibrator.compute_amax(method="mse")``) but is a PyTorch library, not a dependency here.
+The histograms come from ORT's own ``HistogramCollector`` (signed values, as for asymmetric
+percentile); only the choice of range is ours.
+
+For a histogram of a tensor's values and a candidate range [lo, hi] (always holding 0, as ORT's
+scale/zero-point computation does), the expected squared error is
+    sum over bins of count * (rounding noise step^2 / 12 inside, squared clipping distance outside),
+with step = (hi - lo) / (levels - 1). The candidates shrink the observed minimum and maximum
+independently by factors in ``SHRINK``; the pair with the smallest error wins. Post-ReLU tensors
+(minimum >= 0) keep lo = 0.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from onnxruntime.quantization import CalibrationMethod
+from onnxruntime.quantization.calibrate import TensorsData
+
+SHRINK = np.concatenate([np.linspace(1.0, 0.5, 26), np.linspace(0.48, 0.1, 20)])  # 1.0 = min/max (no clipping)
+LEVELS = 256  # int8
+
+
+def mse_range(hist: np.ndarray, edges: np.ndarray, low: float, high: float, levels: int = LEVELS) -> tuple[float, float]:
+    """(lo, hi) minimising the expected int8 quantization MSE of values distributed as ``hist``."""
+    counts = hist.astype(np.float64)
+    if counts.sum() <= 0 or not np.isfinite(low) or not np.isfinite(high) or high <= low:
+        return float(min(low, 0.0)), float(max(high, 0.0))
+    centres = (edges[:-1].astype(np.float64) + edges[1:]) / 2
+    los = np.array([0.0]) if low >= 0 else min(low, 0.0) * SHRINK
+    his = np.array([0.0]) if high <= 0 else max(high, 0.0) * SHRINK
+    lo = np.repeat(los, len(his))[:, None]  # every (lo, hi) pair, one row each
+    hi = np.tile(his, len(los))[:, None]
+    step = (hi - lo) / (levels - 1)
+    below, above = centres[None, :] < lo, centres[None, :] > hi
+    error = np.where(below, (centres[None, :] - lo) ** 2, np.where(above, (centres[None, :] - hi) ** 2, step ** 2 / 12))
+    best = int(np.argmin(error @ counts))
+    return float(lo[best, 0]), float(hi[best, 0])
+
+
+def mse_tensors_data(histograms: dict[str, Any], levels: int = LEVELS) -> TensorsData:
+    """ORT ranges (as min/max calibration returns them) from ``HistogramCollector.histogram_dict``
+    entries of signed values: (hist, edges, min, max, threshold)."""
+    ranges = {}
+    for name, (hist, edges, low, high, *_rest) in histograms.items():
+        lo, hi = mse_range(np.asarray(hist), np.asarray(edges), float(low), float(high), levels)
+        ranges[name] = (np.array(lo, dtype=np.float32), np.array(hi, dtype=np.float32))
+    return TensorsData(CalibrationMethod.MinMax, ranges)
