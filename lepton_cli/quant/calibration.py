@@ -165,8 +165,10 @@ def calibrate(model: onnx.ModelProto, samples: SampleSet, settings: CalibrationS
     extra: dict[str, object] = {}
     if settings.method == "minmax":
         pass
-    elif settings.method in ("percentile", "mse"):
+    elif settings.method == "percentile":  # ORT's default for it: symmetric, a histogram of |x|
         extra |= {"num_bins": settings.histogram_bins, "percentile": settings.percentile}
+    elif settings.method == "mse":  # signed values: each side of the range is chosen on its own
+        extra |= {"num_bins": settings.histogram_bins, "percentile": settings.percentile, "symmetric": False}
     else:
         extra |= {"num_bins": settings.entropy_bins, "num_quantized_bins": settings.entropy_quantized_bins}
     total = min(len(samples), settings.max_samples)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 from onnxruntime.quantization import CalibrationMethod
-from onnxruntime.quantization.calibrate import TensorsData
+from onnxruntime.quantization.calibrate import TensorData, TensorsData
 
 SHRINK = np.concatenate([np.linspace(1.0, 0.5, 26), np.linspace(0.48, 0.1, 20)])  # 1.0 = min/max (no clipping)
 LEVELS = 256  # int8
@@ -43,10 +43,11 @@ def mse_range(hist: np.ndarray, edges: np.ndarray, low: float, high: float, leve
 
 
 def mse_tensors_data(histograms: dict[str, Any], levels: int = LEVELS) -> TensorsData:
-    """ORT ranges (as min/max calibration returns them) from ``HistogramCollector.histogram_dict``
-    entries of signed values: (hist, edges, min, max, threshold)."""
+    """ORT ranges from ``HistogramCollector.histogram_dict`` entries of signed values (hist, edges, min,
+    max, threshold), labelled Percentile: the histogram calibrator they came from, which
+    ``quantize_static`` checks against its ``calibrate_method``."""
     ranges = {}
     for name, (hist, edges, low, high, *_rest) in histograms.items():
         lo, hi = mse_range(np.asarray(hist), np.asarray(edges), float(low), float(high), levels)
-        ranges[name] = (np.array(lo, dtype=np.float32), np.array(hi, dtype=np.float32))
-    return TensorsData(CalibrationMethod.MinMax, ranges)
+        ranges[name] = TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
+    return TensorsData(CalibrationMethod.Percentile, ranges)
