@@ -64,9 +64,27 @@ class AccuracyScore:
     drop_pct: float  # percentage points; > 0 means the candidate is worse
     agreement: dict[str, float]  # cosine, snr_db, max_abs, top1_agreement (worst over outputs)
     samples: int
+    drop_se: float = 0.0  # standard error of drop_pct over the samples (paired per-sample differences)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def drop_bound(self, z: float) -> float:
+        """drop_pct + z standard errors: the one-sided upper confidence bound the tuning holds to the budget."""
+        return self.drop_pct + z * self.drop_se
+
+
+def _correct_rows(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per row of ``[N, classes]``: arg-max equals the label and the row is finite."""
+    return (np.argmax(logits, axis=1) == labels.reshape(-1)) & np.all(np.isfinite(logits), axis=1)
+
+
+def drop_standard_error(losses: list[float], weights: float) -> float:
+    """Standard error, in points, of ``100 * sum(losses) / weights`` for per-sample losses (candidate
+    minus source, in the metric's units: errors, wrong rows, disagreeing positions)."""
+    if len(losses) < 2 or weights <= 0:
+        return 0.0
+    return float(100.0 * math.sqrt(len(losses)) * np.std(losses, ddof=1) / weights)
 
 
 def _class_axis(shape: tuple[int, ...]) -> int | None:
@@ -280,9 +298,15 @@ class Evaluator:
             highs = [float(np.max(outs[j])) for outs in self.reference if outs[j].size]
             self.spans.append(max(highs) - min(lows) if lows else 0.0)
         if self.metric == "ctc_accuracy":
-            self.source_value = _ctc_pct(self.truth, self._texts([outs[0] for outs in self.reference]))
+            source_texts = self._texts([outs[0] for outs in self.reference])
+            self.source_errors = [edit_distance(t, g) for t, g in zip(self.truth, source_texts)]
+            self.source_value = _ctc_pct(self.truth, source_texts)
+        elif self.labels is not None:
+            firsts = [outs[0] for outs in self.reference]
+            self.source_value = self._top1_pct(firsts)
+            self.source_correct = _correct_rows(np.concatenate(firsts), self.labels)
         else:
-            self.source_value = self._top1_pct([outs[0] for outs in self.reference]) if self.labels is not None else 100.0
+            self.source_value = 100.0
 
     def first_feeds(self, count: int) -> list[dict[str, np.ndarray]]:
         """The first ``count`` samples (sensitivity and latency probes)."""
@@ -319,36 +343,50 @@ class Evaluator:
         return [list(text) for out in firsts for text in ctc_text(ctc_greedy_decode(out), self.characters)]
 
     def _top1_pct(self, firsts: list[np.ndarray]) -> float:
-        flat, correct, offset = self.labels.reshape(-1), 0, 0
-        for out in firsts:
-            correct += int(np.sum((np.argmax(out, axis=1) == flat[offset:offset + len(out)]) & np.all(np.isfinite(out), axis=1)))
-            offset += len(out)
-        return 100.0 * correct / max(1, offset)
+        correct = _correct_rows(np.concatenate(firsts), self.labels)
+        return 100.0 * float(np.sum(correct)) / max(1, len(correct))
 
     def score(self, candidate: onnx.ModelProto) -> AccuracyScore:
         tallies = [_Tally(span, self.mask_threshold if j == 0 else None) for j, span in enumerate(self.spans)]
         firsts: list[np.ndarray] = []
         decoded: list[list[int]] = []
+        losses: list[float] = []  # per sample, agreement / mask F1: what this sample lost
         for ref_outs, outs in zip(self.reference, self._outputs(candidate)):
             if len(outs) != len(ref_outs):
                 raise BadInputError(f"the candidate has {len(outs)} outputs, the source {len(ref_outs)}",
                                     "keep the model's outputs unchanged")
+            first = tallies[0]
+            before = (first.agree, first.positions, first.true_pos, first.false_pos, first.false_neg)
             for tally, ref, got in zip(tallies, ref_outs, outs):
                 tally.add(ref, got)
             if self.metric in ("top1", "ctc_accuracy"):
                 firsts.append(outs[0])
             elif self.metric == "ctc_agreement":
                 decoded.extend(ctc_greedy_decode(outs[0]))
+            elif self.mask_threshold is not None:
+                tp, fp, fn = (now - then for now, then in zip((first.true_pos, first.false_pos, first.false_neg), before[2:]))
+                losses.append(0.0 if 2 * tp + fp + fn == 0 else 1.0 - 2 * tp / (2 * tp + fp + fn))
+            else:
+                losses.append(float((first.positions - before[1]) - (first.agree - before[0])))
         if self.metric == "top1":
             value = self._top1_pct(firsts)
+            got = _correct_rows(np.concatenate(firsts), self.labels)
+            se = drop_standard_error(list(self.source_correct.astype(float) - got.astype(float)), len(got))
         elif self.metric == "ctc_accuracy":
-            value = _ctc_pct(self.truth, self._texts(firsts))
+            texts = self._texts(firsts)
+            value = _ctc_pct(self.truth, texts)
+            errors = [edit_distance(t, g) - e for t, g, e in zip(self.truth, texts, self.source_errors)]
+            se = drop_standard_error([float(e) for e in errors], sum(len(t) for t in self.truth))
         elif self.metric == "ctc_agreement":
             value = _ctc_pct(self.ref_decoded, decoded)
+            se = drop_standard_error([float(edit_distance(t, g)) for t, g in zip(self.ref_decoded, decoded)],
+                                     sum(len(t) for t in self.ref_decoded))
         elif self.mask_threshold is not None:
             value = tallies[0].mask_f1_pct
+            se = drop_standard_error(losses, len(losses))
         else:
             value = tallies[0].agreement_pct
+            se = drop_standard_error(losses, tallies[0].positions)
         per_output = [t.summary(_class_axis(ref.shape) is not None) for t, ref in zip(tallies, self.reference[0])]
         agreement = {
             "cosine": min(p["cosine"] for p in per_output),
@@ -359,4 +397,4 @@ class Evaluator:
         if top1s:
             agreement["top1_agreement"] = min(top1s)
         return AccuracyScore(self.metric, round(self.source_value, 4), round(value, 4),
-                             round(self.source_value - value, 4), agreement, self.count)
+                             round(self.source_value - value, 4), agreement, self.count, round(se, 4))

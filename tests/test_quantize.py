@@ -490,3 +490,28 @@ def test_mse_calibration_quantizes_digits_within_budget(digits):
     model, calib, evaluation = digits
     result, _ = _run("edge-arm", model, calib, evaluation, budget=0.5, methods=["mse"])
     assert result.summary["method"] == "mse" and result.summary["drop_pct"] <= 0.5
+
+
+def test_the_search_holds_the_upper_confidence_bound_of_the_drop_to_the_budget(digits):
+    from lepton_cli.accuracy import AccuracyScore, drop_standard_error
+    from lepton_cli.quant.tuning import search
+
+    model, _, _ = digits
+
+    class Measured:  # every candidate measures 0.4 +- 0.1 points
+        opt_level = "all"
+
+        def score(self, candidate):
+            return AccuracyScore("top1", 100.0, 99.6, 0.4, {}, 100, drop_se=0.1)
+
+    def build(method, keep):
+        return model
+
+    def run(z):
+        return search(build, ["minmax"], Measured(), 0.5, model, [], max_float=0, candidates=lambda m: [], z=z)
+    assert run(0.0).best is not None  # the point estimate is within 0.5
+    rejected = run(1.2816)  # 90% one-sided: 0.4 + 0.128 > 0.5
+    assert rejected.best is None and rejected.trials[0].drop_se == 0.1
+    # the standard error of a drop made of per-sample losses: 100 * sqrt(n) * sd / total
+    assert drop_standard_error([1.0, 0.0, 0.0, 1.0], 4) == pytest.approx(100 * 2 * np.std([1, 0, 0, 1], ddof=1) / 4)
+    assert drop_standard_error([0.0], 1) == 0.0

@@ -43,6 +43,7 @@ class Trial:
     latency_ms: float | None = None
     agreement: dict[str, float] = field(default_factory=dict)
     op_types: list[str] | None = None  # int8: the op types quantized ([]: every op ORT quantizes)
+    drop_se: float = 0.0  # standard error of drop_pct over the evaluation samples
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -124,8 +125,12 @@ class SearchResult:
 def search(build: Build, methods: list[str], evaluator: Evaluator, budget: float, float_model: onnx.ModelProto,
            sensitivity_feeds: list[dict[str, np.ndarray]], *, max_float: int,
            candidates: Callable[[onnx.ModelProto], list[str]] | None = None, max_candidates: int = 64,
-           note: Callable[[str], None] | None = None, float_weights: bool = True) -> SearchResult:
-    """Try methods and float-kept layer counts; return the most-quantized candidate within ``budget`` points."""
+           note: Callable[[str], None] | None = None, float_weights: bool = True, z: float = 0.0) -> SearchResult:
+    """Try methods and float-kept layer counts; return the most-quantized candidate within ``budget`` points.
+
+    A candidate meets the budget when its drop plus ``z`` standard errors does (``z`` = 0: the measured
+    drop itself): a tuning set's drop is an estimate, and a candidate chosen because it landed just
+    under the budget tends to land over it on other data."""
     trials: list[Trial] = []
     passing: list[tuple[Trial, onnx.ModelProto]] = []
     sensitivity: list[tuple[str, float]] = []
@@ -133,10 +138,12 @@ def search(build: Build, methods: list[str], evaluator: Evaluator, budget: float
     def attempt(method: str, keep: list[str]) -> tuple[Trial, onnx.ModelProto]:
         model = build(method, keep)
         score: AccuracyScore = evaluator.score(model)
-        trial = Trial(method, list(keep), score.drop_pct, score.value, score.drop_pct <= budget, agreement=score.agreement)
+        trial = Trial(method, list(keep), score.drop_pct, score.value, score.drop_bound(z) <= budget,
+                      agreement=score.agreement, drop_se=score.drop_se)
         trials.append(trial)
         if note:
-            note(f"  {method:<10} float-kept {len(keep):3d}: {score.metric} drop {score.drop_pct:.2f} "
+            spread = f" ± {score.drop_se:.2f}" if z else ""
+            note(f"  {method:<10} float-kept {len(keep):3d}: {score.metric} drop {score.drop_pct:.2f}{spread} "
                  f"({'within' if trial.meets_budget else 'over'} {budget:g})")
         if trial.meets_budget:
             passing.append((trial, model))
