@@ -242,7 +242,7 @@ def test_text_labels_score_character_accuracy_of_a_ctc_model(tmp_path):
     fixed.graph.initializer.append(numpy_helper.from_array(bias, "bias"))
     score = evaluator.score(fixed)
     assert score.value == 100.0 and score.drop_pct < 0
-    assert score.drop_se == pytest.approx(100 * np.sqrt(2) * np.std([0, -1], ddof=1) / 6)  # per-line error changes
+    assert score.drop_se == pytest.approx(100 * np.sqrt(2) * np.std([0, -1], ddof=1) / 6, abs=1e-4)  # per-line error changes
     assert evaluator.score(_ctc_model(True, 6)).drop_se == 0.0  # the source itself: no difference anywhere
     # text labels need a CTC model with a character table, and one label per line
     with pytest.raises(BadInputError, match="character table"):
