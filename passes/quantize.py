@@ -74,7 +74,7 @@ class QuantizeParams:
     float_kept_weights: Literal["int8", "float"] = "float"  # int8: float-kept layers compute in float on int8-stored weights
     # A candidate meets the budget when the one-sided upper confidence bound of its drop does, at this
     # level (0.5: the measured drop). PP-OCRv4 rec, cpu-avx, 200 labelled tuning lines: a candidate at
-    # 0.43 ± 0.13 of a 0.5 budget dropped 0.64 on 200 other lines.
+    # 0.43 ± 0.21 of a 0.5 budget dropped 0.64 on 200 other lines.
     budget_confidence: float = 0.8
     max_eval_samples: int = 1000  # as many as compile's accuracy gate scores, so the search decides what the gate will see
     holdout_fraction: float = 0.25  # of --calib, scored for agreement when there is no --eval
