@@ -20,8 +20,8 @@ modules in ``lepton_cli/quant/`` for what each adds and why.
 from __future__ import annotations
 
 import platform
-from statistics import NormalDist
 from dataclasses import dataclass, field, replace
+from statistics import NormalDist
 from typing import Any, Callable, Literal
 
 import onnx
