@@ -35,8 +35,9 @@ from lepton_cli.pipeline import adapt_feed
 from lepton_cli.pass_registry import LOSSY, PassResult, register_pass
 from lepton_cli.quant import schemes
 from lepton_cli.quant.calibration import CalibrationSettings, calibrate
+from lepton_cli.quant.consumer_ranges import narrow_to_readers
 from lepton_cli.quant.integer_io import make_integer_io
-from lepton_cli.quant.tuning import Trial, keep_float_nodes, local_errors, quantized_nodes, search
+from lepton_cli.quant.tuning import LEADING, Trial, keep_float_nodes, local_errors, quantized_nodes, search
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
 SENSITIVITY_SAMPLES = 8
@@ -214,13 +215,15 @@ def _tried_line(trials: list[Trial]) -> str:
 
     def label(t: Trial) -> str:  # which op types only when several were tried
         return t.method if tiers < 2 or t.op_types is None else f"{t.method}[{','.join(t.op_types) or 'all ops'}]"
-    return "; ".join(f"{label(t)}+{len(t.float_nodes)} float: drop {t.drop_pct:.2f}" for t in trials)
+    return "; ".join(f"{label(t)}+{len(t.float_nodes)}{' leading' if t.float_rule == LEADING else ''} float: drop {t.drop_pct:.2f}"
+                     for t in trials)
 
 
 def _int8_builder(base: onnx.ModelProto, calib: Any, params: QuantizeParams, scheme: schemes.Int8Scheme,
-                  work_dir: Any, tag: str) -> Callable[[str, list[str]], onnx.ModelProto]:
+                  work_dir: Any, tag: str, narrowed: dict[str, list[str]]) -> Callable[[str, list[str]], onnx.ModelProto]:
     """(method, float-kept nodes) -> candidate, for one set of op types; calibration and the fully
-    quantized model are computed once per method."""
+    quantized model are computed once per method. ``narrowed`` gets, per method, the tensors whose
+    calibrated range was cut to what their readers can tell apart (quant/consumer_ranges.py)."""
     ranges: dict[str, Any] = {}
     full: dict[str, onnx.ModelProto] = {}
     # Only the tensors around the ops being quantized need ranges (histograms of every tensor are slow).
@@ -232,6 +235,7 @@ def _int8_builder(base: onnx.ModelProto, calib: Any, params: QuantizeParams, sch
                                            percentile=params.percentile, histogram_bins=params.histogram_bins,
                                            entropy_bins=params.entropy_bins)
             data = calibrate(base, calib, settings, _CalibProgress(f"calibrating ({method})"), calib_ops)
+            narrowed[method] = narrow_to_readers(base, data)
             ranges[method] = schemes.save_ranges(data, work_dir / f"ranges-{tag}-{method}.json")
         if method not in full:
             full[method] = schemes.quantize_int8(base, ranges[method], method, scheme, [], work_dir)
@@ -292,7 +296,8 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
                     "calibration_samples": min(len(calib), params.max_calib_samples)}
         fast = params.fast_op_types
         tiers = ([list(fast)] if fast is not None and sorted(fast) != sorted(params.op_types) else []) + [list(params.op_types)]
-        builds = [_int8_builder(base, calib, params, replace(scheme, op_types=tuple(ops)), ctx.work_dir, f"t{i}")
+        narrowed: dict[str, list[str]] = {}
+        builds = [_int8_builder(base, calib, params, replace(scheme, op_types=tuple(ops)), ctx.work_dir, f"t{i}", narrowed)
                   for i, ops in enumerate(tiers)]
         methods = list(dict.fromkeys(params.methods))
         candidates = None
@@ -334,6 +339,8 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
                     "drop_pct": found.best_trial.drop_pct, "value": found.best_trial.value}
         if params.scheme == "int8":
             summary["op_types"] = found.best_trial.op_types
+    if params.scheme == "int8":
+        summary["ranges_narrowed_to_readers"] = len(narrowed.get(summary["method"], []))
     float_ops = _float_ops(result, list(ctx.target.runtime.supported_ops)) if params.scheme == "int8" else []
     if float_ops:
         summary["float_ops"] = float_ops

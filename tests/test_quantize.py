@@ -515,3 +515,99 @@ def test_the_search_holds_the_upper_confidence_bound_of_the_drop_to_the_budget(d
     # the standard error of a drop made of per-sample losses: 100 * sqrt(n) * sd / total
     assert drop_standard_error([1.0, 0.0, 0.0, 1.0], 4) == pytest.approx(100 * 2 * np.std([1, 0, 0, 1], ddof=1) / 4)
     assert drop_standard_error([0.0], 1) == 0.0
+
+
+def _hard_swish_graph():
+    """x -> Conv -> h; h read by HardSigmoid and by Mul(h, HardSigmoid(h)) (a hard-swish); g = Conv -> HardSigmoid, Add."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("HardSigmoid", ["h"], ["gate"], alpha=1 / 6, beta=0.5, name="hsig"),
+             helper.make_node("Mul", ["h", "gate"], ["y"], name="hswish"),
+             helper.make_node("Conv", ["y", "w2"], ["g"], name="conv2"),
+             helper.make_node("HardSigmoid", ["g"], ["g_gate"], name="hsig2"),
+             helper.make_node("Add", ["g", "g_gate"], ["z"], name="add")]
+    w2 = numpy_helper.from_array(rng.normal(size=(4, 4, 1, 1)).astype(np.float32), "w2")
+    graph = helper.make_graph(nodes, "hs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 8, 8])], [w, w2])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_hard_swish_input_range_stops_where_hard_sigmoid_reaches_zero():
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, CalibrationMethod
+
+    from lepton_cli.quant.consumer_ranges import narrow_to_readers, range_floors
+
+    model = _hard_swish_graph()
+    # h: only the hard-swish reads it -> floor -beta/alpha = -3; g: an Add reads it too -> unchanged
+    assert range_floors(model) == {"h": pytest.approx(-3.0)}
+    ranges = TensorsData(CalibrationMethod.Percentile, {
+        name: TensorData(lowest=np.array(-40.0, np.float32), highest=np.array(40.0, np.float32)) for name in ("h", "g", "y")})
+    assert narrow_to_readers(model, ranges) == ["h"]
+    assert float(ranges.data["h"].lowest) == pytest.approx(-3.0) and float(ranges.data["h"].highest) == 40.0
+    assert float(ranges.data["g"].lowest) == -40.0 and float(ranges.data["y"].lowest) == -40.0
+    # a range already above the floor is left alone
+    ranges.data["h"].lowest = np.array(-1.0, np.float32)
+    assert narrow_to_readers(model, ranges) == []
+
+
+@needs_ocr
+def test_ppocr_det_hard_swish_inputs_get_u8_ranges_from_minus_three(tmp_path):
+    """PP-OCRv4 det: each pre-hard-swish activation's u8 Q covers [-3, hi], not the symmetric ±max."""
+    from conftest import OCR_DET
+    from lepton_cli.model_io import upgrade_opset
+    from lepton_cli.quant.consumer_ranges import range_floors
+    from lepton_cli.shapes import bind_input_shapes
+
+    model, _ = upgrade_opset(onnx.load(OCR_DET), 13, 21)
+    model = bind_input_shapes(model, {"x": [1, 3, 160, 160]})
+    fuse_step = next(s for s in load_target("cpu-avx").passes if s.name == "fuse")  # hard-swish -> x * HardSigmoid(x)
+    model = get_pass("fuse").fn(model, PassContext(target=load_target("cpu-avx")), fuse_step.params).model
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(4, 3, 160, 160)).astype(np.float32))
+    result, _ = _run("cpu-avx", model, load_samples(tmp_path / "calib.npz", model), tune=False,
+                     methods=["percentile"], fast_op_types=None, op_types=[])
+    assert result.summary["ranges_narrowed_to_readers"] >= 20  # PP-OCRv4 det has 34 hard-swish-like gates
+    floors = range_floors(model)  # -beta/alpha of each gate: -3, or -3*s where fuse folded a scale s into it
+    q = result.model
+    inits = _inits(q)
+    narrowed = 0
+    for n in _q_nodes(q):
+        if n.input[0] not in floors:
+            continue
+        scale, zero = float(inits[n.input[1]]), int(inits[n.input[2]])
+        low = (0 - zero) * scale
+        assert low >= floors[n.input[0]] - scale, (n.input[0], low)  # the floor, to one step of rounding
+        narrowed += 1
+    assert narrowed >= 20
+
+
+def test_the_search_falls_back_to_the_leading_nodes_when_no_single_node_ranks(digits, monkeypatch):
+    from lepton_cli.accuracy import AccuracyScore
+    from lepton_cli.quant import tuning
+
+    model, _, _ = digits
+    names = [f"n{i}" for i in range(10)]
+    kept_seen: list[list[str]] = []
+
+    class Cumulative:  # the error goes away only when the first three nodes all run float
+        opt_level = "all"
+
+        def score(self, candidate):
+            keep = kept_seen[-1]
+            drop = 0.2 if {"n0", "n1", "n2"} <= set(keep) else 3.0
+            return AccuracyScore("top1", 100.0, 100.0 - drop, drop, {}, 100)
+
+    def build(method, keep):
+        kept_seen.append(list(keep))
+        return model
+
+    # the per-node ranking puts the late nodes first (as it does when each node alone changes nothing)
+    monkeypatch.setattr(tuning, "float_gains", lambda *a, **k: [(n, 0.0) for n in reversed(names)])
+    found = tuning.search(build, ["minmax"], Cumulative(), 0.5, model, [], max_float=8, candidates=lambda m: names)
+    assert found.best_trial is not None
+    assert found.best_trial.float_nodes == ["n0", "n1", "n2"] and found.best_trial.float_rule == tuning.LEADING
+    # the ranked order was tried first, up to max_float, and failed
+    assert any(t.float_rule == tuning.SENSITIVITY and len(t.float_nodes) == 8 and not t.meets_budget for t in found.trials)
