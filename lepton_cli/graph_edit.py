@@ -25,9 +25,11 @@ class GraphIndex:
         return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
 
     def set_const(self, name: str, value: np.ndarray) -> str:
-        new = f"{name}__fused"
+        stem = name.split("__fused")[0]  # a constant folded again keeps one suffix, not one per fold
+        new, k = f"{stem}__fused", 1
         while new in self.inits:
-            new += "_"
+            k += 1
+            new = f"{stem}__fused{k}"
         tensor = numpy_helper.from_array(value, new)
         self.graph.initializer.append(tensor)
         self.inits[new] = tensor

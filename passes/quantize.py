@@ -37,6 +37,7 @@ from lepton_cli.quant import schemes
 from lepton_cli.quant.calibration import CalibrationSettings, calibrate
 from lepton_cli.quant.consumer_ranges import narrow_to_readers
 from lepton_cli.quant.integer_io import make_integer_io
+from lepton_cli.quant.short_names import shorten_added_names
 from lepton_cli.quant.tuning import LEADING, Trial, keep_float_nodes, local_errors, quantized_nodes, search
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
@@ -352,6 +353,10 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
         summary["integer_io"] = converted
         for reason in kept:
             ctx.warn(f"integer_io: {reason}; it stays float")
+    if params.scheme == "int8":
+        source_names = ({t.name for t in base.graph.initializer} | {n.name for n in base.graph.node}
+                        | {x for n in base.graph.node for x in list(n.input) + list(n.output)})
+        summary["name_bytes_saved"] = shorten_added_names(result, source_names)
     if params.scheme == "int8" and len(result.graph.value_info):
         # ORT's quant_pre_process annotated every intermediate tensor's shape; runtimes infer them again
         # at load. PP-OCRv4 det int8: 19.5 KB of 1.43 MB (the difference between 0.301x and 0.297x fp32).

@@ -438,8 +438,8 @@ def test_fast_op_types_are_tried_first_and_op_types_after(digits):
     model, calib, evaluation = digits
     result, _ = _run("cpu-avx", model, calib, evaluation, budget=1.0, fast_op_types=[])
     assert result.summary["op_types"] == [] and result.summary["tried"][0]["op_types"] == []
-    quantized_ops = {n.op_type for n in result.model.graph.node
-                     if any(i.endswith("DequantizeLinear_Output") for i in n.input)}
+    dq_outputs = {n.output[0] for n in _q_nodes(result.model, "DequantizeLinear")}
+    quantized_ops = {n.op_type for n in result.model.graph.node if any(i in dq_outputs for i in n.input)}
     assert "MaxPool" in quantized_ops  # every op ORT quantizes, not only Conv/MatMul/Gemm
     conv_only, _ = _run("cpu-avx", model, calib, evaluation, budget=1.0, fast_op_types=None)
     assert conv_only.summary["op_types"] == ["Conv", "MatMul", "Gemm"]
@@ -611,3 +611,29 @@ def test_the_search_falls_back_to_the_leading_nodes_when_no_single_node_ranks(di
     assert found.best_trial.float_nodes == ["n0", "n1", "n2"] and found.best_trial.float_rule == tuning.LEADING
     # the ranked order was tried first, up to max_float, and failed
     assert any(t.float_rule == tuning.SENSITIVITY and len(t.float_nodes) == 8 and not t.meets_budget for t in found.trials)
+
+
+def test_names_the_quantizer_added_are_shortened_and_the_source_names_kept(digits, tmp_path):
+    from lepton_cli.ort import make_session
+    from lepton_cli.quant.short_names import shorten_added_names
+
+    model, calib, evaluation = digits
+    result, _ = _run("cpu-avx", model, calib, tune=False)
+    q = result.model
+    assert result.summary["name_bytes_saved"] > 0
+    names = {t.name for t in q.graph.initializer} | {x for n in q.graph.node for x in list(n.input) + list(n.output)}
+    assert not [x for x in names if x.endswith(("_QuantizeLinear_Output", "_DequantizeLinear_Output", "_zero_point"))]
+    base = schemes.preprocess(model, tmp_path)  # what the pass quantized (ORT's pre-processing fused Conv+BN)
+    assert {x for n in base.graph.node for x in n.output} <= names  # its activations keep their names (traceable)
+    assert [i.name for i in q.graph.input] == [i.name for i in model.graph.input]
+    assert [o.name for o in q.graph.output] == [o.name for o in model.graph.output]
+    # renaming is all it does: same outputs, bit for bit, in fewer bytes
+    ranges = schemes.save_ranges(calibrate(base, calib, CalibrationSettings(method="minmax")), tmp_path / "r.json")
+    long_names = schemes.quantize_int8(base, ranges, "minmax", schemes.Int8Scheme(), [], tmp_path)
+    short = onnx.ModelProto.FromString(long_names.SerializeToString())
+    original = {x for n in base.graph.node for x in list(n.input) + list(n.output)} | {t.name for t in base.graph.initializer}
+    assert shorten_added_names(short, original) > 0 and short.ByteSize() < long_names.ByteSize()
+    onnx.checker.check_model(short)
+    feed = next(iter(calib.feeds(1)))
+    assert np.array_equal(make_session(short, opt_level="all").run(None, feed)[0],
+                          make_session(long_names, opt_level="all").run(None, feed)[0])
