@@ -130,15 +130,16 @@ def _session(path: Path, provider: str, threads: int, opt_level: str = "all"):
     return ort.InferenceSession(str(path), sess_options=options, providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])))
 
 
-def _nhwc(path: Path) -> bool:
-    """Whether the compiled model takes channel-last frames (layout_transform's ``lepton.io_layout.x``)."""
+def _nhwc(path: Path, name: str = "x") -> bool:
+    """Whether the compiled model's tensor ``name`` is channel-last (layout_transform's ``lepton.io_layout.<name>``)."""
     props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return props.get("lepton.io_layout.x") == "NHWC"
+    return props.get(f"lepton.io_layout.{name}") == "NHWC"
 
 
-def _outputs(session, images: np.ndarray, nhwc: bool = False) -> np.ndarray:
+def _outputs(session, images: np.ndarray, nhwc: bool = False, nhwc_out: bool = False) -> np.ndarray:
     frames = np.ascontiguousarray(images.transpose(0, 2, 3, 1)) if nhwc else images
-    return np.concatenate([session.run(None, {"x": frames[i:i + 1]})[0] for i in range(len(frames))])
+    out = np.concatenate([session.run(None, {"x": frames[i:i + 1]})[0] for i in range(len(frames))])
+    return out.transpose(0, 3, 1, 2) if nhwc_out else out  # back to the source's NCHW map
 
 
 def _interleaved(sessions: dict[str, object], feeds: dict[str, dict], rounds: int, per_round: int) -> dict[str, list[float]]:
@@ -172,14 +173,17 @@ def measure(folder: Path, provider: str, threads: int, rounds: int, exact: bool 
         # accuracy: "exact" scores int8 unfused (the exact integer result) where this host's kernels saturate
         scoring = {name: _session(path, provider, threads, "basic" if exact and name != "source" else "all")
                    for name, path in paths.items()}
-        outputs = {name: _outputs(s, images, _nhwc(paths[name])) for name, s in scoring.items()}
+        outputs = {name: _outputs(s, images, _nhwc(paths[name]), _nhwc(paths[name], s.get_outputs()[0].name))
+                   for name, s in scoring.items()}
         sessions = {name: _session(path, provider, threads) for name, path in paths.items()}
         if texts:
             chars = textset.charset(onnx.load(source, load_external_data=False))
             quality = {n: textset.char_accuracy(textset.ctc_greedy(o, chars), texts) for n, o in outputs.items()}
             metric = "char_acc"
         else:
-            quality = {n: float(np.mean([textset.pixel_f1(outputs["source"][i], o[i]) for i in range(len(o))])) for n, o in outputs.items()}
+            per_page = {n: [textset.pixel_f1(outputs["source"][i], o[i]) for i in range(len(o))] for n, o in outputs.items()}
+            quality = {n: float(np.mean(f)) for n, f in per_page.items()}
+            worst = {n: round(float(np.min(f)), 4) for n, f in per_page.items()}  # one bad page hides in a mean
             metric = "pixel_f1_vs_source"
         feeds = {name: {"x": np.ascontiguousarray(images[:1].transpose(0, 2, 3, 1)) if _nhwc(paths[name]) else images[:1]}
                  for name in sessions}
@@ -187,18 +191,22 @@ def measure(folder: Path, provider: str, threads: int, rounds: int, exact: bool 
         base = float(np.median(times["source"]))
         for name, s in sessions.items():
             p50 = float(np.median(times[name]))
+            extra = {} if texts else {"pixel_f1_worst_page": worst[name]}
             rows.append({"case": case_dir.name, "model": name, "provider_used": s.get_providers()[0], metric: round(quality[name], 4),
                          "p50_ms": round(p50, 3), "latency_ratio": round(p50 / base, 3), "runs": len(times[name]),
-                         "size_mb": round((case_dir / f"{name}.onnx").stat().st_size / 1e6, 3)})
+                         "size_mb": round((case_dir / f"{name}.onnx").stat().st_size / 1e6, 3),
+                         "size_ratio": round((case_dir / f"{name}.onnx").stat().st_size / source.stat().st_size, 4), **extra})
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     result = {"provider": provider, "threads": threads, "ort": ort.__version__, "cpu": cpu, "exact_scoring": exact,
               "vnni": [f for f in flags if "vnni" in f], "rows": rows}
     print(f"\n{provider}, ORT {ort.__version__}, {threads} thread(s), CPU {cpu}, VNNI flags {result['vnni'] or 'none'}")
-    print(f"{'case':<5}{'model':<18}{'EP used':<24}{'quality':>9}{'p50 ms':>10}{'ratio':>8}{'MB':>8}")
+    print(f"{'case':<5}{'model':<18}{'EP used':<24}{'quality':>9}{'worst':>8}{'p50 ms':>10}{'ratio':>8}{'MB':>8}{'size x':>8}")
     for r in rows:
         q = r.get("char_acc", r.get("pixel_f1_vs_source"))
-        print(f"{r['case']:<5}{r['model']:<18}{r['provider_used']:<24}{q:>9.4f}{r['p50_ms']:>10.3f}{r['latency_ratio']:>8.3f}{r['size_mb']:>8.2f}")
+        worst_page = f"{r['pixel_f1_worst_page']:.4f}" if "pixel_f1_worst_page" in r else "-"
+        print(f"{r['case']:<5}{r['model']:<18}{r['provider_used']:<24}{q:>9.4f}{worst_page:>8}{r['p50_ms']:>10.3f}"
+              f"{r['latency_ratio']:>8.3f}{r['size_mb']:>8.2f}{r['size_ratio']:>8.3f}")
     name = f"measure-{provider}-t{threads}.json"
     (folder / name).write_text(json.dumps(result, indent=2))
     if os.environ.get("OUT"):
