@@ -55,7 +55,8 @@ FAST_LIGHT = [p for p in LIGHT_MODELS if p.stem in ("light_squeezenet", "light_s
 # light_squeezenet's synthetic constant weights drive activations to ~6e9, far beyond fp16's 65504:
 # its fp16 model (cuda, mobile) returns NaN even with the overflowing nodes kept fp32 (fp16 Conv
 # accumulation). With a real budget the accuracy gate refuses it (exit 3); here the gate is off.
-FP16_OVERFLOW = {("light_squeezenet", "cuda"), ("light_squeezenet", "mobile")}
+# light_bvlc_alexnet's do the same (7.9e11 by its last layer).
+FP16_OVERFLOW = {(model, target) for model in ("light_squeezenet", "light_bvlc_alexnet") for target in ("cuda", "mobile")}
 
 
 @pytest.mark.parametrize("target", BUILTIN_TARGETS)
@@ -82,6 +83,8 @@ def test_fp16_overflow_is_refused_by_the_accuracy_gate(tmp_path):
 @pytest.mark.parametrize("target", BUILTIN_TARGETS)
 @pytest.mark.parametrize("model_path", [p for p in LIGHT_MODELS if p not in FAST_LIGHT], ids=lambda p: p.stem)
 def test_light_models_all(model_path, target, tmp_path):
+    if (model_path.stem, target) in FP16_OVERFLOW:
+        pytest.xfail("synthetic weights overflow fp16 (activations ~8e11); see FP16_OVERFLOW")
     _compile_and_compare(model_path, target, tmp_path)
 
 
