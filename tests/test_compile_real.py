@@ -27,6 +27,23 @@ def _random_calib(source: onnx.ModelProto, dims: dict[str, list[int]], path) -> 
     np.savez(path, **{name: np.stack([f[name] for f in feeds]) for name in feeds[0]})
 
 
+FP16_MAX = 65504.0
+
+
+def _stores_fp16(model: onnx.ModelProto) -> bool:
+    return any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+
+
+def _peak_activation(source: onnx.ModelProto, feed: dict[str, np.ndarray]) -> float:
+    """Largest |value| of any float tensor the source computes on ``feed``."""
+    from lepton_cli.quant.tuning import _with_outputs
+
+    names = [o for n in source.graph.node for o in n.output if o]
+    probe, _ = _with_outputs(source, names)
+    values = make_session(probe, opt_level="disable").run(None, feed)
+    return max((float(np.max(np.abs(v))) for v in values if v.size and np.issubdtype(v.dtype, np.floating)), default=0.0)
+
+
 def _compile_and_compare(model_path, target, tmp_path, input_shapes=()):
     source = onnx.load(model_path)
     dims = {spec.split("=")[0]: [int(d) for d in spec.split("=")[1].split(",")] for spec in input_shapes}
@@ -43,6 +60,10 @@ def _compile_and_compare(model_path, target, tmp_path, input_shapes=()):
     for output, want, have in zip(source.graph.output, expected, got):
         have = restore_output(compiled, output.name, have)
         assert have.shape == want.shape, (output.name, have.shape, want.shape)
+        if not np.isfinite(have).all() and _stores_fp16(compiled):
+            peak = _peak_activation(source, feed)
+            if peak > FP16_MAX:  # the zoo's synthetic weights (see FP16_OVERFLOW), not a compiler fault
+                pytest.xfail(f"source activations reach {peak:.1e}, beyond fp16's {FP16_MAX:g}")
         assert np.isfinite(have).all()
         if lossless:
             np.testing.assert_allclose(have, want, rtol=1e-3, atol=1e-4, err_msg=f"{model_path.name} → {target}")
