@@ -11,7 +11,6 @@ import pytest
 
 DIGITS = Path(__file__).resolve().parent.parent / "examples" / "digits"
 MODEL, CALIB, EVAL = DIGITS / "digits_cnn.onnx", DIGITS / "calib.npz", DIGITS / "eval.npz"
-GENERATED = ("digits_cnn.onnx", "calib.npz", "eval.npz")
 
 
 def test_model_accuracy_on_eval():
@@ -58,11 +57,23 @@ def test_calib_and_eval_sets():
 
 @pytest.mark.slow
 def test_train_regenerates_committed_files(tmp_path):
-    # train.py pins BLAS to one thread and seeds everything, so on the same numpy/BLAS
-    # build it reproduces the committed bytes; a different BLAS kernel (other CPU family
-    # or numpy build) may legitimately change the last bits of the trained weights.
+    # train.py pins BLAS to one thread and seeds everything. The data files are the same bytes
+    # anywhere; the weights only on the same BLAS kernels: on an AVX-512 host (the committed copy was
+    # trained on AVX2) the summation order differs and training amplifies it (bn1_bias off by up to 3 %).
+    # So: same data, same graph, and a retrained model as good as the committed one on the eval set.
     subprocess.run([sys.executable, str(DIGITS / "train.py"), "--out", str(tmp_path)],
                    check=True, capture_output=True, text=True, timeout=300)
-    for name in GENERATED:
+    for name in ("calib.npz", "eval.npz"):
         assert (tmp_path / name).read_bytes() == (DIGITS / name).read_bytes(), (
             f"{name} differs from the committed copy; rerun examples/digits/train.py and commit")
+    data = np.load(EVAL)
+
+    def top1(path: Path) -> float:
+        logits = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"image": data["image"]})[0]
+        return 100.0 * float((logits.argmax(1) == data["labels"]).mean())
+    assert abs(top1(tmp_path / "digits_cnn.onnx") - top1(MODEL)) <= 1.0, "retrained accuracy moved: rerun train.py and commit"
+    fresh, committed = onnx.load(tmp_path / "digits_cnn.onnx"), onnx.load(DIGITS / "digits_cnn.onnx")
+    assert [t.name for t in fresh.graph.initializer] == [t.name for t in committed.graph.initializer]
+    assert [list(t.dims) for t in fresh.graph.initializer] == [list(t.dims) for t in committed.graph.initializer]
+    del fresh.graph.initializer[:], committed.graph.initializer[:]
+    assert fresh.SerializeToString() == committed.SerializeToString(), "the graph differs: rerun train.py and commit"
