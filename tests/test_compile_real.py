@@ -60,7 +60,7 @@ def _compile_and_compare(model_path, target, tmp_path, input_shapes=()):
     for output, want, have in zip(source.graph.output, expected, got):
         have = restore_output(compiled, output.name, have)
         assert have.shape == want.shape, (output.name, have.shape, want.shape)
-        if not np.isfinite(have).all() and _stores_fp16(compiled):
+        if not np.isfinite(have).all() and (model_path.stem, target) in FP16_OVERFLOW and _stores_fp16(compiled):
             peak = _peak_activation(source, feed)
             if peak > FP16_MAX:  # the zoo's synthetic weights (see FP16_OVERFLOW), not a compiler fault
                 pytest.xfail(f"source activations reach {peak:.1e}, beyond fp16's {FP16_MAX:g}")
@@ -73,18 +73,18 @@ def _compile_and_compare(model_path, target, tmp_path, input_shapes=()):
 FAST_LIGHT = [p for p in LIGHT_MODELS if p.stem in ("light_squeezenet", "light_shufflenet")]
 
 
-# light_squeezenet's synthetic constant weights drive activations to ~6e9, far beyond fp16's 65504:
-# its fp16 model (cuda, mobile) returns NaN even with the overflowing nodes kept fp32 (fp16 Conv
-# accumulation). With a real budget the accuracy gate refuses it (exit 3); here the gate is off.
-# light_bvlc_alexnet's do the same (7.9e11 by its last layer).
-FP16_OVERFLOW = {(model, target) for model in ("light_squeezenet", "light_bvlc_alexnet") for target in ("cuda", "mobile")}
+# The zoo's synthetic constant weights drive activations far beyond fp16's 65504 (light_squeezenet
+# ~6e9, alexnet 8e11, zfnet512 7.5e11, resnet50 9.4e18, inception_v1 7.9e20, vgg19 2.5e31): their fp16
+# models (cuda, mobile) return NaN even with the overflowing nodes kept fp32 (fp16 Conv accumulation).
+# With a real budget the accuracy gate refuses them (exit 3); here the gate is off. They still compile
+# and load; only a non-finite output with the source's activations measured past fp16's range is xfail.
+FP16_OVERFLOW = {(model, target) for target in ("cuda", "mobile") for model in (
+    "light_squeezenet", "light_bvlc_alexnet", "light_zfnet512", "light_resnet50", "light_inception_v1", "light_vgg19")}
 
 
 @pytest.mark.parametrize("target", BUILTIN_TARGETS)
 @pytest.mark.parametrize("model_path", FAST_LIGHT, ids=lambda p: p.stem)
 def test_light_models_fast(model_path, target, tmp_path):
-    if (model_path.stem, target) in FP16_OVERFLOW:
-        pytest.xfail("synthetic weights overflow fp16 (activations ~6e9); see FP16_OVERFLOW")
     _compile_and_compare(model_path, target, tmp_path)
 
 
@@ -104,8 +104,6 @@ def test_fp16_overflow_is_refused_by_the_accuracy_gate(tmp_path):
 @pytest.mark.parametrize("target", BUILTIN_TARGETS)
 @pytest.mark.parametrize("model_path", [p for p in LIGHT_MODELS if p not in FAST_LIGHT], ids=lambda p: p.stem)
 def test_light_models_all(model_path, target, tmp_path):
-    if (model_path.stem, target) in FP16_OVERFLOW:
-        pytest.xfail("synthetic weights overflow fp16 (activations ~8e11); see FP16_OVERFLOW")
     _compile_and_compare(model_path, target, tmp_path)
 
 

@@ -553,6 +553,26 @@ def test_a_hard_swish_input_range_stops_where_hard_sigmoid_reaches_zero():
     assert narrow_to_readers(model, ranges) == []
 
 
+@pytest.mark.parametrize("change", ["mul_by_other", "graph_output", "two_gates", "zero_alpha"])
+def test_no_floor_where_a_reader_sees_values_below_it(change):
+    from onnx import TensorProto, helper
+
+    from lepton_cli.quant.consumer_ranges import range_floors
+
+    model = _hard_swish_graph()
+    graph = model.graph
+    nodes = {n.name: n for n in graph.node}
+    if change == "mul_by_other":  # h * g: the Mul sees h's negative values directly
+        nodes["hswish"].input[1] = "x"
+    elif change == "graph_output":  # the caller reads h itself
+        graph.output.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 4, 8, 8]))
+    elif change == "two_gates":  # which gate's floor? neither is safe to pick alone
+        graph.node.append(helper.make_node("HardSigmoid", ["h"], ["gate2"], alpha=0.5, beta=0.5, name="hsig3"))
+    else:  # a constant gate: no value of h is indistinguishable from another by position
+        next(a for a in nodes["hsig"].attribute if a.name == "alpha").f = 0.0
+    assert "h" not in range_floors(model)
+
+
 @needs_ocr
 def test_ppocr_det_hard_swish_inputs_get_u8_ranges_from_minus_three(tmp_path):
     """PP-OCRv4 det: each pre-hard-swish activation's u8 Q covers [-3, hi], not the symmetric ±max."""
@@ -611,6 +631,13 @@ def test_the_search_falls_back_to_the_leading_nodes_when_no_single_node_ranks(di
     assert found.best_trial.float_nodes == ["n0", "n1", "n2"] and found.best_trial.float_rule == tuning.LEADING
     # the ranked order was tried first, up to max_float, and failed
     assert any(t.float_rule == tuning.SENSITIVITY and len(t.float_nodes) == 8 and not t.meets_budget for t in found.trials)
+    # a set of float nodes is scored once, whichever rule proposes it again: with the ranking in graph
+    # order, the leading sets are the ranked ones (0, 1, 2, 4, 8 float, each built and scored once)
+    kept_seen.clear()
+    monkeypatch.setattr(tuning, "float_gains", lambda *a, **k: [(n, 0.0) for n in names])
+    never = tuning.search(build, ["minmax"], type("Never", (), {"opt_level": "all", "score": lambda self, c: AccuracyScore(
+        "top1", 100.0, 97.0, 3.0, {}, 100)})(), 0.5, model, [], max_float=8, candidates=lambda m: names)
+    assert never.best is None and [len(k) for k in kept_seen] == [0, 1, 2, 4, 8] and len(never.trials) == 5
 
 
 def test_names_the_quantizer_added_are_shortened_and_the_source_names_kept(digits, tmp_path):
@@ -637,3 +664,19 @@ def test_names_the_quantizer_added_are_shortened_and_the_source_names_kept(digit
     feed = next(iter(calib.feeds(1)))
     assert np.array_equal(make_session(short, opt_level="all").run(None, feed)[0],
                           make_session(long_names, opt_level="all").run(None, feed)[0])
+
+
+def test_a_source_name_that_ends_like_a_quantizer_suffix_is_kept_whole():
+    from onnx import TensorProto, helper
+
+    from lepton_cli.quant.short_names import shorten_added_names
+
+    nodes = [helper.make_node("Relu", ["x"], ["ln_scale"], name="relu"),
+             helper.make_node("Identity", ["ln_scale"], ["ln_scale_QuantizeLinear_Output"], name="ln_scale_QuantizeLinear"),
+             helper.make_node("Identity", ["ln_scale_QuantizeLinear_Output"], ["y"], name="out")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph)
+    assert shorten_added_names(model, {"x", "ln_scale", "y", "relu", "out"}) > 0
+    assert [list(n.output) for n in model.graph.node] == [["ln_scale"], ["ln_scale~q"], ["y"]]
+    assert [n.name for n in model.graph.node] == ["relu", "ln_scale~Q", "out"]

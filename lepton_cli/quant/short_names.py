@@ -28,10 +28,11 @@ SUFFIXES = (
 )
 
 
-def _short(name: str) -> str:
+def _short(name: str, kept: set[str]) -> str:
     for long, short in SUFFIXES:
         if name.endswith(long):
-            return _short(name[: -len(long)]) + short
+            stem = name[: -len(long)]  # a source name ending in "_scale" stays whole
+            return (stem if stem in kept else _short(stem, kept)) + short
     return name
 
 
@@ -43,7 +44,7 @@ def shorten_added_names(model: onnx.ModelProto, original: set[str]) -> int:
     taken = set(tensors) | {n.name for n in graph.node}
     rename: dict[str, str] = {}
     for name in sorted(tensors - kept):
-        new = _short(name)
+        new = _short(name, kept)
         if new == name:
             continue
         candidate, k = new, 1
@@ -62,7 +63,7 @@ def shorten_added_names(model: onnx.ModelProto, original: set[str]) -> int:
         node.input[:] = [rename.get(x, x) for x in node.input]
         node.output[:] = [rename.get(x, x) for x in node.output]
         if node.name and node.name not in original:
-            short = _short(node.name)
+            short = _short(node.name, original)
             if short != node.name and short not in node_names:
                 saved += len(node.name) - len(short)
                 node_names.add(short)

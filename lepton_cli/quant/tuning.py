@@ -139,7 +139,12 @@ def search(build: Build, methods: list[str], evaluator: Evaluator, budget: float
     passing: list[tuple[Trial, onnx.ModelProto]] = []
     sensitivity: list[tuple[str, float]] = []
 
+    scored: dict[tuple[str, frozenset[str]], tuple[Trial, onnx.ModelProto]] = {}
+
     def attempt(method: str, keep: list[str], rule: str) -> tuple[Trial, onnx.ModelProto]:
+        key = (method, frozenset(keep))
+        if key in scored:  # the leading nodes can be the set the ranking already tried
+            return scored[key]
         model = build(method, keep)
         score: AccuracyScore = evaluator.score(model)
         trial = Trial(method, list(keep), score.drop_pct, score.value, score.drop_bound(z) <= budget,
@@ -151,6 +156,7 @@ def search(build: Build, methods: list[str], evaluator: Evaluator, budget: float
                  f"drop {score.drop_pct:.2f}{spread} ({'within' if trial.meets_budget else 'over'} {budget:g})")
         if trial.meets_budget:
             passing.append((trial, model))
+        scored[key] = (trial, model)
         return trial, model
 
     def grow(method: str, order: list[str], rule: str) -> bool:
