@@ -47,7 +47,7 @@ class Trial:
     agreement: dict[str, float] = field(default_factory=dict)
     op_types: list[str] | None = None  # int8: the op types quantized ([]: every op ORT quantizes)
     drop_se: float = 0.0  # standard error of drop_pct over the evaluation samples
-    float_rule: str = "sensitivity"  # how float_nodes were chosen: SENSITIVITY ranking or the LEADING nodes in graph order
+    float_rule: str = SENSITIVITY  # how float_nodes were chosen: SENSITIVITY ranking or the LEADING nodes in graph order
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
