@@ -130,10 +130,10 @@ def _session(path: Path, provider: str, threads: int, opt_level: str = "all"):
     return ort.InferenceSession(str(path), sess_options=options, providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])))
 
 
-def _nhwc(path: Path, name: str = "x") -> bool:
-    """Whether the compiled model's tensor ``name`` is channel-last (layout_transform's ``lepton.io_layout.<name>``)."""
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return props.get(f"lepton.io_layout.{name}") == "NHWC"
+def _channel_last(path: Path) -> set[str]:
+    """The model's inputs/outputs that are channel-last (layout_transform's ``lepton.io_layout.<name>``)."""
+    props = onnx.load(str(path), load_external_data=False).metadata_props
+    return {p.key.removeprefix("lepton.io_layout.") for p in props if p.key.startswith("lepton.io_layout.") and p.value == "NHWC"}
 
 
 def _outputs(session, images: np.ndarray, nhwc: bool = False, nhwc_out: bool = False) -> np.ndarray:
@@ -173,7 +173,8 @@ def measure(folder: Path, provider: str, threads: int, rounds: int, exact: bool 
         # accuracy: "exact" scores int8 unfused (the exact integer result) where this host's kernels saturate
         scoring = {name: _session(path, provider, threads, "basic" if exact and name != "source" else "all")
                    for name, path in paths.items()}
-        outputs = {name: _outputs(s, images, _nhwc(paths[name]), _nhwc(paths[name], s.get_outputs()[0].name))
+        nhwc = {name: _channel_last(path) for name, path in paths.items()}
+        outputs = {name: _outputs(s, images, "x" in nhwc[name], s.get_outputs()[0].name in nhwc[name])
                    for name, s in scoring.items()}
         sessions = {name: _session(path, provider, threads) for name, path in paths.items()}
         if texts:
@@ -185,7 +186,7 @@ def measure(folder: Path, provider: str, threads: int, rounds: int, exact: bool 
             quality = {n: float(np.mean(f)) for n, f in per_page.items()}
             worst = {n: round(float(np.min(f)), 4) for n, f in per_page.items()}  # one bad page hides in a mean
             metric = "pixel_f1_vs_source"
-        feeds = {name: {"x": np.ascontiguousarray(images[:1].transpose(0, 2, 3, 1)) if _nhwc(paths[name]) else images[:1]}
+        feeds = {name: {"x": np.ascontiguousarray(images[:1].transpose(0, 2, 3, 1)) if "x" in nhwc[name] else images[:1]}
                  for name in sessions}
         times = _interleaved(sessions, feeds, rounds, 5)
         base = float(np.median(times["source"]))

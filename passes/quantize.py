@@ -38,7 +38,7 @@ from lepton_cli.quant.calibration import CalibrationSettings, calibrate
 from lepton_cli.quant.consumer_ranges import narrow_to_readers
 from lepton_cli.quant.integer_io import make_integer_io
 from lepton_cli.quant.short_names import shorten_added_names
-from lepton_cli.quant.tuning import LEADING, Trial, keep_float_nodes, local_errors, quantized_nodes, search
+from lepton_cli.quant.tuning import Trial, keep_float_nodes, local_errors, quantized_nodes, search
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
 SENSITIVITY_SAMPLES = 8
@@ -216,8 +216,7 @@ def _tried_line(trials: list[Trial]) -> str:
 
     def label(t: Trial) -> str:  # which op types only when several were tried
         return t.method if tiers < 2 or t.op_types is None else f"{t.method}[{','.join(t.op_types) or 'all ops'}]"
-    return "; ".join(f"{label(t)}+{len(t.float_nodes)}{' leading' if t.float_rule == LEADING else ''} float: drop {t.drop_pct:.2f}"
-                     for t in trials)
+    return "; ".join(f"{label(t)}+{len(t.float_nodes)}{t.rule_tag} float: drop {t.drop_pct:.2f}" for t in trials)
 
 
 def _int8_builder(base: onnx.ModelProto, calib: Any, params: QuantizeParams, scheme: schemes.Int8Scheme,

@@ -49,6 +49,11 @@ class Trial:
     drop_se: float = 0.0  # standard error of drop_pct over the evaluation samples
     float_rule: str = SENSITIVITY  # how float_nodes were chosen: SENSITIVITY ranking or the LEADING nodes in graph order
 
+    @property
+    def rule_tag(self) -> str:
+        """Label suffix for progress lines and the exit-3 message: marks trials that kept the leading nodes float."""
+        return " leading" if self.float_rule == LEADING else ""
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["float_kept"] = len(self.float_nodes)
@@ -152,7 +157,7 @@ def search(build: Build, methods: list[str], evaluator: Evaluator, budget: float
         trials.append(trial)
         if note:
             spread = f" ± {score.drop_se:.2f}" if z else ""
-            note(f"  {method:<10} float-kept {len(keep):3d}{' leading' if rule == LEADING else ''}: {score.metric} "
+            note(f"  {method:<10} float-kept {len(keep):3d}{trial.rule_tag}: {score.metric} "
                  f"drop {score.drop_pct:.2f}{spread} ({'within' if trial.meets_budget else 'over'} {budget:g})")
         if trial.meets_budget:
             passing.append((trial, model))
