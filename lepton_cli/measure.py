@@ -31,7 +31,8 @@ import onnxruntime as ort
 
 from .data import SampleSet
 from .hostinfo import HostInfo, detect_host
-from .ort import OPT_LEVELS, new_session, random_feed
+from .external_data import external_bytes
+from .ort import OPT_LEVELS, new_session, random_feed, read_external_from_folder
 from .pipeline import LAYOUT_KEY, adapt_feed
 from .runtime_select import choose_threads, provider_order
 from .shapes import bind_input_shapes, graph_inputs
@@ -259,6 +260,7 @@ def _session(model: onnx.ModelProto, threads: int, providers: list[str]) -> ort.
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    read_external_from_folder(options, model)
     return new_session(model.SerializeToString(), options, list(providers))
 
 
@@ -373,5 +375,5 @@ def compile_sections(source: onnx.ModelProto, compiled: onnx.ModelProto, target:
                                                 target_name=target.name, host=host, seed=seed)
             sections["host_latency"] = section
     sections["cost_model"] = costmodel.cost_model_section(target, models)
-    sections["budgets"] = costmodel.budgets_section(target, compiled.ByteSize(), sections["cost_model"]["models"]["compiled"], "compiled")
+    sections["budgets"] = costmodel.budgets_section(target, compiled.ByteSize() + external_bytes(compiled), sections["cost_model"]["models"]["compiled"], "compiled")
     return sections, warnings
