@@ -158,7 +158,6 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
         compiled, steps = run_pipeline(model, ctx, progress)
         compiled.producer_name = "lepton"
         accuracy = measure_accuracy(model, compiled, ctx)
-        primary_payload = bundle_payload(compiled, PRIMARY_PATH)
         others = compile_extra_variants(model, ctx, target, progress, on_warning, measure_accuracy)
         manifest_fields = {
             "execution_providers": list(target.runtime.execution_providers),
@@ -192,6 +191,7 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
         for built in others:  # every model the bundle ships must meet the budget, not only the main one
             check_accuracy_budget(built.accuracy, ctx.accuracy_budget)
         bundle_dir = output_dir / bundle_name(options.model, target)
+        primary_payload = bundle_payload(compiled, PRIMARY_PATH)  # late: it may hold a serialized copy of the weights
         archive = _write_output(bundle_dir, {PRIMARY_PATH: primary_payload, **serialize_all(others)}, report, keys, options, manifest_fields)
     finally:
         release_weights()

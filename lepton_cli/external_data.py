@@ -119,8 +119,10 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(inline)
 
 
-def inline_copy(model: onnx.ModelProto, why: str, limit: int = INLINE_LIMIT) -> onnx.ModelProto:
-    """A copy with every external tensor read in, for tools that take a whole protobuf (ORT's quantizers)."""
+def inline_copy(model: onnx.ModelProto, why: str, limit: int | None = None) -> onnx.ModelProto:
+    """A copy with every external tensor read in, for tools that take a whole protobuf (ORT's quantizers);
+    exit 2 above ``limit`` (default ``INLINE_LIMIT``)."""
+    limit = INLINE_LIMIT if limit is None else limit
     size = external_bytes(model)
     if size > limit:
         raise BadInputError(f"{why} needs the whole model in one protobuf, and its external data holds {size / 2**30:.2f} GiB "

@@ -36,6 +36,7 @@ from .ort import OPT_LEVELS, new_session, random_feed, read_external_from_folder
 from .pipeline import LAYOUT_KEY, adapt_feed
 from .runtime_select import choose_threads, provider_order
 from .shapes import bind_input_shapes, graph_inputs
+from .stats import collect_stats
 
 BOOTSTRAP_RESAMPLES = 2000
 # compile's own measurement: short and time-capped (``lepton bench`` is the place for a long one)
@@ -344,6 +345,9 @@ def latency_section(models: dict[str, onnx.ModelProto], feeds: Feeds, rule: Stop
     return section, warnings
 
 
+BENCH_WEIGHTS_LIMIT = 2 << 30  # interleaving keeps both sessions open: a large model's weights twice in memory
+
+
 def compile_sections(source: onnx.ModelProto, compiled: onnx.ModelProto, target: Any, samples: SampleSet | None, role: str, *,
                      bench: bool = True, seconds: float = COMPILE_SECONDS, seed: int = 0,
                      host: HostInfo | None = None) -> tuple[dict[str, Any], list[str]]:
@@ -366,8 +370,14 @@ def compile_sections(source: onnx.ModelProto, compiled: onnx.ModelProto, target:
         models = {"source": source, "compiled": compiled}
     else:
         models = {"source": bind(source), "compiled": bind(compiled)}
+        weights = sum(collect_stats(m, with_macs=False).param_bytes for m in models.values())
         if not bench:
             sections["host_latency"] = {"measured": False, "reason": "--no-bench"}
+        elif weights > BENCH_WEIGHTS_LIMIT:
+            reason = (f"source and compiled hold {weights / 2**30:.2f} GiB of weights together, over the "
+                      f"{BENCH_WEIGHTS_LIMIT / 2**30:g} GiB the interleaved benchmark may keep open at once")
+            sections["host_latency"] = {"measured": False, "reason": reason}
+            warnings.append(f"host latency not measured: {reason}")
         else:
             feeds = make_feeds(models["source"], samples, role, seed=seed)
             rule = StopRule(runs=COMPILE_RUNS, seconds=seconds, min_runs=5, warmup=2)
