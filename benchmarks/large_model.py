@@ -100,13 +100,55 @@ def run_measured(args: list[str]) -> tuple[int, float, float, str]:
     return child.returncode, seconds, usage.ru_maxrss / 2**20, tail
 
 
+_CHILD = """
+import json, sys, time
+from pathlib import Path
+from lepton_cli.compiler import CompileOptions, compile_model
+from lepton_cli.errors import LeptonError
+marks = [("begin", "", time.perf_counter())]
+def progress(name, phase, record):
+    marks.append((phase, name, time.perf_counter()))
+try:
+    compile_model(CompileOptions(model=Path(sys.argv[1]), target=sys.argv[2], output_dir=Path(sys.argv[3])), progress=progress)
+    code = 0
+except LeptonError as exc:
+    print(exc.one_line(), file=sys.stderr)
+    code = int(exc.exit_code)
+marks.append(("end", "", time.perf_counter()))
+print("LEPTON-MARKS " + json.dumps(marks))
+sys.exit(code)
+"""
+
+
 def compile_measured(model: Path, out: Path, target: str = "cpu-avx") -> dict:
-    """Compile in a child process and return its exit code, wall time and peak RSS."""
-    code, seconds, peak, tail = run_measured([*LEPTON, "compile", str(model), "-t", target, "-o", str(out), "--quiet"])
-    return {"exit_code": code, "wall_s": round(seconds, 1), "peak_rss_gib": round(peak, 3), **({"output": tail} if code else {})}
+    """Compile in a child process: exit code, wall time, peak RSS, and the wall time of each phase
+    (a pass's includes the pipeline's stats, checker and output comparison; ``load`` is everything
+    before the first pass; ``report, bundle`` everything after the last)."""
+    code, seconds, peak, tail = run_measured([sys.executable, "-c", _CHILD, str(model), target, str(out)])
+    line = next((ln for ln in tail.splitlines() if ln.startswith("LEPTON-MARKS ")), None)
+    phases = _phases(json.loads(line[len("LEPTON-MARKS "):])) if line else []
+    return {"exit_code": code, "wall_s": round(seconds, 1), "peak_rss_gib": round(peak, 3), "phases": phases,
+            **({"output": tail} if code else {})}
 
 
-def _pass_times(report: dict) -> list[dict]:
+def _phases(marks: list[list]) -> list[dict]:
+    rows, last, started = [], marks[0][2], {}
+    for phase, name, at in marks[1:]:
+        if phase == "start":
+            if not rows:
+                rows.append({"phase": "load, checks, sha256, stats", "seconds": round(at - last, 1)})
+            elif at - last > 0.5:
+                rows.append({"phase": "between passes (variant set-up)", "seconds": round(at - last, 1)})
+            started[name] = at
+        elif phase == "done":
+            rows.append({"phase": f"pass {name}", "seconds": round(at - started.pop(name, last), 1)})
+        else:
+            rows.append({"phase": "accuracy, latency, cost model, report, bundle", "seconds": round(at - last, 1)})
+        last = at
+    return rows
+
+
+def _pass_seconds(report: dict) -> list[dict]:
     rows = [{"variant": "int8 (model.onnx)", "pass": s["name"], "seconds": s["seconds"]} for s in report.get("pipeline", [])]
     for built in report.get("variant_builds", []):
         rows += [{"variant": f"{built['name']} ({built['path']})", "pass": s["name"], "seconds": s["seconds"]} for s in built["pipeline"]]
@@ -131,7 +173,7 @@ def main() -> int:
                      "build_s": round(build_s, 1), "compile": result}
         if result["exit_code"] == 0:
             report = json.loads((bundle / "report.json").read_text())
-            doc["passes"] = _pass_times(report)
+            doc["passes"] = _pass_seconds(report)
             doc["peak_over_model"] = round(result["peak_rss_gib"] * 2**30 / model_bytes, 3)
             doc["bundle_files"] = {str(p.relative_to(bundle)): p.stat().st_size for p in sorted(bundle.rglob("*")) if p.is_file()}
             doc["verify"] = check_bundle(bundle, work, layers=args.layers, width=args.width)
@@ -157,7 +199,7 @@ def check_bundle(bundle: Path, work: Path, *, layers: int, width: int) -> dict:
     for variant in ("int8", "fp32"):
         out = work / f"y-{variant}.npz"
         code, seconds, peak, tail = run_measured([*LEPTON, "run", str(bundle), "--input", f"x={work / 'x.npy'}", "--variant", variant,
-                                                  "-o", str(out), "--quiet"])
+                                                  "-o", str(out)])
         row = {"exit_code": code, "wall_s": round(seconds, 1), "peak_rss_gib": round(peak, 3)}
         if code == 0:
             got = np.load(out)["y"].astype(np.float64)
@@ -177,8 +219,11 @@ def write_results(doc: dict) -> None:
              f"{doc['width']}x{doc['width']} float32 weights in one external data file.", "",
              f"- compile: exit {c['exit_code']}, wall {c['wall_s']} s, peak RSS {c['peak_rss_gib']} GiB"
              + (f" ({doc['peak_over_model']}x the model)" if "peak_over_model" in doc else ""), ""]
+    if c.get("phases"):
+        lines += ["Wall time per phase (a pass includes the pipeline's checker, stats and output comparison):", "",
+                  "| phase | seconds |", "|---|---|"] + [f"| {r['phase']} | {r['seconds']} |" for r in c["phases"]] + [""]
     if doc.get("passes"):
-        lines += ["| variant | pass | seconds |", "|---|---|---|"]
+        lines += ["The passes alone (report.json `seconds`):", "", "| variant | pass | seconds |", "|---|---|---|"]
         lines += [f"| {r['variant']} | {r['pass']} | {r['seconds']:.2f} |" for r in doc["passes"]]
         lines.append("")
     if doc.get("bundle_files"):
