@@ -192,7 +192,9 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
             check_accuracy_budget(built.accuracy, ctx.accuracy_budget)
         bundle_dir = output_dir / bundle_name(options.model, target)
         primary_payload = bundle_payload(compiled, PRIMARY_PATH)  # late: it may hold a serialized copy of the weights
-        archive = _write_output(bundle_dir, {PRIMARY_PATH: primary_payload, **serialize_all(others)}, report, keys, options, manifest_fields)
+        payloads = {PRIMARY_PATH: primary_payload, **serialize_all(others)}
+        models = {path: payload if payload.data_name else payload.graph for path, payload in payloads.items()}  # bytes unless paired
+        archive = _write_output(bundle_dir, models, report, keys, options, manifest_fields)
     finally:
         release_weights()
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
@@ -225,7 +227,7 @@ def check_accuracy_budget(accuracy: dict[str, Any], budget_pct: float) -> None:
         )
 
 
-def _write_output(bundle_dir: Path, models: dict[str, ModelPayload], report: dict[str, Any], keys: CompileKeys,
+def _write_output(bundle_dir: Path, models: dict[str, bytes | ModelPayload], report: dict[str, Any], keys: CompileKeys,
                   options: CompileOptions, manifest_fields: dict[str, Any]) -> Path | None:
     """The signed, encrypted bundle (lepton_cli/bundle), written atomically; returns the archive path if any."""
     return write_compile_output(bundle_dir, models, report, keys, version=options.bundle_version, expires=options.expires,

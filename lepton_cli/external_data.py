@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import onnx
+from google.protobuf.message import Message
 from onnx import helper, numpy_helper
 
 from .errors import BadInputError, InternalError
@@ -100,11 +102,24 @@ def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize if tensor.dims else itemsize
 
 
+_PLAIN_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+                          onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+                          onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL})
+
+
 def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     """``numpy_helper.to_array`` that reads external data from the weights folder, one tensor at a time."""
     if not is_external(tensor):
         return numpy_helper.to_array(tensor)
     path, offset, length = _span(tensor)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if tensor.data_type in _PLAIN_TYPES and sys.byteorder == "little" and count * dtype.itemsize == length:
+        with path.open("rb") as handle:  # straight into the array: one copy of the tensor, not three
+            value = np.fromfile(handle, dtype=dtype, count=count, offset=offset)
+        if value.size != count:
+            raise BadInputError(f"tensor {tensor.name!r}: external data ends early in {path.name}", "the external data file is truncated; re-export the model")
+        return value.reshape(tuple(tensor.dims))
     with path.open("rb") as handle:
         handle.seek(offset)
         raw = handle.read(length)
@@ -147,6 +162,37 @@ def structure_copy(model: onnx.ModelProto) -> onnx.ModelProto:
         tensor.data_location = onnx.TensorProto.DEFAULT
         tensor.raw_data = bytes(helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
     return copy
+
+
+SHAPE_ONLY_BYTES = 64 << 10  # initializers above this are weights, never shape values that inference propagates
+
+
+def _copy_fields(source: Message, target: Message, skip: str) -> None:
+    for desc, value in source.ListFields():
+        if desc.name == skip:
+            continue
+        if desc.is_repeated:
+            getattr(target, desc.name).extend(value)
+        elif desc.type == desc.TYPE_MESSAGE:
+            getattr(target, desc.name).CopyFrom(value)
+        else:
+            setattr(target, desc.name, value)
+
+
+def shapes_only_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for shape inference: large initializers keep name, type and dims but not their bytes
+    (as external references no one reads), so inference does not serialize the weights twice over."""
+    light = onnx.ModelProto()
+    _copy_fields(model, light, "graph")
+    _copy_fields(model.graph, light.graph, "initializer")
+    for tensor in model.graph.initializer:
+        if is_external(tensor) or tensor.ByteSize() <= SHAPE_ONLY_BYTES:
+            light.graph.initializer.append(tensor)
+            continue
+        stub = light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                           data_location=onnx.TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value="(not read: shape inference only)")
+    return light
 
 
 def file_sha256(path: Path) -> str:

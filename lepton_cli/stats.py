@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .external_data import external_bytes, tensor_array
+from .external_data import external_bytes, shapes_only_copy, tensor_array
 from .shapes import graph_inputs, graph_outputs
 
 
@@ -63,7 +63,7 @@ def _tensor_elems(tensor: onnx.TensorProto) -> int:
 
 def _shape_map(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(shapes_only_copy(model), strict_mode=False)
     except Exception:  # shape inference fails on some exotic graphs; MACs then stay unknown
         inferred = model
     shapes: dict[str, list[int | None]] = {}
