@@ -194,6 +194,8 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
         primary_payload = bundle_payload(compiled, PRIMARY_PATH)  # late: it may hold a serialized copy of the weights
         payloads = {PRIMARY_PATH: primary_payload, **serialize_all(others)}
         models = {path: payload if payload.data_name else payload.graph for path, payload in payloads.items()}  # bytes unless paired
+        if options.archive:
+            _check_archive_size(payloads)
         archive = _write_output(bundle_dir, models, report, keys, options, manifest_fields)
     finally:
         release_weights()
@@ -225,6 +227,17 @@ def check_accuracy_budget(accuracy: dict[str, Any], budget_pct: float) -> None:
             f"{accuracy['value']:.2f}% on {accuracy['data']} data), over the budget of {budget_pct:g}",
             "raise --max-accuracy-drop, give representative --calib data, or disable the lossy passes in a target file",
         )
+
+
+ARCHIVE_FILE_LIMIT = 2**31 - 2**24  # the bundle archive is a zip without zip64 (bundle/archive.py), encryption adds ~0.03 %
+
+
+def _check_archive_size(payloads: dict[str, ModelPayload]) -> None:
+    """--archive: refuse before writing anything when a file of the bundle would need zip64."""
+    sizes = [len(p.graph) for p in payloads.values()] + [p.data_size for p in payloads.values()]
+    if max(sizes) > ARCHIVE_FILE_LIMIT or sum(sizes) > 2 * ARCHIVE_FILE_LIMIT:
+        raise BadInputError(f"--archive: the bundle would hold {sum(sizes) / 2**30:.2f} GiB, beyond what the bundle archive format holds "
+                            "(2 GiB a file, 4 GiB in all)", "drop --archive and ship the bundle folder")
 
 
 def _write_output(bundle_dir: Path, models: dict[str, bytes | ModelPayload], report: dict[str, Any], keys: CompileKeys,

@@ -182,3 +182,13 @@ def test_model_over_2gib_compiles_within_twice_its_size(tmp_path):
     finally:
         for folder in (tmp_path / "model", tmp_path / "out"):
             __import__("shutil").rmtree(folder, ignore_errors=True)
+
+
+def test_archive_refuses_bundles_beyond_zip_without_zip64():
+    from lepton_cli.compiler import _check_archive_size
+    from lepton_cli.errors import BadInputError
+    from lepton_cli.external_data import ModelPayload
+
+    _check_archive_size({"model.onnx": ModelPayload(b"graph", "model.onnx.data", [(None, 0, 2**30)])})
+    with pytest.raises(BadInputError, match="--archive"):
+        _check_archive_size({"model.onnx": ModelPayload(b"graph", "model.onnx.data", [(None, 0, 2**31)])})
