@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .external_data import tensor_array
 from .graph_edit import drop_unused_initializers, subgraph_names
 from .stats import _shape_map  # the shapes collect_stats uses for MACs; reused rather than re-inferred
 
@@ -178,7 +179,7 @@ class _Builder:
         if name not in self.inits:
             return None
         if name not in self._arrays:
-            self._arrays[name] = numpy_helper.to_array(self.inits[name])
+            self._arrays[name] = tensor_array(self.inits[name])
         return self._arrays[name]
 
     def new_group(self, size: int, pinned: bool = False) -> int:
@@ -565,7 +566,7 @@ def channel_importance(model: onnx.ModelProto, a: ChannelAnalysis, norm: str = "
 
     def arr(name: str) -> np.ndarray:
         if name not in arrays:
-            arrays[name] = numpy_helper.to_array(inits[name]).astype(np.float64)
+            arrays[name] = tensor_array(inits[name]).astype(np.float64)
         return arrays[name]
 
     def norms(w: np.ndarray, axis: int) -> np.ndarray:
@@ -623,7 +624,7 @@ def apply_keep(model: onnx.ModelProto, a: ChannelAnalysis, keep: dict[int, np.nd
         pos = a.positions(e.key, keep)
         cache_key = (name, e.axis, pos.tobytes())
         if cache_key not in sliced:
-            value = numpy_helper.to_array(inits[name])
+            value = tensor_array(inits[name])
             new_name = f"{name}__pruned{len(sliced)}"
             tensor = numpy_helper.from_array(np.ascontiguousarray(np.take(value, pos, axis=e.axis)), new_name)
             graph.initializer.append(tensor)
@@ -639,7 +640,7 @@ def apply_keep(model: onnx.ModelProto, a: ChannelAnalysis, keep: dict[int, np.nd
     for index, key in a.resize_sizes:
         if touches(key):
             node = graph.node[index]
-            sizes = numpy_helper.to_array(inits[node.input[3]]).copy()
+            sizes = tensor_array(inits[node.input[3]]).copy()
             sizes[1] = len(a.positions(key, keep))
             new_name = f"{node.input[3]}__pruned{len(sliced)}"
             sliced[(new_name, 0, b"")] = new_name

@@ -17,8 +17,9 @@ import onnx
 from .data import SampleSet, load_samples
 from .accuracy import Evaluator, label_free
 from .errors import BadInputError, QualityGateError
+from .external_data import ModelPayload, bundle_payload, use_weights_folder
 from .model_io import load_model, upgrade_opset
-from .pipeline import PassContext, ProgressFn, StepRecord, run_pipeline, serialize
+from .pipeline import PassContext, ProgressFn, StepRecord, run_pipeline
 from .measure import compile_sections
 from .report import apply_gates, build_report, load_baseline
 from .report_render import append_step_summary
@@ -28,7 +29,7 @@ from .targets import Target, load_target
 from .bundle.output import CompileKeys, resolve_compile_keys, write_compile_output
 from .hostinfo import HostInfo, detect_host
 from .target_choice import TargetSuggestion, suggest_target
-from .variants import compile_extra_variants, manifest_variants, serialize_all, variant_path
+from .variants import PRIMARY_PATH, compile_extra_variants, manifest_variants, serialize_all, variant_path
 
 
 @dataclass
@@ -64,7 +65,7 @@ class CompileResult:
     steps: list[StepRecord]
     target: Target
     manifest_fields: dict[str, Any] = field(default_factory=dict)  # variants and EPs, for the bundle manifest
-    model_bytes: bytes = b""  # the compiled model in plaintext (the bundle holds it encrypted)
+    model_bytes: bytes = b""  # the compiled model in plaintext (the bundle holds it encrypted); graph only when it has a .data file
     archive: Path | None = None
 
 
@@ -135,7 +136,8 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
     output_dir = options.output_dir or options.model.parent
     _check_output_dir(output_dir)
     keys = resolve_compile_keys(options.sign_key, options.recipients, options.bundle_version, options.expires, on_note)
-    loaded = load_model(options.model)
+    loaded = load_model(options.model, keep_external=True)  # large weights stay on disk (external_data)
+    release_weights = use_weights_folder(loaded.weights_folder)
     normalisation: list[str] = []
     model, note = upgrade_opset(loaded.model, target.runtime.opset_min, target.runtime.opset_max)
     if note:
@@ -156,7 +158,6 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
         compiled, steps = run_pipeline(model, ctx, progress)
         compiled.producer_name = "lepton"
         accuracy = measure_accuracy(model, compiled, ctx)
-        model_bytes = serialize(compiled)
         others = compile_extra_variants(model, ctx, target, progress, on_warning, measure_accuracy)
         manifest_fields = {
             "execution_providers": list(target.runtime.execution_providers),
@@ -173,6 +174,8 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
                                                bench=options.bench, seconds=options.bench_seconds, seed=options.seed, host=host)
         for text in perf_warnings:
             ctx.warn(text)
+        if loaded.external_sha256:
+            extra["source_external_data"] = loaded.external_sha256
         report = build_report(
             model_name=options.model.name, source_sha256=loaded.sha256,
             target={"name": target.name, "sha256": target.sha256, "source": target.source},
@@ -188,10 +191,16 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
         for built in others:  # every model the bundle ships must meet the budget, not only the main one
             check_accuracy_budget(built.accuracy, ctx.accuracy_budget)
         bundle_dir = output_dir / bundle_name(options.model, target)
-        archive = _write_output(bundle_dir, {"model.onnx": model_bytes, **serialize_all(others)}, report, keys, options, manifest_fields)
+        primary_payload = bundle_payload(compiled, PRIMARY_PATH)  # late: it may hold a serialized copy of the weights
+        payloads = {PRIMARY_PATH: primary_payload, **serialize_all(others)}
+        models = {path: payload if payload.data_name else payload.graph for path, payload in payloads.items()}  # bytes unless paired
+        if options.archive:
+            _check_archive_size(payloads)
+        archive = _write_output(bundle_dir, models, report, keys, options, manifest_fields)
     finally:
+        release_weights()
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
-    return CompileResult(bundle_dir, bundle_dir / "model.onnx.enc", report, steps, target, manifest_fields, model_bytes, archive)
+    return CompileResult(bundle_dir, bundle_dir / "model.onnx.enc", report, steps, target, manifest_fields, primary_payload.graph, archive)
 
 
 ACCURACY_SAMPLE_LIMIT = 1000  # enough for a 0.1-point resolution; bounds compile time on big sets
@@ -220,7 +229,18 @@ def check_accuracy_budget(accuracy: dict[str, Any], budget_pct: float) -> None:
         )
 
 
-def _write_output(bundle_dir: Path, models: dict[str, bytes], report: dict[str, Any], keys: CompileKeys,
+ARCHIVE_FILE_LIMIT = 2**31 - 2**24  # the bundle archive is a zip without zip64 (bundle/archive.py), encryption adds ~0.03 %
+
+
+def _check_archive_size(payloads: dict[str, ModelPayload]) -> None:
+    """--archive: refuse before writing anything when a file of the bundle would need zip64."""
+    sizes = [len(p.graph) for p in payloads.values()] + [p.data_size for p in payloads.values()]
+    if max(sizes) > ARCHIVE_FILE_LIMIT or sum(sizes) > 2 * ARCHIVE_FILE_LIMIT:
+        raise BadInputError(f"--archive: the bundle would hold {sum(sizes) / 2**30:.2f} GiB, beyond what the bundle archive format holds "
+                            "(2 GiB a file, 4 GiB in all)", "drop --archive and ship the bundle folder")
+
+
+def _write_output(bundle_dir: Path, models: dict[str, bytes | ModelPayload], report: dict[str, Any], keys: CompileKeys,
                   options: CompileOptions, manifest_fields: dict[str, Any]) -> Path | None:
     """The signed, encrypted bundle (lepton_cli/bundle), written atomically; returns the archive path if any."""
     return write_compile_output(bundle_dir, models, report, keys, version=options.bundle_version, expires=options.expires,

@@ -29,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .shapes import bind_input_shapes
+from .external_data import shapes_only_copy
 from .stats import _shape_map, node_macs
 from .targets import Budgets, Hardware, Target
 
@@ -153,8 +154,7 @@ def _size(name: str, shapes: dict[str, list[int | None]], types: dict[str, int])
 
 def infer(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shapes and dtypes of every tensor (with data propagation, so computed Reshape targets resolve)."""
-    fresh = onnx.ModelProto()
-    fresh.CopyFrom(model)
+    fresh = shapes_only_copy(model)  # weights' bytes are not needed to infer shapes
     # Declared output dims ('N', 'T') would stay symbolic even where inference knows them: let inference fill them.
     for out in fresh.graph.output:
         if any(not d.HasField("dim_value") for d in out.type.tensor_type.shape.dim):

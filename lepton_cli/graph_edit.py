@@ -7,6 +7,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .external_data import tensor_array
+
 
 class GraphIndex:
     """Just enough use-def bookkeeping over a GraphProto for local folds: constants, uses, outputs."""
@@ -22,7 +24,7 @@ class GraphIndex:
                     self.uses.update(i for n in sub.node for i in n.input if i)
 
     def const(self, name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
+        return tensor_array(self.inits[name]) if name in self.inits else None
 
     def set_const(self, name: str, value: np.ndarray) -> str:
         stem = name.split("__fused")[0]  # a constant folded again keeps one suffix, not one per fold

@@ -31,10 +31,12 @@ import onnxruntime as ort
 
 from .data import SampleSet
 from .hostinfo import HostInfo, detect_host
-from .ort import OPT_LEVELS, new_session, random_feed
+from .external_data import external_bytes
+from .ort import OPT_LEVELS, new_session, random_feed, read_external_from_folder
 from .pipeline import LAYOUT_KEY, adapt_feed
 from .runtime_select import choose_threads, provider_order
 from .shapes import bind_input_shapes, graph_inputs
+from .stats import collect_stats
 
 BOOTSTRAP_RESAMPLES = 2000
 # compile's own measurement: short and time-capped (``lepton bench`` is the place for a long one)
@@ -259,6 +261,7 @@ def _session(model: onnx.ModelProto, threads: int, providers: list[str]) -> ort.
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    read_external_from_folder(options, model)
     return new_session(model.SerializeToString(), options, list(providers))
 
 
@@ -342,6 +345,9 @@ def latency_section(models: dict[str, onnx.ModelProto], feeds: Feeds, rule: Stop
     return section, warnings
 
 
+BENCH_WEIGHTS_LIMIT = 2 << 30  # interleaving keeps both sessions open: a large model's weights twice in memory
+
+
 def compile_sections(source: onnx.ModelProto, compiled: onnx.ModelProto, target: Any, samples: SampleSet | None, role: str, *,
                      bench: bool = True, seconds: float = COMPILE_SECONDS, seed: int = 0,
                      host: HostInfo | None = None) -> tuple[dict[str, Any], list[str]]:
@@ -364,8 +370,14 @@ def compile_sections(source: onnx.ModelProto, compiled: onnx.ModelProto, target:
         models = {"source": source, "compiled": compiled}
     else:
         models = {"source": bind(source), "compiled": bind(compiled)}
+        weights = sum(collect_stats(m, with_macs=False).param_bytes for m in models.values())
         if not bench:
             sections["host_latency"] = {"measured": False, "reason": "--no-bench"}
+        elif weights > BENCH_WEIGHTS_LIMIT:
+            reason = (f"source and compiled hold {weights / 2**30:.2f} GiB of weights together, over the "
+                      f"{BENCH_WEIGHTS_LIMIT / 2**30:g} GiB the interleaved benchmark may keep open at once")
+            sections["host_latency"] = {"measured": False, "reason": reason}
+            warnings.append(f"host latency not measured: {reason}")
         else:
             feeds = make_feeds(models["source"], samples, role, seed=seed)
             rule = StopRule(runs=COMPILE_RUNS, seconds=seconds, min_runs=5, warmup=2)
@@ -373,5 +385,5 @@ def compile_sections(source: onnx.ModelProto, compiled: onnx.ModelProto, target:
                                                 target_name=target.name, host=host, seed=seed)
             sections["host_latency"] = section
     sections["cost_model"] = costmodel.cost_model_section(target, models)
-    sections["budgets"] = costmodel.budgets_section(target, compiled.ByteSize(), sections["cost_model"]["models"]["compiled"], "compiled")
+    sections["budgets"] = costmodel.budgets_section(target, compiled.ByteSize() + external_bytes(compiled), sections["cost_model"]["models"]["compiled"], "compiled")
     return sections, warnings

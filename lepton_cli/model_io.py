@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -28,6 +28,8 @@ class LoadedModel:
     path: Path
     sha256: str  # of the model file itself (external data listed separately)
     file_size: int  # model file plus external data, bytes
+    external_sha256: dict[str, str] = field(default_factory=dict)  # external data file (location) -> sha256
+    weights_folder: Path | None = None  # set when external tensors stay on disk (lepton_cli.external_data)
 
 
 def _sha256_file(path: Path) -> str:
@@ -38,7 +40,7 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_external_location(model_dir: Path, location: str, tensor: str) -> Path:
+def check_external_location(model_dir: Path, location: str, tensor: str) -> Path:
     """Return the resolved path of an external-data file, refusing anything outside model_dir."""
     fix = "keep external data files as plain files inside the model's folder, named by relative paths"
     if not location or "\x00" in location or "\\" in location:
@@ -99,9 +101,52 @@ def _check_domains(model: onnx.ModelProto) -> None:
                                 "export the model with standard ONNX ops")
 
 
-def load_model(path: str | Path) -> LoadedModel:
-    """Parse and check a model file; load its external data after checking every location."""
+def load_model(path: str | Path, *, keep_external: bool = False) -> LoadedModel:
+    """Parse and check a model file and every external data location.
+
+    ``keep_external``: external tensors stay on disk (read through ``lepton_cli.external_data`` with
+    ``weights_folder(loaded.weights_folder)``); otherwise they are read into the proto, which protobuf
+    limits to 2 GiB.
+    """
     path = Path(path)
+    model, size = _parse(path)
+    _check_domains(model)
+    model_dir = path.parent
+    total = size
+    external = _external_tensors(model)
+    for tensor in external:
+        total += _check_external_range(model_dir, tensor)
+    if external and not keep_external:
+        from .external_data import INLINE_LIMIT
+
+        if total > INLINE_LIMIT:
+            raise BadInputError(f"{path} and its external data hold {total / 2**30:.2f} GiB, more than this command reads into memory",
+                                "use `lepton compile`, which keeps large weights on disk")
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:
+            load_external_data_for_model(model, str(model_dir))
+        except Exception as exc:  # onnx raises several types here; all mean the same to the user
+            raise BadInputError(f"cannot load external data of {path}: {exc}", "check the external data files") from None
+    try:
+        # By path when weights stay outside: the checker then resolves external files beside the model.
+        onnx.checker.check_model(str(path) if external and keep_external else model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise BadInputError(f"{path} fails ONNX validation: {first}", "re-export the model, or fix it with onnx.checker's message") from None
+    kept = bool(external) and keep_external
+    digests = {}
+    if kept:
+        from .external_data import data_digests, weights_folder
+
+        with weights_folder(model_dir):
+            digests = data_digests(model)
+    return LoadedModel(model=model, path=path, sha256=_sha256_file(path), file_size=total, external_sha256=digests,
+                       weights_folder=model_dir.resolve() if kept else None)
+
+
+def _parse(path: Path) -> tuple[onnx.ModelProto, int]:
+    """The model file's proto (external data not read) and its size; exit 2 for anything but ONNX."""
     if not path.exists():
         raise BadInputError(f"model file {path} does not exist", "check the path")
     if path.is_dir():
@@ -124,35 +169,22 @@ def load_model(path: str | Path) -> LoadedModel:
     if not model.HasField("graph") or not model.graph.output or model.ir_version == 0 or not model.opset_import:
         raise BadInputError(f"{path} is not a complete ONNX model (missing graph, outputs, IR version or opset; truncated?)",
                             "pass a complete .onnx file exported by your framework")
-    _check_domains(model)
-    model_dir = path.parent
-    total = size
-    external = _external_tensors(model)
-    for tensor in external:
-        entries = {e.key: e.value for e in tensor.external_data}
-        resolved = _check_external_location(model_dir, entries.get("location", ""), tensor.name)
-        try:
-            offset, length = int(entries.get("offset", 0)), int(entries.get("length", 0) or 0)
-        except ValueError:
-            raise BadInputError(f"tensor {tensor.name!r}: external data offset/length are not integers", "re-export the model") from None
-        file_size = resolved.stat().st_size
-        if offset < 0 or length < 0 or offset + length > file_size:
-            raise BadInputError(f"tensor {tensor.name!r}: external data range {offset}+{length} is past the end of {entries['location']!r} ({file_size} bytes)",
-                                "the external data file is truncated; re-export the model")
-        total += length or (file_size - offset)
-    if external:
-        from onnx.external_data_helper import load_external_data_for_model
+    return model, size
 
-        try:
-            load_external_data_for_model(model, str(model_dir))
-        except Exception as exc:  # onnx raises several types here; all mean the same to the user
-            raise BadInputError(f"cannot load external data of {path}: {exc}", "check the external data files") from None
+
+def _check_external_range(model_dir: Path, tensor: onnx.TensorProto) -> int:
+    """Bytes one external tensor occupies, after checking its location and range."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    resolved = check_external_location(model_dir, entries.get("location", ""), tensor.name)
     try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise BadInputError(f"{path} fails ONNX validation: {first}", "re-export the model, or fix it with onnx.checker's message") from None
-    return LoadedModel(model=model, path=path, sha256=_sha256_file(path), file_size=total)
+        offset, length = int(entries.get("offset", 0)), int(entries.get("length", 0) or 0)
+    except ValueError:
+        raise BadInputError(f"tensor {tensor.name!r}: external data offset/length are not integers", "re-export the model") from None
+    file_size = resolved.stat().st_size
+    if offset < 0 or length < 0 or offset + length > file_size:
+        raise BadInputError(f"tensor {tensor.name!r}: external data range {offset}+{length} is past the end of {entries['location']!r} ({file_size} bytes)",
+                            "the external data file is truncated; re-export the model")
+    return length or (file_size - offset)
 
 
 def model_opset(model: onnx.ModelProto) -> int:
@@ -173,8 +205,10 @@ def upgrade_opset(model: onnx.ModelProto, opset_min: int, opset_max: int) -> tup
             "re-export the model at a lower opset, or raise runtime.opset_max in your target file",
         )
     try:
+        from .external_data import has_external, structure_copy
+
         upgraded = version_converter.convert_version(model, opset_min)
-        onnx.checker.check_model(upgraded)
+        onnx.checker.check_model(structure_copy(upgraded) if has_external(upgraded) else upgraded)
     except Exception as exc:  # the converter raises RuntimeError/ValidationError/IndexError for gaps
         raise BadInputError(f"cannot upgrade the model from opset {current} to {opset_min}: {str(exc).splitlines()[0][:200]}",
                             f"re-export the model at opset {opset_min} or newer") from None

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .external_data import current_folder, has_external
 from .shapes import TensorSig, graph_inputs
 
 OPT_LEVELS = {
@@ -21,14 +22,32 @@ OPT_LEVELS = {
 
 def make_session(model: onnx.ModelProto | bytes, *, opt_level: str = "disable", threads: int = 1,
                  providers: Iterable[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
-    """An inference session from an in-memory model with fixed, recorded settings (deterministic by default)."""
+    """An inference session from an in-memory model with fixed, recorded settings (deterministic by default).
+
+    External tensors are read by ONNX Runtime itself: from the compile's weights folder for a proto
+    (``lepton_cli.external_data``), from the in-memory files of a ``ModelBytes`` (a decrypted bundle).
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = OPT_LEVELS[opt_level]
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    blob = model if isinstance(model, bytes) else model.SerializeToString()
+    if isinstance(model, bytes):
+        files = getattr(model, "external_files", None)
+        if files:
+            names = list(files)
+            options.add_external_initializers_from_files_in_memory(names, [files[n] for n in names], [len(files[n]) for n in names])
+        blob = model
+    else:
+        read_external_from_folder(options, model)
+        blob = model.SerializeToString()
     return new_session(blob, options, list(providers))
+
+
+def read_external_from_folder(options: ort.SessionOptions, model: onnx.ModelProto) -> None:
+    """Let ONNX Runtime read the model's external tensors from the compile's weights folder (one copy, no protobuf)."""
+    if has_external(model):
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(current_folder()))
 
 
 def new_session(blob: bytes, options: ort.SessionOptions, providers: list[Any]) -> ort.InferenceSession:

@@ -19,6 +19,7 @@ import onnx
 
 from .data import SampleSet
 from .errors import InternalError, LeptonError, QualityGateError
+from .external_data import has_external, structure_copy
 from .ort import make_session, random_feed, run_feeds
 from .params import to_table
 from .pass_registry import Exactness, PassResult, get_pass
@@ -201,7 +202,7 @@ def restore_output(model: onnx.ModelProto, name: str, value: np.ndarray) -> np.n
 
 def check_model(model: onnx.ModelProto, pass_name: str) -> None:
     try:
-        onnx.checker.check_model(model, full_check=False)
+        onnx.checker.check_model(structure_copy(model) if has_external(model) else model, full_check=False)
     except onnx.checker.ValidationError as exc:
         raise InternalError(f"pass {pass_name!r} produced an invalid model: {str(exc).strip().splitlines()[0][:300]}") from None
 

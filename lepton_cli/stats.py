@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .external_data import external_bytes, shapes_only_copy, tensor_array
 from .shapes import graph_inputs, graph_outputs
 
 
@@ -42,7 +43,7 @@ def _constant_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
 def _constant_of_shape_params(graph: onnx.GraphProto) -> int:
     """Elements produced by ConstantOfShape from a constant shape: the onnx "light" model zoo stores
     its weights this way, and a parameter count of zero would misdescribe those models."""
-    shape_values = {t.name: numpy_helper.to_array(t) for t in _constant_tensors(graph) if len(t.dims) == 1}
+    shape_values = {t.name: tensor_array(t) for t in _constant_tensors(graph) if len(t.dims) == 1 and t.dims[0] <= 16}
     for node in graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
@@ -62,7 +63,7 @@ def _tensor_elems(tensor: onnx.TensorProto) -> int:
 
 def _shape_map(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(shapes_only_copy(model), strict_mode=False)
     except Exception:  # shape inference fails on some exotic graphs; MACs then stay unknown
         inferred = model
     shapes: dict[str, list[int | None]] = {}
@@ -157,7 +158,7 @@ def collect_stats(model: onnx.ModelProto, *, with_macs: bool = True) -> ModelSta
         params=params,
         param_bytes=param_bytes,
         macs=model_macs(model) if with_macs else None,
-        size_bytes=model.ByteSize(),
+        size_bytes=model.ByteSize() + external_bytes(model),  # external data counted, never serialized
         opset=opset,
         inputs=[s.to_dict() for s in graph_inputs(model)],
         outputs=[s.to_dict() for s in graph_outputs(model)],

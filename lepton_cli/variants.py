@@ -20,7 +20,8 @@ from typing import Any, Callable
 import onnx
 
 from .accuracy import VNNI_ISA
-from .pipeline import PassContext, ProgressFn, StepRecord, run_pipeline, serialize
+from .external_data import ModelPayload, bundle_payload
+from .pipeline import PassContext, ProgressFn, StepRecord, run_pipeline
 from .stats import collect_stats
 from .targets import Target, Variant
 
@@ -143,5 +144,6 @@ def manifest_variants(target: Target, models: list[tuple[Any, ...]]) -> list[dic
     return entries
 
 
-def serialize_all(built: list[BuiltVariant]) -> dict[str, bytes]:
-    return {b.path: serialize(b.model) for b in built}
+def serialize_all(built: list[BuiltVariant]) -> dict[str, ModelPayload]:
+    """Each variant's bundle form (``external_data.bundle_payload``: one protobuf, or graph plus data file)."""
+    return {b.path: bundle_payload(b.model, b.path) for b in built}

@@ -30,6 +30,7 @@ from lepton_cli.errors import BadInputError
 from lepton_cli.params import ParamValueError
 from lepton_cli.pass_registry import PassResult, register_pass, tolerance
 from lepton_cli.passes.fuse_activation import fold_scalar_affine, fuse_hard_swish
+from lepton_cli.external_data import has_external
 from lepton_cli.graph_edit import GraphIndex, drop_unused_initializers, subgraph_names
 
 LAYER_NORM_OPSET = 17  # LayerNormalization joined the default domain at opset 17
@@ -295,6 +296,8 @@ def fuse(model: onnx.ModelProto, ctx, params: FuseParams) -> PassResult:
     before_ops = _ops(model)
     notes: list[str] = []
     try:
+        if has_external(model):  # onnxsim reads weights from one in-memory protobuf only
+            raise ValueError("the weights are kept in external data, which onnxsim cannot read")
         result = _simplify(model, params)
     except Exception as exc:  # onnxsim's C++ core rejects some graphs (e.g. ops newer than its schemas)
         ctx.warn(f"onnxsim could not simplify this model ({str(exc).splitlines()[0][:160]}); only Lepton's own folds ran")
@@ -312,7 +315,9 @@ def fuse(model: onnx.ModelProto, ctx, params: FuseParams) -> PassResult:
     hard_swish = fuse_hard_swish(result) if params.fuse_activations and hard_sigmoid_ok else 0
     affine_folds = fold_scalar_affine(result) if params.fuse_activations else 0
     list_initializers_as_inputs(result)
-    if params.ort_offline:
+    if params.ort_offline and has_external(result):
+        ctx.warn("ort_offline skipped: ONNX Runtime would write the optimised graph with every weight inline")
+    elif params.ort_offline:
         result = ort_offline_graph(result, ctx.work_dir)
         notes.append("ONNX Runtime offline graph (ORT_ENABLE_EXTENDED, CPU EP)")
     after_ops = _ops(result)

@@ -39,6 +39,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from lepton_cli.external_data import tensor_array
 from lepton_cli.params import ParamValueError
 from lepton_cli.passes.fuse import constants_to_initializers, list_initializers_as_inputs
 from lepton_cli.graph_edit import drop_unused_initializers, subgraph_names
@@ -139,7 +140,7 @@ class _Transposer:
         self.inits = {t.name: t for t in self.g.initializer}
 
     def _const(self, name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
+        return tensor_array(self.inits[name]) if name in self.inits else None
 
     def _permuted_const(self, name: str, perm: tuple[int, ...], inverse: bool) -> str | None:
         """A copy of constant ``name`` laid out for the other side of the Transpose ``perm``."""
@@ -383,7 +384,7 @@ class _Padder:
         return found
 
     def const(self, name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
+        return tensor_array(self.inits[name]) if name in self.inits else None
 
     def add_const(self, base: str, value: np.ndarray) -> str:
         name = self.names.fresh(f"{base}__padded")

@@ -35,6 +35,7 @@ import onnx
 from onnx import numpy_helper
 
 from lepton_cli import channel_groups as cg
+from lepton_cli.external_data import tensor_array
 from lepton_cli.accuracy import Evaluator, label_free
 from lepton_cli.params import ParamValueError
 from lepton_cli.pass_registry import LOSSY, PassResult, register_pass, tolerance
@@ -191,7 +192,7 @@ def apply_weights(model: onnx.ModelProto, layers: dict[str, WeightLayer], choice
             continue
         layer = layers[key]
         tensor = inits[layer.weight]
-        weight = numpy_helper.to_array(tensor)
+        weight = tensor_array(tensor)
         mask = nm_mask(weight, layer.in_axis) if nm else magnitude_mask(weight, ratio)
         tensor.CopyFrom(numpy_helper.from_array(np.where(mask, weight, np.zeros_like(weight)), layer.weight))
     return result
@@ -472,7 +473,7 @@ def _prune_weights(model: onnx.ModelProto, ctx: Any, params: PruneParams, nm: bo
     rows = []
     for u in units:
         layer = by_key[u.key]
-        wb, wa = numpy_helper.to_array(inits_b[layer.weight]), numpy_helper.to_array(inits_a[layer.weight])
+        wb, wa = tensor_array(inits_b[layer.weight]), tensor_array(inits_a[layer.weight])
         sens = {float(k): v for k, v in info.get("sensitivity", {}).get(u.key, {}).items()}
         rows.append({
             "layer": layer.name, "op": layer.op, "weight": layer.weight, "shape": layer.shape,

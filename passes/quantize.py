@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from lepton_cli import console
 from lepton_cli.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, Evaluator, label_free, scoring_opt_level
 from lepton_cli.errors import BadInputError, QualityGateError
+from lepton_cli.external_data import has_external, inline_copy
 from lepton_cli.params import ParamValueError
 from lepton_cli.pipeline import adapt_feed
 from lepton_cli.pass_registry import LOSSY, PassResult, register_pass
@@ -191,6 +192,12 @@ def _fallback(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassR
                                "int8_weights": _int8_initializers(result)})
 
 
+def _weights_only(ctx: Any, params: QuantizeParams) -> bool:
+    """Whether this run only rewrites weights (no ORT quantizer or calibrator sees the whole model)."""
+    fallback = params.scheme == "int8" and ctx.calib is None and params.without_calib == "weight_only"
+    return params.scheme in ("int8_weight_only", "int4_weight_only") or fallback
+
+
 def _int8_initializers(model: onnx.ModelProto) -> int:
     return sum(1 for i in model.graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
                and len(i.dims) >= 2)  # weights; zero points are scalars or vectors
@@ -251,6 +258,9 @@ def _int8_builder(base: onnx.ModelProto, calib: Any, params: QuantizeParams, sch
                description="int8/fp16 per target scheme; streamed calibration; keeps sensitive layers in float to meet the accuracy budget")
 def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassResult:
     schemes.name_nodes(model)
+    if has_external(model) and not _weights_only(ctx, params):
+        # ORT's quantizers and calibrators take one whole protobuf; weight-only schemes read a tensor at a time.
+        model = inline_copy(model, f"quantize scheme {params.scheme!r}")
     if params.scheme == "int8_weight_only":
         result, names = schemes.weight_only_int8(model)
         return PassResult(result, {"scheme": params.scheme, "int8_weights": len(names)})

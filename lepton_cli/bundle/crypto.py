@@ -104,6 +104,33 @@ def encrypt_bytes(content_key: bytes, context: bytes, data: bytes | memoryview) 
     return out.getvalue(), digest.hexdigest()
 
 
+def encrypt_stream(content_key: bytes, context: bytes, blocks: Iterable[bytes], out: BinaryIO) -> tuple[str, int, int]:
+    """Encrypt ``blocks`` into ``out`` through one small buffer (a model's external data, any size);
+    returns (ciphertext sha256, ciphertext size, plaintext size). Same ciphertext as ``encrypt_bytes``."""
+    scratch = bytearray(2 * BLOCK + _SLACK)
+    view = memoryview(scratch)
+    digest = hashlib.sha256()
+    enc = Cobblestone256Encryptor(content_key, context)
+    cipher = plain = 0
+    try:
+        for block in blocks:
+            block_view = memoryview(block)
+            for start in range(0, len(block_view), BLOCK):
+                piece = block_view[start:start + BLOCK]
+                wrote = enc.update_into(piece, view)
+                out.write(view[:wrote])
+                digest.update(view[:wrote])
+                cipher += wrote
+                plain += len(piece)
+        tail = enc.finalize()
+        out.write(tail)
+        digest.update(tail)
+        cipher += len(tail)
+    finally:
+        view.release()
+    return digest.hexdigest(), cipher, plain
+
+
 def hash_stream(stream: BinaryIO, expected_size: int) -> tuple[str, int]:
     digest, total = hashlib.sha256(), 0
     while block := stream.read(BLOCK):

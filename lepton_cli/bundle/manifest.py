@@ -18,7 +18,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SIGNATURE = "model.sig"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
-ROLES = frozenset({"model", "report", "data"})
+ROLES = frozenset({"model", "model_data", "report", "data"})
+DATA_SUFFIX = ".data"  # a model's external data file: <model plain path>.data, encrypted like the model
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _SAFE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
@@ -120,6 +121,7 @@ def validate(doc: Any) -> dict[str, Any]:
             _require(plain not in plain_paths, f"files[{index}]: plain_path {plain!r} appears twice")
             plain_paths.add(plain)
             _require(_is_int(entry.get("plain_size")) and 0 <= entry["plain_size"] <= entry["size"], f"files[{index}]: plain_size invalid")
+    _check_model_data(files)
     enc = doc.get("encryption")
     _require(isinstance(enc, dict), "encryption header missing")
     _require(enc.get("scheme") == ENCRYPTION_SCHEME, f"unknown encryption scheme {enc.get('scheme')!r}")
@@ -129,6 +131,22 @@ def validate(doc: Any) -> dict[str, Any]:
         _require(isinstance(entry, dict) and isinstance(entry.get("key_id"), str) and isinstance(entry.get("wrapped_key"), str),
                  f"encryption.recipients[{index}] needs key_id and wrapped_key")
     return doc
+
+
+def _check_model_data(files: list[dict[str, Any]]) -> None:
+    """A model's external data file and the model name each other, one to one, both encrypted."""
+    models = {e["plain_path"]: e for e in files if e.get("role") == "model" and e["encrypted"]}
+    linked: set[str] = set()
+    for index, entry in enumerate(files):
+        if entry["role"] == "model_data":
+            owner = models.get(entry.get("model")) if isinstance(entry.get("model"), str) else None
+            _require(entry["encrypted"] and owner is not None, f"files[{index}]: model_data must be encrypted and name an encrypted model")
+            _require(entry["plain_path"] == owner["plain_path"] + DATA_SUFFIX and owner.get("external_data") == entry["plain_path"],
+                     f"files[{index}]: model_data {entry['plain_path']!r} and model {owner['plain_path']!r} do not name each other")
+            linked.add(owner["plain_path"])
+    for path, entry in models.items():
+        if "external_data" in entry:
+            _require(path in linked, f"model {path!r} names external data {entry['external_data']!r} that the bundle does not list")
 
 
 ENCRYPTION_SCHEME = "lepton-c2sp-chunked-aes256gcm+hpke-x25519-hkdfsha256-aes256gcm/1"

@@ -20,7 +20,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
+import onnx
+
 from ..errors import BadInputError
+from ..external_data import ModelBytes, external_tensors
 from ..keys import EncryptionPrivateKey, SigningPublicKey, key_id, load_key
 from . import crypto, signing, state
 from .archive import BundleSource, open_source
@@ -137,6 +140,27 @@ def read_manifest_unverified(path: str | Path) -> dict[str, Any]:
     return doc
 
 
+def _with_external_data(decrypted: dict[str, bytes], manifest: dict[str, Any]) -> dict[str, bytes]:
+    """Attach each decrypted external data file to its model (``ModelBytes``), after checking that every
+    external tensor of the graph names that file and nothing else (ONNX Runtime would read any other from disk)."""
+    for entry in manifest["files"]:
+        if entry["role"] != "model_data" or entry["plain_path"] not in decrypted:
+            continue
+        graph = decrypted[entry["model"]]
+        name = Path(entry["plain_path"]).name
+        proto = onnx.ModelProto()
+        try:
+            proto.ParseFromString(graph)
+        except Exception:  # protobuf's DecodeError and friends
+            raise fail(f"{entry['model']}: the decrypted graph does not parse as ONNX") from None
+        for tensor in external_tensors(proto):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if location != name:
+                raise fail(f"{entry['model']}: tensor {tensor.name!r} names external data {location!r}, not the bundle's {name!r}")
+        decrypted[entry["model"]] = ModelBytes(graph, {name: decrypted.pop(entry["plain_path"])})
+    return decrypted
+
+
 def open_bundle(path: str | Path, *, key: object, trust: object, state_path: Path | None = None,
                 now: datetime | None = None, models: Sequence[str] | None = None, record: bool = True) -> OpenedBundle:
     """Verify, unwrap and decrypt in memory; records the version in the rollback state on success.
@@ -153,7 +177,8 @@ def open_bundle(path: str | Path, *, key: object, trust: object, state_path: Pat
         opened = OpenedBundle(Path(path), manifest, signer=key_id(trusted))
         decrypted: dict[str, bytes] = {}
         for entry in manifest["files"]:
-            wanted = entry["encrypted"] and (models is None or entry["plain_path"] in models)
+            owner = entry.get("model") if entry["role"] == "model_data" else entry.get("plain_path")
+            wanted = entry["encrypted"] and (models is None or owner in models)
             if not wanted:
                 _check_plain(source, entry)
                 continue
@@ -163,7 +188,7 @@ def open_bundle(path: str | Path, *, key: object, trust: object, state_path: Pat
                     cipher_size=entry["size"], cipher_sha256=entry["sha256"], plain_size=entry["plain_size"], path=entry["path"])
     finally:
         source.close()
-    opened.models = decrypted  # only now, after every file passed
+    opened.models = _with_external_data(decrypted, manifest)  # only now, after every file passed
     if record:
         state.record(state_file, state.state_key(opened.signer, manifest), manifest["version"])
     return opened

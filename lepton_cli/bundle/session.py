@@ -16,7 +16,7 @@ import onnxruntime as ort
 from ..pipeline import LAYOUT_KEY
 from ..quant.integer_io import IO_QUANT_KEY, dequantize_array, quantize_array
 from ..runtime_select import Selection, select_session
-from .reader import OpenedBundle, open_bundle
+from .reader import OpenedBundle, open_bundle, read_manifest_unverified
 
 DEFAULT_MODEL = "model.onnx"
 
@@ -67,6 +67,18 @@ class BundleSession:
         return getattr(self.session, name)
 
 
+def _forced_paths(path: str | Path, variant: str | None) -> list[str] | None:
+    """The model path of a forced variant, from the manifest (every check still runs in ``open_bundle``)."""
+    if variant is None:
+        return None
+    try:
+        listed = read_manifest_unverified(path).get("variants") or []
+    except Exception:  # unreadable here: open_bundle reports it properly
+        return None
+    paths = [v["path"] for v in listed if isinstance(v, dict) and variant in (v.get("name"), v.get("path")) and isinstance(v.get("path"), str)]
+    return paths or None
+
+
 def load_bundle(path: str | Path, key: Any = None, trust: Any = None, providers: Sequence[str] | None = None,
                 variant: str | None = None, *, state_path: Path | None = None, threads: int = 0) -> BundleSession:
     """Verify and decrypt ``path`` in memory and return a ready session (raises ``VerificationError``)."""
@@ -76,8 +88,9 @@ def load_bundle(path: str | Path, key: Any = None, trust: Any = None, providers:
 
     key = key if key is not None else os.environ.get(ENV["decrypt"])
     trust = trust if trust is not None else os.environ.get(ENV["trust"])
-    # Every variant is decrypted (in memory): which one runs is decided on the device, by _plan_session.
-    opened = open_bundle(path, key=key, trust=trust, state_path=state_path)
+    # Every variant is decrypted (in memory): which one runs is decided on the device, by _plan_session;
+    # a forced variant alone (the others are still hash-checked): a large one's weights are in memory once.
+    opened = open_bundle(path, key=key, trust=trust, state_path=state_path, models=_forced_paths(path, variant))
     selection = _plan_session(opened, providers, variant, threads)
     opened.models.clear()  # the session holds its own copy; drop the plaintext of every variant
     bundle_session = BundleSession(selection.session, opened.manifest, selection.variant.path)

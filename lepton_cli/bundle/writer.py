@@ -20,7 +20,8 @@ from .. import __version__
 from ..errors import BadInputError
 from ..keys import EncryptionPublicKey, SigningPrivateKey, key_id
 from . import crypto, signing
-from .manifest import ENCRYPTION_SCHEME, FORMAT, FORMAT_VERSION, MANIFEST, SIGNATURE, check_path, parse_expires
+from ..external_data import ModelPayload
+from .manifest import DATA_SUFFIX, ENCRYPTION_SCHEME, FORMAT, FORMAT_VERSION, MANIFEST, SIGNATURE, check_path, parse_expires
 
 ENCRYPTED_SUFFIX = ".enc"
 
@@ -40,21 +41,44 @@ def check_bundle_options(version: int, expires: str | None) -> None:
             raise BadInputError(f"--expires: {exc}", "pass an ISO 8601 date or time with zone, e.g. 2027-01-31 or 2027-01-31T12:00:00Z") from None
 
 
-def build(dest_dir: Path, *, models: dict[str, bytes], plain_files: dict[str, bytes], manifest_fields: dict[str, Any],
+def _stream_data(spool: Path, path: str, payload: ModelPayload, content_key: bytes, bundle_id: str) -> dict[str, Any]:
+    """Encrypt a model's external data file straight into ``spool/path`` (never whole in memory)."""
+    target = spool / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "wb") as handle:
+        digest, size, plain_size = crypto.encrypt_stream(content_key, crypto.file_context(bundle_id, path), payload.data_blocks(), handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return {"size": size, "sha256": digest, "plain_size": plain_size}
+
+
+def build(dest_dir: Path, *, models: dict[str, bytes | ModelPayload], plain_files: dict[str, bytes], manifest_fields: dict[str, Any],
           signing_key: SigningPrivateKey, recipients: Sequence[EncryptionPublicKey], version: int,
-          expires: str | None) -> dict[str, bytes]:
-    """The bundle's files (path → bytes), without touching the disk."""
+          expires: str | None, spool: Path | None = None) -> dict[str, bytes | Path]:
+    """The bundle's files (path → bytes), without touching the disk, except a model's external data
+    file, which is encrypted into ``spool`` (the value is then its path there)."""
     check_bundle_options(version, expires)
     if not recipients:
         raise BadInputError("no recipient for the bundle's encryption", "pass --recipient PUBKEY.pem")
     bundle_id = secrets.token_hex(16)
     content_key = crypto.new_content_key()
-    files: dict[str, bytes] = {}
+    files: dict[str, bytes | Path] = {}
     table = []
-    for plain_path, data in sorted(models.items()):
+    for plain_path, model in sorted(models.items()):
+        payload = model if isinstance(model, ModelPayload) else ModelPayload(model)
         path = check_path(plain_path + ENCRYPTED_SUFFIX, "bundle writer")
-        files[path], digest = crypto.encrypt_bytes(content_key, crypto.file_context(bundle_id, path), data)
-        table.append(_entry(path, files[path], "model", digest, encrypted=True, plain_path=plain_path, plain_size=len(data)))
+        files[path], digest = crypto.encrypt_bytes(content_key, crypto.file_context(bundle_id, path), payload.graph)
+        data_plain = plain_path + DATA_SUFFIX
+        link = {"external_data": data_plain} if payload.data_name else {}
+        table.append(_entry(path, files[path], "model", digest, encrypted=True, plain_path=plain_path, plain_size=len(payload.graph), **link))
+        if payload.data_name:
+            if spool is None or payload.data_name != Path(data_plain).name:
+                raise ValueError("a model with external data needs a spool folder and its data named <model file>.data")
+            data_path = check_path(data_plain + ENCRYPTED_SUFFIX, "bundle writer")
+            written = _stream_data(spool, data_path, payload, content_key, bundle_id)
+            files[data_path] = spool / data_path
+            table.append({"path": data_path, "role": "model_data", "size": written["size"], "sha256": written["sha256"],
+                          "encrypted": True, "plain_path": data_plain, "plain_size": written["plain_size"], "model": plain_path})
     for path, data in sorted(plain_files.items()):
         check_path(path, "bundle writer")
         files[path] = data
@@ -93,17 +117,20 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def write_bundle(dest_dir: Path, *, models: dict[str, bytes], plain_files: dict[str, bytes], manifest_fields: dict[str, Any],
+def write_bundle(dest_dir: Path, *, models: dict[str, bytes | ModelPayload], plain_files: dict[str, bytes], manifest_fields: dict[str, Any],
                  signing_key: SigningPrivateKey, recipients: Sequence[EncryptionPublicKey], version: int = 0,
                  expires: str | None = None) -> Path:
-    """Encrypt ``models`` (bundle path → plaintext) to ``recipients``, sign everything, write ``dest_dir`` atomically."""
+    """Encrypt ``models`` (bundle path → plaintext, or a graph plus external data) to ``recipients``,
+    sign everything, write ``dest_dir`` atomically."""
     dest_dir = Path(dest_dir)
-    files = build(dest_dir, models=models, plain_files=plain_files, manifest_fields=manifest_fields,
-                  signing_key=signing_key, recipients=recipients, version=version, expires=expires)
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.", dir=dest_dir.parent))
     try:
+        files = build(dest_dir, models=models, plain_files=plain_files, manifest_fields=manifest_fields,
+                      signing_key=signing_key, recipients=recipients, version=version, expires=expires, spool=staging)
         for path, data in files.items():
+            if isinstance(data, Path):  # streamed into the staging folder already
+                continue
             target = staging / path
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(target, "wb") as handle:

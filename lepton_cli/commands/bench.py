@@ -56,6 +56,9 @@ def _load_subject(path: Path, key: str | None, trust: str | None) -> Subject:
     blob = opened.models.get("model.onnx") or next(iter(opened.models.values()), None)
     if blob is None:
         raise BadInputError(f"bundle {path} holds no model", "compile it again")
+    if getattr(blob, "external_files", None):
+        raise BadInputError(f"bundle {path}: model.onnx keeps its weights in an external data file, which `lepton bench` does not measure",
+                            "measure it with `lepton run` on your data, or bench the source model")
     return Subject(path.name, path, "bundle", onnx.load_from_string(blob), len(blob),
                    (opened.manifest.get("target") or {}).get("name"))
 

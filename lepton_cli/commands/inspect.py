@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from ..console import emit_json, stdout
+from ..external_data import weights_folder
 from ..model_io import load_model
 from ..stats import collect_stats
 
@@ -20,9 +21,12 @@ def inspect_command(
     if _is_bundle(path):
         _inspect_bundle(path, json_out)
         return
-    loaded = load_model(path)
-    stats = collect_stats(loaded.model)
+    loaded = load_model(path, keep_external=True)  # counts need dims only: external data stays on disk
+    with weights_folder(loaded.weights_folder):
+        stats = collect_stats(loaded.model)
     doc = {"path": str(path), "sha256": loaded.sha256, "file_size": loaded.file_size, **stats.to_dict()}
+    if loaded.external_sha256:
+        doc["external_data_sha256"] = loaded.external_sha256
     if json_out:
         emit_json(doc)
         return

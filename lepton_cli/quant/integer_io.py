@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from lepton_cli.external_data import tensor_array
 
 IO_QUANT_KEY = "lepton.io_quant."
 _TYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
@@ -48,14 +49,14 @@ def _per_tensor(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tup
     """(scale, zero point, integer type) of a Q/DQ node with scalar initializer parameters, else None."""
     if len(node.input) < 2 or node.input[1] not in inits:
         return None
-    scale = numpy_helper.to_array(inits[node.input[1]])
+    scale = tensor_array(inits[node.input[1]])
     if scale.size != 1:
         return None
     if len(node.input) > 2 and node.input[2]:
         if node.input[2] not in inits:
             return None
         zp_tensor = inits[node.input[2]]
-        zero_point, dtype = int(numpy_helper.to_array(zp_tensor).reshape(-1)[0]), zp_tensor.data_type
+        zero_point, dtype = int(tensor_array(zp_tensor).reshape(-1)[0]), zp_tensor.data_type
     else:
         zero_point, dtype = 0, onnx.TensorProto.UINT8  # the ONNX default
     if dtype not in _TYPES:

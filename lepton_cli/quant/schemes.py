@@ -29,6 +29,7 @@ from onnxruntime.quantization.calibrate import TensorsData, load_tensors_data, s
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from lepton_cli.quant.calibration import METHODS, quiet_ort
+from lepton_cli.external_data import tensor_array
 from lepton_cli.graph_order import sort_topologically
 
 QTYPES = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
@@ -116,7 +117,7 @@ def pow2_overrides(model: onnx.ModelProto, ranges: TensorsData) -> dict[str, lis
     inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in inits:
-            weight = numpy_helper.to_array(inits[node.input[1]])
+            weight = tensor_array(inits[node.input[1]])
             if weight.dtype == np.float32:
                 overrides[node.input[1]] = [{"quant_type": QuantType.QInt8,
                                              "scale": np.array(_pow2_scale(float(np.abs(weight).max())), dtype=np.float32),
@@ -213,7 +214,7 @@ def weight_only_int8(model: onnx.ModelProto, min_elements: int = 256) -> tuple[o
     for node in model.graph.node:
         if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in inits and node.input[1] not in done:
             init = inits[node.input[1]]
-            weight = numpy_helper.to_array(init)
+            weight = tensor_array(init)
             if weight.dtype != np.float32 or weight.size < min_elements or weight.ndim < 2:
                 continue
             if node.op_type == "Gemm":
@@ -265,7 +266,7 @@ def int4_weight_only(model: onnx.ModelProto, block_size: int) -> tuple[onnx.Mode
     inits = {i.name: i for i in model.graph.initializer}
     nodes, count = [], 0
     for node in model.graph.node:
-        weight = numpy_helper.to_array(inits[node.input[1]]) if node.op_type == "MatMul" and node.input[1] in inits else None
+        weight = tensor_array(inits[node.input[1]]) if node.op_type == "MatMul" and node.input[1] in inits else None
         if weight is None or weight.ndim != 2 or weight.dtype != np.float32 or min(weight.shape) < 16:
             nodes.append(node)
             continue
