@@ -100,6 +100,11 @@ def write_bundle(dest_dir: Path, *, models: dict[str, bytes], plain_files: dict[
     dest_dir = Path(dest_dir)
     files = build(dest_dir, models=models, plain_files=plain_files, manifest_fields=manifest_fields,
                   signing_key=signing_key, recipients=recipients, version=version, expires=expires)
+    return install_files(dest_dir, files)
+
+
+def install_files(dest_dir: Path, files: dict[str, bytes]) -> Path:
+    """Write ``files`` (path -> bytes) as the folder ``dest_dir``, atomically: built hidden beside it, then renamed in."""
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.", dir=dest_dir.parent))
     try:
