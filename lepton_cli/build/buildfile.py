@@ -171,7 +171,7 @@ def load_build_file(path: Path) -> BuildPlan:
     raw = _read(path)
     unknown = sorted(set(raw) - {"defaults", "model"})
     if unknown:
-        raise _fail(path, f"unknown key {unknown[0]!r}", "a build file has [defaults] and [[model]] entries only")
+        raise _fail(path, f"unknown key {unknown[0]!r}", "a build file has a defaults table and model tables only")
     defaults_raw = raw.get("defaults", {})
     defaults_obj = _fields(CompileFields, defaults_raw, "defaults", path)
     defaults = dataclasses.asdict(defaults_obj)
@@ -180,7 +180,8 @@ def load_build_file(path: Path) -> BuildPlan:
         _check_file(path, f"defaults.{name}", _relative(base, defaults[name]), name)
     models = raw.get("model")
     if not isinstance(models, list) or not models or not all(isinstance(m, dict) for m in models):
-        raise _fail(path, "needs at least one [[model]] table", 'add [[model]] with path = "..." and targets = ["cpu-avx"]')
+        raise _fail(path, "no models: a build file needs at least one model table",
+                    'add a "model" table header in double brackets, with path = "..." and targets = ["cpu-avx"]')
     targets: dict[str, Target] = {}
     jobs: list[Job] = []
     seen: dict[tuple[str, str], str] = {}

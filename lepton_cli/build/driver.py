@@ -44,6 +44,7 @@ class BuildRun:
     fail_fast: bool = False
     on_update: Callable[[list[JobResult]], None] = lambda results: None
     on_note: Callable[[str], None] = lambda text: None
+    on_warn: Callable[[str], None] = lambda text: None  # shown even with --quiet/--json: a corrupt cache entry
     results: list[JobResult] = field(default_factory=list)
     keys: CompileKeys | None = None
     _seal: dict[str, Any] = field(default_factory=dict)
@@ -111,18 +112,19 @@ class BuildRun:
         started = time.perf_counter()
         hit = self.cache.lookup(key) if key else None
         for text in self.cache.notes:
-            self.on_note(text)
+            self.on_warn(text)
         self.cache.notes.clear()
         if hit is None:
             return False
         try:
             bundle_dir = self._install_hit(job, hit)
         except LeptonError as exc:  # e.g. the cache key changed: the entry cannot be re-sealed, so rebuild it
-            self.on_note(f"cache entry {key[:12] if key else ''} not usable ({exc.message}): rebuilt")
+            self.on_warn(f"cache entry {key[:12] if key else ''} not usable ({exc.message}): rebuilt")
             return False
         result = self.results[job.index]
         result.state, result.exit_code, result.cached = "cached", 0, True
-        result.bundle, result.report = str(bundle_dir), hit.entry["report"]
+        result.bundle = str(bundle_dir)
+        result.take_report(hit.entry["report"])
         result.seconds = time.perf_counter() - started
         return True
 
@@ -143,6 +145,7 @@ class BuildRun:
     def _finished(self, job: Job, outcome: Outcome) -> None:
         result = self.results[job.index]
         result.seconds, result.exit_code, result.message = outcome.seconds, outcome.exit_code, outcome.message
+        result.worker = outcome.worker
         if outcome.exit_code != 0:
             result.state = "failed"
             self.on_note(f"[red]{job.key_path}[/red] {result.model} → {result.target}: exit {outcome.exit_code}: {outcome.message}")
@@ -152,7 +155,8 @@ class BuildRun:
         write_compile_output(bundle_dir, outcome.models, outcome.report, self.keys, version=self.plan.bundle_version,
                              expires=self.plan.expires, archive=job.options.archive, extra_fields=outcome.manifest_fields,
                              provenance=outcome.inputs)
-        result.state, result.bundle, result.report = "done", str(bundle_dir), outcome.report
+        result.state, result.bundle = "done", str(bundle_dir)
+        result.take_report(outcome.report)
         key = self._key(job)
         if self.cache is not None and key is not None:
             try:

@@ -30,7 +30,7 @@ def import_ray() -> Any:
         import ray
     except ImportError:
         raise BadInputError("--ray needs the ray package, which is not installed",
-                            "pip install 'lepton-cli[ray]' (or drop --ray to use the local process pool)") from None
+                            "pip install ray (Lepton's optional ray extra), or drop --ray to use the local process pool") from None
     return ray
 
 
@@ -99,6 +99,8 @@ class RayEngine:
         self._task = self.ray.remote(_remote_compile)
         self._refs: dict[str, Any] = {}  # sha256 -> object ref, one per distinct file
         self._pending: dict[Any, int] = {}
+        self._uses: dict[str, int] = {}  # sha256 -> pending tasks that need it: freed from the object store at zero
+        self._needs: dict[Any, list[str]] = {}
         self.shipped_bytes = 0
         resources = self.ray.cluster_resources()
         self._memory_cap = int(resources.get("memory", 0)) or None
@@ -133,6 +135,15 @@ class RayEngine:
             memory = min(memory, self._memory_cap)
         ref = self._task.options(num_cpus=self.cpus, memory=memory, max_retries=1).remote(index, options, target, files, refs, self.cpus)
         self._pending[ref] = index
+        self._needs[ref] = list(refs)
+        for sha in refs:
+            self._uses[sha] = self._uses.get(sha, 0) + 1
+
+    def _release(self, ref: Any) -> None:
+        for sha in self._needs.pop(ref, []):
+            self._uses[sha] -= 1
+            if not self._uses[sha]:
+                del self._uses[sha], self._refs[sha]
 
     def running(self) -> set[int]:
         return set(self._pending.values())
@@ -143,6 +154,7 @@ class RayEngine:
         ready, _ = self.ray.wait(list(self._pending), num_returns=1, timeout=timeout)
         for ref in ready:
             index = self._pending.pop(ref)
+            self._release(ref)
             try:
                 yield self.ray.get(ref)
             except Exception as exc:  # the task or its node died: this compile fails, the build goes on

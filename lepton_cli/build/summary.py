@@ -22,19 +22,21 @@ class JobResult:
     cached: bool = False
     seconds: float | None = None
     message: str | None = None
-    report: dict[str, Any] | None = field(default=None, repr=False)
+    worker: dict[str, Any] = field(default_factory=dict)  # pid, cores, affinity, peak_rss_mb of the process that compiled
+    summary_doc: dict[str, Any] | None = None  # a few keys of the report: the driver keeps no whole reports
+
+    def take_report(self, report: dict[str, Any]) -> None:
+        accuracy = report.get("accuracy") or {}
+        self.summary_doc = {**report.get("summary", {}), "accuracy_drop_pct": accuracy.get("drop_pct"),
+                            "host_p50_ratio": latency_ratio(report)}
 
     def summary(self) -> dict[str, Any] | None:
-        if not self.report:
-            return None
-        accuracy = self.report.get("accuracy") or {}
-        return {**self.report.get("summary", {}), "accuracy_drop_pct": accuracy.get("drop_pct"),
-                "host_p50_ratio": latency_ratio(self.report)}
+        return self.summary_doc
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "target": self.target, "exit_code": self.exit_code, "bundle": self.bundle,
                 "cached": self.cached, "seconds": round(self.seconds, 3) if self.seconds is not None else None,
-                "summary": self.summary(), "error": self.message, "state": self.state}
+                "summary": self.summary(), "error": self.message, "state": self.state, "worker": self.worker or None}
 
 
 def latency_ratio(report: dict[str, Any]) -> float | None:

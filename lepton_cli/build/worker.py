@@ -52,5 +52,16 @@ def run_compile(index: int, options: CompileOptions, target: Target, cores: int 
         detail = traceback.format_exc(limit=-3).strip().splitlines()[-1]
         return Outcome(index, 1, f"internal error: {exc.__class__.__name__}: {exc} ({detail}; this is a bug in Lepton)",
                        seconds=time.perf_counter() - started, worker=worker)
+    worker["peak_rss_mb"] = _peak_rss_mb()
     return Outcome(index, 0, None, result.report, result.manifest_fields, result.models, result.inputs,
                    time.perf_counter() - started, worker)
+
+
+def _peak_rss_mb() -> float | None:
+    """This worker process's peak resident memory so far (Linux reports KiB): what sizes a Ray task's memory request."""
+    try:
+        import resource
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    except (ImportError, OSError):
+        return None

@@ -13,7 +13,7 @@ from ..build.cache import BuildCache
 from ..build.driver import BuildRun
 from ..build.pool import LocalPool, available_cores
 from ..build.summary import append_build_summary, json_document, live_table
-from ..console import emit_json, note, settings, stderr, stdout
+from ..console import emit_json, note, settings, stderr, stdout, warn
 from ..errors import BadInputError
 
 
@@ -50,7 +50,7 @@ def build_command(
     plan = load_build_file(build_file)
     output_dir = output or build_file.parent / "out"
     cache = None if no_cache else BuildCache()
-    run = BuildRun(plan, output_dir, cache, fail_fast=fail_fast, on_note=note)
+    run = BuildRun(plan, output_dir, cache, fail_fast=fail_fast, on_note=note, on_warn=warn)
     title = f"lepton build {build_file.name}: {len(plan.jobs)} compile(s)"
     if settings.quiet or not stderr.is_terminal:
         exit_code = run.run(factory)
@@ -66,7 +66,7 @@ def build_command(
     elif not quiet:
         stdout.print(f"bundles: {output_dir}  (exit {exit_code})")
     if exit_code:
-        raise typer.Exit(exit_code)
+        raise SystemExit(exit_code)  # click, run with standalone_mode=False, would swallow typer.Exit's code
 
 
 def register(app: typer.Typer) -> None:
