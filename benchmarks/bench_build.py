@@ -66,7 +66,7 @@ def run_build(build_file: Path, out: Path, args: list[str], env: dict[str, str])
     doc = json.loads(done.stdout)
     return {"args": args, "exit_code": doc["exit_code"], "wall_s": round(wall, 2), "load_before": round(load, 2),
             "compile_s_sum": round(sum(r["seconds"] or 0 for r in doc["results"]), 2),
-            "results": [{k: r[k] for k in ("model", "target", "exit_code", "cached", "seconds")} for r in doc["results"]]}
+            "results": [{k: r.get(k) for k in ("model", "target", "exit_code", "cached", "seconds", "worker")} for r in doc["results"]]}
 
 
 def main() -> None:

@@ -21,12 +21,19 @@ KEYED_OPTIONS = ("input_shapes", "preprocess", "max_accuracy_drop", "eval_metric
                  "max_latency_ratio", "baseline_tolerance_pct", "enforce_budgets")
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, mtime, size) -> sha256: a build hashes each input once, not once per target
+
+
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    info = path.stat()
+    memo = (str(path.resolve()), info.st_mtime_ns, info.st_size)
+    if memo not in _DIGESTS:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _DIGESTS[memo] = digest.hexdigest()
+    return _DIGESTS[memo]
 
 
 def sha256_path(path: Path) -> str:

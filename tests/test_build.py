@@ -300,3 +300,61 @@ def test_cache_evicts_least_recently_used(tmp_path, monkeypatch):
     assert cache.lookup("b" * 64) is None and cache.lookup("c" * 64) is not None
     hit = cache.lookup("a" * 64)
     assert hit.models(cache.cache_key())["model.onnx"] and hit.bundle_files["model.onnx.enc"] == (bundle / "model.onnx.enc").read_bytes()
+
+
+def test_kill_9_leaves_no_partial_bundle_and_a_rerun_resumes(tmp_path):
+    """SIGKILL the driver once its first bundle exists: what is there verifies; the rerun serves it from the cache."""
+    import signal
+
+    shutil.copy(DIGITS / "digits_cnn.onnx", tmp_path / "digits_cnn.onnx")
+    (tmp_path / "BUILD.toml").write_text(f"[defaults]\nno_bench = true\ncalib = '{DIGITS / 'calib.npz'}'\n"
+                                         "[[model]]\npath = 'digits_cnn.onnx'\ntargets = ['mobile', 'cpu-avx', 'edge-arm']\n")
+    env = {**os.environ, "LEPTON_HOME": str(tmp_path / "home"), "LEPTON_CACHE": str(tmp_path / "cache"), "NO_COLOR": "1"}
+    driver = subprocess.Popen([sys.executable, "-m", "lepton_cli", "build", str(tmp_path / "BUILD.toml"), "--workers", "1", "--json"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    out = tmp_path / "out"
+    try:
+        deadline = time.monotonic() + 300
+        entries = tmp_path / "cache" / "entries"
+        while not (entries.is_dir() and any(entries.iterdir())) and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # the pool's workers, orphaned by the kill
+        except ProcessLookupError:
+            pass
+    stored = len(list(entries.iterdir()))
+    finished = sorted(p.name for p in out.glob("*.lepton"))
+    assert 1 <= stored <= len(finished) < 3, (stored, finished)
+    for bundle in out.glob("*.lepton"):  # each bundle there is whole: it verifies
+        verify_bundle(bundle, trust=tmp_path / "home" / "keys" / "signing-public.pem")
+    rerun = lepton("build", tmp_path / "BUILD.toml", "--workers", "1", "--json", env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    cached = [r["cached"] for r in json.loads(rerun.stdout)["results"]]
+    assert sum(cached) == stored, cached  # what finished before the kill is not compiled again
+
+
+def test_ray_inputs_travel_by_content_and_keep_their_layout(tmp_path, monkeypatch):
+    """What a Ray task rebuilds on its node from the shipped blobs: the same names, folders and bytes, written once."""
+    from lepton_cli.build.ray_engine import _materialise, _role_files, memory_estimate
+    from lepton_cli.compile_inputs import sha256_file
+
+    images = tmp_path / "calib_images"
+    (images / "a").mkdir(parents=True)
+    (images / "a" / "1.png").write_bytes(b"png-1")
+    (images / "2.png").write_bytes(b"png-2")
+    shutil.copy(DIGITS / "digits_cnn.onnx", tmp_path / "m.onnx")
+    files, blobs = {}, {}
+    for role, path in (("model", tmp_path / "m.onnx"), ("calib", images)):
+        files[role] = []
+        for name, local in _role_files(path, role):
+            blobs[sha256_file(local)] = local.read_bytes()
+            files[role].append((name, sha256_file(local), local.stat().st_size))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "node"))
+    local = _materialise(files, blobs)
+    assert local["model"].name == "m.onnx" and local["model"].read_bytes() == (tmp_path / "m.onnx").read_bytes()
+    assert local["calib"].name == "calib_images" and (local["calib"] / "a" / "1.png").read_bytes() == b"png-1"
+    assert _materialise(files, {}) == local  # already on this node: nothing shipped is needed again
+    assert memory_estimate(files) > (tmp_path / "m.onnx").stat().st_size * 10

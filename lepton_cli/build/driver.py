@@ -27,6 +27,8 @@ from .worker import Outcome
 class Engine(Protocol):
     name: str
 
+    slots: int  # compiles to keep in flight (twice the parallel capacity: the next one is ready when a worker frees up)
+
     def describe(self) -> str: ...
     def submit(self, index: int, options: Any, target: Any) -> None: ...
     def running(self) -> set[int]: ...
@@ -71,10 +73,12 @@ class BuildRun:
             return self._finish(todo)
         engine = engine_factory()
         self.on_note(f"compiling {len(todo)} of {len(self.plan.jobs)} on {engine.describe()}")
+        queue = list(todo)
         try:
-            for job in todo:
-                engine.submit(job.index, job.options, job.target)
-            while engine.pending:
+            while queue or engine.pending:
+                while queue and engine.pending < engine.slots:  # bounded: inputs and results in flight stay a few per slot
+                    job = queue.pop(0)
+                    engine.submit(job.index, job.options, job.target)
                 for index in engine.running():
                     if self.results[index].state == "queued":
                         self.results[index].state = "running"

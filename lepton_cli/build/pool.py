@@ -63,6 +63,7 @@ class LocalPool:
         self._executor = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=_pin,
                                                 initargs=(context.Value("i", 0), self.shares))
         self._futures: dict[cf.Future, int] = {}
+        self.slots = 2 * self.workers
 
     def describe(self) -> str:
         return f"{self.workers} local worker(s), cores {' | '.join(','.join(map(str, s)) for s in self.shares)}"

@@ -105,6 +105,7 @@ class RayEngine:
         resources = self.ray.cluster_resources()
         self._memory_cap = int(resources.get("memory", 0)) or None
         self._cluster_cpus = resources.get("CPU", 0)
+        self.slots = max(2, 2 * int(self._cluster_cpus // cpus_per_compile))
 
     def describe(self) -> str:
         return f"Ray cluster ({self._cluster_cpus:g} CPUs), {self.cpus} CPU(s) per compile"
