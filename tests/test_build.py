@@ -94,6 +94,10 @@ def test_pool_builds_every_model_for_every_target(pool_build):
         manifest = verify_bundle(bundle, trust=root / "home" / "keys" / "signing-public.pem")
         assert "provenance.intoto.json" in {f["path"] for f in manifest["files"]}
     assert not [p for p in (root / "out").iterdir() if p.name.startswith(".")]  # no staging folders left
+    # Each worker pinned to its own share of the cores, with as many ORT threads: shares are disjoint, never oversubscribed.
+    shares = {tuple(r["worker"]["affinity"]) for r in doc["results"]}
+    assert all(r["worker"]["cores"] == len(r["worker"]["affinity"]) for r in doc["results"])
+    assert all(set(a).isdisjoint(b) for a in shares for b in shares if a != b) and len(shares) <= 2
     digits = next(r for r in doc["results"] if r["model"] == "digits_cnn.onnx" and r["target"] == "edge-arm")
     assert digits["summary"]["accuracy_drop_pct"] <= 1.0  # the build file's budget reached the compile
 
@@ -124,6 +128,13 @@ def test_build_models_are_byte_identical_to_single_compiles(pool_build, model, t
     built = models_of(root / "out" / f"{model}.{target}.lepton", root / "home")
     assert built.keys() == single.models.keys()
     assert all(built[path] == single.models[path] for path in built)
+    # A plain compile carries the same provenance: same inputs, same outputs (the rebuild check `verify --against` makes).
+    from lepton_cli.bundle.provenance import compare
+    from lepton_cli.commands._provenance import read_provenance
+
+    home = Path(os.environ["LEPTON_HOME"]) / "keys"
+    assert compare(read_provenance(root / "out" / f"{model}.{target}.lepton", str(root / "home" / "keys" / "signing-public.pem")),
+                   read_provenance(single.bundle_dir, str(home / "signing-public.pem"))) == []
 
 
 def test_keys_changed_reseals_cached_bundles(pool_build, tmp_path):

@@ -65,13 +65,14 @@ class BuildRun:
                       "version": plan.bundle_version, "expires": plan.expires}
         self.results = [JobResult(job.options.model.name, job.target.name) for job in plan.jobs]
 
-    def run(self, engine_factory: Callable[[], Engine]) -> int:
+    def run(self, engine_factory: Callable[[int], Engine]) -> int:
+        """Serve what the cache has, compile the rest on ``engine_factory(number of compiles)``; returns the exit code."""
         self.prepare()
         todo = [job for job in self.plan.jobs if not self._serve_cached(job)]
         self.on_update(self.results)
         if not todo or (self.fail_fast and self.exit_code() != 0):
             return self._finish(todo)
-        engine = engine_factory()
+        engine = engine_factory(len(todo))
         self.on_note(f"compiling {len(todo)} of {len(self.plan.jobs)} on {engine.describe()}")
         queue = list(todo)
         try:

@@ -22,9 +22,9 @@ def _engine_factory(workers: int | None, ray_address: str | None, cpus_per_compi
         from ..build.ray_engine import RayEngine, import_ray
 
         import_ray()  # exit 2 now, before any work, when ray is missing
-        return lambda: RayEngine(None if ray_address == "auto" else ray_address, cpus_per_compile)
+        return lambda jobs: RayEngine(None if ray_address == "auto" else ray_address, cpus_per_compile)
     count = workers or len(available_cores())
-    return lambda: LocalPool(count)
+    return lambda jobs: LocalPool(min(count, jobs))  # no idle workers to start
 
 
 def build_command(
