@@ -313,6 +313,7 @@ def test_cache_evicts_least_recently_used(tmp_path, monkeypatch):
     assert hit.models(cache.cache_key())["model.onnx"] and hit.bundle_files["model.onnx.enc"] == (bundle / "model.onnx.enc").read_bytes()
 
 
+@pytest.mark.slow  # ~12 s idle, ~25 s on a loaded host: two build processes and three compiles
 def test_kill_9_leaves_no_partial_bundle_and_a_rerun_resumes(tmp_path):
     """SIGKILL the driver once its first bundle exists: what is there verifies; the rerun serves it from the cache."""
     import signal
