@@ -370,3 +370,14 @@ def test_ray_inputs_travel_by_content_and_keep_their_layout(tmp_path, monkeypatc
     assert local["calib"].name == "calib_images" and (local["calib"] / "a" / "1.png").read_bytes() == b"png-1"
     assert _materialise(files, {}) == local  # already on this node: nothing shipped is needed again
     assert memory_estimate(files) > (tmp_path / "m.onnx").stat().st_size * 10
+
+
+def test_ctrl_c_exits_130_not_0(run_cli, tmp_path, monkeypatch):
+    """Typer turns Ctrl-C into a returned 130 when not standalone; the CLI must exit with it, not 0."""
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lepton_cli.commands.build.load_build_file", interrupted)
+    (tmp_path / "BUILD.toml").write_text("")
+    result = run_cli("build", tmp_path / "BUILD.toml")
+    assert result.code == 130 and "interrupted" in result.stderr

@@ -1,7 +1,6 @@
 """``lepton verify --provenance [--against REBUILD]``: print a bundle's signed provenance, and compare a rebuild with it."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
