@@ -381,3 +381,24 @@ def test_ctrl_c_exits_130_not_0(run_cli, tmp_path, monkeypatch):
     (tmp_path / "BUILD.toml").write_text("")
     result = run_cli("build", tmp_path / "BUILD.toml")
     assert result.code == 130 and "interrupted" in result.stderr
+
+
+def test_cache_key_from_the_environment(tmp_path, monkeypatch):
+    """$LEPTON_CACHE_KEY seals the cached models; another key cannot decrypt them (the driver then rebuilds)."""
+    from lepton_cli.build.cache import BuildCache
+    from lepton_cli.errors import BadInputError, VerificationError
+
+    monkeypatch.setenv("LEPTON_CACHE_KEY", "11" * 32)
+    cache = BuildCache(tmp_path / "cache")
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "report.json").write_text("{}")
+    cache.store("d" * 64, bundle_dir=bundle, models={"model.onnx": b"weights"}, report={}, manifest_fields={}, inputs={}, seal={})
+    assert cache.lookup("d" * 64).models(cache.cache_key()) == {"model.onnx": b"weights"}
+    assert not (tmp_path / "home" / "cache.key").exists()
+    monkeypatch.setenv("LEPTON_CACHE_KEY", "22" * 32)
+    with pytest.raises(VerificationError):
+        cache.lookup("d" * 64).models(cache.cache_key())
+    monkeypatch.setenv("LEPTON_CACHE_KEY", "not-hex")
+    with pytest.raises(BadInputError, match="LEPTON_CACHE_KEY"):
+        cache.cache_key()

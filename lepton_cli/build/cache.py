@@ -9,6 +9,7 @@ or an ``entry.json`` whose own checksum fails, makes the entry corrupt: removed 
 
 Location: ``$LEPTON_CACHE``, else ``$XDG_CACHE_HOME/lepton``, else ``~/.cache/lepton``. The cache key
 file lives in the Lepton config folder, not in the cache, so a shared cache folder alone reveals no model.
+``$LEPTON_CACHE_KEY`` replaces that key file where the cache outlives the machine (CI).
 Size cap: ``$LEPTON_CACHE_MAX_MB`` (default 10 GiB); least recently used entries go first.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bundle import crypto
+from ..errors import BadInputError
 from ..keys import _write_private, config_dir
 
 ENTRY_FORMAT = "lepton-build-cache/1"
@@ -84,7 +86,16 @@ class BuildCache:
         self.notes: list[str] = []
 
     def cache_key(self) -> bytes:
-        """The symmetric key the cached models are encrypted under (created 0600 on first use)."""
+        """The symmetric key the cached models are encrypted under: ``$LEPTON_CACHE_KEY`` (64 hex digits, e.g. a CI
+        secret, so a restored cache can be re-sealed), else ``<config>/cache.key`` (created 0600 on first use)."""
+        if os.environ.get("LEPTON_CACHE_KEY"):
+            try:
+                key = bytes.fromhex(os.environ["LEPTON_CACHE_KEY"].strip())
+            except ValueError:
+                key = b""
+            if len(key) != 32:
+                raise BadInputError("LEPTON_CACHE_KEY is not 64 hex digits", "generate one with: python -c 'import secrets; print(secrets.token_hex(32))'")
+            return key
         path = config_dir() / CACHE_KEY_FILE
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -173,6 +184,10 @@ class BuildCache:
             total -= size
             removed.append(folder.name)
         return removed
+
+    def discard(self, hit: CacheHit) -> None:
+        """Drop an entry that cannot be used (its models do not decrypt with this cache key), so it is rebuilt and replaced."""
+        self._remove(hit.folder)
 
     def _remove(self, folder: Path) -> None:
         """Rename away first, so a reader never sees a half-deleted entry."""

@@ -16,7 +16,7 @@ from ..bundle.output import CompileKeys, resolve_compile_keys, write_compile_out
 from ..bundle.writer import install_files
 from ..compile_inputs import compile_inputs, inputs_key
 from ..compiler import _check_output_dir, bundle_name
-from ..errors import LeptonError
+from ..errors import ExitCode, LeptonError
 from ..keys import key_id
 from .buildfile import BuildPlan, Job
 from .cache import BuildCache, CacheHit
@@ -60,6 +60,8 @@ class BuildRun:
         plan = self.plan
         self.keys = resolve_compile_keys(plan.sign_key, plan.recipients, plan.bundle_version, plan.expires, self.on_note)
         _check_output_dir(self.output_dir)
+        if self.cache is not None:
+            self.cache.cache_key()  # a malformed $LEPTON_CACHE_KEY is exit 2 now, not after the compiles
         signing, recipients = self.keys.complete()
         self._seal = {"signer": key_id(signing), "recipients": sorted(key_id(r) for r in recipients),
                       "version": plan.bundle_version, "expires": plan.expires}
@@ -124,7 +126,10 @@ class BuildRun:
         try:
             bundle_dir = self._install_hit(job, hit)
         except LeptonError as exc:  # e.g. the cache key changed: the entry cannot be re-sealed, so rebuild it
+            if exc.exit_code == ExitCode.BAD_INPUT:
+                raise
             self.on_warn(f"cache entry {key[:12] if key else ''} not usable ({exc.message}): rebuilt")
+            self.cache.discard(hit)
             return False
         result = self.results[job.index]
         result.state, result.exit_code, result.cached = "cached", 0, True
