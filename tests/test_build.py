@@ -105,7 +105,7 @@ def test_pool_builds_every_model_for_every_target(pool_build):
 def test_github_step_summary_gets_one_table_for_the_build(pool_build):
     text = (pool_build["root"] / "summary.md").read_text()
     assert text.count("### lepton build: 9 compile(s), exit 0") == 2  # one per build run, none per compile
-    assert "| digits_cnn.onnx | my-board | built |" in text and "| light_shufflenet.onnx | cpu-avx | cached |" in text
+    assert "| digits_cnn | my-board | built |" in text and "| light_shufflenet | cpu-avx | cached |" in text
     assert not [line for line in text.splitlines() if line.startswith("## ")]  # no per-compile report sections
 
 

@@ -58,7 +58,7 @@ def _row(result: JobResult) -> list[str]:
     summary = result.summary() or {}
     state = {"failed": f"[red]exit {result.exit_code}[/red]", "done": "[green]built[/green]", "cached": "[cyan]cached[/cyan]",
              "running": "[yellow]running[/yellow]", "skipped": "[dim]skipped[/dim]"}.get(result.state, result.state)
-    return [result.model, result.target, state, _fmt(result.seconds, "{:.1f}s"), _fmt(summary.get("size_ratio"), "{:.3f}"),
+    return [Path(result.model).stem, result.target, state, _fmt(result.seconds, "{:.1f}s"), _fmt(summary.get("size_ratio"), "{:.3f}"),
             _fmt(summary.get("accuracy_drop_pct"), "{:.2f}"), _fmt(summary.get("host_p50_ratio"), "{:.3f}")]
 
 
