@@ -168,6 +168,9 @@ class BuildRun:
         result.state, result.bundle = "done", str(bundle_dir)
         result.take_report(outcome.report)
         key = self._key(job)
+        if key is not None and inputs_key(outcome.inputs) != key:  # e.g. a Ray node with other library versions
+            self.on_warn(f"{result.model} → {result.target}: the worker's inputs or versions differ from the driver's; not cached")
+            key = None
         if self.cache is not None and key is not None:
             try:
                 self.cache.store(key, bundle_dir=bundle_dir, models=outcome.models, report=outcome.report,
