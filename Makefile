@@ -13,7 +13,8 @@ DEMO_KEYS ?= out/demo-keys
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	# ray: the `lepton build --ray` test runs in `make test` (a ~80 MB wheel, ~20 s to install).
+	$(PY) -m pip install --quiet -e '.[test,ray]'
 	# PP-OCRv4 det/rec models for the real-model tests: only the package's files are needed.
 	$(PY) -m pip install --quiet --no-deps rapidocr-onnxruntime==1.4.4
 	@touch $(STAMP)

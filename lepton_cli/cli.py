@@ -85,7 +85,11 @@ _USAGE_ERRORS = _usage_errors()
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, map exceptions to documented exit codes."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:  # not standalone, typer returns Exit codes (Ctrl-C's 130 too) instead of exiting
+            if code == 130:
+                stderr.print("[red]error:[/red] interrupted")
+            sys.exit(code)
     except LeptonError as exc:
         if settings.debug:
             traceback.print_exc()

@@ -16,6 +16,7 @@ import onnx
 
 from .data import SampleSet, load_samples
 from .accuracy import Evaluator, label_free
+from .compile_inputs import compile_inputs
 from .errors import BadInputError, QualityGateError
 from .external_data import ModelPayload, bundle_payload, use_weights_folder
 from .model_io import load_model, upgrade_opset
@@ -67,6 +68,8 @@ class CompileResult:
     manifest_fields: dict[str, Any] = field(default_factory=dict)  # variants and EPs, for the bundle manifest
     model_bytes: bytes = b""  # the compiled model in plaintext (the bundle holds it encrypted); graph only when it has a .data file
     archive: Path | None = None
+    models: dict[str, bytes | ModelPayload] = field(default_factory=dict)  # every model the bundle holds (bundle path -> plaintext)
+    inputs: dict[str, Any] = field(default_factory=dict)  # compile_inputs: the provenance materials and cache key
 
 
 def bundle_name(model_path: Path, target: Target) -> str:
@@ -127,15 +130,30 @@ def resolve_target(spec: str, host: HostInfo) -> tuple[Target, TargetSuggestion 
 def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None,
                   on_warning: Callable[[str], None] | None = None,
                   on_note: Callable[[str], None] | None = None) -> CompileResult:
+    """Compile and write the signed, encrypted bundle (``compile_unsealed``, then ``seal``)."""
     host = detect_host()
     target, choice = resolve_target(options.target, host)
     if choice is not None and on_note:
         on_note(f"--target auto chose [bold]{choice.name}[/bold]: {'; '.join(choice.reasons)}")
         for caveat in choice.warnings:
             on_note(f"  note: {caveat}")
-    output_dir = options.output_dir or options.model.parent
-    _check_output_dir(output_dir)
+    _check_output_dir(options.output_dir or options.model.parent)
     keys = resolve_compile_keys(options.sign_key, options.recipients, options.bundle_version, options.expires, on_note)
+    result = compile_unsealed(options, target, host, progress=progress, on_warning=on_warning, choice=choice)
+    return seal(result, options, keys)
+
+
+def seal(result: CompileResult, options: CompileOptions, keys: CompileKeys) -> CompileResult:
+    """Write ``result``'s models, report and provenance as the bundle (atomically); the archive too with ``--archive``."""
+    bundle_dir = (options.output_dir or options.model.parent) / bundle_name(options.model, result.target)
+    result.archive = _write_output(bundle_dir, result.models, result.report, keys, options, result.manifest_fields, result.inputs)
+    result.bundle_dir, result.model_path = bundle_dir, bundle_dir / "model.onnx.enc"
+    return result
+
+
+def compile_unsealed(options: CompileOptions, target: Target, host: HostInfo, *, progress: ProgressFn | None = None,
+                     on_warning: Callable[[str], None] | None = None, choice: TargetSuggestion | None = None) -> CompileResult:
+    """The compile itself, every gate included, without keys or disk output: what ``lepton build``'s workers run."""
     loaded = load_model(options.model, keep_external=True)  # large weights stay on disk (external_data)
     release_weights = use_weights_folder(loaded.weights_folder)
     normalisation: list[str] = []
@@ -190,17 +208,16 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
                     baseline_tolerance_pct=options.baseline_tolerance_pct)
         for built in others:  # every model the bundle ships must meet the budget, not only the main one
             check_accuracy_budget(built.accuracy, ctx.accuracy_budget)
-        bundle_dir = output_dir / bundle_name(options.model, target)
         primary_payload = bundle_payload(compiled, PRIMARY_PATH)  # late: it may hold a serialized copy of the weights
         payloads = {PRIMARY_PATH: primary_payload, **serialize_all(others)}
         models = {path: payload if payload.data_name else payload.graph for path, payload in payloads.items()}  # bytes unless paired
         if options.archive:
             _check_archive_size(payloads)
-        archive = _write_output(bundle_dir, models, report, keys, options, manifest_fields)
     finally:
         release_weights()
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
-    return CompileResult(bundle_dir, bundle_dir / "model.onnx.enc", report, steps, target, manifest_fields, primary_payload.graph, archive)
+    return CompileResult(Path(), Path(), report, steps, target, manifest_fields, primary_payload.graph, None,
+                         models=models, inputs=compile_inputs(options, target))
 
 
 ACCURACY_SAMPLE_LIMIT = 1000  # enough for a 0.1-point resolution; bounds compile time on big sets
@@ -241,7 +258,7 @@ def _check_archive_size(payloads: dict[str, ModelPayload]) -> None:
 
 
 def _write_output(bundle_dir: Path, models: dict[str, bytes | ModelPayload], report: dict[str, Any], keys: CompileKeys,
-                  options: CompileOptions, manifest_fields: dict[str, Any]) -> Path | None:
+                  options: CompileOptions, manifest_fields: dict[str, Any], inputs: dict[str, Any] | None) -> Path | None:
     """The signed, encrypted bundle (lepton_cli/bundle), written atomically; returns the archive path if any."""
     return write_compile_output(bundle_dir, models, report, keys, version=options.bundle_version, expires=options.expires,
-                                archive=options.archive, extra_fields=manifest_fields)
+                                archive=options.archive, extra_fields=manifest_fields, provenance=inputs)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from ..errors import BadInputError
 from ..keys import ENV, EncryptionPublicKey, SigningPrivateKey, dev_keys, key_id, load_key, resolve
 from .archive import ARCHIVE_SUFFIX, write_archive
+from .provenance import PROVENANCE, sign as sign_provenance, statement as provenance_statement
 from .writer import check_bundle_options, write_bundle
 
 
@@ -99,10 +100,16 @@ def compile_manifest_fields(report: dict[str, Any], extra: dict[str, Any] | None
 
 def write_compile_output(bundle_dir: Path, models: dict[str, bytes], report: dict[str, Any], keys: CompileKeys, *,
                          version: int, expires: str | None, archive: bool,
-                         extra_fields: dict[str, Any] | None = None) -> Path | None:
-    """The signed, encrypted bundle folder (and its archive with ``archive``); returns the archive path."""
+                         extra_fields: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> Path | None:
+    """The signed, encrypted bundle folder (and its archive with ``archive``); returns the archive path.
+
+    ``provenance`` (``compile_inputs``) adds the signed in-toto provenance statement beside the reports.
+    """
     signing_key, recipients = keys.complete()
-    write_bundle(bundle_dir, models=models, plain_files=_rendered_reports(report),
+    plain_files = _rendered_reports(report)
+    if provenance is not None:
+        plain_files[PROVENANCE] = sign_provenance(provenance_statement(provenance, models, bundle_dir.name), signing_key)
+    write_bundle(bundle_dir, models=models, plain_files=plain_files,
                  manifest_fields=compile_manifest_fields(report, extra_fields),
                  signing_key=signing_key, recipients=recipients, version=version, expires=expires)
     if archive:

@@ -128,6 +128,19 @@ def write_bundle(dest_dir: Path, *, models: dict[str, bytes | ModelPayload], pla
     try:
         files = build(dest_dir, models=models, plain_files=plain_files, manifest_fields=manifest_fields,
                       signing_key=signing_key, recipients=recipients, version=version, expires=expires, spool=staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return install_files(dest_dir, files, staging=staging)
+
+
+def install_files(dest_dir: Path, files: dict[str, bytes | Path], staging: Path | None = None) -> Path:
+    """Write ``files`` (path -> bytes, or a file already in ``staging``) as the folder ``dest_dir``,
+    atomically: built hidden beside it, then renamed in."""
+    dest_dir = Path(dest_dir)
+    dest_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging or Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.", dir=dest_dir.parent))
+    try:
         for path, data in files.items():
             if isinstance(data, Path):  # streamed into the staging folder already
                 continue

@@ -9,6 +9,7 @@ import typer
 from ..bundle import verify_bundle
 from ..console import emit_json, settings, stdout
 from ._bundle_keys import trust_spec
+from ._provenance import show_provenance
 
 
 def verify_command(
@@ -16,11 +17,17 @@ def verify_command(
     trust: Annotated[Optional[str], typer.Option("--trust", help="The publisher's signing public key (PEM); else $LEPTON_TRUST, else the local dev key.")] = None,
     state: Annotated[Optional[Path], typer.Option("--state", help="Rollback state file (default: bundle-state.json in the Lepton config folder).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    provenance: Annotated[bool, typer.Option("--provenance", help="Also check and print the signed in-toto provenance statement (how the bundle was built).")] = False,
+    against: Annotated[Optional[Path], typer.Option("--against", help="With --provenance: a rebuild of the same inputs; exit 4 unless its inputs and models match this bundle's.")] = None,
 ) -> None:
     """Check the bundle's signature, every file's sha256, format version, expiry and rollback state (exit 4 on failure)."""
     settings.json_mode = json_out
     settings.quiet = json_out
-    manifest = verify_bundle(bundle, trust=trust_spec(trust), state_path=state)
+    trusted = trust_spec(trust)
+    manifest = verify_bundle(bundle, trust=trusted, state_path=state)
+    if provenance or against is not None:
+        show_provenance(bundle, trusted, against, json_out)
+        return
     doc = {"bundle": str(bundle), "verified": True, "signer": manifest.get("signer"), "bundle_id": manifest["bundle_id"],
            "version": manifest["version"], "expires": manifest.get("expires"), "model": manifest["model"]["name"],
            "target": manifest["target"]["name"], "files": [{k: e[k] for k in ("path", "role", "size", "sha256")} for e in manifest["files"]],
