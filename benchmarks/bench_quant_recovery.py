@@ -46,13 +46,18 @@ from lepton_cli.pipeline import PassContext  # noqa: E402
 from lepton_cli.shapes import bind_input_shapes  # noqa: E402
 from lepton_cli.targets import load_target  # noqa: E402
 
+INT8_HEADS = {"head_precision": "int8"}  # heads found but left int8: the step's effect alone
 STEPS = {
-    "none": {},
-    "cle": {"equalize": True},
-    "bias": {"bias_correction": True},
-    "adaround": {"adaround": True},
-    "cle+bias": {"equalize": True, "bias_correction": True},
-    "cle+adaround+bias": {"equalize": True, "adaround": True, "bias_correction": True},
+    "none": INT8_HEADS,
+    "cle": INT8_HEADS | {"equalize": True},
+    "bias": INT8_HEADS | {"bias_correction": True},
+    "adaround": INT8_HEADS | {"adaround": True},
+    "smoothquant": INT8_HEADS | {"smoothquant_alpha": 0.5},
+    "heads": {"head_precision": "auto"},
+    "heads16": {"head_precision": "int16"},
+    "cle+bias": INT8_HEADS | {"equalize": True, "bias_correction": True},
+    "cle+adaround+bias": INT8_HEADS | {"equalize": True, "adaround": True, "bias_correction": True},
+    "cle+adaround+heads": {"equalize": True, "adaround": True},
 }
 INT8_TARGETS = ["cpu-avx", "edge-arm", "tpu", "fpga", str(ROOT / "examples" / "targets" / "cuda-int8-trt.toml")]
 
@@ -79,6 +84,87 @@ def ocr_accuracy(values: np.ndarray, texts: list[str], chars: list[str]) -> floa
 
 def digits_accuracy(values: np.ndarray, labels: np.ndarray) -> float:
     return 100.0 * float(np.mean(values.argmax(axis=1) == labels))
+
+
+def photos(count: int, seed: int, size: int = 416) -> np.ndarray:
+    """Crops of scikit-learn's two sample photographs at random scales, resized to ``size`` (pixels 0..255, as ddddocr feeds)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        image = load_sample_images().images[i % 2]
+        h, w = image.shape[:2]
+        side = int(rng.integers(int(0.35 * min(h, w)), min(h, w) + 1))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = Image.fromarray(image[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR)
+        out.append(np.asarray(crop, dtype=np.float32).transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def captchas(count: int, seed: int, size: int = 416) -> np.ndarray:
+    """Click-captcha style images (what ddddocr's detector is for): 3-6 large letters or digits drawn on photo crops."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    fonts = ["DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSans.ttf"]
+    out = []
+    for background in photos(count, seed, size):
+        image = Image.fromarray(background.transpose(1, 2, 0).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(3, 7))):
+            font = ImageFont.truetype(str(textset.FONT_DIR / str(rng.choice(fonts))), int(rng.integers(36, 64)))
+            char = chr(int(rng.integers(65, 91)) if rng.random() < 0.7 else int(rng.integers(48, 58)))
+            draw.text((int(rng.integers(10, size - 60)), int(rng.integers(10, size - 70))), char, font=font,
+                      fill=tuple(int(c) for c in rng.integers(0, 255, 3)), stroke_width=2, stroke_fill=(255, 255, 255))
+        out.append(np.asarray(image, dtype=np.float32).transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def yolox_boxes(raw: np.ndarray, size: int = 416, threshold: float = 0.3) -> list[np.ndarray]:
+    """ddddocr det's decoding: grid offsets and exp sizes per stride 8/16/32, score = objectness x class, then NMS."""
+    grids, strides = [], []
+    for stride in (8, 16, 32):
+        n = size // stride
+        ys, xs = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+        grids.append(np.stack([xs.ravel(), ys.ravel()], axis=1))
+        strides.append(np.full((n * n, 1), stride))
+    grid, stride = np.concatenate(grids), np.concatenate(strides)
+    result = []
+    for pred in raw:
+        xy, wh = (pred[:, :2] + grid) * stride, np.exp(np.clip(pred[:, 2:4], -10, 10)) * stride
+        score = pred[:, 4] * pred[:, 5]
+        keep = score >= threshold
+        boxes = np.concatenate([xy - wh / 2, xy + wh / 2], axis=1)[keep]
+        order = np.argsort(-score[keep])
+        chosen: list[np.ndarray] = []
+        for box in boxes[order]:
+            if all(_iou(box, other) < 0.45 for other in chosen):
+                chosen.append(box)
+        result.append(np.array(chosen).reshape(-1, 4))
+    return result
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return float(w * h / union) if union > 0 else 0.0
+
+
+def detection_f1(reference: list[np.ndarray], values: np.ndarray) -> float:
+    """100 x F1 of the int8 model's boxes matched (IoU >= 0.5) to the fp32 model's on each image."""
+    matched = total_ref = total_got = 0
+    for ref, got in zip(reference, yolox_boxes(values)):
+        used: set[int] = set()
+        for box in got:
+            best = max(((i, _iou(box, r)) for i, r in enumerate(ref) if i not in used), key=lambda t: t[1], default=None)
+            if best is not None and best[1] >= 0.5:
+                used.add(best[0])
+                matched += 1
+        total_ref, total_got = total_ref + len(ref), total_got + len(got)
+    return 100.0 * 2 * matched / max(1, total_ref + total_got)
 
 
 def relative_error(reference: np.ndarray, values: np.ndarray) -> float:
@@ -116,6 +202,9 @@ def main() -> None:
     ap.add_argument("--digits-steps", default="none,cle+bias,cle+adaround+bias")
     ap.add_argument("--skip-rec", action="store_true")
     ap.add_argument("--skip-digits", action="store_true")
+    ap.add_argument("--det", type=Path, help="ddddocr's common_det.onnx (pip download --no-deps ddddocr; unzip)")
+    ap.add_argument("--det-targets", default="cpu-avx,fpga")
+    ap.add_argument("--det-steps", default="none,heads,cle+adaround+heads")
     args = ap.parse_args()
     host_isa = list(detect_host().pass_context().get("isa") or [])
     work = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
@@ -138,8 +227,17 @@ def main() -> None:
                     args.rec_targets.split(","), args.rec_steps.split(","),
                     test_images, lambda values: ocr_accuracy(values, test_texts, chars), host_isa)
 
-    out = ROOT / "benchmarks" / "results" / ("quant_recovery.json" if not args.skip_digits and not args.skip_rec
-                                             else f"quant_recovery-{'rec' if args.skip_digits else 'digits'}.json")
+    if args.det is not None:
+        det, _ = upgrade_opset(onnx.load(args.det), 13, 21)
+        np.savez(work / "det-calib.npz", images=captchas(16, 1))
+        test_photos = captchas(12, 2)
+        reference = yolox_boxes(outputs(det, test_photos, "all"))
+        rows += run("ddddocr det", det, load_samples(work / "det-calib.npz", det), args.det_targets.split(","),
+                    args.det_steps.split(","), test_photos, lambda values: detection_f1(reference, values), host_isa)
+
+    parts = [name for name, skip in (("digits", args.skip_digits), ("rec", args.skip_rec), ("det", args.det is None))
+             if not skip]
+    out = ROOT / "benchmarks" / "results" / f"quant_recovery-{'-'.join(parts)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "rows": rows, "host": detect_host().pass_context()}, indent=2, default=str))
     lines = ["| model | target | steps | fp32 | int8 | drop | output error % | compile s |",

@@ -5,7 +5,9 @@ invariants; PP-OCRv4 rec (rendered text lines) for the slow ones.
 """
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -163,3 +165,76 @@ def test_recovery_on_pp_ocrv4_rec(tmp_path):
     assert recovered.summary["equalized_pairs"] >= 3
     np.testing.assert_allclose(_outputs(recovered.reference, held), _outputs(model, held), atol=1e-4)
     assert recovered.summary["adaround_error_ratio_median"] < 0.95
+
+
+@needs_ocr
+@pytest.mark.slow
+def test_smoothquant_on_pp_ocrv4_rec_is_exact_and_flattens_the_gemm_inputs(tmp_path):
+    """The SVTR neck's LayerNorm -> Gemm inputs: 1/s folds into gamma and beta, outputs unchanged, channel ranges flatter."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset as textset
+    from lepton_cli.model_io import upgrade_opset
+    from lepton_cli.shapes import bind_input_shapes
+
+    model, _ = upgrade_opset(onnx.load(OCR_REC), 13, 21)
+    model = schemes.preprocess(bind_input_shapes(model, {"x": [1, 3, 48, 160]}), tmp_path)
+    calib = [{"x": x[None]} for x in textset.make_set(8, 1, "calib", width=160)[0]]
+    held = [{"x": x[None]} for x in textset.make_set(6, 3, "eval", width=160)[0]]
+    recovered = recover(model, calib, PER_CHANNEL, RecoverySettings(smoothquant_alpha=0.5, samples=8))
+    assert recovered.summary["smoothquant_layers"] == 4  # the four Gemms that read a LayerNorm
+    np.testing.assert_allclose(_outputs(recovered.reference, held), _outputs(model, held), atol=1e-4)
+    gemms = [layer for layer in weight_layers(model) if layer.kind != "conv"]
+    before = layer_stats.collect(model, held, gemms, max_positions=1)
+    after = layer_stats.collect(recovered.reference, held, weight_layers(recovered.reference), max_positions=1)
+    flatter = [name for name, stats in before.items()
+               if after[name].absmax.max() / np.median(after[name].absmax) < stats.absmax.max() / np.median(stats.absmax)]
+    assert len(flatter) >= 4
+
+
+@needs_ocr
+@pytest.mark.slow
+def test_heads_found_in_pp_ocrv4_rec_and_kept_out_of_int8(tmp_path):
+    """The recogniser's decoding Softmax is found without a scope; quantize leaves it (and its output) float."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset as textset
+    from lepton_cli.model_io import upgrade_opset
+    from lepton_cli.quant.heads import find_heads
+    from lepton_cli.shapes import bind_input_shapes
+
+    model, _ = upgrade_opset(onnx.load(OCR_REC), 13, 21)
+    model = schemes.preprocess(bind_input_shapes(model, {"x": [1, 3, 48, 160]}), tmp_path)
+    calib = [{"x": x[None]} for x in textset.make_set(4, 1, "calib", width=160)[0]]
+    heads = find_heads(model, calib)
+    assert len(heads) == 1 and "Softmax" in heads[0].why
+    softmax = heads[0].nodes[-1]
+    np.savez(tmp_path / "calib.npz", x=np.concatenate([f["x"] for f in calib]))
+    from lepton_cli.data import load_samples
+    from lepton_cli.quant.calibration import CalibrationSettings, calibrate
+
+    path = schemes.save_ranges(calibrate(model, load_samples(tmp_path / "calib.npz", model), CalibrationSettings()),
+                               tmp_path / "ranges.json")
+    quantized = schemes.quantize_int8(model, path, "minmax", PER_CHANNEL, heads[0].nodes, tmp_path)
+    producer = {o: n for n in quantized.graph.node for o in n.output}
+    assert producer[quantized.graph.output[0].name].name in heads[0].nodes  # float from the Softmax on
+    head_outputs = {o for n in quantized.graph.node if n.name in heads[0].nodes for o in n.output}
+    assert softmax in {n.name for n in quantized.graph.node}
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in head_outputs for n in quantized.graph.node)
+
+
+DDDDOCR_DET = Path(os.environ.get("LEPTON_DDDDOCR_DET", Path.home() / ".cache" / "lepton-test" / "ddddocr" / "common_det.onnx"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DDDDOCR_DET.exists(), reason="pip download --no-deps ddddocr, unzip ddddocr/common_det.onnx to "
+                    "~/.cache/lepton-test/ddddocr/ (or set LEPTON_DDDDOCR_DET)")
+def test_detector_head_concat_of_boxes_and_scores_is_found():
+    """ddddocr's YOLOX-style head concatenates box offsets with sigmoid scores per scale, then the scales."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_quant_recovery import captchas
+    from lepton_cli.quant.heads import find_heads
+
+    model = onnx.load(DDDDOCR_DET)
+    heads = find_heads(model, [{"images": x[None]} for x in captchas(2, 1)])
+    assert len(heads) == 1 and heads[0].why.startswith("Concat")
+    assert sum(n.startswith("Concat") for n in heads[0].nodes) == 4  # the three per-scale Concats and the final one
+    assert len(heads[0].ranges) == 9  # boxes, objectness and class of each scale, each with its own range

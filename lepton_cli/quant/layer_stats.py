@@ -24,6 +24,7 @@ class LayerStats:
     mean: np.ndarray  # [groups, in_per_group]: mean input patch
     gram: np.ndarray  # [groups, in_per_group, in_per_group]: mean outer product of patches
     positions: int  # patches averaged for ``mean``
+    absmax: np.ndarray  # [groups, in_per_group]: largest magnitude seen (SmoothQuant's activation range)
 
 
 def patches(layer: WeightLayer, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray:
@@ -67,10 +68,11 @@ def collect(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]], laye
         for layer in layers:
             cols = patches(layer, np.asarray(values[layer.node.input[0]]), tuple(inits[layer.weight].dims))
             sub = cols if cols.shape[2] <= max_positions else cols[:, :, rng.choice(cols.shape[2], max_positions, replace=False)]
-            acc = sums.setdefault(layer.name, [0.0, 0.0, 0, 0])
+            acc = sums.setdefault(layer.name, [0.0, 0.0, 0, 0, 0.0])
             acc[0] = acc[0] + cols.sum(axis=2)
-            acc[1] = acc[1] + np.einsum("gip,gjp->gij", sub, sub)
+            acc[1] = acc[1] + np.matmul(sub, sub.transpose(0, 2, 1))
             acc[2] += cols.shape[2]
             acc[3] += sub.shape[2]
-    return {name: LayerStats(total / max(count, 1), gram / max(gram_count, 1), count)
-            for name, (total, gram, count, gram_count) in sums.items()}
+            acc[4] = np.maximum(acc[4], np.abs(cols).max(axis=2))
+    return {name: LayerStats(total / max(count, 1), gram / max(gram_count, 1), count, absmax)
+            for name, (total, gram, count, gram_count, absmax) in sums.items()}

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from lepton_cli.quant import adaround, bias_correction, equalization, layer_stats
+from lepton_cli.quant import adaround, bias_correction, equalization, layer_stats, smoothquant
 from lepton_cli.quant.schemes import Int8Scheme
 from lepton_cli.quant.weight_layers import from_rows, load, store, to_rows, weight_grid, weight_layers
 
@@ -23,6 +23,7 @@ from lepton_cli.quant.weight_layers import from_rows, load, store, to_rows, weig
 @dataclass(frozen=True)
 class RecoverySettings:
     equalize: bool = False
+    smoothquant_alpha: float | None = None  # None: off
     bias_correction: bool = False
     adaround: bool = False
     adaround_iterations: int = 300
@@ -48,6 +49,19 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+def _smooth(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], scheme: Int8Scheme,
+            settings: RecoverySettings, summary: dict[str, Any]) -> onnx.ModelProto:
+    smoothed = _copy(model)
+    layers = [layer for layer in weight_layers(smoothed) if layer.kind != "conv"
+              and (not scheme.op_types or layer.node.op_type in scheme.op_types)]
+    stats = layer_stats.collect(smoothed, feeds, layers, max_positions=1)
+    assert settings.smoothquant_alpha is not None
+    done = [layer.name for layer in layers if layer.name in stats
+            and smoothquant.smooth(smoothed, layer, stats[layer.name], settings.smoothquant_alpha)]
+    summary["smoothquant_layers"] = len(done)
+    return smoothed
+
+
 def recover(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], scheme: Int8Scheme,
             settings: RecoverySettings, note: Callable[[str], None] | None = None) -> Recovered:
     """Apply the enabled steps; ``model`` itself is left unchanged."""
@@ -59,6 +73,8 @@ def recover(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], scheme: 
         changed = equalization.equalize(reference)
         summary["equalized_pairs"] = len(changed)
         summary["equalize_seconds"] = round(time.perf_counter() - started, 2)
+    if settings.smoothquant_alpha is not None:
+        reference = _smooth(reference, feeds[:settings.samples], scheme, settings, summary)
     if not settings.per_layer:
         return Recovered(reference, reference, summary)
     adjusted = _copy(reference)
