@@ -62,10 +62,15 @@ STEPS = {
 INT8_TARGETS = ["cpu-avx", "edge-arm", "tpu", "fpga", str(ROOT / "examples" / "targets" / "cuda-int8-trt.toml")]
 
 
+EVERY_OP = False  # --every-op: quantize every op ORT can (cpu-avx's first search tier) instead of the target's op_types
+
+
 def quantize(model: onnx.ModelProto, calib, target_name: str, steps: dict) -> tuple[onnx.ModelProto, float, dict]:
     target = load_target(target_name)
     step = next(s for s in target.passes if s.name == "quantize")
     params = dataclasses.replace(step.params, tune=False, **steps)
+    if EVERY_OP:
+        params = dataclasses.replace(params, op_types=[], fast_op_types=None)
     ctx = PassContext(target=target, calib=calib, eval=None, max_accuracy_drop=1.0, host=detect_host().pass_context())
     started = time.perf_counter()
     result = get_pass("quantize").fn(onnx.ModelProto.FromString(model.SerializeToString()), ctx, params)
@@ -182,7 +187,7 @@ def run(label: str, model, calib, targets, steps, images, score, host_isa) -> li
             built, seconds, recovery = quantize(model, calib, target_name, STEPS[step_name])
             values = outputs(built, images, level)
             accuracy = score(values)
-            row = {"model": label, "target": Path(target_name).stem, "steps": step_name, "fp32": round(reference, 2),
+            row = {"model": label, "target": Path(target_name).stem + (" (every op)" if EVERY_OP else ""), "steps": step_name, "fp32": round(reference, 2),
                    "accuracy": round(accuracy, 2), "drop": round(reference - accuracy, 2),
                    "output_error_pct": round(relative_error(float_values, values), 3), "seconds": round(seconds, 1),
                    "recovery": recovery}
@@ -205,7 +210,10 @@ def main() -> None:
     ap.add_argument("--det", type=Path, help="ddddocr's common_det.onnx (pip download --no-deps ddddocr; unzip)")
     ap.add_argument("--det-targets", default="cpu-avx,fpga")
     ap.add_argument("--det-steps", default="none,heads,cle+adaround+heads")
+    ap.add_argument("--every-op", action="store_true", help="op_types = [] (every op ORT quantizes) on every target")
     args = ap.parse_args()
+    global EVERY_OP
+    EVERY_OP = args.every_op
     host_isa = list(detect_host().pass_context().get("isa") or [])
     work = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
     rows: list[dict] = []
@@ -237,7 +245,7 @@ def main() -> None:
 
     parts = [name for name, skip in (("digits", args.skip_digits), ("rec", args.skip_rec), ("det", args.det is None))
              if not skip]
-    out = ROOT / "benchmarks" / "results" / f"quant_recovery-{'-'.join(parts)}.json"
+    out = ROOT / "benchmarks" / "results" / f"quant_recovery-{'-'.join(parts)}{'-every-op' if args.every_op else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "rows": rows, "host": detect_host().pass_context()}, indent=2, default=str))
     lines = ["| model | target | steps | fp32 | int8 | drop | output error % | compile s |",
