@@ -37,7 +37,9 @@ from lepton_cli.pass_registry import LOSSY, PassResult, register_pass
 from lepton_cli.quant import schemes
 from lepton_cli.quant.calibration import CalibrationSettings, calibrate
 from lepton_cli.quant.consumer_ranges import narrow_to_readers
+from lepton_cli.quant.heads import find_heads, head_overrides
 from lepton_cli.quant.integer_io import make_integer_io
+from lepton_cli.quant.recovery import RecoverySettings, recover
 from lepton_cli.quant.short_names import shorten_added_names
 from lepton_cli.quant.tuning import Trial, keep_float_nodes, local_errors, quantized_nodes, search
 
@@ -88,6 +90,18 @@ class QuantizeParams:
     preprocess: bool = True  # ORT's quant_pre_process (shape inference + basic optimisation) before int8
     warn_float_ops: bool = False  # integer-only hardware: warn about every op left in float
     integer_io: bool = False  # int8: integer graph inputs/outputs, scale and zero point in metadata (quant/integer_io.py)
+    # Accuracy recovery before any layer is kept float (quant/recovery.py); off unless a target measured a gain.
+    equalize: bool = False  # cross-layer equalisation of conv pairs joined by ReLU-family activations (exact in float)
+    smoothquant_alpha: float | None = None  # SmoothQuant for MatMul/Gemm inputs after a LayerNorm: share moved to weights
+    bias_correction: bool = False  # fold each weight layer's mean int8 output error into its bias
+    adaround: bool = False  # optimise each layer's weight rounding against its float output on --calib
+    adaround_iterations: int = 200
+    adaround_seconds: float = 120.0  # whole-model budget; layers past it round to nearest
+    recovery_samples: int = 32  # --calib samples the bias correction and rounding measure layer inputs on
+    # Output heads one int8 scale cannot hold (quant/heads.py): a Concat of far-apart ranges, a decoding Softmax.
+    # auto: float when the target may keep layers float (max_float_layers > 0), else int8 with a warning.
+    head_precision: Literal["auto", "float", "int16", "int8"] = "auto"
+    head_range_ratio: float = 4.0  # Concat inputs this many times apart in range (2 bits of int8) make a mixed head
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -109,6 +123,14 @@ class QuantizeParams:
             raise ParamValueError("budget_share", "must be in (0, 1]")
         if not 0.5 <= self.budget_confidence < 1:
             raise ParamValueError("budget_confidence", f"must be in [0.5, 1), got {self.budget_confidence}")
+        if self.smoothquant_alpha is not None and not 0 < self.smoothquant_alpha < 1:
+            raise ParamValueError("smoothquant_alpha", f"must be in (0, 1), got {self.smoothquant_alpha}")
+        if self.head_precision == "int16" and self.power_of_two_scales:
+            raise ParamValueError("head_precision", "int16 heads need 16-bit Q/DQ, which power-of-two (DPU) targets lack")
+        if self.head_range_ratio <= 1:
+            raise ParamValueError("head_range_ratio", f"must be > 1, got {self.head_range_ratio}")
+        if self.recovery_samples < 1 or self.adaround_iterations < 1 or self.adaround_seconds <= 0:
+            raise ParamValueError("recovery_samples", "recovery_samples, adaround_iterations and adaround_seconds must be > 0")
         if self.int4_block_size & (self.int4_block_size - 1) or self.int4_block_size < 16:
             raise ParamValueError("int4_block_size", "must be a power of two >= 16")
 
@@ -227,7 +249,8 @@ def _tried_line(trials: list[Trial]) -> str:
 
 
 def _int8_builder(base: onnx.ModelProto, calib: Any, params: QuantizeParams, scheme: schemes.Int8Scheme,
-                  work_dir: Any, tag: str, narrowed: dict[str, list[str]]) -> Callable[[str, list[str]], onnx.ModelProto]:
+                  work_dir: Any, tag: str, narrowed: dict[str, list[str]],
+                  source: onnx.ModelProto | None = None, exclude: list[str] | None = None) -> Callable[[str, list[str]], onnx.ModelProto]:
     """(method, float-kept nodes) -> candidate, for one set of op types; calibration and the fully
     quantized model are computed once per method. ``narrowed`` gets, per method, the tensors whose
     calibrated range was cut to what their readers can tell apart (quant/consumer_ranges.py)."""
@@ -235,23 +258,59 @@ def _int8_builder(base: onnx.ModelProto, calib: Any, params: QuantizeParams, sch
     full: dict[str, onnx.ModelProto] = {}
     # Only the tensors around the ops being quantized need ranges (histograms of every tensor are slow).
     calib_ops = list(scheme.op_types) or None
+    source = base if source is None else source  # recovery's adjusted weights; float-kept layers read ``base``
 
     def build(method: str, keep: list[str]) -> onnx.ModelProto:
         if method not in ranges:
             settings = CalibrationSettings(method=method, chunk=params.calib_chunk, max_samples=params.max_calib_samples,
                                            percentile=params.percentile, histogram_bins=params.histogram_bins,
                                            entropy_bins=params.entropy_bins)
-            data = calibrate(base, calib, settings, _CalibProgress(f"calibrating ({method})"), calib_ops)
-            narrowed[method] = narrow_to_readers(base, data)
+            data = calibrate(source, calib, settings, _CalibProgress(f"calibrating ({method})"), calib_ops)
+            narrowed[method] = narrow_to_readers(source, data)
             ranges[method] = schemes.save_ranges(data, work_dir / f"ranges-{tag}-{method}.json")
         if method not in full:
-            full[method] = schemes.quantize_int8(base, ranges[method], method, scheme, [], work_dir)
+            full[method] = schemes.quantize_int8(source, ranges[method], method, scheme, list(exclude or []), work_dir)
         # Float-kept nodes are bypassed in the fully quantized model, exactly as the sensitivity search
         # measured them. Re-quantizing with ORT's nodes_to_exclude instead changed neighbouring Q/DQ and
         # was not monotonic (PP-OCRv4 rec, S8S8, CTC drop for k = 1..16 kept: 0.92, 0.92, 1.03, 1.15,
         # 1.61; bypassed: 0.80, 0.92, 0.92, 0.80, 0.69).
         return keep_float_nodes(full[method], base, keep, params.float_kept_weights == "float")
     return build
+
+
+def _recover(base: onnx.ModelProto, calib: Any, params: QuantizeParams, scheme: schemes.Int8Scheme, ctx: Any,
+             summary: dict[str, Any]) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(float reference, model to quantize) after the enabled recovery steps (quant/recovery.py)."""
+    settings = RecoverySettings(equalize=params.equalize, smoothquant_alpha=params.smoothquant_alpha,
+                                bias_correction=params.bias_correction, adaround=params.adaround,
+                                adaround_iterations=params.adaround_iterations, adaround_seconds=params.adaround_seconds,
+                                samples=params.recovery_samples)
+    if not (settings.equalize or settings.per_layer or settings.smoothquant_alpha is not None):
+        return base, base
+    feeds = list(calib.feeds(params.recovery_samples))
+    recovered = recover(base, feeds, scheme, settings, console.note)
+    summary["recovery"] = recovered.summary
+    return recovered.reference, recovered.quantize_source
+
+
+def _heads(model: onnx.ModelProto, calib: Any, params: QuantizeParams, scheme: schemes.Int8Scheme, ctx: Any,
+           summary: dict[str, Any]) -> tuple[list[str], schemes.Int8Scheme]:
+    """(nodes ORT leaves float, scheme with 16-bit overrides) for the heads one int8 scale cannot hold."""
+    found = find_heads(model, list(calib.feeds(8)), params.head_range_ratio)
+    if not found:
+        return [], scheme
+    precision = params.head_precision
+    if precision == "auto":
+        precision = "float" if params.max_float_layers > 0 else "int8"
+    summary["heads"] = [{"output": h.output, "nodes": h.nodes, "why": h.why, "precision": precision} for h in found]
+    nodes = [n for h in found for n in h.nodes]
+    if precision == "int8":
+        ctx.warn(f"{len(found)} output head(s) mix ranges one int8 scale cannot hold ({found[0].why}); this target keeps "
+                 "them int8: set head_precision = \"float\" or \"int16\" where the runtime allows")
+        return [], scheme
+    if precision == "float":
+        return nodes, scheme
+    return [], replace(scheme, extra=scheme.extra | head_overrides(model, nodes, scheme.activation_type))
 
 
 @register_pass("quantize", params=QuantizeParams, exactness=LOSSY,
@@ -307,8 +366,10 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
         fast = params.fast_op_types
         tiers = ([list(fast)] if fast is not None and sorted(fast) != sorted(params.op_types) else []) + [list(params.op_types)]
         narrowed: dict[str, list[str]] = {}
-        builds = [_int8_builder(base, calib, params, replace(scheme, op_types=tuple(ops)), ctx.work_dir, f"t{i}", narrowed)
-                  for i, ops in enumerate(tiers)]
+        base, source = _recover(base, calib, params, scheme, ctx, summary)
+        head_nodes, scheme = _heads(source, calib, params, scheme, ctx, summary)
+        builds = [_int8_builder(base, calib, params, replace(scheme, op_types=tuple(ops)), ctx.work_dir, f"t{i}", narrowed,
+                                source, head_nodes) for i, ops in enumerate(tiers)]
         methods = list(dict.fromkeys(params.methods))
         candidates = None
 

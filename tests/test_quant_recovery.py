@@ -1,0 +1,240 @@
+"""Accuracy-recovery steps of the quantize pass (lepton_cli/quant/recovery.py and its modules), on real models.
+
+digits (examples/digits: a trained CNN, its own calibration and held-out images) for the fast
+invariants; PP-OCRv4 rec (rendered text lines) for the slow ones.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import DIGITS, OCR_REC, REPO, needs_ocr
+from lepton_cli.errors import BadInputError
+from lepton_cli.ort import make_session
+from lepton_cli.params import from_table
+from lepton_cli.quant import adaround, bias_correction, equalization, layer_stats, schemes
+from lepton_cli.quant.recovery import RecoverySettings, recover
+from lepton_cli.quant.weight_layers import load, to_rows, weight_grid, weight_layers
+
+PER_CHANNEL = schemes.Int8Scheme(per_channel=True)
+POW2 = schemes.Int8Scheme(activation_type="s8", per_channel=False, activation_symmetric=True, power_of_two=True)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    model = schemes.preprocess(onnx.load(DIGITS / "digits_cnn.onnx"), tmp_path_factory.mktemp("pre"))
+    name = model.graph.input[0].name
+    calib = np.load(DIGITS / "calib.npz")["image"]
+    held = np.load(DIGITS / "eval.npz")["image"]
+    return model, [{name: calib[i:i + 1]} for i in range(64)], [{name: held[i:i + 1]} for i in range(128)]
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    return onnx.ModelProto.FromString(model.SerializeToString())
+
+
+def _outputs(model: onnx.ModelProto, feeds: list[dict]) -> np.ndarray:
+    session = make_session(model)
+    return np.concatenate([session.run(None, f)[0] for f in feeds])
+
+
+def test_patches_reproduce_each_layers_output(digits):
+    """im2col columns times the weight rows plus the bias is what ONNX Runtime computes for the layer."""
+    model, calib, _ = digits
+    for layer in weight_layers(model):
+        probe = _copy(model)
+        probe.graph.output.extend([onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                                   for t in (layer.node.input[0], layer.node.output[0])])
+        x, y = make_session(probe).run([layer.node.input[0], layer.node.output[0]], calib[0])
+        weight = load(model, layer.weight)
+        cols = layer_stats.patches(layer, x, weight.shape)[0]
+        got = to_rows(layer, weight).astype(np.float64) @ cols + load(model, layer.bias)[:, None]
+        want = y.reshape(y.shape[0], y.shape[1], -1).transpose(1, 0, 2).reshape(y.shape[1], -1) if y.ndim == 4 else y.T
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_equalisation_keeps_the_float_outputs_and_evens_the_ranges(digits):
+    model, calib, _ = digits
+    pairs = equalization.find_pairs(model)
+    assert equalization.describe(pairs) == ["conv1 -> Relu -> conv2"]
+    equalised = _copy(model)
+    assert equalization.equalize(equalised) == ["conv2"]
+    np.testing.assert_allclose(_outputs(equalised, calib[:16]), _outputs(model, calib[:16]), rtol=1e-4, atol=1e-4)
+    pair = pairs[0]
+
+    def spread(m: onnx.ModelProto) -> float:  # how unequal conv1's output-channel ranges are
+        ranges = np.abs(load(m, pair.first.weight)).reshape(len(load(m, pair.first.weight)), -1).max(axis=1)
+        return float(ranges.max() / ranges.min())
+    r1 = np.abs(load(equalised, pair.first.weight)).reshape(-1, 9).max(axis=1)
+    r2 = np.abs(load(equalised, pair.second.weight)).transpose(1, 0, 2, 3).reshape(len(r1), -1).max(axis=1)
+    np.testing.assert_allclose(r1, r2, rtol=1e-3)  # each channel's range is the same on both sides
+    assert spread(equalised) < spread(model)
+
+
+def test_bias_correction_lowers_the_mean_output_error_on_held_out_data(digits):
+    model, calib, held = digits
+    layers = weight_layers(model)
+    fitted = layer_stats.collect(model, calib, layers)
+    unseen = layer_stats.collect(model, held, layers)
+    corrected = _copy(model)
+    for layer in weight_layers(corrected):
+        rows = to_rows(layer, load(model, layer.weight)).astype(np.float64)
+        grid = weight_grid(rows, POW2)
+        before = bias_correction.output_shift(rows, grid.quantize(rows), unseen[layer.name])
+        assert bias_correction.correct(corrected, layer, rows, grid, fitted[layer.name]) is not None
+        # Held-out mean error after correction: the quantized layer's shift minus what the bias now subtracts.
+        after = before - (load(model, layer.bias) - load(corrected, layer.bias))
+        assert np.abs(after).mean() < 0.5 * np.abs(before).mean(), layer.name
+
+
+def test_adaround_reconstructs_each_layer_no_worse_than_rounding_to_nearest(digits):
+    model, calib, held = digits
+    layers = weight_layers(model)
+    fitted = layer_stats.collect(model, calib, layers)
+    unseen = layer_stats.collect(model, held, layers)
+    for layer in layers:
+        rows = to_rows(layer, load(model, layer.weight)).astype(np.float64)
+        grid = weight_grid(rows, PER_CHANNEL)
+        nearest, chosen = grid.quantize(rows), adaround.optimise_rounding(rows, grid, fitted[layer.name],
+                                                                          adaround.AdaRoundSettings(iterations=150))
+        on_calib = [adaround.reconstruction_error(rows, w, fitted[layer.name]) for w in (nearest, chosen)]
+        assert np.all(on_calib[1] <= on_calib[0] + 1e-12), layer.name  # per output channel, by construction
+        assert on_calib[1].sum() < 0.95 * on_calib[0].sum(), layer.name
+        on_held = [adaround.reconstruction_error(rows, w, unseen[layer.name]).sum() for w in (nearest, chosen)]
+        assert on_held[1] < on_held[0], layer.name  # the gain is not fitted to the calibration images
+        steps = np.round(chosen / grid.scale[:, None]) - np.floor(rows / grid.scale[:, None])
+        assert set(np.unique(steps)) <= {0.0, 1.0}  # only the rounding direction changed
+
+
+@pytest.mark.parametrize("scheme", [PER_CHANNEL, POW2], ids=["per-channel", "power-of-two"])
+def test_onnx_runtime_stores_the_chosen_rounding(digits, tmp_path, scheme):
+    """The adjusted float weights sit on ORT's grid: its quantizer keeps them exactly."""
+    model, calib, _ = digits
+    recovered = recover(model, calib, scheme, RecoverySettings(adaround=True, bias_correction=True, samples=32))
+    assert recovered.summary["adaround_layers"] == 4 and recovered.summary["bias_corrected_layers"] == 4
+    from lepton_cli.data import load_samples
+    from lepton_cli.quant.calibration import CalibrationSettings, calibrate
+
+    ranges = calibrate(recovered.quantize_source, load_samples(DIGITS / "calib.npz", model), CalibrationSettings())
+    path = schemes.save_ranges(ranges, tmp_path / "ranges.json")
+    quantized = schemes.quantize_int8(recovered.quantize_source, path, "minmax", scheme, [], tmp_path)
+    inits = {i.name: numpy_helper.to_array(i) for i in quantized.graph.initializer}
+    for layer in weight_layers(recovered.quantize_source):
+        weight_input = next(n for n in quantized.graph.node if n.name == layer.name).input[1]
+        dq = next(n for n in quantized.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == weight_input)
+        scale = inits[dq.input[1]].astype(np.float64)
+        stored = inits[dq.input[0]].astype(np.float64) * (scale.reshape(-1, *[1] * (inits[dq.input[0]].ndim - 1))
+                                                           if scale.ndim else scale)
+        np.testing.assert_allclose(stored, load(recovered.quantize_source, layer.weight), rtol=1e-6, atol=1e-9)
+
+
+def test_recovery_parameters_are_checked_when_the_target_loads():
+    sys.path.insert(0, str(REPO))
+    from passes.quantize import QuantizeParams
+
+    params = from_table(QuantizeParams, {"equalize": True, "bias_correction": True, "adaround": True,
+                                         "adaround_seconds": 30}, "passes[quantize]")
+    assert params.adaround and params.adaround_seconds == 30.0
+    with pytest.raises(BadInputError, match="adaround_seconds"):
+        from_table(QuantizeParams, {"adaround_seconds": 0}, "passes[quantize]")
+    with pytest.raises(BadInputError, match="unknown key"):
+        from_table(QuantizeParams, {"adaroundd": True}, "passes[quantize]")
+
+
+@needs_ocr
+@pytest.mark.slow
+def test_recovery_on_pp_ocrv4_rec(tmp_path):
+    """Equalisation is exact on the real recogniser; rounding and bias correction lower its output error."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset as textset
+    from lepton_cli.model_io import upgrade_opset
+    from lepton_cli.shapes import bind_input_shapes
+
+    model, _ = upgrade_opset(onnx.load(OCR_REC), 13, 21)
+    model = schemes.preprocess(bind_input_shapes(model, {"x": [1, 3, 48, 160]}), tmp_path)
+    calib = [{"x": x[None]} for x in textset.make_set(16, 1, "calib", width=160)[0]]
+    held = [{"x": x[None]} for x in textset.make_set(8, 3, "eval", width=160)[0]]
+    recovered = recover(model, calib, POW2, RecoverySettings(equalize=True, adaround=True, bias_correction=True,
+                                                             adaround_iterations=100, samples=16))
+    assert recovered.summary["equalized_pairs"] >= 3
+    np.testing.assert_allclose(_outputs(recovered.reference, held), _outputs(model, held), atol=1e-4)
+    assert recovered.summary["adaround_error_ratio_median"] < 0.95
+
+
+@needs_ocr
+@pytest.mark.slow
+def test_smoothquant_on_pp_ocrv4_rec_is_exact_and_flattens_the_gemm_inputs(tmp_path):
+    """The SVTR neck's LayerNorm -> Gemm inputs: 1/s folds into gamma and beta, outputs unchanged, channel ranges flatter."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset as textset
+    from lepton_cli.model_io import upgrade_opset
+    from lepton_cli.shapes import bind_input_shapes
+
+    model, _ = upgrade_opset(onnx.load(OCR_REC), 13, 21)
+    model = schemes.preprocess(bind_input_shapes(model, {"x": [1, 3, 48, 160]}), tmp_path)
+    calib = [{"x": x[None]} for x in textset.make_set(8, 1, "calib", width=160)[0]]
+    held = [{"x": x[None]} for x in textset.make_set(6, 3, "eval", width=160)[0]]
+    recovered = recover(model, calib, PER_CHANNEL, RecoverySettings(smoothquant_alpha=0.5, samples=8))
+    assert recovered.summary["smoothquant_layers"] == 4  # the four Gemms that read a LayerNorm
+    np.testing.assert_allclose(_outputs(recovered.reference, held), _outputs(model, held), atol=1e-4)
+    gemms = [layer for layer in weight_layers(model) if layer.kind != "conv"]
+    before = layer_stats.collect(model, held, gemms, max_positions=1)
+    after = layer_stats.collect(recovered.reference, held, weight_layers(recovered.reference), max_positions=1)
+    flatter = [name for name, stats in before.items()
+               if after[name].absmax.max() / np.median(after[name].absmax) < stats.absmax.max() / np.median(stats.absmax)]
+    assert len(flatter) >= 4
+
+
+@needs_ocr
+@pytest.mark.slow
+def test_heads_found_in_pp_ocrv4_rec_and_kept_out_of_int8(tmp_path):
+    """The recogniser's decoding Softmax is found without a scope; quantize leaves it (and its output) float."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset as textset
+    from lepton_cli.model_io import upgrade_opset
+    from lepton_cli.quant.heads import find_heads
+    from lepton_cli.shapes import bind_input_shapes
+
+    model, _ = upgrade_opset(onnx.load(OCR_REC), 13, 21)
+    model = schemes.preprocess(bind_input_shapes(model, {"x": [1, 3, 48, 160]}), tmp_path)
+    calib = [{"x": x[None]} for x in textset.make_set(4, 1, "calib", width=160)[0]]
+    heads = find_heads(model, calib)
+    assert len(heads) == 1 and "Softmax" in heads[0].why
+    softmax = heads[0].nodes[-1]
+    np.savez(tmp_path / "calib.npz", x=np.concatenate([f["x"] for f in calib]))
+    from lepton_cli.data import load_samples
+    from lepton_cli.quant.calibration import CalibrationSettings, calibrate
+
+    path = schemes.save_ranges(calibrate(model, load_samples(tmp_path / "calib.npz", model), CalibrationSettings()),
+                               tmp_path / "ranges.json")
+    quantized = schemes.quantize_int8(model, path, "minmax", PER_CHANNEL, heads[0].nodes, tmp_path)
+    producer = {o: n for n in quantized.graph.node for o in n.output}
+    assert producer[quantized.graph.output[0].name].name in heads[0].nodes  # float from the Softmax on
+    head_outputs = {o for n in quantized.graph.node if n.name in heads[0].nodes for o in n.output}
+    assert softmax in {n.name for n in quantized.graph.node}
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in head_outputs for n in quantized.graph.node)
+
+
+DDDDOCR_DET = Path(os.environ.get("LEPTON_DDDDOCR_DET", Path.home() / ".cache" / "lepton-test" / "ddddocr" / "common_det.onnx"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DDDDOCR_DET.exists(), reason="pip download --no-deps ddddocr, unzip ddddocr/common_det.onnx to "
+                    "~/.cache/lepton-test/ddddocr/ (or set LEPTON_DDDDOCR_DET)")
+def test_detector_head_concat_of_boxes_and_scores_is_found():
+    """ddddocr's YOLOX-style head concatenates box offsets with sigmoid scores per scale, then the scales."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_quant_recovery import captchas
+    from lepton_cli.quant.heads import find_heads
+
+    model = onnx.load(DDDDOCR_DET)
+    heads = find_heads(model, [{"images": x[None]} for x in captchas(2, 1)])
+    assert len(heads) == 1 and heads[0].why.startswith("Concat")
+    assert sum(n.startswith("Concat") for n in heads[0].nodes) == 4  # the three per-scale Concats and the final one
+    assert len(heads[0].ranges) == 9  # boxes, objectness and class of each scale, each with its own range
