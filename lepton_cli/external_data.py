@@ -24,10 +24,10 @@ from onnx import helper, numpy_helper
 
 from .errors import BadInputError, InternalError
 
-# Serialized models above this size are bundled as a graph plus one external data file: protobuf
-# refuses 2 GiB, and serializing more than this would hold a second full copy of the weights.
+# Most external data read into one protobuf (ORT's quantizers, a bundled model file): protobuf refuses
+# 2 GiB, and a serialized copy of more would hold the weights twice over.
 INLINE_LIMIT = 1 << 30
-BUNDLE_INLINE_LIMIT = INLINE_LIMIT
+BUNDLE_INLINE_LIMIT = INLINE_LIMIT  # above it, a compiled model is bundled as graph + external data file
 _folders: list[Path] = []
 
 
