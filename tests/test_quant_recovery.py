@@ -135,8 +135,7 @@ def test_onnx_runtime_stores_the_chosen_rounding(digits, tmp_path, scheme):
 
 
 def test_recovery_parameters_are_checked_when_the_target_loads():
-    sys.path.insert(0, str(REPO))
-    from passes.quantize import QuantizeParams
+    from lepton_cli.passes.quantize import QuantizeParams  # the installed name: the registry holds one quantize
 
     params = from_table(QuantizeParams, {"equalize": True, "bias_correction": True, "adaround": True,
                                          "adaround_seconds": 30}, "passes[quantize]")
