@@ -33,7 +33,7 @@ from lepton_cli.errors import BadInputError, QualityGateError
 from lepton_cli.params import ParamValueError
 from lepton_cli.pipeline import adapt_feed
 from lepton_cli.pass_registry import LOSSY, PassResult, register_pass
-from lepton_cli.quant import schemes
+from lepton_cli.quant import fp16_safe, schemes
 from lepton_cli.quant.calibration import CalibrationSettings, calibrate
 from lepton_cli.quant.consumer_ranges import narrow_to_readers
 from lepton_cli.quant.integer_io import make_integer_io
@@ -247,6 +247,29 @@ def _int8_builder(base: onnx.ModelProto, calib: Any, params: QuantizeParams, sch
     return build
 
 
+FP16_PROBE_SAMPLES = 64  # data samples whose fp32 ranges decide what stays fp32 (and that the fp16 model must pass finite)
+
+
+def plan_samples(ctx: Any, params: QuantizeParams) -> int:
+    data = ctx.calib if ctx.calib is not None else ctx.eval
+    return min(len(data), FP16_PROBE_SAMPLES, params.max_calib_samples) if data is not None else 4
+
+
+def _fp16_model(model: onnx.ModelProto, params: QuantizeParams, keep: list[str]) -> onnx.ModelProto:
+    converted = schemes.to_fp16(model, params.fp16_block_ops, keep)
+    fp16_safe.collapse_round_trip_casts(converted)
+    return converted
+
+
+def _fp16_plan(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> fp16_safe.Fp16Plan:
+    """Which nodes stay fp32 so the fp16 model is finite on the calibration data (else the check feeds)."""
+    feeds = ctx.sample_feeds(model, plan_samples(ctx, params))
+    if ctx.calib is not None or ctx.eval is not None:  # data is in the source layout (NCHW)
+        feeds = [adapt_feed(model, feed) for feed in feeds]
+    plan, _ = fp16_safe.plan_fp16(model, feeds, lambda keep: _fp16_model(model, params, keep))
+    return plan
+
+
 @register_pass("quantize", params=QuantizeParams, exactness=LOSSY,
                description="int8/fp16 per target scheme; streamed calibration; keeps sensitive layers in float to meet the accuracy budget")
 def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassResult:
@@ -268,18 +291,20 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
     summary: dict[str, Any] = {"scheme": params.scheme, "budget_pct": round(budget, 4), "scored_on": scored_on}
 
     if params.scheme == "fp16":
-        # Activations beyond fp16's range (seen on the calibration/eval data, else random inputs) stay fp32.
-        probe_feeds = ctx.sample_feeds(model, 4)
-        if ctx.calib is not None or ctx.eval is not None:  # data is in the source layout (NCHW)
-            probe_feeds = [adapt_feed(model, feed) for feed in probe_feeds]
-        overflow = schemes.fp16_overflow_nodes(model, probe_feeds)
+        # Activations beyond fp16's range (measured on the data, else random inputs) stay fp32; verified finite.
+        plan = _fp16_plan(model, ctx, params)
+        overflow = plan.kept
+        summary["fp16_range"] = {"probe_samples": plan_samples(ctx, params), "overflow_kept": plan.overflow,
+                                 "nonfinite_kept": plan.nonfinite, "rounds": plan.rounds, "finite": plan.finite}
         if overflow:
             ctx.warn(f"{len(overflow)} node(s) produce values beyond fp16's range and stay fp32")
             summary["fp16_overflow_kept"] = overflow
+        if not plan.finite:
+            ctx.warn("the fp16 model still returns inf/NaN on the data after keeping overflowing nodes fp32")
         candidates = [n.name for n in model.graph.node if n.op_type not in params.fp16_block_ops and n.name not in overflow]
 
         def build(method: str, keep: list[str]) -> onnx.ModelProto:
-            return schemes.to_fp16(model, params.fp16_block_ops, sorted(set(keep) | set(overflow)))
+            return _fp16_model(model, params, sorted(set(keep) | set(overflow)))
         builds, tiers = [build], [[]]
         methods = ["fp16"]
         base = model
