@@ -28,7 +28,7 @@ import onnx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from lepton_cli import console
-from lepton_cli.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, Evaluator, label_free, scoring_opt_level
+from lepton_cli.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, scoring_opt_level
 from lepton_cli.errors import BadInputError, QualityGateError
 from lepton_cli.params import ParamValueError
 from lepton_cli.pipeline import adapt_feed
@@ -79,7 +79,6 @@ class QuantizeParams:
     # 0.43 ± 0.21 of a 0.5 budget dropped 0.64 on 200 other lines.
     budget_confidence: float = 0.8
     max_eval_samples: int = 1000  # as many as compile's accuracy gate scores, so the search decides what the gate will see
-    holdout_fraction: float = 0.25  # of --calib, scored for agreement when there is no --eval
     budget_share: float = 1.0  # share of the accuracy budget this pass may spend (earlier lossy passes spend the rest)
     without_calib: Literal["weight_only", "dynamic", "fail"] = "weight_only"
     fp16_block_ops: list[str] = field(default_factory=lambda: list(schemes.FP16_BLOCK_DEFAULT))
@@ -100,8 +99,6 @@ class QuantizeParams:
                 raise ParamValueError(name, "must be >= 1")
         if self.max_float_layers < 0:
             raise ParamValueError("max_float_layers", "must be >= 0")
-        if not 0 < self.holdout_fraction < 1:
-            raise ParamValueError("holdout_fraction", "must be in (0, 1)")
         if self.integer_io and self.scheme != "int8":
             raise ParamValueError("integer_io", "needs scheme = \"int8\" (static quantization gives inputs and outputs a scale)")
         if not 0 < self.budget_share <= 1:
@@ -197,18 +194,11 @@ def _int8_initializers(model: onnx.ModelProto) -> int:
 
 
 def _evaluation(model: onnx.ModelProto, ctx: Any, params: QuantizeParams):
-    """(calibration samples, evaluator or None, what the evaluator scores)."""
-    calib = ctx.calib
-    if ctx.eval is not None and len(ctx.eval):
-        return calib, Evaluator(model, ctx.eval, ctx.eval.labels, limit=params.max_eval_samples,
-                                      metric=ctx.eval_metric if ctx.eval.labels is not None else label_free(ctx.eval_metric), opt_level=ctx.scoring_opt_level), "--eval"
-    if calib is not None and len(calib) >= 8:
-        kept, held = calib.split(params.holdout_fraction, ctx.seed)
-        return kept, Evaluator(model, held, None, limit=params.max_eval_samples, metric=label_free(ctx.eval_metric), opt_level=ctx.scoring_opt_level), f"held-out {len(held)} of --calib (agreement)"
-    if calib is not None:
-        ctx.warn(f"only {len(calib)} calibration samples and no --eval: scoring agreement on the calibration samples themselves")
-        return calib, Evaluator(model, calib, None, limit=params.max_eval_samples, metric=label_free(ctx.eval_metric), opt_level=ctx.scoring_opt_level), "--calib (agreement, not held out)"
-    return None, None, "none"
+    """(calibration samples, evaluator or None, what the evaluator scores): the compile's shared scorer
+    (against the source, on the data the final gate scores) and the calibration part of the split."""
+    calib, _, _ = ctx.scoring_data()
+    scorer, scored_on = ctx.scorer(model)
+    return calib, (scorer.subset(params.max_eval_samples) if scorer is not None else None), scored_on
 
 
 def _tried_line(trials: list[Trial]) -> str:
