@@ -34,8 +34,8 @@ def _minilm_like(model: onnx.ModelProto) -> onnx.ModelProto:
     out.graph.node.append(helper.make_node("Identity", ["relu3"], ["sentence_embedding"], name="embedding_pool"))
     logits = out.graph.output[0]
     del out.graph.output[:]
-    out.graph.output.extend([helper.make_tensor_value_info("image_copy", onnx.TensorProto.FLOAT, None),
-                             helper.make_tensor_value_info("sentence_embedding", onnx.TensorProto.FLOAT, None), logits])
+    out.graph.output.extend([helper.make_tensor_value_info("image_copy", onnx.TensorProto.FLOAT, ["N", 1, 8, 8]),
+                             helper.make_tensor_value_info("sentence_embedding", onnx.TensorProto.FLOAT, ["N", "D"]), logits])
     return out
 
 
@@ -183,3 +183,36 @@ def test_detection_f1_matches_boxes_by_iou_and_class():
         tally = DetectionTally("v8", 0.25)
         tally.add(head, candidate)
         assert tally.result().value == pytest.approx(100 * 2 * 2 / 6)
+
+
+# ---- through `compile`: the report states each output's metric; the warnings reach the report and stderr --------
+
+def test_compile_scores_every_output_and_states_how_each_was_recognised(tmp_path):
+    from lepton_cli.compiler import CompileOptions, compile_model
+
+    model, _ = _digits()
+    onnx.save(_minilm_like(model), tmp_path / "minilm_like.onnx")
+    result = compile_model(CompileOptions(model=tmp_path / "minilm_like.onnx", target="cpu-avx", output_dir=tmp_path,
+                                          calib=DIGITS / "calib.npz", bench=False))
+    accuracy = result.report["accuracy"]
+    outputs = {o["name"]: o for o in accuracy["outputs"]}
+    assert [outputs[n]["metric"] for n in ("image_copy", "sentence_embedding", "logits")] == ["exact", "cosine", "top1_agreement"]
+    assert all(o["why"] and o["drop_pct"] <= accuracy["budget_pct"] for o in outputs.values())
+    assert accuracy["drop_pct"] == max(o["drop_pct"] for o in outputs.values())
+    assert accuracy["data"].startswith("held-out 50 of --calib")  # the data quantize chose on
+    step = next(s for s in result.steps if s.name == "quantize")
+    assert step.summary["scored_on"] == accuracy["data"] and step.summary["drop_pct"] == pytest.approx(accuracy["drop_pct"], abs=1e-6)
+
+
+def test_an_int8_variant_that_compressed_nothing_is_a_warning(run_cli, tmp_path):
+    target = tmp_path / "pool-only.toml"
+    target.write_text('extends = "cpu-avx"\nname = "pool-only"\n[pass_params.quantize]\nop_types = ["MaxPool"]\n'
+                      'fast_op_types = ["MaxPool"]\n', encoding="utf-8")
+    result = run_cli("compile", str(DIGITS / "digits_cnn.onnx"), "--target", str(target), "--calib", str(DIGITS / "calib.npz"),
+                     "--no-bench", "--output", str(tmp_path / "out"))
+    assert result.code == 0, result.stderr
+    assert "holds no int8 weights: this variant compressed nothing" in result.stderr
+    report = next((tmp_path / "out").glob("*.lepton/report.json"))
+    import json
+
+    assert any("compressed nothing" in w for w in json.loads(report.read_text())["warnings"])

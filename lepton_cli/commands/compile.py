@@ -102,8 +102,13 @@ def compile_command(
     table.add_row("size", _fmt_bytes(src["size_bytes"]), _fmt_bytes(out["size_bytes"]))
     accuracy = result.report.get("accuracy") or {}
     if accuracy.get("measured"):
-        table.add_row(f"{accuracy['metric']} ({accuracy['data']})", f"{accuracy['source_value']:.2f}%",
+        outputs = accuracy.get("outputs") or []
+        where = f"{accuracy['output']}: " if len(outputs) > 1 else ""
+        table.add_row(f"{where}{accuracy['metric']} ({accuracy['data']})", f"{accuracy['source_value']:.2f}%",
                       f"{accuracy['value']:.2f}% (drop {accuracy['drop_pct']:.2f}, budget {accuracy['budget_pct']:g})")
+        for out in outputs if len(outputs) > 1 else []:
+            if out["name"] != accuracy["output"]:
+                table.add_row(f"  {out['name']}: {out['metric']}", f"{out['source_value']:.2f}%", f"{out['value']:.2f}% (drop {out['drop_pct']:.2f})")
     latency = result.report.get("host_latency") or {}
     if latency.get("models"):  # issue 7: short host measurement and the target's cost model
         lat, ratio = latency["models"], latency["ratios"].get("compiled") or {}
