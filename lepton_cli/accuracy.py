@@ -39,7 +39,7 @@ import onnx
 
 from .data import SampleSet
 from .output_roles import OutputRole, from_user, recognise
-from .output_scores import (CosineTally, DetectionTally, EitherTally, ExactTally, MaskF1Tally, OutputResult,
+from .output_scores import (CosineTally, DecisionTally, DetectionTally, EitherTally, ExactTally, MaskF1Tally, OutputResult,
                             RelativeErrorTally, Top1Tally, drop_standard_error)
 from .errors import BadInputError
 from .ort import make_session
@@ -428,6 +428,8 @@ class Evaluator:
             return _CtcAgreement()
         if metric.startswith("mask_f1"):
             return MaskF1Tally(role.threshold if role.threshold is not None else MASK_F1_DEFAULT_THRESHOLD)
+        if metric.startswith("decision_agreement"):
+            return DecisionTally(role.threshold if role.threshold is not None else 0.5)
         if metric == "detection_f1":
             return DetectionTally(role.layout or "v8", role.threshold or 0.25)
         simple = {"exact": ExactTally, "relative_error": RelativeErrorTally, "cosine": CosineTally,

@@ -17,6 +17,8 @@ Metrics (names as the report shows them):
 - ``top1_agreement+cosine``: ``[N, C]`` or ``[N, T, C]`` outputs that could be either and carry no hint:
   both are scored and the worse counts; the report says it could not tell;
 - ``mask_f1@0.5``: one-channel maps with values in [0, 1] (``[N, 1, H, W]``), binarised;
+- ``decision_agreement@0.5``: one Sigmoid probability per sample (a VAD's speech probability, a binary
+  classifier): the share of decisions at 0.5 that agree;
 - ``relative_error``: anything else: 100 × ‖candidate − source‖ / ‖source‖ is the drop.
 ``--eval-metric`` takes one metric for the first output and ``NAME=metric`` entries for any output.
 """
@@ -175,6 +177,8 @@ def recognise(model: onnx.ModelProto, index: int, name: str, refs: list[np.ndarr
     if first.ndim in (2, 3) and first.shape[-1] > 1:
         metric, why = _class_or_embedding(model, name, refs)
         return OutputRole(index, name, metric, why)
+    if first.ndim <= 3 and first.shape[-1:] in ((1,), ()) and _real_producer(model, name)[0] == "Sigmoid":
+        return OutputRole(index, name, "decision_agreement@0.5", "one probability per sample (Sigmoid): decisions at 0.5", threshold=0.5)
     if first.ndim == 4 and first.shape[1] == 1 and _in_unit_range(refs):
         return OutputRole(index, name, "mask_f1@0.5", "a one-channel map in [0, 1]: thresholded at 0.5", threshold=0.5)
     if first.ndim == 4 and first.shape[1] > 1 and _real_producer(model, name)[0] in CLASS_PRODUCERS:

@@ -41,6 +41,17 @@ class ExactTally:
         return OutputResult(100.0 * self.equal / max(1, self.total), drop_standard_error(self.losses, self.total))
 
 
+class DecisionTally(ExactTally):
+    """Agreement of thresholded decisions (``> threshold``)."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        super().add(ref > self.threshold, np.where(np.isfinite(got), got > self.threshold, ~(ref > self.threshold)))
+
+
 class RelativeErrorTally:
     def __init__(self) -> None:
         self.noise = self.signal = 0.0

@@ -240,7 +240,7 @@ def _int8_builder(base: onnx.ModelProto, calib: Any, params: QuantizeParams, sch
 FP16_PROBE_SAMPLES = 64  # data samples whose fp32 ranges decide what stays fp32 (and that the fp16 model must pass finite)
 
 
-def plan_samples(ctx: Any, params: QuantizeParams) -> int:
+def _fp16_probe_count(ctx: Any, params: QuantizeParams) -> int:
     data = ctx.calib if ctx.calib is not None else ctx.eval
     return min(len(data), FP16_PROBE_SAMPLES, params.max_calib_samples) if data is not None else 4
 
@@ -253,7 +253,7 @@ def _fp16_model(model: onnx.ModelProto, params: QuantizeParams, keep: list[str])
 
 def _fp16_plan(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> fp16_safe.Fp16Plan:
     """Which nodes stay fp32 so the fp16 model is finite on the calibration data (else the check feeds)."""
-    feeds = ctx.sample_feeds(model, plan_samples(ctx, params))
+    feeds = ctx.sample_feeds(model, _fp16_probe_count(ctx, params))
     if ctx.calib is not None or ctx.eval is not None:  # data is in the source layout (NCHW)
         feeds = [adapt_feed(model, feed) for feed in feeds]
     plan, _ = fp16_safe.plan_fp16(model, feeds, lambda keep: _fp16_model(model, params, keep))
@@ -284,8 +284,8 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
         # Activations beyond fp16's range (measured on the data, else random inputs) stay fp32; verified finite.
         plan = _fp16_plan(model, ctx, params)
         overflow = plan.kept
-        summary["fp16_range"] = {"probe_samples": plan_samples(ctx, params), "overflow_kept": plan.overflow,
-                                 "nonfinite_kept": plan.nonfinite, "rounds": plan.rounds, "finite": plan.finite}
+        summary["fp16_range"] = {"probe_samples": _fp16_probe_count(ctx, params), "beyond_range": len(plan.overflow),
+                                 "nonfinite_in_fp16": plan.nonfinite, "rounds": plan.rounds, "finite": plan.finite}
         if overflow:
             ctx.warn(f"{len(overflow)} node(s) produce values beyond fp16's range and stay fp32")
             summary["fp16_overflow_kept"] = overflow

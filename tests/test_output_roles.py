@@ -216,3 +216,19 @@ def test_an_int8_variant_that_compressed_nothing_is_a_warning(run_cli, tmp_path)
     import json
 
     assert any("compressed nothing" in w for w in json.loads(report.read_text())["warnings"])
+
+
+def test_one_sigmoid_probability_per_sample_is_scored_by_its_decisions():
+    """digits turned into a binary "is it a 7?" detector ([N, 1] Sigmoid, as a VAD's speech probability)."""
+    model, samples = _digits()
+    binary = onnx.ModelProto()
+    binary.CopyFrom(model)
+    binary.graph.node.extend([helper.make_node("Slice", ["logits", "s", "e", "a"], ["seven"]),
+                              helper.make_node("Sigmoid", ["seven"], ["is_seven"])])
+    binary.graph.initializer.extend([numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("s", 7), ("e", 8), ("a", 1))])
+    del binary.graph.output[:]
+    binary.graph.output.append(helper.make_tensor_value_info("is_seven", onnx.TensorProto.FLOAT, ["N", 1]))
+    evaluator = Evaluator(binary, samples)
+    assert evaluator.metric == "decision_agreement@0.5"
+    score = evaluator.score(_perturbed(binary, 0.5, ("fc2_W", "fc1_W")))
+    assert 0 < score.drop_pct < 50 and evaluator.score(binary).drop_pct == 0.0
