@@ -46,6 +46,7 @@ def _all_float_outputs(model: onnx.ModelProto, elem_types: tuple[int, ...]) -> t
     """A copy of ``model`` that also returns every intermediate tensor of a type in ``elem_types``."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
+    del probe.graph.value_info[:]  # the fp16 converter leaves stale fp32 annotations that inference rejects
     inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False)
     typed = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.output]}
     have = {o.name for o in probe.graph.output}
