@@ -50,6 +50,7 @@ class PassContext:
     eval_metric: str = "auto"  # lepton_cli.accuracy.METRICS
     source: onnx.ModelProto | None = None  # the model the pipeline started from: lossy passes and the gate score against it
     source_drop: float = 0.0  # the ledger: drop against the source the last lossy pass measured on its result
+    granted: float = 0.0  # the ledger: drop against the source the last lossy pass was allowed
     lossy_spent: dict[str, float] = field(default_factory=dict)  # pass name -> points its result added to the ledger
     yielded: set[str] = field(default_factory=set)  # lossy passes skipped so that a later one meets its budget
     scorers: dict[str, Any] = field(default_factory=dict)  # ORT level -> the shared Evaluator (variants share it too)
@@ -77,16 +78,18 @@ class PassContext:
         return self.max_accuracy_drop if self.max_accuracy_drop is not None else self.target.budgets.max_accuracy_drop_pct
 
     def lossy_budget(self, share: float) -> float:
-        """The drop against the source a lossy pass may reach: what earlier ones reached plus its share of the rest."""
-        return min(self.accuracy_budget, self.source_drop + share * max(0.0, self.accuracy_budget - self.source_drop))
+        """The drop against the source a lossy pass may reach: what the earlier ones were allowed (or reached, if
+        more) plus its share of the budget, so the shares partition the budget and what one leaves carries over
+        (edge-arm's channel pruning often finds nothing worth its half; int8 then gets the whole budget)."""
+        return min(self.accuracy_budget, max(self.granted, self.source_drop) + share * self.accuracy_budget)
 
     def spent(self, allowed: float, drop_pct: float) -> None:
-        """A lossy pass measured ``drop_pct`` against the source on its result (``allowed`` was its limit): the
-        ledger's new total; what the pass added is recorded for the retry."""
+        """A lossy pass allowed ``allowed`` measured ``drop_pct`` against the source on its result: the ledger's
+        new totals; what the pass added is recorded for the retry."""
         drop = max(0.0, drop_pct)
         if self.current_pass:
             self.lossy_spent[self.current_pass] = max(0.0, drop - self.source_drop)
-        self.source_drop = drop
+        self.source_drop, self.granted = drop, allowed
 
     def scoring_data(self) -> tuple[SampleSet | None, SampleSet | None, str]:
         """(calibration samples, scored samples, what is scored): one split for the whole compile, so prune,
@@ -314,7 +317,7 @@ def _retry_without_spenders(ctx: PassContext, failed: str, first_attempt: str, w
     ctx.warn(f"{failed} could not meet its accuracy budget after {spent} points were spent before it; "
              f"compiled again without {', '.join(spenders)} (its share went to {failed}). First attempt: {first_attempt}")
     ctx.yielded.update(spenders)
-    ctx.source_drop = 0.0
+    ctx.source_drop = ctx.granted = 0.0
     ctx.lossy_spent.clear()
     return True
 
