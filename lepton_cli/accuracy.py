@@ -1,23 +1,19 @@
-"""Accuracy of a compiled model against its source: a task metric with labels, output agreement always.
+"""Accuracy of a compiled model against its source: every output scored by what it is, against labels or the source.
 
-With labels the metric is top-1 accuracy of the first output (``[N, classes]``) or, for a CTC model
-given text labels (a string array), *character accuracy* against them: 100 × (1 − edit distance of
-the greedy CTC decode, mapped through the model's ``character`` table, / label length), what OCR
-users report. Without labels it is *agreement* with the source model's outputs on the same samples,
-as a percentage:
-- CTC sequence outputs (``[N, T, C]`` of a model that declares CTC decoding, see ``is_ctc_model``, or
-  with ``metric="ctc"``): character accuracy of the candidate's greedy CTC decode against the source's
-  (100 × (1 − total edit distance / total source length)). Per-timestep arg-max is far stricter than
-  what users read: on PP-OCRv4 rec, 2.4 points of timestep agreement cost 0.2 points of characters;
-- other class-like outputs (``[N, C]``, ``[N, T, C]`` token sequences, ``[N, C, H, W]`` maps
-  with C > 1): the share of positions whose arg-max class is unchanged;
-- continuous outputs (e.g. a ``[N, 1, H, W]`` probability map): the share of elements within
-  ``CONTINUOUS_TOLERANCE`` of the reference output's value range;
-- with ``metric="mask-f1@T"`` (T defaults to 0.5): the F1 score of the candidate's first output
-  thresholded at T (> T) against the source's, over all elements of all samples: what a detector's
-  post-processing reads (PP-OCRv4 det / DBNet binarise their probability map at 0.3, so
-  ``mask-f1@0.3``). Pixel-value agreement is much stricter than that: on PP-OCRv4 det int8, 1 point
-  of agreement lost was 5 points of mask F1 in one model and 0.5 in another.
+With labels the first output's metric is top-1 accuracy (``[N, classes]``) or, for a CTC model given
+text labels (a string array), *character accuracy* against them: 100 × (1 − edit distance of the
+greedy CTC decode, mapped through the model's ``character`` table, / label length), what OCR users
+report. Every other output (and the first, without labels) is scored against the source model's
+output on the same samples by the metric that fits it — class scores by top-1 agreement, embeddings
+by cosine, YOLO-style heads by detection F1, CTC scores by decoded characters, probability maps by
+thresholded F1, integers and input copies by exact match, the rest by relative error — recognised
+as ``lepton_cli.output_roles`` describes, or as ``--eval-metric`` says (one metric for the first
+output, ``NAME=metric`` for any). ``mask-f1@T``: PP-OCRv4 det / DBNet binarise at 0.3, so
+``mask-f1@0.3``; pixel-value agreement is much stricter than what their post-processing reads. CTC:
+per-timestep arg-max is far stricter than what users read (on PP-OCRv4 rec, 2.4 points of timestep
+agreement cost 0.2 points of characters). ``agreement`` keeps the plain share of arg-max positions
+(class-like shapes) or of values within ``CONTINUOUS_TOLERANCE`` of the range.
+A score's headline (metric, value, drop) is the output that lost the most; the budget holds for each.
 The drop is in percentage points (source value − compiled value), which is what
 ``--max-accuracy-drop`` and the targets' ``max_accuracy_drop_pct`` budget bound.
 
@@ -33,14 +29,18 @@ no model-level metric over a data set; nothing in onnx/onnxruntime does this.
 """
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
 
 from .data import SampleSet
+from .output_roles import OutputRole, from_user, recognise
+from .output_scores import (CosineTally, DecisionTally, DetectionTally, EitherTally, ExactTally, MaskF1Tally, OutputResult,
+                            RelativeErrorTally, Top1Tally, drop_standard_error)
 from .errors import BadInputError
 from .ort import make_session
 from .pipeline import adapt_feed, restore_output
@@ -48,7 +48,7 @@ from .pipeline import adapt_feed, restore_output
 VNNI_ISA = ("avx512_vnni", "avx_vnni", "avxvnni", "amx_int8")  # u8·s8 dot products into int32: no saturation
 X86_ISA = ("avx2", "avx512f", "sse4_2", "avx")
 EXACT_INTEGER = "basic"  # ORT level that leaves QDQ pairs unfused
-METRICS = ("auto", "top1", "agreement", "ctc", "mask-f1")  # --eval-metric choices; mask-f1 takes "@threshold"
+METRICS = ("auto", "top1", "agreement", "ctc", "mask-f1", "cosine", "detection", "exact", "relative-error")  # mask-f1 takes "@threshold"
 MASK_F1_DEFAULT_THRESHOLD = 0.5
 CTC_BLANK = 0  # the blank class: PaddleOCR's and PyTorch CTCLoss's default
 CTC_METADATA_KEYS = ("lepton.decoding", "character")  # "lepton.decoding" = "ctc"; PaddleOCR rec models carry "character"
@@ -65,26 +65,23 @@ class AccuracyScore:
     agreement: dict[str, float]  # cosine, snr_db, max_abs, top1_agreement (worst over outputs)
     samples: int
     drop_se: float = 0.0  # standard error of drop_pct over the samples (paired per-sample differences)
+    outputs: list[dict[str, Any]] = field(default_factory=list)  # every output: name, metric, why, value, drop_pct, drop_se
+    output: str = ""  # the output whose drop the headline numbers are (the worst)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def drop_bound(self, z: float) -> float:
-        """drop_pct + z standard errors: the one-sided upper confidence bound the tuning holds to the budget."""
-        return self.drop_pct + z * self.drop_se
+        """The largest drop + z standard errors over the outputs: the one-sided upper confidence bound the tuning
+        holds to the budget (every output must meet it, not the first)."""
+        if not self.outputs:
+            return self.drop_pct + z * self.drop_se
+        return max(o["drop_pct"] + z * o["drop_se"] for o in self.outputs)
 
 
 def _correct_rows(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per row of ``[N, classes]``: arg-max equals the label and the row is finite."""
     return (np.argmax(logits, axis=1) == labels.reshape(-1)) & np.all(np.isfinite(logits), axis=1)
-
-
-def drop_standard_error(losses: list[float], weights: float) -> float:
-    """Standard error, in points, of ``100 * sum(losses) / weights`` for per-sample losses (candidate
-    minus source, in the metric's units: errors, wrong rows, disagreeing positions)."""
-    if len(losses) < 2 or weights <= 0:
-        return 0.0
-    return float(100.0 * math.sqrt(len(losses)) * np.std(losses, ddof=1) / weights)
 
 
 def _class_axis(shape: tuple[int, ...]) -> int | None:
@@ -129,9 +126,30 @@ def parse_metric(text: str) -> tuple[str, float | None]:
     return name, threshold
 
 
+def parse_metric_spec(text: str) -> tuple[str, dict[str, str]]:
+    """``"mask-f1@0.3,boxes=detection"`` -> ("mask-f1@0.3", {"boxes": "detection"}): at most one metric for the
+    first output, ``NAME=metric`` for any output. BadInputError (exit 2) on a bad metric."""
+    default, per_output = None, {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, eq, metric = entry.rpartition("=")
+        parse_metric(metric)
+        if eq:
+            per_output[name] = metric
+        elif default is not None:
+            raise BadInputError(f"--eval-metric {text!r} names two metrics for the first output",
+                                "give one metric, and NAME=metric for other outputs (comma-separated)")
+        else:
+            default = metric
+    return default or "auto", per_output
+
+
 def label_free(metric: str) -> str:
     """The metric to use on data without labels (held-out calibration samples) when ``metric`` was asked for."""
-    return "auto" if metric == "top1" else metric
+    default, per_output = parse_metric_spec(metric)
+    entries = ["auto" if default == "top1" else default] + [f"{k}={v}" for k, v in per_output.items()]
+    return ",".join(entries)
 
 
 def is_ctc_model(model: onnx.ModelProto) -> bool:
@@ -248,17 +266,81 @@ class _Tally:
         return 100.0 if marked == 0 else 100.0 * 2 * self.true_pos / marked  # both masks empty: identical
 
 
+class _LabelTop1:
+    """Top-1 of the first output against integer labels."""
+
+    def __init__(self, labels: np.ndarray, source_correct: np.ndarray) -> None:
+        self.labels, self.source_correct, self.rows = labels, source_correct, []
+        self.confidence = Top1Tally()  # how sure the candidate is of the source's class
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        self.rows.append(got)
+        self.confidence.add(ref, got)
+
+    def result(self) -> OutputResult:
+        got = _correct_rows(np.concatenate(self.rows), self.labels)
+        se = drop_standard_error(list(self.source_correct.astype(float) - got.astype(float)), len(got))
+        return OutputResult(100.0 * float(np.sum(got)) / max(1, len(got)), se, self.confidence.result().extra)
+
+
+class _CtcAccuracy:
+    """Character accuracy of the first output's CTC decode against text labels."""
+
+    def __init__(self, evaluator: "Evaluator") -> None:
+        self.evaluator, self.rows = evaluator, []
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        self.rows.append(got)
+
+    def result(self) -> OutputResult:
+        ev = self.evaluator
+        texts = ev._texts(self.rows)
+        errors = [edit_distance(t, g) - e for t, g, e in zip(ev.truth, texts, ev.source_errors)]
+        return OutputResult(_ctc_pct(ev.truth, texts), drop_standard_error([float(e) for e in errors], sum(len(t) for t in ev.truth)))
+
+
+class _CtcAgreement:
+    def __init__(self) -> None:
+        self.truth: list[list[int]] = []
+        self.got: list[list[int]] = []
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        self.truth += ctc_greedy_decode(ref)
+        self.got += ctc_greedy_decode(got)
+
+    def result(self) -> OutputResult:
+        se = drop_standard_error([float(edit_distance(t, g)) for t, g in zip(self.truth, self.got)], sum(len(t) for t in self.truth))
+        return OutputResult(_ctc_pct(self.truth, self.got), se)
+
+
+class _Agreement:
+    """The plain agreement of ``--eval-metric agreement``: arg-max of class-like shapes, else values within tolerance."""
+
+    def __init__(self, span: float) -> None:
+        self.tally, self.losses = _Tally(span), []
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        before = self.tally.positions - self.tally.agree
+        self.tally.add(ref, got)
+        self.losses.append(float(self.tally.positions - self.tally.agree - before))
+
+    def result(self) -> OutputResult:
+        return OutputResult(self.tally.agreement_pct, drop_standard_error(self.losses, self.tally.positions))
+
+
 class Evaluator:
     """Scores candidate models against the source on fixed samples; the source runs once.
 
-    Samples are read again for every candidate (an image folder decodes one at a time) and
-    candidates are scored sample by sample: memory holds the source's outputs, not the inputs
+    Every output is scored by what it is (lepton_cli.output_roles); the score's headline is the output
+    that lost the most. Samples are read again for every candidate (an image folder decodes one at a time)
+    and candidates are scored sample by sample: memory holds the source's outputs, not the inputs
     (PP-OCRv4 det at 640x640 on 256 images: 1.3 GB of inputs never held at once).
     """
 
     def __init__(self, source_model: onnx.ModelProto, samples: SampleSet, labels: np.ndarray | None = None,
                  *, limit: int | None = None, threads: int = 1, metric: str = "auto", opt_level: str = "all") -> None:
-        metric, self.mask_threshold = parse_metric(metric)
+        default_text, per_output = parse_metric_spec(metric)
+        default, self.mask_threshold = parse_metric(default_text)
         self.samples, self.limit = samples, limit
         self.count = len(samples) if limit is None else min(limit, len(samples))
         if not self.count:
@@ -267,46 +349,107 @@ class Evaluator:
         self.opt_level = opt_level
         self.labels = labels[: self.count] if labels is not None and limit is not None else labels  # per sample (or batch)
         self.reference = list(self._outputs(source_model))  # per sample, per output, source layout
-        if metric == "top1" and self.labels is None:
-            raise BadInputError("--eval-metric top1 needs labels, and the evaluation data has none",
-                                "add a 'labels' array to the .npz, or use --eval-metric agreement")
-        text_labels = self.labels is not None and self.labels.dtype.kind in ("U", "S")
-        if metric == "top1" and text_labels:
-            raise BadInputError("--eval-metric top1 needs class labels (integers); these labels are text",
-                                "use --eval-metric auto or ctc for a text recogniser")
-        if metric in ("agreement", "mask-f1") or (metric == "ctc" and not text_labels):
-            self.labels = None  # an explicit agreement metric ignores labels
-        first = self.reference[0][0]
-        if self.labels is not None and text_labels:
-            self.metric = "ctc_accuracy"
-            self._check_text_labels(source_model, first)
-        elif self.labels is not None:
-            self.metric = "top1"
-            self._check_labels(first)
-        elif metric == "ctc" or (metric == "auto" and first.ndim == 3 and is_ctc_model(source_model)):
-            self.metric = "ctc_agreement"
-            ctc_agreement_pct(first, first)  # shape check up front
-            self.ref_decoded = [seq for outs in self.reference for seq in ctc_greedy_decode(outs[0])]
-        elif metric == "mask-f1":
-            self.metric = f"mask_f1@{self.mask_threshold:g}"
-        else:
-            self.metric = "agreement"
-        outputs = len(self.reference[0])
+        self.output_names = [o.name for o in make_session(source_model).get_outputs()]
+        unknown = sorted(set(per_output) - set(self.output_names))
+        if unknown:
+            raise BadInputError(f"--eval-metric names {', '.join(map(repr, unknown))}, not an output of the model",
+                                f"name one of: {', '.join(self.output_names)}")
+        self._check_labels_fit(default)
         self.spans = []
-        for j in range(outputs):  # the continuous tolerance is a share of the reference's whole range
+        for j in range(len(self.reference[0])):  # the continuous tolerance is a share of the reference's whole range
             lows = [float(np.min(outs[j])) for outs in self.reference if outs[j].size]
             highs = [float(np.max(outs[j])) for outs in self.reference if outs[j].size]
             self.spans.append(max(highs) - min(lows) if lows else 0.0)
-        if self.metric == "ctc_accuracy":
+        self.roles = self._roles(source_model, default, default_text, per_output)
+        self.metric = self.roles[0].metric
+        self.source_value = self._source_value()
+
+    def _check_labels_fit(self, default: str) -> None:
+        if default == "top1" and self.labels is None:
+            raise BadInputError("--eval-metric top1 needs labels, and the evaluation data has none",
+                                "add a 'labels' array to the .npz, or use --eval-metric agreement")
+        text_labels = self.labels is not None and self.labels.dtype.kind in ("U", "S")
+        if default == "top1" and text_labels:
+            raise BadInputError("--eval-metric top1 needs class labels (integers); these labels are text",
+                                "use --eval-metric auto or ctc for a text recogniser")
+        if default not in ("auto", "top1") and not (default == "ctc" and text_labels):
+            self.labels = None  # an explicit label-free metric ignores labels
+
+    def _roles(self, model: onnx.ModelProto, default: str, default_text: str, per_output: dict[str, str]) -> list[OutputRole]:
+        feed = next(iter(self.samples.feeds(1)), None)
+        roles = []
+        for j, name in enumerate(self.output_names):
+            refs = [outs[j] for outs in self.reference]
+            if j == 0 and self.labels is not None and self.labels.dtype.kind in ("U", "S"):
+                self._check_text_labels(model, refs[0])
+                roles.append(OutputRole(0, name, "ctc_accuracy", "text labels given: character accuracy of the CTC decode"))
+            elif j == 0 and self.labels is not None:
+                self._check_labels(refs[0])
+                roles.append(OutputRole(0, name, "top1", "class labels given: top-1 accuracy"))
+            elif name in per_output or (j == 0 and default != "auto"):
+                chosen, threshold = parse_metric(per_output.get(name, default_text))
+                roles.append(from_user(j, name, chosen, threshold))
+                if roles[-1].metric == "ctc_agreement":
+                    ctc_agreement_pct(refs[0], refs[0])  # shape check up front
+                if roles[-1].metric == "detection_f1":
+                    roles[-1] = self._user_detection(model, j, name, refs)
+            else:
+                roles.append(recognise(model, j, name, refs, feed))
+        return roles
+
+    def _user_detection(self, model: onnx.ModelProto, j: int, name: str, refs: list[np.ndarray]) -> OutputRole:
+        from .output_roles import _detector_layout, _detection_conf
+
+        layout, why = _detector_layout(refs)
+        if layout is None:
+            raise BadInputError(f"--eval-metric {name}=detection: output {name!r} of shape {list(refs[0].shape)} is not a "
+                                "YOLO-style head ([N, 4+classes, anchors] or [N, anchors, 5+classes], scores in [0, 1])",
+                                "use relative-error for this output")
+        return OutputRole(j, name, "detection_f1", f"--eval-metric; {why}", layout, _detection_conf(refs, layout))
+
+    def _source_value(self) -> float:
+        if self.roles[0].metric == "ctc_accuracy":
             source_texts = self._texts([outs[0] for outs in self.reference])
             self.source_errors = [edit_distance(t, g) for t, g in zip(self.truth, source_texts)]
-            self.source_value = _ctc_pct(self.truth, source_texts)
-        elif self.labels is not None:
+            return _ctc_pct(self.truth, source_texts)
+        if self.roles[0].metric == "top1":
             firsts = [outs[0] for outs in self.reference]
-            self.source_value = self._top1_pct(firsts)
             self.source_correct = _correct_rows(np.concatenate(firsts), self.labels)
-        else:
-            self.source_value = 100.0
+            return self._top1_pct(firsts)
+        return 100.0
+
+    def _tally(self, role: OutputRole, span: float) -> Any:
+        metric = role.metric
+        if metric == "top1":
+            return _LabelTop1(self.labels, self.source_correct)
+        if metric == "ctc_accuracy":
+            return _CtcAccuracy(self)
+        if metric == "ctc_agreement":
+            return _CtcAgreement()
+        if metric.startswith("mask_f1"):
+            return MaskF1Tally(role.threshold if role.threshold is not None else MASK_F1_DEFAULT_THRESHOLD)
+        if metric.startswith("decision_agreement"):
+            return DecisionTally(role.threshold if role.threshold is not None else 0.5)
+        if metric == "detection_f1":
+            return DetectionTally(role.layout or "v8", role.threshold or 0.25)
+        simple = {"exact": ExactTally, "relative_error": RelativeErrorTally, "cosine": CosineTally,
+                  "top1_agreement": Top1Tally, "top1_agreement+cosine": EitherTally}
+        return simple[metric]() if metric in simple else _Agreement(span)
+
+    def subset(self, count: int) -> "Evaluator":
+        """This evaluator on its first ``count`` samples (a search's quicker measurements); the source is not run again."""
+        if count >= self.count:
+            return self
+        part = copy.copy(self)
+        part.count = part.limit = count
+        part.reference = self.reference[:count]
+        rows = sum(len(outs[0]) for outs in part.reference)
+        if self.labels is not None:
+            part.labels = self.labels[:rows]
+        if hasattr(self, "truth"):
+            part.truth = self.truth[:rows]
+        part.source_value = part._source_value()
+        return part
 
     def first_feeds(self, count: int) -> list[dict[str, np.ndarray]]:
         """The first ``count`` samples (sensitivity and latency probes)."""
@@ -347,54 +490,29 @@ class Evaluator:
         return 100.0 * float(np.sum(correct)) / max(1, len(correct))
 
     def score(self, candidate: onnx.ModelProto) -> AccuracyScore:
-        tallies = [_Tally(span, self.mask_threshold if j == 0 else None) for j, span in enumerate(self.spans)]
-        firsts: list[np.ndarray] = []
-        decoded: list[list[int]] = []
-        losses: list[float] = []  # per sample, agreement / mask F1: what this sample lost
+        tallies = [self._tally(role, span) for role, span in zip(self.roles, self.spans)]
+        summaries = [_Tally(span) for span in self.spans]
         for ref_outs, outs in zip(self.reference, self._outputs(candidate)):
             if len(outs) != len(ref_outs):
                 raise BadInputError(f"the candidate has {len(outs)} outputs, the source {len(ref_outs)}",
                                     "keep the model's outputs unchanged")
-            first = tallies[0]
-            before = (first.agree, first.positions, first.true_pos, first.false_pos, first.false_neg)
-            for tally, ref, got in zip(tallies, ref_outs, outs):
+            for tally, summary, ref, got in zip(tallies, summaries, ref_outs, outs):
+                summary.add(ref, got)
                 tally.add(ref, got)
-            if self.metric in ("top1", "ctc_accuracy"):
-                firsts.append(outs[0])
-            elif self.metric == "ctc_agreement":
-                decoded.extend(ctc_greedy_decode(outs[0]))
-            elif self.mask_threshold is not None:
-                tp, fp, fn = (now - then for now, then in zip((first.true_pos, first.false_pos, first.false_neg), before[2:]))
-                losses.append(0.0 if 2 * tp + fp + fn == 0 else 1.0 - 2 * tp / (2 * tp + fp + fn))
-            else:
-                losses.append(float((first.positions - before[1]) - (first.agree - before[0])))
-        if self.metric == "top1":
-            value = self._top1_pct(firsts)
-            got = _correct_rows(np.concatenate(firsts), self.labels)
-            se = drop_standard_error(list(self.source_correct.astype(float) - got.astype(float)), len(got))
-        elif self.metric == "ctc_accuracy":
-            texts = self._texts(firsts)
-            value = _ctc_pct(self.truth, texts)
-            errors = [edit_distance(t, g) - e for t, g, e in zip(self.truth, texts, self.source_errors)]
-            se = drop_standard_error([float(e) for e in errors], sum(len(t) for t in self.truth))
-        elif self.metric == "ctc_agreement":
-            value = _ctc_pct(self.ref_decoded, decoded)
-            se = drop_standard_error([float(edit_distance(t, g)) for t, g in zip(self.ref_decoded, decoded)],
-                                     sum(len(t) for t in self.ref_decoded))
-        elif self.mask_threshold is not None:
-            value = tallies[0].mask_f1_pct
-            se = drop_standard_error(losses, len(losses))
-        else:
-            value = tallies[0].agreement_pct
-            se = drop_standard_error(losses, tallies[0].positions)
-        per_output = [t.summary(_class_axis(ref.shape) is not None) for t, ref in zip(tallies, self.reference[0])]
-        agreement = {
-            "cosine": min(p["cosine"] for p in per_output),
-            "snr_db": min(p["snr_db"] for p in per_output),
-            "max_abs": max(p["max_abs"] for p in per_output),
-        }
+        outputs = []
+        for j, (role, tally) in enumerate(zip(self.roles, tallies)):
+            result = tally.result()
+            source = self.source_value if j == 0 else 100.0
+            outputs.append(role.to_dict() | {"source_value": round(source, 4), "value": round(result.value, 4),
+                                             "drop_pct": round(source - result.value, 4), "drop_se": round(result.drop_se, 4),
+                                             **({"detail": result.extra} if result.extra else {})})
+        worst = max(range(len(outputs)), key=lambda j: outputs[j]["drop_pct"])
+        per_output = [t.summary(_class_axis(ref.shape) is not None) for t, ref in zip(summaries, self.reference[0])]
+        agreement = {"cosine": min(p["cosine"] for p in per_output), "snr_db": min(p["snr_db"] for p in per_output),
+                     "max_abs": max(p["max_abs"] for p in per_output)}
         top1s = [p["top1_agreement"] for p in per_output if "top1_agreement" in p]
         if top1s:
             agreement["top1_agreement"] = min(top1s)
-        return AccuracyScore(self.metric, round(self.source_value, 4), round(value, 4),
-                             round(self.source_value - value, 4), agreement, self.count, round(se, 4))
+        head = outputs[worst]
+        return AccuracyScore(head["metric"], head["source_value"], head["value"], head["drop_pct"], agreement, self.count,
+                             head["drop_se"], outputs, head["name"])

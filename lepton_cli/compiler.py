@@ -15,8 +15,8 @@ from typing import Any, Callable
 import onnx
 
 from .data import SampleSet, load_samples
-from .accuracy import Evaluator, label_free
 from .compile_inputs import compile_inputs
+from .gate_warnings import accuracy_warnings, compression_warnings
 from .errors import BadInputError, QualityGateError
 from .external_data import ModelPayload, bundle_payload, use_weights_folder
 from .model_io import load_model, upgrade_opset
@@ -173,10 +173,13 @@ def compile_unsealed(options: CompileOptions, target: Target, host: HostInfo, *,
                       on_warning=on_warning, host=host.pass_context())
     try:
         source_stats = collect_stats(model)
-        compiled, steps = run_pipeline(model, ctx, progress)
+        gate = AccuracyGate(ctx)
+        compiled, steps = run_pipeline(model, ctx, progress, final_check=gate)
         compiled.producer_name = "lepton"
-        accuracy = measure_accuracy(model, compiled, ctx)
-        others = compile_extra_variants(model, ctx, target, progress, on_warning, measure_accuracy)
+        accuracy = gate.accuracy
+        for text in [*compression_warnings(steps, compiled), *accuracy_warnings(accuracy)]:
+            ctx.warn(text)
+        others = compile_extra_variants(model, ctx, target, progress, on_warning, AccuracyGate)
         manifest_fields = {
             "execution_providers": list(target.runtime.execution_providers),
             "variants": manifest_variants(target, [(primary, variant_path(0, primary), compiled, steps)]
@@ -220,30 +223,44 @@ def compile_unsealed(options: CompileOptions, target: Target, host: HostInfo, *,
                          models=models, inputs=compile_inputs(options, target))
 
 
-ACCURACY_SAMPLE_LIMIT = 1000  # enough for a 0.1-point resolution; bounds compile time on big sets
+class AccuracyGate:
+    """The final accuracy check the pipeline runs inside its retry: the compiled model scored by the scorer the
+    lossy passes used (``PassContext.scorer``), against the source; keeps the last measurement for the report."""
+
+    def __init__(self, ctx: PassContext) -> None:
+        self.ctx = ctx
+        self.accuracy: dict[str, Any] = {"measured": False, "reason": "no --eval or --calib data: accuracy not measured"}
+
+    def __call__(self, compiled: onnx.ModelProto) -> str | None:
+        self.accuracy = measure_accuracy(compiled, self.ctx)
+        return budget_failure(self.accuracy, self.ctx.accuracy_budget)
 
 
-def measure_accuracy(source: onnx.ModelProto, compiled: onnx.ModelProto, ctx: PassContext) -> dict[str, Any]:
-    """Compiled vs source on --eval (else --calib) data: the metric with labels, output agreement always."""
-    samples, name = (ctx.eval, "--eval") if ctx.eval is not None else (ctx.calib, "--calib")
-    if samples is None:
+def measure_accuracy(compiled: onnx.ModelProto, ctx: PassContext) -> dict[str, Any]:
+    """Compiled vs source (``ctx.source``) on the compile's scoring data: every output, the worst one as the headline."""
+    scorer, name = ctx.scorer()
+    if scorer is None:
         return {"measured": False, "reason": "no --eval or --calib data: accuracy not measured"}
-    metric = ctx.eval_metric if samples.labels is not None else label_free(ctx.eval_metric)
-    opt_level = ctx.scoring_opt_level
-    score = Evaluator(source, samples, samples.labels, limit=ACCURACY_SAMPLE_LIMIT, metric=metric, opt_level=opt_level).score(compiled)
+    score = scorer.score(compiled)
     arithmetic = ("exact integer (QDQ unfused): this x86 host's int8 kernels saturate (no VNNI), the target's do not"
-                  if opt_level != "all" else "as deployed (ORT, all optimisations)")
+                  if scorer.opt_level != "all" else "as deployed (ORT, all optimisations)")
     return {"measured": True, "data": name, "budget_pct": ctx.accuracy_budget, "arithmetic": arithmetic, **score.to_dict()}
 
 
+def budget_failure(accuracy: dict[str, Any], budget_pct: float) -> str | None:
+    """Why ``accuracy`` fails the budget (the worst output over it), or None."""
+    if not accuracy.get("measured") or accuracy["drop_pct"] <= budget_pct:
+        return None
+    where = f"output {accuracy['output']!r}: " if len(accuracy.get("outputs") or []) > 1 else ""
+    return (f"accuracy dropped {accuracy['drop_pct']:.2f} points ({where}{accuracy['metric']} {accuracy['source_value']:.2f}% → "
+            f"{accuracy['value']:.2f}% on {accuracy['data']} data), over the budget of {budget_pct:g}")
+
+
 def check_accuracy_budget(accuracy: dict[str, Any], budget_pct: float) -> None:
-    """The accuracy quality gate (exit 3): the compiled model may lose at most ``budget_pct`` points."""
-    if accuracy.get("measured") and accuracy["drop_pct"] > budget_pct:
-        raise QualityGateError(
-            f"accuracy dropped {accuracy['drop_pct']:.2f} points ({accuracy['metric']} {accuracy['source_value']:.2f}% → "
-            f"{accuracy['value']:.2f}% on {accuracy['data']} data), over the budget of {budget_pct:g}",
-            "raise --max-accuracy-drop, give representative --calib data, or disable the lossy passes in a target file",
-        )
+    """The accuracy quality gate (exit 3): no output may lose more than ``budget_pct`` points."""
+    failure = budget_failure(accuracy, budget_pct)
+    if failure:
+        raise QualityGateError(failure, "raise --max-accuracy-drop, give representative --calib data, or disable the lossy passes in a target file")
 
 
 ARCHIVE_FILE_LIMIT = 2**31 - 2**24  # the bundle archive is a zip without zip64 (bundle/archive.py), encryption adds ~0.03 %

@@ -33,6 +33,9 @@ log.addHandler(logging.NullHandler())  # the CLI shows warnings itself; a log fi
 log.propagate = False
 
 CHECK_SAMPLES = 3  # feeds per lossless-pass comparison
+HOLDOUT_FRACTION = 0.25  # of --calib, scored (not calibrated on) when there is no --eval
+MIN_HOLDOUT_SPLIT = 8  # fewer calibration samples: score on them all
+SCORE_SAMPLE_LIMIT = 1000  # enough for a 0.1-point resolution; bounds compile time on big sets
 
 
 @dataclass
@@ -46,9 +49,12 @@ class PassContext:
     seed: int = 0
     max_accuracy_drop: float | None = None  # percentage points; None: the target's budget
     eval_metric: str = "auto"  # lepton_cli.accuracy.METRICS
-    accuracy_carry: float = 0.0  # budget points an earlier lossy pass was allowed but did not spend
-    lossy_spent: dict[str, float] = field(default_factory=dict)  # pass name -> points its result measured
+    source: onnx.ModelProto | None = None  # the model the pipeline started from: lossy passes and the gate score against it
+    source_drop: float = 0.0  # the ledger: drop against the source the last lossy pass measured on its result
+    granted: float = 0.0  # the ledger: drop against the source the last lossy pass was allowed
+    lossy_spent: dict[str, float] = field(default_factory=dict)  # pass name -> points its result added to the ledger
     yielded: set[str] = field(default_factory=set)  # lossy passes skipped so that a later one meets its budget
+    scorers: dict[str, Any] = field(default_factory=dict)  # ORT level -> the shared Evaluator (variants share it too)
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lepton-")))
     warnings: list[str] = field(default_factory=list)
@@ -73,15 +79,53 @@ class PassContext:
         return self.max_accuracy_drop if self.max_accuracy_drop is not None else self.target.budgets.max_accuracy_drop_pct
 
     def lossy_budget(self, share: float) -> float:
-        """Points a lossy pass may spend: its share of the budget plus what earlier passes left unspent."""
-        return min(self.accuracy_budget, self.accuracy_budget * share + self.accuracy_carry)
+        """The drop against the source a lossy pass may reach: what the earlier ones were allowed (or reached, if
+        more) plus its share of the budget, so the shares partition the budget and what one leaves carries over
+        (edge-arm's channel pruning often finds nothing worth its half; int8 then gets the whole budget)."""
+        return min(self.accuracy_budget, max(self.granted, self.source_drop) + share * self.accuracy_budget)
 
     def spent(self, allowed: float, drop_pct: float) -> None:
-        """A lossy pass measured its drop: the rest of what it was allowed carries over to the next one
-        (edge-arm's channel pruning often finds nothing worth its half; int8 then gets the whole budget)."""
-        self.accuracy_carry = max(0.0, allowed - max(0.0, drop_pct))
+        """A lossy pass allowed ``allowed`` measured ``drop_pct`` against the source on its result: the ledger's
+        new totals; what the pass added is recorded for the retry."""
+        drop = max(0.0, drop_pct)
         if self.current_pass:
-            self.lossy_spent[self.current_pass] = max(0.0, drop_pct)
+            self.lossy_spent[self.current_pass] = max(0.0, drop - self.source_drop)
+        self.source_drop, self.granted = drop, allowed
+
+    def scoring_data(self) -> tuple[SampleSet | None, SampleSet | None, str]:
+        """(calibration samples, scored samples, what is scored): one split for the whole compile, so prune,
+        quantize and the final gate measure on the same data. --eval when given, else a held-out part of --calib."""
+        if "split" not in self.scorers:
+            calib = self.calib
+            if self.eval is not None and len(self.eval):
+                split = (calib, self.eval, "--eval")
+            elif calib is not None and len(calib) >= MIN_HOLDOUT_SPLIT:
+                kept, held = calib.split(HOLDOUT_FRACTION, self.seed)
+                split = (kept, held, f"held-out {len(held)} of --calib (agreement with the source)")
+            elif calib is not None and len(calib):
+                self.warn(f"only {len(calib)} calibration samples and no --eval: scoring agreement on the calibration samples themselves")
+                split = (calib, calib, "--calib (agreement with the source, not held out)")
+            else:
+                split = (calib, None, "none")
+            self.scorers["split"] = split
+        return self.scorers["split"]
+
+    def scorer(self, model: onnx.ModelProto | None = None) -> tuple[Any, str]:
+        """(the Evaluator every lossy pass and the final gate share, what it scores), or (None, "none") without data.
+        ``model`` is the source when no pipeline set one (a pass run on its own)."""
+        from .accuracy import Evaluator, label_free  # accuracy imports this module
+
+        if self.source is None:
+            self.source = model
+        _, data, name = self.scoring_data()
+        if data is None or self.source is None:
+            return None, "none"
+        level = self.scoring_opt_level
+        if level not in self.scorers:
+            metric = self.eval_metric if data is self.eval and data.labels is not None else label_free(self.eval_metric)
+            labels = data.labels if data is self.eval else None
+            self.scorers[level] = Evaluator(self.source, data, labels, limit=SCORE_SAMPLE_LIMIT, metric=metric, opt_level=level)
+        return self.scorers[level], name
 
     def require_static_shapes(self, model: onnx.ModelProto) -> None:
         require_static(model, f"pass {self.current_pass!r}" if self.current_pass else "this step")
@@ -234,33 +278,49 @@ def _check_step(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContex
 ProgressFn = Callable[[str, str, StepRecord | None], None]  # (pass name, phase "start"/"done", record)
 
 
-def run_pipeline(model: onnx.ModelProto, ctx: PassContext, progress: ProgressFn | None = None) -> tuple[onnx.ModelProto, list[StepRecord]]:
+FinalCheck = Callable[[onnx.ModelProto], "str | None"]  # the compiled model -> why it fails the accuracy gate, or None
+
+
+def run_pipeline(model: onnx.ModelProto, ctx: PassContext, progress: ProgressFn | None = None,
+                 final_check: FinalCheck | None = None) -> tuple[onnx.ModelProto, list[StepRecord]]:
     """Run every enabled pass of ``ctx.target`` in order; return the final model and the step records.
 
-    When a lossy pass cannot meet its share of the accuracy budget (QualityGateError) after earlier lossy
-    passes spent part of it, the pipeline runs once more without those earlier passes, so their share goes
-    to the failing one: int8 is what makes a model smaller and faster on every int8 target, channel pruning
-    is a bonus (PP-OCRv4 rec on edge-arm: pruning spent 0.21 of 0.5 points; int8 then needed more than the
-    0.29 left, and met the budget alone). Only exit 3 when that run fails too.
+    Every lossy pass, and ``final_check`` (the compile's accuracy gate), score against ``model`` (the
+    source) on the same data, and the budget is one ledger of drop against it. When a lossy pass cannot
+    meet its budget (QualityGateError), or the final check fails, after earlier lossy passes spent part
+    of it, the pipeline runs once more without those earlier passes, so their share goes to the failing
+    one: int8 is what makes a model smaller and faster on every int8 target, channel pruning is a bonus
+    (PP-OCRv4 rec on edge-arm: pruning spent 0.21 of 0.5 points; int8 then needed more than the 0.29
+    left, and met the budget alone). A final check still failing is returned to the caller, which
+    reports it (exit 3); a pass failing after the retry raises.
     """
     warnings_before = len(ctx.warnings)
+    ctx.source = model
     while True:
         try:
-            return _run_passes(model, ctx, progress)
+            compiled, records = _run_passes(model, ctx, progress)
+            failure = final_check(compiled) if final_check else None
+            if failure is None or not _retry_without_spenders(ctx, "the accuracy gate", failure, warnings_before):
+                return compiled, records
         except QualityGateError as exc:
-            failed = ctx.current_pass
-            spenders = [name for name, drop in ctx.lossy_spent.items() if drop > 0 and name != failed]
-            if not failed or not spenders:
+            if not _retry_without_spenders(ctx, ctx.current_pass, exc.message.split("; tried:")[0], warnings_before):
                 raise
-            first_attempt = exc.message.split("; tried:")[0]
-            spent = ", ".join(f"{name} {ctx.lossy_spent[name]:.2f}" for name in spenders)
-            del ctx.warnings[warnings_before:]
-            ctx.current_pass = ""
-            ctx.warn(f"{failed} could not meet its accuracy budget after {spent} points were spent before it; "
-                     f"compiled again without {', '.join(spenders)} (its share went to {failed}). First attempt: {first_attempt}")
-            ctx.yielded.update(spenders)
-            ctx.accuracy_carry = 0.0
-            ctx.lossy_spent.clear()
+
+
+def _retry_without_spenders(ctx: PassContext, failed: str, first_attempt: str, warnings_before: int) -> bool:
+    """Set up the run without the lossy passes that spent budget before ``failed``; False when there are none."""
+    spenders = [name for name, drop in ctx.lossy_spent.items() if drop > 0 and name != failed]
+    if not failed or not spenders:
+        return False
+    spent = ", ".join(f"{name} {ctx.lossy_spent[name]:.2f}" for name in spenders)
+    del ctx.warnings[warnings_before:]
+    ctx.current_pass = ""
+    ctx.warn(f"{failed} could not meet its accuracy budget after {spent} points were spent before it; "
+             f"compiled again without {', '.join(spenders)} (its share went to {failed}). First attempt: {first_attempt}")
+    ctx.yielded.update(spenders)
+    ctx.source_drop = ctx.granted = 0.0
+    ctx.lossy_spent.clear()
+    return True
 
 
 def _run_passes(model: onnx.ModelProto, ctx: PassContext, progress: ProgressFn | None) -> tuple[onnx.ModelProto, list[StepRecord]]:
@@ -277,7 +337,7 @@ def _run_passes(model: onnx.ModelProto, ctx: PassContext, progress: ProgressFn |
             ctx.require_static_shapes(current)
         before_stats = collect_stats(current)
         if step.name in ctx.yielded:  # skipped for a later lossy pass: its whole share carries over
-            ctx.spent(ctx.lossy_budget(getattr(step.params, "budget_share", 1.0)), 0.0)
+            ctx.spent(ctx.lossy_budget(getattr(step.params, "budget_share", 1.0)), ctx.source_drop)
             record = StepRecord(step.name, to_table(step.params), step.why, 0.0, before_stats, before_stats,
                                 {"applied": "none", "yielded": "skipped: a later lossy pass needed its share of the accuracy budget"},
                                 {"kind": "skipped"})

@@ -82,6 +82,9 @@ def _accuracy_table(report: dict[str, Any]) -> Table | None:
     rows = [[f"{acc.get('metric', '?')} ({acc.get('data', '?')}, {acc.get('samples', '?')} samples)",
              f"{_num(acc.get('source_value'), 2)}%", f"{_num(acc.get('value'), 2)}%",
              f"{_num(acc.get('drop_pct'), 2)} (budget {_num(acc.get('budget_pct'), 2)})"]]
+    for out in acc.get("outputs") or []:  # every output, its metric and how it was recognised
+        rows.append([f"output {out.get('name')}: {out.get('metric')} — {out.get('why')}", f"{_num(out.get('source_value'), 2)}%",
+                     f"{_num(out.get('value'), 2)}%", f"{_num(out.get('drop_pct'), 2)}"])
     agreement = acc.get("agreement") or {}
     if agreement:
         rows.append(["output agreement", "", ", ".join(f"{k} {_num(v, 4)}" for k, v in agreement.items()), ""])

@@ -21,6 +21,7 @@ import onnx
 
 from .accuracy import VNNI_ISA
 from .external_data import ModelPayload, bundle_payload
+from .gate_warnings import accuracy_warnings, compression_warnings
 from .pipeline import PassContext, ProgressFn, StepRecord, run_pipeline
 from .stats import collect_stats
 from .targets import Target, Variant
@@ -49,7 +50,7 @@ class BuiltVariant:
 
 def compile_extra_variants(model: onnx.ModelProto, ctx: PassContext, target: Target, progress: ProgressFn | None,
                            on_warning: Callable[[str], None] | None,
-                           measure: Callable[[onnx.ModelProto, onnx.ModelProto, PassContext], dict[str, Any]]) -> list[BuiltVariant]:
+                           make_gate: Callable[[PassContext], Any]) -> list[BuiltVariant]:
     """Run variants[1:] of ``target`` on ``model`` (the normalised source); ``ctx`` supplies data, host and budgets."""
     built = []
     for index, variant in enumerate(target.variants[1:], start=1):
@@ -63,11 +64,14 @@ def compile_extra_variants(model: onnx.ModelProto, ctx: PassContext, target: Tar
 
         vctx = PassContext(target=target.for_variant(variant), calib=ctx.calib, eval=ctx.eval, host=ctx.host,
                            seed=ctx.seed, max_accuracy_drop=ctx.max_accuracy_drop, input_shapes=ctx.input_shapes,
-                           eval_metric=ctx.eval_metric, on_warning=warn)
+                           eval_metric=ctx.eval_metric, on_warning=warn, scorers=ctx.scorers)
+        gate = make_gate(vctx)  # the variant's own accuracy gate, inside its pipeline's retry
         try:
-            compiled, steps = run_pipeline(model, vctx, step_progress)
+            compiled, steps = run_pipeline(model, vctx, step_progress, final_check=gate)
             compiled.producer_name = "lepton"
-            accuracy = measure(model, compiled, vctx)
+            accuracy = gate.accuracy
+            for text in [*compression_warnings(steps, compiled), *accuracy_warnings(accuracy)]:
+                vctx.warn(text)
         finally:
             shutil.rmtree(vctx.work_dir, ignore_errors=True)
         built.append(BuiltVariant(variant, variant_path(index, variant), compiled, steps, accuracy, list(vctx.warnings)))

@@ -13,10 +13,11 @@ Modes (``PruneParams.mode``):
 * ``channel``: remove whole output channels of Conv/Gemm (groups from ``channel_groups``),
   ranked by the group's L1/L2 norm, so weights and MACs really shrink.
 The lossy modes measure each layer's sensitivity (the accuracy drop with only that layer pruned,
-per candidate ratio) on --calib data (agreement with the unpruned model) or else --eval data
-(top-1 with labels), pick per layer the largest ratio whose drop fits a threshold, check the
-combination, and halve the threshold until the combination fits ``budget_share`` of the
-accuracy budget (quantize, later in the pipeline, spends the rest). Without data they fall back
+per candidate ratio) with the compile's shared scorer (``PassContext.scorer``: against the source
+model, on --eval or else held-out --calib, every output by its metric), pick per layer the largest
+ratio whose drop fits a threshold, check the combination, and halve the threshold until the
+combination fits ``budget_share`` of the accuracy budget (quantize, later in the pipeline, spends
+the rest of the same ledger). Without data they fall back
 to ``without_data`` (by default: dead channels only, with a warning), never guessing.
 
 Libraries checked: onnx, onnxsim, onnx-ir and ONNX Runtime have no pruning; ORT's quantization
@@ -36,7 +37,7 @@ from onnx import numpy_helper
 
 from lepton_cli import channel_groups as cg
 from lepton_cli.external_data import tensor_array
-from lepton_cli.accuracy import Evaluator, label_free
+from lepton_cli.accuracy import Evaluator
 from lepton_cli.params import ParamValueError
 from lepton_cli.pass_registry import LOSSY, PassResult, register_pass, tolerance
 from lepton_cli.shapes import bind_input_shapes, graph_inputs
@@ -284,14 +285,12 @@ def _why(unit: Unit, sens: dict[float, float], chosen: float | None, threshold: 
 # ---- the pass -----------------------------------------------------------------------------
 
 def _evaluator(model: onnx.ModelProto, ctx: Any, params: PruneParams) -> tuple[Evaluator | None, str]:
-    """Agreement on --calib (data the final gate does not score) first; else --eval with its labels."""
-    if ctx.calib is not None and len(ctx.calib):
-        return Evaluator(model, ctx.calib, None, limit=params.max_samples, metric=label_free(ctx.eval_metric), opt_level=ctx.scoring_opt_level), "--calib (agreement with the unpruned model)"
-    if ctx.eval is not None and len(ctx.eval):
-        labels = ctx.eval.labels
-        return Evaluator(model, ctx.eval, labels, limit=params.max_samples,
-                         metric=ctx.eval_metric if labels is not None else label_free(ctx.eval_metric), opt_level=ctx.scoring_opt_level), f"--eval ({'top-1' if labels is not None else 'agreement'})"
-    return None, ""
+    """The compile's shared scorer (against the source, on the data the final gate scores), on its first
+    ``max_samples`` samples for the search's many measurements."""
+    scorer, data = ctx.scorer(model)
+    if scorer is None:
+        return None, ""
+    return scorer.subset(params.max_samples), data
 
 
 def _macs_by_output(model: onnx.ModelProto, ctx: Any) -> dict[str, int | None]:
@@ -528,13 +527,13 @@ def prune(model: onnx.ModelProto, ctx: Any, params: PruneParams) -> PassResult:
     summary["totals"] = _totals(rows)
     final = None
     if evaluator is not None:
-        final = evaluator.score(result)
+        final = ctx.scorer()[0].score(result)  # on every scored sample: the ledger's entry, as the final gate will see it
         summary["accuracy"] = final.to_dict()
     shrunk = summary["totals"]["params"][0] != summary["totals"]["params"][1]
     sparsified = mode in ("magnitude", "2:4") and summary["weights"]["pruned_layers"] > 0
     changed = result is not working and (shrunk or sparsified)
-    if not lossy or not changed:  # exact dead-channel removal, or nothing pruned: the whole share carries over
-        ctx.spent(allowed, 0.0)
+    if not lossy or not changed:  # exact dead-channel removal, or nothing pruned: the ledger is unchanged
+        ctx.spent(allowed, ctx.source_drop)
     elif final is not None:
         ctx.spent(allowed, final.drop_pct)
     else:  # lossy but unmeasured (no search): assume it spent its share

@@ -28,13 +28,13 @@ import onnx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from lepton_cli import console
-from lepton_cli.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, Evaluator, label_free, scoring_opt_level
+from lepton_cli.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, scoring_opt_level
 from lepton_cli.errors import BadInputError, QualityGateError
 from lepton_cli.external_data import has_external, inline_copy
 from lepton_cli.params import ParamValueError
 from lepton_cli.pipeline import adapt_feed
 from lepton_cli.pass_registry import LOSSY, PassResult, register_pass
-from lepton_cli.quant import schemes
+from lepton_cli.quant import fp16_safe, schemes
 from lepton_cli.quant.calibration import CalibrationSettings, calibrate
 from lepton_cli.quant.consumer_ranges import narrow_to_readers
 from lepton_cli.quant.heads import find_heads, head_overrides
@@ -82,7 +82,6 @@ class QuantizeParams:
     # 0.43 ± 0.21 of a 0.5 budget dropped 0.64 on 200 other lines.
     budget_confidence: float = 0.8
     max_eval_samples: int = 1000  # as many as compile's accuracy gate scores, so the search decides what the gate will see
-    holdout_fraction: float = 0.25  # of --calib, scored for agreement when there is no --eval
     budget_share: float = 1.0  # share of the accuracy budget this pass may spend (earlier lossy passes spend the rest)
     without_calib: Literal["weight_only", "dynamic", "fail"] = "weight_only"
     fp16_block_ops: list[str] = field(default_factory=lambda: list(schemes.FP16_BLOCK_DEFAULT))
@@ -115,8 +114,6 @@ class QuantizeParams:
                 raise ParamValueError(name, "must be >= 1")
         if self.max_float_layers < 0:
             raise ParamValueError("max_float_layers", "must be >= 0")
-        if not 0 < self.holdout_fraction < 1:
-            raise ParamValueError("holdout_fraction", "must be in (0, 1)")
         if self.integer_io and self.scheme != "int8":
             raise ParamValueError("integer_io", "needs scheme = \"int8\" (static quantization gives inputs and outputs a scale)")
         if not 0 < self.budget_share <= 1:
@@ -226,18 +223,11 @@ def _int8_initializers(model: onnx.ModelProto) -> int:
 
 
 def _evaluation(model: onnx.ModelProto, ctx: Any, params: QuantizeParams):
-    """(calibration samples, evaluator or None, what the evaluator scores)."""
-    calib = ctx.calib
-    if ctx.eval is not None and len(ctx.eval):
-        return calib, Evaluator(model, ctx.eval, ctx.eval.labels, limit=params.max_eval_samples,
-                                      metric=ctx.eval_metric if ctx.eval.labels is not None else label_free(ctx.eval_metric), opt_level=ctx.scoring_opt_level), "--eval"
-    if calib is not None and len(calib) >= 8:
-        kept, held = calib.split(params.holdout_fraction, ctx.seed)
-        return kept, Evaluator(model, held, None, limit=params.max_eval_samples, metric=label_free(ctx.eval_metric), opt_level=ctx.scoring_opt_level), f"held-out {len(held)} of --calib (agreement)"
-    if calib is not None:
-        ctx.warn(f"only {len(calib)} calibration samples and no --eval: scoring agreement on the calibration samples themselves")
-        return calib, Evaluator(model, calib, None, limit=params.max_eval_samples, metric=label_free(ctx.eval_metric), opt_level=ctx.scoring_opt_level), "--calib (agreement, not held out)"
-    return None, None, "none"
+    """(calibration samples, evaluator or None, what the evaluator scores): the compile's shared scorer
+    (against the source, on the data the final gate scores) and the calibration part of the split."""
+    calib, _, _ = ctx.scoring_data()
+    scorer, scored_on = ctx.scorer(model)
+    return calib, (scorer.subset(params.max_eval_samples) if scorer is not None else None), scored_on
 
 
 def _tried_line(trials: list[Trial]) -> str:
@@ -313,6 +303,29 @@ def _heads(model: onnx.ModelProto, calib: Any, params: QuantizeParams, scheme: s
     return [], replace(scheme, extra=scheme.extra | head_overrides(model, nodes, scheme.activation_type))
 
 
+FP16_PROBE_SAMPLES = 64  # data samples whose fp32 ranges decide what stays fp32 (and that the fp16 model must pass finite)
+
+
+def _fp16_probe_count(ctx: Any, params: QuantizeParams) -> int:
+    data = ctx.calib if ctx.calib is not None else ctx.eval
+    return min(len(data), FP16_PROBE_SAMPLES, params.max_calib_samples) if data is not None else 4
+
+
+def _fp16_model(model: onnx.ModelProto, params: QuantizeParams, keep: list[str]) -> onnx.ModelProto:
+    converted = schemes.to_fp16(model, params.fp16_block_ops, keep)
+    fp16_safe.collapse_round_trip_casts(converted)
+    return converted
+
+
+def _fp16_plan(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> fp16_safe.Fp16Plan:
+    """Which nodes stay fp32 so the fp16 model is finite on the calibration data (else the check feeds)."""
+    feeds = ctx.sample_feeds(model, _fp16_probe_count(ctx, params))
+    if ctx.calib is not None or ctx.eval is not None:  # data is in the source layout (NCHW)
+        feeds = [adapt_feed(model, feed) for feed in feeds]
+    plan, _ = fp16_safe.plan_fp16(model, feeds, lambda keep: _fp16_model(model, params, keep))
+    return plan
+
+
 @register_pass("quantize", params=QuantizeParams, exactness=LOSSY,
                description="int8/fp16 per target scheme; streamed calibration; keeps sensitive layers in float to meet the accuracy budget")
 def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassResult:
@@ -337,18 +350,20 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
     summary: dict[str, Any] = {"scheme": params.scheme, "budget_pct": round(budget, 4), "scored_on": scored_on}
 
     if params.scheme == "fp16":
-        # Activations beyond fp16's range (seen on the calibration/eval data, else random inputs) stay fp32.
-        probe_feeds = ctx.sample_feeds(model, 4)
-        if ctx.calib is not None or ctx.eval is not None:  # data is in the source layout (NCHW)
-            probe_feeds = [adapt_feed(model, feed) for feed in probe_feeds]
-        overflow = schemes.fp16_overflow_nodes(model, probe_feeds)
+        # Activations beyond fp16's range (measured on the data, else random inputs) stay fp32; verified finite.
+        plan = _fp16_plan(model, ctx, params)
+        overflow = plan.kept
+        summary["fp16_range"] = {"probe_samples": _fp16_probe_count(ctx, params), "beyond_range": len(plan.overflow),
+                                 "nonfinite_in_fp16": plan.nonfinite, "rounds": plan.rounds, "finite": plan.finite}
         if overflow:
             ctx.warn(f"{len(overflow)} node(s) produce values beyond fp16's range and stay fp32")
             summary["fp16_overflow_kept"] = overflow
+        if not plan.finite:
+            ctx.warn("the fp16 model still returns inf/NaN on the data after keeping overflowing nodes fp32")
         candidates = [n.name for n in model.graph.node if n.op_type not in params.fp16_block_ops and n.name not in overflow]
 
         def build(method: str, keep: list[str]) -> onnx.ModelProto:
-            return schemes.to_fp16(model, params.fp16_block_ops, sorted(set(keep) | set(overflow)))
+            return _fp16_model(model, params, sorted(set(keep) | set(overflow)))
         builds, tiers = [build], [[]]
         methods = ["fp16"]
         base = model

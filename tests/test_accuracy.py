@@ -47,7 +47,7 @@ def test_perturbed_weights_lose_accuracy_and_agreement(digits):
     noisy = _perturbed(model, 0.3)
     top1 = Evaluator(model, samples, samples.labels).score(noisy)
     agreement = Evaluator(model, samples).score(noisy)
-    assert top1.drop_pct > 1 and agreement.metric == "agreement" and agreement.drop_pct > 1
+    assert top1.drop_pct > 1 and agreement.metric == "top1_agreement" and agreement.drop_pct > 1
     assert agreement.value == pytest.approx(100 * agreement.agreement["top1_agreement"])
     assert 0 < agreement.agreement["cosine"] < 0.999 and agreement.agreement["max_abs"] > 0
 
@@ -151,7 +151,7 @@ def test_evaluator_picks_ctc_agreement_from_metadata_or_when_asked():
 
     samples = SampleSet(Path("ctc.npz"), {"x": np.random.default_rng(0).normal(size=(4, 6, 5)).astype(np.float32)}, None, {"x": False})
     assert Evaluator(_ctc_model(True), samples).metric == "ctc_agreement"
-    assert Evaluator(_ctc_model(False), samples).metric == "agreement"
+    assert Evaluator(_ctc_model(False), samples).metric == "top1_agreement"  # a Softmax without a CTC table: class scores
     assert Evaluator(_ctc_model(False), samples, metric="ctc").metric == "ctc_agreement"
     with pytest.raises(BadInputError, match="needs labels"):
         Evaluator(_ctc_model(False), samples, metric="top1")
@@ -207,7 +207,8 @@ def test_mask_f1_metric_on_a_map_model_and_bad_metric_names(tmp_path):
     sharper = sigmoid_model(3.0)  # same sign everywhere: the same mask at 0.5, other values
     score = Evaluator(source, samples, metric="mask-f1").score(sharper)
     assert score.metric == "mask_f1@0.5" and score.drop_pct == 0.0
-    assert Evaluator(source, samples).score(sharper).drop_pct > 10  # value agreement sees the difference
+    assert Evaluator(source, samples).score(sharper).metric == "mask_f1@0.5"  # a one-channel map in [0, 1]
+    assert Evaluator(source, samples, metric="agreement").score(sharper).drop_pct > 10  # value agreement sees the difference
     at_03 = Evaluator(source, samples, metric="mask-f1@0.3").score(sharper)
     assert at_03.metric == "mask_f1@0.3" and at_03.drop_pct > 0  # sigmoid(x)>0.3 and sigmoid(3x)>0.3 differ
     assert parse_metric("mask-f1@0.3") == ("mask-f1", 0.3) and parse_metric("ctc") == ("ctc", None)

@@ -680,3 +680,31 @@ def test_a_source_name_that_ends_like_a_quantizer_suffix_is_kept_whole():
     assert shorten_added_names(model, {"x", "ln_scale", "y", "relu", "out"}) > 0
     assert [list(n.output) for n in model.graph.node] == [["ln_scale"], ["ln_scale~q"], ["y"]]
     assert [n.name for n in model.graph.node] == ["relu", "ln_scale~Q", "out"]
+
+
+@needs_ocr
+def test_fpga_ppocr_det_every_scale_is_a_power_of_two(tmp_path):
+    """PP-OCRv4 det after fpga's fuse (hard-swish folded into Add/Mul with constant inputs), on rendered pages:
+    every QuantizeLinear/DequantizeLinear scale, weights, activations and those constants alike, is 2^k."""
+    import sys
+
+    from conftest import OCR_DET
+    from lepton_cli.model_io import upgrade_opset
+    from lepton_cli.shapes import bind_input_shapes
+
+    sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
+    import ocr_textset as textset
+
+    model, _ = upgrade_opset(onnx.load(OCR_DET), 13, 21)
+    model = bind_input_shapes(model, {"x": [1, 3, 160, 160]})
+    fuse_step = next(s for s in load_target("fpga").passes if s.name == "fuse")
+    model = get_pass("fuse").fn(model, PassContext(target=load_target("fpga")), fuse_step.params).model
+    np.savez(tmp_path / "calib.npz", x=textset.make_pages(4, 1, "calib", size=160))
+    result, _ = _run("fpga", model, load_samples(tmp_path / "calib.npz", model), tune=False, methods=["minmax"])
+    inits = _inits(result.model)
+    scales = {n.name: inits[n.input[1]].reshape(-1) for n in result.model.graph.node
+              if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    constant_dq = [n for n in _q_nodes(result.model, "DequantizeLinear") if n.input[0] in inits and inits[n.input[0]].ndim < 2]
+    assert len(scales) > 500 and constant_dq  # constants (not weights) are quantized too
+    off = {name: float(v[0]) for name, v in scales.items() if any(math.frexp(float(s))[0] != 0.5 for s in v)}
+    assert not off, f"{len(off)} of {len(scales)} scales are not powers of two: {list(off.items())[:5]}"

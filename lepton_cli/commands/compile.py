@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..accuracy import parse_metric
+from ..accuracy import parse_metric_spec
 from ..compiler import CompileOptions, compile_model
 from ..errors import BadInputError
 from ..console import emit_json, note, settings, stdout, warn
@@ -59,7 +59,7 @@ def compile_command(
     eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Evaluation samples (.npz, optional 'labels').")] = None,
     input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Bind dynamic dims: NAME=1,3,224,224 (repeatable).")] = None,
     max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Quality gate and tuning budget, in percentage points.")] = None,
-    eval_metric: Annotated[str, typer.Option("--eval-metric", help="auto (top-1 with labels, else agreement; CTC models: decoded characters), top1, agreement, ctc, mask-f1@THRESHOLD (detector maps).")] = "auto",
+    eval_metric: Annotated[str, typer.Option("--eval-metric", help="auto (each output by what it is: top-1 with labels, class scores by top-1, embeddings by cosine, YOLO heads by box F1, CTC by characters, maps by mask F1, the rest by relative error), or one of top1, agreement, ctc, mask-f1@THRESHOLD, cosine, detection, exact, relative-error for the first output; NAME=metric entries (comma-separated) for any output.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed for random check inputs and sampling.")] = 0,
     sign_key: Annotated[Optional[str], typer.Option("--sign-key", help="Signing private key (PEM path); else $LEPTON_SIGNING_KEY, else the dev key set.")] = None,
     recipient: Annotated[Optional[list[str]], typer.Option("--recipient", help="Encryption public key of a device (PEM path, repeatable); else $LEPTON_RECIPIENT, else the dev key set.")] = None,
@@ -78,7 +78,7 @@ def compile_command(
     """Compile MODEL for a target: run its pass pipeline and write the bundle and its report."""
     settings.quiet = quiet or json_out
     settings.json_mode = json_out
-    parse_metric(eval_metric)  # exit 2 on a bad name or threshold, before any work
+    parse_metric_spec(eval_metric)  # exit 2 on a bad name or threshold, before any work
     options = CompileOptions(model=model, target=target, output_dir=output, calib=calib, preprocess=preprocess, eval=eval_data,
                              input_shapes=input_shape or [], max_accuracy_drop=max_accuracy_drop, eval_metric=eval_metric, seed=seed,
                              sign_key=sign_key, recipients=recipient or [], bundle_version=bundle_version, expires=expires,
@@ -102,8 +102,13 @@ def compile_command(
     table.add_row("size", _fmt_bytes(src["size_bytes"]), _fmt_bytes(out["size_bytes"]))
     accuracy = result.report.get("accuracy") or {}
     if accuracy.get("measured"):
-        table.add_row(f"{accuracy['metric']} ({accuracy['data']})", f"{accuracy['source_value']:.2f}%",
+        outputs = accuracy.get("outputs") or []
+        where = f"{accuracy['output']}: " if len(outputs) > 1 else ""
+        table.add_row(f"{where}{accuracy['metric']} ({accuracy['data']})", f"{accuracy['source_value']:.2f}%",
                       f"{accuracy['value']:.2f}% (drop {accuracy['drop_pct']:.2f}, budget {accuracy['budget_pct']:g})")
+        for out in outputs if len(outputs) > 1 else []:
+            if out["name"] != accuracy["output"]:
+                table.add_row(f"  {out['name']}: {out['metric']}", f"{out['source_value']:.2f}%", f"{out['value']:.2f}% (drop {out['drop_pct']:.2f})")
     latency = result.report.get("host_latency") or {}
     if latency.get("models"):  # issue 7: short host measurement and the target's cost model
         lat, ratio = latency["models"], latency["ratios"].get("compiled") or {}

@@ -34,6 +34,7 @@ from lepton_cli.graph_order import sort_topologically
 
 QTYPES = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+BIAS_OPS = ("Conv", "ConvTranspose", "Gemm")  # input 2 is a bias
 FLOAT_TYPES = (onnx.TensorProto.FLOAT,)
 
 
@@ -115,13 +116,17 @@ def pow2_overrides(model: onnx.ModelProto, ranges: TensorsData) -> dict[str, lis
         overrides[name] = [{"quant_type": QuantType.QInt8, "scale": np.array(_pow2_scale(absmax), dtype=np.float32),
                             "zero_point": np.array(0, dtype=np.int8)}]
     inits = {i.name: i for i in model.graph.initializer}
+    # Every constant the quantizer may turn into int8, not only Conv/Gemm weights: the constant inputs of
+    # Add/Mul (a folded hard-swish's 3 and 1/6 on PP-OCRv4) otherwise got ORT's min/max scales.
     for node in model.graph.node:
-        if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in inits:
-            weight = tensor_array(inits[node.input[1]])
-            if weight.dtype == np.float32:
-                overrides[node.input[1]] = [{"quant_type": QuantType.QInt8,
-                                             "scale": np.array(_pow2_scale(float(np.abs(weight).max())), dtype=np.float32),
-                                             "zero_point": np.array(0, dtype=np.int8)}]
+        for index, name in enumerate(node.input):
+            if name not in inits or name in overrides or (node.op_type in BIAS_OPS and index == 2):
+                continue  # a bias is int32 at input scale × weight scale: a power of two already
+            constant = tensor_array(inits[name])
+            if constant.dtype == np.float32 and constant.size:
+                overrides[name] = [{"quant_type": QuantType.QInt8,
+                                    "scale": np.array(_pow2_scale(float(np.abs(constant).max())), dtype=np.float32),
+                                    "zero_point": np.array(0, dtype=np.int8)}]
     return overrides
 
 
@@ -148,42 +153,6 @@ def quantize_int8(model: onnx.ModelProto, ranges_path: Path, method: str, scheme
 # kept in fp32 by default; targets may add more.
 FP16_BLOCK_DEFAULT = ("Exp", "Pow", "ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp",
                       "CumSum", "Softmax", "LayerNormalization", "Range")
-
-
-FP16_MAX = 65504.0
-FP16_HEADROOM = 0.5  # keep a node in fp32 when its observed output reaches half of fp16's range
-
-
-def fp16_overflow_nodes(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[str]:
-    """Nodes whose float outputs on ``feeds`` leave fp16's range (or are already non-finite).
-
-    The converter's op block list cannot know activation magnitudes; the data can. Such nodes stay
-    fp32 so the fp16 model does not return inf/NaN.
-    """
-    from lepton_cli.ort import make_session
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    outputs = {o.name for o in probe.graph.output}
-    float_types = {onnx.TensorProto.FLOAT}
-    inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False)
-    typed = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.output]}
-    names = [out for node in probe.graph.node for out in node.output
-             if out and out not in outputs and typed.get(out) in float_types]
-    probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names)
-    session = make_session(probe)
-    order = [o.name for o in session.get_outputs()]
-    peak: dict[str, float] = {}
-    for feed in feeds:
-        for name, value in zip(order, session.run(None, feed)):
-            value = np.asarray(value)
-            if value.size and np.issubdtype(value.dtype, np.floating):
-                finite = np.isfinite(value).all()
-                peak[name] = max(peak.get(name, 0.0), float(np.max(np.abs(value))) if finite else math.inf)
-    limit = FP16_MAX * FP16_HEADROOM
-    # A consumer of a large tensor would cast it to fp16 at its input: it stays fp32 as well.
-    return [node.name for node in model.graph.node
-            if any(peak.get(name, 0.0) > limit for name in [*node.output, *node.input])]
 
 
 def to_fp16(model: onnx.ModelProto, block_ops: list[str], keep_nodes: list[str]) -> onnx.ModelProto:

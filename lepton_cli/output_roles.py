@@ -1,0 +1,267 @@
+"""What each graph output is, and so which metric scores it: recognised from the user's word, dtype, graph,
+metadata, shape and the source's values on the data, in that order; the reason is kept for the report.
+
+Metrics (names as the report shows them):
+- ``exact``: integer or boolean outputs and copies of an input (a MiniLM export's ``input_ids``
+  passthrough): the share of elements equal to the source's;
+- ``ctc_agreement``: a CTC recogniser's ``[N, T, C]`` scores, only when the model says so (``lepton.decoding
+  = ctc``) or its ``character`` table has C−1 or C−2 entries (blank, table, PaddleOCR's space): a layout
+  detector keeping its class names under ``character`` is not a text recogniser;
+- ``detection_f1``: a YOLO-style head, ``[N, 4+nc, A]`` (boxes cx,cy,w,h then class scores) or
+  ``[N, A, 5+nc]`` (boxes, objectness, class scores), scores in [0, 1]: decoded, NMS, F1 of the
+  candidate's boxes matched to the source's at IoU 0.5 (same class), with the matched score error;
+- ``top1_agreement``: class scores (a Softmax/Sigmoid/LogSoftmax result, or named like logits/probs):
+  arg-max agreement per row, with the top probability and probability cosine as secondary numbers;
+- ``cosine``: embeddings (unit-norm rows, or named like embedding/hidden/pooler/features): mean cosine
+  per vector, in points (100 × (1 − cosine));
+- ``top1_agreement+cosine``: ``[N, C]`` or ``[N, T, C]`` outputs that could be either and carry no hint:
+  both are scored and the worse counts; the report says it could not tell;
+- ``mask_f1@0.5``: one-channel maps with values in [0, 1] (``[N, 1, H, W]``), binarised;
+- ``decision_agreement@0.5``: one Sigmoid probability per sample (a VAD's speech probability, a binary
+  classifier): the share of decisions at 0.5 that agree;
+- ``relative_error``: anything else: 100 × ‖candidate − source‖ / ‖source‖ is the drop.
+``--eval-metric`` takes one metric for the first output and ``NAME=metric`` entries for any output.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Transpose"}
+CLASS_PRODUCERS = {"Softmax", "LogSoftmax", "Sigmoid"}
+CLASS_NAME = re.compile(r"logit|prob|class|cls|score|label|pred", re.I)
+EMBEDDING_NAME = re.compile(r"embed|hidden|pool|feature|feat|sentence|vector|encod|token_emb", re.I)
+MIN_ANCHORS = 64  # fewer positions than this is not a dense detector head
+DETECTION_CONF = 0.25  # ultralytics' and YOLOX's default predict threshold
+UNIT_NORM_TOLERANCE = 1e-3
+
+
+@dataclass
+class OutputRole:
+    index: int
+    name: str
+    metric: str
+    why: str
+    layout: str | None = None  # detection_f1: "v8" (boxes, classes on axis 1), "v5" (boxes, objectness, classes on axis 2), "yolox:HxW"
+    threshold: float | None = None  # mask_f1 threshold, detection confidence
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _real_producer(model: onnx.ModelProto, tensor: str) -> tuple[str | None, str | None]:
+    """(op type, graph input) that really produces ``tensor``, looking through reshapes, casts and identities."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inputs = {i.name for i in model.graph.input}
+    seen = 0
+    while tensor in producer and seen < 16:
+        node = producer[tensor]
+        if node.op_type not in PASS_THROUGH:
+            return node.op_type, None
+        tensor, seen = node.input[0], seen + 1
+    return None, tensor if tensor in inputs else None
+
+
+def ctc_table_fits(model: onnx.ModelProto, classes: int) -> tuple[bool, str]:
+    """Whether the model declares CTC decoding for ``classes`` scores per step, and why (not)."""
+    props = {p.key: p.value for p in model.metadata_props}
+    if props.get("lepton.decoding", "").lower() == "ctc":
+        return True, "metadata lepton.decoding = ctc"
+    if "character" not in props:
+        return False, "no CTC metadata"
+    entries = len(props["character"].split("\n"))
+    if classes in (entries + 1, entries + 2):
+        return True, f"metadata 'character' has {entries} entries for {classes} classes (blank, table[, space])"
+    return False, f"metadata 'character' has {entries} entries but the output has {classes} classes: not a CTC table"
+
+
+def _in_unit_range(values: list[np.ndarray]) -> bool:
+    return all(v.size and np.isfinite(v).all() and float(v.min()) >= 0.0 and float(v.max()) <= 1.0 for v in values)
+
+
+def _detector_layout(refs: list[np.ndarray]) -> tuple[str | None, str]:
+    """"v8"/"v5" when every reference sample looks like a YOLO-style head, with the reason either way."""
+    shape = refs[0].shape
+    if len(shape) != 3:
+        return None, ""
+    small, large = (1, 2) if shape[1] < shape[2] else (2, 1)
+    if shape[large] < MIN_ANCHORS or shape[small] < 5 or shape[large] < 4 * shape[small]:
+        return None, ""
+    channels = [np.moveaxis(r, small, -1) for r in refs]  # [N, A, C]
+    if not any(float(np.max(c[..., :4])) > 1.0 for c in channels):  # pixel boxes (or YOLOX grid offsets) exceed 1
+        return None, f"shape {list(shape)} looks like a detector head but no box value exceeds 1 (not pixel boxes): not decoded"
+    if small == 1:  # ultralytics v8+: cx, cy, w, h, class scores
+        if _in_unit_range([c[..., 4:] for c in channels]):
+            return "v8", f"shape {list(shape)}: boxes and {shape[1] - 4} class scores (in [0, 1]) for {shape[2]} anchors"
+        return None, f"shape {list(shape)} looks like a detector head but its scores are not in [0, 1]: not decoded"
+    if _in_unit_range([c[..., 4:] for c in channels]):  # v5 / YOLOX: cx, cy, w, h, objectness, class scores
+        return "v5", f"shape {list(shape)}: boxes, objectness and {shape[2] - 5} class scores (in [0, 1]) for {shape[1]} anchors"
+    return None, f"shape {list(shape)} looks like a detector head but its scores are not in [0, 1]: not decoded"
+
+
+YOLOX_STRIDES = (8, 16, 32)
+
+
+def _raw_sizes(refs: list[np.ndarray]) -> bool:
+    """Box widths or heights below zero: log-space sizes of an undecoded (YOLOX-style) head."""
+    return any(float(np.min(r[..., 2:4])) < 0 for r in refs)
+
+
+def _image_size(model: onnx.ModelProto) -> tuple[int, int] | None:
+    for inp in model.graph.input:
+        dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+        if len(dims) == 4 and dims[2] > 0 and dims[3] > 0:
+            return dims[2], dims[3]
+    return None
+
+
+def _yolox_layout(model: onnx.ModelProto, anchors: int, why: str) -> tuple[str | None, str]:
+    size = _image_size(model)
+    if size and sum((size[0] // s) * (size[1] // s) for s in YOLOX_STRIDES) == anchors:
+        return f"yolox:{size[0]}x{size[1]}", why + f"; boxes on the stride {'/'.join(map(str, YOLOX_STRIDES))} grids of {size[0]}x{size[1]} (YOLOX), decoded"
+    return None, why + "; its box sizes are negative (undecoded) and no YOLOX grid fits the anchors: not decoded"
+
+
+def yolox_grid(layout: str) -> tuple[np.ndarray, np.ndarray]:
+    """(grid cell [A, 2], stride [A, 1]) of a ``yolox:HxW`` layout, as YOLOX's demo_postprocess builds them."""
+    height, width = (int(v) for v in layout.split(":")[1].split("x"))
+    grids, strides = [], []
+    for stride in YOLOX_STRIDES:
+        xv, yv = np.meshgrid(np.arange(width // stride), np.arange(height // stride))
+        grids.append(np.stack((xv, yv), 2).reshape(-1, 2))
+        strides.append(np.full((grids[-1].shape[0], 1), stride))
+    return np.concatenate(grids).astype(np.float64), np.concatenate(strides).astype(np.float64)
+
+
+def _class_or_embedding(model: onnx.ModelProto, name: str, refs: list[np.ndarray]) -> tuple[str, str]:
+    op, _ = _real_producer(model, name)
+    if op in CLASS_PRODUCERS:
+        return "top1_agreement", f"class scores: produced by {op}"
+    if EMBEDDING_NAME.search(name):
+        return "cosine", f"an embedding: the name {name!r}"
+    if CLASS_NAME.search(name):
+        return "top1_agreement", f"class scores: the name {name!r}"
+    norms = [np.linalg.norm(r.reshape(-1, r.shape[-1]).astype(np.float64), axis=-1) for r in refs]
+    if all(np.all(np.abs(n - 1.0) < UNIT_NORM_TOLERANCE) for n in norms):
+        return "cosine", "an embedding: every row has unit L2 norm"
+    return ("top1_agreement+cosine", f"shape {list(refs[0].shape)}: class scores or an embedding, cannot tell (no producer, "
+            f"name or norm hint); scored both ways, the worse counts; say which with --eval-metric {name}=top1 or {name}=cosine")
+
+
+def recognise(model: onnx.ModelProto, index: int, name: str, refs: list[np.ndarray],
+              feed: dict[str, np.ndarray] | None = None) -> OutputRole:
+    """The role of output ``index`` (``name``) from the source's values ``refs`` (one array per sample)."""
+    first = refs[0]
+    if first.dtype.kind in "biuU" or first.dtype == np.bool_:
+        return OutputRole(index, name, "exact", f"{first.dtype} output: exact match")
+    _, copied = _real_producer(model, name)
+    if copied is None and feed is not None:
+        copied = next((k for k, v in feed.items() if v.shape == first.shape and np.array_equal(v, first)), None)
+    if copied is not None:
+        return OutputRole(index, name, "exact", f"a copy of input {copied!r}: exact match")
+    if first.ndim == 3:
+        fits, why = ctc_table_fits(model, first.shape[-1])
+        if fits:
+            return OutputRole(index, name, "ctc_agreement", f"CTC scores: {why}")
+        layout, det_why = _detector_layout(refs) if _real_producer(model, name)[0] not in ("Softmax", "LogSoftmax") else (None, "")
+        if layout == "v5" and _raw_sizes(refs):  # YOLOX exports leave boxes on the grid: decode as its demo does
+            layout, det_why = _yolox_layout(model, first.shape[1], det_why)
+        if layout is not None:
+            return OutputRole(index, name, "detection_f1", f"YOLO-style head, {det_why}", layout, _detection_conf(refs, layout))
+        if det_why:
+            return OutputRole(index, name, "relative_error", det_why)
+    if first.ndim in (2, 3) and first.shape[-1] > 1:
+        metric, why = _class_or_embedding(model, name, refs)
+        return OutputRole(index, name, metric, why)
+    if first.ndim <= 3 and first.shape[-1:] in ((1,), ()) and _real_producer(model, name)[0] == "Sigmoid":
+        return OutputRole(index, name, "decision_agreement@0.5", "one probability per sample (Sigmoid): decisions at 0.5", threshold=0.5)
+    if first.ndim == 4 and first.shape[1] == 1 and _in_unit_range(refs):
+        return OutputRole(index, name, "mask_f1@0.5", "a one-channel map in [0, 1]: thresholded at 0.5", threshold=0.5)
+    if first.ndim == 4 and first.shape[1] > 1 and _real_producer(model, name)[0] in CLASS_PRODUCERS:
+        return OutputRole(index, name, "top1_agreement", "a per-pixel class map (Softmax/Sigmoid over channels)")
+    return OutputRole(index, name, "relative_error", f"shape {list(first.shape)}: no task metric recognised, relative error")
+
+
+def _detection_conf(refs: list[np.ndarray], layout: str) -> float:
+    """The default confidence, lowered to half the source's best score where that never reaches it."""
+    best = max(float(np.max(detection_scores(r[b], layout)[0], initial=0.0)) for r in refs for b in range(r.shape[0]))
+    return DETECTION_CONF if best >= DETECTION_CONF else round(best / 2, 6)
+
+
+def from_user(index: int, name: str, metric: str, threshold: float | None) -> OutputRole:
+    """The role the user named (--eval-metric), in report names."""
+    names = {"top1": "top1_agreement", "ctc": "ctc_agreement", "cosine": "cosine", "exact": "exact",
+             "relative-error": "relative_error", "agreement": "agreement", "detection": "detection_f1"}
+    if metric == "mask-f1":
+        return OutputRole(index, name, f"mask_f1@{threshold:g}", "--eval-metric", threshold=threshold)
+    return OutputRole(index, name, names[metric], "--eval-metric")
+
+
+# ---- detector heads -------------------------------------------------------------------------------
+
+def detection_scores(sample: np.ndarray, layout: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores [A], classes [A], boxes xyxy [A, 4]) of one sample of a YOLO-style head."""
+    rows = (sample.T if layout == "v8" else sample).astype(np.float64)  # [A, C]
+    if layout.startswith("yolox"):
+        grid, stride = yolox_grid(layout)
+        rows = rows.copy()
+        rows[:, :2] = (rows[:, :2] + grid) * stride
+        rows[:, 2:4] = np.exp(np.clip(rows[:, 2:4], None, 30.0)) * stride
+    if layout == "v8":
+        cls = rows[:, 4:]
+        scores, classes = cls.max(axis=1), cls.argmax(axis=1)
+    elif rows.shape[1] > 5:
+        cls = rows[:, 5:] * rows[:, 4:5]
+        scores, classes = cls.max(axis=1), cls.argmax(axis=1)
+    else:
+        scores, classes = rows[:, 4], np.zeros(len(rows), dtype=np.int64)
+    cx, cy, w, h = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    return np.nan_to_num(scores, nan=-1.0), classes, boxes
+
+
+def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    left, top = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
+    right, bottom = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(right - left, 0, None) * np.clip(bottom - top, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter
+    return np.where(area > 0, inter / np.where(area > 0, area, 1), 0.0)
+
+
+NMS_IOU, MATCH_IOU, MAX_BOXES = 0.45, 0.5, 300
+
+
+def detections(sample: np.ndarray, layout: str, conf: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class NMS of one sample: (boxes [K, 4], scores [K], classes [K]), best first."""
+    scores, classes, boxes = detection_scores(sample, layout)
+    keep = np.flatnonzero(scores > conf)
+    keep = keep[np.argsort(-scores[keep], kind="stable")][: 10 * MAX_BOXES]
+    chosen: list[int] = []
+    for i in keep:
+        same = [j for j in chosen if classes[j] == classes[i]]
+        if not same or iou(boxes[i], boxes[same]).max() <= NMS_IOU:
+            chosen.append(int(i))
+            if len(chosen) == MAX_BOXES:
+                break
+    return boxes[chosen], scores[chosen], classes[chosen]
+
+
+def match(source: tuple, candidate: tuple) -> tuple[int, list[float]]:
+    """Greedy matching, best candidate first, at IoU >= 0.5 and the same class: (matches, |score errors|)."""
+    s_boxes, s_scores, s_classes = source
+    c_boxes, c_scores, c_classes = candidate
+    free = np.ones(len(s_boxes), dtype=bool)
+    errors: list[float] = []
+    for box, score, cls in zip(c_boxes, c_scores, c_classes):
+        if not free.any():
+            break
+        overlap = np.where(free & (s_classes == cls), iou(box, s_boxes) if len(s_boxes) else 0.0, -1.0)
+        best = int(np.argmax(overlap))
+        if overlap[best] >= MATCH_IOU:
+            free[best] = False
+            errors.append(abs(float(score) - float(s_scores[best])))
+    return len(errors), errors

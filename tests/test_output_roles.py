@@ -1,0 +1,234 @@
+"""Every output scored by what it is (lepton_cli.output_roles / output_scores), on real models and data:
+an input copy next to an embedding (MiniLM-like), CTC vs a `character` table that is not one, a YOLOX
+head on rendered pages, a classifier whose confidence collapsed; the warnings the compile gives."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from conftest import DIGITS, OCR_REC, needs_ocr
+from lepton_cli.accuracy import Evaluator, parse_metric_spec
+from lepton_cli.data import SampleSet, load_samples
+from lepton_cli.errors import BadInputError
+from lepton_cli.gate_warnings import accuracy_warnings
+
+sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
+
+
+def _digits() -> tuple[onnx.ModelProto, SampleSet]:
+    model = onnx.load(DIGITS / "digits_cnn.onnx")
+    return model, load_samples(DIGITS / "eval.npz", model, role="--eval")
+
+
+def _minilm_like(model: onnx.ModelProto) -> onnx.ModelProto:
+    """digits with a MiniLM export's output order: a copy of the input first, then the embedding, then logits."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.node.append(helper.make_node("Identity", ["image"], ["image_copy"], name="copy"))
+    out.graph.node.append(helper.make_node("Identity", ["relu3"], ["sentence_embedding"], name="embedding_pool"))
+    logits = out.graph.output[0]
+    del out.graph.output[:]
+    out.graph.output.extend([helper.make_tensor_value_info("image_copy", onnx.TensorProto.FLOAT, ["N", 1, 8, 8]),
+                             helper.make_tensor_value_info("sentence_embedding", onnx.TensorProto.FLOAT, ["N", "D"]), logits])
+    return out
+
+
+def _perturbed(model: onnx.ModelProto, scale: float, names: tuple[str, ...]) -> onnx.ModelProto:
+    noisy = onnx.ModelProto()
+    noisy.CopyFrom(model)
+    rng = np.random.default_rng(0)
+    for init in noisy.graph.initializer:
+        if init.name in names:
+            w = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array((w + rng.normal(0, scale * w.std(), w.shape)).astype(np.float32), init.name))
+    return noisy
+
+
+def test_an_input_copy_first_output_does_not_hide_a_degraded_embedding():
+    model, samples = _digits()
+    source = _minilm_like(model)
+    evaluator = Evaluator(source, samples)
+    roles = {r.name: r for r in evaluator.roles}
+    assert roles["image_copy"].metric == "exact" and "copy of input 'image'" in roles["image_copy"].why
+    assert roles["sentence_embedding"].metric == "cosine" and roles["logits"].metric == "top1_agreement"
+    damaged = _perturbed(source, 0.5, ("fc1_W",))  # the embedding layer
+    score = evaluator.score(damaged)
+    by_name = {o["name"]: o for o in score.outputs}
+    assert by_name["image_copy"]["drop_pct"] == 0.0  # what a first-output-only gate saw: "drop 0.00"
+    assert by_name["sentence_embedding"]["drop_pct"] > 1.0
+    assert score.drop_pct == max(o["drop_pct"] for o in score.outputs) > 1.0 and score.output != "image_copy"
+    assert score.drop_bound(0.0) == pytest.approx(score.drop_pct)
+    assert evaluator.score(source).drop_pct == 0.0
+
+
+def test_eval_metric_names_outputs():
+    model, samples = _digits()
+    source = _minilm_like(model)
+    evaluator = Evaluator(source, samples, metric="sentence_embedding=relative-error,logits=cosine")
+    assert [r.metric for r in evaluator.roles] == ["exact", "relative_error", "cosine"]
+    assert all(r.why == "--eval-metric" for r in evaluator.roles[1:])
+    assert parse_metric_spec("mask-f1@0.3,boxes=detection") == ("mask-f1@0.3", {"boxes": "detection"})
+    with pytest.raises(BadInputError, match="not an output"):
+        Evaluator(source, samples, metric="scores=cosine")
+    with pytest.raises(BadInputError, match="two metrics"):
+        parse_metric_spec("ctc,cosine")
+    with pytest.raises(BadInputError, match="not a YOLO-style head"):
+        Evaluator(source, samples, metric="logits=detection")
+
+
+def test_a_classifier_whose_confidence_collapsed_is_warned_about():
+    """top-1 unchanged, every probability flattened (logits x 0.15): 0.9x -> ~0.4, as the issue's classifier."""
+    model, samples = _digits()
+    flat = onnx.ModelProto()
+    flat.CopyFrom(model)
+    flat.graph.node[-1].output[0] = "logits_raw"
+    flat.graph.node.append(helper.make_node("Mul", ["logits_raw", "temperature"], ["logits"]))
+    flat.graph.initializer.append(numpy_helper.from_array(np.array(0.15, np.float32), "temperature"))
+    score = Evaluator(model, samples, samples.labels).score(flat)
+    assert score.drop_pct == 0.0  # top-1 against the labels is unchanged
+    top = score.outputs[0]["detail"]["top_probability"]
+    assert top[0] > 90 and top[1] < 60
+    warnings = accuracy_warnings({"measured": True, "budget_pct": 1.0, **score.to_dict()})
+    assert len(warnings) == 1 and "confidence collapsed" in warnings[0]
+    assert not accuracy_warnings({"measured": True, "budget_pct": 1.0, **Evaluator(model, samples).score(model).to_dict()})
+
+
+@needs_ocr
+def test_ctc_needs_a_table_that_fits_the_classes_and_a_copy_is_exact(tmp_path):
+    """PP-OCRv4 rec (6625 classes, a 6623-entry table) is CTC; the same graph with an 11-name `character`
+    entry (a layout detector's class names) is not; an input copy before it is scored exactly."""
+    import ocr_textset as textset
+    from lepton_cli.shapes import bind_input_shapes
+
+    rec = bind_input_shapes(onnx.load(OCR_REC), {"x": [1, 3, 48, 160]})
+    images, _ = textset.make_set(3, 5, "eval", width=160)
+    samples = SampleSet(Path("lines.npz"), {"x": images}, None, {"x": False})
+    with_copy = onnx.ModelProto()
+    with_copy.CopyFrom(rec)
+    with_copy.graph.node.append(helper.make_node("Identity", ["x"], ["x_copy"], name="copy"))
+    with_copy.graph.output.insert(0, helper.make_tensor_value_info("x_copy", onnx.TensorProto.FLOAT, None))
+    roles = Evaluator(with_copy, samples).roles
+    assert [r.metric for r in roles] == ["exact", "ctc_agreement"]
+    assert "6623 entries for 6625 classes" in roles[1].why
+    layout = onnx.ModelProto()
+    layout.CopyFrom(rec)
+    for prop in layout.metadata_props:
+        if prop.key == "character":
+            prop.value = "\n".join(["text", "title", "list", "table", "figure", "header", "footer", "reference",
+                                    "equation", "caption", "seal"])
+    (role,) = Evaluator(layout, samples).roles
+    assert role.metric == "top1_agreement" and "Softmax" in role.why
+
+
+def _ddddocr_det() -> Path | None:
+    spec = importlib.util.find_spec("ddddocr")
+    path = Path(spec.origin).parent / "common_det.onnx" if spec and spec.origin else None
+    return path if path and path.exists() else None
+
+
+@pytest.mark.skipif(_ddddocr_det() is None, reason="`pip install --no-deps ddddocr==1.6.1` provides common_det.onnx")
+def test_a_yolox_head_is_scored_by_its_decoded_boxes():
+    """ddddocr's character detector ([1, 3549, 6]: boxes on the YOLOX grids, objectness, one class) on rendered pages:
+    fp16 keeps its boxes; halving the objectness drops boxes under the threshold, and detection F1 sees it."""
+    import ocr_textset as textset
+    from lepton_cli.quant import schemes
+
+    model = onnx.load(_ddddocr_det())
+    rng = np.random.default_rng(1)
+    pages = np.stack([np.asarray(textset.render_page(rng, textset.CALIB_FONTS, textset.CALIB_WORDS, 416), np.float32).transpose(2, 0, 1)
+                      for _ in range(3)])
+    samples = SampleSet(Path("pages.npz"), {"images": pages}, None, {"images": False})
+    evaluator = Evaluator(model, samples)
+    (role,) = evaluator.roles
+    assert role.metric == "detection_f1" and role.layout == "yolox:416x416" and "YOLOX" in role.why
+    half = schemes.to_fp16(model, list(schemes.FP16_BLOCK_DEFAULT), [])
+    fp16 = evaluator.score(half)
+    assert fp16.drop_pct < 2.0 and fp16.outputs[0]["detail"]["source_boxes"] > 50
+    weaker = onnx.ModelProto()
+    weaker.CopyFrom(model)
+    out = weaker.graph.output[0].name
+    weaker.graph.node[-1].output[0] = out + "_raw"
+    scale = np.ones((1, 1, 6), np.float32)
+    scale[..., 4] = 0.3  # objectness x 0.3: most detections fall under 0.25
+    weaker.graph.node.append(helper.make_node("Mul", [out + "_raw", "objectness_scale"], [out]))
+    weaker.graph.initializer.append(numpy_helper.from_array(scale, "objectness_scale"))
+    damaged = evaluator.score(weaker)
+    assert damaged.drop_pct > 20
+    assert damaged.outputs[0]["detail"]["candidate_boxes"] < damaged.outputs[0]["detail"]["source_boxes"]
+
+
+def test_detection_f1_matches_boxes_by_iou_and_class():
+    """A v8-layout head ([1, 4+nc, anchors]): a box moved by half its width stops matching; a changed class too."""
+    from lepton_cli.output_scores import DetectionTally
+
+    anchors = 100
+    head = np.zeros((1, 6, anchors), np.float32)  # cx, cy, w, h, two class scores
+    for k, (x, y, cls) in enumerate([(50, 50, 0), (150, 60, 1), (300, 200, 0)]):
+        head[0, :4, k] = (x, y, 40, 40)
+        head[0, 4 + cls, k] = 0.9
+    tally = DetectionTally("v8", 0.25)
+    tally.add(head, head)
+    assert tally.result().value == 100.0
+    moved = head.copy()
+    moved[0, 0, 0] += 20  # IoU 0.33
+    relabelled = head.copy()
+    relabelled[0, 4:6, 1] = relabelled[0, 4:6, 1][::-1]
+    for candidate in (moved, relabelled):
+        tally = DetectionTally("v8", 0.25)
+        tally.add(head, candidate)
+        assert tally.result().value == pytest.approx(100 * 2 * 2 / 6)
+
+
+# ---- through `compile`: the report states each output's metric; the warnings reach the report and stderr --------
+
+def test_compile_scores_every_output_and_states_how_each_was_recognised(tmp_path):
+    from lepton_cli.compiler import CompileOptions, compile_model
+
+    model, _ = _digits()
+    onnx.save(_minilm_like(model), tmp_path / "minilm_like.onnx")
+    result = compile_model(CompileOptions(model=tmp_path / "minilm_like.onnx", target="cpu-avx", output_dir=tmp_path,
+                                          calib=DIGITS / "calib.npz", bench=False))
+    accuracy = result.report["accuracy"]
+    outputs = {o["name"]: o for o in accuracy["outputs"]}
+    assert [outputs[n]["metric"] for n in ("image_copy", "sentence_embedding", "logits")] == ["exact", "cosine", "top1_agreement"]
+    assert all(o["why"] and o["drop_pct"] <= accuracy["budget_pct"] for o in outputs.values())
+    assert accuracy["drop_pct"] == max(o["drop_pct"] for o in outputs.values())
+    assert accuracy["data"].startswith("held-out 50 of --calib")  # the data quantize chose on
+    step = next(s for s in result.steps if s.name == "quantize")
+    assert step.summary["scored_on"] == accuracy["data"] and step.summary["drop_pct"] == pytest.approx(accuracy["drop_pct"], abs=1e-6)
+
+
+def test_an_int8_variant_that_compressed_nothing_is_a_warning(run_cli, tmp_path):
+    target = tmp_path / "pool-only.toml"
+    target.write_text('extends = "cpu-avx"\nname = "pool-only"\n[pass_params.quantize]\nop_types = ["MaxPool"]\n'
+                      'fast_op_types = ["MaxPool"]\n', encoding="utf-8")
+    result = run_cli("compile", str(DIGITS / "digits_cnn.onnx"), "--target", str(target), "--calib", str(DIGITS / "calib.npz"),
+                     "--no-bench", "--output", str(tmp_path / "out"))
+    assert result.code == 0, result.stderr
+    assert "holds no int8 weights: this variant compressed nothing" in result.stderr
+    report = next((tmp_path / "out").glob("*.lepton/report.json"))
+    import json
+
+    assert any("compressed nothing" in w for w in json.loads(report.read_text())["warnings"])
+
+
+def test_one_sigmoid_probability_per_sample_is_scored_by_its_decisions():
+    """digits turned into a binary "is it a 7?" detector ([N, 1] Sigmoid, as a VAD's speech probability)."""
+    model, samples = _digits()
+    binary = onnx.ModelProto()
+    binary.CopyFrom(model)
+    binary.graph.node.extend([helper.make_node("Slice", ["logits", "s", "e", "a"], ["seven"]),
+                              helper.make_node("Sigmoid", ["seven"], ["is_seven"])])
+    binary.graph.initializer.extend([numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("s", 7), ("e", 8), ("a", 1))])
+    del binary.graph.output[:]
+    binary.graph.output.append(helper.make_tensor_value_info("is_seven", onnx.TensorProto.FLOAT, ["N", 1]))
+    evaluator = Evaluator(binary, samples)
+    assert evaluator.metric == "decision_agreement@0.5"
+    score = evaluator.score(_perturbed(binary, 0.5, ("fc2_W", "fc1_W")))
+    assert 0 < score.drop_pct < 50 and evaluator.score(binary).drop_pct == 0.0
