@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -28,6 +28,7 @@ class LoadedModel:
     path: Path
     sha256: str  # of the model file itself (external data listed separately)
     file_size: int  # model file plus external data, bytes
+    dropped_domains: list[str] = field(default_factory=list)  # opset imports outside the allowlist that no node used
 
 
 def _sha256_file(path: Path) -> str:
@@ -73,7 +74,31 @@ def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return [t for t in _get_all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
 
 
-def _check_domains(model: onnx.ModelProto) -> None:
+def _used_domains(model: onnx.ModelProto) -> set[str]:
+    """Domains that a node uses: in the main graph, any subgraph (If/Loop/Scan bodies) or a local function."""
+    used: set[str] = set()
+
+    def walk(nodes) -> None:
+        for node in nodes:
+            used.add(node.domain or "")
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g.node)
+                for sub in attr.graphs:
+                    walk(sub.node)
+
+    walk(model.graph.node)
+    for function in model.functions:
+        walk(function.node)
+    return used
+
+
+def _check_domains(model: onnx.ModelProto) -> list[str]:
+    """Refuse ops from domains outside the allowlist; drop opset imports no node uses (returned, for a warning).
+
+    Exporters declare domains they never use (Paddle2ONNX: "Paddle"; ORT's quantizer:
+    "com.microsoft.nchwc", "ai.onnx.training", ...): only what a node runs can be unsafe or unsupported.
+    """
     local_functions = {(f.domain, f.name) for f in model.functions}
     local_domains = {f.domain for f in model.functions}
 
@@ -93,10 +118,17 @@ def _check_domains(model: onnx.ModelProto) -> None:
                     walk(sub)
 
     walk(model.graph)
+    used = _used_domains(model)
+    unused = [o.domain for o in model.opset_import
+              if o.domain not in ALLOWED_DOMAINS and o.domain not in local_domains and o.domain not in used]
+    kept = [o for o in model.opset_import if o.domain not in unused]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
     for opset in model.opset_import:
         if opset.domain not in ALLOWED_DOMAINS and opset.domain not in local_domains:
             raise BadInputError(f"model imports opset domain {opset.domain!r}, which is outside the allowlist",
                                 "export the model with standard ONNX ops")
+    return unused
 
 
 def load_model(path: str | Path) -> LoadedModel:
@@ -124,7 +156,7 @@ def load_model(path: str | Path) -> LoadedModel:
     if not model.HasField("graph") or not model.graph.output or model.ir_version == 0 or not model.opset_import:
         raise BadInputError(f"{path} is not a complete ONNX model (missing graph, outputs, IR version or opset; truncated?)",
                             "pass a complete .onnx file exported by your framework")
-    _check_domains(model)
+    dropped_domains = _check_domains(model)
     model_dir = path.parent
     total = size
     external = _external_tensors(model)
@@ -152,7 +184,7 @@ def load_model(path: str | Path) -> LoadedModel:
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise BadInputError(f"{path} fails ONNX validation: {first}", "re-export the model, or fix it with onnx.checker's message") from None
-    return LoadedModel(model=model, path=path, sha256=_sha256_file(path), file_size=total)
+    return LoadedModel(model=model, path=path, sha256=_sha256_file(path), file_size=total, dropped_domains=dropped_domains)
 
 
 def model_opset(model: onnx.ModelProto) -> int:

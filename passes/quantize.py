@@ -37,6 +37,7 @@ from lepton_cli.quant import schemes
 from lepton_cli.quant.calibration import CalibrationSettings, calibrate
 from lepton_cli.quant.consumer_ranges import narrow_to_readers
 from lepton_cli.quant.integer_io import make_integer_io
+from lepton_cli.quant.prequantized import describe, quantized_ops
 from lepton_cli.quant.short_names import shorten_added_names
 from lepton_cli.quant.tuning import Trial, keep_float_nodes, local_errors, quantized_nodes, search
 
@@ -250,6 +251,11 @@ def _int8_builder(base: onnx.ModelProto, calib: Any, params: QuantizeParams, sch
 @register_pass("quantize", params=QuantizeParams, exactness=LOSSY,
                description="int8/fp16 per target scheme; streamed calibration; keeps sensitive layers in float to meet the accuracy budget")
 def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassResult:
+    existing = quantized_ops(model)
+    if existing:  # keep the model's own quantization (quant/prequantized.py)
+        ctx.warn(f"the model is already quantized ({describe(existing)}): kept as it is, not quantized again; "
+                 f"compile the float model for {params.scheme} tuned to the accuracy budget")
+        return PassResult(model, {"scheme": params.scheme, "applied": "none", "already_quantized": dict(existing)})
     schemes.name_nodes(model)
     if params.scheme == "int8_weight_only":
         result, names = schemes.weight_only_int8(model)
