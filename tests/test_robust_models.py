@@ -263,3 +263,48 @@ def test_runtime_imports_are_declared_dependencies():
                     if not dists & declared:
                         missing.add(f"{top} ({path.relative_to(REPO)})")
     assert not missing, f"imported at run time but not in [project].dependencies: {sorted(missing)}"
+
+
+# --- the quantize search's memory ------------------------------------------------------------------------
+
+def test_streamed_local_errors_rank_as_the_float64_reference(tmp_path):
+    """local_errors reduces each feed's tensors to sums before the next run; the ranking matches the
+    per-tensor NSRs computed from every feed's tensors held as float64 (what it did before)."""
+    from lepton_cli.data import load_samples
+    from lepton_cli.ort import make_session
+    from lepton_cli.quant import schemes
+    from lepton_cli.quant.calibration import CalibrationSettings, calibrate
+    from lepton_cli.quant.tuning import _with_outputs, local_errors
+
+    digits = REPO / "examples" / "digits"
+    model = onnx.load(digits / "digits_cnn.onnx")
+    calib = load_samples(digits / "calib.npz", model)
+    base = schemes.preprocess(model, tmp_path)
+    ranges = schemes.save_ranges(calibrate(base, calib, CalibrationSettings(method="minmax")), tmp_path / "r.json")
+    quantized = schemes.quantize_int8(base, ranges, "minmax", schemes.Int8Scheme(op_types=()), [], tmp_path)
+    candidates = [n.name for n in base.graph.node]  # every node: digits has few quantized ones
+    feeds = list(load_samples(digits / "eval.npz", model, role="--eval").feeds(8))
+    ranked = local_errors(base, quantized, candidates, feeds)
+
+    nodes = {n.name: n for n in base.graph.node if n.name in set(candidates)}
+    names = sorted({t for n in nodes.values() for t in [*n.input, *n.output] if t})
+    held = {}
+    for tag, graph in (("ref", base), ("got", quantized)):
+        extended, keep = _with_outputs(graph, names)
+        session = make_session(extended)
+        held[tag] = [dict(zip(keep, (v.astype(np.float64) for v in session.run(keep, feed)))) for feed in feeds]
+
+    def nsr(name):
+        pairs = [(r[name], g[name]) for r, g in zip(held["ref"], held["got"]) if name in r and name in g]
+        return sum(float(np.sum((r - g) ** 2)) for r, g in pairs) / max(sum(float(np.sum(r ** 2)) for r, _ in pairs), 1e-30) if pairs else None
+
+    expected = []
+    for name, node in nodes.items():
+        outs = [v for v in map(nsr, node.output) if v is not None]
+        ins = [v for v in map(nsr, node.input) if v is not None]
+        if outs:
+            expected.append((name, max(outs) - (max(ins) if ins else 0.0)))
+    expected.sort(key=lambda item: -item[1])
+    assert len(ranked) == len(expected) >= 4
+    assert [n for n, _ in ranked] == [n for n, _ in expected]
+    np.testing.assert_allclose([v for _, v in ranked], [v for _, v in expected], rtol=1e-4, atol=1e-9)
