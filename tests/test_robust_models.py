@@ -308,3 +308,23 @@ def test_streamed_local_errors_rank_as_the_float64_reference(tmp_path):
     assert len(ranked) == len(expected) >= 4
     assert [n for n, _ in ranked] == [n for n, _ in expected]
     np.testing.assert_allclose([v for _, v in ranked], [v for _, v in expected], rtol=1e-4, atol=1e-9)
+
+
+def test_histogram_bound_when_the_first_chunk_of_a_tensor_is_all_zeros():
+    """np.histogram gives constant data the range (v-0.5, v+0.5): an |x| histogram of zeros starts at
+    -0.5, which the bound mistook for a signed histogram (IndexError, exit 1, PP-OCRv4 det at 320x320
+    on rendered pages, percentile calibration)."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from lepton_cli.quant.calibration import CalibrationSettings, _bound_histograms
+
+    class Calibrator:
+        collector = HistogramCollector(method="percentile", symmetric=True, num_bins=256, num_quantized_bins=128,
+                                       percentile=99.9, scenario="same")
+
+    calibrator = Calibrator()
+    calibrator.collector.collect({"t": [np.zeros(100, np.float32)]})
+    _bound_histograms(calibrator, CalibrationSettings(method="percentile", histogram_bins=256))
+    calibrator.collector.collect({"t": [np.linspace(-5000, 5000, 1001, dtype=np.float32)]})
+    hist, edges, low, high = calibrator.collector.histogram_dict["t"]
+    assert len(hist) <= 4 * 256 and float(edges[-1]) >= 5000 and int(hist.sum()) == 1101
