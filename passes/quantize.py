@@ -37,7 +37,7 @@ from lepton_cli.quant import schemes
 from lepton_cli.quant.calibration import CalibrationSettings, calibrate
 from lepton_cli.quant.consumer_ranges import narrow_to_readers
 from lepton_cli.quant.integer_io import make_integer_io
-from lepton_cli.quant.prequantized import describe, quantized_ops
+from lepton_cli.quant.prequantized import describe, has_subgraphs, quantized_ops
 from lepton_cli.quant.short_names import shorten_added_names
 from lepton_cli.quant.tuning import Trial, keep_float_nodes, local_errors, quantized_nodes, search
 
@@ -345,6 +345,10 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
                     "drop_pct": found.best_trial.drop_pct, "value": found.best_trial.value}
         if params.scheme == "int8":
             summary["op_types"] = found.best_trial.op_types
+    if params.scheme == "int8" and not quantized_ops(result) and has_subgraphs(model):
+        ctx.warn("nothing was quantized: the model computes inside If/Loop branches, which ONNX Runtime's quantizer "
+                 "leaves float; the compiled model stays float")
+        return PassResult(model, summary | {"applied": "none", "int8_weights": 0})
     float_ops = _float_ops(result, list(ctx.target.runtime.supported_ops)) if params.scheme == "int8" else []
     if float_ops:
         summary["float_ops"] = float_ops

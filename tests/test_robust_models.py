@@ -134,8 +134,14 @@ def test_silero_vad_compiles_on_speech(silero, vad_speech, target, tmp_path, run
     result = run_cli("compile", silero, "-t", target, "-o", tmp_path, "--calib", data, "--no-bench")
     _no_internal_error(result)
     assert result.code == 0, result.stderr[-2000:]
-    accuracy = _report(tmp_path, "silero_vad", target)["accuracy"]
+    report = _report(tmp_path, "silero_vad", target)
+    accuracy = report["accuracy"]
     assert accuracy["measured"] and accuracy["drop_pct"] <= 1.0, accuracy
+    quantize = next(s for s in report["pipeline"] if s["name"] == "quantize")["summary"]
+    if quantize["scheme"] == "int8":  # ORT's static quantizer does not enter If branches: said, not hidden
+        assert quantize["applied"] == "none" and "nothing was quantized" in result.stderr
+    else:  # the fp16 converter does: the branches' weights are fp16
+        assert "nothing was quantized" not in result.stderr
 
 
 def test_silero_vad_rank1_sample_rate_calibrates(silero, vad_speech, tmp_path, run_cli):

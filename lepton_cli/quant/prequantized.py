@@ -44,3 +44,8 @@ def quantized_ops(model: onnx.ModelProto) -> Counter:
 def describe(counts: Counter) -> str:
     """'47 DynamicQuantizeLinear, 38 ConvInteger, 9 MatMulInteger'."""
     return ", ".join(f"{n} {op}" for op, n in counts.most_common())
+
+
+def has_subgraphs(model: onnx.ModelProto) -> bool:
+    """Whether a node of the main graph has an If/Loop/Scan body (ORT's static quantizer does not enter them)."""
+    return any(a.type == onnx.AttributeProto.GRAPH or a.graphs for n in model.graph.node for a in n.attribute)
