@@ -273,17 +273,24 @@ def test_runtime_imports_are_declared_dependencies():
 
 # --- the quantize search's memory ------------------------------------------------------------------------
 
-def test_streamed_local_errors_rank_as_the_float64_reference(tmp_path):
-    """local_errors reduces each feed's tensors to sums before the next run; the ranking matches the
-    per-tensor NSRs computed from every feed's tensors held as float64 (what it did before)."""
+@pytest.mark.parametrize("run_mb", [256, 1e-9])
+def test_streamed_local_errors_rank_as_the_float64_reference(run_mb, tmp_path, monkeypatch):
+    """local_errors reduces each feed's tensors to sums before the next run, fetching them in groups of
+    at most RUN_MB (1e-9: one tensor per run); the ranking matches the per-tensor NSRs computed from
+    every feed's tensors held at once as float64 (what it did before)."""
+    from lepton_cli.quant import tuning
+
+    monkeypatch.setattr(tuning, "RUN_MB", run_mb)
     from lepton_cli.data import load_samples
     from lepton_cli.ort import make_session
     from lepton_cli.quant import schemes
     from lepton_cli.quant.calibration import CalibrationSettings, calibrate
     from lepton_cli.quant.tuning import _with_outputs, local_errors
 
+    from lepton_cli.shapes import bind_input_shapes
+
     digits = REPO / "examples" / "digits"
-    model = onnx.load(digits / "digits_cnn.onnx")
+    model = bind_input_shapes(onnx.load(digits / "digits_cnn.onnx"), {"image": [1, 1, 8, 8]})  # as compile does
     calib = load_samples(digits / "calib.npz", model)
     base = schemes.preprocess(model, tmp_path)
     ranges = schemes.save_ranges(calibrate(base, calib, CalibrationSettings(method="minmax")), tmp_path / "r.json")
@@ -291,6 +298,8 @@ def test_streamed_local_errors_rank_as_the_float64_reference(tmp_path):
     candidates = [n.name for n in base.graph.node]  # every node: digits has few quantized ones
     feeds = list(load_samples(digits / "eval.npz", model, role="--eval").feeds(8))
     ranked = local_errors(base, quantized, candidates, feeds)
+    names_in_runs = sorted({t for n in base.graph.node for t in [*n.input, *n.output] if t})
+    assert (len(tuning._groups(base, names_in_runs)) > 5) == (run_mb < 1)
 
     nodes = {n.name: n for n in base.graph.node if n.name in set(candidates)}
     names = sorted({t for n in nodes.values() for t in [*n.input, *n.output] if t})

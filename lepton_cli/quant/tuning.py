@@ -86,6 +86,30 @@ def _tensor_runs(model: onnx.ModelProto, names: list[str], feeds: list[dict[str,
         yield dict(zip(keep, session.run(keep, adapt_feed(model, feed))))
 
 
+RUN_MB = 256  # tensors fetched per run by local_errors: one sample of a detector's activations can be GBs
+
+
+def _groups(model: onnx.ModelProto, names: list[str]) -> list[list[str]]:
+    """``names``, in order, cut into groups whose float32 tensors (shapes inferred; unknown: 0) fit
+    ``RUN_MB``: each group is fetched in its own runs, so one run never holds them all."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    sizes = {}
+    for value in inferred.graph.value_info:
+        dims = value.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            sizes[value.name] = 4 * int(np.prod([d.dim_value for d in dims]))
+    groups: list[list[str]] = [[]]
+    total = 0
+    for name in names:
+        size = sizes.get(name, 0)
+        if groups[-1] and total + size > RUN_MB * 2**20:
+            groups.append([])
+            total = 0
+        groups[-1].append(name)
+        total += size
+    return groups
+
+
 def local_errors(float_model: onnx.ModelProto, quantized: onnx.ModelProto, candidates: list[str],
                  feeds: list[dict[str, np.ndarray]]) -> list[tuple[str, float]]:
     """Candidate nodes ranked by the noise each adds: NSR(output) − max NSR(inputs), worst first.
@@ -98,13 +122,14 @@ def local_errors(float_model: onnx.ModelProto, quantized: onnx.ModelProto, candi
     names = sorted({t for n in nodes.values() for t in [*n.input, *n.output] if t and t not in inits})
     noise: dict[str, float] = {}
     signal: dict[str, float] = {}
-    for r, g in zip(_tensor_runs(float_model, names, feeds), _tensor_runs(quantized, names, feeds)):
-        for name in set(r) & set(g):
-            if r[name].shape == g[name].shape:
-                ref = r[name].astype(np.float32, copy=False)
-                noise[name] = noise.get(name, 0.0) + float(np.sum(np.square(ref - g[name].astype(np.float32, copy=False)), dtype=np.float64))
-                signal[name] = signal.get(name, 0.0) + float(np.sum(np.square(ref), dtype=np.float64))
-        del r, g
+    for group in _groups(float_model, names):
+        for r, g in zip(_tensor_runs(float_model, group, feeds), _tensor_runs(quantized, group, feeds)):
+            for name in set(r) & set(g):
+                if r[name].shape == g[name].shape:
+                    ref = r[name].astype(np.float32, copy=False)
+                    noise[name] = noise.get(name, 0.0) + float(np.sum(np.square(ref - g[name].astype(np.float32, copy=False)), dtype=np.float64))
+                    signal[name] = signal.get(name, 0.0) + float(np.sum(np.square(ref), dtype=np.float64))
+            del r, g
 
     def nsr(name: str) -> float | None:
         return noise[name] / max(signal[name], 1e-30) if name in noise else None
