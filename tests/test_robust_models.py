@@ -195,7 +195,26 @@ def test_unused_opset_imports_are_dropped_used_ones_refused(tmp_path):
 
 # --- an already-quantized model --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("target", ["cpu-avx", pytest.param("cuda", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("target", ["cpu-avx", "cuda"])
+def test_prequantized_digits_compile_with_their_quantization(target, tmp_path, run_cli):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from lepton_cli.quant.prequantized import quantized_ops
+
+    digits = REPO / "examples" / "digits"
+    model = tmp_path / "digits_dynamic.onnx"
+    quantize_dynamic(str(digits / "digits_cnn.onnx"), str(model), weight_type=QuantType.QInt8)
+    assert quantized_ops(onnx.load(model))["DynamicQuantizeLinear"] > 0
+    result = run_cli("compile", model, "-t", target, "-o", tmp_path / "out", "--calib", digits / "calib.npz",
+                     "--eval", digits / "eval.npz", "--no-bench")
+    _no_internal_error(result)
+    assert result.code == 0 and "already quantized" in result.stderr, result.stderr[-2000:]
+    report = _report(tmp_path / "out", "digits_dynamic", target)
+    assert next(s for s in report["pipeline"] if s["name"] == "quantize")["summary"]["applied"] == "none"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["cpu-avx", "cuda"])
 def test_prequantized_model_keeps_its_quantization(prequantized_rec, text_lines, target, tmp_path, run_cli):
     from lepton_cli.quant.prequantized import quantized_ops
 
