@@ -46,6 +46,7 @@ CASES = {
 # cpu-avx target with fuse disabled; the quantize search, whose memory this measures, is unchanged.
 NO_FUSE = {"det320", "det640"}
 PASS_LINE = re.compile(r"^[→✓]\s+(\S+)")
+PASS_SECONDS = re.compile(r"^✓\s+\S+\s+([0-9.]+)s")
 
 
 def _rss_mb(pid: int) -> float | None:
@@ -95,9 +96,10 @@ def compile_case(case: str, target: str, samples: int, budget: float, work: Path
                 if line.strip().startswith("→"):
                     current[0] = name
                     per_pass.setdefault(name, {"started": time.perf_counter(), "peak_rss_mb": 0.0})
-                else:
+                else:  # the pipeline's own timing of the pass: "✓ fuse   1.35s  nodes ..."
                     entry = per_pass.setdefault(name, {"started": time.perf_counter(), "peak_rss_mb": 0.0})
-                    entry["seconds"] = round(time.perf_counter() - entry["started"], 1)
+                    timed = PASS_SECONDS.search(line.strip())
+                    entry["seconds"] = float(timed.group(1)) if timed else round(time.perf_counter() - entry["started"], 1)
                     current[0] = "after " + name
 
     reader = threading.Thread(target=read_stderr, daemon=True)
@@ -116,6 +118,9 @@ def compile_case(case: str, target: str, samples: int, budget: float, work: Path
                 child.kill()
         time.sleep(0.05)
     reader.join(timeout=5)
+    for name, entry in per_pass.items():  # a pass the compile stopped in (exit 2/3): its time until the exit
+        if name != "load" and not name.startswith("after "):
+            entry.setdefault("seconds", round(time.perf_counter() - entry["started"], 1))
     seconds = time.perf_counter() - started
     peak = usage.ru_maxrss / 1024
     for entry in per_pass.values():
