@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import onnx
 
-from .data import SampleSet, load_samples
+from .data import SampleSet, check_bound_shapes, load_samples
 from .compile_inputs import compile_inputs
 from .gate_warnings import accuracy_warnings, compression_warnings
 from .errors import BadInputError, QualityGateError
@@ -114,7 +114,34 @@ def _bind_shapes(model: onnx.ModelProto, options: CompileOptions, calib: SampleS
     if not shapes:
         return model, {}, None
     bound = bind_input_shapes(model, shapes)
-    return bound, shapes, f"bound input shapes from {source}: " + ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
+    listed = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
+    rejected = _rejected_when_bound(model, bound)
+    if rejected:
+        return model, shapes, (f"kept input shapes dynamic ({listed} from {source} used for checks and data): ONNX Runtime "
+                               f"rejects the model with them bound ({rejected})")
+    return bound, shapes, f"bound input shapes from {source}: {listed}"
+
+
+def _rejected_when_bound(model: onnx.ModelProto, bound: onnx.ModelProto) -> str | None:
+    """ORT's error when the bound model fails to load optimised while the source loads, else None.
+
+    Static shapes let ORT type-check If/Loop branches the data never takes: Silero VAD's 8 kHz branch
+    fails on a 16 kHz-sized input ("LSTM: first input tensor must have rank 3"). Only models with
+    subgraphs are tried (one session each)."""
+    if not any(a.type == onnx.AttributeProto.GRAPH or a.graphs for n in model.graph.node for a in n.attribute):
+        return None
+    from .ort import make_session
+
+    try:
+        make_session(bound, opt_level="basic")
+        return None
+    except Exception as exc:  # ORT raises Fail/InvalidGraph/RuntimeException
+        reason = str(exc).split("[ShapeInferenceError]")[-1].strip().splitlines()[0][:160]
+    try:
+        make_session(model, opt_level="basic")
+    except Exception:
+        return None  # the source fails too: not the binding's fault; the pipeline reports it
+    return reason
 
 
 def resolve_target(spec: str, host: HostInfo) -> tuple[Target, TargetSuggestion | None]:
@@ -157,6 +184,8 @@ def compile_unsealed(options: CompileOptions, target: Target, host: HostInfo, *,
     loaded = load_model(options.model, keep_external=True)  # large weights stay on disk (external_data)
     release_weights = use_weights_folder(loaded.weights_folder)
     normalisation: list[str] = []
+    if loaded.dropped_domains:  # declared by the exporter, used by no node: nothing of theirs runs
+        normalisation.append(f"dropped unused opset imports {', '.join(map(repr, loaded.dropped_domains))} (outside the allowlist; no node uses them)")
     model, note = upgrade_opset(loaded.model, target.runtime.opset_min, target.runtime.opset_max)
     if note:
         normalisation.append(note)
@@ -165,12 +194,18 @@ def compile_unsealed(options: CompileOptions, target: Target, host: HostInfo, *,
     model, shapes, note = _bind_shapes(model, options, calib)
     if note:
         normalisation.append(note)
+    for samples, role in ((calib, "--calib"), (evaluation, "--eval")):
+        if samples is not None:
+            check_bound_shapes(samples, model, role, note and note.split(":")[0])
 
     # The first [[variants]] entry (if any) is the main model.onnx; the others are compiled after it.
     primary = target.variants[0] if target.variants else None
     ctx = PassContext(target=target.for_variant(primary) if primary else target, calib=calib, eval=evaluation,
                       seed=options.seed, max_accuracy_drop=options.max_accuracy_drop, input_shapes=shapes, eval_metric=options.eval_metric,
                       on_warning=on_warning, host=host.pass_context())
+    for text in normalisation:  # what the user must know about how the model was read
+        if text.startswith(("dropped unused opset imports", "kept input shapes dynamic")):
+            ctx.warn(text)
     try:
         source_stats = collect_stats(model)
         gate = AccuracyGate(ctx)

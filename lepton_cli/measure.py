@@ -32,7 +32,7 @@ import onnxruntime as ort
 from .data import SampleSet
 from .hostinfo import HostInfo, detect_host
 from .external_data import external_bytes
-from .ort import OPT_LEVELS, new_session, random_feed, read_external_from_folder
+from .ort import OPT_LEVELS, model_random_feed, new_session, read_external_from_folder
 from .pipeline import LAYOUT_KEY, adapt_feed
 from .runtime_select import choose_threads, provider_order
 from .shapes import bind_input_shapes, graph_inputs
@@ -177,7 +177,7 @@ def make_feeds(model: onnx.ModelProto, samples: SampleSet | None, role: str = "-
         warning = None
     else:
         rng = np.random.default_rng(seed)
-        feeds = [random_feed(graph_inputs(model), rng, dims) for _ in range(min(limit, 4))]
+        feeds = [model_random_feed(model, rng, dims) for _ in range(min(limit, 4))]
         source = "random"
         warning = ("latency measured on random inputs: it can depend on the data (e.g. detection models, early exits); "
                    "pass --calib or --eval for representative samples")

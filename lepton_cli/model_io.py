@@ -30,6 +30,7 @@ class LoadedModel:
     file_size: int  # model file plus external data, bytes
     external_sha256: dict[str, str] = field(default_factory=dict)  # external data file (location) -> sha256
     weights_folder: Path | None = None  # set when external tensors stay on disk (lepton_cli.external_data)
+    dropped_domains: list[str] = field(default_factory=list)  # opset imports outside the allowlist that no node used
 
 
 def _sha256_file(path: Path) -> str:
@@ -75,7 +76,31 @@ def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return [t for t in _get_all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
 
 
-def _check_domains(model: onnx.ModelProto) -> None:
+def _used_domains(model: onnx.ModelProto) -> set[str]:
+    """Domains that a node uses: in the main graph, any subgraph (If/Loop/Scan bodies) or a local function."""
+    used: set[str] = set()
+
+    def walk(nodes) -> None:
+        for node in nodes:
+            used.add(node.domain or "")
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g.node)
+                for sub in attr.graphs:
+                    walk(sub.node)
+
+    walk(model.graph.node)
+    for function in model.functions:
+        walk(function.node)
+    return used
+
+
+def _check_domains(model: onnx.ModelProto) -> list[str]:
+    """Refuse ops from domains outside the allowlist; drop opset imports no node uses (returned, for a warning).
+
+    Exporters declare domains they never use (Paddle2ONNX: "Paddle"; ORT's quantizer:
+    "com.microsoft.nchwc", "ai.onnx.training", ...): only what a node runs can be unsafe or unsupported.
+    """
     local_functions = {(f.domain, f.name) for f in model.functions}
     local_domains = {f.domain for f in model.functions}
 
@@ -95,10 +120,17 @@ def _check_domains(model: onnx.ModelProto) -> None:
                     walk(sub)
 
     walk(model.graph)
+    used = _used_domains(model)
+    unused = [o.domain for o in model.opset_import
+              if o.domain not in ALLOWED_DOMAINS and o.domain not in local_domains and o.domain not in used]
+    kept = [o for o in model.opset_import if o.domain not in unused]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
     for opset in model.opset_import:
         if opset.domain not in ALLOWED_DOMAINS and opset.domain not in local_domains:
             raise BadInputError(f"model imports opset domain {opset.domain!r}, which is outside the allowlist",
                                 "export the model with standard ONNX ops")
+    return unused
 
 
 def load_model(path: str | Path, *, keep_external: bool = False) -> LoadedModel:
@@ -110,7 +142,7 @@ def load_model(path: str | Path, *, keep_external: bool = False) -> LoadedModel:
     """
     path = Path(path)
     model, size = _parse(path)
-    _check_domains(model)
+    dropped_domains = _check_domains(model)
     model_dir = path.parent
     total = size
     external = _external_tensors(model)
@@ -142,7 +174,7 @@ def load_model(path: str | Path, *, keep_external: bool = False) -> LoadedModel:
         with weights_folder(model_dir):
             digests = data_digests(model)
     return LoadedModel(model=model, path=path, sha256=_sha256_file(path), file_size=total, external_sha256=digests,
-                       weights_folder=model_dir.resolve() if kept else None)
+                       weights_folder=model_dir.resolve() if kept else None, dropped_domains=dropped_domains)
 
 
 def _parse(path: Path) -> tuple[onnx.ModelProto, int]:

@@ -20,7 +20,7 @@ import onnx
 from .data import SampleSet
 from .errors import InternalError, LeptonError, QualityGateError
 from .external_data import has_external, structure_copy
-from .ort import make_session, random_feed, run_feeds
+from .ort import make_session, model_random_feed, run_feeds
 from .params import to_table
 from .pass_registry import Exactness, PassResult, get_pass
 from .quant.integer_io import dequantize_array, io_quant, quantize_array
@@ -136,7 +136,7 @@ class PassContext:
             if data is not None and len(data):
                 return list(data.feeds(count))
         rng = np.random.default_rng(self.seed)
-        return [random_feed(graph_inputs(model), rng) for _ in range(count)]
+        return [model_random_feed(model, rng, self.input_shapes or None) for _ in range(count)]
 
 
 @dataclass
@@ -258,10 +258,11 @@ def _check_feeds(model: onnx.ModelProto, ctx: PassContext) -> tuple[list[dict[st
     """Feeds for the comparison and whether unbound dims had to be guessed."""
     if not unbound_dims(model) or ctx.calib is not None or ctx.eval is not None:
         return ctx.sample_feeds(model, CHECK_SAMPLES), False
-    dims = {sig.name: [d if isinstance(d, int) else (GUESSED_BATCH if axis == 0 else GUESSED_EXTENT)
-                       for axis, d in enumerate(sig.dims)] for sig in graph_inputs(model)}
+    dims = {sig.name: ctx.input_shapes.get(sig.name) or [d if isinstance(d, int) else (GUESSED_BATCH if axis == 0 else GUESSED_EXTENT)
+                                                         for axis, d in enumerate(sig.dims)] for sig in graph_inputs(model)}
+    guessed = any(not sig.is_static and sig.name not in ctx.input_shapes for sig in graph_inputs(model))
     rng = np.random.default_rng(ctx.seed)
-    return [random_feed(graph_inputs(model), rng, dims) for _ in range(CHECK_SAMPLES)], True
+    return [model_random_feed(model, rng, dims) for _ in range(CHECK_SAMPLES)], guessed
 
 
 def _check_step(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext, exactness: Exactness) -> dict[str, Any]:

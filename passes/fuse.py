@@ -31,6 +31,7 @@ from lepton_cli.params import ParamValueError
 from lepton_cli.pass_registry import PassResult, register_pass, tolerance
 from lepton_cli.passes.fuse_activation import fold_scalar_affine, fuse_hard_swish
 from lepton_cli.external_data import has_external
+from lepton_cli.quant.prequantized import quantized_ops
 from lepton_cli.graph_edit import GraphIndex, drop_unused_initializers, subgraph_names
 
 LAYER_NORM_OPSET = 17  # LayerNormalization joined the default domain at opset 17
@@ -312,8 +313,12 @@ def fuse(model: onnx.ModelProto, ctx, params: FuseParams) -> PassResult:
     bias_folds = fold_bias_adds(result)
     # HardSigmoid only where the target runs it (tpu's and fpga's op lists do not name it)
     hard_sigmoid_ok = not runtime.supported_ops or "HardSigmoid" in runtime.supported_ops
-    hard_swish = fuse_hard_swish(result) if params.fuse_activations and hard_sigmoid_ok else 0
-    affine_folds = fold_scalar_affine(result) if params.fuse_activations else 0
+    # an already-quantized model keeps its float rounding (lepton_cli/quant/prequantized.py)
+    activations = params.fuse_activations and not quantized_ops(model)
+    if params.fuse_activations and not activations:
+        notes.append("activation rewrites skipped: the model is already quantized")
+    hard_swish = fuse_hard_swish(result) if activations and hard_sigmoid_ok else 0
+    affine_folds = fold_scalar_affine(result) if activations else 0
     list_initializers_as_inputs(result)
     if params.ort_offline and has_external(result):
         ctx.warn("ort_offline skipped: ONNX Runtime would write the optimised graph with every weight inline")

@@ -40,6 +40,7 @@ from lepton_cli.quant.consumer_ranges import narrow_to_readers
 from lepton_cli.quant.heads import find_heads, head_overrides
 from lepton_cli.quant.integer_io import make_integer_io
 from lepton_cli.quant.recovery import RecoverySettings, recover
+from lepton_cli.quant.prequantized import describe, has_subgraphs, quantized_ops
 from lepton_cli.quant.short_names import shorten_added_names
 from lepton_cli.quant.tuning import Trial, keep_float_nodes, local_errors, quantized_nodes, search
 
@@ -329,6 +330,11 @@ def _fp16_plan(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> fp16
 @register_pass("quantize", params=QuantizeParams, exactness=LOSSY,
                description="int8/fp16 per target scheme; streamed calibration; keeps sensitive layers in float to meet the accuracy budget")
 def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassResult:
+    existing = quantized_ops(model)
+    if existing:  # keep the model's own quantization (quant/prequantized.py)
+        ctx.warn(f"the model is already quantized ({describe(existing)}): kept as it is, not quantized again; "
+                 f"compile the float model for {params.scheme} tuned to the accuracy budget")
+        return PassResult(model, {"scheme": params.scheme, "applied": "none", "already_quantized": dict(existing)})
     schemes.name_nodes(model)
     if has_external(model) and not _weights_only(ctx, params):
         # ORT's quantizers and calibrators take one whole protobuf; weight-only schemes read a tensor at a time.
@@ -425,6 +431,10 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
                     "drop_pct": found.best_trial.drop_pct, "value": found.best_trial.value}
         if params.scheme == "int8":
             summary["op_types"] = found.best_trial.op_types
+    if params.scheme == "int8" and not quantized_ops(result) and has_subgraphs(model):
+        ctx.warn("nothing was quantized: the model computes inside If/Loop branches, which ONNX Runtime's quantizer "
+                 "leaves float; the compiled model stays float")
+        return PassResult(model, summary | {"applied": "none", "int8_weights": 0})
     float_ops = _float_ops(result, list(ctx.target.runtime.supported_ops)) if params.scheme == "int8" else []
     if float_ops:
         summary["float_ops"] = float_ops

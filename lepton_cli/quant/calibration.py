@@ -142,7 +142,10 @@ def _bound_histograms(calibrator: Any, settings: CalibrationSettings) -> None:
             amax = max(float(np.nanmax(np.abs(v))) for v in values)
             hist, edges, *rest = entry
             width = float(edges[1] - edges[0])
-            if edges[0] < 0:  # collect_value: symmetric (-threshold, threshold)
+            # collect_value's entries carry a threshold: (hist, edges, min, max, threshold), symmetric edges.
+            # Not edges[0] < 0: a first chunk of all zeros gives |x| edges (-0.5, 0.5) (np.histogram's
+            # range for constant data) to collect_absolute_value's (hist, edges, min, max) too.
+            if len(rest) == 3:
                 if amax <= float(edges[-1]) or len(hist) + 2 * ((amax - float(edges[-1])) // width + 1) <= limit:
                     continue
                 new_hist, new_edges = _rebinned(hist, edges, -amax, amax, limit // 2)

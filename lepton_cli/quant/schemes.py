@@ -30,7 +30,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from lepton_cli.quant.calibration import METHODS, quiet_ort
 from lepton_cli.external_data import tensor_array
-from lepton_cli.graph_order import sort_topologically
+from lepton_cli.graph_order import move_into_subgraphs, sort_topologically
 
 QTYPES = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -163,9 +163,30 @@ def to_fp16(model: onnx.ModelProto, block_ops: list[str], keep_nodes: list[str])
         converted = float16.convert_float_to_float16(
             model, keep_io_types=True, op_block_list=sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(block_ops)),
             node_block_list=list(keep_nodes) or None)
-    # The converter appends the graph-input Casts after their consumers: restore topological order.
+    # The converter appends the graph-input Casts after their consumers, and puts some of an If branch's
+    # Casts in the main graph: move them home, restore topological order.
+    move_into_subgraphs(converted.graph)
     sort_topologically(converted.graph)
+    drop_stale_value_info(converted.graph)
     return _copy_metadata(model, converted)
+
+
+def drop_stale_value_info(graph: onnx.GraphProto) -> int:
+    """Remove shape annotations (``value_info``) of names that no node produces, in every (sub)graph.
+
+    Exporters and earlier passes leave annotations for initializers and for tensors that no longer
+    exist; the fp16 converter retypes them all to float16, also those of initializers it keeps fp32
+    (PP-OCRv5 rec's LayerNormalization weights), and onnx's shape inference then fails on the
+    contradiction ("Inferred elem type differs from existing elem type: (1) vs (10)")."""
+    produced = {o for n in graph.node for o in n.output}
+    stale = [v for v in graph.value_info if v.name not in produced]
+    for value in stale:
+        graph.value_info.remove(value)
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                drop_stale_value_info(sub)
+    return len(stale)
 
 
 def weight_only_int8(model: onnx.ModelProto, min_elements: int = 256) -> tuple[onnx.ModelProto, list[str]]:

@@ -75,32 +75,61 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelP
     return copy, keep
 
 
-def _tensors(model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+def _tensor_runs(model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]]):
+    """Per feed, the float tensors ``names`` (those ``model`` has) as ``{name: array}``, one feed at a time."""
     extended, keep = _with_outputs(model, names)
-    session = make_session(extended)  # unoptimised: every named tensor still exists
-    wanted = [n for n in keep]
-    out = []
+    # unoptimised: every named tensor still exists; no arena: with every tensor an output it would
+    # keep one feed's worth of them allocated for the session's life
+    session = make_session(extended, arena=False)
+    del extended
     for feed in feeds:
-        values = session.run(wanted, adapt_feed(model, feed))
-        out.append({n: v.astype(np.float64) for n, v in zip(wanted, values)})
-    return out
+        yield dict(zip(keep, session.run(keep, adapt_feed(model, feed))))
+
+
+RUN_MB = 256  # tensors fetched per run by local_errors: one sample of a detector's activations can be GBs
+
+
+def _groups(model: onnx.ModelProto, names: list[str]) -> list[list[str]]:
+    """``names``, in order, cut into groups whose float32 tensors (shapes inferred; unknown: 0) fit
+    ``RUN_MB``: each group is fetched in its own runs, so one run never holds them all."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    sizes = {}
+    for value in inferred.graph.value_info:
+        dims = value.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            sizes[value.name] = 4 * int(np.prod([d.dim_value for d in dims]))
+    groups: list[list[str]] = [[]]
+    total = 0
+    for name in names:
+        size = sizes.get(name, 0)
+        if groups[-1] and total + size > RUN_MB * 2**20:
+            groups.append([])
+            total = 0
+        groups[-1].append(name)
+        total += size
+    return groups
 
 
 def local_errors(float_model: onnx.ModelProto, quantized: onnx.ModelProto, candidates: list[str],
                  feeds: list[dict[str, np.ndarray]]) -> list[tuple[str, float]]:
-    """Candidate nodes ranked by the noise each adds: NSR(output) − max NSR(inputs), worst first."""
+    """Candidate nodes ranked by the noise each adds: NSR(output) − max NSR(inputs), worst first.
+
+    Streamed: one feed's tensors of the two models are held at a time and reduced to per-tensor sums
+    (float64 scalars) before the next run. Holding every feed's tensors, as float64, for both models
+    took a 7 MB layout detector past 18 GB."""
     nodes = {n.name: n for n in float_model.graph.node if n.name in set(candidates)}
     inits = {i.name for i in float_model.graph.initializer}
     names = sorted({t for n in nodes.values() for t in [*n.input, *n.output] if t and t not in inits})
-    ref = _tensors(float_model, names, feeds)
-    got = _tensors(quantized, names, feeds)
     noise: dict[str, float] = {}
     signal: dict[str, float] = {}
-    for r, g in zip(ref, got):
-        for name in set(r) & set(g):
-            if r[name].shape == g[name].shape:
-                noise[name] = noise.get(name, 0.0) + float(np.sum((r[name] - g[name]) ** 2))
-                signal[name] = signal.get(name, 0.0) + float(np.sum(r[name] ** 2))
+    for group in _groups(float_model, names):
+        for r, g in zip(_tensor_runs(float_model, group, feeds), _tensor_runs(quantized, group, feeds)):
+            for name in set(r) & set(g):
+                if r[name].shape == g[name].shape:
+                    ref = r[name].astype(np.float32, copy=False)
+                    noise[name] = noise.get(name, 0.0) + float(np.sum(np.square(ref - g[name].astype(np.float32, copy=False)), dtype=np.float64))
+                    signal[name] = signal.get(name, 0.0) + float(np.sum(np.square(ref), dtype=np.float64))
+            del r, g
 
     def nsr(name: str) -> float | None:
         return noise[name] / max(signal[name], 1e-30) if name in noise else None
@@ -141,15 +170,15 @@ def search(build: Build, methods: list[str], evaluator: Evaluator, budget: float
     drop itself): a tuning set's drop is an estimate, and a candidate chosen because it landed just
     under the budget tends to land over it on other data."""
     trials: list[Trial] = []
-    passing: list[tuple[Trial, onnx.ModelProto]] = []
+    passing: list[Trial] = []  # models are rebuilt, not kept: a candidate per trial held ~60 model copies
     sensitivity: list[tuple[str, float]] = []
 
-    scored: dict[tuple[str, frozenset[str]], tuple[Trial, onnx.ModelProto]] = {}
+    scored: dict[tuple[str, frozenset[str]], Trial] = {}
 
-    def attempt(method: str, keep: list[str], rule: str) -> tuple[Trial, onnx.ModelProto]:
+    def attempt(method: str, keep: list[str], rule: str) -> tuple[Trial, onnx.ModelProto | None]:
         key = (method, frozenset(keep))
         if key in scored:  # the leading nodes can be the set the ranking already tried
-            return scored[key]
+            return scored[key], None
         model = build(method, keep)
         score: AccuracyScore = evaluator.score(model)
         trial = Trial(method, list(keep), score.drop_pct, score.value, score.drop_bound(z) <= budget,
@@ -160,8 +189,8 @@ def search(build: Build, methods: list[str], evaluator: Evaluator, budget: float
             note(f"  {method:<10} float-kept {len(keep):3d}{trial.rule_tag}: {score.metric} "
                  f"drop {score.drop_pct:.2f}{spread} ({'within' if trial.meets_budget else 'over'} {budget:g})")
         if trial.meets_budget:
-            passing.append((trial, model))
-        scored[key] = (trial, model)
+            passing.append(trial)
+        scored[key] = trial
         return trial, model
 
     def grow(method: str, order: list[str], rule: str) -> bool:
@@ -186,6 +215,7 @@ def search(build: Build, methods: list[str], evaluator: Evaluator, budget: float
 
     for method in methods:
         first, model = attempt(method, [], SENSITIVITY)
+        model = model or build(method, [])
         if first.meets_budget:
             break  # everything quantized fits: no float-kept variant can be faster
         in_graph_order = (candidates or quantized_nodes)(model)
@@ -207,8 +237,8 @@ def search(build: Build, methods: list[str], evaluator: Evaluator, budget: float
     # target, whose speed this build host cannot measure), then the smaller drop, then method order.
     # Host latency used to break ties here, and its noise made two identical compiles differ.
     order_of = {m: i for i, m in enumerate(methods)}
-    best_trial, best = min(passing, key=lambda tm: (len(tm[0].float_nodes), tm[0].drop_pct, order_of.get(tm[0].method, 0)))
-    return SearchResult(best, best_trial, trials, sensitivity)
+    best_trial = min(passing, key=lambda t: (len(t.float_nodes), t.drop_pct, order_of.get(t.method, 0)))
+    return SearchResult(build(best_trial.method, best_trial.float_nodes), best_trial, trials, sensitivity)
 
 
 def keep_float_nodes(quantized: onnx.ModelProto, float_model: onnx.ModelProto, names: list[str],
@@ -350,16 +380,18 @@ def output_nsr(reference: list[list[np.ndarray]], model: onnx.ModelProto, feeds:
     noise = signal = 0.0
     for ref, feed in zip(reference, feeds):
         for r, g in zip(ref, session.run(None, adapt_feed(model, feed))):
-            r64 = r.astype(np.float64)
-            noise += float(np.sum((r64 - g.astype(np.float64)) ** 2))
-            signal += float(np.sum(r64 ** 2))
+            r32, g32 = r.astype(np.float32, copy=False), g.astype(np.float32, copy=False)
+            noise += float(np.sum(np.square(r32 - g32), dtype=np.float64))
+            signal += float(np.sum(np.square(r32), dtype=np.float64))
     return noise / max(signal, 1e-30)
 
 
 def float_gains(float_model: onnx.ModelProto, quantized: onnx.ModelProto, candidates: list[str],
                 feeds: list[dict[str, np.ndarray]], opt_level: str = "all", float_weights: bool = True) -> list[tuple[str, float]]:
     """Candidates ranked by how much keeping each alone in float lowers the output error, best first."""
-    reference = [make_session(float_model, opt_level=opt_level).run(None, adapt_feed(float_model, f)) for f in feeds]
+    session = make_session(float_model, opt_level=opt_level)
+    reference = [session.run(None, adapt_feed(float_model, f)) for f in feeds]
+    del session
     base = output_nsr(reference, quantized, feeds, opt_level)
     gains = [(name, base - output_nsr(reference, keep_float(quantized, float_model, name, float_weights), feeds, opt_level))
              for name in candidates]

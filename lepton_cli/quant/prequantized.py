@@ -1,0 +1,51 @@
+"""Models that arrive already quantized: which of their nodes are, and what the passes do about it.
+
+A model with ``DynamicQuantizeLinear`` + ``ConvInteger`` (ONNX Runtime's ``quantize_dynamic``), a
+QDQ model (``QuantizeLinear``/``DequantizeLinear`` around float ops) or QOperator nodes
+(``QLinearConv``, ...) already made its precision choices. Lepton keeps them as they are:
+- ``quantize`` does not quantize again (int8 on int8 compounds the error, and ORT's quantizer fails
+  on the existing scale tensors: ``KeyError: '140_scale'``) nor convert to fp16 around integer ops;
+  it returns the model unchanged with a warning and the counts in its report summary;
+- ``fuse`` skips its activation rewrites (hard-swish, scalar affine folds): they change float rounding
+  by an ulp, and a dynamic quantizer reading that tensor then picks another scale for the whole
+  tensor (PP-OCRv4 rec after ``quantize_dynamic``: 0.041 max abs change in its softmax output).
+The float model is what Lepton's own int8/fp16 (tuned to the accuracy budget) starts from.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx
+
+QUANTIZED_OPS = frozenset({
+    "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "ConvInteger", "MatMulInteger",
+    "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSoftmax", "QGemm",
+    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QAttention", "DynamicQuantizeLSTM",
+})
+
+
+def quantized_ops(model: onnx.ModelProto) -> Counter:
+    """Count of quantization ops in the main graph and every subgraph (empty: a float model)."""
+    counts: Counter = Counter()
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            if node.op_type in QUANTIZED_OPS:
+                counts[node.op_type] += 1
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                    walk(sub)
+
+    walk(model.graph)
+    return counts
+
+
+def describe(counts: Counter) -> str:
+    """'47 DynamicQuantizeLinear, 38 ConvInteger, 9 MatMulInteger'."""
+    return ", ".join(f"{n} {op}" for op, n in counts.most_common())
+
+
+def has_subgraphs(model: onnx.ModelProto) -> bool:
+    """Whether a node of the main graph has an If/Loop/Scan body (ORT's static quantizer does not enter them)."""
+    return any(a.type == onnx.AttributeProto.GRAPH or a.graphs for n in model.graph.node for a in n.attribute)

