@@ -26,6 +26,7 @@ from .shapes import bind_input_shapes, graph_inputs, parse_input_shapes
 from .stats import collect_stats
 from .targets import Target, load_target
 from .bundle.output import CompileKeys, resolve_compile_keys, write_compile_output
+from .device_artifacts import DeviceArtifacts, build_device_artifacts
 from .hostinfo import HostInfo, detect_host
 from .target_choice import TargetSuggestion, suggest_target
 from .variants import compile_extra_variants, manifest_variants, serialize_all, variant_path
@@ -163,7 +164,13 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
             "variants": manifest_variants(target, [(primary, variant_path(0, primary), compiled, steps)]
                                           + [(b.variant, b.path, b.model, b.steps) for b in others]),
         }
+        models = {"model.onnx": model_bytes, **serialize_all(others)}
+        device = _device_artifacts(target, models, model, compiled, ctx)
+        if device.manifest:
+            manifest_fields["device_artifacts"] = device.manifest
         extra: dict[str, Any] = {"accuracy": accuracy, "variants": manifest_fields["variants"]}
+        if device.report:
+            extra["device"] = device.report
         if others:
             extra["variant_builds"] = [b.report() for b in others]
         if choice is not None:
@@ -187,8 +194,11 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
                     baseline_tolerance_pct=options.baseline_tolerance_pct)
         for built in others:  # every model the bundle ships must meet the budget, not only the main one
             check_accuracy_budget(built.accuracy, ctx.accuracy_budget)
+        for measured in device.accuracy:  # and every device file (the .tflite in LiteRT)
+            check_accuracy_budget(measured, ctx.accuracy_budget)
         bundle_dir = output_dir / bundle_name(options.model, target)
-        archive = _write_output(bundle_dir, {"model.onnx": model_bytes, **serialize_all(others)}, report, keys, options, manifest_fields)
+        archive = _write_output(bundle_dir, {**models, **device.models}, report, keys, options, manifest_fields,
+                                device.plain_files)
     finally:
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
     return CompileResult(bundle_dir, bundle_dir / "model.onnx.enc", report, steps, target, manifest_fields, model_bytes, archive)
@@ -221,7 +231,17 @@ def check_accuracy_budget(accuracy: dict[str, Any], budget_pct: float) -> None:
 
 
 def _write_output(bundle_dir: Path, models: dict[str, bytes], report: dict[str, Any], keys: CompileKeys,
-                  options: CompileOptions, manifest_fields: dict[str, Any]) -> Path | None:
+                  options: CompileOptions, manifest_fields: dict[str, Any], plain_files: dict[str, bytes]) -> Path | None:
     """The signed, encrypted bundle (lepton_cli/bundle), written atomically; returns the archive path if any."""
     return write_compile_output(bundle_dir, models, report, keys, version=options.bundle_version, expires=options.expires,
-                                archive=options.archive, extra_fields=manifest_fields)
+                                archive=options.archive, extra_fields=manifest_fields, extra_plain_files=plain_files)
+
+
+def _device_artifacts(target: Target, models: dict[str, bytes], source: onnx.ModelProto, compiled: onnx.ModelProto,
+                      ctx: PassContext) -> DeviceArtifacts:
+    """The target's own device files (.ort, .tflite) and constraint checks (lepton_cli/device_artifacts)."""
+    ctx.current_pass = "device"
+    try:
+        return build_device_artifacts(target, models, compiled, ctx.warn, source=source, ctx=ctx)
+    finally:
+        ctx.current_pass = ""

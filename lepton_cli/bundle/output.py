@@ -99,10 +99,13 @@ def compile_manifest_fields(report: dict[str, Any], extra: dict[str, Any] | None
 
 def write_compile_output(bundle_dir: Path, models: dict[str, bytes], report: dict[str, Any], keys: CompileKeys, *,
                          version: int, expires: str | None, archive: bool,
-                         extra_fields: dict[str, Any] | None = None) -> Path | None:
-    """The signed, encrypted bundle folder (and its archive with ``archive``); returns the archive path."""
+                         extra_fields: dict[str, Any] | None = None,
+                         extra_plain_files: dict[str, bytes] | None = None) -> Path | None:
+    """The signed, encrypted bundle folder (and its archive with ``archive``); returns the archive path.
+
+    ``extra_plain_files``: signed but not encrypted (a device's operator config: no weights in it)."""
     signing_key, recipients = keys.complete()
-    write_bundle(bundle_dir, models=models, plain_files=_rendered_reports(report),
+    write_bundle(bundle_dir, models=models, plain_files={**(extra_plain_files or {}), **_rendered_reports(report)},
                  manifest_fields=compile_manifest_fields(report, extra_fields),
                  signing_key=signing_key, recipients=recipients, version=version, expires=expires)
     if archive:
