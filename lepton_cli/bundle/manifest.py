@@ -154,6 +154,11 @@ def _validate_device_artifacts(listed: Any, files: list[dict[str, Any]]) -> None
         _require(isinstance(entry.get("runtime"), str), f"{where}: runtime must be a string")
         config = entry.get("ops_config")
         _require(config is None or config in plain, f"{where}: ops_config {config!r} is not a plain file of the bundle")
+        if entry["format"] == "tflite":
+            names = entry.get("io_names")
+            _require(isinstance(names, dict) and all(isinstance(names.get(k), dict) and all(
+                isinstance(a, str) and isinstance(b, str) for a, b in names[k].items()) for k in ("inputs", "outputs")),
+                f"{where}: io_names must map inputs and outputs (ONNX name -> TFLite signature name)")
 
 
 ENCRYPTION_SCHEME = "lepton-c2sp-chunked-aes256gcm+hpke-x25519-hkdfsha256-aes256gcm/1"

@@ -84,7 +84,6 @@ class _Builder:
         self.inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         self.values: dict[str, _Value] = {}
         self.graph_outputs = {o.name for o in model.graph.output}
-        self.integer_inputs = {i.name for i in model.graph.input if i.type.tensor_type.elem_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
         self.quant: dict[str, tuple[float, float]] = {}  # Q output -> (min, max) of its FakeQuant
 
     # -- layout helpers -------------------------------------------------------------------------
@@ -133,7 +132,8 @@ class _Builder:
 
     def dequantize_linear(self, node: onnx.NodeProto) -> None:
         source = node.input[0]
-        if source in self.integer_inputs:  # an integer graph input: TFLite takes it with this range
+        if source not in self.quant and not isinstance(self.get(source).tensor, np.ndarray):
+            # integer data from a graph input (through layout ops): here it is the real value, TFLite's int8 input has this range
             zero = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
             low, high = QRANGE[zero.dtype]
             zp, s = float(zero.reshape(-1)[0]), float(self.const(node.input[1]).reshape(-1)[0])
