@@ -341,8 +341,52 @@ class _Builder:
         else:
             self.values[node.output[0]] = _Value(self.tf.concat([self.nchw(v) for v in values], axis))
 
+    def slice(self, node: onnx.NodeProto) -> None:
+        v = self.get(node.input[0])
+        x = self.nchw(v)
+        rank = len(x.shape)
+        starts, ends = self.const(node.input[1]), self.const(node.input[2])
+        axes = self.const(node.input[3]) if len(node.input) > 3 and node.input[3] else np.arange(len(starts))
+        steps = self.const(node.input[4]) if len(node.input) > 4 and node.input[4] else np.ones(len(starts), np.int64)
+        begin, end, stride = [0] * rank, [int(d) for d in x.shape], [1] * rank
+        for start, stop, axis, step in zip(starts, ends, axes, steps):
+            axis, size = int(axis) % rank, int(x.shape[int(axis) % rank])
+            begin[axis] = int(np.clip(start + size if start < 0 else start, 0, size))
+            end[axis] = int(np.clip(stop + size if stop < 0 else stop, 0, size))
+            stride[axis] = int(step)
+        if any(st != 1 for st in stride):
+            raise UnsupportedOp(f"{node.name}: strided Slice")
+        self.values[node.output[0]] = _Value(self.tf.slice(x, begin, [e - b for b, e in zip(begin, end)]))
+
+    def squeeze(self, node: onnx.NodeProto) -> None:
+        x = self.nchw(self.get(node.input[0]))
+        axes = self.const(node.input[1]) if len(node.input) > 1 and node.input[1] else _attrs(node).get("axes")
+        dims = [int(d) for d in x.shape]
+        if node.op_type == "Squeeze":
+            drop = {int(a) % len(dims) for a in axes} if axes is not None else {i for i, d in enumerate(dims) if d == 1}
+            shape = [d for i, d in enumerate(dims) if i not in drop]
+        else:
+            rank = len(dims) + len(axes)
+            shape, it = [], iter(dims)
+            add = {int(a) % rank for a in axes}
+            shape = [1 if i in add else next(it) for i in range(rank)]
+        self.values[node.output[0]] = _Value(self.tf.reshape(x, shape))
+
+    def layer_norm(self, node: onnx.NodeProto) -> None:
+        tf, a = self.tf, _attrs(node)
+        x = self.nchw(self.get(node.input[0]))
+        if a.get("axis", -1) % len(x.shape) != len(x.shape) - 1:
+            raise UnsupportedOp(f"{node.name}: LayerNormalization over more than the last axis")
+        mean = tf.reduce_mean(x, axis=-1, keepdims=True)
+        var = tf.reduce_mean(tf.math.squared_difference(x, mean), axis=-1, keepdims=True)
+        y = (x - mean) * tf.math.rsqrt(var + a.get("epsilon", 1e-5)) * self.const(node.input[1])
+        if len(node.input) > 2 and node.input[2]:
+            y = y + self.const(node.input[2])
+        self.values[node.output[0]] = _Value(y)
+
 
 HANDLERS: dict[str, str] = {
+    "Slice": "slice", "Squeeze": "squeeze", "Unsqueeze": "squeeze", "LayerNormalization": "layer_norm",
     "QuantizeLinear": "quantize_linear", "DequantizeLinear": "dequantize_linear", "Conv": "conv",
     "MaxPool": "pool", "AveragePool": "pool", "GlobalAveragePool": "pool", "GlobalMaxPool": "pool",
     "Gemm": "gemm", "MatMul": "gemm", "Add": "elementwise", "Sub": "elementwise", "Mul": "elementwise", "Div": "elementwise",
@@ -356,8 +400,9 @@ def unsupported_ops(model: onnx.ModelProto) -> list[str]:
     return sorted({n.op_type for n in model.graph.node if n.op_type not in HANDLERS or n.domain not in ("", "ai.onnx")})
 
 
-def convert(model: onnx.ModelProto, integer_io: bool) -> TfliteModel:
-    """``model`` (static shapes, QDQ) as full-integer TFLite bytes; int8 I/O with ``integer_io``, else float I/O."""
+def convert(model: onnx.ModelProto, integer_io: bool, quantize: bool = True) -> TfliteModel:
+    """``model`` (static shapes, QDQ) as full-integer TFLite bytes; int8 I/O with ``integer_io``, else float I/O.
+    ``quantize=False`` converts without TFLite's optimizations (a float graph stays float: checks the op mapping)."""
     missing = unsupported_ops(model)
     if missing:
         raise UnsupportedOp(f"no TFLite mapping for {', '.join(missing)}")
@@ -365,10 +410,10 @@ def convert(model: onnx.ModelProto, integer_io: bool) -> TfliteModel:
     with _captured_stderr():
         import tensorflow as tf
 
-        return _convert(tf, model, integer_io)
+        return _convert(tf, model, integer_io, quantize)
 
 
-def _convert(tf: Any, model: onnx.ModelProto, integer_io: bool) -> TfliteModel:
+def _convert(tf: Any, model: onnx.ModelProto, integer_io: bool, quantize: bool) -> TfliteModel:
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     specs, in_names = [], {}
@@ -391,7 +436,8 @@ def _convert(tf: Any, model: onnx.ModelProto, integer_io: bool) -> TfliteModel:
     function = tf.function(body, input_signature=specs, autograph=False)
     concrete = function.get_concrete_function()
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], tf.Module())
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if integer_io:
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
