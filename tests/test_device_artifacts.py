@@ -219,25 +219,66 @@ def test_tpu_integer_io_tflite_takes_int8(run_cli, tmp_path):
 @pytest.mark.slow
 @needs_ocr
 def test_mobile_ppocr_rec_ort_matches_onnx(run_cli, tmp_path):
+    _, model_path, _ = _rec_set(tmp_path)
+    bundle, report, _ = _compile(run_cli, tmp_path, "mobile", model_path, tmp_path / "calib.npz", tmp_path / "eval.npz")
+    opened = _open(bundle)
+    session = _ort_session(opened.models["model.ort"])
+    reference = ort.InferenceSession(opened.models["model.onnx"], providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    frames = np.load(tmp_path / "eval.npz")["x"].transpose(0, 2, 3, 1)[:8]
+    got = np.concatenate([session.run(None, {name: f[None]})[0] for f in frames])
+    want = np.concatenate([reference.run(None, {name: f[None]})[0] for f in frames])
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.99
+    nnapi = report["device"]["ort"]["usability"]["eps"]["NNAPI"]
+    assert nnapi["nodes"] > 100 and nnapi["cpu_ops"]  # HardSigmoid and LayerNormalization stay on the CPU
+
+def _rec_set(tmp_path, width=160):
     sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
     import ocr_textset as textset
 
     from lepton_cli.model_io import upgrade_opset
     from lepton_cli.shapes import bind_input_shapes
 
-    model, _ = upgrade_opset(onnx.load(OCR_REC), 13, 17)
-    onnx.save(bind_input_shapes(model, {"x": [1, 3, 48, 80]}), tmp_path / "rec80.onnx")
-    calib, _ = textset.make_set(16, 1, "calib", width=80)
-    evaluation, texts = textset.make_set(30, 2, "eval", width=80)
+    model, _ = upgrade_opset(onnx.load(OCR_REC), 13, 21)
+    onnx.save(bind_input_shapes(model, {"x": [1, 3, 48, width]}), tmp_path / f"rec{width}.onnx")
+    calib, _ = textset.make_set(32, 1, "calib", width=width)
+    evaluation, texts = textset.make_set(60, 2, "eval", width=width)
     np.savez(tmp_path / "calib.npz", x=calib)
     np.savez(tmp_path / "eval.npz", x=evaluation, labels=np.array(texts))
-    bundle, report, _ = _compile(run_cli, tmp_path, "mobile", tmp_path / "rec80.onnx", tmp_path / "calib.npz", tmp_path / "eval.npz")
-    opened = _open(bundle)
-    session = _ort_session(opened.models["model.ort"])
-    reference = ort.InferenceSession(opened.models["model.onnx"], providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    frames = evaluation.transpose(0, 2, 3, 1)[:8]
-    got = np.concatenate([session.run(None, {name: f[None]})[0] for f in frames])
-    want = np.concatenate([reference.run(None, {name: f[None]})[0] for f in frames])
-    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.99
-    assert report["device"]["ort"]["usability"]["eps"]["NNAPI"]["nodes"] > 100
+    return textset, tmp_path / f"rec{width}.onnx", texts
+
+
+@pytest.mark.slow
+@needs_ocr
+def test_fpga_ppocr_rec_dpu_check_names_real_nodes(run_cli, tmp_path):
+    _, model_path, _ = _rec_set(tmp_path)
+    result = run_cli("compile", model_path, "--target", "fpga", "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz",
+                     "-o", tmp_path, "--no-bench", "--quiet", "--max-accuracy-drop", "6")
+    assert result.code == 0, result.stderr
+    bundle = tmp_path / "rec160.fpga.lepton"
+    dpu = json.loads((bundle / "report.json").read_text())["device"]["dpu"]
+    assert dpu["nodes_checked"] > 100
+    names = {n.name for n in onnx.load_from_string(_open(bundle).models["model.onnx"]).graph.node}
+    assert all(v["node"] in names and v["rule"] and v["detail"] for v in dpu["violations"])
+    assert (not dpu["violations"]) == dpu["ok"]
+    if dpu["violations"]:
+        assert "DPU check:" in result.stderr
+
+
+@pytest.mark.slow
+@needs_ocr
+@needs_tflite
+def test_tpu_ppocr_rec_tflite_character_accuracy_matches_the_report(run_cli, tmp_path):
+    textset, model_path, texts = _rec_set(tmp_path)
+    result = run_cli("compile", model_path, "--target", "tpu", "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz",
+                     "-o", tmp_path, "--no-bench", "--quiet", "--max-accuracy-drop", "6")
+    assert result.code == 0, result.stderr
+    bundle = tmp_path / "rec160.tpu.lepton"
+    section = json.loads((bundle / "report.json").read_text())["device"]["tflite"]
+    assert section["produced"], section.get("reason")
+    out = tmp_path / "rec.npz"
+    assert run_cli("run", bundle, "--inputs", tmp_path / "eval.npz", "--format", "tflite", "-o", out).code == 0
+    probs = np.load(out)[next(iter(np.load(out).files))]
+    chars = textset.charset(onnx.load(model_path))
+    assert abs(textset.char_accuracy(textset.ctc_greedy(probs, chars), texts) - section["accuracy"]["value"]) < 0.01
+    assert section["edgetpu"]["cpu_ops"]  # LayerNormalization's float math cannot run on the Edge TPU: named

@@ -10,7 +10,6 @@ it was made from, the runtime that runs it), and its checks go to the report's `
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -18,10 +17,6 @@ import onnx
 
 from ..targets import Target
 
-log = logging.getLogger("lepton")
-
-FORMAT_RUNTIMES = {"onnx": "ONNX Runtime", "ort": "ONNX Runtime Mobile (ORT format)", "tflite": "LiteRT (ai-edge-litert)"}
-DEVICE_FORMATS = ("ort", "tflite")
 
 
 @dataclass

@@ -48,10 +48,12 @@ def convert(models: dict[str, bytes]) -> OrtConversion:
         tool_log = logging.getLogger("ort_format_model.utils")
         level = tool_log.level
         tool_log.setLevel(logging.WARNING)  # it logs each config it writes at INFO, on stderr
-        with contextlib.redirect_stdout(io.StringIO()):  # the tool prints progress; our stdout is for --json
-            convert_onnx_models_to_ort(src, output_dir=out, optimization_styles=[OptimizationStyle.Runtime],
-                                       target_platform="arm", enable_type_reduction=True)
-        tool_log.setLevel(level)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # the tool prints progress; our stdout is for --json
+                convert_onnx_models_to_ort(src, output_dir=out, optimization_styles=[OptimizationStyle.Runtime],
+                                           target_platform="arm", enable_type_reduction=True)
+        finally:
+            tool_log.setLevel(level)
         files = {ort_path(path): (out / path).with_suffix(".with_runtime_opt.ort").read_bytes() for path in models}
         configs = sorted(out.glob("*.config"))
         if len(configs) != 1:
