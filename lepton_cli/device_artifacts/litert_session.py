@@ -42,7 +42,10 @@ def interpreter_class() -> Any:
 
 class LiteRTSession:
     def __init__(self, data: bytes, names: dict[str, dict[str, str]], layouts: dict[str, str], threads: int | None = None):
-        self.interpreter = interpreter_class()(model_content=data, num_threads=threads)
+        from .tflite_export import captured_stderr
+
+        with captured_stderr():  # LiteRT announces its XNNPACK delegate on fd 2
+            self.interpreter = interpreter_class()(model_content=data, num_threads=threads)
         self.runner = self.interpreter.get_signature_runner()
         self.in_names, self.out_names = names["inputs"], names["outputs"]  # ONNX name -> signature name
         self.layouts = layouts

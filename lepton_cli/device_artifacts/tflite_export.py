@@ -35,7 +35,7 @@ class ConverterFailed(Exception):
 
 
 @contextlib.contextmanager
-def _captured_stderr() -> Iterator[Any]:
+def captured_stderr() -> Iterator[Any]:
     """TensorFlow's C++ side writes logs and MLIR diagnostics to fd 2: keep them out of the CLI's stderr."""
     saved = os.dup(2)
     with tempfile.TemporaryFile() as sink:
@@ -407,7 +407,7 @@ def convert(model: onnx.ModelProto, integer_io: bool, quantize: bool = True) -> 
     if missing:
         raise UnsupportedOp(f"no TFLite mapping for {', '.join(missing)}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with _captured_stderr():
+    with captured_stderr():
         import tensorflow as tf
 
         return _convert(tf, model, integer_io, quantize)
