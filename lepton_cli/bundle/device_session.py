@@ -58,8 +58,9 @@ def load_device_file(path: str | Path, fmt: str, *, key: Any, trust: Any, state_
                      variant: str | None = None, providers: list[str] | None = None, threads: int = 0) -> Any:
     """Verify the bundle, decrypt its ``fmt`` file in memory and open it in that format's runtime."""
     _check_runtime(fmt)
-    wanted_from = _variant_path(read_manifest_unverified(path), variant)
-    unverified = _entry(read_manifest_unverified(path), fmt, wanted_from)
+    listed = read_manifest_unverified(path)  # only to choose what to decrypt: open_bundle authenticates it
+    wanted_from = _variant_path(listed, variant)
+    unverified = _entry(listed, fmt, wanted_from)
     if unverified is None:
         raise BadInputError(f"{path} has no {fmt} file (its manifest lists no device_artifacts of that format)",
                             "use --format onnx, or compile for a target that makes one (mobile: ort; tpu: tflite, with lepton-cli[tflite])")
