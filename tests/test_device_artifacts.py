@@ -78,6 +78,15 @@ def test_run_format_ort_reports_file_and_runtime_and_scores_like_onnx(run_cli, t
     assert abs(doc["top1_accuracy_pct"] - onnx_doc["top1_accuracy_pct"]) <= 0.26  # one image in 397
 
 
+def test_run_format_ort_verifies_the_whole_bundle_first(run_cli, tmp_path):
+    bundle, _, _ = _compile(run_cli, tmp_path, "mobile")
+    data = bytearray((bundle / "model.ort.enc").read_bytes())
+    data[100] ^= 1
+    (bundle / "model.ort.enc").write_bytes(bytes(data))
+    result = run_cli("run", bundle, "--inputs", DIGITS / "eval.npz", "--format", "ort")
+    assert result.code == 4 and "model.ort.enc" in result.stderr
+
+
 def test_run_format_errors_are_exit_2(run_cli, tmp_path):
     bundle, _, _ = _compile(run_cli, tmp_path, "fpga")
     missing = run_cli("run", bundle, "--inputs", DIGITS / "eval.npz", "--format", "ort")
