@@ -103,6 +103,8 @@ def build(compiled: onnx.ModelProto, source: onnx.ModelProto | None, ctx: Any, t
         return _not_produced(section, f"the exporter cannot map it: {exc}", warn, out)
     except tflite_export.ConverterFailed as exc:  # TensorFlow's converter refused the graph: the ONNX bundle still stands
         return _not_produced(section, f"TFLiteConverter failed: {exc}", warn, out)
+    except ImportError as exc:  # installed but broken (e.g. a numpy TensorFlow was not built for)
+        return _not_produced(section, f"TensorFlow does not import ({exc}); {INSTALL_HINT}", warn, out)
     names = {"inputs": exported.inputs, "outputs": exported.outputs}
     layouts = _layouts(compiled)
     session = LiteRTSession(exported.data, names, layouts)
