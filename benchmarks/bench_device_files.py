@@ -41,6 +41,8 @@ def _rec_data(folder: Path) -> tuple[Path, Path, Path, list[str]]:
     from lepton_cli.model_io import upgrade_opset
     from lepton_cli.shapes import bind_input_shapes
 
+    if OCR_REC is None:
+        sys.exit("--rec needs the PP-OCRv4 models: pip install --no-deps rapidocr-onnxruntime==1.4.4")
     model, _ = upgrade_opset(onnx.load(OCR_REC), 13, 21)
     onnx.save(bind_input_shapes(model, {"x": [1, 3, 48, 160]}), folder / "rec160.onnx")
     calib, _ = textset.make_set(32, 1, "calib", width=160)
