@@ -100,6 +100,10 @@ def _row(name: str, target: str, model: Path, calib: Path, evaluation: Path, tex
     return row
 
 
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rec", action="store_true", help="also PP-OCRv4 rec 48x160 for mobile and tpu (minutes)")
@@ -118,7 +122,7 @@ def main() -> None:
     print(f"{'model':22} {'target':7} {'metric':13} {'source':>7} {'onnx':>7} {'device file':13} {'device':>7} {'size':>10}  fallback")
     for r in rows:
         print(f"{r['model']:22} {r['target']:7} {r.get('metric', '-'):13} {r.get('source', 0):7.2f} {r.get('onnx', 0):7.2f} "
-              f"{r.get('device_file', '-'):13} {r.get('device_value') or 0:7.2f} {r.get('device_bytes', 0):10,}  {r.get('fallback', r.get('error', ''))}")
+              f"{r.get('device_file', '-'):13} {_num(r.get('device_value')):>7} {r.get('device_bytes', 0):10,}  {r.get('fallback', r.get('error', ''))}")
     out = REPO / "benchmarks" / "results" / "bench_device_files.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
