@@ -64,15 +64,17 @@ def build_environment(base: Path) -> tuple[Path, Path, Path]:
         platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
         _sh(sys.executable, "-m", "pip", "install", "--quiet", "--target", str(site), *platforms, "--python-version", version,
             "--implementation", "cp", "--only-binary=:all:", *DEPENDENCIES)
+    # Lepton itself, pure Python, as an installed package (its builtin targets live in package data).
+    _sh(sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target", str(base / "lepton"), str(REPO))
     return qemu, root, site
 
 
 def _arm_run(env_parts: tuple[Path, Path, Path], args: list[str], env: dict[str, str]) -> tuple[dict, float]:
     qemu, root, site = env_parts
-    arm_env = {**env, "QEMU_CPU": "cortex-a76", "PYTHONPATH": f"{site}:{REPO}"}
+    arm_env = {**env, "QEMU_CPU": "cortex-a76", "PYTHONPATH": f"{site.parent / 'lepton'}:{site}"}
     start = time.perf_counter()
     done = subprocess.run([str(qemu), "-L", str(root), str(root / "usr/bin/python3"), "-m", "lepton_cli", *args],
-                          capture_output=True, text=True, env=arm_env, cwd=REPO)
+                          capture_output=True, text=True, env=arm_env, cwd=site.parent)  # not REPO: its source tree would shadow
     if done.returncode != 0:
         raise RuntimeError(f"lepton on emulated Arm failed ({done.returncode}): {done.stderr.strip()[-400:]}")
     return json.loads(done.stdout), time.perf_counter() - start
@@ -139,9 +141,12 @@ def main() -> None:
     args.root.mkdir(parents=True, exist_ok=True)
     arm = build_environment(args.root)
     rows = []
+    detect: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         env = {**os.environ, "LEPTON_HOME": str(folder / "home")}
+        detect, _ = _arm_run(arm, ["detect", "--json"], env)
+        print(f"lepton detect on emulated Arm: {detect['suggestion']['target']}; notes: {detect['suggestion']['warnings']}")
         digits = REPO / "examples" / "digits"
         rows.append(measure("digits", digits / "digits_cnn.onnx", digits / "calib.npz", digits / "eval.npz", None, None, folder, env, arm))
         if not args.no_rec:
@@ -153,7 +158,7 @@ def main() -> None:
               f"{r['samples_differing']:4}/{r['samples']:<4}  {', '.join(r['arm_providers'])}")
     out = REPO / "benchmarks" / "results" / "bench_arm_emulated.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"qemu_cpu": "cortex-a76", "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"qemu_cpu": "cortex-a76", "detect": detect["suggestion"], "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 
 
