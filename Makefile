@@ -8,7 +8,7 @@ STAMP := $(VENV)/.lepton-installed
 DEMO_OUT ?= out/demo
 DEMO_KEYS ?= out/demo-keys
 
-.PHONY: venv browser demo test test-all bench clean
+.PHONY: venv browser demo test test-all test-tflite bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test: $(STAMP) browser
 
 test-all: $(STAMP) browser
 	$(PY) -m pytest -m "slow or not slow"
+
+# The tpu target's .tflite needs the optional extra (tensorflow-cpu + ai-edge-litert, ~280 MB, over 2 minutes to
+# install), so plain `make test` skips those cases; this target installs it and runs them.
+test-tflite: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,tflite]'
+	$(PY) -m pytest tests/test_device_artifacts.py
 
 demo: $(STAMP)
 	@bash examples/demo.sh "$(LEPTON)" "$(DEMO_OUT)" "$(DEMO_KEYS)"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from . import __version__, commands
 from .console import settings, stderr
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     except LeptonError as exc:
         if settings.debug:
             traceback.print_exc()
-        stderr.print(f"[red]error:[/red] {exc.one_line()}", highlight=False, markup=True)
+        stderr.print(f"[red]error:[/red] {escape(exc.one_line())}", highlight=False, markup=True)
         sys.exit(int(exc.exit_code))
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -28,6 +28,7 @@ from .shapes import bind_input_shapes, graph_inputs, parse_input_shapes
 from .stats import collect_stats
 from .targets import Target, load_target
 from .bundle.output import CompileKeys, resolve_compile_keys, write_compile_output
+from .device_artifacts import DeviceArtifacts, build_device_artifacts
 from .hostinfo import HostInfo, detect_host
 from .target_choice import TargetSuggestion, suggest_target
 from .variants import PRIMARY_PATH, compile_extra_variants, manifest_variants, serialize_all, variant_path
@@ -70,6 +71,7 @@ class CompileResult:
     archive: Path | None = None
     models: dict[str, bytes | ModelPayload] = field(default_factory=dict)  # every model the bundle holds (bundle path -> plaintext)
     inputs: dict[str, Any] = field(default_factory=dict)  # compile_inputs: the provenance materials and cache key
+    plain_files: dict[str, bytes] = field(default_factory=dict)  # signed, not encrypted (a device's operator config)
 
 
 def bundle_name(model_path: Path, target: Target) -> str:
@@ -173,7 +175,8 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
 def seal(result: CompileResult, options: CompileOptions, keys: CompileKeys) -> CompileResult:
     """Write ``result``'s models, report and provenance as the bundle (atomically); the archive too with ``--archive``."""
     bundle_dir = (options.output_dir or options.model.parent) / bundle_name(options.model, result.target)
-    result.archive = _write_output(bundle_dir, result.models, result.report, keys, options, result.manifest_fields, result.inputs)
+    result.archive = _write_output(bundle_dir, result.models, result.report, keys, options, result.manifest_fields, result.inputs,
+                                   result.plain_files)
     result.bundle_dir, result.model_path = bundle_dir, bundle_dir / "model.onnx.enc"
     return result
 
@@ -220,7 +223,12 @@ def compile_unsealed(options: CompileOptions, target: Target, host: HostInfo, *,
             "variants": manifest_variants(target, [(primary, variant_path(0, primary), compiled, steps)]
                                           + [(b.variant, b.path, b.model, b.steps) for b in others]),
         }
+        device = _device_artifacts(target, compiled, others, model, ctx)
+        if device.manifest:
+            manifest_fields["device_artifacts"] = device.manifest
         extra: dict[str, Any] = {"accuracy": accuracy, "variants": manifest_fields["variants"]}
+        if device.report:
+            extra["device"] = device.report
         if others:
             extra["variant_builds"] = [b.report() for b in others]
         if choice is not None:
@@ -246,16 +254,19 @@ def compile_unsealed(options: CompileOptions, target: Target, host: HostInfo, *,
                     baseline_tolerance_pct=options.baseline_tolerance_pct)
         for built in others:  # every model the bundle ships must meet the budget, not only the main one
             check_accuracy_budget(built.accuracy, ctx.accuracy_budget)
+        for measured in device.accuracy:  # and every device file (the .tflite in LiteRT)
+            check_accuracy_budget(measured, ctx.accuracy_budget)
         primary_payload = bundle_payload(compiled, PRIMARY_PATH)  # late: it may hold a serialized copy of the weights
         payloads = {PRIMARY_PATH: primary_payload, **serialize_all(others)}
         models = {path: payload if payload.data_name else payload.graph for path, payload in payloads.items()}  # bytes unless paired
+        models.update(device.models)
         if options.archive:
             _check_archive_size(payloads)
     finally:
         release_weights()
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
     return CompileResult(Path(), Path(), report, steps, target, manifest_fields, primary_payload.graph, None,
-                         models=models, inputs=compile_inputs(options, target))
+                         models=models, inputs=compile_inputs(options, target), plain_files=device.plain_files)
 
 
 class AccuracyGate:
@@ -310,7 +321,23 @@ def _check_archive_size(payloads: dict[str, ModelPayload]) -> None:
 
 
 def _write_output(bundle_dir: Path, models: dict[str, bytes | ModelPayload], report: dict[str, Any], keys: CompileKeys,
-                  options: CompileOptions, manifest_fields: dict[str, Any], inputs: dict[str, Any] | None) -> Path | None:
+                  options: CompileOptions, manifest_fields: dict[str, Any], inputs: dict[str, Any] | None,
+                  plain_files: dict[str, bytes]) -> Path | None:
     """The signed, encrypted bundle (lepton_cli/bundle), written atomically; returns the archive path if any."""
     return write_compile_output(bundle_dir, models, report, keys, version=options.bundle_version, expires=options.expires,
-                                archive=options.archive, extra_fields=manifest_fields, provenance=inputs)
+                                archive=options.archive, extra_fields=manifest_fields, provenance=inputs,
+                                extra_plain_files=plain_files)
+
+
+def _device_artifacts(target: Target, compiled: onnx.ModelProto, others: list[Any], source: onnx.ModelProto,
+                      ctx: PassContext) -> DeviceArtifacts:
+    """The target's own device files (.ort, .tflite) and constraint checks (lepton_cli/device_artifacts)."""
+    if not (target.runtime.device_formats or target.runtime.device_checks):
+        return DeviceArtifacts()
+    models = {PRIMARY_PATH: bundle_payload(compiled, PRIMARY_PATH).graph,
+              **{path: payload.graph for path, payload in serialize_all(others).items()}}
+    ctx.current_pass = "device"
+    try:
+        return build_device_artifacts(target, models, compiled, ctx.warn, source=source, ctx=ctx)
+    finally:
+        ctx.current_pass = ""

@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, soft_wrap=True)
@@ -32,7 +33,7 @@ def note(message: str) -> None:
 
 def warn(message: str) -> None:
     """A warning on stderr; shown even with --quiet (it also goes into the report)."""
-    stderr.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    stderr.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)  # a message is text, never markup
 
 
 def emit_json(document: Any) -> None:

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from .device_artifacts.summary import device_lines
+
 PALETTE = ["#2f6fdf", "#e8772e", "#2ca02c", "#9467bd", "#d62728", "#8c564b"]
 MB = 1024 * 1024
 
@@ -222,6 +224,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         if name == "Cost model":
             cost = report["cost_model"]
             out += [f"_target {cost.get('target')}: {_md_escape(cost.get('method', ''))}_", ""]
+    device = device_lines(report)
+    if device:
+        out += ["### Device", ""] + [f"- {_md_escape(line)}" for line in device] + [""]
     errors = layer_errors(report)
     if errors:
         metric, values = errors
@@ -433,6 +438,9 @@ def render_html(report: dict[str, Any]) -> str:
     skipped = (report.get("budgets") or {}).get("skipped") or []
     section("Budgets", _budget_table(report, ("ok", "OVER")), [f"<p class='note'>not checked: {_e(x)}</p>" for x in skipped])
     section("Gates", _gates(report, ("pass", "FAIL")))
+    device = device_lines(report)
+    if device:
+        body.append("<h2>Device</h2><ul>" + "".join(f"<li>{_e(line)}</li>" for line in device) + "</ul>")
     errors = layer_errors(report)
     if errors:
         metric, values = errors

@@ -4,6 +4,8 @@ The rules, in order (first match wins), each recorded as a reason the user sees:
 1. an NVIDIA GPU is visible and ONNX Runtime has the CUDA or TensorRT EP → ``cuda``;
 2. aarch64 on Android/iOS, or with the NNAPI / Core ML EP → ``mobile``; other aarch64 → ``edge-arm``;
 3. x86-64 → ``cpu-avx`` (with AVX2; without it the int8 kernels fall back to SSE and we say so).
+The chosen target's preferred execution providers that this onnxruntime lacks are named too, with
+the one its bundles fall back to (the PyPI aarch64 wheel has no XNNPACK: edge-arm runs on the CPU EP).
 Then the chosen target's ``hardware.isa`` is compared with the host's, so the user learns what
 the reference part has that this host lacks (e.g. AVX-512 VNNI on a plain AVX2 machine).
 """
@@ -77,7 +79,25 @@ def suggest_target(host: HostInfo) -> TargetSuggestion:
         reasons.append(f"architecture {host.arch!r} matches none of the builtin targets")
     if name is not None:
         warnings.extend(_isa_gaps(name, host))
+        warnings.extend(_provider_gaps(name, host))
     return TargetSuggestion(name, reasons, warnings)
+
+
+def _provider_gaps(name: str, host: HostInfo) -> list[str]:
+    """The target's accelerator EPs this onnxruntime lacks: its bundles fall back to the next one, or the CPU EP."""
+    from .targets import load_target  # late: targets imports the pass registry
+
+    wanted = [p for p in load_target(name).runtime.execution_providers if p != "CPUExecutionProvider"]
+    missing = [p for p in wanted if p not in host.providers]
+    if not missing:
+        return []
+    fallback = next((p for p in wanted if p in host.providers), "CPUExecutionProvider")
+    text = f"this onnxruntime has no {', '.join(missing)} (target {name} prefers it): bundles run on {fallback}"
+    if fallback == "CPUExecutionProvider" and host.arch == "aarch64":
+        text += " (ONNX Runtime's own Arm kernels)"
+    if "XnnpackExecutionProvider" in missing and host.arch == "aarch64":
+        text += "; the PyPI onnxruntime wheel for aarch64 is built without XNNPACK (build with --use_xnnpack to get it)"
+    return [text]
 
 
 def _isa_gaps(name: str, host: HostInfo) -> list[str]:

@@ -56,6 +56,10 @@ class Runtime:
     opset_max: int
     supported_ops: list[str] = field(default_factory=list)  # empty: every ONNX op
     deployment_runtime: Literal["onnxruntime", "portable"] = "onnxruntime"
+    # Files for the device's own runtime, made from each compiled model (lepton_cli/device_artifacts).
+    device_formats: list[Literal["ort", "tflite"]] = field(default_factory=list)
+    # The accelerator's documented constraints, checked on the compiled graph (lepton_cli/device_artifacts).
+    device_checks: list[Literal["dpu", "edgetpu"]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.execution_providers:

@@ -87,3 +87,13 @@ def test_target_auto_on_unknown_arch_is_exit_2(monkeypatch):
         compiler.resolve_target("auto", host(arch="riscv64", isa=()))
     assert "riscv64" in err.value.message
     assert compiler.resolve_target("edge-arm", host())[1] is None
+
+
+def test_edge_arm_without_xnnpack_says_bundles_run_on_the_cpu_ep():
+    """The PyPI onnxruntime for aarch64 has no XNNPACK EP: detect and --target auto say so."""
+    pi = suggest_target(host(arch="aarch64", isa=("neon", "dotprod", "i8mm", "fp16")))
+    assert pi.name == "edge-arm"
+    assert any("XnnpackExecutionProvider" in w and "CPUExecutionProvider" in w for w in pi.warnings), pi.warnings
+    with_xnnpack = suggest_target(host(arch="aarch64", isa=("neon", "dotprod", "i8mm", "fp16"),
+                                       providers=("XnnpackExecutionProvider", CPU_EP)))
+    assert not any("Xnnpack" in w for w in with_xnnpack.warnings)

@@ -149,7 +149,8 @@ class BuildRun:
         assert self.keys is not None
         write_compile_output(bundle_dir, hit.models(self.cache.cache_key()), hit.entry["report"], self.keys,  # type: ignore[union-attr]
                              version=self.plan.bundle_version, expires=self.plan.expires, archive=job.options.archive,
-                             extra_fields=hit.entry["manifest_fields"], provenance=hit.entry["inputs"])
+                             extra_fields=hit.entry["manifest_fields"], provenance=hit.entry["inputs"],
+                             extra_plain_files=_device_plain_files(hit))
         return bundle_dir
 
     def _finished(self, job: Job, outcome: Outcome) -> None:
@@ -164,7 +165,7 @@ class BuildRun:
         bundle_dir = self.output_dir / bundle_name(job.options.model, job.target)
         write_compile_output(bundle_dir, outcome.models, outcome.report, self.keys, version=self.plan.bundle_version,
                              expires=self.plan.expires, archive=job.options.archive, extra_fields=outcome.manifest_fields,
-                             provenance=outcome.inputs)
+                             provenance=outcome.inputs, extra_plain_files=outcome.plain_files)
         result.state, result.bundle = "done", str(bundle_dir)
         result.take_report(outcome.report)
         key = self._key(job)
@@ -179,3 +180,9 @@ class BuildRun:
                                  manifest_fields=outcome.manifest_fields, inputs=outcome.inputs, seal=self._seal)
             except OSError as exc:  # a full or read-only cache must not fail the build
                 self.on_note(f"could not store {result.model} → {result.target} in the cache: {exc}")
+
+
+def _device_plain_files(hit: CacheHit) -> dict[str, bytes]:
+    """The signed plaintext files a cached bundle's device artifacts name (a mobile operator config), to re-seal with."""
+    wanted = {a.get("ops_config") for a in hit.entry["manifest_fields"].get("device_artifacts") or []} - {None}
+    return {path: data for path, data in hit.bundle_files.items() if path in wanted}

@@ -32,6 +32,7 @@ class Outcome:
     inputs: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     worker: dict[str, Any] = field(default_factory=dict)
+    plain_files: dict[str, bytes] = field(default_factory=dict)  # signed, not encrypted (a device's operator config)
 
 
 def run_compile(index: int, options: CompileOptions, target: Target, cores: int | None) -> Outcome:
@@ -54,7 +55,7 @@ def run_compile(index: int, options: CompileOptions, target: Target, cores: int 
                        seconds=time.perf_counter() - started, worker=worker)
     worker["peak_rss_mb"] = _peak_rss_mb()
     return Outcome(index, 0, None, result.report, result.manifest_fields, result.models, result.inputs,
-                   time.perf_counter() - started, worker)
+                   time.perf_counter() - started, worker, result.plain_files)
 
 
 def _peak_rss_mb() -> float | None:

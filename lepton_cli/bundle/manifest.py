@@ -122,6 +122,7 @@ def validate(doc: Any) -> dict[str, Any]:
             plain_paths.add(plain)
             _require(_is_int(entry.get("plain_size")) and 0 <= entry["plain_size"] <= entry["size"], f"files[{index}]: plain_size invalid")
     _check_model_data(files)
+    _validate_device_artifacts(doc.get("device_artifacts"), files)
     enc = doc.get("encryption")
     _require(isinstance(enc, dict), "encryption header missing")
     _require(enc.get("scheme") == ENCRYPTION_SCHEME, f"unknown encryption scheme {enc.get('scheme')!r}")
@@ -147,6 +148,35 @@ def _check_model_data(files: list[dict[str, Any]]) -> None:
     for path, entry in models.items():
         if "external_data" in entry:
             _require(path in linked, f"model {path!r} names external data {entry['external_data']!r} that the bundle does not list")
+
+
+DEVICE_FORMATS = frozenset({"ort", "tflite"})
+
+
+def _validate_device_artifacts(listed: Any, files: list[dict[str, Any]]) -> None:
+    """``device_artifacts`` (optional): each entry an encrypted model of a known format, made from a listed ONNX model."""
+    if listed is None:
+        return
+    _require(isinstance(listed, list), "device_artifacts must be a list")
+    models = {entry["plain_path"] for entry in files if entry["encrypted"]}
+    plain = {entry["path"] for entry in files if not entry["encrypted"]}
+    seen: set[str] = set()
+    for index, entry in enumerate(listed):
+        where = f"device_artifacts[{index}]"
+        _require(isinstance(entry, dict), f"{where} is not an object")
+        _require(entry.get("format") in DEVICE_FORMATS, f"{where}: unknown format {entry.get('format')!r}")
+        path = check_path(entry.get("path"), f"manifest.json {where}")
+        _require(path in models and path not in seen, f"{where}: {path!r} is not an encrypted model of the bundle, or is listed twice")
+        seen.add(path)
+        _require(entry.get("from") in models, f"{where}: 'from' {entry.get('from')!r} is not a model of the bundle")
+        _require(isinstance(entry.get("runtime"), str), f"{where}: runtime must be a string")
+        config = entry.get("ops_config")
+        _require(config is None or config in plain, f"{where}: ops_config {config!r} is not a plain file of the bundle")
+        if entry["format"] == "tflite":
+            names = entry.get("io_names")
+            _require(isinstance(names, dict) and all(isinstance(names.get(k), dict) and all(
+                isinstance(a, str) and isinstance(b, str) for a, b in names[k].items()) for k in ("inputs", "outputs")),
+                f"{where}: io_names must map inputs and outputs (ONNX name -> TFLite signature name)")
 
 
 ENCRYPTION_SCHEME = "lepton-c2sp-chunked-aes256gcm+hpke-x25519-hkdfsha256-aes256gcm/1"

@@ -100,13 +100,15 @@ def compile_manifest_fields(report: dict[str, Any], extra: dict[str, Any] | None
 
 def write_compile_output(bundle_dir: Path, models: dict[str, bytes], report: dict[str, Any], keys: CompileKeys, *,
                          version: int, expires: str | None, archive: bool,
-                         extra_fields: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> Path | None:
+                         extra_fields: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None,
+                         extra_plain_files: dict[str, bytes] | None = None) -> Path | None:
     """The signed, encrypted bundle folder (and its archive with ``archive``); returns the archive path.
 
-    ``provenance`` (``compile_inputs``) adds the signed in-toto provenance statement beside the reports.
+    ``provenance`` (``compile_inputs``) adds the signed in-toto provenance statement beside the reports;
+    ``extra_plain_files`` are signed but not encrypted (a device's operator config: no weights in it).
     """
     signing_key, recipients = keys.complete()
-    plain_files = _rendered_reports(report)
+    plain_files = {**(extra_plain_files or {}), **_rendered_reports(report)}
     if provenance is not None:
         plain_files[PROVENANCE] = sign_provenance(provenance_statement(provenance, models, bundle_dir.name), signing_key)
     write_bundle(bundle_dir, models=models, plain_files=plain_files,

@@ -5,10 +5,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..accuracy import parse_metric_spec
 from ..compiler import CompileOptions, compile_model
+from ..device_artifacts.summary import device_lines
 from ..errors import BadInputError
 from ..console import emit_json, note, settings, stdout, warn
 from ..pipeline import StepRecord
@@ -90,6 +92,7 @@ def compile_command(
     if json_out:
         emit_json({"bundle": str(result.bundle_dir), "model": str(result.model_path), "target": result.target.name, "archive": str(result.archive) if result.archive else None,
                    "summary": summary, "accuracy": result.report.get("accuracy"), "warnings": result.report["warnings"],
+                   "device": device_lines(result.report),
                    "performance": _performance_summary(result.report)})
         return
     table = Table(title=f"{model.name} → {result.target.name}", show_header=True)
@@ -119,6 +122,8 @@ def compile_command(
         table.add_row(f"est. latency on {result.target.name}", f"{estimates['source']['latency_ms']:.3f} ms", f"{estimates['compiled']['latency_ms']:.3f} ms")
     if not quiet:
         stdout.print(table)
+        for line in device_lines(result.report):
+            note(f"device: {escape(line)}")
     stdout.print(f"bundle: {result.bundle_dir}" + (f"  (archive {result.archive})" if result.archive else ""))
 
 

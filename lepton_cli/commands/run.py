@@ -3,6 +3,7 @@
 Verifies, unwraps and decrypts in memory (``load_bundle``), then runs ONNX Runtime. Inputs are
 in the source model's layout; the session converts for a compiled NHWC model. ``--inputs`` takes
 the ``--calib`` sample format (``data.load_samples``), and the outputs are stacked on axis 0.
+``--format ort|tflite`` runs the bundle's device file instead (``bundle.device_session``).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import typer
 from onnx import helper
 
 from ..bundle import BundleSession, load_bundle
+from ..bundle.device_session import FORMATS, load_device_file
 from ..console import emit_json, note, settings, stdout
 from ..data import load_samples
 from ..errors import BadInputError
@@ -70,6 +72,7 @@ def run_command(
     state: Annotated[Optional[Path], typer.Option("--state", help="Rollback state file (default: bundle-state.json in the Lepton config folder).")] = None,
     provider: Annotated[Optional[list[str]], typer.Option("--provider", help="ONNX Runtime execution provider to prefer (repeatable; default: the target's).")] = None,
     variant: Annotated[Optional[str], typer.Option("--variant", help="Variant name or model path inside the bundle (default: the best one this device can run).")] = None,
+    file_format: Annotated[str, typer.Option("--format", help="Which file of the bundle runs: onnx (ONNX Runtime, default), ort (ONNX Runtime, ORT format), tflite (LiteRT).")] = "onnx",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Verify and decrypt the bundle in memory, run it on the inputs, write the outputs (exit 4 if verification fails)."""
@@ -81,7 +84,13 @@ def run_command(
         raise BadInputError(f"-o {output} must end in .npz", "e.g. -o out.npz")
     if inputs is not None and not inputs.is_file():
         raise BadInputError(f"--inputs {inputs} does not exist or is not a file", "pass an .npz keyed by input name")
-    session = load_bundle(bundle, key=key_spec(key), trust=trust_spec(trust), providers=provider, variant=variant, state_path=state)
+    if file_format not in FORMATS:
+        raise BadInputError(f"--format {file_format!r} is not one of {', '.join(FORMATS)}", "e.g. --format tflite")
+    if file_format == "onnx":
+        session = load_bundle(bundle, key=key_spec(key), trust=trust_spec(trust), providers=provider, variant=variant, state_path=state)
+    else:
+        session = load_device_file(bundle, file_format, key=key_spec(key), trust=trust_spec(trust), state_path=state,
+                                   variant=variant, providers=provider)
     note(f"verified and decrypted {session.model_path} in memory; running on {', '.join(session.get_providers())}")
     for line in session.selection.log:  # variant / provider / thread choices and every fallback, with reasons
         note(f"  {line}")
@@ -104,7 +113,8 @@ def run_command(
             np.savez(output, **results)
         except (OSError, zipfile.BadZipFile) as exc:
             raise BadInputError(f"cannot write {output}: {exc}", "choose a writable -o path") from None
-    doc: dict[str, Any] = {"bundle": str(bundle), "model": session.model_path, "samples": count,
+    runtime = session.selection.runtime if file_format != "onnx" else "ONNX Runtime"
+    doc: dict[str, Any] = {"bundle": str(bundle), "model": session.model_path, "format": file_format, "runtime": runtime, "samples": count,
                            "providers": session.get_providers(), "output": str(output) if output else None,
                            "selection": session.selection.to_dict(),
                            "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in results.items()}}

@@ -1,0 +1,294 @@
+"""Each target's device file in the bundle, run by that device's runtime: mobile .ort, tpu .tflite, fpga DPU check."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import DIGITS, OCR_REC, needs_ocr
+
+needs_tflite = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("ai_edge_litert") is None,
+                                  reason="the lepton-cli[tflite] extra (tensorflow-cpu, ai-edge-litert) is not installed")
+
+
+def _compile(run_cli, tmp_path, target, model=DIGITS / "digits_cnn.onnx", calib=DIGITS / "calib.npz", evaluation=DIGITS / "eval.npz",
+             name=None):
+    result = run_cli("compile", model, "--target", target, "--calib", calib, "--eval", evaluation, "-o", tmp_path, "--no-bench", "--quiet")
+    assert result.code == 0, result.stderr
+    bundle = tmp_path / f"{model.stem}.{name or target}.lepton"
+    return bundle, json.loads((bundle / "report.json").read_text()), result
+
+
+def _open(bundle):
+    from lepton_cli.bundle import open_bundle
+    from lepton_cli.keys import dev_keys
+
+    keys, _ = dev_keys(create=False)
+    return open_bundle(bundle, key=str(keys.path("encryption", "private")), trust=str(keys.path("signing", "public")), record=False)
+
+
+def _ort_session(data: bytes) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.load_model_format", "ORT")
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def _nhwc_frames(count: int) -> np.ndarray:
+    return np.load(DIGITS / "eval.npz")["image"][:count].transpose(0, 2, 3, 1).astype(np.float32)
+
+
+def test_mobile_bundle_carries_a_loadable_ort_per_model_and_the_operator_config(run_cli, tmp_path):
+    bundle, report, _ = _compile(run_cli, tmp_path, "mobile")
+    assert run_cli("verify", bundle).code == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    listed = {e["path"]: e for e in manifest["device_artifacts"]}
+    assert set(listed) == {"model.ort", "variants/fp32.ort"} and listed["model.ort"]["from"] == "model.onnx"
+    assert (bundle / "model.ort.enc").is_file() and not (bundle / "model.ort").exists()  # encrypted like model.onnx
+    config = (bundle / "required_operators_and_types.config").read_text()
+    assert "ai.onnx;" in config and "Conv" in config and "/tmp" not in config
+    opened = _open(bundle)
+    frames = _nhwc_frames(16)
+    for ort_path, entry in listed.items():
+        session, reference = _ort_session(opened.models[ort_path]), ort.InferenceSession(opened.models[entry["from"]], providers=["CPUExecutionProvider"])
+        assert session.get_modelmeta().custom_metadata_map["lepton.io_layout.image"] == "NHWC"
+        got = np.concatenate([session.run(None, {"image": f[None]})[0] for f in frames])
+        want = np.concatenate([reference.run(None, {"image": f[None]})[0] for f in frames])
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-3)
+        assert (got.argmax(1) == want.argmax(1)).all()
+    usability = report["device"]["ort"]["usability"]["eps"]
+    assert set(usability) == {"NNAPI", "CoreML NeuralNetwork", "CoreML MLProgram"}
+    for entry in usability.values():
+        assert entry["partitions"] >= 1 and 0 < entry["supported_nodes"] <= entry["nodes"]
+        assert sum(entry["cpu_ops"].values()) == entry["nodes"] - entry["supported_nodes"]
+    assert "### Device" in (bundle / "report.md").read_text()
+
+
+def test_run_format_ort_reports_file_and_runtime_and_scores_like_onnx(run_cli, tmp_path):
+    bundle, _, _ = _compile(run_cli, tmp_path, "mobile")
+    result = run_cli("run", bundle, "--inputs", DIGITS / "eval.npz", "--format", "ort", "--json", "-o", tmp_path / "o.npz")
+    assert result.code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["format"] == "ort" and doc["model"] == "model.ort" and doc["runtime"].startswith("ONNX Runtime")
+    onnx_doc = json.loads(run_cli("run", bundle, "--inputs", DIGITS / "eval.npz", "--variant", "fp16", "--json").stdout)
+    assert abs(doc["top1_accuracy_pct"] - onnx_doc["top1_accuracy_pct"]) <= 0.26  # one image in 397
+
+
+def test_run_format_ort_verifies_the_whole_bundle_first(run_cli, tmp_path):
+    bundle, _, _ = _compile(run_cli, tmp_path, "mobile")
+    data = bytearray((bundle / "model.ort.enc").read_bytes())
+    data[100] ^= 1
+    (bundle / "model.ort.enc").write_bytes(bytes(data))
+    result = run_cli("run", bundle, "--inputs", DIGITS / "eval.npz", "--format", "ort")
+    assert result.code == 4 and "model.ort.enc" in result.stderr
+
+
+def test_run_format_errors_are_exit_2(run_cli, tmp_path):
+    bundle, _, _ = _compile(run_cli, tmp_path, "fpga")
+    missing = run_cli("run", bundle, "--inputs", DIGITS / "eval.npz", "--format", "ort")
+    assert missing.code == 2 and "has no ort file" in missing.stderr and "Traceback" not in missing.stderr
+    bad = run_cli("run", bundle, "--inputs", DIGITS / "eval.npz", "--format", "coreml")
+    assert bad.code == 2 and "--format" in bad.stderr
+
+
+def test_run_format_tflite_without_litert_is_exit_2_naming_the_extra(run_cli, tmp_path, monkeypatch):
+    bundle, _, _ = _compile(run_cli, tmp_path, "fpga")
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # import fails as when not installed
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    result = run_cli("run", bundle, "--inputs", DIGITS / "eval.npz", "--format", "tflite")
+    assert result.code == 2 and "lepton-cli[tflite]" in result.stderr
+
+
+def test_manifest_device_artifacts_are_validated_strictly():
+    from lepton_cli.bundle.manifest import _validate_device_artifacts
+    from lepton_cli.errors import VerificationError
+
+    files = [{"path": "model.onnx.enc", "encrypted": True, "plain_path": "model.onnx"},
+             {"path": "model.ort.enc", "encrypted": True, "plain_path": "model.ort"},
+             {"path": "ops.config", "encrypted": False}]
+    good = {"format": "ort", "path": "model.ort", "from": "model.onnx", "runtime": "ORT", "ops_config": "ops.config"}
+    _validate_device_artifacts([good], files)
+    for bad in ({**good, "format": "coreml"}, {**good, "path": "model.tflite"}, {**good, "from": "other.onnx"},
+                {**good, "ops_config": "missing.config"}, {**good, "path": "../model.ort"},
+                {**good, "format": "tflite", "io_names": {"inputs": {"x": 1}, "outputs": {}}}):
+        with pytest.raises(VerificationError):
+            _validate_device_artifacts([bad], files)
+    with pytest.raises(VerificationError):
+        _validate_device_artifacts([good, good], files)
+
+
+# -- fpga: the DPU's limits ----------------------------------------------------------------------------------------
+
+def test_fpga_digits_meets_every_dpu_limit_and_the_report_says_so(run_cli, tmp_path):
+    _, report, _ = _compile(run_cli, tmp_path, "fpga")
+    dpu = report["device"]["dpu"]
+    assert dpu["ok"] and dpu["violations"] == [] and dpu["nodes_checked"] >= 7
+    assert "DPUCZDX8G" in dpu["reference"]
+
+
+def test_dpu_check_names_each_violation_on_a_tpu_compiled_graph(run_cli, tmp_path):
+    """The tpu target's int8 (asymmetric, per-channel, non-power-of-two scales) breaks the DPU's fixed point."""
+    from lepton_cli.device_artifacts import dpu
+    from lepton_cli.targets import load_target
+
+    bundle, _, _ = _compile(run_cli, tmp_path, "tpu")
+    model = onnx.load_from_string(_open(bundle).models["model.onnx"])
+    violations, _ = dpu.check(model, list(load_target("fpga").runtime.supported_ops))
+    rules = {v.rule for v in violations}
+    assert {"power-of-two", "symmetric", "per-tensor"} <= rules
+    assert all(v.node and v.detail for v in violations)
+
+
+def test_dpu_geometry_and_shift_rules():
+    from onnx import helper, numpy_helper
+
+    from lepton_cli.device_artifacts import dpu
+
+    def qdq(name, scale, zp=0, dtype=np.int8):
+        return [numpy_helper.from_array(np.array(scale, np.float32), f"{name}.s"), numpy_helper.from_array(np.array(zp, dtype), f"{name}.z")]
+
+    w = numpy_helper.from_array(np.ones((32, 8, 17, 1), np.int8), "w")
+    b = numpy_helper.from_array(np.full(32, 2 ** 30, np.int32), "b")
+    inits = [w, b, *qdq("x", 2.0 ** -4), *qdq("w", 2.0 ** -7), *qdq("y", 2.0 ** -12),
+             numpy_helper.from_array(np.array(2.0 ** -11, np.float32), "b.s"), numpy_helper.from_array(np.array(0, np.int32), "b.z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x.s", "x.z"], ["xq"]), helper.make_node("DequantizeLinear", ["xq", "x.s", "x.z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "w.s", "w.z"], ["wd"]), helper.make_node("DequantizeLinear", ["b", "b.s", "b.z"], ["bd"]),
+             helper.make_node("Conv", ["xd", "wd", "bd"], ["y"], name="tall", strides=[1, 9], pads=[0, 1, 0, 0]),
+             helper.make_node("QuantizeLinear", ["y", "y.s", "y.z"], ["yq"]), helper.make_node("DequantizeLinear", ["yq", "y.s", "y.z"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 40, 40])],
+                              [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)], inits)
+    violations, _ = dpu.check(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), [])
+    found = {(v.node, v.rule) for v in violations}
+    # kernel 17 > 16; stride 9 > 8; pad_w 1 > kernel_w-1 = 0; shift_cut 4+7-12 = -1 < 0;
+    # bias 2^30 * 2^-11 = 2^19 needs fix position <= -13 in 8 bits, the shift limit allows >= 4+7-15 = -4
+    assert {("tall", "kernel"), ("tall", "stride"), ("tall", "pad"), ("tall", "shift_cut"), ("tall", "shift_bias")} <= found
+
+
+# -- tpu: the .tflite ---------------------------------------------------------------------------------------------
+
+def test_tpu_without_the_extra_writes_the_onnx_bundle_and_says_how_to_get_the_tflite(run_cli, tmp_path, monkeypatch):
+    from lepton_cli.device_artifacts import tflite_artifact
+
+    monkeypatch.setattr(tflite_artifact, "_missing_packages", lambda: ["tensorflow-cpu", "ai-edge-litert"])
+    bundle, report, result = _compile(run_cli, tmp_path, "tpu")
+    section = report["device"]["tflite"]
+    assert section["produced"] is False and "lepton-cli[tflite]" in section["reason"]
+    assert "no model.tflite" in result.stderr and not (bundle / "model.tflite.enc").exists()
+    assert (bundle / "model.onnx.enc").is_file()
+
+
+@needs_tflite
+def test_tpu_tflite_runs_in_litert_with_the_accuracy_the_report_states(run_cli, tmp_path):
+    bundle, report, _ = _compile(run_cli, tmp_path, "tpu")
+    section = report["device"]["tflite"]
+    assert section["produced"] and (bundle / "model.tflite.enc").is_file()
+    assert section["vs_onnx"]["max_abs_diff_vs_onnx"] <= 0.05  # same int8 ranges: ORT's QDQ result to rounding
+    accuracy = section["accuracy"]
+    assert accuracy["metric"] == "top1" and accuracy["drop_pct"] <= accuracy["budget_pct"]
+    result = run_cli("run", bundle, "--inputs", DIGITS / "eval.npz", "--format", "tflite", "--json")
+    assert result.code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["runtime"].startswith("LiteRT") and doc["model"] == "model.tflite"
+    assert abs(doc["top1_accuracy_pct"] - accuracy["value"]) < 0.01
+    tpu = section["edgetpu"]
+    assert tpu["ops"] == tpu["edgetpu_ops"] + len(tpu["cpu_ops"]) and "CONV_2D" in tpu["op_counts"]
+
+
+@needs_tflite
+def test_tflite_keeps_lepton_ranges_not_recalibrated(run_cli, tmp_path):
+    """Every activation scale in the .tflite is one of the ONNX model's Q/DQ scales."""
+    from ai_edge_litert.interpreter import Interpreter
+    from onnx import numpy_helper
+
+    bundle, _, _ = _compile(run_cli, tmp_path, "tpu")
+    opened = _open(bundle)
+    model = onnx.load_from_string(opened.models["model.onnx"])
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    onnx_scales = {float(inits[n.input[1]]) for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    interpreter = Interpreter(model_content=opened.models["model.tflite"])
+    scales = {float(t["quantization_parameters"]["scales"][0]) for t in interpreter.get_tensor_details()
+              if t["dtype"] == np.int8 and len(t["quantization_parameters"]["scales"]) == 1}
+    assert scales and all(any(abs(s - o) <= 1e-6 * o for o in onnx_scales) for s in scales)
+
+
+@needs_tflite
+def test_tpu_integer_io_tflite_takes_int8(run_cli, tmp_path):
+    target = tmp_path / "tpu-int.toml"
+    target.write_text('extends = "tpu"\nname = "tpu-int"\n[pass_params.quantize]\ninteger_io = true\n')
+    bundle, report, _ = _compile(run_cli, tmp_path, str(target), name="tpu-int")
+    io = report["device"]["tflite"]["io"]
+    assert io["inputs"][0]["type"] == "tensor(int8)" and io["outputs"][0]["type"] == "tensor(int8)"
+    assert report["device"]["tflite"]["accuracy"]["drop_pct"] <= 1.0
+
+
+@pytest.mark.slow
+@needs_ocr
+def test_mobile_ppocr_rec_ort_matches_onnx(run_cli, tmp_path):
+    _, model_path, _ = _rec_set(tmp_path)
+    bundle, report, _ = _compile(run_cli, tmp_path, "mobile", model_path, tmp_path / "calib.npz", tmp_path / "eval.npz")
+    opened = _open(bundle)
+    session = _ort_session(opened.models["model.ort"])
+    reference = ort.InferenceSession(opened.models["model.onnx"], providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    frames = np.load(tmp_path / "eval.npz")["x"].transpose(0, 2, 3, 1)[:8]
+    got = np.concatenate([session.run(None, {name: f[None]})[0] for f in frames])
+    want = np.concatenate([reference.run(None, {name: f[None]})[0] for f in frames])
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.99
+    nnapi = report["device"]["ort"]["usability"]["eps"]["NNAPI"]
+    assert nnapi["nodes"] > 100 and nnapi["cpu_ops"]  # HardSigmoid and LayerNormalization stay on the CPU
+
+def _rec_set(tmp_path, width=160):
+    sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
+    import ocr_textset as textset
+
+    from lepton_cli.model_io import upgrade_opset
+    from lepton_cli.shapes import bind_input_shapes
+
+    model, _ = upgrade_opset(onnx.load(OCR_REC), 13, 21)
+    onnx.save(bind_input_shapes(model, {"x": [1, 3, 48, width]}), tmp_path / f"rec{width}.onnx")
+    calib, _ = textset.make_set(32, 1, "calib", width=width)
+    evaluation, texts = textset.make_set(60, 2, "eval", width=width)
+    np.savez(tmp_path / "calib.npz", x=calib)
+    np.savez(tmp_path / "eval.npz", x=evaluation, labels=np.array(texts))
+    return textset, tmp_path / f"rec{width}.onnx", texts
+
+
+@pytest.mark.slow
+@needs_ocr
+def test_fpga_ppocr_rec_dpu_check_names_real_nodes(run_cli, tmp_path):
+    """The check is on the graph: the budget is opened because power-of-two int8 costs rec most of its accuracy."""
+    _, model_path, _ = _rec_set(tmp_path)
+    result = run_cli("compile", model_path, "--target", "fpga", "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz",
+                     "-o", tmp_path, "--no-bench", "--quiet", "--max-accuracy-drop", "100")
+    assert result.code == 0, result.stderr
+    bundle = tmp_path / "rec160.fpga.lepton"
+    dpu = json.loads((bundle / "report.json").read_text())["device"]["dpu"]
+    assert dpu["nodes_checked"] > 100
+    names = {n.name for n in onnx.load_from_string(_open(bundle).models["model.onnx"]).graph.node}
+    assert all(v["node"] in names and v["rule"] and v["detail"] for v in dpu["violations"])
+    assert (not dpu["violations"]) == dpu["ok"]
+    if dpu["violations"]:
+        assert "DPU check:" in result.stderr
+
+
+@pytest.mark.slow
+@needs_ocr
+@needs_tflite
+def test_tpu_ppocr_rec_tflite_character_accuracy_matches_the_report(run_cli, tmp_path):
+    textset, model_path, texts = _rec_set(tmp_path)
+    result = run_cli("compile", model_path, "--target", "tpu", "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz",
+                     "-o", tmp_path, "--no-bench", "--quiet", "--max-accuracy-drop", "6")
+    assert result.code == 0, result.stderr
+    bundle = tmp_path / "rec160.tpu.lepton"
+    section = json.loads((bundle / "report.json").read_text())["device"]["tflite"]
+    assert section["produced"], section.get("reason")
+    out = tmp_path / "rec.npz"
+    assert run_cli("run", bundle, "--inputs", tmp_path / "eval.npz", "--format", "tflite", "-o", out).code == 0
+    probs = np.load(out)[next(iter(np.load(out).files))]
+    chars = textset.charset(onnx.load(model_path))
+    assert abs(textset.char_accuracy(textset.ctc_greedy(probs, chars), texts) - section["accuracy"]["value"]) < 0.01
+    assert section["edgetpu"]["cpu_ops"]  # LayerNormalization's float math cannot run on the Edge TPU: named
