@@ -140,7 +140,10 @@ def digits(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
 
 
 def shipped_inputs(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
-    """The onnx package's own test input for an op-level model (eval), and mirrored/rescaled copies of it (calib)."""
+    """The onnx package's own test input for an op-level model (eval), and mirrored/rescaled copies of it (calib).
+
+    The models have a fixed batch (often 2), so each entry is one whole batch (an array of rank+1).
+    """
     from onnx import numpy_helper
 
     folder = path.parent / "test_data_set_0"
@@ -160,7 +163,7 @@ def shipped_inputs(model: CorpusModel, path: Path, role: str, count: int) -> Arr
             variants = [np.flip(arr, -1), arr * 0.5, np.flip(arr, 0) * 1.5, -arr][:count]
         else:
             variants = [np.roll(arr, k, axis=-1) for k in range(1, count + 1)]
-        out[name] = np.concatenate([np.ascontiguousarray(v) for v in variants]).astype(arr.dtype)
+        out[name] = np.stack([np.ascontiguousarray(v) for v in variants]).astype(arr.dtype)  # rank+1: one whole batch per entry
     return out
 
 

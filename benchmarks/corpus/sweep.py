@@ -37,9 +37,11 @@ class CompileRun:
     stderr: str = ""
 
 
-def _last_line(text: str) -> str:
+def _error_line(text: str) -> str:
+    """The CLI's one-line error ("error: ..." or "internal error: ..."), else the last line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    errors = [line for line in lines if line.startswith(("error:", "internal error:"))]
+    return errors[0] if errors else lines[-1] if lines else ""
 
 
 def compile_args(model: CorpusModel, target: str, out_dir: Path, *, bench: bool = False, calib: bool = True) -> list[str]:
@@ -73,7 +75,7 @@ def run_compile(model: CorpusModel, target: str, out_dir: Path, *, timeout: floa
         seconds = time.perf_counter() - start
         out.seek(0), err.seek(0)
         text = out.read().decode("utf-8", "replace") + err.read().decode("utf-8", "replace")
-    message = f"timed out after {timeout:.0f} s" if code == TIMEOUT_CODE and rusage is None else _last_line(text)
+    message = f"timed out after {timeout:.0f} s" if code == TIMEOUT_CODE and rusage is None else _error_line(text)
     rss = rusage.ru_maxrss / 1024 if rusage is not None else float("nan")
     return CompileRun(model.name, target, code, round(seconds, 1), round(rss, 1), message[:300], "Traceback" in text, text[-4000:])
 
