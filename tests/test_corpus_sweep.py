@@ -79,3 +79,21 @@ def test_calibration_and_evaluation_data_are_disjoint(tmp_path, monkeypatch):
         calib_rows = {row.tobytes() for row in c["image"]}
         assert not any(row.tobytes() in calib_rows for row in e["image"])
         assert "labels" in e.files and len(e["labels"]) == len(e["image"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ppocrv4_rec", "ppocrv5_rec", "ddddocr_common", "digits"])
+def test_the_fp32_models_read_the_corpus_data(name):
+    """The rendered evaluation data is what the models were trained for (measured: 98.5-100%), so the yardstick's metric means something."""
+    from benchmarks.corpus.data import charset
+    from benchmarks.corpus.metrics import METRICS
+    from benchmarks.corpus.runner import run_all, session
+    from benchmarks.corpus.store import ensure_model
+
+    model = by_name(name)
+    path = ensure_model(model)
+    _, evaluation_path = ensure_data(model)
+    evaluation = dict(np.load(evaluation_path, allow_pickle=False))
+    outputs = run_all(session(path), evaluation)
+    chars = charset(model, path) if model.metric == "char_accuracy" else None
+    assert METRICS[model.metric](model, evaluation, outputs, outputs, chars) >= 95.0
