@@ -4,6 +4,7 @@
     python peer_quantize.py nncf    MODEL CALIB.npz OUT.onnx
     python peer_quantize.py nncf-ac MODEL CALIB.npz OUT.onnx VALID.npz MAX_DROP_PCT
 
+Models below opset 10, which NNCF refuses, are converted to opset 13 (onnx.version_converter) first.
 ort: ONNX Runtime ``quantize_static``, QDQ, U8 activations × S8 weights per channel, percentile
 calibration. nncf: ``nncf.quantize`` with its defaults. nncf-ac: ``nncf.quantize_with_accuracy_control``
 with MAX_DROP_PCT absolute; its validation metric is top-1 against VALID's ``labels`` when present,
@@ -14,6 +15,7 @@ import sys
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnxruntime as ort
 
 
@@ -48,6 +50,13 @@ def quantize_ort(model_path: str, calib: str, out: str) -> None:
                     weight_type=QuantType.QInt8, per_channel=True, calibrate_method=CalibrationMethod.Percentile)
 
 
+NNCF_MIN_OPSET = 10
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -58,6 +67,8 @@ def quantize_nncf(model_path: str, calib: str, out: str, valid: str | None = Non
     import nncf
 
     model = onnx.load(model_path)
+    if _opset(model) < NNCF_MIN_OPSET:  # NNCF refuses opsets below 10; a user converts first, so do we
+        model = onnx.shape_inference.infer_shapes(onnx.version_converter.convert_version(model, 13))
     calibration = nncf.Dataset(_feeds(model, calib))
     if valid is None:
         quantized = nncf.quantize(model, calibration)

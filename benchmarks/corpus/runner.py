@@ -13,6 +13,7 @@ def session(model: str | Path | bytes, threads: int = 1) -> ort.InferenceSession
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # ddddocr's declared output shape is wrong ([1, T] for [T, 1, C]): ORT warns every run
     source = str(model) if isinstance(model, Path) else model
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
