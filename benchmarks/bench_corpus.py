@@ -30,35 +30,21 @@ from benchmarks.corpus.data import charset  # noqa: E402
 from benchmarks.corpus.fetch import cache_dir  # noqa: E402
 from benchmarks.corpus.manifest import MODELS, REPO, CorpusModel, by_name  # noqa: E402
 from benchmarks.corpus.metrics import METRICS  # noqa: E402
+from benchmarks.corpus.peers import peer_command  # noqa: E402
 from benchmarks.corpus.runner import feeds, run_all, session  # noqa: E402
 from benchmarks.corpus.store import ensure_data, ensure_model, without_labels  # noqa: E402
 from benchmarks.corpus.sweep import TARGETS, _wait, run_compile  # noqa: E402
 from lepton_cli.pipeline import adapt_feed, restore_output  # noqa: E402
 from lepton_cli.stats import node_macs  # noqa: E402
 
-PEER_VENVS = {"ort": ["onnxruntime==1.32.0", "onnx==1.23.2", "numpy"],
-              "nncf": ["nncf==3.4.0", "onnxruntime==1.32.0", "onnx==1.23.2"]}
-PEER_SCRIPT = REPO / "benchmarks" / "corpus" / "peer_quantize.py"
 TOOLS = ["lepton", "ort", "nncf", "nncf-ac"]
 BUDGET_PCT = 1.0  # every builtin target's max_accuracy_drop_pct; NNCF's accuracy control gets the same
 INT8_OPS = {"ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul"}
 MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
-def peer_python(tool: str) -> Path:
-    """The tool's own venv (created on first use): ort and nncf never enter Lepton's environment."""
-    key = "nncf" if tool.startswith("nncf") else tool
-    venv = cache_dir() / f"venv-{key}"
-    stamp = venv / ".installed"
-    if not stamp.is_file():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", *PEER_VENVS[key]], check=True)
-        stamp.write_text(" ".join(PEER_VENVS[key]))
-    return venv / "bin" / "python"
-
-
 def run_peer(tool: str, model_path: Path, calib: Path, out: Path, timeout: float) -> dict:
-    args = [str(peer_python(tool)), str(PEER_SCRIPT), tool, str(model_path), str(calib), str(out)]
+    args = peer_command(tool, model_path, calib, out)
     if tool == "nncf-ac":
         args += [str(calib), str(BUDGET_PCT)]
     with tempfile.TemporaryFile() as log:

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     chosen = [by_name(n) for n in args.models] if args.models else [m for m in MODELS if m.fast or not args.fast]
     if not args.with_minilm and not args.models:
-        chosen = [m for m in chosen if m.source.kind != "export"]
+        chosen = [m for m in chosen if m.source.kind not in ("export", "derived")]
     for model in chosen:
         path = ensure_model(model)
         line = f"{model.name:<26} {path}"

@@ -3,6 +3,7 @@
     python peer_quantize.py ort     MODEL CALIB.npz OUT.onnx
     python peer_quantize.py nncf    MODEL CALIB.npz OUT.onnx
     python peer_quantize.py nncf-ac MODEL CALIB.npz OUT.onnx VALID.npz MAX_DROP_PCT
+    python peer_quantize.py ort-dynamic MODEL - OUT.onnx       (builds the corpus's pre-quantized model)
 
 Models below opset 10, which NNCF refuses, are converted to opset 13 (onnx.version_converter) first.
 ort: ONNX Runtime ``quantize_static``, QDQ, U8 activations × S8 weights per channel, percentile
@@ -95,6 +96,10 @@ if __name__ == "__main__":
     tool, model_path, calib, out = sys.argv[1:5]
     if tool == "ort":
         quantize_ort(model_path, calib, out)
+    elif tool == "ort-dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(model_path, out, weight_type=QuantType.QInt8)
     elif tool == "nncf":
         quantize_nncf(model_path, calib, out)
     else:

@@ -32,6 +32,11 @@ def ensure_model(model: CorpusModel) -> Path:
 
         export(path)
         return path
+    if model.source.kind == "derived":
+        from .manifest import by_name
+        from .peers import dynamic_quantized
+
+        return dynamic_quantized(ensure_model(by_name(model.source.member)), path)
     raise FileNotFoundError(f"{model.name}: {path} is missing (is the onnx package installed?)")
 
 
