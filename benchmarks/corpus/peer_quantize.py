@@ -5,7 +5,8 @@
     python peer_quantize.py nncf-ac MODEL CALIB.npz OUT.onnx VALID.npz MAX_DROP_PCT
     python peer_quantize.py ort-dynamic MODEL - OUT.onnx       (builds the corpus's pre-quantized model)
 
-Models below opset 10, which NNCF refuses, are converted to opset 13 (onnx.version_converter) first.
+As a user would after the tools' errors, models below opset 13 (ORT per-channel QDQ) or 10 (NNCF refuses) are
+converted to opset 13 (onnx.version_converter) first.
 ort: ONNX Runtime ``quantize_static``, QDQ, U8 activations × S8 weights per channel, percentile
 calibration. nncf: ``nncf.quantize`` with its defaults. nncf-ac: ``nncf.quantize_with_accuracy_control``
 with MAX_DROP_PCT absolute; its validation metric is top-1 against VALID's ``labels`` when present,
@@ -41,7 +42,11 @@ def _feeds(model: onnx.ModelProto, path: str) -> list:
 def quantize_ort(model_path: str, calib: str, out: str) -> None:
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    feeds = iter(_feeds(onnx.load(model_path), calib))
+    model = onnx.load(model_path)
+    if _opset(model) < 13:  # per-channel QDQ needs opset 13; below it quantize_static writes an invalid model
+        model_path = out + ".opset13.onnx"
+        onnx.save(onnx.shape_inference.infer_shapes(onnx.version_converter.convert_version(model, 13)), model_path)
+    feeds = iter(_feeds(model, calib))
 
     class Reader(CalibrationDataReader):
         def get_next(self):
