@@ -27,13 +27,12 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.corpus.data import charset  # noqa: E402
-from benchmarks.corpus.fetch import cache_dir  # noqa: E402
 from benchmarks.corpus.manifest import MODELS, REPO, CorpusModel, by_name  # noqa: E402
 from benchmarks.corpus.metrics import METRICS  # noqa: E402
 from benchmarks.corpus.peers import peer_command  # noqa: E402
 from benchmarks.corpus.runner import feeds, run_all, session  # noqa: E402
 from benchmarks.corpus.store import ensure_data, ensure_model, without_labels  # noqa: E402
-from benchmarks.corpus.sweep import TARGETS, _wait, run_compile  # noqa: E402
+from benchmarks.corpus.sweep import TARGETS, run_compile, wait_with_rusage  # noqa: E402
 from lepton_cli.pipeline import adapt_feed, restore_output  # noqa: E402
 from lepton_cli.stats import node_macs  # noqa: E402
 
@@ -50,7 +49,7 @@ def run_peer(tool: str, model_path: Path, calib: Path, out: Path, timeout: float
     with tempfile.TemporaryFile() as log:
         start = time.perf_counter()
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        code, rusage = _wait(proc, timeout)
+        code, rusage = wait_with_rusage(proc, timeout)
         seconds = time.perf_counter() - start
         log.seek(0)
         lines = [line for line in log.read().decode("utf-8", "replace").splitlines() if line.strip()]

@@ -18,7 +18,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from . import pins
 from .pins import Wheel
 
 

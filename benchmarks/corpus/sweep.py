@@ -72,7 +72,7 @@ def run_compile(model: CorpusModel, target: str, out_dir: Path, *, timeout: floa
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=err)
-        code, rusage = _wait(proc, timeout)
+        code, rusage = wait_with_rusage(proc, timeout)
         seconds = time.perf_counter() - start
         out.seek(0), err.seek(0)
         text = out.read().decode("utf-8", "replace") + err.read().decode("utf-8", "replace")
@@ -81,7 +81,8 @@ def run_compile(model: CorpusModel, target: str, out_dir: Path, *, timeout: floa
     return CompileRun(model.name, target, code, round(seconds, 1), round(rss, 1), message[:300], "Traceback" in text, text[-4000:])
 
 
-def _wait(proc: subprocess.Popen, timeout: float):
+def wait_with_rusage(proc: subprocess.Popen, timeout: float):
+    """(exit code, the child's own rusage); kills it after ``timeout`` s: (124, None)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
