@@ -28,7 +28,9 @@ HANG_GUARD_S = 3600  # not a speed test: only stops a hung compile from stalling
 PREQUANTIZED = "already-quantized model (DynamicQuantizeLinear inside) crashes quantize instead of keeping or refusing it"
 KNOWN_EXIT_1: dict[tuple[str, str], str] = {
     ("minilm_l6_dynq", "cpu-avx"): PREQUANTIZED + ": KeyError '<tensor>_scale'",
+    ("minilm_l6_dynq", "fpga"): PREQUANTIZED + ": KeyError '<tensor>_scale'",
     ("minilm_l6_dynq", "cuda"): PREQUANTIZED + ": the fp16 model feeds float16 to DynamicQuantizeLinear (InvalidGraph)",
+    ("minilm_l6_dynq", "mobile"): PREQUANTIZED + ": the fp16 model feeds float16 to DynamicQuantizeLinear (InvalidGraph)",
 }
 
 
