@@ -29,6 +29,7 @@ PREQUANTIZED = "already-quantized model (DynamicQuantizeLinear inside) crashes q
 KNOWN_EXIT_1: dict[tuple[str, str], str] = {
     ("minilm_l6_dynq", "cpu-avx"): PREQUANTIZED + ": KeyError '<tensor>_scale'",
     ("minilm_l6_dynq", "fpga"): PREQUANTIZED + ": KeyError '<tensor>_scale'",
+    ("minilm_l6_dynq", "tpu"): PREQUANTIZED + ": KeyError '<tensor>_scale'",
     ("minilm_l6_dynq", "cuda"): PREQUANTIZED + ": the fp16 model feeds float16 to DynamicQuantizeLinear (InvalidGraph)",
     ("minilm_l6_dynq", "mobile"): PREQUANTIZED + ": the fp16 model feeds float16 to DynamicQuantizeLinear (InvalidGraph)",
 }
