@@ -67,6 +67,7 @@ def _bound(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelPr
             for dim, size in zip(value.type.tensor_type.shape.dim, dims):
                 dim.Clear()
                 dim.dim_value = size
+    del bound.graph.value_info[:]  # exporters' symbolic dims there would survive inference
     return onnx.shape_inference.infer_shapes(bound)
 
 
