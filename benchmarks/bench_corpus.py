@@ -1,0 +1,224 @@
+"""The yardstick: every corpus model × lossy target, Lepton beside ONNX Runtime's and NNCF's quantizers.
+
+    python benchmarks/bench_corpus.py [--models digits ddddocr_common] [--targets cpu-avx cuda]
+                                      [--tools lepton ort nncf nncf-ac] [--out benchmarks/results/corpus_yardstick]
+
+For each model: the task metric on held-out real data (benchmarks/corpus/metrics.py) for fp32 and
+for each candidate, latency ratio to fp32 (interleaved runs, 1 thread and all threads, ONNX Runtime
+CPU), size ratio, share of MACs in int8 nodes, compile time, peak RSS and exit code. Every tool
+gets the same calibration .npz and none sees the evaluation set; NNCF's accuracy control validates
+on the calibration set at the target's budget. Peer tools run in their own venvs in the corpus
+cache, never in Lepton's environment. Writes OUT.json and OUT.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.corpus.data import charset  # noqa: E402
+from benchmarks.corpus.manifest import MODELS, REPO, CorpusModel, by_name  # noqa: E402
+from benchmarks.corpus.metrics import METRICS  # noqa: E402
+from benchmarks.corpus.peers import peer_command  # noqa: E402
+from benchmarks.corpus.runner import feeds, run_all, session  # noqa: E402
+from benchmarks.corpus.store import ensure_data, ensure_model, without_labels  # noqa: E402
+from benchmarks.corpus.sweep import TARGETS, run_compile, wait_with_rusage  # noqa: E402
+from lepton_cli.pipeline import adapt_feed, restore_output  # noqa: E402
+from lepton_cli.stats import node_macs  # noqa: E402
+
+TOOLS = ["lepton", "ort", "nncf", "nncf-ac"]
+BUDGET_PCT = 1.0  # every builtin target's max_accuracy_drop_pct; NNCF's accuracy control gets the same
+INT8_OPS = {"ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul"}
+MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+def run_peer(tool: str, model_path: Path, calib: Path, out: Path, timeout: float) -> dict:
+    args = peer_command(tool, model_path, calib, out)
+    if tool == "nncf-ac":
+        args += [str(calib), str(BUDGET_PCT)]
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        code, rusage = wait_with_rusage(proc, timeout)
+        seconds = time.perf_counter() - start
+        log.seek(0)
+        lines = [line for line in log.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    return {"code": code, "compile_s": round(seconds, 1), "peak_rss_mb": round(rusage.ru_maxrss / 1024, 1) if rusage else None,
+            "message": "" if code == 0 else (lines[-1][:300] if lines else "")}
+
+
+def _bound(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """A copy with the corpus shapes written into the inputs and shapes inferred (for MAC counting)."""
+    bound = onnx.ModelProto()
+    bound.CopyFrom(model)
+    for value in bound.graph.input:
+        dims = shapes.get(value.name)
+        if dims is not None and value.type.tensor_type.HasField("shape"):
+            for dim, size in zip(value.type.tensor_type.shape.dim, dims):
+                dim.Clear()
+                dim.dim_value = size
+    del bound.graph.value_info[:]  # exporters' symbolic dims there would survive inference
+    return onnx.shape_inference.infer_shapes(bound)
+
+
+def _shape_map(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    shapes = {}
+    for value in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
+        if value.type.tensor_type.HasField("shape"):
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+    for tensor in model.graph.initializer:
+        shapes[tensor.name] = list(tensor.dims)
+    return shapes
+
+
+def int8_mac_share(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> float | None:
+    """Share (%) of MACs in integer nodes or in QDQ-wrapped Conv/Gemm/MatMul (both operands dequantized int8)."""
+    try:
+        bound = _bound(model, input_shapes)
+    except Exception:  # a model shape inference rejects: no MAC count, not a failed row
+        return None
+    shapes = _shape_map(bound)
+    producers = {out: node for node in bound.graph.node for out in node.output}
+    total = int8 = 0
+    for node in bound.graph.node:
+        if node.op_type not in MAC_OPS | INT8_OPS:
+            continue
+        macs = node_macs(node, shapes) or 0
+        total += macs
+        dequantized = all(producers.get(name) is not None and producers[name].op_type == "DequantizeLinear" for name in node.input[:2])
+        int8 += macs if node.op_type in INT8_OPS or dequantized else 0
+    return None if total == 0 else round(100.0 * int8 / total, 1)
+
+
+def _latency_ratio(fp32: bytes, candidate: bytes, fp32_feed: dict, candidate_feed: dict, threads: int, seconds: float) -> float:
+    """Median candidate time / median fp32 time over interleaved single runs."""
+    sessions = [session(fp32, threads), session(candidate, threads)]
+    runs = [[], []]
+    for sess, feed in zip(sessions, (fp32_feed, candidate_feed)):
+        sess.run(None, feed)  # warm-up
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(runs[0]) < 5:
+        for index, (sess, feed) in enumerate(zip(sessions, (fp32_feed, candidate_feed))):
+            start = time.perf_counter()
+            sess.run(None, feed)
+            runs[index].append(time.perf_counter() - start)
+        if len(runs[0]) >= 200:
+            break
+    return round(statistics.median(runs[1]) / statistics.median(runs[0]), 3)
+
+
+def _candidate_outputs(candidate: bytes, fp32_feeds: list[dict]) -> tuple[list, dict]:
+    """Candidate outputs on the eval feeds, in the source's form, and its first feed.
+
+    A Lepton model may declare NHWC or integer I/O (adapt_feed/restore_output); for other models both are no-ops.
+    """
+    model = onnx.load_from_string(candidate)
+    sess = session(candidate)
+    names = [o.name for o in model.graph.output]
+    candidate_feeds = [adapt_feed(model, feed) for feed in fp32_feeds]
+    outputs = [[restore_output(model, n, v) for n, v in zip(names, sess.run(None, feed))] for feed in candidate_feeds]
+    return outputs, candidate_feeds[0]
+
+
+def score_candidate(model: CorpusModel, fp32: bytes, candidate: bytes, evaluation: dict, reference: list, chars,
+                    bench_seconds: float) -> dict:
+    fp32_feeds = feeds(session(fp32), evaluation)
+    outputs, feed = _candidate_outputs(candidate, fp32_feeds)
+    value = METRICS[model.metric](model, evaluation, reference, outputs, chars)
+    return {"value": round(value, 3),
+            "latency_ratio_1t": _latency_ratio(fp32, candidate, fp32_feeds[0], feed, 1, bench_seconds),
+            "latency_ratio_all": _latency_ratio(fp32, candidate, fp32_feeds[0], feed, os.cpu_count() or 1, bench_seconds),
+            "size_ratio": round(len(candidate) / len(fp32), 3),
+            "int8_mac_pct": int8_mac_share(onnx.load_from_string(candidate), model.input_shapes)}
+
+
+def bench_model(model: CorpusModel, targets: list[str], tools: list[str], work: Path, timeout: float, bench_seconds: float) -> list[dict]:
+    path = ensure_model(model)
+    calib, evaluation_path = ensure_data(model)
+    calib_inputs = without_labels(calib, work / f"{model.name}-calib.npz")
+    evaluation = dict(np.load(evaluation_path, allow_pickle=False))
+    fp32 = path.read_bytes()
+    reference = run_all(session(fp32), evaluation)
+    chars = charset(model, path) if model.metric == "char_accuracy" else None
+    fp32_value = round(METRICS[model.metric](model, evaluation, reference, reference, chars), 3)
+    base = {"model": model.name, "metric": model.metric, "fp32_value": fp32_value}
+    rows = []
+    jobs = [("lepton", t) for t in targets if "lepton" in tools] + [(t, "cpu int8 (QDQ)") for t in tools if t != "lepton"]
+    for tool, target in jobs:
+        out = work / f"{model.name}-{tool}-{target.split()[0]}.onnx"
+        if tool == "lepton":
+            run = run_compile(model, target, work / f"{model.name}-{target}", timeout=timeout, save_model=out)
+            row = {"code": run.code, "compile_s": run.seconds, "peak_rss_mb": run.peak_rss_mb, "message": "" if run.code == 0 else run.message}
+        else:
+            row = run_peer(tool, path, calib_inputs, out, timeout)
+        row = {**base, "tool": tool, "target": target, **row}
+        if row["code"] == 0 and out.is_file():
+            try:
+                row.update(score_candidate(model, fp32, out.read_bytes(), evaluation, reference, chars, bench_seconds))
+            except Exception as exc:  # a candidate that compiled but cannot run is a result, not a crash of the benchmark
+                row["message"] = f"scoring failed: {exc.__class__.__name__}: {str(exc)[:200]}"
+        print(_line(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def _fmt(value, spec: str = "") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _line(row: dict) -> str:
+    return (f"{row['model']:<18} {row['tool']:<8} {row['target']:<15} exit {row['code']:<3} {row['metric']} "
+            f"{row['fp32_value']:.2f} -> {_fmt(row.get('value'), '.2f')}  lat {_fmt(row.get('latency_ratio_1t'))}/{_fmt(row.get('latency_ratio_all'))} "
+            f"size {_fmt(row.get('size_ratio'))} int8 {_fmt(row.get('int8_mac_pct'))}%  {row['compile_s']}s {row['peak_rss_mb']} MB {row['message'][:120]}")
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    head = ("| model | tool | target | exit | metric | fp32 | result | Δ | latency ×fp32 (1 thread) | latency ×fp32 (all threads) "
+            "| size ×fp32 | int8 MACs % | compile s | peak RSS MB | message |")
+    lines = [f"Command: `{command}`", "", head, "|" + "---|" * 15]
+    for r in rows:
+        delta = None if r.get("value") is None else round(r["value"] - r["fp32_value"], 2)
+        lines.append(f"| {r['model']} | {r['tool']} | {r['target']} | {r['code']} | {r['metric']} | {r['fp32_value']:.2f} | "
+                     f"{_fmt(r.get('value'), '.2f')} | {_fmt(delta)} | {_fmt(r.get('latency_ratio_1t'))} | {_fmt(r.get('latency_ratio_all'))} | "
+                     f"{_fmt(r.get('size_ratio'))} | {_fmt(r.get('int8_mac_pct'))} | {r['compile_s']} | {_fmt(r['peak_rss_mb'])} | "
+                     f"{r['message'].replace('|', '/')[:160]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", help="corpus model names (default: all but the op-level pt_* models)")
+    parser.add_argument("--targets", nargs="*", default=TARGETS, choices=TARGETS)
+    parser.add_argument("--tools", nargs="*", default=TOOLS, choices=TOOLS)
+    parser.add_argument("--timeout", type=float, default=3600, help="per compile/quantization, seconds")
+    parser.add_argument("--bench-seconds", type=float, default=2.0, help="interleaved timing per thread setting")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "corpus_yardstick")
+    args = parser.parse_args(argv)
+    models = [by_name(n) for n in args.models] if args.models else [m for m in MODELS if not m.name.startswith("pt_")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lepton-yardstick-") as tmp:
+        for model in models:
+            rows += bench_model(model, args.targets, args.tools, Path(tmp), args.timeout, args.bench_seconds)
+            _write(args.out, rows, argv)
+    return 0
+
+
+def _write(out: Path, rows: list[dict], argv: list[str] | None) -> None:
+    command = "python benchmarks/bench_corpus.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "host_cpus": os.cpu_count(), "rows": rows}, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(rows, command), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""Task metrics of the yardstick: a candidate model's outputs scored on held-out real data.
+
+Each metric takes the corpus model, its eval arrays, the fp32 source's outputs and the candidate's
+outputs (lists over samples of lists over model outputs) and returns one number, higher is better.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .. import ocr_textset
+from .manifest import CorpusModel
+
+Outputs = list[list[np.ndarray]]  # [sample][output]
+DB_THRESHOLD = 0.3  # DBNet's binarisation threshold (PaddleOCR det_db_thresh)
+IOU = 0.5
+YOLOX_SCORE, YOLOX_NMS = 0.1, 0.45  # ddddocr's detection_engine settings
+
+
+def _decode_text(model: CorpusModel, charset: list[str], outputs: Outputs) -> list[str]:
+    texts = []
+    for sample in outputs:
+        first = sample[0]
+        if model.name.startswith("ddddocr"):  # [T, 1, C] logits, time first; blank is class 0 as in PaddleOCR
+            first = np.moveaxis(first, 0, 1)
+        texts.extend(ocr_textset.ctc_greedy(first, charset))
+    return texts
+
+
+def char_accuracy(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: Outputs, charset=None) -> float:
+    """100 × (1 − edit distance / characters) against the rendered truth."""
+    truth = [str(t) for t in evaluation["labels"]]
+    predicted = _decode_text(model, charset, candidate)
+    return ocr_textset.char_accuracy(predicted, truth)
+
+
+def map_f1(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: Outputs, charset=None) -> float:
+    """Per-page F1 of the binarised probability maps against fp32's; the worst page, ×100."""
+    return 100.0 * min(ocr_textset.pixel_f1(r[0], c[0], DB_THRESHOLD) for r, c in zip(reference, candidate))
+
+
+def _yolox_boxes(raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """ddddocr's YOLOX decode + class-agnostic NMS: [K, 4] xyxy boxes."""
+    pred = raw[0].astype(np.float64).copy()
+    grids, strides = [], []
+    for stride in (8, 16, 32):
+        h, w = size[0] // stride, size[1] // stride
+        xv, yv = np.meshgrid(np.arange(w), np.arange(h))
+        grids.append(np.stack((xv, yv), 2).reshape(-1, 2))
+        strides.append(np.full((h * w, 1), stride))
+    grid, stride = np.concatenate(grids), np.concatenate(strides)
+    pred[:, :2] = (pred[:, :2] + grid) * stride
+    pred[:, 2:4] = np.exp(np.clip(pred[:, 2:4], -20, 20)) * stride
+    scores = (pred[:, 4:5] * pred[:, 5:]).max(1)
+    keep = scores > YOLOX_SCORE
+    boxes = np.concatenate([pred[keep, :2] - pred[keep, 2:4] / 2, pred[keep, :2] + pred[keep, 2:4] / 2], 1)
+    return boxes[_nms(boxes, scores[keep], YOLOX_NMS)]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-9)
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
+    order, keep = list(np.argsort(-scores)), []
+    while order:
+        best = order.pop(0)
+        keep.append(best)
+        if order:
+            overlap = _iou(boxes[[best]], boxes[order])[0]
+            order = [o for o, v in zip(order, overlap) if v <= threshold]
+    return keep
+
+
+def det_f1(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: Outputs, charset=None) -> float:
+    """Detection F1 at IoU 0.5 against the fp32 model's boxes after NMS, pooled over images, ×100."""
+    size = tuple(model.input_shapes[next(iter(model.input_shapes))][2:])
+    tp = fp = fn = 0
+    for r, c in zip(reference, candidate):
+        want, got = _yolox_boxes(r[0], size), _yolox_boxes(c[0], size)
+        matched, used = 0, set()
+        iou = _iou(got, want) if len(want) and len(got) else np.zeros((len(got), len(want)))
+        for row in range(len(got)):  # greedy: each fp32 box matches at most one candidate box
+            for col in np.argsort(-iou[row]):
+                if iou[row, col] < IOU:
+                    break
+                if col not in used:
+                    used.add(col)
+                    matched += 1
+                    break
+        tp, fp, fn = tp + matched, fp + len(got) - matched, fn + len(want) - matched
+    return 100.0 if tp + fp + fn == 0 else 100.0 * 2 * tp / (2 * tp + fp + fn)
+
+
+def _mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    weights = mask.reshape(-1, 1).astype(np.float64)
+    return (hidden.reshape(-1, hidden.shape[-1]) * weights).sum(0) / max(1.0, weights.sum())
+
+
+def embedding_cosine(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: Outputs, charset=None) -> float:
+    """Mean cosine (×100) between fp32 and candidate sentence embeddings (mean pooling over real tokens)."""
+    cosines = []
+    for index, (r, c) in enumerate(zip(reference, candidate)):
+        mask = evaluation["attention_mask"][index]
+        a, b = _mean_pool(r[0], mask), _mean_pool(c[0], mask)
+        cosines.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)))
+    return 100.0 * float(np.mean(cosines))
+
+
+def top1(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: Outputs, charset=None) -> float:
+    """Top-1 accuracy against the labels, ×100."""
+    predicted = np.array([int(np.argmax(c[0])) for c in candidate])
+    return 100.0 * float(np.mean(predicted == evaluation["labels"][: len(predicted)]))
+
+
+def top1_agreement(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: Outputs, charset=None) -> float:
+    """Share of samples whose arg-max class equals fp32's, ×100 (the light zoo has no labels)."""
+    return 100.0 * float(np.mean([np.argmax(r[0]) == np.argmax(c[0]) for r, c in zip(reference, candidate)]))
+
+
+def output_agreement(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: Outputs, charset=None) -> float:
+    """Worst cosine (×100) between fp32 and candidate over every output of every sample."""
+    worst = 1.0
+    for r, c in zip(reference, candidate):
+        for a, b in zip(r, c):
+            a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+            denom = np.linalg.norm(a) * np.linalg.norm(b)
+            worst = min(worst, 1.0 if denom == 0 and np.array_equal(a, b) else float(a @ b / denom) if denom else 0.0)
+    return 100.0 * worst
+
+
+METRICS: dict[str, Callable[..., float]] = {
+    "char_accuracy": char_accuracy, "map_f1": map_f1, "det_f1": det_f1, "embedding_cosine": embedding_cosine,
+    "top1": top1, "top1_agreement": top1_agreement, "output_agreement": output_agreement,
+}

@@ -1,0 +1,139 @@
+"""Compile corpus models for builtin targets in child processes: exit code, wall time, peak RSS, last error line.
+
+    python -m benchmarks.corpus.sweep [--models NAME ...] [--targets T ...] [--fast] [--timeout S]
+                                      [--json runs.jsonl] [--markdown benchmarks/results/corpus_sweep.md]
+    python -m benchmarks.corpus.sweep --render runs.jsonl --markdown benchmarks/results/corpus_sweep.md
+
+The test (tests/test_corpus_sweep.py) and the yardstick use ``run_compile``; run as a script it prints
+and records the model × target table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .manifest import MODELS, REPO, CorpusModel, by_name
+from .store import ensure_data, ensure_model, without_labels
+
+TARGETS = ["cpu-avx", "cuda", "edge-arm", "fpga", "mobile", "tpu"]
+TIMEOUT_CODE = 124
+
+
+@dataclass
+class CompileRun:
+    model: str
+    target: str
+    code: int
+    seconds: float
+    peak_rss_mb: float
+    message: str  # the last stderr line (the one-line error for a non-zero exit)
+    traceback: bool  # "Traceback" anywhere in the output: never acceptable
+    stderr: str = ""
+
+
+def _error_line(text: str) -> str:
+    """The CLI's one-line error ("error: ..." or "internal error: ..."), else the last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(("error:", "internal error:"))]
+    return errors[0] if errors else lines[-1] if lines else ""
+
+
+def compile_args(model: CorpusModel, target: str, out_dir: Path, *, bench: bool = False, calib: bool = True) -> list[str]:
+    path = ensure_model(model)
+    args = [str(path), "--target", target, "-o", str(out_dir), "--quiet"]
+    for spec in model.shape_args():
+        args += ["--input-shape", spec]
+    if calib:
+        calib_path, _ = ensure_data(model)
+        args += ["--calib", str(without_labels(calib_path, out_dir / "calib.npz"))]
+    if not bench:
+        args.append("--no-bench")
+    return args
+
+
+def run_compile(model: CorpusModel, target: str, out_dir: Path, *, timeout: float = 1800, bench: bool = False,
+                save_model: Path | None = None, extra: list[str] | None = None, threads: int | None = None) -> CompileRun:
+    """One ``lepton compile`` in a child process; peak RSS from the child's own rusage."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    child = [sys.executable, "-m", "benchmarks.corpus.compile_child"]
+    if save_model is not None:
+        child += ["--save-model", str(save_model)]
+    argv = [*child, "--", *compile_args(model, target, out_dir, bench=bench), *(extra or [])]
+    env = dict(os.environ, NO_COLOR="1", COLUMNS="400")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=err)
+        code, rusage = wait_with_rusage(proc, timeout)
+        seconds = time.perf_counter() - start
+        out.seek(0), err.seek(0)
+        text = out.read().decode("utf-8", "replace") + err.read().decode("utf-8", "replace")
+    message = f"timed out after {timeout:.0f} s" if code == TIMEOUT_CODE and rusage is None else _error_line(text)
+    rss = rusage.ru_maxrss / 1024 if rusage is not None else float("nan")
+    return CompileRun(model.name, target, code, round(seconds, 1), round(rss, 1), message[:300], "Traceback" in text, text[-4000:])
+
+
+def wait_with_rusage(proc: subprocess.Popen, timeout: float):
+    """(exit code, the child's own rusage); kills it after ``timeout`` s: (124, None)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, rusage
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    return TIMEOUT_CODE, None
+
+
+def markdown(runs: list[CompileRun]) -> str:
+    lines = ["| model | target | exit | seconds | peak RSS MB | message |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        message = "" if r.code == 0 else r.message.replace("|", "\\|")
+        lines.append(f"| {r.model} | {r.target} | {r.code} | {r.seconds:.1f} | {r.peak_rss_mb:.0f} | {message} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.corpus.sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*")
+    parser.add_argument("--targets", nargs="*", default=TARGETS)
+    parser.add_argument("--fast", action="store_true", help="only fast-set models")
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--json", type=Path, help="append one JSON line per compile to this file")
+    parser.add_argument("--markdown", type=Path, help="write the table here")
+    parser.add_argument("--render", type=Path, help="compile nothing: write --markdown from this JSON-lines file")
+    args = parser.parse_args(argv)
+    if args.render:
+        rows = [CompileRun(**json.loads(line)) for line in args.render.read_text(encoding="utf-8").splitlines() if line.strip()]
+        args.markdown.write_text(markdown(rows), encoding="utf-8")
+        return 0
+    models = [by_name(n) for n in args.models] if args.models else [m for m in MODELS if m.fast or not args.fast]
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="lepton-sweep-") as tmp:
+        for model in models:
+            for target in args.targets:
+                run = run_compile(model, target, Path(tmp) / f"{model.name}-{target}", timeout=args.timeout)
+                runs.append(run)
+                print(f"{run.model:<24} {run.target:<9} exit {run.code:<3} {run.seconds:7.1f}s {run.peak_rss_mb:7.0f} MB  "
+                      f"{'' if run.code == 0 else run.message}", flush=True)
+                if args.json:
+                    with open(args.json, "a", encoding="utf-8") as handle:
+                        handle.write(json.dumps({k: v for k, v in asdict(run).items() if k != "stderr"}) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(runs), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
