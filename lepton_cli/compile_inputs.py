@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .model_io import file_sha256
 
 LIBRARIES = ("onnx", "onnxruntime", "onnxsim", "numpy")
 # Options that change the compiled model, the report or whether the compile passes; keys, versions
@@ -28,11 +29,7 @@ def sha256_file(path: Path) -> str:
     info = path.stat()
     memo = (str(path.resolve()), info.st_mtime_ns, info.st_size)
     if memo not in _DIGESTS:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        _DIGESTS[memo] = digest.hexdigest()
+        _DIGESTS[memo] = file_sha256(path)
     return _DIGESTS[memo]
 
 

@@ -11,7 +11,6 @@ external ones into one data file beside the model (``bundle_payload``).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,17 +194,9 @@ def shapes_only_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def data_digests(model: onnx.ModelProto) -> dict[str, str]:
     """sha256 of each external data file the model references (location → digest), for provenance."""
-    from .model_io import check_external_location
+    from .model_io import check_external_location, file_sha256
 
     locations = sorted({_entries(t).get("location", "") for t in external_tensors(model)})
     return {loc: file_sha256(check_external_location(current_folder(), loc, "(provenance)")) for loc in locations}

@@ -33,7 +33,8 @@ class LoadedModel:
     dropped_domains: list[str] = field(default_factory=list)  # opset imports outside the allowlist that no node used
 
 
-def _sha256_file(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -173,7 +174,7 @@ def load_model(path: str | Path, *, keep_external: bool = False) -> LoadedModel:
 
         with weights_folder(model_dir):
             digests = data_digests(model)
-    return LoadedModel(model=model, path=path, sha256=_sha256_file(path), file_size=total, external_sha256=digests,
+    return LoadedModel(model=model, path=path, sha256=file_sha256(path), file_size=total, external_sha256=digests,
                        weights_folder=model_dir.resolve() if kept else None, dropped_domains=dropped_domains)
 
 

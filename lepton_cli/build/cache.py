@@ -27,6 +27,7 @@ from typing import Any
 from ..bundle import crypto
 from ..errors import BadInputError
 from ..keys import _write_private, config_dir
+from ..model_io import file_sha256
 
 ENTRY_FORMAT = "lepton-build-cache/1"
 DEFAULT_MAX_MB = 10 * 1024
@@ -124,7 +125,7 @@ class BuildCache:
             if hashlib.sha256(_canonical(entry)).hexdigest() != checksum or entry.get("key") != key:
                 return "entry.json checksum"
             for rel, digest in entry["files"].items():
-                if _sha256(folder / rel) != digest:
+                if file_sha256(folder / rel) != digest:
                     return f"{rel} does not match its sha256"
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             return f"unreadable: {exc.__class__.__name__}"
@@ -147,7 +148,7 @@ class BuildCache:
                 (staging / "models" / name).write_bytes(cipher)
                 sealed[plain] = {"file": name, "size": len(cipher), "sha256": digest, "plain_size": len(data)}
             bundle_files = sorted(p.relative_to(staging / "bundle").as_posix() for p in (staging / "bundle").rglob("*") if p.is_file())
-            files = {p.relative_to(staging).as_posix(): _sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+            files = {p.relative_to(staging).as_posix(): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
             entry = {"format": ENTRY_FORMAT, "key": key, "created": time.time(), "report": report, "manifest_fields": manifest_fields,
                      "inputs": inputs, "seal": seal, "models": sealed, "bundle_files": bundle_files, "files": files,
                      "bytes": sum((staging / rel).stat().st_size for rel in files)}
@@ -198,12 +199,4 @@ class BuildCache:
         except OSError:
             return
         shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
