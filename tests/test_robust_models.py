@@ -258,6 +258,11 @@ def test_ppocrv5_rec_fp16_types_agree_after_fuse():
 
 # --- packaging -------------------------------------------------------------------------------------------
 
+def _catches_import_error(block: ast.Try) -> bool:
+    names = {ast.unparse(h.type) for h in block.handlers if h.type is not None}
+    return bool(names & {"ImportError", "ModuleNotFoundError", "(ImportError, ModuleNotFoundError)"})
+
+
 def test_runtime_imports_are_declared_dependencies():
     """Every third-party module Lepton imports at run time is in [project].dependencies (Pillow was
     only in the [test] extra, so `--calib DIR --preprocess` failed for a plain `pip install`)."""
@@ -265,8 +270,12 @@ def test_runtime_imports_are_declared_dependencies():
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    declared = {dep.split(";")[0].split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower().replace("_", "-")
-                for dep in project["dependencies"]}
+    def dist_name(dep: str) -> str:
+        return dep.split(";")[0].split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower().replace("_", "-")
+
+    # Runtime dependencies, and the optional extras a feature names in its exit-2 message (not [test]).
+    extras = [dep for name, deps in project.get("optional-dependencies", {}).items() if name != "test" for dep in deps]
+    declared = {dist_name(dep) for dep in [*project["dependencies"], *extras]}
     owners = importlib.metadata.packages_distributions()
     stdlib = set(sys.stdlib_module_names)
     missing = set()
@@ -275,6 +284,8 @@ def test_runtime_imports_are_declared_dependencies():
             tree = ast.parse(path.read_text())
             fallbacks = {id(n) for handler in ast.walk(tree) if isinstance(handler, ast.ExceptHandler)
                          for n in ast.walk(handler)}  # `except ImportError: import other` alternatives
+            fallbacks |= {id(n) for block in ast.walk(tree) if isinstance(block, ast.Try) and _catches_import_error(block)
+                          for statement in block.body for n in ast.walk(statement)}  # `try: import optional`
             for node in ast.walk(tree):
                 if id(node) in fallbacks:
                     continue
@@ -285,7 +296,8 @@ def test_runtime_imports_are_declared_dependencies():
                     if top in stdlib or top == "lepton_cli":
                         continue
                     dists = {d.lower().replace("_", "-") for d in owners.get(top, [top])}
-                    if not dists & declared:
+                    variants = {d for d in declared if d.startswith(top.lower().replace("_", "-") + "-")}  # tensorflow-cpu
+                    if not dists & declared and not (top not in owners and variants):
                         missing.add(f"{top} ({path.relative_to(REPO)})")
     assert not missing, f"imported at run time but not in [project].dependencies: {sorted(missing)}"
 
