@@ -135,9 +135,9 @@ def test_onnx_runtime_stores_the_chosen_rounding(digits, tmp_path, scheme):
 
 
 def test_recovery_parameters_are_checked_when_the_target_loads():
-    sys.path.insert(0, str(REPO))
-    from passes.quantize import QuantizeParams
+    from lepton_cli.pass_registry import get_pass
 
+    QuantizeParams = get_pass("quantize").params_cls  # noqa: N806
     params = from_table(QuantizeParams, {"equalize": True, "bias_correction": True, "adaround": True,
                                          "adaround_seconds": 30}, "passes[quantize]")
     assert params.adaround and params.adaround_seconds == 30.0
