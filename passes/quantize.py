@@ -269,7 +269,7 @@ def _int8_builder(base: onnx.ModelProto, calib: Any, params: QuantizeParams, sch
     return build
 
 
-def _recover(base: onnx.ModelProto, calib: Any, params: QuantizeParams, scheme: schemes.Int8Scheme, ctx: Any,
+def _recover(base: onnx.ModelProto, calib: Any, params: QuantizeParams, scheme: schemes.Int8Scheme,
              summary: dict[str, Any]) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """(float reference, model to quantize) after the enabled recovery steps (quant/recovery.py)."""
     settings = RecoverySettings(equalize=params.equalize, smoothquant_alpha=params.smoothquant_alpha,
@@ -296,8 +296,10 @@ def _heads(model: onnx.ModelProto, calib: Any, params: QuantizeParams, scheme: s
     summary["heads"] = [{"output": h.output, "nodes": h.nodes, "why": h.why, "precision": precision} for h in found]
     nodes = [n for h in found for n in h.nodes]
     if precision == "int8":
-        ctx.warn(f"{len(found)} output head(s) mix ranges one int8 scale cannot hold ({found[0].why}); this target keeps "
-                 "them int8: set head_precision = \"float\" or \"int16\" where the runtime allows")
+        mixed = [h for h in found if h.ranges]  # a Concat of far-apart ranges; an 8-bit Softmax only loses resolution
+        if mixed:
+            ctx.warn(f"{len(mixed)} output head(s) mix ranges one int8 scale cannot hold ({mixed[0].why}); this target "
+                     "keeps them int8: set head_precision = \"float\" or \"int16\" where the runtime allows")
         return [], scheme
     if precision == "float":
         return nodes, scheme
@@ -387,7 +389,7 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
         fast = params.fast_op_types
         tiers = ([list(fast)] if fast is not None and sorted(fast) != sorted(params.op_types) else []) + [list(params.op_types)]
         narrowed: dict[str, list[str]] = {}
-        base, source = _recover(base, calib, params, scheme, ctx, summary)
+        base, source = _recover(base, calib, params, scheme, summary)
         head_nodes, scheme = _heads(source, calib, params, scheme, ctx, summary)
         builds = [_int8_builder(base, calib, params, replace(scheme, op_types=tuple(ops)), ctx.work_dir, f"t{i}", narrowed,
                                 source, head_nodes) for i, ops in enumerate(tiers)]

@@ -135,8 +135,9 @@ def test_onnx_runtime_stores_the_chosen_rounding(digits, tmp_path, scheme):
 
 
 def test_recovery_parameters_are_checked_when_the_target_loads():
-    from lepton_cli.passes.quantize import QuantizeParams  # the installed name: the registry holds one quantize
+    from lepton_cli.pass_registry import get_pass
 
+    QuantizeParams = get_pass("quantize").params_cls  # noqa: N806
     params = from_table(QuantizeParams, {"equalize": True, "bias_correction": True, "adaround": True,
                                          "adaround_seconds": 30}, "passes[quantize]")
     assert params.adaround and params.adaround_seconds == 30.0
