@@ -76,6 +76,9 @@ def signature_name(name: str) -> str:
     clean = re.sub(r"[^A-Za-z0-9_]", "_", name)
     return clean if clean and clean[0].isalpha() else f"t_{clean}"
 
+# Resize (coordinate_transformation_mode, nearest_mode) pairs that copy pixel i // factor at whole upsampling factors
+REPEATING_NEAREST = {("asymmetric", "floor"), ("half_pixel", "round_prefer_floor"), ("pytorch_half_pixel", "round_prefer_floor")}
+
 
 class _Builder:
     def __init__(self, tf: Any, model: onnx.ModelProto):
@@ -354,9 +357,32 @@ class _Builder:
             begin[axis] = int(np.clip(start + size if start < 0 else start, 0, size))
             end[axis] = int(np.clip(stop + size if stop < 0 else stop, 0, size))
             stride[axis] = int(step)
-        if any(st != 1 for st in stride):
-            raise UnsupportedOp(f"{node.name}: strided Slice")
-        self.values[node.output[0]] = _Value(self.tf.slice(x, begin, [e - b for b, e in zip(begin, end)]))
+        if any(st < 1 for st in stride):
+            raise UnsupportedOp(f"{node.name}: Slice with a negative step")
+        if all(st == 1 for st in stride):
+            self.values[node.output[0]] = _Value(self.tf.slice(x, begin, [e - b for b, e in zip(begin, end)]))
+        else:  # e.g. YOLOX's Focus (space-to-depth by four stride-2 slices): STRIDED_SLICE, an Edge TPU op
+            self.values[node.output[0]] = _Value(self.tf.strided_slice(x, begin, end, stride))
+
+    def resize(self, node: onnx.NodeProto) -> None:
+        a = _attrs(node)
+        mode = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items() if isinstance(v, (bytes, str))}
+        x = self.nhwc(self.get(node.input[0]))
+        height, width = int(x.shape[1]), int(x.shape[2])
+        sizes = self.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        scales = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if sizes is not None and sizes.size == 4:
+            out_h, out_w = int(sizes[2]), int(sizes[3])
+        elif scales is not None and scales.size == 4 and list(scales[:2]) == [1.0, 1.0]:
+            out_h, out_w = int(height * scales[2]), int(width * scales[3])
+        else:
+            raise UnsupportedOp(f"{node.name}: Resize other than of height and width")
+        modes = (mode.get("coordinate_transformation_mode", "half_pixel"), mode.get("nearest_mode", "round_prefer_floor"))
+        if mode.get("mode", "nearest") != "nearest" or out_h % height or out_w % width or modes not in REPEATING_NEAREST:
+            raise UnsupportedOp(f"{node.name}: Resize other than nearest-neighbour by whole factors ({mode})")
+        # these modes repeat each pixel factor times at whole factors, as TFLite's RESIZE_NEAREST_NEIGHBOR does
+        y = self.tf.compat.v1.image.resize_nearest_neighbor(x, [out_h, out_w], align_corners=False, half_pixel_centers=False)
+        self.values[node.output[0]] = _Value(y, nhwc=True)
 
     def squeeze(self, node: onnx.NodeProto) -> None:
         x = self.nchw(self.get(node.input[0]))
@@ -392,7 +418,7 @@ HANDLERS: dict[str, str] = {
     "Gemm": "gemm", "MatMul": "gemm", "Add": "elementwise", "Sub": "elementwise", "Mul": "elementwise", "Div": "elementwise",
     "Relu": "unary", "Clip": "unary", "LeakyRelu": "unary", "Sigmoid": "unary", "Tanh": "unary", "HardSigmoid": "unary",
     "HardSwish": "unary", "Identity": "unary", "Softmax": "softmax", "Flatten": "reshape", "Reshape": "reshape",
-    "Transpose": "transpose", "Concat": "concat"}
+    "Transpose": "transpose", "Concat": "concat", "Resize": "resize"}
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:
