@@ -292,3 +292,51 @@ def test_tpu_ppocr_rec_tflite_character_accuracy_matches_the_report(run_cli, tmp
     chars = textset.charset(onnx.load(model_path))
     assert abs(textset.char_accuracy(textset.ctc_greedy(probs, chars), texts) - section["accuracy"]["value"]) < 0.01
     assert section["edgetpu"]["cpu_ops"]  # LayerNormalization's float math cannot run on the Edge TPU: named
+
+
+def _focus_upsample_graph(resize_attrs: dict, scales: list[float]) -> onnx.ModelProto:
+    """YOLOX's Focus (four stride-2 Slices, Concat) then a 1x1 Conv and a nearest Resize: the ops ddddocr's detector adds."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+             (("zero", [0]), ("one", [1]), ("end", [2**62]), ("two", [2]), ("ax2", [2]), ("ax3", [3]))]
+    inits += [numpy_helper.from_array(rng.normal(size=(8, 12, 1, 1)).astype(np.float32), "w"),
+              numpy_helper.from_array(np.array([], np.float32), "roi"), numpy_helper.from_array(np.array(scales, np.float32), "scales")]
+    nodes = []
+    for i, (row, col) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
+        start_r, start_c = ("zero", "one")[row], ("zero", "one")[col]
+        nodes += [helper.make_node("Slice", ["x", start_r, "end", "ax2", "two"], [f"r{i}"]),
+                  helper.make_node("Slice", [f"r{i}", start_c, "end", "ax3", "two"], [f"s{i}"])]
+    nodes += [helper.make_node("Concat", [f"s{i}" for i in range(4)], ["focus"], axis=1),
+              helper.make_node("Conv", ["focus", "w"], ["c"]),
+              helper.make_node("Resize", ["c", "roi", "scales"], ["y"], **resize_attrs)]
+    graph = helper.make_graph(nodes, "focus", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@needs_tflite
+@pytest.mark.parametrize("modes", [("asymmetric", "floor"), ("half_pixel", "round_prefer_floor")])
+def test_tflite_export_maps_strided_slice_and_whole_factor_nearest_resize_exactly(modes):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from lepton_cli.device_artifacts.tflite_export import convert
+
+    model = _focus_upsample_graph({"mode": "nearest", "coordinate_transformation_mode": modes[0], "nearest_mode": modes[1]},
+                                  [1.0, 1.0, 2.0, 2.0])
+    x = np.random.default_rng(1).normal(size=(1, 3, 16, 16)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    tfl = convert(model, integer_io=False, quantize=False)
+    got = Interpreter(model_content=tfl.data).get_signature_runner()(**{tfl.inputs["x"]: x})[tfl.outputs["y"]]
+    assert want.shape == (1, 8, 16, 16) and got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@needs_tflite
+def test_tflite_export_names_a_resize_it_cannot_map():
+    from lepton_cli.device_artifacts.tflite_export import UnsupportedOp, convert
+
+    model = _focus_upsample_graph({"mode": "linear"}, [1.0, 1.0, 1.5, 1.5])
+    with pytest.raises(UnsupportedOp, match="Resize other than nearest-neighbour by whole factors"):
+        convert(model, integer_io=False, quantize=False)
