@@ -340,3 +340,26 @@ def test_tflite_export_names_a_resize_it_cannot_map():
     model = _focus_upsample_graph({"mode": "linear"}, [1.0, 1.0, 1.5, 1.5])
     with pytest.raises(UnsupportedOp, match="Resize other than nearest-neighbour by whole factors"):
         convert(model, integer_io=False, quantize=False)
+
+
+@needs_tflite
+def test_tflite_export_maps_space_to_depth_and_a_channel_gather_exactly():
+    """SpaceToDepth then a constant channel Gather (the tpu channel padding's restore): ONNX Runtime's values."""
+    from ai_edge_litert.interpreter import Interpreter
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lepton_cli.device_artifacts.tflite_export import convert
+
+    order = np.array([4, 0, 11, 5, 2, 9, 1, 3], np.int64)
+    graph = helper.make_graph(
+        [helper.make_node("SpaceToDepth", ["x"], ["s"], blocksize=2), helper.make_node("Gather", ["s", "order"], ["g"], axis=1),
+         helper.make_node("Conv", ["g", "w"], ["y"])], "s2d",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(order, "order"),
+         numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 8, 1, 1)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    tfl = convert(model, integer_io=False, quantize=False)
+    got = Interpreter(model_content=tfl.data).get_signature_runner()(**{tfl.inputs["x"]: x})[tfl.outputs["y"]]
+    np.testing.assert_allclose(got, want, atol=1e-5)
