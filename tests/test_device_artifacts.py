@@ -363,3 +363,49 @@ def test_tflite_export_maps_space_to_depth_and_a_channel_gather_exactly():
     tfl = convert(model, integer_io=False, quantize=False)
     got = Interpreter(model_content=tfl.data).get_signature_runner()(**{tfl.inputs["x"]: x})[tfl.outputs["y"]]
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def _qdq_concat_graph() -> onnx.ModelProto:
+    """Two int8 convs at different activation scales, concatenated and requantized at a third: ONNX Runtime's QDQ form."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+
+    def qdq(x: str, scale: float, zero: int, out: str) -> str:
+        inits.extend([numpy_helper.from_array(np.float32(scale), f"{out}_s"), numpy_helper.from_array(np.int8(zero), f"{out}_z")])
+        nodes.extend([helper.make_node("QuantizeLinear", [x, f"{out}_s", f"{out}_z"], [f"{out}_q"]),
+                      helper.make_node("DequantizeLinear", [f"{out}_q", f"{out}_s", f"{out}_z"], [out])])
+        return out
+
+    def conv(x: str, cin: int, cout: int, out: str) -> str:
+        w = rng.normal(size=(cout, cin, 1, 1)).astype(np.float32)
+        s = (np.abs(w).reshape(cout, -1).max(1) / 127).astype(np.float32)
+        inits.extend([numpy_helper.from_array(np.round(w / s[:, None, None, None]).astype(np.int8), f"{out}_wq"),
+                      numpy_helper.from_array(s, f"{out}_ws"), numpy_helper.from_array(np.zeros(cout, np.int8), f"{out}_wz")])
+        nodes.extend([helper.make_node("DequantizeLinear", [f"{out}_wq", f"{out}_ws", f"{out}_wz"], [f"{out}_w"], axis=0),
+                      helper.make_node("Conv", [x, f"{out}_w"], [out])])
+        return out
+
+    x = qdq("x", 0.02, 0, "xq")
+    a, b = qdq(conv(x, 3, 4, "a"), 0.0688, -120, "aq"), qdq(conv(x, 3, 4, "b"), 0.1309, -126, "bq")
+    nodes.append(helper.make_node("Concat", [a, b], ["cat"], axis=1))
+    y = qdq(conv(qdq("cat", 0.1, -100, "catq"), 8, 2, "y"), 0.05, 0, "out")
+    graph = helper.make_graph(nodes, "qcat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@needs_tflite
+def test_tflite_export_requantizes_a_concat_of_differently_scaled_inputs():
+    """TFLite's int8 CONCATENATION takes one scale; the export requantizes its inputs and keeps ONNX Runtime's values."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from lepton_cli.device_artifacts.tflite_export import convert
+
+    model = _qdq_concat_graph()
+    x = np.random.default_rng(1).uniform(-2, 2, size=(1, 3, 8, 8)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    tfl = convert(model, integer_io=False)
+    got = Interpreter(model_content=tfl.data).get_signature_runner()(**{tfl.inputs["x"]: x})[tfl.outputs["out"]]
+    assert np.max(np.abs(got - want)) <= 2 * 0.05  # fixed-point requantization: at most a step or two of the output scale
