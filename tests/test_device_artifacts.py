@@ -292,3 +292,120 @@ def test_tpu_ppocr_rec_tflite_character_accuracy_matches_the_report(run_cli, tmp
     chars = textset.charset(onnx.load(model_path))
     assert abs(textset.char_accuracy(textset.ctc_greedy(probs, chars), texts) - section["accuracy"]["value"]) < 0.01
     assert section["edgetpu"]["cpu_ops"]  # LayerNormalization's float math cannot run on the Edge TPU: named
+
+
+def _focus_upsample_graph(resize_attrs: dict, scales: list[float]) -> onnx.ModelProto:
+    """YOLOX's Focus (four stride-2 Slices, Concat) then a 1x1 Conv and a nearest Resize: the ops ddddocr's detector adds."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+             (("zero", [0]), ("one", [1]), ("end", [2**62]), ("two", [2]), ("ax2", [2]), ("ax3", [3]))]
+    inits += [numpy_helper.from_array(rng.normal(size=(8, 12, 1, 1)).astype(np.float32), "w"),
+              numpy_helper.from_array(np.array([], np.float32), "roi"), numpy_helper.from_array(np.array(scales, np.float32), "scales")]
+    nodes = []
+    for i, (row, col) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
+        start_r, start_c = ("zero", "one")[row], ("zero", "one")[col]
+        nodes += [helper.make_node("Slice", ["x", start_r, "end", "ax2", "two"], [f"r{i}"]),
+                  helper.make_node("Slice", [f"r{i}", start_c, "end", "ax3", "two"], [f"s{i}"])]
+    nodes += [helper.make_node("Concat", [f"s{i}" for i in range(4)], ["focus"], axis=1),
+              helper.make_node("Conv", ["focus", "w"], ["c"]),
+              helper.make_node("Resize", ["c", "roi", "scales"], ["y"], **resize_attrs)]
+    graph = helper.make_graph(nodes, "focus", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@needs_tflite
+@pytest.mark.parametrize("modes", [("asymmetric", "floor"), ("half_pixel", "round_prefer_floor")])
+def test_tflite_export_maps_strided_slice_and_whole_factor_nearest_resize_exactly(modes):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from lepton_cli.device_artifacts.tflite_export import convert
+
+    model = _focus_upsample_graph({"mode": "nearest", "coordinate_transformation_mode": modes[0], "nearest_mode": modes[1]},
+                                  [1.0, 1.0, 2.0, 2.0])
+    x = np.random.default_rng(1).normal(size=(1, 3, 16, 16)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    tfl = convert(model, integer_io=False, quantize=False)
+    got = Interpreter(model_content=tfl.data).get_signature_runner()(**{tfl.inputs["x"]: x})[tfl.outputs["y"]]
+    assert want.shape == (1, 8, 16, 16) and got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@needs_tflite
+def test_tflite_export_names_a_resize_it_cannot_map():
+    from lepton_cli.device_artifacts.tflite_export import UnsupportedOp, convert
+
+    model = _focus_upsample_graph({"mode": "linear"}, [1.0, 1.0, 1.5, 1.5])
+    with pytest.raises(UnsupportedOp, match="Resize other than nearest-neighbour by whole factors"):
+        convert(model, integer_io=False, quantize=False)
+
+
+@needs_tflite
+def test_tflite_export_maps_space_to_depth_and_a_channel_gather_exactly():
+    """SpaceToDepth then a constant channel Gather (the tpu channel padding's restore): ONNX Runtime's values."""
+    from ai_edge_litert.interpreter import Interpreter
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lepton_cli.device_artifacts.tflite_export import convert
+
+    order = np.array([4, 0, 11, 5, 2, 9, 1, 3], np.int64)
+    graph = helper.make_graph(
+        [helper.make_node("SpaceToDepth", ["x"], ["s"], blocksize=2), helper.make_node("Gather", ["s", "order"], ["g"], axis=1),
+         helper.make_node("Conv", ["g", "w"], ["y"])], "s2d",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(order, "order"),
+         numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 8, 1, 1)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    tfl = convert(model, integer_io=False, quantize=False)
+    got = Interpreter(model_content=tfl.data).get_signature_runner()(**{tfl.inputs["x"]: x})[tfl.outputs["y"]]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def _qdq_concat_graph() -> onnx.ModelProto:
+    """Two int8 convs at different activation scales, concatenated and requantized at a third: ONNX Runtime's QDQ form."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+
+    def qdq(x: str, scale: float, zero: int, out: str) -> str:
+        inits.extend([numpy_helper.from_array(np.float32(scale), f"{out}_s"), numpy_helper.from_array(np.int8(zero), f"{out}_z")])
+        nodes.extend([helper.make_node("QuantizeLinear", [x, f"{out}_s", f"{out}_z"], [f"{out}_q"]),
+                      helper.make_node("DequantizeLinear", [f"{out}_q", f"{out}_s", f"{out}_z"], [out])])
+        return out
+
+    def conv(x: str, cin: int, cout: int, out: str) -> str:
+        w = rng.normal(size=(cout, cin, 1, 1)).astype(np.float32)
+        s = (np.abs(w).reshape(cout, -1).max(1) / 127).astype(np.float32)
+        inits.extend([numpy_helper.from_array(np.round(w / s[:, None, None, None]).astype(np.int8), f"{out}_wq"),
+                      numpy_helper.from_array(s, f"{out}_ws"), numpy_helper.from_array(np.zeros(cout, np.int8), f"{out}_wz")])
+        nodes.extend([helper.make_node("DequantizeLinear", [f"{out}_wq", f"{out}_ws", f"{out}_wz"], [f"{out}_w"], axis=0),
+                      helper.make_node("Conv", [x, f"{out}_w"], [out])])
+        return out
+
+    x = qdq("x", 0.02, 0, "xq")
+    a, b = qdq(conv(x, 3, 4, "a"), 0.0688, -120, "aq"), qdq(conv(x, 3, 4, "b"), 0.1309, -126, "bq")
+    nodes.append(helper.make_node("Concat", [a, b], ["cat"], axis=1))
+    y = qdq(conv(qdq("cat", 0.1, -100, "catq"), 8, 2, "y"), 0.05, 0, "out")
+    graph = helper.make_graph(nodes, "qcat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@needs_tflite
+def test_tflite_export_requantizes_a_concat_of_differently_scaled_inputs():
+    """TFLite's int8 CONCATENATION takes one scale; the export requantizes its inputs and keeps ONNX Runtime's values."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from lepton_cli.device_artifacts.tflite_export import convert
+
+    model = _qdq_concat_graph()
+    x = np.random.default_rng(1).uniform(-2, 2, size=(1, 3, 8, 8)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    tfl = convert(model, integer_io=False)
+    got = Interpreter(model_content=tfl.data).get_signature_runner()(**{tfl.inputs["x"]: x})[tfl.outputs["out"]]
+    assert np.max(np.abs(got - want)) <= 2 * 0.05  # fixed-point requantization: at most a step or two of the output scale

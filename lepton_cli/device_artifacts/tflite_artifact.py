@@ -56,10 +56,10 @@ def _accuracy(source: onnx.ModelProto, session: LiteRTSession, ctx: Any) -> dict
     samples, name = (ctx.eval, "--eval") if ctx.eval is not None else (ctx.calib, "--calib")
     if samples is None:
         return {"measured": False, "reason": "no --eval or --calib data: accuracy not measured"}
-    from ..compiler import ACCURACY_SAMPLE_LIMIT
+    from ..pipeline import SCORE_SAMPLE_LIMIT
 
     metric = ctx.eval_metric if samples.labels is not None else label_free(ctx.eval_metric)
-    evaluator = _LiteRTEvaluator(source, samples, samples.labels, limit=ACCURACY_SAMPLE_LIMIT, metric=metric,
+    evaluator = _LiteRTEvaluator(source, samples, samples.labels, limit=SCORE_SAMPLE_LIMIT, metric=metric,
                                  opt_level=ctx.scoring_opt_level)
     score = evaluator.score(session)
     return {"measured": True, "data": name, "budget_pct": ctx.accuracy_budget, "arithmetic": f"{TFLITE_PATH} in {RUNTIME}",

@@ -76,6 +76,11 @@ def signature_name(name: str) -> str:
     clean = re.sub(r"[^A-Za-z0-9_]", "_", name)
     return clean if clean and clean[0].isalpha() else f"t_{clean}"
 
+# ops whose TFLite int8 kernels take and give one scale
+SAME_SCALE_OPS = {"Concat", "Resize", "MaxPool", "Gather", "SpaceToDepth", "Slice", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
+# Resize (coordinate_transformation_mode, nearest_mode) pairs that copy pixel i // factor at whole upsampling factors
+REPEATING_NEAREST = {("asymmetric", "floor"), ("half_pixel", "round_prefer_floor"), ("pytorch_half_pixel", "round_prefer_floor")}
+
 
 class _Builder:
     def __init__(self, tf: Any, model: onnx.ModelProto):
@@ -85,6 +90,11 @@ class _Builder:
         self.values: dict[str, _Value] = {}
         self.graph_outputs = {o.name for o in model.graph.output}
         self.quant: dict[str, tuple[float, float]] = {}  # Q output -> (min, max) of its FakeQuant
+        self.dq_source: dict[str, str] = {}  # activation DQ output -> its Q output (the value before its FakeQuant)
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in model.graph.node:
+            for name in n.input:
+                self.consumers.setdefault(name, []).append(n)
 
     # -- layout helpers -------------------------------------------------------------------------
     def nchw(self, v: _Value) -> Any:
@@ -140,6 +150,7 @@ class _Builder:
             self.quant[source] = ((low - zp) * s, (high - zp) * s)
         if source in self.quant:  # an activation pair: one FakeQuant with the pair's range
             self.values[node.output[0]] = self._fake_quant(source)
+            self.dq_source[node.output[0]] = source
             return
         raw = self.const(source)
         scale = self.const(node.input[1]).astype(np.float64)
@@ -332,6 +343,46 @@ class _Builder:
         else:
             self.values[node.output[0]] = _Value(self.tf.transpose(self.nchw(v), perm or None))
 
+    def _q_range(self, q: onnx.NodeProto) -> tuple[float, float]:
+        zero = self.const(q.input[2]) if len(q.input) > 2 and q.input[2] else np.zeros((), np.uint8)
+        low, high = QRANGE[zero.dtype]
+        zp, s = float(zero.reshape(-1)[0]), float(self.const(q.input[1]).reshape(-1)[0])
+        return (low - zp) * s, (high - zp) * s
+
+    def requantized(self, node: onnx.NodeProto) -> onnx.NodeProto:
+        """``node`` reading its activations requantized to the range of the one Q after it, for ops whose TFLite int8
+        kernels take and give one scale (the converter does not requantize between two FakeQuants). These ops only
+        move values, so requantizing first equals ONNX Runtime's DQ -> op -> Q."""
+        after = self.consumers.get(node.output[0], []) if node.op_type in SAME_SCALE_OPS else []
+        if len(after) != 1 or after[0].op_type != "QuantizeLinear" or self.const(after[0].input[1]).size != 1:
+            return node
+        low, high = self._q_range(after[0])
+        if all(self.quant.get(self.dq_source.get(n, ""), (low, high)) == (low, high) for n in node.input):
+            return node
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        fq = self.tf.quantization.fake_quant_with_min_max_vars
+        for k, name in enumerate(node.input):
+            if name in self.dq_source and self.quant[self.dq_source[name]] != (low, high):
+                v = self.values[name]
+                fresh = f"{name}__at_{node.output[0]}"
+                self.values[fresh] = _Value(fq(self._requantizer(v.tensor), min=low, max=high, num_bits=8), v.nhwc)
+                copy.input[k] = fresh
+        return copy
+
+    def _requantizer(self, x: Any) -> Any:
+        """An op that can change scale and keeps values: a 1x1 depthwise conv with weights exactly 1 (int8 127 at
+        scale 1/127), other ranks seen as 4-D around it."""
+        dims = [int(d) for d in x.shape]
+        channels = dims[-1] if dims else 1
+        ones = self.tf.quantization.fake_quant_with_min_max_vars_per_channel(
+            np.ones((1, 1, 1, channels), np.float32), min=-np.ones(channels, np.float32), max=np.ones(channels, np.float32),
+            num_bits=8, narrow_range=True)
+        filt = self.tf.reshape(ones, [1, 1, channels, 1])
+        image = x if len(dims) == 4 else self.tf.reshape(x, [1, 1, int(np.prod(dims)) // channels, channels])
+        y = self.tf.nn.depthwise_conv2d(image, filt, strides=[1, 1, 1, 1], padding="VALID")
+        return y if len(dims) == 4 else self.tf.reshape(y, dims)
+
     def concat(self, node: onnx.NodeProto) -> None:
         values = [self.get(n) for n in node.input]
         axis = _attrs(node)["axis"]
@@ -354,9 +405,47 @@ class _Builder:
             begin[axis] = int(np.clip(start + size if start < 0 else start, 0, size))
             end[axis] = int(np.clip(stop + size if stop < 0 else stop, 0, size))
             stride[axis] = int(step)
-        if any(st != 1 for st in stride):
-            raise UnsupportedOp(f"{node.name}: strided Slice")
-        self.values[node.output[0]] = _Value(self.tf.slice(x, begin, [e - b for b, e in zip(begin, end)]))
+        if any(st < 1 for st in stride):
+            raise UnsupportedOp(f"{node.name}: Slice with a negative step")
+        if all(st == 1 for st in stride):
+            self.values[node.output[0]] = _Value(self.tf.slice(x, begin, [e - b for b, e in zip(begin, end)]))
+        else:  # e.g. YOLOX's Focus (space-to-depth by four stride-2 slices): STRIDED_SLICE, an Edge TPU op
+            self.values[node.output[0]] = _Value(self.tf.strided_slice(x, begin, end, stride))
+
+    def gather(self, node: onnx.NodeProto) -> None:
+        v, indices = self.get(node.input[0]), self.const(node.input[1]).astype(np.int64)
+        rank = len(v.tensor.shape)
+        axis = _attrs(node).get("axis", 0) % rank
+        indices = np.where(indices < 0, indices + int(v.tensor.shape[axis]), indices)
+        if v.nhwc and axis == 1 and indices.ndim == 1:  # a channel selection (padded channels restored): stays channel-last
+            self.values[node.output[0]] = _Value(self.tf.gather(v.tensor, indices, axis=3), nhwc=True)
+        else:
+            self.values[node.output[0]] = _Value(self.tf.gather(self.nchw(v), indices, axis=axis))
+
+    def space_to_depth(self, node: onnx.NodeProto) -> None:
+        # ONNX's channel order (block row, block column, channel) is TFLite's SPACE_TO_DEPTH order on NHWC data
+        x = self.nhwc(self.get(node.input[0]))
+        self.values[node.output[0]] = _Value(self.tf.nn.space_to_depth(x, _attrs(node)["blocksize"]), nhwc=True)
+
+    def resize(self, node: onnx.NodeProto) -> None:
+        a = _attrs(node)
+        mode = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items() if isinstance(v, (bytes, str))}
+        x = self.nhwc(self.get(node.input[0]))
+        height, width = int(x.shape[1]), int(x.shape[2])
+        sizes = self.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        scales = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if sizes is not None and sizes.size == 4:
+            out_h, out_w = int(sizes[2]), int(sizes[3])
+        elif scales is not None and scales.size == 4 and list(scales[:2]) == [1.0, 1.0]:
+            out_h, out_w = int(height * scales[2]), int(width * scales[3])
+        else:
+            raise UnsupportedOp(f"{node.name}: Resize other than of height and width")
+        modes = (mode.get("coordinate_transformation_mode", "half_pixel"), mode.get("nearest_mode", "round_prefer_floor"))
+        if mode.get("mode", "nearest") != "nearest" or out_h % height or out_w % width or modes not in REPEATING_NEAREST:
+            raise UnsupportedOp(f"{node.name}: Resize other than nearest-neighbour by whole factors ({mode})")
+        # these modes repeat each pixel factor times at whole factors, as TFLite's RESIZE_NEAREST_NEIGHBOR does
+        y = self.tf.compat.v1.image.resize_nearest_neighbor(x, [out_h, out_w], align_corners=False, half_pixel_centers=False)
+        self.values[node.output[0]] = _Value(y, nhwc=True)
 
     def squeeze(self, node: onnx.NodeProto) -> None:
         x = self.nchw(self.get(node.input[0]))
@@ -392,7 +481,8 @@ HANDLERS: dict[str, str] = {
     "Gemm": "gemm", "MatMul": "gemm", "Add": "elementwise", "Sub": "elementwise", "Mul": "elementwise", "Div": "elementwise",
     "Relu": "unary", "Clip": "unary", "LeakyRelu": "unary", "Sigmoid": "unary", "Tanh": "unary", "HardSigmoid": "unary",
     "HardSwish": "unary", "Identity": "unary", "Softmax": "softmax", "Flatten": "reshape", "Reshape": "reshape",
-    "Transpose": "transpose", "Concat": "concat"}
+    "Transpose": "transpose", "Concat": "concat", "Resize": "resize",
+    "Gather": "gather", "SpaceToDepth": "space_to_depth"}
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:
@@ -430,7 +520,7 @@ def _convert(tf: Any, model: onnx.ModelProto, integer_io: bool, quantize: bool) 
         for i, arg in zip(inputs, args):
             builder.values[i.name] = _Value(arg)
         for node in model.graph.node:
-            getattr(builder, HANDLERS[node.op_type])(node)
+            getattr(builder, HANDLERS[node.op_type])(builder.requantized(node))
         return {out_names[o.name]: builder.nchw(builder.get(o.name)) for o in model.graph.output}
 
     function = tf.function(body, input_signature=specs, autograph=False)
