@@ -8,7 +8,7 @@ STAMP := $(VENV)/.lepton-installed
 DEMO_OUT ?= out/demo
 DEMO_KEYS ?= out/demo-keys
 
-.PHONY: venv browser demo test test-all test-tflite bench corpus clean
+.PHONY: venv browser lint demo test test-all test-tflite bench corpus clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,11 @@ browser:
 	  && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
 	  || echo "note: /usr/bin/chromium missing and not installable here; the browser test will be skipped"; }
 
-test: $(STAMP) browser
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: $(STAMP) browser lint
 	$(PY) -m pytest
 
 test-all: $(STAMP) browser corpus

@@ -11,6 +11,7 @@ fresh `lepton build --no-cache --json` process; the last row reruns the pool bui
 Prints a table and writes benchmarks/results/bench_build.json and .md (bench_build_digits.* with --no-ocr:
 digits alone for all six targets); --driver-only: bench_build_driver.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,10 @@ DIGITS = ROOT / "examples" / "digits"
 
 
 # With the OCR models, digits for three targets; alone (--no-ocr), for all six: many short compiles.
-DIGITS_TARGETS = {True: '["cpu-avx", "edge-arm", "mobile"]', False: '["cpu-avx", "cuda", "tpu", "fpga", "edge-arm", "mobile"]'}
+DIGITS_TARGETS = {
+    True: '["cpu-avx", "edge-arm", "mobile"]',
+    False: '["cpu-avx", "cuda", "tpu", "fpga", "edge-arm", "mobile"]',
+}
 
 
 def _ocr_dir() -> Path | None:
@@ -42,9 +46,11 @@ def _ocr_dir() -> Path | None:
 
 def write_project(root: Path, with_ocr: bool) -> Path:
     """The build file and its data: digits as shipped, OCR calibration sets rendered here."""
-    text = ("[defaults]\nbench_seconds = 0.5\n"
-            f'[[model]]\npath = "{DIGITS / "digits_cnn.onnx"}"\ncalib = "{DIGITS / "calib.npz"}"\neval = "{DIGITS / "eval.npz"}"\n'
-            f'max_accuracy_drop = 1.0\ntargets = {DIGITS_TARGETS[with_ocr]}\n')
+    text = (
+        "[defaults]\nbench_seconds = 0.5\n"
+        f'[[model]]\npath = "{DIGITS / "digits_cnn.onnx"}"\ncalib = "{DIGITS / "calib.npz"}"\neval = "{DIGITS / "eval.npz"}"\n'
+        f"max_accuracy_drop = 1.0\ntargets = {DIGITS_TARGETS[with_ocr]}\n"
+    )
     ocr = _ocr_dir()
     if with_ocr and ocr is not None:
         from ocr_textset import make_pages, make_set
@@ -52,10 +58,12 @@ def write_project(root: Path, with_ocr: bool) -> Path:
         lines, _ = make_set(8, seed=1, role="calib")
         np.savez(root / "rec_calib.npz", x=lines.astype(np.float32))
         np.savez(root / "det_calib.npz", x=make_pages(4, seed=1, role="calib", size=320).astype(np.float32))
-        text += (f'[[model]]\npath = "{ocr / "ch_PP-OCRv4_rec_infer.onnx"}"\ncalib = "rec_calib.npz"\ninput_shape = ["x=1,3,48,320"]\n'
-                 'max_accuracy_drop = 100.0\ntargets = ["cpu-avx", "edge-arm"]\n'
-                 f'[[model]]\npath = "{ocr / "ch_PP-OCRv4_det_infer.onnx"}"\ncalib = "det_calib.npz"\ninput_shape = ["x=1,3,320,320"]\n'
-                 'max_accuracy_drop = 100.0\ntargets = ["cpu-avx"]\n')
+        text += (
+            f'[[model]]\npath = "{ocr / "ch_PP-OCRv4_rec_infer.onnx"}"\ncalib = "rec_calib.npz"\ninput_shape = ["x=1,3,48,320"]\n'
+            'max_accuracy_drop = 100.0\ntargets = ["cpu-avx", "edge-arm"]\n'
+            f'[[model]]\npath = "{ocr / "ch_PP-OCRv4_det_infer.onnx"}"\ncalib = "det_calib.npz"\ninput_shape = ["x=1,3,320,320"]\n'
+            'max_accuracy_drop = 100.0\ntargets = ["cpu-avx"]\n'
+        )
     (root / "BUILD.toml").write_text(text)
     return root / "BUILD.toml"
 
@@ -63,15 +71,27 @@ def write_project(root: Path, with_ocr: bool) -> Path:
 def run_build(build_file: Path, out: Path, args: list[str], env: dict[str, str]) -> dict:
     load = os.getloadavg()[0]
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "lepton_cli", "build", str(build_file), "-o", str(out), "--json", *args],
-                          env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "lepton_cli", "build", str(build_file), "-o", str(out), "--json", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - started
     if not done.stdout.strip():
         raise SystemExit(f"build failed ({done.returncode}): {done.stderr[-2000:]}")
     doc = json.loads(done.stdout)
-    return {"args": args, "exit_code": doc["exit_code"], "wall_s": round(wall, 2), "load_before": round(load, 2),
-            "compile_s_sum": round(sum(r["seconds"] or 0 for r in doc["results"]), 2),
-            "results": [{k: r.get(k) for k in ("model", "target", "exit_code", "cached", "seconds", "worker")} for r in doc["results"]]}
+    return {
+        "args": args,
+        "exit_code": doc["exit_code"],
+        "wall_s": round(wall, 2),
+        "load_before": round(load, 2),
+        "compile_s_sum": round(sum(r["seconds"] or 0 for r in doc["results"]), 2),
+        "results": [
+            {k: r.get(k) for k in ("model", "target", "exit_code", "cached", "seconds", "worker")}
+            for r in doc["results"]
+        ],
+    }
 
 
 def driver_costs(root: Path) -> dict:
@@ -103,11 +123,25 @@ def driver_costs(root: Path) -> dict:
     report = {"summary": {}, "model": {"name": model.name}, "target": {"name": "cpu-avx"}}
     bundle = root / "driver" / "m.cpu-avx.lepton"
     timed("hash model (ms)", lambda: sha256_file(model))
-    timed("seal and write bundle (ms)", lambda: write_compile_output(bundle, {"model.onnx": data}, report, keys, version=0,
-                                                                      expires=None, archive=False, extra_fields={}))
+    timed(
+        "seal and write bundle (ms)",
+        lambda: write_compile_output(
+            bundle, {"model.onnx": data}, report, keys, version=0, expires=None, archive=False, extra_fields={}
+        ),
+    )
     cache = BuildCache(root / "driver-cache")
-    timed("cache store (ms)", lambda: cache.store("0" * 64, bundle_dir=bundle, models={"model.onnx": data}, report=report,
-                                                   manifest_fields={}, inputs={}, seal={}))
+    timed(
+        "cache store (ms)",
+        lambda: cache.store(
+            "0" * 64,
+            bundle_dir=bundle,
+            models={"model.onnx": data},
+            report=report,
+            manifest_fields={},
+            inputs={},
+            seal={},
+        ),
+    )
     hit = timed("cache look-up, all hashes checked (ms)", lambda: cache.lookup("0" * 64))
     timed("install cached bundle (ms)", lambda: install_files(root / "driver" / "copy.lepton", hit.bundle_files))
     timed("decrypt cached models for a re-seal (ms)", lambda: hit.models(cache.cache_key()))
@@ -119,7 +153,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--no-ocr", action="store_true", help="digits only (seconds instead of minutes)")
-    ap.add_argument("--driver-only", action="store_true", help="only the driver's per-compile costs (hash, seal, cache)")
+    ap.add_argument(
+        "--driver-only", action="store_true", help="only the driver's per-compile costs (hash, seal, cache)"
+    )
     args = ap.parse_args()
     if args.driver_only:
         with tempfile.TemporaryDirectory(prefix="lepton-bench-driver-") as tmp:
@@ -134,31 +170,54 @@ def main() -> None:
         root = Path(tmp)
         build_file = write_project(root, with_ocr=not args.no_ocr)
         env = dict(os.environ, LEPTON_HOME=str(root / "home"), LEPTON_CACHE=str(root / "cache"), NO_COLOR="1")
-        engines = [("1 worker", ["--workers", "1", "--no-cache"]), (f"pool, {args.workers} workers", ["--workers", str(args.workers), "--no-cache"])]
+        engines = [
+            ("1 worker", ["--workers", "1", "--no-cache"]),
+            (f"pool, {args.workers} workers", ["--workers", str(args.workers), "--no-cache"]),
+        ]
         if not args.skip_ray:
             engines.append(("Ray (local cluster)", ["--ray", "local", "--no-cache"]))
-        engines.append((f"pool, cache warm", ["--workers", str(args.workers)]))
+        engines.append(("pool, cache warm", ["--workers", str(args.workers)]))
         for label, extra in engines:
             if label.endswith("cache warm"):
                 run_build(build_file, root / "prime", ["--workers", str(args.workers)], env)  # fill the cache
             row = run_build(build_file, root / label.split(",")[0].replace(" ", "-"), extra, env)
             row["engine"] = label
             rows.append(row)
-            print(f"{label:<24} wall {row['wall_s']:7.1f} s   sum of compile times {row['compile_s_sum']:7.1f} s   "
-                  f"exit {row['exit_code']}   load {row['load_before']}", flush=True)
+            print(
+                f"{label:<24} wall {row['wall_s']:7.1f} s   sum of compile times {row['compile_s_sum']:7.1f} s   "
+                f"exit {row['exit_code']}   load {row['load_before']}",
+                flush=True,
+            )
     compiles = len(rows[0]["results"])
     base = rows[0]["wall_s"]
-    lines = [f"| engine | compiles | wall (s) | speed-up vs 1 worker | sum of compile times (s) | load avg before |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['engine']} | {compiles} | {r['wall_s']:.1f} | {base / r['wall_s']:.2f}x | {r['compile_s_sum']:.1f} | {r['load_before']} |" for r in rows]
+    lines = [
+        "| engine | compiles | wall (s) | speed-up vs 1 worker | sum of compile times (s) | load avg before |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['engine']} | {compiles} | {r['wall_s']:.1f} | {base / r['wall_s']:.2f}x | {r['compile_s_sum']:.1f} | {r['load_before']} |"
+        for r in rows
+    ]
     table = "\n".join(lines)
     print(table)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    host = {"cores": len(os.sched_getaffinity(0)), "cpu": next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                                                                if l.startswith("model name")), "?")}
+    host = {
+        "cores": len(os.sched_getaffinity(0)),
+        "cpu": next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "?",
+        ),
+    }
     name = "bench_build" + ("_digits" if args.no_ocr else "")
     (out / f"{name}.json").write_text(json.dumps({"host": host, "ocr": not args.no_ocr, "rows": rows}, indent=2) + "\n")
-    (out / f"{name}.md").write_text(f"# lepton build: engines\n\nHost: {host['cpu']}, {host['cores']} cores (shared with other jobs).\n\n{table}\n")
+    (out / f"{name}.md").write_text(
+        f"# lepton build: engines\n\nHost: {host['cpu']}, {host['cores']} cores (shared with other jobs).\n\n{table}\n"
+    )
 
 
 if __name__ == "__main__":

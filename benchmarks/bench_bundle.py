@@ -8,6 +8,7 @@ interleaved (verify, open, plain read), and a plain read of the same bytes is th
 
 Writes benchmarks/results/bench_bundle.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,15 +62,23 @@ def _model(mb: int) -> bytes:
 
     n = int((mb * 1e6 / 4) ** 0.5)
     weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "big",
-                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, n])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, n])], [weight])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "big",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, n])],
+        [weight],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
 
 
 def _child(mode: str, bundle: Path, keys: Path, state: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CHILD.format(repo=str(REPO)), mode, str(bundle), str(keys), str(state)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD.format(repo=str(REPO)), mode, str(bundle), str(keys), str(state)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -84,11 +93,16 @@ def bench_open(mb: int, repeats: int, work: Path) -> dict:
     writes = []
     for i in range(repeats):
         start = time.perf_counter()
-        bundle = write_bundle(work / "big.bench.lepton", models={"model.onnx": model}, plain_files={"report.json": b"{}"},
-                              manifest_fields={"model": {"name": "big"}, "target": {"name": "bench"}},
-                              signing_key=load_key(str(keys / "signing-private.pem"), "signing", "private", origin="b"),
-                              recipients=[load_key(str(keys / "encryption-public.pem"), "encryption", "public", origin="b")],
-                              version=1, expires=None)
+        bundle = write_bundle(
+            work / "big.bench.lepton",
+            models={"model.onnx": model},
+            plain_files={"report.json": b"{}"},
+            manifest_fields={"model": {"name": "big"}, "target": {"name": "bench"}},
+            signing_key=load_key(str(keys / "signing-private.pem"), "signing", "private", origin="b"),
+            recipients=[load_key(str(keys / "encryption-public.pem"), "encryption", "public", origin="b")],
+            version=1,
+            expires=None,
+        )
         writes.append(time.perf_counter() - start)
     del model
     runs: dict[str, list[dict]] = {"read": [], "verify": [], "open": []}
@@ -100,12 +114,22 @@ def bench_open(mb: int, repeats: int, work: Path) -> dict:
     def summary(mode: str) -> dict:
         secs = [r["seconds"] for r in runs[mode]]
         cpu = [r["cpu_seconds"] for r in runs[mode]]
-        return {"median_s": statistics.median(secs), "mb_per_s": mbs / statistics.median(secs), "median_cpu_s": statistics.median(cpu),
-                "mb_per_cpu_s": mbs / statistics.median(cpu),
-                "best_mb_per_s": mbs / min(secs), "peak_delta_x_model": max(r["peak_delta"] for r in runs[mode]) / size}
+        return {
+            "median_s": statistics.median(secs),
+            "mb_per_s": mbs / statistics.median(secs),
+            "median_cpu_s": statistics.median(cpu),
+            "mb_per_cpu_s": mbs / statistics.median(cpu),
+            "best_mb_per_s": mbs / min(secs),
+            "peak_delta_x_model": max(r["peak_delta"] for r in runs[mode]) / size,
+        }
 
-    result = {"load_average": " ".join(open("/proc/loadavg").read().split()[:3]), "model_mb": round(mbs, 1), "write_median_s": statistics.median(writes), "write_mb_per_s": mbs / statistics.median(writes),
-              **{mode: summary(mode) for mode in runs}}
+    result = {
+        "load_average": " ".join(open("/proc/loadavg").read().split()[:3]),
+        "model_mb": round(mbs, 1),
+        "write_median_s": statistics.median(writes),
+        "write_mb_per_s": mbs / statistics.median(writes),
+        **{mode: summary(mode) for mode in runs},
+    }
     result["open_vs_read_ratio"] = result["open"]["median_s"] / result["read"]["median_s"]
     return result
 
@@ -121,9 +145,11 @@ def compile_share(repeats: int, work: Path, big_compile: bool = False) -> list[d
 
     os.environ["LEPTON_HOME"] = str(work / "home")
     light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
-    cases = [("digits_cnn", REPO / "examples" / "digits" / "digits_cnn.onnx", "cpu-avx", []),
-             ("light_squeezenet", light / "light_squeezenet.onnx", "cpu-avx", []),
-             ("light_vgg19", light / "light_vgg19.onnx", "cpu-avx", [])]
+    cases = [
+        ("digits_cnn", REPO / "examples" / "digits" / "digits_cnn.onnx", "cpu-avx", []),
+        ("light_squeezenet", light / "light_squeezenet.onnx", "cpu-avx", []),
+        ("light_vgg19", light / "light_vgg19.onnx", "cpu-avx", []),
+    ]
     if not big_compile:  # vgg19 compiles for ~1 minute per run on this box: opt-in
         cases = cases[:2]
     real = compiler._write_output
@@ -145,7 +171,9 @@ def compile_share(repeats: int, work: Path, big_compile: bool = False) -> list[d
             compiler._write_output = timed
             try:
                 start = time.perf_counter()
-                result = compile_model(CompileOptions(model=path, target=target, output_dir=work / "out", input_shapes=shapes))
+                result = compile_model(
+                    CompileOptions(model=path, target=target, output_dir=work / "out", input_shapes=shapes)
+                )
                 total = time.perf_counter() - start
             except LeptonError as exc:  # another stage failing is not this benchmark's subject
                 print(f"skipped {name} → {target}: {exc.one_line()}")
@@ -157,9 +185,16 @@ def compile_share(repeats: int, work: Path, big_compile: bool = False) -> list[d
             steps.append(spent["s"])
         if not totals:
             continue
-        rows.append({"model": name, "target": target, "compiled_mb": round(len(result.model_bytes) / 1e6, 2),
-                     "compile_s": statistics.median(totals), "bundle_step_s": statistics.median(steps),
-                     "bundle_share_pct": 100 * statistics.median(shares)})
+        rows.append(
+            {
+                "model": name,
+                "target": target,
+                "compiled_mb": round(len(result.model_bytes) / 1e6, 2),
+                "compile_s": statistics.median(totals),
+                "bundle_step_s": statistics.median(steps),
+                "bundle_share_pct": 100 * statistics.median(shares),
+            }
+        )
     return rows
 
 
@@ -180,13 +215,17 @@ def main() -> int:
     print(f"{'write (encrypt+sign)':<24} {big['write_mb_per_s']:>8.0f}")
     for mode, label in (("read", "plain read (floor)"), ("verify", "verify (no key)"), ("open", "verify + decrypt")):
         row = big[mode]
-        print(f"{label:<24} {row['mb_per_s']:>8.0f} {row['best_mb_per_s']:>10.0f} {row['mb_per_cpu_s']:>9.0f} {row['peak_delta_x_model']:>16.2f}x")
+        print(
+            f"{label:<24} {row['mb_per_s']:>8.0f} {row['best_mb_per_s']:>10.0f} {row['mb_per_cpu_s']:>9.0f} {row['peak_delta_x_model']:>16.2f}x"
+        )
     print(f"verify+decrypt / plain read time: {big['open_vs_read_ratio']:.2f}x")
     if shares:
         print(f"\n{'compile':<28} {'model MB':>9} {'compile s':>10} {'bundle s':>9} {'share':>7}")
         for row in shares:
-            print(f"{row['model'] + ' → ' + row['target']:<28} {row['compiled_mb']:>9.2f} {row['compile_s']:>10.2f} "
-                  f"{row['bundle_step_s']:>9.3f} {row['bundle_share_pct']:>6.1f}%")
+            print(
+                f"{row['model'] + ' → ' + row['target']:<28} {row['compiled_mb']:>9.2f} {row['compile_s']:>10.2f} "
+                f"{row['bundle_step_s']:>9.3f} {row['bundle_share_pct']:>6.1f}%"
+            )
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_bundle.json").write_text(json.dumps({"big_model": big, "compile_share": shares}, indent=2))

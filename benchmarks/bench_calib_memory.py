@@ -11,6 +11,7 @@ at 256 samples.
 
 Writes benchmarks/results/bench_calib_memory.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,11 +46,32 @@ def render(folder: Path, count: int) -> None:
 def compile_peak(folder: Path, method: str, work: Path) -> dict:
     """One compile in a child process; its peak RSS (the child is the only one waited for at that moment)."""
     toml = work / f"cpu-avx-{method}.toml"
-    toml.write_text(f'extends = "cpu-avx"\nname = "cpu-avx-{method}"\n[pass_params.quantize]\nmethods = ["{method}"]\n'
-                    f'max_calib_samples = 100000\n', encoding="utf-8")
-    cmd = [sys.executable, "-m", "lepton_cli", "compile", str(OCR_DET), "--target", str(toml), "--input-shape", "x=1,3,640,640",
-           "--calib", str(folder), "--preprocess", PREPROCESS, "--max-accuracy-drop", "100", "--no-bench", "--quiet",
-           "-o", str(work / f"out-{method}")]
+    toml.write_text(
+        f'extends = "cpu-avx"\nname = "cpu-avx-{method}"\n[pass_params.quantize]\nmethods = ["{method}"]\n'
+        f"max_calib_samples = 100000\n",
+        encoding="utf-8",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "lepton_cli",
+        "compile",
+        str(OCR_DET),
+        "--target",
+        str(toml),
+        "--input-shape",
+        "x=1,3,640,640",
+        "--calib",
+        str(folder),
+        "--preprocess",
+        PREPROCESS,
+        "--max-accuracy-drop",
+        "100",
+        "--no-bench",
+        "--quiet",
+        "-o",
+        str(work / f"out-{method}"),
+    ]
     env = {**os.environ, "LEPTON_HOME": str(work / "home")}
     started = time.perf_counter()
     with open(work / f"stderr-{method}.txt", "w+") as err:
@@ -59,9 +81,13 @@ def compile_peak(folder: Path, method: str, work: Path) -> dict:
         err.seek(0)
         stderr = err.read()
     seconds = time.perf_counter() - started
-    return {"method": method, "exit": child.returncode,
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "seconds": round(seconds, 1),
-            "stderr_tail": stderr.strip().splitlines()[-3:]}
+    return {
+        "method": method,
+        "exit": child.returncode,
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "seconds": round(seconds, 1),
+        "stderr_tail": stderr.strip().splitlines()[-3:],
+    }
 
 
 _CALIBRATE_ONLY = r"""
@@ -88,8 +114,13 @@ def calibrate_only_peak(folder: Path, method: str) -> dict:
     started = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     before, peak = (float(v) for v in out.stdout.split()[-2:])
-    return {"method": method, "step": "calibrate only", "rss_before_mb": round(before, 1), "peak_rss_mb": round(peak, 1),
-            "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "method": method,
+        "step": "calibrate only",
+        "rss_before_mb": round(before, 1),
+        "peak_rss_mb": round(peak, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def main() -> int:
@@ -108,21 +139,33 @@ def main() -> int:
     print(f"rendered {args.samples} pages in {time.perf_counter() - started:.0f} s")
     rows = [calibrate_only_peak(folder, method) for method in args.methods.split(",")]
     for row in rows:
-        print(f"calibrate only, {row['method']}: peak RSS {row['peak_rss_mb']:.0f} MB (process before calibrating "
-              f"{row['rss_before_mb']:.0f} MB), {row['seconds']:.0f} s")
+        print(
+            f"calibrate only, {row['method']}: peak RSS {row['peak_rss_mb']:.0f} MB (process before calibrating "
+            f"{row['rss_before_mb']:.0f} MB), {row['seconds']:.0f} s"
+        )
     if not args.calibrate_only:
         rows += [compile_peak(folder, method, work) for method in args.methods.split(",")]
     data_mb = args.samples * 3 * 640 * 640 * 4 / 2**20
     print(f"\nPP-OCRv4 det 640x640, {args.samples} calibration images (as float32 they would take {data_mb:.0f} MB)")
     print(f"{'step':<16}{'method':<10}{'exit':>6}{'peak RSS MB':>14}{'seconds':>10}")
     for row in rows:
-        print(f"{row.get('step', 'whole compile'):<16}{row['method']:<10}{row.get('exit', 0):>6}{row['peak_rss_mb']:>14.1f}{row['seconds']:>10.1f}")
+        print(
+            f"{row.get('step', 'whole compile'):<16}{row['method']:<10}{row.get('exit', 0):>6}{row['peak_rss_mb']:>14.1f}{row['seconds']:>10.1f}"
+        )
         if row.get("exit", 0) != 0:
             print("   " + " | ".join(row["stderr_tail"]))
     out = ROOT / "benchmarks" / "results" / "bench_calib_memory.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"samples": args.samples, "rows": rows, "self_peak_rss_mb":
-                               round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "samples": args.samples,
+                "rows": rows,
+                "self_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

@@ -12,6 +12,7 @@ and ranks nodes, which is what used to hold every compared tensor at once).
 
 Writes benchmarks/results/bench_compile_memory.json (and prints a markdown table).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,9 +76,24 @@ def compile_case(case: str, target: str, samples: int, budget: float, work: Path
     np.savez(data, x=build(samples).astype(np.float32))
     if case in NO_FUSE:
         target = str(_without_fuse(target, work))
-    cmd = [sys.executable, "-m", "lepton_cli", "compile", str(model), "--target", target,
-           "--input-shape", "x=" + ",".join(map(str, shape)), "--calib", str(data), "--max-accuracy-drop", str(budget),
-           "--no-bench", "-o", str(work / f"out-{case}")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lepton_cli",
+        "compile",
+        str(model),
+        "--target",
+        target,
+        "--input-shape",
+        "x=" + ",".join(map(str, shape)),
+        "--calib",
+        str(data),
+        "--max-accuracy-drop",
+        str(budget),
+        "--no-bench",
+        "-o",
+        str(work / f"out-{case}"),
+    ]
     env = {**os.environ, "LEPTON_HOME": str(work / "home"), "NO_COLOR": "1", "COLUMNS": "200"}
     current = ["load"]
     per_pass: dict[str, dict] = {}
@@ -99,7 +115,9 @@ def compile_case(case: str, target: str, samples: int, budget: float, work: Path
                 else:  # the pipeline's own timing of the pass: "✓ fuse   1.35s  nodes ..."
                     entry = per_pass.setdefault(name, {"started": time.perf_counter(), "peak_rss_mb": 0.0})
                     timed = PASS_SECONDS.search(line.strip())
-                    entry["seconds"] = float(timed.group(1)) if timed else round(time.perf_counter() - entry["started"], 1)
+                    entry["seconds"] = (
+                        float(timed.group(1)) if timed else round(time.perf_counter() - entry["started"], 1)
+                    )
                     current[0] = "after " + name
 
     reader = threading.Thread(target=read_stderr, daemon=True)
@@ -125,10 +143,20 @@ def compile_case(case: str, target: str, samples: int, budget: float, work: Path
     peak = usage.ru_maxrss / 1024
     for entry in per_pass.values():
         entry.pop("started", None)
-    return {"case": case, "model": Path(model).name, "input_shape": shape, "target": target, "samples": samples,
-            "budget": budget, "exit": child.returncode, "seconds": round(seconds, 1), "peak_rss_mb": round(peak, 1),
-            "passes": per_pass, "stderr_tail": lines[-3:],
-            "killed_over_mb": max_rss_mb if killed else None}
+    return {
+        "case": case,
+        "model": Path(model).name,
+        "input_shape": shape,
+        "target": target,
+        "samples": samples,
+        "budget": budget,
+        "exit": child.returncode,
+        "seconds": round(seconds, 1),
+        "peak_rss_mb": round(peak, 1),
+        "passes": per_pass,
+        "stderr_tail": lines[-3:],
+        "killed_over_mb": max_rss_mb if killed else None,
+    }
 
 
 def main() -> int:
@@ -149,13 +177,17 @@ def main() -> int:
         row = compile_case(case, args.target, args.samples, args.budget, work, args.max_rss_mb)
         rows.append(row)
         print(f"{case}: exit {row['exit']}, {row['seconds']:.0f} s, peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
-    print(f"\n| case | target | samples | exit | wall s | peak RSS MB | per pass: seconds / peak RSS MB |")
+    print("\n| case | target | samples | exit | wall s | peak RSS MB | per pass: seconds / peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
-        passes = ", ".join(f"{name} {entry.get('seconds', '-')} s / {entry['peak_rss_mb']:.0f}"
-                           for name, entry in row["passes"].items())
-        print(f"| {row['case']} {'x'.join(map(str, row['input_shape']))} | {row['target']} | {row['samples']} | {row['exit']} "
-              f"| {row['seconds']:.0f} | {row['peak_rss_mb']:.0f} | {passes} |")
+        passes = ", ".join(
+            f"{name} {entry.get('seconds', '-')} s / {entry['peak_rss_mb']:.0f}"
+            for name, entry in row["passes"].items()
+        )
+        print(
+            f"| {row['case']} {'x'.join(map(str, row['input_shape']))} | {row['target']} | {row['samples']} | {row['exit']} "
+            f"| {row['seconds']:.0f} | {row['peak_rss_mb']:.0f} | {passes} |"
+        )
         if row["killed_over_mb"]:
             print(f"    killed: RSS passed {row['killed_over_mb']:.0f} MB")
         elif row["exit"] != 0:

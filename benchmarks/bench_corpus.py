@@ -10,6 +10,7 @@ gets the same calibration .npz and none sees the evaluation set; NNCF's accuracy
 on the calibration set at the target's budget. Peer tools run in their own venvs in the corpus
 cache, never in Lepton's environment. Writes OUT.json and OUT.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,12 @@ def run_peer(tool: str, model_path: Path, calib: Path, out: Path, timeout: float
         seconds = time.perf_counter() - start
         log.seek(0)
         lines = [line for line in log.read().decode("utf-8", "replace").splitlines() if line.strip()]
-    return {"code": code, "compile_s": round(seconds, 1), "peak_rss_mb": round(rusage.ru_maxrss / 1024, 1) if rusage else None,
-            "message": "" if code == 0 else (lines[-1][:300] if lines else "")}
+    return {
+        "code": code,
+        "compile_s": round(seconds, 1),
+        "peak_rss_mb": round(rusage.ru_maxrss / 1024, 1) if rusage else None,
+        "message": "" if code == 0 else (lines[-1][:300] if lines else ""),
+    }
 
 
 def _bound(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
@@ -75,7 +80,9 @@ def _shape_map(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     shapes = {}
     for value in [*model.graph.value_info, *model.graph.input, *model.graph.output]:
         if value.type.tensor_type.HasField("shape"):
-            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+            shapes[value.name] = [
+                d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim
+            ]
     for tensor in model.graph.initializer:
         shapes[tensor.name] = list(tensor.dims)
     return shapes
@@ -95,12 +102,16 @@ def int8_mac_share(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -
             continue
         macs = node_macs(node, shapes) or 0
         total += macs
-        dequantized = all(producers.get(name) is not None and producers[name].op_type == "DequantizeLinear" for name in node.input[:2])
+        dequantized = all(
+            producers.get(name) is not None and producers[name].op_type == "DequantizeLinear" for name in node.input[:2]
+        )
         int8 += macs if node.op_type in INT8_OPS or dequantized else 0
     return None if total == 0 else round(100.0 * int8 / total, 1)
 
 
-def _latency_ratio(fp32: bytes, candidate: bytes, fp32_feed: dict, candidate_feed: dict, threads: int, seconds: float) -> float:
+def _latency_ratio(
+    fp32: bytes, candidate: bytes, fp32_feed: dict, candidate_feed: dict, threads: int, seconds: float
+) -> float:
     """Median candidate time / median fp32 time over interleaved single runs."""
     sessions = [session(fp32, threads), session(candidate, threads)]
     runs = [[], []]
@@ -130,19 +141,24 @@ def _candidate_outputs(candidate: bytes, fp32_feeds: list[dict]) -> tuple[list, 
     return outputs, candidate_feeds[0]
 
 
-def score_candidate(model: CorpusModel, fp32: bytes, candidate: bytes, evaluation: dict, reference: list, chars,
-                    bench_seconds: float) -> dict:
+def score_candidate(
+    model: CorpusModel, fp32: bytes, candidate: bytes, evaluation: dict, reference: list, chars, bench_seconds: float
+) -> dict:
     fp32_feeds = feeds(session(fp32), evaluation)
     outputs, feed = _candidate_outputs(candidate, fp32_feeds)
     value = METRICS[model.metric](model, evaluation, reference, outputs, chars)
-    return {"value": round(value, 3),
-            "latency_ratio_1t": _latency_ratio(fp32, candidate, fp32_feeds[0], feed, 1, bench_seconds),
-            "latency_ratio_all": _latency_ratio(fp32, candidate, fp32_feeds[0], feed, os.cpu_count() or 1, bench_seconds),
-            "size_ratio": round(len(candidate) / len(fp32), 3),
-            "int8_mac_pct": int8_mac_share(onnx.load_from_string(candidate), model.input_shapes)}
+    return {
+        "value": round(value, 3),
+        "latency_ratio_1t": _latency_ratio(fp32, candidate, fp32_feeds[0], feed, 1, bench_seconds),
+        "latency_ratio_all": _latency_ratio(fp32, candidate, fp32_feeds[0], feed, os.cpu_count() or 1, bench_seconds),
+        "size_ratio": round(len(candidate) / len(fp32), 3),
+        "int8_mac_pct": int8_mac_share(onnx.load_from_string(candidate), model.input_shapes),
+    }
 
 
-def bench_model(model: CorpusModel, targets: list[str], tools: list[str], work: Path, timeout: float, bench_seconds: float) -> list[dict]:
+def bench_model(
+    model: CorpusModel, targets: list[str], tools: list[str], work: Path, timeout: float, bench_seconds: float
+) -> list[dict]:
     path = ensure_model(model)
     calib, evaluation_path = ensure_data(model)
     calib_inputs = without_labels(calib, work / f"{model.name}-calib.npz")
@@ -153,19 +169,28 @@ def bench_model(model: CorpusModel, targets: list[str], tools: list[str], work: 
     fp32_value = round(METRICS[model.metric](model, evaluation, reference, reference, chars), 3)
     base = {"model": model.name, "metric": model.metric, "fp32_value": fp32_value}
     rows = []
-    jobs = [("lepton", t) for t in targets if "lepton" in tools] + [(t, "cpu int8 (QDQ)") for t in tools if t != "lepton"]
+    jobs = [("lepton", t) for t in targets if "lepton" in tools] + [
+        (t, "cpu int8 (QDQ)") for t in tools if t != "lepton"
+    ]
     for tool, target in jobs:
         out = work / f"{model.name}-{tool}-{target.split()[0]}.onnx"
         if tool == "lepton":
             run = run_compile(model, target, work / f"{model.name}-{target}", timeout=timeout, save_model=out)
-            row = {"code": run.code, "compile_s": run.seconds, "peak_rss_mb": run.peak_rss_mb, "message": "" if run.code == 0 else run.message}
+            row = {
+                "code": run.code,
+                "compile_s": run.seconds,
+                "peak_rss_mb": run.peak_rss_mb,
+                "message": "" if run.code == 0 else run.message,
+            }
         else:
             row = run_peer(tool, path, calib_inputs, out, timeout)
         row = {**base, "tool": tool, "target": target, **row}
         if row["code"] == 0 and out.is_file():
             try:
                 row.update(score_candidate(model, fp32, out.read_bytes(), evaluation, reference, chars, bench_seconds))
-            except Exception as exc:  # a candidate that compiled but cannot run is a result, not a crash of the benchmark
+            except (
+                Exception
+            ) as exc:  # a candidate that compiled but cannot run is a result, not a crash of the benchmark
                 row["message"] = f"scoring failed: {exc.__class__.__name__}: {str(exc)[:200]}"
         print(_line(row), flush=True)
         rows.append(row)
@@ -177,21 +202,27 @@ def _fmt(value, spec: str = "") -> str:
 
 
 def _line(row: dict) -> str:
-    return (f"{row['model']:<18} {row['tool']:<8} {row['target']:<15} exit {row['code']:<3} {row['metric']} "
-            f"{row['fp32_value']:.2f} -> {_fmt(row.get('value'), '.2f')}  lat {_fmt(row.get('latency_ratio_1t'))}/{_fmt(row.get('latency_ratio_all'))} "
-            f"size {_fmt(row.get('size_ratio'))} int8 {_fmt(row.get('int8_mac_pct'))}%  {row['compile_s']}s {row['peak_rss_mb']} MB {row['message'][:120]}")
+    return (
+        f"{row['model']:<18} {row['tool']:<8} {row['target']:<15} exit {row['code']:<3} {row['metric']} "
+        f"{row['fp32_value']:.2f} -> {_fmt(row.get('value'), '.2f')}  lat {_fmt(row.get('latency_ratio_1t'))}/{_fmt(row.get('latency_ratio_all'))} "
+        f"size {_fmt(row.get('size_ratio'))} int8 {_fmt(row.get('int8_mac_pct'))}%  {row['compile_s']}s {row['peak_rss_mb']} MB {row['message'][:120]}"
+    )
 
 
 def markdown(rows: list[dict], command: str) -> str:
-    head = ("| model | tool | target | exit | metric | fp32 | result | Δ | latency ×fp32 (1 thread) | latency ×fp32 (all threads) "
-            "| size ×fp32 | int8 MACs % | compile s | peak RSS MB | message |")
+    head = (
+        "| model | tool | target | exit | metric | fp32 | result | Δ | latency ×fp32 (1 thread) | latency ×fp32 (all threads) "
+        "| size ×fp32 | int8 MACs % | compile s | peak RSS MB | message |"
+    )
     lines = [f"Command: `{command}`", "", head, "|" + "---|" * 15]
     for r in rows:
         delta = None if r.get("value") is None else round(r["value"] - r["fp32_value"], 2)
-        lines.append(f"| {r['model']} | {r['tool']} | {r['target']} | {r['code']} | {r['metric']} | {r['fp32_value']:.2f} | "
-                     f"{_fmt(r.get('value'), '.2f')} | {_fmt(delta)} | {_fmt(r.get('latency_ratio_1t'))} | {_fmt(r.get('latency_ratio_all'))} | "
-                     f"{_fmt(r.get('size_ratio'))} | {_fmt(r.get('int8_mac_pct'))} | {r['compile_s']} | {_fmt(r['peak_rss_mb'])} | "
-                     f"{r['message'].replace('|', '/')[:160]} |")
+        lines.append(
+            f"| {r['model']} | {r['tool']} | {r['target']} | {r['code']} | {r['metric']} | {r['fp32_value']:.2f} | "
+            f"{_fmt(r.get('value'), '.2f')} | {_fmt(delta)} | {_fmt(r.get('latency_ratio_1t'))} | {_fmt(r.get('latency_ratio_all'))} | "
+            f"{_fmt(r.get('size_ratio'))} | {_fmt(r.get('int8_mac_pct'))} | {r['compile_s']} | {_fmt(r['peak_rss_mb'])} | "
+            f"{r['message'].replace('|', '/')[:160]} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -216,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
 def _write(out: Path, rows: list[dict], argv: list[str] | None) -> None:
     command = "python benchmarks/bench_corpus.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "host_cpus": os.cpu_count(), "rows": rows}, indent=1) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps({"command": command, "host_cpus": os.cpu_count(), "rows": rows}, indent=1) + "\n"
+    )
     out.with_suffix(".md").write_text(markdown(rows, command), encoding="utf-8")
 
 

@@ -11,6 +11,7 @@ p50/p90 per precision, the fp32/fp16 speed ratio and fp16's max abs error agains
 
     .venv/bin/python benchmarks/bench_cuda_precision.py [--model PATH] [--shape 1,3,640,640] [--rounds 30]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,9 @@ def default_model() -> tuple[Path, str]:
 def session(blob: bytes, provider: str) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(blob, sess_options=options, providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])))
+    return ort.InferenceSession(
+        blob, sess_options=options, providers=list(dict.fromkeys([provider, "CPUExecutionProvider"]))
+    )
 
 
 def timed(sess: ort.InferenceSession, feed: dict, runs: int) -> list[float]:
@@ -72,8 +75,11 @@ def main() -> int:
     result_file = RESULTS / "cuda_precision.json"
     host = detect_host()
     if args.provider not in host.providers or (args.provider != "CPUExecutionProvider" and not host.gpus):
-        why = (f"skipped: {args.provider} not in this onnxruntime ({', '.join(host.providers)})"
-               if args.provider not in host.providers else "skipped: no GPU visible (nvidia-smi / ORT device list)")
+        why = (
+            f"skipped: {args.provider} not in this onnxruntime ({', '.join(host.providers)})"
+            if args.provider not in host.providers
+            else "skipped: no GPU visible (nvidia-smi / ORT device list)"
+        )
         print(why)
         result_file.write_text(json.dumps({"skipped": why, "host": host.to_dict()}, indent=2))
         return 0
@@ -100,15 +106,25 @@ def main() -> int:
             times[name] += timed(sessions[name], feed, args.runs_per_round)
 
     # What the device-side choice does on this host with a cuda-style two-variant bundle.
-    manifest = {"execution_providers": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-                "variants": [{"name": "fp16", "path": "model.onnx", "precision": "fp16",
-                              "requires_providers": ["CUDAExecutionProvider|TensorrtExecutionProvider"]},
-                             {"name": "fp32", "path": "variants/fp32.onnx", "precision": "fp32"}]}
+    manifest = {
+        "execution_providers": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+        "variants": [
+            {
+                "name": "fp16",
+                "path": "model.onnx",
+                "precision": "fp16",
+                "requires_providers": ["CUDAExecutionProvider|TensorrtExecutionProvider"],
+            },
+            {"name": "fp32", "path": "variants/fp32.onnx", "precision": "fp32"},
+        ],
+    }
     chosen = select_session({"model.onnx": fp16, "variants/fp32.onnx": fp32}, manifest, host=host)
 
     rows = {}
-    print(f"model {args.model.name} {dims} on {args.provider} ({', '.join(g.name for g in host.gpus) or host.cpu_model}), "
-          f"ORT {ort.__version__}, {len(times['fp32'])} runs each, interleaved")
+    print(
+        f"model {args.model.name} {dims} on {args.provider} ({', '.join(g.name for g in host.gpus) or host.cpu_model}), "
+        f"ORT {ort.__version__}, {len(times['fp32'])} runs each, interleaved"
+    )
     print(f"{'precision':<10}{'EP used':<26}{'p50 ms':>10}{'p90 ms':>10}")
     for name, values in times.items():
         p50, p90 = np.percentile(values, [50, 90])
@@ -117,10 +133,22 @@ def main() -> int:
     ratio = rows["fp32"]["p50_ms"] / rows["fp16"]["p50_ms"]
     print(f"fp16 speed-up (fp32 p50 / fp16 p50): {ratio:.2f}x   fp16 max abs error vs fp32: {err:.3g}")
     print(f"runtime_select chose: {chosen.variant.name} on {', '.join(chosen.providers)}")
-    result_file.write_text(json.dumps({"model": str(args.model), "shape": dims, "provider": args.provider,
-                                       "ort": ort.__version__, "gpus": [g.name for g in host.gpus], "rows": rows,
-                                       "speedup_fp16": ratio, "fp16_max_abs_error": err,
-                                       "runtime_select": chosen.to_dict()}, indent=2))
+    result_file.write_text(
+        json.dumps(
+            {
+                "model": str(args.model),
+                "shape": dims,
+                "provider": args.provider,
+                "ort": ort.__version__,
+                "gpus": [g.name for g in host.gpus],
+                "rows": rows,
+                "speedup_fp16": ratio,
+                "fp16_max_abs_error": err,
+                "runtime_select": chosen.to_dict(),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

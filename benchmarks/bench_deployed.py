@@ -19,6 +19,7 @@ the rendered text; det: pixel F1 of the 0.3-thresholded map against the source's
 in interleaved rounds (A/B alternating, so drift hits both). Prints a table and writes
 ``DIR/measure-<provider>.json`` (and ``$OUT`` when that is set).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,15 +82,29 @@ def prepare(out: Path, targets: list[str], cases: list[str]) -> None:
         onnx.save_model(onnx.load(source), folder / "source.onnx")
         for role, count, seed, textset_role in (("calib", n_calib, 1, "calib"), ("tune", n_tune, 2, "eval")):
             images, texts = _data(kind, count, seed, textset_role)
-            labels = {"labels": np.array(texts)} if texts and role == "tune" else {}  # rec: character accuracy vs the text
+            labels = (
+                {"labels": np.array(texts)} if texts and role == "tune" else {}
+            )  # rec: character accuracy vs the text
             np.savez(work / f"{case}-{role}.npz", x=images, **labels)
         if not (folder / "test.npz").exists():
-            test, texts = _data(kind, 16 if kind == "pages" else 200, 3, "eval")  # 8 pages flattered int8 det by ~1.5 F1 points
-            np.savez_compressed(folder / "test.npz", x=test, texts=np.array(texts, dtype=object) if texts else np.array([]))
+            test, texts = _data(
+                kind, 16 if kind == "pages" else 200, 3, "eval"
+            )  # 8 pages flattered int8 det by ~1.5 F1 points
+            np.savez_compressed(
+                folder / "test.npz", x=test, texts=np.array(texts, dtype=object) if texts else np.array([])
+            )
         for target in targets:
-            options = CompileOptions(model=source, target=target, output_dir=work / target, calib=work / f"{case}-calib.npz",
-                                     eval=work / f"{case}-tune.npz", input_shapes=[f"x={','.join(map(str, shape))}"],
-                                     max_accuracy_drop=budget, eval_metric=metric, bench=False)
+            options = CompileOptions(
+                model=source,
+                target=target,
+                output_dir=work / target,
+                calib=work / f"{case}-calib.npz",
+                eval=work / f"{case}-tune.npz",
+                input_shapes=[f"x={','.join(map(str, shape))}"],
+                max_accuracy_drop=budget,
+                eval_metric=metric,
+                bench=False,
+            )
             started = time.perf_counter()
             try:
                 result = compile_model(options, on_note=lambda _m: None, on_warning=lambda m: print(f"  warning: {m}"))
@@ -99,8 +114,13 @@ def prepare(out: Path, targets: list[str], cases: list[str]) -> None:
                 continue
             seconds = time.perf_counter() - started
             keys, _ = dev_keys(create=False)
-            opened = open_bundle(result.bundle_dir, key=str(keys.path("encryption", "private")),
-                                 trust=str(keys.path("signing", "public")), state_path=work / "state.json", record=False)
+            opened = open_bundle(
+                result.bundle_dir,
+                key=str(keys.path("encryption", "private")),
+                trust=str(keys.path("signing", "public")),
+                state_path=work / "state.json",
+                record=False,
+            )
             files = {}
             for path, blob in opened.models.items():
                 name = f"{target}-{Path(path).stem}.onnx" if path != "model.onnx" else f"{target}.onnx"
@@ -108,14 +128,23 @@ def prepare(out: Path, targets: list[str], cases: list[str]) -> None:
                 files[path] = name
             report = result.report
             summary["cases"][f"{case}/{target}"] = {
-                "exit": 0, "compile_seconds": round(seconds, 1), "files": files, "accuracy": report.get("accuracy"),
-                "variants": [{k: v.get(k) for k in ("name", "path", "precision", "requires_isa", "requires_providers")}
-                             for v in opened.manifest.get("variants", [])],
-                "quantize": next((s.get("summary") for s in report.get("pipeline", []) if s.get("name") == "quantize"), None),
+                "exit": 0,
+                "compile_seconds": round(seconds, 1),
+                "files": files,
+                "accuracy": report.get("accuracy"),
+                "variants": [
+                    {k: v.get(k) for k in ("name", "path", "precision", "requires_isa", "requires_providers")}
+                    for v in opened.manifest.get("variants", [])
+                ],
+                "quantize": next(
+                    (s.get("summary") for s in report.get("pipeline", []) if s.get("name") == "quantize"), None
+                ),
             }
             acc = report.get("accuracy") or {}
-            print(f"{case} → {target}: exit 0 in {seconds:.0f} s, {acc.get('metric')} drop {acc.get('drop_pct')} "
-                  f"({acc.get('arithmetic', '')}); files {sorted(files.values())}")
+            print(
+                f"{case} → {target}: exit 0 in {seconds:.0f} s, {acc.get('metric')} drop {acc.get('drop_pct')} "
+                f"({acc.get('arithmetic', '')}); files {sorted(files.values())}"
+            )
     (out / "prepare.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
@@ -123,26 +152,36 @@ def _session(path: Path, provider: str, threads: int, opt_level: str = "all"):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[opt_level]
+    options.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    }[opt_level]
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=options, providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])))
+    return ort.InferenceSession(
+        str(path), sess_options=options, providers=list(dict.fromkeys([provider, "CPUExecutionProvider"]))
+    )
 
 
 def _channel_last(path: Path) -> set[str]:
     """The model's inputs/outputs that are channel-last (layout_transform's ``lepton.io_layout.<name>``)."""
     props = onnx.load(str(path), load_external_data=False).metadata_props
-    return {p.key.removeprefix("lepton.io_layout.") for p in props if p.key.startswith("lepton.io_layout.") and p.value == "NHWC"}
+    return {
+        p.key.removeprefix("lepton.io_layout.")
+        for p in props
+        if p.key.startswith("lepton.io_layout.") and p.value == "NHWC"
+    }
 
 
 def _outputs(session, images: np.ndarray, nhwc: bool = False, nhwc_out: bool = False) -> np.ndarray:
     frames = np.ascontiguousarray(images.transpose(0, 2, 3, 1)) if nhwc else images
-    out = np.concatenate([session.run(None, {"x": frames[i:i + 1]})[0] for i in range(len(frames))])
+    out = np.concatenate([session.run(None, {"x": frames[i : i + 1]})[0] for i in range(len(frames))])
     return out.transpose(0, 3, 1, 2) if nhwc_out else out  # back to the source's NCHW map
 
 
-def _interleaved(sessions: dict[str, object], feeds: dict[str, dict], rounds: int, per_round: int) -> dict[str, list[float]]:
+def _interleaved(
+    sessions: dict[str, object], feeds: dict[str, dict], rounds: int, per_round: int
+) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for name, s in sessions.items():
         for _ in range(3):
@@ -171,43 +210,75 @@ def measure(folder: Path, provider: str, threads: int, rounds: int, exact: bool 
         # a variant that names another provider (cuda's fp16 on a CPU run) is still measured, and says so
         paths = {"source": source, **{p.stem: p for p in compiled}}
         # accuracy: "exact" scores int8 unfused (the exact integer result) where this host's kernels saturate
-        scoring = {name: _session(path, provider, threads, "basic" if exact and name != "source" else "all")
-                   for name, path in paths.items()}
+        scoring = {
+            name: _session(path, provider, threads, "basic" if exact and name != "source" else "all")
+            for name, path in paths.items()
+        }
         nhwc = {name: _channel_last(path) for name, path in paths.items()}
-        outputs = {name: _outputs(s, images, "x" in nhwc[name], s.get_outputs()[0].name in nhwc[name])
-                   for name, s in scoring.items()}
+        outputs = {
+            name: _outputs(s, images, "x" in nhwc[name], s.get_outputs()[0].name in nhwc[name])
+            for name, s in scoring.items()
+        }
         sessions = {name: _session(path, provider, threads) for name, path in paths.items()}
         if texts:
             chars = textset.charset(onnx.load(source, load_external_data=False))
             quality = {n: textset.char_accuracy(textset.ctc_greedy(o, chars), texts) for n, o in outputs.items()}
             metric = "char_acc"
         else:
-            per_page = {n: [textset.pixel_f1(outputs["source"][i], o[i]) for i in range(len(o))] for n, o in outputs.items()}
+            per_page = {
+                n: [textset.pixel_f1(outputs["source"][i], o[i]) for i in range(len(o))] for n, o in outputs.items()
+            }
             quality = {n: float(np.mean(f)) for n, f in per_page.items()}
             worst = {n: round(float(np.min(f)), 4) for n, f in per_page.items()}  # one bad page hides in a mean
             metric = "pixel_f1_vs_source"
-        feeds = {name: {"x": np.ascontiguousarray(images[:1].transpose(0, 2, 3, 1)) if "x" in nhwc[name] else images[:1]}
-                 for name in sessions}
+        feeds = {
+            name: {"x": np.ascontiguousarray(images[:1].transpose(0, 2, 3, 1)) if "x" in nhwc[name] else images[:1]}
+            for name in sessions
+        }
         times = _interleaved(sessions, feeds, rounds, 5)
         base = float(np.median(times["source"]))
         for name, s in sessions.items():
             p50 = float(np.median(times[name]))
             extra = {} if texts else {"pixel_f1_worst_page": worst[name]}
-            rows.append({"case": case_dir.name, "model": name, "provider_used": s.get_providers()[0], metric: round(quality[name], 4),
-                         "p50_ms": round(p50, 3), "latency_ratio": round(p50 / base, 3), "runs": len(times[name]),
-                         "size_mb": round((case_dir / f"{name}.onnx").stat().st_size / 1e6, 3),
-                         "size_ratio": round((case_dir / f"{name}.onnx").stat().st_size / source.stat().st_size, 4), **extra})
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+            rows.append(
+                {
+                    "case": case_dir.name,
+                    "model": name,
+                    "provider_used": s.get_providers()[0],
+                    metric: round(quality[name], 4),
+                    "p50_ms": round(p50, 3),
+                    "latency_ratio": round(p50 / base, 3),
+                    "runs": len(times[name]),
+                    "size_mb": round((case_dir / f"{name}.onnx").stat().st_size / 1e6, 3),
+                    "size_ratio": round((case_dir / f"{name}.onnx").stat().st_size / source.stat().st_size, 4),
+                    **extra,
+                }
+            )
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    result = {"provider": provider, "threads": threads, "ort": ort.__version__, "cpu": cpu, "exact_scoring": exact,
-              "vnni": [f for f in flags if "vnni" in f], "rows": rows}
+    result = {
+        "provider": provider,
+        "threads": threads,
+        "ort": ort.__version__,
+        "cpu": cpu,
+        "exact_scoring": exact,
+        "vnni": [f for f in flags if "vnni" in f],
+        "rows": rows,
+    }
     print(f"\n{provider}, ORT {ort.__version__}, {threads} thread(s), CPU {cpu}, VNNI flags {result['vnni'] or 'none'}")
-    print(f"{'case':<5}{'model':<18}{'EP used':<24}{'quality':>9}{'worst':>8}{'p50 ms':>10}{'ratio':>8}{'MB':>8}{'size x':>8}")
+    print(
+        f"{'case':<5}{'model':<18}{'EP used':<24}{'quality':>9}{'worst':>8}{'p50 ms':>10}{'ratio':>8}{'MB':>8}{'size x':>8}"
+    )
     for r in rows:
         q = r.get("char_acc", r.get("pixel_f1_vs_source"))
         worst_page = f"{r['pixel_f1_worst_page']:.4f}" if "pixel_f1_worst_page" in r else "-"
-        print(f"{r['case']:<5}{r['model']:<18}{r['provider_used']:<24}{q:>9.4f}{worst_page:>8}{r['p50_ms']:>10.3f}"
-              f"{r['latency_ratio']:>8.3f}{r['size_mb']:>8.2f}{r['size_ratio']:>8.3f}")
+        print(
+            f"{r['case']:<5}{r['model']:<18}{r['provider_used']:<24}{q:>9.4f}{worst_page:>8}{r['p50_ms']:>10.3f}"
+            f"{r['latency_ratio']:>8.3f}{r['size_mb']:>8.2f}{r['size_ratio']:>8.3f}"
+        )
     name = f"measure-{provider}-t{threads}.json"
     (folder / name).write_text(json.dumps(result, indent=2))
     if os.environ.get("OUT"):
@@ -217,7 +288,9 @@ def measure(folder: Path, provider: str, threads: int, rounds: int, exact: bool 
 
 def main() -> None:
     if len(sys.argv) == 1:  # `make bench` runs every script bare: this one needs a step and a folder
-        print("skipped: bench_deployed.py needs `prepare DIR` here, then `measure DIR` on the machine to measure (see its docstring)")
+        print(
+            "skipped: bench_deployed.py needs `prepare DIR` here, then `measure DIR` on the machine to measure (see its docstring)"
+        )
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="step", required=True)
@@ -230,8 +303,11 @@ def main() -> None:
     m.add_argument("--provider", default="CPUExecutionProvider")
     m.add_argument("--threads", type=int, default=1)
     m.add_argument("--rounds", type=int, default=10)
-    m.add_argument("--exact", action="store_true", help="score int8 accuracy unfused (a build host without VNNI); "
-                   "latency is still ORT's all-optimisation run")
+    m.add_argument(
+        "--exact",
+        action="store_true",
+        help="score int8 accuracy unfused (a build host without VNNI); latency is still ORT's all-optimisation run",
+    )
     args = ap.parse_args()
     if args.step == "prepare":
         prepare(args.dir, args.targets.split(","), args.cases.split(","))

@@ -14,6 +14,7 @@ latency and session-creation time; the number behind the default in targets/cpu-
 
 Writes benchmarks/results/bench_fuse.json (or bench_fuse_ort_offline.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import DIGITS, LIGHT_MODELS, OCR_DET, OCR_REC  # noqa: E402
+
 from lepton_cli.model_io import load_model, upgrade_opset  # noqa: E402
 from lepton_cli.ort import make_session, random_feed  # noqa: E402
 from lepton_cli.pass_registry import get_pass  # noqa: E402
@@ -44,7 +46,11 @@ SHAPES = {"ch_PP-OCRv4_det_infer": {"x": [1, 3, 640, 640]}, "ch_PP-OCRv4_rec_inf
 
 
 def _models(names: list[str] | None) -> list[Path]:
-    paths = [p for p in (OCR_DET, OCR_REC) if p is not None and p.exists()] + list(LIGHT_MODELS) + [DIGITS / "digits_cnn.onnx"]
+    paths = (
+        [p for p in (OCR_DET, OCR_REC) if p is not None and p.exists()]
+        + list(LIGHT_MODELS)
+        + [DIGITS / "digits_cnn.onnx"]
+    )
     if names:
         paths = [p for p in paths if any(n in p.stem for n in names)]
     return paths
@@ -75,8 +81,15 @@ def _bootstrap_ci(ratios: list[float], rng: np.random.Generator, n: int = 2000) 
     return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
 
 
-def interleaved(a: onnx.ModelProto, b: onnx.ModelProto, opt_level: str, threads: int, budget_s: float,
-                min_rounds: int = 7, max_rounds: int = 60) -> dict:
+def interleaved(
+    a: onnx.ModelProto,
+    b: onnx.ModelProto,
+    opt_level: str,
+    threads: int,
+    budget_s: float,
+    min_rounds: int = 7,
+    max_rounds: int = 60,
+) -> dict:
     """Alternate A and B runs on the same feed until the time budget is spent; per-round ratio B/A."""
     feed = random_feed(graph_inputs(a), np.random.default_rng(0))
     created = []
@@ -104,9 +117,16 @@ def interleaved(a: onnx.ModelProto, b: onnx.ModelProto, opt_level: str, threads:
         rounds += 1
     ratios = [tb / ta for ta, tb in zip(*times)]
     low, high = _bootstrap_ci(ratios, np.random.default_rng(1))
-    return {"rounds": rounds, "runs_per_sample": reps, "a_ms": statistics.median(times[0]) * 1e3, "b_ms": statistics.median(times[1]) * 1e3,
-            "ratio": statistics.median(ratios), "ratio_ci95": [low, high],
-            "a_session_s": created[0], "b_session_s": created[1]}
+    return {
+        "rounds": rounds,
+        "runs_per_sample": reps,
+        "a_ms": statistics.median(times[0]) * 1e3,
+        "b_ms": statistics.median(times[1]) * 1e3,
+        "ratio": statistics.median(ratios),
+        "ratio_ci95": [low, high],
+        "a_session_s": created[0],
+        "b_session_s": created[1],
+    }
 
 
 def main() -> int:
@@ -129,23 +149,44 @@ def main() -> int:
             else:
                 a, b = source, fused
             timing = interleaved(a, b, args.opt_level, args.threads, args.budget_s)
-            row = {"model": path.stem, "nodes_before": len(a.graph.node), "nodes_after": len(b.graph.node),
-                   "fuse_s": round(fuse_s, 3), **timing}
+            row = {
+                "model": path.stem,
+                "nodes_before": len(a.graph.node),
+                "nodes_after": len(b.graph.node),
+                "fuse_s": round(fuse_s, 3),
+                **timing,
+            }
             row["verdict"] = "ok" if row["ratio_ci95"][0] <= LIMIT else "SLOWER"
             rows.append(row)
-            print(f"{row['model']:28s} nodes {row['nodes_before']:5d} → {row['nodes_after']:5d}  "
-                  f"{row['a_ms']:9.2f} ms → {row['b_ms']:9.2f} ms  ratio {row['ratio']:.3f} "
-                  f"[{row['ratio_ci95'][0]:.3f}, {row['ratio_ci95'][1]:.3f}]  session {row['a_session_s']:.2f}s → "
-                  f"{row['b_session_s']:.2f}s  {row['rounds']:3d} rounds  {row['verdict']}", flush=True)
+            print(
+                f"{row['model']:28s} nodes {row['nodes_before']:5d} → {row['nodes_after']:5d}  "
+                f"{row['a_ms']:9.2f} ms → {row['b_ms']:9.2f} ms  ratio {row['ratio']:.3f} "
+                f"[{row['ratio_ci95'][0]:.3f}, {row['ratio_ci95'][1]:.3f}]  session {row['a_session_s']:.2f}s → "
+                f"{row['b_session_s']:.2f}s  {row['rounds']:3d} rounds  {row['verdict']}",
+                flush=True,
+            )
     what = "fuse vs fuse+ort_offline" if args.ort_offline else "source vs fuse"
-    print(f"\n{what}: opt_level={args.opt_level} threads={args.threads}; ratio = B/A per interleaved round "
-          f"(median, bootstrap 95% CI); claim: lower CI end <= {LIMIT}")
+    print(
+        f"\n{what}: opt_level={args.opt_level} threads={args.threads}; ratio = B/A per interleaved round "
+        f"(median, bootstrap 95% CI); claim: lower CI end <= {LIMIT}"
+    )
     failed = [r["model"] for r in rows if r["verdict"] != "ok"]
     print("all within the claim" if not failed else f"slower beyond noise: {', '.join(failed)}")
     out = REPO / "benchmarks" / "results" / ("bench_fuse_ort_offline.json" if args.ort_offline else "bench_fuse.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"comparison": what, "opt_level": args.opt_level, "threads": args.threads,
-                               "target": args.target, "limit": LIMIT, "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "comparison": what,
+                "opt_level": args.opt_level,
+                "threads": args.threads,
+                "target": args.target,
+                "limit": LIMIT,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out.relative_to(REPO)}")
     return 1 if failed else 0
 

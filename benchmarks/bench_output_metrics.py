@@ -11,6 +11,7 @@ Prints markdown tables and writes JSON (``--out``). Real models and data only:
 
     .venv/bin/python benchmarks/bench_output_metrics.py --out benchmarks/results/output_metrics.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import ocr_textset as textset  # noqa: E402
 from conftest import DIGITS, LIGHT_MODELS, OCR_DET, OCR_REC  # noqa: E402
+
 from lepton_cli.accuracy import Evaluator  # noqa: E402
 from lepton_cli.data import SampleSet, load_samples  # noqa: E402
 from lepton_cli.ort import make_session, random_feed  # noqa: E402
@@ -41,15 +43,33 @@ from lepton_cli.shapes import graph_inputs  # noqa: E402
 
 def _pages(count: int, seed: int, size: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return np.stack([np.asarray(textset.render_page(rng, textset.CALIB_FONTS if seed == 1 else textset.EVAL_FONTS,
-                                                    textset.CALIB_WORDS if seed == 1 else textset.EVAL_WORDS, size),
-                                np.float32).transpose(2, 0, 1) for _ in range(count)])
+    return np.stack(
+        [
+            np.asarray(
+                textset.render_page(
+                    rng,
+                    textset.CALIB_FONTS if seed == 1 else textset.EVAL_FONTS,
+                    textset.CALIB_WORDS if seed == 1 else textset.EVAL_WORDS,
+                    size,
+                ),
+                np.float32,
+            ).transpose(2, 0, 1)
+            for _ in range(count)
+        ]
+    )
 
 
 def _int8(model: onnx.ModelProto, calib: SampleSet, work: Path, scheme: schemes.Int8Scheme) -> onnx.ModelProto:
     base = schemes.preprocess(model, work)
-    data = calibrate(base, calib, CalibrationSettings(method="minmax", chunk=8, max_samples=64, percentile=99.999,
-                                                      histogram_bins=2048, entropy_bins=512), None, None)
+    data = calibrate(
+        base,
+        calib,
+        CalibrationSettings(
+            method="minmax", chunk=8, max_samples=64, percentile=99.999, histogram_bins=2048, entropy_bins=512
+        ),
+        None,
+        None,
+    )
     return schemes.quantize_int8(base, schemes.save_ranges(data, work / "ranges.json"), "minmax", scheme, [], work)
 
 
@@ -67,14 +87,21 @@ def detector(work: Path) -> list[dict]:
     model, _ = upgrade_opset(onnx.load(path), 13, 21)  # as compile does (opset 11: no per-channel DequantizeLinear)
     evaluation = SampleSet(Path("pages"), {"images": _pages(8, 2, 416)}, None, {"images": False})
     calib = SampleSet(Path("pages"), {"images": _pages(16, 1, 416)}, None, {"images": False})
-    candidates = {"fp16": schemes.to_fp16(model, list(schemes.FP16_BLOCK_DEFAULT), []),
-                  "int8 u8s8 per-channel, every op": _int8(model, calib, work, schemes.Int8Scheme())}
+    candidates = {
+        "fp16": schemes.to_fp16(model, list(schemes.FP16_BLOCK_DEFAULT), []),
+        "int8 u8s8 per-channel, every op": _int8(model, calib, work, schemes.Int8Scheme()),
+    }
     old, new = Evaluator(model, evaluation, metric="agreement"), Evaluator(model, evaluation)
     rows = []
     for label, candidate in candidates.items():
         o, n = old.score(candidate), new.score(candidate)
-        rows.append(_row(f"ddddocr common_det {label}", {"metric": "arg-max over the last axis", "drop_pct": o.drop_pct},
-                         {"metric": n.metric, "why": n.outputs[0]["why"], "drop_pct": n.drop_pct, **n.outputs[0]["detail"]}))
+        rows.append(
+            _row(
+                f"ddddocr common_det {label}",
+                {"metric": "arg-max over the last axis", "drop_pct": o.drop_pct},
+                {"metric": n.metric, "why": n.outputs[0]["why"], "drop_pct": n.drop_pct, **n.outputs[0]["detail"]},
+            )
+        )
     return rows
 
 
@@ -85,8 +112,13 @@ def _minilm_like(model: onnx.ModelProto) -> onnx.ModelProto:
     out.graph.node.append(helper.make_node("Identity", ["relu3"], ["sentence_embedding"], name="embedding_pool"))
     logits = out.graph.output[0]
     del out.graph.output[:]
-    out.graph.output.extend([helper.make_tensor_value_info("image_copy", onnx.TensorProto.FLOAT, ["N", 1, 8, 8]),
-                             helper.make_tensor_value_info("sentence_embedding", onnx.TensorProto.FLOAT, ["N", "D"]), logits])
+    out.graph.output.extend(
+        [
+            helper.make_tensor_value_info("image_copy", onnx.TensorProto.FLOAT, ["N", 1, 8, 8]),
+            helper.make_tensor_value_info("sentence_embedding", onnx.TensorProto.FLOAT, ["N", "D"]),
+            logits,
+        ]
+    )
     return out
 
 
@@ -101,25 +133,47 @@ def classifiers(work: Path) -> list[dict]:
     for init in damaged.graph.initializer:
         if init.name == "fc1_W":
             w = numpy_helper.to_array(init)
-            init.CopyFrom(numpy_helper.from_array((w + rng.normal(0, 0.5 * w.std(), w.shape)).astype(np.float32), init.name))
+            init.CopyFrom(
+                numpy_helper.from_array((w + rng.normal(0, 0.5 * w.std(), w.shape)).astype(np.float32), init.name)
+            )
     evaluator = Evaluator(source, evaluation)
     rows = []
-    for label, candidate in (("int8 s8s8 per-tensor", _int8(source, calib, work, schemes.Int8Scheme(activation_type="s8", per_channel=False))),
-                             ("embedding layer perturbed", damaged)):
+    for label, candidate in (
+        (
+            "int8 s8s8 per-tensor",
+            _int8(source, calib, work, schemes.Int8Scheme(activation_type="s8", per_channel=False)),
+        ),
+        ("embedding layer perturbed", damaged),
+    ):
         score = evaluator.score(candidate)
         first = score.outputs[0]
-        rows.append(_row(f"digits MiniLM-like (copy, embedding, logits) {label}", {"metric": first["metric"], "drop_pct": first["drop_pct"]},
-                         {"worst_output": score.output, "drop_pct": score.drop_pct,
-                          "outputs": {o["name"]: [o["metric"], o["drop_pct"]] for o in score.outputs}}))
+        rows.append(
+            _row(
+                f"digits MiniLM-like (copy, embedding, logits) {label}",
+                {"metric": first["metric"], "drop_pct": first["drop_pct"]},
+                {
+                    "worst_output": score.output,
+                    "drop_pct": score.drop_pct,
+                    "outputs": {o["name"]: [o["metric"], o["drop_pct"]] for o in score.outputs},
+                },
+            )
+        )
     flat = onnx.ModelProto()
     flat.CopyFrom(model)
     flat.graph.node[-1].output[0] = "logits_raw"
     flat.graph.node.append(helper.make_node("Mul", ["logits_raw", "t"], ["logits"]))
     flat.graph.initializer.append(numpy_helper.from_array(np.array(0.15, np.float32), "t"))
     score = Evaluator(model, evaluation, evaluation.labels).score(flat)
-    rows.append(_row("digits logits x 0.15 (confidence collapse)", {"metric": "top1", "drop_pct": score.drop_pct},
-                     {"top_probability": score.outputs[0]["detail"]["top_probability"],
-                      "probability_cosine": score.outputs[0]["detail"]["probability_cosine"]}))
+    rows.append(
+        _row(
+            "digits logits x 0.15 (confidence collapse)",
+            {"metric": "top1", "drop_pct": score.drop_pct},
+            {
+                "top_probability": score.outputs[0]["detail"]["top_probability"],
+                "probability_cosine": score.outputs[0]["detail"]["probability_cosine"],
+            },
+        )
+    )
     return rows
 
 
@@ -130,12 +184,30 @@ def layout_character() -> list[dict]:
     rec = bind_input_shapes(onnx.load(OCR_REC), {"x": [1, 3, 48, 160]})
     for prop in rec.metadata_props:
         if prop.key == "character":
-            prop.value = "\n".join(["text", "title", "list", "table", "figure", "header", "footer", "reference",
-                                    "equation", "caption", "seal"])
+            prop.value = "\n".join(
+                [
+                    "text",
+                    "title",
+                    "list",
+                    "table",
+                    "figure",
+                    "header",
+                    "footer",
+                    "reference",
+                    "equation",
+                    "caption",
+                    "seal",
+                ]
+            )
     images, _ = textset.make_set(4, 5, "eval", width=160)
     role = Evaluator(rec, SampleSet(Path("l"), {"x": images}, None, {"x": False})).roles[0]
-    return [_row("PP-OCRv4 rec graph with an 11-name 'character' entry", {"metric": "ctc_agreement" if is_ctc_model(rec) else "?"},
-                 {"metric": role.metric, "why": role.why})]
+    return [
+        _row(
+            "PP-OCRv4 rec graph with an 11-name 'character' entry",
+            {"metric": "ctc_agreement" if is_ctc_model(rec) else "?"},
+            {"metric": role.metric, "why": role.why},
+        )
+    ]
 
 
 def fp16_zoo() -> list[dict]:
@@ -153,15 +225,26 @@ def fp16_zoo() -> list[dict]:
             converted = schemes.to_fp16(m, list(schemes.FP16_BLOCK_DEFAULT), keep)
             fp16_safe.collapse_round_trip_casts(converted)
             return converted
+
         plan, new = fp16_safe.plan_fp16(model, probe, convert)
 
         def nonfinite(m) -> int:
             session = make_session(m)
             return sum(int(not np.isfinite(o).all()) for f in probe + unseen for o in session.run(None, f))
-        rows.append({"model": path.stem, "nodes": len(model.graph.node), "old_kept_fp32": len(old_keep),
-                     "old_nonfinite_outputs": nonfinite(old), "new_kept_fp32": len(plan.kept), "new_rounds": plan.rounds,
-                     "new_nonfinite_outputs": nonfinite(new), "of_runs": len(probe) + len(unseen),
-                     "fp16_weights": sum(t.data_type == onnx.TensorProto.FLOAT16 for t in new.graph.initializer)})
+
+        rows.append(
+            {
+                "model": path.stem,
+                "nodes": len(model.graph.node),
+                "old_kept_fp32": len(old_keep),
+                "old_nonfinite_outputs": nonfinite(old),
+                "new_kept_fp32": len(plan.kept),
+                "new_rounds": plan.rounds,
+                "new_nonfinite_outputs": nonfinite(new),
+                "of_runs": len(probe) + len(unseen),
+                "fp16_weights": sum(t.data_type == onnx.TensorProto.FLOAT16 for t in new.graph.initializer),
+            }
+        )
     return rows
 
 
@@ -171,15 +254,24 @@ def _old_pow2_overrides(model, ranges):
     for name, data in ranges.items():
         low, high = data.range_value
         absmax = float(max(abs(float(np.asarray(low).min())), abs(float(np.asarray(high).max()))))
-        overrides[name] = [{"quant_type": schemes.QuantType.QInt8, "scale": np.array(schemes._pow2_scale(absmax), np.float32),
-                            "zero_point": np.array(0, np.int8)}]
+        overrides[name] = [
+            {
+                "quant_type": schemes.QuantType.QInt8,
+                "scale": np.array(schemes._pow2_scale(absmax), np.float32),
+                "zero_point": np.array(0, np.int8),
+            }
+        ]
     inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type in schemes.WEIGHT_OPS and len(node.input) > 1 and node.input[1] in inits:
             w = numpy_helper.to_array(inits[node.input[1]])
-            overrides[node.input[1]] = [{"quant_type": schemes.QuantType.QInt8,
-                                         "scale": np.array(schemes._pow2_scale(float(np.abs(w).max())), np.float32),
-                                         "zero_point": np.array(0, np.int8)}]
+            overrides[node.input[1]] = [
+                {
+                    "quant_type": schemes.QuantType.QInt8,
+                    "scale": np.array(schemes._pow2_scale(float(np.abs(w).max())), np.float32),
+                    "zero_point": np.array(0, np.int8),
+                }
+            ]
     return overrides
 
 
@@ -197,7 +289,10 @@ def pow2_det(work: Path) -> list[dict]:
     calib = SampleSet(Path("p"), {"x": textset.make_pages(4, 1, "calib", size=160)}, None, {"x": False})
     scheme = schemes.Int8Scheme(activation_type="s8", per_channel=False, activation_symmetric=True, power_of_two=True)
     rows = []
-    for label, overrides in (("before (activations and weights)", _old_pow2_overrides), ("after (every constant)", schemes.pow2_overrides)):
+    for label, overrides in (
+        ("before (activations and weights)", _old_pow2_overrides),
+        ("after (every constant)", schemes.pow2_overrides),
+    ):
         original = schemes.pow2_overrides
         schemes.pow2_overrides = overrides
         try:
@@ -205,7 +300,9 @@ def pow2_det(work: Path) -> list[dict]:
         finally:
             schemes.pow2_overrides = original
         inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
-        scales = [inits[n.input[1]].reshape(-1) for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        scales = [
+            inits[n.input[1]].reshape(-1) for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+        ]
         off = sum(any(math.frexp(float(s))[0] != 0.5 for s in v) for v in scales)
         rows.append({"case": f"PP-OCRv4 det 160x160 fpga {label}", "qdq_nodes": len(scales), "not_power_of_two": off})
     return rows
@@ -219,8 +316,13 @@ def main() -> None:
         work = Path(tmp)
         for sub in ("before", "after"):
             (work / sub).mkdir()
-        result = {"detector": detector(work), "classifiers": classifiers(work), "layout_character": layout_character(),
-                  "fp16_light_zoo": fp16_zoo(), "fpga_pow2": pow2_det(work)}
+        result = {
+            "detector": detector(work),
+            "classifiers": classifiers(work),
+            "layout_character": layout_character(),
+            "fp16_light_zoo": fp16_zoo(),
+            "fpga_pow2": pow2_det(work),
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=float), encoding="utf-8")
     for section, rows in result.items():
@@ -228,8 +330,14 @@ def main() -> None:
         keys = list(dict.fromkeys(k for r in rows for k in r))
         print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
         for r in rows:
-            print("| " + " | ".join(json.dumps(r.get(k), default=float) if isinstance(r.get(k), (dict, list)) else str(r.get(k, ""))
-                                    for k in keys) + " |")
+            print(
+                "| "
+                + " | ".join(
+                    json.dumps(r.get(k), default=float) if isinstance(r.get(k), (dict, list)) else str(r.get(k, ""))
+                    for k in keys
+                )
+                + " |"
+            )
 
 
 if __name__ == "__main__":

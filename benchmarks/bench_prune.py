@@ -12,6 +12,7 @@ optimisations) running the result, and the per-layer before/after table.
     .venv/bin/python benchmarks/bench_prune.py --quick    # digits + pytorch-converted only
 Writes benchmarks/results/prune.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,14 @@ from lepton_cli.stats import collect_stats  # noqa: E402
 from lepton_cli.targets import load_target  # noqa: E402
 
 ONNX_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
-PYTORCH_CASES = ["test_Linear", "test_Conv2d", "test_Conv2d_padding", "test_Conv2d_strided", "test_Conv3d", "test_Conv1d"]
+PYTORCH_CASES = [
+    "test_Linear",
+    "test_Conv2d",
+    "test_Conv2d_padding",
+    "test_Conv2d_strided",
+    "test_Conv3d",
+    "test_Conv1d",
+]
 PRUNE = get_pass("prune")
 
 
@@ -62,8 +70,12 @@ def text_images(n: int, seed: int, size: int = 320) -> np.ndarray:
         draw = ImageDraw.Draw(img)
         for _ in range(int(rng.integers(3, 7))):
             font = ImageFont.load_default(size=int(rng.integers(14, 34)))
-            draw.text((int(rng.integers(0, size // 2)), int(rng.integers(0, size - 30))), str(rng.choice(words)),
-                      fill=tuple(int(v) for v in rng.integers(0, 90, 3)), font=font)
+            draw.text(
+                (int(rng.integers(0, size // 2)), int(rng.integers(0, size - 30))),
+                str(rng.choice(words)),
+                fill=tuple(int(v) for v in rng.integers(0, 90, 3)),
+                font=font,
+            )
         out.append(((np.asarray(img, np.float32) / 255.0 - mean) / std).transpose(2, 0, 1))
     return np.stack(out).astype(np.float32)
 
@@ -77,17 +89,27 @@ def text_lines(n: int, seed: int) -> np.ndarray:
     out = []
     for i in range(n):
         img = Image.new("RGB", (192, 48), tuple(int(v) for v in rng.integers(170, 256, 3)))
-        ImageDraw.Draw(img).text((int(rng.integers(0, 20)), int(rng.integers(2, 12))), str(rng.choice(words)),
-                                 fill=tuple(int(v) for v in rng.integers(0, 90, 3)),
-                                 font=ImageFont.load_default(size=int(rng.integers(20, 30))))
+        ImageDraw.Draw(img).text(
+            (int(rng.integers(0, 20)), int(rng.integers(2, 12))),
+            str(rng.choice(words)),
+            fill=tuple(int(v) for v in rng.integers(0, 90, 3)),
+            font=ImageFont.load_default(size=int(rng.integers(20, 30))),
+        )
         if i % 2:
             img = img.rotate(180)
         out.append(((np.asarray(img, np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1))
     return np.stack(out).astype(np.float32)
 
 
-def run_case(label: str, model: onnx.ModelProto, target: str, table: dict, search: SampleSet | None,
-             held_out: SampleSet | None, budget: float) -> dict:
+def run_case(
+    label: str,
+    model: onnx.ModelProto,
+    target: str,
+    table: dict,
+    search: SampleSet | None,
+    held_out: SampleSet | None,
+    budget: float,
+) -> dict:
     profile = load_target(target)
     ctx = PassContext(target=profile, calib=search, max_accuracy_drop=budget)
     # the target's own prune parameters, with this case's overrides (mode, sample count, layer size floor)
@@ -106,16 +128,25 @@ def run_case(label: str, model: onnx.ModelProto, target: str, table: dict, searc
         held = Evaluator(model, held_out, held_out.labels).score(result.model)
     weights = summary.get("weights", {})
     row = {
-        "case": label, "target": target, "mode": summary.get("mode"), "seconds": round(seconds, 2),
-        "params": [before.params, after.params], "macs": [before.macs, after.macs],
-        "reported_params": summary.get("totals", {}).get("params"), "reported_macs": summary.get("totals", {}).get("macs"),
-        "allowed_drop": summary.get("budget_pct"), "search_drop": (summary.get("accuracy") or {}).get("drop_pct"),
-        "held_out": held.to_dict() if held else None, "ort_ok": all(np.isfinite(o).all() for o in outputs),
+        "case": label,
+        "target": target,
+        "mode": summary.get("mode"),
+        "seconds": round(seconds, 2),
+        "params": [before.params, after.params],
+        "macs": [before.macs, after.macs],
+        "reported_params": summary.get("totals", {}).get("params"),
+        "reported_macs": summary.get("totals", {}).get("macs"),
+        "allowed_drop": summary.get("budget_pct"),
+        "search_drop": (summary.get("accuracy") or {}).get("drop_pct"),
+        "held_out": held.to_dict() if held else None,
+        "ort_ok": all(np.isfinite(o).all() for o in outputs),
         "pruned_layers_2_4_or_sparse": weights.get("pruned_layers"),
         "sparse_bytes": [weights.get("pruned_dense_bytes"), weights.get("pruned_sparse_bytes")] if weights else None,
         "dead_channels": sum((summary.get("channels") or {}).get("dead_channels", {}).values()),
-        "layers": summary.get("layers", []), "weight_layers": weights.get("layers", []),
-        "decisions": (summary.get("channels") or {}).get("decisions", []), "warnings": ctx.warnings,
+        "layers": summary.get("layers", []),
+        "weight_layers": weights.get("layers", []),
+        "decisions": (summary.get("channels") or {}).get("decisions", []),
+        "warnings": ctx.warnings,
     }
     if row["mode"] == "2:4":
         row["pattern_ok"] = check_2_4(model, result.model, weights.get("layers", []))
@@ -138,7 +169,9 @@ def check_2_4(before: onnx.ModelProto, after: onnx.ModelProto, layers: list[dict
         axis = 1 if node.op_type == "Conv" or any(x.name == "transB" and x.i for x in node.attribute) else 0
         got = np.moveaxis(a[row["weight"]], axis, -1).reshape(-1, 4)
         orig = np.moveaxis(b[row["weight"]], axis, -1).reshape(-1, 4)
-        if (np.count_nonzero(got, 1) > 2).any() or not np.array_equal(np.sort(np.abs(got), 1)[:, 2:], np.sort(np.abs(orig), 1)[:, 2:]):
+        if (np.count_nonzero(got, 1) > 2).any() or not np.array_equal(
+            np.sort(np.abs(got), 1)[:, 2:], np.sort(np.abs(orig), 1)[:, 2:]
+        ):
             return False
     return True
 
@@ -146,12 +179,31 @@ def check_2_4(before: onnx.ModelProto, after: onnx.ModelProto, layers: list[dict
 def digits_cases(budget: float) -> list[dict]:
     folder = REPO / "examples" / "digits"
     model = simplify(onnx.load(folder / "digits_cnn.onnx"), {"image": [1, 1, 8, 8]})  # batch 1: MACs known
-    calib, evaluation = load_samples(folder / "calib.npz", model), load_samples(folder / "eval.npz", model, role="--eval")
+    calib, evaluation = (
+        load_samples(folder / "calib.npz", model),
+        load_samples(folder / "eval.npz", model, role="--eval"),
+    )
     common = {"max_samples": 200, "min_params": 128}
     return [
-        run_case("digits", model, "edge-arm", {"mode": "channel", "ratios": [0.125, 0.25, 0.5], **common}, calib, evaluation, budget),
+        run_case(
+            "digits",
+            model,
+            "edge-arm",
+            {"mode": "channel", "ratios": [0.125, 0.25, 0.5], **common},
+            calib,
+            evaluation,
+            budget,
+        ),
         run_case("digits", model, "cuda", {"mode": "2:4", **common}, calib, evaluation, budget),
-        run_case("digits", model, "edge-arm", {"mode": "magnitude", "ratios": [0.25, 0.5, 0.75, 0.9], **common}, calib, evaluation, budget),
+        run_case(
+            "digits",
+            model,
+            "edge-arm",
+            {"mode": "magnitude", "ratios": [0.25, 0.5, 0.75, 0.9], **common},
+            calib,
+            evaluation,
+            budget,
+        ),
     ]
 
 
@@ -166,7 +218,11 @@ def pytorch_cases(budget: float) -> list[dict]:
         input_name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
         data = SampleSet(folder, {input_name: numpy_helper.to_array(tensor)[None]}, None, {input_name: True})
         for mode, target in (("magnitude", "edge-arm"), ("channel", "edge-arm"), ("2:4", "cuda")):
-            rows.append(run_case(name, model, target, {"mode": mode, "min_params": 0, "ratios": [0.1, 0.25, 0.5]}, data, data, budget))
+            rows.append(
+                run_case(
+                    name, model, target, {"mode": mode, "min_params": 0, "ratios": [0.1, 0.25, 0.5]}, data, data, budget
+                )
+            )
     return rows
 
 
@@ -186,9 +242,27 @@ def det_cases(budget: float, samples: int) -> list[dict]:
     cls_search = SampleSet(cls_path, {"x": text_lines(64, seed=1)}, None, {"x": False})
     cls_held = SampleSet(cls_path, {"x": text_lines(64, seed=2)}, None, {"x": False})
     return [
-        run_case("ppocr_cls_mobile_v2", cls, "mobile", {"mode": "channel", "min_params": 512}, cls_search, cls_held, budget),
-        run_case("ppocrv4_det", model, "edge-arm", {"mode": "channel", "ratios": [0.125, 0.25, 0.5], "max_samples": samples}, search, held, budget),
-        run_case("ppocrv4_det", model, "fpga", {"mode": "channel", "ratios": [0.125, 0.25, 0.5], "min_channels": 16, "max_samples": samples}, search, held, budget),
+        run_case(
+            "ppocr_cls_mobile_v2", cls, "mobile", {"mode": "channel", "min_params": 512}, cls_search, cls_held, budget
+        ),
+        run_case(
+            "ppocrv4_det",
+            model,
+            "edge-arm",
+            {"mode": "channel", "ratios": [0.125, 0.25, 0.5], "max_samples": samples},
+            search,
+            held,
+            budget,
+        ),
+        run_case(
+            "ppocrv4_det",
+            model,
+            "fpga",
+            {"mode": "channel", "ratios": [0.125, 0.25, 0.5], "min_channels": 16, "max_samples": samples},
+            search,
+            held,
+            budget,
+        ),
         run_case("ppocrv4_det", model, "cuda", {"mode": "2:4", "max_samples": samples}, search, held, budget),
     ]
 
@@ -201,20 +275,28 @@ def _fmt(pair) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'case':<22} {'target':<9} {'mode':<9} {'params':<32} {'MACs':<40} {'drop search/held':<18} {'ORT':<4} {'s':>6}")
+    print(
+        f"{'case':<22} {'target':<9} {'mode':<9} {'params':<32} {'MACs':<40} {'drop search/held':<18} {'ORT':<4} {'s':>6}"
+    )
     for r in rows:
         held = r["held_out"]["drop_pct"] if r["held_out"] else None
         drops = f"{r['search_drop'] if r['search_drop'] is not None else '-'}/{held if held is not None else '-'}"
-        print(f"{r['case']:<22} {r['target']:<9} {str(r['mode']):<9} {_fmt(r['params']):<32} {_fmt(r['macs']):<40} {drops:<18} "
-              f"{'ok' if r['ort_ok'] else 'FAIL':<4} {r['seconds']:>6}")
+        print(
+            f"{r['case']:<22} {r['target']:<9} {str(r['mode']):<9} {_fmt(r['params']):<32} {_fmt(r['macs']):<40} {drops:<18} "
+            f"{'ok' if r['ort_ok'] else 'FAIL':<4} {r['seconds']:>6}"
+        )
         if r["reported_params"] and r["reported_params"][0] != r["reported_params"][1]:
-            same = (r["params"][0] - r["params"][1] == r["reported_params"][0] - r["reported_params"][1]
-                    and r["macs"] == r["reported_macs"])
+            same = (
+                r["params"][0] - r["params"][1] == r["reported_params"][0] - r["reported_params"][1]
+                and r["macs"] == r["reported_macs"]
+            )
             print(f"    the pass's report matches the model (params removed, MACs before/after): {same}")
         if r.get("pattern_ok") is not None:
             print(f"    2:4 pattern verified on {r['pruned_layers_2_4_or_sparse']} tensors: {r['pattern_ok']}")
         if r["sparse_bytes"] and r["sparse_bytes"][0]:
-            print(f"    sparse encoding of the pruned weights: {r['sparse_bytes'][0]:,} → {r['sparse_bytes'][1]:,} bytes")
+            print(
+                f"    sparse encoding of the pruned weights: {r['sparse_bytes'][0]:,} → {r['sparse_bytes'][1]:,} bytes"
+            )
     print()
     for r in rows:
         if r["layers"] and r["mode"] == "channel":
@@ -222,15 +304,19 @@ def print_table(rows: list[dict]) -> None:
             print(f"  {'layer':<24} {'op':<6} {'out ch':<12} {'in ch':<12} {'params':<18} {'MACs':<24}")
             for layer in r["layers"]:
                 macs = layer["macs"]
-                print(f"  {layer['layer'][:24]:<24} {layer['op']:<6} {'%d→%d' % tuple(layer['out_channels']):<12} "
-                      f"{'%d→%d' % tuple(layer['in_channels']):<12} {'%d→%d' % tuple(layer['params']):<18} "
-                      f"{('%s→%s' % tuple(macs)) if macs[0] is not None else '-':<24}")
+                print(
+                    f"  {layer['layer'][:24]:<24} {layer['op']:<6} {'%d→%d' % tuple(layer['out_channels']):<12} "
+                    f"{'%d→%d' % tuple(layer['in_channels']):<12} {'%d→%d' % tuple(layer['params']):<18} "
+                    f"{('%s→%s' % tuple(macs)) if macs[0] is not None else '-':<24}"
+                )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits and pytorch-converted only")
-    parser.add_argument("--budget", type=float, default=2.0, help="accuracy budget in points (the pass spends budget_share of it)")
+    parser.add_argument(
+        "--budget", type=float, default=2.0, help="accuracy budget in points (the pass spends budget_share of it)"
+    )
     parser.add_argument("--det-samples", type=int, default=16)
     args = parser.parse_args()
     rows = digits_cases(args.budget) + pytorch_cases(args.budget)

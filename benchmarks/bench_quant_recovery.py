@@ -16,6 +16,7 @@ integer arithmetic where this host's kernels would saturate and the target's do 
 
     .venv/bin/python benchmarks/bench_quant_recovery.py [--width 160 --calib 64 --test 200]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import ocr_textset as textset  # noqa: E402
 from conftest import DIGITS, OCR_REC  # noqa: E402
+
 from lepton_cli.accuracy import scoring_opt_level  # noqa: E402
 from lepton_cli.data import load_samples  # noqa: E402
 from lepton_cli.hostinfo import detect_host  # noqa: E402
@@ -80,7 +82,7 @@ def quantize(model: onnx.ModelProto, calib, target_name: str, steps: dict) -> tu
 def outputs(model: onnx.ModelProto, images: np.ndarray, level: str) -> np.ndarray:
     session = make_session(model, opt_level=level)
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: images[i:i + 1]})[0] for i in range(len(images))])
+    return np.concatenate([session.run(None, {name: images[i : i + 1]})[0] for i in range(len(images))])
 
 
 def ocr_accuracy(values: np.ndarray, texts: list[str], chars: list[str]) -> float:
@@ -103,7 +105,7 @@ def photos(count: int, seed: int, size: int = 416) -> np.ndarray:
         h, w = image.shape[:2]
         side = int(rng.integers(int(0.35 * min(h, w)), min(h, w) + 1))
         top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        crop = Image.fromarray(image[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR)
+        crop = Image.fromarray(image[top : top + side, left : left + side]).resize((size, size), Image.BILINEAR)
         out.append(np.asarray(crop, dtype=np.float32).transpose(2, 0, 1))
     return np.stack(out)
 
@@ -121,8 +123,14 @@ def captchas(count: int, seed: int, size: int = 416) -> np.ndarray:
         for _ in range(int(rng.integers(3, 7))):
             font = ImageFont.truetype(str(textset.FONT_DIR / str(rng.choice(fonts))), int(rng.integers(36, 64)))
             char = chr(int(rng.integers(65, 91)) if rng.random() < 0.7 else int(rng.integers(48, 58)))
-            draw.text((int(rng.integers(10, size - 60)), int(rng.integers(10, size - 70))), char, font=font,
-                      fill=tuple(int(c) for c in rng.integers(0, 255, 3)), stroke_width=2, stroke_fill=(255, 255, 255))
+            draw.text(
+                (int(rng.integers(10, size - 60)), int(rng.integers(10, size - 70))),
+                char,
+                font=font,
+                fill=tuple(int(c) for c in rng.integers(0, 255, 3)),
+                stroke_width=2,
+                stroke_fill=(255, 255, 255),
+            )
         out.append(np.asarray(image, dtype=np.float32).transpose(2, 0, 1))
     return np.stack(out)
 
@@ -164,7 +172,9 @@ def detection_f1(reference: list[np.ndarray], values: np.ndarray) -> float:
     for ref, got in zip(reference, yolox_boxes(values)):
         used: set[int] = set()
         for box in got:
-            best = max(((i, _iou(box, r)) for i, r in enumerate(ref) if i not in used), key=lambda t: t[1], default=None)
+            best = max(
+                ((i, _iou(box, r)) for i, r in enumerate(ref) if i not in used), key=lambda t: t[1], default=None
+            )
             if best is not None and best[1] >= 0.5:
                 used.add(best[0])
                 matched += 1
@@ -187,12 +197,22 @@ def run(label: str, model, calib, targets, steps, images, score, host_isa) -> li
             built, seconds, recovery = quantize(model, calib, target_name, STEPS[step_name])
             values = outputs(built, images, level)
             accuracy = score(values)
-            row = {"model": label, "target": Path(target_name).stem + (" (every op)" if EVERY_OP else ""), "steps": step_name, "fp32": round(reference, 2),
-                   "accuracy": round(accuracy, 2), "drop": round(reference - accuracy, 2),
-                   "output_error_pct": round(relative_error(float_values, values), 3), "seconds": round(seconds, 1),
-                   "recovery": recovery}
-            print(f"{label:<14} {row['target']:<14} {step_name:<18} acc {accuracy:6.2f} drop {row['drop']:6.2f} "
-                  f"err {row['output_error_pct']:7.3f}% {seconds:6.1f} s", flush=True)
+            row = {
+                "model": label,
+                "target": Path(target_name).stem + (" (every op)" if EVERY_OP else ""),
+                "steps": step_name,
+                "fp32": round(reference, 2),
+                "accuracy": round(accuracy, 2),
+                "drop": round(reference - accuracy, 2),
+                "output_error_pct": round(relative_error(float_values, values), 3),
+                "seconds": round(seconds, 1),
+                "recovery": recovery,
+            }
+            print(
+                f"{label:<14} {row['target']:<14} {step_name:<18} acc {accuracy:6.2f} drop {row['drop']:6.2f} "
+                f"err {row['output_error_pct']:7.3f}% {seconds:6.1f} s",
+                flush=True,
+            )
             rows.append(row)
     return rows
 
@@ -220,8 +240,20 @@ def main() -> None:
 
     digits = onnx.load(DIGITS / "digits_cnn.onnx")
     held = np.load(DIGITS / "eval.npz")
-    rows += [] if args.skip_digits else run("digits", digits, load_samples(DIGITS / "calib.npz", digits), INT8_TARGETS, args.digits_steps.split(","),
-                held["image"], lambda values: digits_accuracy(values, held["labels"]), host_isa)
+    rows += (
+        []
+        if args.skip_digits
+        else run(
+            "digits",
+            digits,
+            load_samples(DIGITS / "calib.npz", digits),
+            INT8_TARGETS,
+            args.digits_steps.split(","),
+            held["image"],
+            lambda values: digits_accuracy(values, held["labels"]),
+            host_isa,
+        )
+    )
 
     if not args.skip_rec:
         source = onnx.load(OCR_REC)
@@ -231,27 +263,54 @@ def main() -> None:
         calib_images, _ = textset.make_set(args.calib, 1, "calib", width=args.width)
         np.savez(work / "calib.npz", x=calib_images)
         test_images, test_texts = textset.make_set(args.test, 3, "eval", width=args.width)
-        rows += run(f"PP-OCRv4 rec 48x{args.width}", rec, load_samples(work / "calib.npz", rec),
-                    args.rec_targets.split(","), args.rec_steps.split(","),
-                    test_images, lambda values: ocr_accuracy(values, test_texts, chars), host_isa)
+        rows += run(
+            f"PP-OCRv4 rec 48x{args.width}",
+            rec,
+            load_samples(work / "calib.npz", rec),
+            args.rec_targets.split(","),
+            args.rec_steps.split(","),
+            test_images,
+            lambda values: ocr_accuracy(values, test_texts, chars),
+            host_isa,
+        )
 
     if args.det is not None:
         det, _ = upgrade_opset(onnx.load(args.det), 13, 21)
         np.savez(work / "det-calib.npz", images=captchas(16, 1))
         test_photos = captchas(12, 2)
         reference = yolox_boxes(outputs(det, test_photos, "all"))
-        rows += run("ddddocr det", det, load_samples(work / "det-calib.npz", det), args.det_targets.split(","),
-                    args.det_steps.split(","), test_photos, lambda values: detection_f1(reference, values), host_isa)
+        rows += run(
+            "ddddocr det",
+            det,
+            load_samples(work / "det-calib.npz", det),
+            args.det_targets.split(","),
+            args.det_steps.split(","),
+            test_photos,
+            lambda values: detection_f1(reference, values),
+            host_isa,
+        )
 
-    parts = [name for name, skip in (("digits", args.skip_digits), ("rec", args.skip_rec), ("det", args.det is None))
-             if not skip]
-    out = ROOT / "benchmarks" / "results" / f"quant_recovery-{'-'.join(parts)}{'-every-op' if args.every_op else ''}.json"
+    parts = [
+        name
+        for name, skip in (("digits", args.skip_digits), ("rec", args.skip_rec), ("det", args.det is None))
+        if not skip
+    ]
+    out = (
+        ROOT / "benchmarks" / "results" / f"quant_recovery-{'-'.join(parts)}{'-every-op' if args.every_op else ''}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows, "host": detect_host().pass_context()}, indent=2, default=str))
-    lines = ["| model | target | steps | fp32 | int8 | drop | output error % | compile s |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['target']} | {r['steps']} | {r['fp32']:.2f} | {r['accuracy']:.2f} | {r['drop']:.2f} "
-              f"| {r['output_error_pct']:.3f} | {r['seconds']:.1f} |" for r in rows]
+    out.write_text(
+        json.dumps({"args": vars(args), "rows": rows, "host": detect_host().pass_context()}, indent=2, default=str)
+    )
+    lines = [
+        "| model | target | steps | fp32 | int8 | drop | output error % | compile s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['model']} | {r['target']} | {r['steps']} | {r['fp32']:.2f} | {r['accuracy']:.2f} | {r['drop']:.2f} "
+        f"| {r['output_error_pct']:.3f} | {r['seconds']:.1f} |"
+        for r in rows
+    ]
     print("\n".join(lines))
     (out.with_suffix(".table.md")).write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")

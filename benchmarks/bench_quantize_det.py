@@ -8,6 +8,7 @@ parameters and ``--budget`` in points of ``--eval-metric`` (default ``mask-f1@0.
 
     .venv/bin/python benchmarks/bench_quantize_det.py [--calib 16 --tune 8 --test 8 --budget 5 --metric mask-f1@0.3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import ocr_textset as textset  # noqa: E402
 from conftest import OCR_DET  # noqa: E402
+
 from lepton_cli.data import load_samples  # noqa: E402
 from lepton_cli.errors import QualityGateError  # noqa: E402
 from lepton_cli.hostinfo import detect_host  # noqa: E402
@@ -58,10 +60,14 @@ def main() -> None:
     test = textset.make_pages(args.test, 3, "eval")
     target = load_target("cpu-avx")
     step = next(s for s in target.passes if s.name == "quantize")
-    ctx = PassContext(target=target, calib=load_samples(work / "calib.npz", model),
-                      eval=load_samples(work / "tune.npz", model, role="--eval"), max_accuracy_drop=args.budget,
-                      eval_metric=args.metric,
-                      host=detect_host().pass_context())
+    ctx = PassContext(
+        target=target,
+        calib=load_samples(work / "calib.npz", model),
+        eval=load_samples(work / "tune.npz", model, role="--eval"),
+        max_accuracy_drop=args.budget,
+        eval_metric=args.metric,
+        host=detect_host().pass_context(),
+    )
     started = time.perf_counter()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
@@ -73,18 +79,33 @@ def main() -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux: peak of the whole process
     # F1 as the target computes it: unfused (exact integer) where this host's int8 kernels saturate (accuracy.scoring_opt_level)
     ref_s, q_s = make_session(model, opt_level="all"), make_session(result.model, opt_level=ctx.scoring_opt_level)
-    f1 = [textset.pixel_f1(ref_s.run(None, {"x": test[i:i + 1]})[0], q_s.run(None, {"x": test[i:i + 1]})[0]) for i in range(len(test))]
-    feeds = [{"x": test[i:i + 1]} for i in range(min(4, len(test)))]
-    timing = host_latency([Candidate("fp32", model, feeds), Candidate("lepton", result.model, feeds)],
-                          StopRule(runs=30, seconds=30.0, min_runs=8, warmup=2), threads=args.threads,
-                          providers=["CPUExecutionProvider"], keep_samples=False)
+    f1 = [
+        textset.pixel_f1(ref_s.run(None, {"x": test[i : i + 1]})[0], q_s.run(None, {"x": test[i : i + 1]})[0])
+        for i in range(len(test))
+    ]
+    feeds = [{"x": test[i : i + 1]} for i in range(min(4, len(test)))]
+    timing = host_latency(
+        [Candidate("fp32", model, feeds), Candidate("lepton", result.model, feeds)],
+        StopRule(runs=30, seconds=30.0, min_runs=8, warmup=2),
+        threads=args.threads,
+        providers=["CPUExecutionProvider"],
+        keep_samples=False,
+    )
     p50 = {k: v["p50_ms"] for k, v in timing["models"].items()}
-    row = {"pixel_f1_min": round(min(f1), 4), "pixel_f1_mean": round(float(np.mean(f1)), 4),
-           "latency_ratio": round(p50["lepton"] / p50["fp32"], 3), "p50_ms": p50,
-           "size_ratio": round(result.model.ByteSize() / model.ByteSize(), 3), "compile_seconds": round(seconds, 1),
-           "peak_rss_mb_process": round(rss / 1024, 1), "rss_before_mb": round(rss_before / 1024, 1),
-           "method": result.summary.get("method"), "float_kept": len(result.summary.get("float_kept", [])),
-           "drop_pct": result.summary.get("drop_pct"), "warnings": ctx.warnings}
+    row = {
+        "pixel_f1_min": round(min(f1), 4),
+        "pixel_f1_mean": round(float(np.mean(f1)), 4),
+        "latency_ratio": round(p50["lepton"] / p50["fp32"], 3),
+        "p50_ms": p50,
+        "size_ratio": round(result.model.ByteSize() / model.ByteSize(), 3),
+        "compile_seconds": round(seconds, 1),
+        "peak_rss_mb_process": round(rss / 1024, 1),
+        "rss_before_mb": round(rss_before / 1024, 1),
+        "method": result.summary.get("method"),
+        "float_kept": len(result.summary.get("float_kept", [])),
+        "drop_pct": result.summary.get("drop_pct"),
+        "warnings": ctx.warnings,
+    }
     print(json.dumps(row, indent=1))
     out = ROOT / "benchmarks" / "results" / "bench_quantize_det.json"
     out.write_text(json.dumps({"args": vars(args), "result": row, "latency": timing}, indent=2, default=str))

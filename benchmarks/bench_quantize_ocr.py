@@ -18,6 +18,7 @@ it stayed near 0.8 points whatever was kept in float, while accuracy against the
 
     .venv/bin/python benchmarks/bench_quantize_ocr.py [--calib 64 --tune 100 --test 200 --budget 0.5 --relaxed 2.5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import ocr_textset as textset  # noqa: E402
 from conftest import OCR_REC  # noqa: E402
+
 from lepton_cli.accuracy import scoring_opt_level  # noqa: E402
 from lepton_cli.data import load_samples  # noqa: E402
 from lepton_cli.errors import QualityGateError  # noqa: E402
@@ -44,7 +46,6 @@ from lepton_cli.hostinfo import detect_host  # noqa: E402
 from lepton_cli.measure import Candidate, StopRule, host_latency  # noqa: E402
 from lepton_cli.model_io import upgrade_opset  # noqa: E402
 from lepton_cli.ort import make_session  # noqa: E402
-from lepton_cli.params import from_table  # noqa: E402
 from lepton_cli.pass_registry import get_pass  # noqa: E402
 from lepton_cli.pipeline import PassContext  # noqa: E402
 from lepton_cli.quant.calibration import SampleSetReader, quiet_ort  # noqa: E402
@@ -63,9 +64,16 @@ def naive(model: onnx.ModelProto, calib, work: Path, *, pre: bool, method: str) 
     out = work / f"naive-{pre}-{method}.onnx"
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
     with quiet_ort():
-        quantize_static(str(src), str(out), SampleSetReader(model, calib, 0, len(calib)), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=methods[method])
+        quantize_static(
+            str(src),
+            str(out),
+            SampleSetReader(model, calib, 0, len(calib)),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+        )
     return onnx.load(str(out))
 
 
@@ -73,7 +81,9 @@ def lepton(model: onnx.ModelProto, calib, tune, budget: float, target_name: str)
     target = load_target(target_name)
     step = next(s for s in target.passes if s.name == "quantize")
     spec = get_pass("quantize")
-    ctx = PassContext(target=target, calib=calib, eval=tune, max_accuracy_drop=budget, host=detect_host().pass_context())
+    ctx = PassContext(
+        target=target, calib=calib, eval=tune, max_accuracy_drop=budget, host=detect_host().pass_context()
+    )
     # Only the quantize pass runs here: as in a compile where the target's earlier lossy pass (edge-arm's
     # channel pruning, budget_share 0.5) spent nothing, its share carries over (PassContext.spent).
     ctx.spent(budget * (1 - step.params.budget_share), 0.0)
@@ -83,13 +93,19 @@ def lepton(model: onnx.ModelProto, calib, tune, budget: float, target_name: str)
     except QualityGateError as exc:
         return None, {"exit": 3, "message": exc.message, "seconds": round(time.perf_counter() - started, 1)}
     summary = {k: v for k, v in result.summary.items() if k != "float_ops"}
-    return result.model, {"exit": 0, "summary": summary, "seconds": round(time.perf_counter() - started, 1),
-                          "warnings": ctx.warnings}
+    return result.model, {
+        "exit": 0,
+        "summary": summary,
+        "seconds": round(time.perf_counter() - started, 1),
+        "warnings": ctx.warnings,
+    }
 
 
-def char_acc(model: onnx.ModelProto, images: np.ndarray, texts: list[str], chars: list[str], opt_level: str = "all") -> float:
+def char_acc(
+    model: onnx.ModelProto, images: np.ndarray, texts: list[str], chars: list[str], opt_level: str = "all"
+) -> float:
     session = make_session(model, opt_level=opt_level)
-    probs = np.concatenate([session.run(None, {"x": images[i:i + 1]})[0] for i in range(len(images))])
+    probs = np.concatenate([session.run(None, {"x": images[i : i + 1]})[0] for i in range(len(images))])
     return textset.char_accuracy(textset.ctc_greedy(probs, chars), texts)
 
 
@@ -112,7 +128,11 @@ def main() -> None:
     model, _ = upgrade_opset(source, 13, 21)  # the opset fix quantize_static needs (per-axis QDQ)
     model = bind_input_shapes(model, {"x": [1, 3, 48, 320]})
     sets = {}
-    for role, count, seed, kind in (("calib", args.calib, 1, "calib"), ("tune", args.tune, 2, "eval"), ("test", args.test, 3, "eval")):
+    for role, count, seed, kind in (
+        ("calib", args.calib, 1, "calib"),
+        ("tune", args.tune, 2, "eval"),
+        ("test", args.test, 3, "eval"),
+    ):
         images, texts = textset.make_set(count, seed, kind)
         labelled = role == "tune" and not args.unlabelled
         np.savez(work / f"{role}.npz", x=images, **({"labels": np.array(texts)} if labelled else {}))
@@ -128,8 +148,11 @@ def main() -> None:
     if not args.skip_percentile:
         models["ort + pre-process, percentile"] = naive(model, calib, work, pre=True, method="percentile")
     info["naive_seconds"] = round(time.perf_counter() - t, 1)
-    for target_name, budget in [(t, b) for t in args.targets.split(",")
-                                for b in [args.budget] + ([args.relaxed] if args.relaxed is not None else [])]:
+    for target_name, budget in [
+        (t, b)
+        for t in args.targets.split(",")
+        for b in [args.budget] + ([args.relaxed] if args.relaxed is not None else [])
+    ]:
         label = f"lepton {target_name} (budget {budget:g})"
         built, detail = lepton(model, calib, tune, budget, target_name)
         info[label] = detail
@@ -147,27 +170,51 @@ def main() -> None:
         # ORT's naive models are U8S8 for a cpu-avx (VNNI) deployment.
         target_name = label.split()[1] if label.startswith("lepton ") else "cpu-avx"
         level = "all" if label == "fp32" else scoring_opt_level(list(load_target(target_name).hardware.isa), host_isa)
-        rows[label] = {"char_acc": round(char_acc(m, images, texts, chars, level), 2), "size_bytes": m.ByteSize(),
-                       "scored_opt_level": level}
-    feeds = [{"x": images[i:i + 1]} for i in range(8)]
-    timing = host_latency([Candidate(label, m, feeds) for label, m in models.items()],
-                          StopRule(runs=40, seconds=20.0, min_runs=10, warmup=3), threads=args.threads,
-                          providers=["CPUExecutionProvider"], keep_samples=False)
+        rows[label] = {
+            "char_acc": round(char_acc(m, images, texts, chars, level), 2),
+            "size_bytes": m.ByteSize(),
+            "scored_opt_level": level,
+        }
+    feeds = [{"x": images[i : i + 1]} for i in range(8)]
+    timing = host_latency(
+        [Candidate(label, m, feeds) for label, m in models.items()],
+        StopRule(runs=40, seconds=20.0, min_runs=10, warmup=3),
+        threads=args.threads,
+        providers=["CPUExecutionProvider"],
+        keep_samples=False,
+    )
     base = rows["fp32"]
     print(f"\nPP-OCRv4 rec 48x320, test set {len(texts)} rendered lines, threads {args.threads}")
     print(f"{'model':<36} {'char acc':>8} {'drop':>6} {'size x':>7} {'p50 ms':>8} {'speed x':>8}")
     for label, row in rows.items():
         p50 = timing["models"][label]["p50_ms"]
-        row |= {"drop": round(base["char_acc"] - row["char_acc"], 2), "size_ratio": round(row["size_bytes"] / base["size_bytes"], 3),
-                "p50_ms": round(p50, 2), "speedup": round(timing["models"]["fp32"]["p50_ms"] / p50, 2)}
-        print(f"{label:<36} {row['char_acc']:8.2f} {row['drop']:6.2f} {row['size_ratio']:7.3f} {p50:8.2f} {row['speedup']:8.2f}")
+        row |= {
+            "drop": round(base["char_acc"] - row["char_acc"], 2),
+            "size_ratio": round(row["size_bytes"] / base["size_bytes"], 3),
+            "p50_ms": round(p50, 2),
+            "speedup": round(timing["models"]["fp32"]["p50_ms"] / p50, 2),
+        }
+        print(
+            f"{label:<36} {row['char_acc']:8.2f} {row['drop']:6.2f} {row['size_ratio']:7.3f} {p50:8.2f} {row['speedup']:8.2f}"
+        )
     for label, detail in info.items():
         if isinstance(detail, dict) and detail.get("exit") == 3:
             print(f"{label:<36} exit 3 (nothing met the budget) — {detail['message'][:300]}")
     out = ROOT / "benchmarks" / "results" / "bench_quantize_ocr.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows, "lepton": info, "latency_settings": timing["settings"],
-                               "host": detect_host().pass_context()}, indent=2, default=str))
+    out.write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "rows": rows,
+                "lepton": info,
+                "latency_settings": timing["settings"],
+                "host": detect_host().pass_context(),
+            },
+            indent=2,
+            default=str,
+        )
+    )
     print(f"wrote {out}")
 
 

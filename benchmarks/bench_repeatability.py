@@ -9,6 +9,7 @@ thread pools and allocations are fresh every time, as a user re-running the comm
 Prints a table and writes benchmarks/results/bench_repeatability.json. The issue's aim: the p50
 ratios within ±5% of each other.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,9 @@ MODELS = {
 
 
 def lepton(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lepton_cli", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "lepton_cli", *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
 
 
 def main() -> None:
@@ -49,28 +52,55 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lepton-repeat-") as tmp:
         env = dict(os.environ, LEPTON_HOME=str(Path(tmp) / "home"), NO_COLOR="1")
         env.pop("GITHUB_STEP_SUMMARY", None)
-        done = lepton("compile", str(path), "--target", "cpu-avx", "-o", tmp, "--no-bench", "--json", *shape_args, env=env)
+        done = lepton(
+            "compile", str(path), "--target", "cpu-avx", "-o", tmp, "--no-bench", "--json", *shape_args, env=env
+        )
         if done.returncode != 0:
             sys.exit(f"compile failed: {done.stderr[-2000:]}")
         bundle = json.loads(done.stdout)["bundle"]
         rows = []
         for i in range(args.repeats):
-            res = lepton("bench", bundle, "--against", str(path), "--seconds", str(args.seconds), "--runs", str(args.runs),
-                         "--json", *shape_args, *(["--threads", str(args.threads)] if args.threads else []), env=env)
+            res = lepton(
+                "bench",
+                bundle,
+                "--against",
+                str(path),
+                "--seconds",
+                str(args.seconds),
+                "--runs",
+                str(args.runs),
+                "--json",
+                *shape_args,
+                *(["--threads", str(args.threads)] if args.threads else []),
+                env=env,
+            )
             if res.returncode != 0:
                 sys.exit(f"bench failed: {res.stderr[-2000:]}")
             doc = json.loads(res.stdout)
             lat = doc["host_latency"]
-            (label, ratio), = lat["ratios"].items()
+            ((label, ratio),) = lat["ratios"].items()
             base = lat["models"][lat["base"]]
             cand = lat["models"][label]
             a, b = np.array(base["samples_ms"]), np.array(cand["samples_ms"])
-            rows.append({"repeat": i + 1, "ratio": ratio["ratio"], "ci_low": ratio["ci_low"], "ci_high": ratio["ci_high"],
-                         "median_paired_ratio": float(np.median(b / a)), "min_ratio": float(b.min() / a.min()),
-                         "runs": cand["runs"], "base_p50_ms": base["p50_ms"], "compiled_p50_ms": cand["p50_ms"],
-                         "threads": lat["settings"]["threads"]})
-            print(f"repeat {i + 1}: ratio {ratio['ratio']:.4f} [{ratio['ci_low']:.4f}, {ratio['ci_high']:.4f}]  "
-                  f"source p50 {base['p50_ms']:.3f} ms  compiled p50 {cand['p50_ms']:.3f} ms  ({cand['runs']} rounds)", flush=True)
+            rows.append(
+                {
+                    "repeat": i + 1,
+                    "ratio": ratio["ratio"],
+                    "ci_low": ratio["ci_low"],
+                    "ci_high": ratio["ci_high"],
+                    "median_paired_ratio": float(np.median(b / a)),
+                    "min_ratio": float(b.min() / a.min()),
+                    "runs": cand["runs"],
+                    "base_p50_ms": base["p50_ms"],
+                    "compiled_p50_ms": cand["p50_ms"],
+                    "threads": lat["settings"]["threads"],
+                }
+            )
+            print(
+                f"repeat {i + 1}: ratio {ratio['ratio']:.4f} [{ratio['ci_low']:.4f}, {ratio['ci_high']:.4f}]  "
+                f"source p50 {base['p50_ms']:.3f} ms  compiled p50 {cand['p50_ms']:.3f} ms  ({cand['runs']} rounds)",
+                flush=True,
+            )
     ratios = [r["ratio"] for r in rows]
     mean = sum(ratios) / len(ratios)
     spread = max(ratios) / min(ratios) - 1
@@ -79,17 +109,23 @@ def main() -> None:
     print("| repeat | p50 ratio | 95% CI | source p50 ms | compiled p50 ms | rounds |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['repeat']} | {r['ratio']:.4f} | {r['ci_low']:.4f}–{r['ci_high']:.4f} | {r['base_p50_ms']:.3f} | "
-              f"{r['compiled_p50_ms']:.3f} | {r['runs']} |")
+        print(
+            f"| {r['repeat']} | {r['ratio']:.4f} | {r['ci_low']:.4f}–{r['ci_high']:.4f} | {r['base_p50_ms']:.3f} | "
+            f"{r['compiled_p50_ms']:.3f} | {r['runs']} |"
+        )
     for key in ("median_paired_ratio", "min_ratio"):  # other estimators, for comparison
         vals = [r[key] for r in rows]
         print(f"{key}: {', '.join(f'{v:.4f}' for v in vals)}  spread {max(vals) / min(vals) - 1:.2%}")
     verdict = "PASS" if spread <= 0.05 else "FAIL"
-    print(f"\n{args.model}: max/min ratio spread {spread:.2%}, worst deviation from the mean {worst:.2%} (aim: within ±5%) {verdict}")
+    print(
+        f"\n{args.model}: max/min ratio spread {spread:.2%}, worst deviation from the mean {worst:.2%} (aim: within ±5%) {verdict}"
+    )
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"bench_repeatability_{args.model}.json").write_text(
-        json.dumps({"model": args.model, "rows": rows, "spread": spread, "worst_deviation": worst}, indent=2), encoding="utf-8")
+        json.dumps({"model": args.model, "rows": rows, "spread": spread, "worst_deviation": worst}, indent=2),
+        encoding="utf-8",
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ scenes on photographs, benchmarks/corpus/data.py) detection F1 at IoU 0.5 agains
 common_det.onnx: ``pip download --no-deps ddddocr==1.6.1`` and unzip. Needs the extra lepton-cli[tflite].
 Writes benchmarks/results/tflite_device.json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,13 +67,13 @@ def _score_detections(source: Path, evaluation: Path, got: np.ndarray) -> tuple[
     name = session.get_inputs()[0].name
     with np.load(evaluation) as npz:
         images = npz[name]
-    refs = [session.run(None, {name: images[i:i + 1]})[0] for i in range(len(images))]
+    refs = [session.run(None, {name: images[i : i + 1]})[0] for i in range(len(images))]
     role = output_roles.recognise(onnx.load(str(source)), 0, session.get_outputs()[0].name, refs)
     if role.metric != "detection_f1":
         raise SystemExit(f"{source.name}: output not recognised as a detector head ({role.why})")
     tally = DetectionTally(role.layout, role.threshold)
     for i, ref in enumerate(refs):
-        tally.add(ref, got[i:i + 1].reshape(ref.shape))
+        tally.add(ref, got[i : i + 1].reshape(ref.shape))
     result = tally.result()
     return round(result.value, 4), {"layout": role.layout, **result.extra}
 
@@ -91,27 +92,56 @@ def _score(kind: str, out: Path, run_json: dict, context: dict) -> tuple[float |
 def _run_format(bundle: Path, fmt: str, kind: str, context: dict, env: dict[str, str]) -> dict:
     out = bundle.parent / f"{bundle.name}.{fmt}.npz"
     start = time.perf_counter()
-    run = _lepton("run", str(bundle), "--inputs", str(context["eval"]), "--format", fmt, "-o", str(out), "--json", env=env)
+    run = _lepton(
+        "run", str(bundle), "--inputs", str(context["eval"]), "--format", fmt, "-o", str(out), "--json", env=env
+    )
     if run.returncode != 0:
         return {"exit": run.returncode, "error": (run.stderr.strip().splitlines() or [""])[-1][:300]}
     info = json.loads(run.stdout)
     value, extra = _score(kind, out, info, context)
-    return {"exit": 0, "file": info.get("model"), "runtime": info.get("runtime"), "value": value,
-            "seconds": round(time.perf_counter() - start, 1), **extra}
+    return {
+        "exit": 0,
+        "file": info.get("model"),
+        "runtime": info.get("runtime"),
+        "value": value,
+        "seconds": round(time.perf_counter() - start, 1),
+        **extra,
+    }
 
 
-def _compile(name: str, model: Path, context: dict, budgets: list[str], folder: Path, env: dict[str, str]) -> tuple[Path | None, dict]:
+def _compile(
+    name: str, model: Path, context: dict, budgets: list[str], folder: Path, env: dict[str, str]
+) -> tuple[Path | None, dict]:
     attempts = []
     for budget in budgets:
-        args = ["compile", str(model), "--target", "tpu", "--calib", str(context["calib"]), "--eval", str(context["eval"]),
-                "-o", str(folder), "--no-bench", "--quiet"] + (["--max-accuracy-drop", budget] if budget != "default" else [])
+        args = [
+            "compile",
+            str(model),
+            "--target",
+            "tpu",
+            "--calib",
+            str(context["calib"]),
+            "--eval",
+            str(context["eval"]),
+            "-o",
+            str(folder),
+            "--no-bench",
+            "--quiet",
+        ] + (["--max-accuracy-drop", budget] if budget != "default" else [])
         start = time.perf_counter()
         result = _lepton(*args, env=env)
-        attempt = {"max_accuracy_drop": budget, "exit": result.returncode, "seconds": round(time.perf_counter() - start, 1)}
+        attempt = {
+            "max_accuracy_drop": budget,
+            "exit": result.returncode,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
         if result.returncode != 0:
             attempt["error"] = (result.stderr.strip().splitlines() or [""])[-1][:300]
         attempts.append(attempt)
-        print(f"  {name}: compile --max-accuracy-drop {budget}: exit {result.returncode} in {attempt['seconds']} s {attempt.get('error', '')}", flush=True)
+        print(
+            f"  {name}: compile --max-accuracy-drop {budget}: exit {result.returncode} in {attempt['seconds']} s {attempt.get('error', '')}",
+            flush=True,
+        )
         if result.returncode != 3:
             break
     bundle = folder / f"{model.stem}.tpu.lepton"
@@ -121,21 +151,34 @@ def _compile(name: str, model: Path, context: dict, budgets: list[str], folder: 
 def _report_claims(bundle: Path) -> dict:
     report = json.loads((bundle / "report.json").read_text())
     tfl = report.get("device", {}).get("tflite", {})
-    row = {"metric": report["accuracy"]["metric"], "source_value": report["accuracy"].get("source_value"),
-           "report_onnx": report["accuracy"].get("value"), "tflite_produced": bool(tfl.get("produced"))}
+    row = {
+        "metric": report["accuracy"]["metric"],
+        "source_value": report["accuracy"].get("source_value"),
+        "report_onnx": report["accuracy"].get("value"),
+        "tflite_produced": bool(tfl.get("produced")),
+    }
     if not tfl.get("produced"):
         row["tflite_reason"] = tfl.get("reason", "")
         return row
     tpu = tfl["edgetpu"]
-    row.update({"report_tflite": tfl["accuracy"].get("value"), "report_tflite_accuracy": tfl["accuracy"],
-                "max_abs_diff_vs_onnx": (tfl.get("vs_onnx") or {}).get("max_abs_diff_vs_onnx"),
-                "tflite_bytes": tfl.get("size_bytes"), "edgetpu_ops": tpu["edgetpu_ops"], "ops": tpu["ops"],
-                "cpu_ops": [f"#{c['index']} {c['op']}: {c['reason']}" for c in tpu["cpu_ops"]],
-                "params_streamed": tpu.get("params_streamed")})
+    row.update(
+        {
+            "report_tflite": tfl["accuracy"].get("value"),
+            "report_tflite_accuracy": tfl["accuracy"],
+            "max_abs_diff_vs_onnx": (tfl.get("vs_onnx") or {}).get("max_abs_diff_vs_onnx"),
+            "tflite_bytes": tfl.get("size_bytes"),
+            "edgetpu_ops": tpu["edgetpu_ops"],
+            "ops": tpu["ops"],
+            "cpu_ops": [f"#{c['index']} {c['op']}: {c['reason']}" for c in tpu["cpu_ops"]],
+            "params_streamed": tpu.get("params_streamed"),
+        }
+    )
     return row
 
 
-def _row(name: str, kind: str, model: Path, context: dict, budgets: list[str], folder: Path, env: dict[str, str]) -> dict:
+def _row(
+    name: str, kind: str, model: Path, context: dict, budgets: list[str], folder: Path, env: dict[str, str]
+) -> dict:
     context = {**context, "model": model}
     bundle, compiled = _compile(name, model, context, budgets, folder, env)
     row = {"model": name, **compiled}
@@ -161,25 +204,40 @@ def _num(value: float | None) -> str:
 
 
 def _table(rows: list[dict]) -> list[str]:
-    lines = ["| model | metric | budget used | report: ONNX | report: .tflite | `run --format onnx` | `run --format tflite` "
-             "| Edge TPU ops | first CPU op | compile s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | metric | budget used | report: ONNX | report: .tflite | `run --format onnx` | `run --format tflite` "
+        "| Edge TPU ops | first CPU op | compile s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         budget = r["attempts"][-1]["max_accuracy_drop"] if r.get("attempts") else "-"
         if "metric" not in r:
-            lines.append(f"| {r['model']} | - | {budget} | compile failed: {r['attempts'][-1].get('error', '')} | | | | | | |")
+            lines.append(
+                f"| {r['model']} | - | {budget} | compile failed: {r['attempts'][-1].get('error', '')} | | | | | | |"
+            )
             continue
-        tpu = f"{r['edgetpu_ops']}/{r['ops']}" if r.get("tflite_produced") else f"not produced: {r.get('tflite_reason', '')}"
+        tpu = (
+            f"{r['edgetpu_ops']}/{r['ops']}"
+            if r.get("tflite_produced")
+            else f"not produced: {r.get('tflite_reason', '')}"
+        )
         first_cpu = r["cpu_ops"][0] if r.get("cpu_ops") else "none"
-        lines.append(f"| {r['model']} | {r['metric']} | {budget} | {_num(r.get('report_onnx'))} | {_num(r.get('report_tflite'))} "
-                     f"| {_num(r.get('run_onnx', {}).get('value'))} | {_num(r.get('run_tflite', {}).get('value'))} "
-                     f"| {tpu} | {first_cpu[:90]} | {r.get('compile_seconds', '-')} |")
+        lines.append(
+            f"| {r['model']} | {r['metric']} | {budget} | {_num(r.get('report_onnx'))} | {_num(r.get('report_tflite'))} "
+            f"| {_num(r.get('run_onnx', {}).get('value'))} | {_num(r.get('run_tflite', {}).get('value'))} "
+            f"| {tpu} | {first_cpu[:90]} | {r.get('compile_seconds', '-')} |"
+        )
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--det", type=Path, help="ddddocr's common_det.onnx (pip download --no-deps ddddocr==1.6.1; unzip)")
-    parser.add_argument("--det-budgets", default="default,2,5,10", help="--max-accuracy-drop values tried in order for the detector")
+    parser.add_argument(
+        "--det", type=Path, help="ddddocr's common_det.onnx (pip download --no-deps ddddocr==1.6.1; unzip)"
+    )
+    parser.add_argument(
+        "--det-budgets", default="default,2,5,10", help="--max-accuracy-drop values tried in order for the detector"
+    )
     parser.add_argument("--det-samples", default="16,24", help="calib,eval scene counts")
     parser.add_argument("--skip", default="", help="comma list of digits,rec,det")
     args = parser.parse_args()
@@ -190,8 +248,17 @@ def main() -> None:
         env = {**os.environ, "LEPTON_HOME": str(folder / "home"), "TF_CPP_MIN_LOG_LEVEL": "3"}
         digits = REPO / "examples" / "digits"
         if "digits" not in skip:
-            rows.append(_row("digits", "digits", digits / "digits_cnn.onnx",
-                             {"calib": digits / "calib.npz", "eval": digits / "eval.npz"}, ["default"], folder, env))
+            rows.append(
+                _row(
+                    "digits",
+                    "digits",
+                    digits / "digits_cnn.onnx",
+                    {"calib": digits / "calib.npz", "eval": digits / "eval.npz"},
+                    ["default"],
+                    folder,
+                    env,
+                )
+            )
         if "rec" not in skip:
             model, context = _rec_context(folder)  # full int8 of rec costs ~3 points: over the default 1-point budget
             rows.append(_row("PP-OCRv4 rec 48x160", "rec", model, context, ["default", "6"], folder, env))
@@ -199,15 +266,25 @@ def main() -> None:
             model = folder / "ddddocr_det.onnx"
             model.write_bytes(args.det.read_bytes())
             calib, evaluation = _det_data(model, folder, *(int(n) for n in args.det_samples.split(",")))
-            rows.append(_row("ddddocr det 416x416", "det", model, {"calib": calib, "eval": evaluation},
-                             args.det_budgets.split(","), folder, env))
+            rows.append(
+                _row(
+                    "ddddocr det 416x416",
+                    "det",
+                    model,
+                    {"calib": calib, "eval": evaluation},
+                    args.det_budgets.split(","),
+                    folder,
+                    env,
+                )
+            )
     lines = _table(rows)
     print("\n".join(lines))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "tflite_device.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-    (RESULTS / "tflite_device.md").write_text("# tpu bundle's .tflite in LiteRT vs its compile report\n\n"
-                                              "`.venv/bin/python benchmarks/bench_tflite_device.py --det common_det.onnx`\n\n"
-                                              + "\n".join(lines) + "\n")
+    (RESULTS / "tflite_device.md").write_text(
+        "# tpu bundle's .tflite in LiteRT vs its compile report\n\n"
+        "`.venv/bin/python benchmarks/bench_tflite_device.py --det common_det.onnx`\n\n" + "\n".join(lines) + "\n"
+    )
     print(f"wrote {RESULTS / 'tflite_device.json'}")
 
 

@@ -7,6 +7,7 @@ problem). Counts: acceptances of a changed bundle and uncaught exceptions — bo
 
 Writes benchmarks/results/fuzz_bundle.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,12 +33,16 @@ MODEL = REPO / "examples" / "digits" / "digits_cnn.onnx"
 
 
 def _make(dest: Path, keys: Path, version: int) -> Path:
-    return write_bundle(dest, models={"model.onnx": MODEL.read_bytes()},
-                        plain_files={"report.json": json.dumps({"v": version}).encode(), "report.md": b"# report\n"},
-                        manifest_fields={"model": {"name": "digits_cnn"}, "target": {"name": "fuzz"}},
-                        signing_key=load_key(str(keys / "signing-private.pem"), "signing", "private", origin="fuzz"),
-                        recipients=[load_key(str(keys / "encryption-public.pem"), "encryption", "public", origin="fuzz")],
-                        version=version, expires=None)
+    return write_bundle(
+        dest,
+        models={"model.onnx": MODEL.read_bytes()},
+        plain_files={"report.json": json.dumps({"v": version}).encode(), "report.md": b"# report\n"},
+        manifest_fields={"model": {"name": "digits_cnn"}, "target": {"name": "fuzz"}},
+        signing_key=load_key(str(keys / "signing-private.pem"), "signing", "private", origin="fuzz"),
+        recipients=[load_key(str(keys / "encryption-public.pem"), "encryption", "public", origin="fuzz")],
+        version=version,
+        expires=None,
+    )
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -48,8 +53,22 @@ def mutate(rng: random.Random, bundle: Path, twin: Path) -> str:
     files = sorted(p for p in bundle.rglob("*") if p.is_file())
     target = rng.choice(files)
     data = bytearray(target.read_bytes())
-    kind = rng.choice(["flip", "flip", "flip", "multiflip", "truncate", "append", "insert", "delete_range",
-                       "swap_file", "remove_file", "extra_file", "replace_json_value"])
+    kind = rng.choice(
+        [
+            "flip",
+            "flip",
+            "flip",
+            "multiflip",
+            "truncate",
+            "append",
+            "insert",
+            "delete_range",
+            "swap_file",
+            "remove_file",
+            "extra_file",
+            "replace_json_value",
+        ]
+    )
     if kind == "flip" and data:
         i = rng.randrange(len(data))
         data[i] ^= 1 << rng.randrange(8)
@@ -58,7 +77,7 @@ def mutate(rng: random.Random, bundle: Path, twin: Path) -> str:
             i = rng.randrange(len(data))
             data[i] = rng.randrange(256)
     elif kind == "truncate":
-        del data[rng.randrange(len(data) + 1) if data else 0:]
+        del data[rng.randrange(len(data) + 1) if data else 0 :]
     elif kind == "append":
         data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
     elif kind == "insert" and data:
@@ -66,7 +85,7 @@ def mutate(rng: random.Random, bundle: Path, twin: Path) -> str:
         data[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
     elif kind == "delete_range" and data:
         i = rng.randrange(len(data))
-        del data[i:i + rng.randint(1, 64)]
+        del data[i : i + rng.randint(1, 64)]
     elif kind == "swap_file":
         other = twin / target.relative_to(bundle)
         if other.exists():
@@ -120,8 +139,12 @@ def main() -> int:
                 continue
             counts[what.split(":")[0]] += 1
             try:
-                open_bundle(target, key=str(keys / "encryption-private.pem"), trust=str(keys / "signing-public.pem"),
-                            state_path=work / "state.json")
+                open_bundle(
+                    target,
+                    key=str(keys / "encryption-private.pem"),
+                    trust=str(keys / "signing-public.pem"),
+                    state_path=work / "state.json",
+                )
                 accepted.append(what)
             except LeptonError:
                 pass
@@ -132,7 +155,11 @@ def main() -> int:
         import zipfile
 
         with zipfile.ZipFile(archive_base) as zf:  # zip metadata: local headers and the central directory
-            metadata = [o for info in zf.infolist() for o in range(info.header_offset, info.header_offset + 30 + len(info.filename))]
+            metadata = [
+                o
+                for info in zf.infolist()
+                for o in range(info.header_offset, info.header_offset + 30 + len(info.filename))
+            ]
             metadata += list(range(zf.start_dir, len(raw)))
         for _ in range(args.iterations // 4):
             data = bytearray(raw)
@@ -145,8 +172,12 @@ def main() -> int:
             path.write_bytes(bytes(data))
             counts["archive_bytes"] += 1
             try:
-                open_bundle(path, key=str(keys / "encryption-private.pem"), trust=str(keys / "signing-public.pem"),
-                            state_path=work / "state.json")
+                open_bundle(
+                    path,
+                    key=str(keys / "encryption-private.pem"),
+                    trust=str(keys / "signing-public.pem"),
+                    state_path=work / "state.json",
+                )
                 accepted.append("archive_bytes")
             except LeptonError:
                 pass
@@ -167,10 +198,23 @@ def main() -> int:
         print(f"--- accepted after {what}")
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fuzz_bundle.json").write_text(json.dumps({
-        "iterations": args.iterations, "seed": args.seed, "mutations": total, "by_kind": counts, "no_ops_skipped": unchanged,
-        "accepted": len(accepted), "accepted_cases": accepted[:50], "uncaught": len(uncaught),
-        "uncaught_cases": [w for w, _ in uncaught[:50]], "seconds": round(seconds, 1)}, indent=2))
+    (out / "fuzz_bundle.json").write_text(
+        json.dumps(
+            {
+                "iterations": args.iterations,
+                "seed": args.seed,
+                "mutations": total,
+                "by_kind": counts,
+                "no_ops_skipped": unchanged,
+                "accepted": len(accepted),
+                "accepted_cases": accepted[:50],
+                "uncaught": len(uncaught),
+                "uncaught_cases": [w for w, _ in uncaught[:50]],
+                "seconds": round(seconds, 1),
+            },
+            indent=2,
+        )
+    )
     return 0 if not uncaught and not accepted else 1
 
 

@@ -10,6 +10,7 @@ an encrypted external data file) against NumPy's float64 forward pass.
 
 Writes benchmarks/results/large_model.json and large_model.md. Deletes the model and bundle unless --keep.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,9 @@ def _external(name: str, dims: list[int], location: str, offset: int, length: in
     return tensor
 
 
-def build_matmul_stack(folder: Path, *, layers: int = 10, width: int = 8192, seed: int = 0, name: str = "stack") -> Path:
+def build_matmul_stack(
+    folder: Path, *, layers: int = 10, width: int = 8192, seed: int = 0, name: str = "stack"
+) -> Path:
     """``folder/<name>.onnx`` plus ``<name>.onnx.data``: x[1, width] → (MatMul, Add, Relu) × layers.
 
     Written one layer at a time (one weight in memory at once); same seed, byte-identical files.
@@ -64,12 +67,19 @@ def build_matmul_stack(folder: Path, *, layers: int = 10, width: int = 8192, see
                 inits.append(_external(tensor_name, list(value.shape), location, offset, len(raw)))
                 offset += len(raw)
             del weight, bias
-            nodes += [helper.make_node("MatMul", [current, f"w{i}"], [f"mm{i}"], name=f"matmul{i}"),
-                      helper.make_node("Add", [f"mm{i}", f"b{i}"], [f"add{i}"], name=f"add{i}"),
-                      helper.make_node("Relu", [f"add{i}"], [f"y{i}" if i < layers - 1 else "y"], name=f"relu{i}")]
+            nodes += [
+                helper.make_node("MatMul", [current, f"w{i}"], [f"mm{i}"], name=f"matmul{i}"),
+                helper.make_node("Add", [f"mm{i}", f"b{i}"], [f"add{i}"], name=f"add{i}"),
+                helper.make_node("Relu", [f"add{i}"], [f"y{i}" if i < layers - 1 else "y"], name=f"relu{i}"),
+            ]
             current = f"y{i}"
-    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])], inits)
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="lepton-bench")
     model.ir_version = 8
     path = folder / f"{name}.onnx"
@@ -125,9 +135,14 @@ def compile_measured(model: Path, out: Path, target: str = "cpu-avx") -> dict:
     before the first pass; ``report, bundle`` everything after the last)."""
     code, seconds, peak, tail = run_measured([sys.executable, "-c", _CHILD, str(model), target, str(out)])
     line = next((ln for ln in tail.splitlines() if ln.startswith("LEPTON-MARKS ")), None)
-    phases = _phases(json.loads(line[len("LEPTON-MARKS "):])) if line else []
-    return {"exit_code": code, "wall_s": round(seconds, 1), "peak_rss_gib": round(peak, 3), "phases": phases,
-            **({"output": tail} if code else {})}
+    phases = _phases(json.loads(line[len("LEPTON-MARKS ") :])) if line else []
+    return {
+        "exit_code": code,
+        "wall_s": round(seconds, 1),
+        "peak_rss_gib": round(peak, 3),
+        "phases": phases,
+        **({"output": tail} if code else {}),
+    }
 
 
 def _phases(marks: list[list]) -> list[dict]:
@@ -148,9 +163,14 @@ def _phases(marks: list[list]) -> list[dict]:
 
 
 def _pass_seconds(report: dict) -> list[dict]:
-    rows = [{"variant": "int8 (model.onnx)", "pass": s["name"], "seconds": s["seconds"]} for s in report.get("pipeline", [])]
+    rows = [
+        {"variant": "int8 (model.onnx)", "pass": s["name"], "seconds": s["seconds"]} for s in report.get("pipeline", [])
+    ]
     for built in report.get("variant_builds", []):
-        rows += [{"variant": f"{built['name']} ({built['path']})", "pass": s["name"], "seconds": s["seconds"]} for s in built["pipeline"]]
+        rows += [
+            {"variant": f"{built['name']} ({built['path']})", "pass": s["name"], "seconds": s["seconds"]}
+            for s in built["pipeline"]
+        ]
     return rows
 
 
@@ -168,13 +188,20 @@ def main() -> int:
         model_bytes = model.stat().st_size + (model.parent / (model.name + ".data")).stat().st_size
         result = compile_measured(model, work / "out")
         bundle = work / "out" / f"{model.stem}.cpu-avx.lepton"
-        doc: dict = {"layers": args.layers, "width": args.width, "model_gib": round(model_bytes / 2**30, 3),
-                     "build_s": round(build_s, 1), "compile": result}
+        doc: dict = {
+            "layers": args.layers,
+            "width": args.width,
+            "model_gib": round(model_bytes / 2**30, 3),
+            "build_s": round(build_s, 1),
+            "compile": result,
+        }
         if result["exit_code"] == 0:
             report = json.loads((bundle / "report.json").read_text())
             doc["passes"] = _pass_seconds(report)
             doc["peak_over_model"] = round(result["peak_rss_gib"] * 2**30 / model_bytes, 3)
-            doc["bundle_files"] = {str(p.relative_to(bundle)): p.stat().st_size for p in sorted(bundle.rglob("*")) if p.is_file()}
+            doc["bundle_files"] = {
+                str(p.relative_to(bundle)): p.stat().st_size for p in sorted(bundle.rglob("*")) if p.is_file()
+            }
             doc["verify"] = check_bundle(bundle, work, layers=args.layers, width=args.width)
         write_results(doc)
         print(json.dumps({k: v for k, v in doc.items() if k != "passes"}, indent=1))
@@ -194,11 +221,17 @@ def check_bundle(bundle: Path, work: Path, *, layers: int, width: int) -> dict:
     scale = float(np.max(np.abs(expected))) or 1.0
     rows = {}
     code, seconds, peak, tail = run_measured([*LEPTON, "verify", str(bundle)])
-    rows["verify"] = {"exit_code": code, "wall_s": round(seconds, 1), "peak_rss_gib": round(peak, 3), **({"error": tail} if code else {})}
+    rows["verify"] = {
+        "exit_code": code,
+        "wall_s": round(seconds, 1),
+        "peak_rss_gib": round(peak, 3),
+        **({"error": tail} if code else {}),
+    }
     for variant in ("int8", "fp32"):
         out = work / f"y-{variant}.npz"
-        code, seconds, peak, tail = run_measured([*LEPTON, "run", str(bundle), "--input", f"x={work / 'x.npy'}", "--variant", variant,
-                                                  "-o", str(out)])
+        code, seconds, peak, tail = run_measured(
+            [*LEPTON, "run", str(bundle), "--input", f"x={work / 'x.npy'}", "--variant", variant, "-o", str(out)]
+        )
         row = {"exit_code": code, "wall_s": round(seconds, 1), "peak_rss_gib": round(peak, 3)}
         if code == 0:
             got = np.load(out)["y"].astype(np.float64)
@@ -213,28 +246,54 @@ def write_results(doc: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "large_model.json").write_text(json.dumps(doc, indent=1) + "\n")
     c = doc["compile"]
-    lines = [f"# Compiling a {doc['model_gib']} GiB model (external data) for cpu-avx", "",
-             f"`benchmarks/large_model.py --layers {doc['layers']} --width {doc['width']}`: MatMul+Add+Relu x {doc['layers']}, "
-             f"{doc['width']}x{doc['width']} float32 weights in one external data file.", "",
-             f"- compile: exit {c['exit_code']}, wall {c['wall_s']} s, peak RSS {c['peak_rss_gib']} GiB"
-             + (f" ({doc['peak_over_model']}x the model)" if "peak_over_model" in doc else ""), ""]
+    lines = [
+        f"# Compiling a {doc['model_gib']} GiB model (external data) for cpu-avx",
+        "",
+        f"`benchmarks/large_model.py --layers {doc['layers']} --width {doc['width']}`: MatMul+Add+Relu x {doc['layers']}, "
+        f"{doc['width']}x{doc['width']} float32 weights in one external data file.",
+        "",
+        f"- compile: exit {c['exit_code']}, wall {c['wall_s']} s, peak RSS {c['peak_rss_gib']} GiB"
+        + (f" ({doc['peak_over_model']}x the model)" if "peak_over_model" in doc else ""),
+        "",
+    ]
     if c.get("phases"):
-        lines += ["Wall time per phase (a pass includes the pipeline's checker, stats and output comparison):", "",
-                  "| phase | seconds |", "|---|---|"] + [f"| {r['phase']} | {r['seconds']} |" for r in c["phases"]] + [""]
+        lines += (
+            [
+                "Wall time per phase (a pass includes the pipeline's checker, stats and output comparison):",
+                "",
+                "| phase | seconds |",
+                "|---|---|",
+            ]
+            + [f"| {r['phase']} | {r['seconds']} |" for r in c["phases"]]
+            + [""]
+        )
     if doc.get("passes"):
         lines += ["The passes alone (report.json `seconds`):", "", "| variant | pass | seconds |", "|---|---|---|"]
         lines += [f"| {r['variant']} | {r['pass']} | {r['seconds']:.2f} |" for r in doc["passes"]]
         lines.append("")
     if doc.get("bundle_files"):
-        lines += ["| bundle file | bytes |", "|---|---|"] + [f"| {k} | {v:,} |" for k, v in doc["bundle_files"].items()] + [""]
+        lines += (
+            ["| bundle file | bytes |", "|---|---|"]
+            + [f"| {k} | {v:,} |" for k, v in doc["bundle_files"].items()]
+            + [""]
+        )
     if doc.get("verify"):
-        lines += ["| command | exit | wall s | peak RSS GiB | max abs error / max abs output (vs float64) |", "|---|---|---|---|---|"]
-        lines += [f"| {k} | {v['exit_code']} | {v['wall_s']} | {v['peak_rss_gib']} | {v.get('max_abs_error_rel', '')} |" for k, v in doc["verify"].items()]
-    lines += ["", "Notes: peak RSS is each child process's own `ru_maxrss` (`os.wait4`). Without `--calib`, cpu-avx's quantize "
-              "stores the weights as int8 (weight-only, ~0.27x); the fp32 variant keeps them and is bundled as a graph plus "
-              "an encrypted external data file. The host latency benchmark is skipped for this model (source and compiled "
-              "hold more than 2 GiB of weights together; the report says so). `run` of the fp32 variant holds the decrypted "
-              "data and ONNX Runtime's copy of it at once while the session is created (about 2x its weights)."]
+        lines += [
+            "| command | exit | wall s | peak RSS GiB | max abs error / max abs output (vs float64) |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {v['exit_code']} | {v['wall_s']} | {v['peak_rss_gib']} | {v.get('max_abs_error_rel', '')} |"
+            for k, v in doc["verify"].items()
+        ]
+    lines += [
+        "",
+        "Notes: peak RSS is each child process's own `ru_maxrss` (`os.wait4`). Without `--calib`, cpu-avx's quantize "
+        "stores the weights as int8 (weight-only, ~0.27x); the fp32 variant keeps them and is bundled as a graph plus "
+        "an encrypted external data file. The host latency benchmark is skipped for this model (source and compiled "
+        "hold more than 2 GiB of weights together; the report says so). `run` of the fp32 variant holds the decrypted "
+        "data and ONNX Runtime's copy of it at once while the session is created (about 2x its weights).",
+    ]
     (RESULTS / "large_model.md").write_text("\n".join(lines) + "\n")
 
 

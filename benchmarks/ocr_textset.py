@@ -7,6 +7,7 @@ Preprocessing follows rapidocr's ``TextRecognizer.resize_norm_img``: keep aspect
 48, at most ``width`` wide, scale to [-1, 1], zero-pad on the right. Decoding is CTC greedy over
 the model's ``character`` metadata with rapidocr's table layout (blank first, space last).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,12 +23,21 @@ from lepton_cli.accuracy import ctc_characters, ctc_greedy_decode, ctc_text, edi
 
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 CALIB_FONTS = ["DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf"]
-EVAL_FONTS = ["DejaVuSans-Bold.ttf", "DejaVuSansCondensed.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSans-Oblique.ttf",
-              "DejaVuSansMono-Bold.ttf"]
-CALIB_WORDS = ("invoice total amount paid date order number customer account balance due street city "
-               "model serial weight price tax item quantity phone email office north south").split()
-EVAL_WORDS = ("receipt subtotal cash change card visa store manager shipping address postal code river "
-              "garden window coffee ticket station platform gate flight seat hotel room").split()
+EVAL_FONTS = [
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSansCondensed.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSansMono-Bold.ttf",
+]
+CALIB_WORDS = (
+    "invoice total amount paid date order number customer account balance due street city "
+    "model serial weight price tax item quantity phone email office north south"
+).split()
+EVAL_WORDS = (
+    "receipt subtotal cash change card visa store manager shipping address postal code river "
+    "garden window coffee ticket station platform gate flight seat hotel room"
+).split()
 PUNCT = list(".,:-/#%()")
 
 
@@ -52,7 +62,9 @@ def render_line(text: str, font_path: Path, rng: np.random.Generator) -> Image.I
     pad_x, pad_y = int(rng.integers(2, 10)), int(rng.integers(2, 8))
     bg = int(rng.integers(170, 256))
     fg = int(rng.integers(0, 90))
-    img = Image.new("RGB", (right - left + 2 * pad_x, bottom - top + 2 * pad_y), (bg, bg - int(rng.integers(0, 15)), bg))
+    img = Image.new(
+        "RGB", (right - left + 2 * pad_x, bottom - top + 2 * pad_y), (bg, bg - int(rng.integers(0, 15)), bg)
+    )
     ImageDraw.Draw(img).text((pad_x - left, pad_y - top), text, font=font, fill=(fg, fg, fg + int(rng.integers(0, 40))))
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 0.9))))
@@ -120,8 +132,10 @@ def make_pages(count: int, seed: int, role: str, size: int = 640) -> np.ndarray:
     words = CALIB_WORDS if role == "calib" else EVAL_WORDS
     mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
     std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
-    pages = [(np.asarray(render_page(rng, fonts, words, size), np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
-             for _ in range(count)]
+    pages = [
+        (np.asarray(render_page(rng, fonts, words, size), np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
+        for _ in range(count)
+    ]
     return np.stack(pages).astype(np.float32)
 
 

@@ -27,6 +27,7 @@ dequantized in float), which is the exact integer result up to fp32 rounding.
 Libraries checked: ONNX Runtime's quantization tools compare tensors (``qdq_loss_debug``) but have
 no model-level metric over a data set; nothing in onnx/onnxruntime does this.
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,20 +39,43 @@ import numpy as np
 import onnx
 
 from .data import SampleSet
-from .output_roles import OutputRole, from_user, recognise
-from .output_scores import (CosineTally, DecisionTally, DetectionTally, EitherTally, ExactTally, MaskF1Tally, OutputResult,
-                            RelativeErrorTally, Top1Tally, drop_standard_error)
 from .errors import BadInputError
 from .ort import make_session
+from .output_roles import OutputRole, from_user, recognise
+from .output_scores import (
+    CosineTally,
+    DecisionTally,
+    DetectionTally,
+    EitherTally,
+    ExactTally,
+    MaskF1Tally,
+    OutputResult,
+    RelativeErrorTally,
+    Top1Tally,
+    drop_standard_error,
+)
 from .pipeline import adapt_feed, restore_output
 
 VNNI_ISA = ("avx512_vnni", "avx_vnni", "avxvnni", "amx_int8")  # u8·s8 dot products into int32: no saturation
 X86_ISA = ("avx2", "avx512f", "sse4_2", "avx")
 EXACT_INTEGER = "basic"  # ORT level that leaves QDQ pairs unfused
-METRICS = ("auto", "top1", "agreement", "ctc", "mask-f1", "cosine", "detection", "exact", "relative-error")  # mask-f1 takes "@threshold"
+METRICS = (
+    "auto",
+    "top1",
+    "agreement",
+    "ctc",
+    "mask-f1",
+    "cosine",
+    "detection",
+    "exact",
+    "relative-error",
+)  # mask-f1 takes "@threshold"
 MASK_F1_DEFAULT_THRESHOLD = 0.5
 CTC_BLANK = 0  # the blank class: PaddleOCR's and PyTorch CTCLoss's default
-CTC_METADATA_KEYS = ("lepton.decoding", "character")  # "lepton.decoding" = "ctc"; PaddleOCR rec models carry "character"
+CTC_METADATA_KEYS = (
+    "lepton.decoding",
+    "character",
+)  # "lepton.decoding" = "ctc"; PaddleOCR rec models carry "character"
 CONTINUOUS_TOLERANCE = 0.02  # of the reference output's range (max − min)
 SNR_CAP_DB = 300.0  # identical outputs: infinite SNR, capped so the report stays valid JSON
 
@@ -65,7 +89,9 @@ class AccuracyScore:
     agreement: dict[str, float]  # cosine, snr_db, max_abs, top1_agreement (worst over outputs)
     samples: int
     drop_se: float = 0.0  # standard error of drop_pct over the samples (paired per-sample differences)
-    outputs: list[dict[str, Any]] = field(default_factory=list)  # every output: name, metric, why, value, drop_pct, drop_se
+    outputs: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # every output: name, metric, why, value, drop_pct, drop_se
     output: str = ""  # the output whose drop the headline numbers are (the worst)
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,8 +130,10 @@ def compare_arrays(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
 def scoring_opt_level(target_isa: list[str], host_isa: list[str]) -> str:
     """ORT optimisation level to score candidates with: ``basic`` (exact integer arithmetic, see the module
     doc) when this host is an x86 CPU without VNNI and the target is not one; else ``all`` (as deployed)."""
+
     def saturates(isa: list[str]) -> bool:
         return any(i in X86_ISA for i in isa) and not any(i in VNNI_ISA for i in isa)
+
     return EXACT_INTEGER if saturates(host_isa) and not saturates(target_isa) else "all"
 
 
@@ -138,8 +166,10 @@ def parse_metric_spec(text: str) -> tuple[str, dict[str, str]]:
         if eq:
             per_output[name] = metric
         elif default is not None:
-            raise BadInputError(f"--eval-metric {text!r} names two metrics for the first output",
-                                "give one metric, and NAME=metric for other outputs (comma-separated)")
+            raise BadInputError(
+                f"--eval-metric {text!r} names two metrics for the first output",
+                "give one metric, and NAME=metric for other outputs (comma-separated)",
+            )
         else:
             default = metric
     return default or "auto", per_output
@@ -197,8 +227,10 @@ def edit_distance(a: list[int], b: list[int]) -> int:
 def ctc_agreement_pct(reference: np.ndarray, candidate: np.ndarray) -> float:
     """Character accuracy of the candidate's CTC decode, with the reference's decode as the truth."""
     if reference.ndim != 3:
-        raise BadInputError(f"CTC agreement needs a [N, T, classes] output, the model's first output has shape {list(reference.shape)}",
-                            "use --eval-metric agreement for this model")
+        raise BadInputError(
+            f"CTC agreement needs a [N, T, classes] output, the model's first output has shape {list(reference.shape)}",
+            "use --eval-metric agreement for this model",
+        )
     return _ctc_pct(ctc_greedy_decode(reference), ctc_greedy_decode(candidate))
 
 
@@ -223,8 +255,10 @@ class _Tally:
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         if reference.shape != candidate.shape:
-            raise BadInputError(f"the candidate's output has shape {list(candidate.shape)}, the source's {list(reference.shape)}",
-                                "keep the model's output shapes unchanged")
+            raise BadInputError(
+                f"the candidate's output has shape {list(candidate.shape)}, the source's {list(reference.shape)}",
+                "keep the model's output shapes unchanged",
+            )
         ref, got = reference.astype(np.float64), candidate.astype(np.float64)
         self.dot += float(np.sum(ref * got))
         self.ref_sq += float(np.sum(ref * ref))
@@ -250,7 +284,11 @@ class _Tally:
     def summary(self, class_like: bool) -> dict[str, float]:
         denom = math.sqrt(self.ref_sq * self.got_sq)
         cosine = self.dot / denom if denom else (1.0 if self.noise == 0 else 0.0)
-        snr = SNR_CAP_DB if self.noise == 0 else (10 * math.log10(self.ref_sq / self.noise) if self.ref_sq else -SNR_CAP_DB)
+        snr = (
+            SNR_CAP_DB
+            if self.noise == 0
+            else (10 * math.log10(self.ref_sq / self.noise) if self.ref_sq else -SNR_CAP_DB)
+        )
         result = {"cosine": cosine, "snr_db": min(snr, SNR_CAP_DB), "max_abs": self.max_abs}
         if class_like:
             result["top1_agreement"] = self.agree / max(1, self.positions)
@@ -296,7 +334,9 @@ class _CtcAccuracy:
         ev = self.evaluator
         texts = ev._texts(self.rows)
         errors = [edit_distance(t, g) - e for t, g, e in zip(ev.truth, texts, ev.source_errors)]
-        return OutputResult(_ctc_pct(ev.truth, texts), drop_standard_error([float(e) for e in errors], sum(len(t) for t in ev.truth)))
+        return OutputResult(
+            _ctc_pct(ev.truth, texts), drop_standard_error([float(e) for e in errors], sum(len(t) for t in ev.truth))
+        )
 
 
 class _CtcAgreement:
@@ -309,7 +349,9 @@ class _CtcAgreement:
         self.got += ctc_greedy_decode(got)
 
     def result(self) -> OutputResult:
-        se = drop_standard_error([float(edit_distance(t, g)) for t, g in zip(self.truth, self.got)], sum(len(t) for t in self.truth))
+        se = drop_standard_error(
+            [float(edit_distance(t, g)) for t, g in zip(self.truth, self.got)], sum(len(t) for t in self.truth)
+        )
         return OutputResult(_ctc_pct(self.truth, self.got), se)
 
 
@@ -337,8 +379,17 @@ class Evaluator:
     (PP-OCRv4 det at 640x640 on 256 images: 1.3 GB of inputs never held at once).
     """
 
-    def __init__(self, source_model: onnx.ModelProto, samples: SampleSet, labels: np.ndarray | None = None,
-                 *, limit: int | None = None, threads: int = 1, metric: str = "auto", opt_level: str = "all") -> None:
+    def __init__(
+        self,
+        source_model: onnx.ModelProto,
+        samples: SampleSet,
+        labels: np.ndarray | None = None,
+        *,
+        limit: int | None = None,
+        threads: int = 1,
+        metric: str = "auto",
+        opt_level: str = "all",
+    ) -> None:
         default_text, per_output = parse_metric_spec(metric)
         default, self.mask_threshold = parse_metric(default_text)
         self.samples, self.limit = samples, limit
@@ -347,13 +398,17 @@ class Evaluator:
             raise BadInputError("the evaluation set is empty", "give at least one sample")
         self.threads = threads
         self.opt_level = opt_level
-        self.labels = labels[: self.count] if labels is not None and limit is not None else labels  # per sample (or batch)
+        self.labels = (
+            labels[: self.count] if labels is not None and limit is not None else labels
+        )  # per sample (or batch)
         self.reference = list(self._outputs(source_model))  # per sample, per output, source layout
         self.output_names = [o.name for o in make_session(source_model).get_outputs()]
         unknown = sorted(set(per_output) - set(self.output_names))
         if unknown:
-            raise BadInputError(f"--eval-metric names {', '.join(map(repr, unknown))}, not an output of the model",
-                                f"name one of: {', '.join(self.output_names)}")
+            raise BadInputError(
+                f"--eval-metric names {', '.join(map(repr, unknown))}, not an output of the model",
+                f"name one of: {', '.join(self.output_names)}",
+            )
         self._check_labels_fit(default)
         self.spans = []
         for j in range(len(self.reference[0])):  # the continuous tolerance is a share of the reference's whole range
@@ -366,23 +421,31 @@ class Evaluator:
 
     def _check_labels_fit(self, default: str) -> None:
         if default == "top1" and self.labels is None:
-            raise BadInputError("--eval-metric top1 needs labels, and the evaluation data has none",
-                                "add a 'labels' array to the .npz, or use --eval-metric agreement")
+            raise BadInputError(
+                "--eval-metric top1 needs labels, and the evaluation data has none",
+                "add a 'labels' array to the .npz, or use --eval-metric agreement",
+            )
         text_labels = self.labels is not None and self.labels.dtype.kind in ("U", "S")
         if default == "top1" and text_labels:
-            raise BadInputError("--eval-metric top1 needs class labels (integers); these labels are text",
-                                "use --eval-metric auto or ctc for a text recogniser")
+            raise BadInputError(
+                "--eval-metric top1 needs class labels (integers); these labels are text",
+                "use --eval-metric auto or ctc for a text recogniser",
+            )
         if default not in ("auto", "top1") and not (default == "ctc" and text_labels):
             self.labels = None  # an explicit label-free metric ignores labels
 
-    def _roles(self, model: onnx.ModelProto, default: str, default_text: str, per_output: dict[str, str]) -> list[OutputRole]:
+    def _roles(
+        self, model: onnx.ModelProto, default: str, default_text: str, per_output: dict[str, str]
+    ) -> list[OutputRole]:
         feed = next(iter(self.samples.feeds(1)), None)
         roles = []
         for j, name in enumerate(self.output_names):
             refs = [outs[j] for outs in self.reference]
             if j == 0 and self.labels is not None and self.labels.dtype.kind in ("U", "S"):
                 self._check_text_labels(model, refs[0])
-                roles.append(OutputRole(0, name, "ctc_accuracy", "text labels given: character accuracy of the CTC decode"))
+                roles.append(
+                    OutputRole(0, name, "ctc_accuracy", "text labels given: character accuracy of the CTC decode")
+                )
             elif j == 0 and self.labels is not None:
                 self._check_labels(refs[0])
                 roles.append(OutputRole(0, name, "top1", "class labels given: top-1 accuracy"))
@@ -398,13 +461,15 @@ class Evaluator:
         return roles
 
     def _user_detection(self, model: onnx.ModelProto, j: int, name: str, refs: list[np.ndarray]) -> OutputRole:
-        from .output_roles import _detector_layout, _detection_conf
+        from .output_roles import _detection_conf, _detector_layout
 
         layout, why = _detector_layout(refs)
         if layout is None:
-            raise BadInputError(f"--eval-metric {name}=detection: output {name!r} of shape {list(refs[0].shape)} is not a "
-                                "YOLO-style head ([N, 4+classes, anchors] or [N, anchors, 5+classes], scores in [0, 1])",
-                                "use relative-error for this output")
+            raise BadInputError(
+                f"--eval-metric {name}=detection: output {name!r} of shape {list(refs[0].shape)} is not a "
+                "YOLO-style head ([N, 4+classes, anchors] or [N, anchors, 5+classes], scores in [0, 1])",
+                "use relative-error for this output",
+            )
         return OutputRole(j, name, "detection_f1", f"--eval-metric; {why}", layout, _detection_conf(refs, layout))
 
     def _source_value(self) -> float:
@@ -432,8 +497,13 @@ class Evaluator:
             return DecisionTally(role.threshold if role.threshold is not None else 0.5)
         if metric == "detection_f1":
             return DetectionTally(role.layout or "v8", role.threshold or 0.25)
-        simple = {"exact": ExactTally, "relative_error": RelativeErrorTally, "cosine": CosineTally,
-                  "top1_agreement": Top1Tally, "top1_agreement+cosine": EitherTally}
+        simple = {
+            "exact": ExactTally,
+            "relative_error": RelativeErrorTally,
+            "cosine": CosineTally,
+            "top1_agreement": Top1Tally,
+            "top1_agreement+cosine": EitherTally,
+        }
         return simple[metric]() if metric in simple else _Agreement(span)
 
     def subset(self, count: int) -> "Evaluator":
@@ -460,22 +530,31 @@ class Evaluator:
         session = make_session(model, opt_level=self.opt_level, threads=self.threads)
         names = [o.name for o in session.get_outputs()]
         for feed in self.samples.feeds(self.limit):
-            yield [restore_output(model, names[i], np.asarray(v)) for i, v in enumerate(session.run(None, adapt_feed(model, feed)))]
+            yield [
+                restore_output(model, names[i], np.asarray(v))
+                for i, v in enumerate(session.run(None, adapt_feed(model, feed)))
+            ]
 
     def _check_labels(self, first: np.ndarray) -> None:
         if first.ndim != 2:
-            raise BadInputError(f"labels were given but the model's first output has shape {list(first.shape)}, not [N, classes]",
-                                "drop the labels array to measure agreement with the source model instead")
+            raise BadInputError(
+                f"labels were given but the model's first output has shape {list(first.shape)}, not [N, classes]",
+                "drop the labels array to measure agreement with the source model instead",
+            )
         rows = sum(len(outs[0]) for outs in self.reference)
         if len(self.labels.reshape(-1)) != rows:
-            raise BadInputError(f"{len(self.labels.reshape(-1))} labels for {rows} model outputs", "give one label per sample")
+            raise BadInputError(
+                f"{len(self.labels.reshape(-1))} labels for {rows} model outputs", "give one label per sample"
+            )
 
     def _check_text_labels(self, model: onnx.ModelProto, first: np.ndarray) -> None:
         self.characters = ctc_characters(model)
         if first.ndim != 3 or self.characters is None:
-            raise BadInputError("text labels need a CTC model: a [N, T, classes] first output and the character table in "
-                                "the model's metadata 'character' (one per line, class 1 first)",
-                                "add the table to the model's metadata, or drop the labels to measure agreement with the source")
+            raise BadInputError(
+                "text labels need a CTC model: a [N, T, classes] first output and the character table in "
+                "the model's metadata 'character' (one per line, class 1 first)",
+                "add the table to the model's metadata, or drop the labels to measure agreement with the source",
+            )
         rows = sum(len(outs[0]) for outs in self.reference)
         flat = self.labels.reshape(-1)
         if len(flat) != rows:
@@ -494,8 +573,10 @@ class Evaluator:
         summaries = [_Tally(span) for span in self.spans]
         for ref_outs, outs in zip(self.reference, self._outputs(candidate)):
             if len(outs) != len(ref_outs):
-                raise BadInputError(f"the candidate has {len(outs)} outputs, the source {len(ref_outs)}",
-                                    "keep the model's outputs unchanged")
+                raise BadInputError(
+                    f"the candidate has {len(outs)} outputs, the source {len(ref_outs)}",
+                    "keep the model's outputs unchanged",
+                )
             for tally, summary, ref, got in zip(tallies, summaries, ref_outs, outs):
                 summary.add(ref, got)
                 tally.add(ref, got)
@@ -503,16 +584,35 @@ class Evaluator:
         for j, (role, tally) in enumerate(zip(self.roles, tallies)):
             result = tally.result()
             source = self.source_value if j == 0 else 100.0
-            outputs.append(role.to_dict() | {"source_value": round(source, 4), "value": round(result.value, 4),
-                                             "drop_pct": round(source - result.value, 4), "drop_se": round(result.drop_se, 4),
-                                             **({"detail": result.extra} if result.extra else {})})
+            outputs.append(
+                role.to_dict()
+                | {
+                    "source_value": round(source, 4),
+                    "value": round(result.value, 4),
+                    "drop_pct": round(source - result.value, 4),
+                    "drop_se": round(result.drop_se, 4),
+                    **({"detail": result.extra} if result.extra else {}),
+                }
+            )
         worst = max(range(len(outputs)), key=lambda j: outputs[j]["drop_pct"])
         per_output = [t.summary(_class_axis(ref.shape) is not None) for t, ref in zip(summaries, self.reference[0])]
-        agreement = {"cosine": min(p["cosine"] for p in per_output), "snr_db": min(p["snr_db"] for p in per_output),
-                     "max_abs": max(p["max_abs"] for p in per_output)}
+        agreement = {
+            "cosine": min(p["cosine"] for p in per_output),
+            "snr_db": min(p["snr_db"] for p in per_output),
+            "max_abs": max(p["max_abs"] for p in per_output),
+        }
         top1s = [p["top1_agreement"] for p in per_output if "top1_agreement" in p]
         if top1s:
             agreement["top1_agreement"] = min(top1s)
         head = outputs[worst]
-        return AccuracyScore(head["metric"], head["source_value"], head["value"], head["drop_pct"], agreement, self.count,
-                             head["drop_se"], outputs, head["name"])
+        return AccuracyScore(
+            head["metric"],
+            head["source_value"],
+            head["value"],
+            head["drop_pct"],
+            agreement,
+            self.count,
+            head["drop_se"],
+            outputs,
+            head["name"],
+        )

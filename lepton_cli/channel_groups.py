@@ -20,6 +20,7 @@ Libraries checked first: onnx, onnxsim, onnx-ir and ONNX Runtime have no channel
 Neural Compressor and Olive prune PyTorch modules only; Torch-Pruning's ``DependencyGraph`` is the
 model for the grouping idea but works on torch.fx/autograd graphs, not ONNX.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,16 +36,66 @@ from .stats import _shape_map  # the shapes collect_stats uses for MACs; reused 
 
 # Ops that map each channel to itself, elementwise, with no constant operand to slice.
 PASS_THROUGH = {
-    "Relu", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Celu", "Tanh", "Identity",
-    "Dropout", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Softplus", "Softsign", "Erf", "Gelu", "Mish",
-    "ThresholdedRelu", "Floor", "Ceil", "Round", "Sign", "Cast", "Clip", "Sin", "Cos",
-    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
+    "Relu",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "LeakyRelu",
+    "Elu",
+    "Selu",
+    "Celu",
+    "Tanh",
+    "Identity",
+    "Dropout",
+    "Abs",
+    "Neg",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Reciprocal",
+    "Softplus",
+    "Softsign",
+    "Erf",
+    "Gelu",
+    "Mish",
+    "ThresholdedRelu",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+    "Cast",
+    "Clip",
+    "Sin",
+    "Cos",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "LpPool",
+    "GlobalLpPool",
 }
 BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu"}
 # Dead-channel analysis: piecewise-linear ops (ReLU, Clip, HardSigmoid, ...) are evaluated exactly in
 # float32 in ``_dead_values``; these map an exact 0 to an exact 0 and anything else to "unknown".
-_ZERO_PRESERVING = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
-                    "Tanh", "Softsign", "Erf", "Gelu", "Elu", "Selu", "Celu", "Sqrt", "Sin", "Resize", "Upsample"}
+_ZERO_PRESERVING = {
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "LpPool",
+    "GlobalLpPool",
+    "Tanh",
+    "Softsign",
+    "Erf",
+    "Gelu",
+    "Elu",
+    "Selu",
+    "Celu",
+    "Sqrt",
+    "Sin",
+    "Resize",
+    "Upsample",
+}
 
 
 @dataclass(frozen=True)
@@ -126,7 +177,7 @@ class ChannelAnalysis:
         vals, offset, found = self.values.get(key), 0, []
         for seg in self.layouts[key]:
             if self.find(seg.group) == group and vals is not None:
-                found.append(vals[offset:offset + seg.count])
+                found.append(vals[offset : offset + seg.count])
             offset += seg.count
         return found
 
@@ -221,7 +272,9 @@ def analyze(model: onnx.ModelProto) -> ChannelAnalysis:
         op = node.op_type
         tracked = [i for i in node.input if i in L]
         handled = False
-        if node.domain not in ("", "ai.onnx") or any(at.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for at in node.attribute):
+        if node.domain not in ("", "ai.onnx") or any(
+            at.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for at in node.attribute
+        ):
             pass
         elif op in ("Conv", "ConvTranspose"):
             handled = _conv(b, index, node)
@@ -248,7 +301,13 @@ def analyze(model: onnx.ModelProto) -> ChannelAnalysis:
             handled = _concat(b, node)
         elif op in ("Flatten", "Reshape"):
             shape = b.shapes.get(node.input[0])
-            if node.input[0] in L and _flattens_to_2d(b, node, shape) and shape and len(shape) >= 2 and all(d for d in shape[2:]):
+            if (
+                node.input[0] in L
+                and _flattens_to_2d(b, node, shape)
+                and shape
+                and len(shape) >= 2
+                and all(d for d in shape[2:])
+            ):
                 inner = int(np.prod(shape[2:])) if len(shape) > 2 else 1
                 L[node.output[0]] = [Seg(s.group, s.count, s.repeat * inner) for s in L[node.input[0]]]
                 handled = True
@@ -323,7 +382,11 @@ def _gemm(b: _Builder, index: int, node: onnx.NodeProto) -> bool:
         trans_b = _attr(node, "transB", 0)
         in_axis, out_axis = (1, 0) if trans_b else (0, 1)
         bias = b.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if len(node.input) > 2 and node.input[2] and (bias is None or (bias.ndim and bias.shape[-1] not in (1, weight.shape[out_axis]))):
+        if (
+            len(node.input) > 2
+            and node.input[2]
+            and (bias is None or (bias.ndim and bias.shape[-1] not in (1, weight.shape[out_axis])))
+        ):
             return False
     else:
         if b.rank(x) != 2:
@@ -418,6 +481,7 @@ def _concat(b: _Builder, node: onnx.NodeProto) -> bool:
 
 # ---- dead channels: per-channel constant values ------------------------------------------
 
+
 def _per_channel(value: np.ndarray, axis: int, channels: int) -> np.ndarray | None:
     """A constant broadcast operand as one value per channel, or None if it varies within a channel."""
     if axis < 0 or value.ndim == 0 or value.shape[axis] == 1:
@@ -462,8 +526,14 @@ def _dead_values(b: _Builder) -> None:
                 bias = b.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(width, np.float32)
                 val = np.where(zero, bias.astype(np.float32), np.nan).astype(np.float32)
             elif op == "Concat":
-                val = np.concatenate([V[i] if i in V else np.full(sum(s.count for s in L.get(i, [])) or (b.channels(i) or 0), np.nan, np.float32)
-                                      for i in node.input]).astype(np.float32)
+                val = np.concatenate(
+                    [
+                        V[i]
+                        if i in V
+                        else np.full(sum(s.count for s in L.get(i, [])) or (b.channels(i) or 0), np.nan, np.float32)
+                        for i in node.input
+                    ]
+                ).astype(np.float32)
             elif xv is None:
                 pass
             elif op == "BatchNormalization":
@@ -491,7 +561,11 @@ def _dead_values(b: _Builder) -> None:
             elif op == "LeakyRelu":
                 val = np.where(xv >= 0, xv, xv * np.float32(_attr(node, "alpha", 0.01)))
             elif op in ("HardSigmoid", "HardSwish"):
-                alpha, beta = (np.float32(_attr(node, "alpha", 0.2)), np.float32(_attr(node, "beta", 0.5))) if op == "HardSigmoid" else (np.float32(1 / 6), np.float32(0.5))
+                alpha, beta = (
+                    (np.float32(_attr(node, "alpha", 0.2)), np.float32(_attr(node, "beta", 0.5)))
+                    if op == "HardSigmoid"
+                    else (np.float32(1 / 6), np.float32(0.5))
+                )
                 hs = np.clip(alpha * xv + beta, 0, 1)
                 val = hs if op == "HardSigmoid" else xv * hs
             elif op in _ZERO_PRESERVING:
@@ -550,13 +624,14 @@ def dead_channels(a: ChannelAnalysis) -> dict[int, np.ndarray]:
             continue
         dead = np.ones(a.sizes[root], bool)
         for v in vals:
-            dead &= (v == 0)
+            dead &= v == 0
         if dead.any():
             result[root] = np.flatnonzero(dead)
     return result
 
 
 # ---- importance and surgery -----------------------------------------------------------------
+
 
 def channel_importance(model: onnx.ModelProto, a: ChannelAnalysis, norm: str = "l2") -> dict[int, np.ndarray]:
     """Per group: each channel's summed, per-layer-normalised weight norm over its producers (output
@@ -571,7 +646,7 @@ def channel_importance(model: onnx.ModelProto, a: ChannelAnalysis, norm: str = "
 
     def norms(w: np.ndarray, axis: int) -> np.ndarray:
         m = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-        n = np.abs(m).sum(1) if norm == "l1" else np.sqrt((m ** 2).sum(1))
+        n = np.abs(m).sum(1) if norm == "l1" else np.sqrt((m**2).sum(1))
         mean = n.mean()
         return n / mean if mean > 0 else n
 
@@ -587,10 +662,10 @@ def channel_importance(model: onnx.ModelProto, a: ChannelAnalysis, norm: str = "
     for c in a.consumers:
         w = arr(c.weight)
         per_pos = np.moveaxis(w, c.in_axis, 0).reshape(w.shape[c.in_axis], -1)
-        pos_norm = np.abs(per_pos).sum(1) if norm == "l1" else (per_pos ** 2).sum(1)
+        pos_norm = np.abs(per_pos).sum(1) if norm == "l1" else (per_pos**2).sum(1)
         offset = 0
         for seg in a.layouts[c.input]:
-            block = pos_norm[offset:offset + seg.count * seg.repeat].reshape(seg.count, seg.repeat).sum(1)
+            block = pos_norm[offset : offset + seg.count * seg.repeat].reshape(seg.count, seg.repeat).sum(1)
             block = block if norm == "l1" else np.sqrt(block)
             mean = block.mean()
             scores[a.find(seg.group)] += block / mean if mean > 0 else block

@@ -4,6 +4,7 @@ Errors are handled in one place, here: a ``LeptonError`` becomes one line on std
 code; anything else is a bug (exit 1) with a short message and the log path, traceback only
 with ``--debug``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -45,7 +46,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for internal errors.")] = False,
 ) -> None:
     if debug:
@@ -87,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, map exceptions to documented exit codes."""
     try:
         code = app(args=argv, standalone_mode=False)
-        if isinstance(code, int) and code:  # not standalone, typer returns Exit codes (Ctrl-C's 130 too) instead of exiting
+        if (
+            isinstance(code, int) and code
+        ):  # not standalone, typer returns Exit codes (Ctrl-C's 130 too) instead of exiting
             if code == 130:
                 stderr.print("[red]error:[/red] interrupted")
             sys.exit(code)

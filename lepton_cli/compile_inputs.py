@@ -3,6 +3,7 @@
 One function for both, so what the cache keys on is exactly what a bundle's provenance lets a user prove.
 Host-dependent measurements (latency) are recorded in the report, not keyed: they never change the model.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,11 +19,23 @@ from .model_io import file_sha256
 LIBRARIES = ("onnx", "onnxruntime", "onnxsim", "numpy")
 # Options that change the compiled model, the report or whether the compile passes; keys, versions
 # and output paths only change the seal, which a cached compile re-does.
-KEYED_OPTIONS = ("input_shapes", "preprocess", "max_accuracy_drop", "eval_metric", "seed", "bench", "bench_seconds",
-                 "max_latency_ratio", "baseline_tolerance_pct", "enforce_budgets")
+KEYED_OPTIONS = (
+    "input_shapes",
+    "preprocess",
+    "max_accuracy_drop",
+    "eval_metric",
+    "seed",
+    "bench",
+    "bench_seconds",
+    "max_latency_ratio",
+    "baseline_tolerance_pct",
+    "enforce_budgets",
+)
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, mtime, size) -> sha256: a build hashes each input once, not once per target
+_DIGESTS: dict[
+    tuple[str, int, int], str
+] = {}  # (path, mtime, size) -> sha256: a build hashes each input once, not once per target
 
 
 def sha256_file(path: Path) -> str:
@@ -51,8 +64,15 @@ def model_files(path: Path) -> list[dict[str, str]]:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # an unparsable model fails later, in load_model, with its own message
         return files
-    locations = sorted({e.value for t in _get_all_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL
-                        for e in t.external_data if e.key == "location"})
+    locations = sorted(
+        {
+            e.value
+            for t in _get_all_tensors(proto)
+            if t.data_location == onnx.TensorProto.EXTERNAL
+            for e in t.external_data
+            if e.key == "location"
+        }
+    )
     for location in locations:
         candidate = path.parent / location
         if candidate.is_file() and ".." not in Path(location).parts:  # unsafe locations are refused by load_model
@@ -72,8 +92,11 @@ def library_versions() -> dict[str, str]:
 
 def compile_inputs(options: Any, target: Any) -> dict[str, Any]:
     """The digests and parameters of one compile (``options``: CompileOptions; ``target``: the resolved Target)."""
-    data = {role: {"name": Path(getattr(options, role)).name, "sha256": sha256_path(Path(getattr(options, role)))}
-            for role in ("calib", "eval") if getattr(options, role) is not None}
+    data = {
+        role: {"name": Path(getattr(options, role)).name, "sha256": sha256_path(Path(getattr(options, role)))}
+        for role in ("calib", "eval")
+        if getattr(options, role) is not None
+    }
     baseline = options.baseline
     return {
         "model": model_files(Path(options.model)),

@@ -2,10 +2,9 @@
 
 The CLI command (``commands/compile.py``) only parses options and renders progress.
 """
+
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -14,23 +13,23 @@ from typing import Any, Callable
 
 import onnx
 
-from .data import SampleSet, check_bound_shapes, load_samples
+from .bundle.output import CompileKeys, resolve_compile_keys, write_compile_output
 from .compile_inputs import compile_inputs
-from .gate_warnings import accuracy_warnings, compression_warnings
+from .data import SampleSet, check_bound_shapes, load_samples
+from .device_artifacts import DeviceArtifacts, build_device_artifacts
 from .errors import BadInputError, QualityGateError
 from .external_data import ModelPayload, bundle_payload, use_weights_folder
+from .gate_warnings import accuracy_warnings, compression_warnings
+from .hostinfo import HostInfo, detect_host
+from .measure import compile_sections
 from .model_io import load_model, upgrade_opset
 from .pipeline import PassContext, ProgressFn, StepRecord, run_pipeline
-from .measure import compile_sections
 from .report import apply_gates, build_report, load_baseline
 from .report_render import append_step_summary
 from .shapes import bind_input_shapes, graph_inputs, parse_input_shapes
 from .stats import collect_stats
-from .targets import Target, load_target
-from .bundle.output import CompileKeys, resolve_compile_keys, write_compile_output
-from .device_artifacts import DeviceArtifacts, build_device_artifacts
-from .hostinfo import HostInfo, detect_host
 from .target_choice import TargetSuggestion, suggest_target
+from .targets import Target, load_target
 from .variants import PRIMARY_PATH, compile_extra_variants, manifest_variants, serialize_all, variant_path
 
 
@@ -67,9 +66,13 @@ class CompileResult:
     steps: list[StepRecord]
     target: Target
     manifest_fields: dict[str, Any] = field(default_factory=dict)  # variants and EPs, for the bundle manifest
-    model_bytes: bytes = b""  # the compiled model in plaintext (the bundle holds it encrypted); graph only when it has a .data file
+    model_bytes: bytes = (
+        b""  # the compiled model in plaintext (the bundle holds it encrypted); graph only when it has a .data file
+    )
     archive: Path | None = None
-    models: dict[str, bytes | ModelPayload] = field(default_factory=dict)  # every model the bundle holds (bundle path -> plaintext)
+    models: dict[str, bytes | ModelPayload] = field(
+        default_factory=dict
+    )  # every model the bundle holds (bundle path -> plaintext)
     inputs: dict[str, Any] = field(default_factory=dict)  # compile_inputs: the provenance materials and cache key
     plain_files: dict[str, bytes] = field(default_factory=dict)  # signed, not encrypted (a device's operator config)
 
@@ -106,7 +109,9 @@ def _samples(path: Path | None, model: onnx.ModelProto, role: str, preprocess: s
     return load_samples(path, model, role=role)
 
 
-def _bind_shapes(model: onnx.ModelProto, options: CompileOptions, calib: SampleSet | None) -> tuple[onnx.ModelProto, dict[str, list[int]], str | None]:
+def _bind_shapes(
+    model: onnx.ModelProto, options: CompileOptions, calib: SampleSet | None
+) -> tuple[onnx.ModelProto, dict[str, list[int]], str | None]:
     shapes = parse_input_shapes(options.input_shapes)
     source = "--input-shape"
     if not shapes and calib is not None:
@@ -119,8 +124,14 @@ def _bind_shapes(model: onnx.ModelProto, options: CompileOptions, calib: SampleS
     listed = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
     rejected = _rejected_when_bound(model, bound)
     if rejected:
-        return model, shapes, (f"kept input shapes dynamic ({listed} from {source} used for checks and data): ONNX Runtime "
-                               f"rejects the model with them bound ({rejected})")
+        return (
+            model,
+            shapes,
+            (
+                f"kept input shapes dynamic ({listed} from {source} used for checks and data): ONNX Runtime "
+                f"rejects the model with them bound ({rejected})"
+            ),
+        )
     return bound, shapes, f"bound input shapes from {source}: {listed}"
 
 
@@ -156,9 +167,13 @@ def resolve_target(spec: str, host: HostInfo) -> tuple[Target, TargetSuggestion 
     return load_target(choice.name), choice
 
 
-def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None,
-                  on_warning: Callable[[str], None] | None = None,
-                  on_note: Callable[[str], None] | None = None) -> CompileResult:
+def compile_model(
+    options: CompileOptions,
+    *,
+    progress: ProgressFn | None = None,
+    on_warning: Callable[[str], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> CompileResult:
     """Compile and write the signed, encrypted bundle (``compile_unsealed``, then ``seal``)."""
     host = detect_host()
     target, choice = resolve_target(options.target, host)
@@ -175,20 +190,37 @@ def compile_model(options: CompileOptions, *, progress: ProgressFn | None = None
 def seal(result: CompileResult, options: CompileOptions, keys: CompileKeys) -> CompileResult:
     """Write ``result``'s models, report and provenance as the bundle (atomically); the archive too with ``--archive``."""
     bundle_dir = (options.output_dir or options.model.parent) / bundle_name(options.model, result.target)
-    result.archive = _write_output(bundle_dir, result.models, result.report, keys, options, result.manifest_fields, result.inputs,
-                                   result.plain_files)
+    result.archive = _write_output(
+        bundle_dir,
+        result.models,
+        result.report,
+        keys,
+        options,
+        result.manifest_fields,
+        result.inputs,
+        result.plain_files,
+    )
     result.bundle_dir, result.model_path = bundle_dir, bundle_dir / "model.onnx.enc"
     return result
 
 
-def compile_unsealed(options: CompileOptions, target: Target, host: HostInfo, *, progress: ProgressFn | None = None,
-                     on_warning: Callable[[str], None] | None = None, choice: TargetSuggestion | None = None) -> CompileResult:
+def compile_unsealed(
+    options: CompileOptions,
+    target: Target,
+    host: HostInfo,
+    *,
+    progress: ProgressFn | None = None,
+    on_warning: Callable[[str], None] | None = None,
+    choice: TargetSuggestion | None = None,
+) -> CompileResult:
     """The compile itself, every gate included, without keys or disk output: what ``lepton build``'s workers run."""
     loaded = load_model(options.model, keep_external=True)  # large weights stay on disk (external_data)
     release_weights = use_weights_folder(loaded.weights_folder)
     normalisation: list[str] = []
     if loaded.dropped_domains:  # declared by the exporter, used by no node: nothing of theirs runs
-        normalisation.append(f"dropped unused opset imports {', '.join(map(repr, loaded.dropped_domains))} (outside the allowlist; no node uses them)")
+        normalisation.append(
+            f"dropped unused opset imports {', '.join(map(repr, loaded.dropped_domains))} (outside the allowlist; no node uses them)"
+        )
     model, note = upgrade_opset(loaded.model, target.runtime.opset_min, target.runtime.opset_max)
     if note:
         normalisation.append(note)
@@ -203,9 +235,17 @@ def compile_unsealed(options: CompileOptions, target: Target, host: HostInfo, *,
 
     # The first [[variants]] entry (if any) is the main model.onnx; the others are compiled after it.
     primary = target.variants[0] if target.variants else None
-    ctx = PassContext(target=target.for_variant(primary) if primary else target, calib=calib, eval=evaluation,
-                      seed=options.seed, max_accuracy_drop=options.max_accuracy_drop, input_shapes=shapes, eval_metric=options.eval_metric,
-                      on_warning=on_warning, host=host.pass_context())
+    ctx = PassContext(
+        target=target.for_variant(primary) if primary else target,
+        calib=calib,
+        eval=evaluation,
+        seed=options.seed,
+        max_accuracy_drop=options.max_accuracy_drop,
+        input_shapes=shapes,
+        eval_metric=options.eval_metric,
+        on_warning=on_warning,
+        host=host.pass_context(),
+    )
     for text in normalisation:  # what the user must know about how the model was read
         if text.startswith(("dropped unused opset imports", "kept input shapes dynamic")):
             ctx.warn(text)
@@ -220,8 +260,11 @@ def compile_unsealed(options: CompileOptions, target: Target, host: HostInfo, *,
         others = compile_extra_variants(model, ctx, target, progress, on_warning, AccuracyGate)
         manifest_fields = {
             "execution_providers": list(target.runtime.execution_providers),
-            "variants": manifest_variants(target, [(primary, variant_path(0, primary), compiled, steps)]
-                                          + [(b.variant, b.path, b.model, b.steps) for b in others]),
+            "variants": manifest_variants(
+                target,
+                [(primary, variant_path(0, primary), compiled, steps)]
+                + [(b.variant, b.path, b.model, b.steps) for b in others],
+            ),
         }
         device = _device_artifacts(target, compiled, others, model, ctx)
         if device.manifest:
@@ -234,39 +277,70 @@ def compile_unsealed(options: CompileOptions, target: Target, host: HostInfo, *,
         if choice is not None:
             extra["target_choice"] = choice.to_dict() | {"host": host.pass_context()}
         # Host latency (source vs compiled), the target's cost model and budgets: measure.compile_sections.
-        perf, perf_warnings = compile_sections(model, compiled, target, evaluation or calib, "--eval" if evaluation else "--calib",
-                                               bench=options.bench, seconds=options.bench_seconds, seed=options.seed, host=host)
+        perf, perf_warnings = compile_sections(
+            model,
+            compiled,
+            target,
+            evaluation or calib,
+            "--eval" if evaluation else "--calib",
+            bench=options.bench,
+            seconds=options.bench_seconds,
+            seed=options.seed,
+            host=host,
+        )
         for text in perf_warnings:
             ctx.warn(text)
         if loaded.external_sha256:
             extra["source_external_data"] = loaded.external_sha256
         report = build_report(
-            model_name=options.model.name, source_sha256=loaded.sha256,
+            model_name=options.model.name,
+            source_sha256=loaded.sha256,
             target={"name": target.name, "sha256": target.sha256, "source": target.source},
-            source=source_stats, compiled=collect_stats(compiled), steps=steps,
-            normalisation=normalisation, warnings=ctx.warnings + [f"variant {b.variant.name}: {w}" for b in others for w in b.warnings],
-            extra=extra, **perf,
+            source=source_stats,
+            compiled=collect_stats(compiled),
+            steps=steps,
+            normalisation=normalisation,
+            warnings=ctx.warnings + [f"variant {b.variant.name}: {w}" for b in others for w in b.warnings],
+            extra=extra,
+            **perf,
         )
         append_step_summary(report)  # $GITHUB_STEP_SUMMARY, when set, before any gate can stop the compile
         check_accuracy_budget(accuracy, ctx.accuracy_budget)
-        apply_gates(report, max_latency_ratio=options.max_latency_ratio, enforce_budgets=options.enforce_budgets,
-                    baseline=load_baseline(options.baseline) if options.baseline else None,
-                    baseline_tolerance_pct=options.baseline_tolerance_pct)
+        apply_gates(
+            report,
+            max_latency_ratio=options.max_latency_ratio,
+            enforce_budgets=options.enforce_budgets,
+            baseline=load_baseline(options.baseline) if options.baseline else None,
+            baseline_tolerance_pct=options.baseline_tolerance_pct,
+        )
         for built in others:  # every model the bundle ships must meet the budget, not only the main one
             check_accuracy_budget(built.accuracy, ctx.accuracy_budget)
         for measured in device.accuracy:  # and every device file (the .tflite in LiteRT)
             check_accuracy_budget(measured, ctx.accuracy_budget)
         primary_payload = bundle_payload(compiled, PRIMARY_PATH)  # late: it may hold a serialized copy of the weights
         payloads = {PRIMARY_PATH: primary_payload, **serialize_all(others)}
-        models = {path: payload if payload.data_name else payload.graph for path, payload in payloads.items()}  # bytes unless paired
+        models = {
+            path: payload if payload.data_name else payload.graph for path, payload in payloads.items()
+        }  # bytes unless paired
         models.update(device.models)
         if options.archive:
             _check_archive_size(payloads)
     finally:
         release_weights()
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
-    return CompileResult(Path(), Path(), report, steps, target, manifest_fields, primary_payload.graph, None,
-                         models=models, inputs=compile_inputs(options, target), plain_files=device.plain_files)
+    return CompileResult(
+        Path(),
+        Path(),
+        report,
+        steps,
+        target,
+        manifest_fields,
+        primary_payload.graph,
+        None,
+        models=models,
+        inputs=compile_inputs(options, target),
+        plain_files=device.plain_files,
+    )
 
 
 class AccuracyGate:
@@ -275,7 +349,10 @@ class AccuracyGate:
 
     def __init__(self, ctx: PassContext) -> None:
         self.ctx = ctx
-        self.accuracy: dict[str, Any] = {"measured": False, "reason": "no --eval or --calib data: accuracy not measured"}
+        self.accuracy: dict[str, Any] = {
+            "measured": False,
+            "reason": "no --eval or --calib data: accuracy not measured",
+        }
 
     def __call__(self, compiled: onnx.ModelProto) -> str | None:
         self.accuracy = measure_accuracy(compiled, self.ctx)
@@ -288,9 +365,18 @@ def measure_accuracy(compiled: onnx.ModelProto, ctx: PassContext) -> dict[str, A
     if scorer is None:
         return {"measured": False, "reason": "no --eval or --calib data: accuracy not measured"}
     score = scorer.score(compiled)
-    arithmetic = ("exact integer (QDQ unfused): this x86 host's int8 kernels saturate (no VNNI), the target's do not"
-                  if scorer.opt_level != "all" else "as deployed (ORT, all optimisations)")
-    return {"measured": True, "data": name, "budget_pct": ctx.accuracy_budget, "arithmetic": arithmetic, **score.to_dict()}
+    arithmetic = (
+        "exact integer (QDQ unfused): this x86 host's int8 kernels saturate (no VNNI), the target's do not"
+        if scorer.opt_level != "all"
+        else "as deployed (ORT, all optimisations)"
+    )
+    return {
+        "measured": True,
+        "data": name,
+        "budget_pct": ctx.accuracy_budget,
+        "arithmetic": arithmetic,
+        **score.to_dict(),
+    }
 
 
 def budget_failure(accuracy: dict[str, Any], budget_pct: float) -> str | None:
@@ -298,44 +384,73 @@ def budget_failure(accuracy: dict[str, Any], budget_pct: float) -> str | None:
     if not accuracy.get("measured") or accuracy["drop_pct"] <= budget_pct:
         return None
     where = f"output {accuracy['output']!r}: " if len(accuracy.get("outputs") or []) > 1 else ""
-    return (f"accuracy dropped {accuracy['drop_pct']:.2f} points ({where}{accuracy['metric']} {accuracy['source_value']:.2f}% → "
-            f"{accuracy['value']:.2f}% on {accuracy['data']} data), over the budget of {budget_pct:g}")
+    return (
+        f"accuracy dropped {accuracy['drop_pct']:.2f} points ({where}{accuracy['metric']} {accuracy['source_value']:.2f}% → "
+        f"{accuracy['value']:.2f}% on {accuracy['data']} data), over the budget of {budget_pct:g}"
+    )
 
 
 def check_accuracy_budget(accuracy: dict[str, Any], budget_pct: float) -> None:
     """The accuracy quality gate (exit 3): no output may lose more than ``budget_pct`` points."""
     failure = budget_failure(accuracy, budget_pct)
     if failure:
-        raise QualityGateError(failure, "raise --max-accuracy-drop, give representative --calib data, or disable the lossy passes in a target file")
+        raise QualityGateError(
+            failure,
+            "raise --max-accuracy-drop, give representative --calib data, or disable the lossy passes in a target file",
+        )
 
 
-ARCHIVE_FILE_LIMIT = 2**31 - 2**24  # the bundle archive is a zip without zip64 (bundle/archive.py), encryption adds ~0.03 %
+ARCHIVE_FILE_LIMIT = (
+    2**31 - 2**24
+)  # the bundle archive is a zip without zip64 (bundle/archive.py), encryption adds ~0.03 %
 
 
 def _check_archive_size(payloads: dict[str, ModelPayload]) -> None:
     """--archive: refuse before writing anything when a file of the bundle would need zip64."""
     sizes = [len(p.graph) for p in payloads.values()] + [p.data_size for p in payloads.values()]
     if max(sizes) > ARCHIVE_FILE_LIMIT or sum(sizes) > 2 * ARCHIVE_FILE_LIMIT:
-        raise BadInputError(f"--archive: the bundle would hold {sum(sizes) / 2**30:.2f} GiB, beyond what the bundle archive format holds "
-                            "(2 GiB a file, 4 GiB in all)", "drop --archive and ship the bundle folder")
+        raise BadInputError(
+            f"--archive: the bundle would hold {sum(sizes) / 2**30:.2f} GiB, beyond what the bundle archive format holds "
+            "(2 GiB a file, 4 GiB in all)",
+            "drop --archive and ship the bundle folder",
+        )
 
 
-def _write_output(bundle_dir: Path, models: dict[str, bytes | ModelPayload], report: dict[str, Any], keys: CompileKeys,
-                  options: CompileOptions, manifest_fields: dict[str, Any], inputs: dict[str, Any] | None,
-                  plain_files: dict[str, bytes]) -> Path | None:
+def _write_output(
+    bundle_dir: Path,
+    models: dict[str, bytes | ModelPayload],
+    report: dict[str, Any],
+    keys: CompileKeys,
+    options: CompileOptions,
+    manifest_fields: dict[str, Any],
+    inputs: dict[str, Any] | None,
+    plain_files: dict[str, bytes],
+) -> Path | None:
     """The signed, encrypted bundle (lepton_cli/bundle), written atomically; returns the archive path if any."""
-    return write_compile_output(bundle_dir, models, report, keys, version=options.bundle_version, expires=options.expires,
-                                archive=options.archive, extra_fields=manifest_fields, provenance=inputs,
-                                extra_plain_files=plain_files)
+    return write_compile_output(
+        bundle_dir,
+        models,
+        report,
+        keys,
+        version=options.bundle_version,
+        expires=options.expires,
+        archive=options.archive,
+        extra_fields=manifest_fields,
+        provenance=inputs,
+        extra_plain_files=plain_files,
+    )
 
 
-def _device_artifacts(target: Target, compiled: onnx.ModelProto, others: list[Any], source: onnx.ModelProto,
-                      ctx: PassContext) -> DeviceArtifacts:
+def _device_artifacts(
+    target: Target, compiled: onnx.ModelProto, others: list[Any], source: onnx.ModelProto, ctx: PassContext
+) -> DeviceArtifacts:
     """The target's own device files (.ort, .tflite) and constraint checks (lepton_cli/device_artifacts)."""
     if not (target.runtime.device_formats or target.runtime.device_checks):
         return DeviceArtifacts()
-    models = {PRIMARY_PATH: bundle_payload(compiled, PRIMARY_PATH).graph,
-              **{path: payload.graph for path, payload in serialize_all(others).items()}}
+    models = {
+        PRIMARY_PATH: bundle_payload(compiled, PRIMARY_PATH).graph,
+        **{path: payload.graph for path, payload in serialize_all(others).items()},
+    }
     ctx.current_pass = "device"
     try:
         return build_device_artifacts(target, models, compiled, ctx.warn, source=source, ctx=ctx)

@@ -2,6 +2,7 @@
 
 ``NO_COLOR`` is honoured by rich itself; ``--quiet`` silences progress and notes.
 """
+
 from __future__ import annotations
 
 import json

@@ -19,6 +19,7 @@ ONNX Runtime's memory planner runs inside the session and is not exposed from Py
 profiling reports kernel times, not a plan); TFLite Micro's planner is C++ for TFLite graphs. The
 MAC counts reuse ``lepton_cli.stats``.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -28,8 +29,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .shapes import bind_input_shapes
 from .external_data import shapes_only_copy
+from .shapes import bind_input_shapes
 from .stats import _shape_map, node_macs
 from .targets import Budgets, Hardware, Target
 
@@ -59,8 +60,17 @@ class Efficiency:
     node_overhead_us: float = 2.0  # kernel dispatch + thread-pool fork/join per node
     # Ops whose kernels do much more than one op per output element (ORT has no vectorised LRN;
     # transcendental activations): ops per element, at the fp32 rate.
-    element_ops: dict[str, float] = field(default_factory=lambda: {"LRN": 120.0, "Sigmoid": 8.0, "Tanh": 8.0, "Exp": 8.0,
-                                                                   "Softmax": 10.0, "HardSigmoid": 2.0, "HardSwish": 3.0})
+    element_ops: dict[str, float] = field(
+        default_factory=lambda: {
+            "LRN": 120.0,
+            "Sigmoid": 8.0,
+            "Tanh": 8.0,
+            "Exp": 8.0,
+            "Softmax": 10.0,
+            "HardSigmoid": 2.0,
+            "HardSwish": 3.0,
+        }
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,10 +79,18 @@ class Efficiency:
 def scale_to_cores(hw: Hardware, cores: int) -> Hardware:
     """The same part with ``cores`` cores (compute and bandwidth share per core): the host's slice of a profile."""
     f = cores / hw.cores
-    return Hardware(peak_int8_tops=hw.peak_int8_tops * f, peak_fp16_tflops=hw.peak_fp16_tflops * f,
-                    peak_fp32_tflops=hw.peak_fp32_tflops * f, memory_bandwidth_gbps=hw.memory_bandwidth_gbps * f,
-                    memory_mb=hw.memory_mb, preferred_layout=hw.preferred_layout, channel_alignment=hw.channel_alignment,
-                    on_chip_memory_kb=hw.on_chip_memory_kb, isa=list(hw.isa), cores=cores)
+    return Hardware(
+        peak_int8_tops=hw.peak_int8_tops * f,
+        peak_fp16_tflops=hw.peak_fp16_tflops * f,
+        peak_fp32_tflops=hw.peak_fp32_tflops * f,
+        memory_bandwidth_gbps=hw.memory_bandwidth_gbps * f,
+        memory_mb=hw.memory_mb,
+        preferred_layout=hw.preferred_layout,
+        channel_alignment=hw.channel_alignment,
+        on_chip_memory_kb=hw.on_chip_memory_kb,
+        isa=list(hw.isa),
+        cores=cores,
+    )
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -108,7 +126,9 @@ def _constants(model: onnx.ModelProto) -> set[str]:
     known = {t.name for t in graph.initializer}
     for node in graph.node:
         ins = [i for i in node.input if i]
-        if node.op_type == "Constant" or (ins and all(i in known for i in ins) and not node.op_type.startswith("Random")):
+        if node.op_type == "Constant" or (
+            ins and all(i in known for i in ins) and not node.op_type.startswith("Random")
+        ):
             known.update(o for o in node.output if o)
     return known
 
@@ -116,7 +136,12 @@ def _constants(model: onnx.ModelProto) -> set[str]:
 def _compute_dtype(node: onnx.NodeProto, types: dict[str, int], producers: dict[str, onnx.NodeProto]) -> str:
     if node.op_type in INT8_KERNELS:
         return "int8"
-    if node.op_type in MAC_OPS and node.input and node.input[0] in producers and producers[node.input[0]].op_type == "DequantizeLinear":
+    if (
+        node.op_type in MAC_OPS
+        and node.input
+        and node.input[0] in producers
+        and producers[node.input[0]].op_type == "DequantizeLinear"
+    ):
         return "int8"  # QDQ: ORT fuses DQ → Conv/MatMul → Q into an integer kernel
     if types.get(node.input[0] if node.input else "", 0) in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
         return "fp16"
@@ -124,7 +149,9 @@ def _compute_dtype(node: onnx.NodeProto, types: dict[str, int], producers: dict[
 
 
 def _grouped(node: onnx.NodeProto) -> bool:
-    return node.op_type in ("Conv", "QLinearConv", "ConvInteger") and any(a.name == "group" and a.i > 1 for a in node.attribute)
+    return node.op_type in ("Conv", "QLinearConv", "ConvInteger") and any(
+        a.name == "group" and a.i > 1 for a in node.attribute
+    )
 
 
 @dataclass
@@ -174,7 +201,9 @@ def _shape_arithmetic(name: str, shapes: dict[str, list[int | None]], types: dic
     return types.get(name) in _SHAPE_DTYPES and len(shapes.get(name) or []) <= 1
 
 
-def node_costs(model: onnx.ModelProto, hw: Hardware, eff: Efficiency = Efficiency()) -> tuple[list[NodeCost], list[str]]:
+def node_costs(
+    model: onnx.ModelProto, hw: Hardware, eff: Efficiency = Efficiency()
+) -> tuple[list[NodeCost], list[str]]:
     """Roofline cost of every node of a shape-inferred model (``infer``); second item: tensors of unknown size."""
     shapes = _shape_map(model)
     types = _elem_types(model)
@@ -215,11 +244,16 @@ def node_costs(model: onnx.ModelProto, hw: Hardware, eff: Efficiency = Efficienc
         fits_on_chip = 0 < moved <= hw.on_chip_memory_kb * 1024
         memory_s = moved / (bandwidth * (eff.cache_bandwidth if fits_on_chip else 1.0))
         seconds = max(compute_s, memory_s) + eff.node_overhead_us * 1e-6
-        costs.append(NodeCost(name, node.op_type, int(macs), int(moved), dtype, compute_s, memory_s, seconds, grouped, int(elements)))
+        costs.append(
+            NodeCost(
+                name, node.op_type, int(macs), int(moved), dtype, compute_s, memory_s, seconds, grouped, int(elements)
+            )
+        )
     return costs, unknown
 
 
 # -- memory ----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Buffer:
@@ -289,7 +323,9 @@ def greedy_arena(buffers: list[Buffer], alignment: int = ARENA_ALIGNMENT) -> tup
     offsets: dict[str, int] = {}
     for buf in sorted(buffers, key=lambda b: (-b.size, b.first, b.name)):
         size = _align(buf.size, alignment)
-        overlapping = sorted((off, sz) for off, sz, other in placed if other.first <= buf.last and buf.first <= other.last)
+        overlapping = sorted(
+            (off, sz) for off, sz, other in placed if other.first <= buf.last and buf.first <= other.last
+        )
         offset = 0
         for off, sz in overlapping:  # first gap from the bottom that fits
             if off - offset >= size:
@@ -303,8 +339,15 @@ def greedy_arena(buffers: list[Buffer], alignment: int = ARENA_ALIGNMENT) -> tup
 
 # -- the whole estimate ----------------------------------------------------------------------------
 
-def estimate(model: onnx.ModelProto, hw: Hardware, *, input_shapes: dict[str, list[int]] | None = None,
-             eff: Efficiency = Efficiency(), top: int = 10) -> dict[str, Any]:
+
+def estimate(
+    model: onnx.ModelProto,
+    hw: Hardware,
+    *,
+    input_shapes: dict[str, list[int]] | None = None,
+    eff: Efficiency = Efficiency(),
+    top: int = 10,
+) -> dict[str, Any]:
     """The cost-model section of the report for one model on one hardware description."""
     if input_shapes:
         model = bind_input_shapes(model, input_shapes)
@@ -329,14 +372,26 @@ def estimate(model: onnx.ModelProto, hw: Hardware, *, input_shapes: dict[str, li
         "peak_activation_bytes": {"liveness_lower_bound": liveness_peak(buffers), "greedy_arena": arena},
         "weights_bytes": weights,
         "by_op_ms": {op: round(s * 1e3, 4) for op, s in sorted(by_op.items(), key=lambda kv: -kv[1])},
-        "top_nodes": [{"name": c.name, "op": c.op, "ms": round(c.seconds * 1e3, 4), "bound": c.bound, "dtype": c.dtype,
-                       "macs": c.macs, "bytes": c.bytes} for c in sorted(costs, key=lambda c: -c.seconds)[:top]],
+        "top_nodes": [
+            {
+                "name": c.name,
+                "op": c.op,
+                "ms": round(c.seconds * 1e3, 4),
+                "bound": c.bound,
+                "dtype": c.dtype,
+                "macs": c.macs,
+                "bytes": c.bytes,
+            }
+            for c in sorted(costs, key=lambda c: -c.seconds)[:top]
+        ],
         "efficiency": eff.to_dict(),
     }
     if unknown or unknown_mem:
         missing = sorted(set(unknown) | set(unknown_mem))
         doc["unknown_tensors"] = missing[:20]
-        doc["note"] = f"{len(missing)} tensor sizes unknown (dynamic dims?): the estimate leaves them out; bind shapes with --input-shape"
+        doc["note"] = (
+            f"{len(missing)} tensor sizes unknown (dynamic dims?): the estimate leaves them out; bind shapes with --input-shape"
+        )
     return doc
 
 
@@ -364,26 +419,37 @@ def cost_model_section(target: Target, models: dict[str, onnx.ModelProto]) -> di
             out[label] = {"error": f"no estimate: {exc.__class__.__name__}: {str(exc)[:200]}"}
     return {
         "target": target.name,
-        "hardware": {"peak_fp32_tflops": hw.peak_fp32_tflops, "peak_fp16_tflops": hw.peak_fp16_tflops,
-                     "peak_int8_tops": hw.peak_int8_tops, "memory_bandwidth_gbps": hw.memory_bandwidth_gbps,
-                     "memory_mb": hw.memory_mb, "cores": hw.cores},
+        "hardware": {
+            "peak_fp32_tflops": hw.peak_fp32_tflops,
+            "peak_fp16_tflops": hw.peak_fp16_tflops,
+            "peak_int8_tops": hw.peak_int8_tops,
+            "memory_bandwidth_gbps": hw.memory_bandwidth_gbps,
+            "memory_mb": hw.memory_mb,
+            "cores": hw.cores,
+        },
         "method": "roofline max(compute, memory) per node, summed; liveness lower bound and greedy-by-size arena",
         "models": out,
     }
 
 
-def budgets_section(target: Target, model_bytes: int, estimate_doc: dict[str, Any] | None, label: str) -> dict[str, Any]:
+def budgets_section(
+    target: Target, model_bytes: int, estimate_doc: dict[str, Any] | None, label: str
+) -> dict[str, Any]:
     """``report["budgets"]``: the target's size and memory budgets checked against ``label``'s model."""
     usable = estimate_doc if estimate_doc and "error" not in estimate_doc and estimate_doc.get("complete") else None
     checks = check_budgets(model_bytes, usable, target.budgets, target.hardware)
     doc: dict[str, Any] = {"model": label, "checks": checks, "ok": all(c["ok"] for c in checks)}
     if usable is None:
         # An arena over unknown tensor sizes would read as a small, passing number: better not checked at all.
-        doc["skipped"] = ["activation memory: some tensor sizes are unknown (bind dynamic dims with --input-shape or --calib)"]
+        doc["skipped"] = [
+            "activation memory: some tensor sizes are unknown (bind dynamic dims with --input-shape or --calib)"
+        ]
     return doc
 
 
-def check_budgets(model_bytes: int, estimate_doc: dict[str, Any] | None, budgets: Budgets, hw: Hardware) -> list[dict[str, Any]]:
+def check_budgets(
+    model_bytes: int, estimate_doc: dict[str, Any] | None, budgets: Budgets, hw: Hardware
+) -> list[dict[str, Any]]:
     """Each budget of the target against the compiled model: ``{"name", "value", "limit", "unit", "ok"}``."""
     checks = []
     mb = 1024 * 1024

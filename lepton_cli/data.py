@@ -4,6 +4,7 @@ Per input, one array with samples on axis 0: an array of the input's own rank is
 time as a batch of one; an array of rank+1 is one batch per entry (SPEC). An optional ``labels``
 array holds one label per sample (per batch entry for rank+1 data).
 """
+
 from __future__ import annotations
 
 import zipfile
@@ -34,7 +35,10 @@ class SampleSet:
 
     def feed(self, index: int) -> dict[str, np.ndarray]:
         # np.asarray: a scalar input's entry is a NumPy scalar, which ONNX Runtime refuses
-        return {name: (np.asarray(arr[index]) if self.batched[name] else arr[index:index + 1]) for name, arr in self.arrays.items()}
+        return {
+            name: (np.asarray(arr[index]) if self.batched[name] else arr[index : index + 1])
+            for name, arr in self.arrays.items()
+        }
 
     def feeds(self, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         count = len(self) if limit is None else min(limit, len(self))
@@ -47,13 +51,22 @@ class SampleSet:
         cut = max(1, int(round(len(self) * (1 - holdout_fraction))))
         parts = []
         for idx in (np.sort(order[:cut]), np.sort(order[cut:])):
-            parts.append(SampleSet(self.path, {k: v[idx] for k, v in self.arrays.items()},
-                                   None if self.labels is None else self.labels[idx], dict(self.batched)))
+            parts.append(
+                SampleSet(
+                    self.path,
+                    {k: v[idx] for k, v in self.arrays.items()},
+                    None if self.labels is None else self.labels[idx],
+                    dict(self.batched),
+                )
+            )
         return parts[0], parts[1]
 
     def shapes(self) -> dict[str, list[int]]:
         """Per-input shape of one feed: binds the model's dynamic dims when --input-shape is absent."""
-        return {name: list(arr.shape[1:] if self.batched[name] else (1, *arr.shape[1:])) for name, arr in self.arrays.items()}
+        return {
+            name: list(arr.shape[1:] if self.batched[name] else (1, *arr.shape[1:]))
+            for name, arr in self.arrays.items()
+        }
 
 
 def _check_input(name: str, arr: np.ndarray, sig: TensorSig, origin: str) -> bool:
@@ -61,33 +74,48 @@ def _check_input(name: str, arr: np.ndarray, sig: TensorSig, origin: str) -> boo
     rank = len(sig.dims)
     if rank == 0:  # a scalar input: (N,) one value per sample, () one value for every sample (load_samples repeats it)
         if arr.ndim > 1:
-            raise BadInputError(f"{origin}: array {name!r} has shape {arr.shape}; input {name!r} is a scalar",
-                                "store one value per sample, shape (N,), or one value for every sample, shape ()")
+            raise BadInputError(
+                f"{origin}: array {name!r} has shape {arr.shape}; input {name!r} is a scalar",
+                "store one value per sample, shape (N,), or one value for every sample, shape ()",
+            )
         batched, sample_shape = True, ()
     elif arr.ndim == rank:
         batched, sample_shape = False, (1, *arr.shape[1:])
     elif arr.ndim == rank + 1:
         batched, sample_shape = True, arr.shape[1:]
     else:
-        raise BadInputError(f"{origin}: array {name!r} has shape {arr.shape}; input {name!r} has rank {rank} {list(sig.dims)}",
-                            f"store samples on axis 0: shape (N, ...) with rank {rank} (one row per sample) or {rank + 1} (one batch per entry)")
+        raise BadInputError(
+            f"{origin}: array {name!r} has shape {arr.shape}; input {name!r} has rank {rank} {list(sig.dims)}",
+            f"store samples on axis 0: shape (N, ...) with rank {rank} (one row per sample) or {rank + 1} (one batch per entry)",
+        )
     if arr.ndim and arr.shape[0] == 0:
         raise BadInputError(f"{origin}: array {name!r} holds no samples", "add at least one sample")
     for axis, (have, want) in enumerate(zip(sample_shape, sig.dims)):
         if isinstance(want, int) and have != want and not (axis == 0 and not batched):
-            raise BadInputError(f"{origin}: array {name!r} samples have shape {list(sample_shape)}, the input expects {list(sig.dims)}",
-                                "resize or reshape the samples to the model's input shape")
+            raise BadInputError(
+                f"{origin}: array {name!r} samples have shape {list(sample_shape)}, the input expects {list(sig.dims)}",
+                "resize or reshape the samples to the model's input shape",
+            )
     if arr.dtype != sig.dtype:
         if np.issubdtype(arr.dtype, np.floating) and np.issubdtype(sig.dtype, np.floating):
             pass  # float64 → float32 is a safe, common conversion, done by the loader
-        elif np.issubdtype(arr.dtype, np.integer) and np.issubdtype(sig.dtype, np.integer) and np.can_cast(arr.dtype, sig.dtype):
+        elif (
+            np.issubdtype(arr.dtype, np.integer)
+            and np.issubdtype(sig.dtype, np.integer)
+            and np.can_cast(arr.dtype, sig.dtype)
+        ):
             pass  # int32 → int64 (a sample rate, token ids): no value changes
         else:
-            raise BadInputError(f"{origin}: array {name!r} has dtype {arr.dtype}, the input expects {sig.dtype}",
-                                f"save it as {sig.dtype}")
+            raise BadInputError(
+                f"{origin}: array {name!r} has dtype {arr.dtype}, the input expects {sig.dtype}",
+                f"save it as {sig.dtype}",
+            )
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())
-        raise BadInputError(f"{origin}: array {name!r} contains {bad} NaN/Inf values", "clean the data; calibration on NaN/Inf is meaningless")
+        raise BadInputError(
+            f"{origin}: array {name!r} contains {bad} NaN/Inf values",
+            "clean the data; calibration on NaN/Inf is meaningless",
+        )
     return batched
 
 
@@ -101,27 +129,36 @@ def load_samples(path: str | Path, model: onnx.ModelProto, *, role: str = "--cal
         with np.load(path, allow_pickle=False) as npz:
             raw = {key: npz[key] for key in npz.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise BadInputError(f"{origin} is not a readable .npz file ({exc.__class__.__name__})",
-                            "save it with numpy.savez(path, input_name=array, ...)") from None
+        raise BadInputError(
+            f"{origin} is not a readable .npz file ({exc.__class__.__name__})",
+            "save it with numpy.savez(path, input_name=array, ...)",
+        ) from None
     inputs = {sig.name: sig for sig in graph_inputs(model)}
     labels = raw.pop(LABELS_KEY, None)
     unknown = sorted(set(raw) - set(inputs))
     if unknown:
-        raise BadInputError(f"{origin}: array {unknown[0]!r} names no input of the model",
-                            f"the model's inputs are: {', '.join(inputs)}")
+        raise BadInputError(
+            f"{origin}: array {unknown[0]!r} names no input of the model",
+            f"the model's inputs are: {', '.join(inputs)}",
+        )
     missing = sorted(set(inputs) - set(raw))
     if missing:
         raise BadInputError(f"{origin}: no array for input {missing[0]!r}", f"add an array named {missing[0]!r}")
     batched = {name: _check_input(name, arr, inputs[name], origin) for name, arr in raw.items()}
     counts = {len(arr) for arr in raw.values() if arr.ndim}
     if len(counts) > 1:
-        raise BadInputError(f"{origin}: arrays hold different sample counts {sorted(counts)}", "give every input the same number of samples")
+        raise BadInputError(
+            f"{origin}: arrays hold different sample counts {sorted(counts)}",
+            "give every input the same number of samples",
+        )
     count = counts.pop() if counts else 1
     raw = {name: (np.full(count, arr, dtype=arr.dtype) if arr.ndim == 0 else arr) for name, arr in raw.items()}
     arrays = {name: arr.astype(inputs[name].dtype, copy=False) for name, arr in raw.items()}
     if labels is not None and len(labels) != count:
-        raise BadInputError(f"{origin}: 'labels' has {len(labels)} entries for {len(next(iter(arrays.values())))} samples",
-                            "give one label per sample")
+        raise BadInputError(
+            f"{origin}: 'labels' has {len(labels)} entries for {len(next(iter(arrays.values())))} samples",
+            "give one label per sample",
+        )
     return SampleSet(path, arrays, labels, batched)
 
 
@@ -137,4 +174,5 @@ def check_bound_shapes(samples: SampleSet, model: onnx.ModelProto, role: str, bo
             f"{role} {samples.path}: input {name!r} samples have shape {shape}, but the model's input is {want}"
             + (f" ({bound_by})" if bound_by else ""),
             f"give samples of shape {want} (resize them, or set --preprocess size=), or bind the input to the "
-            f"samples' shape with --input-shape {name}={','.join(map(str, shape))}")
+            f"samples' shape with --input-shape {name}={','.join(map(str, shape))}",
+        )

@@ -2,6 +2,7 @@
 
 The CLI turns these into one message in one place (``cli.main``); nothing else prints tracebacks.
 """
+
 from __future__ import annotations
 
 from enum import IntEnum

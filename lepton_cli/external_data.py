@@ -8,6 +8,7 @@ files itself (``ort.make_session``), so about one copy of the weights is in memo
 Tensors a pass creates are ordinary in-memory tensors; the bundle writer streams the remaining
 external ones into one data file beside the model (``bundle_payload``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,7 +39,8 @@ def use_weights_folder(folder: Path | None) -> Callable[[], None]:
     depth = len(_folders)
 
     def release() -> None:
-        del _folders[depth - 1:]
+        del _folders[depth - 1 :]
+
     return release
 
 
@@ -101,9 +103,22 @@ def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize if tensor.dims else itemsize
 
 
-_PLAIN_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
-                          onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
-                          onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL})
+_PLAIN_TYPES = frozenset(
+    {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.INT8,
+        onnx.TensorProto.UINT8,
+        onnx.TensorProto.INT16,
+        onnx.TensorProto.UINT16,
+        onnx.TensorProto.INT32,
+        onnx.TensorProto.UINT32,
+        onnx.TensorProto.INT64,
+        onnx.TensorProto.UINT64,
+        onnx.TensorProto.BOOL,
+    }
+)
 
 
 def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
@@ -117,13 +132,19 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
         with path.open("rb") as handle:  # straight into the array: one copy of the tensor, not three
             value = np.fromfile(handle, dtype=dtype, count=count, offset=offset)
         if value.size != count:
-            raise BadInputError(f"tensor {tensor.name!r}: external data ends early in {path.name}", "the external data file is truncated; re-export the model")
+            raise BadInputError(
+                f"tensor {tensor.name!r}: external data ends early in {path.name}",
+                "the external data file is truncated; re-export the model",
+            )
         return value.reshape(tuple(tensor.dims))
     with path.open("rb") as handle:
         handle.seek(offset)
         raw = handle.read(length)
     if len(raw) != length:
-        raise BadInputError(f"tensor {tensor.name!r}: external data ends early in {path.name}", "the external data file is truncated; re-export the model")
+        raise BadInputError(
+            f"tensor {tensor.name!r}: external data ends early in {path.name}",
+            "the external data file is truncated; re-export the model",
+        )
     inline = onnx.TensorProto()
     inline.CopyFrom(tensor)
     del inline.external_data[:]
@@ -139,9 +160,11 @@ def inline_copy(model: onnx.ModelProto, why: str, limit: int | None = None) -> o
     limit = INLINE_LIMIT if limit is None else limit
     size = external_bytes(model)
     if size > limit:
-        raise BadInputError(f"{why} needs the whole model in one protobuf, and its external data holds {size / 2**30:.2f} GiB "
-                            f"(limit {limit / 2**30:.2f} GiB)",
-                            "compile without --calib (int8 weight-only), or use a target whose quantize scheme is weight-only")
+        raise BadInputError(
+            f"{why} needs the whole model in one protobuf, and its external data holds {size / 2**30:.2f} GiB "
+            f"(limit {limit / 2**30:.2f} GiB)",
+            "compile without --calib (int8 weight-only), or use a target whose quantize scheme is weight-only",
+        )
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     for tensor in external_tensors(copy):
@@ -188,8 +211,9 @@ def shapes_only_copy(model: onnx.ModelProto) -> onnx.ModelProto:
         if is_external(tensor) or tensor.ByteSize() <= SHAPE_ONLY_BYTES:
             light.graph.initializer.append(tensor)
             continue
-        stub = light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
-                                           data_location=onnx.TensorProto.EXTERNAL)
+        stub = light.graph.initializer.add(
+            name=tensor.name, data_type=tensor.data_type, dims=tensor.dims, data_location=onnx.TensorProto.EXTERNAL
+        )
         stub.external_data.add(key="location", value="(not read: shape inference only)")
     return light
 
@@ -238,7 +262,10 @@ class ModelPayload:
                 while left:
                     chunk = handle.read(min(block, left))
                     if not chunk:
-                        raise BadInputError(f"external data {path.name} ended early while bundling", "the file changed during the compile; compile again")
+                        raise BadInputError(
+                            f"external data {path.name} ended early while bundling",
+                            "the file changed during the compile; compile again",
+                        )
                     left -= len(chunk)
                     yield chunk
 
@@ -270,7 +297,6 @@ def bundle_payload(model: onnx.ModelProto, plain_path: str, limit: int | None = 
             entry.key, entry.value = key, value
         offset += length
     return ModelPayload(serialize(graph), data_name, spans)
-
 
 
 def serialize(model: onnx.ModelProto) -> bytes:

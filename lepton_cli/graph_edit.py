@@ -1,4 +1,5 @@
 """Use-def bookkeeping and clean-up shared by the graph rewrites (fuse, fuse_activation, layout_transform, channel_groups)."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -20,7 +21,7 @@ class GraphIndex:
         self.uses: Counter = Counter(i for n in graph.node for i in n.input if i)
         for node in graph.node:  # names read inside subgraphs count as uses too
             for attr in node.attribute:
-                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
                     self.uses.update(i for n in sub.node for i in n.input if i)
 
     def const(self, name: str) -> np.ndarray | None:
@@ -46,7 +47,7 @@ def subgraph_names(graph: onnx.GraphProto) -> set[str]:
     names: set[str] = set()
     for node in graph.node:
         for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
                 names.update(i for n in sub.node for i in n.input)
                 names |= subgraph_names(sub)
     return names

@@ -5,6 +5,7 @@ graph-input Casts after their consumers with ``keep_io_types``). Libraries check
 sorter; onnxsim sorts only as a side effect of a full simplify; onnx-ir has one but is not a
 dependency. Subgraphs (If/Loop bodies) see outer names, so they count as inputs of their node.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -17,7 +18,11 @@ def _node_inputs(node: onnx.NodeProto) -> set[str]:
     for attr in node.attribute:
         graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
         for graph in graphs:
-            local = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+            local = (
+                {o for n in graph.node for o in n.output}
+                | {i.name for i in graph.input}
+                | {t.name for t in graph.initializer}
+            )
             for inner in graph.node:
                 names |= _node_inputs(inner) - local
     return names
@@ -29,12 +34,14 @@ def sort_topologically(graph: onnx.GraphProto) -> bool:
     moved = False
     for node in graph.node:
         for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
                 moved = sort_topologically(sub) or moved
     nodes = list(graph.node)
     producer = {out: index for index, node in enumerate(nodes) for out in node.output if out}
-    deps = [{producer[name] for name in _node_inputs(node) if name in producer and producer[name] != index}
-            for index, node in enumerate(nodes)]
+    deps = [
+        {producer[name] for name in _node_inputs(node) if name in producer and producer[name] != index}
+        for index, node in enumerate(nodes)
+    ]
     users: list[list[int]] = [[] for _ in nodes]
     for index, needed in enumerate(deps):
         for dep in needed:
@@ -60,13 +67,19 @@ def sort_topologically(graph: onnx.GraphProto) -> bool:
 
 
 def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    return [sub for node in graph.node for attr in node.attribute
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))]
+    return [
+        sub
+        for node in graph.node
+        for attr in node.attribute
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
+    ]
 
 
 def _produced(graph: onnx.GraphProto) -> set[str]:
     """Names a graph defines, its subgraphs included."""
-    names = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    names = (
+        {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    )
     for sub in _subgraphs(graph):
         names |= _produced(sub)
     return names
@@ -77,7 +90,9 @@ def move_into_subgraphs(graph: onnx.GraphProto) -> int:
     body; return how many moved. ONNX Runtime's fp16 converter puts the Cast in front of a blocked node
     inside an If branch (Silero VAD's Pow) in the main graph, where the branch's tensors do not exist."""
     moved = 0
-    local = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    local = (
+        {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    )
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:

@@ -11,6 +11,7 @@ core counts or container memory limits, and the stdlib has no portable CPU-featu
 (``flags``) and aarch64 (``Features``) forms, memory from ``/proc/meminfo`` and the cgroup v1/v2
 files. Every source is injectable (``HostSources``) so tests simulate other hosts.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,26 +25,66 @@ from typing import Any, Callable
 
 # x86 /proc/cpuinfo flag → our ISA name (the names targets/*.toml use in hardware.isa).
 _X86_FLAGS = {
-    "sse4_2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c",
-    "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vl": "avx512vl", "avx512dq": "avx512dq",
-    "avx512_vnni": "avx512_vnni", "avx_vnni": "avx_vnni", "avx512_bf16": "avx512_bf16", "avx512_fp16": "avx512_fp16",
-    "amx_tile": "amx_tile", "amx_int8": "amx_int8", "amx_bf16": "amx_bf16",
+    "sse4_2": "sse4_2",
+    "avx": "avx",
+    "avx2": "avx2",
+    "fma": "fma",
+    "f16c": "f16c",
+    "avx512f": "avx512f",
+    "avx512bw": "avx512bw",
+    "avx512vl": "avx512vl",
+    "avx512dq": "avx512dq",
+    "avx512_vnni": "avx512_vnni",
+    "avx_vnni": "avx_vnni",
+    "avx512_bf16": "avx512_bf16",
+    "avx512_fp16": "avx512_fp16",
+    "amx_tile": "amx_tile",
+    "amx_int8": "amx_int8",
+    "amx_bf16": "amx_bf16",
 }
 # aarch64 /proc/cpuinfo Features (Linux hwcaps) → our ISA name.
 _ARM_FEATURES = {
-    "asimd": "neon", "asimddp": "dotprod", "i8mm": "i8mm", "asimdhp": "fp16", "fphp": "fp16",
-    "bf16": "bf16", "sve": "sve", "sve2": "sve2", "sme": "sme",
+    "asimd": "neon",
+    "asimddp": "dotprod",
+    "i8mm": "i8mm",
+    "asimdhp": "fp16",
+    "fphp": "fp16",
+    "bf16": "bf16",
+    "sve": "sve",
+    "sve2": "sve2",
+    "sme": "sme",
 }
 # Linux "CPU part" ids of Arm-designed cores (implementer 0x41), for a readable model name.
 _ARM_PARTS = {
-    "0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57", "0xd08": "Cortex-A72",
-    "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76", "0xd0c": "Neoverse-N1", "0xd0d": "Cortex-A77",
-    "0xd40": "Neoverse-V1", "0xd41": "Cortex-A78", "0xd44": "Cortex-X1", "0xd46": "Cortex-A510", "0xd47": "Cortex-A710",
-    "0xd48": "Cortex-X2", "0xd49": "Neoverse-N2", "0xd4d": "Cortex-A715", "0xd4e": "Cortex-X3", "0xd4f": "Neoverse-V2",
+    "0xd03": "Cortex-A53",
+    "0xd04": "Cortex-A35",
+    "0xd05": "Cortex-A55",
+    "0xd07": "Cortex-A57",
+    "0xd08": "Cortex-A72",
+    "0xd09": "Cortex-A73",
+    "0xd0a": "Cortex-A75",
+    "0xd0b": "Cortex-A76",
+    "0xd0c": "Neoverse-N1",
+    "0xd0d": "Cortex-A77",
+    "0xd40": "Neoverse-V1",
+    "0xd41": "Cortex-A78",
+    "0xd44": "Cortex-X1",
+    "0xd46": "Cortex-A510",
+    "0xd47": "Cortex-A710",
+    "0xd48": "Cortex-X2",
+    "0xd49": "Neoverse-N2",
+    "0xd4d": "Cortex-A715",
+    "0xd4e": "Cortex-X3",
+    "0xd4f": "Neoverse-V2",
 }
 _NO_LIMIT = 1 << 60  # cgroup v1 writes ~2^63 for "unlimited"
-GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
-                 "MIGraphXExecutionProvider", "DmlExecutionProvider")
+GPU_PROVIDERS = (
+    "CUDAExecutionProvider",
+    "TensorrtExecutionProvider",
+    "ROCMExecutionProvider",
+    "MIGraphXExecutionProvider",
+    "DmlExecutionProvider",
+)
 
 
 @dataclass(frozen=True)
@@ -110,9 +151,16 @@ class HostInfo:
 
     def pass_context(self) -> dict[str, Any]:
         """The subset passes see as ``PassContext.host`` (e.g. quantize warns when the build ISA differs from the target's)."""
-        return {"arch": self.arch, "system": self.system, "cpu_model": self.cpu_model, "isa": list(self.isa),
-                "cores": self.usable_cores, "memory_mb": self.usable_memory_mb, "providers": list(self.providers),
-                "gpus": [g.name for g in self.gpus]}
+        return {
+            "arch": self.arch,
+            "system": self.system,
+            "cpu_model": self.cpu_model,
+            "isa": list(self.isa),
+            "cores": self.usable_cores,
+            "memory_mb": self.usable_memory_mb,
+            "providers": list(self.providers),
+            "gpus": [g.name for g in self.gpus],
+        }
 
 
 def _read(path: str | Path) -> str | None:
@@ -127,8 +175,12 @@ def _run_nvidia_smi() -> str | None:
     if exe is None:
         return None
     try:
-        done = subprocess.run([exe, "--query-gpu=name,memory.total,memory.free,driver_version",
-                               "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+        done = subprocess.run(
+            [exe, "--query-gpu=name,memory.total,memory.free,driver_version", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout if done.returncode == 0 else None
@@ -147,9 +199,15 @@ def _sysctl(name: str) -> str | None:
 
 # macOS has no /proc: sysctl names for the same facts (Apple silicon hw.optional.arm.*; Intel Macs hw.optional.*).
 _DARWIN_ISA = {
-    "hw.optional.neon": "neon", "hw.optional.arm.FEAT_DotProd": "dotprod", "hw.optional.arm.FEAT_I8MM": "i8mm",
-    "hw.optional.arm.FEAT_FP16": "fp16", "hw.optional.arm.FEAT_BF16": "bf16", "hw.optional.arm.FEAT_SME": "sme",
-    "hw.optional.avx2_0": "avx2", "hw.optional.fma": "fma", "hw.optional.avx512f": "avx512f",
+    "hw.optional.neon": "neon",
+    "hw.optional.arm.FEAT_DotProd": "dotprod",
+    "hw.optional.arm.FEAT_I8MM": "i8mm",
+    "hw.optional.arm.FEAT_FP16": "fp16",
+    "hw.optional.arm.FEAT_BF16": "bf16",
+    "hw.optional.arm.FEAT_SME": "sme",
+    "hw.optional.avx2_0": "avx2",
+    "hw.optional.fma": "fma",
+    "hw.optional.avx512f": "avx512f",
     "hw.optional.avx512vnni": "avx512_vnni",
 }
 
@@ -163,8 +221,12 @@ def parse_darwin(sysctl: Callable[[str], str | None]) -> tuple[CpuFacts, float |
         return int(value) if value and value.isdigit() else None
 
     memsize = number("hw.memsize")
-    facts = CpuFacts(sysctl("machdep.cpu.brand_string") or "unknown Apple CPU", number("hw.physicalcpu"),
-                     number("hw.logicalcpu"), tuple(isa))
+    facts = CpuFacts(
+        sysctl("machdep.cpu.brand_string") or "unknown Apple CPU",
+        number("hw.physicalcpu"),
+        number("hw.logicalcpu"),
+        tuple(isa),
+    )
     return facts, (memsize / 2**20 if memsize else None)
 
 
@@ -181,8 +243,13 @@ def _ort_facts() -> tuple[list[str], list[GpuInfo], str]:
     for ep_device in getattr(ort, "get_ep_devices", lambda: [])():  # ORT >= 1.22
         device = ep_device.device
         if str(device.type).endswith("GPU"):
-            gpus.append(GpuInfo(name=f"{device.vendor} device {device.device_id:#x}", vendor=device.vendor,
-                                source=f"onnxruntime ({ep_device.ep_name})"))
+            gpus.append(
+                GpuInfo(
+                    name=f"{device.vendor} device {device.device_id:#x}",
+                    vendor=device.vendor,
+                    source=f"onnxruntime ({ep_device.ep_name})",
+                )
+            )
     return providers, gpus, ort.__version__
 
 
@@ -257,8 +324,11 @@ def parse_cpuinfo(text: str, arch: str) -> CpuFacts:
         parts = []
         for b in procs:
             part = b.get("cpu part", "").lower()
-            name = _ARM_PARTS.get(part, f"part {part}") if b.get("cpu implementer", "").lower() == "0x41" else (
-                f"implementer {b.get('cpu implementer', '?')} part {part}" if part else "")
+            name = (
+                _ARM_PARTS.get(part, f"part {part}")
+                if b.get("cpu implementer", "").lower() == "0x41"
+                else (f"implementer {b.get('cpu implementer', '?')} part {part}" if part else "")
+            )
             if name and name not in parts:
                 parts.append(name)
         board = next((b[k] for b in blocks for k in ("model", "hardware") if k in b and not b[k].isdigit()), "")
@@ -267,7 +337,9 @@ def parse_cpuinfo(text: str, arch: str) -> CpuFacts:
             model = f"{board} ({model})"
         # Arm cores have no SMT (except a few Neoverse parts, which Linux still lists as separate cores).
         return CpuFacts(model, logical, logical, tuple(isa))
-    return CpuFacts(next((b["model name"] for b in procs if "model name" in b), f"unknown {arch} CPU"), logical, logical, ())
+    return CpuFacts(
+        next((b["model name"] for b in procs if "model name" in b), f"unknown {arch} CPU"), logical, logical, ()
+    )
 
 
 def parse_meminfo(text: str) -> tuple[float | None, float | None]:
@@ -363,8 +435,16 @@ def parse_nvidia_smi(text: str) -> list[GpuInfo]:
             except ValueError:  # "[N/A]" on some boards
                 return None
 
-        gpus.append(GpuInfo(name=cols[0], vendor="NVIDIA", memory_total_mb=num(cols[1]), memory_free_mb=num(cols[2]),
-                            driver=cols[3], source="nvidia-smi"))
+        gpus.append(
+            GpuInfo(
+                name=cols[0],
+                vendor="NVIDIA",
+                memory_total_mb=num(cols[1]),
+                memory_free_mb=num(cols[2]),
+                driver=cols[3],
+                source="nvidia-smi",
+            )
+        )
     return gpus
 
 
@@ -401,8 +481,19 @@ def detect_host(sources: HostSources | None = None) -> HostInfo:
     if not gpus:
         gpus = ort_gpus  # nvidia-smi is richer (memory, driver); ORT's device list covers other vendors
     return HostInfo(
-        arch=arch, system=src.system.lower(), cpu_model=cpu.model, cores_physical=physical, cores_logical=logical,
-        isa=cpu.isa, memory_total_mb=total, memory_available_mb=available, cgroup_memory_limit_mb=limit,
-        cgroup_memory_used_mb=used, cgroup_cpu_limit=cpu_limit, gpus=tuple(gpus), providers=tuple(providers),
-        ort_version=ort_version, notes=tuple(notes),
+        arch=arch,
+        system=src.system.lower(),
+        cpu_model=cpu.model,
+        cores_physical=physical,
+        cores_logical=logical,
+        isa=cpu.isa,
+        memory_total_mb=total,
+        memory_available_mb=available,
+        cgroup_memory_limit_mb=limit,
+        cgroup_memory_used_mb=used,
+        cgroup_cpu_limit=cpu_limit,
+        gpus=tuple(gpus),
+        providers=tuple(providers),
+        ort_version=ort_version,
+        notes=tuple(notes),
     )

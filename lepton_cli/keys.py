@@ -13,6 +13,7 @@ Where keys come from, in order: an explicit option, an environment variable
 or the PEM text itself, for CI secrets), then the development set in the config folder
 (``$LEPTON_HOME``, else ``$XDG_CONFIG_HOME/lepton``, else ``~/.config/lepton``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,7 +40,12 @@ KEY_FILES = {
     ("encryption", "private"): "encryption-private.pem",
     ("encryption", "public"): "encryption-public.pem",
 }
-ENV = {"sign": "LEPTON_SIGNING_KEY", "recipient": "LEPTON_RECIPIENT", "decrypt": "LEPTON_DECRYPTION_KEY", "trust": "LEPTON_TRUST"}
+ENV = {
+    "sign": "LEPTON_SIGNING_KEY",
+    "recipient": "LEPTON_RECIPIENT",
+    "decrypt": "LEPTON_DECRYPTION_KEY",
+    "trust": "LEPTON_TRUST",
+}
 _ID_PREFIX = {"signing": "lepton-sign-", "encryption": "lepton-enc-"}
 
 
@@ -74,8 +80,10 @@ def purpose_of(key: object) -> Purpose:
         return "signing"
     if isinstance(key, (EncryptionPrivateKey, EncryptionPublicKey)):
         return "encryption"
-    raise BadInputError(f"unsupported key type {type(key).__name__}",
-                        "use keys made by `lepton keys generate` (ECDSA P-256 signing, X25519 encryption)")
+    raise BadInputError(
+        f"unsupported key type {type(key).__name__}",
+        "use keys made by `lepton keys generate` (ECDSA P-256 signing, X25519 encryption)",
+    )
 
 
 def _header(purpose: Purpose, kind: str, kid: str) -> bytes:
@@ -107,7 +115,10 @@ def generate_keys(folder: Path, *, overwrite: bool = False) -> KeySet:
     folder = Path(folder)
     existing = [folder / name for name in KEY_FILES.values() if (folder / name).exists()]
     if existing and not overwrite:
-        raise BadInputError(f"{existing[0]} already exists", "choose another --dir, or pass --force to replace the keys (bundles made for the old ones stop opening)")
+        raise BadInputError(
+            f"{existing[0]} already exists",
+            "choose another --dir, or pass --force to replace the keys (bundles made for the old ones stop opening)",
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
@@ -118,9 +129,13 @@ def generate_keys(folder: Path, *, overwrite: bool = False) -> KeySet:
     for purpose, private in (("signing", signing), ("encryption", encryption)):
         kid = key_id(private)
         ids[purpose] = kid
-        pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        pem = private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
         _write_private(folder / KEY_FILES[(purpose, "private")], _header(purpose, "private", kid) + pem)
-        (folder / KEY_FILES[(purpose, "public")]).write_bytes(_header(purpose, "public", kid) + public_pem(private.public_key()))
+        (folder / KEY_FILES[(purpose, "public")]).write_bytes(
+            _header(purpose, "public", kid) + public_pem(private.public_key())
+        )
     return KeySet(folder, ids["signing"], ids["encryption"])
 
 
@@ -129,7 +144,9 @@ def dev_keys(*, create: bool) -> tuple[KeySet | None, bool]:
     folder = default_key_dir()
     if all((folder / name).is_file() for name in KEY_FILES.values()):
         pub = load_key(str(folder / KEY_FILES[("signing", "public")]), "signing", "public", origin="development key")
-        enc = load_key(str(folder / KEY_FILES[("encryption", "public")]), "encryption", "public", origin="development key")
+        enc = load_key(
+            str(folder / KEY_FILES[("encryption", "public")]), "encryption", "public", origin="development key"
+        )
         return KeySet(folder, key_id(pub), key_id(enc)), False
     if not create:
         return None, False
@@ -146,7 +163,9 @@ def _read_spec(spec: str, origin: str) -> bytes:
         return spec.encode()
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise BadInputError(f"{origin} {spec!r} is not a file", "pass the path of a PEM key file (see `lepton keys generate`)")
+        raise BadInputError(
+            f"{origin} {spec!r} is not a file", "pass the path of a PEM key file (see `lepton keys generate`)"
+        )
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -170,21 +189,34 @@ def load_key(spec: str, purpose: Purpose, kind: Literal["private", "public"], *,
                 key = serialization.load_pem_private_key(data, password=None).public_key()
     except (ValueError, TypeError):
         what = "private" if kind == "private" else "public"
-        raise BadInputError(f"{origin} is not a readable unencrypted PEM {what} key",
-                            "pass a key made by `lepton keys generate`") from None
-    actual = purpose_of(key) if isinstance(key, (SigningPrivateKey, SigningPublicKey, EncryptionPrivateKey, EncryptionPublicKey)) else None
+        raise BadInputError(
+            f"{origin} is not a readable unencrypted PEM {what} key", "pass a key made by `lepton keys generate`"
+        ) from None
+    actual = (
+        purpose_of(key)
+        if isinstance(key, (SigningPrivateKey, SigningPublicKey, EncryptionPrivateKey, EncryptionPublicKey))
+        else None
+    )
     if actual is None:
-        raise BadInputError(f"{origin} is a {type(key).__name__}, not a Lepton {purpose} key",
-                            "use keys made by `lepton keys generate` (ECDSA P-256 signing, X25519 encryption)")
+        raise BadInputError(
+            f"{origin} is a {type(key).__name__}, not a Lepton {purpose} key",
+            "use keys made by `lepton keys generate` (ECDSA P-256 signing, X25519 encryption)",
+        )
     if actual != purpose:
-        raise BadInputError(f"{origin} is {_an(actual)} key, but {_an(purpose)} key is needed here",
-                            f"pass the {purpose} key (file {KEY_FILES[(purpose, kind)]} of a key set)")
+        raise BadInputError(
+            f"{origin} is {_an(actual)} key, but {_an(purpose)} key is needed here",
+            f"pass the {purpose} key (file {KEY_FILES[(purpose, kind)]} of a key set)",
+        )
     if isinstance(key, (SigningPrivateKey, SigningPublicKey)) and key.curve.name != "secp256r1":
-        raise BadInputError(f"{origin} is an EC key on {key.curve.name}; Lepton signs with P-256", "use `lepton keys generate`")
+        raise BadInputError(
+            f"{origin} is an EC key on {key.curve.name}; Lepton signs with P-256", "use `lepton keys generate`"
+        )
     return key
 
 
-def resolve(option: str | None, env_name: str, purpose: Purpose, kind: Literal["private", "public"], label: str) -> AnyKey | None:
+def resolve(
+    option: str | None, env_name: str, purpose: Purpose, kind: Literal["private", "public"], label: str
+) -> AnyKey | None:
     """Option, else environment variable, else None (the caller decides about the dev key set)."""
     if option:
         return load_key(option, purpose, kind, origin=label)

@@ -18,6 +18,7 @@ binary, one model at a time, not in the Python wheel) and its Python ``profiling
 ``timeit`` repeats one callable without interleaving; ``scipy.stats.bootstrap`` would do the CI but
 scipy is not a dependency, and the percentile bootstrap here is a few lines of numpy.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,8 @@ import onnx
 import onnxruntime as ort
 
 from .data import SampleSet
-from .hostinfo import HostInfo, detect_host
 from .external_data import external_bytes
+from .hostinfo import HostInfo, detect_host
 from .ort import OPT_LEVELS, model_random_feed, new_session, read_external_from_folder
 from .pipeline import LAYOUT_KEY, adapt_feed
 from .runtime_select import choose_threads, provider_order
@@ -73,8 +74,13 @@ Runner = Callable[[int], Any]  # runs the candidate once on input number ``i``
 ProgressFn = Callable[[int, float], None]  # (rounds done, seconds elapsed)
 
 
-def measure_interleaved(runners: dict[str, Runner], rule: StopRule, *, clock: Callable[[], float] = time.perf_counter,
-                        progress: ProgressFn | None = None) -> dict[str, list[float]]:
+def measure_interleaved(
+    runners: dict[str, Runner],
+    rule: StopRule,
+    *,
+    clock: Callable[[], float] = time.perf_counter,
+    progress: ProgressFn | None = None,
+) -> dict[str, list[float]]:
     """Run every candidate interleaved until ``rule`` says stop; return seconds per run, per candidate.
 
     Warm-up runs go first, in the same alternating order, and are not recorded.
@@ -112,14 +118,24 @@ def summarize(seconds: Sequence[float], *, batch: int = 1) -> dict[str, Any]:
     mean = float(arr.mean())
     return {
         "runs": int(arr.size),
-        "p50_ms": percentile(arr, 50) * 1e3, "p90_ms": percentile(arr, 90) * 1e3, "p99_ms": percentile(arr, 99) * 1e3,
-        "mean_ms": mean * 1e3, "std_ms": float(arr.std(ddof=1)) * 1e3 if arr.size > 1 else 0.0, "min_ms": float(arr.min()) * 1e3,
+        "p50_ms": percentile(arr, 50) * 1e3,
+        "p90_ms": percentile(arr, 90) * 1e3,
+        "p99_ms": percentile(arr, 99) * 1e3,
+        "mean_ms": mean * 1e3,
+        "std_ms": float(arr.std(ddof=1)) * 1e3 if arr.size > 1 else 0.0,
+        "min_ms": float(arr.min()) * 1e3,
         "throughput_per_s": batch / mean if mean > 0 else None,
     }
 
 
-def bootstrap_p50_ratio(base: Sequence[float], candidate: Sequence[float], *, resamples: int = BOOTSTRAP_RESAMPLES,
-                        confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
+def bootstrap_p50_ratio(
+    base: Sequence[float],
+    candidate: Sequence[float],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
     """p50(candidate) / p50(base) with a percentile-bootstrap interval.
 
     Equal-length samples from interleaved rounds are resampled in pairs (whole rounds); otherwise
@@ -146,8 +162,11 @@ def bootstrap_p50_ratio(base: Sequence[float], candidate: Sequence[float], *, re
     tail = (1 - confidence) / 2 * 100
     doc = {
         "ratio": float(np.median(b) / np.median(a)),
-        "ci_low": float(np.percentile(ratios, tail)), "ci_high": float(np.percentile(ratios, 100 - tail)),
-        "confidence": confidence, "resamples": resamples, "paired": paired,
+        "ci_low": float(np.percentile(ratios, tail)),
+        "ci_high": float(np.percentile(ratios, 100 - tail)),
+        "confidence": confidence,
+        "resamples": resamples,
+        "paired": paired,
     }
     if per_round is not None:
         # The median of per-round ratios: each round's A and B ran back to back, so load that changes
@@ -160,6 +179,7 @@ def bootstrap_p50_ratio(base: Sequence[float], candidate: Sequence[float], *, re
 
 # -- feeds and sessions ----------------------------------------------------------------------------
 
+
 @dataclass
 class Feeds:
     feeds: list[dict[str, np.ndarray]]
@@ -168,8 +188,15 @@ class Feeds:
     batch: int = 1
 
 
-def make_feeds(model: onnx.ModelProto, samples: SampleSet | None, role: str = "--calib", *, seed: int = 0,
-               dims: dict[str, list[int]] | None = None, limit: int = MAX_FEEDS) -> Feeds:
+def make_feeds(
+    model: onnx.ModelProto,
+    samples: SampleSet | None,
+    role: str = "--calib",
+    *,
+    seed: int = 0,
+    dims: dict[str, list[int]] | None = None,
+    limit: int = MAX_FEEDS,
+) -> Feeds:
     """Real samples when given, else seeded random inputs of the right dtype and shape, with a warning."""
     if samples is not None and len(samples):
         feeds = list(samples.feeds(limit))
@@ -179,8 +206,10 @@ def make_feeds(model: onnx.ModelProto, samples: SampleSet | None, role: str = "-
         rng = np.random.default_rng(seed)
         feeds = [model_random_feed(model, rng, dims) for _ in range(min(limit, 4))]
         source = "random"
-        warning = ("latency measured on random inputs: it can depend on the data (e.g. detection models, early exits); "
-                   "pass --calib or --eval for representative samples")
+        warning = (
+            "latency measured on random inputs: it can depend on the data (e.g. detection models, early exits); "
+            "pass --calib or --eval for representative samples"
+        )
     first = next(iter(feeds[0].values()), None)
     batch = int(first.shape[0]) if first is not None and first.ndim else 1
     return Feeds(feeds, source, warning, batch)
@@ -203,8 +232,13 @@ def fit_feed(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, n
     """A feed for ``model``: as is when it already has the model's static input shapes (e.g. random inputs
     made from this model's own signature), else converted from NCHW as ``pipeline.adapt_feed`` does."""
     sigs = {sig.name: sig for sig in graph_inputs(model)}
-    if all(name in sigs and sigs[name].is_static and tuple(value.shape) == tuple(sigs[name].dims) and value.dtype == sigs[name].dtype
-           for name, value in feed.items()):
+    if all(
+        name in sigs
+        and sigs[name].is_static
+        and tuple(value.shape) == tuple(sigs[name].dims)
+        and value.dtype == sigs[name].dtype
+        for name, value in feed.items()
+    ):
         return feed
     return adapt_feed(model, feed)
 
@@ -265,9 +299,17 @@ def _session(model: onnx.ModelProto, threads: int, providers: list[str]) -> ort.
     return new_session(model.SerializeToString(), options, list(providers))
 
 
-def host_latency(candidates: list[Candidate], rule: StopRule, *, threads: int, providers: Iterable[str],
-                 batch: int = 1, progress: ProgressFn | None = None, seed: int = 0,
-                 keep_samples: bool = True) -> dict[str, Any]:
+def host_latency(
+    candidates: list[Candidate],
+    rule: StopRule,
+    *,
+    threads: int,
+    providers: Iterable[str],
+    batch: int = 1,
+    progress: ProgressFn | None = None,
+    seed: int = 0,
+    keep_samples: bool = True,
+) -> dict[str, Any]:
     """Measure every candidate interleaved; the first is the base of the ratios.
 
     Returns ``{"settings": ..., "models": {label: summary (+ samples_ms)}, "ratios": {label: p50 ratio vs base}}``.
@@ -290,13 +332,23 @@ def host_latency(candidates: list[Candidate], rule: StopRule, *, threads: int, p
         if keep_samples:
             models[label]["samples_ms"] = [round(s * 1e3, 4) for s in secs]
     base = candidates[0].label
-    ratios = {label: bootstrap_p50_ratio(samples[base], samples[label], seed=seed)
-              for label in samples if label != base}
+    ratios = {
+        label: bootstrap_p50_ratio(samples[base], samples[label], seed=seed) for label in samples if label != base
+    }
     return {
-        "settings": {"threads": threads, "providers": used, "requested_providers": providers, "warmup": rule.warmup,
-                     "intra_op_spinning": False,
-                     "max_runs": rule.runs, "max_seconds": rule.seconds, "min_runs": rule.min_runs,
-                     "order": "interleaved, reversed every other round", "opt_level": "all", "batch": batch},
+        "settings": {
+            "threads": threads,
+            "providers": used,
+            "requested_providers": providers,
+            "warmup": rule.warmup,
+            "intra_op_spinning": False,
+            "max_runs": rule.runs,
+            "max_seconds": rule.seconds,
+            "min_runs": rule.min_runs,
+            "order": "interleaved, reversed every other round",
+            "opt_level": "all",
+            "batch": batch,
+        },
         "base": base,
         "models": models,
         "ratios": ratios,
@@ -310,10 +362,18 @@ def _load_average() -> float | None:
         return None
 
 
-def latency_section(models: dict[str, onnx.ModelProto], feeds: Feeds, rule: StopRule, *,
-                    preferred_providers: Sequence[str] = ("CPUExecutionProvider",), target_name: str | None = None,
-                    threads: int | None = None, host: HostInfo | None = None, seed: int = 0,
-                    progress: ProgressFn | None = None) -> tuple[dict[str, Any], list[str]]:
+def latency_section(
+    models: dict[str, onnx.ModelProto],
+    feeds: Feeds,
+    rule: StopRule,
+    *,
+    preferred_providers: Sequence[str] = ("CPUExecutionProvider",),
+    target_name: str | None = None,
+    threads: int | None = None,
+    host: HostInfo | None = None,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> tuple[dict[str, Any], list[str]]:
     """``report["host_latency"]`` for ``models`` (the first is the base of the ratios), and warnings to show.
 
     Execution providers: the target's, in its order, where this host has them; else CPU, said plainly.
@@ -325,40 +385,62 @@ def latency_section(models: dict[str, onnx.ModelProto], feeds: Feeds, rule: Stop
     providers, skipped = provider_order(preferred, host)
     warnings = []
     if providers[0] != preferred[0]:
-        warnings.append(f"{'target ' + target_name + ' prefers' if target_name else 'preferred'} {preferred[0]}, not usable here: "
-                        f"latency measured on {providers[0]} instead ({'; '.join(skipped) or 'not in this onnxruntime build'})")
+        warnings.append(
+            f"{'target ' + target_name + ' prefers' if target_name else 'preferred'} {preferred[0]}, not usable here: "
+            f"latency measured on {providers[0]} instead ({'; '.join(skipped) or 'not in this onnxruntime build'})"
+        )
     if feeds.warning:
         warnings.append(feeds.warning)
     candidates = [Candidate(label, model, feeds.feeds) for label, model in models.items()]
     load_before = _load_average()
-    section = host_latency(candidates, rule, threads=threads_n, providers=providers, batch=feeds.batch, progress=progress, seed=seed)
+    section = host_latency(
+        candidates, rule, threads=threads_n, providers=providers, batch=feeds.batch, progress=progress, seed=seed
+    )
     load = max(x for x in (load_before, _load_average(), 0.0) if x is not None)
     section["settings"]["threads_why"] = threads_why
     section["settings"]["load_average"] = round(load, 2)
     if load > host.cores_logical:
         # Seen on a shared 2-core host at load 5-7: 2-thread ratios moved 0.82-0.96 between runs, 1-thread ones within 4%.
-        warnings.append(f"the host was busy while measuring (load average {load:.1f} on {host.cores_logical} cores): "
-                        "ratios can move between runs; measure on a quiet machine, or with --threads 1 to be less exposed")
+        warnings.append(
+            f"the host was busy while measuring (load average {load:.1f} on {host.cores_logical} cores): "
+            "ratios can move between runs; measure on a quiet machine, or with --threads 1 to be less exposed"
+        )
     section["input"] = {"source": feeds.source, "distinct_feeds": len(feeds.feeds), "batch": feeds.batch}
-    section["host"] = {"cpu": host.cpu_model, "cores_physical": host.cores_physical, "isa": list(host.isa),
-                       "onnxruntime": host.ort_version}
+    section["host"] = {
+        "cpu": host.cpu_model,
+        "cores_physical": host.cores_physical,
+        "isa": list(host.isa),
+        "onnxruntime": host.ort_version,
+    }
     return section, warnings
 
 
 BENCH_WEIGHTS_LIMIT = 2 << 30  # interleaving keeps both sessions open: a large model's weights twice in memory
 
 
-def compile_sections(source: onnx.ModelProto, compiled: onnx.ModelProto, target: Any, samples: SampleSet | None, role: str, *,
-                     bench: bool = True, seconds: float = COMPILE_SECONDS, seed: int = 0,
-                     host: HostInfo | None = None) -> tuple[dict[str, Any], list[str]]:
+def compile_sections(
+    source: onnx.ModelProto,
+    compiled: onnx.ModelProto,
+    target: Any,
+    samples: SampleSet | None,
+    role: str,
+    *,
+    bench: bool = True,
+    seconds: float = COMPILE_SECONDS,
+    seed: int = 0,
+    host: HostInfo | None = None,
+) -> tuple[dict[str, Any], list[str]]:
     """The compile report's ``host_latency`` (source vs compiled, short and time-capped), ``cost_model`` and
     ``budgets`` sections, and warnings. A free batch dim is measured at 1; other unbound dims skip the
     measurement (said in the section) rather than guess sizes the model may not accept."""
     from . import costmodel
 
     warnings: list[str] = []
-    batch_one = {sig.name: [1, *sig.dims[1:]] for sig in graph_inputs(source)
-                 if not sig.is_static and all(isinstance(d, int) for d in sig.dims[1:])}
+    batch_one = {
+        sig.name: [1, *sig.dims[1:]]
+        for sig in graph_inputs(source)
+        if not sig.is_static and all(isinstance(d, int) for d in sig.dims[1:])
+    }
     unbound = [sig.name for sig in graph_inputs(source) if not sig.is_static and sig.name not in batch_one]
 
     def bind(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -366,7 +448,10 @@ def compile_sections(source: onnx.ModelProto, compiled: onnx.ModelProto, target:
 
     sections: dict[str, Any] = {}
     if unbound and samples is None:
-        sections["host_latency"] = {"measured": False, "reason": f"inputs {', '.join(unbound)} have unbound dims: pass --input-shape or --calib"}
+        sections["host_latency"] = {
+            "measured": False,
+            "reason": f"inputs {', '.join(unbound)} have unbound dims: pass --input-shape or --calib",
+        }
         models = {"source": source, "compiled": compiled}
     else:
         models = {"source": bind(source), "compiled": bind(compiled)}
@@ -374,16 +459,27 @@ def compile_sections(source: onnx.ModelProto, compiled: onnx.ModelProto, target:
         if not bench:
             sections["host_latency"] = {"measured": False, "reason": "--no-bench"}
         elif weights > BENCH_WEIGHTS_LIMIT:
-            reason = (f"source and compiled hold {weights / 2**30:.2f} GiB of weights together, over the "
-                      f"{BENCH_WEIGHTS_LIMIT / 2**30:g} GiB the interleaved benchmark may keep open at once")
+            reason = (
+                f"source and compiled hold {weights / 2**30:.2f} GiB of weights together, over the "
+                f"{BENCH_WEIGHTS_LIMIT / 2**30:g} GiB the interleaved benchmark may keep open at once"
+            )
             sections["host_latency"] = {"measured": False, "reason": reason}
             warnings.append(f"host latency not measured: {reason}")
         else:
             feeds = make_feeds(models["source"], samples, role, seed=seed)
             rule = StopRule(runs=COMPILE_RUNS, seconds=seconds, min_runs=5, warmup=2)
-            section, warnings = latency_section(models, feeds, rule, preferred_providers=target.runtime.execution_providers,
-                                                target_name=target.name, host=host, seed=seed)
+            section, warnings = latency_section(
+                models,
+                feeds,
+                rule,
+                preferred_providers=target.runtime.execution_providers,
+                target_name=target.name,
+                host=host,
+                seed=seed,
+            )
             sections["host_latency"] = section
     sections["cost_model"] = costmodel.cost_model_section(target, models)
-    sections["budgets"] = costmodel.budgets_section(target, compiled.ByteSize() + external_bytes(compiled), sections["cost_model"]["models"]["compiled"], "compiled")
+    sections["budgets"] = costmodel.budgets_section(
+        target, compiled.ByteSize() + external_bytes(compiled), sections["cost_model"]["models"]["compiled"], "compiled"
+    )
     return sections, warnings

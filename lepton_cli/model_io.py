@@ -5,6 +5,7 @@ data that escapes the model's folder (``..``, absolute paths, symlinks, hard lin
 itself follows a hard link), and op domains outside an allowlist. Then upgrades the opset to the
 target's range and binds dynamic dimensions.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,11 +61,16 @@ def check_external_location(model_dir: Path, location: str, tensor: str) -> Path
     try:
         info = candidate.lstat()
     except FileNotFoundError:
-        raise BadInputError(f"tensor {tensor!r}: external data file {location!r} is missing", "copy it next to the model") from None
+        raise BadInputError(
+            f"tensor {tensor!r}: external data file {location!r} is missing", "copy it next to the model"
+        ) from None
     if not stat.S_ISREG(info.st_mode):
         raise BadInputError(f"tensor {tensor!r}: external data {location!r} is not a regular file", fix)
     if info.st_nlink > 1:
-        raise BadInputError(f"tensor {tensor!r}: external data {location!r} is a hard link (it may point outside the folder)", "copy the file instead of linking it")
+        raise BadInputError(
+            f"tensor {tensor!r}: external data {location!r} is a hard link (it may point outside the folder)",
+            "copy the file instead of linking it",
+        )
     resolved = candidate.resolve()
     if model_dir.resolve() not in resolved.parents:
         raise BadInputError(f"tensor {tensor!r}: external data location {location!r} escapes the model's folder", fix)
@@ -122,15 +128,20 @@ def _check_domains(model: onnx.ModelProto) -> list[str]:
 
     walk(model.graph)
     used = _used_domains(model)
-    unused = [o.domain for o in model.opset_import
-              if o.domain not in ALLOWED_DOMAINS and o.domain not in local_domains and o.domain not in used]
+    unused = [
+        o.domain
+        for o in model.opset_import
+        if o.domain not in ALLOWED_DOMAINS and o.domain not in local_domains and o.domain not in used
+    ]
     kept = [o for o in model.opset_import if o.domain not in unused]
     del model.opset_import[:]
     model.opset_import.extend(kept)
     for opset in model.opset_import:
         if opset.domain not in ALLOWED_DOMAINS and opset.domain not in local_domains:
-            raise BadInputError(f"model imports opset domain {opset.domain!r}, which is outside the allowlist",
-                                "export the model with standard ONNX ops")
+            raise BadInputError(
+                f"model imports opset domain {opset.domain!r}, which is outside the allowlist",
+                "export the model with standard ONNX ops",
+            )
     return unused
 
 
@@ -153,20 +164,26 @@ def load_model(path: str | Path, *, keep_external: bool = False) -> LoadedModel:
         from .external_data import INLINE_LIMIT
 
         if total > INLINE_LIMIT:
-            raise BadInputError(f"{path} and its external data hold {total / 2**30:.2f} GiB, more than this command reads into memory",
-                                "use `lepton compile`, which keeps large weights on disk")
+            raise BadInputError(
+                f"{path} and its external data hold {total / 2**30:.2f} GiB, more than this command reads into memory",
+                "use `lepton compile`, which keeps large weights on disk",
+            )
         from onnx.external_data_helper import load_external_data_for_model
 
         try:
             load_external_data_for_model(model, str(model_dir))
         except Exception as exc:  # onnx raises several types here; all mean the same to the user
-            raise BadInputError(f"cannot load external data of {path}: {exc}", "check the external data files") from None
+            raise BadInputError(
+                f"cannot load external data of {path}: {exc}", "check the external data files"
+            ) from None
     try:
         # By path when weights stay outside: the checker then resolves external files beside the model.
         onnx.checker.check_model(str(path) if external and keep_external else model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise BadInputError(f"{path} fails ONNX validation: {first}", "re-export the model, or fix it with onnx.checker's message") from None
+        raise BadInputError(
+            f"{path} fails ONNX validation: {first}", "re-export the model, or fix it with onnx.checker's message"
+        ) from None
     kept = bool(external) and keep_external
     digests = {}
     if kept:
@@ -174,8 +191,15 @@ def load_model(path: str | Path, *, keep_external: bool = False) -> LoadedModel:
 
         with weights_folder(model_dir):
             digests = data_digests(model)
-    return LoadedModel(model=model, path=path, sha256=file_sha256(path), file_size=total, external_sha256=digests,
-                       weights_folder=model_dir.resolve() if kept else None, dropped_domains=dropped_domains)
+    return LoadedModel(
+        model=model,
+        path=path,
+        sha256=file_sha256(path),
+        file_size=total,
+        external_sha256=digests,
+        weights_folder=model_dir.resolve() if kept else None,
+        dropped_domains=dropped_domains,
+    )
 
 
 def _parse(path: Path) -> tuple[onnx.ModelProto, int]:
@@ -197,11 +221,15 @@ def _parse(path: Path) -> tuple[onnx.ModelProto, int]:
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError):
-        raise BadInputError(f"{path} is not an ONNX model (it does not parse as ONNX protobuf; truncated or another format)",
-                            "pass a complete .onnx file exported by your framework") from None
+        raise BadInputError(
+            f"{path} is not an ONNX model (it does not parse as ONNX protobuf; truncated or another format)",
+            "pass a complete .onnx file exported by your framework",
+        ) from None
     if not model.HasField("graph") or not model.graph.output or model.ir_version == 0 or not model.opset_import:
-        raise BadInputError(f"{path} is not a complete ONNX model (missing graph, outputs, IR version or opset; truncated?)",
-                            "pass a complete .onnx file exported by your framework")
+        raise BadInputError(
+            f"{path} is not a complete ONNX model (missing graph, outputs, IR version or opset; truncated?)",
+            "pass a complete .onnx file exported by your framework",
+        )
     return model, size
 
 
@@ -212,11 +240,15 @@ def _check_external_range(model_dir: Path, tensor: onnx.TensorProto) -> int:
     try:
         offset, length = int(entries.get("offset", 0)), int(entries.get("length", 0) or 0)
     except ValueError:
-        raise BadInputError(f"tensor {tensor.name!r}: external data offset/length are not integers", "re-export the model") from None
+        raise BadInputError(
+            f"tensor {tensor.name!r}: external data offset/length are not integers", "re-export the model"
+        ) from None
     file_size = resolved.stat().st_size
     if offset < 0 or length < 0 or offset + length > file_size:
-        raise BadInputError(f"tensor {tensor.name!r}: external data range {offset}+{length} is past the end of {entries['location']!r} ({file_size} bytes)",
-                            "the external data file is truncated; re-export the model")
+        raise BadInputError(
+            f"tensor {tensor.name!r}: external data range {offset}+{length} is past the end of {entries['location']!r} ({file_size} bytes)",
+            "the external data file is truncated; re-export the model",
+        )
     return length or (file_size - offset)
 
 
@@ -243,9 +275,12 @@ def upgrade_opset(model: onnx.ModelProto, opset_min: int, opset_max: int) -> tup
         upgraded = version_converter.convert_version(model, opset_min)
         onnx.checker.check_model(structure_copy(upgraded) if has_external(upgraded) else upgraded)
     except Exception as exc:  # the converter raises RuntimeError/ValidationError/IndexError for gaps
-        raise BadInputError(f"cannot upgrade the model from opset {current} to {opset_min}: {str(exc).splitlines()[0][:200]}",
-                            f"re-export the model at opset {opset_min} or newer") from None
+        raise BadInputError(
+            f"cannot upgrade the model from opset {current} to {opset_min}: {str(exc).splitlines()[0][:200]}",
+            f"re-export the model at opset {opset_min} or newer",
+        ) from None
     # The converter keeps the model's ir_version; ORT needs the IR that matches the new opset.
-    upgraded.ir_version = max(upgraded.ir_version, onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset_min)]))
+    upgraded.ir_version = max(
+        upgraded.ir_version, onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset_min)])
+    )
     return upgraded, f"upgraded opset {current} → {opset_min}"
-

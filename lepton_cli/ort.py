@@ -1,4 +1,5 @@
 """ONNX Runtime helpers shared by the pipeline checks, quantization, benchmarks and ``run``."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,14 @@ OPT_LEVELS = {
 }
 
 
-def make_session(model: onnx.ModelProto | bytes, *, opt_level: str = "disable", threads: int = 1,
-                 providers: Iterable[str] = ("CPUExecutionProvider",), arena: bool = True) -> ort.InferenceSession:
+def make_session(
+    model: onnx.ModelProto | bytes,
+    *,
+    opt_level: str = "disable",
+    threads: int = 1,
+    providers: Iterable[str] = ("CPUExecutionProvider",),
+    arena: bool = True,
+) -> ort.InferenceSession:
     """An inference session from an in-memory model with fixed, recorded settings (deterministic by default).
 
     External tensors are read by ONNX Runtime itself: from the compile's weights folder for a proto
@@ -38,7 +45,9 @@ def make_session(model: onnx.ModelProto | bytes, *, opt_level: str = "disable", 
         files = getattr(model, "external_files", None)
         if files:
             names = list(files)
-            options.add_external_initializers_from_files_in_memory(names, [files[n] for n in names], [len(files[n]) for n in names])
+            options.add_external_initializers_from_files_in_memory(
+                names, [files[n] for n in names], [len(files[n]) for n in names]
+            )
         blob = model
     else:
         read_external_from_folder(options, model)
@@ -60,8 +69,12 @@ def new_session(blob: bytes, options: ort.SessionOptions, providers: list[Any]) 
         return ort.InferenceSession(blob, sess_options=options, providers=providers)
 
 
-def random_feed(inputs: list[TensorSig], rng: np.random.Generator, dims: dict[str, list[int]] | None = None,
-                values: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+def random_feed(
+    inputs: list[TensorSig],
+    rng: np.random.Generator,
+    dims: dict[str, list[int]] | None = None,
+    values: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
     """A reproducible random feed; dims must be static (or given in ``dims``); ``values`` fixes an input's
     value (``model_random_feed``: a scalar the model compares with a constant)."""
     feed = {}
@@ -78,13 +91,23 @@ def random_feed(inputs: list[TensorSig], rng: np.random.Generator, dims: dict[st
     return feed
 
 
-def model_random_feed(model: onnx.ModelProto, rng: np.random.Generator, dims: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
+def model_random_feed(
+    model: onnx.ModelProto, rng: np.random.Generator, dims: dict[str, list[int]] | None = None
+) -> dict[str, np.ndarray]:
     """``random_feed`` for ``model``'s inputs, with each integer/bool scalar input that the graph tests for
     equality with a constant set to that constant (``compared_constants``)."""
     return random_feed(graph_inputs(model), rng, dims, compared_constants(model))
 
 
-_VALUE_KEEPING = ("Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Gather", "Expand")  # of a one-element tensor
+_VALUE_KEEPING = (
+    "Identity",
+    "Reshape",
+    "Squeeze",
+    "Unsqueeze",
+    "Flatten",
+    "Gather",
+    "Expand",
+)  # of a one-element tensor
 
 
 def compared_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -94,8 +117,11 @@ def compared_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     ``sr == 16000`` and the 8 kHz one otherwise, and random values in [0, 8) would always take the
     8 kHz branch, which fails on 16 kHz-sized inputs. The constant is the value the model was built for.
     """
-    scalars = {sig.name for sig in graph_inputs(model)
-               if not sig.dims and (np.issubdtype(sig.dtype, np.integer) or sig.dtype == np.bool_)}
+    scalars = {
+        sig.name
+        for sig in graph_inputs(model)
+        if not sig.dims and (np.issubdtype(sig.dtype, np.integer) or sig.dtype == np.bool_)
+    }
     constants = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":

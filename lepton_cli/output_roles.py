@@ -22,6 +22,7 @@ Metrics (names as the report shows them):
 - ``relative_error``: anything else: 100 × ‖candidate − source‖ / ‖source‖ is the drop.
 ``--eval-metric`` takes one metric for the first output and ``NAME=metric`` entries for any output.
 """
+
 from __future__ import annotations
 
 import re
@@ -46,7 +47,9 @@ class OutputRole:
     name: str
     metric: str
     why: str
-    layout: str | None = None  # detection_f1: "v8" (boxes, classes on axis 1), "v5" (boxes, objectness, classes on axis 2), "yolox:HxW"
+    layout: str | None = (
+        None  # detection_f1: "v8" (boxes, classes on axis 1), "v5" (boxes, objectness, classes on axis 2), "yolox:HxW"
+    )
     threshold: float | None = None  # mask_f1 threshold, detection confidence
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,7 +87,7 @@ def _in_unit_range(values: list[np.ndarray]) -> bool:
 
 
 def _detector_layout(refs: list[np.ndarray]) -> tuple[str | None, str]:
-    """"v8"/"v5" when every reference sample looks like a YOLO-style head, with the reason either way."""
+    """ "v8"/"v5" when every reference sample looks like a YOLO-style head, with the reason either way."""
     shape = refs[0].shape
     if len(shape) != 3:
         return None, ""
@@ -93,13 +96,22 @@ def _detector_layout(refs: list[np.ndarray]) -> tuple[str | None, str]:
         return None, ""
     channels = [np.moveaxis(r, small, -1) for r in refs]  # [N, A, C]
     if not any(float(np.max(c[..., :4])) > 1.0 for c in channels):  # pixel boxes (or YOLOX grid offsets) exceed 1
-        return None, f"shape {list(shape)} looks like a detector head but no box value exceeds 1 (not pixel boxes): not decoded"
+        return (
+            None,
+            f"shape {list(shape)} looks like a detector head but no box value exceeds 1 (not pixel boxes): not decoded",
+        )
     if small == 1:  # ultralytics v8+: cx, cy, w, h, class scores
         if _in_unit_range([c[..., 4:] for c in channels]):
-            return "v8", f"shape {list(shape)}: boxes and {shape[1] - 4} class scores (in [0, 1]) for {shape[2]} anchors"
+            return (
+                "v8",
+                f"shape {list(shape)}: boxes and {shape[1] - 4} class scores (in [0, 1]) for {shape[2]} anchors",
+            )
         return None, f"shape {list(shape)} looks like a detector head but its scores are not in [0, 1]: not decoded"
     if _in_unit_range([c[..., 4:] for c in channels]):  # v5 / YOLOX: cx, cy, w, h, objectness, class scores
-        return "v5", f"shape {list(shape)}: boxes, objectness and {shape[2] - 5} class scores (in [0, 1]) for {shape[1]} anchors"
+        return (
+            "v5",
+            f"shape {list(shape)}: boxes, objectness and {shape[2] - 5} class scores (in [0, 1]) for {shape[1]} anchors",
+        )
     return None, f"shape {list(shape)} looks like a detector head but its scores are not in [0, 1]: not decoded"
 
 
@@ -122,7 +134,11 @@ def _image_size(model: onnx.ModelProto) -> tuple[int, int] | None:
 def _yolox_layout(model: onnx.ModelProto, anchors: int, why: str) -> tuple[str | None, str]:
     size = _image_size(model)
     if size and sum((size[0] // s) * (size[1] // s) for s in YOLOX_STRIDES) == anchors:
-        return f"yolox:{size[0]}x{size[1]}", why + f"; boxes on the stride {'/'.join(map(str, YOLOX_STRIDES))} grids of {size[0]}x{size[1]} (YOLOX), decoded"
+        return (
+            f"yolox:{size[0]}x{size[1]}",
+            why
+            + f"; boxes on the stride {'/'.join(map(str, YOLOX_STRIDES))} grids of {size[0]}x{size[1]} (YOLOX), decoded",
+        )
     return None, why + "; its box sizes are negative (undecoded) and no YOLOX grid fits the anchors: not decoded"
 
 
@@ -148,12 +164,16 @@ def _class_or_embedding(model: onnx.ModelProto, name: str, refs: list[np.ndarray
     norms = [np.linalg.norm(r.reshape(-1, r.shape[-1]).astype(np.float64), axis=-1) for r in refs]
     if all(np.all(np.abs(n - 1.0) < UNIT_NORM_TOLERANCE) for n in norms):
         return "cosine", "an embedding: every row has unit L2 norm"
-    return ("top1_agreement+cosine", f"shape {list(refs[0].shape)}: class scores or an embedding, cannot tell (no producer, "
-            f"name or norm hint); scored both ways, the worse counts; say which with --eval-metric {name}=top1 or {name}=cosine")
+    return (
+        "top1_agreement+cosine",
+        f"shape {list(refs[0].shape)}: class scores or an embedding, cannot tell (no producer, "
+        f"name or norm hint); scored both ways, the worse counts; say which with --eval-metric {name}=top1 or {name}=cosine",
+    )
 
 
-def recognise(model: onnx.ModelProto, index: int, name: str, refs: list[np.ndarray],
-              feed: dict[str, np.ndarray] | None = None) -> OutputRole:
+def recognise(
+    model: onnx.ModelProto, index: int, name: str, refs: list[np.ndarray], feed: dict[str, np.ndarray] | None = None
+) -> OutputRole:
     """The role of output ``index`` (``name``) from the source's values ``refs`` (one array per sample)."""
     first = refs[0]
     if first.dtype.kind in "biuU" or first.dtype == np.bool_:
@@ -167,23 +187,35 @@ def recognise(model: onnx.ModelProto, index: int, name: str, refs: list[np.ndarr
         fits, why = ctc_table_fits(model, first.shape[-1])
         if fits:
             return OutputRole(index, name, "ctc_agreement", f"CTC scores: {why}")
-        layout, det_why = _detector_layout(refs) if _real_producer(model, name)[0] not in ("Softmax", "LogSoftmax") else (None, "")
+        layout, det_why = (
+            _detector_layout(refs) if _real_producer(model, name)[0] not in ("Softmax", "LogSoftmax") else (None, "")
+        )
         if layout == "v5" and _raw_sizes(refs):  # YOLOX exports leave boxes on the grid: decode as its demo does
             layout, det_why = _yolox_layout(model, first.shape[1], det_why)
         if layout is not None:
-            return OutputRole(index, name, "detection_f1", f"YOLO-style head, {det_why}", layout, _detection_conf(refs, layout))
+            return OutputRole(
+                index, name, "detection_f1", f"YOLO-style head, {det_why}", layout, _detection_conf(refs, layout)
+            )
         if det_why:
             return OutputRole(index, name, "relative_error", det_why)
     if first.ndim in (2, 3) and first.shape[-1] > 1:
         metric, why = _class_or_embedding(model, name, refs)
         return OutputRole(index, name, metric, why)
     if first.ndim <= 3 and first.shape[-1:] in ((1,), ()) and _real_producer(model, name)[0] == "Sigmoid":
-        return OutputRole(index, name, "decision_agreement@0.5", "one probability per sample (Sigmoid): decisions at 0.5", threshold=0.5)
+        return OutputRole(
+            index,
+            name,
+            "decision_agreement@0.5",
+            "one probability per sample (Sigmoid): decisions at 0.5",
+            threshold=0.5,
+        )
     if first.ndim == 4 and first.shape[1] == 1 and _in_unit_range(refs):
         return OutputRole(index, name, "mask_f1@0.5", "a one-channel map in [0, 1]: thresholded at 0.5", threshold=0.5)
     if first.ndim == 4 and first.shape[1] > 1 and _real_producer(model, name)[0] in CLASS_PRODUCERS:
         return OutputRole(index, name, "top1_agreement", "a per-pixel class map (Softmax/Sigmoid over channels)")
-    return OutputRole(index, name, "relative_error", f"shape {list(first.shape)}: no task metric recognised, relative error")
+    return OutputRole(
+        index, name, "relative_error", f"shape {list(first.shape)}: no task metric recognised, relative error"
+    )
 
 
 def _detection_conf(refs: list[np.ndarray], layout: str) -> float:
@@ -194,14 +226,22 @@ def _detection_conf(refs: list[np.ndarray], layout: str) -> float:
 
 def from_user(index: int, name: str, metric: str, threshold: float | None) -> OutputRole:
     """The role the user named (--eval-metric), in report names."""
-    names = {"top1": "top1_agreement", "ctc": "ctc_agreement", "cosine": "cosine", "exact": "exact",
-             "relative-error": "relative_error", "agreement": "agreement", "detection": "detection_f1"}
+    names = {
+        "top1": "top1_agreement",
+        "ctc": "ctc_agreement",
+        "cosine": "cosine",
+        "exact": "exact",
+        "relative-error": "relative_error",
+        "agreement": "agreement",
+        "detection": "detection_f1",
+    }
     if metric == "mask-f1":
         return OutputRole(index, name, f"mask_f1@{threshold:g}", "--eval-metric", threshold=threshold)
     return OutputRole(index, name, names[metric], "--eval-metric")
 
 
 # ---- detector heads -------------------------------------------------------------------------------
+
 
 def detection_scores(sample: np.ndarray, layout: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(scores [A], classes [A], boxes xyxy [A, 4]) of one sample of a YOLO-style head."""

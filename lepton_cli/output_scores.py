@@ -1,5 +1,6 @@
 """Per-output tallies: each sums one output's agreement with the source over samples, one sample at a time,
 and gives (value %, its standard error, secondary numbers). Which tally fits which output: output_roles."""
+
 from __future__ import annotations
 
 import math
@@ -67,8 +68,11 @@ class RelativeErrorTally:
 
     def result(self) -> OutputResult:
         error = min(1.0, math.sqrt(self.noise / self.signal)) if self.signal > 0 else float(self.noise > 0)
-        return OutputResult(100.0 * (1.0 - error), drop_standard_error(self.losses, len(self.losses)),
-                            {"relative_error": round(error, 6)})
+        return OutputResult(
+            100.0 * (1.0 - error),
+            drop_standard_error(self.losses, len(self.losses)),
+            {"relative_error": round(error, 6)},
+        )
 
 
 def _row_cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
@@ -98,8 +102,11 @@ class CosineTally:
 
     def result(self) -> OutputResult:
         mean = self.total / max(1, self.rows)
-        return OutputResult(100.0 * mean, drop_standard_error(self.losses, self.rows),
-                            {"mean_cosine": round(mean, 6), "worst_cosine": round(self.worst, 6)})
+        return OutputResult(
+            100.0 * mean,
+            drop_standard_error(self.losses, self.rows),
+            {"mean_cosine": round(mean, 6), "worst_cosine": round(self.worst, 6)},
+        )
 
 
 def _probabilities(x: np.ndarray, axis: int) -> np.ndarray:
@@ -139,9 +146,14 @@ class Top1Tally:
     def result(self) -> OutputResult:
         n = max(1, self.positions)
         denom = math.sqrt(self.ref_sq * self.got_sq)
-        return OutputResult(100.0 * self.agree / n, drop_standard_error(self.losses, n), {
-            "top_probability": [round(100 * self.top_ref / n, 4), round(100 * self.top_got / n, 4)],
-            "probability_cosine": round(self.dot / denom, 6) if denom else 0.0})
+        return OutputResult(
+            100.0 * self.agree / n,
+            drop_standard_error(self.losses, n),
+            {
+                "top_probability": [round(100 * self.top_ref / n, 4), round(100 * self.top_got / n, 4)],
+                "probability_cosine": round(self.dot / denom, 6) if denom else 0.0,
+            },
+        )
 
 
 class EitherTally:
@@ -174,7 +186,9 @@ class MaskF1Tally:
 
     def result(self) -> OutputResult:
         marked = 2 * self.tp + self.fp + self.fn
-        return OutputResult(100.0 if marked == 0 else 100.0 * 2 * self.tp / marked, drop_standard_error(self.losses, len(self.losses)))
+        return OutputResult(
+            100.0 if marked == 0 else 100.0 * 2 * self.tp / marked, drop_standard_error(self.losses, len(self.losses))
+        )
 
 
 class DetectionTally:
@@ -189,8 +203,11 @@ class DetectionTally:
     def add(self, ref: np.ndarray, got: np.ndarray) -> None:
         for b in range(ref.shape[0]):
             source = roles.detections(ref[b], self.layout, self.conf)
-            candidate = roles.detections(got[b], self.layout, self.conf) if np.isfinite(got[b]).all() else (
-                np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64))
+            candidate = (
+                roles.detections(got[b], self.layout, self.conf)
+                if np.isfinite(got[b]).all()
+                else (np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64))
+            )
             hits, errors = roles.match(source, candidate)
             self.matched += hits
             self.source_boxes += len(source[0])
@@ -202,8 +219,12 @@ class DetectionTally:
     def result(self) -> OutputResult:
         marked = self.source_boxes + self.candidate_boxes
         f1 = 1.0 if marked == 0 else 2 * self.matched / marked
-        extra = {"source_boxes": self.source_boxes, "candidate_boxes": self.candidate_boxes, "matched": self.matched,
-                 "confidence": self.conf,
-                 "score_error_mean": round(float(np.mean(self.score_errors)), 6) if self.score_errors else 0.0,
-                 "score_error_max": round(float(np.max(self.score_errors)), 6) if self.score_errors else 0.0}
+        extra = {
+            "source_boxes": self.source_boxes,
+            "candidate_boxes": self.candidate_boxes,
+            "matched": self.matched,
+            "confidence": self.conf,
+            "score_error_mean": round(float(np.mean(self.score_errors)), 6) if self.score_errors else 0.0,
+            "score_error_max": round(float(np.max(self.score_errors)), 6) if self.score_errors else 0.0,
+        }
         return OutputResult(100.0 * f1, drop_standard_error(self.losses, len(self.losses)), extra)

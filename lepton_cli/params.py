@@ -3,6 +3,7 @@
 ONNX Runtime's quantizer reads a string-keyed ``extra_options`` dict where a typo is silently
 ignored; here every key is a dataclass field, checked once when the target file loads.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,20 +46,25 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin is Literal:
         if value in get_args(tp):
             return value
-        raise BadInputError(f"{path} = {value!r} is not valid: expected {_type_name(tp)}",
-                            "use one of the listed values")
+        raise BadInputError(
+            f"{path} = {value!r} is not valid: expected {_type_name(tp)}", "use one of the listed values"
+        )
     if origin in (Union, types.UnionType):
         for arm in get_args(tp):
             try:
                 return _coerce(value, arm, path)
             except BadInputError:
                 continue
-        raise BadInputError(f"{path} = {value!r} has the wrong type: expected {_type_name(tp)}",
-                            "fix the value's type in the target file")
+        raise BadInputError(
+            f"{path} = {value!r} has the wrong type: expected {_type_name(tp)}",
+            "fix the value's type in the target file",
+        )
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise BadInputError(f"{path} = {value!r} has the wrong type: expected {_type_name(tp)}",
-                                "write it as a TOML array, e.g. [\"a\", \"b\"]")
+            raise BadInputError(
+                f"{path} = {value!r} has the wrong type: expected {_type_name(tp)}",
+                'write it as a TOML array, e.g. ["a", "b"]',
+            )
         (item_tp, *_) = get_args(tp)
         items = [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
@@ -84,8 +90,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
     elif dataclasses.is_dataclass(tp):
         return from_table(tp, value, path)
-    raise BadInputError(f"{path} = {value!r} has the wrong type: expected {_type_name(tp)}",
-                        "fix the value's type in the target file")
+    raise BadInputError(
+        f"{path} = {value!r} has the wrong type: expected {_type_name(tp)}", "fix the value's type in the target file"
+    )
 
 
 def from_table(cls: type, table: Any, path: str) -> Any:
@@ -101,8 +108,11 @@ def from_table(cls: type, table: Any, path: str) -> Any:
             f"valid keys are: {', '.join(sorted(fields)) or '(none)'}",
         )
     kwargs = {name: _coerce(value, hints[name], f"{path}.{name}") for name, value in table.items()}
-    missing = [n for n, f in fields.items() if n not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise BadInputError(f"missing key {path}.{missing[0]}", "add it to the target file")
     try:

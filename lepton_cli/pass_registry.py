@@ -3,6 +3,7 @@ pipeline needs to know to instrument it (its parameter dataclass and how exact i
 
 Modelled on TVM's ``module_pass``/``PassInfo``: passes transform, the pipeline instruments.
 """
+
 from __future__ import annotations
 
 import dataclasses

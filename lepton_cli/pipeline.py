@@ -5,6 +5,7 @@ before and after, runs ``onnx.checker`` on every result, and for a pass declared
 within a tolerance compares outputs before and after on given or random inputs (as onnxsim's
 ``check_n`` does), failing with a message that names the pass.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,7 +50,9 @@ class PassContext:
     seed: int = 0
     max_accuracy_drop: float | None = None  # percentage points; None: the target's budget
     eval_metric: str = "auto"  # lepton_cli.accuracy.METRICS
-    source: onnx.ModelProto | None = None  # the model the pipeline started from: lossy passes and the gate score against it
+    source: onnx.ModelProto | None = (
+        None  # the model the pipeline started from: lossy passes and the gate score against it
+    )
     source_drop: float = 0.0  # the ledger: drop against the source the last lossy pass measured on its result
     granted: float = 0.0  # the ledger: drop against the source the last lossy pass was allowed
     lossy_spent: dict[str, float] = field(default_factory=dict)  # pass name -> points its result added to the ledger
@@ -72,11 +75,14 @@ class PassContext:
     def scoring_opt_level(self) -> str:
         """ORT level accuracy is scored at (lepton_cli.accuracy.scoring_opt_level)."""
         from .accuracy import scoring_opt_level  # accuracy imports this module
+
         return scoring_opt_level(list(self.target.hardware.isa), list(self.host.get("isa") or []))
 
     @property
     def accuracy_budget(self) -> float:
-        return self.max_accuracy_drop if self.max_accuracy_drop is not None else self.target.budgets.max_accuracy_drop_pct
+        return (
+            self.max_accuracy_drop if self.max_accuracy_drop is not None else self.target.budgets.max_accuracy_drop_pct
+        )
 
     def lossy_budget(self, share: float) -> float:
         """The drop against the source a lossy pass may reach: what the earlier ones were allowed (or reached, if
@@ -103,7 +109,9 @@ class PassContext:
                 kept, held = calib.split(HOLDOUT_FRACTION, self.seed)
                 split = (kept, held, f"held-out {len(held)} of --calib (agreement with the source)")
             elif calib is not None and len(calib):
-                self.warn(f"only {len(calib)} calibration samples and no --eval: scoring agreement on the calibration samples themselves")
+                self.warn(
+                    f"only {len(calib)} calibration samples and no --eval: scoring agreement on the calibration samples themselves"
+                )
                 split = (calib, calib, "--calib (agreement with the source, not held out)")
             else:
                 split = (calib, None, "none")
@@ -124,7 +132,9 @@ class PassContext:
         if level not in self.scorers:
             metric = self.eval_metric if data is self.eval and data.labels is not None else label_free(self.eval_metric)
             labels = data.labels if data is self.eval else None
-            self.scorers[level] = Evaluator(self.source, data, labels, limit=SCORE_SAMPLE_LIMIT, metric=metric, opt_level=level)
+            self.scorers[level] = Evaluator(
+                self.source, data, labels, limit=SCORE_SAMPLE_LIMIT, metric=metric, opt_level=level
+            )
         return self.scorers[level], name
 
     def require_static_shapes(self, model: onnx.ModelProto) -> None:
@@ -152,8 +162,14 @@ class StepRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "params": self.params, "why": self.why, "seconds": round(self.seconds, 4),
-            "before": self.before.to_dict(), "after": self.after.to_dict(), "summary": self.summary, "check": self.check,
+            "name": self.name,
+            "params": self.params,
+            "why": self.why,
+            "seconds": round(self.seconds, 4),
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "summary": self.summary,
+            "check": self.check,
         }
 
 
@@ -162,8 +178,9 @@ class StepRecord:
 NOISE_FLOOR_FACTOR = 4.0
 
 
-def compare_outputs(before: onnx.ModelProto, after: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-                    exactness: Exactness) -> dict[str, Any]:
+def compare_outputs(
+    before: onnx.ModelProto, after: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], exactness: Exactness
+) -> dict[str, Any]:
     """Run both models under identical ONNX Runtime settings and compare every output."""
     ref = run_feeds(make_session(before), feeds)
     new_session = make_session(after)
@@ -177,7 +194,11 @@ def compare_outputs(before: onnx.ModelProto, after: onnx.ModelProto, feeds: list
         for name, expected, actual in zip(names, ref_outputs, got_outputs):
             actual = restore_output(after, name, actual)
             if expected.shape != actual.shape:
-                return {"kind": exactness.kind, "ok": False, "detail": f"output {name!r} shape {actual.shape} != {expected.shape}"}
+                return {
+                    "kind": exactness.kind,
+                    "ok": False,
+                    "detail": f"output {name!r} shape {actual.shape} != {expected.shape}",
+                }
             if exactness.kind == "exact":
                 same = np.array_equal(expected, actual, equal_nan=True)
             else:
@@ -188,17 +209,27 @@ def compare_outputs(before: onnx.ModelProto, after: onnx.ModelProto, feeds: list
             if not same:
                 failed.add(name)
     worst_name = max(errors, key=errors.get, default="")
-    check = {"kind": exactness.kind, "ok": not failed, "samples": len(feeds), "max_abs_error": errors.get(worst_name, 0.0),
-             "worst_output": worst_name, "rtol": exactness.rtol, "atol": exactness.atol}
+    check = {
+        "kind": exactness.kind,
+        "ok": not failed,
+        "samples": len(feeds),
+        "max_abs_error": errors.get(worst_name, 0.0),
+        "worst_output": worst_name,
+        "rtol": exactness.rtol,
+        "atol": exactness.atol,
+    }
     if failed and exactness.kind == "tolerance":
         floor = _float_noise_floor(before, feeds, ref, names)
         check["noise_floor"] = {name: floor.get(name, 0.0) for name in sorted(failed)}
-        check["ok"] = all(name in errors and errors[name] <= NOISE_FLOOR_FACTOR * floor.get(name, 0.0) for name in failed)
+        check["ok"] = all(
+            name in errors and errors[name] <= NOISE_FLOOR_FACTOR * floor.get(name, 0.0) for name in failed
+        )
     return check
 
 
-def _float_noise_floor(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], ref: list[list[np.ndarray]],
-                       names: list[str]) -> dict[str, float]:
+def _float_noise_floor(
+    model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], ref: list[list[np.ndarray]], names: list[str]
+) -> dict[str, float]:
     """Per output, the largest difference ONNX Runtime's own graph optimisations make to ``model`` on ``feeds``."""
     optimised = run_feeds(make_session(model, opt_level="all"), feeds)
     floor: dict[str, float] = {}
@@ -266,14 +297,20 @@ def restore_output(model: onnx.ModelProto, name: str, value: np.ndarray) -> np.n
     quant = io_quant(model, name)
     if quant and np.issubdtype(value.dtype, np.integer):
         value = dequantize_array(value, quant)
-    return np.ascontiguousarray(value.transpose(0, 3, 1, 2)) if _layout(model, name) == "NHWC" and value.ndim == 4 else value
+    return (
+        np.ascontiguousarray(value.transpose(0, 3, 1, 2))
+        if _layout(model, name) == "NHWC" and value.ndim == 4
+        else value
+    )
 
 
 def check_model(model: onnx.ModelProto, pass_name: str) -> None:
     try:
         onnx.checker.check_model(structure_copy(model) if has_external(model) else model, full_check=False)
     except onnx.checker.ValidationError as exc:
-        raise InternalError(f"pass {pass_name!r} produced an invalid model: {str(exc).strip().splitlines()[0][:300]}") from None
+        raise InternalError(
+            f"pass {pass_name!r} produced an invalid model: {str(exc).strip().splitlines()[0][:300]}"
+        ) from None
 
 
 GUESSED_BATCH, GUESSED_EXTENT = 1, 64  # stand-ins for unbound dims in check inputs
@@ -283,21 +320,31 @@ def _check_feeds(model: onnx.ModelProto, ctx: PassContext) -> tuple[list[dict[st
     """Feeds for the comparison and whether unbound dims had to be guessed."""
     if not unbound_dims(model) or ctx.calib is not None or ctx.eval is not None:
         return ctx.sample_feeds(model, CHECK_SAMPLES), False
-    dims = {sig.name: ctx.input_shapes.get(sig.name) or [d if isinstance(d, int) else (GUESSED_BATCH if axis == 0 else GUESSED_EXTENT)
-                                                         for axis, d in enumerate(sig.dims)] for sig in graph_inputs(model)}
+    dims = {
+        sig.name: ctx.input_shapes.get(sig.name)
+        or [
+            d if isinstance(d, int) else (GUESSED_BATCH if axis == 0 else GUESSED_EXTENT)
+            for axis, d in enumerate(sig.dims)
+        ]
+        for sig in graph_inputs(model)
+    }
     guessed = any(not sig.is_static and sig.name not in ctx.input_shapes for sig in graph_inputs(model))
     rng = np.random.default_rng(ctx.seed)
     return [model_random_feed(model, rng, dims) for _ in range(CHECK_SAMPLES)], guessed
 
 
-def _check_step(before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext, exactness: Exactness) -> dict[str, Any]:
+def _check_step(
+    before: onnx.ModelProto, after: onnx.ModelProto, ctx: PassContext, exactness: Exactness
+) -> dict[str, Any]:
     feeds, guessed = _check_feeds(before, ctx)
     try:
         return compare_outputs(before, after, feeds, exactness) | ({"guessed_dims": True} if guessed else {})
     except Exception as exc:  # ORT rejects the guessed sizes (e.g. too small for a kernel): say so, don't fail
         if not guessed:
             raise InternalError(f"pass {ctx.current_pass!r}: cannot run the model to compare outputs: {exc}") from exc
-        ctx.warn("output comparison skipped: unbound input dims and guessed sizes do not run; pass --input-shape to enable it")
+        ctx.warn(
+            "output comparison skipped: unbound input dims and guessed sizes do not run; pass --input-shape to enable it"
+        )
         return {"kind": exactness.kind, "ok": None, "skipped": "unbound input dims"}
 
 
@@ -307,8 +354,9 @@ ProgressFn = Callable[[str, str, StepRecord | None], None]  # (pass name, phase 
 FinalCheck = Callable[[onnx.ModelProto], "str | None"]  # the compiled model -> why it fails the accuracy gate, or None
 
 
-def run_pipeline(model: onnx.ModelProto, ctx: PassContext, progress: ProgressFn | None = None,
-                 final_check: FinalCheck | None = None) -> tuple[onnx.ModelProto, list[StepRecord]]:
+def run_pipeline(
+    model: onnx.ModelProto, ctx: PassContext, progress: ProgressFn | None = None, final_check: FinalCheck | None = None
+) -> tuple[onnx.ModelProto, list[StepRecord]]:
     """Run every enabled pass of ``ctx.target`` in order; return the final model and the step records.
 
     Every lossy pass, and ``final_check`` (the compile's accuracy gate), score against ``model`` (the
@@ -341,15 +389,19 @@ def _retry_without_spenders(ctx: PassContext, failed: str, first_attempt: str, w
     spent = ", ".join(f"{name} {ctx.lossy_spent[name]:.2f}" for name in spenders)
     del ctx.warnings[warnings_before:]
     ctx.current_pass = ""
-    ctx.warn(f"{failed} could not meet its accuracy budget after {spent} points were spent before it; "
-             f"compiled again without {', '.join(spenders)} (its share went to {failed}). First attempt: {first_attempt}")
+    ctx.warn(
+        f"{failed} could not meet its accuracy budget after {spent} points were spent before it; "
+        f"compiled again without {', '.join(spenders)} (its share went to {failed}). First attempt: {first_attempt}"
+    )
     ctx.yielded.update(spenders)
     ctx.source_drop = ctx.granted = 0.0
     ctx.lossy_spent.clear()
     return True
 
 
-def _run_passes(model: onnx.ModelProto, ctx: PassContext, progress: ProgressFn | None) -> tuple[onnx.ModelProto, list[StepRecord]]:
+def _run_passes(
+    model: onnx.ModelProto, ctx: PassContext, progress: ProgressFn | None
+) -> tuple[onnx.ModelProto, list[StepRecord]]:
     records: list[StepRecord] = []
     current = model
     for step in ctx.target.passes:
@@ -364,9 +416,16 @@ def _run_passes(model: onnx.ModelProto, ctx: PassContext, progress: ProgressFn |
         before_stats = collect_stats(current)
         if step.name in ctx.yielded:  # skipped for a later lossy pass: its whole share carries over
             ctx.spent(ctx.lossy_budget(getattr(step.params, "budget_share", 1.0)), ctx.source_drop)
-            record = StepRecord(step.name, to_table(step.params), step.why, 0.0, before_stats, before_stats,
-                                {"applied": "none", "yielded": "skipped: a later lossy pass needed its share of the accuracy budget"},
-                                {"kind": "skipped"})
+            record = StepRecord(
+                step.name,
+                to_table(step.params),
+                step.why,
+                0.0,
+                before_stats,
+                before_stats,
+                {"applied": "none", "yielded": "skipped: a later lossy pass needed its share of the accuracy budget"},
+                {"kind": "skipped"},
+            )
             records.append(record)
             if progress:
                 progress(step.name, "done", record)
@@ -394,8 +453,16 @@ def _run_passes(model: onnx.ModelProto, ctx: PassContext, progress: ProgressFn |
                     f"pass {step.name!r} changed the model's outputs beyond its declared {exactness.kind} tolerance "
                     f"({check.get('detail') or 'max abs error %.3g on %s' % (check['max_abs_error'], check['worst_output'])})"
                 )
-        record = StepRecord(step.name, to_table(step.params), step.why, seconds, before_stats,
-                            collect_stats(result.model), result.summary, check)
+        record = StepRecord(
+            step.name,
+            to_table(step.params),
+            step.why,
+            seconds,
+            before_stats,
+            collect_stats(result.model),
+            result.summary,
+            check,
+        )
         records.append(record)
         current = result.model
         if progress:

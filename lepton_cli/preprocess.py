@@ -13,6 +13,7 @@ so 256 frames at 640x640 do not cost 1.2 GB of float32 up front.
 Libraries checked: Pillow decodes and resizes (already a dependency for the demo/benchmarks);
 torchvision/timm transforms do the same job but are not dependencies.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,10 +46,14 @@ class Preprocess:
 
         try:
             with Image.open(path) as img:
-                img = img.convert("L" if self.channels == 1 else "RGB").resize((self.width, self.height), Image.BILINEAR)
+                img = img.convert("L" if self.channels == 1 else "RGB").resize(
+                    (self.width, self.height), Image.BILINEAR
+                )
                 arr = np.asarray(img, dtype=np.float32)
         except (UnidentifiedImageError, OSError) as exc:
-            raise BadInputError(f"--calib image {path} cannot be read ({exc.__class__.__name__})", "remove or replace the file") from None
+            raise BadInputError(
+                f"--calib image {path} cannot be read ({exc.__class__.__name__})", "remove or replace the file"
+            ) from None
         if arr.ndim == 2:
             arr = arr[:, :, None]
         if self.order == "BGR":
@@ -63,9 +68,13 @@ def _floats(value: str, key: str, channels: int) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in value.split(":"))
     except ValueError:
-        raise BadInputError(f"--preprocess {key}={value!r} is not a number list", f"write e.g. {key}=0.5:0.5:0.5") from None
+        raise BadInputError(
+            f"--preprocess {key}={value!r} is not a number list", f"write e.g. {key}=0.5:0.5:0.5"
+        ) from None
     if len(values) not in (1, channels):
-        raise BadInputError(f"--preprocess {key} has {len(values)} values for {channels} channels", f"give 1 or {channels} values")
+        raise BadInputError(
+            f"--preprocess {key} has {len(values)} values for {channels} channels", f"give 1 or {channels} values"
+        )
     return values
 
 
@@ -73,15 +82,19 @@ def parse_preprocess(spec: str | None, model: onnx.ModelProto) -> tuple[str, Pre
     """(input name, settings) for the model's one image input."""
     images = [sig for sig in graph_inputs(model) if len(sig.dims) == 4]
     if len(graph_inputs(model)) != 1 or not images:
-        raise BadInputError("an image folder as --calib needs a model with one 4-D image input",
-                            "pass an .npz keyed by input name instead")
+        raise BadInputError(
+            "an image folder as --calib needs a model with one 4-D image input",
+            "pass an .npz keyed by input name instead",
+        )
     sig = images[0]
     settings: dict[str, str] = {}
     for part in filter(None, (spec or "").split(",")):
         key, sep, value = part.partition("=")
         if not sep or key.strip() not in {"size", "scale", "mean", "std", "order", "layout"}:
-            raise BadInputError(f"--preprocess: cannot read {part!r}",
-                                "use size=HxW, scale=, mean=a:b:c, std=a:b:c, order=RGB|BGR, layout=NCHW|NHWC")
+            raise BadInputError(
+                f"--preprocess: cannot read {part!r}",
+                "use size=HxW, scale=, mean=a:b:c, std=a:b:c, order=RGB|BGR, layout=NCHW|NHWC",
+            )
         settings[key.strip()] = value.strip()
     dims = list(sig.dims)
     layout = settings.get("layout", "NHWC" if dims[3] in (1, 3) and dims[1] not in (1, 3) else "NCHW").upper()
@@ -93,7 +106,9 @@ def parse_preprocess(spec: str | None, model: onnx.ModelProto) -> tuple[str, Pre
         try:
             height, width = (int(v) for v in settings["size"].lower().split("x"))
         except ValueError:
-            raise BadInputError(f"--preprocess size={settings['size']!r}", "write size=HxW, e.g. size=224x224") from None
+            raise BadInputError(
+                f"--preprocess size={settings['size']!r}", "write size=HxW, e.g. size=224x224"
+            ) from None
     elif isinstance(dims[h_axis], int) and isinstance(dims[w_axis], int):
         height, width = dims[h_axis], dims[w_axis]
     else:
@@ -104,9 +119,19 @@ def parse_preprocess(spec: str | None, model: onnx.ModelProto) -> tuple[str, Pre
     try:
         scale = float(eval_fraction(settings.get("scale", "1/255")))
     except ValueError:
-        raise BadInputError(f"--preprocess scale={settings['scale']!r} is not a number", "write e.g. scale=1/255 or scale=1") from None
-    return sig.name, Preprocess(height, width, channels, layout, order, scale,
-                                _floats(settings.get("mean", "0"), "mean", channels), _floats(settings.get("std", "1"), "std", channels))
+        raise BadInputError(
+            f"--preprocess scale={settings['scale']!r} is not a number", "write e.g. scale=1/255 or scale=1"
+        ) from None
+    return sig.name, Preprocess(
+        height,
+        width,
+        channels,
+        layout,
+        order,
+        scale,
+        _floats(settings.get("mean", "0"), "mean", channels),
+        _floats(settings.get("std", "1"), "std", channels),
+    )
 
 
 def eval_fraction(text: str) -> float:
@@ -134,27 +159,37 @@ class ImageFolderSamples(SampleSet):
     def split(self, holdout_fraction: float, seed: int = 0) -> tuple["ImageFolderSamples", "ImageFolderSamples"]:
         order = np.random.default_rng(seed).permutation(len(self))
         cut = max(1, int(round(len(self) * (1 - holdout_fraction))))
-        return tuple(ImageFolderSamples(self.path, [self.files[i] for i in np.sort(part)], self.name, self.settings)
-                     for part in (order[:cut], order[cut:]))  # type: ignore[return-value]
+        return tuple(
+            ImageFolderSamples(self.path, [self.files[i] for i in np.sort(part)], self.name, self.settings)
+            for part in (order[:cut], order[cut:])
+        )  # type: ignore[return-value]
 
     def shapes(self) -> dict[str, list[int]]:
         s = self.settings
-        return {self.name: [1, s.channels, s.height, s.width] if s.layout == "NCHW" else [1, s.height, s.width, s.channels]}
+        return {
+            self.name: [1, s.channels, s.height, s.width] if s.layout == "NCHW" else [1, s.height, s.width, s.channels]
+        }
 
 
-def load_image_folder(folder: str | Path, model: onnx.ModelProto, spec: str | None, *, role: str = "--calib") -> ImageFolderSamples:
+def load_image_folder(
+    folder: str | Path, model: onnx.ModelProto, spec: str | None, *, role: str = "--calib"
+) -> ImageFolderSamples:
     """Validate the folder and settings now (exit 2 on any problem); decode images later, one at a time."""
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise BadInputError(f"{role} folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})",
-                            "add images or pass an .npz")
+        raise BadInputError(
+            f"{role} folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})",
+            "add images or pass an .npz",
+        )
     name, settings = parse_preprocess(spec, model)
     sig = next(s for s in graph_inputs(model) if s.name == name)
     want = ImageFolderSamples(folder, files, name, settings).shapes()[name]
     if any(isinstance(d, int) and d != w for axis, (d, w) in enumerate(zip(sig.dims, want)) if axis > 0):
-        raise BadInputError(f"--preprocess gives {role} images of shape {want}, input {name!r} expects {list(sig.dims)}",
-                            "set size=HxW and layout to match the model input")
+        raise BadInputError(
+            f"--preprocess gives {role} images of shape {want}, input {name!r} expects {list(sig.dims)}",
+            "set size=HxW and layout to match the model input",
+        )
     first = settings.apply(files[0])  # fail now, not mid-pipeline, on a bad first image or settings
     if not np.isfinite(first).all():
         raise BadInputError(f"--preprocess settings give NaN/Inf for {files[0]}", "check std (no zeros) and scale")

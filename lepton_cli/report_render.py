@@ -9,6 +9,7 @@ Libraries checked before writing this by hand: matplotlib/plotly would draw the 
 large dependencies (plotly's HTML needs its JS bundle); the plots here are bars and histograms,
 a few dozen lines of SVG.
 """
+
 from __future__ import annotations
 
 import html
@@ -24,6 +25,7 @@ MB = 1024 * 1024
 
 
 # -- small formatting helpers ------------------------------------------------------------------------
+
 
 def _num(value: Any, digits: int = 3) -> str:
     if value is None:
@@ -52,7 +54,11 @@ def _bytes(n: float | None) -> str:
 def _title(report: dict[str, Any]) -> str:
     if report.get("format", "").startswith("lepton-bench"):
         labels = [s["label"] for s in report.get("subjects", [])]
-        return "Lepton bench: " + " vs ".join(reversed(labels)) + (f" (target {report['target']})" if report.get("target") else "")
+        return (
+            "Lepton bench: "
+            + " vs ".join(reversed(labels))
+            + (f" (target {report['target']})" if report.get("target") else "")
+        )
     model = (report.get("model") or {}).get("name", "model")
     target = (report.get("target") or {}).get("name", "?")
     return f"Lepton report: {model} → {target}"
@@ -67,11 +73,13 @@ def _summary_table(report: dict[str, Any]) -> Table | None:
     src, out = report.get("source"), report.get("compiled")
     if not src or not out:
         return None
-    rows = [["size", _bytes(src.get("size_bytes")), _bytes(out.get("size_bytes"))],
-            ["nodes", _num(src.get("nodes")), _num(out.get("nodes"))],
-            ["params", _num(src.get("params")), _num(out.get("params"))],
-            ["MACs", _num(src.get("macs")), _num(out.get("macs"))],
-            ["opset", _num(src.get("opset")), _num(out.get("opset"))]]
+    rows = [
+        ["size", _bytes(src.get("size_bytes")), _bytes(out.get("size_bytes"))],
+        ["nodes", _num(src.get("nodes")), _num(out.get("nodes"))],
+        ["params", _num(src.get("params")), _num(out.get("params"))],
+        ["MACs", _num(src.get("macs")), _num(out.get("macs"))],
+        ["opset", _num(src.get("opset")), _num(out.get("opset"))],
+    ]
     return ["", "source", "compiled"], rows
 
 
@@ -81,12 +89,23 @@ def _accuracy_table(report: dict[str, Any]) -> Table | None:
         return None
     if not acc.get("measured", True):
         return ["accuracy"], [[acc.get("reason", "not measured")]]
-    rows = [[f"{acc.get('metric', '?')} ({acc.get('data', '?')}, {acc.get('samples', '?')} samples)",
-             f"{_num(acc.get('source_value'), 2)}%", f"{_num(acc.get('value'), 2)}%",
-             f"{_num(acc.get('drop_pct'), 2)} (budget {_num(acc.get('budget_pct'), 2)})"]]
+    rows = [
+        [
+            f"{acc.get('metric', '?')} ({acc.get('data', '?')}, {acc.get('samples', '?')} samples)",
+            f"{_num(acc.get('source_value'), 2)}%",
+            f"{_num(acc.get('value'), 2)}%",
+            f"{_num(acc.get('drop_pct'), 2)} (budget {_num(acc.get('budget_pct'), 2)})",
+        ]
+    ]
     for out in acc.get("outputs") or []:  # every output, its metric and how it was recognised
-        rows.append([f"output {out.get('name')}: {out.get('metric')} — {out.get('why')}", f"{_num(out.get('source_value'), 2)}%",
-                     f"{_num(out.get('value'), 2)}%", f"{_num(out.get('drop_pct'), 2)}"])
+        rows.append(
+            [
+                f"output {out.get('name')}: {out.get('metric')} — {out.get('why')}",
+                f"{_num(out.get('source_value'), 2)}%",
+                f"{_num(out.get('value'), 2)}%",
+                f"{_num(out.get('drop_pct'), 2)}",
+            ]
+        )
     agreement = acc.get("agreement") or {}
     if agreement:
         rows.append(["output agreement", "", ", ".join(f"{k} {_num(v, 4)}" for k, v in agreement.items()), ""])
@@ -108,8 +127,18 @@ def _latency_table(report: dict[str, Any]) -> Table | None:
     for label, m in _latency_models(lat):
         r = (lat.get("ratios") or {}).get(label)
         ratio = f"{r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r else "base"
-        rows.append([label, _num(m.get("runs")), _num(m.get("p50_ms")), _num(m.get("p90_ms")), _num(m.get("p99_ms")),
-                     _num(m.get("mean_ms")), _num(m.get("throughput_per_s"), 1), ratio])
+        rows.append(
+            [
+                label,
+                _num(m.get("runs")),
+                _num(m.get("p50_ms")),
+                _num(m.get("p90_ms")),
+                _num(m.get("p99_ms")),
+                _num(m.get("mean_ms")),
+                _num(m.get("throughput_per_s"), 1),
+                ratio,
+            ]
+        )
     return ["model", "runs", "p50 ms", "p90 ms", "p99 ms", "mean ms", "throughput /s", "p50 ratio [95% CI]"], rows
 
 
@@ -117,8 +146,12 @@ def _latency_settings(report: dict[str, Any]) -> str:
     lat = report.get("host_latency") or {}
     s = lat.get("settings") or {}
     host = lat.get("host") or {}
-    parts = [f"execution provider {', '.join(s.get('providers', [])) or '?'}", f"{s.get('threads', '?')} threads",
-             f"warm-up {s.get('warmup', '?')} runs excluded", "A/B interleaved"]
+    parts = [
+        f"execution provider {', '.join(s.get('providers', [])) or '?'}",
+        f"{s.get('threads', '?')} threads",
+        f"warm-up {s.get('warmup', '?')} runs excluded",
+        "A/B interleaved",
+    ]
     if lat.get("input"):
         parts.append(f"input: {lat['input'].get('source')}")
     if host.get("cpu"):
@@ -136,17 +169,37 @@ def _cost_table(report: dict[str, Any]) -> Table | None:
             rows.append([label, e["error"], "", "", ""])
             continue
         peak = e.get("peak_activation_bytes") or {}
-        rows.append([label, _num(e.get("latency_ms")), f"{e.get('memory_bound_share', 0):.0%}",
-                     _bytes(peak.get("liveness_lower_bound")), _bytes(peak.get("greedy_arena"))])
-    return ["model", "est. latency ms", "memory-bound share", "peak activations (lower bound)", "arena (greedy by size)"], rows
+        rows.append(
+            [
+                label,
+                _num(e.get("latency_ms")),
+                f"{e.get('memory_bound_share', 0):.0%}",
+                _bytes(peak.get("liveness_lower_bound")),
+                _bytes(peak.get("greedy_arena")),
+            ]
+        )
+    return [
+        "model",
+        "est. latency ms",
+        "memory-bound share",
+        "peak activations (lower bound)",
+        "arena (greedy by size)",
+    ], rows
 
 
 def _budget_table(report: dict[str, Any], marks: tuple[str, str] = ("✅ ok", "❌ over")) -> Table | None:
     budgets = report.get("budgets")
     if not budgets or not budgets.get("checks"):
         return None
-    rows = [[c["name"], f"{_num(c['value'], 2)} {c['unit']}", f"{_num(c['limit'], 2)} {c['unit']}", marks[0] if c["ok"] else marks[1]]
-            for c in budgets["checks"]]
+    rows = [
+        [
+            c["name"],
+            f"{_num(c['value'], 2)} {c['unit']}",
+            f"{_num(c['limit'], 2)} {c['unit']}",
+            marks[0] if c["ok"] else marks[1],
+        ]
+        for c in budgets["checks"]
+    ]
     return ["budget", "value", "limit", ""], rows
 
 
@@ -158,13 +211,33 @@ def _pipeline_table(report: dict[str, Any]) -> Table | None:
     for s in steps:
         b, a = s.get("before", {}), s.get("after", {})
         check = s.get("check") or {}
-        verdict = {True: "outputs match", False: "mismatch", None: "skipped"}.get(check.get("ok"), check.get("kind", ""))
-        rows.append([s["name"], f"{s.get('seconds', 0):.2f}", f"{_num(b.get('nodes'))} → {_num(a.get('nodes'))}",
-                     f"{_bytes(b.get('size_bytes'))} → {_bytes(a.get('size_bytes'))}", f"{_num(b.get('macs'))} → {_num(a.get('macs'))}", verdict])
+        verdict = {True: "outputs match", False: "mismatch", None: "skipped"}.get(
+            check.get("ok"), check.get("kind", "")
+        )
+        rows.append(
+            [
+                s["name"],
+                f"{s.get('seconds', 0):.2f}",
+                f"{_num(b.get('nodes'))} → {_num(a.get('nodes'))}",
+                f"{_bytes(b.get('size_bytes'))} → {_bytes(a.get('size_bytes'))}",
+                f"{_num(b.get('macs'))} → {_num(a.get('macs'))}",
+                verdict,
+            ]
+        )
     return ["pass", "seconds", "nodes", "size", "MACs", "check"], rows
 
 
-_ERROR_KEYS = ("local_nsr", "nsr", "snr_db", "sqnr_db", "error", "rel_error", "mse", "max_abs", "cosine")  # quantize: local_nsr
+_ERROR_KEYS = (
+    "local_nsr",
+    "nsr",
+    "snr_db",
+    "sqnr_db",
+    "error",
+    "rel_error",
+    "mse",
+    "max_abs",
+    "cosine",
+)  # quantize: local_nsr
 _NAME_KEYS = ("name", "layer", "tensor", "node")
 
 
@@ -181,7 +254,9 @@ def layer_errors(report: dict[str, Any]) -> tuple[str, list[tuple[str, float]]] 
             metric = next((k for k in _ERROR_KEYS if k in items[0]), None)
             name_key = next((k for k in _NAME_KEYS if k in items[0]), None)
             if metric and name_key:
-                values = [(str(i[name_key]), float(i[metric])) for i in items if isinstance(i.get(metric), (int, float))]
+                values = [
+                    (str(i[name_key]), float(i[metric])) for i in items if isinstance(i.get(metric), (int, float))
+                ]
                 return metric, values
     return None
 
@@ -190,11 +265,20 @@ def _gates(report: dict[str, Any], marks: tuple[str, str] = ("✅ pass", "❌ fa
     gates = report.get("gates")
     if not gates:
         return None
-    return ["gate", "model", "value", "limit", ""], [[g.get("gate", ""), g.get("model") or g.get("name", ""), _num(g.get("value")), _num(g.get("limit")),
-                                                      marks[0] if g.get("ok") else marks[1]] for g in gates]
+    return ["gate", "model", "value", "limit", ""], [
+        [
+            g.get("gate", ""),
+            g.get("model") or g.get("name", ""),
+            _num(g.get("value")),
+            _num(g.get("limit")),
+            marks[0] if g.get("ok") else marks[1],
+        ]
+        for g in gates
+    ]
 
 
 # -- Markdown ----------------------------------------------------------------------------------------
+
 
 def _md_escape(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
@@ -210,9 +294,15 @@ def _md_table(table: Table) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as GitHub-flavoured Markdown (fits ``$GITHUB_STEP_SUMMARY``)."""
     out = [f"## {_title(report)}", ""]
-    sections = [("Model", _summary_table(report)), ("Accuracy", _accuracy_table(report)),
-                ("Host latency", _latency_table(report)), ("Cost model", _cost_table(report)),
-                ("Budgets", _budget_table(report)), ("Gates", _gates(report)), ("Pipeline", _pipeline_table(report))]
+    sections = [
+        ("Model", _summary_table(report)),
+        ("Accuracy", _accuracy_table(report)),
+        ("Host latency", _latency_table(report)),
+        ("Cost model", _cost_table(report)),
+        ("Budgets", _budget_table(report)),
+        ("Gates", _gates(report)),
+        ("Pipeline", _pipeline_table(report)),
+    ]
     for name, table in sections:
         if table is None:
             continue
@@ -230,7 +320,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     errors = layer_errors(report)
     if errors:
         metric, values = errors
-        out += ["### Per-layer quantization error", "", _md_table(([f"layer", metric], [[n, _num(v, 4)] for n, v in values[:10]])), ""]
+        out += [
+            "### Per-layer quantization error",
+            "",
+            _md_table((["layer", metric], [[n, _num(v, 4)] for n, v in values[:10]])),
+            "",
+        ]
     warnings = report.get("warnings") or []
     if warnings:
         out += ["### Warnings", ""] + [f"- {_md_escape(w)}" for w in warnings] + [""]
@@ -252,11 +347,14 @@ def append_step_summary(report: dict[str, Any], environ: dict[str, str] | None =
 
 # -- SVG plots ---------------------------------------------------------------------------------------
 
+
 def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def svg_histogram(series: dict[str, list[float]], *, unit: str = "ms", width: int = 640, height: int = 220, bins: int = 30) -> str:
+def svg_histogram(
+    series: dict[str, list[float]], *, unit: str = "ms", width: int = 640, height: int = 220, bins: int = 30
+) -> str:
     """Overlaid histograms (shared bins) with a p50 line per series."""
     values = [v for vs in series.values() for v in vs]
     if not values:
@@ -279,8 +377,10 @@ def svg_histogram(series: dict[str, list[float]], *, unit: str = "ms", width: in
             c[max(0, min(bins - 1, int((v - lo) / step)))] += 1
         counts[label] = [x / max(1, len(vs)) for x in c]  # share of runs, so unequal run counts compare
     peak = max(max(c) for c in counts.values()) or 1
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width}" height="{height}" role="img" '
-             f'aria-label="latency distribution">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width}" height="{height}" role="img" '
+        f'aria-label="latency distribution">'
+    ]
     parts.append(f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#444"/>')
     for i, (label, c) in enumerate(counts.items()):
         color = PALETTE[i % len(PALETTE)]
@@ -288,19 +388,29 @@ def svg_histogram(series: dict[str, list[float]], *, unit: str = "ms", width: in
         for b, share in enumerate(c):
             if share:
                 h = share / peak * plot_h
-                parts.append(f'<rect x="{left + b * bw:.1f}" y="{top + plot_h - h:.1f}" width="{bw - 1:.1f}" height="{h:.1f}" '
-                             f'fill="{color}" fill-opacity="0.55"/>')
+                parts.append(
+                    f'<rect x="{left + b * bw:.1f}" y="{top + plot_h - h:.1f}" width="{bw - 1:.1f}" height="{h:.1f}" '
+                    f'fill="{color}" fill-opacity="0.55"/>'
+                )
         p50 = sorted(series[label])[len(series[label]) // 2]
         x = left + (p50 - lo) / (hi - lo) * plot_w
-        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="{color}" stroke-width="2" stroke-dasharray="4 2"/>')
-        parts.append(f'<text x="{left + plot_w - 4}" y="{14 + 14 * i}" text-anchor="end" fill="{color}" font-size="12">'
-                     f'{_e(label)} (p50 {p50:.3f} {unit})</text>')
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="{color}" stroke-width="2" stroke-dasharray="4 2"/>'
+        )
+        parts.append(
+            f'<text x="{left + plot_w - 4}" y="{14 + 14 * i}" text-anchor="end" fill="{color}" font-size="12">'
+            f"{_e(label)} (p50 {p50:.3f} {unit})</text>"
+        )
     if clipped:
-        parts.append(f'<text x="{left + plot_w - 4}" y="{14 + 14 * len(series)}" text-anchor="end" font-size="10">'
-                     f'{clipped} runs above {hi:.3f} {unit} counted in the last bin</text>')
+        parts.append(
+            f'<text x="{left + plot_w - 4}" y="{14 + 14 * len(series)}" text-anchor="end" font-size="10">'
+            f"{clipped} runs above {hi:.3f} {unit} counted in the last bin</text>"
+        )
     for frac in (0, 0.5, 1):
         x = left + frac * plot_w
-        parts.append(f'<text x="{x:.1f}" y="{height - 10}" text-anchor="middle" font-size="11">{lo + frac * (hi - lo):.3f} {unit}</text>')
+        parts.append(
+            f'<text x="{x:.1f}" y="{height - 10}" text-anchor="middle" font-size="11">{lo + frac * (hi - lo):.3f} {unit}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -313,19 +423,34 @@ def svg_hbars(items: list[tuple[str, float]], *, unit: str = "", width: int = 64
     height = bar * len(items) + 10
     top = max((abs(v) for _, v in items), default=1) or 1
     plot_w = width - label_w - right
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width}" height="{height}" role="img" aria-label="bars">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width}" height="{height}" role="img" aria-label="bars">'
+    ]
     for i, (label, value) in enumerate(items):
         y = 5 + i * bar
         w = abs(value) / top * plot_w
-        parts.append(f'<text x="{label_w - 6}" y="{y + bar * 0.7:.1f}" text-anchor="end" font-size="11">{_e(label[:32])}</text>')
-        parts.append(f'<rect x="{label_w}" y="{y + 2}" width="{max(w, 1):.1f}" height="{bar - 4}" fill="{PALETTE[4]}"/>')
-        parts.append(f'<text x="{label_w + w + 4:.1f}" y="{y + bar * 0.7:.1f}" font-size="11">{value:.4g} {_e(unit)}</text>')
+        parts.append(
+            f'<text x="{label_w - 6}" y="{y + bar * 0.7:.1f}" text-anchor="end" font-size="11">{_e(label[:32])}</text>'
+        )
+        parts.append(
+            f'<rect x="{label_w}" y="{y + 2}" width="{max(w, 1):.1f}" height="{bar - 4}" fill="{PALETTE[4]}"/>'
+        )
+        parts.append(
+            f'<text x="{label_w + w + 4:.1f}" y="{y + bar * 0.7:.1f}" font-size="11">{value:.4g} {_e(unit)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
 
-def svg_waterfall(start_label: str, start: float, steps: list[tuple[str, float]], *, fmt: Any = _bytes, width: int = 640,
-                  height: int = 220) -> str:
+def svg_waterfall(
+    start_label: str,
+    start: float,
+    steps: list[tuple[str, float]],
+    *,
+    fmt: Any = _bytes,
+    width: int = 640,
+    height: int = 220,
+) -> str:
     """A waterfall: the start value, each step's change (green down, red up), the end value."""
     levels = [start]
     for _, after in steps:
@@ -336,19 +461,34 @@ def svg_waterfall(start_label: str, start: float, steps: list[tuple[str, float]]
     plot_h = height - top - bottom
     slot = (width - left * 2) / n
     y = lambda v: top + plot_h - v / top_value * plot_h  # noqa: E731 - a scale, not a function worth a name
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width}" height="{height}" role="img" aria-label="waterfall">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width}" height="{height}" role="img" aria-label="waterfall">'
+    ]
 
     def col(i: int, lo: float, hi: float, color: str, label: str, text: str) -> None:
         x = left + i * slot + slot * 0.15
         y1, y2 = y(max(lo, hi)), y(min(lo, hi))
-        parts.append(f'<rect x="{x:.1f}" y="{y1:.1f}" width="{slot * 0.7:.1f}" height="{max(y2 - y1, 1):.1f}" fill="{color}"/>')
-        parts.append(f'<text x="{x + slot * 0.35:.1f}" y="{height - 24}" text-anchor="middle" font-size="11">{_e(label[:14])}</text>')
-        parts.append(f'<text x="{x + slot * 0.35:.1f}" y="{max(y1 - 4, 10):.1f}" text-anchor="middle" font-size="10">{_e(text)}</text>')
+        parts.append(
+            f'<rect x="{x:.1f}" y="{y1:.1f}" width="{slot * 0.7:.1f}" height="{max(y2 - y1, 1):.1f}" fill="{color}"/>'
+        )
+        parts.append(
+            f'<text x="{x + slot * 0.35:.1f}" y="{height - 24}" text-anchor="middle" font-size="11">{_e(label[:14])}</text>'
+        )
+        parts.append(
+            f'<text x="{x + slot * 0.35:.1f}" y="{max(y1 - 4, 10):.1f}" text-anchor="middle" font-size="10">{_e(text)}</text>'
+        )
 
     col(0, 0, start, "#777", start_label, fmt(start))
     prev = start
     for i, (name, after) in enumerate(steps, start=1):
-        col(i, prev, after, "#2ca02c" if after <= prev else "#d62728", name, ("−" if after <= prev else "+") + fmt(abs(after - prev)))
+        col(
+            i,
+            prev,
+            after,
+            "#2ca02c" if after <= prev else "#d62728",
+            name,
+            ("−" if after <= prev else "+") + fmt(abs(after - prev)),
+        )
         prev = after
     col(n - 1, 0, prev, "#2f6fdf", "result", fmt(prev))
     parts.append("</svg>")
@@ -382,15 +522,29 @@ def _pipeline_plots(report: dict[str, Any]) -> list[str]:
     plots = []
     if first.get("size_bytes") is not None:
         plots.append("<p class='note'>Model size through the pipeline</p>")
-        plots.append(svg_waterfall("source", float(first["size_bytes"]), [(s["name"], float(s["after"]["size_bytes"])) for s in steps]))
+        plots.append(
+            svg_waterfall(
+                "source", float(first["size_bytes"]), [(s["name"], float(s["after"]["size_bytes"])) for s in steps]
+            )
+        )
     if first.get("macs") and all(s.get("after", {}).get("macs") is not None for s in steps):
         plots.append("<p class='note'>MACs through the pipeline (compute the target must do)</p>")
-        plots.append(svg_waterfall("source", float(first["macs"]), [(s["name"], float(s["after"]["macs"])) for s in steps],
-                                   fmt=lambda v: f"{v / 1e6:.1f}M"))
+        plots.append(
+            svg_waterfall(
+                "source",
+                float(first["macs"]),
+                [(s["name"], float(s["after"]["macs"])) for s in steps],
+                fmt=lambda v: f"{v / 1e6:.1f}M",
+            )
+        )
     latency = _latency_endpoints(report)
     if latency:
-        plots.append("<p class='note'>Latency: measured p50 on this host, source → compiled (the pipeline's net effect)</p>")
-        plots.append(svg_waterfall("source p50", latency[0], [("compiled p50", latency[1])], fmt=lambda v: f"{v:.3f} ms"))
+        plots.append(
+            "<p class='note'>Latency: measured p50 on this host, source → compiled (the pipeline's net effect)</p>"
+        )
+        plots.append(
+            svg_waterfall("source p50", latency[0], [("compiled p50", latency[1])], fmt=lambda v: f"{v:.3f} ms")
+        )
     plots.append("<p class='note'>Time each pass took (compile time)</p>")
     plots.append(svg_hbars([(s["name"], float(s.get("seconds", 0))) for s in steps], unit="s"))
     return plots
@@ -422,8 +576,11 @@ def render_html(report: dict[str, Any]) -> str:
     section("Accuracy", _accuracy_table(report))
     lat = report.get("host_latency") or {}
     samples = {label: m["samples_ms"] for label, m in _latency_models(lat) if m.get("samples_ms")}
-    section("Host latency", _latency_table(report),
-            [f"<p class='note'>{_e(_latency_settings(report))}</p>"] + ([svg_histogram(samples)] if samples else []))
+    section(
+        "Host latency",
+        _latency_table(report),
+        [f"<p class='note'>{_e(_latency_settings(report))}</p>"] + ([svg_histogram(samples)] if samples else []),
+    )
     cost = report.get("cost_model") or {}
     cost_extra = []
     if cost:
@@ -436,7 +593,9 @@ def render_html(report: dict[str, Any]) -> str:
                 cost_extra.append(svg_hbars([(op, float(ms)) for op, ms in by_op], unit="ms"))
     section("Cost model", _cost_table(report), cost_extra)
     skipped = (report.get("budgets") or {}).get("skipped") or []
-    section("Budgets", _budget_table(report, ("ok", "OVER")), [f"<p class='note'>not checked: {_e(x)}</p>" for x in skipped])
+    section(
+        "Budgets", _budget_table(report, ("ok", "OVER")), [f"<p class='note'>not checked: {_e(x)}</p>" for x in skipped]
+    )
     section("Gates", _gates(report, ("pass", "FAIL")))
     device = device_lines(report)
     if device:
@@ -450,5 +609,7 @@ def render_html(report: dict[str, Any]) -> str:
     warnings = report.get("warnings") or []
     if warnings:
         body.append("<h2>Warnings</h2><ul>" + "".join(f"<li class='warn'>{_e(w)}</li>" for w in warnings) + "</ul>")
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n"
+    )

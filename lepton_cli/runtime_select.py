@@ -20,6 +20,7 @@ Every decision is appended to ``Selection.log`` and logged on the ``lepton`` log
 writing: ONNX Runtime has no variant concept and its own provider fallback is silent (a warning
 on its logger), which is why the checks above are ours.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,10 +48,15 @@ class VariantSpec:
 
     @classmethod
     def from_manifest(cls, doc: Mapping[str, Any]) -> "VariantSpec":
-        return cls(name=str(doc["name"]), path=str(doc["path"]), precision=str(doc.get("precision", "fp32")),
-                   requires_isa=tuple(doc.get("requires_isa") or ()),
-                   requires_providers=tuple(doc.get("requires_providers") or ()),
-                   est_latency_ms=doc.get("est_latency_ms"), peak_memory_mb=doc.get("peak_memory_mb"))
+        return cls(
+            name=str(doc["name"]),
+            path=str(doc["path"]),
+            precision=str(doc.get("precision", "fp32")),
+            requires_isa=tuple(doc.get("requires_isa") or ()),
+            requires_providers=tuple(doc.get("requires_providers") or ()),
+            est_latency_ms=doc.get("est_latency_ms"),
+            peak_memory_mb=doc.get("peak_memory_mb"),
+        )
 
 
 def manifest_variants(manifest: Mapping[str, Any]) -> list[VariantSpec]:
@@ -70,8 +76,14 @@ class Selection:
     log: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"variant": self.variant.name, "path": self.variant.path, "precision": self.variant.precision,
-                "providers": self.providers, "threads": self.threads, "log": self.log}
+        return {
+            "variant": self.variant.name,
+            "path": self.variant.path,
+            "precision": self.variant.precision,
+            "providers": self.providers,
+            "threads": self.threads,
+            "log": self.log,
+        }
 
 
 def _any_available(requirement: str, available: Sequence[str]) -> bool:
@@ -94,12 +106,14 @@ def usable_providers(host: HostInfo) -> list[str]:
     return [p for p in host.providers if p not in GPU_PROVIDERS or host.gpus]
 
 
-def provider_order(preferred: Sequence[str], host: HostInfo, variant: VariantSpec | None = None) -> tuple[list[str], list[str]]:
+def provider_order(
+    preferred: Sequence[str], host: HostInfo, variant: VariantSpec | None = None
+) -> tuple[list[str], list[str]]:
     """(providers to try, in order, CPU last; reasons for each one left out)."""
     notes: list[str] = []
     usable = usable_providers(host)
     wanted = list(preferred) or [CPU_EP]
-    for requirement in (variant.requires_providers if variant else ()):  # a variant's own EPs come first
+    for requirement in variant.requires_providers if variant else ():  # a variant's own EPs come first
         for p in reversed(requirement.split("|")):
             if p in usable and p not in wanted:
                 wanted.insert(0, p)
@@ -155,8 +169,15 @@ def default_session_factory(model: bytes, providers: list[str], threads: int) ->
     return make_session(model, opt_level="all", threads=threads, providers=providers)
 
 
-def _open_variant(blob: bytes, variant: VariantSpec, providers: list[str], threads: int,
-                  factory: SessionFactory, record: Callable[[str], None], strict: bool = True) -> tuple[Any, list[str]] | None:
+def _open_variant(
+    blob: bytes,
+    variant: VariantSpec,
+    providers: list[str],
+    threads: int,
+    factory: SessionFactory,
+    record: Callable[[str], None],
+    strict: bool = True,
+) -> tuple[Any, list[str]] | None:
     """A session for one variant, dropping accelerator EPs one at a time while creation fails."""
     attempt = list(providers)
     while True:
@@ -177,16 +198,27 @@ def _open_variant(blob: bytes, variant: VariantSpec, providers: list[str], threa
                 record(f"variant {variant.name}: {p} did not initialise (onnxruntime fell back silently)")
         unmet = [r for r in variant.requires_providers if not _any_available(r, used)]
         if unmet and not strict:
-            record(f"warning: variant {variant.name} forced although it needs {', '.join(unmet)}; running on {', '.join(used)}")
+            record(
+                f"warning: variant {variant.name} forced although it needs {', '.join(unmet)}; running on {', '.join(used)}"
+            )
         elif unmet:
-            record(f"variant {variant.name}: passed over, it needs {', '.join(unmet)} and the session runs on {', '.join(used)}")
+            record(
+                f"variant {variant.name}: passed over, it needs {', '.join(unmet)} and the session runs on {', '.join(used)}"
+            )
             return None
         return session, used
 
 
-def select_session(models: Mapping[str, bytes], manifest: Mapping[str, Any], *, host: HostInfo | None = None,
-                   preferred_providers: Sequence[str] | None = None, threads: int | None = None,
-                   only: str | None = None, session_factory: SessionFactory = default_session_factory) -> Selection:
+def select_session(
+    models: Mapping[str, bytes],
+    manifest: Mapping[str, Any],
+    *,
+    host: HostInfo | None = None,
+    preferred_providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    only: str | None = None,
+    session_factory: SessionFactory = default_session_factory,
+) -> Selection:
     """Choose and open the best variant of a bundle for this device (see the module docstring).
 
     ``models`` maps bundle paths to decrypted model bytes; ``preferred_providers`` defaults to the
@@ -201,16 +233,22 @@ def select_session(models: Mapping[str, bytes], manifest: Mapping[str, Any], *, 
         entries.append(message)
         log.info(message)
 
-    preferred = list(preferred_providers or manifest.get("execution_providers")
-                     or (manifest.get("target") or {}).get("execution_providers") or [CPU_EP])
+    preferred = list(
+        preferred_providers
+        or manifest.get("execution_providers")
+        or (manifest.get("target") or {}).get("execution_providers")
+        or [CPU_EP]
+    )
     n_threads, why = choose_threads(host, threads)
     record(why)
     variants = manifest_variants(manifest)
     if only is not None:
         forced = [v for v in variants if only in (v.name, v.path)]
         if not forced:
-            raise BadInputError(f"the bundle has no variant {only!r}",
-                                f"choose one of: {', '.join(f'{v.name} ({v.path})' for v in variants)}")
+            raise BadInputError(
+                f"the bundle has no variant {only!r}",
+                f"choose one of: {', '.join(f'{v.name} ({v.path})' for v in variants)}",
+            )
         variants = forced
     candidates: list[tuple[VariantSpec, list[str]]] = []
     memory_only: list[tuple[VariantSpec, list[str]]] = []
@@ -244,11 +282,14 @@ def select_session(models: Mapping[str, bytes], manifest: Mapping[str, Any], *, 
         record(f"no variant fits the memory estimate; trying the smallest, {memory_only[0][0].name}, anyway")
         candidates = memory_only[:1]
     for variant, providers in candidates:
-        opened = _open_variant(models[variant.path], variant, providers, n_threads, session_factory, record,
-                               strict=only is None)
+        opened = _open_variant(
+            models[variant.path], variant, providers, n_threads, session_factory, record, strict=only is None
+        )
         if opened is not None:
             session, used = opened
             record(f"chose variant {variant.name} ({variant.precision}) on {', '.join(used)}")
             return Selection(session, variant, used, n_threads, entries)
-    raise BadInputError("no variant of this bundle runs on this device: " + " | ".join(entries[1:] or ["no variants"]),
-                        "compile for this device's target (`lepton detect` suggests one) or add a fp32 variant")
+    raise BadInputError(
+        "no variant of this bundle runs on this device: " + " | ".join(entries[1:] or ["no variants"]),
+        "compile for this device's target (`lepton detect` suggests one) or add a fp32 variant",
+    )

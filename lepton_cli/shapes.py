@@ -1,4 +1,5 @@
 """Input signatures and binding of dynamic dimensions (``--input-shape`` or calibration data)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,14 +57,21 @@ def parse_input_shapes(specs: list[str]) -> dict[str, list[int]]:
         except ValueError:
             values = []
         if not values or any(v <= 0 for v in values):
-            raise BadInputError(f"--input-shape {spec!r} is not NAME=D1,D2,...", "e.g. --input-shape x=1,3,640,640 (positive integers)")
+            raise BadInputError(
+                f"--input-shape {spec!r} is not NAME=D1,D2,...", "e.g. --input-shape x=1,3,640,640 (positive integers)"
+            )
         shapes[name] = values
     return shapes
 
 
 def unbound_dims(model: onnx.ModelProto) -> list[str]:
     """Human-readable list of dynamic input dimensions, e.g. ``x[2] ('height')``."""
-    return [f"{sig.name}[{axis}] ({dim!r})" for sig in graph_inputs(model) for axis, dim in enumerate(sig.dims) if isinstance(dim, str)]
+    return [
+        f"{sig.name}[{axis}] ({dim!r})"
+        for sig in graph_inputs(model)
+        for axis, dim in enumerate(sig.dims)
+        if isinstance(dim, str)
+    ]
 
 
 def require_static(model: onnx.ModelProto, needed_by: str) -> None:
@@ -72,7 +80,8 @@ def require_static(model: onnx.ModelProto, needed_by: str) -> None:
     if unbound:
         example = " ".join(
             f"--input-shape {sig.name}={','.join(str(d) if isinstance(d, int) else '1' for d in sig.dims)}"
-            for sig in graph_inputs(model) if not sig.is_static
+            for sig in graph_inputs(model)
+            if not sig.is_static
         )
         raise BadInputError(
             f"{needed_by} needs static input shapes, but these dimensions are unbound: {', '.join(unbound)}",
@@ -87,16 +96,22 @@ def bind_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> o
     inputs = {sig.name: sig for sig in graph_inputs(model)}
     for name, dims in shapes.items():
         if name not in inputs:
-            raise BadInputError(f"--input-shape names {name!r}, which is not an input of the model",
-                                f"the model's inputs are: {', '.join(inputs) or '(none)'}")
+            raise BadInputError(
+                f"--input-shape names {name!r}, which is not an input of the model",
+                f"the model's inputs are: {', '.join(inputs) or '(none)'}",
+            )
         sig = inputs[name]
         if sig.dims and len(dims) != len(sig.dims):
-            raise BadInputError(f"--input-shape {name}: {len(dims)} dims given, the input has rank {len(sig.dims)} {list(sig.dims)}",
-                                f"give exactly {len(sig.dims)} dims")
+            raise BadInputError(
+                f"--input-shape {name}: {len(dims)} dims given, the input has rank {len(sig.dims)} {list(sig.dims)}",
+                f"give exactly {len(sig.dims)} dims",
+            )
         for axis, (want, have) in enumerate(zip(dims, sig.dims)):
             if isinstance(have, int) and have != want:
-                raise BadInputError(f"--input-shape {name}: dim {axis} is fixed at {have} in the model, {want} given",
-                                    f"use {have} for that dim")
+                raise BadInputError(
+                    f"--input-shape {name}: dim {axis} is fixed at {have} in the model, {want} given",
+                    f"use {have} for that dim",
+                )
     bound = onnx.ModelProto()
     bound.CopyFrom(model)
     for name, dims in shapes.items():
@@ -106,7 +121,9 @@ def bind_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> o
     try:
         bound = onnx.shape_inference.infer_shapes(bound, strict_mode=False, data_prop=True)
     except Exception as exc:  # onnx raises InferenceError/RuntimeError for inconsistent shapes
-        raise BadInputError(f"the bound input shapes are inconsistent with the model: {str(exc).splitlines()[0][:200]}",
-                            "check the --input-shape values against what the model expects") from None
+        raise BadInputError(
+            f"the bound input shapes are inconsistent with the model: {str(exc).splitlines()[0][:200]}",
+            "check the --input-shape values against what the model expects",
+        ) from None
     fix_output_shapes(bound)
     return bound

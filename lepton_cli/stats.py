@@ -2,6 +2,7 @@
 
 Used by ``lepton inspect``, by the pipeline before/after each pass, and by the report.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -149,8 +150,11 @@ def collect_stats(model: onnx.ModelProto, *, with_macs: bool = True) -> ModelSta
     tensors = _constant_tensors(graph)
     params = sum(_tensor_elems(t) for t in tensors if len(t.dims) >= 1 and _tensor_elems(t) > 1)
     params += _constant_of_shape_params(graph)
-    param_bytes = sum(_tensor_elems(t) * numpy_helper.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-                      for t in tensors if t.data_type != onnx.TensorProto.STRING)
+    param_bytes = sum(
+        _tensor_elems(t) * numpy_helper.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        for t in tensors
+        if t.data_type != onnx.TensorProto.STRING
+    )
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     return ModelStats(
         nodes=len(graph.node),

@@ -9,6 +9,7 @@ the one its bundles fall back to (the PyPI aarch64 wheel has no XNNPACK: edge-ar
 Then the chosen target's ``hardware.isa`` is compared with the host's, so the user learns what
 the reference part has that this host lacks (e.g. AVX-512 VNNI on a plain AVX2 machine).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,9 +18,32 @@ from typing import Any
 from .hostinfo import HostInfo
 
 # ISA names in targets/*.toml that describe a CPU (others, e.g. sm_75, describe an accelerator).
-CPU_ISA = {"sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
-           "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
-           "neon", "dotprod", "i8mm", "fp16", "bf16", "sve", "sve2", "sme"}
+CPU_ISA = {
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512dq",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+    "neon",
+    "dotprod",
+    "i8mm",
+    "fp16",
+    "bf16",
+    "sve",
+    "sve2",
+    "sme",
+}
 
 
 @dataclass(frozen=True)
@@ -32,7 +56,11 @@ class TargetSuggestion:
         return {"target": self.name, "reasons": self.reasons, "warnings": self.warnings}
 
     def summary(self) -> str:
-        return f"{self.name}: " + "; ".join(self.reasons) if self.name else "no builtin target fits: " + "; ".join(self.reasons)
+        return (
+            f"{self.name}: " + "; ".join(self.reasons)
+            if self.name
+            else "no builtin target fits: " + "; ".join(self.reasons)
+        )
 
 
 def _gpu_rule(host: HostInfo, reasons: list[str], warnings: list[str]) -> bool:
@@ -42,10 +70,14 @@ def _gpu_rule(host: HostInfo, reasons: list[str], warnings: list[str]) -> bool:
         reasons.append(f"NVIDIA GPU {nvidia[0].name} found and onnxruntime has {', '.join(eps)}")
         return True
     if nvidia:
-        warnings.append(f"NVIDIA GPU {nvidia[0].name} found but this onnxruntime has no CUDA EP "
-                        "(install onnxruntime-gpu to use it): not choosing cuda")
+        warnings.append(
+            f"NVIDIA GPU {nvidia[0].name} found but this onnxruntime has no CUDA EP "
+            "(install onnxruntime-gpu to use it): not choosing cuda"
+        )
     elif eps:
-        warnings.append(f"onnxruntime has {', '.join(eps)} but no NVIDIA GPU is visible (nvidia-smi): not choosing cuda")
+        warnings.append(
+            f"onnxruntime has {', '.join(eps)} but no NVIDIA GPU is visible (nvidia-smi): not choosing cuda"
+        )
     return False
 
 
@@ -72,8 +104,10 @@ def suggest_target(host: HostInfo) -> TargetSuggestion:
             reasons.append(f"x86-64 with AVX2 ({host.cpu_model})")
         else:
             reasons.append(f"x86-64 ({host.cpu_model})")
-            warnings.append("no AVX2: ONNX Runtime's int8 kernels run on SSE here and may be slower than fp32; "
-                            "a bundle's fp32 variant will be chosen at run time")
+            warnings.append(
+                "no AVX2: ONNX Runtime's int8 kernels run on SSE here and may be slower than fp32; "
+                "a bundle's fp32 variant will be chosen at run time"
+            )
     else:
         name = None
         reasons.append(f"architecture {host.arch!r} matches none of the builtin targets")
@@ -110,5 +144,7 @@ def _isa_gaps(name: str, host: HostInfo) -> list[str]:
     missing = [i for i in target_isa if not host.has_isa(i)]
     if not missing:
         return []
-    return [f"target {name} models a CPU with {', '.join(target_isa)}; this host lacks {', '.join(missing)} "
-            "(latency estimates are for the reference part; run-time variant choice adapts to the device)"]
+    return [
+        f"target {name} models a CPU with {', '.join(target_isa)}; this host lacks {', '.join(missing)} "
+        "(latency estimates are for the reference part; run-time variant choice adapts to the device)"
+    ]

@@ -3,6 +3,7 @@ validate every key into typed dataclasses, and instantiate each pass's parameter
 
 Errors are exit-2 ``BadInputError``s naming the key path, e.g. ``passes[1] (quantize).scheme``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -65,7 +66,9 @@ class Runtime:
         if not self.execution_providers:
             raise ParamValueError("execution_providers", "must name at least one execution provider")
         if not 7 <= self.opset_min <= self.opset_max:
-            raise ParamValueError("opset_min", f"need 7 <= opset_min <= opset_max, got {self.opset_min}..{self.opset_max}")
+            raise ParamValueError(
+                "opset_min", f"need 7 <= opset_min <= opset_max, got {self.opset_min}..{self.opset_max}"
+            )
 
 
 @dataclass(frozen=True)
@@ -106,9 +109,15 @@ class Variant:
     passes: list[PassStep]  # the pipeline this variant runs
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "precision": self.precision, "why": self.why, "skip": self.skip,
-                "requires_isa": self.requires_isa, "requires_providers": self.requires_providers,
-                "pass_params": json_ready(self.pass_params)}
+        return {
+            "name": self.name,
+            "precision": self.precision,
+            "why": self.why,
+            "skip": self.skip,
+            "requires_isa": self.requires_isa,
+            "requires_providers": self.requires_providers,
+            "pass_params": json_ready(self.pass_params),
+        }
 
 
 @dataclass(frozen=True)
@@ -122,7 +131,9 @@ class _VariantFields:
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", self.name):
-            raise ParamValueError("name", f"{self.name!r} must be lower-case letters, digits, '-' or '_' (it names a file)")
+            raise ParamValueError(
+                "name", f"{self.name!r} must be lower-case letters, digits, '-' or '_' (it names a file)"
+            )
 
 
 @dataclass(frozen=True)
@@ -200,9 +211,13 @@ def _read_raw(spec: str) -> tuple[dict[str, Any], str]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise BadInputError(f"target file {spec} does not exist", "check the path, or use a builtin target name") from None
+        raise BadInputError(
+            f"target file {spec} does not exist", "check the path, or use a builtin target name"
+        ) from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"cannot read target file {spec}: {exc.__class__.__name__}", "pass a readable UTF-8 .toml file") from None
+        raise BadInputError(
+            f"cannot read target file {spec}: {exc.__class__.__name__}", "pass a readable UTF-8 .toml file"
+        ) from None
     return _parse(text, str(path)), str(path)
 
 
@@ -219,13 +234,17 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def _resolve(spec: str, depth: int = 0) -> tuple[dict[str, Any], str]:
     if depth > _MAX_EXTENDS_DEPTH:
-        raise BadInputError(f"target {spec}: 'extends' chain is deeper than {_MAX_EXTENDS_DEPTH}", "remove the cycle in 'extends'")
+        raise BadInputError(
+            f"target {spec}: 'extends' chain is deeper than {_MAX_EXTENDS_DEPTH}", "remove the cycle in 'extends'"
+        )
     raw, origin = _read_raw(spec)
     if not isinstance(raw, dict):
         raise BadInputError(f"{origin}: top level must be a table", "see README 'Target files'")
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
-        raise BadInputError(f"{origin}: unknown key {unknown[0]!r}", f"valid top-level keys: {', '.join(sorted(_TOP_KEYS))}")
+        raise BadInputError(
+            f"{origin}: unknown key {unknown[0]!r}", f"valid top-level keys: {', '.join(sorted(_TOP_KEYS))}"
+        )
     parent_name = raw.get("extends")
     if parent_name is None:
         return raw, origin
@@ -246,7 +265,7 @@ def _resolve(spec: str, depth: int = 0) -> tuple[dict[str, Any], str]:
 def _step(raw: Any, index: int, overrides: dict[str, Any]) -> PassStep:
     path = f"passes[{index}]"
     if not isinstance(raw, dict):
-        raise BadInputError(f"{path} must be a table", "write each pass as [[passes]] with name = \"...\"")
+        raise BadInputError(f"{path} must be a table", 'write each pass as [[passes]] with name = "..."')
     name = raw.get("name")
     if not isinstance(name, str):
         raise BadInputError(f"{path}.name is missing or not a string", 'add name = "fuse" (see `lepton targets show`)')
@@ -279,15 +298,22 @@ def _variants(raw: Any, passes_raw: list[Any], overrides: dict[str, Any], steps:
             raise BadInputError(f"{path}.name: {fields.name!r} is declared twice", "give each variant its own name")
         for i, name in enumerate(fields.skip):
             if name not in pipeline:
-                raise BadInputError(f"{path}.skip[{i}]: no pass {name!r} in this target's pipeline",
-                                    f"the pipeline has: {', '.join(pipeline)}")
+                raise BadInputError(
+                    f"{path}.skip[{i}]: no pass {name!r} in this target's pipeline",
+                    f"the pipeline has: {', '.join(pipeline)}",
+                )
         own = entry.get("pass_params", {})
         if not isinstance(own, dict) or not all(isinstance(v, dict) for v in own.values()):
-            raise BadInputError(f"{path}.pass_params must be a table of tables", f"write [variants.pass_params.{pipeline[-1]}] then keys")
+            raise BadInputError(
+                f"{path}.pass_params must be a table of tables",
+                f"write [variants.pass_params.{pipeline[-1]}] then keys",
+            )
         for name in own:
             if name not in pipeline or name in fields.skip:
-                raise BadInputError(f"{path}.pass_params.{name}: no pass of that name runs in this variant",
-                                    f"it runs: {', '.join(p for p in pipeline if p not in fields.skip)}")
+                raise BadInputError(
+                    f"{path}.pass_params.{name}: no pass of that name runs in this variant",
+                    f"it runs: {', '.join(p for p in pipeline if p not in fields.skip)}",
+                )
         merged = {name: {**overrides.get(name, {}), **own.get(name, {})} for name in set(overrides) | set(own)}
         passes = []
         for i, step_raw in enumerate(passes_raw):
@@ -297,9 +323,18 @@ def _variants(raw: Any, passes_raw: list[Any], overrides: dict[str, Any], steps:
                 passes.append(_step(step_raw, i, merged) if steps[i].name in own else steps[i])
             except BadInputError as exc:
                 raise BadInputError(f"{path}.pass_params: {exc.message}", exc.fix) from None
-        variants.append(Variant(name=fields.name, precision=fields.precision, why=fields.why, skip=list(fields.skip),
-                                requires_isa=list(fields.requires_isa), requires_providers=list(fields.requires_providers),
-                                pass_params=copy.deepcopy(own), passes=passes))
+        variants.append(
+            Variant(
+                name=fields.name,
+                precision=fields.precision,
+                why=fields.why,
+                skip=list(fields.skip),
+                requires_isa=list(fields.requires_isa),
+                requires_providers=list(fields.requires_providers),
+                pass_params=copy.deepcopy(own),
+                passes=passes,
+            )
+        )
     return variants
 
 
@@ -308,7 +343,9 @@ def load_target(spec: str) -> Target:
     raw, origin = _resolve(spec)
     for key in ("description", "hardware", "runtime", "passes"):
         if key not in raw:
-            raise BadInputError(f"{origin}: missing key {key!r}", "see README 'Target files' or `lepton targets show cpu-avx`")
+            raise BadInputError(
+                f"{origin}: missing key {key!r}", "see README 'Target files' or `lepton targets show cpu-avx`"
+            )
     description = raw["description"]
     if not isinstance(description, str):
         raise BadInputError(f"{origin}: description must be a string", "quote the text")
@@ -324,8 +361,10 @@ def load_target(spec: str) -> Target:
     steps = [_step(r, i, overrides) for i, r in enumerate(passes_raw)]
     for name in overrides:
         if name not in {s.name for s in steps}:
-            raise BadInputError(f"pass_params.{name}: no pass of that name in this target's pipeline",
-                                f"the pipeline has: {', '.join(s.name for s in steps)}")
+            raise BadInputError(
+                f"pass_params.{name}: no pass of that name in this target's pipeline",
+                f"the pipeline has: {', '.join(s.name for s in steps)}",
+            )
     variants = _variants(raw.get("variants"), passes_raw, overrides, steps)
     target = Target(
         name=str(raw.get("name", origin)),

@@ -11,6 +11,7 @@ hardware and peak memory = weights + its greedy activation arena; if the cost mo
 fails on a graph, peak memory is the weights' size (``stats.collect_stats().param_bytes``,
 activations not counted) and latency is unknown — ``estimate_source`` says which.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -43,17 +44,29 @@ class BuiltVariant:
     warnings: list[str]
 
     def report(self) -> dict[str, Any]:
-        return {"name": self.variant.name, "path": self.path, "precision": self.variant.precision,
-                "pipeline": [s.to_dict() for s in self.steps], "compiled": collect_stats(self.model).to_dict(),
-                "accuracy": self.accuracy, "warnings": self.warnings}
+        return {
+            "name": self.variant.name,
+            "path": self.path,
+            "precision": self.variant.precision,
+            "pipeline": [s.to_dict() for s in self.steps],
+            "compiled": collect_stats(self.model).to_dict(),
+            "accuracy": self.accuracy,
+            "warnings": self.warnings,
+        }
 
 
-def compile_extra_variants(model: onnx.ModelProto, ctx: PassContext, target: Target, progress: ProgressFn | None,
-                           on_warning: Callable[[str], None] | None,
-                           make_gate: Callable[[PassContext], Any]) -> list[BuiltVariant]:
+def compile_extra_variants(
+    model: onnx.ModelProto,
+    ctx: PassContext,
+    target: Target,
+    progress: ProgressFn | None,
+    on_warning: Callable[[str], None] | None,
+    make_gate: Callable[[PassContext], Any],
+) -> list[BuiltVariant]:
     """Run variants[1:] of ``target`` on ``model`` (the normalised source); ``ctx`` supplies data, host and budgets."""
     built = []
     for index, variant in enumerate(target.variants[1:], start=1):
+
         def warn(message: str, _name: str = variant.name) -> None:
             if on_warning:
                 on_warning(f"variant {_name}: {message}")
@@ -62,9 +75,18 @@ def compile_extra_variants(model: onnx.ModelProto, ctx: PassContext, target: Tar
             if progress:
                 progress(f"{_name}/{name}", phase, record)
 
-        vctx = PassContext(target=target.for_variant(variant), calib=ctx.calib, eval=ctx.eval, host=ctx.host,
-                           seed=ctx.seed, max_accuracy_drop=ctx.max_accuracy_drop, input_shapes=ctx.input_shapes,
-                           eval_metric=ctx.eval_metric, on_warning=warn, scorers=ctx.scorers)
+        vctx = PassContext(
+            target=target.for_variant(variant),
+            calib=ctx.calib,
+            eval=ctx.eval,
+            host=ctx.host,
+            seed=ctx.seed,
+            max_accuracy_drop=ctx.max_accuracy_drop,
+            input_shapes=ctx.input_shapes,
+            eval_metric=ctx.eval_metric,
+            on_warning=warn,
+            scorers=ctx.scorers,
+        )
         gate = make_gate(vctx)  # the variant's own accuracy gate, inside its pipeline's retry
         try:
             compiled, steps = run_pipeline(model, vctx, step_progress, final_check=gate)
@@ -74,7 +96,9 @@ def compile_extra_variants(model: onnx.ModelProto, ctx: PassContext, target: Tar
                 vctx.warn(text)
         finally:
             shutil.rmtree(vctx.work_dir, ignore_errors=True)
-        built.append(BuiltVariant(variant, variant_path(index, variant), compiled, steps, accuracy, list(vctx.warnings)))
+        built.append(
+            BuiltVariant(variant, variant_path(index, variant), compiled, steps, accuracy, list(vctx.warnings))
+        )
     return built
 
 
@@ -89,20 +113,34 @@ def estimate(model: onnx.ModelProto, target: Target) -> dict[str, Any]:
             doc = costmodel.estimate(model, target.hardware)
             arena = (doc.get("peak_activation_bytes") or {}).get("greedy_arena") or 0
             peak_mb = (doc.get("weights_bytes", 0) + arena) / 2**20
-            return {"est_latency_ms": round(doc["latency_ms"], 4), "peak_memory_mb": round(peak_mb, 3),
-                    "estimate_source": "costmodel (weights + greedy activation arena)"
-                                       + ("" if doc.get("complete") else "; incomplete: some tensor sizes unknown")}
+            return {
+                "est_latency_ms": round(doc["latency_ms"], 4),
+                "peak_memory_mb": round(peak_mb, 3),
+                "estimate_source": "costmodel (weights + greedy activation arena)"
+                + ("" if doc.get("complete") else "; incomplete: some tensor sizes unknown"),
+            }
         except Exception as exc:  # a cost-model gap must not fail the compile; fall back to the plain size below
             fallback = f"cost model failed ({exc.__class__.__name__}); "
     else:
         fallback = "no cost model; "
     weights_mb = collect_stats(model, with_macs=False).param_bytes / 2**20
-    return {"est_latency_ms": None, "peak_memory_mb": round(weights_mb, 3),
-            "estimate_source": fallback + "weights only (stats.param_bytes): activations not counted, latency unknown"}
+    return {
+        "est_latency_ms": None,
+        "peak_memory_mb": round(weights_mb, 3),
+        "estimate_source": fallback + "weights only (stats.param_bytes): activations not counted, latency unknown",
+    }
 
 
-_INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
-             "DynamicQuantizeLinear", "MatMulNBits"}
+_INT8_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    "DynamicQuantizeLinear",
+    "MatMulNBits",
+}
 
 
 def infer_precision(model: onnx.ModelProto) -> str:
@@ -112,8 +150,6 @@ def infer_precision(model: onnx.ModelProto) -> str:
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
         return "fp16"
     return "fp32"
-
-
 
 
 def effective_isa(requires: list[str], steps: list[StepRecord]) -> tuple[list[str], str | None]:
@@ -128,7 +164,10 @@ def effective_isa(requires: list[str], steps: list[StepRecord]) -> tuple[list[st
     widened = [r + "|avx2" if set(r.split("|")) & set(VNNI_ISA) and "avx2" not in r.split("|") else r for r in requires]
     if widened == list(requires):
         return widened, None
-    return widened, "quantize ran with reduce_range (7-bit weights): AVX2 without VNNI cannot saturate, so AVX2 suffices"
+    return (
+        widened,
+        "quantize ran with reduce_range (7-bit weights): AVX2 without VNNI cannot saturate, so AVX2 suffices",
+    )
 
 
 def manifest_variants(target: Target, models: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
@@ -136,15 +175,17 @@ def manifest_variants(target: Target, models: list[tuple[Any, ...]]) -> list[dic
     entries = []
     for variant, path, model, *rest in models:
         requires_isa, why = effective_isa(list(variant.requires_isa) if variant else [], rest[0] if rest else [])
-        entries.append({
-            "name": variant.name if variant else "default",
-            "path": path,
-            "precision": variant.precision if variant else infer_precision(model),
-            "requires_isa": requires_isa,
-            "requires_providers": list(variant.requires_providers) if variant else [],
-            **({"requires_isa_why": why} if why else {}),
-            **estimate(model, target),
-        })
+        entries.append(
+            {
+                "name": variant.name if variant else "default",
+                "path": path,
+                "precision": variant.precision if variant else infer_precision(model),
+                "requires_isa": requires_isa,
+                "requires_providers": list(variant.requires_providers) if variant else [],
+                **({"requires_isa_why": why} if why else {}),
+                **estimate(model, target),
+            }
+        )
     return entries
 
 

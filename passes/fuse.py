@@ -16,6 +16,7 @@ opset 18) and Gelu (opset >= 20). We therefore only write by hand what it leaves
 * ONNX Runtime's offline-optimised graph (``SessionOptions.optimized_model_filepath`` at
   ``ORT_ENABLE_EXTENDED`` on the CPU EP) for targets whose deployment runtime is onnxruntime.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -24,15 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from lepton_cli.passes.fuse_activation import fold_scalar_affine, fuse_hard_swish
 
 from lepton_cli.errors import BadInputError
+from lepton_cli.external_data import has_external
+from lepton_cli.graph_edit import GraphIndex, drop_unused_initializers, subgraph_names
 from lepton_cli.params import ParamValueError
 from lepton_cli.pass_registry import PassResult, register_pass, tolerance
-from lepton_cli.passes.fuse_activation import fold_scalar_affine, fuse_hard_swish
-from lepton_cli.external_data import has_external
 from lepton_cli.quant.prequantized import quantized_ops
-from lepton_cli.graph_edit import GraphIndex, drop_unused_initializers, subgraph_names
 
 LAYER_NORM_OPSET = 17  # LayerNormalization joined the default domain at opset 17
 GELU_OPSET = 20  # Gelu at opset 20
@@ -67,7 +67,9 @@ def _simplify(model: onnx.ModelProto, params: FuseParams, opset: int | None = No
     import onnxsim
 
     simplified, _ = onnxsim.simplify(
-        model, check_n=0, skip_constant_folding=not params.fold_constants,
+        model,
+        check_n=0,
+        skip_constant_folding=not params.fold_constants,
         tensor_size_threshold=f"{int(params.fold_limit_mb * 1024 * 1024)}B",
         target_opset_version=opset,
     )
@@ -79,8 +81,9 @@ def _norm_candidates(ops: Counter) -> tuple[bool, bool]:
     return (ops["ReduceMean"] >= 2 and ops["Sqrt"] >= 1, ops["Erf"] >= 1)
 
 
-def _with_opset_for_norms(original: onnx.ModelProto, simplified: onnx.ModelProto, params: FuseParams,
-                          opset_max: int, notes: list[str]) -> onnx.ModelProto:
+def _with_opset_for_norms(
+    original: onnx.ModelProto, simplified: onnx.ModelProto, params: FuseParams, opset_max: int, notes: list[str]
+) -> onnx.ModelProto:
     """Re-simplify at the opset the norm fusions need, keeping the result only if it fused more."""
     current = _opset(simplified)
     want_ln, want_gelu = _norm_candidates(_ops(simplified))
@@ -89,7 +92,9 @@ def _with_opset_for_norms(original: onnx.ModelProto, simplified: onnx.ModelProto
         try:
             trial = _simplify(original, params, LAYER_NORM_OPSET)
         except Exception as exc:  # the version converter has gaps; keep the model's opset
-            notes.append(f"opset {LAYER_NORM_OPSET} for LayerNormalization not reachable: {str(exc).splitlines()[0][:120]}")
+            notes.append(
+                f"opset {LAYER_NORM_OPSET} for LayerNormalization not reachable: {str(exc).splitlines()[0][:120]}"
+            )
         else:
             if _ops(trial)["LayerNormalization"] > _ops(best)["LayerNormalization"]:
                 best = trial
@@ -107,6 +112,7 @@ def _with_opset_for_norms(original: onnx.ModelProto, simplified: onnx.ModelProto
 
 
 # ---- hand-written folds onnxsim leaves -----------------------------------------------------
+
 
 def _add_operands(node: onnx.NodeProto, g: GraphIndex, produced: str) -> np.ndarray | None:
     """The constant operand of Add(produced, const) or Add(const, produced)."""
@@ -149,7 +155,11 @@ def _fold_gemm_add(gemm: onnx.NodeProto, add: onnx.NodeProto, g: GraphIndex) -> 
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gemm.attribute}
     n = b.shape[0] if attrs.get("transB", 0) else b.shape[1]
     # Only a row vector / scalar: anything else could change Y's shape or need M.
-    if extra.ndim > 2 or (extra.ndim == 2 and extra.shape[0] != 1) or (extra.ndim >= 1 and extra.shape[-1] not in (1, n)):
+    if (
+        extra.ndim > 2
+        or (extra.ndim == 2 and extra.shape[0] != 1)
+        or (extra.ndim >= 1 and extra.shape[-1] not in (1, n))
+    ):
         return False
     beta = float(attrs.get("beta", 1.0))
     c = g.const(gemm.input[2]) if len(gemm.input) > 2 and gemm.input[2] else None
@@ -158,7 +168,9 @@ def _fold_gemm_add(gemm: onnx.NodeProto, add: onnx.NodeProto, g: GraphIndex) -> 
     if c is not None and (c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1)):
         return False
     base = np.zeros((n,), b.dtype) if c is None else (np.asarray(beta, b.dtype) * c if beta != 1.0 else c)
-    new_c = np.broadcast_to(base.reshape(-1) if base.ndim else base, (n,)) + np.broadcast_to(extra.reshape(-1) if extra.ndim else extra, (n,))
+    new_c = np.broadcast_to(base.reshape(-1) if base.ndim else base, (n,)) + np.broadcast_to(
+        extra.reshape(-1) if extra.ndim else extra, (n,)
+    )
     name = g.set_const(gemm.input[2] if c is not None else gemm.output[0] + "_C", new_c.astype(b.dtype))
     while len(gemm.input) < 3:
         gemm.input.append("")
@@ -238,7 +250,11 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     graph = model.graph
     moved, keep = 0, []
     for node in graph.node:
-        attr = node.attribute[0] if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1 else None
+        attr = (
+            node.attribute[0]
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1
+            else None
+        )
         if attr is not None and attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
             tensor = onnx.TensorProto()
             tensor.CopyFrom(attr.t)
@@ -261,10 +277,13 @@ def list_initializers_as_inputs(model: onnx.ModelProto) -> None:
     listed = {i.name for i in model.graph.input}
     for tensor in model.graph.initializer:
         if tensor.name not in listed:
-            model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+            model.graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+            )
 
 
 # ---- ONNX Runtime offline graph ---------------------------------------------------------------
+
 
 def ort_offline_graph(model: onnx.ModelProto, work_dir: Path) -> onnx.ModelProto:
     """ONNX Runtime's own offline optimisation (extended level, CPU EP), read back as a model."""
@@ -283,7 +302,7 @@ def ort_offline_graph(model: onnx.ModelProto, work_dir: Path) -> onnx.ModelProto
     "fuse",
     params=FuseParams,
     description="Constant folding, BatchNorm/bias folding, no-op/dead-node elimination, LayerNorm/Gelu fusion "
-                "(exact up to rounding); optionally ONNX Runtime's offline-optimised graph.",
+    "(exact up to rounding); optionally ONNX Runtime's offline-optimised graph.",
     exactness=tolerance(rtol=1e-4, atol=1e-5),
 )
 def fuse(model: onnx.ModelProto, ctx, params: FuseParams) -> PassResult:
@@ -292,7 +311,7 @@ def fuse(model: onnx.ModelProto, ctx, params: FuseParams) -> PassResult:
         raise BadInputError(
             f"fuse.ort_offline = true on target {ctx.target.name!r}, whose deployment runtime is "
             f"{runtime.deployment_runtime!r}: ORT's fused ops are not standard ONNX",
-            "set ort_offline = false, or use a target with deployment_runtime = \"onnxruntime\"",
+            'set ort_offline = false, or use a target with deployment_runtime = "onnxruntime"',
         )
     before_ops = _ops(model)
     notes: list[str] = []
@@ -301,7 +320,9 @@ def fuse(model: onnx.ModelProto, ctx, params: FuseParams) -> PassResult:
             raise ValueError("the weights are kept in external data, which onnxsim cannot read")
         result = _simplify(model, params)
     except Exception as exc:  # onnxsim's C++ core rejects some graphs (e.g. ops newer than its schemas)
-        ctx.warn(f"onnxsim could not simplify this model ({str(exc).splitlines()[0][:160]}); only Lepton's own folds ran")
+        ctx.warn(
+            f"onnxsim could not simplify this model ({str(exc).splitlines()[0][:160]}); only Lepton's own folds ran"
+        )
         result = onnx.ModelProto()
         result.CopyFrom(model)
         notes.append("onnxsim skipped: " + str(exc).splitlines()[0][:160])
@@ -329,10 +350,16 @@ def fuse(model: onnx.ModelProto, ctx, params: FuseParams) -> PassResult:
     removed = {op: before_ops[op] - after_ops[op] for op in before_ops if before_ops[op] > after_ops[op]}
     added = {op: after_ops[op] - before_ops[op] for op in after_ops if after_ops[op] > before_ops[op]}
     summary = {
-        "nodes_before": sum(before_ops.values()), "nodes_after": sum(after_ops.values()),
-        "removed_ops": dict(sorted(removed.items())), "added_ops": dict(sorted(added.items())),
-        "bias_adds_folded": bias_folds, "hard_swish_fused": hard_swish, "scalar_affine_folded": affine_folds,
-        "dropouts_removed": dropouts, "opset": _opset(result), "ort_offline": params.ort_offline,
+        "nodes_before": sum(before_ops.values()),
+        "nodes_after": sum(after_ops.values()),
+        "removed_ops": dict(sorted(removed.items())),
+        "added_ops": dict(sorted(added.items())),
+        "bias_adds_folded": bias_folds,
+        "hard_swish_fused": hard_swish,
+        "scalar_affine_folded": affine_folds,
+        "dropouts_removed": dropouts,
+        "opset": _opset(result),
+        "ort_offline": params.ort_offline,
     }
     if notes:
         summary["notes"] = notes

@@ -29,6 +29,7 @@ copy data or add exact zeros (see "Exactness" above for how ORT rounds them):
   positions. Anything else (Flatten, Reshape, graph outputs, ...) first gets the original channels
   back with a Slice (or a Gather after a padded Concat), so graph outputs keep their shapes.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -37,12 +38,12 @@ from typing import Literal
 
 import numpy as np
 import onnx
+from lepton_cli.passes.fuse import constants_to_initializers, list_initializers_as_inputs
 from onnx import helper, numpy_helper
 
 from lepton_cli.external_data import tensor_array
-from lepton_cli.params import ParamValueError
-from lepton_cli.passes.fuse import constants_to_initializers, list_initializers_as_inputs
 from lepton_cli.graph_edit import drop_unused_initializers, subgraph_names
+from lepton_cli.params import ParamValueError
 from lepton_cli.pass_registry import PassResult, register_pass, tolerance
 
 LAYOUT_KEY = "lepton.io_layout."  # same key as lepton_cli.pipeline.LAYOUT_KEY
@@ -61,6 +62,7 @@ class LayoutParams:
 
 
 # ---- small graph helpers ------------------------------------------------------------------------
+
 
 class _Names:
     def __init__(self, model: onnx.ModelProto):
@@ -90,8 +92,12 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 
 
 def _is_float(vi: onnx.ValueInfoProto) -> bool:
-    return vi.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                                             onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+    return vi.type.tensor_type.elem_type in (
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.BFLOAT16,
+    )
 
 
 def _rank(vi: onnx.ValueInfoProto) -> int | None:
@@ -110,13 +116,62 @@ def _permute_dims(vi: onnx.ValueInfoProto, perm: tuple[int, ...]) -> None:
 
 # ---- channels-last I/O ----------------------------------------------------------------------------
 
-ELEMENTWISE_UNARY = frozenset({
-    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Abs", "Neg", "Exp", "Log",
-    "Sqrt", "Erf", "Elu", "Selu", "Softplus", "Softsign", "Cast", "Identity", "Floor", "Ceil", "Round",
-    "Reciprocal", "Sign", "Not", "Gelu", "Mish", "ThresholdedRelu", "Celu", "Sin", "Cos",
-})
-ELEMENTWISE_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu", "Equal", "Less",
-                                "Greater", "And", "Or", "Xor", "Mod", "LessOrEqual", "GreaterOrEqual"})
+ELEMENTWISE_UNARY = frozenset(
+    {
+        "Relu",
+        "LeakyRelu",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "Clip",
+        "Abs",
+        "Neg",
+        "Exp",
+        "Log",
+        "Sqrt",
+        "Erf",
+        "Elu",
+        "Selu",
+        "Softplus",
+        "Softsign",
+        "Cast",
+        "Identity",
+        "Floor",
+        "Ceil",
+        "Round",
+        "Reciprocal",
+        "Sign",
+        "Not",
+        "Gelu",
+        "Mish",
+        "ThresholdedRelu",
+        "Celu",
+        "Sin",
+        "Cos",
+    }
+)
+ELEMENTWISE_BINARY = frozenset(
+    {
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Max",
+        "Min",
+        "PRelu",
+        "Equal",
+        "Less",
+        "Greater",
+        "And",
+        "Or",
+        "Xor",
+        "Mod",
+        "LessOrEqual",
+        "GreaterOrEqual",
+    }
+)
 
 
 class _Transposer:
@@ -241,8 +296,12 @@ class _Transposer:
             source = t1.input[0]
             if composed == tuple(range(len(composed))):
                 producer = self.producer.get(source)
-                only_path = (len(self.consumers.get(source, [])) == 1 and len(self.consumers.get(t1.output[0], [])) == 1
-                             and source not in self.protected and t1.output[0] not in self.protected)
+                only_path = (
+                    len(self.consumers.get(source, [])) == 1
+                    and len(self.consumers.get(t1.output[0], [])) == 1
+                    and source not in self.protected
+                    and t1.output[0] not in self.protected
+                )
                 if t2.output[0] in self.protected and producer is not None and only_path:
                     # x → P → T1 → T2 → graph output: P writes the graph output itself
                     producer.output[list(producer.output).index(source)] = t2.output[0]
@@ -293,7 +352,11 @@ def channels_last_io(model: onnx.ModelProto) -> dict:
             for k, name in enumerate(node.input):
                 if name == vi.name:
                     node.input[k] = inner
-        head.append(helper.make_node("Transpose", [vi.name], [inner], perm=list(TO_NCHW), name=names.fresh(f"{vi.name}__to_nchw")))
+        head.append(
+            helper.make_node(
+                "Transpose", [vi.name], [inner], perm=list(TO_NCHW), name=names.fresh(f"{vi.name}__to_nchw")
+            )
+        )
         _permute_dims(vi, TO_NHWC)
         changed_in.append(vi.name)
     producers = {o for n in g.node for o in n.output}
@@ -308,7 +371,11 @@ def channels_last_io(model: onnx.ModelProto) -> dict:
             for k, name in enumerate(node.input):
                 if name == vi.name:
                     node.input[k] = inner
-        tail.append(helper.make_node("Transpose", [inner], [vi.name], perm=list(TO_NHWC), name=names.fresh(f"{vi.name}__to_nhwc")))
+        tail.append(
+            helper.make_node(
+                "Transpose", [inner], [vi.name], perm=list(TO_NHWC), name=names.fresh(f"{vi.name}__to_nhwc")
+            )
+        )
         _permute_dims(vi, TO_NHWC)
         changed_out.append(vi.name)
     nodes = head + list(g.node) + tail
@@ -326,11 +393,17 @@ def channels_last_io(model: onnx.ModelProto) -> dict:
             prop.key = LAYOUT_KEY + name
         prop.value = "NHWC"
     after = sum(n.op_type == "Transpose" for n in g.node)
-    return {"nhwc_inputs": changed_in, "nhwc_outputs": changed_out, "transposes_added": added,
-            "transposes_remaining": after - transposes_before, "transposes_cancelled": added - (after - transposes_before)}
+    return {
+        "nhwc_inputs": changed_in,
+        "nhwc_outputs": changed_out,
+        "transposes_added": added,
+        "transposes_remaining": after - transposes_before,
+        "transposes_cancelled": added - (after - transposes_before),
+    }
 
 
 # ---- channel padding ------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _ChanMap:
@@ -345,8 +418,27 @@ class _ChanMap:
         return self.pos == tuple(range(len(self.pos)))
 
 
-PER_CHANNEL_UNARY = frozenset({"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Identity",
-                               "Neg", "Abs", "Elu", "Selu", "Softsign", "Erf", "Gelu", "Celu", "Dropout"})
+PER_CHANNEL_UNARY = frozenset(
+    {
+        "Relu",
+        "LeakyRelu",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "Tanh",
+        "Clip",
+        "Identity",
+        "Neg",
+        "Abs",
+        "Elu",
+        "Selu",
+        "Softsign",
+        "Erf",
+        "Gelu",
+        "Celu",
+        "Dropout",
+    }
+)
 PER_CHANNEL_POOL = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
 # Binary ops whose padded lanes stay finite (padded lanes hold constants derived from zeros), with
 # the fill used for a per-channel constant operand. Div only with a constant divisor (fill 1).
@@ -404,10 +496,19 @@ class _Padder:
                 ends = self.add_const(f"{name}_ends", np.array([len(cmap.pos)], np.int64))
                 starts = self.add_const(f"{name}_starts", np.array([0], np.int64))
                 axes = self.add_const(f"{name}_axes", np.array([1], np.int64))
-                node = helper.make_node("Slice", [name, starts, ends, axes], [out], name=self.names.fresh(f"{name}__slice"))
+                node = helper.make_node(
+                    "Slice", [name, starts, ends, axes], [out], name=self.names.fresh(f"{name}__slice")
+                )
             else:
-                node = helper.make_node("Slice", [name], [out], starts=[0], ends=[len(cmap.pos)], axes=[1],
-                                        name=self.names.fresh(f"{name}__slice"))
+                node = helper.make_node(
+                    "Slice",
+                    [name],
+                    [out],
+                    starts=[0],
+                    ends=[len(cmap.pos)],
+                    axes=[1],
+                    name=self.names.fresh(f"{name}__slice"),
+                )
         else:
             idx = self.add_const(f"{name}_channels", np.array(cmap.pos, np.int64))
             node = helper.make_node("Gather", [name, idx], [out], axis=1, name=self.names.fresh(f"{name}__gather"))
@@ -449,7 +550,7 @@ class _Padder:
         m_in = self.maps.get(node.input[0])
         cout = weight.shape[cout_axis] * (group if transpose else 1)
         if group != 1:
-            depthwise = (not transpose and weight.shape[1] == 1 and weight.shape[0] == group)
+            depthwise = not transpose and weight.shape[1] == 1 and weight.shape[0] == group
             if m_in is None or not depthwise or len(m_in.pos) != group:
                 return self.barrier(node)
             w = np.zeros((m_in.size,) + weight.shape[1:], weight.dtype)
@@ -528,7 +629,9 @@ class _Padder:
             shape[1] = cmap.size
             padded = np.full(shape, BINARY_FILL[node.op_type], value.dtype)
             padded[:, list(cmap.pos)] = full
-            new_inputs[k] = self.add_const(name, padded.reshape(shape[cmap.rank - value.ndim:]) if value.ndim < cmap.rank else padded)
+            new_inputs[k] = self.add_const(
+                name, padded.reshape(shape[cmap.rank - value.ndim :]) if value.ndim < cmap.rank else padded
+            )
         node.input[:] = new_inputs
         self.emit(node, cmap)
 
@@ -563,7 +666,12 @@ class _Padder:
             resized = sizes.copy()
             resized[1] = m_in.size
             node.input[3] = self.add_const(node.input[3], resized)
-        elif not (scales is not None and scales.size == m_in.rank and scales[1] == 1 and (len(node.input) < 4 or not node.input[3])):
+        elif not (
+            scales is not None
+            and scales.size == m_in.rank
+            and scales[1] == 1
+            and (len(node.input) < 4 or not node.input[3])
+        ):
             return self.barrier(node)
         self.emit(node, m_in)
 
@@ -575,8 +683,12 @@ class _Padder:
                 self.conv(node)
             elif not padded_in:
                 self.out.append(node)
-            elif op in PER_CHANNEL_UNARY and node.input[0] in self.maps and len(node.output) == 1 \
-                    and all(i in self.inits or not i for i in node.input[1:]):
+            elif (
+                op in PER_CHANNEL_UNARY
+                and node.input[0] in self.maps
+                and len(node.output) == 1
+                and all(i in self.inits or not i for i in node.input[1:])
+            ):
                 self.emit(node, self.maps[node.input[0]])
             elif op in PER_CHANNEL_POOL and len(node.output) == 1:
                 self.emit(node, self.maps[node.input[0]])
@@ -603,29 +715,40 @@ def _conv_alignment(model: onnx.ModelProto, align: int) -> dict:
     inits = {t.name: t for t in model.graph.initializer}
     total = aligned = 0
     for node in model.graph.node:
-        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits and int(_attr(node, "group", 1)) == 1:
+        if (
+            node.op_type == "Conv"
+            and len(node.input) > 1
+            and node.input[1] in inits
+            and int(_attr(node, "group", 1)) == 1
+        ):
             total += 1
             aligned += inits[node.input[1]].dims[0] % align == 0
     return {"convs": total, "convs_out_aligned": aligned}
 
 
 def pad_channels(model: onnx.ModelProto, align: int) -> dict:
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute):
+    if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute
+    ):
         return {"skipped": "model has control-flow subgraphs"}
     before = _conv_alignment(model, align)
     padder = _Padder(model, align)
     padder.run()
     after = _conv_alignment(model, align)
-    return {"alignment": align, **dict(sorted(padder.stats.items())),
-            "convs_out_aligned_before": before["convs_out_aligned"], "convs_out_aligned_after": after["convs_out_aligned"],
-            "convs": after["convs"]}
+    return {
+        "alignment": align,
+        **dict(sorted(padder.stats.items())),
+        "convs_out_aligned_before": before["convs_out_aligned"],
+        "convs_out_aligned_after": after["convs_out_aligned"],
+        "convs": after["convs"],
+    }
 
 
 @register_pass(
     "layout_transform",
     params=LayoutParams,
     description="Channels-last (NHWC) model I/O with Transposes pushed and cancelled; channel padding to the "
-                "hardware alignment with zero weights (exact math; K-padding reorders ORT's float sums).",
+    "hardware alignment with zero weights (exact math; K-padding reorders ORT's float sums).",
     exactness=tolerance(rtol=1e-5, atol=1e-6),
 )
 def layout_transform(model: onnx.ModelProto, ctx, params: LayoutParams) -> PassResult:

@@ -24,6 +24,7 @@ Libraries checked: onnx, onnxsim, onnx-ir and ONNX Runtime have no pruning; ORT'
 tools none; Intel Neural Compressor and Olive prune PyTorch modules only (INC's pattern names
 ``NxM``/``channelx1`` and apex ASP's 2:4 mask along the input axis are what we follow).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,8 @@ import onnx
 from onnx import numpy_helper
 
 from lepton_cli import channel_groups as cg
-from lepton_cli.external_data import tensor_array
 from lepton_cli.accuracy import Evaluator
+from lepton_cli.external_data import tensor_array
 from lepton_cli.params import ParamValueError
 from lepton_cli.pass_registry import LOSSY, PassResult, register_pass, tolerance
 from lepton_cli.shapes import bind_input_shapes, graph_inputs
@@ -93,6 +94,7 @@ class PruneParams:
 
 # ---- weight-level helpers -------------------------------------------------------------------
 
+
 def nm_mask(weight: np.ndarray, axis: int, n: int = 2, m: int = 4) -> np.ndarray:
     """Keep the ``n`` largest magnitudes in each run of ``m`` consecutive weights along ``axis``."""
     moved = np.moveaxis(weight, axis, -1)
@@ -144,7 +146,9 @@ class WeightLayer:
     shape: list[int]
 
 
-def weight_layers(model: onnx.ModelProto, params: PruneParams, nm: bool) -> tuple[list[WeightLayer], list[dict[str, Any]]]:
+def weight_layers(
+    model: onnx.ModelProto, params: PruneParams, nm: bool
+) -> tuple[list[WeightLayer], list[dict[str, Any]]]:
     """Layers the mode may prune, and the skipped ones with the reason (for the report)."""
     inits = {t.name: t for t in model.graph.initializer}
     layers, skipped, seen = [], [], set()
@@ -168,12 +172,16 @@ def weight_layers(model: onnx.ModelProto, params: PruneParams, nm: bool) -> tupl
         axis = input_axis(node, weight) if weight is not None else 0
         if reason is None and nm:
             group = cg._attr(node, "group", 1)
-            out_axis = {"Conv": 0, "ConvTranspose": 1}.get(node.op_type, 1 - axis if len(shape) == 2 else len(shape) - 1)
+            out_axis = {"Conv": 0, "ConvTranspose": 1}.get(
+                node.op_type, 1 - axis if len(shape) == 2 else len(shape) - 1
+            )
             if node.op_type in ("Conv", "ConvTranspose") and group != 1:
                 reason = "grouped/depthwise convolution (no sparse Tensor Core kernel)"
             elif shape[axis] % params.nm_in_multiple or shape[out_axis] % params.nm_out_multiple:
-                reason = (f"input channels {shape[axis]} not a multiple of {params.nm_in_multiple} or output "
-                          f"channels {shape[out_axis]} not a multiple of {params.nm_out_multiple}")
+                reason = (
+                    f"input channels {shape[axis]} not a multiple of {params.nm_in_multiple} or output "
+                    f"channels {shape[out_axis]} not a multiple of {params.nm_out_multiple}"
+                )
         if reason:
             skipped.append({"layer": _node_name(node), "op": node.op_type, "shape": shape, "reason": reason})
             continue
@@ -182,8 +190,9 @@ def weight_layers(model: onnx.ModelProto, params: PruneParams, nm: bool) -> tupl
     return layers, skipped
 
 
-def apply_weights(model: onnx.ModelProto, layers: dict[str, WeightLayer], choice: dict[str, float],
-                  nm: bool) -> onnx.ModelProto:
+def apply_weights(
+    model: onnx.ModelProto, layers: dict[str, WeightLayer], choice: dict[str, float], nm: bool
+) -> onnx.ModelProto:
     """A copy of ``model`` with the chosen layers sparsified (2:4 if ``nm``, else magnitude)."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
@@ -201,6 +210,7 @@ def apply_weights(model: onnx.ModelProto, layers: dict[str, WeightLayer], choice
 
 # ---- the budgeted search ------------------------------------------------------------------
 
+
 @dataclass
 class Unit:
     key: str
@@ -208,8 +218,14 @@ class Unit:
     levels: list[float]  # ascending candidate ratios
 
 
-def search(units: list[Unit], build: Callable[[dict[str, float]], onnx.ModelProto], evaluator: Evaluator,
-           allowed: float, refine: bool = True, time_limit_s: float = math.inf) -> tuple[dict[str, float], dict[str, Any]]:
+def search(
+    units: list[Unit],
+    build: Callable[[dict[str, float]], onnx.ModelProto],
+    evaluator: Evaluator,
+    allowed: float,
+    refine: bool = True,
+    time_limit_s: float = math.inf,
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Per-layer sensitivity, then the largest ratios whose drops fit a threshold, halving it until
     the combination's measured drop is within ``allowed`` points; then (``refine``) raise single
     layers one ratio step while the combination still fits."""
@@ -256,7 +272,11 @@ def search(units: list[Unit], build: Callable[[dict[str, float]], onnx.ModelProt
         # kept when the whole combination still fits (one measurement per layer at most).
         steps = []
         for unit in units:
-            higher = [(d, lv) for lv, d in sensitivity.get(unit.key, {}).items() if lv > chosen.get(unit.key, 0.0) and d <= allowed]
+            higher = [
+                (d, lv)
+                for lv, d in sensitivity.get(unit.key, {}).items()
+                if lv > chosen.get(unit.key, 0.0) and d <= allowed
+            ]
             if higher:
                 d, lv = min(higher, key=lambda item: item[1])
                 steps.append((d, unit.key, lv))
@@ -268,21 +288,33 @@ def search(units: list[Unit], build: Callable[[dict[str, float]], onnx.ModelProt
             if score.drop_pct <= allowed:
                 chosen, combined = trial, score
                 refined.append({"layer": key, "ratio": level, "combined_drop": score.drop_pct})
-    return chosen, {"sensitivity": {k: {str(lv): d for lv, d in v.items()} for k, v in sensitivity.items()},
-                    "rounds": rounds, "final_threshold": threshold, "refined": refined, "unmeasured": unmeasured,
-                    "combined": combined.to_dict() if combined is not None and chosen else None}
+    return chosen, {
+        "sensitivity": {k: {str(lv): d for lv, d in v.items()} for k, v in sensitivity.items()},
+        "rounds": rounds,
+        "final_threshold": threshold,
+        "refined": refined,
+        "unmeasured": unmeasured,
+        "combined": combined.to_dict() if combined is not None and chosen else None,
+    }
 
 
 def _why(unit: Unit, sens: dict[float, float], chosen: float | None, threshold: float) -> str:
     tried = ", ".join(f"{lv:g}→{d:+.2f}" for lv, d in sens.items())
     if chosen and sens.get(chosen, math.inf) > threshold:
-        return f"raised to {chosen:g} by the greedy step: the combination still fit the budget (ratio→drop alone: {tried})"
+        return (
+            f"raised to {chosen:g} by the greedy step: the combination still fit the budget (ratio→drop alone: {tried})"
+        )
     if chosen:
         return f"largest ratio whose drop alone fits {threshold:.3g} pts (ratio→drop: {tried})"
-    return f"every ratio over {threshold:.3g} pts alone (ratio→drop: {tried})" if sens else "not measured (search time limit)"
+    return (
+        f"every ratio over {threshold:.3g} pts alone (ratio→drop: {tried})"
+        if sens
+        else "not measured (search time limit)"
+    )
 
 
 # ---- the pass -----------------------------------------------------------------------------
+
 
 def _evaluator(model: onnx.ModelProto, ctx: Any, params: PruneParams) -> tuple[Evaluator | None, str]:
     """The compile's shared scorer (against the source, on the data the final gate scores), on its first
@@ -361,12 +393,16 @@ def _channel_table(before: onnx.ModelProto, after: onnx.ModelProto, ctx: Any) ->
         wb, wa = list(inits_b[nb.input[1]].dims), list(inits_a[na.input[1]].dims)
         out_axis = {"Conv": 0, "ConvTranspose": 1}.get(nb.op_type, 0 if cg._attr(nb, "transB", 0) else len(wb) - 1)
         in_axis = input_axis(nb, np.zeros(wb))
-        rows.append({
-            "layer": _node_name(nb), "op": nb.op_type,
-            "out_channels": [wb[out_axis], wa[out_axis]], "in_channels": [wb[in_axis], wa[in_axis]],
-            "params": [_params_of(before, nb), _params_of(after, na)],
-            "macs": [macs_b.get(nb.output[0]), macs_a.get(na.output[0])],
-        })
+        rows.append(
+            {
+                "layer": _node_name(nb),
+                "op": nb.op_type,
+                "out_channels": [wb[out_axis], wa[out_axis]],
+                "in_channels": [wb[in_axis], wa[in_axis]],
+                "params": [_params_of(before, nb), _params_of(after, na)],
+                "macs": [macs_b.get(nb.output[0]), macs_a.get(na.output[0])],
+            }
+        )
     return rows
 
 
@@ -374,11 +410,13 @@ def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     def total(key: str, i: int) -> int | None:
         vals = [r[key][i] for r in rows]
         return None if any(v is None for v in vals) else int(sum(vals))
+
     return {"params": [total("params", 0), total("params", 1)], "macs": [total("macs", 0), total("macs", 1)]}
 
 
-def _prune_channels(model: onnx.ModelProto, ctx: Any, params: PruneParams, lossy: bool,
-                    evaluator: Evaluator | None, allowed: float) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def _prune_channels(
+    model: onnx.ModelProto, ctx: Any, params: PruneParams, lossy: bool, evaluator: Evaluator | None, allowed: float
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
     a = cg.analyze(model)
     align = _align(params, ctx)
     if params.mode == "2:4":  # dead-channel removal must not cost a layer its 2:4 qualification (in % 16)
@@ -386,7 +424,9 @@ def _prune_channels(model: onnx.ModelProto, ctx: Any, params: PruneParams, lossy
     dead = cg.dead_channels(a) if (params.remove_dead or not lossy) else {}
     base_keep = _dead_keep(a, dead, align)
     summary: dict[str, Any] = {
-        "groups": len(a.groups()), "prunable_groups": len(a.prunable()), "channel_alignment": align,
+        "groups": len(a.groups()),
+        "prunable_groups": len(a.prunable()),
+        "channel_alignment": align,
         "dead_channels": {_group_name(model, a, g): a.sizes[g] - len(k) for g, k in base_keep.items()},
     }
     keep = dict(base_keep)
@@ -396,8 +436,9 @@ def _prune_channels(model: onnx.ModelProto, ctx: Any, params: PruneParams, lossy
         units = []
         for g in a.prunable():
             alive = keep.get(g, np.arange(a.sizes[g]))
-            levels = sorted({r for r in params.ratios if r <= cap_of[g]
-                             and _keep_count(len(alive), r, params, align) < len(alive)})
+            levels = sorted(
+                {r for r in params.ratios if r <= cap_of[g] and _keep_count(len(alive), r, params, align) < len(alive)}
+            )
             producers = [p for p in a.producers if a.find(a.layouts[p.output][0].group) == g]
             weights = sum(int(np.prod(_dims(model, p.weight))) for p in producers)
             if levels and weights >= params.min_params:
@@ -423,9 +464,19 @@ def _prune_channels(model: onnx.ModelProto, ctx: Any, params: PruneParams, lossy
         for u in units:
             g = int(u.key)
             sens = {float(k): v for k, v in info.get("sensitivity", {}).get(u.key, {}).items()}
-            why = _why(u, sens, chosen.get(u.key), info.get("final_threshold", allowed)) if "sensitivity" in info else info["note"]
-            summary["decisions"].append({"group": _group_name(model, a, g), "ratio": chosen.get(u.key, 0.0),
-                                         "channels": [a.sizes[g], int(len(keep.get(g, range(a.sizes[g]))))], "why": why})
+            why = (
+                _why(u, sens, chosen.get(u.key), info.get("final_threshold", allowed))
+                if "sensitivity" in info
+                else info["note"]
+            )
+            summary["decisions"].append(
+                {
+                    "group": _group_name(model, a, g),
+                    "ratio": chosen.get(u.key, 0.0),
+                    "channels": [a.sizes[g], int(len(keep.get(g, range(a.sizes[g]))))],
+                    "why": why,
+                }
+            )
     result = cg.apply_keep(model, a, keep) if keep else model
     return result, summary
 
@@ -441,28 +492,44 @@ def _group_cap(model: onnx.ModelProto, a: cg.ChannelAnalysis, g: int, params: Pr
     return min([params.max_ratio.get(op, max(params.ratios)) for op in ops] or [0.0])
 
 
-def _choose(units: list[Unit], build: Callable[[dict[str, float]], onnx.ModelProto], evaluator: Evaluator | None,
-            allowed: float, params: PruneParams, ctx: Any) -> tuple[dict[str, float], dict[str, Any]]:
+def _choose(
+    units: list[Unit],
+    build: Callable[[dict[str, float]], onnx.ModelProto],
+    evaluator: Evaluator | None,
+    allowed: float,
+    params: PruneParams,
+    ctx: Any,
+) -> tuple[dict[str, float], dict[str, Any]]:
     if not units:
         return {}, {"note": "no layer qualifies"}
     if not params.search or evaluator is None:
         chosen = {u.key: max(u.levels) for u in units}
-        return chosen, {"note": "search disabled: each layer's cap applied without measuring" if not params.search
-                        else "no data: each layer's cap applied without measuring (without_data = 'apply')"}
+        return chosen, {
+            "note": "search disabled: each layer's cap applied without measuring"
+            if not params.search
+            else "no data: each layer's cap applied without measuring (without_data = 'apply')"
+        }
     chosen, info = search(units, build, evaluator, allowed, params.refine, params.time_limit_s)
     if info["unmeasured"]:
-        ctx.warn(f"search time limit ({params.time_limit_s:g} s) reached: {len(info['unmeasured'])} of {len(units)} layers "
-                 "not measured and left unpruned; raise time_limit_s or lower max_samples")
+        ctx.warn(
+            f"search time limit ({params.time_limit_s:g} s) reached: {len(info['unmeasured'])} of {len(units)} layers "
+            "not measured and left unpruned; raise time_limit_s or lower max_samples"
+        )
     return chosen, info
 
 
-def _prune_weights(model: onnx.ModelProto, ctx: Any, params: PruneParams, nm: bool,
-                   evaluator: Evaluator | None, allowed: float) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def _prune_weights(
+    model: onnx.ModelProto, ctx: Any, params: PruneParams, nm: bool, evaluator: Evaluator | None, allowed: float
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
     layers, skipped = weight_layers(model, params, nm)
-    by_key = {l.name: l for l in layers}
+    by_key = {layer.name: layer for layer in layers}
     units = []
     for layer in layers:
-        levels = [0.5] if nm else sorted({r for r in params.ratios if r <= params.max_ratio.get(layer.op, max(params.ratios))})
+        levels = (
+            [0.5]
+            if nm
+            else sorted({r for r in params.ratios if r <= params.max_ratio.get(layer.op, max(params.ratios))})
+        )
         if levels:
             units.append(Unit(layer.name, layer.op, levels))
     chosen, info = _choose(units, lambda c: apply_weights(model, by_key, c, nm), evaluator, allowed, params, ctx)
@@ -474,18 +541,34 @@ def _prune_weights(model: onnx.ModelProto, ctx: Any, params: PruneParams, nm: bo
         layer = by_key[u.key]
         wb, wa = tensor_array(inits_b[layer.weight]), tensor_array(inits_a[layer.weight])
         sens = {float(k): v for k, v in info.get("sensitivity", {}).get(u.key, {}).items()}
-        rows.append({
-            "layer": layer.name, "op": layer.op, "weight": layer.weight, "shape": layer.shape,
-            "pattern": "2:4 along input channels" if nm else "unstructured",
-            "sparsity": [round(1 - np.count_nonzero(wb) / wb.size, 4), round(1 - np.count_nonzero(wa) / wa.size, 4)],
-            "bytes": [int(wb.nbytes), int(wa.nbytes)], "sparse_bytes": sparse_bytes(wa),
-            "why": _why(u, sens, chosen.get(u.key), info.get("final_threshold", allowed)) if sens else info.get("note", ""),
-        })
+        rows.append(
+            {
+                "layer": layer.name,
+                "op": layer.op,
+                "weight": layer.weight,
+                "shape": layer.shape,
+                "pattern": "2:4 along input channels" if nm else "unstructured",
+                "sparsity": [
+                    round(1 - np.count_nonzero(wb) / wb.size, 4),
+                    round(1 - np.count_nonzero(wa) / wa.size, 4),
+                ],
+                "bytes": [int(wb.nbytes), int(wa.nbytes)],
+                "sparse_bytes": sparse_bytes(wa),
+                "why": _why(u, sens, chosen.get(u.key), info.get("final_threshold", allowed))
+                if sens
+                else info.get("note", ""),
+            }
+        )
     dense = sum(r["bytes"][1] for r in rows if r["sparsity"][1] > 0)
     compressed = sum(r["sparse_bytes"] for r in rows if r["sparsity"][1] > 0)
-    return result, {"layers": rows, "skipped": skipped, "search": info,
-                    "pruned_layers": sum(1 for r in rows if r["sparsity"][1] > r["sparsity"][0]),
-                    "pruned_dense_bytes": dense, "pruned_sparse_bytes": compressed}
+    return result, {
+        "layers": rows,
+        "skipped": skipped,
+        "search": info,
+        "pruned_layers": sum(1 for r in rows if r["sparsity"][1] > r["sparsity"][0]),
+        "pruned_dense_bytes": dense,
+        "pruned_sparse_bytes": compressed,
+    }
 
 
 @register_pass(
@@ -507,14 +590,23 @@ def prune(model: onnx.ModelProto, ctx: Any, params: PruneParams) -> PassResult:
         evaluator, data = _evaluator(working, ctx, params) if params.search else (None, "")
         if evaluator is None and params.search:
             if params.without_data == "skip":
-                ctx.warn(f"mode {mode!r} needs --calib or --eval data to stay within the accuracy budget; nothing pruned")
+                ctx.warn(
+                    f"mode {mode!r} needs --calib or --eval data to stay within the accuracy budget; nothing pruned"
+                )
                 return PassResult(model, {"mode": mode, "applied": "none", "reason": "no data"})
             if params.without_data == "dead":
-                ctx.warn(f"mode {mode!r} needs --calib or --eval data to stay within the accuracy budget; "
-                         "only exactly-dead channels were removed")
+                ctx.warn(
+                    f"mode {mode!r} needs --calib or --eval data to stay within the accuracy budget; "
+                    "only exactly-dead channels were removed"
+                )
                 mode, lossy = "dead", False
-    summary: dict[str, Any] = {"mode": mode, "requested_mode": params.mode, "data": data or None,
-                               "budget_pct": round(allowed, 4), "budget_share": params.budget_share}
+    summary: dict[str, Any] = {
+        "mode": mode,
+        "requested_mode": params.mode,
+        "data": data or None,
+        "budget_pct": round(allowed, 4),
+        "budget_share": params.budget_share,
+    }
     result = working
     if mode in ("dead", "channel") or (params.remove_dead and mode in ("magnitude", "2:4")):
         result, info = _prune_channels(working, ctx, params, mode == "channel", evaluator, allowed)
@@ -523,11 +615,15 @@ def prune(model: onnx.ModelProto, ctx: Any, params: PruneParams) -> PassResult:
         result, info = _prune_weights(result, ctx, params, mode == "2:4", evaluator, allowed)
         summary["weights"] = info
     rows = _channel_table(working, result, ctx)
-    summary["layers"] = [r for r in rows if r["out_channels"][0] != r["out_channels"][1] or r["in_channels"][0] != r["in_channels"][1]]
+    summary["layers"] = [
+        r for r in rows if r["out_channels"][0] != r["out_channels"][1] or r["in_channels"][0] != r["in_channels"][1]
+    ]
     summary["totals"] = _totals(rows)
     final = None
     if evaluator is not None:
-        final = ctx.scorer()[0].score(result)  # on every scored sample: the ledger's entry, as the final gate will see it
+        final = ctx.scorer()[0].score(
+            result
+        )  # on every scored sample: the ledger's entry, as the final gate will see it
         summary["accuracy"] = final.to_dict()
     shrunk = summary["totals"]["params"][0] != summary["totals"]["params"][1]
     sparsified = mode in ("magnitude", "2:4") and summary["weights"]["pruned_layers"] > 0

@@ -5,6 +5,7 @@ window at 16 kHz with the previous 64 samples in front (576), the LSTM state ``[
 call before, and the sample rate ``sr`` as an int64 scalar. ``vad_samples`` runs the model over the
 speech (and the silence between sentences) to record the state each window really sees.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -39,8 +40,11 @@ def speech(sentences: list[str] = SENTENCES, gap_s: float = 0.4) -> np.ndarray:
         for index, text in enumerate(sentences):
             path = Path(tmp) / f"s{index}.wav"
             voice = ("en", "en-us", "en+f3", "en-gb")[index % 4]
-            subprocess.run(["espeak-ng", "-v", voice, "-s", str(150 + 10 * (index % 3)), "-w", str(path), text],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["espeak-ng", "-v", voice, "-s", str(150 + 10 * (index % 3)), "-w", str(path), text],
+                check=True,
+                capture_output=True,
+            )
             with wave.open(str(path)) as handle:
                 rate = handle.getframerate()
                 data = np.frombuffer(handle.readframes(handle.getnframes()), dtype=np.int16).astype(np.float32) / 32768
@@ -57,7 +61,7 @@ def vad_samples(model_path: Path, audio: np.ndarray, every: int = 1) -> dict[str
     context = np.zeros(CONTEXT, np.float32)
     inputs, states = [], []
     for index, start in enumerate(range(0, len(audio) - WINDOW + 1, WINDOW)):
-        window = np.concatenate([context, audio[start:start + WINDOW]])[None]
+        window = np.concatenate([context, audio[start : start + WINDOW]])[None]
         if index % every == 0:
             inputs.append(window)
             states.append(state)

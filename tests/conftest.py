@@ -1,4 +1,5 @@
 """Shared test fixtures: real-model locations and an in-process CLI runner."""
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,9 @@ def _rapidocr_models() -> Path | None:
 OCR_DIR = _rapidocr_models()
 OCR_DET = OCR_DIR / "ch_PP-OCRv4_det_infer.onnx" if OCR_DIR else None
 OCR_REC = OCR_DIR / "ch_PP-OCRv4_rec_infer.onnx" if OCR_DIR else None
-needs_ocr = pytest.mark.skipif(OCR_DIR is None, reason="rapidocr-onnxruntime (PP-OCRv4 models) not installed; `make test` installs it")
+needs_ocr = pytest.mark.skipif(
+    OCR_DIR is None, reason="rapidocr-onnxruntime (PP-OCRv4 models) not installed; `make test` installs it"
+)
 
 
 @pytest.fixture(autouse=True)

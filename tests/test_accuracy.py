@@ -1,4 +1,5 @@
 """accuracy.Evaluator: top-1 with labels, agreement without, on the trained digits model."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,14 +7,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import DIGITS, needs_ocr
 from onnx import numpy_helper
 
-from lepton_cli.accuracy import (Evaluator, compare_arrays, ctc_agreement_pct, ctc_greedy_decode, edit_distance,
-                                 scoring_opt_level)
+from lepton_cli.accuracy import (
+    Evaluator,
+    compare_arrays,
+    ctc_agreement_pct,
+    ctc_greedy_decode,
+    edit_distance,
+    scoring_opt_level,
+)
 from lepton_cli.data import load_samples
 from lepton_cli.errors import BadInputError
-
-from conftest import DIGITS, needs_ocr
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +35,11 @@ def _perturbed(model: onnx.ModelProto, scale: float) -> onnx.ModelProto:
     for init in noisy.graph.initializer:
         weights = numpy_helper.to_array(init)
         if weights.dtype == np.float32 and weights.size > 100:
-            init.CopyFrom(numpy_helper.from_array((weights + rng.normal(0, scale * weights.std(), weights.shape)).astype(np.float32), init.name))
+            init.CopyFrom(
+                numpy_helper.from_array(
+                    (weights + rng.normal(0, scale * weights.std(), weights.shape)).astype(np.float32), init.name
+                )
+            )
     return noisy
 
 
@@ -119,7 +129,9 @@ def _ctc_scores(paths: list[list[int]], classes: int = 6) -> np.ndarray:
 
 def test_ctc_greedy_decode_collapses_repeats_and_drops_blanks():
     assert ctc_greedy_decode(_ctc_scores([[0, 3, 3, 0, 3, 5, 5, 0]])) == [[3, 3, 5]]
-    assert edit_distance([1, 2, 3], [1, 3]) == 1 and edit_distance([], [4, 4]) == 2 and edit_distance([1, 2], [2, 1]) == 2
+    assert (
+        edit_distance([1, 2, 3], [1, 3]) == 1 and edit_distance([], [4, 4]) == 2 and edit_distance([1, 2], [2, 1]) == 2
+    )
 
 
 def test_ctc_agreement_is_character_accuracy_not_timestep_agreement():
@@ -137,9 +149,12 @@ def test_ctc_agreement_is_character_accuracy_not_timestep_agreement():
 def _ctc_model(character: bool, classes: int = 5) -> onnx.ModelProto:
     """x [N, T, C] → Softmax: the shape of a CTC recogniser's head."""
     h = onnx.helper
-    graph = h.make_graph([h.make_node("Softmax", ["x"], ["probs"], axis=-1)], "ctc",
-                         [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 6, classes])],
-                         [h.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["N", 6, classes])])
+    graph = h.make_graph(
+        [h.make_node("Softmax", ["x"], ["probs"], axis=-1)],
+        "ctc",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 6, classes])],
+        [h.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["N", 6, classes])],
+    )
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
     if character:
         h.set_model_props(model, {"character": "a\nb\nc\nd"})
@@ -149,9 +164,13 @@ def _ctc_model(character: bool, classes: int = 5) -> onnx.ModelProto:
 def test_evaluator_picks_ctc_agreement_from_metadata_or_when_asked():
     from lepton_cli.data import SampleSet
 
-    samples = SampleSet(Path("ctc.npz"), {"x": np.random.default_rng(0).normal(size=(4, 6, 5)).astype(np.float32)}, None, {"x": False})
+    samples = SampleSet(
+        Path("ctc.npz"), {"x": np.random.default_rng(0).normal(size=(4, 6, 5)).astype(np.float32)}, None, {"x": False}
+    )
     assert Evaluator(_ctc_model(True), samples).metric == "ctc_agreement"
-    assert Evaluator(_ctc_model(False), samples).metric == "top1_agreement"  # a Softmax without a CTC table: class scores
+    assert (
+        Evaluator(_ctc_model(False), samples).metric == "top1_agreement"
+    )  # a Softmax without a CTC table: class scores
     assert Evaluator(_ctc_model(False), samples, metric="ctc").metric == "ctc_agreement"
     with pytest.raises(BadInputError, match="needs labels"):
         Evaluator(_ctc_model(False), samples, metric="top1")
@@ -196,9 +215,13 @@ def test_mask_f1_metric_on_a_map_model_and_bad_metric_names(tmp_path):
 
     def sigmoid_model(scale: float) -> onnx.ModelProto:
         node = [onnx.helper.make_node("Mul", ["x", "k"], ["z"]), onnx.helper.make_node("Sigmoid", ["z"], ["y"])]
-        graph = onnx.helper.make_graph(node, "map", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1, 8, 8])],
-                                       [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1, 8, 8])],
-                                       [numpy_helper.from_array(np.array(scale, np.float32), "k")])
+        graph = onnx.helper.make_graph(
+            node,
+            "map",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1, 8, 8])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1, 8, 8])],
+            [numpy_helper.from_array(np.array(scale, np.float32), "k")],
+        )
         return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
 
     x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
@@ -208,7 +231,9 @@ def test_mask_f1_metric_on_a_map_model_and_bad_metric_names(tmp_path):
     score = Evaluator(source, samples, metric="mask-f1").score(sharper)
     assert score.metric == "mask_f1@0.5" and score.drop_pct == 0.0
     assert Evaluator(source, samples).score(sharper).metric == "mask_f1@0.5"  # a one-channel map in [0, 1]
-    assert Evaluator(source, samples, metric="agreement").score(sharper).drop_pct > 10  # value agreement sees the difference
+    assert (
+        Evaluator(source, samples, metric="agreement").score(sharper).drop_pct > 10
+    )  # value agreement sees the difference
     at_03 = Evaluator(source, samples, metric="mask-f1@0.3").score(sharper)
     assert at_03.metric == "mask_f1@0.3" and at_03.drop_pct > 0  # sigmoid(x)>0.3 and sigmoid(3x)>0.3 differ
     assert parse_metric("mask-f1@0.3") == ("mask-f1", 0.3) and parse_metric("ctc") == ("ctc", None)
@@ -218,8 +243,16 @@ def test_mask_f1_metric_on_a_map_model_and_bad_metric_names(tmp_path):
 
 
 def test_compile_rejects_a_bad_eval_metric_with_exit_2(run_cli, tmp_path):
-    result = run_cli("compile", str(DIGITS / "digits_cnn.onnx"), "--target", "cpu-avx", "--eval-metric", "mask-f1@high",
-                     "--output", str(tmp_path / "out"))
+    result = run_cli(
+        "compile",
+        str(DIGITS / "digits_cnn.onnx"),
+        "--target",
+        "cpu-avx",
+        "--eval-metric",
+        "mask-f1@high",
+        "--output",
+        str(tmp_path / "out"),
+    )
     assert result.code == 2 and "threshold" in result.stderr and "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "out").exists()
 
@@ -243,7 +276,9 @@ def test_text_labels_score_character_accuracy_of_a_ctc_model(tmp_path):
     fixed.graph.initializer.append(numpy_helper.from_array(bias, "bias"))
     score = evaluator.score(fixed)
     assert score.value == 100.0 and score.drop_pct < 0
-    assert score.drop_se == pytest.approx(100 * np.sqrt(2) * np.std([0, -1], ddof=1) / 6, abs=1e-4)  # per-line error changes
+    assert score.drop_se == pytest.approx(
+        100 * np.sqrt(2) * np.std([0, -1], ddof=1) / 6, abs=1e-4
+    )  # per-line error changes
     assert evaluator.score(_ctc_model(True, 6)).drop_se == 0.0  # the source itself: no difference anywhere
     # text labels need a CTC model with a character table, and one label per line
     with pytest.raises(BadInputError, match="character table"):
@@ -262,6 +297,7 @@ def test_ppocr_rec_text_labels_give_the_benchmark_character_accuracy(tmp_path):
     sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
     import ocr_textset as textset
     from conftest import OCR_REC
+
     from lepton_cli.ort import make_session
     from lepton_cli.shapes import bind_input_shapes
 
@@ -271,7 +307,9 @@ def test_ppocr_rec_text_labels_give_the_benchmark_character_accuracy(tmp_path):
     samples = load_samples(tmp_path / "eval.npz", model, role="--eval")
     evaluator = Evaluator(model, samples, samples.labels)
     session = make_session(model)
-    probs = np.concatenate([session.run(None, {"x": images[i:i + 1]})[0] for i in range(len(images))])
+    probs = np.concatenate([session.run(None, {"x": images[i : i + 1]})[0] for i in range(len(images))])
     assert evaluator.metric == "ctc_accuracy"
-    assert evaluator.source_value == pytest.approx(textset.char_accuracy(textset.ctc_greedy(probs, textset.charset(model)), texts))
+    assert evaluator.source_value == pytest.approx(
+        textset.char_accuracy(textset.ctc_greedy(probs, textset.charset(model)), texts)
+    )
     assert 90 < evaluator.source_value <= 100

@@ -1,13 +1,12 @@
 """compile measures accuracy against the source and enforces the budget (exit 3, nothing written)."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
-
 from conftest import DIGITS
+from onnx import numpy_helper
 
 TARGET_WITH_NOISE = """
 name = "noisy"
@@ -20,7 +19,7 @@ def _register_noise_pass():
     """A lossy test pass that perturbs weights, to drive the gate deterministically."""
     from dataclasses import dataclass
 
-    from lepton_cli.pass_registry import LOSSY, PassResult, register_pass, _REGISTRY
+    from lepton_cli.pass_registry import _REGISTRY, LOSSY, PassResult, register_pass
 
     if "test_add_noise" in _REGISTRY:
         return
@@ -45,8 +44,18 @@ def _compile(run_cli, tmp_path, scale: float, *extra: str):
     target = tmp_path / "noisy.toml"
     target.write_text(TARGET_WITH_NOISE.format(scale=scale))
     out = tmp_path / "out"
-    result = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", target, "-o", out,
-                     "--eval", DIGITS / "eval.npz", "--json", *extra)
+    result = run_cli(
+        "compile",
+        DIGITS / "digits_cnn.onnx",
+        "--target",
+        target,
+        "-o",
+        out,
+        "--eval",
+        DIGITS / "eval.npz",
+        "--json",
+        *extra,
+    )
     return result, out
 
 

@@ -1,4 +1,5 @@
 """Table-driven bad inputs: each exits 2 with one clear line, no traceback, nothing written."""
+
 from __future__ import annotations
 
 import os
@@ -10,9 +11,9 @@ from typing import Callable
 import numpy as np
 import onnx
 import pytest
+from conftest import DIGITS, LIGHT_DIR
 from onnx import helper, numpy_helper
 
-from conftest import DIGITS, LIGHT_DIR
 from lepton_cli.pass_registry import PassResult, register_pass, tolerance
 
 DIGITS_MODEL = DIGITS / "digits_cnn.onnx"
@@ -24,7 +25,9 @@ class _NoParams:
 
 
 # A pass that needs static shapes, registered for the "dimension left unbound" case only.
-@register_pass("test_needs_static", params=_NoParams, description="test only", exactness=tolerance(0, 0), needs_static_shapes=True)
+@register_pass(
+    "test_needs_static", params=_NoParams, description="test only", exactness=tolerance(0, 0), needs_static_shapes=True
+)
 def _needs_static(model, ctx, params):
     return PassResult(model, {})
 
@@ -37,9 +40,13 @@ def _external_model(folder: Path, location: str) -> Path:
     for key, value in (("location", location), ("offset", "0"), ("length", "16")):
         entry = weight.external_data.add()
         entry.key, entry.value = key, value
-    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])], [weight])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])],
+        [weight],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     path = folder / "ext.onnx"
     path.write_bytes(model.SerializeToString())
@@ -96,10 +103,15 @@ def case_external_hardlink(tmp: Path) -> list:
 
 
 def case_unknown_domain(tmp: Path) -> list:
-    graph = helper.make_graph([helper.make_node("Evil", ["x"], ["y"], domain="com.example.custom")], "g",
-                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.example.custom", 1)])
+    graph = helper.make_graph(
+        [helper.make_node("Evil", ["x"], ["y"], domain="com.example.custom")],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.example.custom", 1)]
+    )
     (tmp / "custom.onnx").write_bytes(model.SerializeToString())
     return ["compile", tmp / "custom.onnx", "-t", "cpu-avx", "-o", tmp / "out"]
 

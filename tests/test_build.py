@@ -1,4 +1,5 @@
 """``lepton build``: 3 real models x 3 targets on the process pool and on a local Ray cluster, the cache, bad build files."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import DIGITS, LIGHT_DIR
+
 from lepton_cli.bundle import open_bundle, verify_bundle
 from lepton_cli.compiler import CompileOptions, compile_model
 
@@ -58,13 +59,20 @@ def make_project(root: Path, build_toml: str = BUILD_TOML) -> Path:
 
 
 def lepton(*args: object, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lepton_cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "NO_COLOR": "1", **env}, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "lepton_cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1", **env},
+        timeout=900,
+    )
 
 
 def models_of(bundle: Path, home: Path) -> dict[str, bytes]:
     keys = home / "keys"
-    return open_bundle(bundle, key=keys / "encryption-private.pem", trust=keys / "signing-public.pem", record=False).models
+    return open_bundle(
+        bundle, key=keys / "encryption-private.pem", trust=keys / "signing-public.pem", record=False
+    ).models
 
 
 @pytest.fixture(scope="module")
@@ -72,25 +80,39 @@ def pool_build(tmp_path_factory):
     """One 3 x 3 build on two pinned local workers, then the same build again (served from the cache)."""
     root = tmp_path_factory.mktemp("project")
     build_file = make_project(root)
-    env = {"LEPTON_HOME": str(root / "home"), "LEPTON_CACHE": str(root / "cache"), "GITHUB_STEP_SUMMARY": str(root / "summary.md")}
+    env = {
+        "LEPTON_HOME": str(root / "home"),
+        "LEPTON_CACHE": str(root / "cache"),
+        "GITHUB_STEP_SUMMARY": str(root / "summary.md"),
+    }
     first = lepton("build", build_file, "--workers", "2", "--json", env=env)
     assert first.returncode == 0, first.stderr
     started = time.perf_counter()
     second = lepton("build", build_file, "--workers", "2", "--json", env=env)
-    return {"root": root, "env": env, "first": json.loads(first.stdout), "second": json.loads(second.stdout),
-            "second_code": second.returncode, "second_wall": time.perf_counter() - started}
+    return {
+        "root": root,
+        "env": env,
+        "first": json.loads(first.stdout),
+        "second": json.loads(second.stdout),
+        "second_code": second.returncode,
+        "second_wall": time.perf_counter() - started,
+    }
 
 
 def test_pool_builds_every_model_for_every_target(pool_build):
     doc, root = pool_build["first"], pool_build["root"]
     assert doc["format"] == "lepton-build/1" and doc["exit_code"] == 0
-    assert sorted((r["model"], r["target"]) for r in doc["results"]) == sorted((f"{m}.onnx", t) for m in MODELS for t in TARGETS)
+    assert sorted((r["model"], r["target"]) for r in doc["results"]) == sorted(
+        (f"{m}.onnx", t) for m in MODELS for t in TARGETS
+    )
     for result in doc["results"]:
         assert set(result) >= {"model", "target", "exit_code", "bundle", "cached", "seconds", "summary"}
         assert result["exit_code"] == 0 and result["cached"] is False and result["seconds"] > 0
         assert result["summary"]["size_ratio"] > 0
         bundle = Path(result["bundle"])
-        assert bundle.parent == root / "out" and bundle.name == f"{Path(result['model']).stem}.{result['target']}.lepton"
+        assert (
+            bundle.parent == root / "out" and bundle.name == f"{Path(result['model']).stem}.{result['target']}.lepton"
+        )
         manifest = verify_bundle(bundle, trust=root / "home" / "keys" / "signing-public.pem")
         assert "provenance.intoto.json" in {f["path"] for f in manifest["files"]}
     assert not [p for p in (root / "out").iterdir() if p.name.startswith(".")]  # no staging folders left
@@ -118,13 +140,23 @@ def test_second_run_is_served_from_the_cache(pool_build):
     assert all(first[(r["model"], r["target"])] == r["summary"] for r in second["results"])
 
 
-@pytest.mark.parametrize("model,target", [("digits_cnn", "edge-arm"), ("light_squeezenet", "my-board"), ("light_shufflenet", "cpu-avx")])
+@pytest.mark.parametrize(
+    "model,target", [("digits_cnn", "edge-arm"), ("light_squeezenet", "my-board"), ("light_shufflenet", "cpu-avx")]
+)
 def test_build_models_are_byte_identical_to_single_compiles(pool_build, model, target, tmp_path):
     root = pool_build["root"]
     calib = {"calib": root / "data" / "calib.npz", "eval": root / "data" / "eval.npz"} if model == "digits_cnn" else {}
     spec = str(root / "boards" / "my-board.toml") if target == "my-board" else target
-    single = compile_model(CompileOptions(model=root / "models" / f"{model}.onnx", target=spec, output_dir=tmp_path,
-                                          max_accuracy_drop=1.0, bench=False, **calib))
+    single = compile_model(
+        CompileOptions(
+            model=root / "models" / f"{model}.onnx",
+            target=spec,
+            output_dir=tmp_path,
+            max_accuracy_drop=1.0,
+            bench=False,
+            **calib,
+        )
+    )
     built = models_of(root / "out" / f"{model}.{target}.lepton", root / "home")
     assert built.keys() == single.models.keys()
     assert all(built[path] == single.models[path] for path in built)
@@ -133,8 +165,15 @@ def test_build_models_are_byte_identical_to_single_compiles(pool_build, model, t
     from lepton_cli.commands._provenance import read_provenance
 
     home = Path(os.environ["LEPTON_HOME"]) / "keys"
-    assert compare(read_provenance(root / "out" / f"{model}.{target}.lepton", str(root / "home" / "keys" / "signing-public.pem")),
-                   read_provenance(single.bundle_dir, str(home / "signing-public.pem"))) == []
+    assert (
+        compare(
+            read_provenance(
+                root / "out" / f"{model}.{target}.lepton", str(root / "home" / "keys" / "signing-public.pem")
+            ),
+            read_provenance(single.bundle_dir, str(home / "signing-public.pem")),
+        )
+        == []
+    )
 
 
 def test_keys_changed_reseals_cached_bundles(pool_build, tmp_path):
@@ -143,7 +182,9 @@ def test_keys_changed_reseals_cached_bundles(pool_build, tmp_path):
     from lepton_cli.keys import generate_keys
 
     generate_keys(tmp_path / "device")
-    toml = BUILD_TOML.replace("[defaults]", f'[defaults]\nrecipient = ["{tmp_path / "device" / "encryption-public.pem"}"]\nbundle_version = 2')
+    toml = BUILD_TOML.replace(
+        "[defaults]", f'[defaults]\nrecipient = ["{tmp_path / "device" / "encryption-public.pem"}"]\nbundle_version = 2'
+    )
     build_file = root / "BUILD-device.toml"
     build_file.write_text(toml)
     done = lepton("build", build_file, "-o", tmp_path / "out", "--json", env=env)
@@ -151,8 +192,12 @@ def test_keys_changed_reseals_cached_bundles(pool_build, tmp_path):
     results = json.loads(done.stdout)["results"]
     assert all(r["cached"] for r in results)
     bundle = tmp_path / "out" / "digits_cnn.edge-arm.lepton"
-    opened = open_bundle(bundle, key=tmp_path / "device" / "encryption-private.pem",
-                         trust=root / "home" / "keys" / "signing-public.pem", record=False)
+    opened = open_bundle(
+        bundle,
+        key=tmp_path / "device" / "encryption-private.pem",
+        trust=root / "home" / "keys" / "signing-public.pem",
+        record=False,
+    )
     assert opened.manifest["version"] == 2
     assert opened.models == models_of(root / "out" / "digits_cnn.edge-arm.lepton", root / "home")
 
@@ -160,11 +205,17 @@ def test_keys_changed_reseals_cached_bundles(pool_build, tmp_path):
 def test_corrupt_cache_entry_is_rebuilt_not_served(pool_build, tmp_path):
     root, env = pool_build["root"], pool_build["env"]
     build_file = tmp_path / "BUILD.toml"
-    build_file.write_text(f'[[model]]\npath = "{root / "models" / "digits_cnn.onnx"}"\ncalib = "{root / "data" / "calib.npz"}"\n'
-                          f'eval = "{root / "data" / "eval.npz"}"\nmax_accuracy_drop = 1.0\nno_bench = true\ntargets = ["cpu-avx"]\n')
+    build_file.write_text(
+        f'[[model]]\npath = "{root / "models" / "digits_cnn.onnx"}"\ncalib = "{root / "data" / "calib.npz"}"\n'
+        f'eval = "{root / "data" / "eval.npz"}"\nmax_accuracy_drop = 1.0\nno_bench = true\ntargets = ["cpu-avx"]\n'
+    )
     entries = root / "cache" / "entries"
-    ours = [e for e in entries.iterdir() if json.loads((e / "entry.json").read_text())["report"]["target"]["name"] == "cpu-avx"
-            and json.loads((e / "entry.json").read_text())["report"]["model"]["name"] == "digits_cnn.onnx"]
+    ours = [
+        e
+        for e in entries.iterdir()
+        if json.loads((e / "entry.json").read_text())["report"]["target"]["name"] == "cpu-avx"
+        and json.loads((e / "entry.json").read_text())["report"]["model"]["name"] == "digits_cnn.onnx"
+    ]
     assert len(ours) == 1
     encrypted = ours[0] / "bundle" / "model.onnx.enc"
     data = bytearray(encrypted.read_bytes())
@@ -174,7 +225,9 @@ def test_corrupt_cache_entry_is_rebuilt_not_served(pool_build, tmp_path):
     assert rebuilt.returncode == 0, rebuilt.stderr
     (result,) = json.loads(rebuilt.stdout)["results"]
     assert result["cached"] is False and "is corrupt" in rebuilt.stderr
-    assert models_of(Path(result["bundle"]), root / "home") == models_of(root / "out" / "digits_cnn.cpu-avx.lepton", root / "home")
+    assert models_of(Path(result["bundle"]), root / "home") == models_of(
+        root / "out" / "digits_cnn.cpu-avx.lepton", root / "home"
+    )
     again = json.loads(lepton("build", build_file, "-o", tmp_path / "out", "--json", env=env).stdout)
     assert again["results"][0]["cached"] is True
 
@@ -186,13 +239,20 @@ def test_provenance_is_signed_printed_and_checks_a_rebuild(pool_build, run_cli, 
     shown = run_cli("verify", bundle, "--trust", trust, "--provenance", "--json")
     assert shown.code == 0, shown.stderr
     stmt = json.loads(shown.stdout)["provenance"]
-    assert stmt["_type"] == "https://in-toto.io/Statement/v1" and stmt["predicateType"] == "https://slsa.dev/provenance/v1"
+    assert (
+        stmt["_type"] == "https://in-toto.io/Statement/v1" and stmt["predicateType"] == "https://slsa.dev/provenance/v1"
+    )
     deps = {d["name"]: d["digest"]["sha256"] for d in stmt["predicate"]["buildDefinition"]["resolvedDependencies"]}
     from lepton_cli.compile_inputs import sha256_file
 
     assert deps["model/digits_cnn.onnx"] == sha256_file(root / "models" / "digits_cnn.onnx")
     assert deps["calib/calib.npz"] == sha256_file(root / "data" / "calib.npz")
-    assert set(stmt["predicate"]["runDetails"]["builder"]["version"]) >= {"lepton-cli", "onnx", "onnxruntime", "onnxsim"}
+    assert set(stmt["predicate"]["runDetails"]["builder"]["version"]) >= {
+        "lepton-cli",
+        "onnx",
+        "onnxruntime",
+        "onnxsim",
+    }
     reproduced = run_cli("verify", bundle, "--trust", trust, "--against", root / "out" / "digits_cnn.edge-arm.lepton")
     assert reproduced.code == 0 and "reproduced" in reproduced.stdout
     other = run_cli("verify", bundle, "--trust", trust, "--against", root / "out" / "digits_cnn.cpu-avx.lepton")
@@ -205,8 +265,20 @@ def test_standard_model_signing_accepts_a_bundle_with_provenance(pool_build):
         pytest.skip("model_signing CLI not installed (optional)")
     root = pool_build["root"]
     bundle = root / "out" / "light_squeezenet.my-board.lepton"
-    ok = subprocess.run([tool, "verify", "key", bundle, "--signature", bundle / "model.sig", "--public_key",
-                         root / "home" / "keys" / "signing-public.pem"], capture_output=True, text=True)
+    ok = subprocess.run(
+        [
+            tool,
+            "verify",
+            "key",
+            bundle,
+            "--signature",
+            bundle / "model.sig",
+            "--public_key",
+            root / "home" / "keys" / "signing-public.pem",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
 
 
@@ -227,19 +299,35 @@ def test_ray_build_matches_the_pool_build(pool_build, run_cli, monkeypatch, tmp_
     for model in MODELS:
         for target in TARGETS:
             name = f"{model}.{target}.lepton"
-            assert models_of(tmp_path / "out" / name, root / "home") == models_of(root / "out" / name, root / "home"), name
+            assert models_of(tmp_path / "out" / name, root / "home") == models_of(root / "out" / name, root / "home"), (
+                name
+            )
 
 
 BAD_FILES = [
-    ("[defaults]\nmax_acuracy_drop = 1.0\n[[model]]\npath = 'm.onnx'\ntargets = ['cpu-avx']\n", "unknown key defaults.max_acuracy_drop"),
-    ("[[model]]\npath = 'm.onnx'\ntargets = ['cpu-avx', 'no-such-target']\n", "model[0].targets[1]: unknown target 'no-such-target'"),
-    ("[[model]]\npath = 'm.onnx'\ntargets = ['cpu-avx']\n[[model]]\npath = 'missing.onnx'\ntargets = ['cpu-avx']\n",
-     "model[1].path: model file"),
+    (
+        "[defaults]\nmax_acuracy_drop = 1.0\n[[model]]\npath = 'm.onnx'\ntargets = ['cpu-avx']\n",
+        "unknown key defaults.max_acuracy_drop",
+    ),
+    (
+        "[[model]]\npath = 'm.onnx'\ntargets = ['cpu-avx', 'no-such-target']\n",
+        "model[0].targets[1]: unknown target 'no-such-target'",
+    ),
+    (
+        "[[model]]\npath = 'm.onnx'\ntargets = ['cpu-avx']\n[[model]]\npath = 'missing.onnx'\ntargets = ['cpu-avx']\n",
+        "model[1].path: model file",
+    ),
     ("[[model]]\npath = 'm.onnx'\ntargets = []\n", "model[0].targets must list at least one target"),
     ("[[model]]\npath = 'm.onnx'\ntargets = ['cpu-avx']\nseed = 'one'\n", "model[0].seed = 'one' has the wrong type"),
     ("[[model]]\npath = 'm.onnx'\ntargets = ['cpu-avx']\ncalib = 'nope.npz'\n", "model[0].calib: calib"),
-    ("[[model]]\npath = 'm.onnx'\ntargets = ['cpu-avx']\nsign_key = 'k.pem'\n", "model[0].sign_key: keys and bundle versions are set once"),
-    ("[[model]]\npath = 'm.onnx'\ntargets = ['cpu-avx', 'cpu-avx']\n", "model[0].targets[1]: bundle m.cpu-avx.lepton is also built by model[0].targets[0]"),
+    (
+        "[[model]]\npath = 'm.onnx'\ntargets = ['cpu-avx']\nsign_key = 'k.pem'\n",
+        "model[0].sign_key: keys and bundle versions are set once",
+    ),
+    (
+        "[[model]]\npath = 'm.onnx'\ntargets = ['cpu-avx', 'cpu-avx']\n",
+        "model[0].targets[1]: bundle m.cpu-avx.lepton is also built by model[0].targets[0]",
+    ),
     ("[[model]]\npath = 'm.onnx'\ntargets = ['boards/x.toml']\n", "model[0].targets[0]: target file"),
     ("[[model]]\npath = 'm.onnx'\neval_metric = 'top5'\ntargets = ['cpu-avx']\n", "model[0].eval_metric"),
     ("[target]\nname = 'x'\n", "unknown key 'target'"),
@@ -265,7 +353,8 @@ def test_worst_exit_code_wins_and_failures_do_not_stop_the_others(run_cli, tmp_p
     (tmp_path / "BUILD.toml").write_text(
         "[defaults]\nbench_seconds = 0.2\n"
         f"[[model]]\npath = 'digits_cnn.onnx'\ncalib = '{DIGITS / 'calib.npz'}'\ntargets = ['cpu-avx']\nmax_latency_ratio = 0.001\n"
-        "[[model]]\npath = 'light_squeezenet.onnx'\nno_bench = true\ntargets = ['tpu']\n")  # tpu needs --calib: exit 2
+        "[[model]]\npath = 'light_squeezenet.onnx'\nno_bench = true\ntargets = ['tpu']\n"
+    )  # tpu needs --calib: exit 2
     result = run_cli("build", tmp_path / "BUILD.toml", "--workers", "2", "--no-cache", "--json")
     doc = json.loads(result.stdout)
     assert result.code == 2 and doc["exit_code"] == 2
@@ -302,15 +391,25 @@ def test_cache_evicts_least_recently_used(tmp_path, monkeypatch):
     bundle.mkdir()
     (bundle / "model.onnx.enc").write_bytes(os.urandom(4000))
     for index, key in enumerate(("a" * 64, "b" * 64, "c" * 64)):
-        cache.store(key, bundle_dir=bundle, models={"model.onnx": os.urandom(3000)}, report={"n": index}, manifest_fields={},
-                    inputs={}, seal={})
+        cache.store(
+            key,
+            bundle_dir=bundle,
+            models={"model.onnx": os.urandom(3000)},
+            report={"n": index},
+            manifest_fields={},
+            inputs={},
+            seal={},
+        )
         os.utime(cache.entries / key / "entry.json", (1000 + index, 1000 + index))
     assert cache.lookup("a" * 64) is not None  # touched: now the most recent
     cache.max_bytes = 2 * 7500
     assert cache.evict() == ["b" * 64]
     assert cache.lookup("b" * 64) is None and cache.lookup("c" * 64) is not None
     hit = cache.lookup("a" * 64)
-    assert hit.models(cache.cache_key())["model.onnx"] and hit.bundle_files["model.onnx.enc"] == (bundle / "model.onnx.enc").read_bytes()
+    assert (
+        hit.models(cache.cache_key())["model.onnx"]
+        and hit.bundle_files["model.onnx.enc"] == (bundle / "model.onnx.enc").read_bytes()
+    )
 
 
 @pytest.mark.slow  # ~12 s idle, ~25 s on a loaded host: two build processes and three compiles
@@ -319,16 +418,30 @@ def test_kill_9_leaves_no_partial_bundle_and_a_rerun_resumes(tmp_path):
     import signal
 
     shutil.copy(DIGITS / "digits_cnn.onnx", tmp_path / "digits_cnn.onnx")
-    (tmp_path / "BUILD.toml").write_text(f"[defaults]\nno_bench = true\ncalib = '{DIGITS / 'calib.npz'}'\n"
-                                         "[[model]]\npath = 'digits_cnn.onnx'\ntargets = ['mobile', 'cpu-avx', 'edge-arm']\n")
-    env = {**os.environ, "LEPTON_HOME": str(tmp_path / "home"), "LEPTON_CACHE": str(tmp_path / "cache"), "NO_COLOR": "1"}
-    driver = subprocess.Popen([sys.executable, "-m", "lepton_cli", "build", str(tmp_path / "BUILD.toml"), "--workers", "1", "--json"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    (tmp_path / "BUILD.toml").write_text(
+        f"[defaults]\nno_bench = true\ncalib = '{DIGITS / 'calib.npz'}'\n"
+        "[[model]]\npath = 'digits_cnn.onnx'\ntargets = ['mobile', 'cpu-avx', 'edge-arm']\n"
+    )
+    env = {
+        **os.environ,
+        "LEPTON_HOME": str(tmp_path / "home"),
+        "LEPTON_CACHE": str(tmp_path / "cache"),
+        "NO_COLOR": "1",
+    }
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "lepton_cli", "build", str(tmp_path / "BUILD.toml"), "--workers", "1", "--json"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     out = tmp_path / "out"
     try:
         deadline = time.monotonic() + 300
         entries = tmp_path / "cache" / "entries"
-        while not (entries.is_dir() and any(entries.iterdir())) and driver.poll() is None and time.monotonic() < deadline:
+        while (
+            not (entries.is_dir() and any(entries.iterdir())) and driver.poll() is None and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
         driver.send_signal(signal.SIGKILL)
         driver.wait()
@@ -374,6 +487,7 @@ def test_ray_inputs_travel_by_content_and_keep_their_layout(tmp_path, monkeypatc
 
 def test_ctrl_c_exits_130_not_0(run_cli, tmp_path, monkeypatch):
     """Typer turns Ctrl-C into a returned 130 when not standalone; the CLI must exit with it, not 0."""
+
     def interrupted(path):
         raise KeyboardInterrupt
 
@@ -393,7 +507,15 @@ def test_cache_key_from_the_environment(tmp_path, monkeypatch):
     bundle = tmp_path / "b"
     bundle.mkdir()
     (bundle / "report.json").write_text("{}")
-    cache.store("d" * 64, bundle_dir=bundle, models={"model.onnx": b"weights"}, report={}, manifest_fields={}, inputs={}, seal={})
+    cache.store(
+        "d" * 64,
+        bundle_dir=bundle,
+        models={"model.onnx": b"weights"},
+        report={},
+        manifest_fields={},
+        inputs={},
+        seal={},
+    )
     assert cache.lookup("d" * 64).models(cache.cache_key()) == {"model.onnx": b"weights"}
     assert not (tmp_path / "home" / "cache.key").exists()
     monkeypatch.setenv("LEPTON_CACHE_KEY", "22" * 32)

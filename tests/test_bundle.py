@@ -2,6 +2,7 @@
 
 Helpers here (``make_keys``, ``make_bundle``, ``resign``) are shared with test_bundle_attacks.py.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,12 +16,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-
 from conftest import DIGITS, REPO
-from lepton_cli.bundle import load_bundle, open_bundle, verify_bundle, write_bundle
-from lepton_cli.bundle import signing
+
+from lepton_cli.bundle import load_bundle, open_bundle, signing, verify_bundle, write_bundle
 from lepton_cli.bundle.archive import write_archive
 from lepton_cli.errors import VerificationError
 from lepton_cli.keys import generate_keys, load_key
@@ -49,20 +48,32 @@ def make_keys(folder: Path) -> Keys:
     return Keys(folder)
 
 
-def make_bundle(dest: Path, keys: Keys, *, recipients=None, version: int = 1, expires: str | None = None,
-                model: bytes = MODEL_BYTES) -> Path:
-    return write_bundle(dest, models={"model.onnx": model}, plain_files={"report.json": b'{"ok": true}\n'},
-                        manifest_fields={"model": {"name": "digits_cnn"},
-                                         "target": {"name": "test", "execution_providers": ["CPUExecutionProvider"]}},
-                        signing_key=keys.signing_key(), recipients=recipients or [keys.recipient()],
-                        version=version, expires=expires)
+def make_bundle(
+    dest: Path, keys: Keys, *, recipients=None, version: int = 1, expires: str | None = None, model: bytes = MODEL_BYTES
+) -> Path:
+    return write_bundle(
+        dest,
+        models={"model.onnx": model},
+        plain_files={"report.json": b'{"ok": true}\n'},
+        manifest_fields={
+            "model": {"name": "digits_cnn"},
+            "target": {"name": "test", "execution_providers": ["CPUExecutionProvider"]},
+        },
+        signing_key=keys.signing_key(),
+        recipients=recipients or [keys.recipient()],
+        version=version,
+        expires=expires,
+    )
 
 
 def resign(bundle: Path, keys: Keys) -> None:
     """Re-sign whatever the bundle now holds with the *trusted* key: only the reader's own checks
     (format, paths, crypto binding) stand between the edit and acceptance."""
-    digests = {p.relative_to(bundle).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-               for p in sorted(bundle.rglob("*")) if p.is_file() and p.name != "model.sig"}
+    digests = {
+        p.relative_to(bundle).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(bundle.rglob("*"))
+        if p.is_file() and p.name != "model.sig"
+    }
     (bundle / "model.sig").write_bytes(signing.sign(bundle.name, digests, keys.signing_key()))
 
 
@@ -163,12 +174,18 @@ def test_standard_model_signing_cli_if_on_path(tmp_path, keys):
     if tool is None:
         pytest.skip("model_signing CLI not installed (optional)")
     bundle = make_bundle(tmp_path / "m.lepton", keys)
-    ok = subprocess.run([tool, "verify", "key", bundle, "--signature", bundle / "model.sig", "--public_key", keys.sign_pub],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [tool, "verify", "key", bundle, "--signature", bundle / "model.sig", "--public_key", keys.sign_pub],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     (bundle / "model.onnx.enc").write_bytes(b"x" + (bundle / "model.onnx.enc").read_bytes()[1:])
-    bad = subprocess.run([tool, "verify", "key", bundle, "--signature", bundle / "model.sig", "--public_key", keys.sign_pub],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [tool, "verify", "key", bundle, "--signature", bundle / "model.sig", "--public_key", keys.sign_pub],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0
 
 
@@ -185,8 +202,19 @@ def test_compile_verify_run_cli_first_run_creates_dev_keys(run_cli, tmp_path):
         verified = run_cli("verify", target, "--trust", home / "signing-public.pem", "--json")
         assert verified.code == 0, verified.stderr
         assert json.loads(verified.stdout)["version"] == 3
-    ran = run_cli("run", bundle, "--key", home / "encryption-private.pem", "--trust", home / "signing-public.pem",
-                  "--inputs", DIGITS / "eval.npz", "-o", tmp_path / "pred.npz", "--json")
+    ran = run_cli(
+        "run",
+        bundle,
+        "--key",
+        home / "encryption-private.pem",
+        "--trust",
+        home / "signing-public.pem",
+        "--inputs",
+        DIGITS / "eval.npz",
+        "-o",
+        tmp_path / "pred.npz",
+        "--json",
+    )
     assert ran.code == 0, ran.stderr
     doc = json.loads(ran.stdout)
     logits = np.load(tmp_path / "pred.npz")["logits"]
@@ -204,8 +232,9 @@ def test_compile_verify_run_cli_first_run_creates_dev_keys(run_cli, tmp_path):
 def test_compile_with_explicit_keys_from_environment(run_cli, tmp_path, monkeypatch, keys):
     monkeypatch.setenv("LEPTON_SIGNING_KEY", Path(keys.sign_priv).read_text())  # PEM text, as CI secrets are
     monkeypatch.setenv("LEPTON_RECIPIENT", keys.enc_pub)
-    result = run_cli("compile", DIGITS_MODEL, "--target", "cpu-avx", "-o", tmp_path / "o", "--quiet",
-                     "--expires", "2099-12-31")
+    result = run_cli(
+        "compile", DIGITS_MODEL, "--target", "cpu-avx", "-o", tmp_path / "o", "--quiet", "--expires", "2099-12-31"
+    )
     assert result.code == 0, result.stderr
     assert "development key" not in result.stderr
     bundle = tmp_path / "o" / "digits_cnn.cpu-avx.lepton"
@@ -213,11 +242,14 @@ def test_compile_with_explicit_keys_from_environment(run_cli, tmp_path, monkeypa
     assert manifest["expires"] == "2099-12-31" and manifest["signer"] == keys.set.signing_id
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--bundle-version", "-1"], "--bundle-version"),
-    (["--expires", "next tuesday"], "--expires"),
-    (["--expires", "2030-01-01T00:00:00"], "time zone"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--bundle-version", "-1"], "--bundle-version"),
+        (["--expires", "next tuesday"], "--expires"),
+        (["--expires", "2030-01-01T00:00:00"], "time zone"),
+    ],
+)
 def test_bad_bundle_options_fail_before_compiling(run_cli, tmp_path, args, needle):
     result = run_cli("compile", DIGITS_MODEL, "--target", "cpu-avx", "-o", tmp_path / "o", *args)
     assert result.code == 2 and needle in result.stderr
@@ -241,7 +273,9 @@ while True:
 
 def test_sigkill_at_any_moment_leaves_no_partial_bundle(tmp_path):
     dest = tmp_path / "out" / "m.lepton"
-    script = _KILL_SCRIPT.format(tests=str(REPO / "tests"), keys=str(tmp_path / "keys"), model=str(DIGITS_MODEL), dest=str(dest))
+    script = _KILL_SCRIPT.format(
+        tests=str(REPO / "tests"), keys=str(tmp_path / "keys"), model=str(DIGITS_MODEL), dest=str(dest)
+    )
     for delay in (0.15, 0.4, 0.9):
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
@@ -259,7 +293,18 @@ def test_sigkill_during_a_real_compile_leaves_old_or_new_bundle(tmp_path):
     env = {**os.environ, "LEPTON_HOME": str(tmp_path / "home"), "NO_COLOR": "1"}
     out = tmp_path / "out"
     bundle = out / "digits_cnn.cpu-avx.lepton"
-    args = [sys.executable, "-m", "lepton_cli", "compile", str(DIGITS_MODEL), "-t", "cpu-avx", "-o", str(out), "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "lepton_cli",
+        "compile",
+        str(DIGITS_MODEL),
+        "-t",
+        "cpu-avx",
+        "-o",
+        str(out),
+        "--quiet",
+    ]
     start = time.perf_counter()
     subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     duration = time.perf_counter() - start
@@ -268,7 +313,9 @@ def test_sigkill_during_a_real_compile_leaves_old_or_new_bundle(tmp_path):
         time.sleep(duration * fraction)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        verify_bundle(bundle, trust=str(tmp_path / "home" / "keys" / "signing-public.pem"), state_path=tmp_path / "s.json")
+        verify_bundle(
+            bundle, trust=str(tmp_path / "home" / "keys" / "signing-public.pem"), state_path=tmp_path / "s.json"
+        )
         assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == [bundle.name]
 
 
@@ -276,12 +323,34 @@ def test_run_with_single_npy_inputs(run_cli, tmp_path, keys):
     bundle = make_bundle(tmp_path / "m.lepton", keys)
     x = np.load(DIGITS / "eval.npz")["image"][:4]
     np.save(tmp_path / "x.npy", x)
-    result = run_cli("run", bundle, "--key", keys.enc_priv, "--trust", keys.sign_pub, "--state", tmp_path / "s.json",
-                     "--input", f"image={tmp_path / 'x.npy'}", "-o", tmp_path / "y.npz")
+    result = run_cli(
+        "run",
+        bundle,
+        "--key",
+        keys.enc_priv,
+        "--trust",
+        keys.sign_pub,
+        "--state",
+        tmp_path / "s.json",
+        "--input",
+        f"image={tmp_path / 'x.npy'}",
+        "-o",
+        tmp_path / "y.npz",
+    )
     assert result.code == 0, result.stderr
     assert np.load(tmp_path / "y.npz")["logits"].shape == (4, 10)
-    wrong = run_cli("run", bundle, "--key", keys.enc_priv, "--trust", keys.sign_pub, "--state", tmp_path / "s.json",
-                    "--input", f"pixels={tmp_path / 'x.npy'}")
+    wrong = run_cli(
+        "run",
+        bundle,
+        "--key",
+        keys.enc_priv,
+        "--trust",
+        keys.sign_pub,
+        "--state",
+        tmp_path / "s.json",
+        "--input",
+        f"pixels={tmp_path / 'x.npy'}",
+    )
     assert wrong.code == 2 and "names no input" in wrong.stderr
 
 

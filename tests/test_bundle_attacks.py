@@ -5,6 +5,7 @@ Most cases tamper with the files; the cases marked "re-signed" then re-sign the 
 *trusted* key (a signer bug, or a stolen signing key without the recipients' keys), so that only
 the reader's own checks — format version, paths, crypto binding, recipients — stop them.
 """
+
 from __future__ import annotations
 
 import base64
@@ -17,9 +18,9 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
 from conftest import DIGITS
 from test_bundle import MODEL_BYTES, Keys, edit_manifest, make_bundle, make_keys, resign
+
 from lepton_cli.bundle.archive import write_archive
 
 
@@ -31,8 +32,20 @@ class Ctx:
     other: Keys  # someone else
 
     def run(self, target: Path | None = None, *, key: str | None = None, trust: str | None = None) -> list:
-        return ["run", target or self.bundle, "--key", key or self.keys.enc_priv, "--trust", trust or self.keys.sign_pub,
-                "--state", self.tmp / "state.json", "--inputs", DIGITS / "eval.npz", "-o", self.tmp / "out.npz"]
+        return [
+            "run",
+            target or self.bundle,
+            "--key",
+            key or self.keys.enc_priv,
+            "--trust",
+            trust or self.keys.sign_pub,
+            "--state",
+            self.tmp / "state.json",
+            "--inputs",
+            DIGITS / "eval.npz",
+            "-o",
+            self.tmp / "out.npz",
+        ]
 
 
 def flip(path: Path, offset: int) -> None:
@@ -45,6 +58,7 @@ def _flip_case(name: str, offset: int) -> Callable[[Ctx], list]:
     def case(c: Ctx) -> list:
         flip(c.bundle / name, offset)
         return c.run()
+
     return case
 
 
@@ -56,9 +70,20 @@ def truncated(c: Ctx) -> list:
 
 def truncated_resigned(c: Ctx) -> list:  # cut at a chunk boundary and re-sign: only the AEAD's last-chunk flag stops it
     path = c.bundle / "model.onnx.enc"
-    path.write_bytes(path.read_bytes()[:65536 + 16])
-    edit_manifest(c.bundle, c.keys, lambda d: [e.update(size=path.stat().st_size, plain_size=65536, sha256=__import__("hashlib").sha256(path.read_bytes()).hexdigest())
-                                                for e in d["files"] if e["path"] == "model.onnx.enc"])
+    path.write_bytes(path.read_bytes()[: 65536 + 16])
+    edit_manifest(
+        c.bundle,
+        c.keys,
+        lambda d: [
+            e.update(
+                size=path.stat().st_size,
+                plain_size=65536,
+                sha256=__import__("hashlib").sha256(path.read_bytes()).hexdigest(),
+            )
+            for e in d["files"]
+            if e["path"] == "model.onnx.enc"
+        ],
+    )
     return c.run()
 
 
@@ -84,8 +109,11 @@ def swapped_model_resigned(c: Ctx) -> list:  # another bundle's ciphertext under
     twin = make_bundle(c.tmp / "twin.lepton", c.keys)
     shutil.copy(twin / "model.onnx.enc", c.bundle / "model.onnx.enc")
     import hashlib
+
     digest = hashlib.sha256((c.bundle / "model.onnx.enc").read_bytes()).hexdigest()
-    edit_manifest(c.bundle, c.keys, lambda d: [e.update(sha256=digest) for e in d["files"] if e["path"] == "model.onnx.enc"])
+    edit_manifest(
+        c.bundle, c.keys, lambda d: [e.update(sha256=digest) for e in d["files"] if e["path"] == "model.onnx.enc"]
+    )
     return c.run()
 
 
@@ -94,6 +122,7 @@ def _extra(name: str) -> Callable[[Ctx], list]:
         (c.bundle / name).parent.mkdir(parents=True, exist_ok=True)
         (c.bundle / name).write_bytes(b"extra")
         return c.run()
+
     return case
 
 
@@ -101,6 +130,7 @@ def _missing(name: str) -> Callable[[Ctx], list]:
     def case(c: Ctx) -> list:
         (c.bundle / name).unlink()
         return c.run()
+
     return case
 
 
@@ -163,8 +193,11 @@ def expired(c: Ctx) -> list:
 
 def _bad_path(path: str) -> Callable[[Ctx], list]:
     def case(c: Ctx) -> list:
-        edit_manifest(c.bundle, c.keys, lambda d: [e.update(path=path) for e in d["files"] if e["path"] == "report.json"])
+        edit_manifest(
+            c.bundle, c.keys, lambda d: [e.update(path=path) for e in d["files"] if e["path"] == "report.json"]
+        )
         return c.run()
+
     return case
 
 
@@ -192,6 +225,7 @@ def zero_x25519_share(c: Ctx) -> list:
     def change(doc):
         sealed = base64.b64decode(doc["encryption"]["recipients"][0]["wrapped_key"])
         doc["encryption"]["recipients"][0]["wrapped_key"] = base64.b64encode(bytes(32) + sealed[32:]).decode()
+
     edit_manifest(c.bundle, c.keys, change)
     return c.run()
 
@@ -209,7 +243,11 @@ def changed_context(c: Ctx) -> list:  # a different bundle id: the Cobblestone c
 
 def moved_path_resigned(c: Ctx) -> list:  # same bundle, same key: only the Cobblestone context (path) differs
     os.rename(c.bundle / "model.onnx.enc", c.bundle / "other.onnx.enc")
-    edit_manifest(c.bundle, c.keys, lambda d: [e.update(path="other.onnx.enc") for e in d["files"] if e["path"] == "model.onnx.enc"])
+    edit_manifest(
+        c.bundle,
+        c.keys,
+        lambda d: [e.update(path="other.onnx.enc") for e in d["files"] if e["path"] == "model.onnx.enc"],
+    )
     return c.run()
 
 
@@ -230,6 +268,7 @@ def archive_trailing(c: Ctx) -> list:
 def archive_duplicate_entry(c: Ctx) -> list:
     archive = write_archive(c.bundle, c.tmp / "m.lepton.zip")
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with zipfile.ZipFile(archive, "a", compression=zipfile.ZIP_STORED) as zf:
@@ -322,8 +361,16 @@ def test_attack_fails_closed(name, attack, code, needle, tmp_path, run_cli, two_
     assert not (tmp_path / "out.npz").exists()
     assert _files_holding_plaintext(tmp_path) == [], name
     if code == 4 and args[0] == "run" and "--key" in args:  # the keyless check must refuse it too
-        verify = run_cli("verify", args[1], "--trust", args[args.index("--trust") + 1], "--state", tmp_path / "state.json")
-        if name not in {"no matching recipient", "all-zero X25519 share, re-signed", "wrapped key from another bundle, re-signed",
-                        "changed context (bundle id), re-signed", "truncated at a chunk boundary, re-signed",
-                        "model swapped from another bundle, re-signed", "file moved to another path, re-signed"}:  # need the secret key
+        verify = run_cli(
+            "verify", args[1], "--trust", args[args.index("--trust") + 1], "--state", tmp_path / "state.json"
+        )
+        if name not in {
+            "no matching recipient",
+            "all-zero X25519 share, re-signed",
+            "wrapped key from another bundle, re-signed",
+            "changed context (bundle id), re-signed",
+            "truncated at a chunk boundary, re-signed",
+            "model swapped from another bundle, re-signed",
+            "file moved to another path, re-signed",
+        }:  # need the secret key
             assert verify.code == 4, (name, verify.stderr)

@@ -1,12 +1,13 @@
 """`lepton compile` on real models for every builtin target: the output loads in ONNX Runtime and,
 where every pass that ran is lossless, computes what the source computes."""
+
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
-
 from conftest import LIGHT_MODELS, OCR_DET, OCR_REC, needs_ocr
+
 from lepton_cli.compiler import CompileOptions, compile_model
 from lepton_cli.ort import make_session, random_feed
 from lepton_cli.pipeline import adapt_feed, restore_output
@@ -32,8 +33,16 @@ def _compile_and_compare(model_path, target, tmp_path, input_shapes=()):
     dims = {spec.split("=")[0]: [int(d) for d in spec.split("=")[1].split(",")] for spec in input_shapes}
     calib = tmp_path / "calib.npz"
     _random_calib(source, dims, calib)
-    result = compile_model(CompileOptions(model=model_path, target=target, output_dir=tmp_path, calib=calib,
-                                          input_shapes=list(input_shapes), max_accuracy_drop=NO_GATE))
+    result = compile_model(
+        CompileOptions(
+            model=model_path,
+            target=target,
+            output_dir=tmp_path,
+            calib=calib,
+            input_shapes=list(input_shapes),
+            max_accuracy_drop=NO_GATE,
+        )
+    )
     compiled = onnx.load_from_string(result.model_bytes)  # the bundle holds it encrypted
     feed = random_feed(graph_inputs(source), np.random.default_rng(0), dims)
     expected = make_session(source, opt_level="basic").run(None, feed)

@@ -5,6 +5,7 @@ cache (``$LEPTON_CORPUS_DIR``, default ~/.cache/lepton-corpus) on first use. Its
 `make test`; everything else is ``slow`` (`make test-all`). Each compile is a child process, as a
 user or CI runs it.
 """
+
 from __future__ import annotations
 
 import sys
@@ -12,7 +13,6 @@ import zipfile
 
 import numpy as np
 import pytest
-
 from conftest import REPO
 
 sys.path.insert(0, str(REPO))
@@ -25,13 +25,16 @@ HANG_GUARD_S = 3600  # not a speed test: only stops a hung compile from stalling
 
 # Exit 1 observed on these pairs; each is a bug being fixed elsewhere. strict: the test fails once it is fixed,
 # so the mark is removed with the fix.
-PREQUANTIZED = "already-quantized model (DynamicQuantizeLinear inside) crashes quantize instead of keeping or refusing it"
+PREQUANTIZED = (
+    "already-quantized model (DynamicQuantizeLinear inside) crashes quantize instead of keeping or refusing it"
+)
 KNOWN_EXIT_1: dict[tuple[str, str], str] = {
     ("minilm_l6_dynq", "cpu-avx"): PREQUANTIZED + ": KeyError '<tensor>_scale'",
     ("minilm_l6_dynq", "fpga"): PREQUANTIZED + ": KeyError '<tensor>_scale'",
     ("minilm_l6_dynq", "tpu"): PREQUANTIZED + ": KeyError '<tensor>_scale'",
     ("minilm_l6_dynq", "cuda"): PREQUANTIZED + ": the fp16 model feeds float16 to DynamicQuantizeLinear (InvalidGraph)",
-    ("minilm_l6_dynq", "mobile"): PREQUANTIZED + ": the fp16 model feeds float16 to DynamicQuantizeLinear (InvalidGraph)",
+    ("minilm_l6_dynq", "mobile"): PREQUANTIZED
+    + ": the fp16 model feeds float16 to DynamicQuantizeLinear (InvalidGraph)",
 }
 
 

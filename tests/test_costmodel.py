@@ -1,4 +1,5 @@
 """Cost model: roofline arithmetic on hand-built graphs, liveness and greedy arena on known cases, real models, budgets."""
+
 from __future__ import annotations
 
 import itertools
@@ -6,24 +7,36 @@ import itertools
 import numpy as np
 import onnx
 import pytest
+from conftest import DIGITS, LIGHT_DIR, OCR_REC, needs_ocr
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import DIGITS, LIGHT_DIR, OCR_REC, needs_ocr
 from lepton_cli import costmodel
 from lepton_cli.costmodel import Buffer, Efficiency
 from lepton_cli.stats import collect_stats
 from lepton_cli.targets import Budgets, Hardware, load_target
 
-HW = Hardware(peak_int8_tops=4.0, peak_fp16_tflops=2.0, peak_fp32_tflops=1.0, memory_bandwidth_gbps=100.0, memory_mb=1024,
-              preferred_layout="NCHW", channel_alignment=1, cores=4)
+HW = Hardware(
+    peak_int8_tops=4.0,
+    peak_fp16_tflops=2.0,
+    peak_fp32_tflops=1.0,
+    memory_bandwidth_gbps=100.0,
+    memory_mb=1024,
+    preferred_layout="NCHW",
+    channel_alignment=1,
+    cores=4,
+)
 IDEAL = Efficiency(compute=1.0, grouped_compute=1.0, memory=1.0, cache_bandwidth=1.0, node_overhead_us=0.0)
 
 
 def _matmul(m: int, k: int, n: int) -> onnx.ModelProto:
     w = numpy_helper.from_array(np.ones((k, n), np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [w])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+        [w],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -55,12 +68,24 @@ def test_scale_to_cores_shares_peak_and_bandwidth():
 def _qdq_matmul() -> onnx.ModelProto:
     """x -> Q -> DQ -> MatMul(DQ(w_int8)): ORT runs this as an integer MatMul."""
     k, n = 256, 128
-    inits = [numpy_helper.from_array(np.ones((k, n), np.int8), "wq"), numpy_helper.from_array(np.array(0.1, np.float32), "s"),
-             numpy_helper.from_array(np.array(0, np.int8), "z")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]), helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
-             helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wd"]), helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, n])], inits)
+    inits = [
+        numpy_helper.from_array(np.ones((k, n), np.int8), "wq"),
+        numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+        numpy_helper.from_array(np.array(0, np.int8), "z"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wd"]),
+        helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, n])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -159,10 +184,36 @@ def test_budgets_skip_memory_when_shapes_are_unknown():
 def test_enforce_budgets_exits_3_on_a_tight_target(run_cli, tmp_path):
     toml = tmp_path / "tiny.toml"
     toml.write_text('extends = "cpu-avx"\nname = "tiny"\n[budgets]\nmax_model_size_mb = 0.01\n', encoding="utf-8")
-    res = run_cli("bench", DIGITS / "digits_cnn.onnx", "--target", toml, "--runs", "2", "--warmup", "0", "--threads", "1",
-                  "--calib", DIGITS / "calib.npz", "--enforce-budgets")
+    res = run_cli(
+        "bench",
+        DIGITS / "digits_cnn.onnx",
+        "--target",
+        toml,
+        "--runs",
+        "2",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--calib",
+        DIGITS / "calib.npz",
+        "--enforce-budgets",
+    )
     assert res.code == 3, res.stderr
     assert "model size" in res.stderr and "budget" in res.stderr
-    ok = run_cli("bench", DIGITS / "digits_cnn.onnx", "--target", "cpu-avx", "--runs", "2", "--warmup", "0", "--threads", "1",
-                 "--calib", DIGITS / "calib.npz", "--enforce-budgets")
+    ok = run_cli(
+        "bench",
+        DIGITS / "digits_cnn.onnx",
+        "--target",
+        "cpu-avx",
+        "--runs",
+        "2",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--calib",
+        DIGITS / "calib.npz",
+        "--enforce-budgets",
+    )
     assert ok.code == 0, ok.stderr

@@ -1,4 +1,5 @@
 """Each target's device file in the bundle, run by that device's runtime: mobile .ort, tpu .tflite, fpga DPU check."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -9,16 +10,37 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 from conftest import DIGITS, OCR_REC, needs_ocr
 
-needs_tflite = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("ai_edge_litert") is None,
-                                  reason="the lepton-cli[tflite] extra (tensorflow-cpu, ai-edge-litert) is not installed")
+needs_tflite = pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("ai_edge_litert") is None,
+    reason="the lepton-cli[tflite] extra (tensorflow-cpu, ai-edge-litert) is not installed",
+)
 
 
-def _compile(run_cli, tmp_path, target, model=DIGITS / "digits_cnn.onnx", calib=DIGITS / "calib.npz", evaluation=DIGITS / "eval.npz",
-             name=None):
-    result = run_cli("compile", model, "--target", target, "--calib", calib, "--eval", evaluation, "-o", tmp_path, "--no-bench", "--quiet")
+def _compile(
+    run_cli,
+    tmp_path,
+    target,
+    model=DIGITS / "digits_cnn.onnx",
+    calib=DIGITS / "calib.npz",
+    evaluation=DIGITS / "eval.npz",
+    name=None,
+):
+    result = run_cli(
+        "compile",
+        model,
+        "--target",
+        target,
+        "--calib",
+        calib,
+        "--eval",
+        evaluation,
+        "-o",
+        tmp_path,
+        "--no-bench",
+        "--quiet",
+    )
     assert result.code == 0, result.stderr
     bundle = tmp_path / f"{model.stem}.{name or target}.lepton"
     return bundle, json.loads((bundle / "report.json").read_text()), result
@@ -29,7 +51,9 @@ def _open(bundle):
     from lepton_cli.keys import dev_keys
 
     keys, _ = dev_keys(create=False)
-    return open_bundle(bundle, key=str(keys.path("encryption", "private")), trust=str(keys.path("signing", "public")), record=False)
+    return open_bundle(
+        bundle, key=str(keys.path("encryption", "private")), trust=str(keys.path("signing", "public")), record=False
+    )
 
 
 def _ort_session(data: bytes) -> ort.InferenceSession:
@@ -54,7 +78,10 @@ def test_mobile_bundle_carries_a_loadable_ort_per_model_and_the_operator_config(
     opened = _open(bundle)
     frames = _nhwc_frames(16)
     for ort_path, entry in listed.items():
-        session, reference = _ort_session(opened.models[ort_path]), ort.InferenceSession(opened.models[entry["from"]], providers=["CPUExecutionProvider"])
+        session, reference = (
+            _ort_session(opened.models[ort_path]),
+            ort.InferenceSession(opened.models[entry["from"]], providers=["CPUExecutionProvider"]),
+        )
         assert session.get_modelmeta().custom_metadata_map["lepton.io_layout.image"] == "NHWC"
         got = np.concatenate([session.run(None, {"image": f[None]})[0] for f in frames])
         want = np.concatenate([reference.run(None, {"image": f[None]})[0] for f in frames])
@@ -70,7 +97,9 @@ def test_mobile_bundle_carries_a_loadable_ort_per_model_and_the_operator_config(
 
 def test_run_format_ort_reports_file_and_runtime_and_scores_like_onnx(run_cli, tmp_path):
     bundle, _, _ = _compile(run_cli, tmp_path, "mobile")
-    result = run_cli("run", bundle, "--inputs", DIGITS / "eval.npz", "--format", "ort", "--json", "-o", tmp_path / "o.npz")
+    result = run_cli(
+        "run", bundle, "--inputs", DIGITS / "eval.npz", "--format", "ort", "--json", "-o", tmp_path / "o.npz"
+    )
     assert result.code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["format"] == "ort" and doc["model"] == "model.ort" and doc["runtime"].startswith("ONNX Runtime")
@@ -107,14 +136,21 @@ def test_manifest_device_artifacts_are_validated_strictly():
     from lepton_cli.bundle.manifest import _validate_device_artifacts
     from lepton_cli.errors import VerificationError
 
-    files = [{"path": "model.onnx.enc", "encrypted": True, "plain_path": "model.onnx"},
-             {"path": "model.ort.enc", "encrypted": True, "plain_path": "model.ort"},
-             {"path": "ops.config", "encrypted": False}]
+    files = [
+        {"path": "model.onnx.enc", "encrypted": True, "plain_path": "model.onnx"},
+        {"path": "model.ort.enc", "encrypted": True, "plain_path": "model.ort"},
+        {"path": "ops.config", "encrypted": False},
+    ]
     good = {"format": "ort", "path": "model.ort", "from": "model.onnx", "runtime": "ORT", "ops_config": "ops.config"}
     _validate_device_artifacts([good], files)
-    for bad in ({**good, "format": "coreml"}, {**good, "path": "model.tflite"}, {**good, "from": "other.onnx"},
-                {**good, "ops_config": "missing.config"}, {**good, "path": "../model.ort"},
-                {**good, "format": "tflite", "io_names": {"inputs": {"x": 1}, "outputs": {}}}):
+    for bad in (
+        {**good, "format": "coreml"},
+        {**good, "path": "model.tflite"},
+        {**good, "from": "other.onnx"},
+        {**good, "ops_config": "missing.config"},
+        {**good, "path": "../model.ort"},
+        {**good, "format": "tflite", "io_names": {"inputs": {"x": 1}, "outputs": {}}},
+    ):
         with pytest.raises(VerificationError):
             _validate_device_artifacts([bad], files)
     with pytest.raises(VerificationError):
@@ -122,6 +158,7 @@ def test_manifest_device_artifacts_are_validated_strictly():
 
 
 # -- fpga: the DPU's limits ----------------------------------------------------------------------------------------
+
 
 def test_fpga_digits_meets_every_dpu_limit_and_the_report_says_so(run_cli, tmp_path):
     _, report, _ = _compile(run_cli, tmp_path, "fpga")
@@ -149,26 +186,53 @@ def test_dpu_geometry_and_shift_rules():
     from lepton_cli.device_artifacts import dpu
 
     def qdq(name, scale, zp=0, dtype=np.int8):
-        return [numpy_helper.from_array(np.array(scale, np.float32), f"{name}.s"), numpy_helper.from_array(np.array(zp, dtype), f"{name}.z")]
+        return [
+            numpy_helper.from_array(np.array(scale, np.float32), f"{name}.s"),
+            numpy_helper.from_array(np.array(zp, dtype), f"{name}.z"),
+        ]
 
     w = numpy_helper.from_array(np.ones((32, 8, 17, 1), np.int8), "w")
-    b = numpy_helper.from_array(np.full(32, 2 ** 30, np.int32), "b")
-    inits = [w, b, *qdq("x", 2.0 ** -4), *qdq("w", 2.0 ** -7), *qdq("y", 2.0 ** -12),
-             numpy_helper.from_array(np.array(2.0 ** -11, np.float32), "b.s"), numpy_helper.from_array(np.array(0, np.int32), "b.z")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "x.s", "x.z"], ["xq"]), helper.make_node("DequantizeLinear", ["xq", "x.s", "x.z"], ["xd"]),
-             helper.make_node("DequantizeLinear", ["w", "w.s", "w.z"], ["wd"]), helper.make_node("DequantizeLinear", ["b", "b.s", "b.z"], ["bd"]),
-             helper.make_node("Conv", ["xd", "wd", "bd"], ["y"], name="tall", strides=[1, 9], pads=[0, 1, 0, 0]),
-             helper.make_node("QuantizeLinear", ["y", "y.s", "y.z"], ["yq"]), helper.make_node("DequantizeLinear", ["yq", "y.s", "y.z"], ["out"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 40, 40])],
-                              [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)], inits)
+    b = numpy_helper.from_array(np.full(32, 2**30, np.int32), "b")
+    inits = [
+        w,
+        b,
+        *qdq("x", 2.0**-4),
+        *qdq("w", 2.0**-7),
+        *qdq("y", 2.0**-12),
+        numpy_helper.from_array(np.array(2.0**-11, np.float32), "b.s"),
+        numpy_helper.from_array(np.array(0, np.int32), "b.z"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x.s", "x.z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "x.s", "x.z"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "w.s", "w.z"], ["wd"]),
+        helper.make_node("DequantizeLinear", ["b", "b.s", "b.z"], ["bd"]),
+        helper.make_node("Conv", ["xd", "wd", "bd"], ["y"], name="tall", strides=[1, 9], pads=[0, 1, 0, 0]),
+        helper.make_node("QuantizeLinear", ["y", "y.s", "y.z"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "y.s", "y.z"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 40, 40])],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)],
+        inits,
+    )
     violations, _ = dpu.check(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), [])
     found = {(v.node, v.rule) for v in violations}
     # kernel 17 > 16; stride 9 > 8; pad_w 1 > kernel_w-1 = 0; shift_cut 4+7-12 = -1 < 0;
     # bias 2^30 * 2^-11 = 2^19 needs fix position <= -13 in 8 bits, the shift limit allows >= 4+7-15 = -4
-    assert {("tall", "kernel"), ("tall", "stride"), ("tall", "pad"), ("tall", "shift_cut"), ("tall", "shift_bias")} <= found
+    assert {
+        ("tall", "kernel"),
+        ("tall", "stride"),
+        ("tall", "pad"),
+        ("tall", "shift_cut"),
+        ("tall", "shift_bias"),
+    } <= found
 
 
 # -- tpu: the .tflite ---------------------------------------------------------------------------------------------
+
 
 def test_tpu_without_the_extra_writes_the_onnx_bundle_and_says_how_to_get_the_tflite(run_cli, tmp_path, monkeypatch):
     from lepton_cli.device_artifacts import tflite_artifact
@@ -210,8 +274,11 @@ def test_tflite_keeps_lepton_ranges_not_recalibrated(run_cli, tmp_path):
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     onnx_scales = {float(inits[n.input[1]]) for n in model.graph.node if n.op_type == "QuantizeLinear"}
     interpreter = Interpreter(model_content=opened.models["model.tflite"])
-    scales = {float(t["quantization_parameters"]["scales"][0]) for t in interpreter.get_tensor_details()
-              if t["dtype"] == np.int8 and len(t["quantization_parameters"]["scales"]) == 1}
+    scales = {
+        float(t["quantization_parameters"]["scales"][0])
+        for t in interpreter.get_tensor_details()
+        if t["dtype"] == np.int8 and len(t["quantization_parameters"]["scales"]) == 1
+    }
     assert scales and all(any(abs(s - o) <= 1e-6 * o for o in onnx_scales) for s in scales)
 
 
@@ -241,6 +308,7 @@ def test_mobile_ppocr_rec_ort_matches_onnx(run_cli, tmp_path):
     nnapi = report["device"]["ort"]["usability"]["eps"]["NNAPI"]
     assert nnapi["nodes"] > 100 and nnapi["cpu_ops"]  # HardSigmoid and LayerNormalization stay on the CPU
 
+
 def _rec_set(tmp_path, width=160):
     sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
     import ocr_textset as textset
@@ -262,8 +330,22 @@ def _rec_set(tmp_path, width=160):
 def test_fpga_ppocr_rec_dpu_check_names_real_nodes(run_cli, tmp_path):
     """The check is on the graph: the budget is opened because power-of-two int8 costs rec most of its accuracy."""
     _, model_path, _ = _rec_set(tmp_path)
-    result = run_cli("compile", model_path, "--target", "fpga", "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz",
-                     "-o", tmp_path, "--no-bench", "--quiet", "--max-accuracy-drop", "100")
+    result = run_cli(
+        "compile",
+        model_path,
+        "--target",
+        "fpga",
+        "--calib",
+        tmp_path / "calib.npz",
+        "--eval",
+        tmp_path / "eval.npz",
+        "-o",
+        tmp_path,
+        "--no-bench",
+        "--quiet",
+        "--max-accuracy-drop",
+        "100",
+    )
     assert result.code == 0, result.stderr
     bundle = tmp_path / "rec160.fpga.lepton"
     dpu = json.loads((bundle / "report.json").read_text())["device"]["dpu"]
@@ -280,8 +362,22 @@ def test_fpga_ppocr_rec_dpu_check_names_real_nodes(run_cli, tmp_path):
 @needs_tflite
 def test_tpu_ppocr_rec_tflite_character_accuracy_matches_the_report(run_cli, tmp_path):
     textset, model_path, texts = _rec_set(tmp_path)
-    result = run_cli("compile", model_path, "--target", "tpu", "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz",
-                     "-o", tmp_path, "--no-bench", "--quiet", "--max-accuracy-drop", "6")
+    result = run_cli(
+        "compile",
+        model_path,
+        "--target",
+        "tpu",
+        "--calib",
+        tmp_path / "calib.npz",
+        "--eval",
+        tmp_path / "eval.npz",
+        "-o",
+        tmp_path,
+        "--no-bench",
+        "--quiet",
+        "--max-accuracy-drop",
+        "6",
+    )
     assert result.code == 0, result.stderr
     bundle = tmp_path / "rec160.tpu.lepton"
     section = json.loads((bundle / "report.json").read_text())["device"]["tflite"]
@@ -299,20 +395,34 @@ def _focus_upsample_graph(resize_attrs: dict, scales: list[float]) -> onnx.Model
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
-             (("zero", [0]), ("one", [1]), ("end", [2**62]), ("two", [2]), ("ax2", [2]), ("ax3", [3]))]
-    inits += [numpy_helper.from_array(rng.normal(size=(8, 12, 1, 1)).astype(np.float32), "w"),
-              numpy_helper.from_array(np.array([], np.float32), "roi"), numpy_helper.from_array(np.array(scales, np.float32), "scales")]
+    inits = [
+        numpy_helper.from_array(np.array(v, np.int64), n)
+        for n, v in (("zero", [0]), ("one", [1]), ("end", [2**62]), ("two", [2]), ("ax2", [2]), ("ax3", [3]))
+    ]
+    inits += [
+        numpy_helper.from_array(rng.normal(size=(8, 12, 1, 1)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([], np.float32), "roi"),
+        numpy_helper.from_array(np.array(scales, np.float32), "scales"),
+    ]
     nodes = []
     for i, (row, col) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
         start_r, start_c = ("zero", "one")[row], ("zero", "one")[col]
-        nodes += [helper.make_node("Slice", ["x", start_r, "end", "ax2", "two"], [f"r{i}"]),
-                  helper.make_node("Slice", [f"r{i}", start_c, "end", "ax3", "two"], [f"s{i}"])]
-    nodes += [helper.make_node("Concat", [f"s{i}" for i in range(4)], ["focus"], axis=1),
-              helper.make_node("Conv", ["focus", "w"], ["c"]),
-              helper.make_node("Resize", ["c", "roi", "scales"], ["y"], **resize_attrs)]
-    graph = helper.make_graph(nodes, "focus", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        nodes += [
+            helper.make_node("Slice", ["x", start_r, "end", "ax2", "two"], [f"r{i}"]),
+            helper.make_node("Slice", [f"r{i}", start_c, "end", "ax3", "two"], [f"s{i}"]),
+        ]
+    nodes += [
+        helper.make_node("Concat", [f"s{i}" for i in range(4)], ["focus"], axis=1),
+        helper.make_node("Conv", ["focus", "w"], ["c"]),
+        helper.make_node("Resize", ["c", "roi", "scales"], ["y"], **resize_attrs),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "focus",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
@@ -323,8 +433,9 @@ def test_tflite_export_maps_strided_slice_and_whole_factor_nearest_resize_exactl
 
     from lepton_cli.device_artifacts.tflite_export import convert
 
-    model = _focus_upsample_graph({"mode": "nearest", "coordinate_transformation_mode": modes[0], "nearest_mode": modes[1]},
-                                  [1.0, 1.0, 2.0, 2.0])
+    model = _focus_upsample_graph(
+        {"mode": "nearest", "coordinate_transformation_mode": modes[0], "nearest_mode": modes[1]}, [1.0, 1.0, 2.0, 2.0]
+    )
     x = np.random.default_rng(1).normal(size=(1, 3, 16, 16)).astype(np.float32)
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     tfl = convert(model, integer_io=False, quantize=False)
@@ -352,11 +463,19 @@ def test_tflite_export_maps_space_to_depth_and_a_channel_gather_exactly():
 
     order = np.array([4, 0, 11, 5, 2, 9, 1, 3], np.int64)
     graph = helper.make_graph(
-        [helper.make_node("SpaceToDepth", ["x"], ["s"], blocksize=2), helper.make_node("Gather", ["s", "order"], ["g"], axis=1),
-         helper.make_node("Conv", ["g", "w"], ["y"])], "s2d",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(order, "order"),
-         numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 8, 1, 1)).astype(np.float32), "w")])
+        [
+            helper.make_node("SpaceToDepth", ["x"], ["s"], blocksize=2),
+            helper.make_node("Gather", ["s", "order"], ["g"], axis=1),
+            helper.make_node("Conv", ["g", "w"], ["y"]),
+        ],
+        "s2d",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(order, "order"),
+            numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 8, 1, 1)).astype(np.float32), "w"),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     x = np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
@@ -373,26 +492,46 @@ def _qdq_concat_graph() -> onnx.ModelProto:
     inits, nodes = [], []
 
     def qdq(x: str, scale: float, zero: int, out: str) -> str:
-        inits.extend([numpy_helper.from_array(np.float32(scale), f"{out}_s"), numpy_helper.from_array(np.int8(zero), f"{out}_z")])
-        nodes.extend([helper.make_node("QuantizeLinear", [x, f"{out}_s", f"{out}_z"], [f"{out}_q"]),
-                      helper.make_node("DequantizeLinear", [f"{out}_q", f"{out}_s", f"{out}_z"], [out])])
+        inits.extend(
+            [numpy_helper.from_array(np.float32(scale), f"{out}_s"), numpy_helper.from_array(np.int8(zero), f"{out}_z")]
+        )
+        nodes.extend(
+            [
+                helper.make_node("QuantizeLinear", [x, f"{out}_s", f"{out}_z"], [f"{out}_q"]),
+                helper.make_node("DequantizeLinear", [f"{out}_q", f"{out}_s", f"{out}_z"], [out]),
+            ]
+        )
         return out
 
     def conv(x: str, cin: int, cout: int, out: str) -> str:
         w = rng.normal(size=(cout, cin, 1, 1)).astype(np.float32)
         s = (np.abs(w).reshape(cout, -1).max(1) / 127).astype(np.float32)
-        inits.extend([numpy_helper.from_array(np.round(w / s[:, None, None, None]).astype(np.int8), f"{out}_wq"),
-                      numpy_helper.from_array(s, f"{out}_ws"), numpy_helper.from_array(np.zeros(cout, np.int8), f"{out}_wz")])
-        nodes.extend([helper.make_node("DequantizeLinear", [f"{out}_wq", f"{out}_ws", f"{out}_wz"], [f"{out}_w"], axis=0),
-                      helper.make_node("Conv", [x, f"{out}_w"], [out])])
+        inits.extend(
+            [
+                numpy_helper.from_array(np.round(w / s[:, None, None, None]).astype(np.int8), f"{out}_wq"),
+                numpy_helper.from_array(s, f"{out}_ws"),
+                numpy_helper.from_array(np.zeros(cout, np.int8), f"{out}_wz"),
+            ]
+        )
+        nodes.extend(
+            [
+                helper.make_node("DequantizeLinear", [f"{out}_wq", f"{out}_ws", f"{out}_wz"], [f"{out}_w"], axis=0),
+                helper.make_node("Conv", [x, f"{out}_w"], [out]),
+            ]
+        )
         return out
 
     x = qdq("x", 0.02, 0, "xq")
     a, b = qdq(conv(x, 3, 4, "a"), 0.0688, -120, "aq"), qdq(conv(x, 3, 4, "b"), 0.1309, -126, "bq")
     nodes.append(helper.make_node("Concat", [a, b], ["cat"], axis=1))
     y = qdq(conv(qdq("cat", 0.1, -100, "catq"), 8, 2, "y"), 0.05, 0, "out")
-    graph = helper.make_graph(nodes, "qcat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], inits)
+    graph = helper.make_graph(
+        nodes,
+        "qcat",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
@@ -408,4 +547,6 @@ def test_tflite_export_requantizes_a_concat_of_differently_scaled_inputs():
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     tfl = convert(model, integer_io=False)
     got = Interpreter(model_content=tfl.data).get_signature_runner()(**{tfl.inputs["x"]: x})[tfl.outputs["out"]]
-    assert np.max(np.abs(got - want)) <= 2 * 0.05  # fixed-point requantization: at most a step or two of the output scale
+    assert (
+        np.max(np.abs(got - want)) <= 2 * 0.05
+    )  # fixed-point requantization: at most a step or two of the output scale

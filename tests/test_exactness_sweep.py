@@ -10,6 +10,7 @@ channels changes the GEMM's K and so ORT's summation order, within its declared 
 Each test prints how many cases ran, passed (and how many bit-exact) and were skipped, with each
 skip's reason. The full sweep is ``slow``; a sampled subset runs by default.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import DIGITS, LIGHT_DIR, LIGHT_MODELS, OCR_DET, OCR_REC, ONNX_DATA, needs_ocr
 from onnx import numpy_helper
 
-from conftest import DIGITS, LIGHT_DIR, LIGHT_MODELS, OCR_DET, OCR_REC, ONNX_DATA, needs_ocr
 from lepton_cli.ort import make_session, random_feed
 from lepton_cli.pass_registry import get_pass
 from lepton_cli.pipeline import PassContext, adapt_feed, restore_output
@@ -35,11 +36,49 @@ HALF_TYPES = (np.dtype(np.float16),)
 HALF_RTOL = float(np.finfo(np.float16).eps)  # one ulp of fp16 at [1, 2)
 # Cheap onnx node-test modules (each generates its cases in < 0.1 s) for the default subset.
 FAST_NODE_MODULES = (
-    "abs", "add", "clip", "concat", "conv", "convtranspose", "depthtospace", "div", "dropout", "einsum", "erf",
-    "flatten", "gather", "gelu", "gemm", "globalaveragepool", "globalmaxpool", "hardsigmoid", "hardswish",
-    "identity", "layernormalization", "leakyrelu", "matmul", "mul", "neg", "pad", "pow", "prelu", "reducemean",
-    "relu", "reshape", "sigmoid", "slice", "softmax", "spacetodepth", "sqrt", "sub", "tanh", "transpose",
-    "unsqueeze", "where", "batch_normalization", "instance_normalization",
+    "abs",
+    "add",
+    "clip",
+    "concat",
+    "conv",
+    "convtranspose",
+    "depthtospace",
+    "div",
+    "dropout",
+    "einsum",
+    "erf",
+    "flatten",
+    "gather",
+    "gelu",
+    "gemm",
+    "globalaveragepool",
+    "globalmaxpool",
+    "hardsigmoid",
+    "hardswish",
+    "identity",
+    "layernormalization",
+    "leakyrelu",
+    "matmul",
+    "mul",
+    "neg",
+    "pad",
+    "pow",
+    "prelu",
+    "reducemean",
+    "relu",
+    "reshape",
+    "sigmoid",
+    "slice",
+    "softmax",
+    "spacetodepth",
+    "sqrt",
+    "sub",
+    "tanh",
+    "transpose",
+    "unsqueeze",
+    "where",
+    "batch_normalization",
+    "instance_normalization",
 )
 FAST_NODE_CASES = 150
 
@@ -59,11 +98,15 @@ class Tally:
         self.skipped[reason] += 1
 
     def report(self) -> str:
-        lines = [f"{self.title}: ran {self.run}, passed {self.passed} ({self.bit_exact} bit-exact), "
-                 f"failed {len(self.failed)}, skipped {sum(self.skipped.values())}"]
+        lines = [
+            f"{self.title}: ran {self.run}, passed {self.passed} ({self.bit_exact} bit-exact), "
+            f"failed {len(self.failed)}, skipped {sum(self.skipped.values())}"
+        ]
         lines += [f"  skipped {n:4d}: {reason}" for reason, n in self.skipped.most_common()]
         if self.half_ulp:
-            lines.append(f"  fp16 outputs beyond rtol {FUSE_TOL['rtol']} but within one fp16 ulp: {', '.join(self.half_ulp)}")
+            lines.append(
+                f"  fp16 outputs beyond rtol {FUSE_TOL['rtol']} but within one fp16 ulp: {', '.join(self.half_ulp)}"
+            )
         if self.not_bit_exact:
             lines.append(f"  within tolerance, not bit-exact: {', '.join(self.not_bit_exact[:20])}")
         lines += [f"  FAILED {name}" for name in self.failed[:30]]
@@ -91,6 +134,7 @@ def _reason(exc: BaseException) -> str:
 
 
 # ---- case sources ------------------------------------------------------------------------------
+
 
 def _feeds_from_arrays(model: onnx.ModelProto, data_sets) -> tuple[list[dict[str, np.ndarray]], str]:
     names = [sig.name for sig in graph_inputs(model)]
@@ -164,6 +208,7 @@ def model_case(path: Path, shapes: dict[str, list[int]] | None = None, target: s
 
 # ---- the check ---------------------------------------------------------------------------------
 
+
 def _run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
     session = make_session(model)
     return [session.run(None, feed) for feed in feeds]
@@ -187,11 +232,21 @@ def _compare(ref: onnx.ModelProto, new: onnx.ModelProto, expected, feeds, tol: d
                 ok = np.issubdtype(want.dtype, np.floating) and np.allclose(have, want, equal_nan=True, **tol)
                 if not ok and want.dtype in HALF_TYPES:
                     # rtol 1e-4 is below fp16's resolution (eps 9.8e-4): allow one fp16 ulp, reported apart
-                    ok = np.allclose(have.astype(np.float32), want.astype(np.float32), rtol=HALF_RTOL, atol=tol["atol"], equal_nan=True)
+                    ok = np.allclose(
+                        have.astype(np.float32),
+                        want.astype(np.float32),
+                        rtol=HALF_RTOL,
+                        atol=tol["atol"],
+                        equal_nan=True,
+                    )
                     if ok:
                         half_ulp.append(name)
                 if not ok:
-                    err = float(np.nanmax(np.abs(have.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
+                    err = (
+                        float(np.nanmax(np.abs(have.astype(np.float64) - want.astype(np.float64))))
+                        if want.size
+                        else 0.0
+                    )
                     return False, False, f"{name}: max abs error {err:.3g}"
                 close &= ok
     return close, exact, "fp16 ulp" if half_ulp else ""
@@ -216,7 +271,9 @@ def sweep(cases: list[Case], title: str, layout_target: str = "tpu", tmp: Path |
     from lepton_cli.passes.layout_transform import LayoutParams
 
     layout_params = LayoutParams(io_layout="NHWC", pad_channels=True, alignment=layout_t.hardware.channel_alignment)
-    result = Sweep(Tally(f"fuse on {title}"), Tally(f"layout_transform ({layout_target}: NHWC I/O + channel padding) on {title}"))
+    result = Sweep(
+        Tally(f"fuse on {title}"), Tally(f"layout_transform ({layout_target}: NHWC I/O + channel padding) on {title}")
+    )
     for case in cases:
         if not case.feeds:
             result.fuse.skip(case.why_no_feeds)
@@ -233,8 +290,10 @@ def sweep(cases: list[Case], title: str, layout_target: str = "tpu", tmp: Path |
             result.fuse.skip("outputs are sequences/optionals, not tensors")
             result.layout.skip("outputs are sequences/optionals, not tensors")
             continue
-        if any(not np.array_equal(a, b, equal_nan=np.asarray(a).dtype.kind in "fc")
-               for a, b in zip(expected[0], _run(case.model, case.feeds[:1])[0])):
+        if any(
+            not np.array_equal(a, b, equal_nan=np.asarray(a).dtype.kind in "fc")
+            for a, b in zip(expected[0], _run(case.model, case.feeds[:1])[0])
+        ):
             result.fuse.skip("nondeterministic outputs (random op)")
             result.layout.skip("nondeterministic outputs (random op)")
             continue
@@ -256,7 +315,9 @@ def _apply(spec, case: Case, model, ctx, params, expected, tol, tally: Tally) ->
         onnx.checker.check_model(new)
         ok, exact, detail = _compare(model, new, expected, case.feeds, tol)
     except Exception as exc:
-        tally.failed.append(f"{case.name}: {exc.__class__.__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+        tally.failed.append(
+            f"{case.name}: {exc.__class__.__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        )
         return None
     if not ok:
         tally.failed.append(f"{case.name}: {detail}")
@@ -283,6 +344,7 @@ def _assert_clean(result: Sweep, min_run: int) -> None:
 
 # ---- default (fast) subset -------------------------------------------------------------------------
 
+
 def test_sampled_node_cases_and_two_models(capsys, tmp_path):
     cases = node_cases(FAST_NODE_MODULES)
     step = max(1, len(cases) // FAST_NODE_CASES)
@@ -296,6 +358,7 @@ def test_sampled_node_cases_and_two_models(capsys, tmp_path):
 
 
 # ---- the full sweep ----------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_every_node_case(capsys, tmp_path):

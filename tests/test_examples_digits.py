@@ -61,17 +61,28 @@ def test_train_regenerates_committed_files(tmp_path):
     # anywhere; the weights only on the same BLAS kernels: on an AVX-512 host (the committed copy was
     # trained on AVX2) the summation order differs and training amplifies it (bn1_bias off by up to 3 %).
     # So: same data, same graph, and a retrained model as good as the committed one on the eval set.
-    subprocess.run([sys.executable, str(DIGITS / "train.py"), "--out", str(tmp_path)],
-                   check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [sys.executable, str(DIGITS / "train.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     for name in ("calib.npz", "eval.npz"):
         assert (tmp_path / name).read_bytes() == (DIGITS / name).read_bytes(), (
-            f"{name} differs from the committed copy; rerun examples/digits/train.py and commit")
+            f"{name} differs from the committed copy; rerun examples/digits/train.py and commit"
+        )
     data = np.load(EVAL)
 
     def top1(path: Path) -> float:
-        logits = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"image": data["image"]})[0]
+        logits = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            ["logits"], {"image": data["image"]}
+        )[0]
         return 100.0 * float((logits.argmax(1) == data["labels"]).mean())
-    assert abs(top1(tmp_path / "digits_cnn.onnx") - top1(MODEL)) <= 1.0, "retrained accuracy moved: rerun train.py and commit"
+
+    assert abs(top1(tmp_path / "digits_cnn.onnx") - top1(MODEL)) <= 1.0, (
+        "retrained accuracy moved: rerun train.py and commit"
+    )
     fresh, committed = onnx.load(tmp_path / "digits_cnn.onnx"), onnx.load(DIGITS / "digits_cnn.onnx")
     assert [t.name for t in fresh.graph.initializer] == [t.name for t in committed.graph.initializer]
     assert [list(t.dims) for t in fresh.graph.initializer] == [list(t.dims) for t in committed.graph.initializer]

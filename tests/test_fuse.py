@@ -1,6 +1,7 @@
 """fuse: the graph changes the way the targets need (BN gone, weights folded, LayerNorm/Gelu fused,
 bias Adds folded), outputs stay within the declared tolerance, and the ORT-offline option is
 refused on portable targets."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -8,9 +9,10 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
+from conftest import DIGITS, LIGHT_DIR, OCR_REC, needs_ocr
+from lepton_cli.passes.fuse import FuseParams  # noqa: E402  (installed from passes/)
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import DIGITS, LIGHT_DIR, OCR_REC, needs_ocr
 from lepton_cli.errors import BadInputError
 from lepton_cli.model_io import load_model, upgrade_opset
 from lepton_cli.ort import make_session, random_feed
@@ -18,8 +20,6 @@ from lepton_cli.pass_registry import get_pass
 from lepton_cli.pipeline import PassContext
 from lepton_cli.shapes import bind_input_shapes, graph_inputs
 from lepton_cli.targets import load_target
-
-from lepton_cli.passes.fuse import FuseParams  # noqa: E402  (installed from passes/)
 
 
 def _fuse(model: onnx.ModelProto, target: str = "cpu-avx", tmp_path=None, **params) -> tuple[onnx.ModelProto, dict]:
@@ -76,7 +76,9 @@ def test_densenet_bn_as_mul_add_folds_into_conv_bias():
     conv_outputs = {n.output[0] for n in fused.graph.node if n.op_type == "Conv"}
     inits = {t.name for t in fused.graph.initializer}
     # no Add of a constant directly after a Conv is left
-    assert not [n for n in fused.graph.node if n.op_type == "Add" and n.input[0] in conv_outputs and n.input[1] in inits]
+    assert not [
+        n for n in fused.graph.node if n.op_type == "Add" and n.input[0] in conv_outputs and n.input[1] in inits
+    ]
     _assert_same(model, fused)
 
 
@@ -88,22 +90,32 @@ def test_fold_limit_keeps_huge_constants_unfolded():
 
 
 def _graph(nodes, inits, opset, inputs, out_rank):
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [f"d{i}" for i in range(out_rank)])],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [f"d{i}" for i in range(out_rank)])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def test_conv_with_bias_then_add_and_gemm_then_add_fold():
     rng = np.random.default_rng(1)
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Add", ["c", "cb"], ["r"]),
-             helper.make_node("Flatten", ["r"], ["f"]),
-             helper.make_node("Gemm", ["f", "gw"], ["g"], transB=1),
-             helper.make_node("Add", ["gb", "g"], ["y"])]
-    inits = {"w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32),
-             "cb": rng.normal(size=(1, 4, 1, 1)).astype(np.float32), "gw": rng.normal(size=(5, 4 * 8 * 8)).astype(np.float32),
-             "gb": rng.normal(size=(5,)).astype(np.float32)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c", "cb"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"]),
+        helper.make_node("Gemm", ["f", "gw"], ["g"], transB=1),
+        helper.make_node("Add", ["gb", "g"], ["y"]),
+    ]
+    inits = {
+        "w": rng.normal(size=(4, 3, 3, 3)).astype(np.float32),
+        "b": rng.normal(size=4).astype(np.float32),
+        "cb": rng.normal(size=(1, 4, 1, 1)).astype(np.float32),
+        "gw": rng.normal(size=(5, 4 * 8 * 8)).astype(np.float32),
+        "gb": rng.normal(size=(5,)).astype(np.float32),
+    }
     model = _graph(nodes, inits, 13, [("x", [2, 3, 8, 8])], 2)
     fused, summary = _fuse(model)
     assert _ops(fused)["Add"] == 0 and summary["bias_adds_folded"] == 2
@@ -115,16 +127,28 @@ def _layer_norm_nodes(axes_as_input: bool):
         if axes_as_input:
             return helper.make_node("ReduceMean", [src, "axes"], [dst])
         return helper.make_node("ReduceMean", [src], [dst], axes=[-1])
-    return [mean("x", "m"), helper.make_node("Sub", ["x", "m"], ["d"]), helper.make_node("Pow", ["d", "two"], ["d2"]),
-            mean("d2", "v"), helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["s"]),
-            helper.make_node("Div", ["d", "s"], ["n"]), helper.make_node("Mul", ["n", "g"], ["ng"]),
-            helper.make_node("Add", ["ng", "b"], ["y"])]
+
+    return [
+        mean("x", "m"),
+        helper.make_node("Sub", ["x", "m"], ["d"]),
+        helper.make_node("Pow", ["d", "two"], ["d2"]),
+        mean("d2", "v"),
+        helper.make_node("Add", ["v", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["s"]),
+        helper.make_node("Div", ["d", "s"], ["n"]),
+        helper.make_node("Mul", ["n", "g"], ["ng"]),
+        helper.make_node("Add", ["ng", "b"], ["y"]),
+    ]
 
 
 def test_layer_norm_fused_by_raising_opset_within_the_target():
     rng = np.random.default_rng(2)
-    inits = {"two": np.array(2, np.float32), "eps": np.array(1e-5, np.float32),
-             "g": rng.normal(size=16).astype(np.float32), "b": rng.normal(size=16).astype(np.float32)}
+    inits = {
+        "two": np.array(2, np.float32),
+        "eps": np.array(1e-5, np.float32),
+        "g": rng.normal(size=16).astype(np.float32),
+        "b": rng.normal(size=16).astype(np.float32),
+    }
     model = _graph(_layer_norm_nodes(False), inits, 13, [("x", [2, 7, 16])], 3)
     fused, summary = _fuse(model, "edge-arm")  # opset_max 19 allows LayerNormalization (17)
     assert _ops(fused)["LayerNormalization"] == 1 and summary["opset"] == 17
@@ -135,9 +159,13 @@ def test_layer_norm_fused_by_raising_opset_within_the_target():
 
 def test_gelu_fused_only_where_the_target_has_opset_20():
     half = {"sq2": np.array(np.sqrt(2), np.float32), "one": np.array(1, np.float32), "half": np.array(0.5, np.float32)}
-    nodes = [helper.make_node("Div", ["x", "sq2"], ["a"]), helper.make_node("Erf", ["a"], ["e"]),
-             helper.make_node("Add", ["e", "one"], ["f"]), helper.make_node("Mul", ["x", "f"], ["p"]),
-             helper.make_node("Mul", ["p", "half"], ["y"])]
+    nodes = [
+        helper.make_node("Div", ["x", "sq2"], ["a"]),
+        helper.make_node("Erf", ["a"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["f"]),
+        helper.make_node("Mul", ["x", "f"], ["p"]),
+        helper.make_node("Mul", ["p", "half"], ["y"]),
+    ]
     model = _graph(nodes, half, 13, [("x", [2, 7, 16])], 3)
     on_cpu, summary = _fuse(model, "cpu-avx")  # opset_max 21
     assert _ops(on_cpu)["Gelu"] == 1 and summary["opset"] == 20
@@ -191,9 +219,17 @@ def _hard_swish_block(pad: int) -> onnx.ModelProto:
     """Conv -> x*Clip(x+3,0,6)/6 -> *s + b (PP-LCNetV3's learnable affine) -> Conv(pad), as Paddle exports it."""
     rng = np.random.default_rng(1)
     c = lambda name, value: numpy_helper.from_array(np.asarray(value, np.float32), name)  # noqa: E731
-    inits = [c("w1", rng.standard_normal((8, 3, 3, 3)) * 0.5), c("b1", rng.standard_normal(8)),
-             c("three", 3.0), c("zero", 0.0), c("six", 6.0), c("s", 0.63), c("b", -0.55),
-             c("w2", rng.standard_normal((4, 8, 3 if pad else 1, 3 if pad else 1)) * 0.3), c("b2", rng.standard_normal(4))]
+    inits = [
+        c("w1", rng.standard_normal((8, 3, 3, 3)) * 0.5),
+        c("b1", rng.standard_normal(8)),
+        c("three", 3.0),
+        c("zero", 0.0),
+        c("six", 6.0),
+        c("s", 0.63),
+        c("b", -0.55),
+        c("w2", rng.standard_normal((4, 8, 3 if pad else 1, 3 if pad else 1)) * 0.3),
+        c("b2", rng.standard_normal(4)),
+    ]
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
         helper.make_node("Add", ["c", "three"], ["a"]),
@@ -204,8 +240,13 @@ def _hard_swish_block(pad: int) -> onnx.ModelProto:
         helper.make_node("Add", ["hs", "b"], ["hb"]),
         helper.make_node("Conv", ["hb", "w2", "b2"], ["y"], pads=[pad] * 4),
     ]
-    graph = helper.make_graph(nodes, "hswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16 if pad else 14, 16 if pad else 14])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "hswish",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16 if pad else 14, 16 if pad else 14])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
@@ -245,6 +286,7 @@ def test_scale_before_a_non_conv_goes_into_the_hard_swish_input_conv(conv_output
 @pytest.mark.parametrize("which", ["det", "rec"])
 def test_ppocr_hard_swish_and_affine_blocks_fold(which):
     from conftest import OCR_DET
+
     from lepton_cli.pass_registry import tolerance
     from lepton_cli.pipeline import compare_outputs
 

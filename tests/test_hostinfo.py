@@ -1,4 +1,5 @@
 """Host detection: /proc/cpuinfo in x86 and aarch64 forms, meminfo, cgroup v1/v2 limits, nvidia-smi, and this host."""
+
 from __future__ import annotations
 
 import os
@@ -7,33 +8,55 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from lepton_cli.hostinfo import (HostSources, detect_host, normalise_arch, parse_cgroup_cpu, parse_cgroup_memory,
-                                 parse_cpuinfo, parse_meminfo, parse_nvidia_smi)
+from lepton_cli.hostinfo import (
+    HostSources,
+    detect_host,
+    normalise_arch,
+    parse_cgroup_cpu,
+    parse_cgroup_memory,
+    parse_cpuinfo,
+    parse_meminfo,
+    parse_nvidia_smi,
+)
 
 
 def _x86_block(n: int, core: int, flags: str, model: str, socket: int = 0) -> str:
-    return (f"processor\t: {n}\nvendor_id\t: GenuineIntel\nmodel name\t: {model}\nphysical id\t: {socket}\n"
-            f"siblings\t: 4\ncore id\t\t: {core}\ncpu cores\t: 2\nflags\t\t: {flags}\n\n")
+    return (
+        f"processor\t: {n}\nvendor_id\t: GenuineIntel\nmodel name\t: {model}\nphysical id\t: {socket}\n"
+        f"siblings\t: 4\ncore id\t\t: {core}\ncpu cores\t: 2\nflags\t\t: {flags}\n\n"
+    )
 
 
-SPR_FLAGS = ("fpu sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 avx512f avx512dq avx512bw avx512vl avx_vnni "
-             "avx512_bf16 avx512_vnni avx512_fp16 amx_bf16 amx_tile amx_int8")
+SPR_FLAGS = (
+    "fpu sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 avx512f avx512dq avx512bw avx512vl avx_vnni "
+    "avx512_bf16 avx512_vnni avx512_fp16 amx_bf16 amx_tile amx_int8"
+)
 # Sapphire Rapids with hyper-threading: 4 logical CPUs on 2 cores.
 SPR = "".join(_x86_block(n, n // 2, SPR_FLAGS, "Intel(R) Xeon(R) Platinum 8480+") for n in range(4))
 # An old Westmere-class VM: no AVX at all.
 OLD_X86 = _x86_block(0, 0, "fpu sse sse2 ssse3 sse4_1 sse4_2 popcnt", "Intel Xeon E5620")
 # Raspberry Pi 5 (4x Cortex-A76): dotprod, no i8mm; the board model sits in a trailing block.
-PI5 = "".join(f"processor\t: {n}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics "
-              f"fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
-              f"CPU variant\t: 0x4\nCPU part\t: 0xd0b\nCPU revision\t: 1\n\n" for n in range(4)) + \
-    "Revision\t: d04170\nSerial\t\t: 1234\nModel\t\t: Raspberry Pi 5 Model B Rev 1.0\n"
+PI5 = (
+    "".join(
+        f"processor\t: {n}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics "
+        f"fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
+        f"CPU variant\t: 0x4\nCPU part\t: 0xd0b\nCPU revision\t: 1\n\n"
+        for n in range(4)
+    )
+    + "Revision\t: d04170\nSerial\t\t: 1234\nModel\t\t: Raspberry Pi 5 Model B Rev 1.0\n"
+)
 # AWS Graviton3 (Neoverse-V1): SVE, i8mm, bf16.
-GRAVITON3 = "".join(f"processor\t: {n}\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp "
-                    f"cpuid asimdrdm jscvt fcma lrcpc dcpop sha3 asimddp sha512 sve asimdfhm svei8mm svebf16 i8mm bf16 "
-                    f"dgh rng\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU part\t: 0xd40\n\n" for n in range(8))
+GRAVITON3 = "".join(
+    f"processor\t: {n}\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp "
+    f"cpuid asimdrdm jscvt fcma lrcpc dcpop sha3 asimddp sha512 sve asimdfhm svei8mm svebf16 i8mm bf16 "
+    f"dgh rng\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU part\t: 0xd40\n\n"
+    for n in range(8)
+)
 # Raspberry Pi 4 (Cortex-A72): NEON only.
-PI4 = "".join(f"processor\t: {n}\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\n"
-              f"CPU part\t: 0xd08\n\n" for n in range(4))
+PI4 = "".join(
+    f"processor\t: {n}\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\nCPU part\t: 0xd08\n\n"
+    for n in range(4)
+)
 
 
 def test_x86_flags_cores_and_model():
@@ -52,11 +75,14 @@ def test_two_sockets_count_distinct_cores():
     assert parse_cpuinfo(text, "x86_64").physical == 4
 
 
-@pytest.mark.parametrize("text, model_part, has, lacks", [
-    (PI5, "Raspberry Pi 5 Model B Rev 1.0 (Cortex-A76)", ["neon", "dotprod", "fp16"], ["i8mm", "sve"]),
-    (GRAVITON3, "Neoverse-V1", ["neon", "dotprod", "i8mm", "bf16", "sve"], ["sve2"]),
-    (PI4, "Cortex-A72", ["neon"], ["dotprod", "i8mm", "fp16"]),
-])
+@pytest.mark.parametrize(
+    "text, model_part, has, lacks",
+    [
+        (PI5, "Raspberry Pi 5 Model B Rev 1.0 (Cortex-A76)", ["neon", "dotprod", "fp16"], ["i8mm", "sve"]),
+        (GRAVITON3, "Neoverse-V1", ["neon", "dotprod", "i8mm", "bf16", "sve"], ["sve2"]),
+        (PI4, "Cortex-A72", ["neon"], ["dotprod", "i8mm", "fp16"]),
+    ],
+)
 def test_aarch64_features(text, model_part, has, lacks):
     facts = parse_cpuinfo(text, "aarch64")
     assert model_part in facts.model
@@ -71,7 +97,10 @@ def test_arch_names():
 
 
 def test_meminfo_and_old_kernel_fallback():
-    assert parse_meminfo("MemTotal:  8000000 kB\nMemFree: 1000 kB\nMemAvailable:  4096000 kB\n") == (8000000 / 1024, 4000.0)
+    assert parse_meminfo("MemTotal:  8000000 kB\nMemFree: 1000 kB\nMemAvailable:  4096000 kB\n") == (
+        8000000 / 1024,
+        4000.0,
+    )
     assert parse_meminfo("MemTotal:  2048 kB\nMemFree:  1024 kB\n") == (2.0, 1.0)
 
 
@@ -114,21 +143,40 @@ def test_nvidia_smi_rows():
     assert gpus[1].memory_total_mb is None
 
 
-def simulated(tmp_path: Path, *, machine="x86_64", cpuinfo=SPR, mem_kb=(16 * 2**20, 8 * 2**20), cgroup=None,
-              providers=("CPUExecutionProvider",), smi=None, system="Linux") -> HostSources:
+def simulated(
+    tmp_path: Path,
+    *,
+    machine="x86_64",
+    cpuinfo=SPR,
+    mem_kb=(16 * 2**20, 8 * 2**20),
+    cgroup=None,
+    providers=("CPUExecutionProvider",),
+    smi=None,
+    system="Linux",
+) -> HostSources:
     (tmp_path / "cg").mkdir(exist_ok=True)
     for name, text in (cgroup or {}).items():
         (tmp_path / "cg" / name).write_text(text)
     return HostSources(
-        machine=machine, system=system, cpuinfo=lambda: cpuinfo,
+        machine=machine,
+        system=system,
+        cpuinfo=lambda: cpuinfo,
         meminfo=lambda: None if mem_kb is None else f"MemTotal: {mem_kb[0]} kB\nMemAvailable: {mem_kb[1]} kB\n",
-        logical_cpus=lambda: 3, cgroup_root=tmp_path / "cg", proc_self_cgroup=lambda: "0::/\n",
-        nvidia_smi=lambda: smi, ort=lambda: (list(providers), [], "9.9"))
+        logical_cpus=lambda: 3,
+        cgroup_root=tmp_path / "cg",
+        proc_self_cgroup=lambda: "0::/\n",
+        nvidia_smi=lambda: smi,
+        ort=lambda: (list(providers), [], "9.9"),
+    )
 
 
 def test_detect_simulated_container(tmp_path):
-    host = detect_host(simulated(tmp_path, cgroup={"memory.max": str(1024 * 2**20), "memory.current": str(300 * 2**20),
-                                                   "cpu.max": "100000 100000"}))
+    host = detect_host(
+        simulated(
+            tmp_path,
+            cgroup={"memory.max": str(1024 * 2**20), "memory.current": str(300 * 2**20), "cpu.max": "100000 100000"},
+        )
+    )
     assert host.arch == "x86_64" and host.system == "linux" and host.has_isa("avx512_vnni|avx_vnni")
     assert host.memory_total_mb == 16384 and host.memory_available_mb == 8192
     assert host.usable_memory_mb == 724  # the cgroup leaves less than free RAM
@@ -139,6 +187,7 @@ def test_detect_simulated_container(tmp_path):
 def test_detect_missing_sources_are_notes_not_errors(tmp_path):
     def broken():
         raise ImportError("no onnxruntime")
+
     sources = simulated(tmp_path, cpuinfo=None, mem_kb=None)
     sources.ort = broken
     host = detect_host(sources)
@@ -147,8 +196,13 @@ def test_detect_missing_sources_are_notes_not_errors(tmp_path):
 
 
 def test_detect_gpu_from_nvidia_smi(tmp_path):
-    host = detect_host(simulated(tmp_path, providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
-                                 smi="NVIDIA H100 80GB HBM3, 81559, 80000, 550.54.15\n"))
+    host = detect_host(
+        simulated(
+            tmp_path,
+            providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
+            smi="NVIDIA H100 80GB HBM3, 81559, 80000, 550.54.15\n",
+        )
+    )
     assert host.gpus[0].name == "NVIDIA H100 80GB HBM3" and host.gpu_providers == ("CUDAExecutionProvider",)
 
 
@@ -161,7 +215,9 @@ def test_this_host_matches_independent_sources():
     if Path("/proc/meminfo").exists():
         assert host.memory_total_mb and 0 < host.memory_available_mb <= host.memory_total_mb
     if host.arch == "x86_64" and Path("/proc/cpuinfo").exists():
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        ).split()
         assert ("avx2" in host.isa) == ("avx2" in flags)
         assert ("avx512_vnni" in host.isa) == ("avx512_vnni" in flags)
 
@@ -179,11 +235,25 @@ def test_detect_command_json(run_cli):
 
 
 def test_macos_apple_silicon_from_sysctl(tmp_path):
-    values = {"machdep.cpu.brand_string": "Apple M2 Pro", "hw.physicalcpu": "10", "hw.logicalcpu": "10",
-              "hw.memsize": str(16 * 2**30), "hw.optional.neon": "1", "hw.optional.arm.FEAT_DotProd": "1",
-              "hw.optional.arm.FEAT_I8MM": "0", "hw.optional.arm.FEAT_FP16": "1", "hw.optional.arm.FEAT_BF16": "1"}
-    sources = simulated(tmp_path, machine="arm64", system="Darwin", cpuinfo=None, mem_kb=None,
-                        providers=("CoreMLExecutionProvider", "CPUExecutionProvider"))
+    values = {
+        "machdep.cpu.brand_string": "Apple M2 Pro",
+        "hw.physicalcpu": "10",
+        "hw.logicalcpu": "10",
+        "hw.memsize": str(16 * 2**30),
+        "hw.optional.neon": "1",
+        "hw.optional.arm.FEAT_DotProd": "1",
+        "hw.optional.arm.FEAT_I8MM": "0",
+        "hw.optional.arm.FEAT_FP16": "1",
+        "hw.optional.arm.FEAT_BF16": "1",
+    }
+    sources = simulated(
+        tmp_path,
+        machine="arm64",
+        system="Darwin",
+        cpuinfo=None,
+        mem_kb=None,
+        providers=("CoreMLExecutionProvider", "CPUExecutionProvider"),
+    )
     sources.sysctl = values.get
     host = detect_host(sources)
     assert (host.arch, host.system, host.cpu_model) == ("aarch64", "darwin", "Apple M2 Pro")

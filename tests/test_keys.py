@@ -1,4 +1,5 @@
 """`lepton keys generate` and key loading: purposes, permissions, ids, environment variables."""
+
 from __future__ import annotations
 
 import os
@@ -34,12 +35,15 @@ def test_two_generations_differ_and_existing_keys_are_not_overwritten(tmp_path):
         generate_keys(tmp_path / "a")
 
 
-@pytest.mark.parametrize("purpose,kind,wrong_file", [
-    ("signing", "public", "encryption-public.pem"),
-    ("encryption", "public", "signing-public.pem"),
-    ("encryption", "private", "signing-private.pem"),
-    ("signing", "private", "encryption-private.pem"),
-])
+@pytest.mark.parametrize(
+    "purpose,kind,wrong_file",
+    [
+        ("signing", "public", "encryption-public.pem"),
+        ("encryption", "public", "signing-public.pem"),
+        ("encryption", "private", "signing-private.pem"),
+        ("signing", "private", "encryption-private.pem"),
+    ],
+)
 def test_wrong_purpose_is_a_usage_error_naming_both_purposes(tmp_path, purpose, kind, wrong_file):
     generate_keys(tmp_path)
     with pytest.raises(BadInputError) as info:

@@ -4,6 +4,7 @@ a model plus its encrypted data file when too large for one protobuf, verified a
 The fast cases use a few-MB MatMul stack saved as external data; the slow one compiles the 2.5 GiB
 stack of ``benchmarks/large_model.py`` and measures the compile's peak RSS in a child process.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -102,7 +103,9 @@ def test_static_int8_reads_small_external_data_in(run_cli, stack, tmp_path):
 
 
 @pytest.mark.parametrize("target, calib", [("cpu-avx", True), ("cuda", False)])
-def test_whole_protobuf_schemes_refuse_external_data_over_the_limit(run_cli, stack, tmp_path, monkeypatch, target, calib):
+def test_whole_protobuf_schemes_refuse_external_data_over_the_limit(
+    run_cli, stack, tmp_path, monkeypatch, target, calib
+):
     """Static int8 (ORT's calibrator) and fp16 need one protobuf: above the limit, exit 2 naming the scheme."""
     from lepton_cli import external_data
 
@@ -120,8 +123,20 @@ def test_model_data_entry_must_name_its_model():
     from lepton_cli.bundle.manifest import _check_model_data
     from lepton_cli.errors import VerificationError
 
-    model = {"path": "model.onnx.enc", "role": "model", "encrypted": True, "plain_path": "model.onnx", "external_data": "model.onnx.data"}
-    data = {"path": "model.onnx.data.enc", "role": "model_data", "encrypted": True, "plain_path": "model.onnx.data", "model": "model.onnx"}
+    model = {
+        "path": "model.onnx.enc",
+        "role": "model",
+        "encrypted": True,
+        "plain_path": "model.onnx",
+        "external_data": "model.onnx.data",
+    }
+    data = {
+        "path": "model.onnx.data.enc",
+        "role": "model_data",
+        "encrypted": True,
+        "plain_path": "model.onnx.data",
+        "model": "model.onnx",
+    }
     _check_model_data([model, data])
     with pytest.raises(VerificationError):
         _check_model_data([model])  # the model names data the bundle does not list

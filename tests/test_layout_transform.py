@@ -1,5 +1,6 @@
 """layout_transform: channels-last I/O where the target takes NHWC frames, channel padding to the
 target's alignment, both computing what the source computes (bit-exact where only data moves)."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -7,15 +8,15 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
+from conftest import DIGITS, OCR_DET, needs_ocr
+from lepton_cli.passes.fuse import FuseParams
+from lepton_cli.passes.layout_transform import LAYOUT_KEY, LayoutParams
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import DIGITS, OCR_DET, needs_ocr
 from lepton_cli.errors import BadInputError
 from lepton_cli.model_io import load_model, upgrade_opset
 from lepton_cli.ort import make_session, random_feed
 from lepton_cli.pass_registry import get_pass
-from lepton_cli.passes.fuse import FuseParams
-from lepton_cli.passes.layout_transform import LAYOUT_KEY, LayoutParams
 from lepton_cli.pipeline import LAYOUT_KEY as PIPELINE_LAYOUT_KEY
 from lepton_cli.pipeline import PassContext, adapt_feed, restore_output
 from lepton_cli.shapes import bind_input_shapes, graph_inputs
@@ -50,9 +51,13 @@ def _assert_close(before, after, dims=None, rtol=1e-5, atol=1e-6):
 
 
 def _model(nodes, inits, inputs, outputs, opset=13):
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
-                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
@@ -75,10 +80,18 @@ def test_digits_takes_nhwc_on_edge_arm():
 
 def test_transposes_pushed_through_elementwise_ops_and_cancelled():
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("Mul", ["x", "scale"], ["a"]), helper.make_node("Add", ["a", "shift"], ["b"]),
-             helper.make_node("Relu", ["b"], ["c"]), helper.make_node("Clip", ["c", "lo", "hi"], ["y"])]
-    inits = {"scale": rng.normal(size=(3, 1, 1)), "shift": rng.normal(size=(1, 3, 1, 1)),
-             "lo": np.array(0.0), "hi": np.array(0.5)}
+    nodes = [
+        helper.make_node("Mul", ["x", "scale"], ["a"]),
+        helper.make_node("Add", ["a", "shift"], ["b"]),
+        helper.make_node("Relu", ["b"], ["c"]),
+        helper.make_node("Clip", ["c", "lo", "hi"], ["y"]),
+    ]
+    inits = {
+        "scale": rng.normal(size=(3, 1, 1)),
+        "shift": rng.normal(size=(1, 3, 1, 1)),
+        "lo": np.array(0.0),
+        "hi": np.array(0.5),
+    }
     model = _model(nodes, inits, [("x", [1, 3, 8, 6])], [("y", [1, 3, 8, 6])])
     out, summary = _layout(model, "tpu", io_layout="NHWC")
     assert summary["io"]["transposes_added"] == 2
@@ -90,9 +103,15 @@ def test_transposes_pushed_through_elementwise_ops_and_cancelled():
 
 def test_output_transpose_pulled_up_to_meet_an_existing_transpose():
     """A TF-style graph: NHWC → Transpose to NCHW → Sigmoid → 4-D output; NHWC output cancels it."""
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1]),
-             helper.make_node("Sigmoid", ["t"], ["s"]), helper.make_node("Transpose", ["s"], ["y"], perm=[0, 3, 1, 2])]
-    model = _model(nodes, {"w": np.random.default_rng(0).normal(size=(4, 3, 1, 1))}, [("x", [1, 3, 5, 5])], [("y", [1, 4, 5, 5])])
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1]),
+        helper.make_node("Sigmoid", ["t"], ["s"]),
+        helper.make_node("Transpose", ["s"], ["y"], perm=[0, 3, 1, 2]),
+    ]
+    model = _model(
+        nodes, {"w": np.random.default_rng(0).normal(size=(4, 3, 1, 1))}, [("x", [1, 3, 5, 5])], [("y", [1, 4, 5, 5])]
+    )
     out, summary = _layout(model, "edge-arm", io_layout="NHWC")
     # before: 2 transposes; the added output Transpose is pulled above Sigmoid and composes to nothing
     assert sum(n.op_type == "Transpose" for n in out.graph.node) == 2  # input one + the graph's own first
@@ -102,8 +121,16 @@ def test_output_transpose_pulled_up_to_meet_an_existing_transpose():
 
 def test_output_channel_padding_is_bit_exact_and_keeps_output_shapes():
     rng = np.random.default_rng(1)
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
-    model = _model(nodes, {"w": rng.normal(size=(5, 3, 3, 3)), "b": rng.normal(size=5)}, [("x", [2, 3, 9, 9])], [("y", [2, 5, 9, 9])])
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["y"]),
+    ]
+    model = _model(
+        nodes,
+        {"w": rng.normal(size=(5, 3, 3, 3)), "b": rng.normal(size=5)},
+        [("x", [2, 3, 9, 9])],
+        [("y", [2, 5, 9, 9])],
+    )
     out, summary = _layout(model, "fpga", pad_channels=True)
     weights = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     conv = next(n for n in out.graph.node if n.op_type == "Conv")
@@ -128,9 +155,21 @@ def test_residual_add_concat_batchnorm_and_depthwise_padded_consistently():
         helper.make_node("Mul", ["cat", "chscale"], ["m"]),
         helper.make_node("Conv", ["m", "wd", "bd"], ["y"]),
     ]
-    inits = {"wa": r(5, 3, 3, 3), "ba": r(5), "wb": r(5, 3, 3, 3), "s": r(5), "beta": r(5), "mean": r(5),
-             "var": np.abs(r(5)) + 0.5, "wdw": r(5, 1, 3, 3), "bdw": r(5), "wc": r(6, 5, 1, 1),
-             "chscale": r(1, 11, 1, 1), "wd": r(4, 11, 1, 1), "bd": r(4)}
+    inits = {
+        "wa": r(5, 3, 3, 3),
+        "ba": r(5),
+        "wb": r(5, 3, 3, 3),
+        "s": r(5),
+        "beta": r(5),
+        "mean": r(5),
+        "var": np.abs(r(5)) + 0.5,
+        "wdw": r(5, 1, 3, 3),
+        "bdw": r(5),
+        "wc": r(6, 5, 1, 1),
+        "chscale": r(1, 11, 1, 1),
+        "wd": r(4, 11, 1, 1),
+        "bd": r(4),
+    }
     model = _model(nodes, inits, [("x", [1, 3, 6, 6])], [("y", [1, 4, 6, 6])])
     out, summary = _layout(model, "tpu", pad_channels=True, alignment=8)
     p = summary["padding"]

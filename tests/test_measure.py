@@ -2,6 +2,7 @@
 
 No test here asserts a speed: timings come from a fake clock, or only their structure is checked.
 """
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,10 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import DIGITS
 
 from lepton_cli import measure
 from lepton_cli.data import load_samples
-from conftest import DIGITS
 
 
 class FakeClock:
@@ -28,7 +29,9 @@ def _runners(clock: FakeClock, costs: dict[str, float], log: list[tuple[str, int
         def run(i: int) -> None:
             log.append((name, i))
             clock.now += costs[name]
+
         return run
+
     return {name: make(name) for name in costs}
 
 
@@ -140,7 +143,9 @@ def test_host_latency_structure_on_a_real_model():
     samples = load_samples(DIGITS / "calib.npz", model, role="--calib")
     feeds = measure.make_feeds(model, samples, "--calib")
     cands = [measure.Candidate("a", model, feeds.feeds), measure.Candidate("b", model, feeds.feeds)]
-    doc = measure.host_latency(cands, measure.StopRule(runs=6, seconds=60, warmup=1), threads=1, providers=["CPUExecutionProvider"])
+    doc = measure.host_latency(
+        cands, measure.StopRule(runs=6, seconds=60, warmup=1), threads=1, providers=["CPUExecutionProvider"]
+    )
     assert doc["base"] == "a" and set(doc["models"]) == {"a", "b"} and set(doc["ratios"]) == {"b"}
     assert doc["settings"]["threads"] == 1 and doc["settings"]["providers"] == ["CPUExecutionProvider"]
     for m in doc["models"].values():
@@ -151,9 +156,27 @@ def test_host_latency_structure_on_a_real_model():
 
 
 def test_bench_cli_json_shape(run_cli, tmp_path):
-    res = run_cli("bench", DIGITS / "digits_cnn.onnx", "--against", DIGITS / "digits_cnn.onnx", "--target", "cpu-avx",
-                  "--runs", "5", "--seconds", "30", "--warmup", "1", "--threads", "1", "--calib", DIGITS / "calib.npz",
-                  "--json", "-o", tmp_path / "out")
+    res = run_cli(
+        "bench",
+        DIGITS / "digits_cnn.onnx",
+        "--against",
+        DIGITS / "digits_cnn.onnx",
+        "--target",
+        "cpu-avx",
+        "--runs",
+        "5",
+        "--seconds",
+        "30",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--calib",
+        DIGITS / "calib.npz",
+        "--json",
+        "-o",
+        tmp_path / "out",
+    )
     assert res.code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["format"] == "lepton-bench/1" and doc["target"] == "cpu-avx"
@@ -170,18 +193,33 @@ def test_bench_cli_json_shape(run_cli, tmp_path):
 
 def test_bench_cli_latency_gate_exits_3(run_cli):
     # Any real ratio is far above 1e-6: this gate must fail, whatever the speed of the machine.
-    res = run_cli("bench", DIGITS / "digits_cnn.onnx", "--against", DIGITS / "digits_cnn.onnx", "--runs", "3", "--warmup", "0",
-                  "--threads", "1", "--max-latency-ratio", "0.000001")
+    res = run_cli(
+        "bench",
+        DIGITS / "digits_cnn.onnx",
+        "--against",
+        DIGITS / "digits_cnn.onnx",
+        "--runs",
+        "3",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--max-latency-ratio",
+        "0.000001",
+    )
     assert res.code == 3, res.stderr
     assert "max-latency-ratio" in res.stderr and "random inputs" in res.stderr  # random-input warning said plainly
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--runs", "0"], "--runs"),
-    (["--max-latency-ratio", "1.1"], "--against"),
-    (["--target", "no-such-target"], "unknown target"),
-    (["--enforce-budgets"], "--target"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--runs", "0"], "--runs"),
+        (["--max-latency-ratio", "1.1"], "--against"),
+        (["--target", "no-such-target"], "unknown target"),
+        (["--enforce-budgets"], "--target"),
+    ],
+)
 def test_bench_cli_bad_usage_exits_2(run_cli, args, needle):
     res = run_cli("bench", DIGITS / "digits_cnn.onnx", *args)  # each fails before measuring anything
     assert res.code == 2, res.stderr
@@ -200,8 +238,21 @@ def test_bench_a_bundle_against_its_source(run_cli, tmp_path):
     bundle = json.loads(done.stdout)["bundle"]
     perf = json.loads(done.stdout)["performance"]  # compile --json: latency/estimate/budgets in a few keys
     assert perf["host_p50_ms"] is None and perf["budgets_ok"] is True and perf["estimated_latency_ms"] > 0
-    res = run_cli("bench", bundle, "--against", DIGITS / "digits_cnn.onnx", "--runs", "3", "--warmup", "0", "--threads", "1",
-                  "--calib", DIGITS / "calib.npz", "--json")
+    res = run_cli(
+        "bench",
+        bundle,
+        "--against",
+        DIGITS / "digits_cnn.onnx",
+        "--runs",
+        "3",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--calib",
+        DIGITS / "calib.npz",
+        "--json",
+    )
     assert res.code == 0, res.stderr
     doc = json.loads(res.stdout)
     kinds = {s["label"]: s["kind"] for s in doc["subjects"]}
@@ -221,16 +272,41 @@ def test_bench_dynamic_dims_without_shapes_exit_2(run_cli, tmp_path):
 
 def test_bench_an_nhwc_bundle_alone_and_against_its_source(run_cli, tmp_path):
     """edge-arm compiles to NHWC input: random feeds follow the bundle's own layout, source data is converted."""
-    done = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", "edge-arm", "-o", tmp_path, "--no-bench", "--json",
-                   "--calib", DIGITS / "calib.npz")
+    done = run_cli(
+        "compile",
+        DIGITS / "digits_cnn.onnx",
+        "--target",
+        "edge-arm",
+        "-o",
+        tmp_path,
+        "--no-bench",
+        "--json",
+        "--calib",
+        DIGITS / "calib.npz",
+    )
     assert done.code == 0, done.stderr
     bundle = json.loads(done.stdout)["bundle"]
     alone = run_cli("bench", bundle, "--runs", "2", "--warmup", "0", "--threads", "1", "--json")
     assert alone.code == 0, alone.stderr
-    with_data = run_cli("bench", bundle, "--runs", "2", "--warmup", "0", "--threads", "1", "--calib", DIGITS / "calib.npz")
+    with_data = run_cli(
+        "bench", bundle, "--runs", "2", "--warmup", "0", "--threads", "1", "--calib", DIGITS / "calib.npz"
+    )
     assert with_data.code == 0, with_data.stderr  # NCHW data, as for compile, fed to the NHWC bundle
-    pair = run_cli("bench", bundle, "--against", DIGITS / "digits_cnn.onnx", "--runs", "2", "--warmup", "0", "--threads", "1",
-                   "--calib", DIGITS / "calib.npz", "--json")
+    pair = run_cli(
+        "bench",
+        bundle,
+        "--against",
+        DIGITS / "digits_cnn.onnx",
+        "--runs",
+        "2",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--calib",
+        DIGITS / "calib.npz",
+        "--json",
+    )
     assert pair.code == 0, pair.stderr
     assert json.loads(pair.stdout)["target"] == "edge-arm"
 
@@ -238,9 +314,12 @@ def test_bench_an_nhwc_bundle_alone_and_against_its_source(run_cli, tmp_path):
 def test_bind_like_follows_layout_and_keeps_static_dims():
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "H", "W", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "H", "W", 8])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "H", "W", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "H", "W", 8])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     helper.set_model_props(model, {"lepton.io_layout.x": "NHWC"})
     bound = measure.bind_like(model, {"x": [1, 3, 32, 48]})  # NCHW terms, 3 channels; the model pads to 8

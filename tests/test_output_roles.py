@@ -1,6 +1,7 @@
 """Every output scored by what it is (lepton_cli.output_roles / output_scores), on real models and data:
 an input copy next to an embedding (MiniLM-like), CTC vs a `character` table that is not one, a YOLOX
 head on rendered pages, a classifier whose confidence collapsed; the warnings the compile gives."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -10,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import DIGITS, OCR_REC, needs_ocr
 from onnx import helper, numpy_helper
 
-from conftest import DIGITS, OCR_REC, needs_ocr
 from lepton_cli.accuracy import Evaluator, parse_metric_spec
 from lepton_cli.data import SampleSet, load_samples
 from lepton_cli.errors import BadInputError
@@ -34,8 +35,13 @@ def _minilm_like(model: onnx.ModelProto) -> onnx.ModelProto:
     out.graph.node.append(helper.make_node("Identity", ["relu3"], ["sentence_embedding"], name="embedding_pool"))
     logits = out.graph.output[0]
     del out.graph.output[:]
-    out.graph.output.extend([helper.make_tensor_value_info("image_copy", onnx.TensorProto.FLOAT, ["N", 1, 8, 8]),
-                             helper.make_tensor_value_info("sentence_embedding", onnx.TensorProto.FLOAT, ["N", "D"]), logits])
+    out.graph.output.extend(
+        [
+            helper.make_tensor_value_info("image_copy", onnx.TensorProto.FLOAT, ["N", 1, 8, 8]),
+            helper.make_tensor_value_info("sentence_embedding", onnx.TensorProto.FLOAT, ["N", "D"]),
+            logits,
+        ]
+    )
     return out
 
 
@@ -46,7 +52,9 @@ def _perturbed(model: onnx.ModelProto, scale: float, names: tuple[str, ...]) -> 
     for init in noisy.graph.initializer:
         if init.name in names:
             w = numpy_helper.to_array(init)
-            init.CopyFrom(numpy_helper.from_array((w + rng.normal(0, scale * w.std(), w.shape)).astype(np.float32), init.name))
+            init.CopyFrom(
+                numpy_helper.from_array((w + rng.normal(0, scale * w.std(), w.shape)).astype(np.float32), init.name)
+            )
     return noisy
 
 
@@ -96,7 +104,9 @@ def test_a_classifier_whose_confidence_collapsed_is_warned_about():
     assert top[0] > 90 and top[1] < 60
     warnings = accuracy_warnings({"measured": True, "budget_pct": 1.0, **score.to_dict()})
     assert len(warnings) == 1 and "confidence collapsed" in warnings[0]
-    assert not accuracy_warnings({"measured": True, "budget_pct": 1.0, **Evaluator(model, samples).score(model).to_dict()})
+    assert not accuracy_warnings(
+        {"measured": True, "budget_pct": 1.0, **Evaluator(model, samples).score(model).to_dict()}
+    )
 
 
 @needs_ocr
@@ -104,6 +114,7 @@ def test_ctc_needs_a_table_that_fits_the_classes_and_a_copy_is_exact(tmp_path):
     """PP-OCRv4 rec (6625 classes, a 6623-entry table) is CTC; the same graph with an 11-name `character`
     entry (a layout detector's class names) is not; an input copy before it is scored exactly."""
     import ocr_textset as textset
+
     from lepton_cli.shapes import bind_input_shapes
 
     rec = bind_input_shapes(onnx.load(OCR_REC), {"x": [1, 3, 48, 160]})
@@ -120,8 +131,21 @@ def test_ctc_needs_a_table_that_fits_the_classes_and_a_copy_is_exact(tmp_path):
     layout.CopyFrom(rec)
     for prop in layout.metadata_props:
         if prop.key == "character":
-            prop.value = "\n".join(["text", "title", "list", "table", "figure", "header", "footer", "reference",
-                                    "equation", "caption", "seal"])
+            prop.value = "\n".join(
+                [
+                    "text",
+                    "title",
+                    "list",
+                    "table",
+                    "figure",
+                    "header",
+                    "footer",
+                    "reference",
+                    "equation",
+                    "caption",
+                    "seal",
+                ]
+            )
     (role,) = Evaluator(layout, samples).roles
     assert role.metric == "top1_agreement" and "Softmax" in role.why
 
@@ -137,12 +161,19 @@ def test_a_yolox_head_is_scored_by_its_decoded_boxes():
     """ddddocr's character detector ([1, 3549, 6]: boxes on the YOLOX grids, objectness, one class) on rendered pages:
     fp16 keeps its boxes; halving the objectness drops boxes under the threshold, and detection F1 sees it."""
     import ocr_textset as textset
+
     from lepton_cli.quant import schemes
 
     model = onnx.load(_ddddocr_det())
     rng = np.random.default_rng(1)
-    pages = np.stack([np.asarray(textset.render_page(rng, textset.CALIB_FONTS, textset.CALIB_WORDS, 416), np.float32).transpose(2, 0, 1)
-                      for _ in range(3)])
+    pages = np.stack(
+        [
+            np.asarray(textset.render_page(rng, textset.CALIB_FONTS, textset.CALIB_WORDS, 416), np.float32).transpose(
+                2, 0, 1
+            )
+            for _ in range(3)
+        ]
+    )
     samples = SampleSet(Path("pages.npz"), {"images": pages}, None, {"images": False})
     evaluator = Evaluator(model, samples)
     (role,) = evaluator.roles
@@ -187,29 +218,55 @@ def test_detection_f1_matches_boxes_by_iou_and_class():
 
 # ---- through `compile`: the report states each output's metric; the warnings reach the report and stderr --------
 
+
 def test_compile_scores_every_output_and_states_how_each_was_recognised(tmp_path):
     from lepton_cli.compiler import CompileOptions, compile_model
 
     model, _ = _digits()
     onnx.save(_minilm_like(model), tmp_path / "minilm_like.onnx")
-    result = compile_model(CompileOptions(model=tmp_path / "minilm_like.onnx", target="cpu-avx", output_dir=tmp_path,
-                                          calib=DIGITS / "calib.npz", bench=False))
+    result = compile_model(
+        CompileOptions(
+            model=tmp_path / "minilm_like.onnx",
+            target="cpu-avx",
+            output_dir=tmp_path,
+            calib=DIGITS / "calib.npz",
+            bench=False,
+        )
+    )
     accuracy = result.report["accuracy"]
     outputs = {o["name"]: o for o in accuracy["outputs"]}
-    assert [outputs[n]["metric"] for n in ("image_copy", "sentence_embedding", "logits")] == ["exact", "cosine", "top1_agreement"]
+    assert [outputs[n]["metric"] for n in ("image_copy", "sentence_embedding", "logits")] == [
+        "exact",
+        "cosine",
+        "top1_agreement",
+    ]
     assert all(o["why"] and o["drop_pct"] <= accuracy["budget_pct"] for o in outputs.values())
     assert accuracy["drop_pct"] == max(o["drop_pct"] for o in outputs.values())
     assert accuracy["data"].startswith("held-out 50 of --calib")  # the data quantize chose on
     step = next(s for s in result.steps if s.name == "quantize")
-    assert step.summary["scored_on"] == accuracy["data"] and step.summary["drop_pct"] == pytest.approx(accuracy["drop_pct"], abs=1e-6)
+    assert step.summary["scored_on"] == accuracy["data"] and step.summary["drop_pct"] == pytest.approx(
+        accuracy["drop_pct"], abs=1e-6
+    )
 
 
 def test_an_int8_variant_that_compressed_nothing_is_a_warning(run_cli, tmp_path):
     target = tmp_path / "pool-only.toml"
-    target.write_text('extends = "cpu-avx"\nname = "pool-only"\n[pass_params.quantize]\nop_types = ["MaxPool"]\n'
-                      'fast_op_types = ["MaxPool"]\n', encoding="utf-8")
-    result = run_cli("compile", str(DIGITS / "digits_cnn.onnx"), "--target", str(target), "--calib", str(DIGITS / "calib.npz"),
-                     "--no-bench", "--output", str(tmp_path / "out"))
+    target.write_text(
+        'extends = "cpu-avx"\nname = "pool-only"\n[pass_params.quantize]\nop_types = ["MaxPool"]\n'
+        'fast_op_types = ["MaxPool"]\n',
+        encoding="utf-8",
+    )
+    result = run_cli(
+        "compile",
+        str(DIGITS / "digits_cnn.onnx"),
+        "--target",
+        str(target),
+        "--calib",
+        str(DIGITS / "calib.npz"),
+        "--no-bench",
+        "--output",
+        str(tmp_path / "out"),
+    )
     assert result.code == 0, result.stderr
     assert "holds no int8 weights: this variant compressed nothing" in result.stderr
     report = next((tmp_path / "out").glob("*.lepton/report.json"))
@@ -223,9 +280,15 @@ def test_one_sigmoid_probability_per_sample_is_scored_by_its_decisions():
     model, samples = _digits()
     binary = onnx.ModelProto()
     binary.CopyFrom(model)
-    binary.graph.node.extend([helper.make_node("Slice", ["logits", "s", "e", "a"], ["seven"]),
-                              helper.make_node("Sigmoid", ["seven"], ["is_seven"])])
-    binary.graph.initializer.extend([numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("s", 7), ("e", 8), ("a", 1))])
+    binary.graph.node.extend(
+        [
+            helper.make_node("Slice", ["logits", "s", "e", "a"], ["seven"]),
+            helper.make_node("Sigmoid", ["seven"], ["is_seven"]),
+        ]
+    )
+    binary.graph.initializer.extend(
+        [numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("s", 7), ("e", 8), ("a", 1))]
+    )
     del binary.graph.output[:]
     binary.graph.output.append(helper.make_tensor_value_info("is_seven", onnx.TensorProto.FLOAT, ["N", 1]))
     evaluator = Evaluator(binary, samples)

@@ -1,4 +1,5 @@
 """The pipeline instruments passes: timing, stats, checker, output comparison, determinism."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import pytest
+from conftest import DIGITS, OCR_DET, needs_ocr
 from onnx import helper, numpy_helper
 
-from conftest import DIGITS, OCR_DET, needs_ocr
 from lepton_cli.compiler import CompileOptions, compile_model
 from lepton_cli.errors import InternalError, QualityGateError
 from lepton_cli.pass_registry import LOSSY, PassResult, register_pass, tolerance
@@ -26,8 +27,12 @@ class _Scale:
     factor: float = 1.001
 
 
-@register_pass("test_perturb", params=_Scale, description="test only: scales the first initializer",
-               exactness=tolerance(rtol=1e-4, atol=1e-5))
+@register_pass(
+    "test_perturb",
+    params=_Scale,
+    description="test only: scales the first initializer",
+    exactness=tolerance(rtol=1e-4, atol=1e-5),
+)
 def _perturb(model, ctx, params):
     changed = onnx.ModelProto()
     changed.CopyFrom(model)
@@ -36,8 +41,12 @@ def _perturb(model, ctx, params):
     return PassResult(changed, {"scaled": first.name})
 
 
-@register_pass("test_invalid", params=_Scale, description="test only: emits an invalid graph",
-               exactness=tolerance(rtol=1e-4, atol=1e-5))
+@register_pass(
+    "test_invalid",
+    params=_Scale,
+    description="test only: emits an invalid graph",
+    exactness=tolerance(rtol=1e-4, atol=1e-5),
+)
 def _invalid(model, ctx, params):
     broken = onnx.ModelProto()
     broken.CopyFrom(model)
@@ -58,7 +67,12 @@ def _lossy_spend(model, ctx, params):
     return PassResult(model, {"allowed": allowed, "spent": params.points})
 
 
-@register_pass("test_lossy_need", params=_Spend, description="test only: adds its points to the ledger; fails over its budget", exactness=LOSSY)
+@register_pass(
+    "test_lossy_need",
+    params=_Spend,
+    description="test only: adds its points to the ledger; fails over its budget",
+    exactness=LOSSY,
+)
 def _lossy_need(model, ctx, params):
     allowed = ctx.lossy_budget(params.budget_share)
     reached = ctx.source_drop + params.points  # its result's drop against the source
@@ -117,8 +131,9 @@ def _sha(path) -> str:
 @pytest.mark.parametrize("target", ["cpu-avx", "edge-arm"])
 def test_compile_is_deterministic(tmp_path, target):
     def once(out):
-        options = CompileOptions(model=DIGITS / "digits_cnn.onnx", target=target, output_dir=out,
-                                 calib=DIGITS / "calib.npz")
+        options = CompileOptions(
+            model=DIGITS / "digits_cnn.onnx", target=target, output_dir=out, calib=DIGITS / "calib.npz"
+        )
         return compile_model(options).model_bytes  # plaintext; the bundle's copy is encrypted afresh each time
 
     first, second = once(tmp_path / "a"), once(tmp_path / "b")
@@ -139,9 +154,16 @@ def test_random_check_inputs_are_seeded():
     from lepton_cli.ort import random_feed
     from lepton_cli.shapes import graph_inputs
 
-    inputs = graph_inputs(helper.make_model(helper.make_graph(
-        [], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])])))
+    inputs = graph_inputs(
+        helper.make_model(
+            helper.make_graph(
+                [],
+                "g",
+                [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+                [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+            )
+        )
+    )
     a = random_feed(inputs, np.random.default_rng(7))["x"]
     b = random_feed(inputs, np.random.default_rng(7))["x"]
     assert np.array_equal(a, b)
@@ -210,26 +232,34 @@ def test_tolerance_scale_is_per_channel_for_maps():
 
 def test_a_lossy_pass_that_cannot_meet_its_budget_gets_the_share_an_earlier_one_spent():
     # pruning reaches 0.2 of its 0.5; int8 (the other half, plus pruning's unspent 0.3) adds 0.6: 0.8, within 1.0
-    ctx = PassContext(target=_target_with(PassStep("test_lossy_spend", _Spend(0.2)), PassStep("test_lossy_need", _Spend(0.6))),
-                      max_accuracy_drop=1.0)
+    ctx = PassContext(
+        target=_target_with(PassStep("test_lossy_spend", _Spend(0.2)), PassStep("test_lossy_need", _Spend(0.6))),
+        max_accuracy_drop=1.0,
+    )
     _, records = run_pipeline(_digits(), ctx)
     assert records[1].summary["allowed"] == pytest.approx(1.0) and records[1].summary["reached"] == pytest.approx(0.8)
     assert not ctx.warnings
     # int8 adds 0.9: 1.1 with pruning's 0.2 -> compiled again without pruning
-    ctx = PassContext(target=_target_with(PassStep("test_lossy_spend", _Spend(0.2)), PassStep("test_lossy_need", _Spend(0.9))),
-                      max_accuracy_drop=1.0)
+    ctx = PassContext(
+        target=_target_with(PassStep("test_lossy_spend", _Spend(0.2)), PassStep("test_lossy_need", _Spend(0.9))),
+        max_accuracy_drop=1.0,
+    )
     _, records = run_pipeline(_digits(), ctx)
     assert records[0].summary["applied"] == "none" and records[0].check["kind"] == "skipped"
     assert records[1].summary["reached"] == pytest.approx(0.9)
     assert len(ctx.warnings) == 1 and "compiled again without test_lossy_spend" in ctx.warnings[0]
     # needs more than the whole budget: exit 3 after the retry, with the pass's own message
-    ctx = PassContext(target=_target_with(PassStep("test_lossy_spend", _Spend(0.2)), PassStep("test_lossy_need", _Spend(1.5))),
-                      max_accuracy_drop=1.0)
+    ctx = PassContext(
+        target=_target_with(PassStep("test_lossy_spend", _Spend(0.2)), PassStep("test_lossy_need", _Spend(1.5))),
+        max_accuracy_drop=1.0,
+    )
     with pytest.raises(QualityGateError, match="needs 1.5 points, allowed 1"):
         run_pipeline(_digits(), ctx)
     # an earlier pass that spent nothing gives no reason to retry
-    ctx = PassContext(target=_target_with(PassStep("test_lossy_spend", _Spend(0.0)), PassStep("test_lossy_need", _Spend(1.5))),
-                      max_accuracy_drop=1.0)
+    ctx = PassContext(
+        target=_target_with(PassStep("test_lossy_spend", _Spend(0.0)), PassStep("test_lossy_need", _Spend(1.5))),
+        max_accuracy_drop=1.0,
+    )
     with pytest.raises(QualityGateError):
         run_pipeline(_digits(), ctx)
     assert not ctx.yielded
@@ -261,10 +291,23 @@ def test_fuse_on_a_deep_detector_is_judged_against_the_float_noise_floor(run_cli
 
     np.savez(tmp_path / "pages.npz", x=ocr_textset.make_pages(8, seed=3, role="eval", size=320))
     source = (REPO / "targets" / "cpu-avx.toml").read_text(encoding="utf-8")
-    fuse_only = source[:source.index("[[passes]]", source.index("[[passes]]") + 1)].replace('name = "cpu-avx"', 'name = "fuse-only"')
+    fuse_only = source[: source.index("[[passes]]", source.index("[[passes]]") + 1)].replace(
+        'name = "cpu-avx"', 'name = "fuse-only"'
+    )
     (tmp_path / "fuse-only.toml").write_text(fuse_only, encoding="utf-8")
-    res = run_cli("compile", OCR_DET, "--target", tmp_path / "fuse-only.toml", "--input-shape", "x=1,3,320,320",
-                  "--calib", tmp_path / "pages.npz", "--no-bench", "-o", tmp_path)
+    res = run_cli(
+        "compile",
+        OCR_DET,
+        "--target",
+        tmp_path / "fuse-only.toml",
+        "--input-shape",
+        "x=1,3,320,320",
+        "--calib",
+        tmp_path / "pages.npz",
+        "--no-bench",
+        "-o",
+        tmp_path,
+    )
     assert res.code == 0, res.stderr
     report = json.loads(next(tmp_path.glob("*.lepton")).joinpath("report.json").read_text(encoding="utf-8"))
     check = report["pipeline"][0]["check"]

@@ -1,6 +1,7 @@
 """prune: exact dead-channel removal, 2:4 pattern, magnitude sparsity, structured channel pruning
 that shrinks weights and MACs, within the accuracy budget; on the digits demo, PP-OCRv4 det and
 onnx's pytorch-converted models."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import DIGITS, OCR_DET, ONNX_DATA, needs_ocr
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import DIGITS, OCR_DET, ONNX_DATA, needs_ocr
 from lepton_cli import channel_groups as cg
 from lepton_cli.accuracy import Evaluator
 from lepton_cli.data import SampleSet, load_samples
@@ -60,23 +61,24 @@ def _weight_of(model: onnx.ModelProto, layer: str) -> np.ndarray:
 
 # ---- dead channels: exact -----------------------------------------------------------------
 
+
 def _kill_digits_channels(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Make channels dead three ways; also make one channel constant-positive (must survive)."""
     w2 = _init(model, "conv2_W")
     scale, bias = _init(model, "bn2_scale"), _init(model, "bn2_bias")
-    scale[[3, 7]] = 0.0          # BN gamma 0, beta < 0 → ReLU → 0 (BN not yet folded)
+    scale[[3, 7]] = 0.0  # BN gamma 0, beta < 0 → ReLU → 0 (BN not yet folded)
     bias[[3, 7]] = -0.25
-    w2[[11, 20]] = 0.0           # zero weights: BN output = beta - gamma*mean/std; force it negative
+    w2[[11, 20]] = 0.0  # zero weights: BN output = beta - gamma*mean/std; force it negative
     mean = _init(model, "bn2_mean")
     mean[[11, 20]] = 5.0
     scale[[11, 20]] = 1.0
     bias[[11, 20]] = 0.0
-    w2[25] = 0.0                 # zero weights but positive constant after ReLU: not dead
+    w2[25] = 0.0  # zero weights but positive constant after ReLU: not dead
     mean[25], scale[25], bias[25] = 0.0, 1.0, 0.5
     for name, value in (("conv2_W", w2), ("bn2_scale", scale), ("bn2_bias", bias), ("bn2_mean", mean)):
         _set_init(model, name, value)
     fc1 = _init(model, "fc1_W")
-    fc1[[5, 9, 40, 41]] = 0.0    # fc1 rows zero and bias ≤ 0 → ReLU → dead into fc2
+    fc1[[5, 9, 40, 41]] = 0.0  # fc1 rows zero and bias ≤ 0 → ReLU → dead into fc2
     b = _init(model, "fc1_b")
     b[[5, 9, 40, 41]] = [-1.0, 0.0, -0.5, -2.0]
     _set_init(model, "fc1_W", fc1)
@@ -154,17 +156,32 @@ def test_no_dead_channels_means_model_unchanged():
 
 # ---- channel groups on a graph with residual Add, depthwise conv, Concat, Flatten → Gemm ----
 
+
 def _structured_model(seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
 
     def w(name, *shape):
         return numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
 
-    inits = [w("w1", 16, 3, 3, 3), w("b1", 16), w("dw", 16, 1, 3, 3), w("dwb", 16),
-             w("s", 16), w("bb", 16), numpy_helper.from_array(np.ones(16, np.float32), "bv"),
-             numpy_helper.from_array(np.zeros(16, np.float32), "bm"),
-             w("w2", 16, 16, 1, 1), w("b2", 16), w("w3", 8, 3, 3, 3), w("b3", 8),
-             w("pc", 1, 24, 1, 1), w("w4", 12, 24, 1, 1), w("b4", 12), w("fw", 12 * 4 * 4, 10), w("fb", 10)]
+    inits = [
+        w("w1", 16, 3, 3, 3),
+        w("b1", 16),
+        w("dw", 16, 1, 3, 3),
+        w("dwb", 16),
+        w("s", 16),
+        w("bb", 16),
+        numpy_helper.from_array(np.ones(16, np.float32), "bv"),
+        numpy_helper.from_array(np.zeros(16, np.float32), "bm"),
+        w("w2", 16, 16, 1, 1),
+        w("b2", 16),
+        w("w3", 8, 3, 3, 3),
+        w("b3", 8),
+        w("pc", 1, 24, 1, 1),
+        w("w4", 12, 24, 1, 1),
+        w("b4", 12),
+        w("fw", 12 * 4 * 4, 10),
+        w("fb", 10),
+    ]
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
         helper.make_node("Relu", ["c1"], ["r1"]),
@@ -172,18 +189,23 @@ def _structured_model(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("BatchNormalization", ["d1", "s", "bb", "bm", "bv"], ["n1"]),
         helper.make_node("Relu", ["n1"], ["r2"]),
         helper.make_node("Conv", ["r2", "w2", "b2"], ["c2"], name="conv2"),
-        helper.make_node("Add", ["c2", "r1"], ["res"]),                       # residual: conv1 and conv2 one group
+        helper.make_node("Add", ["c2", "r1"], ["res"]),  # residual: conv1 and conv2 one group
         helper.make_node("Conv", ["x", "w3", "b3"], ["c3"], pads=[1, 1, 1, 1], name="conv3"),
-        helper.make_node("Concat", ["res", "c3"], ["cat"], axis=1),           # offsets 0..15, 16..23
-        helper.make_node("Mul", ["cat", "pc"], ["scaled"]),                   # per-channel constant
+        helper.make_node("Concat", ["res", "c3"], ["cat"], axis=1),  # offsets 0..15, 16..23
+        helper.make_node("Mul", ["cat", "pc"], ["scaled"]),  # per-channel constant
         helper.make_node("Conv", ["scaled", "w4", "b4"], ["c4"], name="conv4"),
         helper.make_node("Relu", ["c4"], ["r4"]),
         helper.make_node("MaxPool", ["r4"], ["p4"], kernel_shape=[2, 2], strides=[2, 2]),
         helper.make_node("Flatten", ["p4"], ["flat"], axis=1),
         helper.make_node("Gemm", ["flat", "fw", "fb"], ["y"], name="fc"),
     ]
-    graph = helper.make_graph(nodes, "structured", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 10])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "structured",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 10])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(model)
     return model
@@ -193,9 +215,9 @@ def test_channel_groups_join_residual_and_map_concat_offsets():
     model = _structured_model()
     a = cg.analyze(model)
     by_name = {model.graph.node[p.node].name: a.find(a.layouts[p.output][0].group) for p in a.producers}
-    assert by_name["conv1"] == by_name["conv2"]              # residual Add joins them
+    assert by_name["conv1"] == by_name["conv2"]  # residual Add joins them
     assert by_name["conv3"] != by_name["conv1"]
-    assert a.find(by_name["fc"]) in a.pinned                 # graph output
+    assert a.find(by_name["fc"]) in a.pinned  # graph output
     assert set(a.prunable()) == {by_name["conv1"], by_name["conv3"], by_name["conv4"]}
     keep = {by_name["conv3"]: np.array([0, 2, 5])}
     assert list(a.positions("cat", keep)) == list(range(16)) + [16, 18, 21]
@@ -214,8 +236,8 @@ def test_structured_surgery_exact_when_removed_channels_are_zero():
     """Channels of conv3 (into Concat) and conv4 (into Flatten→Gemm) made dead: their removal must not change the
     output, which checks every offset; the residual group's channels are alive at the Add, so nothing is removed there."""
     model = _structured_model()
-    _make_dead(model, "w3", "b3", [1, 6])      # conv3 output → Concat → Mul → conv4: negative bias is *not* zero
-    _make_dead(model, "w4", "b4", [0, 7, 8])   # ReLU after conv4 → dead → MaxPool → Flatten → Gemm
+    _make_dead(model, "w3", "b3", [1, 6])  # conv3 output → Concat → Mul → conv4: negative bias is *not* zero
+    _make_dead(model, "w4", "b4", [0, 7, 8])  # ReLU after conv4 → dead → MaxPool → Flatten → Gemm
     result = PRUNE.fn(model, _ctx(), _params(mode="dead", align_channels=False))
     pruned = result.model
     assert _weight_of(pruned, "conv4").shape[0] == 9
@@ -240,6 +262,7 @@ def test_structured_random_pruning_runs_and_shrinks():
 
 # ---- 2:4 -------------------------------------------------------------------------------------
 
+
 def _check_2_4(original: np.ndarray, pruned: np.ndarray, axis: int) -> None:
     """In every run of 4 consecutive weights along ``axis``: at most 2 nonzero, and those are the 2 largest."""
     orig = np.moveaxis(original, axis, -1).reshape(-1, 4)
@@ -257,7 +280,12 @@ def _check_all_2_4(before: onnx.ModelProto, result) -> int:
     before_inits = {t.name: numpy_helper.to_array(t) for t in before.graph.initializer}
     for row in rows:
         node = nodes[row["layer"]]
-        axis = 1 if node.op_type == "Conv" or (node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)) else 0
+        axis = (
+            1
+            if node.op_type == "Conv"
+            or (node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute))
+            else 0
+        )
         _check_2_4(before_inits[row["weight"]], _init(result.model, row["weight"]), axis)
     return len(rows)
 
@@ -265,7 +293,9 @@ def _check_all_2_4(before: onnx.ModelProto, result) -> int:
 def test_2_4_pattern_digits_and_only_qualifying_layers():
     model, calib, _ = _digits()
     result = PRUNE.fn(model, _ctx("cuda", calib=calib), _params(mode="2:4", search=False, min_params=0))
-    assert _check_all_2_4(model, result) == 2  # conv2 [32,16,3,3] and fc1 [64,512]; conv1 (in 1) and fc2 (out 10) do not qualify
+    assert (
+        _check_all_2_4(model, result) == 2
+    )  # conv2 [32,16,3,3] and fc1 [64,512]; conv1 (in 1) and fc2 (out 10) do not qualify
     skipped = {s["layer"]: s["reason"] for s in result.summary["weights"]["skipped"]}
     assert "conv1" in skipped and "fc2" in skipped
     feed = {"image": calib.arrays["image"][:8]}
@@ -296,10 +326,14 @@ def test_2_4_within_budget_digits_search():
 
 # ---- magnitude --------------------------------------------------------------------------------
 
+
 def test_magnitude_reports_sparsity_and_compressed_size():
     model, calib, _ = _digits()
-    result = PRUNE.fn(model, _ctx(calib=calib), _params(mode="magnitude", search=False, min_params=0,
-                                                        max_ratio={"Conv": 0.5, "Gemm": 0.75}))
+    result = PRUNE.fn(
+        model,
+        _ctx(calib=calib),
+        _params(mode="magnitude", search=False, min_params=0, max_ratio={"Conv": 0.5, "Gemm": 0.75}),
+    )
     rows = {r["layer"]: r for r in result.summary["weights"]["layers"]}
     for layer, want in (("conv2", 0.5), ("fc1", 0.75)):
         w = _weight_of(result.model, layer)
@@ -313,6 +347,7 @@ def test_magnitude_reports_sparsity_and_compressed_size():
 
 
 # ---- structured channel pruning within the budget -----------------------------------------
+
 
 def test_channel_pruning_digits_shrinks_as_reported_within_budget():
     model, calib, evaluation = _digits()
@@ -351,6 +386,7 @@ def test_lossy_mode_without_data_removes_only_dead_channels_and_warns():
 
 # ---- onnx's pytorch-converted models, with their own test inputs --------------------------------
 
+
 def _pytorch_case(name: str) -> tuple[onnx.ModelProto, SampleSet]:
     folder = PYTORCH / name
     model, _ = upgrade_opset(onnx.load(folder / "model.onnx"), 13, 21)  # as compile does
@@ -368,9 +404,13 @@ def test_pytorch_converted_magnitude_within_budget(case):
     channel = PRUNE.fn(model, _ctx(calib=samples), _params(mode="channel", min_params=0))
     assert channel.summary["channels"]["prunable_groups"] == 0 and channel.summary["applied"] == "nothing to prune"
     # ...while unstructured magnitude pruning applies, bounded by the budget on the model's own test inputs.
-    result = PRUNE.fn(model, _ctx(calib=samples, budget=20.0), _params(mode="magnitude", min_params=0, ratios=[0.1, 0.25, 0.5]))
+    result = PRUNE.fn(
+        model, _ctx(calib=samples, budget=20.0), _params(mode="magnitude", min_params=0, ratios=[0.1, 0.25, 0.5])
+    )
     assert result.summary["weights"]["pruned_layers"] == 1
-    assert result.summary["weights"]["layers"][0]["sparsity"][1] > 0.05  # 10% of the smallest (a feature map: relative error)
+    assert (
+        result.summary["weights"]["layers"][0]["sparsity"][1] > 0.05
+    )  # 10% of the smallest (a feature map: relative error)
     score = Evaluator(model, samples).score(result.model)
     assert score.drop_pct <= result.summary["budget_pct"]
     assert result.summary["accuracy"]["drop_pct"] == score.drop_pct
@@ -380,11 +420,19 @@ def test_pytorch_converted_magnitude_within_budget(case):
 
 # ---- parameters ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("table, key", [
-    ({"mode": "3:4"}, "mode"), ({"ratios": [0.0]}, "ratios"), ({"ratios": [1.5]}, "ratios"),
-    ({"budget_share": 0}, "budget_share"), ({"op_types": ["Relu"]}, "op_types"), ({"max_ratio": {"Conv": 1.0}}, "max_ratio"),
-    ({"sparsity": 0.5}, "sparsity"),
-])
+
+@pytest.mark.parametrize(
+    "table, key",
+    [
+        ({"mode": "3:4"}, "mode"),
+        ({"ratios": [0.0]}, "ratios"),
+        ({"ratios": [1.5]}, "ratios"),
+        ({"budget_share": 0}, "budget_share"),
+        ({"op_types": ["Relu"]}, "op_types"),
+        ({"max_ratio": {"Conv": 1.0}}, "max_ratio"),
+        ({"sparsity": 0.5}, "sparsity"),
+    ],
+)
 def test_bad_params_name_the_key(table, key):
     with pytest.raises(BadInputError) as err:
         _params(**table)
@@ -392,6 +440,7 @@ def test_bad_params_name_the_key(table, key):
 
 
 # ---- PP-OCRv4 det: the budgeted channel search (slow) -------------------------------------------
+
 
 def _text_images(n: int, seed: int, size: int = 320) -> np.ndarray:
     """Synthetic document crops (dark words on light paper), normalised as PP-OCR's det preprocessing does."""
@@ -406,8 +455,12 @@ def _text_images(n: int, seed: int, size: int = 320) -> np.ndarray:
         draw = ImageDraw.Draw(img)
         for _ in range(int(rng.integers(3, 7))):
             font = ImageFont.load_default(size=int(rng.integers(14, 34)))
-            draw.text((int(rng.integers(0, size // 2)), int(rng.integers(0, size - 30))), str(rng.choice(words)),
-                      fill=tuple(int(v) for v in rng.integers(0, 90, 3)), font=font)
+            draw.text(
+                (int(rng.integers(0, size // 2)), int(rng.integers(0, size - 30))),
+                str(rng.choice(words)),
+                fill=tuple(int(v) for v in rng.integers(0, 90, 3)),
+                font=font,
+            )
         out.append(((np.asarray(img, np.float32) / 255.0 - mean) / std).transpose(2, 0, 1))
     return np.stack(out).astype(np.float32)
 
@@ -432,6 +485,7 @@ def test_ppocr_det_channel_search_within_budget(tmp_path):
 
 # ---- in the pipeline, with each target's own parameters -----------------------------------------
 
+
 @pytest.mark.parametrize("target, mode", [("edge-arm", "channel"), ("cuda", "2:4"), ("cpu-avx", "dead")])
 def test_target_prune_step_in_pipeline(target, mode):
     import dataclasses
@@ -442,7 +496,9 @@ def test_target_prune_step_in_pipeline(target, mode):
     profile = load_target(target)
     step = next(s for s in profile.passes if s.name == "prune")
     assert step.params.mode == mode and step.why
-    ctx = PassContext(target=dataclasses.replace(profile, passes=[step]), calib=calib, eval=evaluation, max_accuracy_drop=4.0)
+    ctx = PassContext(
+        target=dataclasses.replace(profile, passes=[step]), calib=calib, eval=evaluation, max_accuracy_drop=4.0
+    )
     compiled, records = run_pipeline(model, ctx)
     (record,) = records
     assert record.summary["mode"] == mode
@@ -454,6 +510,7 @@ def test_target_prune_step_in_pipeline(target, mode):
 
 
 # ---- surgery on real graphs: removing channels == zeroing what their consumers read ------------
+
 
 def _zero_consumer_reads(model: onnx.ModelProto, a: cg.ChannelAnalysis, keep: dict[int, np.ndarray]) -> onnx.ModelProto:
     """The unpruned model with every removed channel's contribution cut at its consumers (weights zeroed)."""
@@ -487,8 +544,10 @@ def _surgery_matches_masking(model: onnx.ModelProto, feed: dict[str, np.ndarray]
 
 
 @needs_ocr
-@pytest.mark.parametrize("name, shape, groups", [("ch_PP-OCRv4_det_infer.onnx", [1, 3, 64, 96], 30),
-                                                  ("ch_ppocr_mobile_v2.0_cls_infer.onnx", [1, 3, 48, 192], 5)])
+@pytest.mark.parametrize(
+    "name, shape, groups",
+    [("ch_PP-OCRv4_det_infer.onnx", [1, 3, 64, 96], 30), ("ch_ppocr_mobile_v2.0_cls_infer.onnx", [1, 3, 48, 192], 5)],
+)
 def test_surgery_on_ppocr_graphs_matches_masking(name, shape, groups):
     model = onnx.load(OCR_DET.parent / name)  # raw: weights in Constant nodes, BN unfolded in places, dynamic dims
     x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
@@ -508,7 +567,6 @@ def test_surgery_on_ppocr_rec_matches_masking():
 @pytest.mark.parametrize("name", ["squeezenet", "resnet50", "inception_v2", "densenet121"])
 def test_surgery_on_light_zoo_graphs_matches_masking(name):
     import onnxsim
-
     from conftest import LIGHT_DIR
 
     model, _ = upgrade_opset(onnx.load(LIGHT_DIR / f"light_{name}.onnx"), 13, 19)

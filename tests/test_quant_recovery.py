@@ -3,6 +3,7 @@
 digits (examples/digits: a trained CNN, its own calibration and held-out images) for the fast
 invariants; PP-OCRv4 rec (rendered text lines) for the slow ones.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import DIGITS, OCR_REC, REPO, needs_ocr
 from onnx import numpy_helper
 
-from conftest import DIGITS, OCR_REC, REPO, needs_ocr
 from lepton_cli.errors import BadInputError
 from lepton_cli.ort import make_session
 from lepton_cli.params import from_table
@@ -32,7 +33,7 @@ def digits(tmp_path_factory):
     name = model.graph.input[0].name
     calib = np.load(DIGITS / "calib.npz")["image"]
     held = np.load(DIGITS / "eval.npz")["image"]
-    return model, [{name: calib[i:i + 1]} for i in range(64)], [{name: held[i:i + 1]} for i in range(128)]
+    return model, [{name: calib[i : i + 1]} for i in range(64)], [{name: held[i : i + 1]} for i in range(128)]
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -49,8 +50,12 @@ def test_patches_reproduce_each_layers_output(digits):
     model, calib, _ = digits
     for layer in weight_layers(model):
         probe = _copy(model)
-        probe.graph.output.extend([onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
-                                   for t in (layer.node.input[0], layer.node.output[0])])
+        probe.graph.output.extend(
+            [
+                onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                for t in (layer.node.input[0], layer.node.output[0])
+            ]
+        )
         x, y = make_session(probe).run([layer.node.input[0], layer.node.output[0]], calib[0])
         weight = load(model, layer.weight)
         cols = layer_stats.patches(layer, x, weight.shape)[0]
@@ -71,6 +76,7 @@ def test_equalisation_keeps_the_float_outputs_and_evens_the_ranges(digits):
     def spread(m: onnx.ModelProto) -> float:  # how unequal conv1's output-channel ranges are
         ranges = np.abs(load(m, pair.first.weight)).reshape(len(load(m, pair.first.weight)), -1).max(axis=1)
         return float(ranges.max() / ranges.min())
+
     r1 = np.abs(load(equalised, pair.first.weight)).reshape(-1, 9).max(axis=1)
     r2 = np.abs(load(equalised, pair.second.weight)).transpose(1, 0, 2, 3).reshape(len(r1), -1).max(axis=1)
     np.testing.assert_allclose(r1, r2, rtol=1e-3)  # each channel's range is the same on both sides
@@ -101,8 +107,10 @@ def test_adaround_reconstructs_each_layer_no_worse_than_rounding_to_nearest(digi
     for layer in layers:
         rows = to_rows(layer, load(model, layer.weight)).astype(np.float64)
         grid = weight_grid(rows, PER_CHANNEL)
-        nearest, chosen = grid.quantize(rows), adaround.optimise_rounding(rows, grid, fitted[layer.name],
-                                                                          adaround.AdaRoundSettings(iterations=150))
+        nearest, chosen = (
+            grid.quantize(rows),
+            adaround.optimise_rounding(rows, grid, fitted[layer.name], adaround.AdaRoundSettings(iterations=150)),
+        )
         on_calib = [adaround.reconstruction_error(rows, w, fitted[layer.name]) for w in (nearest, chosen)]
         assert np.all(on_calib[1] <= on_calib[0] + 1e-12), layer.name  # per output channel, by construction
         assert on_calib[1].sum() < 0.95 * on_calib[0].sum(), layer.name
@@ -129,8 +137,9 @@ def test_onnx_runtime_stores_the_chosen_rounding(digits, tmp_path, scheme):
         weight_input = next(n for n in quantized.graph.node if n.name == layer.name).input[1]
         dq = next(n for n in quantized.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == weight_input)
         scale = inits[dq.input[1]].astype(np.float64)
-        stored = inits[dq.input[0]].astype(np.float64) * (scale.reshape(-1, *[1] * (inits[dq.input[0]].ndim - 1))
-                                                           if scale.ndim else scale)
+        stored = inits[dq.input[0]].astype(np.float64) * (
+            scale.reshape(-1, *[1] * (inits[dq.input[0]].ndim - 1)) if scale.ndim else scale
+        )
         np.testing.assert_allclose(stored, load(recovered.quantize_source, layer.weight), rtol=1e-6, atol=1e-9)
 
 
@@ -138,8 +147,11 @@ def test_recovery_parameters_are_checked_when_the_target_loads():
     from lepton_cli.pass_registry import get_pass
 
     QuantizeParams = get_pass("quantize").params_cls  # noqa: N806
-    params = from_table(QuantizeParams, {"equalize": True, "bias_correction": True, "adaround": True,
-                                         "adaround_seconds": 30}, "passes[quantize]")
+    params = from_table(
+        QuantizeParams,
+        {"equalize": True, "bias_correction": True, "adaround": True, "adaround_seconds": 30},
+        "passes[quantize]",
+    )
     assert params.adaround and params.adaround_seconds == 30.0
     with pytest.raises(BadInputError, match="adaround_seconds"):
         from_table(QuantizeParams, {"adaround_seconds": 0}, "passes[quantize]")
@@ -153,6 +165,7 @@ def test_recovery_on_pp_ocrv4_rec(tmp_path):
     """Equalisation is exact on the real recogniser; rounding and bias correction lower its output error."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import ocr_textset as textset
+
     from lepton_cli.model_io import upgrade_opset
     from lepton_cli.shapes import bind_input_shapes
 
@@ -160,8 +173,12 @@ def test_recovery_on_pp_ocrv4_rec(tmp_path):
     model = schemes.preprocess(bind_input_shapes(model, {"x": [1, 3, 48, 160]}), tmp_path)
     calib = [{"x": x[None]} for x in textset.make_set(16, 1, "calib", width=160)[0]]
     held = [{"x": x[None]} for x in textset.make_set(8, 3, "eval", width=160)[0]]
-    recovered = recover(model, calib, POW2, RecoverySettings(equalize=True, adaround=True, bias_correction=True,
-                                                             adaround_iterations=100, samples=16))
+    recovered = recover(
+        model,
+        calib,
+        POW2,
+        RecoverySettings(equalize=True, adaround=True, bias_correction=True, adaround_iterations=100, samples=16),
+    )
     assert recovered.summary["equalized_pairs"] >= 3
     np.testing.assert_allclose(_outputs(recovered.reference, held), _outputs(model, held), atol=1e-4)
     assert recovered.summary["adaround_error_ratio_median"] < 0.95
@@ -173,6 +190,7 @@ def test_smoothquant_on_pp_ocrv4_rec_is_exact_and_flattens_the_gemm_inputs(tmp_p
     """The SVTR neck's LayerNorm -> Gemm inputs: 1/s folds into gamma and beta, outputs unchanged, channel ranges flatter."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import ocr_textset as textset
+
     from lepton_cli.model_io import upgrade_opset
     from lepton_cli.shapes import bind_input_shapes
 
@@ -186,8 +204,11 @@ def test_smoothquant_on_pp_ocrv4_rec_is_exact_and_flattens_the_gemm_inputs(tmp_p
     gemms = [layer for layer in weight_layers(model) if layer.kind != "conv"]
     before = layer_stats.collect(model, held, gemms, max_positions=1)
     after = layer_stats.collect(recovered.reference, held, weight_layers(recovered.reference), max_positions=1)
-    flatter = [name for name, stats in before.items()
-               if after[name].absmax.max() / np.median(after[name].absmax) < stats.absmax.max() / np.median(stats.absmax)]
+    flatter = [
+        name
+        for name, stats in before.items()
+        if after[name].absmax.max() / np.median(after[name].absmax) < stats.absmax.max() / np.median(stats.absmax)
+    ]
     assert len(flatter) >= 4
 
 
@@ -197,6 +218,7 @@ def test_heads_found_in_pp_ocrv4_rec_and_kept_out_of_int8(tmp_path):
     """The recogniser's decoding Softmax is found without a scope; quantize leaves it (and its output) float."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import ocr_textset as textset
+
     from lepton_cli.model_io import upgrade_opset
     from lepton_cli.quant.heads import find_heads
     from lepton_cli.shapes import bind_input_shapes
@@ -211,8 +233,9 @@ def test_heads_found_in_pp_ocrv4_rec_and_kept_out_of_int8(tmp_path):
     from lepton_cli.data import load_samples
     from lepton_cli.quant.calibration import CalibrationSettings, calibrate
 
-    path = schemes.save_ranges(calibrate(model, load_samples(tmp_path / "calib.npz", model), CalibrationSettings()),
-                               tmp_path / "ranges.json")
+    path = schemes.save_ranges(
+        calibrate(model, load_samples(tmp_path / "calib.npz", model), CalibrationSettings()), tmp_path / "ranges.json"
+    )
     quantized = schemes.quantize_int8(model, path, "minmax", PER_CHANNEL, heads[0].nodes, tmp_path)
     producer = {o: n for n in quantized.graph.node for o in n.output}
     assert producer[quantized.graph.output[0].name].name in heads[0].nodes  # float from the Softmax on
@@ -221,16 +244,22 @@ def test_heads_found_in_pp_ocrv4_rec_and_kept_out_of_int8(tmp_path):
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in head_outputs for n in quantized.graph.node)
 
 
-DDDDOCR_DET = Path(os.environ.get("LEPTON_DDDDOCR_DET", Path.home() / ".cache" / "lepton-test" / "ddddocr" / "common_det.onnx"))
+DDDDOCR_DET = Path(
+    os.environ.get("LEPTON_DDDDOCR_DET", Path.home() / ".cache" / "lepton-test" / "ddddocr" / "common_det.onnx")
+)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DDDDOCR_DET.exists(), reason="pip download --no-deps ddddocr, unzip ddddocr/common_det.onnx to "
-                    "~/.cache/lepton-test/ddddocr/ (or set LEPTON_DDDDOCR_DET)")
+@pytest.mark.skipif(
+    not DDDDOCR_DET.exists(),
+    reason="pip download --no-deps ddddocr, unzip ddddocr/common_det.onnx to "
+    "~/.cache/lepton-test/ddddocr/ (or set LEPTON_DDDDOCR_DET)",
+)
 def test_detector_head_concat_of_boxes_and_scores_is_found():
     """ddddocr's YOLOX-style head concatenates box offsets with sigmoid scores per scale, then the scales."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_quant_recovery import captchas
+
     from lepton_cli.quant.heads import find_heads
 
     model = onnx.load(DDDDOCR_DET)

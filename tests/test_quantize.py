@@ -2,6 +2,7 @@
 per-channel int8 weights, power-of-two scales, fp16 with fp32 I/O), within the accuracy budget;
 streamed calibration; the no-calibration fallback; exit 3 when nothing meets the budget.
 PP-OCRv4 rec within a 0.5-point budget is the slow case."""
+
 from __future__ import annotations
 
 import math
@@ -10,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import DIGITS, OCR_REC, needs_ocr
 from onnx import numpy_helper
 
-from conftest import DIGITS, OCR_REC, needs_ocr
 from lepton_cli.accuracy import Evaluator
 from lepton_cli.data import load_samples
 from lepton_cli.errors import BadInputError, QualityGateError
@@ -40,8 +41,13 @@ def _params(target: str, **overrides):
 
 
 def _run(target: str, model, calib=None, evaluation=None, budget=None, **overrides):
-    ctx = PassContext(target=load_target(target), calib=calib, eval=evaluation, max_accuracy_drop=budget,
-                      host={"isa": ["avx2", "fma"], "arch": "x86_64"})
+    ctx = PassContext(
+        target=load_target(target),
+        calib=calib,
+        eval=evaluation,
+        max_accuracy_drop=budget,
+        host={"isa": ["avx2", "fma"], "arch": "x86_64"},
+    )
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     return QUANTIZE.fn(copy, ctx, _params(target, **overrides)), ctx
@@ -62,8 +68,11 @@ def _q_nodes(model, op="QuantizeLinear"):
 def _weight_dq(model):
     """DequantizeLinear nodes whose input is an int8 initializer (quantized weights)."""
     inits = _inits(model)
-    return [(n, inits[n.input[0]], inits[n.input[1]]) for n in _q_nodes(model, "DequantizeLinear")
-            if n.input[0] in inits and inits[n.input[0]].dtype == np.int8 and inits[n.input[0]].ndim >= 2]
+    return [
+        (n, inits[n.input[0]], inits[n.input[1]])
+        for n in _q_nodes(model, "DequantizeLinear")
+        if n.input[0] in inits and inits[n.input[0]].dtype == np.int8 and inits[n.input[0]].ndim >= 2
+    ]
 
 
 def _top1_drop(source, compiled, evaluation, opt_level="all") -> float:
@@ -168,7 +177,9 @@ def test_weight_only_dynamic_and_int4_options(digits):
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[4, 64] x) => (float[4, 32] y) { y = MatMul(x, w) }
     """)
-    matmul.graph.initializer.append(numpy_helper.from_array(np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32), "w"))
+    matmul.graph.initializer.append(
+        numpy_helper.from_array(np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32), "w")
+    )
     result, _ = _run("cpu-avx", matmul, scheme="int4_weight_only")
     assert result.summary["matmul_nbits"] == 1 and "MatMulNBits" in _ops(result.model)
     x = {"x": np.random.default_rng(1).normal(size=(4, 64)).astype(np.float32)}
@@ -198,16 +209,41 @@ def test_impossible_budget_exits_3_with_what_was_tried(digits):
 
 
 def test_compile_cli_impossible_budget_exit_3(run_cli, tmp_path):
-    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", "cpu-avx", "--calib", DIGITS / "calib.npz",
-                  "--eval", DIGITS / "eval.npz", "--max-accuracy-drop", "-5", "-o", tmp_path / "out")
+    res = run_cli(
+        "compile",
+        DIGITS / "digits_cnn.onnx",
+        "--target",
+        "cpu-avx",
+        "--calib",
+        DIGITS / "calib.npz",
+        "--eval",
+        DIGITS / "eval.npz",
+        "--max-accuracy-drop",
+        "-5",
+        "-o",
+        tmp_path / "out",
+    )
     assert res.code == 3, res.stderr
     assert "tried" in res.stderr
     assert not list((tmp_path / "out").glob("*.lepton")) if (tmp_path / "out").exists() else True
 
 
 def test_compile_edge_arm_nhwc_end_to_end(run_cli, tmp_path):
-    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", "edge-arm", "--calib", DIGITS / "calib.npz",
-                  "--eval", DIGITS / "eval.npz", "--max-accuracy-drop", "1", "-o", tmp_path, "--json")
+    res = run_cli(
+        "compile",
+        DIGITS / "digits_cnn.onnx",
+        "--target",
+        "edge-arm",
+        "--calib",
+        DIGITS / "calib.npz",
+        "--eval",
+        DIGITS / "eval.npz",
+        "--max-accuracy-drop",
+        "1",
+        "-o",
+        tmp_path,
+        "--json",
+    )
     assert res.code == 0, res.stderr
     import json
 
@@ -227,6 +263,7 @@ def test_streamed_calibration_matches_one_shot_and_entropy_bins_work(digits):
 
     def high(data, name):
         return float(np.asarray(data[name].range_value[1]).reshape(-1)[0])
+
     narrower = [n for n in one.keys() if high(entropy, n) < 0.99 * high(one, n)]
     assert narrower, "entropy calibration gave min/max ranges (bins too coarse)"
 
@@ -248,6 +285,7 @@ def test_ppocr_rec_cpu_avx_keeps_character_accuracy(tmp_path):
 
     sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
     import ocr_textset as textset
+
     from lepton_cli.model_io import upgrade_opset
     from lepton_cli.ort import make_session
     from lepton_cli.shapes import bind_input_shapes
@@ -258,7 +296,9 @@ def test_ppocr_rec_cpu_avx_keeps_character_accuracy(tmp_path):
     tune_x, tune_texts = textset.make_set(100, 2, "eval")
     test_x, test_texts = textset.make_set(100, 3, "eval")
     np.savez(tmp_path / "calib.npz", x=calib_x)
-    np.savez(tmp_path / "eval.npz", x=tune_x, labels=np.array(tune_texts))  # the budget is character accuracy vs the text
+    np.savez(
+        tmp_path / "eval.npz", x=tune_x, labels=np.array(tune_texts)
+    )  # the budget is character accuracy vs the text
     calib = load_samples(tmp_path / "calib.npz", model)
     evaluation = load_samples(tmp_path / "eval.npz", model, role="--eval")
     result, ctx = _run("cpu-avx", model, calib, evaluation, budget=0.5)
@@ -268,8 +308,9 @@ def test_ppocr_rec_cpu_avx_keeps_character_accuracy(tmp_path):
 
     def accuracy(m, level="all"):
         session = make_session(m, opt_level=level)
-        probs = np.concatenate([session.run(None, {"x": test_x[i:i + 1]})[0] for i in range(len(test_x))])
+        probs = np.concatenate([session.run(None, {"x": test_x[i : i + 1]})[0] for i in range(len(test_x))])
         return textset.char_accuracy(textset.ctc_greedy(probs, chars), test_texts)
+
     assert accuracy(model) - accuracy(result.model, ctx.scoring_opt_level) <= 0.5
     assert result.model.ByteSize() <= 0.30 * model.ByteSize()
 
@@ -306,6 +347,7 @@ def test_tpu_integer_io_option_gives_int8_inputs_and_outputs(digits):
     assert _top1_drop(model, q, evaluation, ctx.scoring_opt_level) <= 1.0
     plain, _ = _run("tpu", model, calib, evaluation)
     from lepton_cli.ort import make_session
+
     got = restore_output(q, out, make_session(q).run(None, adapted)[0])
     want = make_session(plain.model).run(None, feed)[0]
     assert got.dtype == np.float32 and np.argmax(got) == np.argmax(want)
@@ -324,11 +366,28 @@ def test_tpu_integer_io_on_ppocr_det_end_to_end(run_cli, tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "calib.npz", x=rng.normal(0, 1, (4, 3, 160, 160)).astype(np.float32))
     toml = tmp_path / "tpu-int-io.toml"
-    toml.write_text('extends = "tpu"\nname = "tpu-int-io"\n[pass_params.quantize]\ninteger_io = true\n', encoding="utf-8")
-    result = run_cli("compile", OCR_DET, "--target", toml, "--input-shape", "x=1,3,160,160", "--calib", tmp_path / "calib.npz",
-                     "--max-accuracy-drop", "100", "--no-bench", "--json", "-o", tmp_path / "out")
+    toml.write_text(
+        'extends = "tpu"\nname = "tpu-int-io"\n[pass_params.quantize]\ninteger_io = true\n', encoding="utf-8"
+    )
+    result = run_cli(
+        "compile",
+        OCR_DET,
+        "--target",
+        toml,
+        "--input-shape",
+        "x=1,3,160,160",
+        "--calib",
+        tmp_path / "calib.npz",
+        "--max-accuracy-drop",
+        "100",
+        "--no-bench",
+        "--json",
+        "-o",
+        tmp_path / "out",
+    )
     assert result.code == 0, result.output
     import json
+
     report = json.loads(result.stdout)
     steps = {s["name"]: s for s in report["report"]["pipeline"]} if "report" in report else None
     bundle = next((tmp_path / "out").glob("*.lepton"))
@@ -344,9 +403,22 @@ def test_integer_io_bundle_runs_on_float_samples_via_cli(run_cli, tmp_path):
     import json
 
     toml = tmp_path / "tpu-int-io.toml"
-    toml.write_text('extends = "tpu"\nname = "tpu-int-io"\n[pass_params.quantize]\ninteger_io = true\n', encoding="utf-8")
-    built = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", toml, "--calib", DIGITS / "calib.npz",
-                    "--eval", DIGITS / "eval.npz", "--no-bench", "-o", tmp_path / "out")
+    toml.write_text(
+        'extends = "tpu"\nname = "tpu-int-io"\n[pass_params.quantize]\ninteger_io = true\n', encoding="utf-8"
+    )
+    built = run_cli(
+        "compile",
+        DIGITS / "digits_cnn.onnx",
+        "--target",
+        toml,
+        "--calib",
+        DIGITS / "calib.npz",
+        "--eval",
+        DIGITS / "eval.npz",
+        "--no-bench",
+        "-o",
+        tmp_path / "out",
+    )
     assert built.code == 0, built.output
     bundle = next((tmp_path / "out").glob("*.lepton"))
     report = json.loads((bundle / "report.json").read_text())
@@ -363,23 +435,44 @@ def test_cuda_int8_trt_example_follows_tensorrt_rules(run_cli, tmp_path):
     """examples/targets/cuda-int8-trt.toml on PP-OCRv4 det: zero points 0, per-channel weights,
     per-tensor activations, and both inputs of every quantized residual Add come through Q/DQ."""
     from conftest import OCR_DET
+
     from lepton_cli.bundle import open_bundle
     from lepton_cli.keys import dev_keys
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "calib.npz", x=rng.normal(0, 1, (4, 3, 96, 96)).astype(np.float32))
     toml = Path(__file__).resolve().parent.parent / "examples" / "targets" / "cuda-int8-trt.toml"
-    built = run_cli("compile", OCR_DET, "--target", toml, "--input-shape", "x=1,3,96,96", "--calib", tmp_path / "calib.npz",
-                    "--max-accuracy-drop", "100", "--no-bench", "-o", tmp_path / "out")
+    built = run_cli(
+        "compile",
+        OCR_DET,
+        "--target",
+        toml,
+        "--input-shape",
+        "x=1,3,96,96",
+        "--calib",
+        tmp_path / "calib.npz",
+        "--max-accuracy-drop",
+        "100",
+        "--no-bench",
+        "-o",
+        tmp_path / "out",
+    )
     assert built.code == 0, built.output
     keys, _ = dev_keys(create=False)
-    opened = open_bundle(next((tmp_path / "out").glob("*.lepton")), key=str(keys.path("encryption", "private")),
-                         trust=str(keys.path("signing", "public")), state_path=tmp_path / "state.json")
+    opened = open_bundle(
+        next((tmp_path / "out").glob("*.lepton")),
+        key=str(keys.path("encryption", "private")),
+        trust=str(keys.path("signing", "public")),
+        state_path=tmp_path / "state.json",
+    )
     assert [(v["name"], v["precision"]) for v in opened.manifest["variants"]] == [("int8", "int8"), ("fp32", "fp32")]
     q = onnx.ModelProto.FromString(opened.models["model.onnx"])
     inits = _inits(q)
-    zero_points = [inits[n.input[2]] for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                   and len(n.input) > 2 and n.input[2] in inits]
+    zero_points = [
+        inits[n.input[2]]
+        for n in q.graph.node
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits
+    ]
     assert zero_points and all(not zp.any() for zp in zero_points)
     assert any(scale.size > 1 for _, _, scale in _weight_dq(q)), "weights are not per-channel"
     assert all(inits[n.input[1]].size == 1 for n in _q_nodes(q)), "activations are not per-tensor"
@@ -391,15 +484,24 @@ def test_cuda_int8_trt_example_follows_tensorrt_rules(run_cli, tmp_path):
 def test_histogram_calibration_memory_stays_bounded_when_ranges_grow():
     """ORT's histogram merge adds bins of the old width when a later chunk is wider (a near-zero first
     chunk then a wide one: >100k bins at once); the bounded collector re-bins before ORT merges."""
-    from lepton_cli.quant.calibration import _bound_histograms
     from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from lepton_cli.quant.calibration import _bound_histograms
 
     rng = np.random.default_rng(0)
     narrow, wide = rng.normal(0, 1e-3, 1000).astype(np.float32), rng.normal(0, 10.0, 1000).astype(np.float32)
     for method, symmetric, bins in (("entropy", False, 512), ("percentile", True, 2048)):
+
         def fresh():
-            return HistogramCollector(method=method, symmetric=symmetric, num_bins=bins, num_quantized_bins=128,
-                                      percentile=99.999, scenario="same")
+            return HistogramCollector(
+                method=method,
+                symmetric=symmetric,
+                num_bins=bins,
+                num_quantized_bins=128,
+                percentile=99.999,
+                scenario="same",
+            )
+
         unbounded = fresh()
         unbounded.collect({"t": [narrow]})
         unbounded.collect({"t": [wide]})
@@ -476,7 +578,7 @@ def test_mse_range_clips_a_long_tail_and_keeps_a_tight_one():
 
     rng = np.random.default_rng(0)
     tailed = rng.laplace(0, 1, 1_000_000)  # min/max near +-14; the MSE-optimal 8-bit clip of Laplace(b) is ~9.9 b
-    edge = float(np.abs(tailed).max())      # (Banner et al., "ACIQ", 2019)
+    edge = float(np.abs(tailed).max())  # (Banner et al., "ACIQ", 2019)
     hist, edges = np.histogram(tailed, bins=2048, range=(-edge, edge))
     lo, hi = mse_range(hist, edges, float(tailed.min()), float(tailed.max()))
     assert 8 < hi < 11.5 and -11.5 < lo < -8 and hi < 0.85 * tailed.max()
@@ -509,6 +611,7 @@ def test_the_search_holds_the_upper_confidence_bound_of_the_drop_to_the_budget(d
 
     def run(z):
         return search(build, ["minmax"], Measured(), 0.5, model, [], max_float=0, candidates=lambda m: [], z=z)
+
     assert run(0.0).best is not None  # the point estimate is within 0.5
     rejected = run(1.2816)  # 90% one-sided: 0.4 + 0.128 > 0.5
     assert rejected.best is None and rejected.trials[0].drop_se == 0.1
@@ -523,28 +626,40 @@ def _hard_swish_graph():
 
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
-    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1], name="conv"),
-             helper.make_node("HardSigmoid", ["h"], ["gate"], alpha=1 / 6, beta=0.5, name="hsig"),
-             helper.make_node("Mul", ["h", "gate"], ["y"], name="hswish"),
-             helper.make_node("Conv", ["y", "w2"], ["g"], name="conv2"),
-             helper.make_node("HardSigmoid", ["g"], ["g_gate"], name="hsig2"),
-             helper.make_node("Add", ["g", "g_gate"], ["z"], name="add")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("HardSigmoid", ["h"], ["gate"], alpha=1 / 6, beta=0.5, name="hsig"),
+        helper.make_node("Mul", ["h", "gate"], ["y"], name="hswish"),
+        helper.make_node("Conv", ["y", "w2"], ["g"], name="conv2"),
+        helper.make_node("HardSigmoid", ["g"], ["g_gate"], name="hsig2"),
+        helper.make_node("Add", ["g", "g_gate"], ["z"], name="add"),
+    ]
     w2 = numpy_helper.from_array(rng.normal(size=(4, 4, 1, 1)).astype(np.float32), "w2")
-    graph = helper.make_graph(nodes, "hs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 8, 8])], [w, w2])
+    graph = helper.make_graph(
+        nodes,
+        "hs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [w, w2],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_a_hard_swish_input_range_stops_where_hard_sigmoid_reaches_zero():
-    from onnxruntime.quantization.calibrate import TensorData, TensorsData, CalibrationMethod
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
 
     from lepton_cli.quant.consumer_ranges import narrow_to_readers, range_floors
 
     model = _hard_swish_graph()
     # h: only the hard-swish reads it -> floor -beta/alpha = -3; g: an Add reads it too -> unchanged
     assert range_floors(model) == {"h": pytest.approx(-3.0)}
-    ranges = TensorsData(CalibrationMethod.Percentile, {
-        name: TensorData(lowest=np.array(-40.0, np.float32), highest=np.array(40.0, np.float32)) for name in ("h", "g", "y")})
+    ranges = TensorsData(
+        CalibrationMethod.Percentile,
+        {
+            name: TensorData(lowest=np.array(-40.0, np.float32), highest=np.array(40.0, np.float32))
+            for name in ("h", "g", "y")
+        },
+    )
     assert narrow_to_readers(model, ranges) == ["h"]
     assert float(ranges.data["h"].lowest) == pytest.approx(-3.0) and float(ranges.data["h"].highest) == 40.0
     assert float(ranges.data["g"].lowest) == -40.0 and float(ranges.data["y"].lowest) == -40.0
@@ -577,6 +692,7 @@ def test_no_floor_where_a_reader_sees_values_below_it(change):
 def test_ppocr_det_hard_swish_inputs_get_u8_ranges_from_minus_three(tmp_path):
     """PP-OCRv4 det: each pre-hard-swish activation's u8 Q covers [-3, hi], not the symmetric ±max."""
     from conftest import OCR_DET
+
     from lepton_cli.model_io import upgrade_opset
     from lepton_cli.quant.consumer_ranges import range_floors
     from lepton_cli.shapes import bind_input_shapes
@@ -587,8 +703,15 @@ def test_ppocr_det_hard_swish_inputs_get_u8_ranges_from_minus_three(tmp_path):
     model = get_pass("fuse").fn(model, PassContext(target=load_target("cpu-avx")), fuse_step.params).model
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "calib.npz", x=rng.normal(size=(4, 3, 160, 160)).astype(np.float32))
-    result, _ = _run("cpu-avx", model, load_samples(tmp_path / "calib.npz", model), tune=False,
-                     methods=["percentile"], fast_op_types=None, op_types=[])
+    result, _ = _run(
+        "cpu-avx",
+        model,
+        load_samples(tmp_path / "calib.npz", model),
+        tune=False,
+        methods=["percentile"],
+        fast_op_types=None,
+        op_types=[],
+    )
     assert result.summary["ranges_narrowed_to_readers"] >= 20  # PP-OCRv4 det has 34 hard-swish-like gates
     floors = range_floors(model)  # -beta/alpha of each gate: -3, or -3*s where fuse folded a scale s into it
     q = result.model
@@ -630,13 +753,25 @@ def test_the_search_falls_back_to_the_leading_nodes_when_no_single_node_ranks(di
     assert found.best_trial is not None
     assert found.best_trial.float_nodes == ["n0", "n1", "n2"] and found.best_trial.float_rule == tuning.LEADING
     # the ranked order was tried first, up to max_float, and failed
-    assert any(t.float_rule == tuning.SENSITIVITY and len(t.float_nodes) == 8 and not t.meets_budget for t in found.trials)
+    assert any(
+        t.float_rule == tuning.SENSITIVITY and len(t.float_nodes) == 8 and not t.meets_budget for t in found.trials
+    )
     # a set of float nodes is scored once, whichever rule proposes it again: with the ranking in graph
     # order, the leading sets are the ranked ones (0, 1, 2, 4, 8 float, each built and scored once)
     kept_seen.clear()
     monkeypatch.setattr(tuning, "float_gains", lambda *a, **k: [(n, 0.0) for n in names])
-    never = tuning.search(build, ["minmax"], type("Never", (), {"opt_level": "all", "score": lambda self, c: AccuracyScore(
-        "top1", 100.0, 97.0, 3.0, {}, 100)})(), 0.5, model, [], max_float=8, candidates=lambda m: names)
+    never = tuning.search(
+        build,
+        ["minmax"],
+        type(
+            "Never", (), {"opt_level": "all", "score": lambda self, c: AccuracyScore("top1", 100.0, 97.0, 3.0, {}, 100)}
+        )(),
+        0.5,
+        model,
+        [],
+        max_float=8,
+        candidates=lambda m: names,
+    )
     assert never.best is None and [len(k) for k in kept_seen] == [0, 1, 2, 4, 8] and len(never.trials) == 5
 
 
@@ -658,12 +793,16 @@ def test_names_the_quantizer_added_are_shortened_and_the_source_names_kept(digit
     ranges = schemes.save_ranges(calibrate(base, calib, CalibrationSettings(method="minmax")), tmp_path / "r.json")
     long_names = schemes.quantize_int8(base, ranges, "minmax", schemes.Int8Scheme(), [], tmp_path)
     short = onnx.ModelProto.FromString(long_names.SerializeToString())
-    original = {x for n in base.graph.node for x in list(n.input) + list(n.output)} | {t.name for t in base.graph.initializer}
+    original = {x for n in base.graph.node for x in list(n.input) + list(n.output)} | {
+        t.name for t in base.graph.initializer
+    }
     assert shorten_added_names(short, original) > 0 and short.ByteSize() < long_names.ByteSize()
     onnx.checker.check_model(short)
     feed = next(iter(calib.feeds(1)))
-    assert np.array_equal(make_session(short, opt_level="all").run(None, feed)[0],
-                          make_session(long_names, opt_level="all").run(None, feed)[0])
+    assert np.array_equal(
+        make_session(short, opt_level="all").run(None, feed)[0],
+        make_session(long_names, opt_level="all").run(None, feed)[0],
+    )
 
 
 def test_a_source_name_that_ends_like_a_quantizer_suffix_is_kept_whole():
@@ -671,11 +810,17 @@ def test_a_source_name_that_ends_like_a_quantizer_suffix_is_kept_whole():
 
     from lepton_cli.quant.short_names import shorten_added_names
 
-    nodes = [helper.make_node("Relu", ["x"], ["ln_scale"], name="relu"),
-             helper.make_node("Identity", ["ln_scale"], ["ln_scale_QuantizeLinear_Output"], name="ln_scale_QuantizeLinear"),
-             helper.make_node("Identity", ["ln_scale_QuantizeLinear_Output"], ["y"], name="out")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["ln_scale"], name="relu"),
+        helper.make_node("Identity", ["ln_scale"], ["ln_scale_QuantizeLinear_Output"], name="ln_scale_QuantizeLinear"),
+        helper.make_node("Identity", ["ln_scale_QuantizeLinear_Output"], ["y"], name="out"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
     model = helper.make_model(graph)
     assert shorten_added_names(model, {"x", "ln_scale", "y", "relu", "out"}) > 0
     assert [list(n.output) for n in model.graph.node] == [["ln_scale"], ["ln_scale~q"], ["y"]]
@@ -689,6 +834,7 @@ def test_fpga_ppocr_det_every_scale_is_a_power_of_two(tmp_path):
     import sys
 
     from conftest import OCR_DET
+
     from lepton_cli.model_io import upgrade_opset
     from lepton_cli.shapes import bind_input_shapes
 
@@ -702,9 +848,14 @@ def test_fpga_ppocr_det_every_scale_is_a_power_of_two(tmp_path):
     np.savez(tmp_path / "calib.npz", x=textset.make_pages(4, 1, "calib", size=160))
     result, _ = _run("fpga", model, load_samples(tmp_path / "calib.npz", model), tune=False, methods=["minmax"])
     inits = _inits(result.model)
-    scales = {n.name: inits[n.input[1]].reshape(-1) for n in result.model.graph.node
-              if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
-    constant_dq = [n for n in _q_nodes(result.model, "DequantizeLinear") if n.input[0] in inits and inits[n.input[0]].ndim < 2]
+    scales = {
+        n.name: inits[n.input[1]].reshape(-1)
+        for n in result.model.graph.node
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+    }
+    constant_dq = [
+        n for n in _q_nodes(result.model, "DequantizeLinear") if n.input[0] in inits and inits[n.input[0]].ndim < 2
+    ]
     assert len(scales) > 500 and constant_dq  # constants (not weights) are quantized too
     off = {name: float(v[0]) for name, v in scales.items() if any(math.frexp(float(s))[0] != 0.5 for s in v)}
     assert not off, f"{len(off)} of {len(scales)} scales are not powers of two: {list(off.items())[:5]}"

@@ -1,12 +1,13 @@
 """--calib FOLDER --preprocess: image folders as calibration data, validated up front (exit 2)."""
+
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
+from conftest import DIGITS
 from PIL import Image
 
-from conftest import DIGITS
 from lepton_cli.errors import BadInputError
 from lepton_cli.preprocess import load_image_folder
 
@@ -31,12 +32,15 @@ def test_folder_feeds_match_the_npz_preprocessing(tmp_path):
     assert len(kept) + len(held) == 24 and len(held) == 6
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("size=8x8,std=0:1", "std has 2 values"),
-    ("size=9x9", "expects"),
-    ("colour=red", "cannot read"),
-    ("layout=NCWH", "layout"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("size=8x8,std=0:1", "std has 2 values"),
+        ("size=9x9", "expects"),
+        ("colour=red", "cannot read"),
+        ("layout=NCWH", "layout"),
+    ],
+)
 def test_bad_settings_exit_2(tmp_path, spec, message):
     model = onnx.load(DIGITS / "digits_cnn.onnx")
     _write_digits(tmp_path / "imgs", 2)
@@ -57,9 +61,23 @@ def test_empty_folder_and_unreadable_image_exit_2(tmp_path):
 
 def test_compile_with_an_image_folder(run_cli, tmp_path):
     _write_digits(tmp_path / "imgs", 40)
-    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", "cpu-avx", "--calib", tmp_path / "imgs",
-                  "--preprocess", "scale=1/255", "--eval", DIGITS / "eval.npz", "--max-accuracy-drop", "1",
-                  "-o", tmp_path / "out", "--json")
+    res = run_cli(
+        "compile",
+        DIGITS / "digits_cnn.onnx",
+        "--target",
+        "cpu-avx",
+        "--calib",
+        tmp_path / "imgs",
+        "--preprocess",
+        "scale=1/255",
+        "--eval",
+        DIGITS / "eval.npz",
+        "--max-accuracy-drop",
+        "1",
+        "-o",
+        tmp_path / "out",
+        "--json",
+    )
     assert res.code == 0, res.stderr
     import json
 

@@ -1,4 +1,5 @@
 """The README's quick-start commands, run exactly as written (a newcomer's first ten minutes)."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import subprocess
 import sys
 
 import numpy as np
-
 from conftest import REPO
 
 QUICKSTART = re.compile(r"<!-- quickstart -->\s*```(?:sh|bash|console)?\n(.*?)```", re.S)
@@ -30,8 +30,14 @@ def test_readme_quickstart_runs_as_written(tmp_path):
     for command in commands:
         argv = shlex.split(command)
         assert argv[0] == "lepton"
-        done = subprocess.run([sys.executable, "-m", "lepton_cli", *argv[1:]], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-m", "lepton_cli", *argv[1:]],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, f"{command}\n{done.stderr}"
         assert "Traceback" not in done.stderr
     # what the quick start promises: a bundle, and the run's outputs for every eval sample

@@ -1,4 +1,5 @@
 """report.md / report.html from a real compile report; step summary; baseline gate; a headless Chromium screenshot."""
+
 from __future__ import annotations
 
 import copy
@@ -10,11 +11,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-
 from conftest import DIGITS
+
 from lepton_cli import report_render
-from lepton_cli.report import apply_gates, baseline_checks
 from lepton_cli.errors import QualityGateError
+from lepton_cli.report import apply_gates, baseline_checks
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -28,8 +29,16 @@ def compiled(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LEPTON_HOME", str(tmp / "home"))
         mp.setenv("GITHUB_STEP_SUMMARY", str(tmp / "summary.md"))
-        result = compile_model(CompileOptions(model=DIGITS / "digits_cnn.onnx", target="cpu-avx", output_dir=tmp,
-                                              calib=DIGITS / "calib.npz", eval=DIGITS / "eval.npz", bench_seconds=0.3))
+        result = compile_model(
+            CompileOptions(
+                model=DIGITS / "digits_cnn.onnx",
+                target="cpu-avx",
+                output_dir=tmp,
+                calib=DIGITS / "calib.npz",
+                eval=DIGITS / "eval.npz",
+                bench_seconds=0.3,
+            )
+        )
     return result, tmp
 
 
@@ -84,10 +93,21 @@ def test_html_is_self_contained_with_plots(compiled):
 
 
 def test_layer_errors_rendered_when_a_pass_reports_them():
-    report = {"format": "lepton-report/1", "model": {"name": "m.onnx"}, "target": {"name": "t"},
-              "pipeline": [{"name": "quantize", "seconds": 1.0, "before": {"size_bytes": 100}, "after": {"size_bytes": 30},
-                            "summary": {"per_layer_error": [{"name": "conv1", "snr_db": 31.5}, {"name": "fc <b>", "snr_db": 12.0}]},
-                            "check": {"kind": "lossy"}}]}
+    report = {
+        "format": "lepton-report/1",
+        "model": {"name": "m.onnx"},
+        "target": {"name": "t"},
+        "pipeline": [
+            {
+                "name": "quantize",
+                "seconds": 1.0,
+                "before": {"size_bytes": 100},
+                "after": {"size_bytes": 30},
+                "summary": {"per_layer_error": [{"name": "conv1", "snr_db": 31.5}, {"name": "fc <b>", "snr_db": 12.0}]},
+                "check": {"kind": "lossy"},
+            }
+        ],
+    }
     assert report_render.layer_errors(report) == ("snr_db", [("conv1", 31.5), ("fc <b>", 12.0)])
     page = report_render.render_html(report)
     assert "Per-layer quantization error" in page and "fc &lt;b&gt;" in page and "fc <b>" not in page
@@ -128,18 +148,31 @@ def test_compile_baseline_cli_exit_codes(run_cli, compiled, tmp_path):
     doc = copy.deepcopy(result.report)
     doc["compiled"]["size_bytes"] = 10  # a stored report the new compile cannot match
     baseline.write_text(json.dumps(doc), encoding="utf-8")
-    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", "cpu-avx", "-o", tmp_path, "--no-bench",
-                  "--baseline", baseline)
+    res = run_cli(
+        "compile",
+        DIGITS / "digits_cnn.onnx",
+        "--target",
+        "cpu-avx",
+        "-o",
+        tmp_path,
+        "--no-bench",
+        "--baseline",
+        baseline,
+    )
     assert res.code == 3 and "baseline" in res.stderr
     assert not list(tmp_path.glob("*.lepton"))  # nothing written when a gate fails
     bad = tmp_path / "bad.json"
     bad.write_text("{not json", encoding="utf-8")
-    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", "cpu-avx", "-o", tmp_path, "--no-bench", "--baseline", bad)
+    res = run_cli(
+        "compile", DIGITS / "digits_cnn.onnx", "--target", "cpu-avx", "-o", tmp_path, "--no-bench", "--baseline", bad
+    )
     assert res.code == 2
 
 
 # CI must run it (`make test` installs chromium); elsewhere a missing browser only skips it.
-@pytest.mark.skipif(not CHROMIUM.exists() and not os.environ.get("CI"), reason="/usr/bin/chromium not installed (make browser)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists() and not os.environ.get("CI"), reason="/usr/bin/chromium not installed (make browser)"
+)
 def test_html_screenshot_in_headless_chromium(compiled, tmp_path):
     from PIL import Image
 
@@ -147,9 +180,22 @@ def test_html_screenshot_in_headless_chromium(compiled, tmp_path):
     page = tmp_path / "report.html"
     page.write_text(report_render.render_html(result.report), encoding="utf-8")
     shot = tmp_path / "shot.png"
-    proc = subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           "--window-size=1100,2400", f"--screenshot={shot}", page.as_uri()],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1100,2400",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert shot.exists(), proc.stderr[-2000:]
     import numpy as np
 
@@ -158,22 +204,38 @@ def test_html_screenshot_in_headless_chromium(compiled, tmp_path):
     pixels = np.asarray(image).reshape(-1, 3)
     assert len(np.unique(pixels, axis=0)) > 50  # text, tables and plots, not a blank page
     # the plots were drawn: solid blue of the waterfall's result bars (the histogram's bars are translucent)
-    blue = [int(report_render.PALETTE[0][i:i + 2], 16) for i in (1, 3, 5)]
+    blue = [int(report_render.PALETTE[0][i : i + 2], 16) for i in (1, 3, 5)]
     assert int((pixels == blue).all(axis=1).sum()) > 200
     shutil.copy(shot, Path("/tmp/lepton-report-screenshot.png")) if Path("/tmp").is_dir() else None
 
 
 def test_compile_latency_and_budget_gates_exit_3(run_cli, tmp_path):
     # Any measured ratio is far above 1e-6, so this gate fails whatever the machine's speed.
-    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", "cpu-avx", "-o", tmp_path, "--calib", DIGITS / "calib.npz",
-                  "--bench-seconds", "0.1", "--max-latency-ratio", "0.000001")
+    res = run_cli(
+        "compile",
+        DIGITS / "digits_cnn.onnx",
+        "--target",
+        "cpu-avx",
+        "-o",
+        tmp_path,
+        "--calib",
+        DIGITS / "calib.npz",
+        "--bench-seconds",
+        "0.1",
+        "--max-latency-ratio",
+        "0.000001",
+    )
     assert res.code == 3 and "max-latency-ratio" in res.stderr
     tiny = tmp_path / "tiny.toml"
     tiny.write_text('extends = "cpu-avx"\nname = "tiny"\n[budgets]\nmax_model_size_mb = 0.01\n', encoding="utf-8")
-    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", tiny, "-o", tmp_path, "--no-bench", "--enforce-budgets")
+    res = run_cli(
+        "compile", DIGITS / "digits_cnn.onnx", "--target", tiny, "-o", tmp_path, "--no-bench", "--enforce-budgets"
+    )
     assert res.code == 3 and "model size" in res.stderr
     assert not list(tmp_path.glob("*.lepton"))
-    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", tiny, "-o", tmp_path, "--no-bench")  # not enforced: written
+    res = run_cli(
+        "compile", DIGITS / "digits_cnn.onnx", "--target", tiny, "-o", tmp_path, "--no-bench"
+    )  # not enforced: written
     assert res.code == 0, res.stderr
     report = json.loads(next(tmp_path.glob("*.lepton")).joinpath("report.json").read_text(encoding="utf-8"))
     assert report["budgets"]["ok"] is False and report["host_latency"] == {"measured": False, "reason": "--no-bench"}

@@ -2,6 +2,7 @@
 a stateful audio model with an int64 scalar input and If branches (Silero VAD), calibration data of the
 wrong size, declared-but-unused opset domains, an already-quantized model, PP-OCRv5 rec's fp16
 conversion. Models come from PyPI wheels (tests/wheel_models.py) or from PP-OCRv4 (rapidocr)."""
+
 from __future__ import annotations
 
 import ast
@@ -12,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
 from audio_speech import espeak_available, speech, vad_samples
 from conftest import OCR_REC, REPO, needs_ocr
 from wheel_models import PPOCRV5_REC, SILERO, wheel_member
@@ -69,6 +69,7 @@ def _no_internal_error(result) -> None:
 
 # --- scalars, int64 and state inputs (Silero VAD) -------------------------------------------------------
 
+
 def test_scalar_input_samples_reach_ort_as_arrays(silero, tmp_path):
     """A scalar input (sr, int64, rank 0) given as one value for all samples or one value per sample."""
     from lepton_cli.data import load_samples
@@ -94,8 +95,12 @@ def test_scalar_input_of_wrong_rank_is_bad_input(silero, tmp_path):
     from lepton_cli.errors import BadInputError
 
     path = tmp_path / "vad.npz"
-    np.savez(path, input=np.zeros((2, 1, 576), np.float32), state=np.zeros((2, 2, 1, 128), np.float32),
-             sr=np.full((2, 1), 16000, np.int64))
+    np.savez(
+        path,
+        input=np.zeros((2, 1, 576), np.float32),
+        state=np.zeros((2, 2, 1, 128), np.float32),
+        sr=np.full((2, 1), 16000, np.int64),
+    )
     with pytest.raises(BadInputError, match="'sr' is a scalar"):
         load_samples(path, onnx.load(silero))
 
@@ -156,6 +161,7 @@ def test_silero_vad_rank1_sample_rate_calibrates(silero, vad_speech, tmp_path, r
 
 # --- calibration data of the wrong size ------------------------------------------------------------------
 
+
 @needs_ocr
 def test_calib_of_another_size_than_the_bound_input_is_exit_2(tmp_path, run_cli):
     import ocr_textset
@@ -163,16 +169,30 @@ def test_calib_of_another_size_than_the_bound_input_is_exit_2(tmp_path, run_cli)
     lines, _ = ocr_textset.make_set(4, 2, "calib", width=32)  # [4, 3, 48, 32]
     data = tmp_path / "small.npz"
     np.savez(data, x=np.ascontiguousarray(lines[:, :, 8:40, :]))  # [4, 3, 32, 32]
-    result = run_cli("compile", OCR_REC, "-t", "cpu-avx", "-o", tmp_path / "out", "--input-shape", "x=1,3,48,320",
-                     "--calib", data, "--no-bench")
+    result = run_cli(
+        "compile",
+        OCR_REC,
+        "-t",
+        "cpu-avx",
+        "-o",
+        tmp_path / "out",
+        "--input-shape",
+        "x=1,3,48,320",
+        "--calib",
+        data,
+        "--no-bench",
+    )
     assert result.code == 2, result.stderr[-2000:]
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and "'x'" in error[0] and "[1, 3, 32, 32]" in error[0] and "[1, 3, 48, 320]" in error[0], result.stderr
+    assert len(error) == 1 and "'x'" in error[0] and "[1, 3, 32, 32]" in error[0] and "[1, 3, 48, 320]" in error[0], (
+        result.stderr
+    )
     assert "--input-shape x=1,3,32,32" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
 # --- opset imports that no node uses ---------------------------------------------------------------------
+
 
 def test_unused_opset_imports_are_dropped_used_ones_refused(tmp_path):
     from lepton_cli.errors import BadInputError
@@ -180,7 +200,9 @@ def test_unused_opset_imports_are_dropped_used_ones_refused(tmp_path):
 
     path = REPO / "examples" / "digits" / "digits_cnn.onnx"
     model = onnx.load(path)
-    model.opset_import.extend([onnx.helper.make_opsetid("Paddle", 1), onnx.helper.make_opsetid("com.microsoft.nchwc", 1)])
+    model.opset_import.extend(
+        [onnx.helper.make_opsetid("Paddle", 1), onnx.helper.make_opsetid("com.microsoft.nchwc", 1)]
+    )
     declared = tmp_path / "declared.onnx"
     onnx.save(model, declared)
     loaded = load_model(declared)
@@ -195,6 +217,7 @@ def test_unused_opset_imports_are_dropped_used_ones_refused(tmp_path):
 
 # --- an already-quantized model --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("target", ["cpu-avx", "cuda"])
 def test_prequantized_digits_compile_with_their_quantization(target, tmp_path, run_cli):
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -205,8 +228,19 @@ def test_prequantized_digits_compile_with_their_quantization(target, tmp_path, r
     model = tmp_path / "digits_dynamic.onnx"
     quantize_dynamic(str(digits / "digits_cnn.onnx"), str(model), weight_type=QuantType.QInt8)
     assert quantized_ops(onnx.load(model))["DynamicQuantizeLinear"] > 0
-    result = run_cli("compile", model, "-t", target, "-o", tmp_path / "out", "--calib", digits / "calib.npz",
-                     "--eval", digits / "eval.npz", "--no-bench")
+    result = run_cli(
+        "compile",
+        model,
+        "-t",
+        target,
+        "-o",
+        tmp_path / "out",
+        "--calib",
+        digits / "calib.npz",
+        "--eval",
+        digits / "eval.npz",
+        "--no-bench",
+    )
     _no_internal_error(result)
     assert result.code == 0 and "already quantized" in result.stderr, result.stderr[-2000:]
     report = _report(tmp_path / "out", "digits_dynamic", target)
@@ -234,6 +268,7 @@ def test_prequantized_model_keeps_its_quantization(prequantized_rec, text_lines,
 
 # --- fp16 conversion of PP-OCRv5 rec ---------------------------------------------------------------------
 
+
 def test_ppocrv5_rec_fp16_types_agree_after_fuse():
     """Stale value_info left by fuse named fp32-kept initializers (LayerNorm weights); the fp16
     converter retyped them to fp16 and shape inference failed: (1) vs (10)."""
@@ -258,6 +293,7 @@ def test_ppocrv5_rec_fp16_types_agree_after_fuse():
 
 # --- packaging -------------------------------------------------------------------------------------------
 
+
 def _catches_import_error(block: ast.Try) -> bool:
     names = {ast.unparse(h.type) for h in block.handlers if h.type is not None}
     return bool(names & {"ImportError", "ModuleNotFoundError", "(ImportError, ModuleNotFoundError)"})
@@ -270,8 +306,11 @@ def test_runtime_imports_are_declared_dependencies():
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
     def dist_name(dep: str) -> str:
-        return dep.split(";")[0].split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower().replace("_", "-")
+        return (
+            dep.split(";")[0].split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower().replace("_", "-")
+        )
 
     # Runtime dependencies, and the optional extras a feature names in its exit-2 message (not [test]).
     extras = [dep for name, deps in project.get("optional-dependencies", {}).items() if name != "test" for dep in deps]
@@ -282,27 +321,41 @@ def test_runtime_imports_are_declared_dependencies():
     for folder in ("lepton_cli", "passes"):
         for path in (REPO / folder).rglob("*.py"):
             tree = ast.parse(path.read_text())
-            fallbacks = {id(n) for handler in ast.walk(tree) if isinstance(handler, ast.ExceptHandler)
-                         for n in ast.walk(handler)}  # `except ImportError: import other` alternatives
-            fallbacks |= {id(n) for block in ast.walk(tree) if isinstance(block, ast.Try) and _catches_import_error(block)
-                          for statement in block.body for n in ast.walk(statement)}  # `try: import optional`
+            fallbacks = {
+                id(n) for handler in ast.walk(tree) if isinstance(handler, ast.ExceptHandler) for n in ast.walk(handler)
+            }  # `except ImportError: import other` alternatives
+            fallbacks |= {
+                id(n)
+                for block in ast.walk(tree)
+                if isinstance(block, ast.Try) and _catches_import_error(block)
+                for statement in block.body
+                for n in ast.walk(statement)
+            }  # `try: import optional`
             for node in ast.walk(tree):
                 if id(node) in fallbacks:
                     continue
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                    [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module]
+                    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                    else []
+                )
                 for name in names:
                     top = name.split(".")[0]
                     if top in stdlib or top == "lepton_cli":
                         continue
                     dists = {d.lower().replace("_", "-") for d in owners.get(top, [top])}
-                    variants = {d for d in declared if d.startswith(top.lower().replace("_", "-") + "-")}  # tensorflow-cpu
+                    variants = {
+                        d for d in declared if d.startswith(top.lower().replace("_", "-") + "-")
+                    }  # tensorflow-cpu
                     if not dists & declared and not (top not in owners and variants):
                         missing.add(f"{top} ({path.relative_to(REPO)})")
     assert not missing, f"imported at run time but not in [project].dependencies: {sorted(missing)}"
 
 
 # --- the quantize search's memory ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("run_mb", [256, 1e-9])
 def test_streamed_local_errors_rank_as_the_float64_reference(run_mb, tmp_path, monkeypatch):
@@ -317,7 +370,6 @@ def test_streamed_local_errors_rank_as_the_float64_reference(run_mb, tmp_path, m
     from lepton_cli.quant import schemes
     from lepton_cli.quant.calibration import CalibrationSettings, calibrate
     from lepton_cli.quant.tuning import _with_outputs, local_errors
-
     from lepton_cli.shapes import bind_input_shapes
 
     digits = REPO / "examples" / "digits"
@@ -342,7 +394,11 @@ def test_streamed_local_errors_rank_as_the_float64_reference(run_mb, tmp_path, m
 
     def nsr(name):
         pairs = [(r[name], g[name]) for r, g in zip(held["ref"], held["got"]) if name in r and name in g]
-        return sum(float(np.sum((r - g) ** 2)) for r, g in pairs) / max(sum(float(np.sum(r ** 2)) for r, _ in pairs), 1e-30) if pairs else None
+        return (
+            sum(float(np.sum((r - g) ** 2)) for r, g in pairs) / max(sum(float(np.sum(r**2)) for r, _ in pairs), 1e-30)
+            if pairs
+            else None
+        )
 
     expected = []
     for name, node in nodes.items():
@@ -365,8 +421,9 @@ def test_histogram_bound_when_the_first_chunk_of_a_tensor_is_all_zeros():
     from lepton_cli.quant.calibration import CalibrationSettings, _bound_histograms
 
     class Calibrator:
-        collector = HistogramCollector(method="percentile", symmetric=True, num_bins=256, num_quantized_bins=128,
-                                       percentile=99.9, scenario="same")
+        collector = HistogramCollector(
+            method="percentile", symmetric=True, num_bins=256, num_quantized_bins=128, percentile=99.9, scenario="same"
+        )
 
     calibrator = Calibrator()
     calibrator.collector.collect({"t": [np.zeros(100, np.float32)]})

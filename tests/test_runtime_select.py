@@ -1,17 +1,23 @@
 """On-device choice of variant, execution providers and threads, on simulated hosts with real ORT sessions."""
+
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
+from conftest import DIGITS
 from onnx import TensorProto, helper
 
 from lepton_cli.errors import BadInputError
 from lepton_cli.hostinfo import GpuInfo, HostInfo
-from lepton_cli.runtime_select import (CPU_EP, choose_threads, default_session_factory, manifest_variants,
-                                      provider_order, select_session)
-
-from conftest import DIGITS
+from lepton_cli.runtime_select import (
+    CPU_EP,
+    choose_threads,
+    default_session_factory,
+    manifest_variants,
+    provider_order,
+    select_session,
+)
 
 CUDA_EP, TRT_EP = "CUDAExecutionProvider", "TensorrtExecutionProvider"
 GPU = GpuInfo(name="NVIDIA T4", vendor="NVIDIA", memory_total_mb=15360, memory_free_mb=2000, source="nvidia-smi")
@@ -21,24 +27,60 @@ REAL = (DIGITS / "digits_cnn.onnx").read_bytes()
 def unrunnable_model() -> bytes:
     """Valid ONNX, but its op lives in a domain onnxruntime has no kernel for: session creation fails on CPU."""
     node = helper.make_node("Mystery", ["x"], ["y"], domain="com.example")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
     return model.SerializeToString()
 
 
-def host(isa=("avx2", "fma"), providers=(CPU_EP,), gpus=(), available=8192.0, limit=None, used=None, cpu_limit=None,
-         physical=4) -> HostInfo:
-    return HostInfo(arch="x86_64", system="linux", cpu_model="sim", cores_physical=physical, cores_logical=physical * 2,
-                    isa=tuple(isa), memory_total_mb=16384, memory_available_mb=available, cgroup_memory_limit_mb=limit,
-                    cgroup_memory_used_mb=used, cgroup_cpu_limit=cpu_limit, gpus=tuple(gpus), providers=tuple(providers),
-                    ort_version="sim")
+def host(
+    isa=("avx2", "fma"),
+    providers=(CPU_EP,),
+    gpus=(),
+    available=8192.0,
+    limit=None,
+    used=None,
+    cpu_limit=None,
+    physical=4,
+) -> HostInfo:
+    return HostInfo(
+        arch="x86_64",
+        system="linux",
+        cpu_model="sim",
+        cores_physical=physical,
+        cores_logical=physical * 2,
+        isa=tuple(isa),
+        memory_total_mb=16384,
+        memory_available_mb=available,
+        cgroup_memory_limit_mb=limit,
+        cgroup_memory_used_mb=used,
+        cgroup_cpu_limit=cpu_limit,
+        gpus=tuple(gpus),
+        providers=tuple(providers),
+        ort_version="sim",
+    )
 
 
 def manifest(*variants, providers=(CPU_EP,)) -> dict:
-    return {"execution_providers": list(providers), "variants": [
-        {"name": n, "path": p, "precision": prec, "requires_isa": isa, "requires_providers": eps, "peak_memory_mb": mem,
-         "est_latency_ms": None} for n, p, prec, isa, eps, mem in variants]}
+    return {
+        "execution_providers": list(providers),
+        "variants": [
+            {
+                "name": n,
+                "path": p,
+                "precision": prec,
+                "requires_isa": isa,
+                "requires_providers": eps,
+                "peak_memory_mb": mem,
+                "est_latency_ms": None,
+            }
+            for n, p, prec, isa, eps, mem in variants
+        ],
+    }
 
 
 INT8 = ("int8", "model.onnx", "int8", ["avx2", "avx512_vnni|avx_vnni"], [], 10.0)
@@ -49,18 +91,26 @@ MODELS = {"model.onnx": REAL, "variants/fp32.onnx": REAL}
 
 def cpu_only_factory(calls: list):
     """A real CPU session whatever was asked; records the provider lists it was called with (ORT's silent fallback)."""
+
     def factory(blob, providers, threads):
         calls.append(list(providers))
         return default_session_factory(blob, [CPU_EP], threads)
+
     return factory
 
 
 def test_single_model_bundle_runs_on_cpu():
     selection = select_session({"model.onnx": REAL}, {}, host=host())
     assert selection.variant.name == "default" and selection.providers == [CPU_EP]
-    x = np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in
-                  [dim.dim_value or 1 for dim in onnx.load_from_string(REAL).graph.input[0].type.tensor_type.shape.dim]],
-                 dtype=np.float32)
+    x = np.zeros(
+        [
+            d if isinstance(d, int) and d > 0 else 1
+            for d in [
+                dim.dim_value or 1 for dim in onnx.load_from_string(REAL).graph.input[0].type.tensor_type.shape.dim
+            ]
+        ],
+        dtype=np.float32,
+    )
     assert selection.session.run(None, {selection.session.get_inputs()[0].name: x})[0].shape[-1] == 10
 
 
@@ -108,8 +158,9 @@ def test_provider_that_raises_is_dropped_and_retried():
         return default_session_factory(blob, [CPU_EP], threads)
 
     gpu_host = host(providers=(TRT_EP, CUDA_EP, CPU_EP), gpus=[GPU])
-    selection = select_session(MODELS, manifest(FP32, providers=(TRT_EP, CUDA_EP, CPU_EP)), host=gpu_host,
-                               session_factory=factory)
+    selection = select_session(
+        MODELS, manifest(FP32, providers=(TRT_EP, CUDA_EP, CPU_EP)), host=gpu_host, session_factory=factory
+    )
     assert calls[0] == [TRT_EP, CUDA_EP, CPU_EP] and calls[1] == [CUDA_EP, CPU_EP]
     assert any("TensorrtExecutionProvider failed to initialise" in e and "libnvinfer" in e for e in selection.log)
     # ORT then silently ran it on CPU: that is logged too, and fp32 accepts it.
@@ -120,8 +171,12 @@ def test_provider_that_raises_is_dropped_and_retried():
 def test_silent_fallback_passes_over_variant_that_requires_gpu():
     calls: list = []
     gpu_host = host(providers=(CUDA_EP, CPU_EP), gpus=[GPU])
-    selection = select_session(MODELS, manifest(FP16, FP32, providers=(CUDA_EP, CPU_EP)), host=gpu_host,
-                               session_factory=cpu_only_factory(calls))
+    selection = select_session(
+        MODELS,
+        manifest(FP16, FP32, providers=(CUDA_EP, CPU_EP)),
+        host=gpu_host,
+        session_factory=cpu_only_factory(calls),
+    )
     assert selection.variant.name == "fp32" and calls[0] == [CUDA_EP, CPU_EP]
     assert any("fp16: passed over" in e for e in selection.log), selection.log
 
@@ -129,8 +184,9 @@ def test_silent_fallback_passes_over_variant_that_requires_gpu():
 def test_gpu_memory_checked_when_gpu_leads():
     gpu_host = host(providers=(CUDA_EP, CPU_EP), gpus=[GPU])  # 2000 MB free on the GPU
     big16 = ("fp16", "model.onnx", "fp16", [], [CUDA_EP], 3000.0)
-    selection = select_session(MODELS, manifest(big16, FP32, providers=(CUDA_EP, CPU_EP)), host=gpu_host,
-                               session_factory=cpu_only_factory([]))
+    selection = select_session(
+        MODELS, manifest(big16, FP32, providers=(CUDA_EP, CPU_EP)), host=gpu_host, session_factory=cpu_only_factory([])
+    )
     assert selection.variant.name == "fp32"
     assert any("free on the GPU" in e for e in selection.log)
 
@@ -144,23 +200,31 @@ def test_variant_whose_session_fails_on_cpu_falls_through():
 
 def test_no_variant_runs_is_exit_2_with_every_reason():
     with pytest.raises(BadInputError) as err:
-        select_session({"model.onnx": unrunnable_model()}, manifest(INT8, ("gone", "variants/x.onnx", "fp32", [], [], None)),
-                       host=host(isa=("avx2", "avx512_vnni")))
+        select_session(
+            {"model.onnx": unrunnable_model()},
+            manifest(INT8, ("gone", "variants/x.onnx", "fp32", [], [], None)),
+            host=host(isa=("avx2", "avx512_vnni")),
+        )
     assert "session failed" in err.value.message and "not in the bundle" in err.value.message
 
 
 def test_provider_order_filters_and_appends_cpu():
-    order, notes = provider_order([TRT_EP, CUDA_EP, "XnnpackExecutionProvider"], host(providers=(CUDA_EP, CPU_EP), gpus=[GPU]))
+    order, notes = provider_order(
+        [TRT_EP, CUDA_EP, "XnnpackExecutionProvider"], host(providers=(CUDA_EP, CPU_EP), gpus=[GPU])
+    )
     assert order == [CUDA_EP, CPU_EP]
     assert any(TRT_EP in n and "not in this onnxruntime build" in n for n in notes)
 
 
-@pytest.mark.parametrize("h, requested, expected", [
-    (host(physical=4), None, 4),
-    (host(physical=8, cpu_limit=2.5), None, 2),
-    (host(physical=1), None, 1),
-    (host(physical=4), 3, 3),
-])
+@pytest.mark.parametrize(
+    "h, requested, expected",
+    [
+        (host(physical=4), None, 4),
+        (host(physical=8, cpu_limit=2.5), None, 2),
+        (host(physical=1), None, 1),
+        (host(physical=4), 3, 3),
+    ],
+)
 def test_threads(h, requested, expected):
     threads, why = choose_threads(h, requested)
     assert threads == expected and str(expected) in why
@@ -202,13 +266,21 @@ def test_real_bundle_variants_chosen_on_this_host(tmp_path, monkeypatch, run_cli
 
     monkeypatch.setenv("LEPTON_HOME", str(tmp_path / "home"))
     target = tmp_path / "t.toml"
-    target.write_text('extends = "cpu-avx"\ndescription = "two variants"\n'
-                      '[[variants]]\nname = "vnni"\nprecision = "fp32"\nrequires_isa = ["avx512_vnni|avx_vnni"]\nskip = ["quantize"]\n'
-                      '[[variants]]\nname = "plain"\nprecision = "fp32"\nskip = ["fuse", "quantize"]\n')
-    result = compile_model(CompileOptions(model=DIGITS / "digits_cnn.onnx", target=str(target), output_dir=tmp_path / "out"))
+    target.write_text(
+        'extends = "cpu-avx"\ndescription = "two variants"\n'
+        '[[variants]]\nname = "vnni"\nprecision = "fp32"\nrequires_isa = ["avx512_vnni|avx_vnni"]\nskip = ["quantize"]\n'
+        '[[variants]]\nname = "plain"\nprecision = "fp32"\nskip = ["fuse", "quantize"]\n'
+    )
+    result = compile_model(
+        CompileOptions(model=DIGITS / "digits_cnn.onnx", target=str(target), output_dir=tmp_path / "out")
+    )
     keys, _ = dev_keys(create=False)
-    opened = bundle.open_bundle(result.bundle_dir, key=str(keys.path("encryption", "private")),
-                                trust=str(keys.path("signing", "public")), state_path=Path(tmp_path / "state.json"))
+    opened = bundle.open_bundle(
+        result.bundle_dir,
+        key=str(keys.path("encryption", "private")),
+        trust=str(keys.path("signing", "public")),
+        state_path=Path(tmp_path / "state.json"),
+    )
     assert set(opened.models) == {"model.onnx", "variants/plain.onnx"}
     selection = select_session(opened.models, opened.manifest)
     host = detect_host()
@@ -216,11 +288,20 @@ def test_real_bundle_variants_chosen_on_this_host(tmp_path, monkeypatch, run_cli
     assert selection.variant.name == expected, selection.log
     assert selection.threads == host.usable_cores
     # The same choice through load_bundle (its _plan_session calls runtime_select) and `lepton run`.
-    loaded = bundle.load_bundle(result.bundle_dir, key=str(keys.path("encryption", "private")),
-                                trust=str(keys.path("signing", "public")), state_path=tmp_path / "state.json")
+    loaded = bundle.load_bundle(
+        result.bundle_dir,
+        key=str(keys.path("encryption", "private")),
+        trust=str(keys.path("signing", "public")),
+        state_path=tmp_path / "state.json",
+    )
     assert loaded.selection.variant.name == expected and loaded.model_path == loaded.selection.variant.path
-    forced = bundle.load_bundle(result.bundle_dir, key=str(keys.path("encryption", "private")),
-                                trust=str(keys.path("signing", "public")), state_path=tmp_path / "state.json", variant="vnni")
+    forced = bundle.load_bundle(
+        result.bundle_dir,
+        key=str(keys.path("encryption", "private")),
+        trust=str(keys.path("signing", "public")),
+        state_path=tmp_path / "state.json",
+        variant="vnni",
+    )
     assert forced.model_path == "model.onnx"
     ran = run_cli("run", result.bundle_dir, "--inputs", DIGITS / "eval.npz", "--state", tmp_path / "state.json")
     assert ran.code == 0, ran.stderr

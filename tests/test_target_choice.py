@@ -1,4 +1,5 @@
 """--target auto: each rule of suggest_target on simulated hosts, and the reasons it gives."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,24 +7,47 @@ import pytest
 from lepton_cli.hostinfo import GpuInfo, HostInfo
 from lepton_cli.target_choice import suggest_target
 
-H100 = GpuInfo(name="NVIDIA H100 80GB HBM3", vendor="NVIDIA", memory_total_mb=81559, memory_free_mb=80000, source="nvidia-smi")
+H100 = GpuInfo(
+    name="NVIDIA H100 80GB HBM3", vendor="NVIDIA", memory_total_mb=81559, memory_free_mb=80000, source="nvidia-smi"
+)
 CPU_EP, CUDA_EP = "CPUExecutionProvider", "CUDAExecutionProvider"
 
 
 def host(arch="x86_64", system="linux", isa=("avx2", "fma"), gpus=(), providers=(CPU_EP,)) -> HostInfo:
-    return HostInfo(arch=arch, system=system, cpu_model="test CPU", cores_physical=4, cores_logical=8, isa=tuple(isa),
-                    memory_total_mb=16384, memory_available_mb=8192, gpus=tuple(gpus), providers=tuple(providers))
+    return HostInfo(
+        arch=arch,
+        system=system,
+        cpu_model="test CPU",
+        cores_physical=4,
+        cores_logical=8,
+        isa=tuple(isa),
+        memory_total_mb=16384,
+        memory_available_mb=8192,
+        gpus=tuple(gpus),
+        providers=tuple(providers),
+    )
 
 
-@pytest.mark.parametrize("h, expected, reason_part", [
-    (host(gpus=[H100], providers=(CUDA_EP, CPU_EP)), "cuda", "H100"),
-    (host(gpus=[H100], providers=("TensorrtExecutionProvider", CUDA_EP, CPU_EP)), "cuda", "TensorrtExecutionProvider"),
-    (host(arch="aarch64", isa=("neon", "dotprod")), "edge-arm", "without a phone EP"),
-    (host(arch="aarch64", system="android", isa=("neon", "dotprod", "i8mm")), "mobile", "android"),
-    (host(arch="aarch64", system="darwin", isa=("neon",), providers=("CoreMLExecutionProvider", CPU_EP)), "mobile", "CoreML"),
-    (host(isa=("avx2", "fma", "avx512f", "avx512_vnni")), "cpu-avx", "AVX2"),
-    (host(isa=("sse4_2",)), "cpu-avx", "x86-64"),
-])
+@pytest.mark.parametrize(
+    "h, expected, reason_part",
+    [
+        (host(gpus=[H100], providers=(CUDA_EP, CPU_EP)), "cuda", "H100"),
+        (
+            host(gpus=[H100], providers=("TensorrtExecutionProvider", CUDA_EP, CPU_EP)),
+            "cuda",
+            "TensorrtExecutionProvider",
+        ),
+        (host(arch="aarch64", isa=("neon", "dotprod")), "edge-arm", "without a phone EP"),
+        (host(arch="aarch64", system="android", isa=("neon", "dotprod", "i8mm")), "mobile", "android"),
+        (
+            host(arch="aarch64", system="darwin", isa=("neon",), providers=("CoreMLExecutionProvider", CPU_EP)),
+            "mobile",
+            "CoreML",
+        ),
+        (host(isa=("avx2", "fma", "avx512f", "avx512_vnni")), "cpu-avx", "AVX2"),
+        (host(isa=("sse4_2",)), "cpu-avx", "x86-64"),
+    ],
+)
 def test_each_rule(h, expected, reason_part):
     suggestion = suggest_target(h)
     assert suggestion.name == expected
@@ -63,6 +87,7 @@ def test_compile_target_auto_uses_the_detected_host(run_cli, tmp_path):
     import json
 
     from conftest import DIGITS
+
     from lepton_cli.hostinfo import detect_host
 
     expected = suggest_target(detect_host())
@@ -94,6 +119,7 @@ def test_edge_arm_without_xnnpack_says_bundles_run_on_the_cpu_ep():
     pi = suggest_target(host(arch="aarch64", isa=("neon", "dotprod", "i8mm", "fp16")))
     assert pi.name == "edge-arm"
     assert any("XnnpackExecutionProvider" in w and "CPUExecutionProvider" in w for w in pi.warnings), pi.warnings
-    with_xnnpack = suggest_target(host(arch="aarch64", isa=("neon", "dotprod", "i8mm", "fp16"),
-                                       providers=("XnnpackExecutionProvider", CPU_EP)))
+    with_xnnpack = suggest_target(
+        host(arch="aarch64", isa=("neon", "dotprod", "i8mm", "fp16"), providers=("XnnpackExecutionProvider", CPU_EP))
+    )
     assert not any("Xnnpack" in w for w in with_xnnpack.warnings)

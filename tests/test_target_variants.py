@@ -1,4 +1,5 @@
 """``[[variants]]`` in target files: each variant is the pipeline with passes skipped or re-parameterised, validated on load."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,7 +23,10 @@ def test_no_variants_means_no_variants_key(tmp_path):
 
 
 def test_variants_skip_and_override(tmp_path):
-    target = load_target(write(tmp_path, '''
+    target = load_target(
+        write(
+            tmp_path,
+            """
 [pass_params.fuse]
 fuse_norms = false
 
@@ -38,7 +42,9 @@ name = "fp32"
 precision = "fp32"
 why = "runs everywhere"
 skip = ["fuse"]
-'''))
+""",
+        )
+    )
     main, fp32 = target.variants
     assert main.requires_isa == ["avx2", "avx512_vnni|avx_vnni"]
     fuse = next(s for s in main.passes if s.name == "fuse")
@@ -50,20 +56,33 @@ skip = ["fuse"]
     assert target.sha256 != load_target("cpu-avx").sha256
 
 
-@pytest.mark.parametrize("body, path_part", [
-    ('[[variants]]\nname = "a"\n', "missing key variants[0].precision"),
-    ('[[variants]]\nname = "a"\nprecision = "int4"\n', "variants[0].precision"),
-    ('[[variants]]\nname = "A b"\nprecision = "fp32"\n', "variants[0].name"),
-    ('[[variants]]\nname = "a"\nprecision = "fp32"\ncolour = 1\n', "variants[0].colour"),
-    ('[[variants]]\nname = "a"\nprecision = "fp32"\nskip = ["quantise"]\n', "variants[0] (a).skip[0]"),
-    ('[[variants]]\nname = "a"\nprecision = "fp32"\n[[variants]]\nname = "a"\nprecision = "fp16"\n', "variants[1] (a).name"),
-    ('[[variants]]\nname = "a"\nprecision = "fp32"\n[variants.pass_params.nonexistent]\nx = 1\n', "variants[0] (a).pass_params.nonexistent"),
-    ('[[variants]]\nname = "a"\nprecision = "fp32"\nskip = ["fuse"]\n[variants.pass_params.fuse]\nfold_constants = false\n',
-     "variants[0] (a).pass_params.fuse"),
-    ('[[variants]]\nname = "a"\nprecision = "fp32"\n[variants.pass_params.fuse]\nfold_constants = 3\n',
-     "variants[0] (a).pass_params: passes[0] (fuse).fold_constants"),
-    ('variants = "int8"\n', "variants must be an array"),
-])
+@pytest.mark.parametrize(
+    "body, path_part",
+    [
+        ('[[variants]]\nname = "a"\n', "missing key variants[0].precision"),
+        ('[[variants]]\nname = "a"\nprecision = "int4"\n', "variants[0].precision"),
+        ('[[variants]]\nname = "A b"\nprecision = "fp32"\n', "variants[0].name"),
+        ('[[variants]]\nname = "a"\nprecision = "fp32"\ncolour = 1\n', "variants[0].colour"),
+        ('[[variants]]\nname = "a"\nprecision = "fp32"\nskip = ["quantise"]\n', "variants[0] (a).skip[0]"),
+        (
+            '[[variants]]\nname = "a"\nprecision = "fp32"\n[[variants]]\nname = "a"\nprecision = "fp16"\n',
+            "variants[1] (a).name",
+        ),
+        (
+            '[[variants]]\nname = "a"\nprecision = "fp32"\n[variants.pass_params.nonexistent]\nx = 1\n',
+            "variants[0] (a).pass_params.nonexistent",
+        ),
+        (
+            '[[variants]]\nname = "a"\nprecision = "fp32"\nskip = ["fuse"]\n[variants.pass_params.fuse]\nfold_constants = false\n',
+            "variants[0] (a).pass_params.fuse",
+        ),
+        (
+            '[[variants]]\nname = "a"\nprecision = "fp32"\n[variants.pass_params.fuse]\nfold_constants = 3\n',
+            "variants[0] (a).pass_params: passes[0] (fuse).fold_constants",
+        ),
+        ('variants = "int8"\n', "variants must be an array"),
+    ],
+)
 def test_bad_variants_name_the_key_path(tmp_path, body, path_part):
     with pytest.raises(BadInputError) as err:
         load_target(write(tmp_path, body))
@@ -82,16 +101,17 @@ def test_builtin_variants_validate():
 def test_compile_writes_every_variant_and_runtime_picks_by_host(tmp_path, monkeypatch):
     """A real compile with two variants: both models are written, described for the manifest, and the device choice
     follows the simulated host's ISA."""
-    import json
 
     import numpy as np
-
     from conftest import DIGITS
+
     from lepton_cli.compiler import CompileOptions, compile_model
     from lepton_cli.hostinfo import HostInfo
     from lepton_cli.runtime_select import select_session
 
-    target = write(tmp_path, '''
+    target = write(
+        tmp_path,
+        """
 [[variants]]
 name = "fast"
 precision = "fp32"
@@ -104,7 +124,8 @@ name = "plain"
 precision = "fp32"
 why = "unfused fallback"
 skip = ["fuse", "quantize"]
-''')
+""",
+    )
     from lepton_cli import compiler
 
     written = {}
@@ -115,8 +136,11 @@ skip = ["fuse", "quantize"]
         return real_write(*args, **kwargs)
 
     monkeypatch.setattr(compiler, "_write_output", capture)
-    result = compile_model(CompileOptions(model=DIGITS / "digits_cnn.onnx", target=target, output_dir=tmp_path / "out",
-                                          eval=DIGITS / "eval.npz"))
+    result = compile_model(
+        CompileOptions(
+            model=DIGITS / "digits_cnn.onnx", target=target, output_dir=tmp_path / "out", eval=DIGITS / "eval.npz"
+        )
+    )
     assert set(written) == {"model.onnx", "variants/plain.onnx"}
     files = {p.relative_to(result.bundle_dir).as_posix() for p in result.bundle_dir.rglob("*") if p.is_file()}
     assert any(f.startswith("variants/plain.onnx") for f in files), files  # plain, or .enc once bundles encrypt
@@ -130,8 +154,17 @@ skip = ["fuse", "quantize"]
     assert models["model.onnx"] != models["variants/plain.onnx"]  # the skipped fuse pass made a difference
 
     def host(isa):
-        return HostInfo(arch="x86_64", system="linux", cpu_model="sim", cores_physical=1, cores_logical=1, isa=isa,
-                        memory_total_mb=4096, memory_available_mb=2048, providers=("CPUExecutionProvider",))
+        return HostInfo(
+            arch="x86_64",
+            system="linux",
+            cpu_model="sim",
+            cores_physical=1,
+            cores_logical=1,
+            isa=isa,
+            memory_total_mb=4096,
+            memory_available_mb=2048,
+            providers=("CPUExecutionProvider",),
+        )
 
     with_vnni = select_session(models, result.manifest_fields, host=host(("avx2", "avx512_vnni")))
     without = select_session(models, result.manifest_fields, host=host(("avx2",)))
@@ -148,8 +181,8 @@ def test_estimates_with_and_without_the_cost_model(monkeypatch):
     import sys
 
     import onnx
-
     from conftest import DIGITS
+
     from lepton_cli.shapes import bind_input_shapes
     from lepton_cli.stats import collect_stats
     from lepton_cli.variants import estimate, infer_precision
@@ -162,6 +195,7 @@ def test_estimates_with_and_without_the_cost_model(monkeypatch):
     weights_mb = collect_stats(model, with_macs=False).param_bytes / 2**20
     try:
         import lepton_cli.costmodel  # noqa: F401  (issue 7; may not be installed in this checkout yet)
+
         with_cm = estimate(model, target)
         assert with_cm["estimate_source"].startswith("costmodel") and with_cm["est_latency_ms"] > 0
         assert with_cm["peak_memory_mb"] > weights_mb * 0.99  # weights plus activations
@@ -182,7 +216,10 @@ def test_vnni_requirement_widens_when_quantize_used_reduce_range():
 
     from lepton_cli.variants import effective_isa
 
-    reduced = [SimpleNamespace(name="fuse", summary={}), SimpleNamespace(name="quantize", summary={"reduce_range": True})]
+    reduced = [
+        SimpleNamespace(name="fuse", summary={}),
+        SimpleNamespace(name="quantize", summary={"reduce_range": True}),
+    ]
     full = [SimpleNamespace(name="quantize", summary={"reduce_range": False})]
     wanted = ["avx512_vnni|avx_vnni|amx_int8"]
     assert effective_isa(wanted, reduced)[0] == ["avx512_vnni|avx_vnni|amx_int8|avx2"]

@@ -1,4 +1,5 @@
 """Target profiles: every builtin validates, documents its numbers, and user files extend them."""
+
 from __future__ import annotations
 
 import re
@@ -53,8 +54,10 @@ def test_channel_alignment_per_issue():
 
 def test_user_file_extends_and_overrides(tmp_path):
     path = tmp_path / "my-board.toml"
-    path.write_text('extends = "edge-arm"\ndescription = "my board"\n[hardware]\nmemory_mb = 512\n'
-                    '[pass_params.fuse]\nfold_constants = false\n')
+    path.write_text(
+        'extends = "edge-arm"\ndescription = "my board"\n[hardware]\nmemory_mb = 512\n'
+        "[pass_params.fuse]\nfold_constants = false\n"
+    )
     target = load_target(str(path))
     base = load_target("edge-arm")
     assert target.name == "my-board"

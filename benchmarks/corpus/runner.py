@@ -1,4 +1,5 @@
 """Run a model on a corpus .npz one sample at a time (the batch of one it was compiled for)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +14,9 @@ def session(model: str | Path | bytes, threads: int = 1) -> ort.InferenceSession
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # ddddocr's declared output shape is wrong ([1, T] for [T, 1, C]): ORT warns every run
+    options.log_severity_level = (
+        3  # ddddocr's declared output shape is wrong ([1, T] for [T, 1, C]): ORT warns every run
+    )
     source = str(model) if isinstance(model, Path) else model
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
@@ -27,8 +30,10 @@ def feeds(sess: ort.InferenceSession, arrays: dict[str, np.ndarray]) -> list[dic
         feed = {}
         for spec in inputs:
             arr = arrays[spec.name]
-            value = arr[index] if arr.ndim == len(spec.shape) + 1 else arr[index:index + 1]
-            feed[spec.name] = value.astype(np.float32) if spec.type == "tensor(float)" and value.dtype != np.float32 else value
+            value = arr[index] if arr.ndim == len(spec.shape) + 1 else arr[index : index + 1]
+            feed[spec.name] = (
+                value.astype(np.float32) if spec.type == "tensor(float)" and value.dtype != np.float32 else value
+            )
         out.append(feed)
     return out
 

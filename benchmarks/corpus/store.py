@@ -1,4 +1,5 @@
 """Where each corpus model and its data live in the cache, built on first use."""
+
 from __future__ import annotations
 
 import os

@@ -7,6 +7,7 @@
 The test (tests/test_corpus_sweep.py) and the yardstick use ``run_compile``; run as a script it prints
 and records the model × target table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,9 @@ def _error_line(text: str) -> str:
     return errors[0] if errors else lines[-1] if lines else ""
 
 
-def compile_args(model: CorpusModel, target: str, out_dir: Path, *, bench: bool = False, calib: bool = True) -> list[str]:
+def compile_args(
+    model: CorpusModel, target: str, out_dir: Path, *, bench: bool = False, calib: bool = True
+) -> list[str]:
     path = ensure_model(model)
     args = [str(path), "--target", target, "-o", str(out_dir), "--quiet"]
     for spec in model.shape_args():
@@ -58,8 +61,17 @@ def compile_args(model: CorpusModel, target: str, out_dir: Path, *, bench: bool 
     return args
 
 
-def run_compile(model: CorpusModel, target: str, out_dir: Path, *, timeout: float = 1800, bench: bool = False,
-                save_model: Path | None = None, extra: list[str] | None = None, threads: int | None = None) -> CompileRun:
+def run_compile(
+    model: CorpusModel,
+    target: str,
+    out_dir: Path,
+    *,
+    timeout: float = 1800,
+    bench: bool = False,
+    save_model: Path | None = None,
+    extra: list[str] | None = None,
+    threads: int | None = None,
+) -> CompileRun:
     """One ``lepton compile`` in a child process; peak RSS from the child's own rusage."""
     out_dir.mkdir(parents=True, exist_ok=True)
     child = [sys.executable, "-m", "benchmarks.corpus.compile_child"]
@@ -78,7 +90,9 @@ def run_compile(model: CorpusModel, target: str, out_dir: Path, *, timeout: floa
         text = out.read().decode("utf-8", "replace") + err.read().decode("utf-8", "replace")
     message = f"timed out after {timeout:.0f} s" if code == TIMEOUT_CODE and rusage is None else _error_line(text)
     rss = rusage.ru_maxrss / 1024 if rusage is not None else float("nan")
-    return CompileRun(model.name, target, code, round(seconds, 1), round(rss, 1), message[:300], "Traceback" in text, text[-4000:])
+    return CompileRun(
+        model.name, target, code, round(seconds, 1), round(rss, 1), message[:300], "Traceback" in text, text[-4000:]
+    )
 
 
 def wait_with_rusage(proc: subprocess.Popen, timeout: float):
@@ -114,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", type=Path, help="compile nothing: write --markdown from this JSON-lines file")
     args = parser.parse_args(argv)
     if args.render:
-        rows = [CompileRun(**json.loads(line)) for line in args.render.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [
+            CompileRun(**json.loads(line))
+            for line in args.render.read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
         args.markdown.write_text(markdown(rows), encoding="utf-8")
         return 0
     models = [by_name(n) for n in args.models] if args.models else [m for m in MODELS if m.fast or not args.fast]
@@ -124,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
             for target in args.targets:
                 run = run_compile(model, target, Path(tmp) / f"{model.name}-{target}", timeout=args.timeout)
                 runs.append(run)
-                print(f"{run.model:<24} {run.target:<9} exit {run.code:<3} {run.seconds:7.1f}s {run.peak_rss_mb:7.0f} MB  "
-                      f"{'' if run.code == 0 else run.message}", flush=True)
+                print(
+                    f"{run.model:<24} {run.target:<9} exit {run.code:<3} {run.seconds:7.1f}s {run.peak_rss_mb:7.0f} MB  "
+                    f"{'' if run.code == 0 else run.message}",
+                    flush=True,
+                )
                 if args.json:
                     with open(args.json, "a", encoding="utf-8") as handle:
                         handle.write(json.dumps({k: v for k, v in asdict(run).items() if k != "stderr"}) + "\n")

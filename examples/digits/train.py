@@ -41,10 +41,10 @@ def load_splits():
     y = y.astype(np.int64)
     # Stratified so every split has the same class balance; eval is carved out first
     # so it is never seen by training or calibration.
-    X_rest, X_eval, y_rest, y_eval = train_test_split(
-        X, y, test_size=N_EVAL, stratify=y, random_state=SEED)
+    X_rest, X_eval, y_rest, y_eval = train_test_split(X, y, test_size=N_EVAL, stratify=y, random_state=SEED)
     X_train, X_calib, y_train, _ = train_test_split(
-        X_rest, y_rest, test_size=N_CALIB, stratify=y_rest, random_state=SEED)
+        X_rest, y_rest, test_size=N_CALIB, stratify=y_rest, random_state=SEED
+    )
     # Guard against duplicate images leaking between splits.
     seen = {r.tobytes() for r in np.concatenate([X_train, X_calib])}
     assert not any(r.tobytes() in seen for r in X_eval), "eval overlaps train/calib"
@@ -56,7 +56,7 @@ def im2col(x):
     """(N,C,H,W) -> (N*H*W, C*9) patches for a 3x3, stride 1, pad 1 convolution."""
     n, c, h, w = x.shape
     xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    cols = np.stack([xp[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=2)
+    cols = np.stack([xp[:, :, i : i + h, j : j + w] for i in range(3) for j in range(3)], axis=2)
     # cols: (N, C, 9, H, W) -> rows are output pixels, columns are (c, ki, kj) like ONNX weights
     return cols.transpose(0, 3, 4, 1, 2).reshape(n * h * w, c * 9)
 
@@ -68,7 +68,7 @@ def col2im(dcols, shape):
     dxp = np.zeros((n, c, h + 2, w + 2), dtype=dcols.dtype)
     for i in range(3):
         for j in range(3):
-            dxp[:, :, i:i + h, j:j + w] += d[:, :, i, j]
+            dxp[:, :, i : i + h, j : j + w] += d[:, :, i, j]
     return dxp[:, :, 1:-1, 1:-1]
 
 
@@ -92,7 +92,9 @@ def bn_fwd(x, p, name, train):
     g, b = p[name + "_scale"], p[name + "_bias"]
     if not train:  # inference mode == what the ONNX BatchNormalization node computes
         mean, var = p[name + "_mean"], p[name + "_var"]
-        return (x - mean[:, None, None]) / np.sqrt(var[:, None, None] + BN_EPS) * g[:, None, None] + b[:, None, None], None
+        return (x - mean[:, None, None]) / np.sqrt(var[:, None, None] + BN_EPS) * g[:, None, None] + b[
+            :, None, None
+        ], None
     mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
     # Exponential running statistics are what gets exported for inference.
     p[name + "_mean"] = BN_MOMENTUM * p[name + "_mean"] + (1 - BN_MOMENTUM) * mean
@@ -130,17 +132,21 @@ def init_params(rng):
     def he(shape, fan_in):  # He init keeps ReLU activations at a sane scale
         return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
 
-    p = {"conv1_W": he((16, 1, 3, 3), 9), "conv2_W": he((32, 16, 3, 3), 144),
-         "fc1_W": he((64, 512), 512), "fc1_b": np.zeros(64, np.float32),
-         "fc2_W": he((10, 64), 64), "fc2_b": np.zeros(10, np.float32)}
+    p = {
+        "conv1_W": he((16, 1, 3, 3), 9),
+        "conv2_W": he((32, 16, 3, 3), 144),
+        "fc1_W": he((64, 512), 512),
+        "fc1_b": np.zeros(64, np.float32),
+        "fc2_W": he((10, 64), 64),
+        "fc2_b": np.zeros(10, np.float32),
+    }
     for name, c in (("bn1", 16), ("bn2", 32)):
         p[name + "_scale"], p[name + "_bias"] = np.ones(c, np.float32), np.zeros(c, np.float32)
         p[name + "_mean"], p[name + "_var"] = np.zeros(c, np.float32), np.ones(c, np.float32)
     return p
 
 
-TRAINABLE = ["conv1_W", "bn1_scale", "bn1_bias", "conv2_W", "bn2_scale", "bn2_bias",
-             "fc1_W", "fc1_b", "fc2_W", "fc2_b"]
+TRAINABLE = ["conv1_W", "bn1_scale", "bn1_bias", "conv2_W", "bn2_scale", "bn2_bias", "fc1_W", "fc1_b", "fc2_W", "fc2_b"]
 
 
 def forward(p, x, train=False):
@@ -202,7 +208,7 @@ def train(X, y):
         order = rng.permutation(len(X))
         losses = []
         for i in range(0, len(X), BATCH):
-            bi = order[i:i + BATCH]
+            bi = order[i : i + BATCH]
             logits, cache = forward(p, X[bi], train=True)
             loss, dlogits = softmax_xent(logits, y[bi])
             grads = backward(p, cache, dlogits)
@@ -210,7 +216,7 @@ def train(X, y):
             for k in TRAINABLE:  # Adam: robust default, no per-layer LR tuning needed
                 m[k] = 0.9 * m[k] + 0.1 * grads[k]
                 v[k] = 0.999 * v[k] + 0.001 * grads[k] ** 2
-                mhat, vhat = m[k] / (1 - 0.9 ** step), v[k] / (1 - 0.999 ** step)
+                mhat, vhat = m[k] / (1 - 0.9**step), v[k] / (1 - 0.999**step)
                 p[k] = (p[k] - LR * mhat / (np.sqrt(vhat) + 1e-8)).astype(np.float32)
             losses.append(loss)
         if epoch % 5 == 4 or epoch == EPOCHS - 1:
@@ -224,12 +230,22 @@ def export_onnx(p, path):
     nodes = [
         helper.make_node("Conv", ["image", "conv1_W"], ["conv1"], "conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
         # BN kept as its own inference-mode node so a later fuse pass can fold it into the Conv.
-        helper.make_node("BatchNormalization", ["conv1", "bn1_scale", "bn1_bias", "bn1_mean", "bn1_var"],
-                         ["bn1"], "bn1", epsilon=BN_EPS),
+        helper.make_node(
+            "BatchNormalization",
+            ["conv1", "bn1_scale", "bn1_bias", "bn1_mean", "bn1_var"],
+            ["bn1"],
+            "bn1",
+            epsilon=BN_EPS,
+        ),
         helper.make_node("Relu", ["bn1"], ["relu1"], "relu1"),
         helper.make_node("Conv", ["relu1", "conv2_W"], ["conv2"], "conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["conv2", "bn2_scale", "bn2_bias", "bn2_mean", "bn2_var"],
-                         ["bn2"], "bn2", epsilon=BN_EPS),
+        helper.make_node(
+            "BatchNormalization",
+            ["conv2", "bn2_scale", "bn2_bias", "bn2_mean", "bn2_var"],
+            ["bn2"],
+            "bn2",
+            epsilon=BN_EPS,
+        ),
         helper.make_node("Relu", ["bn2"], ["relu2"], "relu2"),
         helper.make_node("MaxPool", ["relu2"], ["pool"], "pool", kernel_shape=[2, 2], strides=[2, 2]),
         helper.make_node("Flatten", ["pool"], ["flat"], "flatten", axis=1),
@@ -238,16 +254,21 @@ def export_onnx(p, path):
         helper.make_node("Gemm", ["relu3", "fc2_W", "fc2_b"], ["logits"], "fc2", transB=1),
     ]
     graph = helper.make_graph(
-        nodes, "digits_cnn",
+        nodes,
+        "digits_cnn",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        init)
+        init,
+    )
     model = helper.make_model(
-        graph, producer_name="lepton-examples", producer_version="1",
+        graph,
+        producer_name="lepton-examples",
+        producer_version="1",
         opset_imports=[helper.make_opsetid("", 13)],
         doc_string="Small CNN for scikit-learn's digits (8x8 grayscale, 10 classes). "
-                   "Input 'image' is float32 [N,1,8,8] with pixels scaled from 0..16 to [0,1]; "
-                   "output 'logits' is [N,10]. Trained with numpy by examples/digits/train.py.")
+        "Input 'image' is float32 [N,1,8,8] with pixels scaled from 0..16 to [0,1]; "
+        "output 'logits' is [N,10]. Trained with numpy by examples/digits/train.py.",
+    )
     model.ir_version = 8  # IR 8 pairs with opset 13 and loads in any onnxruntime >= 1.10
     onnx.checker.check_model(model, full_check=True)
     path.write_bytes(model.SerializeToString(deterministic=True))
@@ -280,6 +301,7 @@ def main():
 
     # Cross-check the exported graph against the numpy model it came from.
     import onnxruntime as ort
+
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     ort_logits = sess.run(["logits"], {"image": X_eval})[0]
     np_logits = predict(p, X_eval)

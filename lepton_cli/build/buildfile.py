@@ -4,6 +4,7 @@ Every error is an exit-2 ``BadInputError`` naming the file and the key path (``m
 as target files do. ``[defaults]`` and each ``[[model]]`` take any ``lepton compile`` option by its long
 name with dashes as underscores; a model's own value wins. Paths are relative to the build file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,7 +102,9 @@ def _read(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise BadInputError(f"build file {path} does not exist", "check the path") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"cannot read build file {path}: {exc.__class__.__name__}", "pass a readable UTF-8 .toml file") from None
+        raise BadInputError(
+            f"cannot read build file {path}: {exc.__class__.__name__}", "pass a readable UTF-8 .toml file"
+        ) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -127,29 +130,49 @@ def _target(spec: str, base: Path, key_path: str, origin: Path, cache: dict[str,
 
 
 def _options(values: dict[str, Any], model: Path) -> CompileOptions:
-    return CompileOptions(model=model, target="", calib=Path(values["calib"]) if values["calib"] else None,
-                          preprocess=values["preprocess"], eval=Path(values["eval"]) if values["eval"] else None,
-                          input_shapes=list(values["input_shape"]), max_accuracy_drop=values["max_accuracy_drop"],
-                          eval_metric=values["eval_metric"], seed=values["seed"], archive=values["archive"],
-                          bench=not values["no_bench"], bench_seconds=values["bench_seconds"],
-                          max_latency_ratio=values["max_latency_ratio"], baseline=Path(values["baseline"]) if values["baseline"] else None,
-                          baseline_tolerance_pct=values["baseline_tolerance"], enforce_budgets=values["enforce_budgets"])
+    return CompileOptions(
+        model=model,
+        target="",
+        calib=Path(values["calib"]) if values["calib"] else None,
+        preprocess=values["preprocess"],
+        eval=Path(values["eval"]) if values["eval"] else None,
+        input_shapes=list(values["input_shape"]),
+        max_accuracy_drop=values["max_accuracy_drop"],
+        eval_metric=values["eval_metric"],
+        seed=values["seed"],
+        archive=values["archive"],
+        bench=not values["no_bench"],
+        bench_seconds=values["bench_seconds"],
+        max_latency_ratio=values["max_latency_ratio"],
+        baseline=Path(values["baseline"]) if values["baseline"] else None,
+        baseline_tolerance_pct=values["baseline_tolerance"],
+        enforce_budgets=values["enforce_budgets"],
+    )
 
 
-def _model_jobs(raw: Any, index: int, defaults: dict[str, Any], base: Path, origin: Path, targets: dict[str, Target],
-                first_job: int) -> list[Job]:
+def _model_jobs(
+    raw: Any, index: int, defaults: dict[str, Any], base: Path, origin: Path, targets: dict[str, Target], first_job: int
+) -> list[Job]:
     key_path = f"model[{index}]"
     own = _fields(ModelFields, raw, key_path, origin)
     explicit = {k for k in raw} if isinstance(raw, dict) else set()
     for name in _KEY_FIELDS:
         if name in explicit:
-            raise _fail(origin, f"{key_path}.{name}: keys and bundle versions are set once, in [defaults]",
-                        f"move {name} to [defaults]")
+            raise _fail(
+                origin,
+                f"{key_path}.{name}: keys and bundle versions are set once, in [defaults]",
+                f"move {name} to [defaults]",
+            )
     if not own.path:
         raise _fail(origin, f"missing key {key_path}.path", 'add path = "models/your_model.onnx"')
     if not own.targets:
-        raise _fail(origin, f"{key_path}.targets must list at least one target", 'e.g. targets = ["cpu-avx", "edge-arm"]')
-    values = {f.name: getattr(own, f.name) if f.name in explicit else defaults[f.name] for f in dataclasses.fields(CompileFields)}
+        raise _fail(
+            origin, f"{key_path}.targets must list at least one target", 'e.g. targets = ["cpu-avx", "edge-arm"]'
+        )
+    values = {
+        f.name: getattr(own, f.name) if f.name in explicit else defaults[f.name]
+        for f in dataclasses.fields(CompileFields)
+    }
     for name in _PATH_FIELDS:
         values[name] = _relative(base, values[name])
         _check_file(origin, f"{key_path}.{name}", values[name], name if name != "eval" else "evaluation data")
@@ -162,7 +185,9 @@ def _model_jobs(raw: Any, index: int, defaults: dict[str, Any], base: Path, orig
     jobs = []
     for t_index, spec in enumerate(own.targets):
         target = _target(spec, base, f"{key_path}.targets[{t_index}]", origin, targets)
-        jobs.append(Job(first_job + len(jobs), index, f"{key_path}.targets[{t_index}]", _options(values, model), target))
+        jobs.append(
+            Job(first_job + len(jobs), index, f"{key_path}.targets[{t_index}]", _options(values, model), target)
+        )
     return jobs
 
 
@@ -180,8 +205,11 @@ def load_build_file(path: Path) -> BuildPlan:
         _check_file(path, f"defaults.{name}", _relative(base, defaults[name]), name)
     models = raw.get("model")
     if not isinstance(models, list) or not models or not all(isinstance(m, dict) for m in models):
-        raise _fail(path, "no models: a build file needs at least one model table",
-                    'add a "model" table header in double brackets, with path = "..." and targets = ["cpu-avx"]')
+        raise _fail(
+            path,
+            "no models: a build file needs at least one model table",
+            'add a "model" table header in double brackets, with path = "..." and targets = ["cpu-avx"]',
+        )
     targets: dict[str, Target] = {}
     jobs: list[Job] = []
     seen: dict[tuple[str, str], str] = {}
@@ -189,10 +217,18 @@ def load_build_file(path: Path) -> BuildPlan:
         for job in _model_jobs(entry, index, defaults, base, path, targets, len(jobs)):
             bundle = (job.options.model.stem, job.target.name)
             if bundle in seen:
-                raise _fail(path, f"{job.key_path}: bundle {bundle[0]}.{bundle[1]}.lepton is also built by {seen[bundle]}",
-                            "list each target once per model, and give models distinct file names")
+                raise _fail(
+                    path,
+                    f"{job.key_path}: bundle {bundle[0]}.{bundle[1]}.lepton is also built by {seen[bundle]}",
+                    "list each target once per model, and give models distinct file names",
+                )
             seen[bundle] = job.key_path
             jobs.append(job)
-    return BuildPlan(path, jobs, sign_key=_relative(base, defaults["sign_key"]),
-                     recipients=[_relative(base, r) or r for r in defaults["recipient"]],
-                     bundle_version=defaults["bundle_version"], expires=defaults["expires"])
+    return BuildPlan(
+        path,
+        jobs,
+        sign_key=_relative(base, defaults["sign_key"]),
+        recipients=[_relative(base, r) or r for r in defaults["recipient"]],
+        bundle_version=defaults["bundle_version"],
+        expires=defaults["expires"],
+    )

@@ -12,6 +12,7 @@ file lives in the Lepton config folder, not in the cache, so a shared cache fold
 ``$LEPTON_CACHE_KEY`` replaces that key file where the cache outlives the machine (CI).
 Size cap: ``$LEPTON_CACHE_MAX_MB`` (default 10 GiB); least recently used entries go first.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,9 +70,15 @@ class CacheHit:
         for plain, meta in self.entry["models"].items():
             path = self.folder / "models" / meta["file"]
             with path.open("rb") as stream:
-                out[plain] = crypto.decrypt_stream(stream, content_key=cache_key, context=_context(self.key, plain),
-                                                   cipher_size=meta["size"], cipher_sha256=meta["sha256"],
-                                                   plain_size=meta["plain_size"], path=meta["file"])
+                out[plain] = crypto.decrypt_stream(
+                    stream,
+                    content_key=cache_key,
+                    context=_context(self.key, plain),
+                    cipher_size=meta["size"],
+                    cipher_sha256=meta["sha256"],
+                    plain_size=meta["plain_size"],
+                    path=meta["file"],
+                )
         return out
 
 
@@ -95,7 +102,10 @@ class BuildCache:
             except ValueError:
                 key = b""
             if len(key) != 32:
-                raise BadInputError("LEPTON_CACHE_KEY is not 64 hex digits", "generate one with: python -c 'import secrets; print(secrets.token_hex(32))'")
+                raise BadInputError(
+                    "LEPTON_CACHE_KEY is not 64 hex digits",
+                    "generate one with: python -c 'import secrets; print(secrets.token_hex(32))'",
+                )
             return key
         path = config_dir() / CACHE_KEY_FILE
         if not path.is_file():
@@ -131,8 +141,17 @@ class BuildCache:
             return f"unreadable: {exc.__class__.__name__}"
         return None
 
-    def store(self, key: str, *, bundle_dir: Path, models: dict[str, bytes], report: dict[str, Any],
-              manifest_fields: dict[str, Any], inputs: dict[str, Any], seal: dict[str, Any]) -> None:
+    def store(
+        self,
+        key: str,
+        *,
+        bundle_dir: Path,
+        models: dict[str, bytes],
+        report: dict[str, Any],
+        manifest_fields: dict[str, Any],
+        inputs: dict[str, Any],
+        seal: dict[str, Any],
+    ) -> None:
         """Add an entry (built in a temporary folder, renamed into place); then evict down to the size cap."""
         tmp_root = self.root / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
@@ -147,11 +166,25 @@ class BuildCache:
                 name = f"{index}.enc"
                 (staging / "models" / name).write_bytes(cipher)
                 sealed[plain] = {"file": name, "size": len(cipher), "sha256": digest, "plain_size": len(data)}
-            bundle_files = sorted(p.relative_to(staging / "bundle").as_posix() for p in (staging / "bundle").rglob("*") if p.is_file())
-            files = {p.relative_to(staging).as_posix(): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-            entry = {"format": ENTRY_FORMAT, "key": key, "created": time.time(), "report": report, "manifest_fields": manifest_fields,
-                     "inputs": inputs, "seal": seal, "models": sealed, "bundle_files": bundle_files, "files": files,
-                     "bytes": sum((staging / rel).stat().st_size for rel in files)}
+            bundle_files = sorted(
+                p.relative_to(staging / "bundle").as_posix() for p in (staging / "bundle").rglob("*") if p.is_file()
+            )
+            files = {
+                p.relative_to(staging).as_posix(): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()
+            }
+            entry = {
+                "format": ENTRY_FORMAT,
+                "key": key,
+                "created": time.time(),
+                "report": report,
+                "manifest_fields": manifest_fields,
+                "inputs": inputs,
+                "seal": seal,
+                "models": sealed,
+                "bundle_files": bundle_files,
+                "files": files,
+                "bytes": sum((staging / rel).stat().st_size for rel in files),
+            }
             entry["checksum"] = hashlib.sha256(_canonical(entry)).hexdigest()
             (staging / "entry.json").write_text(json.dumps(entry, sort_keys=True, default=str), encoding="utf-8")
             self.entries.mkdir(parents=True, exist_ok=True)
@@ -199,4 +232,3 @@ class BuildCache:
         except OSError:
             return
         shutil.rmtree(doomed, ignore_errors=True)
-

@@ -4,6 +4,7 @@ Only the driver holds the signing key and writes outputs: each bundle appears by
 (``bundle.writer``), so Ctrl-C or kill -9 leaves finished bundles and cache entries, never a
 partial one, and a rerun serves what finished from the cache.
 """
+
 from __future__ import annotations
 
 import time
@@ -58,13 +59,19 @@ class BuildRun:
     def prepare(self) -> None:
         """Keys and output folder checked once, before any compile (exit 2)."""
         plan = self.plan
-        self.keys = resolve_compile_keys(plan.sign_key, plan.recipients, plan.bundle_version, plan.expires, self.on_note)
+        self.keys = resolve_compile_keys(
+            plan.sign_key, plan.recipients, plan.bundle_version, plan.expires, self.on_note
+        )
         _check_output_dir(self.output_dir)
         if self.cache is not None:
             self.cache.cache_key()  # a malformed $LEPTON_CACHE_KEY is exit 2 now, not after the compiles
         signing, recipients = self.keys.complete()
-        self._seal = {"signer": key_id(signing), "recipients": sorted(key_id(r) for r in recipients),
-                      "version": plan.bundle_version, "expires": plan.expires}
+        self._seal = {
+            "signer": key_id(signing),
+            "recipients": sorted(key_id(r) for r in recipients),
+            "version": plan.bundle_version,
+            "expires": plan.expires,
+        }
         self.results = [JobResult(job.options.model.name, job.target.name) for job in plan.jobs]
 
     def run(self, engine_factory: Callable[[int], Engine]) -> int:
@@ -79,7 +86,9 @@ class BuildRun:
         queue = list(todo)
         try:
             while queue or engine.pending:
-                while queue and engine.pending < engine.slots:  # bounded: inputs and results in flight stay a few per slot
+                while (
+                    queue and engine.pending < engine.slots
+                ):  # bounded: inputs and results in flight stay a few per slot
                     job = queue.pop(0)
                     engine.submit(job.index, job.options, job.target)
                 for index in engine.running():
@@ -147,10 +156,18 @@ class BuildRun:
                 write_archive(bundle_dir, bundle_dir.with_name(bundle_dir.name + ARCHIVE_SUFFIX))
             return bundle_dir
         assert self.keys is not None
-        write_compile_output(bundle_dir, hit.models(self.cache.cache_key()), hit.entry["report"], self.keys,  # type: ignore[union-attr]
-                             version=self.plan.bundle_version, expires=self.plan.expires, archive=job.options.archive,
-                             extra_fields=hit.entry["manifest_fields"], provenance=hit.entry["inputs"],
-                             extra_plain_files=_device_plain_files(hit))
+        write_compile_output(
+            bundle_dir,
+            hit.models(self.cache.cache_key()),
+            hit.entry["report"],
+            self.keys,  # type: ignore[union-attr]
+            version=self.plan.bundle_version,
+            expires=self.plan.expires,
+            archive=job.options.archive,
+            extra_fields=hit.entry["manifest_fields"],
+            provenance=hit.entry["inputs"],
+            extra_plain_files=_device_plain_files(hit),
+        )
         return bundle_dir
 
     def _finished(self, job: Job, outcome: Outcome) -> None:
@@ -159,25 +176,45 @@ class BuildRun:
         result.worker = outcome.worker
         if outcome.exit_code != 0:
             result.state = "failed"
-            self.on_note(f"[red]{job.key_path}[/red] {result.model} → {result.target}: exit {outcome.exit_code}: {outcome.message}")
+            self.on_note(
+                f"[red]{job.key_path}[/red] {result.model} → {result.target}: exit {outcome.exit_code}: {outcome.message}"
+            )
             return
         assert self.keys is not None and outcome.report is not None
         bundle_dir = self.output_dir / bundle_name(job.options.model, job.target)
-        write_compile_output(bundle_dir, outcome.models, outcome.report, self.keys, version=self.plan.bundle_version,
-                             expires=self.plan.expires, archive=job.options.archive, extra_fields=outcome.manifest_fields,
-                             provenance=outcome.inputs, extra_plain_files=outcome.plain_files)
+        write_compile_output(
+            bundle_dir,
+            outcome.models,
+            outcome.report,
+            self.keys,
+            version=self.plan.bundle_version,
+            expires=self.plan.expires,
+            archive=job.options.archive,
+            extra_fields=outcome.manifest_fields,
+            provenance=outcome.inputs,
+            extra_plain_files=outcome.plain_files,
+        )
         result.state, result.bundle = "done", str(bundle_dir)
         result.take_report(outcome.report)
         key = self._key(job)
         if key is not None and inputs_key(outcome.inputs) != key:  # e.g. a Ray node with other library versions
-            self.on_warn(f"{result.model} → {result.target}: the worker's inputs or versions differ from the driver's; not cached")
+            self.on_warn(
+                f"{result.model} → {result.target}: the worker's inputs or versions differ from the driver's; not cached"
+            )
             key = None
         if key is not None and any(not isinstance(m, bytes) for m in outcome.models.values()):
             key = None  # a model with external data stays in its bundle only: the cache holds whole models in memory
         if self.cache is not None and key is not None:
             try:
-                self.cache.store(key, bundle_dir=bundle_dir, models=outcome.models, report=outcome.report,
-                                 manifest_fields=outcome.manifest_fields, inputs=outcome.inputs, seal=self._seal)
+                self.cache.store(
+                    key,
+                    bundle_dir=bundle_dir,
+                    models=outcome.models,
+                    report=outcome.report,
+                    manifest_fields=outcome.manifest_fields,
+                    inputs=outcome.inputs,
+                    seal=self._seal,
+                )
             except OSError as exc:  # a full or read-only cache must not fail the build
                 self.on_note(f"could not store {result.model} → {result.target} in the cache: {exc}")
 

@@ -5,6 +5,7 @@ Runtime threads (ORT's default pool follows the affinity mask; the latency measu
 explicitly), so N workers on C cores run C threads in all, not N x C. Workers are spawned, not
 forked: the driver runs a live display thread, and forking a threaded process can deadlock.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -25,7 +26,7 @@ def core_shares(cores: list[int], workers: int) -> list[list[int]]:
     shares, start = [], 0
     for i in range(workers):
         size = base + (1 if i < extra else 0)
-        shares.append(cores[start:start + size])
+        shares.append(cores[start : start + size])
         start += size
     return shares
 
@@ -60,8 +61,12 @@ class LocalPool:
         self.workers = max(1, workers)
         context = multiprocessing.get_context("spawn")
         self.shares = core_shares(available_cores(), self.workers)
-        self._executor = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=_pin,
-                                                initargs=(context.Value("i", 0), self.shares))
+        self._executor = cf.ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=context,
+            initializer=_pin,
+            initargs=(context.Value("i", 0), self.shares),
+        )
         self._futures: dict[cf.Future, int] = {}
         self.slots = 2 * self.workers
 
@@ -80,7 +85,9 @@ class LocalPool:
             index = self._futures.pop(future)
             try:
                 yield future.result()
-            except Exception as exc:  # the worker process died (killed, out of memory): this compile fails, not the build
+            except (
+                Exception
+            ) as exc:  # the worker process died (killed, out of memory): this compile fails, not the build
                 yield Outcome(index, 1, f"worker process failed: {exc.__class__.__name__}: {exc}")
 
     @property

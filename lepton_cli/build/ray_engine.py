@@ -6,6 +6,7 @@ files it needs into a per-node folder named by that hash (reused by later tasks 
 compiles from there. Tasks return models and reports; the driver seals and writes every bundle.
 ``ray`` is an optional extra: ``pip install 'lepton-cli[ray]'``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,10 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise BadInputError("--ray needs the ray package, which is not installed",
-                            "pip install ray (Lepton's optional ray extra), or drop --ray to use the local process pool") from None
+        raise BadInputError(
+            "--ray needs the ray package, which is not installed",
+            "pip install ray (Lepton's optional ray extra), or drop --ray to use the local process pool",
+        ) from None
     return ray
 
 
@@ -74,8 +77,14 @@ def _materialise(files: dict[str, list[tuple[str, str, int]]], blobs: dict[str, 
     return out
 
 
-def _remote_compile(index: int, options: Any, target: Any, files: dict[str, list[tuple[str, str, int]]],
-                    refs: dict[str, Any], cores: int) -> Outcome:
+def _remote_compile(
+    index: int,
+    options: Any,
+    target: Any,
+    files: dict[str, list[tuple[str, str, int]]],
+    refs: dict[str, Any],
+    cores: int,
+) -> Outcome:
     import ray
 
     blobs = dict(zip(refs, ray.get(list(refs.values()))))
@@ -134,7 +143,9 @@ class RayEngine:
         memory = memory_estimate(files)
         if self._memory_cap:
             memory = min(memory, self._memory_cap)
-        ref = self._task.options(num_cpus=self.cpus, memory=memory, max_retries=1).remote(index, options, target, files, refs, self.cpus)
+        ref = self._task.options(num_cpus=self.cpus, memory=memory, max_retries=1).remote(
+            index, options, target, files, refs, self.cpus
+        )
         self._pending[ref] = index
         self._needs[ref] = list(refs)
         for sha in refs:

@@ -1,4 +1,5 @@
 """A build's results: the live table on stderr, the ``--json`` document, and one ``$GITHUB_STEP_SUMMARY`` table."""
+
 from __future__ import annotations
 
 import os
@@ -22,21 +23,35 @@ class JobResult:
     cached: bool = False
     seconds: float | None = None
     message: str | None = None
-    worker: dict[str, Any] = field(default_factory=dict)  # pid, cores, affinity, peak_rss_mb of the process that compiled
+    worker: dict[str, Any] = field(
+        default_factory=dict
+    )  # pid, cores, affinity, peak_rss_mb of the process that compiled
     summary_doc: dict[str, Any] | None = None  # a few keys of the report: the driver keeps no whole reports
 
     def take_report(self, report: dict[str, Any]) -> None:
         accuracy = report.get("accuracy") or {}
-        self.summary_doc = {**report.get("summary", {}), "accuracy_drop_pct": accuracy.get("drop_pct"),
-                            "host_p50_ratio": latency_ratio(report)}
+        self.summary_doc = {
+            **report.get("summary", {}),
+            "accuracy_drop_pct": accuracy.get("drop_pct"),
+            "host_p50_ratio": latency_ratio(report),
+        }
 
     def summary(self) -> dict[str, Any] | None:
         return self.summary_doc
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "target": self.target, "exit_code": self.exit_code, "bundle": self.bundle,
-                "cached": self.cached, "seconds": round(self.seconds, 3) if self.seconds is not None else None,
-                "summary": self.summary(), "error": self.message, "state": self.state, "worker": self.worker or None}
+        return {
+            "model": self.model,
+            "target": self.target,
+            "exit_code": self.exit_code,
+            "bundle": self.bundle,
+            "cached": self.cached,
+            "seconds": round(self.seconds, 3) if self.seconds is not None else None,
+            "summary": self.summary(),
+            "error": self.message,
+            "state": self.state,
+            "worker": self.worker or None,
+        }
 
 
 def latency_ratio(report: dict[str, Any]) -> float | None:
@@ -56,10 +71,22 @@ def _fmt(value: float | None, pattern: str) -> str:
 
 def _row(result: JobResult) -> list[str]:
     summary = result.summary() or {}
-    state = {"failed": f"[red]exit {result.exit_code}[/red]", "done": "[green]built[/green]", "cached": "[cyan]cached[/cyan]",
-             "running": "[yellow]running[/yellow]", "skipped": "[dim]skipped[/dim]"}.get(result.state, result.state)
-    return [Path(result.model).stem, result.target, state, _fmt(result.seconds, "{:.1f}s"), _fmt(summary.get("size_ratio"), "{:.3f}"),
-            _fmt(summary.get("accuracy_drop_pct"), "{:.2f}"), _fmt(summary.get("host_p50_ratio"), "{:.3f}")]
+    state = {
+        "failed": f"[red]exit {result.exit_code}[/red]",
+        "done": "[green]built[/green]",
+        "cached": "[cyan]cached[/cyan]",
+        "running": "[yellow]running[/yellow]",
+        "skipped": "[dim]skipped[/dim]",
+    }.get(result.state, result.state)
+    return [
+        Path(result.model).stem,
+        result.target,
+        state,
+        _fmt(result.seconds, "{:.1f}s"),
+        _fmt(summary.get("size_ratio"), "{:.3f}"),
+        _fmt(summary.get("accuracy_drop_pct"), "{:.2f}"),
+        _fmt(summary.get("host_p50_ratio"), "{:.3f}"),
+    ]
 
 
 COLUMNS = ("model", "target", "state", "time", "size ratio", "drop (pts)", "latency ratio")
@@ -68,30 +95,43 @@ COLUMNS = ("model", "target", "state", "time", "size ratio", "drop (pts)", "late
 def live_table(results: list[JobResult], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for column in COLUMNS:
-        table.add_column(column, justify="right" if column in ("time", "size ratio", "drop (pts)", "latency ratio") else "left")
+        table.add_column(
+            column, justify="right" if column in ("time", "size ratio", "drop (pts)", "latency ratio") else "left"
+        )
     for result in results:
         table.add_row(*_row(result))
     return table
 
 
 def json_document(results: list[JobResult]) -> dict[str, Any]:
-    return {"format": BUILD_FORMAT, "exit_code": worst_exit([r.exit_code for r in results]),
-            "results": [r.to_dict() for r in results]}
+    return {
+        "format": BUILD_FORMAT,
+        "exit_code": worst_exit([r.exit_code for r in results]),
+        "results": [r.to_dict() for r in results],
+    }
 
 
 def markdown_table(results: list[JobResult], exit_code: int) -> str:
-    lines = [f"### lepton build: {len(results)} compile(s), exit {exit_code}", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = [
+        f"### lepton build: {len(results)} compile(s), exit {exit_code}",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
     for result in results:
         cells = _row(result)
-        cells[2] = {"done": "built", "cached": "cached", "failed": f"exit {result.exit_code}"}.get(result.state, result.state)
+        cells[2] = {"done": "built", "cached": "cached", "failed": f"exit {result.exit_code}"}.get(
+            result.state, result.state
+        )
         if result.message:
             cells[2] += f": {result.message[:120]}"
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def append_build_summary(results: list[JobResult], exit_code: int, environ: dict[str, str] | None = None) -> Path | None:
+def append_build_summary(
+    results: list[JobResult], exit_code: int, environ: dict[str, str] | None = None
+) -> Path | None:
     """One Markdown table for the whole build in ``$GITHUB_STEP_SUMMARY`` (GitHub Actions), when set."""
     path = (environ if environ is not None else os.environ).get("GITHUB_STEP_SUMMARY")
     if not path:

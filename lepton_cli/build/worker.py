@@ -3,6 +3,7 @@
 The driver seals and writes what this returns, so private keys never leave the driver and an
 interrupted build leaves no partial bundle.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,7 +41,11 @@ def run_compile(index: int, options: CompileOptions, target: Target, cores: int 
     os.environ.pop("GITHUB_STEP_SUMMARY", None)  # the driver writes one table for the whole build
     console.settings.quiet = True  # the driver's table is the progress display; passes' notes would tear it
     started = time.perf_counter()
-    worker = {"pid": os.getpid(), "cores": cores, "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+    worker = {
+        "pid": os.getpid(),
+        "cores": cores,
+        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    }
     try:
         host = detect_host()
         if cores is not None:  # the latency measurement's thread count follows this worker's share of the cores
@@ -51,11 +56,26 @@ def run_compile(index: int, options: CompileOptions, target: Target, cores: int 
         return Outcome(index, int(exc.exit_code), exc.one_line(), seconds=time.perf_counter() - started, worker=worker)
     except Exception as exc:  # a bug: reported for this compile, the others go on
         detail = traceback.format_exc(limit=-3).strip().splitlines()[-1]
-        return Outcome(index, 1, f"internal error: {exc.__class__.__name__}: {exc} ({detail}; this is a bug in Lepton)",
-                       seconds=time.perf_counter() - started, worker=worker)
+        return Outcome(
+            index,
+            1,
+            f"internal error: {exc.__class__.__name__}: {exc} ({detail}; this is a bug in Lepton)",
+            seconds=time.perf_counter() - started,
+            worker=worker,
+        )
     worker["peak_rss_mb"] = _peak_rss_mb()
-    return Outcome(index, 0, None, result.report, result.manifest_fields, result.models, result.inputs,
-                   time.perf_counter() - started, worker, result.plain_files)
+    return Outcome(
+        index,
+        0,
+        None,
+        result.report,
+        result.manifest_fields,
+        result.models,
+        result.inputs,
+        time.perf_counter() - started,
+        worker,
+        result.plain_files,
+    )
 
 
 def _peak_rss_mb() -> float | None:

@@ -13,6 +13,7 @@ another path or another bundle, or a wrapped key copied to another bundle, does 
 Plaintext: ``decrypt_stream`` writes into one buffer and hands it out only after
 ``finalize()`` and the ciphertext's sha256 both passed; on any failure the buffer is zeroed.
 """
+
 from __future__ import annotations
 
 import base64
@@ -63,13 +64,17 @@ def unwrap_key(entries: list[dict[str, str]], private: EncryptionPrivateKey, bun
     rid = key_id(private)
     mine = [e for e in entries if e.get("key_id") == rid]
     if not mine:
-        raise fail(f"the bundle is not encrypted to your key {rid} (recipients: {', '.join(e.get('key_id', '?') for e in entries)[:300]})",
-                   "pass the matching --key, or recompile with --recipient YOUR-encryption-public.pem")
+        raise fail(
+            f"the bundle is not encrypted to your key {rid} (recipients: {', '.join(e.get('key_id', '?') for e in entries)[:300]})",
+            "pass the matching --key, or recompile with --recipient YOUR-encryption-public.pem",
+        )
     try:
         sealed = base64.b64decode(mine[0]["wrapped_key"], validate=True)
         key = SUITE.decrypt(sealed, private, info=_wrap_info(bundle_id, rid))
     except (binascii.Error, InvalidTag, ValueError):
-        raise fail("the wrapped content key for your key does not decrypt (tampered or bound to another bundle)") from None
+        raise fail(
+            "the wrapped content key for your key does not decrypt (tampered or bound to another bundle)"
+        ) from None
     if len(key) != 32:
         raise fail("the wrapped content key has the wrong length")
     return key
@@ -91,11 +96,11 @@ def encrypt_bytes(content_key: bytes, context: bytes, data: bytes | memoryview) 
     pos = 0
     try:
         for start in range(0, len(view), BLOCK):
-            wrote = enc.update_into(view[start:start + BLOCK], buf[pos:])
-            digest.update(buf[pos:pos + wrote])
+            wrote = enc.update_into(view[start : start + BLOCK], buf[pos:])
+            digest.update(buf[pos : pos + wrote])
             pos += wrote
         tail = enc.finalize()
-        buf[pos:pos + len(tail)] = tail
+        buf[pos : pos + len(tail)] = tail
         digest.update(tail)
         pos += len(tail)
     finally:
@@ -116,7 +121,7 @@ def encrypt_stream(content_key: bytes, context: bytes, blocks: Iterable[bytes], 
         for block in blocks:
             block_view = memoryview(block)
             for start in range(0, len(block_view), BLOCK):
-                piece = block_view[start:start + BLOCK]
+                piece = block_view[start : start + BLOCK]
                 wrote = enc.update_into(piece, view)
                 out.write(view[:wrote])
                 digest.update(view[:wrote])
@@ -166,8 +171,8 @@ class _HashingReader:
         readinto = getattr(self._stream, "readinto", None)
         if readinto is None:  # e.g. a zip member stream without readinto
             block = self._stream.read(BLOCK)
-            view[:len(block)] = block
-            return view[:len(block)]
+            view[: len(block)] = block
+            return view[: len(block)]
         filled = 0
         while filled < BLOCK:
             n = readinto(view[filled:])
@@ -213,8 +218,16 @@ class _HashingReader:
         self._thread.join()
 
 
-def decrypt_stream(stream: BinaryIO, *, content_key: bytes, context: bytes, cipher_size: int, cipher_sha256: str,
-                   plain_size: int, path: str) -> bytes:
+def decrypt_stream(
+    stream: BinaryIO,
+    *,
+    content_key: bytes,
+    context: bytes,
+    cipher_size: int,
+    cipher_sha256: str,
+    plain_size: int,
+    path: str,
+) -> bytes:
     """Hash and decrypt in one pass; return the plaintext only if both the hash and the AEAD check pass.
 
     Each block is decrypted into a small reused buffer and appended to a ``BytesIO``, whose
@@ -278,4 +291,4 @@ def _wipe(view: memoryview) -> None:
     zeros = bytes(min(BLOCK, len(view)))
     for start in range(0, len(view), BLOCK):
         end = min(start + BLOCK, len(view))
-        view[start:end] = zeros[:end - start]
+        view[start:end] = zeros[: end - start]

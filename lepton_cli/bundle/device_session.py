@@ -5,6 +5,7 @@ from the manifest before authentication (display-grade), then ``open_bundle`` ve
 bundle, decrypts only that file in memory, and the authenticated manifest must list the same
 entry. The session takes the same feeds as ``BundleSession`` (source layout, float).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -54,23 +55,38 @@ def _check_runtime(fmt: str) -> None:
         interpreter_class()  # exit 2 naming the extra before any decryption
 
 
-def load_device_file(path: str | Path, fmt: str, *, key: Any, trust: Any, state_path: Path | None = None,
-                     variant: str | None = None, providers: list[str] | None = None, threads: int = 0) -> Any:
+def load_device_file(
+    path: str | Path,
+    fmt: str,
+    *,
+    key: Any,
+    trust: Any,
+    state_path: Path | None = None,
+    variant: str | None = None,
+    providers: list[str] | None = None,
+    threads: int = 0,
+) -> Any:
     """Verify the bundle, decrypt its ``fmt`` file in memory and open it in that format's runtime."""
     _check_runtime(fmt)
     listed = read_manifest_unverified(path)  # only to choose what to decrypt: open_bundle authenticates it
     wanted_from = _variant_path(listed, variant)
     unverified = _entry(listed, fmt, wanted_from)
     if unverified is None:
-        raise BadInputError(f"{path} has no {fmt} file (its manifest lists no device_artifacts of that format)",
-                            "use --format onnx, or compile for a target that makes one (mobile: ort; tpu: tflite, with lepton-cli[tflite])")
+        raise BadInputError(
+            f"{path} has no {fmt} file (its manifest lists no device_artifacts of that format)",
+            "use --format onnx, or compile for a target that makes one (mobile: ort; tpu: tflite, with lepton-cli[tflite])",
+        )
     opened = open_bundle(path, key=key, trust=trust, state_path=state_path, models=[str(unverified.get("path"))])
     entry = _entry(opened.manifest, fmt, wanted_from)
     if entry != unverified or entry is None or entry["path"] not in opened.models:
         raise fail(f"manifest.json's {fmt} entry changed between reads")
     data = opened.models.pop(entry["path"])
-    selection = DeviceSelection(fmt, entry["path"], RUNTIMES[fmt],
-                                [f"format {fmt}: {entry['path']} (made from {entry['from']}), runtime {RUNTIMES[fmt]}"])
+    selection = DeviceSelection(
+        fmt,
+        entry["path"],
+        RUNTIMES[fmt],
+        [f"format {fmt}: {entry['path']} (made from {entry['from']}), runtime {RUNTIMES[fmt]}"],
+    )
     if fmt == "tflite":
         from ..device_artifacts.litert_session import LiteRTSession
 
@@ -82,8 +98,14 @@ def load_device_file(path: str | Path, fmt: str, *, key: Any, trust: Any, state_
     return session
 
 
-def _ort_session(data: bytes, manifest: dict[str, Any], path: str, providers: list[str] | None, threads: int,
-                 selection: DeviceSelection) -> Any:
+def _ort_session(
+    data: bytes,
+    manifest: dict[str, Any],
+    path: str,
+    providers: list[str] | None,
+    threads: int,
+    selection: DeviceSelection,
+) -> Any:
     import onnxruntime as ort
 
     from ..device_artifacts.ort_format import REPLAY_OPTIMIZATIONS

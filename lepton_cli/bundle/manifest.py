@@ -4,6 +4,7 @@ The manifest is read only after its sha256 matched the signed statement, yet it 
 as hostile input (a signer's bug, or a future format): size limit, no duplicate keys, no
 NaN/Infinity, known format version, every path a plain relative name.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,9 +90,14 @@ def validate(doc: Any) -> dict[str, Any]:
     _require(doc.get("format") == FORMAT, f"format is {doc.get('format')!r}, not {FORMAT!r}")
     version = doc.get("format_version")
     if version != FORMAT_VERSION or not _is_int(version):
-        raise fail(f"unknown bundle format version {version!r} (this Lepton reads version {FORMAT_VERSION})",
-                   "upgrade Lepton, or recompile the bundle with this version")
-    _require(isinstance(doc.get("bundle_id"), str) and _HEX32.fullmatch(doc["bundle_id"]) is not None, "bundle_id must be 32 hex digits")
+        raise fail(
+            f"unknown bundle format version {version!r} (this Lepton reads version {FORMAT_VERSION})",
+            "upgrade Lepton, or recompile the bundle with this version",
+        )
+    _require(
+        isinstance(doc.get("bundle_id"), str) and _HEX32.fullmatch(doc["bundle_id"]) is not None,
+        "bundle_id must be 32 hex digits",
+    )
     _require(_is_int(doc.get("version")) and 0 <= doc["version"] < 2**63, "version must be a non-negative integer")
     expires = doc.get("expires")
     if expires is not None:
@@ -110,27 +116,44 @@ def validate(doc: Any) -> dict[str, Any]:
         where = f"manifest.json files[{index}]"
         _require(isinstance(entry, dict), f"files[{index}] is not an object")
         path = check_path(entry.get("path"), where)
-        _require(path not in seen and path not in (MANIFEST, SIGNATURE), f"files[{index}]: duplicate or reserved path {path!r}")
+        _require(
+            path not in seen and path not in (MANIFEST, SIGNATURE),
+            f"files[{index}]: duplicate or reserved path {path!r}",
+        )
         seen.add(path)
         _require(entry.get("role") in ROLES, f"files[{index}]: unknown role {entry.get('role')!r}")
-        _require(_is_int(entry.get("size")) and entry["size"] >= 0, f"files[{index}]: size must be a non-negative integer")
-        _require(isinstance(entry.get("sha256"), str) and _HEX64.fullmatch(entry["sha256"]) is not None, f"files[{index}]: sha256 must be 64 hex digits")
+        _require(
+            _is_int(entry.get("size")) and entry["size"] >= 0, f"files[{index}]: size must be a non-negative integer"
+        )
+        _require(
+            isinstance(entry.get("sha256"), str) and _HEX64.fullmatch(entry["sha256"]) is not None,
+            f"files[{index}]: sha256 must be 64 hex digits",
+        )
         _require(isinstance(entry.get("encrypted"), bool), f"files[{index}]: encrypted must be true or false")
         if entry["encrypted"]:
             plain = check_path(entry.get("plain_path"), where)
             _require(plain not in plain_paths, f"files[{index}]: plain_path {plain!r} appears twice")
             plain_paths.add(plain)
-            _require(_is_int(entry.get("plain_size")) and 0 <= entry["plain_size"] <= entry["size"], f"files[{index}]: plain_size invalid")
+            _require(
+                _is_int(entry.get("plain_size")) and 0 <= entry["plain_size"] <= entry["size"],
+                f"files[{index}]: plain_size invalid",
+            )
     _check_model_data(files)
     _validate_device_artifacts(doc.get("device_artifacts"), files)
     enc = doc.get("encryption")
     _require(isinstance(enc, dict), "encryption header missing")
     _require(enc.get("scheme") == ENCRYPTION_SCHEME, f"unknown encryption scheme {enc.get('scheme')!r}")
     recipients = enc.get("recipients")
-    _require(isinstance(recipients, list) and 0 < len(recipients) <= 64, "encryption.recipients must list 1 to 64 recipients")
+    _require(
+        isinstance(recipients, list) and 0 < len(recipients) <= 64, "encryption.recipients must list 1 to 64 recipients"
+    )
     for index, entry in enumerate(recipients):
-        _require(isinstance(entry, dict) and isinstance(entry.get("key_id"), str) and isinstance(entry.get("wrapped_key"), str),
-                 f"encryption.recipients[{index}] needs key_id and wrapped_key")
+        _require(
+            isinstance(entry, dict)
+            and isinstance(entry.get("key_id"), str)
+            and isinstance(entry.get("wrapped_key"), str),
+            f"encryption.recipients[{index}] needs key_id and wrapped_key",
+        )
     return doc
 
 
@@ -141,13 +164,22 @@ def _check_model_data(files: list[dict[str, Any]]) -> None:
     for index, entry in enumerate(files):
         if entry["role"] == "model_data":
             owner = models.get(entry.get("model")) if isinstance(entry.get("model"), str) else None
-            _require(entry["encrypted"] and owner is not None, f"files[{index}]: model_data must be encrypted and name an encrypted model")
-            _require(entry["plain_path"] == owner["plain_path"] + DATA_SUFFIX and owner.get("external_data") == entry["plain_path"],
-                     f"files[{index}]: model_data {entry['plain_path']!r} and model {owner['plain_path']!r} do not name each other")
+            _require(
+                entry["encrypted"] and owner is not None,
+                f"files[{index}]: model_data must be encrypted and name an encrypted model",
+            )
+            _require(
+                entry["plain_path"] == owner["plain_path"] + DATA_SUFFIX
+                and owner.get("external_data") == entry["plain_path"],
+                f"files[{index}]: model_data {entry['plain_path']!r} and model {owner['plain_path']!r} do not name each other",
+            )
             linked.add(owner["plain_path"])
     for path, entry in models.items():
         if "external_data" in entry:
-            _require(path in linked, f"model {path!r} names external data {entry['external_data']!r} that the bundle does not list")
+            _require(
+                path in linked,
+                f"model {path!r} names external data {entry['external_data']!r} that the bundle does not list",
+            )
 
 
 DEVICE_FORMATS = frozenset({"ort", "tflite"})
@@ -166,7 +198,10 @@ def _validate_device_artifacts(listed: Any, files: list[dict[str, Any]]) -> None
         _require(isinstance(entry, dict), f"{where} is not an object")
         _require(entry.get("format") in DEVICE_FORMATS, f"{where}: unknown format {entry.get('format')!r}")
         path = check_path(entry.get("path"), f"manifest.json {where}")
-        _require(path in models and path not in seen, f"{where}: {path!r} is not an encrypted model of the bundle, or is listed twice")
+        _require(
+            path in models and path not in seen,
+            f"{where}: {path!r} is not an encrypted model of the bundle, or is listed twice",
+        )
         seen.add(path)
         _require(entry.get("from") in models, f"{where}: 'from' {entry.get('from')!r} is not a model of the bundle")
         _require(isinstance(entry.get("runtime"), str), f"{where}: runtime must be a string")
@@ -174,9 +209,15 @@ def _validate_device_artifacts(listed: Any, files: list[dict[str, Any]]) -> None
         _require(config is None or config in plain, f"{where}: ops_config {config!r} is not a plain file of the bundle")
         if entry["format"] == "tflite":
             names = entry.get("io_names")
-            _require(isinstance(names, dict) and all(isinstance(names.get(k), dict) and all(
-                isinstance(a, str) and isinstance(b, str) for a, b in names[k].items()) for k in ("inputs", "outputs")),
-                f"{where}: io_names must map inputs and outputs (ONNX name -> TFLite signature name)")
+            _require(
+                isinstance(names, dict)
+                and all(
+                    isinstance(names.get(k), dict)
+                    and all(isinstance(a, str) and isinstance(b, str) for a, b in names[k].items())
+                    for k in ("inputs", "outputs")
+                ),
+                f"{where}: io_names must map inputs and outputs (ONNX name -> TFLite signature name)",
+            )
 
 
 ENCRYPTION_SCHEME = "lepton-c2sp-chunked-aes256gcm+hpke-x25519-hkdfsha256-aes256gcm/1"

@@ -6,6 +6,7 @@ decrypting anything) and whose predicate records every input digest and paramete
 depended on (``lepton_cli/compile_inputs.py``). Signed with the bundle's signing key, and listed in
 the manifest like any file, so ``model.sig`` covers it and model-signing verifiers accept the bundle.
 """
+
 from __future__ import annotations
 
 import base64
@@ -45,8 +46,12 @@ def _subjects(models: dict[str, Any], bundle_name: str) -> list[dict[str, Any]]:
 def statement(inputs: dict[str, Any], models: dict[str, Any], bundle_name: str) -> dict[str, Any]:
     """The in-toto statement: subjects are the plaintext models; materials and parameters come from ``inputs``."""
     dependencies = [{"name": f"model/{f['name']}", "digest": {"sha256": f["sha256"]}} for f in inputs["model"]]
-    dependencies.append({"name": f"target/{inputs['target']['name']}", "digest": {"sha256": inputs["target"]["sha256"]}})
-    dependencies += [{"name": f"{role}/{d['name']}", "digest": {"sha256": d["sha256"]}} for role, d in sorted(inputs["data"].items())]
+    dependencies.append(
+        {"name": f"target/{inputs['target']['name']}", "digest": {"sha256": inputs["target"]["sha256"]}}
+    )
+    dependencies += [
+        {"name": f"{role}/{d['name']}", "digest": {"sha256": d["sha256"]}} for role, d in sorted(inputs["data"].items())
+    ]
     if inputs.get("baseline_sha256"):
         dependencies.append({"name": "baseline/report.json", "digest": {"sha256": inputs["baseline_sha256"]}})
     versions = inputs["versions"]
@@ -79,8 +84,11 @@ def sign(stmt: dict[str, Any], private: SigningPrivateKey) -> bytes:
     """DSSE envelope JSON: payload type in-toto, one ECDSA P-256 signature, keyid = the Lepton key id."""
     payload = json.dumps(stmt, sort_keys=True, separators=(",", ":")).encode()
     signature = private.sign(pae(payload), ec.ECDSA(hashes.SHA256()))
-    envelope = {"payloadType": PAYLOAD_TYPE, "payload": base64.b64encode(payload).decode(),
-                "signatures": [{"keyid": key_id(private), "sig": base64.b64encode(signature).decode()}]}
+    envelope = {
+        "payloadType": PAYLOAD_TYPE,
+        "payload": base64.b64encode(payload).decode(),
+        "signatures": [{"keyid": key_id(private), "sig": base64.b64encode(signature).decode()}],
+    }
     return (json.dumps(envelope, indent=2) + "\n").encode()
 
 
@@ -88,8 +96,12 @@ def verify(envelope_bytes: bytes, trusted: SigningPublicKey) -> dict[str, Any]:
     """The statement, after its DSSE signature verified with ``trusted`` (exit 4 otherwise)."""
     envelope = parse_json(envelope_bytes, PROVENANCE)
     signatures = envelope.get("signatures") if isinstance(envelope, dict) else None
-    if not isinstance(signatures, list) or len(signatures) != 1 or not isinstance(signatures[0], dict) \
-            or envelope.get("payloadType") != PAYLOAD_TYPE:
+    if (
+        not isinstance(signatures, list)
+        or len(signatures) != 1
+        or not isinstance(signatures[0], dict)
+        or envelope.get("payloadType") != PAYLOAD_TYPE
+    ):
         raise fail(f"{PROVENANCE} is not a DSSE envelope with one in-toto signature")
     try:
         payload = base64.b64decode(envelope.get("payload", ""), validate=True)
@@ -116,10 +128,16 @@ def compare(built: dict[str, Any], rebuilt: dict[str, Any]) -> list[str]:
         if a[key] != b[key]:
             differences.append(f"{key} differ")
     versions_a, versions_b = (s["predicate"]["runDetails"]["builder"]["version"] for s in (built, rebuilt))
-    differences += [f"version of {k}: {versions_a.get(k)} vs {versions_b.get(k)}" for k in sorted(set(versions_a) | set(versions_b))
-                    if versions_a.get(k) != versions_b.get(k)]
+    differences += [
+        f"version of {k}: {versions_a.get(k)} vs {versions_b.get(k)}"
+        for k in sorted(set(versions_a) | set(versions_b))
+        if versions_a.get(k) != versions_b.get(k)
+    ]
     subjects_a = {s["name"].split("/", 1)[-1]: s["digest"]["sha256"] for s in built["subject"]}
     subjects_b = {s["name"].split("/", 1)[-1]: s["digest"]["sha256"] for s in rebuilt["subject"]}
-    differences += [f"output {name}: sha256 differs" for name in sorted(set(subjects_a) | set(subjects_b))
-                    if subjects_a.get(name) != subjects_b.get(name)]
+    differences += [
+        f"output {name}: sha256 differs"
+        for name in sorted(set(subjects_a) | set(subjects_b))
+        if subjects_a.get(name) != subjects_b.get(name)
+    ]
     return differences

@@ -12,6 +12,7 @@
 
 Any failure is a ``VerificationError`` (exit 4) with one line; nothing is written to disk.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,9 +52,14 @@ def _as_trust(trust: object) -> SigningPublicKey:
     if isinstance(trust, (str, Path)):
         return load_key(str(trust), "signing", "public", origin="trusted key")  # type: ignore[return-value]
     if trust is None:
-        raise BadInputError("no trusted signing key given", "pass --trust PUBKEY.pem (the publisher's signing-public.pem) or set LEPTON_TRUST")
+        raise BadInputError(
+            "no trusted signing key given",
+            "pass --trust PUBKEY.pem (the publisher's signing-public.pem) or set LEPTON_TRUST",
+        )
     # An encryption key object here is the "reverse" mix-up: usage error, not a verification failure.
-    raise BadInputError(f"trust must be a signing public key, not {type(trust).__name__}", "pass the publisher's signing-public.pem")
+    raise BadInputError(
+        f"trust must be a signing public key, not {type(trust).__name__}", "pass the publisher's signing-public.pem"
+    )
 
 
 def _as_private(key: object) -> EncryptionPrivateKey:
@@ -63,11 +69,14 @@ def _as_private(key: object) -> EncryptionPrivateKey:
         return load_key(str(key), "encryption", "private", origin="decryption key")  # type: ignore[return-value]
     if key is None:
         raise BadInputError("no decryption key given", "pass --key encryption-private.pem or set LEPTON_DECRYPTION_KEY")
-    raise BadInputError(f"key must be an encryption private key, not {type(key).__name__}", "pass encryption-private.pem")
+    raise BadInputError(
+        f"key must be an encryption private key, not {type(key).__name__}", "pass encryption-private.pem"
+    )
 
 
-def _authenticate(source: BundleSource, trusted: SigningPublicKey, now: datetime | None,
-                  state_path: Path | None) -> dict[str, Any]:
+def _authenticate(
+    source: BundleSource, trusted: SigningPublicKey, now: datetime | None, state_path: Path | None
+) -> dict[str, Any]:
     """Steps 1-5: the signed, validated manifest."""
     present = source.sizes()
     if SIGNATURE not in present:
@@ -78,8 +87,10 @@ def _authenticate(source: BundleSource, trusted: SigningPublicKey, now: datetime
     expected = set(digests) | {SIGNATURE}
     extra = sorted(set(present) - expected)
     if extra:
-        raise fail(f"unexpected file {extra[0]!r} in the bundle (not covered by the signature)",
-                   "bundles must hold exactly the signed files; remove it or re-fetch the bundle")
+        raise fail(
+            f"unexpected file {extra[0]!r} in the bundle (not covered by the signature)",
+            "bundles must hold exactly the signed files; remove it or re-fetch the bundle",
+        )
     missing = sorted(expected - set(present))
     if missing:
         raise fail(f"signed file {missing[0]!r} is missing from the bundle")
@@ -101,7 +112,9 @@ def _authenticate(source: BundleSource, trusted: SigningPublicKey, now: datetime
         deadline = parse_expires(manifest["expires"])
         if (now or now_utc()) > deadline:
             raise fail(f"the bundle expired on {manifest['expires']}", "ask the publisher for a current bundle")
-    state.check(state_path or state.default_state_path(), state.state_key(key_id(trusted), manifest), manifest["version"])
+    state.check(
+        state_path or state.default_state_path(), state.state_key(key_id(trusted), manifest), manifest["version"]
+    )
     return manifest
 
 
@@ -112,8 +125,9 @@ def _check_plain(source: BundleSource, entry: dict[str, Any]) -> None:
         raise fail(f"{entry['path']}: content does not match the signed sha256 (modified)")
 
 
-def verify_bundle(path: str | Path, *, trust: object, state_path: Path | None = None,
-                  now: datetime | None = None) -> dict[str, Any]:
+def verify_bundle(
+    path: str | Path, *, trust: object, state_path: Path | None = None, now: datetime | None = None
+) -> dict[str, Any]:
     """Signature and integrity of every file, no secret needed; returns the manifest."""
     trusted = _as_trust(trust)
     source = open_source(Path(path))
@@ -156,13 +170,23 @@ def _with_external_data(decrypted: dict[str, bytes], manifest: dict[str, Any]) -
         for tensor in external_tensors(proto):
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
             if location != name:
-                raise fail(f"{entry['model']}: tensor {tensor.name!r} names external data {location!r}, not the bundle's {name!r}")
+                raise fail(
+                    f"{entry['model']}: tensor {tensor.name!r} names external data {location!r}, not the bundle's {name!r}"
+                )
         decrypted[entry["model"]] = ModelBytes(graph, {name: decrypted.pop(entry["plain_path"])})
     return decrypted
 
 
-def open_bundle(path: str | Path, *, key: object, trust: object, state_path: Path | None = None,
-                now: datetime | None = None, models: Sequence[str] | None = None, record: bool = True) -> OpenedBundle:
+def open_bundle(
+    path: str | Path,
+    *,
+    key: object,
+    trust: object,
+    state_path: Path | None = None,
+    now: datetime | None = None,
+    models: Sequence[str] | None = None,
+    record: bool = True,
+) -> OpenedBundle:
     """Verify, unwrap and decrypt in memory; records the version in the rollback state on success.
 
     ``models`` limits which model paths are decrypted (default: all of them).
@@ -184,8 +208,14 @@ def open_bundle(path: str | Path, *, key: object, trust: object, state_path: Pat
                 continue
             with source.open(entry["path"]) as stream:
                 decrypted[entry["plain_path"]] = crypto.decrypt_stream(
-                    stream, content_key=content_key, context=crypto.file_context(manifest["bundle_id"], entry["path"]),
-                    cipher_size=entry["size"], cipher_sha256=entry["sha256"], plain_size=entry["plain_size"], path=entry["path"])
+                    stream,
+                    content_key=content_key,
+                    context=crypto.file_context(manifest["bundle_id"], entry["path"]),
+                    cipher_size=entry["size"],
+                    cipher_sha256=entry["sha256"],
+                    plain_size=entry["plain_size"],
+                    path=entry["path"],
+                )
     finally:
         source.close()
     opened.models = _with_external_data(decrypted, manifest)  # only now, after every file passed

@@ -4,6 +4,7 @@ The choice of model variant and execution providers lives in ``_plan_session`` a
 device-specific selection (issue 8, ``runtime_select``) replaces one small function.
 The session is built from bytes in memory; nothing decrypted touches the disk.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,13 @@ from .reader import OpenedBundle, open_bundle, read_manifest_unverified
 DEFAULT_MODEL = "model.onnx"
 
 
-def _plan_session(opened: OpenedBundle, providers: Sequence[str] | None, variant: str | None = None,
-                  threads: int = 0) -> Selection:
+def _plan_session(
+    opened: OpenedBundle, providers: Sequence[str] | None, variant: str | None = None, threads: int = 0
+) -> Selection:
     """Variant, execution providers and threads for this device, and the opened session (``runtime_select``, issue 8)."""
-    return select_session(opened.models, opened.manifest, preferred_providers=providers, threads=threads or None, only=variant)
+    return select_session(
+        opened.models, opened.manifest, preferred_providers=providers, threads=threads or None, only=variant
+    )
 
 
 class BundleSession:
@@ -40,8 +44,10 @@ class BundleSession:
         self.manifest = manifest
         self.model_path = model_path
         meta = session.get_modelmeta().custom_metadata_map
-        self.layouts = {key[len(LAYOUT_KEY):]: value for key, value in meta.items() if key.startswith(LAYOUT_KEY)}
-        self.quant = {key[len(IO_QUANT_KEY):]: json.loads(value) for key, value in meta.items() if key.startswith(IO_QUANT_KEY)}
+        self.layouts = {key[len(LAYOUT_KEY) :]: value for key, value in meta.items() if key.startswith(LAYOUT_KEY)}
+        self.quant = {
+            key[len(IO_QUANT_KEY) :]: json.loads(value) for key, value in meta.items() if key.startswith(IO_QUANT_KEY)
+        }
 
     def adapt(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {}
@@ -56,9 +62,15 @@ class BundleSession:
     def restore(self, name: str, value: np.ndarray) -> np.ndarray:
         if name in self.quant and np.issubdtype(value.dtype, np.integer):
             value = dequantize_array(value, self.quant[name])
-        return np.ascontiguousarray(value.transpose(0, 3, 1, 2)) if self.layouts.get(name) == "NHWC" and value.ndim == 4 else value
+        return (
+            np.ascontiguousarray(value.transpose(0, 3, 1, 2))
+            if self.layouts.get(name) == "NHWC" and value.ndim == 4
+            else value
+        )
 
-    def run(self, output_names: list[str] | None, feed: dict[str, np.ndarray], run_options: Any = None) -> list[np.ndarray]:
+    def run(
+        self, output_names: list[str] | None, feed: dict[str, np.ndarray], run_options: Any = None
+    ) -> list[np.ndarray]:
         names = output_names or [o.name for o in self.session.get_outputs()]
         outputs = self.session.run(names, self.adapt(feed), run_options)
         return [self.restore(name, value) for name, value in zip(names, outputs)]
@@ -75,16 +87,28 @@ def _forced_paths(path: str | Path, variant: str | None) -> list[str] | None:
         listed = read_manifest_unverified(path).get("variants") or []
     except Exception:  # unreadable here: open_bundle reports it properly
         return None
-    paths = [v["path"] for v in listed if isinstance(v, dict) and variant in (v.get("name"), v.get("path")) and isinstance(v.get("path"), str)]
+    paths = [
+        v["path"]
+        for v in listed
+        if isinstance(v, dict) and variant in (v.get("name"), v.get("path")) and isinstance(v.get("path"), str)
+    ]
     return paths or None
 
 
-def load_bundle(path: str | Path, key: Any = None, trust: Any = None, providers: Sequence[str] | None = None,
-                variant: str | None = None, *, state_path: Path | None = None, threads: int = 0) -> BundleSession:
+def load_bundle(
+    path: str | Path,
+    key: Any = None,
+    trust: Any = None,
+    providers: Sequence[str] | None = None,
+    variant: str | None = None,
+    *,
+    state_path: Path | None = None,
+    threads: int = 0,
+) -> BundleSession:
     """Verify and decrypt ``path`` in memory and return a ready session (raises ``VerificationError``)."""
-    from ..keys import ENV
-
     import os
+
+    from ..keys import ENV
 
     key = key if key is not None else os.environ.get(ENV["decrypt"])
     trust = trust if trust is not None else os.environ.get(ENV["trust"])

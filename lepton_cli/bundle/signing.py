@@ -14,6 +14,7 @@ fails, not only edits of what it signs), one signature, the key hint must match 
 canonical base64, and it returns the resource table for the reader to check
 against the files actually present (extra files fail, dotfiles included).
 """
+
 from __future__ import annotations
 
 import base64
@@ -61,7 +62,12 @@ def statement(model_name: str, digests: dict[str, str]) -> dict[str, Any]:
         "subject": [{"name": model_name, "digest": {"sha256": _root_digest(digests)}}],
         "predicateType": PREDICATE_TYPE,
         "predicate": {
-            "serialization": {"method": "files", "hash_type": "sha256", "allow_symlinks": False, "ignore_paths": [SIGNATURE]},
+            "serialization": {
+                "method": "files",
+                "hash_type": "sha256",
+                "allow_symlinks": False,
+                "ignore_paths": [SIGNATURE],
+            },
             "resources": [{"name": name, "algorithm": "sha256", "digest": digests[name]} for name in sorted(digests)],
         },
     }
@@ -114,8 +120,10 @@ def verify(sig_bytes: bytes, trusted: SigningPublicKey) -> dict[str, str]:
     if material["tlogEntries"] != []:
         raise fail("model.sig: unexpected transparency-log entries (modified, or not written by Lepton)")
     if hint != key_hint(trusted):
-        raise fail(f"model.sig was made by another key than the trusted one ({key_id(trusted)})",
-                   "pass the publisher's signing public key with --trust, or do not use this bundle")
+        raise fail(
+            f"model.sig was made by another key than the trusted one ({key_id(trusted)})",
+            "pass the publisher's signing public key with --trust, or do not use this bundle",
+        )
     if envelope.get("payloadType") != PAYLOAD_TYPE:
         raise fail("model.sig: DSSE payloadType is not in-toto JSON")
     signatures = envelope.get("signatures")
@@ -128,8 +136,10 @@ def verify(sig_bytes: bytes, trusted: SigningPublicKey) -> dict[str, str]:
     try:
         trusted.verify(signature, pae(payload), ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
-        raise fail(f"model.sig: the signature does not verify with the trusted key {key_id(trusted)}",
-                   "the bundle was modified or signed by someone else; do not use it") from None
+        raise fail(
+            f"model.sig: the signature does not verify with the trusted key {key_id(trusted)}",
+            "the bundle was modified or signed by someone else; do not use it",
+        ) from None
     return _resources(parse_json(payload, "model.sig payload"))
 
 
@@ -143,15 +153,23 @@ def _resources(stmt: Any) -> dict[str, str]:
         raise fail("model.sig payload lists no resources")
     digests: dict[str, str] = {}
     for entry in resources:
-        if not isinstance(entry, dict) or entry.get("algorithm") != "sha256" or not isinstance(entry.get("digest"), str) \
-                or not _HEX64.fullmatch(entry["digest"]):
+        if (
+            not isinstance(entry, dict)
+            or entry.get("algorithm") != "sha256"
+            or not isinstance(entry.get("digest"), str)
+            or not _HEX64.fullmatch(entry["digest"])
+        ):
             raise fail("model.sig payload has a malformed resource entry")
         name = check_path(entry.get("name"), "model.sig resource")
         if name in digests or name == SIGNATURE:
             raise fail(f"model.sig payload lists {name!r} twice or signs itself")
         digests[name] = entry["digest"]
     subjects = stmt.get("subject")
-    digest = subjects[0].get("digest") if isinstance(subjects, list) and len(subjects) == 1 and isinstance(subjects[0], dict) else None
+    digest = (
+        subjects[0].get("digest")
+        if isinstance(subjects, list) and len(subjects) == 1 and isinstance(subjects[0], dict)
+        else None
+    )
     if not isinstance(digest, dict) or digest.get("sha256") != _root_digest(digests):
         raise fail("model.sig payload: subject digest does not match its resources")
     return digests

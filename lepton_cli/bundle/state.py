@@ -6,6 +6,7 @@ equal is allowed (re-running the same release). Written atomically (temp file, f
 an exclusive lock (``flock`` on ``<state>.lock``), so two ``lepton run`` processes on one device
 cannot lose each other's update. Windows has no ``fcntl``: there the write stays atomic but unlocked.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,18 +41,24 @@ def _load(path: Path) -> dict[str, int]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
-        raise BadInputError(f"rollback state file {path} is unreadable or corrupt",
-                            "restore it from a backup, or pass another --state (a fresh file forgets the versions seen)") from None
+        raise BadInputError(
+            f"rollback state file {path} is unreadable or corrupt",
+            "restore it from a backup, or pass another --state (a fresh file forgets the versions seen)",
+        ) from None
     if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
-        raise BadInputError(f"rollback state file {path} has an unexpected structure", "restore it, or pass another --state")
+        raise BadInputError(
+            f"rollback state file {path} has an unexpected structure", "restore it, or pass another --state"
+        )
     return data
 
 
 def check(path: Path, key: str, version: int) -> None:
     seen = _load(path).get(key)
     if seen is not None and version < seen:
-        raise fail(f"rollback: bundle version {version} is lower than version {seen} already accepted on this device",
-                   "deploy the newer bundle; a publisher ships fixes with a higher --bundle-version")
+        raise fail(
+            f"rollback: bundle version {version} is lower than version {seen} already accepted on this device",
+            "deploy the newer bundle; a publisher ships fixes with a higher --bundle-version",
+        )
 
 
 @contextmanager

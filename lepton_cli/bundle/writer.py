@@ -4,6 +4,7 @@ The folder is built in a hidden temporary folder beside the destination and rena
 (swapped with an existing bundle by ``renameat2(RENAME_EXCHANGE)`` on Linux), so a compile killed
 at any moment (SIGKILL included) leaves either the old bundle or the new one, never a partial one. The plaintext model is never written to disk.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,27 +19,46 @@ from typing import Any, Sequence
 
 from .. import __version__
 from ..errors import BadInputError
+from ..external_data import ModelPayload
 from ..keys import EncryptionPublicKey, SigningPrivateKey, key_id
 from . import crypto, signing
-from ..external_data import ModelPayload
-from .manifest import DATA_SUFFIX, ENCRYPTION_SCHEME, FORMAT, FORMAT_VERSION, MANIFEST, SIGNATURE, check_path, parse_expires
+from .manifest import (
+    DATA_SUFFIX,
+    ENCRYPTION_SCHEME,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    SIGNATURE,
+    check_path,
+    parse_expires,
+)
 
 ENCRYPTED_SUFFIX = ".enc"
 
 
 def _entry(path: str, data: bytes, role: str, digest: str | None = None, **extra: Any) -> dict[str, Any]:
-    return {"path": path, "role": role, "size": len(data), "sha256": digest or hashlib.sha256(data).hexdigest(), **extra}
+    return {
+        "path": path,
+        "role": role,
+        "size": len(data),
+        "sha256": digest or hashlib.sha256(data).hexdigest(),
+        **extra,
+    }
 
 
 def check_bundle_options(version: int, expires: str | None) -> None:
     """Validate --bundle-version / --expires before any work (exit 2)."""
     if isinstance(version, bool) or not isinstance(version, int) or version < 0 or version >= 2**63:
-        raise BadInputError(f"--bundle-version {version!r} is not a non-negative integer", "pass e.g. --bundle-version 3")
+        raise BadInputError(
+            f"--bundle-version {version!r} is not a non-negative integer", "pass e.g. --bundle-version 3"
+        )
     if expires is not None:
         try:
             parse_expires(expires)
         except ValueError as exc:
-            raise BadInputError(f"--expires: {exc}", "pass an ISO 8601 date or time with zone, e.g. 2027-01-31 or 2027-01-31T12:00:00Z") from None
+            raise BadInputError(
+                f"--expires: {exc}", "pass an ISO 8601 date or time with zone, e.g. 2027-01-31 or 2027-01-31T12:00:00Z"
+            ) from None
 
 
 def _stream_data(spool: Path, path: str, payload: ModelPayload, content_key: bytes, bundle_id: str) -> dict[str, Any]:
@@ -46,15 +66,26 @@ def _stream_data(spool: Path, path: str, payload: ModelPayload, content_key: byt
     target = spool / path
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target, "wb") as handle:
-        digest, size, plain_size = crypto.encrypt_stream(content_key, crypto.file_context(bundle_id, path), payload.data_blocks(), handle)
+        digest, size, plain_size = crypto.encrypt_stream(
+            content_key, crypto.file_context(bundle_id, path), payload.data_blocks(), handle
+        )
         handle.flush()
         os.fsync(handle.fileno())
     return {"size": size, "sha256": digest, "plain_size": plain_size}
 
 
-def build(dest_dir: Path, *, models: dict[str, bytes | ModelPayload], plain_files: dict[str, bytes], manifest_fields: dict[str, Any],
-          signing_key: SigningPrivateKey, recipients: Sequence[EncryptionPublicKey], version: int,
-          expires: str | None, spool: Path | None = None) -> dict[str, bytes | Path]:
+def build(
+    dest_dir: Path,
+    *,
+    models: dict[str, bytes | ModelPayload],
+    plain_files: dict[str, bytes],
+    manifest_fields: dict[str, Any],
+    signing_key: SigningPrivateKey,
+    recipients: Sequence[EncryptionPublicKey],
+    version: int,
+    expires: str | None,
+    spool: Path | None = None,
+) -> dict[str, bytes | Path]:
     """The bundle's files (path → bytes), without touching the disk, except a model's external data
     file, which is encrypted into ``spool`` (the value is then its path there)."""
     check_bundle_options(version, expires)
@@ -70,15 +101,36 @@ def build(dest_dir: Path, *, models: dict[str, bytes | ModelPayload], plain_file
         files[path], digest = crypto.encrypt_bytes(content_key, crypto.file_context(bundle_id, path), payload.graph)
         data_plain = plain_path + DATA_SUFFIX
         link = {"external_data": data_plain} if payload.data_name else {}
-        table.append(_entry(path, files[path], "model", digest, encrypted=True, plain_path=plain_path, plain_size=len(payload.graph), **link))
+        table.append(
+            _entry(
+                path,
+                files[path],
+                "model",
+                digest,
+                encrypted=True,
+                plain_path=plain_path,
+                plain_size=len(payload.graph),
+                **link,
+            )
+        )
         if payload.data_name:
             if spool is None or payload.data_name != Path(data_plain).name:
                 raise ValueError("a model with external data needs a spool folder and its data named <model file>.data")
             data_path = check_path(data_plain + ENCRYPTED_SUFFIX, "bundle writer")
             written = _stream_data(spool, data_path, payload, content_key, bundle_id)
             files[data_path] = spool / data_path
-            table.append({"path": data_path, "role": "model_data", "size": written["size"], "sha256": written["sha256"],
-                          "encrypted": True, "plain_path": data_plain, "plain_size": written["plain_size"], "model": plain_path})
+            table.append(
+                {
+                    "path": data_path,
+                    "role": "model_data",
+                    "size": written["size"],
+                    "sha256": written["sha256"],
+                    "encrypted": True,
+                    "plain_path": data_plain,
+                    "plain_size": written["plain_size"],
+                    "model": plain_path,
+                }
+            )
     for path, data in sorted(plain_files.items()):
         check_path(path, "bundle writer")
         files[path] = data
@@ -88,8 +140,11 @@ def build(dest_dir: Path, *, models: dict[str, bytes | ModelPayload], plain_file
     if clash:
         raise ValueError(f"manifest_fields may not set {sorted(clash)}")
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "bundle_id": bundle_id,
-        "version": version, "expires": expires,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "bundle_id": bundle_id,
+        "version": version,
+        "expires": expires,
         "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "tool": {"name": "lepton", "version": __version__},
         **manifest_fields,
@@ -117,17 +172,34 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def write_bundle(dest_dir: Path, *, models: dict[str, bytes | ModelPayload], plain_files: dict[str, bytes], manifest_fields: dict[str, Any],
-                 signing_key: SigningPrivateKey, recipients: Sequence[EncryptionPublicKey], version: int = 0,
-                 expires: str | None = None) -> Path:
+def write_bundle(
+    dest_dir: Path,
+    *,
+    models: dict[str, bytes | ModelPayload],
+    plain_files: dict[str, bytes],
+    manifest_fields: dict[str, Any],
+    signing_key: SigningPrivateKey,
+    recipients: Sequence[EncryptionPublicKey],
+    version: int = 0,
+    expires: str | None = None,
+) -> Path:
     """Encrypt ``models`` (bundle path → plaintext, or a graph plus external data) to ``recipients``,
     sign everything, write ``dest_dir`` atomically."""
     dest_dir = Path(dest_dir)
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.", dir=dest_dir.parent))
     try:
-        files = build(dest_dir, models=models, plain_files=plain_files, manifest_fields=manifest_fields,
-                      signing_key=signing_key, recipients=recipients, version=version, expires=expires, spool=staging)
+        files = build(
+            dest_dir,
+            models=models,
+            plain_files=plain_files,
+            manifest_fields=manifest_fields,
+            signing_key=signing_key,
+            recipients=recipients,
+            version=version,
+            expires=expires,
+            spool=staging,
+        )
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

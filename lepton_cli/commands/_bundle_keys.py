@@ -1,4 +1,5 @@
 """Key options shared by ``verify`` and ``run``: option, environment variable, then the dev key set (said so)."""
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,9 @@ def trust_spec(trust: str | None) -> str:
         return os.environ[ENV["trust"]]
     keys, _ = dev_keys(create=False)
     if keys is None:
-        raise BadInputError("no trusted signing key", "pass --trust signing-public.pem (the publisher's key) or set LEPTON_TRUST")
+        raise BadInputError(
+            "no trusted signing key", "pass --trust signing-public.pem (the publisher's key) or set LEPTON_TRUST"
+        )
     note(f"trusting the local development signing key {keys.signing_id} ({keys.folder})")
     return str(keys.path("signing", "public"))
 

@@ -1,4 +1,5 @@
 """``lepton verify --provenance [--against REBUILD]``: print a bundle's signed provenance, and compare a rebuild with it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,7 +34,9 @@ def _lines(stmt: dict[str, Any]) -> list[str]:
     lines.append("inputs:")
     lines += [f"  {d['name']}  sha256 {d['digest']['sha256']}" for d in build["resolvedDependencies"]]
     options = build["externalParameters"]["options"]
-    lines.append("parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(options.items()) if v is not None and v != []))
+    lines.append(
+        "parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(options.items()) if v is not None and v != [])
+    )
     passes = build["internalParameters"]["pipeline"]["passes"]
     lines.append("pipeline: " + " → ".join(p["name"] + ("" if p.get("enabled", True) else " (off)") for p in passes))
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())))
@@ -47,14 +50,20 @@ def show_provenance(bundle: Path, trust: str, against: Path | None, json_out: bo
         verify_bundle(against, trust=trust)
         differences = compare(stmt, read_provenance(against, trust))
     if json_out:
-        emit_json({"bundle": str(bundle), "verified": True, "provenance": stmt}
-                  | ({"against": str(against), "reproduced": not differences, "differences": differences} if against else {}))
+        emit_json(
+            {"bundle": str(bundle), "verified": True, "provenance": stmt}
+            | ({"against": str(against), "reproduced": not differences, "differences": differences} if against else {})
+        )
     else:
         stdout.print(f"[green]verified[/green] {bundle} and its provenance statement", highlight=False)
         for line in _lines(stmt):
             stdout.print(line, highlight=False, markup=False)
         if against is not None and not differences:
-            stdout.print(f"[green]reproduced[/green]: {against} was built from the same inputs and its models are byte-identical")
+            stdout.print(
+                f"[green]reproduced[/green]: {against} was built from the same inputs and its models are byte-identical"
+            )
     if differences:
-        raise VerificationError(f"{against} does not reproduce {bundle.name}: {'; '.join(differences[:4])}",
-                                "rebuild from exactly the inputs and tool versions the provenance lists")
+        raise VerificationError(
+            f"{against} does not reproduce {bundle.name}: {'; '.join(differences[:4])}",
+            "rebuild from exactly the inputs and tool versions the provenance lists",
+        )

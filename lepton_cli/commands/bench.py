@@ -3,6 +3,7 @@
 The measuring is in ``measure``, the estimate in ``costmodel``, the Markdown/HTML in ``report_render``;
 this command only gathers the models and data, shows progress and applies the gates.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,9 @@ class Subject:
 
 
 def _is_bundle(path: Path) -> bool:
-    return (path.is_dir() and (path / "manifest.json").is_file()) or path.suffix in (".lepton", ".zip") and path.is_file()
+    return (
+        (path.is_dir() and (path / "manifest.json").is_file()) or path.suffix in (".lepton", ".zip") and path.is_file()
+    )
 
 
 def _load_subject(path: Path, key: str | None, trust: str | None) -> Subject:
@@ -57,28 +60,52 @@ def _load_subject(path: Path, key: str | None, trust: str | None) -> Subject:
     if blob is None:
         raise BadInputError(f"bundle {path} holds no model", "compile it again")
     if getattr(blob, "external_files", None):
-        raise BadInputError(f"bundle {path}: model.onnx keeps its weights in an external data file, which `lepton bench` does not measure",
-                            "measure it with `lepton run` on your data, or bench the source model")
-    return Subject(path.name, path, "bundle", onnx.load_from_string(blob), len(blob),
-                   (opened.manifest.get("target") or {}).get("name"))
+        raise BadInputError(
+            f"bundle {path}: model.onnx keeps its weights in an external data file, which `lepton bench` does not measure",
+            "measure it with `lepton run` on your data, or bench the source model",
+        )
+    return Subject(
+        path.name,
+        path,
+        "bundle",
+        onnx.load_from_string(blob),
+        len(blob),
+        (opened.manifest.get("target") or {}).get("name"),
+    )
 
 
 def _progress_bar(total_runs: int, seconds: float) -> tuple[Progress | None, Any]:
     if settings.quiet:
         return None, None
-    progress = Progress(TextColumn("measuring"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} rounds"),
-                        TimeElapsedColumn(), console=stderr, transient=True)
+    progress = Progress(
+        TextColumn("measuring"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} rounds"),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=True,
+    )
     task = progress.add_task("bench", total=total_runs)
 
     def update(rounds: int, elapsed: float) -> None:
         # Whichever stop rule is nearer decides how full the bar is.
         progress.update(task, completed=max(rounds, total_runs * min(1.0, elapsed / seconds)))
+
     return progress, update
 
 
-def run_bench(subjects: list[Subject], *, target: Target | None, rule: measure.StopRule, threads: int | None,
-              calib: Path | None, eval_data: Path | None, input_shapes: list[str], seed: int = 0,
-              progress: Any = None) -> dict[str, Any]:
+def run_bench(
+    subjects: list[Subject],
+    *,
+    target: Target | None,
+    rule: measure.StopRule,
+    threads: int | None,
+    calib: Path | None,
+    eval_data: Path | None,
+    input_shapes: list[str],
+    seed: int = 0,
+    progress: Any = None,
+) -> dict[str, Any]:
     """The bench document: host latency of every subject (first = base of the ratios), cost model, budgets."""
     shapes = parse_input_shapes(input_shapes)
     base_model = subjects[0].model
@@ -98,21 +125,37 @@ def run_bench(subjects: list[Subject], *, target: Target | None, rule: measure.S
         require_static(m, f"measuring {s.label}")  # exit 2 naming each free dim and an --input-shape to bind it
     feeds = measure.make_feeds(models[0], samples, role, seed=seed, dims=shapes or None)
     latency, warnings = measure.latency_section(
-        {s.label: m for s, m in zip(subjects, models)}, feeds, rule,
+        {s.label: m for s, m in zip(subjects, models)},
+        feeds,
+        rule,
         preferred_providers=target.runtime.execution_providers if target else ("CPUExecutionProvider",),
-        target_name=target.name if target else None, threads=threads, seed=seed, progress=progress)
+        target_name=target.name if target else None,
+        threads=threads,
+        seed=seed,
+        progress=progress,
+    )
     doc: dict[str, Any] = {
         "format": BENCH_FORMAT,
         "tool": {"name": "lepton", "version": __version__},
-        "subjects": [{"label": s.label, "path": str(s.path), "kind": s.kind, "size_bytes": s.size_bytes,
-                      **({"target": s.target} if s.target else {})} for s in subjects],
+        "subjects": [
+            {
+                "label": s.label,
+                "path": str(s.path),
+                "kind": s.kind,
+                "size_bytes": s.size_bytes,
+                **({"target": s.target} if s.target else {}),
+            }
+            for s in subjects
+        ],
         "target": target.name if target else None,
         "host_latency": latency,
     }
     if target is not None:
         doc["cost_model"] = costmodel.cost_model_section(target, {s.label: m for s, m in zip(subjects, models)})
         last = subjects[-1]
-        doc["budgets"] = costmodel.budgets_section(target, last.size_bytes, doc["cost_model"]["models"][last.label], last.label)
+        doc["budgets"] = costmodel.budgets_section(
+            target, last.size_bytes, doc["cost_model"]["models"][last.label], last.label
+        )
     doc["warnings"] = warnings
     return doc
 
@@ -120,14 +163,24 @@ def run_bench(subjects: list[Subject], *, target: Target | None, rule: measure.S
 def _print_table(doc: dict[str, Any]) -> None:
     lat = doc["host_latency"]
     settings_ = lat["settings"]
-    table = Table(title=f"host latency ({', '.join(settings_['providers'])}, {settings_['threads']} threads, input: {lat['input']['source']})")
+    table = Table(
+        title=f"host latency ({', '.join(settings_['providers'])}, {settings_['threads']} threads, input: {lat['input']['source']})"
+    )
     for col in ("model", "runs", "p50 ms", "p90 ms", "p99 ms", "mean ms", "throughput/s", "p50 ratio (95% CI)"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for label, m in lat["models"].items():
         r = lat["ratios"].get(label)
         ratio = f"{r['ratio']:.3f} ({r['ci_low']:.3f}–{r['ci_high']:.3f})" if r else "base"
-        table.add_row(label, str(m["runs"]), f"{m['p50_ms']:.3f}", f"{m['p90_ms']:.3f}", f"{m['p99_ms']:.3f}",
-                      f"{m['mean_ms']:.3f}", f"{m['throughput_per_s']:.1f}", ratio)
+        table.add_row(
+            label,
+            str(m["runs"]),
+            f"{m['p50_ms']:.3f}",
+            f"{m['p90_ms']:.3f}",
+            f"{m['p99_ms']:.3f}",
+            f"{m['mean_ms']:.3f}",
+            f"{m['throughput_per_s']:.1f}",
+            ratio,
+        )
     stdout.print(table)
     cost = doc.get("cost_model")
     if cost:
@@ -136,8 +189,13 @@ def _print_table(doc: dict[str, Any]) -> None:
             est.add_column(col, justify="left" if col == "model" else "right")
         for label, e in cost["models"].items():
             peak = e["peak_activation_bytes"]
-            est.add_row(label, f"{e['latency_ms']:.3f}", f"{e['memory_bound_share']:.0%}",
-                        f"{peak['liveness_lower_bound'] / 2**20:.2f} MB", f"{peak['greedy_arena'] / 2**20:.2f} MB")
+            est.add_row(
+                label,
+                f"{e['latency_ms']:.3f}",
+                f"{e['memory_bound_share']:.0%}",
+                f"{peak['liveness_lower_bound'] / 2**20:.2f} MB",
+                f"{peak['greedy_arena'] / 2**20:.2f} MB",
+            )
         stdout.print(est)
     for check in (doc.get("budgets") or {}).get("checks", []):
         mark = "[green]ok[/green]" if check["ok"] else "[red]over[/red]"
@@ -146,22 +204,54 @@ def _print_table(doc: dict[str, Any]) -> None:
 
 def bench_command(
     model: Annotated[Path, typer.Argument(help="The model (.onnx) or bundle (.lepton folder or archive) to measure.")],
-    against: Annotated[Optional[Path], typer.Option("--against", help="Baseline model or bundle: ratios are MODEL / AGAINST.")] = None,
-    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Target name or .toml: its execution providers, cost model and budgets.")] = None,
-    runs: Annotated[int, typer.Option("--runs", help="Stop after this many interleaved rounds (one run per model each).")] = 200,
-    seconds: Annotated[float, typer.Option("--seconds", help="...or after this many seconds of measuring (at least 5 rounds).")] = 10.0,
+    against: Annotated[
+        Optional[Path], typer.Option("--against", help="Baseline model or bundle: ratios are MODEL / AGAINST.")
+    ] = None,
+    target: Annotated[
+        Optional[str],
+        typer.Option("--target", "-t", help="Target name or .toml: its execution providers, cost model and budgets."),
+    ] = None,
+    runs: Annotated[
+        int, typer.Option("--runs", help="Stop after this many interleaved rounds (one run per model each).")
+    ] = 200,
+    seconds: Annotated[
+        float, typer.Option("--seconds", help="...or after this many seconds of measuring (at least 5 rounds).")
+    ] = 10.0,
     warmup: Annotated[int, typer.Option("--warmup", help="Unrecorded runs per model before measuring.")] = 3,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="ONNX Runtime intra-op threads (default: physical cores).")] = None,
-    calib: Annotated[Optional[Path], typer.Option("--calib", help="Real input samples (.npz keyed by input name).")] = None,
-    eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Real input samples (.npz), preferred over --calib.")] = None,
-    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Bind dynamic dims: NAME=1,3,224,224 (repeatable).")] = None,
-    key: Annotated[Optional[str], typer.Option("--key", help="Decryption private key for bundles (or LEPTON_DECRYPTION_KEY).")] = None,
-    trust: Annotated[Optional[str], typer.Option("--trust", help="Publisher's signing public key for bundles (or LEPTON_TRUST).")] = None,
-    max_latency_ratio: Annotated[Optional[float], typer.Option("--max-latency-ratio", help="Gate: exit 3 when MODEL's p50 / AGAINST's p50 exceeds this.")] = None,
-    enforce_budgets: Annotated[bool, typer.Option("--enforce-budgets", help="Gate: exit 3 when MODEL misses the target's size or memory budgets.")] = False,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write report.json, report.md and report.html to this folder.")] = None,
+    threads: Annotated[
+        Optional[int], typer.Option("--threads", help="ONNX Runtime intra-op threads (default: physical cores).")
+    ] = None,
+    calib: Annotated[
+        Optional[Path], typer.Option("--calib", help="Real input samples (.npz keyed by input name).")
+    ] = None,
+    eval_data: Annotated[
+        Optional[Path], typer.Option("--eval", help="Real input samples (.npz), preferred over --calib.")
+    ] = None,
+    input_shape: Annotated[
+        Optional[list[str]], typer.Option("--input-shape", help="Bind dynamic dims: NAME=1,3,224,224 (repeatable).")
+    ] = None,
+    key: Annotated[
+        Optional[str], typer.Option("--key", help="Decryption private key for bundles (or LEPTON_DECRYPTION_KEY).")
+    ] = None,
+    trust: Annotated[
+        Optional[str], typer.Option("--trust", help="Publisher's signing public key for bundles (or LEPTON_TRUST).")
+    ] = None,
+    max_latency_ratio: Annotated[
+        Optional[float],
+        typer.Option("--max-latency-ratio", help="Gate: exit 3 when MODEL's p50 / AGAINST's p50 exceeds this."),
+    ] = None,
+    enforce_budgets: Annotated[
+        bool,
+        typer.Option("--enforce-budgets", help="Gate: exit 3 when MODEL misses the target's size or memory budgets."),
+    ] = False,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Also write report.json, report.md and report.html to this folder."),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for random inputs and the bootstrap.")] = 0,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (with raw samples) on stdout.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document (with raw samples) on stdout.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")] = False,
 ) -> None:
     """Measure MODEL's latency on this host (interleaved with --against), estimate it on the target, check budgets."""
@@ -170,7 +260,9 @@ def bench_command(
     if runs < 1 or seconds <= 0 or warmup < 0:
         raise BadInputError("--runs must be >= 1, --seconds > 0 and --warmup >= 0", "pass positive limits")
     if max_latency_ratio is not None and against is None:
-        raise BadInputError("--max-latency-ratio needs --against: it bounds MODEL's p50 over AGAINST's", "add --against BASELINE")
+        raise BadInputError(
+            "--max-latency-ratio needs --against: it bounds MODEL's p50 over AGAINST's", "add --against BASELINE"
+        )
     if max_latency_ratio is not None and max_latency_ratio <= 0:
         raise BadInputError(f"--max-latency-ratio must be > 0, got {max_latency_ratio:g}", "pass e.g. 1.05")
     subjects = [_load_subject(p, key, trust) for p in ([against] if against else []) + [model]]
@@ -187,17 +279,30 @@ def bench_command(
     if bar:
         bar.start()
     try:
-        doc = run_bench(subjects, target=tgt, rule=rule, threads=threads, calib=calib, eval_data=eval_data,
-                        input_shapes=input_shape or [], seed=seed, progress=update)
+        doc = run_bench(
+            subjects,
+            target=tgt,
+            rule=rule,
+            threads=threads,
+            calib=calib,
+            eval_data=eval_data,
+            input_shapes=input_shape or [],
+            seed=seed,
+            progress=update,
+        )
     finally:
         if bar:
             bar.stop()
-    note(f"measured on {doc['host_latency']['settings']['providers'][0]} with {doc['host_latency']['settings']['threads_why']}")
+    note(
+        f"measured on {doc['host_latency']['settings']['providers'][0]} with {doc['host_latency']['settings']['threads_why']}"
+    )
     for w in doc["warnings"]:
         warn(w)
     gate_error: QualityGateError | None = None
     try:
-        apply_gates(doc, max_latency_ratio=max_latency_ratio, enforce_budgets=enforce_budgets)  # exit 3 after the output
+        apply_gates(
+            doc, max_latency_ratio=max_latency_ratio, enforce_budgets=enforce_budgets
+        )  # exit 3 after the output
     except QualityGateError as exc:
         gate_error = exc
     if output is not None:

@@ -1,4 +1,5 @@
 """``lepton build BUILD.toml``: compile every model x target of a build file (lepton_cli/build)."""
+
 from __future__ import annotations
 
 import os
@@ -29,13 +30,41 @@ def _engine_factory(workers: int | None, ray_address: str | None, cpus_per_compi
 
 def build_command(
     build_file: Annotated[Path, typer.Argument(help="The build file (TOML): \\[defaults] and \\[\\[model]] entries.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder for every bundle (default: out/ beside the build file).")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="Local worker processes (default: one per core); each is pinned to its share of the cores.")] = None,
-    ray: Annotated[Optional[str], typer.Option("--ray", help="Run each compile as a Ray task: a cluster ADDRESS, 'auto' (RAY_ADDRESS or the running cluster) or 'local' (start one here).")] = None,
-    cpus_per_compile: Annotated[int, typer.Option("--cpus-per-compile", help="With --ray: CPUs each compile task declares (and its ONNX Runtime threads).")] = 1,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Compile everything, neither reading nor writing the cache ($LEPTON_CACHE).")] = False,
-    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed compile (default: every compile runs).")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document (format lepton-build/1) on stdout.")] = False,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Output folder for every bundle (default: out/ beside the build file)."),
+    ] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            "--workers",
+            "-j",
+            help="Local worker processes (default: one per core); each is pinned to its share of the cores.",
+        ),
+    ] = None,
+    ray: Annotated[
+        Optional[str],
+        typer.Option(
+            "--ray",
+            help="Run each compile as a Ray task: a cluster ADDRESS, 'auto' (RAY_ADDRESS or the running cluster) or 'local' (start one here).",
+        ),
+    ] = None,
+    cpus_per_compile: Annotated[
+        int,
+        typer.Option(
+            "--cpus-per-compile", help="With --ray: CPUs each compile task declares (and its ONNX Runtime threads)."
+        ),
+    ] = 1,
+    no_cache: Annotated[
+        bool,
+        typer.Option("--no-cache", help="Compile everything, neither reading nor writing the cache ($LEPTON_CACHE)."),
+    ] = False,
+    fail_fast: Annotated[
+        bool, typer.Option("--fail-fast", help="Stop at the first failed compile (default: every compile runs).")
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document (format lepton-build/1) on stdout.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live table or notes.")] = False,
 ) -> None:
     """Compile every model x target of BUILD_FILE, each exactly as `lepton compile`; exit with the worst compile's code."""

@@ -1,4 +1,5 @@
 """``lepton compile MODEL.onnx --target NAME|PATH.toml``: the main job."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,9 +11,8 @@ from rich.table import Table
 
 from ..accuracy import parse_metric_spec
 from ..compiler import CompileOptions, compile_model
-from ..device_artifacts.summary import device_lines
-from ..errors import BadInputError
 from ..console import emit_json, note, settings, stdout, warn
+from ..device_artifacts.summary import device_lines
 from ..pipeline import StepRecord
 
 
@@ -32,9 +32,13 @@ def _progress(name: str, phase: str, record: StepRecord | None) -> None:
         return
     assert record is not None
     check = record.check
-    verdict = {True: "[green]outputs match[/green]", False: "[red]mismatch[/red]", None: "check skipped"}.get(check.get("ok"), "lossy")
-    note(f"[green]✓[/green] {name:<16} {record.seconds:6.2f}s  nodes {record.before.nodes}→{record.after.nodes}  "
-         f"size {_fmt_bytes(record.before.size_bytes)}→{_fmt_bytes(record.after.size_bytes)}  {verdict}")
+    verdict = {True: "[green]outputs match[/green]", False: "[red]mismatch[/red]", None: "check skipped"}.get(
+        check.get("ok"), "lossy"
+    )
+    note(
+        f"[green]✓[/green] {name:<16} {record.seconds:6.2f}s  nodes {record.before.nodes}→{record.after.nodes}  "
+        f"size {_fmt_bytes(record.before.size_bytes)}→{_fmt_bytes(record.after.size_bytes)}  {verdict}"
+    )
 
 
 def _performance_summary(report: dict) -> dict:
@@ -45,7 +49,8 @@ def _performance_summary(report: dict) -> dict:
     est = ((report.get("cost_model") or {}).get("models") or {}).get("compiled") or {}
     return {
         "host_p50_ms": {k: round(v["p50_ms"], 4) for k, v in models.items()} or None,
-        "host_p50_ratio": ratio.get("ratio"), "host_p50_ratio_ci95": [ratio["ci_low"], ratio["ci_high"]] if ratio else None,
+        "host_p50_ratio": ratio.get("ratio"),
+        "host_p50_ratio_ci95": [ratio["ci_low"], ratio["ci_high"]] if ratio else None,
         "estimated_latency_ms": est.get("latency_ms"),
         "peak_activation_bytes": (est.get("peak_activation_bytes") or {}).get("greedy_arena"),
         "budgets_ok": (report.get("budgets") or {}).get("ok"),
@@ -54,26 +59,91 @@ def _performance_summary(report: dict) -> dict:
 
 def compile_command(
     model: Annotated[Path, typer.Argument(help="The ONNX model to compile.")],
-    target: Annotated[str, typer.Option("--target", "-t", help="Builtin target name, 'auto', or a path to a target .toml.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (default: beside the model).")] = None,
-    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration samples: .npz keyed by input name, or a folder of images (see --preprocess).")] = None,
-    preprocess: Annotated[Optional[str], typer.Option("--preprocess", help="For an image folder: size=HxW,scale=1/255,mean=a:b:c,std=a:b:c,order=RGB|BGR,layout=NCHW|NHWC.")] = None,
-    eval_data: Annotated[Optional[Path], typer.Option("--eval", help="Evaluation samples (.npz, optional 'labels').")] = None,
-    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Bind dynamic dims: NAME=1,3,224,224 (repeatable).")] = None,
-    max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Quality gate and tuning budget, in percentage points.")] = None,
-    eval_metric: Annotated[str, typer.Option("--eval-metric", help="auto (each output by what it is: top-1 with labels, class scores by top-1, embeddings by cosine, YOLO heads by box F1, CTC by characters, maps by mask F1, the rest by relative error), or one of top1, agreement, ctc, mask-f1@THRESHOLD, cosine, detection, exact, relative-error for the first output; NAME=metric entries (comma-separated) for any output.")] = "auto",
+    target: Annotated[
+        str, typer.Option("--target", "-t", help="Builtin target name, 'auto', or a path to a target .toml.")
+    ],
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Output folder (default: beside the model).")
+    ] = None,
+    calib: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--calib", help="Calibration samples: .npz keyed by input name, or a folder of images (see --preprocess)."
+        ),
+    ] = None,
+    preprocess: Annotated[
+        Optional[str],
+        typer.Option(
+            "--preprocess",
+            help="For an image folder: size=HxW,scale=1/255,mean=a:b:c,std=a:b:c,order=RGB|BGR,layout=NCHW|NHWC.",
+        ),
+    ] = None,
+    eval_data: Annotated[
+        Optional[Path], typer.Option("--eval", help="Evaluation samples (.npz, optional 'labels').")
+    ] = None,
+    input_shape: Annotated[
+        Optional[list[str]], typer.Option("--input-shape", help="Bind dynamic dims: NAME=1,3,224,224 (repeatable).")
+    ] = None,
+    max_accuracy_drop: Annotated[
+        Optional[float],
+        typer.Option("--max-accuracy-drop", help="Quality gate and tuning budget, in percentage points."),
+    ] = None,
+    eval_metric: Annotated[
+        str,
+        typer.Option(
+            "--eval-metric",
+            help="auto (each output by what it is: top-1 with labels, class scores by top-1, embeddings by cosine, YOLO heads by box F1, CTC by characters, maps by mask F1, the rest by relative error), or one of top1, agreement, ctc, mask-f1@THRESHOLD, cosine, detection, exact, relative-error for the first output; NAME=metric entries (comma-separated) for any output.",
+        ),
+    ] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed for random check inputs and sampling.")] = 0,
-    sign_key: Annotated[Optional[str], typer.Option("--sign-key", help="Signing private key (PEM path); else $LEPTON_SIGNING_KEY, else the dev key set.")] = None,
-    recipient: Annotated[Optional[list[str]], typer.Option("--recipient", help="Encryption public key of a device (PEM path, repeatable); else $LEPTON_RECIPIENT, else the dev key set.")] = None,
-    bundle_version: Annotated[int, typer.Option("--bundle-version", help="Monotonic bundle version: devices refuse lower versions than they have seen.")] = 0,
-    expires: Annotated[Optional[str], typer.Option("--expires", help="Devices refuse the bundle after this ISO 8601 date/time (e.g. 2027-01-31).")] = None,
-    archive: Annotated[bool, typer.Option("--archive", help="Also write the bundle as one uncompressed .zip file, read in place.")] = False,
-    no_bench: Annotated[bool, typer.Option("--no-bench", help="Skip the short host latency measurement (source vs compiled).")] = False,
-    bench_seconds: Annotated[float, typer.Option("--bench-seconds", help="Time cap of that measurement (`lepton bench` measures longer).")] = 1.5,
-    max_latency_ratio: Annotated[Optional[float], typer.Option("--max-latency-ratio", help="Gate: exit 3 when compiled p50 / source p50 exceeds this.")] = None,
-    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="Gate: exit 3 when worse than this earlier report.json (size, accuracy, latency).")] = None,
-    baseline_tolerance: Annotated[float, typer.Option("--baseline-tolerance", help="Tolerance for --baseline, percent (accuracy: points).")] = 5.0,
-    enforce_budgets: Annotated[bool, typer.Option("--enforce-budgets", help="Gate: exit 3 when the target's size or memory budget is missed.")] = False,
+    sign_key: Annotated[
+        Optional[str],
+        typer.Option(
+            "--sign-key", help="Signing private key (PEM path); else $LEPTON_SIGNING_KEY, else the dev key set."
+        ),
+    ] = None,
+    recipient: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--recipient",
+            help="Encryption public key of a device (PEM path, repeatable); else $LEPTON_RECIPIENT, else the dev key set.",
+        ),
+    ] = None,
+    bundle_version: Annotated[
+        int,
+        typer.Option(
+            "--bundle-version", help="Monotonic bundle version: devices refuse lower versions than they have seen."
+        ),
+    ] = 0,
+    expires: Annotated[
+        Optional[str],
+        typer.Option("--expires", help="Devices refuse the bundle after this ISO 8601 date/time (e.g. 2027-01-31)."),
+    ] = None,
+    archive: Annotated[
+        bool, typer.Option("--archive", help="Also write the bundle as one uncompressed .zip file, read in place.")
+    ] = False,
+    no_bench: Annotated[
+        bool, typer.Option("--no-bench", help="Skip the short host latency measurement (source vs compiled).")
+    ] = False,
+    bench_seconds: Annotated[
+        float, typer.Option("--bench-seconds", help="Time cap of that measurement (`lepton bench` measures longer).")
+    ] = 1.5,
+    max_latency_ratio: Annotated[
+        Optional[float],
+        typer.Option("--max-latency-ratio", help="Gate: exit 3 when compiled p50 / source p50 exceeds this."),
+    ] = None,
+    baseline: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--baseline", help="Gate: exit 3 when worse than this earlier report.json (size, accuracy, latency)."
+        ),
+    ] = None,
+    baseline_tolerance: Annotated[
+        float, typer.Option("--baseline-tolerance", help="Tolerance for --baseline, percent (accuracy: points).")
+    ] = 5.0,
+    enforce_budgets: Annotated[
+        bool, typer.Option("--enforce-budgets", help="Gate: exit 3 when the target's size or memory budget is missed.")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON result document on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
 ) -> None:
@@ -81,19 +151,46 @@ def compile_command(
     settings.quiet = quiet or json_out
     settings.json_mode = json_out
     parse_metric_spec(eval_metric)  # exit 2 on a bad name or threshold, before any work
-    options = CompileOptions(model=model, target=target, output_dir=output, calib=calib, preprocess=preprocess, eval=eval_data,
-                             input_shapes=input_shape or [], max_accuracy_drop=max_accuracy_drop, eval_metric=eval_metric, seed=seed,
-                             sign_key=sign_key, recipients=recipient or [], bundle_version=bundle_version, expires=expires,
-                             archive=archive, bench=not no_bench, bench_seconds=bench_seconds, max_latency_ratio=max_latency_ratio,
-                             baseline=baseline, baseline_tolerance_pct=baseline_tolerance, enforce_budgets=enforce_budgets)
+    options = CompileOptions(
+        model=model,
+        target=target,
+        output_dir=output,
+        calib=calib,
+        preprocess=preprocess,
+        eval=eval_data,
+        input_shapes=input_shape or [],
+        max_accuracy_drop=max_accuracy_drop,
+        eval_metric=eval_metric,
+        seed=seed,
+        sign_key=sign_key,
+        recipients=recipient or [],
+        bundle_version=bundle_version,
+        expires=expires,
+        archive=archive,
+        bench=not no_bench,
+        bench_seconds=bench_seconds,
+        max_latency_ratio=max_latency_ratio,
+        baseline=baseline,
+        baseline_tolerance_pct=baseline_tolerance,
+        enforce_budgets=enforce_budgets,
+    )
     note(f"compiling [bold]{model}[/bold] for target [bold]{target}[/bold]")
     result = compile_model(options, progress=_progress, on_warning=warn, on_note=note)
     summary = result.report["summary"]
     if json_out:
-        emit_json({"bundle": str(result.bundle_dir), "model": str(result.model_path), "target": result.target.name, "archive": str(result.archive) if result.archive else None,
-                   "summary": summary, "accuracy": result.report.get("accuracy"), "warnings": result.report["warnings"],
-                   "device": device_lines(result.report),
-                   "performance": _performance_summary(result.report)})
+        emit_json(
+            {
+                "bundle": str(result.bundle_dir),
+                "model": str(result.model_path),
+                "target": result.target.name,
+                "archive": str(result.archive) if result.archive else None,
+                "summary": summary,
+                "accuracy": result.report.get("accuracy"),
+                "warnings": result.report["warnings"],
+                "device": device_lines(result.report),
+                "performance": _performance_summary(result.report),
+            }
+        )
         return
     table = Table(title=f"{model.name} → {result.target.name}", show_header=True)
     for col in ("", "source", "compiled"):
@@ -101,25 +198,43 @@ def compile_command(
     src, out = result.report["source"], result.report["compiled"]
     table.add_row("nodes", str(src["nodes"]), str(out["nodes"]))
     table.add_row("params", f"{src['params']:,}", f"{out['params']:,}")
-    table.add_row("MACs", f"{src['macs']:,}" if src["macs"] is not None else "?", f"{out['macs']:,}" if out["macs"] is not None else "?")
+    table.add_row(
+        "MACs",
+        f"{src['macs']:,}" if src["macs"] is not None else "?",
+        f"{out['macs']:,}" if out["macs"] is not None else "?",
+    )
     table.add_row("size", _fmt_bytes(src["size_bytes"]), _fmt_bytes(out["size_bytes"]))
     accuracy = result.report.get("accuracy") or {}
     if accuracy.get("measured"):
         outputs = accuracy.get("outputs") or []
         where = f"{accuracy['output']}: " if len(outputs) > 1 else ""
-        table.add_row(f"{where}{accuracy['metric']} ({accuracy['data']})", f"{accuracy['source_value']:.2f}%",
-                      f"{accuracy['value']:.2f}% (drop {accuracy['drop_pct']:.2f}, budget {accuracy['budget_pct']:g})")
+        table.add_row(
+            f"{where}{accuracy['metric']} ({accuracy['data']})",
+            f"{accuracy['source_value']:.2f}%",
+            f"{accuracy['value']:.2f}% (drop {accuracy['drop_pct']:.2f}, budget {accuracy['budget_pct']:g})",
+        )
         for out in outputs if len(outputs) > 1 else []:
             if out["name"] != accuracy["output"]:
-                table.add_row(f"  {out['name']}: {out['metric']}", f"{out['source_value']:.2f}%", f"{out['value']:.2f}% (drop {out['drop_pct']:.2f})")
+                table.add_row(
+                    f"  {out['name']}: {out['metric']}",
+                    f"{out['source_value']:.2f}%",
+                    f"{out['value']:.2f}% (drop {out['drop_pct']:.2f})",
+                )
     latency = result.report.get("host_latency") or {}
     if latency.get("models"):  # issue 7: short host measurement and the target's cost model
         lat, ratio = latency["models"], latency["ratios"].get("compiled") or {}
-        table.add_row(f"host p50 ({latency['settings']['providers'][0]})", f"{lat['source']['p50_ms']:.3f} ms",
-                      f"{lat['compiled']['p50_ms']:.3f} ms (x{ratio.get('ratio', 0):.3f}, 95% CI {ratio.get('ci_low', 0):.3f}-{ratio.get('ci_high', 0):.3f})")
+        table.add_row(
+            f"host p50 ({latency['settings']['providers'][0]})",
+            f"{lat['source']['p50_ms']:.3f} ms",
+            f"{lat['compiled']['p50_ms']:.3f} ms (x{ratio.get('ratio', 0):.3f}, 95% CI {ratio.get('ci_low', 0):.3f}-{ratio.get('ci_high', 0):.3f})",
+        )
     estimates = (result.report.get("cost_model") or {}).get("models") or {}
     if "latency_ms" in estimates.get("compiled", {}) and "latency_ms" in estimates.get("source", {}):
-        table.add_row(f"est. latency on {result.target.name}", f"{estimates['source']['latency_ms']:.3f} ms", f"{estimates['compiled']['latency_ms']:.3f} ms")
+        table.add_row(
+            f"est. latency on {result.target.name}",
+            f"{estimates['source']['latency_ms']:.3f} ms",
+            f"{estimates['compiled']['latency_ms']:.3f} ms",
+        )
     if not quiet:
         stdout.print(table)
         for line in device_lines(result.report):

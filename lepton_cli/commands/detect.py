@@ -1,4 +1,5 @@
 """``lepton detect [--json]``: host CPU, ISA, memory, GPUs, execution providers, and the suggested target."""
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -23,12 +24,17 @@ def detect_command(
     host = detect_host()
     suggestion = suggest_target(host)
     if json_out:
-        emit_json({"host": host.to_dict(), "usable_providers": usable_providers(host), "suggestion": suggestion.to_dict()})
+        emit_json(
+            {"host": host.to_dict(), "usable_providers": usable_providers(host), "suggestion": suggestion.to_dict()}
+        )
         return
     table = Table(title="this host", show_header=False)
     table.add_row("CPU", f"{host.cpu_model} ({host.arch}, {host.system})")
-    table.add_row("cores", f"{host.cores_physical} physical, {host.cores_logical} logical"
-                  + (f", cgroup quota {host.cgroup_cpu_limit:g}" if host.cgroup_cpu_limit is not None else ""))
+    table.add_row(
+        "cores",
+        f"{host.cores_physical} physical, {host.cores_logical} logical"
+        + (f", cgroup quota {host.cgroup_cpu_limit:g}" if host.cgroup_cpu_limit is not None else ""),
+    )
     table.add_row("ISA", ", ".join(host.isa) or "none detected")
     memory = f"{_mb(host.memory_total_mb)} total, {_mb(host.memory_available_mb)} available"
     if host.cgroup_memory_limit_mb is not None:

@@ -1,4 +1,5 @@
 """``lepton inspect MODEL.onnx``: ops, params, MACs, I/O, opset, size."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +15,9 @@ from ..stats import collect_stats
 
 
 def inspect_command(
-    path: Annotated[Path, typer.Argument(help="An .onnx model, or a bundle (.lepton folder or .zip): its manifest, unverified.")],
+    path: Annotated[
+        Path, typer.Argument(help="An .onnx model, or a bundle (.lepton folder or .zip): its manifest, unverified.")
+    ],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Show a model's op histogram, parameters, MACs, inputs and outputs with shapes, opset and size."""
@@ -31,8 +34,11 @@ def inspect_command(
         emit_json(doc)
         return
     stdout.print(f"[bold]{path}[/bold]  opset {stats.opset}  {loaded.file_size:,} bytes  sha256 {loaded.sha256[:16]}…")
-    stdout.print(f"nodes {stats.nodes:,}   params {stats.params:,}   MACs {stats.macs:,}" if stats.macs is not None
-                 else f"nodes {stats.nodes:,}   params {stats.params:,}   MACs ? (bind dynamic dims to count)")
+    stdout.print(
+        f"nodes {stats.nodes:,}   params {stats.params:,}   MACs {stats.macs:,}"
+        if stats.macs is not None
+        else f"nodes {stats.nodes:,}   params {stats.params:,}   MACs ? (bind dynamic dims to count)"
+    )
     io = Table(title="inputs and outputs")
     for col in ("kind", "name", "dtype", "shape"):
         io.add_column(col)
@@ -61,18 +67,36 @@ def _inspect_bundle(path: Path, json_out: bool) -> None:
         emit_json({"path": str(path), "verified": False, "manifest": manifest})
         return
     stdout.print(f"[bold]{path}[/bold]  (manifest shown unverified: run `lepton verify` before trusting it)")
-    for label, value in (("format", f"{manifest.get('format')} v{manifest.get('format_version')}"),
-                         ("model", (manifest.get("model") or {}).get("name")), ("target", (manifest.get("target") or {}).get("name")),
-                         ("version", manifest.get("version")), ("expires", manifest.get("expires") or "never"),
-                         ("created", manifest.get("created")), ("signer", manifest.get("signer")),
-                         ("recipients", ", ".join(str(r.get("key_id")) for r in (manifest.get("encryption") or {}).get("recipients", []) if isinstance(r, dict)))):
+    for label, value in (
+        ("format", f"{manifest.get('format')} v{manifest.get('format_version')}"),
+        ("model", (manifest.get("model") or {}).get("name")),
+        ("target", (manifest.get("target") or {}).get("name")),
+        ("version", manifest.get("version")),
+        ("expires", manifest.get("expires") or "never"),
+        ("created", manifest.get("created")),
+        ("signer", manifest.get("signer")),
+        (
+            "recipients",
+            ", ".join(
+                str(r.get("key_id"))
+                for r in (manifest.get("encryption") or {}).get("recipients", [])
+                if isinstance(r, dict)
+            ),
+        ),
+    ):
         stdout.print(f"{label:<11}{value}")
     files = Table(title="files")
     for col in ("path", "role", "size", "encrypted", "sha256"):
         files.add_column(col)
     for entry in manifest.get("files") or []:
         if isinstance(entry, dict):
-            files.add_row(str(entry.get("path")), str(entry.get("role")), f"{entry.get('size', 0):,}", str(entry.get("encrypted")), str(entry.get("sha256", ""))[:16] + "…")
+            files.add_row(
+                str(entry.get("path")),
+                str(entry.get("role")),
+                f"{entry.get('size', 0):,}",
+                str(entry.get("encrypted")),
+                str(entry.get("sha256", ""))[:16] + "…",
+            )
     stdout.print(files)
     io = Table(title="inputs and outputs (source layout / compiled)")
     for col in ("kind", "name", "dtype", "source shape", "compiled shape"):
@@ -81,14 +105,23 @@ def _inspect_bundle(path: Path, json_out: bool) -> None:
     for kind in ("inputs", "outputs"):
         compiled = {s.get("name"): s for s in ((sigs.get("compiled") or {}).get(kind) or [])}
         for sig in (sigs.get("source") or {}).get(kind) or []:
-            io.add_row(kind[:-1], str(sig.get("name")), str(sig.get("dtype")), str(sig.get("shape")), str((compiled.get(sig.get("name")) or {}).get("shape")))
+            io.add_row(
+                kind[:-1],
+                str(sig.get("name")),
+                str(sig.get("dtype")),
+                str(sig.get("shape")),
+                str((compiled.get(sig.get("name")) or {}).get("shape")),
+            )
     stdout.print(io)
     steps = Table(title="pipeline")
     for col in ("pass", "seconds"):
         steps.add_column(col)
     for step in manifest.get("pipeline") or []:
         if isinstance(step, dict):
-            steps.add_row(str(step.get("name")), f"{step.get('seconds', 0):.2f}" if isinstance(step.get("seconds"), (int, float)) else "?")
+            steps.add_row(
+                str(step.get("name")),
+                f"{step.get('seconds', 0):.2f}" if isinstance(step.get("seconds"), (int, float)) else "?",
+            )
     stdout.print(steps)
 
 

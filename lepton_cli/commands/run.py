@@ -5,6 +5,7 @@ in the source model's layout; the session converts for a compiled NHWC model. ``
 the ``--calib`` sample format (``data.load_samples``), and the outputs are stacked on axis 0.
 ``--format ort|tflite`` runs the bundle's device file instead (``bundle.device_session``).
 """
+
 from __future__ import annotations
 
 import zipfile
@@ -35,13 +36,23 @@ def _source_layout_model(session: BundleSession) -> onnx.ModelProto:
         # an integer-I/O input (lepton.io_quant.*) takes the source's float data; the session quantizes it
         dtype = "float32" if arg.name in session.quant else _ORT_TYPES.get(arg.type, "float32")
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-        inputs.append(helper.make_tensor_value_info(arg.name, elem, [d if isinstance(d, int) else (d or "?") for d in dims]))
+        inputs.append(
+            helper.make_tensor_value_info(arg.name, elem, [d if isinstance(d, int) else (d or "?") for d in dims])
+        )
     graph = helper.make_graph([], "inputs", inputs, [])
     return helper.make_model(graph)
 
 
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64", "tensor(int64)": "int64",
-              "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
 
 
 def _single_inputs(specs: list[str], names: set[str]) -> dict[str, np.ndarray]:
@@ -51,11 +62,15 @@ def _single_inputs(specs: list[str], names: set[str]) -> dict[str, np.ndarray]:
         if not sep or not name or not file:
             raise BadInputError(f"--input {spec!r} is not NAME=FILE.npy", "e.g. --input image=x.npy")
         if name not in names:
-            raise BadInputError(f"--input {name!r} names no input of the model", f"the model's inputs are: {', '.join(sorted(names))}")
+            raise BadInputError(
+                f"--input {name!r} names no input of the model", f"the model's inputs are: {', '.join(sorted(names))}"
+            )
         try:
             feed[name] = np.load(file, allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:
-            raise BadInputError(f"--input {name}: cannot read {file} as .npy ({exc.__class__.__name__})", "save it with numpy.save") from None
+            raise BadInputError(
+                f"--input {name}: cannot read {file} as .npy ({exc.__class__.__name__})", "save it with numpy.save"
+            ) from None
     missing = sorted(names - set(feed))
     if missing:
         raise BadInputError(f"no --input for model input {missing[0]!r}", f"add --input {missing[0]}=FILE.npy")
@@ -64,22 +79,58 @@ def _single_inputs(specs: list[str], names: set[str]) -> dict[str, np.ndarray]:
 
 def run_command(
     bundle: Annotated[Path, typer.Argument(help="A <model>.<target>.lepton folder or its .zip archive.")],
-    key: Annotated[Optional[str], typer.Option("--key", help="Your encryption private key (PEM); else $LEPTON_DECRYPTION_KEY, else the local dev key.")] = None,
-    trust: Annotated[Optional[str], typer.Option("--trust", help="The publisher's signing public key (PEM); else $LEPTON_TRUST, else the local dev key.")] = None,
-    input_: Annotated[Optional[list[str]], typer.Option("--input", help="NAME=FILE.npy, one whole input tensor (repeatable).")] = None,
-    inputs: Annotated[Optional[Path], typer.Option("--inputs", help="Samples .npz keyed by input name (the --calib format).")] = None,
+    key: Annotated[
+        Optional[str],
+        typer.Option(
+            "--key", help="Your encryption private key (PEM); else $LEPTON_DECRYPTION_KEY, else the local dev key."
+        ),
+    ] = None,
+    trust: Annotated[
+        Optional[str],
+        typer.Option(
+            "--trust", help="The publisher's signing public key (PEM); else $LEPTON_TRUST, else the local dev key."
+        ),
+    ] = None,
+    input_: Annotated[
+        Optional[list[str]], typer.Option("--input", help="NAME=FILE.npy, one whole input tensor (repeatable).")
+    ] = None,
+    inputs: Annotated[
+        Optional[Path], typer.Option("--inputs", help="Samples .npz keyed by input name (the --calib format).")
+    ] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the outputs to this .npz.")] = None,
-    state: Annotated[Optional[Path], typer.Option("--state", help="Rollback state file (default: bundle-state.json in the Lepton config folder).")] = None,
-    provider: Annotated[Optional[list[str]], typer.Option("--provider", help="ONNX Runtime execution provider to prefer (repeatable; default: the target's).")] = None,
-    variant: Annotated[Optional[str], typer.Option("--variant", help="Variant name or model path inside the bundle (default: the best one this device can run).")] = None,
-    file_format: Annotated[str, typer.Option("--format", help="Which file of the bundle runs: onnx (ONNX Runtime, default), ort (ONNX Runtime, ORT format), tflite (LiteRT).")] = "onnx",
+    state: Annotated[
+        Optional[Path],
+        typer.Option("--state", help="Rollback state file (default: bundle-state.json in the Lepton config folder)."),
+    ] = None,
+    provider: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--provider", help="ONNX Runtime execution provider to prefer (repeatable; default: the target's)."
+        ),
+    ] = None,
+    variant: Annotated[
+        Optional[str],
+        typer.Option(
+            "--variant",
+            help="Variant name or model path inside the bundle (default: the best one this device can run).",
+        ),
+    ] = None,
+    file_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="Which file of the bundle runs: onnx (ONNX Runtime, default), ort (ONNX Runtime, ORT format), tflite (LiteRT).",
+        ),
+    ] = "onnx",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Verify and decrypt the bundle in memory, run it on the inputs, write the outputs (exit 4 if verification fails)."""
     settings.json_mode = json_out
     settings.quiet = json_out
     if bool(input_) == bool(inputs):
-        raise BadInputError("give either --input NAME=FILE.npy ... or --inputs DATA.npz", "e.g. --inputs examples/digits/eval.npz")
+        raise BadInputError(
+            "give either --input NAME=FILE.npy ... or --inputs DATA.npz", "e.g. --inputs examples/digits/eval.npz"
+        )
     if output is not None and output.suffix != ".npz":
         raise BadInputError(f"-o {output} must end in .npz", "e.g. -o out.npz")
     if inputs is not None and not inputs.is_file():
@@ -87,10 +138,19 @@ def run_command(
     if file_format not in FORMATS:
         raise BadInputError(f"--format {file_format!r} is not one of {', '.join(FORMATS)}", "e.g. --format tflite")
     if file_format == "onnx":
-        session = load_bundle(bundle, key=key_spec(key), trust=trust_spec(trust), providers=provider, variant=variant, state_path=state)
+        session = load_bundle(
+            bundle, key=key_spec(key), trust=trust_spec(trust), providers=provider, variant=variant, state_path=state
+        )
     else:
-        session = load_device_file(bundle, file_format, key=key_spec(key), trust=trust_spec(trust), state_path=state,
-                                   variant=variant, providers=provider)
+        session = load_device_file(
+            bundle,
+            file_format,
+            key=key_spec(key),
+            trust=trust_spec(trust),
+            state_path=state,
+            variant=variant,
+            providers=provider,
+        )
     note(f"verified and decrypted {session.model_path} in memory; running on {', '.join(session.get_providers())}")
     for line in session.selection.log:  # variant / provider / thread choices and every fallback, with reasons
         note(f"  {line}")
@@ -101,11 +161,15 @@ def run_command(
         labels = samples.labels
         per_sample = [session.run(out_names, feed) for feed in samples.feeds()]
         batched = any(samples.batched.values())
-        results = {name: (np.stack if batched else np.concatenate)([outs[i] for outs in per_sample], axis=0)
-                   for i, name in enumerate(out_names)}
+        results = {
+            name: (np.stack if batched else np.concatenate)([outs[i] for outs in per_sample], axis=0)
+            for i, name in enumerate(out_names)
+        }
         count = len(samples)
     else:
-        results = dict(zip(out_names, session.run(out_names, _single_inputs(input_ or [], {i.name for i in session.get_inputs()}))))
+        results = dict(
+            zip(out_names, session.run(out_names, _single_inputs(input_ or [], {i.name for i in session.get_inputs()})))
+        )
         count = 1
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -114,10 +178,17 @@ def run_command(
         except (OSError, zipfile.BadZipFile) as exc:
             raise BadInputError(f"cannot write {output}: {exc}", "choose a writable -o path") from None
     runtime = session.selection.runtime if file_format != "onnx" else "ONNX Runtime"
-    doc: dict[str, Any] = {"bundle": str(bundle), "model": session.model_path, "format": file_format, "runtime": runtime, "samples": count,
-                           "providers": session.get_providers(), "output": str(output) if output else None,
-                           "selection": session.selection.to_dict(),
-                           "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in results.items()}}
+    doc: dict[str, Any] = {
+        "bundle": str(bundle),
+        "model": session.model_path,
+        "format": file_format,
+        "runtime": runtime,
+        "samples": count,
+        "providers": session.get_providers(),
+        "output": str(output) if output else None,
+        "selection": session.selection.to_dict(),
+        "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in results.items()},
+    }
     first = results[out_names[0]]
     if labels is not None and first.ndim == 2 and len(first) == len(labels):
         doc["top1_accuracy_pct"] = round(float((first.argmax(axis=1) == labels).mean() * 100), 2)

@@ -1,7 +1,8 @@
 """``lepton targets [list | show NAME]``: what each target does, pass by pass."""
+
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -26,16 +27,30 @@ def list_targets(json_out: JsonOpt = False) -> None:
     """List the builtin targets with their description and pipeline."""
     rows = [load_target(name) for name in builtin_names()]
     if json_out:
-        emit_json({"targets": [{"name": t.name, "description": t.description,
-                                "passes": [s.name for s in t.passes if s.enabled],
-                                "execution_providers": t.runtime.execution_providers} for t in rows]})
+        emit_json(
+            {
+                "targets": [
+                    {
+                        "name": t.name,
+                        "description": t.description,
+                        "passes": [s.name for s in t.passes if s.enabled],
+                        "execution_providers": t.runtime.execution_providers,
+                    }
+                    for t in rows
+                ]
+            }
+        )
         return
     table = Table(title="Lepton targets")
     for col in ("target", "description", "passes", "execution providers"):
         table.add_column(col)
     for t in rows:
-        table.add_row(t.name, t.description, " → ".join(s.name for s in t.passes if s.enabled),
-                      ", ".join(t.runtime.execution_providers))
+        table.add_row(
+            t.name,
+            t.description,
+            " → ".join(s.name for s in t.passes if s.enabled),
+            ", ".join(t.runtime.execution_providers),
+        )
     stdout.print(table)
 
 

@@ -1,4 +1,5 @@
 """``lepton verify BUNDLE --trust PUBKEY.pem``: signature and integrity of every file; needs no secret."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,11 +15,31 @@ from ._provenance import show_provenance
 
 def verify_command(
     bundle: Annotated[Path, typer.Argument(help="A <model>.<target>.lepton folder or its .zip archive.")],
-    trust: Annotated[Optional[str], typer.Option("--trust", help="The publisher's signing public key (PEM); else $LEPTON_TRUST, else the local dev key.")] = None,
-    state: Annotated[Optional[Path], typer.Option("--state", help="Rollback state file (default: bundle-state.json in the Lepton config folder).")] = None,
+    trust: Annotated[
+        Optional[str],
+        typer.Option(
+            "--trust", help="The publisher's signing public key (PEM); else $LEPTON_TRUST, else the local dev key."
+        ),
+    ] = None,
+    state: Annotated[
+        Optional[Path],
+        typer.Option("--state", help="Rollback state file (default: bundle-state.json in the Lepton config folder)."),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
-    provenance: Annotated[bool, typer.Option("--provenance", help="Also check and print the signed in-toto provenance statement (how the bundle was built).")] = False,
-    against: Annotated[Optional[Path], typer.Option("--against", help="With --provenance: a rebuild of the same inputs; exit 4 unless its inputs and models match this bundle's.")] = None,
+    provenance: Annotated[
+        bool,
+        typer.Option(
+            "--provenance",
+            help="Also check and print the signed in-toto provenance statement (how the bundle was built).",
+        ),
+    ] = False,
+    against: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--against",
+            help="With --provenance: a rebuild of the same inputs; exit 4 unless its inputs and models match this bundle's.",
+        ),
+    ] = None,
 ) -> None:
     """Check the bundle's signature, every file's sha256, format version, expiry and rollback state (exit 4 on failure)."""
     settings.json_mode = json_out
@@ -28,16 +49,26 @@ def verify_command(
     if provenance or against is not None:
         show_provenance(bundle, trusted, against, json_out)
         return
-    doc = {"bundle": str(bundle), "verified": True, "signer": manifest.get("signer"), "bundle_id": manifest["bundle_id"],
-           "version": manifest["version"], "expires": manifest.get("expires"), "model": manifest["model"]["name"],
-           "target": manifest["target"]["name"], "files": [{k: e[k] for k in ("path", "role", "size", "sha256")} for e in manifest["files"]],
-           "recipients": [r["key_id"] for r in manifest["encryption"]["recipients"]]}
+    doc = {
+        "bundle": str(bundle),
+        "verified": True,
+        "signer": manifest.get("signer"),
+        "bundle_id": manifest["bundle_id"],
+        "version": manifest["version"],
+        "expires": manifest.get("expires"),
+        "model": manifest["model"]["name"],
+        "target": manifest["target"]["name"],
+        "files": [{k: e[k] for k in ("path", "role", "size", "sha256")} for e in manifest["files"]],
+        "recipients": [r["key_id"] for r in manifest["encryption"]["recipients"]],
+    }
     if json_out:
         emit_json(doc)
         return
-    stdout.print(f"[green]verified[/green] {bundle}: {doc['model']} for {doc['target']}, version {doc['version']}"
-                 f"{', expires ' + doc['expires'] if doc['expires'] else ''}, signed by {doc['signer']}, "
-                 f"{len(doc['files'])} files, encrypted to {len(doc['recipients'])} recipient(s)")
+    stdout.print(
+        f"[green]verified[/green] {bundle}: {doc['model']} for {doc['target']}, version {doc['version']}"
+        f"{', expires ' + doc['expires'] if doc['expires'] else ''}, signed by {doc['signer']}, "
+        f"{len(doc['files'])} files, encrypted to {len(doc['recipients'])} recipient(s)"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ carries (``ort``: ONNX Runtime Mobile's ``.ort`` plus the reduced-build operator
 and signed like them, listed in the manifest's ``device_artifacts`` (path, format, the ONNX model
 it was made from, the runtime that runs it), and its checks go to the report's ``device`` section.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,7 +17,6 @@ from typing import Any, Callable
 import onnx
 
 from ..targets import Target
-
 
 
 @dataclass
@@ -38,23 +38,46 @@ def _mobile(models: dict[str, bytes], out: DeviceArtifacts, warn: Callable[[str]
             ort_format.load_check(data)
     except Exception as exc:  # a converter failure leaves the ONNX bundle usable: say so, do not stop
         section["produced"] = False
-        section["reason"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}" if str(exc) else type(exc).__name__
+        section["reason"] = (
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}" if str(exc) else type(exc).__name__
+        )
         warn(f"device: no .ort written: ONNX Runtime's converter failed ({section['reason']})")
         out.report["ort"] = section
         return
     out.models.update(conversion.files)
     out.plain_files[ort_format.OPS_CONFIG] = conversion.ops_config
     for onnx_path in models:
-        out.manifest.append({"format": "ort", "path": ort_format.ort_path(onnx_path), "from": onnx_path,
-                             "runtime": ort_format.RUNTIME, "ops_config": ort_format.OPS_CONFIG})
-    section.update({"produced": True, "files": {p: len(b) for p, b in conversion.files.items()},
-                    "ops_config": ort_format.OPS_CONFIG, "optimization_style": "runtime", "target_platform": "arm"})
+        out.manifest.append(
+            {
+                "format": "ort",
+                "path": ort_format.ort_path(onnx_path),
+                "from": onnx_path,
+                "runtime": ort_format.RUNTIME,
+                "ops_config": ort_format.OPS_CONFIG,
+            }
+        )
+    section.update(
+        {
+            "produced": True,
+            "files": {p: len(b) for p, b in conversion.files.items()},
+            "ops_config": ort_format.OPS_CONFIG,
+            "optimization_style": "runtime",
+            "target_platform": "arm",
+        }
+    )
     section["usability"] = ort_format.mobile_usability(models["model.onnx"])
     out.report["ort"] = section
 
 
-def build_device_artifacts(target: Target, models: dict[str, bytes], compiled: onnx.ModelProto, warn: Callable[[str], None],
-                           *, source: onnx.ModelProto | None = None, ctx: Any = None) -> DeviceArtifacts:
+def build_device_artifacts(
+    target: Target,
+    models: dict[str, bytes],
+    compiled: onnx.ModelProto,
+    warn: Callable[[str], None],
+    *,
+    source: onnx.ModelProto | None = None,
+    ctx: Any = None,
+) -> DeviceArtifacts:
     """The device files and checks ``target`` asks for, made from ``models`` (bundle path -> ONNX bytes);
     ``compiled`` is the main model, ``source`` the normalised source and ``ctx`` the pipeline's context
     (data and budget, for scoring a device file)."""

@@ -14,6 +14,7 @@ Reference configuration: DPUCZDX8G_ISA1_B4096 (ZCU102/ZCU104), channel_parallel 
   shift_bias = wpos + ipos - bpos in [min(0, -(24 - (8 + shift_cut))), 15] with 8-bit bias.
 - PG338: int8 fixed point, i.e. symmetric (zero point 0) power-of-two scales on every tensor.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,12 @@ BIAS_BITS = 8
 ACTIVATIONS = {"Relu", "LeakyRelu", "HardSwish", "HardSigmoid"}  # and Clip as ReLU6 (checked below)
 QDQ = {"QuantizeLinear", "DequantizeLinear"}
 REFERENCE = "DPUCZDX8G_ISA1_B4096 (channel_parallel 16, bank_depth 2048, bank_num 8)"
-SOURCES = ["AMD UG1414 v3.0 'Currently Supported Operators' (DPUCZDX8G_ISA1_B4096)",
-           "AMD UG1414 v1.4.1 same table (depthwise-conv2d, DPUCZDX8G)",
-           "Vitis AI quantizer DPU shift rules (adjust_shift_cut, adjust_shift_bias)", "AMD PG338 (int8 fixed point)"]
+SOURCES = [
+    "AMD UG1414 v3.0 'Currently Supported Operators' (DPUCZDX8G_ISA1_B4096)",
+    "AMD UG1414 v1.4.1 same table (depthwise-conv2d, DPUCZDX8G)",
+    "Vitis AI quantizer DPU shift rules (adjust_shift_cut, adjust_shift_bias)",
+    "AMD PG338 (int8 fixed point)",
+]
 
 
 @dataclass
@@ -85,7 +89,9 @@ class _Graph:
         shape = [1] * raw.ndim
         if scale.size > 1:
             shape[axis] = scale.size
-        return scale, (raw.astype(np.float64) - zero.reshape(shape if zero.size > 1 else [1])) * scale.reshape(shape if scale.size > 1 else [1])
+        return scale, (raw.astype(np.float64) - zero.reshape(shape if zero.size > 1 else [1])) * scale.reshape(
+            shape if scale.size > 1 else [1]
+        )
 
     def output_scale(self, node: onnx.NodeProto) -> np.ndarray | None:
         """The scale the node's output is requantized to, through a fused activation."""
@@ -127,13 +133,38 @@ def _check_qdq(g: _Graph, out: list[Violation]) -> None:
         zero = g.array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         is_bias = zero is not None and zero.dtype == np.int32
         if zero is not None and zero.dtype != np.int8 and not is_bias:
-            out.append(Violation(node.name, node.op_type, "int8", f"{node.input[0]} is {zero.dtype}, the DPU computes signed int8"))
+            out.append(
+                Violation(
+                    node.name, node.op_type, "int8", f"{node.input[0]} is {zero.dtype}, the DPU computes signed int8"
+                )
+            )
         if zero is not None and np.any(zero != 0):
-            out.append(Violation(node.name, node.op_type, "symmetric", f"{node.input[0]} has zero point {int(zero.reshape(-1)[0])}, the DPU needs 0"))
+            out.append(
+                Violation(
+                    node.name,
+                    node.op_type,
+                    "symmetric",
+                    f"{node.input[0]} has zero point {int(zero.reshape(-1)[0])}, the DPU needs 0",
+                )
+            )
         if scale is not None and scale.size > 1 and not is_bias:
-            out.append(Violation(node.name, node.op_type, "per-tensor", f"{node.input[0]} has {scale.size} scales, the DPU takes one per tensor"))
+            out.append(
+                Violation(
+                    node.name,
+                    node.op_type,
+                    "per-tensor",
+                    f"{node.input[0]} has {scale.size} scales, the DPU takes one per tensor",
+                )
+            )
         elif scale is not None and not is_bias and _pos(scale) is None:
-            out.append(Violation(node.name, node.op_type, "power-of-two", f"{node.input[0]} scale {float(scale.reshape(-1)[0]):.6g} is not 2^k"))
+            out.append(
+                Violation(
+                    node.name,
+                    node.op_type,
+                    "power-of-two",
+                    f"{node.input[0]} scale {float(scale.reshape(-1)[0]):.6g} is not 2^k",
+                )
+            )
 
 
 def _range(out: list[Violation], node: onnx.NodeProto, rule: str, values: list[int], low: int, high: int) -> None:
@@ -145,7 +176,9 @@ def _range(out: list[Violation], node: onnx.NodeProto, rule: str, values: list[i
 def _check_conv(g: _Graph, node: onnx.NodeProto, out: list[Violation]) -> None:
     weight = g.array(g.producer[node.input[1]].input[0]) if node.input[1] in g.producer else g.array(node.input[1])
     if weight is None or weight.ndim != 4:
-        out.append(Violation(node.name, node.op_type, "conv2d", "weights are not a constant 4-D tensor: runs on the CPU"))
+        out.append(
+            Violation(node.name, node.op_type, "conv2d", "weights are not a constant 4-D tensor: runs on the CPU")
+        )
         return
     oc, icg, kh, kw = weight.shape
     group = _attr(node, "group", 1)
@@ -154,15 +187,31 @@ def _check_conv(g: _Graph, node: onnx.NodeProto, out: list[Violation]) -> None:
     pads = _attr(node, "pads", [0, 0, 0, 0])
     depthwise = group > 1 and group == ic
     if group > 1 and not depthwise:
-        out.append(Violation(node.name, node.op_type, "group", f"group {group} (not 1, not depthwise): runs on the CPU"))
+        out.append(
+            Violation(node.name, node.op_type, "group", f"group {group} (not 1, not depthwise): runs on the CPU")
+        )
     _range(out, node, "kernel", [kh, kw], 1, 16)
     _range(out, node, "stride", list(strides), 1, 8)
     for (begin, end), k, d, axis in zip(((pads[0], pads[2]), (pads[1], pads[3])), (kh, kw), dilations, "hw"):
         if max(begin, end) > (k - 1) * d:
-            out.append(Violation(node.name, node.op_type, "pad", f"pad_{axis} {max(begin, end)} > (kernel-1)*dilation = {(k - 1) * d}"))
+            out.append(
+                Violation(
+                    node.name,
+                    node.op_type,
+                    "pad",
+                    f"pad_{axis} {max(begin, end)} > (kernel-1)*dilation = {(k - 1) * d}",
+                )
+            )
     in_size = kh * kw * math.ceil(ic / CHANNEL_PARALLEL)
     if in_size > BANK_DEPTH:
-        out.append(Violation(node.name, node.op_type, "in_size", f"kernel_w*kernel_h*ceil(ic/{CHANNEL_PARALLEL}) = {in_size} > bank_depth {BANK_DEPTH}"))
+        out.append(
+            Violation(
+                node.name,
+                node.op_type,
+                "in_size",
+                f"kernel_w*kernel_h*ceil(ic/{CHANNEL_PARALLEL}) = {in_size} > bank_depth {BANK_DEPTH}",
+            )
+        )
     for name, value in (("input_channel", ic), ("output_channel", oc), ("dilation*input_channel", max(dilations) * ic)):
         if value > MAX_CHANNELS:
             out.append(Violation(node.name, node.op_type, name, f"{value} > 256*channel_parallel = {MAX_CHANNELS}"))
@@ -172,7 +221,11 @@ def _check_conv(g: _Graph, node: onnx.NodeProto, out: list[Violation]) -> None:
 def _check_fc(g: _Graph, node: onnx.NodeProto, out: list[Violation]) -> None:
     weight = g.array(g.producer[node.input[1]].input[0]) if node.input[1] in g.producer else g.array(node.input[1])
     if weight is None or weight.ndim != 2:
-        out.append(Violation(node.name, node.op_type, "fully-connected", "second operand is not a constant matrix: runs on the CPU"))
+        out.append(
+            Violation(
+                node.name, node.op_type, "fully-connected", "second operand is not a constant matrix: runs on the CPU"
+            )
+        )
         return
     trans_b = node.op_type == "Gemm" and _attr(node, "transB", 0)
     ic, oc = (weight.shape[1], weight.shape[0]) if trans_b else weight.shape
@@ -189,7 +242,9 @@ def _check_shifts(g: _Graph, node: onnx.NodeProto, out: list[Violation]) -> None
         return  # not power-of-two int8 here: already named by the scheme check, or a float layer
     shift_cut = wpos + ipos - opos  # type: ignore[operator]
     if not SHIFT_CUT[0] <= shift_cut <= SHIFT_CUT[1]:
-        out.append(Violation(node.name, node.op_type, "shift_cut", f"wpos+ipos-opos = {shift_cut} outside {list(SHIFT_CUT)}"))
+        out.append(
+            Violation(node.name, node.op_type, "shift_cut", f"wpos+ipos-opos = {shift_cut} outside {list(SHIFT_CUT)}")
+        )
     bias_name = node.input[2] if len(node.input) > 2 else ""
     bias = g.dequantized(bias_name)[1] if bias_name else None
     if bias is None or not np.any(bias):
@@ -198,9 +253,15 @@ def _check_shifts(g: _Graph, node: onnx.NodeProto, out: list[Violation]) -> None
     bpos_max = math.floor(math.log2((2 ** (BIAS_BITS - 1) - 1) / float(np.abs(bias).max())))
     need = wpos + ipos - SHIFT_BIAS_MAX  # type: ignore[operator]
     if need > bpos_max:
-        out.append(Violation(node.name, node.op_type, "shift_bias",
-                             f"bias up to {float(np.abs(bias).max()):.4g} needs fix position <= {bpos_max}, the shift limit "
-                             f"(wpos+ipos-bpos <= {SHIFT_BIAS_MAX}) needs >= {need}: the bias saturates"))
+        out.append(
+            Violation(
+                node.name,
+                node.op_type,
+                "shift_bias",
+                f"bias up to {float(np.abs(bias).max()):.4g} needs fix position <= {bpos_max}, the shift limit "
+                f"(wpos+ipos-bpos <= {SHIFT_BIAS_MAX}) needs >= {need}: the bias saturates",
+            )
+        )
 
 
 def _check_pool(g: _Graph, node: onnx.NodeProto, out: list[Violation]) -> None:
@@ -216,21 +277,40 @@ def _check_pool(g: _Graph, node: onnx.NodeProto, out: list[Violation]) -> None:
     _range(out, node, "kernel", [kh, kw], 1, 256)
     _range(out, node, "stride", list(strides), 1, 256)
     if math.ceil(kh / BANK_NUM) * kw > BANK_DEPTH:
-        out.append(Violation(node.name, node.op_type, "kernel", f"ceil(h/{BANK_NUM})*w = {math.ceil(kh / BANK_NUM) * kw} > bank_depth {BANK_DEPTH}"))
+        out.append(
+            Violation(
+                node.name,
+                node.op_type,
+                "kernel",
+                f"ceil(h/{BANK_NUM})*w = {math.ceil(kh / BANK_NUM) * kw} > bank_depth {BANK_DEPTH}",
+            )
+        )
     if "Average" in node.op_type and kh != kw:
-        out.append(Violation(node.name, node.op_type, "kernel", f"average pooling needs a square kernel, got {kh}x{kw}"))
+        out.append(
+            Violation(node.name, node.op_type, "kernel", f"average pooling needs a square kernel, got {kh}x{kw}")
+        )
 
 
 def _check_eltwise(g: _Graph, node: onnx.NodeProto, out: list[Violation]) -> None:
     shape = g.shapes.get(node.output[0]) or []
     channels = shape[1] if len(shape) >= 2 else None
     if channels and channels > MAX_CHANNELS:
-        out.append(Violation(node.name, node.op_type, "input_channel", f"{channels} > 256*channel_parallel = {MAX_CHANNELS}"))
+        out.append(
+            Violation(node.name, node.op_type, "input_channel", f"{channels} > 256*channel_parallel = {MAX_CHANNELS}")
+        )
 
 
 CHECKS: dict[str, Callable[[_Graph, onnx.NodeProto, list[Violation]], None]] = {
-    "Conv": _check_conv, "Gemm": _check_fc, "MatMul": _check_fc, "MaxPool": _check_pool, "AveragePool": _check_pool,
-    "GlobalAveragePool": _check_pool, "GlobalMaxPool": _check_pool, "Add": _check_eltwise, "Mul": _check_eltwise}
+    "Conv": _check_conv,
+    "Gemm": _check_fc,
+    "MatMul": _check_fc,
+    "MaxPool": _check_pool,
+    "AveragePool": _check_pool,
+    "GlobalAveragePool": _check_pool,
+    "GlobalMaxPool": _check_pool,
+    "Add": _check_eltwise,
+    "Mul": _check_eltwise,
+}
 
 
 def check(model: onnx.ModelProto, supported_ops: list[str]) -> tuple[list[Violation], int]:
@@ -245,12 +325,18 @@ def check(model: onnx.ModelProto, supported_ops: list[str]) -> tuple[list[Violat
             continue
         checked += 1
         if node.op_type not in supported and node.op_type not in ACTIVATIONS:
-            out.append(Violation(node.name, node.op_type, "operator", f"{node.op_type} is not a DPU operator: runs on the CPU"))
+            out.append(
+                Violation(node.name, node.op_type, "operator", f"{node.op_type} is not a DPU operator: runs on the CPU")
+            )
             continue
         if node.op_type == "Clip" and not _is_relu6(g, node):
-            out.append(Violation(node.name, node.op_type, "activation", "Clip other than [0, 6] (ReLU6): runs on the CPU"))
+            out.append(
+                Violation(node.name, node.op_type, "activation", "Clip other than [0, 6] (ReLU6): runs on the CPU")
+            )
         if node.op_type in ("Conv", "Gemm", "MatMul") and g.dequantized(node.input[0])[0] is None:
-            out.append(Violation(node.name, node.op_type, "float", "input not quantized: this layer stays float, on the CPU"))
+            out.append(
+                Violation(node.name, node.op_type, "float", "input not quantized: this layer stays float, on the CPU")
+            )
         check_node = CHECKS.get(node.op_type)
         if check_node is not None:
             check_node(g, node, out)
@@ -271,7 +357,15 @@ def check_report(model: onnx.ModelProto, target: Target, warn: Callable[[str], N
         by_rule[v.rule] += 1
     if violations:
         first = violations[0]
-        warn(f"DPU check: {len(violations)} violation(s) of {REFERENCE} limits ({', '.join(f'{r} {n}' for r, n in sorted(by_rule.items()))}); "
-             f"first: {first.node} ({first.op}) {first.rule}: {first.detail}")
-    return {"reference": REFERENCE, "sources": SOURCES, "nodes_checked": checked, "ok": not violations,
-            "violations": [v.to_dict() for v in violations], "by_rule": dict(sorted(by_rule.items()))}
+        warn(
+            f"DPU check: {len(violations)} violation(s) of {REFERENCE} limits ({', '.join(f'{r} {n}' for r, n in sorted(by_rule.items()))}); "
+            f"first: {first.node} ({first.op}) {first.rule}: {first.detail}"
+        )
+    return {
+        "reference": REFERENCE,
+        "sources": SOURCES,
+        "nodes_checked": checked,
+        "ok": not violations,
+        "violations": [v.to_dict() for v in violations],
+        "by_rule": dict(sorted(by_rule.items())),
+    }

@@ -8,6 +8,7 @@ graph: at the first op it cannot map, that op *and every op after it* run on the
 Parameters beyond the ~8 MB on-chip memory are streamed over the host link on every inference
 (Coral, "Edge TPU Compiler": parameter data caching).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,12 +16,51 @@ from typing import Any
 import numpy as np
 
 # TFLite builtin names of the ops in the Edge TPU's supported-operations table.
-SUPPORTED = frozenset({
-    "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "EXPAND_DIMS", "FULLY_CONNECTED",
-    "L2_NORMALIZATION", "LOGISTIC", "LSTM", "UNIDIRECTIONAL_SEQUENCE_LSTM", "MAXIMUM", "MAX_POOL_2D", "MEAN", "MINIMUM",
-    "MUL", "PACK", "PAD", "PRELU", "QUANTIZE", "REDUCE_MAX", "REDUCE_MIN", "RELU", "RELU6", "RELU_N1_TO_1", "RESHAPE",
-    "RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR", "RSQRT", "SLICE", "SOFTMAX", "SPACE_TO_DEPTH", "SPLIT", "SQUEEZE",
-    "STRIDED_SLICE", "SUB", "SUM", "SQUARED_DIFFERENCE", "TANH", "TRANSPOSE", "TRANSPOSE_CONV"})
+SUPPORTED = frozenset(
+    {
+        "ADD",
+        "AVERAGE_POOL_2D",
+        "CONCATENATION",
+        "CONV_2D",
+        "DEPTHWISE_CONV_2D",
+        "EXPAND_DIMS",
+        "FULLY_CONNECTED",
+        "L2_NORMALIZATION",
+        "LOGISTIC",
+        "LSTM",
+        "UNIDIRECTIONAL_SEQUENCE_LSTM",
+        "MAXIMUM",
+        "MAX_POOL_2D",
+        "MEAN",
+        "MINIMUM",
+        "MUL",
+        "PACK",
+        "PAD",
+        "PRELU",
+        "QUANTIZE",
+        "REDUCE_MAX",
+        "REDUCE_MIN",
+        "RELU",
+        "RELU6",
+        "RELU_N1_TO_1",
+        "RESHAPE",
+        "RESIZE_BILINEAR",
+        "RESIZE_NEAREST_NEIGHBOR",
+        "RSQRT",
+        "SLICE",
+        "SOFTMAX",
+        "SPACE_TO_DEPTH",
+        "SPLIT",
+        "SQUEEZE",
+        "STRIDED_SLICE",
+        "SUB",
+        "SUM",
+        "SQUARED_DIFFERENCE",
+        "TANH",
+        "TRANSPOSE",
+        "TRANSPOSE_CONV",
+    }
+)
 ON_CHIP_PARAM_BYTES = 8 * 1024 * 1024
 SOURCE = "coral.ai/docs/edgetpu/models-intro (requirements and supported operations)"
 
@@ -42,7 +82,9 @@ def _problems(op: dict[str, Any], tensors: dict[int, dict[str, Any]], constants:
         shape = [int(d) for d in t["shape"]]
         if any(d < 0 for d in t.get("shape_signature", shape)):
             out.append(f"tensor {t['name']} has a dynamic shape")
-        if index not in constants and len(shape) > 3 and sum(1 for d in shape[:-3] if d > 1):  # filters are 4-D by design
+        if (
+            index not in constants and len(shape) > 3 and sum(1 for d in shape[:-3] if d > 1)
+        ):  # filters are 4-D by design
             out.append(f"tensor {t['name']} {shape}: more than 3 dimensions larger than 1")
     return out
 
@@ -54,7 +96,9 @@ def check(interpreter: Any) -> dict[str, Any]:
     consumed = {i for o in ops for i in o["inputs"]}
     produced = {i for o in ops for i in o["outputs"]}
     constants = consumed - produced - {d["index"] for d in interpreter.get_input_details()}
-    param_bytes = sum(int(np.prod(tensors[i]["shape"])) * np.dtype(tensors[i]["dtype"]).itemsize for i in constants if i in tensors)
+    param_bytes = sum(
+        int(np.prod(tensors[i]["shape"])) * np.dtype(tensors[i]["dtype"]).itemsize for i in constants if i in tensors
+    )
     fallback: list[dict[str, Any]] = []
     first_bad: int | None = None
     for position, op in enumerate(ops):
@@ -62,12 +106,22 @@ def check(interpreter: Any) -> dict[str, Any]:
         if problems and first_bad is None:
             first_bad = position
         if first_bad is not None:
-            reason = "; ".join(problems) if problems else f"after the first unmapped op ({ops[first_bad]['op_name']} #{first_bad})"
+            reason = (
+                "; ".join(problems)
+                if problems
+                else f"after the first unmapped op ({ops[first_bad]['op_name']} #{first_bad})"
+            )
             fallback.append({"index": position, "op": op["op_name"], "reason": reason})
     mapped = len(ops) - len(fallback)
-    return {"source": SOURCE, "ops": len(ops), "edgetpu_ops": mapped, "cpu_ops": fallback,
-            "op_counts": _counts(ops), "param_bytes": param_bytes,
-            "params_streamed": param_bytes > ON_CHIP_PARAM_BYTES}
+    return {
+        "source": SOURCE,
+        "ops": len(ops),
+        "edgetpu_ops": mapped,
+        "cpu_ops": fallback,
+        "op_counts": _counts(ops),
+        "param_bytes": param_bytes,
+        "params_streamed": param_bytes > ON_CHIP_PARAM_BYTES,
+    }
 
 
 def _counts(ops: list[dict[str, Any]]) -> dict[str, int]:
@@ -79,6 +133,9 @@ def _counts(ops: list[dict[str, Any]]) -> dict[str, int]:
 
 def summary(result: dict[str, Any]) -> str:
     cpu = result["cpu_ops"]
-    named = ", ".join(f"#{c['index']} {c['op']}" for c in cpu[:8]) + (f" (+{len(cpu) - 8} more)" if len(cpu) > 8 else "")
-    return (f"Edge TPU op check: {result['edgetpu_ops']}/{result['ops']} ops map to the Edge TPU"
-            + (f"; on the CPU: {named}" if cpu else "; none fall back to the CPU"))
+    named = ", ".join(f"#{c['index']} {c['op']}" for c in cpu[:8]) + (
+        f" (+{len(cpu) - 8} more)" if len(cpu) > 8 else ""
+    )
+    return f"Edge TPU op check: {result['edgetpu_ops']}/{result['ops']} ops map to the Edge TPU" + (
+        f"; on the CPU: {named}" if cpu else "; none fall back to the CPU"
+    )

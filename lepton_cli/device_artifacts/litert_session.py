@@ -5,6 +5,7 @@ transposes to the model's NHWC inputs where the manifest says the input is chann
 quantizes float feeds for an int8/uint8 input with the scale and zero point stored in the
 ``.tflite`` itself (outputs are dequantized and transposed back the same way).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,8 +28,13 @@ class IOArg:
     type: str
 
 
-_TYPES = {np.dtype(np.float32): "tensor(float)", np.dtype(np.int8): "tensor(int8)", np.dtype(np.uint8): "tensor(uint8)",
-          np.dtype(np.int32): "tensor(int32)", np.dtype(np.int64): "tensor(int64)"}
+_TYPES = {
+    np.dtype(np.float32): "tensor(float)",
+    np.dtype(np.int8): "tensor(int8)",
+    np.dtype(np.uint8): "tensor(uint8)",
+    np.dtype(np.int32): "tensor(int32)",
+    np.dtype(np.int64): "tensor(int64)",
+}
 
 
 def interpreter_class() -> Any:
@@ -41,7 +47,9 @@ def interpreter_class() -> Any:
 
 
 class LiteRTSession:
-    def __init__(self, data: bytes, names: dict[str, dict[str, str]], layouts: dict[str, str], threads: int | None = None):
+    def __init__(
+        self, data: bytes, names: dict[str, dict[str, str]], layouts: dict[str, str], threads: int | None = None
+    ):
         from .tflite_export import captured_stderr
 
         with captured_stderr():  # LiteRT announces its XNNPACK delegate on fd 2
@@ -51,8 +59,11 @@ class LiteRTSession:
         self.layouts = layouts
         self.in_details = self.runner.get_input_details()
         self.out_details = self.runner.get_output_details()
-        self.quant = {onnx: self._quant(self.in_details[sig]) for onnx, sig in self.in_names.items()
-                      if self._quant(self.in_details[sig]) is not None}
+        self.quant = {
+            onnx: self._quant(self.in_details[sig])
+            for onnx, sig in self.in_names.items()
+            if self._quant(self.in_details[sig]) is not None
+        }
 
     @staticmethod
     def _quant(detail: dict[str, Any]) -> dict[str, Any] | None:
@@ -63,12 +74,24 @@ class LiteRTSession:
         return {"scale": float(scale), "zero_point": int(zero), "dtype": dtype.name}
 
     def get_inputs(self) -> list[IOArg]:
-        return [IOArg(onnx, [int(d) for d in self.in_details[sig]["shape"]], _TYPES.get(np.dtype(self.in_details[sig]["dtype"]), "tensor(float)"))
-                for onnx, sig in self.in_names.items()]
+        return [
+            IOArg(
+                onnx,
+                [int(d) for d in self.in_details[sig]["shape"]],
+                _TYPES.get(np.dtype(self.in_details[sig]["dtype"]), "tensor(float)"),
+            )
+            for onnx, sig in self.in_names.items()
+        ]
 
     def get_outputs(self) -> list[IOArg]:
-        return [IOArg(onnx, [int(d) for d in self.out_details[sig]["shape"]], _TYPES.get(np.dtype(self.out_details[sig]["dtype"]), "tensor(float)"))
-                for onnx, sig in self.out_names.items()]
+        return [
+            IOArg(
+                onnx,
+                [int(d) for d in self.out_details[sig]["shape"]],
+                _TYPES.get(np.dtype(self.out_details[sig]["dtype"]), "tensor(float)"),
+            )
+            for onnx, sig in self.out_names.items()
+        ]
 
     def get_providers(self) -> list[str]:
         return [RUNTIME]
@@ -80,16 +103,26 @@ class LiteRTSession:
         quant = self._quant(detail)
         if quant is not None and np.issubdtype(value.dtype, np.floating):
             info = np.iinfo(quant["dtype"])
-            value = np.clip(np.round(value.astype(np.float64) / quant["scale"]) + quant["zero_point"], info.min, info.max)
+            value = np.clip(
+                np.round(value.astype(np.float64) / quant["scale"]) + quant["zero_point"], info.min, info.max
+            )
         return np.ascontiguousarray(value.astype(detail["dtype"]))
 
     def _restore(self, name: str, value: np.ndarray) -> np.ndarray:
         quant = self._quant(self.out_details[self.out_names[name]])
         if quant is not None:
-            value = ((value.astype(np.float32) - np.float32(quant["zero_point"])) * np.float32(quant["scale"])).astype(np.float32)
-        return np.ascontiguousarray(value.transpose(0, 3, 1, 2)) if self.layouts.get(name) == "NHWC" and value.ndim == 4 else value
+            value = ((value.astype(np.float32) - np.float32(quant["zero_point"])) * np.float32(quant["scale"])).astype(
+                np.float32
+            )
+        return (
+            np.ascontiguousarray(value.transpose(0, 3, 1, 2))
+            if self.layouts.get(name) == "NHWC" and value.ndim == 4
+            else value
+        )
 
-    def run(self, output_names: list[str] | None, feed: dict[str, np.ndarray], run_options: Any = None) -> list[np.ndarray]:
+    def run(
+        self, output_names: list[str] | None, feed: dict[str, np.ndarray], run_options: Any = None
+    ) -> list[np.ndarray]:
         result = self.runner(**{self.in_names[name]: self._adapt(name, value) for name, value in feed.items()})
         names = output_names or list(self.out_names)
         return [self._restore(name, np.asarray(result[self.out_names[name]])) for name in names]

@@ -1,4 +1,5 @@
 """One line per device file and check, for the report's Markdown/HTML and the compile command."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -7,11 +8,15 @@ from typing import Any
 def _ort_lines(section: dict[str, Any]) -> list[str]:
     if not section.get("produced"):
         return [f"ORT format: not produced ({section.get('reason')})"]
-    lines = [f"ORT format: {', '.join(section['files'])} for {section['runtime']}; reduced-build operator config {section['ops_config']}"]
+    lines = [
+        f"ORT format: {', '.join(section['files'])} for {section['runtime']}; reduced-build operator config {section['ops_config']}"
+    ]
     for ep, entry in (section.get("usability") or {}).get("eps", {}).items():
         cpu = ", ".join(f"{op}×{n}" for op, n in entry["cpu_ops"].items()) or "none"
-        lines.append(f"{ep} (ORT usability check): {entry['partitions']} partition(s) cover {entry['supported_nodes']}/"
-                     f"{entry['nodes']} nodes ({entry['suitability']}); on the CPU: {cpu}")
+        lines.append(
+            f"{ep} (ORT usability check): {entry['partitions']} partition(s) cover {entry['supported_nodes']}/"
+            f"{entry['nodes']} nodes ({entry['suitability']}); on the CPU: {cpu}"
+        )
     return lines
 
 
@@ -19,13 +24,19 @@ def _tflite_lines(section: dict[str, Any]) -> list[str]:
     if not section.get("produced"):
         return [f"TFLite: not produced ({section.get('reason')})"]
     acc = section.get("accuracy") or {}
-    score = f"; {acc['metric']} {acc['value']:.2f}% in LiteRT (drop {acc['drop_pct']:.2f})" if acc.get("measured") else ""
-    lines = [f"TFLite: {section['path']} ({section['size_bytes']:,} bytes, {'int8' if section['integer_io'] else 'float'} I/O){score}"]
+    score = (
+        f"; {acc['metric']} {acc['value']:.2f}% in LiteRT (drop {acc['drop_pct']:.2f})" if acc.get("measured") else ""
+    )
+    lines = [
+        f"TFLite: {section['path']} ({section['size_bytes']:,} bytes, {'int8' if section['integer_io'] else 'float'} I/O){score}"
+    ]
     tpu = section.get("edgetpu")
     if tpu:
         cpu = ", ".join(f"#{c['index']} {c['op']}" for c in tpu["cpu_ops"][:12]) or "none"
         more = f" (+{len(tpu['cpu_ops']) - 12} more)" if len(tpu["cpu_ops"]) > 12 else ""
-        lines.append(f"Edge TPU check: {tpu['edgetpu_ops']}/{tpu['ops']} ops map to the Edge TPU; on the CPU: {cpu}{more}")
+        lines.append(
+            f"Edge TPU check: {tpu['edgetpu_ops']}/{tpu['ops']} ops map to the Edge TPU; on the CPU: {cpu}{more}"
+        )
     return lines
 
 

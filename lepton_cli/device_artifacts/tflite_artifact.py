@@ -7,6 +7,7 @@ warning, not a failure. When it is produced, the ``.tflite`` is scored in LiteRT
 ``--eval`` (else ``--calib``) data as the ONNX model and its drop goes through the same accuracy
 gate (exit 3), and its outputs are compared with the ONNX model's.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -43,7 +44,7 @@ def _missing_packages() -> list[str]:
 
 
 def _layouts(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key[len(LAYOUT_KEY):]: p.value for p in model.metadata_props if p.key.startswith(LAYOUT_KEY)}
+    return {p.key[len(LAYOUT_KEY) :]: p.value for p in model.metadata_props if p.key.startswith(LAYOUT_KEY)}
 
 
 def _not_produced(section: dict[str, Any], reason: str, warn: Callable[[str], None], out: Any) -> None:
@@ -59,11 +60,18 @@ def _accuracy(source: onnx.ModelProto, session: LiteRTSession, ctx: Any) -> dict
     from ..pipeline import SCORE_SAMPLE_LIMIT
 
     metric = ctx.eval_metric if samples.labels is not None else label_free(ctx.eval_metric)
-    evaluator = _LiteRTEvaluator(source, samples, samples.labels, limit=SCORE_SAMPLE_LIMIT, metric=metric,
-                                 opt_level=ctx.scoring_opt_level)
+    evaluator = _LiteRTEvaluator(
+        source, samples, samples.labels, limit=SCORE_SAMPLE_LIMIT, metric=metric, opt_level=ctx.scoring_opt_level
+    )
     score = evaluator.score(session)
-    return {"measured": True, "data": name, "budget_pct": ctx.accuracy_budget, "arithmetic": f"{TFLITE_PATH} in {RUNTIME}",
-            "model": TFLITE_PATH, **score.to_dict()}
+    return {
+        "measured": True,
+        "data": name,
+        "budget_pct": ctx.accuracy_budget,
+        "arithmetic": f"{TFLITE_PATH} in {RUNTIME}",
+        "model": TFLITE_PATH,
+        **score.to_dict(),
+    }
 
 
 def _compare(compiled: onnx.ModelProto, session: LiteRTSession, ctx: Any) -> dict[str, Any] | None:
@@ -78,38 +86,66 @@ def _compare(compiled: onnx.ModelProto, session: LiteRTSession, ctx: Any) -> dic
     worst = 0.0
     count = 0
     for feed in samples.feeds(COMPARE_SAMPLES):
-        reference = [restore_output(compiled, n, np.asarray(v)) for n, v in zip(names, onnx_session.run(None, adapt_feed(compiled, feed)))]
+        reference = [
+            restore_output(compiled, n, np.asarray(v))
+            for n, v in zip(names, onnx_session.run(None, adapt_feed(compiled, feed)))
+        ]
         got = session.run(names, feed)
-        worst = max(worst, max(float(np.max(np.abs(r.astype(np.float64) - g.astype(np.float64)))) for r, g in zip(reference, got)))
+        worst = max(
+            worst,
+            max(float(np.max(np.abs(r.astype(np.float64) - g.astype(np.float64)))) for r, g in zip(reference, got)),
+        )
         count += 1
     return {"samples": count, "max_abs_diff_vs_onnx": round(worst, 6)}
 
 
-def build(compiled: onnx.ModelProto, source: onnx.ModelProto | None, ctx: Any, target: Target, out: Any,
-          warn: Callable[[str], None]) -> None:
+def build(
+    compiled: onnx.ModelProto,
+    source: onnx.ModelProto | None,
+    ctx: Any,
+    target: Target,
+    out: Any,
+    warn: Callable[[str], None],
+) -> None:
     """Fill ``out`` (DeviceArtifacts) with ``model.tflite`` and its report section, or say why it is absent."""
-    section: dict[str, Any] = {"runtime": RUNTIME, "path": TFLITE_PATH,
-                               "converter": "Lepton Q/DQ -> FakeQuant export + tf.lite.TFLiteConverter (ranges kept, no re-calibration)"}
+    section: dict[str, Any] = {
+        "runtime": RUNTIME,
+        "path": TFLITE_PATH,
+        "converter": "Lepton Q/DQ -> FakeQuant export + tf.lite.TFLiteConverter (ranges kept, no re-calibration)",
+    }
     missing = _missing_packages()
     if missing:
         return _not_produced(section, f"{', '.join(missing)} not installed; {INSTALL_HINT}", warn, out)
     unmapped = tflite_export.unsupported_ops(compiled)
     if unmapped:
         return _not_produced(section, f"the exporter has no TFLite mapping for {', '.join(unmapped)}", warn, out)
-    integer_io = any(i.type.tensor_type.elem_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) for i in compiled.graph.input)
+    integer_io = any(
+        i.type.tensor_type.elem_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) for i in compiled.graph.input
+    )
     try:
         exported = tflite_export.convert(compiled, integer_io)
     except tflite_export.UnsupportedOp as exc:
         return _not_produced(section, f"the exporter cannot map it: {exc}", warn, out)
-    except tflite_export.ConverterFailed as exc:  # TensorFlow's converter refused the graph: the ONNX bundle still stands
+    except (
+        tflite_export.ConverterFailed
+    ) as exc:  # TensorFlow's converter refused the graph: the ONNX bundle still stands
         return _not_produced(section, f"TFLiteConverter failed: {exc}", warn, out)
     except ImportError as exc:  # installed but broken (e.g. a numpy TensorFlow was not built for)
         return _not_produced(section, f"TensorFlow does not import ({exc}); {INSTALL_HINT}", warn, out)
     names = {"inputs": exported.inputs, "outputs": exported.outputs}
     layouts = _layouts(compiled)
     session = LiteRTSession(exported.data, names, layouts)
-    section.update({"produced": True, "size_bytes": len(exported.data), "integer_io": integer_io,
-                    "io": {"inputs": [vars(a) for a in session.get_inputs()], "outputs": [vars(a) for a in session.get_outputs()]}})
+    section.update(
+        {
+            "produced": True,
+            "size_bytes": len(exported.data),
+            "integer_io": integer_io,
+            "io": {
+                "inputs": [vars(a) for a in session.get_inputs()],
+                "outputs": [vars(a) for a in session.get_outputs()],
+            },
+        }
+    )
     if "edgetpu" in target.runtime.device_checks:
         section["edgetpu"] = edgetpu.check(session.interpreter)
         if section["edgetpu"]["cpu_ops"]:
@@ -120,6 +156,14 @@ def build(compiled: onnx.ModelProto, source: onnx.ModelProto | None, ctx: Any, t
         if section["accuracy"].get("measured"):
             out.accuracy.append(section["accuracy"])
     out.models[TFLITE_PATH] = exported.data
-    out.manifest.append({"format": "tflite", "path": TFLITE_PATH, "from": "model.onnx", "runtime": RUNTIME,
-                         "io_names": names, "io_layout": layouts})
+    out.manifest.append(
+        {
+            "format": "tflite",
+            "path": TFLITE_PATH,
+            "from": "model.onnx",
+            "runtime": RUNTIME,
+            "io_names": names,
+            "io_layout": layouts,
+        }
+    )
     out.report["tflite"] = section

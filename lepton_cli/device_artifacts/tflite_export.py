@@ -9,6 +9,7 @@ says why this route and not onnx2tf). Tensors are NHWC inside: a 4-D tensor the 
 as NCHW is kept channel-last and only transposed back where its memory order matters (Reshape,
 Flatten, a graph output). Ops outside the supported set raise ``UnsupportedOp``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,10 +77,27 @@ def signature_name(name: str) -> str:
     clean = re.sub(r"[^A-Za-z0-9_]", "_", name)
     return clean if clean and clean[0].isalpha() else f"t_{clean}"
 
+
 # ops whose TFLite int8 kernels take and give one scale
-SAME_SCALE_OPS = {"Concat", "Resize", "MaxPool", "Gather", "SpaceToDepth", "Slice", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"}
+SAME_SCALE_OPS = {
+    "Concat",
+    "Resize",
+    "MaxPool",
+    "Gather",
+    "SpaceToDepth",
+    "Slice",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+}
 # Resize (coordinate_transformation_mode, nearest_mode) pairs that copy pixel i // factor at whole upsampling factors
-REPEATING_NEAREST = {("asymmetric", "floor"), ("half_pixel", "round_prefer_floor"), ("pytorch_half_pixel", "round_prefer_floor")}
+REPEATING_NEAREST = {
+    ("asymmetric", "floor"),
+    ("half_pixel", "round_prefer_floor"),
+    ("pytorch_half_pixel", "round_prefer_floor"),
+}
 
 
 class _Builder:
@@ -138,7 +156,12 @@ class _Builder:
     def _fake_quant(self, name: str) -> _Value:
         low, high = self.quant[name]
         v = self.values[name]
-        return _Value(self.tf.quantization.fake_quant_with_min_max_vars(v.tensor, min=low, max=high, num_bits=8, narrow_range=False), v.nhwc)
+        return _Value(
+            self.tf.quantization.fake_quant_with_min_max_vars(
+                v.tensor, min=low, max=high, num_bits=8, narrow_range=False
+            ),
+            v.nhwc,
+        )
 
     def dequantize_linear(self, node: onnx.NodeProto) -> None:
         source = node.input[0]
@@ -156,9 +179,13 @@ class _Builder:
         scale = self.const(node.input[1]).astype(np.float64)
         zero = self.const(node.input[2]).astype(np.float64) if len(node.input) > 2 and node.input[2] else np.zeros(())
         axis = _attrs(node).get("axis", 1) % max(raw.ndim, 1)
-        value = ((raw.astype(np.float64) - _along(zero, axis, raw.ndim)) * _along(scale, axis, raw.ndim)).astype(np.float32)
+        value = ((raw.astype(np.float64) - _along(zero, axis, raw.ndim)) * _along(scale, axis, raw.ndim)).astype(
+            np.float32
+        )
         is_weight = raw.dtype == np.int8 and not np.any(zero)
-        self.values[node.output[0]] = _Value(value, weight_scale=scale.reshape(-1) if is_weight else None, weight_axis=axis)
+        self.values[node.output[0]] = _Value(
+            value, weight_scale=scale.reshape(-1) if is_weight else None, weight_axis=axis
+        )
 
     def weight(self, v: _Value, layout: Callable[[np.ndarray], np.ndarray]) -> Any:
         """A constant weight in TF layout (output channels last), FakeQuant'd per channel with its own int8 scales."""
@@ -169,7 +196,8 @@ class _Builder:
             return w  # a float-kept layer: the converter leaves it float (named as a CPU op)
         scales = np.broadcast_to(v.weight_scale, (w.shape[-1],)).astype(np.float32)
         return self.tf.quantization.fake_quant_with_min_max_vars_per_channel(
-            w, min=-127.0 * scales, max=127.0 * scales, num_bits=8, narrow_range=True)
+            w, min=-127.0 * scales, max=127.0 * scales, num_bits=8, narrow_range=True
+        )
 
     # -- ops ------------------------------------------------------------------------------------
     def conv(self, node: onnx.NodeProto) -> None:
@@ -198,7 +226,9 @@ class _Builder:
             y = tf.nn.bias_add(y, self.const(node.input[2]))
         self.values[node.output[0]] = _Value(y, nhwc=True)
 
-    def _padding(self, node: onnx.NodeProto, spatial: Any, kernel: tuple[int, int], strides: list[int], dilations: list[int]) -> Any:
+    def _padding(
+        self, node: onnx.NodeProto, spatial: Any, kernel: tuple[int, int], strides: list[int], dilations: list[int]
+    ) -> Any:
         a = _attrs(node)
         auto = a.get("auto_pad", b"NOTSET")
         auto = auto.decode() if isinstance(auto, bytes) else auto
@@ -232,7 +262,9 @@ class _Builder:
         if a.get("ceil_mode", 0) or a.get("dilations", [1, 1]) != [1, 1]:
             raise UnsupportedOp(f"{node.name}: ceil_mode or dilated pooling")
         padding = self._padding(node, x.shape[1:3], tuple(kernel), strides, [1, 1])
-        if isinstance(padding, list) or (padding == "SAME" and node.op_type == "AveragePool" and a.get("count_include_pad", 0)):
+        if isinstance(padding, list) or (
+            padding == "SAME" and node.op_type == "AveragePool" and a.get("count_include_pad", 0)
+        ):
             raise UnsupportedOp(f"{node.name}: pooling padding TFLite cannot express")
         op = tf.nn.max_pool2d if node.op_type == "MaxPool" else tf.nn.avg_pool2d
         self.values[node.output[0]] = _Value(op(x, kernel, [1, *strides, 1], padding), nhwc=True)
@@ -294,7 +326,11 @@ class _Builder:
         elif node.op_type == "Clip":
             low = float(self.const(node.input[1])) if len(node.input) > 1 and node.input[1] else None
             high = float(self.const(node.input[2])) if len(node.input) > 2 and node.input[2] else None
-            y = tf.nn.relu6(x) if (low, high) == (0.0, 6.0) else tf.clip_by_value(x, -3.4e38 if low is None else low, 3.4e38 if high is None else high)
+            y = (
+                tf.nn.relu6(x)
+                if (low, high) == (0.0, 6.0)
+                else tf.clip_by_value(x, -3.4e38 if low is None else low, 3.4e38 if high is None else high)
+            )
         elif node.op_type == "LeakyRelu":
             y = tf.nn.leaky_relu(x, alpha=a.get("alpha", 0.01))
         elif node.op_type == "Sigmoid":
@@ -376,8 +412,12 @@ class _Builder:
         dims = [int(d) for d in x.shape]
         channels = dims[-1] if dims else 1
         ones = self.tf.quantization.fake_quant_with_min_max_vars_per_channel(
-            np.ones((1, 1, 1, channels), np.float32), min=-np.ones(channels, np.float32), max=np.ones(channels, np.float32),
-            num_bits=8, narrow_range=True)
+            np.ones((1, 1, 1, channels), np.float32),
+            min=-np.ones(channels, np.float32),
+            max=np.ones(channels, np.float32),
+            num_bits=8,
+            narrow_range=True,
+        )
         filt = self.tf.reshape(ones, [1, 1, channels, 1])
         image = x if len(dims) == 4 else self.tf.reshape(x, [1, 1, int(np.prod(dims)) // channels, channels])
         y = self.tf.nn.depthwise_conv2d(image, filt, strides=[1, 1, 1, 1], padding="VALID")
@@ -417,7 +457,9 @@ class _Builder:
         rank = len(v.tensor.shape)
         axis = _attrs(node).get("axis", 0) % rank
         indices = np.where(indices < 0, indices + int(v.tensor.shape[axis]), indices)
-        if v.nhwc and axis == 1 and indices.ndim == 1:  # a channel selection (padded channels restored): stays channel-last
+        if (
+            v.nhwc and axis == 1 and indices.ndim == 1
+        ):  # a channel selection (padded channels restored): stays channel-last
             self.values[node.output[0]] = _Value(self.tf.gather(v.tensor, indices, axis=3), nhwc=True)
         else:
             self.values[node.output[0]] = _Value(self.tf.gather(self.nchw(v), indices, axis=axis))
@@ -440,11 +482,21 @@ class _Builder:
             out_h, out_w = int(height * scales[2]), int(width * scales[3])
         else:
             raise UnsupportedOp(f"{node.name}: Resize other than of height and width")
-        modes = (mode.get("coordinate_transformation_mode", "half_pixel"), mode.get("nearest_mode", "round_prefer_floor"))
-        if mode.get("mode", "nearest") != "nearest" or out_h % height or out_w % width or modes not in REPEATING_NEAREST:
+        modes = (
+            mode.get("coordinate_transformation_mode", "half_pixel"),
+            mode.get("nearest_mode", "round_prefer_floor"),
+        )
+        if (
+            mode.get("mode", "nearest") != "nearest"
+            or out_h % height
+            or out_w % width
+            or modes not in REPEATING_NEAREST
+        ):
             raise UnsupportedOp(f"{node.name}: Resize other than nearest-neighbour by whole factors ({mode})")
         # these modes repeat each pixel factor times at whole factors, as TFLite's RESIZE_NEAREST_NEIGHBOR does
-        y = self.tf.compat.v1.image.resize_nearest_neighbor(x, [out_h, out_w], align_corners=False, half_pixel_centers=False)
+        y = self.tf.compat.v1.image.resize_nearest_neighbor(
+            x, [out_h, out_w], align_corners=False, half_pixel_centers=False
+        )
         self.values[node.output[0]] = _Value(y, nhwc=True)
 
     def squeeze(self, node: onnx.NodeProto) -> None:
@@ -475,14 +527,40 @@ class _Builder:
 
 
 HANDLERS: dict[str, str] = {
-    "Slice": "slice", "Squeeze": "squeeze", "Unsqueeze": "squeeze", "LayerNormalization": "layer_norm",
-    "QuantizeLinear": "quantize_linear", "DequantizeLinear": "dequantize_linear", "Conv": "conv",
-    "MaxPool": "pool", "AveragePool": "pool", "GlobalAveragePool": "pool", "GlobalMaxPool": "pool",
-    "Gemm": "gemm", "MatMul": "gemm", "Add": "elementwise", "Sub": "elementwise", "Mul": "elementwise", "Div": "elementwise",
-    "Relu": "unary", "Clip": "unary", "LeakyRelu": "unary", "Sigmoid": "unary", "Tanh": "unary", "HardSigmoid": "unary",
-    "HardSwish": "unary", "Identity": "unary", "Softmax": "softmax", "Flatten": "reshape", "Reshape": "reshape",
-    "Transpose": "transpose", "Concat": "concat", "Resize": "resize",
-    "Gather": "gather", "SpaceToDepth": "space_to_depth"}
+    "Slice": "slice",
+    "Squeeze": "squeeze",
+    "Unsqueeze": "squeeze",
+    "LayerNormalization": "layer_norm",
+    "QuantizeLinear": "quantize_linear",
+    "DequantizeLinear": "dequantize_linear",
+    "Conv": "conv",
+    "MaxPool": "pool",
+    "AveragePool": "pool",
+    "GlobalAveragePool": "pool",
+    "GlobalMaxPool": "pool",
+    "Gemm": "gemm",
+    "MatMul": "gemm",
+    "Add": "elementwise",
+    "Sub": "elementwise",
+    "Mul": "elementwise",
+    "Div": "elementwise",
+    "Relu": "unary",
+    "Clip": "unary",
+    "LeakyRelu": "unary",
+    "Sigmoid": "unary",
+    "Tanh": "unary",
+    "HardSigmoid": "unary",
+    "HardSwish": "unary",
+    "Identity": "unary",
+    "Softmax": "softmax",
+    "Flatten": "reshape",
+    "Reshape": "reshape",
+    "Transpose": "transpose",
+    "Concat": "concat",
+    "Resize": "resize",
+    "Gather": "gather",
+    "SpaceToDepth": "space_to_depth",
+}
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:
@@ -535,5 +613,7 @@ def _convert(tf: Any, model: onnx.ModelProto, integer_io: bool, quantize: bool) 
         data = converter.convert()
     except Exception as exc:  # ConverterError and friends: the message's last line names the op
         lines = [line.strip() for line in str(exc).splitlines() if "error:" in line]
-        raise ConverterFailed((lines[-1].split("error:", 1)[1].strip() if lines else str(exc).splitlines()[0])[:300]) from None
+        raise ConverterFailed(
+            (lines[-1].split("error:", 1)[1].strip() if lines else str(exc).splitlines()[0])[:300]
+        ) from None
     return TfliteModel(bytes(data), in_names, out_names)

@@ -12,6 +12,7 @@ keep round-to-nearest, so a layer's reconstruction error never rises.
 The chosen values are written back as float weights already on ORT's grid (same per-channel
 scale, the channel's largest weight pinned), so ORT's quantizer stores exactly this rounding.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,15 +59,17 @@ def _single_thread_blas() -> contextlib.AbstractContextManager[Any]:
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def optimise_rounding(rows: np.ndarray, grid: Grid, stats: LayerStats, settings: AdaRoundSettings,
-                      deadline: float | None = None) -> np.ndarray:
+def optimise_rounding(
+    rows: np.ndarray, grid: Grid, stats: LayerStats, settings: AdaRoundSettings, deadline: float | None = None
+) -> np.ndarray:
     """Weights on ``grid`` (float values, [out, in]) with the rounding that lowers the layer's output error."""
     with _single_thread_blas():
         return _optimise(rows, grid, stats, settings, deadline)
 
 
-def _optimise(rows: np.ndarray, grid: Grid, stats: LayerStats, settings: AdaRoundSettings,
-              deadline: float | None) -> np.ndarray:
+def _optimise(
+    rows: np.ndarray, grid: Grid, stats: LayerStats, settings: AdaRoundSettings, deadline: float | None
+) -> np.ndarray:
     rows = rows.astype(np.float64)
     scale = grid.scale[:, None]
     floor = np.floor(rows / scale)
@@ -95,7 +98,7 @@ def _optimise(rows: np.ndarray, grid: Grid, stats: LayerStats, settings: AdaRoun
         inside = (h > 0) & (h < 1)
         grad_v = grad_h * sig * (1 - sig) * (ZETA - GAMMA) * inside
         m = 0.9 * m + 0.1 * grad_v
-        s2 = 0.999 * s2 + 0.001 * grad_v ** 2
+        s2 = 0.999 * s2 + 0.001 * grad_v**2
         v -= settings.learning_rate * (m / (1 - 0.9 ** (step + 1))) / (np.sqrt(s2 / (1 - 0.999 ** (step + 1))) + 1e-8)
     chosen = np.clip(floor + (_soft(v) >= 0.5), grid.qmin, grid.qmax) * scale
     nearest = grid.quantize(rows)

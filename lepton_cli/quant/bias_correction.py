@@ -5,6 +5,7 @@ mean_patch``, per output channel, measured on the calibration data (ReLU-gated i
 non-zero mean, so rounding errors that cancel on average over weights do not over activations).
 Subtracting it from the bias removes that systematic error; the noise around it remains.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +22,9 @@ def output_shift(rows: np.ndarray, quantized_rows: np.ndarray, stats: LayerStats
     return np.einsum("goi,gi->go", delta, stats.mean).reshape(-1)
 
 
-def correct(model: onnx.ModelProto, layer: WeightLayer, reference_rows: np.ndarray, grid: Grid,
-            stats: LayerStats) -> float | None:
+def correct(
+    model: onnx.ModelProto, layer: WeightLayer, reference_rows: np.ndarray, grid: Grid, stats: LayerStats
+) -> float | None:
     """Fold the mean output error of the weights ORT will store into the layer's bias (added when
     missing); returns the largest shift relative to the channel's output scale, None when skipped."""
     weight = load(model, layer.weight)
@@ -39,6 +41,8 @@ def correct(model: onnx.ModelProto, layer: WeightLayer, reference_rows: np.ndarr
         layer.bias = name
     bias = load(model, layer.bias).astype(np.float64)
     store(model, layer.bias, bias - shift)
-    scale = np.sqrt(np.maximum(np.einsum("oi,oi->o", reference_rows, reference_rows), 1e-30)
-                    * max(float(np.mean(np.diagonal(stats.gram, axis1=1, axis2=2))), 1e-30))
+    scale = np.sqrt(
+        np.maximum(np.einsum("oi,oi->o", reference_rows, reference_rows), 1e-30)
+        * max(float(np.mean(np.diagonal(stats.gram, axis1=1, axis2=2))), 1e-30)
+    )
     return float(np.max(np.abs(shift) / scale))

@@ -17,6 +17,7 @@ calibrators we use as they are; what it lacks we add here:
 - feeds adapted to the model's I/O layout metadata (NHWC after ``layout_transform``);
 - its histogram code prints to stdout, which must stay clean for ``--json``: redirected to stderr.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,9 +38,12 @@ from lepton_cli.data import SampleSet
 from lepton_cli.pipeline import adapt_feed
 from lepton_cli.quant.mse_ranges import mse_tensors_data
 
-METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-           "entropy": CalibrationMethod.Entropy,
-           "mse": CalibrationMethod.Percentile}  # ORT's signed-value histograms; the range is ours (mse_ranges.py)
+METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "percentile": CalibrationMethod.Percentile,
+    "entropy": CalibrationMethod.Entropy,
+    "mse": CalibrationMethod.Percentile,
+}  # ORT's signed-value histograms; the range is ours (mse_ranges.py)
 
 
 @dataclass(frozen=True)
@@ -98,8 +102,9 @@ def _lean_session(calibrator: Any) -> None:
     options.enable_cpu_mem_arena = False
     options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     options.log_severity_level = 3
-    calibrator.infer_session = ort.InferenceSession(str(calibrator.augmented_model_path), sess_options=options,
-                                                    providers=["CPUExecutionProvider"])
+    calibrator.infer_session = ort.InferenceSession(
+        str(calibrator.augmented_model_path), sess_options=options, providers=["CPUExecutionProvider"]
+    )
 
 
 def _chunk_size(calibrator: Any, model: onnx.ModelProto, samples: SampleSet, settings: CalibrationSettings) -> int:
@@ -161,8 +166,13 @@ def _bound_histograms(calibrator: Any, settings: CalibrationSettings) -> None:
     collector._lepton_bounded = True
 
 
-def calibrate(model: onnx.ModelProto, samples: SampleSet, settings: CalibrationSettings,
-              progress: Callable[[int, int], None] | None = None, op_types: list[str] | None = None) -> TensorsData:
+def calibrate(
+    model: onnx.ModelProto,
+    samples: SampleSet,
+    settings: CalibrationSettings,
+    progress: Callable[[int, int], None] | None = None,
+    op_types: list[str] | None = None,
+) -> TensorsData:
     """Activation ranges of the inputs/outputs of ``op_types`` nodes (all: every node), chunk by chunk."""
     method = METHODS[settings.method]
     extra: dict[str, object] = {}
@@ -178,8 +188,13 @@ def calibrate(model: onnx.ModelProto, samples: SampleSet, settings: CalibrationS
     with tempfile.TemporaryDirectory(prefix="lepton-calib-") as tmp, quiet_ort():
         path = Path(tmp) / "model.onnx"
         onnx.save_model(model, path, save_as_external_data=model.ByteSize() > 1_800_000_000)
-        calibrator = create_calibrator(path, list(op_types or []), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                       calibrate_method=method, extra_options=extra)
+        calibrator = create_calibrator(
+            path,
+            list(op_types or []),
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=method,
+            extra_options=extra,
+        )
         _lean_session(calibrator)
         chunk = _chunk_size(calibrator, model, samples, settings)
         for start in range(0, total, chunk):

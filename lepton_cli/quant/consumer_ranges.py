@@ -12,6 +12,7 @@ ONNX Runtime's quantizer already does this for Relu and Clip (it folds them into
 it has no such rule for HardSigmoid (checked: onnxruntime.quantization qdq_quantizer 1.2x), so it is
 written here, applied to the calibration result before quantize_static reads it.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -9,6 +9,7 @@ channels' ranges differ by orders of magnitude (depthwise convs after BatchNorm 
 Hard-swish and ReLU6 (Clip with an upper bound) are not homogeneous: pairs across them are skipped.
 Depthwise convs take part on either side (a depthwise conv2 reads input channel ``c`` in its own rows).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -106,5 +107,7 @@ def equalize(model: onnx.ModelProto, *, sweeps: int = 8, limit: float = 1e4) -> 
 
 
 def describe(pairs: list[Pair]) -> list[str]:
-    return [f"{p.first.name} -> {p.activation.op_type + ' -> ' if p.activation is not None else ''}{p.second.name}"
-            for p in pairs]
+    return [
+        f"{p.first.name} -> {p.activation.op_type + ' -> ' if p.activation is not None else ''}{p.second.name}"
+        for p in pairs
+    ]

@@ -12,6 +12,7 @@ Three steps, each needed on real graphs:
 Libraries checked: onnxconverter-common and ORT's float16 converter take a block list but measure
 nothing; neither removes the round-trip casts.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,13 +51,19 @@ def _all_float_outputs(model: onnx.ModelProto, elem_types: tuple[int, ...]) -> t
     inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False)
     typed = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.output]}
     have = {o.name for o in probe.graph.output}
-    names = [out for node in probe.graph.node for out in node.output if out and out not in have and typed.get(out) in elem_types]
+    names = [
+        out
+        for node in probe.graph.node
+        for out in node.output
+        if out and out not in have and typed.get(out) in elem_types
+    ]
     probe.graph.output.extend(helper.make_tensor_value_info(n, typed[n], None) for n in names)
     return probe, [o.name for o in probe.graph.output]
 
 
-def tensor_peaks(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-                 elem_types: tuple[int, ...] = (FLOAT,)) -> dict[str, float]:
+def tensor_peaks(
+    model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], elem_types: tuple[int, ...] = (FLOAT,)
+) -> dict[str, float]:
     """Largest |value| of every float tensor over ``feeds`` (inf when non-finite)."""
     from lepton_cli.ort import make_session
 
@@ -77,7 +84,11 @@ def overflow_nodes(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -
     (a consumer of a large tensor would cast it to fp16 at its input, so it stays fp32 too)."""
     peak = tensor_peaks(model, feeds)
     limit = FP16_MAX * FP16_HEADROOM
-    return [node.name for node in model.graph.node if any(peak.get(name, 0.0) > limit for name in [*node.output, *node.input])]
+    return [
+        node.name
+        for node in model.graph.node
+        if any(peak.get(name, 0.0) > limit for name in [*node.output, *node.input])
+    ]
 
 
 def collapse_round_trip_casts(model: onnx.ModelProto) -> int:
@@ -113,8 +124,9 @@ def collapse_round_trip_casts(model: onnx.ModelProto) -> int:
     return len(rename)
 
 
-def _nonfinite_fp16_nodes(converted: onnx.ModelProto, reference: dict[str, float],
-                          feeds: list[dict[str, np.ndarray]]) -> list[str]:
+def _nonfinite_fp16_nodes(
+    converted: onnx.ModelProto, reference: dict[str, float], feeds: list[dict[str, np.ndarray]]
+) -> list[str]:
     """Nodes of ``converted`` producing a non-finite fp16 (or fp32) value where the fp32 model's tensor
     of the same name is finite; the earliest in graph order first."""
     peaks = tensor_peaks(converted, feeds, (FLOAT, FLOAT16))
@@ -127,13 +139,17 @@ def _nonfinite_fp16_nodes(converted: onnx.ModelProto, reference: dict[str, float
     return bad
 
 
-def plan_fp16(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-              convert: Callable[[list[str]], onnx.ModelProto]) -> tuple[Fp16Plan, onnx.ModelProto]:
+def plan_fp16(
+    model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], convert: Callable[[list[str]], onnx.ModelProto]
+) -> tuple[Fp16Plan, onnx.ModelProto]:
     """The fp32-kept set for ``model`` on ``feeds`` and the verified converted model (see the module doc)."""
     reference = tensor_peaks(model, feeds)
     limit = FP16_MAX * FP16_HEADROOM
-    overflow = [node.name for node in model.graph.node
-                if any(reference.get(name, 0.0) > limit for name in [*node.output, *node.input])]
+    overflow = [
+        node.name
+        for node in model.graph.node
+        if any(reference.get(name, 0.0) > limit for name in [*node.output, *node.input])
+    ]
     plan = Fp16Plan(overflow)
     names = {n.name for n in model.graph.node}
     while True:
@@ -149,7 +165,9 @@ def plan_fp16(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
         plan.nonfinite += bad[:8]  # the first overflow poisons everything after it: fix the earliest first
 
 
-def _has_nonfinite_output(converted: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], reference: dict[str, float]) -> bool:
+def _has_nonfinite_output(
+    converted: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], reference: dict[str, float]
+) -> bool:
     from lepton_cli.ort import make_session
 
     session = make_session(converted)
@@ -157,6 +175,10 @@ def _has_nonfinite_output(converted: onnx.ModelProto, feeds: list[dict[str, np.n
     for feed in feeds:
         for name, value in zip(names, session.run(None, feed)):
             value = np.asarray(value)
-            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all() and not math.isinf(reference.get(name, 0.0)):
+            if (
+                np.issubdtype(value.dtype, np.floating)
+                and not np.isfinite(value).all()
+                and not math.isinf(reference.get(name, 0.0))
+            ):
                 return True
     return False

@@ -10,6 +10,7 @@ their input's quantization), two kinds of last block lose what the application r
   its output in 8 bits has 1/255 resolution, below which most probabilities vanish.
 Users of other tools name these nodes by hand (ignored scopes); here they come from the graph.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from lepton_cli.pipeline import adapt_feed
 from lepton_cli.ort import make_session
+from lepton_cli.pipeline import adapt_feed
 from lepton_cli.quant.tuning import _with_outputs
 
 MOVEMENT = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Identity")
@@ -93,8 +94,13 @@ def find_heads(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], ratio
         if last is None:
             continue
         if last.op_type in DECODING:
-            heads.append(Head(output.name, [n.name for n in chain] + [last.name],
-                              f"{last.op_type} feeds the output: 8-bit probabilities keep 1/255 steps"))
+            heads.append(
+                Head(
+                    output.name,
+                    [n.name for n in chain] + [last.name],
+                    f"{last.op_type} feeds the output: 8-bit probabilities keep 1/255 steps",
+                )
+            )
         elif last.op_type == "Concat":
             tree, leaves = _concat_tree(model, last)
             concats.append((output.name, [n.name for n in chain] + [n.name for n in tree], leaves))
@@ -104,8 +110,15 @@ def find_heads(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], ratio
             seen = {t: ranges[t] for t in leaves if t in ranges}
             live = [v for v in seen.values() if v > 0]
             if len(live) >= 2 and max(live) / min(live) >= ratio:
-                heads.append(Head(output, nodes, f"Concat of ranges {min(live):.3g}..{max(live):.3g} "
-                                                 f"({max(live) / min(live):.0f}x apart) feeds the output", seen))
+                heads.append(
+                    Head(
+                        output,
+                        nodes,
+                        f"Concat of ranges {min(live):.3g}..{max(live):.3g} "
+                        f"({max(live) / min(live):.0f}x apart) feeds the output",
+                        seen,
+                    )
+                )
     return heads
 
 

@@ -11,6 +11,7 @@ which a device application reads to quantize its frames: ``q = clip(round(x / sc
 Libraries checked: ORT's quantizer has no integer-I/O option (its QDQ graphs keep float I/O; the
 QOperator format also quantizes inside the graph), onnx has no such rewrite.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,9 @@ def quantize_array(value: np.ndarray, quant: dict[str, Any]) -> np.ndarray:
 
 
 def dequantize_array(value: np.ndarray, quant: dict[str, Any]) -> np.ndarray:
-    return ((value.astype(np.float32) - np.float32(quant["zero_point"])) * np.float32(quant["scale"])).astype(np.float32)
+    return ((value.astype(np.float32) - np.float32(quant["zero_point"])) * np.float32(quant["scale"])).astype(
+        np.float32
+    )
 
 
 def _per_tensor(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[float, int, int] | None:
@@ -86,12 +89,19 @@ def make_integer_io(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, 
         if value.name in inits:
             continue
         tensor, users = value.name, consumers.get(value.name, [])
-        while (len(users) == 1 and users[0].op_type in _MOVES and users[0].input[0] == tensor and tensor not in output_names
-               and users[0].output[0] not in output_names):
+        while (
+            len(users) == 1
+            and users[0].op_type in _MOVES
+            and users[0].input[0] == tensor
+            and tensor not in output_names
+            and users[0].output[0] not in output_names
+        ):
             tensor = users[0].output[0]  # quantize before the move: same values, fewer bytes
             users = consumers.get(tensor, [])
         if len(users) != 1 or users[0].op_type != "QuantizeLinear" or users[0].output[0] in output_names:
-            kept.append(f"input {value.name!r}: not read by exactly one QuantizeLinear (directly or through a Transpose/Reshape)")
+            kept.append(
+                f"input {value.name!r}: not read by exactly one QuantizeLinear (directly or through a Transpose/Reshape)"
+            )
             continue
         q = users[0]
         params = _per_tensor(q, inits)
@@ -107,7 +117,12 @@ def make_integer_io(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, 
 
     for value in graph.output:
         dq = producers.get(value.name)
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] in {i.name for i in graph.input} or dq.input[0] in inits:
+        if (
+            dq is None
+            or dq.op_type != "DequantizeLinear"
+            or dq.input[0] in {i.name for i in graph.input}
+            or dq.input[0] in inits
+        ):
             kept.append(f"output {value.name!r}: not made by a DequantizeLinear of a computed tensor")
             continue
         if consumers.get(value.name) or consumers.get(dq.input[0], []) != [dq]:
@@ -134,6 +149,11 @@ def make_integer_io(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, 
     for init in unused:
         graph.initializer.remove(init)
     del graph.value_info[:]  # stale types of renamed tensors; ORT re-infers
-    onnx.helper.set_model_props(result, {**{p.key: p.value for p in result.metadata_props},
-                                         **{IO_QUANT_KEY + name: json.dumps(q) for name, q in converted.items()}})
+    onnx.helper.set_model_props(
+        result,
+        {
+            **{p.key: p.value for p in result.metadata_props},
+            **{IO_QUANT_KEY + name: json.dumps(q) for name, q in converted.items()},
+        },
+    )
     return result, converted, kept

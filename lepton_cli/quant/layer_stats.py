@@ -5,6 +5,7 @@ over calibration data its mean is ``d · mean`` and its mean square ``d · gram 
 needs ``mean``, rounding optimisation ``gram``: one forward pass of the float model gives both for
 every layer at once, holding one sample's activations at a time.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,9 +14,9 @@ from typing import Iterable
 import numpy as np
 import onnx
 
+from lepton_cli.ort import make_session
 from lepton_cli.pipeline import adapt_feed
 from lepton_cli.quant.tuning import _with_outputs
-from lepton_cli.ort import make_session
 from lepton_cli.quant.weight_layers import WeightLayer, _attr, weight_layers
 
 
@@ -46,8 +47,14 @@ def patches(layer: WeightLayer, x: np.ndarray, weight_shape: tuple[int, ...]) ->
     return cols.reshape(g, (c // g) * kh * kw, n * ho * wo).astype(np.float64)
 
 
-def collect(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]], layers: list[WeightLayer] | None = None,
-            *, max_positions: int = 2048, seed: int = 0) -> dict[str, LayerStats]:
+def collect(
+    model: onnx.ModelProto,
+    feeds: Iterable[dict[str, np.ndarray]],
+    layers: list[WeightLayer] | None = None,
+    *,
+    max_positions: int = 2048,
+    seed: int = 0,
+) -> dict[str, LayerStats]:
     """Per layer name: input statistics of the float ``model`` over ``feeds``.
 
     ``gram`` uses at most ``max_positions`` random patches per sample (PP-OCRv4 rec's first layers
@@ -67,12 +74,18 @@ def collect(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]], laye
         values = dict(zip(names, session.run(None, feed))) | feed
         for layer in layers:
             cols = patches(layer, np.asarray(values[layer.node.input[0]]), tuple(inits[layer.weight].dims))
-            sub = cols if cols.shape[2] <= max_positions else cols[:, :, rng.choice(cols.shape[2], max_positions, replace=False)]
+            sub = (
+                cols
+                if cols.shape[2] <= max_positions
+                else cols[:, :, rng.choice(cols.shape[2], max_positions, replace=False)]
+            )
             acc = sums.setdefault(layer.name, [0.0, 0.0, 0, 0, 0.0])
             acc[0] = acc[0] + cols.sum(axis=2)
             acc[1] = acc[1] + np.matmul(sub, sub.transpose(0, 2, 1))
             acc[2] += cols.shape[2]
             acc[3] += sub.shape[2]
             acc[4] = np.maximum(acc[4], np.abs(cols).max(axis=2))
-    return {name: LayerStats(total / max(count, 1), gram / max(gram_count, 1), count, absmax)
-            for name, (total, gram, count, gram_count, absmax) in sums.items()}
+    return {
+        name: LayerStats(total / max(count, 1), gram / max(gram_count, 1), count, absmax)
+        for name, (total, gram, count, gram_count, absmax) in sums.items()
+    }

@@ -13,6 +13,7 @@ with step = (hi - lo) / (levels - 1). The candidates shrink the observed minimum
 independently by factors in ``SHRINK``; the pair with the smallest error wins. Post-ReLU tensors
 (minimum >= 0) keep lo = 0.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -25,7 +26,9 @@ SHRINK = np.concatenate([np.linspace(1.0, 0.5, 26), np.linspace(0.48, 0.1, 20)])
 LEVELS = 256  # int8
 
 
-def mse_range(hist: np.ndarray, edges: np.ndarray, low: float, high: float, levels: int = LEVELS) -> tuple[float, float]:
+def mse_range(
+    hist: np.ndarray, edges: np.ndarray, low: float, high: float, levels: int = LEVELS
+) -> tuple[float, float]:
     """(lo, hi) minimising the expected int8 quantization MSE of values distributed as ``hist``."""
     counts = hist.astype(np.float64)
     if counts.sum() <= 0 or not np.isfinite(low) or not np.isfinite(high) or high <= low:
@@ -37,7 +40,7 @@ def mse_range(hist: np.ndarray, edges: np.ndarray, low: float, high: float, leve
     hi = np.tile(his, len(los))[:, None]
     step = (hi - lo) / (levels - 1)
     below, above = centres[None, :] < lo, centres[None, :] > hi
-    error = np.where(below, (centres[None, :] - lo) ** 2, np.where(above, (centres[None, :] - hi) ** 2, step ** 2 / 12))
+    error = np.where(below, (centres[None, :] - lo) ** 2, np.where(above, (centres[None, :] - hi) ** 2, step**2 / 12))
     best = int(np.argmin(error @ counts))
     return float(lo[best, 0]), float(hi[best, 0])
 

@@ -11,18 +11,38 @@ QDQ model (``QuantizeLinear``/``DequantizeLinear`` around float ops) or QOperato
   tensor (PP-OCRv4 rec after ``quantize_dynamic``: 0.041 max abs change in its softmax output).
 The float model is what Lepton's own int8/fp16 (tuned to the accuracy budget) starts from.
 """
+
 from __future__ import annotations
 
 from collections import Counter
 
 import onnx
 
-QUANTIZED_OPS = frozenset({
-    "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "ConvInteger", "MatMulInteger",
-    "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
-    "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSoftmax", "QGemm",
-    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QAttention", "DynamicQuantizeLSTM",
-})
+QUANTIZED_OPS = frozenset(
+    {
+        "DynamicQuantizeLinear",
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "ConvInteger",
+        "MatMulInteger",
+        "QLinearConv",
+        "QLinearMatMul",
+        "QLinearAdd",
+        "QLinearMul",
+        "QLinearSigmoid",
+        "QLinearLeakyRelu",
+        "QLinearAveragePool",
+        "QLinearGlobalAveragePool",
+        "QLinearConcat",
+        "QLinearSoftmax",
+        "QGemm",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "MatMulNBits",
+        "QAttention",
+        "DynamicQuantizeLSTM",
+    }
+)
 
 
 def quantized_ops(model: onnx.ModelProto) -> Counter:
@@ -34,7 +54,7 @@ def quantized_ops(model: onnx.ModelProto) -> Counter:
             if node.op_type in QUANTIZED_OPS:
                 counts[node.op_type] += 1
             for attr in node.attribute:
-                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
                     walk(sub)
 
     walk(model.graph)

@@ -12,6 +12,7 @@ Libraries checked, and used where they do the job:
 - int8 weight-only (float compute, int8 storage): ORT's quantizers always quantize activations
   too, so the DequantizeLinear-on-weights rewrite is written here (about thirty lines).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -28,9 +29,9 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, q
 from onnxruntime.quantization.calibrate import TensorsData, load_tensors_data, save_tensors_data
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from lepton_cli.quant.calibration import METHODS, quiet_ort
 from lepton_cli.external_data import tensor_array
 from lepton_cli.graph_order import move_into_subgraphs, sort_topologically
+from lepton_cli.quant.calibration import METHODS, quiet_ort
 
 QTYPES = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -113,8 +114,13 @@ def pow2_overrides(model: onnx.ModelProto, ranges: TensorsData) -> dict[str, lis
     for name, data in ranges.items():
         low, high = data.range_value
         absmax = float(max(abs(float(np.asarray(low).min())), abs(float(np.asarray(high).max()))))
-        overrides[name] = [{"quant_type": QuantType.QInt8, "scale": np.array(_pow2_scale(absmax), dtype=np.float32),
-                            "zero_point": np.array(0, dtype=np.int8)}]
+        overrides[name] = [
+            {
+                "quant_type": QuantType.QInt8,
+                "scale": np.array(_pow2_scale(absmax), dtype=np.float32),
+                "zero_point": np.array(0, dtype=np.int8),
+            }
+        ]
     inits = {i.name: i for i in model.graph.initializer}
     # Every constant the quantizer may turn into int8, not only Conv/Gemm weights: the constant inputs of
     # Add/Mul (a folded hard-swish's 3 and 1/6 on PP-OCRv4) otherwise got ORT's min/max scales.
@@ -124,35 +130,63 @@ def pow2_overrides(model: onnx.ModelProto, ranges: TensorsData) -> dict[str, lis
                 continue  # a bias is int32 at input scale × weight scale: a power of two already
             constant = tensor_array(inits[name])
             if constant.dtype == np.float32 and constant.size:
-                overrides[name] = [{"quant_type": QuantType.QInt8,
-                                    "scale": np.array(_pow2_scale(float(np.abs(constant).max())), dtype=np.float32),
-                                    "zero_point": np.array(0, dtype=np.int8)}]
+                overrides[name] = [
+                    {
+                        "quant_type": QuantType.QInt8,
+                        "scale": np.array(_pow2_scale(float(np.abs(constant).max())), dtype=np.float32),
+                        "zero_point": np.array(0, dtype=np.int8),
+                    }
+                ]
     return overrides
 
 
-def quantize_int8(model: onnx.ModelProto, ranges_path: Path, method: str, scheme: Int8Scheme,
-                  exclude: list[str], work_dir: Path) -> onnx.ModelProto:
+def quantize_int8(
+    model: onnx.ModelProto, ranges_path: Path, method: str, scheme: Int8Scheme, exclude: list[str], work_dir: Path
+) -> onnx.ModelProto:
     """Static int8 QDQ of a pre-processed model from cached calibration ranges."""
-    extra: dict[str, Any] = {"ActivationSymmetric": scheme.activation_symmetric, "WeightSymmetric": scheme.weight_symmetric}
+    extra: dict[str, Any] = {
+        "ActivationSymmetric": scheme.activation_symmetric,
+        "WeightSymmetric": scheme.weight_symmetric,
+    }
     if scheme.power_of_two:
         extra["TensorQuantOverrides"] = pow2_overrides(model, load_tensors_data(ranges_path))
         extra["QDQDisableWeightAdjustForInt32Bias"] = True  # the adjustment would break power-of-two weight scales
     extra |= scheme.extra
     out = Path(tempfile.mkdtemp(prefix="q-", dir=work_dir)) / "model.onnx"
     with quiet_ort():
-        quantize_static(model, str(out), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(scheme.op_types) or None,
-                        per_channel=scheme.per_channel and not scheme.power_of_two, reduce_range=scheme.reduce_range,
-                        activation_type=QTYPES[scheme.activation_type], weight_type=QTYPES[scheme.weight_type],
-                        nodes_to_exclude=list(exclude), calibrate_method=METHODS[method],
-                        calibration_cache_path=str(ranges_path), extra_options=extra)
+        quantize_static(
+            model,
+            str(out),
+            calibration_data_reader=None,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(scheme.op_types) or None,
+            per_channel=scheme.per_channel and not scheme.power_of_two,
+            reduce_range=scheme.reduce_range,
+            activation_type=QTYPES[scheme.activation_type],
+            weight_type=QTYPES[scheme.weight_type],
+            nodes_to_exclude=list(exclude),
+            calibrate_method=METHODS[method],
+            calibration_cache_path=str(ranges_path),
+            extra_options=extra,
+        )
     return _copy_metadata(model, onnx.load(str(out)))
 
 
 # Ops whose fp16 results overflow (65504) or lose too much (large reductions, exponentials):
 # kept in fp32 by default; targets may add more.
-FP16_BLOCK_DEFAULT = ("Exp", "Pow", "ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp",
-                      "CumSum", "Softmax", "LayerNormalization", "Range")
+FP16_BLOCK_DEFAULT = (
+    "Exp",
+    "Pow",
+    "ReduceSum",
+    "ReduceMean",
+    "ReduceSumSquare",
+    "ReduceL2",
+    "ReduceLogSumExp",
+    "CumSum",
+    "Softmax",
+    "LayerNormalization",
+    "Range",
+)
 
 
 def to_fp16(model: onnx.ModelProto, block_ops: list[str], keep_nodes: list[str]) -> onnx.ModelProto:
@@ -161,8 +195,11 @@ def to_fp16(model: onnx.ModelProto, block_ops: list[str], keep_nodes: list[str])
 
     with quiet_ort():
         converted = float16.convert_float_to_float16(
-            model, keep_io_types=True, op_block_list=sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(block_ops)),
-            node_block_list=list(keep_nodes) or None)
+            model,
+            keep_io_types=True,
+            op_block_list=sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(block_ops)),
+            node_block_list=list(keep_nodes) or None,
+        )
     # The converter appends the graph-input Casts after their consumers, and puts some of an If branch's
     # Casts in the main graph: move them home, restore topological order.
     move_into_subgraphs(converted.graph)
@@ -184,7 +221,7 @@ def drop_stale_value_info(graph: onnx.GraphProto) -> int:
         graph.value_info.remove(value)
     for node in graph.node:
         for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
                 drop_stale_value_info(sub)
     return len(stale)
 
@@ -224,10 +261,21 @@ def weight_only_int8(model: onnx.ModelProto, min_elements: int = 256) -> tuple[o
             q = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
             base = init.name
             init.CopyFrom(numpy_helper.from_array(q, base + "_int8"))
-            model.graph.initializer.extend([numpy_helper.from_array(scale, base + "_scale"),
-                                            numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), base + "_zero_point")])
-            new_nodes.append(helper.make_node("DequantizeLinear", [base + "_int8", base + "_scale", base + "_zero_point"], [base],
-                                              name=base + "_DequantizeLinear", axis=axis))
+            model.graph.initializer.extend(
+                [
+                    numpy_helper.from_array(scale, base + "_scale"),
+                    numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), base + "_zero_point"),
+                ]
+            )
+            new_nodes.append(
+                helper.make_node(
+                    "DequantizeLinear",
+                    [base + "_int8", base + "_scale", base + "_zero_point"],
+                    [base],
+                    name=base + "_DequantizeLinear",
+                    axis=axis,
+                )
+            )
             done.append(base)
     # DequantizeLinear nodes go first: graph order must stay topological.
     nodes = new_nodes + list(model.graph.node)
@@ -241,8 +289,13 @@ def dynamic_int8(model: onnx.ModelProto, work_dir: Path, per_channel: bool) -> o
     src = Path(tempfile.mkdtemp(prefix="dyn-", dir=work_dir))
     onnx.save_model(model, src / "in.onnx")
     with quiet_ort():
-        quantize_dynamic(str(src / "in.onnx"), str(src / "out.onnx"), weight_type=QuantType.QInt8, per_channel=per_channel,
-                         op_types_to_quantize=["MatMul", "Gemm", "Attention", "LSTM", "GRU"])
+        quantize_dynamic(
+            str(src / "in.onnx"),
+            str(src / "out.onnx"),
+            weight_type=QuantType.QInt8,
+            per_channel=per_channel,
+            op_types_to_quantize=["MatMul", "Gemm", "Attention", "LSTM", "GRU"],
+        )
     return _copy_metadata(model, onnx.load(str(src / "out.onnx")))
 
 
@@ -270,10 +323,25 @@ def int4_weight_only(model: onnx.ModelProto, block_size: int) -> tuple[onnx.Mode
         q = (np.clip(np.round(w / scale[..., None]), -7, 7) + 8).astype(np.uint8)
         packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
         base = node.input[1]
-        model.graph.initializer.extend([numpy_helper.from_array(packed, base + "_q4"),
-                                        numpy_helper.from_array(scale.reshape(-1).astype(np.float32), base + "_q4_scale")])
-        nodes.append(helper.make_node("MatMulNBits", [node.input[0], base + "_q4", base + "_q4_scale"], list(node.output),
-                                      name=node.name, domain="com.microsoft", K=k, N=n, bits=4, block_size=block_size))
+        model.graph.initializer.extend(
+            [
+                numpy_helper.from_array(packed, base + "_q4"),
+                numpy_helper.from_array(scale.reshape(-1).astype(np.float32), base + "_q4_scale"),
+            ]
+        )
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0], base + "_q4", base + "_q4_scale"],
+                list(node.output),
+                name=node.name,
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=4,
+                block_size=block_size,
+            )
+        )
         count += 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)

@@ -8,6 +8,7 @@ inputs and outputs) are kept as they are, so a compiled tensor can still be trac
 the added suffixes are abbreviated (``x~dq``, ``w~q.s``, ...). No library does this (checked: onnx's
 compose/utils, onnxsim, ORT's quantization tools keep every name).
 """
+
 from __future__ import annotations
 
 import onnx

@@ -8,6 +8,7 @@ per-channel affine constants that produce ``x`` (a LayerNorm's ``Mul(gamma)`` th
 through shape-only Reshapes that keep the channel axis last), so no op is added and the float
 model's outputs are unchanged. Layers whose input has no such producer are left alone.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,7 +59,7 @@ def smooth(model: onnx.ModelProto, layer: WeightLayer, stats: LayerStats, alpha:
         return False
     act = np.maximum(stats.absmax[0], 1e-5)
     wmax = np.maximum(np.abs(rows).max(axis=0), 1e-5)
-    scale = np.clip(act ** alpha / wmax ** (1 - alpha), 1e-3, 1e3)
+    scale = np.clip(act**alpha / wmax ** (1 - alpha), 1e-3, 1e3)
     for name, _ in chain:  # both Add(beta) and Mul(gamma) lie before the Gemm: each is divided by s
         store(model, name, load(model, name) / scale)
     store(model, layer.weight, from_rows(layer, rows * scale[None, :], weight.shape))

@@ -19,6 +19,7 @@ Libraries checked: ONNX Runtime's ``qdq_loss_debug`` pairs float and QDQ tensors
 reports them (no ranking, no search) and needs models saved to disk twice; Intel Neural
 Compressor / Olive run similar "fallback the worst ops" loops but are not dependencies here.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -47,7 +48,9 @@ class Trial:
     agreement: dict[str, float] = field(default_factory=dict)
     op_types: list[str] | None = None  # int8: the op types quantized ([]: every op ORT quantizes)
     drop_se: float = 0.0  # standard error of drop_pct over the evaluation samples
-    float_rule: str = SENSITIVITY  # how float_nodes were chosen: SENSITIVITY ranking or the LEADING nodes in graph order
+    float_rule: str = (
+        SENSITIVITY  # how float_nodes were chosen: SENSITIVITY ranking or the LEADING nodes in graph order
+    )
 
     @property
     def rule_tag(self) -> str:
@@ -63,8 +66,10 @@ class Trial:
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` that also returns the float tensors ``names`` (those it has)."""
     inferred = onnx.shape_inference.infer_shapes(model)
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(inferred.graph.value_info) + list(inferred.graph.input)
-             + list(inferred.graph.output)}
+    types = {
+        vi.name: vi.type.tensor_type.elem_type
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+    }
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
     have = {o.name for o in model.graph.output}
     produced = {o for node in model.graph.node for o in node.output} | {i.name for i in model.graph.input}
@@ -110,8 +115,9 @@ def _groups(model: onnx.ModelProto, names: list[str]) -> list[list[str]]:
     return groups
 
 
-def local_errors(float_model: onnx.ModelProto, quantized: onnx.ModelProto, candidates: list[str],
-                 feeds: list[dict[str, np.ndarray]]) -> list[tuple[str, float]]:
+def local_errors(
+    float_model: onnx.ModelProto, quantized: onnx.ModelProto, candidates: list[str], feeds: list[dict[str, np.ndarray]]
+) -> list[tuple[str, float]]:
     """Candidate nodes ranked by the noise each adds: NSR(output) − max NSR(inputs), worst first.
 
     Streamed: one feed's tensors of the two models are held at a time and reduced to per-tensor sums
@@ -127,7 +133,9 @@ def local_errors(float_model: onnx.ModelProto, quantized: onnx.ModelProto, candi
             for name in set(r) & set(g):
                 if r[name].shape == g[name].shape:
                     ref = r[name].astype(np.float32, copy=False)
-                    noise[name] = noise.get(name, 0.0) + float(np.sum(np.square(ref - g[name].astype(np.float32, copy=False)), dtype=np.float64))
+                    noise[name] = noise.get(name, 0.0) + float(
+                        np.sum(np.square(ref - g[name].astype(np.float32, copy=False)), dtype=np.float64)
+                    )
                     signal[name] = signal.get(name, 0.0) + float(np.sum(np.square(ref), dtype=np.float64))
             del r, g
 
@@ -148,8 +156,11 @@ def local_errors(float_model: onnx.ModelProto, quantized: onnx.ModelProto, candi
 def quantized_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of compute nodes that read a DequantizeLinear output (they run quantized)."""
     dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [n.name for n in model.graph.node
-            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_outputs for i in n.input)]
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_outputs for i in n.input)
+    ]
 
 
 @dataclass
@@ -160,10 +171,21 @@ class SearchResult:
     sensitivity: list[tuple[str, float]]
 
 
-def search(build: Build, methods: list[str], evaluator: Evaluator, budget: float, float_model: onnx.ModelProto,
-           sensitivity_feeds: list[dict[str, np.ndarray]], *, max_float: int,
-           candidates: Callable[[onnx.ModelProto], list[str]] | None = None, max_candidates: int = 64,
-           note: Callable[[str], None] | None = None, float_weights: bool = True, z: float = 0.0) -> SearchResult:
+def search(
+    build: Build,
+    methods: list[str],
+    evaluator: Evaluator,
+    budget: float,
+    float_model: onnx.ModelProto,
+    sensitivity_feeds: list[dict[str, np.ndarray]],
+    *,
+    max_float: int,
+    candidates: Callable[[onnx.ModelProto], list[str]] | None = None,
+    max_candidates: int = 64,
+    note: Callable[[str], None] | None = None,
+    float_weights: bool = True,
+    z: float = 0.0,
+) -> SearchResult:
     """Try methods and float-kept layer counts; return the most-quantized candidate within ``budget`` points.
 
     A candidate meets the budget when its drop plus ``z`` standard errors does (``z`` = 0: the measured
@@ -181,13 +203,23 @@ def search(build: Build, methods: list[str], evaluator: Evaluator, budget: float
             return scored[key], None
         model = build(method, keep)
         score: AccuracyScore = evaluator.score(model)
-        trial = Trial(method, list(keep), score.drop_pct, score.value, score.drop_bound(z) <= budget,
-                      agreement=score.agreement, drop_se=score.drop_se, float_rule=rule)
+        trial = Trial(
+            method,
+            list(keep),
+            score.drop_pct,
+            score.value,
+            score.drop_bound(z) <= budget,
+            agreement=score.agreement,
+            drop_se=score.drop_se,
+            float_rule=rule,
+        )
         trials.append(trial)
         if note:
             spread = f" ± {score.drop_se:.2f}" if z else ""
-            note(f"  {method:<10} float-kept {len(keep):3d}{trial.rule_tag}: {score.metric} "
-                 f"drop {score.drop_pct:.2f}{spread} ({'within' if trial.meets_budget else 'over'} {budget:g})")
+            note(
+                f"  {method:<10} float-kept {len(keep):3d}{trial.rule_tag}: {score.metric} "
+                f"drop {score.drop_pct:.2f}{spread} ({'within' if trial.meets_budget else 'over'} {budget:g})"
+            )
         if trial.meets_budget:
             passing.append(trial)
         scored[key] = trial
@@ -241,8 +273,9 @@ def search(build: Build, methods: list[str], evaluator: Evaluator, budget: float
     return SearchResult(build(best_trial.method, best_trial.float_nodes), best_trial, trials, sensitivity)
 
 
-def keep_float_nodes(quantized: onnx.ModelProto, float_model: onnx.ModelProto, names: list[str],
-                     float_weights: bool = True) -> onnx.ModelProto:
+def keep_float_nodes(
+    quantized: onnx.ModelProto, float_model: onnx.ModelProto, names: list[str], float_weights: bool = True
+) -> onnx.ModelProto:
     """``quantized`` with every node in ``names`` reading float inputs, and the Q/DQ nodes and int8
     weights that nothing reads any more removed (see ``keep_float`` for ``float_weights``)."""
     model = onnx.ModelProto()
@@ -288,8 +321,9 @@ def _float_graph_outputs(graph: onnx.GraphProto, kept: set[str], outputs: set[st
         graph.node.remove(dq)
 
 
-def keep_float(quantized: onnx.ModelProto, float_model: onnx.ModelProto, node_name: str,
-               float_weights: bool = True) -> onnx.ModelProto:
+def keep_float(
+    quantized: onnx.ModelProto, float_model: onnx.ModelProto, node_name: str, float_weights: bool = True
+) -> onnx.ModelProto:
     """``quantized`` with node ``node_name`` reading float inputs again (its input Q/DQ bypassed).
 
     ``float_weights=False`` keeps its weights stored as int8 (their DequantizeLinear stays; the runtime
@@ -319,7 +353,12 @@ def keep_float(quantized: onnx.ModelProto, float_model: onnx.ModelProto, node_na
                 source = _float_source(copy, float_model, q.input[0], producer, have_inits, restored)
                 if source is not None:
                     node.input[index] = source
-            elif float_weights and float_node is not None and index < len(float_node.input) and float_node.input[index] in float_inits:
+            elif (
+                float_weights
+                and float_node is not None
+                and index < len(float_node.input)
+                and float_node.input[index] in float_inits
+            ):
                 original = float_node.input[index]
                 # ORT may name a weight's DequantizeLinear output after the float weight: rename the copy.
                 fresh = original + "_float" if original in producer else original
@@ -339,8 +378,14 @@ def keep_float(quantized: onnx.ModelProto, float_model: onnx.ModelProto, node_na
     return copy
 
 
-def _float_source(model: onnx.ModelProto, float_model: onnx.ModelProto, tensor: str, producer: dict[str, onnx.NodeProto],
-                  have_inits: set[str], restored: dict[str, onnx.NodeProto]) -> str | None:
+def _float_source(
+    model: onnx.ModelProto,
+    float_model: onnx.ModelProto,
+    tensor: str,
+    producer: dict[str, onnx.NodeProto],
+    have_inits: set[str],
+    restored: dict[str, onnx.NodeProto],
+) -> str | None:
     """The name of ``tensor``'s float value for a node bypassing its Q/DQ, or None to keep the Q/DQ.
 
     ORT's quantizer removes a Relu or Clip whose output is quantized (the Q clamps to the same range)
@@ -373,8 +418,12 @@ def _float_source(model: onnx.ModelProto, float_model: onnx.ModelProto, tensor: 
     return activation.output[0]
 
 
-def output_nsr(reference: list[list[np.ndarray]], model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-               opt_level: str = "all") -> float:
+def output_nsr(
+    reference: list[list[np.ndarray]],
+    model: onnx.ModelProto,
+    feeds: list[dict[str, np.ndarray]],
+    opt_level: str = "all",
+) -> float:
     """Noise-to-signal ratio of all outputs of ``model`` vs reference outputs, summed over feeds."""
     session = make_session(model, opt_level=opt_level)
     noise = signal = 0.0
@@ -386,14 +435,22 @@ def output_nsr(reference: list[list[np.ndarray]], model: onnx.ModelProto, feeds:
     return noise / max(signal, 1e-30)
 
 
-def float_gains(float_model: onnx.ModelProto, quantized: onnx.ModelProto, candidates: list[str],
-                feeds: list[dict[str, np.ndarray]], opt_level: str = "all", float_weights: bool = True) -> list[tuple[str, float]]:
+def float_gains(
+    float_model: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    candidates: list[str],
+    feeds: list[dict[str, np.ndarray]],
+    opt_level: str = "all",
+    float_weights: bool = True,
+) -> list[tuple[str, float]]:
     """Candidates ranked by how much keeping each alone in float lowers the output error, best first."""
     session = make_session(float_model, opt_level=opt_level)
     reference = [session.run(None, adapt_feed(float_model, f)) for f in feeds]
     del session
     base = output_nsr(reference, quantized, feeds, opt_level)
-    gains = [(name, base - output_nsr(reference, keep_float(quantized, float_model, name, float_weights), feeds, opt_level))
-             for name in candidates]
+    gains = [
+        (name, base - output_nsr(reference, keep_float(quantized, float_model, name, float_weights), feeds, opt_level))
+        for name in candidates
+    ]
     gains.sort(key=lambda item: -item[1])
     return gains

@@ -6,6 +6,7 @@ The recovery steps (equalisation, bias correction, rounding optimisation) all tr
 weights (symmetric, per channel or per tensor, power of two for the DPU), so weights moved onto
 that grid here come out of ORT's quantizer unchanged.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,7 +52,11 @@ def weight_layers(model: onnx.ModelProto) -> list[WeightLayer]:
         if weight is None or weight.data_type != onnx.TensorProto.FLOAT or len(readers.get(weight.name, [])) != 1:
             continue  # shared weights would be changed for two layers at once
         bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
-        if node.op_type == "Conv" and len(weight.dims) == 4 and _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET"):
+        if (
+            node.op_type == "Conv"
+            and len(weight.dims) == 4
+            and _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+        ):
             layers.append(WeightLayer(node, weight.name, bias, "conv", int(_attr(node, "group", 1))))
         elif node.op_type == "Gemm" and len(weight.dims) == 2 and not _attr(node, "transA", 0):
             layers.append(WeightLayer(node, weight.name, bias, "gemm_t" if _attr(node, "transB", 0) else "gemm"))
@@ -60,8 +65,12 @@ def weight_layers(model: onnx.ModelProto) -> list[WeightLayer]:
             bias = None
             if len(add) == 1 and add[0].op_type == "Add":
                 other = [i for i in add[0].input if i != node.output[0]]
-                if len(other) == 1 and other[0] in inits and list(inits[other[0]].dims) == [weight.dims[1]] \
-                        and len(readers.get(other[0], [])) == 1:
+                if (
+                    len(other) == 1
+                    and other[0] in inits
+                    and list(inits[other[0]].dims) == [weight.dims[1]]
+                    and len(readers.get(other[0], [])) == 1
+                ):
                     bias = other[0]
             layers.append(WeightLayer(node, weight.name, bias, "matmul"))
     return layers
