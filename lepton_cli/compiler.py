@@ -266,7 +266,9 @@ def compile_unsealed(
                 + [(b.variant, b.path, b.model, b.steps) for b in others],
             ),
         }
-        device = _device_artifacts(target, compiled, others, model, ctx)
+        # Device files (.ort) are made from the bundle's bytes: serialize once, early, only for targets that make them.
+        payloads = _bundle_payloads(compiled, others) if target.runtime.device_formats else None
+        device = _device_artifacts(target, compiled, payloads, model, ctx)
         if device.manifest:
             manifest_fields["device_artifacts"] = device.manifest
         extra: dict[str, Any] = {"accuracy": accuracy, "variants": manifest_fields["variants"]}
@@ -317,8 +319,9 @@ def compile_unsealed(
             check_accuracy_budget(built.accuracy, ctx.accuracy_budget)
         for measured in device.accuracy:  # and every device file (the .tflite in LiteRT)
             check_accuracy_budget(measured, ctx.accuracy_budget)
-        primary_payload = bundle_payload(compiled, PRIMARY_PATH)  # late: it may hold a serialized copy of the weights
-        payloads = {PRIMARY_PATH: primary_payload, **serialize_all(others)}
+        if payloads is None:
+            payloads = _bundle_payloads(compiled, others)  # late: it may hold a serialized copy of the weights
+        primary_payload = payloads[PRIMARY_PATH]
         models = {
             path: payload if payload.data_name else payload.graph for path, payload in payloads.items()
         }  # bytes unless paired
@@ -441,16 +444,22 @@ def _write_output(
     )
 
 
+def _bundle_payloads(compiled: onnx.ModelProto, others: list[Any]) -> dict[str, ModelPayload]:
+    """Every model the bundle ships, in its bundle form (``external_data.bundle_payload``)."""
+    return {PRIMARY_PATH: bundle_payload(compiled, PRIMARY_PATH), **serialize_all(others)}
+
+
 def _device_artifacts(
-    target: Target, compiled: onnx.ModelProto, others: list[Any], source: onnx.ModelProto, ctx: PassContext
+    target: Target,
+    compiled: onnx.ModelProto,
+    payloads: dict[str, ModelPayload] | None,
+    source: onnx.ModelProto,
+    ctx: PassContext,
 ) -> DeviceArtifacts:
     """The target's own device files (.ort, .tflite) and constraint checks (lepton_cli/device_artifacts)."""
     if not (target.runtime.device_formats or target.runtime.device_checks):
         return DeviceArtifacts()
-    models = {
-        PRIMARY_PATH: bundle_payload(compiled, PRIMARY_PATH).graph,
-        **{path: payload.graph for path, payload in serialize_all(others).items()},
-    }
+    models = {path: payload.graph for path, payload in (payloads or {}).items()}
     ctx.current_pass = "device"
     try:
         return build_device_artifacts(target, models, compiled, ctx.warn, source=source, ctx=ctx)
