@@ -157,8 +157,8 @@ def _rec_inputs(folder: Path) -> tuple[Path, Path, Path, list[str], object]:
     import onnx
     from conftest import OCR_REC
 
-    from lepton_cli.model_io import upgrade_opset
-    from lepton_cli.shapes import bind_input_shapes
+    from lepton_cli.model.load import upgrade_opset
+    from lepton_cli.model.shapes import bind_input_shapes
 
     model, _ = upgrade_opset(onnx.load(OCR_REC), 13, 21)
     onnx.save(bind_input_shapes(model, {"x": [1, 3, 48, 160]}), folder / "rec160.onnx")

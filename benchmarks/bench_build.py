@@ -99,9 +99,9 @@ def driver_costs(root: Path) -> dict:
     os.environ["LEPTON_HOME"] = str(root / "driver-home")
     sys.path.insert(0, str(ROOT))
     from lepton_cli.build.cache import BuildCache
-    from lepton_cli.bundle.output import resolve_compile_keys, write_compile_output
     from lepton_cli.bundle.writer import install_files
-    from lepton_cli.compile_inputs import _DIGESTS, sha256_file
+    from lepton_cli.compile.inputs import _DIGESTS, sha256_file
+    from lepton_cli.compile.output import resolve_compile_keys, write_compile_output
 
     model = (_ocr_dir() or DIGITS) / "ch_PP-OCRv4_rec_infer.onnx"
     if not model.exists():

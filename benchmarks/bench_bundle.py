@@ -84,7 +84,7 @@ def _child(mode: str, bundle: Path, keys: Path, state: Path) -> dict:
 
 def bench_open(mb: int, repeats: int, work: Path) -> dict:
     from lepton_cli.bundle import write_bundle
-    from lepton_cli.keys import generate_keys, load_key
+    from lepton_cli.bundle.keys import generate_keys, load_key
 
     keys = work / "keys"
     generate_keys(keys)
@@ -139,8 +139,8 @@ def compile_share(repeats: int, work: Path, big_compile: bool = False) -> list[d
 
     import onnx
 
-    from lepton_cli import compiler
-    from lepton_cli.compiler import CompileOptions, compile_model
+    from lepton_cli.compile import compiler
+    from lepton_cli.compile.compiler import CompileOptions, compile_model
     from lepton_cli.errors import LeptonError
 
     os.environ["LEPTON_HOME"] = str(work / "home")

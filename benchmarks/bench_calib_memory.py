@@ -95,10 +95,10 @@ import resource, sys
 sys.path.insert(0, {root!r})
 from pathlib import Path
 import onnx
-from lepton_cli.model_io import upgrade_opset
-from lepton_cli.preprocess import load_image_folder
-from lepton_cli.quant.calibration import CalibrationSettings, calibrate
-from lepton_cli.shapes import bind_input_shapes
+from lepton_cli.model.load import upgrade_opset
+from lepton_cli.samples.preprocess import load_image_folder
+from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
+from lepton_cli.model.shapes import bind_input_shapes
 model, _ = upgrade_opset(onnx.load({det!r}), 13, 21)
 model = bind_input_shapes(model, {{"x": [1, 3, 640, 640]}})
 samples = load_image_folder({folder!r}, model, {pre!r})
@@ -109,7 +109,7 @@ print(before / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def calibrate_only_peak(folder: Path, method: str) -> dict:
-    """The calibration step alone (lepton_cli.quant.calibration.calibrate over the image folder) in a fresh process."""
+    """The calibration step alone (lepton_cli.passes._quantize.calibration.calibrate over the image folder) in a fresh process."""
     code = _CALIBRATE_ONLY.format(root=str(ROOT), det=str(OCR_DET), folder=str(folder), pre=PREPROCESS, method=method)
     started = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

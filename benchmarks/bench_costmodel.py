@@ -27,10 +27,11 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lepton_cli import costmodel, measure  # noqa: E402
-from lepton_cli.hostinfo import detect_host  # noqa: E402
-from lepton_cli.shapes import bind_input_shapes  # noqa: E402
-from lepton_cli.targets import load_target  # noqa: E402
+from lepton_cli.evaluate import costmodel  # noqa: E402
+from lepton_cli.evaluate import latency as measure  # noqa: E402
+from lepton_cli.host.detect import detect_host  # noqa: E402
+from lepton_cli.model.shapes import bind_input_shapes  # noqa: E402
+from lepton_cli.pipeline.targets import load_target  # noqa: E402
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 OCR = ROOT / ".venv/lib/python3.11/site-packages/rapidocr_onnxruntime/models"

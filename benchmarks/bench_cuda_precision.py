@@ -27,9 +27,9 @@ import onnxruntime as ort
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lepton_cli.hostinfo import detect_host  # noqa: E402
-from lepton_cli.runtime_select import select_session  # noqa: E402
-from lepton_cli.shapes import bind_input_shapes, graph_inputs  # noqa: E402
+from lepton_cli.host.detect import detect_host  # noqa: E402
+from lepton_cli.model.shapes import bind_input_shapes, graph_inputs  # noqa: E402
+from lepton_cli.runtime.select import select_session  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 

@@ -66,9 +66,9 @@ def prepare(out: Path, targets: list[str], cases: list[str]) -> None:
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("LEPTON_HOME", tempfile.mkdtemp(prefix="lepton-home-"))
     from lepton_cli.bundle import open_bundle
-    from lepton_cli.compiler import CompileOptions, compile_model
+    from lepton_cli.bundle.keys import dev_keys
+    from lepton_cli.compile.compiler import CompileOptions, compile_model
     from lepton_cli.errors import LeptonError
-    from lepton_cli.keys import dev_keys
 
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-deployed-"))

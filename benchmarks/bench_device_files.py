@@ -39,8 +39,8 @@ def _rec_data(folder: Path) -> tuple[Path, Path, Path, list[str]]:
     import onnx
     from conftest import OCR_REC
 
-    from lepton_cli.model_io import upgrade_opset
-    from lepton_cli.shapes import bind_input_shapes
+    from lepton_cli.model.load import upgrade_opset
+    from lepton_cli.model.shapes import bind_input_shapes
 
     if OCR_REC is None:
         sys.exit("--rec needs the PP-OCRv4 models: pip install --no-deps rapidocr-onnxruntime==1.4.4")

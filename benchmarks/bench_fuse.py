@@ -34,12 +34,12 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import DIGITS, LIGHT_MODELS, OCR_DET, OCR_REC  # noqa: E402
 
-from lepton_cli.model_io import load_model, upgrade_opset  # noqa: E402
-from lepton_cli.ort import make_session, random_feed  # noqa: E402
-from lepton_cli.pass_registry import get_pass  # noqa: E402
-from lepton_cli.pipeline import PassContext  # noqa: E402
-from lepton_cli.shapes import bind_input_shapes, graph_inputs  # noqa: E402
-from lepton_cli.targets import load_target  # noqa: E402
+from lepton_cli.model.load import load_model, upgrade_opset  # noqa: E402
+from lepton_cli.model.sessions import make_session, random_feed  # noqa: E402
+from lepton_cli.model.shapes import bind_input_shapes, graph_inputs  # noqa: E402
+from lepton_cli.pipeline.registry import get_pass  # noqa: E402
+from lepton_cli.pipeline.run import PassContext  # noqa: E402
+from lepton_cli.pipeline.targets import load_target  # noqa: E402
 
 LIMIT = 1.02
 SHAPES = {"ch_PP-OCRv4_det_infer": {"x": [1, 3, 640, 640]}, "ch_PP-OCRv4_rec_infer": {"x": [1, 3, 48, 320]}}

@@ -32,13 +32,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import ocr_textset as textset  # noqa: E402
 from conftest import DIGITS, LIGHT_MODELS, OCR_DET, OCR_REC  # noqa: E402
+from lepton_cli.passes._quantize import fp16_safe, schemes  # noqa: E402
+from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate  # noqa: E402
 
-from lepton_cli.accuracy import Evaluator  # noqa: E402
-from lepton_cli.data import SampleSet, load_samples  # noqa: E402
-from lepton_cli.ort import make_session, random_feed  # noqa: E402
-from lepton_cli.quant import fp16_safe, schemes  # noqa: E402
-from lepton_cli.quant.calibration import CalibrationSettings, calibrate  # noqa: E402
-from lepton_cli.shapes import graph_inputs  # noqa: E402
+from lepton_cli.evaluate.accuracy import Evaluator  # noqa: E402
+from lepton_cli.model.sessions import make_session, random_feed  # noqa: E402
+from lepton_cli.model.shapes import graph_inputs  # noqa: E402
+from lepton_cli.samples.sample_set import SampleSet, load_samples  # noqa: E402
 
 
 def _pages(count: int, seed: int, size: int) -> np.ndarray:
@@ -82,7 +82,7 @@ def detector(work: Path) -> list[dict]:
     path = Path(spec.origin).parent / "common_det.onnx" if spec and spec.origin else None
     if path is None or not path.exists():
         return [{"case": "ddddocr common_det", "skipped": "pip install --no-deps ddddocr==1.6.1"}]
-    from lepton_cli.model_io import upgrade_opset
+    from lepton_cli.model.load import upgrade_opset
 
     model, _ = upgrade_opset(onnx.load(path), 13, 21)  # as compile does (opset 11: no per-channel DequantizeLinear)
     evaluation = SampleSet(Path("pages"), {"images": _pages(8, 2, 416)}, None, {"images": False})
@@ -178,8 +178,8 @@ def classifiers(work: Path) -> list[dict]:
 
 
 def layout_character() -> list[dict]:
-    from lepton_cli.accuracy import is_ctc_model
-    from lepton_cli.shapes import bind_input_shapes
+    from lepton_cli.evaluate.accuracy import is_ctc_model
+    from lepton_cli.model.shapes import bind_input_shapes
 
     rec = bind_input_shapes(onnx.load(OCR_REC), {"x": [1, 3, 48, 160]})
     for prop in rec.metadata_props:
@@ -276,11 +276,11 @@ def _old_pow2_overrides(model, ranges):
 
 
 def pow2_det(work: Path) -> list[dict]:
-    from lepton_cli.model_io import upgrade_opset
-    from lepton_cli.pass_registry import get_pass
-    from lepton_cli.pipeline import PassContext
-    from lepton_cli.shapes import bind_input_shapes
-    from lepton_cli.targets import load_target
+    from lepton_cli.model.load import upgrade_opset
+    from lepton_cli.model.shapes import bind_input_shapes
+    from lepton_cli.pipeline.registry import get_pass
+    from lepton_cli.pipeline.run import PassContext
+    from lepton_cli.pipeline.targets import load_target
 
     model, _ = upgrade_opset(onnx.load(OCR_DET), 13, 21)
     model = bind_input_shapes(model, {"x": [1, 3, 160, 160]})

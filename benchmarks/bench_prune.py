@@ -28,15 +28,15 @@ from onnx import numpy_helper
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lepton_cli.accuracy import Evaluator  # noqa: E402
-from lepton_cli.data import SampleSet, load_samples  # noqa: E402
-from lepton_cli.model_io import upgrade_opset  # noqa: E402
-from lepton_cli.ort import make_session  # noqa: E402
-from lepton_cli.params import from_table, to_table  # noqa: E402
-from lepton_cli.pass_registry import get_pass  # noqa: E402
-from lepton_cli.pipeline import PassContext  # noqa: E402
-from lepton_cli.stats import collect_stats  # noqa: E402
-from lepton_cli.targets import load_target  # noqa: E402
+from lepton_cli.evaluate.accuracy import Evaluator  # noqa: E402
+from lepton_cli.model.load import upgrade_opset  # noqa: E402
+from lepton_cli.model.sessions import make_session  # noqa: E402
+from lepton_cli.model.stats import collect_stats  # noqa: E402
+from lepton_cli.pipeline.params import from_table, to_table  # noqa: E402
+from lepton_cli.pipeline.registry import get_pass  # noqa: E402
+from lepton_cli.pipeline.run import PassContext  # noqa: E402
+from lepton_cli.pipeline.targets import load_target  # noqa: E402
+from lepton_cli.samples.sample_set import SampleSet, load_samples  # noqa: E402
 
 ONNX_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
 PYTORCH_CASES = [
@@ -154,7 +154,7 @@ def run_case(
 
 
 def check_2_4(before: onnx.ModelProto, after: onnx.ModelProto, layers: list[dict]) -> bool:
-    from lepton_cli import channel_groups as cg
+    from lepton_cli.passes._prune import channel_groups as cg
 
     src = onnx.ModelProto()
     src.CopyFrom(before)

@@ -30,16 +30,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 import ocr_textset as textset  # noqa: E402
 from conftest import OCR_DET  # noqa: E402
 
-from lepton_cli.data import load_samples  # noqa: E402
 from lepton_cli.errors import QualityGateError  # noqa: E402
-from lepton_cli.hostinfo import detect_host  # noqa: E402
-from lepton_cli.measure import Candidate, StopRule, host_latency  # noqa: E402
-from lepton_cli.model_io import upgrade_opset  # noqa: E402
-from lepton_cli.ort import make_session  # noqa: E402
-from lepton_cli.pass_registry import get_pass  # noqa: E402
-from lepton_cli.pipeline import PassContext  # noqa: E402
-from lepton_cli.shapes import bind_input_shapes  # noqa: E402
-from lepton_cli.targets import load_target  # noqa: E402
+from lepton_cli.evaluate.latency import Candidate, StopRule, host_latency  # noqa: E402
+from lepton_cli.host.detect import detect_host  # noqa: E402
+from lepton_cli.model.load import upgrade_opset  # noqa: E402
+from lepton_cli.model.sessions import make_session  # noqa: E402
+from lepton_cli.model.shapes import bind_input_shapes  # noqa: E402
+from lepton_cli.pipeline.registry import get_pass  # noqa: E402
+from lepton_cli.pipeline.run import PassContext  # noqa: E402
+from lepton_cli.pipeline.targets import load_target  # noqa: E402
+from lepton_cli.samples.sample_set import load_samples  # noqa: E402
 
 
 def main() -> None:

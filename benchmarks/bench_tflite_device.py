@@ -60,8 +60,8 @@ def _score_detections(source: Path, evaluation: Path, got: np.ndarray) -> tuple[
     """Detection F1 of ``got`` against the source model's detections, with the gate's role, decoding and NMS."""
     import onnxruntime as ort
 
-    from lepton_cli import output_roles
-    from lepton_cli.output_scores import DetectionTally
+    from lepton_cli.evaluate import output_roles
+    from lepton_cli.evaluate.output_scores import DetectionTally
 
     session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name

@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 
 from lepton_cli.bundle import open_bundle, write_bundle  # noqa: E402
 from lepton_cli.bundle.archive import write_archive  # noqa: E402
+from lepton_cli.bundle.keys import generate_keys, load_key  # noqa: E402
 from lepton_cli.errors import LeptonError  # noqa: E402
-from lepton_cli.keys import generate_keys, load_key  # noqa: E402
 
 MODEL = REPO / "examples" / "digits" / "digits_cnn.onnx"
 

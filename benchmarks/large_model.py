@@ -112,7 +112,7 @@ def run_measured(args: list[str]) -> tuple[int, float, float, str]:
 _CHILD = """
 import json, sys, time
 from pathlib import Path
-from lepton_cli.compiler import CompileOptions, compile_model
+from lepton_cli.compile.compiler import CompileOptions, compile_model
 from lepton_cli.errors import LeptonError
 marks = [("begin", "", time.perf_counter())]
 def progress(name, phase, record):

@@ -19,7 +19,7 @@ import onnx
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lepton_cli.accuracy import ctc_characters, ctc_greedy_decode, ctc_text, edit_distance  # noqa: E402
+from lepton_cli.evaluate.accuracy import ctc_characters, ctc_greedy_decode, ctc_text, edit_distance  # noqa: E402
 
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 CALIB_FONTS = ["DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf"]
@@ -96,7 +96,7 @@ def make_set(count: int, seed: int, role: str, width: int = 320) -> tuple[np.nda
 
 
 def charset(model: onnx.ModelProto) -> list[str]:
-    """Class index -> character (PaddleOCR's table; lepton_cli.accuracy.ctc_characters)."""
+    """Class index -> character (PaddleOCR's table; lepton_cli.evaluate.accuracy.ctc_characters)."""
     return ctc_characters(model) or []
 
 

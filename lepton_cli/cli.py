@@ -18,9 +18,9 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from . import __version__, commands
-from .console import settings, stderr
-from .errors import ExitCode, LeptonError
+from lepton_cli import __version__, commands
+from lepton_cli.console import settings, stderr
+from lepton_cli.errors import ExitCode, LeptonError
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 internal error (a bug; see the log path printed); "

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from lepton_cli.passes.fuse_activation import fold_scalar_affine, fuse_hard_swish
+from lepton_cli.passes._fuse.activation import fold_scalar_affine, fuse_hard_swish
+from lepton_cli.passes._quantize.prequantized import quantized_ops
 
 from lepton_cli.errors import BadInputError
-from lepton_cli.external_data import has_external
-from lepton_cli.graph_edit import GraphIndex, drop_unused_initializers, subgraph_names
-from lepton_cli.params import ParamValueError
-from lepton_cli.pass_registry import PassResult, register_pass, tolerance
-from lepton_cli.quant.prequantized import quantized_ops
+from lepton_cli.model.external_data import has_external
+from lepton_cli.model.graph_edit import GraphIndex, drop_unused_initializers, subgraph_names
+from lepton_cli.pipeline.params import ParamValueError
+from lepton_cli.pipeline.registry import PassResult, register_pass, tolerance
 
 LAYER_NORM_OPSET = 17  # LayerNormalization joined the default domain at opset 17
 GELU_OPSET = 20  # Gelu at opset 20

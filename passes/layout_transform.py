@@ -41,12 +41,12 @@ import onnx
 from lepton_cli.passes.fuse import constants_to_initializers, list_initializers_as_inputs
 from onnx import helper, numpy_helper
 
-from lepton_cli.external_data import tensor_array
-from lepton_cli.graph_edit import drop_unused_initializers, subgraph_names
-from lepton_cli.params import ParamValueError
-from lepton_cli.pass_registry import PassResult, register_pass, tolerance
+from lepton_cli.model.external_data import tensor_array
+from lepton_cli.model.graph_edit import drop_unused_initializers, subgraph_names
+from lepton_cli.pipeline.params import ParamValueError
+from lepton_cli.pipeline.registry import PassResult, register_pass, tolerance
 
-LAYOUT_KEY = "lepton.io_layout."  # same key as lepton_cli.pipeline.LAYOUT_KEY
+LAYOUT_KEY = "lepton.io_layout."  # same key as lepton_cli.pipeline.run.LAYOUT_KEY
 TO_NCHW, TO_NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
 
 

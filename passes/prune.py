@@ -34,15 +34,15 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import onnx
+from lepton_cli.passes._prune import channel_groups as cg
 from onnx import numpy_helper
 
-from lepton_cli import channel_groups as cg
-from lepton_cli.accuracy import Evaluator
-from lepton_cli.external_data import tensor_array
-from lepton_cli.params import ParamValueError
-from lepton_cli.pass_registry import LOSSY, PassResult, register_pass, tolerance
-from lepton_cli.shapes import bind_input_shapes, graph_inputs
-from lepton_cli.stats import _shape_map, node_macs
+from lepton_cli.evaluate.accuracy import Evaluator
+from lepton_cli.model.external_data import tensor_array
+from lepton_cli.model.shapes import bind_input_shapes, graph_inputs
+from lepton_cli.model.stats import _shape_map, node_macs
+from lepton_cli.pipeline.params import ParamValueError
+from lepton_cli.pipeline.registry import LOSSY, PassResult, register_pass, tolerance
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 THRESHOLD_ROUNDS = 6  # halvings of the per-layer threshold before giving up on lossy pruning

@@ -8,8 +8,8 @@ Schemes (``QuantizeParams.scheme``; each target's TOML says which and why):
 * ``int8_weight_only``: int8 weights with DequantizeLinear, float compute (size, not speed);
 * ``int8_dynamic``: dynamic int8 MatMul/Gemm/LSTM (transformers, RNNs); ``int4_weight_only``:
   4-bit MatMulNBits blocks (MatMul with constant weights only).
-Calibration (``lepton_cli.quant.calibration``) is streamed chunk by chunk over --calib and the
-tuning (``lepton_cli.quant.tuning``) keeps the most harmful layers in float and tries the
+Calibration (``lepton_cli.passes._quantize.calibration``) is streamed chunk by chunk over --calib and the
+tuning (``lepton_cli.passes._quantize.tuning``) keeps the most harmful layers in float and tries the
 calibration methods until the accuracy budget holds, keeping the most-int8 model that meets it;
 nothing meets it: exit 3 with every candidate tried. Without --calib a static-int8 target falls
 back to ``without_calib`` (weight-only or dynamic int8, warned) or fails with exit 2.
@@ -26,24 +26,24 @@ from statistics import NormalDist
 from typing import Any, Callable, Literal
 
 import onnx
+from lepton_cli.passes._quantize import fp16_safe, schemes
+from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
+from lepton_cli.passes._quantize.consumer_ranges import narrow_to_readers
+from lepton_cli.passes._quantize.heads import find_heads, head_overrides
+from lepton_cli.passes._quantize.integer_io import make_integer_io
+from lepton_cli.passes._quantize.prequantized import describe, has_subgraphs, quantized_ops
+from lepton_cli.passes._quantize.recovery import RecoverySettings, recover
+from lepton_cli.passes._quantize.short_names import shorten_added_names
+from lepton_cli.passes._quantize.tuning import Trial, keep_float_nodes, quantized_nodes, search
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from lepton_cli import console
-from lepton_cli.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, scoring_opt_level
 from lepton_cli.errors import BadInputError, QualityGateError
-from lepton_cli.external_data import has_external, inline_copy
-from lepton_cli.params import ParamValueError
-from lepton_cli.pass_registry import LOSSY, PassResult, register_pass
-from lepton_cli.pipeline import adapt_feed
-from lepton_cli.quant import fp16_safe, schemes
-from lepton_cli.quant.calibration import CalibrationSettings, calibrate
-from lepton_cli.quant.consumer_ranges import narrow_to_readers
-from lepton_cli.quant.heads import find_heads, head_overrides
-from lepton_cli.quant.integer_io import make_integer_io
-from lepton_cli.quant.prequantized import describe, has_subgraphs, quantized_ops
-from lepton_cli.quant.recovery import RecoverySettings, recover
-from lepton_cli.quant.short_names import shorten_added_names
-from lepton_cli.quant.tuning import Trial, keep_float_nodes, quantized_nodes, search
+from lepton_cli.evaluate.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, scoring_opt_level
+from lepton_cli.model.external_data import has_external, inline_copy
+from lepton_cli.pipeline.params import ParamValueError
+from lepton_cli.pipeline.registry import LOSSY, PassResult, register_pass
+from lepton_cli.pipeline.run import adapt_feed
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
 SENSITIVITY_SAMPLES = 8

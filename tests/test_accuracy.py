@@ -10,7 +10,8 @@ import pytest
 from conftest import DIGITS, needs_ocr
 from onnx import numpy_helper
 
-from lepton_cli.accuracy import (
+from lepton_cli.errors import BadInputError
+from lepton_cli.evaluate.accuracy import (
     Evaluator,
     compare_arrays,
     ctc_agreement_pct,
@@ -18,8 +19,7 @@ from lepton_cli.accuracy import (
     edit_distance,
     scoring_opt_level,
 )
-from lepton_cli.data import load_samples
-from lepton_cli.errors import BadInputError
+from lepton_cli.samples.sample_set import load_samples
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_nhwc_candidate_is_compared_in_the_source_layout(digits):
 
 
 def _agreement(ref: np.ndarray, got: np.ndarray) -> float:
-    from lepton_cli.accuracy import _Tally
+    from lepton_cli.evaluate.accuracy import _Tally
 
     tally = _Tally(float(np.ptp(ref)))
     tally.add(ref, got)
@@ -95,7 +95,7 @@ def test_continuous_outputs_use_a_range_tolerance():
 
 
 def test_labels_on_a_non_classifier_output_is_a_clear_error():
-    from lepton_cli.data import SampleSet
+    from lepton_cli.samples.sample_set import SampleSet
 
     samples = SampleSet(Path("ctc.npz"), {"x": np.zeros((4, 6, 5), np.float32)}, np.zeros(4, np.int64), {"x": False})
     with pytest.raises(BadInputError, match="not \\[N, classes\\]"):
@@ -162,7 +162,7 @@ def _ctc_model(character: bool, classes: int = 5) -> onnx.ModelProto:
 
 
 def test_evaluator_picks_ctc_agreement_from_metadata_or_when_asked():
-    from lepton_cli.data import SampleSet
+    from lepton_cli.samples.sample_set import SampleSet
 
     samples = SampleSet(
         Path("ctc.npz"), {"x": np.random.default_rng(0).normal(size=(4, 6, 5)).astype(np.float32)}, None, {"x": False}
@@ -188,7 +188,7 @@ def test_int8_is_scored_exactly_only_where_the_host_kernels_differ_from_the_targ
 
 
 def test_mask_f1_scores_the_thresholded_map_not_pixel_values():
-    from lepton_cli.accuracy import _Tally
+    from lepton_cli.evaluate.accuracy import _Tally
 
     ref = np.zeros((1, 1, 10, 10), np.float32)
     ref[0, 0, 2:6, 2:6] = 0.9  # a 16-pixel "text" region
@@ -210,8 +210,8 @@ def test_mask_f1_scores_the_thresholded_map_not_pixel_values():
 
 
 def test_mask_f1_metric_on_a_map_model_and_bad_metric_names(tmp_path):
-    from lepton_cli.accuracy import parse_metric
-    from lepton_cli.data import SampleSet
+    from lepton_cli.evaluate.accuracy import parse_metric
+    from lepton_cli.samples.sample_set import SampleSet
 
     def sigmoid_model(scale: float) -> onnx.ModelProto:
         node = [onnx.helper.make_node("Mul", ["x", "k"], ["z"]), onnx.helper.make_node("Sigmoid", ["z"], ["y"])]
@@ -258,7 +258,7 @@ def test_compile_rejects_a_bad_eval_metric_with_exit_2(run_cli, tmp_path):
 
 
 def test_text_labels_score_character_accuracy_of_a_ctc_model(tmp_path):
-    from lepton_cli.data import SampleSet
+    from lepton_cli.samples.sample_set import SampleSet
 
     # classes: 0 blank, 1..4 = a b c d, 5 = the space PaddleOCR appends
     source_paths = [[1, 1, 0, 2, 0, 0], [3, 0, 4, 5, 1, 0]]  # "ab", "cd a"
@@ -298,8 +298,8 @@ def test_ppocr_rec_text_labels_give_the_benchmark_character_accuracy(tmp_path):
     import ocr_textset as textset
     from conftest import OCR_REC
 
-    from lepton_cli.ort import make_session
-    from lepton_cli.shapes import bind_input_shapes
+    from lepton_cli.model.sessions import make_session
+    from lepton_cli.model.shapes import bind_input_shapes
 
     model = bind_input_shapes(onnx.load(OCR_REC), {"x": [1, 3, 48, 320]})
     images, texts = textset.make_set(12, 3, "eval")

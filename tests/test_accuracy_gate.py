@@ -19,7 +19,7 @@ def _register_noise_pass():
     """A lossy test pass that perturbs weights, to drive the gate deterministically."""
     from dataclasses import dataclass
 
-    from lepton_cli.pass_registry import _REGISTRY, LOSSY, PassResult, register_pass
+    from lepton_cli.pipeline.registry import _REGISTRY, LOSSY, PassResult, register_pass
 
     if "test_add_noise" in _REGISTRY:
         return

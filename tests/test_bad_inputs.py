@@ -14,7 +14,7 @@ import pytest
 from conftest import DIGITS, LIGHT_DIR
 from onnx import helper, numpy_helper
 
-from lepton_cli.pass_registry import PassResult, register_pass, tolerance
+from lepton_cli.pipeline.registry import PassResult, register_pass, tolerance
 
 DIGITS_MODEL = DIGITS / "digits_cnn.onnx"
 

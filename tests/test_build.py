@@ -14,7 +14,7 @@ import pytest
 from conftest import DIGITS, LIGHT_DIR
 
 from lepton_cli.bundle import open_bundle, verify_bundle
-from lepton_cli.compiler import CompileOptions, compile_model
+from lepton_cli.compile.compiler import CompileOptions, compile_model
 
 MODELS = ("digits_cnn", "light_squeezenet", "light_shufflenet")
 TARGETS = ("cpu-avx", "edge-arm", "my-board")
@@ -179,7 +179,7 @@ def test_build_models_are_byte_identical_to_single_compiles(pool_build, model, t
 def test_keys_changed_reseals_cached_bundles(pool_build, tmp_path):
     """A new recipient: every bundle is served from the cache, re-encrypted to it, without a compile."""
     root, env = pool_build["root"], pool_build["env"]
-    from lepton_cli.keys import generate_keys
+    from lepton_cli.bundle.keys import generate_keys
 
     generate_keys(tmp_path / "device")
     toml = BUILD_TOML.replace(
@@ -243,7 +243,7 @@ def test_provenance_is_signed_printed_and_checks_a_rebuild(pool_build, run_cli, 
         stmt["_type"] == "https://in-toto.io/Statement/v1" and stmt["predicateType"] == "https://slsa.dev/provenance/v1"
     )
     deps = {d["name"]: d["digest"]["sha256"] for d in stmt["predicate"]["buildDefinition"]["resolvedDependencies"]}
-    from lepton_cli.compile_inputs import sha256_file
+    from lepton_cli.compile.inputs import sha256_file
 
     assert deps["model/digits_cnn.onnx"] == sha256_file(root / "models" / "digits_cnn.onnx")
     assert deps["calib/calib.npz"] == sha256_file(root / "data" / "calib.npz")
@@ -464,7 +464,7 @@ def test_kill_9_leaves_no_partial_bundle_and_a_rerun_resumes(tmp_path):
 def test_ray_inputs_travel_by_content_and_keep_their_layout(tmp_path, monkeypatch):
     """What a Ray task rebuilds on its node from the shipped blobs: the same names, folders and bytes, written once."""
     from lepton_cli.build.ray_engine import _materialise, _role_files, memory_estimate
-    from lepton_cli.compile_inputs import sha256_file
+    from lepton_cli.compile.inputs import sha256_file
 
     images = tmp_path / "calib_images"
     (images / "a").mkdir(parents=True)

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from conftest import DIGITS, REPO
 
-from lepton_cli.bundle import load_bundle, open_bundle, signing, verify_bundle, write_bundle
+from lepton_cli.bundle import open_bundle, signing, verify_bundle, write_bundle
 from lepton_cli.bundle.archive import write_archive
+from lepton_cli.bundle.keys import generate_keys, load_key
 from lepton_cli.errors import VerificationError
-from lepton_cli.keys import generate_keys, load_key
+from lepton_cli.runtime.bundle_session import load_bundle
 
 DIGITS_MODEL = DIGITS / "digits_cnn.onnx"
 MODEL_BYTES = DIGITS_MODEL.read_bytes()

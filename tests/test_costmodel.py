@@ -10,10 +10,10 @@ import pytest
 from conftest import DIGITS, LIGHT_DIR, OCR_REC, needs_ocr
 from onnx import TensorProto, helper, numpy_helper
 
-from lepton_cli import costmodel
-from lepton_cli.costmodel import Buffer, Efficiency
-from lepton_cli.stats import collect_stats
-from lepton_cli.targets import Budgets, Hardware, load_target
+from lepton_cli.evaluate import costmodel
+from lepton_cli.evaluate.costmodel import Buffer, Efficiency
+from lepton_cli.model.stats import collect_stats
+from lepton_cli.pipeline.targets import Budgets, Hardware, load_target
 
 HW = Hardware(
     peak_int8_tops=4.0,

@@ -48,7 +48,7 @@ def _compile(
 
 def _open(bundle):
     from lepton_cli.bundle import open_bundle
-    from lepton_cli.keys import dev_keys
+    from lepton_cli.bundle.keys import dev_keys
 
     keys, _ = dev_keys(create=False)
     return open_bundle(
@@ -170,7 +170,7 @@ def test_fpga_digits_meets_every_dpu_limit_and_the_report_says_so(run_cli, tmp_p
 def test_dpu_check_names_each_violation_on_a_tpu_compiled_graph(run_cli, tmp_path):
     """The tpu target's int8 (asymmetric, per-channel, non-power-of-two scales) breaks the DPU's fixed point."""
     from lepton_cli.device_artifacts import dpu
-    from lepton_cli.targets import load_target
+    from lepton_cli.pipeline.targets import load_target
 
     bundle, _, _ = _compile(run_cli, tmp_path, "tpu")
     model = onnx.load_from_string(_open(bundle).models["model.onnx"])
@@ -313,8 +313,8 @@ def _rec_set(tmp_path, width=160):
     sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
     import ocr_textset as textset
 
-    from lepton_cli.model_io import upgrade_opset
-    from lepton_cli.shapes import bind_input_shapes
+    from lepton_cli.model.load import upgrade_opset
+    from lepton_cli.model.shapes import bind_input_shapes
 
     model, _ = upgrade_opset(onnx.load(OCR_REC), 13, 21)
     onnx.save(bind_input_shapes(model, {"x": [1, 3, 48, width]}), tmp_path / f"rec{width}.onnx")

@@ -24,11 +24,11 @@ import pytest
 from conftest import DIGITS, LIGHT_DIR, LIGHT_MODELS, OCR_DET, OCR_REC, ONNX_DATA, needs_ocr
 from onnx import numpy_helper
 
-from lepton_cli.ort import make_session, random_feed
-from lepton_cli.pass_registry import get_pass
-from lepton_cli.pipeline import PassContext, adapt_feed, restore_output
-from lepton_cli.shapes import bind_input_shapes, graph_inputs
-from lepton_cli.targets import load_target
+from lepton_cli.model.sessions import make_session, random_feed
+from lepton_cli.model.shapes import bind_input_shapes, graph_inputs
+from lepton_cli.pipeline.registry import get_pass
+from lepton_cli.pipeline.run import PassContext, adapt_feed, restore_output
+from lepton_cli.pipeline.targets import load_target
 
 FUSE_TOL = dict(rtol=1e-4, atol=1e-5)
 LAYOUT_TOL = dict(rtol=1e-5, atol=1e-6)
@@ -196,7 +196,7 @@ def disk_cases(kind: str) -> list[Case]:
 
 
 def model_case(path: Path, shapes: dict[str, list[int]] | None = None, target: str = "cpu-avx") -> Case:
-    from lepton_cli.model_io import load_model, upgrade_opset
+    from lepton_cli.model.load import load_model, upgrade_opset
 
     t = load_target(target)
     model, _ = upgrade_opset(load_model(path).model, t.runtime.opset_min, t.runtime.opset_max)

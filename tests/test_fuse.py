@@ -14,12 +14,12 @@ from lepton_cli.passes.fuse import FuseParams  # noqa: E402  (installed from pas
 from onnx import TensorProto, helper, numpy_helper
 
 from lepton_cli.errors import BadInputError
-from lepton_cli.model_io import load_model, upgrade_opset
-from lepton_cli.ort import make_session, random_feed
-from lepton_cli.pass_registry import get_pass
-from lepton_cli.pipeline import PassContext
-from lepton_cli.shapes import bind_input_shapes, graph_inputs
-from lepton_cli.targets import load_target
+from lepton_cli.model.load import load_model, upgrade_opset
+from lepton_cli.model.sessions import make_session, random_feed
+from lepton_cli.model.shapes import bind_input_shapes, graph_inputs
+from lepton_cli.pipeline.registry import get_pass
+from lepton_cli.pipeline.run import PassContext
+from lepton_cli.pipeline.targets import load_target
 
 
 def _fuse(model: onnx.ModelProto, target: str = "cpu-avx", tmp_path=None, **params) -> tuple[onnx.ModelProto, dict]:
@@ -198,7 +198,7 @@ def test_ort_offline_emits_ort_fused_graph_on_cpu_avx(tmp_path):
 
 
 def test_fuse_params_validated_from_toml():
-    from lepton_cli.params import from_table
+    from lepton_cli.pipeline.params import from_table
 
     with pytest.raises(BadInputError, match="fold_limit_mb"):
         from_table(FuseParams, {"fold_limit_mb": 0}, "passes[0] (fuse)")
@@ -287,8 +287,8 @@ def test_scale_before_a_non_conv_goes_into_the_hard_swish_input_conv(conv_output
 def test_ppocr_hard_swish_and_affine_blocks_fold(which):
     from conftest import OCR_DET
 
-    from lepton_cli.pass_registry import tolerance
-    from lepton_cli.pipeline import compare_outputs
+    from lepton_cli.pipeline.registry import tolerance
+    from lepton_cli.pipeline.run import compare_outputs
 
     path, shape = (OCR_DET, [1, 3, 160, 160]) if which == "det" else (OCR_REC, [1, 3, 48, 320])
     model = _real(path, "cpu-avx", {"x": shape})

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from lepton_cli.hostinfo import (
+from lepton_cli.host.detect import (
     HostSources,
     detect_host,
     normalise_arch,

@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
+from lepton_cli.bundle.keys import KEY_FILES, generate_keys, key_id, load_key, resolve
 from lepton_cli.errors import BadInputError
-from lepton_cli.keys import KEY_FILES, generate_keys, key_id, load_key, resolve
 
 
 def test_generate_writes_four_pem_files_private_ones_0600(tmp_path):

@@ -59,7 +59,7 @@ def test_external_data_model_compiles_verifies_and_runs(run_cli, stack, tmp_path
 
 
 def test_bundle_stores_large_models_as_graph_plus_encrypted_data(run_cli, stack, tmp_path, monkeypatch):
-    from lepton_cli import external_data
+    from lepton_cli.model import external_data
 
     monkeypatch.setattr(external_data, "BUNDLE_INLINE_LIMIT", 0)  # every model as a pair, as above 1 GiB
     assert run_cli("compile", stack, "-t", "cpu-avx", "-o", tmp_path / "out").code == 0
@@ -107,7 +107,7 @@ def test_whole_protobuf_schemes_refuse_external_data_over_the_limit(
     run_cli, stack, tmp_path, monkeypatch, target, calib
 ):
     """Static int8 (ORT's calibrator) and fp16 need one protobuf: above the limit, exit 2 naming the scheme."""
-    from lepton_cli import external_data
+    from lepton_cli.model import external_data
 
     monkeypatch.setattr(external_data, "INLINE_LIMIT", 1 << 20)  # the 3 MiB stack stands for a model over 1 GiB
     args = ["compile", stack, "-t", target, "-o", tmp_path / "out"]
@@ -162,8 +162,8 @@ def test_hostile_external_location_is_refused(run_cli, tmp_path, location):
 
 def test_tensor_array_reads_only_inside_the_weights_folder(stack, tmp_path):
     from lepton_cli.errors import BadInputError, InternalError
-    from lepton_cli.external_data import tensor_array, weights_folder
-    from lepton_cli.model_io import load_model
+    from lepton_cli.model.external_data import tensor_array, weights_folder
+    from lepton_cli.model.load import load_model
 
     loaded = load_model(stack, keep_external=True)
     weight = next(t for t in loaded.model.graph.initializer if t.name == "w1")
@@ -200,9 +200,9 @@ def test_model_over_2gib_compiles_within_twice_its_size(tmp_path):
 
 
 def test_archive_refuses_bundles_beyond_zip_without_zip64():
-    from lepton_cli.compiler import _check_archive_size
+    from lepton_cli.compile.compiler import _check_archive_size
     from lepton_cli.errors import BadInputError
-    from lepton_cli.external_data import ModelPayload
+    from lepton_cli.model.external_data import ModelPayload
 
     _check_archive_size({"model.onnx": ModelPayload(b"graph", "model.onnx.data", [(None, 0, 2**30)])})
     with pytest.raises(BadInputError, match="--archive"):

@@ -14,13 +14,13 @@ from lepton_cli.passes.layout_transform import LAYOUT_KEY, LayoutParams
 from onnx import TensorProto, helper, numpy_helper
 
 from lepton_cli.errors import BadInputError
-from lepton_cli.model_io import load_model, upgrade_opset
-from lepton_cli.ort import make_session, random_feed
-from lepton_cli.pass_registry import get_pass
-from lepton_cli.pipeline import LAYOUT_KEY as PIPELINE_LAYOUT_KEY
-from lepton_cli.pipeline import PassContext, adapt_feed, restore_output
-from lepton_cli.shapes import bind_input_shapes, graph_inputs
-from lepton_cli.targets import load_target
+from lepton_cli.model.load import load_model, upgrade_opset
+from lepton_cli.model.sessions import make_session, random_feed
+from lepton_cli.model.shapes import bind_input_shapes, graph_inputs
+from lepton_cli.pipeline.registry import get_pass
+from lepton_cli.pipeline.run import LAYOUT_KEY as PIPELINE_LAYOUT_KEY
+from lepton_cli.pipeline.run import PassContext, adapt_feed, restore_output
+from lepton_cli.pipeline.targets import load_target
 
 
 def _layout(model: onnx.ModelProto, target: str, **params) -> tuple[onnx.ModelProto, dict]:
@@ -224,7 +224,7 @@ def test_ppocr_det_dynamic_dims_survive_nhwc():
 
 
 def test_layout_params_validated_from_toml():
-    from lepton_cli.params import from_table
+    from lepton_cli.pipeline.params import from_table
 
     with pytest.raises(BadInputError, match="alignment"):
         from_table(LayoutParams, {"alignment": 0}, "passes[2] (layout_transform)")

@@ -12,8 +12,8 @@ import onnx
 import pytest
 from conftest import DIGITS
 
-from lepton_cli import measure
-from lepton_cli.data import load_samples
+from lepton_cli.evaluate import latency as measure
+from lepton_cli.samples.sample_set import load_samples
 
 
 class FakeClock:

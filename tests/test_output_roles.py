@@ -1,4 +1,4 @@
-"""Every output scored by what it is (lepton_cli.output_roles / output_scores), on real models and data:
+"""Every output scored by what it is (lepton_cli.evaluate.output_roles / output_scores), on real models and data:
 an input copy next to an embedding (MiniLM-like), CTC vs a `character` table that is not one, a YOLOX
 head on rendered pages, a classifier whose confidence collapsed; the warnings the compile gives."""
 
@@ -14,10 +14,10 @@ import pytest
 from conftest import DIGITS, OCR_REC, needs_ocr
 from onnx import helper, numpy_helper
 
-from lepton_cli.accuracy import Evaluator, parse_metric_spec
-from lepton_cli.data import SampleSet, load_samples
 from lepton_cli.errors import BadInputError
-from lepton_cli.gate_warnings import accuracy_warnings
+from lepton_cli.evaluate.accuracy import Evaluator, parse_metric_spec
+from lepton_cli.evaluate.gate_warnings import accuracy_warnings
+from lepton_cli.samples.sample_set import SampleSet, load_samples
 
 sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
 
@@ -115,7 +115,7 @@ def test_ctc_needs_a_table_that_fits_the_classes_and_a_copy_is_exact(tmp_path):
     entry (a layout detector's class names) is not; an input copy before it is scored exactly."""
     import ocr_textset as textset
 
-    from lepton_cli.shapes import bind_input_shapes
+    from lepton_cli.model.shapes import bind_input_shapes
 
     rec = bind_input_shapes(onnx.load(OCR_REC), {"x": [1, 3, 48, 160]})
     images, _ = textset.make_set(3, 5, "eval", width=160)
@@ -161,8 +161,7 @@ def test_a_yolox_head_is_scored_by_its_decoded_boxes():
     """ddddocr's character detector ([1, 3549, 6]: boxes on the YOLOX grids, objectness, one class) on rendered pages:
     fp16 keeps its boxes; halving the objectness drops boxes under the threshold, and detection F1 sees it."""
     import ocr_textset as textset
-
-    from lepton_cli.quant import schemes
+    from lepton_cli.passes._quantize import schemes
 
     model = onnx.load(_ddddocr_det())
     rng = np.random.default_rng(1)
@@ -196,7 +195,7 @@ def test_a_yolox_head_is_scored_by_its_decoded_boxes():
 
 def test_detection_f1_matches_boxes_by_iou_and_class():
     """A v8-layout head ([1, 4+nc, anchors]): a box moved by half its width stops matching; a changed class too."""
-    from lepton_cli.output_scores import DetectionTally
+    from lepton_cli.evaluate.output_scores import DetectionTally
 
     anchors = 100
     head = np.zeros((1, 6, anchors), np.float32)  # cx, cy, w, h, two class scores
@@ -220,7 +219,7 @@ def test_detection_f1_matches_boxes_by_iou_and_class():
 
 
 def test_compile_scores_every_output_and_states_how_each_was_recognised(tmp_path):
-    from lepton_cli.compiler import CompileOptions, compile_model
+    from lepton_cli.compile.compiler import CompileOptions, compile_model
 
     model, _ = _digits()
     onnx.save(_minilm_like(model), tmp_path / "minilm_like.onnx")

@@ -13,11 +13,11 @@ import pytest
 from conftest import DIGITS, OCR_DET, needs_ocr
 from onnx import helper, numpy_helper
 
-from lepton_cli.compiler import CompileOptions, compile_model
+from lepton_cli.compile.compiler import CompileOptions, compile_model
 from lepton_cli.errors import InternalError, QualityGateError
-from lepton_cli.pass_registry import LOSSY, PassResult, register_pass, tolerance
-from lepton_cli.pipeline import NOISE_FLOOR_FACTOR, PassContext, run_pipeline
-from lepton_cli.targets import PassStep, load_target
+from lepton_cli.pipeline.registry import LOSSY, PassResult, register_pass, tolerance
+from lepton_cli.pipeline.run import NOISE_FLOOR_FACTOR, PassContext, run_pipeline
+from lepton_cli.pipeline.targets import PassStep, load_target
 
 REPO = DIGITS.parents[1]
 
@@ -88,7 +88,7 @@ def _target_with(*steps: PassStep):
 
 
 def _digits():
-    from lepton_cli.model_io import load_model
+    from lepton_cli.model.load import load_model
 
     return load_model(DIGITS / "digits_cnn.onnx").model
 
@@ -151,8 +151,8 @@ def test_opset_upgrade_and_shape_binding_are_reported(tmp_path):
 
 
 def test_random_check_inputs_are_seeded():
-    from lepton_cli.ort import random_feed
-    from lepton_cli.shapes import graph_inputs
+    from lepton_cli.model.sessions import random_feed
+    from lepton_cli.model.shapes import graph_inputs
 
     inputs = graph_inputs(
         helper.make_model(
@@ -170,7 +170,7 @@ def test_random_check_inputs_are_seeded():
 
 
 def test_tolerance_scales_with_the_output_not_each_element():
-    from lepton_cli.pipeline import _within_scaled_tolerance
+    from lepton_cli.pipeline.run import _within_scaled_tolerance
 
     ref = np.array([1.0, 0.5, 1e-6], dtype=np.float32)
     # float reassociation: 5e-5 off on a near-zero element of a map whose values reach 1 (fuse on det)
@@ -183,8 +183,8 @@ def test_tolerance_scales_with_the_output_not_each_element():
 
 
 def test_the_budget_is_one_ledger_of_drop_against_the_source():
-    from lepton_cli.pipeline import PassContext
-    from lepton_cli.targets import load_target
+    from lepton_cli.pipeline.run import PassContext
+    from lepton_cli.pipeline.targets import load_target
 
     ctx = PassContext(target=load_target("edge-arm"), max_accuracy_drop=1.0)
     assert ctx.lossy_budget(0.5) == 0.5
@@ -204,7 +204,7 @@ def test_onnxruntime_notices_never_reach_stdout(monkeypatch, capsys):
     """ORT prints its EP fallback notice to stdout; sessions are made with stdout sent to stderr (--json stays clean)."""
     import onnxruntime
 
-    from lepton_cli import ort as lepton_ort
+    from lepton_cli.model import sessions as lepton_ort
 
     class Noisy:
         def __init__(self, *args, **kwargs):
@@ -217,7 +217,7 @@ def test_onnxruntime_notices_never_reach_stdout(monkeypatch, capsys):
 
 
 def test_tolerance_scale_is_per_channel_for_maps():
-    from lepton_cli.pipeline import _within_scaled_tolerance
+    from lepton_cli.pipeline.run import _within_scaled_tolerance
 
     ref = np.zeros((1, 2, 4), np.float32)
     ref[0, 0] = 640.0  # box coordinates

@@ -10,19 +10,19 @@ import numpy as np
 import onnx
 import pytest
 from conftest import DIGITS, OCR_DET, ONNX_DATA, needs_ocr
+from lepton_cli.passes._prune import channel_groups as cg
 from onnx import TensorProto, helper, numpy_helper
 
-from lepton_cli import channel_groups as cg
-from lepton_cli.accuracy import Evaluator
-from lepton_cli.data import SampleSet, load_samples
 from lepton_cli.errors import BadInputError
-from lepton_cli.model_io import upgrade_opset
-from lepton_cli.ort import make_session
-from lepton_cli.params import from_table
-from lepton_cli.pass_registry import get_pass
-from lepton_cli.pipeline import PassContext
-from lepton_cli.stats import collect_stats
-from lepton_cli.targets import load_target
+from lepton_cli.evaluate.accuracy import Evaluator
+from lepton_cli.model.load import upgrade_opset
+from lepton_cli.model.sessions import make_session
+from lepton_cli.model.stats import collect_stats
+from lepton_cli.pipeline.params import from_table
+from lepton_cli.pipeline.registry import get_pass
+from lepton_cli.pipeline.run import PassContext
+from lepton_cli.pipeline.targets import load_target
+from lepton_cli.samples.sample_set import SampleSet, load_samples
 
 PRUNE = get_pass("prune")
 PYTORCH = ONNX_DATA / "pytorch-converted"
@@ -490,7 +490,7 @@ def test_ppocr_det_channel_search_within_budget(tmp_path):
 def test_target_prune_step_in_pipeline(target, mode):
     import dataclasses
 
-    from lepton_cli.pipeline import run_pipeline
+    from lepton_cli.pipeline.run import run_pipeline
 
     model, calib, evaluation = _digits()
     profile = load_target(target)

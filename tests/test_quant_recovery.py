@@ -14,14 +14,14 @@ import numpy as np
 import onnx
 import pytest
 from conftest import DIGITS, OCR_REC, REPO, needs_ocr
+from lepton_cli.passes._quantize import adaround, bias_correction, equalization, layer_stats, schemes
+from lepton_cli.passes._quantize.recovery import RecoverySettings, recover
+from lepton_cli.passes._quantize.weight_layers import load, to_rows, weight_grid, weight_layers
 from onnx import numpy_helper
 
 from lepton_cli.errors import BadInputError
-from lepton_cli.ort import make_session
-from lepton_cli.params import from_table
-from lepton_cli.quant import adaround, bias_correction, equalization, layer_stats, schemes
-from lepton_cli.quant.recovery import RecoverySettings, recover
-from lepton_cli.quant.weight_layers import load, to_rows, weight_grid, weight_layers
+from lepton_cli.model.sessions import make_session
+from lepton_cli.pipeline.params import from_table
 
 PER_CHANNEL = schemes.Int8Scheme(per_channel=True)
 POW2 = schemes.Int8Scheme(activation_type="s8", per_channel=False, activation_symmetric=True, power_of_two=True)
@@ -126,8 +126,9 @@ def test_onnx_runtime_stores_the_chosen_rounding(digits, tmp_path, scheme):
     model, calib, _ = digits
     recovered = recover(model, calib, scheme, RecoverySettings(adaround=True, bias_correction=True, samples=32))
     assert recovered.summary["adaround_layers"] == 4 and recovered.summary["bias_corrected_layers"] == 4
-    from lepton_cli.data import load_samples
-    from lepton_cli.quant.calibration import CalibrationSettings, calibrate
+    from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
+
+    from lepton_cli.samples.sample_set import load_samples
 
     ranges = calibrate(recovered.quantize_source, load_samples(DIGITS / "calib.npz", model), CalibrationSettings())
     path = schemes.save_ranges(ranges, tmp_path / "ranges.json")
@@ -144,7 +145,7 @@ def test_onnx_runtime_stores_the_chosen_rounding(digits, tmp_path, scheme):
 
 
 def test_recovery_parameters_are_checked_when_the_target_loads():
-    from lepton_cli.pass_registry import get_pass
+    from lepton_cli.pipeline.registry import get_pass
 
     QuantizeParams = get_pass("quantize").params_cls  # noqa: N806
     params = from_table(
@@ -166,8 +167,8 @@ def test_recovery_on_pp_ocrv4_rec(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     import ocr_textset as textset
 
-    from lepton_cli.model_io import upgrade_opset
-    from lepton_cli.shapes import bind_input_shapes
+    from lepton_cli.model.load import upgrade_opset
+    from lepton_cli.model.shapes import bind_input_shapes
 
     model, _ = upgrade_opset(onnx.load(OCR_REC), 13, 21)
     model = schemes.preprocess(bind_input_shapes(model, {"x": [1, 3, 48, 160]}), tmp_path)
@@ -191,8 +192,8 @@ def test_smoothquant_on_pp_ocrv4_rec_is_exact_and_flattens_the_gemm_inputs(tmp_p
     sys.path.insert(0, str(REPO / "benchmarks"))
     import ocr_textset as textset
 
-    from lepton_cli.model_io import upgrade_opset
-    from lepton_cli.shapes import bind_input_shapes
+    from lepton_cli.model.load import upgrade_opset
+    from lepton_cli.model.shapes import bind_input_shapes
 
     model, _ = upgrade_opset(onnx.load(OCR_REC), 13, 21)
     model = schemes.preprocess(bind_input_shapes(model, {"x": [1, 3, 48, 160]}), tmp_path)
@@ -218,10 +219,10 @@ def test_heads_found_in_pp_ocrv4_rec_and_kept_out_of_int8(tmp_path):
     """The recogniser's decoding Softmax is found without a scope; quantize leaves it (and its output) float."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import ocr_textset as textset
+    from lepton_cli.passes._quantize.heads import find_heads
 
-    from lepton_cli.model_io import upgrade_opset
-    from lepton_cli.quant.heads import find_heads
-    from lepton_cli.shapes import bind_input_shapes
+    from lepton_cli.model.load import upgrade_opset
+    from lepton_cli.model.shapes import bind_input_shapes
 
     model, _ = upgrade_opset(onnx.load(OCR_REC), 13, 21)
     model = schemes.preprocess(bind_input_shapes(model, {"x": [1, 3, 48, 160]}), tmp_path)
@@ -230,8 +231,9 @@ def test_heads_found_in_pp_ocrv4_rec_and_kept_out_of_int8(tmp_path):
     assert len(heads) == 1 and "Softmax" in heads[0].why
     softmax = heads[0].nodes[-1]
     np.savez(tmp_path / "calib.npz", x=np.concatenate([f["x"] for f in calib]))
-    from lepton_cli.data import load_samples
-    from lepton_cli.quant.calibration import CalibrationSettings, calibrate
+    from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
+
+    from lepton_cli.samples.sample_set import load_samples
 
     path = schemes.save_ranges(
         calibrate(model, load_samples(tmp_path / "calib.npz", model), CalibrationSettings()), tmp_path / "ranges.json"
@@ -259,8 +261,7 @@ def test_detector_head_concat_of_boxes_and_scores_is_found():
     """ddddocr's YOLOX-style head concatenates box offsets with sigmoid scores per scale, then the scales."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_quant_recovery import captchas
-
-    from lepton_cli.quant.heads import find_heads
+    from lepton_cli.passes._quantize.heads import find_heads
 
     model = onnx.load(DDDDOCR_DET)
     heads = find_heads(model, [{"images": x[None]} for x in captchas(2, 1)])

@@ -12,17 +12,17 @@ import numpy as np
 import onnx
 import pytest
 from conftest import DIGITS, OCR_REC, needs_ocr
+from lepton_cli.passes._quantize import schemes
+from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from onnx import numpy_helper
 
-from lepton_cli.accuracy import Evaluator
-from lepton_cli.data import load_samples
 from lepton_cli.errors import BadInputError, QualityGateError
-from lepton_cli.params import from_table
-from lepton_cli.pass_registry import get_pass
-from lepton_cli.pipeline import PassContext
-from lepton_cli.quant import schemes
-from lepton_cli.quant.calibration import CalibrationSettings, calibrate
-from lepton_cli.targets import load_target
+from lepton_cli.evaluate.accuracy import Evaluator
+from lepton_cli.pipeline.params import from_table
+from lepton_cli.pipeline.registry import get_pass
+from lepton_cli.pipeline.run import PassContext
+from lepton_cli.pipeline.targets import load_target
+from lepton_cli.samples.sample_set import load_samples
 
 QUANTIZE = get_pass("quantize")
 INT8_TARGETS = ["cpu-avx", "edge-arm", "tpu", "fpga"]
@@ -183,7 +183,7 @@ def test_weight_only_dynamic_and_int4_options(digits):
     result, _ = _run("cpu-avx", matmul, scheme="int4_weight_only")
     assert result.summary["matmul_nbits"] == 1 and "MatMulNBits" in _ops(result.model)
     x = {"x": np.random.default_rng(1).normal(size=(4, 64)).astype(np.float32)}
-    from lepton_cli.ort import make_session
+    from lepton_cli.model.sessions import make_session
 
     want = make_session(matmul).run(None, x)[0]
     got = make_session(result.model).run(None, x)[0]
@@ -286,9 +286,9 @@ def test_ppocr_rec_cpu_avx_keeps_character_accuracy(tmp_path):
     sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
     import ocr_textset as textset
 
-    from lepton_cli.model_io import upgrade_opset
-    from lepton_cli.ort import make_session
-    from lepton_cli.shapes import bind_input_shapes
+    from lepton_cli.model.load import upgrade_opset
+    from lepton_cli.model.sessions import make_session
+    from lepton_cli.model.shapes import bind_input_shapes
 
     model, _ = upgrade_opset(onnx.load(OCR_REC), 13, 21)
     model = bind_input_shapes(model, {"x": [1, 3, 48, 320]})
@@ -324,8 +324,9 @@ def test_without_eval_a_held_out_part_of_calib_scores_agreement(digits):
 
 def test_tpu_integer_io_option_gives_int8_inputs_and_outputs(digits):
     """integer_io: the graph takes and returns int8 (no float at the chip's edge), scales in metadata."""
-    from lepton_cli.pipeline import adapt_feed, restore_output
-    from lepton_cli.quant.integer_io import dequantize_array, io_quant, quantize_array
+    from lepton_cli.passes._quantize.integer_io import dequantize_array, io_quant, quantize_array
+
+    from lepton_cli.pipeline.run import adapt_feed, restore_output
 
     model, calib, evaluation = digits
     result, ctx = _run("tpu", model, calib, evaluation, integer_io=True)
@@ -346,7 +347,7 @@ def test_tpu_integer_io_option_gives_int8_inputs_and_outputs(digits):
     assert np.max(np.abs(dequantize_array(quantize_array(x, quant), quant) - x)) <= quant["scale"] / 2 + 1e-6
     assert _top1_drop(model, q, evaluation, ctx.scoring_opt_level) <= 1.0
     plain, _ = _run("tpu", model, calib, evaluation)
-    from lepton_cli.ort import make_session
+    from lepton_cli.model.sessions import make_session
 
     got = restore_output(q, out, make_session(q).run(None, adapted)[0])
     want = make_session(plain.model).run(None, feed)[0]
@@ -437,7 +438,7 @@ def test_cuda_int8_trt_example_follows_tensorrt_rules(run_cli, tmp_path):
     from conftest import OCR_DET
 
     from lepton_cli.bundle import open_bundle
-    from lepton_cli.keys import dev_keys
+    from lepton_cli.bundle.keys import dev_keys
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "calib.npz", x=rng.normal(0, 1, (4, 3, 96, 96)).astype(np.float32))
@@ -484,9 +485,8 @@ def test_cuda_int8_trt_example_follows_tensorrt_rules(run_cli, tmp_path):
 def test_histogram_calibration_memory_stays_bounded_when_ranges_grow():
     """ORT's histogram merge adds bins of the old width when a later chunk is wider (a near-zero first
     chunk then a wide one: >100k bins at once); the bounded collector re-bins before ORT merges."""
+    from lepton_cli.passes._quantize.calibration import _bound_histograms
     from onnxruntime.quantization.calibrate import HistogramCollector
-
-    from lepton_cli.quant.calibration import _bound_histograms
 
     rng = np.random.default_rng(0)
     narrow, wide = rng.normal(0, 1e-3, 1000).astype(np.float32), rng.normal(0, 10.0, 1000).astype(np.float32)
@@ -519,8 +519,9 @@ def test_histogram_calibration_memory_stays_bounded_when_ranges_grow():
 def test_keeping_every_node_float_gives_back_the_float_model(digits, tmp_path):
     """ORT's quantizer drops a Relu/Clip whose output is quantized (the Q clamps) and renames the producer's
     output after it: bypassing that Q/DQ for a float-kept node must put the activation back."""
-    from lepton_cli.ort import make_session
-    from lepton_cli.quant.tuning import keep_float_nodes
+    from lepton_cli.passes._quantize.tuning import keep_float_nodes
+
+    from lepton_cli.model.sessions import make_session
 
     model, calib, evaluation = digits
     base = schemes.preprocess(model, tmp_path)
@@ -553,7 +554,7 @@ def test_fast_op_types_are_tried_first_and_op_types_after(digits):
 
 
 def test_float_kept_layers_can_keep_int8_stored_weights(digits, tmp_path):
-    from lepton_cli.quant.tuning import keep_float_nodes
+    from lepton_cli.passes._quantize.tuning import keep_float_nodes
 
     model, calib, evaluation = digits
     base = schemes.preprocess(model, tmp_path)
@@ -574,7 +575,7 @@ def test_float_kept_layers_can_keep_int8_stored_weights(digits, tmp_path):
 
 
 def test_mse_range_clips_a_long_tail_and_keeps_a_tight_one():
-    from lepton_cli.quant.mse_ranges import mse_range
+    from lepton_cli.passes._quantize.mse_ranges import mse_range
 
     rng = np.random.default_rng(0)
     tailed = rng.laplace(0, 1, 1_000_000)  # min/max near +-14; the MSE-optimal 8-bit clip of Laplace(b) is ~9.9 b
@@ -595,8 +596,9 @@ def test_mse_calibration_quantizes_digits_within_budget(digits):
 
 
 def test_the_search_holds_the_upper_confidence_bound_of_the_drop_to_the_budget(digits):
-    from lepton_cli.accuracy import AccuracyScore, drop_standard_error
-    from lepton_cli.quant.tuning import search
+    from lepton_cli.passes._quantize.tuning import search
+
+    from lepton_cli.evaluate.accuracy import AccuracyScore, drop_standard_error
 
     model, _, _ = digits
 
@@ -646,9 +648,8 @@ def _hard_swish_graph():
 
 
 def test_a_hard_swish_input_range_stops_where_hard_sigmoid_reaches_zero():
+    from lepton_cli.passes._quantize.consumer_ranges import narrow_to_readers, range_floors
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
-
-    from lepton_cli.quant.consumer_ranges import narrow_to_readers, range_floors
 
     model = _hard_swish_graph()
     # h: only the hard-swish reads it -> floor -beta/alpha = -3; g: an Add reads it too -> unchanged
@@ -670,9 +671,8 @@ def test_a_hard_swish_input_range_stops_where_hard_sigmoid_reaches_zero():
 
 @pytest.mark.parametrize("change", ["mul_by_other", "graph_output", "two_gates", "zero_alpha"])
 def test_no_floor_where_a_reader_sees_values_below_it(change):
+    from lepton_cli.passes._quantize.consumer_ranges import range_floors
     from onnx import TensorProto, helper
-
-    from lepton_cli.quant.consumer_ranges import range_floors
 
     model = _hard_swish_graph()
     graph = model.graph
@@ -692,10 +692,10 @@ def test_no_floor_where_a_reader_sees_values_below_it(change):
 def test_ppocr_det_hard_swish_inputs_get_u8_ranges_from_minus_three(tmp_path):
     """PP-OCRv4 det: each pre-hard-swish activation's u8 Q covers [-3, hi], not the symmetric ±max."""
     from conftest import OCR_DET
+    from lepton_cli.passes._quantize.consumer_ranges import range_floors
 
-    from lepton_cli.model_io import upgrade_opset
-    from lepton_cli.quant.consumer_ranges import range_floors
-    from lepton_cli.shapes import bind_input_shapes
+    from lepton_cli.model.load import upgrade_opset
+    from lepton_cli.model.shapes import bind_input_shapes
 
     model, _ = upgrade_opset(onnx.load(OCR_DET), 13, 21)
     model = bind_input_shapes(model, {"x": [1, 3, 160, 160]})
@@ -728,8 +728,9 @@ def test_ppocr_det_hard_swish_inputs_get_u8_ranges_from_minus_three(tmp_path):
 
 
 def test_the_search_falls_back_to_the_leading_nodes_when_no_single_node_ranks(digits, monkeypatch):
-    from lepton_cli.accuracy import AccuracyScore
-    from lepton_cli.quant import tuning
+    from lepton_cli.passes._quantize import tuning
+
+    from lepton_cli.evaluate.accuracy import AccuracyScore
 
     model, _, _ = digits
     names = [f"n{i}" for i in range(10)]
@@ -776,8 +777,9 @@ def test_the_search_falls_back_to_the_leading_nodes_when_no_single_node_ranks(di
 
 
 def test_names_the_quantizer_added_are_shortened_and_the_source_names_kept(digits, tmp_path):
-    from lepton_cli.ort import make_session
-    from lepton_cli.quant.short_names import shorten_added_names
+    from lepton_cli.passes._quantize.short_names import shorten_added_names
+
+    from lepton_cli.model.sessions import make_session
 
     model, calib, evaluation = digits
     result, _ = _run("cpu-avx", model, calib, tune=False)
@@ -806,9 +808,8 @@ def test_names_the_quantizer_added_are_shortened_and_the_source_names_kept(digit
 
 
 def test_a_source_name_that_ends_like_a_quantizer_suffix_is_kept_whole():
+    from lepton_cli.passes._quantize.short_names import shorten_added_names
     from onnx import TensorProto, helper
-
-    from lepton_cli.quant.short_names import shorten_added_names
 
     nodes = [
         helper.make_node("Relu", ["x"], ["ln_scale"], name="relu"),
@@ -835,8 +836,8 @@ def test_fpga_ppocr_det_every_scale_is_a_power_of_two(tmp_path):
 
     from conftest import OCR_DET
 
-    from lepton_cli.model_io import upgrade_opset
-    from lepton_cli.shapes import bind_input_shapes
+    from lepton_cli.model.load import upgrade_opset
+    from lepton_cli.model.shapes import bind_input_shapes
 
     sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
     import ocr_textset as textset

@@ -9,7 +9,7 @@ from conftest import DIGITS
 from PIL import Image
 
 from lepton_cli.errors import BadInputError
-from lepton_cli.preprocess import load_image_folder
+from lepton_cli.samples.preprocess import load_image_folder
 
 
 def _write_digits(folder, count=24):

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import DIGITS
 
-from lepton_cli import report_render
+from lepton_cli.compile import report_render
+from lepton_cli.compile.report import apply_gates, baseline_checks
 from lepton_cli.errors import QualityGateError
-from lepton_cli.report import apply_gates, baseline_checks
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -23,7 +23,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """One real compile of the digits demo (with calibration data), shared by the tests below."""
-    from lepton_cli.compiler import CompileOptions, compile_model
+    from lepton_cli.compile.compiler import CompileOptions, compile_model
 
     tmp = tmp_path_factory.mktemp("render")
     with pytest.MonkeyPatch.context() as mp:

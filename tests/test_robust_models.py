@@ -72,8 +72,8 @@ def _no_internal_error(result) -> None:
 
 def test_scalar_input_samples_reach_ort_as_arrays(silero, tmp_path):
     """A scalar input (sr, int64, rank 0) given as one value for all samples or one value per sample."""
-    from lepton_cli.data import load_samples
-    from lepton_cli.ort import make_session
+    from lepton_cli.model.sessions import make_session
+    from lepton_cli.samples.sample_set import load_samples
 
     model = onnx.load(silero)
     window = np.random.default_rng(0).uniform(-0.1, 0.1, (3, 1, 576)).astype(np.float32)
@@ -91,8 +91,8 @@ def test_scalar_input_samples_reach_ort_as_arrays(silero, tmp_path):
 
 
 def test_scalar_input_of_wrong_rank_is_bad_input(silero, tmp_path):
-    from lepton_cli.data import load_samples
     from lepton_cli.errors import BadInputError
+    from lepton_cli.samples.sample_set import load_samples
 
     path = tmp_path / "vad.npz"
     np.savez(
@@ -108,7 +108,7 @@ def test_scalar_input_of_wrong_rank_is_bad_input(silero, tmp_path):
 def test_random_feeds_take_the_branch_the_model_compares_for(silero):
     """Without data, sr must be the constant the graph tests it against (16000), not a random 0..7
     that takes the 8 kHz branch, which fails on 16 kHz windows."""
-    from lepton_cli.ort import compared_constants, make_session, model_random_feed
+    from lepton_cli.model.sessions import compared_constants, make_session, model_random_feed
 
     model = onnx.load(silero)
     assert {k: int(v) for k, v in compared_constants(model).items()} == {"sr": 16000}
@@ -196,7 +196,7 @@ def test_calib_of_another_size_than_the_bound_input_is_exit_2(tmp_path, run_cli)
 
 def test_unused_opset_imports_are_dropped_used_ones_refused(tmp_path):
     from lepton_cli.errors import BadInputError
-    from lepton_cli.model_io import load_model
+    from lepton_cli.model.load import load_model
 
     path = REPO / "examples" / "digits" / "digits_cnn.onnx"
     model = onnx.load(path)
@@ -220,9 +220,8 @@ def test_unused_opset_imports_are_dropped_used_ones_refused(tmp_path):
 
 @pytest.mark.parametrize("target", ["cpu-avx", "cuda"])
 def test_prequantized_digits_compile_with_their_quantization(target, tmp_path, run_cli):
+    from lepton_cli.passes._quantize.prequantized import quantized_ops
     from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from lepton_cli.quant.prequantized import quantized_ops
 
     digits = REPO / "examples" / "digits"
     model = tmp_path / "digits_dynamic.onnx"
@@ -250,7 +249,7 @@ def test_prequantized_digits_compile_with_their_quantization(target, tmp_path, r
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["cpu-avx", "cuda"])
 def test_prequantized_model_keeps_its_quantization(prequantized_rec, text_lines, target, tmp_path, run_cli):
-    from lepton_cli.quant.prequantized import quantized_ops
+    from lepton_cli.passes._quantize.prequantized import quantized_ops
 
     source_ops = quantized_ops(onnx.load(prequantized_rec))
     assert source_ops["DynamicQuantizeLinear"] > 0
@@ -274,10 +273,11 @@ def test_ppocrv5_rec_fp16_types_agree_after_fuse():
     converter retyped them to fp16 and shape inference failed: (1) vs (10)."""
     import dataclasses
 
-    from lepton_cli.pipeline import PassContext, run_pipeline
-    from lepton_cli.quant import schemes
-    from lepton_cli.shapes import bind_input_shapes
-    from lepton_cli.targets import load_target
+    from lepton_cli.passes._quantize import schemes
+
+    from lepton_cli.model.shapes import bind_input_shapes
+    from lepton_cli.pipeline.run import PassContext, run_pipeline
+    from lepton_cli.pipeline.targets import load_target
 
     target = load_target("cuda")
     target = dataclasses.replace(target, passes=[p for p in target.passes if p.name == "fuse"])
@@ -362,15 +362,16 @@ def test_streamed_local_errors_rank_as_the_float64_reference(run_mb, tmp_path, m
     """local_errors reduces each feed's tensors to sums before the next run, fetching them in groups of
     at most RUN_MB (1e-9: one tensor per run); the ranking matches the per-tensor NSRs computed from
     every feed's tensors held at once as float64 (what it did before)."""
-    from lepton_cli.quant import tuning
+    from lepton_cli.passes._quantize import tuning
 
     monkeypatch.setattr(tuning, "RUN_MB", run_mb)
-    from lepton_cli.data import load_samples
-    from lepton_cli.ort import make_session
-    from lepton_cli.quant import schemes
-    from lepton_cli.quant.calibration import CalibrationSettings, calibrate
-    from lepton_cli.quant.tuning import _with_outputs, local_errors
-    from lepton_cli.shapes import bind_input_shapes
+    from lepton_cli.passes._quantize import schemes
+    from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
+    from lepton_cli.passes._quantize.tuning import _with_outputs, local_errors
+
+    from lepton_cli.model.sessions import make_session
+    from lepton_cli.model.shapes import bind_input_shapes
+    from lepton_cli.samples.sample_set import load_samples
 
     digits = REPO / "examples" / "digits"
     model = bind_input_shapes(onnx.load(digits / "digits_cnn.onnx"), {"image": [1, 1, 8, 8]})  # as compile does
@@ -416,9 +417,8 @@ def test_histogram_bound_when_the_first_chunk_of_a_tensor_is_all_zeros():
     """np.histogram gives constant data the range (v-0.5, v+0.5): an |x| histogram of zeros starts at
     -0.5, which the bound mistook for a signed histogram (IndexError, exit 1, PP-OCRv4 det at 320x320
     on rendered pages, percentile calibration)."""
+    from lepton_cli.passes._quantize.calibration import CalibrationSettings, _bound_histograms
     from onnxruntime.quantization.calibrate import HistogramCollector
-
-    from lepton_cli.quant.calibration import CalibrationSettings, _bound_histograms
 
     class Calibrator:
         collector = HistogramCollector(

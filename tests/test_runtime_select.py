@@ -9,8 +9,8 @@ from conftest import DIGITS
 from onnx import TensorProto, helper
 
 from lepton_cli.errors import BadInputError
-from lepton_cli.hostinfo import GpuInfo, HostInfo
-from lepton_cli.runtime_select import (
+from lepton_cli.host.detect import GpuInfo, HostInfo
+from lepton_cli.runtime.select import (
     CPU_EP,
     choose_threads,
     default_session_factory,
@@ -257,12 +257,14 @@ def test_forced_variant_runs_despite_requirements_with_warnings():
 
 def test_real_bundle_variants_chosen_on_this_host(tmp_path, monkeypatch, run_cli):
     """Compile a two-variant target into a signed, encrypted bundle, open it, and let this real host choose."""
+    from lepton_cli.runtime.bundle_session import load_bundle
+
     bundle = pytest.importorskip("lepton_cli.bundle")  # issue 6; skip in a checkout without it
     from pathlib import Path
 
-    from lepton_cli.compiler import CompileOptions, compile_model
-    from lepton_cli.hostinfo import detect_host
-    from lepton_cli.keys import dev_keys
+    from lepton_cli.bundle.keys import dev_keys
+    from lepton_cli.compile.compiler import CompileOptions, compile_model
+    from lepton_cli.host.detect import detect_host
 
     monkeypatch.setenv("LEPTON_HOME", str(tmp_path / "home"))
     target = tmp_path / "t.toml"
@@ -288,14 +290,14 @@ def test_real_bundle_variants_chosen_on_this_host(tmp_path, monkeypatch, run_cli
     assert selection.variant.name == expected, selection.log
     assert selection.threads == host.usable_cores
     # The same choice through load_bundle (its _plan_session calls runtime_select) and `lepton run`.
-    loaded = bundle.load_bundle(
+    loaded = load_bundle(
         result.bundle_dir,
         key=str(keys.path("encryption", "private")),
         trust=str(keys.path("signing", "public")),
         state_path=tmp_path / "state.json",
     )
     assert loaded.selection.variant.name == expected and loaded.model_path == loaded.selection.variant.path
-    forced = bundle.load_bundle(
+    forced = load_bundle(
         result.bundle_dir,
         key=str(keys.path("encryption", "private")),
         trust=str(keys.path("signing", "public")),

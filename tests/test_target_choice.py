@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lepton_cli.hostinfo import GpuInfo, HostInfo
-from lepton_cli.target_choice import suggest_target
+from lepton_cli.host.detect import GpuInfo, HostInfo
+from lepton_cli.host.target_choice import suggest_target
 
 H100 = GpuInfo(
     name="NVIDIA H100 80GB HBM3", vendor="NVIDIA", memory_total_mb=81559, memory_free_mb=80000, source="nvidia-smi"
@@ -88,7 +88,7 @@ def test_compile_target_auto_uses_the_detected_host(run_cli, tmp_path):
 
     from conftest import DIGITS
 
-    from lepton_cli.hostinfo import detect_host
+    from lepton_cli.host.detect import detect_host
 
     expected = suggest_target(detect_host())
     result = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", "auto", "-o", tmp_path, "--json")
@@ -105,7 +105,7 @@ def test_compile_target_auto_uses_the_detected_host(run_cli, tmp_path):
 
 
 def test_target_auto_on_unknown_arch_is_exit_2(monkeypatch):
-    from lepton_cli import compiler
+    from lepton_cli.compile import compiler
     from lepton_cli.errors import BadInputError
 
     with pytest.raises(BadInputError) as err:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lepton_cli.errors import BadInputError
-from lepton_cli.targets import BUILTIN_TARGETS, builtin_names, load_target
+from lepton_cli.pipeline.targets import BUILTIN_TARGETS, builtin_names, load_target
 
 TARGET_DIR = Path(__file__).resolve().parent.parent / "targets"
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..accuracy import parse_metric
-from ..compiler import CompileOptions
-from ..errors import BadInputError
-from ..params import from_table
-from ..targets import Target, load_target
+from lepton_cli.compile.compiler import CompileOptions
+from lepton_cli.errors import BadInputError
+from lepton_cli.evaluate.accuracy import parse_metric
+from lepton_cli.pipeline.params import from_table
+from lepton_cli.pipeline.targets import Target, load_target
 
 
 @dataclass(frozen=True)

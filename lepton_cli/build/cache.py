@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..bundle import crypto
-from ..errors import BadInputError
-from ..keys import _write_private, config_dir
-from ..model_io import file_sha256
+from lepton_cli.bundle import crypto
+from lepton_cli.bundle.keys import _write_private, config_dir
+from lepton_cli.errors import BadInputError
+from lepton_cli.model.load import file_sha256
 
 ENTRY_FORMAT = "lepton-build-cache/1"
 DEFAULT_MAX_MB = 10 * 1024

@@ -12,17 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from ..bundle.archive import ARCHIVE_SUFFIX, write_archive
-from ..bundle.output import CompileKeys, resolve_compile_keys, write_compile_output
-from ..bundle.writer import install_files
-from ..compile_inputs import compile_inputs, inputs_key
-from ..compiler import _check_output_dir, bundle_name
-from ..errors import ExitCode, LeptonError
-from ..keys import key_id
-from .buildfile import BuildPlan, Job
-from .cache import BuildCache, CacheHit
-from .summary import JobResult, worst_exit
-from .worker import Outcome
+from lepton_cli.build.buildfile import BuildPlan, Job
+from lepton_cli.build.cache import BuildCache, CacheHit
+from lepton_cli.build.summary import JobResult, worst_exit
+from lepton_cli.build.worker import Outcome
+from lepton_cli.bundle.archive import ARCHIVE_SUFFIX, write_archive
+from lepton_cli.bundle.keys import key_id
+from lepton_cli.bundle.writer import install_files
+from lepton_cli.compile.compiler import _check_output_dir, bundle_name
+from lepton_cli.compile.inputs import compile_inputs, inputs_key
+from lepton_cli.compile.output import CompileKeys, resolve_compile_keys, write_compile_output
+from lepton_cli.errors import ExitCode, LeptonError
 
 
 class Engine(Protocol):

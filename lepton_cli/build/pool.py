@@ -13,7 +13,7 @@ import multiprocessing
 import os
 from typing import Any, Iterator
 
-from .worker import Outcome, run_compile
+from lepton_cli.build.worker import Outcome, run_compile
 
 _SHARE: int | None = None  # this worker's core count, set by _pin
 

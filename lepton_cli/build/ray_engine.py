@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..compile_inputs import sha256_file
-from ..errors import BadInputError
-from .worker import Outcome, run_compile
+from lepton_cli.build.worker import Outcome, run_compile
+from lepton_cli.compile.inputs import sha256_file
+from lepton_cli.errors import BadInputError
 
 BASE_MEMORY = 512 * 2**20  # an idle worker with onnx, onnxruntime and numpy loaded
 MODEL_FACTOR = 12  # source, working copies, per-pass check sessions and the quantize search's candidates
@@ -50,7 +50,7 @@ def _role_files(path: Path, role: str) -> list[tuple[str, Path]]:
         return [(f"{path.name}/{p.relative_to(path).as_posix()}", p) for p in sorted(path.rglob("*")) if p.is_file()]
     files = [(path.name, path)]
     if role == "model":
-        from ..compile_inputs import model_files
+        from lepton_cli.compile.inputs import model_files
 
         files += [(f["name"], path.parent / f["name"]) for f in model_files(path)[1:]]
     return files

@@ -13,11 +13,11 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import console
-from ..compiler import CompileOptions, compile_unsealed
-from ..errors import LeptonError
-from ..hostinfo import detect_host
-from ..targets import Target
+from lepton_cli import console
+from lepton_cli.compile.compiler import CompileOptions, compile_unsealed
+from lepton_cli.errors import LeptonError
+from lepton_cli.host.detect import detect_host
+from lepton_cli.pipeline.targets import Target
 
 
 @dataclass

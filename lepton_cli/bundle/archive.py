@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
-from .manifest import fail
+from lepton_cli.bundle.manifest import fail
 
 ARCHIVE_SUFFIX = ".zip"
 _EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -254,7 +254,7 @@ class _GuardedStream:
 
 def open_source(path: Path) -> BundleSource:
     """A bundle folder or archive; a missing path is a usage error (exit 2), a bad one a verification failure."""
-    from ..errors import BadInputError
+    from lepton_cli.errors import BadInputError
 
     if not path.exists():
         raise BadInputError(

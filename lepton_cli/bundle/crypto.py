@@ -28,8 +28,8 @@ from cryptography.cobblestone import Cobblestone256Decryptor, Cobblestone256Encr
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
 
-from ..keys import EncryptionPrivateKey, EncryptionPublicKey, key_id
-from .manifest import FORMAT, FORMAT_VERSION, fail
+from lepton_cli.bundle.keys import EncryptionPrivateKey, EncryptionPublicKey, key_id
+from lepton_cli.bundle.manifest import FORMAT, FORMAT_VERSION, fail
 
 SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 BLOCK = 1 << 20  # streaming block: bounded memory, large enough to keep AES-GCM at full speed

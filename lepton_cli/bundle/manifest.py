@@ -12,7 +12,7 @@ import re
 from datetime import datetime, timezone
 from typing import Any
 
-from ..errors import VerificationError
+from lepton_cli.errors import VerificationError
 
 FORMAT = "lepton-bundle"
 FORMAT_VERSION = 1

@@ -19,9 +19,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..keys import SigningPrivateKey, SigningPublicKey, key_id
-from .manifest import fail, parse_json
-from .signing import PAYLOAD_TYPE, STATEMENT_TYPE, pae
+from lepton_cli.bundle.keys import SigningPrivateKey, SigningPublicKey, key_id
+from lepton_cli.bundle.manifest import fail, parse_json
+from lepton_cli.bundle.signing import PAYLOAD_TYPE, STATEMENT_TYPE, pae
 
 PROVENANCE = "provenance.intoto.json"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -75,7 +75,7 @@ def statement(inputs: dict[str, Any], models: dict[str, Any], bundle_name: str) 
 
 
 def inputs_digest(inputs: dict[str, Any]) -> str:
-    from ..compile_inputs import inputs_key
+    from lepton_cli.compile.inputs import inputs_key
 
     return inputs_key(inputs)
 

@@ -23,13 +23,22 @@ from typing import Any, Sequence
 
 import onnx
 
-from ..errors import BadInputError
-from ..external_data import ModelBytes, external_tensors
-from ..keys import EncryptionPrivateKey, SigningPublicKey, key_id, load_key
-from . import crypto, signing, state
-from .archive import BundleSource, open_source
-from .manifest import MANIFEST, MAX_MANIFEST_BYTES, SIGNATURE, fail, now_utc, parse_expires, parse_json, validate
-from .signing import MAX_SIGNATURE_BYTES
+from lepton_cli.bundle import crypto, signing, state
+from lepton_cli.bundle.archive import BundleSource, open_source
+from lepton_cli.bundle.keys import EncryptionPrivateKey, SigningPublicKey, key_id, load_key
+from lepton_cli.bundle.manifest import (
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    SIGNATURE,
+    fail,
+    now_utc,
+    parse_expires,
+    parse_json,
+    validate,
+)
+from lepton_cli.bundle.signing import MAX_SIGNATURE_BYTES
+from lepton_cli.errors import BadInputError
+from lepton_cli.model.external_data import ModelBytes, external_tensors
 
 
 @dataclass

@@ -28,8 +28,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..keys import SigningPrivateKey, SigningPublicKey, key_id, public_pem
-from .manifest import SIGNATURE, check_path, fail, parse_json
+from lepton_cli.bundle.keys import SigningPrivateKey, SigningPublicKey, key_id, public_pem
+from lepton_cli.bundle.manifest import SIGNATURE, check_path, fail, parse_json
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"

@@ -20,9 +20,9 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-from ..errors import BadInputError
-from ..keys import config_dir
-from .manifest import fail
+from lepton_cli.bundle.keys import config_dir
+from lepton_cli.bundle.manifest import fail
+from lepton_cli.errors import BadInputError
 
 STATE_FILE = "bundle-state.json"
 

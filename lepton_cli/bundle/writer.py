@@ -17,12 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from .. import __version__
-from ..errors import BadInputError
-from ..external_data import ModelPayload
-from ..keys import EncryptionPublicKey, SigningPrivateKey, key_id
-from . import crypto, signing
-from .manifest import (
+from lepton_cli import __version__
+from lepton_cli.bundle import crypto, signing
+from lepton_cli.bundle.keys import EncryptionPublicKey, SigningPrivateKey, key_id
+from lepton_cli.bundle.manifest import (
     DATA_SUFFIX,
     ENCRYPTION_SCHEME,
     FORMAT,
@@ -32,6 +30,8 @@ from .manifest import (
     check_path,
     parse_expires,
 )
+from lepton_cli.errors import BadInputError
+from lepton_cli.model.external_data import ModelPayload
 
 ENCRYPTED_SUFFIX = ".enc"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from ..console import note
-from ..errors import BadInputError
-from ..keys import ENV, dev_keys
+from lepton_cli.bundle.keys import ENV, dev_keys
+from lepton_cli.console import note
+from lepton_cli.errors import BadInputError
 
 
 def trust_spec(trust: str | None) -> str:

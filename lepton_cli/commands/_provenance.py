@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..bundle.archive import open_source
-from ..bundle.provenance import MAX_PROVENANCE_BYTES, PROVENANCE, compare, verify
-from ..bundle.reader import verify_bundle
-from ..console import emit_json, stdout
-from ..errors import VerificationError
-from ..keys import load_key
+from lepton_cli.bundle.archive import open_source
+from lepton_cli.bundle.keys import load_key
+from lepton_cli.bundle.provenance import MAX_PROVENANCE_BYTES, PROVENANCE, compare, verify
+from lepton_cli.bundle.reader import verify_bundle
+from lepton_cli.console import emit_json, stdout
+from lepton_cli.errors import VerificationError
 
 
 def read_provenance(bundle: Path, trust: str) -> dict[str, Any]:

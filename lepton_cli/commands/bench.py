@@ -16,15 +16,17 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .. import __version__, costmodel, measure
-from ..console import emit_json, note, settings, stderr, stdout, warn
-from ..data import load_samples
-from ..errors import BadInputError, QualityGateError
-from ..model_io import load_model
-from ..report import apply_gates
-from ..report_render import append_step_summary, render_html, render_markdown
-from ..shapes import graph_inputs, parse_input_shapes, require_static
-from ..targets import Target, load_target
+from lepton_cli import __version__
+from lepton_cli.compile.report import apply_gates
+from lepton_cli.compile.report_render import append_step_summary, render_html, render_markdown
+from lepton_cli.console import emit_json, note, settings, stderr, stdout, warn
+from lepton_cli.errors import BadInputError, QualityGateError
+from lepton_cli.evaluate import costmodel
+from lepton_cli.evaluate import latency as measure
+from lepton_cli.model.load import load_model
+from lepton_cli.model.shapes import graph_inputs, parse_input_shapes, require_static
+from lepton_cli.pipeline.targets import Target, load_target
+from lepton_cli.samples.sample_set import load_samples
 
 BENCH_FORMAT = "lepton-bench/1"
 
@@ -51,8 +53,11 @@ def _load_subject(path: Path, key: str | None, trust: str | None) -> Subject:
     if not _is_bundle(path):
         loaded = load_model(path)
         return Subject(path.name, path, "model", loaded.model, loaded.file_size)
-    from ..bundle import open_bundle
-    from ._bundle_keys import key_spec, trust_spec  # option, then LEPTON_* variable, then the dev key set (said so)
+    from lepton_cli.bundle import open_bundle
+    from lepton_cli.commands._bundle_keys import (  # option, then LEPTON_* variable, then the dev key set (said so)
+        key_spec,
+        trust_spec,
+    )
 
     # record=False: measuring a bundle is not deploying it, so the device's rollback state stays as it was.
     opened = open_bundle(path, key=key_spec(key), trust=trust_spec(trust), record=False)

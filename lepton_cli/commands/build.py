@@ -9,18 +9,18 @@ from typing import Annotated, Optional
 import typer
 from rich.live import Live
 
-from ..build.buildfile import load_build_file
-from ..build.cache import BuildCache
-from ..build.driver import BuildRun
-from ..build.pool import LocalPool, available_cores
-from ..build.summary import append_build_summary, json_document, live_table
-from ..console import emit_json, note, settings, stderr, stdout, warn
-from ..errors import BadInputError
+from lepton_cli.build.buildfile import load_build_file
+from lepton_cli.build.cache import BuildCache
+from lepton_cli.build.driver import BuildRun
+from lepton_cli.build.pool import LocalPool, available_cores
+from lepton_cli.build.summary import append_build_summary, json_document, live_table
+from lepton_cli.console import emit_json, note, settings, stderr, stdout, warn
+from lepton_cli.errors import BadInputError
 
 
 def _engine_factory(workers: int | None, ray_address: str | None, cpus_per_compile: int):
     if ray_address is not None:
-        from ..build.ray_engine import RayEngine, import_ray
+        from lepton_cli.build.ray_engine import RayEngine, import_ray
 
         import_ray()  # exit 2 now, before any work, when ray is missing
         return lambda jobs: RayEngine(None if ray_address == "auto" else ray_address, cpus_per_compile)

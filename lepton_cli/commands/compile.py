@@ -9,11 +9,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..accuracy import parse_metric_spec
-from ..compiler import CompileOptions, compile_model
-from ..console import emit_json, note, settings, stdout, warn
-from ..device_artifacts.summary import device_lines
-from ..pipeline import StepRecord
+from lepton_cli.compile.compiler import CompileOptions, compile_model
+from lepton_cli.console import emit_json, note, settings, stdout, warn
+from lepton_cli.device_artifacts.summary import device_lines
+from lepton_cli.evaluate.accuracy import parse_metric_spec
+from lepton_cli.pipeline.run import StepRecord
 
 
 def _fmt_bytes(n: int | None) -> str:

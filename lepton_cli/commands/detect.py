@@ -7,10 +7,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..console import emit_json, stdout
-from ..hostinfo import detect_host
-from ..runtime_select import usable_providers
-from ..target_choice import suggest_target
+from lepton_cli.console import emit_json, stdout
+from lepton_cli.host.detect import detect_host
+from lepton_cli.host.target_choice import suggest_target
+from lepton_cli.runtime.select import usable_providers
 
 
 def _mb(value: float | None) -> str:

@@ -8,10 +8,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..console import emit_json, stdout
-from ..external_data import weights_folder
-from ..model_io import load_model
-from ..stats import collect_stats
+from lepton_cli.console import emit_json, stdout
+from lepton_cli.model.external_data import weights_folder
+from lepton_cli.model.load import load_model
+from lepton_cli.model.stats import collect_stats
 
 
 def inspect_command(
@@ -60,7 +60,7 @@ def _is_bundle(path: Path) -> bool:
 
 def _inspect_bundle(path: Path, json_out: bool) -> None:
     """A bundle's manifest, without keys: NOT verified (say so); the model itself stays encrypted."""
-    from ..bundle import read_manifest_unverified
+    from lepton_cli.bundle import read_manifest_unverified
 
     manifest = read_manifest_unverified(path)
     if json_out:

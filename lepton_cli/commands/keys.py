@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..console import emit_json, settings, stdout
-from ..keys import default_key_dir, generate_keys
+from lepton_cli.bundle.keys import default_key_dir, generate_keys
+from lepton_cli.console import emit_json, settings, stdout
 
 keys_app = typer.Typer(
     help="Signing (ECDSA P-256) and encryption (X25519) key pairs for bundles.", no_args_is_help=True

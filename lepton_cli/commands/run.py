@@ -17,12 +17,12 @@ import onnx
 import typer
 from onnx import helper
 
-from ..bundle import BundleSession, load_bundle
-from ..bundle.device_session import FORMATS, load_device_file
-from ..console import emit_json, note, settings, stdout
-from ..data import load_samples
-from ..errors import BadInputError
-from ._bundle_keys import key_spec, trust_spec
+from lepton_cli.commands._bundle_keys import key_spec, trust_spec
+from lepton_cli.console import emit_json, note, settings, stdout
+from lepton_cli.errors import BadInputError
+from lepton_cli.runtime.bundle_session import BundleSession, load_bundle
+from lepton_cli.runtime.device_session import FORMATS, load_device_file
+from lepton_cli.samples.sample_set import load_samples
 
 
 def _source_layout_model(session: BundleSession) -> onnx.ModelProto:

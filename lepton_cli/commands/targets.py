@@ -7,9 +7,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..console import emit_json, stdout
-from ..params import to_table
-from ..targets import builtin_names, load_target
+from lepton_cli.console import emit_json, stdout
+from lepton_cli.pipeline.params import to_table
+from lepton_cli.pipeline.targets import builtin_names, load_target
 
 targets_app = typer.Typer(help="List targets, or show one target's pipeline pass by pass.", no_args_is_help=False)
 

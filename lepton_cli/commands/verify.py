@@ -7,10 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..bundle import verify_bundle
-from ..console import emit_json, settings, stdout
-from ._bundle_keys import trust_spec
-from ._provenance import show_provenance
+from lepton_cli.bundle import verify_bundle
+from lepton_cli.commands._bundle_keys import trust_spec
+from lepton_cli.commands._provenance import show_provenance
+from lepton_cli.console import emit_json, settings, stdout
 
 
 def verify_command(

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import onnx
 
-from ..targets import Target
+from lepton_cli.pipeline.targets import Target
 
 
 @dataclass
@@ -29,7 +29,7 @@ class DeviceArtifacts:
 
 
 def _mobile(models: dict[str, bytes], out: DeviceArtifacts, warn: Callable[[str], None]) -> None:
-    from . import ort_format
+    from lepton_cli.device_artifacts import ort_format
 
     section: dict[str, Any] = {"runtime": ort_format.RUNTIME}
     try:
@@ -86,11 +86,11 @@ def build_device_artifacts(
     if "ort" in formats:
         _mobile(models, out, warn)
     if "dpu" in checks:
-        from . import dpu
+        from lepton_cli.device_artifacts import dpu
 
         out.report["dpu"] = dpu.check_report(compiled, target, warn)
     if "tflite" in formats or "edgetpu" in checks:
-        from . import tflite_artifact
+        from lepton_cli.device_artifacts import tflite_artifact
 
         tflite_artifact.build(compiled, source, ctx, target, out, warn)
     return out

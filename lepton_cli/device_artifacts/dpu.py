@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..targets import Target
+from lepton_cli.pipeline.targets import Target
 
 CHANNEL_PARALLEL = 16
 BANK_DEPTH = 2048

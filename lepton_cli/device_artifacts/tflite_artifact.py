@@ -16,11 +16,11 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from ..accuracy import Evaluator, label_free
-from ..pipeline import LAYOUT_KEY, adapt_feed, restore_output
-from ..targets import Target
-from . import edgetpu, tflite_export
-from .litert_session import INSTALL_HINT, RUNTIME, LiteRTSession
+from lepton_cli.device_artifacts import edgetpu, tflite_export
+from lepton_cli.evaluate.accuracy import Evaluator, label_free
+from lepton_cli.pipeline.run import LAYOUT_KEY, adapt_feed, restore_output
+from lepton_cli.pipeline.targets import Target
+from lepton_cli.runtime.litert_session import INSTALL_HINT, RUNTIME, LiteRTSession
 
 TFLITE_PATH = "model.tflite"
 COMPARE_SAMPLES = 32  # ONNX-vs-LiteRT output comparison (the accuracy run covers the whole set)
@@ -57,7 +57,7 @@ def _accuracy(source: onnx.ModelProto, session: LiteRTSession, ctx: Any) -> dict
     samples, name = (ctx.eval, "--eval") if ctx.eval is not None else (ctx.calib, "--calib")
     if samples is None:
         return {"measured": False, "reason": "no --eval or --calib data: accuracy not measured"}
-    from ..pipeline import SCORE_SAMPLE_LIMIT
+    from lepton_cli.pipeline.run import SCORE_SAMPLE_LIMIT
 
     metric = ctx.eval_metric if samples.labels is not None else label_free(ctx.eval_metric)
     evaluator = _LiteRTEvaluator(
@@ -79,7 +79,7 @@ def _compare(compiled: onnx.ModelProto, session: LiteRTSession, ctx: Any) -> dic
     samples = ctx.eval if ctx.eval is not None else ctx.calib
     if samples is None:
         return None
-    from ..ort import make_session
+    from lepton_cli.model.sessions import make_session
 
     onnx_session = make_session(compiled, opt_level=ctx.scoring_opt_level)
     names = [o.name for o in onnx_session.get_outputs()]

@@ -1,0 +1,197 @@
+"""The benchmark report: ``report.json`` is the source; Markdown and HTML render from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lepton_cli import __version__
+from lepton_cli.errors import BadInputError, QualityGateError
+from lepton_cli.model.stats import ModelStats
+from lepton_cli.pipeline.run import StepRecord
+
+REPORT_FORMAT = "lepton-report/1"
+
+
+def build_report(
+    *,
+    model_name: str,
+    source_sha256: str,
+    target: dict[str, Any],
+    source: ModelStats,
+    compiled: ModelStats,
+    steps: list[StepRecord],
+    normalisation: list[str],
+    warnings: list[str],
+    extra: dict[str, Any] | None = None,
+    host_latency: dict[str, Any] | None = None,
+    cost_model: dict[str, Any] | None = None,
+    budgets: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON report of one compile (sections added by later stages go in ``extra``).
+
+    ``host_latency`` (source vs compiled, ``measure.latency_section``), ``cost_model`` and ``budgets``
+    (``costmodel.cost_model_section`` / ``budgets_section``) are added when given.
+    """
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 4) if a is not None and b else None
+
+    report = {
+        "format": REPORT_FORMAT,
+        "tool": {"name": "lepton", "version": __version__},
+        "model": {"name": model_name, "sha256": source_sha256},
+        "target": target,
+        "normalisation": normalisation,
+        "source": source.to_dict(),
+        "compiled": compiled.to_dict(),
+        "summary": {
+            "size_ratio": ratio(compiled.size_bytes, source.size_bytes),
+            "params_ratio": ratio(compiled.params, source.params),
+            "macs_ratio": ratio(compiled.macs, source.macs),
+            "nodes_before": source.nodes,
+            "nodes_after": compiled.nodes,
+        },
+        "pipeline": [s.to_dict() for s in steps],
+        "warnings": list(warnings),
+    }
+    for key, section in (("host_latency", host_latency), ("cost_model", cost_model), ("budgets", budgets)):
+        if section is not None:
+            report[key] = section
+    report.update(extra or {})
+    return report
+
+
+# -- CI gates (exit 3) -----------------------------------------------------------------------------
+
+BASELINE_TOLERANCE_PCT = 5.0
+
+
+def load_baseline(path: Path) -> dict[str, Any]:
+    """A stored ``report.json`` to compare a new compile with (exit 2 when unreadable)."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BadInputError(
+            f"--baseline {path} is not a readable report.json ({exc.__class__.__name__})",
+            "pass the report.json of an earlier compile",
+        ) from None
+    if not isinstance(doc, dict) or not str(doc.get("format", "")).startswith("lepton-"):
+        raise BadInputError(f"--baseline {path} is not a Lepton report", "pass the report.json of an earlier compile")
+    return doc
+
+
+def _p50_ratio(report: dict[str, Any], label: str = "compiled") -> float | None:
+    ratio = ((report.get("host_latency") or {}).get("ratios") or {}).get(label)
+    return ratio["ratio"] if ratio else None
+
+
+def _est_ms(report: dict[str, Any], label: str = "compiled") -> float | None:
+    est = ((report.get("cost_model") or {}).get("models") or {}).get(label) or {}
+    return est.get("latency_ms")
+
+
+def baseline_checks(
+    report: dict[str, Any], baseline: dict[str, Any], tolerance_pct: float = BASELINE_TOLERANCE_PCT
+) -> list[dict[str, Any]]:
+    """New compile vs a stored report: worse by more than ``tolerance_pct`` percent (accuracy: points) fails.
+
+    Latency is compared as the compiled/source p50 ratio (absolute milliseconds differ between CI
+    machines) and as the cost model's estimate (deterministic); size as bytes; accuracy in points.
+    """
+    tol = tolerance_pct / 100
+    checks = []
+
+    def add(name: str, new: float | None, old: float | None, worse: bool, limit: float) -> None:
+        if new is not None and old is not None:
+            checks.append(
+                {
+                    "gate": "baseline",
+                    "name": name,
+                    "value": round(new, 4),
+                    "baseline": round(old, 4),
+                    "limit": round(limit, 4),
+                    "ok": not worse,
+                }
+            )
+
+    new_size, old_size = (
+        (report.get("compiled") or {}).get("size_bytes"),
+        (baseline.get("compiled") or {}).get("size_bytes"),
+    )
+    if new_size is not None and old_size is not None:
+        add("compiled size bytes", new_size, old_size, new_size > old_size * (1 + tol), old_size * (1 + tol))
+    new_acc, old_acc = report.get("accuracy") or {}, baseline.get("accuracy") or {}
+    if new_acc.get("measured") and old_acc.get("measured") and new_acc.get("metric") == old_acc.get("metric"):
+        add(
+            f"accuracy {new_acc['metric']} %",
+            new_acc["value"],
+            old_acc["value"],
+            new_acc["value"] < old_acc["value"] - tolerance_pct,
+            old_acc["value"] - tolerance_pct,
+        )
+    new_r, old_r = _p50_ratio(report), _p50_ratio(baseline)
+    if new_r is not None and old_r is not None:
+        add("p50 latency ratio compiled/source", new_r, old_r, new_r > old_r * (1 + tol), old_r * (1 + tol))
+    new_e, old_e = _est_ms(report), _est_ms(baseline)
+    if new_e is not None and old_e is not None:
+        add("estimated latency ms (cost model)", new_e, old_e, new_e > old_e * (1 + tol), old_e * (1 + tol))
+    return checks
+
+
+def apply_gates(
+    report: dict[str, Any],
+    *,
+    max_latency_ratio: float | None = None,
+    baseline: dict[str, Any] | None = None,
+    baseline_tolerance_pct: float = BASELINE_TOLERANCE_PCT,
+    enforce_budgets: bool = False,
+) -> None:
+    """Record every gate in ``report["gates"]``; raise ``QualityGateError`` (exit 3) naming each failure."""
+    gates = report.setdefault("gates", [])
+    failures = []
+    latency = report.get("host_latency") or {}
+    if max_latency_ratio is not None:
+        if not latency.get("ratios"):
+            raise BadInputError(
+                "--max-latency-ratio needs a latency measurement of two models", "drop --no-bench, or pass --against"
+            )
+        for label, r in latency["ratios"].items():
+            ok = r["ratio"] <= max_latency_ratio
+            gates.append(
+                {
+                    "gate": "max_latency_ratio",
+                    "model": label,
+                    "value": round(r["ratio"], 4),
+                    "limit": max_latency_ratio,
+                    "ok": ok,
+                }
+            )
+            if not ok:
+                failures.append(
+                    f"{label} p50 is {r['ratio']:.3f}x {latency.get('base')} (95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}), "
+                    f"over --max-latency-ratio {max_latency_ratio:g}"
+                )
+    if baseline is not None:
+        for check in baseline_checks(report, baseline, baseline_tolerance_pct):
+            gates.append(check)
+            if not check["ok"]:
+                failures.append(
+                    f"{check['name']} {check['value']:g} is worse than the baseline's {check['baseline']:g} "
+                    f"beyond {baseline_tolerance_pct:g}% (limit {check['limit']:g})"
+                )
+    if enforce_budgets:
+        budgets = report.get("budgets")
+        if budgets is None:
+            raise BadInputError(
+                "--enforce-budgets needs a target: its budgets are what is enforced", "pass --target NAME"
+            )
+        for check in budgets["checks"]:
+            gates.append({"gate": "budget", "model": budgets.get("model"), **check})
+            if not check["ok"]:
+                failures.append(
+                    f"{check['name']} {check['value']:.1f} {check['unit']} over the budget of {check['limit']:g} {check['unit']}"
+                )
+    if failures:
+        raise QualityGateError("; ".join(failures), "optimise further, or relax the gate if the cost is acceptable")

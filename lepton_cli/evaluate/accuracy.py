@@ -1,0 +1,618 @@
+"""Accuracy of a compiled model against its source: every output scored by what it is, against labels or the source.
+
+With labels the first output's metric is top-1 accuracy (``[N, classes]``) or, for a CTC model given
+text labels (a string array), *character accuracy* against them: 100 × (1 − edit distance of the
+greedy CTC decode, mapped through the model's ``character`` table, / label length), what OCR users
+report. Every other output (and the first, without labels) is scored against the source model's
+output on the same samples by the metric that fits it — class scores by top-1 agreement, embeddings
+by cosine, YOLO-style heads by detection F1, CTC scores by decoded characters, probability maps by
+thresholded F1, integers and input copies by exact match, the rest by relative error — recognised
+as ``lepton_cli.evaluate.output_roles`` describes, or as ``--eval-metric`` says (one metric for the first
+output, ``NAME=metric`` for any). ``mask-f1@T``: PP-OCRv4 det / DBNet binarise at 0.3, so
+``mask-f1@0.3``; pixel-value agreement is much stricter than what their post-processing reads. CTC:
+per-timestep arg-max is far stricter than what users read (on PP-OCRv4 rec, 2.4 points of timestep
+agreement cost 0.2 points of characters). ``agreement`` keeps the plain share of arg-max positions
+(class-like shapes) or of values within ``CONTINUOUS_TOLERANCE`` of the range.
+A score's headline (metric, value, drop) is the output that lost the most; the budget holds for each.
+The drop is in percentage points (source value − compiled value), which is what
+``--max-accuracy-drop`` and the targets' ``max_accuracy_drop_pct`` budget bound.
+
+Both models run in ONNX Runtime with full graph optimisation, as deployed, so quantized QDQ graphs
+are measured with the integer kernels ORT fuses them into, not as simulated float — except where this
+host's integer kernels differ from the target's (``scoring_opt_level``): an x86 build host without
+VNNI sums 8-bit products pairwise in int16 (VPMADDUBSW) and saturates, which VNNI, Arm (SDOT, SMLAL)
+and integer accelerators, accumulating in int32, never do. There the
+QDQ graph runs unfused (``basic``: weights' DequantizeLinear folded, activations quantized and
+dequantized in float), which is the exact integer result up to fp32 rounding.
+Libraries checked: ONNX Runtime's quantization tools compare tensors (``qdq_loss_debug``) but have
+no model-level metric over a data set; nothing in onnx/onnxruntime does this.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from lepton_cli.errors import BadInputError
+from lepton_cli.evaluate.output_roles import OutputRole, from_user, recognise
+from lepton_cli.evaluate.output_scores import (
+    CosineTally,
+    DecisionTally,
+    DetectionTally,
+    EitherTally,
+    ExactTally,
+    MaskF1Tally,
+    OutputResult,
+    RelativeErrorTally,
+    Top1Tally,
+    drop_standard_error,
+)
+from lepton_cli.model.sessions import make_session
+from lepton_cli.pipeline.run import adapt_feed, restore_output
+from lepton_cli.samples.sample_set import SampleSet
+
+VNNI_ISA = ("avx512_vnni", "avx_vnni", "avxvnni", "amx_int8")  # u8·s8 dot products into int32: no saturation
+X86_ISA = ("avx2", "avx512f", "sse4_2", "avx")
+EXACT_INTEGER = "basic"  # ORT level that leaves QDQ pairs unfused
+METRICS = (
+    "auto",
+    "top1",
+    "agreement",
+    "ctc",
+    "mask-f1",
+    "cosine",
+    "detection",
+    "exact",
+    "relative-error",
+)  # mask-f1 takes "@threshold"
+MASK_F1_DEFAULT_THRESHOLD = 0.5
+CTC_BLANK = 0  # the blank class: PaddleOCR's and PyTorch CTCLoss's default
+CTC_METADATA_KEYS = (
+    "lepton.decoding",
+    "character",
+)  # "lepton.decoding" = "ctc"; PaddleOCR rec models carry "character"
+CONTINUOUS_TOLERANCE = 0.02  # of the reference output's range (max − min)
+SNR_CAP_DB = 300.0  # identical outputs: infinite SNR, capped so the report stays valid JSON
+
+
+@dataclass
+class AccuracyScore:
+    metric: str  # "top1" or "ctc_accuracy" (labels given), "agreement", "ctc_agreement" or "mask_f1@T"
+    source_value: float  # percent
+    value: float  # percent
+    drop_pct: float  # percentage points; > 0 means the candidate is worse
+    agreement: dict[str, float]  # cosine, snr_db, max_abs, top1_agreement (worst over outputs)
+    samples: int
+    drop_se: float = 0.0  # standard error of drop_pct over the samples (paired per-sample differences)
+    outputs: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # every output: name, metric, why, value, drop_pct, drop_se
+    output: str = ""  # the output whose drop the headline numbers are (the worst)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def drop_bound(self, z: float) -> float:
+        """The largest drop + z standard errors over the outputs: the one-sided upper confidence bound the tuning
+        holds to the budget (every output must meet it, not the first)."""
+        if not self.outputs:
+            return self.drop_pct + z * self.drop_se
+        return max(o["drop_pct"] + z * o["drop_se"] for o in self.outputs)
+
+
+def _correct_rows(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per row of ``[N, classes]``: arg-max equals the label and the row is finite."""
+    return (np.argmax(logits, axis=1) == labels.reshape(-1)) & np.all(np.isfinite(logits), axis=1)
+
+
+def _class_axis(shape: tuple[int, ...]) -> int | None:
+    """The axis that holds classes, or None for a continuous output."""
+    if len(shape) in (2, 3) and shape[-1] > 1:
+        return len(shape) - 1
+    if len(shape) == 4 and shape[1] > 1:
+        return 1
+    return None
+
+
+def compare_arrays(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Cosine, SNR (dB), max abs error and arg-max agreement (class-like outputs) of one output."""
+    span = float(np.ptp(reference)) if reference.size else 0.0
+    tally = _Tally(span)
+    tally.add(reference, candidate)
+    return tally.summary(_class_axis(reference.shape) is not None)
+
+
+def scoring_opt_level(target_isa: list[str], host_isa: list[str]) -> str:
+    """ORT optimisation level to score candidates with: ``basic`` (exact integer arithmetic, see the module
+    doc) when this host is an x86 CPU without VNNI and the target is not one; else ``all`` (as deployed)."""
+
+    def saturates(isa: list[str]) -> bool:
+        return any(i in X86_ISA for i in isa) and not any(i in VNNI_ISA for i in isa)
+
+    return EXACT_INTEGER if saturates(host_isa) and not saturates(target_isa) else "all"
+
+
+def parse_metric(text: str) -> tuple[str, float | None]:
+    """``"mask-f1@0.3"`` -> ("mask-f1", 0.3); other metrics take no parameter. BadInputError (exit 2) otherwise."""
+    name, _, arg = text.partition("@")
+    fix = f"use one of: {', '.join(METRICS)} (mask-f1@THRESHOLD, e.g. mask-f1@0.3)"
+    if name not in METRICS or (arg and name != "mask-f1"):
+        raise BadInputError(f"--eval-metric {text!r} is not a metric", fix)
+    if name != "mask-f1":
+        return name, None
+    try:
+        threshold = float(arg) if arg else MASK_F1_DEFAULT_THRESHOLD
+    except ValueError:
+        raise BadInputError(f"--eval-metric {text!r}: the threshold {arg!r} is not a number", fix) from None
+    if not math.isfinite(threshold):
+        raise BadInputError(f"--eval-metric {text!r}: the threshold must be finite", fix)
+    return name, threshold
+
+
+def parse_metric_spec(text: str) -> tuple[str, dict[str, str]]:
+    """``"mask-f1@0.3,boxes=detection"`` -> ("mask-f1@0.3", {"boxes": "detection"}): at most one metric for the
+    first output, ``NAME=metric`` for any output. BadInputError (exit 2) on a bad metric."""
+    default, per_output = None, {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, eq, metric = entry.rpartition("=")
+        parse_metric(metric)
+        if eq:
+            per_output[name] = metric
+        elif default is not None:
+            raise BadInputError(
+                f"--eval-metric {text!r} names two metrics for the first output",
+                "give one metric, and NAME=metric for other outputs (comma-separated)",
+            )
+        else:
+            default = metric
+    return default or "auto", per_output
+
+
+def label_free(metric: str) -> str:
+    """The metric to use on data without labels (held-out calibration samples) when ``metric`` was asked for."""
+    default, per_output = parse_metric_spec(metric)
+    entries = ["auto" if default == "top1" else default] + [f"{k}={v}" for k, v in per_output.items()]
+    return ",".join(entries)
+
+
+def is_ctc_model(model: onnx.ModelProto) -> bool:
+    """Whether the model says its first output is decoded with CTC (metadata; see CTC_METADATA_KEYS)."""
+    props = {p.key: p.value for p in model.metadata_props}
+    return props.get("lepton.decoding", "").lower() == "ctc" or "character" in props
+
+
+def ctc_greedy_decode(scores: np.ndarray, blank: int = CTC_BLANK) -> list[list[int]]:
+    """Best-path decode of ``[N, T, C]`` scores: arg-max per step, repeats collapsed, blanks dropped."""
+    # a non-finite step decodes to -1 before repeats collapse: it matches nothing, so overflow never agrees
+    best = np.where(np.all(np.isfinite(scores), axis=-1), np.argmax(scores, axis=-1), -1)
+    decoded = []
+    for steps in best:
+        keep = np.ones(len(steps), dtype=bool)
+        keep[1:] = steps[1:] != steps[:-1]
+        decoded.append([int(c) for c, k in zip(steps, keep) if k and c != blank])
+    return decoded
+
+
+def ctc_characters(model: onnx.ModelProto) -> list[str] | None:
+    """Class index -> character for a model with PaddleOCR's ``character`` metadata (one per line):
+    0 is the blank, then the table, then the space PaddleOCR appends (``use_space_char``)."""
+    table = next((p.value for p in model.metadata_props if p.key == "character"), None)
+    return None if table is None else ["", *table.split("\n"), " "]
+
+
+def ctc_text(decoded: list[list[int]], characters: list[str]) -> list[str]:
+    """Decoded class indices as text (indices past the table decode to nothing), ends stripped as PaddleOCR does."""
+    return ["".join(characters[c] if 0 <= c < len(characters) else "" for c in seq).strip() for seq in decoded]
+
+
+def edit_distance(a: list[int], b: list[int]) -> int:
+    """Levenshtein distance. Hand-written: no edit-distance library is a dependency (rapidfuzz and
+    python-Levenshtein checked; neither is installed), and sequences here are tens of symbols."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def ctc_agreement_pct(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Character accuracy of the candidate's CTC decode, with the reference's decode as the truth."""
+    if reference.ndim != 3:
+        raise BadInputError(
+            f"CTC agreement needs a [N, T, classes] output, the model's first output has shape {list(reference.shape)}",
+            "use --eval-metric agreement for this model",
+        )
+    return _ctc_pct(ctc_greedy_decode(reference), ctc_greedy_decode(candidate))
+
+
+def _ctc_pct(truth: list, got: list) -> float:
+    errors = sum(edit_distance(t, g) for t, g in zip(truth, got))
+    length = sum(len(t) for t in truth)
+    if length == 0:
+        return 100.0 if errors == 0 else 0.0
+    return 100.0 * max(0.0, 1.0 - errors / length)
+
+
+class _Tally:
+    """Sums over samples for one output, so a candidate is scored one sample at a time (memory: one sample)."""
+
+    def __init__(self, span: float, mask_threshold: float | None = None):
+        self.tol = CONTINUOUS_TOLERANCE * span if span > 0 else 1e-6
+        self.dot = self.ref_sq = self.got_sq = self.noise = 0.0
+        self.max_abs = 0.0
+        self.agree = self.positions = 0
+        self.mask_threshold = mask_threshold
+        self.true_pos = self.false_pos = self.false_neg = 0
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        if reference.shape != candidate.shape:
+            raise BadInputError(
+                f"the candidate's output has shape {list(candidate.shape)}, the source's {list(reference.shape)}",
+                "keep the model's output shapes unchanged",
+            )
+        ref, got = reference.astype(np.float64), candidate.astype(np.float64)
+        self.dot += float(np.sum(ref * got))
+        self.ref_sq += float(np.sum(ref * ref))
+        self.got_sq += float(np.sum(got * got))
+        self.noise += float(np.sum((ref - got) ** 2))
+        if ref.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(ref - got))))
+        if self.mask_threshold is not None:
+            want, have = ref > self.mask_threshold, got > self.mask_threshold
+            self.true_pos += int(np.sum(want & have))
+            self.false_pos += int(np.sum(~want & have))
+            self.false_neg += int(np.sum(want & ~have))
+        axis = _class_axis(reference.shape)
+        if axis is not None:
+            finite = np.all(np.isfinite(candidate), axis=axis)
+            same = (np.argmax(reference, axis=axis) == np.argmax(candidate, axis=axis)) & finite
+            self.agree += int(np.sum(same))
+            self.positions += same.size
+        else:
+            self.agree += int(np.sum(np.abs(ref - got) <= self.tol))
+            self.positions += ref.size
+
+    def summary(self, class_like: bool) -> dict[str, float]:
+        denom = math.sqrt(self.ref_sq * self.got_sq)
+        cosine = self.dot / denom if denom else (1.0 if self.noise == 0 else 0.0)
+        snr = (
+            SNR_CAP_DB
+            if self.noise == 0
+            else (10 * math.log10(self.ref_sq / self.noise) if self.ref_sq else -SNR_CAP_DB)
+        )
+        result = {"cosine": cosine, "snr_db": min(snr, SNR_CAP_DB), "max_abs": self.max_abs}
+        if class_like:
+            result["top1_agreement"] = self.agree / max(1, self.positions)
+        return result
+
+    @property
+    def agreement_pct(self) -> float:
+        return 100.0 * self.agree / max(1, self.positions)
+
+    @property
+    def mask_f1_pct(self) -> float:
+        marked = 2 * self.true_pos + self.false_pos + self.false_neg
+        return 100.0 if marked == 0 else 100.0 * 2 * self.true_pos / marked  # both masks empty: identical
+
+
+class _LabelTop1:
+    """Top-1 of the first output against integer labels."""
+
+    def __init__(self, labels: np.ndarray, source_correct: np.ndarray) -> None:
+        self.labels, self.source_correct, self.rows = labels, source_correct, []
+        self.confidence = Top1Tally()  # how sure the candidate is of the source's class
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        self.rows.append(got)
+        self.confidence.add(ref, got)
+
+    def result(self) -> OutputResult:
+        got = _correct_rows(np.concatenate(self.rows), self.labels)
+        se = drop_standard_error(list(self.source_correct.astype(float) - got.astype(float)), len(got))
+        return OutputResult(100.0 * float(np.sum(got)) / max(1, len(got)), se, self.confidence.result().extra)
+
+
+class _CtcAccuracy:
+    """Character accuracy of the first output's CTC decode against text labels."""
+
+    def __init__(self, evaluator: "Evaluator") -> None:
+        self.evaluator, self.rows = evaluator, []
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        self.rows.append(got)
+
+    def result(self) -> OutputResult:
+        ev = self.evaluator
+        texts = ev._texts(self.rows)
+        errors = [edit_distance(t, g) - e for t, g, e in zip(ev.truth, texts, ev.source_errors)]
+        return OutputResult(
+            _ctc_pct(ev.truth, texts), drop_standard_error([float(e) for e in errors], sum(len(t) for t in ev.truth))
+        )
+
+
+class _CtcAgreement:
+    def __init__(self) -> None:
+        self.truth: list[list[int]] = []
+        self.got: list[list[int]] = []
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        self.truth += ctc_greedy_decode(ref)
+        self.got += ctc_greedy_decode(got)
+
+    def result(self) -> OutputResult:
+        se = drop_standard_error(
+            [float(edit_distance(t, g)) for t, g in zip(self.truth, self.got)], sum(len(t) for t in self.truth)
+        )
+        return OutputResult(_ctc_pct(self.truth, self.got), se)
+
+
+class _Agreement:
+    """The plain agreement of ``--eval-metric agreement``: arg-max of class-like shapes, else values within tolerance."""
+
+    def __init__(self, span: float) -> None:
+        self.tally, self.losses = _Tally(span), []
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        before = self.tally.positions - self.tally.agree
+        self.tally.add(ref, got)
+        self.losses.append(float(self.tally.positions - self.tally.agree - before))
+
+    def result(self) -> OutputResult:
+        return OutputResult(self.tally.agreement_pct, drop_standard_error(self.losses, self.tally.positions))
+
+
+class Evaluator:
+    """Scores candidate models against the source on fixed samples; the source runs once.
+
+    Every output is scored by what it is (lepton_cli.evaluate.output_roles); the score's headline is the output
+    that lost the most. Samples are read again for every candidate (an image folder decodes one at a time)
+    and candidates are scored sample by sample: memory holds the source's outputs, not the inputs
+    (PP-OCRv4 det at 640x640 on 256 images: 1.3 GB of inputs never held at once).
+    """
+
+    def __init__(
+        self,
+        source_model: onnx.ModelProto,
+        samples: SampleSet,
+        labels: np.ndarray | None = None,
+        *,
+        limit: int | None = None,
+        threads: int = 1,
+        metric: str = "auto",
+        opt_level: str = "all",
+    ) -> None:
+        default_text, per_output = parse_metric_spec(metric)
+        default, self.mask_threshold = parse_metric(default_text)
+        self.samples, self.limit = samples, limit
+        self.count = len(samples) if limit is None else min(limit, len(samples))
+        if not self.count:
+            raise BadInputError("the evaluation set is empty", "give at least one sample")
+        self.threads = threads
+        self.opt_level = opt_level
+        self.labels = (
+            labels[: self.count] if labels is not None and limit is not None else labels
+        )  # per sample (or batch)
+        self.reference = list(self._outputs(source_model))  # per sample, per output, source layout
+        self.output_names = [o.name for o in make_session(source_model).get_outputs()]
+        unknown = sorted(set(per_output) - set(self.output_names))
+        if unknown:
+            raise BadInputError(
+                f"--eval-metric names {', '.join(map(repr, unknown))}, not an output of the model",
+                f"name one of: {', '.join(self.output_names)}",
+            )
+        self._check_labels_fit(default)
+        self.spans = []
+        for j in range(len(self.reference[0])):  # the continuous tolerance is a share of the reference's whole range
+            lows = [float(np.min(outs[j])) for outs in self.reference if outs[j].size]
+            highs = [float(np.max(outs[j])) for outs in self.reference if outs[j].size]
+            self.spans.append(max(highs) - min(lows) if lows else 0.0)
+        self.roles = self._roles(source_model, default, default_text, per_output)
+        self.metric = self.roles[0].metric
+        self.source_value = self._source_value()
+
+    def _check_labels_fit(self, default: str) -> None:
+        if default == "top1" and self.labels is None:
+            raise BadInputError(
+                "--eval-metric top1 needs labels, and the evaluation data has none",
+                "add a 'labels' array to the .npz, or use --eval-metric agreement",
+            )
+        text_labels = self.labels is not None and self.labels.dtype.kind in ("U", "S")
+        if default == "top1" and text_labels:
+            raise BadInputError(
+                "--eval-metric top1 needs class labels (integers); these labels are text",
+                "use --eval-metric auto or ctc for a text recogniser",
+            )
+        if default not in ("auto", "top1") and not (default == "ctc" and text_labels):
+            self.labels = None  # an explicit label-free metric ignores labels
+
+    def _roles(
+        self, model: onnx.ModelProto, default: str, default_text: str, per_output: dict[str, str]
+    ) -> list[OutputRole]:
+        feed = next(iter(self.samples.feeds(1)), None)
+        roles = []
+        for j, name in enumerate(self.output_names):
+            refs = [outs[j] for outs in self.reference]
+            if j == 0 and self.labels is not None and self.labels.dtype.kind in ("U", "S"):
+                self._check_text_labels(model, refs[0])
+                roles.append(
+                    OutputRole(0, name, "ctc_accuracy", "text labels given: character accuracy of the CTC decode")
+                )
+            elif j == 0 and self.labels is not None:
+                self._check_labels(refs[0])
+                roles.append(OutputRole(0, name, "top1", "class labels given: top-1 accuracy"))
+            elif name in per_output or (j == 0 and default != "auto"):
+                chosen, threshold = parse_metric(per_output.get(name, default_text))
+                roles.append(from_user(j, name, chosen, threshold))
+                if roles[-1].metric == "ctc_agreement":
+                    ctc_agreement_pct(refs[0], refs[0])  # shape check up front
+                if roles[-1].metric == "detection_f1":
+                    roles[-1] = self._user_detection(model, j, name, refs)
+            else:
+                roles.append(recognise(model, j, name, refs, feed))
+        return roles
+
+    def _user_detection(self, model: onnx.ModelProto, j: int, name: str, refs: list[np.ndarray]) -> OutputRole:
+        from lepton_cli.evaluate.output_roles import _detection_conf, _detector_layout
+
+        layout, why = _detector_layout(refs)
+        if layout is None:
+            raise BadInputError(
+                f"--eval-metric {name}=detection: output {name!r} of shape {list(refs[0].shape)} is not a "
+                "YOLO-style head ([N, 4+classes, anchors] or [N, anchors, 5+classes], scores in [0, 1])",
+                "use relative-error for this output",
+            )
+        return OutputRole(j, name, "detection_f1", f"--eval-metric; {why}", layout, _detection_conf(refs, layout))
+
+    def _source_value(self) -> float:
+        if self.roles[0].metric == "ctc_accuracy":
+            source_texts = self._texts([outs[0] for outs in self.reference])
+            self.source_errors = [edit_distance(t, g) for t, g in zip(self.truth, source_texts)]
+            return _ctc_pct(self.truth, source_texts)
+        if self.roles[0].metric == "top1":
+            firsts = [outs[0] for outs in self.reference]
+            self.source_correct = _correct_rows(np.concatenate(firsts), self.labels)
+            return self._top1_pct(firsts)
+        return 100.0
+
+    def _tally(self, role: OutputRole, span: float) -> Any:
+        metric = role.metric
+        if metric == "top1":
+            return _LabelTop1(self.labels, self.source_correct)
+        if metric == "ctc_accuracy":
+            return _CtcAccuracy(self)
+        if metric == "ctc_agreement":
+            return _CtcAgreement()
+        if metric.startswith("mask_f1"):
+            return MaskF1Tally(role.threshold if role.threshold is not None else MASK_F1_DEFAULT_THRESHOLD)
+        if metric.startswith("decision_agreement"):
+            return DecisionTally(role.threshold if role.threshold is not None else 0.5)
+        if metric == "detection_f1":
+            return DetectionTally(role.layout or "v8", role.threshold or 0.25)
+        simple = {
+            "exact": ExactTally,
+            "relative_error": RelativeErrorTally,
+            "cosine": CosineTally,
+            "top1_agreement": Top1Tally,
+            "top1_agreement+cosine": EitherTally,
+        }
+        return simple[metric]() if metric in simple else _Agreement(span)
+
+    def subset(self, count: int) -> "Evaluator":
+        """This evaluator on its first ``count`` samples (a search's quicker measurements); the source is not run again."""
+        if count >= self.count:
+            return self
+        part = copy.copy(self)
+        part.count = part.limit = count
+        part.reference = self.reference[:count]
+        rows = sum(len(outs[0]) for outs in part.reference)
+        if self.labels is not None:
+            part.labels = self.labels[:rows]
+        if hasattr(self, "truth"):
+            part.truth = self.truth[:rows]
+        part.source_value = part._source_value()
+        return part
+
+    def first_feeds(self, count: int) -> list[dict[str, np.ndarray]]:
+        """The first ``count`` samples (sensitivity and latency probes)."""
+        return list(self.samples.feeds(min(count, self.count)))
+
+    def _outputs(self, model: onnx.ModelProto):
+        """Per sample: every output of ``model``, in the source model's layout."""
+        session = make_session(model, opt_level=self.opt_level, threads=self.threads)
+        names = [o.name for o in session.get_outputs()]
+        for feed in self.samples.feeds(self.limit):
+            yield [
+                restore_output(model, names[i], np.asarray(v))
+                for i, v in enumerate(session.run(None, adapt_feed(model, feed)))
+            ]
+
+    def _check_labels(self, first: np.ndarray) -> None:
+        if first.ndim != 2:
+            raise BadInputError(
+                f"labels were given but the model's first output has shape {list(first.shape)}, not [N, classes]",
+                "drop the labels array to measure agreement with the source model instead",
+            )
+        rows = sum(len(outs[0]) for outs in self.reference)
+        if len(self.labels.reshape(-1)) != rows:
+            raise BadInputError(
+                f"{len(self.labels.reshape(-1))} labels for {rows} model outputs", "give one label per sample"
+            )
+
+    def _check_text_labels(self, model: onnx.ModelProto, first: np.ndarray) -> None:
+        self.characters = ctc_characters(model)
+        if first.ndim != 3 or self.characters is None:
+            raise BadInputError(
+                "text labels need a CTC model: a [N, T, classes] first output and the character table in "
+                "the model's metadata 'character' (one per line, class 1 first)",
+                "add the table to the model's metadata, or drop the labels to measure agreement with the source",
+            )
+        rows = sum(len(outs[0]) for outs in self.reference)
+        flat = self.labels.reshape(-1)
+        if len(flat) != rows:
+            raise BadInputError(f"{len(flat)} text labels for {rows} recognised lines", "give one label per sample")
+        self.truth = [list(str(t).strip()) for t in flat]
+
+    def _texts(self, firsts: list[np.ndarray]) -> list[list[str]]:
+        return [list(text) for out in firsts for text in ctc_text(ctc_greedy_decode(out), self.characters)]
+
+    def _top1_pct(self, firsts: list[np.ndarray]) -> float:
+        correct = _correct_rows(np.concatenate(firsts), self.labels)
+        return 100.0 * float(np.sum(correct)) / max(1, len(correct))
+
+    def score(self, candidate: onnx.ModelProto) -> AccuracyScore:
+        tallies = [self._tally(role, span) for role, span in zip(self.roles, self.spans)]
+        summaries = [_Tally(span) for span in self.spans]
+        for ref_outs, outs in zip(self.reference, self._outputs(candidate)):
+            if len(outs) != len(ref_outs):
+                raise BadInputError(
+                    f"the candidate has {len(outs)} outputs, the source {len(ref_outs)}",
+                    "keep the model's outputs unchanged",
+                )
+            for tally, summary, ref, got in zip(tallies, summaries, ref_outs, outs):
+                summary.add(ref, got)
+                tally.add(ref, got)
+        outputs = []
+        for j, (role, tally) in enumerate(zip(self.roles, tallies)):
+            result = tally.result()
+            source = self.source_value if j == 0 else 100.0
+            outputs.append(
+                role.to_dict()
+                | {
+                    "source_value": round(source, 4),
+                    "value": round(result.value, 4),
+                    "drop_pct": round(source - result.value, 4),
+                    "drop_se": round(result.drop_se, 4),
+                    **({"detail": result.extra} if result.extra else {}),
+                }
+            )
+        worst = max(range(len(outputs)), key=lambda j: outputs[j]["drop_pct"])
+        per_output = [t.summary(_class_axis(ref.shape) is not None) for t, ref in zip(summaries, self.reference[0])]
+        agreement = {
+            "cosine": min(p["cosine"] for p in per_output),
+            "snr_db": min(p["snr_db"] for p in per_output),
+            "max_abs": max(p["max_abs"] for p in per_output),
+        }
+        top1s = [p["top1_agreement"] for p in per_output if "top1_agreement" in p]
+        if top1s:
+            agreement["top1_agreement"] = min(top1s)
+        head = outputs[worst]
+        return AccuracyScore(
+            head["metric"],
+            head["source_value"],
+            head["value"],
+            head["drop_pct"],
+            agreement,
+            self.count,
+            head["drop_se"],
+            outputs,
+            head["name"],
+        )

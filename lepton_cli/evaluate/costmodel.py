@@ -1,0 +1,467 @@
+"""Per-target cost model: roofline latency, peak activation memory (liveness bound + greedy arena), budgets.
+
+Latency: for each node, MACs (``stats.node_macs``) and bytes moved (inputs, weights and outputs at
+their own dtype's size) give a roofline time max(compute, memory) on the target's ``[hardware]``
+facts: compute at the peak of the node's arithmetic (int8 for quantized kernels and QDQ-wrapped
+Conv/MatMul, which ONNX Runtime fuses into integer kernels; fp16 for half tensors; else fp32), memory
+at the peak bandwidth, each derated by how much of the peak real kernels reach (``Efficiency``),
+plus a fixed per-kernel dispatch cost. Nodes whose inputs are all constant cost nothing: the
+runtime folds them when the session is created. The sum is the estimate.
+
+Memory: activation tensors live from the node that makes them to their last reader (graph inputs
+from the start, graph outputs to the end), in the graph's topological order. The most bytes live
+at once is a lower bound for any plan; the arena a real planner needs comes from the greedy-by-size
+strategy of TensorFlow Lite Micro's ``GreedyMemoryPlanner`` (largest buffer first, each at the
+lowest offset that does not overlap a placed buffer whose lifetime overlaps; 16-byte aligned).
+
+Libraries checked before writing this by hand: onnx has shape inference but no cost model;
+ONNX Runtime's memory planner runs inside the session and is not exposed from Python (its
+profiling reports kernel times, not a plan); TFLite Micro's planner is C++ for TFLite graphs. The
+MAC counts reuse ``lepton_cli.model.stats``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from lepton_cli.model.external_data import shapes_only_copy
+from lepton_cli.model.shapes import bind_input_shapes
+from lepton_cli.model.stats import _shape_map, node_macs
+from lepton_cli.pipeline.targets import Budgets, Hardware, Target
+
+ARENA_ALIGNMENT = 16  # bytes, as TFLite Micro's planner aligns buffers
+
+# Ops that only reinterpret a buffer (ORT reuses the input buffer): no bytes moved, dispatch only.
+VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Shape", "Size"}
+# Kernels that run at the int8 rate when their inputs are quantized.
+INT8_KERNELS = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul"}
+MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"} | INT8_KERNELS
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """How much of the datasheet peak real kernels reach, and what one kernel launch costs.
+
+    Fitted on ONNX Runtime's CPU EP (MLAS) on this project's 2-core AMD Zen 3 build host against the
+    light zoo and PP-OCR (``benchmarks/bench_costmodel.py``, which prints the fit's error table): the
+    same models the error table reports, so the table says how well 6 numbers can describe them, not
+    how well they predict unseen models.
+    """
+
+    compute: float = 0.25  # share of the FMA peak dense Conv/Gemm kernels reach (a shared-VM Zen 3 at ~2.45 GHz)
+    grouped_compute: float = 0.15  # depthwise / grouped conv: little reuse per loaded weight
+    memory: float = 0.3  # share of the DRAM bandwidth streaming kernels reach
+    cache_bandwidth: float = 4.0  # a node whose bytes fit in on-chip memory streams this much faster
+    node_overhead_us: float = 2.0  # kernel dispatch + thread-pool fork/join per node
+    # Ops whose kernels do much more than one op per output element (ORT has no vectorised LRN;
+    # transcendental activations): ops per element, at the fp32 rate.
+    element_ops: dict[str, float] = field(
+        default_factory=lambda: {
+            "LRN": 120.0,
+            "Sigmoid": 8.0,
+            "Tanh": 8.0,
+            "Exp": 8.0,
+            "Softmax": 10.0,
+            "HardSigmoid": 2.0,
+            "HardSwish": 3.0,
+        }
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def scale_to_cores(hw: Hardware, cores: int) -> Hardware:
+    """The same part with ``cores`` cores (compute and bandwidth share per core): the host's slice of a profile."""
+    f = cores / hw.cores
+    return Hardware(
+        peak_int8_tops=hw.peak_int8_tops * f,
+        peak_fp16_tflops=hw.peak_fp16_tflops * f,
+        peak_fp32_tflops=hw.peak_fp32_tflops * f,
+        memory_bandwidth_gbps=hw.memory_bandwidth_gbps * f,
+        memory_mb=hw.memory_mb,
+        preferred_layout=hw.preferred_layout,
+        channel_alignment=hw.channel_alignment,
+        on_chip_memory_kb=hw.on_chip_memory_kb,
+        isa=list(hw.isa),
+        cores=cores,
+    )
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    types: dict[str, int] = {}
+    graph = model.graph
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        if value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    for t in graph.initializer:
+        types[t.name] = t.data_type
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    types[node.output[0]] = a.t.data_type
+    return types
+
+
+def _itemsize(elem_type: int | None) -> int:
+    if not elem_type:
+        return 4
+    try:
+        return int(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize)
+    except (KeyError, TypeError):
+        return 4
+
+
+def _constants(model: onnx.ModelProto) -> set[str]:
+    """Names the runtime knows before any input arrives: initializers, Constant outputs, and outputs of
+    nodes fed only by those (ORT folds them when the session is created)."""
+    graph = model.graph
+    # Initializers also listed as graph inputs (IR < 4 style, the light zoo) are weights all the same.
+    known = {t.name for t in graph.initializer}
+    for node in graph.node:
+        ins = [i for i in node.input if i]
+        if node.op_type == "Constant" or (
+            ins and all(i in known for i in ins) and not node.op_type.startswith("Random")
+        ):
+            known.update(o for o in node.output if o)
+    return known
+
+
+def _compute_dtype(node: onnx.NodeProto, types: dict[str, int], producers: dict[str, onnx.NodeProto]) -> str:
+    if node.op_type in INT8_KERNELS:
+        return "int8"
+    if (
+        node.op_type in MAC_OPS
+        and node.input
+        and node.input[0] in producers
+        and producers[node.input[0]].op_type == "DequantizeLinear"
+    ):
+        return "int8"  # QDQ: ORT fuses DQ → Conv/MatMul → Q into an integer kernel
+    if types.get(node.input[0] if node.input else "", 0) in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+        return "fp16"
+    return "fp32"
+
+
+def _grouped(node: onnx.NodeProto) -> bool:
+    return node.op_type in ("Conv", "QLinearConv", "ConvInteger") and any(
+        a.name == "group" and a.i > 1 for a in node.attribute
+    )
+
+
+@dataclass
+class NodeCost:
+    name: str
+    op: str
+    macs: int
+    bytes: int
+    dtype: str
+    compute_s: float
+    memory_s: float
+    seconds: float
+    grouped: bool = False
+    elements: int = 0  # output elements
+
+    @property
+    def bound(self) -> str:
+        return "memory" if self.memory_s > self.compute_s else "compute"
+
+
+def _size(name: str, shapes: dict[str, list[int | None]], types: dict[str, int]) -> int | None:
+    dims = shapes.get(name)
+    if dims is None or any(d is None for d in dims):
+        return None
+    return int(np.prod(dims, dtype=np.int64)) * _itemsize(types.get(name)) if dims else _itemsize(types.get(name))
+
+
+def infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shapes and dtypes of every tensor (with data propagation, so computed Reshape targets resolve)."""
+    fresh = shapes_only_copy(model)  # weights' bytes are not needed to infer shapes
+    # Declared output dims ('N', 'T') would stay symbolic even where inference knows them: let inference fill them.
+    for out in fresh.graph.output:
+        if any(not d.HasField("dim_value") for d in out.type.tensor_type.shape.dim):
+            out.type.tensor_type.ClearField("shape")
+    try:
+        return onnx.shape_inference.infer_shapes(fresh, strict_mode=False, data_prop=True)
+    except Exception:  # exotic graphs: keep what the exporter recorded; unknown sizes are reported
+        return model
+
+
+_SHAPE_DTYPES = {TensorProto.INT64, TensorProto.INT32}
+
+
+def _shape_arithmetic(name: str, shapes: dict[str, list[int | None]], types: dict[str, int]) -> bool:
+    """An integer vector or scalar (Shape → Gather → Concat chains): a few bytes, whose length
+    shape inference sometimes cannot tell; leaving it out changes nothing measurable."""
+    return types.get(name) in _SHAPE_DTYPES and len(shapes.get(name) or []) <= 1
+
+
+def node_costs(
+    model: onnx.ModelProto, hw: Hardware, eff: Efficiency = Efficiency()
+) -> tuple[list[NodeCost], list[str]]:
+    """Roofline cost of every node of a shape-inferred model (``infer``); second item: tensors of unknown size."""
+    shapes = _shape_map(model)
+    types = _elem_types(model)
+    constants = _constants(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    peaks = {"int8": hw.peak_int8_tops * 1e12, "fp16": hw.peak_fp16_tflops * 1e12, "fp32": hw.peak_fp32_tflops * 1e12}
+    bandwidth = hw.memory_bandwidth_gbps * 1e9 * eff.memory
+    costs: list[NodeCost] = []
+    unknown: list[str] = []
+    for index, node in enumerate(model.graph.node):
+        if node.op_type == "Constant" or all(o in constants for o in node.output if o):
+            continue  # folded at session creation
+        name = node.name or f"{node.op_type}_{index}"
+        dtype = _compute_dtype(node, types, producers)
+        macs = node_macs(node, shapes) or 0
+        moved = 0
+        if node.op_type not in VIEW_OPS:
+            for tensor in [*node.input, *node.output]:
+                if not tensor:
+                    continue
+                size = _size(tensor, shapes, types)
+                if size is None:
+                    if tensor in node.output and len(node.output) > 1 and tensor != node.output[0]:
+                        continue  # optional outputs (Dropout mask, ...) that nothing reads
+                    if not _shape_arithmetic(tensor, shapes, types):
+                        unknown.append(tensor)
+                    continue
+                moved += size
+        # MAC kernels count 2 ops per MAC; other compute (activations, pooling) is 1 op per output element,
+        # negligible next to its memory time, so it only matters for compute-heavy elementwise chains.
+        grouped = _grouped(node)
+        out_size = _size(node.output[0], shapes, types) if node.output else None
+        elements = out_size // _itemsize(types.get(node.output[0])) if out_size else 0
+        if node.op_type in MAC_OPS:
+            compute_s = 2 * macs / (peaks[dtype] * (eff.grouped_compute if grouped else eff.compute))
+        else:
+            compute_s = elements * eff.element_ops.get(node.op_type, 1.0) / (peaks["fp32"] * eff.compute)
+        fits_on_chip = 0 < moved <= hw.on_chip_memory_kb * 1024
+        memory_s = moved / (bandwidth * (eff.cache_bandwidth if fits_on_chip else 1.0))
+        seconds = max(compute_s, memory_s) + eff.node_overhead_us * 1e-6
+        costs.append(
+            NodeCost(
+                name, node.op_type, int(macs), int(moved), dtype, compute_s, memory_s, seconds, grouped, int(elements)
+            )
+        )
+    return costs, unknown
+
+
+# -- memory ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Buffer:
+    name: str
+    size: int
+    first: int  # index of the step that writes it (-1: a graph input)
+    last: int  # index of the last step that reads it
+
+
+def activation_buffers(model: onnx.ModelProto) -> tuple[list[Buffer], list[str]]:
+    """Lifetimes of every activation tensor of a shape-inferred model in topological (graph) order;
+    second item: tensors of unknown size."""
+    shapes = _shape_map(model)
+    types = _elem_types(model)
+    constants = _constants(model)
+    graph = model.graph
+    end = len(graph.node)
+    first: dict[str, int] = {i.name: -1 for i in graph.input if i.name not in constants}
+    last: dict[str, int] = {}
+    views: dict[str, str] = {}  # Reshape-like outputs share their input's buffer
+    for index, node in enumerate(graph.node):
+        for tensor in node.input:
+            if tensor in first or tensor in views:
+                last[views.get(tensor, tensor)] = index
+        if node.op_type in VIEW_OPS and node.input and node.input[0] in first and node.op_type not in ("Shape", "Size"):
+            root = views.get(node.input[0], node.input[0])
+            for out in node.output[:1]:
+                views[out] = root
+            continue
+        for out in node.output:
+            if out and out not in constants:
+                first[out] = index
+    for out in graph.output:
+        if out.name in first or out.name in views:
+            last[views.get(out.name, out.name)] = end
+    buffers, unknown = [], []
+    for name, start in first.items():
+        size = _size(name, shapes, types)
+        if size is None:
+            if name in last and not _shape_arithmetic(name, shapes, types):
+                unknown.append(name)
+            continue
+        buffers.append(Buffer(name, size, start, last.get(name, start)))
+    return buffers, unknown
+
+
+def liveness_peak(buffers: list[Buffer]) -> int:
+    """The most bytes live at any step: no plan can use less."""
+    if not buffers:
+        return 0
+    lo = min(b.first for b in buffers)
+    hi = max(b.last for b in buffers)
+    delta = np.zeros(hi - lo + 2, dtype=np.int64)
+    for b in buffers:
+        delta[b.first - lo] += b.size
+        delta[b.last - lo + 1] -= b.size
+    return int(np.cumsum(delta).max())
+
+
+def _align(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def greedy_arena(buffers: list[Buffer], alignment: int = ARENA_ALIGNMENT) -> tuple[int, dict[str, int]]:
+    """TFLite Micro's greedy-by-size plan: (arena bytes, offset per buffer)."""
+    placed: list[tuple[int, int, Buffer]] = []  # (offset, aligned size, buffer)
+    offsets: dict[str, int] = {}
+    for buf in sorted(buffers, key=lambda b: (-b.size, b.first, b.name)):
+        size = _align(buf.size, alignment)
+        overlapping = sorted(
+            (off, sz) for off, sz, other in placed if other.first <= buf.last and buf.first <= other.last
+        )
+        offset = 0
+        for off, sz in overlapping:  # first gap from the bottom that fits
+            if off - offset >= size:
+                break
+            offset = max(offset, off + sz)
+        placed.append((offset, size, buf))
+        offsets[buf.name] = offset
+    arena = max((off + sz for off, sz, _ in placed), default=0)
+    return arena, offsets
+
+
+# -- the whole estimate ----------------------------------------------------------------------------
+
+
+def estimate(
+    model: onnx.ModelProto,
+    hw: Hardware,
+    *,
+    input_shapes: dict[str, list[int]] | None = None,
+    eff: Efficiency = Efficiency(),
+    top: int = 10,
+) -> dict[str, Any]:
+    """The cost-model section of the report for one model on one hardware description."""
+    if input_shapes:
+        model = bind_input_shapes(model, input_shapes)
+    model = infer(model)
+    costs, unknown = node_costs(model, hw, eff)
+    buffers, unknown_mem = activation_buffers(model)
+    total = sum(c.seconds for c in costs)
+    mem_bound = sum(c.seconds for c in costs if c.bound == "memory")
+    by_op: dict[str, float] = {}
+    for c in costs:
+        by_op[c.op] = by_op.get(c.op, 0.0) + c.seconds
+    arena, _ = greedy_arena(buffers)
+    weights = _weights_bytes(model, _constants(model))
+    doc: dict[str, Any] = {
+        "complete": not unknown and not unknown_mem,
+        "latency_ms": total * 1e3,
+        "memory_bound_share": mem_bound / total if total else 0.0,
+        "compute_bound_share": 1 - mem_bound / total if total else 0.0,
+        "macs": sum(c.macs for c in costs),
+        "bytes_moved": sum(c.bytes for c in costs),
+        "kernels": len(costs),
+        "peak_activation_bytes": {"liveness_lower_bound": liveness_peak(buffers), "greedy_arena": arena},
+        "weights_bytes": weights,
+        "by_op_ms": {op: round(s * 1e3, 4) for op, s in sorted(by_op.items(), key=lambda kv: -kv[1])},
+        "top_nodes": [
+            {
+                "name": c.name,
+                "op": c.op,
+                "ms": round(c.seconds * 1e3, 4),
+                "bound": c.bound,
+                "dtype": c.dtype,
+                "macs": c.macs,
+                "bytes": c.bytes,
+            }
+            for c in sorted(costs, key=lambda c: -c.seconds)[:top]
+        ],
+        "efficiency": eff.to_dict(),
+    }
+    if unknown or unknown_mem:
+        missing = sorted(set(unknown) | set(unknown_mem))
+        doc["unknown_tensors"] = missing[:20]
+        doc["note"] = (
+            f"{len(missing)} tensor sizes unknown (dynamic dims?): the estimate leaves them out; bind shapes with --input-shape"
+        )
+    return doc
+
+
+def _weights_bytes(model: onnx.ModelProto, constants: set[str]) -> int:
+    """Bytes of the constants the runtime keeps: those read by nodes that are not folded away
+    (so the light zoo's ConstantOfShape weights count, and their shape vectors do not)."""
+    shapes = _shape_map(model)
+    types = _elem_types(model)
+    kept = set()
+    for node in model.graph.node:
+        if node.op_type == "Constant" or all(o in constants for o in node.output if o):
+            continue
+        kept.update(i for i in node.input if i in constants)
+    return sum(_size(name, shapes, types) or 0 for name in kept)
+
+
+def cost_model_section(target: Target, models: dict[str, onnx.ModelProto]) -> dict[str, Any]:
+    """``report["cost_model"]``: every model's estimate on the target's hardware facts (shapes must be bound)."""
+    hw = target.hardware
+    out = {}
+    for label, model in models.items():
+        try:
+            out[label] = estimate(model, hw)
+        except Exception as exc:  # an estimate must never break a compile; say why it is missing
+            out[label] = {"error": f"no estimate: {exc.__class__.__name__}: {str(exc)[:200]}"}
+    return {
+        "target": target.name,
+        "hardware": {
+            "peak_fp32_tflops": hw.peak_fp32_tflops,
+            "peak_fp16_tflops": hw.peak_fp16_tflops,
+            "peak_int8_tops": hw.peak_int8_tops,
+            "memory_bandwidth_gbps": hw.memory_bandwidth_gbps,
+            "memory_mb": hw.memory_mb,
+            "cores": hw.cores,
+        },
+        "method": "roofline max(compute, memory) per node, summed; liveness lower bound and greedy-by-size arena",
+        "models": out,
+    }
+
+
+def budgets_section(
+    target: Target, model_bytes: int, estimate_doc: dict[str, Any] | None, label: str
+) -> dict[str, Any]:
+    """``report["budgets"]``: the target's size and memory budgets checked against ``label``'s model."""
+    usable = estimate_doc if estimate_doc and "error" not in estimate_doc and estimate_doc.get("complete") else None
+    checks = check_budgets(model_bytes, usable, target.budgets, target.hardware)
+    doc: dict[str, Any] = {"model": label, "checks": checks, "ok": all(c["ok"] for c in checks)}
+    if usable is None:
+        # An arena over unknown tensor sizes would read as a small, passing number: better not checked at all.
+        doc["skipped"] = [
+            "activation memory: some tensor sizes are unknown (bind dynamic dims with --input-shape or --calib)"
+        ]
+    return doc
+
+
+def check_budgets(
+    model_bytes: int, estimate_doc: dict[str, Any] | None, budgets: Budgets, hw: Hardware
+) -> list[dict[str, Any]]:
+    """Each budget of the target against the compiled model: ``{"name", "value", "limit", "unit", "ok"}``."""
+    checks = []
+    mb = 1024 * 1024
+
+    def add(name: str, value: float | None, limit: float | None) -> None:
+        if limit is None or value is None:
+            return
+        checks.append({"name": name, "value": round(value, 3), "limit": limit, "unit": "MB", "ok": value <= limit})
+
+    add("model size", model_bytes / mb, budgets.max_model_size_mb)
+    if estimate_doc is not None:
+        arena = estimate_doc["peak_activation_bytes"]["greedy_arena"]
+        add("activation memory (greedy arena)", arena / mb, budgets.max_activation_memory_mb)
+        add("weights + activations vs device memory", (model_bytes + arena) / mb, hw.memory_mb)
+    return checks

@@ -1,0 +1,230 @@
+"""Per-output tallies: each sums one output's agreement with the source over samples, one sample at a time,
+and gives (value %, its standard error, secondary numbers). Which tally fits which output: output_roles."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lepton_cli.evaluate import output_roles as roles
+
+
+def drop_standard_error(losses: list[float], weights: float) -> float:
+    """Standard error, in points, of ``100 * sum(losses) / weights`` for per-sample losses (candidate
+    minus source, in the metric's units: errors, wrong rows, disagreeing positions)."""
+    if len(losses) < 2 or weights <= 0:
+        return 0.0
+    return float(100.0 * math.sqrt(len(losses)) * np.std(losses, ddof=1) / weights)
+
+
+@dataclass
+class OutputResult:
+    value: float  # percent; the source scores 100 against itself
+    drop_se: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ExactTally:
+    def __init__(self) -> None:
+        self.equal = self.total = 0
+        self.losses: list[float] = []
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        same = (ref == got) | ((ref != ref) & (got != got)) if ref.dtype.kind == "f" else ref == got
+        self.equal += int(np.sum(same))
+        self.total += same.size
+        self.losses.append(float(same.size - np.sum(same)))
+
+    def result(self) -> OutputResult:
+        return OutputResult(100.0 * self.equal / max(1, self.total), drop_standard_error(self.losses, self.total))
+
+
+class DecisionTally(ExactTally):
+    """Agreement of thresholded decisions (``> threshold``)."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        super().add(ref > self.threshold, np.where(np.isfinite(got), got > self.threshold, ~(ref > self.threshold)))
+
+
+class RelativeErrorTally:
+    def __init__(self) -> None:
+        self.noise = self.signal = 0.0
+        self.losses: list[float] = []
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        r, g = ref.astype(np.float64), got.astype(np.float64)
+        noise = float(np.sum((r - g) ** 2)) if np.isfinite(g).all() else math.inf
+        signal = float(np.sum(r * r))
+        self.noise += noise
+        self.signal += signal
+        self.losses.append(min(1.0, math.sqrt(noise / signal)) if signal > 0 else float(noise > 0))
+
+    def result(self) -> OutputResult:
+        error = min(1.0, math.sqrt(self.noise / self.signal)) if self.signal > 0 else float(self.noise > 0)
+        return OutputResult(
+            100.0 * (1.0 - error),
+            drop_standard_error(self.losses, len(self.losses)),
+            {"relative_error": round(error, 6)},
+        )
+
+
+def _row_cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    r = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    g = got.reshape(-1, got.shape[-1]).astype(np.float64)
+    nr, ng = np.linalg.norm(r, axis=1), np.linalg.norm(g, axis=1)
+    dot = np.sum(r * g, axis=1)
+    cos = np.where((nr > 0) & (ng > 0), dot / np.where((nr > 0) & (ng > 0), nr * ng, 1.0), np.where(nr == ng, 1.0, 0.0))
+    return np.where(np.isfinite(cos), np.clip(cos, -1.0, 1.0), 0.0)
+
+
+class CosineTally:
+    """Mean cosine of each vector along the last axis (a sentence embedding, a token's hidden state)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.rows = 0
+        self.worst = 1.0
+        self.losses: list[float] = []
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        cos = _row_cosines(ref, got)
+        self.total += float(np.sum(cos))
+        self.rows += cos.size
+        self.worst = min(self.worst, float(cos.min(initial=1.0)))
+        self.losses.append(float(np.sum(1.0 - cos)))
+
+    def result(self) -> OutputResult:
+        mean = self.total / max(1, self.rows)
+        return OutputResult(
+            100.0 * mean,
+            drop_standard_error(self.losses, self.rows),
+            {"mean_cosine": round(mean, 6), "worst_cosine": round(self.worst, 6)},
+        )
+
+
+def _probabilities(x: np.ndarray, axis: int) -> np.ndarray:
+    """Rows as probabilities: as they are when they already are, else a softmax."""
+    x = x.astype(np.float64)
+    if np.all(x >= 0) and np.allclose(np.sum(x, axis=axis), 1.0, atol=1e-3):
+        return x
+    shifted = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return shifted / np.sum(shifted, axis=axis, keepdims=True)
+
+
+class Top1Tally:
+    """Arg-max agreement per row (or pixel), with how sure each model is: the mean top probability and the
+    probabilities' cosine (a collapsed confidence keeps the arg-max and loses these)."""
+
+    def __init__(self) -> None:
+        self.agree = self.positions = 0
+        self.top_ref = self.top_got = 0.0
+        self.dot = self.ref_sq = self.got_sq = 0.0
+        self.losses: list[float] = []
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        axis = 1 if ref.ndim == 4 else ref.ndim - 1
+        finite = np.all(np.isfinite(got), axis=axis)
+        same = (np.argmax(ref, axis=axis) == np.argmax(got, axis=axis)) & finite
+        self.agree += int(np.sum(same))
+        self.positions += same.size
+        self.losses.append(float(same.size - np.sum(same)))
+        if np.isfinite(got).all():
+            p, q = _probabilities(ref, axis), _probabilities(got, axis)
+            self.top_ref += float(np.sum(np.max(p, axis=axis)))
+            self.top_got += float(np.sum(np.take_along_axis(q, np.expand_dims(np.argmax(p, axis=axis), axis), axis)))
+            self.dot += float(np.sum(p * q))
+            self.ref_sq += float(np.sum(p * p))
+            self.got_sq += float(np.sum(q * q))
+
+    def result(self) -> OutputResult:
+        n = max(1, self.positions)
+        denom = math.sqrt(self.ref_sq * self.got_sq)
+        return OutputResult(
+            100.0 * self.agree / n,
+            drop_standard_error(self.losses, n),
+            {
+                "top_probability": [round(100 * self.top_ref / n, 4), round(100 * self.top_got / n, 4)],
+                "probability_cosine": round(self.dot / denom, 6) if denom else 0.0,
+            },
+        )
+
+
+class EitherTally:
+    """Class scores or an embedding, cannot tell: both tallies; the worse value counts."""
+
+    def __init__(self) -> None:
+        self.top1, self.cosine = Top1Tally(), CosineTally()
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        self.top1.add(ref, got)
+        self.cosine.add(ref, got)
+
+    def result(self) -> OutputResult:
+        a, b = self.top1.result(), self.cosine.result()
+        worse = a if a.value <= b.value else b
+        return OutputResult(worse.value, worse.drop_se, {"top1_agreement": round(a.value, 4), **a.extra, **b.extra})
+
+
+class MaskF1Tally:
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.tp = self.fp = self.fn = 0
+        self.losses: list[float] = []
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        want, have = ref > self.threshold, got > self.threshold
+        tp, fp, fn = int(np.sum(want & have)), int(np.sum(~want & have)), int(np.sum(want & ~have))
+        self.tp, self.fp, self.fn = self.tp + tp, self.fp + fp, self.fn + fn
+        self.losses.append(0.0 if 2 * tp + fp + fn == 0 else 1.0 - 2 * tp / (2 * tp + fp + fn))
+
+    def result(self) -> OutputResult:
+        marked = 2 * self.tp + self.fp + self.fn
+        return OutputResult(
+            100.0 if marked == 0 else 100.0 * 2 * self.tp / marked, drop_standard_error(self.losses, len(self.losses))
+        )
+
+
+class DetectionTally:
+    """F1 of the candidate's detections (after NMS) against the source's, matched at IoU 0.5 with the same class."""
+
+    def __init__(self, layout: str, conf: float) -> None:
+        self.layout, self.conf = layout, conf
+        self.matched = self.source_boxes = self.candidate_boxes = 0
+        self.score_errors: list[float] = []
+        self.losses: list[float] = []
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        for b in range(ref.shape[0]):
+            source = roles.detections(ref[b], self.layout, self.conf)
+            candidate = (
+                roles.detections(got[b], self.layout, self.conf)
+                if np.isfinite(got[b]).all()
+                else (np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64))
+            )
+            hits, errors = roles.match(source, candidate)
+            self.matched += hits
+            self.source_boxes += len(source[0])
+            self.candidate_boxes += len(candidate[0])
+            self.score_errors += errors
+            marked = len(source[0]) + len(candidate[0])
+            self.losses.append(0.0 if marked == 0 else 1.0 - 2 * hits / marked)
+
+    def result(self) -> OutputResult:
+        marked = self.source_boxes + self.candidate_boxes
+        f1 = 1.0 if marked == 0 else 2 * self.matched / marked
+        extra = {
+            "source_boxes": self.source_boxes,
+            "candidate_boxes": self.candidate_boxes,
+            "matched": self.matched,
+            "confidence": self.conf,
+            "score_error_mean": round(float(np.mean(self.score_errors)), 6) if self.score_errors else 0.0,
+            "score_error_max": round(float(np.max(self.score_errors)), 6) if self.score_errors else 0.0,
+        }
+        return OutputResult(100.0 * f1, drop_standard_error(self.losses, len(self.losses)), extra)

@@ -1,0 +1,286 @@
+"""Safe loading and normalising of ONNX models.
+
+Refuses (exit 2) what a hostile or broken file can do: non-ONNX or truncated bytes, external
+data that escapes the model's folder (``..``, absolute paths, symlinks, hard links — ONNX Runtime
+itself follows a hard link), and op domains outside an allowlist. Then upgrades the opset to the
+target's range and binds dynamic dimensions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import version_converter
+
+from lepton_cli.errors import BadInputError
+
+ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+_MAX_MODEL_BYTES = 2**31 - 1  # protobuf's own limit for one message
+
+
+@dataclass
+class LoadedModel:
+    model: onnx.ModelProto
+    path: Path
+    sha256: str  # of the model file itself (external data listed separately)
+    file_size: int  # model file plus external data, bytes
+    external_sha256: dict[str, str] = field(default_factory=dict)  # external data file (location) -> sha256
+    weights_folder: Path | None = None  # set when external tensors stay on disk (lepton_cli.model.external_data)
+    dropped_domains: list[str] = field(default_factory=list)  # opset imports outside the allowlist that no node used
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_external_location(model_dir: Path, location: str, tensor: str) -> Path:
+    """Return the resolved path of an external-data file, refusing anything outside model_dir."""
+    fix = "keep external data files as plain files inside the model's folder, named by relative paths"
+    if not location or "\x00" in location or "\\" in location:
+        raise BadInputError(f"tensor {tensor!r}: invalid external data location {location!r}", fix)
+    relative = Path(location)
+    if relative.is_absolute() or location.startswith("/") or ".." in relative.parts:
+        raise BadInputError(f"tensor {tensor!r}: external data location {location!r} escapes the model's folder", fix)
+    candidate = model_dir / relative
+    # Check every component: a symlinked folder is as dangerous as a symlinked file.
+    probe = model_dir
+    for part in relative.parts:
+        probe = probe / part
+        if probe.is_symlink():
+            raise BadInputError(f"tensor {tensor!r}: external data {location!r} is a symbolic link", fix)
+    try:
+        info = candidate.lstat()
+    except FileNotFoundError:
+        raise BadInputError(
+            f"tensor {tensor!r}: external data file {location!r} is missing", "copy it next to the model"
+        ) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise BadInputError(f"tensor {tensor!r}: external data {location!r} is not a regular file", fix)
+    if info.st_nlink > 1:
+        raise BadInputError(
+            f"tensor {tensor!r}: external data {location!r} is a hard link (it may point outside the folder)",
+            "copy the file instead of linking it",
+        )
+    resolved = candidate.resolve()
+    if model_dir.resolve() not in resolved.parents:
+        raise BadInputError(f"tensor {tensor!r}: external data location {location!r} escapes the model's folder", fix)
+    return resolved
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    from onnx.external_data_helper import _get_all_tensors  # onnx's own walk over graphs and subgraphs
+
+    return [t for t in _get_all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def _used_domains(model: onnx.ModelProto) -> set[str]:
+    """Domains that a node uses: in the main graph, any subgraph (If/Loop/Scan bodies) or a local function."""
+    used: set[str] = set()
+
+    def walk(nodes) -> None:
+        for node in nodes:
+            used.add(node.domain or "")
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g.node)
+                for sub in attr.graphs:
+                    walk(sub.node)
+
+    walk(model.graph.node)
+    for function in model.functions:
+        walk(function.node)
+    return used
+
+
+def _check_domains(model: onnx.ModelProto) -> list[str]:
+    """Refuse ops from domains outside the allowlist; drop opset imports no node uses (returned, for a warning).
+
+    Exporters declare domains they never use (Paddle2ONNX: "Paddle"; ORT's quantizer:
+    "com.microsoft.nchwc", "ai.onnx.training", ...): only what a node runs can be unsafe or unsupported.
+    """
+    local_functions = {(f.domain, f.name) for f in model.functions}
+    local_domains = {f.domain for f in model.functions}
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            domain = node.domain or ""
+            if domain not in ALLOWED_DOMAINS and (domain, node.op_type) not in local_functions:
+                raise BadInputError(
+                    f"node {node.name or node.op_type!r} uses op {domain}::{node.op_type} from a domain outside the allowlist",
+                    f"Lepton accepts ops from {', '.join(repr(d) for d in sorted(ALLOWED_DOMAINS))} and the model's own functions; "
+                    "replace or remove custom ops before compiling",
+                )
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+                for sub in attr.graphs:
+                    walk(sub)
+
+    walk(model.graph)
+    used = _used_domains(model)
+    unused = [
+        o.domain
+        for o in model.opset_import
+        if o.domain not in ALLOWED_DOMAINS and o.domain not in local_domains and o.domain not in used
+    ]
+    kept = [o for o in model.opset_import if o.domain not in unused]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    for opset in model.opset_import:
+        if opset.domain not in ALLOWED_DOMAINS and opset.domain not in local_domains:
+            raise BadInputError(
+                f"model imports opset domain {opset.domain!r}, which is outside the allowlist",
+                "export the model with standard ONNX ops",
+            )
+    return unused
+
+
+def load_model(path: str | Path, *, keep_external: bool = False) -> LoadedModel:
+    """Parse and check a model file and every external data location.
+
+    ``keep_external``: external tensors stay on disk (read through ``lepton_cli.model.external_data`` with
+    ``weights_folder(loaded.weights_folder)``); otherwise they are read into the proto, which protobuf
+    limits to 2 GiB.
+    """
+    path = Path(path)
+    model, size = _parse(path)
+    dropped_domains = _check_domains(model)
+    model_dir = path.parent
+    total = size
+    external = _external_tensors(model)
+    for tensor in external:
+        total += _check_external_range(model_dir, tensor)
+    if external and not keep_external:
+        from lepton_cli.model.external_data import INLINE_LIMIT
+
+        if total > INLINE_LIMIT:
+            raise BadInputError(
+                f"{path} and its external data hold {total / 2**30:.2f} GiB, more than this command reads into memory",
+                "use `lepton compile`, which keeps large weights on disk",
+            )
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:
+            load_external_data_for_model(model, str(model_dir))
+        except Exception as exc:  # onnx raises several types here; all mean the same to the user
+            raise BadInputError(
+                f"cannot load external data of {path}: {exc}", "check the external data files"
+            ) from None
+    try:
+        # By path when weights stay outside: the checker then resolves external files beside the model.
+        onnx.checker.check_model(str(path) if external and keep_external else model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise BadInputError(
+            f"{path} fails ONNX validation: {first}", "re-export the model, or fix it with onnx.checker's message"
+        ) from None
+    kept = bool(external) and keep_external
+    digests = {}
+    if kept:
+        from lepton_cli.model.external_data import data_digests, weights_folder
+
+        with weights_folder(model_dir):
+            digests = data_digests(model)
+    return LoadedModel(
+        model=model,
+        path=path,
+        sha256=file_sha256(path),
+        file_size=total,
+        external_sha256=digests,
+        weights_folder=model_dir.resolve() if kept else None,
+        dropped_domains=dropped_domains,
+    )
+
+
+def _parse(path: Path) -> tuple[onnx.ModelProto, int]:
+    """The model file's proto (external data not read) and its size; exit 2 for anything but ONNX."""
+    if not path.exists():
+        raise BadInputError(f"model file {path} does not exist", "check the path")
+    if path.is_dir():
+        raise BadInputError(f"{path} is a folder, not an .onnx file", "pass the .onnx file inside it")
+    size = path.stat().st_size
+    if size == 0:
+        raise BadInputError(f"{path} is empty", "re-export the model")
+    if size > _MAX_MODEL_BYTES:
+        raise BadInputError(f"{path} is larger than 2 GiB", "save large weights as ONNX external data")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadInputError(f"cannot read {path}: {exc.strerror}", "check the file's permissions") from None
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError):
+        raise BadInputError(
+            f"{path} is not an ONNX model (it does not parse as ONNX protobuf; truncated or another format)",
+            "pass a complete .onnx file exported by your framework",
+        ) from None
+    if not model.HasField("graph") or not model.graph.output or model.ir_version == 0 or not model.opset_import:
+        raise BadInputError(
+            f"{path} is not a complete ONNX model (missing graph, outputs, IR version or opset; truncated?)",
+            "pass a complete .onnx file exported by your framework",
+        )
+    return model, size
+
+
+def _check_external_range(model_dir: Path, tensor: onnx.TensorProto) -> int:
+    """Bytes one external tensor occupies, after checking its location and range."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    resolved = check_external_location(model_dir, entries.get("location", ""), tensor.name)
+    try:
+        offset, length = int(entries.get("offset", 0)), int(entries.get("length", 0) or 0)
+    except ValueError:
+        raise BadInputError(
+            f"tensor {tensor.name!r}: external data offset/length are not integers", "re-export the model"
+        ) from None
+    file_size = resolved.stat().st_size
+    if offset < 0 or length < 0 or offset + length > file_size:
+        raise BadInputError(
+            f"tensor {tensor.name!r}: external data range {offset}+{length} is past the end of {entries['location']!r} ({file_size} bytes)",
+            "the external data file is truncated; re-export the model",
+        )
+    return length or (file_size - offset)
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            return opset.version
+    return 0
+
+
+def upgrade_opset(model: onnx.ModelProto, opset_min: int, opset_max: int) -> tuple[onnx.ModelProto, str | None]:
+    """Bring the default-domain opset into [opset_min, opset_max]; returns (model, note or None)."""
+    current = model_opset(model)
+    if opset_min <= current <= opset_max:
+        return model, None
+    if current > opset_max:
+        raise BadInputError(
+            f"model uses opset {current}, but the target's runtime supports at most opset {opset_max}",
+            "re-export the model at a lower opset, or raise runtime.opset_max in your target file",
+        )
+    try:
+        from lepton_cli.model.external_data import has_external, structure_copy
+
+        upgraded = version_converter.convert_version(model, opset_min)
+        onnx.checker.check_model(structure_copy(upgraded) if has_external(upgraded) else upgraded)
+    except Exception as exc:  # the converter raises RuntimeError/ValidationError/IndexError for gaps
+        raise BadInputError(
+            f"cannot upgrade the model from opset {current} to {opset_min}: {str(exc).splitlines()[0][:200]}",
+            f"re-export the model at opset {opset_min} or newer",
+        ) from None
+    # The converter keeps the model's ir_version; ORT needs the IR that matches the new opset.
+    upgraded.ir_version = max(
+        upgraded.ir_version, onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset_min)])
+    )
+    return upgraded, f"upgraded opset {current} → {opset_min}"

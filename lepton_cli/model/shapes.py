@@ -1,0 +1,129 @@
+"""Input signatures and binding of dynamic dimensions (``--input-shape`` or calibration data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from lepton_cli.errors import BadInputError
+
+
+@dataclass(frozen=True)
+class TensorSig:
+    name: str
+    dtype: np.dtype
+    dims: tuple[int | str, ...]  # int for fixed, str (dim_param or "?") for dynamic
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) for d in self.dims)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": str(self.dtype), "shape": list(self.dims)}
+
+
+def _value_sig(value: onnx.ValueInfoProto) -> TensorSig:
+    ttype = value.type.tensor_type
+    dims: list[int | str] = []
+    for dim in ttype.shape.dim:
+        if dim.HasField("dim_value") and dim.dim_value > 0:
+            dims.append(int(dim.dim_value))
+        else:
+            dims.append(dim.dim_param or "?")
+    dtype = helper.tensor_dtype_to_np_dtype(ttype.elem_type) if ttype.elem_type else np.dtype("float32")
+    return TensorSig(value.name, np.dtype(dtype), tuple(dims))
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[TensorSig]:
+    """The model's real inputs (initializers listed as inputs in old IR versions excluded)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [_value_sig(v) for v in model.graph.input if v.name not in initializers]
+
+
+def graph_outputs(model: onnx.ModelProto) -> list[TensorSig]:
+    return [_value_sig(v) for v in model.graph.output]
+
+
+def parse_input_shapes(specs: list[str]) -> dict[str, list[int]]:
+    """Parse ``NAME=1,3,224,224`` options (the name may itself contain ``=``-free slashes/colons)."""
+    shapes: dict[str, list[int]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition("=")
+        try:
+            values = [int(d) for d in dims.split(",")] if sep and name else []
+        except ValueError:
+            values = []
+        if not values or any(v <= 0 for v in values):
+            raise BadInputError(
+                f"--input-shape {spec!r} is not NAME=D1,D2,...", "e.g. --input-shape x=1,3,640,640 (positive integers)"
+            )
+        shapes[name] = values
+    return shapes
+
+
+def unbound_dims(model: onnx.ModelProto) -> list[str]:
+    """Human-readable list of dynamic input dimensions, e.g. ``x[2] ('height')``."""
+    return [
+        f"{sig.name}[{axis}] ({dim!r})"
+        for sig in graph_inputs(model)
+        for axis, dim in enumerate(sig.dims)
+        if isinstance(dim, str)
+    ]
+
+
+def require_static(model: onnx.ModelProto, needed_by: str) -> None:
+    """Exit 2 when ``needed_by`` (a pass name, a measurement) needs dimensions still unbound."""
+    unbound = unbound_dims(model)
+    if unbound:
+        example = " ".join(
+            f"--input-shape {sig.name}={','.join(str(d) if isinstance(d, int) else '1' for d in sig.dims)}"
+            for sig in graph_inputs(model)
+            if not sig.is_static
+        )
+        raise BadInputError(
+            f"{needed_by} needs static input shapes, but these dimensions are unbound: {', '.join(unbound)}",
+            f"bind them with {example} (your real sizes), or give --calib data whose shapes bind them",
+        )
+
+
+def bind_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """Fix the named inputs' dynamic dims to ``shapes`` (checked against static dims), re-infer shapes."""
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+
+    inputs = {sig.name: sig for sig in graph_inputs(model)}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise BadInputError(
+                f"--input-shape names {name!r}, which is not an input of the model",
+                f"the model's inputs are: {', '.join(inputs) or '(none)'}",
+            )
+        sig = inputs[name]
+        if sig.dims and len(dims) != len(sig.dims):
+            raise BadInputError(
+                f"--input-shape {name}: {len(dims)} dims given, the input has rank {len(sig.dims)} {list(sig.dims)}",
+                f"give exactly {len(sig.dims)} dims",
+            )
+        for axis, (want, have) in enumerate(zip(dims, sig.dims)):
+            if isinstance(have, int) and have != want:
+                raise BadInputError(
+                    f"--input-shape {name}: dim {axis} is fixed at {have} in the model, {want} given",
+                    f"use {have} for that dim",
+                )
+    bound = onnx.ModelProto()
+    bound.CopyFrom(model)
+    for name, dims in shapes.items():
+        make_input_shape_fixed(bound.graph, name, dims)
+    # Stale intermediate shapes from the exporter would contradict the bound ones: re-infer.
+    del bound.graph.value_info[:]
+    try:
+        bound = onnx.shape_inference.infer_shapes(bound, strict_mode=False, data_prop=True)
+    except Exception as exc:  # onnx raises InferenceError/RuntimeError for inconsistent shapes
+        raise BadInputError(
+            f"the bound input shapes are inconsistent with the model: {str(exc).splitlines()[0][:200]}",
+            "check the --input-shape values against what the model expects",
+        ) from None
+    fix_output_shapes(bound)
+    return bound

@@ -1,0 +1,109 @@
+"""Passes registered by name: each is a function of (model, context, params) plus what the
+pipeline needs to know to instrument it (its parameter dataclass and how exact it claims to be).
+
+Modelled on TVM's ``module_pass``/``PassInfo``: passes transform, the pipeline instruments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+import onnx
+
+from lepton_cli.errors import BadInputError, InternalError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lepton_cli.pipeline.run import PassContext
+
+
+@dataclass(frozen=True)
+class Exactness:
+    """How the pipeline checks a pass's output against its input.
+
+    ``exact``: outputs bit-identical; ``tolerance``: ``allclose(rtol, atol)``; ``lossy``: no
+    automatic comparison (the pass owns its accuracy budget, e.g. quantize, prune).
+    """
+
+    kind: Literal["exact", "tolerance", "lossy"]
+    rtol: float = 0.0
+    atol: float = 0.0
+
+
+EXACT = Exactness("exact")
+LOSSY = Exactness("lossy")
+
+
+def tolerance(rtol: float, atol: float) -> Exactness:
+    return Exactness("tolerance", rtol, atol)
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the new model and a JSON-ready summary of what it did (for the report)."""
+
+    model: onnx.ModelProto
+    summary: dict[str, Any] = field(default_factory=dict)
+    # A lossy pass whose run this time was exact (e.g. prune removing only dead channels) says so,
+    # and the pipeline checks it like any exact pass; None: the exactness the pass registered.
+    exactness: Exactness | None = None
+
+
+PassFn = Callable[[onnx.ModelProto, "PassContext", Any], PassResult]
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    name: str
+    fn: PassFn
+    params_cls: type
+    description: str
+    exactness: Exactness
+    needs_static_shapes: bool = False
+
+
+_REGISTRY: dict[str, PassSpec] = {}
+
+
+def register_pass(
+    name: str,
+    *,
+    params: type,
+    description: str,
+    exactness: Exactness,
+    needs_static_shapes: bool = False,
+) -> Callable[[PassFn], PassFn]:
+    """Decorator: register ``fn`` as pass ``name`` with its parameter dataclass."""
+    if not dataclasses.is_dataclass(params):
+        raise TypeError(f"pass {name}: params must be a dataclass")
+
+    def decorate(fn: PassFn) -> PassFn:
+        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+            raise InternalError(f"pass {name!r} registered twice")
+        _REGISTRY[name] = PassSpec(name, fn, params, description, exactness, needs_static_shapes)
+        return fn
+
+    return decorate
+
+
+def _load_all() -> None:
+    # Importing lepton_cli.passes imports each pass module, which registers itself.
+    package = importlib.import_module("lepton_cli.passes")
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"lepton_cli.passes.{info.name}")
+
+
+def all_passes() -> dict[str, PassSpec]:
+    _load_all()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass(name: str, path: str = "pass") -> PassSpec:
+    passes = all_passes()
+    if name not in passes:
+        raise BadInputError(f"{path}: unknown pass {name!r}", f"known passes: {', '.join(passes)}")
+    return passes[name]

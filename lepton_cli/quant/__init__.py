@@ -1,1 +1,0 @@
-"""Quantization helpers behind ``passes/quantize.py``: calibration, per-target schemes, accuracy-aware tuning."""

@@ -1,0 +1,128 @@
+"""A ``.tflite`` in LiteRT's interpreter, with the I/O surface of ``BundleSession``.
+
+Inputs are fed under the ONNX model's names in the source layout and float; the session
+transposes to the model's NHWC inputs where the manifest says the input is channel-last, and
+quantizes float feeds for an int8/uint8 input with the scale and zero point stored in the
+``.tflite`` itself (outputs are dequantized and transposed back the same way).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lepton_cli.errors import BadInputError
+
+RUNTIME = "LiteRT (ai-edge-litert)"
+INSTALL_HINT = "pip install 'lepton-cli[tflite]' (ai-edge-litert; tensorflow-cpu to compile)"
+
+
+@dataclass(frozen=True)
+class IOArg:
+    """What ``session.get_inputs()`` gives in ONNX Runtime: name, shape, type."""
+
+    name: str
+    shape: list[int]
+    type: str
+
+
+_TYPES = {
+    np.dtype(np.float32): "tensor(float)",
+    np.dtype(np.int8): "tensor(int8)",
+    np.dtype(np.uint8): "tensor(uint8)",
+    np.dtype(np.int32): "tensor(int32)",
+    np.dtype(np.int64): "tensor(int64)",
+}
+
+
+def interpreter_class() -> Any:
+    """LiteRT's ``Interpreter``; exit 2 naming the extra when it is not installed."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        raise BadInputError("LiteRT is not installed: the .tflite cannot run here", INSTALL_HINT) from None
+    return Interpreter
+
+
+class LiteRTSession:
+    def __init__(
+        self, data: bytes, names: dict[str, dict[str, str]], layouts: dict[str, str], threads: int | None = None
+    ):
+        from lepton_cli.device_artifacts.tflite_export import captured_stderr
+
+        with captured_stderr():  # LiteRT announces its XNNPACK delegate on fd 2
+            self.interpreter = interpreter_class()(model_content=data, num_threads=threads)
+        self.runner = self.interpreter.get_signature_runner()
+        self.in_names, self.out_names = names["inputs"], names["outputs"]  # ONNX name -> signature name
+        self.layouts = layouts
+        self.in_details = self.runner.get_input_details()
+        self.out_details = self.runner.get_output_details()
+        self.quant = {
+            onnx: self._quant(self.in_details[sig])
+            for onnx, sig in self.in_names.items()
+            if self._quant(self.in_details[sig]) is not None
+        }
+
+    @staticmethod
+    def _quant(detail: dict[str, Any]) -> dict[str, Any] | None:
+        dtype = np.dtype(detail["dtype"])
+        if not np.issubdtype(dtype, np.integer):
+            return None
+        scale, zero = detail["quantization"]
+        return {"scale": float(scale), "zero_point": int(zero), "dtype": dtype.name}
+
+    def get_inputs(self) -> list[IOArg]:
+        return [
+            IOArg(
+                onnx,
+                [int(d) for d in self.in_details[sig]["shape"]],
+                _TYPES.get(np.dtype(self.in_details[sig]["dtype"]), "tensor(float)"),
+            )
+            for onnx, sig in self.in_names.items()
+        ]
+
+    def get_outputs(self) -> list[IOArg]:
+        return [
+            IOArg(
+                onnx,
+                [int(d) for d in self.out_details[sig]["shape"]],
+                _TYPES.get(np.dtype(self.out_details[sig]["dtype"]), "tensor(float)"),
+            )
+            for onnx, sig in self.out_names.items()
+        ]
+
+    def get_providers(self) -> list[str]:
+        return [RUNTIME]
+
+    def _adapt(self, name: str, value: np.ndarray) -> np.ndarray:
+        if self.layouts.get(name) == "NHWC" and value.ndim == 4:
+            value = value.transpose(0, 2, 3, 1)
+        detail = self.in_details[self.in_names[name]]
+        quant = self._quant(detail)
+        if quant is not None and np.issubdtype(value.dtype, np.floating):
+            info = np.iinfo(quant["dtype"])
+            value = np.clip(
+                np.round(value.astype(np.float64) / quant["scale"]) + quant["zero_point"], info.min, info.max
+            )
+        return np.ascontiguousarray(value.astype(detail["dtype"]))
+
+    def _restore(self, name: str, value: np.ndarray) -> np.ndarray:
+        quant = self._quant(self.out_details[self.out_names[name]])
+        if quant is not None:
+            value = ((value.astype(np.float32) - np.float32(quant["zero_point"])) * np.float32(quant["scale"])).astype(
+                np.float32
+            )
+        return (
+            np.ascontiguousarray(value.transpose(0, 3, 1, 2))
+            if self.layouts.get(name) == "NHWC" and value.ndim == 4
+            else value
+        )
+
+    def run(
+        self, output_names: list[str] | None, feed: dict[str, np.ndarray], run_options: Any = None
+    ) -> list[np.ndarray]:
+        result = self.runner(**{self.in_names[name]: self._adapt(name, value) for name, value in feed.items()})
+        names = output_names or list(self.out_names)
+        return [self._restore(name, np.asarray(result[self.out_names[name]])) for name in names]

@@ -1,0 +1,159 @@
+"""Integer graph inputs and outputs for a QDQ model (full-integer accelerators, TFLite-style I/O).
+
+A graph input read only by one per-tensor ``QuantizeLinear`` — directly or through data-movement ops
+(the NHWC input's Transpose, a Reshape), which then move int8 instead — becomes an int8/uint8 input
+(the Q node is removed); a graph output made by a per-tensor ``DequantizeLinear`` becomes that DQ's integer
+input (the DQ node is removed, the output keeps its name). Each converted tensor's scale, zero point
+and type go into the model metadata as ``lepton.io_quant.<name>`` (JSON), which
+``pipeline.adapt_feed`` / ``restore_output`` read to feed float data and compare float results, and
+which a device application reads to quantize its frames: ``q = clip(round(x / scale) + zero_point)``.
+
+Libraries checked: ORT's quantizer has no integer-I/O option (its QDQ graphs keep float I/O; the
+QOperator format also quantizes inside the graph), onnx has no such rewrite.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import onnx
+
+from lepton_cli.model.external_data import tensor_array
+
+IO_QUANT_KEY = "lepton.io_quant."
+_TYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
+_MOVES = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}  # any element type, values unchanged
+
+
+def io_quant(model: onnx.ModelProto, name: str) -> dict[str, Any] | None:
+    """The quantization of an integer graph input/output, or None for a float one."""
+    for prop in model.metadata_props:
+        if prop.key == IO_QUANT_KEY + name:
+            return json.loads(prop.value)
+    return None
+
+
+def quantize_array(value: np.ndarray, quant: dict[str, Any]) -> np.ndarray:
+    info = np.iinfo(quant["dtype"])
+    q = np.round(value.astype(np.float64) / quant["scale"]) + quant["zero_point"]
+    return np.clip(q, info.min, info.max).astype(quant["dtype"])
+
+
+def dequantize_array(value: np.ndarray, quant: dict[str, Any]) -> np.ndarray:
+    return ((value.astype(np.float32) - np.float32(quant["zero_point"])) * np.float32(quant["scale"])).astype(
+        np.float32
+    )
+
+
+def _per_tensor(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[float, int, int] | None:
+    """(scale, zero point, integer type) of a Q/DQ node with scalar initializer parameters, else None."""
+    if len(node.input) < 2 or node.input[1] not in inits:
+        return None
+    scale = tensor_array(inits[node.input[1]])
+    if scale.size != 1:
+        return None
+    if len(node.input) > 2 and node.input[2]:
+        if node.input[2] not in inits:
+            return None
+        zp_tensor = inits[node.input[2]]
+        zero_point, dtype = int(tensor_array(zp_tensor).reshape(-1)[0]), zp_tensor.data_type
+    else:
+        zero_point, dtype = 0, onnx.TensorProto.UINT8  # the ONNX default
+    if dtype not in _TYPES:
+        return None
+    return float(scale.reshape(-1)[0]), zero_point, dtype
+
+
+def make_integer_io(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, dict[str, Any]], list[str]]:
+    """(model, {tensor name: quantization}, reasons for I/O left in float). Edits a copy."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    producers: dict[str, onnx.NodeProto] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+        for name in node.output:
+            producers[name] = node
+    output_names = {o.name for o in graph.output}
+    converted: dict[str, dict[str, Any]] = {}
+    kept: list[str] = []
+    removed: list[onnx.NodeProto] = []
+
+    for value in graph.input:
+        if value.name in inits:
+            continue
+        tensor, users = value.name, consumers.get(value.name, [])
+        while (
+            len(users) == 1
+            and users[0].op_type in _MOVES
+            and users[0].input[0] == tensor
+            and tensor not in output_names
+            and users[0].output[0] not in output_names
+        ):
+            tensor = users[0].output[0]  # quantize before the move: same values, fewer bytes
+            users = consumers.get(tensor, [])
+        if len(users) != 1 or users[0].op_type != "QuantizeLinear" or users[0].output[0] in output_names:
+            kept.append(
+                f"input {value.name!r}: not read by exactly one QuantizeLinear (directly or through a Transpose/Reshape)"
+            )
+            continue
+        q = users[0]
+        params = _per_tensor(q, inits)
+        if params is None:
+            kept.append(f"input {value.name!r}: its QuantizeLinear is not per-tensor with constant parameters")
+            continue
+        carrier = q.input[0]  # the input itself, or the last data move, now carrying int8
+        for node in consumers.get(q.output[0], []):
+            node.input[:] = [carrier if i == q.output[0] else i for i in node.input]
+        removed.append(q)
+        value.type.tensor_type.elem_type = params[2]
+        converted[value.name] = {"scale": params[0], "zero_point": params[1], "dtype": _TYPES[params[2]]}
+
+    for value in graph.output:
+        dq = producers.get(value.name)
+        if (
+            dq is None
+            or dq.op_type != "DequantizeLinear"
+            or dq.input[0] in {i.name for i in graph.input}
+            or dq.input[0] in inits
+        ):
+            kept.append(f"output {value.name!r}: not made by a DequantizeLinear of a computed tensor")
+            continue
+        if consumers.get(value.name) or consumers.get(dq.input[0], []) != [dq]:
+            # read inside the graph too, or its integer tensor feeds other nodes/outputs: renaming would retype them
+            kept.append(f"output {value.name!r}: also read inside the graph (it must stay float there)")
+            continue
+        params = _per_tensor(dq, inits)
+        if params is None:
+            kept.append(f"output {value.name!r}: its DequantizeLinear is not per-tensor with constant parameters")
+            continue
+        integer = dq.input[0]
+        for node in graph.node:  # the integer tensor takes the output's name, so callers keep theirs
+            node.input[:] = [value.name if i == integer else i for i in node.input]
+            node.output[:] = [value.name if o == integer else o for o in node.output]
+        removed.append(dq)
+        value.type.tensor_type.elem_type = params[2]
+        converted[value.name] = {"scale": params[0], "zero_point": params[1], "dtype": _TYPES[params[2]]}
+
+    keep = [n for n in graph.node if not any(n is r for r in removed)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = {i for n in graph.node for i in n.input}
+    unused = [i for i in graph.initializer if i.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
+    del graph.value_info[:]  # stale types of renamed tensors; ORT re-infers
+    onnx.helper.set_model_props(
+        result,
+        {
+            **{p.key: p.value for p in result.metadata_props},
+            **{IO_QUANT_KEY + name: json.dumps(q) for name, q in converted.items()},
+        },
+    )
+    return result, converted, kept
