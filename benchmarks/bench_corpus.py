@@ -34,8 +34,8 @@ from benchmarks.corpus.peers import peer_command  # noqa: E402
 from benchmarks.corpus.runner import feeds, run_all, session  # noqa: E402
 from benchmarks.corpus.store import ensure_data, ensure_model, without_labels  # noqa: E402
 from benchmarks.corpus.sweep import TARGETS, run_compile, wait_with_rusage  # noqa: E402
+from lepton_cli.model.io_contract import adapt_feed, restore_output  # noqa: E402
 from lepton_cli.model.stats import node_macs  # noqa: E402
-from lepton_cli.pipeline.run import adapt_feed, restore_output  # noqa: E402
 
 TOOLS = ["lepton", "ort", "nncf", "nncf-ac"]
 BUDGET_PCT = 1.0  # every builtin target's max_accuracy_drop_pct; NNCF's accuracy control gets the same

@@ -17,7 +17,7 @@ copy data or add exact zeros (see "Exactness" above for how ORT rounds them):
 
 * **Channels-last I/O** (``io_layout = "NHWC"``): each 4-D float graph input is taken as NHWC and
   transposed to NCHW inside the model; each 4-D graph output is transposed back to NHWC. The model
-  metadata ``lepton.io_layout.<name> = "NHWC"`` tells ``pipeline.adapt_feed``/``restore_output``.
+  metadata ``lepton.io_layout.<name> = "NHWC"`` is the I/O contract ``lepton_cli.model.io_contract`` reads.
   The added Transposes are then pushed through layout-insensitive elementwise ops (constants
   permuted) and adjacent pairs composed or cancelled; the summary says how many remain.
 * **Channel padding** (``pad_channels``): a group-1 Conv/ConvTranspose whose output-channel count
@@ -43,10 +43,10 @@ from onnx import helper, numpy_helper
 
 from lepton_cli.model.external_data import tensor_array
 from lepton_cli.model.graph_edit import drop_unused_initializers, subgraph_names
+from lepton_cli.model.io_contract import mark_nhwc
 from lepton_cli.pipeline.params import ParamValueError
 from lepton_cli.pipeline.registry import PassResult, register_pass, tolerance
 
-LAYOUT_KEY = "lepton.io_layout."  # same key as lepton_cli.pipeline.run.LAYOUT_KEY
 TO_NCHW, TO_NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
 
 
@@ -387,11 +387,7 @@ def channels_last_io(model: onnx.ModelProto) -> dict:
     added = len(head) + len(tail)
     _Transposer(model, names, {n.name for n in head}, {n.name for n in tail}).run()
     for name in changed_in + changed_out:
-        prop = next((p for p in model.metadata_props if p.key == LAYOUT_KEY + name), None)
-        if prop is None:
-            prop = model.metadata_props.add()
-            prop.key = LAYOUT_KEY + name
-        prop.value = "NHWC"
+        mark_nhwc(model, name)
     after = sum(n.op_type == "Transpose" for n in g.node)
     return {
         "nhwc_inputs": changed_in,

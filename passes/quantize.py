@@ -41,9 +41,9 @@ from lepton_cli import console
 from lepton_cli.errors import BadInputError, QualityGateError
 from lepton_cli.evaluate.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, scoring_opt_level
 from lepton_cli.model.external_data import has_external, inline_copy
+from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.pipeline.params import ParamValueError
 from lepton_cli.pipeline.registry import LOSSY, PassResult, register_pass
-from lepton_cli.pipeline.run import adapt_feed
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
 SENSITIVITY_SAMPLES = 8

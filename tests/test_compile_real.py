@@ -9,9 +9,9 @@ import pytest
 from conftest import LIGHT_MODELS, OCR_DET, OCR_REC, needs_ocr
 
 from lepton_cli.compile.compiler import CompileOptions, compile_model
+from lepton_cli.model.io_contract import adapt_feed, restore_output
 from lepton_cli.model.sessions import make_session, random_feed
 from lepton_cli.model.shapes import graph_inputs
-from lepton_cli.pipeline.run import adapt_feed, restore_output
 from lepton_cli.pipeline.targets import BUILTIN_TARGETS
 
 OCR_SHAPES = {"det": ["x=1,3,320,320"], "rec": ["x=1,3,48,320"]}

@@ -10,15 +10,15 @@ import onnx
 import pytest
 from conftest import DIGITS, OCR_DET, needs_ocr
 from lepton_cli.passes.fuse import FuseParams
-from lepton_cli.passes.layout_transform import LAYOUT_KEY, LayoutParams
+from lepton_cli.passes.layout_transform import LayoutParams
 from onnx import TensorProto, helper, numpy_helper
 
 from lepton_cli.errors import BadInputError
+from lepton_cli.model.io_contract import LAYOUT_KEY
 from lepton_cli.model.load import load_model, upgrade_opset
 from lepton_cli.model.sessions import make_session, random_feed
 from lepton_cli.model.shapes import bind_input_shapes, graph_inputs
 from lepton_cli.pipeline.registry import get_pass
-from lepton_cli.pipeline.run import LAYOUT_KEY as PIPELINE_LAYOUT_KEY
 from lepton_cli.pipeline.run import PassContext, adapt_feed, restore_output
 from lepton_cli.pipeline.targets import load_target
 
@@ -59,10 +59,6 @@ def _model(nodes, inits, inputs, outputs, opset=13):
         [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-
-
-def test_layout_key_matches_the_pipeline():
-    assert LAYOUT_KEY == PIPELINE_LAYOUT_KEY
 
 
 def test_digits_takes_nhwc_on_edge_arm():

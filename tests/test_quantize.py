@@ -324,9 +324,7 @@ def test_without_eval_a_held_out_part_of_calib_scores_agreement(digits):
 
 def test_tpu_integer_io_option_gives_int8_inputs_and_outputs(digits):
     """integer_io: the graph takes and returns int8 (no float at the chip's edge), scales in metadata."""
-    from lepton_cli.passes._quantize.integer_io import dequantize_array, io_quant, quantize_array
-
-    from lepton_cli.pipeline.run import adapt_feed, restore_output
+    from lepton_cli.model.io_contract import adapt_feed, dequantize_array, io_quant, quantize_array, restore_output
 
     model, calib, evaluation = digits
     result, ctx = _run("tpu", model, calib, evaluation, integer_io=True)
@@ -386,7 +384,7 @@ def test_tpu_integer_io_on_ppocr_det_end_to_end(run_cli, tmp_path):
         "-o",
         tmp_path / "out",
     )
-    assert result.code == 0, result.output
+    assert result.code == 0, result.stderr
     import json
 
     report = json.loads(result.stdout)
@@ -420,12 +418,12 @@ def test_integer_io_bundle_runs_on_float_samples_via_cli(run_cli, tmp_path):
         "-o",
         tmp_path / "out",
     )
-    assert built.code == 0, built.output
+    assert built.code == 0, built.stderr
     bundle = next((tmp_path / "out").glob("*.lepton"))
     report = json.loads((bundle / "report.json").read_text())
     assert report["compiled"]["inputs"][0]["dtype"] == "int8"
     ran = run_cli("run", bundle, "--inputs", DIGITS / "eval.npz", "--json", "-o", tmp_path / "logits.npz")
-    assert ran.code == 0, ran.output
+    assert ran.code == 0, ran.stderr
     doc = json.loads(ran.stdout)
     assert doc["outputs"][next(iter(doc["outputs"]))]["dtype"] == "float32"
     assert doc["top1_accuracy_pct"] > 95
@@ -458,7 +456,7 @@ def test_cuda_int8_trt_example_follows_tensorrt_rules(run_cli, tmp_path):
         "-o",
         tmp_path / "out",
     )
-    assert built.code == 0, built.output
+    assert built.code == 0, built.stderr
     keys, _ = dev_keys(create=False)
     opened = open_bundle(
         next((tmp_path / "out").glob("*.lepton")),

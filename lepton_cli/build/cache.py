@@ -28,7 +28,7 @@ from typing import Any
 from lepton_cli.bundle import crypto
 from lepton_cli.bundle.keys import _write_private, config_dir
 from lepton_cli.errors import BadInputError
-from lepton_cli.model.load import file_sha256
+from lepton_cli.model.files import file_sha256
 
 ENTRY_FORMAT = "lepton-build-cache/1"
 DEFAULT_MAX_MB = 10 * 1024

@@ -31,10 +31,10 @@ def _source_layout_model(session: BundleSession) -> onnx.ModelProto:
     inputs = []
     for arg in session.get_inputs():
         dims = list(arg.shape)
-        if session.layouts.get(arg.name) == "NHWC" and len(dims) == 4:
+        if session.contract.is_nhwc(arg.name) and len(dims) == 4:
             dims = [dims[0], dims[3], dims[1], dims[2]]
         # an integer-I/O input (lepton.io_quant.*) takes the source's float data; the session quantizes it
-        dtype = "float32" if arg.name in session.quant else _ORT_TYPES.get(arg.type, "float32")
+        dtype = "float32" if arg.name in session.contract.quant else _ORT_TYPES.get(arg.type, "float32")
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
         inputs.append(
             helper.make_tensor_value_info(arg.name, elem, [d if isinstance(d, int) else (d or "?") for d in dims])

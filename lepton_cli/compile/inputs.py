@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton_cli import __version__
-from lepton_cli.model.load import file_sha256
+from lepton_cli.model.files import file_sha256
 
 LIBRARIES = ("onnx", "onnxruntime", "onnxsim", "numpy")
 # Options that change the compiled model, the report or whether the compile passes; keys, versions

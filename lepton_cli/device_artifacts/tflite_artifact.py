@@ -18,7 +18,7 @@ import onnx
 
 from lepton_cli.device_artifacts import edgetpu, tflite_export
 from lepton_cli.evaluate.accuracy import Evaluator, label_free
-from lepton_cli.pipeline.run import LAYOUT_KEY, adapt_feed, restore_output
+from lepton_cli.model.io_contract import IoContract, adapt_feed, restore_output
 from lepton_cli.pipeline.targets import Target
 from lepton_cli.runtime.litert_session import INSTALL_HINT, RUNTIME, LiteRTSession
 
@@ -44,7 +44,7 @@ def _missing_packages() -> list[str]:
 
 
 def _layouts(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key[len(LAYOUT_KEY) :]: p.value for p in model.metadata_props if p.key.startswith(LAYOUT_KEY)}
+    return dict(IoContract.of(model).layouts)
 
 
 def _not_produced(section: dict[str, Any], reason: str, warn: Callable[[str], None], out: Any) -> None:

@@ -12,16 +12,16 @@ Flatten, a graph output). Ops outside the supported set raise ``UnsupportedOp``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from lepton_cli.console import captured_stderr
 
 QRANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
@@ -33,19 +33,6 @@ class UnsupportedOp(Exception):
 
 class ConverterFailed(Exception):
     """TensorFlow's TFLite converter refused the exported graph (its last diagnostic line)."""
-
-
-@contextlib.contextmanager
-def captured_stderr() -> Iterator[Any]:
-    """TensorFlow's C++ side writes logs and MLIR diagnostics to fd 2: keep them out of the CLI's stderr."""
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield sink
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 @dataclass

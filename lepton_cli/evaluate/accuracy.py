@@ -52,8 +52,8 @@ from lepton_cli.evaluate.output_scores import (
     Top1Tally,
     drop_standard_error,
 )
+from lepton_cli.model.io_contract import adapt_feed, restore_output
 from lepton_cli.model.sessions import make_session
-from lepton_cli.pipeline.run import adapt_feed, restore_output
 from lepton_cli.samples.sample_set import SampleSet
 
 VNNI_ISA = ("avx512_vnni", "avx_vnni", "avxvnni", "amx_int8")  # u8·s8 dot products into int32: no saturation

@@ -32,10 +32,10 @@ import onnxruntime as ort
 
 from lepton_cli.host.detect import HostInfo, detect_host
 from lepton_cli.model.external_data import external_bytes
+from lepton_cli.model.io_contract import adapt_feed, io_layout
 from lepton_cli.model.sessions import OPT_LEVELS, model_random_feed, new_session, read_external_from_folder
 from lepton_cli.model.shapes import bind_input_shapes, graph_inputs
 from lepton_cli.model.stats import collect_stats
-from lepton_cli.pipeline.run import LAYOUT_KEY, adapt_feed
 from lepton_cli.runtime.select import choose_threads, provider_order
 from lepton_cli.samples.sample_set import SampleSet
 
@@ -224,13 +224,9 @@ class Candidate:
     feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
-def _io_layout(model: onnx.ModelProto, name: str) -> str | None:
-    return next((p.value for p in model.metadata_props if p.key == LAYOUT_KEY + name), None)
-
-
 def fit_feed(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A feed for ``model``: as is when it already has the model's static input shapes (e.g. random inputs
-    made from this model's own signature), else converted from NCHW as ``pipeline.adapt_feed`` does."""
+    made from this model's own signature), else converted from NCHW as ``io_contract.adapt_feed`` does."""
     sigs = {sig.name: sig for sig in graph_inputs(model)}
     if all(
         name in sigs
@@ -254,7 +250,7 @@ def source_layout_view(model: onnx.ModelProto) -> onnx.ModelProto:
         copy = onnx.ValueInfoProto()
         copy.CopyFrom(value)
         dims = copy.type.tensor_type.shape.dim
-        if _io_layout(model, value.name) == "NHWC" and len(dims) == 4:
+        if io_layout(model, value.name) == "NHWC" and len(dims) == 4:
             order = [dims[i] for i in (0, 3, 1, 2)]
             saved = [onnx.TensorShapeProto.Dimension() for _ in order]
             for target, dim in zip(saved, order):
@@ -276,7 +272,7 @@ def bind_like(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.Mode
         if sig.is_static or sig.name not in shapes:
             continue
         dims = list(shapes[sig.name])
-        if _io_layout(model, sig.name) == "NHWC" and len(dims) == 4:
+        if io_layout(model, sig.name) == "NHWC" and len(dims) == 4:
             dims = [dims[0], dims[2], dims[3], dims[1]]
         wanted[sig.name] = [d if isinstance(d, int) else given for d, given in zip(sig.dims, dims)]
     return bind_input_shapes(model, wanted) if wanted else model

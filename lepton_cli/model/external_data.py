@@ -80,7 +80,7 @@ def _entries(tensor: onnx.TensorProto) -> dict[str, str]:
 
 def _span(tensor: onnx.TensorProto) -> tuple[Path, int, int]:
     """(confined file, offset, length) of one external tensor in the current weights folder."""
-    from lepton_cli.model.load import check_external_location
+    from lepton_cli.model.files import check_external_location
 
     entries = _entries(tensor)
     path = check_external_location(current_folder(), entries.get("location", ""), tensor.name)
@@ -220,7 +220,7 @@ def shapes_only_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def data_digests(model: onnx.ModelProto) -> dict[str, str]:
     """sha256 of each external data file the model references (location → digest), for provenance."""
-    from lepton_cli.model.load import check_external_location, file_sha256
+    from lepton_cli.model.files import check_external_location, file_sha256
 
     locations = sorted({_entries(t).get("location", "") for t in external_tensors(model)})
     return {loc: file_sha256(check_external_location(current_folder(), loc, "(provenance)")) for loc in locations}

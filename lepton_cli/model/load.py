@@ -8,8 +8,6 @@ target's range and binds dynamic dimensions.
 
 from __future__ import annotations
 
-import hashlib
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +16,8 @@ from google.protobuf.message import DecodeError
 from onnx import version_converter
 
 from lepton_cli.errors import BadInputError
+from lepton_cli.model.external_data import INLINE_LIMIT, data_digests, has_external, structure_copy, weights_folder
+from lepton_cli.model.files import check_external_location, file_sha256
 
 ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 _MAX_MODEL_BYTES = 2**31 - 1  # protobuf's own limit for one message
@@ -32,49 +32,6 @@ class LoadedModel:
     external_sha256: dict[str, str] = field(default_factory=dict)  # external data file (location) -> sha256
     weights_folder: Path | None = None  # set when external tensors stay on disk (lepton_cli.model.external_data)
     dropped_domains: list[str] = field(default_factory=list)  # opset imports outside the allowlist that no node used
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def check_external_location(model_dir: Path, location: str, tensor: str) -> Path:
-    """Return the resolved path of an external-data file, refusing anything outside model_dir."""
-    fix = "keep external data files as plain files inside the model's folder, named by relative paths"
-    if not location or "\x00" in location or "\\" in location:
-        raise BadInputError(f"tensor {tensor!r}: invalid external data location {location!r}", fix)
-    relative = Path(location)
-    if relative.is_absolute() or location.startswith("/") or ".." in relative.parts:
-        raise BadInputError(f"tensor {tensor!r}: external data location {location!r} escapes the model's folder", fix)
-    candidate = model_dir / relative
-    # Check every component: a symlinked folder is as dangerous as a symlinked file.
-    probe = model_dir
-    for part in relative.parts:
-        probe = probe / part
-        if probe.is_symlink():
-            raise BadInputError(f"tensor {tensor!r}: external data {location!r} is a symbolic link", fix)
-    try:
-        info = candidate.lstat()
-    except FileNotFoundError:
-        raise BadInputError(
-            f"tensor {tensor!r}: external data file {location!r} is missing", "copy it next to the model"
-        ) from None
-    if not stat.S_ISREG(info.st_mode):
-        raise BadInputError(f"tensor {tensor!r}: external data {location!r} is not a regular file", fix)
-    if info.st_nlink > 1:
-        raise BadInputError(
-            f"tensor {tensor!r}: external data {location!r} is a hard link (it may point outside the folder)",
-            "copy the file instead of linking it",
-        )
-    resolved = candidate.resolve()
-    if model_dir.resolve() not in resolved.parents:
-        raise BadInputError(f"tensor {tensor!r}: external data location {location!r} escapes the model's folder", fix)
-    return resolved
 
 
 def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -161,8 +118,6 @@ def load_model(path: str | Path, *, keep_external: bool = False) -> LoadedModel:
     for tensor in external:
         total += _check_external_range(model_dir, tensor)
     if external and not keep_external:
-        from lepton_cli.model.external_data import INLINE_LIMIT
-
         if total > INLINE_LIMIT:
             raise BadInputError(
                 f"{path} and its external data hold {total / 2**30:.2f} GiB, more than this command reads into memory",
@@ -187,8 +142,6 @@ def load_model(path: str | Path, *, keep_external: bool = False) -> LoadedModel:
     kept = bool(external) and keep_external
     digests = {}
     if kept:
-        from lepton_cli.model.external_data import data_digests, weights_folder
-
         with weights_folder(model_dir):
             digests = data_digests(model)
     return LoadedModel(
@@ -270,8 +223,6 @@ def upgrade_opset(model: onnx.ModelProto, opset_min: int, opset_max: int) -> tup
             "re-export the model at a lower opset, or raise runtime.opset_max in your target file",
         )
     try:
-        from lepton_cli.model.external_data import has_external, structure_copy
-
         upgraded = version_converter.convert_version(model, opset_min)
         onnx.checker.check_model(structure_copy(upgraded) if has_external(upgraded) else upgraded)
     except Exception as exc:  # the converter raises RuntimeError/ValidationError/IndexError for gaps

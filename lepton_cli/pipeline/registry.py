@@ -41,6 +41,14 @@ def tolerance(rtol: float, atol: float) -> Exactness:
     return Exactness("tolerance", rtol, atol)
 
 
+@dataclass(frozen=True)
+class BudgetUse:
+    """A lossy pass's share of the accuracy budget: the drop against the source it was allowed, and measured."""
+
+    allowed: float
+    drop: float
+
+
 @dataclass
 class PassResult:
     """What a pass returns: the new model and a JSON-ready summary of what it did (for the report)."""
@@ -50,6 +58,8 @@ class PassResult:
     # A lossy pass whose run this time was exact (e.g. prune removing only dead channels) says so,
     # and the pipeline checks it like any exact pass; None: the exactness the pass registered.
     exactness: Exactness | None = None
+    # A lossy pass's use of the accuracy budget; the pipeline enters it in the ledger.
+    budget_use: BudgetUse | None = None
 
 
 PassFn = Callable[[onnx.ModelProto, "PassContext", Any], PassResult]

@@ -20,10 +20,10 @@ import onnx
 
 from lepton_cli.errors import InternalError, LeptonError, QualityGateError
 from lepton_cli.model.external_data import has_external, structure_copy
+from lepton_cli.model.io_contract import adapt_feed, restore_output
 from lepton_cli.model.sessions import make_session, model_random_feed, run_feeds
 from lepton_cli.model.shapes import graph_inputs, require_static, unbound_dims
 from lepton_cli.model.stats import ModelStats, collect_stats
-from lepton_cli.passes._quantize.integer_io import dequantize_array, io_quant, quantize_array
 from lepton_cli.pipeline.params import to_table
 from lepton_cli.pipeline.registry import Exactness, PassResult, get_pass
 from lepton_cli.pipeline.targets import Target
@@ -37,6 +37,9 @@ CHECK_SAMPLES = 3  # feeds per lossless-pass comparison
 HOLDOUT_FRACTION = 0.25  # of --calib, scored (not calibrated on) when there is no --eval
 MIN_HOLDOUT_SPLIT = 8  # fewer calibration samples: score on them all
 SCORE_SAMPLE_LIMIT = 1000  # enough for a 0.1-point resolution; bounds compile time on big sets
+
+
+ProgressReport = Callable[[str, str, "int | None", "int | None"], None]  # (pass, message, done, total)
 
 
 @dataclass
@@ -62,7 +65,13 @@ class PassContext:
     work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lepton-")))
     warnings: list[str] = field(default_factory=list)
     on_warning: Callable[[str], None] | None = None
+    on_progress: ProgressReport | None = None  # the progress display: passes report through ctx.progress, never print
     current_pass: str = ""
+
+    def progress(self, message: str, done: int | None = None, total: int | None = None) -> None:
+        """A pass's progress: a phase (``message``) or ``done`` of ``total`` steps of it."""
+        if self.on_progress:
+            self.on_progress(self.current_pass, message, done, total)
 
     def warn(self, message: str) -> None:
         text = f"{self.current_pass}: {message}" if self.current_pass else message
@@ -269,41 +278,6 @@ def _within_scaled_tolerance(expected: np.ndarray, actual: np.ndarray, rtol: flo
     return bool(np.all(np.abs(got[finite] - ref[finite]) <= bound[finite]))
 
 
-# Layout metadata written by passes that change I/O layout: "lepton.io_layout.<tensor>" = "NHWC".
-LAYOUT_KEY = "lepton.io_layout."
-
-
-def _layout(model: onnx.ModelProto, name: str) -> str | None:
-    for prop in model.metadata_props:
-        if prop.key == LAYOUT_KEY + name:
-            return prop.value
-    return None
-
-
-def adapt_feed(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Convert an NCHW float feed to what the compiled model declares for each input: its layout
-    (``lepton.io_layout.*``), then integer quantization (``lepton.io_quant.*``, quant/integer_io.py)."""
-    out = {}
-    for name, value in feed.items():
-        if _layout(model, name) == "NHWC" and value.ndim == 4:
-            value = np.ascontiguousarray(value.transpose(0, 2, 3, 1))
-        quant = io_quant(model, name)
-        out[name] = quantize_array(value, quant) if quant and np.issubdtype(value.dtype, np.floating) else value
-    return out
-
-
-def restore_output(model: onnx.ModelProto, name: str, value: np.ndarray) -> np.ndarray:
-    """Convert an output of the compiled model back to the source's form (float, NCHW) for comparison."""
-    quant = io_quant(model, name)
-    if quant and np.issubdtype(value.dtype, np.integer):
-        value = dequantize_array(value, quant)
-    return (
-        np.ascontiguousarray(value.transpose(0, 3, 1, 2))
-        if _layout(model, name) == "NHWC" and value.ndim == 4
-        else value
-    )
-
-
 def check_model(model: onnx.ModelProto, pass_name: str) -> None:
     try:
         onnx.checker.check_model(structure_copy(model) if has_external(model) else model, full_check=False)
@@ -444,6 +418,8 @@ def _run_passes(
         if not isinstance(result, PassResult):
             raise InternalError(f"pass {step.name!r} returned {type(result).__name__}, not PassResult")
         check_model(result.model, step.name)
+        if result.budget_use is not None:
+            ctx.spent(result.budget_use.allowed, result.budget_use.drop)
         exactness = result.exactness or spec.exactness
         check: dict[str, Any] = {"kind": exactness.kind}
         if exactness.kind != "lossy":

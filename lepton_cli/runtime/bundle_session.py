@@ -7,7 +7,6 @@ The session is built from bytes in memory; nothing decrypted touches the disk.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,8 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lepton_cli.bundle.reader import OpenedBundle, open_bundle, read_manifest_unverified
-from lepton_cli.passes._quantize.integer_io import IO_QUANT_KEY, dequantize_array, quantize_array
-from lepton_cli.pipeline.run import LAYOUT_KEY
+from lepton_cli.model.io_contract import IoContract
 from lepton_cli.runtime.select import Selection, select_session
 
 DEFAULT_MODEL = "model.onnx"
@@ -43,30 +41,13 @@ class BundleSession:
         self.session = session
         self.manifest = manifest
         self.model_path = model_path
-        meta = session.get_modelmeta().custom_metadata_map
-        self.layouts = {key[len(LAYOUT_KEY) :]: value for key, value in meta.items() if key.startswith(LAYOUT_KEY)}
-        self.quant = {
-            key[len(IO_QUANT_KEY) :]: json.loads(value) for key, value in meta.items() if key.startswith(IO_QUANT_KEY)
-        }
+        self.contract = IoContract.from_metadata(session.get_modelmeta().custom_metadata_map)
 
     def adapt(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {}
-        for name, value in feed.items():
-            if self.layouts.get(name) == "NHWC" and value.ndim == 4:
-                value = np.ascontiguousarray(value.transpose(0, 2, 3, 1))
-            if name in self.quant and np.issubdtype(value.dtype, np.floating):
-                value = quantize_array(value, self.quant[name])
-            out[name] = value
-        return out
+        return self.contract.adapt(feed)
 
     def restore(self, name: str, value: np.ndarray) -> np.ndarray:
-        if name in self.quant and np.issubdtype(value.dtype, np.integer):
-            value = dequantize_array(value, self.quant[name])
-        return (
-            np.ascontiguousarray(value.transpose(0, 3, 1, 2))
-            if self.layouts.get(name) == "NHWC" and value.ndim == 4
-            else value
-        )
+        return self.contract.restore(name, value)
 
     def run(
         self, output_names: list[str] | None, feed: dict[str, np.ndarray], run_options: Any = None

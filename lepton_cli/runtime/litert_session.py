@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from lepton_cli.console import captured_stderr
 from lepton_cli.errors import BadInputError
+from lepton_cli.model.io_contract import IoContract
 
 RUNTIME = "LiteRT (ai-edge-litert)"
 INSTALL_HINT = "pip install 'lepton-cli[tflite]' (ai-edge-litert; tensorflow-cpu to compile)"
@@ -50,20 +52,15 @@ class LiteRTSession:
     def __init__(
         self, data: bytes, names: dict[str, dict[str, str]], layouts: dict[str, str], threads: int | None = None
     ):
-        from lepton_cli.device_artifacts.tflite_export import captured_stderr
-
         with captured_stderr():  # LiteRT announces its XNNPACK delegate on fd 2
             self.interpreter = interpreter_class()(model_content=data, num_threads=threads)
         self.runner = self.interpreter.get_signature_runner()
         self.in_names, self.out_names = names["inputs"], names["outputs"]  # ONNX name -> signature name
-        self.layouts = layouts
         self.in_details = self.runner.get_input_details()
         self.out_details = self.runner.get_output_details()
-        self.quant = {
-            onnx: self._quant(self.in_details[sig])
-            for onnx, sig in self.in_names.items()
-            if self._quant(self.in_details[sig]) is not None
-        }
+        quant = {name: self._quant(self.in_details[sig]) for name, sig in self.in_names.items()}
+        quant |= {name: self._quant(self.out_details[sig]) for name, sig in self.out_names.items()}
+        self.contract = IoContract(dict(layouts), {name: q for name, q in quant.items() if q is not None})
 
     @staticmethod
     def _quant(detail: dict[str, Any]) -> dict[str, Any] | None:
@@ -97,28 +94,11 @@ class LiteRTSession:
         return [RUNTIME]
 
     def _adapt(self, name: str, value: np.ndarray) -> np.ndarray:
-        if self.layouts.get(name) == "NHWC" and value.ndim == 4:
-            value = value.transpose(0, 2, 3, 1)
         detail = self.in_details[self.in_names[name]]
-        quant = self._quant(detail)
-        if quant is not None and np.issubdtype(value.dtype, np.floating):
-            info = np.iinfo(quant["dtype"])
-            value = np.clip(
-                np.round(value.astype(np.float64) / quant["scale"]) + quant["zero_point"], info.min, info.max
-            )
-        return np.ascontiguousarray(value.astype(detail["dtype"]))
+        return np.ascontiguousarray(self.contract.adapt({name: value})[name].astype(detail["dtype"]))
 
     def _restore(self, name: str, value: np.ndarray) -> np.ndarray:
-        quant = self._quant(self.out_details[self.out_names[name]])
-        if quant is not None:
-            value = ((value.astype(np.float32) - np.float32(quant["zero_point"])) * np.float32(quant["scale"])).astype(
-                np.float32
-            )
-        return (
-            np.ascontiguousarray(value.transpose(0, 3, 1, 2))
-            if self.layouts.get(name) == "NHWC" and value.ndim == 4
-            else value
-        )
+        return self.contract.restore(name, value)
 
     def run(
         self, output_names: list[str] | None, feed: dict[str, np.ndarray], run_options: Any = None

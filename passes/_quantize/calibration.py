@@ -35,7 +35,7 @@ from lepton_cli.passes._quantize.mse_ranges import mse_tensors_data
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
 from onnxruntime.quantization.calibrate import TensorsData, create_calibrator
 
-from lepton_cli.pipeline.run import adapt_feed
+from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.samples.sample_set import SampleSet
 
 METHODS = {

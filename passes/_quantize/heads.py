@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 from lepton_cli.passes._quantize.tuning import _with_outputs
 
+from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.model.sessions import make_session
-from lepton_cli.pipeline.run import adapt_feed
 
 MOVEMENT = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Identity")
 DECODING = ("Softmax", "LogSoftmax")

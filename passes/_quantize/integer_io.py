@@ -5,7 +5,7 @@ A graph input read only by one per-tensor ``QuantizeLinear`` — directly or thr
 (the Q node is removed); a graph output made by a per-tensor ``DequantizeLinear`` becomes that DQ's integer
 input (the DQ node is removed, the output keeps its name). Each converted tensor's scale, zero point
 and type go into the model metadata as ``lepton.io_quant.<name>`` (JSON), which
-``pipeline.adapt_feed`` / ``restore_output`` read to feed float data and compare float results, and
+``lepton_cli.model.io_contract`` reads to feed float data and compare float results, and
 which a device application reads to quantize its frames: ``q = clip(round(x / scale) + zero_point)``.
 
 Libraries checked: ORT's quantizer has no integer-I/O option (its QDQ graphs keep float I/O; the
@@ -14,38 +14,16 @@ QOperator format also quantizes inside the graph), onnx has no such rewrite.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from typing import Any
 
-import numpy as np
 import onnx
 
 from lepton_cli.model.external_data import tensor_array
+from lepton_cli.model.io_contract import mark_integer
 
-IO_QUANT_KEY = "lepton.io_quant."
 _TYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
 _MOVES = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}  # any element type, values unchanged
-
-
-def io_quant(model: onnx.ModelProto, name: str) -> dict[str, Any] | None:
-    """The quantization of an integer graph input/output, or None for a float one."""
-    for prop in model.metadata_props:
-        if prop.key == IO_QUANT_KEY + name:
-            return json.loads(prop.value)
-    return None
-
-
-def quantize_array(value: np.ndarray, quant: dict[str, Any]) -> np.ndarray:
-    info = np.iinfo(quant["dtype"])
-    q = np.round(value.astype(np.float64) / quant["scale"]) + quant["zero_point"]
-    return np.clip(q, info.min, info.max).astype(quant["dtype"])
-
-
-def dequantize_array(value: np.ndarray, quant: dict[str, Any]) -> np.ndarray:
-    return ((value.astype(np.float32) - np.float32(quant["zero_point"])) * np.float32(quant["scale"])).astype(
-        np.float32
-    )
 
 
 def _per_tensor(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[float, int, int] | None:
@@ -149,11 +127,6 @@ def make_integer_io(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, 
     for init in unused:
         graph.initializer.remove(init)
     del graph.value_info[:]  # stale types of renamed tensors; ORT re-infers
-    onnx.helper.set_model_props(
-        result,
-        {
-            **{p.key: p.value for p in result.metadata_props},
-            **{IO_QUANT_KEY + name: json.dumps(q) for name, q in converted.items()},
-        },
-    )
+    for name, quant in converted.items():
+        mark_integer(result, name, quant)
     return result, converted, kept

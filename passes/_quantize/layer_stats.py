@@ -16,8 +16,8 @@ import onnx
 from lepton_cli.passes._quantize.tuning import _with_outputs
 from lepton_cli.passes._quantize.weight_layers import WeightLayer, _attr, weight_layers
 
+from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.model.sessions import make_session
-from lepton_cli.pipeline.run import adapt_feed
 
 
 @dataclass

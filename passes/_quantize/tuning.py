@@ -30,8 +30,8 @@ import onnx
 from onnx import helper
 
 from lepton_cli.evaluate.accuracy import AccuracyScore, Evaluator
+from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.model.sessions import make_session
-from lepton_cli.pipeline.run import adapt_feed
 
 SENSITIVITY, LEADING = "sensitivity", "leading"  # Trial.float_rule
 Build = Callable[[str, list[str]], onnx.ModelProto]  # (method, float-kept node names) -> candidate model
