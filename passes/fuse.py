@@ -31,6 +31,8 @@ from lepton_cli.passes._quantize.prequantized import quantized_ops
 from lepton_cli.errors import BadInputError
 from lepton_cli.model.external_data import has_external
 from lepton_cli.model.graph_edit import GraphIndex, drop_unused_initializers, subgraph_names
+from lepton_cli.model.initializers import constants_to_initializers, list_initializers_as_inputs
+from lepton_cli.model.op_traits import opset
 from lepton_cli.pipeline.params import ParamValueError
 from lepton_cli.pipeline.registry import PassResult, register_pass, tolerance
 
@@ -53,10 +55,6 @@ class FuseParams:
     def __post_init__(self) -> None:
         if self.fold_limit_mb <= 0:
             raise ParamValueError("fold_limit_mb", f"must be > 0, got {self.fold_limit_mb}")
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _ops(model: onnx.ModelProto) -> Counter:
@@ -85,7 +83,7 @@ def _with_opset_for_norms(
     original: onnx.ModelProto, simplified: onnx.ModelProto, params: FuseParams, opset_max: int, notes: list[str]
 ) -> onnx.ModelProto:
     """Re-simplify at the opset the norm fusions need, keeping the result only if it fused more."""
-    current = _opset(simplified)
+    current = opset(simplified)
     want_ln, want_gelu = _norm_candidates(_ops(simplified))
     best = simplified
     if want_ln and current < LAYER_NORM_OPSET <= opset_max:
@@ -99,14 +97,14 @@ def _with_opset_for_norms(
             if _ops(trial)["LayerNormalization"] > _ops(best)["LayerNormalization"]:
                 best = trial
                 notes.append(f"opset {current} → {LAYER_NORM_OPSET} to fuse LayerNormalization")
-    if want_gelu and _opset(best) < GELU_OPSET <= opset_max:
+    if want_gelu and opset(best) < GELU_OPSET <= opset_max:
         try:
             trial = _simplify(best, params, GELU_OPSET)
         except Exception as exc:
             notes.append(f"opset {GELU_OPSET} for Gelu not reachable: {str(exc).splitlines()[0][:120]}")
         else:
             if _ops(trial)["Gelu"] > _ops(best)["Gelu"]:
-                notes.append(f"opset {_opset(best)} → {GELU_OPSET} to fuse Gelu")
+                notes.append(f"opset {opset(best)} → {GELU_OPSET} to fuse Gelu")
                 best = trial
     return best
 
@@ -244,44 +242,6 @@ def _identity(source: str, out: str, name: str) -> onnx.NodeProto:
     return onnx.helper.make_node("Identity", [source], [out], name=name)
 
 
-def constants_to_initializers(model: onnx.ModelProto) -> int:
-    """Turn main-graph ``Constant(value=tensor)`` nodes into initializers (same bytes), so that weight
-    folds and layout passes see Conv/Gemm weights as constants. onnxsim's result keeps them as nodes."""
-    graph = model.graph
-    moved, keep = 0, []
-    for node in graph.node:
-        attr = (
-            node.attribute[0]
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1
-            else None
-        )
-        if attr is not None and attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(attr.t)
-            tensor.name = node.output[0]
-            graph.initializer.append(tensor)
-            moved += 1
-        else:
-            keep.append(node)
-    if moved:
-        del graph.node[:]
-        graph.node.extend(keep)
-        list_initializers_as_inputs(model)
-    return moved
-
-
-def list_initializers_as_inputs(model: onnx.ModelProto) -> None:
-    """IR < 4 requires every initializer to be a graph input too (old pytorch exports are IR 3)."""
-    if model.ir_version >= 4:
-        return
-    listed = {i.name for i in model.graph.input}
-    for tensor in model.graph.initializer:
-        if tensor.name not in listed:
-            model.graph.input.append(
-                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
-            )
-
-
 # ---- ONNX Runtime offline graph ---------------------------------------------------------------
 
 
@@ -358,7 +318,7 @@ def fuse(model: onnx.ModelProto, ctx, params: FuseParams) -> PassResult:
         "hard_swish_fused": hard_swish,
         "scalar_affine_folded": affine_folds,
         "dropouts_removed": dropouts,
-        "opset": _opset(result),
+        "opset": opset(result),
         "ort_offline": params.ort_offline,
     }
     if notes:

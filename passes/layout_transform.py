@@ -38,11 +38,11 @@ from typing import Literal
 
 import numpy as np
 import onnx
-from lepton_cli.passes.fuse import constants_to_initializers, list_initializers_as_inputs
 from onnx import helper, numpy_helper
 
 from lepton_cli.model.external_data import tensor_array
 from lepton_cli.model.graph_edit import drop_unused_initializers, subgraph_names
+from lepton_cli.model.initializers import constants_to_initializers, list_initializers_as_inputs
 from lepton_cli.model.io_contract import mark_nhwc
 from lepton_cli.pipeline.params import ParamValueError
 from lepton_cli.pipeline.registry import PassResult, register_pass, tolerance

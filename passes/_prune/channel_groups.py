@@ -32,6 +32,8 @@ from onnx import numpy_helper
 
 from lepton_cli.model.external_data import tensor_array
 from lepton_cli.model.graph_edit import drop_unused_initializers, subgraph_names
+from lepton_cli.model.initializers import constants_to_initializers as move_constants_to_initializers
+from lepton_cli.model.initializers import unlist_initializers_from_inputs
 from lepton_cli.model.stats import _shape_map  # the shapes collect_stats uses for MACs; reused rather than re-inferred
 
 # Ops that map each channel to itself, elementwise, with no constant operand to slice.
@@ -183,30 +185,9 @@ class ChannelAnalysis:
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> int:
-    """Move ``Constant`` nodes' tensors into initializers (exact; PP-OCR stores its weights this way)
-    and stop listing initializers as graph inputs (old IR versions do; a sliced weight must not
-    leave a declared input of the old shape behind)."""
-    graph, kept, moved = model.graph, [], 0
-    inits = {t.name for t in graph.initializer}
-    real_inputs = [v for v in graph.input if v.name not in inits]
-    if len(real_inputs) != len(graph.input):
-        del graph.input[:]
-        graph.input.extend(real_inputs)
-        model.ir_version = max(model.ir_version, 4)  # IR 4 lets initializers stand without an input entry
-    for node in graph.node:
-        attr = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
-        if attr is not None and attr.name == "value" and node.domain in ("", "ai.onnx"):
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(attr.t)
-            tensor.name = node.output[0]
-            graph.initializer.append(tensor)
-            moved += 1
-        else:
-            kept.append(node)
-    if moved:
-        del graph.node[:]
-        graph.node.extend(kept)
-    return moved
+    """Weights as initializers, not listed as inputs: a sliced weight must not leave an input of the old shape."""
+    unlist_initializers_from_inputs(model)
+    return move_constants_to_initializers(model)
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
