@@ -5,7 +5,7 @@ the gate passes; every attempt is recorded), then runs ``lepton run BUNDLE --for
 eval set and scores their outputs as the gate does: digits top-1 against labels, PP-OCRv4 rec (48x160, rendered
 lines of benchmarks/ocr_textset.py) character accuracy against the text, ddddocr's YOLOX detector (416x416 click-captcha
 scenes on photographs, benchmarks/corpus/data.py) detection F1 at IoU 0.5 against the source model's own detections
-(decoded + NMS by lepton_cli/output_scores.py). Also the report's Edge TPU op check and the compile time.
+(decoded + NMS by lepton_cli/evaluate/output_scores.py). Also the report's Edge TPU op check and the compile time.
 
     .venv/bin/python benchmarks/bench_tflite_device.py --det PATH/common_det.onnx [--skip digits,rec]
 

@@ -1,7 +1,7 @@
 """Real calibration and evaluation data for each corpus model (never random tensors).
 
 Every builder returns the arrays of one ``.npz`` keyed by input name (samples on axis 0, the
-input's own rank: lepton_cli/data.py) plus an optional ``labels`` array. Calibration and
+input's own rank: lepton_cli/samples/sample_set.py) plus an optional ``labels`` array. Calibration and
 evaluation are disjoint: different seeds, word pools and fonts for rendered text
 (benchmarks/ocr_textset.py), different source photographs, different sentences.
 """

@@ -22,7 +22,7 @@ def session(model: str | Path | bytes, threads: int = 1) -> ort.InferenceSession
 
 
 def feeds(sess: ort.InferenceSession, arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """One feed per sample: row i as a batch of one, or entry i as a whole batch when the array has rank+1 (lepton_cli/data.py)."""
+    """One feed per sample: row i as a batch of one, or entry i as a whole batch when the array has rank+1 (lepton_cli/samples/sample_set.py)."""
     inputs = sess.get_inputs()
     count = len(arrays[inputs[0].name])
     out = []
