@@ -352,6 +352,25 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
+def _histogram_range(values: list[float]) -> tuple[float, float, int]:
+    """(axis low, axis high, runs above the axis): the axis spans up to the 95th percentile, since a few
+    stray 10x runs would squash every other bar into one."""
+    ordered = sorted(values)
+    lo, hi = ordered[0], ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+    clipped = sum(v > hi for v in values)
+    if hi <= lo:
+        hi = lo + max(abs(lo) * 0.01, 1e-6)
+    return lo, hi, clipped
+
+
+def _bin_shares(values: list[float], lo: float, step: float, bins: int) -> list[float]:
+    """Share of runs per bin (so unequal run counts compare); values past either end go in the end bins."""
+    counts = [0] * bins
+    for v in values:
+        counts[max(0, min(bins - 1, int((v - lo) / step)))] += 1
+    return [x / max(1, len(values)) for x in counts]
+
+
 def svg_histogram(
     series: dict[str, list[float]], *, unit: str = "ms", width: int = 640, height: int = 220, bins: int = 30
 ) -> str:
@@ -359,32 +378,21 @@ def svg_histogram(
     values = [v for vs in series.values() for v in vs]
     if not values:
         return ""
-    ordered = sorted(values)
-    # The axis spans up to the 95th percentile: a few stray 10x runs would squash every other bar into one.
-    lo, hi = ordered[0], ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
-    clipped = sum(v > hi for v in values)
-    if hi <= lo:
-        hi = lo + max(abs(lo) * 0.01, 1e-6)
-    step = (hi - lo) / bins
+    lo, hi, clipped = _histogram_range(values)
     left, bottom, right = 50, 30, 10
     top = 10 + 14 * (len(series) + (1 if clipped else 0))  # the legend sits above the bars, never on them
     height += top
     plot_w, plot_h = width - left - right, height - top - bottom
-    counts = {}
-    for label, vs in series.items():
-        c = [0] * bins
-        for v in vs:
-            c[max(0, min(bins - 1, int((v - lo) / step)))] += 1
-        counts[label] = [x / max(1, len(vs)) for x in c]  # share of runs, so unequal run counts compare
+    counts = {label: _bin_shares(vs, lo, (hi - lo) / bins, bins) for label, vs in series.items()}
     peak = max(max(c) for c in counts.values()) or 1
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width}" height="{height}" role="img" '
         f'aria-label="latency distribution">'
     ]
     parts.append(f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#444"/>')
+    bw = plot_w / bins
     for i, (label, c) in enumerate(counts.items()):
         color = PALETTE[i % len(PALETTE)]
-        bw = plot_w / bins
         for b, share in enumerate(c):
             if share:
                 h = share / peak * plot_h

@@ -22,8 +22,6 @@ from typing import Any
 ORT_SUFFIX = ".ort"
 OPS_CONFIG = "required_operators_and_types.config"
 RUNTIME = "ONNX Runtime Mobile (ORT format)"
-# What makes ORT replay the optimizations saved in a runtime-style .ort on the nodes no EP took.
-REPLAY_OPTIMIZATIONS = "session.enable_saved_runtime_optimizations"
 
 
 @dataclass

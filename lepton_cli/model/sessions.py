@@ -20,6 +20,8 @@ OPT_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+# What makes ORT replay the optimizations saved in a runtime-style .ort on the nodes no EP took.
+REPLAY_OPTIMIZATIONS = "session.enable_saved_runtime_optimizations"
 
 
 def make_session(
@@ -143,7 +145,3 @@ def compared_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def run_feeds(session: ort.InferenceSession, feeds: Iterable[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
     return [session.run(None, feed) for feed in feeds]
-
-
-def model_inputs(model: onnx.ModelProto) -> list[TensorSig]:
-    return graph_inputs(model)

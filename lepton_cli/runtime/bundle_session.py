@@ -1,7 +1,7 @@
 """``load_bundle``: a verified, decrypted bundle as a ready ONNX Runtime session.
 
-The choice of model variant and execution providers lives in ``_plan_session`` alone, so
-device-specific selection (issue 8, ``runtime_select``) replaces one small function.
+The choice of model variant and execution providers lives in ``_plan_session`` alone
+(``runtime.select`` does the device-specific choosing).
 The session is built from bytes in memory; nothing decrypted touches the disk.
 """
 
@@ -16,8 +16,6 @@ import onnxruntime as ort
 from lepton_cli.bundle.reader import OpenedBundle, open_bundle, read_manifest_unverified
 from lepton_cli.model.io_contract import IoContract
 from lepton_cli.runtime.select import Selection, select_session
-
-DEFAULT_MODEL = "model.onnx"
 
 
 def _plan_session(
