@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from lepton_cli import __version__
-from lepton_cli.compile.report import apply_gates
+from lepton_cli.compile.report import apply_gates, section
 from lepton_cli.compile.report_render import append_step_summary, render_html, render_markdown
 from lepton_cli.console import emit_json, note, settings, stderr, stdout, warn
 from lepton_cli.errors import BadInputError, QualityGateError
@@ -199,7 +199,7 @@ def _print_table(doc: dict[str, Any]) -> None:
             ratio,
         )
     stdout.print(table)
-    cost = doc.get("cost_model")
+    cost = section(doc, "cost_model")
     if cost:
         est = Table(title=f"cost model: {cost['target']}")
         for col in ("model", "est. latency ms", "memory-bound share", "peak act. (lower bound)", "arena (greedy)"):
@@ -214,7 +214,7 @@ def _print_table(doc: dict[str, Any]) -> None:
                 f"{peak['greedy_arena'] / 2**20:.2f} MB",
             )
         stdout.print(est)
-    for check in (doc.get("budgets") or {}).get("checks", []):
+    for check in section(doc, "budgets").get("checks", []):
         mark = "[green]ok[/green]" if check["ok"] else "[red]over[/red]"
         stdout.print(f"budget {check['name']}: {check['value']:.2f} / {check['limit']:g} {check['unit']} {mark}")
 

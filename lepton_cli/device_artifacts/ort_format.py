@@ -117,14 +117,6 @@ def mobile_usability(model_bytes: bytes) -> dict[str, Any]:
     return result
 
 
-def summary_line(ep: str, entry: dict[str, Any]) -> str:
-    cpu = ", ".join(f"{op}×{n}" for op, n in entry["cpu_ops"].items()) or "none"
-    return (
-        f"{ep}: {entry['partitions']} partition(s) cover {entry['supported_nodes']}/{entry['nodes']} nodes "
-        f"({entry['suitability']}); on the CPU: {cpu}"
-    )
-
-
 def load_check(ort_bytes: bytes) -> None:
     """Refuse a .ort file ONNX Runtime cannot open (what the device would hit first)."""
     import onnxruntime as ort

@@ -13,11 +13,7 @@ from the start, graph outputs to the end), in the graph's topological order. The
 at once is a lower bound for any plan; the arena a real planner needs comes from the greedy-by-size
 strategy of TensorFlow Lite Micro's ``GreedyMemoryPlanner`` (largest buffer first, each at the
 lowest offset that does not overlap a placed buffer whose lifetime overlaps; 16-byte aligned).
-
-Libraries checked before writing this by hand: onnx has shape inference but no cost model;
-ONNX Runtime's memory planner runs inside the session and is not exposed from Python (its
-profiling reports kernel times, not a plan); TFLite Micro's planner is C++ for TFLite graphs. The
-MAC counts reuse ``lepton_cli.model.stats``.
+The MAC counts reuse ``lepton_cli.model.stats``; why this is written here: docs/decisions.md.
 """
 
 from __future__ import annotations
@@ -91,10 +87,8 @@ MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"} | INT8_KERNELS
 class Efficiency:
     """How much of the datasheet peak real kernels reach, and what one kernel launch costs.
 
-    Fitted on ONNX Runtime's CPU EP (MLAS) on this project's 2-core AMD Zen 3 build host against the
-    light zoo and PP-OCR (``benchmarks/bench_costmodel.py``, which prints the fit's error table): the
-    same models the error table reports, so the table says how well 6 numbers can describe them, not
-    how well they predict unseen models.
+    Fitted on ONNX Runtime's CPU EP (MLAS) by ``benchmarks/bench_costmodel.py``, which prints the
+    fit's error table; what that table does and does not show: docs/decisions.md.
     """
 
     compute: float = 0.25  # share of the FMA peak dense Conv/Gemm kernels reach (a shared-VM Zen 3 at ~2.45 GHz)

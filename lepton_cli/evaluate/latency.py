@@ -11,12 +11,6 @@ How a measurement goes (each choice is there to make the ratio trustworthy on a 
   rounds, so a short time cap still gives percentiles that mean something;
 - p50/p90/p99, mean, throughput per candidate; the p50 ratio's 95% interval comes from a paired
   bootstrap over rounds (resampling whole rounds keeps the drift both candidates shared).
-
-Libraries checked before writing this: ONNX Runtime ships ``onnxruntime_perf_test`` (a C++
-binary, one model at a time, not in the Python wheel) and its Python ``profiling`` output
-(per-node traces, no repeated-run statistics); neither interleaves two models or gives a CI.
-``timeit`` repeats one callable without interleaving; ``scipy.stats.bootstrap`` would do the CI but
-scipy is not a dependency, and the percentile bootstrap here is a few lines of numpy.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def read_external_from_folder(options: ort.SessionOptions, model: onnx.ModelProt
 
 def new_session(blob: bytes, options: ort.SessionOptions, providers: list[Any]) -> ort.InferenceSession:
     """``InferenceSession`` whose Python-level notices go to stderr: when an execution provider fails to
-    initialise (TensorRT libraries missing beside onnxruntime-gpu, seen on an H100 host) ORT *prints*
+    initialise (e.g. TensorRT libraries missing beside onnxruntime-gpu) ORT *prints*
     "EP Error ... Falling back" to stdout, which would corrupt a ``--json`` document there."""
     with contextlib.redirect_stdout(sys.stderr):
         return ort.InferenceSession(blob, sess_options=options, providers=providers)

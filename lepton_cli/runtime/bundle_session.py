@@ -21,7 +21,7 @@ from lepton_cli.runtime.select import Selection, select_session
 def _plan_session(
     opened: OpenedBundle, providers: Sequence[str] | None, variant: str | None = None, threads: int = 0
 ) -> Selection:
-    """Variant, execution providers and threads for this device, and the opened session (``runtime_select``, issue 8)."""
+    """Variant, execution providers and threads for this device, and the opened session (``runtime.select``)."""
     return select_session(
         opened.models, opened.manifest, preferred_providers=providers, threads=threads or None, only=variant
     )

@@ -16,9 +16,8 @@ that list has one variant, ``model.onnx``. For each variant, in order:
    a variant that *requires* the missing EP (fp16 needs a GPU) is passed over;
 4. threads: one intra-op thread per usable physical core (cgroup quota respected) unless given.
 
-Every decision is appended to ``Selection.log`` and logged on the ``lepton`` logger. Checked before
-writing: ONNX Runtime has no variant concept and its own provider fallback is silent (a warning
-on its logger), which is why the checks above are ours.
+Every decision is appended to ``Selection.log`` and logged on the ``lepton`` logger. The checks are
+ours because ONNX Runtime has no variant concept and its own provider fallback is silent.
 """
 
 from __future__ import annotations
