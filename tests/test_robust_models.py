@@ -1,4 +1,4 @@
-"""Real models that used to stop with an internal error (exit 1) now compile or refuse with exit 2:
+"""Real models that must compile or refuse with exit 2, never stop with an internal error (exit 1):
 a stateful audio model with an int64 scalar input and If branches (Silero VAD), calibration data of the
 wrong size, declared-but-unused opset domains, an already-quantized model, PP-OCRv5 rec's fp16
 conversion. Models come from PyPI wheels (tests/wheel_models.py) or from PP-OCRv4 (rapidocr)."""
@@ -415,8 +415,7 @@ def test_streamed_local_errors_rank_as_the_float64_reference(run_mb, tmp_path, m
 
 def test_histogram_bound_when_the_first_chunk_of_a_tensor_is_all_zeros():
     """np.histogram gives constant data the range (v-0.5, v+0.5): an |x| histogram of zeros starts at
-    -0.5, which the bound mistook for a signed histogram (IndexError, exit 1, PP-OCRv4 det at 320x320
-    on rendered pages, percentile calibration)."""
+    -0.5, which the bound must not take for a signed histogram (percentile calibration)."""
     from lepton_cli.passes._quantize.calibration import CalibrationSettings, _bound_histograms
     from onnxruntime.quantization.calibrate import HistogramCollector
 

@@ -257,14 +257,13 @@ def test_forced_variant_runs_despite_requirements_with_warnings():
 
 def test_real_bundle_variants_chosen_on_this_host(tmp_path, monkeypatch, run_cli):
     """Compile a two-variant target into a signed, encrypted bundle, open it, and let this real host choose."""
-    from lepton_cli.runtime.bundle_session import load_bundle
-
-    bundle = pytest.importorskip("lepton_cli.bundle")  # issue 6; skip in a checkout without it
     from pathlib import Path
 
+    from lepton_cli import bundle
     from lepton_cli.bundle.keys import dev_keys
     from lepton_cli.compile.compiler import CompileOptions, compile_model
     from lepton_cli.host.detect import detect_host
+    from lepton_cli.runtime.bundle_session import load_bundle
 
     monkeypatch.setenv("LEPTON_HOME", str(tmp_path / "home"))
     target = tmp_path / "t.toml"

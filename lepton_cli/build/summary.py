@@ -9,6 +9,8 @@ from typing import Any
 
 from rich.table import Table
 
+from lepton_cli.compile.report import p50_ratio, section
+
 BUILD_FORMAT = "lepton-build/1"
 _SEVERITY = {0: 0, 3: 1, 4: 2, 2: 3, 1: 4}  # 2 (bad input) outranks 3 (gate) outranks 0; 1 (a bug) outranks all
 
@@ -29,11 +31,10 @@ class JobResult:
     summary_doc: dict[str, Any] | None = None  # a few keys of the report: the driver keeps no whole reports
 
     def take_report(self, report: dict[str, Any]) -> None:
-        accuracy = report.get("accuracy") or {}
         self.summary_doc = {
-            **report.get("summary", {}),
-            "accuracy_drop_pct": accuracy.get("drop_pct"),
-            "host_p50_ratio": latency_ratio(report),
+            **section(report, "summary"),
+            "accuracy_drop_pct": section(report, "accuracy").get("drop_pct"),
+            "host_p50_ratio": p50_ratio(report),
         }
 
     def summary(self) -> dict[str, Any] | None:
@@ -52,11 +53,6 @@ class JobResult:
             "state": self.state,
             "worker": self.worker or None,
         }
-
-
-def latency_ratio(report: dict[str, Any]) -> float | None:
-    ratio = ((report.get("host_latency") or {}).get("ratios") or {}).get("compiled") or {}
-    return ratio.get("ratio")
 
 
 def worst_exit(codes: list[int | None]) -> int:

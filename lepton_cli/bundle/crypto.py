@@ -218,6 +218,46 @@ class _HashingReader:
         self._thread.join()
 
 
+def _presized_buffer(plain_size: int) -> io.BytesIO:
+    """A ``BytesIO`` sized up front to min(plaintext, 33 MiB).
+
+    glibc's realloc copies (and frees a copy of the plaintext) only below its mmap threshold, at most
+    32 MiB; above it the buffer grows by mremap, moving pages, leaving no copy behind. So a failure's
+    wipe reaches every byte that was decrypted."""
+    buffer = io.BytesIO()
+    presize = min(plain_size, _PRESIZE)
+    if presize:
+        buffer.seek(presize - 1)
+        buffer.write(b"\0")
+        buffer.seek(0)
+    return buffer
+
+
+def _decrypt_blocks(
+    reader: _HashingReader, dec: Cobblestone256Decryptor, scratch: memoryview, buffer: io.BytesIO
+) -> tuple[int, bool]:
+    """Decrypt every block into ``buffer``; (bytes written, whether authentication failed).
+
+    After a failed block the rest is still read and hashed: a modified file is reported as such."""
+    pos, auth_failed = 0, False
+    for block in reader:
+        if not auth_failed:
+            try:
+                written = dec.update_into(block, scratch)
+                buffer.write(scratch[:written])
+                pos += written
+            except InvalidTag:
+                auth_failed = True
+    return pos, auth_failed
+
+
+def _check_signed_cipher(reader: _HashingReader, path: str, cipher_size: int, cipher_sha256: str) -> None:
+    if reader.too_long:
+        raise fail(f"{path}: longer than the signed size ({cipher_size} bytes): trailing data")
+    if reader.total != cipher_size or reader.digest.hexdigest() != cipher_sha256:
+        raise fail(f"{path}: content does not match the signed sha256 (modified or truncated)")
+
+
 def decrypt_stream(
     stream: BinaryIO,
     *,
@@ -235,33 +275,15 @@ def decrypt_stream(
     as blocks arrive (rather than sizing all of it up front, which zero-fills every page before the
     first block is read) lets the kernel's page faults for the plaintext overlap the reading thread.
     """
-    buffer = io.BytesIO()
-    # Sized up front to min(plaintext, 33 MiB): glibc's realloc copies (and frees a copy of the plaintext)
-    # only below its mmap threshold, at most 32 MiB; above it the buffer grows by mremap, moving pages,
-    # leaving no copy behind. So a failure's wipe reaches every byte that was decrypted.
-    presize = min(plain_size, _PRESIZE)
-    if presize:
-        buffer.seek(presize - 1)
-        buffer.write(b"\0")
-        buffer.seek(0)
+    buffer = _presized_buffer(plain_size)
     scratch = bytearray(2 * BLOCK + _SLACK)  # update_into wants room for one more chunk than it writes
     scratch_view = memoryview(scratch)
-    pos, ok, auth_failed = 0, False, False
+    ok = False
     reader = _HashingReader(stream, cipher_size)
     try:
         dec = Cobblestone256Decryptor(content_key, context)
-        for block in reader:
-            if not auth_failed:
-                try:
-                    written = dec.update_into(block, scratch_view)
-                    buffer.write(scratch_view[:written])
-                    pos += written
-                except InvalidTag:
-                    auth_failed = True  # keep hashing: a modified file is reported as such
-        if reader.too_long:
-            raise fail(f"{path}: longer than the signed size ({cipher_size} bytes): trailing data")
-        if reader.total != cipher_size or reader.digest.hexdigest() != cipher_sha256:
-            raise fail(f"{path}: content does not match the signed sha256 (modified or truncated)")
+        pos, auth_failed = _decrypt_blocks(reader, dec, scratch_view, buffer)
+        _check_signed_cipher(reader, path, cipher_size, cipher_sha256)
         if auth_failed:
             raise InvalidTag()
         tail = dec.finalize()

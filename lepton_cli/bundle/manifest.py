@@ -18,6 +18,7 @@ FORMAT = "lepton-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SIGNATURE = "model.sig"
+PRIMARY_MODEL = "model.onnx"  # the bundle's main model; variants live under variants/
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 ROLES = frozenset({"model", "model_data", "report", "data"})
 DATA_SUFFIX = ".data"  # a model's external data file: <model plain path>.data, encrypted like the model
@@ -86,6 +87,17 @@ def parse_expires(value: str) -> datetime:
 
 def validate(doc: Any) -> dict[str, Any]:
     """Check the structure the reader relies on; anything else in the manifest is informational."""
+    _check_header(doc)
+    files = doc.get("files")
+    _require(isinstance(files, list) and files, "files must be a non-empty list")
+    _check_files(files)
+    _check_model_data(files)
+    _validate_device_artifacts(doc.get("device_artifacts"), files)
+    _check_encryption(doc.get("encryption"))
+    return doc
+
+
+def _check_header(doc: Any) -> None:
     _require(isinstance(doc, dict), "not a JSON object")
     _require(doc.get("format") == FORMAT, f"format is {doc.get('format')!r}, not {FORMAT!r}")
     version = doc.get("format_version")
@@ -108,8 +120,10 @@ def validate(doc: Any) -> dict[str, Any]:
             raise fail(f"manifest.json: expires: {exc}") from None
     _require(isinstance(doc.get("model"), dict) and isinstance(doc["model"].get("name"), str), "model.name missing")
     _require(isinstance(doc.get("target"), dict) and isinstance(doc["target"].get("name"), str), "target.name missing")
-    files = doc.get("files")
-    _require(isinstance(files, list) and files, "files must be a non-empty list")
+
+
+def _check_files(files: list[Any]) -> None:
+    """Each entry: a safe, unique path, a known role, size and sha256; an encrypted one a unique plain path."""
     seen: set[str] = set()
     plain_paths: set[str] = set()
     for index, entry in enumerate(files):
@@ -138,9 +152,9 @@ def validate(doc: Any) -> dict[str, Any]:
                 _is_int(entry.get("plain_size")) and 0 <= entry["plain_size"] <= entry["size"],
                 f"files[{index}]: plain_size invalid",
             )
-    _check_model_data(files)
-    _validate_device_artifacts(doc.get("device_artifacts"), files)
-    enc = doc.get("encryption")
+
+
+def _check_encryption(enc: Any) -> None:
     _require(isinstance(enc, dict), "encryption header missing")
     _require(enc.get("scheme") == ENCRYPTION_SCHEME, f"unknown encryption scheme {enc.get('scheme')!r}")
     recipients = enc.get("recipients")
@@ -154,7 +168,6 @@ def validate(doc: Any) -> dict[str, Any]:
             and isinstance(entry.get("wrapped_key"), str),
             f"encryption.recipients[{index}] needs key_id and wrapped_key",
         )
-    return doc
 
 
 def _check_model_data(files: list[dict[str, Any]]) -> None:

@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -74,6 +75,93 @@ def _stream_data(spool: Path, path: str, payload: ModelPayload, content_key: byt
     return {"size": size, "sha256": digest, "plain_size": plain_size}
 
 
+@dataclass
+class _Contents:
+    """The files of a bundle being built (path → bytes, or a spooled file) and their manifest entries."""
+
+    bundle_id: str
+    content_key: bytes
+    spool: Path | None
+    files: dict[str, bytes | Path] = field(default_factory=dict)
+    table: list[dict[str, Any]] = field(default_factory=list)
+
+    def add_model(self, plain_path: str, model: bytes | ModelPayload) -> None:
+        payload = model if isinstance(model, ModelPayload) else ModelPayload(model)
+        path = check_path(plain_path + ENCRYPTED_SUFFIX, "bundle writer")
+        context = crypto.file_context(self.bundle_id, path)
+        self.files[path], digest = crypto.encrypt_bytes(self.content_key, context, payload.graph)
+        data_plain = plain_path + DATA_SUFFIX
+        link = {"external_data": data_plain} if payload.data_name else {}
+        self.table.append(
+            _entry(
+                path,
+                self.files[path],
+                "model",
+                digest,
+                encrypted=True,
+                plain_path=plain_path,
+                plain_size=len(payload.graph),
+                **link,
+            )
+        )
+        if payload.data_name:
+            self._add_model_data(plain_path, data_plain, payload)
+
+    def _add_model_data(self, plain_path: str, data_plain: str, payload: ModelPayload) -> None:
+        if self.spool is None or payload.data_name != Path(data_plain).name:
+            raise ValueError("a model with external data needs a spool folder and its data named <model file>.data")
+        data_path = check_path(data_plain + ENCRYPTED_SUFFIX, "bundle writer")
+        written = _stream_data(self.spool, data_path, payload, self.content_key, self.bundle_id)
+        self.files[data_path] = self.spool / data_path
+        self.table.append(
+            {
+                "path": data_path,
+                "role": "model_data",
+                "size": written["size"],
+                "sha256": written["sha256"],
+                "encrypted": True,
+                "plain_path": data_plain,
+                "plain_size": written["plain_size"],
+                "model": plain_path,
+            }
+        )
+
+    def add_plain(self, path: str, data: bytes) -> None:
+        check_path(path, "bundle writer")
+        self.files[path] = data
+        self.table.append(_entry(path, data, "report" if path.startswith("report.") else "data", encrypted=False))
+
+
+_RESERVED_FIELDS = frozenset({"format", "format_version", "bundle_id", "version", "expires", "encryption", "files"})
+
+
+def _manifest(
+    contents: _Contents,
+    manifest_fields: dict[str, Any],
+    signing_key: SigningPrivateKey,
+    recipients: Sequence[EncryptionPublicKey],
+    version: int,
+    expires: str | None,
+) -> dict[str, Any]:
+    clash = _RESERVED_FIELDS & set(manifest_fields)
+    if clash:
+        raise ValueError(f"manifest_fields may not set {sorted(clash)}")
+    wrapped = crypto.wrap_key(contents.content_key, recipients, contents.bundle_id)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "bundle_id": contents.bundle_id,
+        "version": version,
+        "expires": expires,
+        "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "tool": {"name": "lepton", "version": __version__},
+        **manifest_fields,
+        "signer": key_id(signing_key),
+        "encryption": {"scheme": ENCRYPTION_SCHEME, "recipients": wrapped},
+        "files": contents.table,
+    }
+
+
 def build(
     dest_dir: Path,
     *,
@@ -91,70 +179,16 @@ def build(
     check_bundle_options(version, expires)
     if not recipients:
         raise BadInputError("no recipient for the bundle's encryption", "pass --recipient PUBKEY.pem")
-    bundle_id = secrets.token_hex(16)
-    content_key = crypto.new_content_key()
-    files: dict[str, bytes | Path] = {}
-    table = []
+    contents = _Contents(secrets.token_hex(16), crypto.new_content_key(), spool)
     for plain_path, model in sorted(models.items()):
-        payload = model if isinstance(model, ModelPayload) else ModelPayload(model)
-        path = check_path(plain_path + ENCRYPTED_SUFFIX, "bundle writer")
-        files[path], digest = crypto.encrypt_bytes(content_key, crypto.file_context(bundle_id, path), payload.graph)
-        data_plain = plain_path + DATA_SUFFIX
-        link = {"external_data": data_plain} if payload.data_name else {}
-        table.append(
-            _entry(
-                path,
-                files[path],
-                "model",
-                digest,
-                encrypted=True,
-                plain_path=plain_path,
-                plain_size=len(payload.graph),
-                **link,
-            )
-        )
-        if payload.data_name:
-            if spool is None or payload.data_name != Path(data_plain).name:
-                raise ValueError("a model with external data needs a spool folder and its data named <model file>.data")
-            data_path = check_path(data_plain + ENCRYPTED_SUFFIX, "bundle writer")
-            written = _stream_data(spool, data_path, payload, content_key, bundle_id)
-            files[data_path] = spool / data_path
-            table.append(
-                {
-                    "path": data_path,
-                    "role": "model_data",
-                    "size": written["size"],
-                    "sha256": written["sha256"],
-                    "encrypted": True,
-                    "plain_path": data_plain,
-                    "plain_size": written["plain_size"],
-                    "model": plain_path,
-                }
-            )
+        contents.add_model(plain_path, model)
     for path, data in sorted(plain_files.items()):
-        check_path(path, "bundle writer")
-        files[path] = data
-        table.append(_entry(path, data, "report" if path.startswith("report.") else "data", encrypted=False))
-    reserved = {"format", "format_version", "bundle_id", "version", "expires", "encryption", "files"}
-    clash = reserved & set(manifest_fields)
-    if clash:
-        raise ValueError(f"manifest_fields may not set {sorted(clash)}")
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "bundle_id": bundle_id,
-        "version": version,
-        "expires": expires,
-        "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-        "tool": {"name": "lepton", "version": __version__},
-        **manifest_fields,
-        "signer": key_id(signing_key),
-        "encryption": {"scheme": ENCRYPTION_SCHEME, "recipients": crypto.wrap_key(content_key, recipients, bundle_id)},
-        "files": table,
-    }
+        contents.add_plain(path, data)
+    manifest = _manifest(contents, manifest_fields, signing_key, recipients, version, expires)
+    files = contents.files
     # Compact: the C JSON encoder (indent forces the pure-Python one, ~20 ms for a long pipeline record).
     files[MANIFEST] = (json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str) + "\n").encode()
-    digests = {entry["path"]: entry["sha256"] for entry in table}  # each file hashed once
+    digests = {entry["path"]: entry["sha256"] for entry in contents.table}  # each file hashed once
     digests[MANIFEST] = hashlib.sha256(files[MANIFEST]).hexdigest()
     files[SIGNATURE] = signing.sign(dest_dir.name, digests, signing_key)
     return files

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from lepton_cli import __version__
-from lepton_cli.compile.report import apply_gates
+from lepton_cli.compile.report import apply_gates, section
 from lepton_cli.compile.report_render import append_step_summary, render_html, render_markdown
 from lepton_cli.console import emit_json, note, settings, stderr, stdout, warn
 from lepton_cli.errors import BadInputError, QualityGateError
@@ -26,7 +26,7 @@ from lepton_cli.evaluate import latency as measure
 from lepton_cli.model.load import load_model
 from lepton_cli.model.shapes import graph_inputs, parse_input_shapes, require_static
 from lepton_cli.pipeline.targets import Target, load_target
-from lepton_cli.samples.sample_set import load_samples
+from lepton_cli.samples.sample_set import SampleSet, load_samples
 
 BENCH_FORMAT = "lepton-bench/1"
 
@@ -54,6 +54,7 @@ def _load_subject(path: Path, key: str | None, trust: str | None) -> Subject:
         loaded = load_model(path)
         return Subject(path.name, path, "model", loaded.model, loaded.file_size)
     from lepton_cli.bundle import open_bundle
+    from lepton_cli.bundle.manifest import PRIMARY_MODEL
     from lepton_cli.commands._bundle_keys import (  # option, then LEPTON_* variable, then the dev key set (said so)
         key_spec,
         trust_spec,
@@ -61,12 +62,12 @@ def _load_subject(path: Path, key: str | None, trust: str | None) -> Subject:
 
     # record=False: measuring a bundle is not deploying it, so the device's rollback state stays as it was.
     opened = open_bundle(path, key=key_spec(key), trust=trust_spec(trust), record=False)
-    blob = opened.models.get("model.onnx") or next(iter(opened.models.values()), None)
+    blob = opened.models.get(PRIMARY_MODEL) or next(iter(opened.models.values()), None)
     if blob is None:
         raise BadInputError(f"bundle {path} holds no model", "compile it again")
     if getattr(blob, "external_files", None):
         raise BadInputError(
-            f"bundle {path}: model.onnx keeps its weights in an external data file, which `lepton bench` does not measure",
+            f"bundle {path}: {PRIMARY_MODEL} keeps its weights in an external data file, which `lepton bench` does not measure",
             "measure it with `lepton run` on your data, or bench the source model",
         )
     return Subject(
@@ -99,6 +100,37 @@ def _progress_bar(total_runs: int, seconds: float) -> tuple[Progress | None, Any
     return progress, update
 
 
+def _bind_shapes(view: onnx.ModelProto, input_shapes: list[str], samples: SampleSet | None) -> dict[str, list]:
+    """The dims to measure at: ``--input-shape``, else the samples' shapes, else a batch of one for a free batch dim."""
+    shapes = parse_input_shapes(input_shapes)
+    if samples is not None and not shapes:
+        dynamic = {sig.name for sig in graph_inputs(view) if not sig.is_static}
+        shapes = {name: dims for name, dims in samples.shapes().items() if name in dynamic}
+    for sig in graph_inputs(view):
+        # A free batch dim alone is common (exporters mark it dynamic); measure a batch of one, said in the output.
+        if sig.name not in shapes and not sig.is_static and all(isinstance(d, int) for d in sig.dims[1:]):
+            shapes[sig.name] = [1, *sig.dims[1:]]
+            note(f"input {sig.name}: dynamic batch dim measured at 1 (use --input-shape to choose)")
+    return shapes
+
+
+def _subject_doc(s: Subject) -> dict[str, Any]:
+    return {
+        "label": s.label,
+        "path": str(s.path),
+        "kind": s.kind,
+        "size_bytes": s.size_bytes,
+        **({"target": s.target} if s.target else {}),
+    }
+
+
+def _add_target_sections(doc: dict[str, Any], target: Target, bound: dict[str, onnx.ModelProto], last: Subject) -> None:
+    doc["cost_model"] = costmodel.cost_model_section(target, bound)
+    doc["budgets"] = costmodel.budgets_section(
+        target, last.size_bytes, doc["cost_model"]["models"][last.label], last.label
+    )
+
+
 def run_bench(
     subjects: list[Subject],
     *,
@@ -112,25 +144,18 @@ def run_bench(
     progress: Any = None,
 ) -> dict[str, Any]:
     """The bench document: host latency of every subject (first = base of the ratios), cost model, budgets."""
-    shapes = parse_input_shapes(input_shapes)
-    base_model = subjects[0].model
     data_path, role = (eval_data, "--eval") if eval_data else (calib, "--calib")
-    view = measure.source_layout_view(base_model)  # shapes below are in the source's (NCHW) terms, as the data is
+    view = measure.source_layout_view(
+        subjects[0].model
+    )  # shapes below are in the source's (NCHW) terms, as the data is
     samples = load_samples(data_path, view, role=role) if data_path else None
-    if samples is not None and not shapes:
-        dynamic = {sig.name for sig in graph_inputs(view) if not sig.is_static}
-        shapes = {name: dims for name, dims in samples.shapes().items() if name in dynamic}
-    for sig in graph_inputs(view):
-        # A free batch dim alone is common (exporters mark it dynamic); measure a batch of one, said in the output.
-        if sig.name not in shapes and not sig.is_static and all(isinstance(d, int) for d in sig.dims[1:]):
-            shapes[sig.name] = [1, *sig.dims[1:]]
-            note(f"input {sig.name}: dynamic batch dim measured at 1 (use --input-shape to choose)")
-    models = [measure.bind_like(s.model, shapes) for s in subjects]
-    for s, m in zip(subjects, models):
-        require_static(m, f"measuring {s.label}")  # exit 2 naming each free dim and an --input-shape to bind it
-    feeds = measure.make_feeds(models[0], samples, role, seed=seed, dims=shapes or None)
+    shapes = _bind_shapes(view, input_shapes, samples)
+    bound = {s.label: measure.bind_like(s.model, shapes) for s in subjects}
+    for s in subjects:
+        require_static(bound[s.label], f"measuring {s.label}")  # exit 2 naming each free dim and an --input-shape
+    feeds = measure.make_feeds(bound[subjects[0].label], samples, role, seed=seed, dims=shapes or None)
     latency, warnings = measure.latency_section(
-        {s.label: m for s, m in zip(subjects, models)},
+        bound,
         feeds,
         rule,
         preferred_providers=target.runtime.execution_providers if target else ("CPUExecutionProvider",),
@@ -142,25 +167,12 @@ def run_bench(
     doc: dict[str, Any] = {
         "format": BENCH_FORMAT,
         "tool": {"name": "lepton", "version": __version__},
-        "subjects": [
-            {
-                "label": s.label,
-                "path": str(s.path),
-                "kind": s.kind,
-                "size_bytes": s.size_bytes,
-                **({"target": s.target} if s.target else {}),
-            }
-            for s in subjects
-        ],
+        "subjects": [_subject_doc(s) for s in subjects],
         "target": target.name if target else None,
         "host_latency": latency,
     }
     if target is not None:
-        doc["cost_model"] = costmodel.cost_model_section(target, {s.label: m for s, m in zip(subjects, models)})
-        last = subjects[-1]
-        doc["budgets"] = costmodel.budgets_section(
-            target, last.size_bytes, doc["cost_model"]["models"][last.label], last.label
-        )
+        _add_target_sections(doc, target, bound, subjects[-1])
     doc["warnings"] = warnings
     return doc
 
@@ -187,7 +199,7 @@ def _print_table(doc: dict[str, Any]) -> None:
             ratio,
         )
     stdout.print(table)
-    cost = doc.get("cost_model")
+    cost = section(doc, "cost_model")
     if cost:
         est = Table(title=f"cost model: {cost['target']}")
         for col in ("model", "est. latency ms", "memory-bound share", "peak act. (lower bound)", "arena (greedy)"):
@@ -202,119 +214,163 @@ def _print_table(doc: dict[str, Any]) -> None:
                 f"{peak['greedy_arena'] / 2**20:.2f} MB",
             )
         stdout.print(est)
-    for check in (doc.get("budgets") or {}).get("checks", []):
+    for check in section(doc, "budgets").get("checks", []):
         mark = "[green]ok[/green]" if check["ok"] else "[red]over[/red]"
         stdout.print(f"budget {check['name']}: {check['value']:.2f} / {check['limit']:g} {check['unit']} {mark}")
 
 
-def bench_command(
-    model: Annotated[Path, typer.Argument(help="The model (.onnx) or bundle (.lepton folder or archive) to measure.")],
-    against: Annotated[
-        Optional[Path], typer.Option("--against", help="Baseline model or bundle: ratios are MODEL / AGAINST.")
-    ] = None,
-    target: Annotated[
-        Optional[str],
-        typer.Option("--target", "-t", help="Target name or .toml: its execution providers, cost model and budgets."),
-    ] = None,
-    runs: Annotated[
-        int, typer.Option("--runs", help="Stop after this many interleaved rounds (one run per model each).")
-    ] = 200,
-    seconds: Annotated[
-        float, typer.Option("--seconds", help="...or after this many seconds of measuring (at least 5 rounds).")
-    ] = 10.0,
-    warmup: Annotated[int, typer.Option("--warmup", help="Unrecorded runs per model before measuring.")] = 3,
-    threads: Annotated[
-        Optional[int], typer.Option("--threads", help="ONNX Runtime intra-op threads (default: physical cores).")
-    ] = None,
-    calib: Annotated[
-        Optional[Path], typer.Option("--calib", help="Real input samples (.npz keyed by input name).")
-    ] = None,
-    eval_data: Annotated[
-        Optional[Path], typer.Option("--eval", help="Real input samples (.npz), preferred over --calib.")
-    ] = None,
-    input_shape: Annotated[
-        Optional[list[str]], typer.Option("--input-shape", help="Bind dynamic dims: NAME=1,3,224,224 (repeatable).")
-    ] = None,
-    key: Annotated[
-        Optional[str], typer.Option("--key", help="Decryption private key for bundles (or LEPTON_DECRYPTION_KEY).")
-    ] = None,
-    trust: Annotated[
-        Optional[str], typer.Option("--trust", help="Publisher's signing public key for bundles (or LEPTON_TRUST).")
-    ] = None,
-    max_latency_ratio: Annotated[
-        Optional[float],
-        typer.Option("--max-latency-ratio", help="Gate: exit 3 when MODEL's p50 / AGAINST's p50 exceeds this."),
-    ] = None,
-    enforce_budgets: Annotated[
-        bool,
-        typer.Option("--enforce-budgets", help="Gate: exit 3 when MODEL misses the target's size or memory budgets."),
-    ] = False,
-    output: Annotated[
-        Optional[Path],
-        typer.Option("--output", "-o", help="Also write report.json, report.md and report.html to this folder."),
-    ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for random inputs and the bootstrap.")] = 0,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print one JSON document (with raw samples) on stdout.")
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")] = False,
-) -> None:
-    """Measure MODEL's latency on this host (interleaved with --against), estimate it on the target, check budgets."""
-    settings.quiet = quiet or json_out
-    settings.json_mode = json_out
+ModelArg = Annotated[Path, typer.Argument(help="The model (.onnx) or bundle (.lepton folder or archive) to measure.")]
+AgainstOpt = Annotated[
+    Optional[Path], typer.Option("--against", help="Baseline model or bundle: ratios are MODEL / AGAINST.")
+]
+TargetOpt = Annotated[
+    Optional[str],
+    typer.Option("--target", "-t", help="Target name or .toml: its execution providers, cost model and budgets."),
+]
+RunsOpt = Annotated[
+    int, typer.Option("--runs", help="Stop after this many interleaved rounds (one run per model each).")
+]
+SecondsOpt = Annotated[
+    float, typer.Option("--seconds", help="...or after this many seconds of measuring (at least 5 rounds).")
+]
+WarmupOpt = Annotated[int, typer.Option("--warmup", help="Unrecorded runs per model before measuring.")]
+ThreadsOpt = Annotated[
+    Optional[int], typer.Option("--threads", help="ONNX Runtime intra-op threads (default: physical cores).")
+]
+CalibOpt = Annotated[Optional[Path], typer.Option("--calib", help="Real input samples (.npz keyed by input name).")]
+EvalOpt = Annotated[Optional[Path], typer.Option("--eval", help="Real input samples (.npz), preferred over --calib.")]
+InputShapeOpt = Annotated[
+    Optional[list[str]], typer.Option("--input-shape", help="Bind dynamic dims: NAME=1,3,224,224 (repeatable).")
+]
+KeyOpt = Annotated[
+    Optional[str], typer.Option("--key", help="Decryption private key for bundles (or LEPTON_DECRYPTION_KEY).")
+]
+TrustOpt = Annotated[
+    Optional[str], typer.Option("--trust", help="Publisher's signing public key for bundles (or LEPTON_TRUST).")
+]
+MaxRatioOpt = Annotated[
+    Optional[float],
+    typer.Option("--max-latency-ratio", help="Gate: exit 3 when MODEL's p50 / AGAINST's p50 exceeds this."),
+]
+EnforceBudgetsOpt = Annotated[
+    bool,
+    typer.Option("--enforce-budgets", help="Gate: exit 3 when MODEL misses the target's size or memory budgets."),
+]
+OutputOpt = Annotated[
+    Optional[Path],
+    typer.Option("--output", "-o", help="Also write report.json, report.md and report.html to this folder."),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random inputs and the bootstrap.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document (with raw samples) on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")]
+
+
+def _stop_rule(runs: int, seconds: float, warmup: int) -> measure.StopRule:
     if runs < 1 or seconds <= 0 or warmup < 0:
         raise BadInputError("--runs must be >= 1, --seconds > 0 and --warmup >= 0", "pass positive limits")
+    return measure.StopRule(runs=runs, seconds=seconds, warmup=warmup)
+
+
+def _check_gates(max_latency_ratio: float | None, against: Path | None) -> None:
     if max_latency_ratio is not None and against is None:
         raise BadInputError(
             "--max-latency-ratio needs --against: it bounds MODEL's p50 over AGAINST's", "add --against BASELINE"
         )
     if max_latency_ratio is not None and max_latency_ratio <= 0:
         raise BadInputError(f"--max-latency-ratio must be > 0, got {max_latency_ratio:g}", "pass e.g. 1.05")
+
+
+def _load_subjects(model: Path, against: Path | None, key: str | None, trust: str | None) -> list[Subject]:
     subjects = [_load_subject(p, key, trust) for p in ([against] if against else []) + [model]]
     if len(subjects) == 2 and subjects[0].label == subjects[1].label:
         subjects[0].label += " (against)"
-    target_name = target or next((s.target for s in subjects if s.target), None)
-    tgt = load_target(target_name) if target_name else None
-    if enforce_budgets and tgt is None:
+    return subjects
+
+
+def _bench_target(name: str | None, subjects: list[Subject], enforce_budgets: bool) -> Target | None:
+    """``--target``, else the target a bundle was compiled for, else none (CPU provider, no cost model)."""
+    target_name = name or next((s.target for s in subjects if s.target), None)
+    target = load_target(target_name) if target_name else None
+    if enforce_budgets and target is None:
         raise BadInputError("--enforce-budgets needs a target: its budgets are what is enforced", "pass --target NAME")
-    if tgt is None:
+    if target is None:
         note("no --target: measuring on the CPU execution provider, no cost model or budgets")
-    rule = measure.StopRule(runs=runs, seconds=seconds, warmup=warmup)
-    bar, update = _progress_bar(runs, seconds)
+    return target
+
+
+def _measure_with_progress(
+    subjects: list[Subject], target: Target | None, rule: measure.StopRule, **options: Any
+) -> dict[str, Any]:
+    bar, update = _progress_bar(rule.runs, rule.seconds)
     if bar:
         bar.start()
     try:
-        doc = run_bench(
-            subjects,
-            target=tgt,
-            rule=rule,
-            threads=threads,
-            calib=calib,
-            eval_data=eval_data,
-            input_shapes=input_shape or [],
-            seed=seed,
-            progress=update,
-        )
+        return run_bench(subjects, target=target, rule=rule, progress=update, **options)
     finally:
         if bar:
             bar.stop()
-    note(
-        f"measured on {doc['host_latency']['settings']['providers'][0]} with {doc['host_latency']['settings']['threads_why']}"
+
+
+def _gate(doc: dict[str, Any], max_latency_ratio: float | None, enforce_budgets: bool) -> QualityGateError | None:
+    """The gates' verdict, held so the outputs are written before exit 3."""
+    try:
+        apply_gates(doc, max_latency_ratio=max_latency_ratio, enforce_budgets=enforce_budgets)
+    except QualityGateError as exc:
+        return exc
+    return None
+
+
+def _write_reports(output: Path, doc: dict[str, Any]) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "report.json").write_text(json.dumps(doc, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    (output / "report.md").write_text(render_markdown(doc), encoding="utf-8")
+    (output / "report.html").write_text(render_html(doc), encoding="utf-8")
+
+
+def bench_command(
+    model: ModelArg,
+    against: AgainstOpt = None,
+    target: TargetOpt = None,
+    runs: RunsOpt = 200,
+    seconds: SecondsOpt = 10.0,
+    warmup: WarmupOpt = 3,
+    threads: ThreadsOpt = None,
+    calib: CalibOpt = None,
+    eval_data: EvalOpt = None,
+    input_shape: InputShapeOpt = None,
+    key: KeyOpt = None,
+    trust: TrustOpt = None,
+    max_latency_ratio: MaxRatioOpt = None,
+    enforce_budgets: EnforceBudgetsOpt = False,
+    output: OutputOpt = None,
+    seed: SeedOpt = 0,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure MODEL's latency on this host (interleaved with --against), estimate it on the target, check budgets."""
+    settings.quiet = quiet or json_out
+    settings.json_mode = json_out
+    rule = _stop_rule(runs, seconds, warmup)
+    _check_gates(max_latency_ratio, against)
+    subjects = _load_subjects(model, against, key, trust)
+    tgt = _bench_target(target, subjects, enforce_budgets)
+    doc = _measure_with_progress(
+        subjects,
+        tgt,
+        rule,
+        threads=threads,
+        calib=calib,
+        eval_data=eval_data,
+        input_shapes=input_shape or [],
+        seed=seed,
     )
+    settings_ = doc["host_latency"]["settings"]
+    note(f"measured on {settings_['providers'][0]} with {settings_['threads_why']}")
     for w in doc["warnings"]:
         warn(w)
-    gate_error: QualityGateError | None = None
-    try:
-        apply_gates(
-            doc, max_latency_ratio=max_latency_ratio, enforce_budgets=enforce_budgets
-        )  # exit 3 after the output
-    except QualityGateError as exc:
-        gate_error = exc
+    gate_error = _gate(doc, max_latency_ratio, enforce_budgets)
     if output is not None:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "report.json").write_text(json.dumps(doc, indent=2, sort_keys=True, default=str), encoding="utf-8")
-        (output / "report.md").write_text(render_markdown(doc), encoding="utf-8")
-        (output / "report.html").write_text(render_html(doc), encoding="utf-8")
+        _write_reports(output, doc)
     append_step_summary(doc)
     if json_out:
         emit_json(doc)

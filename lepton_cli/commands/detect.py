@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import typer
 from rich.table import Table
 
+from lepton_cli.commands._options import JsonFlag
 from lepton_cli.console import emit_json, stdout
 from lepton_cli.host.detect import detect_host
 from lepton_cli.host.target_choice import suggest_target
@@ -18,7 +17,7 @@ def _mb(value: float | None) -> str:
 
 
 def detect_command(
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    json_out: JsonFlag = False,
 ) -> None:
     """Describe this host (CPU, ISA flags, memory, GPUs, ONNX Runtime EPs) and the target `--target auto` would use."""
     host = detect_host()

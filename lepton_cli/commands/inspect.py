@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from lepton_cli.commands._options import JsonFlag
 from lepton_cli.console import emit_json, stdout
 from lepton_cli.model.external_data import weights_folder
 from lepton_cli.model.load import load_model
@@ -18,7 +19,7 @@ def inspect_command(
     path: Annotated[
         Path, typer.Argument(help="An .onnx model, or a bundle (.lepton folder or .zip): its manifest, unverified.")
     ],
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    json_out: JsonFlag = False,
 ) -> None:
     """Show a model's op histogram, parameters, MACs, inputs and outputs with shapes, opset and size."""
     if _is_bundle(path):
@@ -67,7 +68,19 @@ def _inspect_bundle(path: Path, json_out: bool) -> None:
         emit_json({"path": str(path), "verified": False, "manifest": manifest})
         return
     stdout.print(f"[bold]{path}[/bold]  (manifest shown unverified: run `lepton verify` before trusting it)")
-    for label, value in (
+    for label, value in _header_rows(manifest):
+        stdout.print(f"{label:<11}{value}")
+    stdout.print(_files_table(manifest))
+    stdout.print(_io_table(manifest))
+    stdout.print(_pipeline_table(manifest))
+
+
+# An unverified manifest may hold anything: every read below tolerates missing or mistyped fields.
+
+
+def _header_rows(manifest: dict[str, Any]) -> list[tuple[str, Any]]:
+    recipients = (manifest.get("encryption") or {}).get("recipients", [])
+    return [
         ("format", f"{manifest.get('format')} v{manifest.get('format_version')}"),
         ("model", (manifest.get("model") or {}).get("name")),
         ("target", (manifest.get("target") or {}).get("name")),
@@ -75,16 +88,11 @@ def _inspect_bundle(path: Path, json_out: bool) -> None:
         ("expires", manifest.get("expires") or "never"),
         ("created", manifest.get("created")),
         ("signer", manifest.get("signer")),
-        (
-            "recipients",
-            ", ".join(
-                str(r.get("key_id"))
-                for r in (manifest.get("encryption") or {}).get("recipients", [])
-                if isinstance(r, dict)
-            ),
-        ),
-    ):
-        stdout.print(f"{label:<11}{value}")
+        ("recipients", ", ".join(str(r.get("key_id")) for r in recipients if isinstance(r, dict))),
+    ]
+
+
+def _files_table(manifest: dict[str, Any]) -> Table:
     files = Table(title="files")
     for col in ("path", "role", "size", "encrypted", "sha256"):
         files.add_column(col)
@@ -97,7 +105,10 @@ def _inspect_bundle(path: Path, json_out: bool) -> None:
                 str(entry.get("encrypted")),
                 str(entry.get("sha256", ""))[:16] + "…",
             )
-    stdout.print(files)
+    return files
+
+
+def _io_table(manifest: dict[str, Any]) -> Table:
     io = Table(title="inputs and outputs (source layout / compiled)")
     for col in ("kind", "name", "dtype", "source shape", "compiled shape"):
         io.add_column(col)
@@ -112,17 +123,18 @@ def _inspect_bundle(path: Path, json_out: bool) -> None:
                 str(sig.get("shape")),
                 str((compiled.get(sig.get("name")) or {}).get("shape")),
             )
-    stdout.print(io)
+    return io
+
+
+def _pipeline_table(manifest: dict[str, Any]) -> Table:
     steps = Table(title="pipeline")
     for col in ("pass", "seconds"):
         steps.add_column(col)
     for step in manifest.get("pipeline") or []:
         if isinstance(step, dict):
-            steps.add_row(
-                str(step.get("name")),
-                f"{step.get('seconds', 0):.2f}" if isinstance(step.get("seconds"), (int, float)) else "?",
-            )
-    stdout.print(steps)
+            seconds = step.get("seconds")
+            steps.add_row(str(step.get("name")), f"{seconds:.2f}" if isinstance(seconds, (int, float)) else "?")
+    return steps
 
 
 def register(app: typer.Typer) -> None:

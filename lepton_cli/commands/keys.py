@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from lepton_cli.bundle.keys import default_key_dir, generate_keys
+from lepton_cli.commands._options import JsonFlag
 from lepton_cli.console import emit_json, settings, stdout
 
 keys_app = typer.Typer(
@@ -22,7 +23,7 @@ def generate_command(
         typer.Option("--dir", help="Folder for the four PEM files (default: the Lepton config folder's keys/)."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite keys already in the folder.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    json_out: JsonFlag = False,
 ) -> None:
     """Write signing-private/public.pem (ECDSA P-256) and encryption-private/public.pem (X25519); private files 0600."""
     settings.json_mode = json_out

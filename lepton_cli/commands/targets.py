@@ -7,23 +7,22 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from lepton_cli.commands._options import JsonFlag
 from lepton_cli.console import emit_json, stdout
 from lepton_cli.pipeline.params import to_table
 from lepton_cli.pipeline.targets import builtin_names, load_target
 
 targets_app = typer.Typer(help="List targets, or show one target's pipeline pass by pass.", no_args_is_help=False)
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-
 
 @targets_app.callback(invoke_without_command=True)
-def _default(ctx: typer.Context, json_out: JsonOpt = False) -> None:
+def _default(ctx: typer.Context, json_out: JsonFlag = False) -> None:
     if ctx.invoked_subcommand is None:
         list_targets(json_out)
 
 
 @targets_app.command("list")
-def list_targets(json_out: JsonOpt = False) -> None:
+def list_targets(json_out: JsonFlag = False) -> None:
     """List the builtin targets with their description and pipeline."""
     rows = [load_target(name) for name in builtin_names()]
     if json_out:
@@ -57,7 +56,7 @@ def list_targets(json_out: JsonOpt = False) -> None:
 @targets_app.command("show")
 def show_target(
     name: Annotated[str, typer.Argument(help="Builtin target name or path to a .toml file.")],
-    json_out: JsonOpt = False,
+    json_out: JsonFlag = False,
 ) -> None:
     """Show a target: hardware facts, runtime, budgets, and each pass with its parameters and why."""
     target = load_target(name)

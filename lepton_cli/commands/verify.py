@@ -9,23 +9,16 @@ import typer
 
 from lepton_cli.bundle import verify_bundle
 from lepton_cli.commands._bundle_keys import trust_spec
+from lepton_cli.commands._options import BundleArg, JsonFlag, StateOpt, TrustOpt
 from lepton_cli.commands._provenance import show_provenance
 from lepton_cli.console import emit_json, settings, stdout
 
 
 def verify_command(
-    bundle: Annotated[Path, typer.Argument(help="A <model>.<target>.lepton folder or its .zip archive.")],
-    trust: Annotated[
-        Optional[str],
-        typer.Option(
-            "--trust", help="The publisher's signing public key (PEM); else $LEPTON_TRUST, else the local dev key."
-        ),
-    ] = None,
-    state: Annotated[
-        Optional[Path],
-        typer.Option("--state", help="Rollback state file (default: bundle-state.json in the Lepton config folder)."),
-    ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    bundle: BundleArg,
+    trust: TrustOpt = None,
+    state: StateOpt = None,
+    json_out: JsonFlag = False,
     provenance: Annotated[
         bool,
         typer.Option(

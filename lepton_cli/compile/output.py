@@ -19,6 +19,7 @@ from lepton_cli.bundle.provenance import PROVENANCE
 from lepton_cli.bundle.provenance import sign as sign_provenance
 from lepton_cli.bundle.provenance import statement as provenance_statement
 from lepton_cli.bundle.writer import check_bundle_options, write_bundle
+from lepton_cli.compile.report import section, steps
 from lepton_cli.compile.report_render import render_html, render_markdown
 from lepton_cli.errors import BadInputError
 
@@ -91,16 +92,17 @@ def _rendered_reports(report: dict[str, Any]) -> dict[str, bytes]:
 
 def compile_manifest_fields(report: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
     """What SPEC asks the manifest to record, taken from the compile's report."""
-    model = report.get("model", {})
-    target = dict(report.get("target", {}))
+    model = section(report, "model")
+    target = dict(section(report, "target"))
+    source, compiled = section(report, "source"), section(report, "compiled")
     fields: dict[str, Any] = {
         "model": {"name": Path(model.get("name", "model")).stem, "file": model.get("name")},
         "source": {"sha256": model.get("sha256")},
         "target": target,
-        "pipeline": report.get("pipeline", []),
+        "pipeline": steps(report),
         "io": {
-            "source": {k: report.get("source", {}).get(k) for k in ("inputs", "outputs")},
-            "compiled": {k: report.get("compiled", {}).get(k) for k in ("inputs", "outputs")},
+            "source": {k: source.get(k) for k in ("inputs", "outputs")},
+            "compiled": {k: compiled.get(k) for k in ("inputs", "outputs")},
         },
     }
     for key, value in (extra or {}).items():

@@ -1,4 +1,8 @@
-"""The benchmark report: ``report.json`` is the source; Markdown and HTML render from it."""
+"""The benchmark report: ``report.json`` is the source; Markdown and HTML render from it.
+
+Readers (the renderer, the manifest fields, ``lepton build``'s summary, the CI gates) read the
+report's shared parts through the accessors below, not through chains of ``.get()``.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,43 @@ from lepton_cli.model.stats import ModelStats
 from lepton_cli.pipeline.run import StepRecord
 
 REPORT_FORMAT = "lepton-report/1"
+Report = dict[str, Any]  # a compile's report.json, or ``lepton bench``'s document (same sections)
+
+
+# -- reading a report ------------------------------------------------------------------------------
+
+
+def section(report: Report, name: str) -> dict[str, Any]:
+    """A top-level section (``host_latency``, ``cost_model``, ``budgets``, ``accuracy``, ...), ``{}`` when absent."""
+    return report.get(name) or {}
+
+
+def latency_ratio(report: Report, label: str = "compiled") -> dict[str, Any] | None:
+    """``label``'s p50 over the base's with its bootstrap CI (``ratio``, ``ci_low``, ``ci_high``), or None."""
+    return (section(report, "host_latency").get("ratios") or {}).get(label)
+
+
+def p50_ratio(report: Report, label: str = "compiled") -> float | None:
+    ratio = latency_ratio(report, label)
+    return ratio["ratio"] if ratio else None
+
+
+def estimate(report: Report, label: str = "compiled") -> dict[str, Any]:
+    """The cost model's estimate for ``label`` (``latency_ms``, ``peak_activation_bytes``, ...), ``{}`` when absent."""
+    return (section(report, "cost_model").get("models") or {}).get(label) or {}
+
+
+def estimated_ms(report: Report, label: str = "compiled") -> float | None:
+    return estimate(report, label).get("latency_ms")
+
+
+def steps(report: Report) -> list[dict[str, Any]]:
+    """The pipeline's steps as recorded (``StepRecord.to_dict``), in order."""
+    return report.get("pipeline") or []
+
+
+def warnings(report: Report) -> list[str]:
+    return report.get("warnings") or []
 
 
 def build_report(
@@ -82,16 +123,6 @@ def load_baseline(path: Path) -> dict[str, Any]:
     return doc
 
 
-def _p50_ratio(report: dict[str, Any], label: str = "compiled") -> float | None:
-    ratio = ((report.get("host_latency") or {}).get("ratios") or {}).get(label)
-    return ratio["ratio"] if ratio else None
-
-
-def _est_ms(report: dict[str, Any], label: str = "compiled") -> float | None:
-    est = ((report.get("cost_model") or {}).get("models") or {}).get(label) or {}
-    return est.get("latency_ms")
-
-
 def baseline_checks(
     report: dict[str, Any], baseline: dict[str, Any], tolerance_pct: float = BASELINE_TOLERANCE_PCT
 ) -> list[dict[str, Any]]:
@@ -116,13 +147,10 @@ def baseline_checks(
                 }
             )
 
-    new_size, old_size = (
-        (report.get("compiled") or {}).get("size_bytes"),
-        (baseline.get("compiled") or {}).get("size_bytes"),
-    )
+    new_size, old_size = section(report, "compiled").get("size_bytes"), section(baseline, "compiled").get("size_bytes")
     if new_size is not None and old_size is not None:
         add("compiled size bytes", new_size, old_size, new_size > old_size * (1 + tol), old_size * (1 + tol))
-    new_acc, old_acc = report.get("accuracy") or {}, baseline.get("accuracy") or {}
+    new_acc, old_acc = section(report, "accuracy"), section(baseline, "accuracy")
     if new_acc.get("measured") and old_acc.get("measured") and new_acc.get("metric") == old_acc.get("metric"):
         add(
             f"accuracy {new_acc['metric']} %",
@@ -131,10 +159,10 @@ def baseline_checks(
             new_acc["value"] < old_acc["value"] - tolerance_pct,
             old_acc["value"] - tolerance_pct,
         )
-    new_r, old_r = _p50_ratio(report), _p50_ratio(baseline)
+    new_r, old_r = p50_ratio(report), p50_ratio(baseline)
     if new_r is not None and old_r is not None:
         add("p50 latency ratio compiled/source", new_r, old_r, new_r > old_r * (1 + tol), old_r * (1 + tol))
-    new_e, old_e = _est_ms(report), _est_ms(baseline)
+    new_e, old_e = estimated_ms(report), estimated_ms(baseline)
     if new_e is not None and old_e is not None:
         add("estimated latency ms (cost model)", new_e, old_e, new_e > old_e * (1 + tol), old_e * (1 + tol))
     return checks
@@ -151,7 +179,7 @@ def apply_gates(
     """Record every gate in ``report["gates"]``; raise ``QualityGateError`` (exit 3) naming each failure."""
     gates = report.setdefault("gates", [])
     failures = []
-    latency = report.get("host_latency") or {}
+    latency = section(report, "host_latency")
     if max_latency_ratio is not None:
         if not latency.get("ratios"):
             raise BadInputError(

@@ -4,10 +4,6 @@ Markdown is GitHub-flavoured and short enough for ``$GITHUB_STEP_SUMMARY`` (tabl
 besides ``<details>``). HTML is one self-contained file: inline CSS and inline SVG plots, no
 scripts, fonts or network requests, so it renders the same in a CI artifact viewer offline.
 Every section is optional: a renderer draws what the report holds and skips the rest.
-
-Libraries checked before writing this by hand: matplotlib/plotly would draw the plots but are
-large dependencies (plotly's HTML needs its JS bundle); the plots here are bars and histograms,
-a few dozen lines of SVG.
 """
 
 from __future__ import annotations
@@ -18,6 +14,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from lepton_cli.compile.report import latency_ratio, section
+from lepton_cli.compile.report import steps as report_steps
+from lepton_cli.compile.report import warnings as report_warnings
 from lepton_cli.device_artifacts.summary import device_lines
 
 PALETTE = ["#2f6fdf", "#e8772e", "#2ca02c", "#9467bd", "#d62728", "#8c564b"]
@@ -59,8 +58,8 @@ def _title(report: dict[str, Any]) -> str:
             + " vs ".join(reversed(labels))
             + (f" (target {report['target']})" if report.get("target") else "")
         )
-    model = (report.get("model") or {}).get("name", "model")
-    target = (report.get("target") or {}).get("name", "?")
+    model = section(report, "model").get("name", "model")
+    target = section(report, "target").get("name", "?")
     return f"Lepton report: {model} → {target}"
 
 
@@ -70,7 +69,7 @@ Table = tuple[list[str], list[list[str]]]
 
 
 def _summary_table(report: dict[str, Any]) -> Table | None:
-    src, out = report.get("source"), report.get("compiled")
+    src, out = section(report, "source"), section(report, "compiled")
     if not src or not out:
         return None
     rows = [
@@ -84,7 +83,7 @@ def _summary_table(report: dict[str, Any]) -> Table | None:
 
 
 def _accuracy_table(report: dict[str, Any]) -> Table | None:
-    acc = report.get("accuracy")
+    acc = section(report, "accuracy")
     if not acc:
         return None
     if not acc.get("measured", True):
@@ -120,12 +119,12 @@ def _latency_models(lat: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _latency_table(report: dict[str, Any]) -> Table | None:
-    lat = report.get("host_latency")
+    lat = section(report, "host_latency")
     if not lat or not lat.get("models"):
         return None
     rows = []
     for label, m in _latency_models(lat):
-        r = (lat.get("ratios") or {}).get(label)
+        r = latency_ratio(report, label)
         ratio = f"{r['ratio']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r else "base"
         rows.append(
             [
@@ -143,7 +142,7 @@ def _latency_table(report: dict[str, Any]) -> Table | None:
 
 
 def _latency_settings(report: dict[str, Any]) -> str:
-    lat = report.get("host_latency") or {}
+    lat = section(report, "host_latency")
     s = lat.get("settings") or {}
     host = lat.get("host") or {}
     parts = [
@@ -160,7 +159,7 @@ def _latency_settings(report: dict[str, Any]) -> str:
 
 
 def _cost_table(report: dict[str, Any]) -> Table | None:
-    cost = report.get("cost_model")
+    cost = section(report, "cost_model")
     if not cost or not cost.get("models"):
         return None
     rows = []
@@ -188,7 +187,7 @@ def _cost_table(report: dict[str, Any]) -> Table | None:
 
 
 def _budget_table(report: dict[str, Any], marks: tuple[str, str] = ("✅ ok", "❌ over")) -> Table | None:
-    budgets = report.get("budgets")
+    budgets = section(report, "budgets")
     if not budgets or not budgets.get("checks"):
         return None
     rows = [
@@ -204,7 +203,7 @@ def _budget_table(report: dict[str, Any], marks: tuple[str, str] = ("✅ ok", "�
 
 
 def _pipeline_table(report: dict[str, Any]) -> Table | None:
-    steps = report.get("pipeline")
+    steps = report_steps(report)
     if not steps:
         return None
     rows = []
@@ -243,7 +242,7 @@ _NAME_KEYS = ("name", "layer", "tensor", "node")
 
 def layer_errors(report: dict[str, Any]) -> tuple[str, list[tuple[str, float]]] | None:
     """Per-layer quantization error from any pass summary that lists it: (metric, [(layer, value)])."""
-    for step in report.get("pipeline") or []:
+    for step in report_steps(report):
         summary = step.get("summary") or {}
         for key in ("per_layer_error", "layer_errors", "worst_layers", "per_layer"):
             items = summary.get(key)
@@ -309,10 +308,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         out += [f"### {name}", "", _md_table(table), ""]
         if name == "Host latency":
             out += [f"_{_md_escape(_latency_settings(report))}_", ""]
-        if name == "Budgets" and report["budgets"].get("skipped"):
-            out += [f"_not checked: {_md_escape('; '.join(report['budgets']['skipped']))}_", ""]
+        if name == "Budgets" and section(report, "budgets").get("skipped"):
+            out += [f"_not checked: {_md_escape('; '.join(section(report, 'budgets')['skipped']))}_", ""]
         if name == "Cost model":
-            cost = report["cost_model"]
+            cost = section(report, "cost_model")
             out += [f"_target {cost.get('target')}: {_md_escape(cost.get('method', ''))}_", ""]
     device = device_lines(report)
     if device:
@@ -326,7 +325,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             _md_table((["layer", metric], [[n, _num(v, 4)] for n, v in values[:10]])),
             "",
         ]
-    warnings = report.get("warnings") or []
+    warnings = report_warnings(report)
     if warnings:
         out += ["### Warnings", ""] + [f"- {_md_escape(w)}" for w in warnings] + [""]
     return "\n".join(out)
@@ -352,6 +351,25 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
+def _histogram_range(values: list[float]) -> tuple[float, float, int]:
+    """(axis low, axis high, runs above the axis): the axis spans up to the 95th percentile, since a few
+    stray 10x runs would squash every other bar into one."""
+    ordered = sorted(values)
+    lo, hi = ordered[0], ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+    clipped = sum(v > hi for v in values)
+    if hi <= lo:
+        hi = lo + max(abs(lo) * 0.01, 1e-6)
+    return lo, hi, clipped
+
+
+def _bin_shares(values: list[float], lo: float, step: float, bins: int) -> list[float]:
+    """Share of runs per bin (so unequal run counts compare); values past either end go in the end bins."""
+    counts = [0] * bins
+    for v in values:
+        counts[max(0, min(bins - 1, int((v - lo) / step)))] += 1
+    return [x / max(1, len(values)) for x in counts]
+
+
 def svg_histogram(
     series: dict[str, list[float]], *, unit: str = "ms", width: int = 640, height: int = 220, bins: int = 30
 ) -> str:
@@ -359,32 +377,21 @@ def svg_histogram(
     values = [v for vs in series.values() for v in vs]
     if not values:
         return ""
-    ordered = sorted(values)
-    # The axis spans up to the 95th percentile: a few stray 10x runs would squash every other bar into one.
-    lo, hi = ordered[0], ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
-    clipped = sum(v > hi for v in values)
-    if hi <= lo:
-        hi = lo + max(abs(lo) * 0.01, 1e-6)
-    step = (hi - lo) / bins
+    lo, hi, clipped = _histogram_range(values)
     left, bottom, right = 50, 30, 10
     top = 10 + 14 * (len(series) + (1 if clipped else 0))  # the legend sits above the bars, never on them
     height += top
     plot_w, plot_h = width - left - right, height - top - bottom
-    counts = {}
-    for label, vs in series.items():
-        c = [0] * bins
-        for v in vs:
-            c[max(0, min(bins - 1, int((v - lo) / step)))] += 1
-        counts[label] = [x / max(1, len(vs)) for x in c]  # share of runs, so unequal run counts compare
+    counts = {label: _bin_shares(vs, lo, (hi - lo) / bins, bins) for label, vs in series.items()}
     peak = max(max(c) for c in counts.values()) or 1
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width}" height="{height}" role="img" '
         f'aria-label="latency distribution">'
     ]
     parts.append(f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#444"/>')
+    bw = plot_w / bins
     for i, (label, c) in enumerate(counts.items()):
         color = PALETTE[i % len(PALETTE)]
-        bw = plot_w / bins
         for b, share in enumerate(c):
             if share:
                 h = share / peak * plot_h
@@ -515,7 +522,7 @@ def _html_table(table: Table) -> str:
 
 
 def _pipeline_plots(report: dict[str, Any]) -> list[str]:
-    steps = report.get("pipeline") or []
+    steps = report_steps(report)
     if not steps:
         return []
     first = steps[0].get("before", {})
@@ -551,52 +558,55 @@ def _pipeline_plots(report: dict[str, Any]) -> list[str]:
 
 
 def _latency_endpoints(report: dict[str, Any]) -> tuple[float, float] | None:
-    models = (report.get("host_latency") or {}).get("models") or {}
+    models = section(report, "host_latency").get("models") or {}
     if "source" in models and "compiled" in models:
         return models["source"]["p50_ms"], models["compiled"]["p50_ms"]
     return None
+
+
+def _cost_notes(cost: dict[str, Any]) -> list[str]:
+    """The cost model's target and method, and the last model's estimated time by op type."""
+    if not cost:
+        return []
+    notes = [f"<p class='note'>target {_e(cost.get('target'))}: {_e(cost.get('method', ''))}</p>"]
+    for e in list((cost.get("models") or {}).values())[-1:]:
+        by_op = list((e.get("by_op_ms") or {}).items())[:10]
+        if by_op:
+            notes.append("<p class='note'>Estimated time by op type (last model)</p>")
+            notes.append(svg_hbars([(op, float(ms)) for op, ms in by_op], unit="ms"))
+    return notes
 
 
 def render_html(report: dict[str, Any]) -> str:
     """The report as one self-contained HTML page with inline SVG plots."""
     title = _title(report)
     body = [f"<h1>{_e(title)}</h1>"]
-    tool = report.get("tool") or {}
+    tool = section(report, "tool")
     if tool:
         body.append(f"<p class='note'>{_e(tool.get('name', 'lepton'))} {_e(tool.get('version', ''))}</p>")
 
-    def section(name: str, table: Table | None, extra: Iterable[str] = ()) -> None:
+    def add(name: str, table: Table | None, extra: Iterable[str] = ()) -> None:
         if table is None:
             return
         body.append(f"<h2>{_e(name)}</h2>")
         body.append(_html_table(table))
         body.extend(extra)
 
-    section("Model", _summary_table(report))
-    section("Accuracy", _accuracy_table(report))
-    lat = report.get("host_latency") or {}
+    add("Model", _summary_table(report))
+    add("Accuracy", _accuracy_table(report))
+    lat = section(report, "host_latency")
     samples = {label: m["samples_ms"] for label, m in _latency_models(lat) if m.get("samples_ms")}
-    section(
+    add(
         "Host latency",
         _latency_table(report),
         [f"<p class='note'>{_e(_latency_settings(report))}</p>"] + ([svg_histogram(samples)] if samples else []),
     )
-    cost = report.get("cost_model") or {}
-    cost_extra = []
-    if cost:
-        cost_extra.append(f"<p class='note'>target {_e(cost.get('target'))}: {_e(cost.get('method', ''))}</p>")
-        last = list((cost.get("models") or {}).values())[-1:] or []
-        for e in last:
-            by_op = list((e.get("by_op_ms") or {}).items())[:10]
-            if by_op:
-                cost_extra.append("<p class='note'>Estimated time by op type (last model)</p>")
-                cost_extra.append(svg_hbars([(op, float(ms)) for op, ms in by_op], unit="ms"))
-    section("Cost model", _cost_table(report), cost_extra)
-    skipped = (report.get("budgets") or {}).get("skipped") or []
-    section(
+    add("Cost model", _cost_table(report), _cost_notes(section(report, "cost_model")))
+    skipped = section(report, "budgets").get("skipped") or []
+    add(
         "Budgets", _budget_table(report, ("ok", "OVER")), [f"<p class='note'>not checked: {_e(x)}</p>" for x in skipped]
     )
-    section("Gates", _gates(report, ("pass", "FAIL")))
+    add("Gates", _gates(report, ("pass", "FAIL")))
     device = device_lines(report)
     if device:
         body.append("<h2>Device</h2><ul>" + "".join(f"<li>{_e(line)}</li>" for line in device) + "</ul>")
@@ -605,8 +615,8 @@ def render_html(report: dict[str, Any]) -> str:
         metric, values = errors
         body.append("<h2>Per-layer quantization error</h2>")
         body.append(svg_hbars(values[:15], unit=metric))
-    section("Pipeline", _pipeline_table(report), _pipeline_plots(report))
-    warnings = report.get("warnings") or []
+    add("Pipeline", _pipeline_table(report), _pipeline_plots(report))
+    warnings = report_warnings(report)
     if warnings:
         body.append("<h2>Warnings</h2><ul>" + "".join(f"<li class='warn'>{_e(w)}</li>" for w in warnings) + "</ul>")
     return (

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import onnx
 
+from lepton_cli.bundle.manifest import PRIMARY_MODEL
 from lepton_cli.evaluate import costmodel
 from lepton_cli.evaluate.accuracy import VNNI_ISA
 from lepton_cli.evaluate.gate_warnings import accuracy_warnings, compression_warnings
@@ -28,7 +29,7 @@ from lepton_cli.model.stats import collect_stats
 from lepton_cli.pipeline.run import PassContext, ProgressFn, StepRecord, run_pipeline
 from lepton_cli.pipeline.targets import Target, Variant
 
-PRIMARY_PATH = "model.onnx"
+PRIMARY_PATH = PRIMARY_MODEL
 
 
 def variant_path(index: int, variant: Variant | None) -> str:

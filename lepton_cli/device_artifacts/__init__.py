@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import onnx
 
+from lepton_cli.bundle.manifest import PRIMARY_MODEL
 from lepton_cli.pipeline.targets import Target
 
 
@@ -65,7 +66,7 @@ def _mobile(models: dict[str, bytes], out: DeviceArtifacts, warn: Callable[[str]
             "target_platform": "arm",
         }
     )
-    section["usability"] = ort_format.mobile_usability(models["model.onnx"])
+    section["usability"] = ort_format.mobile_usability(models[PRIMARY_MODEL])
     out.report["ort"] = section
 
 

@@ -22,8 +22,6 @@ from typing import Any
 ORT_SUFFIX = ".ort"
 OPS_CONFIG = "required_operators_and_types.config"
 RUNTIME = "ONNX Runtime Mobile (ORT format)"
-# What makes ORT replay the optimizations saved in a runtime-style .ort on the nodes no EP took.
-REPLAY_OPTIMIZATIONS = "session.enable_saved_runtime_optimizations"
 
 
 @dataclass
@@ -117,14 +115,6 @@ def mobile_usability(model_bytes: bytes) -> dict[str, Any]:
         entry["cpu_ops"] = dict(sorted(on_cpu.items()))
         result["eps"][ep] = entry
     return result
-
-
-def summary_line(ep: str, entry: dict[str, Any]) -> str:
-    cpu = ", ".join(f"{op}×{n}" for op, n in entry["cpu_ops"].items()) or "none"
-    return (
-        f"{ep}: {entry['partitions']} partition(s) cover {entry['supported_nodes']}/{entry['nodes']} nodes "
-        f"({entry['suitability']}); on the CPU: {cpu}"
-    )
 
 
 def load_check(ort_bytes: bytes) -> None:

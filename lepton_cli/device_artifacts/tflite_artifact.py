@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
+from lepton_cli.bundle.manifest import PRIMARY_MODEL
 from lepton_cli.device_artifacts import edgetpu, tflite_export
 from lepton_cli.evaluate.accuracy import Evaluator, label_free
 from lepton_cli.model.io_contract import IoContract, adapt_feed, restore_output
@@ -99,6 +100,50 @@ def _compare(compiled: onnx.ModelProto, session: LiteRTSession, ctx: Any) -> dic
     return {"samples": count, "max_abs_diff_vs_onnx": round(worst, 6)}
 
 
+def _why_not_exportable(compiled: onnx.ModelProto) -> str | None:
+    missing = _missing_packages()
+    if missing:
+        return f"{', '.join(missing)} not installed; {INSTALL_HINT}"
+    unmapped = tflite_export.unsupported_ops(compiled)
+    if unmapped:
+        return f"the exporter has no TFLite mapping for {', '.join(unmapped)}"
+    return None
+
+
+def _export(compiled: onnx.ModelProto, integer_io: bool) -> tuple[Any, str | None]:
+    """(the exported model, None), or (None, why not): a failed export leaves the ONNX bundle standing."""
+    try:
+        return tflite_export.convert(compiled, integer_io), None
+    except tflite_export.UnsupportedOp as exc:
+        return None, f"the exporter cannot map it: {exc}"
+    except tflite_export.ConverterFailed as exc:  # TensorFlow's converter refused the graph
+        return None, f"TFLiteConverter failed: {exc}"
+    except ImportError as exc:  # installed but broken (e.g. a numpy TensorFlow was not built for)
+        return None, f"TensorFlow does not import ({exc}); {INSTALL_HINT}"
+
+
+def _check_session(
+    section: dict[str, Any],
+    session: LiteRTSession,
+    compiled: onnx.ModelProto,
+    source: onnx.ModelProto | None,
+    ctx: Any,
+    target: Target,
+    out: Any,
+    warn: Callable[[str], None],
+) -> None:
+    """The Edge TPU check (where the target asks), the comparison with ONNX Runtime, the accuracy in LiteRT."""
+    if "edgetpu" in target.runtime.device_checks:
+        section["edgetpu"] = edgetpu.check(session.interpreter)
+        if section["edgetpu"]["cpu_ops"]:
+            warn(edgetpu.summary(section["edgetpu"]))
+    if source is not None and ctx is not None:
+        section["vs_onnx"] = _compare(compiled, session, ctx)
+        section["accuracy"] = _accuracy(source, session, ctx)
+        if section["accuracy"].get("measured"):
+            out.accuracy.append(section["accuracy"])
+
+
 def build(
     compiled: onnx.ModelProto,
     source: onnx.ModelProto | None,
@@ -113,25 +158,15 @@ def build(
         "path": TFLITE_PATH,
         "converter": "Lepton Q/DQ -> FakeQuant export + tf.lite.TFLiteConverter (ranges kept, no re-calibration)",
     }
-    missing = _missing_packages()
-    if missing:
-        return _not_produced(section, f"{', '.join(missing)} not installed; {INSTALL_HINT}", warn, out)
-    unmapped = tflite_export.unsupported_ops(compiled)
-    if unmapped:
-        return _not_produced(section, f"the exporter has no TFLite mapping for {', '.join(unmapped)}", warn, out)
+    reason = _why_not_exportable(compiled)
+    if reason:
+        return _not_produced(section, reason, warn, out)
     integer_io = any(
         i.type.tensor_type.elem_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) for i in compiled.graph.input
     )
-    try:
-        exported = tflite_export.convert(compiled, integer_io)
-    except tflite_export.UnsupportedOp as exc:
-        return _not_produced(section, f"the exporter cannot map it: {exc}", warn, out)
-    except (
-        tflite_export.ConverterFailed
-    ) as exc:  # TensorFlow's converter refused the graph: the ONNX bundle still stands
-        return _not_produced(section, f"TFLiteConverter failed: {exc}", warn, out)
-    except ImportError as exc:  # installed but broken (e.g. a numpy TensorFlow was not built for)
-        return _not_produced(section, f"TensorFlow does not import ({exc}); {INSTALL_HINT}", warn, out)
+    exported, reason = _export(compiled, integer_io)
+    if reason:
+        return _not_produced(section, reason, warn, out)
     names = {"inputs": exported.inputs, "outputs": exported.outputs}
     layouts = _layouts(compiled)
     session = LiteRTSession(exported.data, names, layouts)
@@ -146,21 +181,13 @@ def build(
             },
         }
     )
-    if "edgetpu" in target.runtime.device_checks:
-        section["edgetpu"] = edgetpu.check(session.interpreter)
-        if section["edgetpu"]["cpu_ops"]:
-            warn(edgetpu.summary(section["edgetpu"]))
-    if source is not None and ctx is not None:
-        section["vs_onnx"] = _compare(compiled, session, ctx)
-        section["accuracy"] = _accuracy(source, session, ctx)
-        if section["accuracy"].get("measured"):
-            out.accuracy.append(section["accuracy"])
+    _check_session(section, session, compiled, source, ctx, target, out, warn)
     out.models[TFLITE_PATH] = exported.data
     out.manifest.append(
         {
             "format": "tflite",
             "path": TFLITE_PATH,
-            "from": "model.onnx",
+            "from": PRIMARY_MODEL,
             "runtime": RUNTIME,
             "io_names": names,
             "io_layout": layouts,

@@ -8,10 +8,10 @@ output on the same samples by the metric that fits it — class scores by top-1 
 by cosine, YOLO-style heads by detection F1, CTC scores by decoded characters, probability maps by
 thresholded F1, integers and input copies by exact match, the rest by relative error — recognised
 as ``lepton_cli.evaluate.output_roles`` describes, or as ``--eval-metric`` says (one metric for the first
-output, ``NAME=metric`` for any). ``mask-f1@T``: PP-OCRv4 det / DBNet binarise at 0.3, so
+output, ``NAME=metric`` for any). ``mask-f1@T``: DBNet-style detectors binarise at 0.3, so
 ``mask-f1@0.3``; pixel-value agreement is much stricter than what their post-processing reads. CTC:
-per-timestep arg-max is far stricter than what users read (on PP-OCRv4 rec, 2.4 points of timestep
-agreement cost 0.2 points of characters). ``agreement`` keeps the plain share of arg-max positions
+per-timestep arg-max is far stricter than the decoded characters users read (docs/decisions.md).
+``agreement`` keeps the plain share of arg-max positions
 (class-like shapes) or of values within ``CONTINUOUS_TOLERANCE`` of the range.
 A score's headline (metric, value, drop) is the output that lost the most; the budget holds for each.
 The drop is in percentage points (source value − compiled value), which is what
@@ -24,8 +24,6 @@ VNNI sums 8-bit products pairwise in int16 (VPMADDUBSW) and saturates, which VNN
 and integer accelerators, accumulating in int32, never do. There the
 QDQ graph runs unfused (``basic``: weights' DequantizeLinear folded, activations quantized and
 dequantized in float), which is the exact integer result up to fp32 rounding.
-Libraries checked: ONNX Runtime's quantization tools compare tensors (``qdq_loss_debug``) but have
-no model-level metric over a data set; nothing in onnx/onnxruntime does this.
 """
 
 from __future__ import annotations
@@ -375,8 +373,7 @@ class Evaluator:
 
     Every output is scored by what it is (lepton_cli.evaluate.output_roles); the score's headline is the output
     that lost the most. Samples are read again for every candidate (an image folder decodes one at a time)
-    and candidates are scored sample by sample: memory holds the source's outputs, not the inputs
-    (PP-OCRv4 det at 640x640 on 256 images: 1.3 GB of inputs never held at once).
+    and candidates are scored sample by sample: memory holds the source's outputs, not the inputs.
     """
 
     def __init__(

@@ -13,17 +13,14 @@ from the start, graph outputs to the end), in the graph's topological order. The
 at once is a lower bound for any plan; the arena a real planner needs comes from the greedy-by-size
 strategy of TensorFlow Lite Micro's ``GreedyMemoryPlanner`` (largest buffer first, each at the
 lowest offset that does not overlap a placed buffer whose lifetime overlaps; 16-byte aligned).
-
-Libraries checked before writing this by hand: onnx has shape inference but no cost model;
-ONNX Runtime's memory planner runs inside the session and is not exposed from Python (its
-profiling reports kernel times, not a plan); TFLite Micro's planner is C++ for TFLite graphs. The
-MAC counts reuse ``lepton_cli.model.stats``.
+The MAC counts reuse ``lepton_cli.model.stats``; why this is written here: docs/decisions.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import onnx
@@ -32,7 +29,50 @@ from onnx import TensorProto, helper
 from lepton_cli.model.external_data import shapes_only_copy
 from lepton_cli.model.shapes import bind_input_shapes
 from lepton_cli.model.stats import _shape_map, node_macs
-from lepton_cli.pipeline.targets import Budgets, Hardware, Target
+
+
+class HardwareFacts(Protocol):
+    """The hardware facts an estimate reads (a target's ``[hardware]``, ``pipeline.targets.Hardware``)."""
+
+    @property
+    def peak_int8_tops(self) -> float: ...
+    @property
+    def peak_fp16_tflops(self) -> float: ...
+    @property
+    def peak_fp32_tflops(self) -> float: ...
+    @property
+    def memory_bandwidth_gbps(self) -> float: ...
+    @property
+    def memory_mb(self) -> float: ...
+    @property
+    def on_chip_memory_kb(self) -> float: ...
+    @property
+    def isa(self) -> list[str]: ...
+    @property
+    def cores(self) -> int: ...
+
+
+class BudgetLimits(Protocol):
+    """A target's ``[budgets]`` (``pipeline.targets.Budgets``)."""
+
+    @property
+    def max_model_size_mb(self) -> float | None: ...
+    @property
+    def max_activation_memory_mb(self) -> float | None: ...
+
+
+class CostTarget(Protocol):
+    """What the cost model reads of a target (``pipeline.targets.Target``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def hardware(self) -> HardwareFacts: ...
+    @property
+    def budgets(self) -> BudgetLimits: ...
+
+
+HardwareT = TypeVar("HardwareT", bound=HardwareFacts)
 
 ARENA_ALIGNMENT = 16  # bytes, as TFLite Micro's planner aligns buffers
 
@@ -47,10 +87,8 @@ MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"} | INT8_KERNELS
 class Efficiency:
     """How much of the datasheet peak real kernels reach, and what one kernel launch costs.
 
-    Fitted on ONNX Runtime's CPU EP (MLAS) on this project's 2-core AMD Zen 3 build host against the
-    light zoo and PP-OCR (``benchmarks/bench_costmodel.py``, which prints the fit's error table): the
-    same models the error table reports, so the table says how well 6 numbers can describe them, not
-    how well they predict unseen models.
+    Fitted on ONNX Runtime's CPU EP (MLAS) by ``benchmarks/bench_costmodel.py``, which prints the
+    fit's error table; what that table does and does not show: docs/decisions.md.
     """
 
     compute: float = 0.25  # share of the FMA peak dense Conv/Gemm kernels reach (a shared-VM Zen 3 at ~2.45 GHz)
@@ -76,18 +114,15 @@ class Efficiency:
         return asdict(self)
 
 
-def scale_to_cores(hw: Hardware, cores: int) -> Hardware:
+def scale_to_cores(hw: HardwareT, cores: int) -> HardwareT:
     """The same part with ``cores`` cores (compute and bandwidth share per core): the host's slice of a profile."""
     f = cores / hw.cores
-    return Hardware(
+    return dataclasses.replace(  # type: ignore[type-var]  # every HardwareFacts is a dataclass
+        hw,
         peak_int8_tops=hw.peak_int8_tops * f,
         peak_fp16_tflops=hw.peak_fp16_tflops * f,
         peak_fp32_tflops=hw.peak_fp32_tflops * f,
         memory_bandwidth_gbps=hw.memory_bandwidth_gbps * f,
-        memory_mb=hw.memory_mb,
-        preferred_layout=hw.preferred_layout,
-        channel_alignment=hw.channel_alignment,
-        on_chip_memory_kb=hw.on_chip_memory_kb,
         isa=list(hw.isa),
         cores=cores,
     )
@@ -202,7 +237,7 @@ def _shape_arithmetic(name: str, shapes: dict[str, list[int | None]], types: dic
 
 
 def node_costs(
-    model: onnx.ModelProto, hw: Hardware, eff: Efficiency = Efficiency()
+    model: onnx.ModelProto, hw: HardwareFacts, eff: Efficiency = Efficiency()
 ) -> tuple[list[NodeCost], list[str]]:
     """Roofline cost of every node of a shape-inferred model (``infer``); second item: tensors of unknown size."""
     shapes = _shape_map(model)
@@ -342,7 +377,7 @@ def greedy_arena(buffers: list[Buffer], alignment: int = ARENA_ALIGNMENT) -> tup
 
 def estimate(
     model: onnx.ModelProto,
-    hw: Hardware,
+    hw: HardwareFacts,
     *,
     input_shapes: dict[str, list[int]] | None = None,
     eff: Efficiency = Efficiency(),
@@ -408,7 +443,7 @@ def _weights_bytes(model: onnx.ModelProto, constants: set[str]) -> int:
     return sum(_size(name, shapes, types) or 0 for name in kept)
 
 
-def cost_model_section(target: Target, models: dict[str, onnx.ModelProto]) -> dict[str, Any]:
+def cost_model_section(target: CostTarget, models: dict[str, onnx.ModelProto]) -> dict[str, Any]:
     """``report["cost_model"]``: every model's estimate on the target's hardware facts (shapes must be bound)."""
     hw = target.hardware
     out = {}
@@ -433,7 +468,7 @@ def cost_model_section(target: Target, models: dict[str, onnx.ModelProto]) -> di
 
 
 def budgets_section(
-    target: Target, model_bytes: int, estimate_doc: dict[str, Any] | None, label: str
+    target: CostTarget, model_bytes: int, estimate_doc: dict[str, Any] | None, label: str
 ) -> dict[str, Any]:
     """``report["budgets"]``: the target's size and memory budgets checked against ``label``'s model."""
     usable = estimate_doc if estimate_doc and "error" not in estimate_doc and estimate_doc.get("complete") else None
@@ -448,7 +483,7 @@ def budgets_section(
 
 
 def check_budgets(
-    model_bytes: int, estimate_doc: dict[str, Any] | None, budgets: Budgets, hw: Hardware
+    model_bytes: int, estimate_doc: dict[str, Any] | None, budgets: BudgetLimits, hw: HardwareFacts
 ) -> list[dict[str, Any]]:
     """Each budget of the target against the compiled model: ``{"name", "value", "limit", "unit", "ok"}``."""
     checks = []

@@ -4,17 +4,25 @@ its top-1 agreed. They go in the report's ``warnings`` and on stderr."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Protocol, Sequence
 
 import onnx
-
-from lepton_cli.pipeline.run import StepRecord
 
 INT8_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
 CLASS_METRICS = ("top1", "top1_agreement", "top1_agreement+cosine")
 
 
-def compression_warnings(steps: list[StepRecord], model: onnx.ModelProto) -> list[str]:
+class PassStep(Protocol):
+    """What these warnings read of a pipeline step (``pipeline.run.StepRecord``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def summary(self) -> Mapping[str, Any]: ...
+
+
+def compression_warnings(steps: Sequence[PassStep], model: onnx.ModelProto) -> list[str]:
     """A quantize step whose scheme promises smaller weights but whose model stores none."""
     out = []
     for step in steps:

@@ -11,12 +11,6 @@ How a measurement goes (each choice is there to make the ratio trustworthy on a 
   rounds, so a short time cap still gives percentiles that mean something;
 - p50/p90/p99, mean, throughput per candidate; the p50 ratio's 95% interval comes from a paired
   bootstrap over rounds (resampling whole rounds keeps the drift both candidates shared).
-
-Libraries checked before writing this: ONNX Runtime ships ``onnxruntime_perf_test`` (a C++
-binary, one model at a time, not in the Python wheel) and its Python ``profiling`` output
-(per-node traces, no repeated-run statistics); neither interleaves two models or gives a CI.
-``timeit`` repeats one callable without interleaving; ``scipy.stats.bootstrap`` would do the CI but
-scipy is not a dependency, and the percentile bootstrap here is a few lines of numpy.
 """
 
 from __future__ import annotations
@@ -30,6 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from lepton_cli.evaluate import costmodel
 from lepton_cli.host.detect import HostInfo, detect_host
 from lepton_cli.model.external_data import external_bytes
 from lepton_cli.model.io_contract import adapt_feed, io_layout
@@ -396,7 +391,7 @@ def latency_section(
     section["settings"]["threads_why"] = threads_why
     section["settings"]["load_average"] = round(load, 2)
     if load > host.cores_logical:
-        # Seen on a shared 2-core host at load 5-7: 2-thread ratios moved 0.82-0.96 between runs, 1-thread ones within 4%.
+        # Load above the core count makes multi-threaded ratios unstable (docs/decisions.md).
         warnings.append(
             f"the host was busy while measuring (load average {load:.1f} on {host.cores_logical} cores): "
             "ratios can move between runs; measure on a quiet machine, or with --threads 1 to be less exposed"
@@ -414,6 +409,51 @@ def latency_section(
 BENCH_WEIGHTS_LIMIT = 2 << 30  # interleaving keeps both sessions open: a large model's weights twice in memory
 
 
+def _free_batch_dims(source: onnx.ModelProto) -> tuple[dict[str, list[int]], list[str]]:
+    """(a batch of one for each input whose only free dim is the batch, the inputs with other free dims)."""
+    batch_one = {
+        sig.name: [1, *sig.dims[1:]]
+        for sig in graph_inputs(source)
+        if not sig.is_static and all(isinstance(d, int) for d in sig.dims[1:])
+    }
+    unbound = [sig.name for sig in graph_inputs(source) if not sig.is_static and sig.name not in batch_one]
+    return batch_one, unbound
+
+
+def _compile_latency(
+    models: dict[str, onnx.ModelProto],
+    target: Any,
+    samples: SampleSet | None,
+    role: str,
+    *,
+    bench: bool,
+    seconds: float,
+    seed: int,
+    host: HostInfo | None,
+) -> tuple[dict[str, Any], list[str]]:
+    """Source vs compiled host latency, unless ``--no-bench`` or the weights are too large to hold twice."""
+    weights = sum(collect_stats(m, with_macs=False).param_bytes for m in models.values())
+    if not bench:
+        return {"measured": False, "reason": "--no-bench"}, []
+    if weights > BENCH_WEIGHTS_LIMIT:
+        reason = (
+            f"source and compiled hold {weights / 2**30:.2f} GiB of weights together, over the "
+            f"{BENCH_WEIGHTS_LIMIT / 2**30:g} GiB the interleaved benchmark may keep open at once"
+        )
+        return {"measured": False, "reason": reason}, [f"host latency not measured: {reason}"]
+    feeds = make_feeds(models["source"], samples, role, seed=seed)
+    rule = StopRule(runs=COMPILE_RUNS, seconds=seconds, min_runs=5, warmup=2)
+    return latency_section(
+        models,
+        feeds,
+        rule,
+        preferred_providers=target.runtime.execution_providers,
+        target_name=target.name,
+        host=host,
+        seed=seed,
+    )
+
+
 def compile_sections(
     source: onnx.ModelProto,
     compiled: onnx.ModelProto,
@@ -429,20 +469,9 @@ def compile_sections(
     """The compile report's ``host_latency`` (source vs compiled, short and time-capped), ``cost_model`` and
     ``budgets`` sections, and warnings. A free batch dim is measured at 1; other unbound dims skip the
     measurement (said in the section) rather than guess sizes the model may not accept."""
-    from lepton_cli.evaluate import costmodel
-
-    warnings: list[str] = []
-    batch_one = {
-        sig.name: [1, *sig.dims[1:]]
-        for sig in graph_inputs(source)
-        if not sig.is_static and all(isinstance(d, int) for d in sig.dims[1:])
-    }
-    unbound = [sig.name for sig in graph_inputs(source) if not sig.is_static and sig.name not in batch_one]
-
-    def bind(model: onnx.ModelProto) -> onnx.ModelProto:
-        return bind_like(model, batch_one)
-
+    batch_one, unbound = _free_batch_dims(source)
     sections: dict[str, Any] = {}
+    warnings: list[str] = []
     if unbound and samples is None:
         sections["host_latency"] = {
             "measured": False,
@@ -450,30 +479,10 @@ def compile_sections(
         }
         models = {"source": source, "compiled": compiled}
     else:
-        models = {"source": bind(source), "compiled": bind(compiled)}
-        weights = sum(collect_stats(m, with_macs=False).param_bytes for m in models.values())
-        if not bench:
-            sections["host_latency"] = {"measured": False, "reason": "--no-bench"}
-        elif weights > BENCH_WEIGHTS_LIMIT:
-            reason = (
-                f"source and compiled hold {weights / 2**30:.2f} GiB of weights together, over the "
-                f"{BENCH_WEIGHTS_LIMIT / 2**30:g} GiB the interleaved benchmark may keep open at once"
-            )
-            sections["host_latency"] = {"measured": False, "reason": reason}
-            warnings.append(f"host latency not measured: {reason}")
-        else:
-            feeds = make_feeds(models["source"], samples, role, seed=seed)
-            rule = StopRule(runs=COMPILE_RUNS, seconds=seconds, min_runs=5, warmup=2)
-            section, warnings = latency_section(
-                models,
-                feeds,
-                rule,
-                preferred_providers=target.runtime.execution_providers,
-                target_name=target.name,
-                host=host,
-                seed=seed,
-            )
-            sections["host_latency"] = section
+        models = {"source": bind_like(source, batch_one), "compiled": bind_like(compiled, batch_one)}
+        sections["host_latency"], warnings = _compile_latency(
+            models, target, samples, role, bench=bench, seconds=seconds, seed=seed, host=host
+        )
     sections["cost_model"] = costmodel.cost_model_section(target, models)
     sections["budgets"] = costmodel.budgets_section(
         target, compiled.ByteSize() + external_bytes(compiled), sections["cost_model"]["models"]["compiled"], "compiled"

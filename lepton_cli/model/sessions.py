@@ -20,6 +20,8 @@ OPT_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+# What makes ORT replay the optimizations saved in a runtime-style .ort on the nodes no EP took.
+REPLAY_OPTIMIZATIONS = "session.enable_saved_runtime_optimizations"
 
 
 def make_session(
@@ -63,7 +65,7 @@ def read_external_from_folder(options: ort.SessionOptions, model: onnx.ModelProt
 
 def new_session(blob: bytes, options: ort.SessionOptions, providers: list[Any]) -> ort.InferenceSession:
     """``InferenceSession`` whose Python-level notices go to stderr: when an execution provider fails to
-    initialise (TensorRT libraries missing beside onnxruntime-gpu, seen on an H100 host) ORT *prints*
+    initialise (e.g. TensorRT libraries missing beside onnxruntime-gpu) ORT *prints*
     "EP Error ... Falling back" to stdout, which would corrupt a ``--json`` document there."""
     with contextlib.redirect_stdout(sys.stderr):
         return ort.InferenceSession(blob, sess_options=options, providers=providers)
@@ -143,7 +145,3 @@ def compared_constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def run_feeds(session: ort.InferenceSession, feeds: Iterable[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
     return [session.run(None, feed) for feed in feeds]
-
-
-def model_inputs(model: onnx.ModelProto) -> list[TensorSig]:
-    return graph_inputs(model)

@@ -104,14 +104,11 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> int 
             return None
         return _prod([*inp, *weight[1:]])
     if op in ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul"):
-        a_index = 0
-        b_index = 3 if op == "QLinearMatMul" else 1
-        out, a = shapes.get(node.output[0]), shapes.get(node.input[a_index])
+        out, a = shapes.get(node.output[0]), shapes.get(node.input[0])  # K comes from A: B's index varies by op
         if not out or not a:
             return None
         trans_a = any(attr.name == "transA" and attr.i for attr in node.attribute)
         k = a[-2] if (op == "Gemm" and trans_a) else a[-1]
-        del b_index
         return _prod([*out, k])
     return 0
 

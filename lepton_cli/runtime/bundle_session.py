@@ -1,7 +1,7 @@
 """``load_bundle``: a verified, decrypted bundle as a ready ONNX Runtime session.
 
-The choice of model variant and execution providers lives in ``_plan_session`` alone, so
-device-specific selection (issue 8, ``runtime_select``) replaces one small function.
+The choice of model variant and execution providers lives in ``_plan_session`` alone
+(``runtime.select`` does the device-specific choosing).
 The session is built from bytes in memory; nothing decrypted touches the disk.
 """
 
@@ -17,13 +17,11 @@ from lepton_cli.bundle.reader import OpenedBundle, open_bundle, read_manifest_un
 from lepton_cli.model.io_contract import IoContract
 from lepton_cli.runtime.select import Selection, select_session
 
-DEFAULT_MODEL = "model.onnx"
-
 
 def _plan_session(
     opened: OpenedBundle, providers: Sequence[str] | None, variant: str | None = None, threads: int = 0
 ) -> Selection:
-    """Variant, execution providers and threads for this device, and the opened session (``runtime_select``, issue 8)."""
+    """Variant, execution providers and threads for this device, and the opened session (``runtime.select``)."""
     return select_session(
         opened.models, opened.manifest, preferred_providers=providers, threads=threads or None, only=variant
     )

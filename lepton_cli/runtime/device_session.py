@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lepton_cli.bundle.manifest import fail
+from lepton_cli.bundle.manifest import PRIMARY_MODEL, fail
 from lepton_cli.bundle.reader import open_bundle, read_manifest_unverified
 from lepton_cli.errors import BadInputError
-from lepton_cli.runtime.select import PRIMARY_MODEL
+from lepton_cli.model.sessions import REPLAY_OPTIMIZATIONS
 
 FORMATS = ("onnx", "ort", "tflite")
 RUNTIMES = {"ort": "ONNX Runtime (ORT format)", "tflite": "LiteRT (ai-edge-litert)"}
@@ -108,7 +108,6 @@ def _ort_session(
 ) -> Any:
     import onnxruntime as ort
 
-    from lepton_cli.device_artifacts.ort_format import REPLAY_OPTIMIZATIONS
     from lepton_cli.runtime.bundle_session import BundleSession
 
     options = ort.SessionOptions()

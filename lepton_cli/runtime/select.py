@@ -16,9 +16,8 @@ that list has one variant, ``model.onnx``. For each variant, in order:
    a variant that *requires* the missing EP (fp16 needs a GPU) is passed over;
 4. threads: one intra-op thread per usable physical core (cgroup quota respected) unless given.
 
-Every decision is appended to ``Selection.log`` and logged on the ``lepton`` logger. Checked before
-writing: ONNX Runtime has no variant concept and its own provider fallback is silent (a warning
-on its logger), which is why the checks above are ours.
+Every decision is appended to ``Selection.log`` and logged on the ``lepton`` logger. The checks are
+ours because ONNX Runtime has no variant concept and its own provider fallback is silent.
 """
 
 from __future__ import annotations
@@ -27,13 +26,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from lepton_cli.bundle.manifest import PRIMARY_MODEL
 from lepton_cli.errors import BadInputError
 from lepton_cli.host.detect import GPU_PROVIDERS, HostInfo, detect_host
 
 log = logging.getLogger("lepton")
 
 CPU_EP = "CPUExecutionProvider"
-PRIMARY_MODEL = "model.onnx"
 
 
 @dataclass(frozen=True)
@@ -209,6 +208,84 @@ def _open_variant(
         return session, used
 
 
+@dataclass
+class _Log:
+    """The selection's log: every decision, also sent to the ``lepton`` logger."""
+
+    entries: list[str] = field(default_factory=list)
+
+    def __call__(self, message: str) -> None:
+        self.entries.append(message)
+        log.info(message)
+
+
+def _preferred_providers(manifest: Mapping[str, Any], preferred: Sequence[str] | None) -> list[str]:
+    return list(
+        preferred
+        or manifest.get("execution_providers")
+        or (manifest.get("target") or {}).get("execution_providers")
+        or [CPU_EP]
+    )
+
+
+def _forced_variants(variants: list[VariantSpec], only: str | None) -> list[VariantSpec]:
+    if only is None:
+        return variants
+    forced = [v for v in variants if only in (v.name, v.path)]
+    if not forced:
+        raise BadInputError(
+            f"the bundle has no variant {only!r}",
+            f"choose one of: {', '.join(f'{v.name} ({v.path})' for v in variants)}",
+        )
+    return forced
+
+
+Candidate = tuple[VariantSpec, list[str]]  # a variant and the providers to try it on
+
+
+def _candidates(
+    variants: list[VariantSpec],
+    models: Mapping[str, bytes],
+    host: HostInfo,
+    preferred: list[str],
+    forced: bool,
+    record: _Log,
+) -> list[Candidate]:
+    """The variants that pass the hard and memory checks (forced: every one, with warnings), in order."""
+    candidates: list[Candidate] = []
+    memory_only: list[Candidate] = []
+    reported_skips: set[str] = set()
+    for variant in variants:
+        if variant.path not in models:
+            record(f"variant {variant.name}: {variant.path} is not in the bundle; skipped")
+            continue
+        reason = check_requirements(variant, host)
+        if reason and not forced:
+            record(f"variant {variant.name} ({variant.precision}): skipped, {reason}")
+            continue
+        if reason:
+            record(f"warning: variant {variant.name} forced although it {reason}")
+        providers, skipped = provider_order(preferred, host, variant)
+        for note in skipped:
+            if note not in reported_skips:
+                reported_skips.add(note)
+                record(note)
+        reason = check_memory(variant, host, providers)
+        if reason and forced:
+            record(f"warning: variant {variant.name} forced although it {reason}")
+        elif reason:
+            record(f"variant {variant.name} ({variant.precision}): skipped, {reason}")
+            memory_only.append((variant, providers))
+            continue
+        candidates.append((variant, providers))
+    if not candidates and memory_only:
+        # Peak memory is an estimate: trying the smallest variant beats refusing to run at all.
+        memory_only.sort(key=lambda vp: vp[0].peak_memory_mb or 0.0)
+        record(f"no variant fits the memory estimate; trying the smallest, {memory_only[0][0].name}, anyway")
+        return memory_only[:1]
+    return candidates
+
+
 def select_session(
     models: Mapping[str, bytes],
     manifest: Mapping[str, Any],
@@ -227,69 +304,20 @@ def select_session(
     requirements are logged as warnings instead of skipping it.
     """
     host = host or detect_host()
-    entries: list[str] = []
-
-    def record(message: str) -> None:
-        entries.append(message)
-        log.info(message)
-
-    preferred = list(
-        preferred_providers
-        or manifest.get("execution_providers")
-        or (manifest.get("target") or {}).get("execution_providers")
-        or [CPU_EP]
-    )
+    record = _Log()
+    preferred = _preferred_providers(manifest, preferred_providers)
     n_threads, why = choose_threads(host, threads)
     record(why)
-    variants = manifest_variants(manifest)
-    if only is not None:
-        forced = [v for v in variants if only in (v.name, v.path)]
-        if not forced:
-            raise BadInputError(
-                f"the bundle has no variant {only!r}",
-                f"choose one of: {', '.join(f'{v.name} ({v.path})' for v in variants)}",
-            )
-        variants = forced
-    candidates: list[tuple[VariantSpec, list[str]]] = []
-    memory_only: list[tuple[VariantSpec, list[str]]] = []
-    reported_skips: set[str] = set()
-    for variant in variants:
-        if variant.path not in models:
-            record(f"variant {variant.name}: {variant.path} is not in the bundle; skipped")
-            continue
-        reason = check_requirements(variant, host)
-        if reason and only is None:
-            record(f"variant {variant.name} ({variant.precision}): skipped, {reason}")
-            continue
-        if reason:
-            record(f"warning: variant {variant.name} forced although it {reason}")
-        providers, skipped = provider_order(preferred, host, variant)
-        for note in skipped:
-            if note not in reported_skips:
-                reported_skips.add(note)
-                record(note)
-        reason = check_memory(variant, host, providers)
-        if reason and only is not None:
-            record(f"warning: variant {variant.name} forced although it {reason}")
-        elif reason:
-            record(f"variant {variant.name} ({variant.precision}): skipped, {reason}")
-            memory_only.append((variant, providers))
-            continue
-        candidates.append((variant, providers))
-    if not candidates and memory_only:
-        # Peak memory is an estimate: trying the smallest variant beats refusing to run at all.
-        memory_only.sort(key=lambda vp: vp[0].peak_memory_mb or 0.0)
-        record(f"no variant fits the memory estimate; trying the smallest, {memory_only[0][0].name}, anyway")
-        candidates = memory_only[:1]
-    for variant, providers in candidates:
+    variants = _forced_variants(manifest_variants(manifest), only)
+    for variant, providers in _candidates(variants, models, host, preferred, only is not None, record):
         opened = _open_variant(
             models[variant.path], variant, providers, n_threads, session_factory, record, strict=only is None
         )
         if opened is not None:
             session, used = opened
             record(f"chose variant {variant.name} ({variant.precision}) on {', '.join(used)}")
-            return Selection(session, variant, used, n_threads, entries)
+            return Selection(session, variant, used, n_threads, record.entries)
     raise BadInputError(
-        "no variant of this bundle runs on this device: " + " | ".join(entries[1:] or ["no variants"]),
+        "no variant of this bundle runs on this device: " + " | ".join(record.entries[1:] or ["no variants"]),
         "compile for this device's target (`lepton detect` suggests one) or add a fp32 variant",
     )

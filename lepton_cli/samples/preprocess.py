@@ -8,10 +8,7 @@ SPEC is comma-separated ``key=value`` settings, e.g.
 - ``order``: ``RGB`` (default) or ``BGR``; a 1-channel input reads images as grayscale;
 - ``layout``: ``NCHW`` or ``NHWC`` (default: guessed from which axis of the input has 1 or 3 channels).
 Images are decoded one at a time when a feed is asked for (memory stays one image, not the set),
-so 256 frames at 640x640 do not cost 1.2 GB of float32 up front.
-
-Libraries checked: Pillow decodes and resizes (already a dependency for the demo/benchmarks);
-torchvision/timm transforms do the same job but are not dependencies.
+so a large set costs no float32 copy of every image up front.
 """
 
 from __future__ import annotations
