@@ -22,7 +22,7 @@ from lepton_cli.model.load import upgrade_opset
 from lepton_cli.model.sessions import make_session
 from lepton_cli.model.stats import collect_stats
 from lepton_cli.pipeline.params import from_table
-from lepton_cli.pipeline.registry import get_pass
+from lepton_cli.pipeline.registry import BudgetUse, get_pass
 from lepton_cli.pipeline.run import PassContext
 from lepton_cli.pipeline.targets import load_target
 from lepton_cli.samples.sample_set import SampleSet, load_samples
@@ -373,6 +373,21 @@ def test_channel_pruning_digits_shrinks_as_reported_within_budget():
     # on held-out labelled data, the top-1 drop stays within the whole budget
     score = Evaluator(model, evaluation, evaluation.labels).score(result.model)
     assert score.drop_pct <= 6.0
+    # the ledger's entry is the drop measured on every scored sample, against the share allowed
+    assert result.budget_use == BudgetUse(result.summary["budget_pct"], result.summary["accuracy"]["drop_pct"])
+
+
+def test_budget_use_exact_unmeasured_and_skipped():
+    model, calib, _ = _digits()
+    ctx = _ctx(calib=calib, budget=2.0)
+    ctx.source_drop = 0.25  # an earlier lossy pass's result
+    exact = PRUNE.fn(model, ctx, _params(mode="dead"))
+    assert exact.budget_use == BudgetUse(ctx.lossy_budget(0.5), 0.25)  # exact: the ledger stays where it was
+    unmeasured = PRUNE.fn(model, _ctx(calib=calib, budget=2.0), _params(mode="magnitude", search=False, min_params=0))
+    assert unmeasured.summary["weights"]["pruned_layers"] > 0
+    assert unmeasured.budget_use == BudgetUse(1.0, 1.0)  # lossy but not measured: assumed to spend its share
+    skipped = PRUNE.fn(model, _ctx(budget=2.0), _params(mode="channel", without_data="skip"))
+    assert skipped.budget_use is None and skipped.model is model
 
 
 def test_lossy_mode_without_data_removes_only_dead_channels_and_warns():
