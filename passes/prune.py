@@ -102,7 +102,7 @@ def prune(model: onnx.ModelProto, ctx: PassContext, params: PruneParams) -> Pass
         "budget_pct": round(allowed, 4),
         "budget_share": params.budget_share,
     }
-    result = _prune(working, ctx, params, mode, evaluator, allowed, summary)
+    result = _run_mode(working, ctx, params, mode, evaluator, allowed, summary)
     rows = channel_table(working, result, ctx.calib if ctx.calib is not None else ctx.eval, ctx.input_shapes)
     summary["layers"] = [
         r for r in rows if r["out_channels"][0] != r["out_channels"][1] or r["in_channels"][0] != r["in_channels"][1]
@@ -145,7 +145,7 @@ def _effective_mode(params: PruneParams, evaluator: Evaluator | None, ctx: PassC
     return "dead"
 
 
-def _prune(
+def _run_mode(
     working: onnx.ModelProto,
     ctx: PassContext,
     params: PruneParams,
