@@ -154,11 +154,11 @@ def run_case(
 
 
 def check_2_4(before: onnx.ModelProto, after: onnx.ModelProto, layers: list[dict]) -> bool:
-    from lepton_cli.passes._prune import channel_groups as cg
+    from lepton_cli.passes._prune.channel_groups import weights_as_initializers
 
     src = onnx.ModelProto()
     src.CopyFrom(before)
-    cg.constants_to_initializers(src)
+    weights_as_initializers(src)
     b = {t.name: numpy_helper.to_array(t) for t in src.graph.initializer}
     a = {t.name: numpy_helper.to_array(t) for t in after.graph.initializer}
     nodes = {(n.name or n.output[0]): n for n in src.graph.node}

@@ -10,7 +10,10 @@ import numpy as np
 import onnx
 import pytest
 from conftest import DIGITS, OCR_DET, ONNX_DATA, needs_ocr
-from lepton_cli.passes._prune import channel_groups as cg
+from lepton_cli.passes._prune.channel_groups import analyze, weights_as_initializers
+from lepton_cli.passes._prune.groups import ChannelAnalysis
+from lepton_cli.passes._prune.importance import channel_importance
+from lepton_cli.passes._prune.surgery import apply_keep
 from onnx import TensorProto, helper, numpy_helper
 
 from lepton_cli.errors import BadInputError
@@ -19,7 +22,7 @@ from lepton_cli.model.load import upgrade_opset
 from lepton_cli.model.sessions import make_session
 from lepton_cli.model.stats import collect_stats
 from lepton_cli.pipeline.params import from_table
-from lepton_cli.pipeline.registry import get_pass
+from lepton_cli.pipeline.registry import BudgetUse, get_pass
 from lepton_cli.pipeline.run import PassContext
 from lepton_cli.pipeline.targets import load_target
 from lepton_cli.samples.sample_set import SampleSet, load_samples
@@ -213,7 +216,7 @@ def _structured_model(seed: int = 0) -> onnx.ModelProto:
 
 def test_channel_groups_join_residual_and_map_concat_offsets():
     model = _structured_model()
-    a = cg.analyze(model)
+    a = analyze(model)
     by_name = {model.graph.node[p.node].name: a.find(a.layouts[p.output][0].group) for p in a.producers}
     assert by_name["conv1"] == by_name["conv2"]  # residual Add joins them
     assert by_name["conv3"] != by_name["conv1"]
@@ -249,10 +252,10 @@ def test_structured_surgery_exact_when_removed_channels_are_zero():
 
 def test_structured_random_pruning_runs_and_shrinks():
     model = _structured_model()
-    a = cg.analyze(model)
-    imp = cg.channel_importance(model, a)
+    a = analyze(model)
+    imp = channel_importance(model, a)
     keep = {g: np.sort(np.argsort(-imp[g])[: a.sizes[g] // 2]) for g in a.prunable()}
-    pruned = cg.apply_keep(model, a, keep)
+    pruned = apply_keep(model, a, keep)
     onnx.checker.check_model(pruned, full_check=True)
     x = np.random.default_rng(2).normal(size=(2, 3, 8, 8)).astype(np.float32)
     assert _run(pruned, {"x": x})[0].shape == (2, 10)
@@ -308,7 +311,7 @@ def test_2_4_pattern_on_every_pruned_ppocr_det_tensor():
     result = PRUNE.fn(model, _ctx("cuda"), _params(mode="2:4", search=False, without_data="apply"))
     before = onnx.ModelProto()
     before.CopyFrom(model)
-    cg.constants_to_initializers(before)
+    weights_as_initializers(before)
     assert _check_all_2_4(before, result) >= 10
     x = np.random.default_rng(0).normal(size=(1, 3, 64, 64)).astype(np.float32)
     assert _run(result.model, {"x": x})[0].shape == (1, 1, 64, 64)
@@ -370,6 +373,21 @@ def test_channel_pruning_digits_shrinks_as_reported_within_budget():
     # on held-out labelled data, the top-1 drop stays within the whole budget
     score = Evaluator(model, evaluation, evaluation.labels).score(result.model)
     assert score.drop_pct <= 6.0
+    # the ledger's entry is the drop measured on every scored sample, against the share allowed
+    assert result.budget_use == BudgetUse(result.summary["budget_pct"], result.summary["accuracy"]["drop_pct"])
+
+
+def test_budget_use_exact_unmeasured_and_skipped():
+    model, calib, _ = _digits()
+    ctx = _ctx(calib=calib, budget=2.0)
+    ctx.source_drop = 0.25  # an earlier lossy pass's result
+    exact = PRUNE.fn(model, ctx, _params(mode="dead"))
+    assert exact.budget_use == BudgetUse(ctx.lossy_budget(0.5), 0.25)  # exact: the ledger stays where it was
+    unmeasured = PRUNE.fn(model, _ctx(calib=calib, budget=2.0), _params(mode="magnitude", search=False, min_params=0))
+    assert unmeasured.summary["weights"]["pruned_layers"] > 0
+    assert unmeasured.budget_use == BudgetUse(1.0, 1.0)  # lossy but not measured: assumed to spend its share
+    skipped = PRUNE.fn(model, _ctx(budget=2.0), _params(mode="channel", without_data="skip"))
+    assert skipped.budget_use is None and skipped.model is model
 
 
 def test_lossy_mode_without_data_removes_only_dead_channels_and_warns():
@@ -512,7 +530,7 @@ def test_target_prune_step_in_pipeline(target, mode):
 # ---- surgery on real graphs: removing channels == zeroing what their consumers read ------------
 
 
-def _zero_consumer_reads(model: onnx.ModelProto, a: cg.ChannelAnalysis, keep: dict[int, np.ndarray]) -> onnx.ModelProto:
+def _zero_consumer_reads(model: onnx.ModelProto, a: ChannelAnalysis, keep: dict[int, np.ndarray]) -> onnx.ModelProto:
     """The unpruned model with every removed channel's contribution cut at its consumers (weights zeroed)."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
@@ -527,14 +545,14 @@ def _zero_consumer_reads(model: onnx.ModelProto, a: cg.ChannelAnalysis, keep: di
     return result
 
 
-def _surgery_matches_masking(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> cg.ChannelAnalysis:
+def _surgery_matches_masking(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> ChannelAnalysis:
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    cg.constants_to_initializers(model)
-    a = cg.analyze(model)
+    weights_as_initializers(model)
+    a = analyze(model)
     assert a.prunable()
     rng = np.random.default_rng(0)
     keep = {g: np.sort(rng.choice(a.sizes[g], max(1, a.sizes[g] // 2), replace=False)) for g in a.prunable()}
-    pruned = cg.apply_keep(model, a, keep)
+    pruned = apply_keep(model, a, keep)
     masked = _zero_consumer_reads(model, a, keep)
     macs_before, macs_after = collect_stats(model).macs, collect_stats(pruned).macs
     assert macs_after is None or macs_after < macs_before

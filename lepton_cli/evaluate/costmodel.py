@@ -28,7 +28,7 @@ from onnx import TensorProto, helper
 
 from lepton_cli.model.external_data import shapes_only_copy
 from lepton_cli.model.shapes import bind_input_shapes
-from lepton_cli.model.stats import _shape_map, node_macs
+from lepton_cli.model.stats import node_macs, shape_map
 
 
 class HardwareFacts(Protocol):
@@ -240,7 +240,7 @@ def node_costs(
     model: onnx.ModelProto, hw: HardwareFacts, eff: Efficiency = Efficiency()
 ) -> tuple[list[NodeCost], list[str]]:
     """Roofline cost of every node of a shape-inferred model (``infer``); second item: tensors of unknown size."""
-    shapes = _shape_map(model)
+    shapes = shape_map(model)
     types = _elem_types(model)
     constants = _constants(model)
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -301,7 +301,7 @@ class Buffer:
 def activation_buffers(model: onnx.ModelProto) -> tuple[list[Buffer], list[str]]:
     """Lifetimes of every activation tensor of a shape-inferred model in topological (graph) order;
     second item: tensors of unknown size."""
-    shapes = _shape_map(model)
+    shapes = shape_map(model)
     types = _elem_types(model)
     constants = _constants(model)
     graph = model.graph
@@ -433,7 +433,7 @@ def estimate(
 def _weights_bytes(model: onnx.ModelProto, constants: set[str]) -> int:
     """Bytes of the constants the runtime keeps: those read by nodes that are not folded away
     (so the light zoo's ConstantOfShape weights count, and their shape vectors do not)."""
-    shapes = _shape_map(model)
+    shapes = shape_map(model)
     types = _elem_types(model)
     kept = set()
     for node in model.graph.node:

@@ -62,7 +62,8 @@ def _tensor_elems(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims)) if tensor.dims else 1
 
 
-def _shape_map(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+def shape_map(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Every tensor's inferred shape (None for an unknown dim), constants included: what MAC counts read."""
     try:
         inferred = onnx.shape_inference.infer_shapes(shapes_only_copy(model), strict_mode=False)
     except Exception:  # shape inference fails on some exotic graphs; MACs then stay unknown
@@ -114,7 +115,7 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> int 
 
 
 def _total_macs(model: onnx.ModelProto) -> int | None:
-    shapes = _shape_map(model)
+    shapes = shape_map(model)
     total = 0
     for node in model.graph.node:
         macs = node_macs(node, shapes)

@@ -1,0 +1,67 @@
+"""How each op treats the channels (axis 1) of the tensors it reads, for the channel-group analysis."""
+
+from __future__ import annotations
+
+# Map each channel to itself, elementwise, with no constant operand to slice.
+PASS_THROUGH = {
+    "Relu",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "LeakyRelu",
+    "Elu",
+    "Selu",
+    "Celu",
+    "Tanh",
+    "Identity",
+    "Dropout",
+    "Abs",
+    "Neg",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Reciprocal",
+    "Softplus",
+    "Softsign",
+    "Erf",
+    "Gelu",
+    "Mish",
+    "ThresholdedRelu",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+    "Cast",
+    "Clip",
+    "Sin",
+    "Cos",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "LpPool",
+    "GlobalLpPool",
+}
+# Elementwise with broadcasting: tracked operands join one group, per-channel constants are sliced.
+BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu"}
+# Map an exact 0 to an exact 0 and anything else to "unknown" in the dead-channel lattice
+# (the piecewise-linear ops are evaluated exactly instead: see dead_channels).
+ZERO_PRESERVING = {
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "LpPool",
+    "GlobalLpPool",
+    "Tanh",
+    "Softsign",
+    "Erf",
+    "Gelu",
+    "Elu",
+    "Selu",
+    "Celu",
+    "Sqrt",
+    "Sin",
+    "Resize",
+    "Upsample",
+}
