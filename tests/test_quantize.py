@@ -517,7 +517,7 @@ def test_histogram_calibration_memory_stays_bounded_when_ranges_grow():
 def test_keeping_every_node_float_gives_back_the_float_model(digits, tmp_path):
     """ORT's quantizer drops a Relu/Clip whose output is quantized (the Q clamps) and renames the producer's
     output after it: bypassing that Q/DQ for a float-kept node must put the activation back."""
-    from lepton_cli.passes._quantize.tuning import keep_float_nodes
+    from lepton_cli.passes._quantize.float_keep import keep_float_nodes
 
     from lepton_cli.model.sessions import make_session
 
@@ -552,7 +552,7 @@ def test_fast_op_types_are_tried_first_and_op_types_after(digits):
 
 
 def test_float_kept_layers_can_keep_int8_stored_weights(digits, tmp_path):
-    from lepton_cli.passes._quantize.tuning import keep_float_nodes
+    from lepton_cli.passes._quantize.float_keep import keep_float_nodes
 
     model, calib, evaluation = digits
     base = schemes.preprocess(model, tmp_path)

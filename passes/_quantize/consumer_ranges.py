@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
 from onnxruntime.quantization.calibrate import TensorsData
+
+from lepton_cli.model.op_traits import attrs as node_attrs
 
 HARD_SIGMOID_DEFAULTS = {"alpha": 0.2, "beta": 0.5}  # ONNX's defaults
 
 
 def _hard_sigmoid_floor(node: onnx.NodeProto) -> float | None:
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = node_attrs(node)
     alpha = float(attrs.get("alpha", HARD_SIGMOID_DEFAULTS["alpha"]))
     beta = float(attrs.get("beta", HARD_SIGMOID_DEFAULTS["beta"]))
     return -beta / alpha if alpha > 0 else None

@@ -32,11 +32,10 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from lepton_cli.model.external_data import tensor_array
 from lepton_cli.model.graph_order import move_into_subgraphs, sort_topologically
+from lepton_cli.model.op_traits import WEIGHT_OPS, attr
 
 QTYPES = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 BIAS_OPS = ("Conv", "ConvTranspose", "Gemm")  # input 2 is a bias
-FLOAT_TYPES = (onnx.TensorProto.FLOAT,)
 
 
 @dataclass(frozen=True)
@@ -220,8 +219,9 @@ def drop_stale_value_info(graph: onnx.GraphProto) -> int:
     for value in stale:
         graph.value_info.remove(value)
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+        for attribute in node.attribute:
+            graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+            for sub in graphs:
                 drop_stale_value_info(sub)
     return len(stale)
 
@@ -245,7 +245,7 @@ def weight_only_int8(model: onnx.ModelProto, min_elements: int = 256) -> tuple[o
             if weight.dtype != np.float32 or weight.size < min_elements or weight.ndim < 2:
                 continue
             if node.op_type == "Gemm":
-                trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+                trans_b = attr(node, "transB", 0)
                 axis = 0 if trans_b else 1
             elif node.op_type == "MatMul":
                 axis = weight.ndim - 1
