@@ -63,9 +63,8 @@ def keep_float(
     """``quantized`` with node ``node_name`` reading float inputs again (its input Q/DQ bypassed).
 
     ``float_weights=False`` keeps its weights stored as int8 (their DequantizeLinear stays; the runtime
-    folds it at load): the node still computes in float on float activations, and the model stays
-    a quarter of the size (PP-OCRv4 rec: its nine Gemm layers kept float with float weights took the
-    int8 model from 0.29x to 0.56x the fp32 size).
+    folds it at load): the node still computes in float on float activations, and its weights stay
+    a quarter of their float size.
 
     A cheap stand-in for re-quantizing with ``nodes_to_exclude=[node]``: no calibration, no
     quantizer run, just the edge rewiring, so every candidate's effect can be measured.
@@ -126,7 +125,7 @@ def _float_source(
 
     ORT's quantizer removes a Relu or Clip whose output is quantized (the Q clamps to the same range)
     and gives the producer the activation's output name: bypassing that Q/DQ would silently drop the
-    activation (PP-OCRv4 det, every op quantized, head kept float: pixel F1 0.68 instead of 0.90).
+    activation.
     A copy of the float activation is queued in ``restored`` to go in front of the float node.
     """
     float_producer = next((n for n in float_model.graph.node if tensor in n.output), None)

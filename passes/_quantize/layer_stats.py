@@ -58,8 +58,8 @@ def collect(
 ) -> dict[str, LayerStats]:
     """Per layer name: input statistics of the float ``model`` over ``feeds``.
 
-    ``gram`` uses at most ``max_positions`` random patches per sample (PP-OCRv4 rec's first layers
-    have thousands a line; the Gram matrix converges long before), ``mean`` every patch."""
+    ``gram`` uses at most ``max_positions`` random patches per sample (a wide first layer has thousands;
+    the Gram matrix converges long before), ``mean`` every patch."""
     layers = weight_layers(model) if layers is None else layers
     inits = {i.name: i for i in model.graph.initializer}
     extended, kept = _with_outputs(model, [layer.node.input[0] for layer in layers])

@@ -78,8 +78,7 @@ def local_errors(
     """Candidate nodes ranked by the noise each adds: NSR(output) − max NSR(inputs), worst first.
 
     Streamed: one feed's tensors of the two models are held at a time and reduced to per-tensor sums
-    (float64 scalars) before the next run. Holding every feed's tensors, as float64, for both models
-    took a 7 MB layout detector past 18 GB."""
+    (float64 scalars) before the next run: holding every feed's tensors for both models does not fit."""
     nodes = {n.name: n for n in float_model.graph.node if n.name in set(candidates)}
     inits = {i.name for i in float_model.graph.initializer}
     names = sorted({t for n in nodes.values() for t in [*n.input, *n.output] if t and t not in inits})
