@@ -19,11 +19,13 @@ from lepton_cli.passes._quantize.tuning import SearchSpace
 from lepton_cli.pipeline.registry import BudgetUse, PassResult
 from lepton_cli.samples.sample_set import SampleSet
 
+Rewrite = Callable[[onnx.ModelProto, Any], PassResult]  # (model, context) -> the pass's result
+
 
 @dataclass(frozen=True)
 class RewritePlan:
     scheme: str
-    rewrite: Callable[[onnx.ModelProto, Any], PassResult]  # (model, context) -> result
+    rewrite: Rewrite
     whole_model: bool  # ORT's quantizers take one whole protobuf: external data is read in first
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import onnx
 from lepton_cli.passes._quantize import schemes
-from lepton_cli.passes._quantize.plan import RewritePlan, int8_weights
+from lepton_cli.passes._quantize.plan import Rewrite, RewritePlan, int8_weights
 
 from lepton_cli.pipeline.registry import PassResult
 
@@ -21,7 +21,7 @@ def _weight_only(model: onnx.ModelProto, ctx: Any) -> PassResult:
     return PassResult(result, {"scheme": "int8_weight_only", "int8_weights": len(names)})
 
 
-def _dynamic(per_channel: bool):
+def _dynamic(per_channel: bool) -> Rewrite:
     def rewrite(model: onnx.ModelProto, ctx: Any) -> PassResult:
         result = schemes.dynamic_int8(model, ctx.work_dir, per_channel)
         return PassResult(result, {"scheme": "int8_dynamic", "int8_weights": int8_weights(result)})
@@ -29,7 +29,7 @@ def _dynamic(per_channel: bool):
     return rewrite
 
 
-def _int4(block_size: int):
+def _int4(block_size: int) -> Rewrite:
     def rewrite(model: onnx.ModelProto, ctx: Any) -> PassResult:
         result, count = schemes.int4_weight_only(model, block_size)
         return PassResult(result, {"scheme": "int4_weight_only", "matmul_nbits": count})
@@ -37,7 +37,7 @@ def _int4(block_size: int):
     return rewrite
 
 
-def _fallback(without_calib: str, per_channel: bool):
+def _fallback(without_calib: str, per_channel: bool) -> Rewrite:
     """Static int8 without --calib: weight-only or dynamic int8, warned (``requires`` refuses ``fail``)."""
 
     def rewrite(model: onnx.ModelProto, ctx: Any) -> PassResult:
