@@ -45,6 +45,17 @@ class QualityGateError(LeptonError):
 
     exit_code = ExitCode.QUALITY_GATE
 
+    def __init__(
+        self,
+        message: str,
+        fix: str | None = None,
+        *,
+        exit_code: ExitCode | None = None,
+        attempt_summary: str | None = None,
+    ):
+        super().__init__(message, fix, exit_code=exit_code)
+        self.attempt_summary = attempt_summary  # the failure in one clause, for a retry's warning
+
 
 class VerificationError(LeptonError):
     """Exit 4: a bundle failed signature, integrity, decryption, rollback or expiry checks."""

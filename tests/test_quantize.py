@@ -206,6 +206,36 @@ def test_impossible_budget_exits_3_with_what_was_tried(digits):
     assert info.value.exit_code == 3
     assert "minmax+0 float" in info.value.message or "minmax[all ops]+0 float" in info.value.message
     assert "percentile" in info.value.message
+    # the retry's one-clause summary comes as a field, the message's head, not parsed out of it
+    assert info.value.attempt_summary == "quantize: no candidate met the accuracy budget of -5 points (--eval)"
+    assert info.value.message.startswith(info.value.attempt_summary + "; tried: ")
+
+
+def test_a_tuned_result_reports_its_budget_use_and_progress_goes_through_the_context(digits):
+    model, calib, evaluation = digits
+    ctx = PassContext(target=load_target("cpu-avx"), calib=calib, eval=evaluation, max_accuracy_drop=0.5)
+    seen: list[tuple[str, str, int | None, int | None]] = []
+    ctx.on_progress = lambda *event: seen.append(event)
+    result = QUANTIZE.fn(onnx.load(DIGITS / "digits_cnn.onnx"), ctx, _params("cpu-avx"))
+    assert result.budget_use is not None
+    assert result.budget_use.allowed == pytest.approx(0.5) and result.budget_use.drop == result.summary["drop_pct"]
+    assert ctx.lossy_spent == {} and ctx.source_drop == 0.0  # the pipeline enters it in the ledger, not the pass
+    calibrating = [(done, total) for _, message, done, total in seen if message == "calibrating (minmax)"]
+    assert calibrating and calibrating[-1][0] == calibrating[-1][1]  # done of total, up to the last sample
+    assert any("float-kept   0" in message and done is None for _, message, done, _ in seen)
+    # nothing measured, nothing spent: the untuned path and the one-step rewrites leave the ledger alone
+    untuned, _ = _run("cpu-avx", model, calib, evaluation, tune=False)
+    weight_only, _ = _run("cpu-avx", model, None, evaluation)
+    assert untuned.budget_use is None and weight_only.budget_use is None
+
+
+def test_a_target_that_forbids_the_fallback_says_so_before_any_pass_runs(digits):
+    from lepton_cli.passes.quantize import requires
+
+    with pytest.raises(BadInputError, match="needs static int8"):
+        requires(PassContext(target=load_target("tpu")), _params("tpu"))
+    requires(PassContext(target=load_target("cpu-avx")), _params("cpu-avx"))  # weight-only fallback allowed
+    requires(PassContext(target=load_target("tpu"), calib=digits[1]), _params("tpu"))
 
 
 def test_compile_cli_impossible_budget_exit_3(run_cli, tmp_path):
@@ -517,7 +547,7 @@ def test_histogram_calibration_memory_stays_bounded_when_ranges_grow():
 def test_keeping_every_node_float_gives_back_the_float_model(digits, tmp_path):
     """ORT's quantizer drops a Relu/Clip whose output is quantized (the Q clamps) and renames the producer's
     output after it: bypassing that Q/DQ for a float-kept node must put the activation back."""
-    from lepton_cli.passes._quantize.tuning import keep_float_nodes
+    from lepton_cli.passes._quantize.float_keep import keep_float_nodes
 
     from lepton_cli.model.sessions import make_session
 
@@ -552,7 +582,7 @@ def test_fast_op_types_are_tried_first_and_op_types_after(digits):
 
 
 def test_float_kept_layers_can_keep_int8_stored_weights(digits, tmp_path):
-    from lepton_cli.passes._quantize.tuning import keep_float_nodes
+    from lepton_cli.passes._quantize.float_keep import keep_float_nodes
 
     model, calib, evaluation = digits
     base = schemes.preprocess(model, tmp_path)

@@ -362,12 +362,12 @@ def test_streamed_local_errors_rank_as_the_float64_reference(run_mb, tmp_path, m
     """local_errors reduces each feed's tensors to sums before the next run, fetching them in groups of
     at most RUN_MB (1e-9: one tensor per run); the ranking matches the per-tensor NSRs computed from
     every feed's tensors held at once as float64 (what it did before)."""
-    from lepton_cli.passes._quantize import tuning
+    from lepton_cli.passes._quantize import sensitivity
 
-    monkeypatch.setattr(tuning, "RUN_MB", run_mb)
+    monkeypatch.setattr(sensitivity, "RUN_MB", run_mb)
     from lepton_cli.passes._quantize import schemes
     from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
-    from lepton_cli.passes._quantize.tuning import _with_outputs, local_errors
+    from lepton_cli.passes._quantize.sensitivity import _with_outputs, local_errors
 
     from lepton_cli.model.sessions import make_session
     from lepton_cli.model.shapes import bind_input_shapes
@@ -383,7 +383,7 @@ def test_streamed_local_errors_rank_as_the_float64_reference(run_mb, tmp_path, m
     feeds = list(load_samples(digits / "eval.npz", model, role="--eval").feeds(8))
     ranked = local_errors(base, quantized, candidates, feeds)
     names_in_runs = sorted({t for n in base.graph.node for t in [*n.input, *n.output] if t})
-    assert (len(tuning._groups(base, names_in_runs)) > 5) == (run_mb < 1)
+    assert (len(sensitivity._groups(base, names_in_runs)) > 5) == (run_mb < 1)
 
     nodes = {n.name: n for n in base.graph.node if n.name in set(candidates)}
     names = sorted({t for n in nodes.values() for t in [*n.input, *n.output] if t})

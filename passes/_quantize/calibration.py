@@ -93,8 +93,7 @@ def _lean_session(calibrator: Any) -> None:
     """Re-open the calibrator's augmented model so tensors are freed as soon as their min/max is taken.
 
     ORT's calibrators add a reduction (or an output) per tensor; with the default arena, memory
-    pattern and execution order the whole forward pass stays resident: PP-OCRv4 det at 640x640 peaked
-    at 1.47 GB (the plain model: 180 MB). Priority-based order without arena/pattern: 146 MB.
+    pattern and execution order the whole forward pass stays resident (docs/decisions.md, Quantize).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ORT's calibrators do
@@ -109,7 +108,7 @@ def _lean_session(calibrator: Any) -> None:
 
 def _chunk_size(calibrator: Any, model: onnx.ModelProto, samples: SampleSet, settings: CalibrationSettings) -> int:
     """Samples per ``collect_data`` call: ``settings.chunk``, fewer when one sample's calibration outputs are
-    large (histogram methods return whole tensors: PP-OCRv4 det at 640x640, ~90 MB a sample)."""
+    large (histogram methods return whole tensors, tens of MB a sample for a detector)."""
     outputs = calibrator.infer_session.run(None, adapt_feed(model, samples.feed(0)))
     per_sample = max(1, sum(np.asarray(o).nbytes for o in outputs))
     return max(1, min(settings.chunk, settings.chunk_memory_mb * 2**20 // per_sample))
@@ -127,7 +126,7 @@ def _bound_histograms(calibrator: Any, settings: CalibrationSettings) -> None:
 
     ``HistogramCollector`` keeps the bin width and adds bins when a chunk is wider than the histogram
     so far (``merge_histogram``; ``np.arange`` in ``collect_absolute_value``): a tensor whose first
-    samples were near zero grows to millions of bins in one merge (PP-OCRv4 det, 256 pages: 12 GB).
+    samples were near zero grows to millions of bins in one merge (gigabytes: docs/decisions.md).
     Before ORT merges a wider chunk, the histogram is moved onto a coarser grid that already covers
     the chunk's range, so ORT's merge adds no bins. Counts move by bin centre, a resolution the
     percentile and KL searches still resolve.

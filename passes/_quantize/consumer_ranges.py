@@ -2,11 +2,9 @@
 
 A tensor read only by a HardSigmoid (and by the Mul that multiplies it by that HardSigmoid: a
 hard-swish) gives the same result for every value below ``-beta / alpha``, where HardSigmoid is 0.
-Its u8 range need not reach further down: PP-OCRv4 det's pre-hard-swish convolutions calibrate to
-about ±75 (ONNX Runtime's percentile method is symmetric in |x|), half of the 256 steps spent on
-values hard-swish maps to 0. Raising the floor to -3 roughly halves the step where it matters.
-Measured (PP-OCRv4 det 640x640, every op int8, percentile, 16 rendered test pages, VNNI host):
-pixel F1 of the 0.3-thresholded map vs fp32, mean 0.940 -> 0.947, worst page 0.670 -> 0.776.
+Its u8 range need not reach further down: a symmetric percentile range spends up to half its 256
+steps on values hard-swish maps to 0, and raising the floor to -3 roughly halves the step where it
+matters (measured in docs/decisions.md, Quantize).
 
 ONNX Runtime's quantizer already does this for Relu and Clip (it folds them into the Q's range);
 it has no such rule for HardSigmoid (checked: onnxruntime.quantization qdq_quantizer 1.2x), so it is
@@ -17,14 +15,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
 from onnxruntime.quantization.calibrate import TensorsData
+
+from lepton_cli.model.op_traits import attrs as node_attrs
 
 HARD_SIGMOID_DEFAULTS = {"alpha": 0.2, "beta": 0.5}  # ONNX's defaults
 
 
 def _hard_sigmoid_floor(node: onnx.NodeProto) -> float | None:
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = node_attrs(node)
     alpha = float(attrs.get("alpha", HARD_SIGMOID_DEFAULTS["alpha"]))
     beta = float(attrs.get("beta", HARD_SIGMOID_DEFAULTS["beta"]))
     return -beta / alpha if alpha > 0 else None

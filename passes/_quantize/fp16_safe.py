@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from lepton_cli.model.op_traits import attr
+
 FP16_MAX = 65504.0
 FP16_HEADROOM = 0.5  # keep a node in fp32 when its observed value reaches half of fp16's range
 MAX_ROUNDS = 4
@@ -30,7 +32,7 @@ FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 
 
 @dataclass
-class Fp16Plan:
+class Fp32Kept:
     """The nodes kept fp32 for range, and how they were found (for the report)."""
 
     overflow: list[str]  # measured in fp32 beyond the headroom
@@ -98,7 +100,7 @@ def collapse_round_trip_casts(model: onnx.ModelProto) -> int:
     outputs = {o.name for o in graph.output}
 
     def cast_to(node: onnx.NodeProto) -> int | None:
-        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+        return attr(node, "to") if node.op_type == "Cast" else None
 
     rename: dict[str, str] = {}
     for node in graph.node:
@@ -141,7 +143,7 @@ def _nonfinite_fp16_nodes(
 
 def plan_fp16(
     model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], convert: Callable[[list[str]], onnx.ModelProto]
-) -> tuple[Fp16Plan, onnx.ModelProto]:
+) -> tuple[Fp32Kept, onnx.ModelProto]:
     """The fp32-kept set for ``model`` on ``feeds`` and the verified converted model (see the module doc)."""
     reference = tensor_peaks(model, feeds)
     limit = FP16_MAX * FP16_HEADROOM
@@ -150,7 +152,7 @@ def plan_fp16(
         for node in model.graph.node
         if any(reference.get(name, 0.0) > limit for name in [*node.output, *node.input])
     ]
-    plan = Fp16Plan(overflow)
+    plan = Fp32Kept(overflow)
     names = {n.name for n in model.graph.node}
     while True:
         converted = convert(plan.kept)

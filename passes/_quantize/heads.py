@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize.tuning import _with_outputs
+from lepton_cli.passes._quantize.sensitivity import _with_outputs
 
 from lepton_cli.model.io_contract import adapt_feed
+from lepton_cli.model.op_traits import opset
 from lepton_cli.model.sessions import make_session
 
 MOVEMENT = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Identity")
@@ -131,5 +132,7 @@ def head_overrides(model: onnx.ModelProto, nodes: list[str], activation_type: st
     qtype = QuantType.QUInt16 if activation_type == "u8" else QuantType.QInt16
     wanted = set(nodes)
     tensors = [o for n in model.graph.node if n.name in wanted for o in n.output]
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    return {"TensorQuantOverrides": {t: [{"quant_type": qtype}] for t in tensors}, "UseQDQContribOps": opset < 21}
+    return {
+        "TensorQuantOverrides": {t: [{"quant_type": qtype}] for t in tensors},
+        "UseQDQContribOps": opset(model) < 21,
+    }

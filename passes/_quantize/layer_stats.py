@@ -13,10 +13,11 @@ from typing import Iterable
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize.tuning import _with_outputs
-from lepton_cli.passes._quantize.weight_layers import WeightLayer, _attr, weight_layers
+from lepton_cli.passes._quantize.sensitivity import _with_outputs
+from lepton_cli.passes._quantize.weight_layers import WeightLayer, weight_layers
 
 from lepton_cli.model.io_contract import adapt_feed
+from lepton_cli.model.op_traits import attr
 from lepton_cli.model.sessions import make_session
 
 
@@ -35,9 +36,9 @@ def patches(layer: WeightLayer, x: np.ndarray, weight_shape: tuple[int, ...]) ->
     if x.ndim != 4:
         raise ValueError("only 2-D convolutions")
     kh, kw = weight_shape[2:]
-    pads = list(_attr(layer.node, "pads", [0, 0, 0, 0]))
-    sh, sw = list(_attr(layer.node, "strides", [1, 1]))
-    dh, dw = list(_attr(layer.node, "dilations", [1, 1]))
+    pads = list(attr(layer.node, "pads", [0, 0, 0, 0]))
+    sh, sw = list(attr(layer.node, "strides", [1, 1]))
+    dh, dw = list(attr(layer.node, "dilations", [1, 1]))
     x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     windows = np.lib.stride_tricks.sliding_window_view(x, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(2, 3))
     windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]  # [N, C, Ho, Wo, kh, kw]
@@ -57,8 +58,8 @@ def collect(
 ) -> dict[str, LayerStats]:
     """Per layer name: input statistics of the float ``model`` over ``feeds``.
 
-    ``gram`` uses at most ``max_positions`` random patches per sample (PP-OCRv4 rec's first layers
-    have thousands a line; the Gram matrix converges long before), ``mean`` every patch."""
+    ``gram`` uses at most ``max_positions`` random patches per sample (a wide first layer has thousands;
+    the Gram matrix converges long before), ``mean`` every patch."""
     layers = weight_layers(model) if layers is None else layers
     inits = {i.name: i for i in model.graph.initializer}
     extended, kept = _with_outputs(model, [layer.node.input[0] for layer in layers])

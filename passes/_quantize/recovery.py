@@ -17,7 +17,15 @@ import numpy as np
 import onnx
 from lepton_cli.passes._quantize import adaround, bias_correction, equalization, layer_stats, smoothquant
 from lepton_cli.passes._quantize.schemes import Int8Scheme
-from lepton_cli.passes._quantize.weight_layers import from_rows, load, store, to_rows, weight_grid, weight_layers
+from lepton_cli.passes._quantize.weight_layers import (
+    WeightLayer,
+    from_rows,
+    load,
+    store,
+    to_rows,
+    weight_grid,
+    weight_layers,
+)
 
 
 @dataclass(frozen=True)
@@ -73,26 +81,61 @@ def _smooth(
     return smoothed
 
 
-def recover(
-    model: onnx.ModelProto,
+def _equalize(model: onnx.ModelProto, summary: dict[str, Any]) -> onnx.ModelProto:
+    equalized = _copy(model)
+    started = time.perf_counter()
+    changed = equalization.equalize(equalized)
+    summary["equalized_pairs"] = len(changed)
+    summary["equalize_seconds"] = round(time.perf_counter() - started, 2)
+    return equalized
+
+
+@dataclass
+class _LayerCounts:
+    rounded: int = 0
+    corrected: int = 0
+    skipped: int = 0
+    gains: list[float] = field(default_factory=list)  # AdaRound's reconstruction error over round-to-nearest's
+
+
+def _adjust_layer(
+    adjusted: onnx.ModelProto,
+    layer: WeightLayer,
+    stats: Any,
+    scheme: Int8Scheme,
+    settings: RecoverySettings,
+    deadline: float,
+    counts: _LayerCounts,
+) -> None:
+    """Round one layer's weights (AdaRound, while time is left) and correct its bias, in ``adjusted``."""
+    weight = load(adjusted, layer.weight)
+    rows = to_rows(layer, weight).astype(np.float64)
+    grid = weight_grid(rows, scheme)
+    if grid is None:
+        counts.skipped += 1
+        return
+    if settings.adaround and time.perf_counter() < deadline:
+        chosen = adaround.optimise_rounding(
+            rows, grid, stats, adaround.AdaRoundSettings(iterations=settings.adaround_iterations), deadline
+        )
+        nearest_error = adaround.reconstruction_error(rows, grid.quantize(rows), stats).sum()
+        chosen_error = adaround.reconstruction_error(rows, chosen, stats).sum()
+        counts.gains.append(float(chosen_error / nearest_error) if nearest_error > 0 else 1.0)
+        store(adjusted, layer.weight, from_rows(layer, chosen, weight.shape))
+        counts.rounded += 1
+    if settings.bias_correction and bias_correction.correct(adjusted, layer, rows, grid, stats) is not None:
+        counts.corrected += 1
+
+
+def _per_layer(
+    reference: onnx.ModelProto,
     feeds: list[dict[str, np.ndarray]],
     scheme: Int8Scheme,
     settings: RecoverySettings,
-    note: Callable[[str], None] | None = None,
-) -> Recovered:
-    """Apply the enabled steps; ``model`` itself is left unchanged."""
-    summary: dict[str, Any] = {}
-    reference = model
-    if settings.equalize:
-        reference = _copy(model)
-        started = time.perf_counter()
-        changed = equalization.equalize(reference)
-        summary["equalized_pairs"] = len(changed)
-        summary["equalize_seconds"] = round(time.perf_counter() - started, 2)
-    if settings.smoothquant_alpha is not None:
-        reference = _smooth(reference, feeds[: settings.samples], scheme, settings, summary)
-    if not settings.per_layer:
-        return Recovered(reference, reference, summary)
+    summary: dict[str, Any],
+    progress: Callable[[str], None] | None,
+) -> onnx.ModelProto:
+    """A copy of ``reference`` with each weight layer's rounding and bias tuned against its float output."""
     adjusted = _copy(reference)
     layers = [
         layer for layer in weight_layers(adjusted) if not scheme.op_types or layer.node.op_type in scheme.op_types
@@ -101,45 +144,41 @@ def recover(
     stats = layer_stats.collect(reference, feeds[: settings.samples], layers, max_positions=settings.max_positions)
     summary["layer_stats_seconds"] = round(time.perf_counter() - started, 2)
     deadline = time.perf_counter() + settings.adaround_seconds
-    rounded, corrected, skipped, gains = 0, 0, 0, []
+    counts = _LayerCounts()
     for layer in layers:
-        if layer.name not in stats:
-            skipped += 1
-            continue
-        weight = load(adjusted, layer.weight)
-        rows = to_rows(layer, weight).astype(np.float64)
-        grid = weight_grid(rows, scheme)
-        if grid is None:
-            skipped += 1
-            continue
-        if settings.adaround and time.perf_counter() < deadline:
-            chosen = adaround.optimise_rounding(
-                rows,
-                grid,
-                stats[layer.name],
-                adaround.AdaRoundSettings(iterations=settings.adaround_iterations),
-                deadline,
-            )
-            nearest_error = adaround.reconstruction_error(rows, grid.quantize(rows), stats[layer.name]).sum()
-            chosen_error = adaround.reconstruction_error(rows, chosen, stats[layer.name]).sum()
-            gains.append(float(chosen_error / nearest_error) if nearest_error > 0 else 1.0)
-            store(adjusted, layer.weight, from_rows(layer, chosen, weight.shape))
-            rounded += 1
-        if (
-            settings.bias_correction
-            and bias_correction.correct(adjusted, layer, rows, grid, stats[layer.name]) is not None
-        ):
-            corrected += 1
+        if layer.name in stats:
+            _adjust_layer(adjusted, layer, stats[layer.name], scheme, settings, deadline, counts)
+        else:
+            counts.skipped += 1
     if settings.adaround:
+        median = round(float(np.median(counts.gains)), 4) if counts.gains else None
         summary |= {
-            "adaround_layers": rounded,
+            "adaround_layers": counts.rounded,
             "adaround_seconds": round(time.perf_counter() - started, 2),
-            "adaround_error_ratio_median": round(float(np.median(gains)), 4) if gains else None,
+            "adaround_error_ratio_median": median,
         }
-        if rounded < len(layers) - skipped and note:
-            note(
-                f"  adaround: time budget spent after {rounded} of {len(layers) - skipped} layers (the rest round to nearest)"
+        tuned = len(layers) - counts.skipped
+        if counts.rounded < tuned and progress:
+            progress(
+                f"adaround: time budget spent after {counts.rounded} of {tuned} layers (the rest round to nearest)"
             )
     if settings.bias_correction:
-        summary["bias_corrected_layers"] = corrected
-    return Recovered(reference, adjusted, summary)
+        summary["bias_corrected_layers"] = counts.corrected
+    return adjusted
+
+
+def recover(
+    model: onnx.ModelProto,
+    feeds: list[dict[str, np.ndarray]],
+    scheme: Int8Scheme,
+    settings: RecoverySettings,
+    progress: Callable[[str], None] | None = None,
+) -> Recovered:
+    """Apply the enabled steps; ``model`` itself is left unchanged."""
+    summary: dict[str, Any] = {}
+    reference = _equalize(model, summary) if settings.equalize else model
+    if settings.smoothquant_alpha is not None:
+        reference = _smooth(reference, feeds[: settings.samples], scheme, settings, summary)
+    if not settings.per_layer:
+        return Recovered(reference, reference, summary)
+    return Recovered(reference, _per_layer(reference, feeds, scheme, settings, summary, progress), summary)

@@ -32,11 +32,10 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from lepton_cli.model.external_data import tensor_array
 from lepton_cli.model.graph_order import move_into_subgraphs, sort_topologically
+from lepton_cli.model.op_traits import WEIGHT_OPS, attr
 
 QTYPES = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 BIAS_OPS = ("Conv", "ConvTranspose", "Gemm")  # input 2 is a bias
-FLOAT_TYPES = (onnx.TensorProto.FLOAT,)
 
 
 @dataclass(frozen=True)
@@ -75,8 +74,7 @@ def _copy_metadata(source: onnx.ModelProto, target: onnx.ModelProto) -> onnx.Mod
 def preprocess(model: onnx.ModelProto, work_dir: Path, *, optimize: bool = True) -> onnx.ModelProto:
     """ORT's documented pre-processing: symbolic shape inference, basic graph optimisation, onnx shapes.
 
-    Without it quantize_static sees no shapes for many tensors and quantizes far fewer, worse-placed
-    ops (on PP-OCRv4 rec: about 53% character accuracy without, 87% with, for naive min/max).
+    Without it quantize_static sees no shapes for many tensors and quantizes far fewer, worse-placed ops.
     """
     folder = Path(tempfile.mkdtemp(prefix="pre-", dir=work_dir))
     src, out = folder / "in.onnx", folder / "model.onnx"
@@ -122,8 +120,8 @@ def pow2_overrides(model: onnx.ModelProto, ranges: TensorsData) -> dict[str, lis
             }
         ]
     inits = {i.name: i for i in model.graph.initializer}
-    # Every constant the quantizer may turn into int8, not only Conv/Gemm weights: the constant inputs of
-    # Add/Mul (a folded hard-swish's 3 and 1/6 on PP-OCRv4) otherwise got ORT's min/max scales.
+    # Every constant the quantizer may turn into int8, not only Conv/Gemm weights: else Add/Mul constants
+    # (a folded hard-swish's 3 and 1/6) get ORT's min/max scales, which are not powers of two.
     for node in model.graph.node:
         for index, name in enumerate(node.input):
             if name not in inits or name in overrides or (node.op_type in BIAS_OPS and index == 2):
@@ -213,15 +211,16 @@ def drop_stale_value_info(graph: onnx.GraphProto) -> int:
 
     Exporters and earlier passes leave annotations for initializers and for tensors that no longer
     exist; the fp16 converter retypes them all to float16, also those of initializers it keeps fp32
-    (PP-OCRv5 rec's LayerNormalization weights), and onnx's shape inference then fails on the
+    (e.g. LayerNormalization weights), and onnx's shape inference then fails on the
     contradiction ("Inferred elem type differs from existing elem type: (1) vs (10)")."""
     produced = {o for n in graph.node for o in n.output}
     stale = [v for v in graph.value_info if v.name not in produced]
     for value in stale:
         graph.value_info.remove(value)
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+        for attribute in node.attribute:
+            graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+            for sub in graphs:
                 drop_stale_value_info(sub)
     return len(stale)
 
@@ -245,7 +244,7 @@ def weight_only_int8(model: onnx.ModelProto, min_elements: int = 256) -> tuple[o
             if weight.dtype != np.float32 or weight.size < min_elements or weight.ndim < 2:
                 continue
             if node.op_type == "Gemm":
-                trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+                trans_b = attr(node, "transB", 0)
                 axis = 0 if trans_b else 1
             elif node.op_type == "MatMul":
                 axis = weight.ndim - 1

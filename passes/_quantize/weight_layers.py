@@ -17,6 +17,8 @@ import onnx
 from lepton_cli.passes._quantize.schemes import Int8Scheme
 from onnx import numpy_helper
 
+from lepton_cli.model.op_traits import attr
+
 
 @dataclass
 class WeightLayer:
@@ -29,13 +31,6 @@ class WeightLayer:
     @property
     def name(self) -> str:
         return self.node.name
-
-
-def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
 
 
 def weight_layers(model: onnx.ModelProto) -> list[WeightLayer]:
@@ -54,11 +49,11 @@ def weight_layers(model: onnx.ModelProto) -> list[WeightLayer]:
         if (
             node.op_type == "Conv"
             and len(weight.dims) == 4
-            and _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+            and attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
         ):
-            layers.append(WeightLayer(node, weight.name, bias, "conv", int(_attr(node, "group", 1))))
-        elif node.op_type == "Gemm" and len(weight.dims) == 2 and not _attr(node, "transA", 0):
-            layers.append(WeightLayer(node, weight.name, bias, "gemm_t" if _attr(node, "transB", 0) else "gemm"))
+            layers.append(WeightLayer(node, weight.name, bias, "conv", int(attr(node, "group", 1))))
+        elif node.op_type == "Gemm" and len(weight.dims) == 2 and not attr(node, "transA", 0):
+            layers.append(WeightLayer(node, weight.name, bias, "gemm_t" if attr(node, "transB", 0) else "gemm"))
         elif node.op_type == "MatMul" and len(weight.dims) == 2:
             add = readers.get(node.output[0], [])
             bias = None

@@ -1,0 +1,265 @@
+"""Static QDQ int8 through ONNX Runtime's ``quantize_static``, after its pre-processing.
+
+The plan fixes the arithmetic once from the parameters and the target (``schemes.Int8Scheme``:
+activation/weight types, per-channel weights, symmetric ranges, ``reduce_range``, power-of-two
+scales for a DPU), then offers the tuner one build per op-type tier: calibration per method,
+cached, with the enabled recovery steps and the output heads one int8 scale cannot hold. The
+chosen candidate is finished for the target: float ops reported, integer I/O for a full-integer
+accelerator, names shortened, shape annotations dropped.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+from lepton_cli.passes._quantize import schemes
+from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
+from lepton_cli.passes._quantize.consumer_ranges import narrow_to_readers
+from lepton_cli.passes._quantize.float_keep import keep_float_nodes
+from lepton_cli.passes._quantize.heads import find_heads, head_overrides
+from lepton_cli.passes._quantize.integer_io import make_integer_io
+from lepton_cli.passes._quantize.plan import SearchPlan, int8_weights
+from lepton_cli.passes._quantize.prequantized import has_subgraphs, quantized_ops
+from lepton_cli.passes._quantize.recovery import RecoverySettings, recover
+from lepton_cli.passes._quantize.sensitivity import quantized_nodes
+from lepton_cli.passes._quantize.short_names import shorten_added_names
+from lepton_cli.passes._quantize.tuning import Build, SearchSpace
+
+from lepton_cli.evaluate.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, scoring_opt_level
+from lepton_cli.pipeline.registry import BudgetUse, PassResult
+from lepton_cli.samples.sample_set import SampleSet
+
+# The target has VNNI, this host does not: its AVX2 kernels would saturate u8·s8 sums the target's do not,
+# so candidates are scored with exact integer arithmetic (QDQ unfused) and weights keep their full 8 bits.
+HOST_WITHOUT_VNNI = (
+    "this build host's int8 kernels saturate (x86 without VNNI), the target's do not: full-range "
+    "weights, accuracy scored with exact integer arithmetic (QDQ unfused)"
+)
+
+
+def reduce_range(params: Any, target_isa: list[str], host_isa: list[str]) -> tuple[bool, str]:
+    """(reduce_range, why). u8·s8 pairs summed in int16 by VPMADDUBSW saturate without VNNI; 7-bit weights avoid it."""
+    if params.reduce_range != "auto":
+        return params.reduce_range == "on", "set in the target"
+    if params.activation_type != "u8":
+        return False, "signed activations: no u8·s8 int16 saturation"
+    if any(i in X86_ISA for i in target_isa) and not any(i in VNNI_ISA for i in target_isa):
+        return True, "x86 target without VNNI"
+    if scoring_opt_level(target_isa, host_isa) == EXACT_INTEGER:
+        return False, HOST_WITHOUT_VNNI
+    return False, "target has VNNI"
+
+
+def int8_scheme(params: Any, reduced: bool) -> schemes.Int8Scheme:
+    """The arithmetic: power-of-two scales force symmetric per-tensor s8 (DPU fix-point)."""
+    pow2 = params.power_of_two_scales
+    return schemes.Int8Scheme(
+        activation_type="s8" if pow2 else params.activation_type,
+        weight_type="s8" if pow2 else params.weight_type,
+        per_channel=params.per_channel and not pow2,
+        reduce_range=reduced,
+        activation_symmetric=params.activation_symmetric or pow2,
+        weight_symmetric=params.weight_symmetric or pow2,
+        power_of_two=pow2,
+        op_types=tuple(params.op_types),
+    )
+
+
+def float_ops(model: onnx.ModelProto, supported: list[str]) -> list[dict[str, str]]:
+    """Compute nodes that do not run in integer arithmetic (or not on the target at all)."""
+    dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = set(quantized_nodes(model))
+    out = []
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if supported and node.op_type not in supported:
+            out.append(
+                {"node": node.name, "op": node.op_type, "why": "op not supported by the target (runs on the host)"}
+            )
+        elif node.name not in quantized and not all(i in dq_out or not i for i in node.input[:1]):
+            out.append({"node": node.name, "op": node.op_type, "why": "float (not quantized)"})
+    return out
+
+
+def _isa_warning(ctx: Any) -> None:
+    target_isa = set(ctx.target.hardware.isa)
+    host_isa = set(ctx.host.get("isa") or [])
+    missing = sorted(target_isa - host_isa)
+    if host_isa and missing:
+        ctx.warn(
+            f"the build host ({ctx.host.get('arch') or platform.machine()}) lacks {', '.join(missing)} of target "
+            f"{ctx.target.name!r}: latencies measured here are this host's int8 kernels, not the target's "
+            "(the search does not use them; the report's benchmark does)"
+        )
+
+
+def _source_names(model: onnx.ModelProto) -> set[str]:
+    graph = model.graph
+    tensors = {x for n in graph.node for x in list(n.input) + list(n.output)}
+    return {t.name for t in graph.initializer} | {n.name for n in graph.node} | tensors
+
+
+class Int8Plan(SearchPlan):
+    def __init__(self, params: Any, target_isa: list[str], host_isa: list[str]):
+        """``params``: the pass's QuantizeParams; the ISAs decide ``reduce_range`` (see ``reduce_range``)."""
+        self.params = params
+        reduced, self.reduce_range_why = reduce_range(params, target_isa, host_isa)
+        self.scheme = int8_scheme(params, reduced)
+        fast = params.fast_op_types
+        first = [list(fast)] if fast is not None and sorted(fast) != sorted(params.op_types) else []
+        self.tiers = first + [list(params.op_types)]  # fast_op_types first: more int8, fewer Q/DQ transitions
+        self.narrowed: dict[str, list[str]] = {}  # per method: tensors whose range was cut to what readers tell apart
+        self.base = onnx.ModelProto()
+
+    def space(self, model: onnx.ModelProto, ctx: Any, calib: SampleSet, summary: dict[str, Any]) -> SearchSpace:
+        params, scheme = self.params, self.scheme
+        _isa_warning(ctx)
+        if self.reduce_range_why == HOST_WITHOUT_VNNI:
+            ctx.warn(self.reduce_range_why)
+        base = schemes.preprocess(model, ctx.work_dir, optimize=params.preprocess)
+        summary |= {
+            "activation_type": scheme.activation_type,
+            "weight_type": scheme.weight_type,
+            "per_channel": scheme.per_channel,
+            "reduce_range": scheme.reduce_range,
+            "reduce_range_why": self.reduce_range_why,
+            "activation_symmetric": scheme.activation_symmetric,
+            "power_of_two_scales": scheme.power_of_two,
+            "calibration_samples": min(len(calib), params.max_calib_samples),
+        }
+        self.base, source = self._recover(base, calib, summary, ctx.progress)
+        head_nodes, scheme = self._heads(source, calib, ctx, summary)
+        builds = [
+            self._builder(source, calib, replace(scheme, op_types=tuple(ops)), ctx, f"t{i}", head_nodes)
+            for i, ops in enumerate(self.tiers)
+        ]
+        return SearchSpace(builds, list(dict.fromkeys(params.methods)), self.base, tiers=self.tiers)
+
+    def _builder(
+        self,
+        source: onnx.ModelProto,
+        calib: SampleSet,
+        scheme: schemes.Int8Scheme,
+        ctx: Any,
+        tag: str,
+        exclude: list[str],
+    ) -> Build:
+        """(method, float-kept nodes) -> candidate, for one tier; calibration and full quantization once per method.
+        ``source`` carries recovery's adjusted weights; float-kept nodes read ``self.base``."""
+        params, base, work_dir = self.params, self.base, Path(ctx.work_dir)
+        ranges: dict[str, Path] = {}
+        full: dict[str, onnx.ModelProto] = {}
+        calib_ops = list(scheme.op_types) or None  # histograms of every tensor are slow: only around quantized ops
+
+        def build(method: str, keep: list[str]) -> onnx.ModelProto:
+            if method not in ranges:
+                settings = CalibrationSettings(
+                    method=method,
+                    chunk=params.calib_chunk,
+                    max_samples=params.max_calib_samples,
+                    percentile=params.percentile,
+                    histogram_bins=params.histogram_bins,
+                    entropy_bins=params.entropy_bins,
+                )
+                label = f"calibrating ({method})"
+                data = calibrate(
+                    source, calib, settings, lambda done, total: ctx.progress(label, done, total), calib_ops
+                )
+                self.narrowed[method] = narrow_to_readers(source, data)
+                ranges[method] = schemes.save_ranges(data, work_dir / f"ranges-{tag}-{method}.json")
+            if method not in full:
+                full[method] = schemes.quantize_int8(source, ranges[method], method, scheme, list(exclude), work_dir)
+            # Float-kept nodes are bypassed in the fully quantized model, exactly as the search measured them.
+            return keep_float_nodes(full[method], base, keep, params.float_kept_weights == "float")
+
+        return build
+
+    def _recover(
+        self, base: onnx.ModelProto, calib: SampleSet, summary: dict[str, Any], progress: Callable[[str], None]
+    ) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+        """(float reference, model to quantize) after the enabled recovery steps (recovery.py)."""
+        params = self.params
+        settings = RecoverySettings(
+            equalize=params.equalize,
+            smoothquant_alpha=params.smoothquant_alpha,
+            bias_correction=params.bias_correction,
+            adaround=params.adaround,
+            adaround_iterations=params.adaround_iterations,
+            adaround_seconds=params.adaround_seconds,
+            samples=params.recovery_samples,
+        )
+        if not (settings.equalize or settings.per_layer or settings.smoothquant_alpha is not None):
+            return base, base
+        feeds = list(calib.feeds(params.recovery_samples))
+        recovered = recover(base, feeds, self.scheme, settings, progress)
+        summary["recovery"] = recovered.summary
+        return recovered.reference, recovered.quantize_source
+
+    def _heads(
+        self, model: onnx.ModelProto, calib: SampleSet, ctx: Any, summary: dict[str, Any]
+    ) -> tuple[list[str], schemes.Int8Scheme]:
+        """(nodes ORT leaves float, scheme with 16-bit overrides) for the heads one int8 scale cannot hold."""
+        params, scheme = self.params, self.scheme
+        found = find_heads(model, list(calib.feeds(8)), params.head_range_ratio)
+        if not found:
+            return [], scheme
+        precision = params.head_precision
+        if precision == "auto":
+            precision = "float" if params.max_float_layers > 0 else "int8"
+        summary["heads"] = [{"output": h.output, "nodes": h.nodes, "why": h.why, "precision": precision} for h in found]
+        nodes = [n for h in found for n in h.nodes]
+        if precision == "int8":
+            mixed = [
+                h for h in found if h.ranges
+            ]  # a Concat of far-apart ranges; an 8-bit Softmax only loses resolution
+            if mixed:
+                ctx.warn(
+                    f"{len(mixed)} output head(s) mix ranges one int8 scale cannot hold ({mixed[0].why}); this target "
+                    'keeps them int8: set head_precision = "float" or "int16" where the runtime allows'
+                )
+            return [], scheme
+        if precision == "float":
+            return nodes, scheme
+        return [], replace(scheme, extra=scheme.extra | head_overrides(model, nodes, scheme.activation_type))
+
+    def finish(
+        self,
+        source: onnx.ModelProto,
+        result: onnx.ModelProto,
+        ctx: Any,
+        summary: dict[str, Any],
+        budget_use: BudgetUse | None,
+    ) -> PassResult:
+        if not quantized_ops(result) and has_subgraphs(source):
+            ctx.warn(
+                "nothing was quantized: the model computes inside If/Loop branches, which ONNX Runtime's quantizer "
+                "leaves float; the compiled model stays float"
+            )
+            return PassResult(source, summary | {"applied": "none", "int8_weights": 0})
+        self._report_float_ops(result, ctx, summary)
+        if self.params.integer_io:
+            result, converted, kept = make_integer_io(result)
+            summary["integer_io"] = converted
+            for reason in kept:
+                ctx.warn(f"integer_io: {reason}; it stays float")
+        summary["ranges_narrowed_to_readers"] = len(self.narrowed.get(summary["method"], []))
+        summary["name_bytes_saved"] = shorten_added_names(result, _source_names(self.base))
+        if len(result.graph.value_info):  # pre-processing's shape annotations: runtimes infer them again at load
+            summary["shape_annotations_dropped"] = len(result.graph.value_info)
+            del result.graph.value_info[:]
+        summary["int8_weights"] = int8_weights(result)
+        return PassResult(result, summary, budget_use=budget_use)
+
+    def _report_float_ops(self, result: onnx.ModelProto, ctx: Any, summary: dict[str, Any]) -> None:
+        found = float_ops(result, list(ctx.target.runtime.supported_ops))
+        if not found:
+            return
+        summary["float_ops"] = found
+        if self.params.warn_float_ops:
+            ops = ", ".join(sorted({f["op"] for f in found}))
+            ctx.warn(f"{len(found)} ops left in float would run on the host: {ops}")
