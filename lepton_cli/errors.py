@@ -41,9 +41,17 @@ class BadInputError(LeptonError):
 
 
 class QualityGateError(LeptonError):
-    """Exit 3: the result exists but misses a budget the user or target set."""
+    """Exit 3: the result exists but misses a budget the user or target set.
+
+    ``attempt_summary``: the failure in one clause, without the detail of every attempt (the pipeline's
+    retry quotes it as the first attempt); None: the message says it.
+    """
 
     exit_code = ExitCode.QUALITY_GATE
+
+    def __init__(self, message: str, fix: str | None = None, *, attempt_summary: str | None = None):
+        super().__init__(message, fix)
+        self.attempt_summary = attempt_summary
 
 
 class VerificationError(LeptonError):

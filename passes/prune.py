@@ -576,6 +576,7 @@ def _prune_weights(
     params=PruneParams,
     description="remove dead channels exactly; magnitude, 2:4 or structured channel pruning within a share of the accuracy budget",
     exactness=LOSSY,
+    order=20,
 )
 def prune(model: onnx.ModelProto, ctx: Any, params: PruneParams) -> PassResult:
     if params.mode == "none":

@@ -43,7 +43,7 @@ from lepton_cli.evaluate.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, scori
 from lepton_cli.model.external_data import has_external, inline_copy
 from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.pipeline.params import ParamValueError
-from lepton_cli.pipeline.registry import LOSSY, PassResult, register_pass
+from lepton_cli.pipeline.registry import LOSSY, PassEnv, PassResult, register_pass
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
 SENSITIVITY_SAMPLES = 8
@@ -198,11 +198,11 @@ def _float_ops(model: onnx.ModelProto, supported: list[str]) -> list[dict[str, s
 
 def _isa_warning(ctx: Any) -> None:
     target_isa = set(ctx.target.hardware.isa)
-    host_isa = set(ctx.host.get("isa") or [])
+    host_isa = set(ctx.host.isa)
     missing = sorted(target_isa - host_isa)
     if host_isa and missing:
         ctx.warn(
-            f"the build host ({ctx.host.get('arch') or platform.machine()}) lacks {', '.join(missing)} of target "
+            f"the build host ({ctx.host.arch or platform.machine()}) lacks {', '.join(missing)} of target "
             f"{ctx.target.name!r}: latencies measured here are this host's int8 kernels, not the target's "
             "(the search does not use them; the report's benchmark does)"
         )
@@ -406,10 +406,21 @@ def _fp16_plan(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> fp16
     return plan
 
 
+def requires(ctx: PassEnv, params: QuantizeParams) -> None:
+    """A target that forbids the fallback needs --calib for static int8, known before any pass runs."""
+    if params.scheme == "int8" and params.without_calib == "fail" and ctx.calib is None:
+        raise BadInputError(
+            f"target {ctx.target.name!r} needs static int8 quantization and no --calib data was given",
+            "pass --calib samples.npz (or an image folder with --preprocess); this target forbids a weight-only fallback",
+        )
+
+
 @register_pass(
     "quantize",
     params=QuantizeParams,
     exactness=LOSSY,
+    order=40,
+    requires=requires,
     description="int8/fp16 per target scheme; streamed calibration; keeps sensitive layers in float to meet the accuracy budget",
 )
 def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassResult:
@@ -468,7 +479,7 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
         base = model
     else:
         _isa_warning(ctx)
-        reduce_range, rr_why = _reduce_range(params, list(ctx.target.hardware.isa), list(ctx.host.get("isa") or []))
+        reduce_range, rr_why = _reduce_range(params, list(ctx.target.hardware.isa), list(ctx.host.isa))
         if rr_why == HOST_WITHOUT_VNNI:
             ctx.warn(rr_why)
         scheme = _int8_scheme(params, reduce_range)

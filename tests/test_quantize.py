@@ -5,6 +5,7 @@ PP-OCRv4 rec within a 0.5-point budget is the slow case."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from onnx import numpy_helper
 
 from lepton_cli.errors import BadInputError, QualityGateError
 from lepton_cli.evaluate.accuracy import Evaluator
+from lepton_cli.host.detect import HostInfo
 from lepton_cli.pipeline.params import from_table
 from lepton_cli.pipeline.registry import get_pass
 from lepton_cli.pipeline.run import PassContext
@@ -46,7 +48,7 @@ def _run(target: str, model, calib=None, evaluation=None, budget=None, **overrid
         calib=calib,
         eval=evaluation,
         max_accuracy_drop=budget,
-        host={"isa": ["avx2", "fma"], "arch": "x86_64"},
+        host=dataclasses.replace(HostInfo.unknown(), arch="x86_64", isa=("avx2", "fma")),
     )
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
