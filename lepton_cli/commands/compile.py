@@ -124,7 +124,7 @@ class CompileProgress:
             return
         assert record is not None and record.before is not None and record.after is not None
         verdict = {True: "[green]outputs match[/green]", False: "[red]mismatch[/red]", None: "check skipped"}
-        shown = verdict[record.check.ok] if record.check.kind in ("exact", "tolerance") else "lossy"
+        shown = verdict[record.check.ok] if record.check.kind in ("exact", "tolerance") else record.check.kind
         note(
             f"[green]✓[/green] {name:<16} {record.seconds:6.2f}s  nodes {record.before.nodes}→{record.after.nodes}  "
             f"size {_fmt_bytes(record.before.size_bytes)}→{_fmt_bytes(record.after.size_bytes)}  {shown}"

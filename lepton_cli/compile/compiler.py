@@ -150,9 +150,8 @@ def _bind_shapes(
 def _rejected_when_bound(model: onnx.ModelProto, bound: onnx.ModelProto) -> str | None:
     """ORT's error when the bound model fails to load optimised while the source loads, else None.
 
-    Static shapes let ORT type-check If/Loop branches the data never takes: Silero VAD's 8 kHz branch
-    fails on a 16 kHz-sized input ("LSTM: first input tensor must have rank 3"). Only models with
-    subgraphs are tried (one session each)."""
+    Static shapes let ORT type-check If/Loop branches the data never takes (docs/decisions.md, "Pipeline").
+    Only models with subgraphs are tried (one session each)."""
     if not any(a.type == onnx.AttributeProto.GRAPH or a.graphs for n in model.graph.node for a in n.attribute):
         return None
     try:
@@ -203,17 +202,15 @@ def compile_model(
 def seal(result: CompileResult, options: CompileOptions, keys: CompileKeys) -> CompileResult:
     """Write ``result``'s models, report and provenance as the bundle (atomically); the archive too with ``--archive``."""
     bundle_dir = (options.output_dir or options.model.parent) / bundle_name(options.model, result.target)
-    result.archive = write_compile_output(
+    result.archive = _write_output(
         bundle_dir,
         result.models,
         result.report,
         keys,
-        version=options.bundle_version,
-        expires=options.expires,
-        archive=options.archive,
-        extra_fields=result.manifest_fields,
-        provenance=result.inputs,
-        extra_plain_files=result.plain_files,
+        options,
+        result.manifest_fields,
+        result.inputs,
+        result.plain_files,
     )
     result.bundle_dir, result.model_path = bundle_dir, bundle_dir / "model.onnx.enc"
     return result
@@ -458,6 +455,31 @@ def _check_archive_size(payloads: dict[str, ModelPayload]) -> None:
             "(2 GiB a file, 4 GiB in all)",
             "drop --archive and ship the bundle folder",
         )
+
+
+def _write_output(
+    bundle_dir: Path,
+    models: dict[str, bytes | ModelPayload],
+    report: dict[str, Any],
+    keys: CompileKeys,
+    options: CompileOptions,
+    manifest_fields: dict[str, Any],
+    inputs: dict[str, Any] | None,
+    plain_files: dict[str, bytes],
+) -> Path | None:
+    """The signed, encrypted bundle (lepton_cli/bundle), written atomically; returns the archive path if any."""
+    return write_compile_output(
+        bundle_dir,
+        models,
+        report,
+        keys,
+        version=options.bundle_version,
+        expires=options.expires,
+        archive=options.archive,
+        extra_fields=manifest_fields,
+        provenance=inputs,
+        extra_plain_files=plain_files,
+    )
 
 
 def _bundle_payloads(compiled: onnx.ModelProto, others: list[Any]) -> dict[str, ModelPayload]:
