@@ -19,6 +19,7 @@ from lepton_cli.compile.listeners import Listeners
 from lepton_cli.compile.output import CompileKeys, resolve_compile_keys, write_compile_output
 from lepton_cli.compile.report import apply_gates, build_report, load_baseline
 from lepton_cli.compile.report_render import append_step_summary
+from lepton_cli.compile.source import PreparedSource, prepare_source
 from lepton_cli.compile.variants import (
     PRIMARY_PATH,
     BuiltVariant,
@@ -34,17 +35,13 @@ from lepton_cli.evaluate.latency import compile_sections
 from lepton_cli.host.detect import HostInfo, detect_host
 from lepton_cli.host.target_choice import TargetSuggestion, suggest_target
 from lepton_cli.model.external_data import ModelPayload, bundle_payload, use_weights_folder
-from lepton_cli.model.load import LoadedModel, load_model, upgrade_opset
-from lepton_cli.model.sessions import make_session
-from lepton_cli.model.shapes import bind_input_shapes, graph_inputs, parse_input_shapes
+from lepton_cli.model.load import LoadedModel, load_model
 from lepton_cli.model.stats import ModelStats, collect_stats
 from lepton_cli.pipeline.context import PassContext, ProgressReport
 from lepton_cli.pipeline.instruments import StepProgress
 from lepton_cli.pipeline.records import StepRecord
 from lepton_cli.pipeline.run import check_requirements, run_pipeline
 from lepton_cli.pipeline.targets import Target, load_target
-from lepton_cli.samples.preprocess import load_image_folder
-from lepton_cli.samples.sample_set import SampleSet, check_bound_shapes, load_samples
 
 
 @dataclass
@@ -112,60 +109,6 @@ def _check_output_dir(output_dir: Path) -> None:
         raise BadInputError(f"output folder {output_dir} is not writable", "choose a writable folder with -o") from None
 
 
-def _samples(path: Path | None, model: onnx.ModelProto, role: str, preprocess: str | None) -> SampleSet | None:
-    """An .npz sample set, or a folder of images read with the --preprocess settings."""
-    if path is None:
-        return None
-    if path.is_dir():
-        return load_image_folder(path, model, preprocess, role=role)
-    return load_samples(path, model, role=role)
-
-
-def _bind_shapes(
-    model: onnx.ModelProto, options: CompileOptions, calib: SampleSet | None
-) -> tuple[onnx.ModelProto, dict[str, list[int]], str | None]:
-    shapes = parse_input_shapes(options.input_shapes)
-    source = "--input-shape"
-    if not shapes and calib is not None:
-        dynamic = {sig.name for sig in graph_inputs(model) if not sig.is_static}
-        shapes = {name: shape for name, shape in calib.shapes().items() if name in dynamic}
-        source = "calibration data"
-    if not shapes:
-        return model, {}, None
-    bound = bind_input_shapes(model, shapes)
-    listed = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
-    rejected = _rejected_when_bound(model, bound)
-    if rejected:
-        return (
-            model,
-            shapes,
-            (
-                f"kept input shapes dynamic ({listed} from {source} used for checks and data): ONNX Runtime "
-                f"rejects the model with them bound ({rejected})"
-            ),
-        )
-    return bound, shapes, f"bound input shapes from {source}: {listed}"
-
-
-def _rejected_when_bound(model: onnx.ModelProto, bound: onnx.ModelProto) -> str | None:
-    """ORT's error when the bound model fails to load optimised while the source loads, else None.
-
-    Static shapes let ORT type-check If/Loop branches the data never takes (docs/decisions.md, "Pipeline").
-    Only models with subgraphs are tried (one session each)."""
-    if not any(a.type == onnx.AttributeProto.GRAPH or a.graphs for n in model.graph.node for a in n.attribute):
-        return None
-    try:
-        make_session(bound, opt_level="basic")
-        return None
-    except Exception as exc:  # ORT raises Fail/InvalidGraph/RuntimeException
-        reason = str(exc).split("[ShapeInferenceError]")[-1].strip().splitlines()[0][:160]
-    try:
-        make_session(model, opt_level="basic")
-    except Exception:
-        return None  # the source fails too: not the binding's fault; the pipeline reports it
-    return reason
-
-
 def resolve_target(spec: str, host: HostInfo) -> tuple[Target, TargetSuggestion | None]:
     """``--target auto`` picks a builtin for ``host`` (target_choice); anything else loads as given."""
     if spec != "auto":
@@ -217,17 +160,6 @@ def seal(result: CompileResult, options: CompileOptions, keys: CompileKeys) -> C
 
 
 @dataclass
-class _Source:
-    """The model as the pipeline receives it (opset upgraded, shapes bound), its data, and what was changed."""
-
-    model: onnx.ModelProto
-    calib: SampleSet | None
-    evaluation: SampleSet | None
-    shapes: dict[str, list[int]]
-    normalisation: list[str]
-
-
-@dataclass
 class _Compiled:
     """The main model and the target's other variants, after their pipelines and accuracy gates."""
 
@@ -254,7 +186,14 @@ def compile_unsealed(
     release_weights = use_weights_folder(loaded.weights_folder)
     work_dirs: list[Path] = []
     try:
-        source = _normalise(loaded, options, target)
+        source = prepare_source(
+            loaded,
+            target,
+            calib=options.calib,
+            evaluation=options.eval,
+            preprocess=options.preprocess,
+            input_shapes=options.input_shapes,
+        )
         ctx = _context(options, target, host, source, listeners)
         work_dirs.append(ctx.work_dir)
         for variant in target.variants[1:]:  # every model's preconditions, before any pass runs
@@ -267,28 +206,8 @@ def compile_unsealed(
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _normalise(loaded: LoadedModel, options: CompileOptions, target: Target) -> _Source:
-    """Opset upgrade, the --calib/--eval data, bound input shapes; what of it the report lists."""
-    normalisation: list[str] = []
-    if loaded.dropped_domains:  # declared by the exporter, used by no node: nothing of theirs runs
-        domains = ", ".join(map(repr, loaded.dropped_domains))
-        normalisation.append(f"dropped unused opset imports {domains} (outside the allowlist; no node uses them)")
-    model, note = upgrade_opset(loaded.model, target.runtime.opset_min, target.runtime.opset_max)
-    if note:
-        normalisation.append(note)
-    calib = _samples(options.calib, model, "--calib", options.preprocess)
-    evaluation = _samples(options.eval, model, "--eval", options.preprocess)
-    model, shapes, note = _bind_shapes(model, options, calib)
-    if note:
-        normalisation.append(note)
-    for samples, role in ((calib, "--calib"), (evaluation, "--eval")):
-        if samples is not None:
-            check_bound_shapes(samples, model, role, note and note.split(":")[0])
-    return _Source(model, calib, evaluation, shapes, normalisation)
-
-
 def _context(
-    options: CompileOptions, target: Target, host: HostInfo, source: _Source, listeners: Listeners
+    options: CompileOptions, target: Target, host: HostInfo, source: PreparedSource, listeners: Listeners
 ) -> PassContext:
     """The main model's pipeline context: the first [[variants]] entry (if any) is model.onnx."""
     primary = target.variants[0] if target.variants else None
@@ -310,7 +229,7 @@ def _context(
     return ctx
 
 
-def _compile_all(source: _Source, ctx: PassContext, target: Target, listeners: Listeners) -> _Compiled:
+def _compile_all(source: PreparedSource, ctx: PassContext, target: Target, listeners: Listeners) -> _Compiled:
     """The main model's pipeline inside its accuracy gate, then every other variant's."""
     source_stats = collect_stats(source.model)
     gate = AccuracyGate(ctx)
@@ -327,7 +246,7 @@ def _finish(
     target: Target,
     host: HostInfo,
     loaded: LoadedModel,
-    source: _Source,
+    source: PreparedSource,
     ctx: PassContext,
     built: _Compiled,
     choice: TargetSuggestion | None,
@@ -377,7 +296,7 @@ def _report(
     target: Target,
     host: HostInfo,
     loaded: LoadedModel,
-    source: _Source,
+    source: PreparedSource,
     ctx: PassContext,
     built: _Compiled,
     device: DeviceArtifacts,
