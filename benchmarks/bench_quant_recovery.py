@@ -73,7 +73,7 @@ def quantize(model: onnx.ModelProto, calib, target_name: str, steps: dict) -> tu
     params = dataclasses.replace(step.params, tune=False, **steps)
     if EVERY_OP:
         params = dataclasses.replace(params, op_types=[], fast_op_types=None)
-    ctx = PassContext(target=target, calib=calib, eval=None, max_accuracy_drop=1.0, host=detect_host().pass_context())
+    ctx = PassContext(target=target, calib=calib, eval=None, max_accuracy_drop=1.0, host=detect_host())
     started = time.perf_counter()
     result = get_pass("quantize").fn(onnx.ModelProto.FromString(model.SerializeToString()), ctx, params)
     return result.model, time.perf_counter() - started, result.summary.get("recovery", {})

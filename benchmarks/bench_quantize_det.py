@@ -66,7 +66,7 @@ def main() -> None:
         eval=load_samples(work / "tune.npz", model, role="--eval"),
         max_accuracy_drop=args.budget,
         eval_metric=args.metric,
-        host=detect_host().pass_context(),
+        host=detect_host(),
     )
     started = time.perf_counter()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

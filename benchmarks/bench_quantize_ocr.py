@@ -81,9 +81,7 @@ def lepton(model: onnx.ModelProto, calib, tune, budget: float, target_name: str)
     target = load_target(target_name)
     step = next(s for s in target.passes if s.name == "quantize")
     spec = get_pass("quantize")
-    ctx = PassContext(
-        target=target, calib=calib, eval=tune, max_accuracy_drop=budget, host=detect_host().pass_context()
-    )
+    ctx = PassContext(target=target, calib=calib, eval=tune, max_accuracy_drop=budget, host=detect_host())
     # Only the quantize pass runs here: as in a compile where the target's earlier lossy pass (edge-arm's
     # channel pruning, budget_share 0.5) spent nothing, its share carries over (PassContext.spent).
     ctx.spent(budget * (1 - step.params.budget_share), 0.0)

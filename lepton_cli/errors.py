@@ -41,7 +41,11 @@ class BadInputError(LeptonError):
 
 
 class QualityGateError(LeptonError):
-    """Exit 3: the result exists but misses a budget the user or target set."""
+    """Exit 3: the result exists but misses a budget the user or target set.
+
+    ``attempt_summary``: the failure in one clause, without the detail of every attempt (the pipeline's
+    retry quotes it as the first attempt); None: the message says it.
+    """
 
     exit_code = ExitCode.QUALITY_GATE
 

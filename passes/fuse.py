@@ -34,7 +34,7 @@ from lepton_cli.model.graph_edit import GraphIndex, drop_unused_initializers, su
 from lepton_cli.model.initializers import constants_to_initializers, list_initializers_as_inputs
 from lepton_cli.model.op_traits import opset
 from lepton_cli.pipeline.params import ParamValueError
-from lepton_cli.pipeline.registry import PassResult, register_pass, tolerance
+from lepton_cli.pipeline.registry import PassEnv, PassResult, register_pass, tolerance
 
 LAYER_NORM_OPSET = 17  # LayerNormalization joined the default domain at opset 17
 GELU_OPSET = 20  # Gelu at opset 20
@@ -258,12 +258,25 @@ def ort_offline_graph(model: onnx.ModelProto, work_dir: Path) -> onnx.ModelProto
     return onnx.load(str(path))
 
 
+def requires(model: onnx.ModelProto, ctx: PassEnv, params: FuseParams) -> None:
+    """ort_offline writes ONNX Runtime's own fused ops: only a target deployed with ONNX Runtime runs them."""
+    runtime = ctx.target.runtime
+    if params.ort_offline and runtime.deployment_runtime != "onnxruntime":
+        raise BadInputError(
+            f"fuse.ort_offline = true on target {ctx.target.name!r}, whose deployment runtime is "
+            f"{runtime.deployment_runtime!r}: ORT's fused ops are not standard ONNX",
+            'set ort_offline = false, or use a target with deployment_runtime = "onnxruntime"',
+        )
+
+
 @register_pass(
     "fuse",
     params=FuseParams,
     description="Constant folding, BatchNorm/bias folding, no-op/dead-node elimination, LayerNorm/Gelu fusion "
     "(exact up to rounding); optionally ONNX Runtime's offline-optimised graph.",
     exactness=tolerance(rtol=1e-4, atol=1e-5),
+    order=10,
+    requires=requires,
 )
 def fuse(model: onnx.ModelProto, ctx, params: FuseParams) -> PassResult:
     runtime = ctx.target.runtime

@@ -746,6 +746,7 @@ def pad_channels(model: onnx.ModelProto, align: int) -> dict:
     description="Channels-last (NHWC) model I/O with Transposes pushed and cancelled; channel padding to the "
     "hardware alignment with zero weights (exact math; K-padding reorders ORT's float sums).",
     exactness=tolerance(rtol=1e-5, atol=1e-6),
+    order=30,
 )
 def layout_transform(model: onnx.ModelProto, ctx, params: LayoutParams) -> PassResult:
     result = onnx.ModelProto()

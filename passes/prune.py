@@ -83,6 +83,7 @@ class PruneParams:
     params=PruneParams,
     description="remove dead channels exactly; magnitude, 2:4 or structured channel pruning within a share of the accuracy budget",
     exactness=LOSSY,
+    order=20,
 )
 def prune(model: onnx.ModelProto, ctx: PassContext, params: PruneParams) -> PassResult:
     if params.mode == "none":

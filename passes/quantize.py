@@ -27,7 +27,7 @@ from lepton_cli.passes._quantize.tuning import TunerSettings, tune, untuned
 from lepton_cli.errors import BadInputError
 from lepton_cli.model.external_data import has_external, inline_copy
 from lepton_cli.pipeline.params import ParamValueError
-from lepton_cli.pipeline.registry import LOSSY, BudgetUse, PassResult, register_pass
+from lepton_cli.pipeline.registry import LOSSY, BudgetUse, PassEnv, PassResult, register_pass
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
 
@@ -113,28 +113,30 @@ class QuantizeParams:
             raise ParamValueError("int4_block_size", "must be a power of two >= 16")
 
 
-def requires(ctx: Any, params: QuantizeParams) -> None:
-    """A static-int8 target that forbids the no-calibration fallback cannot run without --calib."""
-    if params.scheme == "int8" and params.without_calib == "fail" and ctx.calib is None:
+def make_plan(params: QuantizeParams, ctx: Any) -> RewritePlan | SearchPlan:
+    """The one place the scheme name is read: the plan that quantizes with it on this target."""
+    if params.scheme == "fp16":
+        return Fp16Plan(params.fp16_block_ops, params.max_calib_samples)
+    if params.scheme == "int8" and ctx.calib is not None:
+        return Int8Plan(params, list(ctx.target.hardware.isa), list(ctx.host.isa))
+    return rewrite_plan(params)
+
+
+def requires(model: onnx.ModelProto, ctx: PassEnv, params: QuantizeParams) -> None:
+    """A target that forbids the fallback needs --calib for static int8 (an already quantized model keeps its own)."""
+    if params.scheme == "int8" and params.without_calib == "fail" and ctx.calib is None and not quantized_ops(model):
         raise BadInputError(
             f"target {ctx.target.name!r} needs static int8 quantization and no --calib data was given",
             "pass --calib samples.npz (or an image folder with --preprocess); this target forbids a weight-only fallback",
         )
 
 
-def make_plan(params: QuantizeParams, ctx: Any) -> RewritePlan | SearchPlan:
-    """The one place the scheme name is read: the plan that quantizes with it on this target."""
-    if params.scheme == "fp16":
-        return Fp16Plan(params.fp16_block_ops, params.max_calib_samples)
-    if params.scheme == "int8" and ctx.calib is not None:
-        return Int8Plan(params, list(ctx.target.hardware.isa), list(ctx.host.get("isa") or []))
-    return rewrite_plan(params)
-
-
 @register_pass(
     "quantize",
     params=QuantizeParams,
     exactness=LOSSY,
+    order=40,
+    requires=requires,
     description="int8/fp16 per target scheme; streamed calibration; keeps sensitive layers in float to meet the accuracy budget",
 )
 def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassResult:
@@ -145,7 +147,6 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
             f"compile the float model for {params.scheme} tuned to the accuracy budget"
         )
         return PassResult(model, {"scheme": params.scheme, "applied": "none", "already_quantized": dict(existing)})
-    requires(ctx, params)
     schemes.name_nodes(model)
     plan = make_plan(params, ctx)
     if has_external(model) and plan.whole_model:  # weight-only schemes read a tensor at a time

@@ -48,7 +48,7 @@ def _compile_and_compare(model_path, target, tmp_path, input_shapes=()):
     expected = make_session(source, opt_level="basic").run(None, feed)
     session = make_session(compiled, opt_level="basic")  # loads in ORT: the first thing a user needs
     got = session.run(None, adapt_feed(compiled, feed))
-    lossless = all(step.check.get("kind") != "lossy" for step in result.steps)
+    lossless = all(step.check.kind != "lossy" for step in result.steps)
     for output, want, have in zip(source.graph.output, expected, got):
         have = restore_output(compiled, output.name, have)
         assert have.shape == want.shape, (output.name, have.shape, want.shape)

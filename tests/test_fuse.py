@@ -287,8 +287,8 @@ def test_scale_before_a_non_conv_goes_into_the_hard_swish_input_conv(conv_output
 def test_ppocr_hard_swish_and_affine_blocks_fold(which):
     from conftest import OCR_DET
 
+    from lepton_cli.pipeline.equivalence import compare_outputs
     from lepton_cli.pipeline.registry import tolerance
-    from lepton_cli.pipeline.run import compare_outputs
 
     path, shape = (OCR_DET, [1, 3, 160, 160]) if which == "det" else (OCR_REC, [1, 3, 48, 320])
     model = _real(path, "cpu-avx", {"x": shape})
@@ -300,7 +300,7 @@ def test_ppocr_hard_swish_and_affine_blocks_fold(which):
     assert sum(after.values()) < sum(before.values()) - 3 * summary["hard_swish_fused"]
     feeds = [random_feed(graph_inputs(model), np.random.default_rng(k)) for k in range(2)]
     check = compare_outputs(model, fused, feeds, tolerance(rtol=1e-4, atol=1e-5))
-    assert check["ok"], check
+    assert check.ok, check
 
 
 def test_hard_swish_is_left_alone_where_the_target_lacks_hard_sigmoid():

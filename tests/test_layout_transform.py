@@ -14,12 +14,12 @@ from lepton_cli.passes.layout_transform import LayoutParams
 from onnx import TensorProto, helper, numpy_helper
 
 from lepton_cli.errors import BadInputError
-from lepton_cli.model.io_contract import LAYOUT_KEY
+from lepton_cli.model.io_contract import LAYOUT_KEY, adapt_feed, restore_output
 from lepton_cli.model.load import load_model, upgrade_opset
 from lepton_cli.model.sessions import make_session, random_feed
 from lepton_cli.model.shapes import bind_input_shapes, graph_inputs
 from lepton_cli.pipeline.registry import get_pass
-from lepton_cli.pipeline.run import PassContext, adapt_feed, restore_output
+from lepton_cli.pipeline.run import PassContext
 from lepton_cli.pipeline.targets import load_target
 
 

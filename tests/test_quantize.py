@@ -5,6 +5,7 @@ PP-OCRv4 rec within a 0.5-point budget is the slow case."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from onnx import numpy_helper
 
 from lepton_cli.errors import BadInputError, QualityGateError
 from lepton_cli.evaluate.accuracy import Evaluator
+from lepton_cli.host.detect import HostInfo
 from lepton_cli.pipeline.params import from_table
 from lepton_cli.pipeline.registry import get_pass
 from lepton_cli.pipeline.run import PassContext
@@ -46,7 +48,7 @@ def _run(target: str, model, calib=None, evaluation=None, budget=None, **overrid
         calib=calib,
         eval=evaluation,
         max_accuracy_drop=budget,
-        host={"isa": ["avx2", "fma"], "arch": "x86_64"},
+        host=dataclasses.replace(HostInfo.unknown(), arch="x86_64", isa=("avx2", "fma")),
     )
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -233,9 +235,9 @@ def test_a_target_that_forbids_the_fallback_says_so_before_any_pass_runs(digits)
     from lepton_cli.passes.quantize import requires
 
     with pytest.raises(BadInputError, match="needs static int8"):
-        requires(PassContext(target=load_target("tpu")), _params("tpu"))
-    requires(PassContext(target=load_target("cpu-avx")), _params("cpu-avx"))  # weight-only fallback allowed
-    requires(PassContext(target=load_target("tpu"), calib=digits[1]), _params("tpu"))
+        requires(digits[0], PassContext(target=load_target("tpu")), _params("tpu"))
+    requires(digits[0], PassContext(target=load_target("cpu-avx")), _params("cpu-avx"))  # weight-only fallback allowed
+    requires(digits[0], PassContext(target=load_target("tpu"), calib=digits[1]), _params("tpu"))
 
 
 def test_compile_cli_impossible_budget_exit_3(run_cli, tmp_path):

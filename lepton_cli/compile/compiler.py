@@ -13,30 +13,35 @@ from typing import Any, Callable
 
 import onnx
 
+from lepton_cli.compile.accuracy_gate import AccuracyGate, check_accuracy_budget
 from lepton_cli.compile.inputs import compile_inputs
+from lepton_cli.compile.listeners import Listeners
 from lepton_cli.compile.output import CompileKeys, resolve_compile_keys, write_compile_output
 from lepton_cli.compile.report import apply_gates, build_report, load_baseline
 from lepton_cli.compile.report_render import append_step_summary
+from lepton_cli.compile.source import PreparedSource, prepare_source
 from lepton_cli.compile.variants import (
     PRIMARY_PATH,
+    BuiltVariant,
     compile_extra_variants,
     manifest_variants,
     serialize_all,
     variant_path,
 )
 from lepton_cli.device_artifacts import DeviceArtifacts, build_device_artifacts
-from lepton_cli.errors import BadInputError, QualityGateError
+from lepton_cli.errors import BadInputError
 from lepton_cli.evaluate.gate_warnings import accuracy_warnings, compression_warnings
 from lepton_cli.evaluate.latency import compile_sections
 from lepton_cli.host.detect import HostInfo, detect_host
 from lepton_cli.host.target_choice import TargetSuggestion, suggest_target
 from lepton_cli.model.external_data import ModelPayload, bundle_payload, use_weights_folder
-from lepton_cli.model.load import load_model, upgrade_opset
-from lepton_cli.model.shapes import bind_input_shapes, graph_inputs, parse_input_shapes
-from lepton_cli.model.stats import collect_stats
-from lepton_cli.pipeline.run import PassContext, ProgressFn, StepRecord, run_pipeline
+from lepton_cli.model.load import LoadedModel, load_model
+from lepton_cli.model.stats import ModelStats, collect_stats
+from lepton_cli.pipeline.context import PassContext, ProgressReport
+from lepton_cli.pipeline.instruments import StepProgress
+from lepton_cli.pipeline.records import StepRecord
+from lepton_cli.pipeline.run import check_requirements, run_pipeline
 from lepton_cli.pipeline.targets import Target, load_target
-from lepton_cli.samples.sample_set import SampleSet, check_bound_shapes, load_samples
 
 
 @dataclass
@@ -56,7 +61,7 @@ class CompileOptions:
     bundle_version: int = 0  # monotonic: devices refuse a lower version than they have seen
     expires: str | None = None  # ISO 8601; devices refuse the bundle after it
     archive: bool = False  # also write <bundle>.zip, readable in place
-    bench: bool = True  # short, time-capped host measurement of source vs compiled (issue 7)
+    bench: bool = True  # short, time-capped host measurement of source vs compiled
     bench_seconds: float = 1.5
     max_latency_ratio: float | None = None  # gate: compiled p50 / source p50
     baseline: Path | None = None  # gate: a stored report.json this compile must not be worse than
@@ -104,65 +109,6 @@ def _check_output_dir(output_dir: Path) -> None:
         raise BadInputError(f"output folder {output_dir} is not writable", "choose a writable folder with -o") from None
 
 
-def _samples(path: Path | None, model: onnx.ModelProto, role: str, preprocess: str | None) -> SampleSet | None:
-    """An .npz sample set, or a folder of images read with the --preprocess settings."""
-    if path is None:
-        return None
-    if path.is_dir():
-        from lepton_cli.samples.preprocess import load_image_folder
-
-        return load_image_folder(path, model, preprocess, role=role)
-    return load_samples(path, model, role=role)
-
-
-def _bind_shapes(
-    model: onnx.ModelProto, options: CompileOptions, calib: SampleSet | None
-) -> tuple[onnx.ModelProto, dict[str, list[int]], str | None]:
-    shapes = parse_input_shapes(options.input_shapes)
-    source = "--input-shape"
-    if not shapes and calib is not None:
-        dynamic = {sig.name for sig in graph_inputs(model) if not sig.is_static}
-        shapes = {name: shape for name, shape in calib.shapes().items() if name in dynamic}
-        source = "calibration data"
-    if not shapes:
-        return model, {}, None
-    bound = bind_input_shapes(model, shapes)
-    listed = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
-    rejected = _rejected_when_bound(model, bound)
-    if rejected:
-        return (
-            model,
-            shapes,
-            (
-                f"kept input shapes dynamic ({listed} from {source} used for checks and data): ONNX Runtime "
-                f"rejects the model with them bound ({rejected})"
-            ),
-        )
-    return bound, shapes, f"bound input shapes from {source}: {listed}"
-
-
-def _rejected_when_bound(model: onnx.ModelProto, bound: onnx.ModelProto) -> str | None:
-    """ORT's error when the bound model fails to load optimised while the source loads, else None.
-
-    Static shapes let ORT type-check If/Loop branches the data never takes: Silero VAD's 8 kHz branch
-    fails on a 16 kHz-sized input ("LSTM: first input tensor must have rank 3"). Only models with
-    subgraphs are tried (one session each)."""
-    if not any(a.type == onnx.AttributeProto.GRAPH or a.graphs for n in model.graph.node for a in n.attribute):
-        return None
-    from lepton_cli.model.sessions import make_session
-
-    try:
-        make_session(bound, opt_level="basic")
-        return None
-    except Exception as exc:  # ORT raises Fail/InvalidGraph/RuntimeException
-        reason = str(exc).split("[ShapeInferenceError]")[-1].strip().splitlines()[0][:160]
-    try:
-        make_session(model, opt_level="basic")
-    except Exception:
-        return None  # the source fails too: not the binding's fault; the pipeline reports it
-    return reason
-
-
 def resolve_target(spec: str, host: HostInfo) -> tuple[Target, TargetSuggestion | None]:
     """``--target auto`` picks a builtin for ``host`` (target_choice); anything else loads as given."""
     if spec != "auto":
@@ -176,9 +122,10 @@ def resolve_target(spec: str, host: HostInfo) -> tuple[Target, TargetSuggestion 
 def compile_model(
     options: CompileOptions,
     *,
-    progress: ProgressFn | None = None,
+    progress: StepProgress | None = None,
     on_warning: Callable[[str], None] | None = None,
     on_note: Callable[[str], None] | None = None,
+    on_progress: ProgressReport | None = None,
 ) -> CompileResult:
     """Compile and write the signed, encrypted bundle (``compile_unsealed``, then ``seal``)."""
     host = detect_host()
@@ -189,7 +136,9 @@ def compile_model(
             on_note(f"  note: {caveat}")
     _check_output_dir(options.output_dir or options.model.parent)
     keys = resolve_compile_keys(options.sign_key, options.recipients, options.bundle_version, options.expires, on_note)
-    result = compile_unsealed(options, target, host, progress=progress, on_warning=on_warning, choice=choice)
+    result = compile_unsealed(
+        options, target, host, progress=progress, on_warning=on_warning, on_progress=on_progress, choice=choice
+    )
     return seal(result, options, keys)
 
 
@@ -210,141 +159,131 @@ def seal(result: CompileResult, options: CompileOptions, keys: CompileKeys) -> C
     return result
 
 
+@dataclass
+class _Compiled:
+    """The main model and the target's other variants, after their pipelines and accuracy gates."""
+
+    source_stats: ModelStats  # counted before any pass ran
+    model: onnx.ModelProto
+    steps: list[StepRecord]
+    accuracy: dict[str, Any]
+    others: list[BuiltVariant]
+
+
 def compile_unsealed(
     options: CompileOptions,
     target: Target,
     host: HostInfo,
     *,
-    progress: ProgressFn | None = None,
+    progress: StepProgress | None = None,
     on_warning: Callable[[str], None] | None = None,
+    on_progress: ProgressReport | None = None,
     choice: TargetSuggestion | None = None,
 ) -> CompileResult:
     """The compile itself, every gate included, without keys or disk output: what ``lepton build``'s workers run."""
+    listeners = Listeners(progress, on_warning, on_progress)
     loaded = load_model(options.model, keep_external=True)  # large weights stay on disk (external_data)
     release_weights = use_weights_folder(loaded.weights_folder)
-    normalisation: list[str] = []
-    if loaded.dropped_domains:  # declared by the exporter, used by no node: nothing of theirs runs
-        normalisation.append(
-            f"dropped unused opset imports {', '.join(map(repr, loaded.dropped_domains))} (outside the allowlist; no node uses them)"
+    work_dirs: list[Path] = []
+    try:
+        source = prepare_source(
+            loaded,
+            target,
+            calib=options.calib,
+            evaluation=options.eval,
+            preprocess=options.preprocess,
+            input_shapes=options.input_shapes,
         )
-    model, note = upgrade_opset(loaded.model, target.runtime.opset_min, target.runtime.opset_max)
-    if note:
-        normalisation.append(note)
-    calib = _samples(options.calib, model, "--calib", options.preprocess)
-    evaluation = _samples(options.eval, model, "--eval", options.preprocess)
-    model, shapes, note = _bind_shapes(model, options, calib)
-    if note:
-        normalisation.append(note)
-    for samples, role in ((calib, "--calib"), (evaluation, "--eval")):
-        if samples is not None:
-            check_bound_shapes(samples, model, role, note and note.split(":")[0])
+        ctx = _context(options, target, host, source, listeners)
+        work_dirs.append(ctx.work_dir)
+        for variant in target.variants[1:]:  # every model's preconditions, before any pass runs
+            check_requirements(source.model, ctx, variant.passes)
+        built = _compile_all(source, ctx, target, listeners)
+        return _finish(options, target, host, loaded, source, ctx, built, choice)
+    finally:
+        release_weights()
+        for folder in work_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
 
-    # The first [[variants]] entry (if any) is the main model.onnx; the others are compiled after it.
+
+def _context(
+    options: CompileOptions, target: Target, host: HostInfo, source: PreparedSource, listeners: Listeners
+) -> PassContext:
+    """The main model's pipeline context: the first [[variants]] entry (if any) is model.onnx."""
     primary = target.variants[0] if target.variants else None
     ctx = PassContext(
         target=target.for_variant(primary) if primary else target,
-        calib=calib,
-        eval=evaluation,
+        calib=source.calib,
+        eval=source.evaluation,
         seed=options.seed,
         max_accuracy_drop=options.max_accuracy_drop,
-        input_shapes=shapes,
+        input_shapes=source.shapes,
         eval_metric=options.eval_metric,
-        on_warning=on_warning,
-        host=host.pass_context(),
+        on_warning=listeners.on_warning,
+        on_progress=listeners.on_progress,
+        host=host,
     )
-    for text in normalisation:  # what the user must know about how the model was read
+    for text in source.normalisation:  # what the user must know about how the model was read
         if text.startswith(("dropped unused opset imports", "kept input shapes dynamic")):
             ctx.warn(text)
-    try:
-        source_stats = collect_stats(model)
-        gate = AccuracyGate(ctx)
-        compiled, steps = run_pipeline(model, ctx, progress, final_check=gate)
-        compiled.producer_name = "lepton"
-        accuracy = gate.accuracy
-        for text in [*compression_warnings(steps, compiled), *accuracy_warnings(accuracy)]:
-            ctx.warn(text)
-        others = compile_extra_variants(model, ctx, target, progress, on_warning, AccuracyGate)
-        manifest_fields = {
-            "execution_providers": list(target.runtime.execution_providers),
-            "variants": manifest_variants(
-                target,
-                [(primary, variant_path(0, primary), compiled, steps)]
-                + [(b.variant, b.path, b.model, b.steps) for b in others],
-            ),
-        }
-        # Device files (.ort) are made from the bundle's bytes: serialize once, early, only for targets that make them.
-        payloads = _bundle_payloads(compiled, others) if target.runtime.device_formats else None
-        device = _device_artifacts(target, compiled, payloads, model, ctx)
-        if device.manifest:
-            manifest_fields["device_artifacts"] = device.manifest
-        extra: dict[str, Any] = {"accuracy": accuracy, "variants": manifest_fields["variants"]}
-        if device.report:
-            extra["device"] = device.report
-        if others:
-            extra["variant_builds"] = [b.report() for b in others]
-        if choice is not None:
-            extra["target_choice"] = choice.to_dict() | {"host": host.pass_context()}
-        # Host latency (source vs compiled), the target's cost model and budgets: measure.compile_sections.
-        perf, perf_warnings = compile_sections(
-            model,
-            compiled,
+    return ctx
+
+
+def _compile_all(source: PreparedSource, ctx: PassContext, target: Target, listeners: Listeners) -> _Compiled:
+    """The main model's pipeline inside its accuracy gate, then every other variant's."""
+    source_stats = collect_stats(source.model)
+    gate = AccuracyGate(ctx)
+    compiled, steps = run_pipeline(source.model, ctx, listeners.progress, final_check=gate)
+    compiled.producer_name = "lepton"
+    for text in [*compression_warnings(steps, compiled), *accuracy_warnings(gate.accuracy)]:
+        ctx.warn(text)
+    others = compile_extra_variants(source.model, ctx, target, listeners, AccuracyGate)
+    return _Compiled(source_stats, compiled, steps, gate.accuracy, others)
+
+
+def _finish(
+    options: CompileOptions,
+    target: Target,
+    host: HostInfo,
+    loaded: LoadedModel,
+    source: PreparedSource,
+    ctx: PassContext,
+    built: _Compiled,
+    choice: TargetSuggestion | None,
+) -> CompileResult:
+    """Device files, report and gates; the bundle's models last (their bytes may copy the weights)."""
+    primary = target.variants[0] if target.variants else None
+    manifest_fields = {
+        "execution_providers": list(target.runtime.execution_providers),
+        "variants": manifest_variants(
             target,
-            evaluation or calib,
-            "--eval" if evaluation else "--calib",
-            bench=options.bench,
-            seconds=options.bench_seconds,
-            seed=options.seed,
-            host=host,
-        )
-        for text in perf_warnings:
-            ctx.warn(text)
-        if loaded.external_sha256:
-            extra["source_external_data"] = loaded.external_sha256
-        report = build_report(
-            model_name=options.model.name,
-            source_sha256=loaded.sha256,
-            target={"name": target.name, "sha256": target.sha256, "source": target.source},
-            source=source_stats,
-            compiled=collect_stats(compiled),
-            steps=steps,
-            normalisation=normalisation,
-            warnings=ctx.warnings + [f"variant {b.variant.name}: {w}" for b in others for w in b.warnings],
-            extra=extra,
-            **perf,
-        )
-        append_step_summary(report)  # $GITHUB_STEP_SUMMARY, when set, before any gate can stop the compile
-        check_accuracy_budget(accuracy, ctx.accuracy_budget)
-        apply_gates(
-            report,
-            max_latency_ratio=options.max_latency_ratio,
-            enforce_budgets=options.enforce_budgets,
-            baseline=load_baseline(options.baseline) if options.baseline else None,
-            baseline_tolerance_pct=options.baseline_tolerance_pct,
-        )
-        for built in others:  # every model the bundle ships must meet the budget, not only the main one
-            check_accuracy_budget(built.accuracy, ctx.accuracy_budget)
-        for measured in device.accuracy:  # and every device file (the .tflite in LiteRT)
-            check_accuracy_budget(measured, ctx.accuracy_budget)
-        if payloads is None:
-            payloads = _bundle_payloads(compiled, others)  # late: it may hold a serialized copy of the weights
-        primary_payload = payloads[PRIMARY_PATH]
-        models = {
-            path: payload if payload.data_name else payload.graph for path, payload in payloads.items()
-        }  # bytes unless paired
-        models.update(device.models)
-        if options.archive:
-            _check_archive_size(payloads)
-    finally:
-        release_weights()
-        shutil.rmtree(ctx.work_dir, ignore_errors=True)
+            [(primary, variant_path(0, primary), built.model, built.steps)]
+            + [(b.variant, b.path, b.model, b.steps) for b in built.others],
+        ),
+    }
+    # Device files (.ort) are made from the bundle's bytes: serialize once, early, only for targets that make them.
+    payloads = _bundle_payloads(built.model, built.others) if target.runtime.device_formats else None
+    device = _device_artifacts(target, built.model, payloads, source.model, ctx)
+    if device.manifest:
+        manifest_fields["device_artifacts"] = device.manifest
+    report = _report(options, target, host, loaded, source, ctx, built, device, manifest_fields, choice)
+    _apply_gates(report, options, ctx, built, device)
+    if payloads is None:
+        payloads = _bundle_payloads(built.model, built.others)  # late: it may hold a serialized copy of the weights
+    models: dict[str, bytes | ModelPayload] = {
+        path: payload if payload.data_name else payload.graph for path, payload in payloads.items()
+    }  # bytes unless paired with a data file
+    models.update(device.models)
+    if options.archive:
+        _check_archive_size(payloads)
     return CompileResult(
         Path(),
         Path(),
         report,
-        steps,
+        built.steps,
         target,
         manifest_fields,
-        primary_payload.graph,
+        payloads[PRIMARY_PATH].graph,
         None,
         models=models,
         inputs=compile_inputs(options, target),
@@ -352,61 +291,73 @@ def compile_unsealed(
     )
 
 
-class AccuracyGate:
-    """The final accuracy check the pipeline runs inside its retry: the compiled model scored by the scorer the
-    lossy passes used (``PassContext.scorer``), against the source; keeps the last measurement for the report."""
-
-    def __init__(self, ctx: PassContext) -> None:
-        self.ctx = ctx
-        self.accuracy: dict[str, Any] = {
-            "measured": False,
-            "reason": "no --eval or --calib data: accuracy not measured",
-        }
-
-    def __call__(self, compiled: onnx.ModelProto) -> str | None:
-        self.accuracy = measure_accuracy(compiled, self.ctx)
-        return budget_failure(self.accuracy, self.ctx.accuracy_budget)
-
-
-def measure_accuracy(compiled: onnx.ModelProto, ctx: PassContext) -> dict[str, Any]:
-    """Compiled vs source (``ctx.source``) on the compile's scoring data: every output, the worst one as the headline."""
-    scorer, name = ctx.scorer()
-    if scorer is None:
-        return {"measured": False, "reason": "no --eval or --calib data: accuracy not measured"}
-    score = scorer.score(compiled)
-    arithmetic = (
-        "exact integer (QDQ unfused): this x86 host's int8 kernels saturate (no VNNI), the target's do not"
-        if scorer.opt_level != "all"
-        else "as deployed (ORT, all optimisations)"
+def _report(
+    options: CompileOptions,
+    target: Target,
+    host: HostInfo,
+    loaded: LoadedModel,
+    source: PreparedSource,
+    ctx: PassContext,
+    built: _Compiled,
+    device: DeviceArtifacts,
+    manifest_fields: dict[str, Any],
+    choice: TargetSuggestion | None,
+) -> dict[str, Any]:
+    """report.json: the pipeline, accuracy, device files, host latency and the target's cost model."""
+    extra: dict[str, Any] = {"accuracy": built.accuracy, "variants": manifest_fields["variants"]}
+    if device.report:
+        extra["device"] = device.report
+    if built.others:
+        extra["variant_builds"] = [b.report() for b in built.others]
+    if choice is not None:
+        extra["target_choice"] = choice.to_dict() | {"host": host.pass_context()}
+    data = source.evaluation or source.calib
+    perf, perf_warnings = compile_sections(
+        source.model,
+        built.model,
+        target,
+        data,
+        "--eval" if source.evaluation else "--calib",
+        bench=options.bench,
+        seconds=options.bench_seconds,
+        seed=options.seed,
+        host=host,
     )
-    return {
-        "measured": True,
-        "data": name,
-        "budget_pct": ctx.accuracy_budget,
-        "arithmetic": arithmetic,
-        **score.to_dict(),
-    }
-
-
-def budget_failure(accuracy: dict[str, Any], budget_pct: float) -> str | None:
-    """Why ``accuracy`` fails the budget (the worst output over it), or None."""
-    if not accuracy.get("measured") or accuracy["drop_pct"] <= budget_pct:
-        return None
-    where = f"output {accuracy['output']!r}: " if len(accuracy.get("outputs") or []) > 1 else ""
-    return (
-        f"accuracy dropped {accuracy['drop_pct']:.2f} points ({where}{accuracy['metric']} {accuracy['source_value']:.2f}% → "
-        f"{accuracy['value']:.2f}% on {accuracy['data']} data), over the budget of {budget_pct:g}"
+    for text in perf_warnings:
+        ctx.warn(text)
+    if loaded.external_sha256:
+        extra["source_external_data"] = loaded.external_sha256
+    return build_report(
+        model_name=options.model.name,
+        source_sha256=loaded.sha256,
+        target={"name": target.name, "sha256": target.sha256, "source": target.source},
+        source=built.source_stats,
+        compiled=collect_stats(built.model),
+        steps=built.steps,
+        normalisation=source.normalisation,
+        warnings=ctx.warnings + [f"variant {b.variant.name}: {w}" for b in built.others for w in b.warnings],
+        extra=extra,
+        **perf,
     )
 
 
-def check_accuracy_budget(accuracy: dict[str, Any], budget_pct: float) -> None:
-    """The accuracy quality gate (exit 3): no output may lose more than ``budget_pct`` points."""
-    failure = budget_failure(accuracy, budget_pct)
-    if failure:
-        raise QualityGateError(
-            failure,
-            "raise --max-accuracy-drop, give representative --calib data, or disable the lossy passes in a target file",
-        )
+def _apply_gates(
+    report: dict[str, Any], options: CompileOptions, ctx: PassContext, built: _Compiled, device: DeviceArtifacts
+) -> None:
+    """Every gate, in order (exit 3): the main model's accuracy, latency/budgets/baseline, then every other model."""
+    append_step_summary(report)  # $GITHUB_STEP_SUMMARY, when set, before any gate can stop the compile
+    check_accuracy_budget(built.accuracy, ctx.accuracy_budget)
+    apply_gates(
+        report,
+        max_latency_ratio=options.max_latency_ratio,
+        enforce_budgets=options.enforce_budgets,
+        baseline=load_baseline(options.baseline) if options.baseline else None,
+        baseline_tolerance_pct=options.baseline_tolerance_pct,
+    )
+    for other in built.others:  # every model the bundle ships must meet the budget, not only the main one
+        check_accuracy_budget(other.accuracy, ctx.accuracy_budget)
+    for measured in device.accuracy:  # and every device file (the .tflite in LiteRT)
+        check_accuracy_budget(measured, ctx.accuracy_budget)
 
 
 ARCHIVE_FILE_LIMIT = (

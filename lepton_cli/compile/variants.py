@@ -6,7 +6,7 @@ its own pass list, giving ``variants/<name>.onnx``, its step records, accuracy a
 ``manifest_variants`` lists them all, in the target's preference order, with what
 ``runtime_select`` needs on the device.
 
-Estimates: ``lepton_cli.evaluate.costmodel.estimate`` (issue 7) gives the roofline latency on the target's
+Estimates: ``lepton_cli.evaluate.costmodel.estimate`` gives the roofline latency on the target's
 hardware and peak memory = weights + its greedy activation arena; if the cost model is missing or
 fails on a graph, peak memory is the weights' size (``stats.collect_stats().param_bytes``,
 activations not counted) and latency is unknown — ``estimate_source`` says which.
@@ -21,12 +21,15 @@ from typing import Any, Callable
 import onnx
 
 from lepton_cli.bundle.manifest import PRIMARY_MODEL
+from lepton_cli.compile.listeners import Listeners
 from lepton_cli.evaluate import costmodel
 from lepton_cli.evaluate.accuracy import VNNI_ISA
 from lepton_cli.evaluate.gate_warnings import accuracy_warnings, compression_warnings
 from lepton_cli.model.external_data import ModelPayload, bundle_payload
 from lepton_cli.model.stats import collect_stats
-from lepton_cli.pipeline.run import PassContext, ProgressFn, StepRecord, run_pipeline
+from lepton_cli.pipeline.context import PassContext
+from lepton_cli.pipeline.records import StepRecord
+from lepton_cli.pipeline.run import run_pipeline
 from lepton_cli.pipeline.targets import Target, Variant
 
 PRIMARY_PATH = PRIMARY_MODEL
@@ -61,47 +64,48 @@ def compile_extra_variants(
     model: onnx.ModelProto,
     ctx: PassContext,
     target: Target,
-    progress: ProgressFn | None,
-    on_warning: Callable[[str], None] | None,
+    listeners: Listeners,
     make_gate: Callable[[PassContext], Any],
 ) -> list[BuiltVariant]:
     """Run variants[1:] of ``target`` on ``model`` (the normalised source); ``ctx`` supplies data, host and budgets."""
-    built = []
-    for index, variant in enumerate(target.variants[1:], start=1):
+    return [
+        _compile_variant(model, ctx, target, index, variant, listeners.for_variant(variant.name), make_gate)
+        for index, variant in enumerate(target.variants[1:], start=1)
+    ]
 
-        def warn(message: str, _name: str = variant.name) -> None:
-            if on_warning:
-                on_warning(f"variant {_name}: {message}")
 
-        def step_progress(name: str, phase: str, record: StepRecord | None, _name: str = variant.name) -> None:
-            if progress:
-                progress(f"{_name}/{name}", phase, record)
-
-        vctx = PassContext(
-            target=target.for_variant(variant),
-            calib=ctx.calib,
-            eval=ctx.eval,
-            host=ctx.host,
-            seed=ctx.seed,
-            max_accuracy_drop=ctx.max_accuracy_drop,
-            input_shapes=ctx.input_shapes,
-            eval_metric=ctx.eval_metric,
-            on_warning=warn,
-            scorers=ctx.scorers,
-        )
-        gate = make_gate(vctx)  # the variant's own accuracy gate, inside its pipeline's retry
-        try:
-            compiled, steps = run_pipeline(model, vctx, step_progress, final_check=gate)
-            compiled.producer_name = "lepton"
-            accuracy = gate.accuracy
-            for text in [*compression_warnings(steps, compiled), *accuracy_warnings(accuracy)]:
-                vctx.warn(text)
-        finally:
-            shutil.rmtree(vctx.work_dir, ignore_errors=True)
-        built.append(
-            BuiltVariant(variant, variant_path(index, variant), compiled, steps, accuracy, list(vctx.warnings))
-        )
-    return built
+def _compile_variant(
+    model: onnx.ModelProto,
+    ctx: PassContext,
+    target: Target,
+    index: int,
+    variant: Variant,
+    listeners: Listeners,
+    make_gate: Callable[[PassContext], Any],
+) -> BuiltVariant:
+    vctx = PassContext(
+        target=target.for_variant(variant),
+        calib=ctx.calib,
+        eval=ctx.eval,
+        host=ctx.host,
+        seed=ctx.seed,
+        max_accuracy_drop=ctx.max_accuracy_drop,
+        input_shapes=ctx.input_shapes,
+        eval_metric=ctx.eval_metric,
+        on_warning=listeners.on_warning,
+        on_progress=listeners.on_progress,
+        scorers=ctx.scorers,
+    )
+    gate = make_gate(vctx)  # the variant's own accuracy gate, inside its pipeline's retry
+    try:
+        compiled, steps = run_pipeline(model, vctx, listeners.progress, final_check=gate)
+        compiled.producer_name = "lepton"
+        accuracy = gate.accuracy
+        for text in [*compression_warnings(steps, compiled), *accuracy_warnings(accuracy)]:
+            vctx.warn(text)
+    finally:
+        shutil.rmtree(vctx.work_dir, ignore_errors=True)
+    return BuiltVariant(variant, variant_path(index, variant), compiled, steps, accuracy, list(vctx.warnings))
 
 
 def estimate(model: onnx.ModelProto, target: Target) -> dict[str, Any]:

@@ -58,7 +58,7 @@ def _accuracy(source: onnx.ModelProto, session: LiteRTSession, ctx: Any) -> dict
     samples, name = (ctx.eval, "--eval") if ctx.eval is not None else (ctx.calib, "--calib")
     if samples is None:
         return {"measured": False, "reason": "no --eval or --calib data: accuracy not measured"}
-    from lepton_cli.pipeline.run import SCORE_SAMPLE_LIMIT
+    from lepton_cli.pipeline.context import SCORE_SAMPLE_LIMIT
 
     metric = ctx.eval_metric if samples.labels is not None else label_free(ctx.eval_metric)
     evaluator = _LiteRTEvaluator(

@@ -115,6 +115,20 @@ class HostInfo:
     ort_version: str = ""
     notes: tuple[str, ...] = ()  # what could not be read, for `lepton detect`
 
+    @classmethod
+    def unknown(cls) -> HostInfo:
+        """A host of which nothing is known (a pass run on its own): no ISA flags, one core, memory unknown."""
+        return cls(
+            arch="",
+            system="",
+            cpu_model="",
+            cores_physical=1,
+            cores_logical=1,
+            isa=(),
+            memory_total_mb=None,
+            memory_available_mb=None,
+        )
+
     def has_isa(self, requirement: str) -> bool:
         """``requirement`` is one ISA name or alternatives joined by ``|`` (any of them will do)."""
         return any(part.strip() in self.isa for part in requirement.split("|"))
@@ -150,7 +164,7 @@ class HostInfo:
         return doc
 
     def pass_context(self) -> dict[str, Any]:
-        """The subset passes see as ``PassContext.host`` (e.g. quantize warns when the build ISA differs from the target's)."""
+        """The facts about the build host a report records (``--target auto``'s choice)."""
         return {
             "arch": self.arch,
             "system": self.system,

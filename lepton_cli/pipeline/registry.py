@@ -1,7 +1,8 @@
-"""Passes registered by name: each is a function of (model, context, params) plus what the
-pipeline needs to know to instrument it (its parameter dataclass and how exact it claims to be).
+"""Passes registered by name: each is a function of (model, context, params) plus what the pipeline needs
+to order, check and instrument it: its parameter dataclass, its declared place in a pipeline, its
+preconditions (``requires``) and how exact it claims to be.
 
-Modelled on TVM's ``module_pass``/``PassInfo``: passes transform, the pipeline instruments.
+Modelled on TVM's ``PassInfo`` and onnx-ir's ``requires()``: passes transform, the pipeline instruments.
 """
 
 from __future__ import annotations
@@ -10,31 +11,38 @@ import dataclasses
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import Any, Callable, Literal, Protocol
 
 import onnx
 
 from lepton_cli.errors import BadInputError, InternalError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from lepton_cli.pipeline.run import PassContext
+
+class PassEnv(Protocol):
+    """What a pass and its ``requires`` see of the run (``pipeline.context.PassContext`` provides it)."""
+
+    target: Any  # pipeline.targets.Target, which imports this module
+    calib: Any  # samples.sample_set.SampleSet | None
+
+    def warn(self, message: str) -> None: ...
 
 
 @dataclass(frozen=True)
 class Exactness:
     """How the pipeline checks a pass's output against its input.
 
-    ``exact``: outputs bit-identical; ``tolerance``: ``allclose(rtol, atol)``; ``lossy``: no
-    automatic comparison (the pass owns its accuracy budget, e.g. quantize, prune).
+    ``exact``: outputs bit-identical; ``tolerance``: within ``rtol``/``atol`` of the output's scale;
+    ``lossy``: no automatic comparison (the pass owns its accuracy budget, e.g. quantize, prune);
+    ``skipped``: the pass did not run (it yielded its share of the accuracy budget).
     """
 
-    kind: Literal["exact", "tolerance", "lossy"]
+    kind: Literal["exact", "tolerance", "lossy", "skipped"]
     rtol: float = 0.0
     atol: float = 0.0
 
 
-EXACT = Exactness("exact")
 LOSSY = Exactness("lossy")
+SKIPPED = Exactness("skipped")
 
 
 def tolerance(rtol: float, atol: float) -> Exactness:
@@ -62,7 +70,8 @@ class PassResult:
     budget_use: BudgetUse | None = None
 
 
-PassFn = Callable[[onnx.ModelProto, "PassContext", Any], PassResult]
+PassFn = Callable[[onnx.ModelProto, PassEnv, Any], PassResult]
+Requires = Callable[[onnx.ModelProto, PassEnv, Any], None]  # (source, context, params): raise when it cannot work
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,8 @@ class PassSpec:
     description: str
     exactness: Exactness
     needs_static_shapes: bool = False
+    order: int | None = None  # place in any pipeline: lower runs first; None: anywhere
+    requires: Requires | None = None
 
 
 _REGISTRY: dict[str, PassSpec] = {}
@@ -85,22 +96,24 @@ def register_pass(
     description: str,
     exactness: Exactness,
     needs_static_shapes: bool = False,
+    order: int | None = None,
+    requires: Requires | None = None,
 ) -> Callable[[PassFn], PassFn]:
-    """Decorator: register ``fn`` as pass ``name`` with its parameter dataclass."""
+    """Decorator: register ``fn`` as pass ``name`` with its parameter dataclass, order and preconditions."""
     if not dataclasses.is_dataclass(params):
         raise TypeError(f"pass {name}: params must be a dataclass")
 
     def decorate(fn: PassFn) -> PassFn:
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise InternalError(f"pass {name!r} registered twice")
-        _REGISTRY[name] = PassSpec(name, fn, params, description, exactness, needs_static_shapes)
+        _REGISTRY[name] = PassSpec(name, fn, params, description, exactness, needs_static_shapes, order, requires)
         return fn
 
     return decorate
 
 
 def _load_all() -> None:
-    # Importing lepton_cli.passes imports each pass module, which registers itself.
+    # Importing each module of lepton_cli.passes registers its pass.
     package = importlib.import_module("lepton_cli.passes")
     for info in pkgutil.iter_modules(package.__path__):
         if not info.name.startswith("_"):

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from lepton_cli.errors import BadInputError
 from lepton_cli.pipeline.params import ParamValueError, from_table, json_ready, to_table
-from lepton_cli.pipeline.registry import get_pass
+from lepton_cli.pipeline.registry import all_passes, get_pass
 
 BUILTIN_TARGETS = ("cpu-avx", "cuda", "tpu", "fpga", "edge-arm", "mobile")
 _MAX_EXTENDS_DEPTH = 8
@@ -338,6 +338,22 @@ def _variants(raw: Any, passes_raw: list[Any], overrides: dict[str, Any], steps:
     return variants
 
 
+def _check_order(steps: list[PassStep]) -> None:
+    """Passes that declare an order (``register_pass(order=)``) are listed in it (quantize calibrates the final graph)."""
+    latest: tuple[int, str] | None = None
+    for index, step in enumerate(steps):
+        order = get_pass(step.name).order
+        if order is None:
+            continue
+        if latest is not None and order < latest[0]:
+            declared = sorted((s for s in all_passes().values() if s.order is not None), key=lambda s: s.order or 0)
+            raise BadInputError(
+                f"passes[{index}] ({step.name}) is listed after {latest[1]}, but must run before it",
+                f"list the passes in this order: {' → '.join(s.name for s in declared)}",
+            )
+        latest = (order, step.name)
+
+
 def load_target(spec: str) -> Target:
     """Load, resolve and validate a target by builtin name or path; exit-2 errors name the key path."""
     raw, origin = _resolve(spec)
@@ -359,6 +375,7 @@ def load_target(spec: str) -> Target:
     if not isinstance(passes_raw, list) or not passes_raw:
         raise BadInputError(f"{origin}: passes must be a non-empty array of tables", "write each pass as [[passes]]")
     steps = [_step(r, i, overrides) for i, r in enumerate(passes_raw)]
+    _check_order(steps)
     for name in overrides:
         if name not in {s.name for s in steps}:
             raise BadInputError(

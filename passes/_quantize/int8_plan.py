@@ -88,11 +88,11 @@ def float_ops(model: onnx.ModelProto, supported: list[str]) -> list[dict[str, st
 
 def _isa_warning(ctx: Any) -> None:
     target_isa = set(ctx.target.hardware.isa)
-    host_isa = set(ctx.host.get("isa") or [])
+    host_isa = set(ctx.host.isa)
     missing = sorted(target_isa - host_isa)
     if host_isa and missing:
         ctx.warn(
-            f"the build host ({ctx.host.get('arch') or platform.machine()}) lacks {', '.join(missing)} of target "
+            f"the build host ({ctx.host.arch or platform.machine()}) lacks {', '.join(missing)} of target "
             f"{ctx.target.name!r}: latencies measured here are this host's int8 kernels, not the target's "
             "(the search does not use them; the report's benchmark does)"
         )

@@ -1,0 +1,109 @@
+"""The model as the pipeline receives it: opset upgraded, input shapes bound, with its --calib/--eval data and
+the list of what was changed on the way (the report's "normalisation")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from lepton_cli.model.load import LoadedModel, upgrade_opset
+from lepton_cli.model.sessions import make_session
+from lepton_cli.model.shapes import bind_input_shapes, graph_inputs, parse_input_shapes
+from lepton_cli.pipeline.targets import Target
+from lepton_cli.samples.preprocess import load_image_folder
+from lepton_cli.samples.sample_set import SampleSet, check_bound_shapes, load_samples
+
+
+@dataclass
+class PreparedSource:
+    """The model as the pipeline receives it (opset upgraded, shapes bound), its data, and what was changed."""
+
+    model: onnx.ModelProto
+    calib: SampleSet | None
+    evaluation: SampleSet | None
+    shapes: dict[str, list[int]]
+    normalisation: list[str]
+
+
+def prepare_source(
+    loaded: LoadedModel,
+    target: Target,
+    *,
+    calib: Path | None,
+    evaluation: Path | None,
+    preprocess: str | None,
+    input_shapes: list[str],
+) -> PreparedSource:
+    """Opset upgrade, the --calib/--eval data, bound input shapes; what of it the report lists."""
+    normalisation: list[str] = []
+    if loaded.dropped_domains:  # declared by the exporter, used by no node: nothing of theirs runs
+        domains = ", ".join(map(repr, loaded.dropped_domains))
+        normalisation.append(f"dropped unused opset imports {domains} (outside the allowlist; no node uses them)")
+    model, note = upgrade_opset(loaded.model, target.runtime.opset_min, target.runtime.opset_max)
+    if note:
+        normalisation.append(note)
+    calib_set = _samples(calib, model, "--calib", preprocess)
+    eval_set = _samples(evaluation, model, "--eval", preprocess)
+    model, shapes, note = _bind_shapes(model, input_shapes, calib_set)
+    if note:
+        normalisation.append(note)
+    for samples, role in ((calib_set, "--calib"), (eval_set, "--eval")):
+        if samples is not None:
+            check_bound_shapes(samples, model, role, note and note.split(":")[0])
+    return PreparedSource(model, calib_set, eval_set, shapes, normalisation)
+
+
+def _samples(path: Path | None, model: onnx.ModelProto, role: str, preprocess: str | None) -> SampleSet | None:
+    """An .npz sample set, or a folder of images read with the --preprocess settings."""
+    if path is None:
+        return None
+    if path.is_dir():
+        return load_image_folder(path, model, preprocess, role=role)
+    return load_samples(path, model, role=role)
+
+
+def _bind_shapes(
+    model: onnx.ModelProto, input_shapes: list[str], calib: SampleSet | None
+) -> tuple[onnx.ModelProto, dict[str, list[int]], str | None]:
+    shapes = parse_input_shapes(input_shapes)
+    source = "--input-shape"
+    if not shapes and calib is not None:
+        dynamic = {sig.name for sig in graph_inputs(model) if not sig.is_static}
+        shapes = {name: shape for name, shape in calib.shapes().items() if name in dynamic}
+        source = "calibration data"
+    if not shapes:
+        return model, {}, None
+    bound = bind_input_shapes(model, shapes)
+    listed = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
+    rejected = _rejected_when_bound(model, bound)
+    if rejected:
+        return (
+            model,
+            shapes,
+            (
+                f"kept input shapes dynamic ({listed} from {source} used for checks and data): ONNX Runtime "
+                f"rejects the model with them bound ({rejected})"
+            ),
+        )
+    return bound, shapes, f"bound input shapes from {source}: {listed}"
+
+
+def _rejected_when_bound(model: onnx.ModelProto, bound: onnx.ModelProto) -> str | None:
+    """ORT's error when the bound model fails to load optimised while the source loads, else None.
+
+    Static shapes let ORT type-check If/Loop branches the data never takes (docs/decisions.md, "Pipeline").
+    Only models with subgraphs are tried (one session each)."""
+    if not any(a.type == onnx.AttributeProto.GRAPH or a.graphs for n in model.graph.node for a in n.attribute):
+        return None
+    try:
+        make_session(bound, opt_level="basic")
+        return None
+    except Exception as exc:  # ORT raises Fail/InvalidGraph/RuntimeException
+        reason = str(exc).split("[ShapeInferenceError]")[-1].strip().splitlines()[0][:160]
+    try:
+        make_session(model, opt_level="basic")
+    except Exception:
+        return None  # the source fails too: not the binding's fault; the pipeline reports it
+    return reason

@@ -1,0 +1,143 @@
+"""What one pipeline run shares: target, data, host facts, seed, the accuracy budget ledger, scorers,
+warnings, progress and a work folder (TVM's ``PassContext``)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from lepton_cli.evaluate.accuracy import Evaluator, label_free, scoring_opt_level
+from lepton_cli.host.detect import HostInfo
+from lepton_cli.model.sessions import model_random_feed
+from lepton_cli.model.shapes import require_static
+from lepton_cli.pipeline.ledger import BudgetLedger
+from lepton_cli.pipeline.registry import BudgetUse
+from lepton_cli.pipeline.targets import Target
+from lepton_cli.samples.sample_set import SampleSet
+
+log = logging.getLogger("lepton")
+log.addHandler(logging.NullHandler())  # the CLI shows warnings itself; a log file is opt-in
+log.propagate = False
+
+HOLDOUT_FRACTION = 0.25  # of --calib, scored (not calibrated on) when there is no --eval
+MIN_HOLDOUT_SPLIT = 8  # fewer calibration samples: score on them all
+SCORE_SAMPLE_LIMIT = 1000  # enough for a 0.1-point resolution; bounds compile time on big sets
+
+ProgressReport = Callable[[str, str, "int | None", "int | None"], None]  # (pass, message, done, total)
+ScoringSplit = tuple["SampleSet | None", "SampleSet | None", str]  # (calibration, scored, what is scored)
+
+
+@dataclass
+class PassContext:
+    """What the whole run shares: target, data, host facts, seed, budgets, warnings, a work folder."""
+
+    target: Target
+    calib: SampleSet | None = None
+    eval: SampleSet | None = None
+    host: HostInfo = field(default_factory=HostInfo.unknown)
+    seed: int = 0
+    max_accuracy_drop: float | None = None  # percentage points; None: the target's budget
+    eval_metric: str = "auto"  # lepton_cli.evaluate.accuracy.METRICS
+    source: onnx.ModelProto | None = None  # the model the pipeline started from: lossy passes score against it
+    scorers: dict[str, Any] = field(default_factory=dict)  # ORT level -> the shared Evaluator (variants share it)
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    work_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lepton-")))
+    warnings: list[str] = field(default_factory=list)
+    on_warning: Callable[[str], None] | None = None
+    on_progress: ProgressReport | None = None  # the progress display: passes report through ctx.progress, never print
+    current_pass: str = ""
+    ledger: BudgetLedger = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ledger = BudgetLedger(self.accuracy_budget)
+
+    def progress(self, message: str, done: int | None = None, total: int | None = None) -> None:
+        """A pass's progress: a phase (``message``) or ``done`` of ``total`` steps of it."""
+        if self.on_progress:
+            self.on_progress(self.current_pass, message, done, total)
+
+    def warn(self, message: str) -> None:
+        text = f"{self.current_pass}: {message}" if self.current_pass else message
+        self.warnings.append(text)
+        log.warning(text)
+        if self.on_warning:
+            self.on_warning(text)
+
+    @property
+    def scoring_opt_level(self) -> str:
+        """ORT level accuracy is scored at (lepton_cli.evaluate.accuracy.scoring_opt_level)."""
+        return scoring_opt_level(list(self.target.hardware.isa), list(self.host.isa))
+
+    @property
+    def accuracy_budget(self) -> float:
+        budget = self.max_accuracy_drop
+        return budget if budget is not None else self.target.budgets.max_accuracy_drop_pct
+
+    def lossy_budget(self, share: float) -> float:
+        """The drop against the source a lossy pass with ``share`` of the budget may reach (``BudgetLedger``)."""
+        return self.ledger.allowance(share)
+
+    @property
+    def source_drop(self) -> float:
+        """The drop against the source of the model the lossy passes have made so far."""
+        return self.ledger.source_drop
+
+    def spent(self, allowed: float, drop_pct: float) -> None:
+        """Enter the current pass's use of the budget; passes should return ``PassResult.budget_use`` instead."""
+        self.ledger.enter(self.current_pass, BudgetUse(allowed, drop_pct))
+
+    def scoring_data(self) -> ScoringSplit:
+        """(calibration samples, scored samples, what is scored): one split for the whole compile, so prune,
+        quantize and the final gate measure on the same data. --eval when given, else a held-out part of --calib."""
+        if "split" not in self.scorers:
+            self.scorers["split"] = self._split()
+        return self.scorers["split"]
+
+    def _split(self) -> ScoringSplit:
+        calib = self.calib
+        if self.eval is not None and len(self.eval):
+            return calib, self.eval, "--eval"
+        if calib is not None and len(calib) >= MIN_HOLDOUT_SPLIT:
+            kept, held = calib.split(HOLDOUT_FRACTION, self.seed)
+            return kept, held, f"held-out {len(held)} of --calib (agreement with the source)"
+        if calib is not None and len(calib):
+            self.warn(
+                f"only {len(calib)} calibration samples and no --eval: "
+                "scoring agreement on the calibration samples themselves"
+            )
+            return calib, calib, "--calib (agreement with the source, not held out)"
+        return calib, None, "none"
+
+    def scorer(self, model: onnx.ModelProto | None = None) -> tuple[Any, str]:
+        """(the Evaluator every lossy pass and the final gate share, what it scores), or (None, "none") without data.
+        ``model`` is the source when no pipeline set one (a pass run on its own)."""
+        if self.source is None:
+            self.source = model
+        _, data, name = self.scoring_data()
+        if data is None or self.source is None:
+            return None, "none"
+        level = self.scoring_opt_level
+        if level not in self.scorers:
+            metric = self.eval_metric if data is self.eval and data.labels is not None else label_free(self.eval_metric)
+            labels = data.labels if data is self.eval else None
+            self.scorers[level] = Evaluator(
+                self.source, data, labels, limit=SCORE_SAMPLE_LIMIT, metric=metric, opt_level=level
+            )
+        return self.scorers[level], name
+
+    def require_static_shapes(self, model: onnx.ModelProto) -> None:
+        require_static(model, f"pass {self.current_pass!r}" if self.current_pass else "this step")
+
+    def sample_feeds(self, model: onnx.ModelProto, count: int) -> list[dict[str, np.ndarray]]:
+        """Real samples when calibration or eval data exist, else seeded random inputs."""
+        for data in (self.calib, self.eval):
+            if data is not None and len(data):
+                return list(data.feeds(count))
+        rng = np.random.default_rng(self.seed)
+        return [model_random_feed(model, rng, self.input_shapes or None) for _ in range(count)]

@@ -1,0 +1,56 @@
+"""The accuracy budget as one ledger of drop against the source model, shared by every lossy pass.
+
+Each lossy pass gets a share of the budget on top of what the earlier ones were allowed (or reached, if
+more), so the shares partition the budget and what one leaves carries over to the next. When a later pass
+cannot meet its budget, the pipeline compiles again with the earlier spenders yielding their shares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lepton_cli.pipeline.registry import BudgetUse
+
+
+@dataclass
+class BudgetLedger:
+    """Drop against the source, in percentage points, of the model the lossy passes have made so far."""
+
+    budget: float  # the whole accuracy budget
+    source_drop: float = 0.0  # what the last lossy pass measured on its result
+    granted: float = 0.0  # what the last lossy pass was allowed
+    spent: dict[str, float] = field(default_factory=dict)  # pass name -> points its result added
+    yielded: set[str] = field(default_factory=set)  # lossy passes skipped so that a later one meets its budget
+    last_spender: str = ""  # the lossy pass that made the current model: the one a failed final gate judged
+
+    def allowance(self, share: float) -> float:
+        """The drop against the source a lossy pass with ``share`` of the budget may reach."""
+        return min(self.budget, max(self.granted, self.source_drop) + share * self.budget)
+
+    def enter(self, pass_name: str, use: BudgetUse) -> None:
+        """A lossy pass allowed ``use.allowed`` measured ``use.drop`` on its result: the ledger's new totals."""
+        drop = max(0.0, use.drop)
+        if pass_name:
+            self.spent[pass_name] = max(0.0, drop - self.source_drop)
+            self.last_spender = pass_name if pass_name not in self.yielded else self.last_spender
+        self.source_drop, self.granted = drop, use.allowed
+
+    def pass_over(self, pass_name: str, share: float) -> None:
+        """A yielded pass: it adds nothing, and its whole share carries over to the next lossy pass."""
+        self.enter(pass_name, BudgetUse(self.allowance(share), self.source_drop))
+
+    def spenders(self, failed: str) -> list[str]:
+        """The lossy passes that spent budget before ``failed``, in the order they ran. For the final gate
+        (``failed`` not a pass) that is every spender but the last one, which made the model the gate judged."""
+        judged = failed if failed in self.spent else self.last_spender
+        return [name for name, drop in self.spent.items() if drop > 0 and name != judged]
+
+    def yield_for(self, failed: str) -> list[str]:
+        """Start over with the passes that spent before ``failed`` yielding their shares; [] when none did."""
+        spenders = self.spenders(failed) if failed else []
+        if spenders:
+            self.yielded.update(spenders)
+            self.source_drop = self.granted = 0.0
+            self.spent.clear()
+            self.last_spender = ""
+        return spenders
