@@ -147,6 +147,7 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
             f"compile the float model for {params.scheme} tuned to the accuracy budget"
         )
         return PassResult(model, {"scheme": params.scheme, "applied": "none", "already_quantized": dict(existing)})
+    requires(model, ctx, params)  # also when the pass runs outside a pipeline
     schemes.name_nodes(model)
     plan = make_plan(params, ctx)
     if has_external(model) and plan.whole_model:  # weight-only schemes read a tensor at a time

@@ -82,7 +82,7 @@ def _lossy_need(model, ctx, params):
     if reached > allowed:
         summary = f"needs {reached:g} points, allowed {allowed:g}"
         raise QualityGateError(f"{summary}; tried: x", "raise it", attempt_summary=summary)
-    return PassResult(model, {"allowed": allowed, "reached": reached})
+    return PassResult(model, {"allowed": allowed, "reached": reached}, budget_use=BudgetUse(allowed, reached))
 
 
 def _target_with(*steps: PassStep):

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from lepton_cli.pipeline.registry import BudgetUse
 
+FINAL_GATE = "the accuracy gate"  # what a failed final check is called in the ledger and the retry's warning
+
 
 @dataclass
 class BudgetLedger:
@@ -41,8 +43,8 @@ class BudgetLedger:
 
     def spenders(self, failed: str) -> list[str]:
         """The lossy passes that spent budget before ``failed``, in the order they ran. For the final gate
-        (``failed`` not a pass) that is every spender but the last one, which made the model the gate judged."""
-        judged = failed if failed in self.spent else self.last_spender
+        (``FINAL_GATE``) that is every spender but the last one, which made the model the gate judged."""
+        judged = self.last_spender if failed == FINAL_GATE else failed
         return [name for name, drop in self.spent.items() if drop > 0 and name != judged]
 
     def yield_for(self, failed: str) -> list[str]:

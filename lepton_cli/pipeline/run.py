@@ -13,6 +13,7 @@ import onnx
 from lepton_cli.errors import InternalError, LeptonError, QualityGateError
 from lepton_cli.pipeline.context import PassContext
 from lepton_cli.pipeline.instruments import PassInstrument, StepProgress, standard_instruments
+from lepton_cli.pipeline.ledger import FINAL_GATE
 from lepton_cli.pipeline.params import to_table
 from lepton_cli.pipeline.records import StepRecord
 from lepton_cli.pipeline.registry import SKIPPED, PassResult, PassSpec, get_pass
@@ -55,7 +56,7 @@ def run_pipeline(
         try:
             compiled, records = _run_passes(model, ctx, observers)
             failure = final_check(compiled) if final_check else None
-            if failure is None or not _retry_without_spenders(ctx, "the accuracy gate", failure, warnings_before):
+            if failure is None or not _retry_without_spenders(ctx, FINAL_GATE, failure, warnings_before):
                 return compiled, records
         except QualityGateError as exc:
             first_attempt = exc.attempt_summary if exc.attempt_summary is not None else exc.message
