@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import onnx
 from lepton_cli.passes._fuse.activation import fold_scalar_affine, fuse_hard_swish
@@ -31,6 +32,9 @@ from lepton_cli.model.op_traits import opset
 from lepton_cli.model.quantized import quantized_ops
 from lepton_cli.pipeline.params import ParamValueError
 from lepton_cli.pipeline.registry import PassResult, register_pass, tolerance
+
+if TYPE_CHECKING:
+    from lepton_cli.pipeline.run import PassContext
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class FuseParams:
             raise ParamValueError("fold_limit_mb", f"must be > 0, got {self.fold_limit_mb}")
 
 
-def _check_runtime(ctx, params: FuseParams) -> None:
+def _check_runtime(ctx: PassContext, params: FuseParams) -> None:
     runtime = ctx.target.runtime
     if params.ort_offline and runtime.deployment_runtime != "onnxruntime":
         raise BadInputError(
@@ -59,7 +63,7 @@ def _check_runtime(ctx, params: FuseParams) -> None:
         )
 
 
-def _simplified(model: onnx.ModelProto, ctx, params: FuseParams, notes: list[str]) -> onnx.ModelProto:
+def _simplified(model: onnx.ModelProto, ctx: PassContext, params: FuseParams, notes: list[str]) -> onnx.ModelProto:
     """onnxsim's result (at the norm fusions' opset where that fused more), or a copy where onnxsim fails."""
     try:
         if has_external(model):  # onnxsim reads weights from one in-memory protobuf only
@@ -78,7 +82,9 @@ def _simplified(model: onnx.ModelProto, ctx, params: FuseParams, notes: list[str
     return result
 
 
-def _activation_rewrites(source: onnx.ModelProto, result: onnx.ModelProto, ctx, params, notes) -> tuple[int, int]:
+def _activation_rewrites(
+    source: onnx.ModelProto, result: onnx.ModelProto, ctx: PassContext, params: FuseParams, notes: list[str]
+) -> tuple[int, int]:
     """(hard-swishes fused, scalar affine blocks folded), rewriting ``result`` in place."""
     supported = ctx.target.runtime.supported_ops
     hard_sigmoid_ok = not supported or "HardSigmoid" in supported  # only where the target runs HardSigmoid
@@ -109,7 +115,7 @@ def _op_changes(before: Counter, after: Counter) -> dict:
     "(exact up to rounding); optionally ONNX Runtime's offline-optimised graph.",
     exactness=tolerance(rtol=1e-4, atol=1e-5),
 )
-def fuse(model: onnx.ModelProto, ctx, params: FuseParams) -> PassResult:
+def fuse(model: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> PassResult:
     _check_runtime(ctx, params)
     before_ops = op_counts(model)
     notes: list[str] = []

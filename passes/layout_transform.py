@@ -20,7 +20,7 @@ Why these are written here rather than taken from a library: docs/decisions.md, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import onnx
 from lepton_cli.passes._layout_transform.channels_last import channels_last_io
@@ -29,6 +29,9 @@ from lepton_cli.passes._layout_transform.padding import pad_channels
 from lepton_cli.model.initializers import constants_to_initializers, list_initializers_as_inputs
 from lepton_cli.pipeline.params import ParamValueError
 from lepton_cli.pipeline.registry import PassResult, register_pass, tolerance
+
+if TYPE_CHECKING:
+    from lepton_cli.pipeline.run import PassContext
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class LayoutParams:
     "hardware alignment with zero weights (exact math; K-padding reorders ORT's float sums).",
     exactness=tolerance(rtol=1e-5, atol=1e-6),
 )
-def layout_transform(model: onnx.ModelProto, ctx, params: LayoutParams) -> PassResult:
+def layout_transform(model: onnx.ModelProto, ctx: PassContext, params: LayoutParams) -> PassResult:
     result = onnx.ModelProto()
     result.CopyFrom(model)
     summary: dict = {}
