@@ -12,6 +12,7 @@ from lepton_cli.model.external_data import tensor_array
 
 
 def node_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The If/Loop/Scan bodies held by ``node``'s attributes."""
     return [
         sub
         for attr in node.attribute
@@ -22,8 +23,8 @@ def node_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
 class GraphIndex:
     """Use-def chains over one GraphProto's main-graph nodes: constants, producers, readers, uses, outputs.
 
-    Edits made through its methods keep it current. Reordering ``graph.node`` by clearing and refilling it
-    detaches the node objects held here: build a new index after that.
+    Edits made through its methods (``reorder`` included) keep it current; an edit made on the protobuf
+    directly needs a new index, and so does refilling ``graph.node`` (that puts new node objects in the graph).
     """
 
     def __init__(self, graph: onnx.GraphProto):

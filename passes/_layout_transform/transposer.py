@@ -58,7 +58,7 @@ class Transposer:
     def _move(self, node: onnx.NodeProto, anchor: onnx.NodeProto, after: bool) -> None:
         nodes = list(self.g.node)
         nodes.remove(node)
-        nodes.insert(nodes.index(anchor) + after, node)
+        nodes.insert(nodes.index(anchor) + (1 if after else 0), node)
         self.ix.reorder(nodes)
 
     def _push_down(self) -> bool:
