@@ -1,4 +1,4 @@
-"""Use-def bookkeeping and clean-up shared by the graph rewrites (fuse, fuse_activation, layout_transform, channel_groups)."""
+"""Use-def bookkeeping, fresh names and clean-up shared by the graph rewrites (fuse, layout_transform, prune)."""
 
 from __future__ import annotations
 
@@ -11,45 +11,165 @@ from onnx import numpy_helper
 from lepton_cli.model.external_data import tensor_array
 
 
+def node_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The If/Loop/Scan bodies held by ``node``'s attributes."""
+    return [
+        sub
+        for attr in node.attribute
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
+    ]
+
+
 class GraphIndex:
-    """Just enough use-def bookkeeping over a GraphProto for local folds: constants, uses, outputs."""
+    """Use-def chains over one GraphProto's main-graph nodes: constants, producers, readers, uses, outputs.
+
+    Edits made through its methods (``reorder`` included) keep it current; an edit made on the protobuf
+    directly needs a new index, and so does refilling ``graph.node`` (that puts new node objects in the graph).
+    """
 
     def __init__(self, graph: onnx.GraphProto):
         self.graph = graph
+        self._build()
+
+    def _build(self) -> None:
+        graph = self.graph
         self.inits = {t.name: t for t in graph.initializer}
         self.outputs = {o.name for o in graph.output}
-        self.uses: Counter = Counter(i for n in graph.node for i in n.input if i)
-        for node in graph.node:  # names read inside subgraphs count as uses too
-            for attr in node.attribute:
-                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                    self.uses.update(i for n in sub.node for i in n.input if i)
+        self.uses: Counter = Counter()  # reads per name, reads inside subgraphs included
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}  # one entry per read, main graph only
+        for node in graph.node:
+            self._register(node)
+            for sub in node_subgraphs(node):  # names read inside subgraphs count as uses too
+                self.uses.update(i for n in sub.node for i in n.input if i)
 
+    def _register(self, node: onnx.NodeProto) -> None:
+        for name in node.input:
+            if name:
+                self.uses[name] += 1
+                self.consumers.setdefault(name, []).append(node)
+        for name in node.output:
+            if name:
+                self.producer[name] = node
+
+    def _unregister(self, node: onnx.NodeProto) -> None:
+        for name in node.input:
+            if name:
+                self._forget_read(node, name)
+        for name in node.output:
+            if self.producer.get(name) is node:
+                del self.producer[name]
+
+    def _forget_read(self, node: onnx.NodeProto, name: str) -> None:
+        self.uses[name] -= 1
+        readers = self.consumers[name]
+        del readers[next(k for k, reader in enumerate(readers) if reader is node)]
+
+    # -- constants --
     def const(self, name: str) -> np.ndarray | None:
         return tensor_array(self.inits[name]) if name in self.inits else None
 
+    def add_initializer(self, name: str, value: np.ndarray) -> str:
+        """Append ``value`` as initializer ``name`` (the caller picks a fresh name); returns the name."""
+        tensor = numpy_helper.from_array(value, name)
+        self.graph.initializer.append(tensor)
+        self.inits[name] = tensor
+        return name
+
     def set_const(self, name: str, value: np.ndarray) -> str:
+        """A new initializer holding ``value``, named after constant ``name`` with a ``__fused`` suffix."""
         stem = name.split("__fused")[0]  # a constant folded again keeps one suffix, not one per fold
         new, k = f"{stem}__fused", 1
         while new in self.inits:
             k += 1
             new = f"{stem}__fused{k}"
-        tensor = numpy_helper.from_array(value, new)
-        self.graph.initializer.append(tensor)
-        self.inits[new] = tensor
-        return new
+        return self.add_initializer(new, value)
+
+    # -- reads --
+    def readers(self, tensor: str) -> list[onnx.NodeProto]:
+        """The main-graph nodes reading ``tensor``, once per read."""
+        return self.consumers.get(tensor, [])
 
     def sole_use(self, tensor: str) -> bool:
         return self.uses[tensor] == 1 and tensor not in self.outputs
+
+    def only_reader(self, tensor: str) -> onnx.NodeProto | None:
+        """The one node reading ``tensor``, when nothing else (a subgraph, the graph's outputs) reads it."""
+        users = self.readers(tensor)
+        return users[0] if len(users) == 1 and self.sole_use(tensor) else None
+
+    # -- edits that keep the index current --
+    def set_input(self, node: onnx.NodeProto, k: int, name: str) -> None:
+        old = node.input[k]
+        if old:
+            self._forget_read(node, old)
+        node.input[k] = name
+        if name:
+            self.uses[name] += 1
+            self.consumers.setdefault(name, []).append(node)
+
+    def replace_input(self, node: onnx.NodeProto, old: str, new: str) -> None:
+        """``node`` reads ``new`` wherever it read ``old``."""
+        for k, name in enumerate(node.input):
+            if name == old:
+                self.set_input(node, k, new)
+
+    def replace_uses(self, old: str, new: str) -> None:
+        """Every main-graph node reading ``old`` reads ``new`` instead (graph outputs and subgraphs unchanged)."""
+        for node in list({id(n): n for n in self.readers(old)}.values()):  # a node reading it twice: once
+            self.replace_input(node, old, new)
+
+    def set_output(self, node: onnx.NodeProto, k: int, name: str) -> None:
+        if self.producer.get(node.output[k]) is node:
+            del self.producer[node.output[k]]
+        node.output[k] = name
+        if name:
+            self.producer[name] = node
+
+    def insert(self, position: int, node: onnx.NodeProto) -> onnx.NodeProto:
+        """Insert ``node`` (copied) at ``position`` of ``graph.node``; returns the copy the graph holds."""
+        self.graph.node.insert(position, node)
+        held = self.graph.node[position]
+        self._register(held)
+        return held
+
+    def remove(self, node: onnx.NodeProto) -> None:
+        self._unregister(node)
+        self.graph.node.remove(node)
+
+    def reorder(self, nodes: list[onnx.NodeProto]) -> None:
+        """Make ``nodes`` (this graph's nodes, in a new order) the graph's node list, and index them again:
+        refilling the list puts new node objects in the graph."""
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+        self._build()
+
+
+class FreshNames:
+    """Names not yet used in a model (tensors, initializers, graph I/O and nodes alike)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.used = {t.name for t in g.initializer} | {v.name for v in g.input} | {v.name for v in g.output}
+        self.used |= {o for n in g.node for o in n.output} | {i for n in g.node for i in n.input}
+        self.used |= {n.name for n in g.node}
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 0
+        while name in self.used:
+            k += 1
+            name = f"{base}_{k}"
+        self.used.add(name)
+        return name
 
 
 def subgraph_names(graph: onnx.GraphProto) -> set[str]:
     """Names read inside subgraphs (If/Loop/Scan bodies), at any depth."""
     names: set[str] = set()
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                names.update(i for n in sub.node for i in n.input)
-                names |= subgraph_names(sub)
+        for sub in node_subgraphs(node):
+            names.update(i for n in sub.node for i in n.input)
+            names |= subgraph_names(sub)
     return names
 
 

@@ -1,9 +1,9 @@
 """Topological order of a graph's nodes, keeping the existing order wherever it is already valid.
 
 Needed after tools that append nodes out of order (ONNX Runtime's ``float16`` converter puts the
-graph-input Casts after their consumers with ``keep_io_types``). Libraries checked: onnx has no
-sorter; onnxsim sorts only as a side effect of a full simplify; onnx-ir has one but is not a
-dependency. Subgraphs (If/Loop bodies) see outer names, so they count as inputs of their node.
+graph-input Casts after their consumers with ``keep_io_types``); why not a library's sorter:
+docs/decisions.md, "Fuse and layout". Subgraphs (If/Loop bodies) see outer names, so they count as
+inputs of their node.
 """
 
 from __future__ import annotations
@@ -12,19 +12,19 @@ import heapq
 
 import onnx
 
+from lepton_cli.model.graph_edit import node_subgraphs
+
 
 def _node_inputs(node: onnx.NodeProto) -> set[str]:
     names = {name for name in node.input if name}
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for graph in graphs:
-            local = (
-                {o for n in graph.node for o in n.output}
-                | {i.name for i in graph.input}
-                | {t.name for t in graph.initializer}
-            )
-            for inner in graph.node:
-                names |= _node_inputs(inner) - local
+    for graph in node_subgraphs(node):
+        local = (
+            {o for n in graph.node for o in n.output}
+            | {i.name for i in graph.input}
+            | {t.name for t in graph.initializer}
+        )
+        for inner in graph.node:
+            names |= _node_inputs(inner) - local
     return names
 
 
@@ -32,10 +32,8 @@ def sort_topologically(graph: onnx.GraphProto) -> bool:
     """Reorder ``graph.node`` in place (stable Kahn's algorithm), If/Loop/Scan bodies too (the fp16
     converter appends their Casts out of order as well); return whether anything moved."""
     moved = False
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                moved = sort_topologically(sub) or moved
+    for sub in _subgraphs(graph):
+        moved = sort_topologically(sub) or moved
     nodes = list(graph.node)
     producer = {out: index for index, node in enumerate(nodes) for out in node.output if out}
     deps = [
@@ -67,12 +65,7 @@ def sort_topologically(graph: onnx.GraphProto) -> bool:
 
 
 def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    return [
-        sub
-        for node in graph.node
-        for attr in node.attribute
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
-    ]
+    return [sub for node in graph.node for sub in node_subgraphs(node)]
 
 
 def _produced(graph: onnx.GraphProto) -> set[str]:
@@ -87,8 +80,8 @@ def _produced(graph: onnx.GraphProto) -> set[str]:
 
 def move_into_subgraphs(graph: onnx.GraphProto) -> int:
     """Move each node that reads a tensor defined only inside one of its graph's If/Loop bodies into that
-    body; return how many moved. ONNX Runtime's fp16 converter puts the Cast in front of a blocked node
-    inside an If branch (Silero VAD's Pow) in the main graph, where the branch's tensors do not exist."""
+    body; return how many moved. ONNX Runtime's fp16 converter puts the Cast in front of a node it keeps
+    float inside an If branch in the main graph, where the branch's tensors do not exist."""
     moved = 0
     local = (
         {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
