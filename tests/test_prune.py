@@ -380,7 +380,7 @@ def test_channel_pruning_digits_shrinks_as_reported_within_budget():
 def test_budget_use_exact_unmeasured_and_skipped():
     model, calib, _ = _digits()
     ctx = _ctx(calib=calib, budget=2.0)
-    ctx.source_drop = 0.25  # an earlier lossy pass's result
+    ctx.ledger.source_drop = 0.25  # an earlier lossy pass's result
     exact = PRUNE.fn(model, ctx, _params(mode="dead"))
     assert exact.budget_use == BudgetUse(ctx.lossy_budget(0.5), 0.25)  # exact: the ledger stays where it was
     unmeasured = PRUNE.fn(model, _ctx(calib=calib, budget=2.0), _params(mode="magnitude", search=False, min_params=0))

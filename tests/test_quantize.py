@@ -221,7 +221,7 @@ def test_a_tuned_result_reports_its_budget_use_and_progress_goes_through_the_con
     result = QUANTIZE.fn(onnx.load(DIGITS / "digits_cnn.onnx"), ctx, _params("cpu-avx"))
     assert result.budget_use is not None
     assert result.budget_use.allowed == pytest.approx(0.5) and result.budget_use.drop == result.summary["drop_pct"]
-    assert ctx.lossy_spent == {} and ctx.source_drop == 0.0  # the pipeline enters it in the ledger, not the pass
+    assert ctx.ledger.spent == {} and ctx.source_drop == 0.0  # the pipeline enters it in the ledger, not the pass
     calibrating = [(done, total) for _, message, done, total in seen if message == "calibrating (minmax)"]
     assert calibrating and calibrating[-1][0] == calibrating[-1][1]  # done of total, up to the last sample
     assert any("float-kept   0" in message and done is None for _, message, done, _ in seen)

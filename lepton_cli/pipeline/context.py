@@ -17,7 +17,6 @@ from lepton_cli.host.detect import HostInfo
 from lepton_cli.model.sessions import model_random_feed
 from lepton_cli.model.shapes import require_static
 from lepton_cli.pipeline.ledger import BudgetLedger
-from lepton_cli.pipeline.registry import BudgetUse
 from lepton_cli.pipeline.targets import Target
 from lepton_cli.samples.sample_set import SampleSet
 
@@ -87,10 +86,6 @@ class PassContext:
     def source_drop(self) -> float:
         """The drop against the source of the model the lossy passes have made so far."""
         return self.ledger.source_drop
-
-    def spent(self, allowed: float, drop_pct: float) -> None:
-        """Enter the current pass's use of the budget; passes should return ``PassResult.budget_use`` instead."""
-        self.ledger.enter(self.current_pass, BudgetUse(allowed, drop_pct))
 
     def scoring_data(self) -> ScoringSplit:
         """(calibration samples, scored samples, what is scored): one split for the whole compile, so prune,
