@@ -168,11 +168,10 @@ def compile_lossless_and_compare(model_path, target, tmp_path, data: dict[str, n
             bench=False,
         )
     )
-    ran = [step for step in result.steps if step.check.get("kind") != "skipped"]
-    assert ran and all(step.check["kind"] in ("exact", "tolerance") and step.check["ok"] for step in ran), [
-        (step.name, step.check) for step in ran
-    ]
-    rtol, atol = sum(step.check.get("rtol", 0.0) for step in ran), sum(step.check.get("atol", 0.0) for step in ran)
+    ran = [step for step in result.report["pipeline"] if step["check"]["kind"] != "skipped"]
+    checks = {step["name"]: step["check"] for step in ran}
+    assert checks and all(c["kind"] in ("exact", "tolerance") and c["ok"] for c in checks.values()), checks
+    rtol, atol = sum(c.get("rtol", 0.0) for c in checks.values()), sum(c.get("atol", 0.0) for c in checks.values())
     source, compiled = onnx.load(model_path), onnx.load_from_string(result.model_bytes)
     reference, optimised = make_session(source), make_session(source, opt_level="all")
     session = make_session(compiled)
@@ -190,7 +189,7 @@ def compile_lossless_and_compare(model_path, target, tmp_path, data: dict[str, n
             within = np.all(error <= _scaled_error_bound(want, rtol, atol)) or np.max(error, initial=0.0) <= floor
             assert within, (
                 f"{model_path.name} → {target}, sample {row}, output {name}: max error {np.max(error):.3g}, "
-                f"declared rtol {rtol:g} atol {atol:g}, 4x ORT's own noise {floor:.3g}; steps {[s.name for s in ran]}"
+                f"declared rtol {rtol:g} atol {atol:g}, 4x ORT's own noise {floor:.3g}; steps {list(checks)}"
             )
             compared += 1
     return compared
