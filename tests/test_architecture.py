@@ -199,6 +199,22 @@ def terminal_use(files: dict[str, Path], edges: list[Edge], layer: str, base: Pa
     return found
 
 
+def pass_of(module: str) -> str | None:
+    """The pass a module of lepton_cli.passes belongs to: its entry file ``<name>`` or private package ``_<name>``."""
+    parts = module.split(".")
+    return parts[2].lstrip("_") if len(parts) > 2 and parts[:2] == ["lepton_cli", "passes"] else None
+
+
+def cross_pass_imports(edges: list[Edge], base: Path) -> list[str]:
+    """Imports of one pass's entry file or private package by another pass: shared machinery belongs in model/."""
+    found = []
+    for edge in edges:
+        source, target = pass_of(edge.source), pass_of(edge.target)
+        if source and target and source != target:
+            found.append(f"{_where(edge, base)}: {edge.source} ({source}) imports {edge.target} ({target})")
+    return sorted(set(found))
+
+
 def long_functions(files: dict[str, Path], base: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
     """Functions (methods and nested ones too) longer than ``limit`` lines, def line to last line."""
     found = []
@@ -254,6 +270,12 @@ def test_no_pass_prints(tree):
     assert not found, "passes report through ctx.progress/ctx.warn; " + _report(found)
 
 
+def test_no_pass_imports_another_pass(tree):
+    _, edges = tree
+    found = cross_pass_imports(edges, REPO)
+    assert not found, _report(found)
+
+
 def test_pass_entry_files_are_short():
     found = long_entry_files(ROOTS["lepton_cli.passes"], REPO)
     assert not found, f"move machinery into passes/_<name>/; {_report(found)}"
@@ -285,6 +307,7 @@ FAULTY_TREE = {
     + "    pass\n" * MAX_FUNCTION_LINES
     + "\n" * (MAX_ENTRY_LINES - MAX_FUNCTION_LINES),
     "passes/_prune/__init__.py": "\n" * (MAX_ENTRY_LINES + 1),
+    "passes/_fuse/__init__.py": "from ..prune import prune\n",
 }
 
 
@@ -306,6 +329,9 @@ def test_the_checks_find_each_fault_in_a_faulty_tree(tmp_path):
         "passes/fuse.py:1: lepton_cli.passes.fuse imports rich.progress",
         "passes/fuse.py:2: lepton_cli.passes.fuse imports lepton_cli.console",
         "passes/fuse.py:6: lepton_cli.passes.fuse uses print",
+    ]
+    assert cross_pass_imports(edges, tmp_path) == [
+        "passes/_fuse/__init__.py:1: lepton_cli.passes._fuse (fuse) imports lepton_cli.passes.prune (prune)"
     ]
     assert long_entry_files(tmp_path / "passes", tmp_path) == ["passes/prune.py has 201 lines"]
     assert long_functions(files, tmp_path) == ["passes/prune.py:1: prune has 61 lines"]
