@@ -21,10 +21,10 @@ ROOTS = {"lepton_cli": REPO / "lepton_cli", "lepton_cli.passes": REPO / "passes"
 RANKS = {
     "errors": 0,
     "console": 0,
-    "model": 1,
-    "samples": 2,
-    "evaluate": 3,
-    "host": 4,
+    "host": 1,  # facts about this machine: what the device runtime and the compiler both ask
+    "model": 2,
+    "samples": 3,
+    "evaluate": 4,
     "pipeline": 5,
     "passes": 6,
     "device_artifacts": 7,
@@ -36,7 +36,7 @@ RANKS = {
     "package": 10,  # lepton_cli/__init__.py: the library's facade (lazy re-exports)
 }
 # Beside the stack: each imports only these layers (and itself); any layer above model may import it.
-SIDE = {"bundle": {"errors", "model"}, "runtime": {"errors", "console", "model", "bundle"}}
+SIDE = {"bundle": {"errors", "model"}, "runtime": {"errors", "console", "host", "model", "bundle"}}
 SIDE_USERS_FROM = RANKS["samples"]
 METADATA = {"__version__"}  # `from lepton_cli import __version__` reads a constant, not the facade
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from lepton_cli.compile.target_choice import suggest_target
 from lepton_cli.host.detect import GpuInfo, HostInfo
-from lepton_cli.host.target_choice import suggest_target
 
 H100 = GpuInfo(
     name="NVIDIA H100 80GB HBM3", vendor="NVIDIA", memory_total_mb=81559, memory_free_mb=80000, source="nvidia-smi"

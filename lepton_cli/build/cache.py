@@ -1,4 +1,4 @@
-"""The build cache: one entry per compile key (``compile_inputs.inputs_key``), content-addressed, LRU-capped.
+"""The build cache: one entry per compile key (``bundle.provenance.inputs_key``), content-addressed, LRU-capped.
 
 An entry is a folder ``entries/<key>/`` that appears by one rename (never half-written):
 ``bundle/`` (the bundle exactly as written, served as is while the keys are the same),

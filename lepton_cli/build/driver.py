@@ -18,9 +18,10 @@ from lepton_cli.build.summary import JobResult, worst_exit
 from lepton_cli.build.worker import Outcome
 from lepton_cli.bundle.archive import ARCHIVE_SUFFIX, write_archive
 from lepton_cli.bundle.keys import key_id
+from lepton_cli.bundle.provenance import inputs_key
 from lepton_cli.bundle.writer import install_files
 from lepton_cli.compile.compiler import _check_output_dir, bundle_name
-from lepton_cli.compile.inputs import compile_inputs, inputs_key
+from lepton_cli.compile.inputs import compile_inputs
 from lepton_cli.compile.output import CompileKeys, resolve_compile_keys, write_compile_output
 from lepton_cli.errors import ExitCode, LeptonError
 

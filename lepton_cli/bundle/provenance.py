@@ -68,16 +68,15 @@ def statement(inputs: dict[str, Any], models: dict[str, Any], bundle_name: str) 
             },
             "runDetails": {
                 "builder": {"id": f"urn:lepton-cli:{versions.get('lepton-cli')}", "version": versions},
-                "metadata": {"inputsDigest": inputs_digest(inputs)},
+                "metadata": {"inputsDigest": inputs_key(inputs)},
             },
         },
     }
 
 
-def inputs_digest(inputs: dict[str, Any]) -> str:
-    from lepton_cli.compile.inputs import inputs_key
-
-    return inputs_key(inputs)
+def inputs_key(inputs: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a compile's inputs: equal keys, equal compiles (and the build cache's key)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
 def sign(stmt: dict[str, Any], private: SigningPrivateKey) -> bytes:

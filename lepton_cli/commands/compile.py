@@ -302,7 +302,11 @@ def compile_command(
         baseline_tolerance_pct=baseline_tolerance,
         enforce_budgets=enforce_budgets,
     )
-    note(f"compiling [bold]{model}[/bold] for target [bold]{target}[/bold]")
+    _compile_and_show(options, json_out, quiet)
+
+
+def _compile_and_show(options: CompileOptions, json_out: bool, quiet: bool) -> None:
+    note(f"compiling [bold]{options.model}[/bold] for target [bold]{options.target}[/bold]")
     display = CompileProgress()
     try:
         result = compile_model(
@@ -313,7 +317,7 @@ def compile_command(
     if json_out:
         emit_json(_json_document(result))
     else:
-        _show(model, result, quiet)
+        _show(Path(options.model), result, quiet)
 
 
 def register(app: typer.Typer) -> None:

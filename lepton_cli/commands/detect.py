@@ -6,9 +6,9 @@ import typer
 from rich.table import Table
 
 from lepton_cli.commands._options import JsonFlag
+from lepton_cli.compile.target_choice import suggest_target
 from lepton_cli.console import emit_json, stdout
 from lepton_cli.host.detect import detect_host
-from lepton_cli.host.target_choice import suggest_target
 from lepton_cli.runtime.select import usable_providers
 
 

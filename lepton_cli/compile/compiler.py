@@ -20,6 +20,7 @@ from lepton_cli.compile.output import CompileKeys, resolve_compile_keys, write_c
 from lepton_cli.compile.report import apply_gates, build_report, load_baseline
 from lepton_cli.compile.report_render import append_step_summary
 from lepton_cli.compile.source import PreparedSource, prepare_source
+from lepton_cli.compile.target_choice import TargetSuggestion, suggest_target
 from lepton_cli.compile.variants import (
     PRIMARY_PATH,
     BuiltVariant,
@@ -33,7 +34,6 @@ from lepton_cli.errors import BadInputError
 from lepton_cli.evaluate.gate_warnings import accuracy_warnings, compression_warnings
 from lepton_cli.evaluate.latency import compile_sections
 from lepton_cli.host.detect import HostInfo, detect_host
-from lepton_cli.host.target_choice import TargetSuggestion, suggest_target
 from lepton_cli.model.external_data import ModelPayload, bundle_payload, use_weights_folder
 from lepton_cli.model.load import LoadedModel, load_model
 from lepton_cli.model.stats import ModelStats, collect_stats

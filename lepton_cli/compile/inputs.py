@@ -7,7 +7,6 @@ Host-dependent measurements (latency) are recorded in the report, not keyed: the
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -107,8 +106,3 @@ def compile_inputs(options: Any, target: Any) -> dict[str, Any]:
         "pipeline": {"passes": target.resolved.get("passes", []), "variants": target.resolved.get("variants", [])},
         "versions": library_versions(),
     }
-
-
-def inputs_key(inputs: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of ``compile_inputs``: equal keys, equal compiles."""
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
