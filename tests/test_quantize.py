@@ -310,7 +310,7 @@ def test_bad_params_are_rejected():
 @pytest.mark.slow
 @needs_ocr
 def test_ppocr_rec_cpu_avx_keeps_character_accuracy(tmp_path):
-    """PP-OCRv4 rec on rendered text lines, issue 4's bar: with a 0.5-point budget of character accuracy
+    """PP-OCRv4 rec on rendered text lines: with a 0.5-point budget of character accuracy
     against the tuning lines' text (text labels), character accuracy on held-out lines drops at most
     0.5 points, scored as the VNNI target computes."""
     import sys

@@ -3,7 +3,7 @@
 A DSSE envelope (the JSON form in-toto attestations use) over an in-toto Statement v1 whose
 subjects are the bundle's plaintext models (name and sha256, so a rebuild can be compared without
 decrypting anything) and whose predicate records every input digest and parameter the compile
-depended on (``lepton_cli/compile_inputs.py``). Signed with the bundle's signing key, and listed in
+depended on (``lepton_cli/compile/inputs.py``). Signed with the bundle's signing key, and listed in
 the manifest like any file, so ``model.sig`` covers it and model-signing verifiers accept the bundle.
 """
 

@@ -50,11 +50,11 @@ class CompileOptions:
     target: str
     output_dir: Path | None = None
     calib: Path | None = None
-    preprocess: str | None = None  # settings for an image-folder --calib/--eval (lepton_cli/preprocess.py)
+    preprocess: str | None = None  # settings for an image-folder --calib/--eval (lepton_cli/samples/preprocess.py)
     eval: Path | None = None
     input_shapes: list[str] = field(default_factory=list)
     max_accuracy_drop: float | None = None
-    eval_metric: str = "auto"  # auto | top1 | agreement | ctc | mask-f1@T (lepton_cli/accuracy.py)
+    eval_metric: str = "auto"  # auto | top1 | agreement | ctc | mask-f1@T (lepton_cli/evaluate/accuracy.py)
     seed: int = 0
     sign_key: str | None = None  # path or PEM text; else $LEPTON_SIGNING_KEY, else the dev key set
     recipients: list[str] = field(default_factory=list)  # encryption public keys; else $LEPTON_RECIPIENT / dev set
