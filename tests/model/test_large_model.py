@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import large_model  # noqa: E402

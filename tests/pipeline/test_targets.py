@@ -11,7 +11,7 @@ import pytest
 from lepton_cli.errors import BadInputError
 from lepton_cli.pipeline.targets import BUILTIN_TARGETS, builtin_names, load_target
 
-TARGET_DIR = Path(__file__).resolve().parent.parent / "targets"
+TARGET_DIR = Path(__file__).resolve().parents[2] / "targets"
 
 
 def test_all_six_builtins_present_and_valid():

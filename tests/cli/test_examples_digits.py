@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-DIGITS = Path(__file__).resolve().parent.parent / "examples" / "digits"
+DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits"
 MODEL, CALIB, EVAL = DIGITS / "digits_cnn.onnx", DIGITS / "calib.npz", DIGITS / "eval.npz"
 
 

@@ -472,7 +472,7 @@ def test_cuda_int8_trt_example_follows_tensorrt_rules(run_cli, tmp_path):
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "calib.npz", x=rng.normal(0, 1, (4, 3, 96, 96)).astype(np.float32))
-    toml = Path(__file__).resolve().parent.parent / "examples" / "targets" / "cuda-int8-trt.toml"
+    toml = Path(__file__).resolve().parents[2] / "examples" / "targets" / "cuda-int8-trt.toml"
     built = run_cli(
         "compile",
         OCR_DET,
