@@ -260,7 +260,7 @@ def test_bad_bundle_options_fail_before_compiling(run_cli, tmp_path, args, needl
 _KILL_SCRIPT = """
 import sys
 from pathlib import Path
-sys.path.insert(0, {tests!r})
+sys.path[:0] = {tests!r}  # this folder and tests/ (conftest)
 from test_bundle import make_bundle, make_keys
 keys = make_keys(Path({keys!r}))
 big = Path({model!r}).read_bytes() * 40  # ~6 MB: the write takes long enough to be interrupted
@@ -275,7 +275,10 @@ while True:
 def test_sigkill_at_any_moment_leaves_no_partial_bundle(tmp_path):
     dest = tmp_path / "out" / "m.lepton"
     script = _KILL_SCRIPT.format(
-        tests=str(REPO / "tests"), keys=str(tmp_path / "keys"), model=str(DIGITS_MODEL), dest=str(dest)
+        tests=[str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])],
+        keys=str(tmp_path / "keys"),
+        model=str(DIGITS_MODEL),
+        dest=str(dest),
     )
     for delay in (0.15, 0.4, 0.9):
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
