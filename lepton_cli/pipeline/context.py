@@ -145,15 +145,13 @@ class PassContext:
                 f"only {coarse:.2g} points, coarser than the {budget:g}-point budget)"
             )
             self.scorers["split"] = (self.scorers["split"][0], calib, name)
-        if evaluator.resolution_pct > budget and not self.scorers.get("coarse_warned"):
-            self.scorers["coarse_warned"] = True
-            need = math.ceil(100.0 / budget) if budget > 0 else None
+        if 0 < budget < evaluator.resolution_pct and not self.scorers.get("coarse_warned"):
+            self.scorers["coarse_warned"] = True  # variants share the scorer: one warning per compile
             self.warn(
                 f"the accuracy gate scores {evaluator.count} samples, so it resolves only "
-                f"{evaluator.resolution_pct:.2g} points, coarser than the {budget:g}-point budget: a drop under "
-                "that is invisible; pass --eval with labelled data"
-                + (f" (at least {need} samples)" if need else "")
-                + " or more --calib samples"
+                f"{evaluator.resolution_pct:.2g} points, coarser than the {budget:g}-point budget: a smaller drop is "
+                f"invisible; pass --eval with labelled data or more --calib samples (a classifier needs at least "
+                f"{math.ceil(100.0 / budget)})"
             )
         return evaluator
 
