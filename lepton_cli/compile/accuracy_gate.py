@@ -42,6 +42,7 @@ def measure_accuracy(compiled: onnx.ModelProto, ctx: PassContext) -> dict[str, A
         "data": name,
         "budget_pct": ctx.accuracy_budget,
         "arithmetic": arithmetic,
+        "resolves_budget": score.resolution_pct <= ctx.accuracy_budget,  # a drop the size of the budget is visible
         **score.to_dict(),
     }
 

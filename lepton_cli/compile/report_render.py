@@ -90,7 +90,8 @@ def _accuracy_table(report: dict[str, Any]) -> Table | None:
         return ["accuracy"], [[acc.get("reason", "not measured")]]
     rows = [
         [
-            f"{acc.get('metric', '?')} ({acc.get('data', '?')}, {acc.get('samples', '?')} samples)",
+            f"{acc.get('metric', '?')} ({acc.get('data', '?')}, {acc.get('samples', '?')} samples"
+            + (f", resolution {_num(acc['resolution_pct'], 2)} points)" if "resolution_pct" in acc else ")"),
             f"{_num(acc.get('source_value'), 2)}%",
             f"{_num(acc.get('value'), 2)}%",
             f"{_num(acc.get('drop_pct'), 2)} (budget {_num(acc.get('budget_pct'), 2)})",

@@ -91,6 +91,7 @@ class AccuracyScore:
         default_factory=list
     )  # every output: name, metric, why, value, drop_pct, drop_se
     output: str = ""  # the output whose drop the headline numbers are (the worst)
+    resolution_pct: float = 0.0  # one scored unit's worth (sample, position, character) of the coarsest output
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -415,6 +416,7 @@ class Evaluator:
         self.roles = self._roles(source_model, default, default_text, per_output)
         self.metric = self.roles[0].metric
         self.source_value = self._source_value()
+        self.resolution_pct = self._resolution()
 
     def _check_labels_fit(self, default: str) -> None:
         if default == "top1" and self.labels is None:
@@ -516,7 +518,31 @@ class Evaluator:
         if hasattr(self, "truth"):
             part.truth = self.truth[:rows]
         part.source_value = part._source_value()
+        part.resolution_pct = part._resolution()
         return part
+
+    def _resolution(self) -> float:
+        """The smallest drop the coarsest output can show, in points: one wrong unit of its metric (a row for
+        top-1, a position for arg-max agreement, a character for CTC); 0.0 when every metric is continuous."""
+        units = [self._units(role) for role in self.roles]
+        return max((100.0 / n for n in units if n), default=0.0)
+
+    def _units(self, role: OutputRole) -> int | None:
+        """How many units ``role``'s metric counts over the scored samples, or None for a continuous metric."""
+        refs = [outs[role.index] for outs in self.reference]
+        metric = role.metric
+        if metric == "top1":
+            return sum(len(r) for r in refs)
+        if metric.startswith("top1_agreement") or (metric == "agreement" and _class_axis(refs[0].shape) is not None):
+            axis = 1 if refs[0].ndim == 4 else refs[0].ndim - 1
+            return sum(r.size // max(1, r.shape[axis]) for r in refs)
+        if metric == "ctc_accuracy":
+            return sum(len(t) for t in self.truth)
+        if metric == "ctc_agreement":
+            return sum(len(seq) for r in refs for seq in ctc_greedy_decode(r))
+        if metric.startswith("decision_agreement"):
+            return sum(r.size for r in refs)
+        return None
 
     def first_feeds(self, count: int) -> list[dict[str, np.ndarray]]:
         """The first ``count`` samples (sensitivity and latency probes)."""
@@ -612,4 +638,5 @@ class Evaluator:
             head["drop_se"],
             outputs,
             head["name"],
+            round(self.resolution_pct, 4),
         )

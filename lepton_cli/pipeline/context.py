@@ -4,6 +4,7 @@ warnings, progress and a work folder (TVM's ``PassContext``)."""
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,17 +115,45 @@ class PassContext:
         ``model`` is the source when no pipeline set one (a pass run on its own)."""
         if self.source is None:
             self.source = model
-        _, data, name = self.scoring_data()
+        _, data, _ = self.scoring_data()
         if data is None or self.source is None:
             return None, "none"
         level = self.scoring_opt_level
         if level not in self.scorers:
-            metric = self.eval_metric if data is self.eval and data.labels is not None else label_free(self.eval_metric)
-            labels = data.labels if data is self.eval else None
-            self.scorers[level] = Evaluator(
-                self.source, data, labels, limit=SCORE_SAMPLE_LIMIT, metric=metric, opt_level=level
+            self.scorers[level] = self._resolving_evaluator(data, level)
+        return self.scorers[level], self.scoring_data()[2]
+
+    def _evaluator(self, data: SampleSet, level: str) -> Evaluator:
+        assert self.source is not None
+        metric = self.eval_metric if data is self.eval and data.labels is not None else label_free(self.eval_metric)
+        labels = data.labels if data is self.eval else None
+        return Evaluator(self.source, data, labels, limit=SCORE_SAMPLE_LIMIT, metric=metric, opt_level=level)
+
+    def _resolving_evaluator(self, data: SampleSet, level: str) -> Evaluator:
+        """The evaluator on ``data``, or on all of --calib when the held-out part cannot show a drop as small as the
+        budget (one flip of 50 samples is 2 points) and all of it can show more; warns when even that is too coarse."""
+        evaluator = self._evaluator(data, level)
+        budget = self.accuracy_budget
+        calib = self.calib
+        widen = data is not self.eval and calib is not None and min(len(calib), SCORE_SAMPLE_LIMIT) > evaluator.count
+        if evaluator.resolution_pct > budget and widen:
+            assert calib is not None
+            coarse = evaluator.resolution_pct
+            evaluator = self._evaluator(calib, level)
+            name = (
+                f"all {evaluator.count} of --calib (agreement with the source; the held-out {len(data)} resolve "
+                f"only {coarse:.2g} points, coarser than the {budget:g}-point budget)"
             )
-        return self.scorers[level], name
+            self.scorers["split"] = (self.scorers["split"][0], calib, name)
+        if 0 < budget < evaluator.resolution_pct and not self.scorers.get("coarse_warned"):
+            self.scorers["coarse_warned"] = True  # variants share the scorer: one warning per compile
+            self.warn(
+                f"the accuracy gate scores {evaluator.count} samples, so it resolves only "
+                f"{evaluator.resolution_pct:.2g} points, coarser than the {budget:g}-point budget: a smaller drop is "
+                f"invisible; pass --eval with labelled data or more --calib samples (a classifier needs at least "
+                f"{math.ceil(100.0 / budget)})"
+            )
+        return evaluator
 
     def require_static_shapes(self, model: onnx.ModelProto) -> None:
         require_static(model, f"pass {self.current_pass!r}" if self.current_pass else "this step")

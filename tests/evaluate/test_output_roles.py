@@ -241,7 +241,7 @@ def test_compile_scores_every_output_and_states_how_each_was_recognised(tmp_path
     ]
     assert all(o["why"] and o["drop_pct"] <= accuracy["budget_pct"] for o in outputs.values())
     assert accuracy["drop_pct"] == max(o["drop_pct"] for o in outputs.values())
-    assert accuracy["data"].startswith("held-out 50 of --calib")  # the data quantize chose on
+    assert accuracy["data"].startswith("all 200 of --calib")  # the data quantize chose on (50 held out: too coarse)
     step = next(s for s in result.steps if s.name == "quantize")
     assert step.summary["scored_on"] == accuracy["data"] and step.summary["drop_pct"] == pytest.approx(
         accuracy["drop_pct"], abs=1e-6

@@ -349,9 +349,16 @@ def test_ppocr_rec_cpu_avx_keeps_character_accuracy(tmp_path):
 
 def test_without_eval_a_held_out_part_of_calib_scores_agreement(digits):
     model, calib, _ = digits
-    result, _ = _run("edge-arm", model, calib, None, budget=1.0)
-    assert result.summary["scored_on"].startswith("held-out 50 of --calib")
+    result, _ = _run("edge-arm", model, calib, None, budget=2.0)
+    assert result.summary["scored_on"].startswith("held-out 50 of --calib")  # one flip of 50 (2 points) fits 2
     assert result.summary["calibration_samples"] == 150  # the held-out quarter is not calibrated on
+
+
+def test_without_eval_a_held_out_part_too_coarse_for_the_budget_scores_all_of_calib(digits):
+    model, calib, _ = digits
+    result, _ = _run("edge-arm", model, calib, None, budget=1.0)
+    assert result.summary["scored_on"].startswith("all 200 of --calib")  # 0.5 points a flip, under the budget
+    assert result.summary["calibration_samples"] == 150  # still calibrated on the kept part only
 
 
 def test_tpu_integer_io_option_gives_int8_inputs_and_outputs(digits):

@@ -1,0 +1,96 @@
+"""The compile's scorer resolves its budget: one scored unit's worth (resolution_pct) is at most the budget, by
+scoring all of --calib when its held-out part is too coarse, with a warning when nothing can (digits, real data)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx
+import pytest
+from conftest import DIGITS
+
+from lepton_cli.evaluate.accuracy import Evaluator
+from lepton_cli.host.detect import HostInfo
+from lepton_cli.pipeline.run import PassContext
+from lepton_cli.pipeline.targets import load_target
+from lepton_cli.samples.sample_set import load_samples
+
+X86 = dataclasses.replace(HostInfo.unknown(), arch="x86_64", isa=("avx2", "fma"))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model = onnx.load(DIGITS / "digits_cnn.onnx")
+    return model, load_samples(DIGITS / "calib.npz", model), load_samples(DIGITS / "eval.npz", model, role="--eval")
+
+
+def _ctx(model, calib, evaluation=None, budget=None) -> PassContext:
+    ctx = PassContext(target=load_target("edge-arm"), calib=calib, eval=evaluation, max_accuracy_drop=budget, host=X86)
+    ctx.source = model
+    return ctx
+
+
+def test_resolution_is_one_sample_of_top1_or_agreement(digits):
+    model, calib, evaluation = digits
+    assert Evaluator(model, evaluation, evaluation.labels).resolution_pct == pytest.approx(100 / 397)
+    _, held = calib.split(0.25, 0)
+    score = Evaluator(model, held).score(model)
+    assert score.samples == 50 and score.resolution_pct == pytest.approx(2.0)  # one flip of 50: 2 points
+
+
+def test_a_held_out_part_too_coarse_for_the_budget_scores_all_of_calib(digits):
+    model, calib, _ = digits
+    ctx = _ctx(model, calib, budget=1.0)
+    scorer, name = ctx.scorer()
+    assert scorer.count == 200 and scorer.resolution_pct == pytest.approx(0.5)
+    assert name.startswith("all 200 of --calib") and "2 points" in name
+    kept, scored, _ = ctx.scoring_data()
+    assert len(kept) == 150 and scored is calib  # calibration still leaves the held-out quarter alone
+    assert not ctx.warnings
+
+
+def test_a_held_out_part_fine_enough_for_the_budget_stays(digits):
+    model, calib, _ = digits
+    scorer, name = _ctx(model, calib, budget=2.0).scorer()
+    assert scorer.count == 50 and name.startswith("held-out 50 of --calib")
+
+
+def test_too_few_samples_for_the_budget_warn_and_say_what_to_pass(digits):
+    model, calib, _ = digits
+    few = dataclasses.replace(calib, arrays={k: v[:60] for k, v in calib.arrays.items()})
+    ctx = _ctx(model, few, budget=1.0)
+    scorer, name = ctx.scorer()
+    assert scorer.count == 60 and name.startswith("all 60 of --calib")  # still the finest basis there is
+    assert len(ctx.warnings) == 1
+    assert "resolves only 1.7 points" in ctx.warnings[0] and "--eval" in ctx.warnings[0]
+    assert "more --calib samples (a classifier needs at least 100)" in ctx.warnings[0]
+
+
+def test_eval_data_is_scored_as_given(digits):
+    model, calib, evaluation = digits
+    ctx = _ctx(model, calib, evaluation, budget=1.0)
+    scorer, name = ctx.scorer()
+    assert name == "--eval" and scorer.resolution_pct == pytest.approx(100 / 397) and not ctx.warnings
+
+
+def test_calib_only_compile_within_its_budget_on_held_out_labelled_data(tmp_path, digits):
+    """The point of resolving: edge-arm exits 0 with --calib only, and then really is within the 1-point budget on
+    eval.npz (397 labelled images the compile never saw); scored on 50 held-out samples it lost 1.5 points."""
+    from lepton_cli.compile.compiler import CompileOptions, compile_model
+
+    model, _, evaluation = digits
+    result = compile_model(
+        CompileOptions(
+            model=DIGITS / "digits_cnn.onnx",
+            target="edge-arm",
+            output_dir=tmp_path,
+            calib=DIGITS / "calib.npz",
+            bench=False,
+        )
+    )
+    accuracy = result.report["accuracy"]
+    assert accuracy["samples"] == 200 and accuracy["resolution_pct"] == pytest.approx(0.5)
+    assert accuracy["resolves_budget"] and accuracy["drop_pct"] <= 1.0
+    compiled = onnx.load_from_string(result.model_bytes)
+    drop = Evaluator(model, evaluation, evaluation.labels).score(compiled).drop_pct
+    assert drop <= 1.0
