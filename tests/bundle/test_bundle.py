@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DIGITS, REPO
+from conftest import DIGITS
 
 from lepton_cli.bundle import open_bundle, signing, verify_bundle, write_bundle
 from lepton_cli.bundle.archive import write_archive
