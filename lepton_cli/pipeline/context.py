@@ -62,8 +62,9 @@ class PassContext:
         if self.on_progress:
             self.on_progress(self.current_pass, message, done, total)
 
-    def warn(self, message: str) -> None:
-        text = f"{self.current_pass}: {message}" if self.current_pass else message
+    def warn(self, message: str, *, compile_wide: bool = False) -> None:
+        """A warning for the report and stderr, named after the running pass unless it concerns the whole compile."""
+        text = f"{self.current_pass}: {message}" if self.current_pass and not compile_wide else message
         self.warnings.append(text)
         log.warning(text)
         if self.on_warning:
@@ -151,7 +152,8 @@ class PassContext:
                 f"the accuracy gate scores {evaluator.count} samples, so it resolves only "
                 f"{evaluator.resolution_pct:.2g} points, coarser than the {budget:g}-point budget: a smaller drop is "
                 f"invisible; pass --eval with labelled data or more --calib samples (a classifier needs at least "
-                f"{math.ceil(100.0 / budget)})"
+                f"{math.ceil(100.0 / budget)})",
+                compile_wide=True,
             )
         return evaluator
 
