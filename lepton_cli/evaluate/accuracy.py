@@ -49,6 +49,7 @@ from lepton_cli.evaluate.output_scores import (
     RelativeErrorTally,
     Top1Tally,
     drop_standard_error,
+    source_box_count,
 )
 from lepton_cli.model.io_contract import adapt_feed, restore_output
 from lepton_cli.model.sessions import make_session
@@ -523,7 +524,8 @@ class Evaluator:
 
     def _resolution(self) -> float:
         """The smallest drop the coarsest output can show, in points: one wrong unit of its metric (a row for
-        top-1, a position for arg-max agreement, a character for CTC); 0.0 when every metric is continuous."""
+        top-1, a position for arg-max agreement, a character for CTC, a source box for detection F1); 0.0 when
+        every metric is continuous."""
         units = [self._units(role) for role in self.roles]
         return max((100.0 / n for n in units if n), default=0.0)
 
@@ -542,6 +544,8 @@ class Evaluator:
             return sum(len(seq) for r in refs for seq in ctc_greedy_decode(r))
         if metric.startswith("decision_agreement"):
             return sum(r.size for r in refs)
+        if metric == "detection_f1":  # one source box missed (or replaced by a wrong one) costs 100/boxes points
+            return source_box_count(refs, role.layout or "v8", role.threshold or 0.25)
         return None
 
     def first_feeds(self, count: int) -> list[dict[str, np.ndarray]]:

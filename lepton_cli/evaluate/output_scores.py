@@ -191,6 +191,11 @@ class MaskF1Tally:
         )
 
 
+def source_box_count(refs: list[np.ndarray], layout: str, conf: float) -> int:
+    """How many boxes the source detects (after NMS) over ``refs``, each a batch of raw head outputs."""
+    return sum(len(roles.detections(ref[b], layout, conf)[0]) for ref in refs for b in range(ref.shape[0]))
+
+
 class DetectionTally:
     """F1 of the candidate's detections (after NMS) against the source's, matched at IoU 0.5 with the same class."""
 

@@ -180,6 +180,8 @@ def test_a_yolox_head_is_scored_by_its_decoded_boxes():
     half = schemes.to_fp16(model, list(schemes.FP16_BLOCK_DEFAULT), [])
     fp16 = evaluator.score(half)
     assert fp16.drop_pct < 2.0 and fp16.outputs[0]["detail"]["source_boxes"] > 50
+    # one missed box is the smallest drop the gate can see: the resolution it compares with the budget
+    assert evaluator.resolution_pct == pytest.approx(100.0 / fp16.outputs[0]["detail"]["source_boxes"])
     weaker = onnx.ModelProto()
     weaker.CopyFrom(model)
     out = weaker.graph.output[0].name
@@ -195,7 +197,7 @@ def test_a_yolox_head_is_scored_by_its_decoded_boxes():
 
 def test_detection_f1_matches_boxes_by_iou_and_class():
     """A v8-layout head ([1, 4+nc, anchors]): a box moved by half its width stops matching; a changed class too."""
-    from lepton_cli.evaluate.output_scores import DetectionTally
+    from lepton_cli.evaluate.output_scores import DetectionTally, source_box_count
 
     anchors = 100
     head = np.zeros((1, 6, anchors), np.float32)  # cx, cy, w, h, two class scores
@@ -205,6 +207,7 @@ def test_detection_f1_matches_boxes_by_iou_and_class():
     tally = DetectionTally("v8", 0.25)
     tally.add(head, head)
     assert tally.result().value == 100.0
+    assert source_box_count([head], "v8", 0.25) == 3  # the gate's resolution unit for detection F1
     moved = head.copy()
     moved[0, 0, 0] += 20  # IoU 0.33
     relabelled = head.copy()
