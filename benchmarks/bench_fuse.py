@@ -37,8 +37,8 @@ from conftest import DIGITS, LIGHT_MODELS, OCR_DET, OCR_REC  # noqa: E402
 from lepton_cli.model.load import load_model, upgrade_opset  # noqa: E402
 from lepton_cli.model.sessions import make_session, random_feed  # noqa: E402
 from lepton_cli.model.shapes import bind_input_shapes, graph_inputs  # noqa: E402
+from lepton_cli.pipeline.context import PassContext  # noqa: E402
 from lepton_cli.pipeline.registry import get_pass  # noqa: E402
-from lepton_cli.pipeline.run import PassContext  # noqa: E402
 from lepton_cli.pipeline.targets import load_target  # noqa: E402
 
 LIMIT = 1.02

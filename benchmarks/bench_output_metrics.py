@@ -105,7 +105,8 @@ def detector(work: Path) -> list[dict]:
     return rows
 
 
-def _minilm_like(model: onnx.ModelProto) -> onnx.ModelProto:
+def minilm_like(model: onnx.ModelProto) -> onnx.ModelProto:
+    """digits with a MiniLM export's output order: a copy of the input first, then the embedding, then logits."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     out.graph.node.append(helper.make_node("Identity", ["image"], ["image_copy"], name="copy"))
@@ -126,7 +127,7 @@ def classifiers(work: Path) -> list[dict]:
     model = onnx.load(DIGITS / "digits_cnn.onnx")
     evaluation = load_samples(DIGITS / "eval.npz", model, role="--eval")
     calib = load_samples(DIGITS / "calib.npz", model)
-    source = _minilm_like(model)
+    source = minilm_like(model)
     damaged = onnx.ModelProto()
     damaged.CopyFrom(source)
     rng = np.random.default_rng(0)
@@ -278,8 +279,8 @@ def _old_pow2_overrides(model, ranges):
 def pow2_det(work: Path) -> list[dict]:
     from lepton_cli.model.load import upgrade_opset
     from lepton_cli.model.shapes import bind_input_shapes
+    from lepton_cli.pipeline.context import PassContext
     from lepton_cli.pipeline.registry import get_pass
-    from lepton_cli.pipeline.run import PassContext
     from lepton_cli.pipeline.targets import load_target
 
     model, _ = upgrade_opset(onnx.load(OCR_DET), 13, 21)

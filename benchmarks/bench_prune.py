@@ -32,9 +32,9 @@ from lepton_cli.evaluate.accuracy import Evaluator  # noqa: E402
 from lepton_cli.model.load import upgrade_opset  # noqa: E402
 from lepton_cli.model.sessions import make_session  # noqa: E402
 from lepton_cli.model.stats import collect_stats  # noqa: E402
+from lepton_cli.pipeline.context import PassContext  # noqa: E402
 from lepton_cli.pipeline.params import from_table, to_table  # noqa: E402
 from lepton_cli.pipeline.registry import get_pass  # noqa: E402
-from lepton_cli.pipeline.run import PassContext  # noqa: E402
 from lepton_cli.pipeline.targets import load_target  # noqa: E402
 from lepton_cli.samples.sample_set import SampleSet, load_samples  # noqa: E402
 

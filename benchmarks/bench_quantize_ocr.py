@@ -47,8 +47,8 @@ from lepton_cli.host.detect import detect_host  # noqa: E402
 from lepton_cli.model.load import upgrade_opset  # noqa: E402
 from lepton_cli.model.sessions import make_session  # noqa: E402
 from lepton_cli.model.shapes import bind_input_shapes  # noqa: E402
+from lepton_cli.pipeline.context import PassContext  # noqa: E402
 from lepton_cli.pipeline.registry import get_pass  # noqa: E402
-from lepton_cli.pipeline.run import PassContext  # noqa: E402
 from lepton_cli.pipeline.targets import load_target  # noqa: E402
 from lepton_cli.samples.sample_set import load_samples  # noqa: E402
 

@@ -34,7 +34,7 @@ from lepton_cli.pipeline.params import ParamValueError
 from lepton_cli.pipeline.registry import PassEnv, PassResult, register_pass, tolerance
 
 if TYPE_CHECKING:
-    from lepton_cli.pipeline.run import PassContext
+    from lepton_cli.pipeline.context import PassContext
 
 
 @dataclass(frozen=True)
@@ -51,16 +51,6 @@ class FuseParams:
     def __post_init__(self) -> None:
         if self.fold_limit_mb <= 0:
             raise ParamValueError("fold_limit_mb", f"must be > 0, got {self.fold_limit_mb}")
-
-
-def _check_runtime(ctx: PassContext, params: FuseParams) -> None:
-    runtime = ctx.target.runtime
-    if params.ort_offline and runtime.deployment_runtime != "onnxruntime":
-        raise BadInputError(
-            f"fuse.ort_offline = true on target {ctx.target.name!r}, whose deployment runtime is "
-            f"{runtime.deployment_runtime!r}: ORT's fused ops are not standard ONNX",
-            'set ort_offline = false, or use a target with deployment_runtime = "onnxruntime"',
-        )
 
 
 def _simplified(model: onnx.ModelProto, ctx: PassContext, params: FuseParams, notes: list[str]) -> onnx.ModelProto:
@@ -129,7 +119,7 @@ def requires(model: onnx.ModelProto, ctx: PassEnv, params: FuseParams) -> None:
     requires=requires,
 )
 def fuse(model: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> PassResult:
-    _check_runtime(ctx, params)
+    requires(model, ctx, params)  # also when the pass runs outside a pipeline
     before_ops = op_counts(model)
     notes: list[str] = []
     result = _simplified(model, ctx, params, notes)

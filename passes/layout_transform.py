@@ -31,7 +31,7 @@ from lepton_cli.pipeline.params import ParamValueError
 from lepton_cli.pipeline.registry import PassResult, register_pass, tolerance
 
 if TYPE_CHECKING:
-    from lepton_cli.pipeline.run import PassContext
+    from lepton_cli.pipeline.context import PassContext
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ from lepton_cli.passes._prune.weight_mode import prune_weights
 
 from lepton_cli.evaluate.accuracy import AccuracyScore, Evaluator
 from lepton_cli.model.op_traits import WEIGHT_OPS
+from lepton_cli.pipeline.context import PassContext
 from lepton_cli.pipeline.params import ParamValueError
 from lepton_cli.pipeline.registry import LOSSY, BudgetUse, PassResult, register_pass, tolerance
-from lepton_cli.pipeline.run import PassContext
 
 NO_DATA = "needs --calib or --eval data to stay within the accuracy budget"
 

@@ -13,7 +13,7 @@ from typing import Any
 from lepton_cli import __version__
 from lepton_cli.errors import BadInputError, QualityGateError
 from lepton_cli.model.stats import ModelStats
-from lepton_cli.pipeline.run import StepRecord
+from lepton_cli.pipeline.records import StepRecord
 
 REPORT_FORMAT = "lepton-report/1"
 Report = dict[str, Any]  # a compile's report.json, or ``lepton bench``'s document (same sections)

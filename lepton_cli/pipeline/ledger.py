@@ -23,7 +23,6 @@ class BudgetLedger:
     granted: float = 0.0  # what the last lossy pass was allowed
     spent: dict[str, float] = field(default_factory=dict)  # pass name -> points its result added
     yielded: set[str] = field(default_factory=set)  # lossy passes skipped so that a later one meets its budget
-    last_spender: str = ""  # the lossy pass that made the current model: the one a failed final gate judged
 
     def allowance(self, share: float) -> float:
         """The drop against the source a lossy pass with ``share`` of the budget may reach."""
@@ -34,17 +33,20 @@ class BudgetLedger:
         drop = max(0.0, use.drop)
         if pass_name:
             self.spent[pass_name] = max(0.0, drop - self.source_drop)
-            self.last_spender = pass_name if pass_name not in self.yielded else self.last_spender
         self.source_drop, self.granted = drop, use.allowed
 
     def pass_over(self, pass_name: str, share: float) -> None:
         """A yielded pass: it adds nothing, and its whole share carries over to the next lossy pass."""
         self.enter(pass_name, BudgetUse(self.allowance(share), self.source_drop))
 
+    def last_spender(self) -> str:
+        """The lossy pass that made the current model (entered last, not yielded): the one a failed final gate judged."""
+        return next((name for name in reversed(self.spent) if name not in self.yielded), "")
+
     def spenders(self, failed: str) -> list[str]:
         """The lossy passes that spent budget before ``failed``, in the order they ran. For the final gate
         (``FINAL_GATE``) that is every spender but the last one, which made the model the gate judged."""
-        judged = self.last_spender if failed == FINAL_GATE else failed
+        judged = self.last_spender() if failed == FINAL_GATE else failed
         return [name for name, drop in self.spent.items() if drop > 0 and name != judged]
 
     def yield_for(self, failed: str) -> list[str]:
@@ -54,5 +56,4 @@ class BudgetLedger:
             self.yielded.update(spenders)
             self.source_drop = self.granted = 0.0
             self.spent.clear()
-            self.last_spender = ""
         return spenders

@@ -276,7 +276,8 @@ def test_ppocrv5_rec_fp16_types_agree_after_fuse():
     from lepton_cli.passes._quantize import schemes
 
     from lepton_cli.model.shapes import bind_input_shapes
-    from lepton_cli.pipeline.run import PassContext, run_pipeline
+    from lepton_cli.pipeline.context import PassContext
+    from lepton_cli.pipeline.run import run_pipeline
     from lepton_cli.pipeline.targets import load_target
 
     target = load_target("cuda")

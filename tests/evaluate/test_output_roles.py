@@ -20,29 +20,12 @@ from lepton_cli.evaluate.gate_warnings import accuracy_warnings
 from lepton_cli.samples.sample_set import SampleSet, load_samples
 
 sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
+from bench_output_metrics import minilm_like  # noqa: E402  (digits with a MiniLM export's output order)
 
 
 def _digits() -> tuple[onnx.ModelProto, SampleSet]:
     model = onnx.load(DIGITS / "digits_cnn.onnx")
     return model, load_samples(DIGITS / "eval.npz", model, role="--eval")
-
-
-def _minilm_like(model: onnx.ModelProto) -> onnx.ModelProto:
-    """digits with a MiniLM export's output order: a copy of the input first, then the embedding, then logits."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    out.graph.node.append(helper.make_node("Identity", ["image"], ["image_copy"], name="copy"))
-    out.graph.node.append(helper.make_node("Identity", ["relu3"], ["sentence_embedding"], name="embedding_pool"))
-    logits = out.graph.output[0]
-    del out.graph.output[:]
-    out.graph.output.extend(
-        [
-            helper.make_tensor_value_info("image_copy", onnx.TensorProto.FLOAT, ["N", 1, 8, 8]),
-            helper.make_tensor_value_info("sentence_embedding", onnx.TensorProto.FLOAT, ["N", "D"]),
-            logits,
-        ]
-    )
-    return out
 
 
 def _perturbed(model: onnx.ModelProto, scale: float, names: tuple[str, ...]) -> onnx.ModelProto:
@@ -60,7 +43,7 @@ def _perturbed(model: onnx.ModelProto, scale: float, names: tuple[str, ...]) -> 
 
 def test_an_input_copy_first_output_does_not_hide_a_degraded_embedding():
     model, samples = _digits()
-    source = _minilm_like(model)
+    source = minilm_like(model)
     evaluator = Evaluator(source, samples)
     roles = {r.name: r for r in evaluator.roles}
     assert roles["image_copy"].metric == "exact" and "copy of input 'image'" in roles["image_copy"].why
@@ -77,7 +60,7 @@ def test_an_input_copy_first_output_does_not_hide_a_degraded_embedding():
 
 def test_eval_metric_names_outputs():
     model, samples = _digits()
-    source = _minilm_like(model)
+    source = minilm_like(model)
     evaluator = Evaluator(source, samples, metric="sentence_embedding=relative-error,logits=cosine")
     assert [r.metric for r in evaluator.roles] == ["exact", "relative_error", "cosine"]
     assert all(r.why == "--eval-metric" for r in evaluator.roles[1:])
@@ -225,7 +208,7 @@ def test_compile_scores_every_output_and_states_how_each_was_recognised(tmp_path
     from lepton_cli.compile.compiler import CompileOptions, compile_model
 
     model, _ = _digits()
-    onnx.save(_minilm_like(model), tmp_path / "minilm_like.onnx")
+    onnx.save(minilm_like(model), tmp_path / "minilm_like.onnx")
     result = compile_model(
         CompileOptions(
             model=tmp_path / "minilm_like.onnx",

@@ -27,8 +27,8 @@ from onnx import numpy_helper
 from lepton_cli.model.io_contract import adapt_feed, restore_output
 from lepton_cli.model.sessions import make_session, random_feed
 from lepton_cli.model.shapes import bind_input_shapes, graph_inputs
+from lepton_cli.pipeline.context import PassContext
 from lepton_cli.pipeline.registry import get_pass
-from lepton_cli.pipeline.run import PassContext
 from lepton_cli.pipeline.targets import load_target
 
 FUSE_TOL = dict(rtol=1e-4, atol=1e-5)

@@ -18,8 +18,8 @@ from lepton_cli.model.io_contract import LAYOUT_KEY, adapt_feed, restore_output
 from lepton_cli.model.load import load_model, upgrade_opset
 from lepton_cli.model.sessions import make_session, random_feed
 from lepton_cli.model.shapes import bind_input_shapes, graph_inputs
+from lepton_cli.pipeline.context import PassContext
 from lepton_cli.pipeline.registry import get_pass
-from lepton_cli.pipeline.run import PassContext
 from lepton_cli.pipeline.targets import load_target
 
 

@@ -4,6 +4,7 @@ onnx's pytorch-converted models."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,9 @@ from lepton_cli.evaluate.accuracy import Evaluator
 from lepton_cli.model.load import upgrade_opset
 from lepton_cli.model.sessions import make_session
 from lepton_cli.model.stats import collect_stats
+from lepton_cli.pipeline.context import PassContext
 from lepton_cli.pipeline.params import from_table
 from lepton_cli.pipeline.registry import BudgetUse, get_pass
-from lepton_cli.pipeline.run import PassContext
 from lepton_cli.pipeline.targets import load_target
 from lepton_cli.samples.sample_set import SampleSet, load_samples
 
@@ -460,37 +461,16 @@ def test_bad_params_name_the_key(table, key):
 # ---- PP-OCRv4 det: the budgeted channel search (slow) -------------------------------------------
 
 
-def _text_images(n: int, seed: int, size: int = 320) -> np.ndarray:
-    """Synthetic document crops (dark words on light paper), normalised as PP-OCR's det preprocessing does."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    rng = np.random.default_rng(seed)
-    words = ["Lepton", "invoice 2024", "TOTAL 38.50", "hello world", "ONNX", "Receipt #0042", "QTY 3 x 4.99"]
-    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
-    out = []
-    for _ in range(n):
-        img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(170, 256, 3)))
-        draw = ImageDraw.Draw(img)
-        for _ in range(int(rng.integers(3, 7))):
-            font = ImageFont.load_default(size=int(rng.integers(14, 34)))
-            draw.text(
-                (int(rng.integers(0, size // 2)), int(rng.integers(0, size - 30))),
-                str(rng.choice(words)),
-                fill=tuple(int(v) for v in rng.integers(0, 90, 3)),
-                font=font,
-            )
-        out.append(((np.asarray(img, np.float32) / 255.0 - mean) / std).transpose(2, 0, 1))
-    return np.stack(out).astype(np.float32)
-
-
 @needs_ocr
 @pytest.mark.slow
 def test_ppocr_det_channel_search_within_budget(tmp_path):
+    sys.path.insert(0, str(DIGITS.parents[1] / "benchmarks"))
     import onnxsim
+    from bench_prune import text_images  # synthetic document crops, as PP-OCR's det preprocessing normalises them
 
     model, _ = onnxsim.simplify(onnx.load(OCR_DET), overwrite_input_shapes={"x": [1, 3, 320, 320]})
-    calib = SampleSet(tmp_path, {"x": _text_images(12, seed=1)}, None, {"x": False})
-    held_out = SampleSet(tmp_path, {"x": _text_images(12, seed=2)}, None, {"x": False})
+    calib = SampleSet(tmp_path, {"x": text_images(12, seed=1)}, None, {"x": False})
+    held_out = SampleSet(tmp_path, {"x": text_images(12, seed=2)}, None, {"x": False})
     result = PRUNE.fn(model, _ctx("edge-arm", calib=calib, budget=2.0), _params(mode="channel", max_samples=12))
     before, after = collect_stats(model), collect_stats(result.model)
     assert after.params < before.params and after.macs < before.macs

@@ -20,9 +20,9 @@ from onnx import numpy_helper
 from lepton_cli.errors import BadInputError, QualityGateError
 from lepton_cli.evaluate.accuracy import Evaluator
 from lepton_cli.host.detect import HostInfo
+from lepton_cli.pipeline.context import PassContext
 from lepton_cli.pipeline.params import from_table
 from lepton_cli.pipeline.registry import get_pass
-from lepton_cli.pipeline.run import PassContext
 from lepton_cli.pipeline.targets import load_target
 from lepton_cli.samples.sample_set import load_samples
 

@@ -11,7 +11,7 @@ from conftest import DIGITS
 
 from lepton_cli.evaluate.accuracy import Evaluator
 from lepton_cli.host.detect import HostInfo
-from lepton_cli.pipeline.run import PassContext
+from lepton_cli.pipeline.context import PassContext
 from lepton_cli.pipeline.targets import load_target
 from lepton_cli.samples.sample_set import load_samples
 
