@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 
 from lepton_cli.errors import BadInputError
-from lepton_cli.evaluate.output_roles import OutputRole, from_user, recognise
+from lepton_cli.evaluate.output_roles import MAP_THRESHOLDS, OutputRole, from_user, recognise
 from lepton_cli.evaluate.output_scores import (
     CosineTally,
     DecisionTally,
@@ -245,13 +245,11 @@ def _ctc_pct(truth: list, got: list) -> float:
 class _Tally:
     """Sums over samples for one output, so a candidate is scored one sample at a time (memory: one sample)."""
 
-    def __init__(self, span: float, mask_threshold: float | None = None):
+    def __init__(self, span: float):
         self.tol = CONTINUOUS_TOLERANCE * span if span > 0 else 1e-6
         self.dot = self.ref_sq = self.got_sq = self.noise = 0.0
         self.max_abs = 0.0
         self.agree = self.positions = 0
-        self.mask_threshold = mask_threshold
-        self.true_pos = self.false_pos = self.false_neg = 0
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         if reference.shape != candidate.shape:
@@ -266,11 +264,6 @@ class _Tally:
         self.noise += float(np.sum((ref - got) ** 2))
         if ref.size:
             self.max_abs = max(self.max_abs, float(np.max(np.abs(ref - got))))
-        if self.mask_threshold is not None:
-            want, have = ref > self.mask_threshold, got > self.mask_threshold
-            self.true_pos += int(np.sum(want & have))
-            self.false_pos += int(np.sum(~want & have))
-            self.false_neg += int(np.sum(want & ~have))
         axis = _class_axis(reference.shape)
         if axis is not None:
             finite = np.all(np.isfinite(candidate), axis=axis)
@@ -297,11 +290,6 @@ class _Tally:
     @property
     def agreement_pct(self) -> float:
         return 100.0 * self.agree / max(1, self.positions)
-
-    @property
-    def mask_f1_pct(self) -> float:
-        marked = 2 * self.true_pos + self.false_pos + self.false_neg
-        return 100.0 if marked == 0 else 100.0 * 2 * self.true_pos / marked  # both masks empty: identical
 
 
 class _LabelTop1:
@@ -492,7 +480,7 @@ class Evaluator:
         if metric == "ctc_agreement":
             return _CtcAgreement()
         if metric.startswith("mask_f1"):
-            return MaskF1Tally(role.threshold if role.threshold is not None else MASK_F1_DEFAULT_THRESHOLD)
+            return MaskF1Tally((role.threshold,) if role.threshold is not None else MAP_THRESHOLDS)
         if metric.startswith("decision_agreement"):
             return DecisionTally(role.threshold if role.threshold is not None else 0.5)
         if metric == "detection_f1":
@@ -547,6 +535,11 @@ class Evaluator:
         if metric == "detection_f1":  # one source box missed (or replaced by a wrong one) costs 100/boxes points
             return source_box_count(refs, role.layout or "v8", role.threshold or 0.25)
         return None
+
+    @property
+    def worst_case(self) -> bool:
+        """Whether an output's metric is the worst sample's (a map's worst page), not a sum over samples."""
+        return any(role.metric.startswith("mask_f1") for role in self.roles)
 
     def first_feeds(self, count: int) -> list[dict[str, np.ndarray]]:
         """The first ``count`` samples (sensitivity and latency probes)."""

@@ -16,7 +16,8 @@ Metrics (names as the report shows them):
   per vector, in points (100 × (1 − cosine));
 - ``top1_agreement+cosine``: ``[N, C]`` or ``[N, T, C]`` outputs that could be either and carry no hint:
   both are scored and the worse counts; the report says it could not tell;
-- ``mask_f1@0.5``: one-channel maps with values in [0, 1] (``[N, 1, H, W]``), binarised;
+- ``mask_f1@0.3/0.5``: one-channel maps with values in [0, 1] (``[N, 1, H, W]``), binarised at each threshold;
+  the value is the worst page's F1 (``mask_f1@T`` when the user names the threshold);
 - ``decision_agreement@0.5``: one Sigmoid probability per sample (a VAD's speech probability, a binary
   classifier): the share of decisions at 0.5 that agree;
 - ``relative_error``: anything else: 100 × ‖candidate − source‖ / ‖source‖ is the drop.
@@ -38,6 +39,9 @@ CLASS_NAME = re.compile(r"logit|prob|class|cls|score|label|pred", re.I)
 EMBEDDING_NAME = re.compile(r"embed|hidden|pool|feature|feat|sentence|vector|encod|token_emb", re.I)
 MIN_ANCHORS = 64  # fewer positions than this is not a dense detector head
 DETECTION_CONF = 0.25  # ultralytics' and YOLOX's default predict threshold
+# The graph does not say where a map is binarised: DBNet text detectors use 0.3 (PaddleOCR det_db_thresh),
+# segmentation masks 0.5; a recognised map is scored at both and the worse counts.
+MAP_THRESHOLDS = (0.3, 0.5)
 UNIT_NORM_TOLERANCE = 1e-3
 
 
@@ -210,7 +214,14 @@ def recognise(
             threshold=0.5,
         )
     if first.ndim == 4 and first.shape[1] == 1 and _in_unit_range(refs):
-        return OutputRole(index, name, "mask_f1@0.5", "a one-channel map in [0, 1]: thresholded at 0.5", threshold=0.5)
+        return OutputRole(
+            index,
+            name,
+            "mask_f1@" + "/".join(f"{t:g}" for t in MAP_THRESHOLDS),
+            "a one-channel map in [0, 1]: F1 of the map binarised at "
+            + " and at ".join(f"{t:g}" for t in MAP_THRESHOLDS)
+            + ", worst page and threshold",
+        )
     if first.ndim == 4 and first.shape[1] > 1 and _real_producer(model, name)[0] in CLASS_PRODUCERS:
         return OutputRole(index, name, "top1_agreement", "a per-pixel class map (Softmax/Sigmoid over channels)")
     return OutputRole(

@@ -173,22 +173,38 @@ class EitherTally:
 
 
 class MaskF1Tally:
-    def __init__(self, threshold: float) -> None:
-        self.threshold = threshold
-        self.tp = self.fp = self.fn = 0
-        self.losses: list[float] = []
+    """F1 of the binarised map per page (batch row) and threshold; the value is the worst page, since a text
+    detector that misses one page's lines has failed that page whatever the others score."""
+
+    def __init__(self, thresholds: tuple[float, ...]) -> None:
+        self.thresholds = thresholds
+        self.pages: list[float] = []  # per page: its worst F1 over the thresholds
+        self.tp = self.fp = self.fn = 0  # pooled at the first threshold, for the report
 
     def add(self, ref: np.ndarray, got: np.ndarray) -> None:
-        want, have = ref > self.threshold, got > self.threshold
-        tp, fp, fn = int(np.sum(want & have)), int(np.sum(~want & have)), int(np.sum(want & ~have))
-        self.tp, self.fp, self.fn = self.tp + tp, self.fp + fp, self.fn + fn
-        self.losses.append(0.0 if 2 * tp + fp + fn == 0 else 1.0 - 2 * tp / (2 * tp + fp + fn))
+        for b in range(ref.shape[0]):
+            page = []
+            for k, threshold in enumerate(self.thresholds):
+                want, have = ref[b] > threshold, np.isfinite(got[b]) & (got[b] > threshold)
+                tp, fp, fn = int(np.sum(want & have)), int(np.sum(~want & have)), int(np.sum(want & ~have))
+                page.append(1.0 if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
+                if k == 0:
+                    self.tp, self.fp, self.fn = self.tp + tp, self.fp + fp, self.fn + fn
+            self.pages.append(min(page))
 
     def result(self) -> OutputResult:
+        if not self.pages:
+            return OutputResult(100.0, 0.0)
         marked = 2 * self.tp + self.fp + self.fn
-        return OutputResult(
-            100.0 if marked == 0 else 100.0 * 2 * self.tp / marked, drop_standard_error(self.losses, len(self.losses))
-        )
+        extra = {
+            "pages": len(self.pages),
+            "worst_page": int(np.argmin(self.pages)),
+            "mean_page_f1": round(100.0 * float(np.mean(self.pages)), 4),
+            "pooled_f1": round(100.0 if marked == 0 else 100.0 * 2 * self.tp / marked, 4),
+            "thresholds": list(self.thresholds),
+        }
+        losses = [1.0 - f for f in self.pages]
+        return OutputResult(100.0 * min(self.pages), drop_standard_error(losses, len(losses)), extra)
 
 
 def source_box_count(refs: list[np.ndarray], layout: str, conf: float) -> int:

@@ -28,6 +28,7 @@ log.propagate = False
 HOLDOUT_FRACTION = 0.25  # of --calib, scored (not calibrated on) when there is no --eval
 MIN_HOLDOUT_SPLIT = 8  # fewer calibration samples: score on them all
 SCORE_SAMPLE_LIMIT = 1000  # enough for a 0.1-point resolution; bounds compile time on big sets
+MIN_WORST_CASE_SAMPLES = 8  # a worst-page metric over fewer pages says little about the next page
 
 ProgressReport = Callable[[str, str, "int | None", "int | None"], None]  # (pass, message, done, total)
 ScoringSplit = tuple["SampleSet | None", "SampleSet | None", str]  # (calibration, scored, what is scored)
@@ -137,14 +138,17 @@ class PassContext:
         budget = self.accuracy_budget
         calib = self.calib
         widen = data is not self.eval and calib is not None and min(len(calib), SCORE_SAMPLE_LIMIT) > evaluator.count
-        if evaluator.resolution_pct > budget and widen:
+        few_pages = evaluator.worst_case and evaluator.count < MIN_WORST_CASE_SAMPLES
+        if (evaluator.resolution_pct > budget or few_pages) and widen:
             assert calib is not None
-            coarse = evaluator.resolution_pct
-            evaluator = self._evaluator(calib, level)
-            name = (
-                f"all {evaluator.count} of --calib (agreement with the source; the held-out {len(data)} resolve "
-                f"only {coarse:.2g} points, coarser than the {budget:g}-point budget)"
+            why = (
+                f"the worst of {evaluator.count} held-out pages says little about the next page"
+                if few_pages
+                else f"the held-out {len(data)} resolve only {evaluator.resolution_pct:.2g} points, coarser than "
+                f"the {budget:g}-point budget"
             )
+            evaluator = self._evaluator(calib, level)
+            name = f"all {evaluator.count} of --calib (agreement with the source; {why})"
             self.scorers["split"] = (self.scorers["split"][0], calib, name)
         if 0 < budget < evaluator.resolution_pct and not self.scorers.get("coarse_warned"):
             self.scorers["coarse_warned"] = True  # variants share the scorer: one warning per compile

@@ -188,25 +188,50 @@ def test_int8_is_scored_exactly_only_where_the_host_kernels_differ_from_the_targ
 
 
 def test_mask_f1_scores_the_thresholded_map_not_pixel_values():
-    from lepton_cli.evaluate.accuracy import _Tally
+    from lepton_cli.evaluate.output_scores import MaskF1Tally
 
     ref = np.zeros((1, 1, 10, 10), np.float32)
     ref[0, 0, 2:6, 2:6] = 0.9  # a 16-pixel "text" region
-    shifted = ref * 0.5 + 0.2  # every value moved by 0.2-0.35: no pixel within 2% of the range
-    tally = _Tally(float(np.ptp(ref)), 0.3)
+    shifted = ref * 0.5 + 0.2  # every value moved by 0.2-0.35, the mask at 0.3 unchanged
+    tally = MaskF1Tally((0.3,))
     tally.add(ref, shifted)
-    assert tally.agreement_pct == 0.0 and tally.mask_f1_pct == 100.0  # same mask at 0.3
+    assert tally.result().value == 100.0
     grown = ref.copy()
     grown[0, 0, 6, 2:6] = 0.9  # 4 false positives
     lost = ref.copy()
     lost[0, 0, 2, 2:6] = 0.0  # 4 false negatives
     for got, want in ((grown, 2 * 16 / (2 * 16 + 4)), (lost, 2 * 12 / (2 * 12 + 4))):
-        tally = _Tally(1.0, 0.3)
+        tally = MaskF1Tally((0.3,))
         tally.add(ref, got)
-        assert tally.mask_f1_pct == pytest.approx(100 * want)
-    empty = _Tally(1.0, 0.3)
+        assert tally.result().value == pytest.approx(100 * want)
+    empty = MaskF1Tally((0.3,))
     empty.add(np.zeros_like(ref), np.zeros_like(ref))
-    assert empty.mask_f1_pct == 100.0
+    assert empty.result().value == 100.0
+
+
+def test_mask_f1_is_the_worst_page_and_threshold_not_the_pooled_pixels():
+    from lepton_cli.evaluate.output_scores import MaskF1Tally
+
+    pages = np.zeros((4, 1, 20, 20), np.float32)
+    pages[:, 0, 2:18, 2:18] = 0.9  # three large regions that stay intact ...
+    small = pages.copy()
+    pages[3, 0] = 0.0
+    pages[3, 0, 5:7, 5:9] = 0.9  # ... and one page with a single small line
+    small[3, 0] = 0.0  # which the candidate misses entirely
+    tally = MaskF1Tally((0.3,))
+    tally.add(pages[:2], small[:2])
+    tally.add(pages[2:], small[2:])  # pages arrive in batches; each row is a page
+    result = tally.result()
+    assert result.value == 0.0  # the missed page, though 768 of 776 pixels agree
+    assert result.extra["worst_page"] == 3 and result.extra["pages"] == 4
+    assert result.extra["pooled_f1"] > 99
+    dimmer = pages * 0.5  # 0.45: kept at 0.3, lost at 0.5
+    both = MaskF1Tally((0.3, 0.5))
+    both.add(pages, dimmer)
+    assert both.result().value == 0.0
+    only_03 = MaskF1Tally((0.3,))
+    only_03.add(pages, dimmer)
+    assert only_03.result().value == 100.0
 
 
 def test_mask_f1_metric_on_a_map_model_and_bad_metric_names(tmp_path):
@@ -230,7 +255,8 @@ def test_mask_f1_metric_on_a_map_model_and_bad_metric_names(tmp_path):
     sharper = sigmoid_model(3.0)  # same sign everywhere: the same mask at 0.5, other values
     score = Evaluator(source, samples, metric="mask-f1").score(sharper)
     assert score.metric == "mask_f1@0.5" and score.drop_pct == 0.0
-    assert Evaluator(source, samples).score(sharper).metric == "mask_f1@0.5"  # a one-channel map in [0, 1]
+    recognised = Evaluator(source, samples).score(sharper)  # a one-channel map in [0, 1]: both thresholds
+    assert recognised.metric == "mask_f1@0.3/0.5" and recognised.drop_pct > 0  # differs at 0.3, as below
     assert (
         Evaluator(source, samples, metric="agreement").score(sharper).drop_pct > 10
     )  # value agreement sees the difference

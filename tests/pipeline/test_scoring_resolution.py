@@ -4,16 +4,20 @@ scoring all of --calib when its held-out part is too coarse, with a warning when
 from __future__ import annotations
 
 import dataclasses
+import sys
 
+import numpy as np
 import onnx
 import pytest
-from conftest import DIGITS
+from conftest import DIGITS, OCR_DET, REPO, needs_ocr
 
 from lepton_cli.evaluate.accuracy import Evaluator
 from lepton_cli.host.detect import HostInfo
 from lepton_cli.pipeline.context import PassContext
 from lepton_cli.pipeline.targets import load_target
 from lepton_cli.samples.sample_set import load_samples
+
+sys.path.insert(0, str(REPO))
 
 X86 = dataclasses.replace(HostInfo.unknown(), arch="x86_64", isa=("avx2", "fma"))
 
@@ -94,3 +98,21 @@ def test_calib_only_compile_within_its_budget_on_held_out_labelled_data(tmp_path
     compiled = onnx.load_from_string(result.model_bytes)
     drop = Evaluator(model, evaluation, evaluation.labels).score(compiled).drop_pct
     assert drop <= 1.0
+
+
+@needs_ocr
+def test_a_worst_page_metric_on_few_held_out_pages_scores_all_of_calib(tmp_path):
+    """PP-OCRv4 det on 8 rendered pages: its map is scored by the worst page, and the worst of the 2 held-out pages
+    says little about the next page, so the gate scores all 8."""
+    from benchmarks.ocr_textset import make_pages
+
+    model = onnx.load(OCR_DET)
+    pages = make_pages(8, 1, "calib", size=160)
+    np.savez(tmp_path / "pages.npz", x=pages)
+    calib = load_samples(tmp_path / "pages.npz", model)
+    ctx = PassContext(target=load_target("cpu-avx"), calib=calib, host=X86)
+    ctx.source = model
+    scorer, name = ctx.scorer()
+    assert scorer.count == 8 and name.startswith("all 8 of --calib") and "worst of 2 held-out pages" in name
+    assert scorer.roles[0].metric == "mask_f1@0.3/0.5" and not ctx.warnings
+    assert len(ctx.scoring_data()[0]) == 6  # calibration still leaves the held-out pages alone
