@@ -173,9 +173,9 @@ def bench_model(
         (t, "cpu int8 (QDQ)") for t in tools if t != "lepton"
     ]
     for tool, target in jobs:
-        out = work / f"{model.name}-{tool}-{target.split()[0]}.onnx"
+        out = work / f"{model.name}-{tool}-{Path(target.split()[0]).stem}.onnx"
         if tool == "lepton":
-            run = run_compile(model, target, work / f"{model.name}-{target}", timeout=timeout, save_model=out)
+            run = run_compile(model, target, out.with_suffix(""), timeout=timeout, save_model=out)
             row = {
                 "code": run.code,
                 "compile_s": run.seconds,
@@ -229,7 +229,9 @@ def markdown(rows: list[dict], command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", help="corpus model names (default: all but the op-level pt_* models)")
-    parser.add_argument("--targets", nargs="*", default=TARGETS, choices=TARGETS)
+    parser.add_argument(
+        "--targets", nargs="*", default=TARGETS, help="builtin target names or target TOML files (extends = ...)"
+    )
     parser.add_argument("--tools", nargs="*", default=TOOLS, choices=TOOLS)
     parser.add_argument("--timeout", type=float, default=3600, help="per compile/quantization, seconds")
     parser.add_argument("--bench-seconds", type=float, default=2.0, help="interleaved timing per thread setting")
