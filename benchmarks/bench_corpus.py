@@ -157,7 +157,13 @@ def score_candidate(
 
 
 def bench_model(
-    model: CorpusModel, targets: list[str], tools: list[str], work: Path, timeout: float, bench_seconds: float
+    model: CorpusModel,
+    targets: list[str],
+    tools: list[str],
+    work: Path,
+    timeout: float,
+    bench_seconds: float,
+    lepton_args: list[str] | None = None,
 ) -> list[dict]:
     path = ensure_model(model)
     calib, evaluation_path = ensure_data(model)
@@ -175,7 +181,7 @@ def bench_model(
     for tool, target in jobs:
         out = work / f"{model.name}-{tool}-{Path(target.split()[0]).stem}.onnx"
         if tool == "lepton":
-            run = run_compile(model, target, out.with_suffix(""), timeout=timeout, save_model=out)
+            run = run_compile(model, target, out.with_suffix(""), timeout=timeout, save_model=out, extra=lepton_args)
             row = {
                 "code": run.code,
                 "compile_s": run.seconds,
@@ -233,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "--targets", nargs="*", default=TARGETS, help="builtin target names or target TOML files (extends = ...)"
     )
     parser.add_argument("--tools", nargs="*", default=TOOLS, choices=TOOLS)
+    parser.add_argument("--max-accuracy-drop", type=float, help="Lepton's budget in points (default: the target's)")
     parser.add_argument("--timeout", type=float, default=3600, help="per compile/quantization, seconds")
     parser.add_argument("--bench-seconds", type=float, default=2.0, help="interleaved timing per thread setting")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "corpus_yardstick")
@@ -241,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="lepton-yardstick-") as tmp:
         for model in models:
-            rows += bench_model(model, args.targets, args.tools, Path(tmp), args.timeout, args.bench_seconds)
+            budget = [] if args.max_accuracy_drop is None else ["--max-accuracy-drop", str(args.max_accuracy_drop)]
+            rows += bench_model(model, args.targets, args.tools, Path(tmp), args.timeout, args.bench_seconds, budget)
             _write(args.out, rows, argv)
     return 0
 
