@@ -339,3 +339,18 @@ def test_ppocr_rec_text_labels_give_the_benchmark_character_accuracy(tmp_path):
         textset.char_accuracy(textset.ctc_greedy(probs, textset.charset(model)), texts)
     )
     assert 90 < evaluator.source_value <= 100
+
+
+def test_the_worst_pages_spread_is_how_far_the_worst_pages_lie_apart():
+    from lepton_cli.evaluate.output_scores import MaskF1Tally
+
+    def tally(page_f1s: list[float]) -> MaskF1Tally:
+        t = MaskF1Tally((0.5,))
+        t.pages = page_f1s
+        return t
+
+    one_bad = tally([0.99] * 7 + [0.80]).result()
+    even = tally([0.99] * 7 + [0.98]).result()
+    assert one_bad.value == pytest.approx(80.0) and even.value == pytest.approx(98.0)
+    assert one_bad.drop_se > 5 * even.drop_se > 0  # one outlier page: the next set of pages may not hold it
+    assert one_bad.drop_se == tally([0.99] * 7 + [0.80]).result().drop_se  # deterministic
