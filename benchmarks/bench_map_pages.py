@@ -1,0 +1,109 @@
+"""Where a DBNet's int8 loss lies: each page's map F1 for every calibration method and op-type tier, nothing float.
+
+    LEPTON_CORPUS_DIR=/tmp/lcorpus python benchmarks/bench_map_pages.py [--model ppocrv4_det] [--target cpu-avx]
+        [--methods minmax percentile mse entropy] [--out benchmarks/results/dbnet_pages]
+
+The corpus model is bound to its corpus shape and fused as the target fuses it; then, per (tier, method), the
+quantize pass's own builds (calibrated on the three quarters of --calib the compile calibrates on) are run on
+the 8 calibration pages and the 8 held-out evaluation pages (other fonts, other words). Each page's F1 is the
+worse of the map binarised at 0.3 and 0.5 against the fused fp32 model's map, in points. The candidates keep
+nothing in float, so the table shows what the search starts from. Writes OUT.json and OUT.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from benchmarks.corpus.manifest import by_name  # noqa: E402
+from benchmarks.corpus.store import ensure_data, ensure_model  # noqa: E402
+from lepton_cli.evaluate.output_roles import MAP_THRESHOLDS  # noqa: E402
+from lepton_cli.model.load import load_model, upgrade_opset  # noqa: E402
+from lepton_cli.model.sessions import make_session  # noqa: E402
+from lepton_cli.model.shapes import bind_input_shapes  # noqa: E402
+from lepton_cli.passes._quantize import schemes  # noqa: E402
+from lepton_cli.passes._quantize.int8_plan import Int8Plan  # noqa: E402
+from lepton_cli.pipeline.context import HOLDOUT_FRACTION, PassContext  # noqa: E402
+from lepton_cli.pipeline.registry import get_pass  # noqa: E402
+from lepton_cli.pipeline.targets import load_target  # noqa: E402
+from lepton_cli.samples.sample_set import load_samples  # noqa: E402
+
+
+def page_f1(ref: np.ndarray, got: np.ndarray) -> float:
+    """The worse F1 over the map thresholds, in points."""
+    scores = []
+    for t in MAP_THRESHOLDS:
+        want, have = ref > t, got > t
+        tp, fp, fn = np.sum(want & have), np.sum(~want & have), np.sum(want & ~have)
+        scores.append(1.0 if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
+    return round(100.0 * min(scores), 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ppocrv4_det")
+    parser.add_argument("--target", default="cpu-avx")
+    parser.add_argument("--methods", nargs="*", default=["minmax", "percentile", "mse", "entropy"])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dbnet_pages")
+    args = parser.parse_args(argv)
+
+    corpus = by_name(args.model)
+    target = load_target(args.target)
+    loaded = load_model(ensure_model(corpus)).model
+    model, _ = upgrade_opset(loaded, target.runtime.opset_min, target.runtime.opset_max)
+    model = bind_input_shapes(model, corpus.input_shapes)
+    calib_path, eval_path = ensure_data(corpus)
+    calib = load_samples(calib_path, model)
+    evaluation = load_samples(eval_path, model)
+    ctx = PassContext(target=target, calib=calib)
+    steps = {s.name: s for s in target.passes}
+    fused = get_pass("fuse").fn(model, ctx, steps["fuse"].params).model
+    schemes.name_nodes(fused)
+    pages = {"calib": list(calib.feeds()), "eval": list(evaluation.feeds())}
+    source = make_session(fused)
+    refs = {k: [source.run(None, feed)[0] for feed in feeds] for k, feeds in pages.items()}
+
+    params = dataclasses.replace(steps["quantize"].params, methods=args.methods)
+    plan = Int8Plan(params, list(target.hardware.isa), list(target.hardware.isa))
+    kept, _ = calib.split(HOLDOUT_FRACTION, ctx.seed)
+    space = plan.space(fused, ctx, kept, {})
+    rows = []
+    for tier, build in enumerate(space.builds):
+        for method in space.methods:
+            start = time.perf_counter()
+            session = make_session(build(method, []))
+            row = {"tier": ", ".join(plan.tiers[tier]) or "every op", "method": method}
+            for split, feeds in pages.items():
+                row[split] = [page_f1(r, session.run(None, f)[0]) for r, f in zip(refs[split], feeds)]
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            rows.append(row)
+            print(f"{row['tier']:<20} {method:<10} calib min {min(row['calib']):6.2f}  eval min {min(row['eval']):6.2f}")
+    positives = {k: [int(np.sum(r > MAP_THRESHOLDS[0])) for r in v] for k, v in refs.items()}
+    result = {"model": args.model, "target": args.target, "positive_pixels": positives, "rows": rows}
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = [
+        f"`python benchmarks/bench_map_pages.py --model {args.model} --target {args.target} "
+        f"--methods {' '.join(args.methods)}`",
+        "",
+        "| op types | method | calib pages F1 | worst | held-out pages F1 | worst |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['tier']} | {r['method']} | {' '.join(f'{v:.1f}' for v in r['calib'])} | {min(r['calib']):.1f} | "
+            f"{' '.join(f'{v:.1f}' for v in r['eval'])} | {min(r['eval']):.1f} |"
+        )
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
