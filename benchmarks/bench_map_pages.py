@@ -7,7 +7,8 @@ The corpus model is bound to its corpus shape and fused as the target fuses it; 
 quantize pass's own builds (calibrated on the three quarters of --calib the compile calibrates on) are run on
 the 8 calibration pages and the 8 held-out evaluation pages (other fonts, other words). Each page's F1 is the
 worse of the map binarised at 0.3 and 0.5 against the fused fp32 model's map, in points. The candidates keep
-nothing in float, so the table shows what the search starts from. Writes OUT.json and OUT.md.
+nothing in float, so the table shows what the search starts from. Then each weight layer alone with int8
+weights and float activations: how much one layer's weight rounding moves the worst page. Writes OUT.json/.md.
 """
 
 from __future__ import annotations
@@ -20,17 +21,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from lepton_cli.passes._quantize import schemes  # noqa: E402
+from lepton_cli.passes._quantize.int8_plan import Int8Plan  # noqa: E402
+
 from benchmarks.corpus.manifest import by_name  # noqa: E402
 from benchmarks.corpus.store import ensure_data, ensure_model  # noqa: E402
 from lepton_cli.evaluate.output_roles import MAP_THRESHOLDS  # noqa: E402
 from lepton_cli.model.load import load_model, upgrade_opset  # noqa: E402
 from lepton_cli.model.sessions import make_session  # noqa: E402
 from lepton_cli.model.shapes import bind_input_shapes  # noqa: E402
-from lepton_cli.passes._quantize import schemes  # noqa: E402
-from lepton_cli.passes._quantize.int8_plan import Int8Plan  # noqa: E402
 from lepton_cli.pipeline.context import HOLDOUT_FRACTION, PassContext  # noqa: E402
 from lepton_cli.pipeline.registry import get_pass  # noqa: E402
 from lepton_cli.pipeline.targets import load_target  # noqa: E402
@@ -45,6 +49,33 @@ def page_f1(ref: np.ndarray, got: np.ndarray) -> float:
         tp, fp, fn = np.sum(want & have), np.sum(~want & have), np.sum(want & ~have)
         scores.append(1.0 if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
     return round(100.0 * min(scores), 2)
+
+
+def _int8_weights(weight: np.ndarray, axis: int) -> np.ndarray:
+    """Per-channel symmetric int8 rounding of ``weight``, back in float (the quantize pass's weight grid)."""
+    reduce = tuple(a for a in range(weight.ndim) if a != axis)
+    scale = np.abs(weight).max(axis=reduce, keepdims=True) / 127.0
+    scale[scale == 0] = 1.0
+    return (np.clip(np.round(weight / scale), -127, 127) * scale).astype(np.float32)
+
+
+def weight_layer_losses(fused, feeds: list, refs: list) -> list[dict]:
+    """Per Conv/ConvTranspose: the worst page when only that layer's weights are rounded to int8, all else float."""
+    rows = []
+    constants = {i.name for i in fused.graph.initializer}
+    for node in fused.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose") or node.input[1] not in constants:
+            continue
+        model = onnx.ModelProto()
+        model.CopyFrom(fused)
+        init = next(i for i in model.graph.initializer if i.name == node.input[1])
+        weight = numpy_helper.to_array(init)
+        rounded = _int8_weights(weight, 1 if node.op_type == "ConvTranspose" else 0)
+        init.CopyFrom(numpy_helper.from_array(rounded, init.name))
+        session = make_session(model)
+        f1s = [page_f1(r, session.run(None, f)[0]) for r, f in zip(refs, feeds)]
+        rows.append({"node": node.name, "shape": list(weight.shape), "worst": min(f1s), "page": int(np.argmin(f1s))})
+    return sorted(rows, key=lambda r: r["worst"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,9 +116,15 @@ def main(argv: list[str] | None = None) -> int:
                 row[split] = [page_f1(r, session.run(None, f)[0]) for r, f in zip(refs[split], feeds)]
             row["seconds"] = round(time.perf_counter() - start, 1)
             rows.append(row)
-            print(f"{row['tier']:<20} {method:<10} calib min {min(row['calib']):6.2f}  eval min {min(row['eval']):6.2f}")
+            print(
+                f"{row['tier']:<20} {method:<10} calib min {min(row['calib']):6.2f}  eval min {min(row['eval']):6.2f}"
+            )
+    layers = weight_layer_losses(fused, pages["calib"] + pages["eval"], refs["calib"] + refs["eval"])
+    for r in layers[:5]:
+        print(f"int8 weights of {r['node']} {r['shape']} alone: worst page {r['worst']:.2f} (page {r['page']})")
     positives = {k: [int(np.sum(r > MAP_THRESHOLDS[0])) for r in v] for k, v in refs.items()}
     result = {"model": args.model, "target": args.target, "positive_pixels": positives, "rows": rows}
+    result["weight_layers"] = layers
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
         f"`python benchmarks/bench_map_pages.py --model {args.model} --target {args.target} "
@@ -101,6 +138,15 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['tier']} | {r['method']} | {' '.join(f'{v:.1f}' for v in r['calib'])} | {min(r['calib']):.1f} | "
             f"{' '.join(f'{v:.1f}' for v in r['eval'])} | {min(r['eval']):.1f} |"
         )
+    lines += [
+        "",
+        "Each weight layer's per-channel int8 weights alone (everything else fp32), the 8 worst, over all 16 pages "
+        "(0-7 calibration, 8-15 held-out):",
+        "",
+        "| layer | weight shape | worst page F1 | page |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {r['node']} | {r['shape']} | {r['worst']:.2f} | {r['page']} |" for r in layers[:8]]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0
 
