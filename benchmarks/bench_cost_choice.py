@@ -181,6 +181,7 @@ def _run_doc(run: Run, pick: dict[str, Any]) -> dict[str, Any]:
         "within_budget": sum(t["meets_budget"] for t in tried),
         "choice": run.summary.get("choice"),
         "chosen": _trial_doc(pick),
+        "tried": [_trial_doc(t) | {"scored": t["scored"]} for t in tried],
     }
 
 

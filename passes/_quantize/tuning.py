@@ -68,6 +68,8 @@ class Trial:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["float_kept"] = len(self.float_nodes)
+        if not self.scored:  # no drop was measured (inf is not JSON)
+            out["drop_pct"] = out["value"] = None
         return out
 
 

@@ -181,3 +181,34 @@ def test_det_estimates_order_the_candidates_as_the_runtime_runs_them(det_candida
     assert ms["a16w8"] >= ms["fp32"], ms  # ORT fuses no 16-bit Conv: float compute plus Q/DQ on every tensor
     a16 = costmodel.node_costs(costmodel.infer(det_candidates["a16w8"]), hw)[0]
     assert not [c for c in a16 if c.op == "Conv" and c.dtype == "int8"]
+
+
+def _ort_optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> dict[str, int]:
+    import collections
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # where the QDQ fusions run
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node)
+
+
+@needs_ocr
+@pytest.mark.parametrize("label", ["int8", "float_kept", "a16w8"])
+def test_det_integer_kernels_are_those_the_installed_runtime_makes(det_candidates, label, tmp_path):
+    """The fusion rules read from ORT's source, checked against the ORT this project runs: its optimized graph."""
+    from lepton_cli.model.shapes import bind_input_shapes
+    from lepton_cli.pipeline.targets import load_target
+
+    model = bind_input_shapes(det_candidates[label], {"x": [1, 3, 320, 320]})
+    costs = costmodel.node_costs(costmodel.infer(model), load_target("cpu-avx").hardware)[0]
+    ops = _ort_optimized_ops(model, tmp_path)
+    int8_convs = sum(c.op == "Conv" and c.dtype == "int8" for c in costs)
+    float_convs = sum(c.op == "Conv" and c.dtype == "fp32" for c in costs)
+    assert int8_convs == ops["QLinearConv"]
+    assert float_convs == ops["Conv"] + ops["FusedConv"]
+    assert sum(c.op == "QuantizeLinear" for c in costs) == ops["QuantizeLinear"]
+    expected = {"int8": float_convs == 0, "float_kept": int8_convs > 0 and float_convs >= 8, "a16w8": int8_convs == 0}
+    assert expected[label], (int8_convs, float_convs)

@@ -109,7 +109,9 @@ def test_a_later_tier_priced_above_the_chosen_candidate_is_built_once_and_never_
     assert best.op_types == ["Conv"] and len(best.float_nodes) == 4
     assert not [s for s in scored if s.startswith("t1")] and [b for b in builds if b.startswith("t1")] == ["t1:minmax:"]
     skipped = [t for t in summary["tried"] if not t["scored"]]
-    assert [(t["op_types"], t["cost_ms"], t["meets_budget"]) for t in skipped] == [([], 15.0, False)]
+    assert [(t["op_types"], t["cost_ms"], t["meets_budget"], t["drop_pct"]) for t in skipped] == [
+        ([], 15.0, False, None)
+    ]
 
 
 def test_a_fully_quantized_first_tier_ends_the_search(monkeypatch):
