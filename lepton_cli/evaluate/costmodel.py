@@ -90,6 +90,7 @@ QDQ_EVERY_INPUT = {"Conv", "MatMul", "Gemm", "Add", "Mul", "Concat"}
 QDQ_FIRST_INPUT = {"AveragePool", "GlobalAveragePool", "LeakyRelu", "Sigmoid", "Softmax", "MaxPool", "Resize"}
 QDQ_DROP_16BIT = {"Expand", "Flatten", "Gather", "GatherElements", "Reshape", "Slice", "Squeeze", "Tile"}
 QDQ_DROP_16BIT |= {"Transpose", "Unsqueeze"}
+QDQ_OPS = QDQ_EVERY_INPUT | QDQ_FIRST_INPUT | QDQ_DROP_16BIT
 QDQ_FLOAT_OUTPUT = {"MatMul", "Gemm"}  # MatMulIntegerToFloat / QGemm: integer inputs, float output, no Q needed
 FUSED_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh"}  # conv_activation_fusion.cc
 _BITS = {TensorProto.INT8: 8, TensorProto.UINT8: 8, TensorProto.INT16: 16, TensorProto.UINT16: 16}
@@ -247,11 +248,10 @@ def qdq_units(model: onnx.ModelProto, types: dict[str, int]) -> QdqUnits:
     graph_outputs = {o.name for o in model.graph.output}
     units = QdqUnits()
     for index, node in enumerate(nodes):
-        ops = QDQ_EVERY_INPUT | QDQ_FIRST_INPUT | QDQ_DROP_16BIT
         inputs = _data_inputs(node)
         dqs = [producer.get(t) for t in inputs]
         if (
-            node.op_type not in ops
+            node.op_type not in QDQ_OPS
             or not inputs
             or any(d is None or nodes[d].op_type != "DequantizeLinear" for d in dqs)
         ):
@@ -289,14 +289,13 @@ def _float_conv_fusions(
         if node.op_type != "Conv" or index in units.fused:
             continue
         current = node
-        for follower in ("BatchNormalization", "activation"):
+        for followers in ({"BatchNormalization"}, FUSED_ACTIVATIONS):
             readers = consumers.get(current.output[0], [])
             if len(readers) != 1 or current.output[0] in graph_outputs:
                 break
-            nxt = nodes[readers[0]]
-            if nxt.op_type == "BatchNormalization" if follower != "activation" else nxt.op_type in FUSED_ACTIVATIONS:
+            if nodes[readers[0]].op_type in followers:
                 units.absorbed.add(readers[0])
-                current = nxt
+                current = nodes[readers[0]]
 
 
 def _grouped(node: onnx.NodeProto) -> bool:
