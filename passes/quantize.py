@@ -5,7 +5,8 @@ through ONNX Runtime, ``_quantize/int8_plan.py``), ``fp16`` (fp32 I/O, overflowi
 ``_quantize/fp16_plan.py``), and the one-step rewrites ``int8_weight_only``, ``int8_dynamic`` and
 ``int4_weight_only`` (``_quantize/rewrites.py``). The pass builds one plan per run and asks it; the
 calibrated plans give the tuner (``_quantize/tuning.py``) candidates to score against the source,
-and the most-int8 one within the budget is kept; none: exit 3 with every candidate tried. Without
+and the one within the budget the target's cost model prices fastest is kept; none: exit 3 with every
+candidate tried. Without
 --calib a static-int8 target falls back to ``without_calib`` (weight-only or dynamic int8, warned)
 or refuses to start (exit 2).
 """
@@ -163,6 +164,7 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
     space = plan.space(model, ctx, calib, summary)
     if evaluator is None or not params.tune:
         return plan.finish(model, untuned(space, summary), ctx, summary, None)
-    settings = TunerSettings(params.max_float_layers, params.float_kept_weights == "float", params.budget_confidence)
+    float_weights = params.float_kept_weights == "float"
+    settings = TunerSettings(params.max_float_layers, float_weights, params.budget_confidence, ctx.target.hardware)
     result, best = tune(space, evaluator, budget, scored_on, settings, summary, ctx.progress)
     return plan.finish(model, result, ctx, summary, BudgetUse(budget, best.drop_pct))

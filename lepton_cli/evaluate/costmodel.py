@@ -2,11 +2,13 @@
 
 Latency: for each node, MACs (``stats.node_macs``) and bytes moved (inputs, weights and outputs at
 their own dtype's size) give a roofline time max(compute, memory) on the target's ``[hardware]``
-facts: compute at the peak of the node's arithmetic (int8 for quantized kernels and QDQ-wrapped
-Conv/MatMul, which ONNX Runtime fuses into integer kernels; fp16 for half tensors; else fp32), memory
-at the peak bandwidth, each derated by how much of the peak real kernels reach (``Efficiency``),
-plus a fixed per-kernel dispatch cost. Nodes whose inputs are all constant cost nothing: the
-runtime folds them when the session is created. The sum is the estimate.
+facts: compute at the peak of the node's arithmetic (int8 for quantized kernels and the QDQ node
+units ONNX Runtime's CPU EP fuses into integer kernels, ``qdq_units``; fp16 for half tensors; else
+fp32), memory at the peak bandwidth, each derated by how much of the peak real kernels reach
+(``Efficiency``), plus a fixed per-kernel dispatch cost. Nodes whose inputs are all constant cost
+nothing: the runtime folds them when the session is created, except DequantizeLinear, which ORT
+keeps for its QDQ fusions (a weight DQ no kernel absorbs runs on every inference). The sum is the
+estimate.
 
 Memory: activation tensors live from the node that makes them to their last reader (graph inputs
 from the start, graph outputs to the end), in the graph's topological order. The most bytes live
@@ -81,6 +83,17 @@ VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout",
 # Kernels that run at the int8 rate when their inputs are quantized.
 INT8_KERNELS = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul"}
 MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"} | INT8_KERNELS
+# ONNX Runtime CPU EP's QDQ node units (qdq_selector_action_transformer.cc; why: docs/decisions.md): DQ inputs
+# -> op -> Q outputs of one 8-bit type become one integer kernel. 16-bit Q/DQ is fused only where the op just
+# moves data (the pair is dropped); a 16-bit Conv/MatMul/Add runs in float between its Q/DQ nodes.
+QDQ_EVERY_INPUT = {"Conv", "MatMul", "Gemm", "Add", "Mul", "Concat"}
+QDQ_FIRST_INPUT = {"AveragePool", "GlobalAveragePool", "LeakyRelu", "Sigmoid", "Softmax", "MaxPool", "Resize"}
+QDQ_DROP_16BIT = {"Expand", "Flatten", "Gather", "GatherElements", "Reshape", "Slice", "Squeeze", "Tile"}
+QDQ_DROP_16BIT |= {"Transpose", "Unsqueeze"}
+QDQ_OPS = QDQ_EVERY_INPUT | QDQ_FIRST_INPUT | QDQ_DROP_16BIT
+QDQ_FLOAT_OUTPUT = {"MatMul", "Gemm"}  # MatMulIntegerToFloat / QGemm: integer inputs, float output, no Q needed
+FUSED_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh"}  # conv_activation_fusion.cc
+_BITS = {TensorProto.INT8: 8, TensorProto.UINT8: 8, TensorProto.INT16: 16, TensorProto.UINT16: 16}
 
 
 @dataclass(frozen=True)
@@ -168,19 +181,121 @@ def _constants(model: onnx.ModelProto) -> set[str]:
     return known
 
 
-def _compute_dtype(node: onnx.NodeProto, types: dict[str, int], producers: dict[str, onnx.NodeProto]) -> str:
-    if node.op_type in INT8_KERNELS:
+def _compute_dtype(node: onnx.NodeProto, types: dict[str, int], fused: bool) -> str:
+    if node.op_type in INT8_KERNELS or (fused and node.op_type in MAC_OPS):
         return "int8"
-    if (
-        node.op_type in MAC_OPS
-        and node.input
-        and node.input[0] in producers
-        and producers[node.input[0]].op_type == "DequantizeLinear"
-    ):
-        return "int8"  # QDQ: ORT fuses DQ → Conv/MatMul → Q into an integer kernel
     if types.get(node.input[0] if node.input else "", 0) in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
         return "fp16"
     return "fp32"
+
+
+@dataclass
+class QdqUnits:
+    """How ONNX Runtime's CPU EP runs a QDQ graph: which ops become integer kernels, which Q/DQ it absorbs."""
+
+    fused: set[int] = field(default_factory=set)  # node indices run as integer kernels (or Q/DQ pair dropped)
+    absorbed: set[int] = field(default_factory=set)  # Q, DQ (and Relu/Clip) nodes folded into a fused kernel
+    reads: dict[str, str] = field(default_factory=dict)  # a fused kernel's input/output -> the integer tensor it moves
+
+
+def _qdq_bits(node: onnx.NodeProto, types: dict[str, int]) -> int | None:
+    """Bits of a Q/DQ node's integer side (None: not an integer Q/DQ)."""
+    if node.op_type == "DequantizeLinear":
+        return _BITS.get(types.get(node.input[0], 0))
+    zero_point = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+    return _BITS.get(types.get(node.output[0], 0) or types.get(zero_point, TensorProto.UINT8))
+
+
+def _data_inputs(node: onnx.NodeProto) -> list[str]:
+    if node.op_type in QDQ_EVERY_INPUT:
+        return [i for i in node.input if i]
+    return node.input[:1]
+
+
+def _unit_outputs(
+    node: onnx.NodeProto, consumers: dict[str, list[int]], graph_outputs: set[str], nodes: list[onnx.NodeProto]
+) -> tuple[list[int], int | None] | None:
+    """(the Q nodes reading the node's output, a Relu/Clip between them) or None where ORT forms no unit."""
+    out = node.output[0]
+    readers = consumers.get(out, [])
+    clip = None
+    if len(readers) == 1 and nodes[readers[0]].op_type in ("Relu", "Clip") and out not in graph_outputs:
+        after = nodes[readers[0]].output[0]  # ORT drops a Relu/Clip whose range the output Q already clamps
+        if after not in graph_outputs and _all_quantize(consumers.get(after, []), nodes):
+            clip, out, readers = readers[0], after, consumers[after]
+    single = len([o for o in node.output if o]) == 1 and out not in graph_outputs
+    if single and _all_quantize(readers, nodes):
+        return readers, clip
+    if node.op_type in QDQ_FLOAT_OUTPUT and not any(nodes[r].op_type == "QuantizeLinear" for r in readers):
+        return [], None
+    return None
+
+
+def _all_quantize(readers: list[int], nodes: list[onnx.NodeProto]) -> bool:
+    return bool(readers) and all(nodes[r].op_type == "QuantizeLinear" for r in readers)
+
+
+def qdq_units(model: onnx.ModelProto, types: dict[str, int]) -> QdqUnits:
+    """The node units ORT's QDQ transformer fuses: every data input from an 8-bit DequantizeLinear, every
+    output read only by QuantizeLinear of the same type (16-bit: data-movement ops only)."""
+    nodes = list(model.graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    consumers: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for t in n.input:
+            if t:
+                consumers.setdefault(t, []).append(i)
+    graph_outputs = {o.name for o in model.graph.output}
+    units = QdqUnits()
+    for index, node in enumerate(nodes):
+        inputs = _data_inputs(node)
+        dqs = [producer.get(t) for t in inputs]
+        if (
+            node.op_type not in QDQ_OPS
+            or not inputs
+            or any(d is None or nodes[d].op_type != "DequantizeLinear" for d in dqs)
+        ):
+            continue
+        quantized = dqs[:2] if node.op_type in ("Conv", "Gemm") else dqs  # a Conv/Gemm bias is int32
+        kinds = {_qdq_bits(nodes[d], types) for d in quantized if d is not None}
+        outputs = _unit_outputs(node, consumers, graph_outputs, nodes)
+        if outputs is None or len(kinds) != 1:
+            continue
+        bits = kinds.pop()
+        if bits is None or any(_qdq_bits(nodes[q], types) != bits for q in outputs[0]):
+            continue
+        if bits != 8 and not (bits == 16 and node.op_type in QDQ_DROP_16BIT):
+            continue  # ORT has no 16-bit integer kernel for it: DQ -> float op -> Q, each run separately
+        units.fused.add(index)
+        units.absorbed.update(outputs[0])
+        if outputs[1] is not None:
+            units.absorbed.add(outputs[1])
+        units.reads.update({nodes[d].output[0]: nodes[d].input[0] for d in dqs if d is not None})
+        if outputs[0]:
+            units.reads[node.output[0]] = nodes[outputs[0][0]].output[0]
+    for index, node in enumerate(nodes):  # a DQ every reader of which is fused runs inside those kernels
+        if node.op_type == "DequantizeLinear" and all(r in units.fused for r in consumers.get(node.output[0], [None])):
+            units.absorbed.add(index)
+    _float_conv_fusions(nodes, consumers, graph_outputs, units)
+    return units
+
+
+def _float_conv_fusions(
+    nodes: list[onnx.NodeProto], consumers: dict[str, list[int]], graph_outputs: set[str], units: QdqUnits
+) -> None:
+    """ORT's float Conv fusions (ConvBNFusion, ConvActivationFusion): a BatchNormalization, then an
+    activation, that alone read a float Conv's output run inside the Conv kernel."""
+    for index, node in enumerate(nodes):
+        if node.op_type != "Conv" or index in units.fused:
+            continue
+        current = node
+        for followers in ({"BatchNormalization"}, FUSED_ACTIVATIONS):
+            readers = consumers.get(current.output[0], [])
+            if len(readers) != 1 or current.output[0] in graph_outputs:
+                break
+            if nodes[readers[0]].op_type in followers:
+                units.absorbed.add(readers[0])
+                current = nodes[readers[0]]
 
 
 def _grouped(node: onnx.NodeProto) -> bool:
@@ -221,10 +336,34 @@ def infer(model: onnx.ModelProto) -> onnx.ModelProto:
     for out in fresh.graph.output:
         if any(not d.HasField("dim_value") for d in out.type.tensor_type.shape.dim):
             out.type.tensor_type.ClearField("shape")
+    contrib = _contrib_qdq_as_casts(fresh)
     try:
-        return onnx.shape_inference.infer_shapes(fresh, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(fresh, strict_mode=False, data_prop=True)
     except Exception:  # exotic graphs: keep what the exporter recorded; unknown sizes are reported
         return model
+    for index, node in contrib.items():
+        inferred.graph.node[index].CopyFrom(node)
+    return inferred
+
+
+def _contrib_qdq_as_casts(model: onnx.ModelProto) -> dict[int, onnx.NodeProto]:
+    """com.microsoft Quantize/DequantizeLinear (16-bit Q/DQ before opset 21) have no ONNX shape inference:
+    a Cast to the same type stands in while shapes are inferred. Returns the replaced nodes by index."""
+    replaced: dict[int, onnx.NodeProto] = {}
+    types = _elem_types(model)
+    for index, node in enumerate(model.graph.node):
+        if node.domain != "com.microsoft" or node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if node.op_type == "DequantizeLinear":
+            to = types.get(node.input[1], TensorProto.FLOAT)  # the scale's type
+        else:
+            zero_point = node.input[2] if len(node.input) > 2 else ""
+            to = types.get(zero_point, TensorProto.UINT8)
+        original = onnx.NodeProto()
+        original.CopyFrom(node)
+        replaced[index] = original
+        node.CopyFrom(helper.make_node("Cast", node.input[:1], node.output[:1], name=node.name, to=to))
+    return replaced
 
 
 _SHAPE_DTYPES = {TensorProto.INT64, TensorProto.INT32}
@@ -243,23 +382,25 @@ def node_costs(
     shapes = shape_map(model)
     types = _elem_types(model)
     constants = _constants(model)
-    producers = {o: n for n in model.graph.node for o in n.output}
+    units = qdq_units(model, types)
     peaks = {"int8": hw.peak_int8_tops * 1e12, "fp16": hw.peak_fp16_tflops * 1e12, "fp32": hw.peak_fp32_tflops * 1e12}
     bandwidth = hw.memory_bandwidth_gbps * 1e9 * eff.memory
     costs: list[NodeCost] = []
     unknown: list[str] = []
     for index, node in enumerate(model.graph.node):
-        if node.op_type == "Constant" or all(o in constants for o in node.output if o):
-            continue  # folded at session creation
+        folded = node.op_type != "DequantizeLinear" and all(o in constants for o in node.output if o)
+        if node.op_type == "Constant" or folded or index in units.absorbed:
+            continue  # folded at session creation, or run inside a fused integer kernel
         name = node.name or f"{node.op_type}_{index}"
-        dtype = _compute_dtype(node, types, producers)
+        fused = index in units.fused
+        dtype = _compute_dtype(node, types, fused)
         macs = node_macs(node, shapes) or 0
         moved = 0
         if node.op_type not in VIEW_OPS:
             for tensor in [*node.input, *node.output]:
                 if not tensor:
                     continue
-                size = _size(tensor, shapes, types)
+                size = _size(units.reads.get(tensor, tensor) if fused else tensor, shapes, types)
                 if size is None:
                     if tensor in node.output and len(node.output) > 1 and tensor != node.output[0]:
                         continue  # optional outputs (Dropout mask, ...) that nothing reads
@@ -428,6 +569,25 @@ def estimate(
             f"{len(missing)} tensor sizes unknown (dynamic dims?): the estimate leaves them out; bind shapes with --input-shape"
         )
     return doc
+
+
+def latency_ms(
+    model: onnx.ModelProto,
+    hw: HardwareFacts,
+    *,
+    input_shapes: dict[str, list[int]] | None = None,
+    eff: Efficiency = Efficiency(),
+) -> tuple[float, bool]:
+    """The roofline latency alone, what a search ranks candidates by; second: whether every tensor's size was known."""
+    if input_shapes:  # set on a weightless copy: bind_input_shapes serializes the model (2 s for a 54 MB CRNN)
+        model = shapes_only_copy(model)
+        for value in model.graph.input:
+            if value.name in input_shapes:
+                dims = value.type.tensor_type.shape.dim
+                del dims[:]
+                dims.extend(onnx.TensorShapeProto.Dimension(dim_value=int(d)) for d in input_shapes[value.name])
+    costs, unknown = node_costs(infer(model), hw, eff)
+    return sum(c.seconds for c in costs) * 1e3, not unknown
 
 
 def _weights_bytes(model: onnx.ModelProto, constants: set[str]) -> int:

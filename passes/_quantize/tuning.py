@@ -1,4 +1,4 @@
-"""The tuner: calibration methods, op-type tiers and float-kept layers, searched for the most-int8 model within budget.
+"""The tuner: calibration methods, op-type tiers and float-kept layers, searched for the fastest model within budget.
 
 The search, bounded so that it costs O(methods × log2(max_float_layers)) quantize-and-score rounds:
 1. for each calibration method (in the target's order): quantize everything and score it;
@@ -7,10 +7,14 @@ The search, bounded so that it costs O(methods × log2(max_float_layers)) quanti
    the budget holds, and bisect down between the last failing and the first passing k (fewer float
    layers = faster); when no k does, do the same with the leading quantized nodes in graph order
    (error that builds up over many layers, which no single node's bypass reveals);
-3. among the candidates that meet the budget, keep the one with the fewest float-kept nodes (then
-   the smaller drop): deterministic, and the build host's latency says little about the target's;
-   a fully quantized pass stops the search early, nothing can beat it.
-Each op-type tier (``SearchSpace.builds``) is searched in turn until one yields a candidate.
+3. among the candidates that meet the budget, keep the one the target's cost model
+   (``evaluate.costmodel``, priced the way ONNX Runtime runs QDQ) says is fastest, then the fewest
+   float-kept nodes, the smaller drop, the method order: deterministic, and the build host's latency
+   says little about the target's; a fully quantized pass stops the search early.
+A candidate the cost model prices above the cheapest one already within budget is built but not
+scored: it cannot be chosen. Each op-type tier (``SearchSpace.builds``) is searched in turn; a later
+tier is searched only when the chosen candidate keeps layers float and the later tier's fully
+quantized model is priced below it (its float-kept variants cost more still).
 
 Libraries checked: Intel Neural Compressor / Olive run similar "fallback the worst ops" loops but
 are not dependencies here.
@@ -19,6 +23,7 @@ are not dependencies here.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from math import inf
 from statistics import NormalDist
 from typing import Any, Callable
 
@@ -28,11 +33,13 @@ from lepton_cli.passes._quantize.sensitivity import float_gains, local_errors, q
 
 from lepton_cli.errors import QualityGateError
 from lepton_cli.evaluate.accuracy import AccuracyScore, Evaluator
+from lepton_cli.evaluate.costmodel import HardwareFacts, latency_ms
 
 SENSITIVITY, LEADING = "sensitivity", "leading"  # Trial.float_rule
 SENSITIVITY_SAMPLES = 8  # held-out samples the per-node ranking runs on
 Build = Callable[[str, list[str]], onnx.ModelProto]  # (method, float-kept node names) -> candidate model
 Progress = Callable[[str], None]
+Cost = Callable[[onnx.ModelProto], float | None]  # a candidate's estimated latency on the target (ms)
 FAILED_FIX = (
     'raise --max-accuracy-drop or max_float_layers, give more representative --calib data, or use scheme = "fp16"'
 )
@@ -50,6 +57,8 @@ class Trial:
     op_types: list[str] | None = None  # int8: the op types quantized ([]: every op ORT quantizes)
     drop_se: float = 0.0  # standard error of drop_pct over the evaluation samples
     float_rule: str = SENSITIVITY  # how float_nodes were chosen: SENSITIVITY ranking or the LEADING nodes
+    cost_ms: float | None = None  # the target cost model's latency estimate (None: no estimate)
+    scored: bool = True  # False: priced above a candidate within budget, so never scored
 
     @property
     def rule_tag(self) -> str:
@@ -59,6 +68,8 @@ class Trial:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["float_kept"] = len(self.float_nodes)
+        if not self.scored:  # no drop was measured (inf is not JSON)
+            out["drop_pct"] = out["value"] = None
         return out
 
 
@@ -86,13 +97,24 @@ class TunerSettings:
     max_float: int  # most nodes the search may keep in float
     float_weights: bool  # float-kept nodes read float weights (else their int8 weights, dequantized)
     confidence: float  # one-sided confidence the drop's upper bound must meet the budget at (0.5: the drop)
+    hardware: HardwareFacts | None = None  # the target's [hardware]: candidates are chosen by its cost model
 
 
 class _Search:
     """One search's trials: each (method, float-kept set) is built and scored once."""
 
-    def __init__(self, build: Build, evaluator: Evaluator, budget: float, z: float, progress: Progress | None):
+    def __init__(
+        self,
+        build: Build,
+        evaluator: Evaluator,
+        budget: float,
+        z: float,
+        progress: Progress | None,
+        cost: Cost | None = None,
+        ceiling: float = inf,
+    ):
         self.build, self.evaluator, self.budget, self.z, self.progress = build, evaluator, budget, z, progress
+        self.cost, self.ceiling = cost, ceiling  # ceiling: the cheapest estimate within budget so far
         self.trials: list[Trial] = []
         self.passing: list[Trial] = []  # models are rebuilt, not kept: a candidate per trial held ~60 model copies
         self.scored: dict[tuple[str, frozenset[str]], Trial] = {}
@@ -102,6 +124,10 @@ class _Search:
         if key in self.scored:  # the leading nodes can be the set the ranking already tried
             return self.scored[key], None
         model = self.build(method, keep)
+        cost = self.cost(model) if self.cost else None
+        if cost is not None and cost > self.ceiling:  # slower than a candidate within budget: cannot be chosen
+            trial = Trial(method, list(keep), inf, inf, False, float_rule=rule, cost_ms=cost, scored=False)
+            return self._record(key, trial, None), model
         score: AccuracyScore = self.evaluator.score(model)
         trial = Trial(
             method,
@@ -112,28 +138,38 @@ class _Search:
             agreement=score.agreement,
             drop_se=score.drop_se,
             float_rule=rule,
+            cost_ms=cost,
         )
-        self.trials.append(trial)
-        if self.progress:
-            spread = f" ± {score.drop_se:.2f}" if self.z else ""
-            verdict = "within" if trial.meets_budget else "over"
-            self.progress(
-                f"{method:<10} float-kept {len(keep):3d}{trial.rule_tag}: {score.metric} "
-                f"drop {score.drop_pct:.2f}{spread} ({verdict} {self.budget:g})"
-            )
         if trial.meets_budget:
             self.passing.append(trial)
+            self.ceiling = min(self.ceiling, cost if cost is not None else inf)
+        return self._record(key, trial, score.metric), model
+
+    def _record(self, key: tuple[str, frozenset[str]], trial: Trial, metric: str | None) -> Trial:
+        self.trials.append(trial)
         self.scored[key] = trial
-        return trial, model
+        if self.progress:
+            cost = f", est. {trial.cost_ms:.3g} ms" if trial.cost_ms is not None else ""
+            head = f"{trial.method:<10} float-kept {len(trial.float_nodes):3d}{trial.rule_tag}: "
+            if not trial.scored:
+                self.progress(f"{head}not scored{cost} (slower than a candidate within budget)")
+            else:
+                spread = f" ± {trial.drop_se:.2f}" if self.z else ""
+                verdict = "within" if trial.meets_budget else "over"
+                self.progress(f"{head}{metric} drop {trial.drop_pct:.2f}{spread} ({verdict} {self.budget:g}){cost}")
+        return trial
 
     def grow(self, method: str, order: list[str], rule: str, max_float: int) -> bool:
         """Keep order[:k] float for k = 1, 2, 4, ... until the budget holds, then bisect k down."""
         limit = min(max_float, len(order))
         low, high, k = 0, None, 1  # low: largest failing k; high: smallest passing k
         while k <= limit:
-            if self.attempt(method, order[:k], rule)[0].meets_budget:
+            trial = self.attempt(method, order[:k], rule)[0]
+            if trial.meets_budget:
                 high = k
                 break
+            if not trial.scored:  # more float layers cost more still: none of them can be chosen
+                return False
             low = k
             k = k * 2 if k * 2 <= limit or k == limit else limit
         if high is None:
@@ -147,12 +183,23 @@ class _Search:
         return True
 
     def result(self, methods: list[str], sensitivity: list[tuple[str, float]]) -> SearchResult:
-        """Deterministic: fewest float-kept nodes (more int8 runs faster on the target), then the smaller drop."""
-        if not self.passing:
+        """The passing trial ``choose`` picks, rebuilt."""
+        best = choose(self.passing, methods)
+        if best is None:
             return SearchResult(None, None, self.trials, sensitivity)
-        order_of = {m: i for i, m in enumerate(methods)}
-        best = min(self.passing, key=lambda t: (len(t.float_nodes), t.drop_pct, order_of.get(t.method, 0)))
         return SearchResult(self.build(best.method, best.float_nodes), best, self.trials, sensitivity)
+
+
+def choose(passing: list[Trial], methods: list[str]) -> Trial | None:
+    """Deterministic: the lowest estimated latency on the target (no estimate ranks last), then the fewest
+    float-kept nodes, the smaller drop, the method order."""
+    order_of = {m: i for i, m in enumerate(methods)}
+
+    def key(t: Trial) -> tuple[float, int, float, int]:
+        cost = t.cost_ms if t.cost_ms is not None else inf
+        return cost, len(t.float_nodes), t.drop_pct, order_of.get(t.method, len(order_of))
+
+    return min(passing, key=key, default=None)
 
 
 def _ranking(
@@ -184,19 +231,24 @@ def search(
     progress: Progress | None = None,
     float_weights: bool = True,
     z: float = 0.0,
+    cost: Cost | None = None,
+    ceiling: float = inf,
 ) -> SearchResult:
-    """Try methods and float-kept layer counts; return the most-quantized candidate within ``budget`` points.
+    """Try methods and float-kept layer counts; return the fastest candidate within ``budget`` points
+    (by ``cost``; without one, the most quantized), none when nothing within budget is priced under ``ceiling``.
 
     A candidate meets the budget when its drop plus ``z`` standard errors does (``z`` = 0: the measured
     drop itself): a tuning set's drop is an estimate, and a candidate chosen because it landed just
     under the budget tends to land over it on other data."""
-    run = _Search(build, evaluator, budget, z, progress)
+    run = _Search(build, evaluator, budget, z, progress, cost, ceiling)
     sensitivity: list[tuple[str, float]] = []
     for method in methods:
         first, model = run.attempt(method, [], SENSITIVITY)
-        model = model or build(method, [])
         if first.meets_budget:
             break  # everything quantized fits: no float-kept variant can be faster
+        if not first.scored:  # priced above the best within budget fully quantized: float-kept variants cost
+            break  # more, and every method's graph is the same (only its scales differ)
+        model = model or build(method, [])
         in_graph_order = (candidates or quantized_nodes)(model)
         ranking = _ranking(
             float_model, model, in_graph_order, sensitivity_feeds, evaluator.opt_level, float_weights, max_candidates
@@ -214,7 +266,10 @@ def _tried_line(trials: list[Trial]) -> str:
     def label(t: Trial) -> str:  # which op types only when several were tried
         return t.method if tiers < 2 or t.op_types is None else f"{t.method}[{','.join(t.op_types) or 'all ops'}]"
 
-    return "; ".join(f"{label(t)}+{len(t.float_nodes)}{t.rule_tag} float: drop {t.drop_pct:.2f}" for t in trials)
+    def outcome(t: Trial) -> str:
+        return f"drop {t.drop_pct:.2f}" if t.scored else "not scored (slower than a candidate within budget)"
+
+    return "; ".join(f"{label(t)}+{len(t.float_nodes)}{t.rule_tag} float: {outcome(t)}" for t in trials)
 
 
 def _tier_note(space: SearchSpace, tier: int) -> str:
@@ -223,6 +278,28 @@ def _tier_note(space: SearchSpace, tier: int) -> str:
     return f"op types: {', '.join(space.tiers[tier]) or 'every op ONNX Runtime quantizes'}" + (
         "" if last else " (fast_op_types, tried first)"
     )
+
+
+def target_cost(hardware: HardwareFacts | None, feeds: list[dict[str, np.ndarray]]) -> Cost | None:
+    """A candidate's roofline latency on the target at the scoring data's input shapes; None without hardware facts."""
+    if hardware is None or not feeds:
+        return None
+    shapes = {name: [int(d) for d in value.shape] for name, value in feeds[0].items()}
+
+    def cost(model: onnx.ModelProto) -> float | None:
+        try:
+            ms, _ = latency_ms(model, hardware, input_shapes=shapes)
+        except Exception:  # an estimate must never break a compile: the search then ranks by float-kept nodes
+            return None
+        return ms
+
+    return cost
+
+
+def _choice_note(best: Trial, passing: int, has_cost: bool) -> str:
+    if has_cost and best.cost_ms is not None:
+        return f"lowest cost-model latency on the target among {passing} candidates within budget"
+    return f"fewest float-kept nodes among {passing} candidates within budget (no cost estimate)"
 
 
 def tune(
@@ -236,8 +313,14 @@ def tune(
 ) -> tuple[onnx.ModelProto, Trial]:
     """(the chosen candidate, its trial), the search recorded in ``summary``; QualityGateError when none fits."""
     feeds = evaluator.first_feeds(SENSITIVITY_SAMPLES)
+    cost = target_cost(settings.hardware, feeds)
     trials: list[Trial] = []
+    chosen: SearchResult | None = None
+    sensitivity: list[tuple[str, float]] = []
     for tier, build in enumerate(space.builds):
+        if chosen is not None and chosen.best_trial is not None:
+            if not chosen.best_trial.float_nodes or chosen.best_trial.cost_ms is None:
+                break  # fully quantized (nothing is cheaper) or no cost model to compare tiers by
         if len(space.builds) > 1:
             progress(_tier_note(space, tier))
         found = search(
@@ -252,25 +335,40 @@ def tune(
             progress=progress,
             float_weights=settings.float_weights,
             z=NormalDist().inv_cdf(settings.confidence),
+            cost=cost,
+            ceiling=_cost_of(chosen),
         )
         for trial in found.trials:
             trial.op_types = space.tiers[tier] if space.tiers is not None else None
         trials += found.trials
-        if found.best is not None:
-            break
+        sensitivity = sensitivity or found.sensitivity
+        if found.best_trial is not None and (chosen is None or _beats(found, chosen, space.methods)):
+            chosen = found
     summary |= {
         "tried": [t.to_dict() for t in trials],
-        "worst_layers": [{"node": n, "output_nsr_gain_if_float": round(v, 6)} for n, v in found.sensitivity[:10]],
+        "worst_layers": [{"node": n, "output_nsr_gain_if_float": round(v, 6)} for n, v in sensitivity[:10]],
     }
-    if found.best is None or found.best_trial is None:
+    if chosen is None or chosen.best is None or chosen.best_trial is None:
         first = f"quantize: no candidate met the accuracy budget of {budget:g} points ({scored_on})"
         raise QualityGateError(f"{first}; tried: {_tried_line(trials)}", FAILED_FIX, attempt_summary=first)
-    best = found.best_trial
+    best = chosen.best_trial
+    passing = sum(t.meets_budget for t in trials)
     summary |= {"method": best.method, "tuned": True, "float_kept": best.float_nodes}
-    summary |= {"drop_pct": best.drop_pct, "value": best.value}
+    summary |= {"drop_pct": best.drop_pct, "value": best.value, "cost_ms": best.cost_ms}
+    summary["choice"] = _choice_note(best, passing, cost is not None)
     if space.tiers is not None:
         summary["op_types"] = best.op_types
-    return found.best, best
+    return chosen.best, best
+
+
+def _beats(found: SearchResult, chosen: SearchResult, methods: list[str]) -> bool:
+    assert found.best_trial is not None and chosen.best_trial is not None
+    return choose([chosen.best_trial, found.best_trial], methods) is found.best_trial
+
+
+def _cost_of(chosen: SearchResult | None) -> float:
+    trial = chosen.best_trial if chosen is not None else None
+    return trial.cost_ms if trial is not None and trial.cost_ms is not None else inf
 
 
 def untuned(space: SearchSpace, summary: dict[str, Any]) -> onnx.ModelProto:

@@ -1,0 +1,158 @@
+"""quantize's tuner chooses by the target's cost model: the passing candidate priced fastest (not the one with
+the fewest float-kept nodes), a candidate priced above one within budget is never scored, and a later
+op-type tier competes only when the chosen candidate keeps layers float and the tier could be cheaper."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+from conftest import DIGITS
+from lepton_cli.passes._quantize import tuning
+from lepton_cli.passes._quantize.tuning import SearchSpace, Trial, TunerSettings, choose
+
+from lepton_cli.errors import QualityGateError
+from lepton_cli.evaluate.accuracy import AccuracyScore
+from lepton_cli.pipeline.targets import load_target
+
+NODES = ["n0", "n1", "n2", "n3"]
+
+
+def _trial(method: str, keep: int, cost: float | None, drop: float = 0.5) -> Trial:
+    return Trial(method, [f"n{i}" for i in range(keep)], drop, 100 - drop, True, cost_ms=cost)
+
+
+def test_choose_prefers_the_cheapest_over_the_fewest_float_nodes():
+    few_float_but_slow = _trial("minmax", 1, cost=9.0)
+    more_float_but_fast = _trial("percentile", 3, cost=6.0)
+    # the old rule (fewest float-kept nodes) picks the 1-float candidate; the target runs the other faster
+    assert choose([few_float_but_slow, more_float_but_fast], ["minmax", "percentile"]) is more_float_but_fast
+
+
+def test_choose_breaks_ties_by_float_nodes_then_drop_then_method_order():
+    methods = ["minmax", "percentile"]
+    a, b = _trial("minmax", 2, 5.0), _trial("minmax", 1, 5.0)
+    assert choose([a, b], methods) is b
+    c, d = _trial("percentile", 1, 5.0, drop=0.2), _trial("minmax", 1, 5.0, drop=0.4)
+    assert choose([d, c], methods) is c
+    e, f = _trial("percentile", 1, 5.0, drop=0.2), _trial("minmax", 1, 5.0, drop=0.2)
+    assert choose([e, f], methods) is f
+    assert choose([_trial("minmax", 0, None), g := _trial("minmax", 4, 50.0)], methods) is g  # no estimate: last
+    assert choose([_trial("minmax", 3, None), h := _trial("minmax", 1, None)], methods) is h  # none: fewest float
+
+
+class _Evaluator:
+    """Scores a candidate by its tag: the drops a table gives; records what it scored."""
+
+    opt_level = "all"
+
+    def __init__(self, drops: dict[str, float]):
+        self.drops, self.scored = drops, []
+
+    def first_feeds(self, count):
+        return [{"image": None}]
+
+    def score(self, model):
+        tag = model.doc_string
+        self.scored.append(tag)
+        drop = self.drops.get(tag, 5.0)
+        return AccuracyScore("top1", 100.0, 100.0 - drop, drop, {}, 100)
+
+
+def _space(base: onnx.ModelProto, builds_log: list[str]) -> SearchSpace:
+    def tier_build(tier: int):
+        def build(method: str, keep: list[str]) -> onnx.ModelProto:
+            model = onnx.ModelProto()
+            model.CopyFrom(base)
+            model.doc_string = f"t{tier}:{method}:{','.join(sorted(keep))}"
+            builds_log.append(model.doc_string)
+            return model
+
+        return build
+
+    return SearchSpace(
+        [tier_build(0), tier_build(1)], ["minmax"], base, tiers=[["Conv"], []], candidates=lambda m: NODES
+    )
+
+
+def _tune(monkeypatch, drops: dict[str, float], costs: dict[str, float]):
+    monkeypatch.setattr(tuning, "float_gains", lambda *a, **k: [(n, 1.0) for n in NODES])
+    monkeypatch.setattr(
+        tuning, "target_cost", lambda hw, feeds: (lambda m: costs.get(m.doc_string, 100.0)) if hw else None
+    )
+    builds: list[str] = []
+    evaluator = _Evaluator(drops)
+    summary: dict = {}
+    space = _space(onnx.load(DIGITS / "digits_cnn.onnx"), builds)
+    settings = TunerSettings(max_float=4, float_weights=True, confidence=0.5, hardware=load_target("cpu-avx").hardware)
+    _, best = tuning.tune(space, evaluator, 1.0, "test", settings, summary, lambda *a: None)
+    return best, summary, evaluator.scored, builds
+
+
+def test_a_later_tier_wins_when_it_is_cheaper_than_the_first_tiers_float_kept_candidate(monkeypatch):
+    # tier 0 (Conv only, the fast tier) meets the budget only with 4 nodes float; tier 1 fully quantized does
+    drops = {"t0:minmax:n0,n1,n2,n3": 0.5, "t1:minmax:": 0.8}
+    costs = {"t0:minmax:": 10.0, "t0:minmax:n0": 11.0, "t0:minmax:n0,n1": 12.0, "t0:minmax:n0,n1,n2,n3": 14.0}
+    costs |= {"t0:minmax:n0,n1,n2": 13.5, "t1:minmax:": 13.0}
+    best, summary, scored, _ = _tune(monkeypatch, drops, costs)
+    assert best.op_types == [] and best.float_nodes == [] and best.cost_ms == 13.0  # old rule: tier 0, 4 float
+    assert summary["op_types"] == [] and summary["cost_ms"] == 13.0 and summary["float_kept"] == []
+    assert summary["choice"] == "lowest cost-model latency on the target among 2 candidates within budget"
+    assert [t["cost_ms"] for t in summary["tried"]] == [10.0, 11.0, 12.0, 14.0, 13.5, 13.0]
+    assert scored[-1] == "t1:minmax:"
+
+
+def test_a_later_tier_priced_above_the_chosen_candidate_is_built_once_and_never_scored(monkeypatch):
+    drops = {"t0:minmax:n0,n1,n2,n3": 0.5, "t1:minmax:": 0.8}
+    costs = {"t0:minmax:": 10.0, "t0:minmax:n0": 11.0, "t0:minmax:n0,n1": 12.0, "t0:minmax:n0,n1,n2,n3": 14.0}
+    costs |= {"t0:minmax:n0,n1,n2": 13.5, "t1:minmax:": 15.0}
+    best, summary, scored, builds = _tune(monkeypatch, drops, costs)
+    assert best.op_types == ["Conv"] and len(best.float_nodes) == 4
+    assert not [s for s in scored if s.startswith("t1")] and [b for b in builds if b.startswith("t1")] == ["t1:minmax:"]
+    skipped = [t for t in summary["tried"] if not t["scored"]]
+    assert [(t["op_types"], t["cost_ms"], t["meets_budget"], t["drop_pct"]) for t in skipped] == [
+        ([], 15.0, False, None)
+    ]
+
+
+def test_a_fully_quantized_first_tier_ends_the_search(monkeypatch):
+    best, summary, scored, builds = _tune(monkeypatch, {"t0:minmax:": 0.1}, {"t0:minmax:": 10.0, "t1:minmax:": 1.0})
+    assert best.float_nodes == [] and best.op_types == ["Conv"]
+    assert scored == ["t0:minmax:"] and not [b for b in builds if b.startswith("t1")]  # no time spent on tier 1
+
+
+def test_within_a_tier_candidates_costlier_than_a_passing_one_are_not_scored(monkeypatch):
+    # minmax passes with 2 float nodes (cost 30); percentile would need 4 (cost 50): built, priced, never scored
+    monkeypatch.setattr(tuning, "float_gains", lambda *a, **k: [(n, 1.0) for n in NODES])
+
+    def build(method, keep):
+        model = onnx.ModelProto()
+        model.doc_string = f"{method}:{','.join(sorted(keep))}"
+        return model
+
+    def cost(model):
+        return 10.0 + 10.0 * model.doc_string.split(":")[1].count("n")
+
+    evaluator = _Evaluator({"minmax:n0,n1": 0.5, "percentile:n0,n1,n2,n3": 0.1})
+    found = tuning.search(
+        build,
+        ["minmax", "percentile"],
+        evaluator,
+        1.0,
+        onnx.ModelProto(),
+        [],
+        max_float=4,
+        candidates=lambda m: NODES,
+        cost=cost,
+    )
+    assert found.best_trial is not None and found.best_trial.method == "minmax"
+    assert found.best_trial.float_nodes == ["n0", "n1"] and found.best_trial.cost_ms == 30.0
+    assert "percentile:n0,n1,n2,n3" not in evaluator.scored and "percentile:n0,n1" in evaluator.scored
+    pruned = [t for t in found.trials if not t.scored]
+    assert [(t.method, len(t.float_nodes), t.cost_ms) for t in pruned] == [("percentile", 4, 50.0)]
+
+
+def test_no_candidate_within_budget_still_exits_3_with_every_trial(monkeypatch):
+    with pytest.raises(QualityGateError) as exc:
+        _tune(monkeypatch, {}, {})
+    assert "minmax[Conv]+4 float: drop 5.00" in exc.value.message
+    assert "minmax[all ops]+4 float: drop 5.00" in exc.value.message
