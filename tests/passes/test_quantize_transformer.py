@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO
 from lepton_cli.passes._quantize import schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
-from lepton_cli.passes._quantize.int8_plan import int8_scheme
+from lepton_cli.passes._quantize.int8_plan import int8_scheme, sentinel_nodes
 from onnx import TensorProto, helper, numpy_helper
 
 from lepton_cli.evaluate.output_roles import recognise
@@ -125,16 +125,29 @@ def test_float_matmul_results_still_run_int8_kernels(tmp_path):
 
 
 def test_float_matmul_outputs_lower_the_error(tmp_path):
+    assert _error(_quantized(tmp_path)) < _error(_quantized(tmp_path / "keep", float_matmul_outputs=False))
+
+
+def _error(model: onnx.ModelProto) -> float:
     feeds = list(_samples(8).feeds())
     reference = ort.InferenceSession(_block().SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = np.concatenate([reference.run(None, f)[0] for f in feeds])
+    got = np.concatenate([session.run(None, f)[0] for f in feeds])
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
 
-    def error(model: onnx.ModelProto) -> float:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        ref = np.concatenate([reference.run(None, f)[0] for f in feeds])
-        got = np.concatenate([session.run(None, f)[0] for f in feeds])
-        return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
 
-    assert error(_quantized(tmp_path)) < error(_quantized(tmp_path / "keep", float_matmul_outputs=False))
+def test_the_attention_mask_path_stays_float_when_every_op_is_quantized(tmp_path):
+    model = _block()
+    data = calibrate(model, _samples(), CalibrationSettings(), None, None)
+    assert sentinel_nodes(model, data) == ["mask_where", "mask_add", "softmax"]  # they read or write finfo.min
+    ranges = schemes.save_ranges(data, tmp_path / "ranges.json")
+    params = from_table(QUANTIZE.params_cls, {}, "test.quantize")
+    every_op = int8_scheme(params, False)
+    with_mask = schemes.quantize_int8(model, ranges, "minmax", every_op, [], tmp_path)
+    without = schemes.quantize_int8(model, ranges, "minmax", every_op, sentinel_nodes(model, data), tmp_path)
+    assert "masked" in _quantized_tensors(with_mask) and "masked" not in _quantized_tensors(without)
+    assert _error(without) < 0.5 * _error(with_mask)
 
 
 def test_a_hidden_state_is_scored_by_cosine_not_as_a_detector_head():
