@@ -77,7 +77,7 @@ SENTINEL = 1e30  # |x| beyond this is a mask's -inf/finfo.min stand-in, not a va
 def sentinel_nodes(model: onnx.ModelProto, ranges: Any) -> list[str]:
     """Nodes reading or writing a tensor whose calibrated range reaches ``SENTINEL`` (an additive attention mask:
     Where(mask, 0, -3.4e38) -> Add): one int8 scale over -3.4e38..x rounds every attention score to 0."""
-    huge = {name for name, data in ranges.items() if np.max(np.abs(np.asarray(data.range_value))) >= SENTINEL}
+    huge = {n for n, data in ranges.items() if max(float(np.max(np.abs(v))) for v in data.range_value) >= SENTINEL}
     return [n.name for n in model.graph.node if huge & set(list(n.input) + list(n.output))]
 
 
