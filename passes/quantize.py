@@ -44,6 +44,9 @@ class QuantizeParams:
     weight_symmetric: bool = True
     power_of_two_scales: bool = False  # symmetric per-tensor int8 with 2^k scales (DPU fix-point)
     op_types: list[str] = field(default_factory=list)  # empty: every op ORT quantizes
+    # No Q/DQ on MatMul/Gemm outputs: ORT still runs them int8 (QGemm, MatMulIntegerToFloat) with float results, and
+    # a reader that is quantized gets its own Q at its input; a float reader (a residual Add) loses nothing to rounding.
+    float_matmul_outputs: bool = True
     # Tried before op_types (more int8, fewer Q/DQ: faster) and kept when a candidate meets the budget.
     fast_op_types: list[str] | None = None
     methods: list[Method] = field(default_factory=lambda: ["minmax", "percentile", "entropy"])  # tried in order

@@ -200,7 +200,7 @@ def recognise(
             return OutputRole(
                 index, name, "detection_f1", f"YOLO-style head, {det_why}", layout, _detection_conf(refs, layout)
             )
-        if det_why:
+        if det_why and not EMBEDDING_NAME.search(name):  # a [1, 32, 384] last_hidden_state is no detector head
             return OutputRole(index, name, "relative_error", det_why)
     if first.ndim in (2, 3) and first.shape[-1] > 1:
         metric, why = _class_or_embedding(model, name, refs)

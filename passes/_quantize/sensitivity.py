@@ -88,11 +88,10 @@ def local_errors(
         for r, g in zip(_tensor_runs(float_model, group, feeds), _tensor_runs(quantized, group, feeds)):
             for name in set(r) & set(g):
                 if r[name].shape == g[name].shape:
-                    ref = r[name].astype(np.float32, copy=False)
-                    noise[name] = noise.get(name, 0.0) + float(
-                        np.sum(np.square(ref - g[name].astype(np.float32, copy=False)), dtype=np.float64)
-                    )
-                    signal[name] = signal.get(name, 0.0) + float(np.sum(np.square(ref), dtype=np.float64))
+                    # float64: an attention mask's -3.4e38 squared overflows float32 to inf
+                    ref = r[name].astype(np.float64)
+                    noise[name] = noise.get(name, 0.0) + float(np.sum(np.square(ref - g[name].astype(np.float64))))
+                    signal[name] = signal.get(name, 0.0) + float(np.sum(np.square(ref)))
             del r, g
 
     def nsr(name: str) -> float | None:
