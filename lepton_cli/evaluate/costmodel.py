@@ -82,6 +82,18 @@ ARENA_ALIGNMENT = 16  # bytes, as TFLite Micro's planner aligns buffers
 VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Shape", "Size"}
 # Kernels that run at the int8 rate when their inputs are quantized.
 INT8_KERNELS = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul"}
+# QLinearAdd/Mul/Sigmoid/... dequantize, compute and requantize each element: on PP-OCRv4 rec/det every-op int8
+# measured no faster than Conv/MatMul/Gemm-only int8 (benchmarks/results/cost_choice.md), so they cost float bytes.
+REQUANTIZING_ELEMENTWISE = {
+    "Add",
+    "Mul",
+    "Sigmoid",
+    "HardSigmoid",
+    "LeakyRelu",
+    "Softmax",
+    "AveragePool",
+    "GlobalAveragePool",
+}
 MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"} | INT8_KERNELS
 # ONNX Runtime CPU EP's QDQ node units (qdq_selector_action_transformer.cc; why: docs/decisions.md): DQ inputs
 # -> op -> Q outputs of one 8-bit type become one integer kernel. 16-bit Q/DQ is fused only where the op just
@@ -400,7 +412,8 @@ def node_costs(
             for tensor in [*node.input, *node.output]:
                 if not tensor:
                     continue
-                size = _size(units.reads.get(tensor, tensor) if fused else tensor, shapes, types)
+                integer_bytes = fused and node.op_type not in REQUANTIZING_ELEMENTWISE
+                size = _size(units.reads.get(tensor, tensor) if integer_bytes else tensor, shapes, types)
                 if size is None:
                     if tensor in node.output and len(node.output) > 1 and tensor != node.output[0]:
                         continue  # optional outputs (Dropout mask, ...) that nothing reads
