@@ -224,14 +224,15 @@ def upgrade_opset(model: onnx.ModelProto, opset_min: int, opset_max: int) -> tup
         )
     try:
         upgraded = version_converter.convert_version(model, opset_min)
+        # The converter keeps the ir_version; the new opset needs its own IR (ORT too), and IR < 4 rejects the
+        # initialisers the converter adds (e.g. Pad's pads) for not also being graph inputs.
+        upgraded.ir_version = max(
+            upgraded.ir_version, onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset_min)])
+        )
         onnx.checker.check_model(structure_copy(upgraded) if has_external(upgraded) else upgraded)
     except Exception as exc:  # the converter raises RuntimeError/ValidationError/IndexError for gaps
         raise BadInputError(
             f"cannot upgrade the model from opset {current} to {opset_min}: {str(exc).splitlines()[0][:200]}",
             f"re-export the model at opset {opset_min} or newer",
         ) from None
-    # The converter keeps the model's ir_version; ORT needs the IR that matches the new opset.
-    upgraded.ir_version = max(
-        upgraded.ir_version, onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset_min)])
-    )
     return upgraded, f"upgraded opset {current} → {opset_min}"
