@@ -50,6 +50,7 @@ class Trial:
     op_types: list[str] | None = None  # int8: the op types quantized ([]: every op ORT quantizes)
     drop_se: float = 0.0  # standard error of drop_pct over the evaluation samples
     float_rule: str = SENSITIVITY  # how float_nodes were chosen: SENSITIVITY ranking or the LEADING nodes
+    drop_bound: float | None = None  # the upper confidence bound held to the budget (None: the drop itself)
 
     @property
     def rule_tag(self) -> str:
@@ -112,6 +113,7 @@ class _Search:
             agreement=score.agreement,
             drop_se=score.drop_se,
             float_rule=rule,
+            drop_bound=score.drop_bound(self.z) if self.z else None,
         )
         self.trials.append(trial)
         if self.progress:
@@ -208,13 +210,17 @@ def search(
     return run.result(methods, sensitivity)
 
 
-def _tried_line(trials: list[Trial]) -> str:
+def _tried_line(trials: list[Trial], budget: float) -> str:
     tiers = len({tuple(t.op_types or ()) for t in trials})
 
     def label(t: Trial) -> str:  # which op types only when several were tried
         return t.method if tiers < 2 or t.op_types is None else f"{t.method}[{','.join(t.op_types) or 'all ops'}]"
 
-    return "; ".join(f"{label(t)}+{len(t.float_nodes)}{t.rule_tag} float: drop {t.drop_pct:.2f}" for t in trials)
+    def drop(t: Trial) -> str:  # a drop under the budget was refused for its upper bound: say so, or it reads wrong
+        over = t.drop_bound is not None and t.drop_pct <= budget < t.drop_bound
+        return f"drop {t.drop_pct:.2f}" + (f" (upper bound {t.drop_bound:.2f})" if over else "")
+
+    return "; ".join(f"{label(t)}+{len(t.float_nodes)}{t.rule_tag} float: {drop(t)}" for t in trials)
 
 
 def _tier_note(space: SearchSpace, tier: int) -> str:
@@ -264,7 +270,7 @@ def tune(
     }
     if found.best is None or found.best_trial is None:
         first = f"quantize: no candidate met the accuracy budget of {budget:g} points ({scored_on})"
-        raise QualityGateError(f"{first}; tried: {_tried_line(trials)}", FAILED_FIX, attempt_summary=first)
+        raise QualityGateError(f"{first}; tried: {_tried_line(trials, budget)}", FAILED_FIX, attempt_summary=first)
     best = found.best_trial
     summary |= {"method": best.method, "tuned": True, "float_kept": best.float_nodes}
     summary |= {"drop_pct": best.drop_pct, "value": best.value}
