@@ -33,9 +33,12 @@ SENSITIVITY, LEADING = "sensitivity", "leading"  # Trial.float_rule
 SENSITIVITY_SAMPLES = 8  # held-out samples the per-node ranking runs on
 Build = Callable[[str, list[str]], onnx.ModelProto]  # (method, float-kept node names) -> candidate model
 Progress = Callable[[str], None]
-FAILED_FIX = (
-    'raise --max-accuracy-drop or max_float_layers, give more representative --calib data, or use scheme = "fp16"'
-)
+
+
+def failed_fix(max_float: int) -> str:
+    """The exit-3 fix; a target that allows no float layers (tpu: full integer) is not told to raise them."""
+    knobs = "--max-accuracy-drop or max_float_layers" if max_float else "--max-accuracy-drop"
+    return f'raise {knobs}, give more representative --calib data, or use scheme = "fp16"'
 
 
 @dataclass
@@ -270,7 +273,9 @@ def tune(
     }
     if found.best is None or found.best_trial is None:
         first = f"quantize: no candidate met the accuracy budget of {budget:g} points ({scored_on})"
-        raise QualityGateError(f"{first}; tried: {_tried_line(trials, budget)}", FAILED_FIX, attempt_summary=first)
+        raise QualityGateError(
+            f"{first}; tried: {_tried_line(trials, budget)}", failed_fix(settings.max_float), attempt_summary=first
+        )
     best = found.best_trial
     summary |= {"method": best.method, "tuned": True, "float_kept": best.float_nodes}
     summary |= {"drop_pct": best.drop_pct, "value": best.value}
