@@ -28,3 +28,15 @@ def test_an_ir3_pad_model_upgrades_and_computes_the_same(name):
     session = ort.InferenceSession(upgraded.SerializeToString(), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {upgraded.graph.input[0].name: x})
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["test_PReLU_1d_multiparam", "test_PReLU_2d_multiparam", "test_PReLU_3d_multiparam"])
+def test_an_opset6_per_channel_prelu_keeps_its_channel_axis_after_the_upgrade(name):
+    """PRelu-6 applies a [C] slope along axis 1, PRelu-7+ from the last axis: upgraded as-is it failed to run (exit 1)."""
+    folder = ONNX_DATA / "pytorch-converted" / name
+    upgraded, _ = upgrade_opset(onnx.load(str(folder / "model.onnx")), 13, 21)
+    x = numpy_helper.to_array(onnx.load_tensor(str(folder / "test_data_set_0" / "input_0.pb")))
+    expected = numpy_helper.to_array(onnx.load_tensor(str(folder / "test_data_set_0" / "output_0.pb")))
+    session = ort.InferenceSession(upgraded.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {upgraded.graph.input[0].name: x})
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
