@@ -2,7 +2,7 @@
 
     python -m benchmarks.corpus.sweep [--models NAME ...] [--targets T ...] [--fast] [--timeout S]
                                       [--json runs.jsonl] [--markdown benchmarks/results/corpus_sweep.md]
-    python -m benchmarks.corpus.sweep --render runs.jsonl --markdown benchmarks/results/corpus_sweep.md
+    python -m benchmarks.corpus.sweep --render old.jsonl runs.jsonl --markdown benchmarks/results/corpus_sweep.md
 
 The test (tests/compile/test_corpus_sweep.py) and the yardstick use ``run_compile``; run as a script it prints
 and records the model × target table.
@@ -109,12 +109,39 @@ def wait_with_rusage(proc: subprocess.Popen, timeout: float):
     return TIMEOUT_CODE, None
 
 
+def summary(runs: list[CompileRun]) -> str:
+    """Compiles per exit code per target (124 is the sweep's own time-out), and the slowest/largest compile."""
+    codes = sorted({r.code for r in runs})
+    targets = sorted({r.target for r in runs})
+    head = "| target | " + " | ".join(f"exit {c}" for c in codes) + " | compiles | max seconds | max peak RSS MB |"
+    lines = [head, "|---" * (len(codes) + 4) + "|"]
+    for target in [*targets, None]:
+        rows = [r for r in runs if target is None or r.target == target]
+        counts = " | ".join(str(sum(r.code == c for r in rows)) for c in codes)
+        rss = max((r.peak_rss_mb for r in rows if r.peak_rss_mb == r.peak_rss_mb), default=float("nan"))
+        label = target or "**all**"
+        lines.append(f"| {label} | {counts} | {len(rows)} | {max(r.seconds for r in rows):.1f} | {rss:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(runs: list[CompileRun]) -> str:
     lines = ["| model | target | exit | seconds | peak RSS MB | message |", "|---|---|---|---|---|---|"]
     for r in runs:
         message = "" if r.code == 0 else r.message.replace("|", "\\|")
         lines.append(f"| {r.model} | {r.target} | {r.code} | {r.seconds:.1f} | {r.peak_rss_mb:.0f} | {message} |")
     return "\n".join(lines) + "\n"
+
+
+def read_runs(paths: list[Path]) -> list[CompileRun]:
+    """Rows of JSON-lines files in order; a later row for the same model × target replaces the earlier one."""
+    merged: dict[tuple[str, str], CompileRun] = {}
+    for path in paths:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                run = CompileRun(**json.loads(line))
+                merged.pop((run.model, run.target), None)
+                merged[(run.model, run.target)] = run
+    return list(merged.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,15 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--json", type=Path, help="append one JSON line per compile to this file")
     parser.add_argument("--markdown", type=Path, help="write the table here")
-    parser.add_argument("--render", type=Path, help="compile nothing: write --markdown from this JSON-lines file")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        nargs="+",
+        help="compile nothing: write --markdown from these JSON-lines files (a later row replaces an earlier one)",
+    )
     args = parser.parse_args(argv)
     if args.render:
-        rows = [
-            CompileRun(**json.loads(line))
-            for line in args.render.read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        ]
-        args.markdown.write_text(markdown(rows), encoding="utf-8")
+        order = {m.name: i for i, m in enumerate(MODELS)}
+        rows = sorted(read_runs(args.render), key=lambda r: (order.get(r.model, len(order)), r.target))
+        args.markdown.write_text(summary(rows) + "\n" + markdown(rows), encoding="utf-8")
         return 0
     models = [by_name(n) for n in args.models] if args.models else [m for m in MODELS if m.fast or not args.fast]
     runs = []
@@ -152,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                         handle.write(json.dumps({k: v for k, v in asdict(run).items() if k != "stderr"}) + "\n")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown(runs), encoding="utf-8")
+        args.markdown.write_text(summary(runs) + "\n" + markdown(runs), encoding="utf-8")
     return 0
 
 

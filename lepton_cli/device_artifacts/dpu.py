@@ -267,13 +267,16 @@ def _check_shifts(g: _Graph, node: onnx.NodeProto, out: list[Violation]) -> None
 def _check_pool(g: _Graph, node: onnx.NodeProto, out: list[Violation]) -> None:
     shape = g.shapes.get(node.input[0]) or []
     if node.op_type.startswith("Global"):
-        if len(shape) != 4 or None in shape[2:]:
+        if not shape or None in shape[2:]:
             out.append(Violation(node.name, node.op_type, "pool", "input shape unknown: kernel size cannot be checked"))
             return
-        kh, kw, strides = shape[2], shape[3], [1, 1]
+        kernel, strides = list(shape[2:]), [1, 1]
     else:
-        kh, kw = _attr(node, "kernel_shape", [1, 1])
-        strides = _attr(node, "strides", [1, 1])
+        kernel, strides = list(_attr(node, "kernel_shape", [1, 1])), _attr(node, "strides", [1, 1])
+    if len(kernel) != 2:  # 1-D and 3-D pooling (pytorch-converted AvgPool3d) have no DPU kernel
+        out.append(Violation(node.name, node.op_type, "pool2d", f"{len(kernel)}-D pooling: runs on the CPU"))
+        return
+    kh, kw = kernel
     _range(out, node, "kernel", [kh, kw], 1, 256)
     _range(out, node, "stride", list(strides), 1, 256)
     if math.ceil(kh / BANK_NUM) * kw > BANK_DEPTH:

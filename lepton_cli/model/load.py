@@ -8,6 +8,7 @@ target's range and binds dynamic dimensions.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,6 +213,28 @@ def model_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
+def _channel_prelu_slopes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """PRelu before opset 7 applies a [C] slope along axis 1; from 7 it broadcasts from the last axis (the converter
+    keeps [C]), so the slope becomes [C, 1, ...] first. A copy when anything changes."""
+    inits = {t.name: t for t in model.graph.initializer}
+    shaped = [*model.graph.input, *model.graph.value_info]
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in shaped if v.type.tensor_type.HasField("shape")}
+    nodes = [n for n in model.graph.node if n.op_type == "PRelu" and len(n.input) > 1 and n.input[1] in inits]
+    todo = {n.input[1]: ranks.get(n.input[0], 0) for n in nodes if list(inits[n.input[1]].dims) not in ([], [1])}
+    todo = {name: rank for name, rank in todo.items() if rank > 2 and len(inits[name].dims) == 1}
+    if not todo:
+        return model
+    model = copy.deepcopy(model)
+    for tensor in model.graph.initializer:
+        if tensor.name in todo:
+            tensor.dims.extend([1] * (todo[tensor.name] - 2))  # same element order: no data moves
+    for value in model.graph.input:  # IR < 4 lists initialisers as inputs too
+        if value.name in todo and len(value.type.tensor_type.shape.dim) == 1:
+            for _ in range(todo[value.name] - 2):
+                value.type.tensor_type.shape.dim.add().dim_value = 1
+    return model
+
+
 def upgrade_opset(model: onnx.ModelProto, opset_min: int, opset_max: int) -> tuple[onnx.ModelProto, str | None]:
     """Bring the default-domain opset into [opset_min, opset_max]; returns (model, note or None)."""
     current = model_opset(model)
@@ -222,16 +245,19 @@ def upgrade_opset(model: onnx.ModelProto, opset_min: int, opset_max: int) -> tup
             f"model uses opset {current}, but the target's runtime supports at most opset {opset_max}",
             "re-export the model at a lower opset, or raise runtime.opset_max in your target file",
         )
+    if current < 7:
+        model = _channel_prelu_slopes(model)
     try:
         upgraded = version_converter.convert_version(model, opset_min)
+        # The converter keeps the ir_version; the new opset needs its own IR (ORT too), and IR < 4 rejects the
+        # initialisers the converter adds (e.g. Pad's pads) for not also being graph inputs.
+        upgraded.ir_version = max(
+            upgraded.ir_version, onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset_min)])
+        )
         onnx.checker.check_model(structure_copy(upgraded) if has_external(upgraded) else upgraded)
     except Exception as exc:  # the converter raises RuntimeError/ValidationError/IndexError for gaps
         raise BadInputError(
             f"cannot upgrade the model from opset {current} to {opset_min}: {str(exc).splitlines()[0][:200]}",
             f"re-export the model at opset {opset_min} or newer",
         ) from None
-    # The converter keeps the model's ir_version; ORT needs the IR that matches the new opset.
-    upgraded.ir_version = max(
-        upgraded.ir_version, onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset_min)])
-    )
     return upgraded, f"upgraded opset {current} → {opset_min}"

@@ -40,9 +40,12 @@ SENSITIVITY_SAMPLES = 8  # held-out samples the per-node ranking runs on
 Build = Callable[[str, list[str]], onnx.ModelProto]  # (method, float-kept node names) -> candidate model
 Progress = Callable[[str], None]
 Cost = Callable[[onnx.ModelProto], float | None]  # a candidate's estimated latency on the target (ms)
-FAILED_FIX = (
-    'raise --max-accuracy-drop or max_float_layers, give more representative --calib data, or use scheme = "fp16"'
-)
+
+
+def failed_fix(max_float: int) -> str:
+    """The exit-3 fix; a target that allows no float layers (tpu: full integer) is not told to raise them."""
+    knobs = "--max-accuracy-drop or max_float_layers" if max_float else "--max-accuracy-drop"
+    return f'raise {knobs}, give more representative --calib data, or use scheme = "fp16"'
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Trial:
     float_rule: str = SENSITIVITY  # how float_nodes were chosen: SENSITIVITY ranking or the LEADING nodes
     cost_ms: float | None = None  # the target cost model's latency estimate (None: no estimate)
     scored: bool = True  # False: priced above a candidate within budget, so never scored
+    drop_bound: float | None = None  # the upper confidence bound held to the budget (None: the drop itself)
 
     @property
     def rule_tag(self) -> str:
@@ -139,6 +143,7 @@ class _Search:
             drop_se=score.drop_se,
             float_rule=rule,
             cost_ms=cost,
+            drop_bound=score.drop_bound(self.z) if self.z else None,
         )
         if trial.meets_budget:
             self.passing.append(trial)
@@ -260,14 +265,17 @@ def search(
     return run.result(methods, sensitivity)
 
 
-def _tried_line(trials: list[Trial]) -> str:
+def _tried_line(trials: list[Trial], budget: float) -> str:
     tiers = len({tuple(t.op_types or ()) for t in trials})
 
     def label(t: Trial) -> str:  # which op types only when several were tried
         return t.method if tiers < 2 or t.op_types is None else f"{t.method}[{','.join(t.op_types) or 'all ops'}]"
 
-    def outcome(t: Trial) -> str:
-        return f"drop {t.drop_pct:.2f}" if t.scored else "not scored (slower than a candidate within budget)"
+    def outcome(t: Trial) -> str:  # a drop under the budget was refused for its upper bound: say so, or it reads wrong
+        if not t.scored:
+            return "not scored (slower than a candidate within budget)"
+        over = t.drop_bound is not None and t.drop_pct <= budget < t.drop_bound
+        return f"drop {t.drop_pct:.2f}" + (f" (upper bound {t.drop_bound:.2f})" if over else "")
 
     return "; ".join(f"{label(t)}+{len(t.float_nodes)}{t.rule_tag} float: {outcome(t)}" for t in trials)
 
@@ -350,7 +358,9 @@ def tune(
     }
     if chosen is None or chosen.best is None or chosen.best_trial is None:
         first = f"quantize: no candidate met the accuracy budget of {budget:g} points ({scored_on})"
-        raise QualityGateError(f"{first}; tried: {_tried_line(trials)}", FAILED_FIX, attempt_summary=first)
+        raise QualityGateError(
+            f"{first}; tried: {_tried_line(trials, budget)}", failed_fix(settings.max_float), attempt_summary=first
+        )
     best = chosen.best_trial
     passing = sum(t.meets_budget for t in trials)
     summary |= {"method": best.method, "tuned": True, "float_kept": best.float_nodes}

@@ -23,19 +23,9 @@ from benchmarks.corpus.sweep import TARGETS, run_compile  # noqa: E402
 
 HANG_GUARD_S = 3600  # not a speed test: only stops a hung compile from stalling the suite
 
-# Exit 1 observed on these pairs; each is a bug being fixed elsewhere. strict: the test fails once it is fixed,
-# so the mark is removed with the fix.
-PREQUANTIZED = (
-    "already-quantized model (DynamicQuantizeLinear inside) crashes quantize instead of keeping or refusing it"
-)
-KNOWN_EXIT_1: dict[tuple[str, str], str] = {
-    ("minilm_l6_dynq", "cpu-avx"): PREQUANTIZED + ": KeyError '<tensor>_scale'",
-    ("minilm_l6_dynq", "fpga"): PREQUANTIZED + ": KeyError '<tensor>_scale'",
-    ("minilm_l6_dynq", "tpu"): PREQUANTIZED + ": KeyError '<tensor>_scale'",
-    ("minilm_l6_dynq", "cuda"): PREQUANTIZED + ": the fp16 model feeds float16 to DynamicQuantizeLinear (InvalidGraph)",
-    ("minilm_l6_dynq", "mobile"): PREQUANTIZED
-    + ": the fp16 model feeds float16 to DynamicQuantizeLinear (InvalidGraph)",
-}
+# Exit 1 observed on these pairs, each a bug being fixed elsewhere: strict, so the test fails once it is fixed and
+# the mark goes with the fix. Empty: the last ones (minilm_l6_dynq, pre-quantized parts) were fixed.
+KNOWN_EXIT_1: dict[tuple[str, str], str] = {}
 
 
 def _cases() -> list:

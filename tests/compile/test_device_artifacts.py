@@ -231,6 +231,23 @@ def test_dpu_geometry_and_shift_rules():
     } <= found
 
 
+@pytest.mark.parametrize("name", ["test_AvgPool3d_stride", "test_MaxPool1d", "test_MaxPool3d_stride_padding"])
+def test_dpu_check_names_1d_and_3d_pooling_instead_of_crashing(name):
+    """pytorch-converted 1-D/3-D pools made the fpga compile exit 1 (it unpacked kernel_shape as two values)."""
+    from conftest import ONNX_DATA
+
+    from lepton_cli.device_artifacts import dpu
+    from lepton_cli.model.load import upgrade_opset
+    from lepton_cli.pipeline.targets import load_target
+
+    model, _ = upgrade_opset(onnx.load(str(ONNX_DATA / "pytorch-converted" / name / "model.onnx")), 13, 17)
+    violations, checked = dpu.check(
+        onnx.shape_inference.infer_shapes(model), list(load_target("fpga").runtime.supported_ops)
+    )
+    pools = [v for v in violations if v.op.endswith("Pool")]
+    assert checked >= 1 and pools and all(v.rule == "pool2d" and "-D pooling" in v.detail for v in pools)
+
+
 # -- tpu: the .tflite ---------------------------------------------------------------------------------------------
 
 

@@ -633,7 +633,7 @@ def test_mse_calibration_quantizes_digits_within_budget(digits):
 
 
 def test_the_search_holds_the_upper_confidence_bound_of_the_drop_to_the_budget(digits):
-    from lepton_cli.passes._quantize.tuning import search
+    from lepton_cli.passes._quantize.tuning import _tried_line, failed_fix, search
 
     from lepton_cli.evaluate.accuracy import AccuracyScore, drop_standard_error
 
@@ -654,6 +654,11 @@ def test_the_search_holds_the_upper_confidence_bound_of_the_drop_to_the_budget(d
     assert run(0.0).best is not None  # the point estimate is within 0.5
     rejected = run(1.2816)  # 90% one-sided: 0.4 + 0.128 > 0.5
     assert rejected.best is None and rejected.trials[0].drop_se == 0.1
+    # the exit-3 message says why a drop under the budget was refused (it read "budget 1 ... drop 0.94")
+    assert _tried_line(rejected.trials, 0.5) == "minmax+0 float: drop 0.40 (upper bound 0.53)"
+    assert _tried_line(rejected.trials, 0.3) == "minmax+0 float: drop 0.40"
+    # tpu allows no float layers (full integer): its fix does not tell the user to raise them
+    assert "max_float_layers" not in failed_fix(0) and "max_float_layers" in failed_fix(8)
     # the standard error of a drop made of per-sample losses: 100 * sqrt(n) * sd / total
     assert drop_standard_error([1.0, 0.0, 0.0, 1.0], 4) == pytest.approx(100 * 2 * np.std([1, 0, 0, 1], ddof=1) / 4)
     assert drop_standard_error([0.0], 1) == 0.0
