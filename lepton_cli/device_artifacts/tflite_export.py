@@ -240,6 +240,8 @@ class _Builder:
 
     def pool(self, node: onnx.NodeProto) -> None:
         tf, a = self.tf, _attrs(node)
+        if len(self.get(node.input[0]).tensor.shape) != 4:
+            raise UnsupportedOp(f"{node.name}: only 2-D pooling")
         x = self.nhwc(self.get(node.input[0]))
         if node.op_type.startswith("Global"):
             reduce = tf.reduce_mean if node.op_type == "GlobalAveragePool" else tf.reduce_max

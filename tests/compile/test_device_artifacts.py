@@ -248,6 +248,19 @@ def test_dpu_check_names_1d_and_3d_pooling_instead_of_crashing(name):
     assert checked >= 1 and pools and all(v.rule == "pool2d" and "-D pooling" in v.detail for v in pools)
 
 
+@needs_tflite
+def test_tflite_export_refuses_1d_pooling_instead_of_crashing():
+    """pytorch-converted MaxPool1d made the tpu compile exit 1 (TensorFlow refused a 4-D transpose of a 3-D tensor)."""
+    from conftest import ONNX_DATA
+
+    from lepton_cli.device_artifacts import tflite_export
+    from lepton_cli.model.load import upgrade_opset
+
+    model, _ = upgrade_opset(onnx.load(str(ONNX_DATA / "pytorch-converted" / "test_MaxPool1d" / "model.onnx")), 13, 17)
+    with pytest.raises(tflite_export.UnsupportedOp, match="only 2-D pooling"):
+        tflite_export.convert(onnx.shape_inference.infer_shapes(model), False)
+
+
 # -- tpu: the .tflite ---------------------------------------------------------------------------------------------
 
 
