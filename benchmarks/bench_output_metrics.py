@@ -178,6 +178,22 @@ def classifiers(work: Path) -> list[dict]:
     return rows
 
 
+# A PP-DocLayout-style detector's class names, kept under the metadata key a CTC recogniser uses for its table.
+LAYOUT_CLASSES = [
+    "text",
+    "title",
+    "list",
+    "table",
+    "figure",
+    "header",
+    "footer",
+    "reference",
+    "equation",
+    "caption",
+    "seal",
+]
+
+
 def layout_character() -> list[dict]:
     from lepton_cli.evaluate.accuracy import is_ctc_model
     from lepton_cli.model.shapes import bind_input_shapes
@@ -185,21 +201,7 @@ def layout_character() -> list[dict]:
     rec = bind_input_shapes(onnx.load(OCR_REC), {"x": [1, 3, 48, 160]})
     for prop in rec.metadata_props:
         if prop.key == "character":
-            prop.value = "\n".join(
-                [
-                    "text",
-                    "title",
-                    "list",
-                    "table",
-                    "figure",
-                    "header",
-                    "footer",
-                    "reference",
-                    "equation",
-                    "caption",
-                    "seal",
-                ]
-            )
+            prop.value = "\n".join(LAYOUT_CLASSES)
     images, _ = textset.make_set(4, 5, "eval", width=160)
     role = Evaluator(rec, SampleSet(Path("l"), {"x": images}, None, {"x": False})).roles[0]
     return [

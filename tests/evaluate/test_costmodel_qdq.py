@@ -14,22 +14,11 @@ import onnx
 import pytest
 from conftest import OCR_DET, needs_ocr
 from onnx import TensorProto, helper, numpy_helper
+from test_costmodel import HW, IDEAL  # the same idealised hardware facts
 
 from lepton_cli.evaluate import costmodel
 from lepton_cli.evaluate.costmodel import Efficiency
-from lepton_cli.pipeline.targets import Hardware
 
-HW = Hardware(
-    peak_int8_tops=4.0,
-    peak_fp16_tflops=2.0,
-    peak_fp32_tflops=1.0,
-    memory_bandwidth_gbps=100.0,
-    memory_mb=1024,
-    preferred_layout="NCHW",
-    channel_alignment=1,
-    cores=4,
-)
-IDEAL = Efficiency(compute=1.0, grouped_compute=1.0, memory=1.0, cache_bandwidth=1.0, node_overhead_us=0.0)
 C, H = 32, 16
 
 

@@ -20,7 +20,7 @@ from lepton_cli.evaluate.gate_warnings import accuracy_warnings
 from lepton_cli.samples.sample_set import SampleSet, load_samples
 
 sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
-from bench_output_metrics import minilm_like  # noqa: E402  (digits with a MiniLM export's output order)
+from bench_output_metrics import LAYOUT_CLASSES, minilm_like  # noqa: E402  (digits with a MiniLM export's output order)
 
 
 def _digits() -> tuple[onnx.ModelProto, SampleSet]:
@@ -114,21 +114,7 @@ def test_ctc_needs_a_table_that_fits_the_classes_and_a_copy_is_exact(tmp_path):
     layout.CopyFrom(rec)
     for prop in layout.metadata_props:
         if prop.key == "character":
-            prop.value = "\n".join(
-                [
-                    "text",
-                    "title",
-                    "list",
-                    "table",
-                    "figure",
-                    "header",
-                    "footer",
-                    "reference",
-                    "equation",
-                    "caption",
-                    "seal",
-                ]
-            )
+            prop.value = "\n".join(LAYOUT_CLASSES)
     (role,) = Evaluator(layout, samples).roles
     assert role.metric == "top1_agreement" and "Softmax" in role.why
 
