@@ -182,6 +182,11 @@ class EitherTally:
         return OutputResult(worse.value, worse.drop_se, {"top1_agreement": round(a.value, 4), **a.extra, **b.extra})
 
 
+def _f1(tp: int, fp: int, fn: int) -> float:
+    """F1 of a binary mask; two empty masks agree."""
+    return 1.0 if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
 class MaskF1Tally:
     """F1 of the binarised map per page (batch row) and threshold; the value is the worst page, since a text
     detector that misses one page's lines has failed that page whatever the others score."""
@@ -197,7 +202,7 @@ class MaskF1Tally:
             for k, threshold in enumerate(self.thresholds):
                 want, have = ref[b] > threshold, np.isfinite(got[b]) & (got[b] > threshold)
                 tp, fp, fn = int(np.sum(want & have)), int(np.sum(~want & have)), int(np.sum(want & ~have))
-                page.append(1.0 if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
+                page.append(_f1(tp, fp, fn))
                 if k == 0:
                     self.tp, self.fp, self.fn = self.tp + tp, self.fp + fp, self.fn + fn
             self.pages.append(min(page))
@@ -205,12 +210,11 @@ class MaskF1Tally:
     def result(self) -> OutputResult:
         if not self.pages:
             return OutputResult(100.0, 0.0)
-        marked = 2 * self.tp + self.fp + self.fn
         extra = {
             "pages": len(self.pages),
             "worst_page": int(np.argmin(self.pages)),
             "mean_page_f1": round(100.0 * float(np.mean(self.pages)), 4),
-            "pooled_f1": round(100.0 if marked == 0 else 100.0 * 2 * self.tp / marked, 4),
+            "pooled_f1": round(100.0 * _f1(self.tp, self.fp, self.fn), 4),
             "thresholds": list(self.thresholds),
         }
         return OutputResult(100.0 * min(self.pages), _worst_standard_error(self.pages), extra)
