@@ -7,8 +7,8 @@ The corpus model is bound to its corpus shape and fused as the target fuses it; 
 quantize pass's own builds (calibrated on the three quarters of --calib the compile calibrates on) are run on
 the 8 calibration pages and the 8 held-out evaluation pages (other fonts, other words). Each page's F1 is the
 worse of the map binarised at 0.3 and 0.5 against the fused fp32 model's map, in points. The candidates keep
-nothing in float, so the table shows what the search starts from. Then each weight layer alone with int8
-weights and float activations: how much one layer's weight rounding moves the worst page. Writes OUT.json/.md.
+nothing in float, so the table shows what the search starts from. Then each weight layer alone on the pass's int8
+weight grid with float activations: how much one layer's weight rounding moves the worst page. Writes OUT.json/.md.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from lepton_cli.passes._quantize import schemes  # noqa: E402
+from lepton_cli.passes._quantize import schemes, weight_layers  # noqa: E402
 from lepton_cli.passes._quantize.int8_plan import Int8Plan  # noqa: E402
 
+from benchmarks import ocr_textset as textset  # noqa: E402
 from benchmarks.corpus.manifest import by_name  # noqa: E402
 from benchmarks.corpus.store import ensure_data, ensure_model  # noqa: E402
 from lepton_cli.evaluate.output_roles import MAP_THRESHOLDS  # noqa: E402
@@ -43,38 +43,22 @@ from lepton_cli.samples.sample_set import load_samples  # noqa: E402
 
 def page_f1(ref: np.ndarray, got: np.ndarray) -> float:
     """The worse F1 over the map thresholds, in points."""
-    scores = []
-    for t in MAP_THRESHOLDS:
-        want, have = ref > t, got > t
-        tp, fp, fn = np.sum(want & have), np.sum(~want & have), np.sum(want & ~have)
-        scores.append(1.0 if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
-    return round(100.0 * min(scores), 2)
+    return round(100.0 * min(textset.pixel_f1(ref, got, t) for t in MAP_THRESHOLDS), 2)
 
 
-def _int8_weights(weight: np.ndarray, axis: int) -> np.ndarray:
-    """Per-channel symmetric int8 rounding of ``weight``, back in float (the quantize pass's weight grid)."""
-    reduce = tuple(a for a in range(weight.ndim) if a != axis)
-    scale = np.abs(weight).max(axis=reduce, keepdims=True) / 127.0
-    scale[scale == 0] = 1.0
-    return (np.clip(np.round(weight / scale), -127, 127) * scale).astype(np.float32)
-
-
-def weight_layer_losses(fused, feeds: list, refs: list) -> list[dict]:
-    """Per Conv/ConvTranspose: the worst page when only that layer's weights are rounded to int8, all else float."""
+def weight_layer_losses(fused, scheme, feeds: list, refs: list) -> list[dict]:
+    """Per weight layer: the worst page when only its weights are put on the pass's int8 grid, all else float."""
     rows = []
-    constants = {i.name for i in fused.graph.initializer}
-    for node in fused.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose") or node.input[1] not in constants:
-            continue
+    for layer in weight_layers.weight_layers(fused):
         model = onnx.ModelProto()
         model.CopyFrom(fused)
-        init = next(i for i in model.graph.initializer if i.name == node.input[1])
-        weight = numpy_helper.to_array(init)
-        rounded = _int8_weights(weight, 1 if node.op_type == "ConvTranspose" else 0)
-        init.CopyFrom(numpy_helper.from_array(rounded, init.name))
+        weight = weight_layers.load(model, layer.weight)
+        per_row = weight_layers.to_rows(layer, weight)
+        grid = weight_layers.weight_grid(per_row, scheme)
+        weight_layers.store(model, layer.weight, weight_layers.from_rows(layer, grid.quantize(per_row), weight.shape))
         session = make_session(model)
         f1s = [page_f1(r, session.run(None, f)[0]) for r, f in zip(refs, feeds)]
-        rows.append({"node": node.name, "shape": list(weight.shape), "worst": min(f1s), "page": int(np.argmin(f1s))})
+        rows.append({"node": layer.name, "shape": list(weight.shape), "worst": min(f1s), "page": int(np.argmin(f1s))})
     return sorted(rows, key=lambda r: r["worst"])
 
 
@@ -119,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{row['tier']:<20} {method:<10} calib min {min(row['calib']):6.2f}  eval min {min(row['eval']):6.2f}"
             )
-    layers = weight_layer_losses(fused, pages["calib"] + pages["eval"], refs["calib"] + refs["eval"])
+    layers = weight_layer_losses(fused, plan.scheme, pages["calib"] + pages["eval"], refs["calib"] + refs["eval"])
     for r in layers[:5]:
         print(f"int8 weights of {r['node']} {r['shape']} alone: worst page {r['worst']:.2f} (page {r['page']})")
     positives = {k: [int(np.sum(r > MAP_THRESHOLDS[0])) for r in v] for k, v in refs.items()}
@@ -140,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     lines += [
         "",
-        "Each weight layer's per-channel int8 weights alone (everything else fp32), the 8 worst, over all 16 pages "
+        "Each weight layer's weights alone on the pass's int8 grid (everything else fp32; Conv, Gemm, MatMul), the 8 worst, over all 16 pages "
         "(0-7 calibration, 8-15 held-out):",
         "",
         "| layer | weight shape | worst page F1 | page |",
