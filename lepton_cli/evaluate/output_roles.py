@@ -2,8 +2,8 @@
 metadata, shape and the source's values on the data, in that order; the reason is kept for the report.
 
 Metrics (names as the report shows them):
-- ``exact``: integer or boolean outputs and copies of an input (a MiniLM export's ``input_ids``
-  passthrough): the share of elements equal to the source's;
+- ``exact``: integer or boolean outputs, among them copies of an input (a MiniLM export's ``input_ids``
+  passthrough): the share of elements equal to the source's; a float copy is scored by relative error;
 - ``ctc_agreement``: a CTC recogniser's ``[N, T, C]`` scores, only when the model says so (``lepton.decoding
   = ctc``) or its ``character`` table has C−1 or C−2 entries (blank, table, PaddleOCR's space): a layout
   detector keeping its class names under ``character`` is not a text recogniser;
@@ -185,8 +185,8 @@ def recognise(
     _, copied = _real_producer(model, name)
     if copied is None and feed is not None:
         copied = next((k for k, v in feed.items() if v.shape == first.shape and np.array_equal(v, first)), None)
-    if copied is not None:
-        return OutputRole(index, name, "exact", f"a copy of input {copied!r}: exact match")
+    if copied is not None:  # fp16 and int8 targets round a float copy too (a PixelShuffle is only Reshape/Transpose)
+        return OutputRole(index, name, "relative_error", f"a float copy of input {copied!r}: relative error")
     if first.ndim == 3:
         fits, why = ctc_table_fits(model, first.shape[-1])
         if fits:
