@@ -36,6 +36,8 @@ sys.path.insert(0, str(ROOT))
 import lepton_cli.passes.quantize as quantize_pass  # noqa: E402
 from lepton_cli.passes._quantize import tuning  # noqa: E402
 
+from benchmarks.corpus.manifest import by_name  # noqa: E402
+from benchmarks.corpus.store import data_paths  # noqa: E402
 from lepton_cli.evaluate.latency import Candidate, StopRule, host_latency  # noqa: E402
 from lepton_cli.host.detect import detect_host  # noqa: E402
 from lepton_cli.model.load import upgrade_opset  # noqa: E402
@@ -45,7 +47,7 @@ from lepton_cli.pipeline.targets import load_target  # noqa: E402
 from lepton_cli.samples.sample_set import load_samples  # noqa: E402
 
 CORPUS = Path(os.environ.get("LEPTON_CORPUS_DIR", "/tmp/lcorpus"))
-MODELS = {  # name: (model file, input shapes); data: CORPUS/data/<name>/calib.npz
+MODELS = {  # name: (model file, input shapes); data: the corpus's calib set
     "digits": (ROOT / "examples" / "digits" / "digits_cnn.onnx", {"image": [1, 1, 8, 8]}),
     "ddddocr_det": (CORPUS / "models" / "ddddocr_det.onnx", {"images": [1, 3, 416, 416]}),
     "ppocrv4_det": (CORPUS / "models" / "ppocrv4_det.onnx", {"x": [1, 3, 320, 320]}),
@@ -130,7 +132,7 @@ def _kendall(a: list[float], b: list[float]) -> float | None:
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     path, shapes = MODELS[name]
     model = bind_input_shapes(upgrade_opset(onnx.load(path), 13, 21)[0], shapes)  # as a compile loads it
-    calib = CORPUS / "data" / name / "calib.npz"
+    calib = data_paths(by_name(name))[0]
     new = _quantize(model, calib, args.target, cost_model=True)  # first: any warm-cache advantage goes to the old rule
     old = _quantize(model, calib, args.target, cost_model=False)
     old_pick, new_pick = _chosen(old), _chosen(new)

@@ -132,7 +132,7 @@ DIGITS = CorpusModel(
     "digits",
     "top1",
     fast=True,
-    calib_count=32,
+    calib_count=200,  # examples/digits' whole calib split: the gate needs ~100 held-out images to resolve 1 point
     eval_count=397,
 )
 

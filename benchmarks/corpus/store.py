@@ -42,8 +42,9 @@ def ensure_model(model: CorpusModel) -> Path:
 
 
 def data_paths(model: CorpusModel) -> tuple[Path, Path]:
+    """Cached per sample count: a manifest that changes a set's size builds it anew."""
     folder = cache_dir() / "data" / model.name
-    return folder / "calib.npz", folder / "eval.npz"
+    return folder / f"calib-{model.calib_count}.npz", folder / f"eval-{model.eval_count}.npz"
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
