@@ -33,7 +33,7 @@ from benchmarks.corpus.metrics import METRICS  # noqa: E402
 from benchmarks.corpus.peers import peer_command  # noqa: E402
 from benchmarks.corpus.runner import feeds, run_all, session  # noqa: E402
 from benchmarks.corpus.store import ensure_data, ensure_model, without_labels  # noqa: E402
-from benchmarks.corpus.sweep import TARGETS, run_compile, wait_with_rusage  # noqa: E402
+from benchmarks.corpus.sweep import TARGETS, run_compile, wait_with_peak_rss  # noqa: E402
 from lepton_cli.model.io_contract import adapt_feed, restore_output  # noqa: E402
 from lepton_cli.model.stats import node_macs  # noqa: E402
 
@@ -50,14 +50,14 @@ def run_peer(tool: str, model_path: Path, calib: Path, out: Path, timeout: float
     with tempfile.TemporaryFile() as log:
         start = time.perf_counter()
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        code, rusage = wait_with_rusage(proc, timeout)
+        code, peak_mb = wait_with_peak_rss(proc, timeout)
         seconds = time.perf_counter() - start
         log.seek(0)
         lines = [line for line in log.read().decode("utf-8", "replace").splitlines() if line.strip()]
     return {
         "code": code,
         "compile_s": round(seconds, 1),
-        "peak_rss_mb": round(rusage.ru_maxrss / 1024, 1) if rusage else None,
+        "peak_rss_mb": round(peak_mb, 1) if peak_mb is not None else None,
         "message": "" if code == 0 else (lines[-1][:300] if lines else ""),
     }
 

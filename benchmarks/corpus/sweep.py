@@ -72,7 +72,7 @@ def run_compile(
     extra: list[str] | None = None,
     threads: int | None = None,
 ) -> CompileRun:
-    """One ``lepton compile`` in a child process; peak RSS from the child's own rusage."""
+    """One ``lepton compile`` in a child process; peak RSS is the child's own (``wait_with_peak_rss``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     child = [sys.executable, "-m", "benchmarks.corpus.compile_child"]
     if save_model is not None:
@@ -84,25 +84,43 @@ def run_compile(
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=err)
-        code, rusage = wait_with_rusage(proc, timeout)
+        code, peak_mb = wait_with_peak_rss(proc, timeout)
         seconds = time.perf_counter() - start
         out.seek(0), err.seek(0)
         text = out.read().decode("utf-8", "replace") + err.read().decode("utf-8", "replace")
-    message = f"timed out after {timeout:.0f} s" if code == TIMEOUT_CODE and rusage is None else _error_line(text)
-    rss = rusage.ru_maxrss / 1024 if rusage is not None else float("nan")
+    message = f"timed out after {timeout:.0f} s" if code == TIMEOUT_CODE and peak_mb is None else _error_line(text)
+    rss = peak_mb if peak_mb is not None else float("nan")
     return CompileRun(
         model.name, target, code, round(seconds, 1), round(rss, 1), message[:300], "Traceback" in text, text[-4000:]
     )
 
 
-def wait_with_rusage(proc: subprocess.Popen, timeout: float):
-    """(exit code, the child's own rusage); kills it after ``timeout`` s: (124, None)."""
+def _high_water_mb(pid: int) -> float | None:
+    """The process's own peak RSS so far (VmHWM), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            line = next((row for row in status if row.startswith("VmHWM:")), "")
+        return int(line.split()[1]) / 1024 if line else None
+    except OSError:
+        return None
+
+
+def wait_with_peak_rss(proc: subprocess.Popen, timeout: float) -> tuple[int, float | None]:
+    """(exit code, the child's peak RSS in MiB); kills it after ``timeout`` s: (124, None).
+
+    Linux carries a parent's peak RSS into a forked child's ``ru_maxrss`` (kept across exec), so a benchmark
+    that has loaded models reports at least its own size for every child; the child's VmHWM, polled until it
+    exits, is its own. ``ru_maxrss`` is the fallback where /proc is not readable.
+    """
     deadline = time.monotonic() + timeout
+    peak: float | None = None
     while time.monotonic() < deadline:
         pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc.returncode, rusage
+            return proc.returncode, peak if peak is not None else rusage.ru_maxrss / 1024
+        now = _high_water_mb(proc.pid)
+        peak = now if peak is None or (now is not None and now > peak) else peak
         time.sleep(0.2)
     proc.kill()
     proc.wait()

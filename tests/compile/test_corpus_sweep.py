@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.corpus import fetch, pins  # noqa: E402
 from benchmarks.corpus.manifest import MODELS, by_name  # noqa: E402
 from benchmarks.corpus.store import ensure_data  # noqa: E402
-from benchmarks.corpus.sweep import TARGETS, run_compile  # noqa: E402
+from benchmarks.corpus.sweep import TARGETS, run_compile, wait_with_peak_rss  # noqa: E402
 
 HANG_GUARD_S = 3600  # not a speed test: only stops a hung compile from stalling the suite
 
@@ -96,3 +96,14 @@ def test_the_fp32_models_read_the_corpus_data(name):
     outputs = run_all(session(path), evaluation)
     chars = charset(model, path) if model.metric == "char_accuracy" else None
     assert METRICS[model.metric](model, evaluation, outputs, outputs, chars) >= 95.0
+
+
+def test_a_child_peak_rss_is_its_own_not_the_parents():
+    """A forked child's ru_maxrss starts at the parent's size: a benchmark holding models must not report it."""
+    import subprocess
+
+    ballast = np.ones(400 * 2**20, dtype=np.uint8)  # the parent at 400+ MiB, as bench_corpus after loading a model
+    child = "import time, numpy; a = numpy.ones(64 * 2**20, dtype=numpy.uint8); time.sleep(1.0)"
+    code, peak_mb = wait_with_peak_rss(subprocess.Popen([sys.executable, "-c", child]), timeout=60)
+    assert code == 0 and ballast[-1] == 1
+    assert 64 < peak_mb < 300
