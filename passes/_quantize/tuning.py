@@ -10,7 +10,8 @@ The search, bounded so that it costs O(methods × log2(max_float_layers)) quanti
 3. among the candidates that meet the budget, keep the one the target's cost model
    (``evaluate.costmodel``, priced the way ONNX Runtime runs QDQ) says is fastest, then the fewest
    float-kept nodes, the smaller drop, the method order: deterministic, and the build host's latency
-   says little about the target's; a fully quantized pass stops the search early.
+   says little about the target's; once a fully quantized model passes, only the other methods' fully
+   quantized models are scored (ties on the drop go to the output closest to the source's).
 A candidate the cost model prices above the cheapest one already within budget is built but not
 scored: it cannot be chosen. Each op-type tier (``SearchSpace.builds``) is searched in turn; a later
 tier is searched only when the chosen candidate keeps layers float and the later tier's fully
@@ -197,12 +198,14 @@ class _Search:
 
 def choose(passing: list[Trial], methods: list[str]) -> Trial | None:
     """Deterministic: the lowest estimated latency on the target (no estimate ranks last), then the fewest
-    float-kept nodes, the smaller drop, the method order."""
+    float-kept nodes, the smaller drop, the output closer to the source's (SNR: a small scoring set often reads
+    0.00 for every method), the method order."""
     order_of = {m: i for i, m in enumerate(methods)}
 
-    def key(t: Trial) -> tuple[float, int, float, int]:
+    def key(t: Trial) -> tuple[float, int, float, float, int]:
         cost = t.cost_ms if t.cost_ms is not None else inf
-        return cost, len(t.float_nodes), t.drop_pct, order_of.get(t.method, len(order_of))
+        snr = t.agreement.get("snr_db", -inf)
+        return cost, len(t.float_nodes), t.drop_pct, -snr, order_of.get(t.method, len(order_of))
 
     return min(passing, key=key, default=None)
 
@@ -249,8 +252,10 @@ def search(
     sensitivity: list[tuple[str, float]] = []
     for method in methods:
         first, model = run.attempt(method, [], SENSITIVITY)
-        if first.meets_budget:
-            break  # everything quantized fits: no float-kept variant can be faster
+        # Once a fully quantized model fits, no float-kept variant can be faster: only the other methods' fully
+        # quantized models are still scored, so that their ranges compete on closeness (``choose``).
+        if first.meets_budget or any(not t.float_nodes for t in run.passing):
+            continue
         if not first.scored:  # priced above the best within budget fully quantized: float-kept variants cost
             break  # more, and every method's graph is the same (only its scales differ)
         model = model or build(method, [])

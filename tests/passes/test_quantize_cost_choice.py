@@ -36,6 +36,8 @@ def test_choose_breaks_ties_by_float_nodes_then_drop_then_method_order():
     assert choose([d, c], methods) is c
     e, f = _trial("percentile", 1, 5.0, drop=0.2), _trial("minmax", 1, 5.0, drop=0.2)
     assert choose([e, f], methods) is f
+    e.agreement, f.agreement = {"snr_db": 31.0}, {"snr_db": 27.0}  # same drop: the output closer to the source's
+    assert choose([e, f], methods) is e
     assert choose([_trial("minmax", 0, None), g := _trial("minmax", 4, 50.0)], methods) is g  # no estimate: last
     assert choose([_trial("minmax", 3, None), h := _trial("minmax", 1, None)], methods) is h  # none: fewest float
 
@@ -47,6 +49,7 @@ class _Evaluator:
 
     def __init__(self, drops: dict[str, float]):
         self.drops, self.scored = drops, []
+        self.snrs: dict[str, float] = {}  # tag -> the candidate's output SNR (choose's tie-break)
 
     def first_feeds(self, count):
         return [{"image": None}]
@@ -55,7 +58,7 @@ class _Evaluator:
         tag = model.doc_string
         self.scored.append(tag)
         drop = self.drops.get(tag, 5.0)
-        return AccuracyScore("top1", 100.0, 100.0 - drop, drop, {}, 100)
+        return AccuracyScore("top1", 100.0, 100.0 - drop, drop, {"snr_db": self.snrs.get(tag, 20.0)}, 100)
 
 
 def _space(base: onnx.ModelProto, builds_log: list[str]) -> SearchSpace:
@@ -156,3 +159,21 @@ def test_no_candidate_within_budget_still_exits_3_with_every_trial(monkeypatch):
         _tune(monkeypatch, {}, {})
     assert "minmax[Conv]+4 float: drop 5.00" in exc.value.message
     assert "minmax[all ops]+4 float: drop 5.00" in exc.value.message
+
+
+def test_every_method_fully_quantized_is_scored_once_one_fits_and_the_closest_wins(monkeypatch):
+    """A small scoring set reads 0.00 for both methods; the first method's ranges used to win by order alone."""
+    monkeypatch.setattr(tuning, "float_gains", lambda *a, **k: pytest.fail("no float-kept search after a full fit"))
+
+    def build(method, keep):
+        model = onnx.ModelProto()
+        model.doc_string = f"{method}:{','.join(sorted(keep))}"
+        return model
+
+    evaluator = _Evaluator({"minmax:": 0.0, "percentile:": 0.0, "mse:": 3.0})
+    evaluator.snrs = {"minmax:": 24.0, "percentile:": 29.5, "mse:": 35.0}
+    found = tuning.search(
+        build, ["minmax", "percentile", "mse"], evaluator, 1.0, onnx.ModelProto(), [], max_float=4, cost=lambda m: 10.0
+    )
+    assert evaluator.scored == ["minmax:", "percentile:", "mse:"]  # mse is over budget: its SNR does not count
+    assert found.best_trial is not None and found.best_trial.method == "percentile"
