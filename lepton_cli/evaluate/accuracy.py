@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 
 from lepton_cli.errors import BadInputError
-from lepton_cli.evaluate.output_roles import MAP_THRESHOLDS, OutputRole, from_user, recognise
+from lepton_cli.evaluate.output_roles import CTC_BLANK, MAP_THRESHOLDS, OutputRole, from_user, recognise
 from lepton_cli.evaluate.output_scores import (
     CosineTally,
     DecisionTally,
@@ -70,7 +70,6 @@ METRICS = (
     "relative-error",
 )  # mask-f1 takes "@threshold"
 MASK_F1_DEFAULT_THRESHOLD = 0.5
-CTC_BLANK = 0  # the blank class: PaddleOCR's and PyTorch CTCLoss's default
 CTC_METADATA_KEYS = (
     "lepton.decoding",
     "character",

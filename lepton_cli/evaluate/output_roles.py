@@ -4,9 +4,11 @@ metadata, shape and the source's values on the data, in that order; the reason i
 Metrics (names as the report shows them):
 - ``exact``: integer or boolean outputs, among them copies of an input (a MiniLM export's ``input_ids``
   passthrough): the share of elements equal to the source's; a float copy is scored by relative error;
-- ``ctc_agreement``: a CTC recogniser's ``[N, T, C]`` scores, only when the model says so (``lepton.decoding
+- ``ctc_agreement``: a CTC recogniser's ``[N, T, C]`` scores, when the model says so (``lepton.decoding
   = ctc``) or its ``character`` table has C−1 or C−2 entries (blank, table, PaddleOCR's space): a layout
-  detector keeping its class names under ``character`` is not a text recogniser;
+  detector keeping its class names under ``character`` is not a text recogniser; with no ``character``
+  entry at all, a Softmax over more classes than steps whose class 0 (the blank) wins at least 30 % of the
+  steps on the data (PP-OCRv5 rec keeps its table in a separate file);
 - ``detection_f1``: a YOLO-style head, ``[N, 4+nc, A]`` (boxes cx,cy,w,h then class scores) or
   ``[N, A, 5+nc]`` (boxes, objectness, class scores), scores in [0, 1]: decoded, NMS, F1 of the
   candidate's boxes matched to the source's at IoU 0.5 (same class), with the matched score error;
@@ -37,12 +39,18 @@ PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"
 CLASS_PRODUCERS = {"Softmax", "LogSoftmax", "Sigmoid"}
 CLASS_NAME = re.compile(r"logit|prob|class|cls|score|label|pred", re.I)
 EMBEDDING_NAME = re.compile(r"embed|hidden|pool|feature|feat|sentence|vector|encod|token_emb", re.I)
+NO_CTC_METADATA = "no CTC metadata"
 MIN_ANCHORS = 64  # fewer positions than this is not a dense detector head
 DETECTION_CONF = 0.25  # ultralytics' and YOLOX's default predict threshold
 # The graph does not say where a map is binarised: DBNet text detectors use 0.3 (PaddleOCR det_db_thresh),
 # segmentation masks 0.5; a recognised map is scored at both and the worse counts.
 MAP_THRESHOLDS = (0.3, 0.5)
 UNIT_NORM_TOLERANCE = 1e-3
+CTC_BLANK = 0  # the blank class: PaddleOCR's and PyTorch CTCLoss's default
+# A CTC recogniser's per-step probabilities put the blank first on most steps (between and around characters):
+# PP-OCRv5 rec on rendered lines 60-80 %. An embedding or a classifier over steps has no such class.
+MIN_BLANK_SHARE = 0.3
+MIN_CTC_STEPS = 8
 
 
 @dataclass
@@ -79,11 +87,29 @@ def ctc_table_fits(model: onnx.ModelProto, classes: int) -> tuple[bool, str]:
     if props.get("lepton.decoding", "").lower() == "ctc":
         return True, "metadata lepton.decoding = ctc"
     if "character" not in props:
-        return False, "no CTC metadata"
+        return False, NO_CTC_METADATA
     entries = len(props["character"].split("\n"))
     if classes in (entries + 1, entries + 2):
         return True, f"metadata 'character' has {entries} entries for {classes} classes (blank, table[, space])"
     return False, f"metadata 'character' has {entries} entries but the output has {classes} classes: not a CTC table"
+
+
+def _ctc_by_values(model: onnx.ModelProto, name: str, refs: list[np.ndarray]) -> tuple[bool, str]:
+    """Per-step probabilities ([N, T, C], a Softmax result) whose blank class wins many steps: CTC without a table;
+    decoded index sequences are compared, so the table is not needed."""
+    first = refs[0]
+    steps, classes = first.shape[1], first.shape[2]
+    # classes > steps: a character set; a tagger's few labels ("O" first in NER) are scored per step instead
+    if steps < MIN_CTC_STEPS or classes <= steps or _real_producer(model, name)[0] != "Softmax":
+        return False, NO_CTC_METADATA
+    winners = np.concatenate([np.argmax(r, axis=-1).ravel() for r in refs])
+    share = float(np.mean(winners == CTC_BLANK))
+    if share < MIN_BLANK_SHARE:
+        return False, NO_CTC_METADATA
+    return True, (
+        f"no character table, but class {CTC_BLANK} (the CTC blank) wins {100 * share:.0f} % of the "
+        f"{steps} Softmax steps on the data: decoded index sequences compared"
+    )
 
 
 def _in_unit_range(values: list[np.ndarray]) -> bool:
@@ -189,6 +215,8 @@ def recognise(
         return OutputRole(index, name, "relative_error", f"a float copy of input {copied!r}: relative error")
     if first.ndim == 3:
         fits, why = ctc_table_fits(model, first.shape[-1])
+        if not fits and why == NO_CTC_METADATA:  # a table kept outside the model (PP-OCRv5's dict file)
+            fits, why = _ctc_by_values(model, name, refs)
         if fits:
             return OutputRole(index, name, "ctc_agreement", f"CTC scores: {why}")
         layout, det_why = (

@@ -95,7 +95,8 @@ def test_a_classifier_whose_confidence_collapsed_is_warned_about():
 @needs_ocr
 def test_ctc_needs_a_table_that_fits_the_classes_and_a_float_copy_is_not_scored_exactly(tmp_path):
     """PP-OCRv4 rec (6625 classes, a 6623-entry table) is CTC; the same graph with an 11-name `character`
-    entry (a layout detector's class names) is not; an input copy before it is scored exactly."""
+    entry (a layout detector's class names) is not; with no table at all its blank-dominated Softmax steps
+    say CTC; a float input copy before it is scored by relative error."""
     import ocr_textset as textset
 
     from lepton_cli.model.shapes import bind_input_shapes
@@ -117,6 +118,11 @@ def test_ctc_needs_a_table_that_fits_the_classes_and_a_float_copy_is_not_scored_
             prop.value = "\n".join(LAYOUT_CLASSES)
     (role,) = Evaluator(layout, samples).roles
     assert role.metric == "top1_agreement" and "Softmax" in role.why
+    no_table = onnx.ModelProto()  # PP-OCRv5 rec ships its table as a separate file: the blank still shows
+    no_table.CopyFrom(rec)
+    del no_table.metadata_props[:]
+    (role,) = Evaluator(no_table, samples).roles
+    assert role.metric == "ctc_agreement" and "the CTC blank) wins" in role.why
 
 
 def _ddddocr_det() -> Path | None:
