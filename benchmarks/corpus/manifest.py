@@ -92,6 +92,8 @@ OCR_MODELS = [
         {"input1": [1, 1, 64, 256]},
         "captcha_lines",
         "char_accuracy",
+        calib_count=64,  # as the PP-OCR recognisers: 16 held-out lines for the gate
+        eval_count=64,
         note="CRNN, dynamic width bound to 256; output [T, 1, classes] logits",
     ),
     CorpusModel(
