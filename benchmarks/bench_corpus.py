@@ -2,6 +2,7 @@
 
     python benchmarks/bench_corpus.py [--models digits ddddocr_common] [--targets cpu-avx cuda]
                                       [--tools lepton ort nncf nncf-ac] [--out benchmarks/results/corpus_yardstick]
+    python benchmarks/bench_corpus.py --render run1.json run2.json --out benchmarks/results/corpus_yardstick
 
 For each model: the task metric on held-out real data (benchmarks/corpus/metrics.py) for fp32 and
 for each candidate, latency ratio to fp32 (interleaved runs, 1 thread and all threads, ONNX Runtime
@@ -243,7 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="per compile/quantization, seconds")
     parser.add_argument("--bench-seconds", type=float, default=2.0, help="interleaved timing per thread setting")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "corpus_yardstick")
+    parser.add_argument(
+        "--render",
+        nargs="+",
+        type=Path,
+        help="combine earlier runs' JSON into OUT (a later row for a pair replaces one)",
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        render(args.render, args.out)
+        return 0
     models = [by_name(n) for n in args.models] if args.models else [m for m in MODELS if not m.name.startswith("pt_")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="lepton-yardstick-") as tmp:
@@ -252,6 +262,20 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_model(model, args.targets, args.tools, Path(tmp), args.timeout, args.bench_seconds, budget)
             _write(args.out, rows, argv)
     return 0
+
+
+def render(runs: list[Path], out: Path) -> None:
+    """One table from several runs: each (model, tool, target) row from the last run that has it, with the commands."""
+    rows: dict[tuple[str, str, str], dict] = {}
+    commands = []
+    for path in runs:
+        run = json.loads(path.read_text())
+        commands.append(run["command"])
+        rows |= {(r["model"], r["tool"], r["target"]): r for r in run["rows"]}
+    out.with_suffix(".json").write_text(
+        json.dumps({"commands": commands, "rows": list(rows.values())}, indent=1) + "\n"
+    )
+    out.with_suffix(".md").write_text(markdown(list(rows.values()), "; ".join(commands)), encoding="utf-8")
 
 
 def _write(out: Path, rows: list[dict], argv: list[str] | None) -> None:
