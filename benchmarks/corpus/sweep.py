@@ -37,6 +37,8 @@ class CompileRun:
     message: str  # the last stderr line (the one-line error for a non-zero exit)
     traceback: bool  # "Traceback" anywhere in the output: never acceptable
     stderr: str = ""
+    out_files: list[str] | None = None  # what the compile left in its output folder (a refusal must leave nothing)
+    error_lines: int | None = None  # lines starting "error:" (a refusal prints exactly one)
 
 
 def _error_line(text: str) -> str:
@@ -91,8 +93,23 @@ def run_compile(
     message = f"timed out after {timeout:.0f} s" if code == TIMEOUT_CODE and peak_mb is None else _error_line(text)
     rss = peak_mb if peak_mb is not None else float("nan")
     return CompileRun(
-        model.name, target, code, round(seconds, 1), round(rss, 1), message[:300], "Traceback" in text, text[-4000:]
+        model.name,
+        target,
+        code,
+        round(seconds, 1),
+        round(rss, 1),
+        message[:300],
+        "Traceback" in text,
+        text[-4000:],
+        _output_files(out_dir),
+        sum(line.startswith("error:") for line in text.splitlines()),
     )
+
+
+def _output_files(out_dir: Path) -> list[str]:
+    """Paths the compile wrote under ``out_dir``, less the calibration file the sweep itself put there."""
+    found = (p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
+    return sorted(name for name in found if name != "calib.npz")
 
 
 def _high_water_mb(pid: int) -> float | None:

@@ -202,7 +202,10 @@ def calibrate(
             _bound_histograms(calibrator, settings)  # the collector exists after the first chunk
             if progress:
                 progress(stop, total)
-        if settings.method == "mse":
+        collector = getattr(calibrator, "collector", None)
+        if collector is not None and not getattr(collector, "histogram_dict", None):
+            ranges = TensorsData(method, {})  # nothing of op_types to calibrate: as min/max returns (ORT raises)
+        elif settings.method == "mse":
             ranges = mse_tensors_data(calibrator.collector.histogram_dict)
         else:
             ranges = calibrator.compute_data()

@@ -251,10 +251,18 @@ def search(
     run = _Search(build, evaluator, budget, z, progress, cost, ceiling)
     sensitivity: list[tuple[str, float]] = []
     for method in methods:
-        first, model = run.attempt(method, [], SENSITIVITY)
+        fits_already = any(not t.float_nodes for t in run.passing)
+        try:
+            first, model = run.attempt(method, [], SENSITIVITY)
+        except ValueError as exc:  # ORT's calibrators refuse some data (a histogram over an empty range, ...)
+            if not fits_already:
+                raise
+            if progress:
+                progress(f"{method:<10} not usable on this model ({exc}); a fully quantized candidate already fits")
+            continue
         # Once a fully quantized model fits, no float-kept variant can be faster: only the other methods' fully
         # quantized models are still scored, so that their ranges compete on closeness (``choose``).
-        if first.meets_budget or any(not t.float_nodes for t in run.passing):
+        if first.meets_budget or fits_already:
             continue
         if not first.scored:  # priced above the best within budget fully quantized: float-kept variants cost
             break  # more, and every method's graph is the same (only its scales differ)

@@ -45,11 +45,10 @@ def test_compiles_or_refuses_cleanly(model, target, tmp_path):
     assert not run.traceback, run.stderr
     assert run.code in (0, 2, 3), f"exit {run.code}: {run.message}"
     if run.code == 0:
-        assert list((tmp_path / "out").glob("*.lepton")), "exit 0 without a bundle"
+        assert any(name.endswith(".lepton/manifest.json") for name in run.out_files), "exit 0 without a bundle"
     else:
-        errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1, run.stderr
-        assert not list((tmp_path / "out").glob("*.lepton")), "a refused compile left a bundle"
+        assert run.error_lines == 1, run.stderr
+        assert run.out_files == [], f"a refused compile left {run.out_files}"
 
 
 def test_fast_set_spans_kinds_of_model():

@@ -177,3 +177,22 @@ def test_every_method_fully_quantized_is_scored_once_one_fits_and_the_closest_wi
     )
     assert evaluator.scored == ["minmax:", "percentile:", "mse:"]  # mse is over budget: its SNR does not count
     assert found.best_trial is not None and found.best_trial.method == "percentile"
+
+
+def test_a_method_that_cannot_calibrate_does_not_sink_a_model_another_method_fits():
+    def build(method, keep):
+        if method == "percentile":
+            raise ValueError("Histogram has not been collected. Please run collect() first.")
+        model = onnx.ModelProto()
+        model.doc_string = f"{method}:{','.join(sorted(keep))}"
+        return model
+
+    notes: list[str] = []
+    evaluator = _Evaluator({"minmax:": 0.0})
+    found = tuning.search(
+        build, ["minmax", "percentile"], evaluator, 1.0, onnx.ModelProto(), [], max_float=4, progress=notes.append
+    )
+    assert found.best_trial is not None and found.best_trial.method == "minmax"
+    assert any("percentile" in n and "not usable" in n for n in notes)
+    with pytest.raises(ValueError):  # with nothing fitting yet, the failure is not hidden
+        tuning.search(build, ["percentile", "minmax"], _Evaluator({}), 1.0, onnx.ModelProto(), [], max_float=4)
