@@ -42,8 +42,9 @@ def ensure_model(model: CorpusModel) -> Path:
 
 
 def data_paths(model: CorpusModel) -> tuple[Path, Path]:
+    """The sample counts are in the names: a cache built for other counts is never read as this one."""
     folder = cache_dir() / "data" / model.name
-    return folder / "calib.npz", folder / "eval.npz"
+    return folder / f"calib-{model.calib_count}.npz", folder / f"eval-{model.eval_count}.npz"
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -63,6 +63,7 @@ class Trial:
     cost_ms: float | None = None  # the target cost model's latency estimate (None: no estimate)
     scored: bool = True  # False: priced above a candidate within budget, so never scored
     drop_bound: float | None = None  # the upper confidence bound held to the budget (None: the drop itself)
+    unconfirmed: bool = False  # within budget, but one more float node was not: not kept (``_Search.confirm``)
 
     @property
     def rule_tag(self) -> str:
@@ -123,13 +124,16 @@ class _Search:
         self.passing: list[Trial] = []  # models are rebuilt, not kept: a candidate per trial held ~60 model copies
         self.scored: dict[tuple[str, frozenset[str]], Trial] = {}
 
-    def attempt(self, method: str, keep: list[str], rule: str) -> tuple[Trial, onnx.ModelProto | None]:
+    def attempt(
+        self, method: str, keep: list[str], rule: str, priced: bool = True
+    ) -> tuple[Trial, onnx.ModelProto | None]:
+        """Build and score (method, keep); ``priced`` False scores it even above the ceiling (a confirmation)."""
         key = (method, frozenset(keep))
-        if key in self.scored:  # the leading nodes can be the set the ranking already tried
+        if key in self.scored and (self.scored[key].scored or priced):  # the leading nodes can be a ranked set
             return self.scored[key], None
         model = self.build(method, keep)
         cost = self.cost(model) if self.cost else None
-        if cost is not None and cost > self.ceiling:  # slower than a candidate within budget: cannot be chosen
+        if priced and cost is not None and cost > self.ceiling:  # slower than one within budget: cannot be chosen
             trial = Trial(method, list(keep), inf, inf, False, float_rule=rule, cost_ms=cost, scored=False)
             return self._record(key, trial, None), model
         score: AccuracyScore = self.evaluator.score(model)
@@ -151,6 +155,8 @@ class _Search:
         return self._record(key, trial, score.metric), model
 
     def _record(self, key: tuple[str, frozenset[str]], trial: Trial, metric: str | None) -> Trial:
+        if key in self.scored:  # a confirmation scoring a candidate that was priced out: one trial for it
+            self.trials.remove(self.scored[key])
         self.trials.append(trial)
         self.scored[key] = trial
         if self.progress:
@@ -185,7 +191,30 @@ class _Search:
                 high = mid
             else:
                 low = mid
-        return True
+        return self.confirm(method, order, rule, limit)
+
+    def confirm(self, method: str, order: list[str], rule: str, limit: int) -> bool:
+        """Keep this chain's passes that still pass with one more float node; drop the others.
+
+        One more float node brings a candidate closer to the source, so a pass it undoes was a fluctuation:
+        a metric counting discrete units (a detector's boxes near its threshold) lets one of dozens of
+        candidates land under the budget by chance, and that one is the search's choice (docs/decisions.md)."""
+        chain = sorted(
+            (len(t.float_nodes), t)
+            for t in self.passing
+            if t.method == method and t.float_rule == rule and t.float_nodes == order[: len(t.float_nodes)]
+        )
+        for k, trial in chain:
+            if k >= limit or self.attempt(method, order[: k + 1], rule, priced=False)[0].meets_budget:
+                return True
+            trial.meets_budget, trial.unconfirmed = False, True
+            self.passing.remove(trial)
+            if self.progress:
+                self.progress(
+                    f"{method:<10} float-kept {k:3d}{trial.rule_tag}: not kept (over with one more float node)"
+                )
+            self.ceiling = min((t.cost_ms for t in self.passing if t.cost_ms is not None), default=inf)
+        return False
 
     def result(self, methods: list[str], sensitivity: list[tuple[str, float]]) -> SearchResult:
         """The passing trial ``choose`` picks, rebuilt."""
@@ -274,6 +303,8 @@ def _tried_line(trials: list[Trial], budget: float) -> str:
     def outcome(t: Trial) -> str:  # a drop under the budget was refused for its upper bound: say so, or it reads wrong
         if not t.scored:
             return "not scored (slower than a candidate within budget)"
+        if t.unconfirmed:
+            return f"drop {t.drop_pct:.2f}, not kept (over with one more float node)"
         over = t.drop_bound is not None and t.drop_pct <= budget < t.drop_bound
         return f"drop {t.drop_pct:.2f}" + (f" (upper bound {t.drop_bound:.2f})" if over else "")
 

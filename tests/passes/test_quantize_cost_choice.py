@@ -132,7 +132,7 @@ def test_within_a_tier_candidates_costlier_than_a_passing_one_are_not_scored(mon
     def cost(model):
         return 10.0 + 10.0 * model.doc_string.split(":")[1].count("n")
 
-    evaluator = _Evaluator({"minmax:n0,n1": 0.5, "percentile:n0,n1,n2,n3": 0.1})
+    evaluator = _Evaluator({"minmax:n0,n1": 0.5, "minmax:n0,n1,n2": 0.4, "percentile:n0,n1,n2,n3": 0.1})
     found = tuning.search(
         build,
         ["minmax", "percentile"],
