@@ -120,6 +120,7 @@ class _Search:
     ):
         self.build, self.evaluator, self.budget, self.z, self.progress = build, evaluator, budget, z, progress
         self.cost, self.ceiling = cost, ceiling  # ceiling: the cheapest estimate within budget so far
+        self.given_ceiling = ceiling  # an earlier tier's choice
         self.trials: list[Trial] = []
         self.passing: list[Trial] = []  # models are rebuilt, not kept: a candidate per trial held ~60 model copies
         self.scored: dict[tuple[str, frozenset[str]], Trial] = {}
@@ -200,11 +201,11 @@ class _Search:
         a metric counting discrete units (a detector's boxes near its threshold) lets one of dozens of
         candidates land under the budget by chance, and that one is the search's choice (docs/decisions.md)."""
         chain = sorted(
-            (len(t.float_nodes), t)
-            for t in self.passing
-            if t.method == method and t.float_rule == rule and t.float_nodes == order[: len(t.float_nodes)]
+            (t for t in self.passing if t.method == method and t.float_rule == rule),
+            key=lambda t: len(t.float_nodes),
         )
-        for k, trial in chain:
+        for trial in (t for t in chain if t.float_nodes == order[: len(t.float_nodes)]):
+            k = len(trial.float_nodes)
             if k >= limit or self.attempt(method, order[: k + 1], rule, priced=False)[0].meets_budget:
                 return True
             trial.meets_budget, trial.unconfirmed = False, True
@@ -213,7 +214,7 @@ class _Search:
                 self.progress(
                     f"{method:<10} float-kept {k:3d}{trial.rule_tag}: not kept (over with one more float node)"
                 )
-            self.ceiling = min((t.cost_ms for t in self.passing if t.cost_ms is not None), default=inf)
+            self.ceiling = min([self.given_ceiling] + [t.cost_ms for t in self.passing if t.cost_ms is not None])
         return False
 
     def result(self, methods: list[str], sensitivity: list[tuple[str, float]]) -> SearchResult:
