@@ -6,7 +6,8 @@ The search, bounded so that it costs O(methods × log2(max_float_layers)) quanti
    (``sensitivity.py``), then keep the top k in float (``float_keep.py``) for k = 1, 2, 4, ... until
    the budget holds, and bisect down between the last failing and the first passing k (fewer float
    layers = faster); when no k does, do the same with the leading quantized nodes in graph order
-   (error that builds up over many layers, which no single node's bypass reveals);
+   (error that builds up over many layers, which no single node's bypass reveals); a k within budget is
+   kept only if k + 1 is too (``_Search.confirm``: on a count of boxes one candidate in dozens passes by chance);
 3. among the candidates that meet the budget, keep the one the target's cost model
    (``evaluate.costmodel``, priced the way ONNX Runtime runs QDQ) says is fastest, then the fewest
    float-kept nodes, the smaller drop, the method order: deterministic, and the build host's latency
