@@ -196,7 +196,7 @@ class _Search:
         return self.confirm(method, order, rule, limit)
 
     def confirm(self, method: str, order: list[str], rule: str, limit: int) -> bool:
-        """Keep this chain's passes that still pass with one more float node; drop the others.
+        """Keep this chain's passes that still pass with one more float node (past ``limit`` too); drop the others.
 
         One more float node brings a candidate closer to the source, so a pass it undoes was a fluctuation:
         a metric counting discrete units (a detector's boxes near its threshold) lets one of dozens of
@@ -207,7 +207,7 @@ class _Search:
         )
         for trial in (t for t in chain if t.float_nodes == order[: len(t.float_nodes)]):
             k = len(trial.float_nodes)
-            if k >= limit or self.attempt(method, order[: k + 1], rule, priced=False)[0].meets_budget:
+            if k >= len(order) or self._holds(method, order[: k + 1], rule, k + 1 <= limit):
                 return True
             trial.meets_budget, trial.unconfirmed = False, True
             self.passing.remove(trial)
@@ -217,6 +217,13 @@ class _Search:
                 )
             self.ceiling = min([self.given_ceiling] + [t.cost_ms for t in self.passing if t.cost_ms is not None])
         return False
+
+    def _holds(self, method: str, keep: list[str], rule: str, allowed: bool) -> bool:
+        """Whether ``keep`` meets the budget; past max_float_layers (``allowed`` False) it is a check, never chosen."""
+        trial = self.attempt(method, keep, rule, priced=False)[0]
+        if not allowed and trial in self.passing:
+            self.passing.remove(trial)
+        return trial.meets_budget
 
     def result(self, methods: list[str], sensitivity: list[tuple[str, float]]) -> SearchResult:
         """The passing trial ``choose`` picks, rebuilt."""

@@ -39,20 +39,20 @@ class _Table:
         return AccuracyScore("detection_f1", 100.0, 100.0 - drop, drop, {}, 16)
 
 
-def _search(drops: dict[int, float]):
+def _search(drops: dict[int, float], max_float: int = 4):
     def build(method, keep):
         model = onnx.ModelProto()
         model.doc_string = str(len(keep))
         return model
 
     return tuning.search(
-        build, ["minmax"], _Table(drops), 1.0, onnx.ModelProto(), [], max_float=4, candidates=lambda m: NODES
+        build, ["minmax"], _Table(drops), 1.0, onnx.ModelProto(), [], max_float=max_float, candidates=lambda m: NODES
     )
 
 
 def test_a_pass_one_more_float_node_undoes_is_not_kept(monkeypatch):
     monkeypatch.setattr(tuning, "float_gains", lambda *a, **k: [(n, 1.0) for n in NODES])
-    # 2 float nodes land under the budget, 3 (closer to the source) do not: luck; 4 hold at the limit
+    # 2 float nodes land under the budget, 3 (closer to the source) do not: luck; 4 (every node) hold
     found = _search({0: 3.0, 1: 2.0, 2: 0.6, 3: 1.4, 4: 0.5})
     assert found.best_trial is not None and len(found.best_trial.float_nodes) == 4
     (lucky,) = [t for t in found.trials if t.unconfirmed]
@@ -65,6 +65,13 @@ def test_a_pass_that_holds_with_one_more_float_node_is_kept(monkeypatch):
     found = _search({0: 3.0, 1: 2.0, 2: 0.6, 3: 0.5, 4: 0.5})
     assert found.best_trial is not None and len(found.best_trial.float_nodes) == 2
     assert not [t for t in found.trials if t.unconfirmed]
+
+
+def test_at_max_float_layers_one_more_node_is_scored_as_a_check_never_chosen(monkeypatch):
+    monkeypatch.setattr(tuning, "float_gains", lambda *a, **k: [(n, 1.0) for n in NODES])
+    assert _search({0: 3.0, 1: 2.0, 2: 1.4, 3: 0.6, 4: 1.5}, max_float=3).best_trial is None
+    found = _search({0: 3.0, 1: 2.0, 2: 1.4, 3: 0.6, 4: 0.5}, max_float=3)
+    assert found.best_trial is not None and len(found.best_trial.float_nodes) == 3
 
 
 def test_exit_3_names_the_pass_that_was_not_kept(monkeypatch):
