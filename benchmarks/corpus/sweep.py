@@ -137,7 +137,8 @@ def wait_with_peak_rss(proc: subprocess.Popen, timeout: float) -> tuple[int, flo
             proc.returncode = os.waitstatus_to_exitcode(status)
             return proc.returncode, peak if peak is not None else rusage.ru_maxrss / 1024
         now = _high_water_mb(proc.pid)
-        peak = now if peak is None or (now is not None and now > peak) else peak
+        if now is not None:  # VmHWM only rises: the last reading before exit is the peak
+            peak = now
         time.sleep(0.2)
     proc.kill()
     proc.wait()

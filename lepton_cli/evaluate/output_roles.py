@@ -39,7 +39,6 @@ PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"
 CLASS_PRODUCERS = {"Softmax", "LogSoftmax", "Sigmoid"}
 CLASS_NAME = re.compile(r"logit|prob|class|cls|score|label|pred", re.I)
 EMBEDDING_NAME = re.compile(r"embed|hidden|pool|feature|feat|sentence|vector|encod|token_emb", re.I)
-NO_CTC_METADATA = "no CTC metadata"
 MIN_ANCHORS = 64  # fewer positions than this is not a dense detector head
 DETECTION_CONF = 0.25  # ultralytics' and YOLOX's default predict threshold
 # The graph does not say where a map is binarised: DBNet text detectors use 0.3 (PaddleOCR det_db_thresh),
@@ -81,31 +80,35 @@ def _real_producer(model: onnx.ModelProto, tensor: str) -> tuple[str | None, str
     return None, tensor if tensor in inputs else None
 
 
-def ctc_table_fits(model: onnx.ModelProto, classes: int) -> tuple[bool, str]:
-    """Whether the model declares CTC decoding for ``classes`` scores per step, and why (not)."""
+def ctc_evidence(model: onnx.ModelProto, name: str, refs: list[np.ndarray]) -> tuple[bool, str]:
+    """Whether output ``name`` holds CTC scores, and why (not): the model's word, else its ``character`` table,
+    else (no table in the model, as PP-OCRv5 rec's dict file) its values."""
+    classes = refs[0].shape[-1]
     props = {p.key: p.value for p in model.metadata_props}
     if props.get("lepton.decoding", "").lower() == "ctc":
         return True, "metadata lepton.decoding = ctc"
-    if "character" not in props:
-        return False, NO_CTC_METADATA
-    entries = len(props["character"].split("\n"))
-    if classes in (entries + 1, entries + 2):
-        return True, f"metadata 'character' has {entries} entries for {classes} classes (blank, table[, space])"
-    return False, f"metadata 'character' has {entries} entries but the output has {classes} classes: not a CTC table"
+    if "character" in props:
+        entries = len(props["character"].split("\n"))
+        if classes in (entries + 1, entries + 2):
+            return True, f"metadata 'character' has {entries} entries for {classes} classes (blank, table[, space])"
+        return (
+            False,
+            f"metadata 'character' has {entries} entries but the output has {classes} classes: not a CTC table",
+        )
+    return _ctc_by_values(model, name, refs)
 
 
 def _ctc_by_values(model: onnx.ModelProto, name: str, refs: list[np.ndarray]) -> tuple[bool, str]:
     """Per-step probabilities ([N, T, C], a Softmax result) whose blank class wins many steps: CTC without a table;
     decoded index sequences are compared, so the table is not needed."""
-    first = refs[0]
-    steps, classes = first.shape[1], first.shape[2]
+    steps, classes = refs[0].shape[1], refs[0].shape[2]
     # classes > steps: a character set; a tagger's few labels ("O" first in NER) are scored per step instead
     if steps < MIN_CTC_STEPS or classes <= steps or _real_producer(model, name)[0] != "Softmax":
-        return False, NO_CTC_METADATA
+        return False, "no CTC metadata"
     winners = np.concatenate([np.argmax(r, axis=-1).ravel() for r in refs])
     share = float(np.mean(winners == CTC_BLANK))
     if share < MIN_BLANK_SHARE:
-        return False, NO_CTC_METADATA
+        return False, f"no CTC metadata, and class {CTC_BLANK} wins only {100 * share:.0f} % of the steps"
     return True, (
         f"no character table, but class {CTC_BLANK} (the CTC blank) wins {100 * share:.0f} % of the "
         f"{steps} Softmax steps on the data: decoded index sequences compared"
@@ -214,9 +217,7 @@ def recognise(
     if copied is not None:  # fp16 and int8 targets round a float copy too (a PixelShuffle is only Reshape/Transpose)
         return OutputRole(index, name, "relative_error", f"a float copy of input {copied!r}: relative error")
     if first.ndim == 3:
-        fits, why = ctc_table_fits(model, first.shape[-1])
-        if not fits and why == NO_CTC_METADATA:  # a table kept outside the model (PP-OCRv5's dict file)
-            fits, why = _ctc_by_values(model, name, refs)
+        fits, why = ctc_evidence(model, name, refs)
         if fits:
             return OutputRole(index, name, "ctc_agreement", f"CTC scores: {why}")
         layout, det_why = (

@@ -206,7 +206,7 @@ def calibrate(
         if collector is not None and not getattr(collector, "histogram_dict", None):
             ranges = TensorsData(method, {})  # nothing of op_types to calibrate: as min/max returns (ORT raises)
         elif settings.method == "mse":
-            ranges = mse_tensors_data(calibrator.collector.histogram_dict)
+            ranges = mse_tensors_data(collector.histogram_dict)
         else:
             ranges = calibrator.compute_data()
         del calibrator
