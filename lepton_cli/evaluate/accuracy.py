@@ -51,6 +51,7 @@ from lepton_cli.evaluate.output_scores import (
     drop_standard_error,
     source_box_count,
 )
+from lepton_cli.host.parallel import ordered_map
 from lepton_cli.model.io_contract import adapt_feed, restore_output
 from lepton_cli.model.sessions import make_session
 from lepton_cli.samples.sample_set import SampleSet
@@ -375,6 +376,7 @@ class Evaluator:
         threads: int = 1,
         metric: str = "auto",
         opt_level: str = "all",
+        workers: int = 1,
     ) -> None:
         default_text, per_output = parse_metric_spec(metric)
         default, self.mask_threshold = parse_metric(default_text)
@@ -383,6 +385,7 @@ class Evaluator:
         if not self.count:
             raise BadInputError("the evaluation set is empty", "give at least one sample")
         self.threads = threads
+        self.workers = workers  # samples (and sensitivity candidates) run side by side, each on ``threads``
         self.opt_level = opt_level
         self.labels = (
             labels[: self.count] if labels is not None and limit is not None else labels
@@ -548,11 +551,12 @@ class Evaluator:
         """Per sample: every output of ``model``, in the source model's layout."""
         session = make_session(model, opt_level=self.opt_level, threads=self.threads)
         names = [o.name for o in session.get_outputs()]
-        for feed in self.samples.feeds(self.limit):
-            yield [
-                restore_output(model, names[i], np.asarray(v))
-                for i, v in enumerate(session.run(None, adapt_feed(model, feed)))
-            ]
+
+        def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+            outputs = session.run(None, adapt_feed(model, feed))
+            return [restore_output(model, names[i], np.asarray(v)) for i, v in enumerate(outputs)]
+
+        yield from ordered_map(run, self.samples.feeds(self.limit), self.workers)
 
     def _check_labels(self, first: np.ndarray) -> None:
         if first.ndim != 2:

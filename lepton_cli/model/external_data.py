@@ -302,3 +302,8 @@ def bundle_payload(model: onnx.ModelProto, plain_path: str, limit: int | None = 
 def serialize(model: onnx.ModelProto) -> bytes:
     """Deterministic bytes: same inputs, byte-identical compiled model."""
     return model.SerializeToString(deterministic=True)
+
+
+def model_weights_mb(model: onnx.ModelProto) -> float:
+    """The model's size in MiB, its tensors held outside the protobuf included (what each extra session copy costs)."""
+    return (model.ByteSize() + external_bytes(model)) / 2**20

@@ -15,6 +15,8 @@ import onnx
 
 from lepton_cli.evaluate.accuracy import Evaluator, label_free, scoring_opt_level
 from lepton_cli.host.detect import HostInfo
+from lepton_cli.host.parallel import parallel_runs
+from lepton_cli.model.external_data import model_weights_mb
 from lepton_cli.model.sessions import model_random_feed
 from lepton_cli.model.shapes import require_static
 from lepton_cli.pipeline.ledger import BudgetLedger
@@ -129,7 +131,10 @@ class PassContext:
         assert self.source is not None
         metric = self.eval_metric if data is self.eval and data.labels is not None else label_free(self.eval_metric)
         labels = data.labels if data is self.eval else None
-        return Evaluator(self.source, data, labels, limit=SCORE_SAMPLE_LIMIT, metric=metric, opt_level=level)
+        workers = parallel_runs(self.host, model_weights_mb(self.source))
+        return Evaluator(
+            self.source, data, labels, limit=SCORE_SAMPLE_LIMIT, metric=metric, opt_level=level, workers=workers
+        )
 
     def _resolving_evaluator(self, data: SampleSet, level: str) -> Evaluator:
         """The evaluator on ``data``, or on all of --calib when the held-out part cannot show a drop as small as the

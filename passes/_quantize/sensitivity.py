@@ -16,6 +16,7 @@ import onnx
 from lepton_cli.passes._quantize.float_keep import keep_float
 from onnx import helper
 
+from lepton_cli.host.parallel import ordered_map
 from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.model.sessions import make_session
 
@@ -142,15 +143,18 @@ def float_gains(
     feeds: list[dict[str, np.ndarray]],
     opt_level: str = "all",
     float_weights: bool = True,
+    workers: int = 1,
 ) -> list[tuple[str, float]]:
-    """Candidates ranked by how much keeping each alone in float lowers the output error, best first."""
+    """Candidates ranked by how much keeping each alone in float lowers the output error, best first; ``workers``
+    candidates are built and run side by side (each its own model copy and session)."""
     session = make_session(float_model, opt_level=opt_level)
     reference = [session.run(None, adapt_feed(float_model, f)) for f in feeds]
     del session
     base = output_nsr(reference, quantized, feeds, opt_level)
-    gains = [
-        (name, base - output_nsr(reference, keep_float(quantized, float_model, name, float_weights), feeds, opt_level))
-        for name in candidates
-    ]
+
+    def gain(name: str) -> float:
+        return base - output_nsr(reference, keep_float(quantized, float_model, name, float_weights), feeds, opt_level)
+
+    gains = list(zip(candidates, ordered_map(gain, candidates, workers)))
     gains.sort(key=lambda item: -item[1])
     return gains

@@ -218,11 +218,12 @@ def _ranking(
     opt_level: str,
     float_weights: bool,
     max_candidates: int,
+    workers: int = 1,
 ) -> list[tuple[str, float]]:
     """``pool`` ranked by what keeping each node float saves; a large pool is preselected by local error first."""
     if len(pool) > max_candidates:  # bound the per-layer runs: preselect by the one-run local error
         pool = [name for name, _ in local_errors(float_model, model, pool, feeds)[:max_candidates]]
-    return float_gains(float_model, model, pool, feeds, opt_level, float_weights)
+    return float_gains(float_model, model, pool, feeds, opt_level, float_weights, workers)
 
 
 def search(
@@ -269,7 +270,14 @@ def search(
         model = model or build(method, [])
         in_graph_order = (candidates or quantized_nodes)(model)
         ranking = _ranking(
-            float_model, model, in_graph_order, sensitivity_feeds, evaluator.opt_level, float_weights, max_candidates
+            float_model,
+            model,
+            in_graph_order,
+            sensitivity_feeds,
+            evaluator.opt_level,
+            float_weights,
+            max_candidates,
+            evaluator.workers,
         )
         sensitivity = sensitivity or ranking
         if not run.grow(method, [name for name, _ in ranking], SENSITIVITY, max_float):
@@ -368,6 +376,7 @@ def tune(
     summary |= {
         "tried": [t.to_dict() for t in trials],
         "worst_layers": [{"node": n, "output_nsr_gain_if_float": round(v, 6)} for n, v in sensitivity[:10]],
+        "parallel_runs": evaluator.workers,  # samples and ranking candidates run side by side, one thread each
     }
     if chosen is None or chosen.best is None or chosen.best_trial is None:
         first = f"quantize: no candidate met the accuracy budget of {budget:g} points ({scored_on})"
