@@ -94,14 +94,23 @@ def _partitions(info: Any) -> dict[str, Any]:
 
 def mobile_usability(model_bytes: bytes) -> dict[str, Any]:
     """ORT's NNAPI / Core ML partitioning of the model (basic-level optimised, as its checker does), per EP."""
-    from onnxruntime.tools.mobile_helpers import usability_checker as uc
-    from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo, optimize_model
+    import onnx
+    from onnxruntime.tools.onnx_model_utils import optimize_model
 
     with tempfile.TemporaryDirectory(prefix="lepton-usability-") as tmp:
         source, optimised = Path(tmp) / "model.onnx", Path(tmp) / "model.basic.onnx"
         source.write_bytes(model_bytes)
         optimize_model(source, optimised, use_external_initializers=True)
-        model = ModelProtoWithShapeInfo(optimised).model_with_shape_info
+        # The checker reads initializer names, not values: leaving the weights on disk spares two copies of them
+        # (ORT's ModelProtoWithShapeInfo loads them and shape inference copies the model; light_vgg19 +2.6 GB).
+        model = onnx.shape_inference.infer_shapes(onnx.load(optimised, load_external_data=False), strict_mode=True)
+    return partitions_per_ep(model)
+
+
+def partitions_per_ep(model: Any) -> dict[str, Any]:
+    """ORT's NNAPI / Core ML partitioning of a shape-inferred model, per EP, with the op types left on the CPU."""
+    from onnxruntime.tools.mobile_helpers import usability_checker as uc
+
     checks = {
         "NNAPI": lambda m: uc.check_nnapi_partitions(m, True),
         "CoreML NeuralNetwork": lambda m: uc.check_coreml_partitions(m, True, "coreml_supported_neuralnetwork_ops.md"),

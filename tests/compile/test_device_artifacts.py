@@ -580,3 +580,20 @@ def test_tflite_export_requantizes_a_concat_of_differently_scaled_inputs():
     assert (
         np.max(np.abs(got - want)) <= 2 * 0.05
     )  # fixed-point requantization: at most a step or two of the output scale
+
+
+@needs_ocr
+def test_mobile_usability_reads_no_weights_and_matches_ort_own_loader(tmp_path):
+    """The NNAPI / Core ML partitioning from the optimised graph without its weights loaded is the one ORT's
+    checker computes on the fully loaded model (ModelProtoWithShapeInfo), on PP-OCRv4 rec."""
+    from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo, optimize_model
+
+    from lepton_cli.device_artifacts import ort_format
+
+    data = OCR_REC.read_bytes()
+    (tmp_path / "m.onnx").write_bytes(data)
+    optimize_model(tmp_path / "m.onnx", tmp_path / "basic.onnx", use_external_initializers=True)
+    reference = ort_format.partitions_per_ep(ModelProtoWithShapeInfo(tmp_path / "basic.onnx").model_with_shape_info)
+    got = ort_format.mobile_usability(data)
+    assert got == reference
+    assert got["eps"]["NNAPI"]["supported_nodes"] > 0 and got["eps"]["NNAPI"]["cpu_ops"]
