@@ -641,6 +641,7 @@ def test_the_search_holds_the_upper_confidence_bound_of_the_drop_to_the_budget(d
 
     class Measured:  # every candidate measures 0.4 +- 0.1 points
         opt_level = "all"
+        workers = 1
 
         def score(self, candidate):
             return AccuracyScore("top1", 100.0, 99.6, 0.4, {}, 100, drop_se=0.1)
@@ -780,6 +781,7 @@ def test_the_search_falls_back_to_the_leading_nodes_when_no_single_node_ranks(di
 
     class Cumulative:  # the error goes away only when the first three nodes all run float
         opt_level = "all"
+        workers = 1
 
         def score(self, candidate):
             keep = kept_seen[-1]
@@ -807,7 +809,13 @@ def test_the_search_falls_back_to_the_leading_nodes_when_no_single_node_ranks(di
         build,
         ["minmax"],
         type(
-            "Never", (), {"opt_level": "all", "score": lambda self, c: AccuracyScore("top1", 100.0, 97.0, 3.0, {}, 100)}
+            "Never",
+            (),
+            {
+                "opt_level": "all",
+                "workers": 1,
+                "score": lambda self, c: AccuracyScore("top1", 100.0, 97.0, 3.0, {}, 100),
+            },
         )(),
         0.5,
         model,

@@ -47,6 +47,8 @@ class _Evaluator:
 
     opt_level = "all"
 
+    workers = 1
+
     def __init__(self, drops: dict[str, float]):
         self.drops, self.scored = drops, []
         self.snrs: dict[str, float] = {}  # tag -> the candidate's output SNR (choose's tie-break)
