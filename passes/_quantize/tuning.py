@@ -45,8 +45,14 @@ Cost = Callable[[onnx.ModelProto], float | None]  # a candidate's estimated late
 
 def failed_fix(max_float: int) -> str:
     """The exit-3 fix; a target that allows no float layers (tpu: full integer) is not told to raise them."""
-    knobs = "--max-accuracy-drop or max_float_layers" if max_float else "--max-accuracy-drop"
-    return f'raise {knobs}, give more representative --calib data, or use scheme = "fp16"'
+    if not max_float:  # a full-integer accelerator runs neither float nor fp16 layers: only the int8 model can change
+        return (
+            "raise --max-accuracy-drop, give more representative --calib data, or turn on the quantize pass's "
+            "recovery steps (equalize, bias_correction, adaround) in a target that extends this one"
+        )
+    return (
+        'raise --max-accuracy-drop or max_float_layers, give more representative --calib data, or use scheme = "fp16"'
+    )
 
 
 @dataclass

@@ -660,6 +660,7 @@ def test_the_search_holds_the_upper_confidence_bound_of_the_drop_to_the_budget(d
     assert _tried_line(rejected.trials, 0.3) == "minmax+0 float: drop 0.40"
     # tpu allows no float layers (full integer): its fix does not tell the user to raise them
     assert "max_float_layers" not in failed_fix(0) and "max_float_layers" in failed_fix(8)
+    assert "fp16" not in failed_fix(0) and "bias_correction" in failed_fix(0)  # tpu: no float, no fp16 either
     # the standard error of a drop made of per-sample losses: 100 * sqrt(n) * sd / total
     assert drop_standard_error([1.0, 0.0, 0.0, 1.0], 4) == pytest.approx(100 * 2 * np.std([1, 0, 0, 1], ddof=1) / 4)
     assert drop_standard_error([0.0], 1) == 0.0
