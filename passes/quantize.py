@@ -106,6 +106,10 @@ class QuantizeParams:
             raise ParamValueError("smoothquant_alpha", f"must be in (0, 1), got {self.smoothquant_alpha}")
         if self.conv_smoothing_alpha is not None and not 0 < self.conv_smoothing_alpha <= 1:
             raise ParamValueError("conv_smoothing_alpha", f"must be in (0, 1], got {self.conv_smoothing_alpha}")
+        if self.conv_smoothing_alpha is not None and (not self.per_channel or self.power_of_two_scales):
+            raise ParamValueError(
+                "conv_smoothing_alpha", "needs per-channel weight scales (a depthwise conv absorbs the channel scales)"
+            )
         if self.head_precision == "int16" and self.power_of_two_scales:
             raise ParamValueError(
                 "head_precision", "int16 heads need 16-bit Q/DQ, which power-of-two (DPU) targets lack"

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.corpus.manifest import by_name  # noqa: E402
 from benchmarks.corpus.store import ensure_data, ensure_model  # noqa: E402
 
-pytestmark = pytest.mark.slow  # the corpus model and 64 rendered pages: fetched and built on first use
+SLOW = pytest.mark.slow  # the corpus model and 64 rendered pages (fetched and built on first use), two calibrations
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,7 @@ def _maps(model: onnx.ModelProto, feeds: list[dict]) -> np.ndarray:
     return np.concatenate([session.run(None, f)[0] for f in feeds])
 
 
+@SLOW
 def test_smoothing_keeps_the_float_map_and_evens_depthwise_inputs(det):
     model, calib, held = det
     smoothed = _copy(model)
@@ -79,6 +80,7 @@ def _int8(model: onnx.ModelProto, calib_path, work, exclude: list[str]) -> onnx.
     return schemes.quantize_int8(model, ranges, "mse", scheme, exclude, work)
 
 
+@SLOW
 def test_smoothing_raises_the_int8_maps_snr(det, tmp_path):
     """Every Conv int8 (MSE ranges, nothing float) against the float map on 32 held-out pages: 3.8 -> 6.8 dB measured.
     The worst page's F1 moves with it but too noisily over 8 pages to test (docs/decisions.md)."""
@@ -92,3 +94,14 @@ def test_smoothing_raises_the_int8_maps_snr(det, tmp_path):
     plain = _snr_db(reference, _maps(_int8(model, calib_path, tmp_path / "a", []), held))
     better = _snr_db(reference, _maps(_int8(smoothed, calib_path, tmp_path / "b", done.float_nodes), held))
     assert better > plain + 1.5, (plain, better)
+
+
+def test_smoothing_needs_per_channel_weights():
+    """A per-tensor (or power-of-two) weight scale cannot absorb 150x channel scales: refused when the target loads."""
+    from lepton_cli.passes.quantize import QuantizeParams
+
+    from lepton_cli.pipeline.params import ParamValueError
+
+    with pytest.raises(ParamValueError, match="per-channel"):
+        QuantizeParams(conv_smoothing_alpha=0.5, per_channel=False)
+    assert QuantizeParams(conv_smoothing_alpha=0.5).conv_smoothing_alpha == 0.5
