@@ -155,10 +155,12 @@ class Int8Plan(SearchPlan):
             "power_of_two_scales": scheme.power_of_two,
             "calibration_samples": min(len(calib), params.max_calib_samples),
         }
-        self.base, source = self._recover(base, calib, summary, ctx.progress)
+        self.base, source, recovery_float = self._recover(base, calib, summary, ctx.progress)
         head_nodes, scheme = self._heads(source, calib, ctx, summary)
         builds = [
-            self._builder(source, calib, replace(scheme, op_types=tuple(ops)), ctx, f"t{i}", head_nodes)
+            self._builder(
+                source, calib, replace(scheme, op_types=tuple(ops)), ctx, f"t{i}", head_nodes + recovery_float
+            )
             for i, ops in enumerate(self.tiers)
         ]
         return SearchSpace(builds, list(dict.fromkeys(params.methods)), self.base, tiers=self.tiers)
@@ -206,24 +208,30 @@ class Int8Plan(SearchPlan):
 
     def _recover(
         self, base: onnx.ModelProto, calib: SampleSet, summary: dict[str, Any], progress: Callable[[str], None]
-    ) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-        """(float reference, model to quantize) after the enabled recovery steps (recovery.py)."""
+    ) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str]]:
+        """(float reference, model to quantize, nodes to leave float) after the enabled recovery steps (recovery.py)."""
         params = self.params
         settings = RecoverySettings(
             equalize=params.equalize,
             smoothquant_alpha=params.smoothquant_alpha,
+            conv_smoothing_alpha=params.conv_smoothing_alpha,
             bias_correction=params.bias_correction,
             adaround=params.adaround,
             adaround_iterations=params.adaround_iterations,
             adaround_seconds=params.adaround_seconds,
             samples=params.recovery_samples,
         )
-        if not (settings.equalize or settings.per_layer or settings.smoothquant_alpha is not None):
-            return base, base
+        if not (
+            settings.equalize
+            or settings.per_layer
+            or settings.smoothquant_alpha is not None
+            or settings.conv_smoothing_alpha is not None
+        ):
+            return base, base, []
         feeds = list(calib.feeds(params.recovery_samples))
         recovered = recover(base, feeds, self.scheme, settings, progress)
         summary["recovery"] = recovered.summary
-        return recovered.reference, recovered.quantize_source
+        return recovered.reference, recovered.quantize_source, recovered.float_nodes
 
     def _heads(
         self, model: onnx.ModelProto, calib: SampleSet, ctx: Any, summary: dict[str, Any]

@@ -1,7 +1,8 @@
 """Accuracy recovery before any layer is kept in float: the steps run on the float model ORT quantizes.
 
-Order, each optional (``QuantizeParams``): cross-layer equalisation (exact: the float reference
-itself changes), then per weight layer the rounding optimisation and the bias correction, both
+Order, each optional (``QuantizeParams``): cross-layer equalisation, SmoothQuant and conv-input
+smoothing (exact: the float reference itself changes; smoothing's per-channel Mul/Add stay float),
+then per weight layer the rounding optimisation and the bias correction, both
 against the equalised float layer's output on calibration data. The search keeps float-kept
 layers on the *reference* weights and biases (equalised only), never the adjusted ones, which
 are tuned for their int8 rounding.
@@ -15,7 +16,14 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize import adaround, bias_correction, equalization, layer_stats, smoothquant
+from lepton_cli.passes._quantize import (
+    adaround,
+    bias_correction,
+    conv_smoothing,
+    equalization,
+    layer_stats,
+    smoothquant,
+)
 from lepton_cli.passes._quantize.schemes import Int8Scheme
 from lepton_cli.passes._quantize.weight_layers import (
     WeightLayer,
@@ -32,6 +40,7 @@ from lepton_cli.passes._quantize.weight_layers import (
 class RecoverySettings:
     equalize: bool = False
     smoothquant_alpha: float | None = None  # None: off
+    conv_smoothing_alpha: float | None = None  # None: off (conv_smoothing.py)
     bias_correction: bool = False
     adaround: bool = False
     adaround_iterations: int = 300
@@ -49,6 +58,7 @@ class Recovered:
     reference: onnx.ModelProto  # the float model, equalised (outputs unchanged): float-kept layers read it
     quantize_source: onnx.ModelProto  # what ORT quantizes: reference plus rounding and bias changes
     summary: dict[str, Any] = field(default_factory=dict)
+    float_nodes: list[str] = field(default_factory=list)  # nodes a step left unfit for int8 (kept float)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -176,9 +186,18 @@ def recover(
 ) -> Recovered:
     """Apply the enabled steps; ``model`` itself is left unchanged."""
     summary: dict[str, Any] = {}
+    float_nodes: list[str] = []
     reference = _equalize(model, summary) if settings.equalize else model
     if settings.smoothquant_alpha is not None:
         reference = _smooth(reference, feeds[: settings.samples], scheme, settings, summary)
+    if settings.conv_smoothing_alpha is not None:
+        reference = _copy(reference)
+        smoothed = conv_smoothing.smooth_conv_inputs(
+            reference, feeds[: settings.samples], settings.conv_smoothing_alpha
+        )
+        summary["conv_inputs_smoothed"] = len(smoothed.tensors)
+        float_nodes = smoothed.float_nodes
     if not settings.per_layer:
-        return Recovered(reference, reference, summary)
-    return Recovered(reference, _per_layer(reference, feeds, scheme, settings, summary, progress), summary)
+        return Recovered(reference, reference, summary, float_nodes)
+    adjusted = _per_layer(reference, feeds, scheme, settings, summary, progress)
+    return Recovered(reference, adjusted, summary, float_nodes)
