@@ -14,6 +14,7 @@ import os
 from typing import Any, Iterator
 
 from lepton_cli.build.worker import Outcome, run_compile
+from lepton_cli.host.parallel import available_cores
 
 _SHARE: int | None = None  # this worker's core count, set by _pin
 
@@ -29,10 +30,6 @@ def core_shares(cores: list[int], workers: int) -> list[list[int]]:
         shares.append(cores[start : start + size])
         start += size
     return shares
-
-
-def available_cores() -> list[int]:
-    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
 def _pin(counter: Any, shares: list[list[int]]) -> None:

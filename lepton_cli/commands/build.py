@@ -12,10 +12,11 @@ from rich.live import Live
 from lepton_cli.build.buildfile import load_build_file
 from lepton_cli.build.cache import BuildCache
 from lepton_cli.build.driver import BuildRun
-from lepton_cli.build.pool import LocalPool, available_cores
+from lepton_cli.build.pool import LocalPool
 from lepton_cli.build.summary import append_build_summary, json_document, live_table
 from lepton_cli.console import emit_json, note, settings, stderr, stdout, warn
 from lepton_cli.errors import BadInputError
+from lepton_cli.host.parallel import available_cores
 
 
 def _engine_factory(workers: int | None, ray_address: str | None, cpus_per_compile: int):

@@ -23,8 +23,9 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-def _affinity_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def available_cores() -> list[int]:
+    """The CPU ids this process may run on (its affinity: a ``lepton build`` worker is pinned to its share)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
 def parallel_runs(host: HostInfo, weights_mb: float = 0.0) -> int:
@@ -35,7 +36,7 @@ def parallel_runs(host: HostInfo, weights_mb: float = 0.0) -> int:
         if not text.isdigit() or int(text) < 1:
             raise BadInputError(f"{RUNS_ENV}={text!r} is not a positive whole number", f"set {RUNS_ENV}=1, 2, ...")
         return int(text)
-    runs = max(1, min(host.usable_cores, _affinity_cores()))
+    runs = max(1, min(host.usable_cores, len(available_cores())))
     memory = host.usable_memory_mb
     if memory is not None and weights_mb > 0:
         runs = min(runs, max(1, int(memory * MEMORY_SHARE // weights_mb)))

@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize.sensitivity import _with_outputs
+from lepton_cli.passes._quantize.sensitivity import tensor_runs
 from lepton_cli.passes._quantize.weight_layers import WeightLayer, load, store, weight_layers
 
-from lepton_cli.model.io_contract import adapt_feed
-from lepton_cli.model.sessions import make_session
+from lepton_cli.model.graph_edit import GraphIndex
 
 HOMOGENEOUS = ("Relu", "LeakyRelu")
 LIMIT = 1e3  # most a channel's scale may differ from 1 (dead channels would otherwise reach denormals)
@@ -45,15 +44,6 @@ class Site:
 class Smoothed:
     tensors: list[str]  # conv inputs rescaled
     float_nodes: list[str]  # Mul/Add whose constants became per-channel: one int8 scale would not hold them
-
-
-def _graph_maps(model: onnx.ModelProto) -> tuple[dict, dict, dict]:
-    producer = {o: n for n in model.graph.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    return producer, readers, {i.name: i for i in model.graph.initializer}
 
 
 def _affine_chain(tensor: str, producer: dict, readers: dict, inits: dict, channels: int) -> list[str] | None:
@@ -81,7 +71,8 @@ def _affine_chain(tensor: str, producer: dict, readers: dict, inits: dict, chann
 
 def find_sites(model: onnx.ModelProto) -> list[Site]:
     """Conv inputs whose channels can be rescaled exactly, in graph order."""
-    producer, readers, inits = _graph_maps(model)
+    index = GraphIndex(model.graph)
+    producer, readers, inits = index.producer, index.consumers, index.inits
     layers = {layer.node.name: layer for layer in weight_layers(model) if layer.kind == "conv"}
     outputs = {o.name for o in model.graph.output}
     sites = []
@@ -121,11 +112,9 @@ def _producer_site(
 
 def channel_absmax(model: onnx.ModelProto, tensors: list[str], feeds: list[dict[str, np.ndarray]]) -> dict:
     """Largest magnitude per channel (axis 1) of each tensor over ``feeds``, one feed's tensors held at a time."""
-    extended, keep = _with_outputs(model, tensors)
-    session = make_session(extended, arena=False)
     found: dict[str, np.ndarray] = {}
-    for feed in feeds:
-        for name, value in zip(keep, session.run(keep, adapt_feed(model, feed))):
+    for values in tensor_runs(model, tensors, feeds):
+        for name, value in values.items():
             reduced = np.abs(value).max(axis=tuple(i for i in range(value.ndim) if i != 1))
             found[name] = np.maximum(found.get(name, reduced), reduced)
     return found

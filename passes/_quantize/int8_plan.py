@@ -221,12 +221,7 @@ class Int8Plan(SearchPlan):
             adaround_seconds=params.adaround_seconds,
             samples=params.recovery_samples,
         )
-        if not (
-            settings.equalize
-            or settings.per_layer
-            or settings.smoothquant_alpha is not None
-            or settings.conv_smoothing_alpha is not None
-        ):
+        if not settings.any_step:
             return base, base, []
         feeds = list(calib.feeds(params.recovery_samples))
         recovered = recover(base, feeds, self.scheme, settings, progress)

@@ -52,6 +52,15 @@ class RecoverySettings:
     def per_layer(self) -> bool:
         return self.bias_correction or self.adaround
 
+    @property
+    def any_step(self) -> bool:
+        return (
+            self.equalize
+            or self.per_layer
+            or self.smoothquant_alpha is not None
+            or self.conv_smoothing_alpha is not None
+        )
+
 
 @dataclass
 class Recovered:

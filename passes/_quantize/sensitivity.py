@@ -38,7 +38,7 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelP
     return copy, keep
 
 
-def _tensor_runs(model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]]):
+def tensor_runs(model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]]):
     """Per feed, the float tensors ``names`` (those ``model`` has) as ``{name: array}``, one feed at a time."""
     extended, keep = _with_outputs(model, names)
     # unoptimised: every named tensor still exists; no arena: with every tensor an output it would
@@ -86,7 +86,7 @@ def local_errors(
     noise: dict[str, float] = {}
     signal: dict[str, float] = {}
     for group in _groups(float_model, names):
-        for r, g in zip(_tensor_runs(float_model, group, feeds), _tensor_runs(quantized, group, feeds)):
+        for r, g in zip(tensor_runs(float_model, group, feeds), tensor_runs(quantized, group, feeds)):
             for name in set(r) & set(g):
                 if r[name].shape == g[name].shape:
                     # float64: an attention mask's -3.4e38 squared overflows float32 to inf

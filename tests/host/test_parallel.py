@@ -44,7 +44,7 @@ def _host(cores: int, memory_mb: float | None) -> HostInfo:
 
 def test_parallel_runs_follow_cores_memory_and_the_override(monkeypatch):
     monkeypatch.delenv(RUNS_ENV, raising=False)
-    monkeypatch.setattr("lepton_cli.host.parallel._affinity_cores", lambda: 4)
+    monkeypatch.setattr("lepton_cli.host.parallel.available_cores", lambda: [0, 1, 2, 3])
     assert parallel_runs(_host(8, None)) == 4  # the cores this process may run on (a build worker's share)
     assert parallel_runs(_host(2, None)) == 2
     assert parallel_runs(_host(8, 4000.0), weights_mb=1000.0) == 2  # half the free memory, one weights copy each
