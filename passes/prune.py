@@ -44,6 +44,7 @@ class PruneParams:
     max_ratio: dict[str, float] = field(default_factory=dict)
     op_types: list[str] = field(default_factory=lambda: ["Conv", "Gemm", "MatMul"])
     search: bool = True  # False: apply each layer's cap without measuring (for users who fine-tune later)
+    budget_confidence: float = 0.8  # the combination's drop must meet the share at this one-sided confidence
     budget_share: float = 0.5  # share of the accuracy budget pruning may spend; quantize gets the rest
     max_samples: int = 64  # samples per accuracy measurement during the search
     min_channels: int = 8  # never prune a channel group below this
@@ -65,6 +66,8 @@ class PruneParams:
                 raise ParamValueError("max_ratio", f"{op} = {r} must be in [0, 1)")
         if not 0 < self.budget_share <= 1:
             raise ParamValueError("budget_share", f"must be in (0, 1], got {self.budget_share}")
+        if not 0.5 <= self.budget_confidence < 1:
+            raise ParamValueError("budget_confidence", f"must be in [0.5, 1), got {self.budget_confidence}")
         if self.time_limit_s <= 0:
             raise ParamValueError("time_limit_s", f"must be > 0, got {self.time_limit_s}")
         if self.max_samples < 1:

@@ -12,6 +12,7 @@ class PruneOptions(Protocol):
     max_ratio: dict[str, float]
     op_types: list[str]
     search: bool
+    budget_confidence: float
     max_samples: int
     min_channels: int
     importance: str

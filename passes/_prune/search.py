@@ -3,6 +3,8 @@
 Each layer's sensitivity is the measured drop with only that layer pruned, per candidate ratio; each layer
 takes the largest ratio whose drop fits a threshold, the combination is measured, and the threshold halves
 until the combination fits the budget; then single layers are raised one step while the whole still fits.
+A combination fits when its drop plus ``z`` standard errors does (quantize holds the same bound): a small
+scoring set reads a point estimate that a search filling its share on it overshoots on other data.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, Callable
 
 import onnx
@@ -50,7 +53,8 @@ def choose(
             if not options.search
             else "no data: each layer's cap applied without measuring (without_data = 'apply')"
         }
-    chosen, info = search(units, build, evaluator, allowed, options.refine, options.time_limit_s)
+    z = NormalDist().inv_cdf(options.budget_confidence)
+    chosen, info = search(units, build, evaluator, allowed, options.refine, options.time_limit_s, z)
     if info["unmeasured"]:
         warn(
             f"search time limit ({options.time_limit_s:g} s) reached: {len(info['unmeasured'])} of {len(units)} "
@@ -66,16 +70,18 @@ def search(
     allowed: float,
     refine: bool = True,
     time_limit_s: float = math.inf,
+    z: float = 0.0,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Per-layer sensitivity, then the largest ratios whose drops fit a threshold, halving it until
-    the combination's measured drop is within ``allowed`` points; then (``refine``) raise single
-    layers one ratio step while the combination still fits."""
+    the combination's drop plus ``z`` standard errors is within ``allowed`` points; then (``refine``)
+    raise single layers one ratio step while the combination still fits."""
     deadline = time.perf_counter() + time_limit_s
     sensitivity, unmeasured = _sensitivity(units, build, evaluator, allowed, deadline)
-    chosen, combined, threshold, rounds = _threshold_rounds(units, sensitivity, build, evaluator, allowed)
+    fits = _Fits(allowed, z)
+    chosen, combined, threshold, rounds = _threshold_rounds(units, sensitivity, build, evaluator, fits)
     refined: list[dict[str, Any]] = []
     if refine and combined is not None:
-        chosen, combined, refined = _refine(units, sensitivity, chosen, combined, build, evaluator, allowed, deadline)
+        chosen, combined, refined = _refine(units, sensitivity, chosen, combined, build, evaluator, fits, deadline)
     return chosen, {
         "sensitivity": {k: {str(lv): d for lv, d in v.items()} for k, v in sensitivity.items()},
         "rounds": rounds,
@@ -84,6 +90,17 @@ def search(
         "unmeasured": unmeasured,
         "combined": combined.to_dict() if combined is not None and chosen else None,
     }
+
+
+@dataclass(frozen=True)
+class _Fits:
+    """A combination's test: its drop plus ``z`` standard errors within ``allowed`` (z = 0: the drop itself)."""
+
+    allowed: float
+    z: float
+
+    def __call__(self, score: AccuracyScore) -> bool:
+        return score.drop_bound(self.z) <= self.allowed
 
 
 def _sensitivity(
@@ -106,22 +123,27 @@ def _sensitivity(
 
 
 def _threshold_rounds(
-    units: list[Unit], sensitivity: Sensitivity, build: Build, evaluator: Evaluator, allowed: float
+    units: list[Unit], sensitivity: Sensitivity, build: Build, evaluator: Evaluator, fits: _Fits
 ) -> tuple[dict[str, float], AccuracyScore | None, float, list[dict[str, Any]]]:
     """(chosen ratios, their combined score, the last threshold, one entry per round) of the halving search."""
+    allowed = fits.allowed
     threshold, rounds, chosen, combined = allowed, [], {}, None
     for _ in range(THRESHOLD_ROUNDS):
         chosen = {}
         for unit in units:
-            fits = [lv for lv, d in sensitivity.get(unit.key, {}).items() if d <= threshold]
-            if fits:
-                chosen[unit.key] = max(fits)
+            under = [lv for lv, d in sensitivity.get(unit.key, {}).items() if d <= threshold]
+            if under:
+                chosen[unit.key] = max(under)
         if not chosen:
             rounds.append({"threshold": threshold, "layers": 0, "drop": 0.0})
             break
         combined = evaluator.score(build(chosen))
-        rounds.append({"threshold": round(threshold, 4), "layers": len(chosen), "drop": combined.drop_pct})
-        if combined.drop_pct <= allowed:
+        bound = round(combined.drop_bound(fits.z), 4)
+        rounds.append(
+            {"threshold": round(threshold, 4), "layers": len(chosen), "drop": combined.drop_pct}
+            | ({"drop_bound": bound} if fits.z else {})
+        )
+        if fits(combined):
             break
         threshold = threshold / 2 if threshold > 0 else -1.0
         if threshold < 0:
@@ -131,7 +153,7 @@ def _threshold_rounds(
             threshold = 0.0  # last try: only layers whose pruning alone changed nothing measurable
     else:
         chosen = {}
-    if combined is not None and chosen and combined.drop_pct > allowed:
+    if combined is not None and chosen and not fits(combined):
         chosen = {}
     return chosen, combined, threshold, rounds
 
@@ -143,7 +165,7 @@ def _refine(
     combined: AccuracyScore,
     build: Build,
     evaluator: Evaluator,
-    allowed: float,
+    fits: _Fits,
     deadline: float,
 ) -> tuple[dict[str, float], AccuracyScore, list[dict[str, Any]]]:
     """Greedy: one step up for each layer whose next ratio fit the budget alone, least sensitive first,
@@ -153,7 +175,7 @@ def _refine(
         higher = [
             (d, lv)
             for lv, d in sensitivity.get(unit.key, {}).items()
-            if lv > chosen.get(unit.key, 0.0) and d <= allowed
+            if lv > chosen.get(unit.key, 0.0) and d <= fits.allowed
         ]
         if higher:
             d, lv = min(higher, key=lambda item: item[1])
@@ -164,7 +186,7 @@ def _refine(
             break
         trial = dict(chosen) | {key: level}
         score = evaluator.score(build(trial))
-        if score.drop_pct <= allowed:
+        if fits(score):
             chosen, combined = trial, score
             refined.append({"layer": key, "ratio": level, "combined_drop": score.drop_pct})
     return chosen, combined, refined
