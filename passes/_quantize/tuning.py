@@ -43,8 +43,19 @@ Progress = Callable[[str], None]
 Cost = Callable[[onnx.ModelProto], float | None]  # a candidate's estimated latency on the target (ms)
 
 
-def failed_fix(max_float: int) -> str:
-    """The exit-3 fix; a target that allows no float layers (tpu: full integer) is not told to raise them."""
+def failed_fix(max_float: int, undecided: Trial | None = None, samples: int = 0) -> str:
+    """The exit-3 fix; a target that allows no float layers (tpu: full integer) is not told to raise them.
+    ``undecided``: a candidate whose drop fits but whose upper bound does not, so more data could decide it."""
+    if undecided is not None:
+        return (
+            f"{undecided.method}+{len(undecided.float_nodes)} float read a drop of {undecided.drop_pct:.2f}, within "
+            f"the budget, but {samples} scored samples bound it only to {undecided.drop_bound:.2f}: give more "
+            "--calib samples (a quarter is held out and scored) or labelled --eval data, or " + _plain_fix(max_float)
+        )
+    return _plain_fix(max_float)
+
+
+def _plain_fix(max_float: int) -> str:
     if not max_float:  # a full-integer accelerator runs neither float nor fp16 layers: only the int8 model can change
         return (
             "raise --max-accuracy-drop, give more representative --calib data, or turn on the quantize pass's "
@@ -386,9 +397,8 @@ def tune(
     }
     if chosen is None or chosen.best is None or chosen.best_trial is None:
         first = f"quantize: no candidate met the accuracy budget of {budget:g} points ({scored_on})"
-        raise QualityGateError(
-            f"{first}; tried: {_tried_line(trials, budget)}", failed_fix(settings.max_float), attempt_summary=first
-        )
+        fix = failed_fix(settings.max_float, _undecided(trials, budget), evaluator.count)
+        raise QualityGateError(f"{first}; tried: {_tried_line(trials, budget)}", fix, attempt_summary=first)
     best = chosen.best_trial
     passing = sum(t.meets_budget for t in trials)
     summary |= {"method": best.method, "tuned": True, "float_kept": best.float_nodes}
@@ -397,6 +407,12 @@ def tune(
     if space.tiers is not None:
         summary["op_types"] = best.op_types
     return chosen.best, best
+
+
+def _undecided(trials: list[Trial], budget: float) -> Trial | None:
+    """The fastest-priced candidate whose drop is within ``budget`` while its upper bound is not (None: none)."""
+    close = [t for t in trials if t.scored and t.drop_bound is not None and t.drop_pct <= budget < t.drop_bound]
+    return min(close, key=lambda t: (t.cost_ms if t.cost_ms is not None else inf, t.drop_bound), default=None)
 
 
 def _beats(found: SearchResult, chosen: SearchResult, methods: list[str]) -> bool:
