@@ -101,7 +101,7 @@ class ChannelPlan:
             g = int(u.key)
             sens = {float(k): v for k, v in info.get("sensitivity", {}).get(u.key, {}).items()}
             why = (
-                explain(sens, chosen.get(u.key), info.get("final_threshold", allowed))
+                explain(sens, chosen.get(u.key), info.get("final_threshold", allowed), allowed)
                 if "sensitivity" in info
                 else info["note"]
             )

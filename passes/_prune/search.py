@@ -192,7 +192,7 @@ def _refine(
     return chosen, combined, refined
 
 
-def explain(sens: dict[float, float], chosen: float | None, threshold: float) -> str:
+def explain(sens: dict[float, float], chosen: float | None, threshold: float, allowed: float | None = None) -> str:
     """Why a unit got ``chosen`` (for the report), from its ratio→drop measurements."""
     tried = ", ".join(f"{lv:g}→{d:+.2f}" for lv, d in sens.items())
     if chosen and sens.get(chosen, math.inf) > threshold:
@@ -201,6 +201,11 @@ def explain(sens: dict[float, float], chosen: float | None, threshold: float) ->
         )
     if chosen:
         return f"largest ratio whose drop alone fits {threshold:.3g} pts (ratio→drop: {tried})"
+    if allowed is not None and any(d <= allowed for d in sens.values()):  # refused in combination, not alone
+        return (
+            f"fit the {allowed:.3g}-pt share alone (ratio→drop: {tried}), but no combination of such layers did at "
+            "its upper confidence bound (the search's rounds)"
+        )
     return (
         f"every ratio over {threshold:.3g} pts alone (ratio→drop: {tried})"
         if sens

@@ -69,7 +69,11 @@ def _rows(
         layer = by_key[u.key]
         wb, wa = tensor_array(inits_b[layer.weight]), tensor_array(inits_a[layer.weight])
         sens = {float(k): v for k, v in info.get("sensitivity", {}).get(u.key, {}).items()}
-        why = explain(sens, chosen.get(u.key), info.get("final_threshold", allowed)) if sens else info.get("note", "")
+        why = (
+            explain(sens, chosen.get(u.key), info.get("final_threshold", allowed), allowed)
+            if sens
+            else info.get("note", "")
+        )
         rows.append(
             {
                 "layer": layer.name,

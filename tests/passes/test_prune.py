@@ -344,7 +344,7 @@ class _ScoresByLayers:
 
 def test_the_search_holds_the_upper_bound_not_the_point_estimate():
     """PP-OCRv5 rec for cuda: 2:4 filled its share on 16 lines (0.45 ± 0.45) and lost 3 points on 64 others."""
-    from lepton_cli.passes._prune.search import Unit, search
+    from lepton_cli.passes._prune.search import Unit, explain, search
 
     units = [Unit(f"l{i}", "Conv", [0.5]) for i in range(2)]
     on_the_estimate, _ = search(units, lambda chosen: chosen, _ScoresByLayers(), 1.0, z=0.0)
@@ -352,6 +352,8 @@ def test_the_search_holds_the_upper_bound_not_the_point_estimate():
     assert len(on_the_estimate) == 2  # drop 1.0 <= 1.0
     assert held_to_the_bound == {}  # every combination's bound (0.5 + 0.84) is over the budget
     assert all("drop_bound" in r for r in info["rounds"] if r["layers"])
+    why = explain({0.5: 0.5}, None, info["final_threshold"], 1.0)
+    assert "share alone" in why and "no combination" in why  # not "every ratio over 0.25 pts alone"
 
 
 # ---- magnitude --------------------------------------------------------------------------------
