@@ -17,11 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize.sensitivity import _with_outputs
+from lepton_cli.passes._quantize.sensitivity import tensor_runs
 
-from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.model.op_traits import opset
-from lepton_cli.model.sessions import make_session
 
 MOVEMENT = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Identity")
 DECODING = ("Softmax", "LogSoftmax")
@@ -75,14 +73,10 @@ def _concat_tree(model: onnx.ModelProto, concat: onnx.NodeProto) -> tuple[list[o
 
 
 def _absmax(model: onnx.ModelProto, tensors: list[str], feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    extended, kept = _with_outputs(model, tensors)
-    session = make_session(extended)
-    names = [o.name for o in session.get_outputs()]
     peak: dict[str, float] = {}
-    for feed in feeds:
-        for name, value in zip(names, session.run(None, adapt_feed(model, feed))):
-            if name in tensors:
-                peak[name] = max(peak.get(name, 0.0), float(np.max(np.abs(value))) if value.size else 0.0)
+    for values in tensor_runs(model, tensors, feeds, graph_outputs=True):
+        for name, value in values.items():
+            peak[name] = max(peak.get(name, 0.0), float(np.max(np.abs(value))) if value.size else 0.0)
     return peak
 
 

@@ -13,12 +13,10 @@ from typing import Iterable
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize.sensitivity import _with_outputs
+from lepton_cli.passes._quantize.sensitivity import tensor_runs
 from lepton_cli.passes._quantize.weight_layers import WeightLayer, weight_layers
 
-from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.model.op_traits import attr
-from lepton_cli.model.sessions import make_session
 
 
 @dataclass
@@ -62,18 +60,13 @@ def collect(
     the Gram matrix converges long before), ``mean`` every patch."""
     layers = weight_layers(model) if layers is None else layers
     inits = {i.name: i for i in model.graph.initializer}
-    extended, kept = _with_outputs(model, [layer.node.input[0] for layer in layers])
-    outputs = {o.name for o in model.graph.output}
-    available = set(kept) | outputs | {i.name for i in model.graph.input}
-    layers = [layer for layer in layers if layer.node.input[0] in available]
-    session = make_session(extended)
-    names = [o.name for o in session.get_outputs()]
+    names = [layer.node.input[0] for layer in layers]
     rng = np.random.default_rng(seed)
     sums: dict[str, list] = {}
-    for feed in feeds:
-        feed = adapt_feed(model, feed)
-        values = dict(zip(names, session.run(None, feed))) | feed
+    for values in tensor_runs(model, names, list(feeds), graph_outputs=True):
         for layer in layers:
+            if layer.node.input[0] not in values:  # not a float tensor of this model: no statistics
+                continue
             cols = patches(layer, np.asarray(values[layer.node.input[0]]), tuple(inits[layer.weight].dims))
             sub = (
                 cols

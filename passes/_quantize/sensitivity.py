@@ -38,9 +38,16 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelP
     return copy, keep
 
 
-def tensor_runs(model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]]):
-    """Per feed, the float tensors ``names`` (those ``model`` has) as ``{name: array}``, one feed at a time."""
+def tensor_runs(
+    model: onnx.ModelProto, names: list[str], feeds: list[dict[str, np.ndarray]], *, graph_outputs: bool = False
+):
+    """Per feed, the float tensors ``names`` (those ``model`` has) as ``{name: array}``, one feed at a time.
+    ``graph_outputs``: also those of ``names`` that are already graph outputs (left out by default: the ranking
+    compares what flows between nodes)."""
     extended, keep = _with_outputs(model, names)
+    if graph_outputs:
+        wanted = set(names)
+        keep += [o.name for o in model.graph.output if o.name in wanted]
     # unoptimised: every named tensor still exists; no arena: with every tensor an output it would
     # keep one feed's worth of them allocated for the session's life
     session = make_session(extended, arena=False)

@@ -397,7 +397,8 @@ def tune(
     }
     if chosen is None or chosen.best is None or chosen.best_trial is None:
         first = f"quantize: no candidate met the accuracy budget of {budget:g} points ({scored_on})"
-        fix = failed_fix(settings.max_float, _undecided(trials, budget), evaluator.count)
+        undecided = _undecided(trials, budget)
+        fix = failed_fix(settings.max_float, undecided, evaluator.count if undecided else 0)
         raise QualityGateError(f"{first}; tried: {_tried_line(trials, budget)}", fix, attempt_summary=first)
     best = chosen.best_trial
     passing = sum(t.meets_budget for t in trials)
