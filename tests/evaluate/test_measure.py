@@ -332,3 +332,20 @@ def test_bootstrap_on_many_samples_is_chunked():
     a = rng.lognormal(0, 0.1, 50_000)
     r = measure.bootstrap_p50_ratio(a, a * 1.25, resamples=200)  # 200 x 50k indices would be 80 MB at once
     assert r["ratio"] == pytest.approx(1.25) and r["paired_ci"] == pytest.approx([1.25, 1.25])
+
+
+def test_a_compiled_model_slower_than_its_source_is_warned_only_where_the_host_stands_in_for_the_target():
+    from dataclasses import replace
+
+    from lepton_cli.evaluate.latency import slower_than_source
+    from lepton_cli.host.detect import HostInfo
+    from lepton_cli.pipeline.targets import load_target
+
+    vnni = replace(HostInfo.unknown(), isa=("avx2", "fma", "avx512f", "avx512_vnni", "amx_int8"))
+    slower = {"ratios": {"compiled": {"ratio": 1.22, "ci_low": 1.18, "ci_high": 1.27}}}  # PP-OCRv4 rec at 0.5 pt
+    unsure = {"ratios": {"compiled": {"ratio": 1.03, "ci_low": 0.97, "ci_high": 1.08}}}
+    (text,) = slower_than_source(slower, load_target("cpu-avx"), vnni)
+    assert "1.22x the source's p50" in text and "--max-accuracy-drop" in text
+    assert slower_than_source(unsure, load_target("cpu-avx"), vnni) == []  # the interval reaches 1: not shown
+    assert slower_than_source(slower, load_target("edge-arm"), vnni) == []  # x86 kernels say nothing of an A76
+    assert slower_than_source({"measured": False}, load_target("cpu-avx"), vnni) == []
