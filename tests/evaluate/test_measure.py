@@ -344,6 +344,8 @@ def test_a_compiled_model_slower_than_its_source_is_warned_only_where_the_host_s
     vnni = replace(HostInfo.unknown(), isa=("avx2", "fma", "avx512f", "avx512_vnni", "amx_int8"))
     slower = {"ratios": {"compiled": {"ratio": 1.22, "ci_low": 1.18, "ci_high": 1.27}}}  # PP-OCRv4 rec at 0.5 pt
     unsure = {"ratios": {"compiled": {"ratio": 1.03, "ci_low": 0.97, "ci_high": 1.08}}}
+    paired = {"ratios": {"compiled": {"ratio": 1.1, "ci_low": 0.5, "ci_high": 1.3, "paired_ci": [1.05, 1.14]}}}
+    assert "95% CI 1.05-1.14" in slower_than_source(paired, load_target("cpu-avx"), vnni)[0]  # the paired interval
     (text,) = slower_than_source(slower, load_target("cpu-avx"), vnni)
     assert "1.22x the source's p50" in text and "--max-accuracy-drop" in text
     assert slower_than_source(unsure, load_target("cpu-avx"), vnni) == []  # the interval reaches 1: not shown
