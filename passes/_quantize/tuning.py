@@ -50,7 +50,8 @@ def failed_fix(max_float: int, undecided: Trial | None = None, samples: int = 0)
         return (
             f"{undecided.method}+{len(undecided.float_nodes)} float read a drop of {undecided.drop_pct:.2f}, within "
             f"the budget, but {samples} scored samples bound it only to {undecided.drop_bound:.2f}: give more "
-            "--calib samples (a quarter is held out and scored) or labelled --eval data, or " + _plain_fix(max_float)
+            "--calib samples or labelled --eval data (a larger scoring set narrows the bound), or "
+            + _plain_fix(max_float)
         )
     return _plain_fix(max_float)
 
