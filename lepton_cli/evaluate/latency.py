@@ -454,14 +454,14 @@ def _compile_latency(
     )
 
 
-def slower_than_source(section: dict[str, Any], target: Any, host: HostInfo) -> list[str]:
+def slower_than_source(section: dict[str, Any], target: Any, host: HostInfo | None) -> list[str]:
     """A warning when the compiled model measured slower than its source on a host with the target's ISA (PP-OCRv4
     rec at a 0.5-point budget: 48 layers kept float, 1.22x the fp32 latency); other hosts cannot stand in for it."""
     ratio = (section.get("ratios") or {}).get("compiled")
     if not ratio:
         return []
     low, high = ratio.get("paired_ci") or (ratio["ci_low"], ratio["ci_high"])  # paired rounds: the tighter interval
-    if low <= 1.0 or not set(target.hardware.isa) <= set(host.isa):
+    if low <= 1.0 or not set(target.hardware.isa) <= set((host or detect_host()).isa):  # detected only when slower
         return []
     return [
         f"the compiled model ran {ratio['ratio']:.2f}x the source's p50 latency on this host, which has the "
@@ -500,7 +500,7 @@ def compile_sections(
         sections["host_latency"], warnings = _compile_latency(
             models, target, samples, role, bench=bench, seconds=seconds, seed=seed, host=host
         )
-        warnings += slower_than_source(sections["host_latency"], target, host or detect_host())
+        warnings += slower_than_source(sections["host_latency"], target, host)
     sections["cost_model"] = costmodel.cost_model_section(target, models)
     sections["budgets"] = costmodel.budgets_section(
         target, compiled.ByteSize() + external_bytes(compiled), sections["cost_model"]["models"]["compiled"], "compiled"

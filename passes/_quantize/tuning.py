@@ -88,6 +88,10 @@ class Trial:
         """Label suffix for progress lines and the exit-3 message: marks trials that kept the leading nodes float."""
         return " leading" if self.float_rule == LEADING else ""
 
+    def refused_for_bound(self, budget: float) -> bool:
+        """Its drop fits ``budget`` but its upper confidence bound does not: more scored samples could decide it."""
+        return self.scored and self.drop_bound is not None and self.drop_pct <= budget < self.drop_bound
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["float_kept"] = len(self.float_nodes)
@@ -313,8 +317,7 @@ def _tried_line(trials: list[Trial], budget: float) -> str:
     def outcome(t: Trial) -> str:  # a drop under the budget was refused for its upper bound: say so, or it reads wrong
         if not t.scored:
             return "not scored (slower than a candidate within budget)"
-        over = t.drop_bound is not None and t.drop_pct <= budget < t.drop_bound
-        return f"drop {t.drop_pct:.2f}" + (f" (upper bound {t.drop_bound:.2f})" if over else "")
+        return f"drop {t.drop_pct:.2f}" + (f" (upper bound {t.drop_bound:.2f})" if t.refused_for_bound(budget) else "")
 
     return "; ".join(f"{label(t)}+{len(t.float_nodes)}{t.rule_tag} float: {outcome(t)}" for t in trials)
 
@@ -413,7 +416,7 @@ def tune(
 
 def _undecided(trials: list[Trial], budget: float) -> Trial | None:
     """The fastest-priced candidate whose drop is within ``budget`` while its upper bound is not (None: none)."""
-    close = [t for t in trials if t.scored and t.drop_bound is not None and t.drop_pct <= budget < t.drop_bound]
+    close = [t for t in trials if t.refused_for_bound(budget)]
     return min(close, key=lambda t: (t.cost_ms if t.cost_ms is not None else inf, t.drop_bound), default=None)
 
 
