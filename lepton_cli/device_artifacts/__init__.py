@@ -34,15 +34,15 @@ def _mobile(models: dict[str, bytes], out: DeviceArtifacts, warn: Callable[[str]
 
     section: dict[str, Any] = {"runtime": ort_format.RUNTIME}
     try:
+        # The usability check first, while the conversion's files are not yet held: it copies the model once more.
+        usability = ort_format.mobile_usability(models[PRIMARY_MODEL])
         conversion = ort_format.convert(models)
-        for path, data in conversion.files.items():
-            ort_format.load_check(data)
-    except Exception as exc:  # a converter failure leaves the ONNX bundle usable: say so, do not stop
+    except Exception as exc:  # a failure of ORT's tools leaves the ONNX bundle usable: say so, do not stop
         section["produced"] = False
         section["reason"] = (
             f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}" if str(exc) else type(exc).__name__
         )
-        warn(f"device: no .ort written: ONNX Runtime's converter failed ({section['reason']})")
+        warn(f"device: no .ort written: ONNX Runtime's mobile tools failed ({section['reason']})")
         out.report["ort"] = section
         return
     out.models.update(conversion.files)
@@ -66,7 +66,7 @@ def _mobile(models: dict[str, bytes], out: DeviceArtifacts, warn: Callable[[str]
             "target_platform": "arm",
         }
     )
-    section["usability"] = ort_format.mobile_usability(models[PRIMARY_MODEL])
+    section["usability"] = usability
     out.report["ort"] = section
 
 

@@ -1,18 +1,19 @@
 """ONNX Runtime Mobile's artifacts: the ``.ort`` file, the reduced-build operator config, the NNAPI/Core ML check.
 
-All three use ONNX Runtime's own tools (``onnxruntime.tools``): ``convert_onnx_models_to_ort``
-with the *runtime* optimization style, which ORT recommends when NNAPI or Core ML may take nodes
-(fixed-style CPU fusions would hide ops those EPs support), for an Arm device (int8 QDQ kept as
-int8), with type reduction in the config; and ``mobile_helpers.usability_checker``'s partitioning
-per EP, on the model optimised to the basic level as ``check_onnx_model_mobile_usability`` does.
-The tools work on files: a private temporary folder, removed before returning.
+All three follow ONNX Runtime's own tools (``onnxruntime.tools``): ``convert_onnx_models_to_ort``'s
+*runtime* optimization style, which ORT recommends when NNAPI or Core ML may take nodes (fixed-style
+CPU fusions would hide ops those EPs support), for an Arm device (int8 QDQ kept as int8), with type
+reduction in the config (``create_config_from_models``); and ``mobile_helpers.usability_checker``'s
+partitioning per EP, on the model optimised to the basic level as ``check_onnx_model_mobile_usability``
+does. The sessions are the tool's, made here so that they cost one copy of the weights, not four
+(docs/decisions.md, "light_vgg19 → mobile peak"): the models are written with their weights in an
+external file, which ORT maps instead of copying, and weight prepacking, a per-session copy for
+faster kernels that a conversion never runs, is off. The files live in a private temporary folder,
+removed before returning.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ from typing import Any
 ORT_SUFFIX = ".ort"
 OPS_CONFIG = "required_operators_and_types.config"
 RUNTIME = "ONNX Runtime Mobile (ORT format)"
+# The converter's session settings for an Arm target; prepacking off changes no saved byte, only the session's memory.
+_CONVERT_ENTRIES = {"session.qdqisint8allowed": "1", "session.disable_prepacking": "1"}
+# The converter's own exclusion at optimization level "all" for a non-x86 platform (NCHWc is an AVX layout).
+_DISABLED_OPTIMIZERS = ["NchwcTransformer"]
 
 
 @dataclass
@@ -34,48 +39,90 @@ def ort_path(onnx_path: str) -> str:
     return onnx_path[: -len(".onnx")] + ORT_SUFFIX if onnx_path.endswith(".onnx") else onnx_path + ORT_SUFFIX
 
 
-def convert(models: dict[str, bytes]) -> OrtConversion:
-    """Each ONNX model (bundle path -> bytes) as an ORT-format model, and one operator config for all of them."""
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+def _write_with_external_weights(model_bytes: bytes, path: Path) -> Path:
+    """The model at ``path`` with its weights in ``path.data``: ORT maps that file instead of copying it."""
+    import onnx
 
+    model = onnx.load_from_string(model_bytes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
+    return path
+
+
+def _session_options(entries: dict[str, str], saved_to: Path | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the tool's level: no notes about unused initializers removed
+    if saved_to is not None:
+        saved_to.parent.mkdir(parents=True, exist_ok=True)
+        options.optimized_model_filepath = str(saved_to)
+    for key, value in entries.items():
+        options.add_session_config_entry(key, value)
+    return options
+
+
+def _save_ort(source: Path, saved_to: Path, runtime_optimizations: str) -> None:
+    """ORT's conversion of one model: runtime optimizations ``save``d (the shipped file) or ``apply``d (config only)."""
+    import onnxruntime as ort
+
+    entries = {
+        **_CONVERT_ENTRIES,
+        "session.save_model_format": "ORT",
+        "optimization.minimal_build_optimizations": runtime_optimizations,
+    }
+    options = _session_options(entries, saved_to)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    ort.InferenceSession(
+        str(source), options, providers=["CPUExecutionProvider"], disabled_optimizers=_DISABLED_OPTIMIZERS
+    )
+
+
+def convert(models: dict[str, bytes]) -> OrtConversion:
+    """Each ONNX model (bundle path -> bytes) as an ORT-format model ORT can open, and one operator config for all."""
     with tempfile.TemporaryDirectory(prefix="lepton-ort-") as tmp:
-        src, out = Path(tmp) / "src", Path(tmp) / "out"
+        root = Path(tmp)
+        shipped: dict[str, Path] = {}
+        for_config: list[Path] = []
         for path, data in models.items():
-            (src / path).parent.mkdir(parents=True, exist_ok=True)
-            (src / path).write_bytes(data)
-        tool_log = logging.getLogger("ort_format_model.utils")
-        level = tool_log.level
-        tool_log.setLevel(logging.WARNING)  # it logs each config it writes at INFO, on stderr
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # the tool prints progress; our stdout is for --json
-                convert_onnx_models_to_ort(
-                    src,
-                    output_dir=out,
-                    optimization_styles=[OptimizationStyle.Runtime],
-                    target_platform="arm",
-                    enable_type_reduction=True,
-                )
-        finally:
-            tool_log.setLevel(level)
-        files = {ort_path(path): (out / path).with_suffix(".with_runtime_opt.ort").read_bytes() for path in models}
-        configs = sorted(out.glob("*.config"))
-        if len(configs) != 1:
-            raise RuntimeError(f"convert_onnx_models_to_ort wrote {len(configs)} operator configs, expected 1")
-        ops_config = _portable_config(configs[0].read_text(), sorted(files))
+            source = _write_with_external_weights(data, root / "src" / path)
+            shipped[ort_path(path)] = root / "runtime" / ort_path(path)
+            _save_ort(source, shipped[ort_path(path)], "save")
+            # As the tool does: runtime optimizations may not be replayed, so the config needs the ops of both forms.
+            for_config += [shipped[ort_path(path)], root / "applied" / ort_path(path)]
+            _save_ort(source, for_config[-1], "apply")
+            source.with_name(source.name + ".data").unlink(missing_ok=True)  # none when no tensor is raw bytes
+        for ort_file in shipped.values():
+            load_check(ort_file)
+        ops_config = _ops_config(for_config, sorted(shipped))
+        files = {path: ort_file.read_bytes() for path, ort_file in shipped.items()}
     return OrtConversion(files, ops_config)
 
 
-def _portable_config(text: str, bundle_paths: list[str]) -> bytes:
-    """The tool's config with its temporary paths replaced by the bundle's (same model, same bytes)."""
-    body = [line for line in text.splitlines() if not line.startswith("#")]
-    header = [
-        "# Generated by Lepton with onnxruntime.tools.convert_onnx_models_to_ort (runtime optimization style) from:"
+def _ops_config(ort_files: list[Path], bundle_paths: list[str]) -> bytes:
+    """``create_config_from_models``' operator config with type reduction, naming the bundle's files, not ours.
+
+    Its loop holds two readers at once, each with two copies of its file (light_vgg19: +1.9 GB); one at a time here.
+    """
+    from onnxruntime.tools.ort_format_model import OperatorTypeUsageManager, OrtFormatModelProcessor
+
+    required_ops: dict[str, dict[int, set[str]]] = {}
+    usage = OperatorTypeUsageManager()
+    for ort_file in ort_files:
+        reader = OrtFormatModelProcessor(str(ort_file), required_ops, usage)
+        reader.process()  # adds the file's ops and types to required_ops and usage
+        del reader
+    lines = [
+        "# Generated by Lepton with onnxruntime.tools.convert_onnx_models_to_ort (runtime optimization style) from:",
+        *(f"# - {path}" for path in bundle_paths),
+        "# Use with ONNX Runtime's build.py --include_ops_by_config THIS_FILE --enable_reduced_operator_type_support",
     ]
-    header += [f"# - {path}" for path in bundle_paths]
-    header.append(
-        "# Use with ONNX Runtime's build.py --include_ops_by_config THIS_FILE --enable_reduced_operator_type_support"
-    )
-    return ("\n".join(header + body) + "\n").encode()
+    for domain in sorted(required_ops):
+        for opset in sorted(required_ops[domain]):
+            if ops := required_ops[domain][opset]:
+                entries = [f"{op}{usage.get_config_entry(domain, op) or ''}" for op in sorted(ops)]
+                lines.append(f"{domain};{opset};{','.join(entries)}")
+    return ("\n".join(lines) + "\n").encode()
 
 
 def _partitions(info: Any) -> dict[str, Any]:
@@ -95,12 +142,19 @@ def _partitions(info: Any) -> dict[str, Any]:
 def mobile_usability(model_bytes: bytes) -> dict[str, Any]:
     """ORT's NNAPI / Core ML partitioning of the model (basic-level optimised, as its checker does), per EP."""
     import onnx
-    from onnxruntime.tools.onnx_model_utils import optimize_model
+    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="lepton-usability-") as tmp:
-        source, optimised = Path(tmp) / "model.onnx", Path(tmp) / "model.basic.onnx"
-        source.write_bytes(model_bytes)
-        optimize_model(source, optimised, use_external_initializers=True)
+        source = _write_with_external_weights(model_bytes, Path(tmp) / "model.onnx")
+        optimised = Path(tmp) / "model.basic.onnx"
+        # optimize_model's session (basic level, weights written to an external file), without prepacking.
+        entries = {
+            "session.optimized_model_external_initializers_file_name": "model.basic.data",
+            "session.disable_prepacking": "1",
+        }
+        options = _session_options(entries, optimised)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         # The checker reads initializer names, not values: leaving the weights on disk spares two copies of them
         # (ORT's ModelProtoWithShapeInfo loads them and shape inference copies the model; light_vgg19 +2.6 GB).
         model = onnx.shape_inference.infer_shapes(onnx.load(optimised, load_external_data=False), strict_mode=True)
@@ -126,10 +180,15 @@ def partitions_per_ep(model: Any) -> dict[str, Any]:
     return result
 
 
-def load_check(ort_bytes: bytes) -> None:
+def load_check(ort_file: Path) -> None:
     """Refuse a .ort file ONNX Runtime cannot open (what the device would hit first)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.load_model_format", "ORT")
-    ort.InferenceSession(ort_bytes, options, providers=["CPUExecutionProvider"])
+    # Weights used in place from the file's bytes, unpacked: opening the file is the check, not running it.
+    entries = {
+        "session.load_model_format": "ORT",
+        "session.use_ort_model_bytes_directly": "1",
+        "session.use_ort_model_bytes_for_initializers": "1",
+        "session.disable_prepacking": "1",
+    }
+    ort.InferenceSession(str(ort_file), _session_options(entries), providers=["CPUExecutionProvider"])

@@ -597,3 +597,41 @@ def test_mobile_usability_reads_no_weights_and_matches_ort_own_loader(tmp_path):
     got = ort_format.mobile_usability(data)
     assert got == reference
     assert got["eps"]["NNAPI"]["supported_nodes"] > 0 and got["eps"]["NNAPI"]["cpu_ops"]
+
+
+@needs_ocr
+@pytest.mark.parametrize("model", ["digits", "ppocr_rec"])
+def test_ort_conversion_matches_onnx_runtime_own_tool(tmp_path, model):
+    """Lepton's .ort conversion (weights mapped, no prepacking, one config reader at a time) writes the operator
+    config ORT's convert_onnx_models_to_ort writes, and a .ort that gives the tool's outputs on real inputs:
+    digits (weights as initializers, written to an external file) and PP-OCRv4 rec (weights in Constant nodes)."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    from lepton_cli.device_artifacts import ort_format
+
+    if model == "digits":
+        model_path, name, frames = DIGITS / "digits_cnn.onnx", "image", np.load(DIGITS / "eval.npz")["image"][:8]
+    else:
+        _, model_path, _ = _rec_set(tmp_path)
+        name, frames = "x", np.load(tmp_path / "eval.npz")["x"][:8]
+    ours = ort_format.convert({"model.onnx": model_path.read_bytes()})
+    (tmp_path / "tool_src").mkdir()
+    (tmp_path / "tool_src" / "model.onnx").write_bytes(model_path.read_bytes())
+    convert_onnx_models_to_ort(
+        tmp_path / "tool_src",
+        output_dir=tmp_path / "tool_out",
+        optimization_styles=[OptimizationStyle.Runtime],
+        target_platform="arm",
+        enable_type_reduction=True,
+    )
+    tool_config = (tmp_path / "tool_out" / "required_operators_and_types.with_runtime_opt.config").read_text()
+
+    def body(text):
+        return [line for line in text.splitlines() if not line.startswith("#")]
+
+    assert body(ours.ops_config.decode()) == body(tool_config) and "Conv" in tool_config
+    tool_ort = (tmp_path / "tool_out" / "model.with_runtime_opt.ort").read_bytes()
+    assert abs(len(ours.files["model.ort"]) - len(tool_ort)) < 1024  # same graph and weights, ids aside
+    got, want = (_ort_session(data) for data in (ours.files["model.ort"], tool_ort))
+    for frame in frames.astype(np.float32):
+        np.testing.assert_array_equal(got.run(None, {name: frame[None]})[0], want.run(None, {name: frame[None]})[0])
