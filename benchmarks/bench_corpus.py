@@ -270,12 +270,34 @@ def render(runs: list[Path], out: Path) -> None:
     commands = []
     for path in runs:
         run = json.loads(path.read_text())
-        commands.append(run["command"])
+        commands += run["commands"] if "commands" in run else [run["command"]]  # a rendered file lists its runs'
         rows |= {(r["model"], r["tool"], r["target"]): r for r in run["rows"]}
     out.with_suffix(".json").write_text(
         json.dumps({"commands": commands, "rows": list(rows.values())}, indent=1) + "\n"
     )
-    out.with_suffix(".md").write_text(markdown(list(rows.values()), "; ".join(commands)), encoding="utf-8")
+    text = pivot(list(rows.values())) + "\n" + markdown(list(rows.values()), "; ".join(commands))
+    out.with_suffix(".md").write_text(text, encoding="utf-8")
+
+
+def pivot(rows: list[dict]) -> str:
+    """Held-out Δ (points) and 1-thread latency ×fp32 per model × tool/target; "exit N" where nothing was made."""
+    columns = sorted({(r["tool"], r["target"]) for r in rows}, key=lambda c: (c[0] != "lepton", c))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    cells = {(r["model"], r["tool"], r["target"]): r for r in rows}
+    names = [f"{tool} {Path(target).stem if target.endswith('.toml') else target}" for tool, target in columns]
+    lines = ["| model | " + " | ".join(names) + " |", "|---" * (len(columns) + 1) + "|"]
+    for model in models:
+        line = []
+        for tool, target in columns:
+            r = cells.get((model, tool, target))
+            if r is None:
+                line.append("")
+            elif r.get("value") is None:
+                line.append(f"exit {r['code']}")
+            else:
+                line.append(f"{r['value'] - r['fp32_value']:+.2f} ({_fmt(r.get('latency_ratio_1t'), '.2f')}x)")
+        lines.append(f"| {model} | " + " | ".join(line) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _write(out: Path, rows: list[dict], argv: list[str] | None) -> None:
