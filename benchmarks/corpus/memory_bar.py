@@ -59,10 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     for (name, target), row in sorted(rows.items()):
         peak = row.get("peak_rss_mb")
         within = peak is not None and peak == peak and peak <= bars[name]["bar_mb"]
-        table.append({"model": name, "target": target, "exit": row["code"], "peak_rss_mb": peak, **bars[name],
-                      "within": within})
+        table.append(
+            {"model": name, "target": target, "exit": row["code"], "peak_rss_mb": peak, **bars[name], "within": within}
+        )
     over = [r for r in table if not r["within"]]
+    command = "python -m benchmarks.corpus.memory_bar " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
+        f"# Compile peak RSS against issue 15's bar, 4 x (weights + activation arena) + 1 GiB\n\nCommand: `{command}`\n",
         f"{len(table)} compiles of {len(bars)} models; {len(table) - len(over)} within the bar, {len(over)} over or"
         " unmeasured.",
         "",
