@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        args.out.with_suffix(".json").write_text(json.dumps(table, indent=1) + "\n")
+        args.out.with_suffix(".json").write_text("[\n" + ",\n".join(json.dumps(row) for row in table) + "\n]\n")
         args.out.with_suffix(".md").write_text(text)
     return 0 if not over else 4
 

@@ -96,7 +96,7 @@ def _lean_session(calibrator: Any) -> None:
     pattern and execution order the whole forward pass stays resident (docs/decisions.md, Quantize).
     """
     # One copy of the weights at a time: the tool's own session, and its in-memory augmented graph (saved, with its
-    # weights in an external file ORT maps, and never read again), go before ours opens (light_vgg19: -1.2 GB).
+    # weights in an external file ORT maps, and never read again), go before ours opens (light_vgg19 cpu-avx: -0.5 GB).
     calibrator.infer_session = None
     calibrator.model = None
     options = ort.SessionOptions()
