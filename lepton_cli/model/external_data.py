@@ -172,6 +172,14 @@ def inline_copy(model: onnx.ModelProto, why: str, limit: int | None = None) -> o
     return copy
 
 
+def save_with_weights_beside(model: onnx.ModelProto, path: Path) -> None:
+    """``path`` with the weights in ``path.data`` (a loader then reads the graph alone, shape inference too),
+    ``model`` untouched; the one transient copy is gone when this returns."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
+
+
 def structure_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose external tensors are one-element placeholders: ``onnx.checker`` on an in-memory
     proto resolves external files against the working directory, so the graph is checked without them

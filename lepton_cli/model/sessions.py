@@ -31,6 +31,7 @@ def make_session(
     threads: int = 1,
     providers: Iterable[str] = ("CPUExecutionProvider",),
     arena: bool = True,
+    prepack: bool = True,
 ) -> ort.InferenceSession:
     """An inference session from an in-memory model with fixed, recorded settings (deterministic by default).
 
@@ -43,6 +44,8 @@ def make_session(
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 4  # errors reach Python as exceptions; ORT would also print them in red
+    if not prepack:  # a second, kernel-ordered copy of each MatMul/Gemm weight: worth it only over many runs
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if isinstance(model, bytes):
         files = getattr(model, "external_files", None)
         if files:

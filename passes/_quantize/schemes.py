@@ -30,7 +30,7 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, q
 from onnxruntime.quantization.calibrate import TensorsData, load_tensors_data, save_tensors_data
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from lepton_cli.model.external_data import tensor_array
+from lepton_cli.model.external_data import has_external, save_with_weights_beside, tensor_array
 from lepton_cli.model.graph_order import move_into_subgraphs, sort_topologically
 from lepton_cli.model.op_traits import WEIGHT_OPS, attr
 
@@ -150,10 +150,17 @@ def quantize_int8(
         extra["TensorQuantOverrides"] = pow2_overrides(model, load_tensors_data(ranges_path))
         extra["QDQDisableWeightAdjustForInt32Bias"] = True  # the adjustment would break power-of-two weight scales
     extra |= scheme.extra
-    out = Path(tempfile.mkdtemp(prefix="q-", dir=work_dir)) / "model.onnx"
+    folder = Path(tempfile.mkdtemp(prefix="q-", dir=work_dir))
+    out = folder / "model.onnx"
+    source: onnx.ModelProto | str = model
+    if not has_external(model):
+        # Given a proto, quantize_static deep-copies it and keeps that copy while it reloads the model: given a
+        # file whose weights sit beside it, it holds only the reload (light_vgg19 cpu-avx: docs/decisions.md).
+        source = str(folder / "in.onnx")
+        save_with_weights_beside(model, Path(source))
     with quiet_ort():
         quantize_static(
-            model,
+            source,
             str(out),
             calibration_data_reader=None,
             quant_format=QuantFormat.QDQ,
