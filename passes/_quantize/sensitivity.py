@@ -17,6 +17,7 @@ from lepton_cli.passes._quantize.float_keep import keep_float
 from onnx import helper
 
 from lepton_cli.host.parallel import ordered_map
+from lepton_cli.model.external_data import has_external
 from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.model.sessions import make_session
 
@@ -133,10 +134,19 @@ def output_nsr(
     opt_level: str = "all",
 ) -> float:
     """Noise-to-signal ratio of all outputs of ``model`` vs reference outputs, summed over feeds."""
+    return _nsr(reference, model, [adapt_feed(model, f) for f in feeds], opt_level)
+
+
+def _nsr(
+    reference: list[list[np.ndarray]],
+    model: onnx.ModelProto | bytes,
+    adapted: list[dict[str, np.ndarray]],
+    opt_level: str,
+) -> float:
     session = make_session(model, opt_level=opt_level, prepack=False)  # a few feeds, per candidate, side by side
     noise = signal = 0.0
-    for ref, feed in zip(reference, feeds):
-        for r, g in zip(ref, session.run(None, adapt_feed(model, feed))):
+    for ref, feed in zip(reference, adapted):
+        for r, g in zip(ref, session.run(None, feed)):
             r32, g32 = r.astype(np.float32, copy=False), g.astype(np.float32, copy=False)
             noise += float(np.sum(np.square(r32 - g32), dtype=np.float64))
             signal += float(np.sum(np.square(r32), dtype=np.float64))
@@ -159,8 +169,14 @@ def float_gains(
     del session
     base = output_nsr(reference, quantized, feeds, opt_level)
 
+    adapted = [adapt_feed(quantized, f) for f in feeds]  # a candidate keeps quantized's inputs and their layout
+    in_memory = not has_external(quantized)  # bytes carry no weights folder
+
     def gain(name: str) -> float:
-        return base - output_nsr(reference, keep_float(quantized, float_model, name, float_weights), feeds, opt_level)
+        candidate: onnx.ModelProto | bytes = keep_float(quantized, float_model, name, float_weights)
+        if in_memory:  # its proto goes before ORT parses it: two candidates are built and run side by side
+            candidate = candidate.SerializeToString()
+        return base - _nsr(reference, candidate, adapted, opt_level)
 
     gains = list(zip(candidates, ordered_map(gain, candidates, workers)))
     gains.sort(key=lambda item: -item[1])
