@@ -34,9 +34,10 @@ def _mobile(models: dict[str, bytes], out: DeviceArtifacts, warn: Callable[[str]
 
     section: dict[str, Any] = {"runtime": ort_format.RUNTIME}
     try:
-        # The usability check first, while the conversion's files are not yet held: it copies the model once more.
-        usability = ort_format.mobile_usability(models[PRIMARY_MODEL])
-        conversion = ort_format.convert(models)
+        with ort_format.written(models) as sources:
+            # The usability check first, while the conversion's files are not yet held: it copies the model once more.
+            usability = ort_format.mobile_usability(sources[PRIMARY_MODEL])
+            conversion = ort_format.convert(sources)
     except Exception as exc:  # a failure of ORT's tools leaves the ONNX bundle usable: say so, do not stop
         section["produced"] = False
         section["reason"] = (

@@ -14,11 +14,14 @@ removed before returning.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from lepton_cli.model.external_data import write_weights_beside
 
 ORT_SUFFIX = ".ort"
 OPS_CONFIG = "required_operators_and_types.config"
@@ -39,14 +42,16 @@ def ort_path(onnx_path: str) -> str:
     return onnx_path[: -len(".onnx")] + ORT_SUFFIX if onnx_path.endswith(".onnx") else onnx_path + ORT_SUFFIX
 
 
-def _write_with_external_weights(model_bytes: bytes, path: Path) -> Path:
-    """The model at ``path`` with its weights in ``path.data``: ORT maps that file instead of copying it."""
+@contextlib.contextmanager
+def written(models: dict[str, bytes]) -> Iterator[dict[str, Path]]:
+    """Each model (bundle path -> bytes) written once, for the conversion and the usability check, in a private
+    folder removed on exit: weights in a file beside it, which ORT maps instead of copying."""
     import onnx
 
-    model = onnx.load_from_string(model_bytes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
-    return path
+    with tempfile.TemporaryDirectory(prefix="lepton-ort-src-") as tmp:
+        yield {
+            path: write_weights_beside(onnx.load_from_string(data), Path(tmp) / path) for path, data in models.items()
+        }
 
 
 def _session_options(entries: dict[str, str], saved_to: Path | None = None) -> Any:
@@ -78,20 +83,19 @@ def _save_ort(source: Path, saved_to: Path, runtime_optimizations: str) -> None:
     )
 
 
-def convert(models: dict[str, bytes]) -> OrtConversion:
-    """Each ONNX model (bundle path -> bytes) as an ORT-format model ORT can open, and one operator config for all."""
+def convert(sources: dict[str, Path]) -> OrtConversion:
+    """Each ONNX model (bundle path -> file from ``written``) as an ORT-format model ORT can open, and one operator
+    config for all."""
     with tempfile.TemporaryDirectory(prefix="lepton-ort-") as tmp:
         root = Path(tmp)
         shipped: dict[str, Path] = {}
         for_config: list[Path] = []
-        for path, data in models.items():
-            source = _write_with_external_weights(data, root / "src" / path)
+        for path, source in sources.items():
             shipped[ort_path(path)] = root / "runtime" / ort_path(path)
             _save_ort(source, shipped[ort_path(path)], "save")
             # As the tool does: runtime optimizations may not be replayed, so the config needs the ops of both forms.
             for_config += [shipped[ort_path(path)], root / "applied" / ort_path(path)]
             _save_ort(source, for_config[-1], "apply")
-            source.with_name(source.name + ".data").unlink(missing_ok=True)  # none when no tensor is raw bytes
         for ort_file in shipped.values():
             load_check(ort_file)
         ops_config = _ops_config(for_config, sorted(shipped))
@@ -139,13 +143,13 @@ def _partitions(info: Any) -> dict[str, Any]:
     }
 
 
-def mobile_usability(model_bytes: bytes) -> dict[str, Any]:
-    """ORT's NNAPI / Core ML partitioning of the model (basic-level optimised, as its checker does), per EP."""
+def mobile_usability(source: Path) -> dict[str, Any]:
+    """ORT's NNAPI / Core ML partitioning of the model (a file from ``written``; basic-level optimised, as its
+    checker does), per EP."""
     import onnx
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="lepton-usability-") as tmp:
-        source = _write_with_external_weights(model_bytes, Path(tmp) / "model.onnx")
         optimised = Path(tmp) / "model.basic.onnx"
         # optimize_model's session (basic level, weights written to an external file), without prepacking.
         entries = {

@@ -172,12 +172,19 @@ def inline_copy(model: onnx.ModelProto, why: str, limit: int | None = None) -> o
     return copy
 
 
+def write_weights_beside(model: onnx.ModelProto, path: Path) -> Path:
+    """``model`` at ``path`` with its weights in ``path.data`` (ONNX Runtime maps that file; a loader, and shape
+    inference, read the graph alone); ``model``'s tensors are emptied into the file as it is written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
+    return path
+
+
 def save_with_weights_beside(model: onnx.ModelProto, path: Path) -> None:
-    """``path`` with the weights in ``path.data`` (a loader then reads the graph alone, shape inference too),
-    ``model`` untouched; the one transient copy is gone when this returns."""
+    """``write_weights_beside`` of a copy: ``model`` untouched; the one transient copy is gone when this returns."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
+    write_weights_beside(copy, path)
 
 
 def structure_copy(model: onnx.ModelProto) -> onnx.ModelProto:

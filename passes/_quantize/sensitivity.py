@@ -167,9 +167,8 @@ def float_gains(
     session = make_session(float_model, opt_level=opt_level)
     reference = [session.run(None, adapt_feed(float_model, f)) for f in feeds]
     del session
-    base = output_nsr(reference, quantized, feeds, opt_level)
-
     adapted = [adapt_feed(quantized, f) for f in feeds]  # a candidate keeps quantized's inputs and their layout
+    base = _nsr(reference, quantized, adapted, opt_level)
     in_memory = not has_external(quantized)  # bytes carry no weights folder
 
     def gain(name: str) -> float:

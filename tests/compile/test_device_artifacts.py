@@ -594,7 +594,8 @@ def test_mobile_usability_reads_no_weights_and_matches_ort_own_loader(tmp_path):
     (tmp_path / "m.onnx").write_bytes(data)
     optimize_model(tmp_path / "m.onnx", tmp_path / "basic.onnx", use_external_initializers=True)
     reference = ort_format.partitions_per_ep(ModelProtoWithShapeInfo(tmp_path / "basic.onnx").model_with_shape_info)
-    got = ort_format.mobile_usability(data)
+    with ort_format.written({"model.onnx": data}) as sources:
+        got = ort_format.mobile_usability(sources["model.onnx"])
     assert got == reference
     assert got["eps"]["NNAPI"]["supported_nodes"] > 0 and got["eps"]["NNAPI"]["cpu_ops"]
 
@@ -614,7 +615,8 @@ def test_ort_conversion_matches_onnx_runtime_own_tool(tmp_path, model):
     else:
         _, model_path, _ = _rec_set(tmp_path)
         name, frames = "x", np.load(tmp_path / "eval.npz")["x"][:8]
-    ours = ort_format.convert({"model.onnx": model_path.read_bytes()})
+    with ort_format.written({"model.onnx": model_path.read_bytes()}) as sources:
+        ours = ort_format.convert(sources)
     (tmp_path / "tool_src").mkdir()
     (tmp_path / "tool_src" / "model.onnx").write_bytes(model_path.read_bytes())
     convert_onnx_models_to_ort(
