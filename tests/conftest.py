@@ -34,6 +34,18 @@ needs_ocr = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _scratch_in_pytest_temp(tmp_path_factory):
+    """Pass contexts a test builds itself make their work folder with ``tempfile``: keep them in pytest's
+    rotating temp folder rather than leaving one per test in /tmp."""
+    import tempfile
+
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("scratch"))
+    yield
+    tempfile.tempdir = previous
+
+
 @pytest.fixture(autouse=True)
 def _lepton_home(monkeypatch, tmp_path_factory):
     """Every test's key set and rollback state live in a temporary LEPTON_HOME, never the user's config folder."""
