@@ -177,4 +177,5 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
     float_weights = params.float_kept_weights == "float"
     settings = TunerSettings(params.max_float_layers, float_weights, params.budget_confidence, ctx.target.hardware)
     result, best = tune(space, evaluator, budget, scored_on, settings, summary, ctx.progress)
+    plan.report_recovery(evaluator, best, ctx, summary)
     return plan.finish(model, result, ctx, summary, BudgetUse(budget, best.drop_pct))

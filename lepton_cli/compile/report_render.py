@@ -227,6 +227,24 @@ def _pipeline_table(report: dict[str, Any]) -> Table | None:
     return ["pass", "seconds", "nodes", "size", "MACs", "check"], rows
 
 
+def recovery_table(report: dict[str, Any]) -> Table | None:
+    """What each quantize recovery step gained: the fully quantized model scored with the steps added in order."""
+    for step in report_steps(report):
+        gains = ((step.get("summary") or {}).get("recovery") or {}).get("gains")
+        if not gains:
+            continue
+        rows = []
+        previous = None
+        for row in gains["rows"]:
+            drop = row.get("drop_pct")
+            change = "" if previous is None or drop is None else f"{previous - drop:+.2f}"
+            label = " + ".join(row["steps"]) or f"none ({gains['method']}, nothing float)"
+            rows.append([label, _num(drop, 2), change, _num(row.get("snr_db"), 2)])
+            previous = drop
+        return ["steps", "drop (points)", "gained", "output SNR dB"], rows
+    return None
+
+
 _ERROR_KEYS = (
     "local_nsr",
     "nsr",
@@ -301,6 +319,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         ("Cost model", _cost_table(report)),
         ("Budgets", _budget_table(report)),
         ("Gates", _gates(report)),
+        ("Quantization recovery", recovery_table(report)),
         ("Pipeline", _pipeline_table(report)),
     ]
     for name, table in sections:
@@ -616,6 +635,7 @@ def render_html(report: dict[str, Any]) -> str:
         metric, values = errors
         body.append("<h2>Per-layer quantization error</h2>")
         body.append(svg_hbars(values[:15], unit=metric))
+    add("Quantization recovery", recovery_table(report))
     add("Pipeline", _pipeline_table(report), _pipeline_plots(report))
     warnings = report_warnings(report)
     if warnings:

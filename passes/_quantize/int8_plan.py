@@ -11,7 +11,7 @@ accelerator, names shortened, shape annotations dropped.
 from __future__ import annotations
 
 import platform
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -126,6 +126,16 @@ def _source_names(model: onnx.ModelProto) -> set[str]:
     return {t.name for t in graph.initializer} | {n.name for n in graph.node} | tensors
 
 
+@dataclass
+class _RecoveryInputs:
+    settings: RecoverySettings
+    base: onnx.ModelProto  # the pre-processed model the steps ran on
+    feeds: list[dict[str, np.ndarray]]
+    calib: SampleSet
+    heads: list[str] = field(default_factory=list)  # output-head nodes left float
+    scheme: schemes.Int8Scheme | None = None  # with the heads' 16-bit overrides
+
+
 class Int8Plan(SearchPlan):
     def __init__(self, params: Any, target_isa: list[str], host_isa: list[str]):
         """``params``: the pass's QuantizeParams; the ISAs decide ``reduce_range`` (see ``reduce_range``)."""
@@ -138,6 +148,7 @@ class Int8Plan(SearchPlan):
         self.narrowed: dict[str, list[str]] = {}  # per method: tensors whose range was cut to what readers tell apart
         self.sentinel_nodes: dict[str, list[str]] = {}  # per method: nodes left float around a -inf/finfo.min mask
         self.base = onnx.ModelProto()
+        self.recovery: _RecoveryInputs | None = None  # what the steps ran on, for the report's per-step gains
 
     def space(self, model: onnx.ModelProto, ctx: Any, calib: SampleSet, summary: dict[str, Any]) -> SearchSpace:
         params, scheme = self.params, self.scheme
@@ -157,6 +168,8 @@ class Int8Plan(SearchPlan):
         }
         self.base, source, recovery_float = self._recover(base, calib, summary, ctx.progress)
         head_nodes, scheme = self._heads(source, calib, ctx, summary)
+        if self.recovery is not None:
+            self.recovery.heads, self.recovery.scheme = head_nodes, scheme
         builds = [
             self._builder(
                 source, calib, replace(scheme, op_types=tuple(ops)), ctx, f"t{i}", head_nodes + recovery_float
@@ -225,8 +238,40 @@ class Int8Plan(SearchPlan):
             return base, base, []
         feeds = list(calib.feeds(params.recovery_samples))
         recovered = recover(base, feeds, self.scheme, settings, progress)
-        summary["recovery"] = recovered.summary
+        summary["recovery"] = recovered.summary | {"steps": settings.steps}
+        self.recovery = _RecoveryInputs(settings, base, feeds, calib)
         return recovered.reference, recovered.quantize_source, recovered.float_nodes
+
+    def report_recovery(self, evaluator: Any, best: Any, ctx: Any, summary: dict[str, Any]) -> None:
+        """What each enabled recovery step gained on this model: the chosen method's fully quantized model (chosen
+        op types, nothing kept float) scored with the steps switched on one at a time, in the order they apply.
+        The last row is the model the search started from; rows are relative to the same source model."""
+        inputs = self.recovery
+        if inputs is None or "recovery" not in summary:
+            return
+        ops = best.op_types if best.op_types is not None else self.tiers[-1]
+        rows = []
+        for count in range(len(inputs.settings.steps) + 1):
+            steps = inputs.settings.steps[:count]
+            ctx.progress(f"recovery gains: {' + '.join(steps) or 'no step'}")
+            settings = inputs.settings.only(steps)
+            source, extra = inputs.base, []
+            if settings.any_step:
+                recovered = recover(inputs.base, inputs.feeds, self.scheme, settings)
+                source, extra = recovered.quantize_source, recovered.float_nodes
+            scheme = replace(inputs.scheme, op_types=tuple(ops))
+            build = self._builder(source, inputs.calib, scheme, ctx, f"gain{count}", inputs.heads + extra)
+            score = evaluator.score(build(best.method, []))
+            snr = score.agreement.get("snr_db")
+            rows.append(
+                {
+                    "steps": steps,
+                    "drop_pct": round(score.drop_pct, 4),
+                    "drop_se": round(score.drop_se, 4),
+                    "snr_db": None if snr is None else round(float(snr), 2),
+                }
+            )
+        summary["recovery"]["gains"] = {"method": best.method, "op_types": ops, "float_kept": 0, "rows": rows}
 
     def _heads(
         self, model: onnx.ModelProto, calib: SampleSet, ctx: Any, summary: dict[str, Any]

@@ -49,6 +49,9 @@ class SearchPlan(ABC):
     ) -> PassResult:
         """The pass's result from the chosen candidate."""
 
+    def report_recovery(self, evaluator: Any, best: Any, ctx: Any, summary: dict[str, Any]) -> None:
+        """Record in ``summary`` what each enabled accuracy-recovery step gained (plans without steps: nothing)."""
+
 
 def int8_weights(model: onnx.ModelProto) -> int:
     """int8/uint8 initializers of rank >= 2: weights (zero points are scalars or vectors)."""

@@ -11,7 +11,7 @@ are tuned for their int8 rounding.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -51,6 +51,29 @@ class RecoverySettings:
     @property
     def per_layer(self) -> bool:
         return self.bias_correction or self.adaround
+
+    @property
+    def steps(self) -> list[str]:
+        """The enabled steps, in the order ``recover`` applies them."""
+        enabled = {
+            "equalize": self.equalize,
+            "smoothquant": self.smoothquant_alpha is not None,
+            "conv_smoothing": self.conv_smoothing_alpha is not None,
+            "adaround": self.adaround,
+            "bias_correction": self.bias_correction,
+        }
+        return [name for name, on in enabled.items() if on]
+
+    def only(self, steps: list[str]) -> RecoverySettings:
+        """These settings with every step not in ``steps`` switched off."""
+        return replace(
+            self,
+            equalize=self.equalize and "equalize" in steps,
+            smoothquant_alpha=self.smoothquant_alpha if "smoothquant" in steps else None,
+            conv_smoothing_alpha=self.conv_smoothing_alpha if "conv_smoothing" in steps else None,
+            adaround=self.adaround and "adaround" in steps,
+            bias_correction=self.bias_correction and "bias_correction" in steps,
+        )
 
     @property
     def any_step(self) -> bool:

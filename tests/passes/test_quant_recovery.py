@@ -160,6 +160,38 @@ def test_recovery_parameters_are_checked_when_the_target_loads():
         from_table(QuantizeParams, {"adaroundd": True}, "passes[quantize]")
 
 
+def test_report_says_what_each_recovery_step_gained(run_cli, tmp_path):
+    """The report scores the chosen method's fully quantized model with the steps added one at a time; the last
+    row is the model the search itself scored (same drop and output SNR), and the Markdown report shows them."""
+    import json
+
+    target = tmp_path / "recovery.toml"
+    target.write_text(
+        'extends = "cpu-avx"\nname = "cpu-avx-recovery"\ndescription = "recovery steps"\n'
+        "[pass_params.quantize]\nequalize = true\nbias_correction = true\n"
+    )
+    out = tmp_path / "out"
+    args = ("--calib", DIGITS / "calib.npz", "-o", out, "--no-bench")
+    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", target, *args)
+    assert res.code == 0, res.stderr
+    bundle = next(out.glob("*.lepton"))
+    report = json.loads((bundle / "report.json").read_text())
+    summary = next(s for s in report["pipeline"] if s["name"] == "quantize")["summary"]
+    gains = summary["recovery"]["gains"]
+    assert [r["steps"] for r in gains["rows"]] == [[], ["equalize"], ["equalize", "bias_correction"]]
+    searched = next(
+        t
+        for t in summary["tried"]
+        if t["method"] == gains["method"] and t["float_kept"] == 0 and t["op_types"] == gains["op_types"]
+    )
+    last = gains["rows"][-1]
+    assert last["drop_pct"] == pytest.approx(searched["drop_pct"], abs=1e-3)
+    assert last["snr_db"] == pytest.approx(searched["agreement"]["snr_db"], abs=0.01)
+    assert len({r["snr_db"] for r in gains["rows"]}) == 3  # each step changed the int8 model
+    markdown = (bundle / "report.md").read_text()
+    assert "### Quantization recovery" in markdown and "| equalize + bias_correction |" in markdown
+
+
 @needs_ocr
 @pytest.mark.slow
 def test_recovery_on_pp_ocrv4_rec(tmp_path):
