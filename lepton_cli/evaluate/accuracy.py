@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,15 @@ from lepton_cli.host.parallel import ordered_map
 from lepton_cli.model.io_contract import adapt_feed, restore_output
 from lepton_cli.model.sessions import make_session
 from lepton_cli.samples.sample_set import SampleSet
+
+MASK_NAME = re.compile(r"mask", re.IGNORECASE)  # attention_mask, input_mask: a transformer's padding mask
+INTEGER_TYPES = {
+    onnx.TensorProto.INT64,
+    onnx.TensorProto.INT32,
+    onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8,
+    onnx.TensorProto.BOOL,
+}
 
 VNNI_ISA = ("avx512_vnni", "avx_vnni", "avxvnni", "amx_int8")  # u8·s8 dot products into int32: no saturation
 X86_ISA = ("avx2", "avx512f", "sse4_2", "avx")
@@ -405,6 +415,7 @@ class Evaluator:
             highs = [float(np.max(outs[j])) for outs in self.reference if outs[j].size]
             self.spans.append(max(highs) - min(lows) if lows else 0.0)
         self.roles = self._roles(source_model, default, default_text, per_output)
+        self.position_masks = self._position_masks(source_model)
         self.metric = self.roles[0].metric
         self.source_value = self._source_value()
         self.resolution_pct = self._resolution()
@@ -449,6 +460,32 @@ class Evaluator:
             else:
                 roles.append(recognise(model, j, name, refs, feed))
         return roles
+
+    def _position_masks(self, model: onnx.ModelProto) -> list[np.ndarray]:
+        """Per sample, the padding mask of the cosine-scored token outputs (empty when none is scored so).
+
+        A transformer's hidden state at a padded position is never read (attention and pooling mask it), so a
+        candidate is not charged for it. The mask is the one rank-2 integer graph input named like a mask whose
+        values are 0/1 and whose shape is the output's leading [N, T]."""
+        inputs = [
+            i.name
+            for i in model.graph.input
+            if MASK_NAME.search(i.name)
+            and i.type.tensor_type.elem_type in INTEGER_TYPES
+            and len(i.type.tensor_type.shape.dim) == 2
+        ]
+        if len(inputs) != 1:
+            return []
+        name = inputs[0]
+        masks = [np.asarray(feed[name]) for feed in self.samples.feeds(self.limit) if name in feed]
+        if len(masks) != self.count or not all(np.isin(m, (0, 1)).all() for m in masks):
+            return []
+        for j, role in enumerate(self.roles):
+            shapes = [outs[role.index].shape for outs in self.reference]
+            if role.metric == "cosine" and all(len(s) == 3 and s[:2] == m.shape for s, m in zip(shapes, masks)):
+                why = f"{role.why}; positions where {name} is 0 (padding) are not scored"
+                self.roles[j] = replace(role, positions=name, why=why)
+        return masks if any(role.positions for role in self.roles) else []
 
     def _user_detection(self, model: onnx.ModelProto, j: int, name: str, refs: list[np.ndarray]) -> OutputRole:
         from lepton_cli.evaluate.output_roles import _detection_conf, _detector_layout
@@ -503,6 +540,7 @@ class Evaluator:
         part = copy.copy(self)
         part.count = part.limit = count
         part.reference = self.reference[:count]
+        part.position_masks = self.position_masks[:count]
         rows = sum(len(outs[0]) for outs in part.reference)
         if self.labels is not None:
             part.labels = self.labels[:rows]
@@ -594,15 +632,18 @@ class Evaluator:
     def score(self, candidate: onnx.ModelProto) -> AccuracyScore:
         tallies = [self._tally(role, span) for role, span in zip(self.roles, self.spans)]
         summaries = [_Tally(span) for span in self.spans]
-        for ref_outs, outs in zip(self.reference, self._outputs(candidate)):
+        for k, (ref_outs, outs) in enumerate(zip(self.reference, self._outputs(candidate))):
             if len(outs) != len(ref_outs):
                 raise BadInputError(
                     f"the candidate has {len(outs)} outputs, the source {len(ref_outs)}",
                     "keep the model's outputs unchanged",
                 )
-            for tally, summary, ref, got in zip(tallies, summaries, ref_outs, outs):
+            for role, tally, summary, ref, got in zip(self.roles, tallies, summaries, ref_outs, outs):
                 summary.add(ref, got)
-                tally.add(ref, got)
+                if role.positions:
+                    tally.add(ref, got, keep=self.position_masks[k])
+                else:
+                    tally.add(ref, got)
         outputs = []
         for j, (role, tally) in enumerate(zip(self.roles, tallies)):
             result = tally.result()

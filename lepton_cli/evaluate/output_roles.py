@@ -62,6 +62,7 @@ class OutputRole:
         None  # detection_f1: "v8" (boxes, classes on axis 1), "v5" (boxes, objectness, classes on axis 2), "yolox:HxW"
     )
     threshold: float | None = None  # mask_f1 threshold, detection confidence
+    positions: str | None = None  # cosine over [N, T, C]: the [N, T] 0/1 input whose 0 positions are not scored
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

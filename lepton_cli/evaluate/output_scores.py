@@ -103,8 +103,11 @@ class CosineTally:
         self.worst = 1.0
         self.losses: list[float] = []
 
-    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+    def add(self, ref: np.ndarray, got: np.ndarray, keep: np.ndarray | None = None) -> None:
+        """``keep``: which vectors count (an attention mask over ``ref``'s leading axes); None: all."""
         cos = _row_cosines(ref, got)
+        if keep is not None:
+            cos = cos[np.asarray(keep).reshape(-1) != 0]
         self.total += float(np.sum(cos))
         self.rows += cos.size
         self.worst = min(self.worst, float(cos.min(initial=1.0)))

@@ -272,3 +272,64 @@ def test_one_sigmoid_probability_per_sample_is_scored_by_its_decisions():
     assert evaluator.metric == "decision_agreement@0.5"
     score = evaluator.score(_perturbed(binary, 0.5, ("fc2_W", "fc1_W")))
     assert 0 < score.drop_pct < 50 and evaluator.score(binary).drop_pct == 0.0
+
+
+def _token_encoder(noise_where: str | None) -> onnx.ModelProto:
+    """hidden = tanh(embeddings @ W), as a transformer's last_hidden_state [N, T, C] beside its attention_mask;
+    ``noise_where`` ("padding" or "tokens") adds a large error at the positions where the mask is 0 or 1."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w")]
+    nodes = [
+        helper.make_node("MatMul", ["embeddings", "w"], ["mixed"]),
+        helper.make_node("Tanh", ["mixed"], ["hidden"]),
+    ]
+    output = "hidden"
+    if noise_where is not None:
+        inits.append(numpy_helper.from_array(np.array(5.0, np.float32), "big"))
+        nodes += [
+            helper.make_node("Cast", ["attention_mask"], ["kept"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["kept", "last_axis"], ["kept3"]),
+            helper.make_node("Mul", ["kept3", "big"], ["scaled"]),
+        ]
+        inits.append(numpy_helper.from_array(np.array([2], np.int64), "last_axis"))
+        if noise_where == "padding":  # 5 * (1 - mask)
+            inits.append(numpy_helper.from_array(np.array(5.0, np.float32), "five"))
+            nodes.append(helper.make_node("Sub", ["five", "scaled"], ["noise"]))
+        else:
+            nodes.append(helper.make_node("Identity", ["scaled"], ["noise"]))
+        nodes.append(helper.make_node("Add", ["hidden", "noise"], ["noisy"]))
+        output = "noisy"
+    nodes.append(helper.make_node("Identity", [output], ["last_hidden_state"]))
+    graph = helper.make_graph(
+        nodes,
+        "encoder",
+        [
+            helper.make_tensor_value_info("embeddings", onnx.TensorProto.FLOAT, [1, 12, 16]),
+            helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, [1, 12]),
+        ],
+        [helper.make_tensor_value_info("last_hidden_state", onnx.TensorProto.FLOAT, [1, 12, 16])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_padded_token_positions_are_not_scored():
+    """A hidden state at a padded position is never read (attention and pooling mask it): a candidate that is wrong
+    only there keeps its score, one wrong at real tokens loses it, and the report says which positions count."""
+    rng = np.random.default_rng(1)
+    embeddings = rng.standard_normal((8, 1, 12, 16)).astype(np.float32)
+    lengths = [12, 9, 5, 7, 12, 3, 10, 6]
+    mask = np.array([[[1] * n + [0] * (12 - n)] for n in lengths], np.int64)
+    samples = SampleSet(
+        Path("tokens.npz"),
+        {"embeddings": embeddings, "attention_mask": mask},
+        None,
+        {"embeddings": True, "attention_mask": True},
+    )
+    evaluator = Evaluator(_token_encoder(None), samples)
+    role = evaluator.roles[0]
+    assert role.metric == "cosine" and role.positions == "attention_mask"
+    assert "positions where attention_mask is 0 (padding) are not scored" in role.why
+    assert evaluator.score(_token_encoder("padding")).drop_pct == 0.0
+    assert evaluator.score(_token_encoder("tokens")).drop_pct > 10.0
+    assert evaluator.subset(4).score(_token_encoder("padding")).drop_pct == 0.0
