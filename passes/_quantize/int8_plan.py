@@ -126,6 +126,28 @@ def _source_names(model: onnx.ModelProto) -> set[str]:
     return {t.name for t in graph.initializer} | {n.name for n in graph.node} | tensors
 
 
+def _fully_quantized_trial(summary: dict[str, Any], method: str, ops: list[str]) -> dict[str, Any] | None:
+    """The search's scored trial of ``method`` with nothing float on op types ``ops``, if it has one."""
+    return next(
+        (
+            t
+            for t in summary.get("tried", [])
+            if t["method"] == method and not t["float_kept"] and t["op_types"] == ops and t["scored"]
+        ),
+        None,
+    )
+
+
+def _gain_row(steps: list[str], drop: float, drop_se: float, agreement: dict[str, float]) -> dict[str, Any]:
+    snr = agreement.get("snr_db")
+    return {
+        "steps": steps,
+        "drop_pct": round(drop, 4),
+        "drop_se": round(drop_se, 4),
+        "snr_db": None if snr is None else round(float(snr), 2),
+    }
+
+
 @dataclass
 class _RecoveryInputs:
     settings: RecoverySettings
@@ -250,9 +272,13 @@ class Int8Plan(SearchPlan):
         if inputs is None or "recovery" not in summary:
             return
         ops = best.op_types if best.op_types is not None else self.tiers[-1]
+        searched = _fully_quantized_trial(summary, best.method, ops)
         rows = []
         for count in range(len(inputs.settings.steps) + 1):
             steps = inputs.settings.steps[:count]
+            if count == len(inputs.settings.steps) and searched is not None:  # the search scored this model
+                rows.append(_gain_row(steps, searched["drop_pct"], searched["drop_se"], searched["agreement"]))
+                continue
             ctx.progress(f"recovery gains: {' + '.join(steps) or 'no step'}")
             settings = inputs.settings.only(steps)
             source, extra = inputs.base, []
@@ -262,15 +288,7 @@ class Int8Plan(SearchPlan):
             scheme = replace(inputs.scheme, op_types=tuple(ops))
             build = self._builder(source, inputs.calib, scheme, ctx, f"gain{count}", inputs.heads + extra)
             score = evaluator.score(build(best.method, []))
-            snr = score.agreement.get("snr_db")
-            rows.append(
-                {
-                    "steps": steps,
-                    "drop_pct": round(score.drop_pct, 4),
-                    "drop_se": round(score.drop_se, 4),
-                    "snr_db": None if snr is None else round(float(snr), 2),
-                }
-            )
+            rows.append(_gain_row(steps, score.drop_pct, score.drop_se, score.agreement))
         summary["recovery"]["gains"] = {"method": best.method, "op_types": ops, "float_kept": 0, "rows": rows}
 
     def _heads(

@@ -161,33 +161,40 @@ def test_recovery_parameters_are_checked_when_the_target_loads():
 
 
 def test_report_says_what_each_recovery_step_gained(run_cli, tmp_path):
-    """The report scores the chosen method's fully quantized model with the steps added one at a time; the last
-    row is the model the search itself scored (same drop and output SNR), and the Markdown report shows them."""
+    """The report scores the chosen method's fully quantized model with the steps added one at a time: its first
+    row is what the same target without the steps scores, its last the search's own trial, and the Markdown report
+    shows the table."""
     import json
+
+    def quantize_summary(target: str | Path, out: Path) -> tuple[dict, Path]:
+        args = ("--calib", DIGITS / "calib.npz", "-o", out, "--no-bench")
+        res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", target, *args)
+        assert res.code == 0, res.stderr
+        bundle = next(out.glob("*.lepton"))
+        report = json.loads((bundle / "report.json").read_text())
+        return next(s for s in report["pipeline"] if s["name"] == "quantize")["summary"], bundle
+
+    def fully_quantized(summary: dict, method: str, ops: list[str]) -> dict:
+        return next(
+            t for t in summary["tried"] if t["method"] == method and t["float_kept"] == 0 and t["op_types"] == ops
+        )
 
     target = tmp_path / "recovery.toml"
     target.write_text(
         'extends = "cpu-avx"\nname = "cpu-avx-recovery"\ndescription = "recovery steps"\n'
         "[pass_params.quantize]\nequalize = true\nbias_correction = true\n"
     )
-    out = tmp_path / "out"
-    args = ("--calib", DIGITS / "calib.npz", "-o", out, "--no-bench")
-    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", target, *args)
-    assert res.code == 0, res.stderr
-    bundle = next(out.glob("*.lepton"))
-    report = json.loads((bundle / "report.json").read_text())
-    summary = next(s for s in report["pipeline"] if s["name"] == "quantize")["summary"]
+    summary, bundle = quantize_summary(target, tmp_path / "steps")
     gains = summary["recovery"]["gains"]
-    assert [r["steps"] for r in gains["rows"]] == [[], ["equalize"], ["equalize", "bias_correction"]]
-    searched = next(
-        t
-        for t in summary["tried"]
-        if t["method"] == gains["method"] and t["float_kept"] == 0 and t["op_types"] == gains["op_types"]
-    )
-    last = gains["rows"][-1]
-    assert last["drop_pct"] == pytest.approx(searched["drop_pct"], abs=1e-3)
-    assert last["snr_db"] == pytest.approx(searched["agreement"]["snr_db"], abs=0.01)
-    assert len({r["snr_db"] for r in gains["rows"]}) == 3  # each step changed the int8 model
+    rows = gains["rows"]
+    assert [r["steps"] for r in rows] == [[], ["equalize"], ["equalize", "bias_correction"]]
+    plain, _ = quantize_summary("cpu-avx", tmp_path / "plain")
+    without = fully_quantized(plain, gains["method"], gains["op_types"])
+    assert rows[0]["drop_pct"] == pytest.approx(without["drop_pct"], abs=1e-3)
+    assert rows[0]["snr_db"] == pytest.approx(without["agreement"]["snr_db"], abs=0.01)
+    searched = fully_quantized(summary, gains["method"], gains["op_types"])
+    assert rows[-1]["snr_db"] == pytest.approx(searched["agreement"]["snr_db"], abs=0.01)
+    assert len({r["snr_db"] for r in rows}) == 3  # each step changed the int8 model
     markdown = (bundle / "report.md").read_text()
     assert "### Quantization recovery" in markdown and "| equalize + bias_correction |" in markdown
 
