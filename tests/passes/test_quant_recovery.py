@@ -196,7 +196,7 @@ def test_report_says_what_each_recovery_step_gained(run_cli, tmp_path):
     assert rows[-1]["snr_db"] == pytest.approx(searched["agreement"]["snr_db"], abs=0.01)
     assert len({r["snr_db"] for r in rows}) == 3  # each step changed the int8 model
     markdown = (bundle / "report.md").read_text()
-    assert "### Quantization recovery" in markdown and "| equalize + bias_correction |" in markdown
+    assert "### Quantization recovery" in markdown and "| equalize + bias_correction | 4 layers |" in markdown
 
 
 @needs_ocr
