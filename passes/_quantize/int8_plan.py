@@ -249,6 +249,7 @@ class Int8Plan(SearchPlan):
         settings = RecoverySettings(
             equalize=params.equalize,
             smoothquant_alpha=params.smoothquant_alpha,
+            smoothquant_insert=params.smoothquant_insert,
             conv_smoothing_alpha=params.conv_smoothing_alpha,
             bias_correction=params.bias_correction,
             adaround=params.adaround,

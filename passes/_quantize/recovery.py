@@ -40,6 +40,7 @@ from lepton_cli.passes._quantize.weight_layers import (
 class RecoverySettings:
     equalize: bool = False
     smoothquant_alpha: float | None = None  # None: off
+    smoothquant_insert: bool = False  # a float per-channel Mul where no producer absorbs 1/s (smoothquant.py)
     conv_smoothing_alpha: float | None = None  # None: off (conv_smoothing.py)
     bias_correction: bool = False
     adaround: bool = False
@@ -105,7 +106,8 @@ def _smooth(
     scheme: Int8Scheme,
     settings: RecoverySettings,
     summary: dict[str, Any],
-) -> onnx.ModelProto:
+) -> tuple[onnx.ModelProto, list[str]]:
+    """A SmoothQuant'ed copy of ``model`` and the Mul nodes it inserted (float: per-channel constants)."""
     smoothed = _copy(model)
     layers = [
         layer
@@ -114,13 +116,18 @@ def _smooth(
     ]
     stats = layer_stats.collect(smoothed, feeds, layers, max_positions=1)
     assert settings.smoothquant_alpha is not None
-    done = [
-        layer.name
+    done = {
+        layer.name: smoothquant.smooth(
+            smoothed, layer, stats[layer.name], settings.smoothquant_alpha, settings.smoothquant_insert
+        )
         for layer in layers
-        if layer.name in stats and smoothquant.smooth(smoothed, layer, stats[layer.name], settings.smoothquant_alpha)
-    ]
-    summary["smoothquant_layers"] = len(done)
-    return smoothed
+        if layer.name in stats
+    }
+    summary["smoothquant_layers"] = sum(1 for how in done.values() if how)
+    inserted = [f"{name}_smooth" for name, how in done.items() if how == "inserted"]
+    if inserted:
+        summary["smoothquant_inserted"] = len(inserted)
+    return smoothed, inserted
 
 
 def _equalize(model: onnx.ModelProto, summary: dict[str, Any]) -> onnx.ModelProto:
@@ -221,14 +228,14 @@ def recover(
     float_nodes: list[str] = []
     reference = _equalize(model, summary) if settings.equalize else model
     if settings.smoothquant_alpha is not None:
-        reference = _smooth(reference, feeds[: settings.samples], scheme, settings, summary)
+        reference, float_nodes = _smooth(reference, feeds[: settings.samples], scheme, settings, summary)
     if settings.conv_smoothing_alpha is not None:
         reference = _copy(reference)
         smoothed = conv_smoothing.smooth_conv_inputs(
             reference, feeds[: settings.samples], settings.conv_smoothing_alpha
         )
         summary["conv_inputs_smoothed"] = len(smoothed.tensors)
-        float_nodes = smoothed.float_nodes
+        float_nodes += smoothed.float_nodes
     if not settings.per_layer:
         return Recovered(reference, reference, summary, float_nodes)
     adjusted = _per_layer(reference, feeds, scheme, settings, summary, progress)

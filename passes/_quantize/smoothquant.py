@@ -6,7 +6,9 @@ max|x_j|^α / max|W_j|^(1-α)`` per input channel, ``x / s`` and ``s W`` compute
 flatter activations and weights that per-channel scales absorb. The ``1/s`` is folded into the
 per-channel affine constants that produce ``x`` (a LayerNorm's ``Mul(gamma)`` then ``Add(beta)``,
 through shape-only Reshapes that keep the channel axis last), so no op is added and the float
-model's outputs are unchanged. Layers whose input has no such producer are left alone.
+model's outputs are unchanged. Where nothing can absorb it (a post-LN encoder's LayerNorm output also
+feeds the residual; a Gelu output), a ``Mul(x, 1/s)`` is inserted on this layer's input alone and stays
+float: one per-channel multiply of the activations, which the int8 model then quantizes flattened.
 """
 
 from __future__ import annotations
@@ -47,19 +49,34 @@ def _affine_producers(model: onnx.ModelProto, tensor: str, channels: int) -> lis
     return None
 
 
-def smooth(model: onnx.ModelProto, layer: WeightLayer, stats: LayerStats, alpha: float) -> bool:
-    """Migrate ``layer``'s input outliers into its weights in place; False when no producer can absorb 1/s."""
+def smooth(
+    model: onnx.ModelProto, layer: WeightLayer, stats: LayerStats, alpha: float, insert: bool = False
+) -> str | None:
+    """Migrate ``layer``'s input outliers into its weights in place: "folded" into the producing affine constants,
+    "inserted" (a float ``Mul`` named ``{layer}_smooth`` on its input, only with ``insert``), or None (left alone)."""
     if layer.kind == "conv" or stats.absmax.shape[0] != 1:
-        return False
+        return None
     weight = load(model, layer.weight)
     rows = to_rows(layer, weight).astype(np.float64)
     chain = _affine_producers(model, layer.node.input[0], rows.shape[1])
-    if chain is None:
-        return False
+    if chain is None and not insert:
+        return None
     act = np.maximum(stats.absmax[0], 1e-5)
     wmax = np.maximum(np.abs(rows).max(axis=0), 1e-5)
     scale = np.clip(act**alpha / wmax ** (1 - alpha), 1e-3, 1e3)
-    for name, _ in chain:  # both Add(beta) and Mul(gamma) lie before the Gemm: each is divided by s
+    if chain is None:
+        _insert_scale(model, layer, (1.0 / scale).astype(np.float32))
+    for name, _ in chain or []:  # both Add(beta) and Mul(gamma) lie before the Gemm: each is divided by s
         store(model, name, load(model, name) / scale)
     store(model, layer.weight, from_rows(layer, rows * scale[None, :], weight.shape))
-    return True
+    return "folded" if chain is not None else "inserted"
+
+
+def _insert_scale(model: onnx.ModelProto, layer: WeightLayer, inverse: np.ndarray) -> None:
+    """``layer`` reads ``Mul(x, inverse)`` (over the last axis, the channels) instead of ``x``."""
+    name = f"{layer.name}_smooth"
+    model.graph.initializer.append(onnx.numpy_helper.from_array(inverse, f"{name}_inverse"))
+    mul = onnx.helper.make_node("Mul", [layer.node.input[0], f"{name}_inverse"], [f"{name}_out"], name=name)
+    position = next(i for i, n in enumerate(model.graph.node) if n.name == layer.node.name)
+    model.graph.node.insert(position, mul)
+    layer.node.input[0] = mul.output[0]

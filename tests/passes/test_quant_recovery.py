@@ -144,6 +144,24 @@ def test_onnx_runtime_stores_the_chosen_rounding(digits, tmp_path, scheme):
         np.testing.assert_allclose(stored, load(recovered.quantize_source, layer.weight), rtol=1e-6, atol=1e-9)
 
 
+def test_smoothquant_inserts_a_float_scale_where_nothing_absorbs_it(digits):
+    """digits' fc layers read a ReLU, no LayerNorm: folding finds no producer, inserting a Mul on the layer's input
+    keeps the float outputs and is left float (its per-channel constants)."""
+    model, calib, _ = digits
+    folded = recover(model, calib[:16], PER_CHANNEL, RecoverySettings(smoothquant_alpha=0.8, samples=16))
+    assert folded.summary["smoothquant_layers"] == 0 and not folded.float_nodes
+    settings = RecoverySettings(smoothquant_alpha=0.8, smoothquant_insert=True, samples=16)
+    inserted = recover(model, calib[:16], PER_CHANNEL, settings)
+    fc = [layer.name for layer in weight_layers(model) if layer.kind != "conv"]
+    assert fc and inserted.summary["smoothquant_inserted"] == len(fc)
+    assert inserted.float_nodes == [f"{name}_smooth" for name in fc]
+    assert {n.name for n in inserted.reference.graph.node if n.op_type == "Mul"} >= set(inserted.float_nodes)
+    np.testing.assert_allclose(_outputs(inserted.reference, calib[:16]), _outputs(model, calib[:16]), atol=1e-4)
+    for layer in weight_layers(model):  # the fc weights carry the scale, the convs are untouched
+        same = np.allclose(load(inserted.reference, layer.weight), load(model, layer.weight))
+        assert same == (layer.kind == "conv"), layer.name
+
+
 def test_recovery_parameters_are_checked_when_the_target_loads():
     from lepton_cli.pipeline.registry import get_pass
 

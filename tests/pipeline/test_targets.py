@@ -103,6 +103,15 @@ def test_builtin_tomls_parse_standalone():
         assert "extends" not in tomllib.loads(path.read_text())
 
 
+@pytest.mark.parametrize(
+    "path", sorted((TARGET_DIR.parent / "examples" / "targets").glob("*.toml")), ids=lambda p: p.stem
+)
+def test_example_targets_load_and_validate(path):
+    """Every target the README points users to loads with its parameters validated (extends resolved)."""
+    target = load_target(str(path))
+    assert target.name == path.stem and target.passes
+
+
 def test_targets_cli_list_and_show(run_cli):
     listed = run_cli("targets", "list", "--json")
     assert listed.code == 0
