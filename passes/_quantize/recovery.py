@@ -116,15 +116,14 @@ def _smooth(
     ]
     stats = layer_stats.collect(smoothed, feeds, layers, max_positions=1)
     assert settings.smoothquant_alpha is not None
-    done = {
-        layer.name: smoothquant.smooth(
-            smoothed, layer, stats[layer.name], settings.smoothquant_alpha, settings.smoothquant_insert
-        )
+    found = [
+        smoothquant.smooth(smoothed, layer, stats[layer.name], settings.smoothquant_alpha, settings.smoothquant_insert)
         for layer in layers
         if layer.name in stats
-    }
-    summary["smoothquant_layers"] = sum(1 for how in done.values() if how)
-    inserted = [f"{name}_smooth" for name, how in done.items() if how == "inserted"]
+    ]
+    done = [s for s in found if s is not None]
+    summary["smoothquant_layers"] = len(done)
+    inserted = [s.inserted for s in done if s.inserted is not None]
     if inserted:
         summary["smoothquant_inserted"] = len(inserted)
     return smoothed, inserted

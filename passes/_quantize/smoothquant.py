@@ -13,10 +13,14 @@ float: one per-channel multiply of the activations, which the int8 model then qu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from lepton_cli.passes._quantize.layer_stats import LayerStats
 from lepton_cli.passes._quantize.weight_layers import WeightLayer, from_rows, load, store, to_rows
+
+from lepton_cli.model.graph_edit import FreshNames, GraphIndex
 
 PASS_THROUGH = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")  # the channel axis stays last: checked by shape
 
@@ -49,11 +53,17 @@ def _affine_producers(model: onnx.ModelProto, tensor: str, channels: int) -> lis
     return None
 
 
+@dataclass(frozen=True)
+class Smoothed:
+    layer: str
+    inserted: str | None  # the float Mul put on the layer's input when no producer could absorb 1/s
+
+
 def smooth(
     model: onnx.ModelProto, layer: WeightLayer, stats: LayerStats, alpha: float, insert: bool = False
-) -> str | None:
-    """Migrate ``layer``'s input outliers into its weights in place: "folded" into the producing affine constants,
-    "inserted" (a float ``Mul`` named ``{layer}_smooth`` on its input, only with ``insert``), or None (left alone)."""
+) -> Smoothed | None:
+    """Migrate ``layer``'s input outliers into its weights in place, ``1/s`` folded into the producing affine
+    constants or (only with ``insert``) a float ``Mul`` on its input; None when the layer is left alone."""
     if layer.kind == "conv" or stats.absmax.shape[0] != 1:
         return None
     weight = load(model, layer.weight)
@@ -64,19 +74,20 @@ def smooth(
     act = np.maximum(stats.absmax[0], 1e-5)
     wmax = np.maximum(np.abs(rows).max(axis=0), 1e-5)
     scale = np.clip(act**alpha / wmax ** (1 - alpha), 1e-3, 1e3)
-    if chain is None:
-        _insert_scale(model, layer, (1.0 / scale).astype(np.float32))
+    inserted = _insert_scale(model, layer, (1.0 / scale).astype(np.float32)) if chain is None else None
     for name, _ in chain or []:  # both Add(beta) and Mul(gamma) lie before the Gemm: each is divided by s
         store(model, name, load(model, name) / scale)
     store(model, layer.weight, from_rows(layer, rows * scale[None, :], weight.shape))
-    return "folded" if chain is not None else "inserted"
+    return Smoothed(layer.name, inserted)
 
 
-def _insert_scale(model: onnx.ModelProto, layer: WeightLayer, inverse: np.ndarray) -> None:
-    """``layer`` reads ``Mul(x, inverse)`` (over the last axis, the channels) instead of ``x``."""
-    name = f"{layer.name}_smooth"
-    model.graph.initializer.append(onnx.numpy_helper.from_array(inverse, f"{name}_inverse"))
-    mul = onnx.helper.make_node("Mul", [layer.node.input[0], f"{name}_inverse"], [f"{name}_out"], name=name)
-    position = next(i for i, n in enumerate(model.graph.node) if n.name == layer.node.name)
-    model.graph.node.insert(position, mul)
-    layer.node.input[0] = mul.output[0]
+def _insert_scale(model: onnx.ModelProto, layer: WeightLayer, inverse: np.ndarray) -> str:
+    """``layer`` reads ``Mul(x, inverse)`` (over the last axis, the channels) instead of ``x``; the Mul's name."""
+    names = FreshNames(model)
+    name = names.fresh(f"{layer.name}_smooth")
+    index = GraphIndex(model.graph)
+    constant = index.add_initializer(names.fresh(f"{name}_inverse"), inverse)
+    mul = onnx.helper.make_node("Mul", [layer.node.input[0], constant], [names.fresh(f"{name}_out")], name=name)
+    index.insert(next(i for i, n in enumerate(model.graph.node) if n.name == layer.node.name), mul)
+    index.set_input(layer.node, 0, mul.output[0])
+    return name
