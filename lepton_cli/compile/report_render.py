@@ -227,20 +227,10 @@ def _pipeline_table(report: dict[str, Any]) -> Table | None:
     return ["pass", "seconds", "nodes", "size", "MACs", "check"], rows
 
 
-_RECOVERY_COUNTS = {  # step -> (the quantize summary's count of what it changed, the unit)
-    "equalize": ("equalized_pairs", "conv pairs"),
-    "smoothquant": ("smoothquant_layers", "layers"),
-    "conv_smoothing": ("conv_inputs_smoothed", "conv inputs"),
-    "adaround": ("adaround_layers", "layers"),
-    "bias_correction": ("bias_corrected_layers", "layers"),
-}
-
-
 def recovery_table(report: dict[str, Any]) -> Table | None:
     """What each quantize recovery step gained: the fully quantized model scored with the steps added in order."""
     for step in report_steps(report):
-        recovery = (step.get("summary") or {}).get("recovery") or {}
-        gains = recovery.get("gains")
+        gains = ((step.get("summary") or {}).get("recovery") or {}).get("gains")
         if not gains:
             continue
         rows = []
@@ -249,9 +239,7 @@ def recovery_table(report: dict[str, Any]) -> Table | None:
             drop = row.get("drop_pct")
             change = "" if previous is None or drop is None else f"{previous - drop:+.2f}"
             label = " + ".join(row["steps"]) or f"none ({gains['method']}, nothing float)"
-            key, unit = _RECOVERY_COUNTS.get(row["steps"][-1], ("", "")) if row["steps"] else ("", "")
-            changed = f"{recovery[key]} {unit}" if key in recovery else ""
-            rows.append([label, changed, _num(drop, 2), change, _num(row.get("snr_db"), 2)])
+            rows.append([label, row.get("changed", ""), _num(drop, 2), change, _num(row.get("snr_db"), 2)])
             previous = drop
         return ["steps", "the last step changed", "drop (points)", "gained", "output SNR dB"], rows
     return None

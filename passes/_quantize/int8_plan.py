@@ -25,7 +25,7 @@ from lepton_cli.passes._quantize.heads import find_heads, head_overrides
 from lepton_cli.passes._quantize.integer_io import make_integer_io
 from lepton_cli.passes._quantize.plan import SearchPlan, int8_weights
 from lepton_cli.passes._quantize.prequantized import has_subgraphs, quantized_ops
-from lepton_cli.passes._quantize.recovery import RecoverySettings, recover
+from lepton_cli.passes._quantize.recovery import RecoverySettings, changed_by, recover
 from lepton_cli.passes._quantize.sensitivity import quantized_nodes
 from lepton_cli.passes._quantize.short_names import shorten_added_names
 from lepton_cli.passes._quantize.tuning import Build, SearchSpace
@@ -290,6 +290,8 @@ class Int8Plan(SearchPlan):
             build = self._builder(source, inputs.calib, scheme, ctx, f"gain{count}", inputs.heads + extra)
             score = evaluator.score(build(best.method, []))
             rows.append(_gain_row(steps, score.drop_pct, score.drop_se, score.agreement))
+        for row in rows:
+            row["changed"] = changed_by(row["steps"][-1], summary["recovery"]) if row["steps"] else ""
         summary["recovery"]["gains"] = {"method": best.method, "op_types": ops, "float_kept": 0, "rows": rows}
 
     def _heads(

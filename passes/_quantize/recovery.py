@@ -35,6 +35,21 @@ from lepton_cli.passes._quantize.weight_layers import (
     weight_layers,
 )
 
+# What each step records in the summary about what it changed: (key, unit), for the report's gains table.
+CHANGE_COUNTS = {
+    "equalize": ("equalized_pairs", "conv pairs"),
+    "smoothquant": ("smoothquant_layers", "layers"),
+    "conv_smoothing": ("conv_inputs_smoothed", "conv inputs"),
+    "adaround": ("adaround_layers", "layers"),
+    "bias_correction": ("bias_corrected_layers", "layers"),
+}
+
+
+def changed_by(step: str, summary: dict[str, Any]) -> str:
+    """ "31 conv inputs": what ``step`` changed, from ``recover``'s summary ("" when it records nothing)."""
+    key, unit = CHANGE_COUNTS[step]
+    return f"{summary[key]} {unit}" if key in summary else ""
+
 
 @dataclass(frozen=True)
 class RecoverySettings:
