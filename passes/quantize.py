@@ -71,6 +71,9 @@ class QuantizeParams:
     equalize: bool = False  # cross-layer equalisation of conv pairs joined by ReLU-family activations (exact in float)
     smoothquant_alpha: float | None = None  # SmoothQuant for MatMul/Gemm inputs after a LayerNorm
     smoothquant_insert: bool = False  # also where nothing absorbs 1/s: a float per-channel Mul on the layer's input
+    # The SmoothQuant'ed model (inserted scales) as one more candidate tier, searched only when the plain tiers' choice
+    # keeps layers float and its fully quantized model is priced below that choice; ignored with smoothquant_alpha.
+    smoothquant_tier_alpha: float | None = None
     conv_smoothing_alpha: float | None = None  # the same for conv inputs whose producer absorbs 1/s (conv_smoothing.py)
     bias_correction: bool = False  # fold each weight layer's mean int8 output error into its bias
     adaround: bool = False  # optimise each layer's weight rounding against its float output on --calib
@@ -105,6 +108,8 @@ class QuantizeParams:
             raise ParamValueError("budget_confidence", f"must be in [0.5, 1), got {self.budget_confidence}")
         if self.smoothquant_alpha is not None and not 0 < self.smoothquant_alpha < 1:
             raise ParamValueError("smoothquant_alpha", f"must be in (0, 1), got {self.smoothquant_alpha}")
+        if self.smoothquant_tier_alpha is not None and not 0 < self.smoothquant_tier_alpha < 1:
+            raise ParamValueError("smoothquant_tier_alpha", f"must be in (0, 1), got {self.smoothquant_tier_alpha}")
         if self.smoothquant_insert and self.smoothquant_alpha is None:
             raise ParamValueError("smoothquant_insert", "needs smoothquant_alpha (the migration strength)")
         if self.conv_smoothing_alpha is not None and not 0 < self.conv_smoothing_alpha <= 1:

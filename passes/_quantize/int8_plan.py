@@ -29,6 +29,7 @@ from lepton_cli.passes._quantize.recovery import RecoverySettings, changed_by, r
 from lepton_cli.passes._quantize.sensitivity import quantized_nodes
 from lepton_cli.passes._quantize.short_names import shorten_added_names
 from lepton_cli.passes._quantize.tuning import Build, SearchSpace
+from lepton_cli.passes._quantize.weight_layers import weight_layers
 
 from lepton_cli.evaluate.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, scoring_opt_level
 from lepton_cli.pipeline.registry import BudgetUse, PassResult
@@ -70,6 +71,8 @@ def int8_scheme(params: Any, reduced: bool) -> schemes.Int8Scheme:
         extra=matmul_output_options(params.float_matmul_outputs),
     )
 
+
+SMOOTHQUANT = "smoothquant"  # the transform of the tier that quantizes the SmoothQuant'ed source
 
 SENTINEL = 1e30  # |x| beyond this is a mask's -inf/finfo.min stand-in, not a value a scale should cover
 
@@ -126,13 +129,19 @@ def _source_names(model: onnx.ModelProto) -> set[str]:
     return {t.name for t in graph.initializer} | {n.name for n in graph.node} | tensors
 
 
-def _fully_quantized_trial(summary: dict[str, Any], method: str, ops: list[str]) -> dict[str, Any] | None:
-    """The search's scored trial of ``method`` with nothing float on op types ``ops``, if it has one."""
+def _fully_quantized_trial(
+    summary: dict[str, Any], method: str, ops: list[str], transform: str
+) -> dict[str, Any] | None:
+    """The search's scored trial of ``method`` with nothing float on op types ``ops`` of source ``transform``, if any."""
     return next(
         (
             t
             for t in summary.get("tried", [])
-            if t["method"] == method and not t["float_kept"] and t["op_types"] == ops and t["scored"]
+            if t["method"] == method
+            and not t["float_kept"]
+            and t["op_types"] == ops
+            and t["transform"] == transform
+            and t["scored"]
         ),
         None,
     )
@@ -171,6 +180,7 @@ class Int8Plan(SearchPlan):
         self.sentinel_nodes: dict[str, list[str]] = {}  # per method: nodes left float around a -inf/finfo.min mask
         self.base = onnx.ModelProto()
         self.recovery: _RecoveryInputs | None = None  # what the steps ran on, for the report's per-step gains
+        self.builds: list[Build] = []  # the search space's builds: plain tiers, then the SmoothQuant tier if offered
 
     def space(self, model: onnx.ModelProto, ctx: Any, calib: SampleSet, summary: dict[str, Any]) -> SearchSpace:
         params, scheme = self.params, self.scheme
@@ -192,13 +202,75 @@ class Int8Plan(SearchPlan):
         head_nodes, scheme = self._heads(source, calib, ctx, summary)
         if self.recovery is not None:
             self.recovery.heads, self.recovery.scheme = head_nodes, scheme
+        exclude = head_nodes + recovery_float
         builds = [
-            self._builder(
-                source, calib, replace(scheme, op_types=tuple(ops)), ctx, f"t{i}", head_nodes + recovery_float
-            )
+            self._builder(source, calib, replace(scheme, op_types=tuple(ops)), ctx, f"t{i}", exclude)
             for i, ops in enumerate(self.tiers)
         ]
-        return SearchSpace(builds, list(dict.fromkeys(params.methods)), self.base, tiers=self.tiers)
+        space = SearchSpace(builds, list(dict.fromkeys(params.methods)), self.base, tiers=list(self.tiers))
+        if self._smoothquant_tier_applies():
+            last = replace(scheme, op_types=tuple(self.tiers[-1]))
+            build, reference = self._smoothquant_tier(base, calib, last, ctx, exclude, summary)
+            space.builds.append(build)
+            assert space.tiers is not None
+            space.tiers.append(self.tiers[-1])
+            space.transforms = [""] * len(self.tiers) + [SMOOTHQUANT]
+            space.references = [lambda: self.base] * len(self.tiers) + [reference]
+        self.builds = space.builds
+        return space
+
+    def _smoothquant_tier_applies(self) -> bool:
+        """SmoothQuant as a tier of its own: only when no step smooths every tier already and a MatMul/Gemm of the
+        last tier's op types has constant weights to take the scales (a conv-only network has nothing to smooth)."""
+        params = self.params
+        if params.smoothquant_tier_alpha is None or params.smoothquant_alpha is not None:
+            return False
+        ops = self.tiers[-1]
+        layers = [layer for layer in weight_layers(self.base) if layer.kind != "conv"]
+        return any(not ops or layer.node.op_type in ops for layer in layers)
+
+    def _smoothquant_tier(
+        self,
+        base: onnx.ModelProto,
+        calib: SampleSet,
+        scheme: schemes.Int8Scheme,
+        ctx: Any,
+        exclude: list[str],
+        summary: dict[str, Any],
+    ) -> tuple[Build, Callable[[], onnx.ModelProto]]:
+        """(build, float reference) of the last tier on the SmoothQuant'ed source (inserted scales where nothing
+        absorbs them), the recovery steps applied as on the plain tiers; smoothed on first use: the tuner reaches
+        this tier only when the plain tiers' choice keeps layers float and this one is priced below it."""
+        made: dict[str, Any] = {}
+
+        def tier() -> dict[str, Any]:
+            if not made:
+                assert self.params.smoothquant_tier_alpha is not None
+                settings = replace(
+                    self._recovery_settings(),
+                    smoothquant_alpha=self.params.smoothquant_tier_alpha,
+                    smoothquant_insert=True,
+                )
+                ctx.progress(f"smoothquant tier: smoothing (alpha {settings.smoothquant_alpha:g})")
+                recovered = recover(base, list(calib.feeds(settings.samples)), self.scheme, settings)
+                summary["smoothquant_tier"] = {
+                    "alpha": settings.smoothquant_alpha,
+                    "layers": recovered.summary.get("smoothquant_layers", 0),
+                    "inserted": recovered.summary.get("smoothquant_inserted", 0),
+                }
+                made["reference"] = recovered.reference
+                made["build"] = self._builder(
+                    recovered.quantize_source,
+                    calib,
+                    scheme,
+                    ctx,
+                    SMOOTHQUANT,
+                    exclude + recovered.float_nodes,
+                    recovered.reference,
+                )
+            return made
+
+        return (lambda method, keep: tier()["build"](method, keep)), (lambda: tier()["reference"])
 
     def _builder(
         self,
@@ -208,10 +280,12 @@ class Int8Plan(SearchPlan):
         ctx: Any,
         tag: str,
         exclude: list[str],
+        reference: onnx.ModelProto | None = None,
     ) -> Build:
         """(method, float-kept nodes) -> candidate, for one tier; calibration and full quantization once per method.
-        ``source`` carries recovery's adjusted weights; float-kept nodes read ``self.base``."""
-        params, base, work_dir = self.params, self.base, Path(ctx.work_dir)
+        ``source`` carries recovery's adjusted weights; float-kept nodes read ``reference`` (default ``self.base``)."""
+        params, work_dir = self.params, Path(ctx.work_dir)
+        base = self.base if reference is None else reference
         ranges: dict[str, Path] = {}
         full: dict[str, onnx.ModelProto] = {}
         calib_ops = list(scheme.op_types) or None  # histograms of every tensor are slow: only around quantized ops
@@ -245,8 +319,18 @@ class Int8Plan(SearchPlan):
         self, base: onnx.ModelProto, calib: SampleSet, summary: dict[str, Any], progress: Callable[[str], None]
     ) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str]]:
         """(float reference, model to quantize, nodes to leave float) after the enabled recovery steps (recovery.py)."""
+        settings = self._recovery_settings()
+        if not settings.any_step:
+            return base, base, []
+        feeds = list(calib.feeds(self.params.recovery_samples))
+        recovered = recover(base, feeds, self.scheme, settings, progress)
+        summary["recovery"] = recovered.summary | {"steps": settings.steps}
+        self.recovery = _RecoveryInputs(settings, base, feeds, calib)
+        return recovered.reference, recovered.quantize_source, recovered.float_nodes
+
+    def _recovery_settings(self) -> RecoverySettings:
         params = self.params
-        settings = RecoverySettings(
+        return RecoverySettings(
             equalize=params.equalize,
             smoothquant_alpha=params.smoothquant_alpha,
             smoothquant_insert=params.smoothquant_insert,
@@ -257,28 +341,61 @@ class Int8Plan(SearchPlan):
             adaround_seconds=params.adaround_seconds,
             samples=params.recovery_samples,
         )
-        if not settings.any_step:
-            return base, base, []
-        feeds = list(calib.feeds(params.recovery_samples))
-        recovered = recover(base, feeds, self.scheme, settings, progress)
-        summary["recovery"] = recovered.summary | {"steps": settings.steps}
-        self.recovery = _RecoveryInputs(settings, base, feeds, calib)
-        return recovered.reference, recovered.quantize_source, recovered.float_nodes
 
     def report_recovery(self, evaluator: Any, best: Any, ctx: Any, summary: dict[str, Any]) -> None:
-        """What each enabled recovery step gained on this model: the chosen method's fully quantized model (chosen
-        op types, nothing kept float) scored with the steps switched on one at a time, in the order they apply.
-        The last row is the model the search started from; rows are relative to the same source model."""
+        """What each recovery step gained on this model: the chosen method's fully quantized model (chosen op types,
+        nothing kept float) scored with the enabled steps switched on one at a time, in the order they apply, then
+        with SmoothQuant when the search chose its tier. The last row is the model the search started from."""
+        ops = best.op_types if best.op_types is not None else self.tiers[-1]
+        rows = self._step_gains(evaluator, best.method, ops, ctx, summary)
+        if best.transform == SMOOTHQUANT:
+            if not rows:
+                plain = self.builds[len(self.tiers) - 1]
+                rows = [self._searched_or_scored(evaluator, plain, [], summary, best.method, ops, "")]
+            steps = rows[-1]["steps"] + ["smoothquant"]
+            row = self._searched_or_scored(evaluator, self.builds[-1], steps, summary, best.method, ops, SMOOTHQUANT)
+            tier = summary["smoothquant_tier"]
+            row["changed"] = f"{tier['layers']} layers, {tier['inserted']} scales inserted (searched as a tier)"
+            rows.append(row)
+        if rows:
+            recovery = summary.setdefault("recovery", {"steps": []})
+            recovery["gains"] = {"method": best.method, "op_types": ops, "float_kept": 0, "rows": rows}
+
+    def _searched_or_scored(
+        self,
+        evaluator: Any,
+        build: Build,
+        steps: list[str],
+        summary: dict[str, Any],
+        method: str,
+        ops: list[str],
+        transform: str,
+    ) -> dict[str, Any]:
+        """The gains row of ``build``'s fully quantized model: the search's own trial when it scored one."""
+        searched = _fully_quantized_trial(summary, method, ops, transform)
+        if searched is not None:
+            row = _gain_row(steps, searched["drop_pct"], searched["drop_se"], searched["agreement"])
+        else:
+            score = evaluator.score(build(method, []))
+            row = _gain_row(steps, score.drop_pct, score.drop_se, score.agreement)
+        return row | {"changed": ""}
+
+    def _step_gains(
+        self, evaluator: Any, method: str, ops: list[str], ctx: Any, summary: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """Rows for the enabled recovery steps added in order ([] when none is enabled)."""
         inputs = self.recovery
         if inputs is None or "recovery" not in summary:
-            return
-        ops = best.op_types if best.op_types is not None else self.tiers[-1]
-        searched = _fully_quantized_trial(summary, best.method, ops)
+            return []
         rows = []
         for count in range(len(inputs.settings.steps) + 1):
             steps = inputs.settings.steps[:count]
-            if count == len(inputs.settings.steps) and searched is not None:  # the search scored this model
-                rows.append(_gain_row(steps, searched["drop_pct"], searched["drop_se"], searched["agreement"]))
+            changed = changed_by(steps[-1], summary["recovery"]) if steps else ""
+            if count == len(inputs.settings.steps):  # the model the search started from
+                last = self._searched_or_scored(
+                    evaluator, self.builds[len(self.tiers) - 1], steps, summary, method, ops, ""
+                )
+                rows.append(last | {"changed": changed})
                 continue
             ctx.progress(f"recovery gains: {' + '.join(steps) or 'no step'}")
             settings = inputs.settings.only(steps)
@@ -288,11 +405,9 @@ class Int8Plan(SearchPlan):
                 source, extra = recovered.quantize_source, recovered.float_nodes
             scheme = replace(inputs.scheme, op_types=tuple(ops))
             build = self._builder(source, inputs.calib, scheme, ctx, f"gain{count}", inputs.heads + extra)
-            score = evaluator.score(build(best.method, []))
-            rows.append(_gain_row(steps, score.drop_pct, score.drop_se, score.agreement))
-        for row in rows:
-            row["changed"] = changed_by(row["steps"][-1], summary["recovery"]) if row["steps"] else ""
-        summary["recovery"]["gains"] = {"method": best.method, "op_types": ops, "float_kept": 0, "rows": rows}
+            score = evaluator.score(build(method, []))
+            rows.append(_gain_row(steps, score.drop_pct, score.drop_se, score.agreement) | {"changed": changed})
+        return rows
 
     def _heads(
         self, model: onnx.ModelProto, calib: SampleSet, ctx: Any, summary: dict[str, Any]

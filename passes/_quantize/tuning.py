@@ -15,7 +15,9 @@ The search, bounded so that it costs O(methods × log2(max_float_layers)) quanti
 A candidate the cost model prices above the cheapest one already within budget is built but not
 scored: it cannot be chosen. Each op-type tier (``SearchSpace.builds``) is searched in turn; a later
 tier is searched only when the chosen candidate keeps layers float and the later tier's fully
-quantized model is priced below it (its float-kept variants cost more still).
+quantized model is priced below it (its float-kept variants cost more still). A tier may quantize a
+rewritten source (``SearchSpace.transforms``: SmoothQuant'ed, its own float reference for float-kept
+nodes, made on first use), so a rewrite that helps one model and hurts another is chosen by cost too.
 
 Libraries checked: Intel Neural Compressor / Olive run similar "fallback the worst ops" loops but
 are not dependencies here.
@@ -82,6 +84,7 @@ class Trial:
     cost_ms: float | None = None  # the target cost model's latency estimate (None: no estimate)
     scored: bool = True  # False: priced above a candidate within budget, so never scored
     drop_bound: float | None = None  # the upper confidence bound held to the budget (None: the drop itself)
+    transform: str = ""  # the source the tier quantizes ("": the model as given; "smoothquant": SmoothQuant'ed)
 
     @property
     def rule_tag(self) -> str:
@@ -117,6 +120,16 @@ class SearchSpace:
     float_model: onnx.ModelProto  # the reference that float-kept nodes read
     tiers: list[list[str]] | None = None  # int8: the op types each build quantizes; None: no op-type tiers
     candidates: Callable[[onnx.ModelProto], list[str]] | None = None  # None: every quantized node may go float
+    # Per build, when a tier quantizes a rewritten source: its name and its own float reference (made on first use).
+    transforms: list[str] | None = None
+    references: list[Callable[[], onnx.ModelProto]] | None = None
+
+    def transform(self, tier: int) -> str:
+        return self.transforms[tier] if self.transforms is not None else ""
+
+    def reference(self, tier: int) -> onnx.ModelProto:
+        """The float model tier ``tier``'s float-kept nodes read (its sensitivity ranking's reference)."""
+        return self.references[tier]() if self.references is not None else self.float_model
 
 
 @dataclass(frozen=True)
@@ -309,10 +322,11 @@ def search(
 
 
 def _tried_line(trials: list[Trial], budget: float) -> str:
-    tiers = len({tuple(t.op_types or ()) for t in trials})
+    tiers = len({(tuple(t.op_types or ()), t.transform) for t in trials})
 
     def label(t: Trial) -> str:  # which op types only when several were tried
-        return t.method if tiers < 2 or t.op_types is None else f"{t.method}[{','.join(t.op_types) or 'all ops'}]"
+        name = t.method if tiers < 2 or t.op_types is None else f"{t.method}[{','.join(t.op_types) or 'all ops'}]"
+        return f"{t.transform}:{name}" if t.transform else name
 
     def outcome(t: Trial) -> str:  # a drop under the budget was refused for its upper bound: say so, or it reads wrong
         if not t.scored:
@@ -324,10 +338,11 @@ def _tried_line(trials: list[Trial], budget: float) -> str:
 
 def _tier_note(space: SearchSpace, tier: int) -> str:
     assert space.tiers is not None
-    last = tier == len(space.builds) - 1
-    return f"op types: {', '.join(space.tiers[tier]) or 'every op ONNX Runtime quantizes'}" + (
-        "" if last else " (fast_op_types, tried first)"
-    )
+    ops = f"op types: {', '.join(space.tiers[tier]) or 'every op ONNX Runtime quantizes'}"
+    if space.transform(tier):
+        return f"{ops}, {space.transform(tier)} source (searched when priced below the choice so far)"
+    first = tier < len(space.tiers) - 1 and not space.transform(tier + 1)
+    return ops + (" (fast_op_types, tried first)" if first else "")
 
 
 def target_cost(hardware: HardwareFacts | None, feeds: list[dict[str, np.ndarray]]) -> Cost | None:
@@ -378,7 +393,7 @@ def tune(
             space.methods,
             evaluator,
             budget,
-            space.float_model,
+            space.reference(tier),
             feeds[:SENSITIVITY_SAMPLES],
             max_float=settings.max_float,
             candidates=space.candidates,
@@ -390,6 +405,7 @@ def tune(
         )
         for trial in found.trials:
             trial.op_types = space.tiers[tier] if space.tiers is not None else None
+            trial.transform = space.transform(tier)
         trials += found.trials
         sensitivity = sensitivity or found.sensitivity
         if found.best_trial is not None and (chosen is None or _beats(found, chosen, space.methods)):
@@ -411,6 +427,8 @@ def tune(
     summary["choice"] = _choice_note(best, passing, cost is not None)
     if space.tiers is not None:
         summary["op_types"] = best.op_types
+    if best.transform:
+        summary["transform"] = best.transform
     return chosen.best, best
 
 
@@ -433,6 +451,9 @@ def _cost_of(chosen: SearchResult | None) -> float:
 def untuned(space: SearchSpace, summary: dict[str, Any]) -> onnx.ModelProto:
     """No scorer or no search: the last tier, everything quantized with the first method."""
     summary |= {"method": space.methods[0], "tuned": False}
+    last = max(
+        i for i in range(len(space.builds)) if not space.transform(i)
+    )  # a rewritten source is searched, never assumed
     if space.tiers is not None:
-        summary["op_types"] = space.tiers[-1]
-    return space.builds[-1](space.methods[0], [])
+        summary["op_types"] = space.tiers[last]
+    return space.builds[last](space.methods[0], [])

@@ -198,3 +198,79 @@ def test_a_method_that_cannot_calibrate_does_not_sink_a_model_another_method_fit
     assert any("percentile" in n and "not usable" in n for n in notes)
     with pytest.raises(ValueError):  # with nothing fitting yet, the failure is not hidden
         tuning.search(build, ["percentile", "minmax"], _Evaluator({}), 1.0, onnx.ModelProto(), [], max_float=4)
+
+
+def _with_smoothquant_tier(space: SearchSpace, builds_log: list[str], made: list[str]) -> SearchSpace:
+    """``space`` plus a third tier quantizing a rewritten source, whose float reference is made on first use."""
+    reference = onnx.ModelProto()
+    reference.doc_string = "smoothed reference"
+
+    def build(method: str, keep: list[str]) -> onnx.ModelProto:
+        model = onnx.ModelProto()
+        model.doc_string = f"sq:{method}:{','.join(sorted(keep))}"
+        builds_log.append(model.doc_string)
+        return model
+
+    def make_reference() -> onnx.ModelProto:
+        made.append("reference")
+        return reference
+
+    assert space.tiers is not None
+    space.builds.append(build)
+    space.tiers.append([])
+    space.transforms = ["", "", "smoothquant"]
+    space.references = [lambda: space.float_model, lambda: space.float_model, make_reference]
+    return space
+
+
+def _tune_with_tier(monkeypatch, drops: dict[str, float], costs: dict[str, float]):
+    references: list[str] = []  # the float model each sensitivity ranking ran against
+    monkeypatch.setattr(
+        tuning, "float_gains", lambda ref, *a, **k: references.append(ref.doc_string) or [(n, 1.0) for n in NODES]
+    )
+    monkeypatch.setattr(tuning, "target_cost", lambda hw, feeds: lambda m: costs.get(m.doc_string, 100.0))
+    builds: list[str] = []
+    made: list[str] = []
+    base = onnx.load(DIGITS / "digits_cnn.onnx")
+    space = _with_smoothquant_tier(_space(base, builds), builds, made)
+    summary: dict = {}
+    settings = TunerSettings(max_float=4, float_weights=True, confidence=0.5, hardware=load_target("cpu-avx").hardware)
+    _, best = tuning.tune(space, _Evaluator(drops), 1.0, "test", settings, summary, lambda *a: None)
+    return best, summary, builds, made, references
+
+
+def test_a_transform_tier_cheaper_than_the_plain_choice_wins_and_ranks_against_its_own_reference(monkeypatch):
+    # plain tiers fit only with 4 nodes float (cost 14); the smoothed source fits with 1 float node at cost 12
+    drops = {"t0:minmax:n0,n1,n2,n3": 0.5, "sq:minmax:n0": 0.6}
+    costs = {"t0:minmax:": 10.0, "t0:minmax:n0": 11.0, "t0:minmax:n0,n1": 12.0, "t0:minmax:n0,n1,n2": 13.5}
+    costs |= {"t0:minmax:n0,n1,n2,n3": 14.0, "t1:minmax:": 15.0, "sq:minmax:": 11.0, "sq:minmax:n0": 12.0}
+    best, summary, _, made, references = _tune_with_tier(monkeypatch, drops, costs)
+    assert best.transform == "smoothquant" and best.float_nodes == ["n0"] and best.cost_ms == 12.0
+    assert summary["transform"] == "smoothquant" and summary["float_kept"] == ["n0"]
+    assert made == ["reference"] and references[-1] == "smoothed reference"  # its float-kept nodes read its source
+    assert [t["transform"] for t in summary["tried"] if t["cost_ms"] in (11.0, 12.0)][-2:] == ["smoothquant"] * 2
+
+
+def test_a_transform_tier_is_neither_made_nor_built_when_the_plain_choice_is_fully_quantized(monkeypatch):
+    best, summary, builds, made, _ = _tune_with_tier(monkeypatch, {"t0:minmax:": 0.1}, {"t0:minmax:": 10.0})
+    assert best.transform == "" and "transform" not in summary
+    assert made == [] and not [b for b in builds if b.startswith("sq")]
+
+
+def test_a_transform_tier_that_misses_the_budget_leaves_the_plain_choice(monkeypatch):
+    drops = {"t0:minmax:n0,n1,n2,n3": 0.5}  # the smoothed source never fits
+    costs = {"t0:minmax:n0,n1,n2,n3": 14.0, "t1:minmax:": 15.0, "sq:minmax:": 11.0, "sq:minmax:n0": 12.0}
+    costs |= {"sq:minmax:n0,n1": 13.0, "sq:minmax:n0,n1,n2,n3": 14.5}
+    best, summary, _, made, _ = _tune_with_tier(monkeypatch, drops, costs)
+    assert best.transform == "" and len(best.float_nodes) == 4 and made == ["reference"]
+    smoothed = [t for t in summary["tried"] if t["transform"] == "smoothquant"]
+    assert smoothed and not any(t["meets_budget"] for t in smoothed)
+    assert [t["scored"] for t in smoothed if t["float_kept"] == 4] == [False]  # priced above the plain choice
+
+
+def test_an_untuned_quantize_never_takes_the_transform_tier():
+    builds: list[str] = []
+    space = _with_smoothquant_tier(_space(onnx.load(DIGITS / "digits_cnn.onnx"), builds), builds, [])
+    summary: dict = {}
+    model = tuning.untuned(space, summary)
+    assert model.doc_string == "t1:minmax:" and summary["op_types"] == []

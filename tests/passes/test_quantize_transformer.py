@@ -220,3 +220,43 @@ def test_minilm_with_smoothquant_keeps_every_gemm_int8_within_the_budget(tmp_pat
     reference = run_all(session(ensure_model(model)), evaluation)
     candidate = run_all(session(saved), evaluation)
     assert 100.0 - embedding_cosine(model, evaluation, reference, candidate) <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (CORPUS / "models" / "ppocrv5_rec.onnx").is_file() or not (CORPUS / "data" / "ppocrv5_rec").is_dir(),
+    reason="the corpus's ppocrv5_rec (make corpus) is not built",
+)
+def test_default_cpu_avx_takes_the_smoothquant_tier_for_an_svtr_recogniser(tmp_path):
+    """PP-OCRv5 rec (SVTR neck): the plain tiers fit only with 31 nodes float (61.9 % int8 MACs); the SmoothQuant'ed
+    source, searched as one more tier, fits with fewer and is priced lower, so the default target chooses it."""
+    sys.path.insert(0, str(REPO))
+    import json
+
+    from benchmarks.bench_corpus import int8_mac_share
+    from benchmarks.corpus.data import charset
+    from benchmarks.corpus.manifest import by_name
+    from benchmarks.corpus.metrics import char_accuracy
+    from benchmarks.corpus.runner import run_all, session
+    from benchmarks.corpus.store import ensure_data, ensure_model
+    from benchmarks.corpus.sweep import run_compile
+
+    model = by_name("ppocrv5_rec")
+    saved = tmp_path / "compiled.onnx"
+    run = run_compile(model, "cpu-avx", tmp_path / "out", timeout=1800, save_model=saved)
+    assert run.code == 0, run.message
+    report = json.loads(next((tmp_path / "out").glob("*.lepton/report.json")).read_text())
+    summary = next(s for s in report["pipeline"] if s["name"] == "quantize")["summary"]
+    assert summary["transform"] == "smoothquant" and summary["smoothquant_tier"]["inserted"] > 0
+    plain = [t for t in summary["tried"] if t["transform"] == "" and t["meets_budget"]]
+    assert plain and all(t["cost_ms"] > summary["cost_ms"] for t in plain)
+    compiled = onnx.load(saved)
+    assert int8_mac_share(compiled, model.input_shapes) >= 80.0
+    _, evaluation_path = ensure_data(model)
+    evaluation = dict(np.load(evaluation_path))
+    path = ensure_model(model)
+    chars = charset(model, path)
+    reference = run_all(session(path), evaluation)
+    candidate = run_all(session(saved), evaluation)
+    source = char_accuracy(model, evaluation, reference, reference, chars)
+    assert source - char_accuracy(model, evaluation, reference, candidate, chars) <= 1.0
