@@ -181,6 +181,7 @@ class Int8Plan(SearchPlan):
         self.base = onnx.ModelProto()
         self.recovery: _RecoveryInputs | None = None  # what the steps ran on, for the report's per-step gains
         self.builds: list[Build] = []  # the search space's builds: plain tiers, then the SmoothQuant tier if offered
+        self.quantized_caches: list[dict[str, onnx.ModelProto]] = []  # per build: its fully quantized model per method
 
     def space(self, model: onnx.ModelProto, ctx: Any, calib: SampleSet, summary: dict[str, Any]) -> SearchSpace:
         params, scheme = self.params, self.scheme
@@ -288,9 +289,14 @@ class Int8Plan(SearchPlan):
         base = self.base if reference is None else reference
         ranges: dict[str, Path] = {}
         full: dict[str, onnx.ModelProto] = {}
+        self.quantized_caches.append(full)
+        sentinels: dict[str, list[str]] = {}  # this tier's nodes around a mask (self.sentinel_nodes: the last tier's)
         calib_ops = list(scheme.op_types) or None  # histograms of every tensor are slow: only around quantized ops
 
         def build(method: str, keep: list[str]) -> onnx.ModelProto:
+            if not full:  # the tuner searches one tier at a time: the others' quantized models are dropped (memory)
+                for cache in self.quantized_caches:
+                    cache.clear()
             if method not in ranges:
                 settings = CalibrationSettings(
                     method=method,
@@ -305,10 +311,10 @@ class Int8Plan(SearchPlan):
                     source, calib, settings, lambda done, total: ctx.progress(label, done, total), calib_ops
                 )
                 self.narrowed[method] = narrow_to_readers(source, data)
-                self.sentinel_nodes[method] = sentinel_nodes(source, data)
+                sentinels[method] = self.sentinel_nodes[method] = sentinel_nodes(source, data)
                 ranges[method] = schemes.save_ranges(data, work_dir / f"ranges-{tag}-{method}.json")
             if method not in full:
-                left = list(exclude) + self.sentinel_nodes[method]
+                left = list(exclude) + sentinels[method]
                 full[method] = schemes.quantize_int8(source, ranges[method], method, scheme, left, work_dir)
             # Float-kept nodes are bypassed in the fully quantized model, exactly as the search measured them.
             return keep_float_nodes(full[method], base, keep, params.float_kept_weights == "float")

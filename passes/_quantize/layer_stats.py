@@ -53,11 +53,13 @@ def collect(
     *,
     max_positions: int = 2048,
     seed: int = 0,
+    gram: bool = True,
 ) -> dict[str, LayerStats]:
     """Per layer name: input statistics of the float ``model`` over ``feeds``.
 
     ``gram`` uses at most ``max_positions`` random patches per sample (a wide first layer has thousands;
-    the Gram matrix converges long before), ``mean`` every patch."""
+    the Gram matrix converges long before), ``mean`` every patch. ``gram=False`` (SmoothQuant reads only
+    ``absmax``): no Gram matrices, which for a transformer's 1536-wide FFN inputs are 19 MB each."""
     layers = weight_layers(model) if layers is None else layers
     inits = {i.name: i for i in model.graph.initializer}
     names = [layer.node.input[0] for layer in layers]
@@ -75,7 +77,7 @@ def collect(
             )
             acc = sums.setdefault(layer.name, [0.0, 0.0, 0, 0, 0.0])
             acc[0] = acc[0] + cols.sum(axis=2)
-            acc[1] = acc[1] + np.matmul(sub, sub.transpose(0, 2, 1))
+            acc[1] = acc[1] + np.matmul(sub, sub.transpose(0, 2, 1)) if gram else np.zeros((cols.shape[0], 0, 0))
             acc[2] += cols.shape[2]
             acc[3] += sub.shape[2]
             acc[4] = np.maximum(acc[4], np.abs(cols).max(axis=2))

@@ -129,7 +129,7 @@ def _smooth(
         for layer in weight_layers(smoothed)
         if layer.kind != "conv" and (not scheme.op_types or layer.node.op_type in scheme.op_types)
     ]
-    stats = layer_stats.collect(smoothed, feeds, layers, max_positions=1)
+    stats = layer_stats.collect(smoothed, feeds, layers, max_positions=1, gram=False)
     assert settings.smoothquant_alpha is not None
     found = [
         smoothquant.smooth(smoothed, layer, stats[layer.name], settings.smoothquant_alpha, settings.smoothquant_insert)
