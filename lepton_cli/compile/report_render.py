@@ -227,6 +227,42 @@ def _pipeline_table(report: dict[str, Any]) -> Table | None:
     return ["pass", "seconds", "nodes", "size", "MACs", "check"], rows
 
 
+def _quantize_summary(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The main pipeline's searched quantize step's summary (None: no search ran)."""
+    for step in report_steps(report):
+        summary = step.get("summary") or {}
+        if step.get("name") == "quantize" and summary.get("tuned"):
+            return summary
+    return None
+
+
+def choice_table(report: dict[str, Any]) -> Table | None:
+    """What the quantize search chose and why: method, op types, source, float-kept nodes, candidates tried."""
+    summary = _quantize_summary(report)
+    if summary is None:
+        return None
+    ops = summary.get("op_types")
+    tried = summary.get("tried") or []
+    kept = summary.get("float_kept") or []
+    tier = summary.get("smoothquant_tier") or {}
+    source = "the model as given"
+    if summary.get("transform") == "smoothquant":
+        source = f"SmoothQuant'ed (alpha {tier.get('alpha')}, {tier.get('inserted', 0)} float scales inserted)"
+    rows = [["calibration method", str(summary.get("method", ""))]]
+    if ops is not None:
+        rows.append(["op types quantized", ", ".join(ops) or "every op ONNX Runtime quantizes"])
+    rows.append(["source quantized", source])
+    names = ", ".join(kept[:6]) + (f", … ({len(kept) - 6} more)" if len(kept) > 6 else "")
+    rows.append(["nodes kept float", f"{len(kept)}" + (f": {names}" if kept else "")])
+    rows.append(["drop (points)", _num(summary.get("drop_pct"), 2)])
+    if summary.get("cost_ms") is not None:
+        rows.append(["est. latency on the target", f"{_num(summary['cost_ms'], 3)} ms"])
+    rows.append(["why this one", str(summary.get("choice", ""))])
+    scored = sum(1 for t in tried if t.get("scored"))
+    rows.append(["candidates", f"{len(tried)} built, {scored} scored (the rest priced above one within budget)"])
+    return ["", "chosen"], rows
+
+
 def recovery_table(report: dict[str, Any]) -> Table | None:
     """What each quantize recovery step gained: the fully quantized model scored with the steps added in order."""
     for step in report_steps(report):
@@ -319,6 +355,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         ("Cost model", _cost_table(report)),
         ("Budgets", _budget_table(report)),
         ("Gates", _gates(report)),
+        ("Quantization choice", choice_table(report)),
         ("Quantization recovery", recovery_table(report)),
         ("Pipeline", _pipeline_table(report)),
     ]
@@ -635,6 +672,7 @@ def render_html(report: dict[str, Any]) -> str:
         metric, values = errors
         body.append("<h2>Per-layer quantization error</h2>")
         body.append(svg_hbars(values[:15], unit=metric))
+    add("Quantization choice", choice_table(report))
     add("Quantization recovery", recovery_table(report))
     add("Pipeline", _pipeline_table(report), _pipeline_plots(report))
     warnings = report_warnings(report)

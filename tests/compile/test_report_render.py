@@ -65,6 +65,20 @@ def test_markdown_has_every_section_and_fits_a_step_summary(compiled):
     assert len(md) < 64 * 1024  # GitHub's step summary limit is 1 MiB per step; stay tiny
 
 
+def test_the_quantize_choice_is_stated_in_both_renderings(compiled):
+    """digits on cpu-avx: the search's choice (method, op types, source, float-kept nodes, why) in Markdown and HTML,
+    read from the quantize step's own summary."""
+    result, _ = compiled
+    quantize = next(s for s in result.report["pipeline"] if s["name"] == "quantize")["summary"]
+    md = report_render.render_markdown(result.report)
+    assert "### Quantization choice" in md
+    assert f"| calibration method | {quantize['method']} |" in md
+    assert "| source quantized | the model as given |" in md  # a CNN has nothing for the SmoothQuant tier
+    assert f"| nodes kept float | {len(quantize['float_kept'])}" in md
+    assert f"| why this one | {quantize['choice']} |" in md
+    assert "<h2>Quantization choice</h2>" in report_render.render_html(result.report)
+
+
 def test_bundle_carries_rendered_reports(compiled):
     result, _ = compiled
     assert (result.bundle_dir / "report.md").read_text(encoding="utf-8") == report_render.render_markdown(result.report)
