@@ -420,16 +420,18 @@ def tune(
         undecided = _undecided(trials, budget)
         fix = failed_fix(settings.max_float, undecided, evaluator.count if undecided else 0)
         raise QualityGateError(f"{first}; tried: {_tried_line(trials, budget)}", fix, attempt_summary=first)
-    best = chosen.best_trial
-    passing = sum(t.meets_budget for t in trials)
+    _record_choice(chosen.best_trial, sum(t.meets_budget for t in trials), cost is not None, space, summary)
+    return chosen.best, chosen.best_trial
+
+
+def _record_choice(best: Trial, passing: int, has_cost: bool, space: SearchSpace, summary: dict[str, Any]) -> None:
     summary |= {"method": best.method, "tuned": True, "float_kept": best.float_nodes}
     summary |= {"drop_pct": best.drop_pct, "value": best.value, "cost_ms": best.cost_ms}
-    summary["choice"] = _choice_note(best, passing, cost is not None)
+    summary["choice"] = _choice_note(best, passing, has_cost)
     if space.tiers is not None:
         summary["op_types"] = best.op_types
     if best.transform:
         summary["transform"] = best.transform
-    return chosen.best, best
 
 
 def _undecided(trials: list[Trial], budget: float) -> Trial | None:
