@@ -28,7 +28,7 @@ from lepton_cli.passes._quantize.prequantized import has_subgraphs, quantized_op
 from lepton_cli.passes._quantize.recovery import RecoverySettings, changed_by, recover
 from lepton_cli.passes._quantize.sensitivity import quantized_nodes
 from lepton_cli.passes._quantize.short_names import shorten_added_names
-from lepton_cli.passes._quantize.tuning import Build, SearchSpace
+from lepton_cli.passes._quantize.tuning import Build, SearchSpace, TierUnavailable
 from lepton_cli.passes._quantize.weight_layers import weight_layers
 
 from lepton_cli.evaluate.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, scoring_opt_level
@@ -253,7 +253,12 @@ class Int8Plan(SearchPlan):
                     smoothquant_insert=True,
                 )
                 ctx.progress(f"smoothquant tier: smoothing (alpha {settings.smoothquant_alpha:g})")
-                recovered = recover(base, list(calib.feeds(settings.samples)), self.scheme, settings)
+                try:
+                    recovered = recover(base, list(calib.feeds(settings.samples)), self.scheme, settings)
+                except Exception as exc:  # an optional tier: whatever stops the smoothing leaves the plain choice
+                    raise TierUnavailable(
+                        f"SmoothQuant could not run on this model ({exc.__class__.__name__}: {exc})"
+                    ) from exc
                 summary["smoothquant_tier"] = {
                     "alpha": settings.smoothquant_alpha,
                     "layers": recovered.summary.get("smoothquant_layers", 0),

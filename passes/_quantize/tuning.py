@@ -69,6 +69,10 @@ def _plain_fix(max_float: int) -> str:
     )
 
 
+class TierUnavailable(Exception):
+    """A tier's rewritten source could not be made (the tuner skips the tier and keeps the choice so far)."""
+
+
 @dataclass
 class Trial:
     method: str
@@ -382,27 +386,18 @@ def tune(
     trials: list[Trial] = []
     chosen: SearchResult | None = None
     sensitivity: list[tuple[str, float]] = []
-    for tier, build in enumerate(space.builds):
+    for tier in range(len(space.builds)):
         if chosen is not None and chosen.best_trial is not None:
             if not chosen.best_trial.float_nodes or chosen.best_trial.cost_ms is None:
                 break  # fully quantized (nothing is cheaper) or no cost model to compare tiers by
         if len(space.builds) > 1:
             progress(_tier_note(space, tier))
-        found = search(
-            build,
-            space.methods,
-            evaluator,
-            budget,
-            space.reference(tier),
-            feeds[:SENSITIVITY_SAMPLES],
-            max_float=settings.max_float,
-            candidates=space.candidates,
-            progress=progress,
-            float_weights=settings.float_weights,
-            z=NormalDist().inv_cdf(settings.confidence),
-            cost=cost,
-            ceiling=_cost_of(chosen),
-        )
+        try:
+            found = _search_tier(space, tier, evaluator, budget, feeds, settings, progress, cost, _cost_of(chosen))
+        except TierUnavailable as exc:  # an optional rewritten source that cannot be made: the choice so far stands
+            progress(f"{space.transform(tier)} tier skipped: {exc}")
+            summary.setdefault("tiers_skipped", []).append({"transform": space.transform(tier), "why": str(exc)})
+            continue
         for trial in found.trials:
             trial.op_types = space.tiers[tier] if space.tiers is not None else None
             trial.transform = space.transform(tier)
@@ -422,6 +417,34 @@ def tune(
         raise QualityGateError(f"{first}; tried: {_tried_line(trials, budget)}", fix, attempt_summary=first)
     _record_choice(chosen.best_trial, sum(t.meets_budget for t in trials), cost is not None, space, summary)
     return chosen.best, chosen.best_trial
+
+
+def _search_tier(
+    space: SearchSpace,
+    tier: int,
+    evaluator: Evaluator,
+    budget: float,
+    feeds: list[dict[str, np.ndarray]],
+    settings: TunerSettings,
+    progress: Progress,
+    cost: Cost | None,
+    ceiling: float,
+) -> SearchResult:
+    return search(
+        space.builds[tier],
+        space.methods,
+        evaluator,
+        budget,
+        space.reference(tier),
+        feeds[:SENSITIVITY_SAMPLES],
+        max_float=settings.max_float,
+        candidates=space.candidates,
+        progress=progress,
+        float_weights=settings.float_weights,
+        z=NormalDist().inv_cdf(settings.confidence),
+        cost=cost,
+        ceiling=ceiling,
+    )
 
 
 def _record_choice(best: Trial, passing: int, has_cost: bool, space: SearchSpace, summary: dict[str, Any]) -> None:

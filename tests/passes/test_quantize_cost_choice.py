@@ -274,3 +274,29 @@ def test_an_untuned_quantize_never_takes_the_transform_tier():
     summary: dict = {}
     model = tuning.untuned(space, summary)
     assert model.doc_string == "t1:minmax:" and summary["op_types"] == []
+
+
+def test_a_transform_tier_that_cannot_be_made_is_skipped_and_the_plain_choice_stands(monkeypatch):
+    monkeypatch.setattr(tuning, "float_gains", lambda *a, **k: [(n, 1.0) for n in NODES])
+    costs = {"t0:minmax:n0,n1,n2,n3": 14.0, "t1:minmax:": 15.0}
+    monkeypatch.setattr(tuning, "target_cost", lambda hw, feeds: lambda m: costs.get(m.doc_string, 10.0))
+    builds: list[str] = []
+    space = _space(onnx.load(DIGITS / "digits_cnn.onnx"), builds)
+
+    def unavailable(method, keep):
+        raise tuning.TierUnavailable("SmoothQuant could not run on this model (ValueError: no layer statistics)")
+
+    space.builds.append(unavailable)
+    space.tiers = [["Conv"], [], []]
+    space.transforms = ["", "", "smoothquant"]
+    notes: list[str] = []
+    summary: dict = {}
+    settings = TunerSettings(max_float=4, float_weights=True, confidence=0.5, hardware=load_target("cpu-avx").hardware)
+    _, best = tuning.tune(
+        space, _Evaluator({"t0:minmax:n0,n1,n2,n3": 0.5}), 1.0, "test", settings, summary, notes.append
+    )
+    assert best.transform == "" and len(best.float_nodes) == 4
+    assert summary["tiers_skipped"] == [
+        {"transform": "smoothquant", "why": "SmoothQuant could not run on this model (ValueError: no layer statistics)"}
+    ]
+    assert any(n.startswith("smoothquant tier skipped: ") for n in notes)
