@@ -181,7 +181,9 @@ class Int8Plan(SearchPlan):
         self.base = onnx.ModelProto()
         self.recovery: _RecoveryInputs | None = None  # what the steps ran on, for the report's per-step gains
         self.builds: list[Build] = []  # the search space's builds: plain tiers, then the SmoothQuant tier if offered
-        self.quantized_caches: list[dict[str, onnx.ModelProto]] = []  # per build: its fully quantized model per method
+        # The one fully quantized model held, keyed by (tier tag, method): the tuner tries one tier and method at a
+        # time, and a MiniLM-sized model held per tier and method pushed the compile over its memory bar.
+        self.quantized: dict[tuple[str, str], onnx.ModelProto] = {}
 
     def space(self, model: onnx.ModelProto, ctx: Any, calib: SampleSet, summary: dict[str, Any]) -> SearchSpace:
         params, scheme = self.params, self.scheme
@@ -288,20 +290,19 @@ class Int8Plan(SearchPlan):
         exclude: list[str],
         reference: onnx.ModelProto | None = None,
     ) -> Build:
-        """(method, float-kept nodes) -> candidate, for one tier; calibration and full quantization once per method.
+        """(method, float-kept nodes) -> candidate, for one tier; calibration once per method, the fully quantized
+        model kept while the same tier and method are asked for (``self.quantized``).
         ``source`` carries recovery's adjusted weights; float-kept nodes read ``reference`` (default ``self.base``)."""
         params, work_dir = self.params, Path(ctx.work_dir)
         base = self.base if reference is None else reference
         ranges: dict[str, Path] = {}
-        full: dict[str, onnx.ModelProto] = {}
-        self.quantized_caches.append(full)
         sentinels: dict[str, list[str]] = {}  # this tier's nodes around a mask (self.sentinel_nodes: the last tier's)
         calib_ops = list(scheme.op_types) or None  # histograms of every tensor are slow: only around quantized ops
 
         def build(method: str, keep: list[str]) -> onnx.ModelProto:
-            if not full:  # the tuner searches one tier at a time: the others' quantized models are dropped (memory)
-                for cache in self.quantized_caches:
-                    cache.clear()
+            key = (tag, method)
+            if key not in self.quantized:
+                self.quantized.clear()  # before calibrating: the previous model is not needed again soon
             if method not in ranges:
                 settings = CalibrationSettings(
                     method=method,
@@ -318,11 +319,11 @@ class Int8Plan(SearchPlan):
                 self.narrowed[method] = narrow_to_readers(source, data)
                 sentinels[method] = self.sentinel_nodes[method] = sentinel_nodes(source, data)
                 ranges[method] = schemes.save_ranges(data, work_dir / f"ranges-{tag}-{method}.json")
-            if method not in full:
+            if key not in self.quantized:
                 left = list(exclude) + sentinels[method]
-                full[method] = schemes.quantize_int8(source, ranges[method], method, scheme, left, work_dir)
+                self.quantized[key] = schemes.quantize_int8(source, ranges[method], method, scheme, left, work_dir)
             # Float-kept nodes are bypassed in the fully quantized model, exactly as the search measured them.
-            return keep_float_nodes(full[method], base, keep, params.float_kept_weights == "float")
+            return keep_float_nodes(self.quantized[key], base, keep, params.float_kept_weights == "float")
 
         return build
 

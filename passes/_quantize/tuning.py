@@ -385,6 +385,7 @@ def tune(
     cost = target_cost(settings.hardware, feeds)
     trials: list[Trial] = []
     chosen: SearchResult | None = None
+    chosen_tier = 0
     sensitivity: list[tuple[str, float]] = []
     for tier in range(len(space.builds)):
         if chosen is not None and chosen.best_trial is not None:
@@ -404,19 +405,21 @@ def tune(
         trials += found.trials
         sensitivity = sensitivity or found.sensitivity
         if found.best_trial is not None and (chosen is None or _beats(found, chosen, space.methods)):
-            chosen = found
+            chosen, chosen_tier = found, tier
+        found.best = None  # rebuilt once at the end: no tier's model is held while later tiers search (memory)
     summary |= {
         "tried": [t.to_dict() for t in trials],
         "worst_layers": [{"node": n, "output_nsr_gain_if_float": round(v, 6)} for n, v in sensitivity[:10]],
         "parallel_runs": evaluator.workers,  # samples and ranking candidates run side by side, one thread each
     }
-    if chosen is None or chosen.best is None or chosen.best_trial is None:
+    if chosen is None or chosen.best_trial is None:
         first = f"quantize: no candidate met the accuracy budget of {budget:g} points ({scored_on})"
         undecided = _undecided(trials, budget)
         fix = failed_fix(settings.max_float, undecided, evaluator.count if undecided else 0)
         raise QualityGateError(f"{first}; tried: {_tried_line(trials, budget)}", fix, attempt_summary=first)
-    _record_choice(chosen.best_trial, sum(t.meets_budget for t in trials), cost is not None, space, summary)
-    return chosen.best, chosen.best_trial
+    best = chosen.best_trial
+    _record_choice(best, sum(t.meets_budget for t in trials), cost is not None, space, summary)
+    return space.builds[chosen_tier](best.method, best.float_nodes), best
 
 
 def _search_tier(
