@@ -362,8 +362,7 @@ class Int8Plan(SearchPlan):
         rows = self._step_gains(evaluator, best.method, ops, ctx, summary)
         if best.transform == SMOOTHQUANT:
             if not rows:
-                plain = self.builds[len(self.tiers) - 1]
-                rows = [self._searched_or_scored(evaluator, plain, [], summary, best.method, ops, "")]
+                rows = [self._searched_or_scored(evaluator, self._plain_build(ops), [], summary, best.method, ops, "")]
             steps = rows[-1]["steps"] + ["smoothquant"]
             row = self._searched_or_scored(evaluator, self.builds[-1], steps, summary, best.method, ops, SMOOTHQUANT)
             tier = summary["smoothquant_tier"]
@@ -372,6 +371,10 @@ class Int8Plan(SearchPlan):
         if rows:
             recovery = summary.setdefault("recovery", {"steps": []})
             recovery["gains"] = {"method": best.method, "op_types": ops, "float_kept": 0, "rows": rows}
+
+    def _plain_build(self, ops: list[str]) -> Build:
+        """The build of the plain (not smoothed) tier quantizing op types ``ops``."""
+        return self.builds[self.tiers.index(list(ops))]
 
     def _searched_or_scored(
         self,
@@ -404,9 +407,7 @@ class Int8Plan(SearchPlan):
             steps = inputs.settings.steps[:count]
             changed = changed_by(steps[-1], summary["recovery"]) if steps else ""
             if count == len(inputs.settings.steps):  # the model the search started from
-                last = self._searched_or_scored(
-                    evaluator, self.builds[len(self.tiers) - 1], steps, summary, method, ops, ""
-                )
+                last = self._searched_or_scored(evaluator, self._plain_build(ops), steps, summary, method, ops, "")
                 rows.append(last | {"changed": changed})
                 continue
             ctx.progress(f"recovery gains: {' + '.join(steps) or 'no step'}")

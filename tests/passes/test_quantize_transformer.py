@@ -248,6 +248,8 @@ def test_default_cpu_avx_takes_the_smoothquant_tier_for_an_svtr_recogniser(tmp_p
     report = json.loads(next((tmp_path / "out").glob("*.lepton/report.json")).read_text())
     summary = next(s for s in report["pipeline"] if s["name"] == "quantize")["summary"]
     assert summary["transform"] == "smoothquant" and summary["smoothquant_tier"]["inserted"] > 0
+    gains = summary["recovery"]["gains"]["rows"]  # the report's recovery table: plain, then smoothed, fully quantized
+    assert [row["steps"] for row in gains] == [[], ["smoothquant"]] and "searched as a tier" in gains[1]["changed"]
     plain = [t for t in summary["tried"] if t["transform"] == "" and t["meets_budget"]]
     assert plain and all(t["cost_ms"] > summary["cost_ms"] for t in plain)
     compiled = onnx.load(saved)
