@@ -10,6 +10,7 @@ accelerator, names shortened, shape annotations dropped.
 
 from __future__ import annotations
 
+import functools
 import platform
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -176,8 +177,10 @@ class Int8Plan(SearchPlan):
         fast = params.fast_op_types
         first = [list(fast)] if fast is not None and sorted(fast) != sorted(params.op_types) else []
         self.tiers = first + [list(params.op_types)]  # fast_op_types first: more int8, fewer Q/DQ transitions
-        self.narrowed: dict[str, list[str]] = {}  # per method: tensors whose range was cut to what readers tell apart
-        self.sentinel_nodes: dict[str, list[str]] = {}  # per method: nodes left float around a -inf/finfo.min mask
+        # Per (tier tag, method), as each build calibrates: tensors whose range was cut to what readers tell apart,
+        # and nodes left float around a -inf/finfo.min mask; ``finish`` reports the chosen tier's.
+        self.narrowed: dict[tuple[str, str], list[str]] = {}
+        self.sentinel_nodes: dict[tuple[str, str], list[str]] = {}
         self.base = onnx.ModelProto()
         self.recovery: _RecoveryInputs | None = None  # what the steps ran on, for the report's per-step gains
         self.builds: list[Build] = []  # the search space's builds: plain tiers, then the SmoothQuant tier if offered
@@ -244,41 +247,32 @@ class Int8Plan(SearchPlan):
         """(build, float reference) of the last tier on the SmoothQuant'ed source (inserted scales where nothing
         absorbs them), the recovery steps applied as on the plain tiers; smoothed on first use: the tuner reaches
         this tier only when the plain tiers' choice keeps layers float and this one is priced below it."""
-        made: dict[str, Any] = {}
 
-        def tier() -> dict[str, Any]:
-            if not made:
-                assert self.params.smoothquant_tier_alpha is not None
-                settings = replace(
-                    self._recovery_settings(),
-                    smoothquant_alpha=self.params.smoothquant_tier_alpha,
-                    smoothquant_insert=True,
-                )
-                ctx.progress(f"smoothquant tier: smoothing (alpha {settings.smoothquant_alpha:g})")
-                try:
-                    recovered = recover(base, list(calib.feeds(settings.samples)), self.scheme, settings)
-                except Exception as exc:  # an optional tier: whatever stops the smoothing leaves the plain choice
-                    raise TierUnavailable(
-                        f"SmoothQuant could not run on this model ({exc.__class__.__name__}: {exc})"
-                    ) from exc
-                summary["smoothquant_tier"] = {
-                    "alpha": settings.smoothquant_alpha,
-                    "layers": recovered.summary.get("smoothquant_layers", 0),
-                    "inserted": recovered.summary.get("smoothquant_inserted", 0),
-                }
-                made["reference"] = recovered.reference
-                made["build"] = self._builder(
-                    recovered.quantize_source,
-                    calib,
-                    scheme,
-                    ctx,
-                    SMOOTHQUANT,
-                    exclude + recovered.float_nodes,
-                    recovered.reference,
-                )
-            return made
+        @functools.cache
+        def tier() -> tuple[Build, onnx.ModelProto]:
+            assert self.params.smoothquant_tier_alpha is not None
+            settings = replace(
+                self._recovery_settings(), smoothquant_alpha=self.params.smoothquant_tier_alpha, smoothquant_insert=True
+            )
+            ctx.progress(f"smoothquant tier: smoothing (alpha {settings.smoothquant_alpha:g})")
+            try:
+                recovered = recover(base, list(calib.feeds(settings.samples)), self.scheme, settings)
+            except Exception as exc:  # an optional tier: whatever stops the smoothing leaves the plain choice
+                raise TierUnavailable(
+                    f"SmoothQuant could not run on this model ({exc.__class__.__name__}: {exc})"
+                ) from exc
+            summary["smoothquant_tier"] = {
+                "alpha": settings.smoothquant_alpha,
+                "layers": recovered.summary.get("smoothquant_layers", 0),
+                "inserted": recovered.summary.get("smoothquant_inserted", 0),
+            }
+            exclude_here = exclude + recovered.float_nodes
+            build = self._builder(
+                recovered.quantize_source, calib, scheme, ctx, SMOOTHQUANT, exclude_here, recovered.reference
+            )
+            return build, recovered.reference
 
-        return (lambda method, keep: tier()["build"](method, keep)), (lambda: tier()["reference"])
+        return (lambda method, keep: tier()[0](method, keep)), (lambda: tier()[1])
 
     def _builder(
         self,
@@ -296,7 +290,6 @@ class Int8Plan(SearchPlan):
         params, work_dir = self.params, Path(ctx.work_dir)
         base = self.base if reference is None else reference
         ranges: dict[str, Path] = {}
-        sentinels: dict[str, list[str]] = {}  # this tier's nodes around a mask (self.sentinel_nodes: the last tier's)
         calib_ops = list(scheme.op_types) or None  # histograms of every tensor are slow: only around quantized ops
 
         def build(method: str, keep: list[str]) -> onnx.ModelProto:
@@ -316,11 +309,11 @@ class Int8Plan(SearchPlan):
                 data = calibrate(
                     source, calib, settings, lambda done, total: ctx.progress(label, done, total), calib_ops
                 )
-                self.narrowed[method] = narrow_to_readers(source, data)
-                sentinels[method] = self.sentinel_nodes[method] = sentinel_nodes(source, data)
+                self.narrowed[key] = narrow_to_readers(source, data)
+                self.sentinel_nodes[key] = sentinel_nodes(source, data)
                 ranges[method] = schemes.save_ranges(data, work_dir / f"ranges-{tag}-{method}.json")
             if key not in self.quantized:
-                left = list(exclude) + sentinels[method]
+                left = list(exclude) + self.sentinel_nodes[key]
                 self.quantized[key] = schemes.quantize_int8(source, ranges[method], method, scheme, left, work_dir)
             # Float-kept nodes are bypassed in the fully quantized model, exactly as the search measured them.
             return keep_float_nodes(self.quantized[key], base, keep, params.float_kept_weights == "float")
@@ -469,15 +462,22 @@ class Int8Plan(SearchPlan):
             summary["integer_io"] = converted
             for reason in kept:
                 ctx.warn(f"integer_io: {reason}; it stays float")
-        summary["ranges_narrowed_to_readers"] = len(self.narrowed.get(summary["method"], []))
-        if self.sentinel_nodes.get(summary["method"]):
-            summary["float_around_mask"] = self.sentinel_nodes[summary["method"]]
+        chosen = (self._tier_tag(summary), summary["method"])
+        summary["ranges_narrowed_to_readers"] = len(self.narrowed.get(chosen, []))
+        if self.sentinel_nodes.get(chosen):
+            summary["float_around_mask"] = self.sentinel_nodes[chosen]
         summary["name_bytes_saved"] = shorten_added_names(result, _source_names(self.base))
         if len(result.graph.value_info):  # pre-processing's shape annotations: runtimes infer them again at load
             summary["shape_annotations_dropped"] = len(result.graph.value_info)
             del result.graph.value_info[:]
         summary["int8_weights"] = int8_weights(result)
         return PassResult(result, summary, budget_use=budget_use)
+
+    def _tier_tag(self, summary: dict[str, Any]) -> str:
+        """The tag of the tier the summary's choice came from (as ``space`` names the builds)."""
+        if summary.get("transform") == SMOOTHQUANT:
+            return SMOOTHQUANT
+        return f"t{self.tiers.index(list(summary['op_types']))}"
 
     def _report_float_ops(self, result: onnx.ModelProto, ctx: Any, summary: dict[str, Any]) -> None:
         found = float_ops(result, list(ctx.target.runtime.supported_ops))

@@ -77,7 +77,10 @@ def collect(
             )
             acc = sums.setdefault(layer.name, [0.0, 0.0, 0, 0, 0.0])
             acc[0] = acc[0] + cols.sum(axis=2)
-            acc[1] = acc[1] + np.matmul(sub, sub.transpose(0, 2, 1)) if gram else np.zeros((cols.shape[0], 0, 0))
+            if gram:
+                acc[1] = acc[1] + np.matmul(sub, sub.transpose(0, 2, 1))
+            else:  # [groups, 0, 0]: the statistics keep their shape, with nothing in the matrix nobody reads
+                acc[1] = np.zeros((cols.shape[0], 0, 0))
             acc[2] += cols.shape[2]
             acc[3] += sub.shape[2]
             acc[4] = np.maximum(acc[4], np.abs(cols).max(axis=2))

@@ -109,10 +109,18 @@ class Trial:
 
 @dataclass
 class SearchResult:
-    best: onnx.ModelProto | None
     best_trial: Trial | None
     trials: list[Trial]
     sensitivity: list[tuple[str, float]]
+    build: Build | None = None  # the search's build: the best trial's candidate is made again from it when asked for
+
+    @property
+    def best(self) -> onnx.ModelProto | None:
+        """The chosen candidate, built on each call (builds are deterministic): no tier's model is held while
+        later tiers search (memory), and a tier that is not chosen never builds it."""
+        if self.best_trial is None or self.build is None:
+            return None
+        return self.build(self.best_trial.method, self.best_trial.float_nodes)
 
 
 @dataclass
@@ -228,11 +236,8 @@ class _Search:
         return True
 
     def result(self, methods: list[str], sensitivity: list[tuple[str, float]]) -> SearchResult:
-        """The passing trial ``choose`` picks, rebuilt."""
-        best = choose(self.passing, methods)
-        if best is None:
-            return SearchResult(None, None, self.trials, sensitivity)
-        return SearchResult(self.build(best.method, best.float_nodes), best, self.trials, sensitivity)
+        """The passing trial ``choose`` picks (its model is built when ``best`` is read)."""
+        return SearchResult(choose(self.passing, methods), self.trials, sensitivity, self.build)
 
 
 def choose(passing: list[Trial], methods: list[str]) -> Trial | None:
@@ -385,7 +390,6 @@ def tune(
     cost = target_cost(settings.hardware, feeds)
     trials: list[Trial] = []
     chosen: SearchResult | None = None
-    chosen_tier = 0
     sensitivity: list[tuple[str, float]] = []
     for tier in range(len(space.builds)):
         if chosen is not None and chosen.best_trial is not None:
@@ -405,8 +409,7 @@ def tune(
         trials += found.trials
         sensitivity = sensitivity or found.sensitivity
         if found.best_trial is not None and (chosen is None or _beats(found, chosen, space.methods)):
-            chosen, chosen_tier = found, tier
-        found.best = None  # rebuilt once at the end: no tier's model is held while later tiers search (memory)
+            chosen = found
     summary |= {
         "tried": [t.to_dict() for t in trials],
         "worst_layers": [{"node": n, "output_nsr_gain_if_float": round(v, 6)} for n, v in sensitivity[:10]],
@@ -419,7 +422,9 @@ def tune(
         raise QualityGateError(f"{first}; tried: {_tried_line(trials, budget)}", fix, attempt_summary=first)
     best = chosen.best_trial
     _record_choice(best, sum(t.meets_budget for t in trials), cost is not None, space, summary)
-    return space.builds[chosen_tier](best.method, best.float_nodes), best
+    model = chosen.best
+    assert model is not None
+    return model, best
 
 
 def _search_tier(
@@ -479,9 +484,8 @@ def _cost_of(chosen: SearchResult | None) -> float:
 def untuned(space: SearchSpace, summary: dict[str, Any]) -> onnx.ModelProto:
     """No scorer or no search: the last tier, everything quantized with the first method."""
     summary |= {"method": space.methods[0], "tuned": False}
-    last = max(
-        i for i in range(len(space.builds)) if not space.transform(i)
-    )  # a rewritten source is searched, never assumed
+    # A rewritten source (SmoothQuant tier) is searched, never assumed: the last plain tier.
+    last = max(i for i in range(len(space.builds)) if not space.transform(i))
     if space.tiers is not None:
         summary["op_types"] = space.tiers[last]
     return space.builds[last](space.methods[0], [])
