@@ -89,22 +89,25 @@ def _quantize(model: onnx.ModelProto, calib_path: Path, target_name: str, *, cos
 
 
 def _key(trial: dict[str, Any]) -> tuple[Any, ...]:
-    return (tuple(trial.get("op_types") or ()), trial["method"], tuple(sorted(trial["float_nodes"])))
+    ops = tuple(trial.get("op_types") or ())
+    return (ops, trial.get("transform", ""), trial["method"], tuple(sorted(trial["float_nodes"])))
 
 
 def _label(trial: dict[str, Any]) -> str:
     ops = ",".join(trial.get("op_types") or []) or "all ops"
-    return f"{trial['method']}[{ops}]+{trial['float_kept']}{' leading' if trial['float_rule'] == 'leading' else ''}"
+    source = f"{trial['transform']}:" if trial.get("transform") else ""
+    return f"{source}{trial['method']}[{ops}]+{trial['float_kept']}{' leading' if trial['float_rule'] == 'leading' else ''}"
 
 
 def _chosen(run: Run) -> dict[str, Any]:
     s = run.summary
-    key = (tuple(s.get("op_types") or ()), s["method"], tuple(sorted(s["float_kept"])))
+    key = (tuple(s.get("op_types") or ()), s.get("transform", ""), s["method"], tuple(sorted(s["float_kept"])))
     return next(t for t in s["tried"] if _key(t) == key and t["meets_budget"])
 
 
 def _rebuild(space: tuning.SearchSpace, trial: dict[str, Any]) -> onnx.ModelProto:
-    tier = space.tiers.index(list(trial.get("op_types") or [])) if space.tiers is not None else -1
+    tiers = [(ops, space.transform(i)) for i, ops in enumerate(space.tiers or [])]
+    tier = tiers.index((list(trial.get("op_types") or []), trial.get("transform", ""))) if tiers else -1
     return space.builds[tier](trial["method"], list(trial["float_nodes"]))
 
 

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         for method in space.methods:
             start = time.perf_counter()
             session = make_session(build(method, []))
-            row = {"tier": ", ".join(plan.tiers[tier]) or "every op", "method": method}
+            ops = ", ".join(space.tiers[tier] if space.tiers else []) or "every op"
+            row = {"tier": f"{space.transform(tier)}:{ops}" if space.transform(tier) else ops, "method": method}
             for split, feeds in pages.items():
                 row[split] = [page_f1(r, session.run(None, f)[0]) for r, f in zip(refs[split], feeds)]
             row["seconds"] = round(time.perf_counter() - start, 1)
