@@ -387,6 +387,23 @@ def _shape_arithmetic(name: str, shapes: dict[str, list[int | None]], types: dic
     return types.get(name) in _SHAPE_DTYPES and len(shapes.get(name) or []) <= 1
 
 
+def _gathered_table(node: onnx.NodeProto, tensor: str, constants: set[str]) -> bool:
+    """The constant table a Gather indexes (an embedding): it reads the rows it selects, not the table."""
+    return node.op_type == "Gather" and tensor == node.input[0] and tensor in constants
+
+
+def _rows_read(
+    node: onnx.NodeProto, shapes: dict[str, list[int | None]], types: dict[str, int], table_bytes: int
+) -> int:
+    """The table bytes a Gather reads: its output's elements at the table's element size, at most the table."""
+    out = _size(node.output[0], shapes, types)
+    if out is None:
+        return table_bytes
+    out_item = _itemsize(types.get(node.output[0]))
+    table_item = _itemsize(types.get(node.input[0]))
+    return min(table_bytes, out // out_item * table_item)
+
+
 def node_costs(
     model: onnx.ModelProto, hw: HardwareFacts, eff: Efficiency = Efficiency()
 ) -> tuple[list[NodeCost], list[str]]:
@@ -414,6 +431,8 @@ def node_costs(
                     continue
                 integer_bytes = fused and node.op_type not in REQUANTIZING_ELEMENTWISE
                 size = _size(units.reads.get(tensor, tensor) if integer_bytes else tensor, shapes, types)
+                if size is not None and _gathered_table(node, tensor, constants):
+                    size = _rows_read(node, shapes, types, size)
                 if size is None:
                     if tensor in node.output and len(node.output) > 1 and tensor != node.output[0]:
                         continue  # optional outputs (Dropout mask, ...) that nothing reads

@@ -131,13 +131,18 @@ def _smooth(
     ]
     stats = layer_stats.collect(smoothed, feeds, layers, max_positions=1, gram=False)
     assert settings.smoothquant_alpha is not None
+    groups: dict[str, list[WeightLayer]] = {}  # layers reading one tensor get one scale
+    for layer in layers:
+        if layer.name in stats:
+            groups.setdefault(layer.node.input[0], []).append(layer)
     found = [
-        smoothquant.smooth(smoothed, layer, stats[layer.name], settings.smoothquant_alpha, settings.smoothquant_insert)
-        for layer in layers
-        if layer.name in stats
+        smoothquant.smooth(
+            smoothed, group, stats[group[0].name], settings.smoothquant_alpha, settings.smoothquant_insert
+        )
+        for group in groups.values()
     ]
     done = [s for s in found if s is not None]
-    summary["smoothquant_layers"] = len(done)
+    summary["smoothquant_layers"] = sum(len(s.layers) for s in done)
     inserted = [s.inserted for s in done if s.inserted is not None]
     if inserted:
         summary["smoothquant_inserted"] = len(inserted)

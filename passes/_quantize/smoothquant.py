@@ -55,39 +55,44 @@ def _affine_producers(model: onnx.ModelProto, tensor: str, channels: int) -> lis
 
 @dataclass(frozen=True)
 class Smoothed:
-    layer: str
-    inserted: str | None  # the float Mul put on the layer's input when no producer could absorb 1/s
+    layers: tuple[str, ...]  # the layers reading the smoothed input: one scale for all of them
+    inserted: str | None  # the float Mul put on their input when no producer could absorb 1/s
 
 
 def smooth(
-    model: onnx.ModelProto, layer: WeightLayer, stats: LayerStats, alpha: float, insert: bool = False
+    model: onnx.ModelProto, layers: list[WeightLayer], stats: LayerStats, alpha: float, insert: bool = False
 ) -> Smoothed | None:
-    """Migrate ``layer``'s input outliers into its weights in place, ``1/s`` folded into the producing affine
-    constants or (only with ``insert``) a float ``Mul`` on its input; None when the layer is left alone."""
-    if layer.kind == "conv" or stats.absmax.shape[0] != 1:
+    """Migrate the input outliers of ``layers`` (all reading one tensor, whose statistics ``stats`` are) into their
+    weights in place, ``1/s`` folded into the producing affine constants or (only with ``insert``) one float ``Mul``
+    that all of them read; None when they are left alone. One scale for the group: Q, K and V projections of
+    one LayerNorm output share one Mul (as in the paper), not three."""
+    if any(layer.kind == "conv" for layer in layers) or stats.absmax.shape[0] != 1:
         return None
-    weight = load(model, layer.weight)
-    rows = to_rows(layer, weight).astype(np.float64)
-    chain = _affine_producers(model, layer.node.input[0], rows.shape[1])
+    weights = [load(model, layer.weight) for layer in layers]
+    rows = [to_rows(layer, weight).astype(np.float64) for layer, weight in zip(layers, weights)]
+    chain = _affine_producers(model, layers[0].node.input[0], rows[0].shape[1]) if len(layers) == 1 else None
     if chain is None and not insert:
         return None
     act = np.maximum(stats.absmax[0], 1e-5)
-    wmax = np.maximum(np.abs(rows).max(axis=0), 1e-5)
+    wmax = np.maximum(np.max([np.abs(r).max(axis=0) for r in rows], axis=0), 1e-5)
     scale = np.clip(act**alpha / wmax ** (1 - alpha), 1e-3, 1e3)
-    inserted = _insert_scale(model, layer, (1.0 / scale).astype(np.float32)) if chain is None else None
+    inserted = _insert_scale(model, layers, (1.0 / scale).astype(np.float32)) if chain is None else None
     for name, _ in chain or []:  # both Add(beta) and Mul(gamma) lie before the Gemm: each is divided by s
         store(model, name, load(model, name) / scale)
-    store(model, layer.weight, from_rows(layer, rows * scale[None, :], weight.shape))
-    return Smoothed(layer.name, inserted)
+    for layer, layer_rows, weight in zip(layers, rows, weights):
+        store(model, layer.weight, from_rows(layer, layer_rows * scale[None, :], weight.shape))
+    return Smoothed(tuple(layer.name for layer in layers), inserted)
 
 
-def _insert_scale(model: onnx.ModelProto, layer: WeightLayer, inverse: np.ndarray) -> str:
-    """``layer`` reads ``Mul(x, inverse)`` (over the last axis, the channels) instead of ``x``; the Mul's name."""
+def _insert_scale(model: onnx.ModelProto, layers: list[WeightLayer], inverse: np.ndarray) -> str:
+    """``layers`` read ``Mul(x, inverse)`` (over the last axis, the channels) instead of ``x``; the Mul's name."""
     names = FreshNames(model)
-    name = names.fresh(f"{layer.name}_smooth")
+    name = names.fresh(f"{layers[0].name}_smooth")
     index = GraphIndex(model.graph)
     constant = index.add_initializer(names.fresh(f"{name}_inverse"), inverse)
-    mul = onnx.helper.make_node("Mul", [layer.node.input[0], constant], [names.fresh(f"{name}_out")], name=name)
-    index.insert(next(i for i, n in enumerate(model.graph.node) if n.name == layer.node.name), mul)
-    index.set_input(layer.node, 0, mul.output[0])
+    mul = onnx.helper.make_node("Mul", [layers[0].node.input[0], constant], [names.fresh(f"{name}_out")], name=name)
+    first = min(i for i, n in enumerate(model.graph.node) if n.name in {layer.name for layer in layers})
+    index.insert(first, mul)
+    for layer in layers:
+        index.set_input(layer.node, 0, mul.output[0])
     return name

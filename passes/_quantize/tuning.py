@@ -11,9 +11,11 @@ The search, bounded so that it costs O(methods × log2(max_float_layers)) quanti
    (``evaluate.costmodel``, priced the way ONNX Runtime runs QDQ) says is fastest, then the fewest
    float-kept nodes, the smaller drop, the method order: deterministic, and the build host's latency
    says little about the target's; once a fully quantized model passes, only the other methods' fully
-   quantized models are scored (ties on the drop go to the output closest to the source's).
-A candidate the cost model prices above the cheapest one already within budget is built but not
-scored: it cannot be chosen. Each op-type tier (``SearchSpace.builds``) is searched in turn; a later
+   quantized models are scored (ties on the drop go to the output closest to the source's). Prices
+   within ``PRICE_TIE`` of the cheapest are a tie the cost model cannot order: the tie goes to the
+   fewest float-kept nodes (smaller, and more of the work on the target's int8 units).
+A candidate the cost model prices above the cheapest one already within budget (by more than
+``PRICE_TIE``) is built but not scored: it cannot be chosen. Each op-type tier (``SearchSpace.builds``) is searched in turn; a later
 tier is searched only when the chosen candidate keeps layers float and the later tier's fully
 quantized model is priced below it (its float-kept variants cost more still). A tier may quantize a
 rewritten source (``SearchSpace.transforms``: SmoothQuant'ed, its own float reference for float-kept
@@ -40,6 +42,9 @@ from lepton_cli.evaluate.costmodel import HardwareFacts, latency_ms
 
 SENSITIVITY, LEADING = "sensitivity", "leading"  # Trial.float_rule
 SENSITIVITY_SAMPLES = 8  # held-out samples the per-node ranking runs on
+# Candidates of one graph priced this close are not ordered by the cost model (benchmarks/results/cost_choice.md:
+# PP-OCRv4 det at 5.68-5.77 ms estimated measured 0.74-0.80x fp32 in another order; price_tie.md: MiniLM).
+PRICE_TIE = 0.03
 Build = Callable[[str, list[str]], onnx.ModelProto]  # (method, float-kept node names) -> candidate model
 Progress = Callable[[str], None]
 Cost = Callable[[onnx.ModelProto], float | None]  # a candidate's estimated latency on the target (ms)
@@ -177,7 +182,7 @@ class _Search:
             return self.scored[key], None
         model = self.build(method, keep)
         cost = self.cost(model) if self.cost else None
-        if cost is not None and cost > self.ceiling:  # slower than a candidate within budget: cannot be chosen
+        if cost is not None and cost > self.ceiling * (1 + PRICE_TIE):  # slower than one within budget: not chosen
             trial = Trial(method, list(keep), inf, inf, False, float_rule=rule, cost_ms=cost, scored=False)
             return self._record(key, trial, None), model
         score: AccuracyScore = self.evaluator.score(model)
@@ -241,17 +246,24 @@ class _Search:
 
 
 def choose(passing: list[Trial], methods: list[str]) -> Trial | None:
-    """Deterministic: the lowest estimated latency on the target (no estimate ranks last), then the fewest
-    float-kept nodes, the smaller drop, the output closer to the source's (SNR: a small scoring set often reads
-    0.00 for every method), the method order."""
+    """Deterministic: among the candidates priced within ``PRICE_TIE`` of the lowest estimated latency on the
+    target (no estimate ranks last), the fewest float-kept nodes, then the lower price, the smaller drop, the
+    output closer to the source's (SNR: a small scoring set often reads 0.00 for every method), the method order."""
     order_of = {m: i for i, m in enumerate(methods)}
+    cheapest = min((t.cost_ms for t in passing if t.cost_ms is not None), default=None)
+    tied = [t for t in passing if t.cost_ms is not None and cheapest is not None and _ties(t.cost_ms, cheapest)]
 
-    def key(t: Trial) -> tuple[float, int, float, float, int]:
+    def key(t: Trial) -> tuple[float, int, float, float, float, int]:
         cost = t.cost_ms if t.cost_ms is not None else inf
         snr = t.agreement.get("snr_db", -inf)
-        return cost, len(t.float_nodes), t.drop_pct, -snr, order_of.get(t.method, len(order_of))
+        band = cheapest if t in tied else cost  # one rank for every price in the tie
+        return band, len(t.float_nodes), cost, t.drop_pct, -snr, order_of.get(t.method, len(order_of))
 
     return min(passing, key=key, default=None)
+
+
+def _ties(cost: float, cheapest: float) -> bool:
+    return cost <= cheapest * (1 + PRICE_TIE)
 
 
 def _ranking(
@@ -370,10 +382,16 @@ def target_cost(hardware: HardwareFacts | None, feeds: list[dict[str, np.ndarray
     return cost
 
 
-def _choice_note(best: Trial, passing: int, has_cost: bool) -> str:
+def _choice_note(best: Trial, passing: list[Trial], has_cost: bool) -> str:
     if has_cost and best.cost_ms is not None:
-        return f"lowest cost-model latency on the target among {passing} candidates within budget"
-    return f"fewest float-kept nodes among {passing} candidates within budget (no cost estimate)"
+        cheapest = min(t.cost_ms for t in passing if t.cost_ms is not None)
+        if best.cost_ms > cheapest:
+            return (
+                f"fewest float-kept nodes among the candidates priced within {PRICE_TIE:.0%} of the lowest cost-model "
+                f"latency on the target ({cheapest:.3g} ms; {len(passing)} candidates within budget)"
+            )
+        return f"lowest cost-model latency on the target among {len(passing)} candidates within budget"
+    return f"fewest float-kept nodes among {len(passing)} candidates within budget (no cost estimate)"
 
 
 def tune(
@@ -421,7 +439,7 @@ def tune(
         fix = failed_fix(settings.max_float, undecided, evaluator.count if undecided else 0)
         raise QualityGateError(f"{first}; tried: {_tried_line(trials, budget)}", fix, attempt_summary=first)
     best = chosen.best_trial
-    _record_choice(best, sum(t.meets_budget for t in trials), cost is not None, space, summary)
+    _record_choice(best, [t for t in trials if t.meets_budget], cost is not None, space, summary)
     model = chosen.best
     assert model is not None
     return model, best
@@ -455,7 +473,9 @@ def _search_tier(
     )
 
 
-def _record_choice(best: Trial, passing: int, has_cost: bool, space: SearchSpace, summary: dict[str, Any]) -> None:
+def _record_choice(
+    best: Trial, passing: list[Trial], has_cost: bool, space: SearchSpace, summary: dict[str, Any]
+) -> None:
     summary |= {"method": best.method, "tuned": True, "float_kept": best.float_nodes}
     summary |= {"drop_pct": best.drop_pct, "value": best.value, "cost_ms": best.cost_ms}
     summary["choice"] = _choice_note(best, passing, has_cost)

@@ -42,6 +42,18 @@ def test_choose_breaks_ties_by_float_nodes_then_drop_then_method_order():
     assert choose([_trial("minmax", 3, None), h := _trial("minmax", 1, None)], methods) is h  # none: fewest float
 
 
+def test_a_price_tie_goes_to_the_fewest_float_nodes():
+    # all-MiniLM-L6 on cpu-avx: one float FFN Gemm priced 1.13 ms, every Gemm int8 (SmoothQuant'ed) 1.15 ms; measured
+    # the same (0.519x vs 0.514x fp32): within the cost model's error the smaller, all-int8 model is taken
+    methods = ["minmax", "percentile"]
+    one_float, all_int8 = _trial("percentile", 1, cost=1.13), _trial("minmax", 0, cost=1.15)
+    assert choose([one_float, all_int8], methods) is all_int8
+    assert choose([one_float, _trial("minmax", 0, cost=1.17)], methods) is one_float  # 3.5 % dearer: no tie
+    two_float = _trial("minmax", 2, cost=1.12)  # the cheapest sets the band; inside it, fewest float, then price
+    assert choose([two_float, one_float, all_int8], methods) is all_int8
+    assert choose([two_float, _trial("minmax", 1, cost=1.14), one_float], methods) is one_float
+
+
 class _Evaluator:
     """Scores a candidate by its tag: the drops a table gives; records what it scored."""
 
@@ -300,3 +312,14 @@ def test_a_transform_tier_that_cannot_be_made_is_skipped_and_the_plain_choice_st
         {"transform": "smoothquant", "why": "SmoothQuant could not run on this model (ValueError: no layer statistics)"}
     ]
     assert any(n.startswith("smoothquant tier skipped: ") for n in notes)
+
+
+def test_a_transform_tier_priced_within_the_tie_of_the_plain_choice_is_searched_and_wins_on_float_nodes(monkeypatch):
+    # plain tiers fit with 4 nodes float at 14.0; the smoothed source fully quantized fits at 14.3 (2 % dearer)
+    drops = {"t0:minmax:n0,n1,n2,n3": 0.5, "sq:minmax:": 0.6}
+    costs = {"t0:minmax:": 10.0, "t0:minmax:n0": 11.0, "t0:minmax:n0,n1": 12.0, "t0:minmax:n0,n1,n2": 13.5}
+    costs |= {"t0:minmax:n0,n1,n2,n3": 14.0, "t1:minmax:": 15.0, "sq:minmax:": 14.3}
+    best, summary, _, made, _ = _tune_with_tier(monkeypatch, drops, costs)
+    assert best.transform == "smoothquant" and best.float_nodes == [] and best.cost_ms == 14.3
+    assert summary["choice"].startswith("fewest float-kept nodes among the candidates priced within 3%")
+    assert "(14 ms; 2 candidates within budget)" in summary["choice"]

@@ -99,6 +99,25 @@ def _quantized_tensors(model: onnx.ModelProto) -> set[str]:
     return {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
 
 
+def test_smoothquant_gives_the_projections_of_one_input_one_scale():
+    """Q, K and V read one hidden state: one inserted Mul (one scale from their weights together), not three; the
+    attention output, FFN1 (its LayerNorm output also feeds the residual) and FFN2 (after the activation) one each."""
+    from lepton_cli.passes._quantize.recovery import RecoverySettings, recover
+
+    model, samples = _block(), _samples()
+    feeds = [{"x": samples.arrays["x"][i], "mask": samples.arrays["mask"][i]} for i in range(8)]
+    settings = RecoverySettings(smoothquant_alpha=0.8, smoothquant_insert=True, samples=8)
+    smoothed = recover(model, feeds, schemes.Int8Scheme(per_channel=True), settings)
+    assert smoothed.summary["smoothquant_layers"] == 6 and smoothed.summary["smoothquant_inserted"] == 4
+    readers = {n.name: n.input[0] for n in smoothed.reference.graph.node}
+    assert readers["q"] == readers["k"] == readers["v"] and readers["q"].startswith("q_smooth")
+    assert len({readers[name] for name in ("q", "o", "ffn1", "ffn2")}) == 4
+    before = ort.InferenceSession(model.SerializeToString())
+    after = ort.InferenceSession(smoothed.reference.SerializeToString())
+    for feed in feeds:
+        np.testing.assert_allclose(after.run(None, feed)[0], before.run(None, feed)[0], atol=1e-4)
+
+
 def test_matmul_results_read_by_float_ops_get_no_qdq(tmp_path):
     model = _quantized(tmp_path)
     quantized = _quantized_tensors(model)
@@ -212,7 +231,7 @@ def test_minilm_with_smoothquant_keeps_every_gemm_int8_within_the_budget(tmp_pat
     assert run.code == 0, run.message
     report = json.loads(next((tmp_path / "out").glob("*.lepton/report.json")).read_text())
     summary = next(s for s in report["pipeline"] if s["name"] == "quantize")["summary"]
-    assert summary["float_kept"] == [] and summary["recovery"]["smoothquant_inserted"] >= 36
+    assert summary["float_kept"] == [] and summary["recovery"]["smoothquant_inserted"] == 24  # Q, K, V share one
     compiled = onnx.load(saved)
     assert int8_mac_share(compiled, model.input_shapes) >= 99.0
     _, evaluation_path = ensure_data(model)
