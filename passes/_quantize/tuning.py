@@ -13,9 +13,10 @@ The search, bounded so that it costs O(methods × log2(max_float_layers)) quanti
    says little about the target's; once a fully quantized model passes, only the other methods' fully
    quantized models are scored (ties on the drop go to the output closest to the source's). Prices
    within ``PRICE_TIE`` of the cheapest are a tie the cost model cannot order: the tie goes to the
-   fewest float-kept nodes (smaller, and more of the work on the target's int8 units).
-A candidate the cost model prices above the cheapest one already within budget (by more than
-``PRICE_TIE``) is built but not scored: it cannot be chosen. Each op-type tier (``SearchSpace.builds``) is searched in turn; a later
+   smaller drop, then the fewest float-kept nodes.
+A candidate the cost model prices above the cheapest one of its tier already within budget is built
+but not scored: it cannot be chosen (within a tier, more float nodes of one graph cost more; a later
+tier is searched while its fully quantized model is priced within the tie of the choice so far). Each op-type tier (``SearchSpace.builds``) is searched in turn; a later
 tier is searched only when the chosen candidate keeps layers float and the later tier's fully
 quantized model is priced below it (its float-kept variants cost more still). A tier may quantize a
 rewritten source (``SearchSpace.transforms``: SmoothQuant'ed, its own float reference for float-kept
@@ -182,7 +183,7 @@ class _Search:
             return self.scored[key], None
         model = self.build(method, keep)
         cost = self.cost(model) if self.cost else None
-        if cost is not None and cost > self.ceiling * (1 + PRICE_TIE):  # slower than one within budget: not chosen
+        if cost is not None and cost > self.ceiling:  # slower than a candidate within budget: cannot be chosen
             trial = Trial(method, list(keep), inf, inf, False, float_rule=rule, cost_ms=cost, scored=False)
             return self._record(key, trial, None), model
         score: AccuracyScore = self.evaluator.score(model)
@@ -247,7 +248,7 @@ class _Search:
 
 def choose(passing: list[Trial], methods: list[str]) -> Trial | None:
     """Deterministic: among the candidates priced within ``PRICE_TIE`` of the lowest estimated latency on the
-    target (no estimate ranks last), the fewest float-kept nodes, then the lower price, the smaller drop, the
+    target (no estimate ranks last), the smaller drop, then the fewest float-kept nodes, the lower price, the
     output closer to the source's (SNR: a small scoring set often reads 0.00 for every method), the method order."""
     order_of = {m: i for i, m in enumerate(methods)}
     cheapest = min((t.cost_ms for t in passing if t.cost_ms is not None), default=None)
@@ -257,7 +258,7 @@ def choose(passing: list[Trial], methods: list[str]) -> Trial | None:
         cost = t.cost_ms if t.cost_ms is not None else inf
         snr = t.agreement.get("snr_db", -inf)
         band = cheapest if t in tied else cost  # one rank for every price in the tie
-        return band, len(t.float_nodes), cost, t.drop_pct, -snr, order_of.get(t.method, len(order_of))
+        return band, t.drop_pct, len(t.float_nodes), cost, -snr, order_of.get(t.method, len(order_of))
 
     return min(passing, key=key, default=None)
 
@@ -387,7 +388,7 @@ def _choice_note(best: Trial, passing: list[Trial], has_cost: bool) -> str:
         cheapest = min(t.cost_ms for t in passing if t.cost_ms is not None)
         if best.cost_ms > cheapest:
             return (
-                f"fewest float-kept nodes among the candidates priced within {PRICE_TIE:.0%} of the lowest cost-model "
+                f"smallest drop among the candidates priced within {PRICE_TIE:.0%} of the lowest cost-model "
                 f"latency on the target ({cheapest:.3g} ms; {len(passing)} candidates within budget)"
             )
         return f"lowest cost-model latency on the target among {len(passing)} candidates within budget"
@@ -416,7 +417,8 @@ def tune(
         if len(space.builds) > 1:
             progress(_tier_note(space, tier))
         try:
-            found = _search_tier(space, tier, evaluator, budget, feeds, settings, progress, cost, _cost_of(chosen))
+            ceiling = _cost_of(chosen) * (1 + PRICE_TIE)  # a tie with the choice so far may still win on its drop
+            found = _search_tier(space, tier, evaluator, budget, feeds, settings, progress, cost, ceiling)
         except TierUnavailable as exc:  # an optional rewritten source that cannot be made: the choice so far stands
             progress(f"{space.transform(tier)} tier skipped: {exc}")
             summary.setdefault("tiers_skipped", []).append({"transform": space.transform(tier), "why": str(exc)})
