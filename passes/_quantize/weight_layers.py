@@ -9,12 +9,11 @@ that grid here come out of ORT's quantizer unchanged.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize.schemes import Int8Scheme
+from lepton_cli.passes._quantize.schemes import Int8Scheme, pow2_weight_scale
 from onnx import numpy_helper
 
 from lepton_cli.model.op_traits import attr
@@ -98,10 +97,6 @@ class Grid:
         return np.clip(np.round(rows / self.scale[:, None]), self.qmin, self.qmax) * self.scale[:, None]
 
 
-def _pow2(absmax: float, qmax: int) -> float:
-    return float(2.0 ** math.ceil(math.log2(absmax / qmax))) if absmax > 0 and math.isfinite(absmax) else 1.0
-
-
 def weight_grid(rows: np.ndarray, scheme: Int8Scheme) -> Grid | None:
     """The symmetric int8 grid ORT's quantizer gives these weights; None for asymmetric weights (not simulated)."""
     if not (scheme.weight_symmetric or scheme.power_of_two):
@@ -110,7 +105,7 @@ def weight_grid(rows: np.ndarray, scheme: Int8Scheme) -> Grid | None:
     qmin, qmax = (-64, 64) if scheme.reduce_range and not scheme.power_of_two else (-127, 127)
     absmax = np.abs(rows).max(axis=1).astype(np.float64)
     if scheme.power_of_two:
-        scale = np.full(len(rows), _pow2(float(absmax.max()), 127))
+        scale = np.full(len(rows), pow2_weight_scale(rows))  # the scale schemes.pow2_overrides gives the tensor
     else:
         amax = absmax if scheme.per_channel else np.full(len(rows), absmax.max())
         scale = np.where(amax > 0, 2 * amax / (qmax - qmin), 1.0)

@@ -325,3 +325,32 @@ def test_detector_head_concat_of_boxes_and_scores_is_found():
     assert len(heads) == 1 and heads[0].why.startswith("Concat")
     assert sum(n.startswith("Concat") for n in heads[0].nodes) == 4  # the three per-scale Concats and the final one
     assert len(heads[0].ranges) == 9  # boxes, objectness and class of each scale, each with its own range
+
+
+def test_power_of_two_weight_scales_take_the_finer_grid_where_clipping_costs_less(digits, tmp_path):
+    """fpga (per-tensor power-of-two weights): a weight's scale is the power of two with the least int8 error, not
+    always the smallest that clips nothing; the DQ scales ORT stores are the ones ``weight_grid`` simulates."""
+    from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
+    from lepton_cli.samples.sample_set import load_samples
+
+    model, _, _ = digits
+    data = calibrate(model, load_samples(DIGITS / "calib.npz", model), CalibrationSettings(), None, None)
+    quantized = schemes.quantize_int8(model, schemes.save_ranges(data, tmp_path / "r.json"), "minmax", POW2, [], tmp_path)
+    inits = {i.name: numpy_helper.to_array(i) for i in quantized.graph.initializer}
+    dqs = [n for n in quantized.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    stored = {n.input[0]: float(inits[n.input[1]].ravel()[0]) for n in dqs if inits[n.input[1]].size == 1}
+    finer = 0
+    for layer in weight_layers(model):
+        rows = to_rows(layer, load(model, layer.weight)).astype(np.float64)
+        scale = float(weight_grid(rows, POW2).scale[0])
+        assert np.log2(scale) == round(np.log2(scale))
+        int8_weight = next(name for name in stored if name.startswith(layer.weight))
+        assert stored[int8_weight] == scale, layer.name
+        clip_free = 2.0 ** np.ceil(np.log2(np.abs(rows).max() / 127))
+
+        def error(s: float) -> float:
+            return float(np.square(np.clip(np.round(rows / s), -127, 127) * s - rows).sum())
+
+        assert error(scale) <= error(clip_free)
+        finer += scale < clip_free
+    assert finer >= 1  # digits' fc1: a coarser grid for its few largest weights would cost every other weight
