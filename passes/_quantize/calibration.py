@@ -56,6 +56,7 @@ class CalibrationSettings:
     histogram_bins: int = 2048  # percentile histogram resolution (cheap: one cumulative sum per tensor)
     entropy_bins: int = 512  # KL search: (entropy_bins/2 - entropy_quantized_bins/2) candidate thresholds per tensor
     entropy_quantized_bins: int = 128  # KL target bins (int8 has 256 levels, half a side = 128)
+    power_of_two: bool = False  # mse: choose among symmetric power-of-two grids (the DPU's fix-points)
 
 
 class SampleSetReader(CalibrationDataReader):
@@ -211,7 +212,7 @@ def calibrate(
         if collector is not None and not getattr(collector, "histogram_dict", None):
             ranges = TensorsData(method, {})  # nothing of op_types to calibrate: as min/max returns (ORT raises)
         elif settings.method == "mse":
-            ranges = mse_tensors_data(collector.histogram_dict)
+            ranges = mse_tensors_data(collector.histogram_dict, power_of_two=settings.power_of_two)
         else:
             ranges = calibrator.compute_data()
         del calibrator

@@ -304,6 +304,7 @@ class Int8Plan(SearchPlan):
                     percentile=params.percentile,
                     histogram_bins=params.histogram_bins,
                     entropy_bins=params.entropy_bins,
+                    power_of_two=scheme.power_of_two,
                 )
                 label = f"calibrating ({method})"
                 data = calibrate(

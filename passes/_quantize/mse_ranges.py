@@ -11,7 +11,9 @@ scale/zero-point computation does), the expected squared error is
     sum over bins of count * (rounding noise step^2 / 12 inside, squared clipping distance outside),
 with step = (hi - lo) / (levels - 1). The candidates shrink the observed minimum and maximum
 independently by factors in ``SHRINK``; the pair with the smallest error wins. Post-ReLU tensors
-(minimum >= 0) keep lo = 0.
+(minimum >= 0) keep lo = 0. For a power-of-two target (the DPU) the candidates are the symmetric grids
+±127·2^k from the clip-free one down three steps, so the range is one of its fix-points, not a range
+the power-of-two rounding then widens by up to 2x.
 """
 
 from __future__ import annotations
@@ -45,12 +47,30 @@ def mse_range(
     return float(lo[best, 0]), float(hi[best, 0])
 
 
-def mse_tensors_data(histograms: dict[str, Any], levels: int = LEVELS) -> TensorsData:
+def pow2_mse_range(
+    hist: np.ndarray, edges: np.ndarray, low: float, high: float, qmax: int = 127
+) -> tuple[float, float]:
+    """(-127 s, 127 s) for the power of two s with the least expected symmetric int8 error of ``hist``'s values."""
+    absmax = max(abs(low), abs(high))
+    counts = hist.astype(np.float64)
+    if counts.sum() <= 0 or not np.isfinite(absmax) or absmax <= 0:
+        return float(min(low, 0.0)), float(max(high, 0.0))
+    centres = (edges[:-1].astype(np.float64) + edges[1:]) / 2
+    clip_free = 2.0 ** np.ceil(np.log2(absmax / qmax))
+    scales = clip_free / 2.0 ** np.arange(4)[:, None]
+    outside = np.maximum(np.abs(centres)[None, :] - qmax * scales, 0.0)
+    error = np.where(outside > 0, outside**2, scales**2 / 12) @ counts
+    best = float(scales[int(np.argmin(error)), 0])
+    return -qmax * best, qmax * best
+
+
+def mse_tensors_data(histograms: dict[str, Any], levels: int = LEVELS, power_of_two: bool = False) -> TensorsData:
     """ORT ranges from ``HistogramCollector.histogram_dict`` entries of signed values (hist, edges, min,
     max, threshold), labelled Percentile: the histogram calibrator they came from, which
     ``quantize_static`` checks against its ``calibrate_method``."""
     ranges = {}
     for name, (hist, edges, low, high, *_rest) in histograms.items():
-        lo, hi = mse_range(np.asarray(hist), np.asarray(edges), float(low), float(high), levels)
+        args = (np.asarray(hist), np.asarray(edges), float(low), float(high))
+        lo, hi = pow2_mse_range(*args) if power_of_two else mse_range(*args, levels)
         ranges[name] = TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
     return TensorsData(CalibrationMethod.Percentile, ranges)

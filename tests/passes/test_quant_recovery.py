@@ -354,3 +354,26 @@ def test_power_of_two_weight_scales_take_the_finer_grid_where_clipping_costs_les
         assert error(scale) <= error(clip_free)
         finer += scale < clip_free
     assert finer >= 1  # digits' fc1: a coarser grid for its few largest weights would cost every other weight
+
+
+def test_mse_calibration_for_a_power_of_two_target_returns_fix_point_ranges(digits):
+    """fpga with ``mse``: each activation range is ±127·2^k, the power of two with the least expected error on the
+    tensor's histogram, at most the clip-free one; some digits tensors take a finer one (a long thin tail)."""
+    from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
+    from lepton_cli.samples.sample_set import load_samples
+
+    model, _, _ = digits
+    samples = load_samples(DIGITS / "calib.npz", model)
+    settings = CalibrationSettings(method="mse", power_of_two=True, max_samples=64)
+    ranges = calibrate(model, samples, settings, None, None)
+    plain = calibrate(model, samples, CalibrationSettings(method="minmax", max_samples=64), None, None)
+    finer = 0
+    for name, data in ranges.items():
+        low, high = (float(np.asarray(v).ravel()[0]) for v in data.range_value)
+        step = high / 127
+        assert low == -high and step > 0 and np.log2(step) == round(np.log2(step)), name
+        observed = max(abs(float(np.asarray(v).ravel()[0])) for v in plain[name].range_value)
+        clip_free = 2.0 ** np.ceil(np.log2(observed / 127))
+        assert step <= clip_free * (1 + 1e-6), name
+        finer += step < clip_free * (1 - 1e-6)
+    assert finer >= 1
