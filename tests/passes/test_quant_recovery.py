@@ -331,11 +331,14 @@ def test_power_of_two_weight_scales_take_the_finer_grid_where_clipping_costs_les
     """fpga (per-tensor power-of-two weights): a weight's scale is the power of two with the least int8 error, not
     always the smallest that clips nothing; the DQ scales ORT stores are the ones ``weight_grid`` simulates."""
     from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
+
     from lepton_cli.samples.sample_set import load_samples
 
     model, _, _ = digits
     data = calibrate(model, load_samples(DIGITS / "calib.npz", model), CalibrationSettings(), None, None)
-    quantized = schemes.quantize_int8(model, schemes.save_ranges(data, tmp_path / "r.json"), "minmax", POW2, [], tmp_path)
+    quantized = schemes.quantize_int8(
+        model, schemes.save_ranges(data, tmp_path / "r.json"), "minmax", POW2, [], tmp_path
+    )
     inits = {i.name: numpy_helper.to_array(i) for i in quantized.graph.initializer}
     dqs = [n for n in quantized.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
     stored = {n.input[0]: float(inits[n.input[1]].ravel()[0]) for n in dqs if inits[n.input[1]].size == 1}
@@ -360,6 +363,7 @@ def test_mse_calibration_for_a_power_of_two_target_returns_fix_point_ranges(digi
     """fpga with ``mse``: each activation range is ±127·2^k, the power of two with the least expected error on the
     tensor's histogram, at most the clip-free one; some digits tensors take a finer one (a long thin tail)."""
     from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
+
     from lepton_cli.samples.sample_set import load_samples
 
     model, _, _ = digits
