@@ -8,19 +8,18 @@ The search, bounded so that it costs O(methods × log2(max_float_layers)) quanti
    layers = faster); when no k does, do the same with the leading quantized nodes in graph order
    (error that builds up over many layers, which no single node's bypass reveals);
 3. among the candidates that meet the budget, keep the one the target's cost model
-   (``evaluate.costmodel``, priced the way ONNX Runtime runs QDQ) says is fastest, then the fewest
-   float-kept nodes, the smaller drop, the method order: deterministic, and the build host's latency
-   says little about the target's; once a fully quantized model passes, only the other methods' fully
-   quantized models are scored (ties on the drop go to the output closest to the source's). Prices
-   within ``PRICE_TIE`` of the cheapest are a tie the cost model cannot order: the tie goes to the
-   smaller drop, then the fewest float-kept nodes.
-A candidate the cost model prices above the cheapest one of its tier already within budget is built
-but not scored: it cannot be chosen (within a tier, more float nodes of one graph cost more; a later
-tier is searched while its fully quantized model is priced within the tie of the choice so far). Each op-type tier (``SearchSpace.builds``) is searched in turn; a later
-tier is searched only when the chosen candidate keeps layers float and the later tier's fully
-quantized model is priced below it (its float-kept variants cost more still). A tier may quantize a
-rewritten source (``SearchSpace.transforms``: SmoothQuant'ed, its own float reference for float-kept
-nodes, made on first use), so a rewrite that helps one model and hurts another is chosen by cost too.
+   (``evaluate.costmodel``, priced the way ONNX Runtime runs QDQ) says is fastest: deterministic, and
+   the build host's latency says little about the target's. Prices within ``PRICE_TIE`` of the
+   cheapest are a tie the cost model cannot order, which the smaller drop decides, then the fewest
+   float-kept nodes, the price, the output closer to the source's, the method order; once a fully
+   quantized model passes, only the other methods' fully quantized models are scored.
+A candidate priced above the cheapest one of its tier already within budget is built but not scored:
+it cannot be chosen (within a tier, more float nodes of one graph cost more). Each op-type tier
+(``SearchSpace.builds``) is searched in turn; a later tier is searched only when the chosen candidate
+keeps layers float and the later tier's fully quantized model is priced within the tie of it (its
+float-kept variants cost more still). A tier may quantize a rewritten source (``SearchSpace.transforms``:
+SmoothQuant'ed, its own float reference for float-kept nodes, made on first use), so a rewrite that
+helps one model and hurts another is chosen by cost too.
 
 Libraries checked: Intel Neural Compressor / Olive run similar "fallback the worst ops" loops but
 are not dependencies here.
