@@ -250,20 +250,20 @@ def choose(passing: list[Trial], methods: list[str]) -> Trial | None:
     target (no estimate ranks last), the smaller drop, then the fewest float-kept nodes, the lower price, the
     output closer to the source's (SNR: a small scoring set often reads 0.00 for every method), the method order."""
     order_of = {m: i for i, m in enumerate(methods)}
-    cheapest = min((t.cost_ms for t in passing if t.cost_ms is not None), default=None)
-    tied = [t for t in passing if t.cost_ms is not None and cheapest is not None and _ties(t.cost_ms, cheapest)]
+    cheapest = min((t.cost_ms for t in passing if t.cost_ms is not None), default=inf)
 
-    def key(t: Trial) -> tuple[float, int, float, float, float, int]:
+    def key(t: Trial) -> tuple[float, float, int, float, float, int]:
         cost = t.cost_ms if t.cost_ms is not None else inf
         snr = t.agreement.get("snr_db", -inf)
-        band = cheapest if t in tied else cost  # one rank for every price in the tie
+        band = cheapest if cost <= _tie_limit(cheapest) else cost  # one rank for every price in the tie
         return band, t.drop_pct, len(t.float_nodes), cost, -snr, order_of.get(t.method, len(order_of))
 
     return min(passing, key=key, default=None)
 
 
-def _ties(cost: float, cheapest: float) -> bool:
-    return cost <= cheapest * (1 + PRICE_TIE)
+def _tie_limit(price: float) -> float:
+    """The highest price that ties with ``price`` (``PRICE_TIE``)."""
+    return price * (1 + PRICE_TIE)
 
 
 def _ranking(
@@ -416,7 +416,7 @@ def tune(
         if len(space.builds) > 1:
             progress(_tier_note(space, tier))
         try:
-            ceiling = _cost_of(chosen) * (1 + PRICE_TIE)  # a tie with the choice so far may still win on its drop
+            ceiling = _tie_limit(_cost_of(chosen))  # a tie with the choice so far may still win on its drop
             found = _search_tier(space, tier, evaluator, budget, feeds, settings, progress, cost, ceiling)
         except TierUnavailable as exc:  # an optional rewritten source that cannot be made: the choice so far stands
             progress(f"{space.transform(tier)} tier skipped: {exc}")

@@ -103,10 +103,10 @@ def weight_grid(rows: np.ndarray, scheme: Int8Scheme) -> Grid | None:
         return None
     # ORT: QInt8 symmetric (-127, 127), reduced range (-64, 64); scale = 2 absmax / (qmax - qmin)
     qmin, qmax = (-64, 64) if scheme.reduce_range and not scheme.power_of_two else (-127, 127)
-    absmax = np.abs(rows).max(axis=1).astype(np.float64)
     if scheme.power_of_two:
         scale = np.full(len(rows), pow2_weight_scale(rows))  # the scale schemes.pow2_overrides gives the tensor
     else:
+        absmax = np.abs(rows).max(axis=1).astype(np.float64)
         amax = absmax if scheme.per_channel else np.full(len(rows), absmax.max())
         scale = np.where(amax > 0, 2 * amax / (qmax - qmin), 1.0)
     return Grid(scale.astype(np.float32).astype(np.float64), qmin, qmax)
