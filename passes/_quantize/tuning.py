@@ -247,16 +247,19 @@ class _Search:
 
 def choose(passing: list[Trial], methods: list[str]) -> Trial | None:
     """Deterministic: among the candidates priced within ``PRICE_TIE`` of the lowest estimated latency on the
-    target (no estimate ranks last), the smaller drop, then the fewest float-kept nodes, the lower price, the
-    output closer to the source's (SNR: a small scoring set often reads 0.00 for every method), the method order."""
+    target, the smaller drop, then the fewest float-kept nodes, the lower price, the output closer to the source's
+    (SNR: a small scoring set often reads 0.00 for every method), the method order. Candidates without an estimate
+    rank last and tie with none: among them the fewest float-kept nodes, then the smaller drop."""
     order_of = {m: i for i, m in enumerate(methods)}
     cheapest = min((t.cost_ms for t in passing if t.cost_ms is not None), default=inf)
 
-    def key(t: Trial) -> tuple[float, float, int, float, float, int]:
+    def key(t: Trial) -> tuple[float, float, int, float, float, float, int]:
         cost = t.cost_ms if t.cost_ms is not None else inf
         snr = t.agreement.get("snr_db", -inf)
-        band = cheapest if cost <= _tie_limit(cheapest) else cost  # one rank for every price in the tie
-        return band, t.drop_pct, len(t.float_nodes), cost, -snr, order_of.get(t.method, len(order_of))
+        tied = t.cost_ms is not None and cost <= _tie_limit(cheapest)  # unpriced candidates are no tie: fewest float
+        band = cheapest if tied else cost  # one rank for every price in the tie
+        order = order_of.get(t.method, len(order_of))
+        return band, t.drop_pct if tied else 0.0, len(t.float_nodes), cost, t.drop_pct, -snr, order
 
     return min(passing, key=key, default=None)
 

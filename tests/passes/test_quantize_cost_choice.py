@@ -40,6 +40,8 @@ def test_choose_breaks_ties_by_float_nodes_then_drop_then_method_order():
     assert choose([e, f], methods) is e
     assert choose([_trial("minmax", 0, None), g := _trial("minmax", 4, 50.0)], methods) is g  # no estimate: last
     assert choose([_trial("minmax", 3, None), h := _trial("minmax", 1, None)], methods) is h  # none: fewest float
+    closer = _trial("minmax", 3, None, drop=0.1)  # without estimates no price ties: the fewest float, then the drop
+    assert choose([closer, h], methods) is h
 
 
 def test_a_price_tie_goes_to_the_smaller_drop_then_the_fewest_float_nodes():
