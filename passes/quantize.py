@@ -79,6 +79,8 @@ class QuantizeParams:
     adaround: bool = False  # optimise each layer's weight rounding against its float output on --calib
     adaround_iterations: int = 200
     adaround_seconds: float = 120.0  # whole-model budget; layers past it round to nearest
+    # These steps (equalize, adaround, bias_correction) as one more tier, searched like the SmoothQuant tier.
+    recovery_tier: list[Literal["equalize", "adaround", "bias_correction"]] = field(default_factory=list)
     recovery_samples: int = 32  # --calib samples the bias correction and rounding measure layer inputs on
     # Output heads one int8 scale cannot hold (_quantize/heads.py); auto: float where layers may stay float, else int8.
     head_precision: Literal["auto", "float", "int16", "int8"] = "auto"

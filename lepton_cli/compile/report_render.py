@@ -244,10 +244,13 @@ def choice_table(report: dict[str, Any]) -> Table | None:
     ops = summary.get("op_types")
     tried = summary.get("tried") or []
     kept = summary.get("float_kept") or []
-    tier = summary.get("smoothquant_tier") or {}
     source = "the model as given"
     if summary.get("transform") == "smoothquant":
+        tier = summary.get("smoothquant_tier") or {}
         source = f"SmoothQuant'ed (alpha {tier.get('alpha')}, {tier.get('inserted', 0)} float scales inserted)"
+    elif summary.get("transform") == "recovery":
+        steps = (summary.get("recovery_tier") or {}).get("steps") or []
+        source = f"after {' + '.join(steps)} (recovery tier: rounding and biases tuned for int8)"
     rows = [["calibration method", str(summary.get("method", ""))]]
     if ops is not None:
         rows.append(["op types quantized", ", ".join(ops) or "every op ONNX Runtime quantizes"])

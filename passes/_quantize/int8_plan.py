@@ -29,6 +29,7 @@ from lepton_cli.passes._quantize.prequantized import has_subgraphs, quantized_op
 from lepton_cli.passes._quantize.recovery import RecoverySettings, changed_by, recover
 from lepton_cli.passes._quantize.sensitivity import quantized_nodes
 from lepton_cli.passes._quantize.short_names import shorten_added_names
+from lepton_cli.passes._quantize.source_tiers import SourceTier, source_tiers, tier_changed, tier_summary
 from lepton_cli.passes._quantize.tuning import Build, SearchSpace, TierUnavailable
 from lepton_cli.passes._quantize.weight_layers import weight_layers
 
@@ -72,8 +73,6 @@ def int8_scheme(params: Any, reduced: bool) -> schemes.Int8Scheme:
         extra=matmul_output_options(params.float_matmul_outputs),
     )
 
-
-SMOOTHQUANT = "smoothquant"  # the transform of the tier that quantizes the SmoothQuant'ed source
 
 SENTINEL = 1e30  # |x| beyond this is a mask's -inf/finfo.min stand-in, not a value a scale should cover
 
@@ -183,7 +182,8 @@ class Int8Plan(SearchPlan):
         self.sentinel_nodes: dict[tuple[str, str], list[str]] = {}
         self.base = onnx.ModelProto()
         self.recovery: _RecoveryInputs | None = None  # what the steps ran on, for the report's per-step gains
-        self.builds: list[Build] = []  # the search space's builds: plain tiers, then the SmoothQuant tier if offered
+        self.builds: list[Build] = []  # the search space's builds: plain tiers, then the source tiers offered
+        self.source_tiers: list[SourceTier] = []
         # The one fully quantized model held, keyed by (tier tag, method): the tuner tries one tier and method at a
         # time, and a MiniLM-sized model held per tier and method pushed the compile over its memory bar.
         self.quantized: dict[tuple[str, str], onnx.ModelProto] = {}
@@ -214,29 +214,27 @@ class Int8Plan(SearchPlan):
             for i, ops in enumerate(self.tiers)
         ]
         space = SearchSpace(builds, list(dict.fromkeys(params.methods)), self.base, tiers=list(self.tiers))
-        if self._smoothquant_tier_applies():
-            last = replace(scheme, op_types=tuple(self.tiers[-1]))
-            build, reference = self._smoothquant_tier(base, calib, last, ctx, exclude, summary)
+        space.transforms, space.references = [""] * len(self.tiers), [lambda: self.base] * len(self.tiers)
+        last = replace(scheme, op_types=tuple(self.tiers[-1]))
+        self.source_tiers = source_tiers(params, self._recovery_settings(), self._matmul_layers())
+        for source_tier in self.source_tiers:
+            build, reference = self._source_tier(source_tier, base, calib, last, ctx, exclude, summary)
             space.builds.append(build)
-            assert space.tiers is not None
             space.tiers.append(self.tiers[-1])
-            space.transforms = [""] * len(self.tiers) + [SMOOTHQUANT]
-            space.references = [lambda: self.base] * len(self.tiers) + [reference]
+            space.transforms.append(source_tier.transform)
+            space.references.append(reference)
         self.builds = space.builds
         return space
 
-    def _smoothquant_tier_applies(self) -> bool:
-        """SmoothQuant as a tier of its own: only when no step smooths every tier already and a MatMul/Gemm of the
-        last tier's op types has constant weights to take the scales (a conv-only network has nothing to smooth)."""
-        params = self.params
-        if params.smoothquant_tier_alpha is None or params.smoothquant_alpha is not None:
-            return False
+    def _matmul_layers(self) -> bool:
+        """Whether a MatMul/Gemm of the last tier's op types has constant weights (what SmoothQuant scales)."""
         ops = self.tiers[-1]
         layers = [layer for layer in weight_layers(self.base) if layer.kind != "conv"]
         return any(not ops or layer.node.op_type in ops for layer in layers)
 
-    def _smoothquant_tier(
+    def _source_tier(
         self,
+        tier: SourceTier,
         base: onnx.ModelProto,
         calib: SampleSet,
         scheme: schemes.Int8Scheme,
@@ -244,35 +242,26 @@ class Int8Plan(SearchPlan):
         exclude: list[str],
         summary: dict[str, Any],
     ) -> tuple[Build, Callable[[], onnx.ModelProto]]:
-        """(build, float reference) of the last tier on the SmoothQuant'ed source (inserted scales where nothing
-        absorbs them), the recovery steps applied as on the plain tiers; smoothed on first use: the tuner reaches
-        this tier only when the plain tiers' choice keeps layers float and this one is priced below it."""
+        """(build, float reference) of the last tier on the source ``tier``'s steps made (``source_tiers.py``);
+        made on first use: the tuner reaches such a tier only when the choice so far keeps layers float."""
 
         @functools.cache
-        def tier() -> tuple[Build, onnx.ModelProto]:
-            assert self.params.smoothquant_tier_alpha is not None
-            settings = replace(
-                self._recovery_settings(), smoothquant_alpha=self.params.smoothquant_tier_alpha, smoothquant_insert=True
-            )
-            ctx.progress(f"smoothquant tier: smoothing (alpha {settings.smoothquant_alpha:g})")
+        def made() -> tuple[Build, onnx.ModelProto]:
+            ctx.progress(f"{tier.transform} tier: {' + '.join(tier.added)}")
             try:
-                recovered = recover(base, list(calib.feeds(settings.samples)), self.scheme, settings)
-            except Exception as exc:  # an optional tier: whatever stops the smoothing leaves the plain choice
+                recovered = recover(base, list(calib.feeds(tier.settings.samples)), self.scheme, tier.settings)
+            except Exception as exc:  # an optional tier: whatever stops its steps leaves the choice so far
                 raise TierUnavailable(
-                    f"SmoothQuant could not run on this model ({exc.__class__.__name__}: {exc})"
+                    f"{' + '.join(tier.added)} could not run ({exc.__class__.__name__}: {exc})"
                 ) from exc
-            summary["smoothquant_tier"] = {
-                "alpha": settings.smoothquant_alpha,
-                "layers": recovered.summary.get("smoothquant_layers", 0),
-                "inserted": recovered.summary.get("smoothquant_inserted", 0),
-            }
+            summary[tier.summary_key] = tier_summary(tier, recovered)
             exclude_here = exclude + recovered.float_nodes
             build = self._builder(
-                recovered.quantize_source, calib, scheme, ctx, SMOOTHQUANT, exclude_here, recovered.reference
+                recovered.quantize_source, calib, scheme, ctx, tier.transform, exclude_here, recovered.reference
             )
             return build, recovered.reference
 
-        return (lambda method, keep: tier()[0](method, keep)), (lambda: tier()[1])
+        return (lambda method, keep: made()[0](method, keep)), (lambda: made()[1])
 
     def _builder(
         self,
@@ -351,17 +340,18 @@ class Int8Plan(SearchPlan):
     def report_recovery(self, evaluator: Any, best: Any, ctx: Any, summary: dict[str, Any]) -> None:
         """What each recovery step gained on this model: the chosen method's fully quantized model (chosen op types,
         nothing kept float) scored with the enabled steps switched on one at a time, in the order they apply, then
-        with SmoothQuant when the search chose its tier. The last row is the model the search started from."""
+        with the steps of the source tier the search chose (SmoothQuant, or recovery_tier's). The last row is the model
+        the search started from."""
         ops = best.op_types if best.op_types is not None else self.tiers[-1]
         rows = self._step_gains(evaluator, best.method, ops, ctx, summary)
-        if best.transform == SMOOTHQUANT:
+        if best.transform:
+            tier = next(t for t in self.source_tiers if t.transform == best.transform)
             if not rows:
                 rows = [self._searched_or_scored(evaluator, self._plain_build(ops), [], summary, best.method, ops, "")]
-            steps = rows[-1]["steps"] + ["smoothquant"]
-            row = self._searched_or_scored(evaluator, self.builds[-1], steps, summary, best.method, ops, SMOOTHQUANT)
-            tier = summary["smoothquant_tier"]
-            row["changed"] = f"{tier['layers']} layers, {tier['inserted']} scales inserted (searched as a tier)"
-            rows.append(row)
+            steps = rows[-1]["steps"] + list(tier.added)
+            build = self.builds[len(self.tiers) + self.source_tiers.index(tier)]
+            row = self._searched_or_scored(evaluator, build, steps, summary, best.method, ops, best.transform)
+            rows.append(row | {"changed": tier_changed(tier, summary)})
         if rows:
             recovery = summary.setdefault("recovery", {"steps": []})
             recovery["gains"] = {"method": best.method, "op_types": ops, "float_kept": 0, "rows": rows}
@@ -476,8 +466,8 @@ class Int8Plan(SearchPlan):
 
     def _tier_tag(self, summary: dict[str, Any]) -> str:
         """The tag of the tier the summary's choice came from (as ``space`` names the builds)."""
-        if summary.get("transform") == SMOOTHQUANT:
-            return SMOOTHQUANT
+        if summary.get("transform"):
+            return summary["transform"]
         return f"t{self.tiers.index(list(summary['op_types']))}"
 
     def _report_float_ops(self, result: onnx.ModelProto, ctx: Any, summary: dict[str, Any]) -> None:

@@ -1,0 +1,95 @@
+"""Which rewritten sources the quantize search offers as tiers of their own (passes/_quantize/source_tiers.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import REPO
+from lepton_cli.passes._quantize.recovery import Recovered, RecoverySettings
+from lepton_cli.passes._quantize.source_tiers import RECOVERY, SMOOTHQUANT, source_tiers, tier_changed, tier_summary
+from lepton_cli.passes.quantize import QuantizeParams
+
+
+def test_recovery_tier_adds_only_the_steps_the_plain_tiers_lack():
+    params = QuantizeParams(recovery_tier=["adaround", "bias_correction"], bias_correction=True)
+    plain = RecoverySettings(bias_correction=True)
+    (tier,) = source_tiers(params, plain, matmul_layers=False)
+    assert tier.transform == RECOVERY and tier.added == ("adaround",)
+    assert tier.settings.adaround and tier.settings.bias_correction and not tier.settings.equalize
+    assert tier.settings.steps == ["adaround", "bias_correction"]
+
+
+def test_no_recovery_tier_when_every_tier_has_its_steps_already():
+    params = QuantizeParams(recovery_tier=["adaround"], adaround=True)
+    assert source_tiers(params, RecoverySettings(adaround=True), matmul_layers=True) == []
+
+
+def test_smoothquant_tier_needs_matmul_weights_and_comes_first():
+    params = QuantizeParams(smoothquant_tier_alpha=0.8, recovery_tier=["adaround"])
+    assert [t.transform for t in source_tiers(params, RecoverySettings(), matmul_layers=False)] == [RECOVERY]
+    tiers = source_tiers(params, RecoverySettings(), matmul_layers=True)
+    assert [t.transform for t in tiers] == [SMOOTHQUANT, RECOVERY]
+    assert tiers[0].settings.smoothquant_alpha == 0.8 and tiers[0].settings.smoothquant_insert
+    assert not tiers[0].settings.adaround  # each tier carries only its own steps on top of the plain ones
+
+
+def test_the_report_says_what_the_recovery_tier_changed():
+    params = QuantizeParams(recovery_tier=["adaround", "bias_correction"])
+    (tier,) = source_tiers(params, RecoverySettings(), matmul_layers=False)
+    model_stub = None
+    recovered = Recovered(model_stub, model_stub, {"adaround_layers": 31, "bias_corrected_layers": 33})  # type: ignore[arg-type]
+    summary = {tier.summary_key: tier_summary(tier, recovered)}
+    assert summary["recovery_tier"]["steps"] == ["adaround", "bias_correction"]
+    assert tier_changed(tier, summary) == "adaround: 31 layers, bias_correction: 33 layers (searched as a tier)"
+
+
+CORPUS = Path(os.environ.get("LEPTON_CORPUS_DIR", Path.home() / ".cache" / "lepton-corpus"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (CORPUS / "models" / "ppocrv4_rec.onnx").is_file() or not (CORPUS / "data" / "ppocrv4_rec").is_dir(),
+    reason="the corpus's ppocrv4_rec (make corpus) is not built",
+)
+def test_default_cpu_avx_takes_the_recovery_tier_for_ppocrv4_rec(tmp_path):
+    """PP-OCRv4 rec (rendered lines): the plain tiers fit only with convs kept float; with AdaRound and bias
+    correction, searched as a tier, the Conv tier fits fully quantized and is priced lower, so the default target
+    chooses it; held out, every MAC int8 and the character accuracy within the budget."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.bench_corpus import int8_mac_share
+    from benchmarks.corpus.data import charset
+    from benchmarks.corpus.manifest import by_name
+    from benchmarks.corpus.metrics import char_accuracy
+    from benchmarks.corpus.runner import run_all, session
+    from benchmarks.corpus.store import ensure_data, ensure_model
+    from benchmarks.corpus.sweep import run_compile
+
+    model = by_name("ppocrv4_rec")
+    saved = tmp_path / "compiled.onnx"
+    run = run_compile(model, "cpu-avx", tmp_path / "out", timeout=1800, save_model=saved)
+    assert run.code == 0, run.message
+    report = json.loads(next((tmp_path / "out").glob("*.lepton/report.json")).read_text())
+    summary = next(s for s in report["pipeline"] if s["name"] == "quantize")["summary"]
+    assert summary["transform"] == RECOVERY and summary["float_kept"] == []
+    assert summary["recovery_tier"]["steps"] == ["adaround", "bias_correction"]
+    gains = summary["recovery"]["gains"]["rows"]  # plain, then the tier's steps, both fully quantized
+    assert [row["steps"] for row in gains] == [[], ["adaround", "bias_correction"]]
+    assert gains[1]["drop_pct"] < gains[0]["drop_pct"]
+    plain = [t for t in summary["tried"] if t["transform"] == "" and t["meets_budget"]]
+    assert plain and all(t["float_kept"] > 0 and t["cost_ms"] > summary["cost_ms"] for t in plain)
+    compiled = onnx.load(saved)
+    assert int8_mac_share(compiled, model.input_shapes) >= 99.0
+    _, evaluation_path = ensure_data(model)
+    evaluation = dict(np.load(evaluation_path))
+    path = ensure_model(model)
+    chars = charset(model, path)
+    reference = run_all(session(path), evaluation)
+    candidate = run_all(session(saved), evaluation)
+    source = char_accuracy(model, evaluation, reference, reference, chars)
+    assert source - char_accuracy(model, evaluation, reference, candidate, chars) <= 1.0
