@@ -216,7 +216,7 @@ class Int8Plan(SearchPlan):
         space = SearchSpace(builds, list(dict.fromkeys(params.methods)), self.base, tiers=list(self.tiers))
         space.transforms, space.references = [""] * len(self.tiers), [lambda: self.base] * len(self.tiers)
         last = replace(scheme, op_types=tuple(self.tiers[-1]))
-        self.source_tiers = source_tiers(params, self._recovery_settings(), self._matmul_layers())
+        self.source_tiers = source_tiers(params, self._recovery_settings(), self._matmul_layers)
         for source_tier in self.source_tiers:
             build, reference = self._source_tier(source_tier, base, calib, last, ctx, exclude, summary)
             space.builds.append(build)
@@ -247,12 +247,12 @@ class Int8Plan(SearchPlan):
 
         @functools.cache
         def made() -> tuple[Build, onnx.ModelProto]:
-            ctx.progress(f"{tier.transform} tier: {' + '.join(tier.added)}")
+            ctx.progress(f"{tier.transform} tier: {tier.label}")
             try:
                 recovered = recover(base, list(calib.feeds(tier.settings.samples)), self.scheme, tier.settings)
             except Exception as exc:  # an optional tier: whatever stops its steps leaves the choice so far
                 raise TierUnavailable(
-                    f"{' + '.join(tier.added)} could not run ({exc.__class__.__name__}: {exc})"
+                    f"{tier.label} could not run on this model ({exc.__class__.__name__}: {exc})"
                 ) from exc
             summary[tier.summary_key] = tier_summary(tier, recovered)
             exclude_here = exclude + recovered.float_nodes

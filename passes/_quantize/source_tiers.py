@@ -11,7 +11,7 @@ PP-OCRv4 rec (cpu-avx): AdaRound and bias correction take the Conv tier's fully 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 from lepton_cli.passes._quantize.recovery import Recovered, RecoverySettings, changed_by
 
@@ -30,13 +30,20 @@ class SourceTier:
     def summary_key(self) -> str:
         return f"{self.transform}_tier"
 
+    @property
+    def label(self) -> str:
+        """What the tier does to the source, for progress lines and errors."""
+        if self.transform == SMOOTHQUANT:
+            return f"SmoothQuant (alpha {self.settings.smoothquant_alpha:g})"
+        return " + ".join(self.added)
 
-def source_tiers(params: Any, plain: RecoverySettings, matmul_layers: bool) -> list[SourceTier]:
+
+def source_tiers(params: Any, plain: RecoverySettings, matmul_layers: Callable[[], bool]) -> list[SourceTier]:
     """The tiers ``params`` asks for, in search order. SmoothQuant needs a MatMul/Gemm with constant weights in the
-    last tier's op types (``matmul_layers``) and is off when every tier is smoothed already; a recovery tier needs a
-    step the plain tiers lack."""
+    last tier's op types (``matmul_layers()``, asked only then) and is off when every tier is smoothed already; a
+    recovery tier needs a step the plain tiers lack."""
     tiers = []
-    if params.smoothquant_tier_alpha is not None and params.smoothquant_alpha is None and matmul_layers:
+    if params.smoothquant_tier_alpha is not None and params.smoothquant_alpha is None and matmul_layers():
         settings = replace(plain, smoothquant_alpha=params.smoothquant_tier_alpha, smoothquant_insert=True)
         tiers.append(SourceTier(SMOOTHQUANT, settings, ("smoothquant",)))
     added = tuple(step for step in params.recovery_tier if step not in plain.steps)

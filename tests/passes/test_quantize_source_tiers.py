@@ -19,7 +19,7 @@ from lepton_cli.passes.quantize import QuantizeParams
 def test_recovery_tier_adds_only_the_steps_the_plain_tiers_lack():
     params = QuantizeParams(recovery_tier=["adaround", "bias_correction"], bias_correction=True)
     plain = RecoverySettings(bias_correction=True)
-    (tier,) = source_tiers(params, plain, matmul_layers=False)
+    (tier,) = source_tiers(params, plain, matmul_layers=lambda: False)
     assert tier.transform == RECOVERY and tier.added == ("adaround",)
     assert tier.settings.adaround and tier.settings.bias_correction and not tier.settings.equalize
     assert tier.settings.steps == ["adaround", "bias_correction"]
@@ -27,13 +27,13 @@ def test_recovery_tier_adds_only_the_steps_the_plain_tiers_lack():
 
 def test_no_recovery_tier_when_every_tier_has_its_steps_already():
     params = QuantizeParams(recovery_tier=["adaround"], adaround=True)
-    assert source_tiers(params, RecoverySettings(adaround=True), matmul_layers=True) == []
+    assert source_tiers(params, RecoverySettings(adaround=True), matmul_layers=lambda: True) == []
 
 
 def test_smoothquant_tier_needs_matmul_weights_and_comes_first():
     params = QuantizeParams(smoothquant_tier_alpha=0.8, recovery_tier=["adaround"])
-    assert [t.transform for t in source_tiers(params, RecoverySettings(), matmul_layers=False)] == [RECOVERY]
-    tiers = source_tiers(params, RecoverySettings(), matmul_layers=True)
+    assert [t.transform for t in source_tiers(params, RecoverySettings(), matmul_layers=lambda: False)] == [RECOVERY]
+    tiers = source_tiers(params, RecoverySettings(), matmul_layers=lambda: True)
     assert [t.transform for t in tiers] == [SMOOTHQUANT, RECOVERY]
     assert tiers[0].settings.smoothquant_alpha == 0.8 and tiers[0].settings.smoothquant_insert
     assert not tiers[0].settings.adaround  # each tier carries only its own steps on top of the plain ones
@@ -41,7 +41,7 @@ def test_smoothquant_tier_needs_matmul_weights_and_comes_first():
 
 def test_the_report_says_what_the_recovery_tier_changed():
     params = QuantizeParams(recovery_tier=["adaround", "bias_correction"])
-    (tier,) = source_tiers(params, RecoverySettings(), matmul_layers=False)
+    (tier,) = source_tiers(params, RecoverySettings(), matmul_layers=lambda: False)
     model_stub = None
     recovered = Recovered(model_stub, model_stub, {"adaround_layers": 31, "bias_corrected_layers": 33})  # type: ignore[arg-type]
     summary = {tier.summary_key: tier_summary(tier, recovered)}
