@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import REPO
+from conftest import DIGITS, REPO
 from lepton_cli.passes._quantize.recovery import Recovered, RecoverySettings
 from lepton_cli.passes._quantize.source_tiers import RECOVERY, SMOOTHQUANT, source_tiers, tier_changed, tier_summary
 from lepton_cli.passes.quantize import QuantizeParams
@@ -47,6 +47,63 @@ def test_the_report_says_what_the_recovery_tier_changed():
     summary = {tier.summary_key: tier_summary(tier, recovered)}
     assert summary["recovery_tier"]["steps"] == ["adaround", "bias_correction"]
     assert tier_changed(tier, summary) == "adaround: 31 layers, bias_correction: 33 layers (searched as a tier)"
+
+
+def test_the_recovery_tier_quantizes_the_corrected_source_and_keeps_float_nodes_on_the_reference(tmp_path):
+    """digits (trained CNN, its own calibration and held-out images) on cpu-avx with a bias-correction tier: the
+    tier's fully quantized model carries corrected int32 biases and is closer to the float model on held-out digits
+    than the plain last tier's; a node it keeps float reads the source's float weights and bias, not corrected ones."""
+    import dataclasses
+
+    from lepton_cli.passes._quantize import schemes
+    from lepton_cli.passes.quantize import make_plan
+    from onnx import numpy_helper
+
+    from lepton_cli.host.detect import HostInfo
+    from lepton_cli.model.sessions import make_session
+    from lepton_cli.pipeline.context import PassContext
+    from lepton_cli.pipeline.params import from_table
+    from lepton_cli.pipeline.registry import get_pass
+    from lepton_cli.pipeline.targets import load_target
+    from lepton_cli.samples.sample_set import load_samples
+
+    model = onnx.load(DIGITS / "digits_cnn.onnx")
+    schemes.name_nodes(model)
+    target = load_target("cpu-avx")
+    step = next(s for s in target.passes if s.name == "quantize")
+    table = vars(step.params) | {"methods": ["minmax"], "recovery_tier": ["bias_correction"]}
+    params = from_table(get_pass("quantize").params_cls, table, "cpu-avx.quantize")
+    host = dataclasses.replace(HostInfo.unknown(), arch="x86_64", isa=("avx512_vnni", "avx2"))
+    ctx = PassContext(target=target, calib=load_samples(DIGITS / "calib.npz", model), host=host, work_dir=tmp_path)
+    summary: dict = {}
+    space = make_plan(params, ctx).space(model, ctx, ctx.calib, summary)
+    assert space.transforms == ["", "", SMOOTHQUANT, RECOVERY]  # digits' Gemm gets the SmoothQuant tier offered too
+    assert space.tiers[-1] == space.tiers[1]  # the recovery tier quantizes the last plain tier's op types
+    plain, corrected = space.builds[1]("minmax", []), space.builds[-1]("minmax", [])
+    assert summary["recovery_tier"]["steps"] == ["bias_correction"]
+
+    def biases(m: onnx.ModelProto) -> dict[str, np.ndarray]:
+        return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT32}
+
+    assert any(not np.array_equal(a, biases(corrected)[n]) for n, a in biases(plain).items())
+    images = np.load(DIGITS / "eval.npz")["image"][:128]
+    name = model.graph.input[0].name
+
+    def error(m: onnx.ModelProto) -> float:
+        got, ref = (
+            make_session(m).run(None, {name: images})[0],
+            make_session(space.float_model).run(None, {name: images})[0],
+        )
+        return float(np.abs(got - ref).mean())
+
+    assert error(corrected) < error(plain)
+    conv = next(n for n in space.float_model.graph.node if n.op_type == "Conv")
+    kept = space.builds[-1]("minmax", [conv.name])
+    source = {t.name: numpy_helper.to_array(t) for t in space.float_model.graph.initializer}
+    kept_conv = next(n for n in kept.graph.node if n.name == conv.name)
+    initializers = {t.name: numpy_helper.to_array(t) for t in kept.graph.initializer}
+    for tensor in conv.input[1:]:
+        assert np.array_equal(initializers[kept_conv.input[list(conv.input).index(tensor)]], source[tensor])
 
 
 CORPUS = Path(os.environ.get("LEPTON_CORPUS_DIR", Path.home() / ".cache" / "lepton-corpus"))
