@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
-from conftest import DIGITS, REPO
+from conftest import DIGITS
+from corpus_runs import compile_for, held_out_char_drop, int8_macs_pct, needs_corpus
 from lepton_cli.passes._quantize.recovery import Recovered, RecoverySettings
 from lepton_cli.passes._quantize.source_tiers import RECOVERY, SMOOTHQUANT, source_tiers, tier_changed, tier_summary
 from lepton_cli.passes.quantize import QuantizeParams
@@ -106,33 +102,13 @@ def test_the_recovery_tier_quantizes_the_corrected_source_and_keeps_float_nodes_
         assert np.array_equal(initializers[kept_conv.input[list(conv.input).index(tensor)]], source[tensor])
 
 
-CORPUS = Path(os.environ.get("LEPTON_CORPUS_DIR", Path.home() / ".cache" / "lepton-corpus"))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not (CORPUS / "models" / "ppocrv4_rec.onnx").is_file() or not (CORPUS / "data" / "ppocrv4_rec").is_dir(),
-    reason="the corpus's ppocrv4_rec (make corpus) is not built",
-)
+@needs_corpus("ppocrv4_rec")
 def test_default_cpu_avx_takes_the_recovery_tier_for_ppocrv4_rec(tmp_path):
     """PP-OCRv4 rec (rendered lines): the plain tiers fit only with convs kept float; with AdaRound and bias
     correction, searched as a tier, the Conv tier fits fully quantized and is priced lower, so the default target
     chooses it; held out, every MAC int8 and the character accuracy within the budget."""
-    sys.path.insert(0, str(REPO))
-    from benchmarks.bench_corpus import int8_mac_share
-    from benchmarks.corpus.data import charset
-    from benchmarks.corpus.manifest import by_name
-    from benchmarks.corpus.metrics import char_accuracy
-    from benchmarks.corpus.runner import run_all, session
-    from benchmarks.corpus.store import ensure_data, ensure_model
-    from benchmarks.corpus.sweep import run_compile
-
-    model = by_name("ppocrv4_rec")
-    saved = tmp_path / "compiled.onnx"
-    run = run_compile(model, "cpu-avx", tmp_path / "out", timeout=1800, save_model=saved)
-    assert run.code == 0, run.message
-    report = json.loads(next((tmp_path / "out").glob("*.lepton/report.json")).read_text())
-    summary = next(s for s in report["pipeline"] if s["name"] == "quantize")["summary"]
+    model, summary, saved = compile_for("ppocrv4_rec", "cpu-avx", tmp_path)
     assert summary["transform"] == RECOVERY and summary["float_kept"] == []
     assert summary["recovery_tier"]["steps"] == ["adaround", "bias_correction"]
     gains = summary["recovery"]["gains"]["rows"]  # plain, then the tier's steps, both fully quantized
@@ -140,13 +116,5 @@ def test_default_cpu_avx_takes_the_recovery_tier_for_ppocrv4_rec(tmp_path):
     assert gains[1]["drop_pct"] < gains[0]["drop_pct"]
     plain = [t for t in summary["tried"] if t["transform"] == "" and t["meets_budget"]]
     assert plain and all(t["float_kept"] > 0 and t["cost_ms"] > summary["cost_ms"] for t in plain)
-    compiled = onnx.load(saved)
-    assert int8_mac_share(compiled, model.input_shapes) >= 99.0
-    _, evaluation_path = ensure_data(model)
-    evaluation = dict(np.load(evaluation_path))
-    path = ensure_model(model)
-    chars = charset(model, path)
-    reference = run_all(session(path), evaluation)
-    candidate = run_all(session(saved), evaluation)
-    source = char_accuracy(model, evaluation, reference, reference, chars)
-    assert source - char_accuracy(model, evaluation, reference, candidate, chars) <= 1.0
+    assert int8_macs_pct(model, saved) >= 99.0
+    assert held_out_char_drop(model, saved) <= 1.0

@@ -3,7 +3,6 @@ state is scored by cosine; all-MiniLM-L6-v2 from the corpus compiles for cpu-avx
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import REPO
+from corpus_runs import CORPUS, compile_for, held_out_char_drop, int8_macs_pct, needs_corpus
 from lepton_cli.passes._quantize import schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from lepton_cli.passes._quantize.int8_plan import int8_scheme, sentinel_nodes
@@ -177,9 +177,6 @@ def test_a_hidden_state_is_scored_by_cosine_not_as_a_detector_head():
     assert recognise(_block(), 0, "output0", refs).metric == "relative_error"
 
 
-CORPUS = Path(os.environ.get("LEPTON_CORPUS_DIR", Path.home() / ".cache" / "lepton-corpus"))
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(
     not (CORPUS / "models" / "minilm_l6.onnx").is_file() or not (CORPUS / "data" / "minilm_l6").is_dir(),
@@ -242,42 +239,15 @@ def test_minilm_with_smoothquant_keeps_every_gemm_int8_within_the_budget(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not (CORPUS / "models" / "ppocrv5_rec.onnx").is_file() or not (CORPUS / "data" / "ppocrv5_rec").is_dir(),
-    reason="the corpus's ppocrv5_rec (make corpus) is not built",
-)
+@needs_corpus("ppocrv5_rec")
 def test_default_cpu_avx_takes_the_smoothquant_tier_for_an_svtr_recogniser(tmp_path):
     """PP-OCRv5 rec (SVTR neck): the plain tiers fit only with 31 nodes float (61.9 % int8 MACs); the SmoothQuant'ed
     source, searched as one more tier, fits with fewer and is priced lower, so the default target chooses it."""
-    sys.path.insert(0, str(REPO))
-    import json
-
-    from benchmarks.bench_corpus import int8_mac_share
-    from benchmarks.corpus.data import charset
-    from benchmarks.corpus.manifest import by_name
-    from benchmarks.corpus.metrics import char_accuracy
-    from benchmarks.corpus.runner import run_all, session
-    from benchmarks.corpus.store import ensure_data, ensure_model
-    from benchmarks.corpus.sweep import run_compile
-
-    model = by_name("ppocrv5_rec")
-    saved = tmp_path / "compiled.onnx"
-    run = run_compile(model, "cpu-avx", tmp_path / "out", timeout=1800, save_model=saved)
-    assert run.code == 0, run.message
-    report = json.loads(next((tmp_path / "out").glob("*.lepton/report.json")).read_text())
-    summary = next(s for s in report["pipeline"] if s["name"] == "quantize")["summary"]
+    model, summary, saved = compile_for("ppocrv5_rec", "cpu-avx", tmp_path)
     assert summary["transform"] == "smoothquant" and summary["smoothquant_tier"]["inserted"] > 0
     gains = summary["recovery"]["gains"]["rows"]  # the report's recovery table: plain, then smoothed, fully quantized
     assert [row["steps"] for row in gains] == [[], ["smoothquant"]] and "searched as a tier" in gains[1]["changed"]
     plain = [t for t in summary["tried"] if t["transform"] == "" and t["meets_budget"]]
     assert plain and all(t["cost_ms"] > summary["cost_ms"] for t in plain)
-    compiled = onnx.load(saved)
-    assert int8_mac_share(compiled, model.input_shapes) >= 80.0
-    _, evaluation_path = ensure_data(model)
-    evaluation = dict(np.load(evaluation_path))
-    path = ensure_model(model)
-    chars = charset(model, path)
-    reference = run_all(session(path), evaluation)
-    candidate = run_all(session(saved), evaluation)
-    source = char_accuracy(model, evaluation, reference, reference, chars)
-    assert source - char_accuracy(model, evaluation, reference, candidate, chars) <= 1.0
+    assert int8_macs_pct(model, saved) >= 80.0
+    assert held_out_char_drop(model, saved) <= 1.0

@@ -1,0 +1,61 @@
+"""Slow tests' way through the benchmark corpus (benchmarks/corpus/, `make corpus`): compile one corpus model as
+the yardstick does (labels stripped from --calib) and score the result on the held-out data no compile saw."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from conftest import REPO
+
+CORPUS = Path(os.environ.get("LEPTON_CORPUS_DIR", Path.home() / ".cache" / "lepton-corpus"))
+
+
+def needs_corpus(name: str):
+    """Skip unless the corpus's model ``name`` and its data are built."""
+    built = (CORPUS / "models" / f"{name}.onnx").is_file() and (CORPUS / "data" / name).is_dir()
+    return pytest.mark.skipif(not built, reason=f"the corpus's {name} (make corpus) is not built")
+
+
+def compile_for(name: str, target: str, tmp_path: Path) -> tuple[Any, dict[str, Any], Path]:
+    """(corpus entry, the quantize step's summary, the compiled model's path) of a default compile."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.corpus.manifest import by_name
+    from benchmarks.corpus.sweep import run_compile
+
+    model = by_name(name)
+    saved = tmp_path / "compiled.onnx"
+    run = run_compile(model, target, tmp_path / "out", timeout=1800, save_model=saved)
+    assert run.code == 0, run.message
+    report = json.loads(next((tmp_path / "out").glob("*.lepton/report.json")).read_text())
+    summary = next(s for s in report["pipeline"] if s["name"] == "quantize")["summary"]
+    return model, summary, saved
+
+
+def int8_macs_pct(model: Any, saved: Path) -> float:
+    from benchmarks.bench_corpus import int8_mac_share
+
+    return int8_mac_share(onnx.load(saved), model.input_shapes)
+
+
+def held_out_char_drop(model: Any, saved: Path) -> float:
+    """Character-accuracy points the compiled recogniser loses against its source on the held-out lines."""
+    from benchmarks.corpus.data import charset
+    from benchmarks.corpus.metrics import char_accuracy
+    from benchmarks.corpus.runner import run_all, session
+    from benchmarks.corpus.store import ensure_data, ensure_model
+
+    _, evaluation_path = ensure_data(model)
+    evaluation = dict(np.load(evaluation_path))
+    path = ensure_model(model)
+    chars = charset(model, path)
+    reference = run_all(session(path), evaluation)
+    candidate = run_all(session(saved), evaluation)
+    source = char_accuracy(model, evaluation, reference, reference, chars)
+    return source - char_accuracy(model, evaluation, reference, candidate, chars)
