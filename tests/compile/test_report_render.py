@@ -106,6 +106,16 @@ def test_html_is_self_contained_with_plots(compiled):
     assert page.count("<rect") > 10
 
 
+def test_the_choice_table_names_the_recovery_tier_source(compiled):
+    """A choice from the recovery tier (transform "recovery") says which steps made the source it quantized."""
+    result, _ = compiled
+    report = json.loads(json.dumps(result.report))
+    quantize = next(s for s in report["pipeline"] if s["name"] == "quantize")["summary"]
+    quantize |= {"transform": "recovery", "recovery_tier": {"steps": ["adaround", "bias_correction"], "changed": {}}}
+    md = report_render.render_markdown(report)
+    assert "| source quantized | after adaround + bias_correction (recovery tier: " in md
+
+
 def test_layer_errors_rendered_when_a_pass_reports_them():
     report = {
         "format": "lepton-report/1",
