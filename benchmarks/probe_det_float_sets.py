@@ -31,6 +31,7 @@ from lepton_cli.passes._quantize.sensitivity import quantized_nodes  # noqa: E40
 from benchmarks.bench_map_pages import page_f1  # noqa: E402
 from benchmarks.corpus.manifest import by_name  # noqa: E402
 from benchmarks.corpus.store import ensure_data, ensure_model  # noqa: E402
+from benchmarks.md_table import markdown_table  # noqa: E402
 from lepton_cli.model.load import load_model, upgrade_opset  # noqa: E402
 from lepton_cli.model.sessions import make_session  # noqa: E402
 from lepton_cli.model.shapes import bind_input_shapes  # noqa: E402
@@ -119,14 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": command, "method": args.method, "gate_pages": len(pages["gate"]), "rows": rows}
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"`{command}` ({args.method}; worst page's map F1 against the source, points)", ""]
-    lines += [
-        "| tier | float-kept | latency ×fp32 (1 thread) | gate pages worst | held-out worst |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['tier']} | {r['float_kept']} | {r['latency_x_fp32']} | {r['gate_worst_page']} | {r['eval_worst_page']} |"
-        for r in rows
-    ]
+    header = ["tier", "float-kept", "latency ×fp32 (1 thread)", "gate pages worst", "held-out worst"]
+    keys = ["tier", "float_kept", "latency_x_fp32", "gate_worst_page", "eval_worst_page"]
+    lines += markdown_table(header, [[r[k] for k in keys] for r in rows])
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0
 

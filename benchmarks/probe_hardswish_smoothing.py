@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,9 @@ from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from lepton_cli.model.graph_edit import GraphIndex
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.md_table import markdown_table  # noqa: E402
 
 
 @dataclass
@@ -206,14 +210,11 @@ def main() -> None:
                     f"{rows[-1]['worst_page_f1']:6.2f}",
                     flush=True,
                 )
-    table = [
-        "| rewrite (a) | quantized | float max abs diff | output SNR dB | worst-page F1 |",
-        "|---|---|---|---|---|",
-    ]
-    table += [
-        f"| {r['rewrite']} | {r['ops']} | {r['float_max_abs']:.1e} | {r['snr_db']} | {r['worst_page_f1']} |"
-        for r in rows
-    ]
+    header = ["rewrite (a)", "quantized", "float max abs diff", "output SNR dB", "worst-page F1"]
+    table = markdown_table(
+        header,
+        [[r["rewrite"], r["ops"], f"{r['float_max_abs']:.1e}", r["snr_db"], r["worst_page_f1"]] for r in rows],
+    )
     args.out.with_suffix(".md").write_text("\n".join(table) + "\n")
     args.out.with_suffix(".json").write_text(
         json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2)
