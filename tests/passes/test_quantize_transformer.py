@@ -242,8 +242,14 @@ def test_minilm_with_smoothquant_keeps_every_gemm_int8_within_the_budget(tmp_pat
 @needs_corpus("ppocrv5_rec")
 def test_default_cpu_avx_takes_the_smoothquant_tier_for_an_svtr_recogniser(tmp_path):
     """PP-OCRv5 rec (SVTR neck): the plain tiers fit only with 31 nodes float (61.9 % int8 MACs); the SmoothQuant'ed
-    source, searched as one more tier, fits with fewer and is priced lower, so the default target chooses it."""
-    model, summary, saved = compile_for("ppocrv5_rec", "cpu-avx", tmp_path)
+    source, searched as one more tier, fits with fewer and is priced lower, so cpu-avx chooses it. cpu-avx's recovery
+    tier, searched after it, is cheaper still on this model (benchmarks/results/recovery_tier.md): left out here."""
+    target = tmp_path / "cpu-avx-smoothquant.toml"
+    target.write_text(
+        'extends = "cpu-avx"\nname = "cpu-avx-smoothquant"\ndescription = "cpu-avx without the recovery tier"\n'
+        "[pass_params.quantize]\nrecovery_tier = []\n"
+    )
+    model, summary, saved = compile_for("ppocrv5_rec", str(target), tmp_path)
     assert summary["transform"] == "smoothquant" and summary["smoothquant_tier"]["inserted"] > 0
     gains = summary["recovery"]["gains"]["rows"]  # the report's recovery table: plain, then smoothed, fully quantized
     assert [row["steps"] for row in gains] == [[], ["smoothquant"]] and "searched as a tier" in gains[1]["changed"]
