@@ -34,6 +34,7 @@ import ocr_textset as textset  # noqa: E402
 from conftest import DIGITS, LIGHT_MODELS, OCR_DET, OCR_REC  # noqa: E402
 from lepton_cli.passes._quantize import fp16_safe, schemes  # noqa: E402
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate  # noqa: E402
+from lepton_cli.passes._quantize.pow2_grid import clip_free_scale  # noqa: E402
 
 from lepton_cli.evaluate.accuracy import Evaluator  # noqa: E402
 from lepton_cli.model.sessions import make_session, random_feed  # noqa: E402
@@ -260,7 +261,7 @@ def _old_pow2_overrides(model, ranges):
         overrides[name] = [
             {
                 "quant_type": schemes.QuantType.QInt8,
-                "scale": np.array(schemes._pow2_scale(absmax), np.float32),
+                "scale": np.array(clip_free_scale(absmax), np.float32),
                 "zero_point": np.array(0, np.int8),
             }
         ]
@@ -271,7 +272,7 @@ def _old_pow2_overrides(model, ranges):
             overrides[node.input[1]] = [
                 {
                     "quant_type": schemes.QuantType.QInt8,
-                    "scale": np.array(schemes._pow2_scale(float(np.abs(w).max())), np.float32),
+                    "scale": np.array(clip_free_scale(float(np.abs(w).max())), np.float32),
                     "zero_point": np.array(0, np.int8),
                 }
             ]

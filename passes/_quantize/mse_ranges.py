@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from lepton_cli.passes._quantize.pow2_grid import candidate_scales
 from onnxruntime.quantization import CalibrationMethod
 from onnxruntime.quantization.calibrate import TensorData, TensorsData
 
@@ -56,8 +57,7 @@ def pow2_mse_range(
     if counts.sum() <= 0 or not np.isfinite(absmax) or absmax <= 0:
         return float(min(low, 0.0)), float(max(high, 0.0))
     centres = (edges[:-1].astype(np.float64) + edges[1:]) / 2
-    clip_free = 2.0 ** np.ceil(np.log2(absmax / qmax))
-    scales = clip_free / 2.0 ** np.arange(4)[:, None]
+    scales = np.array(candidate_scales(absmax, 3, qmax))[:, None]
     outside = np.maximum(np.abs(centres)[None, :] - qmax * scales, 0.0)
     error = np.where(outside > 0, outside**2, scales**2 / 12) @ counts
     best = float(scales[int(np.argmin(error)), 0])

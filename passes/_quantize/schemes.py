@@ -16,7 +16,6 @@ Libraries checked, and used where they do the job:
 from __future__ import annotations
 
 import importlib.util
-import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 from lepton_cli.passes._quantize.calibration import METHODS, quiet_ort
+from lepton_cli.passes._quantize.pow2_grid import candidate_scales, clip_free_scale
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 from onnxruntime.quantization.calibrate import TensorsData, load_tensors_data, save_tensors_data
@@ -99,24 +99,16 @@ def save_ranges(ranges: TensorsData, path: Path) -> Path:
     return path
 
 
-def _pow2_scale(absmax: float, qmax: int = 127) -> float:
-    """The smallest power of two s with absmax / s <= qmax (DPU fix-point positions)."""
-    if not absmax > 0 or not math.isfinite(absmax):
-        return 1.0
-    return float(2.0 ** math.ceil(math.log2(absmax / qmax)))
-
-
 def pow2_weight_scale(values: np.ndarray, qmax: int = 127) -> float:
     """The power-of-two scale with the least squared int8 error on ``values`` (a constant): the smallest one that
     clips nothing, or one or two steps finer when clipping the few largest values costs less than the coarser
     grid costs all of them (Vitis AI's quantizer also picks weight fix-points by error, not by the maximum)."""
-    coarsest = _pow2_scale(float(np.abs(values).max()) if values.size else 0.0, qmax)
     flat = values.astype(np.float64).ravel()
 
     def error(scale: float) -> float:
         return float(np.square(np.clip(np.round(flat / scale), -qmax, qmax) * scale - flat).sum())
 
-    return min((coarsest / 2**step for step in range(3)), key=error)
+    return min(candidate_scales(float(np.abs(flat).max()) if flat.size else 0.0, 2, qmax), key=error)
 
 
 def pow2_overrides(model: onnx.ModelProto, ranges: TensorsData) -> dict[str, list[dict[str, Any]]]:
@@ -128,7 +120,7 @@ def pow2_overrides(model: onnx.ModelProto, ranges: TensorsData) -> dict[str, lis
         overrides[name] = [
             {
                 "quant_type": QuantType.QInt8,
-                "scale": np.array(_pow2_scale(absmax), dtype=np.float32),
+                "scale": np.array(clip_free_scale(absmax), dtype=np.float32),
                 "zero_point": np.array(0, dtype=np.int8),
             }
         ]

@@ -17,7 +17,6 @@ from lepton_cli.passes._quantize.recovery import Recovered, RecoverySettings, ch
 
 SMOOTHQUANT = "smoothquant"  # SmoothQuant'ed with inserted scales where nothing absorbs them
 RECOVERY = "recovery"  # the steps of ``recovery_tier`` added to those every tier has
-TIER_STEPS = ("equalize", "adaround", "bias_correction")  # the steps a recovery tier may add (on/off switches)
 
 
 @dataclass(frozen=True)
