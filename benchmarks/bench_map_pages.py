@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -27,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from lepton_cli.passes._quantize import schemes, weight_layers  # noqa: E402
 from lepton_cli.passes._quantize.int8_plan import Int8Plan  # noqa: E402
+from lepton_cli.passes._quantize.tuning import SearchSpace  # noqa: E402
 
 from benchmarks import ocr_textset as textset  # noqa: E402
 from benchmarks.corpus.manifest import by_name  # noqa: E402
@@ -38,7 +40,7 @@ from lepton_cli.model.shapes import bind_input_shapes  # noqa: E402
 from lepton_cli.pipeline.context import HOLDOUT_FRACTION, PassContext  # noqa: E402
 from lepton_cli.pipeline.registry import get_pass  # noqa: E402
 from lepton_cli.pipeline.targets import load_target  # noqa: E402
-from lepton_cli.samples.sample_set import load_samples  # noqa: E402
+from lepton_cli.samples.sample_set import SampleSet, load_samples  # noqa: E402
 
 
 def page_f1(ref: np.ndarray, got: np.ndarray) -> float:
@@ -62,16 +64,23 @@ def weight_layer_losses(fused, scheme, feeds: list, refs: list) -> list[dict]:
     return sorted(rows, key=lambda r: r["worst"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="ppocrv4_det")
-    parser.add_argument("--target", default="cpu-avx")
-    parser.add_argument("--methods", nargs="*", default=["minmax", "percentile", "mse", "entropy"])
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dbnet_pages")
-    args = parser.parse_args(argv)
+@dataclasses.dataclass
+class QuantizeSetup:
+    """A corpus model as the target's quantize pass sees it, and that pass's search space."""
 
-    corpus = by_name(args.model)
-    target = load_target(args.target)
+    corpus: Any
+    fused: onnx.ModelProto  # bound to the corpus shape, fused as the target fuses it, nodes named
+    calib: SampleSet
+    evaluation: SampleSet
+    held: SampleSet  # the part of --calib the compile's gate scores on
+    plan: Int8Plan
+    space: SearchSpace  # calibrated on the rest of --calib, as the compile calibrates
+
+
+def quantize_setup(model_name: str, target_name: str, **quantize_params: Any) -> QuantizeSetup:
+    """``model_name`` from the corpus on ``target_name``, its quantize parameters overridden by ``quantize_params``."""
+    corpus = by_name(model_name)
+    target = load_target(target_name)
     loaded = load_model(ensure_model(corpus)).model
     model, _ = upgrade_opset(loaded, target.runtime.opset_min, target.runtime.opset_max)
     model = bind_input_shapes(model, corpus.input_shapes)
@@ -82,14 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     steps = {s.name: s for s in target.passes}
     fused = get_pass("fuse").fn(model, ctx, steps["fuse"].params).model
     schemes.name_nodes(fused)
-    pages = {"calib": list(calib.feeds()), "eval": list(evaluation.feeds())}
+    params = dataclasses.replace(steps["quantize"].params, **quantize_params)
+    plan = Int8Plan(params, list(target.hardware.isa), list(target.hardware.isa))
+    kept, held = calib.split(HOLDOUT_FRACTION, ctx.seed)
+    return QuantizeSetup(corpus, fused, calib, evaluation, held, plan, plan.space(fused, ctx, kept, {}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ppocrv4_det")
+    parser.add_argument("--target", default="cpu-avx")
+    parser.add_argument("--methods", nargs="*", default=["minmax", "percentile", "mse", "entropy"])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dbnet_pages")
+    args = parser.parse_args(argv)
+
+    setup = quantize_setup(args.model, args.target, methods=args.methods)
+    fused, plan, space = setup.fused, setup.plan, setup.space
+    pages = {"calib": list(setup.calib.feeds()), "eval": list(setup.evaluation.feeds())}
     source = make_session(fused)
     refs = {k: [source.run(None, feed)[0] for feed in feeds] for k, feeds in pages.items()}
-
-    params = dataclasses.replace(steps["quantize"].params, methods=args.methods)
-    plan = Int8Plan(params, list(target.hardware.isa), list(target.hardware.isa))
-    kept, _ = calib.split(HOLDOUT_FRACTION, ctx.seed)
-    space = plan.space(fused, ctx, kept, {})
     rows = []
     for tier, build in enumerate(space.builds):
         for method in space.methods:

@@ -12,7 +12,6 @@ only, and the leading k nodes plus the trailing t (the head).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -24,21 +23,12 @@ import onnxruntime as ort
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from lepton_cli.passes._quantize import schemes  # noqa: E402
-from lepton_cli.passes._quantize.int8_plan import Int8Plan  # noqa: E402
 from lepton_cli.passes._quantize.sensitivity import quantized_nodes  # noqa: E402
 
-from benchmarks.bench_map_pages import page_f1  # noqa: E402
-from benchmarks.corpus.manifest import by_name  # noqa: E402
-from benchmarks.corpus.store import ensure_data, ensure_model  # noqa: E402
+from benchmarks.bench_map_pages import page_f1, quantize_setup  # noqa: E402
+from benchmarks.corpus.store import ensure_model  # noqa: E402
 from benchmarks.md_table import markdown_table  # noqa: E402
-from lepton_cli.model.load import load_model, upgrade_opset  # noqa: E402
 from lepton_cli.model.sessions import make_session  # noqa: E402
-from lepton_cli.model.shapes import bind_input_shapes  # noqa: E402
-from lepton_cli.pipeline.context import HOLDOUT_FRACTION, PassContext  # noqa: E402
-from lepton_cli.pipeline.registry import get_pass  # noqa: E402
-from lepton_cli.pipeline.targets import load_target  # noqa: E402
-from lepton_cli.samples.sample_set import load_samples  # noqa: E402
 
 
 def one_thread(model: onnx.ModelProto | bytes) -> ort.InferenceSession:
@@ -81,24 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "det_float_sets")
     args = parser.parse_args(argv)
 
-    corpus = by_name(args.model)
-    target = load_target(args.target)
-    model, _ = upgrade_opset(load_model(ensure_model(corpus)).model, target.runtime.opset_min, target.runtime.opset_max)
-    model = bind_input_shapes(model, corpus.input_shapes)
-    calib_path, eval_path = ensure_data(corpus)
-    calib, evaluation = load_samples(calib_path, model), load_samples(eval_path, model)
-    ctx = PassContext(target=target, calib=calib)
-    steps = {s.name: s for s in target.passes}
-    fused = get_pass("fuse").fn(model, ctx, steps["fuse"].params).model
-    schemes.name_nodes(fused)
-    kept, held = calib.split(HOLDOUT_FRACTION, ctx.seed)
-    pages = {"gate": list(held.feeds()), "eval": list(evaluation.feeds())}
-    reference = make_session(fused)
+    setup = quantize_setup(args.model, args.target, methods=[args.method], recovery_tier=[])
+    space = setup.space
+    pages = {"gate": list(setup.held.feeds()), "eval": list(setup.evaluation.feeds())}
+    reference = make_session(setup.fused)
     refs = {k: [reference.run(None, f)[0] for f in v] for k, v in pages.items()}
-    params = dataclasses.replace(steps["quantize"].params, methods=[args.method], recovery_tier=[])
-    plan = Int8Plan(params, list(target.hardware.isa), list(target.hardware.isa))
-    space = plan.space(fused, ctx, kept, {})
-    source = ensure_model(corpus).read_bytes()
+    source = ensure_model(setup.corpus).read_bytes()
     rows = []
     for tier, build in enumerate(space.builds):
         if space.transform(tier):
