@@ -1,6 +1,6 @@
 """Elementwise folds for hard-swish networks (MobileNetV3, PP-LCNet): hard-swish and scalar affine blocks.
 
-* ``x * Clip(x + 3, 0, 6) / 6``  ->  ``Mul(x, HardSigmoid(x, alpha=1/6, beta=0.5))``: the same function
+* ``x * Clip(x + 3, 0, 6) / 6`` and ``HardSwish(x)``  ->  ``Mul(x, HardSigmoid(x, alpha=1/6, beta=0.5))``: the same function
   (HardSigmoid = clip(x/6 + 1/2, 0, 1)) in two ops, both in every opset we target; faster under ONNX Runtime
   than the ``HardSwish`` op (docs/decisions.md, "Fuse and layout").
 * ``Conv(Mul(t, s))`` with a scalar s -> the Conv with weights * s: exact even with zero padding
@@ -50,7 +50,9 @@ def _clip_bounds(g: GraphIndex, node: onnx.NodeProto) -> tuple[float, float] | N
 
 
 def _match_hard_swish(g: GraphIndex, add: onnx.NodeProto) -> tuple[str, str, list[onnx.NodeProto]] | None:
-    """(x, output, nodes to remove) for x * Clip(x + 3, 0, 6) / 6 in any of its usual orders."""
+    """(x, output, nodes to remove) for x * Clip(x + 3, 0, 6) / 6 in any of its usual orders, or the HardSwish op."""
+    if add.op_type == "HardSwish":  # PP-OCRv5's export: the op ORT runs slower, and no quantizer makes integer
+        return add.input[0], add.output[0], [add]
     if add.op_type != "Add":
         return None
     x = next((i for i in add.input if _scalar(g, _other(add, i) or "") == 3.0), None)
@@ -81,7 +83,7 @@ def _divides_by_six(g: GraphIndex, node: onnx.NodeProto, tensor: str) -> bool:
 
 
 def fuse_hard_swish(model: onnx.ModelProto) -> int:
-    """Rewrite decomposed hard-swish as Mul(x, HardSigmoid(x)). Returns how many."""
+    """Rewrite decomposed hard-swish and the HardSwish op as Mul(x, HardSigmoid(x)). Returns how many."""
     g = GraphIndex(model.graph)
     replaced: dict[str, list[onnx.NodeProto]] = {}  # a removed node's first output -> what replaces it
     removed: set[str] = set()  # nodes are keyed by their first output (unique in an SSA graph)

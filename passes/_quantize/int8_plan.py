@@ -23,6 +23,7 @@ from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibra
 from lepton_cli.passes._quantize.consumer_ranges import narrow_to_readers
 from lepton_cli.passes._quantize.float_keep import keep_float_nodes
 from lepton_cli.passes._quantize.heads import find_heads, head_overrides
+from lepton_cli.passes._quantize.integer_elementwise import lowered, rewritten
 from lepton_cli.passes._quantize.integer_io import make_integer_io
 from lepton_cli.passes._quantize.plan import SearchPlan, int8_weights
 from lepton_cli.passes._quantize.prequantized import has_subgraphs, quantized_ops
@@ -30,7 +31,7 @@ from lepton_cli.passes._quantize.recovery import RecoverySettings, changed_by, r
 from lepton_cli.passes._quantize.sensitivity import quantized_nodes
 from lepton_cli.passes._quantize.short_names import shorten_added_names
 from lepton_cli.passes._quantize.source_tiers import SourceTier, source_tiers, tier_changed, tier_summary
-from lepton_cli.passes._quantize.tuning import Build, SearchSpace, TierUnavailable
+from lepton_cli.passes._quantize.tuning import Build, SearchSpace, TierUnavailable, ranking_build
 from lepton_cli.passes._quantize.weight_layers import weight_layers
 
 from lepton_cli.evaluate.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, scoring_opt_level
@@ -261,7 +262,12 @@ class Int8Plan(SearchPlan):
             )
             return build, recovered.reference
 
-        return (lambda method, keep: made()[0](method, keep)), (lambda: made()[1])
+        def build(method: str, keep: list[str]) -> onnx.ModelProto:
+            return made()[0](method, keep)
+
+        if self.params.integer_elementwise:
+            build.before_lowering = lambda method, keep: ranking_build(made()[0])(method, keep)  # type: ignore[attr-defined]
+        return build, (lambda: made()[1])
 
     def _builder(
         self,
@@ -308,7 +314,7 @@ class Int8Plan(SearchPlan):
             # Float-kept nodes are bypassed in the fully quantized model, exactly as the search measured them.
             return keep_float_nodes(self.quantized[key], base, keep, params.float_kept_weights == "float")
 
-        return build
+        return lowered(build) if params.integer_elementwise else build
 
     def _recover(
         self, base: onnx.ModelProto, calib: SampleSet, summary: dict[str, Any], progress: Callable[[str], None]
@@ -453,6 +459,8 @@ class Int8Plan(SearchPlan):
             summary["integer_io"] = converted
             for reason in kept:
                 ctx.warn(f"integer_io: {reason}; it stays float")
+        if self.params.integer_elementwise:
+            summary["integer_elementwise"] = rewritten(result)
         chosen = (self._tier_tag(summary), summary["method"])
         summary["ranges_narrowed_to_readers"] = len(self.narrowed.get(chosen, []))
         if self.sentinel_nodes.get(chosen):

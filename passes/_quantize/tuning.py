@@ -285,6 +285,13 @@ def _ranking(
     return float_gains(float_model, model, pool, feeds, opt_level, float_weights, workers)
 
 
+def ranking_build(build: Build) -> Build:
+    """The build whose models the sensitivity ranking bypasses nodes in: the build's ``before_lowering`` where it has
+    one (integer_elementwise lowers a candidate after its float-kept nodes are bypassed, into nodes keep_float cannot
+    bypass); the float-kept names are the same in both."""
+    return getattr(build, "before_lowering", build)
+
+
 def search(
     build: Build,
     methods: list[str],
@@ -326,11 +333,13 @@ def search(
             continue
         if not first.scored:  # priced above the best within budget fully quantized: float-kept variants cost
             break  # more, and every method's graph is the same (only its scales differ)
-        model = model or build(method, [])
-        in_graph_order = (candidates or quantized_nodes)(model)
+        # The ranking bypasses nodes one at a time in the model before lowering (``ranking_build``).
+        before = ranking_build(build)
+        ranked = before(method, []) if before is not build else model or build(method, [])
+        in_graph_order = (candidates or quantized_nodes)(ranked)
         ranking = _ranking(
             float_model,
-            model,
+            ranked,
             in_graph_order,
             sensitivity_feeds,
             evaluator.opt_level,

@@ -306,3 +306,27 @@ def test_ppocr_hard_swish_and_affine_blocks_fold(which):
 def test_hard_swish_is_left_alone_where_the_target_lacks_hard_sigmoid():
     fused, summary = _fuse(_hard_swish_block(0), "tpu")  # tpu's supported_ops has no HardSigmoid
     assert summary["hard_swish_fused"] == 0 and _ops(fused)["HardSigmoid"] == 0 and _ops(fused)["Clip"] == 1
+
+
+def test_ppocrv5_rec_hard_swish_ops_become_hard_sigmoid_and_mul(tmp_path):
+    """PP-OCRv5 rec's export writes the HardSwish op (28 of them): ORT runs it slower than HardSigmoid + Mul and no
+    quantizer makes it integer. Rewritten, the recogniser reads rendered lines as before."""
+    import sys
+
+    from conftest import REPO
+    from wheel_models import PPOCRV5_REC, wheel_member
+
+    from lepton_cli.pipeline.equivalence import compare_outputs
+    from lepton_cli.pipeline.registry import tolerance
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset
+
+    model = _real(wheel_member(*PPOCRV5_REC), "cpu-avx", {"x": [1, 3, 48, 320]})
+    fused, summary = _fuse(model)
+    before, after = _ops(_fuse(model, fuse_activations=False)[0]), _ops(fused)
+    assert before["HardSwish"] >= 20 and after["HardSwish"] == 0
+    assert summary["hard_swish_fused"] >= before["HardSwish"] and after["HardSigmoid"] >= before["HardSwish"]
+    lines = ocr_textset.make_set(3, 4, "eval")[0]
+    check = compare_outputs(model, fused, [{"x": line[None]} for line in lines], tolerance(rtol=1e-4, atol=1e-5))
+    assert check.ok, check

@@ -1,0 +1,43 @@
+"""The float element-wise work between int8 layers moved into integer kernels ORT fuses (``integer_elementwise``).
+
+Scalar Adds before a quantize fold into its zero point (``scalar_add_fold.py``), then HardSigmoid gates become
+quantized Adds (``integer_hardsigmoid.py``): in that order, a hard-swish ending in PP-LCNetV3's ``+ b`` runs as
+QLinearAdd + QLinearMul. Both rewrites name what they add, so the chosen model says what was rewritten.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import onnx
+from lepton_cli.passes._quantize.integer_hardsigmoid import ADDED_SUFFIX, integer_hardsigmoid
+from lepton_cli.passes._quantize.scalar_add_fold import FOLDED_SUFFIX, fold_scalar_adds
+
+
+def integer_elementwise(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with both rewrites applied and the constants they left unread removed (ORT warns about those)."""
+    folded, _ = fold_scalar_adds(model)
+    result, _ = integer_hardsigmoid(folded)
+    read = {name for node in result.graph.node for name in node.input}
+    for init in [i for i in result.graph.initializer if i.name not in read]:
+        result.graph.initializer.remove(init)
+    return result
+
+
+def lowered(build: Callable[[str, list[str]], onnx.ModelProto]) -> Callable[[str, list[str]], onnx.ModelProto]:
+    """``build``'s candidates through ``integer_elementwise``; ``build`` itself stays reachable as ``before_lowering``
+    for the sensitivity ranking, which bypasses nodes one at a time (``tuning.ranking_build``)."""
+
+    def lowered_build(method: str, keep: list[str]) -> onnx.ModelProto:
+        return integer_elementwise(build(method, keep))
+
+    lowered_build.before_lowering = build  # type: ignore[attr-defined]
+    return lowered_build
+
+
+def rewritten(model: onnx.ModelProto) -> dict[str, int]:
+    """How many scalar Adds were folded and HardSigmoids made integer in ``model`` (before names are shortened)."""
+    return {
+        "scalar_adds_folded": sum(i.name.endswith(FOLDED_SUFFIX) for i in model.graph.initializer),
+        "hardsigmoids_integer": sum(n.name.endswith(ADDED_SUFFIX) for n in model.graph.node),
+    }

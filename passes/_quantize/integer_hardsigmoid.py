@@ -1,0 +1,140 @@
+"""HardSigmoid on quantized data as integer Add (+ Mul): the hard-swish/SE gate ORT's CPU EP runs in float.
+
+ORT quantizes no HardSigmoid, so each hard-swish between int8 convs runs as DequantizeLinear, float
+HardSigmoid, float Mul and QuantizeLinear over the whole feature map (PP-OCRv4 det 320x320 on cpu-avx:
+3.7 of its 15.2 ms, docs/decisions.md "Integer hard-swish"). HardSigmoid(x) = clip(alpha * x + beta, 0, 1):
+``alpha *`` goes into the input's dequantize scale, ``+ beta`` is a quantized Add, and the clip is the
+saturation of a quantize whose range is [0, 1]. ORT fuses that DQ -> Add -> Q into QLinearAdd and the gated
+DQ -> Mul -> Q into QLinearMul, so the block runs on one byte per element.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+# Slack on the [0, 1] check of an existing quantize's range: its scale is a float32 rounding of rmax / 255.
+RANGE_SLACK = 1e-6
+QRANGE = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127)}
+ADDED_SUFFIX = "_hardsigmoid_as_add"  # the Add that replaces a HardSigmoid
+
+
+class _Dequantized(NamedTuple):
+    tensor: str  # the quantized tensor a per-tensor DequantizeLinear reads
+    scale: float
+    zero: np.ndarray  # 0-d, of the quantized type
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return QRANGE[helper.np_dtype_to_tensor_dtype(self.zero.dtype)]
+
+
+def integer_hardsigmoid(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """(model, rewritten HardSigmoid names): each HardSigmoid that reads a per-tensor dequantized tensor and
+    whose result is quantized, directly or as the gate of a quantized Mul, computed as a quantized Add."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    rewriter = _Rewriter(result.graph)
+    hardsigmoids = [node for node in result.graph.node if node.op_type == "HardSigmoid"]
+    return result, [node.name for node in hardsigmoids if rewriter.rewrite(node)]
+
+
+class _Rewriter:
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.inits = {i.name: i for i in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
+        self.outputs = {o.name for o in graph.output}
+
+    def rewrite(self, node: onnx.NodeProto) -> bool:
+        alpha, beta = _attr(node, "alpha", 0.2), _attr(node, "beta", 0.5)
+        source = self._dequantized(node.input[0])
+        readers = self.readers.get(node.output[0], [])
+        if source is None or alpha <= 0 or beta <= 0 or node.output[0] in self.outputs or len(readers) != 1:
+            return False
+        reader = readers[0]
+        if reader.op_type == "QuantizeLinear" and self._covers_unit_range(reader):
+            self._replace(node, source, alpha, beta, gated=False)
+            return True
+        if reader.op_type == "Mul" and self._gates_quantized(reader, node.output[0]):
+            self._replace(node, source, alpha, beta, gated=True)
+            return True
+        return False
+
+    def _dequantized(self, name: str) -> _Dequantized | None:
+        dq = self.producer.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+            return None
+        scale, zero = self.inits.get(dq.input[1]), self.inits.get(dq.input[2])
+        if scale is None or zero is None or zero.data_type not in QRANGE:
+            return None
+        scale_value, zero_value = numpy_helper.to_array(scale), numpy_helper.to_array(zero)
+        if scale_value.size != 1 or zero_value.size != 1:
+            return None
+        return _Dequantized(dq.input[0], float(scale_value.reshape(-1)[0]), zero_value.reshape(()))
+
+    def _covers_unit_range(self, quantize: onnx.NodeProto) -> bool:
+        """Whether the quantize's representable range lies in [0, 1]: its saturation then is HardSigmoid's clip."""
+        if len(quantize.input) < 3 or quantize.input[1] not in self.inits or quantize.input[2] not in self.inits:
+            return False
+        scale, zero = self.inits[quantize.input[1]], self.inits[quantize.input[2]]
+        if zero.data_type not in QRANGE or numpy_helper.to_array(scale).size != 1:
+            return False
+        low, high = QRANGE[zero.data_type]
+        s, z = float(numpy_helper.to_array(scale).reshape(-1)[0]), int(numpy_helper.to_array(zero).reshape(-1)[0])
+        return s * (low - z) >= -RANGE_SLACK and 0 < s * (high - z) <= 1 + RANGE_SLACK
+
+    def _gates_quantized(self, mul: onnx.NodeProto, gate: str) -> bool:
+        """The Mul's other input is dequantized and the product's only reader is a QuantizeLinear."""
+        other = mul.input[1] if mul.input[0] == gate else mul.input[0]
+        product_readers = self.readers.get(mul.output[0], [])
+        return (
+            other != gate
+            and self._dequantized(other) is not None
+            and mul.output[0] not in self.outputs
+            and len(product_readers) == 1
+            and product_readers[0].op_type == "QuantizeLinear"
+        )
+
+    def _replace(self, node: onnx.NodeProto, source: _Dequantized, alpha: float, beta: float, gated: bool) -> None:
+        """HardSigmoid -> DQ(x_q at alpha * scale) + DQ(beta); a Mul's gate is quantized over [0, 1] after it."""
+        low, high = source.qrange
+        name, out = node.name, node.output[0]
+        scale = self._initializer(f"{name}_x_scale", np.array(alpha * source.scale, np.float32))
+        zero = self._initializer(f"{name}_x_zero", source.zero)
+        beta_q = self._initializer(f"{name}_beta_q", np.array(high, source.zero.dtype))
+        beta_scale = self._initializer(f"{name}_beta_scale", np.array(beta / high, np.float32))
+        beta_zero = self._initializer(f"{name}_beta_zero", np.zeros((), source.zero.dtype))
+        added_out = f"{out}_affine" if gated else out
+        added = [
+            helper.make_node("DequantizeLinear", [source.tensor, scale, zero], [f"{name}_ax"], name=f"{name}_ax_dq"),
+            helper.make_node("DequantizeLinear", [beta_q, beta_scale, beta_zero], [f"{name}_b"], name=f"{name}_b_dq"),
+            helper.make_node("Add", [f"{name}_ax", f"{name}_b"], [added_out], name=f"{name}{ADDED_SUFFIX}"),
+        ]
+        if gated:  # [0, 1] at 1 / (high - low): the quantize's saturation is the clip
+            gate_scale = self._initializer(f"{name}_gate_scale", np.array(1.0 / (high - low), np.float32))
+            gate_zero = self._initializer(f"{name}_gate_zero", np.array(low, source.zero.dtype))
+            gate_args = [gate_scale, gate_zero]
+            added += [
+                helper.make_node("QuantizeLinear", [added_out, *gate_args], [f"{out}_q"], name=f"{name}_gate_q"),
+                helper.make_node("DequantizeLinear", [f"{out}_q", *gate_args], [out], name=f"{name}_gate_dq"),
+            ]
+        index = list(self.graph.node).index(node)
+        self.graph.node.remove(node)
+        for position, new in enumerate(added):
+            self.graph.node.insert(index + position, new)
+
+    def _initializer(self, name: str, value: np.ndarray) -> str:
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+
+def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
+    return next((float(helper.get_attribute_value(a)) for a in node.attribute if a.name == name), default)

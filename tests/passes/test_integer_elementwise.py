@@ -1,0 +1,134 @@
+"""Integer hard-swish and scalar-Add folds (passes/_quantize/integer_elementwise.py) on PP-OCRv4 det.
+
+The detector's PP-LCNetV3 blocks end in hard-swish + a learnable scalar bias between int8 convs; the rewrite must
+keep the int8 model's map on rendered pages it was not calibrated on, and ORT must then run those blocks as
+QLinearAdd/QLinearMul without losing a single QLinearConv (a rescaled input breaks the fusion unless the reader's
+int32 bias is rescaled with it).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import OCR_DET, REPO, needs_ocr
+from lepton_cli.passes._quantize import schemes
+from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
+from lepton_cli.passes._quantize.integer_elementwise import integer_elementwise, lowered, rewritten
+from lepton_cli.passes._quantize.scalar_add_fold import fold_scalar_adds
+from lepton_cli.passes._quantize.tuning import ranking_build
+
+from lepton_cli.model.load import upgrade_opset
+from lepton_cli.model.shapes import bind_input_shapes
+from lepton_cli.pipeline.context import PassContext
+from lepton_cli.pipeline.registry import get_pass
+from lepton_cli.pipeline.targets import load_target
+from lepton_cli.samples.sample_set import load_samples
+
+SIZE = 160  # pages rendered at 320 and shrunk: small enough for `make test`, every block still at work
+
+
+@pytest.fixture(scope="module")
+def det(tmp_path_factory):
+    """(fused float model, its Conv-only int8 QDQ model, held-out pages)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset
+
+    target = load_target("cpu-avx")
+    model, _ = upgrade_opset(onnx.load(OCR_DET), target.runtime.opset_min, target.runtime.opset_max)
+    model = bind_input_shapes(model, {"x": [1, 3, SIZE, SIZE]})
+    fuse = next(step for step in target.passes if step.name == "fuse")
+    fused = get_pass("fuse").fn(model, PassContext(target=target), fuse.params).model
+    work = tmp_path_factory.mktemp("int8")
+    np.savez(work / "calib.npz", x=ocr_textset.make_pages(6, 5, "calib", size=SIZE))
+    calib = load_samples(work / "calib.npz", fused)
+    held = ocr_textset.make_pages(4, 9, "eval", size=SIZE)
+    ranges = calibrate(fused, calib, CalibrationSettings(method="minmax", chunk=6, max_samples=6), None, ["Conv"])
+    scheme = schemes.Int8Scheme(per_channel=True, op_types=("Conv",))
+    int8 = schemes.quantize_int8(fused, schemes.save_ranges(ranges, work / "r.json"), "minmax", scheme, [], work)
+    return fused, int8, [{"x": page[None]} for page in held]
+
+
+def _optimized(model: onnx.ModelProto, tmp_path, name: str) -> tuple[ort.InferenceSession, Counter]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.optimized_model_filepath = str(tmp_path / f"{name}-ort.onnx")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session, Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+@needs_ocr
+def test_hard_swish_blocks_run_as_integer_kernels_and_keep_the_map(det, tmp_path):
+    fused, int8, held = det
+    lowered_model = integer_elementwise(int8)
+    done = rewritten(lowered_model)
+    hardsigmoids = sum(n.op_type == "HardSigmoid" for n in fused.graph.node)
+    assert done["scalar_adds_folded"] >= 4 and done["hardsigmoids_integer"] >= hardsigmoids // 2, done
+    plain, plain_ops = _optimized(int8, tmp_path, "plain")
+    rewrote, ops = _optimized(lowered_model, tmp_path, "lowered")
+    assert ops["QLinearConv"] == plain_ops["QLinearConv"] > 0  # the rescaled biases keep every conv fused
+    assert ops["QLinearMul"] >= done["hardsigmoids_integer"] - 8 and ops["QLinearAdd"] >= done["hardsigmoids_integer"]
+    assert ops["HardSigmoid"] == plain_ops["HardSigmoid"] - done["hardsigmoids_integer"]
+    assert not any(
+        i.name not in {x for n in lowered_model.graph.node for x in n.input} for i in lowered_model.graph.initializer
+    )  # nothing left for ORT to warn about
+    source = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"])
+    for feed in held:
+        reference = source.run(None, feed)[0] > 0.3
+        before = plain.run(None, feed)[0] > 0.3
+        after = rewrote.run(None, feed)[0] > 0.3
+        # the gate's own rounding (1/255 over [0, 1]) may flip a few boundary pixels, never many
+        assert np.mean(after != reference) <= np.mean(before != reference) + 0.002
+
+
+@needs_ocr
+def test_a_folded_scalar_add_reads_as_the_add_did(det):
+    """QDQ evaluated unfused (exact integer semantics): after ``+ b`` moved into the zero point, what the next layer
+    reads is ``t + b`` rounded to the (coarser, never narrower) grid, for every folded Add on held-out pages."""
+    _, int8, held = det
+    folded, names = fold_scalar_adds(int8)
+    assert len(names) >= 4
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in int8.graph.initializer}
+    constants = {add.output[0]: add for add in int8.graph.node if add.name in names}
+    checks = []  # (t, dequantized, b, scale, zero point, calibrated range)
+    for quantize in folded.graph.node:
+        if quantize.op_type != "QuantizeLinear" or not quantize.input[1].endswith("_folded_scale"):
+            continue
+        plain = next(n for n in int8.graph.node if n.output[0] == quantize.output[0])
+        add = constants[plain.input[0]]
+        b = float(next(inits[i] for i in add.input if i in inits).reshape(-1)[0])
+        dequantize = next(n for n in folded.graph.node if n.input and n.input[0] == quantize.output[0])
+        folded_inits = {i.name: onnx.numpy_helper.to_array(i) for i in folded.graph.initializer}
+        scale, zero = float(folded_inits[dequantize.input[1]]), int(folded_inits[dequantize.input[2]])
+        old_scale, old_zero = float(inits[plain.input[1]]), int(inits[plain.input[2]])
+        calibrated = (old_scale * (0 - old_zero), old_scale * (255 - old_zero))
+        checks.append((quantize.input[0], dequantize.output[0], b, scale, zero, calibrated))
+    assert len(checks) == len(names)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    probe = onnx.ModelProto.FromString(folded.SerializeToString())
+    wanted = [name for t, dq, *_ in checks for name in (t, dq)]
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in wanted)
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for feed in held[:2]:
+        values = dict(zip([o.name for o in probe.graph.output], session.run(None, feed)))
+        for t, dq, b, scale, zero, (low, high) in checks:
+            representable = (scale * (0 - zero), scale * (255 - zero))
+            assert representable[0] <= low + scale and representable[1] >= high - scale  # covers the calibrated range
+            expected = np.clip(values[t] + b, *representable)
+            assert np.abs(values[dq] - expected).max() <= scale / 2 + 1e-5
+
+
+def test_the_ranking_bypasses_nodes_in_the_model_before_lowering():
+    calls = []
+
+    def plain(method: str, keep: list[str]) -> onnx.ModelProto:
+        calls.append((method, keep))
+        return onnx.ModelProto()
+
+    build = lowered(plain)
+    assert ranking_build(build) is plain and ranking_build(plain) is plain
