@@ -1,7 +1,7 @@
 """The float element-wise work between int8 layers moved into integer kernels ORT fuses (``integer_elementwise``).
 
 Scalar Adds before a quantize fold into its zero point (``scalar_add_fold.py``), then HardSigmoid gates become
-quantized Adds (``integer_hardsigmoid.py``): in that order, a hard-swish ending in PP-LCNetV3's ``+ b`` runs as
+quantized Adds and Sigmoid gates get their own quantize (``integer_gates.py``): in that order, a hard-swish ending in PP-LCNetV3's ``+ b`` runs as
 QLinearAdd + QLinearMul. Both rewrites name what they add, so the chosen model says what was rewritten.
 """
 
@@ -10,14 +10,14 @@ from __future__ import annotations
 from typing import Callable
 
 import onnx
-from lepton_cli.passes._quantize.integer_hardsigmoid import ADDED_SUFFIX, integer_hardsigmoid
+from lepton_cli.passes._quantize.integer_gates import ADDED_SUFFIX, GATE_SUFFIX, integer_gates
 from lepton_cli.passes._quantize.scalar_add_fold import FOLDED_SUFFIX, fold_scalar_adds
 
 
 def integer_elementwise(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with both rewrites applied and the constants they left unread removed (ORT warns about those)."""
     folded, _ = fold_scalar_adds(model)
-    result, _ = integer_hardsigmoid(folded)
+    result = integer_gates(folded)
     read = {name for node in result.graph.node for name in node.input}
     for init in [i for i in result.graph.initializer if i.name not in read]:
         result.graph.initializer.remove(init)
@@ -36,8 +36,10 @@ def lowered(build: Callable[[str, list[str]], onnx.ModelProto]) -> Callable[[str
 
 
 def rewritten(model: onnx.ModelProto) -> dict[str, int]:
-    """How many scalar Adds were folded and HardSigmoids made integer in ``model`` (before names are shortened)."""
+    """How many scalar Adds were folded, HardSigmoids made quantized Adds and gates given a quantize in ``model``
+    (before names are shortened)."""
     return {
         "scalar_adds_folded": sum(i.name.endswith(FOLDED_SUFFIX) for i in model.graph.initializer),
-        "hardsigmoids_integer": sum(n.name.endswith(ADDED_SUFFIX) for n in model.graph.node),
+        "hardsigmoids_as_add": sum(n.name.endswith(ADDED_SUFFIX) for n in model.graph.node),
+        "gates_quantized": sum(n.name.endswith(GATE_SUFFIX) for n in model.graph.node),
     }

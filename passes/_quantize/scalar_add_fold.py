@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize.integer_hardsigmoid import QRANGE
+from lepton_cli.passes._quantize.integer_gates import QRANGE
 from onnx import numpy_helper
 
 FOLDED_SUFFIX = "_folded_scale"  # the scale initializer of a quantize that absorbed an Add

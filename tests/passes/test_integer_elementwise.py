@@ -67,12 +67,13 @@ def test_hard_swish_blocks_run_as_integer_kernels_and_keep_the_map(det, tmp_path
     lowered_model = integer_elementwise(int8)
     done = rewritten(lowered_model)
     hardsigmoids = sum(n.op_type == "HardSigmoid" for n in fused.graph.node)
-    assert done["scalar_adds_folded"] >= 4 and done["hardsigmoids_integer"] >= hardsigmoids // 2, done
+    assert done["scalar_adds_folded"] >= 4 and done["hardsigmoids_as_add"] >= hardsigmoids // 2, done
+    assert done["gates_quantized"] == done["hardsigmoids_as_add"]  # Conv-only int8: every gate's Mul is quantized
     plain, plain_ops = _optimized(int8, tmp_path, "plain")
     rewrote, ops = _optimized(lowered_model, tmp_path, "lowered")
     assert ops["QLinearConv"] == plain_ops["QLinearConv"] > 0  # the rescaled biases keep every conv fused
-    assert ops["QLinearMul"] >= done["hardsigmoids_integer"] - 8 and ops["QLinearAdd"] >= done["hardsigmoids_integer"]
-    assert ops["HardSigmoid"] == plain_ops["HardSigmoid"] - done["hardsigmoids_integer"]
+    assert ops["QLinearMul"] >= done["gates_quantized"] and ops["QLinearAdd"] >= done["hardsigmoids_as_add"]
+    assert ops["HardSigmoid"] == plain_ops["HardSigmoid"] - done["hardsigmoids_as_add"]
     assert not any(
         i.name not in {x for n in lowered_model.graph.node for x in n.input} for i in lowered_model.graph.initializer
     )  # nothing left for ORT to warn about

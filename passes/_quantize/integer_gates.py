@@ -1,11 +1,14 @@
-"""HardSigmoid on quantized data as integer Add (+ Mul): the hard-swish/SE gate ORT's CPU EP runs in float.
+"""Gates on quantized data in integer kernels: hard-swish/SE HardSigmoid and SiLU Sigmoid, which ORT's CPU EP
+quantizes neither of and so runs in float between int8 layers.
 
 ORT quantizes no HardSigmoid, so each hard-swish between int8 convs runs as DequantizeLinear, float
 HardSigmoid, float Mul and QuantizeLinear over the whole feature map (PP-OCRv4 det 320x320 on cpu-avx:
 3.7 of its 15.2 ms, docs/decisions.md "Integer hard-swish"). HardSigmoid(x) = clip(alpha * x + beta, 0, 1):
 ``alpha *`` goes into the input's dequantize scale, ``+ beta`` is a quantized Add, and the clip is the
 saturation of a quantize whose range is [0, 1]. ORT fuses that DQ -> Add -> Q into QLinearAdd and the gated
-DQ -> Mul -> Q into QLinearMul, so the block runs on one byte per element.
+DQ -> Mul -> Q into QLinearMul, so the block runs on one byte per element. A Sigmoid gate (YOLOX's SiLU,
+``x * Sigmoid(x)``) only needs its own quantize over [0, 1]: ORT then runs QLinearSigmoid (a 256-entry table)
+and QLinearMul.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from onnx import helper, numpy_helper
 RANGE_SLACK = 1e-6
 QRANGE = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127)}
 ADDED_SUFFIX = "_hardsigmoid_as_add"  # the Add that replaces a HardSigmoid
+GATE_SUFFIX = "_gate_q"  # the quantize of a gate a Mul reads
 
 
 class _Dequantized(NamedTuple):
@@ -32,14 +36,15 @@ class _Dequantized(NamedTuple):
         return QRANGE[helper.np_dtype_to_tensor_dtype(self.zero.dtype)]
 
 
-def integer_hardsigmoid(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """(model, rewritten HardSigmoid names): each HardSigmoid that reads a per-tensor dequantized tensor and
-    whose result is quantized, directly or as the gate of a quantized Mul, computed as a quantized Add."""
+def integer_gates(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each HardSigmoid or Sigmoid that reads a per-tensor dequantized tensor and whose result is
+    quantized, directly or as the gate of a quantized Mul, computed by integer kernels."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
     rewriter = _Rewriter(result.graph)
-    hardsigmoids = [node for node in result.graph.node if node.op_type == "HardSigmoid"]
-    return result, [node.name for node in hardsigmoids if rewriter.rewrite(node)]
+    for node in [n for n in result.graph.node if n.op_type in ("HardSigmoid", "Sigmoid")]:
+        rewriter.rewrite(node)
+    return result
 
 
 class _Rewriter:
@@ -53,20 +58,20 @@ class _Rewriter:
                 self.readers.setdefault(name, []).append(node)
         self.outputs = {o.name for o in graph.output}
 
-    def rewrite(self, node: onnx.NodeProto) -> bool:
-        alpha, beta = _attr(node, "alpha", 0.2), _attr(node, "beta", 0.5)
+    def rewrite(self, node: onnx.NodeProto) -> None:
         source = self._dequantized(node.input[0])
         readers = self.readers.get(node.output[0], [])
-        if source is None or alpha <= 0 or beta <= 0 or node.output[0] in self.outputs or len(readers) != 1:
-            return False
+        if source is None or node.output[0] in self.outputs or len(readers) != 1:
+            return
         reader = readers[0]
-        if reader.op_type == "QuantizeLinear" and self._covers_unit_range(reader):
-            self._replace(node, source, alpha, beta, gated=False)
-            return True
-        if reader.op_type == "Mul" and self._gates_quantized(reader, node.output[0]):
-            self._replace(node, source, alpha, beta, gated=True)
-            return True
-        return False
+        gated = reader.op_type == "Mul" and self._gates_quantized(reader, node.output[0])
+        if node.op_type == "Sigmoid":  # ORT fuses DQ -> Sigmoid -> Q itself once the gate has its quantize
+            if gated:
+                self._insert(self._position(node) + 1, self._gate(node, node.output[0], source))
+            return
+        alpha, beta = _attr(node, "alpha", 0.2), _attr(node, "beta", 0.5)
+        if alpha > 0 and beta > 0 and (gated or reader.op_type == "QuantizeLinear" and self._covers_unit_range(reader)):
+            self._replace(node, source, alpha, beta, gated)
 
     def _dequantized(self, name: str) -> _Dequantized | None:
         dq = self.producer.get(name)
@@ -105,7 +110,7 @@ class _Rewriter:
 
     def _replace(self, node: onnx.NodeProto, source: _Dequantized, alpha: float, beta: float, gated: bool) -> None:
         """HardSigmoid -> DQ(x_q at alpha * scale) + DQ(beta); a Mul's gate is quantized over [0, 1] after it."""
-        low, high = source.qrange
+        high = source.qrange[1]
         name, out = node.name, node.output[0]
         scale = self._initializer(f"{name}_x_scale", np.array(alpha * source.scale, np.float32))
         zero = self._initializer(f"{name}_x_zero", source.zero)
@@ -118,18 +123,31 @@ class _Rewriter:
             helper.make_node("DequantizeLinear", [beta_q, beta_scale, beta_zero], [f"{name}_b"], name=f"{name}_b_dq"),
             helper.make_node("Add", [f"{name}_ax", f"{name}_b"], [added_out], name=f"{name}{ADDED_SUFFIX}"),
         ]
-        if gated:  # [0, 1] at 1 / (high - low): the quantize's saturation is the clip
-            gate_scale = self._initializer(f"{name}_gate_scale", np.array(1.0 / (high - low), np.float32))
-            gate_zero = self._initializer(f"{name}_gate_zero", np.array(low, source.zero.dtype))
-            gate_args = [gate_scale, gate_zero]
-            added += [
-                helper.make_node("QuantizeLinear", [added_out, *gate_args], [f"{out}_q"], name=f"{name}_gate_q"),
-                helper.make_node("DequantizeLinear", [f"{out}_q", *gate_args], [out], name=f"{name}_gate_dq"),
-            ]
-        index = list(self.graph.node).index(node)
+        position = self._position(node)
         self.graph.node.remove(node)
-        for position, new in enumerate(added):
-            self.graph.node.insert(index + position, new)
+        self._insert(position, added + (self._gate(node, added_out, source) if gated else []))
+
+    def _gate(self, node: onnx.NodeProto, gate: str, source: _Dequantized) -> list[onnx.NodeProto]:
+        """Quantize -> dequantize ``gate`` over [0, 1] at 1 / (high - low), so that the Mul's ``node.output[0]``
+        input is dequantized; the quantize's saturation is HardSigmoid's clip. Renames ``gate`` where it is the
+        node's own output."""
+        low, high = source.qrange
+        name, out = node.name, node.output[0]
+        if gate == out:
+            gate = node.output[0] = f"{out}_float"
+        scale = self._initializer(f"{name}_gate_scale", np.array(1.0 / (high - low), np.float32))
+        zero = self._initializer(f"{name}_gate_zero", np.array(low, source.zero.dtype))
+        return [
+            helper.make_node("QuantizeLinear", [gate, scale, zero], [f"{out}_q"], name=f"{name}{GATE_SUFFIX}"),
+            helper.make_node("DequantizeLinear", [f"{out}_q", scale, zero], [out], name=f"{name}_gate_dq"),
+        ]
+
+    def _position(self, node: onnx.NodeProto) -> int:
+        return next(i for i, n in enumerate(self.graph.node) if n is node or n == node)
+
+    def _insert(self, position: int, nodes: list[onnx.NodeProto]) -> None:
+        for offset, new in enumerate(nodes):
+            self.graph.node.insert(position + offset, new)
 
     def _initializer(self, name: str, value: np.ndarray) -> str:
         self.graph.initializer.append(numpy_helper.from_array(value, name))
