@@ -19,6 +19,7 @@ from conftest import OCR_DET, REPO, needs_ocr
 from lepton_cli.passes._quantize import schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from lepton_cli.passes._quantize.integer_elementwise import integer_elementwise, lowered, rewritten
+from lepton_cli.passes._quantize.integer_gates import GATE_SUFFIX
 from lepton_cli.passes._quantize.scalar_add_fold import fold_scalar_adds
 from lepton_cli.passes._quantize.tuning import ranking_build
 
@@ -133,3 +134,43 @@ def test_the_ranking_bypasses_nodes_in_the_model_before_lowering():
 
     build = lowered(plain)
     assert ranking_build(build) is plain and ranking_build(plain) is plain
+
+
+@needs_ocr
+def test_pp_ocrv4_rec_silu_gates_run_as_qlinear_sigmoid_and_read_the_same_text(tmp_path):
+    """The SVTR neck's SiLU (x * Sigmoid(x)) between int8 Gemms/convs: its gate gets a [0, 1] quantize and ORT runs
+    QLinearSigmoid; the recogniser reads held-out rendered lines as the plain int8 model does."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset
+    from conftest import OCR_REC
+
+    target = load_target("cpu-avx")
+    model, _ = upgrade_opset(onnx.load(OCR_REC), target.runtime.opset_min, target.runtime.opset_max)
+    model = bind_input_shapes(model, {"x": [1, 3, 48, 160]})
+    fuse = next(step for step in target.passes if step.name == "fuse")
+    fused = get_pass("fuse").fn(model, PassContext(target=target), fuse.params).model
+    np.savez(tmp_path / "calib.npz", x=ocr_textset.make_set(8, 1, "calib", width=160)[0])
+    ops = ("Conv", "MatMul", "Gemm")
+    settings = CalibrationSettings(method="minmax", chunk=8, max_samples=8)
+    ranges = calibrate(fused, load_samples(tmp_path / "calib.npz", fused), settings, None, list(ops))
+    scheme = schemes.Int8Scheme(per_channel=True, op_types=ops)
+    int8 = schemes.quantize_int8(
+        fused, schemes.save_ranges(ranges, tmp_path / "r.json"), "minmax", scheme, [], tmp_path
+    )
+    lowered_model = integer_elementwise(int8)
+    done = rewritten(lowered_model)
+    sigmoid_outputs = {n.output[0] for n in lowered_model.graph.node if n.op_type == "Sigmoid"}
+    sigmoid_gates = sum(
+        n.name.endswith(GATE_SUFFIX) and n.input[0] in sigmoid_outputs for n in lowered_model.graph.node
+    )
+    assert sigmoid_gates >= 3, done
+    plain, _ = _optimized(int8, tmp_path, "plain")
+    rewrote, lowered_ops = _optimized(lowered_model, tmp_path, "lowered")
+    assert lowered_ops["QLinearSigmoid"] >= sigmoid_gates
+    lines, truth = ocr_textset.make_set(12, 3, "eval", width=160)
+    chars = ocr_textset.charset(model)
+    read = [
+        ocr_textset.ctc_greedy(np.concatenate([s.run(None, {"x": line[None]})[0] for line in lines]), chars)
+        for s in (plain, rewrote)
+    ]
+    assert ocr_textset.char_accuracy(read[1], truth) >= ocr_textset.char_accuracy(read[0], truth) - 1.0
