@@ -227,6 +227,16 @@ def _pipeline_table(report: dict[str, Any]) -> Table | None:
     return ["pass", "seconds", "nodes", "size", "MACs", "check"], rows
 
 
+def _lowered_text(lowered: dict[str, int]) -> str:
+    """The quantize summary's ``integer_elementwise`` counts, as a sentence."""
+    parts = [
+        f"{lowered.get('scalar_adds_folded', 0)} scalar Adds folded into a quantize's zero point",
+        f"{lowered.get('hardsigmoids_as_add', 0)} HardSigmoid as quantized Add",
+        f"{lowered.get('gates_quantized', 0)} gates (HardSigmoid, Sigmoid) quantized for QLinearMul",
+    ]
+    return "; ".join(parts)
+
+
 def _quantize_summary(report: dict[str, Any]) -> dict[str, Any] | None:
     """The main pipeline's searched quantize step's summary (None: no search ran)."""
     for step in report_steps(report):
@@ -257,6 +267,9 @@ def choice_table(report: dict[str, Any]) -> Table | None:
     rows.append(["source quantized", source])
     names = ", ".join(kept[:6]) + (f", … ({len(kept) - 6} more)" if len(kept) > 6 else "")
     rows.append(["nodes kept float", f"{len(kept)}" + (f": {names}" if kept else "")])
+    lowered = summary.get("integer_elementwise")
+    if lowered and any(lowered.values()):
+        rows.append(["element-wise in integer kernels", _lowered_text(lowered)])
     rows.append(["drop (points)", _num(summary.get("drop_pct"), 2)])
     if summary.get("cost_ms") is not None:
         rows.append(["est. latency on the target", f"{_num(summary['cost_ms'], 3)} ms"])

@@ -116,6 +116,17 @@ def test_the_choice_table_names_the_recovery_tier_source(compiled):
     assert "| source quantized | after adaround + bias_correction (recovery tier: " in md
 
 
+def test_the_choice_table_counts_the_element_wise_lowering(compiled):
+    result, _ = compiled
+    report = json.loads(json.dumps(result.report))
+    quantize = next(s for s in report["pipeline"] if s["name"] == "quantize")["summary"]
+    md = report_render.render_markdown(report)
+    assert "element-wise in integer kernels" not in md  # digits has no gate or scalar Add to lower
+    quantize["integer_elementwise"] = {"scalar_adds_folded": 7, "hardsigmoids_as_add": 14, "gates_quantized": 15}
+    md = report_render.render_markdown(report)
+    assert "| element-wise in integer kernels | 7 scalar Adds folded into a quantize's zero point; 14 HardSigmoid" in md
+
+
 def test_layer_errors_rendered_when_a_pass_reports_them():
     report = {
         "format": "lepton-report/1",
