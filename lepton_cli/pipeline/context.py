@@ -8,6 +8,7 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Callable
 
 import numpy as np
@@ -31,6 +32,9 @@ HOLDOUT_FRACTION = 0.25  # of --calib, scored (not calibrated on) when there is 
 MIN_HOLDOUT_SPLIT = 8  # fewer calibration samples: score on them all
 SCORE_SAMPLE_LIMIT = 1000  # enough for a 0.1-point resolution; bounds compile time on big sets
 MIN_WORST_CASE_SAMPLES = 8  # a worst-page metric over fewer pages says little about the next page
+# One wrong unit reads its resolution with a standard error about as large; the lossy passes hold drop + z * se to
+# the budget (budget_confidence 0.8 by default), so a scoring set fits its budget only if that much of one unit does.
+ONE_UNIT_BOUND = 1.0 + NormalDist().inv_cdf(0.8)
 
 ProgressReport = Callable[[str, str, "int | None", "int | None"], None]  # (pass, message, done, total)
 ScoringSplit = tuple["SampleSet | None", "SampleSet | None", str]  # (calibration, scored, what is scored)
@@ -137,20 +141,21 @@ class PassContext:
         )
 
     def _resolving_evaluator(self, data: SampleSet, level: str) -> Evaluator:
-        """The evaluator on ``data``, or on all of --calib when the held-out part cannot show a drop as small as the
-        budget (one flip of 50 samples is 2 points) and all of it can show more; warns when even that is too coarse."""
+        """The evaluator on ``data``, or on all of --calib when one wrong unit of the held-out part, with its standard
+        error, is over the budget (one flip of 50 samples is 2 points: it takes a budget of 3.7) and all of it can
+        show less; warns when even all of it cannot show a drop as small as the budget."""
         evaluator = self._evaluator(data, level)
         budget = self.accuracy_budget
         calib = self.calib
         widen = data is not self.eval and calib is not None and min(len(calib), SCORE_SAMPLE_LIMIT) > evaluator.count
         few_pages = evaluator.worst_case and evaluator.count < MIN_WORST_CASE_SAMPLES
-        if (evaluator.resolution_pct > budget or few_pages) and widen:
+        if (evaluator.resolution_pct * ONE_UNIT_BOUND > budget or few_pages) and widen:
             assert calib is not None
             why = (
                 f"the worst of {evaluator.count} held-out pages says little about the next page"
                 if few_pages
-                else f"the held-out {len(data)} resolve only {evaluator.resolution_pct:.2g} points, coarser than "
-                f"the {budget:g}-point budget"
+                else f"the held-out {len(data)} resolve only {evaluator.resolution_pct:.2g} points, too coarse for "
+                f"the {budget:g}-point budget at the search's confidence"
             )
             evaluator = self._evaluator(calib, level)
             name = f"all {evaluator.count} of --calib (agreement with the source; {why})"

@@ -55,8 +55,16 @@ def test_a_held_out_part_too_coarse_for_the_budget_scores_all_of_calib(digits):
 
 def test_a_held_out_part_fine_enough_for_the_budget_stays(digits):
     model, calib, _ = digits
-    scorer, name = _ctx(model, calib, budget=2.0).scorer()
+    scorer, name = _ctx(model, calib, budget=4.0).scorer()
     assert scorer.count == 50 and name.startswith("held-out 50 of --calib")
+
+
+def test_one_unit_must_fit_the_budget_with_its_uncertainty(digits):
+    """One flip of 50 is 2 points, under a 3-point budget, but its upper bound (about 3.7) is not: every candidate
+    with one flip would be refused, so the scorer takes all of --calib (0.5 points a flip)."""
+    model, calib, _ = digits
+    scorer, name = _ctx(model, calib, budget=3.0).scorer()
+    assert scorer.count == 200 and "resolve only 2 points, too coarse for the 3-point budget" in name
 
 
 def test_too_few_samples_for_the_budget_warn_and_say_what_to_pass(digits):
