@@ -4,11 +4,11 @@ quantizes neither of and so runs in float between int8 layers.
 ORT quantizes no HardSigmoid, so each hard-swish between int8 convs runs as DequantizeLinear, float
 HardSigmoid, float Mul and QuantizeLinear over the whole feature map (PP-OCRv4 det 320x320 on cpu-avx:
 3.7 of its 15.2 ms; docs/decisions.md, "Integer element-wise between int8 layers").
-HardSigmoid(x) = clip(alpha * x + beta, 0, 1): ``alpha *`` goes into the input's dequantize scale, ``+ beta`` is a quantized Add, and the clip is the
-saturation of a quantize whose range is [0, 1]. ORT fuses that DQ -> Add -> Q into QLinearAdd and the gated
-DQ -> Mul -> Q into QLinearMul, so the block runs on one byte per element. A Sigmoid gate (YOLOX's SiLU,
-``x * Sigmoid(x)``) only needs its own quantize over [0, 1]: ORT then runs QLinearSigmoid (a 256-entry table)
-and QLinearMul.
+HardSigmoid(x) = clip(alpha * x + beta, 0, 1): ``alpha *`` goes into the input's dequantize scale, ``+ beta`` is
+a quantized Add, and the clip is the saturation of a quantize whose range is [0, 1]. ORT fuses that DQ -> Add -> Q
+into QLinearAdd and the gated DQ -> Mul -> Q into QLinearMul, so the block runs on one byte per element. A Sigmoid
+gate (YOLOX's SiLU, ``x * Sigmoid(x)``) only needs its own quantize over [0, 1]: ORT then runs QLinearSigmoid (a
+256-entry table) and QLinearMul.
 """
 
 from __future__ import annotations
