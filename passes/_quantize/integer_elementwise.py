@@ -1,8 +1,9 @@
 """The float element-wise work between int8 layers moved into integer kernels ORT fuses (``integer_elementwise``).
 
 Scalar Adds before a quantize fold into its zero point (``scalar_add_fold.py``), then HardSigmoid gates become
-quantized Adds and Sigmoid gates get their own quantize (``integer_gates.py``): in that order, a hard-swish ending in PP-LCNetV3's ``+ b`` runs as
-QLinearAdd + QLinearMul. Both rewrites name what they add, so the chosen model says what was rewritten.
+quantized Adds and Sigmoid gates get their own quantize (``integer_gates.py``): in that order, a hard-swish ending
+in PP-LCNetV3's ``+ b`` runs as QLinearAdd + QLinearMul. Both rewrites name what they add, so the chosen model says
+what was rewritten.
 """
 
 from __future__ import annotations

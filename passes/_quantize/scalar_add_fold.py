@@ -61,7 +61,7 @@ def fold_scalar_adds(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
         for dequantize in fold.dequantizes:
             dequantize.input[1], dequantize.input[2] = names[0], names[2]
             for reader in readers.get(dequantize.output[0], []):
-                _rescale_bias(reader, graph, inits, producer, fold.scale / fold.old_scale)
+                _rescale_bias(reader, graph, inits, producer, readers, fold.scale / fold.old_scale)
         graph.node.remove(add)
         folded.append(add.name)
     return result, folded
@@ -100,13 +100,16 @@ def _plan(add: onnx.NodeProto, inits: dict, readers: dict, outputs: set[str]) ->
     return _Fold(add, tensor, quantize, dequantizes, s, scale, *zeros)
 
 
-def _rescale_bias(reader: onnx.NodeProto, graph: onnx.GraphProto, inits: dict, producer: dict, ratio: float) -> None:
+def _rescale_bias(
+    reader: onnx.NodeProto, graph: onnx.GraphProto, inits: dict, producer: dict, readers: dict, ratio: float
+) -> None:
     """A Conv/Gemm's int32 bias behind a DequantizeLinear (quantized at input scale x weight scale) rescaled by
-    ``ratio`` with its input's scale; new initializers, in case the old ones are shared."""
+    ``ratio`` with its input's scale; new initializers, in case the old ones are shared. A bias another node reads
+    too stays: the conv then runs unfused (DQ -> float Conv), still exact."""
     if reader.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(reader.input) < 3:
         return
     dequantize = producer.get(reader.input[2])
-    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+    if dequantize is None or dequantize.op_type != "DequantizeLinear" or len(readers.get(reader.input[2], [])) != 1:
         return
     values, scale = inits.get(dequantize.input[0]), inits.get(dequantize.input[1])
     if values is None or scale is None or values.data_type != onnx.TensorProto.INT32:
