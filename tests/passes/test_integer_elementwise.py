@@ -174,3 +174,14 @@ def test_pp_ocrv4_rec_silu_gates_run_as_qlinear_sigmoid_and_read_the_same_text(t
         for s in (plain, rewrote)
     ]
     assert ocr_textset.char_accuracy(read[1], truth) >= ocr_textset.char_accuracy(read[0], truth) - 1.0
+
+
+def test_a_power_of_two_target_cannot_turn_it_on():
+    """A DPU rescales by shifts: folded scales (|b| / k) and the gates' 1/255 would break every-scale-a-power-of-two."""
+    from lepton_cli.errors import BadInputError
+    from lepton_cli.pipeline.params import from_table
+
+    params_cls = get_pass("quantize").params_cls
+    assert from_table(params_cls, {"integer_elementwise": True}, "passes[quantize]").integer_elementwise
+    with pytest.raises(BadInputError, match="integer_elementwise"):
+        from_table(params_cls, {"integer_elementwise": True, "power_of_two_scales": True}, "passes[quantize]")
