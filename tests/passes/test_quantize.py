@@ -335,7 +335,8 @@ def test_ppocr_rec_cpu_avx_keeps_character_accuracy(tmp_path):
     evaluation = load_samples(tmp_path / "eval.npz", model, role="--eval")
     result, ctx = _run("cpu-avx", model, calib, evaluation, budget=0.5)
     assert result.summary["drop_pct"] <= 0.5 and _weight_dq(result.model)
-    assert result.summary["tried"][-1]["agreement"] and evaluation.labels.dtype.kind == "U"
+    scored = [t for t in result.summary["tried"] if t["scored"]]  # the rest were priced above one within budget
+    assert scored and all(t["agreement"] for t in scored) and evaluation.labels.dtype.kind == "U"
     chars = textset.charset(model)
 
     def accuracy(m, level="all"):
@@ -349,8 +350,9 @@ def test_ppocr_rec_cpu_avx_keeps_character_accuracy(tmp_path):
 
 def test_without_eval_a_held_out_part_of_calib_scores_agreement(digits):
     model, calib, _ = digits
-    result, _ = _run("edge-arm", model, calib, None, budget=2.0)
-    assert result.summary["scored_on"].startswith("held-out 50 of --calib")  # one flip of 50 (2 points) fits 2
+    result, _ = _run("edge-arm", model, calib, None, budget=4.0)
+    # one flip of 50 (2 points) plus its standard error (about as much) fits 4
+    assert result.summary["scored_on"].startswith("held-out 50 of --calib")
     assert result.summary["calibration_samples"] == 150  # the held-out quarter is not calibrated on
 
 
