@@ -14,14 +14,14 @@ import onnx
 from lepton_cli.passes._quantize.integer_gates import ADDED_SUFFIX, GATE_SUFFIX, integer_gates
 from lepton_cli.passes._quantize.scalar_add_fold import FOLDED_SUFFIX, fold_scalar_adds
 
+from lepton_cli.model.graph_edit import drop_unused_initializers
+
 
 def integer_elementwise(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with both rewrites applied and the constants they left unread removed (ORT warns about those)."""
     folded, _ = fold_scalar_adds(model)
     result = integer_gates(folded)
-    read = {name for node in result.graph.node for name in node.input}
-    for init in [i for i in result.graph.initializer if i.name not in read]:
-        result.graph.initializer.remove(init)
+    drop_unused_initializers(result)
     return result
 
 

@@ -17,7 +17,9 @@ from typing import NamedTuple
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
+
+from lepton_cli.model.graph_edit import GraphIndex
 
 # Slack on the [0, 1] check of an existing quantize's range: its scale is a float32 rounding of rmax / 255.
 RANGE_SLACK = 1e-6
@@ -49,19 +51,12 @@ def integer_gates(model: onnx.ModelProto) -> onnx.ModelProto:
 
 class _Rewriter:
     def __init__(self, graph: onnx.GraphProto):
-        self.graph = graph
-        self.inits = {i.name: i for i in graph.initializer}
-        self.producer = {o: n for n in graph.node for o in n.output}
-        self.readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.readers.setdefault(name, []).append(node)
-        self.outputs = {o.name for o in graph.output}
+        self.g = GraphIndex(graph)
 
     def rewrite(self, node: onnx.NodeProto) -> None:
         source = self._dequantized(node.input[0])
-        readers = self.readers.get(node.output[0], [])
-        if source is None or node.output[0] in self.outputs or len(readers) != 1:
+        readers = self.g.readers(node.output[0])
+        if source is None or node.output[0] in self.g.outputs or len(readers) != 1:
             return
         reader = readers[0]
         gated = reader.op_type == "Mul" and self._gates_quantized(reader, node.output[0])
@@ -73,50 +68,52 @@ class _Rewriter:
         if alpha > 0 and beta > 0 and (gated or reader.op_type == "QuantizeLinear" and self._covers_unit_range(reader)):
             self._replace(node, source, alpha, beta, gated)
 
+    def _scalar(self, name: str) -> np.ndarray | None:
+        """A one-element initializer's value, 0-d; None for anything else."""
+        value = self.g.const(name)
+        return value.reshape(()) if value is not None and value.size == 1 else None
+
     def _dequantized(self, name: str) -> _Dequantized | None:
-        dq = self.producer.get(name)
+        dq = self.g.producer.get(name)
         if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
             return None
-        scale, zero = self.inits.get(dq.input[1]), self.inits.get(dq.input[2])
-        if scale is None or zero is None or zero.data_type not in QRANGE:
+        scale, zero = self._scalar(dq.input[1]), self._scalar(dq.input[2])
+        if scale is None or zero is None or helper.np_dtype_to_tensor_dtype(zero.dtype) not in QRANGE:
             return None
-        scale_value, zero_value = numpy_helper.to_array(scale), numpy_helper.to_array(zero)
-        if scale_value.size != 1 or zero_value.size != 1:
-            return None
-        return _Dequantized(dq.input[0], float(scale_value.reshape(-1)[0]), zero_value.reshape(()))
+        return _Dequantized(dq.input[0], float(scale), zero)
 
     def _covers_unit_range(self, quantize: onnx.NodeProto) -> bool:
         """Whether the quantize's representable range lies in [0, 1]: its saturation then is HardSigmoid's clip."""
-        if len(quantize.input) < 3 or quantize.input[1] not in self.inits or quantize.input[2] not in self.inits:
+        if len(quantize.input) < 3:
             return False
-        scale, zero = self.inits[quantize.input[1]], self.inits[quantize.input[2]]
-        if zero.data_type not in QRANGE or numpy_helper.to_array(scale).size != 1:
+        scale, zero = self._scalar(quantize.input[1]), self._scalar(quantize.input[2])
+        if scale is None or zero is None or helper.np_dtype_to_tensor_dtype(zero.dtype) not in QRANGE:
             return False
-        low, high = QRANGE[zero.data_type]
-        s, z = float(numpy_helper.to_array(scale).reshape(-1)[0]), int(numpy_helper.to_array(zero).reshape(-1)[0])
+        low, high = QRANGE[helper.np_dtype_to_tensor_dtype(zero.dtype)]
+        s, z = float(scale), int(zero)
         return s * (low - z) >= -RANGE_SLACK and 0 < s * (high - z) <= 1 + RANGE_SLACK
 
     def _gates_quantized(self, mul: onnx.NodeProto, gate: str) -> bool:
         """The Mul's other input is dequantized and the product's only reader is a QuantizeLinear."""
         other = mul.input[1] if mul.input[0] == gate else mul.input[0]
-        product_readers = self.readers.get(mul.output[0], [])
+        product_reader = self.g.only_reader(mul.output[0])
         return (
             other != gate
             and self._dequantized(other) is not None
-            and mul.output[0] not in self.outputs
-            and len(product_readers) == 1
-            and product_readers[0].op_type == "QuantizeLinear"
+            and product_reader is not None
+            and product_reader.op_type == "QuantizeLinear"
         )
 
     def _replace(self, node: onnx.NodeProto, source: _Dequantized, alpha: float, beta: float, gated: bool) -> None:
         """HardSigmoid -> DQ(x_q at alpha * scale) + DQ(beta); a Mul's gate is quantized over [0, 1] after it."""
         high = source.qrange[1]
         name, out = node.name, node.output[0]
-        scale = self._initializer(f"{name}_x_scale", np.array(alpha * source.scale, np.float32))
-        zero = self._initializer(f"{name}_x_zero", source.zero)
-        beta_q = self._initializer(f"{name}_beta_q", np.array(high, source.zero.dtype))
-        beta_scale = self._initializer(f"{name}_beta_scale", np.array(beta / high, np.float32))
-        beta_zero = self._initializer(f"{name}_beta_zero", np.zeros((), source.zero.dtype))
+        add = self.g.add_initializer
+        scale = add(f"{name}_x_scale", np.array(alpha * source.scale, np.float32))
+        zero = add(f"{name}_x_zero", source.zero)
+        beta_q = add(f"{name}_beta_q", np.array(high, source.zero.dtype))
+        beta_scale = add(f"{name}_beta_scale", np.array(beta / high, np.float32))
+        beta_zero = add(f"{name}_beta_zero", np.zeros((), source.zero.dtype))
         added_out = f"{out}_affine" if gated else out
         added = [
             helper.make_node("DequantizeLinear", [source.tensor, scale, zero], [f"{name}_ax"], name=f"{name}_ax_dq"),
@@ -124,7 +121,7 @@ class _Rewriter:
             helper.make_node("Add", [f"{name}_ax", f"{name}_b"], [added_out], name=f"{name}{ADDED_SUFFIX}"),
         ]
         position = self._position(node)
-        self.graph.node.remove(node)
+        self.g.remove(node)
         self._insert(position, added + (self._gate(node, added_out, source) if gated else []))
 
     def _gate(self, node: onnx.NodeProto, gate: str, source: _Dequantized) -> list[onnx.NodeProto]:
@@ -134,24 +131,21 @@ class _Rewriter:
         low, high = source.qrange
         name, out = node.name, node.output[0]
         if gate == out:
-            gate = node.output[0] = f"{out}_float"
-        scale = self._initializer(f"{name}_gate_scale", np.array(1.0 / (high - low), np.float32))
-        zero = self._initializer(f"{name}_gate_zero", np.array(low, source.zero.dtype))
+            gate = f"{out}_float"
+            self.g.set_output(node, 0, gate)
+        scale = self.g.add_initializer(f"{name}_gate_scale", np.array(1.0 / (high - low), np.float32))
+        zero = self.g.add_initializer(f"{name}_gate_zero", np.array(low, source.zero.dtype))
         return [
             helper.make_node("QuantizeLinear", [gate, scale, zero], [f"{out}_q"], name=f"{name}{GATE_SUFFIX}"),
             helper.make_node("DequantizeLinear", [f"{out}_q", scale, zero], [out], name=f"{name}_gate_dq"),
         ]
 
     def _position(self, node: onnx.NodeProto) -> int:
-        return next(i for i, n in enumerate(self.graph.node) if n is node or n == node)
+        return next(i for i, n in enumerate(self.g.graph.node) if n is node or n == node)
 
     def _insert(self, position: int, nodes: list[onnx.NodeProto]) -> None:
         for offset, new in enumerate(nodes):
-            self.graph.node.insert(position + offset, new)
-
-    def _initializer(self, name: str, value: np.ndarray) -> str:
-        self.graph.initializer.append(numpy_helper.from_array(value, name))
-        return name
+            self.g.insert(position + offset, new)
 
 
 def _attr(node: onnx.NodeProto, name: str, default: float) -> float:

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from lepton_cli.passes._quantize.integer_gates import QRANGE
-from onnx import numpy_helper
+from onnx import helper
+
+from lepton_cli.model.graph_edit import GraphIndex
 
 FOLDED_SUFFIX = "_folded_scale"  # the scale initializer of a quantize that absorbed an Add
 MAX_COARSER = 1.25  # s' / s: past it (b under ~4 steps) the coarser grid costs more than the float Add
@@ -39,85 +41,78 @@ def fold_scalar_adds(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
     read only by DequantizeLinear nodes sharing its scale and zero point."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
-    graph = result.graph
-    inits = {i.name: i for i in graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    producer = {o: n for n in graph.node for o in n.output}
-    outputs = {o.name for o in graph.output}
+    g = GraphIndex(result.graph)
     folded = []
-    for add in [n for n in graph.node if n.op_type == "Add"]:
-        fold = _plan(add, inits, readers, outputs)
+    for add in [n for n in result.graph.node if n.op_type == "Add"]:
+        fold = _plan(g, add)
         if fold is None:
             continue
         names = [f"{fold.quantize.name}{suffix}" for suffix in (FOLDED_SUFFIX, "_folded_zero", "_folded_dq_zero")]
         values = [np.array(fold.scale, np.float32), fold.quantize_zero, fold.dequantize_zero]
         for name, value in zip(names, values):
-            inits[name] = numpy_helper.from_array(value, name)
-            graph.initializer.append(inits[name])
-        fold.quantize.input[0], fold.quantize.input[1], fold.quantize.input[2] = fold.tensor, names[0], names[1]
+            g.add_initializer(name, value)
+        for k, name in enumerate([fold.tensor, names[0], names[1]]):
+            g.set_input(fold.quantize, k, name)
         for dequantize in fold.dequantizes:
-            dequantize.input[1], dequantize.input[2] = names[0], names[2]
-            for reader in readers.get(dequantize.output[0], []):
-                _rescale_bias(reader, graph, inits, producer, readers, fold.scale / fold.old_scale)
-        graph.node.remove(add)
+            g.set_input(dequantize, 1, names[0])
+            g.set_input(dequantize, 2, names[2])
+            for reader in list(g.readers(dequantize.output[0])):
+                _rescale_bias(g, reader, fold.scale / fold.old_scale)
+        g.remove(add)
         folded.append(add.name)
     return result, folded
 
 
-def _scalar(init: onnx.TensorProto) -> float:
-    return float(numpy_helper.to_array(init).reshape(-1)[0])
+def _scalar(g: GraphIndex, name: str) -> np.ndarray | None:
+    """A one-element initializer's value, 0-d; None for anything else."""
+    value = g.const(name)
+    return value.reshape(()) if value is not None and value.size == 1 else None
 
 
-def _plan(add: onnx.NodeProto, inits: dict, readers: dict, outputs: set[str]) -> _Fold | None:
-    constants = [i for i in add.input if i in inits and numpy_helper.to_array(inits[i]).size == 1]
-    if len(constants) != 1 or add.output[0] in outputs:
+def _plan(g: GraphIndex, add: onnx.NodeProto) -> _Fold | None:
+    constants = [i for i in add.input if _scalar(g, i) is not None]
+    if len(constants) != 1 or add.output[0] in g.outputs:
         return None
-    quantizes = readers.get(add.output[0], [])
+    quantizes = g.readers(add.output[0])
     if len(quantizes) != 1 or quantizes[0].op_type != "QuantizeLinear" or len(quantizes[0].input) < 3:
         return None
     quantize = quantizes[0]
-    scale_init, zero_init = inits.get(quantize.input[1]), inits.get(quantize.input[2])
-    if scale_init is None or zero_init is None or zero_init.data_type not in QRANGE or quantize.output[0] in outputs:
+    scale, zero = _scalar(g, quantize.input[1]), _scalar(g, quantize.input[2])
+    if scale is None or zero is None or quantize.output[0] in g.outputs:
         return None
-    dequantizes = readers.get(quantize.output[0], [])
-    if any(d.op_type != "DequantizeLinear" or list(d.input[1:3]) != list(quantize.input[1:3]) for d in dequantizes):
+    data_type = helper.np_dtype_to_tensor_dtype(zero.dtype)
+    dequantizes = g.readers(quantize.output[0])
+    if data_type not in QRANGE or any(
+        d.op_type != "DequantizeLinear" or list(d.input[1:3]) != list(quantize.input[1:3]) for d in dequantizes
+    ):
         return None
-    b, s, z = _scalar(inits[constants[0]]), _scalar(scale_init), int(_scalar(zero_init))
+    b, s, z = float(_scalar(g, constants[0])), float(scale), int(zero)
     steps = math.floor(abs(b) / s)
     if steps == 0 or abs(b) / steps / s > MAX_COARSER:
         return None
-    low, high = QRANGE[zero_init.data_type]
-    scale, k = abs(b) / steps, int(math.copysign(steps, b))
-    dequantize_zero = int(round(low - s * (low - z) / scale))  # the calibrated range's real low end kept
+    low, high = QRANGE[data_type]
+    new_scale, k = abs(b) / steps, int(math.copysign(steps, b))
+    dequantize_zero = int(round(low - s * (low - z) / new_scale))  # the calibrated range's real low end kept
     if not (low <= dequantize_zero <= high and low <= dequantize_zero + k <= high):
         return None
-    dtype = numpy_helper.to_array(zero_init).dtype
     tensor = add.input[1] if add.input[0] == constants[0] else add.input[0]
-    zeros = np.array(dequantize_zero + k, dtype), np.array(dequantize_zero, dtype)
-    return _Fold(add, tensor, quantize, dequantizes, s, scale, *zeros)
+    zeros = np.array(dequantize_zero + k, zero.dtype), np.array(dequantize_zero, zero.dtype)
+    return _Fold(add, tensor, quantize, list(dequantizes), s, new_scale, *zeros)
 
 
-def _rescale_bias(
-    reader: onnx.NodeProto, graph: onnx.GraphProto, inits: dict, producer: dict, readers: dict, ratio: float
-) -> None:
+def _rescale_bias(g: GraphIndex, reader: onnx.NodeProto, ratio: float) -> None:
     """A Conv/Gemm's int32 bias behind a DequantizeLinear (quantized at input scale x weight scale) rescaled by
     ``ratio`` with its input's scale; new initializers, in case the old ones are shared. A bias another node reads
     too stays: the conv then runs unfused (DQ -> float Conv), still exact."""
     if reader.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(reader.input) < 3:
         return
-    dequantize = producer.get(reader.input[2])
-    if dequantize is None or dequantize.op_type != "DequantizeLinear" or len(readers.get(reader.input[2], [])) != 1:
+    dequantize = g.producer.get(reader.input[2])
+    if dequantize is None or dequantize.op_type != "DequantizeLinear" or len(g.readers(reader.input[2])) != 1:
         return
-    values, scale = inits.get(dequantize.input[0]), inits.get(dequantize.input[1])
-    if values is None or scale is None or values.data_type != onnx.TensorProto.INT32:
+    values, scale = g.const(dequantize.input[0]), g.const(dequantize.input[1])
+    if values is None or scale is None or values.dtype != np.int32:
         return
-    rescaled = np.round(numpy_helper.to_array(values).astype(np.float64) / ratio).astype(np.int32)
-    names = (f"{dequantize.name}_rescaled_q", f"{dequantize.name}_rescaled_scale")
-    arrays = (rescaled, (numpy_helper.to_array(scale).astype(np.float64) * ratio).astype(np.float32))
-    for name, array in zip(names, arrays):
-        inits[name] = numpy_helper.from_array(array, name)
-        graph.initializer.append(inits[name])
-    dequantize.input[0], dequantize.input[1] = names
+    rescaled = np.round(values.astype(np.float64) / ratio).astype(np.int32)
+    g.set_input(dequantize, 0, g.add_initializer(f"{dequantize.name}_rescaled_q", rescaled))
+    rescaled_scale = (scale.astype(np.float64) * ratio).astype(np.float32)
+    g.set_input(dequantize, 1, g.add_initializer(f"{dequantize.name}_rescaled_scale", rescaled_scale))
