@@ -47,7 +47,7 @@ class QuantizeParams:
     # No Q/DQ on MatMul/Gemm outputs: ORT still runs them int8 (QGemm, MatMulIntegerToFloat) with float results, and
     # a reader that is quantized gets its own Q at its input; a float reader (a residual Add) loses nothing to rounding.
     float_matmul_outputs: bool = True
-    # HardSigmoid gates and scalar Adds between int8 layers as QLinearAdd/QLinearMul (ORT's CPU EP): one byte per element
+    # Scalar Adds, HardSigmoid and Sigmoid gates between int8 layers as QLinearAdd/Mul/Sigmoid (ORT's CPU EP), 1 B/element
     integer_elementwise: bool = False
     # Tried before op_types (more int8, fewer Q/DQ: faster) and kept when a candidate meets the budget.
     fast_op_types: list[str] | None = None
