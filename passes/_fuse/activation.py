@@ -1,8 +1,8 @@
 """Elementwise folds for hard-swish networks (MobileNetV3, PP-LCNet): hard-swish and scalar affine blocks.
 
 * ``x * Clip(x + 3, 0, 6) / 6`` and ``HardSwish(x)``  ->  ``Mul(x, HardSigmoid(x, alpha=1/6, beta=0.5))``: the
-  same function (HardSigmoid = clip(x/6 + 1/2, 0, 1)) in two ops, both in every opset we target; faster under ONNX Runtime
-  than the ``HardSwish`` op (docs/decisions.md, "Fuse and layout").
+  same function (HardSigmoid = clip(x/6 + 1/2, 0, 1)) in two ops, both in every opset we target; faster under ONNX
+  Runtime than the ``HardSwish`` op (docs/decisions.md, "Fuse and layout").
 * ``Conv(Mul(t, s))`` with a scalar s -> the Conv with weights * s: exact even with zero padding
   (s * 0 = 0).
 * ``Conv(Add(t, b))`` with a scalar b and no padding -> the Conv's bias + b * sum(W): exact where every
