@@ -38,7 +38,7 @@ def one_thread(model: onnx.ModelProto | bytes) -> ort.InferenceSession:
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def latency_ratios(source: bytes, models: list[onnx.ModelProto], feed: dict, rounds: int) -> list[float]:
+def latency_ratios(source: bytes, models: list[onnx.ModelProto | bytes], feed: dict, rounds: int) -> list[float]:
     """Median latency of each model over the source's, rounds interleaved (this host is shared and noisy)."""
     sessions = [one_thread(source)] + [one_thread(m) for m in models]
     times: list[list[float]] = [[] for _ in sessions]

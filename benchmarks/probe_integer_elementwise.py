@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,19 +30,7 @@ from benchmarks.corpus.metrics import METRICS  # noqa: E402
 from benchmarks.corpus.runner import run_all, session  # noqa: E402
 from benchmarks.corpus.store import ensure_data, ensure_model  # noqa: E402
 from benchmarks.md_table import markdown_table  # noqa: E402
-
-
-def _latencies(models: dict[str, bytes], feed: dict[str, np.ndarray], rounds: int) -> dict[str, float]:
-    """Median time of each model over the source's, one thread, the models taking turns each round."""
-    sessions = {name: session(data) for name, data in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(rounds):
-        for name, sess in sessions.items():
-            start = time.perf_counter()
-            sess.run(None, feed)
-            times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["source"])
-    return {name: round(statistics.median(t) / base, 3) for name, t in times.items()}
+from benchmarks.probe_det_float_sets import latency_ratios  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     source_value = metric(corpus, evaluation, reference, reference, chars)
     build = setup.space.builds[len(setup.plan.tiers) - 1]  # the last plain tier (cpu-avx: Conv, MatMul, Gemm)
     order = quantized_nodes(build(args.method, []))
-    rows, models = [], {"source": source}
+    rows, models = [], {}
     for keep in args.keep:
         plain = build(args.method, order[:keep])
         for lowered, model in ((False, plain), (True, integer_elementwise(plain))):
@@ -78,9 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             row["held out Δ"] = round(metric(corpus, evaluation, reference, got, chars) - source_value, 2)
             rows.append(row)
             print(row, flush=True)
-    ratios = _latencies(models, {k: v[:1] for k, v in evaluation.items() if k != "labels"}, args.rounds)
-    for row in rows:
-        row["latency ×source (1 thread)"] = ratios[row["candidate"]]
+    feed = {k: v[:1] for k, v in evaluation.items() if k != "labels"}
+    names = [row["candidate"] for row in rows]
+    ratios = latency_ratios(source, [models[name] for name in names], feed, args.rounds)
+    for row, ratio in zip(rows, ratios):
+        row["latency ×source (1 thread)"] = round(ratio, 3)
     args.out.with_suffix(".json").write_text(json.dumps({"model": corpus.name, "target": args.target, "rows": rows}))
     columns = ["candidate", "held out Δ", "latency ×source (1 thread)"]
     table = "\n".join(markdown_table(columns, [[r[c] for c in columns] for r in rows]))

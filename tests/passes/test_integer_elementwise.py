@@ -126,10 +126,7 @@ def test_a_folded_scalar_add_reads_as_the_add_did(det):
 
 
 def test_the_ranking_bypasses_nodes_in_the_model_before_lowering():
-    calls = []
-
     def plain(method: str, keep: list[str]) -> onnx.ModelProto:
-        calls.append((method, keep))
         return onnx.ModelProto()
 
     build = lowered(plain)
