@@ -9,6 +9,7 @@ adds what it leaves:
 * ``dropout``: inference Dropouts that declare an unread mask output;
 * ``bias_adds``: an Add of a per-channel constant after a Conv that already has a bias, or after a Gemm;
 * ``activation``: decomposed hard-swish and scalar affine blocks folded into their Convs;
+* ``deconv_depth``: non-overlapping ConvTranspose chains (a DBNet head) as 1×1 Convs and one DepthToSpace;
 * ``ort_offline``: ONNX Runtime's offline-optimised graph, for targets that deploy on onnxruntime.
 """
 
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 import onnx
 from lepton_cli.passes._fuse.activation import fold_scalar_affine, fuse_hard_swish
 from lepton_cli.passes._fuse.bias_adds import fold_bias_adds
+from lepton_cli.passes._fuse.deconv_depth import deconvs_as_depth
 from lepton_cli.passes._fuse.dropout import remove_inference_dropouts
 from lepton_cli.passes._fuse.ort_offline import ort_offline_graph
 from lepton_cli.passes._fuse.simplify import op_counts, simplify, with_opset_for_norms
@@ -45,6 +47,8 @@ class FuseParams:
     fuse_norms: bool = True  # LayerNormalization / Gelu fusion, bumping the opset within runtime.opset_max
     # Decomposed hard-swish -> HardSigmoid + Mul, scalar affine blocks folded into Convs (_fuse/activation.py)
     fuse_activations: bool = True
+    # ConvTranspose with kernel = stride -> 1×1 Conv + DepthToSpace, chained (_fuse/deconv_depth.py)
+    deconv_as_depth: bool = True
     # ONNX Runtime's offline-optimised graph (contrib fused ops). Only for deployment_runtime = "onnxruntime".
     ort_offline: bool = False
 
@@ -87,6 +91,15 @@ def _activation_rewrites(
     return hard_swish, affine_folds
 
 
+def _deconv_rewrites(source: onnx.ModelProto, result: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> int:
+    """ConvTransposes rewritten as 1×1 Convs before a DepthToSpace, in place; only where the target runs DepthToSpace
+    and the model is not quantized already (its quantizer's scales sit around the ConvTranspose)."""
+    supported = ctx.target.runtime.supported_ops
+    if not params.deconv_as_depth or (supported and "DepthToSpace" not in supported) or quantized_ops(source):
+        return 0
+    return deconvs_as_depth(result)
+
+
 def _op_changes(before: Counter, after: Counter) -> dict:
     removed = {op: before[op] - after[op] for op in before if before[op] > after[op]}
     added = {op: after[op] - before[op] for op in after if after[op] > before[op]}
@@ -127,6 +140,7 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> PassRe
     dropouts = remove_inference_dropouts(result)
     bias_folds = fold_bias_adds(result)
     hard_swish, affine_folds = _activation_rewrites(model, result, ctx, params, notes)
+    deconvs = _deconv_rewrites(model, result, ctx, params)
     list_initializers_as_inputs(result)
     if params.ort_offline and has_external(result):
         ctx.warn("ort_offline skipped: ONNX Runtime would write the optimised graph with every weight inline")
@@ -138,6 +152,7 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> PassRe
         "bias_adds_folded": bias_folds,
         "hard_swish_fused": hard_swish,
         "scalar_affine_folded": affine_folds,
+        "deconvs_as_depth": deconvs,
         "dropouts_removed": dropouts,
         "opset": opset(result),
         "ort_offline": params.ort_offline,

@@ -330,3 +330,68 @@ def test_ppocrv5_rec_hard_swish_ops_become_hard_sigmoid_and_mul(tmp_path):
     lines = ocr_textset.make_set(3, 4, "eval")[0]
     check = compare_outputs(model, fused, [{"x": line[None]} for line in lines], tolerance(rtol=1e-4, atol=1e-5))
     assert check.ok, check
+
+
+@needs_ocr
+def test_ppocr_det_head_deconvs_run_as_1x1_convs_and_one_depth_to_space():
+    """PP-OCRv4 det's DBNet head (ConvTranspose 2×2/2, ReLU, ConvTranspose 2×2/2, Sigmoid) runs at the neck's
+    resolution and rearranges once: the same probability map on rendered pages; tpu, which has no DepthToSpace,
+    keeps its ConvTransposes."""
+    import sys
+
+    from conftest import OCR_DET, REPO
+
+    from lepton_cli.pipeline.equivalence import compare_outputs
+    from lepton_cli.pipeline.registry import tolerance
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset
+
+    model = _real(OCR_DET, "cpu-avx", {"x": [1, 3, 160, 160]})
+    fused, summary = _fuse(model)
+    before = _ops(_fuse(model, deconv_as_depth=False)[0])
+    assert before["ConvTranspose"] == 2 and summary["deconvs_as_depth"] == 2
+    assert _ops(fused)["ConvTranspose"] == 0 and _ops(fused)["DepthToSpace"] == 1
+    shuffle = next(n for n in fused.graph.node if n.op_type == "DepthToSpace")
+    assert shuffle.output[0] == fused.graph.output[0].name  # the head's Sigmoid runs before the rearrangement
+    assert next(a.i for a in shuffle.attribute if a.name == "blocksize") == 4
+    pages = ocr_textset.make_pages(3, 4, "eval", size=160)
+    check = compare_outputs(model, fused, [{"x": page[None]} for page in pages], tolerance(rtol=1e-4, atol=1e-5))
+    assert check.ok, check
+    assert _fuse(model, "tpu")[1]["deconvs_as_depth"] == 0
+
+
+def _deconv_graph(kernel: int, stride: int, second_out: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(kernel)
+    w1 = numpy_helper.from_array(rng.normal(size=(8, 6, kernel, kernel)).astype(np.float32), "w1")
+    b1 = numpy_helper.from_array(rng.normal(size=6).astype(np.float32), "b1")
+    w2 = numpy_helper.from_array(rng.normal(size=(6, second_out, 2, 2)).astype(np.float32), "w2")
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "w1", "b1"], ["t"], strides=[stride, stride]),
+        helper.make_node("Relu", ["t"], ["r"]),
+        helper.make_node("ConvTranspose", ["r", "w2"], ["y"], strides=[2, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "deconvs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 5, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])],
+        [w1, b1, w2],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, second_out, rewritten, shuffles",
+    [(2, 2, 3, 2, 1), (3, 3, 1, 2, 1), (3, 2, 1, 1, 1), (2, 2, 200, 2, 2)],
+    ids=["2x2-chain", "3x3-chain", "overlapping-first-left", "large-second-own-chain"],
+)
+def test_deconv_chains_rewritten_only_where_exact_and_small(kernel, stride, second_out, rewritten, shuffles):
+    """An overlapping ConvTranspose (kernel 3, stride 2) is left as it is; a second one whose dense weight would be
+    large ends the chain and is rewritten on its own; what is rewritten computes the same tensor (rectangular
+    input, bias, a ReLU between)."""
+    model = _deconv_graph(kernel, stride, second_out)
+    fused, summary = _fuse(model)
+    assert summary["deconvs_as_depth"] == rewritten
+    assert _ops(fused)["ConvTranspose"] == 2 - rewritten and _ops(fused)["DepthToSpace"] == shuffles
+    _assert_same(model, fused)
