@@ -233,6 +233,7 @@ def _lowered_text(lowered: dict[str, int]) -> str:
         f"{lowered.get('scalar_adds_folded', 0)} scalar Adds folded into a quantize's zero point",
         f"{lowered.get('hardsigmoids_as_add', 0)} HardSigmoid as quantized Add",
         f"{lowered.get('gates_quantized', 0)} gates (HardSigmoid, Sigmoid) quantized for QLinearMul",
+        f"{lowered.get('relus_folded', 0)} Relus folded into the quantize after them",
     ]
     return "; ".join(parts)
 

@@ -20,6 +20,7 @@ from lepton_cli.passes._quantize import schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from lepton_cli.passes._quantize.integer_elementwise import integer_elementwise, lowered, rewritten
 from lepton_cli.passes._quantize.integer_gates import GATE_SUFFIX
+from lepton_cli.passes._quantize.relu_fold import fold_rectifiers
 from lepton_cli.passes._quantize.scalar_add_fold import fold_scalar_adds
 from lepton_cli.passes._quantize.tuning import ranking_build
 
@@ -85,6 +86,25 @@ def test_hard_swish_blocks_run_as_integer_kernels_and_keep_the_map(det, tmp_path
         after = rewrote.run(None, feed)[0] > 0.3
         # the gate's own rounding (1/255 over [0, 1]) may flip a few boundary pixels, never many
         assert np.mean(after != reference) <= np.mean(before != reference) + 0.002
+
+
+@needs_ocr
+def test_relus_between_quantizes_fold_into_the_next_one(det, tmp_path):
+    """Conv-only int8 leaves Q -> DQ -> Relu -> Q after each rectified Conv (the DBNet head's 1×1 Convs, the neck's
+    squeeze-excite): the Relu goes into the second quantize (zero point 0 clips), ORT runs one float pass fewer per
+    Relu, and the map on held-out pages is the plain int8 model's up to the one rounding dropped."""
+    fused, int8, held = det
+    folded = rewritten(integer_elementwise(int8))["relus_folded"]
+    only_relus = onnx.ModelProto.FromString(int8.SerializeToString())
+    assert fold_rectifiers(only_relus) == folded >= 2
+    relus = sum(n.op_type == "Relu" for n in int8.graph.node)
+    assert sum(n.op_type == "Relu" for n in only_relus.graph.node) == relus - folded
+    plain, plain_ops = _optimized(int8, tmp_path, "plain")
+    rewrote, ops = _optimized(only_relus, tmp_path, "relus")
+    assert ops["DequantizeLinear"] < plain_ops["DequantizeLinear"] and ops["QLinearConv"] == plain_ops["QLinearConv"]
+    for feed in held:
+        before, after = plain.run(None, feed)[0], rewrote.run(None, feed)[0]
+        assert np.mean((before > 0.3) != (after > 0.3)) <= 0.002
 
 
 @needs_ocr
@@ -182,3 +202,63 @@ def test_a_power_of_two_target_cannot_turn_it_on():
     assert from_table(params_cls, {"integer_elementwise": True}, "passes[quantize]").integer_elementwise
     with pytest.raises(BadInputError, match="integer_elementwise"):
         from_table(params_cls, {"integer_elementwise": True, "power_of_two_scales": True}, "passes[quantize]")
+
+
+def _requantized_rectifier(op: str, zero_point: int, scale: float, shape: list[int]) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "s1"),
+        numpy_helper.from_array(np.array(128, np.uint8), "z1"),
+        numpy_helper.from_array(np.array(scale, np.float32), "s2"),
+        numpy_helper.from_array(np.array(zero_point, np.uint8), "z2"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+    ]
+    rectifier = (
+        helper.make_node("Relu", ["d1"], ["r"]) if op == "Relu" else helper.make_node("Clip", ["d1", "lo", "hi"], ["r"])
+    )
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s1", "z1"], ["q1"]),
+        helper.make_node("DequantizeLinear", ["q1", "s1", "z1"], ["d1"]),
+        rectifier,
+        helper.make_node("QuantizeLinear", ["r", "s2", "z2"], ["q2"]),
+        helper.make_node("DequantizeLinear", ["q2", "s2", "z2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "rectified",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize(
+    "op, zero_point, scale, shape, folds",
+    [
+        ("Relu", 0, 0.04, [1, 16, 16, 16], True),
+        ("Relu", 3, 0.04, [1, 16, 16, 16], False),
+        ("Clip", 0, 0.02, [1, 16, 16, 16], True),
+        ("Clip", 0, 0.04, [1, 16, 16, 16], False),
+        ("Relu", 0, 0.04, [1, 4096, 1, 1], True),
+        ("Relu", 0, 0.04, [1, 1024, 1, 1], False),
+    ],
+    ids=["relu", "zero-point-above-minimum", "clip-covering-range", "clip-below-range", "vector", "small-vector"],
+)
+def test_a_rectifier_folds_only_where_the_quantize_clips_the_same(op, zero_point, scale, shape, folds):
+    """Zero point at the minimum, and for Clip(0, 6) a range that ends at or below 6 (255 × 0.02 = 5.1, not
+    255 × 0.04 = 10.2), over at least MIN_ELEMENTS values (a squeeze-excite vector keeps its Relu): then the folded
+    model reads what the rectifier gave, up to the dropped first rounding."""
+    model = _requantized_rectifier(op, zero_point, scale, shape)
+    folded = onnx.ModelProto.FromString(model.SerializeToString())
+    assert fold_rectifiers(folded) == int(folds)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the QDQ semantics as written
+    feed = {"x": np.linspace(-6, 6, int(np.prod(shape)), dtype=np.float32).reshape(shape)}
+    want, have = (
+        ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        for m in (model, folded)
+    )
+    assert np.abs(have - want).max() <= 0.05 / 2 + scale + 1e-6  # the dropped rounding, then one step of ours
