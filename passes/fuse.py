@@ -10,6 +10,7 @@ adds what it leaves:
 * ``bias_adds``: an Add of a per-channel constant after a Conv that already has a bias, or after a Gemm;
 * ``activation``: decomposed hard-swish and scalar affine blocks folded into their Convs;
 * ``deconv_depth``: non-overlapping ConvTranspose chains (a DBNet head) as 1×1 Convs and one DepthToSpace;
+* ``gated_residual``: ``x + x * g`` with a squeeze-excite gate as ``x * (1 + g)``;
 * ``ort_offline``: ONNX Runtime's offline-optimised graph, for targets that deploy on onnxruntime.
 """
 
@@ -24,6 +25,7 @@ from lepton_cli.passes._fuse.activation import fold_scalar_affine, fuse_hard_swi
 from lepton_cli.passes._fuse.bias_adds import fold_bias_adds
 from lepton_cli.passes._fuse.deconv_depth import deconvs_as_depth
 from lepton_cli.passes._fuse.dropout import remove_inference_dropouts
+from lepton_cli.passes._fuse.gated_residual import fold_gated_residuals
 from lepton_cli.passes._fuse.ort_offline import ort_offline_graph
 from lepton_cli.passes._fuse.simplify import op_counts, simplify, with_opset_for_norms
 
@@ -49,6 +51,7 @@ class FuseParams:
     fuse_activations: bool = True
     # ConvTranspose with kernel = stride -> 1×1 Conv + DepthToSpace, chained (_fuse/deconv_depth.py)
     deconv_as_depth: bool = True
+    gated_residuals: bool = True  # x + x * g (g a squeeze-excite gate) -> x * (1 + g) (_fuse/gated_residual.py)
     # ONNX Runtime's offline-optimised graph (contrib fused ops). Only for deployment_runtime = "onnxruntime".
     ort_offline: bool = False
 
@@ -89,6 +92,11 @@ def _activation_rewrites(
     hard_swish = fuse_hard_swish(result) if activations and hard_sigmoid_ok else 0
     affine_folds = fold_scalar_affine(result) if activations else 0
     return hard_swish, affine_folds
+
+
+def _gated_residual_rewrites(source: onnx.ModelProto, result: onnx.ModelProto, params: FuseParams) -> int:
+    """``x + x * g`` folded in place; not in an already-quantized model (its scales were chosen for both ops)."""
+    return fold_gated_residuals(result) if params.gated_residuals and not quantized_ops(source) else 0
 
 
 def _deconv_rewrites(source: onnx.ModelProto, result: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> int:
@@ -141,6 +149,7 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> PassRe
     bias_folds = fold_bias_adds(result)
     hard_swish, affine_folds = _activation_rewrites(model, result, ctx, params, notes)
     deconvs = _deconv_rewrites(model, result, ctx, params)
+    gated = _gated_residual_rewrites(model, result, params)
     list_initializers_as_inputs(result)
     if params.ort_offline and has_external(result):
         ctx.warn("ort_offline skipped: ONNX Runtime would write the optimised graph with every weight inline")
@@ -153,6 +162,7 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> PassRe
         "hard_swish_fused": hard_swish,
         "scalar_affine_folded": affine_folds,
         "deconvs_as_depth": deconvs,
+        "gated_residuals_folded": gated,
         "dropouts_removed": dropouts,
         "opset": opset(result),
         "ort_offline": params.ort_offline,

@@ -16,6 +16,7 @@ from lepton_cli.passes._quantize.integer_gates import QRANGE
 from onnx import helper
 
 from lepton_cli.model.graph_edit import GraphIndex
+from lepton_cli.model.stats import shape_map
 
 RELU_FOLDED_SUFFIX = "_relu_folded"  # the quantize that absorbed a Relu or Clip
 MIN_ELEMENTS = 4096  # below this a float pass is under a microsecond: not worth a changed rounding
@@ -62,16 +63,7 @@ def _requantized_input(g: GraphIndex, rectifier: onnx.NodeProto) -> str | None:
 
 def _element_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Elements per tensor where shape inference knows every dimension."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
-    except Exception:  # an op without a shape function: every tensor counts as large
-        return {}
-    counts = {}
-    for info in inferred:
-        dims = info.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            counts[info.name] = int(np.prod([d.dim_value for d in dims]))
-    return counts
+    return {name: int(np.prod(dims)) for name, dims in shape_map(model).items() if None not in dims}
 
 
 def fold_rectifiers(model: onnx.ModelProto) -> int:

@@ -361,6 +361,56 @@ def test_ppocr_det_head_deconvs_run_as_1x1_convs_and_one_depth_to_space():
     assert _fuse(model, "tpu")[1]["deconvs_as_depth"] == 0
 
 
+@needs_ocr
+def test_ppocr_det_squeeze_excite_residuals_become_one_mul():
+    """PP-OCRv4 det's RSE-FPN: each ``x + x * g`` (g a [1, C, 1, 1] squeeze-excite gate) becomes ``x * (1 + g)``: one
+    pass over the feature map fewer each, the same map on rendered pages."""
+    import sys
+
+    from conftest import OCR_DET, REPO
+
+    from lepton_cli.pipeline.equivalence import compare_outputs
+    from lepton_cli.pipeline.registry import tolerance
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset
+
+    model = _real(OCR_DET, "cpu-avx", {"x": [1, 3, 160, 160]})
+    fused, summary = _fuse(model)
+    plain = _fuse(model, gated_residuals=False)[0]
+    assert summary["gated_residuals_folded"] >= 6
+    assert _ops(fused)["Add"] == _ops(plain)["Add"] and _ops(fused)["Mul"] == _ops(plain)["Mul"]  # Adds moved to gates
+    ones = {t.name for t in fused.graph.initializer if list(t.dims) == [] and numpy_helper.to_array(t) == 1.0}
+    gate_adds = [n for n in fused.graph.node if n.op_type == "Add" and n.input[1] in ones]
+    assert len(gate_adds) == summary["gated_residuals_folded"]  # each + 1 runs on a gate's C values
+    pages = ocr_textset.make_pages(3, 4, "eval", size=160)
+    check = compare_outputs(model, fused, [{"x": page[None]} for page in pages], tolerance(rtol=1e-4, atol=1e-5))
+    assert check.ok, check
+
+
+def test_a_full_size_gate_is_left_alone():
+    """``x + x * y`` with y as large as x is two passes either way: unchanged; a [1, C, 1, 1] gate is folded."""
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+        helper.make_node("Sigmoid", ["p"], ["small"]),
+        helper.make_node("Mul", ["x", "small"], ["xs"]),
+        helper.make_node("Add", ["x", "xs"], ["a"]),
+        helper.make_node("Sigmoid", ["a"], ["full"]),
+        helper.make_node("Mul", ["full", "a"], ["af"]),
+        helper.make_node("Add", ["af", "a"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gates",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    fused, summary = _fuse(model, fuse_activations=False)
+    assert summary["gated_residuals_folded"] == 1
+    _assert_same(model, fused)
+
+
 def _deconv_graph(kernel: int, stride: int, second_out: int) -> onnx.ModelProto:
     rng = np.random.default_rng(kernel)
     w1 = numpy_helper.from_array(rng.normal(size=(8, 6, kernel, kernel)).astype(np.float32), "w1")
