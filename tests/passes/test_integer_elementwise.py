@@ -20,6 +20,7 @@ from lepton_cli.passes._quantize import schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from lepton_cli.passes._quantize.integer_elementwise import integer_elementwise, lowered, rewritten
 from lepton_cli.passes._quantize.integer_gates import GATE_SUFFIX
+from lepton_cli.passes._quantize.quantize_hoist import hoist_quantizes
 from lepton_cli.passes._quantize.relu_fold import fold_rectifiers
 from lepton_cli.passes._quantize.scalar_add_fold import fold_scalar_adds
 from lepton_cli.passes._quantize.tuning import ranking_build
@@ -105,6 +106,31 @@ def test_relus_between_quantizes_fold_into_the_next_one(det, tmp_path):
     for feed in held:
         before, after = plain.run(None, feed)[0], rewrote.run(None, feed)[0]
         assert np.mean((before > 0.3) != (after > 0.3)) <= 0.002
+
+
+@needs_ocr
+def test_the_neck_concat_and_its_upsampling_copy_bytes_and_give_the_same_map(det, tmp_path):
+    """The quantize after the neck's Concat of three nearest-upsampled maps and a fourth moves above the Concat and
+    the Resizes: they copy uint8, and the model computes the same map bit for bit (QDQ evaluated unfused)."""
+    _, int8, held = det
+    hoisted = onnx.ModelProto.FromString(int8.SerializeToString())
+    assert hoist_quantizes(hoisted) >= 1
+    concat = next(n for n in hoisted.graph.node if n.op_type == "Concat")
+    producers = {o: n for n in hoisted.graph.node for o in n.output}
+    inputs = [producers[t] for t in concat.input]
+    assert sum(n.op_type == "Resize" for n in inputs) == 3 and all(
+        n.op_type in ("Resize", "QuantizeLinear") for n in inputs
+    )
+    assert all(producers[n.input[0]].op_type == "QuantizeLinear" for n in inputs if n.op_type == "Resize")
+    assert rewritten(integer_elementwise(int8))["quantizes_hoisted"] == 4  # one per Concat input
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain, moved = (
+        ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        for m in (int8, hoisted)
+    )
+    for feed in held:
+        assert np.array_equal(plain.run(None, feed)[0], moved.run(None, feed)[0])
 
 
 @needs_ocr
