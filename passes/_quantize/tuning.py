@@ -5,8 +5,9 @@ The search, bounded so that it costs O(methods × log2(max_float_layers)) quanti
 2. if it misses the budget, rank the quantized nodes by what keeping each alone in float saves
    (``sensitivity.py``), then keep the top k in float (``float_keep.py``) for k = 1, 2, 4, ... until
    the budget holds, and bisect down between the last failing and the first passing k (fewer float
-   layers = faster); when no k does, do the same with the leading quantized nodes in graph order
-   (error that builds up over many layers, which no single node's bypass reveals);
+   layers = faster); when no k does, do the same with the leading quantized nodes in graph order, of
+   which only those on or leading to the trunk are kept float (``trunk.py``: error that builds up over
+   many layers, which no single node's bypass reveals, and not the side branches beside it);
 3. among the candidates that meet the budget, keep the one the target's cost model
    (``evaluate.costmodel``, priced the way ONNX Runtime runs QDQ) says is fastest: deterministic, and
    the build host's latency says little about the target's. Prices within ``PRICE_TIE`` of the
@@ -35,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 from lepton_cli.passes._quantize.sensitivity import float_gains, local_errors, quantized_nodes
+from lepton_cli.passes._quantize.trunk import TrunkPrefixes
 
 from lepton_cli.errors import QualityGateError
 from lepton_cli.evaluate.accuracy import AccuracyScore, Evaluator
@@ -217,12 +219,15 @@ class _Search:
                 self.progress(f"{head}{metric} drop {trial.drop_pct:.2f}{spread} ({verdict} {self.budget:g}){cost}")
         return trial
 
-    def grow(self, method: str, order: list[str], rule: str, max_float: int) -> bool:
-        """Keep order[:k] float for k = 1, 2, 4, ... until the budget holds, then bisect k down."""
+    def grow(
+        self, method: str, order: list[str], rule: str, max_float: int, prefix: Callable[[int], list[str]] | None = None
+    ) -> bool:
+        """Keep order[:k] (or ``prefix(k)``) float for k = 1, 2, 4, ... until the budget holds, then bisect k down."""
         limit = min(max_float, len(order))
+        float_set = prefix or (lambda k: order[:k])
         low, high, k = 0, None, 1  # low: largest failing k; high: smallest passing k
         while k <= limit:
-            trial = self.attempt(method, order[:k], rule)[0]
+            trial = self.attempt(method, float_set(k), rule)[0]
             if trial.meets_budget:
                 high = k
                 break
@@ -234,7 +239,7 @@ class _Search:
             return False
         while high - low > 1:  # bisect: fewer float layers run faster
             mid = (low + high) // 2
-            if self.attempt(method, order[:mid], rule)[0].meets_budget:
+            if self.attempt(method, float_set(mid), rule)[0].meets_budget:
                 high = mid
             else:
                 low = mid
@@ -350,7 +355,7 @@ def search(
         sensitivity = sensitivity or ranking
         if not run.grow(method, [name for name, _ in ranking], SENSITIVITY, max_float):
             # Error that builds up over many layers shows in no single node's bypass (docs/decisions.md).
-            run.grow(method, in_graph_order, LEADING, max_float)
+            run.grow(method, in_graph_order, LEADING, max_float, TrunkPrefixes(ranked, in_graph_order).prefix)
     return run.result(methods, sensitivity)
 
 

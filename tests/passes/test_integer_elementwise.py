@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import OCR_DET, REPO, needs_ocr
+from conftest import REPO, needs_ocr
+from det_int8 import quantized_det
 from lepton_cli.passes._quantize import schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from lepton_cli.passes._quantize.integer_elementwise import integer_elementwise, lowered, rewritten
@@ -32,28 +33,11 @@ from lepton_cli.pipeline.registry import get_pass
 from lepton_cli.pipeline.targets import load_target
 from lepton_cli.samples.sample_set import load_samples
 
-SIZE = 160  # pages rendered at 320 and shrunk: small enough for `make test`, every block still at work
-
 
 @pytest.fixture(scope="module")
 def det(tmp_path_factory):
     """(fused float model, its Conv-only int8 QDQ model, held-out pages)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import ocr_textset
-
-    target = load_target("cpu-avx")
-    model, _ = upgrade_opset(onnx.load(OCR_DET), target.runtime.opset_min, target.runtime.opset_max)
-    model = bind_input_shapes(model, {"x": [1, 3, SIZE, SIZE]})
-    fuse = next(step for step in target.passes if step.name == "fuse")
-    fused = get_pass("fuse").fn(model, PassContext(target=target), fuse.params).model
-    work = tmp_path_factory.mktemp("int8")
-    np.savez(work / "calib.npz", x=ocr_textset.make_pages(6, 5, "calib", size=SIZE))
-    calib = load_samples(work / "calib.npz", fused)
-    held = ocr_textset.make_pages(4, 9, "eval", size=SIZE)
-    ranges = calibrate(fused, calib, CalibrationSettings(method="minmax", chunk=6, max_samples=6), None, ["Conv"])
-    scheme = schemes.Int8Scheme(per_channel=True, op_types=("Conv",))
-    int8 = schemes.quantize_int8(fused, schemes.save_ranges(ranges, work / "r.json"), "minmax", scheme, [], work)
-    return fused, int8, [{"x": page[None]} for page in held]
+    return quantized_det(tmp_path_factory)
 
 
 def _optimized(model: onnx.ModelProto, tmp_path, name: str) -> tuple[ort.InferenceSession, Counter]:
