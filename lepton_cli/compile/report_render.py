@@ -235,6 +235,7 @@ def _lowered_text(lowered: dict[str, int]) -> str:
         f"{lowered.get('gates_quantized', 0)} gates (HardSigmoid, Sigmoid) quantized for QLinearMul",
         f"{lowered.get('relus_folded', 0)} Relus folded into the quantize after them",
         f"{lowered.get('quantizes_hoisted', 0)} Concat/Resize inputs quantized before the copy",
+        f"{lowered.get('gated_sums', 0)} gated sums (FPN top-down) as QLinearMul + QLinearAdd",
     ]
     return "; ".join(parts)
 

@@ -3,8 +3,9 @@
 Scalar Adds before a quantize fold into its zero point (``scalar_add_fold.py``), then HardSigmoid gates become
 quantized Adds and Sigmoid gates get their own quantize (``integer_gates.py``): in that order, a hard-swish ending
 in PP-LCNetV3's ``+ b`` runs as QLinearAdd + QLinearMul. A Relu between two quantizes goes into the second
-(``relu_fold.py``), and a quantize after a Concat or nearest Resize moves above it (``quantize_hoist.py``). Each
-rewrite names what it adds, so the chosen model says what was rewritten.
+(``relu_fold.py``), a quantize after a Concat or nearest Resize moves above it (``quantize_hoist.py``), and an FPN's
+quantized sum of a gated map and an upsampled one runs as QLinearMul + QLinearAdd (``gated_sum.py``). Each rewrite
+names what it adds, so the chosen model says what was rewritten.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 import onnx
+from lepton_cli.passes._quantize.gated_sum import GATED_SUM_SUFFIX, integer_gated_sums
 from lepton_cli.passes._quantize.integer_gates import ADDED_SUFFIX, GATE_SUFFIX, integer_gates
 from lepton_cli.passes._quantize.quantize_hoist import HOISTED_SUFFIX, hoist_quantizes
 from lepton_cli.passes._quantize.relu_fold import RELU_FOLDED_SUFFIX, fold_rectifiers
@@ -26,6 +28,7 @@ def integer_elementwise(model: onnx.ModelProto) -> onnx.ModelProto:
     result = integer_gates(folded)
     fold_rectifiers(result)
     hoist_quantizes(result)
+    integer_gated_sums(result)
     drop_unused_initializers(result)
     return result
 
@@ -43,11 +46,13 @@ def lowered(build: Callable[[str, list[str]], onnx.ModelProto]) -> Callable[[str
 
 def rewritten(model: onnx.ModelProto) -> dict[str, int]:
     """How many scalar Adds were folded, HardSigmoids made quantized Adds, gates given a quantize, Relus folded into
-    a quantize and quantizes moved above a Concat or Resize input in ``model`` (before names are shortened)."""
+    a quantize, quantizes moved above a Concat or Resize input and gated sums lowered in ``model`` (before names are
+    shortened)."""
     return {
         "scalar_adds_folded": sum(i.name.endswith(FOLDED_SUFFIX) for i in model.graph.initializer),
         "hardsigmoids_as_add": sum(n.name.endswith(ADDED_SUFFIX) for n in model.graph.node),
         "gates_quantized": sum(n.name.endswith(GATE_SUFFIX) for n in model.graph.node),
         "relus_folded": sum(n.name.endswith(RELU_FOLDED_SUFFIX) for n in model.graph.node),
         "quantizes_hoisted": sum(HOISTED_SUFFIX in n.name for n in model.graph.node),
+        "gated_sums": sum(n.name.endswith(GATED_SUM_SUFFIX) for n in model.graph.node) // 2,  # gate + product
     }

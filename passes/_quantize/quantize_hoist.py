@@ -17,7 +17,7 @@ from lepton_cli.model.graph_edit import FreshNames, GraphIndex
 HOISTED_SUFFIX = "_hoisted_q"  # a quantize moved above a Concat or Resize
 
 
-def _nearest(node: onnx.NodeProto) -> bool:
+def nearest_resize(node: onnx.NodeProto) -> bool:
     """A Resize that only copies elements: mode nearest (the default)."""
     mode = next((a.s for a in node.attribute if a.name == "mode"), b"nearest")
     return node.op_type == "Resize" and mode == b"nearest"
@@ -37,7 +37,7 @@ def _quantize_into(
     (its output joins ``retyped``: now integer), else right before ``node``."""
     tensor = node.input[k]
     source = g.producer.get(tensor)
-    if source is not None and _nearest(source) and g.only_reader(tensor) is node:
+    if source is not None and nearest_resize(source) and g.only_reader(tensor) is node:
         retyped.add(tensor)
         _quantize_into(g, names, quantize, source, 0, retyped)
         return
@@ -60,7 +60,7 @@ def hoist_quantizes(model: onnx.ModelProto) -> int:
         source = g.producer.get(quantize.input[0])
         if source is None or not _per_tensor(g, quantize) or g.only_reader(quantize.input[0]) is not quantize:
             continue
-        if not (source.op_type == "Concat" or _nearest(source)):
+        if not (source.op_type == "Concat" or nearest_resize(source)):
             continue
         for k in range(len(source.input) if source.op_type == "Concat" else 1):
             _quantize_into(g, names, quantize, source, k, retyped)

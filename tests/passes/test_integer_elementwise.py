@@ -19,6 +19,7 @@ from conftest import REPO, needs_ocr
 from det_int8 import quantized_det
 from lepton_cli.passes._quantize import schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
+from lepton_cli.passes._quantize.gated_sum import integer_gated_sums
 from lepton_cli.passes._quantize.integer_elementwise import integer_elementwise, lowered, rewritten
 from lepton_cli.passes._quantize.integer_gates import GATE_SUFFIX
 from lepton_cli.passes._quantize.quantize_hoist import hoist_quantizes
@@ -115,6 +116,32 @@ def test_the_neck_concat_and_its_upsampling_copy_bytes_and_give_the_same_map(det
     )
     for feed in held:
         assert np.array_equal(plain.run(None, feed)[0], moved.run(None, feed)[0])
+
+
+@needs_ocr
+def test_the_neck_top_down_sums_run_as_integer_kernels_and_keep_the_map(det, tmp_path):
+    """Each FPN step ``Q(x * (1 + g) + Resize(y))``: the gate gets a quantize over [0, 2], the product one at twice
+    x's scale (never clipped), the Resize copies integers; ORT runs QLinearMul + QLinearAdd there and the map on
+    held-out pages stays the plain int8 model's within a rounding."""
+    fused, int8, held = det
+    lowered_sums = onnx.ModelProto.FromString(int8.SerializeToString())
+    done = integer_gated_sums(lowered_sums)
+    assert done == 3 and rewritten(integer_elementwise(int8))["gated_sums"] == 3
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in lowered_sums.graph.initializer}
+    producers = {o: n for n in lowered_sums.graph.node for o in n.output}
+    for q in [n for n in lowered_sums.graph.node if n.name.endswith("_gated_sum")]:
+        source = producers[q.input[0]]
+        if source.op_type == "Mul":  # the product: twice the scale of the dequantized map it gates
+            x = next(producers[i] for i in source.input if producers[i].op_type == "DequantizeLinear")
+            assert np.isclose(inits[q.input[1]], 2 * inits[x.input[1]]) and inits[q.input[2]] == inits[x.input[2]]
+    plain, plain_ops = _optimized(int8, tmp_path, "plain")
+    rewrote, ops = _optimized(lowered_sums, tmp_path, "sums")
+    assert ops["QLinearAdd"] >= plain_ops["QLinearAdd"] + done and ops["QLinearMul"] >= plain_ops["QLinearMul"] + done
+    source = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"])
+    for feed in held:
+        reference = source.run(None, feed)[0] > 0.3
+        before, after = plain.run(None, feed)[0] > 0.3, rewrote.run(None, feed)[0] > 0.3
+        assert np.mean(after != reference) <= np.mean(before != reference) + 0.002
 
 
 @needs_ocr
