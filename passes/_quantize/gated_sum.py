@@ -5,7 +5,7 @@ the upsampled coarser one. With only convs quantized both the Mul and the Add ru
 from a HardSigmoid or Sigmoid (plus a constant c >= 0) lies in [0, 1 + c], so ``x * g`` lies within (1 + c) times
 x's quantized range: quantized at (1 + c) times x's scale and x's zero point it is never clipped, and the gate
 itself gets a quantize over [0, 1 + c]. A nearest Resize copies the integers as well as the floats, so it moves
-before its input's dequantize. ORT then runs QLinearMul and QLinearAdd (PP-OCRv4 det: 0.529 → 0.506x fp32 in one
+before its input's dequantize. ORT then runs QLinearMul and QLinearAdd (PP-OCRv4 det: 0.528 → 0.495x fp32 in one
 run, held-out worst page 97.13 → 97.06; benchmarks/results/det_neck_head.md).
 """
 
