@@ -126,6 +126,10 @@ class GraphIndex:
         if name:
             self.producer[name] = node
 
+    def position(self, node: onnx.NodeProto) -> int:
+        """Where ``node`` sits in ``graph.node`` (an insertion point before or after it)."""
+        return next(i for i, n in enumerate(self.graph.node) if n is node or n == node)
+
     def insert(self, position: int, node: onnx.NodeProto) -> onnx.NodeProto:
         """Insert ``node`` (copied) at ``position`` of ``graph.node``; returns the copy the graph holds."""
         self.graph.node.insert(position, node)
@@ -171,6 +175,13 @@ def subgraph_names(graph: onnx.GraphProto) -> set[str]:
             names.update(i for n in sub.node for i in n.input)
             names |= subgraph_names(sub)
     return names
+
+
+def drop_value_info(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Forget the recorded type and shape of ``names`` (a rewrite changed them; ONNX Runtime infers them again)."""
+    kept = [v for v in graph.value_info if v.name not in names]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
 
 
 def drop_unused_initializers(model: onnx.ModelProto) -> None:

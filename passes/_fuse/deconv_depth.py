@@ -5,7 +5,7 @@ from that pixel alone: it is a 1×1 Conv to C·k² channels followed by DepthToS
 (Relu, Sigmoid, ...) commute with that rearrangement, and a second such ConvTranspose is again a 1×1 Conv on the
 rearranged channels, so a DBNet head (ConvTranspose, ReLU, ConvTranspose, Sigmoid) runs at the input resolution
 and rearranges once, at the end: PP-OCRv4 det's 160×160×24 intermediate and ORT's col2im disappear, and the Convs
-quantize like any other (docs/decisions.md, "ConvTranspose heads as depth").
+quantize like any other (docs/decisions.md, "The DBNet head and neck without float copies").
 
 Channels in the depth form are in DepthToSpace's CRD order, ``o·K² + p·K + q`` for output channel o and block offset
 (p, q) in a K×K block. A later ConvTranspose becomes a dense 1×1 Conv over every block offset (zeros across offsets),
@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lepton_cli.model.graph_edit import FreshNames, GraphIndex, drop_unused_initializers
+from lepton_cli.model.graph_edit import FreshNames, GraphIndex, drop_unused_initializers, drop_value_info
 from lepton_cli.model.op_traits import attrs
 
 # Element-wise, one tensor in and out, no per-channel parameter: the same on either side of DepthToSpace.
@@ -102,7 +102,7 @@ def _rewrite(g: GraphIndex, names: FreshNames, chain: list[tuple[onnx.NodeProto,
             bias = np.repeat(g.const(node.input[2]), (block * k) ** 2)
             inputs.append(g.add_initializer(names.fresh(node.name + "_depth_b"), bias))
         conv = helper.make_node("Conv", inputs, list(node.output), name=node.name, kernel_shape=[1, 1])
-        position = list(g.graph.node).index(node)
+        position = g.position(node)
         g.remove(node)
         held = g.insert(position, conv)
         last = held if node is last else last
@@ -112,7 +112,7 @@ def _rewrite(g: GraphIndex, names: FreshNames, chain: list[tuple[onnx.NodeProto,
     g.set_output(last, 0, depth)
     shuffle = helper.make_node("DepthToSpace", [depth], [output], name=names.fresh(last.name + "_d2s"), blocksize=block)
     shuffle.attribute.append(helper.make_attribute("mode", "CRD"))
-    g.insert(list(g.graph.node).index(last) + 1, shuffle)
+    g.insert(g.position(last) + 1, shuffle)
 
 
 def deconvs_as_depth(model: onnx.ModelProto) -> int:
@@ -126,10 +126,7 @@ def deconvs_as_depth(model: onnx.ModelProto) -> int:
             continue
         chain = _chain(g, node, k)
         done.update(id(n) for n, _ in chain)
-        stale = {o for n, _ in chain for o in n.output}  # shapes change: value_info of the chain is dropped
-        kept = [v for v in model.graph.value_info if v.name not in stale]
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(kept)
+        drop_value_info(model.graph, {o for n, _ in chain for o in n.output})  # the chain's shapes change
         _rewrite(g, names, chain)
         rewritten += sum(1 for _, step in chain if step)
     if rewritten:

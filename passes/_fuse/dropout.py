@@ -29,7 +29,7 @@ def remove_inference_dropouts(model: onnx.ModelProto) -> int:
         out, source = node.output[0], node.input[0]
         if out in g.outputs or out in subgraph_names(graph):  # the name must stay: an Identity writes it
             identity = onnx.helper.make_node("Identity", [source], [out], name=node.name)
-            g.insert(list(graph.node).index(node), identity)
+            g.insert(g.position(node), identity)
         else:
             g.replace_uses(out, source)
         g.remove(node)

@@ -10,18 +10,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lepton_cli.model.external_data import shapes_only_copy
 from lepton_cli.model.graph_edit import FreshNames, GraphIndex
+from lepton_cli.model.stats import inferred_values
 
 
 def _typed_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, list[int]]]:
     """(element type, dims) of every tensor whose shape inference knows every dimension."""
-    try:
-        graph = onnx.shape_inference.infer_shapes(shapes_only_copy(model), strict_mode=False).graph
-    except Exception:  # no shape function for some op: nothing is rewritten
-        return {}
     known = {}
-    for value in [*graph.input, *graph.value_info, *graph.output]:
+    for value in inferred_values(model):
         tensor = value.type.tensor_type
         if tensor.elem_type and all(d.HasField("dim_value") for d in tensor.shape.dim):
             known[value.name] = (tensor.elem_type, [d.dim_value for d in tensor.shape.dim])
@@ -66,6 +62,6 @@ def fold_gated_residuals(model: onnx.ModelProto) -> int:
         output = add.output[0]
         g.remove(add)
         g.set_output(mul, 0, output)
-        g.insert(list(model.graph.node).index(mul), plus_one)
+        g.insert(g.position(mul), plus_one)
         folded += 1
     return folded

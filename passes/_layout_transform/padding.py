@@ -18,7 +18,13 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lepton_cli.model.graph_edit import FreshNames, GraphIndex, drop_unused_initializers, subgraph_names
+from lepton_cli.model.graph_edit import (
+    FreshNames,
+    GraphIndex,
+    drop_unused_initializers,
+    drop_value_info,
+    subgraph_names,
+)
 from lepton_cli.model.op_traits import DEFAULT_DOMAINS, attr, opset
 
 
@@ -309,10 +315,7 @@ class _Padder:
                 self.barrier(node)
         del self.g.node[:]
         self.g.node.extend(self.out)
-        stale = set(self.maps)
-        kept = [v for v in self.g.value_info if v.name not in stale]
-        del self.g.value_info[:]
-        self.g.value_info.extend(kept)
+        drop_value_info(self.g, set(self.maps))
         drop_unused_initializers(self.model)
 
 

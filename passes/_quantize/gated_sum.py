@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize.integer_gates import QRANGE
+from lepton_cli.passes._quantize.qparams import QParams, one_element, per_tensor
 from lepton_cli.passes._quantize.quantize_hoist import nearest_resize
 from onnx import helper
 
@@ -32,32 +32,30 @@ def _gate_top(g: GraphIndex, gate: str) -> float | None:
     if node.op_type != "Add" or len(node.input) != 2:
         return None
     for inner, other in (node.input, tuple(reversed(node.input))):
-        constant = g.const(other)
-        producer = g.producer.get(inner)
-        if constant is not None and constant.size == 1 and producer is not None:
-            c = float(constant.reshape(()))
-            if producer.op_type in ("HardSigmoid", "Sigmoid") and c >= 0:
-                return 1.0 + c
+        constant, producer = one_element(g, other), g.producer.get(inner)
+        if constant is not None and producer is not None and producer.op_type in ("HardSigmoid", "Sigmoid"):
+            return 1.0 + float(constant) if float(constant) >= 0 else None
     return None
 
 
-def _per_tensor_dequantize(g: GraphIndex, tensor: str) -> onnx.NodeProto | None:
+def _dequantized(g: GraphIndex, tensor: str) -> QParams | None:
+    """The 8-bit per-tensor parameters of the DequantizeLinear that produces ``tensor``."""
     node = g.producer.get(tensor)
-    if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 3:
-        return None
-    scale, zero = g.const(node.input[1]), g.const(node.input[2])
-    return node if scale is not None and zero is not None and scale.size == zero.size == 1 else None
+    params = per_tensor(g, node) if node is not None and node.op_type == "DequantizeLinear" else None
+    return params if params is not None and params.qrange is not None else None
 
 
-def _gated_product(g: GraphIndex, add: onnx.NodeProto, tensor: str) -> tuple[onnx.NodeProto, str, float] | None:
-    """(Mul, its gate, the gate's top) when ``tensor`` is Mul(DQ(x), gate), read by ``add`` alone."""
+def _gated_product(
+    g: GraphIndex, add: onnx.NodeProto, tensor: str
+) -> tuple[onnx.NodeProto, str, float, QParams] | None:
+    """(Mul, its gate, the gate's top, x's parameters) when ``tensor`` is Mul(DQ(x), gate), read by ``add`` alone."""
     mul = g.producer.get(tensor)
     if mul is None or mul.op_type != "Mul" or len(mul.input) != 2 or g.only_reader(tensor) is not add:
         return None
     for x, gate in (mul.input, tuple(reversed(mul.input))):
-        top = _gate_top(g, gate)
-        if top is not None and _per_tensor_dequantize(g, x) is not None:
-            return mul, gate, top
+        top, params = _gate_top(g, gate), _dequantized(g, x)
+        if top is not None and params is not None:
+            return mul, gate, top, params
     return None
 
 
@@ -65,8 +63,8 @@ def _dequantized_side(g: GraphIndex, add: onnx.NodeProto, tensor: str) -> bool:
     """Whether ``tensor`` is DQ(q) or a nearest Resize of DQ(q) that only ``add`` reads."""
     node = g.producer.get(tensor)
     if node is not None and nearest_resize(node) and g.only_reader(tensor) is add:
-        return _per_tensor_dequantize(g, node.input[0]) is not None
-    return _per_tensor_dequantize(g, tensor) is not None
+        return _dequantized(g, node.input[0]) is not None
+    return _dequantized(g, tensor) is not None
 
 
 def _quantize_pair(
@@ -78,7 +76,7 @@ def _quantize_pair(
     q = helper.make_node("QuantizeLinear", [tensor, s, z], [names.fresh(f"{tensor}_q")])
     q.name = names.fresh(f"{tensor}{GATED_SUM_SUFFIX}")
     dq = helper.make_node("DequantizeLinear", [q.output[0], s, z], [names.fresh(f"{tensor}_dq")], name=q.name + "_dq")
-    position = list(g.graph.node).index(before)
+    position = g.position(before)
     g.insert(position, q)
     g.insert(position + 1, dq)
     return dq.output[0]
@@ -92,7 +90,7 @@ def _upsample_integers(g: GraphIndex, names: FreshNames, resize: onnx.NodeProto)
     g.set_output(resize, 0, names.fresh(f"{output}_int"))
     after = helper.make_node("DequantizeLinear", [resize.output[0], *dequantize.input[1:]], [output])
     after.name = names.fresh(f"{resize.name}_dq")
-    g.insert(list(g.graph.node).index(resize) + 1, after)
+    g.insert(g.position(resize) + 1, after)
 
 
 def integer_gated_sums(model: onnx.ModelProto) -> int:
@@ -107,14 +105,11 @@ def integer_gated_sums(model: onnx.ModelProto) -> int:
             found = _gated_product(g, add, product)
             if found is None or not _dequantized_side(g, add, other):
                 continue
-            mul, gate, top = found
-            x = next(i for i in mul.input if i != gate)
-            dequantize = g.producer[x]
-            scale, zero = float(g.const(dequantize.input[1]).reshape(())), g.const(dequantize.input[2])
-            low, high = QRANGE[helper.np_dtype_to_tensor_dtype(zero.dtype)]
-            gate_zero = np.array(low, dtype=zero.dtype)
+            mul, gate, top, x = found
+            low, high = x.qrange
+            gate_zero = np.array(low, dtype=x.zero.dtype)
             g.replace_input(mul, gate, _quantize_pair(g, names, gate, top / (high - low), gate_zero, mul))
-            g.replace_input(add, product, _quantize_pair(g, names, product, top * scale, zero.reshape(()), add))
+            g.replace_input(add, product, _quantize_pair(g, names, product, top * x.scale, x.zero, add))
             side = g.producer.get(other)
             if side is not None and nearest_resize(side):
                 _upsample_integers(g, names, side)

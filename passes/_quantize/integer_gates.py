@@ -17,13 +17,13 @@ from typing import NamedTuple
 
 import numpy as np
 import onnx
+from lepton_cli.passes._quantize.qparams import QRANGE, per_tensor
 from onnx import helper
 
 from lepton_cli.model.graph_edit import GraphIndex
 
 # Slack on the [0, 1] check of an existing quantize's range: its scale is a float32 rounding of rmax / 255.
 RANGE_SLACK = 1e-6
-QRANGE = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127)}
 ADDED_SUFFIX = "_hardsigmoid_as_add"  # the Add that replaces a HardSigmoid
 GATE_SUFFIX = "_gate_q"  # the quantize of a gate a Mul reads
 
@@ -62,35 +62,25 @@ class _Rewriter:
         gated = reader.op_type == "Mul" and self._gates_quantized(reader, node.output[0])
         if node.op_type == "Sigmoid":  # ORT fuses DQ -> Sigmoid -> Q itself once the gate has its quantize
             if gated:
-                self._insert(self._position(node) + 1, self._gate(node, node.output[0], source))
+                self._insert(self.g.position(node) + 1, self._gate(node, node.output[0], source))
             return
         alpha, beta = _attr(node, "alpha", 0.2), _attr(node, "beta", 0.5)
         if alpha > 0 and beta > 0 and (gated or reader.op_type == "QuantizeLinear" and self._covers_unit_range(reader)):
             self._replace(node, source, alpha, beta, gated)
 
-    def _scalar(self, name: str) -> np.ndarray | None:
-        """A one-element initializer's value, 0-d; None for anything else."""
-        value = self.g.const(name)
-        return value.reshape(()) if value is not None and value.size == 1 else None
-
     def _dequantized(self, name: str) -> _Dequantized | None:
         dq = self.g.producer.get(name)
-        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+        params = per_tensor(self.g, dq) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if params is None or params.qrange is None:
             return None
-        scale, zero = self._scalar(dq.input[1]), self._scalar(dq.input[2])
-        if scale is None or zero is None or helper.np_dtype_to_tensor_dtype(zero.dtype) not in QRANGE:
-            return None
-        return _Dequantized(dq.input[0], float(scale), zero)
+        return _Dequantized(dq.input[0], params.scale, params.zero)
 
     def _covers_unit_range(self, quantize: onnx.NodeProto) -> bool:
         """Whether the quantize's representable range lies in [0, 1]: its saturation then is HardSigmoid's clip."""
-        if len(quantize.input) < 3:
+        params = per_tensor(self.g, quantize)
+        if params is None or params.qrange is None:
             return False
-        scale, zero = self._scalar(quantize.input[1]), self._scalar(quantize.input[2])
-        if scale is None or zero is None or helper.np_dtype_to_tensor_dtype(zero.dtype) not in QRANGE:
-            return False
-        low, high = QRANGE[helper.np_dtype_to_tensor_dtype(zero.dtype)]
-        s, z = float(scale), int(zero)
+        (low, high), s, z = params.qrange, params.scale, int(params.zero)
         return s * (low - z) >= -RANGE_SLACK and 0 < s * (high - z) <= 1 + RANGE_SLACK
 
     def _gates_quantized(self, mul: onnx.NodeProto, gate: str) -> bool:
@@ -120,7 +110,7 @@ class _Rewriter:
             helper.make_node("DequantizeLinear", [beta_q, beta_scale, beta_zero], [f"{name}_b"], name=f"{name}_b_dq"),
             helper.make_node("Add", [f"{name}_ax", f"{name}_b"], [added_out], name=f"{name}{ADDED_SUFFIX}"),
         ]
-        position = self._position(node)
+        position = self.g.position(node)
         self.g.remove(node)
         self._insert(position, added + (self._gate(node, added_out, source) if gated else []))
 
@@ -139,9 +129,6 @@ class _Rewriter:
             helper.make_node("QuantizeLinear", [gate, scale, zero], [f"{out}_q"], name=f"{name}{GATE_SUFFIX}"),
             helper.make_node("DequantizeLinear", [f"{out}_q", scale, zero], [out], name=f"{name}_gate_dq"),
         ]
-
-    def _position(self, node: onnx.NodeProto) -> int:
-        return next(i for i, n in enumerate(self.g.graph.node) if n is node or n == node)
 
     def _insert(self, position: int, nodes: list[onnx.NodeProto]) -> None:
         for offset, new in enumerate(nodes):

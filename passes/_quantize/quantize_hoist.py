@@ -10,9 +10,10 @@ output's scale before it is upsampled, and the copies move a quarter of the byte
 from __future__ import annotations
 
 import onnx
+from lepton_cli.passes._quantize.qparams import per_tensor
 from onnx import helper
 
-from lepton_cli.model.graph_edit import FreshNames, GraphIndex
+from lepton_cli.model.graph_edit import FreshNames, GraphIndex, drop_value_info
 
 HOISTED_SUFFIX = "_hoisted_q"  # a quantize moved above a Concat or Resize
 
@@ -21,13 +22,6 @@ def nearest_resize(node: onnx.NodeProto) -> bool:
     """A Resize that only copies elements: mode nearest (the default)."""
     mode = next((a.s for a in node.attribute if a.name == "mode"), b"nearest")
     return node.op_type == "Resize" and mode == b"nearest"
-
-
-def _per_tensor(g: GraphIndex, quantize: onnx.NodeProto) -> bool:
-    if len(quantize.input) < 3 or not quantize.input[2]:
-        return False  # no zero point given: its type is the default, kept as the original wrote it
-    scale, zero = g.const(quantize.input[1]), g.const(quantize.input[2])
-    return scale is not None and zero is not None and scale.size == 1 and zero.size == 1
 
 
 def _quantize_into(
@@ -47,7 +41,7 @@ def _quantize_into(
         [names.fresh(f"{tensor}_q")],
         name=names.fresh(f"{quantize.name}{HOISTED_SUFFIX}"),
     )
-    g.insert(list(g.graph.node).index(node), added)
+    g.insert(g.position(node), added)
     g.set_input(node, k, added.output[0])
 
 
@@ -58,7 +52,7 @@ def hoist_quantizes(model: onnx.ModelProto) -> int:
     moved, retyped = 0, set()
     for quantize in [n for n in model.graph.node if n.op_type == "QuantizeLinear"]:
         source = g.producer.get(quantize.input[0])
-        if source is None or not _per_tensor(g, quantize) or g.only_reader(quantize.input[0]) is not quantize:
+        if source is None or per_tensor(g, quantize) is None or g.only_reader(quantize.input[0]) is not quantize:
             continue
         if not (source.op_type == "Concat" or nearest_resize(source)):
             continue
@@ -69,7 +63,5 @@ def hoist_quantizes(model: onnx.ModelProto) -> int:
         g.remove(quantize)
         g.set_output(source, 0, output)
         moved += 1
-    kept = [v for v in model.graph.value_info if v.name not in retyped]  # their float types no longer hold
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(kept)
+    drop_value_info(model.graph, retyped)  # their float types no longer hold
     return moved

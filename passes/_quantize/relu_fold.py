@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize.integer_gates import QRANGE
-from onnx import helper
+from lepton_cli.passes._quantize.qparams import one_element, per_tensor
 
 from lepton_cli.model.graph_edit import GraphIndex
 from lepton_cli.model.stats import shape_map
@@ -28,24 +27,20 @@ def _clip_top(g: GraphIndex, node: onnx.NodeProto) -> float | None:
         return np.inf
     if node.op_type != "Clip" or len(node.input) < 2 or not node.input[1]:
         return None
-    low = g.const(node.input[1])
-    high = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.array(np.inf)
-    if low is None or high is None or low.size != 1 or high.size != 1 or float(low.reshape(())) != 0.0:
+    low = one_element(g, node.input[1])
+    high = one_element(g, node.input[2]) if len(node.input) > 2 and node.input[2] else np.array(np.inf)
+    if low is None or high is None or float(low) != 0.0:
         return None
-    return float(high.reshape(()))
+    return float(high)
 
 
 def _largest(g: GraphIndex, quantize: onnx.NodeProto) -> float | None:
     """The largest value ``quantize`` represents when its zero point is its type's minimum (per tensor)."""
-    if len(quantize.input) < 3:
+    params = per_tensor(g, quantize)
+    if params is None or params.qrange is None or int(params.zero) != params.qrange[0]:
         return None
-    scale, zero = g.const(quantize.input[1]), g.const(quantize.input[2])
-    if scale is None or zero is None or scale.size != 1 or zero.size != 1:
-        return None
-    low, high = QRANGE.get(helper.np_dtype_to_tensor_dtype(zero.dtype), (None, None))
-    if low is None or int(zero.reshape(())) != low:
-        return None
-    return float(scale.reshape(())) * (high - low)
+    low, high = params.qrange
+    return params.scale * (high - low)
 
 
 def _requantized_input(g: GraphIndex, rectifier: onnx.NodeProto) -> str | None:
@@ -70,11 +65,9 @@ def fold_rectifiers(model: onnx.ModelProto) -> int:
     """Fold every such Relu / Clip over a large tensor in ``model`` (in place) into the quantize after it; how many
     were folded."""
     g = GraphIndex(model.graph)
-    sizes = _element_counts(model)
+    sizes: dict[str, int] | None = None  # inferred at the first match, before anything is folded
     folded = 0
     for rectifier in [n for n in model.graph.node if n.op_type in ("Relu", "Clip")]:
-        if sizes.get(rectifier.output[0], MIN_ELEMENTS) < MIN_ELEMENTS:
-            continue
         top = _clip_top(g, rectifier)
         after = g.only_reader(rectifier.output[0]) if top is not None else None
         if after is None or after.op_type != "QuantizeLinear" or after.input[0] != rectifier.output[0]:
@@ -82,6 +75,9 @@ def fold_rectifiers(model: onnx.ModelProto) -> int:
         largest = _largest(g, after)
         source = _requantized_input(g, rectifier)
         if largest is None or source is None or largest > top:
+            continue
+        sizes = _element_counts(model) if sizes is None else sizes
+        if sizes.get(rectifier.output[0], MIN_ELEMENTS) < MIN_ELEMENTS:
             continue
         dequantize = g.producer[rectifier.input[0]]
         quantize = g.producer[dequantize.input[0]]

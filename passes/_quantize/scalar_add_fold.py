@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize.integer_gates import QRANGE
-from onnx import helper
+from lepton_cli.passes._quantize.qparams import one_element, per_tensor
 
 from lepton_cli.model.graph_edit import GraphIndex
 
@@ -63,34 +62,26 @@ def fold_scalar_adds(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
     return result, folded
 
 
-def _scalar(g: GraphIndex, name: str) -> np.ndarray | None:
-    """A one-element initializer's value, 0-d; None for anything else."""
-    value = g.const(name)
-    return value.reshape(()) if value is not None and value.size == 1 else None
-
-
 def _plan(g: GraphIndex, add: onnx.NodeProto) -> _Fold | None:
-    constants = [i for i in add.input if _scalar(g, i) is not None]
+    constants = [i for i in add.input if one_element(g, i) is not None]
     if len(constants) != 1 or add.output[0] in g.outputs:
         return None
     quantizes = g.readers(add.output[0])
-    if len(quantizes) != 1 or quantizes[0].op_type != "QuantizeLinear" or len(quantizes[0].input) < 3:
+    if len(quantizes) != 1 or quantizes[0].op_type != "QuantizeLinear":
         return None
     quantize = quantizes[0]
-    scale, zero = _scalar(g, quantize.input[1]), _scalar(g, quantize.input[2])
-    if scale is None or zero is None or quantize.output[0] in g.outputs:
+    params = per_tensor(g, quantize)
+    if params is None or params.qrange is None or quantize.output[0] in g.outputs:
         return None
-    data_type = helper.np_dtype_to_tensor_dtype(zero.dtype)
     dequantizes = g.readers(quantize.output[0])
-    if data_type not in QRANGE or any(
-        d.op_type != "DequantizeLinear" or list(d.input[1:3]) != list(quantize.input[1:3]) for d in dequantizes
-    ):
+    if any(d.op_type != "DequantizeLinear" or list(d.input[1:3]) != list(quantize.input[1:3]) for d in dequantizes):
         return None
-    b, s, z = float(_scalar(g, constants[0])), float(scale), int(zero)
+    zero = params.zero
+    b, s, z = float(one_element(g, constants[0])), params.scale, int(zero)
     steps = math.floor(abs(b) / s)
     if steps == 0 or abs(b) / steps / s > MAX_COARSER:
         return None
-    low, high = QRANGE[data_type]
+    low, high = params.qrange
     new_scale, k = abs(b) / steps, int(math.copysign(steps, b))
     dequantize_zero = int(round(low - s * (low - z) / new_scale))  # the calibrated range's real low end kept
     if not (low <= dequantize_zero <= high and low <= dequantize_zero + k <= high):
