@@ -32,6 +32,7 @@ def measure_accuracy(compiled: onnx.ModelProto, ctx: PassContext) -> dict[str, A
     if scorer is None:
         return dict(NOT_MEASURED)
     score = scorer.score(compiled)
+    floor = scorer.input_floor()  # how far input noise under half an 8-bit step moves the source (input_floor.py)
     arithmetic = (
         "exact integer (QDQ unfused): this x86 host's int8 kernels saturate (no VNNI), the target's do not"
         if scorer.opt_level != "all"
@@ -44,6 +45,7 @@ def measure_accuracy(compiled: onnx.ModelProto, ctx: PassContext) -> dict[str, A
         "arithmetic": arithmetic,
         "resolves_budget": score.resolution_pct <= ctx.accuracy_budget,  # a drop the size of the budget is visible
         **score.to_dict(),
+        **({"input_floor": floor.to_dict()} if floor else {}),
     }
 
 
@@ -52,10 +54,14 @@ def budget_failure(accuracy: dict[str, Any], budget_pct: float) -> str | None:
     if not accuracy.get("measured") or accuracy["drop_pct"] <= budget_pct:
         return None
     where = f"output {accuracy['output']!r}: " if len(accuracy.get("outputs") or []) > 1 else ""
+    floor = (accuracy.get("input_floor") or {}).get("drop_pct", 0.0)
+    noise = (
+        f" (input noise under half an 8-bit step moves the source itself by {floor:.2f})" if floor > budget_pct else ""
+    )
     return (
         f"accuracy dropped {accuracy['drop_pct']:.2f} points ({where}{accuracy['metric']} "
         f"{accuracy['source_value']:.2f}% → {accuracy['value']:.2f}% on {accuracy['data']} data), "
-        f"over the budget of {budget_pct:g}"
+        f"over the budget of {budget_pct:g}{noise}"
     )
 
 

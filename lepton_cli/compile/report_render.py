@@ -91,7 +91,9 @@ def _accuracy_table(report: dict[str, Any]) -> Table | None:
     rows = [
         [
             f"{acc.get('metric', '?')} ({acc.get('data', '?')}, {acc.get('samples', '?')} samples"
-            + (f", resolution {_num(acc['resolution_pct'], 2)} points)" if "resolution_pct" in acc else ")"),
+            + (f", resolution {_num(acc['resolution_pct'], 2)} points" if "resolution_pct" in acc else "")
+            + (f", input noise floor {_num(acc['input_floor']['drop_pct'], 2)}" if acc.get("input_floor") else "")
+            + ")",
             f"{_num(acc.get('source_value'), 2)}%",
             f"{_num(acc.get('value'), 2)}%",
             f"{_num(acc.get('drop_pct'), 2)} (budget {_num(acc.get('budget_pct'), 2)})",

@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 
 from lepton_cli.errors import BadInputError
+from lepton_cli.evaluate.input_floor import InputFloor, ValueGrid, dithered, value_grids
 from lepton_cli.evaluate.output_roles import CTC_BLANK, MAP_THRESHOLDS, OutputRole, from_user, recognise
 from lepton_cli.evaluate.output_scores import (
     CosineTally,
@@ -86,6 +87,7 @@ CTC_METADATA_KEYS = (
     "character",
 )  # "lepton.decoding" = "ctc"; PaddleOCR rec models carry "character"
 CONTINUOUS_TOLERANCE = 0.02  # of the reference output's range (max − min)
+FLOOR_GRID_SAMPLES = 16  # samples that decide whether an input lies on an 8-bit grid
 SNR_CAP_DB = 300.0  # identical outputs: infinite SNR, capped so the report stays valid JSON
 
 
@@ -419,6 +421,8 @@ class Evaluator:
         self.metric = self.roles[0].metric
         self.source_value = self._source_value()
         self.resolution_pct = self._resolution()
+        self._source = source_model
+        self._floor: InputFloor | None | bool = False  # False: not measured yet
 
     def _check_labels_fit(self, default: str) -> None:
         if default == "top1" and self.labels is None:
@@ -548,7 +552,17 @@ class Evaluator:
             part.truth = self.truth[:rows]
         part.source_value = part._source_value()
         part.resolution_pct = part._resolution()
+        part._floor = False
         return part
+
+    def input_floor(self) -> InputFloor | None:
+        """The source's drop against itself with its 8-bit-grid inputs dithered by under half a step (measured
+        once): a budget under it cannot tell a candidate from input noise. None when no input is on such a grid."""
+        if self._floor is False:
+            grids = value_grids(self.first_feeds(FLOOR_GRID_SAMPLES))
+            score = self.score(self._source, grids) if grids else None
+            self._floor = InputFloor(score.drop_pct, [g.name for g in grids]) if score else None
+        return self._floor
 
     def _resolution(self) -> float:
         """The smallest drop the coarsest output can show, in points: one wrong unit of its metric (a row for
@@ -585,8 +599,8 @@ class Evaluator:
         """The first ``count`` samples (sensitivity and latency probes)."""
         return list(self.samples.feeds(min(count, self.count)))
 
-    def _outputs(self, model: onnx.ModelProto):
-        """Per sample: every output of ``model``, in the source model's layout."""
+    def _outputs(self, model: onnx.ModelProto, dither: list[ValueGrid] | None = None):
+        """Per sample: every output of ``model``, in the source model's layout (its grid inputs dithered)."""
         session = make_session(model, opt_level=self.opt_level, threads=self.threads)
         names = [o.name for o in session.get_outputs()]
 
@@ -594,7 +608,10 @@ class Evaluator:
             outputs = session.run(None, adapt_feed(model, feed))
             return [restore_output(model, names[i], np.asarray(v)) for i, v in enumerate(outputs)]
 
-        yield from ordered_map(run, self.samples.feeds(self.limit), self.workers)
+        feeds = self.samples.feeds(self.limit)
+        if dither:
+            feeds = (dithered(feed, dither, index) for index, feed in enumerate(feeds))
+        yield from ordered_map(run, feeds, self.workers)
 
     def _check_labels(self, first: np.ndarray) -> None:
         if first.ndim != 2:
@@ -629,10 +646,10 @@ class Evaluator:
         correct = _correct_rows(np.concatenate(firsts), self.labels)
         return 100.0 * float(np.sum(correct)) / max(1, len(correct))
 
-    def score(self, candidate: onnx.ModelProto) -> AccuracyScore:
+    def score(self, candidate: onnx.ModelProto, dither: list[ValueGrid] | None = None) -> AccuracyScore:
         tallies = [self._tally(role, span) for role, span in zip(self.roles, self.spans)]
         summaries = [_Tally(span) for span in self.spans]
-        for k, (ref_outs, outs) in enumerate(zip(self.reference, self._outputs(candidate))):
+        for k, (ref_outs, outs) in enumerate(zip(self.reference, self._outputs(candidate, dither))):
             if len(outs) != len(ref_outs):
                 raise BadInputError(
                     f"the candidate has {len(outs)} outputs, the source {len(ref_outs)}",

@@ -1,6 +1,6 @@
 """Warnings a compile that passed its gates may still deserve: a variant that compressed nothing, an output
 over the budget on any metric (a secondary one included), a classifier whose confidence collapsed while
-its top-1 agreed. They go in the report's ``warnings`` and on stderr."""
+its top-1 agreed, a budget finer than the source's own input noise. They go in the report's ``warnings`` and on stderr."""
 
 from __future__ import annotations
 
@@ -70,4 +70,10 @@ def accuracy_warnings(accuracy: dict[str, Any]) -> list[str]:
                 f"output {name!r}: detections matched (F1 {o['value']:.2f}%) but their scores moved by "
                 f"{detail['score_error_mean']:.3f} on average (max {detail['score_error_max']:.3f}), over the budget of {budget:g} points"
             )
+    floor = (accuracy.get("input_floor") or {}).get("drop_pct", 0.0)
+    if floor > budget:
+        out.append(
+            f"the budget of {budget:g} points is finer than input noise: the source itself reads a drop of {floor:.2f} "
+            "when its inputs move by under half an 8-bit step, so a drop below that is noise, not quantization"
+        )
     return out

@@ -33,7 +33,7 @@ import onnx
 import onnxruntime as ort
 from lepton_cli.passes._quantize.mse_ranges import mse_tensors_data
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
-from onnxruntime.quantization.calibrate import TensorsData, create_calibrator
+from onnxruntime.quantization.calibrate import HistogramCalibrater, HistogramCollector, TensorsData, create_calibrator
 
 from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.samples.sample_set import SampleSet
@@ -170,6 +170,52 @@ def _bound_histograms(calibrator: Any, settings: CalibrationSettings) -> None:
     collector._lepton_bounded = True
 
 
+FLOAT32_EDGE = float(np.finfo(np.float32).max) / 4  # beyond this, twice the value overflows float32
+
+
+class _WideningCollector(HistogramCollector):
+    """ORT's collector computes a signed histogram's range, ±max|x|, in the tensor's dtype: a float32 tensor holding
+    -3.4e38 (all-MiniLM-L6's additive attention mask) overflows its width to inf and numpy refuses the bins (the
+    entropy and mse methods crashed on it). Such tensors are histogrammed in float64."""
+
+    def collect(self, name_to_arr: dict[str, Any]) -> None:
+        super().collect({name: _widened(arr) for name, arr in name_to_arr.items()})
+
+    def compute_collection_result(self) -> dict[str, Any]:
+        """ORT's results, float64 numbers back in float32 (its TensorData takes no other; ±3.4e38 fits)."""
+        return {name: _narrowed(value) for name, value in super().compute_collection_result().items()}
+
+
+def _narrowed(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_narrowed(v) for v in value)
+    if isinstance(value, np.ndarray | np.floating) and value.dtype == np.float64:
+        return value.astype(np.float32)
+    return value
+
+
+def _widened(arr: Any) -> Any:
+    if isinstance(arr, list):
+        return [_widened(a) for a in arr]
+    value = np.asarray(arr)
+    if value.dtype == np.float32 and value.size and float(np.nanmax(np.abs(value))) > FLOAT32_EDGE:
+        return value.astype(np.float64)
+    return arr
+
+
+def _widening_collector(calibrator: Any) -> None:
+    """Give a histogram calibrator the widening collector before its first chunk (ORT makes its own when none)."""
+    if isinstance(calibrator, HistogramCalibrater) and calibrator.collector is None:
+        calibrator.collector = _WideningCollector(
+            method=calibrator.method,
+            symmetric=calibrator.symmetric,
+            num_bins=calibrator.num_bins,
+            num_quantized_bins=calibrator.num_quantized_bins,
+            percentile=calibrator.percentile,
+            scenario=calibrator.scenario,
+        )
+
+
 def calibrate(
     model: onnx.ModelProto,
     samples: SampleSet,
@@ -201,6 +247,7 @@ def calibrate(
             extra_options=extra,
         )
         _lean_session(calibrator)
+        _widening_collector(calibrator)
         chunk = _chunk_size(calibrator, model, samples, settings)
         for start in range(0, total, chunk):
             stop = min(start + chunk, total)

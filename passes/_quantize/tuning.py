@@ -28,6 +28,7 @@ are not dependencies here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from math import inf
 from statistics import NormalDist
@@ -36,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 from lepton_cli.passes._quantize.sensitivity import float_gains, local_errors, quantized_nodes
+from lepton_cli.passes._quantize.source_tiers import RECOVERY
 from lepton_cli.passes._quantize.trunk import TrunkPrefixes
 
 from lepton_cli.errors import QualityGateError
@@ -52,20 +54,25 @@ Progress = Callable[[str], None]
 Cost = Callable[[onnx.ModelProto], float | None]  # a candidate's estimated latency on the target (ms)
 
 
-def failed_fix(max_float: int, undecided: Trial | None = None, samples: int = 0) -> str:
-    """The exit-3 fix; a target that allows no float layers (tpu: full integer) is not told to raise them.
+def failed_fix(
+    max_float: int, undecided: Trial | None = None, samples: int = 0, recovery_searched: bool = False
+) -> str:
+    """The exit-3 fix; a target that allows no float layers (tpu: full integer) is not told to raise them, nor to
+    turn on recovery steps the search already tried (``recovery_searched``).
     ``undecided``: a candidate whose drop fits but whose upper bound does not, so more data could decide it."""
     if undecided is not None:
         return (
             f"{undecided.method}+{len(undecided.float_nodes)} float read a drop of {undecided.drop_pct:.2f}, within "
             f"the budget, but {samples} scored samples bound it only to {undecided.drop_bound:.2f}: give more "
             "--calib samples or labelled --eval data (a larger scoring set narrows the bound), or "
-            + _plain_fix(max_float)
+            + _plain_fix(max_float, recovery_searched)
         )
-    return _plain_fix(max_float)
+    return _plain_fix(max_float, recovery_searched)
 
 
-def _plain_fix(max_float: int) -> str:
+def _plain_fix(max_float: int, recovery_searched: bool) -> str:
+    if not max_float and recovery_searched:
+        return "raise --max-accuracy-drop or give more representative --calib data (the recovery steps were searched)"
     if not max_float:  # a full-integer accelerator runs neither float nor fp16 layers: only the int8 model can change
         return (
             "raise --max-accuracy-drop, give more representative --calib data, or turn on the quantize pass's "
@@ -359,6 +366,29 @@ def search(
     return run.result(methods, sensitivity)
 
 
+def _no_candidate(
+    trials: list[Trial], budget: float, scored_on: str, evaluator: Evaluator, max_float: int
+) -> QualityGateError:
+    """The exit-3 error: what was tried, and the fix; where the source's own input noise moves the metric by more
+    than the budget (input_floor.py), that first."""
+    first = f"quantize: no candidate met the accuracy budget of {budget:g} points ({scored_on})"
+    undecided = _undecided(trials, budget)
+    searched = any(t.transform == RECOVERY for t in trials)
+    fix = failed_fix(max_float, undecided, evaluator.count if undecided else 0, searched)
+    floor = evaluator.input_floor()
+    noise = ""
+    if floor is not None and floor.drop_pct > budget:
+        noise = (
+            f"; the source itself reads a drop of {floor.drop_pct:.2f} when {', '.join(floor.inputs)} moves by under "
+            "half a step of its 8-bit values, so this metric cannot tell a drop under that from input noise"
+        )
+        fix = (
+            f"raise --max-accuracy-drop to {math.ceil(floor.drop_pct)} or more to accept a model as close to the "
+            "source as that noise, or score against labelled --eval data; else " + fix
+        )
+    return QualityGateError(f"{first}; tried: {_tried_line(trials, budget)}{noise}", fix, attempt_summary=first)
+
+
 def _tried_line(trials: list[Trial], budget: float) -> str:
     tiers = len({(tuple(t.op_types or ()), t.transform) for t in trials})
 
@@ -446,16 +476,15 @@ def tune(
         sensitivity = sensitivity or found.sensitivity
         if found.best_trial is not None and (chosen is None or _beats(found, chosen, space.methods)):
             chosen = found
+    floor = evaluator.input_floor()
     summary |= {
         "tried": [t.to_dict() for t in trials],
         "worst_layers": [{"node": n, "output_nsr_gain_if_float": round(v, 6)} for n, v in sensitivity[:10]],
         "parallel_runs": evaluator.workers,  # samples and ranking candidates run side by side, one thread each
+        **({"input_floor": floor.to_dict()} if floor else {}),
     }
     if chosen is None or chosen.best_trial is None:
-        first = f"quantize: no candidate met the accuracy budget of {budget:g} points ({scored_on})"
-        undecided = _undecided(trials, budget)
-        fix = failed_fix(settings.max_float, undecided, evaluator.count if undecided else 0)
-        raise QualityGateError(f"{first}; tried: {_tried_line(trials, budget)}", fix, attempt_summary=first)
+        raise _no_candidate(trials, budget, scored_on, evaluator, settings.max_float)
     best = chosen.best_trial
     _record_choice(best, [t for t in trials if t.meets_budget], cost is not None, space, summary)
     model = chosen.best

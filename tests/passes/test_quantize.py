@@ -667,6 +667,9 @@ def test_the_search_holds_the_upper_confidence_bound_of_the_drop_to_the_budget(d
     undecided = failed_fix(0, rejected.trials[0], 16)
     assert "0.40, within the budget, but 16 scored samples bound it only to 0.53" in undecided
     assert "more --calib samples" in undecided and "bias_correction" in undecided
+    # once the search tried the recovery tier, the fix does not offer it again
+    assert "bias_correction" not in failed_fix(0, recovery_searched=True)
+    assert "recovery steps were searched" in failed_fix(0, rejected.trials[0], 16, recovery_searched=True)
     # the standard error of a drop made of per-sample losses: 100 * sqrt(n) * sd / total
     assert drop_standard_error([1.0, 0.0, 0.0, 1.0], 4) == pytest.approx(100 * 2 * np.std([1, 0, 0, 1], ddof=1) / 4)
     assert drop_standard_error([0.0], 1) == 0.0

@@ -169,6 +169,15 @@ def test_the_attention_mask_path_stays_float_when_every_op_is_quantized(tmp_path
     assert _error(without) < 0.5 * _error(with_mask)
 
 
+@pytest.mark.parametrize("method", ["mse", "entropy"])
+def test_signed_histograms_hold_the_attention_masks_finfo_min(method):
+    # ORT computed ±3.4e38 in float32: an infinite width, and numpy refused the bins (tpu MiniLM with mse: exit 1)
+    data = calibrate(_block(), _samples(), CalibrationSettings(method=method, chunk=4), None, None)  # merged chunks
+    assert sentinel_nodes(_block(), data) == ["mask_where", "mask_add", "softmax"]
+    low, high = data.data["ln1"].range_value
+    assert np.isfinite([low, high]).all() and high > low
+
+
 def test_a_hidden_state_is_scored_by_cosine_not_as_a_detector_head():
     """[1, 32, 384] has a detector's proportions (32 'channels', 384 'anchors'); its name says what it is."""
     refs = [np.random.default_rng(0).standard_normal((1, 32, 384)).astype(np.float32) * 3]

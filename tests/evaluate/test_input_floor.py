@@ -1,0 +1,67 @@
+"""The source's own input-noise floor: which inputs lie on an 8-bit grid, the dither that keeps them on it, and how
+far PP-OCRv4 det's map moves under it on rendered pages."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnx
+from conftest import DIGITS, OCR_DET, REPO, needs_ocr
+
+from lepton_cli.evaluate.accuracy import Evaluator
+from lepton_cli.evaluate.input_floor import DITHER_FRACTION, dithered, value_grids
+from lepton_cli.model.shapes import bind_input_shapes
+from lepton_cli.samples.sample_set import load_samples
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+
+
+def _pages(count: int, seed: int, size: int = 160) -> np.ndarray:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset
+
+    return ocr_textset.make_pages(count, seed, "eval", size=size)
+
+
+def test_rendered_pages_lie_on_one_pixel_level_per_channel_and_the_dither_rounds_back_to_them():
+    pages = _pages(2, 3)
+    (grid,) = value_grids([{"x": page[None]} for page in pages])
+    assert grid.name == "x" and grid.axis == 1
+    np.testing.assert_allclose(grid.steps, 1 / (255 * STD.ravel()), rtol=1e-3)  # one 8-bit level, normalised
+    feed = {"x": pages[:1]}
+    noisy = dithered(feed, [grid], 0)["x"]
+    assert np.abs(noisy - pages[:1]).max() > 0.4 * grid.steps.min()  # the noise is there ...
+    pixels = lambda x: np.round((x * STD + MEAN) * 255)  # noqa: E731
+    np.testing.assert_array_equal(pixels(noisy[0]), pixels(pages[0]))  # ... and rounds back to the same page
+    np.testing.assert_array_equal(noisy, dithered(feed, [grid], 0)["x"])  # seeded by the sample index
+    assert not np.array_equal(noisy, dithered(feed, [grid], 1)["x"])
+    nhwc = value_grids([{"x": page.transpose(1, 2, 0)[None]} for page in pages])
+    assert [g.axis for g in nhwc] == [3]
+    assert DITHER_FRACTION < 0.5
+
+
+def test_inputs_off_any_grid_have_no_floor_and_coarser_grids_are_found():
+    rng = np.random.default_rng(0)
+    features = {"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)}  # continuous values: no 8-bit grid
+    tokens = {"ids": rng.integers(0, 30000, (1, 1, 8, 8))}  # integers are never dithered
+    assert value_grids([features]) == [] and value_grids([tokens]) == []
+    assert value_grids([{"x": features["x"][0, 0]}]) == []  # rank 2: not an image batch
+    digits = np.load(DIGITS / "calib.npz")["image"][:16]  # sklearn's 8x8 digits: 17 grey levels, 1/16 apart
+    (grid,) = value_grids([{"image": digits}])
+    np.testing.assert_allclose(grid.steps, [1 / 16])
+
+
+@needs_ocr
+def test_pp_ocrv4_det_map_moves_under_input_noise_below_one_pixel_level(tmp_path):
+    model = bind_input_shapes(onnx.load(OCR_DET), {"x": [1, 3, 160, 160]})
+    np.savez(tmp_path / "pages.npz", x=_pages(4, 9))
+    evaluator = Evaluator(model, load_samples(tmp_path / "pages.npz", model))
+    floor = evaluator.input_floor()
+    assert floor is not None and floor.inputs == ["x"]
+    assert floor.drop_pct > 0.5  # the worst page's map F1 moves although every page rounds to the same pixels
+    assert evaluator.input_floor() is floor  # measured once
+    again = Evaluator(model, load_samples(tmp_path / "pages.npz", model)).input_floor()
+    assert again is not None and again.drop_pct == floor.drop_pct  # deterministic
+    assert evaluator.score(model).drop_pct == 0.0  # undithered, the source agrees with itself
