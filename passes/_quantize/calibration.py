@@ -179,7 +179,8 @@ class _WideningCollector(HistogramCollector):
     entropy and mse methods crashed on it). Such tensors are histogrammed in float64."""
 
     def collect(self, name_to_arr: dict[str, Any]) -> None:
-        super().collect({name: _widened(arr) for name, arr in name_to_arr.items()})
+        signed = self.method in ("entropy", "distribution") or not self.symmetric  # |x| histograms do not overflow
+        super().collect({name: _widened(arr) for name, arr in name_to_arr.items()} if signed else name_to_arr)
 
     def compute_collection_result(self) -> dict[str, Any]:
         """ORT's results, float64 numbers back in float32 (its TensorData takes no other; ±3.4e38 fits)."""
@@ -195,12 +196,13 @@ def _narrowed(value: Any) -> Any:
 
 
 def _widened(arr: Any) -> Any:
-    if isinstance(arr, list):
-        return [_widened(a) for a in arr]
-    value = np.asarray(arr)
-    if value.dtype == np.float32 and value.size and float(np.nanmax(np.abs(value))) > FLOAT32_EDGE:
-        return value.astype(np.float64)
-    return arr
+    """``arr`` (an array, or one tensor's arrays of a chunk, which ORT wants in one dtype) in float64 when a float32
+    value is beyond FLOAT32_EDGE."""
+    values = [np.asarray(a) for a in arr] if isinstance(arr, list) else [np.asarray(arr)]
+    if not any(v.dtype == np.float32 and v.size and float(np.nanmax(np.abs(v))) > FLOAT32_EDGE for v in values):
+        return arr
+    wide = [v.astype(np.float64) if v.dtype == np.float32 else v for v in values]
+    return wide if isinstance(arr, list) else wide[0]
 
 
 def _widening_collector(calibrator: Any) -> None:
