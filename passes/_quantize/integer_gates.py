@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize.qparams import QRANGE, per_tensor
+from lepton_cli.passes._quantize.qparams import per_tensor
 from onnx import helper
 
 from lepton_cli.model.graph_edit import GraphIndex
@@ -32,10 +32,7 @@ class _Dequantized(NamedTuple):
     tensor: str  # the quantized tensor a per-tensor DequantizeLinear reads
     scale: float
     zero: np.ndarray  # 0-d, of the quantized type
-
-    @property
-    def qrange(self) -> tuple[int, int]:
-        return QRANGE[helper.np_dtype_to_tensor_dtype(self.zero.dtype)]
+    qrange: tuple[int, int]  # of an 8-bit type (_dequantized refuses others)
 
 
 def integer_gates(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -73,7 +70,7 @@ class _Rewriter:
         params = per_tensor(self.g, dq) if dq is not None and dq.op_type == "DequantizeLinear" else None
         if params is None or params.qrange is None:
             return None
-        return _Dequantized(dq.input[0], params.scale, params.zero)
+        return _Dequantized(dq.input[0], params.scale, params.zero, params.qrange)
 
     def _covers_unit_range(self, quantize: onnx.NodeProto) -> bool:
         """Whether the quantize's representable range lies in [0, 1]: its saturation then is HardSigmoid's clip."""
