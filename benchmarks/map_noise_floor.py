@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(table))
     command = "python benchmarks/map_noise_floor.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text("\n".join([f"`{command}`", "", *table]) + "\n")
+    title = "# Map detectors: how far input noise under one pixel level moves the source itself (worst page F1)"
+    args.out.with_suffix(".md").write_text("\n".join([title, "", f"`{command}`", "", *table]) + "\n")
     return 0
 
 
