@@ -65,3 +65,20 @@ def test_pp_ocrv4_det_map_moves_under_input_noise_below_one_pixel_level(tmp_path
     again = Evaluator(model, load_samples(tmp_path / "pages.npz", model)).input_floor()
     assert again is not None and again.drop_pct == floor.drop_pct  # deterministic
     assert evaluator.score(model).drop_pct == 0.0  # undithered, the source agrees with itself
+
+
+@needs_ocr
+def test_an_exit_3_under_the_floor_says_so_and_names_the_budget_that_accepts_noise(tmp_path):
+    from lepton_cli.passes._quantize.tuning import Trial, _no_candidate
+
+    model = bind_input_shapes(onnx.load(OCR_DET), {"x": [1, 3, 160, 160]})
+    np.savez(tmp_path / "pages.npz", x=_pages(4, 9))
+    evaluator = Evaluator(model, load_samples(tmp_path / "pages.npz", model))
+    floor = evaluator.input_floor()
+    assert floor is not None
+    tried = [Trial("minmax", [], floor.drop_pct + 2, 0.0, False)]
+    under = _no_candidate(tried, floor.drop_pct / 2, "held-out 4 of --calib", evaluator, 48)
+    assert f"reads a drop of {floor.drop_pct:.2f} when x moves by under half a step" in under.message
+    assert under.fix.startswith(f"raise --max-accuracy-drop to {int(np.ceil(floor.drop_pct))} or more")
+    over = _no_candidate(tried, floor.drop_pct + 1, "held-out 4 of --calib", evaluator, 48)
+    assert "half a step" not in over.message and "max_float_layers" in over.fix
