@@ -53,16 +53,21 @@ def test_inputs_off_any_grid_have_no_floor_and_coarser_grids_are_found():
     np.testing.assert_allclose(grid.steps, [1 / 16])
 
 
+def _det_evaluator(folder) -> tuple[onnx.ModelProto, Evaluator]:
+    """PP-OCRv4 det at 160x160 scored on 4 rendered pages."""
+    model = bind_input_shapes(onnx.load(OCR_DET), {"x": [1, 3, 160, 160]})
+    np.savez(folder / "pages.npz", x=_pages(4, 9))
+    return model, Evaluator(model, load_samples(folder / "pages.npz", model))
+
+
 @needs_ocr
 def test_pp_ocrv4_det_map_moves_under_input_noise_below_one_pixel_level(tmp_path):
-    model = bind_input_shapes(onnx.load(OCR_DET), {"x": [1, 3, 160, 160]})
-    np.savez(tmp_path / "pages.npz", x=_pages(4, 9))
-    evaluator = Evaluator(model, load_samples(tmp_path / "pages.npz", model))
+    model, evaluator = _det_evaluator(tmp_path)
     floor = evaluator.input_floor()
     assert floor is not None and floor.inputs == ["x"]
     assert floor.drop_pct > 0.5  # the worst page's map F1 moves although every page rounds to the same pixels
     assert evaluator.input_floor() is floor  # measured once
-    again = Evaluator(model, load_samples(tmp_path / "pages.npz", model)).input_floor()
+    again = _det_evaluator(tmp_path)[1].input_floor()
     assert again is not None and again.drop_pct == floor.drop_pct  # deterministic
     assert evaluator.score(model).drop_pct == 0.0  # undithered, the source agrees with itself
 
@@ -71,9 +76,7 @@ def test_pp_ocrv4_det_map_moves_under_input_noise_below_one_pixel_level(tmp_path
 def test_an_exit_3_under_the_floor_says_so_and_names_the_budget_that_accepts_noise(tmp_path):
     from lepton_cli.passes._quantize.tuning import Trial, _no_candidate
 
-    model = bind_input_shapes(onnx.load(OCR_DET), {"x": [1, 3, 160, 160]})
-    np.savez(tmp_path / "pages.npz", x=_pages(4, 9))
-    evaluator = Evaluator(model, load_samples(tmp_path / "pages.npz", model))
+    _, evaluator = _det_evaluator(tmp_path)
     floor = evaluator.input_floor()
     assert floor is not None
     tried = [Trial("minmax", [], floor.drop_pct + 2, 0.0, False)]
