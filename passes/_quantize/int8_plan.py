@@ -158,6 +158,21 @@ def _gain_row(steps: list[str], drop: float, drop_se: float, agreement: dict[str
     }
 
 
+@dataclass(frozen=True)
+class _DeferredBuild:
+    """A source tier's build, made on first call (its rewritten source costs minutes); ``before_lowering`` is the
+    made build's unlowered one, for the sensitivity ranking (``tuning.ranking_build``)."""
+
+    made: Callable[[], tuple[Build, onnx.ModelProto]]
+
+    def __call__(self, method: str, keep: list[str]) -> onnx.ModelProto:
+        return self.made()[0](method, keep)
+
+    @property
+    def before_lowering(self) -> Build:
+        return ranking_build(self.made()[0])
+
+
 @dataclass
 class _RecoveryInputs:
     settings: RecoverySettings
@@ -262,12 +277,7 @@ class Int8Plan(SearchPlan):
             )
             return build, recovered.reference
 
-        def build(method: str, keep: list[str]) -> onnx.ModelProto:
-            return made()[0](method, keep)
-
-        if self.params.integer_elementwise:
-            build.before_lowering = lambda method, keep: ranking_build(made()[0])(method, keep)  # type: ignore[attr-defined]
-        return build, (lambda: made()[1])
+        return _DeferredBuild(made), (lambda: made()[1])
 
     def _builder(
         self,

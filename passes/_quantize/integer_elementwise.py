@@ -10,6 +10,7 @@ names what it adds, so the chosen model says what was rewritten.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import onnx
@@ -33,15 +34,19 @@ def integer_elementwise(model: onnx.ModelProto) -> onnx.ModelProto:
     return result
 
 
-def lowered(build: Callable[[str, list[str]], onnx.ModelProto]) -> Callable[[str, list[str]], onnx.ModelProto]:
-    """``build``'s candidates through ``integer_elementwise``; ``build`` itself stays reachable as ``before_lowering``
-    for the sensitivity ranking, which bypasses nodes one at a time (``tuning.ranking_build``)."""
+@dataclass(frozen=True)
+class LoweredBuild:
+    """``before_lowering``'s candidates through ``integer_elementwise``; the unlowered build stays reachable for the
+    sensitivity ranking, which bypasses nodes one at a time (``tuning.ranking_build``)."""
 
-    def lowered_build(method: str, keep: list[str]) -> onnx.ModelProto:
-        return integer_elementwise(build(method, keep))
+    before_lowering: Callable[[str, list[str]], onnx.ModelProto]
 
-    lowered_build.before_lowering = build  # type: ignore[attr-defined]
-    return lowered_build
+    def __call__(self, method: str, keep: list[str]) -> onnx.ModelProto:
+        return integer_elementwise(self.before_lowering(method, keep))
+
+
+def lowered(build: Callable[[str, list[str]], onnx.ModelProto]) -> LoweredBuild:
+    return LoweredBuild(build)
 
 
 def rewritten(model: onnx.ModelProto) -> dict[str, int]:
