@@ -384,7 +384,7 @@ def _no_candidate(
         )
         fix = (
             f"raise --max-accuracy-drop to {math.ceil(floor.drop_pct)} or more to accept a model as close to the "
-            "source as that noise, or score against labelled --eval data; else " + fix
+            "source as that noise, or score against labelled --eval data"
         )
     return QualityGateError(f"{first}; tried: {_tried_line(trials, budget)}{noise}", fix, attempt_summary=first)
 
