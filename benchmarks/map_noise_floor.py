@@ -1,8 +1,8 @@
 """How far a map detector's own output moves when its input moves by less than one pixel level.
 
 The corpus's pages are 8-bit renderings normalised per channel, so each channel's values lie on a grid (one pixel
-level = one step). Adding uniform noise of at most ±``fraction`` of that step, then rounding back to 8 bits, gives
-the same page; the source model, fed the unrounded page, is scored against itself on the yardstick's metric (the
+level = one step, found and dithered as the compile's scorer does it: ``lepton_cli/evaluate/input_floor.py``). Adding
+uniform noise of at most ±``fraction`` of that step, then rounding back to 8 bits, gives the same page; the source model, fed the unrounded page, is scored against itself on the yardstick's metric (the
 worst page's map F1 at 0.3 and 0.5). That score is the metric's floor on this model: no quantized model can be told
 apart from the source by less. Compiled models given with ``label=path.onnx`` are scored beside it.
 
@@ -26,44 +26,31 @@ from benchmarks.corpus.store import ensure_data, ensure_model  # noqa: E402
 from benchmarks.md_table import markdown_table  # noqa: E402
 from benchmarks.ocr_textset import pixel_f1  # noqa: E402
 from benchmarks.probe_det_float_sets import one_thread  # noqa: E402
+from lepton_cli.evaluate.input_floor import dithered, value_grids  # noqa: E402
 
 THRESHOLDS = (0.3, 0.5)  # the yardstick's map_f1: the worse of the two per page
-
-
-def pixel_steps(pages: np.ndarray) -> np.ndarray:
-    """Per channel, the smallest gap between distinct values: one pixel level of a normalised 8-bit page."""
-    steps = []
-    for channel in np.moveaxis(pages, 1, 0):
-        values = np.unique(channel)
-        if len(values) < 2 or len(values) > 256:
-            raise SystemExit(f"channel with {len(values)} distinct values: not an 8-bit rendering")
-        steps.append(float(np.min(np.diff(values))))
-    return np.asarray(steps, dtype=np.float32)
 
 
 def page_scores(references: list[np.ndarray], outputs: list[np.ndarray]) -> list[float]:
     return [100 * min(pixel_f1(r, o, t) for t in THRESHOLDS) for r, o in zip(references, outputs)]
 
 
-def dithered(pages: np.ndarray, steps: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    noise = rng.uniform(-fraction, fraction, pages.shape).astype(np.float32)
-    return pages + noise * steps[None, :, None, None]
-
-
 def measure(name: str, fractions: list[float], compiled: dict[str, str]) -> list[dict]:
     corpus = by_name(name)
     source = one_thread(ensure_model(corpus).read_bytes())
-    pages = np.load(ensure_data(corpus)[1])["x"]
-    steps = pixel_steps(pages)
-    references = [source.run(None, {"x": p[None]})[0] for p in pages]
+    feeds = [{"x": page[None]} for page in np.load(ensure_data(corpus)[1])["x"]]
+    grids = value_grids(feeds)  # the scorer's own reading of the 8-bit grid (lepton_cli/evaluate/input_floor.py)
+    if not grids:
+        raise SystemExit(f"{name}: its pages are on no 8-bit grid")
+    references = [source.run(None, feed)[0] for feed in feeds]
     rows = []
     for fraction in fractions:
-        outputs = [source.run(None, {"x": p[None]})[0] for p in dithered(pages, steps, fraction)]
+        noisy = [dithered(feed, grids, index, fraction) for index, feed in enumerate(feeds)]
+        outputs = [source.run(None, feed)[0] for feed in noisy]
         rows.append(_row(name, f"source, input ±{fraction:g} level", page_scores(references, outputs)))
     for label, path in compiled.items():
         session = one_thread(Path(path).read_bytes())
-        rows.append(_row(name, label, page_scores(references, [session.run(None, {"x": p[None]})[0] for p in pages])))
+        rows.append(_row(name, label, page_scores(references, [session.run(None, feed)[0] for feed in feeds])))
     return rows
 
 

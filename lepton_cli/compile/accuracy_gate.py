@@ -8,6 +8,7 @@ from typing import Any
 import onnx
 
 from lepton_cli.errors import QualityGateError
+from lepton_cli.evaluate.input_floor import noise_clause
 from lepton_cli.pipeline.context import PassContext
 
 NOT_MEASURED = {"measured": False, "reason": "no --eval or --calib data: accuracy not measured"}
@@ -54,10 +55,8 @@ def budget_failure(accuracy: dict[str, Any], budget_pct: float) -> str | None:
     if not accuracy.get("measured") or accuracy["drop_pct"] <= budget_pct:
         return None
     where = f"output {accuracy['output']!r}: " if len(accuracy.get("outputs") or []) > 1 else ""
-    floor = (accuracy.get("input_floor") or {}).get("drop_pct", 0.0)
-    noise = (
-        f" (input noise under half an 8-bit step moves the source itself by {floor:.2f})" if floor > budget_pct else ""
-    )
+    floor = accuracy.get("input_floor")
+    noise = f" ({noise_clause(floor)})" if floor and floor["drop_pct"] > budget_pct else ""
     return (
         f"accuracy dropped {accuracy['drop_pct']:.2f} points ({where}{accuracy['metric']} "
         f"{accuracy['source_value']:.2f}% → {accuracy['value']:.2f}% on {accuracy['data']} data), "

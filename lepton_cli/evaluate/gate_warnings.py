@@ -8,6 +8,8 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import onnx
 
+from lepton_cli.evaluate.input_floor import noise_clause
+
 INT8_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
 CLASS_METRICS = ("top1", "top1_agreement", "top1_agreement+cosine")
 
@@ -70,10 +72,10 @@ def accuracy_warnings(accuracy: dict[str, Any]) -> list[str]:
                 f"output {name!r}: detections matched (F1 {o['value']:.2f}%) but their scores moved by "
                 f"{detail['score_error_mean']:.3f} on average (max {detail['score_error_max']:.3f}), over the budget of {budget:g} points"
             )
-    floor = (accuracy.get("input_floor") or {}).get("drop_pct", 0.0)
-    if floor > budget:
+    floor = accuracy.get("input_floor")
+    if floor and floor["drop_pct"] > budget:
         out.append(
-            f"the budget of {budget:g} points is finer than input noise: the source itself reads a drop of {floor:.2f} "
-            "when its inputs move by under half an 8-bit step, so a drop below that is noise, not quantization"
+            f"the budget of {budget:g} points is finer than input noise: {noise_clause(floor)}, "
+            "so a drop below that is noise, not quantization"
         )
     return out

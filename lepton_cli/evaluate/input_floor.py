@@ -4,7 +4,7 @@ An image decoded from 8 bits and normalised per channel takes at most 256 values
 Uniform noise of under half a step, rounded back to 8 bits, gives the same image; a model whose score against
 itself moves by D points under that noise cannot be held to a budget under D on this metric: a candidate's drop
 below D is input noise, not quantization (benchmarks/results/map_noise_floor.md: PP-OCRv5 det's worst page moves
-38 points). Inputs that are not on such a grid (token ids, features, audio) are left as they are; with none on a
+40 points). Inputs that are not on such a grid (token ids, features, audio) are left as they are; with none on a
 grid there is no floor.
 """
 
@@ -64,21 +64,29 @@ def value_grids(feeds: list[dict[str, np.ndarray]]) -> list[ValueGrid]:
         for axis in (1, 3):
             if stacked.shape[axis] <= 4:
                 steps = _channel_steps(stacked, axis)
-                if steps is not None and np.all(steps > 0):
+                if steps is not None:
                     grids.append(ValueGrid(name, axis, steps))
                     break
     return grids
 
 
-def dithered(feed: dict[str, np.ndarray], grids: list[ValueGrid], index: int) -> dict[str, np.ndarray]:
-    """``feed`` (sample ``index``) with uniform noise of ±DITHER_FRACTION of a step on each grid input; the noise
-    is seeded by the index, so a sample gets the same noise whichever worker runs it."""
+def dithered(
+    feed: dict[str, np.ndarray], grids: list[ValueGrid], index: int, fraction: float = DITHER_FRACTION
+) -> dict[str, np.ndarray]:
+    """``feed`` (sample ``index``) with uniform noise of ±``fraction`` of a step on each grid input; the noise is
+    seeded by the index, so a sample gets the same noise whichever worker runs it."""
     rng = np.random.default_rng([SEED, index])
     out = dict(feed)
     for grid in grids:
         value = np.asarray(feed[grid.name])
         shape = [1] * value.ndim
         shape[grid.axis] = len(grid.steps)
-        noise = rng.uniform(-DITHER_FRACTION, DITHER_FRACTION, value.shape).astype(value.dtype)
+        noise = rng.uniform(-fraction, fraction, value.shape).astype(value.dtype)
         out[grid.name] = value + noise * grid.steps.reshape(shape).astype(value.dtype)
     return out
+
+
+def noise_clause(floor: dict) -> str:
+    """The floor (``InputFloor.to_dict()``, as the report keeps it) in words, for messages and warnings."""
+    inputs = ", ".join(floor.get("inputs") or ["its inputs"])
+    return f"the source itself reads a drop of {floor['drop_pct']:.2f} when {inputs} moves by under half a step of its 8-bit values"

@@ -43,6 +43,7 @@ from lepton_cli.passes._quantize.trunk import TrunkPrefixes
 from lepton_cli.errors import QualityGateError
 from lepton_cli.evaluate.accuracy import AccuracyScore, Evaluator
 from lepton_cli.evaluate.costmodel import HardwareFacts, latency_ms
+from lepton_cli.evaluate.input_floor import noise_clause
 
 SENSITIVITY, LEADING = "sensitivity", "leading"  # Trial.float_rule
 SENSITIVITY_SAMPLES = 8  # held-out samples the per-node ranking runs on
@@ -372,21 +373,19 @@ def _no_candidate(
     """The exit-3 error: what was tried, and the fix; where the source's own input noise moves the metric by more
     than the budget (input_floor.py), that first."""
     first = f"quantize: no candidate met the accuracy budget of {budget:g} points ({scored_on})"
-    undecided = _undecided(trials, budget)
-    searched = any(t.transform == RECOVERY for t in trials)
-    fix = failed_fix(max_float, undecided, evaluator.count if undecided else 0, searched)
+    tried = f"{first}; tried: {_tried_line(trials, budget)}"
     floor = evaluator.input_floor()
-    noise = ""
     if floor is not None and floor.drop_pct > budget:
-        noise = (
-            f"; the source itself reads a drop of {floor.drop_pct:.2f} when {', '.join(floor.inputs)} moves by under "
-            "half a step of its 8-bit values, so this metric cannot tell a drop under that from input noise"
-        )
+        noise = f"; {noise_clause(floor.to_dict())}, so this metric cannot tell a drop under that from input noise"
         fix = (
             f"raise --max-accuracy-drop to {math.ceil(floor.drop_pct)} or more to accept a model as close to the "
             "source as that noise, or score against labelled --eval data"
         )
-    return QualityGateError(f"{first}; tried: {_tried_line(trials, budget)}{noise}", fix, attempt_summary=first)
+        return QualityGateError(tried + noise, fix, attempt_summary=first)
+    undecided = _undecided(trials, budget)
+    searched = any(t.transform == RECOVERY for t in trials)
+    fix = failed_fix(max_float, undecided, evaluator.count if undecided else 0, searched)
+    return QualityGateError(tried, fix, attempt_summary=first)
 
 
 def _tried_line(trials: list[Trial], budget: float) -> str:
