@@ -49,6 +49,7 @@ class QuantizeParams:
     float_matmul_outputs: bool = True
     # Scalar Adds, HardSigmoid and Sigmoid gates between int8 layers as QLinearAdd/Mul/Sigmoid (ORT's CPU EP), 1 B/element
     integer_elementwise: bool = False
+    restore_hard_swish: bool = False  # float-kept hard-swish at alpha 1/6 (ORT's x86 conv runs it), kept when it scores
     # Tried before op_types (more int8, fewer Q/DQ: faster) and kept when a candidate meets the budget.
     fast_op_types: list[str] | None = None
     methods: list[Method] = field(default_factory=lambda: ["minmax", "percentile", "entropy"])  # tried in order

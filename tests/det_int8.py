@@ -20,8 +20,8 @@ from lepton_cli.samples.sample_set import load_samples
 SIZE = 160  # pages rendered at 320 and shrunk: small enough for `make test`, every block still at work
 
 
-def quantized_det(tmp_path_factory) -> tuple:
-    """(fused float model, its Conv-only int8 QDQ model, held-out pages)."""
+def fused_det_and_pages(tmp_path_factory) -> tuple:
+    """(PP-OCRv4 det fused for cpu-avx at SIZE, its calibration pages' .npz, held-out pages as feeds)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import ocr_textset
 
@@ -32,9 +32,16 @@ def quantized_det(tmp_path_factory) -> tuple:
     fused = get_pass("fuse").fn(model, PassContext(target=target), fuse.params).model
     work = tmp_path_factory.mktemp("int8")
     np.savez(work / "calib.npz", x=ocr_textset.make_pages(6, 5, "calib", size=SIZE))
-    calib = load_samples(work / "calib.npz", fused)
     held = ocr_textset.make_pages(4, 9, "eval", size=SIZE)
+    return fused, work / "calib.npz", [{"x": page[None]} for page in held]
+
+
+def quantized_det(tmp_path_factory) -> tuple:
+    """(fused float model, its Conv-only int8 QDQ model, held-out pages)."""
+    fused, calib_path, held = fused_det_and_pages(tmp_path_factory)
+    work = calib_path.parent
+    calib = load_samples(calib_path, fused)
     ranges = calibrate(fused, calib, CalibrationSettings(method="minmax", chunk=6, max_samples=6), None, ["Conv"])
     scheme = schemes.Int8Scheme(per_channel=True, op_types=("Conv",))
     int8 = schemes.quantize_int8(fused, schemes.save_ranges(ranges, work / "r.json"), "minmax", scheme, [], work)
-    return fused, int8, [{"x": page[None]} for page in held]
+    return fused, int8, held

@@ -21,6 +21,7 @@ import onnx
 from lepton_cli.passes._quantize import schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from lepton_cli.passes._quantize.consumer_ranges import narrow_to_readers
+from lepton_cli.passes._quantize.float_hard_swish import restore_hard_swish
 from lepton_cli.passes._quantize.float_keep import keep_float_nodes
 from lepton_cli.passes._quantize.heads import find_heads, head_overrides
 from lepton_cli.passes._quantize.integer_elementwise import lowered, rewritten
@@ -240,6 +241,8 @@ class Int8Plan(SearchPlan):
             space.transforms.append(source_tier.transform)
             space.references.append(reference)
         self.builds = space.builds
+        if params.restore_hard_swish:
+            space.verified_rewrite = ("hard_swish_restored", restore_hard_swish)
         return space
 
     def _matmul_layers(self) -> bool:

@@ -4,8 +4,9 @@ Scalar Adds before a quantize fold into its zero point (``scalar_add_fold.py``),
 quantized Adds and Sigmoid gates get their own quantize (``integer_gates.py``): in that order, a hard-swish ending
 in PP-LCNetV3's ``+ b`` runs as QLinearAdd + QLinearMul. A Relu between two quantizes goes into the second
 (``relu_fold.py``), a quantize after a Concat or nearest Resize moves above it (``quantize_hoist.py``), and an FPN's
-quantized sum of a gated map and an upsampled one runs as QLinearMul + QLinearAdd (``gated_sum.py``). Each rewrite
-names what it adds, so the chosen model says what was rewritten.
+quantized sum of a gated map and an upsampled one runs as QLinearMul + QLinearAdd (``gated_sum.py``); last, an
+integer nearest upsample becomes channel-last copies (``upsample_copy.py``). Each rewrite names what it adds, so the
+chosen model says what was rewritten.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lepton_cli.passes._quantize.integer_gates import ADDED_SUFFIX, GATE_SUFFIX,
 from lepton_cli.passes._quantize.quantize_hoist import HOISTED_SUFFIX, hoist_quantizes
 from lepton_cli.passes._quantize.relu_fold import RELU_FOLDED_SUFFIX, fold_rectifiers
 from lepton_cli.passes._quantize.scalar_add_fold import FOLDED_SUFFIX, fold_scalar_adds
+from lepton_cli.passes._quantize.upsample_copy import EXPANDED_SUFFIX, integer_upsamples
 
 from lepton_cli.model.graph_edit import drop_unused_initializers
 
@@ -30,6 +32,7 @@ def integer_elementwise(model: onnx.ModelProto) -> onnx.ModelProto:
     fold_rectifiers(result)
     hoist_quantizes(result)
     integer_gated_sums(result)
+    integer_upsamples(result)
     drop_unused_initializers(result)
     return result
 
@@ -51,8 +54,8 @@ def lowered(build: Callable[[str, list[str]], onnx.ModelProto]) -> LoweredBuild:
 
 def rewritten(model: onnx.ModelProto) -> dict[str, int]:
     """How many scalar Adds were folded, HardSigmoids made quantized Adds, gates given a quantize, Relus folded into
-    a quantize, quantizes moved above a Concat or Resize input and gated sums lowered in ``model`` (before names are
-    shortened)."""
+    a quantize, quantizes moved above a Concat or Resize input, gated sums lowered and integer upsamples made copies
+    in ``model`` (before names are shortened)."""
     return {
         "scalar_adds_folded": sum(i.name.endswith(FOLDED_SUFFIX) for i in model.graph.initializer),
         "hardsigmoids_as_add": sum(n.name.endswith(ADDED_SUFFIX) for n in model.graph.node),
@@ -60,4 +63,5 @@ def rewritten(model: onnx.ModelProto) -> dict[str, int]:
         "relus_folded": sum(n.name.endswith(RELU_FOLDED_SUFFIX) for n in model.graph.node),
         "quantizes_hoisted": sum(HOISTED_SUFFIX in n.name for n in model.graph.node),
         "gated_sums": sum(n.name.endswith(GATED_SUM_SUFFIX) for n in model.graph.node) // 2,  # gate + product
+        "upsamples_expanded": sum(EXPANDED_SUFFIX in n.name for n in model.graph.node),
     }

@@ -26,6 +26,7 @@ from lepton_cli.passes._quantize.quantize_hoist import hoist_quantizes
 from lepton_cli.passes._quantize.relu_fold import fold_rectifiers
 from lepton_cli.passes._quantize.scalar_add_fold import fold_scalar_adds
 from lepton_cli.passes._quantize.tuning import ranking_build
+from lepton_cli.passes._quantize.upsample_copy import integer_upsamples
 
 from lepton_cli.model.load import upgrade_opset
 from lepton_cli.model.shapes import bind_input_shapes
@@ -142,6 +143,24 @@ def test_the_neck_top_down_sums_run_as_integer_kernels_and_keep_the_map(det, tmp
         reference = source.run(None, feed)[0] > 0.3
         before, after = plain.run(None, feed)[0] > 0.3, rewrote.run(None, feed)[0] > 0.3
         assert np.mean(after != reference) <= np.mean(before != reference) + 0.002
+
+
+@needs_ocr
+def test_the_neck_integer_upsamples_become_channel_row_copies_with_the_same_map(det, tmp_path):
+    """After the hoist the three upsamples before the neck's Concat read uint8; each becomes Transpose, Unsqueeze,
+    Expand, Reshape, Transpose (ORT's channel-last Resize computes an index per byte), ORT runs three Resizes fewer,
+    and the map on held-out pages is the same bit for bit. The whole lowering also rewrites the top-down sums' three."""
+    _, int8, held = det
+    hoisted = onnx.ModelProto.FromString(int8.SerializeToString())
+    hoist_quantizes(hoisted)
+    copied = onnx.ModelProto.FromString(hoisted.SerializeToString())
+    assert integer_upsamples(copied) == 3
+    assert rewritten(integer_elementwise(int8))["upsamples_expanded"] == 6
+    plain, plain_ops = _optimized(hoisted, tmp_path, "hoisted")
+    rewrote, ops = _optimized(copied, tmp_path, "copied")
+    assert ops["Resize"] == plain_ops["Resize"] - 3 and ops["Expand"] == 3
+    for feed in held:
+        assert np.array_equal(plain.run(None, feed)[0], rewrote.run(None, feed)[0])
 
 
 @needs_ocr

@@ -329,3 +329,28 @@ def test_a_transform_tier_priced_within_the_tie_of_the_plain_choice_is_searched_
     assert best.transform == "smoothquant" and best.float_nodes == [] and best.cost_ms == 14.3
     assert summary["choice"].startswith("smallest drop among the candidates priced within 3%")
     assert "(14 ms; 2 candidates within budget)" in summary["choice"]
+
+
+@pytest.mark.parametrize("rewritten_drop, kept", [(0.4, True), (1.5, False)])
+def test_an_exact_speed_rewrite_of_the_choice_ships_only_when_it_meets_the_budget_itself(
+    monkeypatch, rewritten_drop, kept
+):
+    """Float rounding differs after an exact rewrite (restore_hard_swish): it is scored, and the choice as made ships
+    when the rewritten model does not meet the budget."""
+    monkeypatch.setattr(tuning, "float_gains", lambda *a, **k: [(n, 1.0) for n in NODES])
+    monkeypatch.setattr(tuning, "target_cost", lambda hw, feeds: lambda m: 10.0)
+
+    def rewrite(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+        copy = onnx.ModelProto.FromString(model.SerializeToString())
+        copy.doc_string += ":rewritten"
+        return copy, 2
+
+    space = _space(onnx.load(DIGITS / "digits_cnn.onnx"), [])
+    space.verified_rewrite = ("rewrite", rewrite)
+    evaluator, summary = _Evaluator({"t0:minmax:": 0.1, "t0:minmax::rewritten": rewritten_drop}), {}
+    settings = TunerSettings(max_float=4, float_weights=True, confidence=0.5, hardware=load_target("cpu-avx").hardware)
+    model, best = tuning.tune(space, evaluator, 1.0, "test", settings, summary, lambda *a: None)
+    assert evaluator.scored == ["t0:minmax:", "t0:minmax::rewritten"]
+    assert summary["rewrite"] == {"places": 2, "drop_pct": rewritten_drop, "kept": kept}
+    assert model.doc_string.endswith(":rewritten") == kept
+    assert best.drop_pct == summary["drop_pct"] == (rewritten_drop if kept else 0.1)
