@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,ray]'
 	# PP-OCRv4 det/rec models for the real-model tests: only the package's files are needed.
 	$(PY) -m pip install --quiet --no-deps rapidocr-onnxruntime==1.4.4
+	# ddddocr's YOLOX character detector (common_det.onnx, a Focus stem) for the detector tests: files only, ~76 MB.
+	$(PY) -m pip install --quiet --no-deps ddddocr==1.6.1
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -11,6 +11,7 @@ adds what it leaves:
 * ``activation``: decomposed hard-swish and scalar affine blocks folded into their Convs;
 * ``deconv_depth``: non-overlapping ConvTranspose chains (a DBNet head) as 1×1 Convs and one DepthToSpace;
 * ``gated_residual``: ``x + x * g`` with a squeeze-excite gate as ``x * (1 + g)``;
+* ``focus``: YOLO's Focus slices as one SpaceToDepth, the next Convs' weights permuted;
 * ``ort_offline``: ONNX Runtime's offline-optimised graph, for targets that deploy on onnxruntime.
 """
 
@@ -25,6 +26,7 @@ from lepton_cli.passes._fuse.activation import fold_scalar_affine, fuse_hard_swi
 from lepton_cli.passes._fuse.bias_adds import fold_bias_adds
 from lepton_cli.passes._fuse.deconv_depth import deconvs_as_depth
 from lepton_cli.passes._fuse.dropout import remove_inference_dropouts
+from lepton_cli.passes._fuse.focus import focus_as_space_to_depth
 from lepton_cli.passes._fuse.gated_residual import fold_gated_residuals
 from lepton_cli.passes._fuse.ort_offline import ort_offline_graph
 from lepton_cli.passes._fuse.simplify import op_counts, simplify, with_opset_for_norms
@@ -52,6 +54,7 @@ class FuseParams:
     # ConvTranspose with kernel = stride -> 1×1 Conv + DepthToSpace, chained (_fuse/deconv_depth.py)
     deconv_as_depth: bool = True
     gated_residuals: bool = True  # x + x * g (g a squeeze-excite gate) -> x * (1 + g) (_fuse/gated_residual.py)
+    focus_as_depth: bool = True  # YOLO's Focus slices -> SpaceToDepth where the target runs it (_fuse/focus.py)
     # ONNX Runtime's offline-optimised graph (contrib fused ops). Only for deployment_runtime = "onnxruntime".
     ort_offline: bool = False
 
@@ -150,6 +153,9 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> PassRe
     hard_swish, affine_folds = _activation_rewrites(model, result, ctx, params, notes)
     deconvs = _deconv_rewrites(model, result, ctx, params)
     gated = _gated_residual_rewrites(model, result, params)
+    supported = ctx.target.runtime.supported_ops
+    depth_ok = params.focus_as_depth and (not supported or "SpaceToDepth" in supported)
+    focus = focus_as_space_to_depth(result) if depth_ok and not quantized_ops(model) else 0
     list_initializers_as_inputs(result)
     if params.ort_offline and has_external(result):
         ctx.warn("ort_offline skipped: ONNX Runtime would write the optimised graph with every weight inline")
@@ -163,6 +169,7 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> PassRe
         "scalar_affine_folded": affine_folds,
         "deconvs_as_depth": deconvs,
         "gated_residuals_folded": gated,
+        "focus_as_space_to_depth": focus,
         "dropouts_removed": dropouts,
         "opset": opset(result),
         "ort_offline": params.ort_offline,

@@ -34,6 +34,20 @@ needs_ocr = pytest.mark.skipif(
 )
 
 
+def _ddddocr_det() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("ddddocr")
+    path = Path(spec.origin).parent / "common_det.onnx" if spec and spec.origin else None
+    return path if path and path.exists() else None
+
+
+DDDDOCR_DET = _ddddocr_det()  # ddddocr's YOLOX character detector (a Focus stem, a [1, 3549, 6] head)
+needs_ddddocr_det = pytest.mark.skipif(
+    DDDDOCR_DET is None, reason="`pip install --no-deps ddddocr==1.6.1` provides common_det.onnx; `make test` does"
+)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _scratch_in_pytest_temp(tmp_path_factory):
     """Pass contexts a test builds itself make their work folder with ``tempfile``: keep them in pytest's

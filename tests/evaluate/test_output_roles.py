@@ -4,14 +4,13 @@ head on rendered pages, a classifier whose confidence collapsed; the warnings th
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from conftest import DIGITS, OCR_REC, needs_ocr
+from conftest import DDDDOCR_DET, DIGITS, OCR_REC, needs_ddddocr_det, needs_ocr
 from onnx import helper, numpy_helper
 
 from lepton_cli.errors import BadInputError
@@ -125,20 +124,14 @@ def test_ctc_needs_a_table_that_fits_the_classes_and_a_float_copy_is_not_scored_
     assert role.metric == "ctc_agreement" and "the CTC blank) wins" in role.why
 
 
-def _ddddocr_det() -> Path | None:
-    spec = importlib.util.find_spec("ddddocr")
-    path = Path(spec.origin).parent / "common_det.onnx" if spec and spec.origin else None
-    return path if path and path.exists() else None
-
-
-@pytest.mark.skipif(_ddddocr_det() is None, reason="`pip install --no-deps ddddocr==1.6.1` provides common_det.onnx")
+@needs_ddddocr_det
 def test_a_yolox_head_is_scored_by_its_decoded_boxes():
     """ddddocr's character detector ([1, 3549, 6]: boxes on the YOLOX grids, objectness, one class) on rendered pages:
     fp16 keeps its boxes; halving the objectness drops boxes under the threshold, and detection F1 sees it."""
     import ocr_textset as textset
     from lepton_cli.passes._quantize import schemes
 
-    model = onnx.load(_ddddocr_det())
+    model = onnx.load(DDDDOCR_DET)
     rng = np.random.default_rng(1)
     pages = np.stack(
         [

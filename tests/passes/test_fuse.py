@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-from conftest import DIGITS, LIGHT_DIR, OCR_REC, needs_ocr
+from conftest import DDDDOCR_DET, DIGITS, LIGHT_DIR, OCR_REC, needs_ddddocr_det, needs_ocr
 from lepton_cli.passes.fuse import FuseParams  # noqa: E402  (installed from passes/)
 from onnx import TensorProto, helper, numpy_helper
 
@@ -445,3 +445,36 @@ def test_deconv_chains_rewritten_only_where_exact_and_small(kernel, stride, seco
     assert summary["deconvs_as_depth"] == rewritten
     assert _ops(fused)["ConvTranspose"] == 2 - rewritten and _ops(fused)["DepthToSpace"] == shuffles
     _assert_same(model, fused)
+
+
+@needs_ddddocr_det
+def test_yolox_focus_becomes_one_space_to_depth_with_the_same_boxes(tmp_path):
+    """ddddocr's YOLOX detector starts with a Focus (four stride-2 slices, concatenated): fuse makes it SpaceToDepth
+    and permutes the first Conv's input channels, so the boxes on rendered pages stay the source's and ORT's quantizer
+    preprocessing finds no Slice/Concat to turn into SpaceToDepth + a channel Gather (which the Edge TPU lacks). A
+    target without SpaceToDepth keeps the slices."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset as textset
+    from lepton_cli.passes._quantize import schemes
+
+    from lepton_cli.evaluate import output_roles as roles
+
+    model = _real(DDDDOCR_DET, "cpu-avx", {"images": [1, 3, 416, 416]})
+    fused, summary = _fuse(model)
+    assert summary["focus_as_space_to_depth"] == 1 and _ops(fused)["SpaceToDepth"] == 1 and _ops(fused)["Slice"] == 0
+    assert _ops(schemes.preprocess(fused, tmp_path))["Gather"] == 0
+    rng = np.random.default_rng(3)
+    source, rewritten = make_session(model), make_session(fused)
+    for _ in range(2):
+        page = textset.render_page(rng, textset.EVAL_FONTS, textset.EVAL_WORDS, 416)
+        feed = {"images": np.asarray(page, np.float32).transpose(2, 0, 1)[None]}
+        want, have = source.run(None, feed)[0][0], rewritten.run(None, feed)[0][0]
+        np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-3)
+        boxes = [roles.detections(out, "yolox:416x416", roles.DETECTION_CONF) for out in (want, have)]
+        assert len(boxes[0][0]) == len(boxes[1][0]) > 0 and roles.match(*boxes)[0] == len(boxes[0][0])
+    kept, summary = _fuse(model, "fpga")  # the DPU's op list has no SpaceToDepth
+    assert summary["focus_as_space_to_depth"] == 0 and _ops(kept)["Slice"] == 4
