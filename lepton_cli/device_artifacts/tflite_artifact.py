@@ -19,6 +19,7 @@ import onnx
 from lepton_cli.bundle.manifest import PRIMARY_MODEL
 from lepton_cli.device_artifacts import edgetpu, tflite_export
 from lepton_cli.evaluate.accuracy import Evaluator, label_free
+from lepton_cli.evaluate.input_floor import ValueGrid, dithered
 from lepton_cli.model.io_contract import IoContract, adapt_feed, restore_output
 from lepton_cli.pipeline.targets import Target
 from lepton_cli.runtime.litert_session import INSTALL_HINT, RUNTIME, LiteRTSession
@@ -30,13 +31,13 @@ COMPARE_SAMPLES = 32  # ONNX-vs-LiteRT output comparison (the accuracy run cover
 class _LiteRTEvaluator(Evaluator):
     """The accuracy evaluator, scoring a LiteRT session instead of an ONNX candidate."""
 
-    def _outputs(self, model: Any):  # type: ignore[override]
+    def _outputs(self, model: Any, dither: list[ValueGrid] | None = None):
         if not isinstance(model, LiteRTSession):
-            yield from super()._outputs(model)
+            yield from super()._outputs(model, dither)
             return
         names = [o.name for o in model.get_outputs()]
-        for feed in self.samples.feeds(self.limit):
-            yield model.run(names, feed)
+        for index, feed in enumerate(self.samples.feeds(self.limit)):
+            yield model.run(names, dithered(feed, dither, index) if dither else feed)
 
 
 def _missing_packages() -> list[str]:
