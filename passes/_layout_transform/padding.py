@@ -6,7 +6,9 @@ Padded tensors carry a map from original channel to padded position, which flows
 whose operands carry the same map, channel Concats whose groups are concatenated with their padding). A
 consumer Conv gets zero input-channel weights at the padded positions. Anything else (Flatten, Reshape, graph
 outputs, ...) first gets the original channels back with a Slice (or a Gather after a padded Concat), so graph
-outputs keep their shapes.
+outputs keep their shapes. A Conv whose output reaches no other Conv through such ops (a detector head's box and
+score Convs before their Concat) keeps its channel count: its padding could only be cut off again, and the Gather
+that cuts it after a Concat is an op the Edge TPU and the DPU do not run.
 """
 
 from __future__ import annotations
@@ -83,6 +85,11 @@ class _Padder:
         self.opset = opset(model)
         self.stats = Counter()
         self.channels = self._static_channels()
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.g.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
+        self.feeding: dict[str, bool] = {}
 
     def _static_channels(self) -> dict[str, int]:
         try:
@@ -98,6 +105,21 @@ class _Padder:
 
     def const(self, name: str) -> np.ndarray | None:
         return self.ix.const(name)
+
+    def feeds_conv(self, name: str) -> bool:
+        """Whether ``name`` reaches a Conv's data input through ops that carry a channel map (memoised)."""
+        if name not in self.feeding:
+            self.feeding[name] = False  # a cycle cannot occur in a graph; this only guards the recursion
+            self.feeding[name] = any(
+                (r.op_type in ("Conv", "ConvTranspose") and r.input[0] == name)
+                or (
+                    (r.op_type in PER_CHANNEL_UNARY or r.op_type in PER_CHANNEL_POOL or r.op_type in BINARY_FILL)
+                    or r.op_type in ("Concat", "Resize", "BatchNormalization")
+                )
+                and any(self.feeds_conv(out) for out in r.output)
+                for r in self.readers.get(name, [])
+            )
+        return self.feeding[name]
 
     def add_const(self, base: str, value: np.ndarray) -> str:
         return self.ix.add_initializer(self.names.fresh(f"{base}__padded"), np.ascontiguousarray(value))
@@ -177,8 +199,10 @@ class _Padder:
         if m_in is not None:
             w = _scatter(w, cin_axis, m_in)
             self.stats["input_channels_padded"] += 1
-        # A conv that writes a graph output keeps its channel count: padding would be sliced off at once.
-        target = cout if node.output[0] in self.protected else _aligned(cout, self.align)
+        # A conv that writes a graph output, or whose output no later Conv reads, keeps its channel count: its
+        # padding would only be cut off again.
+        dead_end = node.output[0] in self.protected or not self.feeds_conv(node.output[0])
+        target = cout if dead_end else _aligned(cout, self.align)
         cmap = None
         if target > cout:
             pad = [(0, 0)] * w.ndim

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-from conftest import DIGITS, OCR_DET, needs_ocr
+from conftest import DDDDOCR_DET, DIGITS, OCR_DET, needs_ddddocr_det, needs_ocr
 from lepton_cli.passes.fuse import FuseParams
 from lepton_cli.passes.layout_transform import LayoutParams
 from onnx import TensorProto, helper, numpy_helper
@@ -116,24 +116,54 @@ def test_output_transpose_pulled_up_to_meet_an_existing_transpose():
 
 
 def test_output_channel_padding_is_bit_exact_and_keeps_output_shapes():
+    """The first Conv feeds another: padded to 16 with zero filters. The second writes the graph output through a
+    Relu and feeds no Conv: it keeps its 7 channels (padding it would only be cut off again)."""
     rng = np.random.default_rng(1)
     nodes = [
         helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c"], ["y"]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["d"]),
+        helper.make_node("Relu", ["d"], ["y"]),
     ]
     model = _model(
         nodes,
-        {"w": rng.normal(size=(5, 3, 3, 3)), "b": rng.normal(size=5)},
+        {"w": rng.normal(size=(5, 3, 3, 3)), "b": rng.normal(size=5), "w2": rng.normal(size=(7, 5, 1, 1))},
         [("x", [2, 3, 9, 9])],
-        [("y", [2, 5, 9, 9])],
+        [("y", [2, 7, 9, 9])],
     )
     out, summary = _layout(model, "fpga", pad_channels=True)
     weights = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
-    conv = next(n for n in out.graph.node if n.op_type == "Conv")
-    assert weights[conv.input[1]].shape == (16, 3, 3, 3) and not weights[conv.input[1]][5:].any()
-    assert weights[conv.input[2]].shape == (16,) and not weights[conv.input[2]][5:].any()
+    first, second = [n for n in out.graph.node if n.op_type == "Conv"]
+    assert weights[first.input[1]].shape == (16, 3, 3, 3) and not weights[first.input[1]][5:].any()
+    assert weights[first.input[2]].shape == (16,) and not weights[first.input[2]][5:].any()
+    assert weights[second.input[1]].shape == (7, 16, 1, 1) and not weights[second.input[1]][:, 5:].any()
     assert summary["padding"]["convs_padded"] == 1 and summary["padding"]["channels_added"] == 11
+    assert not [n for n in out.graph.node if n.op_type in ("Slice", "Gather")]
     _assert_bit_exact(model, out)
+
+
+@needs_ddddocr_det
+def test_a_yolox_heads_box_and_score_convs_keep_their_channels_so_no_gather_cuts_the_padding():
+    """ddddocr's YOLOX detector on tpu (channels to multiples of 8): its backbone is aligned already, and the head's
+    4-box, 1-objectness and 1-class Convs feed only their Concat and the output, so nothing is padded and no Gather
+    (which the Edge TPU does not run) restores channels before the output. (Before: those 9 Convs were padded and
+    three Gathers cut the padding off again.)"""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset as textset
+
+    model = bind_input_shapes(onnx.load(DDDDOCR_DET), {"images": [1, 3, 416, 416]})
+    out, summary = _layout(model, "tpu", pad_channels=True)
+    assert summary["padding"].get("convs_padded", 0) == 0 and summary["padding"]["convs"] >= 80
+    assert not [n for n in out.graph.node if n.op_type == "Gather"]
+    page = textset.render_page(np.random.default_rng(4), textset.EVAL_FONTS, textset.EVAL_WORDS, 416)
+    feed = {"images": np.asarray(page, np.float32).transpose(2, 0, 1)[None]}
+    want = make_session(model).run(None, feed)[0]
+    have = restore_output(out, "output", make_session(out).run(None, adapt_feed(out, feed))[0])
+    np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-3)
 
 
 def test_residual_add_concat_batchnorm_and_depthwise_padded_consistently():
@@ -193,19 +223,23 @@ def test_ppocr_det_conv_channels_are_multiples_of_16_on_fpga():
     out, summary = _layout(fused, "fpga", io_layout=params.io_layout, pad_channels=params.pad_channels)
     weights = {t.name: t.dims for t in out.graph.initializer}
     image = out.graph.input[0].name
-    checked = Counter()
+    checked, unpadded = Counter(), []
     for node in out.graph.node:
         if node.op_type not in ("Conv", "ConvTranspose") or node.input[1] not in weights:
             continue
         dims = weights[node.input[1]]
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
         out_ch = dims[0] if node.op_type == "Conv" else dims[1] * group
-        assert out_ch % 16 == 0, (node.name, list(dims))
+        if out_ch % 16:
+            unpadded.append(node.output[0])
         if group == 1 and node.input[0] != image:
             in_ch = dims[1] if node.op_type == "Conv" else dims[0]
             assert in_ch % 16 == 0, (node.name, list(dims))
         checked[node.op_type] += 1
     assert checked["Conv"] >= 50 and summary["padding"]["convs_padded"] > 10
+    # only the head's last layer (one map channel, read by the output's Sigmoid and no other Conv) keeps its count
+    producers = {o: n for n in out.graph.node for o in n.output}
+    assert len(unpadded) == 1 and producers[out.graph.output[0].name].input[0] == unpadded[0]
     _assert_close(fused, out, rtol=1e-5, atol=1e-6)
 
 
