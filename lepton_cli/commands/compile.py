@@ -19,7 +19,7 @@ from lepton_cli.pipeline.records import StepRecord
 EVAL_METRIC_HELP = (
     "auto (each output by what it is: top-1 with labels, class scores by top-1, embeddings by cosine, YOLO heads "
     "by box F1, CTC by characters, maps by mask F1, the rest by relative error), or one of top1, agreement, ctc, "
-    "mask-f1@THRESHOLD, cosine, detection, exact, relative-error for the first output; NAME=metric entries "
+    "mask-f1@THRESHOLD, cosine, detection[@CONFIDENCE], exact, relative-error for the first output; NAME=metric entries "
     "(comma-separated) for any output."
 )
 

@@ -80,7 +80,8 @@ METRICS = (
     "detection",
     "exact",
     "relative-error",
-)  # mask-f1 takes "@threshold"
+)  # mask-f1 and detection take "@threshold"
+THRESHOLD_METRICS = ("mask-f1", "detection")
 MASK_F1_DEFAULT_THRESHOLD = 0.5
 CTC_METADATA_KEYS = (
     "lepton.decoding",
@@ -150,19 +151,22 @@ def scoring_opt_level(target_isa: list[str], host_isa: list[str]) -> str:
 
 
 def parse_metric(text: str) -> tuple[str, float | None]:
-    """``"mask-f1@0.3"`` -> ("mask-f1", 0.3); other metrics take no parameter. BadInputError (exit 2) otherwise."""
+    """``"mask-f1@0.3"`` -> ("mask-f1", 0.3), ``"detection@0.1"`` -> ("detection", 0.1) (the application's score
+    threshold); other metrics take no parameter. BadInputError (exit 2) otherwise."""
     name, _, arg = text.partition("@")
-    fix = f"use one of: {', '.join(METRICS)} (mask-f1@THRESHOLD, e.g. mask-f1@0.3)"
-    if name not in METRICS or (arg and name != "mask-f1"):
+    fix = f"use one of: {', '.join(METRICS)} (mask-f1@THRESHOLD, e.g. mask-f1@0.3; detection@CONFIDENCE, e.g. detection@0.1)"
+    if name not in METRICS or (arg and name not in THRESHOLD_METRICS):
         raise BadInputError(f"--eval-metric {text!r} is not a metric", fix)
-    if name != "mask-f1":
+    if name not in THRESHOLD_METRICS:
         return name, None
+    if not arg:
+        return name, MASK_F1_DEFAULT_THRESHOLD if name == "mask-f1" else None
     try:
-        threshold = float(arg) if arg else MASK_F1_DEFAULT_THRESHOLD
+        threshold = float(arg)
     except ValueError:
         raise BadInputError(f"--eval-metric {text!r}: the threshold {arg!r} is not a number", fix) from None
-    if not math.isfinite(threshold):
-        raise BadInputError(f"--eval-metric {text!r}: the threshold must be finite", fix)
+    if not math.isfinite(threshold) or (name == "detection" and not 0 < threshold < 1):
+        raise BadInputError(f"--eval-metric {text!r}: the threshold must be finite (a confidence in (0, 1))", fix)
     return name, threshold
 
 
@@ -460,7 +464,7 @@ class Evaluator:
                 if roles[-1].metric == "ctc_agreement":
                     ctc_agreement_pct(refs[0], refs[0])  # shape check up front
                 if roles[-1].metric == "detection_f1":
-                    roles[-1] = self._user_detection(model, j, name, refs)
+                    roles[-1] = self._user_detection(model, j, name, refs, threshold)
             else:
                 roles.append(recognise(model, j, name, refs, feed))
         return roles
@@ -491,17 +495,21 @@ class Evaluator:
                 self.roles[j] = replace(role, positions=name, why=why)
         return masks if any(role.positions for role in self.roles) else []
 
-    def _user_detection(self, model: onnx.ModelProto, j: int, name: str, refs: list[np.ndarray]) -> OutputRole:
-        from lepton_cli.evaluate.output_roles import _detection_conf, _detector_layout
+    def _user_detection(
+        self, model: onnx.ModelProto, j: int, name: str, refs: list[np.ndarray], conf: float | None
+    ) -> OutputRole:
+        from lepton_cli.evaluate.output_roles import _detection_conf, _detector_layout, decoded_layout
 
-        layout, why = _detector_layout(refs)
+        layout, why = decoded_layout(model, refs, *_detector_layout(refs))
         if layout is None:
             raise BadInputError(
                 f"--eval-metric {name}=detection: output {name!r} of shape {list(refs[0].shape)} is not a "
                 "YOLO-style head ([N, 4+classes, anchors] or [N, anchors, 5+classes], scores in [0, 1])",
                 "use relative-error for this output",
             )
-        return OutputRole(j, name, "detection_f1", f"--eval-metric; {why}", layout, _detection_conf(refs, layout))
+        if conf is None:
+            return OutputRole(j, name, "detection_f1", f"--eval-metric; {why}", layout, _detection_conf(refs, layout))
+        return OutputRole(j, name, "detection_f1", f"--eval-metric (confidence {conf:g}); {why}", layout, conf)
 
     def _source_value(self) -> float:
         if self.roles[0].metric == "ctc_accuracy":

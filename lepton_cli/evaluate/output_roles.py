@@ -176,6 +176,15 @@ def _yolox_layout(model: onnx.ModelProto, anchors: int, why: str) -> tuple[str |
     return None, why + "; its box sizes are negative (undecoded) and no YOLOX grid fits the anchors: not decoded"
 
 
+def decoded_layout(
+    model: onnx.ModelProto, refs: list[np.ndarray], layout: str | None, why: str
+) -> tuple[str | None, str]:
+    """``layout``, or a YOLOX layout where a "v5" head's boxes are still on the grid (decoded as YOLOX's demo does)."""
+    if layout == "v5" and _raw_sizes(refs):
+        return _yolox_layout(model, refs[0].shape[1], why)
+    return layout, why
+
+
 def yolox_grid(layout: str) -> tuple[np.ndarray, np.ndarray]:
     """(grid cell [A, 2], stride [A, 1]) of a ``yolox:HxW`` layout, as YOLOX's demo_postprocess builds them."""
     height, width = (int(v) for v in layout.split(":")[1].split("x"))
@@ -224,8 +233,7 @@ def recognise(
         layout, det_why = (
             _detector_layout(refs) if _real_producer(model, name)[0] not in ("Softmax", "LogSoftmax") else (None, "")
         )
-        if layout == "v5" and _raw_sizes(refs):  # YOLOX exports leave boxes on the grid: decode as its demo does
-            layout, det_why = _yolox_layout(model, first.shape[1], det_why)
+        layout, det_why = decoded_layout(model, refs, layout, det_why)
         if layout is not None:
             return OutputRole(
                 index, name, "detection_f1", f"YOLO-style head, {det_why}", layout, _detection_conf(refs, layout)

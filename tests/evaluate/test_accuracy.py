@@ -263,7 +263,8 @@ def test_mask_f1_metric_on_a_map_model_and_bad_metric_names(tmp_path):
     at_03 = Evaluator(source, samples, metric="mask-f1@0.3").score(sharper)
     assert at_03.metric == "mask_f1@0.3" and at_03.drop_pct > 0  # sigmoid(x)>0.3 and sigmoid(3x)>0.3 differ
     assert parse_metric("mask-f1@0.3") == ("mask-f1", 0.3) and parse_metric("ctc") == ("ctc", None)
-    for bad in ("mask-f1@x", "ctc@0.3", "f1", "mask-f1@nan"):
+    assert parse_metric("detection@0.1") == ("detection", 0.1) and parse_metric("detection") == ("detection", None)
+    for bad in ("mask-f1@x", "ctc@0.3", "f1", "mask-f1@nan", "detection@1.5", "detection@0"):
         with pytest.raises(BadInputError):
             parse_metric(bad)
 

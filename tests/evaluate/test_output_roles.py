@@ -163,6 +163,34 @@ def test_a_yolox_head_is_scored_by_its_decoded_boxes():
     assert damaged.outputs[0]["detail"]["candidate_boxes"] < damaged.outputs[0]["detail"]["source_boxes"]
 
 
+@needs_ddddocr_det
+def test_a_named_detection_metric_decodes_yolox_and_scores_at_the_applications_confidence():
+    """``--eval-metric detection@0.1`` (ddddocr's own score threshold): the head is decoded on its YOLOX grids as
+    the automatic role does (not read as raw boxes), and boxes down to 0.1 count, so more of them than at 0.25."""
+    import ocr_textset as textset
+
+    from lepton_cli.evaluate.output_scores import source_box_count
+
+    model = onnx.load(DDDDOCR_DET)
+    rng = np.random.default_rng(5)
+    pages = np.stack(
+        [
+            np.asarray(textset.render_page(rng, textset.EVAL_FONTS, textset.EVAL_WORDS, 416), np.float32).transpose(
+                2, 0, 1
+            )
+            for _ in range(2)
+        ]
+    )
+    samples = SampleSet(Path("pages.npz"), {"images": pages}, None, {"images": False})
+    automatic, named = Evaluator(model, samples), Evaluator(model, samples, metric="detection@0.1")
+    (auto_role,), (role,) = automatic.roles, named.roles
+    assert role.metric == auto_role.metric == "detection_f1" and role.layout == auto_role.layout == "yolox:416x416"
+    assert role.threshold == 0.1 and "confidence 0.1" in role.why and auto_role.threshold == 0.25
+    refs = [outs[0] for outs in named.reference]
+    assert source_box_count(refs, role.layout, 0.1) > source_box_count(refs, role.layout, 0.25)
+    assert named.score(model).drop_pct == 0.0
+
+
 def test_detection_f1_matches_boxes_by_iou_and_class():
     """A v8-layout head ([1, 4+nc, anchors]): a box moved by half its width stops matching; a changed class too."""
     from lepton_cli.evaluate.output_scores import DetectionTally, source_box_count
