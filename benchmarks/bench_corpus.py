@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tools", nargs="*", default=TOOLS, choices=TOOLS)
     parser.add_argument("--max-accuracy-drop", type=float, help="Lepton's budget in points (default: the target's)")
+    parser.add_argument(
+        "--eval-metric", help="Lepton's --eval-metric (e.g. detection@0.1, the application's threshold)"
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="per compile/quantization, seconds")
     parser.add_argument("--bench-seconds", type=float, default=2.0, help="interleaved timing per thread setting")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "corpus_yardstick")
@@ -259,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lepton-yardstick-") as tmp:
         for model in models:
             budget = [] if args.max_accuracy_drop is None else ["--max-accuracy-drop", str(args.max_accuracy_drop)]
+            budget += [] if args.eval_metric is None else ["--eval-metric", args.eval_metric]
             rows += bench_model(model, args.targets, args.tools, Path(tmp), args.timeout, args.bench_seconds, budget)
             _write(args.out, rows, argv)
     return 0

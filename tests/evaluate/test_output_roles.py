@@ -124,25 +124,28 @@ def test_ctc_needs_a_table_that_fits_the_classes_and_a_float_copy_is_not_scored_
     assert role.metric == "ctc_agreement" and "the CTC blank) wins" in role.why
 
 
+def _rendered_pages(seed: int, count: int, role: str) -> SampleSet:
+    """``count`` rendered 416×416 pages (BGR 0..255, as ddddocr feeds its detector), calibration or held-out fonts."""
+    import ocr_textset as textset
+
+    fonts, words = (
+        (textset.CALIB_FONTS, textset.CALIB_WORDS) if role == "calib" else (textset.EVAL_FONTS, textset.EVAL_WORDS)
+    )
+    rng = np.random.default_rng(seed)
+    pages = [
+        np.asarray(textset.render_page(rng, fonts, words, 416), np.float32).transpose(2, 0, 1) for _ in range(count)
+    ]
+    return SampleSet(Path("pages.npz"), {"images": np.stack(pages)}, None, {"images": False})
+
+
 @needs_ddddocr_det
 def test_a_yolox_head_is_scored_by_its_decoded_boxes():
     """ddddocr's character detector ([1, 3549, 6]: boxes on the YOLOX grids, objectness, one class) on rendered pages:
     fp16 keeps its boxes; halving the objectness drops boxes under the threshold, and detection F1 sees it."""
-    import ocr_textset as textset
     from lepton_cli.passes._quantize import schemes
 
     model = onnx.load(DDDDOCR_DET)
-    rng = np.random.default_rng(1)
-    pages = np.stack(
-        [
-            np.asarray(textset.render_page(rng, textset.CALIB_FONTS, textset.CALIB_WORDS, 416), np.float32).transpose(
-                2, 0, 1
-            )
-            for _ in range(3)
-        ]
-    )
-    samples = SampleSet(Path("pages.npz"), {"images": pages}, None, {"images": False})
-    evaluator = Evaluator(model, samples)
+    evaluator = Evaluator(model, _rendered_pages(seed=1, count=3, role="calib"))
     (role,) = evaluator.roles
     assert role.metric == "detection_f1" and role.layout == "yolox:416x416" and "YOLOX" in role.why
     half = schemes.to_fp16(model, list(schemes.FP16_BLOCK_DEFAULT), [])
@@ -167,21 +170,10 @@ def test_a_yolox_head_is_scored_by_its_decoded_boxes():
 def test_a_named_detection_metric_decodes_yolox_and_scores_at_the_applications_confidence():
     """``--eval-metric detection@0.1`` (ddddocr's own score threshold): the head is decoded on its YOLOX grids as
     the automatic role does (not read as raw boxes), and boxes down to 0.1 count, so more of them than at 0.25."""
-    import ocr_textset as textset
-
     from lepton_cli.evaluate.output_scores import source_box_count
 
     model = onnx.load(DDDDOCR_DET)
-    rng = np.random.default_rng(5)
-    pages = np.stack(
-        [
-            np.asarray(textset.render_page(rng, textset.EVAL_FONTS, textset.EVAL_WORDS, 416), np.float32).transpose(
-                2, 0, 1
-            )
-            for _ in range(2)
-        ]
-    )
-    samples = SampleSet(Path("pages.npz"), {"images": pages}, None, {"images": False})
+    samples = _rendered_pages(seed=5, count=2, role="eval")
     automatic, named = Evaluator(model, samples), Evaluator(model, samples, metric="detection@0.1")
     (auto_role,), (role,) = automatic.roles, named.roles
     assert role.metric == auto_role.metric == "detection_f1" and role.layout == auto_role.layout == "yolox:416x416"
