@@ -34,7 +34,9 @@ def _block(g: GraphIndex, hsig: onnx.NodeProto) -> tuple[onnx.NodeProto, onnx.No
     conv = g.producer.get(hsig.input[0])
     if np.isclose(alpha, SWISH_ALPHA, rtol=1e-6) or beta != 0.5 or alpha <= 0 or conv is None:
         return None
-    if conv.op_type != "Conv" or _float_const(g, conv.input[1]) is None or hsig.input[0] in g.outputs:
+    if conv.op_type != "Conv" or any(_float_const(g, name) is None for name in conv.input[1:] if name):
+        return None
+    if hsig.input[0] in g.outputs:
         return None
     readers = g.readers(hsig.input[0])
     mul = next((r for r in readers if r.op_type == "Mul" and hsig.output[0] in r.input), None)
