@@ -85,11 +85,7 @@ class _Padder:
         self.opset = opset(model)
         self.stats = Counter()
         self.channels = self._static_channels()
-        self.readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in self.g.node:
-            for name in node.input:
-                self.readers.setdefault(name, []).append(node)
-        self.feeding: dict[str, bool] = {}
+        self.conv_fed = self._conv_fed()
 
     def _static_channels(self) -> dict[str, int]:
         try:
@@ -106,20 +102,17 @@ class _Padder:
     def const(self, name: str) -> np.ndarray | None:
         return self.ix.const(name)
 
-    def feeds_conv(self, name: str) -> bool:
-        """Whether ``name`` reaches a Conv's data input through ops that carry a channel map (memoised)."""
-        if name not in self.feeding:
-            self.feeding[name] = False  # a cycle cannot occur in a graph; this only guards the recursion
-            self.feeding[name] = any(
-                (r.op_type in ("Conv", "ConvTranspose") and r.input[0] == name)
-                or (
-                    (r.op_type in PER_CHANNEL_UNARY or r.op_type in PER_CHANNEL_POOL or r.op_type in BINARY_FILL)
-                    or r.op_type in ("Concat", "Resize", "BatchNormalization")
-                )
-                and any(self.feeds_conv(out) for out in r.output)
-                for r in self.readers.get(name, [])
-            )
-        return self.feeding[name]
+    def _conv_fed(self) -> set[str]:
+        """The tensors that reach a Conv's data input through ops that carry a channel map: one pass over the
+        nodes in reverse order (a node's readers come after it, so its outputs are decided when it is reached)."""
+        fed: set[str] = set()
+        carries = PER_CHANNEL_UNARY | PER_CHANNEL_POOL | set(BINARY_FILL) | {"Concat", "Resize", "BatchNormalization"}
+        for node in reversed(self.g.node):
+            if node.op_type in ("Conv", "ConvTranspose") and node.input:
+                fed.add(node.input[0])
+            elif node.op_type in carries and any(out in fed for out in node.output):
+                fed.update(name for name in node.input if name)
+        return fed
 
     def add_const(self, base: str, value: np.ndarray) -> str:
         return self.ix.add_initializer(self.names.fresh(f"{base}__padded"), np.ascontiguousarray(value))
@@ -201,7 +194,7 @@ class _Padder:
             self.stats["input_channels_padded"] += 1
         # A conv that writes a graph output, or whose output no later Conv reads, keeps its channel count: its
         # padding would only be cut off again.
-        dead_end = node.output[0] in self.protected or not self.feeds_conv(node.output[0])
+        dead_end = node.output[0] in self.protected or node.output[0] not in self.conv_fed
         target = cout if dead_end else _aligned(cout, self.align)
         cmap = None
         if target > cout:
