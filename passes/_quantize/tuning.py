@@ -199,18 +199,8 @@ class _Search:
             trial = Trial(method, list(keep), inf, inf, False, float_rule=rule, cost_ms=cost, scored=False)
             return self._record(key, trial, None), model
         score: AccuracyScore = self.evaluator.score(model)
-        trial = Trial(
-            method,
-            list(keep),
-            score.drop_pct,
-            score.value,
-            score.drop_bound(self.z) <= self.budget,
-            agreement=score.agreement,
-            drop_se=score.drop_se,
-            float_rule=rule,
-            cost_ms=cost,
-            drop_bound=score.drop_bound(self.z) if self.z else None,
-        )
+        measured = _measured(score, self.budget, self.z)
+        trial = Trial(method, list(keep), **measured, float_rule=rule, cost_ms=cost)
         if trial.meets_budget:
             self.passing.append(trial)
             self.ceiling = min(self.ceiling, cost if cost is not None else inf)
@@ -513,17 +503,30 @@ def verified_rewrite(
     if not places:
         return model, best
     budget, z = budget_and_z
-    score = evaluator.score(rewritten)
-    kept = score.drop_bound(z) <= budget
-    summary[name] = {"places": places, "drop_pct": round(score.drop_pct, 4), "kept": kept}
+    measured = _measured(evaluator.score(rewritten), budget, z)
+    kept = measured["meets_budget"]
+    summary[name] = {"places": places, "drop_pct": round(measured["drop_pct"], 4), "kept": kept}
     verdict = "kept" if kept else f"over {budget:g}: the choice ships as scored"
-    progress(f"{name} ({places} places): drop {score.drop_pct:.2f} ({verdict})")
+    progress(f"{name} ({places} places): drop {measured['drop_pct']:.2f} ({verdict})")
     if not kept:
         return model, best
-    best = replace(best, drop_pct=score.drop_pct, value=score.value, drop_se=score.drop_se, agreement=score.agreement)
-    best.drop_bound = score.drop_bound(z) if z else None
+    best = replace(best, **measured)
     summary |= {"drop_pct": best.drop_pct, "value": best.value}
     return rewritten, best
+
+
+def _measured(score: AccuracyScore, budget: float, z: float) -> dict[str, Any]:
+    """A score as Trial fields: the drop, its spread, and whether its upper bound (z standard errors; none at z = 0)
+    meets ``budget``."""
+    bound = score.drop_bound(z)
+    return {
+        "drop_pct": score.drop_pct,
+        "value": score.value,
+        "meets_budget": bound <= budget,
+        "agreement": score.agreement,
+        "drop_se": score.drop_se,
+        "drop_bound": bound if z else None,
+    }
 
 
 def _search_tier(
