@@ -24,7 +24,6 @@ from lepton_cli.passes._quantize.consumer_ranges import narrow_to_readers
 from lepton_cli.passes._quantize.float_hard_swish import restore_hard_swish
 from lepton_cli.passes._quantize.float_keep import keep_float_nodes
 from lepton_cli.passes._quantize.heads import find_heads, head_overrides
-from lepton_cli.passes._quantize.input_grid import grid_inputs, level_overrides
 from lepton_cli.passes._quantize.integer_elementwise import lowered, rewritten
 from lepton_cli.passes._quantize.integer_io import make_integer_io
 from lepton_cli.passes._quantize.plan import SearchPlan, int8_weights
@@ -46,9 +45,6 @@ HOST_WITHOUT_VNNI = (
     "this build host's int8 kernels saturate (x86 without VNNI), the target's do not: full-range "
     "weights, accuracy scored with exact integer arithmetic (QDQ unfused)"
 )
-
-
-GRID_SAMPLES = 32  # calibration samples that find an input's 8-bit grid and its lowest level
 
 
 def reduce_range(params: Any, target_isa: list[str], host_isa: list[str]) -> tuple[bool, str]:
@@ -205,7 +201,6 @@ class Int8Plan(SearchPlan):
         self.recovery: _RecoveryInputs | None = None  # what the steps ran on, for the report's per-step gains
         self.builds: list[Build] = []  # the search space's builds: plain tiers, then the source tiers offered
         self.source_tiers: list[SourceTier] = []
-        self.grid_nodes: list[str] = []  # the float Pad/Mul/Add reading grid inputs (input_grid.py)
         # The one fully quantized model held, keyed by (tier tag, method): the tuner tries one tier and method at a
         # time, and a MiniLM-sized model held per tier and method pushed the compile over its memory bar.
         self.quantized: dict[tuple[str, str], onnx.ModelProto] = {}
@@ -215,8 +210,7 @@ class Int8Plan(SearchPlan):
         _isa_warning(ctx)
         if self.reduce_range_why == HOST_WITHOUT_VNNI:
             ctx.warn(self.reduce_range_why)
-        base = self._on_input_grid(schemes.preprocess(model, ctx.work_dir, optimize=params.preprocess), calib, summary)
-        scheme = self.scheme
+        base = schemes.preprocess(model, ctx.work_dir, optimize=params.preprocess)
         summary |= {
             "activation_type": scheme.activation_type,
             "weight_type": scheme.weight_type,
@@ -231,7 +225,7 @@ class Int8Plan(SearchPlan):
         head_nodes, scheme = self._heads(source, calib, ctx, summary)
         if self.recovery is not None:
             self.recovery.heads, self.recovery.scheme = head_nodes, scheme
-        exclude = head_nodes + recovery_float + self.grid_nodes
+        exclude = head_nodes + recovery_float
         builds = [
             self._builder(source, calib, replace(scheme, op_types=tuple(ops)), ctx, f"t{i}", exclude)
             for i, ops in enumerate(self.tiers)
@@ -250,18 +244,6 @@ class Int8Plan(SearchPlan):
         if params.restore_hard_swish:
             space.verified_rewrite = ("hard_swish_restored", restore_hard_swish)
         return space
-
-    def _on_input_grid(self, model: onnx.ModelProto, calib: SampleSet, summary: dict[str, Any]) -> onnx.ModelProto:
-        """``model`` with its 8-bit grid inputs read at scale 1 (input_grid.py), the scheme holding their overrides."""
-        if not self.params.grid_inputs or self.params.integer_io:  # integer I/O: the graph input itself is int8
-            return model
-        model, found = grid_inputs(model, list(calib.feeds(GRID_SAMPLES)))
-        if found:
-            overrides = {"TensorQuantOverrides": level_overrides(found, self.scheme.activation_type)}
-            self.scheme = replace(self.scheme, extra=schemes.merged_options(self.scheme.extra, overrides))
-            self.grid_nodes = [n for g in found for n in g.nodes]
-            summary["grid_inputs"] = [g.to_dict() for g in found]
-        return model
 
     def _matmul_layers(self) -> bool:
         """Whether a MatMul/Gemm of the last tier's op types has constant weights (what SmoothQuant scales)."""
@@ -468,9 +450,7 @@ class Int8Plan(SearchPlan):
             return [], scheme
         if precision == "float":
             return nodes, scheme
-        return [], replace(
-            scheme, extra=schemes.merged_options(scheme.extra, head_overrides(model, nodes, scheme.activation_type))
-        )
+        return [], replace(scheme, extra=scheme.extra | head_overrides(model, nodes, scheme.activation_type))
 
     def finish(
         self,
