@@ -98,7 +98,7 @@ def run_compile(
         code,
         round(seconds, 1),
         round(rss, 1),
-        message[:300],
+        message[:2000],  # the whole tried-list: tables cut it
         "Traceback" in text,
         text[-4000:],
         _output_files(out_dir),

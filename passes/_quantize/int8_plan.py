@@ -450,7 +450,9 @@ class Int8Plan(SearchPlan):
             return [], scheme
         if precision == "float":
             return nodes, scheme
-        return [], replace(scheme, extra=scheme.extra | head_overrides(model, nodes, scheme.activation_type))
+        return [], replace(
+            scheme, extra=schemes.merged_options(scheme.extra, head_overrides(model, nodes, scheme.activation_type))
+        )
 
     def finish(
         self,

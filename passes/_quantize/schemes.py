@@ -53,6 +53,14 @@ class Int8Scheme:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def merged_options(options: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """ORT extra options ``options`` with ``more`` on top; per-tensor overrides merged, ``more``'s winning."""
+    merged = options | more
+    if "TensorQuantOverrides" in options and "TensorQuantOverrides" in more:
+        merged["TensorQuantOverrides"] = options["TensorQuantOverrides"] | more["TensorQuantOverrides"]
+    return merged
+
+
 def name_nodes(model: onnx.ModelProto) -> None:
     """Give unnamed nodes stable names: ORT's nodes_to_exclude and our reports refer to nodes by name."""
     seen: set[str] = set()
@@ -154,7 +162,7 @@ def quantize_int8(
     if scheme.power_of_two:
         extra["TensorQuantOverrides"] = pow2_overrides(model, load_tensors_data(ranges_path))
         extra["QDQDisableWeightAdjustForInt32Bias"] = True  # the adjustment would break power-of-two weight scales
-    extra |= scheme.extra
+    extra = merged_options(extra, scheme.extra)
     folder = Path(tempfile.mkdtemp(prefix="q-", dir=work_dir))
     out = folder / "model.onnx"
     source: onnx.ModelProto | str = model

@@ -16,6 +16,7 @@ from conftest import DIGITS, OCR_REC, needs_ocr
 from lepton_cli.passes._quantize import schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from onnx import numpy_helper
+from onnxruntime.quantization import QuantType
 
 from lepton_cli.errors import BadInputError, QualityGateError
 from lepton_cli.evaluate.accuracy import Evaluator
@@ -154,6 +155,29 @@ def test_fpga_scales_are_exact_powers_of_two_and_symmetric(digits):
     for s in scales:
         mantissa, _ = math.frexp(s)
         assert mantissa == 0.5, f"scale {s!r} is not a power of two"
+
+
+def test_per_tensor_overrides_from_the_plan_keep_the_power_of_two_ones(digits, tmp_path):
+    """A plan's own overrides (16-bit heads) are merged with the DPU's power-of-two ones, not put in their place."""
+    model, calib, _ = digits
+    pre = schemes.preprocess(model, tmp_path)
+    ranges = calibrate(pre, calib, CalibrationSettings(method="minmax", chunk=50, max_samples=50), None)
+    last = pre.graph.node[-1].output[0]
+    head = {"TensorQuantOverrides": {last: [{"quant_type": QuantType.QInt16}]}}
+    scheme = schemes.Int8Scheme(activation_type="s8", per_channel=False, activation_symmetric=True, power_of_two=True)
+    q = schemes.quantize_int8(
+        pre,
+        schemes.save_ranges(ranges, tmp_path / "r.json"),
+        "minmax",
+        dataclasses.replace(scheme, extra=head),
+        [],
+        tmp_path,
+    )
+    inits = _inits(q)
+    quantizes = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    wide = [n for n in quantizes if inits[n.input[2]].dtype == np.int16]
+    scales = [float(inits[n.input[1]].reshape(-1)[0]) for n in quantizes if n not in wide]
+    assert wide and scales and all(math.frexp(s)[0] == 0.5 for s in scales), scales
 
 
 @pytest.mark.parametrize("target", ["cuda", "mobile"])
