@@ -154,7 +154,7 @@ def run_case(
 
 
 def check_2_4(before: onnx.ModelProto, after: onnx.ModelProto, layers: list[dict]) -> bool:
-    from lepton_cli.passes._prune.channel_groups import weights_as_initializers
+    from lepton_cli.model.channels.channel_groups import weights_as_initializers
 
     src = onnx.ModelProto()
     src.CopyFrom(before)

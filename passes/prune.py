@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import onnx
-from lepton_cli.passes._prune.channel_groups import weights_as_initializers
 from lepton_cli.passes._prune.channel_mode import prune_channels
 from lepton_cli.passes._prune.layer_table import channel_table, totals
 from lepton_cli.passes._prune.weight_mode import prune_weights
 
 from lepton_cli.evaluate.accuracy import AccuracyScore, Evaluator
+from lepton_cli.model.channels.channel_groups import weights_as_initializers
 from lepton_cli.model.op_traits import WEIGHT_OPS
 from lepton_cli.pipeline.context import PassContext
 from lepton_cli.pipeline.params import ParamValueError

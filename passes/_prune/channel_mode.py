@@ -8,16 +8,16 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-from lepton_cli.passes._prune.channel_groups import analyze
-from lepton_cli.passes._prune.dead_channels import aligned_keep, dead_channels
-from lepton_cli.passes._prune.groups import ChannelAnalysis
 from lepton_cli.passes._prune.importance import channel_importance
 from lepton_cli.passes._prune.options import PruneOptions
 from lepton_cli.passes._prune.search import Unit, choose, explain
 from lepton_cli.passes._prune.sparsity import node_name
-from lepton_cli.passes._prune.surgery import apply_keep
 
 from lepton_cli.evaluate.accuracy import Evaluator
+from lepton_cli.model.channels.channel_groups import analyze
+from lepton_cli.model.channels.dead_channels import aligned_keep, dead_channels
+from lepton_cli.model.channels.groups import ChannelAnalysis
+from lepton_cli.model.channels.surgery import apply_keep
 
 
 def prune_channels(

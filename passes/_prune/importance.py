@@ -6,8 +6,8 @@ from typing import Literal
 
 import numpy as np
 import onnx
-from lepton_cli.passes._prune.groups import ChannelAnalysis
 
+from lepton_cli.model.channels.groups import ChannelAnalysis
 from lepton_cli.model.external_data import tensor_array
 from lepton_cli.model.op_traits import attr
 

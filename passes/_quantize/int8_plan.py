@@ -33,6 +33,7 @@ from lepton_cli.passes._quantize.sensitivity import quantized_nodes
 from lepton_cli.passes._quantize.short_names import shorten_added_names
 from lepton_cli.passes._quantize.source_tiers import SourceTier, source_tiers, tier_changed, tier_summary
 from lepton_cli.passes._quantize.tuning import Build, SearchSpace, TierUnavailable, ranking_build
+from lepton_cli.passes._quantize.weight_blocks import max_scale, split_weight_blocks
 from lepton_cli.passes._quantize.weight_layers import weight_layers
 
 from lepton_cli.evaluate.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, scoring_opt_level
@@ -210,7 +211,7 @@ class Int8Plan(SearchPlan):
         _isa_warning(ctx)
         if self.reduce_range_why == HOST_WITHOUT_VNNI:
             ctx.warn(self.reduce_range_why)
-        base = schemes.preprocess(model, ctx.work_dir, optimize=params.preprocess)
+        base = self._weight_blocks(schemes.preprocess(model, ctx.work_dir, optimize=params.preprocess), ctx, summary)
         summary |= {
             "activation_type": scheme.activation_type,
             "weight_type": scheme.weight_type,
@@ -244,6 +245,18 @@ class Int8Plan(SearchPlan):
         if params.restore_hard_swish:
             space.verified_rewrite = ("hard_swish_restored", restore_hard_swish)
         return space
+
+    def _weight_blocks(self, model: onnx.ModelProto, ctx: Any, summary: dict[str, Any]) -> onnx.ModelProto:
+        """``model`` with Convs split into blocks of output channels by weight scale, where the target's weights are
+        per tensor and the split gains (weight_blocks.py)."""
+        scheme = self.scheme
+        if not self.params.weight_blocks or (scheme.per_channel and not scheme.power_of_two):
+            return model
+        scale_of = schemes.pow2_weight_scale if scheme.power_of_two else max_scale
+        model, split = split_weight_blocks(model, scale_of, ctx.target.hardware.channel_alignment)
+        if split:
+            summary["weight_blocks"] = split
+        return model
 
     def _matmul_layers(self) -> bool:
         """Whether a MatMul/Gemm of the last tier's op types has constant weights (what SmoothQuant scales)."""

@@ -11,14 +11,14 @@ import numpy as np
 import onnx
 import pytest
 from conftest import DIGITS, OCR_DET, ONNX_DATA, needs_ocr
-from lepton_cli.passes._prune.channel_groups import analyze, weights_as_initializers
-from lepton_cli.passes._prune.groups import ChannelAnalysis
 from lepton_cli.passes._prune.importance import channel_importance
-from lepton_cli.passes._prune.surgery import apply_keep
 from onnx import TensorProto, helper, numpy_helper
 
 from lepton_cli.errors import BadInputError
 from lepton_cli.evaluate.accuracy import Evaluator
+from lepton_cli.model.channels.channel_groups import analyze, weights_as_initializers
+from lepton_cli.model.channels.groups import ChannelAnalysis
+from lepton_cli.model.channels.surgery import apply_keep
 from lepton_cli.model.load import upgrade_opset
 from lepton_cli.model.sessions import make_session
 from lepton_cli.model.stats import collect_stats

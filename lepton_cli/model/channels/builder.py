@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from lepton_cli.passes._prune.groups import ChannelAnalysis
 
+from lepton_cli.model.channels.groups import ChannelAnalysis
 from lepton_cli.model.external_data import tensor_array
 from lepton_cli.model.stats import shape_map
 

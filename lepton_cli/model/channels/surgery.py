@@ -6,9 +6,9 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from lepton_cli.passes._prune.groups import ChannelAnalysis
 from onnx import numpy_helper
 
+from lepton_cli.model.channels.groups import ChannelAnalysis
 from lepton_cli.model.external_data import tensor_array
 from lepton_cli.model.graph_edit import drop_unused_initializers
 
@@ -42,6 +42,26 @@ def apply_keep(model: onnx.ModelProto, a: ChannelAnalysis, keep: dict[int, np.nd
             sliced[(new_name, 0, b"")] = new_name  # counted, so that the next new name stays unique
     drop_unused_initializers(result)
     del graph.value_info[:]  # the resized tensors' shapes are stale
+    return result
+
+
+def apply_order(model: onnx.ModelProto, a: ChannelAnalysis, order: dict[int, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` where group ``g``'s channels come in the order ``order[g]`` (a permutation): the same
+    function, each channel's weights and per-channel constants, and the readers' input slices, moved with it."""
+    order = {a.find(g): np.asarray(o, np.int64) for g, o in order.items()}
+    for g, o in order.items():
+        if g in a.pinned:
+            raise ValueError(f"group {g} is pinned")
+        if not np.array_equal(np.sort(o), np.arange(a.sizes[g])):
+            raise ValueError(f"group {g}: not a permutation of its {a.sizes[g]} channels")
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    moved = {g for g, o in order.items() if not np.array_equal(o, np.arange(len(o)))}
+    if moved:
+        graph = result.graph
+        inits = {t.name: t for t in graph.initializer}
+        _slice_constants(graph, inits, a, order, lambda key: any(a.find(s.group) in moved for s in a.layouts[key]))
+        drop_unused_initializers(result)
     return result
 
 

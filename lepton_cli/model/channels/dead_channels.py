@@ -13,10 +13,10 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from lepton_cli.passes._prune.builder import AnalysisBuilder
-from lepton_cli.passes._prune.groups import ChannelAnalysis, Producer
-from lepton_cli.passes._prune.ops import BINARY, ZERO_PRESERVING
 
+from lepton_cli.model.channels.builder import AnalysisBuilder
+from lepton_cli.model.channels.groups import ChannelAnalysis, Producer
+from lepton_cli.model.channels.ops import BINARY, ZERO_PRESERVING
 from lepton_cli.model.op_traits import attr
 
 

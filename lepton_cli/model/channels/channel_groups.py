@@ -16,11 +16,11 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from lepton_cli.passes._prune.builder import AnalysisBuilder
-from lepton_cli.passes._prune.dead_channels import propagate_values
-from lepton_cli.passes._prune.groups import ChannelAnalysis, Consumer, Edit, Producer, Seg
-from lepton_cli.passes._prune.ops import BINARY, PASS_THROUGH
 
+from lepton_cli.model.channels.builder import AnalysisBuilder
+from lepton_cli.model.channels.dead_channels import propagate_values
+from lepton_cli.model.channels.groups import ChannelAnalysis, Consumer, Edit, Producer, Seg
+from lepton_cli.model.channels.ops import BINARY, PASS_THROUGH
 from lepton_cli.model.graph_edit import subgraph_names
 from lepton_cli.model.initializers import constants_to_initializers, unlist_initializers_from_inputs
 from lepton_cli.model.op_traits import DEFAULT_DOMAINS, attr

@@ -1,0 +1,116 @@
+"""Per-channel weight precision on per-tensor hardware: a Conv split into blocks of output channels.
+
+A DPU scales each weight tensor by one power of two. After BatchNorm folding, PP-OCRv4 rec's 480x480 pointwise convs
+hold output channels whose largest weights lie 36-38x apart: one scale leaves the small channels a few levels (weight
+SNR 11-14 dB), and its Conv/MatMul/Gemm-int8 model reads 31-46 % of characters where per-channel weights read 98.6 %
+(docs/decisions.md, "Weight blocks"). Here a Conv's output channels are reordered by the scale each would take alone
+(the channel analysis moves every reader's slice with them, so the float model computes the same function), and the
+Conv becomes one Conv per run of channels whose scales agree, each with its own per-tensor scale, joined by a Concat.
+Blocks are whole multiples of the target's channel alignment, so the DPU's channel parallelism is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from lepton_cli.model.channels.channel_groups import analyze, weights_as_initializers
+from lepton_cli.model.channels.groups import ChannelAnalysis, Producer
+from lepton_cli.model.channels.surgery import apply_order
+from lepton_cli.model.external_data import tensor_array
+from lepton_cli.model.graph_edit import FreshNames, GraphIndex, drop_unused_initializers
+
+ScaleOf = Callable[[np.ndarray], float]  # a weight tensor's per-tensor scale on the target's grid
+MIN_GAIN_DB = 3.0  # a split that buys the layer's weights less than half a bit is not worth its Concat
+
+
+def max_scale(weight: np.ndarray) -> float:
+    """A symmetric int8 scale that clips nothing: what per-tensor weights take on a target without power-of-two."""
+    return float(np.abs(weight).max()) / 127 or 1.0
+
+
+def split_weight_blocks(
+    model: onnx.ModelProto, scale_of: ScaleOf, align: int
+) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """(``model`` with its Convs split into weight blocks where that gains ``MIN_GAIN_DB``, {Conv name: blocks})."""
+    working = onnx.ModelProto()
+    working.CopyFrom(model)
+    weights_as_initializers(working)
+    a = analyze(working)
+    orders: dict[int, np.ndarray] = {}
+    cuts: dict[str, list[int]] = {}
+    for producer in a.producers:
+        planned = _plan(working, a, producer, scale_of, max(align, 1))
+        group = a.group_of(producer)
+        if planned is not None and group not in orders:
+            orders[group], cuts[working.graph.node[producer.node].name] = planned
+    if not cuts:
+        return model, {}
+    ordered = apply_order(working, a, orders)
+    index, names = GraphIndex(ordered.graph), FreshNames(ordered)
+    for node in [n for n in ordered.graph.node if n.name in cuts]:
+        _split(index, names, node, cuts[node.name])
+    drop_unused_initializers(ordered)  # the whole weights the blocks were cut from
+    return ordered, {name: len(bounds) - 1 for name, bounds in cuts.items()}
+
+
+def _plan(
+    model: onnx.ModelProto, a: ChannelAnalysis, producer: Producer, scale_of: ScaleOf, align: int
+) -> tuple[np.ndarray, list[int]] | None:
+    """(channel order, block boundaries) for a dense 2-D Conv whose channels may be reordered, or None."""
+    node = model.graph.node[producer.node]
+    group = a.group_of(producer)
+    inits = {t.name: t for t in model.graph.initializer}
+    if node.op_type != "Conv" or group in a.pinned or producer.weight not in inits:
+        return None
+    weight = tensor_array(inits[producer.weight]).astype(np.float64)
+    groups = next((at.i for at in node.attribute if at.name == "group"), 1)
+    if weight.ndim != 4 or groups != 1 or weight.shape[0] != a.sizes[group] or weight.shape[0] < 2 * align:
+        return None
+    alone = np.array([scale_of(channel) for channel in weight])
+    order = np.argsort(-alone, kind="stable")
+    bounds = [0]
+    for start in range(align, len(order), align):  # a new block where the next chunk's scale is a power of 2 lower
+        if _octave(alone[order[start : start + align]].max()) < _octave(alone[order[bounds[-1] : start]].max()):
+            bounds.append(start)
+    bounds.append(len(order))
+    if len(bounds) < 3 or _snr(weight[order], bounds, scale_of) - _snr(weight, [0, len(order)], scale_of) < MIN_GAIN_DB:
+        return None
+    return order, bounds
+
+
+def _octave(scale: float) -> int:
+    return math.floor(math.log2(scale)) if scale > 0 else -1000
+
+
+def _snr(weight: np.ndarray, bounds: list[int], scale_of: ScaleOf) -> float:
+    """The weights' int8 signal-to-noise ratio (dB) with one scale per block of rows."""
+    noise = 0.0
+    for start, end in zip(bounds, bounds[1:]):
+        block = weight[start:end]
+        scale = scale_of(block)
+        noise += float(np.square(np.clip(np.round(block / scale), -127, 127) * scale - block).sum())
+    return 10 * math.log10(float(np.square(weight).sum()) / max(noise, 1e-30))
+
+
+def _split(index: GraphIndex, names: FreshNames, conv: onnx.NodeProto, bounds: list[int]) -> None:
+    """Replace ``conv`` by one Conv per block of output channels and a Concat writing its output."""
+    weight = index.const(conv.input[1])
+    bias = index.const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+    position, outputs, blocks = index.position(conv), [], []
+    for number, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        inputs = [conv.input[0], index.add_initializer(names.fresh(f"{conv.input[1]}_b{number}"), weight[start:end])]
+        if bias is not None:
+            inputs.append(index.add_initializer(names.fresh(f"{conv.input[2]}_b{number}"), bias[start:end]))
+        outputs.append(names.fresh(f"{conv.output[0]}_b{number}"))
+        block = helper.make_node("Conv", inputs, [outputs[-1]], names.fresh(f"{conv.name}_b{number}"))
+        block.attribute.extend(conv.attribute)
+        blocks.append(block)
+    joined = helper.make_node("Concat", outputs, [conv.output[0]], names.fresh(f"{conv.name}_blocks"), axis=1)
+    index.remove(conv)
+    for offset, node in enumerate([*blocks, joined]):
+        index.insert(position + offset, node)

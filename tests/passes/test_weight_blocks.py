@@ -1,0 +1,124 @@
+"""Weight blocks (passes/_quantize/weight_blocks.py) on PP-OCRv4 rec and rendered text lines.
+
+Per-tensor power-of-two weights (a DPU's) leave the narrow output channels of its wide pointwise convs a few levels;
+splitting those convs into blocks of channels whose scales agree keeps the float model and most of the accuracy.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from conftest import OCR_REC, REPO, needs_ocr
+from lepton_cli.passes._quantize import schemes
+from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
+from lepton_cli.passes._quantize.weight_blocks import split_weight_blocks
+
+from lepton_cli.model.channels.channel_groups import analyze
+from lepton_cli.model.channels.surgery import apply_order
+from lepton_cli.model.load import upgrade_opset
+from lepton_cli.model.sessions import make_session
+from lepton_cli.model.shapes import bind_input_shapes
+from lepton_cli.pipeline.context import PassContext
+from lepton_cli.pipeline.registry import get_pass
+from lepton_cli.pipeline.targets import load_target
+from lepton_cli.samples.sample_set import load_samples
+
+pytestmark = needs_ocr
+ALIGN = 16  # fpga's channel_alignment
+
+
+@pytest.fixture(scope="module")
+def rec(tmp_path_factory):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset
+
+    work = tmp_path_factory.mktemp("blocks")
+    target = load_target("fpga")
+    model, _ = upgrade_opset(onnx.load(OCR_REC), target.runtime.opset_min, target.runtime.opset_max)
+    fuse = next(step for step in target.passes if step.name == "fuse")
+    fused = get_pass("fuse").fn(
+        bind_input_shapes(model, {"x": [1, 3, 48, 320]}), PassContext(target=target), fuse.params
+    )
+    model = schemes.preprocess(fused.model, work)  # as the quantize pass sees it
+    calib, _ = ocr_textset.make_set(16, 1, "calib")
+    held, _ = ocr_textset.make_set(16, 2, "eval")
+    np.savez(work / "calib.npz", x=calib)
+    return model, work, [{"x": line[None]} for line in held]
+
+
+def _logits(model: onnx.ModelProto, feeds: list[dict]) -> np.ndarray:
+    session = make_session(model)
+    return np.concatenate([session.run(None, feed)[0] for feed in feeds])
+
+
+def _decoded(logits: np.ndarray) -> list[list[int]]:
+    """Greedy CTC: each line's best class per frame, repeats merged, blanks (class 0) dropped."""
+    lines = []
+    for best in logits.argmax(-1):
+        merged = [int(c) for k, c in enumerate(best) if c != 0 and (k == 0 or c != best[k - 1])]
+        lines.append(merged)
+    return lines
+
+
+def _char_agreement(got: list[list[int]], want: list[list[int]]) -> float:
+    """1 - edit distance / length, over all lines: the share of the float model's characters read alike."""
+    edits = total = 0
+    for a, b in zip(got, want):
+        row = list(range(len(b) + 1))
+        for i, x in enumerate(a, 1):
+            previous, row[0] = row[0], i
+            for j, y in enumerate(b, 1):
+                previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != y))
+        edits, total = edits + row[-1], total + len(b)
+    return 1 - edits / max(total, 1)
+
+
+def test_blocks_keep_the_float_model_and_split_the_wide_pointwise_convs(rec):
+    model, _, held = rec
+    blocked, split = split_weight_blocks(model, schemes.pow2_weight_scale, ALIGN)
+    assert len(split) >= 5 and all(blocks >= 2 for blocks in split.values()), split
+    np.testing.assert_allclose(_logits(blocked, held), _logits(model, held), atol=1e-3)
+    inits = {t.name: t for t in blocked.graph.initializer}
+    blocks: dict[str, list[int]] = {}
+    for node in blocked.graph.node:
+        if node.op_type == "Conv" and node.name.rsplit("_b", 1)[0] in split:
+            blocks.setdefault(node.name.rsplit("_b", 1)[0], []).append(inits[node.input[1]].dims[0])
+    for name, sizes in blocks.items():  # cut at whole 16-channel passes of the DPU (layout_transform pads the last)
+        assert len(sizes) == split[name] and all(size % ALIGN == 0 for size in sizes[:-1]), (name, sizes)
+    assert not any(node.name in split for node in blocked.graph.node)
+
+
+def test_per_tensor_power_of_two_int8_reads_the_lines_with_blocks(rec):
+    """Conv/MatMul/Gemm int8, symmetric power-of-two scales, per-tensor weights (fpga's grid), minmax ranges: the
+    frames' best character agrees with the float model's far more often with blocks."""
+    model, work, held = rec
+    reference = _decoded(_logits(model, held))
+    agreement = {}
+    for label, candidate in {
+        "plain": model,
+        "blocks": split_weight_blocks(model, schemes.pow2_weight_scale, 16)[0],
+    }.items():
+        samples = load_samples(work / "calib.npz", candidate)
+        settings = CalibrationSettings(method="minmax", chunk=16, max_samples=16, power_of_two=True)
+        ranges = schemes.save_ranges(calibrate(candidate, samples, settings, None), work / f"{label}.json")
+        scheme = schemes.Int8Scheme(
+            activation_type="s8",
+            per_channel=False,
+            activation_symmetric=True,
+            power_of_two=True,
+            op_types=("Conv", "MatMul", "Gemm"),
+        )
+        int8 = schemes.quantize_int8(candidate, ranges, "minmax", scheme, [], work)
+        agreement[label] = _char_agreement(_decoded(_logits(int8, held)), reference)
+    assert agreement["blocks"] > 0.9 and agreement["blocks"] > agreement["plain"] + 0.1, agreement
+
+
+def test_a_channel_order_that_is_not_a_permutation_is_refused(rec):
+    model, _, _ = rec
+    a = analyze(onnx.ModelProto.FromString(model.SerializeToString()))
+    group = a.prunable()[0]
+    with pytest.raises(ValueError, match="not a permutation"):
+        apply_order(model, a, {group: np.zeros(a.sizes[group], np.int64)})
