@@ -385,7 +385,7 @@ def _tried_line(trials: list[Trial], budget: float) -> str:
     tiers = len({(tuple(t.op_types or ()), t.transform) for t in trials})
 
     def label(t: Trial) -> str:  # which op types only when several were tried
-        name = t.method if tiers < 2 or t.op_types is None else f"{t.method}[{','.join(t.op_types) or 'all ops'}]"
+        name = t.method if tiers < 2 or t.op_types is None else f"{t.method}[{_ops_label(t.op_types)}]"
         return f"{t.transform}:{name}" if t.transform else name
 
     def outcome(t: Trial) -> str:  # a drop under the budget was refused for its upper bound: say so, or it reads wrong
@@ -394,6 +394,14 @@ def _tried_line(trials: list[Trial], budget: float) -> str:
         return f"drop {t.drop_pct:.2f}" + (f" (upper bound {t.drop_bound:.2f})" if t.refused_for_bound(budget) else "")
 
     return "; ".join(f"{label(t)}+{len(t.float_nodes)}{t.rule_tag} float: {outcome(t)}" for t in trials)
+
+
+def _ops_label(op_types: list[str]) -> str:
+    """A tier's op types for the one-line error: a long list (fpga's 16) named by its first few, or it fills the line."""
+    if not op_types:
+        return "all ops"
+    shown = ",".join(op_types[:3])
+    return shown if len(op_types) <= 4 else f"{shown}+{len(op_types) - 3} more"
 
 
 def _tier_note(space: SearchSpace, tier: int) -> str:
