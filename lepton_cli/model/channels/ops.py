@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# Pool each channel on its own: a zero channel stays zero.
+POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
 # Map each channel to itself, elementwise, with no constant operand to slice.
 PASS_THROUGH = {
     "Relu",
@@ -35,24 +37,12 @@ PASS_THROUGH = {
     "Clip",
     "Sin",
     "Cos",
-    "MaxPool",
-    "AveragePool",
-    "GlobalAveragePool",
-    "GlobalMaxPool",
-    "LpPool",
-    "GlobalLpPool",
-}
+} | POOLS
 # Elementwise with broadcasting: tracked operands join one group, per-channel constants are sliced.
 BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu"}
 # Map an exact 0 to an exact 0 and anything else to "unknown" in the dead-channel lattice
 # (the piecewise-linear ops are evaluated exactly instead: see dead_channels).
-ZERO_PRESERVING = {
-    "MaxPool",
-    "AveragePool",
-    "GlobalAveragePool",
-    "GlobalMaxPool",
-    "LpPool",
-    "GlobalLpPool",
+ZERO_PRESERVING = POOLS | {
     "Tanh",
     "Softsign",
     "Erf",
