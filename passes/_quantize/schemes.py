@@ -112,11 +112,13 @@ def pow2_weight_scale(values: np.ndarray, qmax: int = 127) -> float:
     clips nothing, or one or two steps finer when clipping the few largest values costs less than the coarser
     grid costs all of them (Vitis AI's quantizer also picks weight fix-points by error, not by the maximum)."""
     flat = values.astype(np.float64).ravel()
+    absmax = float(np.abs(flat).max()) if flat.size else 0.0
+    return min(candidate_scales(absmax, 2, qmax), key=lambda scale: rounding_error(flat, scale, qmax))
 
-    def error(scale: float) -> float:
-        return float(np.square(np.clip(np.round(flat / scale), -qmax, qmax) * scale - flat).sum())
 
-    return min(candidate_scales(float(np.abs(flat).max()) if flat.size else 0.0, 2, qmax), key=error)
+def rounding_error(values: np.ndarray, scale: float, qmax: int = 127) -> float:
+    """Squared error of ``values`` on the symmetric int8 grid of ``scale`` (clipped at ±``qmax``)."""
+    return float(np.square(np.clip(np.round(values / scale), -qmax, qmax) * scale - values).sum())
 
 
 def pow2_overrides(model: onnx.ModelProto, ranges: TensorsData) -> dict[str, list[dict[str, Any]]]:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 import onnx
+from lepton_cli.passes._quantize.schemes import rounding_error
 from onnx import helper
 
 from lepton_cli.model.channels.channel_groups import analyze, weights_as_initializers
@@ -43,10 +44,11 @@ def split_weight_blocks(
     a = analyze(working)
     orders: dict[int, np.ndarray] = {}
     cuts: dict[str, list[int]] = {}
+    inits = {t.name: t for t in working.graph.initializer}
     for producer in a.producers:
-        planned = _plan(working, a, producer, scale_of, max(align, 1))
         group = a.group_of(producer)
-        if planned is not None and group not in orders:
+        planned = None if group in orders else _plan(working, a, producer, inits, scale_of, max(align, 1))
+        if planned is not None:
             orders[group], cuts[working.graph.node[producer.node].name] = planned
     if not cuts:
         return model, {}
@@ -59,12 +61,16 @@ def split_weight_blocks(
 
 
 def _plan(
-    model: onnx.ModelProto, a: ChannelAnalysis, producer: Producer, scale_of: ScaleOf, align: int
+    model: onnx.ModelProto,
+    a: ChannelAnalysis,
+    producer: Producer,
+    inits: dict[str, onnx.TensorProto],
+    scale_of: ScaleOf,
+    align: int,
 ) -> tuple[np.ndarray, list[int]] | None:
     """(channel order, block boundaries) for a dense 2-D Conv whose channels may be reordered, or None."""
     node = model.graph.node[producer.node]
     group = a.group_of(producer)
-    inits = {t.name: t for t in model.graph.initializer}
     if node.op_type != "Conv" or group in a.pinned or producer.weight not in inits:
         return None
     weight = tensor_array(inits[producer.weight]).astype(np.float64)
@@ -92,8 +98,7 @@ def _snr(weight: np.ndarray, bounds: list[int], scale_of: ScaleOf) -> float:
     noise = 0.0
     for start, end in zip(bounds, bounds[1:]):
         block = weight[start:end]
-        scale = scale_of(block)
-        noise += float(np.square(np.clip(np.round(block / scale), -127, 127) * scale - block).sum())
+        noise += rounding_error(block, scale_of(block))
     return 10 * math.log10(float(np.square(weight).sum()) / max(noise, 1e-30))
 
 

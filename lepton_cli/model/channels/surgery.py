@@ -16,12 +16,28 @@ from lepton_cli.model.graph_edit import drop_unused_initializers
 def apply_keep(model: onnx.ModelProto, a: ChannelAnalysis, keep: dict[int, np.ndarray]) -> onnx.ModelProto:
     """A copy of ``model`` where group ``g`` keeps only channels ``keep[g]`` (sorted indices)."""
     keep = {a.find(g): np.sort(np.asarray(k, np.int64)) for g, k in keep.items()}
+    return _taken(model, a, keep, {g for g, k in keep.items() if len(k) != a.sizes[g]})
+
+
+def apply_order(model: onnx.ModelProto, a: ChannelAnalysis, order: dict[int, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` where group ``g``'s channels come in the order ``order[g]`` (a permutation): the same
+    function, each channel's weights and per-channel constants, and the readers' input slices, moved with it."""
+    order = {a.find(g): np.asarray(o, np.int64) for g, o in order.items()}
+    for g, o in order.items():
+        if not np.array_equal(np.sort(o), np.arange(a.sizes[g])):
+            raise ValueError(f"group {g}: not a permutation of its {a.sizes[g]} channels")
+    return _taken(model, a, order, {g for g, o in order.items() if not np.array_equal(o, np.arange(len(o)))})
+
+
+def _taken(
+    model: onnx.ModelProto, a: ChannelAnalysis, keep: dict[int, np.ndarray], changed: set[int]
+) -> onnx.ModelProto:
+    """A copy of ``model`` where each group in ``changed`` takes channels ``keep[g]``, in that order."""
     for g in keep:
         if g in a.pinned:
             raise ValueError(f"group {g} is pinned")
     result = onnx.ModelProto()
     result.CopyFrom(model)
-    changed = {g for g, k in keep.items() if len(k) != a.sizes[g]}
     if not changed:
         return result
 
@@ -42,26 +58,6 @@ def apply_keep(model: onnx.ModelProto, a: ChannelAnalysis, keep: dict[int, np.nd
             sliced[(new_name, 0, b"")] = new_name  # counted, so that the next new name stays unique
     drop_unused_initializers(result)
     del graph.value_info[:]  # the resized tensors' shapes are stale
-    return result
-
-
-def apply_order(model: onnx.ModelProto, a: ChannelAnalysis, order: dict[int, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``model`` where group ``g``'s channels come in the order ``order[g]`` (a permutation): the same
-    function, each channel's weights and per-channel constants, and the readers' input slices, moved with it."""
-    order = {a.find(g): np.asarray(o, np.int64) for g, o in order.items()}
-    for g, o in order.items():
-        if g in a.pinned:
-            raise ValueError(f"group {g} is pinned")
-        if not np.array_equal(np.sort(o), np.arange(a.sizes[g])):
-            raise ValueError(f"group {g}: not a permutation of its {a.sizes[g]} channels")
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
-    moved = {g for g, o in order.items() if not np.array_equal(o, np.arange(len(o)))}
-    if moved:
-        graph = result.graph
-        inits = {t.name: t for t in graph.initializer}
-        _slice_constants(graph, inits, a, order, lambda key: any(a.find(s.group) in moved for s in a.layouts[key]))
-        drop_unused_initializers(result)
     return result
 
 
