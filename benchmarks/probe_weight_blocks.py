@@ -27,7 +27,7 @@ from lepton_cli.passes._quantize.weight_blocks import split_weight_blocks  # noq
 
 from benchmarks.corpus.data import charset  # noqa: E402
 from benchmarks.corpus.manifest import by_name  # noqa: E402
-from benchmarks.corpus.metrics import METRICS  # noqa: E402
+from benchmarks.corpus.metrics import METRICS, _decode_text  # noqa: E402
 from benchmarks.corpus.runner import run_all, session  # noqa: E402
 from benchmarks.corpus.store import ensure_data, ensure_model  # noqa: E402
 from benchmarks.md_table import markdown_table  # noqa: E402
@@ -52,7 +52,7 @@ def fpga_input(name: str, work: Path) -> onnx.ModelProto:
     return schemes.preprocess(fused.model, work)
 
 
-def measure(name: str) -> list[dict]:
+def measure(name: str, methods: list[str], op_sets: list[str], blocks_only: bool, depthwise: bool) -> list[dict]:
     corpus = by_name(name)
     work = Path(tempfile.mkdtemp(prefix="blocks-"))
     calib_path, eval_path = ensure_data(corpus)
@@ -61,22 +61,39 @@ def measure(name: str) -> list[dict]:
     chars = charset(corpus, ensure_model(corpus))
     np.savez(work / "calib.npz", x=np.load(calib_path)["x"])
     plain = fpga_input(name, work)
-    blocked, split = split_weight_blocks(plain, schemes.pow2_weight_scale, 16)
+    blocked, split = split_weight_blocks(plain, schemes.pow2_weight_scale, 16, depthwise)
 
-    def score(model: onnx.ModelProto) -> float:
+    source_text = {"labels": np.array(_decode_text(corpus, chars, reference))}
+
+    def score(model: onnx.ModelProto, against: dict = evaluation) -> float:
         return METRICS[corpus.metric](
-            corpus, evaluation, reference, run_all(session(model.SerializeToString()), evaluation), chars
+            corpus, against, reference, run_all(session(model.SerializeToString()), evaluation), chars
         )
 
     rows = [
-        {"model": name, "weights": "float", "op types": "-", "method": "-", "char_accuracy": round(score(plain), 2)}
+        {
+            "model": name,
+            "weights": "float",
+            "op types": "-",
+            "method": "-",
+            "char_accuracy": round(score(plain), 2),
+            "agreement": round(score(plain, source_text), 2),
+        },
+        {
+            "model": name,
+            "weights": "float, blocks",
+            "op types": "-",
+            "method": "-",
+            "char_accuracy": round(score(blocked), 2),
+        },
     ]
-    for label, model in (("per tensor", plain), (f"blocks ({sum(split.values())} in {len(split)} convs)", blocked)):
+    variants = [("per tensor", plain), (f"blocks ({sum(split.values())} in {len(split)} convs)", blocked)]
+    for label, model in variants[1:] if blocks_only else variants:
         samples = load_samples(work / "calib.npz", model)
-        for method in ("minmax", "percentile"):
+        for method in methods:
             settings = CalibrationSettings(method=method, chunk=16, max_samples=64, power_of_two=True)
             ranges = schemes.save_ranges(calibrate(model, samples, settings, None), work / f"{len(rows)}.json")
-            for ops_label, ops in OP_SETS.items():
+            for ops_label, ops in ((label, OP_SETS[label]) for label in op_sets):
                 scheme = schemes.Int8Scheme(
                     activation_type="s8", per_channel=False, activation_symmetric=True, power_of_two=True, op_types=ops
                 )
@@ -88,6 +105,7 @@ def measure(name: str) -> list[dict]:
                         "op types": ops_label,
                         "method": method,
                         "char_accuracy": round(score(int8), 2),
+                        "agreement": round(score(int8, source_text), 2),
                     }
                 )
                 print(rows[-1], flush=True)
@@ -98,8 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["ppocrv4_rec"])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "weight_blocks_probe")
+    parser.add_argument("--methods", nargs="*", default=["minmax", "percentile"])
+    parser.add_argument("--op-sets", nargs="*", default=list(OP_SETS), choices=list(OP_SETS))
+    parser.add_argument("--blocks-only", action="store_true", help="skip the per-tensor rows")
+    parser.add_argument("--no-depthwise", action="store_true", help="blocks on dense convs only (session 17)")
     args = parser.parse_args(argv)
-    rows = [row for name in args.models for row in measure(name)]
+    rows = [
+        row
+        for name in args.models
+        for row in measure(name, args.methods, args.op_sets, args.blocks_only, not args.no_depthwise)
+    ]
     args.out.with_suffix(".json").write_text(json.dumps({"command": sys.argv, "rows": rows}, indent=1))
     header = list(rows[0])
     table = "\n".join(markdown_table(header, [[row[key] for key in header] for row in rows]))

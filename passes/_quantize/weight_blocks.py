@@ -6,7 +6,9 @@ SNR 11-14 dB), and its Conv/MatMul/Gemm-int8 model reads 31-46 % of characters w
 (docs/decisions.md, "Weight blocks"). Here a Conv's output channels are reordered by the scale each would take alone
 (the channel analysis moves every reader's slice with them, so the float model computes the same function), and the
 Conv becomes one Conv per run of channels whose scales agree, each with its own per-tensor scale, joined by a Concat.
-Blocks are whole multiples of the target's channel alignment, so the DPU's channel parallelism is kept.
+Blocks are whole multiples of the target's channel alignment, so the DPU's channel parallelism is kept. A depthwise
+conv the Conv feeds through element-wise ops is split with it (block_sinking.py), and the channel order then follows
+its filters' scales too.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Callable
 
 import numpy as np
 import onnx
+from lepton_cli.passes._quantize.block_sinking import sink_concat, sinkable_region, split_conv
 from lepton_cli.passes._quantize.schemes import rounding_error
-from onnx import helper
 
 from lepton_cli.model.channels.channel_groups import analyze, weights_as_initializers
 from lepton_cli.model.channels.groups import ChannelAnalysis, Producer
@@ -35,9 +37,10 @@ def max_scale(weight: np.ndarray) -> float:
 
 
 def split_weight_blocks(
-    model: onnx.ModelProto, scale_of: ScaleOf, align: int
+    model: onnx.ModelProto, scale_of: ScaleOf, align: int, through_depthwise: bool = True
 ) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """(``model`` with its Convs split into weight blocks where that gains ``MIN_GAIN_DB``, {Conv name: blocks})."""
+    """(``model`` with its Convs split into weight blocks where that gains ``MIN_GAIN_DB``, {Conv name: blocks}); with
+    ``through_depthwise``, the depthwise convs a blocked Conv feeds through element-wise ops are split with it."""
     working = onnx.ModelProto()
     working.CopyFrom(model)
     weights_as_initializers(working)
@@ -45,9 +48,13 @@ def split_weight_blocks(
     orders: dict[int, np.ndarray] = {}
     cuts: dict[str, list[int]] = {}
     inits = {t.name: t for t in working.graph.initializer}
+    readers = GraphIndex(working.graph) if through_depthwise else None
     for producer in a.producers:
         group = a.group_of(producer)
-        planned = None if group in orders else _plan(working, a, producer, inits, scale_of, max(align, 1))
+        if group in orders:
+            continue
+        followers = _depthwise_followers(readers, producer.output, a.sizes[group]) if readers else []
+        planned = _plan(working, a, producer, inits, scale_of, max(align, 1), followers)
         if planned is not None:
             orders[group], cuts[working.graph.node[producer.node].name] = planned
     if not cuts:
@@ -55,7 +62,10 @@ def split_weight_blocks(
     ordered = apply_order(working, a, orders)
     index, names = GraphIndex(ordered.graph), FreshNames(ordered)
     for node in [n for n in ordered.graph.node if n.name in cuts]:
-        _split(index, names, node, cuts[node.name])
+        bounds, output = cuts[node.name], node.output[0]
+        split_conv(index, names, node, [node.input[0]] * (len(bounds) - 1), bounds)
+        for name in sink_concat(index, names, index.producer[output], bounds) if through_depthwise else []:
+            cuts[name] = bounds
     drop_unused_initializers(ordered)  # the whole weights the blocks were cut from
     return ordered, {name: len(bounds) - 1 for name, bounds in cuts.items()}
 
@@ -67,8 +77,10 @@ def _plan(
     inits: dict[str, onnx.TensorProto],
     scale_of: ScaleOf,
     align: int,
+    followers: list[np.ndarray],
 ) -> tuple[np.ndarray, list[int]] | None:
-    """(channel order, block boundaries) for a dense 2-D Conv whose channels may be reordered, or None."""
+    """(channel order, block boundaries) for a dense 2-D Conv whose channels may be reordered, or None. Channels go
+    by the Conv's own scale, then by those of the depthwise ``followers`` that will be split with it."""
     node = model.graph.node[producer.node]
     group = a.group_of(producer)
     if node.op_type != "Conv" or group in a.pinned or producer.weight not in inits:
@@ -77,19 +89,32 @@ def _plan(
     groups = next((at.i for at in node.attribute if at.name == "group"), 1)
     if weight.ndim != 4 or groups != 1 or weight.shape[0] != a.sizes[group] or weight.shape[0] < 2 * align:
         return None
-    alone = np.array([scale_of(channel) for channel in weight])
-    order = np.argsort(-alone, kind="stable")
+    weights = [weight, *followers]
+    octaves = np.array(
+        [[_octave(scale_of(channel) if channel.any() else 0.0) for channel in layer] for layer in weights]
+    )
+    order = np.lexsort(-octaves[::-1])  # the last key sorts first: the Conv's own
     bounds = [0]
-    for start in range(align, len(order), align):  # a new block where the next chunk's scale is a power of 2 lower
-        if _octave(alone[order[start : start + align]].max()) < _octave(alone[order[bounds[-1] : start]].max()):
+    for start in range(align, len(order), align):  # a new block where the next chunk needs a power of 2 lower
+        chunk, block = order[start : start + align], order[bounds[-1] : start]
+        if (octaves[:, chunk].max(axis=1) < octaves[:, block].max(axis=1)).any():
             bounds.append(start)
     bounds.append(len(order))
-    if len(bounds) < 3 or _snr(weight[order], bounds, scale_of) - _snr(weight, [0, len(order)], scale_of) < MIN_GAIN_DB:
+    whole = [0, len(order)]
+    gain = max(_snr(layer[order], bounds, scale_of) - _snr(layer, whole, scale_of) for layer in weights)
+    if len(bounds) < 3 or gain < MIN_GAIN_DB:
         return None
     return order, bounds
 
 
+def _depthwise_followers(index: GraphIndex, tensor: str, channels: int) -> list[np.ndarray]:
+    """The filters of the depthwise convs that ``tensor``'s blocks would reach through element-wise ops."""
+    region = sinkable_region(index, tensor, channels)
+    return [index.const(conv.input[1]).astype(np.float64) for conv in region.depthwise] if region else []
+
+
 def _octave(scale: float) -> int:
+    """log2 of ``scale``, rounded down; a zero channel's (layout_transform's padding) below every other."""
     return math.floor(math.log2(scale)) if scale > 0 else -1000
 
 
@@ -100,22 +125,3 @@ def _snr(weight: np.ndarray, bounds: list[int], scale_of: ScaleOf) -> float:
         block = weight[start:end]
         noise += rounding_error(block, scale_of(block))
     return 10 * math.log10(float(np.square(weight).sum()) / max(noise, 1e-30))
-
-
-def _split(index: GraphIndex, names: FreshNames, conv: onnx.NodeProto, bounds: list[int]) -> None:
-    """Replace ``conv`` by one Conv per block of output channels and a Concat writing its output."""
-    weight = index.const(conv.input[1])
-    bias = index.const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
-    position, outputs, blocks = index.position(conv), [], []
-    for number, (start, end) in enumerate(zip(bounds, bounds[1:])):
-        inputs = [conv.input[0], index.add_initializer(names.fresh(f"{conv.input[1]}_b{number}"), weight[start:end])]
-        if bias is not None:
-            inputs.append(index.add_initializer(names.fresh(f"{conv.input[2]}_b{number}"), bias[start:end]))
-        outputs.append(names.fresh(f"{conv.output[0]}_b{number}"))
-        block = helper.make_node("Conv", inputs, [outputs[-1]], names.fresh(f"{conv.name}_b{number}"))
-        block.attribute.extend(conv.attribute)
-        blocks.append(block)
-    joined = helper.make_node("Concat", outputs, [conv.output[0]], names.fresh(f"{conv.name}_blocks"), axis=1)
-    index.remove(conv)
-    for offset, node in enumerate([*blocks, joined]):
-        index.insert(position + offset, node)

@@ -122,3 +122,48 @@ def test_a_channel_order_that_is_not_a_permutation_is_refused(rec):
     group = a.prunable()[0]
     with pytest.raises(ValueError, match="not a permutation"):
         apply_order(model, a, {group: np.zeros(a.sizes[group], np.int64)})
+
+
+def _depthwise_blocks(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Depthwise block convs (group = their channels, more than one) by the conv they were cut from."""
+    inits = {t.name: t for t in model.graph.initializer}
+    found: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        group = next((at.i for at in node.attribute if at.name == "group"), 1)
+        if node.op_type == "Conv" and group > 1 and group == inits[node.input[1]].dims[0] and "_b" in node.name:
+            found.setdefault(node.name.rsplit("_b", 1)[0], []).append(node)
+    return found
+
+
+def test_blocks_reach_the_depthwise_convs_through_hard_swish_without_a_split(rec):
+    """The Concat moves below the hard-swish and affine ops into the depthwise conv: each block's depthwise filters
+    get their own scale, and the DPU, which has no Split or Slice, runs every piece."""
+    model, _, held = rec
+    blocked, split = split_weight_blocks(model, schemes.pow2_weight_scale, ALIGN)
+    depthwise = _depthwise_blocks(blocked)
+    assert len(depthwise) >= 8 and all(len(blocks) == split[name] for name, blocks in depthwise.items()), split
+    def cuts(m: onnx.ModelProto) -> int:
+        return sum(node.op_type in ("Split", "Slice", "Gather") for node in m.graph.node)
+
+    assert cuts(blocked) == cuts(model)  # the model's own (its neck's), none added
+    producers = {out: node for node in blocked.graph.node for out in node.output}
+    for blocks in depthwise.values():  # each block reads its own hard-swish copy, not a slice of the joined tensor
+        assert all(producers[conv.input[0]].op_type != "Concat" for conv in blocks)
+    np.testing.assert_allclose(_logits(blocked, held), _logits(model, held), atol=1e-3)
+    # the blocks follow the depthwise filters' scales too: more and finer than the pointwise convs alone ask for
+    dense_only, split_dense = split_weight_blocks(model, schemes.pow2_weight_scale, ALIGN, through_depthwise=False)
+    assert not _depthwise_blocks(dense_only) and sum(split.values()) > sum(split_dense.values())
+
+
+def test_a_depthwise_input_something_else_reads_stays_whole(rec):
+    """When a graph output also reads the hard-swish before a depthwise conv, that conv keeps its whole input."""
+    model, _, held = rec
+    blocked, _ = split_weight_blocks(model, schemes.pow2_weight_scale, ALIGN)
+    first = sorted(_depthwise_blocks(blocked))[0]
+    conv = next(node for node in model.graph.node if node.name == first)
+    watched = onnx.ModelProto.FromString(model.SerializeToString())
+    watched.graph.output.append(onnx.helper.make_tensor_value_info(conv.input[0], onnx.TensorProto.FLOAT, None))
+    rewatched, split = split_weight_blocks(watched, schemes.pow2_weight_scale, ALIGN)
+    assert first not in _depthwise_blocks(rewatched) and first not in split
+    assert len(_depthwise_blocks(rewatched)) == len(_depthwise_blocks(blocked)) - 1
+    np.testing.assert_allclose(_logits(rewatched, held), _logits(model, held), atol=1e-3)
