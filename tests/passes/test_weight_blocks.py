@@ -142,6 +142,7 @@ def test_blocks_reach_the_depthwise_convs_through_hard_swish_without_a_split(rec
     blocked, split = split_weight_blocks(model, schemes.pow2_weight_scale, ALIGN)
     depthwise = _depthwise_blocks(blocked)
     assert len(depthwise) >= 8 and all(len(blocks) == split[name] for name, blocks in depthwise.items()), split
+
     def cuts(m: onnx.ModelProto) -> int:
         return sum(node.op_type in ("Split", "Slice", "Gather") for node in m.graph.node)
 
