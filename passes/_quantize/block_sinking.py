@@ -23,10 +23,12 @@ MAX_REGION_NODES = 24  # a hard-swish and an affine are 6; more is not the patte
 
 @dataclass
 class Region:
-    """The element-wise ``nodes`` (graph order) reading a tensor, and the depthwise convs that read them."""
+    """The element-wise ``nodes`` (graph order) reading a tensor, the depthwise convs reading them, and the region's
+    tensors something else reads (a residual Add, a pooling, a graph output): those get the blocks joined again."""
 
     nodes: list[onnx.NodeProto]
     depthwise: list[onnx.NodeProto]
+    exits: list[str]
 
 
 def depthwise_weight(index: GraphIndex, node: onnx.NodeProto, channels: int) -> np.ndarray | None:
@@ -42,31 +44,47 @@ def depthwise_weight(index: GraphIndex, node: onnx.NodeProto, channels: int) -> 
 
 
 def sinkable_region(index: GraphIndex, tensor: str, channels: int) -> Region | None:
-    """The element-wise ops between ``tensor`` and depthwise convs, when nothing else reads ``tensor`` or them."""
+    """The element-wise ops reading ``tensor`` (and what they compute) with only it and constants as inputs, and the
+    depthwise convs reading them; None when there are none."""
+    members, depthwise = _reachable(index, tensor, channels)
+    while True:  # an op that also reads an outside tensor (a residual partner, a gate) stays whole, and so what follows
+        inside = {tensor, *(out for node in members for out in node.output)}
+        kept = [node for node in members if _inputs_known(index, node, inside, channels)]
+        if len(kept) == len(members):
+            break
+        members = kept
+    depthwise = [conv for conv in depthwise if conv.input[0] in inside]
+    if not members and not depthwise:
+        return None
+    taken = {id(node) for node in members + depthwise}
+    exits = [
+        name
+        for name in sorted(inside)
+        if name in index.outputs
+        or index.uses[name] != len(index.readers(name))
+        or any(id(reader) not in taken for reader in index.readers(name))
+    ]
+    order = {id(node): k for k, node in enumerate(index.graph.node)}
+    return Region(sorted(members, key=lambda node: order[id(node)]), depthwise, exits)
+
+
+def _reachable(index: GraphIndex, tensor: str, channels: int) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
+    """(element-wise ops reachable from ``tensor`` through element-wise ops, depthwise convs reading them)."""
     members: list[onnx.NodeProto] = []
     depthwise: list[onnx.NodeProto] = []
-    inside, frontier = {tensor}, [tensor]
+    frontier = [tensor]
     while frontier:
         name = frontier.pop()
-        if name in index.outputs or index.uses[name] != len(index.readers(name)):
-            return None  # a graph output or a subgraph reads the whole tensor
         for reader in index.readers(name):
             if any(reader is seen for seen in members + depthwise):
                 continue
             if depthwise_weight(index, reader, channels) is not None and list(reader.input).count(name) == 1:
-                if reader.input[0] != name:
-                    return None
-                depthwise.append(reader)
+                if reader.input[0] == name:
+                    depthwise.append(reader)
             elif reader.op_type in ELEMENTWISE and len(members) < MAX_REGION_NODES:
                 members.append(reader)
-                inside.update(reader.output)
                 frontier.extend(reader.output)
-            else:
-                return None
-    if not depthwise or not all(_inputs_known(index, node, inside, channels) for node in members):
-        return None
-    order = {id(node): k for k, node in enumerate(index.graph.node)}
-    return Region(sorted(members, key=lambda node: order[id(node)]), depthwise)
+    return members, depthwise
 
 
 def _inputs_known(index: GraphIndex, node: onnx.NodeProto, inside: set[str], channels: int) -> bool:
@@ -88,22 +106,37 @@ def _channel_axis(value: np.ndarray, channels: int) -> int | None:
     return None
 
 
-def sink_concat(index: GraphIndex, names: FreshNames, concat: onnx.NodeProto, bounds: list[int]) -> list[str]:
+def sink_concat(
+    index: GraphIndex, names: FreshNames, concat: onnx.NodeProto, bounds: list[int], depth: int = 2
+) -> list[str]:
     """Move ``concat`` (its inputs: blocks ``bounds`` of a tensor's channels) below the element-wise ops and depthwise
-    convs it feeds; returns the split depthwise convs' names (none when the region does not allow it)."""
+    convs it feeds, and ``depth`` - 1 times more below those convs; returns the split depthwise convs' names."""
     region = sinkable_region(index, concat.output[0], bounds[-1])
-    if region is None:
+    if region is None or depth < 1:
         return []
     at = index.position(concat) + 1
     renamed = [{concat.output[0]: block_input} for block_input in concat.input]
     for number, (start, end) in enumerate(zip(bounds, bounds[1:])):
         for node in region.nodes:
             at = _insert_copy(index, names, node, renamed[number], (start, end, bounds[-1]), number, at)
-    for conv in region.depthwise:
-        split_conv(index, names, conv, [block[conv.input[0]] for block in renamed], bounds)
+    for name in region.exits:  # what outside ops read is joined again, right after the blocks computed it
+        if name != concat.output[0]:
+            at = _insert_join(index, names, [block[name] for block in renamed], name, at)
     for node in region.nodes:
         index.remove(node)
-    return [conv.name for conv in region.depthwise]
+    if concat.output[0] not in region.exits:
+        index.remove(concat)
+    split = []
+    for conv in region.depthwise:
+        output = conv.output[0]
+        split_conv(index, names, conv, [block[conv.input[0]] for block in renamed], bounds)
+        split += [conv.name, *sink_concat(index, names, index.producer[output], bounds, depth - 1)]
+    return split
+
+
+def _insert_join(index: GraphIndex, names: FreshNames, blocks: list[str], output: str, at: int) -> int:
+    index.insert(at, helper.make_node("Concat", blocks, [output], names.fresh(f"{output}_joined"), axis=1))
+    return at + 1
 
 
 def split_conv(

@@ -13,6 +13,7 @@ import onnx
 import pytest
 from conftest import OCR_REC, REPO, needs_ocr
 from lepton_cli.passes._quantize import schemes
+from lepton_cli.passes._quantize.block_sinking import ELEMENTWISE
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from lepton_cli.passes._quantize.weight_blocks import split_weight_blocks
 
@@ -156,8 +157,8 @@ def test_blocks_reach_the_depthwise_convs_through_hard_swish_without_a_split(rec
     assert not _depthwise_blocks(dense_only) and sum(split.values()) > sum(split_dense.values())
 
 
-def test_a_depthwise_input_something_else_reads_stays_whole(rec):
-    """When a graph output also reads the hard-swish before a depthwise conv, that conv keeps its whole input."""
+def test_a_depthwise_input_a_graph_output_shows_stays_whole(rec):
+    """A graph output pins its channels' order: the conv before it and the depthwise conv it feeds stay whole."""
     model, _, held = rec
     blocked, _ = split_weight_blocks(model, schemes.pow2_weight_scale, ALIGN)
     first = sorted(_depthwise_blocks(blocked))[0]
@@ -168,3 +169,24 @@ def test_a_depthwise_input_something_else_reads_stays_whole(rec):
     assert first not in _depthwise_blocks(rewatched) and first not in split
     assert len(_depthwise_blocks(rewatched)) == len(_depthwise_blocks(blocked)) - 1
     np.testing.assert_allclose(_logits(rewatched, held), _logits(model, held), atol=1e-3)
+
+
+def test_depthwise_blocks_carry_on_through_the_next_hard_swish_and_join_where_a_dense_op_reads(rec):
+    """Below a split depthwise conv each block keeps its own hard-swish and affine; the blocks are joined again only
+    where an op that reads every channel (a pointwise conv, the squeeze-excite's pooling) or an outside tensor does."""
+    model, _, _ = rec
+    blocked, _ = split_weight_blocks(model, schemes.pow2_weight_scale, ALIGN)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in blocked.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for blocks in _depthwise_blocks(blocked).values():
+        assert all(reader.op_type != "Concat" for conv in blocks for reader in readers[conv.output[0]])
+    joins = [node for node in blocked.graph.node if node.name.endswith("_joined")]
+    assert len(joins) >= len(_depthwise_blocks(blocked))
+    for join in joins:  # some reader needs every channel: not only element-wise ops of constants
+        assert any(
+            reader.op_type not in ELEMENTWISE
+            or any(name in readers and name != join.output[0] for name in reader.input)
+            for reader in readers[join.output[0]]
+        ), (join.name, [reader.op_type for reader in readers[join.output[0]]])
