@@ -4,7 +4,10 @@ A depthwise conv's filters differ per channel as much as a pointwise conv's (PP-
 every conv read 1-3 points more than blocks on the dense ones alone), but splitting it needs its input split, and a
 DPU has no Split. When its input is a blocked Conv's Concat seen through element-wise ops (hard-swish, a learnable
 affine), the Concat moves below the depthwise conv instead: each block's element-wise ops and its share of the
-depthwise filters run on that block alone, and each depthwise block takes its own per-tensor weight scale.
+depthwise filters run on that block alone, and each depthwise block takes its own per-tensor weight scale. Below the
+depthwise conv the blocks carry on through the next element-wise ops, and are joined again where an op reads every
+channel: each element-wise op on the way quantizes per block, which is what a DPU's per-tensor power-of-two scales
+lost on PP-OCRv4 rec's hard-swish and affine ops (docs/decisions.md, "Weight blocks through depthwise convs").
 """
 
 from __future__ import annotations
