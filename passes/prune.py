@@ -177,5 +177,5 @@ def _budget_use(allowed: float, lossy_change: bool, final: AccuracyScore | None,
     if not lossy_change:
         return BudgetUse(allowed, ctx.source_drop)
     if final is not None:
-        return BudgetUse(allowed, final.drop_pct)
-    return BudgetUse(allowed, allowed)
+        return BudgetUse(allowed, final.drop_pct, changed=True)
+    return BudgetUse(allowed, allowed, changed=True)

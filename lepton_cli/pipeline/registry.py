@@ -55,6 +55,7 @@ class BudgetUse:
 
     allowed: float
     drop: float
+    changed: bool = False  # the pass changed the model lossily, whatever its drop read: a later failure may be its
 
 
 @dataclass

@@ -71,7 +71,9 @@ def _retry_without_spenders(ctx: PassContext, failed: str, first_attempt: str, w
         return False
     del ctx.warnings[warnings_before:]
     ctx.current_pass = ""
-    listed = ", ".join(f"{name} {drop:.2f}" for name, drop in spent.items())
+    listed = ", ".join(
+        f"{name} {drop:.2f}" + (" (its model still changed)" if drop <= 0 else "") for name, drop in spent.items()
+    )
     ctx.warn(
         f"{failed} could not meet its accuracy budget after {listed} points were spent before it; "
         f"compiled again without {', '.join(spent)} (its share went to {failed}). First attempt: {first_attempt}"

@@ -403,7 +403,9 @@ def test_channel_pruning_digits_shrinks_as_reported_within_budget():
     score = Evaluator(model, evaluation, evaluation.labels).score(result.model)
     assert score.drop_pct <= 6.0
     # the ledger's entry is the drop measured on every scored sample, against the share allowed
-    assert result.budget_use == BudgetUse(result.summary["budget_pct"], result.summary["accuracy"]["drop_pct"])
+    assert result.budget_use == BudgetUse(
+        result.summary["budget_pct"], result.summary["accuracy"]["drop_pct"], changed=True
+    )
 
 
 def test_budget_use_exact_unmeasured_and_skipped():
@@ -414,7 +416,9 @@ def test_budget_use_exact_unmeasured_and_skipped():
     assert exact.budget_use == BudgetUse(ctx.lossy_budget(0.5), 0.25)  # exact: the ledger stays where it was
     unmeasured = PRUNE.fn(model, _ctx(calib=calib, budget=2.0), _params(mode="magnitude", search=False, min_params=0))
     assert unmeasured.summary["weights"]["pruned_layers"] > 0
-    assert unmeasured.budget_use == BudgetUse(1.0, 1.0)  # lossy but not measured: assumed to spend its share
+    assert unmeasured.budget_use == BudgetUse(
+        1.0, 1.0, changed=True
+    )  # lossy but not measured: assumed to spend its share
     skipped = PRUNE.fn(model, _ctx(budget=2.0), _params(mode="channel", without_data="skip"))
     assert skipped.budget_use is None and skipped.model is model
 

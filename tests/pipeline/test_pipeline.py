@@ -199,6 +199,17 @@ def test_the_budget_is_one_ledger_of_drop_against_the_source():
     assert ledger.yield_for("last") == ["prune"] and ledger.yielded == {"prune"} and ledger.source_drop == 0.0
 
 
+def test_a_lossy_pass_that_read_no_drop_still_yields_when_a_later_one_fails():
+    """Channel pruning that read 0.00 on its few samples has still changed the model: a failing int8 pass after it
+    gets a run without it. An exact pass (dead channels only) is no reason to compile again."""
+    ledger = PassContext(target=load_target("fpga"), max_accuracy_drop=1.0).ledger
+    ledger.enter("prune", BudgetUse(0.5, 0.0, changed=True))
+    assert ledger.spenders("quantize") == ["prune"] and ledger.yield_for("quantize") == ["prune"]
+    exact = PassContext(target=load_target("fpga"), max_accuracy_drop=1.0).ledger
+    exact.enter("prune", BudgetUse(0.5, 0.0))
+    assert exact.spenders("quantize") == [] and exact.yield_for("quantize") == []
+
+
 def test_onnxruntime_notices_never_reach_stdout(monkeypatch, capsys):
     """ORT prints its EP fallback notice to stdout; sessions are made with stdout sent to stderr (--json stays clean)."""
     import onnxruntime
