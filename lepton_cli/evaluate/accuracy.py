@@ -344,13 +344,21 @@ class _CtcAccuracy:
 
 
 class _CtcAgreement:
-    def __init__(self) -> None:
-        self.truth: list[list[int]] = []
-        self.got: list[list[int]] = []
+    """Character agreement of the CTC decodes. With the model's character table, of the text it reads, as PaddleOCR
+    returns it (ends stripped): a space frame at a line's end, which no reader sees, is not a character lost."""
+
+    def __init__(self, table: list[str] | None) -> None:
+        self.table = table
+        self.truth: list[list] = []
+        self.got: list[list] = []
 
     def add(self, ref: np.ndarray, got: np.ndarray) -> None:
-        self.truth += ctc_greedy_decode(ref)
-        self.got += ctc_greedy_decode(got)
+        self.truth += self.read(ref)
+        self.got += self.read(got)
+
+    def read(self, scores: np.ndarray) -> list[list]:
+        decoded = ctc_greedy_decode(scores)
+        return decoded if self.table is None else [list(text) for text in ctc_text(decoded, self.table)]
 
     def result(self) -> OutputResult:
         se = drop_standard_error(
@@ -420,6 +428,7 @@ class Evaluator:
             lows = [float(np.min(outs[j])) for outs in self.reference if outs[j].size]
             highs = [float(np.max(outs[j])) for outs in self.reference if outs[j].size]
             self.spans.append(max(highs) - min(lows) if lows else 0.0)
+        self.table = ctc_characters(source_model)  # CTC agreement reads text where the model carries its table
         self.roles = self._roles(source_model, default, default_text, per_output)
         self.position_masks = self._position_masks(source_model)
         self.metric = self.roles[0].metric
@@ -529,7 +538,7 @@ class Evaluator:
         if metric == "ctc_accuracy":
             return _CtcAccuracy(self)
         if metric == "ctc_agreement":
-            return _CtcAgreement()
+            return _CtcAgreement(self.table)
         if metric.startswith("mask_f1"):
             return MaskF1Tally((role.threshold,) if role.threshold is not None else MAP_THRESHOLDS)
         if metric.startswith("decision_agreement"):
@@ -591,7 +600,7 @@ class Evaluator:
         if metric == "ctc_accuracy":
             return sum(len(t) for t in self.truth)
         if metric == "ctc_agreement":
-            return sum(len(seq) for r in refs for seq in ctc_greedy_decode(r))
+            return sum(len(seq) for r in refs for seq in _CtcAgreement(self.table).read(r))
         if metric.startswith("decision_agreement"):
             return sum(r.size for r in refs)
         if metric == "detection_f1":  # one source box missed (or replaced by a wrong one) costs 100/boxes points

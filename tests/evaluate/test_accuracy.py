@@ -355,3 +355,43 @@ def test_the_worst_pages_spread_is_how_far_the_worst_pages_lie_apart():
     assert one_bad.value == pytest.approx(80.0) and even.value == pytest.approx(98.0)
     assert one_bad.drop_se > 5 * even.drop_se > 0  # one outlier page: the next set of pages may not hold it
     assert one_bad.drop_se == tally([0.99] * 7 + [0.80]).result().drop_se  # deterministic
+
+
+def _with_bump(model: onnx.ModelProto, frame: int, cls: int) -> onnx.ModelProto:
+    """``model`` whose CTC probabilities gain 2.0 at (``frame``, ``cls``) on every line: that class wins that frame."""
+    bumped = onnx.ModelProto()
+    bumped.CopyFrom(model)
+    graph = bumped.graph
+    out = graph.output[0]
+    steps, classes = 40, out.type.tensor_type.shape.dim[2].dim_value or 6625
+    bump = np.zeros((1, steps, classes), np.float32)
+    bump[0, frame, cls] = 2.0
+    graph.initializer.append(numpy_helper.from_array(bump, "bump"))
+    for node in graph.node:
+        node.output[:] = [f"{name}_raw" if name == out.name else name for name in node.output]
+    graph.node.append(onnx.helper.make_node("Add", [f"{out.name}_raw", "bump"], [out.name]))
+    return bumped
+
+
+@needs_ocr
+def test_ctc_agreement_reads_the_text_a_reader_gets_not_a_trailing_space_frame():
+    """PP-OCRv4 rec on rendered lines: a space decoded in the last frame is stripped from the text PaddleOCR returns
+    (no reader sees it), so it costs no agreement (5.1 points when class indices were compared); a character changed
+    inside the line does."""
+    import sys
+
+    from conftest import OCR_REC, REPO
+
+    from lepton_cli.model.shapes import bind_input_shapes
+    from lepton_cli.samples.sample_set import SampleSet
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset
+
+    source = bind_input_shapes(onnx.load(OCR_REC), {"x": [1, 3, 48, 320]})
+    lines, _ = ocr_textset.make_set(8, 3, "eval")
+    evaluator = Evaluator(source, SampleSet(Path("lines.npz"), {"x": lines}, None, {"x": False}))
+    assert evaluator.metric == "ctc_agreement"
+    space, letter = len(evaluator.table) - 1, evaluator.table.index("a")
+    assert evaluator.score(_with_bump(source, 39, space)).drop_pct == 0.0
+    assert evaluator.score(_with_bump(source, 20, letter)).drop_pct > 1.0
