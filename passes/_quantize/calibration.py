@@ -180,7 +180,10 @@ class _WideningCollector(HistogramCollector):
 
     def collect(self, name_to_arr: dict[str, Any]) -> None:
         signed = self.method in ("entropy", "distribution") or not self.symmetric  # |x| histograms do not overflow
-        super().collect({name: _widened(arr) for name, arr in name_to_arr.items()} if signed else name_to_arr)
+        if signed:
+            super().collect({name: _widened(arr) for name, arr in name_to_arr.items()})
+        else:
+            super().collect({name: _binnable(arr, self.num_bins) for name, arr in name_to_arr.items()})
 
     def compute_collection_result(self) -> dict[str, Any]:
         """ORT's results, float64 numbers back in float32 (its TensorData takes no other; ±3.4e38 fits)."""
@@ -203,6 +206,21 @@ def _widened(arr: Any) -> Any:
         return arr
     wide = [v.astype(np.float64) if v.dtype == np.float32 else v for v in values]
     return wide if isinstance(arr, list) else wide[0]
+
+
+def _binnable(arr: Any, bins: int) -> Any:
+    """``arr``, or its values and one zero when every |x| lies within ``bins`` float32 steps of the others: numpy cannot
+    cut so narrow a range into ``bins`` float32 bins (a block of a light-zoo ResNet's Relu outputs did that). The zero
+    widens the |x| histogram to [0, max |x|], the range a symmetric grid covers anyway."""
+    values = [np.asarray(a) for a in arr] if isinstance(arr, list) else [np.asarray(arr)]
+    values = [v for v in values if v.size]
+    if not values or any(v.dtype != np.float32 for v in values):
+        return arr
+    low = min(float(np.nanmin(np.abs(v))) for v in values)
+    high = max(float(np.nanmax(np.abs(v))) for v in values)
+    if not low < high or high - low > float(np.spacing(np.float32(high))) * bins:
+        return arr
+    return np.concatenate([*(v.ravel() for v in values), np.zeros(1, np.float32)])
 
 
 def _widening_collector(calibrator: Any) -> None:
