@@ -29,7 +29,7 @@ from lepton_cli.passes._quantize.weight_blocks import split_weight_blocks  # noq
 
 from benchmarks.corpus.data import charset  # noqa: E402
 from benchmarks.corpus.manifest import by_name  # noqa: E402
-from benchmarks.corpus.metrics import METRICS, _decode_text  # noqa: E402
+from benchmarks.corpus.metrics import METRICS, decode_text  # noqa: E402
 from benchmarks.corpus.runner import run_all, session  # noqa: E402
 from benchmarks.corpus.store import ensure_data, ensure_model  # noqa: E402
 from benchmarks.md_table import markdown_table  # noqa: E402
@@ -72,14 +72,14 @@ def measure(name: str, methods: list[str], op_sets: list[str], variants: list[st
     sets = {"gate's lines": {"x": gate_lines}, "held out": evaluation}
     source, chars = session(ensure_model(corpus).read_bytes()), charset(corpus, ensure_model(corpus))
     references = {key: run_all(source, data) for key, data in sets.items()}
-    texts = {key: {"labels": np.array(_decode_text(corpus, chars, ref))} for key, ref in references.items()}
+    texts = {key: {"labels": np.array(decode_text(corpus, chars, ref))} for key, ref in references.items()}
 
     def score(model: onnx.ModelProto) -> dict:
         candidate = session(model.SerializeToString())
         outputs = {key: run_all(candidate, data) for key, data in sets.items()}
         drops = {
             f"drop vs source, {key}": round(
-                100 - char_accuracy(_decode_text(corpus, chars, got), [str(t) for t in texts[key]["labels"]]), 2
+                100 - char_accuracy(decode_text(corpus, chars, got), [str(t) for t in texts[key]["labels"]]), 2
             )
             for key, got in outputs.items()
         }

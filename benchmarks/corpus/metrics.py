@@ -19,7 +19,7 @@ IOU = 0.5
 YOLOX_SCORE, YOLOX_NMS = 0.1, 0.45  # ddddocr's detection_engine settings
 
 
-def _decode_text(model: CorpusModel, charset: list[str], outputs: Outputs) -> list[str]:
+def decode_text(model: CorpusModel, charset: list[str], outputs: Outputs) -> list[str]:
     texts = []
     for sample in outputs:
         first = sample[0]
@@ -32,7 +32,7 @@ def _decode_text(model: CorpusModel, charset: list[str], outputs: Outputs) -> li
 def char_accuracy(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: Outputs, charset=None) -> float:
     """100 × (1 − edit distance / characters) against the rendered truth."""
     truth = [str(t) for t in evaluation["labels"]]
-    predicted = _decode_text(model, charset, candidate)
+    predicted = decode_text(model, charset, candidate)
     return ocr_textset.char_accuracy(predicted, truth)
 
 

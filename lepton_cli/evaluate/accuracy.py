@@ -250,6 +250,12 @@ def ctc_agreement_pct(reference: np.ndarray, candidate: np.ndarray) -> float:
     return _ctc_pct(ctc_greedy_decode(reference), ctc_greedy_decode(candidate))
 
 
+def ctc_read(scores: np.ndarray, table: list[str] | None) -> list[list]:
+    """Each line's CTC decode: its text's characters (ends stripped) with a character table, else class indices."""
+    decoded = ctc_greedy_decode(scores)
+    return decoded if table is None else [list(text) for text in ctc_text(decoded, table)]
+
+
 def _ctc_pct(truth: list, got: list) -> float:
     errors = sum(edit_distance(t, g) for t, g in zip(truth, got))
     length = sum(len(t) for t in truth)
@@ -353,12 +359,8 @@ class _CtcAgreement:
         self.got: list[list] = []
 
     def add(self, ref: np.ndarray, got: np.ndarray) -> None:
-        self.truth += self.read(ref)
-        self.got += self.read(got)
-
-    def read(self, scores: np.ndarray) -> list[list]:
-        decoded = ctc_greedy_decode(scores)
-        return decoded if self.table is None else [list(text) for text in ctc_text(decoded, self.table)]
+        self.truth += ctc_read(ref, self.table)
+        self.got += ctc_read(got, self.table)
 
     def result(self) -> OutputResult:
         se = drop_standard_error(
@@ -428,7 +430,7 @@ class Evaluator:
             lows = [float(np.min(outs[j])) for outs in self.reference if outs[j].size]
             highs = [float(np.max(outs[j])) for outs in self.reference if outs[j].size]
             self.spans.append(max(highs) - min(lows) if lows else 0.0)
-        self.table = ctc_characters(source_model)  # CTC agreement reads text where the model carries its table
+        self.table = ctc_characters(source_model)  # CTC scores read text where the model carries its table
         self.roles = self._roles(source_model, default, default_text, per_output)
         self.position_masks = self._position_masks(source_model)
         self.metric = self.roles[0].metric
@@ -460,7 +462,7 @@ class Evaluator:
         for j, name in enumerate(self.output_names):
             refs = [outs[j] for outs in self.reference]
             if j == 0 and self.labels is not None and self.labels.dtype.kind in ("U", "S"):
-                self._check_text_labels(model, refs[0])
+                self._check_text_labels(refs[0])
                 roles.append(
                     OutputRole(0, name, "ctc_accuracy", "text labels given: character accuracy of the CTC decode")
                 )
@@ -600,7 +602,7 @@ class Evaluator:
         if metric == "ctc_accuracy":
             return sum(len(t) for t in self.truth)
         if metric == "ctc_agreement":
-            return sum(len(seq) for r in refs for seq in _CtcAgreement(self.table).read(r))
+            return sum(len(seq) for r in refs for seq in ctc_read(r, self.table))
         if metric.startswith("decision_agreement"):
             return sum(r.size for r in refs)
         if metric == "detection_f1":  # one source box missed (or replaced by a wrong one) costs 100/boxes points
@@ -642,9 +644,8 @@ class Evaluator:
                 f"{len(self.labels.reshape(-1))} labels for {rows} model outputs", "give one label per sample"
             )
 
-    def _check_text_labels(self, model: onnx.ModelProto, first: np.ndarray) -> None:
-        self.characters = ctc_characters(model)
-        if first.ndim != 3 or self.characters is None:
+    def _check_text_labels(self, first: np.ndarray) -> None:
+        if first.ndim != 3 or self.table is None:
             raise BadInputError(
                 "text labels need a CTC model: a [N, T, classes] first output and the character table in "
                 "the model's metadata 'character' (one per line, class 1 first)",
@@ -657,7 +658,7 @@ class Evaluator:
         self.truth = [list(str(t).strip()) for t in flat]
 
     def _texts(self, firsts: list[np.ndarray]) -> list[list[str]]:
-        return [list(text) for out in firsts for text in ctc_text(ctc_greedy_decode(out), self.characters)]
+        return [seq for out in firsts for seq in ctc_read(out, self.table)]
 
     def _top1_pct(self, firsts: list[np.ndarray]) -> float:
         correct = _correct_rows(np.concatenate(firsts), self.labels)

@@ -75,12 +75,14 @@ def _reachable(index: GraphIndex, tensor: str, channels: int) -> tuple[list[onnx
     """(element-wise ops reachable from ``tensor`` through element-wise ops, depthwise convs reading them)."""
     members: list[onnx.NodeProto] = []
     depthwise: list[onnx.NodeProto] = []
+    seen: set[int] = set()
     frontier = [tensor]
     while frontier:
         name = frontier.pop()
         for reader in index.readers(name):
-            if any(reader is seen for seen in members + depthwise):
+            if id(reader) in seen:
                 continue
+            seen.add(id(reader))
             if depthwise_weight(index, reader, channels) is not None and list(reader.input).count(name) == 1:
                 if reader.input[0] == name:
                     depthwise.append(reader)
@@ -114,8 +116,8 @@ def sink_concat(
 ) -> list[str]:
     """Move ``concat`` (its inputs: blocks ``bounds`` of a tensor's channels) below the element-wise ops and depthwise
     convs it feeds, and ``depth`` - 1 times more below those convs; returns the split depthwise convs' names."""
-    region = sinkable_region(index, concat.output[0], bounds[-1])
-    if region is None or depth < 1:
+    region = sinkable_region(index, concat.output[0], bounds[-1]) if depth >= 1 else None
+    if region is None:
         return []
     at = index.position(concat) + 1
     renamed = [{concat.output[0]: block_input} for block_input in concat.input]

@@ -182,8 +182,13 @@ class _WideningCollector(HistogramCollector):
         signed = self.method in ("entropy", "distribution") or not self.symmetric  # |x| histograms do not overflow
         if signed:
             super().collect({name: _widened(arr) for name, arr in name_to_arr.items()})
-        else:
-            super().collect({name: _binnable(arr, self.num_bins) for name, arr in name_to_arr.items()})
+        else:  # a tensor's first chunk sets its bins; later chunks reuse those edges, which never fail
+            super().collect(
+                {
+                    name: arr if name in self.histogram_dict else _binnable(arr, self.num_bins)
+                    for name, arr in name_to_arr.items()
+                }
+            )
 
     def compute_collection_result(self) -> dict[str, Any]:
         """ORT's results, float64 numbers back in float32 (its TensorData takes no other; ±3.4e38 fits)."""
@@ -216,8 +221,9 @@ def _binnable(arr: Any, bins: int) -> Any:
     values = [v for v in values if v.size]
     if not values or any(v.dtype != np.float32 for v in values):
         return arr
-    low = min(float(np.nanmin(np.abs(v))) for v in values)
-    high = max(float(np.nanmax(np.abs(v))) for v in values)
+    magnitudes = [np.abs(v) for v in values]
+    low = min(float(np.nanmin(m)) for m in magnitudes)
+    high = max(float(np.nanmax(m)) for m in magnitudes)
     if not low < high or high - low > float(np.spacing(np.float32(high))) * bins:
         return arr
     return np.concatenate([*(v.ravel() for v in values), np.zeros(1, np.float32)])

@@ -48,12 +48,12 @@ def split_weight_blocks(
     orders: dict[int, np.ndarray] = {}
     cuts: dict[str, list[int]] = {}
     inits = {t.name: t for t in working.graph.initializer}
-    readers = GraphIndex(working.graph) if through_depthwise else None
+    before = GraphIndex(working.graph) if through_depthwise else None  # where the depthwise convs are, pre-order
     for producer in a.producers:
         group = a.group_of(producer)
         if group in orders:
             continue
-        followers = _depthwise_followers(readers, producer.output, a.sizes[group]) if readers else []
+        followers = _depthwise_followers(before, producer.output, a.sizes[group]) if before is not None else []
         planned = _plan(working, a, producer, inits, scale_of, max(align, 1), followers)
         if planned is not None:
             orders[group], cuts[working.graph.node[producer.node].name] = planned
