@@ -280,15 +280,15 @@ def _ranking(
     model: onnx.ModelProto,
     pool: list[str],
     feeds: list[dict[str, np.ndarray]],
-    opt_level: str,
     float_weights: bool,
     max_candidates: int,
-    workers: int = 1,
+    evaluator: Evaluator,
 ) -> list[tuple[str, float]]:
-    """``pool`` ranked by what keeping each node float saves; a large pool is preselected by local error first."""
+    """``pool`` ranked by what keeping each node float saves (run as ``evaluator`` runs candidates); a large pool is
+    preselected by local error first."""
     if len(pool) > max_candidates:  # bound the per-layer runs: preselect by the one-run local error
         pool = [name for name, _ in local_errors(float_model, model, pool, feeds)[:max_candidates]]
-    return float_gains(float_model, model, pool, feeds, opt_level, float_weights, workers)
+    return float_gains(float_model, model, pool, feeds, evaluator.opt_level, float_weights, evaluator.workers)
 
 
 def ranking_build(build: Build) -> Build:
@@ -314,14 +314,18 @@ def search(
     z: float = 0.0,
     cost: Cost | None = None,
     ceiling: float = inf,
+    run: _Search | None = None,
 ) -> SearchResult:
     """Try methods and float-kept layer counts; return the fastest candidate within ``budget`` points
     (by ``cost``; without one, the most quantized), none when nothing within budget is priced under ``ceiling``.
+    ``run``: this build's trials so far (``probe_fully_quantized``), not scored again.
 
     A candidate meets the budget when its drop plus ``z`` standard errors does (``z`` = 0: the measured
     drop itself): a tuning set's drop is an estimate, and a candidate chosen because it landed just
     under the budget tends to land over it on other data."""
-    run = _Search(build, evaluator, budget, z, progress, cost, ceiling)
+    if run is None:
+        run = _Search(build, evaluator, budget, z, progress, cost, ceiling)
+    run.ceiling = min(run.ceiling, ceiling)
     sensitivity: list[tuple[str, float]] = []
     for method in methods:
         fits_already = any(not t.float_nodes for t in run.passing)
@@ -337,21 +341,14 @@ def search(
         # quantized models are still scored, so that their ranges compete on closeness (``choose``).
         if first.meets_budget or fits_already:
             continue
-        if not first.scored:  # priced above the best within budget fully quantized: float-kept variants cost
-            break  # more, and every method's graph is the same (only its scales differ)
+        if not first.scored or (first.cost_ms or 0.0) > run.ceiling:  # priced above a candidate within budget:
+            break  # float-kept variants cost more, and every method's graph is the same (only its scales differ)
         # The ranking bypasses nodes one at a time in the model before lowering (``ranking_build``).
         before = ranking_build(build)
         ranked = before(method, []) if before is not build else model or build(method, [])
         in_graph_order = (candidates or quantized_nodes)(ranked)
         ranking = _ranking(
-            float_model,
-            ranked,
-            in_graph_order,
-            sensitivity_feeds,
-            evaluator.opt_level,
-            float_weights,
-            max_candidates,
-            evaluator.workers,
+            float_model, ranked, in_graph_order, sensitivity_feeds, float_weights, max_candidates, evaluator
         )
         sensitivity = sensitivity or ranking
         if not run.grow(method, [name for name, _ in ranking], SENSITIVITY, max_float):
@@ -456,17 +453,24 @@ def tune(
     trials: list[Trial] = []
     chosen: SearchResult | None = None
     sensitivity: list[tuple[str, float]] = []
+    z = NormalDist().inv_cdf(settings.confidence)
+    runs = [_Search(build, evaluator, budget, z, progress, cost) for build in space.builds]
+    unavailable, probe_ceiling = probe_fully_quantized(space, runs, progress) if cost is not None else ({}, inf)
     for tier in range(len(space.builds)):
         if chosen is not None and chosen.best_trial is not None:
             if not chosen.best_trial.float_nodes or chosen.best_trial.cost_ms is None:
                 break  # fully quantized (nothing is cheaper) or no cost model to compare tiers by
-        if len(space.builds) > 1:
-            progress(_tier_note(space, tier))
+        # The probe announced each tier already: a tier's header again only before its float-kept candidates.
+        said = _headed(progress, _tier_note(space, tier)) if len(space.builds) > 1 else progress
+        runs[tier].progress = said
         try:
-            ceiling = _tie_limit(_cost_of(chosen))  # a tie with the choice so far may still win on its drop
-            found = _search_tier(space, tier, evaluator, budget, feeds, settings, progress, cost, ceiling)
+            if tier in unavailable:
+                raise unavailable[tier]
+            # A tie with the choice so far, or with a later tier's fully quantized candidate, may still win on its drop.
+            ceiling = _tie_limit(min(_cost_of(chosen), probe_ceiling))
+            found = _search_tier(space, tier, evaluator, budget, feeds, settings, said, ceiling, runs[tier])
         except TierUnavailable as exc:  # an optional rewritten source that cannot be made: the choice so far stands
-            progress(f"{space.transform(tier)} tier skipped: {exc}")
+            said(f"{space.transform(tier)} tier skipped: {exc}")
             summary.setdefault("tiers_skipped", []).append({"transform": space.transform(tier), "why": str(exc)})
             continue
         for trial in found.trials:
@@ -489,7 +493,6 @@ def tune(
     _record_choice(best, [t for t in trials if t.meets_budget], cost is not None, space, summary)
     model = chosen.best
     assert model is not None
-    z = NormalDist().inv_cdf(settings.confidence)
     return verified_rewrite(space, model, best, evaluator, (budget, z), summary, progress)
 
 
@@ -537,6 +540,41 @@ def _measured(score: AccuracyScore, budget: float, z: float) -> dict[str, Any]:
     }
 
 
+def _headed(progress: Progress, header: str) -> Progress:
+    """``progress`` that says ``header`` once, before its first line."""
+    pending = [header]
+
+    def say(line: str) -> None:
+        if pending:
+            progress(pending.pop())
+        progress(line)
+
+    return say
+
+
+def probe_fully_quantized(
+    space: SearchSpace, runs: list[_Search], progress: Progress
+) -> tuple[dict[int, TierUnavailable], float]:
+    """Each tier's fully quantized candidates, tier by tier until one meets the budget: (the tiers that could not be
+    made, that candidate's price). A tier whose float-kept variants would cost more than it is then never ranked
+    (the ranking is most of a search: PP-OCRv4 rec fpga's every-op tier ranked 64 nodes per method for nothing)."""
+    unavailable: dict[int, TierUnavailable] = {}
+    for tier, run in enumerate(runs):
+        if len(runs) > 1:
+            progress(_tier_note(space, tier))
+        for method in space.methods:
+            try:
+                run.attempt(method, [], SENSITIVITY)
+            except TierUnavailable as exc:
+                unavailable[tier] = exc
+                break
+            except ValueError:  # a calibrator refusing this data: the tier's search says so
+                continue
+        if run.passing:
+            return unavailable, min(t.cost_ms if t.cost_ms is not None else inf for t in run.passing)
+    return unavailable, inf
+
+
 def _search_tier(
     space: SearchSpace,
     tier: int,
@@ -545,8 +583,8 @@ def _search_tier(
     feeds: list[dict[str, np.ndarray]],
     settings: TunerSettings,
     progress: Progress,
-    cost: Cost | None,
     ceiling: float,
+    run: _Search,
 ) -> SearchResult:
     return search(
         space.builds[tier],
@@ -559,9 +597,10 @@ def _search_tier(
         candidates=space.candidates,
         progress=progress,
         float_weights=settings.float_weights,
-        z=NormalDist().inv_cdf(settings.confidence),
-        cost=cost,
+        z=run.z,
+        cost=run.cost,
         ceiling=ceiling,
+        run=run,
     )
 
 

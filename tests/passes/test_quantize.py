@@ -947,3 +947,20 @@ def test_fpga_ppocr_det_every_scale_is_a_power_of_two(tmp_path):
     assert len(scales) > 500 and constant_dq  # constants (not weights) are quantized too
     off = {name: float(v[0]) for name, v in scales.items() if any(math.frexp(float(s))[0] != 0.5 for s in v)}
     assert not off, f"{len(off)} of {len(scales)} scales are not powers of two: {list(off.items())[:5]}"
+
+
+def test_percentile_histograms_match_orts_on_real_activations(digits, monkeypatch):
+    """|x| histograms binned by their uniform range (numpy's fast path) give ORT's percentile ranges on real digits."""
+    from lepton_cli.passes._quantize import calibration
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    model, calib, _ = digits
+    settings = CalibrationSettings(method="percentile", chunk=8, max_samples=64)
+    ours = calibrate(model, calib, settings)
+    monkeypatch.setattr(
+        calibration._WideningCollector, "collect_absolute_value", HistogramCollector.collect_absolute_value
+    )
+    theirs = calibrate(model, calib, settings)
+    assert set(ours.data) == set(theirs.data) and len(ours.data) > 5
+    for name, their_range in theirs.data.items():
+        np.testing.assert_allclose(ours.data[name].range_value, their_range.range_value, rtol=1e-6, err_msg=name)

@@ -119,22 +119,31 @@ def test_a_later_tier_wins_when_it_is_cheaper_than_the_first_tiers_float_kept_ca
     best, summary, scored, _ = _tune(monkeypatch, drops, costs)
     assert best.op_types == [] and best.float_nodes == [] and best.cost_ms == 13.0  # old rule: tier 0, 4 float
     assert summary["op_types"] == [] and summary["cost_ms"] == 13.0 and summary["float_kept"] == []
-    assert summary["choice"] == "lowest cost-model latency on the target among 2 candidates within budget"
-    assert [t["cost_ms"] for t in summary["tried"]] == [10.0, 11.0, 12.0, 14.0, 13.5, 13.0]
-    assert scored[-1] == "t1:minmax:"
+    assert summary["choice"] == "lowest cost-model latency on the target among 1 candidates within budget"
+    # Each tier's fully quantized candidate first: tier 1's price then bounds tier 0's float-kept search, so its
+    # 4-float candidate (14.0, over 13.0's tie) is priced but never scored.
+    tried = [(t["op_types"], t["cost_ms"], t["scored"]) for t in summary["tried"]]
+    assert tried[0] == (["Conv"], 10.0, True) and tried[-1] == ([], 13.0, True)
+    assert (["Conv"], 14.0, False) in tried and "t0:minmax:n0,n1,n2,n3" not in scored
+    assert scored[:2] == ["t0:minmax:", "t1:minmax:"]
 
 
-def test_a_later_tier_priced_above_the_chosen_candidate_is_built_once_and_never_scored(monkeypatch):
+def test_a_first_tier_priced_above_a_later_fully_quantized_fit_is_never_ranked(monkeypatch):
+    """PP-OCRv4 rec on fpga: the every-op tier's fully quantized model priced above the host tier's, which fits."""
+    monkeypatch.setattr(tuning, "float_gains", lambda *a, **k: pytest.fail("a tier that cannot win was ranked"))
+    best, summary, scored, _ = _tune(monkeypatch, {"t1:minmax:": 0.5}, {"t0:minmax:": 25.4, "t1:minmax:": 22.9})
+    assert best.op_types == [] and best.float_nodes == [] and scored == ["t0:minmax:", "t1:minmax:"]
+
+
+def test_a_later_tier_priced_above_the_chosen_candidate_is_built_and_scored_once_and_not_chosen(monkeypatch):
     drops = {"t0:minmax:n0,n1,n2,n3": 0.5, "t1:minmax:": 0.8}
     costs = {"t0:minmax:": 10.0, "t0:minmax:n0": 11.0, "t0:minmax:n0,n1": 12.0, "t0:minmax:n0,n1,n2,n3": 14.0}
     costs |= {"t0:minmax:n0,n1,n2": 13.5, "t1:minmax:": 15.0}
     best, summary, scored, builds = _tune(monkeypatch, drops, costs)
     assert best.op_types == ["Conv"] and len(best.float_nodes) == 4
-    assert not [s for s in scored if s.startswith("t1")] and [b for b in builds if b.startswith("t1")] == ["t1:minmax:"]
-    skipped = [t for t in summary["tried"] if not t["scored"]]
-    assert [(t["op_types"], t["cost_ms"], t["meets_budget"], t["drop_pct"]) for t in skipped] == [
-        ([], 15.0, False, None)
-    ]
+    # The probe scores each tier's fully quantized candidate once, before tier 0's float-kept search.
+    assert [s for s in scored if s.startswith("t1")] == [b for b in builds if b.startswith("t1")] == ["t1:minmax:"]
+    assert not [t for t in summary["tried"] if not t["scored"]]
 
 
 def test_a_fully_quantized_first_tier_ends_the_search(monkeypatch):
