@@ -39,7 +39,15 @@ import onnx
 
 from lepton_cli.errors import BadInputError
 from lepton_cli.evaluate.input_floor import InputFloor, ValueGrid, dithered, value_grids
-from lepton_cli.evaluate.output_roles import CTC_BLANK, MAP_THRESHOLDS, OutputRole, from_user, recognise
+from lepton_cli.evaluate.output_roles import (
+    CTC_BLANK,
+    CTC_TIME_MAJOR,
+    MAP_THRESHOLDS,
+    OutputRole,
+    ctc_time_major,
+    from_user,
+    recognise,
+)
 from lepton_cli.evaluate.output_scores import (
     CosineTally,
     DecisionTally,
@@ -250,9 +258,10 @@ def ctc_agreement_pct(reference: np.ndarray, candidate: np.ndarray) -> float:
     return _ctc_pct(ctc_greedy_decode(reference), ctc_greedy_decode(candidate))
 
 
-def ctc_read(scores: np.ndarray, table: list[str] | None) -> list[list]:
-    """Each line's CTC decode: its text's characters (ends stripped) with a character table, else class indices."""
-    decoded = ctc_greedy_decode(scores)
+def ctc_read(scores: np.ndarray, table: list[str] | None, layout: str | None = None) -> list[list]:
+    """Each line's CTC decode: its text's characters (ends stripped) with a character table, else class indices.
+    ``layout`` CTC_TIME_MAJOR: ``scores`` are [T, N, C]."""
+    decoded = ctc_greedy_decode(np.moveaxis(scores, 0, 1) if layout == CTC_TIME_MAJOR else scores)
     return decoded if table is None else [list(text) for text in ctc_text(decoded, table)]
 
 
@@ -353,14 +362,14 @@ class _CtcAgreement:
     """Character agreement of the CTC decodes. With the model's character table, of the text it reads, as PaddleOCR
     returns it (ends stripped): a space frame at a line's end, which no reader sees, is not a character lost."""
 
-    def __init__(self, table: list[str] | None) -> None:
-        self.table = table
+    def __init__(self, table: list[str] | None, layout: str | None = None) -> None:
+        self.table, self.layout = table, layout
         self.truth: list[list] = []
         self.got: list[list] = []
 
     def add(self, ref: np.ndarray, got: np.ndarray) -> None:
-        self.truth += ctc_read(ref, self.table)
-        self.got += ctc_read(got, self.table)
+        self.truth += ctc_read(ref, self.table, self.layout)
+        self.got += ctc_read(got, self.table, self.layout)
 
     def result(self) -> OutputResult:
         se = drop_standard_error(
@@ -474,6 +483,8 @@ class Evaluator:
                 roles.append(from_user(j, name, chosen, threshold))
                 if roles[-1].metric == "ctc_agreement":
                     ctc_agreement_pct(refs[0], refs[0])  # shape check up front
+                    if ctc_time_major(refs[0].shape):
+                        roles[-1] = replace(roles[-1], layout=CTC_TIME_MAJOR, why="--eval-metric; [T, N, C] scores")
                 if roles[-1].metric == "detection_f1":
                     roles[-1] = self._user_detection(model, j, name, refs, threshold)
             else:
@@ -540,7 +551,7 @@ class Evaluator:
         if metric == "ctc_accuracy":
             return _CtcAccuracy(self)
         if metric == "ctc_agreement":
-            return _CtcAgreement(self.table)
+            return _CtcAgreement(self.table, role.layout)
         if metric.startswith("mask_f1"):
             return MaskF1Tally((role.threshold,) if role.threshold is not None else MAP_THRESHOLDS)
         if metric.startswith("decision_agreement"):
@@ -602,7 +613,7 @@ class Evaluator:
         if metric == "ctc_accuracy":
             return sum(len(t) for t in self.truth)
         if metric == "ctc_agreement":
-            return sum(len(seq) for r in refs for seq in ctc_read(r, self.table))
+            return sum(len(seq) for r in refs for seq in ctc_read(r, self.table, role.layout))
         if metric.startswith("decision_agreement"):
             return sum(r.size for r in refs)
         if metric == "detection_f1":  # one source box missed (or replaced by a wrong one) costs 100/boxes points
@@ -658,7 +669,7 @@ class Evaluator:
         self.truth = [list(str(t).strip()) for t in flat]
 
     def _texts(self, firsts: list[np.ndarray]) -> list[list[str]]:
-        return [seq for out in firsts for seq in ctc_read(out, self.table)]
+        return [seq for out in firsts for seq in ctc_read(out, self.table, self.roles[0].layout)]
 
     def _top1_pct(self, firsts: list[np.ndarray]) -> float:
         correct = _correct_rows(np.concatenate(firsts), self.labels)

@@ -50,6 +50,7 @@ CTC_BLANK = 0  # the blank class: PaddleOCR's and PyTorch CTCLoss's default
 # PP-OCRv5 rec on rendered lines 60-80 %. An embedding or a classifier over steps has no such class.
 MIN_BLANK_SHARE = 0.3
 MIN_CTC_STEPS = 8
+CTC_TIME_MAJOR = "tnc"  # an OutputRole layout: [T, N, C] CTC scores, PyTorch CTCLoss's layout (ddddocr's CRNN keeps it)
 
 
 @dataclass
@@ -99,12 +100,20 @@ def ctc_evidence(model: onnx.ModelProto, name: str, refs: list[np.ndarray]) -> t
     return _ctc_by_values(model, name, refs)
 
 
+def ctc_time_major(shape: tuple[int, ...]) -> bool:
+    """Whether 3-D CTC scores of ``shape`` are [T, N, C]: a batch axis under MIN_CTC_STEPS after a longer time axis."""
+    return len(shape) == 3 and shape[1] < min(shape[0], MIN_CTC_STEPS)
+
+
 def _ctc_by_values(model: onnx.ModelProto, name: str, refs: list[np.ndarray]) -> tuple[bool, str]:
-    """Per-step probabilities ([N, T, C], a Softmax result) whose blank class wins many steps: CTC without a table;
-    decoded index sequences are compared, so the table is not needed."""
-    steps, classes = refs[0].shape[1], refs[0].shape[2]
+    """Per-step scores whose blank class wins many steps: CTC without a table; decoded index sequences are compared,
+    so the table is not needed. [N, T, C] must be a Softmax result; [T, N, C] (``ctc_time_major``) may be logits,
+    as CRNN exports leave them for PyTorch's CTCLoss."""
+    time_major = ctc_time_major(refs[0].shape)
+    steps, classes = refs[0].shape[0 if time_major else 1], refs[0].shape[2]
+    scores = "logit" if time_major and _real_producer(model, name)[0] != "Softmax" else "Softmax"
     # classes > steps: a character set; a tagger's few labels ("O" first in NER) are scored per step instead
-    if steps < MIN_CTC_STEPS or classes <= steps or _real_producer(model, name)[0] != "Softmax":
+    if steps < MIN_CTC_STEPS or classes <= steps or (scores != "Softmax" and not time_major):
         return False, "no CTC metadata"
     winners = np.concatenate([np.argmax(r, axis=-1).ravel() for r in refs])
     share = float(np.mean(winners == CTC_BLANK))
@@ -112,7 +121,7 @@ def _ctc_by_values(model: onnx.ModelProto, name: str, refs: list[np.ndarray]) ->
         return False, f"no CTC metadata, and class {CTC_BLANK} wins only {100 * share:.0f} % of the steps"
     return True, (
         f"no character table, but class {CTC_BLANK} (the CTC blank) wins {100 * share:.0f} % of the "
-        f"{steps} Softmax steps on the data: decoded index sequences compared"
+        f"{steps} {scores} steps{' (time first)' if time_major else ''} on the data: decoded index sequences compared"
     )
 
 
@@ -229,7 +238,8 @@ def recognise(
     if first.ndim == 3:
         fits, why = ctc_evidence(model, name, refs)
         if fits:
-            return OutputRole(index, name, "ctc_agreement", f"CTC scores: {why}")
+            layout = CTC_TIME_MAJOR if ctc_time_major(first.shape) else None
+            return OutputRole(index, name, "ctc_agreement", f"CTC scores: {why}", layout)
         layout, det_why = (
             _detector_layout(refs) if _real_producer(model, name)[0] not in ("Softmax", "LogSoftmax") else (None, "")
         )

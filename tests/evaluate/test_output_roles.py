@@ -346,3 +346,56 @@ def test_padded_token_positions_are_not_scored():
     assert evaluator.score(_token_encoder("padding")).drop_pct == 0.0
     assert evaluator.score(_token_encoder("tokens")).drop_pct > 10.0
     assert evaluator.subset(4).score(_token_encoder("padding")).drop_pct == 0.0
+
+
+def _time_shifted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its [T, N, C] output moved one step later in time (the first step repeated): the same text."""
+    shifted = onnx.ModelProto()
+    shifted.CopyFrom(model)
+    graph = shifted.graph
+    out = graph.output[0].name
+    graph.node[-1].output[0] = "unshifted"
+    one = lambda name, v: numpy_helper.from_array(np.array([v], np.int64), name)  # noqa: E731
+    graph.initializer.extend([one("zero", 0), one("first_end", 1), one("last_end", -1)])
+    graph.node.extend(
+        [
+            helper.make_node("Slice", ["unshifted", "zero", "first_end", "zero"], ["first_step"]),
+            helper.make_node("Slice", ["unshifted", "zero", "last_end", "zero"], ["all_but_last"]),
+            helper.make_node("Concat", ["first_step", "all_but_last"], [out], axis=0),
+        ]
+    )
+    return shifted
+
+
+@needs_ddddocr_det
+def test_a_time_major_crnn_is_scored_by_its_decoded_text(tmp_path):
+    """ddddocr's common.onnx returns [T, 1, C] logits (PyTorch CTCLoss's layout). Scored per step, every blank/character
+    boundary that moved counted (its fpga models failed at 1.3-2 points of steps); its decoded text is what a reader
+    gets: a copy one step later in time reads the same text and loses nothing."""
+    sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
+    import ocr_textset
+
+    from lepton_cli.model.shapes import bind_input_shapes
+
+    rec = bind_input_shapes(onnx.load(DDDDOCR_DET.with_name("common.onnx")), {"input1": [1, 1, 64, 256]})
+    rng = np.random.default_rng(3)
+    words = [str(w)[:7] for w in rng.choice(ocr_textset.EVAL_WORDS, 12)]
+    images = []
+    for word in words:
+        line = ocr_textset.render_line(word, ocr_textset.FONT_DIR / "DejaVuSans.ttf", rng).convert("L")
+        width = min(224, max(8, round(line.size[0] * 64 / line.size[1])))  # blank steps after the text
+        arr = np.asarray(line.resize((width, 64)), np.float32) / 255.0
+        images.append(np.pad(arr, ((0, 0), (0, 256 - width)), mode="edge")[None])
+    np.savez(tmp_path / "words.npz", input1=np.stack(images))
+    evaluator = Evaluator(rec, load_samples(tmp_path / "words.npz", rec))
+    (role,) = evaluator.roles
+    assert role.metric == "ctc_agreement" and role.layout == "tnc" and "time first" in role.why
+    characters = sum(len(w) for w in words)
+    assert 0.8 * characters <= 100.0 / evaluator.resolution_pct <= 1.2 * characters  # characters, not steps
+    shifted = _time_shifted(rec)
+    steps = [evaluator.reference[i][0] for i in range(len(words))]
+    moved = [np.argmax(np.concatenate([s[:1], s[:-1]]), -1) != np.argmax(s, -1) for s in steps]
+    assert np.mean(np.concatenate(moved)) > 0.05  # per step, the shifted copy disagrees on many steps
+    assert evaluator.score(shifted).drop_pct == 0.0
+    named = Evaluator(rec, load_samples(tmp_path / "words.npz", rec), metric="387=ctc")  # --eval-metric 387=ctc
+    assert named.roles[0].layout == "tnc" and named.score(shifted).drop_pct == 0.0
