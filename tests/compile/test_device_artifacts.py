@@ -178,6 +178,13 @@ def test_dpu_check_names_each_violation_on_a_tpu_compiled_graph(run_cli, tmp_pat
     rules = {v.rule for v in violations}
     assert {"power-of-two", "symmetric", "per-tensor"} <= rules
     assert all(v.node and v.detail for v in violations)
+    # The compile's lines: one per kind of violation, every violation counted once (not the first 20 nodes).
+    from lepton_cli.device_artifacts.summary import device_lines
+
+    section = {"ok": False, "reference": "DPU", "violations": [v.to_dict() for v in violations]}
+    kinds = device_lines({"device": {"dpu": section}})[1:]
+    assert len(kinds) == len({(v.op, v.rule) for v in violations}) < len(violations)
+    assert sum(int(line.split(" x ")[0].removeprefix("DPU: ")) for line in kinds) == len(violations)
 
 
 def test_dpu_geometry_and_shift_rules():
