@@ -111,10 +111,11 @@ def _ctc_by_values(model: onnx.ModelProto, name: str, refs: list[np.ndarray]) ->
     as CRNN exports leave them for PyTorch's CTCLoss."""
     time_major = ctc_time_major(refs[0].shape)
     steps, classes = refs[0].shape[0 if time_major else 1], refs[0].shape[2]
-    scores = "logit" if time_major and _real_producer(model, name)[0] != "Softmax" else "Softmax"
+    softmax = _real_producer(model, name)[0] == "Softmax"
     # classes > steps: a character set; a tagger's few labels ("O" first in NER) are scored per step instead
-    if steps < MIN_CTC_STEPS or classes <= steps or (scores != "Softmax" and not time_major):
+    if steps < MIN_CTC_STEPS or classes <= steps or not (softmax or time_major):
         return False, "no CTC metadata"
+    scores = "Softmax" if softmax else "logit"
     winners = np.concatenate([np.argmax(r, axis=-1).ravel() for r in refs])
     share = float(np.mean(winners == CTC_BLANK))
     if share < MIN_BLANK_SHARE:

@@ -122,6 +122,13 @@ def test_ctc_needs_a_table_that_fits_the_classes_and_a_float_copy_is_not_scored_
     del no_table.metadata_props[:]
     (role,) = Evaluator(no_table, samples).roles
     assert role.metric == "ctc_agreement" and "the CTC blank) wins" in role.why
+    logits = onnx.ModelProto()  # batch first without its Softmax: steps of an embedding look alike, so not CTC
+    logits.CopyFrom(no_table)
+    (softmax,) = [node for node in logits.graph.node if node.output[0] == logits.graph.output[0].name]
+    softmax.op_type = "Identity"
+    del softmax.attribute[:]
+    (role,) = Evaluator(logits, samples).roles
+    assert role.metric != "ctc_agreement"
 
 
 def _rendered_pages(seed: int, count: int, role: str) -> SampleSet:
