@@ -180,15 +180,7 @@ class _WideningCollector(HistogramCollector):
 
     def collect(self, name_to_arr: dict[str, Any]) -> None:
         signed = self.method in ("entropy", "distribution") or not self.symmetric  # |x| histograms do not overflow
-        if signed:
-            super().collect({name: _widened(arr) for name, arr in name_to_arr.items()})
-        else:  # a tensor's first chunk sets its bins; later chunks reuse those edges, which never fail
-            super().collect(
-                {
-                    name: arr if name in self.histogram_dict else _binnable(arr, self.num_bins)
-                    for name, arr in name_to_arr.items()
-                }
-            )
+        super().collect({name: _widened(arr) for name, arr in name_to_arr.items()} if signed else name_to_arr)
 
     def collect_absolute_value(self, name_to_arr: dict[str, Any]) -> None:
         """ORT's |x| histograms, each later chunk binned by its uniform edges' range rather than the edge array:
@@ -197,7 +189,10 @@ class _WideningCollector(HistogramCollector):
             values = np.asarray(data).ravel()
             low, high = (np.nanmin(values), np.nanmax(values)) if values.size else (values.dtype.type(0),) * 2
             magnitudes = np.absolute(values)
-            if tensor not in self.histogram_dict:
+            if tensor not in self.histogram_dict:  # its first chunk sets its bins; later chunks reuse them
+                if _too_narrow(magnitudes, self.num_bins):  # one zero widens it to [0, max |x|], a symmetric grid's
+                    magnitudes = np.append(magnitudes, magnitudes.dtype.type(0))
+                    low, high = min(low, values.dtype.type(0)), max(high, values.dtype.type(0))
                 hist, edges = np.histogram(magnitudes, bins=self.num_bins)
                 self.histogram_dict[tensor] = (hist, edges.astype(magnitudes.dtype), low, high)
                 continue
@@ -233,20 +228,13 @@ def _widened(arr: Any) -> Any:
     return wide if isinstance(arr, list) else wide[0]
 
 
-def _binnable(arr: Any, bins: int) -> Any:
-    """``arr``, or its values and one zero when every |x| lies within ``bins`` float32 steps of the others: numpy cannot
-    cut so narrow a range into ``bins`` float32 bins (a block of a light-zoo ResNet's Relu outputs did that). The zero
-    widens the |x| histogram to [0, max |x|], the range a symmetric grid covers anyway."""
-    values = [np.asarray(a) for a in arr] if isinstance(arr, list) else [np.asarray(arr)]
-    values = [v for v in values if v.size]
-    if not values or any(v.dtype != np.float32 for v in values):
-        return arr
-    magnitudes = [np.abs(v) for v in values]
-    low = min(float(np.nanmin(m)) for m in magnitudes)
-    high = max(float(np.nanmax(m)) for m in magnitudes)
-    if not low < high or high - low > float(np.spacing(np.float32(high))) * bins:
-        return arr
-    return np.concatenate([*(v.ravel() for v in values), np.zeros(1, np.float32)])
+def _too_narrow(magnitudes: np.ndarray, bins: int) -> bool:
+    """Whether float32 |x| values all lie within ``bins`` float32 steps of each other: numpy cannot cut so narrow a
+    range into ``bins`` bins (a block of a light-zoo ResNet's Relu outputs did that)."""
+    if magnitudes.dtype != np.float32 or not magnitudes.size:
+        return False
+    low, high = float(np.nanmin(magnitudes)), float(np.nanmax(magnitudes))
+    return low < high and high - low <= float(np.spacing(np.float32(high))) * bins
 
 
 def _widening_collector(calibrator: Any) -> None:
