@@ -318,7 +318,8 @@ def search(
 ) -> SearchResult:
     """Try methods and float-kept layer counts; return the fastest candidate within ``budget`` points
     (by ``cost``; without one, the most quantized), none when nothing within budget is priced under ``ceiling``.
-    ``run``: this build's trials so far (``probe_fully_quantized``), not scored again.
+    ``run``: this build's search so far (``probe_fully_quantized``): its trials are not scored again, and its ``z``
+    and ``cost`` stand for the arguments.
 
     A candidate meets the budget when its drop plus ``z`` standard errors does (``z`` = 0: the measured
     drop itself): a tuning set's drop is an estimate, and a candidate chosen because it landed just
@@ -597,10 +598,8 @@ def _search_tier(
         candidates=space.candidates,
         progress=progress,
         float_weights=settings.float_weights,
-        z=run.z,
-        cost=run.cost,
         ceiling=ceiling,
-        run=run,
+        run=run,  # carries the tier's z, cost model and trials so far
     )
 
 
