@@ -9,7 +9,7 @@ import onnx
 
 from lepton_cli.errors import QualityGateError
 from lepton_cli.evaluate.input_floor import noise_clause
-from lepton_cli.pipeline.context import PassContext
+from lepton_cli.pipeline.context import PassContext, budget_noise
 
 NOT_MEASURED = {"measured": False, "reason": "no --eval or --calib data: accuracy not measured"}
 
@@ -45,6 +45,7 @@ def measure_accuracy(compiled: onnx.ModelProto, ctx: PassContext) -> dict[str, A
         "budget_pct": ctx.accuracy_budget,
         "arithmetic": arithmetic,
         "resolves_budget": score.resolution_pct <= ctx.accuracy_budget,  # a drop the size of the budget is visible
+        "budget_noise_pct": round(budget_noise(score.resolution_pct, ctx.accuracy_budget), 4),  # its standard error
         **score.to_dict(),
         **({"input_floor": floor.to_dict()} if floor else {}),
     }

@@ -34,7 +34,11 @@ SCORE_SAMPLE_LIMIT = 1000  # enough for a 0.1-point resolution; bounds compile t
 MIN_WORST_CASE_SAMPLES = 8  # a worst-page metric over fewer pages says little about the next page
 # One wrong unit reads its resolution with a standard error about as large; the lossy passes hold drop + z * se to
 # the budget (budget_confidence 0.8 by default), so a scoring set fits its budget only if that much of one unit does.
-ONE_UNIT_BOUND = 1.0 + NormalDist().inv_cdf(0.8)
+SEARCH_Z = NormalDist().inv_cdf(0.8)
+ONE_UNIT_BOUND = 1.0 + SEARCH_Z
+# A drop of one budget B counts B / r wrong units (r: one unit's points), read to about sqrt(B * r) points; where z of
+# those span more than half the budget, a candidate at the budget and one at half of it read alike (docs/decisions.md).
+BUDGET_NOISE_SHARE = 0.5
 
 ProgressReport = Callable[[str, str, "int | None", "int | None"], None]  # (pass, message, done, total)
 ScoringSplit = tuple["SampleSet | None", "SampleSet | None", str]  # (calibration, scored, what is scored)
@@ -149,14 +153,22 @@ class PassContext:
         calib = self.calib
         widen = data is not self.eval and calib is not None and min(len(calib), SCORE_SAMPLE_LIMIT) > evaluator.count
         few_pages = evaluator.worst_case and evaluator.count < MIN_WORST_CASE_SAMPLES
-        if (evaluator.resolution_pct * ONE_UNIT_BOUND > budget or few_pages) and widen:
+        coarse = evaluator.resolution_pct * ONE_UNIT_BOUND > budget
+        noisy = SEARCH_Z * budget_noise(evaluator.resolution_pct, budget) > BUDGET_NOISE_SHARE * budget
+        if (coarse or noisy or few_pages) and widen:
             assert calib is not None
-            why = (
-                f"the worst of {evaluator.count} held-out pages says little about the next page"
-                if few_pages
-                else f"the held-out {len(data)} resolve only {evaluator.resolution_pct:.2g} points, too coarse for "
-                f"the {budget:g}-point budget at the search's confidence"
-            )
+            if few_pages:
+                why = f"the worst of {evaluator.count} held-out pages says little about the next page"
+            elif coarse:
+                why = (
+                    f"the held-out {len(data)} resolve only {evaluator.resolution_pct:.2g} points, too coarse for "
+                    f"the {budget:g}-point budget at the search's confidence"
+                )
+            else:
+                why = (
+                    f"the held-out {len(data)} read a {budget:g}-point drop only to "
+                    f"±{budget_noise(evaluator.resolution_pct, budget):.2g} points"
+                )
             evaluator = self._evaluator(calib, level)
             name = f"all {evaluator.count} of --calib (agreement with the source; {why})"
             self.scorers["split"] = (self.scorers["split"][0], calib, name)
@@ -181,3 +193,9 @@ class PassContext:
                 return list(data.feeds(count))
         rng = np.random.default_rng(self.seed)
         return [model_random_feed(model, rng, self.input_shapes or None) for _ in range(count)]
+
+
+def budget_noise(resolution_pct: float, budget: float) -> float:
+    """The standard error, in points, of a drop of ``budget`` counted in wrong units of ``resolution_pct`` each
+    (a count's Poisson error): 0.0 for a continuous metric."""
+    return math.sqrt(budget * resolution_pct) if resolution_pct > 0 else 0.0
