@@ -150,5 +150,9 @@ def test_sixteen_held_out_text_lines_read_a_one_point_drop_too_loosely(tmp_path)
     ctx.source = model
     scorer, name = ctx.scorer()
     assert scorer.roles[0].metric == "ctc_agreement"
-    assert scorer.count == 64 and name.startswith("all 64 of --calib") and "16 read a 1-point drop only to ±0.7 points" in name
+    assert (
+        scorer.count == 64
+        and name.startswith("all 64 of --calib")
+        and "16 read a 1-point drop only to ±0.7 points" in name
+    )
     assert len(ctx.scoring_data()[0]) == 48 and not ctx.warnings
