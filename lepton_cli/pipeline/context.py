@@ -146,8 +146,9 @@ class PassContext:
 
     def _resolving_evaluator(self, data: SampleSet, level: str) -> Evaluator:
         """The evaluator on ``data``, or on all of --calib when one wrong unit of the held-out part, with its standard
-        error, is over the budget (one flip of 50 samples is 2 points: it takes a budget of 3.7) and all of it can
-        show less; warns when even all of it cannot show a drop as small as the budget."""
+        error, is over the budget (one flip of 50 samples is 2 points: it takes a budget of 3.7), or a drop of one
+        budget reads too loosely to tell from half of it (``budget_noise``), and all of it can show less; warns when
+        even all of it cannot show a drop as small as the budget."""
         evaluator = self._evaluator(data, level)
         budget = self.accuracy_budget
         calib = self.calib
