@@ -104,17 +104,14 @@ def test_the_recovery_tier_quantizes_the_corrected_source_and_keeps_float_nodes_
 
 @pytest.mark.slow
 @needs_corpus("ppocrv4_rec")
-def test_default_cpu_avx_takes_the_recovery_tier_for_ppocrv4_rec(tmp_path):
-    """PP-OCRv4 rec (rendered lines): the plain tiers fit only with convs kept float; with AdaRound and bias
-    correction, searched as a tier, the Conv tier fits fully quantized and is priced lower, so the default target
-    chooses it; held out, every MAC int8 and the character accuracy within the budget."""
+def test_default_cpu_avx_fits_ppocrv4_rec_fully_quantized_without_the_recovery_tier(tmp_path):
+    """PP-OCRv4 rec (rendered lines), scored on all 64 calibration lines (16 held out read a 1-point drop only to
+    ±0.7): the plain every-op tier fits fully quantized, so the recovery tier, at the same price, is never searched
+    (on the 16 alone the plain tiers read over the budget and the recovery tier was chosen); held out, every MAC int8
+    and the character accuracy within the budget."""
     model, summary, saved = compile_for("ppocrv4_rec", "cpu-avx", tmp_path)
-    assert summary["transform"] == RECOVERY and summary["float_kept"] == []
-    assert summary["recovery_tier"]["steps"] == ["adaround", "bias_correction"]
-    gains = summary["recovery"]["gains"]["rows"]  # plain, then the tier's steps, both fully quantized
-    assert [row["steps"] for row in gains] == [[], ["adaround", "bias_correction"]]
-    assert gains[1]["drop_pct"] < gains[0]["drop_pct"]
-    plain = [t for t in summary["tried"] if t["transform"] == "" and t["meets_budget"]]
-    assert plain and all(t["float_kept"] > 0 and t["cost_ms"] > summary["cost_ms"] for t in plain)
+    assert summary["scored_on"].startswith("all 64 of --calib")
+    assert summary.get("transform", "") == "" and summary["float_kept"] == []
+    assert not [t for t in summary["tried"] if t.get("transform") == RECOVERY and t["scored"]]
     assert int8_macs_pct(model, saved) >= 99.0
     assert held_out_char_drop(model, saved) <= 1.0

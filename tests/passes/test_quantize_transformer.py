@@ -249,20 +249,21 @@ def test_minilm_with_smoothquant_keeps_every_gemm_int8_within_the_budget(tmp_pat
 
 @pytest.mark.slow
 @needs_corpus("ppocrv5_rec")
-def test_default_cpu_avx_takes_the_smoothquant_tier_for_an_svtr_recogniser(tmp_path):
-    """PP-OCRv5 rec (SVTR neck): the plain tiers fit only with 31 nodes float (61.9 % int8 MACs); the SmoothQuant'ed
-    source, searched as one more tier, fits with fewer and is priced lower, so cpu-avx chooses it. cpu-avx's recovery
-    tier, searched after it, is cheaper still on this model (benchmarks/results/recovery_tier.md): left out here."""
+def test_cpu_avx_searches_the_smoothquant_tier_for_an_svtr_recogniser_and_takes_the_cheaper_fit(tmp_path):
+    """PP-OCRv5 rec (SVTR neck), scored on all 64 calibration lines: the plain tiers fit with the first convs float
+    (scored on the 16 held-out lines, session 9 needed 31 nodes float there); since that keeps layers float, the
+    SmoothQuant'ed source is searched as one more tier, and it fits too, but priced no lower, so the plain fit ships.
+    cpu-avx's recovery tier is left out here (benchmarks/results/session20_scoring.md)."""
     target = tmp_path / "cpu-avx-smoothquant.toml"
     target.write_text(
         'extends = "cpu-avx"\nname = "cpu-avx-smoothquant"\ndescription = "cpu-avx without the recovery tier"\n'
         "[pass_params.quantize]\nrecovery_tier = []\n"
     )
     model, summary, saved = compile_for("ppocrv5_rec", str(target), tmp_path)
-    assert summary["transform"] == "smoothquant" and summary["smoothquant_tier"]["inserted"] > 0
-    gains = summary["recovery"]["gains"]["rows"]  # the report's recovery table: plain, then smoothed, fully quantized
-    assert [row["steps"] for row in gains] == [[], ["smoothquant"]] and "searched as a tier" in gains[1]["changed"]
-    plain = [t for t in summary["tried"] if t["transform"] == "" and t["meets_budget"]]
-    assert plain and all(t["cost_ms"] > summary["cost_ms"] for t in plain)
-    assert int8_macs_pct(model, saved) >= 80.0
+    assert summary["scored_on"].startswith("all 64 of --calib")
+    assert summary.get("transform", "") == "" and 0 < len(summary["float_kept"]) <= 4
+    smoothed = [t for t in summary["tried"] if t["transform"] == "smoothquant" and t["scored"]]
+    assert smoothed  # searched, because the plain choice keeps layers float
+    assert all(t["cost_ms"] >= summary["cost_ms"] for t in smoothed if t["meets_budget"])
+    assert int8_macs_pct(model, saved) >= 99.0
     assert held_out_char_drop(model, saved) <= 1.0
