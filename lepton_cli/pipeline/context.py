@@ -198,5 +198,5 @@ class PassContext:
 
 def budget_noise(resolution_pct: float, budget: float) -> float:
     """The standard error, in points, of a drop of ``budget`` counted in wrong units of ``resolution_pct`` each
-    (a count's Poisson error): 0.0 for a continuous metric."""
-    return math.sqrt(budget * resolution_pct) if resolution_pct > 0 else 0.0
+    (a count's Poisson error): 0.0 for a continuous metric or a budget of no drop at all."""
+    return math.sqrt(budget * resolution_pct) if resolution_pct > 0 and budget > 0 else 0.0

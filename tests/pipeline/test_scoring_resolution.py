@@ -13,7 +13,7 @@ from conftest import DIGITS, OCR_DET, OCR_REC, REPO, needs_ocr
 
 from lepton_cli.evaluate.accuracy import Evaluator
 from lepton_cli.host.detect import HostInfo
-from lepton_cli.pipeline.context import PassContext
+from lepton_cli.pipeline.context import PassContext, budget_noise
 from lepton_cli.pipeline.targets import load_target
 from lepton_cli.samples.sample_set import load_samples
 
@@ -156,3 +156,9 @@ def test_sixteen_held_out_text_lines_read_a_one_point_drop_too_loosely(tmp_path)
         and "16 read a 1-point drop only to ±0.7 points" in name
     )
     assert len(ctx.scoring_data()[0]) == 48 and not ctx.warnings
+
+
+def test_a_budget_of_no_drop_or_less_has_no_budget_noise():
+    """A negative budget (``--max-accuracy-drop -1``: nothing may pass) is a user's choice, not a domain error."""
+    assert budget_noise(0.5, -1.0) == 0.0 and budget_noise(0.5, 0.0) == 0.0 and budget_noise(0.0, 1.0) == 0.0
+    assert budget_noise(0.5, 2.0) == pytest.approx(1.0)
