@@ -155,7 +155,8 @@ class PassContext:
         widen = data is not self.eval and calib is not None and min(len(calib), SCORE_SAMPLE_LIMIT) > evaluator.count
         few_pages = evaluator.worst_case and evaluator.count < MIN_WORST_CASE_SAMPLES
         coarse = evaluator.resolution_pct * ONE_UNIT_BOUND > budget
-        noisy = SEARCH_Z * budget_noise(evaluator.resolution_pct, budget) > BUDGET_NOISE_SHARE * budget
+        noise = budget_noise(evaluator.resolution_pct, budget)
+        noisy = SEARCH_Z * noise > BUDGET_NOISE_SHARE * budget
         if (coarse or noisy or few_pages) and widen:
             assert calib is not None
             if few_pages:
@@ -166,10 +167,7 @@ class PassContext:
                     f"the {budget:g}-point budget at the search's confidence"
                 )
             else:
-                why = (
-                    f"the held-out {len(data)} read a {budget:g}-point drop only to "
-                    f"±{budget_noise(evaluator.resolution_pct, budget):.2g} points"
-                )
+                why = f"the held-out {len(data)} read a {budget:g}-point drop only to ±{noise:.2g} points"
             evaluator = self._evaluator(calib, level)
             name = f"all {evaluator.count} of --calib (agreement with the source; {why})"
             self.scorers["split"] = (self.scorers["split"][0], calib, name)

@@ -197,7 +197,7 @@ class _WideningCollector(HistogramCollector):
                 self.histogram_dict[tensor] = (hist, edges.astype(magnitudes.dtype), low, high)
                 continue
             old_hist, edges, old_low, old_high = self.histogram_dict[tensor]
-            widest = np.nanmax(magnitudes) if magnitudes.size else edges[-1]
+            widest = max(abs(low), abs(high))  # max |x| from the chunk's range: no third pass over its values
             if widest > edges[-1]:  # ORT's growth: more bins of the same width (np.arange, maybe one spare)
                 width = edges[1] - edges[0]
                 edges = np.hstack((edges, np.arange(edges[-1] + width, widest + width, width))).astype(edges.dtype)
