@@ -73,6 +73,7 @@ class QuantizeParams:
     integer_io: bool = False  # int8: integer graph inputs/outputs, scale and zero point in metadata
     # Accuracy recovery before any layer is kept float (_quantize/recovery.py); off unless a target measured a gain.
     equalize: bool = False  # cross-layer equalisation of conv pairs joined by ReLU-family activations (exact in float)
+    residual_scaling_alpha: float | None = None  # post-LN residual sums rescaled per dimension (residual_scaling.py)
     smoothquant_alpha: float | None = None  # SmoothQuant for MatMul/Gemm inputs after a LayerNorm
     smoothquant_insert: bool = False  # also where nothing absorbs 1/s: a float per-channel Mul on the layer's input
     # The SmoothQuant'ed model (inserted scales) as one more candidate tier, searched only when the plain tiers' choice
@@ -117,18 +118,16 @@ class QuantizeParams:
             raise ParamValueError("budget_share", "must be in (0, 1]")
         if not 0.5 <= self.budget_confidence < 1:
             raise ParamValueError("budget_confidence", f"must be in [0.5, 1), got {self.budget_confidence}")
-        if self.smoothquant_alpha is not None and not 0 < self.smoothquant_alpha < 1:
-            raise ParamValueError("smoothquant_alpha", f"must be in (0, 1), got {self.smoothquant_alpha}")
-        if self.smoothquant_tier_alpha is not None and not 0 < self.smoothquant_tier_alpha < 1:
-            raise ParamValueError("smoothquant_tier_alpha", f"must be in (0, 1), got {self.smoothquant_tier_alpha}")
+        for name in ("smoothquant_alpha", "smoothquant_tier_alpha", "residual_scaling_alpha"):
+            if getattr(self, name) is not None and not 0 < getattr(self, name) < 1:
+                raise ParamValueError(name, f"must be in (0, 1), got {getattr(self, name)}")
         if self.smoothquant_insert and self.smoothquant_alpha is None:
             raise ParamValueError("smoothquant_insert", "needs smoothquant_alpha (the migration strength)")
         if self.conv_smoothing_alpha is not None and not 0 < self.conv_smoothing_alpha <= 1:
             raise ParamValueError("conv_smoothing_alpha", f"must be in (0, 1], got {self.conv_smoothing_alpha}")
-        if self.conv_smoothing_alpha is not None and (not self.per_channel or self.power_of_two_scales):
-            raise ParamValueError(
-                "conv_smoothing_alpha", "needs per-channel weight scales (a depthwise conv absorbs the channel scales)"
-            )
+        for name in ("conv_smoothing_alpha", "residual_scaling_alpha"):
+            if getattr(self, name) is not None and (not self.per_channel or self.power_of_two_scales):
+                raise ParamValueError(name, "needs per-channel weight scales (they absorb the channel scales)")
         if self.head_precision == "int16" and self.power_of_two_scales:
             raise ParamValueError(
                 "head_precision", "int16 heads need 16-bit Q/DQ, which power-of-two (DPU) targets lack"

@@ -351,6 +351,8 @@ class Int8Plan(SearchPlan):
             return base, base, []
         feeds = list(calib.feeds(self.params.recovery_samples))
         recovered = recover(base, feeds, self.scheme, settings, progress)
+        if not any(changed_by(step, recovered.summary) for step in settings.steps):
+            return base, base, []  # no step applies to this model (a CNN has no residual sums to scale)
         summary["recovery"] = recovered.summary | {"steps": settings.steps}
         self.recovery = _RecoveryInputs(settings, base, feeds, calib)
         return recovered.reference, recovered.quantize_source, recovered.float_nodes
@@ -359,6 +361,7 @@ class Int8Plan(SearchPlan):
         params = self.params
         return RecoverySettings(
             equalize=params.equalize,
+            residual_scaling_alpha=params.residual_scaling_alpha,
             smoothquant_alpha=params.smoothquant_alpha,
             smoothquant_insert=params.smoothquant_insert,
             conv_smoothing_alpha=params.conv_smoothing_alpha,

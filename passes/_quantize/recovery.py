@@ -1,6 +1,6 @@
 """Accuracy recovery before any layer is kept in float: the steps run on the float model ORT quantizes.
 
-Order, each optional (``QuantizeParams``): cross-layer equalisation, SmoothQuant and conv-input
+Order, each optional (``QuantizeParams``): cross-layer equalisation, residual scaling, SmoothQuant and conv-input
 smoothing (exact: the float reference itself changes; smoothing's per-channel Mul/Add stay float),
 then per weight layer the rounding optimisation and the bias correction, both
 against the equalised float layer's output on calibration data. The search keeps float-kept
@@ -22,6 +22,7 @@ from lepton_cli.passes._quantize import (
     conv_smoothing,
     equalization,
     layer_stats,
+    residual_scaling,
     smoothquant,
 )
 from lepton_cli.passes._quantize.schemes import Int8Scheme
@@ -38,6 +39,7 @@ from lepton_cli.passes._quantize.weight_layers import (
 # What each step records in the summary about what it changed: (key, unit), for the report's gains table.
 CHANGE_COUNTS = {
     "equalize": ("equalized_pairs", "conv pairs"),
+    "residual_scaling": ("residual_sums_scaled", "residual sums"),
     "smoothquant": ("smoothquant_layers", "layers"),
     "conv_smoothing": ("conv_inputs_smoothed", "conv inputs"),
     "adaround": ("adaround_layers", "layers"),
@@ -54,6 +56,7 @@ def changed_by(step: str, summary: dict[str, Any]) -> str:
 @dataclass(frozen=True)
 class RecoverySettings:
     equalize: bool = False
+    residual_scaling_alpha: float | None = None  # None: off (residual_scaling.py)
     smoothquant_alpha: float | None = None  # None: off
     smoothquant_insert: bool = False  # a float per-channel Mul where no producer absorbs 1/s (smoothquant.py)
     conv_smoothing_alpha: float | None = None  # None: off (conv_smoothing.py)
@@ -73,6 +76,7 @@ class RecoverySettings:
         """The enabled steps, in the order ``recover`` applies them."""
         enabled = {
             "equalize": self.equalize,
+            "residual_scaling": self.residual_scaling_alpha is not None,
             "smoothquant": self.smoothquant_alpha is not None,
             "conv_smoothing": self.conv_smoothing_alpha is not None,
             "adaround": self.adaround,
@@ -85,6 +89,7 @@ class RecoverySettings:
         return replace(
             self,
             equalize=self.equalize and "equalize" in steps,
+            residual_scaling_alpha=self.residual_scaling_alpha if "residual_scaling" in steps else None,
             smoothquant_alpha=self.smoothquant_alpha if "smoothquant" in steps else None,
             conv_smoothing_alpha=self.conv_smoothing_alpha if "conv_smoothing" in steps else None,
             adaround=self.adaround and "adaround" in steps,
@@ -96,6 +101,7 @@ class RecoverySettings:
         return (
             self.equalize
             or self.per_layer
+            or self.residual_scaling_alpha is not None
             or self.smoothquant_alpha is not None
             or self.conv_smoothing_alpha is not None
         )
@@ -246,6 +252,11 @@ def recover(
     summary: dict[str, Any] = {}
     float_nodes: list[str] = []
     reference = _equalize(model, summary) if settings.equalize else model
+    if settings.residual_scaling_alpha is not None and residual_scaling.find_sites(reference):
+        reference = _copy(reference)
+        scaled = residual_scaling.scale_residuals(reference, feeds[: settings.samples], settings.residual_scaling_alpha)
+        summary["residual_sums_scaled"] = scaled.sites
+        float_nodes += scaled.float_nodes
     if settings.smoothquant_alpha is not None:
         reference, float_nodes = _smooth(reference, feeds[: settings.samples], scheme, settings, summary)
     if settings.conv_smoothing_alpha is not None:

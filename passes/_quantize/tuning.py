@@ -340,7 +340,7 @@ def search(
             continue
         # Once a fully quantized model fits, no float-kept variant can be faster: only the other methods' fully
         # quantized models are still scored, so that their ranges compete on closeness (``choose``).
-        if first.meets_budget or fits_already:
+        if first.meets_budget or fits_already or max_float < 1:  # no float layer allowed (tpu): nothing to rank for
             continue
         if not first.scored or (first.cost_ms or 0.0) > run.ceiling:  # priced above a candidate within budget:
             break  # float-kept variants cost more, and every method's graph is the same (only its scales differ)
