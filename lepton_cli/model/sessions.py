@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from typing import Any, Iterable
 
 import numpy as np
@@ -66,11 +67,16 @@ def read_external_from_folder(options: ort.SessionOptions, model: onnx.ModelProt
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(current_folder()))
 
 
+_STDOUT_SWAP = threading.Lock()  # sys.stdout is process-wide: unserialised swaps from two threads left it on stderr
+
+
 def new_session(blob: bytes, options: ort.SessionOptions, providers: list[Any]) -> ort.InferenceSession:
     """``InferenceSession`` whose Python-level notices go to stderr: when an execution provider fails to
     initialise (e.g. TensorRT libraries missing beside onnxruntime-gpu) ORT *prints*
-    "EP Error ... Falling back" to stdout, which would corrupt a ``--json`` document there."""
-    with contextlib.redirect_stdout(sys.stderr):
+    "EP Error ... Falling back" to stdout, which would corrupt a ``--json`` document there. The swap is
+    serialised: the scorer opens sessions from several threads, and one thread restoring what another had
+    swapped in left stdout on stderr for the rest of the compile (its --json document with it)."""
+    with _STDOUT_SWAP, contextlib.redirect_stdout(sys.stderr):
         return ort.InferenceSession(blob, sess_options=options, providers=providers)
 
 

@@ -487,3 +487,32 @@ def test_compile_shows_a_passes_progress_unless_quiet(run_cli, tmp_path):
     assert quiet.code == 0 and "phase one" not in quiet.stderr
     as_json = run_cli(*args, "--json")
     assert as_json.code == 0 and "phase one" not in as_json.stderr and json.loads(as_json.stdout)["target"]
+
+
+def test_sessions_opened_from_threads_leave_stdout_where_it_was(monkeypatch):
+    """The scorer opens sessions from several threads: each swaps sys.stdout to stderr while ORT may print, and an
+    unserialised swap could restore another thread's swap (a --json document then went to stderr)."""
+    import threading
+    import time
+
+    import onnxruntime
+
+    from lepton_cli.model import sessions as lepton_ort
+
+    seen_inside = []
+
+    class Slow:
+        def __init__(self, *args, **kwargs):
+            seen_inside.append(sys.stdout is sys.stderr)
+            time.sleep(0.01)  # long enough for another thread's swap to land in between
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Slow)
+    original = sys.stdout
+    threads = [
+        threading.Thread(target=lepton_ort.new_session, args=(b"", None, ["CPUExecutionProvider"])) for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sys.stdout is original and all(seen_inside) and len(seen_inside) == 8
