@@ -118,12 +118,26 @@ class AccuracyScore:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def drop_bound(self, z: float) -> float:
+    def drop_bound(self, z: float, budget: float = math.inf) -> float:
         """The largest drop + z standard errors over the outputs: the one-sided upper confidence bound the tuning
-        holds to the budget (every output must meet it, not the first)."""
+        holds to the budget (every output must meet it, not the first). Where one unit of a counted metric is within
+        ``budget``, its standard error is at least its count's plus one (``count_se``); coarser data is read on its
+        standard error alone (the scorer warns that it cannot resolve the budget)."""
+
+        def bound(drop: float, se: float, unit: float) -> float:
+            return drop + z * max(se, count_se(drop, unit) if unit <= budget else 0.0)
+
         if not self.outputs:
-            return self.drop_pct + z * self.drop_se
-        return max(o["drop_pct"] + z * o["drop_se"] for o in self.outputs)
+            return bound(self.drop_pct, self.drop_se, self.resolution_pct)
+        return max(bound(o["drop_pct"], o["drop_se"], o.get("resolution_pct", 0.0)) for o in self.outputs)
+
+
+def count_se(drop_pct: float, unit_pct: float) -> float:
+    """The least standard error a drop counted in wrong units of ``unit_pct`` points can have: the Poisson error of
+    one unit more than it counts, ``unit * sqrt(count + 1)``. The paired per-sample error of a candidate that
+    happens to lose 0-2 units is ~0, so among many candidates the search would keep the one that read luckiest
+    (ddddocr_det: 0.67 ± 0.33 on the gate, 3.12 on other scenes; docs/decisions.md, session 21)."""
+    return math.sqrt(unit_pct * (max(drop_pct, 0.0) + unit_pct)) if unit_pct > 0 else 0.0
 
 
 def _correct_rows(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -597,9 +611,9 @@ class Evaluator:
     def _resolution(self) -> float:
         """The smallest drop the coarsest output can show, in points: one wrong unit of its metric (a row for
         top-1, a position for arg-max agreement, a character for CTC, a source box for detection F1); 0.0 when
-        every metric is continuous."""
-        units = [self._units(role) for role in self.roles]
-        return max((100.0 / n for n in units if n), default=0.0)
+        every metric is continuous. Each output's own is ``unit_pcts``."""
+        self.unit_pcts = [100.0 / n if n else 0.0 for n in (self._units(role) for role in self.roles)]
+        return max(self.unit_pcts, default=0.0)
 
     def _units(self, role: OutputRole) -> int | None:
         """How many units ``role``'s metric counts over the scored samples, or None for a continuous metric."""
@@ -701,6 +715,7 @@ class Evaluator:
                     "value": round(result.value, 4),
                     "drop_pct": round(source - result.value, 4),
                     "drop_se": round(result.drop_se, 4),
+                    "resolution_pct": round(self.unit_pcts[j], 4),
                     **({"detail": result.extra} if result.extra else {}),
                 }
             )

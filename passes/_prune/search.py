@@ -100,7 +100,7 @@ class _Fits:
     z: float
 
     def __call__(self, score: AccuracyScore) -> bool:
-        return score.drop_bound(self.z) <= self.allowed
+        return score.drop_bound(self.z, self.allowed) <= self.allowed
 
 
 def _sensitivity(
@@ -138,7 +138,7 @@ def _threshold_rounds(
             rounds.append({"threshold": threshold, "layers": 0, "drop": 0.0})
             break
         combined = evaluator.score(build(chosen))
-        bound = round(combined.drop_bound(fits.z), 4)
+        bound = round(combined.drop_bound(fits.z, fits.allowed), 4)
         rounds.append(
             {"threshold": round(threshold, 4), "layers": len(chosen), "drop": combined.drop_pct}
             | ({"drop_bound": bound} if fits.z else {})

@@ -351,8 +351,10 @@ class Int8Plan(SearchPlan):
             return base, base, []
         feeds = list(calib.feeds(self.params.recovery_samples))
         recovered = recover(base, feeds, self.scheme, settings, progress)
-        if not any(changed_by(step, recovered.summary) for step in settings.steps):
+        applied = [step for step in settings.steps if changed_by(step, recovered.summary)]
+        if not applied:
             return base, base, []  # no step applies to this model (a CNN has no residual sums to scale)
+        settings = settings.only(applied)  # the report's gains rows: only steps that changed something
         summary["recovery"] = recovered.summary | {"steps": settings.steps}
         self.recovery = _RecoveryInputs(settings, base, feeds, calib)
         return recovered.reference, recovered.quantize_source, recovered.float_nodes

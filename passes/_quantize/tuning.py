@@ -530,7 +530,7 @@ def verified_rewrite(
 def _measured(score: AccuracyScore, budget: float, z: float) -> dict[str, Any]:
     """A score as Trial fields: the drop, its spread, and whether its upper bound (z standard errors; none at z = 0)
     meets ``budget``."""
-    bound = score.drop_bound(z)
+    bound = score.drop_bound(z, budget)
     return {
         "drop_pct": score.drop_pct,
         "value": score.value,

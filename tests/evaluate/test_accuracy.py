@@ -14,6 +14,7 @@ from lepton_cli.errors import BadInputError
 from lepton_cli.evaluate.accuracy import (
     Evaluator,
     compare_arrays,
+    count_se,
     ctc_agreement_pct,
     ctc_greedy_decode,
     edit_distance,
@@ -60,6 +61,26 @@ def test_perturbed_weights_lose_accuracy_and_agreement(digits):
     assert top1.drop_pct > 1 and agreement.metric == "top1_agreement" and agreement.drop_pct > 1
     assert agreement.value == pytest.approx(100 * agreement.agreement["top1_agreement"])
     assert 0 < agreement.agreement["cosine"] < 0.999 and agreement.agreement["max_abs"] > 0
+
+
+def test_a_counted_drops_bound_carries_its_counts_error_where_a_unit_fits_the_budget(digits):
+    """Agreement on the digits counts disagreeing images: a candidate that loses few has a per-image error near 0,
+    but its bound holds at least the Poisson error of one image more (count_se); where one image is worth more than
+    the budget, the bound is the drop and its own error (the scorer warns that it cannot resolve the budget)."""
+    model, samples = digits
+    evaluator = Evaluator(model, samples)
+    unit = 100.0 / len(samples)
+    same = evaluator.score(model)
+    assert same.outputs[0]["resolution_pct"] == pytest.approx(unit, abs=1e-4) and same.drop_se == 0
+    assert same.drop_bound(0.84, budget=1.0) == pytest.approx(0.84 * count_se(0.0, unit), rel=1e-3) and unit > 0
+    assert same.drop_bound(0.84, budget=unit / 2) == 0.0  # one image is over the budget: the point estimate
+    for scale in (0.05, 0.1, 0.2):  # drops of a few images, then more
+        noisy = evaluator.score(_perturbed(model, scale))
+        floor = count_se(noisy.drop_pct, unit)
+        assert floor == pytest.approx(unit * np.sqrt(max(noisy.drop_pct, 0) / unit + 1), rel=1e-3)
+        assert noisy.drop_bound(0.84, budget=1.0) == pytest.approx(
+            noisy.drop_pct + 0.84 * max(noisy.drop_se, floor), rel=1e-3
+        )
 
 
 def test_nhwc_candidate_is_compared_in_the_source_layout(digits):
