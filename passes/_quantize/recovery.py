@@ -258,7 +258,8 @@ def recover(
         summary["residual_sums_scaled"] = scaled.sites
         float_nodes += scaled.float_nodes
     if settings.smoothquant_alpha is not None:
-        reference, float_nodes = _smooth(reference, feeds[: settings.samples], scheme, settings, summary)
+        reference, inserted = _smooth(reference, feeds[: settings.samples], scheme, settings, summary)
+        float_nodes += inserted
     if settings.conv_smoothing_alpha is not None:
         reference = _copy(reference)
         smoothed = conv_smoothing.smooth_conv_inputs(

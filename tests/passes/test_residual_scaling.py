@@ -125,6 +125,17 @@ def test_per_tensor_int8_loses_less_on_the_scaled_residual(tmp_path):
     assert scaled < 0.5 * plain, (plain, scaled)
 
 
+def test_smoothquant_after_the_scaling_keeps_both_steps_float_nodes():
+    """The SmoothQuant tier runs on the scaled source: its inserted Muls join the scaling's Mul and LayerNorm in the
+    nodes left float (it used to replace them, so the LayerNorm's outlier input was quantized in that tier)."""
+    model, feeds = _encoder(), _feeds(8, 1)
+    settings = RecoverySettings(residual_scaling_alpha=0.7, smoothquant_alpha=0.8, smoothquant_insert=True, samples=8)
+    recovered = recover(model, feeds, TPU_SCHEME, settings)
+    assert {"ln2_unscale", "ln2"} <= set(recovered.float_nodes)
+    assert recovered.summary["smoothquant_inserted"] >= 1
+    assert len(recovered.float_nodes) == 2 + recovered.summary["smoothquant_inserted"]
+
+
 @pytest.mark.parametrize(
     "table, message",
     [
