@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize import schemes
+from lepton_cli.passes._quantize import residual_scaling, schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from lepton_cli.passes._quantize.consumer_ranges import narrow_to_readers
 from lepton_cli.passes._quantize.float_hard_swish import restore_hard_swish
@@ -234,7 +234,7 @@ class Int8Plan(SearchPlan):
         space = SearchSpace(builds, list(dict.fromkeys(params.methods)), self.base, tiers=list(self.tiers))
         space.transforms, space.references = [""] * len(self.tiers), [lambda: self.base] * len(self.tiers)
         last = replace(scheme, op_types=tuple(self.tiers[-1]))
-        self.source_tiers = source_tiers(params, self._recovery_settings(), self._matmul_layers)
+        self.source_tiers = source_tiers(params, self._recovery_settings(base), self._matmul_layers)
         for source_tier in self.source_tiers:
             build, reference = self._source_tier(source_tier, base, calib, last, ctx, exclude, summary)
             space.builds.append(build)
@@ -346,24 +346,22 @@ class Int8Plan(SearchPlan):
         self, base: onnx.ModelProto, calib: SampleSet, summary: dict[str, Any], progress: Callable[[str], None]
     ) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str]]:
         """(float reference, model to quantize, nodes to leave float) after the enabled recovery steps (recovery.py)."""
-        settings = self._recovery_settings()
+        settings = self._recovery_settings(base)
         if not settings.any_step:
             return base, base, []
         feeds = list(calib.feeds(self.params.recovery_samples))
         recovered = recover(base, feeds, self.scheme, settings, progress)
-        applied = [step for step in settings.steps if changed_by(step, recovered.summary)]
-        if not applied:
-            return base, base, []  # no step applies to this model (a CNN has no residual sums to scale)
-        settings = settings.only(applied)  # the report's gains rows: only steps that changed something
         summary["recovery"] = recovered.summary | {"steps": settings.steps}
         self.recovery = _RecoveryInputs(settings, base, feeds, calib)
         return recovered.reference, recovered.quantize_source, recovered.float_nodes
 
-    def _recovery_settings(self) -> RecoverySettings:
-        params = self.params
+    def _recovery_settings(self, model: onnx.ModelProto) -> RecoverySettings:
+        """The steps the params enable, for ``model`` (the source before any step)."""
+        params, alpha = self.params, self.params.residual_scaling_alpha
         return RecoverySettings(
             equalize=params.equalize,
-            residual_scaling_alpha=params.residual_scaling_alpha,
+            # on where the model has such sums: a CNN neither runs the recovery steps for it nor reports a gain row
+            residual_scaling_alpha=alpha if alpha is not None and residual_scaling.has_candidates(model) else None,
             smoothquant_alpha=params.smoothquant_alpha,
             smoothquant_insert=params.smoothquant_insert,
             conv_smoothing_alpha=params.conv_smoothing_alpha,

@@ -252,7 +252,7 @@ def recover(
     summary: dict[str, Any] = {}
     float_nodes: list[str] = []
     reference = _equalize(model, summary) if settings.equalize else model
-    if settings.residual_scaling_alpha is not None and residual_scaling.find_sites(reference):
+    if settings.residual_scaling_alpha is not None and residual_scaling.has_candidates(reference):
         reference = _copy(reference)
         scaled = residual_scaling.scale_residuals(reference, feeds[: settings.samples], settings.residual_scaling_alpha)
         summary["residual_sums_scaled"] = scaled.sites

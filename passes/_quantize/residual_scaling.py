@@ -36,7 +36,7 @@ class Site:
     previous: onnx.NodeProto  # the LayerNorm writing y
     readers: list[WeightLayer]  # the weight layers reading y besides the Add (input rows scaled)
     branch: WeightLayer  # the projection writing b (output channels scaled)
-    branch_biases: list[str]  # the [D] constants added on the way from it to the Add
+    branch_biases: list[str]  # its [D] bias constants: a Gemm's own, the Adds on the way to the residual Add
 
 
 @dataclass
@@ -95,7 +95,8 @@ def _branch(
         node = index.producer[tensor]
         layer = layers.get(node.name)
         if layer is not None and layer.kind != "conv":
-            return (layer, biases) if _out_channels(index, layer) == dim and _bias_ok(index, layer, dim) else None
+            own = _gemm_bias(index, layer, dim)
+            return (layer, biases + own) if _out_channels(index, layer) == dim and own is not None else None
         if node.op_type == "Reshape" and _keeps_last_dim(index, node, dim, last):
             tensor = node.input[0]
             continue
@@ -114,39 +115,57 @@ def _out_channels(index: GraphIndex, layer: WeightLayer) -> int:
     return int(dims[0] if layer.kind == "gemm_t" else dims[1])
 
 
-def _bias_ok(index: GraphIndex, layer: WeightLayer, dim: int) -> bool:
-    """A Gemm's own bias (input 2), if any, is a [D] constant only it reads."""
+def _gemm_bias(index: GraphIndex, layer: WeightLayer, dim: int) -> list[str] | None:
+    """[a Gemm's own bias] (input 2, a [D] constant only it reads), [] without one, None when it cannot be scaled."""
     bias = layer.node.input[2] if layer.node.op_type == "Gemm" and len(layer.node.input) > 2 else ""
-    return not bias or (bias in index.inits and index.sole_use(bias) and list(index.inits[bias].dims) == [dim])
+    if not bias:
+        return []
+    ok = bias in index.inits and index.sole_use(bias) and list(index.inits[bias].dims) == [dim]
+    return [bias] if ok else None
+
+
+def _candidates(model: onnx.ModelProto, index: GraphIndex) -> list[tuple[onnx.NodeProto, onnx.NodeProto, int]]:
+    """(LayerNorm, the Add it reads, which of the Add's inputs another LayerNorm writes): the pattern alone, so a model
+    without it (any CNN) costs one pass over its nodes."""
+    found = []
+    for norm in model.graph.node:
+        add = index.producer.get(norm.input[0]) if norm.op_type == "LayerNormalization" else None
+        if add is None or add.op_type != "Add" or not index.sole_use(add.output[0]):
+            continue
+        writers = [index.producer.get(name) for name in add.input]
+        k = next((k for k, w in enumerate(writers) if w is not None and w.op_type == "LayerNormalization"), None)
+        if k is not None and len(add.input) == 2:
+            found.append((norm, add, k))
+    return found
+
+
+def has_candidates(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` has a LayerNorm reading ``LayerNorm output + something`` (``find_sites`` checks the rest)."""
+    return bool(_candidates(model, GraphIndex(model.graph)))
 
 
 def find_sites(model: onnx.ModelProto) -> list[Site]:
     """Every LayerNorm reading ``previous LayerNorm output + projection`` that can be rescaled exactly."""
     index = GraphIndex(model.graph)
+    candidates = _candidates(model, index)
+    if not candidates:
+        return []
     layers = {layer.node.name: layer for layer in weight_layers(model)}
-    outputs = {o.name for o in model.graph.output}
     last = last_dims(model)
     sites = []
-    for norm in model.graph.node:
-        add = index.producer.get(norm.input[0]) if norm.op_type == "LayerNormalization" else None
-        if add is None or add.op_type != "Add" or not index.sole_use(add.output[0]) or add.output[0] in outputs:
+    for norm, add, k in candidates:
+        previous, y = index.producer[add.input[k]], add.input[k]
+        if norm.input[1] not in index.inits or attr(norm, "axis", -1) != -1 or attr(previous, "axis", -1) != -1:
             continue
-        if norm.input[1] not in index.inits or attr(norm, "axis", -1) != -1:
+        if y in index.outputs or any(
+            p and (p not in index.inits or not index.sole_use(p)) for p in previous.input[1:3]
+        ):
             continue
         dim = int(index.inits[norm.input[1]].dims[-1])
-        for k, y in enumerate(add.input):
-            previous = index.producer.get(y)
-            if previous is None or previous.op_type != "LayerNormalization" or y in outputs:
-                continue
-            if attr(previous, "axis", -1) != -1 or any(
-                p and (p not in index.inits or not index.sole_use(p)) for p in previous.input[1:3]
-            ):
-                continue
-            readers = _y_readers(index, y, add, layers, dim, last)
-            branch = _branch(index, add.input[1 - k], layers, dim, last)
-            if readers is not None and branch is not None:
-                sites.append(Site(add, norm, previous, readers, branch[0], branch[1]))
-                break
+        readers = _y_readers(index, y, add, layers, dim, last)
+        branch = _branch(index, add.input[1 - k], layers, dim, last)
+        if readers is not None and branch is not None:
+            sites.append(Site(add, norm, previous, readers, branch[0], branch[1]))
     return sites
 
 
@@ -174,11 +193,10 @@ def _apply(model: onnx.ModelProto, index: GraphIndex, names: FreshNames, site: S
     for layer in site.readers:
         weight = load(model, layer.weight)
         store(model, layer.weight, from_rows(layer, to_rows(layer, weight) * scale[None, :], weight.shape))
-    weight = load(model, site.branch.weight)
     layer = site.branch
+    weight = load(model, layer.weight)
     store(model, layer.weight, from_rows(layer, to_rows(layer, weight) / scale[:, None], weight.shape))
-    gemm_bias = [layer.node.input[2]] if layer.node.op_type == "Gemm" and len(layer.node.input) > 2 else []
-    for name in [b for b in gemm_bias if b] + site.branch_biases:
+    for name in site.branch_biases:
         store(model, name, load(model, name) / scale)
     mul_name = names.fresh(f"{site.norm.name}_unscale")
     constant = index.add_initializer(names.fresh(f"{mul_name}_s"), scale.astype(np.float32))
