@@ -192,8 +192,8 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
     space = plan.space(model, ctx, calib, summary)
     if evaluator is None or not params.tune:
         return plan.finish(model, untuned(space, summary), ctx, summary, None)
-    float_weights = params.float_kept_weights == "float"
-    settings = TunerSettings(params.max_float_layers, float_weights, params.budget_confidence, ctx.target.hardware)
+    explain = not ctx.ledger.spenders(ctx.current_pass)  # else a refusal compiles again: explain only that one
+    settings = TunerSettings.of(params, ctx.target.hardware, explain)
     result, best = tune(space, evaluator, budget, scored_on, settings, summary, ctx.progress)
     plan.report_recovery(evaluator, best, ctx, summary)
     return plan.finish(model, result, ctx, summary, BudgetUse(budget, best.drop_pct))

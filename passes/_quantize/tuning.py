@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
+from lepton_cli.passes._quantize.loss_attribution import LossByOpType, loss_by_op_type
 from lepton_cli.passes._quantize.sensitivity import float_gains, local_errors, quantized_nodes
 from lepton_cli.passes._quantize.source_tiers import RECOVERY
 from lepton_cli.passes._quantize.trunk import TrunkPrefixes
@@ -168,6 +169,13 @@ class TunerSettings:
     float_weights: bool  # float-kept nodes read float weights (else their int8 weights, dequantized)
     confidence: float  # one-sided confidence the drop's upper bound must meet the budget at (0.5: the drop)
     hardware: HardwareFacts | None = None  # the target's [hardware]: candidates are chosen by its cost model
+    explain_refusal: bool = True  # on exit 3, score where the loss sits (loss_attribution.py)
+
+    @classmethod
+    def of(cls, params: Any, hardware: HardwareFacts | None, explain_refusal: bool = True) -> TunerSettings:
+        """From the quantize pass's params (QuantizeParams)."""
+        float_weights = params.float_kept_weights == "float"
+        return cls(params.max_float_layers, float_weights, params.budget_confidence, hardware, explain_refusal)
 
 
 class _Search:
@@ -359,10 +367,15 @@ def search(
 
 
 def _no_candidate(
-    trials: list[Trial], budget: float, scored_on: str, evaluator: Evaluator, max_float: int
+    trials: list[Trial],
+    budget: float,
+    scored_on: str,
+    evaluator: Evaluator,
+    max_float: int,
+    where_lost: Callable[[], LossByOpType | None] = lambda: None,
 ) -> QualityGateError:
-    """The exit-3 error: what was tried, and the fix; where the source's own input noise moves the metric by more
-    than the budget (input_floor.py), that first."""
+    """The exit-3 error: what was tried, where it is lost (``where_lost``, loss_attribution.py), and the fix; where
+    the source's own input noise moves the metric by more than the budget (input_floor.py), that instead."""
     first = f"quantize: no candidate met the accuracy budget of {budget:g} points ({scored_on})"
     tried = f"{first}; tried: {_tried_line(trials, budget)}"
     floor = evaluator.input_floor()
@@ -376,7 +389,32 @@ def _no_candidate(
     undecided = _undecided(trials, budget)
     searched = any(t.transform == RECOVERY for t in trials)
     fix = failed_fix(max_float, undecided, evaluator.count if undecided else 0, searched)
+    where = where_lost()
+    clause = where.clause() if where is not None else ""
+    if clause:
+        tried += clause
+        fix += "; an op type named there can run on the host in a target that extends this one (quantize op_types)"
     return QualityGateError(tried, fix, attempt_summary=first)
+
+
+def _where_lost(
+    runs: list[_Search], evaluator: Evaluator, progress: Progress, summary: dict[str, Any]
+) -> LossByOpType | None:
+    """Each op type's share of the loss in the closest fully quantized candidate of any tier (none scored: None)."""
+    fully = [
+        (t.drop_pct, tier, t)
+        for tier, run in enumerate(runs)
+        for t in run.trials
+        if t.scored and not t.float_nodes and not math.isinf(t.drop_pct)
+    ]
+    if not fully:
+        return None
+    drop, tier, best = min(fully, key=lambda entry: entry[:2])
+    build = runs[tier].build
+    score = lambda model: evaluator.score(model).drop_pct  # noqa: E731
+    where = loss_by_op_type(build, ranking_build(build), best.method, drop, score, progress, transform=best.transform)
+    summary["where_lost"] = where.to_dict()
+    return where
 
 
 def _tried_line(trials: list[Trial], budget: float) -> str:
@@ -489,7 +527,9 @@ def tune(
         **({"input_floor": floor.to_dict()} if floor else {}),
     }
     if chosen is None or chosen.best_trial is None:
-        raise _no_candidate(trials, budget, scored_on, evaluator, settings.max_float)
+        explain = settings.explain_refusal
+        where = lambda: _where_lost(runs, evaluator, progress, summary) if explain else None  # noqa: E731
+        raise _no_candidate(trials, budget, scored_on, evaluator, settings.max_float, where)
     best = chosen.best_trial
     _record_choice(best, [t for t in trials if t.meets_budget], cost is not None, space, summary)
     model = chosen.best

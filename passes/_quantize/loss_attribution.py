@@ -1,0 +1,92 @@
+"""Where a refused int8 model loses its accuracy: each quantized op type kept float on its own, scored.
+
+When no candidate meets the budget, the exit-3 list says what was tried, not where the loss sits. On a
+full-integer target (tpu: ``max_float_layers = 0``) the search ranks no node at all, so a user has nothing to
+act on. This scores the best fully quantized candidate again with every node of one op type kept float (the
+search's own float-keeping: those nodes read the float reference), one op type at a time, most nodes first,
+within a time limit: what would be won by running that op type on the host, or by a model change there.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import onnx
+from lepton_cli.passes._quantize.sensitivity import quantized_nodes
+
+Build = Callable[[str, list[str]], onnx.ModelProto]
+SECONDS = 60.0  # the diagnosis runs after the search already failed: bounded, and said when cut short
+SHOWN = 3  # op types named in the one-line error
+
+
+@dataclass(frozen=True)
+class OpTypeLoss:
+    op_type: str
+    nodes: int  # quantized nodes of this type kept float
+    drop_pct: float  # the candidate's drop with them float
+
+
+@dataclass(frozen=True)
+class LossByOpType:
+    candidate: str  # the candidate's label in the exit-3 list: method, with its tier's transform ("recovery:mse")
+    drop_pct: float  # the fully quantized candidate's drop, every op type int8
+    losses: list[OpTypeLoss]
+    unscored: int  # op types the time limit left out
+
+    def clause(self) -> str:
+        """The exit-3 line's "; where it is lost (...): Add (24 nodes) 0.71, ..."; "" when no op type helps."""
+        helped = sorted((loss for loss in self.losses if loss.drop_pct < self.drop_pct), key=lambda x: x.drop_pct)
+        if not helped:
+            return ""
+        named = ", ".join(f"{loss.op_type} ({_nodes(loss.nodes)}) {loss.drop_pct:.2f}" for loss in helped[:SHOWN])
+        cut = f"; {self.unscored} op types not scored in {SECONDS:.0f} s" if self.unscored else ""
+        return (
+            f"; where it is lost ({self.candidate}, drop {self.drop_pct:.2f} with every op int8; the drop with one op "
+            f"type kept float): {named}{cut}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "candidate": self.candidate,
+            "drop_pct": round(self.drop_pct, 4),
+            "op_types": [vars(loss) | {"drop_pct": round(loss.drop_pct, 4)} for loss in self.losses],
+            "unscored": self.unscored,
+        }
+
+
+def _nodes(count: int) -> str:
+    return f"{count} node" if count == 1 else f"{count} nodes"
+
+
+def loss_by_op_type(
+    build: Build,
+    before_lowering: Build,
+    method: str,
+    drop_pct: float,
+    score: Callable[[onnx.ModelProto], float],
+    progress: Callable[[str], None] | None = None,
+    seconds: float = SECONDS,
+    transform: str = "",
+) -> LossByOpType:
+    """``build``'s fully quantized ``method`` candidate (drop ``drop_pct``; ``transform``: its tier's source) scored
+    with each op type kept float; node names come from ``before_lowering`` (the graph float-keeping names, as the
+    search's ranking reads it)."""
+    label = f"{transform}:{method}" if transform else method
+    model = before_lowering(method, [])
+    kinds = {node.name: node.op_type for node in model.graph.node}
+    groups: dict[str, list[str]] = {}
+    for name in quantized_nodes(model):
+        groups.setdefault(kinds[name], []).append(name)
+    ordered = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))
+    deadline = time.perf_counter() + seconds
+    losses: list[OpTypeLoss] = []
+    for index, (op_type, names) in enumerate(ordered):
+        if time.perf_counter() > deadline:
+            return LossByOpType(label, drop_pct, losses, len(ordered) - index)
+        drop = score(build(method, names))
+        losses.append(OpTypeLoss(op_type, len(names), drop))
+        if progress:
+            progress(f"where it is lost: {op_type} ({len(names)} nodes) float: drop {drop:.2f}")
+    return LossByOpType(label, drop_pct, losses, 0)

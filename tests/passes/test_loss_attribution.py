@@ -1,0 +1,94 @@
+"""Where a refused int8 model loses its accuracy (loss_attribution.py): each quantized op type kept float on its
+own, scored. Fast case: the digits CNN's tpu build on its own images; slow case: all-MiniLM-L6's exit 3 on tpu."""
+
+from __future__ import annotations
+
+import re
+
+import onnx
+import pytest
+from conftest import DIGITS
+from corpus_runs import needs_corpus
+from lepton_cli.passes._quantize import schemes
+from lepton_cli.passes._quantize.int8_plan import Int8Plan
+from lepton_cli.passes._quantize.loss_attribution import loss_by_op_type
+from lepton_cli.passes._quantize.sensitivity import quantized_nodes
+from lepton_cli.passes._quantize.tuning import ranking_build
+
+from lepton_cli.evaluate.accuracy import Evaluator
+from lepton_cli.pipeline.context import PassContext
+from lepton_cli.pipeline.params import from_table
+from lepton_cli.pipeline.registry import get_pass
+from lepton_cli.pipeline.targets import load_target
+from lepton_cli.samples.sample_set import load_samples
+
+
+def _tpu_build():
+    """The tpu int8 plan's every-op build of the digits CNN, calibrated on its calibration images."""
+    model = onnx.load(DIGITS / "digits_cnn.onnx")
+    calib = load_samples(DIGITS / "calib.npz", model)
+    target = load_target("tpu")
+    step = next(s for s in target.passes if s.name == "quantize")
+    params = from_table(get_pass("quantize").params_cls, dict(vars(step.params)), "tpu.quantize")
+    schemes.name_nodes(model)
+    plan = Int8Plan(params, list(target.hardware.isa), ["avx512_vnni"])
+    space = plan.space(model, PassContext(target=target, calib=calib), calib, {})
+    return model, space.builds[-1]
+
+
+def _quantized_op_types(build) -> dict[str, int]:
+    quantized = ranking_build(build)("minmax", [])
+    kinds = {n.name: n.op_type for n in quantized.graph.node}
+    counts: dict[str, int] = {}
+    for name in quantized_nodes(quantized):
+        counts[kinds[name]] = counts.get(kinds[name], 0) + 1
+    return counts
+
+
+def test_each_op_type_kept_float_is_scored_and_the_helpful_ones_are_named():
+    model, build = _tpu_build()
+    evaluation = load_samples(DIGITS / "eval.npz", model, role="--eval")
+    evaluator = Evaluator(model, evaluation, None, metric="relative-error")  # a continuous reading of the loss
+    base = evaluator.score(build("minmax", [])).drop_pct
+    where = loss_by_op_type(build, ranking_build(build), "minmax", base, lambda m: evaluator.score(m).drop_pct)
+    assert {loss.op_type: loss.nodes for loss in where.losses} == _quantized_op_types(build) and where.unscored == 0
+    drops = {loss.op_type: loss.drop_pct for loss in where.losses}
+    # the classifier's Gemms kept float take back about half of the output error; a Flatten moves nothing
+    assert drops["Gemm"] < 0.75 * base and drops["Flatten"] == pytest.approx(base)
+    clause = where.clause()
+    assert clause.startswith(f"; where it is lost (minmax, drop {base:.2f} with every op int8")
+    named = re.findall(r"(\w+) \((\d+) nodes?\) ([\d.]+)", clause)
+    assert named[0][0] == "Gemm" and [op for op, _, _ in named] == sorted(
+        (op for op in drops if drops[op] < base), key=drops.get
+    )
+
+
+def test_a_time_limit_says_how_many_op_types_it_left_out():
+    model, build = _tpu_build()
+    where = loss_by_op_type(build, ranking_build(build), "minmax", 1.0, lambda m: 0.5, seconds=0.0)
+    assert where.losses == [] and where.unscored == len(_quantized_op_types(build))  # none scored, all said
+    assert where.clause() == ""  # nothing measured, nothing named
+
+
+@pytest.mark.slow
+@needs_corpus("minilm_l6")
+def test_minilm_refused_on_tpu_says_where_it_is_lost(tmp_path):
+    """all-MiniLM-L6 on tpu at the default budget exits 3 (~1.5 cosine points, session 21); the error line names the
+    op types whose float copies bring the drop down, each under the every-op drop it states."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.corpus.manifest import by_name
+    from benchmarks.corpus.sweep import run_compile
+
+    run = run_compile(by_name("minilm_l6"), "tpu", tmp_path / "out", timeout=1800)
+    assert run.code == 3, run.message
+    found = re.search(
+        r"where it is lost \((\S+), drop ([\d.]+) with every op int8[^)]*\): (.*?)(?: \(fix|;|$)", run.message
+    )
+    assert found, run.message
+    base = float(found.group(2))
+    named = re.findall(r"(\w+) \((\d+) nodes?\) ([\d.]+)", found.group(3))
+    assert named and all(float(drop) < base for _, _, drop in named)
