@@ -3,8 +3,8 @@
 When no candidate meets the budget, the exit-3 list says what was tried, not where the loss sits. On a
 full-integer target (tpu: ``max_float_layers = 0``) the search ranks no node at all, so a user has nothing to
 act on. This scores the best fully quantized candidate again with every node of one op type kept float (the
-search's own float-keeping: those nodes read the float reference), one op type at a time, most nodes first,
-within a time limit: what would be won by running that op type on the host, or by a model change there.
+search's own float-keeping: those nodes, and the quantization of their inputs, float; they read the float
+reference), one op type at a time, most nodes first, within a time limit: where the int8 error enters that counts.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class LossByOpType:
         cut = f"; {self.unscored} op types not scored in {SECONDS:.0f} s" if self.unscored else ""
         return (
             f"; where it is lost ({self.candidate}, drop {self.drop_pct:.2f} with every op int8; the drop with one op "
-            f"type kept float): {named}{cut}"
+            f"type and its inputs kept float): {named}{cut}"
         )
 
     def to_dict(self) -> dict[str, Any]:
