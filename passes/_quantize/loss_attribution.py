@@ -36,7 +36,8 @@ class LossByOpType:
     unscored: int  # op types the time limit left out
 
     def clause(self) -> str:
-        """The exit-3 line's "; where it is lost (...): Add (24 nodes) 0.71, ..."; "" when no op type helps."""
+        """The exit-3 line's "; where it is lost (...): Add (24 nodes) 0.71, ..." (ahead of what was tried); "" when
+        no op type helps."""
         helped = sorted((loss for loss in self.losses if loss.drop_pct < self.drop_pct), key=lambda x: x.drop_pct)
         if not helped:
             return ""

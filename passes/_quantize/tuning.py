@@ -391,8 +391,8 @@ def _no_candidate(
     fix = failed_fix(max_float, undecided, evaluator.count if undecided else 0, searched)
     where = where_lost()
     clause = where.clause() if where is not None else ""
-    if clause:
-        tried += clause
+    if clause:  # before the list of what was tried, which runs to dozens of candidates where layers may stay float
+        tried = f"{first}{clause}; tried: {_tried_line(trials, budget)}"
         fix += "; an op type named there can run on the host in a target that extends this one (quantize op_types)"
     return QualityGateError(tried, fix, attempt_summary=first)
 
