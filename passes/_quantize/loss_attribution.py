@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import onnx
 from lepton_cli.passes._quantize.sensitivity import quantized_nodes
@@ -42,19 +42,11 @@ class LossByOpType:
         if not helped:
             return ""
         named = ", ".join(f"{loss.op_type} ({_nodes(loss.nodes)}) {loss.drop_pct:.2f}" for loss in helped[:SHOWN])
-        cut = f"; {self.unscored} op types not scored in {SECONDS:.0f} s" if self.unscored else ""
+        cut = f"; {self.unscored} op types not scored (time limit)" if self.unscored else ""
         return (
             f"; where it is lost ({self.candidate}, drop {self.drop_pct:.2f} with every op int8; the drop with one op "
             f"type and its inputs kept float): {named}{cut}"
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "candidate": self.candidate,
-            "drop_pct": round(self.drop_pct, 4),
-            "op_types": [vars(loss) | {"drop_pct": round(loss.drop_pct, 4)} for loss in self.losses],
-            "unscored": self.unscored,
-        }
 
 
 def _nodes(count: int) -> str:

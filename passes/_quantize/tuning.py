@@ -372,12 +372,13 @@ def _no_candidate(
     scored_on: str,
     evaluator: Evaluator,
     max_float: int,
-    where_lost: Callable[[], LossByOpType | None] = lambda: None,
+    where_lost: Callable[[], LossByOpType | None] | None = None,
 ) -> QualityGateError:
     """The exit-3 error: what was tried, where it is lost (``where_lost``, loss_attribution.py), and the fix; where
     the source's own input noise moves the metric by more than the budget (input_floor.py), that instead."""
     first = f"quantize: no candidate met the accuracy budget of {budget:g} points ({scored_on})"
-    tried = f"{first}; tried: {_tried_line(trials, budget)}"
+    tried_line = _tried_line(trials, budget)
+    tried = f"{first}; tried: {tried_line}"
     floor = evaluator.input_floor()
     if floor is not None and floor.drop_pct > budget:
         noise = f"; {noise_clause(floor.to_dict())}, so this metric cannot tell a drop under that from input noise"
@@ -389,17 +390,15 @@ def _no_candidate(
     undecided = _undecided(trials, budget)
     searched = any(t.transform == RECOVERY for t in trials)
     fix = failed_fix(max_float, undecided, evaluator.count if undecided else 0, searched)
-    where = where_lost()
+    where = where_lost() if where_lost is not None else None
     clause = where.clause() if where is not None else ""
     if clause:  # before the list of what was tried, which runs to dozens of candidates where layers may stay float
-        tried = f"{first}{clause}; tried: {_tried_line(trials, budget)}"
+        tried = f"{first}{clause}; tried: {tried_line}"
         fix += "; an op type named there can run on the host in a target that extends this one (quantize op_types)"
     return QualityGateError(tried, fix, attempt_summary=first)
 
 
-def _where_lost(
-    runs: list[_Search], evaluator: Evaluator, progress: Progress, summary: dict[str, Any]
-) -> LossByOpType | None:
+def _where_lost(runs: list[_Search], evaluator: Evaluator, progress: Progress) -> LossByOpType | None:
     """Each op type's share of the loss in the closest fully quantized candidate of any tier (none scored: None)."""
     fully = [
         (t.drop_pct, tier, t)
@@ -412,9 +411,7 @@ def _where_lost(
     drop, tier, best = min(fully, key=lambda entry: entry[:2])
     build = runs[tier].build
     score = lambda model: evaluator.score(model).drop_pct  # noqa: E731
-    where = loss_by_op_type(build, ranking_build(build), best.method, drop, score, progress, transform=best.transform)
-    summary["where_lost"] = where.to_dict()
-    return where
+    return loss_by_op_type(build, ranking_build(build), best.method, drop, score, progress, transform=best.transform)
 
 
 def _tried_line(trials: list[Trial], budget: float) -> str:
@@ -527,8 +524,7 @@ def tune(
         **({"input_floor": floor.to_dict()} if floor else {}),
     }
     if chosen is None or chosen.best_trial is None:
-        explain = settings.explain_refusal
-        where = lambda: _where_lost(runs, evaluator, progress, summary) if explain else None  # noqa: E731
+        where = (lambda: _where_lost(runs, evaluator, progress)) if settings.explain_refusal else None
         raise _no_candidate(trials, budget, scored_on, evaluator, settings.max_float, where)
     best = chosen.best_trial
     _record_choice(best, [t for t in trials if t.meets_budget], cost is not None, space, summary)
