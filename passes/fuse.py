@@ -12,6 +12,7 @@ adds what it leaves:
 * ``deconv_depth``: non-overlapping ConvTranspose chains (a DBNet head) as 1×1 Convs and one DepthToSpace;
 * ``gated_residual``: ``x + x * g`` with a squeeze-excite gate as ``x * (1 + g)``;
 * ``focus``: YOLO's Focus slices as one SpaceToDepth, the next Convs' weights permuted;
+* ``channel_shuffle``: ShuffleNet's Reshape-Transpose-Reshape channel shuffle as one channel Gather;
 * ``ort_offline``: ONNX Runtime's offline-optimised graph, for targets that deploy on onnxruntime.
 """
 
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 import onnx
 from lepton_cli.passes._fuse.activation import fold_scalar_affine, fuse_hard_swish
 from lepton_cli.passes._fuse.bias_adds import fold_bias_adds
+from lepton_cli.passes._fuse.channel_shuffle import channel_shuffles_as_gather
 from lepton_cli.passes._fuse.deconv_depth import deconvs_as_depth
 from lepton_cli.passes._fuse.dropout import remove_inference_dropouts
 from lepton_cli.passes._fuse.focus import focus_as_space_to_depth
@@ -55,6 +57,7 @@ class FuseParams:
     deconv_as_depth: bool = True
     gated_residuals: bool = True  # x + x * g (g a squeeze-excite gate) -> x * (1 + g) (_fuse/gated_residual.py)
     focus_as_depth: bool = True  # YOLO's Focus slices -> SpaceToDepth where the target runs it (_fuse/focus.py)
+    shuffle_as_gather: bool = False  # ShuffleNet channel shuffles -> one Gather (_fuse/channel_shuffle.py)
     # ONNX Runtime's offline-optimised graph (contrib fused ops). Only for deployment_runtime = "onnxruntime".
     ort_offline: bool = False
 
@@ -156,6 +159,8 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> PassRe
     supported = ctx.target.runtime.supported_ops
     depth_ok = params.focus_as_depth and (not supported or "SpaceToDepth" in supported)
     focus = focus_as_space_to_depth(result) if depth_ok and not quantized_ops(model) else 0
+    gather_ok = params.shuffle_as_gather and (not supported or "Gather" in supported)
+    shuffles = channel_shuffles_as_gather(result) if gather_ok else 0
     list_initializers_as_inputs(result)
     if params.ort_offline and has_external(result):
         ctx.warn("ort_offline skipped: ONNX Runtime would write the optimised graph with every weight inline")
@@ -170,6 +175,7 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> PassRe
         "deconvs_as_depth": deconvs,
         "gated_residuals_folded": gated,
         "focus_as_space_to_depth": focus,
+        "channel_shuffles_as_gather": shuffles,
         "dropouts_removed": dropouts,
         "opset": opset(result),
         "ort_offline": params.ort_offline,

@@ -5,6 +5,7 @@ refused on portable targets."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -478,3 +479,32 @@ def test_yolox_focus_becomes_one_space_to_depth_with_the_same_boxes(tmp_path):
         assert len(boxes[0][0]) == len(boxes[1][0]) > 0 and roles.match(*boxes)[0] == len(boxes[0][0])
     kept, summary = _fuse(model, "fpga")  # the DPU's op list has no SpaceToDepth
     assert summary["focus_as_space_to_depth"] == 0 and _ops(kept)["Slice"] == 4
+
+
+def _photographs(size: int = 224) -> np.ndarray:
+    """scikit-learn's two sample photographs, ImageNet-normalised NCHW."""
+    import sklearn
+    from PIL import Image
+
+    folder = Path(sklearn.__file__).parent / "datasets" / "images"
+    mean, std = np.array([0.485, 0.456, 0.406])[:, None, None], np.array([0.229, 0.224, 0.225])[:, None, None]
+    photos = [Image.open(folder / name).convert("RGB").resize((size, size)) for name in ("china.jpg", "flower.jpg")]
+    return np.stack([(np.asarray(p, np.float32).transpose(2, 0, 1) / 255 - mean) / std for p in photos]).astype(
+        np.float32
+    )
+
+
+def test_shufflenet_channel_shuffles_become_gathers_with_the_same_outputs():
+    model = _real(LIGHT_DIR / "light_shufflenet.onnx", shapes={"gpu_0/data_0": [1, 3, 224, 224]})
+    fused, summary = _fuse(model, "cpu-avx", shuffle_as_gather=True)  # as targets/cpu-avx.toml sets it
+    plain, plain_summary = _fuse(model, "cpu-avx")
+    assert summary["channel_shuffles_as_gather"] == 16 and plain_summary["channel_shuffles_as_gather"] == 0
+    assert _ops(fused)["Gather"] == 16 and _ops(fused)["Transpose"] == 0 and _ops(plain)["Transpose"] == 16
+    assert _ops(fused)["Reshape"] == _ops(plain)["Reshape"] - 32  # each shuffle's two Reshapes went with it
+    for photo in _photographs():
+        feed = {"gpu_0/data_0": photo[None]}
+        want, got = make_session(plain).run(None, feed)[0], make_session(fused).run(None, feed)[0]
+        np.testing.assert_array_equal(got, want)  # the same values moved: not one bit differs
+    assert next(step for step in load_target("cpu-avx").passes if step.name == "fuse").params.shuffle_as_gather
+    no_gather = _fuse(model, "tpu", shuffle_as_gather=True)[1]  # the Edge TPU has no GATHER: the Transpose stays
+    assert no_gather["channel_shuffles_as_gather"] == 0
