@@ -125,17 +125,36 @@ def render_page(rng: np.random.Generator, fonts: list[str], words: list[str], si
     return img
 
 
-def make_pages(count: int, seed: int, role: str, size: int = 640) -> np.ndarray:
-    """[count, 3, size, size] float32, PP-OCR det normalisation (ImageNet mean/std on [0, 1] RGB)."""
+def captured(page: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """``page`` as a camera frame reaches an edge device's model: light falling off across the sheet, lens blur and
+    sensor noise (no JPEG: at quality 90 and under its 8x8 blocks flatten the noise out of the background again).
+    A rendered page is flat to the last grey level, which no camera gives (docs/decisions.md, session 23)."""
+    pixels = np.asarray(page, np.float32)
+    height, width = pixels.shape[:2]
+    angle, falloff = rng.uniform(0.0, 2 * math.pi), rng.uniform(0.0, 0.15)
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32) / max(height, width)
+    ramp = math.cos(angle) * cols + math.sin(angle) * rows
+    ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
+    lit = Image.fromarray(np.clip(np.round(pixels * (1 - falloff * ramp)[..., None]), 0, 255).astype(np.uint8))
+    blurred = np.asarray(lit.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.3, 0.8))), np.float32)
+    noisy = blurred + rng.normal(0.0, rng.uniform(1.5, 3.5), blurred.shape)
+    return Image.fromarray(np.clip(np.round(noisy), 0, 255).astype(np.uint8))
+
+
+def make_pages(count: int, seed: int, role: str, size: int = 640, capture: bool = False) -> np.ndarray:
+    """[count, 3, size, size] float32, PP-OCR det normalisation (ImageNet mean/std on [0, 1] RGB). ``capture``: each
+    page through ``captured``, seeded apart from the layout, so the same seed gives the same text either way."""
     rng = np.random.default_rng(seed)
     fonts = CALIB_FONTS if role == "calib" else EVAL_FONTS
     words = CALIB_WORDS if role == "calib" else EVAL_WORDS
     mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
     std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
-    pages = [
-        (np.asarray(render_page(rng, fonts, words, size), np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
-        for _ in range(count)
-    ]
+    pages = []
+    for index in range(count):
+        page = render_page(rng, fonts, words, size)
+        if capture:
+            page = captured(page, np.random.default_rng([seed, index]))
+        pages.append((np.asarray(page, np.float32).transpose(2, 0, 1) / 255.0 - mean) / std)
     return np.stack(pages).astype(np.float32)
 
 

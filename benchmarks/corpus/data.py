@@ -97,10 +97,11 @@ def text_lines(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
     return {_input_name(model): images, "labels": np.array(texts)}
 
 
-def pages(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
-    """Rendered pages of text lines, PP-OCR det normalisation."""
+def captured_pages(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
+    """Rendered pages of text lines as a camera frame delivers them (uneven light, lens blur, sensor noise),
+    PP-OCR det normalisation."""
     size = model.input_shapes[_input_name(model)][2]
-    return {_input_name(model): ocr_textset.make_pages(count, SEEDS[role], role, size=size)}
+    return {_input_name(model): ocr_textset.make_pages(count, SEEDS[role], role, size=size, capture=True)}
 
 
 def _captcha_text(rng: np.random.Generator, role: str) -> str:
@@ -202,7 +203,7 @@ def sentences(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
 BUILDERS: dict[str, Callable[[CorpusModel, Path, str, int], Arrays]] = {
     "photos": photos,
     "text_lines": text_lines,
-    "pages": pages,
+    "captured_pages": captured_pages,
     "captcha_lines": captcha_lines,
     "captcha_scenes": captcha_scenes,
     "digits": digits,

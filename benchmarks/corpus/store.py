@@ -42,9 +42,9 @@ def ensure_model(model: CorpusModel) -> Path:
 
 
 def data_paths(model: CorpusModel) -> tuple[Path, Path]:
-    """Cached per sample count: a manifest that changes a set's size builds it anew."""
+    """Cached per builder and sample count: a manifest that changes a set's builder or size builds it anew."""
     folder = cache_dir() / "data" / model.name
-    return folder / f"calib-{model.calib_count}.npz", folder / f"eval-{model.eval_count}.npz"
+    return folder / f"{model.data}-calib-{model.calib_count}.npz", folder / f"{model.data}-eval-{model.eval_count}.npz"
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -18,11 +18,11 @@ MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
 STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
 
 
-def _pages(count: int, seed: int, size: int = 160) -> np.ndarray:
+def _pages(count: int, seed: int, size: int = 160, capture: bool = False) -> np.ndarray:
     sys.path.insert(0, str(REPO / "benchmarks"))
     import ocr_textset
 
-    return ocr_textset.make_pages(count, seed, "eval", size=size)
+    return ocr_textset.make_pages(count, seed, "eval", size=size, capture=capture)
 
 
 def test_rendered_pages_lie_on_one_pixel_level_per_channel_and_the_dither_rounds_back_to_them():
@@ -53,10 +53,10 @@ def test_inputs_off_any_grid_have_no_floor_and_coarser_grids_are_found():
     np.testing.assert_allclose(grid.steps, [1 / 16])
 
 
-def _det_evaluator(folder) -> tuple[onnx.ModelProto, Evaluator]:
-    """PP-OCRv4 det at 160x160 scored on 4 rendered pages."""
+def _det_evaluator(folder, capture: bool = False) -> tuple[onnx.ModelProto, Evaluator]:
+    """PP-OCRv4 det at 160x160 scored on 4 rendered pages (``capture``: as camera frames)."""
     model = bind_input_shapes(onnx.load(OCR_DET), {"x": [1, 3, 160, 160]})
-    np.savez(folder / "pages.npz", x=_pages(4, 9))
+    np.savez(folder / "pages.npz", x=_pages(4, 9, capture=capture))
     return model, Evaluator(model, load_samples(folder / "pages.npz", model))
 
 
@@ -70,6 +70,24 @@ def test_pp_ocrv4_det_map_moves_under_input_noise_below_one_pixel_level(tmp_path
     again = _det_evaluator(tmp_path)[1].input_floor()
     assert again is not None and again.drop_pct == floor.drop_pct  # deterministic
     assert evaluator.score(model).drop_pct == 0.0  # undithered, the source agrees with itself
+
+
+@needs_ocr
+def test_the_same_pages_as_camera_frames_leave_a_floor_under_the_budget(tmp_path):
+    """A rendered page is flat to the last grey level; with a camera's light falloff, blur and sensor noise the
+    detector no longer flips under half a grey level of noise (benchmarks/results/camera_pages.md)."""
+    flat = _det_evaluator(tmp_path)[1].input_floor()
+    camera_dir = tmp_path / "camera"
+    camera_dir.mkdir()
+    camera = _det_evaluator(camera_dir, capture=True)[1].input_floor()
+    assert flat is not None and camera is not None  # camera frames are still 8-bit images
+    assert camera.drop_pct < 1.0 < flat.drop_pct
+    frames, pages = _pages(2, 9, capture=True), _pages(2, 9)
+    for frame, page in zip(frames, pages):  # the same text, not another page
+        assert np.corrcoef(frame.ravel(), page.ravel())[0, 1] > 0.9
+    assert np.corrcoef(frames[0].ravel(), pages[1].ravel())[0, 1] < 0.5
+    corner = (slice(None), slice(-8, None), slice(-8, None))  # bottom right: no text there on this page
+    assert (np.ptp(pages[0][corner], axis=(1, 2)) == 0).all() and (np.ptp(frames[0][corner], axis=(1, 2)) > 0).all()
 
 
 @needs_ocr
