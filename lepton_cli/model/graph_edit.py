@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from lepton_cli.model.external_data import tensor_array
+from lepton_cli.model.stats import shape_map
 
 
 def node_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
@@ -196,3 +199,36 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
         inputs = [i for i in graph.input if i.name not in dropped]
         del graph.input[:]
         graph.input.extend(inputs)
+
+
+Match = TypeVar("Match")
+
+
+@dataclass
+class RewriteScope:
+    """What a node-by-node rewrite reads and edits: the graph's use-def index, fresh names, the inferred shapes."""
+
+    graph: GraphIndex
+    names: FreshNames
+    shapes: dict
+
+
+def rewrite_each(
+    model: onnx.ModelProto,
+    nodes: list[onnx.NodeProto],
+    match: Callable[[RewriteScope, onnx.NodeProto], Match | None],
+    apply: Callable[[RewriteScope, onnx.NodeProto, Match], None],
+) -> int:
+    """For each of ``nodes`` that ``match`` finds a pattern at, ``apply`` the rewrite there (in place); how many.
+    Initializers nothing reads any more are dropped after."""
+    if not nodes:
+        return 0
+    scope, done = RewriteScope(GraphIndex(model.graph), FreshNames(model), shape_map(model)), 0
+    for node in nodes:
+        found = match(scope, node)
+        if found is not None:
+            apply(scope, node, found)
+            done += 1
+    if done:
+        drop_unused_initializers(model)
+    return done

@@ -13,9 +13,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lepton_cli.model.graph_edit import FreshNames, GraphIndex, drop_unused_initializers
+from lepton_cli.model.graph_edit import RewriteScope, rewrite_each
 from lepton_cli.model.op_traits import attrs
-from lepton_cli.model.stats import shape_map
 
 SHUFFLE_PERM = [0, 2, 1, 3, 4]
 
@@ -35,8 +34,9 @@ def _reshaped(dims: list[int], shape: np.ndarray | None) -> list[int] | None:
     return out if int(np.prod(out)) == int(np.prod(dims)) else None
 
 
-def _shuffle(g: GraphIndex, transpose: onnx.NodeProto, shapes: dict) -> tuple[str, str, int] | None:
+def _shuffle(scope: RewriteScope, transpose: onnx.NodeProto) -> tuple[str, str, int] | None:
     """(x, shuffled output, groups) when ``transpose`` is the middle of a channel shuffle of a known NCHW ``x``."""
+    g, shapes = scope.graph, scope.shapes
     if list(attrs(transpose).get("perm", [])) != SHUFFLE_PERM:
         return None
     split, merge = g.producer.get(transpose.input[0]), g.only_reader(transpose.output[0])
@@ -56,29 +56,20 @@ def _shuffle(g: GraphIndex, transpose: onnx.NodeProto, shapes: dict) -> tuple[st
     return split.input[0], merge.output[0], grouped[1]
 
 
+def _as_gather(scope: RewriteScope, transpose: onnx.NodeProto, found: tuple[str, str, int]) -> None:
+    g, (x, shuffled, groups) = scope.graph, found
+    channels = int(scope.shapes[x][1])
+    # output channel i·g + j reads input channel j·(C/g) + i
+    order = np.arange(channels, dtype=np.int64).reshape(groups, channels // groups).T.reshape(-1)
+    split, merge = g.producer[transpose.input[0]], g.producer[shuffled]
+    index = g.add_initializer(scope.names.fresh(f"{transpose.name or 'shuffle'}_order"), order)
+    gather = helper.make_node("Gather", [x, index], [shuffled], name=scope.names.fresh("channel_shuffle"), axis=1)
+    position = g.position(split)
+    for node in (merge, transpose, split):
+        g.remove(node)
+    g.insert(position, gather)
+
+
 def channel_shuffles_as_gather(model: onnx.ModelProto) -> int:
     """Rewrite, in place, each channel shuffle of a known NCHW tensor as a channel Gather; how many."""
-    transposes = [n for n in model.graph.node if n.op_type == "Transpose"]
-    if not transposes:
-        return 0
-    g, names, shapes, done = GraphIndex(model.graph), FreshNames(model), shape_map(model), 0
-    for transpose in transposes:
-        found = _shuffle(g, transpose, shapes)
-        if found is None:
-            continue
-        x, shuffled, groups = found
-        channels = int(shapes[x][1])
-        per_group = channels // groups
-        # output channel i·g + j reads input channel j·(C/g) + i
-        order = np.arange(channels, dtype=np.int64).reshape(groups, per_group).T.reshape(-1)
-        split, merge = g.producer[transpose.input[0]], g.producer[shuffled]
-        index = g.add_initializer(names.fresh(f"{transpose.name or 'shuffle'}_order"), order)
-        gather = helper.make_node("Gather", [x, index], [shuffled], name=names.fresh("channel_shuffle"), axis=1)
-        position = g.position(split)
-        for node in (merge, transpose, split):
-            g.remove(node)
-        g.insert(position, gather)
-        done += 1
-    if done:
-        drop_unused_initializers(model)
-    return done
+    return rewrite_each(model, [n for n in model.graph.node if n.op_type == "Transpose"], _shuffle, _as_gather)

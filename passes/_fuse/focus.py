@@ -14,9 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lepton_cli.model.graph_edit import FreshNames, GraphIndex, drop_unused_initializers
+from lepton_cli.model.graph_edit import GraphIndex, RewriteScope, rewrite_each
 from lepton_cli.model.op_traits import attrs
-from lepton_cli.model.stats import shape_map
 
 BLOCK = 2
 
@@ -34,8 +33,9 @@ def _offsets(g: GraphIndex, node: onnx.NodeProto | None, dims: list[int]) -> tup
     return spec[2][0], spec[3][0]
 
 
-def _focus(g: GraphIndex, concat: onnx.NodeProto, shapes: dict) -> tuple[str, int, list[tuple[int, int]]] | None:
+def _focus(scope: RewriteScope, concat: onnx.NodeProto) -> tuple[str, int, list[tuple[int, int]]] | None:
     """(x, channels, offsets per slice) for a Focus Concat read only by one-group Convs with constant weights."""
+    g, shapes = scope.graph, scope.shapes
     if concat.op_type != "Concat" or len(concat.input) != BLOCK * BLOCK or int(attrs(concat).get("axis", 0)) != 1:
         return None
     slices = [g.producer.get(name) for name in concat.input]
@@ -57,33 +57,27 @@ def _focus(g: GraphIndex, concat: onnx.NodeProto, shapes: dict) -> tuple[str, in
     return x, int(dims[1]), offsets
 
 
+def _as_space_to_depth(scope: RewriteScope, concat: onnx.NodeProto, found: tuple[str, int, list]) -> None:
+    g, (x, channels, offsets) = scope.graph, found
+    # concat channel j·C + c sits at SpaceToDepth channel (2p + q)·C + c
+    order = np.concatenate([(BLOCK * p + q) * channels + np.arange(channels) for p, q in offsets])
+    names = scope.names
+    depth = helper.make_node(
+        "SpaceToDepth", [x], [names.fresh(f"{x}_space_to_depth")], name=names.fresh("focus"), blocksize=BLOCK
+    )
+    for conv in list(g.readers(concat.output[0])):
+        weight = g.const(conv.input[1])
+        assert weight is not None
+        permuted = np.empty_like(weight)
+        permuted[:, order] = weight
+        g.set_input(conv, 1, g.set_const(conv.input[1], permuted))
+        g.set_input(conv, 0, depth.output[0])
+    g.insert(g.position(concat), depth)
+    for node in [g.producer[name] for name in concat.input] + [concat]:
+        g.remove(node)
+
+
 def focus_as_space_to_depth(model: onnx.ModelProto) -> int:
     """Rewrite, in place, each Focus read only by Convs as SpaceToDepth with permuted Conv weights; how many."""
     concats = [n for n in model.graph.node if n.op_type == "Concat" and len(n.input) == BLOCK * BLOCK]
-    if not concats:
-        return 0
-    g, names, shapes, done = GraphIndex(model.graph), FreshNames(model), shape_map(model), 0
-    for concat in concats:
-        found = _focus(g, concat, shapes)
-        if found is None:
-            continue
-        x, channels, offsets = found
-        # concat channel j·C + c sits at SpaceToDepth channel (2p + q)·C + c
-        order = np.concatenate([(BLOCK * p + q) * channels + np.arange(channels) for p, q in offsets])
-        depth = helper.make_node(
-            "SpaceToDepth", [x], [names.fresh(f"{x}_space_to_depth")], name=names.fresh("focus"), blocksize=BLOCK
-        )
-        for conv in list(g.readers(concat.output[0])):
-            weight = g.const(conv.input[1])
-            assert weight is not None
-            permuted = np.empty_like(weight)
-            permuted[:, order] = weight
-            g.set_input(conv, 1, g.set_const(conv.input[1], permuted))
-            g.set_input(conv, 0, depth.output[0])
-        g.insert(g.position(concat), depth)
-        for node in [g.producer[name] for name in concat.input] + [concat]:
-            g.remove(node)
-        done += 1
-    if done:
-        drop_unused_initializers(model)
-    return done
+    return rewrite_each(model, concats, _focus, _as_space_to_depth)
