@@ -35,10 +35,9 @@ def _reshaped(dims: list[int], shape: np.ndarray | None) -> list[int] | None:
 
 
 def _shuffle(scope: RewriteScope, transpose: onnx.NodeProto) -> tuple[str, str, int] | None:
-    """(x, shuffled output, groups) when ``transpose`` is the middle of a channel shuffle of a known NCHW ``x``."""
+    """(x, shuffled output, groups) when ``transpose`` (perm ``SHUFFLE_PERM``) is the middle of a channel shuffle of a
+    known NCHW ``x``."""
     g, shapes = scope.graph, scope.shapes
-    if list(attrs(transpose).get("perm", [])) != SHUFFLE_PERM:
-        return None
     split, merge = g.producer.get(transpose.input[0]), g.only_reader(transpose.output[0])
     if split is None or merge is None or split.op_type != "Reshape" or merge.op_type != "Reshape":
         return None
@@ -72,4 +71,6 @@ def _as_gather(scope: RewriteScope, transpose: onnx.NodeProto, found: tuple[str,
 
 def channel_shuffles_as_gather(model: onnx.ModelProto) -> int:
     """Rewrite, in place, each channel shuffle of a known NCHW tensor as a channel Gather; how many."""
-    return rewrite_each(model, [n for n in model.graph.node if n.op_type == "Transpose"], _shuffle, _as_gather)
+    # only the shuffle's own permutation: a model without one is not shape-inferred for nothing
+    transposes = [n for n in model.graph.node if n.op_type == "Transpose" and attrs(n).get("perm") == SHUFFLE_PERM]
+    return rewrite_each(model, transposes, _shuffle, _as_gather)

@@ -5,7 +5,6 @@ refused on portable targets."""
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -482,15 +481,12 @@ def test_yolox_focus_becomes_one_space_to_depth_with_the_same_boxes(tmp_path):
 
 
 def _photographs(size: int = 224) -> np.ndarray:
-    """scikit-learn's two sample photographs, ImageNet-normalised NCHW."""
-    import sklearn
-    from PIL import Image
+    """scikit-learn's two sample photographs, ImageNet-normalised NCHW (the corpus's own loading)."""
+    from benchmarks.corpus.data import IMAGENET_MEAN, IMAGENET_STD, load_photo
 
-    folder = Path(sklearn.__file__).parent / "datasets" / "images"
-    mean, std = np.array([0.485, 0.456, 0.406])[:, None, None], np.array([0.229, 0.224, 0.225])[:, None, None]
-    photos = [Image.open(folder / name).convert("RGB").resize((size, size)) for name in ("china.jpg", "flower.jpg")]
-    return np.stack([(np.asarray(p, np.float32).transpose(2, 0, 1) / 255 - mean) / std for p in photos]).astype(
-        np.float32
+    photos = [load_photo(f"sklearn:{name}").resize((size, size)) for name in ("china.jpg", "flower.jpg")]
+    return np.stack(
+        [(np.asarray(p, np.float32).transpose(2, 0, 1) / 255 - IMAGENET_MEAN) / IMAGENET_STD for p in photos]
     )
 
 
