@@ -6,9 +6,8 @@ through ONNX Runtime, ``_quantize/int8_plan.py``), ``fp16`` (fp32 I/O, overflowi
 ``int4_weight_only`` (``_quantize/rewrites.py``). The pass builds one plan per run and asks it; the
 calibrated plans give the tuner (``_quantize/tuning.py``) candidates to score against the source,
 and the one within the budget the target's cost model prices fastest is kept; none: exit 3 with every
-candidate tried. Without
---calib a static-int8 target falls back to ``without_calib`` (weight-only or dynamic int8, warned)
-or refuses to start (exit 2).
+candidate tried. Without --calib a static-int8 target falls back to ``without_calib`` (weight-only or
+dynamic int8, warned) or refuses to start (exit 2).
 """
 
 from __future__ import annotations
@@ -31,6 +30,8 @@ from lepton_cli.pipeline.params import ParamValueError
 from lepton_cli.pipeline.registry import LOSSY, BudgetUse, PassEnv, PassResult, register_pass
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
+RecoveryStep = Literal["equalize", "adaround", "bias_correction", "quantized_bias_correction"]
+COUNTS = ("calib_chunk", "max_calib_samples", "max_eval_samples", "int4_block_size", "quantized_bias_samples")
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,7 @@ class QuantizeParams:
     weight_symmetric: bool = True
     power_of_two_scales: bool = False  # symmetric per-tensor int8 with 2^k scales (DPU fix-point)
     op_types: list[str] = field(default_factory=list)  # empty: every op ORT quantizes
-    # No Q/DQ on MatMul/Gemm outputs: ORT still runs them int8 (QGemm, MatMulIntegerToFloat) with float results, and
-    # a reader that is quantized gets its own Q at its input; a float reader (a residual Add) loses nothing to rounding.
+    # No Q/DQ on MatMul/Gemm outputs: ORT runs them int8 with float results; a float reader loses nothing to rounding
     float_matmul_outputs: bool = True
     # Scalar Adds, HardSigmoid and Sigmoid gates between int8 layers as QLinearAdd/Mul/Sigmoid (ORT's CPU EP), 1 B/element
     integer_elementwise: bool = False
@@ -81,11 +81,12 @@ class QuantizeParams:
     smoothquant_tier_alpha: float | None = None
     conv_smoothing_alpha: float | None = None  # the same for conv inputs whose producer absorbs 1/s (conv_smoothing.py)
     bias_correction: bool = False  # fold each weight layer's mean int8 output error into its bias
+    quantized_bias_correction: bool = False  # int8 biases matched to the float output means (quantized_bias.py)
+    quantized_bias_samples: int = 8  # --calib samples it measures on: one run each per layer with a bias
     adaround: bool = False  # optimise each layer's weight rounding against its float output on --calib
     adaround_iterations: int = 200
     adaround_seconds: float = 120.0  # whole-model budget; layers past it round to nearest
-    # These steps (equalize, adaround, bias_correction) as one more tier, searched like the SmoothQuant tier.
-    recovery_tier: list[Literal["equalize", "adaround", "bias_correction"]] = field(default_factory=list)
+    recovery_tier: list[RecoveryStep] = field(default_factory=list)  # these steps as a tier, like SmoothQuant's
     recovery_samples: int = 32  # --calib samples the bias correction and rounding measure layer inputs on
     # Output heads one int8 scale cannot hold (_quantize/heads.py); auto: float where layers may stay float, else int8.
     head_precision: Literal["auto", "float", "int16", "int8"] = "auto"
@@ -100,7 +101,7 @@ class QuantizeParams:
             raise ParamValueError(
                 "entropy_bins", "histograms need >= 256 bins (with 128 every entropy threshold is the full range)"
             )
-        for name in ("calib_chunk", "max_calib_samples", "max_eval_samples", "int4_block_size"):
+        for name in COUNTS:
             if getattr(self, name) < 1:
                 raise ParamValueError(name, "must be >= 1")
         if self.max_float_layers < 0:

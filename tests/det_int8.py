@@ -38,10 +38,15 @@ def fused_det_and_pages(tmp_path_factory) -> tuple:
 
 def quantized_det(tmp_path_factory) -> tuple:
     """(fused float model, its Conv-only int8 QDQ model, held-out pages)."""
+    return quantized_det_and_calib(tmp_path_factory)[:3]
+
+
+def quantized_det_and_calib(tmp_path_factory) -> tuple:
+    """(fused float model, its Conv-only int8 QDQ model, held-out pages, the calibration pages as feeds)."""
     fused, calib_path, held = fused_det_and_pages(tmp_path_factory)
     work = calib_path.parent
     calib = load_samples(calib_path, fused)
     ranges = calibrate(fused, calib, CalibrationSettings(method="minmax", chunk=6, max_samples=6), None, ["Conv"])
     scheme = schemes.Int8Scheme(per_channel=True, op_types=("Conv",))
     int8 = schemes.quantize_int8(fused, schemes.save_ranges(ranges, work / "r.json"), "minmax", scheme, [], work)
-    return fused, int8, held
+    return fused, int8, held, list(calib.feeds(len(calib)))

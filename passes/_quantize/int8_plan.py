@@ -28,6 +28,7 @@ from lepton_cli.passes._quantize.integer_elementwise import lowered, rewritten
 from lepton_cli.passes._quantize.integer_io import make_integer_io
 from lepton_cli.passes._quantize.plan import SearchPlan, int8_weights
 from lepton_cli.passes._quantize.prequantized import has_subgraphs, quantized_ops
+from lepton_cli.passes._quantize.quantized_bias import correct_quantized_biases
 from lepton_cli.passes._quantize.recovery import RecoverySettings, changed_by, recover
 from lepton_cli.passes._quantize.sensitivity import quantized_nodes
 from lepton_cli.passes._quantize.short_names import shorten_added_names
@@ -197,6 +198,7 @@ class Int8Plan(SearchPlan):
         # Per (tier tag, method), as each build calibrates: tensors whose range was cut to what readers tell apart,
         # and nodes left float around a -inf/finfo.min mask; ``finish`` reports the chosen tier's.
         self.narrowed: dict[tuple[str, str], list[str]] = {}
+        self.biases_corrected: dict[tuple[str, str], int] = {}  # layers quantized_bias.py corrected
         self.sentinel_nodes: dict[tuple[str, str], list[str]] = {}
         self.base = onnx.ModelProto()
         self.recovery: _RecoveryInputs | None = None  # what the steps ran on, for the report's per-step gains
@@ -227,8 +229,9 @@ class Int8Plan(SearchPlan):
         if self.recovery is not None:
             self.recovery.heads, self.recovery.scheme = head_nodes, scheme
         exclude = head_nodes + recovery_float
+        on = params.quantized_bias_correction
         builds = [
-            self._builder(source, calib, replace(scheme, op_types=tuple(ops)), ctx, f"t{i}", exclude)
+            self._builder(source, calib, replace(scheme, op_types=tuple(ops)), ctx, f"t{i}", exclude, correct=on)
             for i, ops in enumerate(self.tiers)
         ]
         space = SearchSpace(builds, list(dict.fromkeys(params.methods)), self.base, tiers=list(self.tiers))
@@ -289,7 +292,14 @@ class Int8Plan(SearchPlan):
             summary[tier.summary_key] = tier_summary(tier, recovered)
             exclude_here = exclude + recovered.float_nodes
             build = self._builder(
-                recovered.quantize_source, calib, scheme, ctx, tier.transform, exclude_here, recovered.reference
+                recovered.quantize_source,
+                calib,
+                scheme,
+                ctx,
+                tier.transform,
+                exclude_here,
+                recovered.reference,
+                tier.settings.quantized_bias_correction,
             )
             return build, recovered.reference
 
@@ -304,10 +314,12 @@ class Int8Plan(SearchPlan):
         tag: str,
         exclude: list[str],
         reference: onnx.ModelProto | None = None,
+        correct: bool = False,
     ) -> Build:
         """(method, float-kept nodes) -> candidate, for one tier; calibration once per method, the fully quantized
         model kept while the same tier and method are asked for (``self.quantized``).
-        ``source`` carries recovery's adjusted weights; float-kept nodes read ``reference`` (default ``self.base``)."""
+        ``source`` carries recovery's adjusted weights; float-kept nodes read ``reference`` (default ``self.base``);
+        ``correct``: the fully quantized model's biases matched to the reference's output means (quantized_bias.py)."""
         params, work_dir = self.params, Path(ctx.work_dir)
         base = self.base if reference is None else reference
         ranges: dict[str, Path] = {}
@@ -337,6 +349,10 @@ class Int8Plan(SearchPlan):
             if key not in self.quantized:
                 left = list(exclude) + self.sentinel_nodes[key]
                 self.quantized[key] = schemes.quantize_int8(source, ranges[method], method, scheme, left, work_dir)
+                if correct:
+                    ctx.progress(f"bias correction on the int8 model ({method})")
+                    feeds = list(calib.feeds(params.quantized_bias_samples))
+                    self.biases_corrected[key] = correct_quantized_biases(self.quantized[key], base, feeds)
             # Float-kept nodes are bypassed in the fully quantized model, exactly as the search measured them.
             return keep_float_nodes(self.quantized[key], base, keep, params.float_kept_weights == "float")
 
@@ -366,6 +382,7 @@ class Int8Plan(SearchPlan):
             smoothquant_insert=params.smoothquant_insert,
             conv_smoothing_alpha=params.conv_smoothing_alpha,
             bias_correction=params.bias_correction,
+            quantized_bias_correction=params.quantized_bias_correction,
             adaround=params.adaround,
             adaround_iterations=params.adaround_iterations,
             adaround_seconds=params.adaround_seconds,
@@ -436,7 +453,10 @@ class Int8Plan(SearchPlan):
                 recovered = recover(inputs.base, inputs.feeds, self.scheme, settings)
                 source, extra = recovered.quantize_source, recovered.float_nodes
             scheme = replace(inputs.scheme, op_types=tuple(ops))
-            build = self._builder(source, inputs.calib, scheme, ctx, f"gain{count}", inputs.heads + extra)
+            tag, left = f"gain{count}", inputs.heads + extra
+            build = self._builder(
+                source, inputs.calib, scheme, ctx, tag, left, correct=settings.quantized_bias_correction
+            )
             score = evaluator.score(build(method, []))
             rows.append(_gain_row(steps, score.drop_pct, score.drop_se, score.agreement) | {"changed": changed})
         return rows
@@ -494,6 +514,8 @@ class Int8Plan(SearchPlan):
             summary["integer_elementwise"] = rewritten(result)
         chosen = (self._tier_tag(summary), summary["method"])
         summary["ranges_narrowed_to_readers"] = len(self.narrowed.get(chosen, []))
+        if chosen in self.biases_corrected:
+            summary["quantized_biases_corrected"] = self.biases_corrected[chosen]
         if self.sentinel_nodes.get(chosen):
             summary["float_around_mask"] = self.sentinel_nodes[chosen]
         summary["name_bytes_saved"] = shorten_added_names(result, _source_names(self.base))

@@ -44,6 +44,7 @@ CHANGE_COUNTS = {
     "conv_smoothing": ("conv_inputs_smoothed", "conv inputs"),
     "adaround": ("adaround_layers", "layers"),
     "bias_correction": ("bias_corrected_layers", "layers"),
+    "quantized_bias_correction": ("quantized_biases_corrected", "layers"),
 }
 
 
@@ -61,6 +62,7 @@ class RecoverySettings:
     smoothquant_insert: bool = False  # a float per-channel Mul where no producer absorbs 1/s (smoothquant.py)
     conv_smoothing_alpha: float | None = None  # None: off (conv_smoothing.py)
     bias_correction: bool = False
+    quantized_bias_correction: bool = False  # applied to each int8 model by its build, not here (quantized_bias.py)
     adaround: bool = False
     adaround_iterations: int = 300
     adaround_seconds: float = 120.0  # whole-model budget; layers past it keep round-to-nearest
@@ -81,6 +83,7 @@ class RecoverySettings:
             "conv_smoothing": self.conv_smoothing_alpha is not None,
             "adaround": self.adaround,
             "bias_correction": self.bias_correction,
+            "quantized_bias_correction": self.quantized_bias_correction,
         }
         return [name for name, on in enabled.items() if on]
 
@@ -94,6 +97,7 @@ class RecoverySettings:
             conv_smoothing_alpha=self.conv_smoothing_alpha if "conv_smoothing" in steps else None,
             adaround=self.adaround and "adaround" in steps,
             bias_correction=self.bias_correction and "bias_correction" in steps,
+            quantized_bias_correction=self.quantized_bias_correction and "quantized_bias_correction" in steps,
         )
 
     @property
@@ -101,6 +105,7 @@ class RecoverySettings:
         return (
             self.equalize
             or self.per_layer
+            or self.quantized_bias_correction
             or self.residual_scaling_alpha is not None
             or self.smoothquant_alpha is not None
             or self.conv_smoothing_alpha is not None

@@ -1,0 +1,164 @@
+"""Bias correction measured on the quantized model, layer by layer in graph order (empirical bias correction).
+
+``bias_correction.py`` removes the mean output shift of each layer's own weight rounding, on float inputs. The int8
+model shifts means for other reasons too: its activation ranges clip and round asymmetrically, and every shift
+reaches the layers after it. Here each weight layer's per-channel output mean in the quantized model is measured on
+calibration data and matched to the float reference's by its bias, in graph order, so a layer is corrected with
+the layers before it already corrected (AIMET's empirical bias correction, NNCF's BiasCorrection; correcting all
+layers from one run overshoots, each counting the shift its predecessors already remove). PP-OCRv5 det, every op
+int8 on cpu-avx (MinMax), 32 held-out camera frames: worst page 9.32 -> 6.01 points, mean page 5.30 -> 2.51.
+
+The biases are graph inputs of one session while measuring (an initializer listed as an input can be fed), so the
+model is loaded once; each layer costs one run per sample. A bias ORT stored as int32 (scale = input x weight
+scale) is corrected in its integer steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from lepton_cli.model.graph_edit import GraphIndex
+from lepton_cli.model.io_contract import adapt_feed
+from lepton_cli.model.sessions import make_session
+
+CONV_OPS = ("Conv", "ConvTranspose")
+
+
+@dataclass
+class BiasSite:
+    output: str  # the layer's output, in the quantized model and the float reference
+    bias: str  # the initializer that holds its bias: float, or int32 behind a DequantizeLinear
+    axis: int  # the channel axis of ``output``
+    step: np.ndarray | None  # an int32 bias's scale per channel; None for a float bias
+
+
+def bias_sites(model: onnx.ModelProto, reference_producers: dict[str, str]) -> list[BiasSite]:
+    """The weight layers of ``model`` (Conv, ConvTranspose, Gemm, a MatMul's bias Add) whose output the
+    reference computes with the same op (``reference_producers``: tensor -> op type), with their bias initializer,
+    in graph order. ORT's quantizer folds a Relu into the quantize after a conv and gives the conv the Relu's
+    output name: that tensor is the conv's in the int8 model and the Relu's in the reference, so it is left out."""
+    g = GraphIndex(model.graph)
+    sites = []
+    for node in model.graph.node:
+        if reference_producers.get(node.output[0]) != node.op_type:
+            continue
+        if node.op_type in CONV_OPS + ("Gemm",) and len(node.input) > 2 and node.input[2]:
+            bias, axis = node.input[2], 1 if node.op_type in CONV_OPS else -1
+        elif node.op_type == "Add" and _reads_matmul(g, node):
+            bias, axis = next(i for i in node.input if i in g.inits), -1
+        else:
+            continue
+        site = _site(g, node.output[0], bias, axis)
+        if site is not None:
+            sites.append(site)
+    return sites
+
+
+def producers(model: onnx.ModelProto) -> dict[str, str]:
+    """Tensor -> the op type of the node writing it."""
+    return {o: n.op_type for n in model.graph.node for o in n.output}
+
+
+def _reads_matmul(g: GraphIndex, add: onnx.NodeProto) -> bool:
+    """``add`` adds a 1-D constant to a MatMul's output."""
+    consts = [i for i in add.input if i in g.inits]
+    data = [i for i in add.input if i not in g.inits]
+    if len(consts) != 1 or len(data) != 1 or len(g.inits[consts[0]].dims) != 1:
+        return False
+    producer = g.producer.get(data[0])
+    return producer is not None and producer.op_type == "MatMul"
+
+
+def _site(g: GraphIndex, output: str, bias: str, axis: int) -> BiasSite | None:
+    if bias in g.inits:
+        return BiasSite(output, bias, axis, None) if g.inits[bias].data_type == onnx.TensorProto.FLOAT else None
+    dequantize = g.producer.get(bias)
+    if dequantize is None or dequantize.op_type != "DequantizeLinear" or dequantize.input[0] not in g.inits:
+        return None
+    stored, scale = g.inits[dequantize.input[0]], g.const(dequantize.input[1])
+    if stored.data_type != onnx.TensorProto.INT32 or scale is None or len(g.readers(dequantize.input[0])) != 1:
+        return None
+    return BiasSite(output, dequantize.input[0], axis, scale.astype(np.float64).reshape(-1))
+
+
+class _ChannelMean:
+    """A running per-channel mean over runs, each run's tensor reduced as it arrives."""
+
+    def __init__(self, axis: int) -> None:
+        self.axis, self.total, self.count = axis, 0.0, 0
+
+    def add(self, value: np.ndarray) -> None:
+        rows = np.moveaxis(value, self.axis, -1).reshape(-1, value.shape[self.axis])
+        self.total = self.total + rows.astype(np.float64).sum(axis=0)
+        self.count += len(rows)
+
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+
+def _measuring_copy(model: onnx.ModelProto, sites: list[BiasSite]) -> onnx.ModelProto:
+    """``model`` returning every site's output, its biases fed as inputs (defaults: their initializers)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    inits = {t.name: t for t in copy.graph.initializer}
+    have = {o.name for o in copy.graph.output}
+    copy.graph.output.extend(
+        helper.make_tensor_value_info(s.output, onnx.TensorProto.FLOAT, None) for s in sites if s.output not in have
+    )
+    copy.graph.input.extend(
+        helper.make_tensor_value_info(s.bias, inits[s.bias].data_type, list(inits[s.bias].dims)) for s in sites
+    )
+    return copy
+
+
+def correct_quantized_biases(
+    model: onnx.ModelProto, reference: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]
+) -> int:
+    """Correct ``model``'s biases in place so each layer's per-channel output mean on ``feeds`` matches
+    ``reference``'s (the float model it was quantized from, same tensor names); returns the layers corrected."""
+    sites = bias_sites(model, producers(reference))
+    if not sites or not feeds:
+        return 0
+    target = _reference_means(reference, sites, feeds)
+    inits = {t.name: t for t in model.graph.initializer}
+    biases = {s.bias: numpy_helper.to_array(inits[s.bias]).copy() for s in sites}
+    session = make_session(_measuring_copy(model, sites), arena=False)
+    corrected = 0
+    for site in sites:
+        measured = _ChannelMean(site.axis)
+        for feed in feeds:
+            measured.add(session.run([site.output], adapt_feed(model, feed) | biases)[0])
+        shift = measured.mean() - target[site.output]
+        if shift.shape != biases[site.bias].shape or not np.all(np.isfinite(shift)):
+            continue
+        if site.step is None:
+            biases[site.bias] = (biases[site.bias] - shift).astype(np.float32)
+        else:
+            steps = np.round(shift / np.broadcast_to(site.step, shift.shape))
+            biases[site.bias] = (biases[site.bias] - steps).astype(np.int32)
+        corrected += 1
+    for name, value in biases.items():
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+    return corrected
+
+
+def _reference_means(
+    reference: onnx.ModelProto, sites: list[BiasSite], feeds: list[dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(reference)
+    have = {o.name for o in copy.graph.output}
+    copy.graph.output.extend(
+        helper.make_tensor_value_info(s.output, onnx.TensorProto.FLOAT, None) for s in sites if s.output not in have
+    )
+    session = make_session(copy, arena=False)
+    names = [s.output for s in sites]
+    means = [_ChannelMean(s.axis) for s in sites]
+    for feed in feeds:
+        for mean, value in zip(means, session.run(names, adapt_feed(reference, feed))):
+            mean.add(value)
+    return {name: mean.mean() for name, mean in zip(names, means)}
