@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from lepton_cli.model.external_data import tensor_array
 from lepton_cli.model.graph_edit import GraphIndex
 from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.model.sessions import make_session
@@ -100,17 +101,25 @@ class _ChannelMean:
         return self.total / max(self.count, 1)
 
 
-def _measuring_copy(model: onnx.ModelProto, sites: list[BiasSite]) -> onnx.ModelProto:
-    """``model`` returning every site's output, its biases fed as inputs (defaults: their initializers)."""
+def _returning(model: onnx.ModelProto, sites: list[BiasSite]) -> onnx.ModelProto:
+    """A copy of ``model`` that also returns every site's output."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    inits = {t.name: t for t in copy.graph.initializer}
     have = {o.name for o in copy.graph.output}
     copy.graph.output.extend(
         helper.make_tensor_value_info(s.output, onnx.TensorProto.FLOAT, None) for s in sites if s.output not in have
     )
+    return copy
+
+
+def _measuring_copy(model: onnx.ModelProto, sites: list[BiasSite]) -> onnx.ModelProto:
+    """``model`` returning every site's output, its biases fed as inputs (defaults: their initializers)."""
+    copy = _returning(model, sites)
+    inits = {t.name: t for t in copy.graph.initializer}
+    inputs = {i.name for i in copy.graph.input}
+    biases = [name for name in dict.fromkeys(s.bias for s in sites) if name not in inputs]
     copy.graph.input.extend(
-        helper.make_tensor_value_info(s.bias, inits[s.bias].data_type, list(inits[s.bias].dims)) for s in sites
+        helper.make_tensor_value_info(name, inits[name].data_type, list(inits[name].dims)) for name in biases
     )
     return copy
 
@@ -125,7 +134,7 @@ def correct_quantized_biases(
         return 0
     target = _reference_means(reference, sites, feeds)
     inits = {t.name: t for t in model.graph.initializer}
-    biases = {s.bias: numpy_helper.to_array(inits[s.bias]).copy() for s in sites}
+    biases = {s.bias: tensor_array(inits[s.bias]).copy() for s in sites}
     session = make_session(_measuring_copy(model, sites), arena=False)
     corrected = 0
     for site in sites:
@@ -149,13 +158,7 @@ def correct_quantized_biases(
 def _reference_means(
     reference: onnx.ModelProto, sites: list[BiasSite], feeds: list[dict[str, np.ndarray]]
 ) -> dict[str, np.ndarray]:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(reference)
-    have = {o.name for o in copy.graph.output}
-    copy.graph.output.extend(
-        helper.make_tensor_value_info(s.output, onnx.TensorProto.FLOAT, None) for s in sites if s.output not in have
-    )
-    session = make_session(copy, arena=False)
+    session = make_session(_returning(reference, sites), arena=False)
     names = [s.output for s in sites]
     means = [_ChannelMean(s.axis) for s in sites]
     for feed in feeds:
