@@ -438,6 +438,8 @@ class Int8Plan(SearchPlan):
         inputs = self.recovery
         if inputs is None or "recovery" not in summary:
             return []
+        if self.biases_corrected:  # the same layers in every tier and method: those with a bias both models compute
+            summary["recovery"]["quantized_biases_corrected"] = max(self.biases_corrected.values())
         rows = []
         for count in range(len(inputs.settings.steps) + 1):
             steps = inputs.settings.steps[:count]

@@ -31,21 +31,22 @@ CONV_OPS = ("Conv", "ConvTranspose")
 
 @dataclass
 class BiasSite:
-    output: str  # the layer's output, in the quantized model and the float reference
+    output: str  # the layer's output in the quantized model
+    reference_output: str  # the same node's output in the float reference
     bias: str  # the initializer that holds its bias: float, or int32 behind a DequantizeLinear
     axis: int  # the channel axis of ``output``
     step: np.ndarray | None  # an int32 bias's scale per channel; None for a float bias
 
 
-def bias_sites(model: onnx.ModelProto, reference_producers: dict[str, str]) -> list[BiasSite]:
-    """The weight layers of ``model`` (Conv, ConvTranspose, Gemm, a MatMul's bias Add) whose output the
-    reference computes with the same op (``reference_producers``: tensor -> op type), with their bias initializer,
-    in graph order. ORT's quantizer folds a Relu into the quantize after a conv and gives the conv the Relu's
-    output name: that tensor is the conv's in the int8 model and the Relu's in the reference, so it is left out."""
+def bias_sites(model: onnx.ModelProto, reference_nodes: dict[str, onnx.NodeProto]) -> list[BiasSite]:
+    """The weight layers of ``model`` (Conv, ConvTranspose, Gemm, a MatMul's bias Add) that the reference has too
+    (``reference_nodes``: by node name, the same op), with their bias initializer, in graph order. Matched by node
+    name: ORT's quantizer folds a Relu into the quantize after a conv and gives the conv the Relu's output name."""
     g = GraphIndex(model.graph)
     sites = []
     for node in model.graph.node:
-        if reference_producers.get(node.output[0]) != node.op_type:
+        twin = reference_nodes.get(node.name)
+        if not node.name or twin is None or twin.op_type != node.op_type:
             continue
         if node.op_type in CONV_OPS + ("Gemm",) and len(node.input) > 2 and node.input[2]:
             bias, axis = node.input[2], 1 if node.op_type in CONV_OPS else -1
@@ -53,15 +54,14 @@ def bias_sites(model: onnx.ModelProto, reference_producers: dict[str, str]) -> l
             bias, axis = next(i for i in node.input if i in g.inits), -1
         else:
             continue
-        site = _site(g, node.output[0], bias, axis)
+        site = _site(g, node.output[0], twin.output[0], bias, axis)
         if site is not None:
             sites.append(site)
     return sites
 
 
-def producers(model: onnx.ModelProto) -> dict[str, str]:
-    """Tensor -> the op type of the node writing it."""
-    return {o: n.op_type for n in model.graph.node for o in n.output}
+def nodes_by_name(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {n.name: n for n in model.graph.node if n.name}
 
 
 def _reads_matmul(g: GraphIndex, add: onnx.NodeProto) -> bool:
@@ -74,16 +74,17 @@ def _reads_matmul(g: GraphIndex, add: onnx.NodeProto) -> bool:
     return producer is not None and producer.op_type == "MatMul"
 
 
-def _site(g: GraphIndex, output: str, bias: str, axis: int) -> BiasSite | None:
+def _site(g: GraphIndex, output: str, reference_output: str, bias: str, axis: int) -> BiasSite | None:
     if bias in g.inits:
-        return BiasSite(output, bias, axis, None) if g.inits[bias].data_type == onnx.TensorProto.FLOAT else None
+        is_float = g.inits[bias].data_type == onnx.TensorProto.FLOAT
+        return BiasSite(output, reference_output, bias, axis, None) if is_float else None
     dequantize = g.producer.get(bias)
     if dequantize is None or dequantize.op_type != "DequantizeLinear" or dequantize.input[0] not in g.inits:
         return None
     stored, scale = g.inits[dequantize.input[0]], g.const(dequantize.input[1])
     if stored.data_type != onnx.TensorProto.INT32 or scale is None or len(g.readers(dequantize.input[0])) != 1:
         return None
-    return BiasSite(output, dequantize.input[0], axis, scale.astype(np.float64).reshape(-1))
+    return BiasSite(output, reference_output, dequantize.input[0], axis, scale.astype(np.float64).reshape(-1))
 
 
 class _ChannelMean:
@@ -101,20 +102,20 @@ class _ChannelMean:
         return self.total / max(self.count, 1)
 
 
-def _returning(model: onnx.ModelProto, sites: list[BiasSite]) -> onnx.ModelProto:
-    """A copy of ``model`` that also returns every site's output."""
+def _returning(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also returns the float tensors ``names``."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     have = {o.name for o in copy.graph.output}
     copy.graph.output.extend(
-        helper.make_tensor_value_info(s.output, onnx.TensorProto.FLOAT, None) for s in sites if s.output not in have
+        helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names if name not in have
     )
     return copy
 
 
 def _measuring_copy(model: onnx.ModelProto, sites: list[BiasSite]) -> onnx.ModelProto:
     """``model`` returning every site's output, its biases fed as inputs (defaults: their initializers)."""
-    copy = _returning(model, sites)
+    copy = _returning(model, [s.output for s in sites])
     inits = {t.name: t for t in copy.graph.initializer}
     inputs = {i.name for i in copy.graph.input}
     biases = [name for name in dict.fromkeys(s.bias for s in sites) if name not in inputs]
@@ -129,7 +130,7 @@ def correct_quantized_biases(
 ) -> int:
     """Correct ``model``'s biases in place so each layer's per-channel output mean on ``feeds`` matches
     ``reference``'s (the float model it was quantized from, same tensor names); returns the layers corrected."""
-    sites = bias_sites(model, producers(reference))
+    sites = bias_sites(model, nodes_by_name(reference))
     if not sites or not feeds:
         return 0
     target = _reference_means(reference, sites, feeds)
@@ -141,7 +142,7 @@ def correct_quantized_biases(
         measured = _ChannelMean(site.axis)
         for feed in feeds:
             measured.add(session.run([site.output], adapt_feed(model, feed) | biases)[0])
-        shift = measured.mean() - target[site.output]
+        shift = measured.mean() - target[site.reference_output]
         if shift.shape != biases[site.bias].shape or not np.all(np.isfinite(shift)):
             continue
         if site.step is None:
@@ -158,9 +159,10 @@ def correct_quantized_biases(
 def _reference_means(
     reference: onnx.ModelProto, sites: list[BiasSite], feeds: list[dict[str, np.ndarray]]
 ) -> dict[str, np.ndarray]:
-    session = make_session(_returning(reference, sites), arena=False)
-    names = [s.output for s in sites]
-    means = [_ChannelMean(s.axis) for s in sites]
+    names = list(dict.fromkeys(s.reference_output for s in sites))
+    session = make_session(_returning(reference, names), arena=False)
+    axes = {s.reference_output: s.axis for s in sites}
+    means = [_ChannelMean(axes[name]) for name in names]
     for feed in feeds:
         for mean, value in zip(means, session.run(names, adapt_feed(reference, feed))):
             mean.add(value)

@@ -6,12 +6,14 @@ layer in graph order on the calibration pages, must bring the map closer to the 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
-from conftest import needs_ocr
+from conftest import DIGITS, needs_ocr
 from det_int8 import quantized_det_and_calib
-from lepton_cli.passes._quantize.quantized_bias import bias_sites, correct_quantized_biases, producers
+from lepton_cli.passes._quantize.quantized_bias import bias_sites, correct_quantized_biases, nodes_by_name
 from onnx import numpy_helper
 
 from lepton_cli.model.sessions import make_session
@@ -43,7 +45,7 @@ def test_a_shifted_float_bias_is_measured_back(det):
     in that conv's output mean and removes it (the biases are fed as session inputs while measuring)."""
     fused, _, held, calib = det
     shifted = _copy(fused)
-    site = bias_sites(shifted, producers(fused))[3]
+    site = bias_sites(shifted, nodes_by_name(fused))[3]
     bias = next(t for t in shifted.graph.initializer if t.name == site.bias)
     original = numpy_helper.to_array(bias).copy()
     bias.CopyFrom(numpy_helper.from_array((original + 0.5).astype(np.float32), site.bias))
@@ -58,9 +60,28 @@ def test_the_int8_map_moves_towards_the_float_map_on_held_out_pages(det):
     fused, int8, held, calib = det
     corrected = _copy(int8)
     count = correct_quantized_biases(corrected, fused, calib)
-    assert count == len(bias_sites(int8, producers(fused))) > 40
+    assert count == len(bias_sites(int8, nodes_by_name(fused))) > 40
     reference = _maps(fused, held)
     plain, better = _snr_db(reference, _maps(int8, held)), _snr_db(reference, _maps(corrected, held))
     assert better > plain + 5.0, (plain, better)  # measured 3.96 -> 13.63 dB
     stored = [t for t in corrected.graph.initializer if t.data_type == onnx.TensorProto.INT32]
     assert stored  # ORT's int32 biases were corrected in their integer steps, still int32
+
+
+def test_a_target_turns_it_on_and_the_report_says_what_it_gained(run_cli, tmp_path):
+    """digits (a trained CNN, its own calibration images) through `lepton compile`: the quantize step reports the
+    layers corrected, and its recovery table scores the fully quantized model without and with the step."""
+    target = tmp_path / "corrected.toml"
+    target.write_text(
+        'extends = "cpu-avx"\nname = "cpu-avx-corrected"\n[pass_params.quantize]\nquantized_bias_correction = true\n'
+    )
+    out = tmp_path / "out"
+    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", target, "--calib", DIGITS / "calib.npz", "-o", out)
+    assert res.code == 0, res.stderr
+    report = json.loads(next(out.glob("*.lepton/report.json")).read_text())
+    summary = next(s for s in report["pipeline"] if s["name"] == "quantize")["summary"]
+    # two convs (ORT folded their Relus into the quantizes and gave them the Relus' output names) and two Gemms
+    assert summary["quantized_biases_corrected"] == 4
+    rows = summary["recovery"]["gains"]["rows"]
+    assert [r["steps"] for r in rows] == [[], ["quantized_bias_correction"]]
+    assert rows[0]["snr_db"] != rows[1]["snr_db"]
