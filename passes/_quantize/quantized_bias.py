@@ -6,11 +6,13 @@ reaches the layers after it. Here each weight layer's per-channel output mean in
 calibration data and matched to the float reference's by its bias, in graph order, so a layer is corrected with
 the layers before it already corrected (AIMET's empirical bias correction, NNCF's BiasCorrection; correcting all
 layers from one run overshoots, each counting the shift its predecessors already remove). PP-OCRv5 det, every op
-int8 on cpu-avx (MinMax), 32 held-out camera frames: worst page 9.32 -> 6.01 points, mean page 5.30 -> 2.51.
+int8 on cpu-avx (MinMax), 32 held-out camera frames: worst page 15.8 -> 7.5 points, mean page 8.8 -> 3.0.
 
 The biases are graph inputs of one session while measuring (an initializer listed as an input can be fed), so the
 model is loaded once; each layer costs one run per sample. A bias ORT stored as int32 (scale = input x weight
-scale) is corrected in its integer steps.
+scale) is corrected in its integer steps. Layers are matched to the reference by node name, not output name: ORT's
+quantizer folds a Relu into the quantize after a conv and gives the conv the Relu's output name, and comparing that
+pre-Relu mean with the reference's post-Relu one took the model above from 15.8 to 30.7 points.
 """
 
 from __future__ import annotations
