@@ -6,7 +6,9 @@ reaches the layers after it. Here each weight layer's per-channel output mean in
 calibration data and matched to the float reference's by its bias, in graph order, so a layer is corrected with
 the layers before it already corrected (AIMET's empirical bias correction, NNCF's BiasCorrection; correcting all
 layers from one run overshoots, each counting the shift its predecessors already remove). PP-OCRv5 det, every op
-int8 on cpu-avx (MinMax), 32 held-out camera frames: worst page 15.8 -> 7.5 points, mean page 8.8 -> 3.0.
+int8 on cpu-avx (MinMax), 32 held-out camera frames: worst page 15.8 -> 7.5 points, mean page 8.8 -> 3.0. Models
+already close to their source read worse with it (PP-OCRv5 rec on tpu 1.28 -> 1.87): opt-in
+(benchmarks/results/quantized_bias.md).
 
 The biases are graph inputs of one session while measuring (an initializer listed as an input can be fed), so the
 model is loaded once; each layer costs one run per sample. A bias ORT stored as int32 (scale = input x weight
