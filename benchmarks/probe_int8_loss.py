@@ -12,7 +12,8 @@ model after bias correction on the quantized model (``passes/_quantize/quantized
         --out benchmarks/results/probe_int8_loss_ppocrv5_det
 
 T: a target that extends cpu-avx with ``tune = false`` and ``integer_elementwise = false`` (plain Q/DQ pairs, each
-removable); FUSED.onnx: the same command with a target listing only the fuse pass.
+removable; untuned, the Conv-only tier, so no Relu is folded into a quantize, which a plain bypass would drop where
+``float_keep.keep_float`` restores it); FUSED.onnx: the same command with a target listing only the fuse pass.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def main(argv: list[str]) -> None:
     acts = float_weights(int8, fused)
     rows = [("int8", int8), ("weights int8 only", bypassed(int8, set())), ("activations int8 only", acts)]
     corrected = onnx.ModelProto.FromString(int8.SerializeToString())
-    layers = correct_quantized_biases(corrected, fused, calib)
+    layers = len(correct_quantized_biases(corrected, fused, calib))
     rows.append((f"int8, bias correction on the int8 model ({layers} layers)", corrected))
     if args.per_tensor:
         rows += [

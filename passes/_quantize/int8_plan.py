@@ -28,7 +28,7 @@ from lepton_cli.passes._quantize.integer_elementwise import lowered, rewritten
 from lepton_cli.passes._quantize.integer_io import make_integer_io
 from lepton_cli.passes._quantize.plan import SearchPlan, int8_weights
 from lepton_cli.passes._quantize.prequantized import has_subgraphs, quantized_ops
-from lepton_cli.passes._quantize.quantized_bias import correct_quantized_biases
+from lepton_cli.passes._quantize.quantized_bias import correct_quantized_biases, write_biases
 from lepton_cli.passes._quantize.recovery import RecoverySettings, changed_by, recover
 from lepton_cli.passes._quantize.sensitivity import quantized_nodes
 from lepton_cli.passes._quantize.short_names import shorten_added_names
@@ -198,7 +198,8 @@ class Int8Plan(SearchPlan):
         # Per (tier tag, method), as each build calibrates: tensors whose range was cut to what readers tell apart,
         # and nodes left float around a -inf/finfo.min mask; ``finish`` reports the chosen tier's.
         self.narrowed: dict[tuple[str, str], list[str]] = {}
-        self.biases_corrected: dict[tuple[str, str], int] = {}  # layers quantized_bias.py corrected
+        # Biases quantized_bias.py corrected, by (tier tag, method): put back when the same model is built again.
+        self.biases_corrected: dict[tuple[str, str], dict[str, np.ndarray]] = {}
         self.sentinel_nodes: dict[tuple[str, str], list[str]] = {}
         self.base = onnx.ModelProto()
         self.recovery: _RecoveryInputs | None = None  # what the steps ran on, for the report's per-step gains
@@ -299,7 +300,7 @@ class Int8Plan(SearchPlan):
                 tier.transform,
                 exclude_here,
                 recovered.reference,
-                tier.settings.quantized_bias_correction,
+                correct=tier.settings.quantized_bias_correction,
             )
             return build, recovered.reference
 
@@ -349,7 +350,9 @@ class Int8Plan(SearchPlan):
             if key not in self.quantized:
                 left = list(exclude) + self.sentinel_nodes[key]
                 self.quantized[key] = schemes.quantize_int8(source, ranges[method], method, scheme, left, work_dir)
-                if correct:
+                if correct and key in self.biases_corrected:
+                    write_biases(self.quantized[key], self.biases_corrected[key])
+                elif correct:
                     ctx.progress(f"bias correction on the int8 model ({method})")
                     feeds = list(calib.feeds(params.quantized_bias_samples))
                     self.biases_corrected[key] = correct_quantized_biases(self.quantized[key], base, feeds)
@@ -439,7 +442,7 @@ class Int8Plan(SearchPlan):
         if inputs is None or "recovery" not in summary:
             return []
         if self.biases_corrected:  # the same layers in every tier and method: those with a bias both models compute
-            summary["recovery"]["quantized_biases_corrected"] = max(self.biases_corrected.values())
+            summary["recovery"]["quantized_biases_corrected"] = max(map(len, self.biases_corrected.values()))
         rows = []
         for count in range(len(inputs.settings.steps) + 1):
             steps = inputs.settings.steps[:count]
@@ -517,7 +520,7 @@ class Int8Plan(SearchPlan):
         chosen = (self._tier_tag(summary), summary["method"])
         summary["ranges_narrowed_to_readers"] = len(self.narrowed.get(chosen, []))
         if chosen in self.biases_corrected:
-            summary["quantized_biases_corrected"] = self.biases_corrected[chosen]
+            summary["quantized_biases_corrected"] = len(self.biases_corrected[chosen])
         if self.sentinel_nodes.get(chosen):
             summary["float_around_mask"] = self.sentinel_nodes[chosen]
         summary["name_bytes_saved"] = shorten_added_names(result, _source_names(self.base))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from lepton_cli.passes._quantize.sensitivity import tensor_runs, with_outputs
 from onnx import helper, numpy_helper
 
 from lepton_cli.model.external_data import tensor_array
@@ -106,42 +107,35 @@ class _ChannelMean:
         return self.total / max(self.count, 1)
 
 
-def _returning(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also returns the float tensors ``names``."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    have = {o.name for o in copy.graph.output}
-    copy.graph.output.extend(
-        helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names if name not in have
-    )
-    return copy
-
-
-def _measuring_copy(model: onnx.ModelProto, sites: list[BiasSite]) -> onnx.ModelProto:
-    """``model`` returning every site's output, its biases fed as inputs (defaults: their initializers)."""
-    copy = _returning(model, [s.output for s in sites])
+def _measuring_copy(model: onnx.ModelProto, sites: list[BiasSite]) -> tuple[onnx.ModelProto, list[BiasSite]]:
+    """(``model`` returning every site's output, its biases fed as inputs (defaults: their initializers); the sites
+    whose output it returns)."""
+    copy, returned = with_outputs(model, [s.output for s in sites])
+    returned = set(returned) | {o.name for o in model.graph.output}
+    sites = [s for s in sites if s.output in returned]
     inits = {t.name: t for t in copy.graph.initializer}
     inputs = {i.name for i in copy.graph.input}
     biases = [name for name in dict.fromkeys(s.bias for s in sites) if name not in inputs]
     copy.graph.input.extend(
         helper.make_tensor_value_info(name, inits[name].data_type, list(inits[name].dims)) for name in biases
     )
-    return copy
+    return copy, sites
 
 
 def correct_quantized_biases(
     model: onnx.ModelProto, reference: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]
-) -> int:
+) -> dict[str, np.ndarray]:
     """Correct ``model``'s biases in place so each layer's per-channel output mean on ``feeds`` matches
-    ``reference``'s (the float model it was quantized from, same tensor names); returns the layers corrected."""
-    sites = bias_sites(model, nodes_by_name(reference))
+    ``reference``'s (the float model it was quantized from, same node names); returns the corrected biases by
+    initializer name (``write_biases`` puts them into the same quantized model built again)."""
+    measuring, sites = _measuring_copy(model, bias_sites(model, nodes_by_name(reference)))
     if not sites or not feeds:
-        return 0
+        return {}
     target = _reference_means(reference, sites, feeds)
     inits = {t.name: t for t in model.graph.initializer}
     biases = {s.bias: tensor_array(inits[s.bias]).copy() for s in sites}
-    session = make_session(_measuring_copy(model, sites), arena=False)
-    corrected = 0
+    session = make_session(measuring, arena=False)
+    corrected: dict[str, np.ndarray] = {}
     for site in sites:
         measured = _ChannelMean(site.axis)
         for feed in feeds:
@@ -154,20 +148,24 @@ def correct_quantized_biases(
         else:
             steps = np.round(shift / np.broadcast_to(site.step, shift.shape))
             biases[site.bias] = (biases[site.bias] - steps).astype(np.int32)
-        corrected += 1
-    for name, value in biases.items():
-        inits[name].CopyFrom(numpy_helper.from_array(value, name))
+        corrected[site.bias] = biases[site.bias]
+    write_biases(model, corrected)
     return corrected
+
+
+def write_biases(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
+    """Set the initializers named in ``values`` (each keeps its name and takes the value's dtype)."""
+    for init in model.graph.initializer:
+        if init.name in values:
+            init.CopyFrom(numpy_helper.from_array(values[init.name], init.name))
 
 
 def _reference_means(
     reference: onnx.ModelProto, sites: list[BiasSite], feeds: list[dict[str, np.ndarray]]
 ) -> dict[str, np.ndarray]:
-    names = list(dict.fromkeys(s.reference_output for s in sites))
-    session = make_session(_returning(reference, names), arena=False)
     axes = {s.reference_output: s.axis for s in sites}
-    means = [_ChannelMean(axes[name]) for name in names]
-    for feed in feeds:
-        for mean, value in zip(means, session.run(names, adapt_feed(reference, feed))):
-            mean.add(value)
-    return {name: mean.mean() for name, mean in zip(names, means)}
+    means = {name: _ChannelMean(axis) for name, axis in axes.items()}
+    for values in tensor_runs(reference, list(axes), feeds, graph_outputs=True):
+        for name, value in values.items():
+            means[name].add(value)
+    return {name: mean.mean() for name, mean in means.items()}

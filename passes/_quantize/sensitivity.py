@@ -22,7 +22,7 @@ from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.model.sessions import make_session
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` that also returns the float tensors ``names`` (those it has)."""
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {
@@ -45,7 +45,7 @@ def tensor_runs(
     """Per feed, the float tensors ``names`` (those ``model`` has) as ``{name: array}``, one feed at a time.
     ``graph_outputs``: also those of ``names`` that are already graph outputs (left out by default: the ranking
     compares what flows between nodes)."""
-    extended, keep = _with_outputs(model, names)
+    extended, keep = with_outputs(model, names)
     if graph_outputs:
         wanted = set(names)
         keep += [o.name for o in model.graph.output if o.name in wanted]

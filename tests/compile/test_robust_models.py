@@ -368,7 +368,7 @@ def test_streamed_local_errors_rank_as_the_float64_reference(run_mb, tmp_path, m
     monkeypatch.setattr(sensitivity, "RUN_MB", run_mb)
     from lepton_cli.passes._quantize import schemes
     from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
-    from lepton_cli.passes._quantize.sensitivity import _with_outputs, local_errors
+    from lepton_cli.passes._quantize.sensitivity import local_errors, with_outputs
 
     from lepton_cli.model.sessions import make_session
     from lepton_cli.model.shapes import bind_input_shapes
@@ -390,7 +390,7 @@ def test_streamed_local_errors_rank_as_the_float64_reference(run_mb, tmp_path, m
     names = sorted({t for n in nodes.values() for t in [*n.input, *n.output] if t})
     held = {}
     for tag, graph in (("ref", base), ("got", quantized)):
-        extended, keep = _with_outputs(graph, names)
+        extended, keep = with_outputs(graph, names)
         session = make_session(extended)
         held[tag] = [dict(zip(keep, (v.astype(np.float64) for v in session.run(keep, feed)))) for feed in feeds]
 
