@@ -30,7 +30,7 @@ from lepton_cli.pipeline.params import ParamValueError
 from lepton_cli.pipeline.registry import LOSSY, BudgetUse, PassEnv, PassResult, register_pass
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
-RecoveryStep = Literal["equalize", "adaround", "bias_correction", "quantized_bias_correction"]
+RecoveryStep = Literal["equalize", "adaround", "bias_correction", "quantized_bias_correction", "quantized_adaround"]
 COUNTS = ("calib_chunk", "max_calib_samples", "max_eval_samples", "int4_block_size", "quantized_bias_samples")
 
 
@@ -76,14 +76,14 @@ class QuantizeParams:
     residual_scaling_alpha: float | None = None  # post-LN residual sums rescaled per dimension (residual_scaling.py)
     smoothquant_alpha: float | None = None  # SmoothQuant for MatMul/Gemm inputs after a LayerNorm
     smoothquant_insert: bool = False  # also where nothing absorbs 1/s: a float per-channel Mul on the layer's input
-    # The SmoothQuant'ed model (inserted scales) as one more candidate tier, searched only when the plain tiers' choice
-    # keeps layers float and its fully quantized model is priced below that choice; ignored with smoothquant_alpha.
+    # The SmoothQuant'ed model (inserted scales) as a tier, searched when the plain choice keeps layers float (cheaper)
     smoothquant_tier_alpha: float | None = None
     conv_smoothing_alpha: float | None = None  # the same for conv inputs whose producer absorbs 1/s (conv_smoothing.py)
     bias_correction: bool = False  # fold each weight layer's mean int8 output error into its bias
     quantized_bias_correction: bool = False  # int8 biases matched to the float output means (quantized_bias.py)
     quantized_bias_samples: int = 8  # --calib samples it measures on: one run each per layer with a bias
     adaround: bool = False  # optimise each layer's weight rounding against its float output on --calib
+    quantized_adaround: bool = False  # the same on the int8 model's layer inputs (quantized_adaround.py)
     adaround_iterations: int = 200
     adaround_seconds: float = 120.0  # whole-model budget; layers past it round to nearest
     recovery_tier: list[RecoveryStep] = field(default_factory=list)  # these steps as a tier, like SmoothQuant's

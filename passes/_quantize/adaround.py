@@ -37,11 +37,25 @@ class AdaRoundSettings:
     learning_rate: float = 0.05
 
 
-def reconstruction_error(rows: np.ndarray, candidate: np.ndarray, stats: LayerStats) -> np.ndarray:
-    """Mean squared output error per output channel of ``candidate`` weights vs ``rows`` (``d G dᵀ``)."""
+def reconstruction_error(
+    rows: np.ndarray, candidate: np.ndarray, stats: LayerStats, cross: np.ndarray | None = None
+) -> np.ndarray:
+    """Mean squared output error per output channel of ``candidate`` weights vs ``rows`` (``d G dᵀ``). With
+    ``cross`` (``E[x_q x_fᵀ]``, ``stats.gram`` then ``E[x_q x_qᵀ]``): ``c G cᵀ - 2 c E[x_q x_fᵀ] rowsᵀ``, the error of
+    ``candidate`` on quantized inputs against ``rows`` on float ones, less a constant per row."""
     groups = stats.gram.shape[0]
-    delta = (candidate - rows).reshape(groups, -1, rows.shape[1])
-    return np.sum(np.matmul(delta, stats.gram) * delta, axis=2).reshape(-1)
+    if cross is None:
+        delta = (candidate - rows).reshape(groups, -1, rows.shape[1])
+        return np.sum(np.matmul(delta, stats.gram) * delta, axis=2).reshape(-1)
+    c = candidate.reshape(groups, -1, rows.shape[1])
+    quadratic = np.sum(np.matmul(c, stats.gram) * c, axis=2)
+    return (quadratic - 2 * np.sum(c * _anchor(rows, cross), axis=2)).reshape(-1)
+
+
+def _anchor(rows: np.ndarray, cross: np.ndarray) -> np.ndarray:
+    """``rows E[x_f x_qᵀ]`` per group: what ``candidate G`` is pulled towards (``rows G`` on float inputs)."""
+    groups = cross.shape[0]
+    return np.matmul(rows.reshape(groups, -1, rows.shape[1]), cross.transpose(0, 2, 1))
 
 
 def _soft(v: np.ndarray) -> np.ndarray:
@@ -59,15 +73,30 @@ def _single_thread_blas() -> contextlib.AbstractContextManager[Any]:
 
 
 def optimise_rounding(
-    rows: np.ndarray, grid: Grid, stats: LayerStats, settings: AdaRoundSettings, deadline: float | None = None
+    rows: np.ndarray,
+    grid: Grid,
+    stats: LayerStats,
+    settings: AdaRoundSettings,
+    deadline: float | None = None,
+    *,
+    cross: np.ndarray | None = None,
+    pin: bool = True,
 ) -> np.ndarray:
-    """Weights on ``grid`` (float values, [out, in]) with the rounding that lowers the layer's output error."""
+    """Weights on ``grid`` (float values, [out, in]) with the rounding that lowers the layer's output error.
+    ``cross``: fit on quantized inputs (``reconstruction_error``); ``pin``: each row's largest weight rounds to
+    nearest, so ORT's quantizer derives the same scale from the result."""
     with _single_thread_blas():
-        return _optimise(rows, grid, stats, settings, deadline)
+        return _optimise(rows, grid, stats, settings, deadline, cross, pin)
 
 
 def _optimise(
-    rows: np.ndarray, grid: Grid, stats: LayerStats, settings: AdaRoundSettings, deadline: float | None
+    rows: np.ndarray,
+    grid: Grid,
+    stats: LayerStats,
+    settings: AdaRoundSettings,
+    deadline: float | None,
+    cross: np.ndarray | None,
+    pin: bool,
 ) -> np.ndarray:
     rows = rows.astype(np.float64)
     scale = grid.scale[:, None]
@@ -76,6 +105,7 @@ def _optimise(
     v = -np.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)  # h(v) = rest: start at the float weights
     groups = stats.gram.shape[0]
     gram = stats.gram
+    anchor = _anchor(rows, gram if cross is None else cross)
     # Normalise the quadratic so λ means the same for every layer: d G dᵀ per unit of s² and input power.
     norm = (scale.reshape(groups, -1, 1) ** 2) * max(float(np.mean(np.diagonal(gram, axis1=1, axis2=2))), 1e-30)
     m, s2 = np.zeros_like(v), np.zeros_like(v)
@@ -85,8 +115,8 @@ def _optimise(
             break
         h = _soft(v)
         values = np.clip(floor + h, grid.qmin, grid.qmax) * scale
-        delta = (values - rows).reshape(groups, -1, rows.shape[1])
-        grad_w = (2.0 * np.matmul(delta, gram) / norm).reshape(rows.shape)  # matmul: BLAS (einsum is not)
+        grouped = values.reshape(groups, -1, rows.shape[1])
+        grad_w = (2.0 * (np.matmul(grouped, gram) - anchor) / norm).reshape(rows.shape)  # matmul: BLAS (not einsum)
         grad_h = grad_w * scale
         if step >= warm:
             progress = (step - warm) / max(1, settings.iterations - warm)
@@ -101,8 +131,9 @@ def _optimise(
         v -= settings.learning_rate * (m / (1 - 0.9 ** (step + 1))) / (np.sqrt(s2 / (1 - 0.999 ** (step + 1))) + 1e-8)
     chosen = np.clip(floor + (_soft(v) >= 0.5), grid.qmin, grid.qmax) * scale
     nearest = grid.quantize(rows)
-    _pin_extremes(rows, chosen, nearest)
-    better = reconstruction_error(rows, chosen, stats) < reconstruction_error(rows, nearest, stats)
+    if pin:
+        _pin_extremes(rows, chosen, nearest)
+    better = reconstruction_error(rows, chosen, stats, cross) < reconstruction_error(rows, nearest, stats, cross)
     return np.where(better[:, None], chosen, nearest)
 
 

@@ -24,11 +24,11 @@ from lepton_cli.passes._quantize.consumer_ranges import narrow_to_readers
 from lepton_cli.passes._quantize.float_hard_swish import restore_hard_swish
 from lepton_cli.passes._quantize.float_keep import keep_float_nodes
 from lepton_cli.passes._quantize.heads import find_heads, head_overrides
+from lepton_cli.passes._quantize.int8_fits import Int8Fits
 from lepton_cli.passes._quantize.integer_elementwise import lowered, rewritten
 from lepton_cli.passes._quantize.integer_io import make_integer_io
 from lepton_cli.passes._quantize.plan import SearchPlan, int8_weights
 from lepton_cli.passes._quantize.prequantized import has_subgraphs, quantized_ops
-from lepton_cli.passes._quantize.quantized_bias import correct_quantized_biases, write_biases
 from lepton_cli.passes._quantize.recovery import RecoverySettings, changed_by, recover
 from lepton_cli.passes._quantize.sensitivity import quantized_nodes
 from lepton_cli.passes._quantize.short_names import shorten_added_names
@@ -198,8 +198,12 @@ class Int8Plan(SearchPlan):
         # Per (tier tag, method), as each build calibrates: tensors whose range was cut to what readers tell apart,
         # and nodes left float around a -inf/finfo.min mask; ``finish`` reports the chosen tier's.
         self.narrowed: dict[tuple[str, str], list[str]] = {}
-        # Biases quantized_bias.py corrected, by (tier tag, method): put back when the same model is built again.
-        self.biases_corrected: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+        # What the int8-model steps fitted, by (tier tag, method): put back when the same model is built again.
+        samples = {
+            "quantized_adaround": params.recovery_samples,
+            "quantized_bias_correction": params.quantized_bias_samples,
+        }
+        self.int8_fits = Int8Fits(samples, params.adaround_iterations, params.adaround_seconds)
         self.sentinel_nodes: dict[tuple[str, str], list[str]] = {}
         self.base = onnx.ModelProto()
         self.recovery: _RecoveryInputs | None = None  # what the steps ran on, for the report's per-step gains
@@ -230,9 +234,9 @@ class Int8Plan(SearchPlan):
         if self.recovery is not None:
             self.recovery.heads, self.recovery.scheme = head_nodes, scheme
         exclude = head_nodes + recovery_float
-        on = params.quantized_bias_correction
+        on = self._recovery_settings(base).int8_steps
         builds = [
-            self._builder(source, calib, replace(scheme, op_types=tuple(ops)), ctx, f"t{i}", exclude, correct=on)
+            self._builder(source, calib, replace(scheme, op_types=tuple(ops)), ctx, f"t{i}", exclude, int8_steps=on)
             for i, ops in enumerate(self.tiers)
         ]
         space = SearchSpace(builds, list(dict.fromkeys(params.methods)), self.base, tiers=list(self.tiers))
@@ -300,7 +304,7 @@ class Int8Plan(SearchPlan):
                 tier.transform,
                 exclude_here,
                 recovered.reference,
-                correct=tier.settings.quantized_bias_correction,
+                int8_steps=tier.settings.int8_steps,
             )
             return build, recovered.reference
 
@@ -315,12 +319,12 @@ class Int8Plan(SearchPlan):
         tag: str,
         exclude: list[str],
         reference: onnx.ModelProto | None = None,
-        correct: bool = False,
+        int8_steps: tuple[str, ...] = (),
     ) -> Build:
         """(method, float-kept nodes) -> candidate, for one tier; calibration once per method, the fully quantized
         model kept while the same tier and method are asked for (``self.quantized``).
         ``source`` carries recovery's adjusted weights; float-kept nodes read ``reference`` (default ``self.base``);
-        ``correct``: the fully quantized model's biases matched to the reference's output means (quantized_bias.py)."""
+        ``int8_steps``: fitted on the fully quantized model against the reference (int8_fits.py)."""
         params, work_dir = self.params, Path(ctx.work_dir)
         base = self.base if reference is None else reference
         ranges: dict[str, Path] = {}
@@ -350,12 +354,8 @@ class Int8Plan(SearchPlan):
             if key not in self.quantized:
                 left = list(exclude) + self.sentinel_nodes[key]
                 self.quantized[key] = schemes.quantize_int8(source, ranges[method], method, scheme, left, work_dir)
-                if correct and key in self.biases_corrected:
-                    write_biases(self.quantized[key], self.biases_corrected[key])
-                elif correct:
-                    ctx.progress(f"bias correction on the int8 model ({method})")
-                    feeds = list(calib.feeds(params.quantized_bias_samples))
-                    self.biases_corrected[key] = correct_quantized_biases(self.quantized[key], base, feeds)
+                if int8_steps:
+                    self.int8_fits.apply(key, self.quantized[key], base, calib, int8_steps, ctx.progress)
             # Float-kept nodes are bypassed in the fully quantized model, exactly as the search measured them.
             return keep_float_nodes(self.quantized[key], base, keep, params.float_kept_weights == "float")
 
@@ -386,6 +386,7 @@ class Int8Plan(SearchPlan):
             conv_smoothing_alpha=params.conv_smoothing_alpha,
             bias_correction=params.bias_correction,
             quantized_bias_correction=params.quantized_bias_correction,
+            quantized_adaround=params.quantized_adaround,
             adaround=params.adaround,
             adaround_iterations=params.adaround_iterations,
             adaround_seconds=params.adaround_seconds,
@@ -441,8 +442,7 @@ class Int8Plan(SearchPlan):
         inputs = self.recovery
         if inputs is None or "recovery" not in summary:
             return []
-        if self.biases_corrected:  # the same layers in every tier and method: those with a bias both models compute
-            summary["recovery"]["quantized_biases_corrected"] = max(map(len, self.biases_corrected.values()))
+        summary["recovery"] |= self.int8_fits.most()
         rows = []
         for count in range(len(inputs.settings.steps) + 1):
             steps = inputs.settings.steps[:count]
@@ -459,9 +459,7 @@ class Int8Plan(SearchPlan):
                 source, extra = recovered.quantize_source, recovered.float_nodes
             scheme = replace(inputs.scheme, op_types=tuple(ops))
             tag, left = f"gain{count}", inputs.heads + extra
-            build = self._builder(
-                source, inputs.calib, scheme, ctx, tag, left, correct=settings.quantized_bias_correction
-            )
+            build = self._builder(source, inputs.calib, scheme, ctx, tag, left, int8_steps=settings.int8_steps)
             score = evaluator.score(build(method, []))
             rows.append(_gain_row(steps, score.drop_pct, score.drop_se, score.agreement) | {"changed": changed})
         return rows
@@ -519,8 +517,7 @@ class Int8Plan(SearchPlan):
             summary["integer_elementwise"] = rewritten(result)
         chosen = (self._tier_tag(summary), summary["method"])
         summary["ranges_narrowed_to_readers"] = len(self.narrowed.get(chosen, []))
-        if chosen in self.biases_corrected:
-            summary["quantized_biases_corrected"] = len(self.biases_corrected[chosen])
+        summary |= self.int8_fits.counts.get(chosen, {})
         if self.sentinel_nodes.get(chosen):
             summary["float_around_mask"] = self.sentinel_nodes[chosen]
         summary["name_bytes_saved"] = shorten_added_names(result, _source_names(self.base))

@@ -36,6 +36,7 @@ from lepton_cli.passes._quantize.weight_layers import (
     weight_layers,
 )
 
+INT8_STEPS = ("quantized_adaround", "quantized_bias_correction")  # fitted on each int8 model, in this order
 # What each step records in the summary about what it changed: (key, unit), for the report's gains table.
 CHANGE_COUNTS = {
     "equalize": ("equalized_pairs", "conv pairs"),
@@ -45,6 +46,7 @@ CHANGE_COUNTS = {
     "adaround": ("adaround_layers", "layers"),
     "bias_correction": ("bias_corrected_layers", "layers"),
     "quantized_bias_correction": ("quantized_biases_corrected", "layers"),
+    "quantized_adaround": ("quantized_adaround_layers", "layers"),
 }
 
 
@@ -62,7 +64,8 @@ class RecoverySettings:
     smoothquant_insert: bool = False  # a float per-channel Mul where no producer absorbs 1/s (smoothquant.py)
     conv_smoothing_alpha: float | None = None  # None: off (conv_smoothing.py)
     bias_correction: bool = False
-    quantized_bias_correction: bool = False  # applied to each int8 model by its build, not here (quantized_bias.py)
+    quantized_bias_correction: bool = False  # applied to each int8 model by its build, not here (int8_fits.py)
+    quantized_adaround: bool = False  # the same: rounding refitted on the int8 model's inputs (quantized_adaround.py)
     adaround: bool = False
     adaround_iterations: int = 300
     adaround_seconds: float = 120.0  # whole-model budget; layers past it keep round-to-nearest
@@ -83,9 +86,15 @@ class RecoverySettings:
             "conv_smoothing": self.conv_smoothing_alpha is not None,
             "adaround": self.adaround,
             "bias_correction": self.bias_correction,
+            "quantized_adaround": self.quantized_adaround,
             "quantized_bias_correction": self.quantized_bias_correction,
         }
         return [name for name, on in enabled.items() if on]
+
+    @property
+    def int8_steps(self) -> tuple[str, ...]:
+        """The enabled steps each int8 model's build fits (int8_fits.py), which ``recover`` leaves alone."""
+        return tuple(step for step in INT8_STEPS if step in self.steps)
 
     def only(self, steps: list[str]) -> RecoverySettings:
         """These settings with every step not in ``steps`` switched off."""
@@ -98,6 +107,7 @@ class RecoverySettings:
             adaround=self.adaround and "adaround" in steps,
             bias_correction=self.bias_correction and "bias_correction" in steps,
             quantized_bias_correction=self.quantized_bias_correction and "quantized_bias_correction" in steps,
+            quantized_adaround=self.quantized_adaround and "quantized_adaround" in steps,
         )
 
     @property
@@ -105,7 +115,7 @@ class RecoverySettings:
         return (
             self.equalize
             or self.per_layer
-            or self.quantized_bias_correction
+            or bool(self.int8_steps)
             or self.residual_scaling_alpha is not None
             or self.smoothquant_alpha is not None
             or self.conv_smoothing_alpha is not None

@@ -1,0 +1,181 @@
+"""Weight rounding chosen on the quantized model: each layer's int8 weights fitted to its float output from the
+inputs the int8 model really gives it (AdaRound's asymmetric reconstruction, Nagel et al. 2020, section 5).
+
+``adaround.py`` fits a layer's rounding to its float output on *float* inputs: it removes the error of the layer's
+own weights and sees nothing of the activation rounding before it, which is most of a full-integer model's error
+(tpu: PP-OCRv5 rec, ddddocr's detector, MiniLM; docs/decisions.md, session 22). Here the objective is
+``E|w_q x_q - w x_f|^2`` with ``x_q`` the layer's input in the int8 model and ``x_f`` the float reference's, so the
+rounding also leans against the error arriving at the layer. The weights stay on their stored grid (scale and zero
+point untouched, one up-or-down choice per weight), which is what keeps 16-32 samples from over-fitting where a free
+least-squares fit did (session 22). Layers are fitted in graph order, a few at a time, each reading inputs from the
+int8 model with the layers before it already refitted; the weights are graph inputs of one session meanwhile, so
+the model loads once. Matched to the reference by node name, as ``quantized_bias.py`` (ORT renames outputs).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from lepton_cli.passes._quantize.adaround import AdaRoundSettings, optimise_rounding, reconstruction_error
+from lepton_cli.passes._quantize.layer_stats import LayerStats, patches
+from lepton_cli.passes._quantize.quantized_bias import write_biases
+from lepton_cli.passes._quantize.sensitivity import with_outputs
+from lepton_cli.passes._quantize.weight_layers import Grid, WeightLayer, to_rows, weight_layers
+from onnx import helper
+
+from lepton_cli.model.external_data import tensor_array
+from lepton_cli.model.graph_edit import GraphIndex
+from lepton_cli.model.io_contract import adapt_feed
+from lepton_cli.model.sessions import make_session
+
+MAX_POSITIONS = 2048  # patches per sample and layer in the Gram matrices (a 160x160 stem has 25,600)
+
+
+@dataclass
+class WeightSite:
+    layer: WeightLayer  # the reference's layer (its node, kind and groups)
+    weight: str  # the int8 initializer in the quantized model
+    scale: np.ndarray  # per row of ``to_rows``
+    input: str  # what the layer reads in the quantized model (a DequantizeLinear's output)
+
+
+def weight_sites(model: onnx.ModelProto, reference: onnx.ModelProto) -> list[WeightSite]:
+    """The quantized model's weight layers whose int8 weights (symmetric, read once) sit behind a DequantizeLinear
+    and whose reference layer of the same node name has float weights of the same shape, in graph order."""
+    g = GraphIndex(model.graph)
+    layers = {layer.name: layer for layer in weight_layers(reference)}
+    ref_inits = {t.name: t for t in reference.graph.initializer}
+    sites = []
+    for node in model.graph.node:
+        layer = layers.get(node.name)
+        if layer is None or layer.node.op_type != node.op_type or len(node.input) < 2:
+            continue
+        dequantize = g.producer.get(node.input[1])
+        if dequantize is None or dequantize.op_type != "DequantizeLinear" or dequantize.input[0] not in g.inits:
+            continue
+        stored = g.inits[dequantize.input[0]]
+        zero = g.const(dequantize.input[2]) if len(dequantize.input) > 2 and dequantize.input[2] else None
+        scale = g.const(dequantize.input[1])
+        if (
+            stored.data_type != onnx.TensorProto.INT8
+            or list(stored.dims) != list(ref_inits[layer.weight].dims)
+            or len(g.readers(stored.name)) != 1
+            or scale is None
+            or (zero is not None and np.any(zero))
+        ):
+            continue
+        rows = len(to_rows(layer, np.zeros(tuple(stored.dims), np.int8)))
+        scale = scale.astype(np.float64).reshape(-1)
+        if scale.size not in (1, rows):
+            continue
+        sites.append(WeightSite(layer, stored.name, np.broadcast_to(scale, (rows,)).copy(), node.input[0]))
+    return sites
+
+
+def _measuring_copy(model: onnx.ModelProto, sites: list[WeightSite]) -> onnx.ModelProto:
+    """``model`` returning every site's input, its int8 weights fed as graph inputs (defaults: their values)."""
+    copy, _ = with_outputs(model, [s.input for s in sites])
+    inits = {t.name: t for t in copy.graph.initializer}
+    inputs = {i.name for i in copy.graph.input}
+    copy.graph.input.extend(
+        helper.make_tensor_value_info(s.weight, onnx.TensorProto.INT8, list(inits[s.weight].dims))
+        for s in sites
+        if s.weight not in inputs
+    )
+    return copy
+
+
+class _PairedGram:
+    """``E[x_q x_qᵀ]`` and ``E[x_q x_fᵀ]`` of one layer's input patches, the same positions in both models."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng, self.qq, self.qf, self.count = rng, 0.0, 0.0, 0
+
+    def add(self, cols_q: np.ndarray, cols_f: np.ndarray) -> None:
+        if cols_q.shape[2] > MAX_POSITIONS:
+            pick = self.rng.choice(cols_q.shape[2], MAX_POSITIONS, replace=False)
+            cols_q, cols_f = cols_q[:, :, pick], cols_f[:, :, pick]
+        self.qq = self.qq + np.matmul(cols_q, cols_q.transpose(0, 2, 1))
+        self.qf = self.qf + np.matmul(cols_q, cols_f.transpose(0, 2, 1))
+        self.count += cols_q.shape[2]
+
+    def stats(self) -> tuple[LayerStats, np.ndarray]:
+        n = max(self.count, 1)
+        gram = np.asarray(self.qq) / n
+        empty = np.zeros(gram.shape[:2])
+        return LayerStats(empty, gram, self.count, empty), np.asarray(self.qf) / n
+
+
+def _refit(
+    site: WeightSite,
+    stored: np.ndarray,
+    reference: np.ndarray,
+    gram: _PairedGram,
+    settings: AdaRoundSettings,
+    deadline: float | None,
+) -> np.ndarray:
+    """The site's int8 weights after the rounding fit (rows where it does not lower the error keep ``stored``)."""
+    stats, cross = gram.stats()
+    layer, shape = site.layer, stored.shape
+    rows = to_rows(layer, reference.astype(np.float64))
+    current = to_rows(layer, stored).astype(np.float64) * site.scale[:, None]
+    bound = max(int(np.abs(stored).max()), 1)  # the stored range: 127 (64 for reduced-range weights)
+    grid = Grid(site.scale, -bound, bound)
+    chosen = optimise_rounding(rows, grid, stats, settings, deadline, cross=cross, pin=False)
+    better = reconstruction_error(rows, chosen, stats, cross) < reconstruction_error(rows, current, stats, cross)
+    fitted = np.where(better[:, None], chosen, current) / site.scale[:, None]
+    levels = np.clip(np.round(fitted), -bound, bound).astype(np.int8)
+    if layer.kind == "conv":
+        return levels.reshape(shape)
+    return levels if layer.kind == "gemm_t" else np.ascontiguousarray(levels.T)
+
+
+def refit_quantized_weights(
+    model: onnx.ModelProto,
+    reference: onnx.ModelProto,
+    feeds: list[dict[str, np.ndarray]],
+    *,
+    chunk: int = 4,
+    settings: AdaRoundSettings | None = None,
+    seconds: float | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Refit ``model``'s int8 weights in place (``chunk`` layers per measurement, in graph order) against
+    ``reference`` (the float model it was quantized from, same node names) on ``feeds``; returns the refitted
+    weights by initializer name (``write_biases`` puts them into the same quantized model built again). Layers
+    reached after ``seconds`` keep their stored rounding."""
+    deadline = None if seconds is None else time.perf_counter() + seconds
+    sites = weight_sites(model, reference)
+    if not sites or not feeds:
+        return {}
+    settings = settings or AdaRoundSettings()
+    session = make_session(_measuring_copy(model, sites), arena=False)
+    ref_names = [s.layer.node.input[0] for s in sites]
+    ref_copy, _ = with_outputs(reference, ref_names)
+    ref_session = make_session(ref_copy, arena=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    ref_inits = {t.name: t for t in reference.graph.initializer}
+    weights = {s.weight: tensor_array(inits[s.weight]).copy() for s in sites}
+    rng = np.random.default_rng(seed)
+    refitted: dict[str, np.ndarray] = {}
+    for start in range(0, len(sites), chunk):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        part = sites[start : start + chunk]
+        grams = [_PairedGram(rng) for _ in part]
+        for feed in feeds:
+            quantized = session.run([s.input for s in part], adapt_feed(model, feed) | weights)
+            floats = ref_session.run([s.layer.node.input[0] for s in part], adapt_feed(reference, feed))
+            for site, gram, x_q, x_f in zip(part, grams, quantized, floats):
+                shape = tuple(weights[site.weight].shape)
+                gram.add(patches(site.layer, np.asarray(x_q), shape), patches(site.layer, np.asarray(x_f), shape))
+        for site, gram in zip(part, grams):
+            value = tensor_array(ref_inits[site.layer.weight])
+            weights[site.weight] = refitted[site.weight] = _refit(
+                site, weights[site.weight], value, gram, settings, deadline
+            )
+    write_biases(model, refitted)
+    return refitted
