@@ -52,6 +52,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--float", required=True, dest="reference")
     parser.add_argument("--samples", type=int, nargs="*", default=[16])
     parser.add_argument("--chunk", type=int, default=4)
+    parser.add_argument("--float-share", type=float, nargs="*", default=[0.0])
     parser.add_argument("--out", default="benchmarks/results/probe_quantized_adaround")
     args = parser.parse_args(argv)
     corpus = by_name(args.model)
@@ -72,18 +73,14 @@ def main(argv: list[str]) -> None:
     int8, reference = onnx.load(args.int8), onnx.load(args.reference)
     rows = [("int8", int8, 0.0, 0)]
     for count in args.samples:
-        calib = data["calib"][1][:count]
-        refit = onnx.ModelProto.FromString(int8.SerializeToString())
-        start = time.perf_counter()
-        layers = len(refit_quantized_weights(refit, reference, calib, chunk=args.chunk))
-        rows.append(
-            (
-                f"weights refitted on the int8 model ({count} samples, {args.chunk} layers a run)",
-                refit,
-                time.perf_counter() - start,
-                layers,
+        for share in args.float_share:
+            refit = onnx.ModelProto.FromString(int8.SerializeToString())
+            start = time.perf_counter()
+            changed = refit_quantized_weights(
+                refit, reference, data["calib"][1][:count], chunk=args.chunk, float_share=share
             )
-        )
+            label = f"weights refitted on the int8 model ({count} samples, float share {share:g})"
+            rows.append((label, refit, time.perf_counter() - start, len(changed)))
     corrected = onnx.ModelProto.FromString(int8.SerializeToString())
     start = time.perf_counter()
     layers = len(correct_quantized_biases(corrected, reference, data["calib"][1][:8]))

@@ -1,13 +1,12 @@
 """quantize: per-target int8/fp16 schemes, streamed calibration, accuracy-aware tuning within the budget.
 
-Schemes (``QuantizeParams.scheme``; each target's TOML says which and why): ``int8`` (static QDQ
-through ONNX Runtime, ``_quantize/int8_plan.py``), ``fp16`` (fp32 I/O, overflowing ops kept fp32,
-``_quantize/fp16_plan.py``), and the one-step rewrites ``int8_weight_only``, ``int8_dynamic`` and
-``int4_weight_only`` (``_quantize/rewrites.py``). The pass builds one plan per run and asks it; the
-calibrated plans give the tuner (``_quantize/tuning.py``) candidates to score against the source,
-and the one within the budget the target's cost model prices fastest is kept; none: exit 3 with every
-candidate tried. Without --calib a static-int8 target falls back to ``without_calib`` (weight-only or
-dynamic int8, warned) or refuses to start (exit 2).
+Schemes (``QuantizeParams.scheme``; each target's TOML says which and why): ``int8`` (static QDQ through ONNX
+Runtime, ``_quantize/int8_plan.py``), ``fp16`` (fp32 I/O, overflowing ops kept fp32, ``_quantize/fp16_plan.py``),
+and the one-step rewrites ``int8_weight_only``, ``int8_dynamic`` and ``int4_weight_only``
+(``_quantize/rewrites.py``). The pass builds one plan per run and asks it; the calibrated plans give the tuner
+(``_quantize/tuning.py``) candidates to score against the source, and the one within the budget the target's cost
+model prices fastest is kept; none: exit 3 with every candidate tried. Without --calib a static-int8 target falls
+back to ``without_calib`` (weight-only or dynamic int8, warned) or refuses to start (exit 2).
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from lepton_cli.pipeline.registry import LOSSY, BudgetUse, PassEnv, PassResult, 
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
 RecoveryStep = Literal["equalize", "adaround", "bias_correction", "quantized_bias_correction", "quantized_adaround"]
+OPEN_UNIT = ("smoothquant_alpha", "smoothquant_tier_alpha", "residual_scaling_alpha", "quantized_adaround_float_share")
 COUNTS = ("calib_chunk", "max_calib_samples", "max_eval_samples", "int4_block_size", "quantized_bias_samples")
 
 
@@ -84,6 +84,7 @@ class QuantizeParams:
     quantized_bias_samples: int = 8  # --calib samples it measures on: one run each per layer with a bias
     adaround: bool = False  # optimise each layer's weight rounding against its float output on --calib
     quantized_adaround: bool = False  # the same on the int8 model's layer inputs (quantized_adaround.py)
+    quantized_adaround_float_share: float | None = None  # of its objective on float inputs (QDrop); None: int8 alone
     adaround_iterations: int = 200
     adaround_seconds: float = 120.0  # whole-model budget; layers past it round to nearest
     recovery_tier: list[RecoveryStep] = field(default_factory=list)  # these steps as a tier, like SmoothQuant's
@@ -119,7 +120,7 @@ class QuantizeParams:
             raise ParamValueError("budget_share", "must be in (0, 1]")
         if not 0.5 <= self.budget_confidence < 1:
             raise ParamValueError("budget_confidence", f"must be in [0.5, 1), got {self.budget_confidence}")
-        for name in ("smoothquant_alpha", "smoothquant_tier_alpha", "residual_scaling_alpha"):
+        for name in OPEN_UNIT:
             if getattr(self, name) is not None and not 0 < getattr(self, name) < 1:
                 raise ParamValueError(name, f"must be in (0, 1), got {getattr(self, name)}")
         if self.smoothquant_insert and self.smoothquant_alpha is None:
@@ -130,9 +131,7 @@ class QuantizeParams:
             if getattr(self, name) is not None and (not self.per_channel or self.power_of_two_scales):
                 raise ParamValueError(name, "needs per-channel weight scales (they absorb the channel scales)")
         if self.head_precision == "int16" and self.power_of_two_scales:
-            raise ParamValueError(
-                "head_precision", "int16 heads need 16-bit Q/DQ, which power-of-two (DPU) targets lack"
-            )
+            raise ParamValueError("head_precision", "int16 heads need 16-bit Q/DQ, which DPU (power-of-two) lacks")
         if self.head_range_ratio <= 1:
             raise ParamValueError("head_range_ratio", f"must be > 1, got {self.head_range_ratio}")
         if self.recovery_samples < 1 or self.adaround_iterations < 1 or self.adaround_seconds <= 0:

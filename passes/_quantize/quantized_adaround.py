@@ -89,10 +89,11 @@ def _measuring_copy(model: onnx.ModelProto, sites: list[WeightSite]) -> onnx.Mod
 
 
 class _PairedGram:
-    """``E[x_q x_qᵀ]`` and ``E[x_q x_fᵀ]`` of one layer's input patches, the same positions in both models."""
+    """``E[x_q x_qᵀ]``, ``E[x_q x_fᵀ]`` and ``E[x_f x_fᵀ]`` of one layer's input patches, the same positions in both
+    models."""
 
     def __init__(self, rng: np.random.Generator) -> None:
-        self.rng, self.qq, self.qf, self.count = rng, 0.0, 0.0, 0
+        self.rng, self.qq, self.qf, self.ff, self.count = rng, 0.0, 0.0, 0.0, 0
 
     def add(self, cols_q: np.ndarray, cols_f: np.ndarray) -> None:
         if cols_q.shape[2] > MAX_POSITIONS:
@@ -100,13 +101,18 @@ class _PairedGram:
             cols_q, cols_f = cols_q[:, :, pick], cols_f[:, :, pick]
         self.qq = self.qq + np.matmul(cols_q, cols_q.transpose(0, 2, 1))
         self.qf = self.qf + np.matmul(cols_q, cols_f.transpose(0, 2, 1))
+        self.ff = self.ff + np.matmul(cols_f, cols_f.transpose(0, 2, 1))
         self.count += cols_q.shape[2]
 
-    def stats(self) -> tuple[LayerStats, np.ndarray]:
-        n = max(self.count, 1)
-        gram = np.asarray(self.qq) / n
+    def stats(self, float_share: float) -> tuple[LayerStats, np.ndarray]:
+        """(statistics whose ``gram`` the fit reads, its cross term): the quantized-input objective, blended with
+        ``float_share`` of the float-input one (QDrop's point, Wei et al. 2022: a fit to the int8 inputs alone
+        follows what the calibration samples' rounding happens to be)."""
+        n, keep = max(self.count, 1), 1.0 - float_share
+        ff = np.asarray(self.ff) / n
+        gram = keep * np.asarray(self.qq) / n + float_share * ff
         empty = np.zeros(gram.shape[:2])
-        return LayerStats(empty, gram, self.count, empty), np.asarray(self.qf) / n
+        return LayerStats(empty, gram, self.count, empty), keep * np.asarray(self.qf) / n + float_share * ff
 
 
 def _refit(
@@ -116,9 +122,10 @@ def _refit(
     gram: _PairedGram,
     settings: AdaRoundSettings,
     deadline: float | None,
+    float_share: float,
 ) -> np.ndarray:
     """The site's int8 weights after the rounding fit (rows where it does not lower the error keep ``stored``)."""
-    stats, cross = gram.stats()
+    stats, cross = gram.stats(float_share)
     layer, shape = site.layer, stored.shape
     rows = to_rows(layer, reference.astype(np.float64))
     current = to_rows(layer, stored).astype(np.float64) * site.scale[:, None]
@@ -141,12 +148,13 @@ def refit_quantized_weights(
     chunk: int = 4,
     settings: AdaRoundSettings | None = None,
     seconds: float | None = None,
+    float_share: float = 0.0,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Refit ``model``'s int8 weights in place (``chunk`` layers per measurement, in graph order) against
     ``reference`` (the float model it was quantized from, same node names) on ``feeds``; returns the refitted
     weights by initializer name (``write_biases`` puts them into the same quantized model built again). Layers
-    reached after ``seconds`` keep their stored rounding."""
+    reached after ``seconds`` keep their stored rounding; ``float_share`` of the objective is the float-input one."""
     deadline = None if seconds is None else time.perf_counter() + seconds
     sites = weight_sites(model, reference)
     if not sites or not feeds:
@@ -175,7 +183,7 @@ def refit_quantized_weights(
         for site, gram in zip(part, grams):
             value = tensor_array(ref_inits[site.layer.weight])
             weights[site.weight] = refitted[site.weight] = _refit(
-                site, weights[site.weight], value, gram, settings, deadline
+                site, weights[site.weight], value, gram, settings, deadline, float_share
             )
     write_biases(model, refitted)
     return refitted
