@@ -32,6 +32,7 @@ from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.model.sessions import make_session
 
 MAX_POSITIONS = 2048  # patches per sample and layer in the Gram matrices (a 160x160 stem has 25,600)
+MAX_INPUTS = 2048  # wider layers keep their rounding: three float64 Gram matrices of 4096 inputs are 400 MB
 
 
 @dataclass
@@ -67,33 +68,46 @@ def weight_sites(model: onnx.ModelProto, reference: onnx.ModelProto) -> list[Wei
             or (zero is not None and np.any(zero))
         ):
             continue
-        rows = len(to_rows(layer, np.zeros(tuple(stored.dims), np.int8)))
+        rows, width = to_rows(layer, np.zeros(tuple(stored.dims), np.int8)).shape
         scale = scale.astype(np.float64).reshape(-1)
-        if scale.size not in (1, rows):
+        if scale.size not in (1, rows) or width > MAX_INPUTS:
             continue
         sites.append(WeightSite(layer, stored.name, np.broadcast_to(scale, (rows,)).copy(), node.input[0]))
     return sites
 
 
-def _measuring_copy(model: onnx.ModelProto, sites: list[WeightSite]) -> onnx.ModelProto:
-    """``model`` returning every site's input, its int8 weights fed as graph inputs (defaults: their values)."""
-    copy, _ = with_outputs(model, [s.input for s in sites])
-    inits = {t.name: t for t in copy.graph.initializer}
-    inputs = {i.name for i in copy.graph.input}
-    copy.graph.input.extend(
-        helper.make_tensor_value_info(s.weight, onnx.TensorProto.INT8, list(inits[s.weight].dims))
-        for s in sites
-        if s.weight not in inputs
-    )
-    return copy
+class _Inputs:
+    """Each site's input in the quantized model (its int8 weights fed as graph inputs, so one session serves every
+    refit) and in the float reference, one sample at a time; ``sites`` keeps those both models can return."""
+
+    def __init__(self, model: onnx.ModelProto, reference: onnx.ModelProto, sites: list[WeightSite]) -> None:
+        copy, returned = with_outputs(model, [s.input for s in sites])
+        ref_copy, ref_returned = with_outputs(reference, [s.layer.node.input[0] for s in sites])
+        self.sites = [s for s in sites if s.input in returned and s.layer.node.input[0] in ref_returned]
+        inits = {t.name: t for t in copy.graph.initializer}
+        inputs = {i.name for i in copy.graph.input}
+        copy.graph.input.extend(
+            helper.make_tensor_value_info(s.weight, onnx.TensorProto.INT8, list(inits[s.weight].dims))
+            for s in self.sites
+            if s.weight not in inputs
+        )
+        self.model, self.reference = model, reference
+        self.session, self.ref_session = make_session(copy, arena=False), make_session(ref_copy, arena=False)
+
+    def run(self, part: list[WeightSite], feed: dict[str, np.ndarray], weights: dict[str, np.ndarray]) -> list:
+        """[(x_q, x_f)] for the sites in ``part``, on ``feed`` (the source's form)."""
+        quantized = self.session.run([s.input for s in part], adapt_feed(self.model, feed) | weights)
+        floats = self.ref_session.run([s.layer.node.input[0] for s in part], adapt_feed(self.reference, feed))
+        return list(zip(quantized, floats))
 
 
 class _PairedGram:
     """``E[x_q x_qᵀ]``, ``E[x_q x_fᵀ]`` and ``E[x_f x_fᵀ]`` of one layer's input patches, the same positions in both
     models."""
 
-    def __init__(self, rng: np.random.Generator) -> None:
+    def __init__(self, rng: np.random.Generator, with_float: bool) -> None:
         self.rng, self.qq, self.qf, self.ff, self.count = rng, 0.0, 0.0, 0.0, 0
+        self.with_float = with_float  # E[x_f x_fᵀ] only where the objective blends in the float-input one
 
     def add(self, cols_q: np.ndarray, cols_f: np.ndarray) -> None:
         if cols_q.shape[2] > MAX_POSITIONS:
@@ -101,7 +115,8 @@ class _PairedGram:
             cols_q, cols_f = cols_q[:, :, pick], cols_f[:, :, pick]
         self.qq = self.qq + np.matmul(cols_q, cols_q.transpose(0, 2, 1))
         self.qf = self.qf + np.matmul(cols_q, cols_f.transpose(0, 2, 1))
-        self.ff = self.ff + np.matmul(cols_f, cols_f.transpose(0, 2, 1))
+        if self.with_float:
+            self.ff = self.ff + np.matmul(cols_f, cols_f.transpose(0, 2, 1))
         self.count += cols_q.shape[2]
 
     def stats(self, float_share: float) -> tuple[LayerStats, np.ndarray]:
@@ -160,24 +175,19 @@ def refit_quantized_weights(
     if not sites or not feeds:
         return {}
     settings = settings or AdaRoundSettings()
-    session = make_session(_measuring_copy(model, sites), arena=False)
-    ref_names = [s.layer.node.input[0] for s in sites]
-    ref_copy, _ = with_outputs(reference, ref_names)
-    ref_session = make_session(ref_copy, arena=False)
+    inputs = _Inputs(model, reference, sites)
     inits = {t.name: t for t in model.graph.initializer}
     ref_inits = {t.name: t for t in reference.graph.initializer}
-    weights = {s.weight: tensor_array(inits[s.weight]).copy() for s in sites}
+    weights = {s.weight: tensor_array(inits[s.weight]).copy() for s in inputs.sites}
     rng = np.random.default_rng(seed)
     refitted: dict[str, np.ndarray] = {}
-    for start in range(0, len(sites), chunk):
+    for start in range(0, len(inputs.sites), chunk):
         if deadline is not None and time.perf_counter() > deadline:
             break
-        part = sites[start : start + chunk]
-        grams = [_PairedGram(rng) for _ in part]
+        part = inputs.sites[start : start + chunk]
+        grams = [_PairedGram(rng, float_share > 0) for _ in part]
         for feed in feeds:
-            quantized = session.run([s.input for s in part], adapt_feed(model, feed) | weights)
-            floats = ref_session.run([s.layer.node.input[0] for s in part], adapt_feed(reference, feed))
-            for site, gram, x_q, x_f in zip(part, grams, quantized, floats):
+            for site, gram, (x_q, x_f) in zip(part, grams, inputs.run(part, feed, weights)):
                 shape = tuple(weights[site.weight].shape)
                 gram.add(patches(site.layer, np.asarray(x_q), shape), patches(site.layer, np.asarray(x_f), shape))
         for site, gram in zip(part, grams):
