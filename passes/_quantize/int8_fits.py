@@ -63,6 +63,11 @@ class Int8Fits:
             counts[COUNT_KEYS[step]] = len(changed)
         self.values[key], self.counts[key] = fitted, counts
 
+    def changed(self, key: Key) -> dict[str, str]:
+        """Per step fitted on ``key``'s model, what it changed ("47 layers"), for the report's tier row."""
+        counts = self.counts.get(key, {})
+        return {step: f"{counts[name]} layers" for step, name in COUNT_KEYS.items() if name in counts}
+
     def most(self) -> dict[str, int]:
         """Per count, the most layers any (tier, method) changed: the same layers in each, those both models have."""
         totals: dict[str, int] = {}

@@ -519,6 +519,8 @@ class Int8Plan(SearchPlan):
         chosen = (self._tier_tag(summary), summary["method"])
         summary["ranges_narrowed_to_readers"] = len(self.narrowed.get(chosen, []))
         summary |= self.int8_fits.counts.get(chosen, {})
+        if isinstance(summary.get(f"{chosen[0]}_tier"), dict):  # a source tier's steps fitted on its int8 model
+            summary[f"{chosen[0]}_tier"].setdefault("changed", {}).update(self.int8_fits.changed(chosen))
         if self.sentinel_nodes.get(chosen):
             summary["float_around_mask"] = self.sentinel_nodes[chosen]
         summary["name_bytes_saved"] = shorten_added_names(result, _source_names(self.base))
