@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from lepton_cli.passes._quantize.adaround import AdaRoundSettings
 from lepton_cli.passes._quantize.quantized_adaround import refit_quantized_weights
-from lepton_cli.passes._quantize.quantized_bias import correct_quantized_biases, write_biases
+from lepton_cli.passes._quantize.quantized_bias import correct_quantized_biases, write_initializers
 from lepton_cli.passes._quantize.recovery import INT8_STEPS
 
 from lepton_cli.samples.sample_set import SampleSet
@@ -44,7 +44,7 @@ class Int8Fits:
         """Fit ``steps`` on ``model`` in place (``reference``: the float model it was quantized from, same node
         names), or write back what was fitted for ``key`` before."""
         if key in self.values:
-            write_biases(model, self.values[key])
+            write_initializers(model, self.values[key])
             return
         fitted: dict[str, np.ndarray] = {}
         counts: dict[str, int] = {}

@@ -127,7 +127,7 @@ def correct_quantized_biases(
 ) -> dict[str, np.ndarray]:
     """Correct ``model``'s biases in place so each layer's per-channel output mean on ``feeds`` matches
     ``reference``'s (the float model it was quantized from, same node names); returns the corrected biases by
-    initializer name (``write_biases`` puts them into the same quantized model built again)."""
+    initializer name (``write_initializers`` puts them into the same quantized model built again)."""
     measuring, sites = _measuring_copy(model, bias_sites(model, nodes_by_name(reference)))
     if not sites or not feeds:
         return {}
@@ -149,11 +149,11 @@ def correct_quantized_biases(
             steps = np.round(shift / np.broadcast_to(site.step, shift.shape))
             biases[site.bias] = (biases[site.bias] - steps).astype(np.int32)
         corrected[site.bias] = biases[site.bias]
-    write_biases(model, corrected)
+    write_initializers(model, corrected)
     return corrected
 
 
-def write_biases(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
+def write_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
     """Set the initializers named in ``values`` (each keeps its name and takes the value's dtype)."""
     for init in model.graph.initializer:
         if init.name in values:
