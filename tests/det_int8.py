@@ -11,6 +11,7 @@ from lepton_cli.passes._quantize import schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 
 from lepton_cli.model.load import upgrade_opset
+from lepton_cli.model.sessions import make_session
 from lepton_cli.model.shapes import bind_input_shapes
 from lepton_cli.pipeline.context import PassContext
 from lepton_cli.pipeline.registry import get_pass
@@ -50,3 +51,14 @@ def quantized_det_and_calib(tmp_path_factory) -> tuple:
     scheme = schemes.Int8Scheme(per_channel=True, op_types=("Conv",))
     int8 = schemes.quantize_int8(fused, schemes.save_ranges(ranges, work / "r.json"), "minmax", scheme, [], work)
     return fused, int8, held, list(calib.feeds(len(calib)))
+
+
+def det_maps(model: onnx.ModelProto, feeds: list[dict]) -> np.ndarray:
+    """The detector's probability maps on ``feeds``, stacked."""
+    session = make_session(model)
+    return np.concatenate([session.run(None, f)[0] for f in feeds])
+
+
+def snr_db(reference: np.ndarray, got: np.ndarray) -> float:
+    ref = reference.astype(np.float64)
+    return float(10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2)))

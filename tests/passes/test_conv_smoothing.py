@@ -16,10 +16,10 @@ import numpy as np
 import onnx
 import pytest
 from conftest import REPO
+from det_int8 import det_maps
 from lepton_cli.passes._quantize import conv_smoothing, schemes
 
 from lepton_cli.model.load import upgrade_opset
-from lepton_cli.model.sessions import make_session
 from lepton_cli.model.shapes import bind_input_shapes
 from lepton_cli.pipeline.context import PassContext
 from lepton_cli.pipeline.registry import get_pass
@@ -56,18 +56,13 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.ModelProto.FromString(model.SerializeToString())
 
 
-def _maps(model: onnx.ModelProto, feeds: list[dict]) -> np.ndarray:
-    session = make_session(model)
-    return np.concatenate([session.run(None, f)[0] for f in feeds])
-
-
 @SLOW
 def test_smoothing_keeps_the_float_map_and_evens_depthwise_inputs(det):
     model, calib, held = det
     smoothed = _copy(model)
     done = conv_smoothing.smooth_conv_inputs(smoothed, calib, alpha=0.5)
     assert len(done.tensors) >= 20  # conv outputs read by convs (directly or through a Relu)
-    np.testing.assert_allclose(_maps(smoothed, held[:2]), _maps(model, held[:2]), atol=2e-4)
+    np.testing.assert_allclose(det_maps(smoothed, held[:2]), det_maps(model, held[:2]), atol=2e-4)
     depthwise_only = [s.tensor for s in conv_smoothing.find_sites(smoothed) if all(r.groups > 1 for r in s.readers)]
     before = conv_smoothing.channel_absmax(model, depthwise_only, calib)
     after = conv_smoothing.channel_absmax(smoothed, depthwise_only, calib)

@@ -5,20 +5,17 @@ the inputs the int8 model gives it, must bring the map closer to the float one o
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx
 import pytest
-from conftest import DIGITS, needs_ocr
+from conftest import needs_ocr
 from corpus_runs import compile_for, held_out_char_drop, int8_macs_pct, needs_corpus
-from det_int8 import quantized_det_and_calib
+from det_int8 import det_maps, quantized_det_and_calib, snr_db
+from digits_steps import quantize_summary
 from lepton_cli.passes._quantize.adaround import AdaRoundSettings
 from lepton_cli.passes._quantize.quantized_adaround import refit_quantized_weights, weight_sites
 from lepton_cli.passes._quantize.weight_layers import to_rows
 from onnx import numpy_helper
-
-from lepton_cli.model.sessions import make_session
 
 FAST = AdaRoundSettings(iterations=100)  # 19 s on the 2-core host; 200 iterations, 4 layers a run: 30 s, 12.1 dB
 
@@ -35,16 +32,6 @@ def refitted(det):
     model = onnx.ModelProto.FromString(int8.SerializeToString())
     changed = refit_quantized_weights(model, fused, calib, chunk=8, settings=FAST)
     return model, changed
-
-
-def _maps(model: onnx.ModelProto, feeds: list[dict]) -> np.ndarray:
-    session = make_session(model)
-    return np.concatenate([session.run(None, f)[0] for f in feeds])
-
-
-def _snr_db(reference: np.ndarray, got: np.ndarray) -> float:
-    ref = reference.astype(np.float64)
-    return float(10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2)))
 
 
 def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -75,23 +62,15 @@ def test_every_weight_stays_on_its_grid_one_step_from_the_float_weight(det, refi
 def test_the_int8_map_moves_towards_the_float_map_on_held_out_pages(det, refitted):
     fused, int8, held, _ = det
     model, _ = refitted
-    reference = _maps(fused, held)
-    plain, better = _snr_db(reference, _maps(int8, held)), _snr_db(reference, _maps(model, held))
+    reference = det_maps(fused, held)
+    plain, better = snr_db(reference, det_maps(int8, held)), snr_db(reference, det_maps(model, held))
     assert better > plain + 5.0, (plain, better)  # measured 3.96 -> 11.15 dB
 
 
 def test_a_target_turns_it_on_and_the_report_says_what_it_gained(run_cli, tmp_path):
     """digits (a trained CNN, its own calibration images) through `lepton compile`: the quantize step reports the
     layers refitted, and its recovery table scores the fully quantized model without and with the step."""
-    target = tmp_path / "refitted.toml"
-    target.write_text(
-        'extends = "cpu-avx"\nname = "cpu-avx-refit"\n[pass_params.quantize]\nquantized_adaround = true\n'
-    )
-    out = tmp_path / "out"
-    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", target, "--calib", DIGITS / "calib.npz", "-o", out)
-    assert res.code == 0, res.stderr
-    report = json.loads(next(out.glob("*.lepton/report.json")).read_text())
-    summary = next(s for s in report["pipeline"] if s["name"] == "quantize")["summary"]
+    summary = quantize_summary(run_cli, tmp_path, "quantized_adaround = true")
     assert summary["quantized_adaround_layers"] == 4  # two convs and two Gemms
     rows = summary["recovery"]["gains"]["rows"]
     assert [r["steps"] for r in rows] == [[], ["quantized_adaround"]]

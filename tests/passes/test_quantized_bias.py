@@ -6,33 +6,20 @@ layer in graph order on the calibration pages, must bring the map closer to the 
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx
 import pytest
-from conftest import DIGITS, needs_ocr
-from det_int8 import quantized_det_and_calib
+from conftest import needs_ocr
+from det_int8 import det_maps, quantized_det_and_calib, snr_db
+from digits_steps import quantize_summary
 from lepton_cli.passes._quantize.quantized_bias import bias_sites, correct_quantized_biases, nodes_by_name
 from onnx import numpy_helper
-
-from lepton_cli.model.sessions import make_session
 
 
 @pytest.fixture(scope="module")
 def det(tmp_path_factory):
     """(fused float model, its Conv-only int8 QDQ model, held-out pages, calibration pages)."""
     return quantized_det_and_calib(tmp_path_factory)
-
-
-def _maps(model: onnx.ModelProto, feeds: list[dict]) -> np.ndarray:
-    session = make_session(model)
-    return np.concatenate([session.run(None, f)[0] for f in feeds])
-
-
-def _snr_db(reference: np.ndarray, got: np.ndarray) -> float:
-    ref = reference.astype(np.float64)
-    return float(10 * np.log10(np.sum(ref**2) / np.sum((ref - got) ** 2)))
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -52,7 +39,7 @@ def test_a_shifted_float_bias_is_measured_back(det):
     assert len(correct_quantized_biases(shifted, fused, calib)) > 10
     restored = numpy_helper.to_array(next(t for t in shifted.graph.initializer if t.name == site.bias))
     np.testing.assert_allclose(restored, original, atol=1e-3)
-    np.testing.assert_allclose(_maps(shifted, held[:1]), _maps(fused, held[:1]), atol=1e-3)
+    np.testing.assert_allclose(det_maps(shifted, held[:1]), det_maps(fused, held[:1]), atol=1e-3)
 
 
 @needs_ocr
@@ -61,8 +48,8 @@ def test_the_int8_map_moves_towards_the_float_map_on_held_out_pages(det):
     corrected = _copy(int8)
     count = len(correct_quantized_biases(corrected, fused, calib))
     assert count == len(bias_sites(int8, nodes_by_name(fused))) > 40
-    reference = _maps(fused, held)
-    plain, better = _snr_db(reference, _maps(int8, held)), _snr_db(reference, _maps(corrected, held))
+    reference = det_maps(fused, held)
+    plain, better = snr_db(reference, det_maps(int8, held)), snr_db(reference, det_maps(corrected, held))
     assert better > plain + 5.0, (plain, better)  # measured 3.96 -> 13.63 dB
     stored = [t for t in corrected.graph.initializer if t.data_type == onnx.TensorProto.INT32]
     assert stored  # ORT's int32 biases were corrected in their integer steps, still int32
@@ -71,15 +58,7 @@ def test_the_int8_map_moves_towards_the_float_map_on_held_out_pages(det):
 def test_a_target_turns_it_on_and_the_report_says_what_it_gained(run_cli, tmp_path):
     """digits (a trained CNN, its own calibration images) through `lepton compile`: the quantize step reports the
     layers corrected, and its recovery table scores the fully quantized model without and with the step."""
-    target = tmp_path / "corrected.toml"
-    target.write_text(
-        'extends = "cpu-avx"\nname = "cpu-avx-corrected"\n[pass_params.quantize]\nquantized_bias_correction = true\n'
-    )
-    out = tmp_path / "out"
-    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", target, "--calib", DIGITS / "calib.npz", "-o", out)
-    assert res.code == 0, res.stderr
-    report = json.loads(next(out.glob("*.lepton/report.json")).read_text())
-    summary = next(s for s in report["pipeline"] if s["name"] == "quantize")["summary"]
+    summary = quantize_summary(run_cli, tmp_path, "quantized_bias_correction = true")
     # two convs (ORT folded their Relus into the quantizes and gave them the Relus' output names) and two Gemms
     assert summary["quantized_biases_corrected"] == 4
     rows = summary["recovery"]["gains"]["rows"]
