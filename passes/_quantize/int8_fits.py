@@ -25,9 +25,9 @@ Key = tuple[str, str]  # (tier tag, method)
 
 
 class Int8Fits:
-    def __init__(self, samples: dict[str, int], iterations: int, seconds: float, float_share: float) -> None:
+    def __init__(self, samples: dict[str, int], iterations: int, float_share: float) -> None:
         self.samples = samples  # step -> --calib samples it fits on
-        self.iterations, self.seconds = iterations, seconds  # AdaRound iterations per layer, seconds per model
+        self.iterations = iterations  # AdaRound iterations per layer
         self.float_share = float_share  # of the rounding objective on float inputs (quantized_adaround.py)
         self.values: dict[Key, dict[str, np.ndarray]] = {}  # initializer name -> fitted value
         self.counts: dict[Key, dict[str, int]] = {}  # COUNT_KEYS value -> layers the step changed
@@ -54,7 +54,7 @@ class Int8Fits:
                 progress(f"weight rounding on the int8 model ({key[1]})")
                 settings = AdaRoundSettings(iterations=self.iterations)
                 changed = refit_quantized_weights(
-                    model, reference, feeds, settings=settings, seconds=self.seconds, float_share=self.float_share
+                    model, reference, feeds, settings=settings, float_share=self.float_share
                 )
             else:
                 progress(f"bias correction on the int8 model ({key[1]})")

@@ -204,7 +204,7 @@ class Int8Plan(SearchPlan):
             "quantized_bias_correction": params.quantized_bias_samples,
         }
         share = params.quantized_adaround_float_share or 0.0
-        self.int8_fits = Int8Fits(samples, params.adaround_iterations, params.adaround_seconds, share)
+        self.int8_fits = Int8Fits(samples, params.adaround_iterations, share)
         self.sentinel_nodes: dict[tuple[str, str], list[str]] = {}
         self.base = onnx.ModelProto()
         self.recovery: _RecoveryInputs | None = None  # what the steps ran on, for the report's per-step gains
