@@ -34,7 +34,8 @@ from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.model.sessions import make_session
 
 MAX_POSITIONS = 2048  # patches per sample and layer in the Gram matrices (a 160x160 stem has 25,600)
-MAX_INPUTS = 2048  # wider layers keep their rounding: three float64 Gram matrices of 4096 inputs are 400 MB
+MAX_INPUTS = 8192  # wider layers keep their rounding: one float64 Gram matrix of 8192 inputs is 512 MB
+GRAM_BYTES = 512 << 20  # a measurement holds at most this many bytes of Gram matrices (a wider layer goes alone)
 
 
 @dataclass
@@ -43,6 +44,11 @@ class WeightSite:
     weight: str  # the int8 initializer in the quantized model
     scale: np.ndarray  # per row of ``to_rows``
     input: str  # what the layer reads in the quantized model (a DequantizeLinear's output)
+    width: int = 0  # inputs per output row (in_per_group x kernel)
+
+    @property
+    def groups_and_width(self) -> tuple[int, int]:
+        return self.layer.groups, self.width
 
 
 def weight_sites(model: onnx.ModelProto, reference: onnx.ModelProto) -> list[WeightSite]:
@@ -74,8 +80,24 @@ def weight_sites(model: onnx.ModelProto, reference: onnx.ModelProto) -> list[Wei
         scale = scale.astype(np.float64).reshape(-1)
         if scale.size not in (1, rows) or width > MAX_INPUTS:
             continue
-        sites.append(WeightSite(layer, stored.name, np.broadcast_to(scale, (rows,)).copy(), node.input[0]))
+        sites.append(WeightSite(layer, stored.name, np.broadcast_to(scale, (rows,)).copy(), node.input[0], width))
     return sites
+
+
+def _chunks(sites: list[WeightSite], most: int, grams: int) -> list[list[WeightSite]]:
+    """``sites`` in graph order, cut into runs of at most ``most`` whose ``grams`` Gram matrices each fit GRAM_BYTES
+    together: PP-OCRv5 rec's 3x3 convs over 480 channels have 4,320 inputs, 150 MB a matrix."""
+    runs: list[list[WeightSite]] = [[]]
+    held = 0
+    for site in sites:
+        groups, width = site.groups_and_width
+        size = grams * groups * width * width * 8
+        if runs[-1] and (len(runs[-1]) == most or held + size > GRAM_BYTES):
+            runs.append([])
+            held = 0
+        runs[-1].append(site)
+        held += size
+    return [run for run in runs if run]
 
 
 class _Inputs:
@@ -181,8 +203,7 @@ def refit_quantized_weights(
     weights = {s.weight: tensor_array(inits[s.weight]).copy() for s in inputs.sites}
     rng = np.random.default_rng(seed)
     refitted: dict[str, np.ndarray] = {}
-    for start in range(0, len(inputs.sites), chunk):
-        part = inputs.sites[start : start + chunk]
+    for part in _chunks(inputs.sites, chunk, 3 if float_share > 0 else 2):
         grams = [_PairedGram(rng, float_share > 0) for _ in part]
         for feed in feeds:
             for site, gram, (x_q, x_f) in zip(part, grams, inputs.run(part, feed, weights)):
