@@ -32,10 +32,9 @@ from benchmarks.corpus.data import charset  # noqa: E402
 from benchmarks.corpus.manifest import MODELS, REPO, CorpusModel, by_name  # noqa: E402
 from benchmarks.corpus.metrics import METRICS  # noqa: E402
 from benchmarks.corpus.peers import peer_command  # noqa: E402
-from benchmarks.corpus.runner import feeds, run_all, session  # noqa: E402
+from benchmarks.corpus.runner import compiled_outputs, feeds, run_all, session  # noqa: E402
 from benchmarks.corpus.store import ensure_data, ensure_model, without_labels  # noqa: E402
 from benchmarks.corpus.sweep import TARGETS, run_compile, wait_with_peak_rss  # noqa: E402
-from lepton_cli.model.io_contract import adapt_feed, restore_output  # noqa: E402
 from lepton_cli.model.stats import node_macs  # noqa: E402
 
 TOOLS = ["lepton", "ort", "nncf", "nncf-ac"]
@@ -129,24 +128,11 @@ def _latency_ratio(
     return round(statistics.median(runs[1]) / statistics.median(runs[0]), 3)
 
 
-def _candidate_outputs(candidate: bytes, fp32_feeds: list[dict]) -> tuple[list, dict]:
-    """Candidate outputs on the eval feeds, in the source's form, and its first feed.
-
-    A Lepton model may declare NHWC or integer I/O (adapt_feed/restore_output); for other models both are no-ops.
-    """
-    model = onnx.load_from_string(candidate)
-    sess = session(candidate)
-    names = [o.name for o in model.graph.output]
-    candidate_feeds = [adapt_feed(model, feed) for feed in fp32_feeds]
-    outputs = [[restore_output(model, n, v) for n, v in zip(names, sess.run(None, feed))] for feed in candidate_feeds]
-    return outputs, candidate_feeds[0]
-
-
 def score_candidate(
     model: CorpusModel, fp32: bytes, candidate: bytes, evaluation: dict, reference: list, chars, bench_seconds: float
 ) -> dict:
     fp32_feeds = feeds(session(fp32), evaluation)
-    outputs, feed = _candidate_outputs(candidate, fp32_feeds)
+    outputs, feed = compiled_outputs(candidate, fp32_feeds)
     value = METRICS[model.metric](model, evaluation, reference, outputs, chars)
     return {
         "value": round(value, 3),

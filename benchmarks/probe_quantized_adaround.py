@@ -30,19 +30,10 @@ from lepton_cli.passes._quantize.quantized_bias import correct_quantized_biases 
 from benchmarks.corpus.data import charset  # noqa: E402
 from benchmarks.corpus.manifest import by_name  # noqa: E402
 from benchmarks.corpus.metrics import METRICS  # noqa: E402
+from benchmarks.corpus.runner import compiled_outputs, run_all, session  # noqa: E402
 from benchmarks.corpus.runner import feeds as sample_feeds  # noqa: E402
-from benchmarks.corpus.runner import run_all, session  # noqa: E402
 from benchmarks.corpus.store import ensure_data, ensure_model  # noqa: E402
 from benchmarks.md_table import markdown_table  # noqa: E402
-from lepton_cli.model.io_contract import adapt_feed, restore_output  # noqa: E402
-
-
-def outputs(model: onnx.ModelProto, source_feeds: list[dict]) -> list[list[np.ndarray]]:
-    sess = session(model.SerializeToString())
-    names = [o.name for o in model.graph.output]
-    return [
-        [restore_output(model, n, v) for n, v in zip(names, sess.run(None, adapt_feed(model, f)))] for f in source_feeds
-    ]
 
 
 def main(argv: list[str]) -> None:
@@ -66,7 +57,9 @@ def main(argv: list[str]) -> None:
         result = {}
         for name, (arrays, feeds, reference) in data.items():
             fp32_value = METRICS[corpus.metric](corpus, arrays, reference, reference, chars)
-            value = METRICS[corpus.metric](corpus, arrays, reference, outputs(model, feeds), chars)
+            value = METRICS[corpus.metric](
+                corpus, arrays, reference, compiled_outputs(model.SerializeToString(), feeds)[0], chars
+            )
             result[name] = round(fp32_value - value, 2)
         return result
 

@@ -49,20 +49,14 @@ def held_out_char_drop(model: Any, saved: Path) -> float:
     read back in the source's layout, as the yardstick does for a target with NHWC I/O)."""
     from benchmarks.corpus.data import charset
     from benchmarks.corpus.metrics import char_accuracy
-    from benchmarks.corpus.runner import feeds, run_all, session
+    from benchmarks.corpus.runner import compiled_outputs, feeds, run_all, session
     from benchmarks.corpus.store import ensure_data, ensure_model
-    from lepton_cli.model.io_contract import adapt_feed, restore_output
 
     _, evaluation_path = ensure_data(model)
     evaluation = dict(np.load(evaluation_path))
     path = ensure_model(model)
     chars = charset(model, path)
     reference = run_all(session(path), evaluation)
-    compiled, compiled_session = onnx.load(saved), session(saved)
-    names = [o.name for o in compiled.graph.output]
-    candidate = [
-        [restore_output(compiled, n, v) for n, v in zip(names, compiled_session.run(None, adapt_feed(compiled, f)))]
-        for f in feeds(session(path), evaluation)
-    ]
+    candidate, _ = compiled_outputs(saved.read_bytes(), feeds(session(path), evaluation))
     source = char_accuracy(model, evaluation, reference, reference, chars)
     return source - char_accuracy(model, evaluation, reference, candidate, chars)

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+
+from lepton_cli.model.io_contract import adapt_feed, restore_output
 
 from .metrics import Outputs
 
@@ -40,3 +43,16 @@ def feeds(sess: ort.InferenceSession, arrays: dict[str, np.ndarray]) -> list[dic
 
 def run_all(sess: ort.InferenceSession, arrays: dict[str, np.ndarray]) -> Outputs:
     return [sess.run(None, feed) for feed in feeds(sess, arrays)]
+
+
+def compiled_outputs(candidate: bytes, source_feeds: list[dict[str, np.ndarray]]) -> tuple[Outputs, dict]:
+    """A compiled model's outputs on feeds in the source's form, read back in the source's form, and its first feed.
+
+    A Lepton model may declare NHWC or integer I/O (adapt_feed/restore_output); for other models both are no-ops.
+    """
+    model = onnx.load_from_string(candidate)
+    sess = session(candidate)
+    names = [o.name for o in model.graph.output]
+    candidate_feeds = [adapt_feed(model, feed) for feed in source_feeds]
+    outputs = [[restore_output(model, n, v) for n, v in zip(names, sess.run(None, feed))] for feed in candidate_feeds]
+    return outputs, candidate_feeds[0]

@@ -13,14 +13,10 @@ import onnx
 from lepton_cli.passes._quantize.adaround import AdaRoundSettings
 from lepton_cli.passes._quantize.quantized_adaround import refit_quantized_weights
 from lepton_cli.passes._quantize.quantized_bias import correct_quantized_biases, write_initializers
-from lepton_cli.passes._quantize.recovery import INT8_STEPS
+from lepton_cli.passes._quantize.recovery import CHANGE_COUNTS, INT8_STEPS, changed_by
 
 from lepton_cli.samples.sample_set import SampleSet
 
-COUNT_KEYS = {
-    "quantized_adaround": "quantized_adaround_layers",
-    "quantized_bias_correction": "quantized_biases_corrected",
-}
 Key = tuple[str, str]  # (tier tag, method)
 
 
@@ -30,7 +26,7 @@ class Int8Fits:
         self.iterations = iterations  # AdaRound iterations per layer
         self.float_share = float_share  # of the rounding objective on float inputs (quantized_adaround.py)
         self.values: dict[Key, dict[str, np.ndarray]] = {}  # initializer name -> fitted value
-        self.counts: dict[Key, dict[str, int]] = {}  # COUNT_KEYS value -> layers the step changed
+        self.counts: dict[Key, dict[str, int]] = {}  # the step's CHANGE_COUNTS key -> layers it changed
 
     def apply(
         self,
@@ -60,13 +56,13 @@ class Int8Fits:
                 progress(f"bias correction on the int8 model ({key[1]})")
                 changed = correct_quantized_biases(model, reference, feeds)
             fitted |= changed
-            counts[COUNT_KEYS[step]] = len(changed)
+            counts[CHANGE_COUNTS[step][0]] = len(changed)
         self.values[key], self.counts[key] = fitted, counts
 
     def changed(self, key: Key) -> dict[str, str]:
         """Per step fitted on ``key``'s model, what it changed ("47 layers"), for the report's tier row."""
         counts = self.counts.get(key, {})
-        return {step: f"{counts[name]} layers" for step, name in COUNT_KEYS.items() if name in counts}
+        return {step: changed_by(step, counts) for step in INT8_STEPS if CHANGE_COUNTS[step][0] in counts}
 
     def most(self) -> dict[str, int]:
         """Per count, the most layers any (tier, method) changed: the same layers in each, those both models have."""

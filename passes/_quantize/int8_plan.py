@@ -235,7 +235,8 @@ class Int8Plan(SearchPlan):
         if self.recovery is not None:
             self.recovery.heads, self.recovery.scheme = head_nodes, scheme
         exclude = head_nodes + recovery_float
-        on = self._recovery_settings(base).int8_steps
+        plain = self._recovery_settings(base)
+        on = plain.int8_steps
         builds = [
             self._builder(source, calib, replace(scheme, op_types=tuple(ops)), ctx, f"t{i}", exclude, int8_steps=on)
             for i, ops in enumerate(self.tiers)
@@ -243,7 +244,7 @@ class Int8Plan(SearchPlan):
         space = SearchSpace(builds, list(dict.fromkeys(params.methods)), self.base, tiers=list(self.tiers))
         space.transforms, space.references = [""] * len(self.tiers), [lambda: self.base] * len(self.tiers)
         last = replace(scheme, op_types=tuple(self.tiers[-1]))
-        self.source_tiers = source_tiers(params, self._recovery_settings(base), self._matmul_layers)
+        self.source_tiers = source_tiers(params, plain, self._matmul_layers)
         for source_tier in self.source_tiers:
             build, reference = self._source_tier(source_tier, base, calib, last, ctx, exclude, summary)
             space.builds.append(build)

@@ -23,10 +23,9 @@ import numpy as np
 import onnx
 from lepton_cli.passes._quantize.adaround import AdaRoundSettings, optimise_rounding, reconstruction_error
 from lepton_cli.passes._quantize.layer_stats import LayerStats, patches
-from lepton_cli.passes._quantize.quantized_bias import write_initializers
+from lepton_cli.passes._quantize.quantized_bias import feed_initializers, write_initializers
 from lepton_cli.passes._quantize.sensitivity import with_outputs
 from lepton_cli.passes._quantize.weight_layers import Grid, WeightLayer, to_rows, weight_layers
-from onnx import helper
 
 from lepton_cli.model.external_data import tensor_array
 from lepton_cli.model.graph_edit import GraphIndex
@@ -108,13 +107,7 @@ class _Inputs:
         copy, returned = with_outputs(model, [s.input for s in sites])
         ref_copy, ref_returned = with_outputs(reference, [s.layer.node.input[0] for s in sites])
         self.sites = [s for s in sites if s.input in returned and s.layer.node.input[0] in ref_returned]
-        inits = {t.name: t for t in copy.graph.initializer}
-        inputs = {i.name for i in copy.graph.input}
-        copy.graph.input.extend(
-            helper.make_tensor_value_info(s.weight, onnx.TensorProto.INT8, list(inits[s.weight].dims))
-            for s in self.sites
-            if s.weight not in inputs
-        )
+        feed_initializers(copy, [s.weight for s in self.sites])
         self.model, self.reference = model, reference
         self.session, self.ref_session = make_session(copy, arena=False), make_session(ref_copy, arena=False)
 

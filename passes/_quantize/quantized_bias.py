@@ -113,13 +113,20 @@ def _measuring_copy(model: onnx.ModelProto, sites: list[BiasSite]) -> tuple[onnx
     copy, returned = with_outputs(model, [s.output for s in sites])
     returned = set(returned) | {o.name for o in model.graph.output}
     sites = [s for s in sites if s.output in returned]
-    inits = {t.name: t for t in copy.graph.initializer}
-    inputs = {i.name for i in copy.graph.input}
-    biases = [name for name in dict.fromkeys(s.bias for s in sites) if name not in inputs]
-    copy.graph.input.extend(
-        helper.make_tensor_value_info(name, inits[name].data_type, list(inits[name].dims)) for name in biases
-    )
+    feed_initializers(copy, [s.bias for s in sites])
     return copy, sites
+
+
+def feed_initializers(model: onnx.ModelProto, names: list[str]) -> None:
+    """List the initializers ``names`` as graph inputs too, so a session can be fed other values for them (their
+    stored values stay the defaults): one session measures every corrected or refitted value."""
+    inits = {t.name: t for t in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input}
+    model.graph.input.extend(
+        helper.make_tensor_value_info(name, inits[name].data_type, list(inits[name].dims))
+        for name in dict.fromkeys(names)
+        if name not in inputs
+    )
 
 
 def correct_quantized_biases(
