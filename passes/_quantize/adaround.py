@@ -105,7 +105,7 @@ def _optimise(
     v = -np.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)  # h(v) = rest: start at the float weights
     groups = stats.gram.shape[0]
     gram = stats.gram
-    anchor = _anchor(rows, gram if cross is None else cross)
+    anchor = None if cross is None else _anchor(rows, cross)  # None: (values - rows) G, as rounded before the cross
     # Normalise the quadratic so λ means the same for every layer: d G dᵀ per unit of s² and input power.
     norm = (scale.reshape(groups, -1, 1) ** 2) * max(float(np.mean(np.diagonal(gram, axis1=1, axis2=2))), 1e-30)
     m, s2 = np.zeros_like(v), np.zeros_like(v)
@@ -115,8 +115,11 @@ def _optimise(
             break
         h = _soft(v)
         values = np.clip(floor + h, grid.qmin, grid.qmax) * scale
-        grouped = values.reshape(groups, -1, rows.shape[1])
-        grad_w = (2.0 * (np.matmul(grouped, gram) - anchor) / norm).reshape(rows.shape)  # matmul: BLAS (not einsum)
+        if anchor is None:
+            pulled = np.matmul((values - rows).reshape(groups, -1, rows.shape[1]), gram)  # matmul: BLAS (not einsum)
+        else:
+            pulled = np.matmul(values.reshape(groups, -1, rows.shape[1]), gram) - anchor
+        grad_w = (2.0 * pulled / norm).reshape(rows.shape)
         grad_h = grad_w * scale
         if step >= warm:
             progress = (step - warm) / max(1, settings.iterations - warm)
