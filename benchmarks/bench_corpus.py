@@ -30,7 +30,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.corpus.data import charset  # noqa: E402
 from benchmarks.corpus.manifest import MODELS, REPO, CorpusModel, by_name  # noqa: E402
-from benchmarks.corpus.metrics import METRICS  # noqa: E402
+from benchmarks.corpus.metrics import BANDED, METRICS  # noqa: E402
 from benchmarks.corpus.peers import peer_command  # noqa: E402
 from benchmarks.corpus.runner import compiled_outputs, feeds, run_all, session  # noqa: E402
 from benchmarks.corpus.store import ensure_data, ensure_model, without_labels  # noqa: E402
@@ -134,8 +134,10 @@ def score_candidate(
     fp32_feeds = feeds(session(fp32), evaluation)
     outputs, feed = compiled_outputs(candidate, fp32_feeds)
     value = METRICS[model.metric](model, evaluation, reference, outputs, chars)
+    banded = BANDED.get(model.metric)
     return {
         "value": round(value, 3),
+        **({"value_banded": round(banded(model, evaluation, reference, outputs, chars), 3)} if banded else {}),
         "latency_ratio_1t": _latency_ratio(fp32, candidate, fp32_feeds[0], feed, 1, bench_seconds),
         "latency_ratio_all": _latency_ratio(fp32, candidate, fp32_feeds[0], feed, os.cpu_count() or 1, bench_seconds),
         "size_ratio": round(len(candidate) / len(fp32), 3),

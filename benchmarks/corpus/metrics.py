@@ -17,6 +17,9 @@ Outputs = list[list[np.ndarray]]  # [sample][output]
 DB_THRESHOLD = 0.3  # DBNet's binarisation threshold (PaddleOCR det_db_thresh)
 IOU = 0.5
 YOLOX_SCORE, YOLOX_NMS = 0.1, 0.45  # ddddocr's detection_engine settings
+# The source's own box scores move this much under input noise it cannot see (±0.49 grey level, 3 draws, 32 held-out
+# scenes: p99 of |score change| 0.026, 8 of 543 boxes crossing 0.1): a box inside the band is told apart by neither.
+SCORE_BAND = 0.03
 
 
 def decode_text(model: CorpusModel, charset: list[str], outputs: Outputs) -> list[str]:
@@ -41,8 +44,8 @@ def map_f1(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: 
     return 100.0 * min(ocr_textset.pixel_f1(r[0], c[0], DB_THRESHOLD) for r, c in zip(reference, candidate))
 
 
-def _yolox_boxes(raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """ddddocr's YOLOX decode + class-agnostic NMS: [K, 4] xyxy boxes."""
+def _scored_boxes(raw: np.ndarray, size: tuple[int, int], score: float) -> tuple[np.ndarray, np.ndarray]:
+    """ddddocr's YOLOX decode + class-agnostic NMS: ([K, 4] xyxy boxes, [K] scores) scoring over ``score``."""
     pred = raw[0].astype(np.float64).copy()
     grids, strides = [], []
     for stride in (8, 16, 32):
@@ -54,9 +57,10 @@ def _yolox_boxes(raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     pred[:, :2] = (pred[:, :2] + grid) * stride
     pred[:, 2:4] = np.exp(np.clip(pred[:, 2:4], -20, 20)) * stride
     scores = (pred[:, 4:5] * pred[:, 5:]).max(1)
-    keep = scores > YOLOX_SCORE
+    keep = scores > score
     boxes = np.concatenate([pred[keep, :2] - pred[keep, 2:4] / 2, pred[keep, :2] + pred[keep, 2:4] / 2], 1)
-    return boxes[_nms(boxes, scores[keep], YOLOX_NMS)]
+    kept = _nms(boxes, scores[keep], YOLOX_NMS)
+    return boxes[kept], scores[keep][kept]
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -77,23 +81,52 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
     return keep
 
 
+def _pairs(boxes: np.ndarray, others: np.ndarray) -> dict[int, int]:
+    """Row of ``boxes`` -> the row of ``others`` it matches at IoU 0.5, greedily, each of ``others`` used once."""
+    iou = _iou(boxes, others) if len(boxes) and len(others) else np.zeros((len(boxes), len(others)))
+    pairs: dict[int, int] = {}
+    for row in range(len(boxes)):
+        for col in np.argsort(-iou[row]):
+            if iou[row, col] < IOU:
+                break
+            if col not in pairs.values():
+                pairs[row] = int(col)
+                break
+    return pairs
+
+
 def det_f1(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: Outputs, charset=None) -> float:
     """Detection F1 at IoU 0.5 against the fp32 model's boxes after NMS, pooled over images, ×100."""
     size = tuple(model.input_shapes[next(iter(model.input_shapes))][2:])
     tp = fp = fn = 0
     for r, c in zip(reference, candidate):
-        want, got = _yolox_boxes(r[0], size), _yolox_boxes(c[0], size)
-        matched, used = 0, set()
-        iou = _iou(got, want) if len(want) and len(got) else np.zeros((len(got), len(want)))
-        for row in range(len(got)):  # greedy: each fp32 box matches at most one candidate box
-            for col in np.argsort(-iou[row]):
-                if iou[row, col] < IOU:
-                    break
-                if col not in used:
-                    used.add(col)
-                    matched += 1
-                    break
+        want, got = _scored_boxes(r[0], size, YOLOX_SCORE)[0], _scored_boxes(c[0], size, YOLOX_SCORE)[0]
+        matched = len(_pairs(got, want))  # greedy: each fp32 box matches at most one candidate box
         tp, fp, fn = tp + matched, fp + len(got) - matched, fn + len(want) - matched
+    return 100.0 if tp + fp + fn == 0 else 100.0 * 2 * tp / (2 * tp + fp + fn)
+
+
+def det_f1_banded(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: Outputs, charset=None) -> float:
+    """``det_f1`` where a box on the other side of the threshold is no error while its score moved by at most
+    ``SCORE_BAND`` (the source's own jitter under input noise it cannot see): the decisions the source itself does
+    not hold are told apart by neither. A box whose score moved further, or that vanished, still counts."""
+    size = tuple(model.input_shapes[next(iter(model.input_shapes))][2:])
+    low = YOLOX_SCORE - SCORE_BAND
+    tp = fp = fn = 0
+    for r, c in zip(reference, candidate):
+        (want, want_score), (got, got_score) = _scored_boxes(r[0], size, low), _scored_boxes(c[0], size, low)
+        pairs = _pairs(want, got)
+        back = {col: row for row, col in pairs.items()}
+        for row, score in enumerate(want_score):
+            col = pairs.get(row)
+            other = got_score[col] if col is not None else -np.inf
+            if score > YOLOX_SCORE:
+                tp += other > YOLOX_SCORE
+                fn += other <= YOLOX_SCORE and score - other > SCORE_BAND
+        for col, score in enumerate(got_score):
+            row = back.get(col)
+            other = want_score[row] if row is not None else -np.inf
+            fp += score > YOLOX_SCORE and other <= YOLOX_SCORE and score - other > SCORE_BAND
     return 100.0 if tp + fp + fn == 0 else 100.0 * 2 * tp / (2 * tp + fp + fn)
 
 
@@ -147,3 +180,6 @@ METRICS: dict[str, Callable[..., float]] = {
     "top1_agreement": top1_agreement,
     "output_agreement": output_agreement,
 }
+# The same metric with the decisions the source itself does not hold under input noise left out: a diagnostic column
+# (how much of a drop is threshold flips), never the yardstick's value.
+BANDED: dict[str, Callable[..., float]] = {"det_f1": det_f1_banded}

@@ -1,0 +1,55 @@
+"""The yardstick's box F1 (benchmarks/corpus/metrics.py) on YOLOX head outputs laid out as ddddocr's detector writes
+them: the strict reading counts every box across the 0.1 threshold, the banded one only decisions that moved by more
+than the source's own score jitter (the numbers on the real model: benchmarks/results/session26_probes.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.corpus.manifest import by_name
+from benchmarks.corpus.metrics import BANDED, METRICS, SCORE_BAND, YOLOX_SCORE
+
+CELLS = sum((416 // s) ** 2 for s in (8, 16, 32))
+
+
+def head(scores: dict[int, float]) -> list[np.ndarray]:
+    """One image's raw [1, cells, 6] output: a 32-px box at each stride-8 cell given, objectness = its score."""
+    raw = np.zeros((1, CELLS, 6), np.float32)
+    raw[0, :, 2:4] = np.log(4.0)
+    raw[0, :, 5] = 1.0
+    for cell, score in scores.items():
+        raw[0, cell, 4] = score
+    return [raw]
+
+
+def f1(reference: dict[int, float], candidate: dict[int, float]) -> tuple[float, float]:
+    model = by_name("ddddocr_det")
+    ref, got = [head(reference)], [head(candidate)]
+    return METRICS["det_f1"](model, {}, ref, got), BANDED["det_f1"](model, {}, ref, got)
+
+
+@pytest.mark.parametrize(
+    ("source", "candidate", "strict_errors", "banded_errors"),
+    [
+        ({10: 0.5, 200: YOLOX_SCORE + 0.015}, {10: 0.5, 200: YOLOX_SCORE - 0.005}, 1, 0),  # moved 0.02 across
+        ({10: 0.5, 200: 0.196}, {10: 0.5, 200: 0.09}, 1, 1),  # moved 0.106 across: a real loss
+        ({10: 0.5}, {10: 0.5, 300: 0.2}, 1, 1),  # a box the source has nowhere
+        ({10: 0.5, 200: YOLOX_SCORE - 0.01}, {10: 0.5, 200: YOLOX_SCORE + 0.01}, 1, 0),  # an extra box within the band
+        ({10: 0.5, 200: 0.3}, {10: 0.5}, 1, 1),  # vanished
+    ],
+)
+def test_banded_box_f1_forgives_only_moves_within_the_source_jitter(
+    source: dict[int, float], candidate: dict[int, float], strict_errors: int, banded_errors: int
+) -> None:
+    strict, banded = f1(source, candidate)
+    kept = sum(1 for score in source.values() if score > YOLOX_SCORE)
+
+    def reading(errors: int) -> float:  # one box error: fp or fn against the source's kept boxes
+        both = kept + sum(1 for score in candidate.values() if score > YOLOX_SCORE)
+        return 100.0 * (both - errors) / both
+
+    assert strict == pytest.approx(reading(strict_errors))
+    assert banded == pytest.approx(reading(banded_errors))
+    assert 0 < SCORE_BAND < 0.05
+    assert f1(source, source) == (100.0, 100.0)
