@@ -49,6 +49,7 @@ class QuantizeParams:
     float_matmul_outputs: bool = True
     # Scalar Adds, HardSigmoid and Sigmoid gates between int8 layers as QLinearAdd/Mul/Sigmoid (ORT's CPU EP), 1 B/element
     integer_elementwise: bool = False
+    integer_elementwise_tier: bool = False  # the same as a last tier, searched only when nothing else fits
     restore_hard_swish: bool = False  # float-kept hard-swish at alpha 1/6 (ORT's x86 conv runs it), kept when it scores
     # Tried before op_types (more int8, fewer Q/DQ: faster) and kept when a candidate meets the budget.
     fast_op_types: list[str] | None = None
@@ -107,11 +108,8 @@ class QuantizeParams:
                 raise ParamValueError(name, "must be >= 1")
         if self.max_float_layers < 0:
             raise ParamValueError("max_float_layers", "must be >= 0")
-        if self.integer_elementwise and self.power_of_two_scales:
-            raise ParamValueError(
-                "integer_elementwise",
-                "its folded and [0, 1] gate scales are not powers of two: not with power_of_two_scales",
-            )
+        if (self.integer_elementwise or self.integer_elementwise_tier) and self.power_of_two_scales:
+            raise ParamValueError("integer_elementwise", "its folded and [0, 1] gate scales are not powers of two")
         if self.integer_io and self.scheme != "int8":
             raise ParamValueError(
                 "integer_io", 'needs scheme = "int8" (static quantization gives inputs and outputs a scale)'

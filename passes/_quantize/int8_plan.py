@@ -29,10 +29,16 @@ from lepton_cli.passes._quantize.integer_elementwise import lowered, rewritten
 from lepton_cli.passes._quantize.integer_io import make_integer_io
 from lepton_cli.passes._quantize.plan import SearchPlan, int8_weights
 from lepton_cli.passes._quantize.prequantized import has_subgraphs, quantized_ops
-from lepton_cli.passes._quantize.recovery import RecoverySettings, changed_by, recover
+from lepton_cli.passes._quantize.recovery import Recovered, RecoverySettings, changed_by, recover
 from lepton_cli.passes._quantize.sensitivity import quantized_nodes
 from lepton_cli.passes._quantize.short_names import shorten_added_names
-from lepton_cli.passes._quantize.source_tiers import SourceTier, source_tiers, tier_changed, tier_summary
+from lepton_cli.passes._quantize.source_tiers import (
+    RECOVERY,
+    SourceTier,
+    source_tiers,
+    tier_changed,
+    tier_summary,
+)
 from lepton_cli.passes._quantize.tuning import Build, SearchSpace, TierUnavailable, ranking_build
 from lepton_cli.passes._quantize.weight_blocks import max_scale, split_weight_blocks
 from lepton_cli.passes._quantize.weight_layers import weight_layers
@@ -186,6 +192,9 @@ class _RecoveryInputs:
     scheme: schemes.Int8Scheme | None = None  # with the heads' 16-bit overrides
 
 
+LOWERED = "integer_elementwise"  # the fallback tier with the lowering (``integer_elementwise_tier``)
+
+
 class Int8Plan(SearchPlan):
     def __init__(self, params: Any, target_isa: list[str], host_isa: list[str]):
         """``params``: the pass's QuantizeParams; the ISAs decide ``reduce_range`` (see ``reduce_range``)."""
@@ -210,6 +219,7 @@ class Int8Plan(SearchPlan):
         self.recovery: _RecoveryInputs | None = None  # what the steps ran on, for the report's per-step gains
         self.builds: list[Build] = []  # the search space's builds: plain tiers, then the source tiers offered
         self.source_tiers: list[SourceTier] = []
+        self.recovered: dict[str, Recovered] = {}  # per source tier, its steps' result (the fallback tier reuses it)
         # The one fully quantized model held, keyed by (tier tag, method): the tuner tries one tier and method at a
         # time, and a MiniLM-sized model held per tier and method pushed the compile over its memory bar.
         self.quantized: dict[tuple[str, str], onnx.ModelProto] = {}
@@ -251,10 +261,39 @@ class Int8Plan(SearchPlan):
             space.tiers.append(self.tiers[-1])
             space.transforms.append(source_tier.transform)
             space.references.append(reference)
+        if params.integer_elementwise_tier and not params.integer_elementwise:
+            self._lowered_tier(space, source, base, calib, last, ctx, exclude, summary)
         self.builds = space.builds
         if params.restore_hard_swish:
             space.verified_rewrite = ("hard_swish_restored", restore_hard_swish)
         return space
+
+    def _lowered_tier(
+        self,
+        space: SearchSpace,
+        source: onnx.ModelProto,
+        base: onnx.ModelProto,
+        calib: SampleSet,
+        scheme: schemes.Int8Scheme,
+        ctx: Any,
+        exclude: list[str],
+        summary: dict[str, Any],
+    ) -> None:
+        """A last tier with ``integer_elementwise``'s rewrites, searched only when nothing before it fits: on the
+        recovery tier's source where the target has one (PP-OCRv4 det on edge-arm fits only so), else the last plain
+        tier's."""
+        recovery = next((t for t in self.source_tiers if t.transform == RECOVERY), None)
+        if recovery is not None:
+            build, reference = self._source_tier(recovery, base, calib, scheme, ctx, exclude, summary, LOWERED)
+        else:
+            steps = self._recovery_settings(base).int8_steps
+            build = self._builder(source, calib, scheme, ctx, LOWERED, exclude, None, steps, lower=True)
+            reference = lambda: self.base  # noqa: E731
+        space.fallback.add(len(space.builds))
+        space.builds.append(build)
+        space.tiers.append(self.tiers[-1])
+        space.transforms.append(LOWERED)
+        space.references.append(reference)
 
     def _weight_blocks(self, model: onnx.ModelProto, ctx: Any, summary: dict[str, Any]) -> onnx.ModelProto:
         """``model`` with Convs split into blocks of output channels by weight scale, where the target's weights are
@@ -283,30 +322,35 @@ class Int8Plan(SearchPlan):
         ctx: Any,
         exclude: list[str],
         summary: dict[str, Any],
+        lowered_tag: str = "",
     ) -> tuple[Build, Callable[[], onnx.ModelProto]]:
         """(build, float reference) of the last tier on the source ``tier``'s steps made (``source_tiers.py``);
-        made on first use: the tuner reaches such a tier only when the choice so far keeps layers float."""
+        made on first use: the tuner reaches such a tier only when the choice so far keeps layers float.
+        ``lowered_tag``: the same source with integer_elementwise's rewrites, as the tier so named."""
 
         @functools.cache
         def made() -> tuple[Build, onnx.ModelProto]:
-            ctx.progress(f"{tier.transform} tier: {tier.label}")
-            try:
-                recovered = recover(base, list(calib.feeds(tier.settings.samples)), self.scheme, tier.settings)
-            except Exception as exc:  # an optional tier: whatever stops its steps leaves the choice so far
-                raise TierUnavailable(
-                    f"{tier.label} could not run on this model ({exc.__class__.__name__}: {exc})"
-                ) from exc
-            summary[tier.summary_key] = tier_summary(tier, recovered)
-            exclude_here = exclude + recovered.float_nodes
+            if tier.transform not in self.recovered:
+                ctx.progress(f"{tier.transform} tier: {tier.label}")
+                try:
+                    recovered = recover(base, list(calib.feeds(tier.settings.samples)), self.scheme, tier.settings)
+                except Exception as exc:  # an optional tier: whatever stops its steps leaves the choice so far
+                    raise TierUnavailable(
+                        f"{tier.label} could not run on this model ({exc.__class__.__name__}: {exc})"
+                    ) from exc
+                summary[tier.summary_key] = tier_summary(tier, recovered)
+                self.recovered[tier.transform] = recovered
+            recovered = self.recovered[tier.transform]
             build = self._builder(
                 recovered.quantize_source,
                 calib,
                 scheme,
                 ctx,
-                tier.transform,
-                exclude_here,
+                lowered_tag or tier.transform,
+                exclude + recovered.float_nodes,
                 recovered.reference,
                 int8_steps=tier.settings.int8_steps,
+                lower=True if lowered_tag else None,
             )
             return build, recovered.reference
 
@@ -322,11 +366,13 @@ class Int8Plan(SearchPlan):
         exclude: list[str],
         reference: onnx.ModelProto | None = None,
         int8_steps: tuple[str, ...] = (),
+        lower: bool | None = None,
     ) -> Build:
         """(method, float-kept nodes) -> candidate, for one tier; calibration once per method, the fully quantized
         model kept while the same tier and method are asked for (``self.quantized``).
         ``source`` carries recovery's adjusted weights; float-kept nodes read ``reference`` (default ``self.base``);
-        ``int8_steps``: fitted on the fully quantized model against the reference (int8_fits.py)."""
+        ``int8_steps``: fitted on the fully quantized model against the reference (int8_fits.py); ``lower``: the
+        integer_elementwise rewrites (default: as the params say)."""
         params, work_dir = self.params, Path(ctx.work_dir)
         base = self.base if reference is None else reference
         ranges: dict[str, Path] = {}
@@ -361,7 +407,7 @@ class Int8Plan(SearchPlan):
             # Float-kept nodes are bypassed in the fully quantized model, exactly as the search measured them.
             return keep_float_nodes(self.quantized[key], base, keep, params.float_kept_weights == "float")
 
-        return lowered(build) if params.integer_elementwise else build
+        return lowered(build) if (params.integer_elementwise if lower is None else lower) else build
 
     def _recover(
         self, base: onnx.ModelProto, calib: SampleSet, summary: dict[str, Any], progress: Callable[[str], None]
@@ -402,8 +448,8 @@ class Int8Plan(SearchPlan):
         the search started from."""
         ops = best.op_types if best.op_types is not None else self.tiers[-1]
         rows = self._step_gains(evaluator, best.method, ops, ctx, summary)
-        if best.transform:
-            tier = next(t for t in self.source_tiers if t.transform == best.transform)
+        tier = next((t for t in self.source_tiers if t.transform == best.transform), None)
+        if tier is not None:
             if not rows:
                 rows = [self._searched_or_scored(evaluator, self._plain_build(ops), [], summary, best.method, ops, "")]
             steps = rows[-1]["steps"] + list(tier.added)
@@ -515,7 +561,7 @@ class Int8Plan(SearchPlan):
             summary["integer_io"] = converted
             for reason in kept:
                 ctx.warn(f"integer_io: {reason}; it stays float")
-        if self.params.integer_elementwise:
+        if self.params.integer_elementwise or summary.get("transform") == LOWERED:
             summary["integer_elementwise"] = rewritten(result)
         chosen = (self._tier_tag(summary), summary["method"])
         summary["ranges_narrowed_to_readers"] = len(self.narrowed.get(chosen, []))

@@ -154,6 +154,8 @@ class SearchSpace:
     # An exact-in-real-arithmetic speed rewrite of the chosen candidate, kept when it scores within the budget itself:
     # its name and the rewrite (the rewritten copy, how many places it changed).
     verified_rewrite: tuple[str, Callable[[onnx.ModelProto], tuple[onnx.ModelProto, int]]] | None = None
+    # Tiers searched only when no earlier tier has a candidate within budget (never probed before them).
+    fallback: set[int] = field(default_factory=set)
 
     def transform(self, tier: int) -> str:
         return self.transforms[tier] if self.transforms is not None else ""
@@ -494,8 +496,8 @@ def tune(
     unavailable, probe_ceiling = probe_fully_quantized(space, runs, progress) if cost is not None else ({}, inf)
     for tier in range(len(space.builds)):
         if chosen is not None and chosen.best_trial is not None:
-            if not chosen.best_trial.float_nodes or chosen.best_trial.cost_ms is None:
-                break  # fully quantized (nothing is cheaper) or no cost model to compare tiers by
+            if not chosen.best_trial.float_nodes or chosen.best_trial.cost_ms is None or tier in space.fallback:
+                break  # fully quantized (nothing is cheaper), no cost model to compare tiers by, or a fallback's turn
         # The probe announced each tier already: a tier's header again only before its float-kept candidates.
         said = _headed(progress, _tier_note(space, tier)) if len(space.builds) > 1 else progress
         runs[tier].progress = said
@@ -597,6 +599,8 @@ def probe_fully_quantized(
     (the ranking is most of a search: PP-OCRv4 rec fpga's every-op tier ranked 64 nodes per method for nothing)."""
     unavailable: dict[int, TierUnavailable] = {}
     for tier, run in enumerate(runs):
+        if tier in space.fallback:  # searched by ``tune`` only when nothing before it fits
+            break
         if len(runs) > 1:
             progress(_tier_note(space, tier))
         for method in space.methods:

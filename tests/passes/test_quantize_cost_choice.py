@@ -97,7 +97,7 @@ def _space(base: onnx.ModelProto, builds_log: list[str]) -> SearchSpace:
     )
 
 
-def _tune(monkeypatch, drops: dict[str, float], costs: dict[str, float]):
+def _tune(monkeypatch, drops: dict[str, float], costs: dict[str, float], fallback: tuple[int, ...] = ()):
     monkeypatch.setattr(tuning, "float_gains", lambda *a, **k: [(n, 1.0) for n in NODES])
     monkeypatch.setattr(
         tuning, "target_cost", lambda hw, feeds: (lambda m: costs.get(m.doc_string, 100.0)) if hw else None
@@ -106,9 +106,27 @@ def _tune(monkeypatch, drops: dict[str, float], costs: dict[str, float]):
     evaluator = _Evaluator(drops)
     summary: dict = {}
     space = _space(onnx.load(DIGITS / "digits_cnn.onnx"), builds)
+    space.fallback = set(fallback)
     settings = TunerSettings(max_float=4, float_weights=True, confidence=0.5, hardware=load_target("cpu-avx").hardware)
     _, best = tuning.tune(space, evaluator, 1.0, "test", settings, summary, lambda *a: None)
     return best, summary, evaluator.scored, builds
+
+
+def test_a_fallback_tier_is_not_even_built_while_an_earlier_tier_has_a_candidate(monkeypatch):
+    """edge-arm's lowered tier: PP-OCRv5 rec passes plain with layers float and must keep that choice."""
+    drops = {"t0:minmax:n0,n1,n2,n3": 0.5, "t1:minmax:": 0.2}  # the fallback would fit, cheaper
+    costs = {"t0:minmax:n0,n1,n2,n3": 14.0, "t1:minmax:": 9.0}
+    best, summary, scored, builds = _tune(monkeypatch, drops, costs, fallback=(1,))
+    assert best.op_types == ["Conv"] and len(best.float_nodes) == 4
+    assert not [b for b in builds if b.startswith("t1")]
+
+
+def test_a_fallback_tier_is_searched_when_nothing_before_it_fits(monkeypatch):
+    """PP-OCRv4 det on edge-arm: no plain candidate within budget, the lowered tier's within it."""
+    drops = {"t1:minmax:n0": 0.6}
+    best, summary, scored, builds = _tune(monkeypatch, drops, {}, fallback=(1,))
+    assert best.op_types == [] and best.float_nodes == ["n0"]
+    assert scored.index("t1:minmax:") > max(i for i, tag in enumerate(scored) if tag.startswith("t0"))
 
 
 def test_a_later_tier_wins_when_it_is_cheaper_than_the_first_tiers_float_kept_candidate(monkeypatch):
