@@ -109,7 +109,10 @@ class QuantizeParams:
         if self.max_float_layers < 0:
             raise ParamValueError("max_float_layers", "must be >= 0")
         if (self.integer_elementwise or self.integer_elementwise_tier) and self.power_of_two_scales:
-            raise ParamValueError("integer_elementwise", "its folded and [0, 1] gate scales are not powers of two")
+            raise ParamValueError(
+                "integer_elementwise",
+                "its folded and [0, 1] gate scales are not powers of two: not with power_of_two_scales",
+            )
         if self.integer_io and self.scheme != "int8":
             raise ParamValueError(
                 "integer_io", 'needs scheme = "int8" (static quantization gives inputs and outputs a scale)'

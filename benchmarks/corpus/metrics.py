@@ -85,11 +85,13 @@ def _pairs(boxes: np.ndarray, others: np.ndarray) -> dict[int, int]:
     """Row of ``boxes`` -> the row of ``others`` it matches at IoU 0.5, greedily, each of ``others`` used once."""
     iou = _iou(boxes, others) if len(boxes) and len(others) else np.zeros((len(boxes), len(others)))
     pairs: dict[int, int] = {}
+    used: set[int] = set()
     for row in range(len(boxes)):
         for col in np.argsort(-iou[row]):
             if iou[row, col] < IOU:
                 break
-            if col not in pairs.values():
+            if col not in used:
+                used.add(int(col))
                 pairs[row] = int(col)
                 break
     return pairs

@@ -256,21 +256,28 @@ class Int8Plan(SearchPlan):
         last = replace(scheme, op_types=tuple(self.tiers[-1]))
         self.source_tiers = source_tiers(params, plain, self._matmul_layers)
         for source_tier in self.source_tiers:
-            build, reference = self._source_tier(source_tier, base, calib, last, ctx, exclude, summary)
-            space.builds.append(build)
-            space.tiers.append(self.tiers[-1])
-            space.transforms.append(source_tier.transform)
-            space.references.append(reference)
+            self._append_tier(
+                space, source_tier.transform, *self._source_tier(source_tier, base, calib, last, ctx, exclude, summary)
+            )
         if params.integer_elementwise_tier and not params.integer_elementwise:
-            self._lowered_tier(space, source, base, calib, last, ctx, exclude, summary)
+            space.fallback.add(len(space.builds))
+            self._append_tier(space, LOWERED, *self._lowered_tier(source, base, calib, last, ctx, exclude, summary, on))
         self.builds = space.builds
         if params.restore_hard_swish:
             space.verified_rewrite = ("hard_swish_restored", restore_hard_swish)
         return space
 
+    def _append_tier(
+        self, space: SearchSpace, transform: str, build: Build, reference: Callable[[], onnx.ModelProto]
+    ) -> None:
+        """``build`` as one more tier of the last plain tier's op types, named ``transform``."""
+        space.builds.append(build)
+        space.tiers.append(self.tiers[-1])
+        space.transforms.append(transform)
+        space.references.append(reference)
+
     def _lowered_tier(
         self,
-        space: SearchSpace,
         source: onnx.ModelProto,
         base: onnx.ModelProto,
         calib: SampleSet,
@@ -278,22 +285,16 @@ class Int8Plan(SearchPlan):
         ctx: Any,
         exclude: list[str],
         summary: dict[str, Any],
-    ) -> None:
-        """A last tier with ``integer_elementwise``'s rewrites, searched only when nothing before it fits: on the
-        recovery tier's source where the target has one (PP-OCRv4 det on edge-arm fits only so), else the last plain
-        tier's."""
+        int8_steps: tuple[str, ...],
+    ) -> tuple[Build, Callable[[], onnx.ModelProto]]:
+        """(build, float reference) of a tier with ``integer_elementwise``'s rewrites, searched only when nothing
+        before it fits: on the recovery tier's source where the target has one (PP-OCRv4 det on edge-arm fits only
+        so), else the last plain tier's."""
         recovery = next((t for t in self.source_tiers if t.transform == RECOVERY), None)
         if recovery is not None:
-            build, reference = self._source_tier(recovery, base, calib, scheme, ctx, exclude, summary, LOWERED)
-        else:
-            steps = self._recovery_settings(base).int8_steps
-            build = self._builder(source, calib, scheme, ctx, LOWERED, exclude, None, steps, lower=True)
-            reference = lambda: self.base  # noqa: E731
-        space.fallback.add(len(space.builds))
-        space.builds.append(build)
-        space.tiers.append(self.tiers[-1])
-        space.transforms.append(LOWERED)
-        space.references.append(reference)
+            return self._source_tier(recovery, base, calib, scheme, ctx, exclude, summary, LOWERED)
+        build = self._builder(source, calib, scheme, ctx, LOWERED, exclude, None, int8_steps, lower=True)
+        return build, lambda: self.base
 
     def _weight_blocks(self, model: onnx.ModelProto, ctx: Any, summary: dict[str, Any]) -> onnx.ModelProto:
         """``model`` with Convs split into blocks of output channels by weight scale, where the target's weights are
