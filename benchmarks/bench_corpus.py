@@ -70,6 +70,8 @@ def _bound(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelPr
         dims = shapes.get(value.name)
         if dims is not None and value.type.tensor_type.HasField("shape"):
             for dim, size in zip(value.type.tensor_type.shape.dim, dims):
+                if dim.HasField("dim_value") and dim.dim_value > 0:
+                    continue  # a compiled model's own static dims: layout_transform made edge-arm's input NHWC
                 dim.Clear()
                 dim.dim_value = size
     del bound.graph.value_info[:]  # exporters' symbolic dims there would survive inference
@@ -91,9 +93,15 @@ def _shape_map(model: onnx.ModelProto) -> dict[str, list[int | None]]:
 def int8_mac_share(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> float | None:
     """Share (%) of MACs in integer nodes or in QDQ-wrapped Conv/Gemm/MatMul (both operands dequantized int8)."""
     try:
-        bound = _bound(model, input_shapes)
+        int8, total = mac_counts(model, input_shapes)
     except Exception:  # a model shape inference rejects: no MAC count, not a failed row
         return None
+    return None if total == 0 else round(100.0 * int8 / total, 1)
+
+
+def mac_counts(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> tuple[int, int]:
+    """(MACs in int8 nodes, all MACs) with the corpus shapes bound where the model leaves a dim open."""
+    bound = _bound(model, input_shapes)
     shapes = _shape_map(bound)
     producers = {out: node for node in bound.graph.node for out in node.output}
     total = int8 = 0
@@ -106,7 +114,7 @@ def int8_mac_share(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -
             producers.get(name) is not None and producers[name].op_type == "DequantizeLinear" for name in node.input[:2]
         )
         int8 += macs if node.op_type in INT8_OPS or dequantized else 0
-    return None if total == 0 else round(100.0 * int8 / total, 1)
+    return int8, total
 
 
 def _latency_ratio(
