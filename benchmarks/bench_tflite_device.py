@@ -71,7 +71,7 @@ def _score_detections(source: Path, evaluation: Path, got: np.ndarray) -> tuple[
     role = output_roles.recognise(onnx.load(str(source)), 0, session.get_outputs()[0].name, refs)
     if role.metric != "detection_f1":
         raise SystemExit(f"{source.name}: output not recognised as a detector head ({role.why})")
-    tally = DetectionTally(role.layout, role.threshold)
+    tally = DetectionTally(role.layout, role.detection_confidences())
     for i, ref in enumerate(refs):
         tally.add(ref, got[i : i + 1].reshape(ref.shape))
     result = tally.result()

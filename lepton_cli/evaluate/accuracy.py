@@ -534,7 +534,7 @@ class Evaluator:
     def _user_detection(
         self, model: onnx.ModelProto, j: int, name: str, refs: list[np.ndarray], conf: float | None
     ) -> OutputRole:
-        from lepton_cli.evaluate.output_roles import _detection_conf, _detector_layout, decoded_layout
+        from lepton_cli.evaluate.output_roles import _detector_layout, decoded_layout, detection_confs
 
         layout, why = decoded_layout(model, refs, *_detector_layout(refs))
         if layout is None:
@@ -544,7 +544,9 @@ class Evaluator:
                 "use relative-error for this output",
             )
         if conf is None:
-            return OutputRole(j, name, "detection_f1", f"--eval-metric; {why}", layout, _detection_conf(refs, layout))
+            confs = detection_confs(refs, layout)
+            why = f"--eval-metric; {why}; F1 averaged over confidences {confs[0]:g}-{confs[-1]:g}"
+            return OutputRole(j, name, "detection_f1", why, layout, confidences=confs)
         return OutputRole(j, name, "detection_f1", f"--eval-metric (confidence {conf:g}); {why}", layout, conf)
 
     def _source_value(self) -> float:
@@ -571,7 +573,7 @@ class Evaluator:
         if metric.startswith("decision_agreement"):
             return DecisionTally(role.threshold if role.threshold is not None else 0.5)
         if metric == "detection_f1":
-            return DetectionTally(role.layout or "v8", role.threshold or 0.25)
+            return DetectionTally(role.layout or "v8", role.detection_confidences())
         simple = {
             "exact": ExactTally,
             "relative_error": RelativeErrorTally,
@@ -631,7 +633,7 @@ class Evaluator:
         if metric.startswith("decision_agreement"):
             return sum(r.size for r in refs)
         if metric == "detection_f1":  # one source box missed (or replaced by a wrong one) costs 100/boxes points
-            return source_box_count(refs, role.layout or "v8", role.threshold or 0.25)
+            return source_box_count(refs, role.layout or "v8", role.detection_confidences())
         return None
 
     @property

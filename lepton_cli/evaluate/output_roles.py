@@ -11,7 +11,8 @@ Metrics (names as the report shows them):
   steps on the data (PP-OCRv5 rec keeps its table in a separate file);
 - ``detection_f1``: a YOLO-style head, ``[N, 4+nc, A]`` (boxes cx,cy,w,h then class scores) or
   ``[N, A, 5+nc]`` (boxes, objectness, class scores), scores in [0, 1]: decoded, NMS, F1 of the
-  candidate's boxes matched to the source's at IoU 0.5 (same class), with the matched score error;
+  candidate's boxes matched to the source's at IoU 0.5 (same class), with the matched score error, averaged over
+  confidences 0.1-0.5 (``DETECTION_CONFS``) or at the one the user names (``detection@C``);
 - ``top1_agreement``: class scores (a Softmax/Sigmoid/LogSoftmax result, or named like logits/probs):
   arg-max agreement per row, with the top probability and probability cosine as secondary numbers;
 - ``cosine``: embeddings (unit-norm rows, or named like embedding/hidden/pooler/features): mean cosine
@@ -41,6 +42,10 @@ CLASS_NAME = re.compile(r"logit|prob|class|cls|score|label|pred", re.I)
 EMBEDDING_NAME = re.compile(r"embed|hidden|pool|feature|feat|sentence|vector|encod|token_emb", re.I)
 MIN_ANCHORS = 64  # fewer positions than this is not a dense detector head
 DETECTION_CONF = 0.25  # ultralytics' and YOLOX's default predict threshold
+# The application picks the confidence (ultralytics and YOLOX predict at 0.25, ddddocr at 0.1), so a recognised head is
+# scored over that range and the mean counts: one confidence's F1 is a lottery of boxes near it (ddddocr's detector,
+# one int8 model: 100.00 at 0.25 and 96.30 at 0.4 on its calibration scenes; docs/decisions.md, session 27).
+DETECTION_CONFS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
 # The graph does not say where a map is binarised: DBNet text detectors use 0.3 (PaddleOCR det_db_thresh),
 # segmentation masks 0.5; a recognised map is scored at both and the worse counts.
 MAP_THRESHOLDS = (0.3, 0.5)
@@ -62,11 +67,18 @@ class OutputRole:
     layout: str | None = (
         None  # detection_f1: "v8" (boxes, classes on axis 1), "v5" (boxes, objectness, classes on axis 2), "yolox:HxW"
     )
-    threshold: float | None = None  # mask_f1 threshold, detection confidence
+    threshold: float | None = None  # mask_f1 threshold, the detection confidence the user named
+    confidences: tuple[float, ...] | None = None  # detection_f1 with no confidence named: the range averaged
     positions: str | None = None  # cosine over [N, T, C]: the [N, T] 0/1 input whose 0 positions are not scored
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def detection_confidences(self) -> tuple[float, ...]:
+        """The confidences a detection F1 is pooled at: the range recognised, or the one the user named."""
+        if self.confidences:
+            return self.confidences
+        return (self.threshold if self.threshold is not None else DETECTION_CONF,)
 
 
 def _real_producer(model: onnx.ModelProto, tensor: str) -> tuple[str | None, str | None]:
@@ -246,9 +258,9 @@ def recognise(
         )
         layout, det_why = decoded_layout(model, refs, layout, det_why)
         if layout is not None:
-            return OutputRole(
-                index, name, "detection_f1", f"YOLO-style head, {det_why}", layout, _detection_conf(refs, layout)
-            )
+            confs = detection_confs(refs, layout)
+            why = f"YOLO-style head, {det_why}; F1 averaged over confidences {confs[0]:g}-{confs[-1]:g}"
+            return OutputRole(index, name, "detection_f1", why, layout, confidences=confs)
         if det_why and not EMBEDDING_NAME.search(name):  # a [1, 32, 384] last_hidden_state is no detector head
             return OutputRole(index, name, "relative_error", det_why)
     if first.ndim in (2, 3) and first.shape[-1] > 1:
@@ -278,10 +290,11 @@ def recognise(
     )
 
 
-def _detection_conf(refs: list[np.ndarray], layout: str) -> float:
-    """The default confidence, lowered to half the source's best score where that never reaches it."""
+def detection_confs(refs: list[np.ndarray], layout: str) -> tuple[float, ...]:
+    """``DETECTION_CONFS``, scaled down to end at the source's best score where that never reaches their top."""
     best = max(float(np.max(detection_scores(r[b], layout)[0], initial=0.0)) for r in refs for b in range(r.shape[0]))
-    return DETECTION_CONF if best >= DETECTION_CONF else round(best / 2, 6)
+    scale = min(1.0, best / DETECTION_CONFS[-1])
+    return tuple(round(conf * scale, 6) for conf in DETECTION_CONFS)
 
 
 def from_user(index: int, name: str, metric: str, threshold: float | None) -> OutputRole:
@@ -333,6 +346,13 @@ def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 NMS_IOU, MATCH_IOU, MAX_BOXES = 0.45, 0.5, 300
+
+
+def above(found: tuple[np.ndarray, ...], conf: float) -> tuple[np.ndarray, ...]:
+    """``detections`` at a higher confidence from those at a lower one: greedy NMS by score never lets a lower box
+    suppress a higher one, so the boxes over ``conf`` are exactly what NMS at ``conf`` keeps."""
+    keep = found[1] > conf
+    return tuple(a[keep] for a in found)
 
 
 def detections(sample: np.ndarray, layout: str, conf: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -223,45 +223,63 @@ class MaskF1Tally:
         return OutputResult(100.0 * min(self.pages), _worst_standard_error(self.pages), extra)
 
 
-def source_box_count(refs: list[np.ndarray], layout: str, conf: float) -> int:
-    """How many boxes the source detects (after NMS) over ``refs``, each a batch of raw head outputs."""
-    return sum(len(roles.detections(ref[b], layout, conf)[0]) for ref in refs for b in range(ref.shape[0]))
+def source_box_count(refs: list[np.ndarray], layout: str, confs: tuple[float, ...]) -> int:
+    """How many boxes the source detects (after NMS) over ``refs``, each a batch of raw head outputs, averaged over
+    ``confs``: a box is the unit, not a box at one confidence (a lost box is lost at every confidence it had)."""
+    counts = [0] * len(confs)
+    for ref in refs:
+        for b in range(ref.shape[0]):
+            found = roles.detections(ref[b], layout, min(confs))
+            for k, conf in enumerate(confs):
+                counts[k] += len(roles.above(found, conf)[0])
+    return round(float(np.mean(counts)))
 
 
 class DetectionTally:
-    """F1 of the candidate's detections (after NMS) against the source's, matched at IoU 0.5 with the same class."""
+    """F1 of the candidate's detections (after NMS) against the source's, matched at IoU 0.5 with the same class,
+    pooled per confidence in ``confs``; the value is their mean (one confidence when the user named it)."""
 
-    def __init__(self, layout: str, conf: float) -> None:
-        self.layout, self.conf = layout, conf
-        self.matched = self.source_boxes = self.candidate_boxes = 0
-        self.score_errors: list[float] = []
+    def __init__(self, layout: str, confs: tuple[float, ...]) -> None:
+        self.layout, self.confs = layout, confs
+        self.matched, self.source_boxes, self.candidate_boxes = ([0] * len(confs) for _ in range(3))
+        self.score_errors: list[float] = []  # of the boxes matched at the lowest confidence
         self.losses: list[float] = []
 
     def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        low = min(self.confs)
         for b in range(ref.shape[0]):
-            source = roles.detections(ref[b], self.layout, self.conf)
+            source = roles.detections(ref[b], self.layout, low)
             candidate = (
-                roles.detections(got[b], self.layout, self.conf)
+                roles.detections(got[b], self.layout, low)
                 if np.isfinite(got[b]).all()
                 else (np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64))
             )
-            hits, errors = roles.match(source, candidate)
-            self.matched += hits
-            self.source_boxes += len(source[0])
-            self.candidate_boxes += len(candidate[0])
-            self.score_errors += errors
-            marked = len(source[0]) + len(candidate[0])
-            self.losses.append(0.0 if marked == 0 else 1.0 - 2 * hits / marked)
+            losses = []
+            for k, conf in enumerate(self.confs):
+                wanted, found = roles.above(source, conf), roles.above(candidate, conf)
+                hits, errors = roles.match(wanted, found)
+                self.matched[k] += hits
+                self.source_boxes[k] += len(wanted[0])
+                self.candidate_boxes[k] += len(found[0])
+                self.score_errors += errors if conf == low else []
+                marked = len(wanted[0]) + len(found[0])
+                losses.append(0.0 if marked == 0 else 1.0 - 2 * hits / marked)
+            self.losses.append(float(np.mean(losses)))
 
     def result(self) -> OutputResult:
-        marked = self.source_boxes + self.candidate_boxes
-        f1 = 1.0 if marked == 0 else 2 * self.matched / marked
-        extra = {
-            "source_boxes": self.source_boxes,
-            "candidate_boxes": self.candidate_boxes,
-            "matched": self.matched,
-            "confidence": self.conf,
+        f1s = [
+            1.0 if s + c == 0 else 2 * m / (s + c)
+            for m, s, c in zip(self.matched, self.source_boxes, self.candidate_boxes)
+        ]
+        extra = {  # box counts averaged over the confidences, as the gate's unit (``source_box_count``)
+            "source_boxes": round(float(np.mean(self.source_boxes))),
+            "candidate_boxes": round(float(np.mean(self.candidate_boxes))),
+            "matched": round(float(np.mean(self.matched))),
+            "confidence": self.confs[0] if len(self.confs) == 1 else list(self.confs),
             "score_error_mean": round(float(np.mean(self.score_errors)), 6) if self.score_errors else 0.0,
             "score_error_max": round(float(np.max(self.score_errors)), 6) if self.score_errors else 0.0,
         }
-        return OutputResult(100.0 * f1, drop_standard_error(self.losses, len(self.losses)), extra)
+        if len(self.confs) > 1:
+            extra["f1_by_confidence"] = {f"{c:g}": round(100.0 * f, 4) for c, f in zip(self.confs, f1s)}
+        value = 100.0 * float(np.mean(f1s))
+        return OutputResult(value, drop_standard_error(self.losses, len(self.losses)), extra)

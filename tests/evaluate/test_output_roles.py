@@ -177,6 +177,7 @@ def test_a_yolox_head_is_scored_by_its_decoded_boxes():
 def test_a_named_detection_metric_decodes_yolox_and_scores_at_the_applications_confidence():
     """``--eval-metric detection@0.1`` (ddddocr's own score threshold): the head is decoded on its YOLOX grids as
     the automatic role does (not read as raw boxes), and boxes down to 0.1 count, so more of them than at 0.25."""
+    from lepton_cli.evaluate.output_roles import DETECTION_CONFS
     from lepton_cli.evaluate.output_scores import source_box_count
 
     model = onnx.load(DDDDOCR_DET)
@@ -184,10 +185,48 @@ def test_a_named_detection_metric_decodes_yolox_and_scores_at_the_applications_c
     automatic, named = Evaluator(model, samples), Evaluator(model, samples, metric="detection@0.1")
     (auto_role,), (role,) = automatic.roles, named.roles
     assert role.metric == auto_role.metric == "detection_f1" and role.layout == auto_role.layout == "yolox:416x416"
-    assert role.threshold == 0.1 and "confidence 0.1" in role.why and auto_role.threshold == 0.25
+    assert role.threshold == 0.1 and "confidence 0.1" in role.why and role.detection_confidences() == (0.1,)
+    assert auto_role.detection_confidences() == DETECTION_CONFS and "0.1-0.5" in auto_role.why
     refs = [outs[0] for outs in named.reference]
-    assert source_box_count(refs, role.layout, 0.1) > source_box_count(refs, role.layout, 0.25)
+    assert source_box_count(refs, role.layout, (0.1,)) > source_box_count(refs, role.layout, (0.25,))
     assert named.score(model).drop_pct == 0.0
+
+
+@needs_ddddocr_det
+def test_boxes_over_a_confidence_are_what_nms_at_that_confidence_keeps():
+    """The range is scored from one NMS at its lowest confidence: on ddddocr's detector over rendered pages, the
+    boxes over each higher confidence are exactly those NMS keeps when run at it."""
+    from lepton_cli.evaluate import output_roles as roles
+
+    model = onnx.load(DDDDOCR_DET)
+    evaluator = Evaluator(model, _rendered_pages(seed=2, count=2, role="eval"))
+    for outs in evaluator.reference:
+        low = roles.detections(outs[0][0], "yolox:416x416", roles.DETECTION_CONFS[0])
+        assert len(low[0]) > 10
+        for conf in roles.DETECTION_CONFS[1:]:
+            direct, derived = roles.detections(outs[0][0], "yolox:416x416", conf), roles.above(low, conf)
+            assert all(np.array_equal(a, b) for a, b in zip(direct, derived))
+
+
+def test_detection_f1_averages_over_the_confidence_range():
+    """A box whose score falls from 0.32 to 0.22 is lost at the confidences 0.25 and 0.3 only: two of nine F1s read
+    3 of 4 boxes (0.857), so the mean is 96.83, where one confidence reads 100 (0.15) or 85.7 (0.25)."""
+    from lepton_cli.evaluate.output_roles import DETECTION_CONFS
+    from lepton_cli.evaluate.output_scores import DetectionTally, source_box_count
+
+    head = np.zeros((1, 5, 100), np.float32)  # cx, cy, w, h, one class score
+    for k, (x, score) in enumerate([(50, 0.9), (150, 0.9), (250, 0.9), (350, 0.32)]):
+        head[0, :, k] = (x, 50, 40, 40, score)
+    weaker = head.copy()
+    weaker[0, 4, 3] = 0.22
+    readings = {}
+    for confs in (DETECTION_CONFS, (0.15,), (0.25,)):
+        tally = DetectionTally("v8", confs)
+        tally.add(head, weaker)
+        readings[confs] = tally.result().value
+    assert readings[DETECTION_CONFS] == pytest.approx(100 * (7 + 2 * 6 / 7) / 9)
+    assert readings[(0.15,)] == 100.0 and readings[(0.25,)] == pytest.approx(100 * 6 / 7)
+    assert source_box_count([head], "v8", DETECTION_CONFS) == round((3 * 9 + 5) / 9)  # the 0.32 box up to 0.3
 
 
 def test_detection_f1_matches_boxes_by_iou_and_class():
@@ -199,16 +238,16 @@ def test_detection_f1_matches_boxes_by_iou_and_class():
     for k, (x, y, cls) in enumerate([(50, 50, 0), (150, 60, 1), (300, 200, 0)]):
         head[0, :4, k] = (x, y, 40, 40)
         head[0, 4 + cls, k] = 0.9
-    tally = DetectionTally("v8", 0.25)
+    tally = DetectionTally("v8", (0.25,))
     tally.add(head, head)
     assert tally.result().value == 100.0
-    assert source_box_count([head], "v8", 0.25) == 3  # the gate's resolution unit for detection F1
+    assert source_box_count([head], "v8", (0.25,)) == 3  # the gate's resolution unit for detection F1
     moved = head.copy()
     moved[0, 0, 0] += 20  # IoU 0.33
     relabelled = head.copy()
     relabelled[0, 4:6, 1] = relabelled[0, 4:6, 1][::-1]
     for candidate in (moved, relabelled):
-        tally = DetectionTally("v8", 0.25)
+        tally = DetectionTally("v8", (0.25,))
         tally.add(head, candidate)
         assert tally.result().value == pytest.approx(100 * 2 * 2 / 6)
 
