@@ -534,7 +534,7 @@ class Evaluator:
     def _user_detection(
         self, model: onnx.ModelProto, j: int, name: str, refs: list[np.ndarray], conf: float | None
     ) -> OutputRole:
-        from lepton_cli.evaluate.output_roles import _detector_layout, decoded_layout, detection_confs
+        from lepton_cli.evaluate.output_roles import _detector_layout, decoded_layout, detection_role
 
         layout, why = decoded_layout(model, refs, *_detector_layout(refs))
         if layout is None:
@@ -544,9 +544,7 @@ class Evaluator:
                 "use relative-error for this output",
             )
         if conf is None:
-            confs = detection_confs(refs, layout)
-            why = f"--eval-metric; {why}; F1 averaged over confidences {confs[0]:g}-{confs[-1]:g}"
-            return OutputRole(j, name, "detection_f1", why, layout, confidences=confs)
+            return detection_role(j, name, f"--eval-metric; {why}", layout, refs)
         return OutputRole(j, name, "detection_f1", f"--eval-metric (confidence {conf:g}); {why}", layout, conf)
 
     def _source_value(self) -> float:

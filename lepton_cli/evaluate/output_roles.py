@@ -258,9 +258,7 @@ def recognise(
         )
         layout, det_why = decoded_layout(model, refs, layout, det_why)
         if layout is not None:
-            confs = detection_confs(refs, layout)
-            why = f"YOLO-style head, {det_why}; F1 averaged over confidences {confs[0]:g}-{confs[-1]:g}"
-            return OutputRole(index, name, "detection_f1", why, layout, confidences=confs)
+            return detection_role(index, name, f"YOLO-style head, {det_why}", layout, refs)
         if det_why and not EMBEDDING_NAME.search(name):  # a [1, 32, 384] last_hidden_state is no detector head
             return OutputRole(index, name, "relative_error", det_why)
     if first.ndim in (2, 3) and first.shape[-1] > 1:
@@ -290,7 +288,14 @@ def recognise(
     )
 
 
-def detection_confs(refs: list[np.ndarray], layout: str) -> tuple[float, ...]:
+def detection_role(index: int, name: str, why: str, layout: str, refs: list[np.ndarray]) -> OutputRole:
+    """A detector head's role scored over the confidence range (``_detection_confs``), the range stated in ``why``."""
+    confs = _detection_confs(refs, layout)
+    why = f"{why}; F1 averaged over confidences {confs[0]:g}-{confs[-1]:g}"
+    return OutputRole(index, name, "detection_f1", why, layout, confidences=confs)
+
+
+def _detection_confs(refs: list[np.ndarray], layout: str) -> tuple[float, ...]:
     """``DETECTION_CONFS``, scaled down to end at the source's best score where that never reaches their top."""
     best = max(float(np.max(detection_scores(r[b], layout)[0], initial=0.0)) for r in refs for b in range(r.shape[0]))
     scale = min(1.0, best / DETECTION_CONFS[-1])
