@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import DIGITS, OCR_REC, needs_ocr
+from conftest import DIGITS, OCR_REC, needs_ddddocr_det, needs_ocr
 from lepton_cli.passes._quantize import schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from onnx import numpy_helper
@@ -803,6 +803,66 @@ def test_ppocr_det_hard_swish_inputs_get_u8_ranges_from_minus_three(tmp_path):
         assert low >= floors[n.input[0]] - scale, (n.input[0], low)  # the floor, to one step of rounding
         narrowed += 1
     assert narrowed >= 20
+
+
+def test_a_silu_input_range_stops_where_the_sigmoid_gate_rounds_to_zero():
+    """x * Sigmoid(x) (YOLO's SiLU): below -8 the gate is under half a u8 step of [0, 1] and the product within
+    0.003 of 0, so the floor is -8; a Sigmoid read alone, or a Mul by another tensor, keeps the full range."""
+    from lepton_cli.passes._quantize.consumer_ranges import SILU_FLOOR, range_floors
+
+    model = _hard_swish_graph()
+    nodes = {n.name: n for n in model.graph.node}
+    nodes["hsig"].op_type = "Sigmoid"
+    del nodes["hsig"].attribute[:]
+    assert range_floors(model) == {"h": SILU_FLOOR}
+    assert 1 / (1 + math.exp(-SILU_FLOOR)) < 1 / 510 and abs(SILU_FLOOR / (1 + math.exp(-SILU_FLOOR))) < 0.003
+    nodes["hswish"].input[1] = "x"  # h * x: the Mul reads h's whole range
+    assert range_floors(model) == {}
+    nodes["hswish"].input[:] = ["y_other", "x"]  # only the Sigmoid reads h: near 0 and 1 alike matter
+    assert range_floors(model) == {}
+
+
+@needs_ddddocr_det
+def test_yolox_silu_inputs_start_at_the_floor_and_its_scores_move_less(tmp_path, monkeypatch):
+    """ddddocr's YOLOX detector on rendered captchas: its pre-SiLU conv outputs reach far below -8 (to -77 on the
+    corpus scenes), where SiLU is 0; with the floor their u8 ranges start at -8 and the int8 model's box scores
+    (objectness x class) on held-out captchas move at least 10 % less from the source's than without it."""
+    import sys
+
+    from conftest import DDDDOCR_DET, REPO
+    from lepton_cli.passes._quantize import consumer_ranges
+
+    from lepton_cli.model.load import upgrade_opset
+    from lepton_cli.model.sessions import make_session
+    from lepton_cli.model.shapes import bind_input_shapes
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_quant_recovery import captchas
+
+    model, _ = upgrade_opset(onnx.load(DDDDOCR_DET), 13, 21)
+    model = bind_input_shapes(model, {"images": [1, 3, 416, 416]})
+    np.savez(tmp_path / "calib.npz", images=captchas(8, 0))
+    held_out = captchas(8, 1)  # another seed: other photos, letters and places
+
+    def scores(candidate):
+        session = make_session(candidate)
+        out = np.concatenate([session.run(None, {"images": x[None]})[0] for x in held_out])
+        return out[..., 4] * out[..., 5:].max(-1)
+
+    source = scores(model)
+    boxes = source > 0.05
+    errors = {}
+    for floor in (float("-inf"), consumer_ranges.SILU_FLOOR):
+        monkeypatch.setattr(consumer_ranges, "SILU_FLOOR", floor)
+        calib = load_samples(tmp_path / "calib.npz", model)
+        result, _ = _run("cpu-avx", model, calib, tune=False, methods=["percentile"])
+        errors[floor] = float(np.abs(scores(result.model) - source)[boxes].mean())
+        if floor > -np.inf:
+            floors = consumer_ranges.range_floors(model)
+            assert sum(value == floor for value in floors.values()) >= 70  # every SiLU of the backbone and head
+            assert result.summary["ranges_narrowed_to_readers"] >= 30  # those whose range reached below -8
+    assert boxes.sum() >= 100
+    assert errors[-8.0] < 0.9 * errors[float("-inf")], errors
 
 
 def test_the_search_falls_back_to_the_leading_nodes_when_no_single_node_ranks(digits, monkeypatch):
