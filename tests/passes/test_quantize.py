@@ -851,18 +851,23 @@ def test_yolox_silu_inputs_start_at_the_floor_and_its_scores_move_less(tmp_path,
 
     source = scores(model)
     boxes = source > 0.05
-    errors = {}
-    for floor in (float("-inf"), consumer_ranges.SILU_FLOOR):
+    silu_floor, errors = consumer_ranges.SILU_FLOOR, {}
+    for floor in (-np.inf, silu_floor):
         monkeypatch.setattr(consumer_ranges, "SILU_FLOOR", floor)
         calib = load_samples(tmp_path / "calib.npz", model)
         result, _ = _run("cpu-avx", model, calib, tune=False, methods=["percentile"])
         errors[floor] = float(np.abs(scores(result.model) - source)[boxes].mean())
-        if floor > -np.inf:
-            floors = consumer_ranges.range_floors(model)
-            assert sum(value == floor for value in floors.values()) >= 70  # every SiLU of the backbone and head
-            assert result.summary["ranges_narrowed_to_readers"] >= 30  # those whose range reached below -8
+    floored = [name for name, value in consumer_ranges.range_floors(model).items() if value == silu_floor]
+    assert len(floored) >= 70  # every SiLU of the backbone and head
+    assert result.summary["ranges_narrowed_to_readers"] >= 30  # those whose range reached below -8
+    inits = _inits(result.model)
+    checked = [q for q in _q_nodes(result.model) if q.input[0] in floored]
+    for q in checked:
+        scale, zero = float(inits[q.input[1]]), int(inits[q.input[2]])
+        assert -zero * scale >= silu_floor - scale, q.input[0]  # the floor, to one step of rounding
+    assert len(checked) >= 70
     assert boxes.sum() >= 100
-    assert errors[-8.0] < 0.9 * errors[float("-inf")], errors
+    assert errors[silu_floor] < 0.9 * errors[-np.inf], errors
 
 
 def test_the_search_falls_back_to_the_leading_nodes_when_no_single_node_ranks(digits, monkeypatch):
