@@ -35,15 +35,16 @@ def _hard_sigmoid_floor(node: onnx.NodeProto) -> float | None:
     return -beta / alpha if alpha > 0 else None
 
 
-def _gated_floor(tensor: str, nodes: list[onnx.NodeProto]) -> float | None:
-    """The floor of a tensor read only by one gate (HardSigmoid or Sigmoid) and the Mul of it by that gate."""
+def _gated_floor(nodes: list[onnx.NodeProto]) -> float | None:
+    """The floor of a tensor whose readers ``nodes`` are one gate (HardSigmoid or Sigmoid) and the Mul of it by that
+    gate."""
     gates = [n for n in nodes if n.op_type in ("HardSigmoid", "Sigmoid")]
     if len(gates) != 1:
         return None
     gate = gates[0]
     # every other reader must be the gating Mul: x * gate(x) is (near) 0 wherever the gate is
     others = [n for n in nodes if n is not gate]
-    if not all(n.op_type == "Mul" and gate.output[0] in n.input and tensor in n.input for n in others):
+    if not all(n.op_type == "Mul" and gate.output[0] in n.input for n in others):
         return None
     if gate.op_type == "HardSigmoid":
         return _hard_sigmoid_floor(gate)
@@ -59,7 +60,7 @@ def range_floors(model: onnx.ModelProto) -> dict[str, float]:
     graph_outputs = {o.name for o in model.graph.output}
     floors: dict[str, float] = {}
     for tensor, nodes in readers.items():
-        floor = None if tensor in graph_outputs else _gated_floor(tensor, nodes)
+        floor = None if tensor in graph_outputs else _gated_floor(nodes)
         if floor is not None:
             floors[tensor] = floor
     return floors

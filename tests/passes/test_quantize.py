@@ -792,17 +792,19 @@ def test_ppocr_det_hard_swish_inputs_get_u8_ranges_from_minus_three(tmp_path):
     )
     assert result.summary["ranges_narrowed_to_readers"] >= 20  # PP-OCRv4 det has 34 hard-swish-like gates
     floors = range_floors(model)  # -beta/alpha of each gate: -3, or -3*s where fuse folded a scale s into it
-    q = result.model
-    inits = _inits(q)
-    narrowed = 0
-    for n in _q_nodes(q):
-        if n.input[0] not in floors:
-            continue
+    assert _quantizes_from_floor(result.model, floors) >= 20
+
+
+def _quantizes_from_floor(quantized, floors: dict[str, float]) -> int:
+    """Asserts each u8 Q of a tensor in ``floors`` stores a range from its floor (to one step of rounding); returns
+    how many Qs it checked."""
+    inits = _inits(quantized)
+    checked = [n for n in _q_nodes(quantized) if n.input[0] in floors]
+    for n in checked:
         scale, zero = float(inits[n.input[1]]), int(inits[n.input[2]])
         low = (0 - zero) * scale
-        assert low >= floors[n.input[0]] - scale, (n.input[0], low)  # the floor, to one step of rounding
-        narrowed += 1
-    assert narrowed >= 20
+        assert low >= floors[n.input[0]] - scale, (n.input[0], low)
+    return len(checked)
 
 
 def test_a_silu_input_range_stops_where_the_sigmoid_gate_rounds_to_zero():
@@ -857,15 +859,10 @@ def test_yolox_silu_inputs_start_at_the_floor_and_its_scores_move_less(tmp_path,
         calib = load_samples(tmp_path / "calib.npz", model)
         result, _ = _run("cpu-avx", model, calib, tune=False, methods=["percentile"])
         errors[floor] = float(np.abs(scores(result.model) - source)[boxes].mean())
-    floored = [name for name, value in consumer_ranges.range_floors(model).items() if value == silu_floor]
+    floored = {name: value for name, value in consumer_ranges.range_floors(model).items() if value == silu_floor}
     assert len(floored) >= 70  # every SiLU of the backbone and head
     assert result.summary["ranges_narrowed_to_readers"] >= 30  # those whose range reached below -8
-    inits = _inits(result.model)
-    checked = [q for q in _q_nodes(result.model) if q.input[0] in floored]
-    for q in checked:
-        scale, zero = float(inits[q.input[1]]), int(inits[q.input[2]])
-        assert -zero * scale >= silu_floor - scale, q.input[0]  # the floor, to one step of rounding
-    assert len(checked) >= 70
+    assert _quantizes_from_floor(result.model, floored) >= 70
     assert boxes.sum() >= 100
     assert errors[silu_floor] < 0.9 * errors[-np.inf], errors
 
