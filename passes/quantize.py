@@ -1,12 +1,11 @@
 """quantize: per-target int8/fp16 schemes, streamed calibration, accuracy-aware tuning within the budget.
 
-Schemes (``QuantizeParams.scheme``; each target's TOML says which and why): ``int8`` (static QDQ through ONNX
-Runtime, ``_quantize/int8_plan.py``), ``fp16`` (fp32 I/O, overflowing ops kept fp32, ``_quantize/fp16_plan.py``),
-and the one-step rewrites ``int8_weight_only``, ``int8_dynamic`` and ``int4_weight_only``
-(``_quantize/rewrites.py``). The pass builds one plan per run and asks it; the calibrated plans give the tuner
-(``_quantize/tuning.py``) candidates to score against the source, and the one within the budget the target's cost
-model prices fastest is kept; none: exit 3 with every candidate tried. Without --calib a static-int8 target falls
-back to ``without_calib`` (weight-only or dynamic int8, warned) or refuses to start (exit 2).
+Schemes (each target's TOML says which and why): ``int8`` (static QDQ through ONNX Runtime,
+``_quantize/int8_plan.py``), ``fp16`` (fp32 I/O, overflowing ops kept fp32, ``_quantize/fp16_plan.py``), and the
+one-step rewrites ``int8_weight_only``, ``int8_dynamic``, ``int4_weight_only`` (``_quantize/rewrites.py``). The pass
+builds one plan per run and asks it; the calibrated plans give the tuner (``_quantize/tuning.py``) candidates to score
+against the source, and the one within the budget the target's cost model prices fastest is kept; none: exit 3 with
+every candidate tried. Without --calib a static-int8 target falls back to ``without_calib`` or refuses (exit 2).
 """
 
 from __future__ import annotations
@@ -50,6 +49,7 @@ class QuantizeParams:
     # Scalar Adds, HardSigmoid and Sigmoid gates between int8 layers as QLinearAdd/Mul/Sigmoid (ORT's CPU EP), 1 B/element
     integer_elementwise: bool = False
     integer_elementwise_tier: bool = False  # the same as a last tier, searched only when nothing else fits
+    depthwise_channel_scales: bool = False  # depthwise inputs quantized per channel, carried by the weight scales
     restore_hard_swish: bool = False  # float-kept hard-swish at alpha 1/6 (ORT's x86 conv runs it), kept when it scores
     # Tried before op_types (more int8, fewer Q/DQ: faster) and kept when a candidate meets the budget.
     fast_op_types: list[str] | None = None
@@ -128,8 +128,8 @@ class QuantizeParams:
             raise ParamValueError("smoothquant_insert", "needs smoothquant_alpha (the migration strength)")
         if self.conv_smoothing_alpha is not None and not 0 < self.conv_smoothing_alpha <= 1:
             raise ParamValueError("conv_smoothing_alpha", f"must be in (0, 1], got {self.conv_smoothing_alpha}")
-        for name in ("conv_smoothing_alpha", "residual_scaling_alpha"):
-            if getattr(self, name) is not None and (not self.per_channel or self.power_of_two_scales):
+        for name in ("conv_smoothing_alpha", "residual_scaling_alpha", "depthwise_channel_scales"):
+            if getattr(self, name) not in (None, False) and (not self.per_channel or self.power_of_two_scales):
                 raise ParamValueError(name, "needs per-channel weight scales (they absorb the channel scales)")
         if self.head_precision == "int16" and self.power_of_two_scales:
             raise ParamValueError("head_precision", "int16 heads need 16-bit Q/DQ, which DPU (power-of-two) lacks")

@@ -7,6 +7,7 @@ run, just the edge rewiring, so every candidate the search proposes is exactly w
 from __future__ import annotations
 
 import onnx
+from lepton_cli.passes._quantize.depthwise_scales import SCALED_SUFFIX
 
 
 def keep_float_nodes(
@@ -85,7 +86,8 @@ def keep_float(
                 continue
             q = producer.get(dq.input[0])
             if q is not None and q.op_type == "QuantizeLinear":
-                source = _float_source(copy, float_model, q.input[0], producer, have_inits, restored)
+                tensor = _unscaled(q.input[0], producer) if float_weights else q.input[0]
+                source = _float_source(copy, float_model, tensor, producer, have_inits, restored)
                 if source is not None:
                     node.input[index] = source
             elif (
@@ -151,3 +153,10 @@ def _float_source(
     activation.output[0] = tensor + "_float_" + float_producer.op_type.lower()
     restored[tensor] = activation
     return activation.output[0]
+
+
+def _unscaled(tensor: str, producer: dict[str, onnx.NodeProto]) -> str:
+    """A depthwise input scaled per channel for its quantize (depthwise_scales.py) read by the node on its float
+    weights: the value before the scaling."""
+    scaler = producer.get(tensor)
+    return scaler.input[0] if scaler is not None and scaler.name.endswith(SCALED_SUFFIX) else tensor

@@ -21,6 +21,11 @@ import onnx
 from lepton_cli.passes._quantize import residual_scaling, schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from lepton_cli.passes._quantize.consumer_ranges import narrow_to_readers
+from lepton_cli.passes._quantize.depthwise_scales import (
+    channel_ranges,
+    depthwise_inputs,
+    per_channel_depthwise_inputs,
+)
 from lepton_cli.passes._quantize.float_hard_swish import restore_hard_swish
 from lepton_cli.passes._quantize.float_keep import keep_float_nodes
 from lepton_cli.passes._quantize.heads import find_heads, head_overrides
@@ -44,6 +49,7 @@ from lepton_cli.passes._quantize.weight_blocks import max_scale, split_weight_bl
 from lepton_cli.passes._quantize.weight_layers import weight_layers
 
 from lepton_cli.evaluate.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, scoring_opt_level
+from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.pipeline.registry import BudgetUse, PassResult
 from lepton_cli.samples.sample_set import SampleSet
 
@@ -215,6 +221,8 @@ class Int8Plan(SearchPlan):
         share = params.quantized_adaround_float_share or 0.0
         self.int8_fits = Int8Fits(samples, params.adaround_iterations, share)
         self.sentinel_nodes: dict[tuple[str, str], list[str]] = {}
+        self.channel_ranges: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # per tier, depthwise inputs
+        self.channel_scaled: dict[tuple[str, str], int] = {}  # per (tier tag, method): depthwise inputs per channel
         self.base = onnx.ModelProto()
         self.recovery: _RecoveryInputs | None = None  # what the steps ran on, for the report's per-step gains
         self.builds: list[Build] = []  # the search space's builds: plain tiers, then the source tiers offered
@@ -403,12 +411,25 @@ class Int8Plan(SearchPlan):
             if key not in self.quantized:
                 left = list(exclude) + self.sentinel_nodes[key]
                 self.quantized[key] = schemes.quantize_int8(source, ranges[method], method, scheme, left, work_dir)
+                if params.depthwise_channel_scales:
+                    self.channel_scaled[key] = self._depthwise_channels(tag, source, calib, self.quantized[key])
                 if int8_steps:
                     self.int8_fits.apply(key, self.quantized[key], base, calib, int8_steps, ctx.progress)
             # Float-kept nodes are bypassed in the fully quantized model, exactly as the search measured them.
             return keep_float_nodes(self.quantized[key], base, keep, params.float_kept_weights == "float")
 
         return lowered(build) if (params.integer_elementwise if lower is None else lower) else build
+
+    def _depthwise_channels(
+        self, tag: str, source: onnx.ModelProto, calib: SampleSet, quantized: onnx.ModelProto
+    ) -> int:
+        """``depthwise_scales``: the depthwise inputs of ``quantized`` per channel, from the tier's channel ranges (one
+        pass of the source over --calib per tier); how many."""
+        if tag not in self.channel_ranges:
+            count = min(len(calib), self.params.max_calib_samples)
+            feeds = lambda: (adapt_feed(source, calib.feed(k)) for k in range(count))  # noqa: E731
+            self.channel_ranges[tag] = channel_ranges(source, depthwise_inputs(quantized), feeds)
+        return per_channel_depthwise_inputs(quantized, self.channel_ranges[tag], self.scheme.activation_symmetric)
 
     def _recover(
         self, base: onnx.ModelProto, calib: SampleSet, summary: dict[str, Any], progress: Callable[[str], None]
@@ -566,6 +587,8 @@ class Int8Plan(SearchPlan):
             summary["integer_elementwise"] = rewritten(result)
         chosen = (self._tier_tag(summary), summary["method"])
         summary["ranges_narrowed_to_readers"] = len(self.narrowed.get(chosen, []))
+        if self.params.depthwise_channel_scales:
+            summary["depthwise_inputs_per_channel"] = self.channel_scaled.get(chosen, 0)
         summary |= self.int8_fits.counts.get(chosen, {})
         if isinstance(summary.get(f"{chosen[0]}_tier"), dict):  # a source tier's steps fitted on its int8 model
             summary[f"{chosen[0]}_tier"].setdefault("changed", {}).update(self.int8_fits.changed(chosen))

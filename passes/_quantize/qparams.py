@@ -39,3 +39,32 @@ def per_tensor(g: GraphIndex, node: onnx.NodeProto) -> QParams | None:
         return None
     scale, zero = one_element(g, node.input[1]), one_element(g, node.input[2])
     return None if scale is None or zero is None else QParams(float(scale), zero)
+
+
+def rescale_bias(g: GraphIndex, reader: onnx.NodeProto, ratio: float | np.ndarray) -> None:
+    """A Conv/Gemm's int32 bias behind a DequantizeLinear (quantized at input scale x weight scale) rescaled by
+    ``ratio`` (one per output channel, or one for all) with its input or weight scale; new initializers, in case the
+    old ones are shared. A bias another node reads too stays: the conv then runs unfused (DQ -> float Conv), still
+    exact."""
+    if reader.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(reader.input) < 3:
+        return
+    dequantize = g.producer.get(reader.input[2])
+    if dequantize is None or dequantize.op_type != "DequantizeLinear" or len(g.readers(reader.input[2])) != 1:
+        return
+    values, scale = g.const(dequantize.input[0]), g.const(dequantize.input[1])
+    if values is None or scale is None or values.dtype != np.int32:
+        return
+    limit = np.iinfo(np.int32)
+    rescaled = np.clip(np.round(values.astype(np.float64) / ratio), limit.min, limit.max).astype(np.int32)
+    g.set_input(dequantize, 0, g.add_initializer(_fresh(g, f"{dequantize.name}_rescaled_q"), rescaled))
+    rescaled_scale = (scale.astype(np.float64) * ratio).astype(np.float32)
+    g.set_input(dequantize, 1, g.add_initializer(_fresh(g, f"{dequantize.name}_rescaled_scale"), rescaled_scale))
+
+
+def _fresh(g: GraphIndex, name: str) -> str:
+    """``name``, or with a count appended where an initializer already has it (a bias rescaled twice)."""
+    k, fresh = 1, name
+    while fresh in g.inits:
+        k += 1
+        fresh = f"{name}{k}"
+    return fresh

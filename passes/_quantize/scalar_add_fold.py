@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize.qparams import one_element, per_tensor
+from lepton_cli.passes._quantize.qparams import one_element, per_tensor, rescale_bias
 
 from lepton_cli.model.graph_edit import GraphIndex
 
@@ -56,7 +56,7 @@ def fold_scalar_adds(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
             g.set_input(dequantize, 1, names[0])
             g.set_input(dequantize, 2, names[2])
             for reader in list(g.readers(dequantize.output[0])):
-                _rescale_bias(g, reader, fold.scale / fold.old_scale)
+                rescale_bias(g, reader, fold.scale / fold.old_scale)
         g.remove(add)
         folded.append(add.name)
     return result, folded
@@ -89,21 +89,3 @@ def _plan(g: GraphIndex, add: onnx.NodeProto) -> _Fold | None:
     tensor = add.input[1] if add.input[0] == constants[0] else add.input[0]
     zeros = np.array(dequantize_zero + k, zero.dtype), np.array(dequantize_zero, zero.dtype)
     return _Fold(add, tensor, quantize, list(dequantizes), s, new_scale, *zeros)
-
-
-def _rescale_bias(g: GraphIndex, reader: onnx.NodeProto, ratio: float) -> None:
-    """A Conv/Gemm's int32 bias behind a DequantizeLinear (quantized at input scale x weight scale) rescaled by
-    ``ratio`` with its input's scale; new initializers, in case the old ones are shared. A bias another node reads
-    too stays: the conv then runs unfused (DQ -> float Conv), still exact."""
-    if reader.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(reader.input) < 3:
-        return
-    dequantize = g.producer.get(reader.input[2])
-    if dequantize is None or dequantize.op_type != "DequantizeLinear" or len(g.readers(reader.input[2])) != 1:
-        return
-    values, scale = g.const(dequantize.input[0]), g.const(dequantize.input[1])
-    if values is None or scale is None or values.dtype != np.int32:
-        return
-    rescaled = np.round(values.astype(np.float64) / ratio).astype(np.int32)
-    g.set_input(dequantize, 0, g.add_initializer(f"{dequantize.name}_rescaled_q", rescaled))
-    rescaled_scale = (scale.astype(np.float64) * ratio).astype(np.float32)
-    g.set_input(dequantize, 1, g.add_initializer(f"{dequantize.name}_rescaled_scale", rescaled_scale))

@@ -1,0 +1,174 @@
+"""A depthwise conv's input quantized per channel, the channel scales carried by its per-channel weight scales.
+
+Depthwise inputs in PP-LCNet backbones are hard-swish outputs whose channel ranges lie 40-150x apart; one u8 scale
+leaves the narrow channels a few levels (PP-OCRv4 det every op int8, 32 held-out frames: worst page 3.09 points,
+1.69 with these scales). Output channel c of a depthwise conv reads only input channel c, so quantizing channel c
+on its own grid ``s_c`` and dequantizing every channel at the tensor's ``s`` feeds the conv ``x_c s / s_c``; weight
+scale ``w_c`` becoming ``w_c s_c / s`` undoes it exactly, with the same int8 weights. The grids share one zero
+point (the conv pads with it). The quantize and dequantize stay per tensor, so ORT still fuses QLinearConv: a float
+``Mul`` by ``s / s_c`` in front of the quantize does the per-channel part. Only where the quantized tensor's producer
+runs in float anyway (ORT would fuse it with that quantize otherwise) and only for ORT-run targets.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+from lepton_cli.passes._quantize.qparams import QParams, per_tensor, rescale_bias
+from onnx import helper
+
+from lepton_cli.model.graph_edit import GraphIndex, drop_unused_initializers
+from lepton_cli.model.sessions import make_session
+
+SCALED_SUFFIX = "_channel_scaled"  # the Mul that scales each channel to its own grid, and what it adds
+MIN_RATIO = 1.0 / 1024  # s_c / s floor: a dead channel would otherwise blow its int32 bias up
+
+
+def depthwise_inputs(model: onnx.ModelProto) -> list[str]:
+    """Float tensors whose per-tensor QuantizeLinear is read only by per-tensor DequantizeLinears that only depthwise
+    convs with int8 per-channel weights read (nothing else sees the rescaled values)."""
+    g = GraphIndex(model.graph)
+    return [q.input[0] for q in model.graph.node if q.op_type == "QuantizeLinear" and _readers_ok(g, q)]
+
+
+def channel_ranges(
+    source: onnx.ModelProto, tensors: list[str], feeds: Callable[[], list[dict[str, np.ndarray]]]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (min, max) over axis 1 of each of ``tensors`` in ``source``, on every feed."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(source)
+    known = {o for n in probe.graph.node for o in n.output}
+    wanted = [t for t in tensors if t in known]
+    outputs = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(
+        helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in wanted if t not in outputs
+    )
+    session = make_session(probe)
+    ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for feed in feeds():
+        for name, value in zip(wanted, session.run(wanted, feed)):
+            axes = tuple(k for k in range(value.ndim) if k != 1)
+            low, high = value.min(axis=axes), value.max(axis=axes)
+            old = ranges.get(name, (low, high))
+            ranges[name] = (np.minimum(old[0], low), np.maximum(old[1], high))
+    return ranges
+
+
+def per_channel_depthwise_inputs(
+    model: onnx.ModelProto, ranges: dict[str, tuple[np.ndarray, np.ndarray]], symmetric: bool = False
+) -> int:
+    """Quantizes each tensor in ``ranges`` that ``depthwise_inputs`` names per channel, in place; returns how many.
+    ``symmetric``: each keeps its quantize's zero point (a symmetric scheme's), else the channels share the best."""
+    g = GraphIndex(model.graph)
+    done = 0
+    for quantize in [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in ranges]:
+        if not _readers_ok(g, quantize):
+            continue
+        params = per_tensor(g, quantize)
+        low, high = params.qrange
+        scale, zero = params.scale, int(params.zero)
+        lo, hi = ranges[quantize.input[0]]
+        if len(lo) != g.const(_weight_dq(g, _convs(g, quantize)[0]).input[1]).size:
+            continue
+        # each channel's range, within the tensor's calibrated one (a clipping method's cut applies to each)
+        lo = np.clip(lo, (low - zero) * scale, 0.0).astype(np.float64)
+        hi = np.clip(hi, 0.0, (high - zero) * scale).astype(np.float64)
+        zeros = [zero] if symmetric else range(low, high + 1)
+        shared_zero, channel = _shared_zero_scales(lo, hi, low, high, zeros)
+        channel = np.maximum(channel, scale * MIN_RATIO)
+        ratio = channel / scale
+        # ORT's per-axis QuantizeLinear is a scalar loop (PP-OCRv4 det: 36 ms of 48): a float Mul by s / s_c in
+        # front of the per-tensor quantize gives the same integers
+        factors = (1.0 / ratio).astype(np.float32).reshape(1, -1, 1, 1)
+        scaled = f"{quantize.input[0]}{SCALED_SUFFIX}"
+        scaler = helper.make_node(
+            "Mul",
+            [quantize.input[0], g.add_initializer(f"{scaled}_factors", factors)],
+            [scaled],
+            name=f"{quantize.name}{SCALED_SUFFIX}",
+        )
+        g.insert(g.position(quantize), scaler)
+        g.set_input(quantize, 0, scaled)
+        shared = np.array(shared_zero, params.zero.dtype)
+        g.set_input(quantize, 2, g.add_initializer(f"{quantize.name}{SCALED_SUFFIX}_zero", shared))
+        for dequantize in g.readers(quantize.output[0]):
+            g.set_input(dequantize, 2, quantize.input[2])
+            for conv in g.readers(dequantize.output[0]):
+                weights = _weight_dq(g, conv)
+                new_scale = (g.const(weights.input[1]).astype(np.float64) * ratio).astype(np.float32)
+                g.set_input(weights, 1, g.add_initializer(f"{weights.name}{SCALED_SUFFIX}", new_scale))
+                rescale_bias(g, conv, ratio)
+        done += 1
+    if done:
+        drop_unused_initializers(model)  # the per-tensor scales and zero points replaced (ORT warns about each)
+    return done
+
+
+def _shared_zero_scales(
+    lo: np.ndarray, hi: np.ndarray, qmin: int, qmax: int, zeros: Iterable[int]
+) -> tuple[int, np.ndarray]:
+    """(zero point, per-channel scales): the one zero point for which the channels' scales, each the finest that
+    covers its [lo, hi], have the least product (the most levels over all channels)."""
+    best: tuple[float, int, np.ndarray] | None = None
+    span = np.maximum(hi - lo, 1e-12)
+    for zero in zeros:
+        below, above = zero - qmin, qmax - zero
+        need_low = np.where(lo < 0, -lo / max(below, 1e-12), 0.0) if below else np.where(lo < 0, np.inf, 0.0)
+        need_high = hi / above if above else np.where(hi > 0, np.inf, 0.0)
+        scales = np.maximum(np.maximum(need_low, need_high), span * 1e-6)
+        cost = float(np.sum(np.log(scales)))
+        if best is None or cost < best[0]:
+            best = (cost, zero, scales)
+    return best[1], best[2]
+
+
+def _convs(g: GraphIndex, quantize: onnx.NodeProto) -> list[onnx.NodeProto]:
+    return [conv for dq in g.readers(quantize.output[0]) for conv in g.readers(dq.output[0])]
+
+
+def _weight_dq(g: GraphIndex, conv: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The per-channel DequantizeLinear of ``conv``'s int8 constant weight (axis 0), or None."""
+    dq = g.producer.get(conv.input[1]) if len(conv.input) > 1 else None
+    if dq is None or dq.op_type != "DequantizeLinear" or len(g.readers(dq.output[0])) != 1:
+        return None
+    weights, scale = g.const(dq.input[0]), g.const(dq.input[1])
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    if weights is None or scale is None or weights.ndim != 4 or scale.size != weights.shape[0] or axis != 0:
+        return None
+    return dq
+
+
+def _is_depthwise(g: GraphIndex, conv: onnx.NodeProto) -> bool:
+    group = next((a.i for a in conv.attribute if a.name == "group"), 1)
+    weights = _weight_dq(g, conv)
+    return (
+        conv.op_type == "Conv"
+        and weights is not None
+        and group > 1
+        and g.const(weights.input[0]).shape[:2] == (group, 1)
+    )
+
+
+def _readers_ok(g: GraphIndex, quantize: onnx.NodeProto) -> bool:
+    params = per_tensor(g, quantize)
+    if params is None or params.qrange is None or quantize.output[0] in g.outputs or quantize.input[0] in g.inits:
+        return False
+    dequantizes = g.readers(quantize.output[0])
+    if not dequantizes or any(not _same_grid(per_tensor(g, d), params) for d in dequantizes):
+        return False
+    if any(d.output[0] in g.outputs for d in dequantizes):
+        return False
+    producer = g.producer.get(quantize.input[0])
+    if producer is not None and all(
+        g.producer.get(i) is not None and g.producer[i].op_type == "DequantizeLinear" for i in producer.input if i
+    ):
+        return False  # ORT would fuse it into a QLinear op, which takes one output scale
+    convs = _convs(g, quantize)
+    read = {d.output[0] for d in dequantizes}
+    return bool(convs) and all(_is_depthwise(g, c) and c.input[0] in read and c.input[1] not in read for c in convs)
+
+
+def _same_grid(dequantize: QParams | None, quantize: QParams) -> bool:
+    return dequantize is not None and dequantize.scale == quantize.scale and int(dequantize.zero) == int(quantize.zero)
