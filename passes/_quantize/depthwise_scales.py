@@ -23,6 +23,9 @@ from lepton_cli.model.graph_edit import GraphIndex, drop_unused_initializers
 from lepton_cli.model.sessions import make_session
 
 SCALED_SUFFIX = "_channel_scaled"  # the Mul that scales each channel to its own grid, and what it adds
+# Weight scales a float-kept node must keep as they are (int8 weights): its input or output is channel-scaled
+KEEP_INT8_SUFFIX = "_channel_scaled_int8"
+MIN_BITS = 2.0  # mean bits per channel a scaler Mul must gain: it and the float producer it needs cost time
 MIN_RATIO = 1.0 / 1024  # s_c / s floor: a dead channel would otherwise blow its int32 bias up
 
 
@@ -41,6 +44,8 @@ def channel_ranges(
     probe.CopyFrom(source)
     known = {o for n in probe.graph.node for o in n.output}
     wanted = [t for t in tensors if t in known]
+    if not wanted:
+        return {}
     outputs = {o.name for o in probe.graph.output}
     probe.graph.output.extend(
         helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in wanted if t not in outputs
@@ -64,46 +69,93 @@ def per_channel_depthwise_inputs(
     g = GraphIndex(model.graph)
     done = 0
     for quantize in [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in ranges]:
-        if not _readers_ok(g, quantize):
+        grids = _channel_grids(g, quantize, ranges[quantize.input[0]], symmetric) if _readers_ok(g, quantize) else None
+        if grids is None:
             continue
-        params = per_tensor(g, quantize)
-        low, high = params.qrange
-        scale, zero = params.scale, int(params.zero)
-        lo, hi = ranges[quantize.input[0]]
-        if len(lo) != g.const(_weight_dq(g, _convs(g, quantize)[0]).input[1]).size:
+        shared_zero, ratio = grids
+        producer = _conv_producer(g, quantize)
+        if producer is not None:  # free: the producing conv's output channels come out on their grids
+            _scale_outputs(g, producer, 1.0 / ratio)
+        elif np.mean(np.log2(1.0 / ratio)) >= MIN_BITS:
+            _insert_scaler(g, quantize, 1.0 / ratio)
+        else:
             continue
-        # each channel's range, within the tensor's calibrated one (a clipping method's cut applies to each)
-        lo = np.clip(lo, (low - zero) * scale, 0.0).astype(np.float64)
-        hi = np.clip(hi, 0.0, (high - zero) * scale).astype(np.float64)
-        zeros = [zero] if symmetric else range(low, high + 1)
-        shared_zero, channel = _shared_zero_scales(lo, hi, low, high, zeros)
-        channel = np.maximum(channel, scale * MIN_RATIO)
-        ratio = channel / scale
-        # ORT's per-axis QuantizeLinear is a scalar loop (PP-OCRv4 det: 36 ms of 48): a float Mul by s / s_c in
-        # front of the per-tensor quantize gives the same integers
-        factors = (1.0 / ratio).astype(np.float32).reshape(1, -1, 1, 1)
-        scaled = f"{quantize.input[0]}{SCALED_SUFFIX}"
-        scaler = helper.make_node(
-            "Mul",
-            [quantize.input[0], g.add_initializer(f"{scaled}_factors", factors)],
-            [scaled],
-            name=f"{quantize.name}{SCALED_SUFFIX}",
-        )
-        g.insert(g.position(quantize), scaler)
-        g.set_input(quantize, 0, scaled)
-        shared = np.array(shared_zero, params.zero.dtype)
+        shared = np.array(shared_zero, g.const(quantize.input[2]).dtype)
         g.set_input(quantize, 2, g.add_initializer(f"{quantize.name}{SCALED_SUFFIX}_zero", shared))
+        suffix = KEEP_INT8_SUFFIX if producer is not None else SCALED_SUFFIX
         for dequantize in g.readers(quantize.output[0]):
             g.set_input(dequantize, 2, quantize.input[2])
             for conv in g.readers(dequantize.output[0]):
                 weights = _weight_dq(g, conv)
                 new_scale = (g.const(weights.input[1]).astype(np.float64) * ratio).astype(np.float32)
-                g.set_input(weights, 1, g.add_initializer(f"{weights.name}{SCALED_SUFFIX}", new_scale))
+                g.set_input(weights, 1, g.add_initializer(f"{weights.name}{suffix}", new_scale))
                 rescale_bias(g, conv, ratio)
         done += 1
     if done:
         drop_unused_initializers(model)  # the per-tensor scales and zero points replaced (ORT warns about each)
     return done
+
+
+def _channel_grids(
+    g: GraphIndex, quantize: onnx.NodeProto, channel_range: tuple[np.ndarray, np.ndarray], symmetric: bool
+) -> tuple[int, np.ndarray] | None:
+    """(shared zero point, s_c / s per channel) for ``quantize``'s tensor, or None where its channels do not match."""
+    params = per_tensor(g, quantize)
+    low, high = params.qrange
+    scale, zero = params.scale, int(params.zero)
+    lo, hi = channel_range
+    if len(lo) != g.const(_weight_dq(g, _convs(g, quantize)[0]).input[1]).size:
+        return None
+    # each channel's range, within the tensor's calibrated one (a clipping method's cut applies to each)
+    lo = np.clip(lo, (low - zero) * scale, 0.0).astype(np.float64)
+    hi = np.clip(hi, 0.0, (high - zero) * scale).astype(np.float64)
+    shared_zero, channel = _shared_zero_scales(lo, hi, low, high, [zero] if symmetric else range(low, high + 1))
+    return shared_zero, np.maximum(channel, scale * MIN_RATIO) / scale
+
+
+def _insert_scaler(g: GraphIndex, quantize: onnx.NodeProto, factors: np.ndarray) -> None:
+    """A float Mul by ``factors`` (s / s_c) in front of ``quantize``: the per-tensor quantize then gives each channel's
+    integers on its grid. (ORT's per-axis QuantizeLinear is a scalar loop: 36 of PP-OCRv4 det's 48 ms.)"""
+    scaled = f"{quantize.input[0]}{SCALED_SUFFIX}"
+    constant = g.add_initializer(f"{scaled}_factors", factors.astype(np.float32).reshape(1, -1, 1, 1))
+    scaler = helper.make_node("Mul", [quantize.input[0], constant], [scaled], name=f"{quantize.name}{SCALED_SUFFIX}")
+    g.insert(g.position(quantize), scaler)
+    g.set_input(quantize, 0, scaled)
+
+
+def _scale_outputs(g: GraphIndex, conv: onnx.NodeProto, factors: np.ndarray) -> None:
+    """``conv``'s output channels times ``factors``: its weight scales and its bias (int32 at input x weight scale,
+    or float) scaled alike."""
+    weights = _weight_dq(g, conv)
+    new_scale = (g.const(weights.input[1]).astype(np.float64) * factors).astype(np.float32)
+    g.set_input(weights, 1, g.add_initializer(f"{weights.name}{KEEP_INT8_SUFFIX}", new_scale))
+    if len(conv.input) < 3 or not conv.input[2]:
+        return
+    bias = g.producer.get(conv.input[2])
+    if bias is None:  # a float bias constant
+        scaled = (g.const(conv.input[2]).astype(np.float64) * factors).astype(np.float32)
+        g.set_input(conv, 2, g.add_initializer(f"{conv.name}{KEEP_INT8_SUFFIX}_bias", scaled))
+        return
+    bias_scale = (g.const(bias.input[1]).astype(np.float64) * factors).astype(np.float32)
+    g.set_input(bias, 1, g.add_initializer(f"{bias.name}{KEEP_INT8_SUFFIX}", bias_scale))
+
+
+def _conv_producer(g: GraphIndex, quantize: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The Conv with int8 per-channel weights whose output only ``quantize`` reads, and whose bias is a constant or a
+    dequantized one."""
+    conv = g.producer.get(quantize.input[0])
+    if (
+        conv is None
+        or conv.op_type != "Conv"
+        or _weight_dq(g, conv) is None
+        or g.only_reader(conv.output[0]) is not quantize
+    ):
+        return None
+    if len(conv.input) < 3 or not conv.input[2] or conv.input[2] in g.inits:
+        return conv
+    bias = g.producer.get(conv.input[2])
+    usable = bias is not None and bias.op_type == "DequantizeLinear" and len(g.readers(conv.input[2])) == 1
+    return conv if usable and g.const(bias.input[1]) is not None else None
 
 
 def _shared_zero_scales(
@@ -161,9 +213,12 @@ def _readers_ok(g: GraphIndex, quantize: onnx.NodeProto) -> bool:
     if any(d.output[0] in g.outputs for d in dequantizes):
         return False
     producer = g.producer.get(quantize.input[0])
-    if producer is not None and all(
-        g.producer.get(i) is not None and g.producer[i].op_type == "DequantizeLinear" for i in producer.input if i
-    ):
+    dequantized = (
+        all(g.producer.get(i) is not None and g.producer[i].op_type == "DequantizeLinear" for i in producer.input if i)
+        if producer is not None
+        else False
+    )
+    if dequantized and _conv_producer(g, quantize) is None:
         return False  # ORT would fuse it into a QLinear op, which takes one output scale
     convs = _convs(g, quantize)
     read = {d.output[0] for d in dequantizes}

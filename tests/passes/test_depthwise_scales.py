@@ -17,6 +17,7 @@ import pytest
 from conftest import needs_ocr
 from det_int8 import det_maps, quantized_det_and_calib, snr_db
 from lepton_cli.passes._quantize.depthwise_scales import (
+    KEEP_INT8_SUFFIX,
     SCALED_SUFFIX,
     channel_ranges,
     depthwise_inputs,
@@ -28,13 +29,25 @@ from onnx import helper, numpy_helper
 
 @pytest.fixture(scope="module")
 def det(tmp_path_factory):
-    """(fused float model, its Conv-only int8 model, that model with per-channel depthwise inputs, held-out pages)."""
+    """(fused float model, its Conv-only int8 model, that model with per-channel depthwise inputs, held-out pages,
+    the depthwise inputs' channel ranges)."""
     fused, int8, held, calib = quantized_det_and_calib(tmp_path_factory)
+    ranges = channel_ranges(fused, depthwise_inputs(int8), lambda: calib)
+    assert len(ranges) >= 10  # 14 depthwise convs; those read alone through a per-tensor quantize
+    return fused, int8, _scaled(int8, ranges), held, ranges
+
+
+def _scaled(int8: onnx.ModelProto, ranges: dict) -> onnx.ModelProto:
     scaled = onnx.ModelProto()
     scaled.CopyFrom(int8)
-    count = per_channel_depthwise_inputs(scaled, channel_ranges(fused, depthwise_inputs(int8), lambda: calib))
-    assert count >= 8, count  # 14 depthwise convs; those read through a learnable affine block's float Add
-    return fused, int8, scaled, held
+    per_channel_depthwise_inputs(scaled, ranges)
+    return scaled
+
+
+def _kinds(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[str]]:
+    """(the scaler Muls, the weight scales a float-kept node keeps as stored)."""
+    scalers = [n for n in model.graph.node if n.name.endswith(SCALED_SUFFIX)]
+    return scalers, [i.name for i in model.graph.initializer if i.name.endswith(KEEP_INT8_SUFFIX)]
 
 
 def _fused_ops(model: onnx.ModelProto, tmp_path, name: str) -> Counter:
@@ -46,7 +59,11 @@ def _fused_ops(model: onnx.ModelProto, tmp_path, name: str) -> Counter:
 
 @needs_ocr
 def test_every_conv_stays_fused_and_the_held_out_map_moves_less(det, tmp_path):
-    fused, int8, scaled, held = det
+    fused, int8, scaled, held, _ = det
+    scalers, kept_scales = _kinds(scaled)
+    # the stem conv's output straight into a depthwise conv: carried by that conv's scales, no Mul; the wide
+    # hard-swish outputs (2 bits or more gained per channel) behind a scaler Mul; the rest left as they were
+    assert len(kept_scales) >= 3 and 1 <= len(scalers) <= 6, (len(kept_scales), len(scalers))
     before, after = _fused_ops(int8, tmp_path, "plain"), _fused_ops(scaled, tmp_path, "scaled")
     assert after["QLinearConv"] == before["QLinearConv"] > 0
     reference = det_maps(fused, held)
@@ -59,12 +76,14 @@ def test_every_conv_stays_fused_and_the_held_out_map_moves_less(det, tmp_path):
 @needs_ocr
 def test_the_conv_computes_what_a_per_channel_quantize_of_its_input_gives(det):
     """The scaled depthwise conv's output equals the unscaled conv's on a per-axis Q/DQ of the same channel grids."""
-    _, int8, scaled, held = det
-    scaler = next(n for n in scaled.graph.node if n.name.endswith(SCALED_SUFFIX))
-    inits = {i.name: numpy_helper.to_array(i) for i in scaled.graph.initializer}
-    quantize = next(n for n in scaled.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == scaler.output[0])
-    dequantize = next(n for n in scaled.graph.node if n.input and n.input[0] == quantize.output[0])
-    conv = next(n for n in scaled.graph.node if n.input and n.input[0] == dequantize.output[0])
+    _, int8, scaled, held, ranges = det
+    tensor = _kinds(scaled)[0][0].input[0]
+    alone = _scaled(int8, {tensor: ranges[tensor]})  # only this input: everything above it as in int8
+    scaler = next(n for n in alone.graph.node if n.name.endswith(SCALED_SUFFIX))
+    inits = {i.name: numpy_helper.to_array(i) for i in alone.graph.initializer}
+    quantize = next(n for n in alone.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == scaler.output[0])
+    dequantize = next(n for n in alone.graph.node if n.input and n.input[0] == quantize.output[0])
+    conv = next(n for n in alone.graph.node if n.input and n.input[0] == dequantize.output[0])
     scale, zero = float(inits[quantize.input[1]]), inits[quantize.input[2]]
     channel_scales = scale / inits[scaler.input[1]].reshape(-1)
     # the reference: int8's graph with that input quantized per axis at the channel scales, weights as they were
@@ -82,31 +101,62 @@ def test_the_conv_computes_what_a_per_channel_quantize_of_its_input_gives(det):
     for node in (q, dq):
         node.input[1:3] = names
         node.attribute.append(helper.make_attribute("axis", 1))
-    outputs = []
-    for model in (scaled, reference):
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        probe.graph.output.append(helper.make_tensor_value_info(conv.output[0], onnx.TensorProto.FLOAT, None))
-        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-        outputs.append(session.run([conv.output[0]], held[0])[0])
+    outputs = [_run(model, conv.output[0], held[0]) for model in (alone, reference)]
     assert np.mean(np.isclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)) > 0.999
 
 
 @needs_ocr
 def test_a_float_kept_depthwise_conv_reads_its_unscaled_input(det):
-    """The search keeps a conv float by bypassing its input Q/DQ: it must read the value before the channel scaling
-    (with float weights), so it computes what the plain model's float-kept conv computes."""
-    fused, int8, scaled, held = det
-    scaler = next(n for n in scaled.graph.node if n.name.endswith(SCALED_SUFFIX))  # the first: nothing scaled above
-    conv = next(c for c in scaled.graph.node if c.op_type == "Conv" and _reads_quantized(scaled, c, scaler.output[0]))
+    """The search keeps a conv float by bypassing its input Q/DQ: behind a scaler Mul it must read the value before
+    the scaling (with float weights), so it computes what the plain model's float-kept conv computes."""
+    fused, int8, scaled, held, ranges = det
+    tensor = _kinds(scaled)[0][0].input[0]
+    alone = _scaled(int8, {tensor: ranges[tensor]})  # only this input: everything above it as in int8
+    scaler = next(n for n in alone.graph.node if n.name.endswith(SCALED_SUFFIX))
+    conv = next(c for c in alone.graph.node if c.op_type == "Conv" and _reads_quantized(alone, c, scaler.output[0]))
     outputs = []
-    for model in (int8, scaled):
+    for model in (int8, alone):
         kept = keep_float_nodes(model, fused, [conv.name])
-        assert next(n for n in kept.graph.node if n.name == conv.name).input[0] == scaler.input[0]
-        kept.graph.output.append(helper.make_tensor_value_info(conv.output[0], onnx.TensorProto.FLOAT, None))
-        session = ort.InferenceSession(kept.SerializeToString(), providers=["CPUExecutionProvider"])
-        outputs.append(session.run([conv.output[0]], held[0])[0])
+        assert next(n for n in kept.graph.node if n.name == conv.name).input[0] == tensor
+        outputs.append(_run(kept, conv.output[0], held[0]))
     np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+
+
+@needs_ocr
+def test_float_kept_convs_around_a_channel_scaled_conv_output_keep_its_scales(det):
+    """Where the producing conv carries the channel scales, keeping it (or the depthwise conv) float keeps their
+    stored weights: float weights would undo one side of the scaling (channel errors of 40-150x)."""
+    fused, int8, scaled, held, ranges = det
+    scaled_weights = set(_kinds(scaled)[1])
+    readers = {i: n for n in scaled.graph.node for i in n.input}
+    by_output = {o: n for n in scaled.graph.node for o in n.output}
+    dequantizes = [n for n in scaled.graph.node if n.op_type == "DequantizeLinear" and n.input[1] in scaled_weights]
+    convs = {
+        readers[d.output[0]].name: readers[d.output[0]] for d in dequantizes if readers[d.output[0]].op_type == "Conv"
+    }
+    depthwise = next(c for c in convs.values() if by_output[c.input[0]].op_type == "DequantizeLinear")
+    reference = _run(scaled, depthwise.output[0], held[0])
+    for name in convs:
+        kept = keep_float_nodes(scaled, fused, [name])
+        assert any(
+            i in scaled_weights for n in kept.graph.node if n.name == name for d in [n] for i in _scales(kept, d)
+        )
+        got = _run(kept, depthwise.output[0], held[0])
+        assert np.abs(got - reference).mean() < 0.05 * np.abs(reference).mean(), name
+
+
+def _scales(model: onnx.ModelProto, node: onnx.NodeProto) -> list[str]:
+    """The scale inputs of the DequantizeLinear nodes ``node`` reads."""
+    by_output = {o: n for n in model.graph.node for o in n.output}
+    return [by_output[i].input[1] for i in node.input if i in by_output and by_output[i].op_type == "DequantizeLinear"]
+
+
+def _run(model: onnx.ModelProto, tensor: str, feed: dict) -> np.ndarray:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run([tensor], feed)[0]
 
 
 def _reads_quantized(model: onnx.ModelProto, conv: onnx.NodeProto, tensor: str) -> bool:
