@@ -23,8 +23,7 @@ from lepton_cli.model.graph_edit import GraphIndex, drop_unused_initializers
 from lepton_cli.model.sessions import make_session
 
 SCALED_SUFFIX = "_channel_scaled"  # the Mul that scales each channel to its own grid, and what it adds
-# Weight scales a float-kept node must keep as they are (int8 weights): its input or output is channel-scaled
-KEEP_INT8_SUFFIX = "_channel_scaled_int8"
+ZERO_SUFFIX = f"{SCALED_SUFFIX}_zero"  # the shared zero point of a channel-scaled quantize
 MIN_BITS = 2.0  # mean bits per channel a scaler Mul must gain: it and the float producer it needs cost time
 MIN_RATIO = 1.0 / 1024  # s_c / s floor: a dead channel would otherwise blow its int32 bias up
 
@@ -63,11 +62,15 @@ def channel_ranges(
 
 def per_channel_depthwise_inputs(
     model: onnx.ModelProto, ranges: dict[str, tuple[np.ndarray, np.ndarray]], symmetric: bool = False
-) -> int:
-    """Quantizes each tensor in ``ranges`` that ``depthwise_inputs`` names per channel, in place; returns how many.
-    ``symmetric``: each keeps its quantize's zero point (a symmetric scheme's), else the channels share the best."""
+) -> dict[str, tuple[np.ndarray, bool]]:
+    """Quantizes each tensor in ``ranges`` that ``depthwise_inputs`` names per channel, in place. ``symmetric``: each
+    keeps its quantize's zero point (a symmetric scheme's), else the channels share the best. Returns, per conv
+    whose weights now compute on scaled channels (a producing conv and its depthwise reader, where no Mul scales),
+    the factor per output channel its float weights need when it is kept float (``scaled_reference``), and whether
+    its bias needs it too (its output is the scaled one)."""
     g = GraphIndex(model.graph)
-    done = 0
+    factors: dict[str, tuple[np.ndarray, bool]] = {}
+    scaled_inputs: list[str] = []
     for quantize in [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in ranges]:
         grids = _channel_grids(g, quantize, ranges[quantize.input[0]], symmetric) if _readers_ok(g, quantize) else None
         if grids is None:
@@ -76,24 +79,49 @@ def per_channel_depthwise_inputs(
         producer = _conv_producer(g, quantize)
         if producer is not None:  # free: the producing conv's output channels come out on their grids
             _scale_outputs(g, producer, 1.0 / ratio)
+            factors[producer.name] = (1.0 / ratio, True)
         elif np.mean(np.log2(1.0 / ratio)) >= MIN_BITS:
             _insert_scaler(g, quantize, 1.0 / ratio)
         else:
             continue
         shared = np.array(shared_zero, g.const(quantize.input[2]).dtype)
-        g.set_input(quantize, 2, g.add_initializer(f"{quantize.name}{SCALED_SUFFIX}_zero", shared))
-        suffix = KEEP_INT8_SUFFIX if producer is not None else SCALED_SUFFIX
+        g.set_input(quantize, 2, g.add_initializer(f"{quantize.name}{ZERO_SUFFIX}", shared))
         for dequantize in g.readers(quantize.output[0]):
             g.set_input(dequantize, 2, quantize.input[2])
             for conv in g.readers(dequantize.output[0]):
                 weights = _weight_dq(g, conv)
                 new_scale = (g.const(weights.input[1]).astype(np.float64) * ratio).astype(np.float32)
-                g.set_input(weights, 1, g.add_initializer(f"{weights.name}{suffix}", new_scale))
+                g.set_input(weights, 1, g.add_initializer(f"{weights.name}{SCALED_SUFFIX}", new_scale))
                 rescale_bias(g, conv, ratio)
-        done += 1
-    if done:
+                if producer is not None:  # its float input arrives scaled: float weights must undo it
+                    factors[conv.name] = (ratio, False)
+        scaled_inputs.append(quantize.input[0])
+    if scaled_inputs:
         drop_unused_initializers(model)  # the per-tensor scales and zero points replaced (ORT warns about each)
-    return done
+    return factors
+
+
+def channel_scaled_inputs(model: onnx.ModelProto) -> int:
+    """How many quantizes in ``model`` put their channels on their own grids (before names are shortened)."""
+    return sum(n.op_type == "QuantizeLinear" and n.input[2].endswith(ZERO_SUFFIX) for n in model.graph.node)
+
+
+def scaled_reference(reference: onnx.ModelProto, factors: dict[str, tuple[np.ndarray, bool]]) -> onnx.ModelProto:
+    """``reference`` (the float model float-kept nodes read) with each named conv's weights (and bias, where its
+    output is scaled) times its per-output-channel factors: a conv kept float computes as its int8 form."""
+    if not factors:
+        return reference
+    result = onnx.ModelProto()
+    result.CopyFrom(reference)
+    g = GraphIndex(result.graph)
+    for conv in [n for n in result.graph.node if n.name in factors]:
+        factor, with_bias = factors[conv.name]
+        for k, shape in ((1, (-1, 1, 1, 1)), (2, (-1,)))[: 2 if with_bias else 1]:
+            value = g.const(conv.input[k]) if len(conv.input) > k and conv.input[k] else None
+            if value is not None:
+                scaled = (value.astype(np.float64) * factor.reshape(shape)).astype(value.dtype)
+                g.set_input(conv, k, g.add_initializer(f"{conv.input[k]}{SCALED_SUFFIX}", scaled))
+    return result
 
 
 def _channel_grids(
@@ -128,16 +156,16 @@ def _scale_outputs(g: GraphIndex, conv: onnx.NodeProto, factors: np.ndarray) -> 
     or float) scaled alike."""
     weights = _weight_dq(g, conv)
     new_scale = (g.const(weights.input[1]).astype(np.float64) * factors).astype(np.float32)
-    g.set_input(weights, 1, g.add_initializer(f"{weights.name}{KEEP_INT8_SUFFIX}", new_scale))
+    g.set_input(weights, 1, g.add_initializer(f"{weights.name}{SCALED_SUFFIX}", new_scale))
     if len(conv.input) < 3 or not conv.input[2]:
         return
     bias = g.producer.get(conv.input[2])
     if bias is None:  # a float bias constant
         scaled = (g.const(conv.input[2]).astype(np.float64) * factors).astype(np.float32)
-        g.set_input(conv, 2, g.add_initializer(f"{conv.name}{KEEP_INT8_SUFFIX}_bias", scaled))
+        g.set_input(conv, 2, g.add_initializer(f"{conv.name}{SCALED_SUFFIX}_bias", scaled))
         return
     bias_scale = (g.const(bias.input[1]).astype(np.float64) * factors).astype(np.float32)
-    g.set_input(bias, 1, g.add_initializer(f"{bias.name}{KEEP_INT8_SUFFIX}", bias_scale))
+    g.set_input(bias, 1, g.add_initializer(f"{bias.name}{SCALED_SUFFIX}", bias_scale))
 
 
 def _conv_producer(g: GraphIndex, quantize: onnx.NodeProto) -> onnx.NodeProto | None:

@@ -7,7 +7,7 @@ run, just the edge rewiring, so every candidate the search proposes is exactly w
 from __future__ import annotations
 
 import onnx
-from lepton_cli.passes._quantize.depthwise_scales import KEEP_INT8_SUFFIX, SCALED_SUFFIX
+from lepton_cli.passes._quantize.depthwise_scales import SCALED_SUFFIX
 
 
 def keep_float_nodes(
@@ -80,19 +80,18 @@ def keep_float(
     for node in copy.graph.node:
         if node.name != node_name:
             continue
-        weights_as_stored = not float_weights or _channel_scaled(node, producer)
         for index, name in enumerate(node.input):
             dq = producer.get(name)
             if dq is None or dq.op_type != "DequantizeLinear":
                 continue
             q = producer.get(dq.input[0])
             if q is not None and q.op_type == "QuantizeLinear":
-                tensor = q.input[0] if weights_as_stored else _unscaled(q.input[0], producer)
+                tensor = _unscaled(q.input[0], producer) if float_weights else q.input[0]
                 source = _float_source(copy, float_model, tensor, producer, have_inits, restored)
                 if source is not None:
                     node.input[index] = source
             elif (
-                not weights_as_stored
+                float_weights
                 and float_node is not None
                 and index < len(float_node.input)
                 and float_node.input[index] in float_inits
@@ -161,12 +160,3 @@ def _unscaled(tensor: str, producer: dict[str, onnx.NodeProto]) -> str:
     weights: the value before the scaling."""
     scaler = producer.get(tensor)
     return scaler.input[0] if scaler is not None and scaler.name.endswith(SCALED_SUFFIX) else tensor
-
-
-def _channel_scaled(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto]) -> bool:
-    """Whether ``node``'s weights carry channel scales its float input or output relies on (depthwise_scales.py): kept
-    float, it computes on them as stored."""
-    return any(
-        i in producer and producer[i].op_type == "DequantizeLinear" and producer[i].input[1].endswith(KEEP_INT8_SUFFIX)
-        for i in node.input
-    )

@@ -23,8 +23,10 @@ from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibra
 from lepton_cli.passes._quantize.consumer_ranges import narrow_to_readers
 from lepton_cli.passes._quantize.depthwise_scales import (
     channel_ranges,
+    channel_scaled_inputs,
     depthwise_inputs,
     per_channel_depthwise_inputs,
+    scaled_reference,
 )
 from lepton_cli.passes._quantize.float_hard_swish import restore_hard_swish
 from lepton_cli.passes._quantize.float_keep import keep_float_nodes
@@ -222,7 +224,8 @@ class Int8Plan(SearchPlan):
         self.int8_fits = Int8Fits(samples, params.adaround_iterations, share)
         self.sentinel_nodes: dict[tuple[str, str], list[str]] = {}
         self.channel_ranges: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # per tier, depthwise inputs
-        self.channel_scaled: dict[tuple[str, str], int] = {}  # per (tier tag, method): depthwise inputs per channel
+        # per (tier tag, method): the float reference float-kept convs read, their weights scaled as the int8 ones
+        self.channel_scaled: dict[tuple[str, str], onnx.ModelProto] = {}
         self.base = onnx.ModelProto()
         self.recovery: _RecoveryInputs | None = None  # what the steps ran on, for the report's per-step gains
         self.builds: list[Build] = []  # the search space's builds: plain tiers, then the source tiers offered
@@ -412,19 +415,21 @@ class Int8Plan(SearchPlan):
                 left = list(exclude) + self.sentinel_nodes[key]
                 self.quantized[key] = schemes.quantize_int8(source, ranges[method], method, scheme, left, work_dir)
                 if params.depthwise_channel_scales:
-                    self.channel_scaled[key] = self._depthwise_channels(tag, source, calib, self.quantized[key])
+                    factors = self._depthwise_channels(tag, source, calib, self.quantized[key])
+                    self.channel_scaled[key] = scaled_reference(base, factors)
                 if int8_steps:
                     self.int8_fits.apply(key, self.quantized[key], base, calib, int8_steps, ctx.progress)
             # Float-kept nodes are bypassed in the fully quantized model, exactly as the search measured them.
-            return keep_float_nodes(self.quantized[key], base, keep, params.float_kept_weights == "float")
+            reference = self.channel_scaled.get(key, base)
+            return keep_float_nodes(self.quantized[key], reference, keep, params.float_kept_weights == "float")
 
         return lowered(build) if (params.integer_elementwise if lower is None else lower) else build
 
     def _depthwise_channels(
         self, tag: str, source: onnx.ModelProto, calib: SampleSet, quantized: onnx.ModelProto
-    ) -> int:
+    ) -> dict[str, tuple[np.ndarray, bool]]:
         """``depthwise_scales``: the depthwise inputs of ``quantized`` per channel, from the tier's channel ranges (one
-        pass of the source over --calib per tier); how many."""
+        pass of the source over --calib per tier); the float weights' factors (``per_channel_depthwise_inputs``)."""
         if tag not in self.channel_ranges:
             count = min(len(calib), self.params.max_calib_samples)
             feeds = lambda: (adapt_feed(source, calib.feed(k)) for k in range(count))  # noqa: E731
@@ -588,7 +593,7 @@ class Int8Plan(SearchPlan):
         chosen = (self._tier_tag(summary), summary["method"])
         summary["ranges_narrowed_to_readers"] = len(self.narrowed.get(chosen, []))
         if self.params.depthwise_channel_scales:
-            summary["depthwise_inputs_per_channel"] = self.channel_scaled.get(chosen, 0)
+            summary["depthwise_inputs_per_channel"] = channel_scaled_inputs(result)
         summary |= self.int8_fits.counts.get(chosen, {})
         if isinstance(summary.get(f"{chosen[0]}_tier"), dict):  # a source tier's steps fitted on its int8 model
             summary[f"{chosen[0]}_tier"].setdefault("changed", {}).update(self.int8_fits.changed(chosen))

@@ -17,11 +17,12 @@ import pytest
 from conftest import needs_ocr
 from det_int8 import det_maps, quantized_det_and_calib, snr_db
 from lepton_cli.passes._quantize.depthwise_scales import (
-    KEEP_INT8_SUFFIX,
     SCALED_SUFFIX,
     channel_ranges,
+    channel_scaled_inputs,
     depthwise_inputs,
     per_channel_depthwise_inputs,
+    scaled_reference,
 )
 from lepton_cli.passes._quantize.float_keep import keep_float_nodes
 from onnx import helper, numpy_helper
@@ -44,10 +45,9 @@ def _scaled(int8: onnx.ModelProto, ranges: dict) -> onnx.ModelProto:
     return scaled
 
 
-def _kinds(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[str]]:
-    """(the scaler Muls, the weight scales a float-kept node keeps as stored)."""
-    scalers = [n for n in model.graph.node if n.name.endswith(SCALED_SUFFIX)]
-    return scalers, [i.name for i in model.graph.initializer if i.name.endswith(KEEP_INT8_SUFFIX)]
+def _kinds(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], int]:
+    """(the scaler Muls, how many quantizes put channels on their own grids)."""
+    return [n for n in model.graph.node if n.name.endswith(SCALED_SUFFIX)], channel_scaled_inputs(model)
 
 
 def _fused_ops(model: onnx.ModelProto, tmp_path, name: str) -> Counter:
@@ -60,10 +60,10 @@ def _fused_ops(model: onnx.ModelProto, tmp_path, name: str) -> Counter:
 @needs_ocr
 def test_every_conv_stays_fused_and_the_held_out_map_moves_less(det, tmp_path):
     fused, int8, scaled, held, _ = det
-    scalers, kept_scales = _kinds(scaled)
+    scalers, scaled_inputs = _kinds(scaled)
     # the stem conv's output straight into a depthwise conv: carried by that conv's scales, no Mul; the wide
     # hard-swish outputs (2 bits or more gained per channel) behind a scaler Mul; the rest left as they were
-    assert len(kept_scales) >= 3 and 1 <= len(scalers) <= 6, (len(kept_scales), len(scalers))
+    assert 1 <= len(scalers) < scaled_inputs <= 8, (len(scalers), scaled_inputs)
     before, after = _fused_ops(int8, tmp_path, "plain"), _fused_ops(scaled, tmp_path, "scaled")
     assert after["QLinearConv"] == before["QLinearConv"] > 0
     reference = det_maps(fused, held)
@@ -123,32 +123,23 @@ def test_a_float_kept_depthwise_conv_reads_its_unscaled_input(det):
 
 
 @needs_ocr
-def test_float_kept_convs_around_a_channel_scaled_conv_output_keep_its_scales(det):
-    """Where the producing conv carries the channel scales, keeping it (or the depthwise conv) float keeps their
-    stored weights: float weights would undo one side of the scaling (channel errors of 40-150x)."""
-    fused, int8, scaled, held, ranges = det
-    scaled_weights = set(_kinds(scaled)[1])
-    readers = {i: n for n in scaled.graph.node for i in n.input}
-    by_output = {o: n for n in scaled.graph.node for o in n.output}
-    dequantizes = [n for n in scaled.graph.node if n.op_type == "DequantizeLinear" and n.input[1] in scaled_weights]
-    convs = {
-        readers[d.output[0]].name: readers[d.output[0]] for d in dequantizes if readers[d.output[0]].op_type == "Conv"
-    }
-    depthwise = next(c for c in convs.values() if by_output[c.input[0]].op_type == "DequantizeLinear")
-    reference = _run(scaled, depthwise.output[0], held[0])
-    for name in convs:
-        kept = keep_float_nodes(scaled, fused, [name])
-        assert any(
-            i in scaled_weights for n in kept.graph.node if n.name == name for d in [n] for i in _scales(kept, d)
-        )
-        got = _run(kept, depthwise.output[0], held[0])
-        assert np.abs(got - reference).mean() < 0.05 * np.abs(reference).mean(), name
-
-
-def _scales(model: onnx.ModelProto, node: onnx.NodeProto) -> list[str]:
-    """The scale inputs of the DequantizeLinear nodes ``node`` reads."""
-    by_output = {o: n for n in model.graph.node for o in n.output}
-    return [by_output[i].input[1] for i in node.input if i in by_output and by_output[i].op_type == "DequantizeLinear"]
+def test_a_float_kept_conv_on_scaled_channels_reads_float_weights_scaled_alike(det):
+    """Where the producing conv carries the channel scales (the stem conv feeds a depthwise conv directly), keeping
+    it or its depthwise reader float must read float weights scaled as its int8 ones (``scaled_reference``): the
+    plain float weights would undo one side of the scaling."""
+    fused, int8, _, held, ranges = det
+    scaled = onnx.ModelProto()
+    scaled.CopyFrom(int8)
+    factors = per_channel_depthwise_inputs(scaled, ranges)
+    assert len(factors) >= 2, list(factors)  # a conv and the depthwise conv it feeds
+    groups = {n.name: next((a.i for a in n.attribute if a.name == "group"), 1) for n in scaled.graph.node}
+    depthwise = next(n for n in scaled.graph.node if n.name in factors and groups[n.name] > 1)
+    expected = _run(scaled, depthwise.output[0], held[0])
+    for name in factors:
+        for float_model, right in ((scaled_reference(fused, factors), True), (fused, False)):
+            got = _run(keep_float_nodes(scaled, float_model, [name]), depthwise.output[0], held[0])
+            error = np.abs(got - expected).mean() / np.abs(expected).mean()
+            assert (error < 0.05) == right, (name, right, error)
 
 
 def _run(model: onnx.ModelProto, tensor: str, feed: dict) -> np.ndarray:
