@@ -1,13 +1,15 @@
 """A depthwise conv's input quantized per channel, the channel scales carried by its per-channel weight scales.
 
 Depthwise inputs in PP-LCNet backbones are hard-swish outputs whose channel ranges lie 40-150x apart; one u8 scale
-leaves the narrow channels a few levels (PP-OCRv4 det every op int8, 32 held-out frames: worst page 3.09 points,
-1.69 with these scales). Output channel c of a depthwise conv reads only input channel c, so quantizing channel c
-on its own grid ``s_c`` and dequantizing every channel at the tensor's ``s`` feeds the conv ``x_c s / s_c``; weight
-scale ``w_c`` becoming ``w_c s_c / s`` undoes it exactly, with the same int8 weights. The grids share one zero
-point (the conv pads with it). The quantize and dequantize stay per tensor, so ORT still fuses QLinearConv: a float
-``Mul`` by ``s / s_c`` in front of the quantize does the per-channel part. Only where the quantized tensor's producer
-runs in float anyway (ORT would fuse it with that quantize otherwise) and only for ORT-run targets.
+leaves the narrow channels a few levels. Output channel c of a depthwise conv reads only input channel c, so
+quantizing channel c on its own grid ``s_c`` and dequantizing every channel at the tensor's ``s`` feeds the conv
+``x_c s / s_c``; weight scale ``w_c`` becoming ``w_c s_c / s`` undoes it exactly, with the same int8 weights. The
+grids share one zero point (the conv pads with it), and the quantize and dequantize stay per tensor, so ORT still
+fuses QLinearConv. The per-channel part: a conv that produces the input scales its own output channels by
+``s / s_c`` in its weight and bias scales (free); a producer that runs in float gets a float ``Mul`` by ``s / s_c``
+in front of the quantize, where that gains ``MIN_BITS``; an element-wise producer ORT would fuse with the quantize
+(one output scale) is left alone. PP-OCRv4 det with every conv int8, 32 held-out frames: worst page 3.26 -> 2.06
+points (benchmarks/results/session29.md). ORT-run targets only: TFLite and the DPU take per-tensor activations.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def depthwise_inputs(model: onnx.ModelProto) -> list[str]:
 
 
 def channel_ranges(
-    source: onnx.ModelProto, tensors: list[str], feeds: Callable[[], list[dict[str, np.ndarray]]]
+    source: onnx.ModelProto, tensors: list[str], feeds: Callable[[], Iterable[dict[str, np.ndarray]]]
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel (min, max) over axis 1 of each of ``tensors`` in ``source``, on every feed."""
     probe = onnx.ModelProto()
@@ -169,16 +171,12 @@ def _scale_outputs(g: GraphIndex, conv: onnx.NodeProto, factors: np.ndarray) -> 
 
 
 def _conv_producer(g: GraphIndex, quantize: onnx.NodeProto) -> onnx.NodeProto | None:
-    """The Conv with int8 per-channel weights whose output only ``quantize`` reads, and whose bias is a constant or a
-    dequantized one."""
+    """The Conv with int8 per-channel weights, not yet channel-scaled, whose output only ``quantize`` reads, and whose
+    bias is a constant or a dequantized one."""
     conv = g.producer.get(quantize.input[0])
-    if (
-        conv is None
-        or conv.op_type != "Conv"
-        or _weight_dq(g, conv) is None
-        or g.only_reader(conv.output[0]) is not quantize
-    ):
-        return None
+    weights = _weight_dq(g, conv) if conv is not None and conv.op_type == "Conv" else None
+    if weights is None or g.only_reader(conv.output[0]) is not quantize or weights.input[1].endswith(SCALED_SUFFIX):
+        return None  # (a depthwise conv whose own input is scaled keeps that one scaling)
     if len(conv.input) < 3 or not conv.input[2] or conv.input[2] in g.inits:
         return conv
     bias = g.producer.get(conv.input[2])

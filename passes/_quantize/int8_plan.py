@@ -394,6 +394,7 @@ class Int8Plan(SearchPlan):
             key = (tag, method)
             if key not in self.quantized:
                 self.quantized.clear()  # before calibrating: the previous model is not needed again soon
+                self.channel_scaled.clear()
             if method not in ranges:
                 settings = CalibrationSettings(
                     method=method,

@@ -89,7 +89,6 @@ class _Rewriter:
             and self._dequantized(other) is not None
             and product_reader is not None
             and product_reader.op_type == "QuantizeLinear"
-            and per_tensor(self.g, product_reader) is not None  # QLinearMul takes one output scale
         )
 
     def _replace(self, node: onnx.NodeProto, source: _Dequantized, alpha: float, beta: float, gated: bool) -> None:
