@@ -5,6 +5,8 @@ one process, rounds interleaved with the source (this host is shared and noisy),
 evaluation pages: the worst page's F1 of the map binarised at DBNet's 0.3 against the source's, as the yardstick.
 
     python benchmarks/ab_map_models.py --model ppocrv4_det main=/tmp/a.onnx head=/tmp/b.onnx --out OUT
+
+``--latency-only`` times any corpus model's compiled files the same way (a recogniser's accuracy is the yardstick's).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="ppocrv4_det", help="the corpus model the files were compiled from")
     parser.add_argument("models", nargs="+", help="label=path.onnx, in table order")
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--latency-only", action="store_true", help="no map scores (a model that is no map detector)")
     parser.add_argument("--out", type=Path, required=True, help="OUT.md and OUT.json")
     args = parser.parse_args(argv)
 
@@ -40,19 +43,26 @@ def main(argv: list[str] | None = None) -> int:
     compiled = [Path(path).read_bytes() for _, path in labelled]
     ratios = latency_ratios(source, compiled, {"x": pages[:1]}, args.rounds)
     reference = one_thread(source)
-    refs = [reference.run(None, {"x": page[None]})[0] for page in pages]
+    refs = [] if args.latency_only else [reference.run(None, {"x": page[None]})[0] for page in pages]
     rows = []
     for (label, path), data, ratio in zip(labelled, compiled, ratios):
+        if args.latency_only:
+            rows.append({"model": label, "file": path, "latency_x_fp32": round(ratio, 3)})
+            print(f"{label:<24} {ratio:6.3f}x")
+            continue
         session = one_thread(data)
         f1 = [100 * pixel_f1(ref, session.run(None, {"x": page[None]})[0]) for ref, page in zip(refs, pages)]
         rows.append({"model": label, "file": path, "latency_x_fp32": round(ratio, 3), "worst_page": round(min(f1), 2)})
         rows[-1]["mean_page"] = round(float(np.mean(f1)), 2)
         print(f"{label:<24} {ratio:6.3f}x  worst page {min(f1):6.2f}  mean {np.mean(f1):6.2f}")
-    command = f"python benchmarks/ab_map_models.py --model {args.model} " + " ".join(args.models)
+    flags = " --latency-only" if args.latency_only else ""
+    command = f"python benchmarks/ab_map_models.py --model {args.model}{flags} " + " ".join(args.models)
     result = {"command": command, "pages": len(pages), "rounds": args.rounds, "rows": rows}
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     header = ["model", "latency ×fp32 (1 thread)", "worst page F1@0.3", "mean page F1@0.3"]
     keys = ["model", "latency_x_fp32", "worst_page", "mean_page"]
+    if args.latency_only:
+        header, keys = header[:2], keys[:2]
     lines = [f"`{command}` ({len(pages)} held-out pages, {args.rounds} interleaved rounds)", ""]
     lines += markdown_table(header, [[r[k] for k in keys] for r in rows])
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
