@@ -8,6 +8,7 @@ the float model's.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import numpy as np
@@ -15,7 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import needs_ocr
-from det_int8 import det_maps, quantized_det_and_calib, snr_db
+from det_int8 import det_maps, fused_det_and_pages, quantized_det_and_calib, snr_db
 from lepton_cli.passes._quantize.depthwise_scales import (
     SCALED_SUFFIX,
     channel_ranges,
@@ -26,6 +27,13 @@ from lepton_cli.passes._quantize.depthwise_scales import (
 )
 from lepton_cli.passes._quantize.float_keep import keep_float_nodes
 from onnx import helper, numpy_helper
+
+from lepton_cli.host.detect import HostInfo
+from lepton_cli.pipeline.context import PassContext
+from lepton_cli.pipeline.params import from_table
+from lepton_cli.pipeline.registry import get_pass
+from lepton_cli.pipeline.targets import load_target
+from lepton_cli.samples.sample_set import load_samples
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +164,26 @@ def _reads_quantized(model: onnx.ModelProto, conv: onnx.NodeProto, tensor: str) 
     dq = producer.get(conv.input[0])
     q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
     return q is not None and q.op_type == "QuantizeLinear" and q.input[0] == tensor
+
+
+@needs_ocr
+def test_the_quantize_pass_applies_them_when_the_target_asks(tmp_path_factory):
+    """Through the pass (cpu-avx, untuned: every conv int8): the report counts the channel-scaled quantizes, and the
+    map on held-out pages is closer to the float model's than with the option off."""
+    fused, calib_path, held = fused_det_and_pages(tmp_path_factory)
+    quantize, target = get_pass("quantize"), load_target("cpu-avx")
+    step = next(s for s in target.passes if s.name == "quantize")
+    host = dataclasses.replace(HostInfo.unknown(), arch="x86_64", isa=("avx2", "fma"))
+    results = {}
+    for on in (False, True):
+        table = vars(step.params) | {"tune": False, "depthwise_channel_scales": on}
+        params = from_table(quantize.params_cls, table, "cpu-avx.quantize")
+        ctx = PassContext(target=target, calib=load_samples(calib_path, fused), host=host)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(fused)
+        results[on] = quantize.fn(copy, ctx, params)
+    assert "depthwise_inputs_per_channel" not in results[False].summary
+    assert results[True].summary["depthwise_inputs_per_channel"] >= 2
+    reference = det_maps(fused, held)
+    snr = {on: snr_db(reference, det_maps(result.model, held)) for on, result in results.items()}
+    assert snr[True] > snr[False] + 0.4, snr
