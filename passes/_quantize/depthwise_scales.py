@@ -14,17 +14,18 @@ points (benchmarks/results/session29.md). ORT-run targets only: TFLite and the D
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import onnx
+from lepton_cli.passes._quantize.float_keep import SCALED_SUFFIX  # also names what the scaling adds
 from lepton_cli.passes._quantize.qparams import QParams, per_tensor, rescale_bias
+from lepton_cli.passes._quantize.sensitivity import tensor_runs
 from onnx import helper
 
 from lepton_cli.model.graph_edit import GraphIndex, drop_unused_initializers
-from lepton_cli.model.sessions import make_session
+from lepton_cli.model.op_traits import attr
 
-SCALED_SUFFIX = "_channel_scaled"  # the Mul that scales each channel to its own grid, and what it adds
 ZERO_SUFFIX = f"{SCALED_SUFFIX}_zero"  # the shared zero point of a channel-scaled quantize
 MIN_BITS = 2.0  # mean bits per channel a scaler Mul must gain: it and the float producer it needs cost time
 MIN_RATIO = 1.0 / 1024  # s_c / s floor: a dead channel would otherwise blow its int32 bias up
@@ -38,23 +39,12 @@ def depthwise_inputs(model: onnx.ModelProto) -> list[str]:
 
 
 def channel_ranges(
-    source: onnx.ModelProto, tensors: list[str], feeds: Callable[[], Iterable[dict[str, np.ndarray]]]
+    source: onnx.ModelProto, tensors: list[str], feeds: Iterable[dict[str, np.ndarray]]
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel (min, max) over axis 1 of each of ``tensors`` in ``source``, on every feed."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(source)
-    known = {o for n in probe.graph.node for o in n.output}
-    wanted = [t for t in tensors if t in known]
-    if not wanted:
-        return {}
-    outputs = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(
-        helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in wanted if t not in outputs
-    )
-    session = make_session(probe)
     ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for feed in feeds():
-        for name, value in zip(wanted, session.run(wanted, feed)):
+    for values in tensor_runs(source, tensors, list(feeds)):
+        for name, value in values.items():
             axes = tuple(k for k in range(value.ndim) if k != 1)
             low, high = value.min(axis=axes), value.max(axis=axes)
             old = ranges.get(name, (low, high))
@@ -72,7 +62,7 @@ def per_channel_depthwise_inputs(
     its bias needs it too (its output is the scaled one)."""
     g = GraphIndex(model.graph)
     factors: dict[str, tuple[np.ndarray, bool]] = {}
-    scaled_inputs: list[str] = []
+    changed = False
     for quantize in [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in ranges]:
         grids = _channel_grids(g, quantize, ranges[quantize.input[0]], symmetric) if _readers_ok(g, quantize) else None
         if grids is None:
@@ -97,8 +87,8 @@ def per_channel_depthwise_inputs(
                 rescale_bias(g, conv, ratio)
                 if producer is not None:  # its float input arrives scaled: float weights must undo it
                     factors[conv.name] = (ratio, False)
-        scaled_inputs.append(quantize.input[0])
-    if scaled_inputs:
+        changed = True
+    if changed:
         drop_unused_initializers(model)  # the per-tensor scales and zero points replaced (ORT warns about each)
     return factors
 
@@ -219,7 +209,7 @@ def _weight_dq(g: GraphIndex, conv: onnx.NodeProto) -> onnx.NodeProto | None:
 
 
 def _is_depthwise(g: GraphIndex, conv: onnx.NodeProto) -> bool:
-    group = next((a.i for a in conv.attribute if a.name == "group"), 1)
+    group = attr(conv, "group", 1)
     weights = _weight_dq(g, conv)
     return (
         conv.op_type == "Conv"
@@ -239,16 +229,15 @@ def _readers_ok(g: GraphIndex, quantize: onnx.NodeProto) -> bool:
     if any(d.output[0] in g.outputs for d in dequantizes):
         return False
     producer = g.producer.get(quantize.input[0])
-    dequantized = (
-        all(g.producer.get(i) is not None and g.producer[i].op_type == "DequantizeLinear" for i in producer.input if i)
-        if producer is not None
-        else False
-    )
-    if dequantized and _conv_producer(g, quantize) is None:
+    if producer is not None and _reads_only_dequantized(g, producer) and _conv_producer(g, quantize) is None:
         return False  # ORT would fuse it into a QLinear op, which takes one output scale
     convs = _convs(g, quantize)
     read = {d.output[0] for d in dequantizes}
     return bool(convs) and all(_is_depthwise(g, c) and c.input[0] in read and c.input[1] not in read for c in convs)
+
+
+def _reads_only_dequantized(g: GraphIndex, node: onnx.NodeProto) -> bool:
+    return all(i in g.producer and g.producer[i].op_type == "DequantizeLinear" for i in node.input if i)
 
 
 def _same_grid(dequantize: QParams | None, quantize: QParams) -> bool:

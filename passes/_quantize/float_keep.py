@@ -7,7 +7,9 @@ run, just the edge rewiring, so every candidate the search proposes is exactly w
 from __future__ import annotations
 
 import onnx
-from lepton_cli.passes._quantize.depthwise_scales import SCALED_SUFFIX
+
+# A Mul that puts a quantize's input channels on their own grids (depthwise_scales.py): a float reader reads before it
+SCALED_SUFFIX = "_channel_scaled"
 
 
 def keep_float_nodes(

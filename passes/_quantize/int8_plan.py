@@ -51,7 +51,6 @@ from lepton_cli.passes._quantize.weight_blocks import max_scale, split_weight_bl
 from lepton_cli.passes._quantize.weight_layers import weight_layers
 
 from lepton_cli.evaluate.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, scoring_opt_level
-from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.pipeline.registry import BudgetUse, PassResult
 from lepton_cli.samples.sample_set import SampleSet
 
@@ -432,8 +431,7 @@ class Int8Plan(SearchPlan):
         """``depthwise_scales``: the depthwise inputs of ``quantized`` per channel, from the tier's channel ranges (one
         pass of the source over --calib per tier); the float weights' factors (``per_channel_depthwise_inputs``)."""
         if tag not in self.channel_ranges:
-            count = min(len(calib), self.params.max_calib_samples)
-            feeds = lambda: (adapt_feed(source, calib.feed(k)) for k in range(count))  # noqa: E731
+            feeds = calib.feeds(self.params.max_calib_samples)
             self.channel_ranges[tag] = channel_ranges(source, depthwise_inputs(quantized), feeds)
         return per_channel_depthwise_inputs(quantized, self.channel_ranges[tag], self.scheme.activation_symmetric)
 

@@ -56,15 +56,6 @@ def rescale_bias(g: GraphIndex, reader: onnx.NodeProto, ratio: float | np.ndarra
         return
     limit = np.iinfo(np.int32)
     rescaled = np.clip(np.round(values.astype(np.float64) / ratio), limit.min, limit.max).astype(np.int32)
-    g.set_input(dequantize, 0, g.add_initializer(_fresh(g, f"{dequantize.name}_rescaled_q"), rescaled))
+    g.set_input(dequantize, 0, g.add_initializer(f"{dequantize.name}_rescaled_q", rescaled))
     rescaled_scale = (scale.astype(np.float64) * ratio).astype(np.float32)
-    g.set_input(dequantize, 1, g.add_initializer(_fresh(g, f"{dequantize.name}_rescaled_scale"), rescaled_scale))
-
-
-def _fresh(g: GraphIndex, name: str) -> str:
-    """``name``, or with a count appended where an initializer already has it (a bias rescaled twice)."""
-    k, fresh = 1, name
-    while fresh in g.inits:
-        k += 1
-        fresh = f"{name}{k}"
-    return fresh
+    g.set_input(dequantize, 1, g.add_initializer(f"{dequantize.name}_rescaled_scale", rescaled_scale))

@@ -26,6 +26,7 @@ from lepton_cli.passes._quantize.depthwise_scales import (
     scaled_reference,
 )
 from lepton_cli.passes._quantize.float_keep import keep_float_nodes
+from lepton_cli.passes._quantize.sensitivity import tensor_runs
 from onnx import helper, numpy_helper
 
 from lepton_cli.host.detect import HostInfo
@@ -41,7 +42,7 @@ def det(tmp_path_factory):
     """(fused float model, its Conv-only int8 model, that model with per-channel depthwise inputs, held-out pages,
     the depthwise inputs' channel ranges)."""
     fused, int8, held, calib = quantized_det_and_calib(tmp_path_factory)
-    ranges = channel_ranges(fused, depthwise_inputs(int8), lambda: calib)
+    ranges = channel_ranges(fused, depthwise_inputs(int8), calib)
     assert len(ranges) >= 10  # 14 depthwise convs; those read alone through a per-tensor quantize
     return fused, int8, _scaled(int8, ranges), held, ranges
 
@@ -151,11 +152,7 @@ def test_a_float_kept_conv_on_scaled_channels_reads_float_weights_scaled_alike(d
 
 
 def _run(model: onnx.ModelProto, tensor: str, feed: dict) -> np.ndarray:
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.append(helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run([tensor], feed)[0]
+    return next(tensor_runs(model, [tensor], [feed]))[tensor]
 
 
 def _reads_quantized(model: onnx.ModelProto, conv: onnx.NodeProto, tensor: str) -> bool:
