@@ -15,6 +15,7 @@ cache, never in Lepton's environment. Writes OUT.json and OUT.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -30,7 +31,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.corpus.data import charset  # noqa: E402
 from benchmarks.corpus.manifest import MODELS, REPO, CorpusModel, by_name  # noqa: E402
-from benchmarks.corpus.metrics import BANDED, METRICS  # noqa: E402
+from benchmarks.corpus.metrics import AGAINST_SOURCE, BANDED, METRICS  # noqa: E402
 from benchmarks.corpus.peers import peer_command  # noqa: E402
 from benchmarks.corpus.runner import compiled_outputs, feeds, run_all, session  # noqa: E402
 from benchmarks.corpus.store import ensure_data, ensure_model, without_labels  # noqa: E402
@@ -142,10 +143,15 @@ def score_candidate(
     fp32_feeds = feeds(session(fp32), evaluation)
     outputs, feed = compiled_outputs(candidate, fp32_feeds)
     value = METRICS[model.metric](model, evaluation, reference, outputs, chars)
-    banded = BANDED.get(model.metric)
+    banded, against_source = BANDED.get(model.metric), AGAINST_SOURCE.get(model.metric)
     return {
         "value": round(value, 3),
         **({"value_banded": round(banded(model, evaluation, reference, outputs, chars), 3)} if banded else {}),
+        **(
+            {"value_vs_source": round(against_source(model, evaluation, reference, outputs, chars), 3)}
+            if against_source
+            else {}
+        ),
         "latency_ratio_1t": _latency_ratio(fp32, candidate, fp32_feeds[0], feed, 1, bench_seconds),
         "latency_ratio_all": _latency_ratio(fp32, candidate, fp32_feeds[0], feed, os.cpu_count() or 1, bench_seconds),
         "size_ratio": round(len(candidate) / len(fp32), 3),
@@ -208,7 +214,8 @@ def _line(row: dict) -> str:
     return (
         f"{row['model']:<18} {row['tool']:<8} {row['target']:<15} exit {row['code']:<3} {row['metric']} "
         f"{row['fp32_value']:.2f} -> {_fmt(row.get('value'), '.2f')}  lat {_fmt(row.get('latency_ratio_1t'))}/{_fmt(row.get('latency_ratio_all'))} "
-        f"size {_fmt(row.get('size_ratio'))} int8 {_fmt(row.get('int8_mac_pct'))}%  {row['compile_s']}s {row['peak_rss_mb']} MB {row['message'][:120]}"
+        + (f"vs source {row['value_vs_source']:.2f}  " if "value_vs_source" in row else "")
+        + f"size {_fmt(row.get('size_ratio'))} int8 {_fmt(row.get('int8_mac_pct'))}%  {row['compile_s']}s {row['peak_rss_mb']} MB {row['message'][:120]}"
     )
 
 
@@ -240,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--eval-metric", help="Lepton's --eval-metric (e.g. detection@0.1, the application's threshold)"
     )
+    parser.add_argument(
+        "--eval-count",
+        type=int,
+        help="held-out samples per model (default: the manifest's); more resolve smaller differences between tools",
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="per compile/quantization, seconds")
     parser.add_argument("--bench-seconds", type=float, default=2.0, help="interleaved timing per thread setting")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "corpus_yardstick")
@@ -254,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         render(args.render, args.out)
         return 0
     models = [by_name(n) for n in args.models] if args.models else [m for m in MODELS if not m.name.startswith("pt_")]
+    if args.eval_count:  # the builders are seeded: a larger set starts with the manifest's samples
+        models = [dataclasses.replace(m, eval_count=args.eval_count) for m in models]
     rows = []
     with tempfile.TemporaryDirectory(prefix="lepton-yardstick-") as tmp:
         for model in models:

@@ -1,6 +1,7 @@
-"""The yardstick's box F1 (benchmarks/corpus/metrics.py) on YOLOX head outputs laid out as ddddocr's detector writes
-them: the strict reading counts every box across the 0.1 threshold, the banded one only decisions that moved by more
-than the source's own score jitter (the numbers on the real model: benchmarks/results/session26_probes.md)."""
+"""The yardstick's diagnostic readings beside its value (benchmarks/corpus/metrics.py). Box F1 on YOLOX head outputs
+laid out as ddddocr's detector writes them: the strict reading counts every box across the 0.1 threshold, the banded
+one only decisions that moved by more than the source's own score jitter (the numbers on the real model:
+benchmarks/results/session26_probes.md). Character accuracy against the source's reading beside the truth's."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks.corpus.manifest import by_name
-from benchmarks.corpus.metrics import BANDED, METRICS, SCORE_BAND, YOLOX_SCORE
+from benchmarks.corpus.metrics import AGAINST_SOURCE, BANDED, METRICS, SCORE_BAND, YOLOX_SCORE
 
 CELLS = sum((416 // s) ** 2 for s in (8, 16, 32))
 
@@ -53,3 +54,24 @@ def test_banded_box_f1_forgives_only_moves_within_the_source_jitter(
     assert banded == pytest.approx(reading(banded_errors))
     assert 0 < SCORE_BAND < 0.05
     assert f1(source, source) == (100.0, 100.0)
+
+
+def ctc_logits(text: str, chars: list[str]) -> list[np.ndarray]:
+    """ddddocr's [T, 1, C] output reading ``text``: one step per character with a blank between."""
+    steps = [index for c in text for index in (chars.index(c), 0)]
+    logits = np.zeros((len(steps), 1, len(chars)), np.float32)
+    logits[np.arange(len(steps)), 0, steps] = 10.0
+    return [logits]
+
+
+def test_char_agreement_scores_against_the_source_not_the_truth() -> None:
+    """A candidate that repeats the source's misreading loses nothing against the source; one that corrects it by
+    chance gains against the truth but loses against the source."""
+    model, chars = by_name("ddddocr_common"), ["", "a", "b", "c", "d"]
+    truth = {"labels": np.array(["abcd", "dcba"])}
+    source = [ctc_logits("abcd", chars), ctc_logits("dcbb", chars)]  # misreads the last line's final character
+    repeats, corrects = source, [ctc_logits("abcd", chars), ctc_logits("dcba", chars)]
+    assert METRICS["char_accuracy"](model, truth, source, repeats, chars) == pytest.approx(87.5)
+    assert AGAINST_SOURCE["char_accuracy"](model, truth, source, repeats, chars) == pytest.approx(100.0)
+    assert METRICS["char_accuracy"](model, truth, source, corrects, chars) == pytest.approx(100.0)
+    assert AGAINST_SOURCE["char_accuracy"](model, truth, source, corrects, chars) == pytest.approx(87.5)
