@@ -221,15 +221,16 @@ def _line(row: dict) -> str:
 
 def markdown(rows: list[dict], command: str) -> str:
     head = (
-        "| model | tool | target | exit | metric | fp32 | result | Δ | latency ×fp32 (1 thread) | latency ×fp32 (all threads) "
-        "| size ×fp32 | int8 MACs % | compile s | peak RSS MB | message |"
+        "| model | tool | target | exit | metric | fp32 | result | Δ | vs source | latency ×fp32 (1 thread) "
+        "| latency ×fp32 (all threads) | size ×fp32 | int8 MACs % | compile s | peak RSS MB | message |"
     )
-    lines = [f"Command: `{command}`", "", head, "|" + "---|" * 15]
+    lines = [f"Command: `{command}`", "", head, "|" + "---|" * 16]
     for r in rows:
         delta = None if r.get("value") is None else round(r["value"] - r["fp32_value"], 2)
         lines.append(
             f"| {r['model']} | {r['tool']} | {r['target']} | {r['code']} | {r['metric']} | {r['fp32_value']:.2f} | "
-            f"{_fmt(r.get('value'), '.2f')} | {_fmt(delta)} | {_fmt(r.get('latency_ratio_1t'))} | {_fmt(r.get('latency_ratio_all'))} | "
+            f"{_fmt(r.get('value'), '.2f')} | {_fmt(delta)} | {_fmt(r.get('value_vs_source'), '.2f')} | "
+            f"{_fmt(r.get('latency_ratio_1t'))} | {_fmt(r.get('latency_ratio_all'))} | "
             f"{_fmt(r.get('size_ratio'))} | {_fmt(r.get('int8_mac_pct'))} | {r['compile_s']} | {_fmt(r['peak_rss_mb'])} | "
             f"{r['message'].replace('|', '/')[:160]} |"
         )
