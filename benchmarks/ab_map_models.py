@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     labelled = [item.split("=", 1) for item in args.models]
     compiled = [Path(path).read_bytes() for _, path in labelled]
     ratios = latency_ratios(source, compiled, {"x": pages[:1]}, args.rounds)
-    reference = one_thread(source)
-    refs = [] if args.latency_only else [reference.run(None, {"x": page[None]})[0] for page in pages]
+    reference = None if args.latency_only else one_thread(source)  # no scores: the source is only timed
+    refs = [reference.run(None, {"x": page[None]})[0] for page in pages] if reference else []
     rows = []
     for (label, path), data, ratio in zip(labelled, compiled, ratios):
         if args.latency_only:

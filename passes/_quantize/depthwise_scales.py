@@ -82,8 +82,7 @@ def per_channel_depthwise_inputs(
             g.set_input(dequantize, 2, quantize.input[2])
             for conv in g.readers(dequantize.output[0]):
                 weights = _weight_dq(g, conv)
-                new_scale = (g.const(weights.input[1]).astype(np.float64) * ratio).astype(np.float32)
-                g.set_input(weights, 1, g.add_initializer(f"{weights.name}{SCALED_SUFFIX}", new_scale))
+                _scale_constant(g, weights, 1, ratio, f"{weights.name}{SCALED_SUFFIX}")
                 rescale_bias(g, conv, ratio)
                 if producer is not None:  # its float input arrives scaled: float weights must undo it
                     factors[conv.name] = (ratio, False)
@@ -147,17 +146,20 @@ def _scale_outputs(g: GraphIndex, conv: onnx.NodeProto, factors: np.ndarray) -> 
     """``conv``'s output channels times ``factors``: its weight scales and its bias (int32 at input x weight scale,
     or float) scaled alike."""
     weights = _weight_dq(g, conv)
-    new_scale = (g.const(weights.input[1]).astype(np.float64) * factors).astype(np.float32)
-    g.set_input(weights, 1, g.add_initializer(f"{weights.name}{SCALED_SUFFIX}", new_scale))
+    _scale_constant(g, weights, 1, factors, f"{weights.name}{SCALED_SUFFIX}")
     if len(conv.input) < 3 or not conv.input[2]:
         return
     bias = g.producer.get(conv.input[2])
     if bias is None:  # a float bias constant
-        scaled = (g.const(conv.input[2]).astype(np.float64) * factors).astype(np.float32)
-        g.set_input(conv, 2, g.add_initializer(f"{conv.name}{SCALED_SUFFIX}_bias", scaled))
-        return
-    bias_scale = (g.const(bias.input[1]).astype(np.float64) * factors).astype(np.float32)
-    g.set_input(bias, 1, g.add_initializer(f"{bias.name}{SCALED_SUFFIX}", bias_scale))
+        _scale_constant(g, conv, 2, factors, f"{conv.name}{SCALED_SUFFIX}_bias")
+    else:
+        _scale_constant(g, bias, 1, factors, f"{bias.name}{SCALED_SUFFIX}")
+
+
+def _scale_constant(g: GraphIndex, node: onnx.NodeProto, index: int, factors: np.ndarray, name: str) -> None:
+    """``node``'s constant input ``index`` times ``factors`` (in float64), as a new float32 initializer ``name``."""
+    scaled = (g.const(node.input[index]).astype(np.float64) * factors).astype(np.float32)
+    g.set_input(node, index, g.add_initializer(name, scaled))
 
 
 def _conv_producer(g: GraphIndex, quantize: onnx.NodeProto) -> onnx.NodeProto | None:
@@ -202,8 +204,7 @@ def _weight_dq(g: GraphIndex, conv: onnx.NodeProto) -> onnx.NodeProto | None:
     if dq is None or dq.op_type != "DequantizeLinear" or len(g.readers(dq.output[0])) != 1:
         return None
     weights, scale = g.const(dq.input[0]), g.const(dq.input[1])
-    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-    if weights is None or scale is None or weights.ndim != 4 or scale.size != weights.shape[0] or axis != 0:
+    if weights is None or scale is None or weights.ndim != 4 or scale.size != weights.shape[0] or attr(dq, "axis", 1):
         return None
     return dq
 
