@@ -22,6 +22,7 @@ from typing import Any, Literal
 import onnx
 from lepton_cli.passes._prune.channel_mode import prune_channels
 from lepton_cli.passes._prune.layer_table import channel_table, totals
+from lepton_cli.passes._prune.scoring import samples_needed, search_scorer
 from lepton_cli.passes._prune.weight_mode import prune_weights
 
 from lepton_cli.evaluate.accuracy import AccuracyScore, Evaluator
@@ -32,6 +33,7 @@ from lepton_cli.pipeline.params import ParamValueError
 from lepton_cli.pipeline.registry import LOSSY, BudgetUse, PassResult, register_pass, tolerance
 
 NO_DATA = "needs --calib or --eval data to stay within the accuracy budget"
+COARSE = "too coarse"  # data that cannot show a drop of prune's share: exact removal only
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,8 @@ def prune(model: onnx.ModelProto, ctx: PassContext, params: PruneParams) -> Pass
     working.CopyFrom(model)
     weights_as_initializers(working)
     allowed = ctx.lossy_budget(params.budget_share)
-    evaluator, data = _evaluator(working, ctx, params)
-    mode = _effective_mode(params, evaluator, ctx)
+    evaluator, data = _evaluator(working, ctx, params, allowed)
+    mode = _effective_mode(params, evaluator, ctx) if data != COARSE else "dead"
     if mode is None:
         return PassResult(model, {"mode": params.mode, "applied": "none", "reason": "no data"})
     summary: dict[str, Any] = {
@@ -127,15 +129,28 @@ def prune(model: onnx.ModelProto, ctx: PassContext, params: PruneParams) -> Pass
     return PassResult(result, summary, exactness=dead_only, budget_use=budget_use)
 
 
-def _evaluator(model: onnx.ModelProto, ctx: PassContext, params: PruneParams) -> tuple[Evaluator | None, str]:
+def _evaluator(
+    model: onnx.ModelProto, ctx: PassContext, params: PruneParams, allowed: float
+) -> tuple[Evaluator | None, str]:
     """The compile's shared scorer (against the source, on the data the final gate scores), on its first
-    ``max_samples`` samples for the search's many measurements; None for the exact mode or without data."""
+    ``max_samples`` samples (more where they cannot show a drop of ``allowed``) for the search's many measurements;
+    None for the exact mode, without data, or where all of it cannot show such a drop (then ``COARSE``, warned: only
+    exact removal, whatever ``without_data`` says)."""
     if params.mode == "dead" or not params.search:
         return None, ""
     scorer, data = ctx.scorer(model)
     if scorer is None:
         return None, ""
-    return scorer.subset(params.max_samples), data
+    evaluator = search_scorer(scorer, params.max_samples, allowed)
+    if evaluator is None:
+        ctx.warn(
+            f"mode {params.mode!r}: the {scorer.count} scored samples show a drop no smaller than "
+            f"{scorer.resolution_pct:.2g} points, coarser than prune's {allowed:g}-point share of the budget, so its "
+            f"loss would be invisible; only exactly-dead channels were removed (give at least "
+            f"{samples_needed(scorer, allowed)} --calib samples, or --eval)"
+        )
+        return None, COARSE
+    return evaluator, data
 
 
 def _effective_mode(params: PruneParams, evaluator: Evaluator | None, ctx: PassContext) -> str | None:

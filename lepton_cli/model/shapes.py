@@ -89,9 +89,29 @@ def require_static(model: onnx.ModelProto, needed_by: str) -> None:
         )
 
 
+ANONYMOUS_DIMS = ("", "?")  # exporters write "?" for every unknown dim: it names no symbol shared between axes
+
+
+def _fix_input_dims(graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> None:
+    """Write ``shapes`` into the named inputs axis by axis; a named symbol (``batch``) bound there also fixes the
+    inputs not named that share it. By axis, not by symbol: PP-OCR's classifier names height and width both "?"."""
+    symbols: dict[str, int] = {}
+    for value in graph.input:
+        for dim, want in zip(value.type.tensor_type.shape.dim, shapes.get(value.name, [])):
+            if dim.dim_param not in ANONYMOUS_DIMS:
+                symbols.setdefault(dim.dim_param, want)
+            dim.dim_value = want
+    for value in graph.input:
+        if value.name in shapes:
+            continue
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in symbols:
+                dim.dim_value = symbols[dim.dim_param]
+
+
 def bind_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
     """Fix the named inputs' dynamic dims to ``shapes`` (checked against static dims), re-infer shapes."""
-    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes
 
     inputs = {sig.name: sig for sig in graph_inputs(model)}
     for name, dims in shapes.items():
@@ -114,8 +134,7 @@ def bind_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> o
                 )
     bound = onnx.ModelProto()
     bound.CopyFrom(model)
-    for name, dims in shapes.items():
-        make_input_shape_fixed(bound.graph, name, dims)
+    _fix_input_dims(bound.graph, shapes)
     # Stale intermediate shapes from the exporter would contradict the bound ones: re-infer.
     del bound.graph.value_info[:]
     try:

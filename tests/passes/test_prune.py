@@ -449,19 +449,33 @@ def _pytorch_case(name: str) -> tuple[onnx.ModelProto, SampleSet]:
 
 
 @pytest.mark.parametrize("case", ["test_Linear", "test_Conv2d_padding"])
-def test_pytorch_converted_magnitude_within_budget(case):
+def test_pytorch_converted_single_layer_has_nothing_structured_to_prune(case):
     model, samples = _pytorch_case(case)
-    # A single layer feeds the graph output: its output channels are pinned (nothing structured to remove)...
+    # A single layer feeds the graph output: its output channels are pinned.
     channel = PRUNE.fn(model, _ctx(calib=samples), _params(mode="channel", min_params=0))
     assert channel.summary["channels"]["prunable_groups"] == 0 and channel.summary["applied"] == "nothing to prune"
-    # ...while unstructured magnitude pruning applies, bounded by the budget on the model's own test inputs.
+
+
+def test_pytorch_converted_rows_too_few_to_show_the_share_prune_exactly_only():
+    """test_Linear's one input holds 4 rows of class scores: one flipped row is 25 points, more than a 10-point share,
+    so a magnitude search would read every layer as free; only exact removal runs, and the warning says how many
+    samples would do."""
+    model, samples = _pytorch_case("test_Linear")
+    ctx = _ctx(calib=samples, budget=20.0)
+    result = PRUNE.fn(model, ctx, _params(mode="magnitude", min_params=0, ratios=[0.1, 0.25, 0.5]))
+    assert result.summary["mode"] == "dead" and "weights" not in result.summary
+    assert any("coarser than prune's 10-point share" in w and "at least 3 --calib samples" in w for w in ctx.warnings)
+
+
+def test_pytorch_converted_magnitude_within_budget():
+    model, samples = _pytorch_case("test_Conv2d_padding")
+    # Unstructured magnitude pruning applies, bounded by the budget on the model's own test input (a feature map:
+    # relative error, a continuous metric).
     result = PRUNE.fn(
         model, _ctx(calib=samples, budget=20.0), _params(mode="magnitude", min_params=0, ratios=[0.1, 0.25, 0.5])
     )
     assert result.summary["weights"]["pruned_layers"] == 1
-    assert (
-        result.summary["weights"]["layers"][0]["sparsity"][1] > 0.05
-    )  # 10% of the smallest (a feature map: relative error)
+    assert result.summary["weights"]["layers"][0]["sparsity"][1] > 0.05  # 10 % of the smallest
     score = Evaluator(model, samples).score(result.model)
     assert score.drop_pct <= result.summary["budget_pct"]
     assert result.summary["accuracy"]["drop_pct"] == score.drop_pct
