@@ -97,6 +97,14 @@ def text_lines(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
     return {_input_name(model): images, "labels": np.array(texts)}
 
 
+def direction_lines(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
+    """Rendered text lines for PP-OCR's direction classifier: every second one turned 180 degrees (class 1)."""
+    width = model.input_shapes[_input_name(model)][3]
+    images, _ = ocr_textset.make_set(count, SEEDS[role], role, width=width)
+    images[1::2] = images[1::2, :, ::-1, ::-1]
+    return {_input_name(model): np.ascontiguousarray(images), "labels": np.arange(count) % 2}
+
+
 def captured_pages(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
     """Rendered pages of text lines as a camera frame delivers them (uneven light, lens blur, sensor noise),
     PP-OCR det normalisation."""
@@ -203,6 +211,7 @@ def sentences(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
 BUILDERS: dict[str, Callable[[CorpusModel, Path, str, int], Arrays]] = {
     "photos": photos,
     "text_lines": text_lines,
+    "direction_lines": direction_lines,
     "captured_pages": captured_pages,
     "captcha_lines": captcha_lines,
     "captcha_scenes": captcha_scenes,

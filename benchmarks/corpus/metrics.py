@@ -192,4 +192,4 @@ METRICS: dict[str, Callable[..., float]] = {
 BANDED: dict[str, Callable[..., float]] = {"det_f1": det_f1_banded}
 # Against the source's output, not the truth: where the source itself misreads, a tool can gain or lose a character
 # by chance (ddddocr_common on 512 held-out lines: ORT +2 against the truth, tied with Lepton against the source).
-AGAINST_SOURCE: dict[str, Callable[..., float]] = {"char_accuracy": char_agreement}
+AGAINST_SOURCE: dict[str, Callable[..., float]] = {"char_accuracy": char_agreement, "top1": top1_agreement}
