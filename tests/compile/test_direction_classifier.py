@@ -113,3 +113,29 @@ def test_every_layer_int8_and_slower_points_to_the_exact_variant(calib_lines, tm
     (text,) = slower_than_source(slower, load_target("cpu-avx"), vnni, compiled)
     assert f"all {int8_layers} conv/matmul layers run int8" in text and "lepton run --variant fp32" in text
     assert "--max-accuracy-drop" not in text
+
+
+@needs_ocr
+def test_full_int8_softmax_output_is_read_as_probabilities_not_logits(calib_lines, tmp_path, run_cli):
+    """On tpu the Softmax's output is int8 too: its rows sum to 1 only within rounding, and reading them as logits
+    (a softmax over [1, 0] is 0.73) warned "confidence collapsed: 1.00 -> 0.73" for a model whose held-out top
+    probability matches the source's to 0.01."""
+    import json
+
+    from test_device_artifacts import _open
+
+    args = ("--calib", calib_lines, "--input-shape", SHAPE, "-o", tmp_path, "--no-bench")
+    result = run_cli("compile", OCR_CLS, "-t", "tpu", *args)
+    assert result.code == 0, result.stderr[-2000:]
+    assert "confidence collapsed" not in result.stderr
+    bundle = tmp_path / f"{OCR_CLS.stem}.tpu.lepton"
+    (output,) = json.loads((bundle / "report.json").read_text())["accuracy"]["outputs"]
+    source_top, compiled_top = output["detail"]["top_probability"]
+    assert abs(source_top - compiled_top) < 1.0
+    lines, _ = direction_lines(128, 7, "eval")
+    session = ort.InferenceSession(_open(bundle).models["model.onnx"], providers=["CPUExecutionProvider"])
+    compiled = np.concatenate(
+        [session.run(None, {session.get_inputs()[0].name: x[None].transpose(0, 2, 3, 1)})[0] for x in lines]
+    )
+    reference = ort.InferenceSession(str(OCR_CLS), providers=["CPUExecutionProvider"]).run(None, {"x": lines})[0]
+    assert abs(compiled.max(axis=1).mean() - reference.max(axis=1).mean()) < 0.01
