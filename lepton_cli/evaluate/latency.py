@@ -459,7 +459,7 @@ def slower_than_source(
 ) -> list[str]:
     """A warning when the compiled model measured slower than its source on a host with the target's ISA, naming the
     likelier cause: layers kept float (PP-OCRv4 rec at a 0.5-point budget: 48 of them, 1.22x the fp32 latency), or,
-    with none, int8 kernels slower than float ones on small layers (PP-OCR's direction classifier, 8-96 channels:
+    with none, int8 kernels slower than float ones on small layers (PP-OCR's direction classifier, 8-200 channels:
     1.4x); other hosts cannot stand in for it."""
     ratio = (section.get("ratios") or {}).get("compiled")
     if not ratio:
