@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 
 from lepton_cli.errors import BadInputError
+from lepton_cli.evaluate.gfl_head import GflHead, find_gfl_head
 from lepton_cli.evaluate.input_floor import InputFloor, ValueGrid, dithered, value_grids
 from lepton_cli.evaluate.output_roles import (
     CTC_BLANK,
@@ -45,7 +46,9 @@ from lepton_cli.evaluate.output_roles import (
     MAP_THRESHOLDS,
     OutputRole,
     ctc_time_major,
+    detection_role,
     from_user,
+    image_size,
     recognise,
 )
 from lepton_cli.evaluate.output_scores import (
@@ -439,6 +442,7 @@ class Evaluator:
         self.labels = (
             labels[: self.count] if labels is not None and limit is not None else labels
         )  # per sample (or batch)
+        self.head: GflHead | None = None  # a raw detector head the scorer decodes before reading it
         self.reference = list(self._outputs(source_model))  # per sample, per output, source layout
         self.output_names = [o.name for o in make_session(source_model).get_outputs()]
         unknown = sorted(set(per_output) - set(self.output_names))
@@ -447,6 +451,9 @@ class Evaluator:
                 f"--eval-metric names {', '.join(map(repr, unknown))}, not an output of the model",
                 f"name one of: {', '.join(self.output_names)}",
             )
+        if not per_output and default == "auto":  # a metric the user named is read as named
+            self.head = find_gfl_head(image_size(source_model), self.reference)
+            self.reference = [self.head.view(outs) for outs in self.reference] if self.head else self.reference
         self._check_labels_fit(default)
         self.spans = []
         for j in range(len(self.reference[0])):  # the continuous tolerance is a share of the reference's whole range
@@ -503,6 +510,16 @@ class Evaluator:
                     roles[-1] = self._user_detection(model, j, name, refs, threshold)
             else:
                 roles.append(recognise(model, j, name, refs, feed))
+        return self._head_roles(roles) if self.head else roles
+
+    def _head_roles(self, roles: list[OutputRole]) -> list[OutputRole]:
+        """A decoded raw head's roles: detection F1 on the output that carries it, its other parts scored there."""
+        assert self.head is not None
+        first, names = self.head.scores[0], self.output_names
+        refs = [outs[first] for outs in self.reference]
+        roles[first] = detection_role(first, names[first], self.head.why(names), "v8", refs)
+        for j in self.head.parts:
+            roles[j] = OutputRole(j, names[j], "exact", f"part of the detector head scored on {names[first]!r}")
         return roles
 
     def _position_masks(self, model: onnx.ModelProto) -> list[np.ndarray]:
@@ -650,7 +667,8 @@ class Evaluator:
 
         def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
             outputs = session.run(None, adapt_feed(model, feed))
-            return [restore_output(model, names[i], np.asarray(v)) for i, v in enumerate(outputs)]
+            restored = [restore_output(model, names[i], np.asarray(v)) for i, v in enumerate(outputs)]
+            return self.head.view(restored) if self.head else restored
 
         feeds = self.samples.feeds(self.limit)
         if dither:

@@ -179,7 +179,8 @@ def _raw_sizes(refs: list[np.ndarray]) -> bool:
     return any(float(np.min(r[..., 2:4])) < 0 for r in refs)
 
 
-def _image_size(model: onnx.ModelProto) -> tuple[int, int] | None:
+def image_size(model: onnx.ModelProto) -> tuple[int, int] | None:
+    """(height, width) of the model's first 4-D input with both fixed (NCHW), or None."""
     for inp in model.graph.input:
         dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
         if len(dims) == 4 and dims[2] > 0 and dims[3] > 0:
@@ -188,7 +189,7 @@ def _image_size(model: onnx.ModelProto) -> tuple[int, int] | None:
 
 
 def _yolox_layout(model: onnx.ModelProto, anchors: int, why: str) -> tuple[str | None, str]:
-    size = _image_size(model)
+    size = image_size(model)
     if size and sum((size[0] // s) * (size[1] // s) for s in YOLOX_STRIDES) == anchors:
         return (
             f"yolox:{size[0]}x{size[1]}",

