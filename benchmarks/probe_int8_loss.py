@@ -92,13 +92,19 @@ def float_weights(model: onnx.ModelProto, fused: onnx.ModelProto) -> onnx.ModelP
     return result
 
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def probe_arguments(description: str, out: str) -> argparse.ArgumentParser:
+    """The corpus model, its int8 QDQ model and the fused float model it came from, and where results go."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", required=True)
     parser.add_argument("--int8", required=True)
     parser.add_argument("--float", required=True, dest="fused")
+    parser.add_argument("--out", default=out)
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    parser = probe_arguments(__doc__.split("\n")[0], "benchmarks/results/probe_int8_loss")
     parser.add_argument("--per-tensor", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results/probe_int8_loss")
     args = parser.parse_args(argv)
     corpus = by_name(args.model)
     calib_path, eval_path = ensure_data(corpus)

@@ -10,7 +10,6 @@ on the corpus's evaluation frames (as ``probe_int8_loss.py``, whose INT8/FUSED m
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.corpus.manifest import by_name  # noqa: E402
 from benchmarks.corpus.store import ensure_data, ensure_model  # noqa: E402
 from benchmarks.md_table import markdown_table  # noqa: E402
-from benchmarks.probe_int8_loss import bypassed, drops, maps  # noqa: E402
+from benchmarks.probe_int8_loss import bypassed, drops, maps, probe_arguments  # noqa: E402
 from lepton_cli.model.stats import node_macs, shape_map  # noqa: E402
 
 
@@ -38,12 +37,7 @@ def with_float_weight(model: onnx.ModelProto, conv: str, weight: np.ndarray) -> 
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--int8", required=True)
-    parser.add_argument("--float", required=True, dest="fused")
-    parser.add_argument("--out", default="benchmarks/results/probe_weight_loss")
-    args = parser.parse_args(argv)
+    args = probe_arguments(__doc__.split("\n")[0], "benchmarks/results/probe_weight_loss").parse_args(argv)
     corpus = by_name(args.model)
     feeds = [{"x": page[None]} for page in np.load(ensure_data(corpus)[1])["x"]]
     references = maps(ensure_model(corpus).read_bytes(), feeds)
