@@ -36,12 +36,11 @@ from benchmarks.corpus.peers import peer_command  # noqa: E402
 from benchmarks.corpus.runner import compiled_outputs, feeds, run_all, session  # noqa: E402
 from benchmarks.corpus.store import ensure_data, ensure_model, without_labels  # noqa: E402
 from benchmarks.corpus.sweep import TARGETS, run_compile, wait_with_peak_rss  # noqa: E402
+from lepton_cli.evaluate.costmodel import MAC_OPS, int8_mac  # noqa: E402
 from lepton_cli.model.stats import node_macs  # noqa: E402
 
 TOOLS = ["lepton", "ort", "nncf", "nncf-ac"]
 BUDGET_PCT = 1.0  # every builtin target's max_accuracy_drop_pct; NNCF's accuracy control gets the same
-INT8_OPS = {"ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul"}
-MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 def run_peer(tool: str, model_path: Path, calib: Path, out: Path, timeout: float) -> dict:
@@ -104,17 +103,14 @@ def mac_counts(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> tu
     """(MACs in int8 nodes, all MACs) with the corpus shapes bound where the model leaves a dim open."""
     bound = _bound(model, input_shapes)
     shapes = _shape_map(bound)
-    producers = {out: node for node in bound.graph.node for out in node.output}
+    producers = {out: node.op_type for node in bound.graph.node for out in node.output}
     total = int8 = 0
     for node in bound.graph.node:
-        if node.op_type not in MAC_OPS | INT8_OPS:
+        if node.op_type not in MAC_OPS:
             continue
         macs = node_macs(node, shapes) or 0
         total += macs
-        dequantized = all(
-            producers.get(name) is not None and producers[name].op_type == "DequantizeLinear" for name in node.input[:2]
-        )
-        int8 += macs if node.op_type in INT8_OPS or dequantized else 0
+        int8 += macs if int8_mac(node, producers) else 0
     return int8, total
 
 

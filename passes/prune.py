@@ -98,7 +98,7 @@ def prune(model: onnx.ModelProto, ctx: PassContext, params: PruneParams) -> Pass
     weights_as_initializers(working)
     allowed = ctx.lossy_budget(params.budget_share)
     evaluator, data = _evaluator(working, ctx, params, allowed)
-    mode = _effective_mode(params, evaluator, ctx) if data != COARSE else "dead"
+    mode = _effective_mode(params, evaluator, data, ctx)
     if mode is None:
         return PassResult(model, {"mode": params.mode, "applied": "none", "reason": "no data"})
     summary: dict[str, Any] = {
@@ -153,8 +153,11 @@ def _evaluator(
     return evaluator, data
 
 
-def _effective_mode(params: PruneParams, evaluator: Evaluator | None, ctx: PassContext) -> str | None:
-    """The mode to run: a lossy mode that needs data it lacks follows ``without_data`` (None: skip the pass)."""
+def _effective_mode(params: PruneParams, evaluator: Evaluator | None, data: str, ctx: PassContext) -> str | None:
+    """The mode to run: a lossy mode on data too coarse for its share removes dead channels only (warned where that
+    was found), one that needs data it lacks follows ``without_data`` (None: skip the pass)."""
+    if data == COARSE:
+        return "dead"
     if params.mode == "dead" or evaluator is not None or not params.search or params.without_data == "apply":
         return params.mode
     if params.without_data == "skip":

@@ -193,6 +193,12 @@ def _constants(model: onnx.ModelProto) -> set[str]:
     return known
 
 
+def int8_mac(node: onnx.NodeProto, producers: dict[str, str]) -> bool:
+    """Whether a MAC op (``MAC_OPS``) computes in int8: an integer kernel, or a float op whose data and weight are
+    both dequantized (``producers``: tensor -> the op type producing it)."""
+    return node.op_type in INT8_KERNELS or all(producers.get(name) == "DequantizeLinear" for name in node.input[:2])
+
+
 def _compute_dtype(node: onnx.NodeProto, types: dict[str, int], fused: bool) -> str:
     if node.op_type in INT8_KERNELS or (fused and node.op_type in MAC_OPS):
         return "int8"

@@ -477,7 +477,7 @@ def slower_than_source(
             measured + "layers kept float to meet the accuracy budget can cost more in Q/DQ transitions than int8 "
             "saves (the report's quantize step lists them): raise --max-accuracy-drop, or ship the source"
         ]
-    exact = next((v.name for v in getattr(target, "variants", [])[1:] if v.precision == "fp32"), None)
+    exact = next((v.name for v in target.variants[1:] if v.precision == "fp32"), None)
     fix = f"run the bundle's exact {exact} variant there (lepton run --variant {exact})" if exact else "ship the source"
     return [
         measured + f"all {int8_layers} conv/matmul layers run int8, so ONNX Runtime's int8 kernels cost more than "
@@ -486,15 +486,10 @@ def slower_than_source(
 
 
 def compute_layers(model: onnx.ModelProto) -> tuple[int, int]:
-    """(float, int8) Conv/ConvTranspose/MatMul/Gemm layers of a QDQ model: int8 where both operands are dequantized."""
+    """(float, int8) Conv/ConvTranspose/MatMul/Gemm layers of a QDQ model (``costmodel.int8_mac``)."""
     producers = {out: node.op_type for node in model.graph.node for out in node.output}
-    counts = [0, 0]
-    for node in model.graph.node:
-        if node.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
-            counts[all(producers.get(name) == "DequantizeLinear" for name in node.input[:2])] += 1
-        elif node.op_type in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"):
-            counts[1] += 1
-    return counts[0], counts[1]
+    int8 = [costmodel.int8_mac(node, producers) for node in model.graph.node if node.op_type in costmodel.MAC_OPS]
+    return int8.count(False), int8.count(True)
 
 
 def compile_sections(

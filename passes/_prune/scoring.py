@@ -17,7 +17,7 @@ def search_scorer(scorer: Evaluator, max_samples: int, allowed: float) -> Evalua
         return part
     if scorer.resolution_pct > allowed:
         return None
-    wider = scorer.subset(math.ceil(part.count * part.resolution_pct / allowed))
+    wider = scorer.subset(samples_needed(part, allowed))
     return wider if wider.resolution_pct <= allowed else scorer
 
 

