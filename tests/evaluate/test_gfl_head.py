@@ -82,4 +82,3 @@ def test_scorer_reads_the_head_by_detection_f1(layout_model, pages):
     assert [r.metric for r in parts] == ["exact"] * 7
     assert evaluator.score(layout_model).drop_pct == 0.0
     assert evaluator.resolution_pct > 0  # a missed box is the unit
-
