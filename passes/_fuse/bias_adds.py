@@ -85,8 +85,19 @@ def _fold_gemm_add(gemm: onnx.NodeProto, add: onnx.NodeProto, g: GraphIndex) -> 
     return True
 
 
+def _row_bias_as_vector(gemm: onnx.NodeProto, g: GraphIndex) -> bool:
+    """A Gemm's constant C of shape [1, N] stored as [N]: the same broadcast over the rows, and the 1-D bias that
+    quantizers read per output channel (ONNX Runtime's quantize_static fails on a [1, N] one: magika's classifier)."""
+    c = g.const(gemm.input[2]) if len(gemm.input) > 2 and gemm.input[2] else None
+    if c is None or c.ndim != 2 or c.shape[0] != 1:
+        return False
+    g.set_input(gemm, 2, g.set_const(gemm.input[2], c.reshape(-1)))
+    return True
+
+
 def fold_bias_adds(model: onnx.ModelProto) -> int:
-    """Fold ``Add(const)`` after a biased Conv / a Gemm into the bias / C. Returns folds done."""
+    """Fold ``Add(const)`` after a biased Conv / a Gemm into the bias / C (and store a Gemm's [1, N] C as [N]).
+    Returns folds done."""
     g = GraphIndex(model.graph)
     removed = []
     for node in model.graph.node:
@@ -101,6 +112,7 @@ def fold_bias_adds(model: onnx.ModelProto) -> int:
             removed.append(add)
     for add in removed:
         g.remove(add)
-    if removed:
+    vectors = [_row_bias_as_vector(node, g) for node in model.graph.node if node.op_type == "Gemm"]
+    if removed or any(vectors):
         drop_unused_initializers(model)
     return len(removed)
