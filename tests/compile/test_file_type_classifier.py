@@ -35,7 +35,12 @@ def real_files(roots: list[Path], count: int, seed: int) -> np.ndarray:
     by_suffix: dict[str, list[Path]] = {}
     for root in roots:
         for path in sorted(root.rglob("*")):
-            if path.is_file() and not path.is_symlink() and path.stat().st_size >= 8 and "__pycache__" not in path.parts:
+            if (
+                path.is_file()
+                and not path.is_symlink()
+                and path.stat().st_size >= 8
+                and "__pycache__" not in path.parts
+            ):
                 by_suffix.setdefault(path.suffix, []).append(path)
     rng = np.random.default_rng(seed)
     suffixes = sorted(by_suffix)
