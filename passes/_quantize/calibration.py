@@ -143,6 +143,7 @@ def _bound_histograms(calibrator: Any, settings: CalibrationSettings) -> None:
     original = collector.collect
 
     def collect(name_to_arr: dict[str, Any]) -> Any:
+        name_to_arr = {name: _finite(arr) for name, arr in name_to_arr.items()}
         for name, arrays in name_to_arr.items():
             entry = collector.histogram_dict.get(name)
             values = [np.asarray(a) for a in (arrays if isinstance(arrays, list) else [arrays]) if np.asarray(a).size]
@@ -180,6 +181,7 @@ class _WideningCollector(HistogramCollector):
 
     def collect(self, name_to_arr: dict[str, Any]) -> None:
         signed = self.method in ("entropy", "distribution") or not self.symmetric  # |x| histograms do not overflow
+        name_to_arr = {name: _finite(arr) for name, arr in name_to_arr.items()}
         super().collect({name: _widened(arr) for name, arr in name_to_arr.items()} if signed else name_to_arr)
 
     def collect_absolute_value(self, name_to_arr: dict[str, Any]) -> None:
@@ -216,6 +218,17 @@ def _narrowed(value: Any) -> Any:
     if isinstance(value, np.ndarray | np.floating) and value.dtype == np.float64:
         return value.astype(np.float32)
     return value
+
+
+def _finite(arr: Any) -> Any:
+    """``arr`` without its infinities and NaNs, which no 8-bit grid holds and numpy cannot bin: swift-f0 pads its
+    pitch salience with -inf before a GatherElements. Such a value quantizes to the range's end; the search scores
+    what that costs."""
+    values = [np.asarray(a) for a in arr] if isinstance(arr, list) else [np.asarray(arr)]
+    if all(v.dtype.kind != "f" or np.isfinite(v).all() for v in values):
+        return arr
+    kept = [v[np.isfinite(v)] if v.dtype.kind == "f" else v for v in values]
+    return kept if isinstance(arr, list) else kept[0]
 
 
 def _widened(arr: Any) -> Any:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import onnx
 
+from lepton_cli.model.graph_edit import subgraph_names
+
 # A Mul that puts a quantize's input channels on their own grids (depthwise_scales.py): a float reader reads before it
 SCALED_SUFFIX = "_channel_scaled"
 
@@ -24,14 +26,15 @@ def keep_float_nodes(
     graph = model.graph
     outputs = {o.name for o in graph.output}
     _float_graph_outputs(graph, set(names), outputs)
+    inner = subgraph_names(graph)  # what If/Loop bodies read from this graph (openWakeWord's verifier weights)
     while True:  # drop nodes whose outputs nobody reads (bypassed Q/DQ chains), then their initializers
-        used = {i for n in graph.node for i in n.input} | outputs
+        used = {i for n in graph.node for i in n.input} | outputs | inner
         dead = [n for n in graph.node if not any(o in used for o in n.output)]
         if not dead:
             break
         for node in dead:
             graph.node.remove(node)
-    used = {i for n in graph.node for i in n.input}
+    used = {i for n in graph.node for i in n.input} | inner
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
     return model

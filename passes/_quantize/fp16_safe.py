@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from lepton_cli.model.graph_edit import subgraph_names
 from lepton_cli.model.op_traits import attr
 
 FP16_MAX = 65504.0
@@ -115,6 +116,7 @@ def collapse_round_trip_casts(model: onnx.ModelProto) -> int:
         for index, name in enumerate(node.input):
             if name in rename:
                 node.input[index] = rename[name]
+    outputs = outputs | subgraph_names(graph)  # a Cast an If/Loop body reads is read
     used = {i for n in graph.node for i in n.input} | outputs
     while True:  # the bypassed casts (and fp16 casts nobody reads any more)
         dead = [n for n in graph.node if n.op_type == "Cast" and not any(o in used for o in n.output)]

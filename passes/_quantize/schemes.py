@@ -30,7 +30,7 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, q
 from onnxruntime.quantization.calibrate import TensorsData, load_tensors_data, save_tensors_data
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from lepton_cli.model.external_data import has_external, save_with_weights_beside, tensor_array
+from lepton_cli.model.external_data import has_external, save_with_weights_beside, shapes_only_copy, tensor_array
 from lepton_cli.model.graph_order import move_into_subgraphs, sort_topologically
 from lepton_cli.model.op_traits import WEIGHT_OPS, attr
 
@@ -153,10 +153,51 @@ def pow2_overrides(model: onnx.ModelProto, ranges: TensorsData) -> dict[str, lis
     return overrides
 
 
+def double_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes that read or write a float64 tensor: QuantizeLinear takes none, and ONNX Runtime's quantizer, asked for
+    every op, fails on a float64 Softmax the calibrator (float32 only) left without a range (swift-f0's decoder)."""
+    inferred = model if model.graph.value_info else onnx.shape_inference.infer_shapes(shapes_only_copy(model))
+    graph = inferred.graph
+    typed = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)}
+    typed |= {t.name: t.data_type for t in graph.initializer}
+    double = onnx.TensorProto.DOUBLE
+    return [n.name for n in model.graph.node if any(typed.get(x) == double for x in (*n.input, *n.output))]
+
+
+def unshare_biases(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each bias that several Convs/Gemms read copied per reader under a name no tensor has. ONNX
+    Runtime's quantizer copies a shared bias itself as name + the next free number among initializers only, and can
+    take a node output's name (basic-pitch's tf2onnx export names a conv's output its bias's name + "2")."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if node.op_type in BIAS_OPS and len(node.input) > 2 and node.input[2]:
+            readers.setdefault(node.input[2], []).append(node)
+    inits = {t.name: t for t in model.graph.initializer}
+    shared = {name: nodes for name, nodes in readers.items() if len(nodes) > 1 and name in inits}
+    if not shared:
+        return model
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    taken = {o for n in result.graph.node for o in n.output} | set(inits) | {i.name for i in result.graph.input}
+    nodes = {id(n): k for k, n in enumerate(model.graph.node)}
+    for name, users in shared.items():
+        for k, user in enumerate(users[1:], start=1):
+            copy = f"{name}__bias{k}"
+            while copy in taken:
+                copy += "_"
+            taken.add(copy)
+            duplicate = onnx.TensorProto()
+            duplicate.CopyFrom(inits[name])
+            duplicate.name = copy
+            result.graph.initializer.append(duplicate)
+            result.graph.node[nodes[id(user)]].input[2] = copy
+    return result
+
+
 def quantize_int8(
     model: onnx.ModelProto, ranges_path: Path, method: str, scheme: Int8Scheme, exclude: list[str], work_dir: Path
 ) -> onnx.ModelProto:
-    """Static int8 QDQ of a pre-processed model from cached calibration ranges."""
+    """Static int8 QDQ of a pre-processed model from cached calibration ranges (float64 nodes left as they are)."""
     extra: dict[str, Any] = {
         "ActivationSymmetric": scheme.activation_symmetric,
         "WeightSymmetric": scheme.weight_symmetric,
@@ -165,6 +206,7 @@ def quantize_int8(
         extra["TensorQuantOverrides"] = pow2_overrides(model, load_tensors_data(ranges_path))
         extra["QDQDisableWeightAdjustForInt32Bias"] = True  # the adjustment would break power-of-two weight scales
     extra = merged_options(extra, scheme.extra)
+    model = unshare_biases(model)
     folder = Path(tempfile.mkdtemp(prefix="q-", dir=work_dir))
     out = folder / "model.onnx"
     source: onnx.ModelProto | str = model
@@ -184,7 +226,7 @@ def quantize_int8(
             reduce_range=scheme.reduce_range,
             activation_type=QTYPES[scheme.activation_type],
             weight_type=QTYPES[scheme.weight_type],
-            nodes_to_exclude=list(exclude),
+            nodes_to_exclude=[*exclude, *double_nodes(model)],
             calibrate_method=METHODS[method],
             calibration_cache_path=str(ranges_path),
             extra_options=extra,
