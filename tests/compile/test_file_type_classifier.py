@@ -15,19 +15,10 @@ from conftest import REPO
 from lepton_cli.passes._fuse.bias_adds import fold_bias_adds
 from wheel_models import MAGIKA, wheel_member
 
+from benchmarks.corpus.data import magika_features  # Magika's own feature extraction, reimplemented there
 from lepton_cli.model.sessions import make_session
 
-PADDING, EDGE, BLOCK = 256, 1024, 4096  # magika's config.min.json: padding_token, beg_size = end_size, block_size
 CONFIDENT = 0.5  # its medium_confidence_threshold: under it the application reports a generic type, not the class
-
-
-def byte_features(path: Path) -> list[int]:
-    """Magika's features of one file: the first and last 1,024 bytes of its first and last 4 KiB, whitespace
-    stripped, padded with 256 (``Magika._extract_features_from_seekable``)."""
-    data = path.read_bytes()
-    read = min(BLOCK, len(data))
-    start, end = data[:read].lstrip()[:EDGE], data[len(data) - read :].rstrip()[-EDGE:]
-    return [*start, *[PADDING] * (EDGE - len(start)), *[PADDING] * (EDGE - len(end)), *end]
 
 
 def real_files(roots: list[Path], count: int, seed: int) -> np.ndarray:
@@ -45,7 +36,7 @@ def real_files(roots: list[Path], count: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     suffixes = sorted(by_suffix)
     chosen = [by_suffix[s][int(rng.integers(len(by_suffix[s])))] for s in rng.choice(suffixes, count)]
-    return np.array([byte_features(p) for p in chosen], np.int32)
+    return np.array([magika_features(p.read_bytes()) for p in chosen], np.int32)
 
 
 @pytest.fixture(scope="module")
