@@ -68,6 +68,18 @@ def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
     return [sub for node in graph.node for sub in node_subgraphs(node)]
 
 
+def _reading_chain(start: int, nodes: list[onnx.NodeProto], readers: dict[str, list[int]]) -> list[int]:
+    """``nodes[start]`` and every node of its graph that reads what it makes, transitively, in that order."""
+    chain, queue = [start], [start]
+    while queue:
+        for out in nodes[queue.pop(0)].output:
+            for reader in readers.get(out, []):
+                if reader not in chain:
+                    chain.append(reader)
+                    queue.append(reader)
+    return chain
+
+
 def _produced(graph: onnx.GraphProto) -> set[str]:
     """Names a graph defines, its subgraphs included."""
     names = (
@@ -80,24 +92,31 @@ def _produced(graph: onnx.GraphProto) -> set[str]:
 
 def move_into_subgraphs(graph: onnx.GraphProto) -> int:
     """Move each node that reads a tensor defined only inside one of its graph's If/Loop bodies into that
-    body; return how many moved. ONNX Runtime's fp16 converter puts the Cast in front of a node it keeps
-    float inside an If branch in the main graph, where the branch's tensors do not exist."""
-    moved = 0
-    local = (
-        {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    )
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
+    body, with the nodes of this graph that read what it makes (a Cast pair around a node kept fp32); return how
+    many moved. ONNX Runtime's fp16 converter puts the Casts of a node it keeps float inside an If branch in the
+    main graph, where the branch's tensors do not exist (openWakeWord's verifier: Pow's two Casts)."""
+    nodes = list(graph.node)
+    local = {o for n in nodes for o in n.output} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    readers: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
         for name in node.input:
-            readers.setdefault(name, []).append(node)
-    for node in list(graph.node):
+            readers.setdefault(name, []).append(index)
+    outputs, moved_away = {o.name for o in graph.output}, set()
+    for index, node in enumerate(nodes):
         missing = [name for name in node.input if name and name not in local]
         home = next((sub for sub in _subgraphs(graph) if missing and all(m in _produced(sub) for m in missing)), None)
-        if home is None or any(readers.get(out) for out in node.output):
-            continue  # an outer name (a real dependency on the enclosing scope), or read in this graph
-        graph.node.remove(node)
-        home.node.append(node)
-        moved += 1
+        if home is None or index in moved_away:
+            continue
+        chain = _reading_chain(index, nodes, readers)
+        if any(o in outputs for k in chain for o in nodes[k].output):
+            continue  # a graph output: a real dependency on the body's value, not a misplaced cast
+        for k in chain:
+            home.node.append(nodes[k])
+        moved_away.update(chain)
+    if moved_away:
+        del graph.node[:]
+        graph.node.extend(n for k, n in enumerate(nodes) if k not in moved_away)
+    moved = len(moved_away)
     for sub in _subgraphs(graph):
         moved += move_into_subgraphs(sub)
     return moved
