@@ -24,6 +24,7 @@ OWW_MELS = (OWW, "openwakeword/resources/models/melspectrogram.onnx")
 OWW_EMBEDDING = (OWW, "openwakeword/resources/models/embedding_model.onnx")
 OWW_JARVIS = (OWW, "openwakeword/resources/models/hey_jarvis_v0.1.onnx")  # its verifier runs in an If branch
 BASIC_PITCH = ("basic-pitch==0.4.0", "basic_pitch/saved_models/icassp_2022/nmp.onnx")  # note transcription (tf2onnx)
+WIRED_TABLE = ("wired-table-rec==1.0.0", "wired_table_rec/models/cycle_center_net_v2.onnx")  # 75 MB wheel: slow tests
 MAGIKA = ("magika==1.0.3", "magika/models/standard_v3_3/model.onnx")  # file types from 2,048 bytes; platform wheel
 
 

@@ -126,14 +126,18 @@ class AccuracyScore:
         """The largest drop + z standard errors over the outputs: the one-sided upper confidence bound the tuning
         holds to the budget (every output must meet it, not the first). Where one unit of a counted metric is within
         ``budget``, its standard error is at least its count's plus one (``count_se``); coarser data is read on its
-        standard error alone (the scorer warns that it cannot resolve the budget)."""
+        standard error alone (the scorer warns that it cannot resolve the budget). No bound passes the most an output
+        can lose, its source's value: ``--max-accuracy-drop 100`` accepts a model that lost everything, as it says."""
 
-        def bound(drop: float, se: float, unit: float) -> float:
-            return drop + z * max(se, count_se(drop, unit) if unit <= budget else 0.0)
+        def bound(drop: float, se: float, unit: float, most: float) -> float:
+            return min(drop + z * max(se, count_se(drop, unit) if unit <= budget else 0.0), max(drop, most))
 
         if not self.outputs:
-            return bound(self.drop_pct, self.drop_se, self.resolution_pct)
-        return max(bound(o["drop_pct"], o["drop_se"], o.get("resolution_pct", 0.0)) for o in self.outputs)
+            return bound(self.drop_pct, self.drop_se, self.resolution_pct, self.source_value)
+        return max(
+            bound(o["drop_pct"], o["drop_se"], o.get("resolution_pct", 0.0), o.get("source_value", math.inf))
+            for o in self.outputs
+        )
 
 
 def count_se(drop_pct: float, unit_pct: float) -> float:

@@ -31,6 +31,7 @@ from onnxruntime.quantization.calibrate import TensorsData, load_tensors_data, s
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from lepton_cli.model.external_data import has_external, save_with_weights_beside, shapes_only_copy, tensor_array
+from lepton_cli.model.graph_edit import drop_unused_initializers
 from lepton_cli.model.graph_order import move_into_subgraphs, sort_topologically
 from lepton_cli.model.op_traits import WEIGHT_OPS, attr
 
@@ -265,9 +266,32 @@ def to_fp16(model: onnx.ModelProto, block_ops: list[str], keep_nodes: list[str])
     # The converter appends the graph-input Casts after their consumers, and puts some of an If branch's
     # Casts in the main graph: move them home, restore topological order.
     move_into_subgraphs(converted.graph)
+    if fold_small_constant_casts(converted.graph):
+        drop_unused_initializers(converted)
     sort_topologically(converted.graph)
     drop_stale_value_info(converted.graph)
     return _copy_metadata(model, converted)
+
+
+SMALL_CONSTANT = 64  # elements: shape-like inputs (Resize roi/scales), not weights whose fp16 copy is the point
+
+
+def fold_small_constant_casts(graph: onnx.GraphProto) -> int:
+    """Casts the fp16 converter puts on small constants, folded into constants of the cast type. ONNX Runtime reads
+    a Resize's scales only from a constant: an empty scales beside sizes (wired-table-rec's upsampling) behind a Cast
+    reads as both given, and the model fails to load. Returns folds done."""
+    inits = {t.name: t for t in graph.initializer}
+    folded = []
+    for node in graph.node:
+        source = inits.get(node.input[0]) if node.op_type == "Cast" and node.input else None
+        if source is None or np.prod(source.dims, dtype=np.int64) > SMALL_CONSTANT:
+            continue
+        value = numpy_helper.to_array(source).astype(helper.tensor_dtype_to_np_dtype(attr(node, "to")))
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        folded.append(node)
+    for node in folded:
+        graph.node.remove(node)
+    return len(folded)
 
 
 def drop_stale_value_info(graph: onnx.GraphProto) -> int:

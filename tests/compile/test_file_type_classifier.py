@@ -21,11 +21,17 @@ from lepton_cli.model.sessions import make_session
 CONFIDENT = 0.5  # its medium_confidence_threshold: under it the application reports a generic type, not the class
 
 
-def real_files(roots: list[Path], count: int, seed: int) -> np.ndarray:
-    """``count`` files under ``roots``, spread over their suffixes (source, text, data, compiled libraries)."""
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def real_files(roots: list[Path], count: int, seed: int, half: int | None = None) -> np.ndarray:
+    """``count`` files under ``roots``, spread over their suffixes (source, text, data, compiled libraries); ``half``
+    0 or 1: only every second file in path order, so that two sets from one tree share no file."""
     by_suffix: dict[str, list[Path]] = {}
     for root in roots:
-        for path in sorted(root.rglob("*")):
+        for k, path in enumerate(sorted(root.rglob("*"))):
+            if half is not None and k % 2 != half:
+                continue
             if (
                 path.is_file()
                 and not path.is_symlink()
@@ -46,9 +52,9 @@ def magika() -> Path:
 
 @pytest.fixture(scope="module")
 def calib_files(tmp_path_factory) -> Path:
-    """64 of this repository's own files (Python, TOML, Markdown, JSON, shell, ...)."""
+    """64 files of Python's standard library (source, text, data, compiled modules): one half of its files."""
     path = tmp_path_factory.mktemp("magika") / "files64.npz"
-    np.savez(path, bytes=real_files([REPO / d for d in ("lepton_cli", "targets", "docs", "benchmarks")], 64, 1))
+    np.savez(path, bytes=real_files([STDLIB], 64, 1, half=0))
     return path
 
 
@@ -88,8 +94,9 @@ def test_untuned_int8_compiles(magika, calib_files, tmp_path, run_cli):
 
 @pytest.mark.slow
 def test_default_cpu_avx_keeps_every_confident_answer_held_out(magika, calib_files, tmp_path, run_cli):
-    """The default path on 64 of the repository's files, judged on 256 files of Python's standard library that
-    calibration never saw: every file the source classifies with the application's own confidence keeps its class."""
+    """The default path on 64 standard-library files, judged on 256 of the other half that calibration never saw:
+    every file the source classifies with the application's own confidence keeps its class. (Calibrated on this
+    repository's own files, a narrower mix of types, 6.5 % of them changed.)"""
     from test_device_artifacts import _open
 
     result = run_cli(
@@ -97,7 +104,7 @@ def test_default_cpu_avx_keeps_every_confident_answer_held_out(magika, calib_fil
         "-o", tmp_path, "--no-bench",
     )  # fmt: skip
     assert result.code == 0, result.stderr[-2000:]
-    files = real_files([Path(sysconfig.get_paths()["stdlib"])], 256, 2)
+    files = real_files([STDLIB], 256, 2, half=1)
     compiled = ort.InferenceSession(_open(tmp_path / "model.cpu-avx.lepton").models["model.onnx"])
     source = ort.InferenceSession(str(magika))
     ref = np.concatenate([source.run(None, {"bytes": row[None]})[0] for row in files])

@@ -134,3 +134,37 @@ def test_a_shared_bias_copy_takes_no_tensor_name(tmp_path, run_cli):
         "--max-accuracy-drop", "100",
     )  # fmt: skip
     assert result.code == 0, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_an_empty_resize_scales_stays_a_constant_in_fp16(tmp_path, run_cli):
+    """wired-table-rec's line segmenter upsamples with Resize(scales=[], sizes=...); the fp16 converter put a Cast on
+    the empty scales, ONNX Runtime then read both as given and refused the model (mobile: exit 1). Small constants'
+    Casts are folded; the fp16 model marks the same table lines."""
+    from test_device_artifacts import _open
+    from wheel_models import WIRED_TABLE
+
+    from benchmarks.corpus.export_minilm import sentences
+    from benchmarks.document_pages import CALIB_FACES, render_table
+
+    rng = np.random.default_rng(9)
+    words = [w for s in sentences("calib") for w in s.split() if w.isalpha()]
+    mean, std = np.array([123.675, 116.28, 103.53])[:, None, None], np.array([58.395, 57.12, 57.375])[:, None, None]
+    tables = [render_table(rng, words, CALIB_FACES, ruled=True).resize((512, 512)) for _ in range(4)]
+    images = np.stack([(np.asarray(t, np.float32).transpose(2, 0, 1) - mean) / std for t in tables]).astype(np.float32)
+    np.savez(tmp_path / "tables.npz", input=images)
+    model = wheel_member(*WIRED_TABLE)
+    result = run_cli(
+        "compile", model, "-t", "mobile", "--calib", tmp_path / "tables.npz", "--input-shape", "input=1,3,512,512",
+        "-o", tmp_path / "out", "--no-bench",
+    )  # fmt: skip
+    assert result.code == 0, result.stderr[-2000:]
+    half = make_session(
+        onnx.load_from_string(_open(tmp_path / "out" / "cycle_center_net_v2.mobile.lepton").models["model.onnx"])
+    )
+    source = make_session(onnx.load(model))
+    for image in images:  # mobile's model reads NHWC (layout_transform); its int64 line mask is the source's
+        ref = source.run(None, {"input": image[None]})[0]
+        got = half.run(None, {"input": image.transpose(1, 2, 0)[None]})[0]
+        got = got if got.shape == ref.shape else np.moveaxis(got, -1, 1)
+        assert ref.any() and np.mean(ref == got) > 0.99
