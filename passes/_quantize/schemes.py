@@ -169,18 +169,17 @@ def unshare_biases(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with each bias that several Convs/Gemms read copied per reader under a name no tensor has. ONNX
     Runtime's quantizer copies a shared bias itself as name + the next free number among initializers only, and can
     take a node output's name (basic-pitch's tf2onnx export names a conv's output its bias's name + "2")."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
+    readers: dict[str, list[int]] = {}
+    for index, node in enumerate(model.graph.node):
         if node.op_type in BIAS_OPS and len(node.input) > 2 and node.input[2]:
-            readers.setdefault(node.input[2], []).append(node)
+            readers.setdefault(node.input[2], []).append(index)
     inits = {t.name: t for t in model.graph.initializer}
-    shared = {name: nodes for name, nodes in readers.items() if len(nodes) > 1 and name in inits}
+    shared = {name: users for name, users in readers.items() if len(users) > 1 and name in inits}
     if not shared:
         return model
     result = onnx.ModelProto()
     result.CopyFrom(model)
     taken = {o for n in result.graph.node for o in n.output} | set(inits) | {i.name for i in result.graph.input}
-    nodes = {id(n): k for k, n in enumerate(model.graph.node)}
     for name, users in shared.items():
         for k, user in enumerate(users[1:], start=1):
             copy = f"{name}__bias{k}"
@@ -191,7 +190,7 @@ def unshare_biases(model: onnx.ModelProto) -> onnx.ModelProto:
             duplicate.CopyFrom(inits[name])
             duplicate.name = copy
             result.graph.initializer.append(duplicate)
-            result.graph.node[nodes[id(user)]].input[2] = copy
+            result.graph.node[user].input[2] = copy
     return result
 
 
