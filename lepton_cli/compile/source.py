@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
+from lepton_cli.errors import BadInputError
 from lepton_cli.model.load import LoadedModel, upgrade_opset
-from lepton_cli.model.sessions import make_session
+from lepton_cli.model.sessions import make_session, model_random_feed
 from lepton_cli.model.shapes import bind_input_shapes, graph_inputs, parse_input_shapes
 from lepton_cli.pipeline.targets import Target
 from lepton_cli.samples.preprocess import load_image_folder
@@ -90,6 +92,8 @@ def _bind_shapes(
     if not shapes:
         return model, {}, None
     bound = bind_input_shapes(model, shapes)
+    if source == "--input-shape" and _rebinds_fixed_dims(model, input_shapes):
+        _check_runs_rebound(model, bound, shapes)
     listed = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
     rejected = _rejected_when_bound(model, bound)
     if rejected:
@@ -102,6 +106,21 @@ def _bind_shapes(
             ),
         )
     return bound, shapes, f"bound input shapes from {source}: {listed}"
+
+
+def _check_runs_rebound(model: onnx.ModelProto, bound: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
+    """Exit 2 unless ``bound``, fixed input dims rebound to ``shapes``, runs once on a synthetic feed: a graph whose
+    reshapes hard-code the export size cannot take another, and shape inference alone does not always say so."""
+    fixed = ", ".join(f"{sig.name} {list(sig.dims)}" for sig in graph_inputs(model) if sig.name in shapes)
+    try:
+        make_session(bound).run(None, model_random_feed(bound, np.random.default_rng(0)))
+    except Exception as exc:  # ORT raises its own exception types for shape errors
+        wanted = "; ".join(f"{name} {dims}" for name, dims in shapes.items())
+        raise BadInputError(
+            f"--input-shape rebinds fixed dims ({fixed}), and the model does not run at {wanted}: "
+            f"{str(exc).splitlines()[0][:200]}",
+            "give the model's own fixed shape, or export the model with dynamic dims",
+        ) from None
 
 
 def _rejected_when_bound(model: onnx.ModelProto, bound: onnx.ModelProto) -> str | None:

@@ -65,9 +65,9 @@ class OutputRole:
     name: str
     metric: str
     why: str
-    layout: str | None = (
-        None  # detection_f1: "v8" (boxes, classes on axis 1), "v5" (boxes, objectness, classes on axis 2), "yolox:HxW",  # GFL_LAYOUT (v8's layout, every class of a cell its own candidate)
-    )
+    # detection_f1: "v8" (boxes, classes on axis 1), "v5" (boxes, objectness, classes on axis 2), "yolox:HxW", or
+    # GFL_LAYOUT (v8's layout, every class of a cell its own candidate)
+    layout: str | None = None
     threshold: float | None = None  # mask_f1 threshold, the detection confidence the user named
     confidences: tuple[float, ...] | None = None  # detection_f1 with no confidence named: the range averaged
     positions: str | None = None  # cosine over [N, T, C]: the [N, T] 0/1 input whose 0 positions are not scored
@@ -337,7 +337,7 @@ def detection_scores(sample: np.ndarray, layout: str) -> tuple[np.ndarray, np.nd
     elif layout == GFL_LAYOUT:  # GFL applications threshold each class apart: one cell can be two classes' block
         cls = rows[:, 4:]
         scores, classes = cls.ravel(), np.tile(np.arange(cls.shape[1]), len(cls))
-        rows = np.repeat(rows, cls.shape[1], axis=0)
+        rows = np.repeat(rows[:, :4], cls.shape[1], axis=0)  # the box columns, once per class: all that is read below
     elif rows.shape[1] > 5:
         cls = rows[:, 5:] * rows[:, 4:5]
         scores, classes = cls.max(axis=1), cls.argmax(axis=1)

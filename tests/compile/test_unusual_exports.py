@@ -10,7 +10,6 @@ import pytest
 from conftest import REPO
 from wheel_models import CENTERFACE, SWIFT_F0, wheel_member
 
-from lepton_cli.errors import BadInputError
 from lepton_cli.model.sessions import make_session
 from lepton_cli.model.shapes import bind_input_shapes, graph_inputs
 
@@ -27,11 +26,14 @@ def test_a_fixed_export_size_is_rebound_where_the_model_runs_at_it():
     assert heatmap.shape == (1, 1, 120, 160) and heatmap.max() > 0.5
 
 
-def test_a_fixed_size_the_graph_hard_codes_is_refused():
-    """The digits classifier flattens its 8x8 feature map into a Gemm: at 16x16 it cannot run, and says so."""
-    model = onnx.load(REPO / "examples" / "digits" / "digits_cnn.onnx")
-    with pytest.raises(BadInputError, match="does not run at image"):
-        bind_input_shapes(model, {"image": [1, 1, 16, 16]})
+def test_a_fixed_size_the_graph_hard_codes_is_refused(tmp_path, run_cli):
+    """The digits classifier flattens its 8x8 feature map into a Gemm: at 16x16 it cannot run, and says so (exit 2)."""
+    result = run_cli(
+        "compile", REPO / "examples" / "digits" / "digits_cnn.onnx", "-t", "cpu-avx",
+        "--input-shape", "image=1,1,16,16", "-o", tmp_path / "out", "--no-bench",
+    )  # fmt: skip
+    assert result.code == 2, result.stderr[-2000:]
+    assert "does not run at image" in result.stderr and not (tmp_path / "out").exists()
 
 
 def _tones(count: int) -> dict[str, np.ndarray]:
