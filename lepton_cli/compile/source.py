@@ -48,7 +48,7 @@ def prepare_source(
         normalisation.append(note)
     rebinds = _rebinds_fixed_dims(model, input_shapes)
     if rebinds:  # bound first: the data is checked against the size the user rebinds a fixed dim to
-        model, shapes, note = _bind_shapes(model, input_shapes, None)
+        model, shapes, note = _bind_shapes(model, input_shapes, None, rebinds=True)
     calib_set = _samples(calib, model, "--calib", preprocess)
     eval_set = _samples(evaluation, model, "--eval", preprocess)
     if not rebinds:
@@ -81,8 +81,9 @@ def _rebinds_fixed_dims(model: onnx.ModelProto, input_shapes: list[str]) -> bool
 
 
 def _bind_shapes(
-    model: onnx.ModelProto, input_shapes: list[str], calib: SampleSet | None
+    model: onnx.ModelProto, input_shapes: list[str], calib: SampleSet | None, *, rebinds: bool = False
 ) -> tuple[onnx.ModelProto, dict[str, list[int]], str | None]:
+    """``rebinds``: --input-shape gives a fixed dim another size (``_rebinds_fixed_dims``), checked by a run."""
     shapes = parse_input_shapes(input_shapes)
     source = "--input-shape"
     if not shapes and calib is not None:
@@ -92,7 +93,7 @@ def _bind_shapes(
     if not shapes:
         return model, {}, None
     bound = bind_input_shapes(model, shapes)
-    if source == "--input-shape" and _rebinds_fixed_dims(model, input_shapes):
+    if rebinds:
         _check_runs_rebound(model, bound, shapes)
     listed = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
     rejected = _rejected_when_bound(model, bound)

@@ -181,7 +181,8 @@ class _WideningCollector(HistogramCollector):
 
     def collect(self, name_to_arr: dict[str, Any]) -> None:
         signed = self.method in ("entropy", "distribution") or not self.symmetric  # |x| histograms do not overflow
-        name_to_arr = {name: _finite(arr) for name, arr in name_to_arr.items()}
+        if not getattr(self, "_lepton_bounded", False):  # else _bound_histograms' wrapper filtered them already
+            name_to_arr = {name: _finite(arr) for name, arr in name_to_arr.items()}
         super().collect({name: _widened(arr) for name, arr in name_to_arr.items()} if signed else name_to_arr)
 
     def collect_absolute_value(self, name_to_arr: dict[str, Any]) -> None:
@@ -227,8 +228,9 @@ def _finite(arr: Any) -> Any:
     values = [np.asarray(a) for a in arr] if isinstance(arr, list) else [np.asarray(arr)]
     if all(v.dtype.kind != "f" or np.isfinite(v).all() for v in values):
         return arr
-    kept = [v[np.isfinite(v)] if v.dtype.kind == "f" else v for v in values]
-    return kept if isinstance(arr, list) else kept[0]
+    kept = [v[np.isfinite(v)] if v.dtype.kind == "f" else v.ravel() for v in values]
+    # One flat array for a chunk: its samples keep different counts, and ORT stacks a chunk's list into one array.
+    return [np.concatenate(kept)] if isinstance(arr, list) else kept[0]
 
 
 def _widened(arr: Any) -> Any:

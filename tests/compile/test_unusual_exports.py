@@ -36,21 +36,6 @@ def test_a_fixed_size_the_graph_hard_codes_is_refused(tmp_path, run_cli):
     assert "does not run at image" in result.stderr and not (tmp_path / "out").exists()
 
 
-def _tones(count: int) -> dict[str, np.ndarray]:
-    """One second of harmonic tones at 16 kHz, 80-800 Hz, with vibrato: what a pitch tracker is for."""
-    rng, t = np.random.default_rng(3), np.arange(16000) / 16000
-    audio = []
-    for _ in range(count):
-        phase = 2 * np.pi * np.cumsum(rng.uniform(80, 800) * (1 + 0.01 * np.sin(2 * np.pi * 5 * t))) / 16000
-        wave = sum(np.sin(k * phase) / k for k in range(1, 6))
-        audio.append((0.3 * wave / np.abs(wave).max())[None].astype(np.float32))
-    return {
-        "audio": np.stack(audio),
-        "fmin": np.full(count, 46.875, np.float32),
-        "fmax": np.full(count, 2093.75, np.float32),
-    }
-
-
 def test_infinite_activations_and_float64_nodes_quantize(tmp_path, run_cli):
     """Every op int8 in one try: the -inf padding crashed the percentile histogram, and ONNX Runtime's quantizer
     failed on the float64 Softmax it had no range for (exit 1 both). Now the compile ends with its accuracy verdict."""
@@ -59,7 +44,8 @@ def test_infinite_activations_and_float64_nodes_quantize(tmp_path, run_cli):
     from lepton_cli.samples.sample_set import load_samples
 
     model = bind_input_shapes(onnx.load(wheel_member(*SWIFT_F0)), {"audio": [1, 16000]})
-    np.savez(tmp_path / "tones.npz", **_tones(8))
+    fmin, fmax = np.full(8, 46.875, np.float32), np.full(8, 2093.75, np.float32)  # swift-f0's own defaults
+    np.savez(tmp_path / "tones.npz", audio=_audio_tones(8, 16000, 16000, 0.3)[:, None], fmin=fmin, fmax=fmax)
     samples = load_samples(tmp_path / "tones.npz", model)
     ranges = calibrate(model, samples, CalibrationSettings(method="percentile"))
     padded = next(n.output[0] for n in model.graph.node if n.op_type == "Pad")
