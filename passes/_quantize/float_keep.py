@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import onnx
 
-from lepton_cli.model.graph_edit import subgraph_names
+from lepton_cli.model.graph_edit import drop_unused_initializers, subgraph_names
 
 # A Mul that puts a quantize's input channels on their own grids (depthwise_scales.py): a float reader reads before it
 SCALED_SUFFIX = "_channel_scaled"
@@ -34,9 +34,7 @@ def keep_float_nodes(
             break
         for node in dead:
             graph.node.remove(node)
-    used = {i for n in graph.node for i in n.input} | inner
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
+    drop_unused_initializers(model)
     return model
 
 

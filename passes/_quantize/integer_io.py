@@ -21,7 +21,7 @@ from typing import Any
 import onnx
 
 from lepton_cli.model.external_data import tensor_array
-from lepton_cli.model.graph_edit import subgraph_names
+from lepton_cli.model.graph_edit import drop_unused_initializers
 from lepton_cli.model.io_contract import mark_integer
 
 _TYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
@@ -148,10 +148,7 @@ def make_integer_io(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, 
     keep = [n for n in graph.node if not any(n is r for r in rw.removed)]
     del graph.node[:]
     graph.node.extend(keep)
-    used = {i for n in graph.node for i in n.input} | subgraph_names(graph)
-    unused = [i for i in graph.initializer if i.name not in used]
-    for init in unused:
-        graph.initializer.remove(init)
+    drop_unused_initializers(result)
     del graph.value_info[:]  # stale types of renamed tensors; ORT re-infers
     for name, quant in rw.converted.items():
         mark_integer(result, name, quant)
