@@ -51,8 +51,7 @@ class QuantizeParams:
     integer_elementwise_tier: bool = False  # the same as a last tier, searched only when nothing else fits
     depthwise_channel_scales: bool = False  # depthwise inputs quantized per channel, carried by the weight scales
     restore_hard_swish: bool = False  # float-kept hard-swish at alpha 1/6 (ORT's x86 conv runs it), kept when it scores
-    # Tried before op_types (more int8, fewer Q/DQ: faster) and kept when a candidate meets the budget.
-    fast_op_types: list[str] | None = None
+    fast_op_types: list[str] | None = None  # tried before op_types (more int8, fewer Q/DQ: faster), kept when one fits
     methods: list[Method] = field(default_factory=lambda: ["minmax", "percentile", "entropy"])  # tried in order
     percentile: float = 99.999
     histogram_bins: int = 2048
@@ -89,6 +88,7 @@ class QuantizeParams:
     adaround_iterations: int = 200
     adaround_seconds: float = 120.0  # whole-model budget; layers past it round to nearest
     recovery_tier: list[RecoveryStep] = field(default_factory=list)  # these steps as a tier, like SmoothQuant's
+    fast_recovery_tier: list[RecoveryStep] = field(default_factory=list)  # on the first tier's ops, fully int8 only
     recovery_samples: int = 32  # --calib samples the bias correction and rounding measure layer inputs on
     # Output heads one int8 scale cannot hold (_quantize/heads.py); auto: float where layers may stay float, else int8.
     head_precision: Literal["auto", "float", "int16", "int8"] = "auto"

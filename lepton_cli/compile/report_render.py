@@ -263,8 +263,8 @@ def choice_table(report: dict[str, Any]) -> Table | None:
     if summary.get("transform") == "smoothquant":
         tier = summary.get("smoothquant_tier") or {}
         source = f"SmoothQuant'ed (alpha {tier.get('alpha')}, {tier.get('inserted', 0)} float scales inserted)"
-    elif summary.get("transform") == "recovery":
-        steps = (summary.get("recovery_tier") or {}).get("steps") or []
+    elif summary.get("transform") in ("recovery", "fast_recovery"):
+        steps = (summary.get(f"{summary['transform']}_tier") or {}).get("steps") or []
         source = f"after {' + '.join(steps)} (recovery tier: rounding and biases tuned for int8)"
     rows = [["calibration method", str(summary.get("method", ""))]]
     if ops is not None:

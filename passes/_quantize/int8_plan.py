@@ -229,7 +229,7 @@ class Int8Plan(SearchPlan):
         self.recovery: _RecoveryInputs | None = None  # what the steps ran on, for the report's per-step gains
         self.builds: list[Build] = []  # the search space's builds: plain tiers, then the source tiers offered
         self.source_tiers: list[SourceTier] = []
-        self.recovered: dict[str, Recovered] = {}  # per source tier, its steps' result (the fallback tier reuses it)
+        self.recovered: dict[RecoverySettings, Recovered] = {}  # per source steps, their result (tiers share it)
         # The one fully quantized model held, keyed by (tier tag, method): the tuner tries one tier and method at a
         # time, and a MiniLM-sized model held per tier and method pushed the compile over its memory bar.
         self.quantized: dict[tuple[str, str], onnx.ModelProto] = {}
@@ -263,12 +263,15 @@ class Int8Plan(SearchPlan):
         ]
         space = SearchSpace(builds, list(dict.fromkeys(params.methods)), self.base, tiers=list(self.tiers))
         space.transforms, space.references = [""] * len(self.tiers), [lambda: self.base] * len(self.tiers)
-        last = replace(scheme, op_types=tuple(self.tiers[-1]))
         self.source_tiers = source_tiers(params, plain, self._matmul_layers)
         for source_tier in self.source_tiers:
-            self._append_tier(
-                space, source_tier.transform, *self._source_tier(source_tier, base, calib, last, ctx, exclude, summary)
-            )
+            ops = self.tiers[0] if source_tier.first_ops else self.tiers[-1]
+            if source_tier.first_ops:
+                space.full_only.add(len(space.builds))
+            tier_scheme = replace(scheme, op_types=tuple(ops))
+            made = self._source_tier(source_tier, base, calib, tier_scheme, ctx, exclude, summary)
+            self._append_tier(space, source_tier.transform, *made, ops=ops)
+        last = replace(scheme, op_types=tuple(self.tiers[-1]))
         if params.integer_elementwise_tier and not params.integer_elementwise:
             space.fallback.add(len(space.builds))
             self._append_tier(space, LOWERED, *self._lowered_tier(source, base, calib, last, ctx, exclude, summary, on))
@@ -278,11 +281,16 @@ class Int8Plan(SearchPlan):
         return space
 
     def _append_tier(
-        self, space: SearchSpace, transform: str, build: Build, reference: Callable[[], onnx.ModelProto]
+        self,
+        space: SearchSpace,
+        transform: str,
+        build: Build,
+        reference: Callable[[], onnx.ModelProto],
+        ops: list[str] | None = None,
     ) -> None:
-        """``build`` as one more tier of the last plain tier's op types, named ``transform``."""
+        """``build`` as one more tier of op types ``ops`` (default: the last plain tier's), named ``transform``."""
         space.builds.append(build)
-        space.tiers.append(self.tiers[-1])
+        space.tiers.append(self.tiers[-1] if ops is None else ops)
         space.transforms.append(transform)
         space.references.append(reference)
 
@@ -341,7 +349,9 @@ class Int8Plan(SearchPlan):
 
         @functools.cache
         def made() -> tuple[Build, onnx.ModelProto]:
-            if tier.transform not in self.recovered:
+            # The int8-model fits run in each build: tiers whose source steps agree share one recovered source.
+            key = replace(tier.settings, quantized_adaround=False, quantized_bias_correction=False)
+            if key not in self.recovered:
                 ctx.progress(f"{tier.transform} tier: {tier.label}")
                 try:
                     recovered = recover(base, list(calib.feeds(tier.settings.samples)), self.scheme, tier.settings)
@@ -349,9 +359,9 @@ class Int8Plan(SearchPlan):
                     raise TierUnavailable(
                         f"{tier.label} could not run on this model ({exc.__class__.__name__}: {exc})"
                     ) from exc
-                summary[tier.summary_key] = tier_summary(tier, recovered)
-                self.recovered[tier.transform] = recovered
-            recovered = self.recovered[tier.transform]
+                self.recovered[key] = recovered
+            recovered = self.recovered[key]
+            summary[tier.summary_key] = tier_summary(tier, recovered)
             build = self._builder(
                 recovered.quantize_source,
                 calib,

@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 from lepton_cli.passes._quantize.loss_attribution import LossByOpType, loss_by_op_type
 from lepton_cli.passes._quantize.sensitivity import float_gains, local_errors, quantized_nodes
-from lepton_cli.passes._quantize.source_tiers import RECOVERY
+from lepton_cli.passes._quantize.source_tiers import RECOVERY_TRANSFORMS
 from lepton_cli.passes._quantize.trunk import TrunkPrefixes
 
 from lepton_cli.errors import QualityGateError
@@ -156,6 +156,8 @@ class SearchSpace:
     verified_rewrite: tuple[str, Callable[[onnx.ModelProto], tuple[onnx.ModelProto, int]]] | None = None
     # Tiers searched only when no earlier tier has a candidate within budget (never probed before them).
     fallback: set[int] = field(default_factory=set)
+    # Tiers that offer only their fully quantized candidates (no float-kept variant is built or ranked).
+    full_only: set[int] = field(default_factory=set)
 
     def transform(self, tier: int) -> str:
         return self.transforms[tier] if self.transforms is not None else ""
@@ -390,7 +392,7 @@ def _no_candidate(
         )
         return QualityGateError(tried + noise, fix, attempt_summary=first)
     undecided = _undecided(trials, budget)
-    searched = any(t.transform == RECOVERY for t in trials)
+    searched = any(t.transform in RECOVERY_TRANSFORMS for t in trials)
     fix = failed_fix(max_float, undecided, evaluator.count if undecided else 0, searched)
     where = where_lost() if where_lost is not None else None
     clause = where.clause() if where is not None else ""
@@ -443,7 +445,8 @@ def _tier_note(space: SearchSpace, tier: int) -> str:
     assert space.tiers is not None
     ops = f"op types: {', '.join(space.tiers[tier]) or 'every op ONNX Runtime quantizes'}"
     if space.transform(tier):
-        return f"{ops}, {space.transform(tier)} source (searched when priced below the choice so far)"
+        only = ", fully quantized only" if tier in space.full_only else ""
+        return f"{ops}, {space.transform(tier)} source (searched when priced below the choice so far{only})"
     first = tier < len(space.tiers) - 1 and not space.transform(tier + 1)
     return ops + (" (fast_op_types, tried first)" if first else "")
 
@@ -634,7 +637,7 @@ def _search_tier(
         budget,
         space.reference(tier),
         feeds[:SENSITIVITY_SAMPLES],
-        max_float=settings.max_float,
+        max_float=0 if tier in space.full_only else settings.max_float,
         candidates=space.candidates,
         progress=progress,
         float_weights=settings.float_weights,

@@ -268,7 +268,7 @@ def _with_smoothquant_tier(space: SearchSpace, builds_log: list[str], made: list
     return space
 
 
-def _tune_with_tier(monkeypatch, drops: dict[str, float], costs: dict[str, float]):
+def _tune_with_tier(monkeypatch, drops: dict[str, float], costs: dict[str, float], full_only: frozenset = frozenset()):
     references: list[str] = []  # the float model each sensitivity ranking ran against
     monkeypatch.setattr(
         tuning, "float_gains", lambda ref, *a, **k: references.append(ref.doc_string) or [(n, 1.0) for n in NODES]
@@ -278,6 +278,7 @@ def _tune_with_tier(monkeypatch, drops: dict[str, float], costs: dict[str, float
     made: list[str] = []
     base = onnx.load(DIGITS / "digits_cnn.onnx")
     space = _with_smoothquant_tier(_space(base, builds), builds, made)
+    space.full_only = set(full_only)
     summary: dict = {}
     settings = TunerSettings(max_float=4, float_weights=True, confidence=0.5, hardware=load_target("cpu-avx").hardware)
     _, best = tuning.tune(space, _Evaluator(drops), 1.0, "test", settings, summary, lambda *a: None)
@@ -294,6 +295,24 @@ def test_a_transform_tier_cheaper_than_the_plain_choice_wins_and_ranks_against_i
     assert summary["transform"] == "smoothquant" and summary["float_kept"] == ["n0"]
     assert made == ["reference"] and references[-1] == "smoothed reference"  # its float-kept nodes read its source
     assert [t["transform"] for t in summary["tried"] if t["cost_ms"] in (11.0, 12.0)][-2:] == ["smoothquant"] * 2
+
+
+def test_a_fully_quantized_only_tier_builds_no_float_kept_variant(monkeypatch):
+    # as above, but the transform tier offers only its fully quantized model (fast_recovery_tier): its 1-float variant,
+    # which would fit and win, is never built, so the plain tier's 4 float nodes stand
+    drops = {"t0:minmax:n0,n1,n2,n3": 0.5, "sq:minmax:n0": 0.6}
+    costs = {"t0:minmax:": 10.0, "t0:minmax:n0": 11.0, "t0:minmax:n0,n1": 12.0, "t0:minmax:n0,n1,n2": 13.5}
+    costs |= {"t0:minmax:n0,n1,n2,n3": 14.0, "t1:minmax:": 15.0, "sq:minmax:": 11.0, "sq:minmax:n0": 12.0}
+    best, summary, builds, _, _ = _tune_with_tier(monkeypatch, drops, costs, frozenset({2}))
+    assert best.transform == "" and best.float_nodes == ["n0", "n1", "n2", "n3"]
+    assert [b for b in builds if b.startswith("sq:")] == ["sq:minmax:"]
+
+
+def test_a_fully_quantized_only_tier_wins_when_its_fully_quantized_model_fits(monkeypatch):
+    drops = {"t0:minmax:n0,n1,n2,n3": 0.5, "sq:minmax:": 0.7}
+    costs = {"t0:minmax:": 10.0, "t0:minmax:n0,n1,n2,n3": 14.0, "t1:minmax:": 15.0, "sq:minmax:": 10.0}
+    best, summary, _, _, _ = _tune_with_tier(monkeypatch, drops, costs, frozenset({2}))
+    assert best.transform == "smoothquant" and best.float_nodes == [] and summary["float_kept"] == []
 
 
 def test_a_transform_tier_is_neither_made_nor_built_when_the_plain_choice_is_fully_quantized(monkeypatch):

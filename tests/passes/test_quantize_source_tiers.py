@@ -8,7 +8,14 @@ import pytest
 from conftest import DIGITS
 from corpus_runs import compile_for, held_out_char_drop, int8_macs_pct, needs_corpus
 from lepton_cli.passes._quantize.recovery import Recovered, RecoverySettings
-from lepton_cli.passes._quantize.source_tiers import RECOVERY, SMOOTHQUANT, source_tiers, tier_changed, tier_summary
+from lepton_cli.passes._quantize.source_tiers import (
+    FAST_RECOVERY,
+    RECOVERY,
+    SMOOTHQUANT,
+    source_tiers,
+    tier_changed,
+    tier_summary,
+)
 from lepton_cli.passes.quantize import QuantizeParams
 
 
@@ -35,6 +42,19 @@ def test_smoothquant_tier_needs_matmul_weights_and_comes_first():
     assert not tiers[0].settings.adaround  # each tier carries only its own steps on top of the plain ones
 
 
+def test_the_fast_recovery_tier_comes_first_and_quantizes_the_first_tiers_op_types():
+    params = QuantizeParams(
+        smoothquant_tier_alpha=0.8, recovery_tier=["adaround"], fast_recovery_tier=["adaround", "quantized_adaround"]
+    )
+    tiers = source_tiers(params, RecoverySettings(), matmul_layers=lambda: True)
+    assert [t.transform for t in tiers] == [FAST_RECOVERY, SMOOTHQUANT, RECOVERY]
+    assert tiers[0].first_ops and not any(t.first_ops for t in tiers[1:])
+    assert tiers[0].added == ("adaround", "quantized_adaround") and tiers[0].settings.int8_steps == (
+        "quantized_adaround",
+    )
+    assert tiers[0].summary_key == "fast_recovery_tier"
+
+
 def test_the_report_says_what_the_recovery_tier_changed():
     params = QuantizeParams(recovery_tier=["adaround", "bias_correction"])
     (tier,) = source_tiers(params, RecoverySettings(), matmul_layers=lambda: False)
@@ -45,18 +65,14 @@ def test_the_report_says_what_the_recovery_tier_changed():
     assert tier_changed(tier, summary) == "adaround: 31 layers, bias_correction: 33 layers (searched as a tier)"
 
 
-def test_the_recovery_tier_quantizes_the_corrected_source_and_keeps_float_nodes_on_the_reference(tmp_path):
-    """digits (trained CNN, its own calibration and held-out images) on cpu-avx with a bias-correction tier: the
-    tier's fully quantized model carries corrected int32 biases and is closer to the float model on held-out digits
-    than the plain last tier's; a node it keeps float reads the source's float weights and bias, not corrected ones."""
+def _digits_space(tmp_path, tiers: dict) -> tuple:
+    """(search space, summary) of digits (trained CNN) on cpu-avx, minmax, with the source tiers ``tiers`` names."""
     import dataclasses
 
     from lepton_cli.passes._quantize import schemes
     from lepton_cli.passes.quantize import make_plan
-    from onnx import numpy_helper
 
     from lepton_cli.host.detect import HostInfo
-    from lepton_cli.model.sessions import make_session
     from lepton_cli.pipeline.context import PassContext
     from lepton_cli.pipeline.params import from_table
     from lepton_cli.pipeline.registry import get_pass
@@ -67,32 +83,44 @@ def test_the_recovery_tier_quantizes_the_corrected_source_and_keeps_float_nodes_
     schemes.name_nodes(model)
     target = load_target("cpu-avx")
     step = next(s for s in target.passes if s.name == "quantize")
-    table = vars(step.params) | {"methods": ["minmax"], "recovery_tier": ["bias_correction"]}
+    table = vars(step.params) | {"methods": ["minmax"], "recovery_tier": [], "fast_recovery_tier": []} | tiers
     params = from_table(get_pass("quantize").params_cls, table, "cpu-avx.quantize")
     host = dataclasses.replace(HostInfo.unknown(), arch="x86_64", isa=("avx512_vnni", "avx2"))
     ctx = PassContext(target=target, calib=load_samples(DIGITS / "calib.npz", model), host=host, work_dir=tmp_path)
     summary: dict = {}
-    space = make_plan(params, ctx).space(model, ctx, ctx.calib, summary)
+    return make_plan(params, ctx).space(model, ctx, ctx.calib, summary), summary
+
+
+def _held_out_error(space, model: onnx.ModelProto) -> float:
+    """Mean absolute output error against the float model on 128 held-out digits."""
+    from lepton_cli.model.sessions import make_session
+
+    images = np.load(DIGITS / "eval.npz")["image"][:128]
+    name = space.float_model.graph.input[0].name
+    got = make_session(model).run(None, {name: images})[0]
+    return float(np.abs(got - make_session(space.float_model).run(None, {name: images})[0]).mean())
+
+
+def _int32_biases(m: onnx.ModelProto) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT32}
+
+
+def test_the_recovery_tier_quantizes_the_corrected_source_and_keeps_float_nodes_on_the_reference(tmp_path):
+    """digits (trained CNN, its own calibration and held-out images) on cpu-avx with a bias-correction tier: the
+    tier's fully quantized model carries corrected int32 biases and is closer to the float model on held-out digits
+    than the plain last tier's; a node it keeps float reads the source's float weights and bias, not corrected ones."""
+    from onnx import numpy_helper
+
+    space, summary = _digits_space(tmp_path, {"recovery_tier": ["bias_correction"]})
     assert space.transforms == ["", "", SMOOTHQUANT, RECOVERY]  # digits' Gemm gets the SmoothQuant tier offered too
     assert space.tiers[-1] == space.tiers[1]  # the recovery tier quantizes the last plain tier's op types
+    assert not space.full_only
     plain, corrected = space.builds[1]("minmax", []), space.builds[-1]("minmax", [])
     assert summary["recovery_tier"]["steps"] == ["bias_correction"]
-
-    def biases(m: onnx.ModelProto) -> dict[str, np.ndarray]:
-        return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT32}
-
-    assert any(not np.array_equal(a, biases(corrected)[n]) for n, a in biases(plain).items())
-    images = np.load(DIGITS / "eval.npz")["image"][:128]
-    name = model.graph.input[0].name
-
-    def error(m: onnx.ModelProto) -> float:
-        got, ref = (
-            make_session(m).run(None, {name: images})[0],
-            make_session(space.float_model).run(None, {name: images})[0],
-        )
-        return float(np.abs(got - ref).mean())
-
-    assert error(corrected) < error(plain)
+    assert any(not np.array_equal(a, _int32_biases(corrected)[n]) for n, a in _int32_biases(plain).items())
+    assert _held_out_error(space, corrected) < _held_out_error(space, plain)
     conv = next(n for n in space.float_model.graph.node if n.op_type == "Conv")
     kept = space.builds[-1]("minmax", [conv.name])
     source = {t.name: numpy_helper.to_array(t) for t in space.float_model.graph.initializer}
@@ -100,6 +128,19 @@ def test_the_recovery_tier_quantizes_the_corrected_source_and_keeps_float_nodes_
     initializers = {t.name: numpy_helper.to_array(t) for t in kept.graph.initializer}
     for tensor in conv.input[1:]:
         assert np.array_equal(initializers[kept_conv.input[list(conv.input).index(tensor)]], source[tensor])
+
+
+def test_the_fast_recovery_tier_quantizes_every_op_of_the_corrected_source_fully_quantized_only(tmp_path):
+    """digits on cpu-avx with a fast bias-correction tier: it quantizes the first plain tier's op types (every op),
+    is offered fully quantized only, carries corrected biases and is closer to the float model on held-out digits
+    than the plain every-op tier."""
+    space, summary = _digits_space(tmp_path, {"fast_recovery_tier": ["bias_correction"]})
+    assert space.transforms == ["", "", FAST_RECOVERY, SMOOTHQUANT]
+    assert space.tiers[2] == space.tiers[0] != space.tiers[1] and space.full_only == {2}
+    plain, corrected = space.builds[0]("minmax", []), space.builds[2]("minmax", [])
+    assert summary["fast_recovery_tier"]["steps"] == ["bias_correction"]
+    assert any(not np.array_equal(a, _int32_biases(corrected)[n]) for n, a in _int32_biases(plain).items())
+    assert _held_out_error(space, corrected) < _held_out_error(space, plain)
 
 
 @pytest.mark.slow
