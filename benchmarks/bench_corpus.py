@@ -118,7 +118,7 @@ def _latency_ratio(
     fp32: bytes, candidate: bytes, fp32_feed: dict, candidate_feed: dict, threads: int, seconds: float
 ) -> float:
     """Median candidate time / median fp32 time over interleaved single runs."""
-    sessions = [session(fp32, threads), session(candidate, threads)]
+    sessions = [session(fp32, threads, timed=True), session(candidate, threads, timed=True)]
     runs = [[], []]
     for sess, feed in zip(sessions, (fp32_feed, candidate_feed)):
         sess.run(None, feed)  # warm-up

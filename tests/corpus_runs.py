@@ -60,3 +60,17 @@ def held_out_char_drop(model: Any, saved: Path) -> float:
     candidate, _ = compiled_outputs(saved.read_bytes(), feeds(session(path), evaluation))
     source = char_accuracy(model, evaluation, reference, reference, chars)
     return source - char_accuracy(model, evaluation, reference, candidate, chars)
+
+
+def held_out_top1_flips(model: Any, saved: Path) -> tuple[int, int]:
+    """(held-out samples whose arg-max of the first output the compiled model changed, samples), against the source."""
+    from benchmarks.corpus.runner import compiled_outputs, feeds, run_all, session
+    from benchmarks.corpus.store import ensure_data, ensure_model
+
+    _, evaluation_path = ensure_data(model)
+    evaluation = {k: v for k, v in np.load(evaluation_path).items() if k != "labels"}
+    path = ensure_model(model)
+    reference = run_all(session(path), evaluation)
+    candidate, _ = compiled_outputs(saved.read_bytes(), feeds(session(path), evaluation))
+    changed = sum(int(np.argmax(r[0]) != np.argmax(c[0])) for r, c in zip(reference, candidate))
+    return changed, len(reference)

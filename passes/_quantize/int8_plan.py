@@ -489,6 +489,9 @@ class Int8Plan(SearchPlan):
             if not rows:
                 rows = [self._searched_or_scored(evaluator, self._plain_build(ops), [], summary, best.method, ops, "")]
             steps = rows[-1]["steps"] + list(tier.added)
+            # what the int8-model fits changed in the chosen method's model (each build fits its own)
+            fitted = self.int8_fits.changed((best.transform, best.method))
+            summary.get(tier.summary_key, {}).setdefault("changed", {}).update(fitted)
             build = self.builds[len(self.tiers) + self.source_tiers.index(tier)]
             row = self._searched_or_scored(evaluator, build, steps, summary, best.method, ops, best.transform)
             rows.append(row | {"changed": tier_changed(tier, summary)})
