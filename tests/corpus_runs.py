@@ -44,33 +44,33 @@ def int8_macs_pct(model: Any, saved: Path) -> float:
     return int8_mac_share(onnx.load(saved), model.input_shapes)
 
 
-def held_out_char_drop(model: Any, saved: Path) -> float:
-    """Character-accuracy points the compiled recogniser loses against its source on the held-out lines (fed and
-    read back in the source's layout, as the yardstick does for a target with NHWC I/O)."""
-    from benchmarks.corpus.data import charset
-    from benchmarks.corpus.metrics import char_accuracy
+def _held_out_outputs(model: Any, saved: Path) -> tuple[dict[str, np.ndarray], list, list, Path]:
+    """(held-out arrays, the source's outputs, the compiled model's, the source's path): the compiled model fed and
+    read back in the source's layout, as the yardstick does for a target with NHWC or integer I/O."""
     from benchmarks.corpus.runner import compiled_outputs, feeds, run_all, session
     from benchmarks.corpus.store import ensure_data, ensure_model
 
     _, evaluation_path = ensure_data(model)
     evaluation = dict(np.load(evaluation_path))
     path = ensure_model(model)
-    chars = charset(model, path)
     reference = run_all(session(path), evaluation)
     candidate, _ = compiled_outputs(saved.read_bytes(), feeds(session(path), evaluation))
+    return evaluation, reference, candidate, path
+
+
+def held_out_char_drop(model: Any, saved: Path) -> float:
+    """Character-accuracy points the compiled recogniser loses against its source on the held-out lines."""
+    from benchmarks.corpus.data import charset
+    from benchmarks.corpus.metrics import char_accuracy
+
+    evaluation, reference, candidate, path = _held_out_outputs(model, saved)
+    chars = charset(model, path)
     source = char_accuracy(model, evaluation, reference, reference, chars)
     return source - char_accuracy(model, evaluation, reference, candidate, chars)
 
 
 def held_out_top1_flips(model: Any, saved: Path) -> tuple[int, int]:
     """(held-out samples whose arg-max of the first output the compiled model changed, samples), against the source."""
-    from benchmarks.corpus.runner import compiled_outputs, feeds, run_all, session
-    from benchmarks.corpus.store import ensure_data, ensure_model
-
-    _, evaluation_path = ensure_data(model)
-    evaluation = {k: v for k, v in np.load(evaluation_path).items() if k != "labels"}
-    path = ensure_model(model)
-    reference = run_all(session(path), evaluation)
-    candidate, _ = compiled_outputs(saved.read_bytes(), feeds(session(path), evaluation))
+    _, reference, candidate, _ = _held_out_outputs(model, saved)
     changed = sum(int(np.argmax(r[0]) != np.argmax(c[0])) for r, c in zip(reference, candidate))
     return changed, len(reference)

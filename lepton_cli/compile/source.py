@@ -12,7 +12,7 @@ import onnx
 from lepton_cli.errors import BadInputError
 from lepton_cli.model.load import LoadedModel, upgrade_opset
 from lepton_cli.model.sessions import make_session, model_random_feed
-from lepton_cli.model.shapes import bind_input_shapes, graph_inputs, parse_input_shapes
+from lepton_cli.model.shapes import bind_input_shapes, graph_inputs, parse_input_shapes, rebound_inputs
 from lepton_cli.pipeline.targets import Target
 from lepton_cli.samples.preprocess import load_image_folder
 from lepton_cli.samples.sample_set import SampleSet, check_bound_shapes, load_samples
@@ -46,7 +46,7 @@ def prepare_source(
     model, note = upgrade_opset(loaded.model, target.runtime.opset_min, target.runtime.opset_max)
     if note:
         normalisation.append(note)
-    rebinds = _rebinds_fixed_dims(model, input_shapes)
+    rebinds = bool(rebound_inputs(model, parse_input_shapes(input_shapes)))
     if rebinds:  # bound first: the data is checked against the size the user rebinds a fixed dim to
         model, shapes, note = _bind_shapes(model, input_shapes, None, rebinds=True)
     calib_set = _samples(calib, model, "--calib", preprocess)
@@ -70,20 +70,10 @@ def _samples(path: Path | None, model: onnx.ModelProto, role: str, preprocess: s
     return load_samples(path, model, role=role)
 
 
-def _rebinds_fixed_dims(model: onnx.ModelProto, input_shapes: list[str]) -> bool:
-    """Whether --input-shape gives a dim the model fixes another size (an export-time size rebound)."""
-    dims = {sig.name: sig.dims for sig in graph_inputs(model)}
-    return any(
-        isinstance(have, int) and have != want
-        for name, wanted in parse_input_shapes(input_shapes).items()
-        for want, have in zip(wanted, dims.get(name, ()))
-    )
-
-
 def _bind_shapes(
     model: onnx.ModelProto, input_shapes: list[str], calib: SampleSet | None, *, rebinds: bool = False
 ) -> tuple[onnx.ModelProto, dict[str, list[int]], str | None]:
-    """``rebinds``: --input-shape gives a fixed dim another size (``_rebinds_fixed_dims``), checked by a run."""
+    """``rebinds``: --input-shape gives a fixed dim another size (``shapes.rebound_inputs``), checked by a run."""
     shapes = parse_input_shapes(input_shapes)
     source = "--input-shape"
     if not shapes and calib is not None:

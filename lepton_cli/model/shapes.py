@@ -109,6 +109,16 @@ def _fix_input_dims(graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> Non
                 dim.dim_value = symbols[dim.dim_param]
 
 
+def rebound_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> list[str]:
+    """The inputs ``shapes`` gives a size other than a dim the model fixes (an export-time size rebound)."""
+    dims = {sig.name: sig.dims for sig in graph_inputs(model)}
+    return [
+        name
+        for name, wanted in shapes.items()
+        if any(isinstance(have, int) and have != want for want, have in zip(wanted, dims.get(name, ())))
+    ]
+
+
 def bind_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
     """Bind the named inputs' dims to ``shapes`` and re-infer shapes. A fixed dim may be rebound (an export-time size,
     as CenterFace's 10x3x32x32 for a fully convolutional detector); whether the model runs at the new size is the
@@ -128,11 +138,7 @@ def bind_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> o
                 f"--input-shape {name}: {len(dims)} dims given, the input has rank {len(sig.dims)} {list(sig.dims)}",
                 f"give exactly {len(sig.dims)} dims",
             )
-    rebound = [
-        name
-        for name, dims in shapes.items()
-        if any(isinstance(have, int) and have != want for want, have in zip(dims, inputs[name].dims))
-    ]
+    rebound = rebound_inputs(model, shapes)
     bound = onnx.ModelProto()
     bound.CopyFrom(model)
     _fix_input_dims(bound.graph, shapes)
