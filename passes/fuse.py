@@ -7,8 +7,11 @@ adds what it leaves:
 * ``simplify``: onnxsim, and the opset raise (within ``runtime.opset_max``) that lets its
   LayerNormalization / Gelu fusions fire, kept only when it fused;
 * ``dropout``: inference Dropouts that declare an unread mask output;
+* ``centered_variance``, ``layer_norm``: a LayerNorm written out (flax's E[x²] − E[x]² variance) centered and
+  made one LayerNormalization;
 * ``bias_adds``: an Add of a per-channel constant after a Conv that already has a bias, or after a Gemm;
 * ``activation``: decomposed hard-swish and scalar affine blocks folded into their Convs;
+* ``saturated_tanh``: GELU's tanh polynomial computed on its input clipped where the Tanh saturates;
 * ``deconv_depth``: non-overlapping ConvTranspose chains (a DBNet head) as 1×1 Convs and one DepthToSpace;
 * ``gated_residual``: ``x + x * g`` with a squeeze-excite gate as ``x * (1 + g)``;
 * ``focus``: YOLO's Focus slices as one SpaceToDepth, the next Convs' weights permuted;
@@ -30,7 +33,9 @@ from lepton_cli.passes._fuse.deconv_depth import deconvs_as_depth
 from lepton_cli.passes._fuse.dropout import remove_inference_dropouts
 from lepton_cli.passes._fuse.focus import focus_as_space_to_depth
 from lepton_cli.passes._fuse.gated_residual import fold_gated_residuals
+from lepton_cli.passes._fuse.layer_norm import written_out_norms
 from lepton_cli.passes._fuse.ort_offline import ort_offline_graph
+from lepton_cli.passes._fuse.saturated_tanh import clip_saturated_tanh_inputs
 from lepton_cli.passes._fuse.simplify import op_counts, simplify, with_opset_for_norms
 
 from lepton_cli.errors import BadInputError
@@ -51,7 +56,8 @@ class FuseParams:
     # Constants larger than this stay unfolded: the runtime builds a huge ConstantOfShape as cheaply from its shape.
     fold_limit_mb: float = 64.0
     fuse_norms: bool = True  # LayerNormalization / Gelu fusion, bumping the opset within runtime.opset_max
-    # Decomposed hard-swish -> HardSigmoid + Mul, scalar affine blocks folded into Convs (_fuse/activation.py)
+    # Decomposed hard-swish -> HardSigmoid + Mul, scalar affine blocks folded into Convs (_fuse/activation.py), a
+    # Tanh's polynomial on its input clipped where the Tanh saturates (_fuse/saturated_tanh.py)
     fuse_activations: bool = True
     # ConvTranspose with kernel = stride -> 1×1 Conv + DepthToSpace, chained (_fuse/deconv_depth.py)
     deconv_as_depth: bool = True
@@ -87,8 +93,8 @@ def _simplified(model: onnx.ModelProto, ctx: PassContext, params: FuseParams, no
 
 def _activation_rewrites(
     source: onnx.ModelProto, result: onnx.ModelProto, ctx: PassContext, params: FuseParams, notes: list[str]
-) -> tuple[int, int]:
-    """(hard-swishes fused, scalar affine blocks folded), rewriting ``result`` in place."""
+) -> tuple[int, int, int]:
+    """(hard-swishes fused, scalar affine blocks folded, Tanh polynomials clipped), rewriting ``result`` in place."""
     supported = ctx.target.runtime.supported_ops
     hard_sigmoid_ok = not supported or "HardSigmoid" in supported  # only where the target runs HardSigmoid
     # an already-quantized model keeps its float rounding: its quantizer's scales were chosen for it
@@ -97,7 +103,7 @@ def _activation_rewrites(
         notes.append("activation rewrites skipped: the model is already quantized")
     hard_swish = fuse_hard_swish(result) if activations and hard_sigmoid_ok else 0
     affine_folds = fold_scalar_affine(result) if activations else 0
-    return hard_swish, affine_folds
+    return hard_swish, affine_folds, clip_saturated_tanh_inputs(result) if activations else 0
 
 
 def _gated_residual_rewrites(source: onnx.ModelProto, result: onnx.ModelProto, params: FuseParams) -> int:
@@ -151,9 +157,10 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> PassRe
     notes: list[str] = []
     result = _simplified(model, ctx, params, notes)
     constants_to_initializers(result)
+    result, centered, norms = written_out_norms(result, params.fuse_norms, ctx.target.runtime.opset_max, notes)
     dropouts = remove_inference_dropouts(result)
     bias_folds = fold_bias_adds(result)
-    hard_swish, affine_folds = _activation_rewrites(model, result, ctx, params, notes)
+    hard_swish, affine_folds, tanh_clips = _activation_rewrites(model, result, ctx, params, notes)
     deconvs = _deconv_rewrites(model, result, ctx, params)
     gated = _gated_residual_rewrites(model, result, params)
     supported = ctx.target.runtime.supported_ops
@@ -172,11 +179,14 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> PassRe
         "bias_adds_folded": bias_folds,
         "hard_swish_fused": hard_swish,
         "scalar_affine_folded": affine_folds,
+        "tanh_inputs_clipped": tanh_clips,
         "deconvs_as_depth": deconvs,
         "gated_residuals_folded": gated,
         "focus_as_space_to_depth": focus,
         "channel_shuffles_as_gather": shuffles,
         "dropouts_removed": dropouts,
+        "variances_centered": centered,
+        "layer_norms_fused": norms,
         "opset": opset(result),
         "ort_offline": params.ort_offline,
     }

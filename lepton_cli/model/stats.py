@@ -62,20 +62,22 @@ def _tensor_elems(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims)) if tensor.dims else 1
 
 
-def inferred_values(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """The graph's inputs, value_info and outputs after shape inference (the model's own where inference fails)."""
+def inferred_values(model: onnx.ModelProto, data_prop: bool = False) -> list[onnx.ValueInfoProto]:
+    """The graph's inputs, value_info and outputs after shape inference (the model's own where inference fails);
+    ``data_prop`` also follows shapes computed in the graph (Shape -> Slice -> Concat -> Reshape)."""
     try:
-        graph = onnx.shape_inference.infer_shapes(shapes_only_copy(model), strict_mode=False).graph
+        copy = shapes_only_copy(model)
+        graph = onnx.shape_inference.infer_shapes(copy, strict_mode=False, data_prop=data_prop).graph
     except Exception:  # shape inference fails on some exotic graphs; MACs then stay unknown
         graph = model.graph
     return [*graph.input, *graph.value_info, *graph.output]
 
 
-def shape_map(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+def shape_map(model: onnx.ModelProto, data_prop: bool = False) -> dict[str, list[int | None]]:
     """Every tensor's inferred shape (None for an unknown dim), constants included: what MAC counts read."""
     shapes: dict[str, list[int | None]] = {}
     graph = model.graph
-    for value in inferred_values(model):
+    for value in inferred_values(model, data_prop):
         dims = value.type.tensor_type.shape.dim
         shapes[value.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
     for tensor in _constant_tensors(graph):
