@@ -17,19 +17,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from lepton_cli.passes._fuse.moments import scalar
 from onnx import helper
 
 from lepton_cli.model.graph_edit import GraphIndex, drop_unused_initializers
 from lepton_cli.model.op_traits import attrs
 
 HARD_SIGMOID_ALPHA, HARD_SIGMOID_BETA = 1.0 / 6.0, 0.5
-
-
-def _scalar(g: GraphIndex, name: str) -> float | None:
-    value = g.const(name)
-    if value is None or value.size != 1 or not np.issubdtype(value.dtype, np.floating):
-        return None
-    return float(value.reshape(()))
 
 
 def _other(node: onnx.NodeProto, name: str) -> str | None:
@@ -44,8 +38,8 @@ def _clip_bounds(g: GraphIndex, node: onnx.NodeProto) -> tuple[float, float] | N
     if len(node.input) == 1:  # opset < 11: attributes
         a = attrs(node)
         return float(a.get("min", -np.inf)), float(a.get("max", np.inf))
-    lo = _scalar(g, node.input[1]) if len(node.input) > 1 and node.input[1] else -np.inf
-    hi = _scalar(g, node.input[2]) if len(node.input) > 2 and node.input[2] else np.inf
+    lo = scalar(g, node.input[1]) if len(node.input) > 1 and node.input[1] else -np.inf
+    hi = scalar(g, node.input[2]) if len(node.input) > 2 and node.input[2] else np.inf
     return None if lo is None or hi is None else (lo, hi)
 
 
@@ -55,7 +49,7 @@ def _match_hard_swish(g: GraphIndex, add: onnx.NodeProto) -> tuple[str, str, lis
         return add.input[0], add.output[0], [add]
     if add.op_type != "Add":
         return None
-    x = next((i for i in add.input if _scalar(g, _other(add, i) or "") == 3.0), None)
+    x = next((i for i in add.input if scalar(g, _other(add, i) or "") == 3.0), None)
     clip = g.only_reader(add.output[0]) if x is not None else None
     if clip is None or _clip_bounds(g, clip) != (0.0, 6.0):
         return None
@@ -75,9 +69,9 @@ def _match_hard_swish(g: GraphIndex, add: onnx.NodeProto) -> tuple[str, str, lis
 
 def _divides_by_six(g: GraphIndex, node: onnx.NodeProto, tensor: str) -> bool:
     if node.op_type == "Div" and len(node.input) == 2 and node.input[0] == tensor:
-        return _scalar(g, node.input[1]) == 6.0
+        return scalar(g, node.input[1]) == 6.0
     if node.op_type == "Mul":
-        factor = _scalar(g, _other(node, tensor) or "")
+        factor = scalar(g, _other(node, tensor) or "")
         return factor is not None and abs(factor - 1.0 / 6.0) < 1e-7
     return False
 
@@ -162,7 +156,7 @@ def _fold_into_next_conv(g: GraphIndex, node: onnx.NodeProto) -> bool:
     if parts is None:
         return False
     for source in node.input:
-        value = _scalar(g, _other(node, source) or "")
+        value = scalar(g, _other(node, source) or "")
         if value is None or g.const(source) is not None:
             continue
         weight, bias = parts
@@ -187,7 +181,7 @@ def _fold_into_hard_swish(g: GraphIndex, node: onnx.NodeProto) -> bool:
     if node.op_type != "Mul" or len(node.input) != 2:
         return False
     for inner_out in node.input:
-        s = _scalar(g, _other(node, inner_out) or "")
+        s = scalar(g, _other(node, inner_out) or "")
         inner = g.producer.get(inner_out)
         if s is None or s == 0.0 or inner is None or inner.op_type != "Mul" or not g.sole_use(inner_out):
             continue
