@@ -12,6 +12,10 @@ from lepton_cli.evaluate.input_floor import noise_clause
 
 INT8_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
 CLASS_METRICS = ("top1", "top1_agreement", "top1_agreement+cosine")
+# A collapse keeps under nine tenths of the source's mean confidence in its own class (the classifier: 0.93
+# -> 0.44). Points of probability are not points of the budget: every int8 Magika read 0.85 -> 0.83-0.84 and was
+# warned about with all 512 held-out answers kept (session 34).
+CONFIDENCE_KEPT = 0.9
 
 
 class PassStep(Protocol):
@@ -61,7 +65,7 @@ def accuracy_warnings(accuracy: dict[str, Any]) -> list[str]:
         if (
             o["metric"] in CLASS_METRICS
             and top
-            and (top[0] - top[1] > budget or (cosine is not None and 100 * (1 - cosine) > budget))
+            and (top[1] < CONFIDENCE_KEPT * top[0] or (cosine is not None and 100 * (1 - cosine) > budget))
         ):
             out.append(
                 f"output {name!r}: top-1 {o['value']:.2f}% but the confidence collapsed: mean top probability "

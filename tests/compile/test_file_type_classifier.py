@@ -164,6 +164,7 @@ def test_default_tpu_is_fully_integer_and_keeps_held_out_answers(magika, calib_f
     )  # fmt: skip
     assert result.code == 0, result.stderr[-2000:]
     assert "LayerNormalization" in result.stderr  # named among the ops left to the host
+    assert "confidence collapsed" not in result.stderr  # mean top probability 0.85 -> 0.83 is no collapse
     compiled = onnx.load_from_string(_open(tmp_path / "model.tpu.lepton").models["model.onnx"])
     quantized_inputs = {n.output[0] for n in compiled.graph.node if n.op_type == "DequantizeLinear"}
     for node in compiled.graph.node:
