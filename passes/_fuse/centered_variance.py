@@ -57,6 +57,8 @@ def _remove_dead(g: GraphIndex, nodes: list[onnx.NodeProto]) -> None:
 
 def center_variances(model: onnx.ModelProto) -> int:
     """Rewrite, in place, each variance taken as E[x²] − E[x]² as the mean of (x − mean)²; how many."""
+    if not any(n.op_type in ("ReduceSum", "ReduceMean") for n in model.graph.node):
+        return 0  # no mean to take: spare the shape inference
     g, names = GraphIndex(model.graph), FreshNames(model)
     shapes = shape_map(model, data_prop=True)  # jax2tf exports compute their Reshape shapes in the graph
     rewritten = 0

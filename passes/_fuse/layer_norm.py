@@ -211,7 +211,8 @@ def written_out_norms(
     ``fuse_norms``, each written-out norm made one LayerNormalization, raising the opset to 17 where
     ``opset_max`` allows and there is a norm to fuse."""
     centered_count = center_variances(model)
-    if not fuse_norms or not any(n.op_type == "Sqrt" for n in model.graph.node):
+    ops = {n.op_type for n in model.graph.node}
+    if not fuse_norms or "Sqrt" not in ops or not ops & {"ReduceSum", "ReduceMean"}:
         return model, centered_count, 0
     current = opset(model)
     if current < LAYER_NORM_OPSET:
