@@ -116,6 +116,8 @@ def _match(g: GraphIndex, shapes: dict, square: onnx.NodeProto) -> _Norm | None:
     mean = mean_of(g, shapes, _mean_source(g, sub.input[1]))
     if mean is None or mean[0] != x or centered(g, x, _mean_source(g, sub.input[1])) != difference or not dims:
         return None
+    if [a % len(dims) for a in reduced_axes(g, mean[1]) or ()] != [axis % len(dims)]:
+        return None  # the mean and the variance over different axes: not a norm
     axis %= len(dims)
     scale = _inverse_std(g, variance)
     if scale is None or dims[axis] is None:
