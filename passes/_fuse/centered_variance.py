@@ -66,9 +66,9 @@ def center_variances(model: onnx.ModelProto) -> int:
         found = _match(g, shapes, sub)
         if found is None:
             continue
-        centered, reduce, scaling = found
+        difference, reduce, scaling = found
         squared = helper.make_node(
-            "Mul", [centered, centered], [names.fresh(centered + "_sq")], name=names.fresh(sub.name + "_sq")
+            "Mul", [difference, difference], [names.fresh(difference + "_sq")], name=names.fresh(sub.name + "_sq")
         )
         summed = onnx.NodeProto()
         summed.CopyFrom(reduce)

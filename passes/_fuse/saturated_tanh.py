@@ -45,9 +45,8 @@ def _cone(g: GraphIndex, tanh: onnx.NodeProto) -> tuple[str, list[onnx.NodeProto
     tensors only the cone reads, back to the one tensor something else reads too."""
     cone: list[onnx.NodeProto] = []
     inside = {id(tanh)}
-    for node in reversed(
-        g.graph.node[: g.position(tanh)]
-    ):  # readers before producers: a node joins once all its readers have
+    # readers before producers: a node joins once all its readers have
+    for node in reversed(g.graph.node[: g.position(tanh)]):
         out = node.output[0]
         readers = g.readers(out)
         if node.op_type not in _ARITHMETIC or len(node.input) != 2 or out in g.outputs or not readers:
