@@ -187,6 +187,17 @@ def drop_value_info(graph: onnx.GraphProto, names: set[str]) -> None:
     graph.value_info.extend(kept)
 
 
+def remove_unread_nodes(g: GraphIndex) -> int:
+    """Remove, through ``g``, every node none of whose outputs anything reads (a graph output, a subgraph, another
+    node), until none is left; how many. For a rewrite that left the nodes it replaced unread."""
+    removed = 0
+    while dead := [n for n in g.graph.node if all(not g.uses[o] and o not in g.outputs for o in n.output if o)]:
+        for node in dead:
+            g.remove(node)
+        removed += len(dead)
+    return removed
+
+
 def drop_unused_initializers(model: onnx.ModelProto) -> None:
     """Remove initializers nothing reads (and, for old-IR models, their graph-input entries)."""
     graph = model.graph

@@ -13,7 +13,7 @@ import onnx
 from lepton_cli.passes._fuse.moments import centered, mean_of, reduced_axes, scalar, square_of
 from onnx import helper
 
-from lepton_cli.model.graph_edit import FreshNames, GraphIndex, drop_unused_initializers
+from lepton_cli.model.graph_edit import FreshNames, GraphIndex, drop_unused_initializers, remove_unread_nodes
 from lepton_cli.model.graph_order import sort_topologically
 from lepton_cli.model.op_traits import attrs
 from lepton_cli.model.stats import shape_map
@@ -48,13 +48,6 @@ def _match(
     return None if difference is None else (difference, second[1], second[2])
 
 
-def _remove_dead(g: GraphIndex, nodes: list[onnx.NodeProto]) -> None:
-    """Remove each of ``nodes`` (in order) whose outputs nothing reads any more."""
-    for node in nodes:
-        if node is not None and all(not g.uses[o] and o not in g.outputs for o in node.output):
-            g.remove(node)
-
-
 def center_variances(model: onnx.ModelProto) -> int:
     """Rewrite, in place, each variance taken as E[x²] − E[x]² as the mean of (x − mean)²; how many."""
     if not any(n.op_type in ("ReduceSum", "ReduceMean") for n in model.graph.node):
@@ -82,14 +75,13 @@ def center_variances(model: onnx.ModelProto) -> int:
             scaled.input[list(scaling.input).index(reduce.output[0])] = summed.output[0]
             scaled.output[0] = sub.output[0]
             new.append(scaled)
-        stale = [g.producer.get(sub.input[1]), scaling, reduce, g.producer.get(reduce.input[0])]
         position = g.position(sub)
         g.remove(sub)
         for k, node in enumerate(new):
             g.insert(position + k, node)
-        _remove_dead(g, stale)
         rewritten += 1
     if rewritten:
+        remove_unread_nodes(g)  # the moments' squares, sums and the mean's square
         sort_topologically(model.graph)  # the centered input is computed after the variance's old place
         drop_unused_initializers(model)
     return rewritten

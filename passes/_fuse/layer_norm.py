@@ -20,7 +20,7 @@ from lepton_cli.passes._fuse.moments import BROADCASTS, centered, mean_of, reduc
 from lepton_cli.passes._fuse.simplify import LAYER_NORM_OPSET
 from onnx import helper
 
-from lepton_cli.model.graph_edit import FreshNames, GraphIndex, drop_unused_initializers
+from lepton_cli.model.graph_edit import FreshNames, GraphIndex, drop_unused_initializers, remove_unread_nodes
 from lepton_cli.model.graph_order import sort_topologically
 from lepton_cli.model.op_traits import opset
 from lepton_cli.model.stats import shape_map
@@ -145,13 +145,6 @@ def _affine(g: GraphIndex, norm: _Norm, size: int, difference: str, inverse: str
     return norm if norm.gamma is not None and norm.beta is not None else None
 
 
-def _remove_dead_nodes(g: GraphIndex) -> None:
-    """Remove every node none of whose outputs is read (the rewrite left the written-out norms unread)."""
-    while dead := [n for n in g.graph.node if all(not g.uses[o] and o not in g.outputs for o in n.output if o)]:
-        for node in dead:
-            g.remove(node)
-
-
 def _insert_norm(g: GraphIndex, names: FreshNames, norm: _Norm, at: int) -> None:
     """LayerNormalization over ``norm.axis`` writing ``norm.output``, between two Transposes for an inner axis."""
     gamma = g.add_initializer(names.fresh(norm.output + "_gamma"), norm.gamma)
@@ -184,26 +177,28 @@ def _insert_norm(g: GraphIndex, names: FreshNames, norm: _Norm, at: int) -> None
         g.insert(at + k, node)
 
 
-def fuse_layer_norms(model: onnx.ModelProto) -> int:
-    """Rewrite, in place, each written-out one-axis LayerNorm (centered variance) as LayerNormalization; how many.
-    The model's opset must be 17 or later."""
-    g, names = GraphIndex(model.graph), FreshNames(model)
+def _norms(model: onnx.ModelProto) -> tuple[GraphIndex, list[_Norm]]:
+    """The model's index and every written-out one-axis LayerNorm (centered variance) in it."""
+    g = GraphIndex(model.graph)
     shapes = shape_map(model, data_prop=True)
-    fused = 0
-    for square in [n for n in model.graph.node if n.op_type in ("Mul", "Pow")]:
-        norm = _match(g, shapes, square)
-        if norm is None:
-            continue
+    found = (_match(g, shapes, n) for n in model.graph.node if n.op_type in ("Mul", "Pow"))
+    return g, [norm for norm in found if norm is not None]
+
+
+def fuse_layer_norms(model: onnx.ModelProto, norms: list[_Norm] | None = None) -> int:
+    """Rewrite, in place, each written-out one-axis LayerNorm (centered variance) as LayerNormalization; how many.
+    The model's opset must be 17 or later. ``norms``: the model's, where ``_norms`` found them already."""
+    g, found = _norms(model) if norms is None else (GraphIndex(model.graph), norms)
+    names = FreshNames(model)
+    for norm in found:
         writer = g.producer[norm.output]
-        at = g.position(writer)
         g.set_output(writer, 0, names.fresh(norm.output + "_unfused"))
-        _insert_norm(g, names, norm, at + 1)
-        fused += 1
-    if fused:
-        _remove_dead_nodes(g)
+        _insert_norm(g, names, norm, g.position(writer) + 1)
+    if found:
+        remove_unread_nodes(g)  # the written-out norms, now unread
         sort_topologically(model.graph)
         drop_unused_initializers(model)
-    return fused
+    return len(found)
 
 
 def written_out_norms(
@@ -217,20 +212,17 @@ def written_out_norms(
     if not fuse_norms or "Sqrt" not in ops or not ops & {"ReduceSum", "ReduceMean"}:
         return model, centered_count, 0
     current = opset(model)
-    if current < LAYER_NORM_OPSET:
-        if LAYER_NORM_OPSET > opset_max or not _found(model):
-            return model, centered_count, 0
-        try:
-            model = onnx.version_converter.convert_version(model, LAYER_NORM_OPSET)
-        except Exception as exc:  # the version converter has gaps; the centered norms stay written out
-            notes.append(
-                f"opset {LAYER_NORM_OPSET} for written-out LayerNorms not reachable: {str(exc).splitlines()[0][:120]}"
-            )
-            return model, centered_count, 0
-        notes.append(f"opset {current} → {LAYER_NORM_OPSET} to fuse written-out LayerNorms")
-    return model, centered_count, fuse_layer_norms(model)
-
-
-def _found(model: onnx.ModelProto) -> bool:
-    g, shapes = GraphIndex(model.graph), shape_map(model, data_prop=True)
-    return any(_match(g, shapes, n) is not None for n in model.graph.node if n.op_type in ("Mul", "Pow"))
+    if current < LAYER_NORM_OPSET and LAYER_NORM_OPSET > opset_max:
+        return model, centered_count, 0
+    _, norms = _norms(model)
+    if current >= LAYER_NORM_OPSET or not norms:
+        return model, centered_count, fuse_layer_norms(model, norms)
+    try:
+        model = onnx.version_converter.convert_version(model, LAYER_NORM_OPSET)
+    except Exception as exc:  # the version converter has gaps; the centered norms stay written out
+        notes.append(
+            f"opset {LAYER_NORM_OPSET} for written-out LayerNorms not reachable: {str(exc).splitlines()[0][:120]}"
+        )
+        return model, centered_count, 0
+    notes.append(f"opset {current} → {LAYER_NORM_OPSET} to fuse written-out LayerNorms")
+    return model, centered_count, fuse_layer_norms(model)  # found again: the converter may rewrite nodes
