@@ -153,8 +153,11 @@ def correct_quantized_biases(
         if site.step is None:
             biases[site.bias] = (biases[site.bias] - shift).astype(np.float32)
         else:
-            steps = np.round(shift / np.broadcast_to(site.step, shift.shape))
-            biases[site.bias] = (biases[site.bias] - steps).astype(np.int32)
+            step = np.broadcast_to(site.step, shift.shape)
+            # a zero step is a channel with no weights (layout padding): nothing to correct there
+            steps = np.where(step > 0, np.round(shift / np.where(step > 0, step, 1.0)), 0.0)
+            limits = np.iinfo(np.int32)
+            biases[site.bias] = np.clip(biases[site.bias] - steps, limits.min, limits.max).astype(np.int32)
         corrected[site.bias] = biases[site.bias]
     write_initializers(model, corrected)
     return corrected

@@ -64,3 +64,21 @@ def test_a_target_turns_it_on_and_the_report_says_what_it_gained(run_cli, tmp_pa
     rows = summary["recovery"]["gains"]["rows"]
     assert [r["steps"] for r in rows] == [[], ["quantized_bias_correction"]]
     assert rows[0]["snr_db"] != rows[1]["snr_db"]
+
+
+@needs_ocr
+def test_a_channel_with_a_zero_step_keeps_its_bias(det):
+    """A channel whose int32 bias has a zero scale (no weights: what layout padding adds on fpga) has nothing to
+    correct; dividing its shift by zero once stored -2^31 there (NaN cast to int32)."""
+    fused, int8, _, calib = det
+    broken = _copy(int8)
+    site = bias_sites(broken, nodes_by_name(fused))[0]
+    dequantize = next(n for n in broken.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == site.bias)
+    scale = next(t for t in broken.graph.initializer if t.name == dequantize.input[1])
+    values = numpy_helper.to_array(scale).copy()
+    values.reshape(-1)[0] = 0.0
+    scale.CopyFrom(numpy_helper.from_array(values, scale.name))
+    before = numpy_helper.to_array(next(t for t in broken.graph.initializer if t.name == site.bias)).copy()
+    corrected = correct_quantized_biases(broken, fused, calib[:2])
+    assert corrected[site.bias].reshape(-1)[0] == before.reshape(-1)[0]
+    assert np.any(corrected[site.bias] != before)  # the channels with a step were still corrected
