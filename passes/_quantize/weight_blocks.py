@@ -28,6 +28,8 @@ from lepton_cli.model.external_data import tensor_array
 from lepton_cli.model.graph_edit import FreshNames, GraphIndex, drop_unused_initializers
 
 ScaleOf = Callable[[np.ndarray], float]  # a weight tensor's per-tensor scale on the target's grid
+NEGLIGIBLE = 2.0**-20  # beyond the DPU's 16-bit shift range from the layer's largest weight: zero on its int8 grid
+NO_OCTAVE = -1000  # below every real octave: such channels sort last
 MIN_GAIN_DB = 3.0  # a split that buys the layer's weights less than half a bit is not worth its Concat
 
 
@@ -90,14 +92,14 @@ def _plan(
     if weight.ndim != 4 or groups != 1 or weight.shape[0] != a.sizes[group] or weight.shape[0] < 2 * align:
         return None
     weights = [weight, *followers]
-    octaves = np.array(
-        [[_octave(scale_of(channel) if channel.any() else 0.0) for channel in layer] for layer in weights]
-    )
+    octaves = np.array([_octaves(layer, scale_of) for layer in weights])
     order = np.lexsort(-octaves[::-1])  # the last key sorts first: the Conv's own
     bounds = [0]
     for start in range(align, len(order), align):  # a new block where the next chunk needs a power of 2 lower
-        chunk, block = order[start : start + align], order[bounds[-1] : start]
-        if (octaves[:, chunk].max(axis=1) < octaves[:, block].max(axis=1)).any():
+        chunk, block = octaves[:, order[start : start + align]].max(axis=1), octaves[:, order[bounds[-1] : start]]
+        # a chunk of zero or negligible channels joins the block before it: on its own its scale is none a DPU
+        # shift reaches (MobileNetV3's weight-decayed channels, ~1e-17: shift_cut 26 where 16 is the limit)
+        if ((chunk > NO_OCTAVE) & (chunk < block.max(axis=1))).any():
             bounds.append(start)
     bounds.append(len(order))
     whole = [0, len(order)]
@@ -113,9 +115,12 @@ def _depthwise_followers(index: GraphIndex, tensor: str, channels: int) -> list[
     return [index.const(conv.input[1]).astype(np.float64) for conv in region.depthwise] if region else []
 
 
-def _octave(scale: float) -> int:
-    """log2 of ``scale``, rounded down; a zero channel's (layout_transform's padding) below every other."""
-    return math.floor(math.log2(scale)) if scale > 0 else -1000
+def _octaves(layer: np.ndarray, scale_of: ScaleOf) -> np.ndarray:
+    """Each output channel's octave: log2 of its scale alone, rounded down; ``NO_OCTAVE`` for a zero channel
+    (layout_transform's padding) or one negligible beside the layer's largest weight."""
+    peaks = np.abs(layer).reshape(len(layer), -1).max(axis=1)
+    real = peaks > NEGLIGIBLE * peaks.max()
+    return np.array([math.floor(math.log2(scale_of(c))) if keep else NO_OCTAVE for c, keep in zip(layer, real)])
 
 
 def _snr(weight: np.ndarray, bounds: list[int], scale_of: ScaleOf) -> float:

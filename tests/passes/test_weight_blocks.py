@@ -29,6 +29,7 @@ from lepton_cli.samples.sample_set import load_samples
 
 pytestmark = needs_ocr
 ALIGN = 16  # fpga's channel_alignment
+TABLE_CLS = ("table-cls==1.0.0", "table_cls/models/table_cls.onnx")  # MobileNetV3 with weight-decayed channels
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +191,35 @@ def test_depthwise_blocks_carry_on_through_the_next_hard_swish_and_join_where_a_
             or any(name in readers and name != join.output[0] for name in reader.input)
             for reader in readers[join.output[0]]
         ), (join.name, [reader.op_type for reader in readers[join.output[0]]])
+
+
+def test_weight_decayed_channels_join_a_block_the_dpu_shifts_reach(tmp_path):
+    """table-cls (MobileNetV3, from its wheel): weight decay left hundreds of output channels at ~1e-17 of their
+    layer's largest weight. As blocks of their own they took power-of-two scales ~2^50 below their conv's other
+    blocks (the DPU check: shift_cut 26 where 16 is the limit); they join the block before them now, every block's
+    scale within the DPU's 16-bit shift range of its conv's largest, and the float model is unchanged on a table."""
+    from collections import defaultdict
+
+    from wheel_models import wheel_member
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.corpus.data import imagenet_batch
+    from benchmarks.document_pages import CALIB_FACES, render_table
+
+    target = load_target("fpga")
+    source, _ = upgrade_opset(onnx.load(wheel_member(*TABLE_CLS)), target.runtime.opset_min, target.runtime.opset_max)
+    fuse = next(step for step in target.passes if step.name == "fuse")
+    fused = get_pass("fuse").fn(bind_input_shapes(source, {"input": [1, 3, 224, 224]}), PassContext(target), fuse.params)
+    model = schemes.preprocess(fused.model, tmp_path)
+    split, blocks = split_weight_blocks(model, schemes.pow2_weight_scale, ALIGN)
+    assert len(blocks) >= 20
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in split.graph.initializer}
+    scales = defaultdict(list)
+    for node in split.graph.node:
+        if node.op_type == "Conv" and node.name.rsplit("_b", 1)[0] in blocks:
+            scales[node.name.rsplit("_b", 1)[0]].append(schemes.pow2_weight_scale(weights[node.input[1]]))
+    assert min(min(s) / max(s) for s in scales.values()) >= 2.0**-16
+    words = "Year Region Units Price Total Share North South East West".split()
+    table = imagenet_batch([render_table(np.random.default_rng(3), words, CALIB_FACES, ruled=True).resize((224, 224))])
+    want, got = (make_session(m).run(None, {"input": table})[0] for m in (model, split))
+    np.testing.assert_allclose(got, want, atol=1e-4)
