@@ -209,7 +209,9 @@ def test_weight_decayed_channels_join_a_block_the_dpu_shifts_reach(tmp_path):
     target = load_target("fpga")
     source, _ = upgrade_opset(onnx.load(wheel_member(*TABLE_CLS)), target.runtime.opset_min, target.runtime.opset_max)
     fuse = next(step for step in target.passes if step.name == "fuse")
-    fused = get_pass("fuse").fn(bind_input_shapes(source, {"input": [1, 3, 224, 224]}), PassContext(target), fuse.params)
+    fused = get_pass("fuse").fn(
+        bind_input_shapes(source, {"input": [1, 3, 224, 224]}), PassContext(target), fuse.params
+    )
     model = schemes.preprocess(fused.model, tmp_path)
     split, blocks = split_weight_blocks(model, schemes.pow2_weight_scale, ALIGN)
     assert len(blocks) >= 20
