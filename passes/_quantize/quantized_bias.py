@@ -154,7 +154,7 @@ def correct_quantized_biases(
             biases[site.bias] = (biases[site.bias] - shift).astype(np.float32)
         else:
             step = np.broadcast_to(site.step, shift.shape)
-            # a zero step is a channel with no weights (layout padding): nothing to correct there
+            # a zero step has no weights to correct; a block of dead channels (step ~1e-19) overflows int32
             steps = np.where(step > 0, np.round(shift / np.where(step > 0, step, 1.0)), 0.0)
             limits = np.iinfo(np.int32)
             biases[site.bias] = np.clip(biases[site.bias] - steps, limits.min, limits.max).astype(np.int32)

@@ -68,8 +68,8 @@ def test_a_target_turns_it_on_and_the_report_says_what_it_gained(run_cli, tmp_pa
 
 @needs_ocr
 def test_a_channel_with_a_zero_step_keeps_its_bias(det):
-    """A channel whose int32 bias has a zero scale (no weights: what layout padding adds on fpga) has nothing to
-    correct; dividing its shift by zero once stored -2^31 there (NaN cast to int32)."""
+    """A channel whose int32 bias has a zero scale has no weights to correct; dividing its shift by zero once
+    stored -2^31 there (NaN cast to int32), as a correction too large for int32 did."""
     fused, int8, _, calib = det
     broken = _copy(int8)
     site = bias_sites(broken, nodes_by_name(fused))[0]
