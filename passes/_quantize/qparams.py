@@ -17,6 +17,12 @@ from lepton_cli.model.graph_edit import GraphIndex
 QRANGE = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127)}
 
 
+def int32_values(values: np.ndarray) -> np.ndarray:
+    """Integer-valued ``values`` as an int32 bias stores them, clipped to its range (a cast would wrap to -2^31)."""
+    limit = np.iinfo(np.int32)
+    return np.clip(values, limit.min, limit.max).astype(np.int32)
+
+
 class QParams(NamedTuple):
     scale: float
     zero: np.ndarray  # 0-d, of the quantized type
@@ -54,8 +60,7 @@ def rescale_bias(g: GraphIndex, reader: onnx.NodeProto, ratio: float | np.ndarra
     values, scale = g.const(dequantize.input[0]), g.const(dequantize.input[1])
     if values is None or scale is None or values.dtype != np.int32:
         return
-    limit = np.iinfo(np.int32)
-    rescaled = np.clip(np.round(values.astype(np.float64) / ratio), limit.min, limit.max).astype(np.int32)
+    rescaled = int32_values(np.round(values.astype(np.float64) / ratio))
     g.set_input(dequantize, 0, g.add_initializer(f"{dequantize.name}_rescaled_q", rescaled))
     rescaled_scale = (scale.astype(np.float64) * ratio).astype(np.float32)
     g.set_input(dequantize, 1, g.add_initializer(f"{dequantize.name}_rescaled_scale", rescaled_scale))

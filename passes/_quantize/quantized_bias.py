@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from lepton_cli.passes._quantize.qparams import int32_values
 from lepton_cli.passes._quantize.sensitivity import tensor_runs, with_outputs
 from onnx import helper, numpy_helper
 
@@ -156,8 +157,7 @@ def correct_quantized_biases(
             step = np.broadcast_to(site.step, shift.shape)
             # a zero step has no weights to correct; a block of dead channels (step ~1e-19) overflows int32
             steps = np.where(step > 0, np.round(shift / np.where(step > 0, step, 1.0)), 0.0)
-            limits = np.iinfo(np.int32)
-            biases[site.bias] = np.clip(biases[site.bias] - steps, limits.min, limits.max).astype(np.int32)
+            biases[site.bias] = int32_values(biases[site.bias] - steps)
         corrected[site.bias] = biases[site.bias]
     write_initializers(model, corrected)
     return corrected

@@ -38,17 +38,20 @@ def rec(tmp_path_factory):
     import ocr_textset
 
     work = tmp_path_factory.mktemp("blocks")
-    target = load_target("fpga")
-    model, _ = upgrade_opset(onnx.load(OCR_REC), target.runtime.opset_min, target.runtime.opset_max)
-    fuse = next(step for step in target.passes if step.name == "fuse")
-    fused = get_pass("fuse").fn(
-        bind_input_shapes(model, {"x": [1, 3, 48, 320]}), PassContext(target=target), fuse.params
-    )
-    model = schemes.preprocess(fused.model, work)  # as the quantize pass sees it
+    model = _as_quantize_sees_it(onnx.load(OCR_REC), {"x": [1, 3, 48, 320]}, work)
     calib, _ = ocr_textset.make_set(16, 1, "calib")
     held, _ = ocr_textset.make_set(16, 2, "eval")
     np.savez(work / "calib.npz", x=calib)
     return model, work, [{"x": line[None]} for line in held]
+
+
+def _as_quantize_sees_it(source: onnx.ModelProto, shapes: dict[str, list[int]], work) -> onnx.ModelProto:
+    """``source`` fused as fpga fuses it and preprocessed as its quantize pass sees it."""
+    target = load_target("fpga")
+    model, _ = upgrade_opset(source, target.runtime.opset_min, target.runtime.opset_max)
+    fuse = next(step for step in target.passes if step.name == "fuse")
+    fused = get_pass("fuse").fn(bind_input_shapes(model, shapes), PassContext(target=target), fuse.params)
+    return schemes.preprocess(fused.model, work)
 
 
 def _logits(model: onnx.ModelProto, feeds: list[dict]) -> np.ndarray:
@@ -206,13 +209,7 @@ def test_weight_decayed_channels_join_a_block_the_dpu_shifts_reach(tmp_path):
     from benchmarks.corpus.data import imagenet_batch
     from benchmarks.document_pages import CALIB_FACES, render_table
 
-    target = load_target("fpga")
-    source, _ = upgrade_opset(onnx.load(wheel_member(*TABLE_CLS)), target.runtime.opset_min, target.runtime.opset_max)
-    fuse = next(step for step in target.passes if step.name == "fuse")
-    fused = get_pass("fuse").fn(
-        bind_input_shapes(source, {"input": [1, 3, 224, 224]}), PassContext(target), fuse.params
-    )
-    model = schemes.preprocess(fused.model, tmp_path)
+    model = _as_quantize_sees_it(onnx.load(wheel_member(*TABLE_CLS)), {"input": [1, 3, 224, 224]}, tmp_path)
     split, blocks = split_weight_blocks(model, schemes.pow2_weight_scale, ALIGN)
     assert len(blocks) >= 20
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in split.graph.initializer}
