@@ -224,7 +224,7 @@ def _context(
         host=host,
     )
     for text in source.normalisation:  # what the user must know about how the model was read
-        if text.startswith(("dropped unused opset imports", "kept input shapes dynamic")):
+        if text.startswith(("dropped unused opset imports", "kept input shapes dynamic", "--calib: ", "--eval: ")):
             ctx.warn(text)
     return ctx
 

@@ -15,7 +15,13 @@ from lepton_cli.model.sessions import make_session, model_random_feed
 from lepton_cli.model.shapes import bind_input_shapes, graph_inputs, parse_input_shapes, rebound_inputs
 from lepton_cli.pipeline.targets import Target
 from lepton_cli.samples.preprocess import load_image_folder
-from lepton_cli.samples.sample_set import SampleSet, check_bound_shapes, load_samples
+from lepton_cli.samples.sample_set import (
+    SampleSet,
+    check_bound_shapes,
+    check_not_constant,
+    distinct_count,
+    load_samples,
+)
 
 
 @dataclass
@@ -49,8 +55,8 @@ def prepare_source(
     rebinds = bool(rebound_inputs(model, parse_input_shapes(input_shapes)))
     if rebinds:  # bound first: the data is checked against the size the user rebinds a fixed dim to
         model, shapes, note = _bind_shapes(model, input_shapes, None, rebinds=True)
-    calib_set = _samples(calib, model, "--calib", preprocess)
-    eval_set = _samples(evaluation, model, "--eval", preprocess)
+    calib_set = _checked(_samples(calib, model, "--calib", preprocess), "--calib", normalisation)
+    eval_set = _checked(_samples(evaluation, model, "--eval", preprocess), "--eval", normalisation)
     if not rebinds:
         model, shapes, note = _bind_shapes(model, input_shapes, calib_set)
     if note:
@@ -68,6 +74,22 @@ def _samples(path: Path | None, model: onnx.ModelProto, role: str, preprocess: s
     if path.is_dir():
         return load_image_folder(path, model, preprocess, role=role)
     return load_samples(path, model, role=role)
+
+
+def _checked(samples: SampleSet | None, role: str, normalisation: list[str]) -> SampleSet | None:
+    """``samples`` checked for placeholder data (exit 2); exact repeats noted (kept: they may be how often the
+    deployment sees that input, but the gate counts each as evidence)."""
+    if samples is None:
+        return None
+    check_not_constant(samples, role)
+    distinct = distinct_count(samples)
+    if distinct < len(samples):
+        normalisation.append(
+            f"{role}: {len(samples) - distinct} of {len(samples)} samples repeat another exactly ({distinct} "
+            "distinct): the accuracy gate counts each repeat as a sample, so it resolves less than it reports "
+            "(give distinct samples where you can)"
+        )
+    return samples
 
 
 def _bind_shapes(

@@ -7,6 +7,7 @@ array holds one label per sample (per batch entry for rank+1 data).
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,35 @@ def load_samples(path: str | Path, model: onnx.ModelProto, *, role: str = "--cal
             "give one label per sample",
         )
     return SampleSet(path, arrays, labels, batched)
+
+
+def distinct_count(samples: SampleSet) -> int:
+    """How many samples differ from every earlier one (in some input or the label)."""
+    seen: set[bytes] = set()
+    for index in range(len(samples)):
+        digest = hashlib.blake2b(digest_size=16)
+        for name in sorted(samples.arrays):
+            digest.update(np.ascontiguousarray(samples.arrays[name][index]).tobytes())
+        if samples.labels is not None:
+            digest.update(np.ascontiguousarray(samples.labels[index]).tobytes())
+        seen.add(digest.digest())
+    return len(seen)
+
+
+def check_not_constant(samples: SampleSet, role: str) -> None:
+    """Exit 2 when every input holds one value in every sample (an all-zero array, a blank image): the model
+    would be calibrated and scored on one point no deployment sends, and every candidate would agree with it."""
+    values = {}
+    for name, arr in samples.arrays.items():
+        if arr.size and arr.min() != arr.max():
+            return
+        values[name] = arr.reshape(-1)[0].item() if arr.size else None
+    held = ", ".join(f"{name!r} = {value:g}" for name, value in values.items() if value is not None)
+    raise BadInputError(
+        f"{role} {samples.path}: every input holds one value in every sample ({held}): calibration and the "
+        "accuracy gate would see nothing of the data the model runs on",
+        "save real inputs (images, text, audio as the model's preprocessing makes them), not placeholders",
+    )
 
 
 def check_bound_shapes(samples: SampleSet, model: onnx.ModelProto, role: str, bound_by: str | None) -> None:

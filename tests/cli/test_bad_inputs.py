@@ -185,6 +185,17 @@ def case_calib_empty(tmp: Path) -> list:
     return ["compile", DIGITS_MODEL, "-t", "cpu-avx", "--calib", tmp / "calib.npz", "-o", tmp / "out"]
 
 
+def case_calib_placeholder(tmp: Path) -> list:
+    np.savez(tmp / "calib.npz", image=np.zeros((16, 1, 8, 8), np.float32))  # a blank image in every sample
+    return ["compile", DIGITS_MODEL, "-t", "cpu-avx", "--calib", tmp / "calib.npz", "-o", tmp / "out"]
+
+
+def case_eval_placeholder(tmp: Path) -> list:
+    np.savez(tmp / "eval.npz", image=np.zeros((16, 1, 8, 8), np.float32), labels=np.zeros(16, np.int64))
+    args = ["compile", DIGITS_MODEL, "-t", "cpu-avx", "--calib", DIGITS / "calib.npz"]
+    return args + ["--eval", tmp / "eval.npz", "-o", tmp / "out"]
+
+
 def case_inspect_text_file(tmp: Path) -> list:
     return ["inspect", _write(tmp / "model.onnx", "not a model")]
 
@@ -212,6 +223,8 @@ CASES: list[tuple[str, Callable[[Path], list], str]] = [
     ("calib NaN", case_calib_nan, "NaN/Inf"),
     ("calib wrong shape", case_calib_wrong_shape, "samples have shape"),
     ("calib empty", case_calib_empty, "holds no samples"),
+    ("calib placeholder", case_calib_placeholder, "calib.npz: every input holds one value in every sample"),
+    ("eval placeholder", case_eval_placeholder, "eval.npz: every input holds one value in every sample"),
     ("inspect text file", case_inspect_text_file, "not an ONNX model"),
 ]
 
