@@ -148,6 +148,24 @@ def count_se(drop_pct: float, unit_pct: float) -> float:
     return math.sqrt(unit_pct * (max(drop_pct, 0.0) + unit_pct)) if unit_pct > 0 else 0.0
 
 
+def _check_class_indices(labels: np.ndarray, classes: int) -> None:
+    """Exit 2 unless every label is a class index of a ``classes``-wide output: against labels no output can
+    match, the source scores 0 % and every candidate "keeps" it (a drop of 0.00 that measures nothing)."""
+    values = labels.astype(np.float64, copy=False) if labels.dtype.kind in "biuf" else None
+    if values is None:
+        raise BadInputError(
+            f"labels of dtype {labels.dtype} are not class indices", "store each sample's class index (0-based)"
+        )
+    bad = ~np.isfinite(values) | (values != np.round(values)) | (values < 0) | (values >= classes)
+    if np.any(bad):
+        raise BadInputError(
+            f"{int(bad.sum())} of {len(values)} labels are not class indices of the first output ({classes} classes, "
+            f"0 to {classes - 1}; e.g. {values[bad][0]:g})",
+            "store each sample's class index (0-based) in 'labels', or drop the labels to measure agreement with "
+            "the source model",
+        )
+
+
 def _correct_rows(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per row of ``[N, classes]``: arg-max equals the label and the row is finite."""
     return (np.argmax(logits, axis=1) == labels.reshape(-1)) & np.all(np.isfinite(logits), axis=1)
@@ -691,6 +709,7 @@ class Evaluator:
             raise BadInputError(
                 f"{len(self.labels.reshape(-1))} labels for {rows} model outputs", "give one label per sample"
             )
+        _check_class_indices(self.labels.reshape(-1), first.shape[1])
 
     def _check_text_labels(self, first: np.ndarray) -> None:
         if first.ndim != 3 or self.table is None:

@@ -196,6 +196,13 @@ def case_eval_placeholder(tmp: Path) -> list:
     return args + ["--eval", tmp / "eval.npz", "-o", tmp / "out"]
 
 
+def case_eval_labels_not_classes(tmp: Path) -> list:
+    real = np.load(DIGITS / "eval.npz")
+    np.savez(tmp / "eval.npz", image=real["image"], labels=real["labels"] + 100)  # 1-based or offset class ids
+    args = ["compile", DIGITS_MODEL, "-t", "cpu-avx", "--calib", DIGITS / "calib.npz"]
+    return args + ["--eval", tmp / "eval.npz", "-o", tmp / "out"]
+
+
 def case_inspect_text_file(tmp: Path) -> list:
     return ["inspect", _write(tmp / "model.onnx", "not a model")]
 
@@ -225,6 +232,7 @@ CASES: list[tuple[str, Callable[[Path], list], str]] = [
     ("calib empty", case_calib_empty, "holds no samples"),
     ("calib placeholder", case_calib_placeholder, "calib.npz: every input holds one value in every sample"),
     ("eval placeholder", case_eval_placeholder, "eval.npz: every input holds one value in every sample"),
+    ("eval labels not classes", case_eval_labels_not_classes, "397 of 397 labels are not class indices"),
     ("inspect text file", case_inspect_text_file, "not an ONNX model"),
 ]
 
