@@ -5,6 +5,7 @@ The CLI command (``commands/compile.py``) only parses options and renders progre
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -67,6 +68,14 @@ class CompileOptions:
     baseline: Path | None = None  # gate: a stored report.json this compile must not be worse than
     baseline_tolerance_pct: float = 5.0
     enforce_budgets: bool = False  # gate: the target's size and memory budgets
+
+    def __post_init__(self) -> None:
+        drop = self.max_accuracy_drop
+        if drop is not None and not (math.isfinite(drop) and drop >= 0):
+            raise BadInputError(
+                f"--max-accuracy-drop {drop:g} is not a budget (percentage points a lossy step may cost)",
+                "give a number >= 0, e.g. --max-accuracy-drop 1 (0: no measurable loss; 100: any)",
+            )
 
 
 @dataclass

@@ -139,6 +139,9 @@ def _float_source(
         return tensor
     if tensor in restored:
         return restored[tensor].output[0]
+    copied = tensor + "_float_" + float_producer.op_type.lower()
+    if copied in producer:  # restored for a node kept float before this one: one copy serves both
+        return copied
     float_inits = {i.name: i for i in float_model.graph.initializer}
     extra = [i for i in float_producer.input[1:] if i]
     if len(float_producer.output) != 1 or any(i not in float_inits for i in extra):
@@ -153,7 +156,7 @@ def _float_source(
     activation.CopyFrom(float_producer)
     activation.name = float_producer.name + "_float"
     activation.input[0] = tensor
-    activation.output[0] = tensor + "_float_" + float_producer.op_type.lower()
+    activation.output[0] = copied
     restored[tensor] = activation
     return activation.output[0]
 

@@ -203,6 +203,11 @@ def case_eval_labels_not_classes(tmp: Path) -> list:
     return args + ["--eval", tmp / "eval.npz", "-o", tmp / "out"]
 
 
+def case_negative_budget(tmp: Path) -> list:
+    args = ["compile", DIGITS_MODEL, "-t", "cpu-avx", "--calib", DIGITS / "calib.npz"]
+    return args + ["--max-accuracy-drop", "-1", "-o", tmp / "out"]
+
+
 def case_inspect_text_file(tmp: Path) -> list:
     return ["inspect", _write(tmp / "model.onnx", "not a model")]
 
@@ -233,6 +238,7 @@ CASES: list[tuple[str, Callable[[Path], list], str]] = [
     ("calib placeholder", case_calib_placeholder, "calib.npz: every input holds one value in every sample"),
     ("eval placeholder", case_eval_placeholder, "eval.npz: every input holds one value in every sample"),
     ("eval labels not classes", case_eval_labels_not_classes, "397 of 397 labels are not class indices"),
+    ("negative budget", case_negative_budget, "--max-accuracy-drop -1 is not a budget"),
     ("inspect text file", case_inspect_text_file, "not an ONNX model"),
 ]
 

@@ -601,6 +601,48 @@ def test_keeping_every_node_float_gives_back_the_float_model(digits, tmp_path):
     np.testing.assert_allclose(make_session(restored, opt_level="basic").run(None, feed)[0], want, rtol=1e-4, atol=1e-4)
 
 
+@needs_ocr
+def test_an_activation_two_float_kept_nodes_read_is_restored_once(tmp_path):
+    """PP-OCR's direction classifier (PP-LCNet): an SE block's Relu feeds its GlobalAveragePool and its Mul. ORT's
+    quantizer folds the Relu into the conv's Q; each float-kept reader put a copy back, and two copies of one node
+    name made the candidate invalid (exit 1 once the search kept 16 leading nodes float)."""
+    import sys
+
+    from conftest import OCR_DET, REPO
+    from lepton_cli.passes._quantize.float_keep import keep_float_nodes
+
+    from lepton_cli.model.load import upgrade_opset
+    from lepton_cli.model.sessions import make_session
+    from lepton_cli.model.shapes import bind_input_shapes
+    from lepton_cli.samples.sample_set import SampleSet
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset
+
+    classifier = OCR_DET.with_name("ch_ppocr_mobile_v2.0_cls_infer.onnx")
+    model = bind_input_shapes(upgrade_opset(onnx.load(classifier), 13, 21)[0], {"x": [1, 3, 48, 192]})
+    base = schemes.preprocess(model, tmp_path)
+    lines = ocr_textset.make_set(12, 5, "calib", width=192)[0]
+    calib = SampleSet(tmp_path / "lines.npz", {"x": lines[:8]}, None, {"x": False})
+    ranges = schemes.save_ranges(calibrate(base, calib, CalibrationSettings(method="minmax")), tmp_path / "r.json")
+    every_op = schemes.Int8Scheme(activation_type="u8", weight_type="s8", per_channel=True, op_types=())
+    quantized = schemes.quantize_int8(base, ranges, "minmax", every_op, [], tmp_path)
+    readers: dict[str, list[str]] = {}
+    for node in base.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.name)
+    shared = [n for n in base.graph.node if n.op_type == "Relu" and len(readers.get(n.output[0], [])) > 1]
+    assert shared and "Relu" not in _ops(quantized)  # the quantizer folded every Relu
+    restored = keep_float_nodes(quantized, base, readers[shared[0].output[0]])
+    names = [n.name for n in restored.graph.node]
+    assert names.count(shared[0].name + "_float") == 1 and len(names) == len(set(names))
+    every = keep_float_nodes(quantized, base, [n.name for n in base.graph.node])
+    assert "QuantizeLinear" not in _ops(every) and _ops(every).count("Relu") == _ops(base).count("Relu")
+    feed = {"x": lines[10:11]}
+    want = make_session(base).run(None, feed)[0]
+    np.testing.assert_allclose(make_session(every, opt_level="basic").run(None, feed)[0], want, rtol=1e-4, atol=1e-4)
+
+
 def test_fast_op_types_are_tried_first_and_op_types_after(digits):
     model, calib, evaluation = digits
     result, _ = _run("cpu-avx", model, calib, evaluation, budget=1.0, fast_op_types=[])
