@@ -182,6 +182,11 @@ def _model_jobs(
         parse_metric(values["eval_metric"])
     except BadInputError as exc:
         raise _fail(origin, f"{key_path}.eval_metric: {exc.message}", exc.fix or "") from None
+    try:
+        _options(values, model)  # each job gets its own copy below
+    except BadInputError as exc:  # a value CompileOptions refuses (a negative max_accuracy_drop)
+        where = key_path if "max_accuracy_drop" in explicit else "defaults"
+        raise _fail(origin, f"{where}.max_accuracy_drop: {exc.message}", exc.fix or "") from None
     jobs = []
     for t_index, spec in enumerate(own.targets):
         target = _target(spec, base, f"{key_path}.targets[{t_index}]", origin, targets)
