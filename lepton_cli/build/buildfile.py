@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lepton_cli.compile.compiler import CompileOptions
+from lepton_cli.compile.option_values import OptionValueError
 from lepton_cli.errors import BadInputError
 from lepton_cli.evaluate.accuracy import parse_metric
 from lepton_cli.pipeline.params import from_table
@@ -184,9 +185,10 @@ def _model_jobs(
         raise _fail(origin, f"{key_path}.eval_metric: {exc.message}", exc.fix or "") from None
     try:
         _options(values, model)  # each job gets its own copy below
-    except BadInputError as exc:  # a value CompileOptions refuses (a negative max_accuracy_drop)
-        where = key_path if "max_accuracy_drop" in explicit else "defaults"
-        raise _fail(origin, f"{where}.max_accuracy_drop: {exc.message}", exc.fix or "") from None
+    except OptionValueError as exc:  # a value out of range (a negative max_accuracy_drop)
+        key = "baseline_tolerance" if exc.field == "baseline_tolerance_pct" else exc.field  # the build file's name
+        where = key_path if key in explicit else "defaults"
+        raise _fail(origin, f"{where}.{key}: {exc.message}", exc.fix or "") from None
     jobs = []
     for t_index, spec in enumerate(own.targets):
         target = _target(spec, base, f"{key_path}.targets[{t_index}]", origin, targets)

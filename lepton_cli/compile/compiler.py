@@ -5,7 +5,6 @@ The CLI command (``commands/compile.py``) only parses options and renders progre
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import onnx
 from lepton_cli.compile.accuracy_gate import AccuracyGate, check_accuracy_budget
 from lepton_cli.compile.inputs import compile_inputs
 from lepton_cli.compile.listeners import Listeners
+from lepton_cli.compile.option_values import check_option_values
 from lepton_cli.compile.output import CompileKeys, resolve_compile_keys, write_compile_output
 from lepton_cli.compile.report import apply_gates, build_report, load_baseline
 from lepton_cli.compile.report_render import append_step_summary
@@ -70,12 +70,7 @@ class CompileOptions:
     enforce_budgets: bool = False  # gate: the target's size and memory budgets
 
     def __post_init__(self) -> None:
-        drop = self.max_accuracy_drop
-        if drop is not None and not (math.isfinite(drop) and drop >= 0):
-            raise BadInputError(
-                f"--max-accuracy-drop {drop:g} is not a budget (percentage points a lossy step may cost)",
-                "give a number >= 0, e.g. --max-accuracy-drop 1 (0: no measurable loss; 100: any)",
-            )
+        check_option_values(self)
 
 
 @dataclass

@@ -332,11 +332,15 @@ BAD_FILES = [
     ("[[model]]\npath = 'm.onnx'\neval_metric = 'top5'\ntargets = ['cpu-avx']\n", "model[0].eval_metric"),
     (
         "[defaults]\nmax_accuracy_drop = -1.0\n[[model]]\npath = 'm.onnx'\ntargets = ['cpu-avx']\n",
-        "defaults.max_accuracy_drop: --max-accuracy-drop -1 is not a budget",
+        "defaults.max_accuracy_drop: --max-accuracy-drop -1 is out of range",
     ),
     (
         "[[model]]\npath = 'm.onnx'\ntargets = ['cpu-avx']\nmax_accuracy_drop = nan\n",
-        "model[0].max_accuracy_drop: --max-accuracy-drop nan is not a budget",
+        "model[0].max_accuracy_drop: --max-accuracy-drop nan is out of range",
+    ),
+    (
+        "[defaults]\nbaseline_tolerance = -5.0\n[[model]]\npath = 'm.onnx'\ntargets = ['cpu-avx']\n",
+        "defaults.baseline_tolerance: --baseline-tolerance -5 is out of range",
     ),
     ("[target]\nname = 'x'\n", "unknown key 'target'"),
     ("[defaults]\nseed = 1\n", "no models: a build file needs at least one model table"),

@@ -208,6 +208,15 @@ def case_negative_budget(tmp: Path) -> list:
     return args + ["--max-accuracy-drop", "-1", "-o", tmp / "out"]
 
 
+def case_zero_bench_seconds(tmp: Path) -> list:
+    args = ["compile", DIGITS_MODEL, "-t", "cpu-avx", "--calib", DIGITS / "calib.npz"]
+    return args + ["--bench-seconds", "0", "-o", tmp / "out"]
+
+
+def case_negative_seed(tmp: Path) -> list:
+    return ["compile", DIGITS_MODEL, "-t", "cpu-avx", "--calib", DIGITS / "calib.npz", "--seed", "-1", "-o", tmp / "o"]
+
+
 def case_inspect_text_file(tmp: Path) -> list:
     return ["inspect", _write(tmp / "model.onnx", "not a model")]
 
@@ -238,7 +247,9 @@ CASES: list[tuple[str, Callable[[Path], list], str]] = [
     ("calib placeholder", case_calib_placeholder, "calib.npz: every input holds one value in every sample"),
     ("eval placeholder", case_eval_placeholder, "eval.npz: every input holds one value in every sample"),
     ("eval labels not classes", case_eval_labels_not_classes, "397 of 397 labels are not class indices"),
-    ("negative budget", case_negative_budget, "--max-accuracy-drop -1 is not a budget"),
+    ("negative budget", case_negative_budget, "--max-accuracy-drop -1 is out of range"),
+    ("zero bench seconds", case_zero_bench_seconds, "--bench-seconds 0 is out of range"),
+    ("negative seed", case_negative_seed, "--seed -1 is out of range"),
     ("inspect text file", case_inspect_text_file, "not an ONNX model"),
 ]
 
