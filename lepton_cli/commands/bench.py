@@ -7,6 +7,7 @@ this command only gathers the models and data, shows progress and applies the ga
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -265,8 +266,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document (
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")]
 
 
-def _stop_rule(runs: int, seconds: float, warmup: int) -> measure.StopRule:
-    if runs < 1 or seconds <= 0 or warmup < 0:
+def _stop_rule(runs: int, seconds: float, warmup: int, seed: int) -> measure.StopRule:
+    if seed < 0:
+        raise BadInputError(f"--seed {seed} is out of range", "give an integer >= 0")
+    if runs < 1 or not seconds > 0 or warmup < 0:  # "not >": NaN too
         raise BadInputError("--runs must be >= 1, --seconds > 0 and --warmup >= 0", "pass positive limits")
     return measure.StopRule(runs=runs, seconds=seconds, warmup=warmup)
 
@@ -276,7 +279,7 @@ def _check_gates(max_latency_ratio: float | None, against: Path | None) -> None:
         raise BadInputError(
             "--max-latency-ratio needs --against: it bounds MODEL's p50 over AGAINST's", "add --against BASELINE"
         )
-    if max_latency_ratio is not None and max_latency_ratio <= 0:
+    if max_latency_ratio is not None and not 0 < max_latency_ratio < math.inf:
         raise BadInputError(f"--max-latency-ratio must be > 0, got {max_latency_ratio:g}", "pass e.g. 1.05")
 
 
@@ -350,7 +353,7 @@ def bench_command(
     """Measure MODEL's latency on this host (interleaved with --against), estimate it on the target, check budgets."""
     settings.quiet = quiet or json_out
     settings.json_mode = json_out
-    rule = _stop_rule(runs, seconds, warmup)
+    rule = _stop_rule(runs, seconds, warmup, seed)
     _check_gates(max_latency_ratio, against)
     subjects = _load_subjects(model, against, key, trust)
     tgt = _bench_target(target, subjects, enforce_budgets)

@@ -218,6 +218,8 @@ def test_bench_cli_latency_gate_exits_3(run_cli):
         (["--max-latency-ratio", "1.1"], "--against"),
         (["--target", "no-such-target"], "unknown target"),
         (["--enforce-budgets"], "--target"),
+        (["--seconds", "nan"], "--seconds > 0"),
+        (["--seed", "-1"], "--seed -1 is out of range"),
     ],
 )
 def test_bench_cli_bad_usage_exits_2(run_cli, args, needle):
