@@ -266,9 +266,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document (
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")]
 
 
-def _stop_rule(runs: int, seconds: float, warmup: int, seed: int) -> measure.StopRule:
-    if seed < 0:
-        raise BadInputError(f"--seed {seed} is out of range", "give an integer >= 0")
+def _stop_rule(runs: int, seconds: float, warmup: int) -> measure.StopRule:
     if runs < 1 or not seconds > 0 or warmup < 0:  # "not >": NaN too
         raise BadInputError("--runs must be >= 1, --seconds > 0 and --warmup >= 0", "pass positive limits")
     return measure.StopRule(runs=runs, seconds=seconds, warmup=warmup)
@@ -353,7 +351,9 @@ def bench_command(
     """Measure MODEL's latency on this host (interleaved with --against), estimate it on the target, check budgets."""
     settings.quiet = quiet or json_out
     settings.json_mode = json_out
-    rule = _stop_rule(runs, seconds, warmup, seed)
+    if seed < 0:  # numpy's generators take none
+        raise BadInputError(f"--seed {seed} is out of range", "give an integer >= 0")
+    rule = _stop_rule(runs, seconds, warmup)
     _check_gates(max_latency_ratio, against)
     subjects = _load_subjects(model, against, key, trust)
     tgt = _bench_target(target, subjects, enforce_budgets)
