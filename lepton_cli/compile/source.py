@@ -64,6 +64,7 @@ def prepare_source(
     for samples, role in ((calib_set, "--calib"), (eval_set, "--eval")):
         if samples is not None:
             check_bound_shapes(samples, model, role, note and note.split(":")[0])
+            _check_source_runs(model, samples, role)
     return PreparedSource(model, calib_set, eval_set, shapes, normalisation)
 
 
@@ -90,6 +91,23 @@ def _checked(samples: SampleSet | None, role: str, normalisation: list[str]) -> 
             "(give distinct samples where you can)"
         )
     return samples
+
+
+def _check_source_runs(model: onnx.ModelProto, samples: SampleSet, role: str) -> None:
+    """Exit 2 when the source model cannot run a sample (a token id past its vocabulary): every pass that feeds the
+    data would fail later, as an internal error."""
+    try:
+        session = make_session(model)
+    except Exception:  # a model ONNX Runtime cannot load is refused later, with its own message
+        return
+    for index, feed in enumerate(samples.feeds()):
+        try:
+            session.run(None, feed)
+        except Exception as exc:  # ORT's errors share no base class worth naming
+            raise BadInputError(
+                f"{role} {samples.path}: the model cannot run sample {index}: {str(exc).splitlines()[0][:300]}",
+                "give samples the model takes (token ids within its vocabulary, values its ops accept)",
+            ) from None
 
 
 def _bind_shapes(

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import onnx
 import pytest
-from conftest import DIGITS, LIGHT_DIR
+from conftest import DIGITS, LIGHT_DIR, ONNX_DATA
 from onnx import helper, numpy_helper
 
 from lepton_cli.pipeline.registry import PassResult, register_pass, tolerance
@@ -217,6 +217,16 @@ def case_negative_seed(tmp: Path) -> list:
     return ["compile", DIGITS_MODEL, "-t", "cpu-avx", "--calib", DIGITS / "calib.npz", "--seed", "-1", "-o", tmp / "o"]
 
 
+def case_calib_index_past_the_vocabulary(tmp: Path) -> list:
+    embedding = ONNX_DATA / "pytorch-converted" / "test_Embedding"  # real weights: 4 rows, int64 indices [1, 4]
+    tensor = onnx.TensorProto()
+    tensor.ParseFromString((embedding / "test_data_set_0" / "input_0.pb").read_bytes())
+    ids = np.repeat(numpy_helper.to_array(tensor), 6, axis=0)
+    ids[3, 1] = 9  # sample 3 reads a row the table does not have
+    np.savez(tmp / "calib.npz", **{"0": ids})
+    return ["compile", embedding / "model.onnx", "-t", "cpu-avx", "--calib", tmp / "calib.npz", "-o", tmp / "out"]
+
+
 def case_inspect_text_file(tmp: Path) -> list:
     return ["inspect", _write(tmp / "model.onnx", "not a model")]
 
@@ -247,6 +257,7 @@ CASES: list[tuple[str, Callable[[Path], list], str]] = [
     ("calib placeholder", case_calib_placeholder, "calib.npz: every input holds one value in every sample"),
     ("eval placeholder", case_eval_placeholder, "eval.npz: every input holds one value in every sample"),
     ("eval labels not classes", case_eval_labels_not_classes, "397 of 397 labels are not class indices"),
+    ("calib index past the vocabulary", case_calib_index_past_the_vocabulary, "the model cannot run sample 3"),
     ("negative budget", case_negative_budget, "--max-accuracy-drop -1 is out of range"),
     ("zero bench seconds", case_zero_bench_seconds, "--bench-seconds 0 is out of range"),
     ("negative seed", case_negative_seed, "--seed -1 is out of range"),
