@@ -181,10 +181,11 @@ def check_not_constant(samples: SampleSet, role: str) -> None:
     would be calibrated and scored on one point no deployment sends, and every candidate would agree with it."""
     values = {}
     for name, arr in samples.arrays.items():
-        if arr.size and arr.min() != arr.max():
+        flat = arr.reshape(-1)
+        if flat.size and np.any(flat != flat[0]):  # not min/max: string inputs have neither
             return
-        values[name] = arr.reshape(-1)[0].item() if arr.size else None
-    held = ", ".join(f"{name!r} = {value:g}" for name, value in values.items() if value is not None)
+        values[name] = flat[0].item() if flat.size else None
+    held = ", ".join(f"{name!r} = {value}" for name, value in values.items() if value is not None)
     raise BadInputError(
         f"{role} {samples.path}: every input holds one value in every sample ({held}): calibration and the "
         "accuracy gate would see nothing of the data the model runs on",
