@@ -250,10 +250,12 @@ def test_minilm_with_smoothquant_keeps_every_gemm_int8_within_the_budget(tmp_pat
 @pytest.mark.slow
 @needs_corpus("ppocrv5_rec")
 def test_cpu_avx_searches_the_smoothquant_tier_for_an_svtr_recogniser_and_takes_the_cheaper_fit(tmp_path):
-    """PP-OCRv5 rec (SVTR neck), scored on all 64 calibration lines: the plain tiers fit with the first convs float
+    """PP-OCRv5 rec (SVTR neck), scored on all 64 calibration lines: the plain tiers fit with the leading convs float
     (scored on the 16 held-out lines, session 9 needed 31 nodes float there); since that keeps layers float, the
-    SmoothQuant'ed source is searched as one more tier, and it fits too, but priced no lower, so the plain fit ships.
-    cpu-avx's recovery tier is left out here (benchmarks/results/session20_scoring.md)."""
+    SmoothQuant'ed source is searched as one more tier, and what of it fits is priced no lower, so the plain fit
+    ships. cpu-avx's recovery tier is left out here (benchmarks/results/session20_scoring.md). Session 20 measured
+    4 nodes float; since session 28's SiLU floor the fit keeps the 16 leading nodes (re-measured in session 36: 98 %
+    int8 MACs, 0.18 points held out on 512 lines)."""
     target = tmp_path / "cpu-avx-smoothquant.toml"
     target.write_text(
         'extends = "cpu-avx"\nname = "cpu-avx-smoothquant"\ndescription = "cpu-avx without the recovery tier"\n'
@@ -261,9 +263,9 @@ def test_cpu_avx_searches_the_smoothquant_tier_for_an_svtr_recogniser_and_takes_
     )
     model, summary, saved = compile_for("ppocrv5_rec", str(target), tmp_path)
     assert summary["scored_on"].startswith("all 64 of --calib")
-    assert summary.get("transform", "") == "" and 0 < len(summary["float_kept"]) <= 4
+    assert summary.get("transform", "") == "" and 0 < len(summary["float_kept"]) <= 16
     smoothed = [t for t in summary["tried"] if t["transform"] == "smoothquant" and t["scored"]]
     assert smoothed  # searched, because the plain choice keeps layers float
     assert all(t["cost_ms"] >= summary["cost_ms"] for t in smoothed if t["meets_budget"])
-    assert int8_macs_pct(model, saved) >= 99.0
+    assert int8_macs_pct(model, saved) >= 97.0
     assert held_out_char_drop(model, saved) <= 1.0
