@@ -11,7 +11,7 @@ import hashlib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -164,12 +164,13 @@ def load_samples(path: str | Path, model: onnx.ModelProto, *, role: str = "--cal
 
 
 def distinct_count(samples: SampleSet) -> int:
-    """How many samples differ from every earlier one (in some input or the label)."""
+    """How many samples differ from every earlier one (in some input or the label); read through ``feeds`` so an
+    image folder's decoded images count."""
     seen: set[bytes] = set()
-    for index in range(len(samples)):
+    for index, feed in enumerate(samples.feeds()):
         digest = hashlib.blake2b(digest_size=16)
-        for name in sorted(samples.arrays):
-            digest.update(np.ascontiguousarray(samples.arrays[name][index]).tobytes())
+        for name in sorted(feed):
+            digest.update(np.ascontiguousarray(feed[name]).tobytes())
         if samples.labels is not None:
             digest.update(np.ascontiguousarray(samples.labels[index]).tobytes())
         seen.add(digest.digest())
@@ -179,13 +180,16 @@ def distinct_count(samples: SampleSet) -> int:
 def check_not_constant(samples: SampleSet, role: str) -> None:
     """Exit 2 when every input holds one value in every sample (an all-zero array, a blank image): the model
     would be calibrated and scored on one point no deployment sends, and every candidate would agree with it."""
-    values = {}
-    for name, arr in samples.arrays.items():
-        flat = arr.reshape(-1)
-        if flat.size and np.any(flat != flat[0]):  # not min/max: string inputs have neither
-            return
-        values[name] = flat[0].item() if flat.size else None
-    held = ", ".join(f"{name!r} = {value}" for name, value in values.items() if value is not None)
+    first: dict[str, Any] = {}
+    for feed in samples.feeds():
+        for name, value in feed.items():
+            flat = np.asarray(value).reshape(-1)
+            if not flat.size:
+                continue
+            first.setdefault(name, flat[0])
+            if np.any(flat != first[name]):  # not min/max: string inputs have neither
+                return
+    held = ", ".join(f"{name!r} = {value.item() if hasattr(value, 'item') else value}" for name, value in first.items())
     raise BadInputError(
         f"{role} {samples.path}: every input holds one value in every sample ({held}): calibration and the "
         "accuracy gate would see nothing of the data the model runs on",

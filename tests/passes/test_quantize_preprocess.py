@@ -59,6 +59,16 @@ def test_empty_folder_and_unreadable_image_exit_2(tmp_path):
         load_image_folder(tmp_path / "bad", model, None)
 
 
+def test_a_folder_of_blank_images_is_refused(run_cli, tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for i in range(6):  # a scanner's empty pages: one grey level everywhere
+        Image.fromarray(np.full((8, 8), 200, np.uint8), mode="L").save(tmp_path / "imgs" / f"{i}.png")
+    args = ["--calib", tmp_path / "imgs", "--preprocess", "scale=1/255", "-o", tmp_path / "out"]
+    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", "cpu-avx", *args)
+    assert res.code == 2 and "every input holds one value in every sample" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_compile_with_an_image_folder(run_cli, tmp_path):
     _write_digits(tmp_path / "imgs", 40)
     res = run_cli(
