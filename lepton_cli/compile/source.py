@@ -15,13 +15,7 @@ from lepton_cli.model.sessions import make_session, model_random_feed
 from lepton_cli.model.shapes import bind_input_shapes, graph_inputs, parse_input_shapes, rebound_inputs
 from lepton_cli.pipeline.targets import Target
 from lepton_cli.samples.preprocess import load_image_folder
-from lepton_cli.samples.sample_set import (
-    SampleSet,
-    check_bound_shapes,
-    check_not_constant,
-    distinct_count,
-    load_samples,
-)
+from lepton_cli.samples.sample_set import SampleSet, check_bound_shapes, load_samples, placeholder_error, survey
 
 
 @dataclass
@@ -55,8 +49,8 @@ def prepare_source(
     rebinds = bool(rebound_inputs(model, parse_input_shapes(input_shapes)))
     if rebinds:  # bound first: the data is checked against the size the user rebinds a fixed dim to
         model, shapes, note = _bind_shapes(model, input_shapes, None, rebinds=True)
-    calib_set = _checked(_samples(calib, model, "--calib", preprocess), "--calib", normalisation)
-    eval_set = _checked(_samples(evaluation, model, "--eval", preprocess), "--eval", normalisation)
+    calib_set = _samples(calib, model, "--calib", preprocess)
+    eval_set = _samples(evaluation, model, "--eval", preprocess)
     if not rebinds:
         model, shapes, note = _bind_shapes(model, input_shapes, calib_set)
     if note:
@@ -64,7 +58,7 @@ def prepare_source(
     for samples, role in ((calib_set, "--calib"), (eval_set, "--eval")):
         if samples is not None:
             check_bound_shapes(samples, model, role, note and note.split(":")[0])
-            _check_source_runs(model, samples, role)
+            normalisation += _check_samples(model, samples, role)
     return PreparedSource(model, calib_set, eval_set, shapes, normalisation)
 
 
@@ -77,37 +71,34 @@ def _samples(path: Path | None, model: onnx.ModelProto, role: str, preprocess: s
     return load_samples(path, model, role=role)
 
 
-def _checked(samples: SampleSet | None, role: str, normalisation: list[str]) -> SampleSet | None:
-    """``samples`` checked for placeholder data (exit 2); exact repeats noted (kept: they may be how often the
-    deployment sees that input, but the gate counts each as evidence)."""
-    if samples is None:
-        return None
-    check_not_constant(samples, role)
-    distinct = distinct_count(samples)
-    if distinct < len(samples):
-        normalisation.append(
-            f"{role}: {len(samples) - distinct} of {len(samples)} samples repeat another exactly ({distinct} "
-            "distinct): the accuracy gate counts each repeat as a sample, so it resolves less than it reports "
-            "(give distinct samples where you can)"
-        )
-    return samples
-
-
-def _check_source_runs(model: onnx.ModelProto, samples: SampleSet, role: str) -> None:
-    """Exit 2 when the source model cannot run a sample (a token id past its vocabulary): every pass that feeds the
-    data would fail later, as an internal error."""
+def _check_samples(model: onnx.ModelProto, samples: SampleSet, role: str) -> list[str]:
+    """One pass over ``samples``: exit 2 on a sample the source model cannot run (a token id past its vocabulary:
+    every pass that feeds it would fail later, as an internal error) or on placeholder data; a note on exact repeats
+    (kept: they may be how often the deployment sees that input, but the gate counts each as evidence)."""
     try:
         session = make_session(model)
     except Exception:  # a model ONNX Runtime cannot load is refused later, with its own message
-        return
-    for index, feed in enumerate(samples.feeds()):
+        session = None
+
+    def runs(index: int, feed: dict[str, np.ndarray]) -> None:
         try:
-            session.run(None, feed)
+            session.run(None, feed)  # type: ignore[union-attr]
         except Exception as exc:  # ORT's errors share no base class worth naming
             raise BadInputError(
                 f"{role} {samples.path}: the model cannot run sample {index}: {str(exc).splitlines()[0][:300]}",
                 "give samples the model takes (token ids within its vocabulary, values its ops accept)",
             ) from None
+
+    found = survey(samples, runs if session is not None else None)
+    if found.constant is not None:
+        raise placeholder_error(found.constant, samples, role)
+    if found.distinct == len(samples):
+        return []
+    return [
+        f"{role}: {len(samples) - found.distinct} of {len(samples)} samples repeat another exactly ({found.distinct} "
+        "distinct): the accuracy gate counts each repeat as a sample, so it resolves less than it reports "
+        "(give distinct samples where you can)"
+    ]
 
 
 def _bind_shapes(

@@ -11,7 +11,7 @@ import hashlib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -163,34 +163,43 @@ def load_samples(path: str | Path, model: onnx.ModelProto, *, role: str = "--cal
     return SampleSet(path, arrays, labels, batched)
 
 
-def distinct_count(samples: SampleSet) -> int:
-    """How many samples differ from every earlier one (in some input or the label); read through ``feeds`` so an
-    image folder's decoded images count."""
+@dataclass
+class Survey:
+    """What one pass over a sample set found."""
+
+    distinct: int  # samples that differ from every earlier one (in some input or the label)
+    constant: dict[str, Any] | None  # each input's one value when no input varies anywhere (placeholder data)
+
+
+def survey(samples: SampleSet, visit: Callable[[int, dict[str, np.ndarray]], None] | None = None) -> Survey:
+    """One pass over ``samples`` through ``feeds`` (an image folder is decoded once): exact repeats and placeholder
+    data, with ``visit(index, feed)`` called on each sample (the caller's own check of it)."""
     seen: set[bytes] = set()
+    first: dict[str, Any] = {}
+    varies = False
     for index, feed in enumerate(samples.feeds()):
+        if visit is not None:
+            visit(index, feed)
         digest = hashlib.blake2b(digest_size=16)
         for name in sorted(feed):
-            digest.update(np.ascontiguousarray(feed[name]).tobytes())
+            flat = np.ascontiguousarray(feed[name]).reshape(-1)
+            digest.update(flat.tobytes())
+            if flat.size and not varies:
+                first.setdefault(name, flat[0])
+                varies = bool(np.any(flat != first[name]))  # not min/max: string inputs have neither
         if samples.labels is not None:
             digest.update(np.ascontiguousarray(samples.labels[index]).tobytes())
         seen.add(digest.digest())
-    return len(seen)
+    return Survey(len(seen), None if varies else first)
 
 
-def check_not_constant(samples: SampleSet, role: str) -> None:
-    """Exit 2 when every input holds one value in every sample (an all-zero array, a blank image): the model
-    would be calibrated and scored on one point no deployment sends, and every candidate would agree with it."""
-    first: dict[str, Any] = {}
-    for feed in samples.feeds():
-        for name, value in feed.items():
-            flat = np.asarray(value).reshape(-1)
-            if not flat.size:
-                continue
-            first.setdefault(name, flat[0])
-            if np.any(flat != first[name]):  # not min/max: string inputs have neither
-                return
-    held = ", ".join(f"{name!r} = {value.item() if hasattr(value, 'item') else value}" for name, value in first.items())
-    raise BadInputError(
+def placeholder_error(constant: dict[str, Any], samples: SampleSet, role: str) -> BadInputError:
+    """Every input holds one value in every sample (an all-zero array, a blank image): the model would be
+    calibrated and scored on one point no deployment sends, and every candidate would agree with it."""
+    held = ", ".join(
+        f"{name!r} = {value.item() if hasattr(value, 'item') else value}" for name, value in constant.items()
+    )
+    return BadInputError(
         f"{role} {samples.path}: every input holds one value in every sample ({held}): calibration and the "
         "accuracy gate would see nothing of the data the model runs on",
         "save real inputs (images, text, audio as the model's preprocessing makes them), not placeholders",

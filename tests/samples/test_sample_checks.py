@@ -10,7 +10,7 @@ import pytest
 from conftest import DIGITS
 
 from lepton_cli.errors import BadInputError
-from lepton_cli.samples.sample_set import SampleSet, check_not_constant, distinct_count, load_samples
+from lepton_cli.samples.sample_set import SampleSet, load_samples, placeholder_error, survey
 
 DIGITS_MODEL = DIGITS / "digits_cnn.onnx"
 
@@ -19,16 +19,22 @@ def _digits() -> np.ndarray:
     return np.load(DIGITS / "calib.npz")["image"]
 
 
+def check_not_constant(samples: SampleSet, role: str) -> None:
+    found = survey(samples)
+    if found.constant is not None:
+        raise placeholder_error(found.constant, samples, role)
+
+
 def test_real_images_are_distinct_and_not_a_placeholder():
     samples = load_samples(DIGITS / "calib.npz", onnx.load(DIGITS_MODEL))
-    assert distinct_count(samples) == len(samples) == 200
+    assert survey(samples).distinct == len(samples) == 200
     check_not_constant(samples, "--calib")  # raises on placeholder data only
 
 
 def test_repeats_are_counted_once():
     images = _digits()[:8]
     samples = SampleSet(Path("calib.npz"), {"image": np.concatenate([images] * 4)}, None, {"image": False})
-    assert len(samples) == 32 and distinct_count(samples) == 8
+    assert len(samples) == 32 and survey(samples).distinct == 8
 
 
 def test_a_constant_input_beside_real_data_is_not_a_placeholder():
