@@ -39,6 +39,12 @@ class OptionValueError(BadInputError):
 def check_option_values(options: Any) -> None:
     """OptionValueError (exit 2) for the first of ``RULES`` whose value on ``options`` is not finite or is refused."""
     for rule in RULES:
-        value = getattr(options, rule.field)
-        if value is not None and not (math.isfinite(value) and rule.accepts(value)):
-            raise OptionValueError(rule, value)
+        check_option_value(rule.field, getattr(options, rule.field))
+
+
+def check_option_value(field: str, value: float | None) -> None:
+    """OptionValueError (exit 2) when ``value`` of the option ``field`` names is not finite or is refused (commands
+    with an option of the same name, such as `lepton bench --seed`, check it here too)."""
+    rule = next(r for r in RULES if r.field == field)
+    if value is not None and not (math.isfinite(value) and rule.accepts(value)):
+        raise OptionValueError(rule, value)
