@@ -340,7 +340,8 @@ def test_bad_params_are_rejected():
 def test_ppocr_rec_cpu_avx_keeps_character_accuracy(tmp_path):
     """PP-OCRv4 rec on rendered text lines: with a 0.5-point budget of character accuracy
     against the tuning lines' text (text labels), character accuracy on held-out lines drops at most
-    0.5 points, scored as the VNNI target computes."""
+    0.5 points, scored as the VNNI target computes. Held out on 400 lines: on 100 the drop reads to about ±0.25
+    points, too coarse for a 0.5-point bar (the same model read 0.64 on its first 100 and 0.28 on the next 300)."""
     import sys
 
     sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
@@ -354,7 +355,7 @@ def test_ppocr_rec_cpu_avx_keeps_character_accuracy(tmp_path):
     model = bind_input_shapes(model, {"x": [1, 3, 48, 320]})
     calib_x, _ = textset.make_set(64, 1, "calib")
     tune_x, tune_texts = textset.make_set(100, 2, "eval")
-    test_x, test_texts = textset.make_set(100, 3, "eval")
+    test_x, test_texts = textset.make_set(400, 3, "eval")
     np.savez(tmp_path / "calib.npz", x=calib_x)
     np.savez(
         tmp_path / "eval.npz", x=tune_x, labels=np.array(tune_texts)
