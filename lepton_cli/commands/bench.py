@@ -24,8 +24,9 @@ from lepton_cli.console import emit_json, note, settings, stderr, stdout, warn
 from lepton_cli.errors import BadInputError, QualityGateError
 from lepton_cli.evaluate import costmodel
 from lepton_cli.evaluate import latency as measure
+from lepton_cli.host.detect import detect_host
 from lepton_cli.model.load import load_model
-from lepton_cli.model.shapes import graph_inputs, parse_input_shapes, require_static
+from lepton_cli.model.shapes import check_input_memory, graph_inputs, parse_input_shapes, require_static
 from lepton_cli.pipeline.targets import Target, load_target
 from lepton_cli.samples.sample_set import SampleSet, load_samples
 
@@ -112,6 +113,7 @@ def _bind_shapes(view: onnx.ModelProto, input_shapes: list[str], samples: Sample
         if sig.name not in shapes and not sig.is_static and all(isinstance(d, int) for d in sig.dims[1:]):
             shapes[sig.name] = [1, *sig.dims[1:]]
             note(f"input {sig.name}: dynamic batch dim measured at 1 (use --input-shape to choose)")
+    check_input_memory(graph_inputs(view), shapes, detect_host().usable_memory_mb)
     return shapes
 
 

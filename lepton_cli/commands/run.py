@@ -22,9 +22,10 @@ from lepton_cli.commands._bundle_keys import key_spec, trust_spec
 from lepton_cli.commands._options import BundleArg, JsonFlag, StateOpt, TrustOpt
 from lepton_cli.console import emit_json, note, settings, stdout
 from lepton_cli.errors import BadInputError
+from lepton_cli.model.shapes import graph_inputs
 from lepton_cli.runtime.bundle_session import BundleSession, load_bundle
 from lepton_cli.runtime.device_session import FORMATS, load_device_file
-from lepton_cli.samples.sample_set import load_samples
+from lepton_cli.samples.sample_set import check_whole_input, load_samples
 
 
 def _source_layout_model(session: BundleSession) -> onnx.ModelProto:
@@ -57,7 +58,9 @@ _ORT_TYPES = {
 }
 
 
-def _single_inputs(specs: list[str], names: set[str]) -> dict[str, np.ndarray]:
+def _single_inputs(specs: list[str], session: Any) -> dict[str, np.ndarray]:
+    sigs = {sig.name: sig for sig in graph_inputs(_source_layout_model(session))}
+    names = set(sigs)
     feed = {}
     for spec in specs:
         name, sep, file = spec.partition("=")
@@ -68,11 +71,16 @@ def _single_inputs(specs: list[str], names: set[str]) -> dict[str, np.ndarray]:
                 f"--input {name!r} names no input of the model", f"the model's inputs are: {', '.join(sorted(names))}"
             )
         try:
-            feed[name] = np.load(file, allow_pickle=False)
+            array = np.load(file, allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:
             raise BadInputError(
                 f"--input {name}: cannot read {file} as .npy ({exc.__class__.__name__})", "save it with numpy.save"
             ) from None
+        if not isinstance(array, np.ndarray):  # an .npz given where one tensor is wanted
+            raise BadInputError(
+                f"--input {name}: {file} is an .npz, not one .npy tensor", f"pass it with --inputs {file}"
+            )
+        feed[name] = check_whole_input(name, array, sigs[name], f"--input {name}")
     missing = sorted(names - set(feed))
     if missing:
         raise BadInputError(f"no --input for model input {missing[0]!r}", f"add --input {missing[0]}=FILE.npy")
@@ -154,7 +162,7 @@ def _open_session(
 def _run_session(session: Any, input_: list[str] | None, inputs: Path | None) -> _Run:
     out_names = [o.name for o in session.get_outputs()]
     if inputs is None:
-        feed = _single_inputs(input_ or [], {i.name for i in session.get_inputs()})
+        feed = _single_inputs(input_ or [], session)
         return _Run(dict(zip(out_names, session.run(out_names, feed))), 1, None)
     samples = load_samples(inputs, _source_layout_model(session), role="--inputs")
     per_sample = [session.run(out_names, feed) for feed in samples.feeds()]

@@ -197,6 +197,7 @@ def compile_unsealed(
             evaluation=options.eval,
             preprocess=options.preprocess,
             input_shapes=options.input_shapes,
+            memory_mb=host.usable_memory_mb,
         )
         ctx = _context(options, target, host, source, listeners)
         work_dirs.append(ctx.work_dir)

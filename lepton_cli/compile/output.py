@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 from lepton_cli.bundle.archive import ARCHIVE_SUFFIX, write_archive
 from lepton_cli.bundle.keys import ENV, EncryptionPublicKey, SigningPrivateKey, dev_keys, key_id, load_key, resolve
+from lepton_cli.bundle.manifest import parse_expires
 from lepton_cli.bundle.provenance import PROVENANCE
 from lepton_cli.bundle.provenance import sign as sign_provenance
 from lepton_cli.bundle.provenance import statement as provenance_statement
@@ -66,6 +68,12 @@ def resolve_compile_keys(
 ) -> CompileKeys:
     """All key and bundle options checked before the compile starts (exit 2 on any problem)."""
     check_bundle_options(version, expires)
+    if expires is not None and parse_expires(expires) <= datetime.now(timezone.utc):
+        raise BadInputError(
+            f"--expires {expires} has passed (now {datetime.now(timezone.utc):%Y-%m-%dT%H:%MZ}): every device would "
+            "refuse the bundle",
+            "pass a date in the future, or leave --expires out for a bundle that does not expire",
+        )
     signing = resolve(sign_key, ENV["sign"], "signing", "private", "--sign-key")
     publics = [
         load_key(

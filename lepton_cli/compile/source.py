@@ -12,7 +12,13 @@ import onnx
 from lepton_cli.errors import BadInputError
 from lepton_cli.model.load import LoadedModel, upgrade_opset
 from lepton_cli.model.sessions import make_session, model_random_feed
-from lepton_cli.model.shapes import bind_input_shapes, graph_inputs, parse_input_shapes, rebound_inputs
+from lepton_cli.model.shapes import (
+    bind_input_shapes,
+    check_input_memory,
+    graph_inputs,
+    parse_input_shapes,
+    rebound_inputs,
+)
 from lepton_cli.pipeline.targets import Target
 from lepton_cli.samples.preprocess import load_image_folder
 from lepton_cli.samples.sample_set import SampleSet, check_bound_shapes, load_samples, placeholder_error, survey
@@ -37,8 +43,10 @@ def prepare_source(
     evaluation: Path | None,
     preprocess: str | None,
     input_shapes: list[str],
+    memory_mb: float | None = None,
 ) -> PreparedSource:
-    """Opset upgrade, the --calib/--eval data, bound input shapes; what of it the report lists."""
+    """Opset upgrade, the --calib/--eval data, bound input shapes; what of it the report lists. ``memory_mb``: this
+    host's usable memory, which bound inputs must leave room in."""
     normalisation: list[str] = []
     if loaded.dropped_domains:  # declared by the exporter, used by no node: nothing of theirs runs
         domains = ", ".join(map(repr, loaded.dropped_domains))
@@ -48,11 +56,11 @@ def prepare_source(
         normalisation.append(note)
     rebinds = bool(rebound_inputs(model, parse_input_shapes(input_shapes)))
     if rebinds:  # bound first: the data is checked against the size the user rebinds a fixed dim to
-        model, shapes, note = _bind_shapes(model, input_shapes, None, rebinds=True)
+        model, shapes, note = _bind_shapes(model, input_shapes, None, memory_mb, rebinds=True)
     calib_set = _samples(calib, model, "--calib", preprocess)
     eval_set = _samples(evaluation, model, "--eval", preprocess)
     if not rebinds:
-        model, shapes, note = _bind_shapes(model, input_shapes, calib_set)
+        model, shapes, note = _bind_shapes(model, input_shapes, calib_set, memory_mb)
     if note:
         normalisation.append(note)
     for samples, role in ((calib_set, "--calib"), (eval_set, "--eval")):
@@ -102,7 +110,12 @@ def _check_samples(model: onnx.ModelProto, samples: SampleSet, role: str) -> lis
 
 
 def _bind_shapes(
-    model: onnx.ModelProto, input_shapes: list[str], calib: SampleSet | None, *, rebinds: bool = False
+    model: onnx.ModelProto,
+    input_shapes: list[str],
+    calib: SampleSet | None,
+    memory_mb: float | None,
+    *,
+    rebinds: bool = False,
 ) -> tuple[onnx.ModelProto, dict[str, list[int]], str | None]:
     """``rebinds``: --input-shape gives a fixed dim another size (``shapes.rebound_inputs``), checked by a run."""
     shapes = parse_input_shapes(input_shapes)
@@ -114,6 +127,7 @@ def _bind_shapes(
     if not shapes:
         return model, {}, None
     bound = bind_input_shapes(model, shapes)
+    check_input_memory(graph_inputs(model), shapes, memory_mb)
     if rebinds:
         _check_runs_rebound(model, bound, shapes)
     listed = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())

@@ -25,6 +25,9 @@ class TensorSig:
         return {"name": self.name, "dtype": str(self.dtype), "shape": list(self.dims)}
 
 
+INPUT_MEMORY_SHARE = 0.25  # of the host's usable memory the inputs may take: random draws, copies, activations
+
+
 def _value_sig(value: onnx.ValueInfoProto) -> TensorSig:
     ttype = value.type.tensor_type
     dims: list[int | str] = []
@@ -62,6 +65,27 @@ def parse_input_shapes(specs: list[str]) -> dict[str, list[int]]:
             )
         shapes[name] = values
     return shapes
+
+
+def check_input_memory(inputs: list[TensorSig], shapes: dict[str, list[int]], memory_mb: float | None) -> None:
+    """Exit 2 when inputs bound to ``shapes`` alone take over a quarter of this host's usable memory (``memory_mb``):
+    compiling and benchmarking draw inputs of that size, copy them and run the model on them, so they would fail on
+    an allocation instead of saying why."""
+    dtypes = {sig.name: sig.dtype for sig in inputs}
+    sizes = {
+        name: int(np.prod(dims, dtype=np.float64)) * dtypes[name].itemsize
+        for name, dims in shapes.items()
+        if name in dtypes
+    }
+    total_mb = sum(sizes.values()) / 2**20
+    if memory_mb is None or not sizes or total_mb <= memory_mb * INPUT_MEMORY_SHARE:
+        return
+    largest = max(sizes, key=sizes.__getitem__)
+    raise BadInputError(
+        f"the input shapes take {total_mb / 1024:.1f} GiB ({largest} {'x'.join(map(str, shapes[largest]))}), over a "
+        f"quarter of this host's {memory_mb / 1024:.1f} GiB of usable memory: the model runs on inputs of that size",
+        "give the batch and size the device runs (e.g. batch 1) with --input-shape",
+    )
 
 
 def unbound_dims(model: onnx.ModelProto) -> list[str]:

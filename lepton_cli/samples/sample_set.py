@@ -97,6 +97,30 @@ def _check_input(name: str, arr: np.ndarray, sig: TensorSig, origin: str) -> boo
                 f"{origin}: array {name!r} samples have shape {list(sample_shape)}, the input expects {list(sig.dims)}",
                 "resize or reshape the samples to the model's input shape",
             )
+    _check_dtype(name, arr, sig, origin)
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise BadInputError(
+            f"{origin}: array {name!r} contains {bad} NaN/Inf values",
+            "clean the data; calibration on NaN/Inf is meaningless",
+        )
+    return batched
+
+
+def check_whole_input(name: str, arr: np.ndarray, sig: TensorSig, origin: str) -> np.ndarray:
+    """One whole input tensor (``lepton run --input``): its rank and fixed dims exactly the input's, its dtype
+    converted where no value changes kind; exit 2 otherwise (ONNX Runtime's own refusal would be an internal error)."""
+    fixed_ok = all(not isinstance(want, int) or have == want for have, want in zip(arr.shape, sig.dims))
+    if arr.ndim != len(sig.dims) or not fixed_ok:
+        raise BadInputError(
+            f"{origin}: array {name!r} has shape {list(arr.shape)}, the input takes {list(sig.dims)}",
+            "save the one tensor the model takes (or pass samples with --inputs DATA.npz)",
+        )
+    _check_dtype(name, arr, sig, origin)
+    return arr.astype(sig.dtype, copy=False)
+
+
+def _check_dtype(name: str, arr: np.ndarray, sig: TensorSig, origin: str) -> None:
     if arr.dtype != sig.dtype:
         if np.issubdtype(arr.dtype, np.floating) and np.issubdtype(sig.dtype, np.floating):
             pass  # float64 → float32 is a safe, common conversion, done by the loader
@@ -111,13 +135,15 @@ def _check_input(name: str, arr: np.ndarray, sig: TensorSig, origin: str) -> boo
                 f"{origin}: array {name!r} has dtype {arr.dtype}, the input expects {sig.dtype}",
                 f"save it as {sig.dtype}",
             )
-    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).sum())
-        raise BadInputError(
-            f"{origin}: array {name!r} contains {bad} NaN/Inf values",
-            "clean the data; calibration on NaN/Inf is meaningless",
-        )
-    return batched
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of an .npz (read here: object arrays fail on access), or None for a single .npy array."""
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        return None
+    with loaded as npz:
+        return {key: npz[key] for key in npz.files}
 
 
 def load_samples(path: str | Path, model: onnx.ModelProto, *, role: str = "--calib") -> SampleSet:
@@ -126,15 +152,18 @@ def load_samples(path: str | Path, model: onnx.ModelProto, *, role: str = "--cal
     origin = f"{role} {path}"
     if not path.is_file():
         raise BadInputError(f"{origin} does not exist or is not a file", "pass an .npz keyed by input name")
+    inputs = {sig.name: sig for sig in graph_inputs(model)}
+    savez = f"numpy.savez(path, {', '.join(f'{name}=array' for name in inputs) or 'input_name=array'})"
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            raw = {key: npz[key] for key in npz.files}
+        raw = _read_npz(path)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise BadInputError(
-            f"{origin} is not a readable .npz file ({exc.__class__.__name__})",
-            "save it with numpy.savez(path, input_name=array, ...)",
+            f"{origin} is not a readable .npz file ({exc.__class__.__name__})", f"save it with {savez}"
         ) from None
-    inputs = {sig.name: sig for sig in graph_inputs(model)}
+    if raw is None:  # a .npy: one array, no input name to match
+        raise BadInputError(
+            f"{origin} is a single .npy array, not an .npz keyed by input name", f"save it with {savez}"
+        )
     labels = raw.pop(LABELS_KEY, None)
     unknown = sorted(set(raw) - set(inputs))
     if unknown:

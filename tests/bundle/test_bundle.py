@@ -358,6 +358,25 @@ def test_run_with_single_npy_inputs(run_cli, tmp_path, keys):
     assert wrong.code == 2 and "names no input" in wrong.stderr
 
 
+@pytest.mark.parametrize(
+    "tensor,needle",
+    [
+        (lambda x: x.astype(np.int64), "has dtype int64, the input expects float32"),
+        (lambda x: x[:, :, :4], "has shape [4, 1, 4, 8], the input takes ['N', 1, 8, 8]"),
+        (lambda x: x[0], "has shape [1, 8, 8], the input takes ['N', 1, 8, 8]"),
+    ],
+    ids=["integer pixels", "cropped", "no batch axis"],
+)
+def test_run_refuses_a_tensor_the_model_does_not_take(run_cli, tmp_path, keys, tensor, needle):
+    """ONNX Runtime's own refusal of such a tensor was an internal error (exit 1)."""
+    bundle = make_bundle(tmp_path / "m.lepton", keys)
+    np.save(tmp_path / "x.npy", tensor(np.load(DIGITS / "eval.npz")["image"][:4]))
+    args = ["--key", keys.enc_priv, "--trust", keys.sign_pub, "--state", tmp_path / "s.json"]
+    result = run_cli("run", bundle, *args, "--input", f"image={tmp_path / 'x.npy'}", "-o", tmp_path / "y.npz")
+    assert result.code == 2 and needle in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "y.npz").exists()
+
+
 def _record_many(args):
     from lepton_cli.bundle import state
 

@@ -217,6 +217,24 @@ def case_negative_seed(tmp: Path) -> list:
     return ["compile", DIGITS_MODEL, "-t", "cpu-avx", "--calib", DIGITS / "calib.npz", "--seed", "-1", "-o", tmp / "o"]
 
 
+def case_calib_npy(tmp: Path) -> list:
+    np.save(tmp / "calib.npy", np.load(DIGITS / "calib.npz")["image"])  # the real images, without their input name
+    return ["compile", DIGITS_MODEL, "-t", "cpu-avx", "--calib", tmp / "calib.npy", "-o", tmp / "out"]
+
+
+def case_input_shape_past_memory(tmp: Path) -> list:
+    # 238 GiB of float32 images: the compile failed allocating its check inputs (exit 1)
+    return ["compile", DIGITS_MODEL, "-t", "cpu-avx", "--input-shape", "image=1000000000,1,8,8", "-o", tmp / "out"]
+
+
+def case_expires_past(tmp: Path) -> list:
+    return ["compile", DIGITS_MODEL, "-t", "cpu-avx", "--expires", "2001-01-01", "-o", tmp / "out"]
+
+
+def case_bench_input_shape_past_memory(tmp: Path) -> list:
+    return ["bench", DIGITS_MODEL, "--input-shape", "image=1000000000,1,8,8", "--seconds", "1"]
+
+
 def case_calib_index_past_the_vocabulary(tmp: Path) -> list:
     embedding = ONNX_DATA / "pytorch-converted" / "test_Embedding"  # real weights: 4 rows, int64 indices [1, 4]
     tensor = onnx.TensorProto()
@@ -258,6 +276,10 @@ CASES: list[tuple[str, Callable[[Path], list], str]] = [
     ("eval placeholder", case_eval_placeholder, "eval.npz: every input holds one value in every sample"),
     ("eval labels not classes", case_eval_labels_not_classes, "397 of 397 labels are not class indices"),
     ("calib index past the vocabulary", case_calib_index_past_the_vocabulary, "the model cannot run sample 3"),
+    ("calib .npy", case_calib_npy, "is a single .npy array, not an .npz keyed by input name"),
+    ("input shape past memory", case_input_shape_past_memory, "over a quarter of this host's"),
+    ("bench input shape past memory", case_bench_input_shape_past_memory, "over a quarter of this host's"),
+    ("expired bundle", case_expires_past, "--expires 2001-01-01 has passed"),
     ("negative budget", case_negative_budget, "--max-accuracy-drop -1 is out of range"),
     ("zero bench seconds", case_zero_bench_seconds, "--bench-seconds 0 is out of range"),
     ("negative seed", case_negative_seed, "--seed -1 is out of range"),
