@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from lepton_cli.errors import BadInputError
 from lepton_cli.model.load import LoadedModel, upgrade_opset
@@ -63,10 +65,11 @@ def prepare_source(
         model, shapes, note = _bind_shapes(model, input_shapes, calib_set, memory_mb)
     if note:
         normalisation.append(note)
+    session = _source_session(model)
     for samples, role in ((calib_set, "--calib"), (eval_set, "--eval")):
         if samples is not None:
             check_bound_shapes(samples, model, role, note and note.split(":")[0])
-            normalisation += _check_samples(model, samples, role)
+            normalisation += _check_samples(session, samples, role)
     return PreparedSource(model, calib_set, eval_set, shapes, normalisation)
 
 
@@ -79,25 +82,34 @@ def _samples(path: Path | None, model: onnx.ModelProto, role: str, preprocess: s
     return load_samples(path, model, role=role)
 
 
-def _check_samples(model: onnx.ModelProto, samples: SampleSet, role: str) -> list[str]:
+def _source_session(model: onnx.ModelProto) -> Any:
+    """An ONNX Runtime session of the source, or exit 2: every pass is checked by running the model, so a model
+    ONNX Runtime cannot load (an op it has no kernel for, as opset 20's ImageDecoder) failed inside fuse's check."""
+    try:
+        return make_session(model)
+    except Exception as exc:  # ORT's load errors share no base class worth naming
+        raise BadInputError(
+            f"ONNX Runtime {ort.__version__} cannot load the model, and every pass is checked by running it: "
+            f"{str(exc).splitlines()[0][:300]}",
+            "replace the ops ONNX Runtime has no kernel for with ones it runs, or run them outside the model",
+        ) from None
+
+
+def _check_samples(session: Any, samples: SampleSet, role: str) -> list[str]:
     """One pass over ``samples``: exit 2 on a sample the source model cannot run (a token id past its vocabulary:
     every pass that feeds it would fail later, as an internal error) or on placeholder data; a note on exact repeats
     (kept: they may be how often the deployment sees that input, but the gate counts each as evidence)."""
-    try:
-        session = make_session(model)
-    except Exception:  # a model ONNX Runtime cannot load is refused later, with its own message
-        session = None
 
     def runs(index: int, feed: dict[str, np.ndarray]) -> None:
         try:
-            session.run(None, feed)  # type: ignore[union-attr]
+            session.run(None, feed)
         except Exception as exc:  # ORT's errors share no base class worth naming
             raise BadInputError(
                 f"{role} {samples.path}: the model cannot run sample {index}: {str(exc).splitlines()[0][:300]}",
                 "give samples the model takes (token ids within its vocabulary, values its ops accept)",
             ) from None
 
-    found = survey(samples, runs if session is not None else None)
+    found = survey(samples, runs)
     if found.constant is not None:
         raise placeholder_error(found.constant, samples, role)
     if found.distinct == len(samples):

@@ -235,6 +235,27 @@ def case_bench_input_shape_past_memory(tmp: Path) -> list:
     return ["bench", DIGITS_MODEL, "--input-shape", "image=1000000000,1,8,8", "--seconds", "1"]
 
 
+def case_op_without_ort_kernel(tmp: Path) -> list:
+    # opset 20's ImageDecoder on a JPEG's bytes: ONNX Runtime has no kernel, and fuse's check failed (exit 1)
+    node = helper.make_node("ImageDecoder", ["encoded"], ["image"], pixel_format="RGB")
+    graph = helper.make_graph(
+        [node],
+        "decode",
+        [helper.make_tensor_value_info("encoded", onnx.TensorProto.UINT8, ["bytes"])],
+        [helper.make_tensor_value_info("image", onnx.TensorProto.UINT8, ["h", "w", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    try:
+        import onnxruntime
+
+        onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        pytest.skip("this ONNX Runtime runs ImageDecoder: no op left to refuse")
+    except onnxruntime.capi.onnxruntime_pybind11_state.NotImplemented:
+        pass
+    onnx.save(model, tmp / "decode.onnx")
+    return ["compile", tmp / "decode.onnx", "-t", "cpu-avx", "-o", tmp / "out"]
+
+
 def case_calib_index_past_the_vocabulary(tmp: Path) -> list:
     embedding = ONNX_DATA / "pytorch-converted" / "test_Embedding"  # real weights: 4 rows, int64 indices [1, 4]
     tensor = onnx.TensorProto()
@@ -280,6 +301,7 @@ CASES: list[tuple[str, Callable[[Path], list], str]] = [
     ("input shape past memory", case_input_shape_past_memory, "over a quarter of this host's"),
     ("bench input shape past memory", case_bench_input_shape_past_memory, "over a quarter of this host's"),
     ("expired bundle", case_expires_past, "--expires 2001-01-01 has passed"),
+    ("op without an ONNX Runtime kernel", case_op_without_ort_kernel, "cannot load the model, and every pass is"),
     ("negative budget", case_negative_budget, "--max-accuracy-drop -1 is out of range"),
     ("zero bench seconds", case_zero_bench_seconds, "--bench-seconds 0 is out of range"),
     ("negative seed", case_negative_seed, "--seed -1 is out of range"),
