@@ -341,7 +341,7 @@ def test_ppocr_rec_cpu_avx_keeps_character_accuracy(tmp_path):
     """PP-OCRv4 rec on rendered text lines: with a 0.5-point budget of character accuracy
     against the tuning lines' text (text labels), character accuracy on held-out lines drops at most
     0.5 points, scored as the VNNI target computes. Held out on 400 lines: on 100 the drop reads to about ±0.25
-    points, too coarse for a 0.5-point bar (the same model read 0.64 on its first 100 and 0.28 on the next 300)."""
+    points, too coarse for a 0.5-point bar (the same model reads 0.64 on the first 100, 0.47 on all 400; session37.md)."""
     import sys
 
     sys.path.insert(0, str(DIGITS.parent.parent / "benchmarks"))
