@@ -137,12 +137,15 @@ def _check_dtype(name: str, arr: np.ndarray, sig: TensorSig, origin: str) -> Non
             )
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray] | None:
     """The arrays of an .npz (read here: object arrays fail on access), or None for a single .npy array."""
-    loaded = np.load(path, allow_pickle=False)
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        return None
-    with loaded as npz:
+    with open(path, "rb") as handle:
+        if handle.read(len(NPY_MAGIC)) == NPY_MAGIC:  # refused unread: it may be large
+            return None
+    with np.load(path, allow_pickle=False) as npz:
         return {key: npz[key] for key in npz.files}
 
 
