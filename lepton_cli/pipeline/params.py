@@ -7,6 +7,7 @@ ignored; here every key is a dataclass field, checked once when the target file 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -50,6 +51,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             f"{path} = {value!r} is not valid: expected {_type_name(tp)}", "use one of the listed values"
         )
     if origin in (Union, types.UnionType):
+        if isinstance(value, float) and not math.isfinite(value) and float in get_args(tp):
+            return _coerce(value, float, path)  # its own message, not "the wrong type"
         for arm in get_args(tp):
             try:
                 return _coerce(value, arm, path)
@@ -84,6 +87,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML's nan/inf (and 1e400) pass every range check written as a comparison
+                raise BadInputError(f"{path} = {value!r} is not a finite number", "give a finite value")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

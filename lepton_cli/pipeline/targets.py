@@ -173,6 +173,7 @@ class Target:
         } | ({"variants": [v.to_dict() for v in self.variants]} if self.variants else {})
 
 
+TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _TOP_KEYS = {"name", "description", "extends", "hardware", "runtime", "budgets", "passes", "pass_params", "variants"}
 _STEP_KEYS = {"name", "why", "enabled"}
 
@@ -383,8 +384,14 @@ def load_target(spec: str) -> Target:
                 f"the pipeline has: {', '.join(s.name for s in steps)}",
             )
     variants = _variants(raw.get("variants"), passes_raw, overrides, steps)
+    name = str(raw.get("name", origin))
+    if not TARGET_NAME.fullmatch(name):  # it names the bundle file and the report's target
+        raise BadInputError(
+            f"{origin}: target name {name!r} is not letters, digits, '.', '-' or '_' (starting with a letter or digit)",
+            'set name = "my-target" in the target file',
+        )
     target = Target(
-        name=str(raw.get("name", origin)),
+        name=name,
         description=description,
         hardware=hardware,
         runtime=runtime,

@@ -136,6 +136,17 @@ def case_bad_budget_value(tmp: Path) -> list:
     return ["compile", DIGITS_MODEL, "-t", toml, "-o", tmp / "out"]
 
 
+def case_nan_pass_parameter(tmp: Path) -> list:
+    # nan passes every range check written as a comparison: AdaRound's time budget would never run out
+    toml = _write(tmp / "mine.toml", 'extends = "cpu-avx"\n[pass_params.quantize]\nadaround_seconds = nan\n')
+    return ["compile", DIGITS_MODEL, "-t", toml, "-o", tmp / "out"]
+
+
+def case_target_name_with_a_path(tmp: Path) -> list:
+    toml = _write(tmp / "mine.toml", 'extends = "cpu-avx"\nname = "../boards/x"\n')  # it names the bundle file
+    return ["compile", DIGITS_MODEL, "-t", toml, "-o", tmp / "out"]
+
+
 def case_toml_syntax(tmp: Path) -> list:
     toml = _write(tmp / "mine.toml", 'extends = "edge-arm"\n[hardware\n')
     return ["compile", DIGITS_MODEL, "-t", toml, "-o", tmp / "out"]
@@ -283,6 +294,8 @@ CASES: list[tuple[str, Callable[[Path], list], str]] = [
     ("unknown pass", case_unknown_pass, "unknown pass 'fuze'"),
     ("bad parameter type", case_bad_param_type, "passes[0] (fuse).fold_constants"),
     ("bad budget value", case_bad_budget_value, "budgets.max_accuracy_drop_pct"),
+    ("nan pass parameter", case_nan_pass_parameter, "quantize).adaround_seconds = nan is not a finite number"),
+    ("target name with a path", case_target_name_with_a_path, "target name '../boards/x' is not letters"),
     ("TOML syntax", case_toml_syntax, "not valid TOML"),
     ("unknown target", case_unknown_target, "unknown target 'quantum-9000'"),
     ("--input-shape names no input", case_input_shape_no_input, "'pixels', which is not an input"),
