@@ -47,9 +47,11 @@ class Preprocess:
                     (self.width, self.height), Image.BILINEAR
                 )
                 arr = np.asarray(img, dtype=np.float32)
+        except Image.DecompressionBombError as exc:  # refused from its header, before it is decoded
+            raise BadInputError(f"image {path}: {exc}", "downscale the image, or remove it") from None
         except (UnidentifiedImageError, OSError) as exc:
             raise BadInputError(
-                f"--calib image {path} cannot be read ({exc.__class__.__name__})", "remove or replace the file"
+                f"image {path} cannot be read ({exc.__class__.__name__})", "remove or replace the file"
             ) from None
         if arr.ndim == 2:
             arr = arr[:, :, None]
@@ -103,9 +105,9 @@ def parse_preprocess(spec: str | None, model: onnx.ModelProto) -> tuple[str, Pre
         try:
             height, width = (int(v) for v in settings["size"].lower().split("x"))
         except ValueError:
-            raise BadInputError(
-                f"--preprocess size={settings['size']!r}", "write size=HxW, e.g. size=224x224"
-            ) from None
+            height = width = 0
+        if height < 1 or width < 1:
+            raise BadInputError(f"--preprocess size={settings['size']!r}", "write size=HxW, e.g. size=224x224")
     elif isinstance(dims[h_axis], int) and isinstance(dims[w_axis], int):
         height, width = dims[h_axis], dims[w_axis]
     else:
@@ -115,7 +117,7 @@ def parse_preprocess(spec: str | None, model: onnx.ModelProto) -> tuple[str, Pre
         raise BadInputError(f"--preprocess order={order!r}", "use order=RGB or order=BGR")
     try:
         scale = float(eval_fraction(settings.get("scale", "1/255")))
-    except ValueError:
+    except (ValueError, ZeroDivisionError):
         raise BadInputError(
             f"--preprocess scale={settings['scale']!r} is not a number", "write e.g. scale=1/255 or scale=1"
         ) from None

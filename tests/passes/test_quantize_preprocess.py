@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import numpy as np
 import onnx
 import pytest
@@ -39,6 +42,8 @@ def test_folder_feeds_match_the_npz_preprocessing(tmp_path):
         ("size=9x9", "expects"),
         ("colour=red", "cannot read"),
         ("layout=NCWH", "layout"),
+        ("size=8x8,scale=1/0", "scale='1/0' is not a number"),  # was ZeroDivisionError, exit 1
+        ("size=0x0", "size='0x0'"),
     ],
 )
 def test_bad_settings_exit_2(tmp_path, spec, message):
@@ -57,6 +62,19 @@ def test_empty_folder_and_unreadable_image_exit_2(tmp_path):
     (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
     with pytest.raises(BadInputError, match="cannot be read"):
         load_image_folder(tmp_path / "bad", model, None)
+
+
+def test_a_decompression_bomb_among_real_images_exits_2(run_cli, tmp_path):
+    """A PNG whose header claims 20000x20000: Pillow refuses it from the header (exit 1 before, its own error)."""
+    _write_digits(tmp_path / "imgs", 12)
+    png = bytearray((tmp_path / "imgs" / "000.png").read_bytes())
+    png[16:24] = struct.pack(">II", 20000, 20000)  # IHDR width and height, then its CRC
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    (tmp_path / "imgs" / "999.png").write_bytes(bytes(png))
+    args = ["--calib", tmp_path / "imgs", "--preprocess", "size=8x8,scale=1/255", "-o", tmp_path / "out"]
+    res = run_cli("compile", DIGITS / "digits_cnn.onnx", "--target", "cpu-avx", *args)
+    assert res.code == 2 and "999.png: Image size (400000000 pixels) exceeds limit" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_folder_of_blank_images_is_refused(run_cli, tmp_path):
