@@ -202,7 +202,14 @@ def apply_gates(
                     f"over --max-latency-ratio {max_latency_ratio:g}"
                 )
     if baseline is not None:
-        for check in baseline_checks(report, baseline, baseline_tolerance_pct):
+        compared = baseline_checks(report, baseline, baseline_tolerance_pct)
+        if not compared:  # a gate that compares nothing would pass every compile
+            raise BadInputError(
+                "--baseline shares no measurement with this compile (size, accuracy on the same metric, latency "
+                "ratio, cost-model estimate): nothing to compare",
+                "pass the report.json of an earlier compile of this model for this target",
+            )
+        for check in compared:
             gates.append(check)
             if not check["ok"]:
                 failures.append(

@@ -202,6 +202,14 @@ def test_compile_baseline_cli_exit_codes(run_cli, compiled, tmp_path):
         "compile", DIGITS / "digits_cnn.onnx", "--target", "cpu-avx", "-o", tmp_path, "--no-bench", "--baseline", bad
     )
     assert res.code == 2
+    # a report in name only: no measurement to compare (it passed every compile)
+    unrelated = tmp_path / "unrelated.json"
+    unrelated.write_text(json.dumps({"format": result.report["format"]}), encoding="utf-8")
+    res = run_cli(
+        "compile", DIGITS / "digits_cnn.onnx", "-t", "cpu-avx", "-o", tmp_path, "--no-bench", "--baseline", unrelated
+    )
+    assert res.code == 2 and "shares no measurement with this compile" in res.stderr
+    assert not list(tmp_path.glob("*.lepton"))
 
 
 # CI must run it (`make test` installs chromium); elsewhere a missing browser only skips it.
