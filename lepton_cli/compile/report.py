@@ -168,6 +168,26 @@ def baseline_checks(
     return checks
 
 
+def _baseline_failures(
+    report: dict[str, Any], baseline: dict[str, Any], tolerance_pct: float, gates: list[dict[str, Any]]
+) -> list[str]:
+    """The baseline gate's checks appended to ``gates``; what failed, in words. Exit 2 when nothing compares."""
+    compared = baseline_checks(report, baseline, tolerance_pct)
+    if not compared:  # a gate that compares nothing would pass every compile
+        raise BadInputError(
+            "--baseline shares no measurement with this compile (size, accuracy on the same metric, latency "
+            "ratio, cost-model estimate): nothing to compare",
+            "pass the report.json of an earlier compile of this model for this target",
+        )
+    gates.extend(compared)
+    return [
+        f"{check['name']} {check['value']:g} is worse than the baseline's {check['baseline']:g} "
+        f"beyond {tolerance_pct:g}% (limit {check['limit']:g})"
+        for check in compared
+        if not check["ok"]
+    ]
+
+
 def apply_gates(
     report: dict[str, Any],
     *,
@@ -202,20 +222,7 @@ def apply_gates(
                     f"over --max-latency-ratio {max_latency_ratio:g}"
                 )
     if baseline is not None:
-        compared = baseline_checks(report, baseline, baseline_tolerance_pct)
-        if not compared:  # a gate that compares nothing would pass every compile
-            raise BadInputError(
-                "--baseline shares no measurement with this compile (size, accuracy on the same metric, latency "
-                "ratio, cost-model estimate): nothing to compare",
-                "pass the report.json of an earlier compile of this model for this target",
-            )
-        for check in compared:
-            gates.append(check)
-            if not check["ok"]:
-                failures.append(
-                    f"{check['name']} {check['value']:g} is worse than the baseline's {check['baseline']:g} "
-                    f"beyond {baseline_tolerance_pct:g}% (limit {check['limit']:g})"
-                )
+        failures += _baseline_failures(report, baseline, baseline_tolerance_pct, gates)
     if enforce_budgets:
         budgets = report.get("budgets")
         if budgets is None:
