@@ -68,10 +68,10 @@ def resolve_compile_keys(
 ) -> CompileKeys:
     """All key and bundle options checked before the compile starts (exit 2 on any problem)."""
     check_bundle_options(version, expires)
-    if expires is not None and parse_expires(expires) <= datetime.now(timezone.utc):
+    now = datetime.now(timezone.utc)
+    if expires is not None and parse_expires(expires) <= now:
         raise BadInputError(
-            f"--expires {expires} has passed (now {datetime.now(timezone.utc):%Y-%m-%dT%H:%MZ}): every device would "
-            "refuse the bundle",
+            f"--expires {expires} has passed (now {now:%Y-%m-%dT%H:%MZ}): every device would refuse the bundle",
             "pass a date in the future, or leave --expires out for a bundle that does not expire",
         )
     signing = resolve(sign_key, ENV["sign"], "signing", "private", "--sign-key")

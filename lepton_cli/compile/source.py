@@ -138,8 +138,8 @@ def _bind_shapes(
         source = "calibration data"
     if not shapes:
         return model, {}, None
-    bound = bind_input_shapes(model, shapes)
     check_input_memory(graph_inputs(model), shapes, memory_mb)
+    bound = bind_input_shapes(model, shapes)
     if rebinds:
         _check_runs_rebound(model, bound, shapes)
     listed = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
