@@ -1,11 +1,11 @@
 """quantize: per-target int8/fp16 schemes, streamed calibration, accuracy-aware tuning within the budget.
 
-Schemes (each target's TOML says which and why): ``int8`` (static QDQ through ONNX Runtime,
-``_quantize/int8_plan.py``), ``fp16`` (fp32 I/O, overflowing ops kept fp32, ``_quantize/fp16_plan.py``), and the
-one-step rewrites ``int8_weight_only``, ``int8_dynamic``, ``int4_weight_only`` (``_quantize/rewrites.py``). The pass
-builds one plan per run and asks it; the calibrated plans give the tuner (``_quantize/tuning.py``) candidates to score
-against the source, and the one within the budget the target's cost model prices fastest is kept; none: exit 3 with
-every candidate tried. Without --calib a static-int8 target falls back to ``without_calib`` or refuses (exit 2).
+Schemes (each target's TOML says which and why): ``int8`` (static QDQ through ONNX Runtime, ``_quantize/int8_plan.py``),
+``fp16`` (fp32 I/O, overflowing ops kept fp32, ``_quantize/fp16_plan.py``), and the one-step rewrites
+``int8_weight_only``, ``int8_dynamic``, ``int4_weight_only`` (``_quantize/rewrites.py``). The pass builds one plan per
+run and asks it; the calibrated plans give the tuner (``_quantize/tuning.py``) candidates to score against the source,
+and the one within the budget the target's cost model prices fastest is kept; none: exit 3 with every candidate tried.
+Without --calib a static-int8 target falls back to ``without_calib`` or refuses (exit 2).
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ class QuantizeParams:
     # Accuracy recovery before any layer is kept float (_quantize/recovery.py); off unless a target measured a gain.
     equalize: bool = False  # cross-layer equalisation of conv pairs joined by ReLU-family activations (exact in float)
     residual_scaling_alpha: float | None = None  # post-LN residual sums rescaled per dimension (residual_scaling.py)
+    attention_balance: bool = False  # query and key channels balanced per channel (exact: attention_balance.py)
     smoothquant_alpha: float | None = None  # SmoothQuant for MatMul/Gemm inputs after a LayerNorm
     smoothquant_insert: bool = False  # also where nothing absorbs 1/s: a float per-channel Mul on the layer's input
     # The SmoothQuant'ed model (inserted scales) as a tier, searched when the plain choice keeps layers float (cheaper)
@@ -128,7 +129,7 @@ class QuantizeParams:
             raise ParamValueError("smoothquant_insert", "needs smoothquant_alpha (the migration strength)")
         if self.conv_smoothing_alpha is not None and not 0 < self.conv_smoothing_alpha <= 1:
             raise ParamValueError("conv_smoothing_alpha", f"must be in (0, 1], got {self.conv_smoothing_alpha}")
-        for name in ("conv_smoothing_alpha", "residual_scaling_alpha", "depthwise_channel_scales"):
+        for name in ("conv_smoothing_alpha", "residual_scaling_alpha", "depthwise_channel_scales", "attention_balance"):
             if getattr(self, name) not in (None, False) and (not self.per_channel or self.power_of_two_scales):
                 raise ParamValueError(name, "needs per-channel weight scales (they absorb the channel scales)")
         if self.head_precision == "int16" and self.power_of_two_scales:
@@ -184,7 +185,6 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
         model = inline_copy(model, f"quantize scheme {params.scheme!r}")
     if isinstance(plan, RewritePlan):
         return plan.rewrite(model, ctx)
-
     budget = ctx.lossy_budget(params.budget_share)
     calib, _, _ = ctx.scoring_data()
     scorer, scored_on = ctx.scorer(model)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize import residual_scaling, schemes
+from lepton_cli.passes._quantize import attention_balance, residual_scaling, schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from lepton_cli.passes._quantize.consumer_ranges import narrow_to_readers
 from lepton_cli.passes._quantize.depthwise_scales import (
@@ -465,6 +465,7 @@ class Int8Plan(SearchPlan):
             equalize=params.equalize,
             # on where the model has such sums: a CNN neither runs the recovery steps for it nor reports a gain row
             residual_scaling_alpha=alpha if alpha is not None and residual_scaling.has_candidates(model) else None,
+            attention_balance=params.attention_balance and bool(attention_balance.find_sites(model)),
             smoothquant_alpha=params.smoothquant_alpha,
             smoothquant_insert=params.smoothquant_insert,
             conv_smoothing_alpha=params.conv_smoothing_alpha,

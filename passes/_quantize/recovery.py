@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from lepton_cli.passes._quantize import (
     adaround,
+    attention_balance,
     bias_correction,
     conv_smoothing,
     equalization,
@@ -41,6 +42,7 @@ INT8_STEPS = ("quantized_adaround", "quantized_bias_correction")  # fitted on ea
 CHANGE_COUNTS = {
     "equalize": ("equalized_pairs", "conv pairs"),
     "residual_scaling": ("residual_sums_scaled", "residual sums"),
+    "attention_balance": ("attention_sites_balanced", "attention sites"),
     "smoothquant": ("smoothquant_layers", "layers"),
     "conv_smoothing": ("conv_inputs_smoothed", "conv inputs"),
     "adaround": ("adaround_layers", "layers"),
@@ -60,6 +62,7 @@ def changed_by(step: str, summary: dict[str, Any]) -> str:
 class RecoverySettings:
     equalize: bool = False
     residual_scaling_alpha: float | None = None  # None: off (residual_scaling.py)
+    attention_balance: bool = False  # attention_balance.py
     smoothquant_alpha: float | None = None  # None: off
     smoothquant_insert: bool = False  # a float per-channel Mul where no producer absorbs 1/s (smoothquant.py)
     conv_smoothing_alpha: float | None = None  # None: off (conv_smoothing.py)
@@ -82,6 +85,7 @@ class RecoverySettings:
         enabled = {
             "equalize": self.equalize,
             "residual_scaling": self.residual_scaling_alpha is not None,
+            "attention_balance": self.attention_balance,
             "smoothquant": self.smoothquant_alpha is not None,
             "conv_smoothing": self.conv_smoothing_alpha is not None,
             "adaround": self.adaround,
@@ -102,6 +106,7 @@ class RecoverySettings:
             self,
             equalize=self.equalize and "equalize" in steps,
             residual_scaling_alpha=self.residual_scaling_alpha if "residual_scaling" in steps else None,
+            attention_balance=self.attention_balance and "attention_balance" in steps,
             smoothquant_alpha=self.smoothquant_alpha if "smoothquant" in steps else None,
             conv_smoothing_alpha=self.conv_smoothing_alpha if "conv_smoothing" in steps else None,
             adaround=self.adaround and "adaround" in steps,
@@ -117,6 +122,7 @@ class RecoverySettings:
             or self.per_layer
             or bool(self.int8_steps)
             or self.residual_scaling_alpha is not None
+            or self.attention_balance
             or self.smoothquant_alpha is not None
             or self.conv_smoothing_alpha is not None
         )
@@ -272,6 +278,9 @@ def recover(
         scaled = residual_scaling.scale_residuals(reference, feeds[: settings.samples], settings.residual_scaling_alpha)
         summary["residual_sums_scaled"] = scaled.sites
         float_nodes += scaled.float_nodes
+    if settings.attention_balance and attention_balance.find_sites(reference):
+        reference = _copy(reference)
+        summary["attention_sites_balanced"] = attention_balance.balance(reference, feeds[: settings.samples])
     if settings.smoothquant_alpha is not None:
         reference, inserted = _smooth(reference, feeds[: settings.samples], scheme, settings, summary)
         float_nodes += inserted
