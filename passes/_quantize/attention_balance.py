@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from lepton_cli.passes._quantize.residual_scaling import dimension_absmax
 from lepton_cli.passes._quantize.sensitivity import tensor_runs
 from lepton_cli.passes._quantize.weight_layers import WeightLayer, from_rows, load, store, to_rows, weight_layers
 from onnx import helper, numpy_helper
@@ -164,12 +165,7 @@ def _ranges(model: onnx.ModelProto, sites: list[Site], feeds: list[dict]) -> dic
     """Per projection output, each column's largest magnitude over ``feeds``."""
     g = GraphIndex(model.graph)
     names = sorted({_projection_output(layer, g) for site in sites for layer in (site.query, site.key)})
-    ranges: dict[str, np.ndarray] = {}
-    for run in tensor_runs(model, names, feeds):
-        for name, value in run.items():
-            peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
-            ranges[name] = np.maximum(ranges.get(name, peak), peak)
-    return ranges
+    return dimension_absmax(model, names, feeds)
 
 
 def _scale_columns(model: onnx.ModelProto, layer: WeightLayer, columns: np.ndarray, factors: np.ndarray) -> None:

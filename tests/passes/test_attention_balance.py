@@ -12,7 +12,7 @@ import pytest
 from conftest import OCR_REC, REPO, needs_ocr
 from lepton_cli.passes._quantize import attention_balance, schemes
 from lepton_cli.passes._quantize.recovery import RecoverySettings, recover
-from lepton_cli.passes._quantize.sensitivity import tensor_runs
+from lepton_cli.passes._quantize.residual_scaling import dimension_absmax
 from lepton_cli.passes._quantize.weight_layers import load
 from onnx import helper
 
@@ -45,12 +45,7 @@ def _qkv_peaks(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> di
     """Per fused QKV projection output, each column's largest magnitude over ``feeds``."""
     names = [query.node.output[0] for _, query, _ in attention_balance.find_sites(model)]
     adds = [next(n.output[0] for n in model.graph.node if n.op_type == "Add" and name in n.input) for name in names]
-    peaks: dict[str, np.ndarray] = {}
-    for run in tensor_runs(model, adds, feeds):
-        for name, value in run.items():
-            peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
-            peaks[name] = np.maximum(peaks.get(name, peak), peak)
-    return peaks
+    return dimension_absmax(model, adds, feeds)
 
 
 def _run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
