@@ -2,8 +2,7 @@
 
 Order, each optional (``QuantizeParams``): cross-layer equalisation, residual scaling, query/key balancing,
 SmoothQuant and conv-input smoothing (exact: the float reference itself changes; smoothing's per-channel Mul/Add stay
-float),
-then per weight layer the rounding optimisation and the bias correction, both
+float), then per weight layer the rounding optimisation and the bias correction, both
 against the equalised float layer's output on calibration data. The search keeps float-kept
 layers on the *reference* weights and biases (equalised only), never the adjusted ones, which
 are tuned for their int8 rounding.
