@@ -25,6 +25,9 @@ from lepton_cli.passes._quantize.weight_layers import WeightLayer, from_rows, lo
 from onnx import helper, numpy_helper
 
 from lepton_cli.model.graph_edit import GraphIndex
+from lepton_cli.model.io_contract import adapt_feed
+from lepton_cli.model.sessions import make_session, run_feeds
+from lepton_cli.pipeline.equivalence import within_scaled_tolerance
 
 SHAPE_ONLY = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split", "Gather", "Identity", "Flatten"}
 LIMIT = 64.0  # the most a channel's factor may move it either way (a dead key channel would send its query to inf)
@@ -36,6 +39,8 @@ class Site:
     score: onnx.NodeProto  # MatMul(q [.., T, d], k [.., d, T'])
     query: WeightLayer
     key: WeightLayer
+    query_output: str  # the tensor the query projection writes (after its bias)
+    key_output: str
     pairs: np.ndarray  # [n, 2]: (query column, key column) of the projections' outputs
 
 
@@ -158,15 +163,8 @@ def _sites(model: onnx.ModelProto, found: list[tuple], feed: dict) -> list[Site]
         pairs = _pairs(columns[score.input[0]], columns[score.input[1]])
         if pairs is None or (query.name == key.name and np.intersect1d(pairs[:, 0], pairs[:, 1]).size):
             continue
-        sites.append(Site(score, query, key, pairs))
+        sites.append(Site(score, query, key, _projection_output(query, g), _projection_output(key, g), pairs))
     return sites
-
-
-def _ranges(model: onnx.ModelProto, sites: list[Site], feeds: list[dict]) -> dict[str, np.ndarray]:
-    """Per projection output, each column's largest magnitude over ``feeds``."""
-    g = GraphIndex(model.graph)
-    names = sorted({_projection_output(layer, g) for site in sites for layer in (site.query, site.key)})
-    return dimension_absmax(model, names, feeds)
 
 
 def _scale_columns(model: onnx.ModelProto, layer: WeightLayer, columns: np.ndarray, factors: np.ndarray) -> None:
@@ -181,27 +179,22 @@ def _scale_columns(model: onnx.ModelProto, layer: WeightLayer, columns: np.ndarr
 
 
 def _outputs(model: onnx.ModelProto, feeds: list[dict]) -> list[list[np.ndarray]]:
-    names = [o.name for o in model.graph.output]
-    return [[run[name] for name in names] for run in tensor_runs(model, names, feeds, graph_outputs=True)]
+    return run_feeds(make_session(model), [adapt_feed(model, feed) for feed in feeds])
 
 
 def _same(reference: list[list[np.ndarray]], balanced: list[list[np.ndarray]]) -> bool:
-    for ref_run, new_run in zip(reference, balanced):
-        for ref, new in zip(ref_run, new_run):
-            if ref.dtype.kind != "f":
-                if not np.array_equal(ref, new):
-                    return False
-                continue
-            scale = float(np.abs(ref).max()) if ref.size else 0.0
-            if not np.allclose(new, ref, rtol=0.0, atol=EXACT_RTOL * scale + 1e-7):
-                return False
-    return True
+    """Every float output within EXACT_RTOL of its scale (the pipeline's own tolerance rule), the rest identical."""
+    return all(
+        within_scaled_tolerance(ref, new, EXACT_RTOL, 1e-7) if ref.dtype.kind == "f" else np.array_equal(ref, new)
+        for ref_run, new_run in zip(reference, balanced)
+        for ref, new in zip(ref_run, new_run)
+    )
 
 
-def _factors(site: Site, ranges: dict[str, np.ndarray], g: GraphIndex) -> np.ndarray:
+def _factors(site: Site, ranges: dict[str, np.ndarray]) -> np.ndarray:
     """Per pair, the query's factor: the geometric mean of the two ranges over the query's range."""
-    query_peak = ranges[_projection_output(site.query, g)][site.pairs[:, 0]].astype(np.float64)
-    key_peak = ranges[_projection_output(site.key, g)][site.pairs[:, 1]].astype(np.float64)
+    query_peak = ranges[site.query_output][site.pairs[:, 0]].astype(np.float64)
+    key_peak = ranges[site.key_output][site.pairs[:, 1]].astype(np.float64)
     live = (query_peak > 0) & (key_peak > 0)
     factors = np.ones(len(site.pairs))
     factors[live] = np.clip(np.sqrt(key_peak[live] / query_peak[live]), 1.0 / LIMIT, LIMIT)
@@ -217,22 +210,19 @@ def _apply(model: onnx.ModelProto, sites: list[Site], factors: list[np.ndarray])
     return balanced
 
 
-def balance(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> int:
-    """Balance every attention site of ``model`` in place on ``feeds``' ranges; returns how many were balanced.
-    All sites are checked at once against the source's outputs, then one by one where that fails."""
+def balanced(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> tuple[onnx.ModelProto, int]:
+    """(a copy of ``model`` with its attention sites balanced on ``feeds``' ranges, how many were), or ``model``
+    itself and 0. All sites are checked at once against the source's outputs, then one by one where that fails."""
     found = find_sites(model)
     sites = _sites(model, found, feeds[0]) if found and feeds else []
     if not sites:
-        return 0
-    ranges = _ranges(model, sites, feeds)
-    g = GraphIndex(model.graph)
-    factors = [_factors(site, ranges, g) for site in sites]
+        return model, 0
+    ranges = dimension_absmax(model, sorted({name for s in sites for name in (s.query_output, s.key_output)}), feeds)
+    factors = [_factors(site, ranges) for site in sites]
     check = feeds[:2]
     reference = _outputs(model, check)
-    balanced = _apply(model, sites, factors)
-    if _same(reference, _outputs(balanced, check)):
-        model.CopyFrom(balanced)
-        return len(sites)
+    every = _apply(model, sites, factors)
+    if _same(reference, _outputs(every, check)):
+        return every, len(sites)
     kept = [k for k in range(len(sites)) if _same(reference, _outputs(_apply(model, [sites[k]], [factors[k]]), check))]
-    model.CopyFrom(_apply(model, [sites[k] for k in kept], [factors[k] for k in kept]))
-    return len(kept)
+    return _apply(model, [sites[k] for k in kept], [factors[k] for k in kept]), len(kept)

@@ -278,9 +278,10 @@ def recover(
         scaled = residual_scaling.scale_residuals(reference, feeds[: settings.samples], settings.residual_scaling_alpha)
         summary["residual_sums_scaled"] = scaled.sites
         float_nodes += scaled.float_nodes
-    if settings.attention_balance and attention_balance.find_sites(reference):
-        reference = _copy(reference)
-        summary["attention_sites_balanced"] = attention_balance.balance(reference, feeds[: settings.samples])
+    if settings.attention_balance:
+        reference, summary["attention_sites_balanced"] = attention_balance.balanced(
+            reference, feeds[: settings.samples]
+        )
     if settings.smoothquant_alpha is not None:
         reference, inserted = _smooth(reference, feeds[: settings.samples], scheme, settings, summary)
         float_nodes += inserted

@@ -58,9 +58,8 @@ def test_svtr_attention_is_balanced_exactly_and_its_fused_range_narrows(rec):
     sites = attention_balance.find_sites(rec)
     assert len(sites) == 2 and all(query.name == key.name for _, query, key in sites)  # one fused QKV per block
     before = _qkv_peaks(rec, calib)
-    balanced = onnx.ModelProto()
-    balanced.CopyFrom(rec)
-    assert attention_balance.balance(balanced, calib) == 2
+    balanced, count = attention_balance.balanced(rec, calib)
+    assert count == 2
     after = _qkv_peaks(balanced, calib)
     for name, peak in before.items():
         width = peak.shape[0] // 3  # columns: queries, keys, values
@@ -80,8 +79,9 @@ def test_a_score_operand_read_elsewhere_is_left_alone(rec):
     score = attention_balance.find_sites(leaky)[0][0]
     leaky.graph.output.append(helper.make_tensor_value_info(score.input[0], onnx.TensorProto.FLOAT, None))
     weights = {init.name: load(leaky, init.name) for init in leaky.graph.initializer if "w" in init.name.lower()}
-    assert attention_balance.balance(leaky, _lines(4, 1, "calib")) == 1  # the other block is still balanced
-    changed = [name for name, value in weights.items() if not np.array_equal(load(leaky, name), value)]
+    result, count = attention_balance.balanced(leaky, _lines(4, 1, "calib"))
+    assert count == 1  # the other block is still balanced
+    changed = [name for name, value in weights.items() if not np.array_equal(load(result, name), value)]
     assert len(changed) == 1
 
 
