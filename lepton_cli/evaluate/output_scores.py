@@ -143,19 +143,25 @@ def _probabilities(x: np.ndarray, axis: int, as_given: bool) -> np.ndarray:
 SOURCE_TIE = 0.01
 
 
+def class_axis(shape: tuple[int, ...]) -> int:
+    """Where arg-max agreement looks for classes when no role says: a 4-D map's channels, else the last axis."""
+    return 1 if len(shape) == 4 else len(shape) - 1
+
+
 class Top1Tally:
     """Arg-max agreement per row (or pixel), with how sure each model is: the mean top probability and the
     probabilities' cosine (a collapsed confidence keeps the arg-max and loses these). A row where the source's top
     classes tie (within ``SOURCE_TIE``) agrees with either of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, axis: int | None = None) -> None:
+        self.axis = axis  # the class axis; None: the last, a 4-D map's channels
         self.agree = self.positions = self.ties = 0
         self.top_ref = self.top_got = 0.0
         self.dot = self.ref_sq = self.got_sq = 0.0
         self.losses: list[float] = []
 
     def add(self, ref: np.ndarray, got: np.ndarray) -> None:
-        axis = 1 if ref.ndim == 4 else ref.ndim - 1
+        axis = self.axis if self.axis is not None else class_axis(ref.shape)
         finite = np.all(np.isfinite(got), axis=axis)
         picked = np.expand_dims(np.argmax(got, axis=axis), axis)
         same = np.argmax(ref, axis=axis) == np.squeeze(picked, axis)
