@@ -59,6 +59,7 @@ from lepton_cli.evaluate.output_scores import (
     EitherTally,
     ExactTally,
     MaskF1Tally,
+    MultiLabelTally,
     OutputResult,
     RelativeErrorTally,
     Top1Tally,
@@ -89,12 +90,13 @@ METRICS = (
     "agreement",
     "ctc",
     "mask-f1",
+    "multilabel-f1",
     "cosine",
     "detection",
     "exact",
     "relative-error",
 )  # mask-f1 and detection take "@threshold"
-THRESHOLD_METRICS = ("mask-f1", "detection")
+THRESHOLD_METRICS = ("mask-f1", "multilabel-f1", "detection")
 MASK_F1_DEFAULT_THRESHOLD = 0.5
 CTC_METADATA_KEYS = (
     "lepton.decoding",
@@ -214,7 +216,7 @@ def parse_metric(text: str) -> tuple[str, float | None]:
     if name not in THRESHOLD_METRICS:
         return name, None
     if not arg:
-        return name, MASK_F1_DEFAULT_THRESHOLD if name == "mask-f1" else None
+        return name, MASK_F1_DEFAULT_THRESHOLD if name in ("mask-f1", "multilabel-f1") else None
     try:
         threshold = float(arg)
     except ValueError:
@@ -615,6 +617,8 @@ class Evaluator:
             return _CtcAgreement(self.table, role.layout)
         if metric.startswith("mask_f1"):
             return MaskF1Tally((role.threshold,) if role.threshold is not None else MAP_THRESHOLDS)
+        if metric.startswith("multilabel_f1"):
+            return MultiLabelTally((role.threshold,) if role.threshold is not None else MAP_THRESHOLDS)
         if metric.startswith("decision_agreement"):
             return DecisionTally(role.threshold if role.threshold is not None else 0.5)
         if metric == "detection_f1":
@@ -678,6 +682,9 @@ class Evaluator:
             return sum(len(seq) for r in refs for seq in ctc_read(r, self.table, role.layout))
         if metric.startswith("decision_agreement"):
             return sum(r.size for r in refs)
+        if metric.startswith("multilabel_f1"):  # a flipped decision costs about 1 / (2 x the source's positives)
+            threshold = role.threshold if role.threshold is not None else max(MAP_THRESHOLDS)
+            return sum(2 * int(np.sum(r > threshold)) for r in refs)
         if metric == "detection_f1":  # one source box missed (or replaced by a wrong one) costs 100/boxes points
             return source_box_count(refs, role.layout or "v8", role.detection_confidences())
         return None

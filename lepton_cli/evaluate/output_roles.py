@@ -13,13 +13,17 @@ Metrics (names as the report shows them):
   ``[N, A, 5+nc]`` (boxes, objectness, class scores), scores in [0, 1]: decoded, NMS, F1 of the
   candidate's boxes matched to the source's at IoU 0.5 (same class), with the matched score error, averaged over
   confidences 0.1-0.5 (``DETECTION_CONFS``) or at the one the user names (``detection@C``);
-- ``top1_agreement``: class scores (a Softmax/Sigmoid/LogSoftmax result, or named like logits/probs):
-  arg-max agreement per row, with the top probability and probability cosine as secondary numbers;
+- ``top1_agreement``: class scores (a Softmax/LogSoftmax result, or named like logits/probs): arg-max agreement
+  per row (a 4-D map's per pixel, on the Softmax's own axis), with the top probability and probability cosine as
+  secondary numbers;
+- ``multilabel_f1@0.3/0.5``: several Sigmoid probabilities per sample (note activations, tags, per-class masks):
+  each its own decision, F1 of the candidate's positives against the source's at 0.3 and at 0.5, pooled over the
+  samples, the worse counting (``multilabel_f1@T`` when the user names the threshold);
 - ``cosine``: embeddings (unit-norm rows, or named like embedding/hidden/pooler/features): mean cosine
   per vector, in points (100 × (1 − cosine));
 - ``top1_agreement+cosine``: ``[N, C]`` or ``[N, T, C]`` outputs that could be either and carry no hint:
   both are scored and the worse counts; the report says it could not tell;
-- ``mask_f1@0.3/0.5``: one-channel maps with values in [0, 1] (``[N, 1, H, W]``), binarised at each threshold;
+- ``mask_f1@0.3/0.5``: one-channel maps with values in [0, 1] (``[N, 1, H, W]`` or ``[N, H, W, 1]``), binarised at each threshold;
   the value is the worst page's F1 (``mask_f1@T`` when the user names the threshold);
 - ``decision_agreement@0.5``: one Sigmoid probability per sample (a VAD's speech probability, a binary
   classifier): the share of decisions at 0.5 that agree;
@@ -247,8 +251,20 @@ def yolox_grid(layout: str) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(grids).astype(np.float64), np.concatenate(strides).astype(np.float64)
 
 
+def _multilabel(shape: tuple[int, ...]) -> tuple[str, str]:
+    """Several Sigmoid probabilities per sample: each its own yes/no (``MultiLabelTally``), not one class."""
+    thresholds = " and ".join(f"{t:g}" for t in MAP_THRESHOLDS)
+    return (
+        "multilabel_f1@" + "/".join(f"{t:g}" for t in MAP_THRESHOLDS),
+        f"shape {list(shape)} from a Sigmoid: independent probabilities, F1 of the decisions over {thresholds} "
+        "(the worse counts), pooled over the samples",
+    )
+
+
 def _class_or_embedding(model: onnx.ModelProto, name: str, refs: list[np.ndarray]) -> tuple[str, str]:
     op, _ = _real_producer(model, name)
+    if op == "Sigmoid":
+        return _multilabel(refs[0].shape)
     if op in CLASS_PRODUCERS:
         return "top1_agreement", f"class scores: produced by {op}"
     if EMBEDDING_NAME.search(name):
@@ -261,7 +277,8 @@ def _class_or_embedding(model: onnx.ModelProto, name: str, refs: list[np.ndarray
     return (
         "top1_agreement+cosine",
         f"shape {list(refs[0].shape)}: class scores or an embedding, cannot tell (no producer, "
-        f"name or norm hint); scored both ways, the worse counts; say which with --eval-metric {name}=top1 or {name}=cosine",
+        f"name or norm hint); scored both ways, the worse counts; say which with --eval-metric {name}=top1, "
+        f"{name}=cosine, or {name}=relative-error for values (a score, box offsets)",
     )
 
 
@@ -311,6 +328,9 @@ def recognise(
             + ", worst page and threshold",
         )
     axis = _class_map_axis(model, name)
+    if first.ndim == 4 and first.shape[axis] > 1 and _real_producer(model, name)[0] == "Sigmoid":
+        metric, why = _multilabel(first.shape)
+        return OutputRole(index, name, metric, why)
     if first.ndim == 4 and first.shape[axis] > 1 and _real_producer(model, name)[0] in CLASS_PRODUCERS:
         where = "channels" if axis == 1 else f"axis {axis}, as its {_direct_producer(model, name).op_type} says"
         return OutputRole(
@@ -348,6 +368,8 @@ def from_user(index: int, name: str, metric: str, threshold: float | None) -> Ou
     }
     if metric == "mask-f1":
         return OutputRole(index, name, f"mask_f1@{threshold:g}", "--eval-metric", threshold=threshold)
+    if metric == "multilabel-f1":
+        return OutputRole(index, name, f"multilabel_f1@{threshold:g}", "--eval-metric", threshold=threshold)
     return OutputRole(index, name, names[metric], "--eval-metric")
 
 

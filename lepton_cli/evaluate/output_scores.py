@@ -218,6 +218,36 @@ def _f1(tp: int, fp: int, fn: int) -> float:
     return 1.0 if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
+class MultiLabelTally:
+    """Independent probabilities (a Sigmoid over several values: note activations, tags, per-class masks) read as an
+    application reads them, as decisions over a threshold: F1 of the candidate's positives against the source's,
+    pooled over every sample, at each threshold; the worse counts. Arg-max agreement reads them wrongly: in a silent
+    frame every value is near 0, the source "ties" them all, and a model that adds or drops notes keeps agreeing."""
+
+    def __init__(self, thresholds: tuple[float, ...]) -> None:
+        self.thresholds = thresholds
+        self.counts = np.zeros((len(thresholds), 3), np.int64)  # tp, fp, fn per threshold
+        self.wrong: list[list[float]] = [[] for _ in thresholds]  # per sample, per threshold: fp + fn
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        for k, threshold in enumerate(self.thresholds):
+            want, have = ref > threshold, np.isfinite(got) & (got > threshold)
+            tp, fp, fn = int(np.sum(want & have)), int(np.sum(~want & have)), int(np.sum(want & ~have))
+            self.counts[k] += (tp, fp, fn)
+            self.wrong[k].append(float(fp + fn))
+
+    def result(self) -> OutputResult:
+        f1s = [_f1(*(int(c) for c in counts)) for counts in self.counts]
+        worst = int(np.argmin(f1s))
+        tp, fp, fn = (int(c) for c in self.counts[worst])
+        extra = {
+            "f1_by_threshold": {f"{t:g}": round(100.0 * f, 4) for t, f in zip(self.thresholds, f1s)},
+            "source_positives": tp + fn,
+            "candidate_positives": tp + fp,
+        }
+        return OutputResult(100.0 * f1s[worst], drop_standard_error(self.wrong[worst], 2 * tp + fp + fn), extra)
+
+
 class MaskF1Tally:
     """F1 of the binarised map per page (batch row) and threshold; the value is the worst page, since a text
     detector that misses one page's lines has failed that page whatever the others score."""

@@ -8,6 +8,11 @@ their input's quantization), two kinds of last block lose what the application r
   movement after it run in float on the dequantized parts, or in 16 bits;
 * a decoding Softmax (class probabilities over thousands of classes, a DFL bin distribution):
   its output in 8 bits has 1/255 resolution, below which most probabilities vanish.
+And one block at the other end: a Log fed from the graph's input through no activation (an audio model's log
+spectrogram: framing Convs, magnitudes, a floor, then Log; a CQT's octave filters too). A power spectrum spans 60 dB and more; on an 8-bit
+grid set by its loudest bin every quieter bin reads 0, so the Log returns its floor there (DNSMOS: a MOS that is
+off by 2 of 5). That front end stays out of int8 as a whole; a Log deeper in the network keeps the element-wise
+ops that feed it.
 Users of other tools name these nodes by hand (ignored scopes); here they come from the graph.
 """
 
@@ -23,14 +28,20 @@ from lepton_cli.model.op_traits import opset
 
 MOVEMENT = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Identity")
 DECODING = ("Softmax", "LogSoftmax")
+FRONT_END_NODES = 1024  # the walk back from a Log stops here (a cone this large is no feature front end)
+# A learned network between the input and a Log: its cone holds activations; a spectrogram's (STFT, mel, CQT) does not
+ACTIVATIONS = {"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus"}
+ACTIVATIONS |= {"Gelu", "Erf", "Softmax", "Mish"}
+ELEMENTWISE = ("Abs", "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Max", "Min", "Clip", "ReduceSum", "ReduceMean")
 
 
 @dataclass
 class Head:
-    output: str  # the graph output it feeds
+    output: str  # the graph output it feeds (a front end: the Log's output)
     nodes: list[str]  # nodes to keep out of int8 (Concat/Softmax and the movement after it)
     why: str
     ranges: dict[str, float] = field(default_factory=dict)  # Concat input -> largest magnitude on calibration data
+    front_end: bool = False  # a Log's input computation (a log spectrogram), not an output head
 
 
 def _movement_chain(model: onnx.ModelProto, output: str) -> tuple[list[onnx.NodeProto], onnx.NodeProto | None]:
@@ -80,9 +91,61 @@ def _absmax(model: onnx.ModelProto, tensors: list[str], feeds: list[dict[str, np
     return peak
 
 
+def _input_cone(model: onnx.ModelProto, tensor: str) -> tuple[list[onnx.NodeProto], bool]:
+    """(the nodes ``tensor`` is computed by, whether they are a feature front end: fed by a graph input through linear
+    ops, magnitudes and data movement only, no activation), the walk cut past FRONT_END_NODES."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inputs = {i.name for i in model.graph.input}
+    seen: dict[str, onnx.NodeProto] = {}
+    stack, from_input = [tensor], False
+    while stack and len(seen) <= FRONT_END_NODES:
+        name = stack.pop()
+        from_input |= name in inputs
+        node = producer.get(name)
+        if node is not None and node.name not in seen:
+            seen[node.name] = node
+            stack += [i for i in node.input if i]
+    nodes = list(seen.values())
+    return nodes, from_input and len(seen) <= FRONT_END_NODES and not any(n.op_type in ACTIVATIONS for n in nodes)
+
+
+def _elementwise_feed(model: onnx.ModelProto, tensor: str) -> list[onnx.NodeProto]:
+    """The element-wise and movement ops that compute ``tensor`` back to the first other op (a weight layer)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+    chain, stack = {}, [tensor]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in chain or node.op_type not in ELEMENTWISE + MOVEMENT:
+            continue
+        chain[node.name] = node
+        stack += [i for i in node.input if i and i not in inits]
+    return list(chain.values())
+
+
+def find_log_front_ends(model: onnx.ModelProto) -> list[Head]:
+    """Each Log's input computation that an 8-bit grid would floor (module docstring)."""
+    heads: list[Head] = []
+    for log in (n for n in model.graph.node if n.op_type == "Log"):
+        cone, front_end = _input_cone(model, log.input[0])
+        nodes = cone if front_end else _elementwise_feed(model, log.input[0])
+        if not nodes:
+            continue
+        where = f"a {len(cone)}-node front end from the graph input" if front_end else "element-wise ops"
+        heads.append(
+            Head(
+                log.output[0],
+                [n.name for n in nodes] + [log.name],
+                f"Log of {where} (a log spectrogram: one 8-bit grid reads every bin under 1/255 of the loudest as 0)",
+                front_end=True,
+            )
+        )
+    return heads
+
+
 def find_heads(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], ratio: float = 8.0) -> list[Head]:
     """Heads of ``model`` that int8 at one scale would break; ``ratio``: Concat inputs' range spread that counts."""
-    heads: list[Head] = []
+    heads: list[Head] = find_log_front_ends(model)
     concats: list[tuple[str, list[onnx.NodeProto], list[str]]] = []
     for output in model.graph.output:
         chain, last = _movement_chain(model, output.name)

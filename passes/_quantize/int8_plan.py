@@ -567,11 +567,11 @@ class Int8Plan(SearchPlan):
         nodes = [n for h in found for n in h.nodes]
         if precision == "int8":
             mixed = [
-                h for h in found if h.ranges
-            ]  # a Concat of far-apart ranges; an 8-bit Softmax only loses resolution
+                h for h in found if h.ranges or h.front_end
+            ]  # a Concat of far-apart ranges, a log spectrogram's input; an 8-bit Softmax only loses resolution
             if mixed:
                 ctx.warn(
-                    f"{len(mixed)} output head(s) mix ranges one int8 scale cannot hold ({mixed[0].why}); this target "
+                    f"{len(mixed)} head(s) or front end(s) hold ranges one int8 scale cannot ({mixed[0].why}); this target "
                     'keeps them int8: set head_precision = "float" or "int16" where the runtime allows'
                 )
             return [], scheme
