@@ -39,7 +39,9 @@ def test_the_log_spectrogram_front_end_is_found(dnsmos):
     log = next(n.name for n in dnsmos.graph.node if n.op_type == "Log")
     assert framing == {"stft-real", "stft-imag"} and framing | {log} <= nodes
     # the CNN that scores the spectrogram is not part of it: it stays int8
-    assert not any(n.op_type in ("Conv", "MatMul") and n.name in nodes for n in dnsmos.graph.node if n.name not in framing)
+    assert not any(
+        n.op_type in ("Conv", "MatMul") and n.name in nodes for n in dnsmos.graph.node if n.name not in framing
+    )
     assert "front end from the graph input" in heads[0].why
 
 
