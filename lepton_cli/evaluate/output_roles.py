@@ -23,8 +23,8 @@ Metrics (names as the report shows them):
   per vector, in points (100 × (1 − cosine));
 - ``top1_agreement+cosine``: ``[N, C]`` or ``[N, T, C]`` outputs that could be either and carry no hint:
   both are scored and the worse counts; the report says it could not tell;
-- ``mask_f1@0.3/0.5``: one-channel maps with values in [0, 1] (``[N, 1, H, W]`` or ``[N, H, W, 1]``), binarised at each threshold;
-  the value is the worst page's F1 (``mask_f1@T`` when the user names the threshold);
+- ``mask_f1@0.3/0.5``: one-channel maps with values in [0, 1] (``[N, 1, H, W]`` or ``[N, H, W, 1]``), binarised
+  at each threshold; the value is the worst page's F1 (``mask_f1@T`` when the user names the threshold);
 - ``decision_agreement@0.5``: one Sigmoid probability per sample (a VAD's speech probability, a binary
   classifier): the share of decisions at 0.5 that agree;
 - ``relative_error``: anything else: 100 × ‖candidate − source‖ / ‖source‖ is the drop.
@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 
 PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Transpose"}
-CLASS_PRODUCERS = {"Softmax", "LogSoftmax", "Sigmoid"}
+CLASS_PRODUCERS = {"Softmax", "LogSoftmax"}  # a Sigmoid over several values is multi-label (_multilabel)
 CLASS_NAME = re.compile(r"logit|prob|class|cls|score|label|pred", re.I)
 EMBEDDING_NAME = re.compile(r"embed|hidden|pool|feature|feat|sentence|vector|encod|token_emb", re.I)
 MIN_ANCHORS = 64  # fewer positions than this is not a dense detector head
@@ -334,7 +334,7 @@ def recognise(
     if first.ndim == 4 and first.shape[axis] > 1 and _real_producer(model, name)[0] in CLASS_PRODUCERS:
         where = "channels" if axis == 1 else f"axis {axis}, as its {_direct_producer(model, name).op_type} says"
         return OutputRole(
-            index, name, "top1_agreement", f"a per-pixel class map (Softmax/Sigmoid over {where})", class_axis=axis
+            index, name, "top1_agreement", f"a per-pixel class map (Softmax over {where})", class_axis=axis
         )
     return OutputRole(
         index, name, "relative_error", f"shape {list(first.shape)}: no task metric recognised, relative error"

@@ -9,10 +9,10 @@ their input's quantization), two kinds of last block lose what the application r
 * a decoding Softmax (class probabilities over thousands of classes, a DFL bin distribution):
   its output in 8 bits has 1/255 resolution, below which most probabilities vanish.
 And one block at the other end: a Log fed from the graph's input through no activation (an audio model's log
-spectrogram: framing Convs, magnitudes, a floor, then Log; a CQT's octave filters too). A power spectrum spans 60 dB and more; on an 8-bit
-grid set by its loudest bin every quieter bin reads 0, so the Log returns its floor there (DNSMOS: a MOS that is
-off by 2 of 5). That front end stays out of int8 as a whole; a Log deeper in the network keeps the element-wise
-ops that feed it.
+spectrogram: framing Convs, magnitudes, a floor, then Log; a CQT's octave filters too). A power spectrum spans
+60 dB and more; on an 8-bit grid set by its loudest bin every quieter bin reads 0, so the Log returns its floor
+there (DNSMOS: a MOS off by 2.4 of 5). That front end stays out of int8 as a whole; a Log deeper in the network
+keeps the element-wise ops that feed it.
 Users of other tools name these nodes by hand (ignored scopes); here they come from the graph.
 """
 
@@ -96,14 +96,14 @@ def _input_cone(model: onnx.ModelProto, tensor: str) -> tuple[list[onnx.NodeProt
     ops, magnitudes and data movement only, no activation), the walk cut past FRONT_END_NODES."""
     producer = {o: n for n in model.graph.node for o in n.output}
     inputs = {i.name for i in model.graph.input}
-    seen: dict[str, onnx.NodeProto] = {}
+    seen: dict[str, onnx.NodeProto] = {}  # by first output: names may repeat before quantize names them
     stack, from_input = [tensor], False
     while stack and len(seen) <= FRONT_END_NODES:
         name = stack.pop()
         from_input |= name in inputs
         node = producer.get(name)
-        if node is not None and node.name not in seen:
-            seen[node.name] = node
+        if node is not None and node.output[0] not in seen:
+            seen[node.output[0]] = node
             stack += [i for i in node.input if i]
     nodes = list(seen.values())
     return nodes, from_input and len(seen) <= FRONT_END_NODES and not any(n.op_type in ACTIVATIONS for n in nodes)
@@ -116,9 +116,9 @@ def _elementwise_feed(model: onnx.ModelProto, tensor: str) -> list[onnx.NodeProt
     chain, stack = {}, [tensor]
     while stack:
         node = producer.get(stack.pop())
-        if node is None or node.name in chain or node.op_type not in ELEMENTWISE + MOVEMENT:
+        if node is None or node.output[0] in chain or node.op_type not in ELEMENTWISE + MOVEMENT:
             continue
-        chain[node.name] = node
+        chain[node.output[0]] = node
         stack += [i for i in node.input if i and i not in inits]
     return list(chain.values())
 

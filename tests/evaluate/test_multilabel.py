@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from wheel_models import BASIC_PITCH, wheel_member
+from wheel_models import BASIC_PITCH, tones, wheel_member
 
 from lepton_cli.evaluate.accuracy import Evaluator
 from lepton_cli.evaluate.output_scores import Top1Tally
@@ -17,21 +17,6 @@ from lepton_cli.model.shapes import bind_input_shapes
 from lepton_cli.samples.sample_set import load_samples
 
 INPUT = "serving_default_input_2:0"
-
-
-def _tones(count: int, seed: int) -> np.ndarray:
-    """Two-second harmonic tones at 22.05 kHz (basic-pitch's window), a note or two each, with vibrato."""
-    rng, t = np.random.default_rng(seed), np.arange(43844) / 22050
-    out = []
-    for _ in range(count):
-        wave = np.zeros_like(t)
-        for start in rng.uniform(0, 1.2, int(rng.integers(1, 3))):
-            f0 = 440 * 2 ** (rng.integers(-24, 12) / 12)
-            phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.01 * np.sin(2 * np.pi * 5 * t))) / 22050
-            envelope = np.clip((t - start) * 20, 0, 1) * np.exp(-np.clip(t - start, 0, None) * 1.5)
-            wave += envelope * sum(np.sin(k * phase) / k for k in range(1, 8))
-        out.append((0.3 * wave / np.abs(wave).max()).astype(np.float32))
-    return np.stack(out)[:, None, :, None]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +41,7 @@ def _noisy_last_convs(model: onnx.ModelProto, scale: float) -> onnx.ModelProto:
 
 
 def test_posteriorgrams_are_scored_by_the_f1_of_their_decisions(basic_pitch, tmp_path):
-    np.savez(tmp_path / "tones.npz", **{INPUT: _tones(6, 3)})  # [6, 1, 43844, 1]: one batch of one per entry
+    np.savez(tmp_path / "tones.npz", **{INPUT: tones(6, 3)})  # [6, 1, 43844, 1]: one batch of one per entry
     evaluator = Evaluator(basic_pitch, load_samples(tmp_path / "tones.npz", basic_pitch, role="--eval"))
     assert {r.metric for r in evaluator.roles} == {"multilabel_f1@0.3/0.5"}, evaluator.roles
     assert all("from a Sigmoid" in r.why for r in evaluator.roles)
@@ -66,8 +51,8 @@ def test_posteriorgrams_are_scored_by_the_f1_of_their_decisions(basic_pitch, tmp
     detail = {o["name"]: o["detail"] for o in score.outputs}
     assert score.drop_pct > 5, detail  # positives added and dropped
     # read as one class per frame the same model looked unchanged: silent frames' values all tie near 0
-    top1, tones = Top1Tally(), _tones(6, 3)
-    for model_in in tones:
-        feed = {INPUT: model_in}
+    top1 = Top1Tally()
+    for window in tones(6, 3):
+        feed = {INPUT: window}
         top1.add(make_session(basic_pitch).run(None, feed)[0], make_session(noisy).run(None, feed)[0])
     assert 100 - top1.result().value < score.drop_pct / 2

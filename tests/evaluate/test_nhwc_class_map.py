@@ -10,29 +10,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from wheel_models import MTCNN_PNET, wheel_member
+from wheel_models import MTCNN_PNET, photo_frames, wheel_member
 
 from lepton_cli.evaluate.accuracy import Evaluator
 from lepton_cli.samples.sample_set import load_samples
-
-SIZE = (120, 160)  # frame height, width: PNet is fully convolutional
-
-
-def _frames(count: int, seed: int) -> np.ndarray:
-    """``count`` crops of the two photographs at SIZE, normalised as MTCNN does ((x - 127.5) / 128), NHWC."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    photos = load_sample_images().images
-    rng = np.random.default_rng(seed)
-    frames = []
-    for k in range(count):
-        photo = photos[k % len(photos)]
-        side = int(rng.integers(160, 400))
-        top, left = int(rng.integers(0, photo.shape[0] - side * 3 // 4)), int(rng.integers(0, photo.shape[1] - side))
-        crop = Image.fromarray(photo[top : top + side * 3 // 4, left : left + side]).resize(SIZE[::-1])
-        frames.append((np.asarray(crop, np.float32) - 127.5) * 0.0078125)
-    return np.stack(frames)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +22,7 @@ def pnet() -> onnx.ModelProto:
 
 
 def _samples(model: onnx.ModelProto, path, count: int, seed: int):
-    np.savez(path, input_1=_frames(count, seed))
+    np.savez(path, input_1=photo_frames(count, seed))
     return load_samples(path, model, role="--eval")
 
 
@@ -75,8 +56,8 @@ def test_an_int8_pnet_keeps_its_face_map(pnet, run_cli, tmp_path):
     model = tmp_path / "pnet.onnx"
     onnx.save(pnet, model)
     calib, held_out = tmp_path / "calib.npz", tmp_path / "eval.npz"
-    np.savez(calib, input_1=_frames(16, 0))
-    np.savez(held_out, input_1=_frames(16, 1))
+    np.savez(calib, input_1=photo_frames(16, 0))
+    np.savez(held_out, input_1=photo_frames(16, 1))
     result = run_cli(
         "compile", model, "--target", "cpu-avx", "--calib", calib, "--eval", held_out,
         "--max-accuracy-drop", "100", "--no-bench", "--output", tmp_path / "out",
