@@ -10,8 +10,8 @@ error against the source, and what its application reads (DNSMOS: the three MOS 
 note, onset and contour decisions at 0.3 and 0.5; PNet: the face/background decision per cell). Beside them the
 compile's own report: exit code, seconds, int8 weight layers, nodes kept float, heads and front ends left out of
 int8, each output's metric and drop. ``--before DIR``: the same compiles with another checkout's ``lepton_cli``
-first (on PYTHONPATH; ``lepton_cli/passes`` and ``lepton_cli/targets`` linked to its top-level folders), model by
-model. Writes OUT.json and OUT.md.
+first (run from that folder, on PYTHONPATH; ``lepton_cli/passes`` and ``lepton_cli/targets`` linked to its
+top-level folders), model by model. Writes OUT.json and OUT.md.
 
 Data: DNSMOS scores 9.01 s of 16 kHz speech spoken by espeak-ng (sentences differ between the two sets; without
 espeak-ng the model is skipped); basic-pitch two-second harmonic tones at 22.05 kHz (seeds differ); PNet crops of
@@ -34,27 +34,11 @@ import onnx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks"), str(REPO / "tests")]
+from audio_speech import HELD_OUT_SENTENCES, SENTENCES  # noqa: E402
 from md_table import markdown_table  # noqa: E402
 from wheel_models import BASIC_PITCH, DNSMOS, MTCNN_PNET, photo_frames, tones, wheel_member  # noqa: E402
 
 from lepton_cli.model.sessions import make_session  # noqa: E402
-
-CALIB_SENTENCES = [
-    "The invoice was paid on the third of March.",
-    "Please keep the receipt until the order arrives.",
-    "Platform seven, the train to the north is late.",
-    "Her phone number ends with four four two.",
-    "Turn left at the river and walk past the garden.",
-    "The meeting moved to room twelve after lunch.",
-]
-EVAL_SENTENCES = [
-    "The library closes early on the first Friday of the month.",
-    "Bring two copies of the form and a pen that works.",
-    "A storm is expected over the coast later tonight.",
-    "The printer on the second floor is out of paper again.",
-    "We will need a larger room for the workshop next week.",
-    "His flight landed forty minutes ahead of schedule.",
-]
 
 
 def _speech_windows(sentences: list[str], count: int) -> np.ndarray | None:
@@ -92,7 +76,7 @@ def _faces(ref: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> str:
 
 
 MODELS = {
-    "dnsmos": (DNSMOS, "input_1", lambda: _speech_windows(CALIB_SENTENCES, 8), lambda: _speech_windows(EVAL_SENTENCES, 8), [], _mos),
+    "dnsmos": (DNSMOS, "input_1", lambda: _speech_windows(SENTENCES, 8), lambda: _speech_windows(HELD_OUT_SENTENCES, 8), [], _mos),
     "basic_pitch": (BASIC_PITCH, "serving_default_input_2:0", lambda: tones(16, 0), lambda: tones(8, 1), ["--input-shape", "serving_default_input_2:0=1,43844,1"], _notes),
     "mtcnn_pnet": (MTCNN_PNET, "input_1", lambda: photo_frames(16, 0), lambda: photo_frames(16, 1), [], _faces),
 }  # fmt: skip
@@ -117,7 +101,7 @@ def run(key: str, target: str, work: Path, checkout: Path | None = None) -> dict
     argv += [*extra, "-o", str(out), "--quiet", "--no-bench"]
     started = time.perf_counter()
     env = os.environ | ({"PYTHONPATH": str(checkout)} if checkout else {})
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=env)
+    proc = subprocess.run(argv, cwd=checkout or REPO, capture_output=True, text=True, env=env)  # -m puts cwd first
     row = {"model": key, "target": target, "code": code, "exit": proc.returncode}
     row["seconds"] = round(time.perf_counter() - started)
     reports = sorted(out.rglob("report.json")) if out.exists() else []

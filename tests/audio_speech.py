@@ -24,6 +24,14 @@ SENTENCES = [
     "Turn left at the river and walk past the garden.",
     "The meeting moved to room twelve after lunch.",
 ]
+HELD_OUT_SENTENCES = [  # other words and voices' order for held-out speech
+    "The library closes early on the first Friday of the month.",
+    "Bring two copies of the form and a pen that works.",
+    "A storm is expected over the coast later tonight.",
+    "The printer on the second floor is out of paper again.",
+    "We will need a larger room for the workshop next week.",
+    "His flight landed forty minutes ahead of schedule.",
+]
 RATE, WINDOW, CONTEXT = 16000, 512, 64
 
 

@@ -6,8 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 REPO = Path(__file__).resolve().parent.parent
 ONNX_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
@@ -97,3 +99,17 @@ def run_cli(capsys, monkeypatch, tmp_path):
         return CliResult(code, out.out, out.err)
 
     return run
+
+
+def perturbed_weights(model: onnx.ModelProto, scale: float, names: tuple[str, ...]) -> onnx.ModelProto:
+    """A copy of ``model`` with Gaussian noise of ``scale`` times each named initializer's spread (seed 0)."""
+    noisy = onnx.ModelProto()
+    noisy.CopyFrom(model)
+    rng = np.random.default_rng(0)
+    for init in noisy.graph.initializer:
+        if init.name in names:
+            w = numpy_helper.to_array(init)
+            init.CopyFrom(
+                numpy_helper.from_array((w + rng.normal(0, scale * w.std(), w.shape)).astype(np.float32), init.name)
+            )
+    return noisy

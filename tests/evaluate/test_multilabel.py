@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from conftest import perturbed_weights
 from wheel_models import BASIC_PITCH, tones, wheel_member
 
 from lepton_cli.evaluate.accuracy import Evaluator
@@ -26,18 +26,10 @@ def basic_pitch() -> onnx.ModelProto:
 
 def _noisy_last_convs(model: onnx.ModelProto, scale: float) -> onnx.ModelProto:
     """The source with noise on the weights of the convs that feed its Sigmoids (a model that adds and drops notes)."""
-    noisy = onnx.ModelProto()
-    noisy.CopyFrom(model)
-    producer = {o: n for n in noisy.graph.node for o in n.output}
-    heads = {producer[n.input[0]].input[1] for n in noisy.graph.node if n.op_type == "Sigmoid"}
-    rng = np.random.default_rng(0)
-    for init in noisy.graph.initializer:
-        if init.name in heads:
-            w = numpy_helper.to_array(init)
-            init.CopyFrom(
-                numpy_helper.from_array((w + rng.normal(0, scale * w.std(), w.shape)).astype(np.float32), init.name)
-            )
-    return noisy
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return perturbed_weights(
+        model, scale, tuple({producer[n.input[0]].input[1] for n in model.graph.node if n.op_type == "Sigmoid"})
+    )
 
 
 def test_posteriorgrams_are_scored_by_the_f1_of_their_decisions(basic_pitch, tmp_path):

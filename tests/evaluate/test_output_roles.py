@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import DDDDOCR_DET, DIGITS, OCR_REC, needs_ddddocr_det, needs_ocr
+from conftest import DDDDOCR_DET, DIGITS, OCR_REC, needs_ddddocr_det, needs_ocr, perturbed_weights
 from onnx import helper, numpy_helper
 
 from lepton_cli.errors import BadInputError
@@ -27,19 +27,6 @@ def _digits() -> tuple[onnx.ModelProto, SampleSet]:
     return model, load_samples(DIGITS / "eval.npz", model, role="--eval")
 
 
-def _perturbed(model: onnx.ModelProto, scale: float, names: tuple[str, ...]) -> onnx.ModelProto:
-    noisy = onnx.ModelProto()
-    noisy.CopyFrom(model)
-    rng = np.random.default_rng(0)
-    for init in noisy.graph.initializer:
-        if init.name in names:
-            w = numpy_helper.to_array(init)
-            init.CopyFrom(
-                numpy_helper.from_array((w + rng.normal(0, scale * w.std(), w.shape)).astype(np.float32), init.name)
-            )
-    return noisy
-
-
 def test_an_input_copy_first_output_does_not_hide_a_degraded_embedding():
     model, samples = _digits()
     source = minilm_like(model)
@@ -47,7 +34,7 @@ def test_an_input_copy_first_output_does_not_hide_a_degraded_embedding():
     roles = {r.name: r for r in evaluator.roles}
     assert roles["image_copy"].metric == "relative_error" and "float copy of input 'image'" in roles["image_copy"].why
     assert roles["sentence_embedding"].metric == "cosine" and roles["logits"].metric == "top1_agreement"
-    damaged = _perturbed(source, 0.5, ("fc1_W",))  # the embedding layer
+    damaged = perturbed_weights(source, 0.5, ("fc1_W",))  # the embedding layer
     score = evaluator.score(damaged)
     by_name = {o["name"]: o for o in score.outputs}
     assert by_name["image_copy"]["drop_pct"] == 0.0  # what a first-output-only gate saw: "drop 0.00"
@@ -329,7 +316,7 @@ def test_one_sigmoid_probability_per_sample_is_scored_by_its_decisions():
     binary.graph.output.append(helper.make_tensor_value_info("is_seven", onnx.TensorProto.FLOAT, ["N", 1]))
     evaluator = Evaluator(binary, samples)
     assert evaluator.metric == "decision_agreement@0.5"
-    score = evaluator.score(_perturbed(binary, 0.5, ("fc2_W", "fc1_W")))
+    score = evaluator.score(perturbed_weights(binary, 0.5, ("fc2_W", "fc1_W")))
     assert 0 < score.drop_pct < 50 and evaluator.score(binary).drop_pct == 0.0
 
 

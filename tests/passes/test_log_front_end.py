@@ -10,20 +10,12 @@ import json
 import numpy as np
 import onnx
 import pytest
-from audio_speech import espeak_available, speech
+from audio_speech import HELD_OUT_SENTENCES, espeak_available, speech
 from conftest import OCR_DIR
 from lepton_cli.passes._quantize.heads import find_heads
 from wheel_models import DNSMOS, wheel_member
 
 WINDOW = 144160  # DNSMOS scores 9.01 s at 16 kHz
-HELD_OUT = [
-    "The library closes early on the first Friday of the month.",
-    "Bring two copies of the form and a pen that works.",
-    "A storm is expected over the coast later tonight.",
-    "The printer on the second floor is out of paper again.",
-    "We will need a larger room for the workshop next week.",
-    "His flight landed forty minutes ahead of schedule.",
-]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +58,7 @@ def test_dnsmos_compiles_int8_on_speech(dnsmos, tmp_path, run_cli):
     model = tmp_path / "sig_bak_ovr.onnx"
     onnx.save(dnsmos, model)
     np.savez(tmp_path / "calib.npz", input_1=_windows(None, 8))
-    np.savez(tmp_path / "eval.npz", input_1=_windows(HELD_OUT, 8))
+    np.savez(tmp_path / "eval.npz", input_1=_windows(HELD_OUT_SENTENCES, 8))
     result = run_cli(
         "compile", model, "--target", "cpu-avx", "--calib", tmp_path / "calib.npz", "--eval", tmp_path / "eval.npz",
         "--no-bench", "--output", tmp_path / "out",
