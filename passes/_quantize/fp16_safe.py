@@ -103,12 +103,16 @@ def collapse_round_trip_casts(model: onnx.ModelProto) -> int:
     def cast_to(node: onnx.NodeProto) -> int | None:
         return attr(node, "to") if node.op_type == "Cast" else None
 
+    types = _elem_types(model)
     rename: dict[str, str] = {}
     for node in graph.node:
         first = producer.get(node.input[0]) if node.input else None
         if cast_to(node) == FLOAT and first is not None and cast_to(first) == FLOAT16 and node.output[0] not in outputs:
+            # only where the fp16 Cast read an fp32 tensor: a model's own Cast inside a converted region reads fp16
+            # (Silero's half-precision export), and its reader would then get fp16 where it runs fp32
+            read = types.get(first.input[0])
             source = producer.get(first.input[0])
-            if source is not None and cast_to(source) != FLOAT16:  # the fp16 Cast read an fp32 tensor
+            if read == FLOAT or (read is None and source is not None and cast_to(source) != FLOAT16):
                 rename[node.output[0]] = first.input[0]
     if not rename:
         return 0
@@ -126,6 +130,17 @@ def collapse_round_trip_casts(model: onnx.ModelProto) -> int:
             graph.node.remove(node)
         used = {i for n in graph.node for i in n.input} | outputs
     return len(rename)
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor of the main graph that shape inference (or the graph) knows."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False)
+    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    types = {v.name: v.type.tensor_type.elem_type for v in values if v.type.tensor_type.elem_type}
+    return types | {t.name: t.data_type for t in model.graph.initializer}
 
 
 def _nonfinite_fp16_nodes(
