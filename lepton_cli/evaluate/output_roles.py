@@ -327,15 +327,16 @@ def recognise(
             + " and at ".join(f"{t:g}" for t in MAP_THRESHOLDS)
             + ", worst page and threshold",
         )
-    axis = _class_map_axis(model, name)
-    if first.ndim == 4 and first.shape[axis] > 1 and _real_producer(model, name)[0] == "Sigmoid":
-        metric, why = _multilabel(first.shape)
-        return OutputRole(index, name, metric, why)
-    if first.ndim == 4 and first.shape[axis] > 1 and _real_producer(model, name)[0] in CLASS_PRODUCERS:
-        where = "channels" if axis == 1 else f"axis {axis}, as its {_direct_producer(model, name).op_type} says"
-        return OutputRole(
-            index, name, "top1_agreement", f"a per-pixel class map (Softmax over {where})", class_axis=axis
-        )
+    if first.ndim == 4:
+        op, axis = _real_producer(model, name)[0], _class_map_axis(model, name)
+        if first.shape[axis] > 1 and op == "Sigmoid":
+            metric, why = _multilabel(first.shape)
+            return OutputRole(index, name, metric, why)
+        if first.shape[axis] > 1 and op in CLASS_PRODUCERS:  # axis 1 unless this very Softmax says otherwise
+            where = "channels" if axis == 1 else f"axis {axis}, as its {op} says"
+            return OutputRole(
+                index, name, "top1_agreement", f"a per-pixel class map (Softmax over {where})", class_axis=axis
+            )
     return OutputRole(
         index, name, "relative_error", f"shape {list(first.shape)}: no task metric recognised, relative error"
     )

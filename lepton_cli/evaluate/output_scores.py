@@ -218,6 +218,12 @@ def _f1(tp: int, fp: int, fn: int) -> float:
     return 1.0 if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
+def _decision_counts(ref: np.ndarray, got: np.ndarray, threshold: float) -> tuple[int, int, int]:
+    """(true, false, missed) positives of ``got``'s decisions over ``threshold`` against ``ref``'s; non-finite is no."""
+    want, have = ref > threshold, np.isfinite(got) & (got > threshold)
+    return int(np.sum(want & have)), int(np.sum(~want & have)), int(np.sum(want & ~have))
+
+
 class MultiLabelTally:
     """Independent probabilities (a Sigmoid over several values: note activations, tags, per-class masks) read as an
     application reads them, as decisions over a threshold: F1 of the candidate's positives against the source's,
@@ -231,8 +237,7 @@ class MultiLabelTally:
 
     def add(self, ref: np.ndarray, got: np.ndarray) -> None:
         for k, threshold in enumerate(self.thresholds):
-            want, have = ref > threshold, np.isfinite(got) & (got > threshold)
-            tp, fp, fn = int(np.sum(want & have)), int(np.sum(~want & have)), int(np.sum(want & ~have))
+            tp, fp, fn = _decision_counts(ref, got, threshold)
             self.counts[k] += (tp, fp, fn)
             self.wrong[k].append(float(fp + fn))
 
@@ -261,8 +266,7 @@ class MaskF1Tally:
         for b in range(ref.shape[0]):
             page = []
             for k, threshold in enumerate(self.thresholds):
-                want, have = ref[b] > threshold, np.isfinite(got[b]) & (got[b] > threshold)
-                tp, fp, fn = int(np.sum(want & have)), int(np.sum(~want & have)), int(np.sum(want & ~have))
+                tp, fp, fn = _decision_counts(ref[b], got[b], threshold)
                 page.append(_f1(tp, fp, fn))
                 if k == 0:
                     self.tp, self.fp, self.fn = self.tp + tp, self.fp + fp, self.fn + fn

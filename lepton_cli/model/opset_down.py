@@ -18,29 +18,25 @@ import numpy as np
 import onnx
 from onnx import defs, helper, numpy_helper
 
+from lepton_cli.model.graph_edit import node_subgraphs
+from lepton_cli.model.op_traits import DEFAULT_DOMAINS, attr, attrs
+
 REDUCE_AXES_INPUT = {"ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum"}
 REDUCE_AXES_INPUT |= {"ReduceLogSumExp", "ReduceSumSquare"}  # ReduceSum took axes as an input already at 13
 
 
-def _nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield graph, node
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(attribute.g)
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and every If/Loop/Scan body inside it, at any depth."""
+    return [graph, *(inner for node in graph.node for sub in node_subgraphs(node) for inner in _graphs(sub))]
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Initializers and Constant outputs of every graph (a branch reads its parents' by name)."""
-    graphs = [model.graph, *(sub for _, node in _nodes(model.graph) for sub in _subgraphs(node))]
+    graphs = _graphs(model.graph)
     found = {init.name: numpy_helper.to_array(init) for graph in graphs for init in graph.initializer}
     for graph in graphs:
         for node in graph.node:
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            value = attr(node, "value")
             if node.op_type == "Constant" and value is not None:
                 found[node.output[0]] = numpy_helper.to_array(value)
     return found
@@ -49,8 +45,7 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def _dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     """Every tensor's inferred dims, If/Loop branches included (None where a dim is not a number)."""
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    graphs = [inferred.graph, *(n_graph for _, n in _nodes(inferred.graph) for n_graph in _subgraphs(n))]
-    values = [v for g in graphs for v in (*g.input, *g.value_info, *g.output)]
+    values = [v for g in _graphs(inferred.graph) for v in (*g.input, *g.value_info, *g.output)]
     return {
         v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim] for v in values
     }
@@ -58,11 +53,11 @@ def _dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
 
 def _rewrite(node: onnx.NodeProto, constants: dict[str, np.ndarray], dims: dict[str, list[int | None]]) -> str | None:
     """Rewrite one opset-18 node as its opset-17 twin in place; the reason it cannot be, else None."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    values = attrs(node)
     if node.op_type == "Pad":
         return None if len(node.input) < 4 or not node.input[3] else "Pad with an axes input"
     if node.op_type in REDUCE_AXES_INPUT:
-        if attrs.get("noop_with_empty_axes", 0):
+        if values.get("noop_with_empty_axes", 0):
             return f"{node.op_type} with noop_with_empty_axes"
         for attribute in [a for a in node.attribute if a.name == "noop_with_empty_axes"]:  # 0: opset 17's behaviour
             node.attribute.remove(attribute)
@@ -75,16 +70,16 @@ def _rewrite(node: onnx.NodeProto, constants: dict[str, np.ndarray], dims: dict[
                 node.attribute.append(helper.make_attribute("axes", [int(a) for a in axes.reshape(-1)]))
         return None
     if node.op_type == "Split":
-        if "num_outputs" not in attrs:
+        if "num_outputs" not in values:
             return None
-        shape, axis = dims.get(node.input[0]), attrs.get("axis", 0)
+        shape, axis = dims.get(node.input[0]), values.get("axis", 0)
         size = shape[axis] if shape and -len(shape) <= axis < len(shape) else None
-        if attrs["num_outputs"] != len(node.output) or size is None or size % len(node.output):
+        if values["num_outputs"] != len(node.output) or size is None or size % len(node.output):
             return "Split into uneven parts"
         node.attribute.remove(next(a for a in node.attribute if a.name == "num_outputs"))
         return None
     if node.op_type == "ScatterElements":
-        reduction = attrs.get("reduction", b"none")
+        reduction = values.get("reduction", b"none")
         return None if reduction in (b"none", b"add", b"mul") else "ScatterElements with a max/min reduction"
     return f"{node.op_type} (changed at opset {defs.get_schema(node.op_type, 18).since_version})"
 
@@ -94,14 +89,14 @@ def down_to_17(model: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str]:
     lowered = copy.deepcopy(model)
     dims, constants = _dims(model), _constants(model)
     rewritten: dict[str, int] = {}
-    for _, node in list(_nodes(lowered.graph)):
-        if node.domain not in ("", "ai.onnx") or defs.get_schema(node.op_type, 18).since_version < 18:
+    for node in (node for graph in _graphs(lowered.graph) for node in graph.node):
+        if node.domain not in DEFAULT_DOMAINS or defs.get_schema(node.op_type, 18).since_version < 18:
             continue
         why = _rewrite(node, constants, dims)
         if why is not None:
             return None, why
         rewritten[node.op_type] = rewritten.get(node.op_type, 0) + 1
     for opset in lowered.opset_import:
-        if opset.domain in ("", "ai.onnx"):
+        if opset.domain in DEFAULT_DOMAINS:
             opset.version = 17
     return lowered, ", ".join(f"{count} {op}" for op, count in sorted(rewritten.items())) or "no op changed"

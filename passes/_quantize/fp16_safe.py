@@ -46,13 +46,21 @@ class Fp32Kept:
         return sorted(set(self.overflow) | set(self.nonfinite))
 
 
+def _inferred_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every main-graph tensor that shape inference or the graph knows (``model``'s value_info
+    already cleared by the caller, on its own copy)."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    types = {v.name: v.type.tensor_type.elem_type for v in values if v.type.tensor_type.elem_type}
+    return types | {t.name: t.data_type for t in model.graph.initializer}
+
+
 def _all_float_outputs(model: onnx.ModelProto, elem_types: tuple[int, ...]) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` that also returns every intermediate tensor of a type in ``elem_types``."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.value_info[:]  # the fp16 converter leaves stale fp32 annotations that inference rejects
-    inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False)
-    typed = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.output]}
+    typed = _inferred_types(probe)
     have = {o.name for o in probe.graph.output}
     names = [
         out
@@ -136,11 +144,8 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor of the main graph that shape inference (or the graph) knows."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    del probe.graph.value_info[:]
-    inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False)
-    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
-    types = {v.name: v.type.tensor_type.elem_type for v in values if v.type.tensor_type.elem_type}
-    return types | {t.name: t.data_type for t in model.graph.initializer}
+    del probe.graph.value_info[:]  # stale annotations, as in _all_float_outputs
+    return _inferred_types(probe)
 
 
 def _nonfinite_fp16_nodes(

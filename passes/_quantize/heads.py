@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from lepton_cli.passes._quantize.sensitivity import tensor_runs
 
+from lepton_cli.model.graph_edit import GraphIndex
 from lepton_cli.model.op_traits import opset
 
 MOVEMENT = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Identity")
@@ -91,17 +92,15 @@ def _absmax(model: onnx.ModelProto, tensors: list[str], feeds: list[dict[str, np
     return peak
 
 
-def _input_cone(model: onnx.ModelProto, tensor: str) -> tuple[list[onnx.NodeProto], bool]:
+def _input_cone(g: GraphIndex, inputs: set[str], tensor: str) -> tuple[list[onnx.NodeProto], bool]:
     """(the nodes ``tensor`` is computed by, whether they are a feature front end: fed by a graph input through linear
     ops, magnitudes and data movement only, no activation), the walk cut past FRONT_END_NODES."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    inputs = {i.name for i in model.graph.input}
     seen: dict[str, onnx.NodeProto] = {}  # by first output: names may repeat before quantize names them
     stack, from_input = [tensor], False
     while stack and len(seen) <= FRONT_END_NODES:
         name = stack.pop()
         from_input |= name in inputs
-        node = producer.get(name)
+        node = g.producer.get(name)
         if node is not None and node.output[0] not in seen:
             seen[node.output[0]] = node
             stack += [i for i in node.input if i]
@@ -109,26 +108,28 @@ def _input_cone(model: onnx.ModelProto, tensor: str) -> tuple[list[onnx.NodeProt
     return nodes, from_input and len(seen) <= FRONT_END_NODES and not any(n.op_type in ACTIVATIONS for n in nodes)
 
 
-def _elementwise_feed(model: onnx.ModelProto, tensor: str) -> list[onnx.NodeProto]:
+def _elementwise_feed(g: GraphIndex, tensor: str) -> list[onnx.NodeProto]:
     """The element-wise and movement ops that compute ``tensor`` back to the first other op (a weight layer)."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    inits = {i.name for i in model.graph.initializer}
     chain, stack = {}, [tensor]
     while stack:
-        node = producer.get(stack.pop())
+        node = g.producer.get(stack.pop())
         if node is None or node.output[0] in chain or node.op_type not in ELEMENTWISE + MOVEMENT:
             continue
         chain[node.output[0]] = node
-        stack += [i for i in node.input if i and i not in inits]
+        stack += [i for i in node.input if i and i not in g.inits]
     return list(chain.values())
 
 
 def find_log_front_ends(model: onnx.ModelProto) -> list[Head]:
     """Each Log's input computation that an 8-bit grid would floor (module docstring)."""
+    logs = [n for n in model.graph.node if n.op_type == "Log"]
+    if not logs:
+        return []
+    g, inputs = GraphIndex(model.graph), {i.name for i in model.graph.input}
     heads: list[Head] = []
-    for log in (n for n in model.graph.node if n.op_type == "Log"):
-        cone, front_end = _input_cone(model, log.input[0])
-        nodes = cone if front_end else _elementwise_feed(model, log.input[0])
+    for log in logs:
+        cone, front_end = _input_cone(g, inputs, log.input[0])
+        nodes = cone if front_end else _elementwise_feed(g, log.input[0])
         if not nodes:
             continue
         where = f"a {len(cone)}-node front end from the graph input" if front_end else "element-wise ops"
