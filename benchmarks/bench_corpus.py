@@ -99,10 +99,31 @@ def int8_mac_share(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -
     return None if total == 0 else round(100.0 * int8 / total, 1)
 
 
+def _run_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, list[int | None]]:
+    """Shapes of ``names`` from one run on zeros of the bound input shapes: ONNX inference stops at shape arithmetic
+    of old opsets (ddddocr's Mul-7 of two Gathers before its LSTM) and at contrib ops."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    known = {o.name for o in copy.graph.output}
+    copy.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
+    feed = {}
+    for value in copy.graph.input:
+        if value.name in {t.name for t in copy.graph.initializer}:
+            continue
+        dims = [d.dim_value if d.dim_value > 0 else 1 for d in value.type.tensor_type.shape.dim]
+        feed[value.name] = np.zeros(dims, onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+    sess = session(copy.SerializeToString(), 1)
+    wanted = [o.name for o in sess.get_outputs()]
+    return {name: list(value.shape) for name, value in zip(wanted, sess.run(wanted, feed)) if name in names}
+
+
 def mac_counts(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> tuple[int, int]:
     """(MACs in int8 nodes, all MACs) with the corpus shapes bound where the model leaves a dim open."""
     bound = _bound(model, input_shapes)
     shapes = _shape_map(bound)
+    unknown = [n for n in bound.graph.node if n.op_type in MAC_OPS and node_macs(n, shapes) is None]
+    if unknown:
+        shapes |= _run_shapes(bound, sorted({t for n in unknown for t in [*n.input[:3], *n.output[:1]] if t}))
     producers = {out: node.op_type for node in bound.graph.node for out in node.output}
     total = int8 = 0
     for node in bound.graph.node:

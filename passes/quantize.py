@@ -49,6 +49,7 @@ class QuantizeParams:
     # Scalar Adds, HardSigmoid and Sigmoid gates between int8 layers as QLinearAdd/Mul/Sigmoid (ORT's CPU EP), 1 B/element
     integer_elementwise: bool = False
     integer_elementwise_tier: bool = False  # the same as a last tier, searched only when nothing else fits
+    dynamic_lstm: bool = False  # LSTMs as ORT's DynamicQuantizeLSTM (int8 weights, run-time activation scales)
     depthwise_channel_scales: bool = False  # depthwise inputs quantized per channel, carried by the weight scales
     restore_hard_swish: bool = False  # float-kept hard-swish at alpha 1/6 (ORT's x86 conv runs it), kept when it scores
     fast_op_types: list[str] | None = None  # tried before op_types (more int8, fewer Q/DQ: faster), kept when one fits
@@ -114,6 +115,8 @@ class QuantizeParams:
                 "integer_elementwise",
                 "its folded and [0, 1] gate scales are not powers of two: not with power_of_two_scales",
             )
+        if self.dynamic_lstm and self.power_of_two_scales:
+            raise ParamValueError("dynamic_lstm", "ONNX Runtime's contrib op has no power-of-two scales: not for a DPU")
         if self.integer_io and self.scheme != "int8":
             raise ParamValueError(
                 "integer_io", 'needs scheme = "int8" (static quantization gives inputs and outputs a scale)'
@@ -154,7 +157,15 @@ def make_plan(params: QuantizeParams, ctx: Any) -> RewritePlan | SearchPlan:
 
 
 def requires(model: onnx.ModelProto, ctx: PassEnv, params: QuantizeParams) -> None:
-    """A target that forbids the fallback needs --calib for static int8 (an already quantized model keeps its own)."""
+    """A target that forbids the fallback needs --calib for static int8 (an already quantized model keeps its own);
+    DynamicQuantizeLSTM is ONNX Runtime's own op: only a target deployed with ONNX Runtime runs it."""
+    runtime = ctx.target.runtime
+    if params.dynamic_lstm and runtime.deployment_runtime != "onnxruntime":
+        raise BadInputError(
+            f"quantize.dynamic_lstm = true on target {ctx.target.name!r}, whose deployment runtime is "
+            f"{runtime.deployment_runtime!r}: DynamicQuantizeLSTM is an ONNX Runtime contrib op, not standard ONNX",
+            'set dynamic_lstm = false, or use a target with deployment_runtime = "onnxruntime"',
+        )
     if params.scheme == "int8" and params.without_calib == "fail" and ctx.calib is None and not quantized_ops(model):
         raise BadInputError(
             f"target {ctx.target.name!r} needs static int8 quantization and no --calib data was given",

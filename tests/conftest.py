@@ -36,17 +36,23 @@ needs_ocr = pytest.mark.skipif(
 )
 
 
-def _ddddocr_det() -> Path | None:
+def _ddddocr_model(name: str) -> Path | None:
     import importlib.util
 
     spec = importlib.util.find_spec("ddddocr")
-    path = Path(spec.origin).parent / "common_det.onnx" if spec and spec.origin else None
+    path = Path(spec.origin).parent / name if spec and spec.origin else None
     return path if path and path.exists() else None
 
 
-DDDDOCR_DET = _ddddocr_det()  # ddddocr's YOLOX character detector (a Focus stem, a [1, 3549, 6] head)
+DDDDOCR_DET = _ddddocr_model(
+    "common_det.onnx"
+)  # ddddocr's YOLOX character detector (a Focus stem, a [1, 3549, 6] head)
 needs_ddddocr_det = pytest.mark.skipif(
     DDDDOCR_DET is None, reason="`pip install --no-deps ddddocr==1.6.1` provides common_det.onnx; `make test` does"
+)
+DDDDOCR_COMMON = _ddddocr_model("common.onnx")  # ddddocr's captcha recogniser: 21 convs, a bidirectional LSTM, CTC
+needs_ddddocr_common = pytest.mark.skipif(
+    DDDDOCR_COMMON is None, reason="`pip install --no-deps ddddocr==1.6.1` provides common.onnx; `make test` does"
 )
 
 

@@ -275,6 +275,9 @@ def choice_table(report: dict[str, Any]) -> Table | None:
     lowered = summary.get("integer_elementwise")
     if lowered and any(lowered.values()):
         rows.append(["element-wise in integer kernels", _lowered_text(lowered)])
+    if summary.get("dynamic_lstm"):
+        lstms = summary["dynamic_lstm"]
+        rows.append(["LSTM layers int8 (DynamicQuantizeLSTM)", f"{len(lstms)}: {', '.join(lstms[:6])}"])
     rows.append(["drop (points)", _num(summary.get("drop_pct"), 2)])
     if summary.get("cost_ms") is not None:
         rows.append(["est. latency on the target", f"{_num(summary['cost_ms'], 3)} ms"])

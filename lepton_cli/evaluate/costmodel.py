@@ -28,9 +28,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from lepton_cli.model.contrib_shapes import restore, with_stand_ins
 from lepton_cli.model.external_data import shapes_only_copy
 from lepton_cli.model.shapes import bind_input_shapes
-from lepton_cli.model.stats import node_macs, shape_map
+from lepton_cli.model.stats import RECURRENT_OPS, node_macs, shape_map
 
 
 class HardwareFacts(Protocol):
@@ -81,7 +82,7 @@ ARENA_ALIGNMENT = 16  # bytes, as TFLite Micro's planner aligns buffers
 # Ops that only reinterpret a buffer (ORT reuses the input buffer): no bytes moved, dispatch only.
 VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Shape", "Size"}
 # Kernels that run at the int8 rate when their inputs are quantized.
-INT8_KERNELS = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul"}
+INT8_KERNELS = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeLSTM"}
 # QLinearAdd/Mul/Sigmoid/... dequantize, compute and requantize each element: on PP-OCRv4 rec/det every-op int8
 # measured no faster than Conv/MatMul/Gemm-only int8 (benchmarks/results/cost_choice.md), so they cost float bytes.
 REQUANTIZING_ELEMENTWISE = {
@@ -94,7 +95,7 @@ REQUANTIZING_ELEMENTWISE = {
     "AveragePool",
     "GlobalAveragePool",
 }
-MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"} | INT8_KERNELS
+MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"} | INT8_KERNELS | RECURRENT_OPS
 # ONNX Runtime CPU EP's QDQ node units (qdq_selector_action_transformer.cc; why: docs/decisions.md): DQ inputs
 # -> op -> Q outputs of one 8-bit type become one integer kernel. 16-bit Q/DQ is fused only where the op just
 # moves data (the pair is dropped); a 16-bit Conv/MatMul/Add runs in float between its Q/DQ nodes.
@@ -354,34 +355,13 @@ def infer(model: onnx.ModelProto) -> onnx.ModelProto:
     for out in fresh.graph.output:
         if any(not d.HasField("dim_value") for d in out.type.tensor_type.shape.dim):
             out.type.tensor_type.ClearField("shape")
-    contrib = _contrib_qdq_as_casts(fresh)
+    contrib = with_stand_ins(fresh)
     try:
         inferred = onnx.shape_inference.infer_shapes(fresh, strict_mode=False, data_prop=True)
     except Exception:  # exotic graphs: keep what the exporter recorded; unknown sizes are reported
         return model
-    for index, node in contrib.items():
-        inferred.graph.node[index].CopyFrom(node)
+    restore(inferred, contrib)
     return inferred
-
-
-def _contrib_qdq_as_casts(model: onnx.ModelProto) -> dict[int, onnx.NodeProto]:
-    """com.microsoft Quantize/DequantizeLinear (16-bit Q/DQ before opset 21) have no ONNX shape inference:
-    a Cast to the same type stands in while shapes are inferred. Returns the replaced nodes by index."""
-    replaced: dict[int, onnx.NodeProto] = {}
-    types = _elem_types(model)
-    for index, node in enumerate(model.graph.node):
-        if node.domain != "com.microsoft" or node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        if node.op_type == "DequantizeLinear":
-            to = types.get(node.input[1], TensorProto.FLOAT)  # the scale's type
-        else:
-            zero_point = node.input[2] if len(node.input) > 2 else ""
-            to = types.get(zero_point, TensorProto.UINT8)
-        original = onnx.NodeProto()
-        original.CopyFrom(node)
-        replaced[index] = original
-        node.CopyFrom(helper.make_node("Cast", node.input[:1], node.output[:1], name=node.name, to=to))
-    return replaced
 
 
 _SHAPE_DTYPES = {TensorProto.INT64, TensorProto.INT32}

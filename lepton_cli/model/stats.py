@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from lepton_cli.model.contrib_shapes import with_stand_ins
 from lepton_cli.model.external_data import external_bytes, shapes_only_copy, tensor_array
 from lepton_cli.model.shapes import graph_inputs, graph_outputs
 
@@ -67,6 +68,7 @@ def inferred_values(model: onnx.ModelProto, data_prop: bool = False) -> list[onn
     ``data_prop`` also follows shapes computed in the graph (Shape -> Slice -> Concat -> Reshape)."""
     try:
         copy = shapes_only_copy(model)
+        with_stand_ins(copy)  # only value infos are read back: the stand-in nodes need not be restored
         graph = onnx.shape_inference.infer_shapes(copy, strict_mode=False, data_prop=data_prop).graph
     except Exception:  # shape inference fails on some exotic graphs; MACs then stay unknown
         graph = model.graph
@@ -90,6 +92,10 @@ def shape_map(model: onnx.ModelProto, data_prop: bool = False) -> dict[str, list
     return shapes
 
 
+# Recurrent layers (and ORT's int8 LSTM): W and R hold every gate's rows, whatever their layout.
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"})
+
+
 def _prod(values: list[int | None]) -> int | None:
     if any(v is None for v in values):
         return None
@@ -97,7 +103,8 @@ def _prod(values: list[int | None]) -> int | None:
 
 
 def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> int | None:
-    """Multiply-accumulates of one node (Conv, ConvTranspose, Gemm, MatMul and their quantized forms); 0 for others."""
+    """Multiply-accumulates of one node (Conv, ConvTranspose, Gemm, MatMul, LSTM/GRU/RNN and their quantized forms);
+    0 for others."""
     op = node.op_type
     if op in ("Conv", "ConvInteger", "QLinearConv"):
         w_index = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}[op]
@@ -118,6 +125,13 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> int 
         trans_a = any(attr.name == "transA" and attr.i for attr in node.attribute)
         k = a[-2] if (op == "Gemm" and trans_a) else a[-1]
         return _prod([*out, k])
+    if op in RECURRENT_OPS:
+        # every step multiplies its input by W and its state by R; X's first two dims are steps and batch (either layout)
+        data, w, r = (shapes.get(name) for name in node.input[:3])
+        if len(node.input) < 3 or not data or len(data) < 2 or not w or not r:
+            return None
+        sizes = [_prod(data[:2]), _prod(w), _prod(r)]
+        return None if None in sizes else sizes[0] * (sizes[1] + sizes[2])
     return 0
 
 

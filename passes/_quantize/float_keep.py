@@ -7,6 +7,7 @@ run, just the edge rewiring, so every candidate the search proposes is exactly w
 from __future__ import annotations
 
 import onnx
+from lepton_cli.passes._quantize.recurrent import restore_float_lstm
 
 from lepton_cli.model.graph_edit import drop_unused_initializers, subgraph_names
 
@@ -75,6 +76,7 @@ def keep_float(
     """
     copy = onnx.ModelProto()
     copy.CopyFrom(quantized)
+    restore_float_lstm(copy, float_model, node_name)
     producer = {o: n for n in copy.graph.node for o in n.output}
     float_node = next((n for n in float_model.graph.node if n.name == node_name), None)
     float_inits = {i.name: i for i in float_model.graph.initializer}

@@ -37,6 +37,7 @@ from lepton_cli.passes._quantize.integer_io import make_integer_io
 from lepton_cli.passes._quantize.plan import SearchPlan, int8_weights
 from lepton_cli.passes._quantize.prequantized import has_subgraphs, quantized_ops
 from lepton_cli.passes._quantize.recovery import Recovered, RecoverySettings, changed_by, recover
+from lepton_cli.passes._quantize.recurrent import DYNAMIC_LSTM
 from lepton_cli.passes._quantize.sensitivity import quantized_nodes
 from lepton_cli.passes._quantize.short_names import shorten_added_names
 from lepton_cli.passes._quantize.source_tiers import (
@@ -87,6 +88,7 @@ def int8_scheme(params: Any, reduced: bool) -> schemes.Int8Scheme:
         weight_symmetric=params.weight_symmetric or pow2,
         power_of_two=pow2,
         op_types=tuple(params.op_types),
+        dynamic_lstm=params.dynamic_lstm,
         extra=matmul_output_options(params.float_matmul_outputs),
     )
 
@@ -603,6 +605,8 @@ class Int8Plan(SearchPlan):
                 ctx.warn(f"integer_io: {reason}; it stays float")
         if self.params.integer_elementwise or summary.get("transform") == LOWERED:
             summary["integer_elementwise"] = rewritten(result)
+        if self.params.dynamic_lstm:
+            summary["dynamic_lstm"] = [n.name for n in result.graph.node if n.op_type == DYNAMIC_LSTM]
         chosen = (self._tier_tag(summary), summary["method"])
         summary["ranges_narrowed_to_readers"] = len(self.narrowed.get(chosen, []))
         if self.params.depthwise_channel_scales:

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from lepton_cli.passes._quantize.calibration import METHODS, quiet_ort
 from lepton_cli.passes._quantize.pow2_grid import candidate_scales, clip_free_scale
+from lepton_cli.passes._quantize.recurrent import dynamic_lstm
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 from onnxruntime.quantization.calibrate import TensorsData, load_tensors_data, save_tensors_data
@@ -51,6 +52,7 @@ class Int8Scheme:
     weight_symmetric: bool = True
     power_of_two: bool = False
     op_types: tuple[str, ...] = ()  # empty: every op ORT can quantize
+    dynamic_lstm: bool = False  # LSTMs as DynamicQuantizeLSTM (recurrent.py): ORT's static quantizer leaves them float
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -231,7 +233,10 @@ def quantize_int8(
             calibration_cache_path=str(ranges_path),
             extra_options=extra,
         )
-    return _copy_metadata(model, onnx.load(str(out)))
+    quantized = _copy_metadata(model, onnx.load(str(out)))
+    if scheme.dynamic_lstm:
+        dynamic_lstm(quantized, set(exclude), scheme.reduce_range)
+    return quantized
 
 
 # Ops whose fp16 results overflow (65504) or lose too much (large reductions, exponentials):

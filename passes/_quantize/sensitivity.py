@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from lepton_cli.passes._quantize.float_keep import keep_float
+from lepton_cli.passes._quantize.recurrent import DYNAMIC_LSTM
 from onnx import helper
 
 from lepton_cli.host.parallel import ordered_map
@@ -118,12 +119,14 @@ def local_errors(
 
 
 def quantized_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of compute nodes that read a DequantizeLinear output (they run quantized)."""
+    """Names of compute nodes that read a DequantizeLinear output, or quantize their own weights (DynamicQuantizeLSTM):
+    they run quantized."""
     dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     return [
         n.name
         for n in model.graph.node
-        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_outputs for i in n.input)
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+        and (n.op_type == DYNAMIC_LSTM or any(i in dq_outputs for i in n.input))
     ]
 
 

@@ -360,10 +360,12 @@ def _params_of(target: str, name: str, **changes):
     [
         ("fpga", "fuse", {"ort_offline": True}, "fuse.ort_offline = true on target 'fpga'"),
         ("tpu", "quantize", {}, "needs static int8 quantization and no --calib data was given"),
+        ("edge-arm", "quantize", {"dynamic_lstm": True}, "quantize.dynamic_lstm = true on target 'edge-arm'"),
     ],
 )
 def test_preconditions_fail_before_any_pass_runs(target, name, changes, message):
-    """ort_offline on a portable target, and without_calib = "fail" without --calib: exit 2 before the first pass."""
+    """ort_offline or dynamic_lstm on a portable target, and without_calib = "fail" without --calib: exit 2 before the
+    first pass."""
     RAN.clear()
     base = load_target(target)
     object.__setattr__(
