@@ -5,12 +5,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-import tempfile
-from typing import Any, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -43,16 +41,3 @@ def emit_json(document: Any) -> None:
     """The one JSON document of a --json command, alone on stdout."""
     sys.stdout.write(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
-
-
-@contextlib.contextmanager
-def captured_stderr() -> Iterator[Any]:
-    """TensorFlow's C++ side writes logs and MLIR diagnostics to fd 2: keep them out of the CLI's stderr."""
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield sink
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)

