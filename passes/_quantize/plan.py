@@ -54,9 +54,13 @@ class SearchPlan(ABC):
 
 
 def int8_weights(model: onnx.ModelProto) -> int:
-    """int8/uint8 initializers of rank >= 2: weights (zero points are scalars or vectors)."""
+    """int8/uint8 initializers of rank >= 2: weights (zero points are scalars or vectors, but DynamicQuantizeLSTM's
+    are [directions, rows])."""
+    lstm_zero_points = {n.input[i] for n in model.graph.node if n.op_type == "DynamicQuantizeLSTM" for i in (9, 11)}
     return sum(
         1
         for i in model.graph.initializer
-        if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(i.dims) >= 2
+        if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+        and len(i.dims) >= 2
+        and i.name not in lstm_zero_points
     )

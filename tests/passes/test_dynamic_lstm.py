@@ -11,6 +11,7 @@ import onnx
 import pytest
 from conftest import DDDDOCR_COMMON, REPO, needs_ddddocr_common
 from lepton_cli.passes._quantize.float_keep import keep_float
+from lepton_cli.passes._quantize.plan import int8_weights
 from lepton_cli.passes._quantize.recurrent import DYNAMIC_LSTM, dynamic_lstm
 from lepton_cli.passes._quantize.sensitivity import quantized_nodes
 
@@ -67,6 +68,7 @@ def test_lstm_becomes_int8_and_reads_the_words_as_the_float_one(source, converte
     node = next(n for n in model.graph.node if n.op_type == DYNAMIC_LSTM)
     assert inits[node.input[1]].data_type == onnx.TensorProto.INT8 and list(inits[node.input[1]].dims) == [2, 512, 2048]
     assert not any(t.data_type == onnx.TensorProto.FLOAT and list(t.dims) == [2, 2048, 512] for t in inits.values())
+    assert int8_weights(model) == 2  # W and R; their [2, 2048] zero points are not weights
     words = _words(12, 3, ["DejaVuSans.ttf", "DejaVuSerif-Bold.ttf"])
     reference, candidate = _steps(source, words), _steps(model, words)
     # per CTC step, the character the int8 LSTM picks is the float one's on nearly every step of every word
