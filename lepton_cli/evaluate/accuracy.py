@@ -63,6 +63,7 @@ from lepton_cli.evaluate.output_scores import (
     OutputResult,
     RelativeErrorTally,
     Top1Tally,
+    agreement_axis,
     class_axis,
     drop_standard_error,
     source_box_count,
@@ -174,18 +175,9 @@ def _correct_rows(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return (np.argmax(logits, axis=1) == labels.reshape(-1)) & np.all(np.isfinite(logits), axis=1)
 
 
-def _class_axis(shape: tuple[int, ...]) -> int | None:
-    """The axis that holds classes, or None for a continuous output."""
-    if len(shape) in (2, 3) and shape[-1] > 1:
-        return len(shape) - 1
-    if len(shape) == 4 and shape[1] > 1:
-        return 1
-    return None
-
-
 def _class_like(role: OutputRole, shape: tuple[int, ...]) -> bool:
     """Whether an output's arg-max agreement means anything: class scores, not a box regression read by its error."""
-    return role.metric.startswith("top1") or (role.metric == "agreement" and _class_axis(shape) is not None)
+    return role.metric.startswith("top1") or (role.metric == "agreement" and class_axis(shape) is not None)
 
 
 def compare_arrays(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
@@ -193,7 +185,7 @@ def compare_arrays(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
     span = float(np.ptp(reference)) if reference.size else 0.0
     tally = _Tally(span)
     tally.add(reference, candidate)
-    return tally.summary(_class_axis(reference.shape) is not None)
+    return tally.summary(class_axis(reference.shape) is not None)
 
 
 def scoring_opt_level(target_isa: list[str], host_isa: list[str]) -> str:
@@ -344,7 +336,7 @@ class _Tally:
         self.noise += float(np.sum((ref - got) ** 2))
         if ref.size:
             self.max_abs = max(self.max_abs, float(np.max(np.abs(ref - got))))
-        axis = self.axis if self.axis is not None else _class_axis(reference.shape)
+        axis = self.axis if self.axis is not None else class_axis(reference.shape)
         if axis is not None:
             finite = np.all(np.isfinite(candidate), axis=axis)
             same = (np.argmax(reference, axis=axis) == np.argmax(candidate, axis=axis)) & finite
@@ -673,8 +665,8 @@ class Evaluator:
         metric = role.metric
         if metric == "top1":
             return sum(len(r) for r in refs)
-        if metric.startswith("top1_agreement") or (metric == "agreement" and _class_axis(refs[0].shape) is not None):
-            axis = role.class_axis if role.class_axis is not None else class_axis(refs[0].shape)
+        if metric.startswith("top1_agreement") or (metric == "agreement" and class_axis(refs[0].shape) is not None):
+            axis = agreement_axis(refs[0].shape, role.class_axis)
             return sum(r.size // max(1, r.shape[axis]) for r in refs)
         if metric == "ctc_accuracy":
             return sum(len(t) for t in self.truth)

@@ -143,9 +143,20 @@ def _probabilities(x: np.ndarray, axis: int, as_given: bool) -> np.ndarray:
 SOURCE_TIE = 0.01
 
 
-def class_axis(shape: tuple[int, ...]) -> int:
-    """Where arg-max agreement looks for classes when no role says: a 4-D map's channels, else the last axis."""
+def agreement_axis(shape: tuple[int, ...], axis: int | None = None) -> int:
+    """Where arg-max agreement looks for classes: ``axis`` (a role's), else a 4-D map's channels, else the last axis."""
+    if axis is not None:
+        return axis
     return 1 if len(shape) == 4 else len(shape) - 1
+
+
+def class_axis(shape: tuple[int, ...]) -> int | None:
+    """``agreement_axis`` of a 2-D, 3-D or 4-D output, or None where it holds one value or the rank is other (a
+    continuous output)."""
+    if len(shape) not in (2, 3, 4):
+        return None
+    axis = agreement_axis(shape)
+    return axis if shape[axis] > 1 else None
 
 
 class Top1Tally:
@@ -161,7 +172,7 @@ class Top1Tally:
         self.losses: list[float] = []
 
     def add(self, ref: np.ndarray, got: np.ndarray) -> None:
-        axis = self.axis if self.axis is not None else class_axis(ref.shape)
+        axis = agreement_axis(ref.shape, self.axis)
         finite = np.all(np.isfinite(got), axis=axis)
         picked = np.expand_dims(np.argmax(got, axis=axis), axis)
         same = np.argmax(ref, axis=axis) == np.squeeze(picked, axis)
