@@ -90,6 +90,20 @@ def test_lstm_macs_count_the_same_in_both_forms_and_as_int8(source, converted):
     assert [int8_mac(n, {}) for _, n in lstm] == [False, True]
 
 
+def test_the_cost_model_prices_the_int8_lstm_below_the_float_one(source, converted):
+    """The search ranks candidates by this price: a float LSTM costs its MACs at the fp32 rate, the int8 one at VNNI's."""
+    from lepton_cli.evaluate.costmodel import infer as infer_shapes
+    from lepton_cli.evaluate.costmodel import node_costs
+    from lepton_cli.pipeline.targets import load_target
+
+    hardware = load_target("cpu-avx").hardware
+    costs = [
+        next(c for c in node_costs(infer_shapes(m), hardware)[0] if "LSTM" in c.op) for m in (source, converted[0])
+    ]
+    assert [c.dtype for c in costs] == ["fp32", "int8"] and costs[0].macs == costs[1].macs > 0
+    assert costs[1].seconds < costs[0].seconds / 2
+
+
 def test_the_search_can_keep_the_lstm_float_again(source, converted):
     model, names = converted
     assert names[0] in quantized_nodes(model)  # a candidate of the sensitivity ranking like any int8 layer
