@@ -38,7 +38,6 @@ from lepton_cli.passes._fuse.ort_offline import ort_offline_graph
 from lepton_cli.passes._fuse.saturated_tanh import clip_saturated_tanh_inputs
 from lepton_cli.passes._fuse.simplify import op_counts, simplify, with_opset_for_norms
 
-from lepton_cli.errors import BadInputError
 from lepton_cli.model.external_data import has_external
 from lepton_cli.model.initializers import constants_to_initializers, list_initializers_as_inputs
 from lepton_cli.model.op_traits import opset
@@ -133,12 +132,9 @@ def _op_changes(before: Counter, after: Counter) -> dict:
 
 def requires(model: onnx.ModelProto, ctx: PassEnv, params: FuseParams) -> None:
     """ort_offline writes ONNX Runtime's own fused ops: only a target deployed with ONNX Runtime runs them."""
-    runtime = ctx.target.runtime
-    if params.ort_offline and runtime.deployment_runtime != "onnxruntime":
-        raise BadInputError(
-            f"fuse.ort_offline = true on target {ctx.target.name!r}, whose deployment runtime is "
-            f"{runtime.deployment_runtime!r}: ORT's fused ops are not standard ONNX",
-            'set ort_offline = false, or use a target with deployment_runtime = "onnxruntime"',
+    if params.ort_offline:
+        ctx.target.runtime.require_onnxruntime(
+            ctx.target.name, "fuse.ort_offline", "ORT's fused ops are not standard ONNX"
         )
 
 

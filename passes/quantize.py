@@ -159,12 +159,11 @@ def make_plan(params: QuantizeParams, ctx: Any) -> RewritePlan | SearchPlan:
 def requires(model: onnx.ModelProto, ctx: PassEnv, params: QuantizeParams) -> None:
     """A target that forbids the fallback needs --calib for static int8 (an already quantized model keeps its own);
     DynamicQuantizeLSTM is ONNX Runtime's own op: only a target deployed with ONNX Runtime runs it."""
-    runtime = ctx.target.runtime
-    if params.dynamic_lstm and runtime.deployment_runtime != "onnxruntime":
-        raise BadInputError(
-            f"quantize.dynamic_lstm = true on target {ctx.target.name!r}, whose deployment runtime is "
-            f"{runtime.deployment_runtime!r}: DynamicQuantizeLSTM is an ONNX Runtime contrib op, not standard ONNX",
-            'set dynamic_lstm = false, or use a target with deployment_runtime = "onnxruntime"',
+    if params.dynamic_lstm:
+        ctx.target.runtime.require_onnxruntime(
+            ctx.target.name,
+            "quantize.dynamic_lstm",
+            "DynamicQuantizeLSTM is an ONNX Runtime contrib op, not standard ONNX",
         )
     if params.scheme == "int8" and params.without_calib == "fail" and ctx.calib is None and not quantized_ops(model):
         raise BadInputError(

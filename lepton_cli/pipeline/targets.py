@@ -62,6 +62,16 @@ class Runtime:
     # The accelerator's documented constraints, checked on the compiled graph (lepton_cli/device_artifacts).
     device_checks: list[Literal["dpu", "edgetpu"]] = field(default_factory=list)
 
+    def require_onnxruntime(self, target: str, setting: str, why: str) -> None:
+        """Refuse ``setting`` (``pass.param`` = true) unless the target deploys with ONNX Runtime: ``why`` says what
+        ONNX Runtime-only thing it writes."""
+        if self.deployment_runtime == "onnxruntime":
+            return
+        raise BadInputError(
+            f"{setting} = true on target {target!r}, whose deployment runtime is {self.deployment_runtime!r}: {why}",
+            f'set {setting.split(".")[-1]} = false, or use a target with deployment_runtime = "onnxruntime"',
+        )
+
     def __post_init__(self) -> None:
         if not self.execution_providers:
             raise ParamValueError("execution_providers", "must name at least one execution provider")
