@@ -17,6 +17,7 @@ import onnx
 from lepton_cli.passes._quantize import schemes
 from lepton_cli.passes._quantize.fp16_plan import Fp16Plan
 from lepton_cli.passes._quantize.int8_plan import Int8Plan
+from lepton_cli.passes._quantize.param_checks import check_params
 from lepton_cli.passes._quantize.plan import RewritePlan, SearchPlan
 from lepton_cli.passes._quantize.prequantized import describe, quantized_ops
 from lepton_cli.passes._quantize.rewrites import rewrite_plan
@@ -24,13 +25,10 @@ from lepton_cli.passes._quantize.tuning import TunerSettings, tune, untuned
 
 from lepton_cli.errors import BadInputError
 from lepton_cli.model.external_data import has_external, inline_copy
-from lepton_cli.pipeline.params import ParamValueError
 from lepton_cli.pipeline.registry import LOSSY, BudgetUse, PassEnv, PassResult, register_pass
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
 RecoveryStep = Literal["equalize", "adaround", "bias_correction", "quantized_bias_correction", "quantized_adaround"]
-OPEN_UNIT = ("smoothquant_alpha", "smoothquant_tier_alpha", "residual_scaling_alpha", "quantized_adaround_float_share")
-COUNTS = ("calib_chunk", "max_calib_samples", "max_eval_samples", "int4_block_size", "quantized_bias_samples")
 
 
 @dataclass(frozen=True)
@@ -97,54 +95,7 @@ class QuantizeParams:
     head_range_ratio: float = 4.0  # Concat inputs this many times apart in range (2 bits of int8) make a mixed head
 
     def __post_init__(self) -> None:
-        if not self.methods:
-            raise ParamValueError("methods", "give at least one calibration method")
-        if not 90.0 < self.percentile <= 100.0:
-            raise ParamValueError("percentile", f"must be in (90, 100], got {self.percentile}")
-        if self.entropy_bins < 256 or self.histogram_bins < 256:
-            raise ParamValueError(
-                "entropy_bins", "histograms need >= 256 bins (with 128 every entropy threshold is the full range)"
-            )
-        for name in COUNTS:
-            if getattr(self, name) < 1:
-                raise ParamValueError(name, "must be >= 1")
-        if self.max_float_layers < 0:
-            raise ParamValueError("max_float_layers", "must be >= 0")
-        if (self.integer_elementwise or self.integer_elementwise_tier) and self.power_of_two_scales:
-            raise ParamValueError(
-                "integer_elementwise",
-                "its folded and [0, 1] gate scales are not powers of two: not with power_of_two_scales",
-            )
-        if self.dynamic_lstm and self.power_of_two_scales:
-            raise ParamValueError("dynamic_lstm", "ONNX Runtime's contrib op has no power-of-two scales: not for a DPU")
-        if self.integer_io and self.scheme != "int8":
-            raise ParamValueError(
-                "integer_io", 'needs scheme = "int8" (static quantization gives inputs and outputs a scale)'
-            )
-        if not 0 < self.budget_share <= 1:
-            raise ParamValueError("budget_share", "must be in (0, 1]")
-        if not 0.5 <= self.budget_confidence < 1:
-            raise ParamValueError("budget_confidence", f"must be in [0.5, 1), got {self.budget_confidence}")
-        for name in OPEN_UNIT:
-            if getattr(self, name) is not None and not 0 < getattr(self, name) < 1:
-                raise ParamValueError(name, f"must be in (0, 1), got {getattr(self, name)}")
-        if self.smoothquant_insert and self.smoothquant_alpha is None:
-            raise ParamValueError("smoothquant_insert", "needs smoothquant_alpha (the migration strength)")
-        if self.conv_smoothing_alpha is not None and not 0 < self.conv_smoothing_alpha <= 1:
-            raise ParamValueError("conv_smoothing_alpha", f"must be in (0, 1], got {self.conv_smoothing_alpha}")
-        for name in ("conv_smoothing_alpha", "residual_scaling_alpha", "depthwise_channel_scales", "attention_balance"):
-            if getattr(self, name) not in (None, False) and (not self.per_channel or self.power_of_two_scales):
-                raise ParamValueError(name, "needs per-channel weight scales (they absorb the channel scales)")
-        if self.head_precision == "int16" and self.power_of_two_scales:
-            raise ParamValueError("head_precision", "int16 heads need 16-bit Q/DQ, which DPU (power-of-two) lacks")
-        if self.head_range_ratio <= 1:
-            raise ParamValueError("head_range_ratio", f"must be > 1, got {self.head_range_ratio}")
-        if self.recovery_samples < 1 or self.adaround_iterations < 1 or self.adaround_seconds <= 0:
-            raise ParamValueError(
-                "recovery_samples", "recovery_samples, adaround_iterations and adaround_seconds must be > 0"
-            )
-        if self.int4_block_size & (self.int4_block_size - 1) or self.int4_block_size < 16:
-            raise ParamValueError("int4_block_size", "must be a power of two >= 16")
+        check_params(self)
 
 
 def make_plan(params: QuantizeParams, ctx: Any) -> RewritePlan | SearchPlan:
