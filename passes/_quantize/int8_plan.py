@@ -37,7 +37,7 @@ from lepton_cli.passes._quantize.integer_io import make_integer_io
 from lepton_cli.passes._quantize.plan import SearchPlan, int8_weights
 from lepton_cli.passes._quantize.prequantized import has_subgraphs, quantized_ops
 from lepton_cli.passes._quantize.recovery import Recovered, RecoverySettings, changed_by, recover
-from lepton_cli.passes._quantize.recurrent import DYNAMIC_LSTM
+from lepton_cli.passes._quantize.recurrent import DYNAMIC_LSTM, float_recurrent_warning
 from lepton_cli.passes._quantize.sensitivity import quantized_nodes
 from lepton_cli.passes._quantize.short_names import shorten_added_names
 from lepton_cli.passes._quantize.source_tiers import (
@@ -607,6 +607,9 @@ class Int8Plan(SearchPlan):
             summary["integer_elementwise"] = rewritten(result)
         if self.params.dynamic_lstm:
             summary["dynamic_lstm"] = [n.name for n in result.graph.node if n.op_type == DYNAMIC_LSTM]
+        recurrent = float_recurrent_warning(result, self.params.dynamic_lstm, summary.get("float_kept") or [])
+        if recurrent:
+            ctx.warn(recurrent)
         chosen = (self._tier_tag(summary), summary["method"])
         summary["ranges_narrowed_to_readers"] = len(self.narrowed.get(chosen, []))
         if self.params.depthwise_channel_scales:

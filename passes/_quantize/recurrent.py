@@ -103,3 +103,19 @@ def restore_float_lstm(model: onnx.ModelProto, float_model: onnx.ModelProto, nam
         if tensor.name in original.input and tensor.name not in have:
             model.graph.initializer.append(tensor)
     return True
+
+
+def float_recurrent_warning(model: onnx.ModelProto, dynamic: bool, kept: list[str]) -> str | None:
+    """What to tell the user about recurrent layers ``model`` still runs in float that the search did not choose to
+    keep float (``kept``), or None."""
+    left = [n for n in model.graph.node if n.op_type in ("LSTM", "GRU", "RNN") and n.name not in kept]
+    if not left:
+        return None
+    ops = sorted({n.op_type for n in left})
+    if not dynamic:
+        why = "this target runs standard ONNX, which has no int8 recurrent op (dynamic_lstm needs ONNX Runtime)"
+    elif ops == ["LSTM"]:
+        why = "DynamicQuantizeLSTM takes sequence-first LSTMs with constant weights only"
+    else:
+        why = "ONNX Runtime has no int8 kernel for GRU and RNN"
+    return f"{len(left)} recurrent layer(s) ({', '.join(ops)}) stay float: {why}"

@@ -116,6 +116,17 @@ def test_the_search_can_keep_the_lstm_float_again(source, converted):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_float_lstm_left_unchosen_is_warned(source, converted):
+    """edge-arm (standard ONNX) ships ddddocr's convs int8 and its LSTM float: the user is told, once."""
+    from lepton_cli.passes._quantize.recurrent import float_recurrent_warning
+
+    message = float_recurrent_warning(source, dynamic=False, kept=[])
+    assert message and message.startswith("1 recurrent layer(s) (LSTM) stay float") and "standard ONNX" in message
+    assert float_recurrent_warning(converted[0], dynamic=True, kept=[]) is None
+    name = next(n.name for n in source.graph.node if n.op_type == "LSTM")
+    assert float_recurrent_warning(source, dynamic=True, kept=[name]) is None  # the search chose float: no warning
+
+
 def test_batch_first_and_excluded_lstms_stay_float(source):
     model = onnx.ModelProto()
     model.CopyFrom(source)
