@@ -37,6 +37,7 @@ from benchmarks.corpus.runner import compiled_outputs, feeds, run_all, session  
 from benchmarks.corpus.store import ensure_data, ensure_model, without_labels  # noqa: E402
 from benchmarks.corpus.sweep import TARGETS, run_compile, wait_with_peak_rss  # noqa: E402
 from lepton_cli.evaluate.costmodel import MAC_OPS, int8_mac  # noqa: E402
+from lepton_cli.model.sessions import model_random_feed  # noqa: E402
 from lepton_cli.model.stats import node_macs  # noqa: E402
 
 TOOLS = ["lepton", "ort", "nncf", "nncf-ac"]
@@ -100,18 +101,13 @@ def int8_mac_share(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -
 
 
 def _run_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, list[int | None]]:
-    """Shapes of ``names`` from one run on zeros of the bound input shapes: ONNX inference stops at shape arithmetic
-    of old opsets (ddddocr's Mul-7 of two Gathers before its LSTM) and at contrib ops."""
+    """Shapes of ``names`` from one run on a random feed of the bound input shapes: ONNX inference stops at shape
+    arithmetic of old opsets (ddddocr's Mul-7 of two Gathers before its LSTM) and at contrib ops."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     known = {o.name for o in copy.graph.output}
     copy.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
-    feed = {}
-    for value in copy.graph.input:
-        if value.name in {t.name for t in copy.graph.initializer}:
-            continue
-        dims = [d.dim_value if d.dim_value > 0 else 1 for d in value.type.tensor_type.shape.dim]
-        feed[value.name] = np.zeros(dims, onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+    feed = model_random_feed(copy, np.random.default_rng(0))
     sess = session(copy.SerializeToString(), 1)
     wanted = [o.name for o in sess.get_outputs()]
     return {name: list(value.shape) for name, value in zip(wanted, sess.run(wanted, feed)) if name in names}

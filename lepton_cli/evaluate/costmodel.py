@@ -28,9 +28,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from lepton_cli.model.contrib_shapes import restore, with_stand_ins
+from lepton_cli.model.contrib_shapes import DYNAMIC_LSTM, restore, with_stand_ins
 from lepton_cli.model.external_data import shapes_only_copy
-from lepton_cli.model.shapes import bind_input_shapes
+from lepton_cli.model.shapes import bind_input_shapes, elem_types
 from lepton_cli.model.stats import RECURRENT_OPS, node_macs, shape_map
 
 
@@ -82,7 +82,7 @@ ARENA_ALIGNMENT = 16  # bytes, as TFLite Micro's planner aligns buffers
 # Ops that only reinterpret a buffer (ORT reuses the input buffer): no bytes moved, dispatch only.
 VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Shape", "Size"}
 # Kernels that run at the int8 rate when their inputs are quantized.
-INT8_KERNELS = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeLSTM"}
+INT8_KERNELS = {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", DYNAMIC_LSTM}
 # QLinearAdd/Mul/Sigmoid/... dequantize, compute and requantize each element: on PP-OCRv4 rec/det every-op int8
 # measured no faster than Conv/MatMul/Gemm-only int8 (benchmarks/results/cost_choice.md), so they cost float bytes.
 REQUANTIZING_ELEMENTWISE = {
@@ -152,22 +152,6 @@ def scale_to_cores(hw: HardwareT, cores: int) -> HardwareT:
         isa=list(hw.isa),
         cores=cores,
     )
-
-
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    types: dict[str, int] = {}
-    graph = model.graph
-    for value in [*graph.input, *graph.value_info, *graph.output]:
-        if value.type.tensor_type.elem_type:
-            types[value.name] = value.type.tensor_type.elem_type
-    for t in graph.initializer:
-        types[t.name] = t.data_type
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                    types[node.output[0]] = a.t.data_type
-    return types
 
 
 def _itemsize(elem_type: int | None) -> int:
@@ -395,7 +379,7 @@ def node_costs(
 ) -> tuple[list[NodeCost], list[str]]:
     """Roofline cost of every node of a shape-inferred model (``infer``); second item: tensors of unknown size."""
     shapes = shape_map(model)
-    types = _elem_types(model)
+    types = elem_types(model)
     constants = _constants(model)
     units = qdq_units(model, types)
     peaks = {"int8": hw.peak_int8_tops * 1e12, "fp16": hw.peak_fp16_tflops * 1e12, "fp32": hw.peak_fp32_tflops * 1e12}
@@ -461,7 +445,7 @@ def activation_buffers(model: onnx.ModelProto) -> tuple[list[Buffer], list[str]]
     """Lifetimes of every activation tensor of a shape-inferred model in topological (graph) order;
     second item: tensors of unknown size."""
     shapes = shape_map(model)
-    types = _elem_types(model)
+    types = elem_types(model)
     constants = _constants(model)
     graph = model.graph
     end = len(graph.node)
@@ -612,7 +596,7 @@ def _weights_bytes(model: onnx.ModelProto, constants: set[str]) -> int:
     """Bytes of the constants the runtime keeps: those read by nodes that are not folded away
     (so the light zoo's ConstantOfShape weights count, and their shape vectors do not)."""
     shapes = shape_map(model)
-    types = _elem_types(model)
+    types = elem_types(model)
     kept = set()
     for node in model.graph.node:
         if node.op_type == "Constant" or all(o in constants for o in node.output if o):

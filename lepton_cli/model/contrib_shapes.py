@@ -9,16 +9,10 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
+from lepton_cli.model.shapes import elem_types
+
 CONTRIB_DOMAIN = "com.microsoft"
-
-
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    graph = model.graph
-    types = {t.name: t.data_type for t in graph.initializer}
-    for value in [*graph.input, *graph.value_info, *graph.output]:
-        if value.type.tensor_type.elem_type:
-            types[value.name] = value.type.tensor_type.elem_type
-    return types
+DYNAMIC_LSTM = "DynamicQuantizeLSTM"  # ORT's LSTM with int8 weights (passes/_quantize/recurrent.py)
 
 
 def _stand_in(node: onnx.NodeProto, types: dict[str, int]) -> onnx.NodeProto | None:
@@ -28,7 +22,7 @@ def _stand_in(node: onnx.NodeProto, types: dict[str, int]) -> onnx.NodeProto | N
         zero_point = node.input[2] if len(node.input) > 2 else ""
         to = types.get(zero_point, TensorProto.UINT8)
         return helper.make_node("Cast", node.input[:1], node.output[:1], name=node.name, to=to)
-    if node.op_type == "DynamicQuantizeLSTM":  # LSTM's inference reads X, hidden_size and direction only
+    if node.op_type == DYNAMIC_LSTM:  # LSTM's inference reads X, hidden_size and direction only
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         return helper.make_node("LSTM", node.input[:8], node.output, name=node.name, **attributes)
     return None
@@ -37,7 +31,7 @@ def _stand_in(node: onnx.NodeProto, types: dict[str, int]) -> onnx.NodeProto | N
 def with_stand_ins(model: onnx.ModelProto) -> dict[int, onnx.NodeProto]:
     """Replace ``model``'s contrib Q/DQ and DynamicQuantizeLSTM nodes by standard ones, in place; returns the
     originals by node index (``restore``)."""
-    types = _elem_types(model)
+    types = elem_types(model)
     replaced: dict[int, onnx.NodeProto] = {}
     for index, node in enumerate(model.graph.node):
         if node.domain != CONTRIB_DOMAIN:

@@ -40,6 +40,21 @@ def _value_sig(value: onnx.ValueInfoProto) -> TensorSig:
     return TensorSig(value.name, np.dtype(dtype), tuple(dims))
 
 
+def elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every main-graph tensor the model itself records: inputs, value_info, outputs, initializers
+    and Constant outputs (no inference)."""
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
+    types = {name: t for name, t in types.items() if t}
+    types |= {t.name: t.data_type for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    types[node.output[0]] = a.t.data_type
+    return types
+
+
 def graph_inputs(model: onnx.ModelProto) -> list[TensorSig]:
     """The model's real inputs (initializers listed as inputs in old IR versions excluded)."""
     initializers = {t.name for t in model.graph.initializer}

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from lepton_cli.model.contrib_shapes import with_stand_ins
+from lepton_cli.model.contrib_shapes import DYNAMIC_LSTM, with_stand_ins
 from lepton_cli.model.external_data import external_bytes, shapes_only_copy, tensor_array
 from lepton_cli.model.shapes import graph_inputs, graph_outputs
 
@@ -93,7 +93,7 @@ def shape_map(model: onnx.ModelProto, data_prop: bool = False) -> dict[str, list
 
 
 # Recurrent layers (and ORT's int8 LSTM): W and R hold every gate's rows, whatever their layout.
-RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"})
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN", DYNAMIC_LSTM})
 
 
 def _prod(values: list[int | None]) -> int | None:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import onnx
 from lepton_cli.passes._quantize.tuning import SearchSpace
 
+from lepton_cli.model.contrib_shapes import DYNAMIC_LSTM
 from lepton_cli.pipeline.registry import BudgetUse, PassResult
 from lepton_cli.samples.sample_set import SampleSet
 
@@ -56,7 +57,7 @@ class SearchPlan(ABC):
 def int8_weights(model: onnx.ModelProto) -> int:
     """int8/uint8 initializers of rank >= 2: weights (zero points are scalars or vectors, but DynamicQuantizeLSTM's
     are [directions, rows])."""
-    lstm_zero_points = {n.input[i] for n in model.graph.node if n.op_type == "DynamicQuantizeLSTM" for i in (9, 11)}
+    lstm_zero_points = {n.input[i] for n in model.graph.node if n.op_type == DYNAMIC_LSTM for i in (9, 11)}
     return sum(
         1
         for i in model.graph.initializer

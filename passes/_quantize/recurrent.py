@@ -12,12 +12,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from lepton_cli.model.contrib_shapes import CONTRIB_DOMAIN
+from lepton_cli.model.contrib_shapes import CONTRIB_DOMAIN, DYNAMIC_LSTM
 from lepton_cli.model.external_data import tensor_array
 from lepton_cli.model.graph_edit import drop_unused_initializers
 from lepton_cli.model.op_traits import attr
-
-DYNAMIC_LSTM = "DynamicQuantizeLSTM"
 
 # The float LSTM's inputs after X, W, R (B, sequence_lens, initial_h, initial_c, P): the contrib op's 3..7.
 _TAIL_INPUTS = 5

@@ -110,9 +110,9 @@ def test_the_search_can_keep_the_lstm_float_again(source, converted):
     restored = keep_float(model, source, names[0])
     assert [n.op_type for n in restored.graph.node if n.name == names[0]] == ["LSTM"]
     words = _words(4, 5, ["DejaVuSans.ttf"])
+    sessions = [make_session(m.SerializeToString()) for m in (source, restored)]
     for image in words:
-        a = make_session(source.SerializeToString()).run(None, {"input1": image[None]})[0]
-        b = make_session(restored.SerializeToString()).run(None, {"input1": image[None]})[0]
+        a, b = (s.run(None, {"input1": image[None]})[0] for s in sessions)
         np.testing.assert_array_equal(a, b)
 
 
