@@ -59,6 +59,7 @@ class QuantizeParams:
     max_calib_samples: int = 256
     tune: bool = True  # False: quantize with methods[0], everything, no search
     max_float_layers: int = 32  # most layers the search may keep in float
+    max_search_seconds: float | None = None  # no candidate built past it: the best within budget so far, else exit 3
     float_kept_weights: Literal["int8", "float"] = "float"  # int8: float-kept layers compute on int8-stored weights
     budget_confidence: float = 0.8  # a candidate's drop must meet the budget at this one-sided confidence
     max_eval_samples: int = 1000  # as many as the compile's accuracy gate scores: the search sees what it will

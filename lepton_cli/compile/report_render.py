@@ -284,6 +284,9 @@ def choice_table(report: dict[str, Any]) -> Table | None:
     rows.append(["why this one", str(summary.get("choice", ""))])
     scored = sum(1 for t in tried if t.get("scored"))
     rows.append(["candidates", f"{len(tried)} built, {scored} scored (the rest priced above one within budget)"])
+    if summary.get("search_stopped_s") is not None:
+        stopped = f"after {_num(summary['search_stopped_s'], 0)} s, at quantize.max_search_seconds: the choice above"
+        rows.append(["search stopped", stopped + " is the best of the candidates scored before it"])
     return ["", "chosen"], rows
 
 

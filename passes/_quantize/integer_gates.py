@@ -112,7 +112,7 @@ class _Rewriter:
         self.g.remove(node)
         self._insert(position, added + (self._gate(node, added_out, source) if gated else []))
         if not self.g.uses[dequantize.output[0]] and dequantize.output[0] not in self.g.outputs:
-            self.g.remove(dequantize)  # an SE gate's input: the new DQ reads the quantized tensor, ORT would still run it
+            self.g.remove(dequantize)  # an SE gate's input, unread: ORT would still run it
 
     def _gate(self, node: onnx.NodeProto, gate: str, source: _Dequantized) -> list[onnx.NodeProto]:
         """Quantize -> dequantize ``gate`` over [0, 1] at 1 / (high - low), so that the Mul's ``node.output[0]``

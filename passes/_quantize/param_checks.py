@@ -25,6 +25,8 @@ def check_params(params: Any) -> None:
             raise ParamValueError(name, "must be >= 1")
     if params.max_float_layers < 0:
         raise ParamValueError("max_float_layers", "must be >= 0")
+    if params.max_search_seconds is not None and not params.max_search_seconds > 0:
+        raise ParamValueError("max_search_seconds", f"must be > 0 seconds, got {params.max_search_seconds}")
     if (params.integer_elementwise or params.integer_elementwise_tier) and params.power_of_two_scales:
         raise ParamValueError(
             "integer_elementwise",

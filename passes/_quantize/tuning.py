@@ -37,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 from lepton_cli.passes._quantize.loss_attribution import LossByOpType, loss_by_op_type
+from lepton_cli.passes._quantize.search_clock import SearchClock, SearchTimeUp
 from lepton_cli.passes._quantize.sensitivity import float_gains, local_errors, quantized_nodes
 from lepton_cli.passes._quantize.source_tiers import RECOVERY_TRANSFORMS
 from lepton_cli.passes._quantize.trunk import TrunkPrefixes
@@ -174,12 +175,20 @@ class TunerSettings:
     confidence: float  # one-sided confidence the drop's upper bound must meet the budget at (0.5: the drop)
     hardware: HardwareFacts | None = None  # the target's [hardware]: candidates are chosen by its cost model
     explain_refusal: bool = True  # on exit 3, score where the loss sits (loss_attribution.py)
+    max_seconds: float | None = None  # the search's wall-time limit (search_clock.py); None: none
 
     @classmethod
     def of(cls, params: Any, hardware: HardwareFacts | None, explain_refusal: bool = True) -> TunerSettings:
         """From the quantize pass's params (QuantizeParams)."""
         float_weights = params.float_kept_weights == "float"
-        return cls(params.max_float_layers, float_weights, params.budget_confidence, hardware, explain_refusal)
+        return cls(
+            params.max_float_layers,
+            float_weights,
+            params.budget_confidence,
+            hardware,
+            explain_refusal,
+            params.max_search_seconds,
+        )
 
 
 class _Search:
@@ -200,11 +209,13 @@ class _Search:
         self.trials: list[Trial] = []
         self.passing: list[Trial] = []  # models are rebuilt, not kept: a candidate per trial held ~60 model copies
         self.scored: dict[tuple[str, frozenset[str]], Trial] = {}
+        self.clock = SearchClock()  # the tuner's, shared by every tier's search
 
     def attempt(self, method: str, keep: list[str], rule: str) -> tuple[Trial, onnx.ModelProto | None]:
         key = (method, frozenset(keep))
         if key in self.scored:  # the leading nodes can be the set the ranking already tried
             return self.scored[key], None
+        self.clock.check()
         model = self.build(method, keep)
         cost = self.cost(model) if self.cost else None
         if cost is not None and cost > self.ceiling:  # slower than a candidate within budget: cannot be chosen
@@ -377,11 +388,15 @@ def _no_candidate(
     evaluator: Evaluator,
     max_float: int,
     where_lost: Callable[[], LossByOpType | None] | None = None,
+    stopped_at: float | None = None,
 ) -> QualityGateError:
     """The exit-3 error: what was tried, where it is lost (``where_lost``, loss_attribution.py), and the fix; where
-    the source's own input noise moves the metric by more than the budget (input_floor.py), that instead."""
+    the source's own input noise moves the metric by more than the budget (input_floor.py), that instead.
+    ``stopped_at``: the time limit that ended the search, which the message names first."""
     first = f"quantize: no candidate met the accuracy budget of {budget:g} points ({scored_on})"
-    tried_line = _tried_line(trials, budget)
+    if stopped_at is not None:
+        first += f" before the search's {stopped_at:g} s limit (quantize.max_search_seconds)"
+    tried_line = _tried_line(trials, budget) if trials else "no candidate was scored"
     tried = f"{first}; tried: {tried_line}"
     floor = evaluator.input_floor()
     if floor is not None and floor.drop_pct > budget:
@@ -394,6 +409,8 @@ def _no_candidate(
     undecided = _undecided(trials, budget)
     searched = any(t.transform in RECOVERY_TRANSFORMS for t in trials)
     fix = failed_fix(max_float, undecided, evaluator.count if undecided else 0, searched)
+    if stopped_at is not None:
+        fix = f"raise or remove quantize.max_search_seconds in a target that extends this one, or {fix}"
     where = where_lost() if where_lost is not None else None
     clause = where.clause() if where is not None else ""
     if clause:  # before the list of what was tried, which runs to dozens of candidates where layers may stay float
@@ -491,12 +508,58 @@ def tune(
     """(the chosen candidate, its trial), the search recorded in ``summary``; QualityGateError when none fits."""
     feeds = evaluator.first_feeds(SENSITIVITY_SAMPLES)
     cost = target_cost(settings.hardware, feeds)
+    z = NormalDist().inv_cdf(settings.confidence)
+    clock = SearchClock(settings.max_seconds)
+    runs = [_Search(build, evaluator, budget, z, progress, cost) for build in space.builds]
+    for run in runs:
+        run.clock = clock
+    try:
+        chosen, trials, sensitivity = _search_tiers(
+            space, runs, evaluator, (budget, feeds), settings, summary, progress
+        )
+    except SearchTimeUp:
+        chosen, trials, sensitivity = _scored_so_far(space, runs)
+        summary["search_stopped_s"] = round(clock.elapsed(), 1)
+        progress(
+            f"search stopped after {clock.elapsed():.0f} s (quantize.max_search_seconds = {settings.max_seconds:g}): "
+            "the choice among the candidates scored so far"
+        )
+    floor = evaluator.input_floor()
+    summary |= {
+        "tried": [t.to_dict() for t in trials],
+        "worst_layers": [{"node": n, "output_nsr_gain_if_float": round(v, 6)} for n, v in sensitivity[:10]],
+        "parallel_runs": evaluator.workers,  # samples and ranking candidates run side by side, one thread each
+        **({"input_floor": floor.to_dict()} if floor else {}),
+    }
+    if chosen is None or chosen.best_trial is None:
+        stopped = settings.max_seconds if "search_stopped_s" in summary else None
+        explain = settings.explain_refusal and stopped is None  # the explanation is more candidates to run
+        where = (lambda: _where_lost(runs, evaluator, progress)) if explain else None
+        raise _no_candidate(trials, budget, scored_on, evaluator, settings.max_float, where, stopped)
+    best = chosen.best_trial
+    _record_choice(best, [t for t in trials if t.meets_budget], cost is not None, space, summary)
+    model = chosen.best
+    assert model is not None
+    return verified_rewrite(space, model, best, evaluator, (budget, z), summary, progress)
+
+
+def _search_tiers(
+    space: SearchSpace,
+    runs: list[_Search],
+    evaluator: Evaluator,
+    budget_and_feeds: tuple[float, list[dict[str, np.ndarray]]],
+    settings: TunerSettings,
+    summary: dict[str, Any],
+    progress: Progress,
+) -> tuple[SearchResult | None, list[Trial], list[tuple[str, float]]]:
+    """Each tier in turn while a later one can still win: (the choice, the trials of the tiers searched, the first
+    sensitivity ranking)."""
+    budget, feeds = budget_and_feeds
     trials: list[Trial] = []
     chosen: SearchResult | None = None
     sensitivity: list[tuple[str, float]] = []
-    z = NormalDist().inv_cdf(settings.confidence)
-    runs = [_Search(build, evaluator, budget, z, progress, cost) for build in space.builds]
-    unavailable, probe_ceiling = probe_fully_quantized(space, runs, progress) if cost is not None else ({}, inf)
+    priced = runs[0].cost is not None if runs else False
+    unavailable, probe_ceiling = probe_fully_quantized(space, runs, progress) if priced else ({}, inf)
     for tier in range(len(space.builds)):
         if chosen is not None and chosen.best_trial is not None:
             if not chosen.best_trial.float_nodes or chosen.best_trial.cost_ms is None or tier in space.fallback:
@@ -514,28 +577,29 @@ def tune(
             said(f"{space.transform(tier)} tier skipped: {exc}")
             summary.setdefault("tiers_skipped", []).append({"transform": space.transform(tier), "why": str(exc)})
             continue
-        for trial in found.trials:
-            trial.op_types = space.tiers[tier] if space.tiers is not None else None
-            trial.transform = space.transform(tier)
+        _label(space, tier, found.trials)
         trials += found.trials
         sensitivity = sensitivity or found.sensitivity
         if found.best_trial is not None and (chosen is None or _beats(found, chosen, space.methods)):
             chosen = found
-    floor = evaluator.input_floor()
-    summary |= {
-        "tried": [t.to_dict() for t in trials],
-        "worst_layers": [{"node": n, "output_nsr_gain_if_float": round(v, 6)} for n, v in sensitivity[:10]],
-        "parallel_runs": evaluator.workers,  # samples and ranking candidates run side by side, one thread each
-        **({"input_floor": floor.to_dict()} if floor else {}),
-    }
-    if chosen is None or chosen.best_trial is None:
-        where = (lambda: _where_lost(runs, evaluator, progress)) if settings.explain_refusal else None
-        raise _no_candidate(trials, budget, scored_on, evaluator, settings.max_float, where)
-    best = chosen.best_trial
-    _record_choice(best, [t for t in trials if t.meets_budget], cost is not None, space, summary)
-    model = chosen.best
-    assert model is not None
-    return verified_rewrite(space, model, best, evaluator, (budget, z), summary, progress)
+    return chosen, trials, sensitivity
+
+
+def _label(space: SearchSpace, tier: int, trials: list[Trial]) -> None:
+    for trial in trials:
+        trial.op_types = space.tiers[tier] if space.tiers is not None else None
+        trial.transform = space.transform(tier)
+
+
+def _scored_so_far(space: SearchSpace, runs: list[_Search]) -> tuple[SearchResult, list[Trial], list]:
+    """What every tier scored before the time limit, and the choice among those within budget (``choose``, as the
+    tiers' results are compared)."""
+    for tier, run in enumerate(runs):
+        _label(space, tier, run.trials)
+    trials = [t for run in runs for t in run.trials]
+    best = choose([t for run in runs for t in run.passing], space.methods)
+    owner = next((run for run in runs if any(t is best for t in run.passing)), None)
+    return SearchResult(best, trials, [], owner.build if owner is not None else None), trials, []
 
 
 def verified_rewrite(
