@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -99,11 +100,14 @@ def kernel_times(model: str, feed: dict, runs: int = 300) -> dict[str, tuple[str
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "bench_depthwise_profile")
     options.log_severity_level = 3
     s = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     for _ in range(runs):
         s.run(None, feed)
-    events = json.loads(Path(s.end_profiling()).read_text())
+    trace = Path(s.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
     out: dict[str, tuple[str, float]] = {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
