@@ -58,26 +58,15 @@ Cost = Callable[[onnx.ModelProto], float | None]  # a candidate's estimated late
 
 
 def failed_fix(
-    max_float: int,
-    undecided: Trial | None = None,
-    samples: int = 0,
-    recovery_searched: bool = False,
-    budget: float | None = None,
+    max_float: int, undecided: Trial | None = None, samples: int = 0, recovery_searched: bool = False
 ) -> str:
     """The exit-3 fix; a target that allows no float layers (tpu: full integer) is not told to raise them, nor to
     turn on recovery steps the search already tried (``recovery_searched``).
-    ``undecided``: a candidate whose drop fits ``budget`` but whose upper bound does not, so more data could decide it;
-    how many scored samples would (the bound's margin over the drop shrinks as 1/sqrt(n)) when ``budget`` is given."""
+    ``undecided``: a candidate whose drop fits but whose upper bound does not, so more data could decide it."""
     if undecided is not None:
-        enough = ""
-        if budget is not None and samples and undecided.drop_bound is not None and undecided.drop_pct < budget:
-            margin = (undecided.drop_bound - undecided.drop_pct) / (budget - undecided.drop_pct)
-            enough = (
-                f"; about {math.ceil(samples * margin**2)} scored samples would bound it within the budget if it holds"
-            )
         return (
             f"{undecided.method}+{len(undecided.float_nodes)} float read a drop of {undecided.drop_pct:.2f}, within "
-            f"the budget, but {samples} scored samples bound it only to {undecided.drop_bound:.2f}{enough}: give more "
+            f"the budget, but {samples} scored samples bound it only to {undecided.drop_bound:.2f}: give more "
             "--calib samples or labelled --eval data (a larger scoring set narrows the bound), or "
             + _plain_fix(max_float, recovery_searched)
         )
@@ -419,7 +408,7 @@ def _no_candidate(
         return QualityGateError(tried + noise, fix, attempt_summary=first)
     undecided = _undecided(trials, budget)
     searched = any(t.transform in RECOVERY_TRANSFORMS for t in trials)
-    fix = failed_fix(max_float, undecided, evaluator.count if undecided else 0, searched, budget)
+    fix = failed_fix(max_float, undecided, evaluator.count if undecided else 0, searched)
     if stopped_at is not None:
         fix = f"raise or remove quantize.max_search_seconds in a target that extends this one, or {fix}"
     where = where_lost() if where_lost is not None else None
