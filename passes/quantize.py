@@ -21,6 +21,7 @@ from lepton_cli.passes._quantize.param_checks import check_params
 from lepton_cli.passes._quantize.plan import RewritePlan, SearchPlan
 from lepton_cli.passes._quantize.prequantized import describe, quantized_ops
 from lepton_cli.passes._quantize.rewrites import rewrite_plan
+from lepton_cli.passes._quantize.search_clock import stopped_warning
 from lepton_cli.passes._quantize.tuning import TunerSettings, tune, untuned
 
 from lepton_cli.errors import BadInputError
@@ -158,5 +159,7 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
     explain = not ctx.ledger.spenders(ctx.current_pass)  # else a refusal compiles again: explain only that one
     settings = TunerSettings.of(params, ctx.target.hardware, explain)
     result, best = tune(space, evaluator, budget, scored_on, settings, summary, ctx.progress)
+    if params.max_search_seconds is not None and "search_stopped_s" in summary:
+        ctx.warn(stopped_warning(params.max_search_seconds, summary["search_stopped_s"]))
     plan.report_recovery(evaluator, best, ctx, summary)
     return plan.finish(model, result, ctx, summary, BudgetUse(budget, best.drop_pct))

@@ -26,3 +26,11 @@ class SearchClock:
         """Raise ``SearchTimeUp`` once the limit has passed (before the next candidate is built)."""
         if self.limit_s is not None and self.elapsed() > self.limit_s:
             raise SearchTimeUp(f"{self.elapsed():.0f} s")
+
+
+def stopped_warning(limit_s: float, elapsed_s: float) -> str:
+    """The compile's warning when the limit stopped a search that still found a candidate within budget."""
+    return (
+        f"quantize: the search stopped at its {limit_s:g} s limit (max_search_seconds) after {elapsed_s:.0f} s: the "
+        "model is the best of the candidates scored by then, and a faster machine may choose another"
+    )
