@@ -20,7 +20,7 @@ import onnx
 from lepton_cli.passes._quantize.qparams import per_tensor
 from onnx import helper
 
-from lepton_cli.model.graph_edit import GraphIndex
+from lepton_cli.model.graph_edit import GraphIndex, remove_unread_nodes
 
 # Slack on the [0, 1] check of an existing quantize's range: its scale is a float32 rounding of rmax / 255.
 RANGE_SLACK = 1e-6
@@ -43,6 +43,7 @@ def integer_gates(model: onnx.ModelProto) -> onnx.ModelProto:
     rewriter = _Rewriter(result.graph)
     for node in [n for n in result.graph.node if n.op_type in ("HardSigmoid", "Sigmoid")]:
         rewriter.rewrite(node)
+    remove_unread_nodes(rewriter.g)  # an SE gate's old dequantize, now unread: ORT would still run it
     return result
 
 
@@ -108,11 +109,8 @@ class _Rewriter:
             helper.make_node("Add", [f"{name}_ax", f"{name}_b"], [added_out], name=f"{name}{ADDED_SUFFIX}"),
         ]
         position = self.g.position(node)
-        dequantize = self.g.producer[node.input[0]]
         self.g.remove(node)
         self._insert(position, added + (self._gate(node, added_out, source) if gated else []))
-        if not self.g.uses[dequantize.output[0]] and dequantize.output[0] not in self.g.outputs:
-            self.g.remove(dequantize)  # an SE gate's input, unread: ORT would still run it
 
     def _gate(self, node: onnx.NodeProto, gate: str, source: _Dequantized) -> list[onnx.NodeProto]:
         """Quantize -> dequantize ``gate`` over [0, 1] at 1 / (high - low), so that the Mul's ``node.output[0]``
