@@ -107,6 +107,12 @@ def run_cli(capsys, monkeypatch, tmp_path):
     return run
 
 
+def unread_nodes(model: onnx.ModelProto) -> list[str]:
+    """Main-graph nodes none of whose outputs anything reads (ONNX Runtime still runs them)."""
+    read = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    return [node.name for node in model.graph.node if not read.intersection(node.output)]
+
+
 def perturbed_weights(model: onnx.ModelProto, scale: float, names: tuple[str, ...]) -> onnx.ModelProto:
     """A copy of ``model`` with Gaussian noise of ``scale`` times each named initializer's spread (seed 0)."""
     noisy = onnx.ModelProto()

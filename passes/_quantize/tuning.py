@@ -203,13 +203,14 @@ class _Search:
         progress: Progress | None,
         cost: Cost | None = None,
         ceiling: float = inf,
+        clock: SearchClock | None = None,
     ):
         self.build, self.evaluator, self.budget, self.z, self.progress = build, evaluator, budget, z, progress
         self.cost, self.ceiling = cost, ceiling  # ceiling: the cheapest estimate within budget so far
+        self.clock = clock or SearchClock()  # the tuner's, shared by every tier's search; none: no limit
         self.trials: list[Trial] = []
         self.passing: list[Trial] = []  # models are rebuilt, not kept: a candidate per trial held ~60 model copies
         self.scored: dict[tuple[str, frozenset[str]], Trial] = {}
-        self.clock = SearchClock()  # the tuner's, shared by every tier's search
 
     def attempt(self, method: str, keep: list[str], rule: str) -> tuple[Trial, onnx.ModelProto | None]:
         key = (method, frozenset(keep))
@@ -510,9 +511,7 @@ def tune(
     cost = target_cost(settings.hardware, feeds)
     z = NormalDist().inv_cdf(settings.confidence)
     clock = SearchClock(settings.max_seconds)
-    runs = [_Search(build, evaluator, budget, z, progress, cost) for build in space.builds]
-    for run in runs:
-        run.clock = clock
+    runs = [_Search(build, evaluator, budget, z, progress, cost, clock=clock) for build in space.builds]
     try:
         chosen, trials, sensitivity = _search_tiers(
             space, runs, evaluator, (budget, feeds), settings, summary, progress

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import DIGITS, LIGHT_MODELS, OCR_DET, OCR_REC, REPO, needs_ocr
+from conftest import DIGITS, LIGHT_MODELS, OCR_DET, OCR_REC, REPO, needs_ocr, unread_nodes
 
 from lepton_cli.compile.compiler import CompileOptions, compile_model
 from lepton_cli.model.io_contract import adapt_feed, restore_output
@@ -51,8 +51,7 @@ def _compile_and_compare(model_path, target, tmp_path, input_shapes=()):
         )
     )
     compiled = onnx.load_from_string(result.model_bytes)  # the bundle holds it encrypted
-    read = {name for node in compiled.graph.node for name in node.input} | {o.name for o in compiled.graph.output}
-    assert [n.name for n in compiled.graph.node if not read.intersection(n.output)] == []  # ORT runs unread nodes
+    assert unread_nodes(compiled) == []  # ORT runs unread nodes
     feed = random_feed(graph_inputs(source), np.random.default_rng(0), dims)
     expected = make_session(source, opt_level="basic").run(None, feed)
     session = make_session(compiled, opt_level="basic")  # loads in ORT: the first thing a user needs
