@@ -59,7 +59,7 @@ def run_peer(tool: str, model_path: Path, calib: Path, out: Path, timeout: float
         "code": code,
         "compile_s": round(seconds, 1),
         "peak_rss_mb": round(peak_mb, 1) if peak_mb is not None else None,
-        "message": "" if code == 0 else (lines[-1][:2000] if lines else ""),  # the whole tried-list; tables cut it
+        "message": "" if code == 0 else (lines[-1][:2000] if lines else ""),  # the exit-3 line; tables cut it
     }
 
 

@@ -52,6 +52,7 @@ SENSITIVITY_SAMPLES = 8  # held-out samples the per-node ranking runs on
 # Candidates of one graph priced this close are not ordered by the cost model (benchmarks/results/cost_choice.md:
 # PP-OCRv4 det at 5.68-5.77 ms estimated measured 0.74-0.80x fp32 in another order; price_tie.md: MiniLM).
 PRICE_TIE = 0.03
+LISTED_TRIALS = 8  # the exit-3 line lists every candidate up to this many, then each tier's closest
 Build = Callable[[str, list[str]], onnx.ModelProto]  # (method, float-kept node names) -> candidate model
 Progress = Callable[[str], None]
 Cost = Callable[[onnx.ModelProto], float | None]  # a candidate's estimated latency on the target (ms)
@@ -437,7 +438,10 @@ def _where_lost(runs: list[_Search], evaluator: Evaluator, progress: Progress) -
 
 
 def _tried_line(trials: list[Trial], budget: float) -> str:
-    tiers = len({(tuple(t.op_types or ()), t.transform) for t in trials})
+    """Every candidate when there are few; past ``LISTED_TRIALS``, how many and each tier's closest (the progress lines
+    name them all as they are scored): a list of 70 candidates made the exit-3 line 5,000 characters long."""
+    tier_of = lambda t: (tuple(t.op_types or ()), t.transform)  # noqa: E731
+    tiers = len({tier_of(t) for t in trials})
 
     def label(t: Trial) -> str:  # which op types only when several were tried
         name = t.method if tiers < 2 or t.op_types is None else f"{t.method}[{_ops_label(t.op_types)}]"
@@ -448,7 +452,19 @@ def _tried_line(trials: list[Trial], budget: float) -> str:
             return "not scored (slower than a candidate within budget)"
         return f"drop {t.drop_pct:.2f}" + (f" (upper bound {t.drop_bound:.2f})" if t.refused_for_bound(budget) else "")
 
-    return "; ".join(f"{label(t)}+{len(t.float_nodes)}{t.rule_tag} float: {outcome(t)}" for t in trials)
+    def listed(shown: list[Trial]) -> str:
+        return "; ".join(f"{label(t)}+{len(t.float_nodes)}{t.rule_tag} float: {outcome(t)}" for t in shown)
+
+    if len(trials) <= LISTED_TRIALS:
+        return listed(trials)
+    nearest = lambda t: (not t.scored, t.drop_pct)  # noqa: E731
+    closest: dict[tuple[tuple[str, ...], str], Trial] = {}
+    for trial in trials:
+        if tier_of(trial) not in closest or nearest(trial) < nearest(closest[tier_of(trial)]):
+            closest[tier_of(trial)] = trial
+    ranked = sorted(closest.values(), key=nearest)
+    plural = "s" if tiers > 1 else ""
+    return f"{len(trials)} candidates in {tiers} tier{plural}, the closest of each: {listed(ranked)}"
 
 
 def _ops_label(op_types: list[str]) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -225,13 +226,34 @@ def test_missing_calibration_falls_back_and_says_so(digits):
         _run("fpga", model, None, evaluation)
 
 
+def test_a_long_search_is_summarised_in_the_exit_3_line_by_each_tiers_closest():
+    from lepton_cli.passes._quantize.tuning import LISTED_TRIALS, Trial, _tried_line
+
+    def trial(method, kept, drop, ops, transform=""):
+        return Trial(method, [f"n{i}" for i in range(kept)], drop, 0.0, False, op_types=ops, transform=transform)
+
+    # PP-OCRv5 det on cpu-avx: 70 candidates in 5 tiers made a 5,294-character line
+    trials = [trial("minmax", k, 10.0 - k / 10, []) for k in range(20)]
+    trials += [trial("percentile", k, 9.0 - k / 10, ["Conv", "MatMul", "Gemm"]) for k in range(20)]
+    trials += [trial("percentile", k, 3.0 - k / 10, ["Conv", "MatMul", "Gemm"], "recovery") for k in (4, 8, 16)]
+    trials.append(Trial("minmax", ["n0"], 0.0, 0.0, False, op_types=[], scored=False))
+    line = _tried_line(trials, 1.0)
+    assert line.startswith("44 candidates in 3 tiers, the closest of each: ")
+    assert line.endswith(
+        "recovery:percentile[Conv,MatMul,Gemm]+16 float: drop 1.40; "
+        "percentile[Conv,MatMul,Gemm]+19 float: drop 7.10; minmax[all ops]+19 float: drop 8.10"
+    )
+    assert len(trials[:LISTED_TRIALS]) == LISTED_TRIALS and ";" in _tried_line(trials[:LISTED_TRIALS], 1.0)
+    assert _tried_line(trials[:LISTED_TRIALS], 1.0).count("; ") == LISTED_TRIALS - 1  # a short search: every one
+
+
 def test_impossible_budget_exits_3_with_what_was_tried(digits):
     model, calib, evaluation = digits
     with pytest.raises(QualityGateError) as info:
         _run("cpu-avx", model, calib, evaluation, budget=-5.0)
     assert info.value.exit_code == 3
     assert "minmax+0 float" in info.value.message or "minmax[all ops]+0 float" in info.value.message
-    assert "percentile" in info.value.message
+    assert re.search(r"tried: \d+ candidates in \d+ tiers, the closest of each: ", info.value.message)
     # the retry's one-clause summary comes as a field, the message's head, not parsed out of it
     assert info.value.attempt_summary == "quantize: no candidate met the accuracy budget of -5 points (--eval)"
     assert info.value.message.startswith(info.value.attempt_summary + "; tried: ")
