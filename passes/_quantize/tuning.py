@@ -417,6 +417,7 @@ def _no_candidate(
     clause = where.clause() if where is not None else ""
     if clause:  # before the list of what was tried, which runs to dozens of candidates where layers may stay float
         tried = f"{first}{clause}; tried: {tried_line}"
+    if where is not None and where.helpful():
         fix += "; an op type named there can run on the host in a target that extends this one (quantize op_types)"
     return QualityGateError(tried, fix, attempt_summary=first)
 
