@@ -59,19 +59,24 @@ Cost = Callable[[onnx.ModelProto], float | None]  # a candidate's estimated late
 
 
 def failed_fix(
-    max_float: int, undecided: Trial | None = None, samples: int = 0, recovery_searched: bool = False
+    max_float: int,
+    undecided: Trial | None = None,
+    samples: int = 0,
+    recovery_searched: bool = False,
+    closest: str = "",
 ) -> str:
     """The exit-3 fix; a target that allows no float layers (tpu: full integer) is not told to raise them, nor to
     turn on recovery steps the search already tried (``recovery_searched``).
-    ``undecided``: a candidate whose drop fits but whose upper bound does not, so more data could decide it."""
+    ``undecided``: a candidate whose drop fits but whose upper bound does not, so more data could decide it.
+    ``closest``: what a higher budget would have to cover (``_closest_clause``), after "raise --max-accuracy-drop"."""
+    plain = _plain_fix(max_float, recovery_searched).replace("--max-accuracy-drop", f"--max-accuracy-drop{closest}", 1)
     if undecided is not None:
         return (
             f"{undecided.method}+{len(undecided.float_nodes)} float read a drop of {undecided.drop_pct:.2f}, within "
             f"the budget, but {samples} scored samples bound it only to {undecided.drop_bound:.2f}: give more "
-            "--calib samples or labelled --eval data (a larger scoring set narrows the bound), or "
-            + _plain_fix(max_float, recovery_searched)
+            "--calib samples or labelled --eval data (a larger scoring set narrows the bound), or " + plain
         )
-    return _plain_fix(max_float, recovery_searched)
+    return plain
 
 
 def _plain_fix(max_float: int, recovery_searched: bool) -> str:
@@ -85,6 +90,19 @@ def _plain_fix(max_float: int, recovery_searched: bool) -> str:
     return (
         'raise --max-accuracy-drop or max_float_layers, give more representative --calib data, or use scheme = "fp16"'
     )
+
+
+def _closest_clause(trials: list[Trial]) -> str:
+    """ " (the closest candidate, recovery:percentile[Conv,MatMul,Gemm]+8 float, read a drop of 1.69, upper bound 1.75)":
+    what a higher budget would have to cover; "" when none was scored."""
+    scored = [t for t in trials if t.scored and math.isfinite(t.drop_pct)]
+    if not scored:
+        return ""
+    reach = lambda t: max(t.drop_pct, t.drop_bound if t.drop_bound is not None else t.drop_pct)  # noqa: E731
+    nearest = min(scored, key=reach)
+    bound = f", upper bound {reach(nearest):.2f}" if reach(nearest) > nearest.drop_pct else ""
+    several = len({_tier_of(t) for t in trials}) > 1
+    return f" (the closest candidate, {_trial_label(nearest, several)}, read a drop of {nearest.drop_pct:.2f}{bound})"
 
 
 class TierUnavailable(Exception):
@@ -410,7 +428,7 @@ def _no_candidate(
         return QualityGateError(tried + noise, fix, attempt_summary=first)
     undecided = _undecided(trials, budget)
     searched = any(t.transform in RECOVERY_TRANSFORMS for t in trials)
-    fix = failed_fix(max_float, undecided, evaluator.count if undecided else 0, searched)
+    fix = failed_fix(max_float, undecided, evaluator.count if undecided else 0, searched, _closest_clause(trials))
     if stopped_at is not None:
         fix = f"raise or remove quantize.max_search_seconds in a target that extends this one, or {fix}"
     where = where_lost() if where_lost is not None else None
@@ -438,34 +456,37 @@ def _where_lost(runs: list[_Search], evaluator: Evaluator, progress: Progress) -
     return loss_by_op_type(build, ranking_build(build), best.method, drop, score, progress, transform=best.transform)
 
 
+def _tier_of(t: Trial) -> tuple[tuple[str, ...], str]:
+    return tuple(t.op_types or ()), t.transform
+
+
+def _trial_label(t: Trial, several_tiers: bool) -> str:
+    """ "recovery:percentile[Conv,MatMul,Gemm]+8 float": the op types only when several tiers were tried."""
+    name = t.method if not several_tiers or t.op_types is None else f"{t.method}[{_ops_label(t.op_types)}]"
+    return f"{t.transform + ':' if t.transform else ''}{name}+{len(t.float_nodes)}{t.rule_tag} float"
+
+
+def _described(t: Trial, several_tiers: bool, budget: float) -> str:
+    """The label and the drop; one under the budget refused for its upper bound says so, or it reads wrong."""
+    if not t.scored:
+        return f"{_trial_label(t, several_tiers)}: not scored (slower than a candidate within budget)"
+    bound = f" (upper bound {t.drop_bound:.2f})" if t.refused_for_bound(budget) else ""
+    return f"{_trial_label(t, several_tiers)}: drop {t.drop_pct:.2f}{bound}"
+
+
 def _tried_line(trials: list[Trial], budget: float) -> str:
     """Every candidate when there are few; past ``LISTED_TRIALS``, how many and each tier's closest (the progress lines
     name them all as they are scored): a list of 70 candidates made the exit-3 line 5,000 characters long."""
-    tier_of = lambda t: (tuple(t.op_types or ()), t.transform)  # noqa: E731
-    tiers = len({tier_of(t) for t in trials})
-
-    def label(t: Trial) -> str:  # which op types only when several were tried
-        name = t.method if tiers < 2 or t.op_types is None else f"{t.method}[{_ops_label(t.op_types)}]"
-        return f"{t.transform}:{name}" if t.transform else name
-
-    def outcome(t: Trial) -> str:  # a drop under the budget was refused for its upper bound: say so, or it reads wrong
-        if not t.scored:
-            return "not scored (slower than a candidate within budget)"
-        return f"drop {t.drop_pct:.2f}" + (f" (upper bound {t.drop_bound:.2f})" if t.refused_for_bound(budget) else "")
-
-    def listed(shown: list[Trial]) -> str:
-        return "; ".join(f"{label(t)}+{len(t.float_nodes)}{t.rule_tag} float: {outcome(t)}" for t in shown)
-
+    tiers = len({_tier_of(t) for t in trials})
     if len(trials) <= LISTED_TRIALS:
-        return listed(trials)
+        return "; ".join(_described(t, tiers > 1, budget) for t in trials)
     nearest = lambda t: (not t.scored, t.drop_pct)  # noqa: E731
     closest: dict[tuple[tuple[str, ...], str], Trial] = {}
     for trial in trials:
-        if tier_of(trial) not in closest or nearest(trial) < nearest(closest[tier_of(trial)]):
-            closest[tier_of(trial)] = trial
-    ranked = sorted(closest.values(), key=nearest)
-    plural = "s" if tiers > 1 else ""
-    return f"{len(trials)} candidates in {tiers} tier{plural}, the closest of each: {listed(ranked)}"
+        if _tier_of(trial) not in closest or nearest(trial) < nearest(closest[_tier_of(trial)]):
+            closest[_tier_of(trial)] = trial
+    listed = "; ".join(_described(t, tiers > 1, budget) for t in sorted(closest.values(), key=nearest))
+    return f"{len(trials)} candidates in {tiers} tier{'s' if tiers > 1 else ''}, the closest of each: {listed}"
 
 
 def _ops_label(op_types: list[str]) -> str:

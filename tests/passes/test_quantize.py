@@ -227,7 +227,7 @@ def test_missing_calibration_falls_back_and_says_so(digits):
 
 
 def test_a_long_search_is_summarised_in_the_exit_3_line_by_each_tiers_closest():
-    from lepton_cli.passes._quantize.tuning import LISTED_TRIALS, Trial, _tried_line
+    from lepton_cli.passes._quantize.tuning import LISTED_TRIALS, Trial, _closest_clause, _tried_line, failed_fix
 
     def trial(method, kept, drop, ops, transform=""):
         return Trial(method, [f"n{i}" for i in range(kept)], drop, 0.0, False, op_types=ops, transform=transform)
@@ -245,6 +245,15 @@ def test_a_long_search_is_summarised_in_the_exit_3_line_by_each_tiers_closest():
     )
     assert len(trials[:LISTED_TRIALS]) == LISTED_TRIALS and ";" in _tried_line(trials[:LISTED_TRIALS], 1.0)
     assert _tried_line(trials[:LISTED_TRIALS], 1.0).count("; ") == LISTED_TRIALS - 1  # a short search: every one
+    # the fix says what a higher budget has to cover: the nearest candidate by its upper bound, not its drop
+    trials[-2] = dataclasses.replace(trials[-2], drop_bound=2.6)  # recovery +16: drop 1.40, bound 2.60
+    trials[-3] = dataclasses.replace(trials[-3], drop_bound=2.3)  # recovery +8: drop 2.20, bound 2.30
+    assert _closest_clause(trials) == (
+        " (the closest candidate, recovery:percentile[Conv,MatMul,Gemm]+8 float, read a drop of 2.20, upper bound 2.30)"
+    )
+    fix = failed_fix(48, closest=_closest_clause(trials))
+    assert fix.startswith("raise --max-accuracy-drop (the closest candidate, recovery:") and "max_float_layers" in fix
+    assert _closest_clause([trials[-1]]) == ""  # none scored
 
 
 def test_impossible_budget_exits_3_with_what_was_tried(digits):
