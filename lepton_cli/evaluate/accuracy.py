@@ -43,7 +43,6 @@ from lepton_cli.evaluate.input_floor import InputFloor, ValueGrid, dithered, val
 from lepton_cli.evaluate.output_roles import (
     CTC_BLANK,
     CTC_TIME_MAJOR,
-    GFL_LAYOUT,
     MAP_THRESHOLDS,
     OutputRole,
     ctc_time_major,
@@ -68,6 +67,7 @@ from lepton_cli.evaluate.output_scores import (
     drop_standard_error,
     source_box_count,
 )
+from lepton_cli.evaluate.segment_head import SegmentHead, find_segment_head
 from lepton_cli.host.parallel import ordered_map
 from lepton_cli.model.io_contract import adapt_feed, restore_output
 from lepton_cli.model.sessions import make_session
@@ -466,7 +466,7 @@ class Evaluator:
         self.labels = (
             labels[: self.count] if labels is not None and limit is not None else labels
         )  # per sample (or batch)
-        self.head: GflHead | None = None  # a raw detector head the scorer decodes before reading it
+        self.head: GflHead | SegmentHead | None = None  # a head the scorer decodes before reading it
         self.reference = list(self._outputs(source_model))  # per sample, per output, source layout
         self.output_names = [o.name for o in make_session(source_model).get_outputs()]
         unknown = sorted(set(per_output) - set(self.output_names))
@@ -476,7 +476,8 @@ class Evaluator:
                 f"name one of: {', '.join(self.output_names)}",
             )
         if not per_output and default == "auto":  # a metric the user named is read as named
-            self.head = find_gfl_head(image_size(source_model), self.reference)
+            size = image_size(source_model)
+            self.head = find_gfl_head(size, self.reference) or find_segment_head(size, self.reference)
             self.reference = [self.head.view(outs) for outs in self.reference] if self.head else self.reference
         self._check_labels_fit(default)
         self.spans = []
@@ -537,13 +538,10 @@ class Evaluator:
         return self._head_roles(roles) if self.head else roles
 
     def _head_roles(self, roles: list[OutputRole]) -> list[OutputRole]:
-        """A decoded raw head's roles: detection F1 on the output that carries it, its other parts scored there."""
+        """A decoded head's roles (GFL: detection F1 where it is carried; segmentation: boxes and masks)."""
         assert self.head is not None
-        first, names = self.head.scores[0], self.output_names
-        refs = [outs[first] for outs in self.reference]
-        roles[first] = detection_role(first, names[first], self.head.why(names), GFL_LAYOUT, refs)
-        for j in self.head.parts:
-            roles[j] = OutputRole(j, names[j], "exact", f"part of the detector head scored on {names[first]!r}")
+        for j, role in self.head.roles(self.output_names, self.reference).items():
+            roles[j] = role
         return roles
 
     def _position_masks(self, model: onnx.ModelProto) -> list[np.ndarray]:
@@ -575,7 +573,7 @@ class Evaluator:
     def _user_detection(
         self, model: onnx.ModelProto, j: int, name: str, refs: list[np.ndarray], conf: float | None
     ) -> OutputRole:
-        from lepton_cli.evaluate.output_roles import _detector_layout, decoded_layout, detection_role
+        from lepton_cli.evaluate.output_roles import _detector_layout, decoded_layout
 
         layout, why = decoded_layout(model, refs, *_detector_layout(refs))
         if layout is None:

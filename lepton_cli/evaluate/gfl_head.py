@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lepton_cli.evaluate.output_roles import GFL_LAYOUT, OutputRole, detection_role
+
 GFL_STRIDES = (8, 16, 32, 64)  # PicoDet's four levels; a head with fewer uses the first ones
 PART = np.zeros((1, 1), dtype=np.int64)  # what a decoded part leaves in its output's place (scored as exact)
 
@@ -36,6 +38,15 @@ class GflHead:
             f"distributions {', '.join(names[j] for j in self.boxes)} on the stride {'/'.join(map(str, self.strides))} "
             f"grids of {self.size[0]}x{self.size[1]}, decoded into boxes (DFL mean per side) and scored here"
         )
+
+    def roles(self, names: list[str], refs: list[list[np.ndarray]]) -> dict[int, OutputRole]:
+        """Detection F1 on the output that carries the decoded head; its other parts scored there (exact)."""
+        first = self.scores[0]
+        carried = [outs[first] for outs in refs]
+        roles = {first: detection_role(first, names[first], self.why(names), GFL_LAYOUT, carried)}
+        for j in self.parts:
+            roles[j] = OutputRole(j, names[j], "exact", f"part of the detector head scored on {names[first]!r}")
+        return roles
 
     def view(self, outs: list[np.ndarray]) -> list[np.ndarray]:
         """``outs`` with the decoded head in the first score output's place and the other parts emptied."""

@@ -12,7 +12,8 @@ Metrics (names as the report shows them):
 - ``detection_f1``: a YOLO-style head, ``[N, 4+nc, A]`` (boxes cx,cy,w,h then class scores) or
   ``[N, A, 5+nc]`` (boxes, objectness, class scores), scores in [0, 1]: decoded, NMS, F1 of the
   candidate's boxes matched to the source's at IoU 0.5 (same class), with the matched score error, averaged over
-  confidences 0.1-0.5 (``DETECTION_CONFS``) or at the one the user names (``detection@C``);
+  confidences 0.1-0.5 (``DETECTION_CONFS``) or at the one the user names (``detection@C``); a raw GFL head
+  (``gfl_head.py``) and a YOLO segmentation head (``segment_head.py``) are decoded first;
 - ``top1_agreement``: class scores (a Softmax/LogSoftmax result, or named like logits/probs): arg-max agreement
   per row (a 4-D map's per pixel, on the Softmax's own axis), with the top probability and probability cosine as
   secondary numbers;
@@ -423,6 +424,12 @@ def above(found: tuple[np.ndarray, ...], conf: float) -> tuple[np.ndarray, ...]:
 def detections(sample: np.ndarray, layout: str, conf: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-class NMS of one sample: (boxes [K, 4], scores [K], classes [K]), best first."""
     scores, classes, boxes = detection_scores(sample, layout)
+    chosen = kept_by_nms(scores, classes, boxes, conf)
+    return boxes[chosen], scores[chosen], classes[chosen]
+
+
+def kept_by_nms(scores: np.ndarray, classes: np.ndarray, boxes: np.ndarray, conf: float) -> list[int]:
+    """The rows per-class NMS keeps over ``conf``, best first (``detection_scores``'s arrays)."""
     keep = np.flatnonzero(scores > conf)
     keep = keep[np.argsort(-scores[keep], kind="stable")][: 10 * MAX_BOXES]
     chosen: list[int] = []
@@ -432,7 +439,7 @@ def detections(sample: np.ndarray, layout: str, conf: float) -> tuple[np.ndarray
             chosen.append(int(i))
             if len(chosen) == MAX_BOXES:
                 break
-    return boxes[chosen], scores[chosen], classes[chosen]
+    return chosen
 
 
 def match(source: tuple, candidate: tuple) -> tuple[int, list[float]]:
