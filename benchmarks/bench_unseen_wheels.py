@@ -15,7 +15,9 @@ top-level folders), model by model. Writes OUT.json and OUT.md.
 
 Data: DNSMOS scores 9.01 s of 16 kHz speech spoken by espeak-ng (sentences differ between the two sets; without
 espeak-ng the model is skipped); basic-pitch two-second harmonic tones at 22.05 kHz (seeds differ); PNet crops of
-scikit-learn's two photographs at 120x160 (seeds differ).
+scikit-learn's two photographs at 120x160 (seeds differ); slider (captcha-recognizer's YOLO11s-seg) slider captchas
+cut from the same photographs with a jigsaw gap (``wheel_models.slider_captchas``, seeds differ), read as the slide
+distance: the best gap box's x centre.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks"), str(REPO / "tests")]
 from audio_speech import HELD_OUT_SENTENCES, SENTENCES  # noqa: E402
 from md_table import markdown_table  # noqa: E402
-from wheel_models import BASIC_PITCH, DNSMOS, MTCNN_PNET, photo_frames, tones, wheel_member  # noqa: E402
+from wheel_models import BASIC_PITCH, DNSMOS, MTCNN_PNET, SLIDER, photo_frames, slider_captchas, tones, wheel_member  # noqa: E402
 
 from lepton_cli.model.sessions import make_session  # noqa: E402
 
@@ -75,10 +77,25 @@ def _faces(ref: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> str:
     return f"face/background per cell agree {100.0 * np.mean(a == b):.2f} %"
 
 
+def _gap(outs: list[np.ndarray]) -> float | None:
+    """The slider's target: the x centre of the best gap box over ultralytics' 0.25, or None when none is."""
+    scores = outs[0][0, 4]
+    return float(outs[0][0, 0, scores.argmax()]) if scores.max() > 0.25 else None
+
+
+def _slider(ref: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> str:
+    pairs = [(_gap(r), _gap(g)) for r, g in zip(ref, got)]
+    shifts = [abs(a - b) for a, b in pairs if a is not None and b is not None]
+    lost = sum(a is not None and b is None for a, b in pairs)
+    worst = f"{max(shifts):.1f}" if shifts else "-"
+    return f"gap x centre (the slide distance) off by at most {worst} px of 640, {lost} of {len(pairs)} gaps lost"
+
+
 MODELS = {
     "dnsmos": (DNSMOS, "input_1", lambda: _speech_windows(SENTENCES, 8), lambda: _speech_windows(HELD_OUT_SENTENCES, 8), [], _mos),
     "basic_pitch": (BASIC_PITCH, "serving_default_input_2:0", lambda: tones(16, 0), lambda: tones(8, 1), ["--input-shape", "serving_default_input_2:0=1,43844,1"], _notes),
     "mtcnn_pnet": (MTCNN_PNET, "input_1", lambda: photo_frames(16, 0), lambda: photo_frames(16, 1), [], _faces),
+    "slider": (SLIDER, "images", lambda: slider_captchas(32, 1)[0], lambda: slider_captchas(32, 2)[0], [], _slider),
 }  # fmt: skip
 
 

@@ -476,7 +476,7 @@ def _described(t: Trial, several_tiers: bool, budget: float) -> str:
 
 def _tried_line(trials: list[Trial], budget: float) -> str:
     """Every candidate when there are few; past ``LISTED_TRIALS``, how many and each tier's closest (the progress lines
-    name them all as they are scored): a list of 70 candidates made the exit-3 line 5,000 characters long."""
+    name them all as they are scored): a list of 92 candidates made the exit-3 line 5,294 characters long."""
     tiers = len({_tier_of(t) for t in trials})
     if len(trials) <= LISTED_TRIALS:
         return "; ".join(_described(t, tiers > 1, budget) for t in trials)
