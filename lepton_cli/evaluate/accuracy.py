@@ -108,6 +108,17 @@ FLOOR_GRID_SAMPLES = 16  # samples that decide whether an input lies on an 8-bit
 SNR_CAP_DB = 300.0  # identical outputs: infinite SNR, capped so the report stays valid JSON
 
 
+# What one counted unit of a metric is, for the data a coarse gate asks for (``Evaluator.coarsest_unit``).
+UNIT_NAMES = (
+    ("top1_agreement", "samples"),
+    ("top1", "labelled samples"),
+    ("ctc", "characters"),
+    ("detection_f1", "boxes the source detects"),
+    ("decision_agreement", "decisions"),
+    ("multilabel_f1", "positive decisions"),
+)
+
+
 @dataclass
 class AccuracyScore:
     metric: str  # "top1" or "ctc_accuracy" (labels given), "agreement", "ctc_agreement" or "mask_f1@T"
@@ -678,6 +689,17 @@ class Evaluator:
         if metric == "detection_f1":  # one source box missed (or replaced by a wrong one) costs 100/boxes points
             return source_box_count(refs, role.layout or "v8", role.detection_confidences())
         return None
+
+    @property
+    def coarsest_unit(self) -> str:
+        """What one unit of the coarsest output counts ("rows", "boxes the source detects"): what more data must add."""
+        if not self.unit_pcts or max(self.unit_pcts) == 0.0:
+            return "samples"
+        metric = self.roles[self.unit_pcts.index(max(self.unit_pcts))].metric
+        for prefix, unit in UNIT_NAMES:
+            if metric.startswith(prefix):
+                return unit
+        return "samples"
 
     @property
     def worst_case(self) -> bool:

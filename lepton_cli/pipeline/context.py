@@ -176,8 +176,8 @@ class PassContext:
             self.warn(
                 f"the accuracy gate scores {evaluator.count} samples, so it resolves only "
                 f"{evaluator.resolution_pct:.2g} points, coarser than the {budget:g}-point budget: a smaller drop is "
-                f"invisible; pass --eval with labelled data or more --calib samples (a classifier needs at least "
-                f"{math.ceil(100.0 / budget)})",
+                f"invisible; pass --eval with labelled data or more --calib samples (at least "
+                f"{math.ceil(100.0 / budget)} {evaluator.coarsest_unit} in the scored set)",
                 compile_wide=True,
             )
         return evaluator

@@ -67,6 +67,8 @@ def test_the_scorer_reads_boxes_and_masks_each_by_what_it_is(slider, captchas):
     assert boxes.metric == "detection_f1" and "YOLO segmentation head" in boxes.why
     assert masks.metric == "mask_f1@0.5" and "instance masks" in masks.why
     assert evaluator.score(slider).drop_pct == 0.0
+    # one gap per captcha: a lost box is a quarter of 4 captchas, and more data means more boxes
+    assert evaluator.resolution_pct == 25.0 and evaluator.coarsest_unit == "boxes the source detects"
     # prototypes of the opposite sign: every mask flips inside its box, the boxes stay
     flipped = evaluator.score(_scaled_output(slider, 1, -1.0))
     by_name = {o["name"]: o for o in flipped.outputs}

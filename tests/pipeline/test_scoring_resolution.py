@@ -84,7 +84,7 @@ def test_too_few_samples_for_the_budget_warn_and_say_what_to_pass(digits):
     assert scorer.count == 60 and name.startswith("all 60 of --calib")  # still the finest basis there is
     assert len(ctx.warnings) == 1
     assert "resolves only 1.7 points" in ctx.warnings[0] and "--eval" in ctx.warnings[0]
-    assert "more --calib samples (a classifier needs at least 100)" in ctx.warnings[0]
+    assert "more --calib samples (at least 100 samples in the scored set)" in ctx.warnings[0]
 
 
 def test_eval_data_is_scored_as_given(digits):
