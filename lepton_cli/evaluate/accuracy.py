@@ -113,6 +113,7 @@ UNIT_NAMES = (
     ("top1_agreement", "samples"),
     ("top1", "labelled samples"),
     ("ctc", "characters"),
+    ("sequence_agreement", "decoded tokens"),
     ("detection_f1", "boxes the source detects"),
     ("decision_agreement", "decisions"),
     ("multilabel_f1", "positive decisions"),
@@ -430,6 +431,48 @@ class _CtcAgreement:
         return OutputResult(_ctc_pct(self.truth, self.got), se)
 
 
+class _SequenceAgreement:
+    """Token agreement of a decoder's arg-max sequences (one per batch row), edit distance over the source's tokens:
+    an autoregressive decoder's sequences may differ in length between the models."""
+
+    def __init__(self) -> None:
+        self.truth: list[list[int]] = []
+        self.got: list[list[int]] = []
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        self.truth += [row.tolist() for row in np.argmax(ref, axis=-1)]
+        self.got += [row.tolist() if np.isfinite(g).all() else [] for row, g in zip(np.argmax(got, axis=-1), got)]
+
+    def result(self) -> OutputResult:
+        se = drop_standard_error(
+            [float(edit_distance(t, g)) for t, g in zip(self.truth, self.got)], sum(len(t) for t in self.truth)
+        )
+        return OutputResult(_ctc_pct(self.truth, self.got), se)
+
+
+def _data_axes(arrays: list[np.ndarray]) -> set[int]:
+    """The axes whose length differs between the source's samples: they follow the data (a decoder's steps)."""
+    ranks = {a.ndim for a in arrays}
+    if len(ranks) != 1:
+        return set()
+    return {axis for axis in range(ranks.pop()) if len({a.shape[axis] for a in arrays}) > 1}
+
+
+def _aligned(ref: np.ndarray, got: np.ndarray, variable: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``ref`` and ``got`` zero-padded to one shape along the axes whose length follows the data (``variable``): a step
+    only one model decoded is compared with nothing, so it counts in full. Other shapes must match."""
+    if ref.shape == got.shape:
+        return ref, got
+    differ = {a for a in range(ref.ndim) if ref.shape[a] != got.shape[a]} if ref.ndim == got.ndim else None
+    if differ is None or not differ <= variable:
+        raise BadInputError(
+            f"the candidate's output has shape {list(got.shape)}, the source's {list(ref.shape)}",
+            "keep the model's output shapes unchanged",
+        )
+    shape = np.maximum(ref.shape, got.shape)
+    return tuple(np.pad(a, [(0, n - k) for n, k in zip(shape, a.shape)]) for a in (ref, got))  # type: ignore[return-value]
+
+
 class _Agreement:
     """The plain agreement of ``--eval-metric agreement``: arg-max of class-like shapes, else values within tolerance."""
 
@@ -497,6 +540,8 @@ class Evaluator:
             highs = [float(np.max(outs[j])) for outs in self.reference if outs[j].size]
             self.spans.append(max(highs) - min(lows) if lows else 0.0)
         self.table = ctc_characters(source_model)  # CTC scores read text where the model carries its table
+        # axes whose length follows the data (a decoder's steps): a candidate may decode more or fewer
+        self.variable_axes = [_data_axes([outs[j] for outs in self.reference]) for j in range(len(self.reference[0]))]
         self.roles = self._roles(source_model, default, default_text, per_output)
         self.position_masks = self._position_masks(source_model)
         self.metric = self.roles[0].metric
@@ -616,6 +661,8 @@ class Evaluator:
             return _CtcAccuracy(self)
         if metric == "ctc_agreement":
             return _CtcAgreement(self.table, role.layout)
+        if metric == "sequence_agreement":
+            return _SequenceAgreement()
         if metric.startswith("mask_f1"):
             return MaskF1Tally((role.threshold,) if role.threshold is not None else MAP_THRESHOLDS)
         if metric.startswith("multilabel_f1"):
@@ -681,6 +728,8 @@ class Evaluator:
             return sum(len(t) for t in self.truth)
         if metric == "ctc_agreement":
             return sum(len(seq) for r in refs for seq in ctc_read(r, self.table, role.layout))
+        if metric == "sequence_agreement":
+            return sum(r.shape[0] * r.shape[1] for r in refs)
         if metric.startswith("decision_agreement"):
             return sum(r.size for r in refs)
         if metric.startswith("multilabel_f1"):  # a flipped decision costs about 1 / (2 x the source's positives)
@@ -767,11 +816,16 @@ class Evaluator:
                     f"the candidate has {len(outs)} outputs, the source {len(ref_outs)}",
                     "keep the model's outputs unchanged",
                 )
-            for role, tally, summary, ref, got in zip(self.roles, tallies, summaries, ref_outs, outs):
+            for role, tally, summary, variable, ref, got in zip(
+                self.roles, tallies, summaries, self.variable_axes, ref_outs, outs
+            ):
+                if isinstance(tally, _SequenceAgreement):
+                    tally.add(ref, got)  # sequences of their own lengths
+                ref, got = _aligned(ref, got, variable)
                 summary.add(ref, got)
                 if role.positions:
                     tally.add(ref, got, keep=self.position_masks[k])
-                else:
+                elif not isinstance(tally, _SequenceAgreement):
                     tally.add(ref, got)
         outputs = []
         for j, (role, tally) in enumerate(zip(self.roles, tallies)):

@@ -28,6 +28,9 @@ Metrics (names as the report shows them):
   at each threshold; the value is the worst page's F1 (``mask_f1@T`` when the user names the threshold);
 - ``decision_agreement@0.5``: one Sigmoid probability per sample (a VAD's speech probability, a binary
   classifier): the share of decisions at 0.5 that agree;
+- ``sequence_agreement``: an autoregressive decoder's per-step token probabilities (``[N, T, C]`` whose T follows the
+  data, rows summing to 1): the arg-max token sequences, edit distance over the source's tokens; its per-step values
+  (cell boxes) by relative error, a step only one model decodes counted in full;
 - ``relative_error``: anything else: 100 × ‖candidate − source‖ / ‖source‖ is the drop.
 ``--eval-metric`` takes one metric for the first output and ``NAME=metric`` entries for any output.
 """
@@ -295,6 +298,8 @@ def recognise(
         copied = next((k for k, v in feed.items() if v.shape == first.shape and np.array_equal(v, first)), None)
     if copied is not None:  # fp16 and int8 targets round a float copy too (a PixelShuffle is only Reshape/Transpose)
         return OutputRole(index, name, "relative_error", f"a float copy of input {copied!r}: relative error")
+    if first.ndim == 3 and (steps := _decoded_steps(refs)) is not None:
+        return _decoded_sequence(index, name, refs, steps)
     if first.ndim == 3:
         fits, why = ctc_evidence(model, name, refs)
         if fits:
@@ -341,6 +346,26 @@ def recognise(
     return OutputRole(
         index, name, "relative_error", f"shape {list(first.shape)}: no task metric recognised, relative error"
     )
+
+
+def _decoded_steps(refs: list[np.ndarray]) -> tuple[int, int] | None:
+    """(fewest, most) steps where a ``[N, T, C]`` output's T follows the data (an autoregressive decoder stops at its
+    end token, as SLANet's table-structure Loop does), else None: a CTC head's T is fixed by its input's width."""
+    lengths = {r.shape[1] for r in refs}
+    same_rest = len({(r.shape[0], r.shape[2]) for r in refs}) == 1
+    return (min(lengths), max(lengths)) if len(lengths) > 1 and same_rest else None
+
+
+def _decoded_sequence(index: int, name: str, refs: list[np.ndarray], steps: tuple[int, int]) -> OutputRole:
+    """A decoder's per-step output: token probabilities as the arg-max sequence, anything else per step (cell boxes)
+    by relative error; steps one model decodes and the other does not count as lost."""
+    follows = f"its step count follows the data ({steps[0]}-{steps[1]} steps: decoded until an end token)"
+    rows = [r.reshape(-1, r.shape[-1]).astype(np.float64) for r in refs]
+    if _in_unit_range(refs) and all(np.allclose(r.sum(axis=-1), 1.0, atol=1e-3) for r in rows):
+        why = f"per-step token probabilities, {follows}: the arg-max token sequences compared by edit distance"
+        return OutputRole(index, name, "sequence_agreement", why)
+    why = f"per-step values, {follows}: relative error, a step only one model decodes counted in full"
+    return OutputRole(index, name, "relative_error", why)
 
 
 def detection_role(index: int, name: str, why: str, layout: str, refs: list[np.ndarray]) -> OutputRole:

@@ -21,6 +21,9 @@ OPT_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+# Sessions Lepton does not create (ORT's quantization tools, a decoder Loop's shape checks) log warnings such as
+# "Removing initializer ..." to stderr by the hundred: errors only, process-wide; they still reach Python as exceptions.
+ort.set_default_logger_severity(3)
 # What makes ORT replay the optimizations saved in a runtime-style .ort on the nodes no EP took.
 REPLAY_OPTIMIZATIONS = "session.enable_saved_runtime_optimizations"
 

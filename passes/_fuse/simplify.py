@@ -6,7 +6,7 @@ from collections import Counter
 
 import onnx
 
-from lepton_cli.host.native_stderr import captured_stderr
+from lepton_cli.host.native_stderr import captured_fd, captured_stderr
 from lepton_cli.model.op_traits import opset
 
 LAYER_NORM_OPSET = 17  # LayerNormalization joined the default domain at opset 17
@@ -23,7 +23,9 @@ def simplify(
     """onnxsim with constants over ``fold_limit_mb`` left unfolded, converted to ``opset`` when given."""
     import onnxsim
 
-    with captured_stderr():  # its C++ folder writes "WARNING: failed to run ..." for every node it cannot fold yet
+    # its C++ folder writes "WARNING: failed to run ..." to stderr for every node it cannot fold yet, and its
+    # fixed-point loop "the simplification stopped because of timeout" to stdout (SLANet's decoder Loop)
+    with captured_stderr(), captured_fd(1):
         simplified, _ = onnxsim.simplify(
             model,
             check_n=0,
