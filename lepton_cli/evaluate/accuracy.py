@@ -431,23 +431,16 @@ class _CtcAgreement:
         return OutputResult(_ctc_pct(self.truth, self.got), se)
 
 
-class _SequenceAgreement:
-    """Token agreement of a decoder's arg-max sequences (one per batch row), edit distance over the source's tokens:
-    an autoregressive decoder's sequences may differ in length between the models."""
+class _SequenceAgreement(_CtcAgreement):
+    """Token agreement of a decoder's arg-max sequences (one per batch row), edit distance over the source's tokens,
+    as the CTC one but nothing collapsed: an autoregressive decoder's sequences may differ in length between models."""
 
     def __init__(self) -> None:
-        self.truth: list[list[int]] = []
-        self.got: list[list[int]] = []
+        super().__init__(None)
 
     def add(self, ref: np.ndarray, got: np.ndarray) -> None:
         self.truth += [row.tolist() for row in np.argmax(ref, axis=-1)]
         self.got += [row.tolist() if np.isfinite(g).all() else [] for row, g in zip(np.argmax(got, axis=-1), got)]
-
-    def result(self) -> OutputResult:
-        se = drop_standard_error(
-            [float(edit_distance(t, g)) for t, g in zip(self.truth, self.got)], sum(len(t) for t in self.truth)
-        )
-        return OutputResult(_ctc_pct(self.truth, self.got), se)
 
 
 def _data_axes(arrays: list[np.ndarray]) -> set[int]:
