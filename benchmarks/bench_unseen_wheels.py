@@ -112,7 +112,8 @@ def run(key: str, target: str, work: Path, checkout: Path | None = None) -> dict
     np.savez(work / f"{key}-calib.npz", **{name: calib_data})
     np.savez(work / f"{key}-eval.npz", **{name: eval_data})
     code = "before" if checkout else "after"
-    out, saved = work / f"{key}-{target}-{code}", work / f"{key}-{target}-{code}.onnx"
+    label = Path(target).stem  # a target file's path names no folder under ``work``
+    out, saved = work / f"{key}-{label}-{code}", work / f"{key}-{label}-{code}.onnx"
     argv = [sys.executable, "-m", "benchmarks.corpus.compile_child", "--save-model", str(saved), "--", path]
     argv += ["--target", target, "--calib", str(work / f"{key}-calib.npz"), "--eval", str(work / f"{key}-eval.npz")]
     argv += [*extra, "-o", str(out), "--quiet", "--no-bench"]
