@@ -462,6 +462,12 @@ def _aligned(ref: np.ndarray, got: np.ndarray, variable: set[int]) -> tuple[np.n
             f"the candidate's output has shape {list(got.shape)}, the source's {list(ref.shape)}",
             "keep the model's output shapes unchanged",
         )
+    return zero_padded(ref, got)
+
+
+def zero_padded(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two arrays of one rank zero-padded at the end of each axis to the larger length: what one has and the other
+    lacks (a decoder step) is compared with zeros."""
     shape = np.maximum(ref.shape, got.shape)
     return tuple(np.pad(a, [(0, n - k) for n, k in zip(shape, a.shape)]) for a in (ref, got))  # type: ignore[return-value]
 
