@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import REPO
+from lepton_cli.passes._quantize.sensitivity import output_nsr
 from wheel_models import SLANET, slanet_tables, wheel_member
 
 from lepton_cli.errors import BadInputError
@@ -45,3 +46,7 @@ def test_slanet_is_read_as_a_decoder_and_its_compiled_steps_may_differ():
     assert len(steps) > 1 and evaluator.variable_axes == [{1}, {1}]  # tables of different sizes, different lengths
     assert evaluator.score(model).drop_pct == 0.0
     assert evaluator.coarsest_unit == "decoded tokens"
+    # the sensitivity ranking's noise-to-signal ratio, against outputs of another step count: padded, not a crash
+    other = next(k for k, outs in enumerate(evaluator.reference) if outs[1].shape != evaluator.reference[0][1].shape)
+    feeds = [{"x": tables[other][None]}]  # table `other` decodes another number of steps than table 0
+    assert 0.0 < output_nsr([evaluator.reference[0]], model, feeds) < float("inf")
