@@ -46,6 +46,7 @@ from lepton_cli.evaluate.output_roles import (
     MAP_THRESHOLDS,
     OutputRole,
     ctc_time_major,
+    data_axes,
     detection_role,
     from_user,
     image_size,
@@ -443,14 +444,6 @@ class _SequenceAgreement(_CtcAgreement):
         self.got += [row.tolist() if np.isfinite(g).all() else [] for row, g in zip(np.argmax(got, axis=-1), got)]
 
 
-def _data_axes(arrays: list[np.ndarray]) -> set[int]:
-    """The axes whose length differs between the source's samples: they follow the data (a decoder's steps)."""
-    ranks = {a.ndim for a in arrays}
-    if len(ranks) != 1:
-        return set()
-    return {axis for axis in range(ranks.pop()) if len({a.shape[axis] for a in arrays}) > 1}
-
-
 def _aligned(ref: np.ndarray, got: np.ndarray, variable: set[int]) -> tuple[np.ndarray, np.ndarray]:
     """``ref`` and ``got`` zero-padded to one shape along the axes whose length follows the data (``variable``): a step
     only one model decoded is compared with nothing, so it counts in full. Other shapes must match."""
@@ -540,7 +533,7 @@ class Evaluator:
             self.spans.append(max(highs) - min(lows) if lows else 0.0)
         self.table = ctc_characters(source_model)  # CTC scores read text where the model carries its table
         # axes whose length follows the data (a decoder's steps): a candidate may decode more or fewer
-        self.variable_axes = [_data_axes([outs[j] for outs in self.reference]) for j in range(len(self.reference[0]))]
+        self.variable_axes = [data_axes([outs[j] for outs in self.reference]) for j in range(len(self.reference[0]))]
         self.roles = self._roles(source_model, default, default_text, per_output)
         self.position_masks = self._position_masks(source_model)
         self.metric = self.roles[0].metric
@@ -818,14 +811,14 @@ class Evaluator:
             for role, tally, summary, variable, ref, got in zip(
                 self.roles, tallies, summaries, self.variable_axes, ref_outs, outs
             ):
+                aligned = _aligned(ref, got, variable)
+                summary.add(*aligned)
                 if isinstance(tally, _SequenceAgreement):
                     tally.add(ref, got)  # sequences of their own lengths
-                ref, got = _aligned(ref, got, variable)
-                summary.add(ref, got)
-                if role.positions:
-                    tally.add(ref, got, keep=self.position_masks[k])
-                elif not isinstance(tally, _SequenceAgreement):
-                    tally.add(ref, got)
+                elif role.positions:
+                    tally.add(*aligned, keep=self.position_masks[k])
+                else:
+                    tally.add(*aligned)
         outputs = []
         for j, (role, tally) in enumerate(zip(self.roles, tallies)):
             result = tally.result()

@@ -348,12 +348,21 @@ def recognise(
     )
 
 
+def data_axes(arrays: list[np.ndarray]) -> set[int]:
+    """The axes whose length differs between the source's samples: they follow the data (a decoder's steps)."""
+    ranks = {a.ndim for a in arrays}
+    if len(ranks) != 1:
+        return set()
+    return {axis for axis in range(ranks.pop()) if len({a.shape[axis] for a in arrays}) > 1}
+
+
 def _decoded_steps(refs: list[np.ndarray]) -> tuple[int, int] | None:
-    """(fewest, most) steps where a ``[N, T, C]`` output's T follows the data (an autoregressive decoder stops at its
-    end token, as SLANet's table-structure Loop does), else None: a CTC head's T is fixed by its input's width."""
-    lengths = {r.shape[1] for r in refs}
-    same_rest = len({(r.shape[0], r.shape[2]) for r in refs}) == 1
-    return (min(lengths), max(lengths)) if len(lengths) > 1 and same_rest else None
+    """(fewest, most) steps where a ``[N, T, C]`` output's T, and only T, follows the data (an autoregressive decoder
+    stops at its end token, as SLANet's table-structure Loop does), else None: a CTC head's T is fixed by its input."""
+    if data_axes(refs) != {1}:
+        return None
+    lengths = [r.shape[1] for r in refs]
+    return min(lengths), max(lengths)
 
 
 def _decoded_sequence(index: int, name: str, refs: list[np.ndarray], steps: tuple[int, int]) -> OutputRole:

@@ -69,7 +69,7 @@ def failed_fix(
     turn on recovery steps the search already tried (``recovery_searched``).
     ``undecided``: a candidate whose drop fits but whose upper bound does not, so more data could decide it.
     ``closest``: what a higher budget would have to cover (``_closest_clause``), after "raise --max-accuracy-drop"."""
-    plain = _plain_fix(max_float, recovery_searched).replace("--max-accuracy-drop", f"--max-accuracy-drop{closest}", 1)
+    plain = _plain_fix(max_float, recovery_searched, closest)
     if undecided is not None:
         return (
             f"{undecided.method}+{len(undecided.float_nodes)} float read a drop of {undecided.drop_pct:.2f}, within "
@@ -79,17 +79,16 @@ def failed_fix(
     return plain
 
 
-def _plain_fix(max_float: int, recovery_searched: bool) -> str:
+def _plain_fix(max_float: int, recovery_searched: bool, closest: str = "") -> str:
+    raise_budget = f"raise --max-accuracy-drop{closest}"
     if not max_float and recovery_searched:
-        return "raise --max-accuracy-drop or give more representative --calib data (the recovery steps were searched)"
+        return f"{raise_budget} or give more representative --calib data (the recovery steps were searched)"
     if not max_float:  # a full-integer accelerator runs neither float nor fp16 layers: only the int8 model can change
         return (
-            "raise --max-accuracy-drop, give more representative --calib data, or turn on the quantize pass's "
+            f"{raise_budget}, give more representative --calib data, or turn on the quantize pass's "
             "recovery steps (equalize, bias_correction, adaround) in a target that extends this one"
         )
-    return (
-        'raise --max-accuracy-drop or max_float_layers, give more representative --calib data, or use scheme = "fp16"'
-    )
+    return f'{raise_budget} or max_float_layers, give more representative --calib data, or use scheme = "fp16"'
 
 
 def _closest_clause(trials: list[Trial]) -> str:
@@ -480,12 +479,10 @@ def _tried_line(trials: list[Trial], budget: float) -> str:
     tiers = len({_tier_of(t) for t in trials})
     if len(trials) <= LISTED_TRIALS:
         return "; ".join(_described(t, tiers > 1, budget) for t in trials)
-    nearest = lambda t: (not t.scored, t.drop_pct)  # noqa: E731
-    closest: dict[tuple[tuple[str, ...], str], Trial] = {}
-    for trial in trials:
-        if _tier_of(trial) not in closest or nearest(trial) < nearest(closest[_tier_of(trial)]):
-            closest[_tier_of(trial)] = trial
-    listed = "; ".join(_described(t, tiers > 1, budget) for t in sorted(closest.values(), key=nearest))
+    closest: dict[tuple[tuple[str, ...], str], Trial] = {}  # filled nearest first: each tier's first is its closest
+    for trial in sorted(trials, key=lambda t: (not t.scored, t.drop_pct)):
+        closest.setdefault(_tier_of(trial), trial)
+    listed = "; ".join(_described(t, tiers > 1, budget) for t in closest.values())
     return f"{len(trials)} candidates in {tiers} tier{'s' if tiers > 1 else ''}, the closest of each: {listed}"
 
 
