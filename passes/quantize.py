@@ -29,7 +29,9 @@ from lepton_cli.model.external_data import has_external, inline_copy
 from lepton_cli.pipeline.registry import LOSSY, BudgetUse, PassEnv, PassResult, register_pass
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
-RecoveryStep = Literal["equalize", "adaround", "bias_correction", "quantized_bias_correction", "quantized_adaround"]
+RecoveryStep = Literal[
+    "equalize", "activation_equalize", "adaround", "bias_correction", "quantized_bias_correction", "quantized_adaround"
+]
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class QuantizeParams:
     integer_io: bool = False  # int8: integer graph inputs/outputs, scale and zero point in metadata
     # Accuracy recovery before any layer is kept float (_quantize/recovery.py); off unless a target measured a gain.
     equalize: bool = False  # cross-layer equalisation of conv pairs joined by ReLU-family activations (exact in float)
+    activation_equalize: bool = False  # channel ranges evened out through hard-swish regions (activation_equalize.py)
     residual_scaling_alpha: float | None = None  # post-LN residual sums rescaled per dimension (residual_scaling.py)
     attention_balance: bool = False  # query and key channels balanced per channel (exact: attention_balance.py)
     smoothquant_alpha: float | None = None  # SmoothQuant for MatMul/Gemm inputs after a LayerNorm

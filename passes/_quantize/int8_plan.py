@@ -465,6 +465,7 @@ class Int8Plan(SearchPlan):
         params, alpha = self.params, self.params.residual_scaling_alpha
         return RecoverySettings(
             equalize=params.equalize,
+            activation_equalize=params.activation_equalize,
             # on where the model has such sums: a CNN neither runs the recovery steps for it nor reports a gain row
             residual_scaling_alpha=alpha if alpha is not None and residual_scaling.has_candidates(model) else None,
             attention_balance=params.attention_balance and bool(attention_balance.find_sites(model)),

@@ -1,6 +1,6 @@
 """Accuracy recovery before any layer is kept in float: the steps run on the float model ORT quantizes.
 
-Order, each optional (``QuantizeParams``): cross-layer equalisation, residual scaling, query/key balancing,
+Order, each optional (``QuantizeParams``): cross-layer equalisation, activation equalisation, residual scaling, query/key balancing,
 SmoothQuant and conv-input smoothing (exact: the float reference itself changes; smoothing's per-channel Mul/Add stay
 float), then per weight layer the rounding optimisation and the bias correction, both
 against the equalised float layer's output on calibration data. The search keeps float-kept
@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 from lepton_cli.passes._quantize import (
+    activation_equalize,
     adaround,
     attention_balance,
     bias_correction,
@@ -41,6 +42,7 @@ INT8_STEPS = ("quantized_adaround", "quantized_bias_correction")  # fitted on ea
 # What each step records in the summary about what it changed: (key, unit), for the report's gains table.
 CHANGE_COUNTS = {
     "equalize": ("equalized_pairs", "conv pairs"),
+    "activation_equalize": ("activation_regions_equalized", "hard-swish regions"),
     "residual_scaling": ("residual_sums_scaled", "residual sums"),
     "attention_balance": ("attention_sites_balanced", "attention sites"),
     "smoothquant": ("smoothquant_layers", "layers"),
@@ -61,6 +63,7 @@ def changed_by(step: str, summary: dict[str, Any]) -> str:
 @dataclass(frozen=True)
 class RecoverySettings:
     equalize: bool = False
+    activation_equalize: bool = False  # activation_equalize.py
     residual_scaling_alpha: float | None = None  # None: off (residual_scaling.py)
     attention_balance: bool = False  # attention_balance.py
     smoothquant_alpha: float | None = None  # None: off
@@ -84,6 +87,7 @@ class RecoverySettings:
         """The enabled steps, in the order ``recover`` applies them."""
         enabled = {
             "equalize": self.equalize,
+            "activation_equalize": self.activation_equalize,
             "residual_scaling": self.residual_scaling_alpha is not None,
             "attention_balance": self.attention_balance,
             "smoothquant": self.smoothquant_alpha is not None,
@@ -105,6 +109,7 @@ class RecoverySettings:
         return replace(
             self,
             equalize=self.equalize and "equalize" in steps,
+            activation_equalize=self.activation_equalize and "activation_equalize" in steps,
             residual_scaling_alpha=self.residual_scaling_alpha if "residual_scaling" in steps else None,
             attention_balance=self.attention_balance and "attention_balance" in steps,
             smoothquant_alpha=self.smoothquant_alpha if "smoothquant" in steps else None,
@@ -119,6 +124,7 @@ class RecoverySettings:
     def any_step(self) -> bool:
         return (
             self.equalize
+            or self.activation_equalize
             or self.per_layer
             or bool(self.int8_steps)
             or self.residual_scaling_alpha is not None
@@ -273,6 +279,10 @@ def recover(
     summary: dict[str, Any] = {}
     float_nodes: list[str] = []
     reference = _equalize(model, summary) if settings.equalize else model
+    if settings.activation_equalize:
+        reference, summary["activation_regions_equalized"] = activation_equalize.equalized(
+            reference, feeds[: settings.samples]
+        )
     if settings.residual_scaling_alpha is not None and residual_scaling.has_candidates(reference):
         reference = _copy(reference)
         scaled = residual_scaling.scale_residuals(reference, feeds[: settings.samples], settings.residual_scaling_alpha)
