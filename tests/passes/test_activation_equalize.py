@@ -16,6 +16,7 @@ from lepton_cli.passes._quantize.conv_smoothing import channel_absmax
 from lepton_cli.passes._quantize.recovery import RecoverySettings, recover
 from onnx import helper
 
+from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.model.load import upgrade_opset
 from lepton_cli.model.sessions import make_session
 from lepton_cli.model.shapes import bind_input_shapes
@@ -141,3 +142,23 @@ def test_silu_regions_of_a_yolox_detector_are_rescaled_exactly(tmp_path):
 
     source = heads(fused)
     np.testing.assert_allclose(heads(equalized), source, atol=1e-4 * np.abs(source).max())
+
+
+@needs_ocr
+def test_a_model_whose_input_layout_transform_made_nhwc_is_equalized_too(det):
+    """tpu's layout_transform gives the model an NHWC input (recorded in its metadata); the calibration feeds stay
+    in the source's NCHW form, and the exactness check must adapt them once, not twice (the recovery tier was
+    skipped on PP-OCRv5 rec for tpu: "invalid dimensions for input: x")."""
+    fused, calib, held, _ = det
+    target = load_target("tpu")
+    step = next(s for s in target.passes if s.name == "layout_transform")
+    nhwc = get_pass("layout_transform").fn(fused, PassContext(target=target), step.params).model
+    assert list(nhwc.metadata_props) and nhwc.graph.input[0].type.tensor_type.shape.dim[3].dim_value == 3
+    equalized, count = activation_equalize.equalized(nhwc, calib)
+    assert count >= 10
+    source = make_session(nhwc)
+    rewritten = make_session(equalized)
+    for feed in held[:2]:
+        adapted = adapt_feed(nhwc, feed)
+        want, got = source.run(None, adapted)[0], rewritten.run(None, adapted)[0]
+        np.testing.assert_allclose(got, want, atol=1e-3)
