@@ -82,10 +82,11 @@ def test_a_target_turns_it_on_and_the_report_says_what_it_gained(run_cli, tmp_pa
 def test_ppocrv5_rec_ships_on_tpu_through_the_recovery_tier(tmp_path):
     """PP-OCRv5 rec at 48x320 on tpu, default budget, `--calib` only: no plain candidate fits (percentile 1.98 on the
     gate) and the recovery tier with the weights re-rounded on the int8 model fits, every op int8, within 1 point of
-    the source on held-out lines (measured: -0.51, 564 s; exit 3 before the step)."""
+    the source on held-out lines (measured: -0.51, 564 s; exit 3 before the step). From session 28 it read 0.93 on
+    the gate, bound 1.23 (exit 3); with activation equalisation first in the tier, -0.24 held out (session 43)."""
     model, summary, saved = compile_for("ppocrv5_rec", "tpu", tmp_path)
     assert summary["transform"] == "recovery"
-    assert "quantized_adaround" in summary["recovery_tier"]["steps"]
+    assert {"activation_equalize", "quantized_adaround"} <= set(summary["recovery_tier"]["steps"])
     assert summary["quantized_adaround_layers"] > 40
     assert int8_macs_pct(model, saved) == 100.0
     assert held_out_char_drop(model, saved) <= 1.0
