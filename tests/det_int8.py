@@ -21,16 +21,21 @@ from lepton_cli.samples.sample_set import load_samples
 SIZE = 160  # pages rendered at 320 and shrunk: small enough for `make test`, every block still at work
 
 
+def fused_model(path, shapes: dict[str, list[int]], target_name: str = "cpu-avx") -> onnx.ModelProto:
+    """The model at ``path`` at the target's opset, its inputs bound to ``shapes``, as the target's fuse leaves it."""
+    target = load_target(target_name)
+    model, _ = upgrade_opset(onnx.load(path), target.runtime.opset_min, target.runtime.opset_max)
+    model = bind_input_shapes(model, shapes)
+    fuse = next(step for step in target.passes if step.name == "fuse")
+    return get_pass("fuse").fn(model, PassContext(target=target), fuse.params).model
+
+
 def fused_det_and_pages(tmp_path_factory) -> tuple:
     """(PP-OCRv4 det fused for cpu-avx at SIZE, its calibration pages' .npz, held-out pages as feeds)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import ocr_textset
 
-    target = load_target("cpu-avx")
-    model, _ = upgrade_opset(onnx.load(OCR_DET), target.runtime.opset_min, target.runtime.opset_max)
-    model = bind_input_shapes(model, {"x": [1, 3, SIZE, SIZE]})
-    fuse = next(step for step in target.passes if step.name == "fuse")
-    fused = get_pass("fuse").fn(model, PassContext(target=target), fuse.params).model
+    fused = fused_model(OCR_DET, {"x": [1, 3, SIZE, SIZE]})
     work = tmp_path_factory.mktemp("int8")
     np.savez(work / "calib.npz", x=ocr_textset.make_pages(6, 5, "calib", size=SIZE))
     held = ocr_textset.make_pages(4, 9, "eval", size=SIZE)

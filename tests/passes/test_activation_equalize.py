@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import DDDDOCR_DET, REPO, needs_ddddocr_det, needs_ocr
-from det_int8 import det_maps, fused_det_and_pages
+from det_int8 import det_maps, fused_det_and_pages, fused_model
 from lepton_cli.passes._quantize import activation_equalize, schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from lepton_cli.passes._quantize.conv_smoothing import channel_absmax
@@ -17,9 +17,7 @@ from lepton_cli.passes._quantize.recovery import RecoverySettings, recover
 from onnx import helper
 
 from lepton_cli.model.io_contract import adapt_feed
-from lepton_cli.model.load import upgrade_opset
 from lepton_cli.model.sessions import make_session
-from lepton_cli.model.shapes import bind_input_shapes
 from lepton_cli.pipeline.context import PassContext
 from lepton_cli.pipeline.params import from_table
 from lepton_cli.pipeline.registry import get_pass
@@ -125,11 +123,7 @@ def test_silu_regions_of_a_yolox_detector_are_rescaled_exactly(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_quant_recovery import captchas
 
-    target = load_target("cpu-avx")
-    model, _ = upgrade_opset(onnx.load(DDDDOCR_DET), target.runtime.opset_min, target.runtime.opset_max)
-    model = bind_input_shapes(model, {"images": [1, 3, 256, 256]})
-    fuse = next(step for step in target.passes if step.name == "fuse")
-    fused = get_pass("fuse").fn(model, PassContext(target=target), fuse.params).model
+    fused = fused_model(DDDDOCR_DET, {"images": [1, 3, 256, 256]})
     calib, held = captchas(4, 1, 256), [{"images": x[None]} for x in captchas(3, 2, 256)]
     np.savez(tmp_path / "calib.npz", images=calib)
     equalized, count = activation_equalize.equalized(fused, [{"images": x[None]} for x in calib])
