@@ -32,7 +32,8 @@ from lepton_cli.pipeline.registry import Exactness
 
 # f(x / d) = f(x) / d per channel for d > 0, on their first input
 PER_CHANNEL = ("Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize", "Identity")
-GATES = ("HardSigmoid", "Sigmoid")  # hard-swish's and SiLU's: x · gate(x) = d · (x' · gate(d · x'))
+# hard-swish's and SiLU's gates, x · gate(x) = d · (x' · gate(d · x')); also Add(x, 3) -> Clip, hard-swish written out
+GATES = ("HardSigmoid", "Sigmoid")
 STEPS = 127  # d = k / 128, k = 1..127: an s8 constant holds it exactly, on a power-of-two scale (2^-7) too
 MIN_GAIN = 2.0  # a region whose widest and narrowest channel (after the mean) are closer than this is left alone
 
@@ -44,7 +45,8 @@ class Region:
     producer: onnx.NodeProto
     tensors: list[str] = field(default_factory=list)  # scaled by 1 / d
     depthwise: list[onnx.NodeProto] = field(default_factory=list)  # biases scaled by 1 / d
-    gates: list[onnx.NodeProto] = field(default_factory=list)  # HardSigmoids/Sigmoids that read a scaled tensor
+    # (node, input) pairs that must read the unscaled tensor: HardSigmoids, Sigmoids, a decomposed hard-swish's Add
+    gates: list[tuple[onnx.NodeProto, int]] = field(default_factory=list)
     closers: list[onnx.NodeProto] = field(default_factory=list)  # convs whose input channels take d back
     shifts: list[tuple[onnx.NodeProto, int]] = field(default_factory=list)  # (Add/Sub, its constant's input) / d
 
@@ -77,12 +79,15 @@ def trace_region(g: GraphIndex, producer: onnx.NodeProto, outputs: set[str]) -> 
             op = reader.op_type
             if op in PER_CHANNEL and reader.input[0] == tensor:
                 todo.append(reader.output[0])
-            elif op in GATES:
-                if reader not in region.gates:
-                    region.gates.append(reader)
+            elif op in GATES or _clipped_shift(g, reader, tensor):
+                gate = (reader, list(reader.input).index(tensor))
+                if gate not in region.gates:
+                    region.gates.append(gate)
             elif op == "Mul" and len(reader.input) == 2:
                 muls.append(reader)
                 todo.append(reader.output[0])
+            elif op == "Div" and reader.input[0] == tensor and _is_channel_constant(g, reader.input[1], channels):
+                todo.append(reader.output[0])  # (x / d) / c = (x / c) / d
             elif op in ("Add", "Sub") and len(reader.input) == 2:
                 other = 1 - list(reader.input).index(tensor)
                 value = g.const(reader.input[other])
@@ -109,6 +114,20 @@ def trace_region(g: GraphIndex, producer: onnx.NodeProto, outputs: set[str]) -> 
     if any(sum(name in seen for name in mul.input) != 1 for mul in muls):
         return None  # both factors scaled: the product would carry d twice
     return region if region.closers else None
+
+
+def _clipped_shift(g: GraphIndex, node: onnx.NodeProto, tensor: str) -> bool:
+    """A decomposed hard-swish's gate, ``Clip(x + 3, 0, 6)``: an Add of a constant that only Clips read."""
+    if node.op_type != "Add" or len(node.input) != 2:
+        return False
+    other = node.input[1] if node.input[0] == tensor else node.input[0]
+    readers = g.readers(node.output[0])
+    return g.const(other) is not None and bool(readers) and all(r.op_type == "Clip" for r in readers)
+
+
+def _is_channel_constant(g: GraphIndex, name: str, channels: int) -> bool:
+    value = g.const(name)
+    return value is not None and _channel_broadcast(value, channels)
 
 
 def _channel_broadcast(value: np.ndarray, channels: int) -> bool:
@@ -157,11 +176,11 @@ def apply_scales(g: GraphIndex, names: FreshNames, region: Region, d: np.ndarray
         value = g.const(node.input[k]).reshape(-1) * np.ones_like(d)
         g.set_input(node, k, g.set_const(node.input[k], (value / d).astype(np.float32).reshape(1, -1, 1, 1)))
     scale = g.add_initializer(names.fresh(f"{region.producer.name}_channel_scale"), d.reshape(1, -1, 1, 1))
-    for gate in region.gates:
-        restored = names.fresh(f"{gate.input[0]}_unscaled")
-        mul = helper.make_node("Mul", [gate.input[0], scale], [restored], names.fresh(f"{gate.name}_unscale"))
+    for gate, k in region.gates:
+        restored = names.fresh(f"{gate.input[k]}_unscaled")
+        mul = helper.make_node("Mul", [gate.input[k], scale], [restored], names.fresh(f"{gate.name}_unscale"))
         g.insert(g.position(gate), mul)
-        g.set_input(gate, 0, restored)
+        g.set_input(gate, k, restored)
 
 
 def _writable(g: GraphIndex, region: Region) -> bool:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize import attention_balance, residual_scaling, schemes
+from lepton_cli.passes._quantize import activation_equalize, attention_balance, residual_scaling, schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from lepton_cli.passes._quantize.consumer_ranges import narrow_to_readers
 from lepton_cli.passes._quantize.depthwise_scales import (
@@ -228,6 +228,8 @@ class Int8Plan(SearchPlan):
         # per (tier tag, method): the float reference float-kept convs read, their weights scaled as the int8 ones
         self.channel_scaled: dict[tuple[str, str], onnx.ModelProto] = {}
         self.base = onnx.ModelProto()
+        self.unblocked: onnx.ModelProto | None = None  # the source before weight blocks split its convs (fpga)
+        self.alignment = 1  # the target's channel alignment (weight blocks are whole multiples of it)
         self.recovery: _RecoveryInputs | None = None  # what the steps ran on, for the report's per-step gains
         self.builds: list[Build] = []  # the search space's builds: plain tiers, then the source tiers offered
         self.source_tiers: list[SourceTier] = []
@@ -241,7 +243,10 @@ class Int8Plan(SearchPlan):
         _isa_warning(ctx)
         if self.reduce_range_why == HOST_WITHOUT_VNNI:
             ctx.warn(self.reduce_range_why)
-        base = self._weight_blocks(schemes.preprocess(model, ctx.work_dir, optimize=params.preprocess), ctx, summary)
+        unblocked = schemes.preprocess(model, ctx.work_dir, optimize=params.preprocess)
+        self.alignment = ctx.target.hardware.channel_alignment
+        base = self._weight_blocks(unblocked, self.alignment, summary)
+        self.unblocked = unblocked if base is not unblocked else None
         summary |= {
             "activation_type": scheme.activation_type,
             "weight_type": scheme.weight_type,
@@ -316,14 +321,14 @@ class Int8Plan(SearchPlan):
         build = self._builder(source, calib, scheme, ctx, LOWERED, exclude, None, int8_steps, lower=True)
         return build, lambda: self.base
 
-    def _weight_blocks(self, model: onnx.ModelProto, ctx: Any, summary: dict[str, Any]) -> onnx.ModelProto:
+    def _weight_blocks(self, model: onnx.ModelProto, alignment: int, summary: dict[str, Any]) -> onnx.ModelProto:
         """``model`` with Convs split into blocks of output channels by weight scale, where the target's weights are
         per tensor and the split gains (weight_blocks.py)."""
         scheme = self.scheme
         if not self.params.weight_blocks or (scheme.per_channel and not scheme.power_of_two):
             return model
         scale_of = schemes.pow2_weight_scale if scheme.power_of_two else max_scale
-        model, split = split_weight_blocks(model, scale_of, ctx.target.hardware.channel_alignment)
+        model, split = split_weight_blocks(model, scale_of, alignment)
         if split:
             summary["weight_blocks"] = split
         return model
@@ -356,7 +361,11 @@ class Int8Plan(SearchPlan):
             if key not in self.recovered:
                 ctx.progress(f"{tier.transform} tier: {tier.label}")
                 try:
-                    recovered = recover(base, list(calib.feeds(tier.settings.samples)), self.scheme, tier.settings)
+                    feeds = list(calib.feeds(tier.settings.samples))
+                    source, settings, regions = self._equalized_before_blocks(base, tier.settings, feeds)
+                    recovered = recover(source, feeds, self.scheme, settings)
+                    if regions is not None:
+                        recovered.summary["activation_regions_equalized"] = regions
                 except Exception as exc:  # an optional tier: whatever stops its steps leaves the choice so far
                     raise TierUnavailable(
                         f"{tier.label} could not run on this model ({exc.__class__.__name__}: {exc})"
@@ -447,6 +456,18 @@ class Int8Plan(SearchPlan):
             self.channel_ranges[tag] = channel_ranges(source, depthwise_inputs(quantized), feeds)
         return per_channel_depthwise_inputs(quantized, self.channel_ranges[tag], self.scheme.activation_symmetric)
 
+    def _equalized_before_blocks(
+        self, base: onnx.ModelProto, settings: RecoverySettings, feeds: list[dict[str, np.ndarray]]
+    ) -> tuple[onnx.ModelProto, RecoverySettings, int | None]:
+        """Weight blocks (fpga) join each split conv's blocks with a Concat, which ends every activation-equalisation
+        region: the step runs on the source before the blocks, split again after it. (source, the settings left for
+        ``recover``, regions equalised); ``base`` and ``settings`` as they are where no blocks were split."""
+        if not settings.activation_equalize or self.unblocked is None:
+            return base, settings, None
+        equalized, regions = activation_equalize.equalized(self.unblocked, feeds)
+        source = self._weight_blocks(equalized, self.alignment, {}) if regions else base
+        return source, replace(settings, activation_equalize=False), regions
+
     def _recover(
         self, base: onnx.ModelProto, calib: SampleSet, summary: dict[str, Any], progress: Callable[[str], None]
     ) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str]]:
@@ -455,7 +476,10 @@ class Int8Plan(SearchPlan):
         if not settings.any_step:
             return base, base, []
         feeds = list(calib.feeds(self.params.recovery_samples))
-        recovered = recover(base, feeds, self.scheme, settings, progress)
+        source, steps, regions = self._equalized_before_blocks(base, settings, feeds)
+        recovered = recover(source, feeds, self.scheme, steps, progress)
+        if regions is not None:
+            recovered.summary["activation_regions_equalized"] = regions
         summary["recovery"] = recovered.summary | {"steps": settings.steps}
         self.recovery = _RecoveryInputs(settings, base, feeds, calib)
         return recovered.reference, recovered.quantize_source, recovered.float_nodes

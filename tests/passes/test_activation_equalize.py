@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from conftest import DDDDOCR_DET, REPO, needs_ddddocr_det, needs_ocr
+from conftest import DDDDOCR_DET, OCR_DIR, REPO, needs_ddddocr_det, needs_ocr
 from det_int8 import det_maps, fused_det_and_pages, fused_model
 from lepton_cli.passes._quantize import activation_equalize, schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
@@ -128,7 +128,7 @@ def test_silu_regions_of_a_yolox_detector_are_rescaled_exactly(tmp_path):
     np.savez(tmp_path / "calib.npz", images=calib)
     equalized, count = activation_equalize.equalized(fused, [{"images": x[None]} for x in calib])
     regions = activation_equalize.find_regions(fused)
-    assert count == len(regions) >= 30 and all(g.op_type == "Sigmoid" for r in regions for g in r.gates)
+    assert count == len(regions) >= 30 and all(gate.op_type == "Sigmoid" for r in regions for gate, _ in r.gates)
 
     def heads(m: onnx.ModelProto) -> np.ndarray:
         session = make_session(m)
@@ -156,3 +156,28 @@ def test_a_model_whose_input_layout_transform_made_nhwc_is_equalized_too(det):
         adapted = adapt_feed(nhwc, feed)
         want, got = source.run(None, adapted)[0], rewritten.run(None, adapted)[0]
         np.testing.assert_allclose(got, want, atol=1e-3)
+
+
+@needs_ocr
+def test_fpga_equalizes_before_its_weight_blocks_split_the_convs(run_cli, tmp_path):
+    """fpga splits per-tensor weight layers into weight blocks joined by Concats, which end every region; the step
+    runs on the source before the blocks (PP-LCNet's direction classifier: its regions are equalised, every scale
+    still a power of two for the DPU)."""
+    import json
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset
+
+    target = tmp_path / "fpga-eq.toml"
+    target.write_text('extends = "fpga"\nname = "fpga-eq"\n\n[pass_params.quantize]\nactivation_equalize = true\n')
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=ocr_textset.make_set(16, 1, "calib", width=192)[0])
+    result = run_cli(
+        "compile", OCR_DIR / "ch_ppocr_mobile_v2.0_cls_infer.onnx", "--target", target, "--input-shape",
+        "x=1,3,48,192", "--calib", calib, "-o", tmp_path / "out", "--no-bench", "--quiet", "--json",
+        "--max-accuracy-drop", "100",
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    report = json.loads(next((tmp_path / "out").glob("*.lepton/report.json")).read_text())
+    quantize = next(s for s in report["pipeline"] if s["name"] == "quantize")["summary"]
+    assert quantize["weight_blocks"] and quantize["recovery"]["activation_regions_equalized"] >= 5
