@@ -32,18 +32,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.corpus.manifest import by_name  # noqa: E402
 from benchmarks.corpus.metrics import METRICS  # noqa: E402
-from benchmarks.corpus.runner import run_all, session  # noqa: E402
+from benchmarks.corpus.runner import feeds, run_all, session  # noqa: E402
 from benchmarks.corpus.store import ensure_data, ensure_model  # noqa: E402
 from benchmarks.md_table import markdown_table  # noqa: E402
 from benchmarks.probe_int8_loss import activation_quantizes, bypassed  # noqa: E402
-
-
-def _readers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    found: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            found.setdefault(name, []).append(node)
-    return found
+from lepton_cli.model.graph_edit import GraphIndex  # noqa: E402
 
 
 def conv_kind(model: onnx.ModelProto, conv: onnx.NodeProto) -> str:
@@ -62,10 +55,10 @@ def conv_kind(model: onnx.ModelProto, conv: onnx.NodeProto) -> str:
 
 def conv_inputs(model: onnx.ModelProto, kinds: set[str]) -> set[str]:
     """Activation tensors whose quantized copy some Conv of ``kinds`` reads."""
-    readers, found = _readers(model), set()
+    g, found = GraphIndex(model.graph), set()
     for q in activation_quantizes(model):
-        for dq in readers.get(q.output[0], []):
-            for node in readers.get(dq.output[0], []):
+        for dq in g.readers(q.output[0]):
+            for node in g.readers(dq.output[0]):
                 if node.op_type == "Conv" and node.input[0] == dq.output[0] and conv_kind(model, node) in kinds:
                     found.add(q.input[0])
     return found
@@ -94,7 +87,7 @@ def per_channel(model: onnx.ModelProto, ranges: dict[str, tuple]) -> onnx.ModelP
     """``model`` with the Q/DQ pairs on ``ranges``' tensors per channel (axis 1), u8, each channel's own range."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
-    readers = _readers(result)
+    g = GraphIndex(result.graph)
     for q in activation_quantizes(result):
         if q.input[0] not in ranges:
             continue
@@ -105,7 +98,7 @@ def per_channel(model: onnx.ModelProto, ranges: dict[str, tuple]) -> onnx.ModelP
         base = q.output[0]
         s, z = f"{base}~pc.s", f"{base}~pc.z"
         result.graph.initializer.extend([numpy_helper.from_array(scale, s), numpy_helper.from_array(zero, z)])
-        for node in [q, *readers.get(q.output[0], [])]:
+        for node in [q, *g.readers(q.output[0])]:
             if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
                 continue
             node.input[1:3] = [s, z]
@@ -134,7 +127,7 @@ def main(argv: list[str]) -> None:
         outputs = run_all(session(model.SerializeToString()), evaluation)
         return round(fp32_value - metric(corpus, evaluation, reference, outputs), 2)
 
-    calib_feeds = run_feeds(int8, calibration)
+    calib_feeds = feeds(session(int8.SerializeToString()), calibration)
     tensors = [q.input[0] for q in activation_quantizes(int8)]
     ranges = channel_ranges(bypassed(int8, set()), tensors, calib_feeds)
     variants = {
@@ -158,12 +151,6 @@ def main(argv: list[str]) -> None:
         + "\n",
         encoding="utf-8",
     )
-
-
-def run_feeds(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> list[dict]:
-    names = [i.name for i in model.graph.input]
-    count = len(arrays[names[0]])
-    return [{n: arrays[n][k : k + 1] for n in names} for k in range(count)]
 
 
 if __name__ == "__main__":

@@ -90,8 +90,7 @@ def trace_region(g: GraphIndex, producer: onnx.NodeProto, outputs: set[str]) -> 
                 todo.append(reader.output[0])  # (x / d) / c = (x / c) / d
             elif op in ("Add", "Sub") and len(reader.input) == 2:
                 other = 1 - list(reader.input).index(tensor)
-                value = g.const(reader.input[other])
-                if value is None or not _channel_broadcast(value, channels):
+                if not _is_channel_constant(g, reader.input[other], channels):
                     return None  # a residual sum with an unscaled tensor
                 if (reader, other) not in region.shifts:
                     region.shifts.append((reader, other))

@@ -361,11 +361,7 @@ class Int8Plan(SearchPlan):
             if key not in self.recovered:
                 ctx.progress(f"{tier.transform} tier: {tier.label}")
                 try:
-                    feeds = list(calib.feeds(tier.settings.samples))
-                    source, settings, regions = self._equalized_before_blocks(base, tier.settings, feeds)
-                    recovered = recover(source, feeds, self.scheme, settings)
-                    if regions is not None:
-                        recovered.summary["activation_regions_equalized"] = regions
+                    recovered = self._recovered(base, tier.settings, list(calib.feeds(tier.settings.samples)))
                 except Exception as exc:  # an optional tier: whatever stops its steps leaves the choice so far
                     raise TierUnavailable(
                         f"{tier.label} could not run on this model ({exc.__class__.__name__}: {exc})"
@@ -456,17 +452,22 @@ class Int8Plan(SearchPlan):
             self.channel_ranges[tag] = channel_ranges(source, depthwise_inputs(quantized), feeds)
         return per_channel_depthwise_inputs(quantized, self.channel_ranges[tag], self.scheme.activation_symmetric)
 
-    def _equalized_before_blocks(
-        self, base: onnx.ModelProto, settings: RecoverySettings, feeds: list[dict[str, np.ndarray]]
-    ) -> tuple[onnx.ModelProto, RecoverySettings, int | None]:
-        """Weight blocks (fpga) join each split conv's blocks with a Concat, which ends every activation-equalisation
-        region: the step runs on the source before the blocks, split again after it. (source, the settings left for
-        ``recover``, regions equalised); ``base`` and ``settings`` as they are where no blocks were split."""
+    def _recovered(
+        self,
+        base: onnx.ModelProto,
+        settings: RecoverySettings,
+        feeds: list[dict[str, np.ndarray]],
+        progress: Callable[[str], None] | None = None,
+    ) -> Recovered:
+        """``recover`` on ``base``. Weight blocks (fpga) join each split conv's blocks with a Concat, which ends every
+        activation-equalisation region: there that step runs on the source before the blocks, split again after it."""
         if not settings.activation_equalize or self.unblocked is None:
-            return base, settings, None
+            return recover(base, feeds, self.scheme, settings, progress)
         equalized, regions = activation_equalize.equalized(self.unblocked, feeds)
         source = self._weight_blocks(equalized, self.alignment, {}) if regions else base
-        return source, replace(settings, activation_equalize=False), regions
+        recovered = recover(source, feeds, self.scheme, replace(settings, activation_equalize=False), progress)
+        recovered.summary["activation_regions_equalized"] = regions
+        return recovered
 
     def _recover(
         self, base: onnx.ModelProto, calib: SampleSet, summary: dict[str, Any], progress: Callable[[str], None]
@@ -476,10 +477,7 @@ class Int8Plan(SearchPlan):
         if not settings.any_step:
             return base, base, []
         feeds = list(calib.feeds(self.params.recovery_samples))
-        source, steps, regions = self._equalized_before_blocks(base, settings, feeds)
-        recovered = recover(source, feeds, self.scheme, steps, progress)
-        if regions is not None:
-            recovered.summary["activation_regions_equalized"] = regions
+        recovered = self._recovered(base, settings, feeds, progress)
         summary["recovery"] = recovered.summary | {"steps": settings.steps}
         self.recovery = _RecoveryInputs(settings, base, feeds, calib)
         return recovered.reference, recovered.quantize_source, recovered.float_nodes

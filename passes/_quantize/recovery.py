@@ -1,8 +1,8 @@
 """Accuracy recovery before any layer is kept in float: the steps run on the float model ORT quantizes.
 
-Order, each optional (``QuantizeParams``): cross-layer equalisation, activation equalisation, residual scaling, query/key balancing,
-SmoothQuant and conv-input smoothing (exact: the float reference itself changes; smoothing's per-channel Mul/Add stay
-float), then per weight layer the rounding optimisation and the bias correction, both
+Order, each optional (``QuantizeParams``): cross-layer equalisation, activation equalisation, residual scaling,
+query/key balancing, SmoothQuant and conv-input smoothing (exact: the float reference itself changes; smoothing's
+per-channel Mul/Add stay float), then per weight layer the rounding optimisation and the bias correction, both
 against the equalised float layer's output on calibration data. The search keeps float-kept
 layers on the *reference* weights and biases (equalised only), never the adjusted ones, which
 are tuned for their int8 rounding.
@@ -42,7 +42,7 @@ INT8_STEPS = ("quantized_adaround", "quantized_bias_correction")  # fitted on ea
 # What each step records in the summary about what it changed: (key, unit), for the report's gains table.
 CHANGE_COUNTS = {
     "equalize": ("equalized_pairs", "conv pairs"),
-    "activation_equalize": ("activation_regions_equalized", "hard-swish regions"),
+    "activation_equalize": ("activation_regions_equalized", "hard-swish/SiLU regions"),
     "residual_scaling": ("residual_sums_scaled", "residual sums"),
     "attention_balance": ("attention_sites_balanced", "attention sites"),
     "smoothquant": ("smoothquant_layers", "layers"),
