@@ -159,8 +159,8 @@ def quantize(model: onnx.ModelProto, ctx: Any, params: QuantizeParams) -> PassRe
     space = plan.space(model, ctx, calib, summary)
     if evaluator is None or not params.tune:
         return plan.finish(model, untuned(space, summary), ctx, summary, None)
-    explain = not ctx.ledger.spenders(ctx.current_pass)  # else a refusal compiles again: explain only that one
-    settings = TunerSettings.of(params, ctx.target.hardware, explain)
+    retried_without = tuple(ctx.ledger.spenders(ctx.current_pass))  # a refusal here compiles again without them
+    settings = TunerSettings.of(params, ctx.target.hardware, retried_without)
     result, best = tune(space, evaluator, budget, scored_on, settings, summary, ctx.progress)
     if params.max_search_seconds is not None and "search_stopped_s" in summary:
         ctx.warn(stopped_warning(params.max_search_seconds, summary["search_stopped_s"]))

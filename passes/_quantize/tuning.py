@@ -192,11 +192,13 @@ class TunerSettings:
     float_weights: bool  # float-kept nodes read float weights (else their int8 weights, dequantized)
     confidence: float  # one-sided confidence the drop's upper bound must meet the budget at (0.5: the drop)
     hardware: HardwareFacts | None = None  # the target's [hardware]: candidates are chosen by its cost model
-    explain_refusal: bool = True  # on exit 3, score where the loss sits (loss_attribution.py)
+    # The earlier lossy passes a refusal compiles again without (the pipeline's retry): that attempt explains the
+    # refusal, and searches the tiers only a refusal reaches (recovery, fallback) where nothing plain fits
+    retried_without: tuple[str, ...] = ()
     max_seconds: float | None = None  # the search's wall-time limit (search_clock.py); None: none
 
     @classmethod
-    def of(cls, params: Any, hardware: HardwareFacts | None, explain_refusal: bool = True) -> TunerSettings:
+    def of(cls, params: Any, hardware: HardwareFacts | None, retried_without: tuple[str, ...] = ()) -> TunerSettings:
         """From the quantize pass's params (QuantizeParams)."""
         float_weights = params.float_kept_weights == "float"
         return cls(
@@ -204,9 +206,17 @@ class TunerSettings:
             float_weights,
             params.budget_confidence,
             hardware,
-            explain_refusal,
+            retried_without,
             params.max_search_seconds,
         )
+
+    def left_for_retry(self, space: SearchSpace, tier: int, chosen: SearchResult | None) -> bool:
+        """Whether ``tier`` waits for the compile without ``retried_without``: nothing fits so far and the tier is one a
+        refusal reaches (its recovery steps' fits took minutes in an attempt that was compiled again anyway; PP-OCRv4
+        rec on fpga spends 6 of its 9 minutes refusing the pruned model)."""
+        nothing_fits = chosen is None or chosen.best_trial is None
+        refusal_tier = tier in space.fallback or space.transform(tier) in RECOVERY_TRANSFORMS
+        return bool(self.retried_without) and nothing_fits and refusal_tier
 
 
 class _Search:
@@ -567,7 +577,7 @@ def tune(
     }
     if chosen is None or chosen.best_trial is None:
         stopped = settings.max_seconds if "search_stopped_s" in summary else None
-        explain = settings.explain_refusal and stopped is None  # the explanation is more candidates to run
+        explain = not settings.retried_without and stopped is None  # the explanation is more candidates to run
         where = (lambda: _where_lost(runs, evaluator, progress)) if explain else None
         raise _no_candidate(trials, budget, scored_on, evaluator, settings.max_float, where, stopped)
     best = chosen.best_trial
@@ -593,11 +603,16 @@ def _search_tiers(
     chosen: SearchResult | None = None
     sensitivity: list[tuple[str, float]] = []
     priced = runs[0].cost is not None if runs else False
-    unavailable, probe_ceiling = probe_fully_quantized(space, runs, progress) if priced else ({}, inf)
+    unavailable, probe_ceiling = probe_fully_quantized(space, runs, progress, settings) if priced else ({}, inf)
     for tier in range(len(space.builds)):
         if chosen is not None and chosen.best_trial is not None:
             if not chosen.best_trial.float_nodes or chosen.best_trial.cost_ms is None or tier in space.fallback:
                 break  # fully quantized (nothing is cheaper), no cost model to compare tiers by, or a fallback's turn
+        if settings.left_for_retry(space, tier, chosen):
+            without = ", ".join(settings.retried_without)
+            progress(f"{space.transform(tier) or 'fallback'} tier left for the compile without {without}")
+            summary.setdefault("tiers_left_for_retry", []).append(space.transform(tier))
+            continue
         # The probe announced each tier already: a tier's header again only before its float-kept candidates.
         said = _headed(progress, _tier_note(space, tier)) if len(space.builds) > 1 else progress
         runs[tier].progress = said
@@ -693,15 +708,18 @@ def _headed(progress: Progress, header: str) -> Progress:
 
 
 def probe_fully_quantized(
-    space: SearchSpace, runs: list[_Search], progress: Progress
+    space: SearchSpace, runs: list[_Search], progress: Progress, settings: TunerSettings
 ) -> tuple[dict[int, TierUnavailable], float]:
     """Each tier's fully quantized candidates, tier by tier until one meets the budget: (the tiers that could not be
     made, that candidate's price). A tier whose float-kept variants would cost more than it is then never ranked
-    (the ranking is most of a search: PP-OCRv4 rec fpga's every-op tier ranked 64 nodes per method for nothing)."""
+    (the ranking is most of a search: PP-OCRv4 rec fpga's every-op tier ranked 64 nodes per method for nothing).
+    Tiers left for a retry are not probed: nothing fits before them yet."""
     unavailable: dict[int, TierUnavailable] = {}
     for tier, run in enumerate(runs):
         if tier in space.fallback:  # searched by ``tune`` only when nothing before it fits
             break
+        if settings.left_for_retry(space, tier, None):
+            continue
         if len(runs) > 1:
             progress(_tier_note(space, tier))
         for method in space.methods:

@@ -268,21 +268,55 @@ def _with_smoothquant_tier(space: SearchSpace, builds_log: list[str], made: list
     return space
 
 
-def _tune_with_tier(monkeypatch, drops: dict[str, float], costs: dict[str, float], full_only: frozenset = frozenset()):
+def _tune_with_tier(
+    monkeypatch,
+    drops: dict[str, float],
+    costs: dict[str, float],
+    transform: str = "smoothquant",
+    retried_without: tuple[str, ...] = (),
+    full_only: frozenset = frozenset(),
+    builds: list[str] | None = None,
+    summary: dict | None = None,
+):
+    """(best, summary, builds, made, references) of a search over two plain tiers and a ``transform`` tier ("sq:");
+    ``builds`` and ``summary`` are filled in place when given (they outlive a refusal)."""
     references: list[str] = []  # the float model each sensitivity ranking ran against
     monkeypatch.setattr(
         tuning, "float_gains", lambda ref, *a, **k: references.append(ref.doc_string) or [(n, 1.0) for n in NODES]
     )
     monkeypatch.setattr(tuning, "target_cost", lambda hw, feeds: lambda m: costs.get(m.doc_string, 100.0))
-    builds: list[str] = []
+    builds = [] if builds is None else builds
     made: list[str] = []
     base = onnx.load(DIGITS / "digits_cnn.onnx")
     space = _with_smoothquant_tier(_space(base, builds), builds, made)
     space.full_only = set(full_only)
-    summary: dict = {}
-    settings = TunerSettings(max_float=4, float_weights=True, confidence=0.5, hardware=load_target("cpu-avx").hardware)
+    space.transforms = ["", "", transform]
+    summary = {} if summary is None else summary
+    hardware = load_target("cpu-avx").hardware
+    settings = TunerSettings(4, True, 0.5, hardware=hardware, retried_without=retried_without)
     _, best = tuning.tune(space, _Evaluator(drops), 1.0, "test", settings, summary, lambda *a: None)
     return best, summary, builds, made, references
+
+
+def test_a_recovery_tier_waits_for_the_retry_when_nothing_plain_fits(monkeypatch):
+    # only the recovered source fits; prune spent budget before, so a refusal compiles again without it
+    drops, costs = {"sq:minmax:": 0.4}, {"t0:minmax:": 10.0, "t1:minmax:": 15.0, "sq:minmax:": 10.0}
+    best, _, builds, _, _ = _tune_with_tier(monkeypatch, drops, costs, transform="recovery")
+    assert best.transform == "recovery" and "sq:minmax:" in builds  # the attempt nothing retries takes it
+    builds, summary = [], {}
+    with pytest.raises(QualityGateError) as refused:
+        _tune_with_tier(monkeypatch, drops, costs, "recovery", ("prune",), builds=builds, summary=summary)
+    assert not [b for b in builds if b.startswith("sq:")]  # its fits never ran
+    assert summary["tiers_left_for_retry"] == ["recovery"]
+    assert "where it is lost" not in refused.value.message  # the retry explains its own refusal
+
+
+def test_a_recovery_tier_still_improves_a_plain_choice_before_a_retry(monkeypatch):
+    # the plain tiers fit with 4 float nodes: the recovery tier is searched as without a pending retry, and wins
+    drops = {"t0:minmax:n0,n1,n2,n3": 0.5, "sq:minmax:": 0.6}
+    costs = {"t0:minmax:": 10.0, "t0:minmax:n0,n1,n2,n3": 14.0, "t1:minmax:": 15.0, "sq:minmax:": 10.0}
+    best, summary, _, _, _ = _tune_with_tier(monkeypatch, drops, costs, "recovery", ("prune",))
+    assert best.transform == "recovery" and best.float_nodes == [] and "tiers_left_for_retry" not in summary
 
 
 def test_a_transform_tier_cheaper_than_the_plain_choice_wins_and_ranks_against_its_own_reference(monkeypatch):
@@ -303,7 +337,7 @@ def test_a_fully_quantized_only_tier_builds_no_float_kept_variant(monkeypatch):
     drops = {"t0:minmax:n0,n1,n2,n3": 0.5, "sq:minmax:n0": 0.6}
     costs = {"t0:minmax:": 10.0, "t0:minmax:n0": 11.0, "t0:minmax:n0,n1": 12.0, "t0:minmax:n0,n1,n2": 13.5}
     costs |= {"t0:minmax:n0,n1,n2,n3": 14.0, "t1:minmax:": 15.0, "sq:minmax:": 11.0, "sq:minmax:n0": 12.0}
-    best, summary, builds, _, _ = _tune_with_tier(monkeypatch, drops, costs, frozenset({2}))
+    best, summary, builds, _, _ = _tune_with_tier(monkeypatch, drops, costs, full_only=frozenset({2}))
     assert best.transform == "" and best.float_nodes == ["n0", "n1", "n2", "n3"]
     assert [b for b in builds if b.startswith("sq:")] == ["sq:minmax:"]
 
@@ -311,7 +345,7 @@ def test_a_fully_quantized_only_tier_builds_no_float_kept_variant(monkeypatch):
 def test_a_fully_quantized_only_tier_wins_when_its_fully_quantized_model_fits(monkeypatch):
     drops = {"t0:minmax:n0,n1,n2,n3": 0.5, "sq:minmax:": 0.7}
     costs = {"t0:minmax:": 10.0, "t0:minmax:n0,n1,n2,n3": 14.0, "t1:minmax:": 15.0, "sq:minmax:": 10.0}
-    best, summary, _, _, _ = _tune_with_tier(monkeypatch, drops, costs, frozenset({2}))
+    best, summary, _, _, _ = _tune_with_tier(monkeypatch, drops, costs, full_only=frozenset({2}))
     assert best.transform == "smoothquant" and best.float_nodes == [] and summary["float_kept"] == []
 
 
