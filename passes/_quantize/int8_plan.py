@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize import activation_equalize, attention_balance, residual_scaling, schemes
+from lepton_cli.passes._quantize import attention_balance, residual_scaling, schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from lepton_cli.passes._quantize.consumer_ranges import narrow_to_readers
 from lepton_cli.passes._quantize.depthwise_scales import (
@@ -36,7 +36,7 @@ from lepton_cli.passes._quantize.integer_elementwise import lowered, rewritten
 from lepton_cli.passes._quantize.integer_io import make_integer_io
 from lepton_cli.passes._quantize.plan import SearchPlan, int8_weights
 from lepton_cli.passes._quantize.prequantized import has_subgraphs, quantized_ops
-from lepton_cli.passes._quantize.recovery import Recovered, RecoverySettings, changed_by, recover
+from lepton_cli.passes._quantize.recovery import GRAPH_STEPS, Recovered, RecoverySettings, changed_by, recover
 from lepton_cli.passes._quantize.recurrent import DYNAMIC_LSTM, float_recurrent_warning
 from lepton_cli.passes._quantize.sensitivity import quantized_nodes
 from lepton_cli.passes._quantize.short_names import shorten_added_names
@@ -460,14 +460,18 @@ class Int8Plan(SearchPlan):
         progress: Callable[[str], None] | None = None,
     ) -> Recovered:
         """``recover`` on ``base``. Weight blocks (fpga) join each split conv's blocks with a Concat, which ends every
-        activation-equalisation region: there that step runs on the source before the blocks, split again after it."""
-        if not settings.activation_equalize or self.unblocked is None:
+        equalisation region and conv pair, and are cut by weight scales the graph rewrites change: there those steps
+        run on the source before the blocks, split again after them, and the per-layer fits on the blocks."""
+        rewrites = [step for step in settings.steps if step in GRAPH_STEPS]
+        if not rewrites or self.unblocked is None:
             return recover(base, feeds, self.scheme, settings, progress)
-        equalized, regions = activation_equalize.equalized(self.unblocked, feeds)
-        source = self._weight_blocks(equalized, self.alignment, {}) if regions else base
-        recovered = recover(source, feeds, self.scheme, replace(settings, activation_equalize=False), progress)
-        recovered.summary["activation_regions_equalized"] = regions
-        return recovered
+        rewritten = recover(self.unblocked, feeds, self.scheme, settings.only(rewrites), progress)
+        source = self._weight_blocks(rewritten.reference, self.alignment, {})
+        fits = recover(
+            source, feeds, self.scheme, settings.only([s for s in settings.steps if s not in rewrites]), progress
+        )
+        summary = rewritten.summary | fits.summary
+        return Recovered(fits.reference, fits.quantize_source, summary, rewritten.float_nodes + fits.float_nodes)
 
     def _recover(
         self, base: onnx.ModelProto, calib: SampleSet, summary: dict[str, Any], progress: Callable[[str], None]
@@ -568,7 +572,7 @@ class Int8Plan(SearchPlan):
             settings = inputs.settings.only(steps)
             source, extra = inputs.base, []
             if settings.any_step:
-                recovered = recover(inputs.base, inputs.feeds, self.scheme, settings)
+                recovered = self._recovered(inputs.base, settings, inputs.feeds)
                 source, extra = recovered.quantize_source, recovered.float_nodes
             scheme = replace(inputs.scheme, op_types=tuple(ops))
             tag, left = f"gain{count}", inputs.heads + extra

@@ -39,6 +39,15 @@ from lepton_cli.passes._quantize.weight_layers import (
 )
 
 INT8_STEPS = ("quantized_adaround", "quantized_bias_correction")  # fitted on each int8 model, in this order
+# Steps that rewrite the float graph (exactly, or with inserted float scales), before the per-layer weight fits
+GRAPH_STEPS = (
+    "equalize",
+    "activation_equalize",
+    "residual_scaling",
+    "attention_balance",
+    "smoothquant",
+    "conv_smoothing",
+)
 # What each step records in the summary about what it changed: (key, unit), for the report's gains table.
 CHANGE_COUNTS = {
     "equalize": ("equalized_pairs", "conv pairs"),

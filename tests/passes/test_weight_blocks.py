@@ -222,3 +222,31 @@ def test_weight_decayed_channels_join_a_block_the_dpu_shifts_reach(tmp_path):
     table = imagenet_batch([render_table(np.random.default_rng(3), words, CALIB_FACES, ruled=True).resize((224, 224))])
     want, got = (make_session(m).run(None, {"input": table})[0] for m in (model, split))
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_graph_rewrites_run_on_the_source_before_the_blocks_split_its_convs(tmp_path, tmp_path_factory):
+    """Cross-layer equalisation pairs convs joined by ReLU-family ops; a blocked conv's Concat ends its pair (PP-OCRv4
+    det: 20 pairs in the source, 14 once blocked). The recovery steps that rewrite the graph run before the blocks, so
+    every pair is equalised and the blocks follow the equalised weights; the float model is unchanged."""
+    from conftest import OCR_DET
+    from det_int8 import fused_det_and_pages, fused_model
+    from lepton_cli.passes._quantize.equalization import find_pairs
+    from lepton_cli.passes.quantize import make_plan
+
+    from lepton_cli.pipeline.params import from_table
+
+    _, calib_path, held = fused_det_and_pages(tmp_path_factory)
+    fused = fused_model(OCR_DET, {"x": [1, 3, 160, 160]}, "fpga")
+    blocked, _ = split_weight_blocks(fused, schemes.pow2_weight_scale, ALIGN)
+    assert len(find_pairs(blocked)) < len(find_pairs(fused))
+    target = load_target("fpga")
+    step = next(s for s in target.passes if s.name == "quantize")
+    params = from_table(get_pass("quantize").params_cls, vars(step.params) | {"equalize": True}, "fpga.quantize")
+    ctx = PassContext(target=target, calib=load_samples(calib_path, fused), work_dir=tmp_path)
+    summary: dict = {}
+    space = make_plan(params, ctx).space(fused, ctx, ctx.calib, summary)
+    assert summary["recovery"]["equalized_pairs"] == len(find_pairs(fused))
+    assert summary["weight_blocks"] and len(space.float_model.graph.node) > len(fused.graph.node)
+    source, rewritten = make_session(fused), make_session(space.float_model)
+    for feed in held[:2]:
+        np.testing.assert_allclose(rewritten.run(None, feed)[0], source.run(None, feed)[0], atol=1e-4)
