@@ -30,16 +30,16 @@ Feeds = list[dict[str, np.ndarray]]
 
 
 def compare_outputs(before: onnx.ModelProto, after: onnx.ModelProto, feeds: Feeds, exactness: Exactness) -> StepCheck:
-    """Run both models under identical ONNX Runtime settings and compare every output."""
-    ref = run_feeds(make_session(before), feeds)
-    # A pass may change the input layout (e.g. NCHW → NHWC); it records how in the model metadata.
-    got = run_feeds(make_session(after), [adapt_feed(after, feed) for feed in feeds])
+    """Run both models under identical ONNX Runtime settings and compare every output. ``feeds`` are in the source's
+    form; each model takes them, and gives its outputs back, as its own I/O contract says (a pass may change the input
+    layout, NCHW → NHWC, and records how in the model metadata; a rewrite after it compares two such models)."""
+    ref = run_in_source_form(before, feeds)
+    got = run_in_source_form(after, feeds)
     names = [o.name for o in before.graph.output]
     errors: dict[str, float] = {}
     failed: set[str] = set()
     for ref_outputs, got_outputs in zip(ref, got):
         for name, expected, actual in zip(names, ref_outputs, got_outputs):
-            actual = restore_output(after, name, actual)
             if expected.shape != actual.shape:
                 return StepCheck(
                     exactness.kind, ok=False, detail=f"output {name!r} shape {actual.shape} != {expected.shape}"
@@ -66,6 +66,13 @@ def compare_outputs(before: onnx.ModelProto, after: onnx.ModelProto, feeds: Feed
     return check
 
 
+def run_in_source_form(model: onnx.ModelProto, feeds: Feeds, opt_level: str = "disable") -> list[list[np.ndarray]]:
+    """``model``'s outputs on source-form ``feeds``, adapted to its I/O contract and restored from it."""
+    names = [o.name for o in model.graph.output]
+    runs = run_feeds(make_session(model, opt_level=opt_level), [adapt_feed(model, feed) for feed in feeds])
+    return [[restore_output(model, name, value) for name, value in zip(names, outputs)] for outputs in runs]
+
+
 def _same(expected: np.ndarray, actual: np.ndarray, exactness: Exactness) -> bool:
     if exactness.kind == "exact":
         return bool(np.array_equal(expected, actual, equal_nan=True))
@@ -76,7 +83,7 @@ def _float_noise_floor(
     model: onnx.ModelProto, feeds: Feeds, ref: list[list[np.ndarray]], names: list[str]
 ) -> dict[str, float]:
     """Per output, the largest difference ONNX Runtime's own graph optimisations make to ``model`` on ``feeds``."""
-    optimised = run_feeds(make_session(model, opt_level="all"), feeds)
+    optimised = run_in_source_form(model, feeds, opt_level="all")
     floor: dict[str, float] = {}
     for ref_outputs, opt_outputs in zip(ref, optimised):
         for name, expected, actual in zip(names, ref_outputs, opt_outputs):

@@ -26,7 +26,6 @@ from lepton_cli.passes._quantize.conv_smoothing import channel_absmax
 from onnx import helper
 
 from lepton_cli.model.graph_edit import FreshNames, GraphIndex, drop_unused_initializers
-from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.pipeline.equivalence import compare_outputs
 from lepton_cli.pipeline.registry import Exactness
 
@@ -228,19 +227,6 @@ def _rescaled(model: onnx.ModelProto, ranges: dict[str, np.ndarray]) -> tuple[on
     return result, count
 
 
-def _reproduces(model: onnx.ModelProto, rewritten: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> bool:
-    """Whether ``rewritten`` computes ``model``'s outputs as fuse's rewrites are judged: within 1e-4 of each output's
-    scale, or of ONNX Runtime's own float noise. Both run on the feeds in ``model``'s own layout (an NHWC target's
-    model after layout_transform), so the comparison does not adapt them a second time."""
-    adapted = [adapt_feed(model, feed) for feed in feeds]
-    contract = list(rewritten.metadata_props)
-    del rewritten.metadata_props[:]
-    try:
-        return bool(compare_outputs(model, rewritten, adapted, Exactness("tolerance", 1e-4, 1e-7)).ok)
-    finally:
-        rewritten.metadata_props.extend(contract)
-
-
 def equalized(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> tuple[onnx.ModelProto, int]:
     """(``model`` with its hard-swish regions equalised on ``feeds``' channel ranges, how many were), or ``model``
     itself and 0 when none gains or the rewritten model does not reproduce the source's outputs."""
@@ -249,6 +235,7 @@ def equalized(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> tup
         return model, 0
     ranges = channel_absmax(model, sorted({t for r in regions for t in r.tensors}), feeds)
     rewritten, count = _rescaled(model, ranges)
-    if count == 0 or not _reproduces(model, rewritten, feeds[:2]):
+    # as fuse's rewrites are judged: within 1e-4 of each output's scale, or of ONNX Runtime's own float noise
+    if count == 0 or not compare_outputs(model, rewritten, feeds[:2], Exactness("tolerance", 1e-4, 1e-7)).ok:
         return model, 0
     return rewritten, count
