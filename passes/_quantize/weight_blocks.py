@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import onnx
 from lepton_cli.passes._quantize.block_sinking import sink_concat, sinkable_region, split_conv
+from lepton_cli.passes._quantize.dense_blocks import DENSE, dense_weight, ends_the_graph, split_dense
 from lepton_cli.passes._quantize.schemes import rounding_error
 
 from lepton_cli.model.channels.channel_groups import analyze, weights_as_initializers
@@ -41,30 +42,43 @@ def max_scale(weight: np.ndarray) -> float:
 def split_weight_blocks(
     model: onnx.ModelProto, scale_of: ScaleOf, align: int, through_depthwise: bool = True
 ) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """(``model`` with its Convs split into weight blocks where that gains ``MIN_GAIN_DB``, {Conv name: blocks}); with
-    ``through_depthwise``, the depthwise convs a blocked Conv feeds through element-wise ops are split with it."""
+    """(``model`` with its Convs, Gemms and 2-D MatMuls split into weight blocks where that gains ``MIN_GAIN_DB``,
+    {layer name: blocks}); with ``through_depthwise``, the depthwise convs a blocked Conv feeds through element-wise
+    ops are split with it."""
     working = onnx.ModelProto()
     working.CopyFrom(model)
     weights_as_initializers(working)
     a = analyze(working)
     orders: dict[int, np.ndarray] = {}
     cuts: dict[str, list[int]] = {}
+    restored: dict[str, np.ndarray] = {}  # column orders of the layers whose output ends the graph
     inits = {t.name: t for t in working.graph.initializer}
-    before = GraphIndex(working.graph) if through_depthwise else None  # where the depthwise convs are, pre-order
+    before = GraphIndex(working.graph)  # where the depthwise convs are and what reads each layer, pre-order
     for producer in a.producers:
-        group = a.group_of(producer)
-        if group in orders:
+        group, node = a.group_of(producer), working.graph.node[producer.node]
+        if group in orders or node.name in restored:
             continue
-        followers = _depthwise_followers(before, producer.output, a.sizes[group]) if before is not None else []
+        if node.op_type in DENSE:
+            planned = _plan_dense(before, a, producer, scale_of, max(align, 1))
+            if planned is not None and group in a.pinned:
+                restored[node.name], cuts[node.name] = planned
+            elif planned is not None:
+                orders[group], cuts[node.name] = planned
+            continue
+        followers = _depthwise_followers(before, producer.output, a.sizes[group]) if through_depthwise else []
         planned = _plan(working, a, producer, inits, scale_of, max(align, 1), followers)
         if planned is not None:
-            orders[group], cuts[working.graph.node[producer.node].name] = planned
+            orders[group], cuts[node.name] = planned
     if not cuts:
         return model, {}
     ordered = apply_order(working, a, orders)
     index, names = GraphIndex(ordered.graph), FreshNames(ordered)
+    out_axes = {working.graph.node[p.node].name: p.out_axis for p in a.producers}
     for node in [n for n in ordered.graph.node if n.name in cuts]:
         bounds, output = cuts[node.name], node.output[0]
+        if node.op_type in DENSE:
+            split_dense(index, names, node, out_axes[node.name], bounds, restored.get(node.name))
+            continue
         split_conv(index, names, node, [node.input[0]] * (len(bounds) - 1), bounds)
         for name in sink_concat(index, names, index.producer[output], bounds) if through_depthwise else []:
             cuts[name] = bounds
@@ -89,9 +103,16 @@ def _plan(
         return None
     weight = tensor_array(inits[producer.weight]).astype(np.float64)
     groups = next((at.i for at in node.attribute if at.name == "group"), 1)
-    if weight.ndim != 4 or groups != 1 or weight.shape[0] != a.sizes[group] or weight.shape[0] < 2 * align:
+    if weight.ndim != 4 or groups != 1 or weight.shape[0] != a.sizes[group]:
         return None
-    weights = [weight, *followers]
+    return _blocks([weight, *followers], scale_of, align)
+
+
+def _blocks(weights: list[np.ndarray], scale_of: ScaleOf, align: int) -> tuple[np.ndarray, list[int]] | None:
+    """(channel order, block boundaries) for layers sharing output channels (axis 0), or None where a split gains
+    less than ``MIN_GAIN_DB``. Channels go by the first layer's scale, then by the others'."""
+    if weights[0].shape[0] < 2 * align:
+        return None
     octaves = np.array([_octaves(layer, scale_of) for layer in weights])
     order = np.lexsort(-octaves[::-1])  # the last key sorts first: the Conv's own
     bounds = [0]
@@ -107,6 +128,21 @@ def _plan(
     if len(bounds) < 3 or gain < MIN_GAIN_DB:
         return None
     return order, bounds
+
+
+def _plan_dense(
+    index: GraphIndex, a: ChannelAnalysis, producer: Producer, scale_of: ScaleOf, align: int
+) -> tuple[np.ndarray, list[int]] | None:
+    """(column order, block boundaries) for a Gemm or 2-D MatMul, or None. A layer whose columns are pinned gets
+    blocks only where its output ends the graph (dense_blocks.py: a Gather then restores the order)."""
+    node = index.producer[producer.output]
+    weight = dense_weight(index, node, producer.out_axis)
+    group = a.group_of(producer)
+    if weight is None or weight.shape[0] != a.sizes[group]:
+        return None
+    if group in a.pinned and not ends_the_graph(index, producer.output):
+        return None
+    return _blocks([weight.astype(np.float64)], scale_of, align)
 
 
 def _depthwise_followers(index: GraphIndex, tensor: str, channels: int) -> list[np.ndarray]:

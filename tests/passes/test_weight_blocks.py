@@ -151,7 +151,8 @@ def test_blocks_reach_the_depthwise_convs_through_hard_swish_without_a_split(rec
     def cuts(m: onnx.ModelProto) -> int:
         return sum(node.op_type in ("Split", "Slice", "Gather") for node in m.graph.node)
 
-    assert cuts(blocked) == cuts(model)  # the model's own (its neck's), none added
+    restores = [node for node in blocked.graph.node if node.op_type == "Gather" and node.name.endswith("_order")]
+    assert cuts(blocked) == cuts(model) + len(restores)  # the model's own (its neck's), and the classifier's order
     producers = {out: node for node in blocked.graph.node for out in node.output}
     for blocks in depthwise.values():  # each block reads its own hard-swish copy, not a slice of the joined tensor
         assert all(producers[conv.input[0]].op_type != "Concat" for conv in blocks)
@@ -250,3 +251,56 @@ def test_graph_rewrites_run_on_the_source_before_the_blocks_split_its_convs(tmp_
     source, rewritten = make_session(fused), make_session(space.float_model)
     for feed in held[:2]:
         np.testing.assert_allclose(rewritten.run(None, feed)[0], source.run(None, feed)[0], atol=1e-4)
+
+
+def _restores(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [node for node in model.graph.node if node.op_type == "Gather" and node.name.endswith("_order")]
+
+
+def test_the_classifier_is_split_into_blocks_and_its_columns_keep_their_order(rec):
+    """PP-OCRv4 rec's CTC classifier (a Gemm to 6625 classes) feeds only the outputs' Softmax: its columns cannot be
+    reordered, so its blocks take columns by scale and a Gather after their Concat restores the order. The float
+    model reads the same, and a Gemm whose output another weighted layer reads is split only where its channels move."""
+    model, _, held = rec
+    blocked, split = split_weight_blocks(model, schemes.pow2_weight_scale, ALIGN)
+    gemms = [node for node in model.graph.node if node.op_type == "Gemm"]
+    classifier = gemms[-1]
+    assert split.get(classifier.name, 0) >= 2, split
+    (restore,) = _restores(blocked)
+    producers = {out: node for node in blocked.graph.node for out in node.output}
+    concat = producers[restore.input[0]]
+    assert restore.output[0] == classifier.output[0] and concat.op_type == "Concat"
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in blocked.graph.initializer}
+    blocks = [producers[name] for name in concat.input]
+    assert all(block.op_type == "Gemm" for block in blocks) and len(blocks) == split[classifier.name]
+    widths = [inits[block.input[1]].shape[1] for block in blocks]
+    assert all(width % ALIGN == 0 for width in widths[:-1]) and sum(widths) == 6625
+    scales = [schemes.pow2_weight_scale(inits[block.input[1]]) for block in blocks]
+    assert len(set(scales)) == len(scales)  # one power of two per block, each its own
+    np.testing.assert_allclose(_logits(blocked, held), _logits(model, held), atol=1e-3)
+    # another Gemm is split only where the channel analysis moves its readers' rows with the columns: no Gather
+    a = analyze(onnx.ModelProto.FromString(model.SerializeToString()))
+    pinned = {model.graph.node[p.node].name for p in a.producers if a.group_of(p) in a.pinned}
+    others = [gemm.name for gemm in gemms[:-1] if gemm.name in split]
+    assert others and not pinned.intersection(others) and classifier.name in pinned
+
+
+def test_gemm_blocks_keep_the_lines_that_per_tensor_gemm_weights_lose(rec):
+    """Only the Gemms int8 on fpga's grid (per-tensor power-of-two weights and activations), the convs float: one
+    scale across the classifier's 6625 columns changes characters that its blocks keep."""
+    model, work, held = rec
+    reference = _decoded(_logits(model, held))
+    agreement = {}
+    for label, candidate in {
+        "plain": model,
+        "blocks": split_weight_blocks(model, schemes.pow2_weight_scale, ALIGN)[0],
+    }.items():
+        samples = load_samples(work / "calib.npz", candidate)
+        settings = CalibrationSettings(method="minmax", chunk=16, max_samples=16, power_of_two=True)
+        ranges = schemes.save_ranges(calibrate(candidate, samples, settings, None), work / f"gemm-{label}.json")
+        scheme = schemes.Int8Scheme(
+            activation_type="s8", per_channel=False, activation_symmetric=True, power_of_two=True, op_types=("Gemm",)
+        )
+        int8 = schemes.quantize_int8(candidate, ranges, "minmax", scheme, [], work)
+        agreement[label] = _char_agreement(_decoded(_logits(int8, held)), reference)
+    assert agreement["blocks"] == 1.0 and agreement["plain"] < 0.995, agreement
