@@ -70,7 +70,7 @@ class QuantizeParams:
     without_calib: Literal["weight_only", "dynamic", "fail"] = "weight_only"
     fp16_block_ops: list[str] = field(default_factory=lambda: list(schemes.FP16_BLOCK_DEFAULT))
     int4_block_size: int = 32
-    weight_blocks: bool = False  # per-tensor weights: Convs split into blocks of output channels by scale
+    weight_blocks: bool = False  # per-tensor weights: Convs and Gemms split into blocks of output channels by scale
     preprocess: bool = True  # ORT's quant_pre_process (shape inference + basic optimisation) before int8
     warn_float_ops: bool = False  # integer-only hardware: warn about every op left in float
     integer_io: bool = False  # int8: integer graph inputs/outputs, scale and zero point in metadata

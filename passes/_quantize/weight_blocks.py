@@ -8,7 +8,7 @@ SNR 11-14 dB), and its Conv/MatMul/Gemm-int8 model reads 31-46 % of characters w
 Conv becomes one Conv per run of channels whose scales agree, each with its own per-tensor scale, joined by a Concat.
 Blocks are whole multiples of the target's channel alignment, so the DPU's channel parallelism is kept. A depthwise
 conv the Conv feeds through element-wise ops is split with it (block_sinking.py), and the channel order then follows
-its filters' scales too.
+its filters' scales too. Gemm and 2-D MatMul layers are split by output columns the same way (dense_blocks.py).
 """
 
 from __future__ import annotations
