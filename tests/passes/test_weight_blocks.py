@@ -304,3 +304,30 @@ def test_gemm_blocks_keep_the_lines_that_per_tensor_gemm_weights_lose(rec):
         int8 = schemes.quantize_int8(candidate, ranges, "minmax", scheme, [], work)
         agreement[label] = _char_agreement(_decoded(_logits(int8, held)), reference)
     assert agreement["blocks"] == 1.0 and agreement["plain"] < 0.995, agreement
+
+
+def test_a_classifier_with_transposed_weights_splits_along_its_rows(rec):
+    """PyTorch exports a Linear as Gemm(transB=1) with weights [out, in]: the same classifier written so is split along
+    its weight's first axis into the same blocks, and reads the same logits."""
+    model, _, held = rec
+    transposed = onnx.ModelProto.FromString(model.SerializeToString())
+    classifier = [node for node in transposed.graph.node if node.op_type == "Gemm"][-1]
+    inits = {t.name: t for t in transposed.graph.initializer}
+    weight = onnx.numpy_helper.to_array(inits[classifier.input[1]])
+    assert not any(at.name == "transB" and at.i for at in classifier.attribute)
+    inits[classifier.input[1]].CopyFrom(
+        onnx.numpy_helper.from_array(np.ascontiguousarray(weight.T), classifier.input[1])
+    )
+    kept = [at for at in classifier.attribute if at.name != "transB"]
+    del classifier.attribute[:]
+    classifier.attribute.extend([*kept, onnx.helper.make_attribute("transB", 1)])
+    want = split_weight_blocks(model, schemes.pow2_weight_scale, ALIGN)[1][classifier.name]
+    blocked, split = split_weight_blocks(transposed, schemes.pow2_weight_scale, ALIGN)
+    assert split[classifier.name] == want and len(_restores(blocked)) == 1
+    widths = [
+        t.dims[0]
+        for t in blocked.graph.initializer
+        if t.name.startswith(f"{classifier.input[1]}_b") and len(t.dims) == 2
+    ]
+    assert len(widths) == want and sum(widths) == weight.shape[1]
+    np.testing.assert_allclose(_logits(blocked, held), _logits(model, held), atol=1e-3)
