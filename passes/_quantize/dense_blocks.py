@@ -6,7 +6,7 @@ the int8 grid; ddddocr's classifier likewise. Here the layer becomes one Gemm pe
 joined by a Concat on the channel axis. Where the columns may be reordered (the channel analysis moves every reader's
 rows with them) the blocks follow the order weight_blocks.py chose; a layer whose output reaches the graph's outputs
 with no other weighted layer after it (a classifier: its channels are the outputs, never reordered) keeps its column
-order by a Gather after the Concat, an int8 copy on the host that already runs the outputs' Softmax.
+order by a Gather after the Concat: an int8 copy, on the host that runs the outputs' tail (a Softmax) anyway.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from onnx import helper
 from lepton_cli.model.graph_edit import FreshNames, GraphIndex
 
 DENSE = ("Gemm", "MatMul")
-WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+# layers with weights of their own: a Gather in front of one would sit inside the graph, not in its tail
+WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "LSTM", "GRU", "RNN"}
 
 
 def dense_weight(index: GraphIndex, node: onnx.NodeProto, out_axis: int) -> np.ndarray | None:
