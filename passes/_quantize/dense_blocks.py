@@ -55,9 +55,9 @@ def split_dense(
     bounds: list[int],
     columns: np.ndarray | None = None,
 ) -> None:
-    """Replace ``node`` by one layer per block ``bounds`` of output channels and a Concat on the channel axis (1: both ops' outputs are 2-D here). With
-    ``columns`` (a permutation), block k takes channels ``columns[bounds[k]:bounds[k+1]]`` and a Gather puts the
-    joined channels back in their own order."""
+    """Replace ``node`` by one layer per block ``bounds`` of output channels and a Concat on axis 1 (the outputs are
+    2-D). With ``columns`` (a permutation), block k takes channels ``columns[bounds[k]:bounds[k+1]]`` and a Gather
+    puts the joined channels back in their own order."""
     weight = index.const(node.input[1])
     bias = index.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     per_channel_bias = bias is not None and bias.ndim > 0 and bias.shape[-1] == weight.shape[out_axis] > 1
