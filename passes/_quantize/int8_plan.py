@@ -48,7 +48,7 @@ from lepton_cli.passes._quantize.source_tiers import (
     tier_summary,
 )
 from lepton_cli.passes._quantize.tuning import Build, SearchSpace, TierUnavailable, ranking_build
-from lepton_cli.passes._quantize.weight_blocks import max_scale, split_weight_blocks
+from lepton_cli.passes._quantize.weight_blocks import DPU_PASSES, max_scale, split_weight_blocks
 from lepton_cli.passes._quantize.weight_layers import weight_layers
 
 from lepton_cli.evaluate.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, scoring_opt_level
@@ -230,6 +230,7 @@ class Int8Plan(SearchPlan):
         self.base = onnx.ModelProto()
         self.unblocked: onnx.ModelProto | None = None  # the source before weight blocks split its convs (fpga)
         self.alignment = 1  # the target's channel alignment (weight blocks are whole multiples of it)
+        self.widest: int | None = None  # the most output channels one layer of the target's accelerator computes
         self.recovery: _RecoveryInputs | None = None  # what the steps ran on, for the report's per-step gains
         self.builds: list[Build] = []  # the search space's builds: plain tiers, then the source tiers offered
         self.source_tiers: list[SourceTier] = []
@@ -245,6 +246,8 @@ class Int8Plan(SearchPlan):
             ctx.warn(self.reduce_range_why)
         unblocked = schemes.preprocess(model, ctx.work_dir, optimize=params.preprocess)
         self.alignment = ctx.target.hardware.channel_alignment
+        if "dpu" in ctx.target.runtime.device_checks:
+            self.widest = DPU_PASSES * self.alignment
         base = self._weight_blocks(unblocked, self.alignment, summary)
         self.unblocked = unblocked if base is not unblocked else None
         summary |= {
@@ -322,13 +325,13 @@ class Int8Plan(SearchPlan):
         return build, lambda: self.base
 
     def _weight_blocks(self, model: onnx.ModelProto, alignment: int, summary: dict[str, Any]) -> onnx.ModelProto:
-        """``model`` with Convs split into blocks of output channels by weight scale, where the target's weights are
-        per tensor and the split gains (weight_blocks.py)."""
+        """``model`` with Convs and Gemms split into blocks of output channels by weight scale, where the target's
+        weights are per tensor and the split gains or a layer is wider than the accelerator (weight_blocks.py)."""
         scheme = self.scheme
         if not self.params.weight_blocks or (scheme.per_channel and not scheme.power_of_two):
             return model
         scale_of = schemes.pow2_weight_scale if scheme.power_of_two else max_scale
-        model, split = split_weight_blocks(model, scale_of, alignment)
+        model, split = split_weight_blocks(model, scale_of, alignment, widest=self.widest)
         if split:
             summary["weight_blocks"] = split
         return model

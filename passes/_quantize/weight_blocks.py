@@ -32,6 +32,7 @@ ScaleOf = Callable[[np.ndarray], float]  # a weight tensor's per-tensor scale on
 NEGLIGIBLE = 2.0**-20  # beyond the DPU's 16-bit shift range from the layer's largest weight: zero on its int8 grid
 NO_OCTAVE = -1000  # below every real octave: such channels sort last
 MIN_GAIN_DB = 3.0  # a split that buys the layer's weights less than half a bit is not worth its Concat
+DPU_PASSES = 256  # a DPU layer's output channels: at most 256 passes of its channel parallelism (PG338; dpu.py)
 
 
 def max_scale(weight: np.ndarray) -> float:
@@ -40,11 +41,11 @@ def max_scale(weight: np.ndarray) -> float:
 
 
 def split_weight_blocks(
-    model: onnx.ModelProto, scale_of: ScaleOf, align: int, through_depthwise: bool = True
+    model: onnx.ModelProto, scale_of: ScaleOf, align: int, through_depthwise: bool = True, widest: int | None = None
 ) -> tuple[onnx.ModelProto, dict[str, int]]:
     """(``model`` with its Convs, Gemms and 2-D MatMuls split into weight blocks where that gains ``MIN_GAIN_DB``,
     {layer name: blocks}); with ``through_depthwise``, the depthwise convs a blocked Conv feeds through element-wise
-    ops are split with it."""
+    ops are split with it. With ``widest``, no block has more output channels, and a wider layer is always split."""
     working = onnx.ModelProto()
     working.CopyFrom(model)
     weights_as_initializers(working)
@@ -59,14 +60,14 @@ def split_weight_blocks(
         if group in orders or node.name in restored:
             continue
         if node.op_type in DENSE:
-            planned = _plan_dense(before, a, producer, scale_of, max(align, 1))
+            planned = _plan_dense(before, a, producer, scale_of, max(align, 1), widest)
             if planned is not None and group in a.pinned:
                 restored[node.name], cuts[node.name] = planned
             elif planned is not None:
                 orders[group], cuts[node.name] = planned
             continue
         followers = _depthwise_followers(before, producer.output, a.sizes[group]) if through_depthwise else []
-        planned = _plan(working, a, producer, inits, scale_of, max(align, 1), followers)
+        planned = _plan(working, a, producer, inits, scale_of, max(align, 1), followers, widest)
         if planned is not None:
             orders[group], cuts[node.name] = planned
     if not cuts:
@@ -94,6 +95,7 @@ def _plan(
     scale_of: ScaleOf,
     align: int,
     followers: list[np.ndarray],
+    widest: int | None,
 ) -> tuple[np.ndarray, list[int]] | None:
     """(channel order, block boundaries) for a dense 2-D Conv whose channels may be reordered, or None. Channels go
     by the Conv's own scale, then by those of the depthwise ``followers`` that will be split with it."""
@@ -105,12 +107,15 @@ def _plan(
     groups = next((at.i for at in node.attribute if at.name == "group"), 1)
     if weight.ndim != 4 or groups != 1 or weight.shape[0] != a.sizes[group]:
         return None
-    return _blocks([weight, *followers], scale_of, align)
+    return _blocks([weight, *followers], scale_of, align, widest)
 
 
-def _blocks(weights: list[np.ndarray], scale_of: ScaleOf, align: int) -> tuple[np.ndarray, list[int]] | None:
+def _blocks(
+    weights: list[np.ndarray], scale_of: ScaleOf, align: int, widest: int | None
+) -> tuple[np.ndarray, list[int]] | None:
     """(channel order, block boundaries) for layers sharing output channels (axis 0), or None where a split gains
-    less than ``MIN_GAIN_DB``. Channels go by the first layer's scale, then by the others'."""
+    less than ``MIN_GAIN_DB`` and the layer is no wider than ``widest``. Channels go by the first layer's scale, then
+    by the others'; no block is wider than ``widest``."""
     if weights[0].shape[0] < 2 * align:
         return None
     octaves = np.array([_octaves(layer, scale_of) for layer in weights])
@@ -123,15 +128,17 @@ def _blocks(weights: list[np.ndarray], scale_of: ScaleOf, align: int) -> tuple[n
         if ((chunk > NO_OCTAVE) & (chunk < block.max(axis=1))).any():
             bounds.append(start)
     bounds.append(len(order))
+    if widest:  # a wider block would leave the accelerator: cut it into widths it runs
+        bounds = sorted({*bounds, *(b for s, e in zip(bounds, bounds[1:]) for b in range(s + widest, e, widest))})
     whole = [0, len(order)]
     gain = max(_snr(layer[order], bounds, scale_of) - _snr(layer, whole, scale_of) for layer in weights)
-    if len(bounds) < 3 or gain < MIN_GAIN_DB:
+    if len(bounds) < 3 or (gain < MIN_GAIN_DB and len(order) <= (widest or len(order))):
         return None
     return order, bounds
 
 
 def _plan_dense(
-    index: GraphIndex, a: ChannelAnalysis, producer: Producer, scale_of: ScaleOf, align: int
+    index: GraphIndex, a: ChannelAnalysis, producer: Producer, scale_of: ScaleOf, align: int, widest: int | None
 ) -> tuple[np.ndarray, list[int]] | None:
     """(column order, block boundaries) for a Gemm or 2-D MatMul, or None. A layer whose columns are pinned gets
     blocks only where its output ends the graph (dense_blocks.py: a Gather then restores the order)."""
@@ -142,7 +149,7 @@ def _plan_dense(
         return None
     if group in a.pinned and not ends_the_graph(index, producer.output):
         return None
-    return _blocks([weight.astype(np.float64)], scale_of, align)
+    return _blocks([weight.astype(np.float64)], scale_of, align, widest)
 
 
 def _depthwise_followers(index: GraphIndex, tensor: str, channels: int) -> list[np.ndarray]:

@@ -331,3 +331,24 @@ def test_a_classifier_with_transposed_weights_splits_along_its_rows(rec):
     ]
     assert len(widths) == want and sum(widths) == weight.shape[1]
     np.testing.assert_allclose(_logits(blocked, held), _logits(model, held), atol=1e-3)
+
+
+def test_no_classifier_block_is_wider_than_a_dpu_layer(rec):
+    """A DPU layer computes at most 256 passes of its channel parallelism (4096 output channels on fpga): by scale
+    alone PP-OCRv4 rec's classifier has a block of 4800 columns, which the DPU check sends to the CPU. With the limit
+    every block fits, the wide one cut in two, and the logits are the same."""
+    model, _, held = rec
+    classifier = [node for node in model.graph.node if node.op_type == "Gemm"][-1]
+
+    def widths(blocked: onnx.ModelProto) -> list[int]:
+        inits = {t.name: t for t in blocked.graph.initializer}
+        (restore,) = _restores(blocked)
+        concat = next(node for node in blocked.graph.node if restore.input[0] in node.output)
+        producers = {out: node for node in blocked.graph.node for out in node.output}
+        return [inits[producers[name].input[1]].dims[1] for name in concat.input]
+
+    free, _ = split_weight_blocks(model, schemes.pow2_weight_scale, ALIGN)
+    limited, split = split_weight_blocks(model, schemes.pow2_weight_scale, ALIGN, widest=256 * ALIGN)
+    assert max(widths(free)) > 256 * ALIGN and max(widths(limited)) <= 256 * ALIGN
+    assert split[classifier.name] == len(widths(free)) + 1 and sum(widths(limited)) == 6625
+    np.testing.assert_allclose(_logits(limited, held), _logits(model, held), atol=1e-3)
