@@ -26,12 +26,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from lepton_cli.pipeline.targets import Target
+from lepton_cli.pipeline.targets import DPU_CHANNEL_PARALLEL, DPU_MAX_CHANNELS, Target
 
-CHANNEL_PARALLEL = 16
+CHANNEL_PARALLEL = DPU_CHANNEL_PARALLEL
 BANK_DEPTH = 2048
 BANK_NUM = 8
-MAX_CHANNELS = 256 * CHANNEL_PARALLEL
+MAX_CHANNELS = DPU_MAX_CHANNELS
 SHIFT_CUT = (0, 16)
 SHIFT_BIAS_MAX = 15
 BIAS_BITS = 8

@@ -50,6 +50,12 @@ class Hardware:
             raise ParamValueError("cores", f"must be >= 1, got {self.cores}")
 
 
+# The DPU check's reference part (DPUCZDX8G B4096, UG1414): a layer reads and writes at most 256 passes of its
+# channel parallelism (16), 4096 channels.
+DPU_CHANNEL_PARALLEL = 16
+DPU_MAX_CHANNELS = 256 * DPU_CHANNEL_PARALLEL
+
+
 @dataclass(frozen=True)
 class Runtime:
     execution_providers: list[str]  # ONNX Runtime EPs in preference order
@@ -61,6 +67,10 @@ class Runtime:
     device_formats: list[Literal["ort", "tflite"]] = field(default_factory=list)
     # The accelerator's documented constraints, checked on the compiled graph (lepton_cli/device_artifacts).
     device_checks: list[Literal["dpu", "edgetpu"]] = field(default_factory=list)
+
+    def max_layer_channels(self) -> int | None:
+        """The most output channels one layer of the target's checked accelerator computes; None when unchecked."""
+        return DPU_MAX_CHANNELS if "dpu" in self.device_checks else None
 
     def require_onnxruntime(self, target: str, setting: str, why: str) -> None:
         """Refuse ``setting`` (``pass.param`` = true) unless the target deploys with ONNX Runtime: ``why`` says what

@@ -16,10 +16,12 @@ import onnx
 from onnx import helper
 
 from lepton_cli.model.graph_edit import FreshNames, GraphIndex
+from lepton_cli.model.op_traits import WEIGHT_OPS
+from lepton_cli.model.stats import RECURRENT_OPS
 
 DENSE = ("Gemm", "MatMul")
 # layers with weights of their own: a Gather in front of one would sit inside the graph, not in its tail
-WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "LSTM", "GRU", "RNN"}
+WEIGHTED = {*WEIGHT_OPS, "Einsum", *RECURRENT_OPS}
 
 
 def dense_weight(index: GraphIndex, node: onnx.NodeProto, out_axis: int) -> np.ndarray | None:

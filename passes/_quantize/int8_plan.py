@@ -48,7 +48,7 @@ from lepton_cli.passes._quantize.source_tiers import (
     tier_summary,
 )
 from lepton_cli.passes._quantize.tuning import Build, SearchSpace, TierUnavailable, ranking_build
-from lepton_cli.passes._quantize.weight_blocks import DPU_PASSES, max_scale, split_weight_blocks
+from lepton_cli.passes._quantize.weight_blocks import max_scale, split_weight_blocks
 from lepton_cli.passes._quantize.weight_layers import weight_layers
 
 from lepton_cli.evaluate.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, scoring_opt_level
@@ -246,8 +246,7 @@ class Int8Plan(SearchPlan):
             ctx.warn(self.reduce_range_why)
         unblocked = schemes.preprocess(model, ctx.work_dir, optimize=params.preprocess)
         self.alignment = ctx.target.hardware.channel_alignment
-        if "dpu" in ctx.target.runtime.device_checks:
-            self.widest = DPU_PASSES * self.alignment
+        self.widest = ctx.target.runtime.max_layer_channels()
         base = self._weight_blocks(unblocked, self.alignment, summary)
         self.unblocked = unblocked if base is not unblocked else None
         summary |= {

@@ -32,7 +32,6 @@ ScaleOf = Callable[[np.ndarray], float]  # a weight tensor's per-tensor scale on
 NEGLIGIBLE = 2.0**-20  # beyond the DPU's 16-bit shift range from the layer's largest weight: zero on its int8 grid
 NO_OCTAVE = -1000  # below every real octave: such channels sort last
 MIN_GAIN_DB = 3.0  # a split that buys the layer's weights less than half a bit is not worth its Concat
-DPU_PASSES = 256  # a DPU layer's output channels: at most 256 passes of its channel parallelism (PG338; dpu.py)
 
 
 def max_scale(weight: np.ndarray) -> float:
@@ -53,6 +52,7 @@ def split_weight_blocks(
     orders: dict[int, np.ndarray] = {}
     cuts: dict[str, list[int]] = {}
     restored: dict[str, np.ndarray] = {}  # column orders of the layers whose output ends the graph
+    out_axes: dict[str, int] = {}  # the dense layers' weight axis of output channels
     inits = {t.name: t for t in working.graph.initializer}
     before = GraphIndex(working.graph)  # where the depthwise convs are and what reads each layer, pre-order
     for producer in a.producers:
@@ -60,7 +60,8 @@ def split_weight_blocks(
         if group in orders or node.name in restored:
             continue
         if node.op_type in DENSE:
-            planned = _plan_dense(before, a, producer, scale_of, max(align, 1), widest)
+            planned = _plan_dense(before, a, producer, node, scale_of, max(align, 1), widest)
+            out_axes[node.name] = producer.out_axis
             if planned is not None and group in a.pinned:
                 restored[node.name], cuts[node.name] = planned
             elif planned is not None:
@@ -74,7 +75,6 @@ def split_weight_blocks(
         return model, {}
     ordered = apply_order(working, a, orders)
     index, names = GraphIndex(ordered.graph), FreshNames(ordered)
-    out_axes = {working.graph.node[p.node].name: p.out_axis for p in a.producers}
     for node in [n for n in ordered.graph.node if n.name in cuts]:
         bounds, output = cuts[node.name], node.output[0]
         if node.op_type in DENSE:
@@ -138,11 +138,16 @@ def _blocks(
 
 
 def _plan_dense(
-    index: GraphIndex, a: ChannelAnalysis, producer: Producer, scale_of: ScaleOf, align: int, widest: int | None
+    index: GraphIndex,
+    a: ChannelAnalysis,
+    producer: Producer,
+    node: onnx.NodeProto,
+    scale_of: ScaleOf,
+    align: int,
+    widest: int | None,
 ) -> tuple[np.ndarray, list[int]] | None:
     """(column order, block boundaries) for a Gemm or 2-D MatMul, or None. A layer whose columns are pinned gets
     blocks only where its output ends the graph (dense_blocks.py: a Gather then restores the order)."""
-    node = index.producer[producer.output]
     weight = dense_weight(index, node, producer.out_axis)
     group = a.group_of(producer)
     if weight is None or weight.shape[0] != a.sizes[group]:
