@@ -5,7 +5,9 @@ their own dtype's size) give a roofline time max(compute, memory) on the target'
 facts: compute at the peak of the node's arithmetic (int8 for quantized kernels and the QDQ node
 units ONNX Runtime's CPU EP fuses into integer kernels, ``qdq_units``; fp16 for half tensors; else
 fp32), memory at the peak bandwidth, each derated by how much of the peak real kernels reach
-(``Efficiency``), plus a fixed per-kernel dispatch cost. Nodes whose inputs are all constant cost
+(``Efficiency``), plus a fixed per-kernel dispatch cost. On an accelerator that runs quantized element-wise ops
+itself (``int8_elementwise``: the DPU), those units move int8 bytes at the int8 rate; ops left float run on its host
+between a dequantize and a quantize, each priced as a node. Nodes whose inputs are all constant cost
 nothing: the runtime folds them when the session is created, except DequantizeLinear, which ORT
 keeps for its QDQ fusions (a weight DQ no kernel absorbs runs on every inference). The sum is the
 estimate.
@@ -53,6 +55,8 @@ class HardwareFacts(Protocol):
     def isa(self) -> list[str]: ...
     @property
     def cores(self) -> int: ...
+    @property
+    def int8_elementwise(self) -> bool: ...
 
 
 class BudgetLimits(Protocol):
@@ -104,6 +108,8 @@ QDQ_FIRST_INPUT = {"AveragePool", "GlobalAveragePool", "LeakyRelu", "Sigmoid", "
 QDQ_DROP_16BIT = {"Expand", "Flatten", "Gather", "GatherElements", "Reshape", "Slice", "Squeeze", "Tile"}
 QDQ_DROP_16BIT |= {"Transpose", "Unsqueeze"}
 QDQ_OPS = QDQ_EVERY_INPUT | QDQ_FIRST_INPUT | QDQ_DROP_16BIT
+# Activations an int8 accelerator (``int8_elementwise``) runs between its Q/DQ where ORT has no integer kernel.
+ACCELERATOR_FIRST_INPUT = {"HardSigmoid", "HardSwish"}
 QDQ_FLOAT_OUTPUT = {"MatMul", "Gemm"}  # MatMulIntegerToFloat / QGemm: integer inputs, float output, no Q needed
 FUSED_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh"}  # conv_activation_fusion.cc
 _BITS = {TensorProto.INT8: 8, TensorProto.UINT8: 8, TensorProto.INT16: 16, TensorProto.UINT16: 16}
@@ -238,9 +244,11 @@ def _all_quantize(readers: list[int], nodes: list[onnx.NodeProto]) -> bool:
     return bool(readers) and all(nodes[r].op_type == "QuantizeLinear" for r in readers)
 
 
-def qdq_units(model: onnx.ModelProto, types: dict[str, int]) -> QdqUnits:
+def qdq_units(model: onnx.ModelProto, types: dict[str, int], accelerator: bool = False) -> QdqUnits:
     """The node units ORT's QDQ transformer fuses: every data input from an 8-bit DequantizeLinear, every
-    output read only by QuantizeLinear of the same type (16-bit: data-movement ops only)."""
+    output read only by QuantizeLinear of the same type (16-bit: data-movement ops only); ``accelerator``: also the
+    activations an int8 accelerator runs (``ACCELERATOR_FIRST_INPUT``)."""
+    unit_ops = QDQ_OPS | ACCELERATOR_FIRST_INPUT if accelerator else QDQ_OPS
     nodes = list(model.graph.node)
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     consumers: dict[str, list[int]] = {}
@@ -254,7 +262,7 @@ def qdq_units(model: onnx.ModelProto, types: dict[str, int]) -> QdqUnits:
         inputs = _data_inputs(node)
         dqs = [producer.get(t) for t in inputs]
         if (
-            node.op_type not in QDQ_OPS
+            node.op_type not in unit_ops
             or not inputs
             or any(d is None or nodes[d].op_type != "DequantizeLinear" for d in dqs)
         ):
@@ -381,7 +389,7 @@ def node_costs(
     shapes = shape_map(model)
     types = elem_types(model)
     constants = _constants(model)
-    units = qdq_units(model, types)
+    units = qdq_units(model, types, accelerator=hw.int8_elementwise)
     peaks = {"int8": hw.peak_int8_tops * 1e12, "fp16": hw.peak_fp16_tflops * 1e12, "fp32": hw.peak_fp32_tflops * 1e12}
     bandwidth = hw.memory_bandwidth_gbps * 1e9 * eff.memory
     costs: list[NodeCost] = []
@@ -392,14 +400,15 @@ def node_costs(
             continue  # folded at session creation, or run inside a fused integer kernel
         name = node.name or f"{node.op_type}_{index}"
         fused = index in units.fused
-        dtype = _compute_dtype(node, types, fused)
+        on_accelerator = fused and hw.int8_elementwise  # an integer unit the accelerator runs: int8 bytes and rate
+        dtype = "int8" if on_accelerator else _compute_dtype(node, types, fused)
         macs = node_macs(node, shapes) or 0
         moved = 0
         if node.op_type not in VIEW_OPS:
             for tensor in [*node.input, *node.output]:
                 if not tensor:
                     continue
-                integer_bytes = fused and node.op_type not in REQUANTIZING_ELEMENTWISE
+                integer_bytes = on_accelerator or (fused and node.op_type not in REQUANTIZING_ELEMENTWISE)
                 size = _size(units.reads.get(tensor, tensor) if integer_bytes else tensor, shapes, types)
                 if size is not None and _gathered_table(node, tensor, constants):
                     size = _rows_read(node, shapes, types, size)
@@ -418,7 +427,8 @@ def node_costs(
         if node.op_type in MAC_OPS:
             compute_s = 2 * macs / (peaks[dtype] * (eff.grouped_compute if grouped else eff.compute))
         else:
-            compute_s = elements * eff.element_ops.get(node.op_type, 1.0) / (peaks["fp32"] * eff.compute)
+            rate = peaks["int8" if on_accelerator else "fp32"]
+            compute_s = elements * eff.element_ops.get(node.op_type, 1.0) / (rate * eff.compute)
         fits_on_chip = 0 < moved <= hw.on_chip_memory_kb * 1024
         memory_s = moved / (bandwidth * (eff.cache_bandwidth if fits_on_chip else 1.0))
         seconds = max(compute_s, memory_s) + eff.node_overhead_us * 1e-6

@@ -39,6 +39,9 @@ class Hardware:
     on_chip_memory_kb: float = 0.0
     isa: list[str] = field(default_factory=list)  # e.g. avx512_vnni, neon, dotprod, i8mm
     cores: int = 1
+    # The accelerator runs quantized element-wise ops (Add, Mul, activations, pooling) itself on int8 tensors; false:
+    # ONNX Runtime's CPU EP, whose QLinearAdd/Mul dequantize, compute and requantize each element.
+    int8_elementwise: bool = False
 
     def __post_init__(self) -> None:
         for name in ("peak_int8_tops", "peak_fp16_tflops", "peak_fp32_tflops", "memory_bandwidth_gbps", "memory_mb"):
