@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -115,6 +116,48 @@ def test_qdq_matmul_runs_at_int8_rate_and_its_dqs_inside_the_kernel():
     assert [c.op for c in costs] == ["QuantizeLinear", "MatMul"]  # both DQs run inside MatMulIntegerToFloat
     fp32 = {c.name: c for c in costmodel.node_costs(costmodel.infer(_matmul(64, 256, 128)), HW, IDEAL)[0]}["mm"]
     assert by_name["mm"].compute_s == pytest.approx(fp32.compute_s / 4)  # int8 peak is 4x the fp32 one here
+
+
+def _qdq_hard_swish(channels: int = 64, pixels: int = 1024) -> onnx.ModelProto:
+    """x -> Q/DQ -> HardSigmoid -> Q/DQ -> Mul(x, gate) -> Q: a hard-swish with every tensor int8."""
+    scale = [numpy_helper.from_array(np.array(2.0**-4, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")]
+
+    def qdq(name: str) -> list[onnx.NodeProto]:
+        return [
+            helper.make_node("QuantizeLinear", [name, "s", "z"], [f"{name}q"]),
+            helper.make_node("DequantizeLinear", [f"{name}q", "s", "z"], [f"{name}d"]),
+        ]
+
+    nodes = [
+        *qdq("x"),
+        helper.make_node("HardSigmoid", ["xd"], ["g"], name="gate", alpha=1 / 6, beta=0.5),
+        *qdq("g"),
+        helper.make_node("Mul", ["xd", "gd"], ["y"], name="swish"),
+        helper.make_node("QuantizeLinear", ["y", "s", "z"], ["yq"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, pixels])],
+        [helper.make_tensor_value_info("yq", TensorProto.INT8, [1, channels, pixels])],
+        scale,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_int8_accelerator_runs_quantized_element_wise_units_at_int8_bytes_and_rate():
+    """ORT's CPU EP dequantizes, computes and requantizes a QLinearMul's elements (float bytes) and has no integer
+    HardSigmoid; the DPU runs both on int8 feature maps (``int8_elementwise``)."""
+    model = costmodel.infer(_qdq_hard_swish())
+    cpu = {c.name: c for c in costmodel.node_costs(model, HW, IDEAL)[0]}
+    dpu = {c.name: c for c in costmodel.node_costs(model, replace(HW, int8_elementwise=True), IDEAL)[0]}
+    elements = 64 * 1024
+    assert cpu["swish"].bytes == 3 * 4 * elements and dpu["swish"].bytes == 3 * elements
+    assert dpu["swish"].dtype == "int8" and dpu["swish"].compute_s == pytest.approx(cpu["swish"].compute_s / 4)
+    assert cpu["gate"].dtype == "fp32" and dpu["gate"].dtype == "int8" and dpu["gate"].bytes == 2 * elements
+    # on the CPU the float gate's input DQ and output Q run as nodes of their own; on the DPU inside its units
+    assert sorted(c.op for c in cpu.values()) == ["DequantizeLinear", "HardSigmoid", "Mul", "QuantizeLinear", "QuantizeLinear"]
+    assert sorted(c.op for c in dpu.values()) == ["HardSigmoid", "Mul", "QuantizeLinear"]
 
 
 def _check_plan(buffers: list[Buffer], offsets: dict[str, int], arena: int) -> None:

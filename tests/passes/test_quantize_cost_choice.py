@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import onnx
 import pytest
-from conftest import DIGITS
+from conftest import DIGITS, needs_ocr
 from lepton_cli.passes._quantize import tuning
 from lepton_cli.passes._quantize.tuning import SearchSpace, Trial, TunerSettings, choose
 
@@ -434,3 +434,53 @@ def test_an_exact_speed_rewrite_of_the_choice_ships_only_when_it_meets_the_budge
     assert summary["rewrite"] == {"places": 2, "drop_pct": rewritten_drop, "kept": kept}
     assert model.doc_string.endswith(":rewritten") == kept
     assert best.drop_pct == summary["drop_pct"] == (rewritten_drop if kept else 0.1)
+
+
+@needs_ocr
+def test_fpga_prices_pp_ocr_rec_with_its_hard_swish_on_the_dpu_below_the_host_tier(tmp_path):
+    """PP-OCRv4 rec on fpga: fuse writes its hard-swishes as x * HardSigmoid(x), which the DPU runs (no Div left for
+    the A53). Priced the DPU's way, every op int8 costs well under the host tier (element-wise ops float on the A53
+    between a dequantize and a quantize); priced as ORT's CPU EP runs QLinearMul, the two were within a few per cent,
+    so the search shipped 608 host ops where a fully int8 model fit."""
+    import dataclasses
+    import sys
+
+    import numpy as np
+    from conftest import OCR_REC, REPO
+    from lepton_cli.passes._quantize import schemes
+    from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
+
+    from lepton_cli.device_artifacts import dpu
+    from lepton_cli.evaluate.costmodel import latency_ms
+    from lepton_cli.model.load import upgrade_opset
+    from lepton_cli.model.shapes import bind_input_shapes
+    from lepton_cli.pipeline.context import PassContext
+    from lepton_cli.pipeline.registry import get_pass
+    from lepton_cli.samples.sample_set import load_samples
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset
+
+    target, shapes = load_target("fpga"), {"x": [1, 3, 48, 320]}
+    model, _ = upgrade_opset(onnx.load(OCR_REC), target.runtime.opset_min, target.runtime.opset_max)
+    fuse = next(step for step in target.passes if step.name == "fuse")
+    fused = get_pass("fuse").fn(bind_input_shapes(model, shapes), PassContext(target=target), fuse.params)
+    assert fused.summary["hard_swish_fused"] >= 20
+    model = schemes.preprocess(fused.model, tmp_path)
+    np.savez(tmp_path / "calib.npz", x=ocr_textset.make_set(8, 1, "calib")[0])
+    settings = CalibrationSettings(method="minmax", chunk=8, max_samples=8, power_of_two=True)
+    ranges = calibrate(model, load_samples(tmp_path / "calib.npz", model), settings, None)
+    ranges_file = schemes.save_ranges(ranges, tmp_path / "ranges.json")
+    host_tier = tuple(next(step for step in target.passes if step.name == "quantize").params.op_types)
+    ort_style = dataclasses.replace(target.hardware, int8_elementwise=False)
+    priced = {}
+    for label, op_types in {"every op": (), "host tier": host_tier}.items():
+        scheme = schemes.Int8Scheme(
+            activation_type="s8", per_channel=False, activation_symmetric=True, power_of_two=True, op_types=op_types
+        )
+        int8 = schemes.quantize_int8(model, ranges_file, "minmax", scheme, [], tmp_path)
+        priced[label] = (latency_ms(int8, target.hardware, input_shapes=shapes)[0], latency_ms(int8, ort_style, input_shapes=shapes)[0])
+        violations, _ = dpu.check(int8, list(target.runtime.supported_ops))
+        assert not [v for v in violations if v.op in ("Div", "Clip")], violations
+    assert priced["every op"][0] < 0.6 * priced["host tier"][0], priced
+    assert priced["every op"][1] > 0.9 * priced["host tier"][1], priced  # what chose the host tier before
