@@ -277,6 +277,8 @@ class Int8Plan(SearchPlan):
             ops = self.tiers[0] if source_tier.first_ops else self.tiers[-1]
             if source_tier.first_ops:
                 space.full_only.add(len(space.builds))
+            if source_tier.settings.int8_steps:
+                space.one_fit_per_tier.add(len(space.builds))
             tier_scheme = replace(scheme, op_types=tuple(ops))
             made = self._source_tier(source_tier, base, calib, tier_scheme, ctx, exclude, summary)
             self._append_tier(space, source_tier.transform, *made, ops=ops)

@@ -120,7 +120,10 @@ def test_qdq_matmul_runs_at_int8_rate_and_its_dqs_inside_the_kernel():
 
 def _qdq_hard_swish(channels: int = 64, pixels: int = 1024) -> onnx.ModelProto:
     """x -> Q/DQ -> HardSigmoid -> Q/DQ -> Mul(x, gate) -> Q: a hard-swish with every tensor int8."""
-    scale = [numpy_helper.from_array(np.array(2.0**-4, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")]
+    scale = [
+        numpy_helper.from_array(np.array(2.0**-4, np.float32), "s"),
+        numpy_helper.from_array(np.array(0, np.int8), "z"),
+    ]
 
     def qdq(name: str) -> list[onnx.NodeProto]:
         return [
@@ -156,7 +159,13 @@ def test_an_int8_accelerator_runs_quantized_element_wise_units_at_int8_bytes_and
     assert dpu["swish"].dtype == "int8" and dpu["swish"].compute_s == pytest.approx(cpu["swish"].compute_s / 4)
     assert cpu["gate"].dtype == "fp32" and dpu["gate"].dtype == "int8" and dpu["gate"].bytes == 2 * elements
     # on the CPU the float gate's input DQ and output Q run as nodes of their own; on the DPU inside its units
-    assert sorted(c.op for c in cpu.values()) == ["DequantizeLinear", "HardSigmoid", "Mul", "QuantizeLinear", "QuantizeLinear"]
+    assert sorted(c.op for c in cpu.values()) == [
+        "DequantizeLinear",
+        "HardSigmoid",
+        "Mul",
+        "QuantizeLinear",
+        "QuantizeLinear",
+    ]
     assert sorted(c.op for c in dpu.values()) == ["HardSigmoid", "Mul", "QuantizeLinear"]
 
 

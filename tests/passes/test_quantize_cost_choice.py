@@ -277,6 +277,8 @@ def _tune_with_tier(
     full_only: frozenset = frozenset(),
     builds: list[str] | None = None,
     summary: dict | None = None,
+    one_fit: frozenset = frozenset(),
+    methods: tuple[str, ...] = ("minmax",),
 ):
     """(best, summary, builds, made, references) of a search over two plain tiers and a ``transform`` tier ("sq:");
     ``builds`` and ``summary`` are filled in place when given (they outlive a refusal)."""
@@ -289,7 +291,7 @@ def _tune_with_tier(
     made: list[str] = []
     base = onnx.load(DIGITS / "digits_cnn.onnx")
     space = _with_smoothquant_tier(_space(base, builds), builds, made)
-    space.full_only = set(full_only)
+    space.full_only, space.one_fit_per_tier, space.methods = set(full_only), set(one_fit), list(methods)
     space.transforms = ["", "", transform]
     summary = {} if summary is None else summary
     hardware = load_target("cpu-avx").hardware
@@ -347,6 +349,29 @@ def test_a_fully_quantized_only_tier_wins_when_its_fully_quantized_model_fits(mo
     costs = {"t0:minmax:": 10.0, "t0:minmax:n0,n1,n2,n3": 14.0, "t1:minmax:": 15.0, "sq:minmax:": 10.0}
     best, summary, _, _, _ = _tune_with_tier(monkeypatch, drops, costs, full_only=frozenset({2}))
     assert best.transform == "smoothquant" and best.float_nodes == [] and summary["float_kept"] == []
+
+
+@pytest.mark.parametrize("one_fit", [False, True])
+def test_a_tier_that_refits_per_method_builds_no_other_method_once_one_fits(monkeypatch, one_fit):
+    """fpga's fast recovery tier re-rounds the weights on each method's int8 model (about 2.5 minutes a method on
+    PP-OCRv4 rec): once percentile's fully quantized model fits, mse's is not built there; plain tiers still score
+    every method's, whose ranges then compete on closeness."""
+    drops = {"sq:percentile:": 0.3, "sq:mse:": 0.2}
+    costs = {"t0:percentile:": 8.0, "t0:mse:": 8.0, "t1:percentile:": 15.0, "t1:mse:": 15.0}
+    costs |= {"sq:percentile:": 9.0, "sq:mse:": 9.0}
+    tier = frozenset({2}) if one_fit else frozenset()
+    best, _, builds, _, _ = _tune_with_tier(
+        monkeypatch,
+        drops,
+        costs,
+        "fast_recovery",
+        full_only=frozenset({2}),
+        one_fit=tier,
+        methods=("percentile", "mse"),
+    )
+    assert {"t0:percentile:", "t0:mse:", "t1:percentile:", "t1:mse:"} <= set(builds)
+    assert ("sq:mse:" in builds) is not one_fit
+    assert best.transform == "fast_recovery" and best.method == ("percentile" if one_fit else "mse")
 
 
 def test_a_transform_tier_is_neither_made_nor_built_when_the_plain_choice_is_fully_quantized(monkeypatch):
@@ -479,7 +504,10 @@ def test_fpga_prices_pp_ocr_rec_with_its_hard_swish_on_the_dpu_below_the_host_ti
             activation_type="s8", per_channel=False, activation_symmetric=True, power_of_two=True, op_types=op_types
         )
         int8 = schemes.quantize_int8(model, ranges_file, "minmax", scheme, [], tmp_path)
-        priced[label] = (latency_ms(int8, target.hardware, input_shapes=shapes)[0], latency_ms(int8, ort_style, input_shapes=shapes)[0])
+        priced[label] = (
+            latency_ms(int8, target.hardware, input_shapes=shapes)[0],
+            latency_ms(int8, ort_style, input_shapes=shapes)[0],
+        )
         violations, _ = dpu.check(int8, list(target.runtime.supported_ops))
         assert not [v for v in violations if v.op in ("Div", "Clip")], violations
     assert priced["every op"][0] < 0.6 * priced["host tier"][0], priced
