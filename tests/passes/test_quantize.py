@@ -1058,7 +1058,7 @@ def test_a_source_name_that_ends_like_a_quantizer_suffix_is_kept_whole():
 
 @needs_ocr
 def test_fpga_ppocr_det_every_scale_is_a_power_of_two(tmp_path):
-    """PP-OCRv4 det after fpga's fuse (hard-swish folded into Add/Mul with constant inputs), on rendered pages:
+    """PP-OCRv4 det after fpga's fuse (element-wise Add/Mul with constant inputs among its ops), on rendered pages:
     every QuantizeLinear/DequantizeLinear scale, weights, activations and those constants alike, is 2^k."""
     import sys
 
