@@ -375,14 +375,12 @@ def search(
     """Try methods and float-kept layer counts; return the fastest candidate within ``budget`` points
     (by ``cost``; without one, the most quantized), none when nothing within budget is priced under ``ceiling``.
     ``run``: this build's search so far (``probe_fully_quantized``): its trials are not scored again, and its ``z``
-    and ``cost`` stand for the arguments. ``other_methods_once_fit``: score each other method's fully quantized model
-    once one fits (False: stop there).
+    and ``cost`` stand for the arguments. ``other_methods_once_fit`` false: no method is tried after one that fits.
 
     A candidate meets the budget when its drop plus ``z`` standard errors does (``z`` = 0: the measured
     drop itself): a tuning set's drop is an estimate, and a candidate chosen because it landed just
     under the budget tends to land over it on other data."""
-    if run is None:
-        run = _Search(build, evaluator, budget, z, progress, cost, ceiling)
+    run = run if run is not None else _Search(build, evaluator, budget, z, progress, cost, ceiling)
     run.ceiling = min(run.ceiling, ceiling)
     sensitivity: list[tuple[str, float]] = []
     for method in methods:
