@@ -472,26 +472,25 @@ def test_fpga_prices_pp_ocr_rec_with_its_hard_swish_on_the_dpu_below_the_host_ti
 
     import numpy as np
     from conftest import OCR_REC, REPO
+    from det_int8 import fused_model
     from lepton_cli.passes._quantize import schemes
     from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 
     from lepton_cli.device_artifacts import dpu
     from lepton_cli.evaluate.costmodel import latency_ms
-    from lepton_cli.model.load import upgrade_opset
-    from lepton_cli.model.shapes import bind_input_shapes
-    from lepton_cli.pipeline.context import PassContext
-    from lepton_cli.pipeline.registry import get_pass
     from lepton_cli.samples.sample_set import load_samples
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     import ocr_textset
 
     target, shapes = load_target("fpga"), {"x": [1, 3, 48, 320]}
-    model, _ = upgrade_opset(onnx.load(OCR_REC), target.runtime.opset_min, target.runtime.opset_max)
-    fuse = next(step for step in target.passes if step.name == "fuse")
-    fused = get_pass("fuse").fn(bind_input_shapes(model, shapes), PassContext(target=target), fuse.params)
-    assert fused.summary["hard_swish_fused"] >= 20
-    model = schemes.preprocess(fused.model, tmp_path)
+    fused = fused_model(OCR_REC, shapes, "fpga")
+
+    def hard_sigmoids(m: onnx.ModelProto) -> int:
+        return sum(node.op_type == "HardSigmoid" for node in m.graph.node)
+
+    assert hard_sigmoids(fused) - hard_sigmoids(onnx.load(OCR_REC)) >= 20  # each fused hard-swish adds one
+    model = schemes.preprocess(fused, tmp_path)
     np.savez(tmp_path / "calib.npz", x=ocr_textset.make_set(8, 1, "calib")[0])
     settings = CalibrationSettings(method="minmax", chunk=8, max_samples=8, power_of_two=True)
     ranges = calibrate(model, load_samples(tmp_path / "calib.npz", model), settings, None)
