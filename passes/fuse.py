@@ -9,6 +9,7 @@ adds what it leaves:
 * ``dropout``: inference Dropouts that declare an unread mask output;
 * ``centered_variance``, ``layer_norm``: a LayerNorm written out (flax's E[x²] − E[x]² variance) centered and
   made one LayerNormalization;
+* ``integer_chip_ops``: constant Divs, HardSigmoid and HardSwish as Add/Clip/Mul on a target that lists only those;
 * ``bias_adds``: an Add of a per-channel constant after a Conv that already has a bias, or after a Gemm;
 * ``activation``: decomposed hard-swish and scalar affine blocks folded into their Convs;
 * ``saturated_tanh``: GELU's tanh polynomial computed on its input clipped where the Tanh saturates;
@@ -33,6 +34,7 @@ from lepton_cli.passes._fuse.deconv_depth import deconvs_as_depth
 from lepton_cli.passes._fuse.dropout import remove_inference_dropouts
 from lepton_cli.passes._fuse.focus import focus_as_space_to_depth
 from lepton_cli.passes._fuse.gated_residual import fold_gated_residuals
+from lepton_cli.passes._fuse.integer_chip_ops import as_integer_chip_ops
 from lepton_cli.passes._fuse.layer_norm import written_out_norms
 from lepton_cli.passes._fuse.ort_offline import ort_offline_graph
 from lepton_cli.passes._fuse.saturated_tanh import clip_saturated_tanh_inputs
@@ -56,7 +58,8 @@ class FuseParams:
     fold_limit_mb: float = 64.0
     fuse_norms: bool = True  # LayerNormalization / Gelu fusion, bumping the opset within runtime.opset_max
     # Decomposed hard-swish -> HardSigmoid + Mul, scalar affine blocks folded into Convs (_fuse/activation.py), a
-    # Tanh's polynomial on its input clipped where the Tanh saturates (_fuse/saturated_tanh.py)
+    # Tanh's polynomial on its input clipped where the Tanh saturates (_fuse/saturated_tanh.py); on an integer chip
+    # without them, constant Divs and hard activations as Add/Clip/Mul (_fuse/integer_chip_ops.py)
     fuse_activations: bool = True
     # ConvTranspose with kernel = stride -> 1×1 Conv + DepthToSpace, chained (_fuse/deconv_depth.py)
     deconv_as_depth: bool = True
@@ -103,6 +106,14 @@ def _activation_rewrites(
     hard_swish = fuse_hard_swish(result) if activations and hard_sigmoid_ok else 0
     affine_folds = fold_scalar_affine(result) if activations else 0
     return hard_swish, affine_folds, clip_saturated_tanh_inputs(result) if activations else 0
+
+
+def _integer_chip_rewrites(source: onnx.ModelProto, result: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> int:
+    """Constant Divs and hard activations as Add/Clip/Mul where the target lists only those, in place; not in an
+    already-quantized model (its quantizer's scales sit around the ops)."""
+    if not params.fuse_activations or quantized_ops(source):
+        return 0
+    return as_integer_chip_ops(result, ctx.target.runtime.supported_ops)
 
 
 def _gated_residual_rewrites(source: onnx.ModelProto, result: onnx.ModelProto, params: FuseParams) -> int:
@@ -155,6 +166,7 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> PassRe
     constants_to_initializers(result)
     result, centered, norms = written_out_norms(result, params.fuse_norms, ctx.target.runtime.opset_max, notes)
     dropouts = remove_inference_dropouts(result)
+    chip_ops = _integer_chip_rewrites(model, result, ctx, params)  # first: their Adds may fold into Conv biases
     bias_folds = fold_bias_adds(result)
     hard_swish, affine_folds, tanh_clips = _activation_rewrites(model, result, ctx, params, notes)
     deconvs = _deconv_rewrites(model, result, ctx, params)
@@ -174,6 +186,7 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> PassRe
         **_op_changes(before_ops, op_counts(result)),
         "bias_adds_folded": bias_folds,
         "hard_swish_fused": hard_swish,
+        "as_integer_chip_ops": chip_ops,
         "scalar_affine_folded": affine_folds,
         "tanh_inputs_clipped": tanh_clips,
         "deconvs_as_depth": deconvs,

@@ -302,6 +302,8 @@ class _Builder:
                 return t
             t = t.reshape((1,) * (4 - t.ndim) + t.shape)
             return np.ascontiguousarray(t.transpose(TO_NHWC))
+        if int(np.prod(v.tensor.shape)) == 1:  # a quantized scalar (hard-swish's 3): broadcasts in any layout
+            return self.tf.reshape(v.tensor, [])
         if len(v.tensor.shape) != 4:
             raise UnsupportedOp("broadcast of a lower-rank tensor against a channel-last one")
         return self.tf.transpose(v.tensor, TO_NHWC)
@@ -587,7 +589,11 @@ def _convert(tf: Any, model: onnx.ModelProto, integer_io: bool, quantize: bool) 
         for i, arg in zip(inputs, args):
             builder.values[i.name] = _Value(arg)
         for node in model.graph.node:
-            getattr(builder, HANDLERS[node.op_type])(builder.requantized(node))
+            try:
+                getattr(builder, HANDLERS[node.op_type])(builder.requantized(node))
+            except UnsupportedOp as exc:  # name the node, once, so the user can find it in the compiled model
+                where = f"{node.name} ({node.op_type})"
+                raise (exc if str(exc).startswith(node.name or where) else UnsupportedOp(f"{where}: {exc}")) from None
         return {out_names[o.name]: builder.nchw(builder.get(o.name)) for o in model.graph.output}
 
     function = tf.function(body, input_signature=specs, autograph=False)

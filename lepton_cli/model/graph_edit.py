@@ -198,6 +198,19 @@ def remove_unread_nodes(g: GraphIndex) -> int:
     return removed
 
 
+def refill_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
+    """Make copies of ``nodes`` the graph's node list (copies: clearing the repeated field releases the
+    originals), then drop the initializers nothing reads any more."""
+    copies = []
+    for node in nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copies.append(copy)
+    del model.graph.node[:]
+    model.graph.node.extend(copies)
+    drop_unused_initializers(model)
+
+
 def drop_unused_initializers(model: onnx.ModelProto) -> None:
     """Remove initializers nothing reads (and, for old-IR models, their graph-input entries)."""
     graph = model.graph

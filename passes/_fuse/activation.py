@@ -20,7 +20,7 @@ import onnx
 from lepton_cli.passes._fuse.moments import scalar
 from onnx import helper
 
-from lepton_cli.model.graph_edit import GraphIndex, drop_unused_initializers
+from lepton_cli.model.graph_edit import GraphIndex, drop_unused_initializers, refill_nodes
 from lepton_cli.model.op_traits import attrs
 
 HARD_SIGMOID_ALPHA, HARD_SIGMOID_BETA = 1.0 / 6.0, 0.5
@@ -106,19 +106,8 @@ def fuse_hard_swish(model: onnx.ModelProto) -> int:
             nodes.extend(replaced[node.output[0]])
         elif node.output[0] not in removed:
             nodes.append(node)
-    _replace_nodes(model, nodes)
+    refill_nodes(model, nodes)
     return len(replaced)
-
-
-def _replace_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
-    copies = []
-    for node in nodes:  # copies: clearing the repeated field releases the originals
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copies.append(copy)
-    del model.graph.node[:]
-    model.graph.node.extend(copies)
-    drop_unused_initializers(model)
 
 
 def _conv_parts(g: GraphIndex, conv: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray] | None:

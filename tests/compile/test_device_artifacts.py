@@ -427,6 +427,28 @@ def test_tpu_ppocr_rec_tflite_character_accuracy_matches_the_report(run_cli, tmp
     assert section["edgetpu"]["cpu_ops"]  # LayerNormalization's float math cannot run on the Edge TPU: named
 
 
+@needs_ocr
+@needs_tflite
+def test_tpu_direction_classifier_runs_on_the_edge_tpu_up_to_its_float_output(run_cli, tmp_path):
+    """PP-LCNet's hard-swish (Div 6) and squeeze-excite HardSigmoids have no Edge TPU op: the first DIV took every
+    op after it to the host. Written as Add/Clip/Mul by fuse, every op maps but the float output's DEQUANTIZE."""
+    from test_direction_classifier import OCR_CLS, direction_lines
+
+    np.savez(tmp_path / "calib.npz", x=direction_lines(64, 31, "calib")[0])
+    lines, labels = direction_lines(128, 7, "eval")
+    np.savez(tmp_path / "eval.npz", x=lines, labels=labels)
+    bundle, report, _ = _compile(
+        run_cli, tmp_path, "tpu", model=OCR_CLS, calib=tmp_path / "calib.npz", evaluation=tmp_path / "eval.npz"
+    )
+    quantize = next(step for step in report["pipeline"] if step["name"] == "quantize")
+    assert {f["op"] for f in quantize["summary"].get("float_ops", [])} <= {"Transpose"}  # the NHWC frame's own
+    section = report["device"]["tflite"]
+    assert section["produced"], section.get("reason")
+    tpu = section["edgetpu"]
+    assert [op["op"] for op in tpu["cpu_ops"]] == ["DEQUANTIZE"] and tpu["edgetpu_ops"] == tpu["ops"] - 1
+    assert section["accuracy"]["drop_pct"] <= section["accuracy"]["budget_pct"]
+
+
 def _focus_upsample_graph(resize_attrs: dict, scales: list[float]) -> onnx.ModelProto:
     """YOLOX's Focus (four stride-2 Slices, Concat) then a 1x1 Conv and a nearest Resize: the ops ddddocr's detector adds."""
     from onnx import TensorProto, helper, numpy_helper

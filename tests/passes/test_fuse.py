@@ -303,9 +303,41 @@ def test_ppocr_hard_swish_and_affine_blocks_fold(which):
     assert check.ok, check
 
 
-def test_hard_swish_is_left_alone_where_the_target_lacks_hard_sigmoid():
-    fused, summary = _fuse(_hard_swish_block(0), "tpu")  # tpu's supported_ops has no HardSigmoid
-    assert summary["hard_swish_fused"] == 0 and _ops(fused)["HardSigmoid"] == 0 and _ops(fused)["Clip"] == 1
+def test_hard_swish_stays_add_clip_mul_where_the_target_lacks_hard_sigmoid():
+    model = _hard_swish_block(0)
+    fused, summary = _fuse(model, "tpu")  # tpu's supported_ops has no HardSigmoid and no Div
+    ops = _ops(fused)
+    assert summary["hard_swish_fused"] == 0 and ops["HardSigmoid"] == 0 and ops["Clip"] == 1
+    assert summary["as_integer_chip_ops"] == 1 and ops["Div"] == 0  # x * clip / 6 -> x * clip * (1/6)
+    _assert_same(model, fused)
+
+
+@needs_ocr
+def test_tpu_runs_ppocr_direction_classifiers_hard_activations_as_edge_tpu_ops():
+    """PP-LCNet writes hard-swish with Div(6) and its squeeze-excite gates with HardSigmoid: neither is an Edge TPU
+    op, so on tpu all 27 stayed float on the host. fuse writes them as Add/Clip/Mul; the classifier reads rendered
+    lines as before."""
+    import sys
+
+    from conftest import OCR_DET, REPO
+
+    from lepton_cli.pipeline.equivalence import compare_outputs
+    from lepton_cli.pipeline.registry import tolerance
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import ocr_textset
+
+    model = _real(OCR_DET.with_name("ch_ppocr_mobile_v2.0_cls_infer.onnx"), "tpu", {"x": [1, 3, 48, 192]})
+    before = _ops(model)
+    fused, summary = _fuse(model, "tpu")
+    after = _ops(fused)
+    assert before["Div"] >= 10 and before["HardSigmoid"] >= 5
+    assert after["Div"] == after["HardSigmoid"] == after["HardSwish"] == 0
+    assert summary["as_integer_chip_ops"] == before["Div"] + before["HardSigmoid"]
+    assert set(after) <= set(load_target("tpu").runtime.supported_ops), set(after)
+    lines = ocr_textset.make_set(4, 5, "eval", width=192)[0]
+    check = compare_outputs(model, fused, [{"x": line[None]} for line in lines], tolerance(rtol=1e-4, atol=1e-5))
+    assert check.ok, check
 
 
 def test_ppocrv5_rec_hard_swish_ops_become_hard_sigmoid_and_mul(tmp_path):
@@ -329,6 +361,10 @@ def test_ppocrv5_rec_hard_swish_ops_become_hard_sigmoid_and_mul(tmp_path):
     assert summary["hard_swish_fused"] >= before["HardSwish"] and after["HardSigmoid"] >= before["HardSwish"]
     lines = ocr_textset.make_set(3, 4, "eval")[0]
     check = compare_outputs(model, fused, [{"x": line[None]} for line in lines], tolerance(rtol=1e-4, atol=1e-5))
+    assert check.ok, check
+    on_tpu, tpu_summary = _fuse(model, "tpu")  # no HardSigmoid there: each HardSwish becomes Add/Clip/Mul/Mul
+    assert _ops(on_tpu)["HardSwish"] == _ops(on_tpu)["HardSigmoid"] == 0 and tpu_summary["as_integer_chip_ops"] >= 28
+    check = compare_outputs(model, on_tpu, [{"x": line[None]} for line in lines], tolerance(rtol=1e-4, atol=1e-5))
     assert check.ok, check
 
 

@@ -1,0 +1,95 @@
+"""Hard activations and constant divisions as the ops an integer-only chip runs: Add, Clip and Mul.
+
+The Edge TPU's operation table has no DIV, HARD_SWISH or hard-sigmoid (lepton_cli/device_artifacts/edgetpu.py), and
+its compiler hands the first op it cannot map *and every op after it* to the host. A hard-swish network written with
+``Div(6)`` (MobileNetV3, PP-LCNet) or with ``HardSigmoid``/``HardSwish`` ops left all of them float on tpu, most of the
+graph on the host. On a target whose ``supported_ops`` lists Add, Clip and Mul but not the op:
+
+* ``Div(x, c)``, c a constant with no zero  ->  ``Mul(x, 1/c)``;
+* ``HardSigmoid(x; a, b)``, a > 0  ->  ``Mul(Clip(Add(x, b/a), 0, 1/a), a)`` (= clip(a·x + b, 0, 1));
+* ``HardSwish(x)``  ->  ``Mul(x, HardSigmoid(x; 1/6, 1/2))``, then as above.
+
+Each is the same function up to float rounding (fuse's tolerance); the quantizer then gives every step an int8 grid
+(ONNX Runtime folds the Clip into the Add's output range, which clamps the same).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from lepton_cli.model.graph_edit import FreshNames, GraphIndex, refill_nodes
+from lepton_cli.model.op_traits import attrs
+
+CHIP_OPS = ("Add", "Clip", "Mul")
+
+
+def applies(supported: list[str] | tuple[str, ...]) -> bool:
+    """Only a target that names its ops, runs Add/Clip/Mul and lacks HardSigmoid (where it has it, fuse writes
+    hard-swish as ``x * HardSigmoid(x)`` instead)."""
+    return bool(supported) and "HardSigmoid" not in supported and all(op in supported for op in CHIP_OPS)
+
+
+def _reciprocal(g: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
+    if node.op_type != "Div" or len(node.input) != 2:
+        return None
+    divisor = g.const(node.input[1])
+    if divisor is None or not np.issubdtype(divisor.dtype, np.floating) or not np.all(divisor != 0):
+        return None
+    return (np.ones((), divisor.dtype) / divisor).astype(divisor.dtype)
+
+
+def _hard_sigmoid_nodes(
+    names: FreshNames, g: GraphIndex, x: str, out: str, alpha: float, beta: float, base: str
+) -> list[onnx.NodeProto]:
+    """clip(alpha·x + beta, 0, 1) as alpha · clip(x + beta/alpha, 0, 1/alpha): Add, Clip, Mul."""
+    dtype = np.float32
+    shift = g.add_initializer(names.fresh(base + "_shift"), np.asarray(beta / alpha, dtype))
+    low = g.add_initializer(names.fresh(base + "_low"), np.asarray(0.0, dtype))
+    high = g.add_initializer(names.fresh(base + "_high"), np.asarray(1.0 / alpha, dtype))
+    slope = g.add_initializer(names.fresh(base + "_slope"), np.asarray(alpha, dtype))
+    shifted, clipped = names.fresh(base + "_shifted"), names.fresh(base + "_clipped")
+    return [
+        helper.make_node("Add", [x, shift], [shifted], name=names.fresh(base + "_add")),
+        helper.make_node("Clip", [shifted, low, high], [clipped], name=names.fresh(base + "_clip")),
+        helper.make_node("Mul", [clipped, slope], [out], name=names.fresh(base + "_scale")),
+    ]
+
+
+def _replacement(names: FreshNames, g: GraphIndex, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+    base = node.name or node.output[0]
+    if node.op_type == "Div":
+        reciprocal = _reciprocal(g, node)
+        if reciprocal is None:
+            return None
+        factor = g.add_initializer(names.fresh(base + "_reciprocal"), reciprocal)
+        return [helper.make_node("Mul", [node.input[0], factor], [node.output[0]], name=names.fresh(base + "_mul"))]
+    if node.op_type == "HardSigmoid":
+        a = attrs(node)
+        alpha, beta = float(a.get("alpha", 0.2)), float(a.get("beta", 0.5))
+        if alpha <= 0:
+            return None
+        return _hard_sigmoid_nodes(names, g, node.input[0], node.output[0], alpha, beta, base)
+    if node.op_type == "HardSwish":
+        gate = names.fresh(base + "_gate")
+        mul = helper.make_node("Mul", [node.input[0], gate], [node.output[0]], name=names.fresh(base + "_mul"))
+        return [*_hard_sigmoid_nodes(names, g, node.input[0], gate, 1.0 / 6.0, 0.5, base), mul]
+    return None
+
+
+def as_integer_chip_ops(model: onnx.ModelProto, supported: list[str] | tuple[str, ...]) -> int:
+    """Rewrite, in place, each constant Div, HardSigmoid and HardSwish the target does not list; how many."""
+    wanted = {op for op in ("Div", "HardSigmoid", "HardSwish") if op not in supported}
+    if not applies(supported) or not any(n.op_type in wanted for n in model.graph.node):
+        return 0
+    g, names = GraphIndex(model.graph), FreshNames(model)
+    nodes: list[onnx.NodeProto] = []
+    done = 0
+    for node in model.graph.node:
+        found = _replacement(names, g, node) if node.op_type in wanted else None
+        nodes.extend(found if found is not None else [node])
+        done += found is not None
+    if done:
+        refill_nodes(model, nodes)
+    return done
