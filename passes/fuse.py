@@ -108,7 +108,9 @@ def _activation_rewrites(
     return hard_swish, affine_folds, clip_saturated_tanh_inputs(result) if activations else 0
 
 
-def _integer_chip_rewrites(source: onnx.ModelProto, result: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> int:
+def _integer_chip_rewrites(
+    source: onnx.ModelProto, result: onnx.ModelProto, ctx: PassContext, params: FuseParams
+) -> int:
     """Constant Divs and hard activations as Add/Clip/Mul where the target lists only those, in place; not in an
     already-quantized model (its quantizer's scales sit around the ops)."""
     if not params.fuse_activations or quantized_ops(source):
