@@ -203,6 +203,7 @@ def bench_model(
                 "compile_s": run.seconds,
                 "peak_rss_mb": run.peak_rss_mb,
                 "message": "" if run.code == 0 else run.message,
+                **device_facts(out.with_suffix("")),
             }
         else:
             row = run_peer(tool, path, calib_inputs, out, timeout)
@@ -219,6 +220,23 @@ def bench_model(
     return rows
 
 
+def device_facts(out_dir: Path) -> dict:
+    """What the compile's report says leaves the accelerator: ops the quantized model runs in float or the target
+    lacks (``host_ops``), and for a tpu ``.tflite`` how many of its ops the Edge TPU check maps (``edgetpu_ops``)."""
+    reports = sorted(out_dir.glob("*.lepton/report.json"))
+    if not reports:
+        return {}
+    report = json.loads(reports[0].read_text())
+    quantize = next((s for s in report.get("pipeline", []) if s.get("name") == "quantize"), None)
+    facts = {} if quantize is None else {"host_ops": len(quantize.get("summary", {}).get("float_ops", []))}
+    tflite = report.get("device", {}).get("tflite", {})
+    if tflite.get("edgetpu"):
+        facts["edgetpu_ops"] = f"{tflite['edgetpu']['edgetpu_ops']}/{tflite['edgetpu']['ops']}"
+    elif tflite:
+        facts["edgetpu_ops"] = "no .tflite: " + str(tflite.get("reason", ""))[:80]
+    return facts
+
+
 def _fmt(value, spec: str = "") -> str:
     return "—" if value is None else format(value, spec)
 
@@ -228,23 +246,28 @@ def _line(row: dict) -> str:
         f"{row['model']:<18} {row['tool']:<8} {row['target']:<15} exit {row['code']:<3} {row['metric']} "
         f"{row['fp32_value']:.2f} -> {_fmt(row.get('value'), '.2f')}  lat {_fmt(row.get('latency_ratio_1t'))}/{_fmt(row.get('latency_ratio_all'))} "
         + (f"vs source {row['value_vs_source']:.2f}  " if "value_vs_source" in row else "")
-        + f"size {_fmt(row.get('size_ratio'))} int8 {_fmt(row.get('int8_mac_pct'))}%  {row['compile_s']}s {row['peak_rss_mb']} MB {row['message'][:120]}"
+        + f"size {_fmt(row.get('size_ratio'))} int8 {_fmt(row.get('int8_mac_pct'))}%  {row['compile_s']}s {row['peak_rss_mb']} MB "
+        + (f"host ops {row['host_ops']} " if "host_ops" in row else "")
+        + (f"Edge TPU {row['edgetpu_ops']} " if "edgetpu_ops" in row else "")
+        + row["message"][:120]
     )
 
 
 def markdown(rows: list[dict], command: str) -> str:
     head = (
         "| model | tool | target | exit | metric | fp32 | result | Δ | vs source | latency ×fp32 (1 thread) "
-        "| latency ×fp32 (all threads) | size ×fp32 | int8 MACs % | compile s | peak RSS MB | message |"
+        "| latency ×fp32 (all threads) | size ×fp32 | int8 MACs % | host ops | Edge TPU ops | compile s | peak RSS MB "
+        "| message |"
     )
-    lines = [f"Command: `{command}`", "", head, "|" + "---|" * 16]
+    lines = [f"Command: `{command}`", "", head, "|" + "---|" * 18]
     for r in rows:
         delta = None if r.get("value") is None else round(r["value"] - r["fp32_value"], 2)
         lines.append(
             f"| {r['model']} | {r['tool']} | {r['target']} | {r['code']} | {r['metric']} | {r['fp32_value']:.2f} | "
             f"{_fmt(r.get('value'), '.2f')} | {_fmt(delta)} | {_fmt(r.get('value_vs_source'), '.2f')} | "
             f"{_fmt(r.get('latency_ratio_1t'))} | {_fmt(r.get('latency_ratio_all'))} | "
-            f"{_fmt(r.get('size_ratio'))} | {_fmt(r.get('int8_mac_pct'))} | {r['compile_s']} | {_fmt(r['peak_rss_mb'])} | "
+            f"{_fmt(r.get('size_ratio'))} | {_fmt(r.get('int8_mac_pct'))} | {_fmt(r.get('host_ops'))} | "
+            f"{_fmt(r.get('edgetpu_ops'))} | {r['compile_s']} | {_fmt(r['peak_rss_mb'])} | "
             f"{r['message'].replace('|', '/')[:160]} |"
         )
     return "\n".join(lines) + "\n"
