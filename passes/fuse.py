@@ -108,16 +108,6 @@ def _activation_rewrites(
     return hard_swish, affine_folds, clip_saturated_tanh_inputs(result) if activations else 0
 
 
-def _integer_chip_rewrites(
-    source: onnx.ModelProto, result: onnx.ModelProto, ctx: PassContext, params: FuseParams
-) -> int:
-    """Constant Divs and hard activations as Add/Clip/Mul where the target lists only those, in place; not in an
-    already-quantized model (its quantizer's scales sit around the ops)."""
-    if not params.fuse_activations or quantized_ops(source):
-        return 0
-    return as_integer_chip_ops(result, ctx.target.runtime.supported_ops)
-
-
 def _gated_residual_rewrites(source: onnx.ModelProto, result: onnx.ModelProto, params: FuseParams) -> int:
     """``x + x * g`` folded in place; not in an already-quantized model (its scales were chosen for both ops)."""
     return fold_gated_residuals(result) if params.gated_residuals and not quantized_ops(source) else 0
@@ -168,7 +158,9 @@ def fuse(model: onnx.ModelProto, ctx: PassContext, params: FuseParams) -> PassRe
     constants_to_initializers(result)
     result, centered, norms = written_out_norms(result, params.fuse_norms, ctx.target.runtime.opset_max, notes)
     dropouts = remove_inference_dropouts(result)
-    chip_ops = _integer_chip_rewrites(model, result, ctx, params)  # first: their Adds may fold into Conv biases
+    # first, so their Adds fold into Conv biases; not in a quantized model (its scales sit around the ops)
+    rewrite_chip_ops = params.fuse_activations and not quantized_ops(model)
+    chip_ops = as_integer_chip_ops(result, ctx.target.runtime.supported_ops) if rewrite_chip_ops else 0
     bias_folds = fold_bias_adds(result)
     hard_swish, affine_folds, tanh_clips = _activation_rewrites(model, result, ctx, params, notes)
     deconvs = _deconv_rewrites(model, result, ctx, params)
