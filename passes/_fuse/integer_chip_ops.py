@@ -22,8 +22,10 @@ from onnx import helper
 
 from lepton_cli.model.graph_edit import FreshNames, GraphIndex, refill_nodes
 from lepton_cli.model.op_traits import attrs
+from lepton_cli.model.shapes import elem_types
 
 CHIP_OPS = ("Add", "Clip", "Mul")
+OTHER_FLOATS = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
 def applies(supported: list[str] | tuple[str, ...]) -> bool:
@@ -85,6 +87,8 @@ def _replacement(names: FreshNames, g: GraphIndex, node: onnx.NodeProto) -> list
 def as_integer_chip_ops(model: onnx.ModelProto, supported: list[str] | tuple[str, ...]) -> int:
     """Rewrite, in place, each constant Div, HardSigmoid and HardSwish the target does not list; how many."""
     wanted = {op for op in ("Div", "HardSigmoid", "HardSwish") if op not in supported}
+    if set(elem_types(model).values()) & OTHER_FLOATS:
+        wanted.discard("HardSigmoid"), wanted.discard("HardSwish")  # their new constants are float32: not in fp16
     if not applies(supported) or not any(n.op_type in wanted for n in model.graph.node):
         return 0
     g, names = GraphIndex(model.graph), FreshNames(model)
