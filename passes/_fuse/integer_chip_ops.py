@@ -40,7 +40,9 @@ def _reciprocal(g: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
     divisor = g.const(node.input[1])
     if divisor is None or not np.issubdtype(divisor.dtype, np.floating) or not np.all(divisor != 0):
         return None
-    return (np.ones((), divisor.dtype) / divisor).astype(divisor.dtype)
+    with np.errstate(over="ignore"):
+        reciprocal = (np.ones((), divisor.dtype) / divisor).astype(divisor.dtype)
+    return reciprocal if np.all(np.isfinite(reciprocal)) else None  # a subnormal divisor: x / d is not x * inf
 
 
 def _hard_sigmoid_nodes(

@@ -552,3 +552,19 @@ def test_onnxsim_folding_notes_stay_off_the_users_stderr(capfd):
     fused = get_pass("fuse").fn(model, PassContext(target=target), params).model
     assert "failed to run" not in capfd.readouterr().err
     assert len(fused.graph.node) < len(model.graph.node)  # onnxsim still ran and folded
+
+
+@pytest.mark.parametrize("divisor, rewritten", [(6.0, True), (1e-40, False), ([2.0, 0.0], False)])
+def test_a_division_by_zero_or_by_a_subnormal_stays_a_div_on_tpu(divisor, rewritten):
+    """x / 1e-40 is finite where x * (1 / 1e-40) = x * inf is not, and a zero has no reciprocal."""
+    d = numpy_helper.from_array(np.asarray(divisor, np.float32), "d")
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Div", ["r", "d"], ["y"])],
+        "div",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [d],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    fused, summary = _fuse(model, "tpu")
+    assert (_ops(fused)["Div"] == 0) == rewritten and summary["as_integer_chip_ops"] == int(rewritten)
