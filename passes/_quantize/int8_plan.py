@@ -113,13 +113,32 @@ def matmul_output_options(float_outputs: bool) -> dict[str, Any]:
     return {"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]} if float_outputs else {}
 
 
+def _frame_layout_moves(model: onnx.ModelProto) -> set[str]:
+    """Transposes taking a graph input to the graph's layout, read only by QuantizeLinear: the channel-last frame's
+    move ahead of its quantize (layout_transform's I/O adapter), which an NHWC runtime never runs (the .tflite has
+    none), not float arithmetic on the host."""
+    inputs = {i.name for i in model.graph.input}
+    readers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    return {
+        node.name
+        for node in model.graph.node
+        if node.op_type == "Transpose"
+        and node.input[0] in inputs
+        and set(readers.get(node.output[0], [])) == {"QuantizeLinear"}
+    }
+
+
 def float_ops(model: onnx.ModelProto, supported: list[str]) -> list[dict[str, str]]:
     """Compute nodes that do not run in integer arithmetic (or not on the target at all)."""
     dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     quantized = set(quantized_nodes(model))
+    moves = _frame_layout_moves(model)
     out = []
     for node in model.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") or node.name in moves:
             continue
         if supported and node.op_type not in supported:
             out.append(
