@@ -28,7 +28,7 @@ CHIP_OPS = ("Add", "Clip", "Mul")
 OTHER_FLOATS = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
-def applies(supported: list[str] | tuple[str, ...]) -> bool:
+def _applies(supported: list[str] | tuple[str, ...]) -> bool:
     """Only a target that names its ops, runs Add/Clip/Mul and lacks HardSigmoid (where it has it, fuse writes
     hard-swish as ``x * HardSigmoid(x)`` instead)."""
     return bool(supported) and "HardSigmoid" not in supported and all(op in supported for op in CHIP_OPS)
@@ -45,53 +45,60 @@ def _reciprocal(g: GraphIndex, node: onnx.NodeProto) -> np.ndarray | None:
     return reciprocal if np.all(np.isfinite(reciprocal)) else None  # a subnormal divisor: x / d is not x * inf
 
 
-def _hard_sigmoid_nodes(
-    names: FreshNames, g: GraphIndex, x: str, out: str, alpha: float, beta: float, base: str
-) -> list[onnx.NodeProto]:
-    """clip(alpha·x + beta, 0, 1) as alpha · clip(x + beta/alpha, 0, 1/alpha): Add, Clip, Mul."""
-    dtype = np.float32
-    shift = g.add_initializer(names.fresh(base + "_shift"), np.asarray(beta / alpha, dtype))
-    low = g.add_initializer(names.fresh(base + "_low"), np.asarray(0.0, dtype))
-    high = g.add_initializer(names.fresh(base + "_high"), np.asarray(1.0 / alpha, dtype))
-    slope = g.add_initializer(names.fresh(base + "_slope"), np.asarray(alpha, dtype))
+def _constant(names: FreshNames, g: GraphIndex, name: str, value: float) -> str:
+    return g.add_initializer(names.fresh(name), np.asarray(value, np.float32))
+
+
+def _clipped_shift(
+    names: FreshNames, g: GraphIndex, x: str, alpha: float, beta: float, base: str
+) -> tuple[list[onnx.NodeProto], str]:
+    """``clip(x + beta/alpha, 0, 1/alpha)`` (Add, Clip) and its output: alpha times it is clip(alpha·x + beta, 0, 1)."""
     shifted, clipped = names.fresh(base + "_shifted"), names.fresh(base + "_clipped")
-    return [
+    shift = _constant(names, g, base + "_shift", beta / alpha)
+    bounds = [_constant(names, g, base + "_low", 0.0), _constant(names, g, base + "_high", 1.0 / alpha)]
+    nodes = [
         helper.make_node("Add", [x, shift], [shifted], name=names.fresh(base + "_add")),
-        helper.make_node("Clip", [shifted, low, high], [clipped], name=names.fresh(base + "_clip")),
-        helper.make_node("Mul", [clipped, slope], [out], name=names.fresh(base + "_scale")),
+        helper.make_node("Clip", [shifted, *bounds], [clipped], name=names.fresh(base + "_clip")),
     ]
+    return nodes, clipped
+
+
+def _scaled(names: FreshNames, g: GraphIndex, x: str, alpha: float, out: str, base: str) -> onnx.NodeProto:
+    slope = _constant(names, g, base + "_slope", alpha)
+    return helper.make_node("Mul", [x, slope], [out], name=names.fresh(base + "_scale"))
 
 
 def _replacement(names: FreshNames, g: GraphIndex, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
-    base = node.name or node.output[0]
+    base, x, out = node.name or node.output[0], node.input[0], node.output[0]
     if node.op_type == "Div":
         reciprocal = _reciprocal(g, node)
         if reciprocal is None:
             return None
         factor = g.add_initializer(names.fresh(base + "_reciprocal"), reciprocal)
-        return [helper.make_node("Mul", [node.input[0], factor], [node.output[0]], name=names.fresh(base + "_mul"))]
+        return [helper.make_node("Mul", [x, factor], [out], name=names.fresh(base + "_mul"))]
     if node.op_type == "HardSigmoid":
         a = attrs(node)
         alpha, beta = float(a.get("alpha", 0.2)), float(a.get("beta", 0.5))
         if alpha <= 0:
             return None
-        return _hard_sigmoid_nodes(names, g, node.input[0], node.output[0], alpha, beta, base)
+        nodes, clipped = _clipped_shift(names, g, x, alpha, beta, base)
+        return [*nodes, _scaled(names, g, clipped, alpha, out, base)]
     if node.op_type == "HardSwish":  # as Paddle writes it out, (x * relu6(x + 3)) / 6: the 1/6 can fold into a Conv
-        x, nodes = node.input[0], _hard_sigmoid_nodes(names, g, node.input[0], "", 1.0 / 6.0, 0.5, base)
+        nodes, clipped = _clipped_shift(names, g, x, 1.0 / 6.0, 0.5, base)
         product = names.fresh(base + "_product")
-        mul = helper.make_node("Mul", [x, nodes[1].output[0]], [product], name=names.fresh(base + "_mul"))
-        scale = nodes[2]
-        scale.input[0], scale.output[0] = product, node.output[0]
-        return [nodes[0], nodes[1], mul, scale]
+        mul = helper.make_node("Mul", [x, clipped], [product], name=names.fresh(base + "_mul"))
+        return [*nodes, mul, _scaled(names, g, product, 1.0 / 6.0, out, base)]
     return None
 
 
 def as_integer_chip_ops(model: onnx.ModelProto, supported: list[str] | tuple[str, ...]) -> int:
     """Rewrite, in place, each constant Div, HardSigmoid and HardSwish the target does not list; how many."""
+    if not _applies(supported):
+        return 0
     wanted = {op for op in ("Div", "HardSigmoid", "HardSwish") if op not in supported}
     if set(elem_types(model).values()) & OTHER_FLOATS:
-        wanted.discard("HardSigmoid"), wanted.discard("HardSwish")  # their new constants are float32: not in fp16
-    if not applies(supported) or not any(n.op_type in wanted for n in model.graph.node):
+        wanted -= {"HardSigmoid", "HardSwish"}  # their new constants are float32: not in an fp16 model
+    if not any(n.op_type in wanted for n in model.graph.node):
         return 0
     g, names = GraphIndex(model.graph), FreshNames(model)
     nodes: list[onnx.NodeProto] = []

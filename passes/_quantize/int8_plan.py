@@ -52,6 +52,7 @@ from lepton_cli.passes._quantize.weight_blocks import max_scale, split_weight_bl
 from lepton_cli.passes._quantize.weight_layers import weight_layers
 
 from lepton_cli.evaluate.accuracy import EXACT_INTEGER, VNNI_ISA, X86_ISA, scoring_opt_level
+from lepton_cli.model.graph_edit import GraphIndex
 from lepton_cli.pipeline.registry import BudgetUse, PassResult
 from lepton_cli.samples.sample_set import SampleSet
 
@@ -117,17 +118,13 @@ def _frame_layout_moves(model: onnx.ModelProto) -> set[str]:
     """Transposes taking a graph input to the graph's layout, read only by QuantizeLinear: the channel-last frame's
     move ahead of its quantize (layout_transform's I/O adapter), which an NHWC runtime never runs (the .tflite has
     none), not float arithmetic on the host."""
-    inputs = {i.name for i in model.graph.input}
-    readers: dict[str, list[str]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node.op_type)
+    inputs, g = {i.name for i in model.graph.input}, GraphIndex(model.graph)
     return {
         node.name
         for node in model.graph.node
         if node.op_type == "Transpose"
         and node.input[0] in inputs
-        and set(readers.get(node.output[0], [])) == {"QuantizeLinear"}
+        and {r.op_type for r in g.readers(node.output[0])} == {"QuantizeLinear"}
     }
 
 
