@@ -73,6 +73,7 @@ class QuantizeParams:
     weight_blocks: bool = False  # per-tensor weights: Convs and Gemms split into blocks of output channels by scale
     preprocess: bool = True  # ORT's quant_pre_process (shape inference + basic optimisation) before int8
     warn_float_ops: bool = False  # integer-only hardware: warn about every op left in float
+    layer_norm_as_l2: bool = False  # LayerNorms as ReduceMean/Sub/LpNormalization/Mul/Add, an int8 chip's ops
     integer_io: bool = False  # int8: integer graph inputs/outputs, scale and zero point in metadata
     # Accuracy recovery before any layer is kept float (_quantize/recovery.py); off unless a target measured a gain.
     equalize: bool = False  # cross-layer equalisation of conv pairs joined by ReLU-family activations (exact in float)

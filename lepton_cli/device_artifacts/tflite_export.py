@@ -278,11 +278,12 @@ class _Builder:
 
     def _fully_connected(self, x: Any, weight: Any, units: int) -> Any:
         """x @ weight as a 1x1 CONV_2D: TFLite keeps per-output-channel weight scales there (a MatMul's
-        per-channel FakeQuant would sit on the wrong axis once the converter transposes it for FULLY_CONNECTED)."""
+        per-channel FakeQuant would sit on the wrong axis once the converter transposes it for FULLY_CONNECTED).
+        The rows are one image's width: the Edge TPU maps no tensor with a dimension above 1 outside its innermost 3."""
         tf = self.tf
         lead = [int(d) for d in x.shape[:-1]]
         rows = int(np.prod(lead)) if lead else 1
-        image = tf.reshape(x, [rows, 1, 1, int(x.shape[-1])])
+        image = tf.reshape(x, [1, 1, rows, int(x.shape[-1])])
         y = tf.nn.conv2d(image, weight, strides=[1, 1, 1, 1], padding="VALID")
         return tf.reshape(y, lead + [units])
 
@@ -516,12 +517,31 @@ class _Builder:
             y = y + self.const(node.input[2])
         self.values[node.output[0]] = _Value(y)
 
+    def reduce_mean(self, node: onnx.NodeProto) -> None:
+        x = self.nchw(self.get(node.input[0]))
+        axes = _attrs(node).get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = [int(a) for a in self.const(node.input[1]).reshape(-1)]
+        if not axes or _attrs(node).get("keepdims", 1) != 1:
+            raise UnsupportedOp(f"{node.name}: ReduceMean needs constant axes and keepdims=1")
+        self.values[node.output[0]] = _Value(self.tf.reduce_mean(x, axis=list(axes), keepdims=True))
+
+    def l2_normalize(self, node: onnx.NodeProto) -> None:
+        """The chip's L2_NORMALIZATION (the converter fuses TF's l2_normalize into it)."""
+        a = _attrs(node)
+        x = self.nchw(self.get(node.input[0]))
+        if a.get("p", 2) != 2 or a.get("axis", -1) % len(x.shape) != len(x.shape) - 1:
+            raise UnsupportedOp(f"{node.name}: LpNormalization other than L2 over the last axis")
+        self.values[node.output[0]] = _Value(self.tf.math.l2_normalize(x, axis=-1))
+
 
 HANDLERS: dict[str, str] = {
     "Slice": "slice",
     "Squeeze": "squeeze",
     "Unsqueeze": "squeeze",
     "LayerNormalization": "layer_norm",
+    "ReduceMean": "reduce_mean",
+    "LpNormalization": "l2_normalize",
     "QuantizeLinear": "quantize_linear",
     "DequantizeLinear": "dequantize_linear",
     "Conv": "conv",

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from lepton_cli.passes._quantize import attention_balance, residual_scaling, schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
+from lepton_cli.passes._quantize.chip_norms import norms_as_l2
 from lepton_cli.passes._quantize.consumer_ranges import narrow_to_readers
 from lepton_cli.passes._quantize.depthwise_scales import (
     channel_ranges,
@@ -260,7 +261,7 @@ class Int8Plan(SearchPlan):
         _isa_warning(ctx)
         if self.reduce_range_why == HOST_WITHOUT_VNNI:
             ctx.warn(self.reduce_range_why)
-        unblocked = schemes.preprocess(model, ctx.work_dir, optimize=params.preprocess)
+        unblocked = self._chip_norms(schemes.preprocess(model, ctx.work_dir, optimize=params.preprocess), calib, summary)
         self.alignment = ctx.target.hardware.channel_alignment
         self.widest = ctx.target.runtime.max_layer_channels()
         base = self._weight_blocks(unblocked, self.alignment, summary)
@@ -340,6 +341,17 @@ class Int8Plan(SearchPlan):
             return self._source_tier(recovery, base, calib, scheme, ctx, exclude, summary, LOWERED)
         build = self._builder(source, calib, scheme, ctx, LOWERED, exclude, None, int8_steps, lower=True)
         return build, lambda: self.base
+
+    def _chip_norms(self, model: onnx.ModelProto, calib: SampleSet, summary: dict[str, Any]) -> onnx.ModelProto:
+        """LayerNorms as the L2 normalisations an integer chip runs, where the target asks (chip_norms.py)."""
+        if not self.params.layer_norm_as_l2:
+            return model
+        if self.params.residual_scaling_alpha is not None and residual_scaling.has_candidates(model):
+            summary["layer_norms_as_l2"] = {"rewritten": 0, "kept": "residual scaling undoes its scales at each norm"}
+            return model
+        result, norms = norms_as_l2(model, list(calib.feeds(self.params.recovery_samples)))
+        summary["layer_norms_as_l2"] = {"rewritten": len(norms.rewritten), "kept": norms.kept}
+        return result
 
     def _weight_blocks(self, model: onnx.ModelProto, alignment: int, summary: dict[str, Any]) -> onnx.ModelProto:
         """``model`` with Convs and Gemms split into blocks of output channels by weight scale, where the target's

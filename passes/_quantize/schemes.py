@@ -24,11 +24,13 @@ from typing import Any
 import numpy as np
 import onnx
 from lepton_cli.passes._quantize.calibration import METHODS, quiet_ort
+from lepton_cli.passes._quantize.chip_norms import CHIP_NORM_OPS, l2_overrides
 from lepton_cli.passes._quantize.pow2_grid import candidate_scales, clip_free_scale
 from lepton_cli.passes._quantize.recurrent import dynamic_lstm
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 from onnxruntime.quantization.calibrate import TensorsData, load_tensors_data, save_tensors_data
+from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from lepton_cli.model.external_data import has_external, save_with_weights_beside, shapes_only_copy, tensor_array
@@ -196,6 +198,15 @@ def unshare_biases(model: onnx.ModelProto) -> onnx.ModelProto:
     return result
 
 
+def op_types_with_norms(model: onnx.ModelProto, op_types: tuple[str, ...]) -> list[str] | None:
+    """ORT's op types (``op_types``, or every one it quantizes), plus the ops a LayerNorm written for an integer chip
+    became: ORT's quantizer lists neither ReduceMean nor LpNormalization, and would leave them float on the host."""
+    if not any(n.op_type == "LpNormalization" for n in model.graph.node):
+        return list(op_types) or None
+    known = list(op_types) or sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+    return [*known, *(op for op in CHIP_NORM_OPS if op not in known)]
+
+
 def quantize_int8(
     model: onnx.ModelProto, ranges_path: Path, method: str, scheme: Int8Scheme, exclude: list[str], work_dir: Path
 ) -> onnx.ModelProto:
@@ -208,6 +219,9 @@ def quantize_int8(
         extra["TensorQuantOverrides"] = pow2_overrides(model, load_tensors_data(ranges_path))
         extra["QDQDisableWeightAdjustForInt32Bias"] = True  # the adjustment would break power-of-two weight scales
     extra = merged_options(extra, scheme.extra)
+    norms = l2_overrides(model, scheme.activation_type)
+    if norms:  # the chip's L2_NORMALIZATION writes a fixed grid (chip_norms.py)
+        extra = merged_options(extra, {"TensorQuantOverrides": norms})
     model = unshare_biases(model)
     folder = Path(tempfile.mkdtemp(prefix="q-", dir=work_dir))
     out = folder / "model.onnx"
@@ -223,7 +237,7 @@ def quantize_int8(
             str(out),
             calibration_data_reader=None,
             quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(scheme.op_types) or None,
+            op_types_to_quantize=op_types_with_norms(model, scheme.op_types),
             per_channel=scheme.per_channel and not scheme.power_of_two,
             reduce_range=scheme.reduce_range,
             activation_type=QTYPES[scheme.activation_type],
