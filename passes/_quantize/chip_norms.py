@@ -84,7 +84,9 @@ def _written(names: FreshNames, g: GraphIndex, node: onnx.NodeProto, width: int,
         ),
     ]
     if has_beta:
-        nodes.append(helper.make_node("Add", [scaled, node.input[2]], [node.output[0]], name=names.fresh(base + "_shift")))
+        nodes.append(
+            helper.make_node("Add", [scaled, node.input[2]], [node.output[0]], name=names.fresh(base + "_shift"))
+        )
     return nodes
 
 

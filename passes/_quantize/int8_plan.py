@@ -261,7 +261,9 @@ class Int8Plan(SearchPlan):
         _isa_warning(ctx)
         if self.reduce_range_why == HOST_WITHOUT_VNNI:
             ctx.warn(self.reduce_range_why)
-        unblocked = self._chip_norms(schemes.preprocess(model, ctx.work_dir, optimize=params.preprocess), calib, summary)
+        unblocked = self._chip_norms(
+            schemes.preprocess(model, ctx.work_dir, optimize=params.preprocess), calib, summary
+        )
         self.alignment = ctx.target.hardware.channel_alignment
         self.widest = ctx.target.runtime.max_layer_channels()
         base = self._weight_blocks(unblocked, self.alignment, summary)
