@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper
 
 from lepton_cli.model.graph_edit import FreshNames, GraphIndex, refill_nodes
 from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.model.op_traits import attrs, opset
+from lepton_cli.model.sessions import make_session
 from lepton_cli.model.stats import shape_map
 
 MIN_VARIANCE_OVER_EPS = 100.0  # eps ≤ 1 % of every row's variance: the rewrite moves outputs by under 0.5 %
@@ -51,9 +51,7 @@ def _row_variances(model: onnx.ModelProto, norms: list[onnx.NodeProto], feeds: l
     del probe.graph.output[:]
     inputs = list(dict.fromkeys(n.input[0] for n in norms))
     probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in inputs)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = make_session(probe)
     least = dict.fromkeys(inputs, np.inf)
     for feed in feeds:
         for name, value in zip(inputs, session.run(inputs, adapt_feed(model, feed))):
@@ -108,8 +106,10 @@ def norms_as_l2(model: onnx.ModelProto, feeds: list[dict]) -> tuple[onnx.ModelPr
     least = _row_variances(model, candidates, feeds) if candidates and feeds else {}
     for node in candidates:
         eps = float(attrs(node).get("epsilon", 1e-5))
-        if not feeds or least[node.name] < MIN_VARIANCE_OVER_EPS * eps:
-            kept[node.name] = f"a calibration row's variance {least.get(node.name, 0.0):.3g} is within 100x its eps"
+        if node.name not in least:
+            kept[node.name] = "no calibration rows to check its eps against"
+        elif least[node.name] < MIN_VARIANCE_OVER_EPS * eps:
+            kept[node.name] = f"a calibration row's variance {least[node.name]:.3g} is within 100x its eps"
     if len(kept) == len(norms):
         return model, ChipNorms([], kept)
     result = onnx.ModelProto()

@@ -349,7 +349,9 @@ class Int8Plan(SearchPlan):
         if not self.params.layer_norm_as_l2:
             return model
         if self.params.residual_scaling_alpha is not None and residual_scaling.has_candidates(model):
-            summary["layer_norms_as_l2"] = {"rewritten": 0, "kept": "residual scaling undoes its scales at each norm"}
+            why = "residual scaling undoes its scales in front of it"
+            kept = {n.name: why for n in model.graph.node if n.op_type == "LayerNormalization"}
+            summary["layer_norms_as_l2"] = {"rewritten": 0, "kept": kept}
             return model
         result, norms = norms_as_l2(model, list(calib.feeds(self.params.recovery_samples)))
         summary["layer_norms_as_l2"] = {"rewritten": len(norms.rewritten), "kept": norms.kept}

@@ -165,3 +165,26 @@ def test_minilm_on_tpu_loses_a_tenth_of_its_cosine_drop_with_the_residual_scaled
     rows = summary["recovery"]["gains"]["rows"]
     assert rows[0]["steps"] == [] and rows[0]["drop_pct"] > 10
     assert rows[1]["steps"] == ["residual_scaling"] and rows[1]["drop_pct"] < 3
+
+
+@pytest.mark.parametrize("alpha", [0.7, None])
+def test_tpu_writes_norms_for_its_chip_only_where_residual_scaling_does_not_rescale_them(alpha, tmp_path):
+    """tpu's layer_norm_as_l2 leaves a post-LN encoder's norms to residual scaling, which undoes its per-dimension
+    scales in front of each (MiniLM: 21.9 -> 1.44 cosine points, session 21); without it both norms are rewritten."""
+    from lepton_cli.passes._quantize.int8_plan import Int8Plan
+
+    from lepton_cli.pipeline.targets import load_target
+
+    step = next(s for s in load_target("tpu").passes if s.name == "quantize")
+    params = from_table(get_pass("quantize").params_cls, vars(step.params) | {"residual_scaling_alpha": alpha}, "q")
+    calib = SampleSet(tmp_path / "c.npz", {"x": np.stack([f["x"] for f in _feeds(4, 2)])}, None, {"x": True})
+    summary: dict = {}
+    model = _encoder()
+    written = Int8Plan(params, ["int8_only"], ["avx2"])._chip_norms(model, calib, summary)
+    norms = [n.name for n in written.graph.node if n.op_type == "LayerNormalization"]
+    if alpha is None:
+        assert norms == [] and summary["layer_norms_as_l2"] == {"rewritten": 2, "kept": {}}
+        np.testing.assert_allclose(_run(written, _feeds(3, 5)), _run(model, _feeds(3, 5)), atol=1e-3)
+    else:
+        assert written is model and norms == ["ln1", "ln2"] and summary["layer_norms_as_l2"]["rewritten"] == 0
+        assert sorted(summary["layer_norms_as_l2"]["kept"]) == ["ln1", "ln2"]
