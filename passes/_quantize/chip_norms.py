@@ -19,16 +19,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from lepton_cli.passes._quantize.sensitivity import tensor_runs
 from onnx import helper
 
 from lepton_cli.model.graph_edit import FreshNames, GraphIndex, refill_nodes
-from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.model.op_traits import attrs, opset
-from lepton_cli.model.sessions import make_session
 from lepton_cli.model.stats import shape_map
 
 MIN_VARIANCE_OVER_EPS = 100.0  # eps ≤ 1 % of every row's variance: the rewrite moves outputs by under 0.5 %
-L2_SUFFIX = "_l2"  # the LpNormalization a norm became (its output: the fixed 1/128 grid)
+L2_SUFFIX = "_l2"  # the name of the LpNormalization a norm became
 CHIP_NORM_OPS = ("ReduceMean", "LpNormalization")  # ORT's quantizer lists neither: named for it
 L2_STEP = 1.0 / 128.0  # TFLite's L2_NORMALIZATION output scale (int8 zero point 0, uint8 128)
 
@@ -45,16 +44,11 @@ def _last_axis(node: onnx.NodeProto, rank: int | None) -> bool:
 
 
 def _row_variances(model: onnx.ModelProto, norms: list[onnx.NodeProto], feeds: list[dict]) -> dict[str, float]:
-    """Each norm's smallest row variance (over its last axis) on ``feeds``."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
+    """Each norm's smallest row variance (over its last axis) on ``feeds``; inf where none was read."""
     inputs = list(dict.fromkeys(n.input[0] for n in norms))
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in inputs)
-    session = make_session(probe)
     least = dict.fromkeys(inputs, np.inf)
-    for feed in feeds:
-        for name, value in zip(inputs, session.run(inputs, adapt_feed(model, feed))):
+    for values in tensor_runs(model, inputs, feeds, graph_outputs=True):
+        for name, value in values.items():
             least[name] = min(least[name], float(np.var(value.astype(np.float64), axis=-1).min()))
     return {n.name: least[n.input[0]] for n in norms}
 
@@ -106,7 +100,7 @@ def norms_as_l2(model: onnx.ModelProto, feeds: list[dict]) -> tuple[onnx.ModelPr
     least = _row_variances(model, candidates, feeds) if candidates and feeds else {}
     for node in candidates:
         eps = float(attrs(node).get("epsilon", 1e-5))
-        if node.name not in least:
+        if not np.isfinite(least.get(node.name, np.inf)):
             kept[node.name] = "no calibration rows to check its eps against"
         elif least[node.name] < MIN_VARIANCE_OVER_EPS * eps:
             kept[node.name] = f"a calibration row's variance {least[node.name]:.3g} is within 100x its eps"
