@@ -530,6 +530,7 @@ class Int8Plan(SearchPlan):
             activation_equalize=params.activation_equalize,
             # on where the model has such sums: a CNN neither runs the recovery steps for it nor reports a gain row
             residual_scaling_alpha=alpha if alpha is not None and residual_scaling.has_candidates(model) else None,
+            gelu_equalize=params.gelu_equalize,
             attention_balance=params.attention_balance and bool(attention_balance.find_sites(model)),
             smoothquant_alpha=params.smoothquant_alpha,
             smoothquant_insert=params.smoothquant_insert,

@@ -49,7 +49,13 @@ def check_params(params: Any) -> None:
         raise ParamValueError("smoothquant_insert", "needs smoothquant_alpha (the migration strength)")
     if params.conv_smoothing_alpha is not None and not 0 < params.conv_smoothing_alpha <= 1:
         raise ParamValueError("conv_smoothing_alpha", f"must be in (0, 1], got {params.conv_smoothing_alpha}")
-    for name in ("conv_smoothing_alpha", "residual_scaling_alpha", "depthwise_channel_scales", "attention_balance"):
+    for name in (
+        "conv_smoothing_alpha",
+        "residual_scaling_alpha",
+        "gelu_equalize",
+        "depthwise_channel_scales",
+        "attention_balance",
+    ):
         if getattr(params, name) not in (None, False) and (not params.per_channel or params.power_of_two_scales):
             raise ParamValueError(name, "needs per-channel weight scales (they absorb the channel scales)")
     if params.head_precision == "int16" and params.power_of_two_scales:

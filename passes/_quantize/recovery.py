@@ -23,6 +23,7 @@ from lepton_cli.passes._quantize import (
     bias_correction,
     conv_smoothing,
     equalization,
+    gelu_equalize,
     layer_stats,
     residual_scaling,
     smoothquant,
@@ -44,6 +45,7 @@ GRAPH_STEPS = (
     "equalize",
     "activation_equalize",
     "residual_scaling",
+    "gelu_equalize",
     "attention_balance",
     "smoothquant",
     "conv_smoothing",
@@ -53,6 +55,7 @@ CHANGE_COUNTS = {
     "equalize": ("equalized_pairs", "conv pairs"),
     "activation_equalize": ("activation_regions_equalized", "hard-swish/SiLU regions"),
     "residual_scaling": ("residual_sums_scaled", "residual sums"),
+    "gelu_equalize": ("gelu_blocks_equalized", "feed-forward blocks"),
     "attention_balance": ("attention_sites_balanced", "attention sites"),
     "smoothquant": ("smoothquant_layers", "layers"),
     "conv_smoothing": ("conv_inputs_smoothed", "conv inputs"),
@@ -74,6 +77,7 @@ class RecoverySettings:
     equalize: bool = False
     activation_equalize: bool = False  # activation_equalize.py
     residual_scaling_alpha: float | None = None  # None: off (residual_scaling.py)
+    gelu_equalize: bool = False  # gelu_equalize.py
     attention_balance: bool = False  # attention_balance.py
     smoothquant_alpha: float | None = None  # None: off
     smoothquant_insert: bool = False  # a float per-channel Mul where no producer absorbs 1/s (smoothquant.py)
@@ -98,6 +102,7 @@ class RecoverySettings:
             "equalize": self.equalize,
             "activation_equalize": self.activation_equalize,
             "residual_scaling": self.residual_scaling_alpha is not None,
+            "gelu_equalize": self.gelu_equalize,
             "attention_balance": self.attention_balance,
             "smoothquant": self.smoothquant_alpha is not None,
             "conv_smoothing": self.conv_smoothing_alpha is not None,
@@ -120,6 +125,7 @@ class RecoverySettings:
             equalize=self.equalize and "equalize" in steps,
             activation_equalize=self.activation_equalize and "activation_equalize" in steps,
             residual_scaling_alpha=self.residual_scaling_alpha if "residual_scaling" in steps else None,
+            gelu_equalize=self.gelu_equalize and "gelu_equalize" in steps,
             attention_balance=self.attention_balance and "attention_balance" in steps,
             smoothquant_alpha=self.smoothquant_alpha if "smoothquant" in steps else None,
             conv_smoothing_alpha=self.conv_smoothing_alpha if "conv_smoothing" in steps else None,
@@ -137,6 +143,7 @@ class RecoverySettings:
             or self.per_layer
             or bool(self.int8_steps)
             or self.residual_scaling_alpha is not None
+            or self.gelu_equalize
             or self.attention_balance
             or self.smoothquant_alpha is not None
             or self.conv_smoothing_alpha is not None
@@ -297,6 +304,8 @@ def recover(
         scaled = residual_scaling.scale_residuals(reference, feeds[: settings.samples], settings.residual_scaling_alpha)
         summary["residual_sums_scaled"] = scaled.sites
         float_nodes += scaled.float_nodes
+    if settings.gelu_equalize:
+        reference, summary["gelu_blocks_equalized"] = gelu_equalize.equalized(reference, feeds[: settings.samples])
     if settings.attention_balance:
         reference, summary["attention_sites_balanced"] = attention_balance.balanced(
             reference, feeds[: settings.samples]

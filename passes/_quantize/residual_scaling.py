@@ -9,8 +9,9 @@ With ``s_d = (max|z_d| / median_d max|z_d|)^α`` (at least 1) the graph computes
   ``y`` (through shape-only Reshapes) has its input rows multiplied by ``s``;
 * the projection writing ``b`` has its output channels and bias divided by ``s``;
 * a ``Mul(z / s, s)`` in front of the LayerNorm gives it ``z`` back.
-The Mul and the LayerNorm stay float: the int8 tensors around them are flat, and on an integer accelerator the
-LayerNorm is a host op already. ``α`` trades the activations' flatness against the weights' (their rows grow by s).
+The Add, the Mul and the LayerNorm stay float: the int8 tensors around them are flat, and on an integer accelerator
+the LayerNorm is a host op already, which holds ``y`` in float: kept float, the sum reads it so (ONNX Runtime's
+quantizer gives a float reader the float tensor), with no int8 round trip on the residual path. ``α`` trades the activations' flatness against the weights' (their rows grow by s).
 LayerNorms written out as ReduceMean/Sub/Pow graphs are not matched.
 """
 
@@ -42,7 +43,7 @@ class Site:
 @dataclass
 class Scaled:
     sites: int
-    float_nodes: list[str]  # the inserted Muls and the LayerNorms they feed
+    float_nodes: list[str]  # the LayerNorms and residual Adds of each site, and the Muls inserted between
 
 
 def last_dims(model: onnx.ModelProto) -> dict[str, int]:
@@ -216,5 +217,6 @@ def scale_residuals(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], 
     float_nodes = []
     for site in sites:
         mul = _apply(model, index, names, site, scales(absmax[site.add.output[0]], alpha))
+        float_nodes += [name for name in (site.previous.name, site.add.name) if name not in float_nodes]
         float_nodes += [mul, site.norm.name]
     return Scaled(len(sites), float_nodes)
