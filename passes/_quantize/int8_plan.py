@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize import attention_balance, residual_scaling, schemes
+from lepton_cli.passes._quantize import attention_balance, host_edges, residual_scaling, schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from lepton_cli.passes._quantize.chip_norms import norms_as_l2
 from lepton_cli.passes._quantize.consumer_ranges import narrow_to_readers
@@ -39,7 +39,6 @@ from lepton_cli.passes._quantize.plan import SearchPlan, int8_weights
 from lepton_cli.passes._quantize.prequantized import has_subgraphs, quantized_ops
 from lepton_cli.passes._quantize.recovery import GRAPH_STEPS, Recovered, RecoverySettings, changed_by, recover
 from lepton_cli.passes._quantize.recurrent import DYNAMIC_LSTM, float_recurrent_warning
-from lepton_cli.passes._quantize.sensitivity import quantized_nodes
 from lepton_cli.passes._quantize.short_names import shorten_added_names
 from lepton_cli.passes._quantize.source_tiers import (
     RECOVERY,
@@ -132,7 +131,7 @@ def _frame_layout_moves(model: onnx.ModelProto) -> set[str]:
 def float_ops(model: onnx.ModelProto, supported: list[str]) -> list[dict[str, str]]:
     """Compute nodes that do not run in integer arithmetic (or not on the target at all)."""
     dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    quantized = set(quantized_nodes(model))
+    constants = {i.name for i in model.graph.initializer}
     moves = _frame_layout_moves(model)
     out = []
     for node in model.graph.node:
@@ -142,7 +141,7 @@ def float_ops(model: onnx.ModelProto, supported: list[str]) -> list[dict[str, st
             out.append(
                 {"node": node.name, "op": node.op_type, "why": "op not supported by the target (runs on the host)"}
             )
-        elif node.name not in quantized and not all(i in dq_out or not i for i in node.input[:1]):
+        elif any(i and i not in dq_out and i not in constants for i in node.input):  # a float input: float arithmetic
             out.append({"node": node.name, "op": node.op_type, "why": "float (not quantized)"})
     return out
 
@@ -467,6 +466,7 @@ class Int8Plan(SearchPlan):
             if key not in self.quantized:
                 left = list(exclude) + self.sentinel_nodes[key]
                 self.quantized[key] = schemes.quantize_int8(source, ranges[method], method, scheme, left, work_dir)
+                host_edges.float_reads(self.quantized[key], left)
                 if params.depthwise_channel_scales:
                     factors = self._depthwise_channels(tag, source, calib, self.quantized[key])
                     self.channel_scaled[key] = scaled_reference(base, factors)

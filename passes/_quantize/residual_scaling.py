@@ -10,8 +10,8 @@ With ``s_d = (max|z_d| / median_d max|z_d|)^α`` (at least 1) the graph computes
 * the projection writing ``b`` has its output channels and bias divided by ``s``;
 * a ``Mul(z / s, s)`` in front of the LayerNorm gives it ``z`` back.
 The Add, the Mul and the LayerNorm stay float: the int8 tensors around them are flat, and on an integer accelerator
-the LayerNorm is a host op already, which holds ``y`` in float: kept float, the sum reads it so (ONNX Runtime's
-quantizer gives a float reader the float tensor), with no int8 round trip on the residual path. ``α`` trades the activations' flatness against the weights' (their rows grow by s).
+the LayerNorm is a host op already, which holds ``y`` in float: the sum reads it so (host_edges.py), with no int8
+round trip on the residual path. ``α`` trades the activations' flatness against the weights' (their rows grow by s).
 LayerNorms written out as ReduceMean/Sub/Pow graphs are not matched.
 """
 

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from conftest import REPO
 from corpus_runs import needs_corpus
-from lepton_cli.passes._quantize import residual_scaling, schemes
+from lepton_cli.passes._quantize import host_edges, residual_scaling, schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from lepton_cli.passes._quantize.recovery import RecoverySettings, recover
 from onnx import TensorProto, helper, numpy_helper
@@ -123,6 +123,24 @@ def test_per_tensor_int8_loses_less_on_the_scaled_residual(tmp_path):
     plain = _int8_error(model, [], calib, held_out, tmp_path / "plain")
     scaled = _int8_error(recovered.quantize_source, recovered.float_nodes, calib, held_out, tmp_path / "scaled")
     assert scaled < 0.5 * plain, (plain, scaled)
+
+
+def test_the_residual_sum_reads_the_norm_in_float_and_is_reported_as_a_host_op(tmp_path):
+    """The Add beside the host LayerNorm stays float: it reads ln1's float output (the host holds it; no int8 round
+    trip on the residual path) and the report's float ops name it, as they name everything that runs on the host."""
+    from lepton_cli.passes._quantize.int8_plan import float_ops
+
+    model, calib = _encoder(), _feeds(8, 2)
+    recovered = recover(model, calib, TPU_SCHEME, RecoverySettings(residual_scaling_alpha=0.7, samples=8))
+    samples = SampleSet(Path("synthetic"), {"x": np.stack([f["x"] for f in calib])}, None, {"x": True})
+    source = recovered.quantize_source
+    ranges = schemes.save_ranges(calibrate(source, samples, CalibrationSettings()), tmp_path / "ranges.json")
+    int8 = schemes.quantize_int8(source, ranges, "minmax", TPU_SCHEME, recovered.float_nodes, tmp_path)
+    assert host_edges.float_reads(int8, recovered.float_nodes) == 1  # ORT's quantizer gave the Add ln1's int8 copy
+    residual = next(n for n in int8.graph.node if n.name == "res2")
+    assert "ln1" in residual.input  # the norm's own output, not a DequantizeLinear of it
+    host = {f["node"]: f["why"] for f in float_ops(int8, [])}
+    assert {"res2", "ln2_unscale"} <= set(host) and "ffn1" not in host
 
 
 def test_smoothquant_after_the_scaling_keeps_both_steps_float_nodes():
