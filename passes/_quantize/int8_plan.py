@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-from lepton_cli.passes._quantize import attention_balance, host_edges, residual_scaling, schemes
+from lepton_cli.passes._quantize import attention_balance, residual_scaling, schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from lepton_cli.passes._quantize.chip_norms import norms_as_l2
 from lepton_cli.passes._quantize.consumer_ranges import narrow_to_readers
@@ -466,7 +466,6 @@ class Int8Plan(SearchPlan):
             if key not in self.quantized:
                 left = list(exclude) + self.sentinel_nodes[key]
                 self.quantized[key] = schemes.quantize_int8(source, ranges[method], method, scheme, left, work_dir)
-                host_edges.float_reads(self.quantized[key], left)
                 if params.depthwise_channel_scales:
                     factors = self._depthwise_channels(tag, source, calib, self.quantized[key])
                     self.channel_scaled[key] = scaled_reference(base, factors)

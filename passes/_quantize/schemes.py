@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from lepton_cli.passes._quantize.calibration import METHODS, quiet_ort
 from lepton_cli.passes._quantize.chip_norms import CHIP_NORM_OPS, l2_overrides
+from lepton_cli.passes._quantize.host_edges import float_reads
 from lepton_cli.passes._quantize.pow2_grid import candidate_scales, clip_free_scale
 from lepton_cli.passes._quantize.recurrent import dynamic_lstm
 from onnx import helper, numpy_helper
@@ -248,6 +249,7 @@ def quantize_int8(
             extra_options=extra,
         )
     quantized = _copy_metadata(model, onnx.load(str(out)))
+    float_reads(quantized, exclude)  # a float node reads another's output as it is (host_edges.py)
     if scheme.dynamic_lstm:
         dynamic_lstm(quantized, set(exclude), scheme.reduce_range)
     return quantized
