@@ -79,6 +79,7 @@ class QuantizeParams:
     equalize: bool = False  # cross-layer equalisation of conv pairs joined by ReLU-family activations (exact in float)
     activation_equalize: bool = False  # channel ranges evened out through hard-swish regions (activation_equalize.py)
     residual_scaling_alpha: float | None = None  # post-LN residual sums rescaled per dimension (residual_scaling.py)
+    residual_blocks: bool = False  # the same sums float on the host, their projections split by range (per-tensor)
     gelu_equalize: bool = False  # feed-forward hidden channels evened out through GELU (exact: gelu_equalize.py)
     attention_balance: bool = False  # query and key channels balanced per channel (exact: attention_balance.py)
     smoothquant_alpha: float | None = None  # SmoothQuant for MatMul/Gemm inputs after a LayerNorm

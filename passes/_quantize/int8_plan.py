@@ -94,6 +94,8 @@ def int8_scheme(params: Any, reduced: bool) -> schemes.Int8Scheme:
     )
 
 
+# Layers ORT runs on integer kernels whatever their result's type (MatMulIntegerToFloat, a float-output QGemm)
+INTEGER_RESULT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "DynamicQuantizeLSTM", "QLinearConv", "QGemm")
 SENTINEL = 1e30  # |x| beyond this is a mask's -inf/finfo.min stand-in, not a value a scale should cover
 
 
@@ -131,6 +133,7 @@ def _frame_layout_moves(model: onnx.ModelProto) -> set[str]:
 def float_ops(model: onnx.ModelProto, supported: list[str]) -> list[dict[str, str]]:
     """Compute nodes that do not run in integer arithmetic (or not on the target at all)."""
     dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     constants = {i.name for i in model.graph.initializer}
     moves = _frame_layout_moves(model)
     out = []
@@ -143,7 +146,17 @@ def float_ops(model: onnx.ModelProto, supported: list[str]) -> list[dict[str, st
             )
         elif any(i and i not in dq_out and i not in constants for i in node.input):  # a float input: float arithmetic
             out.append({"node": node.name, "op": node.op_type, "why": "float (not quantized)"})
+        elif _float_result(node, dq_out, quantized):
+            out.append({"node": node.name, "op": node.op_type, "why": "float (not quantized)"})
     return out
+
+
+def _float_result(node: onnx.NodeProto, dq_out: set[str], quantized: set[str]) -> bool:
+    """Dequantized inputs and a result no QuantizeLinear reads: float arithmetic on the host (a Concat joining
+    residual_blocks' projections). Weight layers are not: ORT runs them on integer kernels with a float result."""
+    if node.op_type in INTEGER_RESULT_OPS or not any(i in dq_out for i in node.input):
+        return False
+    return not any(o in quantized for o in node.output)
 
 
 def _isa_warning(ctx: Any) -> None:
@@ -529,6 +542,7 @@ class Int8Plan(SearchPlan):
             activation_equalize=params.activation_equalize,
             # on where the model has such sums: a CNN neither runs the recovery steps for it nor reports a gain row
             residual_scaling_alpha=alpha if alpha is not None and residual_scaling.has_candidates(model) else None,
+            residual_blocks=params.residual_blocks and residual_scaling.has_candidates(model),
             gelu_equalize=params.gelu_equalize,
             attention_balance=params.attention_balance and bool(attention_balance.find_sites(model)),
             smoothquant_alpha=params.smoothquant_alpha,

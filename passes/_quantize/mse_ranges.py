@@ -27,6 +27,7 @@ from onnxruntime.quantization.calibrate import TensorData, TensorsData
 
 SHRINK = np.concatenate([np.linspace(1.0, 0.5, 26), np.linspace(0.48, 0.1, 20)])  # 1.0 = min/max (no clipping)
 LEVELS = 256  # int8
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def mse_range(
@@ -72,5 +73,7 @@ def mse_tensors_data(histograms: dict[str, Any], levels: int = LEVELS, power_of_
     for name, (hist, edges, low, high, *_rest) in histograms.items():
         args = (np.asarray(hist), np.asarray(edges), float(low), float(high))
         lo, hi = pow2_mse_range(*args) if power_of_two else mse_range(*args, levels)
+        # an attention mask's -3.4e38 on a power-of-two grid: 127 * 2^121 lies past float32's largest value
+        lo, hi = np.clip([lo, hi], -FLOAT32_MAX, FLOAT32_MAX)
         ranges[name] = TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
     return TensorsData(CalibrationMethod.Percentile, ranges)

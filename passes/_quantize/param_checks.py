@@ -58,6 +58,8 @@ def check_params(params: Any) -> None:
     ):
         if getattr(params, name) not in (None, False) and (not params.per_channel or params.power_of_two_scales):
             raise ParamValueError(name, "needs per-channel weight scales (they absorb the channel scales)")
+    if params.residual_blocks and params.residual_scaling_alpha is not None:
+        raise ParamValueError("residual_blocks", "use it or residual_scaling_alpha: both rewrite the same residual sums")
     if params.head_precision == "int16" and params.power_of_two_scales:
         raise ParamValueError("head_precision", "int16 heads need 16-bit Q/DQ, which DPU (power-of-two) lacks")
     if params.head_range_ratio <= 1:

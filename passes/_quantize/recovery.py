@@ -25,6 +25,7 @@ from lepton_cli.passes._quantize import (
     equalization,
     gelu_equalize,
     layer_stats,
+    residual_blocks,
     residual_scaling,
     smoothquant,
 )
@@ -45,6 +46,7 @@ GRAPH_STEPS = (
     "equalize",
     "activation_equalize",
     "residual_scaling",
+    "residual_blocks",
     "gelu_equalize",
     "attention_balance",
     "smoothquant",
@@ -55,6 +57,7 @@ CHANGE_COUNTS = {
     "equalize": ("equalized_pairs", "conv pairs"),
     "activation_equalize": ("activation_regions_equalized", "hard-swish/SiLU regions"),
     "residual_scaling": ("residual_sums_scaled", "residual sums"),
+    "residual_blocks": ("residual_branches_split", "residual projections"),
     "gelu_equalize": ("gelu_blocks_equalized", "feed-forward blocks"),
     "attention_balance": ("attention_sites_balanced", "attention sites"),
     "smoothquant": ("smoothquant_layers", "layers"),
@@ -77,6 +80,7 @@ class RecoverySettings:
     equalize: bool = False
     activation_equalize: bool = False  # activation_equalize.py
     residual_scaling_alpha: float | None = None  # None: off (residual_scaling.py)
+    residual_blocks: bool = False  # residual_blocks.py
     gelu_equalize: bool = False  # gelu_equalize.py
     attention_balance: bool = False  # attention_balance.py
     smoothquant_alpha: float | None = None  # None: off
@@ -102,6 +106,7 @@ class RecoverySettings:
             "equalize": self.equalize,
             "activation_equalize": self.activation_equalize,
             "residual_scaling": self.residual_scaling_alpha is not None,
+            "residual_blocks": self.residual_blocks,
             "gelu_equalize": self.gelu_equalize,
             "attention_balance": self.attention_balance,
             "smoothquant": self.smoothquant_alpha is not None,
@@ -125,6 +130,7 @@ class RecoverySettings:
             equalize=self.equalize and "equalize" in steps,
             activation_equalize=self.activation_equalize and "activation_equalize" in steps,
             residual_scaling_alpha=self.residual_scaling_alpha if "residual_scaling" in steps else None,
+            residual_blocks=self.residual_blocks and "residual_blocks" in steps,
             gelu_equalize=self.gelu_equalize and "gelu_equalize" in steps,
             attention_balance=self.attention_balance and "attention_balance" in steps,
             smoothquant_alpha=self.smoothquant_alpha if "smoothquant" in steps else None,
@@ -143,6 +149,7 @@ class RecoverySettings:
             or self.per_layer
             or bool(self.int8_steps)
             or self.residual_scaling_alpha is not None
+            or self.residual_blocks
             or self.gelu_equalize
             or self.attention_balance
             or self.smoothquant_alpha is not None
@@ -304,6 +311,11 @@ def recover(
         scaled = residual_scaling.scale_residuals(reference, feeds[: settings.samples], settings.residual_scaling_alpha)
         summary["residual_sums_scaled"] = scaled.sites
         float_nodes += scaled.float_nodes
+    if settings.residual_blocks:
+        reference = _copy(reference)
+        blocked = residual_blocks.split_residual_branches(reference, feeds[: settings.samples])
+        summary["residual_branches_split"] = len(blocked.branches_split)
+        float_nodes += blocked.float_nodes
     if settings.gelu_equalize:
         reference, summary["gelu_blocks_equalized"] = gelu_equalize.equalized(reference, feeds[: settings.samples])
     if settings.attention_balance:
