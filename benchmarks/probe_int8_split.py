@@ -2,7 +2,8 @@
 
 The yardstick's metric on the corpus's evaluation set, against the source, for: the int8 model; its weights alone
 (every activation Q/DQ pair bypassed); its activations alone (each quantized weight read back from the float model
-the int8 one was quantized from, matched by node name); and with ``--per-tensor`` the int8 model with one
+the int8 one was quantized from, matched by node name: meaningless where the int8 model's layers were rewritten,
+as fpga's weight blocks rewrite them); and with ``--per-tensor`` the int8 model with one
 activation Q/DQ pair kept at a time, on its int8 weights (what each tensor's quantization costs alone).
 ``probe_int8_loss.py`` is the map detectors' version (worst page); this one reads any corpus metric.
 
@@ -67,7 +68,11 @@ def main(argv: list[str]) -> None:
     metric = METRICS[corpus.metric]
     fp32 = metric(corpus, evaluation, reference, reference)
     int8, fused = onnx.load(args.int8), onnx.load(args.fused)
-    rows = [("int8", int8), ("weights int8 only", bypassed(int8, set())), ("activations int8 only", float_weights(int8, fused))]
+    rows = [
+        ("int8", int8),
+        ("weights int8 only", bypassed(int8, set())),
+        ("activations int8 only", float_weights(int8, fused)),
+    ]
     if args.per_tensor:
         every = {q.input[0] for q in activation_quantizes(int8)}
         rows += [(f"only {name} (int8 weights)", bypassed(int8, {name})) for name in sorted(every)]

@@ -42,6 +42,21 @@ def check_params(params: Any) -> None:
         raise ParamValueError("budget_share", "must be in (0, 1]")
     if not 0.5 <= params.budget_confidence < 1:
         raise ParamValueError("budget_confidence", f"must be in [0.5, 1), got {params.budget_confidence}")
+    _check_recovery_steps(params)
+    if params.head_precision == "int16" and params.power_of_two_scales:
+        raise ParamValueError("head_precision", "int16 heads need 16-bit Q/DQ, which DPU (power-of-two) lacks")
+    if params.head_range_ratio <= 1:
+        raise ParamValueError("head_range_ratio", f"must be > 1, got {params.head_range_ratio}")
+    if params.recovery_samples < 1 or params.adaround_iterations < 1 or params.adaround_seconds <= 0:
+        raise ParamValueError(
+            "recovery_samples", "recovery_samples, adaround_iterations and adaround_seconds must be > 0"
+        )
+    if params.int4_block_size & (params.int4_block_size - 1) or params.int4_block_size < 16:
+        raise ParamValueError("int4_block_size", "must be a power of two >= 16")
+
+
+def _check_recovery_steps(params: Any) -> None:
+    """The recovery steps' strengths and what each needs of the weights' scales."""
     for name in OPEN_UNIT:
         if getattr(params, name) is not None and not 0 < getattr(params, name) < 1:
             raise ParamValueError(name, f"must be in (0, 1), got {getattr(params, name)}")
@@ -59,14 +74,6 @@ def check_params(params: Any) -> None:
         if getattr(params, name) not in (None, False) and (not params.per_channel or params.power_of_two_scales):
             raise ParamValueError(name, "needs per-channel weight scales (they absorb the channel scales)")
     if params.residual_blocks and params.residual_scaling_alpha is not None:
-        raise ParamValueError("residual_blocks", "use it or residual_scaling_alpha: both rewrite the same residual sums")
-    if params.head_precision == "int16" and params.power_of_two_scales:
-        raise ParamValueError("head_precision", "int16 heads need 16-bit Q/DQ, which DPU (power-of-two) lacks")
-    if params.head_range_ratio <= 1:
-        raise ParamValueError("head_range_ratio", f"must be > 1, got {params.head_range_ratio}")
-    if params.recovery_samples < 1 or params.adaround_iterations < 1 or params.adaround_seconds <= 0:
         raise ParamValueError(
-            "recovery_samples", "recovery_samples, adaround_iterations and adaround_seconds must be > 0"
+            "residual_blocks", "use it or residual_scaling_alpha: both rewrite the same residual sums"
         )
-    if params.int4_block_size & (params.int4_block_size - 1) or params.int4_block_size < 16:
-        raise ParamValueError("int4_block_size", "must be a power of two >= 16")
