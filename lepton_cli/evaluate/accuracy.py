@@ -40,6 +40,7 @@ import onnx
 from lepton_cli.errors import BadInputError
 from lepton_cli.evaluate.gfl_head import GflHead, find_gfl_head
 from lepton_cli.evaluate.input_floor import InputFloor, ValueGrid, dithered, value_grids
+from lepton_cli.evaluate.io_grid import io_on_grid
 from lepton_cli.evaluate.output_roles import (
     CTC_BLANK,
     CTC_TIME_MAJOR,
@@ -541,6 +542,7 @@ class Evaluator:
         self.resolution_pct = self._resolution()
         self._source = source_model
         self._floor: InputFloor | None | bool = False  # False: not measured yet
+        self._io_floor: float | None | bool = False
 
     def _check_labels_fit(self, default: str) -> None:
         if default == "top1" and self.labels is None:
@@ -688,7 +690,7 @@ class Evaluator:
             part.truth = self.truth[:rows]
         part.source_value = part._source_value()
         part.resolution_pct = part._resolution()
-        part._floor = False
+        part._floor = part._io_floor = False
         return part
 
     def input_floor(self) -> InputFloor | None:
@@ -699,6 +701,15 @@ class Evaluator:
             score = self.score(self._source, grids) if grids else None
             self._floor = InputFloor(score.drop_pct, [g.name for g in grids]) if score else None
         return self._floor
+
+    def io_floor(self) -> float | None:
+        """The source's drop with only its float inputs and outputs on an 8-bit grid (io_grid.py), measured once:
+        what a full-integer chip's edge alone costs. None when it reads no drop."""
+        if self._io_floor is False:
+            feeds = list(self.samples.feeds(self.limit))
+            drop = self.score(io_on_grid(self._source, [adapt_feed(self._source, f) for f in feeds])).drop_pct
+            self._io_floor = drop if drop > 0 else None
+        return self._io_floor
 
     def _resolution(self) -> float:
         """The smallest drop the coarsest output can show, in points: one wrong unit of its metric (a row for

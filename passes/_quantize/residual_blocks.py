@@ -23,7 +23,7 @@ import onnx
 from lepton_cli.passes._quantize.dense_blocks import split_dense
 from lepton_cli.passes._quantize.residual_scaling import Site, dimension_absmax, find_sites
 
-from lepton_cli.model.graph_edit import FreshNames, GraphIndex
+from lepton_cli.model.graph_edit import FreshNames, GraphIndex, drop_unused_initializers
 
 OUTLIER_RATIO = 16.0  # largest dimension over the median: past it the median keeps under 8 of int8's 127 levels
 BLOCK_RATIO = 4.0  # a block's columns lie within 4x of its largest: each keeps over 5 bits of its own
@@ -95,4 +95,6 @@ def split_residual_branches(model: onnx.ModelProto, feeds: list[dict[str, np.nda
                 split[site.branch.node.name] = blocks
                 float_nodes += joined
         float_nodes += [name for name in (site.previous.name, site.add.name, site.norm.name) if name not in float_nodes]
+    if split:
+        drop_unused_initializers(model)  # the whole weights the blocks were cut from
     return Blocked(len(sites), split, float_nodes)

@@ -19,14 +19,14 @@ from onnx import helper
 
 from lepton_cli.evaluate.accuracy import zero_padded
 from lepton_cli.host.parallel import ordered_map
-from lepton_cli.model.external_data import has_external
+from lepton_cli.model.external_data import has_external, shapes_only_copy
 from lepton_cli.model.io_contract import adapt_feed
 from lepton_cli.model.sessions import make_session
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` that also returns the float tensors ``names`` (those it has)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = onnx.shape_inference.infer_shapes(shapes_only_copy(model))  # no second copy of the weights
     types = {
         vi.name: vi.type.tensor_type.elem_type
         for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
@@ -65,7 +65,7 @@ RUN_MB = 256  # tensors fetched per run by local_errors: one sample of a detecto
 def _groups(model: onnx.ModelProto, names: list[str]) -> list[list[str]]:
     """``names``, in order, cut into groups whose float32 tensors (shapes inferred; unknown: 0) fit
     ``RUN_MB``: each group is fetched in its own runs, so one run never holds them all."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = onnx.shape_inference.infer_shapes(shapes_only_copy(model))  # no second copy of the weights
     sizes = {}
     for value in inferred.graph.value_info:
         dims = value.type.tensor_type.shape.dim

@@ -53,6 +53,7 @@ SENSITIVITY_SAMPLES = 8  # held-out samples the per-node ranking runs on
 # PP-OCRv4 det at 5.68-5.77 ms estimated measured 0.74-0.80x fp32 in another order; price_tie.md: MiniLM).
 PRICE_TIE = 0.03
 LISTED_TRIALS = 8  # the exit-3 line lists every candidate up to this many, then each tier's closest
+EDGE_SHARE = 0.5  # the edge's drop over this share of the budget and of the closest candidate's: the refusal names it
 Build = Callable[[str, list[str]], onnx.ModelProto]  # (method, float-kept node names) -> candidate model
 Progress = Callable[[str], None]
 Cost = Callable[[onnx.ModelProto], float | None]  # a candidate's estimated latency on the target (ms)
@@ -445,6 +446,9 @@ def _no_candidate(
     fix = failed_fix(max_float, undecided, evaluator.count if undecided else 0, searched, _closest_clause(trials))
     if stopped_at is not None:
         fix = f"raise or remove quantize.max_search_seconds in a target that extends this one, or {fix}"
+    edge = _edge_clause(trials, budget, evaluator) if not max_float else None
+    if edge is not None:  # the chip's 8-bit inputs and outputs, not an op type, hold most of the drop
+        return QualityGateError(f"{first}{edge[0]}; tried: {tried_line}", f"{fix}; {edge[1]}", attempt_summary=first)
     where = where_lost() if where_lost is not None else None
     clause = where.clause() if where is not None else ""
     if clause:  # before the list of what was tried, which runs to dozens of candidates where layers may stay float
@@ -452,6 +456,25 @@ def _no_candidate(
     if where is not None and where.helpful():
         fix += "; an op type named there can run on the host in a target that extends this one (quantize op_types)"
     return QualityGateError(tried, fix, attempt_summary=first)
+
+
+def _edge_clause(trials: list[Trial], budget: float, evaluator: Evaluator) -> tuple[str, str] | None:
+    """(clause, fix) where the source with only its inputs and outputs on an 8-bit grid (io_grid.py) already reads
+    at least half the budget and of the closest candidate's drop; else None."""
+    scored = [t.drop_pct for t in trials if t.scored and math.isfinite(t.drop_pct)]
+    floor = evaluator.io_floor() if scored else None
+    if floor is None or floor < EDGE_SHARE * budget or floor < EDGE_SHARE * min(scored):
+        return None
+    output = evaluator.output_names[0] if len(evaluator.output_names) == 1 else "NAME"
+    clause = (
+        f"; the source itself, with only its inputs and outputs on an 8-bit grid as this integer chip takes and "
+        f"returns them, reads a drop of {floor:.2f}: most of the loss is the chip's edge, not an op"
+    )
+    fix = (
+        f"a budget under about {floor:.2f} cannot be met on this chip by this metric; score the output by what it "
+        f"means (--eval-metric {output}=cosine for values read by direction, or a task metric)"
+    )
+    return clause, fix
 
 
 def _where_lost(runs: list[_Search], evaluator: Evaluator, progress: Progress) -> LossByOpType | None:
