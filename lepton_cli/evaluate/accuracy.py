@@ -706,8 +706,8 @@ class Evaluator:
         """The source's drop with only its float inputs and outputs on an 8-bit grid (io_grid.py), measured once:
         what a full-integer chip's edge alone costs. None when it reads no drop."""
         if self._io_floor is False:
-            feeds = list(self.samples.feeds(self.limit))
-            drop = self.score(io_on_grid(self._source, [adapt_feed(self._source, f) for f in feeds])).drop_pct
+            feeds = (adapt_feed(self._source, feed) for feed in self.samples.feeds(self.limit))
+            drop = self.score(io_on_grid(self._source, feeds)).drop_pct
             self._io_floor = drop if drop > 0 else None
         return self._io_floor
 

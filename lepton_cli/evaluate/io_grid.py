@@ -10,9 +10,11 @@ asymmetric over each tensor's range on the scored samples, the finest any per-te
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from lepton_cli.model.graph_edit import FreshNames
 from lepton_cli.model.op_traits import opset
@@ -43,12 +45,25 @@ def _pair(
     ]
 
 
-def io_on_grid(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> onnx.ModelProto:
+def _ranges(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
+    """(min, max) of each float input and output over ``feeds``, read one feed at a time."""
+    session = make_session(model)
+    outputs = [o.name for o in session.get_outputs()]
+    found: dict[str, tuple[float, float]] = {}
+    for feed in feeds:
+        values = {**feed, **dict(zip(outputs, session.run(None, feed)))}
+        for name, value in values.items():
+            value = np.asarray(value)
+            if value.dtype == np.float32 and value.size:
+                low, high = found.get(name, (np.inf, -np.inf))
+                found[name] = (min(low, float(value.min())), max(high, float(value.max())))
+    return found
+
+
+def io_on_grid(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]]) -> onnx.ModelProto:
     """``model`` with each float graph input and output through a uint8 QuantizeLinear/DequantizeLinear pair over
     its range on ``feeds``."""
-    session = make_session(model)
-    names_out = [o.name for o in session.get_outputs()]
-    results = [session.run(None, feed) for feed in feeds]
+    ranges = _ranges(model, feeds)
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph, names = result.graph, FreshNames(result)
@@ -58,28 +73,22 @@ def io_on_grid(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> on
     inits = {t.name for t in graph.initializer}
     front: list[onnx.NodeProto] = []
     for value in graph.input:
-        if value.name in inits or value.type.tensor_type.elem_type != TensorProto.FLOAT:
-            continue
-        seen = [np.asarray(feed[value.name]) for feed in feeds if value.name in feed]
-        if not seen:
+        if value.name in inits or value.name not in ranges:
             continue
         gridded = names.fresh(f"{value.name}_on_grid")
         for node in graph.node:
             node.input[:] = [gridded if i == value.name else i for i in node.input]
-        low, high = min(float(a.min()) for a in seen), max(float(a.max()) for a in seen)
-        front += _pair(graph, names, value.name, gridded, low, high, domain)
+        front += _pair(graph, names, value.name, gridded, *ranges[value.name], domain)
     back: list[onnx.NodeProto] = []
     produced = {o for node in graph.node for o in node.output}
-    for k, name in enumerate(names_out):
-        values = [np.asarray(r[k]) for r in results]
-        if name not in produced or values[0].dtype != np.float32 or not all(v.size for v in values):
+    for name in [o.name for o in graph.output]:
+        if name not in produced or name not in ranges:
             continue
         raw = names.fresh(f"{name}_before_grid")
         for node in graph.node:
             node.output[:] = [raw if o == name else o for o in node.output]
             node.input[:] = [raw if i == name else i for i in node.input]
-        low, high = min(float(v.min()) for v in values), max(float(v.max()) for v in values)
-        back += _pair(graph, names, raw, name, low, high, domain)
+        back += _pair(graph, names, raw, name, *ranges[name], domain)
     nodes = [*front, *graph.node, *back]
     del graph.node[:]
     graph.node.extend(nodes)
