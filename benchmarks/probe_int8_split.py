@@ -55,17 +55,21 @@ def float_weights(model: onnx.ModelProto, fused: onnx.ModelProto) -> onnx.ModelP
     return result
 
 
-def main(argv: list[str]) -> None:
-    parser = probe_arguments(__doc__.split("\n")[0], "benchmarks/results/probe_int8_split")
-    parser.add_argument("--per-tensor", action="store_true")
-    args = parser.parse_args(argv)
-    corpus = by_name(args.model)
-    _, eval_path = ensure_data(corpus)
-    evaluation = dict(np.load(eval_path))
+def _source_run(name: str) -> tuple:
+    """(corpus model, evaluation arrays, the source's feeds, its outputs, the corpus metric)."""
+    corpus = by_name(name)
+    evaluation = dict(np.load(ensure_data(corpus)[1]))
     source = ensure_model(corpus).read_bytes()
-    source_feeds = feeds(session(source), evaluation)
     reference = run_all(session(source), evaluation)
     metric = METRICS[corpus.metric]
+    return corpus, evaluation, feeds(session(source), evaluation), reference, metric
+
+
+def main(argv: list[str]) -> None:
+    arguments = probe_arguments(__doc__.split("\n")[0], "benchmarks/results/probe_int8_split")
+    arguments.add_argument("--per-tensor", action="store_true")
+    args = arguments.parse_args(argv)
+    corpus, evaluation, source_feeds, reference, metric = _source_run(args.model)
     fp32 = metric(corpus, evaluation, reference, reference)
     int8, fused = onnx.load(args.int8), onnx.load(args.fused)
     rows = [

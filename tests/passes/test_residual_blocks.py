@@ -16,6 +16,7 @@ from lepton_cli.passes._quantize import residual_blocks, schemes
 from lepton_cli.passes._quantize.calibration import CalibrationSettings, calibrate
 from lepton_cli.passes._quantize.int8_plan import float_ops, sentinel_nodes
 from lepton_cli.passes._quantize.recovery import RecoverySettings, recover
+from test_gelu_equalize import MINILM_INPUTS, _minilm, _token_cosine
 from test_residual_scaling import OUTLIERS, _encoder, _feeds, _run
 
 from lepton_cli.errors import BadInputError
@@ -26,7 +27,6 @@ from lepton_cli.samples.sample_set import SampleSet
 FPGA_SCHEME = schemes.Int8Scheme(
     activation_type="s8", weight_type="s8", per_channel=False, activation_symmetric=True, power_of_two=True
 )
-MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -94,19 +94,6 @@ def test_residual_blocks_and_residual_scaling_exclude_each_other():
     table = {"residual_blocks": True, "residual_scaling_alpha": 0.7}
     with pytest.raises(BadInputError, match="residual_scaling_alpha"):
         from_table(get_pass("quantize").params_cls, table, "test.quantize")
-
-
-def _minilm(count: int, role: str) -> list[dict[str, np.ndarray]]:
-    path = next((CORPUS / "data" / "minilm_l6").glob(f"sentences-{role}-*.npz"))
-    with np.load(path) as data:
-        return [{name: data[name][i : i + 1] for name in MINILM_INPUTS} for i in range(count)]
-
-
-def _token_cosine(reference: list[np.ndarray], candidate: list[np.ndarray], feeds) -> float:
-    keep = np.concatenate([f["attention_mask"].reshape(-1) for f in feeds]) != 0
-    r = np.concatenate([x.reshape(-1, x.shape[-1]) for x in reference])[keep].astype(np.float64)
-    c = np.concatenate([x.reshape(-1, x.shape[-1]) for x in candidate])[keep].astype(np.float64)
-    return float(np.mean(np.sum(r * c, axis=1) / np.linalg.norm(r, axis=1) / np.linalg.norm(c, axis=1)))
 
 
 @needs_corpus("minilm_l6")
