@@ -459,10 +459,12 @@ def _no_candidate(
 
 
 def _edge_clause(trials: list[Trial], budget: float, evaluator: Evaluator) -> tuple[str, str] | None:
-    """(clause, fix) where the source with only its inputs and outputs on an 8-bit grid (io_grid.py) already reads
-    at least half the budget and of the closest candidate's drop; else None."""
+    """(clause, fix) where every output is scored by relative error (no task metric) and the source with only its
+    inputs and outputs on an 8-bit grid (io_grid.py) already reads at least half the budget and of the closest
+    candidate's drop; else None."""
     scored = [t.drop_pct for t in trials if t.scored and math.isfinite(t.drop_pct)]
-    floor = evaluator.io_floor() if scored else None
+    generic = all(role.metric == "relative_error" for role in evaluator.roles)  # a task metric reads its own edge
+    floor = evaluator.io_floor() if scored and generic else None
     if floor is None or floor < EDGE_SHARE * budget or floor < EDGE_SHARE * min(scored):
         return None
     output = evaluator.output_names[0] if len(evaluator.output_names) == 1 else "NAME"

@@ -49,3 +49,15 @@ def test_tpu_refuses_a_single_conv_for_its_edge_and_compiles_it_scored_by_direct
     assert not any((tmp_path / "refused").glob("*")) if (tmp_path / "refused").exists() else True
     shipped = run_cli(*args, "--eval-metric", "3=cosine", "-o", tmp_path / "shipped")
     assert shipped.code == 0, shipped.stderr
+
+
+def test_an_output_scored_by_a_named_metric_is_not_told_about_the_edge(run_cli, tmp_path):
+    """The edge clause is for relative error only: a cosine the user named, refused at a budget no int8 model meets,
+    gets the usual refusal (a map or a classifier reads its own edge through its task metric)."""
+    np.savez(tmp_path / "calib.npz", **{"0": _shipped_batches()})
+    refused = run_cli(
+        "compile", CONV / "model.onnx", "-t", "tpu", "--calib", tmp_path / "calib.npz",
+        "--eval-metric", "3=cosine", "--max-accuracy-drop", "0.00001", "-o", tmp_path / "out",
+    )  # fmt: skip
+    assert refused.code == 3, refused.stderr
+    assert "the chip's edge" not in refused.stderr and "Traceback" not in refused.stderr
