@@ -32,6 +32,7 @@ import copy
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,7 @@ import onnx
 from lepton_cli.errors import BadInputError
 from lepton_cli.evaluate.gfl_head import GflHead, find_gfl_head
 from lepton_cli.evaluate.input_floor import InputFloor, ValueGrid, dithered, value_grids
-from lepton_cli.evaluate.io_grid import io_on_grid
+from lepton_cli.evaluate.io_grid import io_on_grid, value_ranges
 from lepton_cli.evaluate.output_roles import (
     CTC_BLANK,
     CTC_TIME_MAJOR,
@@ -704,10 +705,14 @@ class Evaluator:
 
     def io_floor(self) -> float | None:
         """The source's drop with only its float inputs and outputs on an 8-bit grid (io_grid.py), measured once:
-        what a full-integer chip's edge alone costs. None when it reads no drop."""
+        what a full-integer chip's edge alone costs. The outputs' ranges are the source's held ones; None when it
+        reads no drop, or the outputs held are a decoded head's view (its own metric reads that edge)."""
+        if self._io_floor is False and self.head is not None:
+            self._io_floor = None
         if self._io_floor is False:
-            feeds = (adapt_feed(self._source, feed) for feed in self.samples.feeds(self.limit))
-            drop = self.score(io_on_grid(self._source, feeds)).drop_pct
+            outputs = (dict(zip(self.output_names, outs)) for outs in self.reference)
+            ranges = value_ranges(chain(self.samples.feeds(self.limit), outputs))
+            drop = self.score(io_on_grid(self._source, ranges)).drop_pct
             self._io_floor = drop if drop > 0 else None
         return self._io_floor
 

@@ -18,7 +18,6 @@ from onnx import helper, numpy_helper
 
 from lepton_cli.model.graph_edit import FreshNames
 from lepton_cli.model.op_traits import opset
-from lepton_cli.model.sessions import make_session
 
 LEVELS = 255  # uint8
 CONTRIB = "com.microsoft"
@@ -45,13 +44,11 @@ def _pair(
     ]
 
 
-def _ranges(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
-    """(min, max) of each float input and output over ``feeds``, read one feed at a time."""
-    session = make_session(model)
-    outputs = [o.name for o in session.get_outputs()]
+def value_ranges(samples: Iterable[dict[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
+    """(min, max) of each float32 array by name over ``samples`` (a model's feeds, its outputs by name), one at a
+    time."""
     found: dict[str, tuple[float, float]] = {}
-    for feed in feeds:
-        values = {**feed, **dict(zip(outputs, session.run(None, feed)))}
+    for values in samples:
         for name, value in values.items():
             value = np.asarray(value)
             if value.dtype == np.float32 and value.size:
@@ -60,10 +57,9 @@ def _ranges(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]]) -> d
     return found
 
 
-def io_on_grid(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]]) -> onnx.ModelProto:
-    """``model`` with each float graph input and output through a uint8 QuantizeLinear/DequantizeLinear pair over
-    its range on ``feeds``."""
-    ranges = _ranges(model, feeds)
+def io_on_grid(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]]) -> onnx.ModelProto:
+    """``model`` with each graph input and output ``ranges`` names (``value_ranges`` of its feeds and its outputs)
+    through a uint8 QuantizeLinear/DequantizeLinear pair over that range."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph, names = result.graph, FreshNames(result)

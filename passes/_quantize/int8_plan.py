@@ -144,16 +144,17 @@ def float_ops(model: onnx.ModelProto, supported: list[str]) -> list[dict[str, st
             out.append(
                 {"node": node.name, "op": node.op_type, "why": "op not supported by the target (runs on the host)"}
             )
-        elif any(i and i not in dq_out and i not in constants for i in node.input):  # a float input: float arithmetic
-            out.append({"node": node.name, "op": node.op_type, "why": "float (not quantized)"})
-        elif _float_result(node, dq_out, quantized):
+        elif _float_arithmetic(node, dq_out, constants, quantized):
             out.append({"node": node.name, "op": node.op_type, "why": "float (not quantized)"})
     return out
 
 
-def _float_result(node: onnx.NodeProto, dq_out: set[str], quantized: set[str]) -> bool:
-    """Dequantized inputs and a result no QuantizeLinear reads: float arithmetic on the host (a Concat joining
-    residual_blocks' projections). Weight layers are not: ORT runs them on integer kernels with a float result."""
+def _float_arithmetic(node: onnx.NodeProto, dq_out: set[str], constants: set[str], quantized: set[str]) -> bool:
+    """A float input (neither dequantized nor constant), or dequantized inputs into a result no QuantizeLinear reads
+    (a Concat joining residual_blocks' projections). Weight layers with a float result are not: ORT runs them on
+    integer kernels."""
+    if any(i and i not in dq_out and i not in constants for i in node.input):
+        return True
     if node.op_type in INTEGER_RESULT_OPS or not any(i in dq_out for i in node.input):
         return False
     return not any(o in quantized for o in node.output)
@@ -537,12 +538,13 @@ class Int8Plan(SearchPlan):
     def _recovery_settings(self, model: onnx.ModelProto) -> RecoverySettings:
         """The steps the params enable, for ``model`` (the source before any step)."""
         params, alpha = self.params, self.params.residual_scaling_alpha
+        post_ln = residual_scaling.has_candidates(model)
         return RecoverySettings(
             equalize=params.equalize,
             activation_equalize=params.activation_equalize,
             # on where the model has such sums: a CNN neither runs the recovery steps for it nor reports a gain row
-            residual_scaling_alpha=alpha if alpha is not None and residual_scaling.has_candidates(model) else None,
-            residual_blocks=params.residual_blocks and residual_scaling.has_candidates(model),
+            residual_scaling_alpha=alpha if alpha is not None and post_ln else None,
+            residual_blocks=params.residual_blocks and post_ln,
             gelu_equalize=params.gelu_equalize,
             attention_balance=params.attention_balance and bool(attention_balance.find_sites(model)),
             smoothquant_alpha=params.smoothquant_alpha,

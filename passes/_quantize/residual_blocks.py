@@ -50,31 +50,17 @@ def column_blocks(absmax: np.ndarray) -> tuple[np.ndarray, list[int]] | None:
     return order, bounds + [len(order)]
 
 
-def _path_to_add(index: GraphIndex, tensor: str, add: onnx.NodeProto) -> list[str] | None:
-    """The nodes from ``tensor`` to ``add`` (Reshapes, bias Adds: each the sole reader), or None."""
-    path = []
-    while True:
-        readers = index.readers(tensor)
-        if len(readers) != 1:
-            return None
-        if readers[0] is add:
-            return path
-        path.append(readers[0].name)
-        tensor = readers[0].output[0]
-
-
 def _split_branch(index: GraphIndex, names: FreshNames, site: Site, absmax: np.ndarray) -> tuple[list[str], int]:
     """Split the site's projection in place: (the float nodes that join its blocks and lead to the Add, blocks);
     ([], 1) when it stays whole."""
     node = site.branch.node
     planned = column_blocks(absmax)
-    path = _path_to_add(index, node.output[0], site.add)
-    if planned is None or path is None:
+    if planned is None:
         return [], 1
     order, bounds = planned
     split_dense(index, names, node, 0 if site.branch.kind == "gemm_t" else 1, bounds, order)
     join = index.producer[node.output[0]]  # the Gather restoring the order, after the blocks' Concat
-    return [index.producer[join.input[0]].name, join.name, *path], len(bounds) - 1
+    return [index.producer[join.input[0]].name, join.name, *site.between], len(bounds) - 1
 
 
 def split_residual_branches(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> Blocked:

@@ -38,6 +38,7 @@ class Site:
     readers: list[WeightLayer]  # the weight layers reading y besides the Add (input rows scaled)
     branch: WeightLayer  # the projection writing b (output channels scaled)
     branch_biases: list[str]  # its [D] bias constants: a Gemm's own, the Adds on the way to the residual Add
+    between: list[str]  # the nodes from the projection to the residual Add (Reshapes, bias Adds), in graph order
 
 
 @dataclass
@@ -89,15 +90,19 @@ def _y_readers(
 
 def _branch(
     index: GraphIndex, tensor: str, layers: dict, dim: int, last: dict[str, int]
-) -> tuple[WeightLayer, list[str]] | None:
-    """The projection writing ``tensor`` and the bias constants between (Reshapes and ``Add(x, [D])`` only)."""
+) -> tuple[WeightLayer, list[str], list[str]] | None:
+    """The projection writing ``tensor``, the bias constants between and the nodes between (Reshapes and
+    ``Add(x, [D])`` only, in graph order)."""
     biases: list[str] = []
+    between: list[str] = []
     while tensor in index.producer and index.sole_use(tensor):
         node = index.producer[tensor]
         layer = layers.get(node.name)
         if layer is not None and layer.kind != "conv":
             own = _gemm_bias(index, layer, dim)
-            return (layer, biases + own) if _out_channels(index, layer) == dim and own is not None else None
+            ok = _out_channels(index, layer) == dim and own is not None
+            return (layer, biases + own, between[::-1]) if ok else None
+        between.append(node.name)
         if node.op_type == "Reshape" and _keeps_last_dim(index, node, dim, last):
             tensor = node.input[0]
             continue
@@ -166,7 +171,7 @@ def find_sites(model: onnx.ModelProto) -> list[Site]:
         readers = _y_readers(index, y, add, layers, dim, last)
         branch = _branch(index, add.input[1 - k], layers, dim, last)
         if readers is not None and branch is not None:
-            sites.append(Site(add, norm, previous, readers, branch[0], branch[1]))
+            sites.append(Site(add, norm, previous, readers, *branch))
     return sites
 
 

@@ -9,7 +9,7 @@ import onnx
 from conftest import ONNX_DATA
 from onnx import numpy_helper
 
-from lepton_cli.evaluate.io_grid import io_on_grid
+from lepton_cli.evaluate.io_grid import io_on_grid, value_ranges
 from lepton_cli.model.sessions import make_session
 
 CONV = ONNX_DATA / "pytorch-converted" / "test_Conv2d"
@@ -26,7 +26,8 @@ def _shipped_batches() -> np.ndarray:
 def test_the_edge_model_rounds_only_the_input_and_the_output_to_256_levels():
     model, batches = onnx.load(CONV / "model.onnx"), _shipped_batches()
     feeds = [{"0": b} for b in batches]
-    edge = io_on_grid(model, feeds)
+    outputs = [{"3": make_session(model).run(None, feed)[0]} for feed in feeds]
+    edge = io_on_grid(model, value_ranges([*feeds, *outputs]))
     quantizers = [n for n in edge.graph.node if n.op_type == "QuantizeLinear"]
     assert sorted(n.input[0] for n in quantizers) == ["0", "3_before_grid"]
     source, gridded = make_session(model), make_session(edge)
